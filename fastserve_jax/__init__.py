@@ -1,0 +1,1 @@
+"""fastserve-jax: FastServe-style preemptive LLM serving on JAX/XLA."""

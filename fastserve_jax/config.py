@@ -1,0 +1,144 @@
+"""Frozen configuration objects, validated once at construction.
+
+Derived values (bucket lists, blocks per sequence) are filled in with
+`dataclasses.replace` by `EngineConfig.resolve`, never by mutation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs; the sampler always computes this many.
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one request's output (vLLM's names and defaults).
+
+    temperature=0 means greedy. top_k=-1 (or 0) disables top-k; top_p=1 disables top-p.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(
+                f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}; use 1.0 to disable it")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (disabled) or a positive integer, got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.logprobs is not None and (
+                not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if not all(isinstance(s, str) and s for s in stops):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        object.__setattr__(self, "stop", list(stops))
+        ids = self.stop_token_ids or []
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise ValueError(f"stop_token_ids must be a list of non-negative token ids, got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", list(ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _pow2_upto(lo: int, hi: int) -> tuple[int, ...]:
+    """Powers of two from `lo` with `hi` itself as the last entry (hi need not be a power)."""
+    out, b = [], lo
+    while b < hi:
+        out.append(b)
+        b *= 2
+    out.append(hi)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that fixes shapes on the device, plus scheduler limits.
+
+    Bucket lists fix every shape the jitted steps ever see, so that after warm-up nothing
+    compiles. Empty tuples mean "derive from the limits" (see `resolve`):
+
+    - decode_batch_buckets: a decode launch has one query token per sequence; it is padded
+      to the next bucket. Powers of two bound the padding waste below 2x with log2(max)
+      compilations.
+    - prefill_token_buckets: a prefill launch packs the chunks of several sequences into one
+      token row; it is padded to the next bucket. Powers of two from 32 up to
+      max_num_batched_tokens (the per-iteration token budget, which bounds one iteration's cost).
+    - block_buckets: how many KV blocks one launch gathers (per sequence for decode, in total
+      for a packed prefill). Attention cost follows context length, not max_model_len.
+    """
+
+    max_model_len: int = 2048
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_prefill_seqs: int = 8          # sequences packed in one prefill launch (logit rows)
+    block_size: int = 16
+    num_device_blocks: int = 0          # 0: size from memory (see runner)
+    dtype: str = "float32"
+    seed: int = 0
+    scheduler: str = "fcfs"
+    decode_batch_buckets: tuple[int, ...] = ()
+    prefill_token_buckets: tuple[int, ...] = ()
+    block_buckets: tuple[int, ...] = ()
+    compilation_cache_dir: str | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "block_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.num_device_blocks < 0:
+            raise ValueError(f"num_device_blocks must be >= 0 (0 = size automatically), got {self.num_device_blocks}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+    @property
+    def max_prefill_blocks(self) -> int:
+        """Blocks one packed prefill launch may gather: one long context plus the budget."""
+        return self.max_blocks_per_seq + -(-self.max_num_batched_tokens // self.block_size) + self.max_prefill_seqs
+
+    def resolve(self) -> "EngineConfig":
+        """Fill in derived bucket lists; validate user-given ones."""
+        dec = self.decode_batch_buckets or _pow2_upto(1, self.max_num_seqs)
+        pre = self.prefill_token_buckets or _pow2_upto(min(32, self.max_num_batched_tokens),
+                                                        self.max_num_batched_tokens)
+        blk = self.block_buckets or _pow2_upto(min(4, self.max_prefill_blocks), self.max_prefill_blocks)
+        for name, b, need in (("decode_batch_buckets", dec, self.max_num_seqs),
+                              ("prefill_token_buckets", pre, self.max_num_batched_tokens),
+                              ("block_buckets", blk, self.max_prefill_blocks)):
+            if list(b) != sorted(set(b)) or b[0] < 1:
+                raise ValueError(f"{name} must be strictly increasing positive integers, got {b}")
+            if b[-1] < need:
+                raise ValueError(f"{name} must reach {need}, got largest {b[-1]}")
+        return dataclasses.replace(self, decode_batch_buckets=tuple(dec),
+                                   prefill_token_buckets=tuple(pre), block_buckets=tuple(blk))
+
+
+def bucket(value: int, buckets: tuple[int, ...]) -> int:
+    """Smallest bucket >= value."""
+    for b in buckets:
+        if b >= value:
+            return b
+    raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")

@@ -1,0 +1,121 @@
+"""Paged attention in plain jnp (jittable on every backend), plus rotary embeddings.
+
+A launch is a batch of R rows of Q query tokens each ("rows" layout):
+
+- decode launch:  R = sequences, Q = 1; each row gathers its own sequence's blocks.
+- prefill launch: R = 1, Q = packed tokens of several sequences (segments); the row gathers
+  the blocks of all its segments, and the mask keeps each segment to its own keys.
+
+Query token (r, i) may attend key (r, j) iff they belong to the same segment and
+pos(key) <= pos(query). Keys beyond a sequence's written length always have a larger
+position than any of its queries, so stale slots in a partly filled block are never read.
+
+KV cache layout (per K and V):  (L, num_blocks, block_size, n_kv_heads, head_dim).
+Block 0 is the null block: padding tokens write there and padding block-table entries
+point there; its owner segment is -2, which matches no query.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NULL_BLOCK = 0
+_NEG = -1e30
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # (L, num_blocks, block_size, Hkv, D)
+    v: jax.Array  # (L, num_blocks, block_size, Hkv, D)
+
+
+class AttnBatch(NamedTuple):
+    """Where each query token sits and which cache blocks a row reads.
+
+    positions, seg, slots: (R, Q) int32 -- position in its sequence, segment id within the
+      row (-1 = padding), flat cache slot to write its K/V (block * block_size + offset).
+    block_ids, block_seg, block_pos: (R, NB) int32 -- blocks to gather, the segment owning
+      each (-2 for padding), and the position of each block's first token.
+    In dense mode (training, reference forward) block_ids is None and keys are the row's
+    own tokens.
+    """
+
+    positions: jax.Array
+    seg: jax.Array
+    slots: jax.Array | None = None
+    block_ids: jax.Array | None = None
+    block_seg: jax.Array | None = None
+    block_pos: jax.Array | None = None
+
+
+def dense_batch(tokens_shape: tuple[int, int]) -> AttnBatch:
+    """Causal batch over whole rows starting at position 0 (one segment per row)."""
+    r, q = tokens_shape
+    pos = jnp.broadcast_to(jnp.arange(q, dtype=jnp.int32), (r, q))
+    return AttnBatch(positions=pos, seg=jnp.zeros((r, q), jnp.int32))
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> np.ndarray:
+    """Inverse frequencies, with Llama-3 scaling when given (same formula as HF)."""
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if scaling is not None:
+        low_wl = scaling.original_max_position_embeddings / scaling.low_freq_factor
+        high_wl = scaling.original_max_position_embeddings / scaling.high_freq_factor
+        wl = 2 * np.pi / inv
+        scaled = np.where(wl > low_wl, inv / scaling.factor, inv)
+        smooth = (scaling.original_max_position_embeddings / wl - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        mid = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        is_mid = (wl >= high_wl) & (wl <= low_wl)
+        inv = np.where(is_mid, mid, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """x: (R, Q, H, D); positions: (R, Q). Half-rotation convention (HF Llama)."""
+    ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # (R, Q, D/2)
+    cos = jnp.cos(ang)[:, :, None, :]
+    sin = jnp.sin(ang)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _attend(q, k, v, q_pos, q_seg, k_pos, k_seg, scale):
+    """q: (R, Q, H, D); k, v: (R, K, Hkv, D); positions/segments per token. -> (R, Q, H, D)."""
+    r, nq, h, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(r, nq, hkv, h // hkv, d)
+    s = jnp.einsum("rqhgd,rkhd->rhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+    mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_pos[:, None, :] <= q_pos[:, :, None])
+    s = jnp.where(mask[:, None, None], s, _NEG)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("rhgqk,rkhd->rqhgd", p, v, preferred_element_type=jnp.float32)
+    return o.reshape(r, nq, h, d).astype(q.dtype)
+
+
+def attention(q, k, v, batch: AttnBatch, cache: KVCache | None, layer):
+    """Write this launch's K/V into the cache, then attend over the gathered blocks.
+
+    q: (R, Q, H, D); k, v: (R, Q, Hkv, D); layer: scalar index into the cache.
+    Returns (out (R, Q, H, D), cache).
+    """
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    if cache is None:
+        out = _attend(q, k, v, batch.positions, batch.seg, batch.positions, batch.seg, scale)
+        return out, None
+    bs = cache.k.shape[2]
+    blk, off = batch.slots // bs, batch.slots % bs
+    kc = cache.k.at[layer, blk, off].set(k.astype(cache.k.dtype))
+    vc = cache.v.at[layer, blk, off].set(v.astype(cache.v.dtype))
+    r, nb = batch.block_ids.shape
+    kg = kc[layer, batch.block_ids].reshape(r, nb * bs, *kc.shape[3:])  # (R, NB*bs, Hkv, D)
+    vg = vc[layer, batch.block_ids].reshape(r, nb * bs, *vc.shape[3:])
+    k_pos = (batch.block_pos[:, :, None] + jnp.arange(bs, dtype=jnp.int32)).reshape(r, nb * bs)
+    k_seg = jnp.repeat(batch.block_seg, bs, axis=1)
+    out = _attend(q, kg.astype(q.dtype), vg.astype(q.dtype), batch.positions, batch.seg, k_pos, k_seg, scale)
+    return out, KVCache(kc, vc)

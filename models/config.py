@@ -1,0 +1,104 @@
+"""Architecture description read from a Hugging Face `config.json`.
+
+One frozen dataclass covers the Llama family (Llama 2/3, Mistral, Qwen2) and OPT; the
+`arch` field picks the module in `models.registry`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling (`rope_type: llama3`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str                      # "llama" (Llama/Mistral/Qwen2) or "opt"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int         # MLP width (OPT: ffn_dim)
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    attention_bias: bool = False   # QKV bias (Qwen2); OPT always has biases
+    tie_word_embeddings: bool = False
+    # OPT only
+    do_layer_norm_before: bool = True
+    word_embed_proj_dim: int = 0   # 0: equal to hidden_size
+    activation: str = "silu"
+    eos_token_id: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes per token in float32 (K and V, all layers)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        mt = d.get("model_type", "")
+        eos = d.get("eos_token_id")
+        eos_t = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        if mt in LLAMA_FAMILY:
+            heads = d["num_attention_heads"]
+            rs = d.get("rope_scaling") or d.get("rope_parameters")
+            scaling = None
+            if rs and rs.get("rope_type", rs.get("type")) == "llama3":
+                scaling = RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]),
+                                      float(rs["high_freq_factor"]), int(rs["original_max_position_embeddings"]))
+            elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
+                raise ValueError(f"unsupported rope_scaling type {rs.get('rope_type', rs.get('type'))!r}; "
+                                 "supported: default, llama3")
+            theta = d.get("rope_theta") or (rs or {}).get("rope_theta") or 10000.0
+            return cls(
+                arch="llama", vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
+                num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
+                head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+                max_position_embeddings=d.get("max_position_embeddings", 2048),
+                norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+                attention_bias=bool(d.get("attention_bias", mt == "qwen2")),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                activation=d.get("hidden_act", "silu"), eos_token_id=eos_t, bos_token_id=d.get("bos_token_id"))
+        if mt == "opt":
+            heads = d["num_attention_heads"]
+            return cls(
+                arch="opt", vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                intermediate_size=d["ffn_dim"], num_layers=d["num_hidden_layers"], num_heads=heads,
+                num_kv_heads=heads, head_dim=d["hidden_size"] // heads,
+                max_position_embeddings=d.get("max_position_embeddings", 2048), norm_eps=1e-5,
+                attention_bias=True, tie_word_embeddings=True,
+                do_layer_norm_before=d.get("do_layer_norm_before", True),
+                word_embed_proj_dim=d.get("word_embed_proj_dim") or d["hidden_size"],
+                activation=d.get("activation_function", "relu"), eos_token_id=eos_t,
+                bos_token_id=d.get("bos_token_id"))
+        raise ValueError(f"unsupported model_type {mt!r}; supported: {sorted(LLAMA_FAMILY) + ['opt']}")
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "ModelConfig":
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise ValueError(f"{path!r} is not a model directory: no config.json in it")
+        with open(cfg_file) as f:
+            return cls.from_dict(json.load(f))

@@ -1,0 +1,111 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) as a Flax Linen module.
+
+RMSNorm, rotary positions (rope_theta, Llama-3 rope_scaling), grouped-query attention,
+SwiGLU MLP, optional QKV bias, tied or untied embeddings. The layers are one `nn.scan`,
+so their params are stacked on a leading layer axis and the step compiles one layer body.
+
+Param tree (kernels are (in, out); L = num_layers):
+  embed_tokens/embedding (V, H)
+  layers/input_norm/scale (L, H)        layers/post_attn_norm/scale (L, H)
+  layers/attn/{q,k,v,o}_proj/kernel     (L, H, H*D) ... (L, Hq*D, H); q,k,v bias if attention_bias
+  layers/mlp/{gate,up}_proj/kernel (L, H, I)    layers/mlp/down_proj/kernel (L, I, H)
+  norm/scale (H)                        lm_head/kernel (H, V)  (absent when tied)
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.attention import AttnBatch, KVCache, apply_rope, attention, rope_inv_freq
+from models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * scale).astype(self.dtype)
+
+
+class LlamaAttention(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, batch: AttnBatch, cache: KVCache | None, layer):
+        c = self.cfg
+        r, q_len, _ = x.shape
+        dense = lambda n, name, bias: nn.Dense(n, use_bias=bias, dtype=self.dtype, param_dtype=self.dtype, name=name)
+        q = dense(c.num_heads * c.head_dim, "q_proj", c.attention_bias)(x)
+        k = dense(c.num_kv_heads * c.head_dim, "k_proj", c.attention_bias)(x)
+        v = dense(c.num_kv_heads * c.head_dim, "v_proj", c.attention_bias)(x)
+        q = q.reshape(r, q_len, c.num_heads, c.head_dim)
+        k = k.reshape(r, q_len, c.num_kv_heads, c.head_dim)
+        v = v.reshape(r, q_len, c.num_kv_heads, c.head_dim)
+        inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+        q = apply_rope(q, batch.positions, inv_freq)
+        k = apply_rope(k, batch.positions, inv_freq)
+        o, cache = attention(q, k, v, batch, cache, layer)
+        o = dense(c.hidden_size, "o_proj", False)(o.reshape(r, q_len, -1))
+        return o, cache
+
+
+class LlamaMLP(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name=name)
+        g = dense(self.cfg.intermediate_size, "gate_proj")(x)
+        u = dense(self.cfg.intermediate_size, "up_proj")(x)
+        return dense(self.cfg.hidden_size, "down_proj")(nn.silu(g) * u)
+
+
+class LlamaBlock(nn.Module):
+    """One decoder layer, written as a scan body: carry = (h, cache, layer index)."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, carry, batch: AttnBatch):
+        h, cache, layer = carry
+        a, cache = LlamaAttention(self.cfg, self.dtype, name="attn")(
+            RMSNorm(self.cfg.norm_eps, self.dtype, name="input_norm")(h), batch, cache, layer)
+        h = h + a
+        h = h + LlamaMLP(self.cfg, self.dtype, name="mlp")(RMSNorm(self.cfg.norm_eps, self.dtype, name="post_attn_norm")(h))
+        return (h, cache, layer + 1), None
+
+
+class LlamaForCausalLM(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens, batch: AttnBatch, cache: KVCache | None = None, logits_idx=None):
+        """tokens: (R, Q) int32. logits_idx: flat indices into the R*Q tokens whose logits
+        are wanted (None: all). Returns (logits (N, V) float32, cache)."""
+        c = self.cfg
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype, name="embed_tokens")
+        h = embed(tokens)
+        layers = nn.scan(LlamaBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=nn.broadcast, length=c.num_layers)(c, self.dtype, name="layers")
+        (h, cache, _), _ = layers((h, cache, jnp.int32(0)), batch)
+        h = h.reshape(-1, c.hidden_size)
+        if logits_idx is not None:
+            h = h[logits_idx]
+        h = RMSNorm(c.norm_eps, self.dtype, name="norm")(h)
+        if c.tie_word_embeddings:
+            logits = embed.attend(h)
+        else:
+            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype,
+                              name="lm_head")(h)
+        return logits.astype(jnp.float32), cache

@@ -1,0 +1,84 @@
+"""OPT decoder (the family the FastServe paper evaluates) as a Flax Linen module.
+
+Learned positions (offset 2, as in HF), LayerNorm (pre- or post-attention per
+`do_layer_norm_before`), ReLU MLP, biases everywhere, lm_head tied to the embedding,
+optional project_in/project_out when word_embed_proj_dim differs from hidden_size.
+
+Param tree (kernels are (in, out); L = num_layers):
+  embed_tokens/embedding (V, E)         embed_positions/embedding (max_pos + 2, H)
+  project_in/kernel (E, H), project_out/kernel (H, E)   (only when E != H)
+  layers/attn_norm/{scale,bias} (L, H)  layers/attn/{q,k,v,out}_proj/{kernel,bias}
+  layers/ffn_norm/{scale,bias} (L, H)   layers/fc1/{kernel,bias} (L, H, I)  layers/fc2 (L, I, H)
+  final_norm/{scale,bias} (H)           (only for pre-LN models)
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from models.attention import AttnBatch, KVCache, attention
+from models.config import ModelConfig
+
+POSITION_OFFSET = 2  # HF OPTLearnedPositionalEmbedding reserves the first two rows
+
+
+def _act(name: str):
+    return {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}[name]
+
+
+class OPTBlock(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, carry, batch: AttnBatch):
+        h, cache, layer = carry
+        c = self.cfg
+        r, q_len, _ = h.shape
+        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.dtype, name=name)
+        norm = lambda name: nn.LayerNorm(c.norm_eps, dtype=self.dtype, param_dtype=self.dtype, name=name)
+
+        x = norm("attn_norm")(h) if c.do_layer_norm_before else h
+        q = dense(c.hidden_size, "q_proj")(x).reshape(r, q_len, c.num_heads, c.head_dim)
+        k = dense(c.hidden_size, "k_proj")(x).reshape(r, q_len, c.num_heads, c.head_dim)
+        v = dense(c.hidden_size, "v_proj")(x).reshape(r, q_len, c.num_heads, c.head_dim)
+        o, cache = attention(q, k, v, batch, cache, layer)
+        h = h + dense(c.hidden_size, "out_proj")(o.reshape(r, q_len, -1))
+        if not c.do_layer_norm_before:
+            h = norm("attn_norm")(h)
+
+        x = norm("ffn_norm")(h) if c.do_layer_norm_before else h
+        h = h + dense(c.hidden_size, "fc2")(_act(c.activation)(dense(c.intermediate_size, "fc1")(x)))
+        if not c.do_layer_norm_before:
+            h = norm("ffn_norm")(h)
+        return (h, cache, layer + 1), None
+
+
+class OPTForCausalLM(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens, batch: AttnBatch, cache: KVCache | None = None, logits_idx=None):
+        """Same contract as LlamaForCausalLM.__call__."""
+        c = self.cfg
+        e_dim = c.word_embed_proj_dim or c.hidden_size
+        embed = nn.Embed(c.vocab_size, e_dim, dtype=self.dtype, param_dtype=self.dtype, name="embed_tokens")
+        h = embed(tokens)
+        if e_dim != c.hidden_size:
+            h = nn.Dense(c.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name="project_in")(h)
+        pos_embed = nn.Embed(c.max_position_embeddings + POSITION_OFFSET, c.hidden_size, dtype=self.dtype,
+                             param_dtype=self.dtype, name="embed_positions")
+        h = h + pos_embed(jnp.maximum(batch.positions, 0) + POSITION_OFFSET)
+        layers = nn.scan(OPTBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=nn.broadcast, length=c.num_layers)(c, self.dtype, name="layers")
+        (h, cache, _), _ = layers((h, cache, jnp.int32(0)), batch)
+        h = h.reshape(-1, c.hidden_size)
+        if logits_idx is not None:
+            h = h[logits_idx]
+        if c.do_layer_norm_before:
+            h = nn.LayerNorm(c.norm_eps, dtype=self.dtype, param_dtype=self.dtype, name="final_norm")(h)
+        if e_dim != c.hidden_size:
+            h = nn.Dense(e_dim, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name="project_out")(h)
+        return embed.attend(h).astype(jnp.float32), cache
