@@ -1,0 +1,47 @@
+"""Param trees <-> orbax checkpoints (restored with StandardCheckpointer).
+
+Restore goes into a tree of `jax.ShapeDtypeStruct` whose shardings say where each array
+lands, so params saved from one mesh can be restored into another (or into host memory).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def save_params(path: str, params: dict, *, compress: bool = False) -> None:
+    """Write params to a new checkpoint directory `path` (must not exist; orbax finalizes it
+    atomically, so a crash never leaves a half-written `path`). Blocks until written.
+
+    The layout is StandardCheckpointer's (a PyTree checkpoint, OCDBT); it is written
+    uncompressed by default because zstd decompression made restoring a 125M-param model
+    about 2x slower on a 2-core CPU, while weights shrink by only ~8%.
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        raise ValueError(f"checkpoint {path!r} already exists; remove it or pick another path")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=compress)) as ckptr:
+        ckptr.save(path, args=ocp.args.PyTreeSave(params))
+
+
+def _target(leaf) -> jax.ShapeDtypeStruct:
+    sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+
+def restore_params(path: str, target_shapes: dict) -> dict:
+    """Read a checkpoint written by `save_params`.
+
+    target_shapes: tree of jax.ShapeDtypeStruct (or arrays) with the saved structure; each
+    leaf's dtype and sharding (default: the first device) decide the restored array's.
+    """
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"no checkpoint at {path!r}")
+    target = jax.tree.map(_target, target_shapes)
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path, target)
