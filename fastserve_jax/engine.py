@@ -1,0 +1,241 @@
+"""The engine loop: schedule -> allocate -> run -> sample -> append, finish, stream out.
+
+`LLMEngine.step()` is one iteration. Preemption happens only between iterations: the
+policy decides who runs each time, and a paused request keeps its KV.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import jax
+
+from fastserve_jax.config import EngineConfig, SamplingParams
+from fastserve_jax.detokenizer import IncrementalDetokenizer
+from fastserve_jax.kv_cache import KVManager
+from fastserve_jax.request import Request, RequestMetrics, RequestStatus, TokenLogprobs
+from fastserve_jax.runner import ModelRunner, auto_num_blocks
+from fastserve_jax.scheduler import Limits, make_scheduler
+
+
+@dataclass
+class RequestOutput:
+    """A request's output so far (final when `finished`)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    metrics: RequestMetrics
+    logprobs: list[TokenLogprobs] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class EngineStats:
+    """Cumulative wall-clock split of the loop (seconds), for host-overhead measurements.
+
+    schedule: policy + KV allocation; assemble: building padded host arrays; device: from
+    dispatch until the sampled tokens are on the host; postprocess: appending tokens, stop
+    checks, detokenizing, freeing finished requests."""
+
+    iterations: int = 0
+    schedule: float = 0.0
+    assemble: float = 0.0
+    device: float = 0.0
+    postprocess: float = 0.0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    launches: dict = field(default_factory=dict)
+
+    @property
+    def host(self) -> float:
+        return self.schedule + self.assemble + self.postprocess
+
+
+def _eos_ids(path: str, model_cfg, tokenizer) -> frozenset[int]:
+    gen = os.path.join(path, "generation_config.json")
+    ids = None
+    if os.path.isfile(gen):
+        with open(gen) as f:
+            ids = json.load(f).get("eos_token_id")
+    if ids is None:
+        ids = list(model_cfg.eos_token_id) or tokenizer.eos_token_id
+    ids = ids if isinstance(ids, list) else ([] if ids is None else [ids])
+    return frozenset(int(i) for i in ids)
+
+
+class LLMEngine:
+    def __init__(self, model_cfg, module, params, tokenizer, cfg: EngineConfig, eos_ids: frozenset[int] = frozenset(),
+                 warmup: bool = True, progress=None) -> None:
+        if cfg.max_model_len > model_cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings="
+                             f"{model_cfg.max_position_embeddings}; lower max_model_len")
+        self.model_cfg = model_cfg
+        self.tokenizer = tokenizer
+        self.cfg = cfg.resolve()
+        param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+        num_blocks = self.cfg.num_device_blocks or auto_num_blocks(model_cfg, self.cfg, param_bytes)
+        self.kv = KVManager(num_blocks, self.cfg.block_size)
+        self.scheduler = make_scheduler(self.cfg.scheduler,
+                                        Limits(self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens), self.kv)
+        self.runner = ModelRunner(module, params, model_cfg, self.cfg, num_blocks)
+        self.eos_ids = eos_ids
+        self.stats = EngineStats()
+        self._requests: dict[str, Request] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+        self.warmup_seconds = self.runner.warmup(progress) if warmup else 0.0
+
+    @classmethod
+    def from_pretrained(cls, model_path: str, cfg: EngineConfig, **kwargs) -> "LLMEngine":
+        """Load a Hugging Face model directory (config.json, safetensors, tokenizer)."""
+        from transformers import AutoTokenizer
+
+        from models.loader import load_model
+
+        model_cfg, module, params = load_model(model_path, dtype=cfg.dtype)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        return cls(model_cfg, module, params, tokenizer, cfg, _eos_ids(model_path, model_cfg, tokenizer), **kwargs)
+
+    # -- admission (the boundary: validate everything before anything is queued) -----------
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
+        """Tokenize and check one prompt; raises ValueError saying what to change."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty; give at least one character or token id")
+            text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            text, ids = None, list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.model_cfg.vocab_size]
+            if bad:
+                raise ValueError(f"token ids must be in [0, {self.model_cfg.vocab_size}), got {bad[:5]}")
+        else:
+            raise ValueError("a prompt must be a string or a list of integer token ids")
+        if not ids:
+            raise ValueError("prompt is empty; give at least one character or token id")
+        limit = self.cfg.max_model_len
+        if len(ids) >= limit:
+            raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {limit}, which must also hold "
+                             f"at least one generated token; shorten the prompt to at most {limit - 1} tokens "
+                             "or raise max_model_len")
+        need = self.kv.blocks_for_tokens(min(len(ids) + params.max_tokens, limit))
+        if need > self.kv.num_usable_blocks:
+            raise ValueError(f"this request can need {need} KV blocks but the device pool has only "
+                             f"{self.kv.num_usable_blocks}; lower max_tokens or raise num_device_blocks")
+        bad_stop = [t for t in params.stop_token_ids if t >= self.model_cfg.vocab_size]
+        if bad_stop:
+            raise ValueError(f"stop_token_ids must be < vocab size {self.model_cfg.vocab_size}, got {bad_stop}")
+        return text, ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                    arrival_time: float | None = None) -> Request:
+        text, ids = self.validate(prompt, params)
+        n = next(self._ids)
+        rid = request_id if request_id is not None else f"req-{n}"
+        if rid in self._requests:
+            raise ValueError(f"request id {rid!r} is already live; ids must be unique")
+        seed = params.seed if params.seed is not None else hash((self.cfg.seed, n)) & 0xFFFFFFFF
+        req = Request(rid, ids, params, time.monotonic() if arrival_time is None else arrival_time, prompt=text,
+                      seed=seed, eos_token_ids=frozenset() if params.ignore_eos else self.eos_ids)
+        self._requests[rid] = req
+        self._detok[rid] = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request_id: str) -> None:
+        req = self._requests.get(request_id)
+        if req is not None:
+            self._finish(req, "abort", time.monotonic())
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    # -- one iteration ---------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """Run one iteration; returns the requests that got a token (finished ones included).
+
+        Callers turn them into outputs with `output_of` only when they need to."""
+        st = self.stats
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        plan = self.scheduler.schedule(now)
+        for req in plan.preempted:
+            self.kv.free(req)
+            req.num_computed_tokens = 0
+            req.status = RequestStatus.WAITING
+            req.num_preemptions += 1
+        for s in plan.scheduled:
+            self.kv.allocate(s.request, s.num_tokens)
+            s.request.status = RequestStatus.RUNNING
+            if s.request.metrics.first_scheduled_time is None:
+                s.request.metrics.first_scheduled_time = now
+        t1 = time.perf_counter()
+        launches = self.runner.build_launches(plan.scheduled, self.kv)
+        t2 = time.perf_counter()
+        sampled = self.runner.collect(launches, self.runner.dispatch(launches))
+        t3 = time.perf_counter()
+        now = time.monotonic()
+        for s in plan.scheduled:
+            s.request.num_computed_tokens += s.num_tokens
+            s.request.last_run_time = now
+            if s.num_tokens == 1 and not s.request.is_prefilling:
+                st.decode_tokens += 1
+            else:
+                st.prefill_tokens += s.num_tokens
+        for req, tok, lp in sampled:
+            self._append(req, tok, lp, now)
+        for ln in launches:
+            st.launches[ln.key] = st.launches.get(ln.key, 0) + 1
+        t4 = time.perf_counter()
+        st.iterations += 1
+        st.schedule += t1 - t0
+        st.assemble += t2 - t1
+        st.device += t3 - t2
+        st.postprocess += t4 - t3
+        return [req for req, _, _ in sampled]
+
+    def _append(self, req: Request, token: int, lp: TokenLogprobs | None, now: float) -> None:
+        req.output_token_ids.append(token)
+        if req.logprobs is not None and lp is not None:
+            req.logprobs.append(lp)
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        sp = req.sampling
+        reason = None
+        if token in req.eos_token_ids or token in sp.stop_token_ids:
+            reason = "stop"
+        else:
+            req.output_text, hit = self._detok[req.request_id].push(token, req.output_text)
+            if hit:
+                reason = "stop"
+            elif len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.cfg.max_model_len:
+                reason = "length"
+        if reason is not None:
+            self._finish(req, reason, now)
+
+    def _finish(self, req: Request, reason: str, now: float) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.metrics.finish_time = now
+        self.scheduler.remove(req)
+        self.kv.free(req)
+        del self._requests[req.request_id]
+        del self._detok[req.request_id]
+
+    @staticmethod
+    def output_of(req: Request) -> RequestOutput:
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.output_text,
+                             list(req.output_token_ids), req.finish_reason, req.metrics,
+                             list(req.logprobs) if req.logprobs is not None else None)

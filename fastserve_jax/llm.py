@@ -1,0 +1,67 @@
+"""The Python batch API, with vLLM's names: `LLM(...).generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from fastserve_jax.config import EngineConfig, SamplingParams
+from fastserve_jax.engine import LLMEngine, RequestOutput
+from fastserve_jax.persistent_cache import enable_compilation_cache
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """An engine over one model. `model=None` serves the bundled demo model.
+
+    Keyword arguments are EngineConfig fields (max_model_len, max_num_seqs,
+    max_num_batched_tokens, block_size, num_device_blocks, seed, scheduler, buckets ...).
+    """
+
+    def __init__(self, model: str | None = None, *, dtype: str = "float32", max_model_len: int | None = None,
+                 num_device_blocks: int | None = None, warmup: bool = True, progress=None, **engine_kwargs) -> None:
+        from models import demo_model_path
+        from models.config import ModelConfig
+
+        path = model if model is not None else demo_model_path()
+        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(engine_kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown LLM arguments {unknown}; valid ones are {sorted(known)}")
+        if max_model_len is None:
+            max_model_len = min(ModelConfig.from_pretrained(path).max_position_embeddings,
+                                EngineConfig.max_model_len)
+        cfg = EngineConfig(dtype=dtype, max_model_len=max_model_len, num_device_blocks=num_device_blocks or 0,
+                           **engine_kwargs)
+        enable_compilation_cache(cfg.compilation_cache_dir)
+        self.engine = LLMEngine.from_pretrained(path, cfg, warmup=warmup, progress=progress)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """One output per prompt, in order. Every prompt is validated before any is queued."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts; "
+                                 "pass one, or one per prompt")
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            try:
+                self.engine.validate(p, sp)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        reqs = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        while any(not r.finished for r in reqs):
+            self.engine.step()
+        return [self.engine.output_of(r) for r in reqs]

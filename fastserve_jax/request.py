@@ -1,0 +1,94 @@
+"""One request's host-side state: tokens, status, progress, scheduling bookkeeping, metrics."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from fastserve_jax.config import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"        # admitted, no KV yet (or dropped for recomputation)
+    RUNNING = "running"        # has KV on device; may be paused between iterations
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestMetrics:
+    """Wall-clock times (time.monotonic seconds) of a request's milestones."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.finish_time is None else self.finish_time - self.arrival_time
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Logprob of the sampled token and the top-n alternatives (raw model distribution)."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float]
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float
+    prompt: str | None = None
+    seed: int = 0                          # resolved sampling seed (SamplingParams.seed or engine-derived)
+    eos_token_ids: frozenset[int] = frozenset()
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0           # tokens whose K/V are in the cache
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None       # "stop" | "length" | "abort"
+    output_text: str = ""
+    logprobs: list[TokenLogprobs] | None = None
+    # scheduling state, owned by the policy
+    queue_level: int = 0
+    attained_service: float = 0.0          # seconds of step time received in the current queue
+    last_run_time: float = 0.0
+    num_preemptions: int = 0
+    metrics: RequestMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = RequestMetrics(self.arrival_time)
+        if self.sampling.logprobs is not None:
+            self.logprobs = []
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens whose K/V still has to be computed before the next token can be sampled."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < self.num_prompt_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def token_at(self, i: int) -> int:
+        p = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < p else self.output_token_ids[i - p]

@@ -1,0 +1,280 @@
+"""Device side: params, the KV cache buffers, jitted bucketed launches, sampling.
+
+One iteration's plan becomes at most one decode launch (R sequences x 1 token, each row
+gathering its own blocks) plus packed prefill launches (1 row of chunks from several
+sequences). Every launch is padded to a bucket from EngineConfig and runs a forward that
+was compiled at warm-up; the KV cache is donated in and returned updated, so it is never
+copied. Logits stay on the device and go straight into a jitted sampler.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastserve_jax.config import MAX_LOGPROBS, EngineConfig, bucket
+from fastserve_jax.kv_cache import KVManager
+from fastserve_jax.request import Request, TokenLogprobs
+from fastserve_jax.sampling import SamplingArrays, sample
+from fastserve_jax.scheduler.base import ScheduledRequest
+from models.attention import AttnBatch, KVCache
+from models.config import ModelConfig
+
+
+@dataclass
+class Launch:
+    """Host arrays of one padded launch; `rows[i]` is the request whose logits row i is."""
+
+    key: tuple                      # ("decode", R, NB) or ("prefill", T, NB)
+    tokens: np.ndarray              # (R, Q) int32
+    batch: AttnBatch                # numpy arrays, shapes per models.attention
+    logits_idx: np.ndarray          # (N,) int32
+    rows: list[Request | None]      # requests to sample for, per logits row (None: discard)
+
+
+def _attn_batch(positions, seg, slots, block_ids, block_seg, block_pos) -> AttnBatch:
+    return AttnBatch(positions, seg, slots, block_ids, block_seg, block_pos)
+
+
+class ModelRunner:
+    def __init__(self, module, params, model_cfg: ModelConfig, cfg: EngineConfig, num_blocks: int) -> None:
+        self.module = module
+        self.params = params
+        self.model_cfg = model_cfg
+        self.cfg = cfg
+        self.num_blocks = num_blocks
+        self.bs = cfg.block_size
+        shape = (model_cfg.num_layers, num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
+        self.cache = KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+        self._forward = jax.jit(self._forward_fn, donate_argnames=("cache",))
+        self._sample = jax.jit(sample, static_argnames=("greedy", "with_logprobs"))
+        self._compiled: dict[tuple, Callable] = {}
+        self.warmup_seconds = 0.0
+
+    def _forward_fn(self, params, cache: KVCache, tokens, batch: AttnBatch, logits_idx):
+        return self.module.apply({"params": params}, tokens, batch, cache, logits_idx)
+
+    # -- shapes ----------------------------------------------------------------------------
+    def launch_keys(self) -> list[tuple]:
+        """Every launch shape serving can produce (what warm-up compiles)."""
+        c = self.cfg
+        dec_nb = [b for b in c.block_buckets if b <= bucket(c.max_blocks_per_seq, c.block_buckets)]
+        keys = [("decode", r, nb) for r in c.decode_batch_buckets for nb in dec_nb]
+        keys += [("prefill", t, nb) for t in c.prefill_token_buckets for nb in c.block_buckets]
+        return keys
+
+    def _abstract_args(self, key: tuple):
+        kind, a, nb = key
+        r, q = (a, 1) if kind == "decode" else (1, a)
+        n = a if kind == "decode" else self.cfg.max_prefill_seqs
+        i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+        batch = _attn_batch(i32(r, q), i32(r, q), i32(r, q), i32(r, nb), i32(r, nb), i32(r, nb))
+        return i32(r, q), batch, i32(n)
+
+    def _sampler_rows(self) -> list[int]:
+        return sorted(set(self.cfg.decode_batch_buckets) | {self.cfg.max_prefill_seqs})
+
+    def warmup(self, progress: Callable[[int, int], None] | None = None) -> float:
+        """Compile every launch shape and sampler variant; returns seconds taken."""
+        t0 = time.perf_counter()
+        keys = self.launch_keys()
+        rows = self._sampler_rows()
+        total = len(keys) + 4 * len(rows)
+        done = 0
+        for key in keys:
+            tokens, batch, idx = self._abstract_args(key)
+            self._compiled[key] = self._forward.lower(self.params, self.cache, tokens, batch, idx).compile()
+            done += 1
+            if progress:
+                progress(done, total)
+        vocab = self.model_cfg.vocab_size
+        for n in rows:
+            logits = jax.ShapeDtypeStruct((n, vocab), jnp.float32)
+            s = SamplingArrays(*(jax.ShapeDtypeStruct((n,), dt) for dt in
+                                 (jnp.float32, jnp.int32, jnp.float32, jnp.uint32, jnp.int32)))
+            for greedy in (True, False):
+                for lp in (False, True):
+                    self._compiled[("sample", n, greedy, lp)] = self._sample.lower(
+                        logits, s, greedy=greedy, with_logprobs=lp).compile()
+                    done += 1
+                    if progress:
+                        progress(done, total)
+        self.warmup_seconds = time.perf_counter() - t0
+        return self.warmup_seconds
+
+    # -- launch assembly (host, numpy) -----------------------------------------------------
+    def _table(self, kv: KVManager, req: Request, upto_tokens: int) -> np.ndarray:
+        nb = kv.blocks_for_tokens(upto_tokens)
+        table = kv.block_table(req)
+        assert len(table) >= nb, f"{req.request_id}: KV not allocated for {upto_tokens} tokens"
+        return np.asarray(table[:nb], np.int32)
+
+    def build_decode(self, items: list[ScheduledRequest], kv: KVManager) -> Launch:
+        c, bs = self.cfg, self.bs
+        r = bucket(len(items), c.decode_batch_buckets)
+        tables = [self._table(kv, s.request, s.request.num_computed_tokens + 1) for s in items]
+        nb = bucket(max(len(t) for t in tables), c.block_buckets)
+        tokens = np.zeros((r, 1), np.int32)
+        pos = np.zeros((r, 1), np.int32)
+        seg = np.full((r, 1), -1, np.int32)
+        slots = np.zeros((r, 1), np.int32)
+        block_ids = np.zeros((r, nb), np.int32)
+        block_seg = np.full((r, nb), -2, np.int32)
+        for i, (s, table) in enumerate(zip(items, tables)):
+            p = s.request.num_computed_tokens
+            tokens[i, 0] = s.request.token_at(p)
+            pos[i, 0] = p
+            seg[i, 0] = 0
+            slots[i, 0] = table[p // bs] * bs + p % bs
+            block_ids[i, :len(table)] = table
+            block_seg[i, :len(table)] = 0
+        block_pos = np.broadcast_to(np.arange(nb, dtype=np.int32) * bs, (r, nb)).copy()
+        rows = [s.request if s.request.num_pending_tokens == 1 else None for s in items] + [None] * (r - len(items))
+        return Launch(("decode", r, nb), tokens, _attn_batch(pos, seg, slots, block_ids, block_seg, block_pos),
+                      np.arange(r, dtype=np.int32), rows)
+
+    def split_prefill(self, items: list[ScheduledRequest], kv: KVManager) -> list[list[ScheduledRequest]]:
+        """Greedy packing into launches that fit the largest token and block buckets."""
+        c = self.cfg
+        groups, cur, toks, blocks = [], [], 0, 0
+        for s in items:
+            nb = kv.blocks_for_tokens(s.request.num_computed_tokens + s.num_tokens)
+            if cur and (len(cur) == c.max_prefill_seqs or toks + s.num_tokens > c.prefill_token_buckets[-1]
+                        or blocks + nb > c.block_buckets[-1]):
+                groups.append(cur)
+                cur, toks, blocks = [], 0, 0
+            cur.append(s)
+            toks += s.num_tokens
+            blocks += nb
+        if cur:
+            groups.append(cur)
+        return groups
+
+    def build_prefill(self, items: list[ScheduledRequest], kv: KVManager) -> Launch:
+        c, bs = self.cfg, self.bs
+        t = bucket(sum(s.num_tokens for s in items), c.prefill_token_buckets)
+        tables = [self._table(kv, s.request, s.request.num_computed_tokens + s.num_tokens) for s in items]
+        nb = bucket(sum(len(tb) for tb in tables), c.block_buckets)
+        tokens = np.zeros((1, t), np.int32)
+        pos = np.zeros((1, t), np.int32)
+        seg = np.full((1, t), -1, np.int32)
+        slots = np.zeros((1, t), np.int32)
+        block_ids = np.zeros((1, nb), np.int32)
+        block_seg = np.full((1, nb), -2, np.int32)
+        block_pos = np.zeros((1, nb), np.int32)
+        logits_idx = np.zeros((c.max_prefill_seqs,), np.int32)
+        rows: list[Request | None] = [None] * c.max_prefill_seqs
+        at = bt = 0
+        for i, (s, table) in enumerate(zip(items, tables)):
+            req, n = s.request, s.num_tokens
+            p0 = req.num_computed_tokens
+            p = np.arange(p0, p0 + n, dtype=np.int32)
+            tokens[0, at:at + n] = (req.prompt_token_ids + req.output_token_ids)[p0:p0 + n]
+            pos[0, at:at + n] = p
+            seg[0, at:at + n] = i
+            slots[0, at:at + n] = table[p // bs] * bs + p % bs
+            block_ids[0, bt:bt + len(table)] = table
+            block_seg[0, bt:bt + len(table)] = i
+            block_pos[0, bt:bt + len(table)] = np.arange(len(table), dtype=np.int32) * bs
+            at += n
+            bt += len(table)
+            logits_idx[i] = at - 1
+            if p0 + n == req.num_tokens:
+                rows[i] = req
+        return Launch(("prefill", t, nb), tokens, _attn_batch(pos, seg, slots, block_ids, block_seg, block_pos),
+                      logits_idx, rows)
+
+    def build_launches(self, scheduled: list[ScheduledRequest], kv: KVManager) -> list[Launch]:
+        decode = [s for s in scheduled if s.num_tokens == 1]
+        prefill = [s for s in scheduled if s.num_tokens > 1]
+        launches = [self.build_decode(decode, kv)] if decode else []
+        launches += [self.build_prefill(g, kv) for g in self.split_prefill(prefill, kv)]
+        return launches
+
+    # -- execution -------------------------------------------------------------------------
+    def _call(self, key: tuple, *args, **static):
+        fn = self._compiled.get(key)
+        if fn is None:  # not warmed up (only when warm-up was skipped): compile on demand
+            fn = (self._forward if key[0] != "sample" else
+                  lambda *a: self._sample(*a, **static))
+        return fn(*args)
+
+    def _sampling_arrays(self, rows: list[Request | None]) -> SamplingArrays:
+        n = len(rows)
+        temp = np.zeros(n, np.float32)
+        top_k = np.zeros(n, np.int32)
+        top_p = np.ones(n, np.float32)
+        seed = np.zeros(n, np.uint32)
+        step = np.zeros(n, np.int32)
+        for i, r in enumerate(rows):
+            if r is not None:
+                sp = r.sampling
+                temp[i], top_k[i], top_p[i] = sp.temperature, sp.top_k, sp.top_p
+                seed[i], step[i] = r.seed & 0xFFFFFFFF, len(r.output_token_ids)
+        return SamplingArrays(temp, top_k, top_p, seed, step)
+
+    def dispatch(self, launches: list[Launch]) -> list:
+        """Run the launches back to back (asynchronously); returns device results per launch."""
+        pending = []
+        for ln in launches:
+            logits, self.cache = self._call(ln.key, self.params, self.cache, ln.tokens, ln.batch, ln.logits_idx)
+            live = [r for r in ln.rows if r is not None]
+            if not live:
+                pending.append(None)
+                continue
+            greedy = all(r.sampling.greedy for r in live)
+            lp = any(r.sampling.logprobs is not None for r in live)
+            n = len(ln.rows)
+            out = self._call(("sample", n, greedy, lp), logits, self._sampling_arrays(ln.rows),
+                             greedy=greedy, with_logprobs=lp)
+            pending.append(out)
+        return pending
+
+    @staticmethod
+    def collect(launches: list[Launch], pending: list) -> list[tuple[Request, int, TokenLogprobs | None]]:
+        """Wait for the sampled tokens; one (request, token, logprobs) per sampled row."""
+        results = []
+        for ln, out in zip(launches, pending):
+            if out is None:
+                continue
+            host = jax.device_get(out)
+            for i, req in enumerate(ln.rows):
+                if req is None:
+                    continue
+                tok = int(host.tokens[i])
+                lp = None
+                if host.logprob is not None and req.sampling.logprobs is not None:
+                    k = req.sampling.logprobs
+                    lp = TokenLogprobs(tok, float(host.logprob[i]),
+                                       {int(t): float(v) for t, v in zip(host.top_ids[i, :k], host.top_logprobs[i, :k])})
+                results.append((req, tok, lp))
+        return results
+
+    def execute(self, scheduled: list[ScheduledRequest], kv: KVManager):
+        launches = self.build_launches(scheduled, kv)
+        return self.collect(launches, self.dispatch(launches))
+
+
+def kv_block_bytes(model_cfg: ModelConfig, cfg: EngineConfig) -> int:
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    return 2 * model_cfg.num_layers * cfg.block_size * model_cfg.num_kv_heads * model_cfg.head_dim * itemsize
+
+
+def auto_num_blocks(model_cfg: ModelConfig, cfg: EngineConfig, param_bytes: int,
+                    memory_fraction: float = 0.9, cpu_budget_bytes: int = 4 << 30) -> int:
+    """Blocks that fit: on an accelerator, a fraction of device memory minus the weights; on
+    CPU, a fixed budget. Never more than max_num_seqs full-length sequences need."""
+    per_block = kv_block_bytes(model_cfg, cfg)
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        avail = int(stats["bytes_limit"] * memory_fraction) - param_bytes - stats.get("bytes_in_use", 0)
+    else:
+        avail = cpu_budget_bytes
+    wanted = cfg.max_num_seqs * cfg.max_blocks_per_seq + 1
+    return max(2, min(wanted, avail // per_block))

@@ -1,0 +1,73 @@
+"""Orca-style iteration-level FCFS: run to completion in arrival order (the paper's baseline).
+
+Every iteration the running requests (arrival order) get their next token or prefill chunk,
+then waiting requests are admitted in arrival order while the batch size, the token budget
+and free KV blocks allow. When the running requests outgrow the KV pool, the latest arrival
+loses its KV and is recomputed later (vLLM's default).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from fastserve_jax.request import Request
+from fastserve_jax.scheduler.base import Plan, ScheduledRequest, Scheduler
+
+
+class FCFSScheduler(Scheduler):
+    name = "fcfs"
+
+    def __init__(self, limits, kv) -> None:
+        super().__init__(limits, kv)
+        self.running: list[Request] = []   # hold KV, arrival order
+        self.waiting: deque[Request] = deque()
+
+    def __len__(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def remove(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
+    def schedule(self, now: float) -> Plan:
+        plan = Plan()
+        budget = self.limits.max_num_batched_tokens
+        free = self.kv.num_free_blocks
+        i = 0
+        while i < len(self.running) and len(plan.scheduled) < self.limits.max_num_seqs and budget > 0:
+            req = self.running[i]
+            n = min(req.num_pending_tokens, budget)
+            need = self.kv.blocks_needed(req, n)
+            while need > free and self.running[-1] is not req:
+                victim = self.running.pop()
+                free += len(self.kv.block_table(victim))
+                plan.preempted.append(victim)
+            if need > free:                      # even alone it does not fit now: give way
+                self.running.pop(i)
+                plan.preempted.append(req)
+                break
+            plan.scheduled.append(ScheduledRequest(req, n))
+            budget -= n
+            free -= need
+            i += 1
+        if plan.preempted:                       # memory is short: admit nobody this iteration
+            for victim in plan.preempted:        # latest first, so the earliest ends up in front
+                self.waiting.appendleft(victim)
+            return plan
+        while self.waiting and len(plan.scheduled) < self.limits.max_num_seqs and budget > 0:
+            req = self.waiting[0]
+            n = min(req.num_pending_tokens, budget)
+            need = self.kv.blocks_needed(req, n)
+            if need > free:
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            plan.scheduled.append(ScheduledRequest(req, n))
+            budget -= n
+            free -= need
+        return plan
