@@ -84,7 +84,26 @@ def make_random_checkpoint(out_dir: str, arch: str, *, seed: int = 0, init_std: 
     std = PRESETS[arch][2] if init_std is None else init_std
     params = random_params(ModelConfig.from_dict(d), seed, std, dtype)
     save_hf_checkpoint(d, params, out_dir, max_shard_bytes)
+    save_byte_tokenizer(out_dir, d["vocab_size"], d.get("eos_token_id"))
     return out_dir
+
+
+def save_byte_tokenizer(out_dir: str, vocab_size: int, eos_token_id: int | None) -> None:
+    """A byte-level tokenizer (no merges) so the engine can serve the random model.
+
+    Ids 0-255 are the bytes; ids beyond are placeholder tokens that decode to "<tN>", so
+    any id a random model samples detokenizes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet, key=lambda c: ord(c)))}
+    vocab.update({f"<t{i}>": i for i in range(len(vocab), vocab_size)})
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    eos = next((t for t, i in vocab.items() if i == eos_token_id), None) if isinstance(eos_token_id, int) else None
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos).save_pretrained(out_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,29 @@
+"""Shared fixtures. Caches (converted params, compiled executables) go to a per-session
+temporary directory, so tests neither read nor pollute the user's cache."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+_session_cache = tempfile.mkdtemp(prefix="fastserve-test-cache-")
+os.environ.setdefault("FASTSERVE_JAX_CACHE", os.path.join(_session_cache, "params"))
+os.environ.setdefault("FASTSERVE_JAX_COMPILE_CACHE", os.path.join(_session_cache, "xla"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """preset name -> directory of a random-weight tiny HF checkpoint (with a byte tokenizer)."""
+    from models.random_checkpoint import make_random_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt")
+    cache: dict[str, str] = {}
+
+    def get(preset: str) -> str:
+        if preset not in cache:
+            cache[preset] = make_random_checkpoint(str(root / preset), preset)
+        return cache[preset]
+
+    return get

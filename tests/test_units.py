@@ -1,0 +1,183 @@
+"""Pure unit tests: KV block manager, FCFS policy, sampling parameters, device sampling,
+detokenizer stop strings. No model involved."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastserve_jax.config import EngineConfig, SamplingParams
+from fastserve_jax.detokenizer import IncrementalDetokenizer
+from fastserve_jax.kv_cache import KVManager
+from fastserve_jax.request import Request
+from fastserve_jax.sampling import SamplingArrays, sample
+from fastserve_jax.scheduler import Limits, make_scheduler
+
+
+def req(rid: str, prompt_len: int, t: float = 0.0, max_tokens: int = 8) -> Request:
+    return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens), t)
+
+
+# -- KV manager -------------------------------------------------------------------------------
+def test_kv_allocates_per_token_not_per_max_len():
+    kv = KVManager(num_blocks=10, block_size=4)
+    a = req("a", 5)
+    assert kv.blocks_needed(a, 5) == 2
+    kv.allocate(a, 5)
+    a.num_computed_tokens = 5
+    assert kv.blocks_needed(a, 3) == 0 and kv.blocks_needed(a, 4) == 1
+    kv.allocate(a, 4)
+    assert len(kv.block_table(a)) == 3 and kv.num_free_blocks == 6
+    assert 0 not in kv.block_table(a)  # the null block is never handed out
+    kv.check_integrity()
+    kv.free(a)
+    assert kv.num_free_blocks == 9
+    kv.check_integrity()
+
+
+def test_kv_refuses_plan_that_does_not_fit():
+    kv = KVManager(num_blocks=3, block_size=4)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        kv.allocate(req("a", 12), 12)
+    kv.check_integrity()
+
+
+def test_kv_integrity_catches_double_ownership():
+    kv = KVManager(num_blocks=5, block_size=4)
+    a = req("a", 4)
+    kv.allocate(a, 4)
+    kv._free.append(kv.block_table(a)[0])
+    with pytest.raises(AssertionError):
+        kv.check_integrity()
+
+
+# -- FCFS -------------------------------------------------------------------------------------
+def _fcfs(num_blocks=100, block_size=4, seqs=4, budget=16):
+    kv = KVManager(num_blocks, block_size)
+    return make_scheduler("fcfs", Limits(seqs, budget), kv), kv
+
+
+def _apply(plan, kv):
+    for r in plan.preempted:
+        kv.free(r)
+        r.num_computed_tokens = 0
+    for s in plan.scheduled:
+        kv.allocate(s.request, s.num_tokens)
+        s.request.num_computed_tokens += s.num_tokens
+        if not s.request.is_prefilling and s.request.num_pending_tokens == 0:
+            s.request.output_token_ids.append(7)
+
+
+def test_fcfs_chunks_prefill_within_token_budget_in_arrival_order():
+    sched, kv = _fcfs(budget=16)
+    a, b = req("a", 20, 0.0), req("b", 3, 1.0)
+    sched.add(a)
+    sched.add(b)
+    p1 = sched.schedule(0)
+    assert [(s.request.request_id, s.num_tokens) for s in p1.scheduled] == [("a", 16)]
+    _apply(p1, kv)
+    p2 = sched.schedule(0)
+    assert [(s.request.request_id, s.num_tokens) for s in p2.scheduled] == [("a", 4), ("b", 3)]
+    _apply(p2, kv)
+    p3 = sched.schedule(0)  # both decode now
+    assert [(s.request.request_id, s.num_tokens) for s in p3.scheduled] == [("a", 1), ("b", 1)]
+
+
+def test_fcfs_respects_max_num_seqs():
+    sched, kv = _fcfs(seqs=2, budget=100)
+    for i in range(3):
+        sched.add(req(f"r{i}", 2, i))
+    plan = sched.schedule(0)
+    assert [s.request.request_id for s in plan.scheduled] == ["r0", "r1"]
+
+
+def test_fcfs_preempts_latest_when_kv_runs_out():
+    sched, kv = _fcfs(num_blocks=5, block_size=4, budget=100)  # 4 usable blocks
+    a, b = req("a", 8, 0.0), req("b", 8, 1.0)
+    sched.add(a)
+    sched.add(b)
+    _apply(sched.schedule(0), kv)        # both prefilled: 2 + 2 blocks, pool full
+    assert kv.num_free_blocks == 0
+    plan = sched.schedule(0)             # a's decode needs a third block: b loses its KV
+    assert plan.preempted == [b]
+    assert [s.request.request_id for s in plan.scheduled] == ["a"]
+    _apply(plan, kv)
+    kv.check_integrity()
+    assert b.num_computed_tokens == 0 and list(sched.waiting) == [b]
+
+
+# -- sampling params --------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(top_k=-2), "top_k"),
+    (dict(logprobs=21), "logprobs"),
+    (dict(stop=[""]), "stop"),
+])
+def test_sampling_params_reject_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_engine_config_buckets_cover_limits():
+    cfg = EngineConfig(max_model_len=300, max_num_seqs=12, max_num_batched_tokens=100, block_size=16).resolve()
+    assert cfg.decode_batch_buckets == (1, 2, 4, 8, 12)
+    assert cfg.prefill_token_buckets[-1] == 100
+    assert cfg.block_buckets[-1] >= cfg.max_blocks_per_seq
+    with pytest.raises(ValueError, match="must reach"):
+        EngineConfig(max_num_seqs=8, decode_batch_buckets=(1, 2, 4)).resolve()
+
+
+# -- device sampling --------------------------------------------------------------------------
+def _arrays(n, temp=1.0, top_k=-1, top_p=1.0, seed=0, step=0):
+    f = lambda v, dt: jnp.full((n,), v, dt)
+    return SamplingArrays(f(temp, jnp.float32), f(top_k, jnp.int32), f(top_p, jnp.float32),
+                          f(seed, jnp.uint32), f(step, jnp.int32))
+
+
+def test_sampling_greedy_and_degenerate_filters_agree():
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((4, 50)), jnp.float32)
+    want = np.argmax(np.asarray(logits), -1)
+    assert (np.asarray(sample(logits, _arrays(4), greedy=True, with_logprobs=False).tokens) == want).all()
+    assert (np.asarray(sample(logits, _arrays(4, temp=0.0), greedy=False, with_logprobs=False).tokens) == want).all()
+    assert (np.asarray(sample(logits, _arrays(4, top_k=1), greedy=False, with_logprobs=False).tokens) == want).all()
+    assert (np.asarray(sample(logits, _arrays(4, top_p=1e-6), greedy=False, with_logprobs=False).tokens) == want).all()
+
+
+def test_sampling_top_k_and_seed():
+    logits = jnp.zeros((1, 10), jnp.float32).at[0, :3].set(5.0)
+    seen = set()
+    for step in range(60):
+        out = sample(logits, _arrays(1, top_k=3, seed=1, step=step), greedy=False, with_logprobs=False)
+        seen.add(int(out.tokens[0]))
+    assert seen == {0, 1, 2}
+    a = sample(logits, _arrays(1, seed=5, step=3), greedy=False, with_logprobs=False).tokens
+    b = sample(logits, _arrays(1, seed=5, step=3), greedy=False, with_logprobs=False).tokens
+    assert int(a[0]) == int(b[0])
+
+
+def test_sampling_logprobs():
+    logits = jnp.log(jnp.asarray([[0.5, 0.25, 0.25] + [1e-9] * 30], jnp.float32))
+    out = sample(logits, _arrays(1), greedy=True, with_logprobs=True)
+    assert int(out.tokens[0]) == 0
+    assert abs(float(out.logprob[0]) - np.log(0.5)) < 1e-4
+    assert int(out.top_ids[0, 0]) == 0 and abs(float(out.top_logprobs[0, 1]) - np.log(0.25)) < 1e-4
+
+
+# -- detokenizer ------------------------------------------------------------------------------
+class _CharTok:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_detokenizer_stops_and_trims_stop_string():
+    d = IncrementalDetokenizer(_CharTok(), [ord("x")], stop=["END"])
+    text, hit = "", False
+    for ch in "abcEN":
+        text, hit = d.push(ord(ch), text)
+        assert not hit
+    text, hit = d.push(ord("D"), text)
+    assert hit and text == "abc"
