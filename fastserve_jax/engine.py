@@ -80,6 +80,10 @@ class LLMEngine:
         if cfg.max_model_len > model_cfg.max_position_embeddings:
             raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings="
                              f"{model_cfg.max_position_embeddings}; lower max_model_len")
+        if model_cfg.sliding_window and cfg.max_model_len > model_cfg.sliding_window:
+            raise ValueError(f"the model uses sliding-window attention (window {model_cfg.sliding_window}), which this "
+                             f"engine does not implement; set max_model_len <= {model_cfg.sliding_window} so full "
+                             "attention is exact")
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer
         self.cfg = cfg.resolve()

@@ -45,6 +45,7 @@ class ModelConfig:
     activation: str = "silu"
     eos_token_id: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    sliding_window: int | None = None  # Mistral/Qwen2 local attention; not implemented (see engine)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -80,7 +81,8 @@ class ModelConfig:
                 norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
                 attention_bias=bool(d.get("attention_bias", mt == "qwen2")),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                activation=d.get("hidden_act", "silu"), eos_token_id=eos_t, bos_token_id=d.get("bos_token_id"))
+                activation=d.get("hidden_act", "silu"), eos_token_id=eos_t, bos_token_id=d.get("bos_token_id"),
+                sliding_window=(d.get("sliding_window") if mt == "mistral" or d.get("use_sliding_window") else None))
         if mt == "opt":
             heads = d["num_attention_heads"]
             return cls(

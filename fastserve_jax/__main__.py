@@ -1,0 +1,7 @@
+"""`python -m fastserve_jax ...` is the `fastserve-jax` command."""
+
+import sys
+
+from serve.cli import main
+
+sys.exit(main())
