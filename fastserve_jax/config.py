@@ -59,6 +59,55 @@ class SamplingParams:
         return self.temperature == 0
 
 
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Constants of the preemptive policies (mlfq, skip-join-mlfq, gittins); fcfs and srpt ignore them.
+
+    Service is measured in seconds of iteration time: every request in an iteration's batch
+    is charged that iteration's duration (FastServe's accounting).
+
+    - base_quantum, quantum_ratio, num_queues: queue i has quantum base_quantum * ratio**i
+      seconds. The default base is about one decode iteration of a 13B model on an A100 and
+      the ratio is 2, as in the FastServe authors' code; 12 queues reach 20 s, past any
+      prefill of a 2,048-token budget.
+    - starvation_threshold: a request that has not run for this many seconds is promoted to
+      the top queue (0 disables promotion).
+    - gittins_*: the Gittins policy learns output lengths from the last `gittins_window`
+      finished requests of each prompt-length bucket (edges in tokens; () = one bucket),
+      recomputes its index tables every `gittins_refresh` finishes, and behaves like
+      skip-join MLFQ until `gittins_min_samples` requests have finished.
+    """
+
+    base_quantum: float = 0.010
+    quantum_ratio: float = 2.0
+    num_queues: int = 12
+    starvation_threshold: float = 10.0
+    gittins_window: int = 2000
+    gittins_min_samples: int = 50
+    gittins_refresh: int = 50
+    gittins_bucket_edges: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.base_quantum, (int, float)) and self.base_quantum > 0):
+            raise ValueError(f"base_quantum must be > 0 seconds, got {self.base_quantum!r}")
+        if not (isinstance(self.quantum_ratio, (int, float)) and self.quantum_ratio >= 1):
+            raise ValueError(f"quantum_ratio must be >= 1, got {self.quantum_ratio!r}")
+        if not isinstance(self.starvation_threshold, (int, float)) or self.starvation_threshold < 0:
+            raise ValueError(f"starvation_threshold must be >= 0 seconds (0 disables it), "
+                             f"got {self.starvation_threshold!r}")
+        for name in ("num_queues", "gittins_window", "gittins_min_samples", "gittins_refresh"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        edges = tuple(self.gittins_bucket_edges)
+        if list(edges) != sorted(set(edges)) or any(not isinstance(e, int) or e < 1 for e in edges):
+            raise ValueError(f"gittins_bucket_edges must be strictly increasing positive token counts, got {edges}")
+        object.__setattr__(self, "gittins_bucket_edges", edges)
+
+    def quantum(self, level: int) -> float:
+        return self.base_quantum * self.quantum_ratio ** level
+
+
 def _pow2_upto(lo: int, hi: int) -> tuple[int, ...]:
     """Powers of two from `lo` with `hi` itself as the last entry (hi need not be a power)."""
     out, b = [], lo
@@ -95,6 +144,7 @@ class EngineConfig:
     dtype: str = "float32"
     seed: int = 0
     scheduler: str = "fcfs"
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     decode_batch_buckets: tuple[int, ...] = ()
     prefill_token_buckets: tuple[int, ...] = ()
     block_buckets: tuple[int, ...] = ()

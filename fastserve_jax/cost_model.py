@@ -1,0 +1,142 @@
+"""Step times of one model on one machine: prefill by length, decode by batch size and context.
+
+Pure Python (the schedulers and the simulator use it; neither imports jax). A cost model
+is a small table, interpolated piecewise-linearly (extrapolated along the last segment):
+
+    prefill_seconds[i]  one prefill launch of prefill_tokens[i] tokens with no earlier context
+    decode_seconds[j]   one decode launch of decode_batch[j] sequences with (almost) no context
+    decode_context      extra seconds per context token a decode launch reads (summed over rows)
+    prefill_context     extra seconds per (chunk token x earlier-context token) pair: attention
+                        of a prefill chunk over what is already in the cache
+
+One iteration runs its decode launch and its prefill launch back to back (as runner.py
+does), so its time is the sum of the two. Tables come from `fastserve_jax/cost_models/*.json`
+(shipped, say where their numbers come from) or from `cost_profile.profile_engine`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+SHIPPED_DIR = os.path.join(os.path.dirname(__file__), "cost_models")
+
+
+def _interp(x: float, xs: tuple[float, ...], ys: tuple[float, ...]) -> float:
+    """Piecewise-linear through (xs, ys); clamped below xs[0], extrapolated along the last segment."""
+    if x <= xs[0] or len(xs) == 1:
+        return ys[0]
+    i = bisect.bisect_left(xs, x)
+    if i == len(xs):
+        i -= 1
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    name: str
+    prefill_tokens: tuple[int, ...]
+    prefill_seconds: tuple[float, ...]
+    decode_batch: tuple[int, ...]
+    decode_seconds: tuple[float, ...]
+    decode_context: float = 0.0          # s per context token read by a decode launch
+    prefill_context: float = 0.0         # s per (chunk token x earlier context token)
+    kv_capacity_tokens: int = 0          # KV slots the device holds next to the weights (0: unknown)
+    source: str = ""                     # where the numbers come from
+
+    def __post_init__(self) -> None:
+        for xs_name, ys_name in (("prefill_tokens", "prefill_seconds"), ("decode_batch", "decode_seconds")):
+            xs = tuple(int(x) for x in getattr(self, xs_name))
+            ys = tuple(float(y) for y in getattr(self, ys_name))
+            object.__setattr__(self, xs_name, xs)
+            object.__setattr__(self, ys_name, ys)
+            if not xs or len(xs) != len(ys):
+                raise ValueError(f"cost model {self.name!r}: {xs_name} and {ys_name} must be equally long and "
+                                 f"non-empty, got {len(xs)} and {len(ys)} entries")
+            if list(xs) != sorted(set(xs)) or xs[0] < 1:
+                raise ValueError(f"cost model {self.name!r}: {xs_name} must be strictly increasing and >= 1, got {xs}")
+            if any(y <= 0 for y in ys):
+                raise ValueError(f"cost model {self.name!r}: {ys_name} must be positive, got {ys}")
+        if self.decode_context < 0 or self.prefill_context < 0 or self.kv_capacity_tokens < 0:
+            raise ValueError(f"cost model {self.name!r}: context coefficients and kv_capacity_tokens must be >= 0")
+
+    # -- queries ---------------------------------------------------------------------------
+    def prefill_time(self, num_tokens: int, context: int = 0) -> float:
+        """One prefill launch of `num_tokens` new tokens after `context` cached ones."""
+        if num_tokens <= 0:
+            return 0.0
+        return _interp(num_tokens, self.prefill_tokens, self.prefill_seconds) + \
+            self.prefill_context * num_tokens * context
+
+    def decode_time(self, batch: int, context_tokens: int = 0) -> float:
+        """One decode launch of `batch` sequences reading `context_tokens` cached tokens in all."""
+        if batch <= 0:
+            return 0.0
+        return _interp(batch, self.decode_batch, self.decode_seconds) + self.decode_context * context_tokens
+
+    def iteration_time(self, decode_contexts: Iterable[int], prefill_chunks: Sequence[tuple[int, int]]) -> float:
+        """One iteration: a decode launch over sequences with these contexts, plus one packed
+        prefill launch of (num_tokens, earlier_context) chunks."""
+        batch = ctx = 0
+        for c in decode_contexts:
+            batch += 1
+            ctx += c
+        t = self.decode_time(batch, ctx)
+        if prefill_chunks:
+            n = sum(c[0] for c in prefill_chunks)
+            t += _interp(n, self.prefill_tokens, self.prefill_seconds)
+            t += self.prefill_context * sum(k * (c + k / 2) for k, c in prefill_chunks)
+        return t
+
+    # -- files -----------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CostModel":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"cost model table has unknown keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, name_or_path: str) -> "CostModel":
+        """A shipped table by name (see `shipped_cost_models()`) or a JSON file path."""
+        path = name_or_path
+        if not os.path.isfile(path):
+            path = os.path.join(SHIPPED_DIR, f"{name_or_path}.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"no cost model {name_or_path!r}: give a JSON file path or one of the shipped "
+                             f"names {shipped_cost_models()}")
+        with open(path) as f:
+            return cls.from_json(json.load(f))
+
+
+def shipped_cost_models() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(SHIPPED_DIR) if f.endswith(".json"))
+
+
+def plan_time(cost: CostModel, scheduled) -> float:
+    """Seconds one iteration of `scheduled` (ScheduledRequests, before they run) takes.
+
+    Like runner.build_launches: 1-token items form the decode launch, the rest one prefill launch."""
+    dec, pre = [], []
+    for s in scheduled:
+        c = s.request.num_computed_tokens
+        if s.num_tokens == 1:
+            dec.append(c + 1)
+        else:
+            pre.append((s.num_tokens, c))
+    return cost.iteration_time(dec, pre)
