@@ -17,8 +17,8 @@ from fastserve_jax.scheduler.base import Plan, ScheduledRequest, Scheduler
 class FCFSScheduler(Scheduler):
     name = "fcfs"
 
-    def __init__(self, limits, kv) -> None:
-        super().__init__(limits, kv)
+    def __init__(self, limits, kv, config=None, cost_model=None) -> None:
+        super().__init__(limits, kv, config, cost_model)
         self.running: list[Request] = []   # hold KV, arrival order
         self.waiting: deque[Request] = deque()
 

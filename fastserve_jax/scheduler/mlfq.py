@@ -1,0 +1,127 @@
+"""Multi-level feedback queues: plain MLFQ and FastServe's skip-join MLFQ.
+
+    level 0   quantum q0 = base            [ r7  r9 ]          <- new jobs (plain MLFQ)
+    level 1   quantum q1 = base * ratio    [ r3 ]
+    level 2   quantum q2 = base * ratio^2  [ r1  r4  r8 ]      <- skip-join: first queue with
+    ...                                                          q_i >= prefill time of the prompt
+    level K-1 (no demotion below)          [ r2 ]
+
+Each iteration the batch is filled from the top queue down, FIFO within a queue (see
+batch.fill_batch for KV limits). A request that ran keeps its place in its queue; it is
+demoted to the back of the next queue once the service it received in its current queue
+(seconds of iteration time, `Request.attained_service`) exceeds that queue's quantum. A
+request that has not run for `starvation_threshold` seconds is promoted to the back of the
+top queue. Pure Python; each queue is an insertion-ordered dict, so add, remove, demote and
+promote are O(1) and a schedule() walks only as far as the batch fills.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterator
+
+from fastserve_jax.request import Request
+from fastserve_jax.scheduler.base import Plan, Scheduler
+from fastserve_jax.scheduler.batch import fill_batch
+
+
+class MLFQScheduler(Scheduler):
+    """Plain MLFQ: every request enters the top queue."""
+
+    name = "mlfq"
+
+    def __init__(self, limits, kv, config=None, cost_model=None) -> None:
+        super().__init__(limits, kv, config, cost_model)
+        c = self.config
+        self.quanta = [c.quantum(i) for i in range(c.num_queues)]
+        self.queues: list[dict[str, Request]] = [{} for _ in self.quanta]
+        self._live: dict[str, Request] = {}
+        self._idle: OrderedDict[str, float] = OrderedDict()   # request id -> idle since, oldest first
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def entry_level(self, req: Request) -> int:
+        return 0
+
+    # -- membership ------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        level = self.entry_level(req)
+        req.queue_level = level
+        req.attained_service = 0.0
+        self.queues[level][req.request_id] = req
+        self._live[req.request_id] = req
+        self._idle[req.request_id] = req.arrival_time
+
+    def remove(self, req: Request) -> None:
+        rid = req.request_id
+        if self._live.pop(rid, None) is not None:
+            del self._idle[rid]
+            del self.queues[req.queue_level][rid]
+
+    def _move(self, req: Request, level: int) -> None:
+        del self.queues[req.queue_level][req.request_id]
+        req.queue_level = level
+        req.attained_service = 0.0
+        self.queues[level][req.request_id] = req
+
+    # -- the iteration ---------------------------------------------------------------------
+    def best_first(self) -> Iterator[Request]:
+        for q in self.queues:
+            yield from q.values()
+
+    def worst_first(self) -> Iterator[Request]:
+        for q in reversed(self.queues):
+            yield from reversed(q.values())
+
+    def promote_starving(self, now: float) -> None:
+        limit = self.config.starvation_threshold
+        if limit <= 0:
+            return
+        idle = self._idle
+        while idle:
+            rid, since = next(iter(idle.items()))
+            if now - since <= limit:
+                break
+            req = self._live[rid]
+            if req.queue_level != 0:
+                self._move(req, 0)
+            idle.move_to_end(rid)
+            idle[rid] = now
+
+    def schedule(self, now: float) -> Plan:
+        self.promote_starving(now)
+        return fill_batch(self.best_first(), self.worst_first(), self.limits, self.kv)
+
+    def on_iteration(self, plan: Plan, duration: float, now: float) -> None:
+        last = len(self.quanta) - 1
+        idle = self._idle
+        for s in plan.scheduled:
+            req = s.request
+            rid = req.request_id
+            if rid not in self._live:                 # finished and removed
+                continue
+            req.attained_service += duration
+            req.last_run_time = now
+            idle.move_to_end(rid)
+            idle[rid] = now
+            level = req.queue_level
+            if level < last and req.attained_service > self.quanta[level]:
+                self._move(req, level + 1)
+
+
+class SkipJoinMLFQScheduler(MLFQScheduler):
+    """FastServe: a request joins the highest queue whose quantum covers its prefill time."""
+
+    name = "skip-join-mlfq"
+
+    def __init__(self, limits, kv, config=None, cost_model=None) -> None:
+        super().__init__(limits, kv, config, cost_model)
+        self._require_cost_model()
+
+    def entry_level(self, req: Request) -> int:
+        t = self.cost_model.prefill_time(req.num_prompt_tokens)
+        for level, q in enumerate(self.quanta):
+            if q >= t:
+                return level
+        return len(self.quanta) - 1
