@@ -47,13 +47,17 @@ def _attn_batch(positions, seg, slots, block_ids, block_seg, block_pos) -> AttnB
 class ModelRunner:
     def __init__(self, module, params, model_cfg: ModelConfig, cfg: EngineConfig, num_blocks: int) -> None:
         self.module = module
-        self.params = params
+        # Commit params and cache to one device explicitly: whether an input is committed is
+        # part of the compilation-cache key, and freshly converted weights are uncommitted
+        # while orbax-restored ones are committed.
+        self.device = jax.devices()[0]
+        self.params = jax.device_put(params, self.device)
         self.model_cfg = model_cfg
         self.cfg = cfg
         self.num_blocks = num_blocks
         self.bs = cfg.block_size
         shape = (model_cfg.num_layers, num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
-        self.cache = KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+        self.cache = KVCache(jnp.zeros(shape, cfg.dtype, device=self.device), jnp.zeros(shape, cfg.dtype, device=self.device))
         self._forward = jax.jit(self._forward_fn, donate_argnames=("cache",))
         self._sample = jax.jit(sample, static_argnames=("greedy", "with_logprobs"))
         self._compiled: dict[tuple, Callable] = {}

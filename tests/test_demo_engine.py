@@ -1,0 +1,63 @@
+"""The bundled demo model through the engine: held-out counting prompts answered exactly,
+and parity with `transformers` on the shipped checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from fastserve_jax import LLM, SamplingParams, demo_model_path
+from models import demo_task
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(demo_model_path(), "model.safetensors")),
+                                reason="demo model not built (scripts/train_demo_model.py)")
+
+
+@pytest.fixture(scope="module")
+def demo_llm():
+    return LLM(max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=256)
+
+
+def test_held_out_counting_through_generate(demo_llm):
+    rng = np.random.default_rng(0)
+    pairs = demo_task.held_out_pairs(40)
+    pairs += [demo_task.pair_for_output_len(n, rng) for n in (2, 3, 100, 256, 300)]
+    prompts = [demo_task.make_prompt(a, b) for a, b in pairs]
+    outs = demo_llm.generate(prompts, SamplingParams(max_tokens=1010, temperature=0))
+    wrong = [(p, o.text) for (a, b), p, o in zip(pairs, prompts, outs) if not demo_task.check_answer(a, b, o.text)]
+    assert not wrong, f"{len(wrong)}/{len(pairs)} wrong, e.g. {wrong[:2]}"
+    assert all(o.finish_reason == "stop" for o in outs)
+    assert [len(o.token_ids) for o in outs] == [demo_task.answer_num_tokens(a, b) for a, b in pairs]
+
+
+def test_stop_strings_and_max_tokens(demo_llm):
+    p = demo_task.make_prompt(5, 40)
+    out = demo_llm.generate(p, SamplingParams(max_tokens=100, temperature=0, stop=[" 12"]))[0]
+    assert out.text == " 5 6 7 8 9 10 11" and out.finish_reason == "stop"
+    out = demo_llm.generate(p, SamplingParams(max_tokens=3, temperature=0))[0]
+    assert out.text == " 5 6 7" and out.finish_reason == "length"
+    eos = demo_llm.generate(demo_task.make_prompt(1, 2), SamplingParams(max_tokens=6, temperature=0,
+                                                                          ignore_eos=True))[0]
+    assert eos.text.startswith(" 1 2") and len(eos.token_ids) == 6 and eos.finish_reason == "length"
+
+
+def test_demo_parity_with_transformers():
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from models.attention import dense_batch
+    from models.loader import load_model
+
+    path = demo_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok.encode(demo_task.make_prompt(17, 60) + demo_task.expected_answer(17, 60))
+    cfg, module, params = load_model(path)
+    import jax.numpy as jnp
+
+    ours = np.asarray(module.apply({"params": params}, jnp.asarray([ids]), dense_batch((1, len(ids))))[0])
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(ours - ref).max() < 1e-4
