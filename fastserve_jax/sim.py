@@ -54,6 +54,9 @@ class SimResult:
     preemptions: int
     scheduled_seqs: int
     wall_seconds: float
+    max_batch: int = 0                   # most requests in one iteration
+    max_tokens: int = 0                  # most tokens in one iteration
+    max_kv_blocks: int = 0               # most KV blocks in use at once
 
     def metrics(self) -> dict[str, float]:
         """Latencies in seconds, throughputs per second (see docs/scheduling.md)."""
@@ -90,7 +93,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
                                                                              ignore_eos=True), t.arrival))
     wall0 = time.perf_counter()
     now, nxt, live = 0.0, 0, 0
-    iterations = preemptions = seqs = 0
+    iterations = preemptions = seqs = max_batch = max_tokens = max_blocks = 0
     while nxt < len(reqs) or live:
         while nxt < len(reqs) and reqs[nxt].arrival_time <= now:
             sched.add(reqs[nxt])
@@ -114,6 +117,9 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
             s.request.status = RequestStatus.RUNNING
             if s.request.metrics.first_scheduled_time is None:
                 s.request.metrics.first_scheduled_time = now
+        max_batch = max(max_batch, len(plan.scheduled))
+        max_tokens = max(max_tokens, plan.num_tokens)
+        max_blocks = max(max_blocks, kv.num_used_blocks)
         dt = plan_time(cost, plan.scheduled)
         now += dt
         for s in plan.scheduled:
@@ -133,4 +139,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         sched.on_iteration(plan, dt, now)
         iterations += 1
         seqs += len(plan.scheduled)
-    return SimResult(policy, reqs, iterations, preemptions, seqs, time.perf_counter() - wall0)
+    kv.check_integrity()
+    assert kv.num_free_blocks == kv.num_usable_blocks, "KV leaked: blocks still owned after every request finished"
+    return SimResult(policy, reqs, iterations, preemptions, seqs, time.perf_counter() - wall0, max_batch, max_tokens,
+                     max_blocks)

@@ -10,6 +10,8 @@ import argparse
 import sys
 import time
 
+from serve.simulate_cmd import add_simulate_parser
+
 
 def _progress(done: int, total: int) -> None:
     width = 30
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     _add_engine_args(g)
     g.set_defaults(func=cmd_generate)
+    add_simulate_parser(sub)
     return ap
 
 

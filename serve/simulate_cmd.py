@@ -1,0 +1,146 @@
+"""`fastserve-jax simulate`: policies on a trace in the discrete-event simulator.
+
+    fastserve-jax simulate --trace T.csv --load 0.8 --policy fcfs --policy skip-join-mlfq --json out.json
+    fastserve-jax simulate --trace T.csv --load 0.5 0.6 0.7 0.8 0.9 1.0 --policy fcfs ... \\
+        --json sweep.json --plot sweep.png                    # a sweep: several rates or loads
+
+One rate (or load, or the trace's own timing) writes {policy: {metric: value}}; several
+write {policy: [{rate, load, metric: value}, ...]} in rate order, and --plot draws one
+latency curve per policy against the request rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import sys
+
+PLOT_METRICS = ("mean_latency_per_token", "mean_jct", "p99_jct", "mean_ttft", "p99_ttft", "mean_tpot")
+
+
+def add_simulate_parser(sub) -> None:
+    from fastserve_jax.scheduler import DEFAULT_POLICY, POLICIES
+
+    p = sub.add_parser("simulate", help="run scheduling policies on a trace in the simulator (no model, no device)",
+                       description="Simulate policies on a trace with a cost model: the real scheduler and KV "
+                                   "manager, with step times from the cost model instead of a device.")
+    p.add_argument("--trace", required=True, help="CSV with num_prefill_tokens,num_decode_tokens[,arrived_at]")
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument("--rate", type=float, nargs="+", help="arrival rate(s) in requests/s (several: a sweep)")
+    rate.add_argument("--load", type=float, nargs="+",
+                      help="arrival rate(s) as a fraction of the capacity the cost model implies for this trace "
+                           "(see fastserve_jax.workload.capacity_rps); several: a sweep")
+    p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson",
+                   help="arrival process with --rate/--load (default poisson)")
+    p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of gamma inter-arrival gaps")
+    p.add_argument("--num-requests", type=int, default=None, help="the first N requests of the trace")
+    p.add_argument("--policy", action="append", choices=sorted(POLICIES),
+                   help=f"policy to simulate (repeatable; default {DEFAULT_POLICY})")
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-capacity-tokens", type=int, default=0, help="KV slots on the device (default: the cost model's)")
+    p.add_argument("--cost-model", default="opt-13b-a100", help="shipped cost model name or JSON path")
+    p.add_argument("--base-quantum", type=float, default=None, help="seconds (SchedulerConfig.base_quantum)")
+    p.add_argument("--quantum-ratio", type=float, default=None)
+    p.add_argument("--starvation-threshold", type=float, default=None, help="seconds; 0 disables promotion")
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrival process")
+    p.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes")
+    p.add_argument("--json", required=True, metavar="OUT", help="where to write the results")
+    p.add_argument("--plot", metavar="OUT.png", help="latency against request rate, one curve per policy")
+    p.add_argument("--plot-metric", choices=PLOT_METRICS, default="mean_latency_per_token")
+    p.set_defaults(func=cmd_simulate)
+
+
+def _run_one(job: tuple) -> dict:
+    from fastserve_jax.sim import simulate
+
+    trace, policy, cost, cfg, rate, load = job
+    m = simulate(trace, policy, cost, cfg).metrics()
+    return dict(rate=rate, load=load, **m)
+
+
+def cmd_simulate(a: argparse.Namespace) -> int:
+    import dataclasses
+
+    from fastserve_jax.config import SchedulerConfig
+    from fastserve_jax.cost_model import CostModel
+    from fastserve_jax.scheduler import DEFAULT_POLICY
+    from fastserve_jax.sim import SimConfig
+    from fastserve_jax.workload import capacity_rps, load_trace, with_arrivals
+
+    try:
+        cost = CostModel.load(a.cost_model)
+        trace, timed = load_trace(a.trace, a.num_requests)
+        knobs = {k: v for k, v in (("base_quantum", a.base_quantum), ("quantum_ratio", a.quantum_ratio),
+                                   ("starvation_threshold", a.starvation_threshold)) if v is not None}
+        cfg = SimConfig(a.max_num_seqs, a.max_num_batched_tokens, a.block_size, a.kv_capacity_tokens,
+                        dataclasses.replace(SchedulerConfig(), **knobs))
+        blocks = cfg.num_blocks(cost)
+        capacity = capacity_rps(trace, cost, a.max_num_seqs, (blocks - 1) * a.block_size)
+        if a.rate:
+            points = [(r, r / capacity) for r in a.rate]
+        elif a.load:
+            points = [(l * capacity, l) for l in a.load]
+        elif timed:
+            span = trace[-1].arrival - trace[0].arrival
+            r = (len(trace) - 1) / span if span > 0 else 0.0
+            points = [(None, r / capacity if r else None)]
+        else:
+            raise ValueError(f"trace {a.trace} has no arrived_at column; give --rate or --load")
+        if any(r is not None and r <= 0 for r, _ in points):
+            raise ValueError("--rate and --load must be > 0")
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    policies = a.policy or [DEFAULT_POLICY]
+    jobs = []
+    for rate, load in points:
+        tr = trace if rate is None else with_arrivals(trace, rate, a.arrival, a.cv, a.seed)
+        jobs += [(tr, p, cost, cfg, rate, load) for p in policies]
+    print(f"capacity {capacity:.3f} req/s by {cost.name}; {len(trace)} requests, {len(points)} rate(s) x "
+          f"{len(policies)} policies", file=sys.stderr)
+    if a.jobs > 1:
+        with concurrent.futures.ProcessPoolExecutor(a.jobs) as pool:
+            results = list(pool.map(_run_one, jobs))
+    else:
+        results = [_run_one(j) for j in jobs]
+    out: dict = {}
+    for job, m in zip(jobs, results):
+        print(f"{job[1]:>15} rate={m['rate'] or 0:.3f} load={m['load'] or 0:.2f}  mean_jct={m['mean_jct']:.2f}s "
+              f"p99_jct={m['p99_jct']:.2f}s latency/token={m['mean_latency_per_token'] * 1e3:.1f}ms "
+              f"ttft={m['mean_ttft']:.2f}s", file=sys.stderr)
+        out.setdefault(job[1], []).append(m)
+    if len(points) == 1:
+        out = {p: ms[0] for p, ms in out.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+    with open(a.json, "w") as f:
+        json.dump(out, f, indent=1)
+    if a.plot:
+        plot_sweep({p: ms if isinstance(ms, list) else [ms] for p, ms in out.items()}, a.plot_metric, a.plot,
+                   f"{os.path.basename(a.trace)}, {cost.name}, batch {a.max_num_seqs}, "
+                   f"budget {a.max_num_batched_tokens}")
+    return 0
+
+
+def plot_sweep(curves: dict[str, list[dict]], metric: str, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for policy, ms in curves.items():
+        ms = sorted(ms, key=lambda m: m["rate"] or 0)
+        ax.plot([m["rate"] or m["throughput_rps"] for m in ms], [m[metric] for m in ms], marker="o", label=policy)
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel(f"{metric} (s)")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,273 @@
+"""Unit tests of the preemptive policies on literal scenarios. No model, no jax."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+from fastserve_jax.config import SamplingParams, SchedulerConfig
+from fastserve_jax.cost_model import CostModel
+from fastserve_jax.kv_cache import KVManager
+from fastserve_jax.request import Request, RequestStatus
+from fastserve_jax.scheduler import POLICIES, Limits, make_scheduler
+from fastserve_jax.scheduler.gittins_table import GittinsTable
+
+# prefill: 10 ms per 100 tokens (at least 10 ms); decode: 10 ms per iteration at any batch
+COST = CostModel("literal", prefill_tokens=(1, 100, 10_000), prefill_seconds=(0.01, 0.01, 1.0),
+                 decode_batch=(1,), decode_seconds=(0.01,))
+CFG = SchedulerConfig(base_quantum=0.01, quantum_ratio=2.0, num_queues=5, starvation_threshold=0)
+
+
+def req(rid: str, prompt_len: int, t: float = 0.0, max_tokens: int = 8) -> Request:
+    return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens), t)
+
+
+def make(policy="skip-join-mlfq", seqs=4, budget=1000, num_blocks=1000, block_size=4, cfg=CFG):
+    kv = KVManager(num_blocks, block_size)
+    return make_scheduler(policy, Limits(seqs, budget), kv, cfg, COST), kv
+
+
+def run(sched, kv, now=0.0, duration=0.01):
+    """schedule + apply like the engine; returns [(id, n)] scheduled."""
+    plan = sched.schedule(now)
+    for r in plan.preempted:
+        kv.free(r)
+        r.num_computed_tokens = 0
+        r.status = RequestStatus.WAITING
+    for s in plan.scheduled:
+        kv.allocate(s.request, s.num_tokens)
+    for s in plan.scheduled:
+        r = s.request
+        r.num_computed_tokens += s.num_tokens
+        if r.num_computed_tokens == r.num_tokens:
+            r.output_token_ids.append(7)
+            if len(r.output_token_ids) >= r.sampling.max_tokens:
+                r.status, r.finish_reason = RequestStatus.FINISHED, "length"
+                kv.free(r)
+                sched.remove(r)
+    sched.on_iteration(plan, duration, now + duration)
+    kv.check_integrity()
+    return [(s.request.request_id, s.num_tokens) for s in plan.scheduled], plan
+
+
+def levels(sched):
+    return [[r.request_id for r in q.values()] for q in sched.queues]
+
+
+# -- skip-join MLFQ -------------------------------------------------------------------------------
+def test_skip_join_places_by_prefill_time():
+    sched, _ = make()          # quanta 10, 20, 40, 80, 160 ms
+    for rid, n in [("a", 50), ("b", 150), ("c", 300), ("d", 700), ("e", 9000)]:
+        sched.add(req(rid, n))
+    # prefill 10 ms -> q0, 15 ms -> q1 (20 ms), 30 ms -> q2 (40), 70 ms -> q3 (80), 900 ms -> last queue
+    assert levels(sched) == [["a"], ["b"], ["c"], ["d"], ["e"]]
+    plain, _ = make("mlfq")
+    for rid, n in [("a", 50), ("e", 9000)]:
+        plain.add(req(rid, n))
+    assert levels(plain) == [["a", "e"], [], [], [], []]
+
+
+def test_skip_join_needs_a_cost_model():
+    with pytest.raises(ValueError, match="cost model"):
+        make_scheduler("skip-join-mlfq", Limits(4, 100), KVManager(10, 4), CFG)
+
+
+def test_fifo_within_a_queue_and_runner_keeps_its_place():
+    sched, kv = make(seqs=1)
+    a, b = req("a", 10, 0.0), req("b", 10, 0.1)
+    sched.add(a)
+    sched.add(b)
+    assert run(sched, kv, duration=0.004)[0] == [("a", 10)]   # 4 ms < q0: a stays in front of b
+    assert levels(sched)[0] == ["a", "b"]
+    assert run(sched, kv, duration=0.004)[0] == [("a", 1)]
+    assert run(sched, kv, duration=0.004)[0] == [("a", 1)]    # 12 ms > 10 ms: demoted after this one
+    assert levels(sched)[:2] == [["b"], ["a"]]
+    assert run(sched, kv)[0] == [("b", 10)]
+
+
+def test_demotion_goes_to_the_back_of_the_next_queue_and_resets_service():
+    sched, kv = make(seqs=2, cfg=SchedulerConfig(base_quantum=0.01, num_queues=3, starvation_threshold=0))
+    a, b, c = req("a", 150, 0.0, 50), req("b", 150, 0.0, 50), req("c", 50, 0.0, 50)
+    for r in (a, b, c):
+        sched.add(r)                  # a, b -> q1 (20 ms), c -> q0
+    assert levels(sched) == [["c"], ["a", "b"], []]
+    run(sched, kv, duration=0.015)    # c and a run; c exceeds q0 -> back of q1, behind b
+    assert levels(sched) == [[], ["a", "b", "c"], []]
+    assert c.attained_service == 0.0 and a.attained_service == pytest.approx(0.015)
+    run(sched, kv, duration=0.015)    # a (30 ms > 20) is demoted to q2; b (15 ms) stays
+    assert levels(sched) == [[], ["b", "c"], ["a"]]
+    for _ in range(5):
+        run(sched, kv, duration=0.05)  # nothing falls below the last queue
+    assert a.queue_level == 2 and len(sched.queues) == 3
+
+
+def test_starvation_promotes_to_the_top_queue():
+    cfg = SchedulerConfig(base_quantum=0.01, num_queues=3, starvation_threshold=1.0)
+    sched, kv = make(seqs=1, cfg=cfg)
+    old, new = req("old", 10, 0.0, 100), req("new", 10, 0.0, 100)
+    sched.add(old)
+    run(sched, kv, now=0.0, duration=0.02)           # old: 20 ms > q0 -> q1
+    sched.add(new)
+    assert run(sched, kv, now=0.02, duration=0.002)[0] == [("new", 10)]
+    assert levels(sched) == [["new"], ["old"], []]
+    assert run(sched, kv, now=0.5, duration=0.002)[0] == [("new", 1)]   # old idle 0.48 s: waits
+    ids, _ = run(sched, kv, now=1.1, duration=0.002)                     # old idle 1.08 s > 1 s
+    assert ids == [("new", 1)] and levels(sched) == [["new", "old"], [], []]
+    assert old.attained_service == 0.0
+
+
+def test_starving_job_that_never_ran_counts_from_arrival():
+    cfg = SchedulerConfig(base_quantum=0.01, num_queues=3, starvation_threshold=1.0)
+    sched, kv = make(seqs=1, cfg=cfg)
+    big = req("big", 300, 0.0, 10)                    # skip-joins q2
+    sched.add(big)
+    sched.add(req("small", 10, 0.0, 100))
+    sched.schedule(0.5)
+    assert levels(sched)[2] == ["big"]
+    sched.schedule(1.2)
+    assert levels(sched)[0] == ["small", "big"]
+
+
+# -- preemption, budget, KV ----------------------------------------------------------------------
+def test_preempted_job_keeps_kv_and_resumes_without_recompute():
+    sched, kv = make(seqs=1)
+    a = req("a", 10, 0.0, 50)
+    sched.add(a)
+    run(sched, kv, duration=0.02)                 # prefill; a is demoted to q1
+    blocks = list(kv.block_table(a))
+    b = req("b", 10, 0.1, 3)
+    sched.add(b)
+    for expect in ([("b", 10)], [("b", 1)], [("b", 1)]):    # b preempts a between iterations
+        ids, plan = run(sched, kv, duration=0.001)
+        assert ids == expect and not plan.preempted
+        assert a.num_computed_tokens == 10 and kv.block_table(a) == blocks
+    assert b.finished
+    assert run(sched, kv)[0] == [("a", 1)]        # resumes with its next decode token
+    assert kv.block_table(a)[:len(blocks)] == blocks
+
+
+def test_token_budget_chunks_prefill_and_bounds_the_batch():
+    sched, kv = make(seqs=8, budget=16, cfg=SchedulerConfig(base_quantum=10.0, starvation_threshold=0))
+    for i, n in enumerate([20, 5, 30]):
+        sched.add(req(f"r{i}", n, 0.0))
+    ids, plan = run(sched, kv)
+    assert ids == [("r0", 16)] and plan.num_tokens == 16
+    ids, plan = run(sched, kv)
+    assert ids == [("r0", 4), ("r1", 5), ("r2", 7)] and plan.num_tokens == 16
+    ids, _ = run(sched, kv)
+    assert ids == [("r0", 1), ("r1", 1), ("r2", 14)]
+
+
+def test_max_num_seqs_bounds_the_batch():
+    sched, kv = make(seqs=2)
+    for i in range(5):
+        sched.add(req(f"r{i}", 3, 0.0))
+    assert [rid for rid, _ in run(sched, kv)[0]] == ["r0", "r1"]
+
+
+def test_memory_pressure_evicts_lowest_paused_and_does_not_start_what_does_not_fit():
+    # 6 usable blocks of 4 tokens
+    sched, kv = make(seqs=1, num_blocks=7, block_size=4, cfg=SchedulerConfig(base_quantum=0.01, num_queues=3,
+                                                                            starvation_threshold=0))
+    a, b = req("a", 8, 0.0, 50), req("b", 8, 0.0, 50)
+    sched.add(a)
+    sched.add(b)
+    run(sched, kv, duration=0.05)      # a prefilled (2 blocks), demoted to q1
+    run(sched, kv, duration=0.05)      # b prefilled (2 blocks), demoted to q1 behind a
+    c = req("c", 12, 0.1, 50)          # needs 3 blocks, 2 free: does not start
+    sched.add(c)
+    ids, plan = run(sched, kv, duration=1e-4)
+    assert ids == [("a", 1)] and not plan.preempted and c.num_computed_tokens == 0
+    for _ in range(20):                # a grows into the free blocks; c never fits
+        ids, plan = run(sched, kv, duration=1e-4)
+        if plan.preempted:
+            break
+        assert ids == [("a", 1)] and c.num_computed_tokens == 0
+    # the pool is full and a needs another block: b (paused, ranked below a) loses its KV
+    assert plan.preempted == [b] and ids == [("a", 1)]
+    assert b.num_computed_tokens == 0 and not kv.block_table(b) and len(kv.block_table(a)) == 5
+
+
+def test_evicts_from_the_bottom_only_below_the_requester():
+    sched, kv = make(seqs=3, num_blocks=7, block_size=4, cfg=SchedulerConfig(base_quantum=100, num_queues=2,
+                                                                            starvation_threshold=0))
+    rs = [req(f"r{i}", 8, 0.0, 50) for i in range(3)]
+    for r in rs:
+        sched.add(r)
+    run(sched, kv)                              # 3 x 2 blocks: the pool is full
+    assert kv.num_free_blocks == 0              # and each needs a 3rd block for its 9th token
+    ids, plan = run(sched, kv)
+    assert plan.preempted == [rs[2]] and ids == [("r0", 1), ("r1", 1)]
+
+
+# -- Gittins ---------------------------------------------------------------------------------------
+def test_gittins_index_of_literal_distributions():
+    det = GittinsTable([100] * 10)                     # known length: index = 1 / remaining
+    assert det.index(0) == pytest.approx(1 / 100) and det.index(60) == pytest.approx(1 / 40)
+    two = GittinsTable([1, 100])                       # heavy tail: young jobs first
+    assert two.index(0) == pytest.approx(0.5)          # finish with p=1/2 after 1 token
+    assert two.index(1) == pytest.approx(1 / 99)       # survived: certainly 99 more
+    assert two.index(0, prefill_slots=10) == pytest.approx(max(0.5 / 11, 1 / (10 + 50.5)))
+    assert det.index(100) < det.index(99)              # beyond all history: ranked last
+
+
+def test_gittins_behaves_like_skip_join_until_it_has_history_then_learns():
+    cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=0, gittins_min_samples=3,
+                          gittins_refresh=2)
+    sched, kv = make("gittins", seqs=1, cfg=cfg)
+    assert sched.warmup is not None
+    for i in range(3):
+        sched.add(req(f"done{i}", 5, 0.0, 2))
+    while len(sched):
+        run(sched, kv)
+    live = req("live", 5, 1.0, 50)
+    sched.add(live)
+    run(sched, kv)                                     # 3 finished: switches to learned indices
+    assert sched.warmup is None and sched.tables[0].max_len == 2 and len(sched) == 1
+
+
+def test_gittins_runs_old_jobs_first_when_lengths_are_deterministic():
+    """With no tail, the job closest to done has the highest index: FCFS-like, unlike MLFQ."""
+    cfg = SchedulerConfig(starvation_threshold=0, gittins_min_samples=1)
+    sched, kv = make("gittins", seqs=1, cfg=cfg)
+    sched.pooled.extend([20] * 5)
+    sched.history[0].extend([20] * 5)
+    old, young = req("old", 4, 0.0, 20), req("young", 4, 0.0, 20)
+    sched.add(old)
+    for _ in range(5):
+        run(sched, kv)
+    sched.add(young)
+    assert run(sched, kv)[0] == [("old", 1)]
+
+
+def test_srpt_runs_the_shortest_remaining_first():
+    sched, kv = make("srpt", seqs=1)
+    long, short = req("long", 4, 0.0, 30), req("short", 4, 0.1, 3)
+    sched.add(long)
+    run(sched, kv)
+    sched.add(short)
+    assert run(sched, kv)[0] == [("short", 4)]
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_remove_of_live_and_unknown_requests(policy):
+    sched, kv = make(policy)
+    a, b = req("a", 4), req("b", 4)
+    sched.add(a)
+    sched.add(b)
+    assert len(sched) == 2
+    sched.remove(a)
+    sched.remove(req("nobody", 4))
+    assert len(sched) == 1 and [rid for rid, _ in run(sched, kv)[0]] == ["b"]
+
+
+def test_scheduler_code_never_imports_jax():
+    root = pathlib.Path(__file__).resolve().parents[1] / "fastserve_jax"
+    files = list((root / "scheduler").glob("*.py")) + [root / "cost_model.py", root / "sim.py", root / "workload.py"]
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "jax" or n.startswith("jax.") for n in names), f"{f.name} imports jax"

@@ -1,0 +1,179 @@
+"""The simulator: literal schedules worked out by hand, invariants on random workloads, and
+the `simulate` command line. No model, no jax."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastserve_jax.config import SchedulerConfig
+from fastserve_jax.cost_model import CostModel
+from fastserve_jax.scheduler import POLICIES
+from fastserve_jax.sim import SimConfig, simulate
+from fastserve_jax.workload import TraceRequest, capacity_rps, heavy_tailed_trace, load_trace, save_trace, \
+    with_arrivals
+from serve.cli import main
+
+# 1 s per decode iteration at any batch; prefill 1 s up to 100 tokens, then 1 s per 100 tokens
+UNIT = CostModel("unit", prefill_tokens=(1, 100, 400), prefill_seconds=(1.0, 1.0, 4.0),
+                 decode_batch=(1,), decode_seconds=(1.0,), kv_capacity_tokens=10_000)
+ONE_AT_A_TIME = SimConfig(max_num_seqs=1, max_num_batched_tokens=512, block_size=4,
+                          scheduler_config=SchedulerConfig(base_quantum=1.0, quantum_ratio=2.0, num_queues=4,
+                                                           starvation_threshold=0))
+
+
+def jcts(trace, policy, cfg=ONE_AT_A_TIME, cost=UNIT):
+    res = simulate(trace, policy, cost, cfg)
+    return [r.metrics.latency for r in res.requests]
+
+
+def test_metrics_of_a_single_request():
+    m = simulate([TraceRequest(0.0, 100, 3)], "fcfs", UNIT, ONE_AT_A_TIME).metrics()
+    # prefill 0-1 s gives token 1, decodes 1-2 and 2-3 give tokens 2 and 3
+    assert m["mean_jct"] == 3.0 and m["mean_ttft"] == 1.0 and m["mean_tpot"] == 1.0
+    assert m["mean_latency_per_token"] == 1.0 and m["throughput_rps"] == pytest.approx(1 / 3)
+    assert m["throughput_tps"] == 1.0 and m["iterations"] == 3
+
+
+# The paper's argument for skip-join, on three jobs served one at a time (quanta 1, 2, 4, 8 s):
+# J1 (t=0, prompt 100 = 1 s prefill, 8 tokens), J2 (t=0.5, prompt 400 = 4 s, 2 tokens),
+# J3 (t=0.5, prompt 100 = 1 s, 2 tokens).
+THREE = [TraceRequest(0.0, 100, 8), TraceRequest(0.5, 400, 2), TraceRequest(0.5, 100, 2)]
+
+
+def test_three_job_example_fcfs():
+    # J1 0-8, J2 8-13, J3 13-15
+    assert jcts(THREE, "fcfs") == [8.0, 12.5, 14.5]
+
+
+def test_three_job_example_plain_mlfq():
+    # all join q0. J1: prefill 0-1, decode 1-2 (2 s > q0: to q1). J2 prefill 2-6 (to q1, behind J1):
+    # its long prefill in the top queue blocks J3, which runs 6-8. J1 in q1 runs 8-11 (3 s > q1: to
+    # q2), J2 finishes 11-12, J1 12-15.
+    assert jcts(THREE, "mlfq") == [15.0, 11.5, 7.5]
+
+
+def test_three_job_example_skip_join_beats_fcfs_and_mlfq():
+    # J2's 4 s prefill skip-joins q2 directly, so J3 (q0) runs first: J1 0-2, J3 2-4, J1 4-7
+    # (to q2, behind J2), J2 7-12, J1 12-15.
+    sj = jcts(THREE, "skip-join-mlfq")
+    assert sj == [15.0, 11.5, 3.5]
+    mean = lambda xs: sum(xs) / len(xs)
+    assert mean(sj) < mean(jcts(THREE, "mlfq")) < mean(jcts(THREE, "fcfs"))
+    assert jcts(THREE, "gittins") == sj                     # no history yet: skip-join
+    assert mean(jcts(THREE, "srpt")) <= mean(sj)            # the oracle is the lower bound
+
+
+# -- invariants on random workloads ---------------------------------------------------------------
+requests = st.lists(st.tuples(st.floats(0, 3), st.integers(1, 60), st.integers(1, 30)), min_size=1, max_size=25)
+
+
+@settings(max_examples=25, deadline=None)
+@given(reqs=requests, policy=st.sampled_from(sorted(POLICIES)), seqs=st.integers(1, 4),
+       budget=st.integers(1, 40), kv_tokens=st.integers(96, 200))
+def test_every_policy_finishes_everything_within_limits(reqs, policy, seqs, budget, kv_tokens):
+    """Tight KV (evictions happen), tiny budgets (chunked prefill): all requests finish with
+    exactly their lengths, and every iteration respects the limits (checked in simulate)."""
+    trace = [TraceRequest(t, p, o) for t, p, o in reqs]
+    cfg = SimConfig(max_num_seqs=seqs, max_num_batched_tokens=budget, block_size=4, kv_capacity_tokens=kv_tokens,
+                    scheduler_config=SchedulerConfig(base_quantum=0.5, num_queues=4, starvation_threshold=3.0,
+                                                     gittins_min_samples=3, gittins_refresh=2))
+    res = simulate(trace, policy, UNIT, cfg)
+    by_id = {r.request_id: r for r in res.requests}
+    for i, t in enumerate(trace):
+        r = by_id[f"r{i}"]
+        assert len(r.output_token_ids) == t.output_tokens and r.finished
+        assert r.arrival_time <= r.metrics.first_token_time <= r.metrics.finish_time
+    assert res.max_batch <= seqs and res.max_tokens <= budget
+
+
+def test_kv_capacity_is_enforced_and_evictions_are_counted():
+    trace = [TraceRequest(0.0, 40, 30) for _ in range(6)]
+    cfg = SimConfig(max_num_seqs=6, max_num_batched_tokens=64, block_size=4, kv_capacity_tokens=160,
+                    scheduler_config=SchedulerConfig(base_quantum=1.0, num_queues=3, starvation_threshold=0))
+    res = simulate(trace, "mlfq", UNIT, cfg)
+    assert res.preemptions > 0 and res.max_kv_blocks <= 40
+    with pytest.raises(ValueError, match="kv-capacity-tokens"):
+        simulate([TraceRequest(0.0, 400, 10)], "fcfs", UNIT, cfg)
+
+
+# -- workloads ------------------------------------------------------------------------------------
+def test_arrival_processes_have_the_asked_rate():
+    base = [TraceRequest(0.0, 10, 10)] * 20_000
+    for proc, cv in (("poisson", 1.0), ("gamma", 3.0)):
+        tr = with_arrivals(base, 4.0, proc, cv, seed=1)
+        assert tr[0].arrival == 0.0
+        assert (len(tr) - 1) / tr[-1].arrival == pytest.approx(4.0, rel=0.05)
+    with pytest.raises(ValueError, match="poisson"):
+        with_arrivals(base, 1.0, "uniform")
+
+
+def test_capacity_follows_the_cost_model():
+    tr = [TraceRequest(0.0, 100, 11)] * 10
+    # batch 2 (KV holds 2 x (100 + 5.5) tokens): per request 1 s prefill + 11 x 1/2 s of decode
+    assert capacity_rps(tr, UNIT, 16, 211) == pytest.approx(1 / 6.5)
+    assert capacity_rps(tr, UNIT, 1, 10_000) == pytest.approx(1 / 12)
+
+
+def test_heavy_tailed_trace_matches_azure_mean_with_a_heavier_tail():
+    tr = heavy_tailed_trace([TraceRequest(0.0, 500, 1)], 50_000, seed=0)
+    out = sorted(r.output_tokens for r in tr)
+    assert 22 <= out[0] and out[-1] <= 2048 and all(r.prompt_tokens == 500 for r in tr)
+    assert 195 < sum(out) / len(out) < 225
+    top10 = sum(out[-len(out) // 10:]) / sum(out)
+    assert top10 > 0.45                                    # an exponential with that mean: 0.33
+
+
+# -- the command line -----------------------------------------------------------------------------
+@pytest.fixture
+def small_trace(tmp_path):
+    tr = [TraceRequest(0.5 * i, 50 + 37 * i % 300, 5 + 13 * i % 40) for i in range(40)]
+    path = tmp_path / "t.csv"
+    save_trace(str(path), tr)
+    return str(path)
+
+
+def test_simulate_cli_writes_the_contract_metrics(small_trace, tmp_path):
+    out = tmp_path / "o.json"
+    assert main(["simulate", "--trace", small_trace, "--load", "0.7", "--policy", "fcfs", "--policy", "gittins",
+                 "--num-requests", "30", "--seed", "3", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    keys = {"mean_jct", "p50_jct", "p95_jct", "p99_jct", "mean_ttft", "p99_ttft", "mean_tpot",
+            "mean_latency_per_token", "throughput_rps", "throughput_tps"}
+    assert set(res) == {"fcfs", "gittins"} and keys <= set(res["fcfs"])
+    assert res["fcfs"]["num_requests"] == 30 and res["fcfs"]["load"] == 0.7
+
+
+def test_simulate_cli_keeps_trace_timing_and_sweeps_with_a_plot(small_trace, tmp_path):
+    out = tmp_path / "o.json"
+    assert main(["simulate", "--trace", small_trace, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["skip-join-mlfq"]["rate"] is None
+    png = tmp_path / "s.png"
+    assert main(["simulate", "--trace", small_trace, "--rate", "0.5", "1.0", "--policy", "fcfs",
+                 "--policy", "srpt", "--json", str(out), "--plot", str(png)]) == 0
+    res = json.loads(out.read_text())
+    assert [m["rate"] for m in res["srpt"]] == [0.5, 1.0]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_cli_says_how_to_fix_a_bad_trace(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,output\n1,2\n")
+    assert main(["simulate", "--trace", str(bad), "--rate", "1", "--json", str(tmp_path / "o.json")]) == 2
+    assert "num_prefill_tokens" in capsys.readouterr().err
+    untimed = tmp_path / "u.csv"
+    untimed.write_text("num_prefill_tokens,num_decode_tokens\n10,2\n")
+    assert main(["simulate", "--trace", str(untimed), "--json", str(tmp_path / "o.json")]) == 2
+    assert "--rate or --load" in capsys.readouterr().err
+
+
+def test_shipped_trace_loads_if_present():
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", "azure_conv_2023.csv")
+    if not os.path.isfile(path):
+        pytest.skip("../shared/traces is not beside this checkout")
+    tr, timed = load_trace(path, 100)
+    assert timed and len(tr) == 100 and tr[0].arrival == 0.0
