@@ -1,0 +1,130 @@
+"""Profiling the real engine into a CostModel, cached on disk.
+
+`profile_engine(engine)` times the runner on synthetic requests, exactly as an iteration
+runs them (build the padded launches, dispatch, wait for the sampled tokens), at every
+prefill token bucket and decode batch bucket, and fits the two context coefficients from
+runs at a short and a long context:
+
+    prefill_seconds[T]  one prefill chunk of T tokens, no earlier context
+    decode_seconds[B]   B decode rows with 1 token of context each
+    decode_context      (t(B, long) - t(B, short)) / (B * (long - short)), B = max_num_seqs
+    prefill_context     (t(T after C cached) - t(T)) / (T * C), T = half the token budget
+
+Each point is the median of `repeats` runs after one untimed run (which compiles the shape
+if warm-up was skipped). The synthetic requests borrow free KV blocks and give them back,
+so the engine must be idle. The result is cached as JSON under
+<cache root>/cost_models/<key>.json (cache root as for converted params, see
+models.loader.cache_root), keyed by the model config, the engine config, the KV pool size
+and the device kind; a second start loads it instead of profiling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import statistics
+import time
+
+import jax
+
+from fastserve_jax.config import SamplingParams
+from fastserve_jax.cost_model import CostModel
+from fastserve_jax.request import Request
+from fastserve_jax.scheduler.base import ScheduledRequest
+
+_VERSION = 1
+
+
+def cost_cache_key(engine) -> str:
+    cfg = dataclasses.replace(engine.cfg, seed=0, scheduler="", compilation_cache_dir=None)
+    text = f"v{_VERSION}|{engine.model_cfg!r}|{cfg!r}|{engine.kv.num_blocks}|{jax.devices()[0].device_kind}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _cache_path(engine, cache_dir: str | None) -> str | None:
+    from models.loader import cache_root
+
+    root = cache_root(cache_dir)
+    return None if root is None else os.path.join(root, "cost_models", f"{cost_cache_key(engine)}.json")
+
+
+class _Probe:
+    """Synthetic requests on the engine's KV pool; everything taken is given back."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.taken: list[Request] = []
+
+    def request(self, tokens: int, computed: int) -> Request:
+        """A request of `tokens` tokens whose first `computed` have KV, with KV room for all."""
+        r = Request(f"__profile{len(self.taken)}", [1] * tokens, SamplingParams(max_tokens=1, temperature=0), 0.0)
+        self.engine.kv.allocate(r, tokens)
+        r.num_computed_tokens = computed
+        self.taken.append(r)
+        return r
+
+    def release(self) -> None:
+        for r in self.taken:
+            self.engine.kv.free(r)
+        self.taken.clear()
+
+    def time(self, items: list[ScheduledRequest], repeats: int) -> float:
+        runner, kv = self.engine.runner, self.engine.kv
+        samples = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            launches = runner.build_launches(items, kv)
+            runner.collect(launches, runner.dispatch(launches))
+            if i:
+                samples.append(time.perf_counter() - t0)
+        self.release()
+        return statistics.median(samples)
+
+
+def measure(engine, repeats: int = 3) -> CostModel:
+    """Profile now (no cache)."""
+    cfg, kv = engine.cfg, engine.kv
+    probe = _Probe(engine)
+    bs = cfg.block_size
+    pre_t = [t for t in cfg.prefill_token_buckets if t <= min(cfg.max_model_len, kv.num_free_blocks * bs)]
+    pre_s = [probe.time([ScheduledRequest(probe.request(t, 0), t)], repeats) for t in pre_t]
+    dec_b = list(cfg.decode_batch_buckets)
+    dec_s = [probe.time([ScheduledRequest(probe.request(2, 1), 1) for _ in range(b)], repeats) for b in dec_b]
+    b = dec_b[-1]
+    long_ctx = min(cfg.max_model_len - 1, (kv.num_free_blocks // b) * bs - 1)
+    t_long = probe.time([ScheduledRequest(probe.request(long_ctx + 1, long_ctx), 1) for _ in range(b)], repeats)
+    decode_context = max(0.0, (t_long - dec_s[-1]) / (b * (long_ctx - 1))) if long_ctx > 1 else 0.0
+    n = max(1, cfg.max_num_batched_tokens // 2)
+    ctx = min(cfg.max_model_len - n, (kv.num_free_blocks * bs) - n)
+    if ctx > 0:
+        t_ctx = probe.time([ScheduledRequest(probe.request(ctx + n, ctx), n)], repeats)
+        t0 = probe.time([ScheduledRequest(probe.request(n, 0), n)], repeats)
+        prefill_context = max(0.0, (t_ctx - t0) / (n * ctx))
+    else:
+        prefill_context = 0.0
+    dev = jax.devices()[0]
+    return CostModel(
+        name=f"profiled-{engine.model_cfg.arch}-{dev.platform}", prefill_tokens=tuple(pre_t),
+        prefill_seconds=tuple(pre_s), decode_batch=tuple(dec_b), decode_seconds=tuple(dec_s),
+        decode_context=decode_context, prefill_context=prefill_context,
+        kv_capacity_tokens=kv.num_usable_blocks * bs,
+        source=f"profiled by fastserve_jax.cost_profile on {dev.device_kind} ({dev.platform}), median of "
+               f"{repeats} runs per point, {engine.model_cfg.arch} {engine.model_cfg.num_layers} layers "
+               f"hidden {engine.model_cfg.hidden_size}, dtype {cfg.dtype}")
+
+
+def profile_engine(engine, cache_dir: str | None = None, repeats: int = 3, refresh: bool = False) -> CostModel:
+    """The engine's cost model: from the on-disk cache, else measured now and cached.
+
+    `cache_dir=""` disables the cache; `refresh=True` measures even when cached."""
+    path = _cache_path(engine, cache_dir)
+    if path and not refresh and os.path.isfile(path):
+        return CostModel.load(path)
+    if engine.has_unfinished():
+        raise RuntimeError("profile the engine while it is idle (before adding requests, or after they finish): "
+                           "profiling borrows free KV blocks and runs launches of its own")
+    cm = measure(engine, repeats)
+    if path:
+        cm.save(path)
+    return cm

@@ -1,0 +1,106 @@
+"""The cost model: interpolation on literal tables, the shipped OPT-13B table, and profiling
+a real (tiny) engine into a cached table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from fastserve_jax.cost_model import CostModel, plan_time, shipped_cost_models
+from fastserve_jax.request import Request
+from fastserve_jax.config import SamplingParams
+from fastserve_jax.scheduler import ScheduledRequest
+
+T = CostModel("t", prefill_tokens=(10, 100, 200), prefill_seconds=(1.0, 2.0, 4.0),
+              decode_batch=(1, 4), decode_seconds=(0.5, 1.1), decode_context=0.01, prefill_context=0.001)
+
+
+def test_interpolates_clamps_and_extrapolates():
+    assert T.prefill_time(10) == 1.0 and T.prefill_time(55) == pytest.approx(1.5)
+    assert T.prefill_time(3) == 1.0                      # below the table: clamped
+    assert T.prefill_time(300) == pytest.approx(6.0)     # beyond: along the last segment
+    assert T.prefill_time(0) == 0.0 and T.decode_time(0) == 0.0
+    assert T.decode_time(2) == pytest.approx(0.7) and T.decode_time(2, 100) == pytest.approx(1.7)
+    assert T.prefill_time(100, context=50) == pytest.approx(2.0 + 0.001 * 100 * 50)
+
+
+def test_iteration_time_is_decode_launch_plus_one_packed_prefill_launch():
+    # decode: 2 rows with contexts 5 and 15; prefill: chunks of 60 (after 40 cached) and 40 (fresh)
+    t = T.iteration_time([5, 15], [(60, 40), (40, 0)])
+    assert t == pytest.approx(0.7 + 0.01 * 20 + 2.0 + 0.001 * (60 * (40 + 30) + 40 * 20))
+
+    def r(n, computed):
+        q = Request("x", list(range(n)), SamplingParams(), 0.0)
+        q.num_computed_tokens = computed
+        return q
+    assert plan_time(T, [ScheduledRequest(r(5, 4), 1), ScheduledRequest(r(100, 40), 60)]) == \
+        pytest.approx(T.iteration_time([5], [(60, 40)]))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(prefill_tokens=(10, 5), prefill_seconds=(1.0, 2.0)), "strictly increasing"),
+    (dict(prefill_tokens=(10,), prefill_seconds=(1.0, 2.0)), "equally long"),
+    (dict(decode_seconds=(0.0, 1.0)), "positive"),
+    (dict(decode_context=-1.0), ">= 0"),
+])
+def test_rejects_bad_tables(bad, match):
+    kw = dict(name="b", prefill_tokens=(10, 20), prefill_seconds=(1.0, 2.0), decode_batch=(1, 2),
+              decode_seconds=(0.5, 1.0))
+    kw.update(bad)
+    with pytest.raises(ValueError, match=match):
+        CostModel(**kw)
+
+
+def test_save_load_round_trip_and_helpful_errors(tmp_path):
+    path = tmp_path / "m.json"
+    T.save(str(path))
+    assert CostModel.load(str(path)) == T
+    with pytest.raises(ValueError, match="opt-13b-a100"):
+        CostModel.load("no-such-model")
+    d = json.loads(path.read_text())
+    d["prefil_seconds"] = d.pop("prefill_seconds")
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="unknown keys"):
+        CostModel.load(str(path))
+
+
+def test_shipped_opt13b_table_is_what_its_derivation_gives():
+    assert "opt-13b-a100" in shipped_cost_models()
+    cm = CostModel.load("opt-13b-a100")
+    assert 0.015 < cm.decode_time(1) < 0.025 and cm.decode_time(16) > cm.decode_time(1)
+    assert 0.10 < cm.prefill_time(1024) < 0.20 and 50_000 < cm.kv_capacity_tokens < 70_000
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "make_opt13b_cost_model.py"
+    spec = importlib.util.spec_from_file_location("make_opt13b", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.build() == cm
+
+
+# -- profiling the real engine ------------------------------------------------------------------
+@pytest.mark.slow   # about 25 s on 2 CPU cores: it compiles four launch shapes
+def test_profile_engine_times_the_runner_and_caches(tiny_checkpoints, tmp_path, monkeypatch):
+    from fastserve_jax import LLM, SamplingParams as SP
+    from fastserve_jax import cost_profile
+
+    llm = LLM(tiny_checkpoints("llama"), warmup=False, max_model_len=64, max_num_seqs=1,
+              max_num_batched_tokens=32, block_size=8, num_device_blocks=24)
+    eng = llm.engine
+    cm = cost_profile.profile_engine(eng, cache_dir=str(tmp_path), repeats=1)
+    assert cm.prefill_tokens == eng.cfg.prefill_token_buckets and cm.decode_batch == eng.cfg.decode_batch_buckets
+    assert all(s > 0 for s in cm.prefill_seconds + cm.decode_seconds)
+    assert cm.kv_capacity_tokens == eng.kv.num_usable_blocks * 8
+    assert eng.kv.num_free_blocks == eng.kv.num_usable_blocks       # every borrowed block is back
+    eng.kv.check_integrity()
+    cached = list((tmp_path / "cost_models").glob("*.json"))
+    assert len(cached) == 1 and CostModel.load(str(cached[0])) == cm
+
+    def fail(*a, **k):
+        raise AssertionError("measured again despite the cache")
+    monkeypatch.setattr(cost_profile, "measure", fail)
+    assert cost_profile.profile_engine(eng, cache_dir=str(tmp_path)) == cm
+    eng.add_request([5, 6], SP(max_tokens=2))
+    with pytest.raises(RuntimeError, match="idle"):
+        cost_profile.profile_engine(eng, cache_dir="")
