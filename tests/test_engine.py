@@ -118,6 +118,8 @@ def test_recompute_preemption_keeps_outputs(tiny_checkpoints):
     small = LLM(tiny_checkpoints("llama"), warmup=False, **kw)
     prompts = _prompts(6, 20, 40, seed=9)
     sp = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    with pytest.raises(ValueError, match="KV blocks"):     # 200 tokens need 25 blocks; the pool has 23
+        small.generate([[3] * 200], SamplingParams(max_tokens=5))
     reqs = [small.engine.add_request(p, sp) for p in prompts]
     while small.engine.has_unfinished():
         small.engine.step()
@@ -130,15 +132,16 @@ def test_recompute_preemption_keeps_outputs(tiny_checkpoints):
 @pytest.mark.parametrize("prompt, params, match", [
     ("", GREEDY, "empty"),
     ([], GREEDY, "empty"),
-    (list(range(300)), GREEDY, "max_model_len"),
+    ([3] * 300, GREEDY, "max_model_len"),
+    ([3] * 256, GREEDY, "max_model_len"),
     ([1, 2, 999], GREEDY, "token ids must be in"),
     ([1, 2, -1], GREEDY, "token ids must be in"),
     ([1, 2, 3], "greedy", "SamplingParams"),
-    ([1, 2, 3], SamplingParams(max_tokens=100000), "KV blocks"),
+    ("hello", [GREEDY], "one per prompt"),
 ])
 def test_bad_input_is_rejected_and_engine_keeps_serving(llm, prompt, params, match):
     good = _prompts(1, 5, 5, seed=10)[0]
     with pytest.raises(ValueError, match=match):
-        llm.generate([good, prompt], params if not isinstance(params, SamplingParams) else [GREEDY, params])
+        llm.generate([good, prompt], params if isinstance(params, list) else [GREEDY, params])
     assert not llm.engine.has_unfinished(), "a rejected batch must queue nothing"
     assert len(llm.generate([good], GREEDY)[0].token_ids) == GREEDY.max_tokens
