@@ -6,6 +6,8 @@ import ast
 import pathlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastserve_jax.config import SamplingParams, SchedulerConfig
 from fastserve_jax.cost_model import CostModel
@@ -211,6 +213,23 @@ def test_gittins_index_of_literal_distributions():
     assert two.index(1) == pytest.approx(1 / 99)       # survived: certainly 99 more
     assert two.index(0, prefill_slots=10) == pytest.approx(max(0.5 / 11, 1 / (10 + 50.5)))
     assert det.index(100) < det.index(99)              # beyond all history: ranked last
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 80), min_size=1, max_size=60))
+def test_gittins_table_sweep_equals_the_definition(lengths):
+    """The O(m) hull sweep against G(a) = max_{b > a} (F(b) - F(a)) / (S(b) - S(a)) written out."""
+    m = max(lengths)
+    n = len(lengths)
+    F = [sum(x <= b for x in lengths) / n for b in range(m + 1)]
+    S = [sum(min(x, b) for x in lengths) / n for b in range(m + 1)]
+    table = GittinsTable(lengths)
+    for a in range(m):
+        want = max((F[b] - F[a]) / (S[b] - S[a]) for b in range(a + 1, m + 1))
+        assert table.index(a) == pytest.approx(want, rel=1e-9)
+        p = 3.5
+        want_p = max((F[b] - F[a]) / (p * (1 - F[a]) + S[b] - S[a]) for b in range(a + 1, m + 1))
+        assert table.index(a, p) == pytest.approx(want_p, rel=1e-9)
 
 
 def test_gittins_behaves_like_skip_join_until_it_has_history_then_learns():

@@ -10,7 +10,8 @@ and serving the highest index first minimizes mean response time among policies 
 not know sizes (Gittins; Scully & Harchol-Balter's SOAP). A job with p decode slots of
 prefill still ahead pays p before any token: the denominator gains p * (1 - F(a)).
 
-Only b at support points of X can attain the max. Ages past the largest observed length
+Only b at support points of X can attain the max; the table for all ages is one convex-hull
+sweep (see `_all_ages`). Ages past the largest observed length
 have no data; there the index is 1 / (a + 1 + p), as if the job would run as long again as
 it has (the Lindy guess), which ranks such jobs below nearly all others.
 """
@@ -37,17 +38,28 @@ class GittinsTable:
         self.mean = float(x.mean())
         self._table: list[float] = self._all_ages()              # (m,) G(a), a = 0 .. m-1
 
-    def _all_ages(self, rows: int = 256) -> list[float]:
-        sup = self.support
-        Fk, Sk = self.F[sup], self.S[sup]
-        out = np.empty(self.max_len)
-        for lo in range(0, self.max_len, rows):
-            a = np.arange(lo, min(lo + rows, self.max_len))
-            valid = sup[None, :] > a[:, None]                    # (rows, K)
-            num = Fk[None, :] - self.F[a][:, None]
-            den = np.where(valid, Sk[None, :] - self.S[a][:, None], 1.0)
-            out[lo:lo + len(a)] = np.where(valid, num / den, -np.inf).max(axis=1)
-        return out.tolist()
+    def _all_ages(self) -> list[float]:
+        """G(a) for every a in O(m): G(a) is the steepest slope from the point (S(a), F(a)) to
+        a point (S(b), F(b)) with b > a, i.e. to the upper convex hull of the curve right of
+        a. Sweeping a leftwards and adding each point to that hull (Andrew's monotone chain)
+        pops exactly the hull points the tangent passes over, so the hull's leftmost point
+        after popping is where the tangent touches."""
+        F, S = self.F.tolist(), self.S.tolist()
+        m = self.max_len
+        hull = [m]                           # hull indices, leftmost last
+        out = [0.0] * m
+        for a in range(m - 1, -1, -1):
+            fa, sa = F[a], S[a]
+            while len(hull) >= 2:
+                h0, h1 = hull[-1], hull[-2]
+                if (F[h0] - fa) * (S[h1] - S[h0]) <= (F[h1] - F[h0]) * (S[h0] - sa):
+                    hull.pop()               # h0 is on or below the chord a -> h1
+                else:
+                    break
+            h0 = hull[-1]
+            out[a] = (F[h0] - fa) / (S[h0] - sa)
+            hull.append(a)
+        return out
 
     def index(self, age: int, prefill_slots: float = 0.0) -> float:
         """G at `age` tokens generated with `prefill_slots` of prefill still ahead."""
