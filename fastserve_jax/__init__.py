@@ -1,8 +1,26 @@
-"""fastserve-jax: FastServe-style preemptive LLM serving on JAX/XLA."""
+"""fastserve-jax: FastServe-style preemptive LLM serving on JAX/XLA.
 
-from fastserve_jax.config import EngineConfig, SamplingParams
-from fastserve_jax.engine import LLMEngine, RequestOutput
-from fastserve_jax.llm import LLM
-from models import demo_model_path
+The public names are imported lazily, so pure-host tools (the scheduler, the simulator,
+`--help`) start without importing jax.
+"""
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "demo_model_path"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "LLM": "fastserve_jax.llm",
+    "LLMEngine": "fastserve_jax.engine",
+    "RequestOutput": "fastserve_jax.engine",
+    "EngineConfig": "fastserve_jax.config",
+    "SamplingParams": "fastserve_jax.config",
+    "SchedulerConfig": "fastserve_jax.config",
+    "demo_model_path": "models",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fastserve_jax' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

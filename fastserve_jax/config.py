@@ -143,8 +143,13 @@ class EngineConfig:
     num_device_blocks: int = 0          # 0: size from memory (see runner)
     dtype: str = "float32"
     seed: int = 0
-    scheduler: str = "fcfs"
-    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    scheduler: str = "skip-join-mlfq"
+    # None: SchedulerConfig defaults with base_quantum = one decode iteration (batch 1) of the
+    # engine's cost model, FastServe's "about one decode step".
+    scheduler_config: SchedulerConfig | None = None
+    # Cost model for skip-join placement and service accounting: None profiles this engine
+    # (cached on disk); otherwise a shipped table name or a JSON path (see cost_model.py).
+    cost_model: str | None = None
     decode_batch_buckets: tuple[int, ...] = ()
     prefill_token_buckets: tuple[int, ...] = ()
     block_buckets: tuple[int, ...] = ()

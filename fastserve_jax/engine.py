@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 
 import jax
 
-from fastserve_jax.config import EngineConfig, SamplingParams
+from fastserve_jax.config import EngineConfig, SamplingParams, SchedulerConfig
+from fastserve_jax.cost_model import CostModel
+from fastserve_jax.cost_profile import profile_engine
 from fastserve_jax.detokenizer import IncrementalDetokenizer
 from fastserve_jax.kv_cache import KVManager
 from fastserve_jax.request import Request, RequestMetrics, RequestStatus, TokenLogprobs
 from fastserve_jax.runner import ModelRunner, auto_num_blocks
-from fastserve_jax.scheduler import Limits, make_scheduler
+from fastserve_jax.scheduler import POLICIES, Limits, make_scheduler
 
 
 @dataclass
@@ -90,8 +92,6 @@ class LLMEngine:
         param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
         num_blocks = self.cfg.num_device_blocks or auto_num_blocks(model_cfg, self.cfg, param_bytes)
         self.kv = KVManager(num_blocks, self.cfg.block_size)
-        self.scheduler = make_scheduler(self.cfg.scheduler,
-                                        Limits(self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens), self.kv)
         self.runner = ModelRunner(module, params, model_cfg, self.cfg, num_blocks)
         self.eos_ids = eos_ids
         self.stats = EngineStats()
@@ -99,6 +99,24 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
         self.warmup_seconds = self.runner.warmup(progress) if warmup else 0.0
+        self.cost_model: CostModel | None = None
+        self.set_scheduler(self.cfg.scheduler, self.cfg.scheduler_config)
+
+    def set_scheduler(self, name: str, config: SchedulerConfig | None = None) -> None:
+        """Switch the policy (only while idle). Policies that need a cost model get the
+        engine's own, profiled on first use and cached on disk, unless cfg.cost_model names one."""
+        if self.has_unfinished():
+            raise RuntimeError("switch schedulers only while the engine is idle")
+        if POLICIES.get(name) is None:
+            raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(POLICIES)}")
+        if self.cost_model is None and POLICIES[name].needs_cost_model:
+            self.cost_model = (CostModel.load(self.cfg.cost_model) if self.cfg.cost_model
+                               else profile_engine(self))
+        if config is None:
+            config = SchedulerConfig(base_quantum=self.cost_model.decode_time(1) if self.cost_model else
+                                     SchedulerConfig.base_quantum)
+        self.scheduler = make_scheduler(name, Limits(self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens),
+                                        self.kv, config, self.cost_model)
 
     @classmethod
     def from_pretrained(cls, model_path: str, cfg: EngineConfig, **kwargs) -> "LLMEngine":
@@ -203,7 +221,9 @@ class LLMEngine:
         for ln in launches:
             st.launches[ln.key] = st.launches.get(ln.key, 0) + 1
         t4 = time.perf_counter()
+        self.scheduler.on_iteration(plan, t4 - t0, time.monotonic())
         st.iterations += 1
+        st.schedule += time.perf_counter() - t4
         st.schedule += t1 - t0
         st.assemble += t2 - t1
         st.device += t3 - t2

@@ -10,6 +10,8 @@ import argparse
 import sys
 import time
 
+from fastserve_jax.scheduler import POLICIES
+
 from serve.simulate_cmd import add_simulate_parser
 
 
@@ -33,14 +35,17 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="token budget of one iteration; longer prompts are prefilled in chunks")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     g.add_argument("--num-device-blocks", type=int, default=None, help="KV blocks on the device (default: sized from memory)")
-    g.add_argument("--scheduler", default="fcfs", help="scheduling policy")
+    g.add_argument("--scheduler", default="skip-join-mlfq", choices=sorted(POLICIES),
+                   help="scheduling policy (default: FastServe's skip-join MLFQ)")
+    g.add_argument("--cost-model", default=None,
+                   help="cost model for the policy: a shipped name or JSON path (default: profile this engine)")
     g.add_argument("--seed", type=int, default=0)
 
 
 def _engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                 max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
-                num_device_blocks=a.num_device_blocks, scheduler=a.scheduler, seed=a.seed)
+                num_device_blocks=a.num_device_blocks, scheduler=a.scheduler, cost_model=a.cost_model, seed=a.seed)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:

@@ -11,10 +11,12 @@ import pytest
 
 from fastserve_jax import LLM, SamplingParams
 from fastserve_jax.compile_guard import CompileCounter
+from fastserve_jax.scheduler import POLICIES
 from models.random_checkpoint import TINY_PRESETS
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-ENGINE_KW = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, block_size=8, num_device_blocks=160)
+ENGINE_KW = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, block_size=8, num_device_blocks=160,
+                 scheduler="fcfs")
 
 
 def _prompts(n, lo, hi, seed=0, vocab=256):
@@ -39,8 +41,9 @@ def _hf_greedy(path, prompts, n):
 
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoints):
-    """A warmed-up engine over the tiny GQA Llama."""
-    return LLM(tiny_checkpoints("llama"), **ENGINE_KW)
+    """A warmed-up engine over the tiny GQA Llama, with the default policy (skip-join MLFQ
+    over the engine's own profiled cost model)."""
+    return LLM(tiny_checkpoints("llama"), **dict(ENGINE_KW, scheduler="skip-join-mlfq"))
 
 
 @pytest.mark.parametrize("preset", TINY_PRESETS)
@@ -145,3 +148,18 @@ def test_bad_input_is_rejected_and_engine_keeps_serving(llm, prompt, params, mat
         llm.generate([good, prompt], params if isinstance(params, list) else [GREEDY, params])
     assert not llm.engine.has_unfinished(), "a rejected batch must queue nothing"
     assert len(llm.generate([good], GREEDY)[0].token_ids) == GREEDY.max_tokens
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_every_policy_gives_identical_greedy_outputs(llm, policy):
+    """Only timing differs between policies: preemption between iterations keeps the KV."""
+    prompts = _prompts(12, 1, 150, seed=11)
+    params = [SamplingParams(max_tokens=int(n), temperature=0, ignore_eos=True)
+              for n in np.random.default_rng(12).integers(1, 40, len(prompts))]
+    llm.engine.set_scheduler("fcfs")
+    want = [o.token_ids for o in llm.generate(prompts, params)]
+    llm.engine.set_scheduler(policy)
+    try:
+        assert [o.token_ids for o in llm.generate(prompts, params)] == want
+    finally:
+        llm.engine.set_scheduler("skip-join-mlfq")

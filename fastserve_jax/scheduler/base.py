@@ -54,6 +54,7 @@ class Scheduler(ABC):
     """A policy over the live requests. Method pairs: add/remove, schedule/(engine applies)."""
 
     name: str = ""
+    needs_cost_model: bool = False   # True: make_scheduler must be given a CostModel
 
     def __init__(self, limits: Limits, kv: KVManager, config: SchedulerConfig | None = None,
                  cost_model: CostModel | None = None) -> None:

@@ -25,6 +25,7 @@ from fastserve_jax.scheduler.service import ServiceMeter
 
 class GittinsScheduler(IndexPolicy):
     name = "gittins"
+    needs_cost_model = True
 
     def __init__(self, limits, kv, config=None, cost_model=None) -> None:
         super().__init__(limits, kv, config, cost_model)

@@ -114,6 +114,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
     """FastServe: a request joins the highest queue whose quantum covers its prefill time."""
 
     name = "skip-join-mlfq"
+    needs_cost_model = True
 
     def __init__(self, limits, kv, config=None, cost_model=None) -> None:
         super().__init__(limits, kv, config, cost_model)
