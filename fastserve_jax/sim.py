@@ -27,6 +27,7 @@ from fastserve_jax.cost_model import CostModel, plan_time
 from fastserve_jax.kv_cache import KVManager
 from fastserve_jax.request import Request, RequestStatus
 from fastserve_jax.scheduler import Limits, make_scheduler
+from fastserve_jax.metrics import summarize
 from fastserve_jax.workload import TraceRequest
 
 
@@ -60,22 +61,8 @@ class SimResult:
 
     def metrics(self) -> dict[str, float]:
         """Latencies in seconds, throughputs per second (see docs/scheduling.md)."""
-        arr = np.array([r.arrival_time for r in self.requests])
-        fin = np.array([r.metrics.finish_time for r in self.requests])
-        first = np.array([r.metrics.first_token_time for r in self.requests])
-        out = np.array([len(r.output_token_ids) for r in self.requests])
-        jct, ttft = fin - arr, first - arr
-        multi = out > 1
-        span = float(fin.max() - arr.min())
-        return dict(
-            mean_jct=float(jct.mean()), p50_jct=float(np.percentile(jct, 50)),
-            p95_jct=float(np.percentile(jct, 95)), p99_jct=float(np.percentile(jct, 99)),
-            mean_ttft=float(ttft.mean()), p99_ttft=float(np.percentile(ttft, 99)),
-            mean_tpot=float(((fin - first)[multi] / (out[multi] - 1)).mean()) if multi.any() else 0.0,
-            mean_latency_per_token=float((jct / out).mean()),
-            throughput_rps=len(self.requests) / span, throughput_tps=float(out.sum()) / span,
-            num_requests=len(self.requests), iterations=self.iterations, preemptions=self.preemptions,
-            mean_batch=self.scheduled_seqs / max(1, self.iterations), sim_wall_seconds=self.wall_seconds)
+        return dict(summarize(self.requests), iterations=self.iterations, preemptions=self.preemptions,
+                    mean_batch=self.scheduled_seqs / max(1, self.iterations), sim_wall_seconds=self.wall_seconds)
 
 
 def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: SimConfig = SimConfig()) -> SimResult:
