@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import numpy as np
 
 from fastserve_jax.config import SamplingParams, SchedulerConfig
 from fastserve_jax.cost_model import CostModel, plan_time
