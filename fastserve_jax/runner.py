@@ -20,7 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastserve_jax.config import MAX_LOGPROBS, EngineConfig, bucket
+from fastserve_jax.xla_flags import apply_cpu_defaults
+
+apply_cpu_defaults()
+
+from fastserve_jax.config import MAX_LOGPROBS, EngineConfig, bucket  # noqa: E402
 from fastserve_jax.kv_cache import KVManager
 from fastserve_jax.request import Request, TokenLogprobs
 from fastserve_jax.sampling import SamplingArrays, sample
