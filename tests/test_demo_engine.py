@@ -20,12 +20,15 @@ def demo_llm():
     return LLM(max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=256)
 
 
+SPAN = 255  # the shipped model is trained and checked on B - A <= 255 (models/demo/TRAINING.md)
+
+
 def test_held_out_counting_through_generate(demo_llm):
     rng = np.random.default_rng(0)
-    pairs = demo_task.held_out_pairs(40)
-    pairs += [demo_task.pair_for_output_len(n, rng) for n in (2, 3, 100, 256, 300)]
+    pairs = demo_task.held_out_pairs(40, max_span=SPAN)
+    pairs += [demo_task.pair_for_output_len(n, rng) for n in (2, 3, 100, 200, SPAN + 2)]
     prompts = [demo_task.make_prompt(a, b) for a, b in pairs]
-    outs = demo_llm.generate(prompts, SamplingParams(max_tokens=1010, temperature=0))
+    outs = demo_llm.generate(prompts, SamplingParams(max_tokens=SPAN + 10, temperature=0))
     wrong = [(p, o.text) for (a, b), p, o in zip(pairs, prompts, outs) if not demo_task.check_answer(a, b, o.text)]
     assert not wrong, f"{len(wrong)}/{len(pairs)} wrong, e.g. {wrong[:2]}"
     assert all(o.finish_reason == "stop" for o in outs)
