@@ -59,7 +59,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         return 2
     prompts = a.prompt_pos + (a.prompt or [])
     if not prompts:
-        prompts = ["count from 3 to 12:", "count from 95 to 130:", "count from 0 to 7:"]
+        prompts = ["count from 3 to 12:", "count from 250 to 300:", "count from 0 to 7:"]
     t0 = time.perf_counter()
     llm = LLM(a.model, progress=_progress, **_engine_kwargs(a))
     print(f"engine ready in {time.perf_counter() - t0:.1f} s (warm-up compile {llm.engine.warmup_seconds:.1f} s)",
