@@ -57,6 +57,9 @@ class EngineStats:
     postprocess: float = 0.0
     prefill_tokens: int = 0
     decode_tokens: int = 0
+    prompt_tokens: int = 0              # prompt tokens of admitted requests
+    generated_tokens: int = 0           # tokens sampled and appended to outputs
+    recomputations: int = 0             # requests that lost their KV and were prefilled again
     launches: dict = field(default_factory=dict)
 
     @property
@@ -98,6 +101,7 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
+        self._last_scheduled: set[str] = set()      # ran in the latest iteration
         self.warmup_seconds = self.runner.warmup(progress) if warmup else 0.0
         self.cost_model: CostModel | None = None
         self.set_scheduler(self.cfg.scheduler, self.cfg.scheduler_config)
@@ -172,6 +176,7 @@ class LLMEngine:
         req = Request(rid, ids, params, time.monotonic() if arrival_time is None else arrival_time, prompt=text,
                       seed=seed, eos_token_ids=frozenset() if params.ignore_eos else self.eos_ids)
         self._requests[rid] = req
+        self.stats.prompt_tokens += len(ids)
         self._detok[rid] = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
         self.scheduler.add(req)
         return req
@@ -183,6 +188,31 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
+
+    def snapshot(self) -> dict:
+        """Gauges and counters for monitoring (serve/ exports them as Prometheus metrics).
+
+        Requests are running (in the latest iteration), paused (started, KV on the device,
+        not in the latest iteration), swapped (KV on the host) or waiting (no KV: not started,
+        or dropped for recomputation). Counters end in _total."""
+        running = paused = waiting = 0
+        for rid, req in self._requests.items():
+            if rid in self._last_scheduled:
+                running += 1
+            elif self.kv.block_table(req):
+                paused += 1
+            else:
+                waiting += 1
+        st = self.stats
+        return dict(
+            queue_lengths=self.scheduler.queue_lengths(),
+            requests_running=running, requests_paused=paused, requests_swapped=0, requests_waiting=waiting,
+            kv_device_used_blocks=self.kv.num_used_blocks, kv_device_total_blocks=self.kv.num_usable_blocks,
+            kv_host_used_blocks=0, kv_host_total_blocks=0,
+            prompt_tokens_total=st.prompt_tokens, generation_tokens_total=st.generated_tokens,
+            recomputations_total=st.recomputations,
+            swap_out_blocks_total=0, swap_in_blocks_total=0, swap_out_bytes_total=0, swap_in_bytes_total=0,
+            swap_stall_seconds_total=0.0, iterations_total=st.iterations)
 
     # -- one iteration ---------------------------------------------------------------------
     def step(self) -> list[Request]:
@@ -198,6 +228,7 @@ class LLMEngine:
             req.num_computed_tokens = 0
             req.status = RequestStatus.WAITING
             req.num_preemptions += 1
+            st.recomputations += 1
         for s in plan.scheduled:
             self.kv.allocate(s.request, s.num_tokens)
             s.request.status = RequestStatus.RUNNING
@@ -218,6 +249,7 @@ class LLMEngine:
                 st.prefill_tokens += s.num_tokens
         for req, tok, lp in sampled:
             self._append(req, tok, lp, now)
+        self._last_scheduled = {s.request.request_id for s in plan.scheduled}
         for ln in launches:
             st.launches[ln.key] = st.launches.get(ln.key, 0) + 1
         t4 = time.perf_counter()
@@ -232,6 +264,7 @@ class LLMEngine:
 
     def _append(self, req: Request, token: int, lp: TokenLogprobs | None, now: float) -> None:
         req.output_token_ids.append(token)
+        self.stats.generated_tokens += 1
         if req.logprobs is not None and lp is not None:
             req.logprobs.append(lp)
         if req.metrics.first_token_time is None:

@@ -89,6 +89,10 @@ class Scheduler(ABC):
     def __len__(self) -> int:
         """Number of live requests."""
 
+    def queue_lengths(self) -> list[int]:
+        """Live requests per priority level, highest first (one level unless the policy has queues)."""
+        return [len(self)]
+
     def _require_cost_model(self) -> CostModel:
         if self.cost_model is None:
             raise ValueError(f"the {self.name} scheduler needs a cost model: pass cost_model=CostModel.load("

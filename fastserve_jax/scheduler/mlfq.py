@@ -44,6 +44,9 @@ class MLFQScheduler(Scheduler):
     def entry_level(self, req: Request) -> int:
         return 0
 
+    def queue_lengths(self) -> list[int]:
+        return [len(q) for q in self.queues]
+
     # -- membership ------------------------------------------------------------------------
     def add(self, req: Request) -> None:
         level = self.entry_level(req)
