@@ -141,6 +141,13 @@ class EngineConfig:
     max_prefill_seqs: int = 8          # sequences packed in one prefill launch (logit rows)
     block_size: int = 16
     num_device_blocks: int = 0          # 0: size from memory (see runner)
+    # Host KV pool for swapped-out requests, in blocks of the same size. None: as many blocks
+    # as the device pool, within 4 GiB (see runner.auto_num_host_blocks); 0: no host pool.
+    num_host_blocks: int | None = None
+    # Where paused requests' KV goes under memory pressure (swap_policy.py): "proactive"
+    # (FastServe), "reactive" or "recompute".
+    swap_policy: str = "proactive"
+    swap_reserve_blocks: int = 0        # free device blocks the proactive policy keeps (0: sized from arrivals)
     dtype: str = "float32"
     seed: int = 0
     scheduler: str = "skip-join-mlfq"
@@ -162,6 +169,13 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.num_device_blocks < 0:
             raise ValueError(f"num_device_blocks must be >= 0 (0 = size automatically), got {self.num_device_blocks}")
+        if self.num_host_blocks is not None and (not isinstance(self.num_host_blocks, int) or self.num_host_blocks < 0):
+            raise ValueError(f"num_host_blocks must be >= 0 (0 = no host pool) or None (sized automatically), "
+                             f"got {self.num_host_blocks!r}")
+        if self.swap_policy not in ("proactive", "reactive", "recompute"):
+            raise ValueError(f"swap_policy must be 'proactive', 'reactive' or 'recompute', got {self.swap_policy!r}")
+        if not isinstance(self.swap_reserve_blocks, int) or self.swap_reserve_blocks < 0:
+            raise ValueError(f"swap_reserve_blocks must be >= 0 (0 = sized from arrivals), got {self.swap_reserve_blocks!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
 

@@ -8,6 +8,9 @@ is a small table, interpolated piecewise-linearly (extrapolated along the last s
     decode_context      extra seconds per context token a decode launch reads (summed over rows)
     prefill_context     extra seconds per (chunk token x earlier-context token) pair: attention
                         of a prefill chunk over what is already in the cache
+    kv_bytes_per_token  K and V of one token over all layers (what a swap moves per token)
+    swap_bandwidth      bytes per second of one device<->host copy direction; swap_latency
+                        the fixed seconds of one copy (the simulator's transfer-time model)
 
 One iteration runs its decode launch and its prefill launch back to back (as runner.py
 does), so its time is the sum of the two. Tables come from `fastserve_jax/cost_models/*.json`
@@ -46,6 +49,9 @@ class CostModel:
     decode_context: float = 0.0          # s per context token read by a decode launch
     prefill_context: float = 0.0         # s per (chunk token x earlier context token)
     kv_capacity_tokens: int = 0          # KV slots the device holds next to the weights (0: unknown)
+    kv_bytes_per_token: int = 0          # 0: unknown
+    swap_bandwidth: float = 0.0          # bytes/s per direction (0: unknown)
+    swap_latency: float = 0.0            # s per copy
     source: str = ""                     # where the numbers come from
 
     def __post_init__(self) -> None:
@@ -61,8 +67,10 @@ class CostModel:
                 raise ValueError(f"cost model {self.name!r}: {xs_name} must be strictly increasing and >= 1, got {xs}")
             if any(y <= 0 for y in ys):
                 raise ValueError(f"cost model {self.name!r}: {ys_name} must be positive, got {ys}")
-        if self.decode_context < 0 or self.prefill_context < 0 or self.kv_capacity_tokens < 0:
-            raise ValueError(f"cost model {self.name!r}: context coefficients and kv_capacity_tokens must be >= 0")
+        if min(self.decode_context, self.prefill_context, self.kv_capacity_tokens, self.kv_bytes_per_token,
+               self.swap_bandwidth, self.swap_latency) < 0:
+            raise ValueError(f"cost model {self.name!r}: context coefficients, kv_capacity_tokens, kv_bytes_per_token "
+                             "and the swap figures must be >= 0")
 
     # -- queries ---------------------------------------------------------------------------
     def prefill_time(self, num_tokens: int, context: int = 0) -> float:
@@ -91,6 +99,14 @@ class CostModel:
             t += _interp(n, self.prefill_tokens, self.prefill_seconds)
             t += self.prefill_context * sum(k * (c + k / 2) for k, c in prefill_chunks)
         return t
+
+    def swap_time(self, num_tokens: int) -> float:
+        """One copy of `num_tokens` tokens of KV between device and host."""
+        if not (self.kv_bytes_per_token and self.swap_bandwidth):
+            raise ValueError(f"cost model {self.name!r} has no kv_bytes_per_token and swap_bandwidth, which the "
+                             "transfer-time model needs: add them to its table, or simulate with "
+                             "--swap-policy recompute")
+        return self.swap_latency + num_tokens * self.kv_bytes_per_token / self.swap_bandwidth
 
     # -- files -----------------------------------------------------------------------------
     def to_json(self) -> dict:

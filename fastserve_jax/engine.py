@@ -1,7 +1,8 @@
-"""The engine loop: schedule -> allocate -> run -> sample -> append, finish, stream out.
+"""The engine loop: schedule -> allocate and swap -> run -> sample -> append, finish, stream out.
 
 `LLMEngine.step()` is one iteration. Preemption happens only between iterations: the
-policy decides who runs each time, and a paused request keeps its KV.
+policy decides who runs each time, and a paused request keeps its KV, on the device or,
+under memory pressure, in the host pool (swap_policy.py).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from fastserve_jax.config import EngineConfig, SamplingParams, SchedulerConfig
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.cost_profile import profile_engine
 from fastserve_jax.detokenizer import IncrementalDetokenizer
-from fastserve_jax.kv_cache import KVManager
+from fastserve_jax.kv_cache import KVLocation, KVManager
+from fastserve_jax.kv_plan import apply_ahead, apply_plan
 from fastserve_jax.request import Request, RequestMetrics, RequestStatus, TokenLogprobs
-from fastserve_jax.runner import ModelRunner, auto_num_blocks
+from fastserve_jax.runner import ModelRunner, auto_num_blocks, auto_num_host_blocks
 from fastserve_jax.scheduler import POLICIES, Limits, make_scheduler
+from fastserve_jax.swap_policy import SwapPolicy
 
 
 @dataclass
@@ -46,9 +49,11 @@ class RequestOutput:
 class EngineStats:
     """Cumulative wall-clock split of the loop (seconds), for host-overhead measurements.
 
-    schedule: policy + KV allocation; assemble: building padded host arrays; device: from
-    dispatch until the sampled tokens are on the host; postprocess: appending tokens, stop
-    checks, detokenizing, freeing finished requests."""
+    schedule: policy + KV allocation + swap planning; assemble: building padded host arrays;
+    device: from dispatch until the sampled tokens are on the host (swap copies issued on the
+    way included); postprocess: appending tokens, stop checks, detokenizing, freeing finished
+    requests. swap_stall: part of `device` and `schedule` spent waiting for a swap copy the
+    step needed."""
 
     iterations: int = 0
     schedule: float = 0.0
@@ -60,6 +65,15 @@ class EngineStats:
     prompt_tokens: int = 0              # prompt tokens of admitted requests
     generated_tokens: int = 0           # tokens sampled and appended to outputs
     recomputations: int = 0             # requests that lost their KV and were prefilled again
+    swap_out_blocks: int = 0            # device -> host
+    swap_in_blocks: int = 0             # host -> device
+    swap_out_bytes: int = 0
+    swap_in_bytes: int = 0
+    swap_stall: float = 0.0             # seconds the loop waited for a swap copy to land
+    swap_ins_on_demand: int = 0         # swap-ins the step had to wait for (not uploaded ahead)
+    swap_ins_ahead: int = 0             # uploads issued ahead of need (proactive)
+    swap_outs_on_demand: int = 0        # evictions a scheduled request needed room for
+    swap_outs_ahead: int = 0            # offloads ahead of need (proactive)
     launches: dict = field(default_factory=dict)
 
     @property
@@ -94,8 +108,16 @@ class LLMEngine:
         self.cfg = cfg.resolve()
         param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
         num_blocks = self.cfg.num_device_blocks or auto_num_blocks(model_cfg, self.cfg, param_bytes)
-        self.kv = KVManager(num_blocks, self.cfg.block_size)
-        self.runner = ModelRunner(module, params, model_cfg, self.cfg, num_blocks)
+        num_host = (self.cfg.num_host_blocks if self.cfg.num_host_blocks is not None else
+                    auto_num_host_blocks(model_cfg, self.cfg, num_blocks))
+        if self.cfg.swap_policy == "recompute":
+            num_host = 0
+        self.kv = KVManager(num_blocks, self.cfg.block_size, num_host)
+        self.swap = SwapPolicy(self.cfg.swap_policy, self.kv, self.cfg.max_num_batched_tokens,
+                               self.cfg.swap_reserve_blocks)
+        self.runner = ModelRunner(module, params, model_cfg, self.cfg, num_blocks, swap=self.swap.swaps)
+        self._uploading: list[Request] = []          # uploads issued last iteration, to land next
+        self._swapping_out: list[Request] = []       # swap-outs whose copy may still be in flight
         self.eos_ids = eos_ids
         self.stats = EngineStats()
         self._requests: dict[str, Request] = {}
@@ -121,6 +143,7 @@ class LLMEngine:
                                      SchedulerConfig.base_quantum)
         self.scheduler = make_scheduler(name, Limits(self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens),
                                         self.kv, config, self.cost_model)
+        self.scheduler.swap_on_evict = self.swap.swaps
 
     @classmethod
     def from_pretrained(cls, model_path: str, cfg: EngineConfig, **kwargs) -> "LLMEngine":
@@ -179,6 +202,7 @@ class LLMEngine:
         self.stats.prompt_tokens += len(ids)
         self._detok[rid] = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
         self.scheduler.add(req)
+        self.swap.on_arrival(req, req.arrival_time)
         return req
 
     def abort(self, request_id: str) -> None:
@@ -193,51 +217,61 @@ class LLMEngine:
         """Gauges and counters for monitoring (serve/ exports them as Prometheus metrics).
 
         Requests are running (in the latest iteration), paused (started, KV on the device,
-        not in the latest iteration), swapped (KV on the host) or waiting (no KV: not started,
-        or dropped for recomputation). Counters end in _total."""
-        running = paused = waiting = 0
+        not in the latest iteration), swapped (KV on the host, or in flight between the pools)
+        or waiting (no KV: not started, or dropped for recomputation). Counters end in _total."""
+        running = paused = swapped = waiting = 0
         for rid, req in self._requests.items():
+            where = self.kv.location(req)
             if rid in self._last_scheduled:
                 running += 1
-            elif self.kv.block_table(req):
+            elif where is KVLocation.DEVICE:
                 paused += 1
-            else:
+            elif where is KVLocation.NONE:
                 waiting += 1
+            else:
+                swapped += 1
         st = self.stats
         return dict(
             queue_lengths=self.scheduler.queue_lengths(),
-            requests_running=running, requests_paused=paused, requests_swapped=0, requests_waiting=waiting,
+            requests_running=running, requests_paused=paused, requests_swapped=swapped, requests_waiting=waiting,
             kv_device_used_blocks=self.kv.num_used_blocks, kv_device_total_blocks=self.kv.num_usable_blocks,
-            kv_host_used_blocks=0, kv_host_total_blocks=0,
+            kv_host_used_blocks=self.kv.num_host_used_blocks, kv_host_total_blocks=self.kv.num_host_blocks,
             prompt_tokens_total=st.prompt_tokens, generation_tokens_total=st.generated_tokens,
             recomputations_total=st.recomputations,
-            swap_out_blocks_total=0, swap_in_blocks_total=0, swap_out_bytes_total=0, swap_in_bytes_total=0,
-            swap_stall_seconds_total=0.0, iterations_total=st.iterations)
+            swap_out_blocks_total=st.swap_out_blocks, swap_in_blocks_total=st.swap_in_blocks,
+            swap_out_bytes_total=st.swap_out_bytes, swap_in_bytes_total=st.swap_in_bytes,
+            swap_stall_seconds_total=st.swap_stall, iterations_total=st.iterations)
 
     # -- one iteration ---------------------------------------------------------------------
     def step(self) -> list[Request]:
         """Run one iteration; returns the requests that got a token (finished ones included).
 
-        Callers turn them into outputs with `output_of` only when they need to."""
+        Callers turn them into outputs with `output_of` only when they need to. Order of device
+        work (kv_plan.py): last iteration's uploads land, this plan's swap-outs and on-demand
+        swap-ins, the step, then the swap policy's moves for later iterations, which overlap
+        the step."""
         st = self.stats
         t0 = time.perf_counter()
+        self._land_swaps()
         now = time.monotonic()
         plan = self.scheduler.schedule(now)
+        copies = apply_plan(plan, self.kv, now)
+        st.recomputations += len(plan.preempted)
         for req in plan.preempted:
-            self.kv.free(req)
-            req.num_computed_tokens = 0
-            req.status = RequestStatus.WAITING
-            req.num_preemptions += 1
-            st.recomputations += 1
-        for s in plan.scheduled:
-            self.kv.allocate(s.request, s.num_tokens)
-            s.request.status = RequestStatus.RUNNING
-            if s.request.metrics.first_scheduled_time is None:
-                s.request.metrics.first_scheduled_time = now
+            self._forget_host_copy(req)
         t1 = time.perf_counter()
         launches = self.runner.build_launches(plan.scheduled, self.kv)
         t2 = time.perf_counter()
-        sampled = self.runner.collect(launches, self.runner.dispatch(launches))
+        if copies.swap_out or copies.swap_in:
+            self.runner.swap_out(copies.swap_out)
+            self.runner.swap_in_now(copies.swap_in)
+            st.swap_ins_on_demand += len(copies.swap_in)
+            st.swap_outs_on_demand += len(copies.swap_out)
+        pending = self.runner.dispatch(launches)
+        t_ahead = time.perf_counter()
+        self._swap_ahead(plan, now)
+        t_ahead = time.perf_counter() - t_ahead
+        sampled = self.runner.collect(launches, pending)
         t3 = time.perf_counter()
         now = time.monotonic()
         for s in plan.scheduled:
@@ -254,13 +288,57 @@ class LLMEngine:
             st.launches[ln.key] = st.launches.get(ln.key, 0) + 1
         t4 = time.perf_counter()
         self.scheduler.on_iteration(plan, t4 - t0, time.monotonic())
+        self.swap.on_iteration(t4 - t0)
+        self._count_swaps()
         st.iterations += 1
         st.schedule += time.perf_counter() - t4
-        st.schedule += t1 - t0
+        st.schedule += t1 - t0 + t_ahead
         st.assemble += t2 - t1
-        st.device += t3 - t2
+        st.device += t3 - t2 - t_ahead
         st.postprocess += t4 - t3
         return [req for req, _, _ in sampled]
+
+    # -- swapping (kv_plan.py, swap_policy.py, kv_transfer.py) ------------------------------
+    def _land_swaps(self) -> None:
+        """Uploads issued during the last step go into the cache; finished swap-outs are marked."""
+        for req in self._uploading:
+            if self.kv.location(req) is KVLocation.SWAPPING_IN:      # not aborted meanwhile
+                self.runner.land_swap_in(req.request_id)
+                self.kv.finish_swap_in(req)
+        self._uploading.clear()
+        for req in self._swapping_out:
+            if self.kv.location(req) is KVLocation.SWAPPING_OUT and self.runner.transfer.out_landed(req.request_id):
+                self.kv.finish_swap_out(req)
+        self._swapping_out = [r for r in self._swapping_out if self.kv.location(r) is KVLocation.SWAPPING_OUT]
+
+    def _swap_ahead(self, plan, now: float) -> None:
+        ahead = self.swap.plan_ahead(plan, self._requests.values(), self.scheduler, now)
+        self._swapping_out += plan.swapped_out
+        if not ahead:
+            return
+        for req in ahead.drop:
+            self._forget_host_copy(req)
+        copies = apply_ahead(ahead, self.kv)
+        self.stats.recomputations += len(ahead.drop)
+        self.runner.swap_out(copies.swap_out)
+        self.runner.start_swap_in(copies.swap_in)
+        self._swapping_out += ahead.offload
+        self._uploading += ahead.upload
+        self.stats.swap_ins_ahead += len(ahead.upload)
+        self.stats.swap_outs_ahead += len(ahead.offload)
+
+    def _forget_host_copy(self, req: Request) -> None:
+        if self.runner.transfer is not None:
+            self.runner.transfer.discard(req.request_id)
+
+    def _count_swaps(self) -> None:
+        t = self.runner.transfer
+        if t is None:
+            return
+        st = self.stats
+        st.swap_out_blocks, st.swap_in_blocks = t.blocks_out, t.blocks_in
+        st.swap_out_bytes, st.swap_in_bytes = t.bytes_out, t.bytes_in
+        st.swap_stall = t.stall_seconds
 
     def _append(self, req: Request, token: int, lp: TokenLogprobs | None, now: float) -> None:
         req.output_token_ids.append(token)
@@ -288,6 +366,8 @@ class LLMEngine:
         req.metrics.finish_time = now
         self.scheduler.remove(req)
         self.kv.free(req)
+        self._forget_host_copy(req)
+        self.swap.forget(req)
         del self._requests[req.request_id]
         del self._detok[req.request_id]
 

@@ -1,4 +1,4 @@
-"""Host-side block tables for the paged KV cache on the device.
+"""Host-side ledger of the paged KV cache: block tables on the device, block counts on the host.
 
 The device pool is `num_blocks` blocks of `block_size` token slots (see models.attention for
 the array layout). Block 0 is the null block: padding writes land there and it is never
@@ -10,23 +10,75 @@ handed out, so the usable blocks are 1 .. num_blocks-1.
 
 A request holds ceil(num_tokens_with_kv / block_size) blocks: memory follows its length,
 not max_model_len.
+
+The host pool holds the KV of requests swapped out of the device: `num_host_blocks` blocks
+of the same size. The runner keeps a swapped request's blocks as host arrays in the device
+pool's block layout (kv_transfer.py), so the host side needs no block ids, only a budget:
+
+    host:        req-c -> 3 blocks, req-d -> 5 blocks     free: num_host_blocks - 8
+
+Where a request's KV lives (one place at a time, or in flight between two):
+
+    NONE --allocate--> DEVICE --swap_out--> SWAPPING_OUT --finish_swap_out--> HOST
+                         ^                                                      |
+                         +--finish_swap_in-- SWAPPING_IN <------swap_in---------+
+                                            (also straight from SWAPPING_OUT)
+    free(): from any place back to NONE (the request finished, or is dropped for recomputation)
+
+During SWAPPING_OUT the device blocks are already free: the copy was issued before any later
+step that may overwrite them, and the device runs work in issue order. During SWAPPING_IN
+the device blocks are already allocated and the host blocks are released only when the copy
+has landed, so a request in flight holds both.
 """
 
 from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
 
 from fastserve_jax.request import Request
 
 NULL_BLOCK = 0
 
 
+class KVLocation(enum.Enum):
+    NONE = "none"
+    DEVICE = "device"
+    SWAPPING_OUT = "swapping_out"
+    HOST = "host"
+    SWAPPING_IN = "swapping_in"
+
+
+ON_HOST = (KVLocation.HOST, KVLocation.SWAPPING_OUT)
+
+
+@dataclass(frozen=True)
+class SwapCopy:
+    """One request's blocks moving between the pools: `device_blocks` are the blocks read
+    (swap-out) or written (swap-in), in the request's block-table order."""
+
+    request: Request
+    device_blocks: tuple[int, ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.device_blocks)
+
+
 class KVManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> None:
         if num_blocks < 2:
             raise ValueError(f"the device KV pool needs at least 2 blocks (one is the null block), got {num_blocks}")
+        if num_host_blocks < 0:
+            raise ValueError(f"num_host_blocks must be >= 0, got {num_host_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.num_host_blocks = num_host_blocks
         self._free: list[int] = list(range(num_blocks - 1, 0, -1))
         self._tables: dict[str, list[int]] = {}
+        self._host: dict[str, int] = {}                 # request id -> host blocks held
+        self._host_free = num_host_blocks
+        self._where: dict[str, KVLocation] = {}         # absent: NONE
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -41,33 +93,128 @@ class KVManager:
     def num_used_blocks(self) -> int:
         return self.num_usable_blocks - len(self._free)
 
+    @property
+    def num_host_free_blocks(self) -> int:
+        return self._host_free
+
+    @property
+    def num_host_used_blocks(self) -> int:
+        return self.num_host_blocks - self._host_free
+
+    @property
+    def num_host_requests(self) -> int:
+        """Requests holding host blocks (on the host or in flight either way)."""
+        return len(self._host)
+
     def blocks_for_tokens(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def location(self, req: Request) -> KVLocation:
+        return self._where.get(req.request_id, KVLocation.NONE)
+
+    def has_kv(self, req: Request) -> bool:
+        """True when the request's computed tokens are kept somewhere (device, host or in flight)."""
+        return req.request_id in self._where
+
     def block_table(self, req: Request) -> list[int]:
+        """The request's device blocks (empty while its KV is on the host)."""
         return self._tables.get(req.request_id, [])
 
+    def host_blocks(self, req: Request) -> int:
+        return self._host.get(req.request_id, 0)
+
+    def kv_blocks(self, req: Request) -> int:
+        """Blocks of KV the request has, wherever they are."""
+        return self.blocks_for_tokens(req.num_computed_tokens) if self.has_kv(req) else 0
+
     def blocks_needed(self, req: Request, num_new_tokens: int) -> int:
-        """Extra blocks `req` needs to hold K/V for `num_new_tokens` more tokens."""
+        """Device blocks `req` must gain to run `num_new_tokens` more tokens (for KV on the host:
+        all of them, since it has to come back first)."""
         have = len(self._tables.get(req.request_id, ()))
         return max(0, self.blocks_for_tokens(req.num_computed_tokens + num_new_tokens) - have)
 
-    # -- allocation (matching pairs: allocate / free) --------------------------------------
+    # -- device allocation (matching pairs: allocate / free) -------------------------------
     def allocate(self, req: Request, num_new_tokens: int) -> None:
+        rid = req.request_id
+        where = self._where.get(rid, KVLocation.NONE)
+        assert where in (KVLocation.NONE, KVLocation.DEVICE), f"{rid}: allocate while its KV is {where.value}"
         need = self.blocks_needed(req, num_new_tokens)
         if need > len(self._free):
-            raise RuntimeError(f"plan does not fit: {req.request_id} needs {need} blocks, {len(self._free)} free")
-        table = self._tables.setdefault(req.request_id, [])
+            raise RuntimeError(f"plan does not fit: {rid} needs {need} blocks, {len(self._free)} free")
+        table = self._tables.setdefault(rid, [])
         for _ in range(need):
             table.append(self._free.pop())
+        self._where[rid] = KVLocation.DEVICE
 
     def free(self, req: Request) -> None:
-        self._free.extend(reversed(self._tables.pop(req.request_id, [])))
+        """Release the request's KV wherever it is (device, host, or both while in flight)."""
+        rid = req.request_id
+        self._free.extend(reversed(self._tables.pop(rid, [])))
+        self._host_free += self._host.pop(rid, 0)
+        self._where.pop(rid, None)
+
+    # -- swapping (matching pairs: swap_out / finish_swap_out, swap_in / finish_swap_in) ----
+    def can_swap_out(self, req: Request, host_blocks_promised: int = 0) -> bool:
+        """The request's device KV fits in the host pool next to `host_blocks_promised` more."""
+        return (self.location(req) is KVLocation.DEVICE and
+                len(self._tables[req.request_id]) + host_blocks_promised <= self._host_free)
+
+    def swap_out(self, req: Request, borrow: int = 0) -> SwapCopy:
+        """Move the ledger entry to the host; the device blocks are free at once (see module doc).
+
+        `borrow`: host blocks that swap-ins of the same iteration are about to release may be
+        used already (their copies leave the host before these land)."""
+        rid = req.request_id
+        assert self.location(req) is KVLocation.DEVICE, f"{rid}: swap_out while its KV is {self.location(req).value}"
+        table = self._tables.pop(rid)
+        if len(table) > self._host_free + borrow:
+            self._tables[rid] = table
+            raise RuntimeError(f"host pool full: {rid} needs {len(table)} blocks, {self._host_free} free")
+        self._host_free -= len(table)
+        self._host[rid] = len(table)
+        self._free.extend(reversed(table))
+        self._where[rid] = KVLocation.SWAPPING_OUT
+        return SwapCopy(req, tuple(table))
+
+    def finish_swap_out(self, req: Request) -> None:
+        if self._where.get(req.request_id) is KVLocation.SWAPPING_OUT:
+            self._where[req.request_id] = KVLocation.HOST
+
+    def swap_in(self, req: Request) -> SwapCopy:
+        """Allocate device blocks for the request's host KV; the host blocks stay held until
+        finish_swap_in."""
+        rid = req.request_id
+        assert self.location(req) in ON_HOST, f"{rid}: swap_in while its KV is {self.location(req).value}"
+        n = self._host[rid]
+        if n > len(self._free):
+            raise RuntimeError(f"plan does not fit: swapping {rid} in needs {n} blocks, {len(self._free)} free")
+        table = [self._free.pop() for _ in range(n)]
+        self._tables[rid] = table
+        self._where[rid] = KVLocation.SWAPPING_IN
+        return SwapCopy(req, tuple(table))
+
+    def finish_swap_in(self, req: Request) -> None:
+        rid = req.request_id
+        assert self._where.get(rid) is KVLocation.SWAPPING_IN, f"{rid}: finish_swap_in without swap_in"
+        self._host_free += self._host.pop(rid)
+        self._where[rid] = KVLocation.DEVICE
 
     def check_integrity(self) -> None:
-        """Every usable block is either free or owned by exactly one request."""
+        """Every usable device block is free or owned by exactly one request; host blocks add
+        up; each request's ledger entries match its location."""
         owned = [b for t in self._tables.values() for b in t]
         seen = owned + self._free
         assert len(seen) == len(set(seen)), "a block is owned twice or both owned and free"
         assert set(seen) == set(range(1, self.num_blocks)), "blocks leaked or out of range"
         assert NULL_BLOCK not in seen
+        assert self._host_free >= 0, "host pool over-committed (a borrow was not paid back)"
+        assert self._host_free + sum(self._host.values()) == self.num_host_blocks, \
+            "host blocks leaked or over-committed"
+        for rid, where in self._where.items():
+            on_dev, on_host = rid in self._tables, rid in self._host
+            expect = {KVLocation.DEVICE: (True, False), KVLocation.SWAPPING_OUT: (False, True),
+                      KVLocation.HOST: (False, True), KVLocation.SWAPPING_IN: (True, True)}[where]
+            assert (on_dev, on_host) == expect, f"{rid}: ledger does not match location {where.value}"
+            if on_dev and on_host:
+                assert len(self._tables[rid]) == self._host[rid], f"{rid}: swap-in allocated the wrong block count"
+        assert set(self._tables) | set(self._host) <= set(self._where), "ledger entry without a location"

@@ -25,7 +25,8 @@ from fastserve_jax.xla_flags import apply_cpu_defaults
 apply_cpu_defaults()
 
 from fastserve_jax.config import MAX_LOGPROBS, EngineConfig, bucket  # noqa: E402
-from fastserve_jax.kv_cache import KVManager
+from fastserve_jax.kv_cache import KVManager, SwapCopy
+from fastserve_jax.kv_transfer import KVTransfer
 from fastserve_jax.request import Request, TokenLogprobs
 from fastserve_jax.sampling import SamplingArrays, sample
 from fastserve_jax.scheduler.base import ScheduledRequest
@@ -49,7 +50,8 @@ def _attn_batch(positions, seg, slots, block_ids, block_seg, block_pos) -> AttnB
 
 
 class ModelRunner:
-    def __init__(self, module, params, model_cfg: ModelConfig, cfg: EngineConfig, num_blocks: int) -> None:
+    def __init__(self, module, params, model_cfg: ModelConfig, cfg: EngineConfig, num_blocks: int,
+                 swap: bool = False) -> None:
         self.module = module
         # Commit params and cache to one device explicitly: whether an input is committed is
         # part of the compilation-cache key, and freshly converted weights are uncommitted
@@ -65,6 +67,8 @@ class ModelRunner:
         self._forward = jax.jit(self._forward_fn, donate_argnames=("cache",))
         self._sample = jax.jit(sample, static_argnames=("greedy", "with_logprobs"))
         self._compiled: dict[tuple, Callable] = {}
+        # Swap copies (kv_transfer.py); None when there is no host pool.
+        self.transfer = KVTransfer(self.device, cfg.max_blocks_per_seq, kv_block_bytes(model_cfg, cfg)) if swap else None
         self.warmup_seconds = 0.0
 
     def _forward_fn(self, params, cache: KVCache, tokens, batch: AttnBatch, logits_idx):
@@ -109,11 +113,17 @@ class ModelRunner:
                 for lp in (False, True):
                     jobs.append((("sample", n, greedy, lp),
                                  functools.partial(self._sample.lower, logits, s, greedy=greedy, with_logprobs=lp)))
+        if self.transfer is not None:
+            jobs += self.transfer.lowerings(self.cache)
         workers = threads or min(8, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             futures = {pool.submit(lambda lower: lower().compile(), lower): key for key, lower in jobs}
             for done, fut in enumerate(concurrent.futures.as_completed(futures), 1):
-                self._compiled[futures[fut]] = fut.result()
+                key = futures[fut]
+                if key[0].startswith("swap_"):
+                    self.transfer.add_compiled(key, fut.result())
+                else:
+                    self._compiled[key] = fut.result()
                 if progress:
                     progress(done, len(jobs))
         self.warmup_seconds = time.perf_counter() - t0
@@ -267,6 +277,23 @@ class ModelRunner:
                 results.append((req, tok, lp))
         return results
 
+    # -- swap copies (kv_transfer.py); order: swap_out, swap_in_now, dispatch, then ahead moves --
+    def swap_out(self, copies: list[SwapCopy]) -> None:
+        for c in copies:
+            self.transfer.swap_out(self.cache, c)
+
+    def swap_in_now(self, copies: list[SwapCopy]) -> None:
+        """Copies the next step needs: issued and scattered before it (the step waits for them)."""
+        for c in copies:
+            self.cache = self.transfer.swap_in_now(self.cache, c)
+
+    def start_swap_in(self, copies: list[SwapCopy]) -> None:
+        for c in copies:
+            self.transfer.start_swap_in(c)
+
+    def land_swap_in(self, request_id: str) -> None:
+        self.cache = self.transfer.land_swap_in(self.cache, request_id)
+
     def execute(self, scheduled: list[ScheduledRequest], kv: KVManager):
         launches = self.build_launches(scheduled, kv)
         return self.collect(launches, self.dispatch(launches))
@@ -290,3 +317,10 @@ def auto_num_blocks(model_cfg: ModelConfig, cfg: EngineConfig, param_bytes: int,
         avail = cpu_budget_bytes
     wanted = cfg.max_num_seqs * cfg.max_blocks_per_seq + 1
     return max(2, min(wanted, avail // per_block))
+
+
+def auto_num_host_blocks(model_cfg: ModelConfig, cfg: EngineConfig, num_device_blocks: int,
+                         budget_bytes: int = 4 << 30) -> int:
+    """As many host blocks as the device pool has, within `budget_bytes` of host memory (the
+    default swap space of vLLM; pinned host memory on CUDA is a capped pool, see JAX_NOTES)."""
+    return max(0, min(num_device_blocks - 1, budget_bytes // kv_block_bytes(model_cfg, cfg)))

@@ -1,14 +1,18 @@
-"""Discrete-event simulator: the real scheduler and KV manager against a cost model.
+"""Discrete-event simulator: the real scheduler, KV manager and swap policy against a cost model.
 
 Each simulated iteration does what LLMEngine.step does, with the cost model's step time in
-place of the device:
+place of the device and its transfer-time model (bytes over bandwidth) in place of copies:
 
-    admit arrivals up to now -> plan = scheduler.schedule(now)
-    -> preempted lose their KV, scheduled get KV (the same KVManager, sized in blocks)
+    admit arrivals up to now -> uploads issued last iteration land (wait if still in flight)
+    -> plan = scheduler.schedule(now) -> kv_plan.apply_plan (drops, swap-outs, on-demand
+       swap-ins: the step waits for those) -> the swap policy's moves ahead, issued with the step
     -> now += cost_model.iteration_time(plan)
     -> num_computed_tokens += n; a chunk that reaches the end of a request samples a token
     -> requests at their output length finish (remove) -> scheduler.on_iteration(plan, dt, now)
 
+Each copy direction is one link: a copy starts when the link is free and takes
+cost.swap_time(tokens). Swap-outs never stall the step (the device reads the blocks before
+reusing them); a swap-in the step needs stalls it until the copy is in.
 When nothing is live the clock jumps to the next arrival. Requests end exactly at their
 trace output length (ignore_eos), so `max_tokens` is the true length (what srpt reads).
 Prompts are `range(n)`: the simulator never reads token values.
@@ -16,6 +20,7 @@ Prompts are `range(n)`: the simulator never reads token values.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -23,8 +28,10 @@ from typing import Sequence
 
 from fastserve_jax.config import SamplingParams, SchedulerConfig
 from fastserve_jax.cost_model import CostModel, plan_time
-from fastserve_jax.kv_cache import KVManager
+from fastserve_jax.kv_cache import KVLocation, KVManager
+from fastserve_jax.kv_plan import apply_ahead, apply_plan
 from fastserve_jax.request import Request, RequestStatus
+from fastserve_jax.swap_policy import SwapPolicy
 from fastserve_jax.scheduler import Limits, make_scheduler
 from fastserve_jax.metrics import summarize
 from fastserve_jax.workload import TraceRequest
@@ -37,6 +44,12 @@ class SimConfig:
     block_size: int = 16
     kv_capacity_tokens: int = 0          # 0: the cost model's
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    host_kv_capacity_tokens: int = 0     # host pool for swapped KV (0: none, so evictions recompute)
+    swap_policy: str = "proactive"
+    swap_reserve_blocks: int = 0
+
+    def num_host_blocks(self) -> int:
+        return self.host_kv_capacity_tokens // self.block_size
 
     def num_blocks(self, cost: CostModel) -> int:
         tokens = self.kv_capacity_tokens or cost.kv_capacity_tokens
@@ -57,17 +70,54 @@ class SimResult:
     max_batch: int = 0                   # most requests in one iteration
     max_tokens: int = 0                  # most tokens in one iteration
     max_kv_blocks: int = 0               # most KV blocks in use at once
+    swap: SwapCounts = field(default_factory=lambda: SwapCounts())
 
     def metrics(self) -> dict[str, float]:
         """Latencies in seconds, throughputs per second (see docs/scheduling.md)."""
         return dict(summarize(self.requests), iterations=self.iterations, preemptions=self.preemptions,
-                    mean_batch=self.scheduled_seqs / max(1, self.iterations), sim_wall_seconds=self.wall_seconds)
+                    mean_batch=self.scheduled_seqs / max(1, self.iterations), sim_wall_seconds=self.wall_seconds,
+                    **{f"swap_{k}": v for k, v in dataclasses.asdict(self.swap).items()})
+
+
+@dataclass
+class SwapCounts:
+    blocks_out: int = 0
+    blocks_in: int = 0
+    ins_on_demand: int = 0
+    ins_ahead: int = 0
+    stall_seconds: float = 0.0           # simulated time the steps waited for swap-ins
+    busy_seconds: float = 0.0            # simulated time spent in steps (stalls included)
+
+
+class _Links:
+    """One link per copy direction; returns when each copy is in."""
+
+    def __init__(self, cost: CostModel, block_size: int) -> None:
+        self.cost, self.bs = cost, block_size
+        self.out_free = self.in_free = 0.0
+
+    def out(self, now: float, blocks: int) -> float:
+        self.out_free = max(now, self.out_free) + self.cost.swap_time(blocks * self.bs)
+        return self.out_free
+
+    def into(self, now: float, blocks: int, after: float = 0.0) -> float:
+        self.in_free = max(now, self.in_free, after) + self.cost.swap_time(blocks * self.bs)
+        return self.in_free
 
 
 def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: SimConfig = SimConfig()) -> SimResult:
-    kv = KVManager(cfg.num_blocks(cost), cfg.block_size)
+    kv = KVManager(cfg.num_blocks(cost), cfg.block_size, cfg.num_host_blocks() if cfg.swap_policy != "recompute" else 0)
     sched = make_scheduler(policy, Limits(cfg.max_num_seqs, cfg.max_num_batched_tokens), kv,
                            cfg.scheduler_config, cost)
+    swap = SwapPolicy(cfg.swap_policy, kv, cfg.max_num_batched_tokens, cfg.swap_reserve_blocks)
+    sched.swap_on_evict = swap.swaps
+    if swap.swaps:
+        cost.swap_time(1)                              # fail early without a transfer-time model
+    links = _Links(cost, cfg.block_size)
+    counts = SwapCounts()
+    live_reqs: dict[str, Request] = {}
+    out_ready: dict[str, float] = {}                   # request id -> when its swap-out copy is in
+    uploading: list[tuple[Request, float]] = []        # (request, when its upload is in)
     order = sorted(range(len(trace)), key=lambda i: trace[i].arrival)
     reqs = []
     for i in order:
@@ -83,29 +133,55 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
     while nxt < len(reqs) or live:
         while nxt < len(reqs) and reqs[nxt].arrival_time <= now:
             sched.add(reqs[nxt])
+            swap.on_arrival(reqs[nxt], reqs[nxt].arrival_time)
+            live_reqs[reqs[nxt].request_id] = reqs[nxt]
             nxt += 1
             live += 1
         if not live:
             now = reqs[nxt].arrival_time
             continue
+        t_start = now
+        for r, ready in uploading:                     # last iteration's uploads land
+            if kv.location(r) is KVLocation.SWAPPING_IN:
+                counts.stall_seconds += max(0.0, ready - now)
+                now = max(now, ready)
+                kv.finish_swap_in(r)
+        uploading.clear()
+        for rid, ready in list(out_ready.items()):
+            if ready <= now:
+                kv.finish_swap_out(live_reqs[rid])
+                del out_ready[rid]
         plan = sched.schedule(now)
         if not plan.scheduled:
             raise RuntimeError(f"{policy} scheduled nothing with {live} live requests at t={now:.3f}s: "
                                "the policy cannot make progress")
-        for r in plan.preempted:
-            kv.free(r)
-            r.num_computed_tokens = 0
-            r.status = RequestStatus.WAITING
-            r.num_preemptions += 1
         preemptions += len(plan.preempted)
-        for s in plan.scheduled:
-            kv.allocate(s.request, s.num_tokens)
-            s.request.status = RequestStatus.RUNNING
-            if s.request.metrics.first_scheduled_time is None:
-                s.request.metrics.first_scheduled_time = now
+        copies = apply_plan(plan, kv, now)
+        for c in copies.swap_out:
+            out_ready[c.request.request_id] = links.out(now, c.num_blocks)
+            counts.blocks_out += c.num_blocks
+        for c in copies.swap_in:                       # the step waits for these
+            ready = links.into(now, c.num_blocks, out_ready.pop(c.request.request_id, 0.0))
+            counts.stall_seconds += ready - now
+            counts.blocks_in += c.num_blocks
+            counts.ins_on_demand += 1
+            now = ready
         max_batch = max(max_batch, len(plan.scheduled))
         max_tokens = max(max_tokens, plan.num_tokens)
         max_blocks = max(max_blocks, kv.num_used_blocks)
+        ahead = swap.plan_ahead(plan, live_reqs.values(), sched, now)
+        if ahead:
+            preemptions += len(ahead.drop)
+            for r in ahead.drop:
+                out_ready.pop(r.request_id, None)
+            moves = apply_ahead(ahead, kv)
+            for c in moves.swap_out:
+                out_ready[c.request.request_id] = links.out(now, c.num_blocks)
+                counts.blocks_out += c.num_blocks
+            for c in moves.swap_in:
+                uploading.append((c.request, links.into(now, c.num_blocks, out_ready.pop(c.request.request_id, 0.0))))
+                counts.blocks_in += c.num_blocks
+                counts.ins_ahead += 1
         dt = plan_time(cost, plan.scheduled)
         now += dt
         for s in plan.scheduled:
@@ -121,11 +197,16 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
                     r.metrics.finish_time = now
                     kv.free(r)
                     sched.remove(r)
+                    out_ready.pop(r.request_id, None)
+                    del live_reqs[r.request_id]
                     live -= 1
         sched.on_iteration(plan, dt, now)
+        swap.on_iteration(now - t_start)
+        counts.busy_seconds += now - t_start
         iterations += 1
         seqs += len(plan.scheduled)
     kv.check_integrity()
-    assert kv.num_free_blocks == kv.num_usable_blocks, "KV leaked: blocks still owned after every request finished"
+    assert kv.num_free_blocks == kv.num_usable_blocks and kv.num_host_used_blocks == 0, \
+        "KV leaked: blocks still owned after every request finished"
     return SimResult(policy, reqs, iterations, preemptions, seqs, time.perf_counter() - wall0, max_batch, max_tokens,
-                     max_blocks)
+                     max_blocks, counts)

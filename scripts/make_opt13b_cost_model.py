@@ -42,6 +42,7 @@ HBM_BW, PEAK_FLOPS = 2.039e12, 312e12
 BW_EFF, DECODE_MFU, PREFILL_MFU = 0.80, 0.40, 0.60
 OVERHEAD = 1.5e-3                           # per launch: kernel launches, sampler, host
 HBM_BYTES, MEM_UTIL, ACTIVATIONS = 80 * 2**30, 0.90, 3e9
+PCIE_BW, PCIE_EFF, COPY_LATENCY = 32e9, 0.80, 10e-6    # PCIe 4.0 x16 per direction, pinned host memory
 
 WEIGHT_BYTES = PARAMS * BYTES
 KV_BYTES_PER_TOKEN = 2 * LAYERS * HIDDEN * BYTES
@@ -67,9 +68,13 @@ def build() -> CostModel:
         decode_context=KV_BYTES_PER_TOKEN / (HBM_BW * BW_EFF),
         prefill_context=4 * HIDDEN * LAYERS / (PEAK_FLOPS * PREFILL_MFU),
         kv_capacity_tokens=kv_tokens,
+        kv_bytes_per_token=KV_BYTES_PER_TOKEN,
+        swap_bandwidth=PCIE_BW * PCIE_EFF,
+        swap_latency=COPY_LATENCY,
         source="OPT-13B fp16 on one A100-SXM4-80GB, roofline from datasheet numbers (2.039 TB/s HBM at 80%, "
                "312 TFLOP/s fp16 at 40% for decode and 60% for prefill, 1.5 ms overhead per launch, 90% of "
-               "memory minus weights and 3 GB for KV); derivation in scripts/make_opt13b_cost_model.py",
+               "memory minus weights and 3 GB for KV; swaps over PCIe 4.0 x16 at 80% of 32 GB/s per direction "
+               "with 10 us per copy); derivation in scripts/make_opt13b_cost_model.py",
     )
 
 

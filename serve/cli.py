@@ -35,6 +35,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="token budget of one iteration; longer prompts are prefilled in chunks")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     g.add_argument("--num-device-blocks", type=int, default=None, help="KV blocks on the device (default: sized from memory)")
+    g.add_argument("--num-host-blocks", type=int, default=None,
+                   help="host KV pool for swapped-out requests, in blocks (default: as many as the device pool, "
+                        "within 4 GiB; 0: none)")
+    g.add_argument("--swap-policy", default="proactive", choices=["proactive", "reactive", "recompute"],
+                   help="where paused requests' KV goes under memory pressure (default: FastServe's proactive "
+                        "swapping to host memory)")
     g.add_argument("--scheduler", default="skip-join-mlfq", choices=sorted(POLICIES),
                    help="scheduling policy (default: FastServe's skip-join MLFQ)")
     g.add_argument("--cost-model", default=None,
@@ -45,7 +51,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 def _engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                 max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
-                num_device_blocks=a.num_device_blocks, scheduler=a.scheduler, cost_model=a.cost_model, seed=a.seed)
+                num_device_blocks=a.num_device_blocks, num_host_blocks=a.num_host_blocks, swap_policy=a.swap_policy,
+                scheduler=a.scheduler, cost_model=a.cost_model, seed=a.seed)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:

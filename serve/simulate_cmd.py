@@ -42,6 +42,10 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-capacity-tokens", type=int, default=0, help="KV slots on the device (default: the cost model's)")
+    p.add_argument("--host-kv-capacity-tokens", type=int, default=0,
+                   help="KV slots in the host pool for swapped-out requests (default 0: none, evictions recompute)")
+    p.add_argument("--swap-policy", choices=["proactive", "reactive", "recompute"], default="proactive",
+                   help="where evicted KV goes (needs the cost model's kv_bytes_per_token and swap_bandwidth)")
     p.add_argument("--cost-model", default="opt-13b-a100", help="shipped cost model name or JSON path")
     p.add_argument("--base-quantum", type=float, default=None, help="seconds (SchedulerConfig.base_quantum)")
     p.add_argument("--quantum-ratio", type=float, default=None)
@@ -77,7 +81,9 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         knobs = {k: v for k, v in (("base_quantum", a.base_quantum), ("quantum_ratio", a.quantum_ratio),
                                    ("starvation_threshold", a.starvation_threshold)) if v is not None}
         cfg = SimConfig(a.max_num_seqs, a.max_num_batched_tokens, a.block_size, a.kv_capacity_tokens,
-                        dataclasses.replace(SchedulerConfig(), **knobs))
+                        dataclasses.replace(SchedulerConfig(), **knobs), a.host_kv_capacity_tokens, a.swap_policy)
+        if a.host_kv_capacity_tokens and a.swap_policy != "recompute":
+            cost.swap_time(1)                    # the transfer-time model must be there
         blocks = cfg.num_blocks(cost)
         capacity = capacity_rps(trace, cost, a.max_num_seqs, (blocks - 1) * a.block_size)
         if a.rate:
@@ -109,9 +115,11 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         results = [_run_one(j) for j in jobs]
     out: dict = {}
     for job, m in zip(jobs, results):
+        swaps = (f" swapped out {m['swap_blocks_out']} blocks, stall {m['swap_stall_seconds']:.1f}s"
+                 if m['swap_blocks_out'] else "")
         print(f"{job[1]:>15} rate={m['rate'] or 0:.3f} load={m['load'] or 0:.2f}  mean_jct={m['mean_jct']:.2f}s "
               f"p99_jct={m['p99_jct']:.2f}s latency/token={m['mean_latency_per_token'] * 1e3:.1f}ms "
-              f"ttft={m['mean_ttft']:.2f}s", file=sys.stderr)
+              f"ttft={m['mean_ttft']:.2f}s recomputed={m['preemptions']}{swaps}", file=sys.stderr)
         out.setdefault(job[1], []).append(m)
     if len(points) == 1:
         out = {p: ms[0] for p, ms in out.items()}

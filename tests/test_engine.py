@@ -117,7 +117,7 @@ def test_nothing_compiles_after_warmup(llm):
 
 def test_recompute_preemption_keeps_outputs(tiny_checkpoints):
     """A pool too small for all sequences forces FCFS to drop and recompute KV."""
-    kw = dict(ENGINE_KW, num_device_blocks=24)
+    kw = dict(ENGINE_KW, num_device_blocks=24, swap_policy="recompute")
     small = LLM(tiny_checkpoints("llama"), warmup=False, **kw)
     prompts = _prompts(6, 20, 40, seed=9)
     sp = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)

@@ -1,14 +1,16 @@
 """The seam between the engine and scheduling policies. Pure Python; never imports jax.
 
 Each iteration the engine asks the policy for a `Plan`: which requests run and with how
-many tokens each (a prefill chunk, or 1 for decode), and which lose their KV to be
-recomputed later. The policy sees the KV manager read-only (`blocks_needed`,
-`num_free_blocks`); the engine applies the plan.
+many tokens each (a prefill chunk, or 1 for decode), which lose their KV to be recomputed
+later, and which move their KV to the host pool to make room. The policy sees the KV
+manager read-only (`blocks_needed`, `num_free_blocks`, `location`); the engine applies the
+plan (kv_plan.apply_plan, shared with the simulator).
 
 The engine's side of the contract, per iteration:
 
     plan = scheduler.schedule(now)
-    apply plan.preempted (free KV, num_computed_tokens = 0), then plan.scheduled (allocate)
+    apply_plan: plan.preempted (free KV, num_computed_tokens = 0), plan.swapped_out (to the
+    host), then plan.scheduled (KV on the host comes back first, then allocate)
     run; num_computed_tokens += n; append sampled tokens
     finished requests: set status/finish_reason, then scheduler.remove(req)
     scheduler.on_iteration(plan, duration, now)      # measured seconds of this iteration
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from fastserve_jax.config import SchedulerConfig
 from fastserve_jax.cost_model import CostModel
@@ -37,7 +40,11 @@ class ScheduledRequest:
 @dataclass
 class Plan:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)   # KV dropped: recompute later
+    preempted: list[Request] = field(default_factory=list)     # KV dropped: recompute later
+    swapped_out: list[Request] = field(default_factory=list)   # KV moved to the host pool
+    # Host blocks the plan takes net: swapped_out's, less those of scheduled requests whose KV
+    # comes back from the host (an exchange: kv_plan.apply_plan lends them to the swap-outs).
+    host_blocks: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -62,6 +69,9 @@ class Scheduler(ABC):
         self.kv = kv
         self.config = config if config is not None else SchedulerConfig()
         self.cost_model = cost_model
+        # True: a request that must make room moves lower-priority KV to the host pool while
+        # it has room (and may do so to start); False: it drops that KV for recomputation.
+        self.swap_on_evict = False
 
     @abstractmethod
     def add(self, req: Request) -> None:
@@ -88,6 +98,18 @@ class Scheduler(ABC):
     @abstractmethod
     def __len__(self) -> int:
         """Number of live requests."""
+
+    @abstractmethod
+    def priority_order(self) -> Iterator[Request]:
+        """Every live request, the one that would run first first."""
+
+    def next_run_estimates(self, now: float, step_time: float) -> dict[str, float]:
+        """Estimated seconds until each live request is next scheduled (FastServe's ENST).
+
+        This default reads only the ranking: a request of rank k waits about k // max_num_seqs
+        iterations of `step_time` seconds. Policies with more structure refine it (mlfq)."""
+        b = self.limits.max_num_seqs
+        return {r.request_id: (k // b) * step_time for k, r in enumerate(self.priority_order())}
 
     def queue_lengths(self) -> list[int]:
         """Live requests per priority level, highest first (one level unless the policy has queues)."""

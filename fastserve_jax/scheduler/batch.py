@@ -6,11 +6,18 @@ one's next prefill chunk or decode token while the batch size, the token budget 
 free KV blocks allow. Paused requests keep their KV on the device, so memory can run out
 while low-priority requests sit on it. Then:
 
-- a request that already holds KV and needs more evicts paused requests of lower priority
-  (lowest first) until it fits; they lose their KV and are recomputed when they run again;
-- a request without KV (new, or evicted earlier) starts only if its chunk fits in the free
-  blocks; after the first one that does not, no other request without KV starts in this
-  iteration (it would overtake a better-ranked one, and the walk stays short).
+- a request that already holds KV (on the device, or on the host and due back) and needs
+  more device blocks evicts paused requests of lower priority (lowest first) until it fits;
+  `evict` moves their KV to the host pool while it has room (swap_on_evict), else drops it
+  for recomputation;
+- a request without KV (new, or dropped earlier) evicts only to the host pool, never by
+  dropping KV (dropping work already done to start a new request makes the two chase each
+  other, and bounds nothing when more requests start than the pools hold); with
+  recomputation only, it starts only if its chunk fits in the free blocks. With swapping,
+  requests start only while all started requests' KV stays within a bound (see below).
+  After the first
+  one that does not fit, no other request without KV starts in this iteration (it would
+  overtake a better-ranked one, and the walk stays short).
 
 The best-ranked KV holder can always evict every other paused holder, and admission checks
 that one request fits the whole pool, so some request always runs.
@@ -25,10 +32,26 @@ from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Limits, Plan, ScheduledRequest
 
 
+def evict(plan: Plan, victim: Request, kv: KVManager, swap: bool) -> int:
+    """Take `victim`'s device KV away in `plan`: to the host pool when `swap` and it has room
+    next to what the plan already moves there, else drop it. Returns the device blocks freed
+    (none for KV already on the host, which stays there)."""
+    n = len(kv.block_table(victim))
+    if n == 0:
+        return 0
+    if swap and kv.can_swap_out(victim, plan.host_blocks):
+        plan.swapped_out.append(victim)
+        plan.host_blocks += n
+    else:
+        plan.preempted.append(victim)
+    return n
+
+
 def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], limits: Limits,
-               kv: KVManager) -> Plan:
-    """The next plan. `worst_first` is consumed lazily, only when a KV holder must evict;
-    it must list the same requests as `best_first` in reverse priority order."""
+               kv: KVManager, swap: bool = False) -> Plan:
+    """The next plan. `worst_first` is consumed lazily, only when a request must evict;
+    it must list the same requests as `best_first` in reverse priority order. `swap`: evicted
+    KV goes to the host pool while it has room (see `evict`)."""
     plan = Plan()
     budget = limits.max_num_batched_tokens
     free = kv.num_free_blocks
@@ -36,6 +59,13 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     evicted: set[str] = set()
     victims = None                    # iterator over worst_first, shared by all evictions
     victims_done = False
+    held_back = None                  # a victim taken from `victims` but not evicted yet
+    # With swapping, requests start only while the KV of all started ones fits in 3/4 of the
+    # device pool plus at most one device pool's worth of host blocks. Beyond that the policy
+    # rotates through more KV than the device holds and every switch is a swap (simulated on
+    # the Azure trace near capacity: throughput fell to 1/5 with the whole host pool open).
+    started = kv.num_used_blocks + kv.num_host_used_blocks
+    start_limit = kv.num_usable_blocks * 3 // 4 + min(kv.num_host_blocks, kv.num_usable_blocks)
     admit_new = True
     for req in best_first:
         if len(plan.scheduled) >= limits.max_num_seqs or budget <= 0:
@@ -43,33 +73,37 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
         rid = req.request_id
         if rid in evicted:
             continue
-        holds = bool(kv.block_table(req))
+        holds = kv.has_kv(req)
         if not holds and not admit_new:
             continue
         n = min(req.num_pending_tokens, budget)
         need = kv.blocks_needed(req, n)
-        if need > free and holds and not victims_done:
+        if not holds and swap and started + need > start_limit:
+            admit_new = False
+            continue
+        if need > free and (holds or swap) and not victims_done:
             if victims is None:
                 victims = iter(worst_first)
-            for v in victims:
-                if v is req:          # everything further up ranks above the requester
+            while need > free:
+                v, held_back = (held_back, None) if held_back is not None else (next(victims, None), None)
+                if v is None or v is req:     # everything further up ranks above the requester
                     victims_done = True
                     break
                 vid = v.request_id
                 if vid in chosen or vid in evicted or not kv.block_table(v):
                     continue
-                evicted.add(vid)
-                plan.preempted.append(v)
-                free += len(kv.block_table(v))
-                if need <= free:
+                if not holds and not kv.can_swap_out(v, plan.host_blocks):
+                    held_back = v             # a new request never drops others' KV; a holder may
                     break
-            else:
-                victims_done = True
+                evicted.add(vid)
+                free += evict(plan, v, kv, swap)
         if need > free:
             if not holds:
                 admit_new = False
             continue
         plan.scheduled.append(ScheduledRequest(req, n))
+        started += need if not holds else 0
+        plan.host_blocks -= kv.host_blocks(req)       # coming back: its host blocks take evictions
         chosen.add(rid)
         budget -= n
         free -= need

@@ -3,7 +3,8 @@
 Every iteration the running requests (arrival order) get their next token or prefill chunk,
 then waiting requests are admitted in arrival order while the batch size, the token budget
 and free KV blocks allow. When the running requests outgrow the KV pool, the latest arrival
-loses its KV and is recomputed later (vLLM's default).
+loses its KV and is recomputed later (vLLM's default), or with swapping on, its KV moves to
+the host pool while that has room and comes back when it is readmitted.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections import deque
 
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan, ScheduledRequest, Scheduler
+from fastserve_jax.scheduler.batch import evict
 
 
 class FCFSScheduler(Scheduler):
@@ -28,6 +30,10 @@ class FCFSScheduler(Scheduler):
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
+    def priority_order(self):
+        yield from self.running
+        yield from self.waiting
+
     def remove(self, req: Request) -> None:
         if req in self.running:
             self.running.remove(req)
@@ -36,6 +42,7 @@ class FCFSScheduler(Scheduler):
 
     def schedule(self, now: float) -> Plan:
         plan = Plan()
+        evicted: list[Request] = []
         budget = self.limits.max_num_batched_tokens
         free = self.kv.num_free_blocks
         i = 0
@@ -45,18 +52,19 @@ class FCFSScheduler(Scheduler):
             need = self.kv.blocks_needed(req, n)
             while need > free and self.running[-1] is not req:
                 victim = self.running.pop()
-                free += len(self.kv.block_table(victim))
-                plan.preempted.append(victim)
+                free += evict(plan, victim, self.kv, self.swap_on_evict)
+                evicted.append(victim)
             if need > free:                      # even alone it does not fit now: give way
                 self.running.pop(i)
-                plan.preempted.append(req)
+                evict(plan, req, self.kv, self.swap_on_evict)
+                evicted.append(req)
                 break
             plan.scheduled.append(ScheduledRequest(req, n))
             budget -= n
             free -= need
             i += 1
-        if plan.preempted:                       # memory is short: admit nobody this iteration
-            for victim in plan.preempted:        # latest first, so the earliest ends up in front
+        if evicted:                              # memory is short: admit nobody this iteration
+            for victim in evicted:               # latest first, so the earliest ends up in front
                 self.waiting.appendleft(victim)
             return plan
         while self.waiting and len(plan.scheduled) < self.limits.max_num_seqs and budget > 0:

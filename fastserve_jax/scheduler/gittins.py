@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+from typing import Iterator
 
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan
@@ -92,8 +93,17 @@ class GittinsScheduler(IndexPolicy):
                                                           self._new_finishes >= c.gittins_refresh):
             self.relearn()
         if self.warmup is not None:
+            self.warmup.swap_on_evict = self.swap_on_evict
             return self.warmup.schedule(now)
         return super().schedule(now)
+
+    def priority_order(self) -> Iterator[Request]:
+        return self.warmup.priority_order() if self.warmup is not None else super().priority_order()
+
+    def next_run_estimates(self, now: float, step_time: float) -> dict[str, float]:
+        if self.warmup is not None:
+            return self.warmup.next_run_estimates(now, step_time)
+        return super().next_run_estimates(now, step_time)
 
     def on_iteration(self, plan: Plan, duration: float, now: float) -> None:
         if self.warmup is not None:

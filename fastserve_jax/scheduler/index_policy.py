@@ -77,9 +77,13 @@ class IndexPolicy(Scheduler):
         for e in sorted(self._entry.values(), reverse=True):
             yield self._live[e[2]]
 
+    def priority_order(self) -> Iterator[Request]:
+        for e in sorted(self._entry.values()):
+            yield self._live[e[2]]
+
     def schedule(self, now: float) -> Plan:
         popped: list = []
-        plan = fill_batch(self._best_first(popped), self._worst_first(), self.limits, self.kv)
+        plan = fill_batch(self._best_first(popped), self._worst_first(), self.limits, self.kv, self.swap_on_evict)
         for e in popped:
             heapq.heappush(self._heap, e)
         return plan

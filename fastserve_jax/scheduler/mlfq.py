@@ -73,6 +73,38 @@ class MLFQScheduler(Scheduler):
         for q in self.queues:
             yield from q.values()
 
+    priority_order = best_first
+
+    def next_run_estimates(self, now: float, step_time: float) -> dict[str, float]:
+        """FastServe's ENST: the smaller of the time until starvation promotion and the time
+        until the jobs ahead have been served down to this job's queue, over the batch size.
+
+        A job ahead in a higher queue l < i must receive q_l + ... + q_{i-1} minus what it
+        already got there before it joins queue i behind this one; a job ahead in queue i
+        must use up the rest of q_i. Quanta are seconds of iteration time charged to every
+        job of a batch, so max_num_seqs jobs are served at once. One walk, O(live)."""
+        b = self.limits.max_num_seqs
+        below = [0.0]                           # below[i] = q_0 + ... + q_{i-1}
+        for q in self.quanta:
+            below.append(below[-1] + q)
+        limit = self.config.starvation_threshold
+        out: dict[str, float] = {}
+        count = 0                               # jobs in the queues above the current one
+        owed = 0.0                              # their sum of (below[l_k] + attained_k)
+        for i, q in enumerate(self.queues):
+            same = 0.0                          # the rest of q_i owed by the jobs ahead in queue i
+            for rid, req in q.items():
+                ahead = count * below[i] - owed + same
+                t = ahead / b
+                if limit > 0:
+                    t = min(t, max(0.0, limit - (now - self._idle[rid])))
+                out[rid] = t
+                same += max(0.0, self.quanta[i] - req.attained_service)
+            for req in q.values():
+                count += 1
+                owed += below[i] + req.attained_service
+        return out
+
     def worst_first(self) -> Iterator[Request]:
         for q in reversed(self.queues):
             yield from reversed(q.values())
@@ -94,7 +126,7 @@ class MLFQScheduler(Scheduler):
 
     def schedule(self, now: float) -> Plan:
         self.promote_starving(now)
-        return fill_batch(self.best_first(), self.worst_first(), self.limits, self.kv)
+        return fill_batch(self.best_first(), self.worst_first(), self.limits, self.kv, self.swap_on_evict)
 
     def on_iteration(self, plan: Plan, duration: float, now: float) -> None:
         last = len(self.quanta) - 1

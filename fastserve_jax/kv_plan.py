@@ -1,0 +1,72 @@
+"""Applying plans to the KV ledger and the requests: the part of an iteration that the engine
+and the simulator share. Pure Python; the device copies are the caller's (runner or
+transfer-time model), in the order returned:
+
+    apply_plan(plan)    drops, swap-outs, then for each scheduled request: swap-in of KV on
+                        the host, allocation of its new tokens' blocks. The swap-out copies
+                        must be issued before the swap-in copies (a swap-in may reuse a block
+                        just freed) and both before the step.
+    apply_ahead(ahead)  the swap policy's moves for later iterations, issued after the step:
+                        offloads free their device blocks at once, uploads hold theirs until
+                        `land_upload` when the copy is in (the next iteration, before its plan).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastserve_jax.kv_cache import ON_HOST, KVManager, SwapCopy
+from fastserve_jax.request import Request, RequestStatus
+from fastserve_jax.scheduler.base import Plan
+
+
+@dataclass
+class Copies:
+    swap_out: list[SwapCopy] = field(default_factory=list)   # device -> host
+    swap_in: list[SwapCopy] = field(default_factory=list)    # host -> device
+
+
+@dataclass
+class SwapAhead:
+    """A swap policy's moves for later iterations (see swap_policy.py)."""
+
+    offload: list[Request] = field(default_factory=list)   # device -> host: paused, next run far off
+    upload: list[Request] = field(default_factory=list)    # host -> device: next run soon
+    drop: list[Request] = field(default_factory=list)      # KV dropped (host pool full): recompute
+
+    def __bool__(self) -> bool:
+        return bool(self.offload or self.upload or self.drop)
+
+
+def drop_kv(req: Request, kv: KVManager) -> None:
+    """The request loses its KV wherever it is and will prefill again."""
+    kv.free(req)
+    req.num_computed_tokens = 0
+    req.status = RequestStatus.WAITING
+    req.num_preemptions += 1
+
+
+def apply_plan(plan: Plan, kv: KVManager, now: float) -> Copies:
+    copies = Copies()
+    for req in plan.preempted:
+        drop_kv(req, kv)
+    borrow = sum(kv.host_blocks(s.request) for s in plan.scheduled if kv.location(s.request) in ON_HOST)
+    for req in plan.swapped_out:
+        copies.swap_out.append(kv.swap_out(req, borrow))
+    for s in plan.scheduled:
+        req = s.request
+        if kv.location(req) in ON_HOST:           # not uploaded ahead of time: comes back now
+            copies.swap_in.append(kv.swap_in(req))
+            kv.finish_swap_in(req)
+        kv.allocate(req, s.num_tokens)
+        req.status = RequestStatus.RUNNING
+        if req.metrics.first_scheduled_time is None:
+            req.metrics.first_scheduled_time = now
+    return copies
+
+
+def apply_ahead(ahead: SwapAhead, kv: KVManager) -> Copies:
+    """Uploads come back SWAPPING_IN; call kv.finish_swap_in once their copy has landed."""
+    for req in ahead.drop:
+        drop_kv(req, kv)
+    return Copies([kv.swap_out(r) for r in ahead.offload], [kv.swap_in(r) for r in ahead.upload])

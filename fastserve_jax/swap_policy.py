@@ -1,0 +1,146 @@
+"""Where paused requests keep their KV: FastServe's proactive swapping and two baselines.
+Pure Python; the engine and the simulator call it after each iteration's step is issued.
+
+    recompute   evicted KV is dropped and prefilled again later (vLLM's default); no host pool
+    reactive    evicted KV moves to the host pool while it has room, and comes back only when
+                the scheduler picks its request (the step waits for that copy)
+    proactive   reactive, plus moves ahead of need, ranked by each paused request's estimated
+                next scheduled time (ENST, Scheduler.next_run_estimates):
+                - when free device blocks fall below a reserve sized for expected arrivals,
+                  offload the paused requests with the largest ENST first;
+                - upload the host-resident requests with the smallest ENST while the device
+                  stays above the reserve, so they are back before the scheduler wants them;
+                  make room for one by offloading paused requests whose ENST is more than
+                  twice its own plus the lookahead (the device keeps the requests due soonest;
+                  ENST overestimates, since jobs ahead often finish before their quantum, so
+                  only the order is trusted);
+                - when the host pool is full, offload nothing: the reserve is a target, and
+                  dropping KV ahead of need would only trade a later recomputation for it.
+                  Evictions that a scheduled request needs still fall back to recomputing
+                  the lowest-priority requests (scheduler/batch.py).
+
+Avoiding ping-pong: uploads never take the device below the reserve that triggers offloads,
+so one iteration's upload cannot cause the next one's offload; a request moved either way is
+not moved back by this policy for COOLDOWN_ITERATIONS (only the scheduler's own eviction,
+which a running request needs, can); a swap-out still in flight is never uploaded.
+
+The reserve (unless fixed by `reserve_blocks`): the blocks that the arrivals expected over
+the next LOOKAHEAD_ITERATIONS steps need for their first chunk (the rate: the last
+ARRIVAL_WINDOW arrivals over the time since the oldest of them, so it decays when arrivals
+stop; the chunk: their mean first chunk), plus the blocks that the running requests grow by
+over those steps; at most a quarter of the device pool.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Iterable
+
+from fastserve_jax.kv_cache import KVLocation, KVManager
+from fastserve_jax.kv_plan import SwapAhead
+from fastserve_jax.request import Request
+from fastserve_jax.scheduler.base import Plan, Scheduler
+
+SWAP_POLICIES = ("proactive", "reactive", "recompute")
+LOOKAHEAD_ITERATIONS = 4
+ARRIVAL_WINDOW = 32
+COOLDOWN_ITERATIONS = 8
+MAX_RESERVE_FRACTION = 0.25
+
+
+class SwapPolicy:
+    def __init__(self, name: str, kv: KVManager, max_num_batched_tokens: int, reserve_blocks: int = 0) -> None:
+        if name not in SWAP_POLICIES:
+            raise ValueError(f"unknown swap_policy {name!r}; choose one of {list(SWAP_POLICIES)}")
+        self.name = name
+        self.kv = kv
+        self.max_chunk = max_num_batched_tokens
+        self.fixed_reserve = reserve_blocks
+        self.step_time = 0.0                                   # EWMA of iteration seconds
+        self._arrivals: deque[tuple[float, int]] = deque(maxlen=ARRIVAL_WINDOW)   # (time, first-chunk blocks)
+        self._iteration = 0
+        self._moved: dict[str, int] = {}                       # request id -> iteration of its last move
+
+    @property
+    def swaps(self) -> bool:
+        """Evicted KV goes to the host pool (the scheduler's swap_on_evict)."""
+        return self.name != "recompute" and self.kv.num_host_blocks > 0
+
+    # -- observations ----------------------------------------------------------------------
+    def on_arrival(self, req: Request, now: float) -> None:
+        self._arrivals.append((now, self.kv.blocks_for_tokens(min(req.num_prompt_tokens, self.max_chunk))))
+
+    def on_iteration(self, seconds: float) -> None:
+        self.step_time = seconds if self.step_time == 0 else 0.8 * self.step_time + 0.2 * seconds
+        self._iteration += 1
+
+    def _settled(self, req: Request) -> bool:
+        return self._iteration - self._moved.get(req.request_id, -COOLDOWN_ITERATIONS) >= COOLDOWN_ITERATIONS
+
+    def forget(self, req: Request) -> None:
+        self._moved.pop(req.request_id, None)
+
+    def reserve(self, num_running: int, now: float) -> int:
+        """Free device blocks to keep for arrivals and growth over the lookahead."""
+        if self.fixed_reserve:
+            return self.fixed_reserve
+        horizon = LOOKAHEAD_ITERATIONS * self.step_time
+        arrivals = 0.0
+        if self._arrivals:           # the window's arrivals over the time since its oldest: decays when idle
+            span = now - self._arrivals[0][0]
+            if span > 0:
+                arrivals = len(self._arrivals) / span * horizon
+        chunk = sum(b for _, b in self._arrivals) / len(self._arrivals) if self._arrivals else 0.0
+        growth = num_running * LOOKAHEAD_ITERATIONS / self.kv.block_size
+        want = math.ceil(arrivals * chunk + growth)
+        return min(want, int(self.kv.num_usable_blocks * MAX_RESERVE_FRACTION))
+
+    # -- the proactive moves ---------------------------------------------------------------
+    def plan_ahead(self, plan: Plan, live: Iterable[Request], scheduler: Scheduler, now: float) -> SwapAhead:
+        """Moves to issue after this iteration's step (empty unless proactive)."""
+        ahead = SwapAhead()
+        kv = self.kv
+        if self.name != "proactive" or kv.num_host_blocks == 0:
+            return ahead
+        free = kv.num_free_blocks
+        reserve = self.reserve(len(plan.scheduled), now)
+        if free >= reserve and kv.num_host_requests == 0:
+            return ahead
+        host_resident = [r for r in live if kv.location(r) is KVLocation.HOST and self._settled(r)]
+        if free >= reserve and not host_resident:
+            return ahead
+        enst = scheduler.next_run_estimates(now, self.step_time)
+        running = {s.request.request_id for s in plan.scheduled}
+        paused = [r for r in live if kv.location(r) is KVLocation.DEVICE and r.request_id not in running
+                  and self._settled(r)]
+        paused.sort(key=lambda r: enst[r.request_id], reverse=True)        # furthest next run first
+        host_resident.sort(key=lambda r: enst[r.request_id])               # soonest next run first
+        host_free = kv.num_host_free_blocks
+        soon = LOOKAHEAD_ITERATIONS * self.step_time
+        k = 0                                                              # next offload candidate
+
+        def offload_until(fits, than: float) -> bool:
+            """Offload paused requests (furthest first, next run later than `than`) until fits()."""
+            nonlocal k, free, host_free
+            while not fits() and k < len(paused) and enst[paused[k].request_id] > than:
+                req = paused[k]
+                k += 1
+                n = len(kv.block_table(req))
+                if n <= host_free:
+                    ahead.offload.append(req)
+                    host_free -= n
+                    free += n
+            return fits()
+
+        offload_until(lambda: free >= reserve, -1.0)
+        for req in host_resident:
+            n, t = kv.host_blocks(req), enst[req.request_id]
+            # make room by offloading requests due much later (the factor and margin are hysteresis)
+            if not offload_until(lambda: free - n >= reserve, 2 * t + soon):
+                break
+            ahead.upload.append(req)
+            free -= n
+        for req in ahead.offload + ahead.upload:
+            self._moved[req.request_id] = self._iteration
+        return ahead
