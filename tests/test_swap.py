@@ -1,0 +1,338 @@
+"""KV swapping between the device and host pools: the ledger, the policies, the copies, and
+end-to-end token identity under memory pressure."""
+
+from __future__ import annotations
+
+import random
+
+import jax
+import numpy as np
+import pytest
+
+from fastserve_jax import LLM, SamplingParams
+from fastserve_jax.compile_guard import CompileCounter
+from fastserve_jax.config import SchedulerConfig
+from fastserve_jax.cost_model import CostModel
+from fastserve_jax.kv_cache import KVLocation, KVManager
+from fastserve_jax.kv_plan import apply_ahead, apply_plan
+from fastserve_jax.kv_transfer import power_of_two_runs
+from fastserve_jax.request import Request, RequestStatus
+from fastserve_jax.scheduler import Limits, make_scheduler
+from fastserve_jax.sim import SimConfig, simulate
+from fastserve_jax.swap_policy import SwapPolicy
+from fastserve_jax.workload import TraceRequest
+from models import demo_task
+
+COST = CostModel("literal", prefill_tokens=(1, 100, 10_000), prefill_seconds=(0.01, 0.01, 1.0),
+                 decode_batch=(1,), decode_seconds=(0.01,), kv_bytes_per_token=1000, swap_bandwidth=1e6)
+CFG = SchedulerConfig(base_quantum=0.01, quantum_ratio=2.0, num_queues=5, starvation_threshold=0.2)
+ENGINE_KW = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, block_size=8, scheduler="mlfq")
+
+
+def req(rid: str, n: int, max_tokens: int = 8) -> Request:
+    return Request(rid, list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens, ignore_eos=True), 0.0)
+
+
+# -- the ledger -------------------------------------------------------------------------------
+def test_swap_lifecycle_moves_blocks_between_pools():
+    kv = KVManager(num_blocks=9, block_size=4, num_host_blocks=5)
+    a = req("a", 10)
+    kv.allocate(a, 10)
+    a.num_computed_tokens = 10
+    assert kv.location(a) is KVLocation.DEVICE and kv.num_free_blocks == 5
+    out = kv.swap_out(a)
+    assert out.num_blocks == 3 and kv.num_free_blocks == 8 and kv.num_host_used_blocks == 3
+    assert kv.location(a) is KVLocation.SWAPPING_OUT and kv.block_table(a) == [] and kv.has_kv(a)
+    kv.finish_swap_out(a)
+    assert kv.location(a) is KVLocation.HOST and kv.blocks_needed(a, 1) == 3
+    kv.check_integrity()
+    back = kv.swap_in(a)
+    assert back.num_blocks == 3 and kv.location(a) is KVLocation.SWAPPING_IN
+    assert kv.num_host_used_blocks == 3 and kv.num_free_blocks == 5      # in flight: holds both
+    kv.check_integrity()
+    kv.finish_swap_in(a)
+    assert kv.location(a) is KVLocation.DEVICE and kv.num_host_used_blocks == 0
+    kv.allocate(a, 3)                                                     # grows again on the device
+    assert len(kv.block_table(a)) == 4
+    kv.free(a)
+    assert kv.num_free_blocks == 8 and not kv.has_kv(a)
+    kv.check_integrity()
+
+
+def test_host_pool_full_refuses_swap_out_and_integrity_catches_leaks():
+    kv = KVManager(num_blocks=9, block_size=4, num_host_blocks=2)
+    a = req("a", 10)
+    kv.allocate(a, 10)
+    assert not kv.can_swap_out(a)
+    with pytest.raises(RuntimeError, match="host pool full"):
+        kv.swap_out(a)
+    kv.check_integrity()                  # the refused swap left nothing half done
+    kv._host_free -= 1
+    with pytest.raises(AssertionError, match="host blocks"):
+        kv.check_integrity()
+
+
+def test_power_of_two_runs():
+    assert power_of_two_runs(13) == [8, 4, 1]
+    assert power_of_two_runs(1) == [1] and power_of_two_runs(16) == [16] and power_of_two_runs(0) == []
+
+
+def test_eviction_swaps_while_the_host_has_room_then_recomputes_the_lowest():
+    """A holder that must grow evicts lower-priority paused requests: to the host while it has
+    room, then (host full) by dropping their KV."""
+    kv = KVManager(num_blocks=13, block_size=4, num_host_blocks=3)
+    sched = make_scheduler("mlfq", Limits(1, 100), kv, CFG)
+    sched.swap_on_evict = True
+    rs = [req(f"r{i}", 12, max_tokens=40) for i in range(4)]
+    for r in rs:
+        sched.add(r)
+        kv.allocate(r, 12)
+        r.num_computed_tokens = 12
+        r.output_token_ids.append(5)       # the next decode step writes position 12
+    assert kv.num_free_blocks == 0
+    plan = sched.schedule(0.0)             # r0 decodes and needs a 4th block
+    assert [s.request.request_id for s in plan.scheduled] == ["r0"]
+    assert plan.swapped_out == [rs[3]] and plan.preempted == []
+    apply_plan(plan, kv, 0.0)
+    kv.check_integrity()
+    rs[0].num_computed_tokens = 24
+    rs[0].output_token_ids += [5] * 12     # 25 tokens: 3 more blocks, 2 free; the host is full: r2 is dropped
+    plan = sched.schedule(0.0)
+    assert plan.preempted == [rs[2]] and plan.swapped_out == []
+    apply_plan(plan, kv, 0.0)
+    assert rs[2].num_computed_tokens == 0 and rs[2].status is RequestStatus.WAITING
+    assert kv.location(rs[3]) is KVLocation.SWAPPING_OUT
+    kv.check_integrity()
+
+
+def test_mlfq_enst_orders_by_queue_and_promotion():
+    kv = KVManager(num_blocks=100, block_size=4)
+    sched = make_scheduler("mlfq", Limits(1, 100), kv, SchedulerConfig(base_quantum=0.01, num_queues=3,
+                                                                       starvation_threshold=1.0))
+    a, b, c = req("a", 4), req("b", 4), req("c", 4)
+    for r in (a, b, c):
+        sched.add(r)
+    sched._move(c, 2)                      # quanta 0.01, 0.02, 0.04
+    a.attained_service = 0.004
+    est = sched.next_run_estimates(0.5, 0.01)
+    assert est["a"] == 0.0
+    assert est["b"] == pytest.approx(0.01 - 0.004)                   # rest of a's quantum in queue 0
+    # c waits for a and b to fall through queues 0 and 1: (0.03 - 0.004) + 0.03
+    assert est["c"] == pytest.approx(0.056)
+    assert sched.next_run_estimates(0.99, 0.01)["c"] == pytest.approx(0.01)   # promotion comes first
+
+
+# -- a long randomized run of the ledger under every swap policy -----------------------------
+@pytest.mark.parametrize("policy", ["proactive", "reactive", "recompute"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_randomized_ledger_invariants(policy, seed):
+    """Arrivals, preemption, swaps both ways, cancellations and finishes: the ledger stays
+    consistent after every iteration and everything is freed at the end."""
+    rng = random.Random(seed)
+    kv = KVManager(num_blocks=40, block_size=4, num_host_blocks=0 if policy == "recompute" else 30)
+    sched = make_scheduler("skip-join-mlfq", Limits(6, 32), kv, CFG, COST)
+    swap = SwapPolicy(policy, kv, 32)
+    sched.swap_on_evict = swap.swaps
+    live: dict[str, Request] = {}
+    uploading: list[Request] = []
+    now, made, moves = 0.0, 0, 0
+    for it in range(600):
+        if made < 120 and rng.random() < 0.35:
+            r = req(f"r{made}", rng.randint(1, 40), max_tokens=rng.randint(1, 60))
+            made += 1
+            live[r.request_id] = r
+            sched.add(r)
+            swap.on_arrival(r, now)
+        for r in uploading:
+            if kv.location(r) is KVLocation.SWAPPING_IN:
+                kv.finish_swap_in(r)
+        uploading.clear()
+        for r in live.values():
+            kv.finish_swap_out(r)
+        if live and rng.random() < 0.03:                 # a client goes away
+            r = rng.choice(list(live.values()))
+            r.status, r.finish_reason = RequestStatus.FINISHED, "abort"
+            sched.remove(r)
+            kv.free(r)
+            swap.forget(r)
+            del live[r.request_id]
+        if not live:
+            now += 0.01
+            continue
+        plan = sched.schedule(now)
+        assert plan.scheduled, "some request always runs"
+        copies = apply_plan(plan, kv, now)
+        ahead = swap.plan_ahead(plan, live.values(), sched, now)
+        later = apply_ahead(ahead, kv)
+        uploading += [c.request for c in later.swap_in]
+        moves += len(copies.swap_out) + len(copies.swap_in) + len(later.swap_out) + len(later.swap_in)
+        kv.check_integrity()
+        now += 0.01
+        for s in plan.scheduled:
+            r = s.request
+            r.num_computed_tokens += s.num_tokens
+            if r.num_computed_tokens == r.num_tokens:
+                r.output_token_ids.append(7)
+                if len(r.output_token_ids) >= r.sampling.max_tokens:
+                    r.status, r.finish_reason = RequestStatus.FINISHED, "length"
+                    kv.free(r)
+                    sched.remove(r)
+                    swap.forget(r)
+                    del live[r.request_id]
+        sched.on_iteration(plan, 0.01, now)
+        swap.on_iteration(0.01)
+        kv.check_integrity()
+    for r in list(live.values()):
+        kv.free(r)
+    kv.check_integrity()
+    assert kv.num_used_blocks == 0 and kv.num_host_used_blocks == 0
+    assert (moves > 0) == (policy != "recompute")
+
+
+# -- the simulator ----------------------------------------------------------------------------
+def test_simulator_charges_swap_time():
+    trace = [TraceRequest(0.001 * i, 30 + 7 * (i % 5), 20 + 13 * (i % 4)) for i in range(40)]
+    base = dict(max_num_seqs=8, max_num_batched_tokens=64, block_size=4, kv_capacity_tokens=200,
+                scheduler_config=CFG)
+    out = {}
+    for policy in ("recompute", "reactive", "proactive"):
+        r = simulate(trace, "skip-join-mlfq", COST, SimConfig(**base, host_kv_capacity_tokens=400, swap_policy=policy))
+        assert all(len(q.output_token_ids) == t.output_tokens for q, t in zip(r.requests, trace))
+        out[policy] = r.metrics()
+    assert out["recompute"]["swap_blocks_out"] == 0
+    for policy in ("reactive", "proactive"):
+        m = out[policy]
+        assert m["swap_blocks_out"] > 0 and m["swap_blocks_in"] == m["swap_blocks_out"]
+        assert m["swap_stall_seconds"] > 0              # a 1 MB/s link: on-demand swap-ins stall
+    with pytest.raises(ValueError, match="swap_bandwidth"):
+        simulate(trace, "mlfq", CostModel("bare", (1,), (0.01,), (1,), (0.01,)),
+                 SimConfig(**base, host_kv_capacity_tokens=400, swap_policy="reactive"))
+
+
+# -- the engine: real copies, token identity --------------------------------------------------
+def _prompts(n, seed):
+    rng = np.random.default_rng(seed)
+    return [[int(x) for x in rng.integers(3, 250, int(k))] for k in rng.integers(20, 40, n)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoints):
+    path = tiny_checkpoints("llama")
+    prompts = _prompts(10, 3)
+    sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    want = [o.token_ids for o in LLM(path, warmup=False, **ENGINE_KW).generate(prompts, sp)]
+    return path, prompts, sp, want
+
+
+@pytest.mark.parametrize("policy", ["proactive", "reactive", "recompute"])
+def test_tokens_identical_under_swapping(reference, policy):
+    """A device pool of 29 blocks for 10 requests of up to 10 blocks each: requests go out and
+    come back several times, and greedy tokens match a run with ample memory."""
+    path, prompts, sp, want = reference
+    llm = LLM(path, warmup=False, num_device_blocks=30, num_host_blocks=80, swap_policy=policy, **ENGINE_KW)
+    e = llm.engine
+    reqs = [e.add_request(p, sp) for p in prompts]
+    while e.has_unfinished():
+        e.step()
+        e.kv.check_integrity()
+    assert [r.output_token_ids for r in reqs] == want
+    st = e.stats
+    assert e.kv.num_used_blocks == 0 and e.kv.num_host_used_blocks == 0
+    if policy == "recompute":
+        assert st.swap_out_blocks == 0 and st.recomputations > 0
+    else:
+        assert st.recomputations == 0 and st.swap_in_blocks == st.swap_out_blocks
+        assert st.swap_out_blocks > 3 * sum(e.kv.blocks_for_tokens(len(p)) for p in prompts) / len(prompts)
+        assert st.swap_out_bytes == st.swap_out_blocks * e.runner.transfer.block_bytes
+
+
+def test_host_pool_too_small_falls_back_to_recomputation(reference):
+    path, prompts, sp, want = reference
+    llm = LLM(path, warmup=False, num_device_blocks=30, num_host_blocks=6, swap_policy="reactive", **ENGINE_KW)
+    e = llm.engine
+    reqs = [e.add_request(p, sp) for p in prompts]
+    while e.has_unfinished():
+        e.step()
+        e.kv.check_integrity()
+    assert [r.output_token_ids for r in reqs] == want
+    assert e.stats.swap_out_blocks > 0 and e.stats.recomputations > 0
+
+
+def test_oversize_request_rejected_and_abort_frees_host(reference):
+    path, prompts, sp, _ = reference
+    llm = LLM(path, warmup=False, num_device_blocks=12, num_host_blocks=200, swap_policy="reactive", **ENGINE_KW)
+    e = llm.engine
+    with pytest.raises(ValueError, match="KV blocks.*num_device_blocks"):      # host space does not help
+        e.add_request([3] * 60, SamplingParams(max_tokens=40))
+    assert not e.has_unfinished()
+    reqs = [e.add_request(p, sp) for p in prompts[:4]]
+    for _ in range(30):
+        e.step()
+    swapped = [r for r in reqs if e.kv.location(r) in (KVLocation.HOST, KVLocation.SWAPPING_OUT)]
+    assert swapped, "the small pool should have pushed someone to the host"
+    assert e.snapshot()["requests_swapped"] == len(swapped)
+    e.abort(swapped[0].request_id)
+    e.kv.check_integrity()
+    assert e.kv.host_blocks(swapped[0]) == 0
+    while e.has_unfinished():
+        e.step()
+    assert e.kv.num_used_blocks == 0 and e.kv.num_host_used_blocks == 0
+
+
+def test_swap_copies_keep_the_cache_donated_and_use_host_memory(reference):
+    path, prompts, sp, _ = reference
+    llm = LLM(path, warmup=False, num_device_blocks=30, num_host_blocks=80, swap_policy="reactive", **ENGINE_KW)
+    e = llm.engine
+    t = e.runner.transfer
+    assert t.memory_kind == "pinned_host"
+    reqs = [e.add_request(p, sp) for p in prompts]
+    seen_host = False
+    while e.has_unfinished():
+        ptr = e.runner.cache.k.unsafe_buffer_pointer()
+        e.step()
+        for runs in t._held.values():
+            assert all(run.k.sharding.memory_kind == "pinned_host" for run in runs)
+            seen_host = True
+        if e.stats.swap_in_blocks:
+            # scatters donate the cache: the buffer is updated in place, never copied whole
+            assert e.runner.cache.k.unsafe_buffer_pointer() == ptr
+    assert seen_host and all(r.finished for r in reqs)
+
+
+def test_nothing_compiles_after_warmup_with_swapping(tiny_checkpoints):
+    path = tiny_checkpoints("llama")
+    llm = LLM(path, num_device_blocks=30, num_host_blocks=80, swap_policy="proactive", **ENGINE_KW)
+    e = llm.engine
+    prompts = _prompts(24, 5)
+    rng = np.random.default_rng(6)
+    with CompileCounter() as cc:
+        reqs = []
+        for i, p in enumerate(prompts):
+            reqs.append(e.add_request(p, SamplingParams(max_tokens=int(rng.integers(5, 60)), temperature=0,
+                                                        ignore_eos=True)))
+            if i % 3 == 2:
+                e.step()
+        while e.has_unfinished():
+            e.step()
+            e.kv.check_integrity()
+    assert e.stats.swap_out_blocks > 0
+    assert cc.count == 0, f"{cc.count} compilations after warm-up"
+
+
+@pytest.mark.parametrize("policy", ["proactive", "reactive"])
+def test_demo_model_counts_correctly_while_swapped(policy):
+    """The bundled model's counting answers survive being swapped out and back (a position or
+    block-order bug breaks the count)."""
+    pairs = [(3, 40), (120, 170), (7, 60), (500, 530), (250, 290), (0, 45), (610, 660), (88, 120)]
+    prompts = [demo_task.make_prompt(a, b) for a, b in pairs]
+    llm = LLM(None, warmup=False, max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64, block_size=8,
+              num_device_blocks=40, num_host_blocks=120, swap_policy=policy, scheduler="mlfq")
+    outs = llm.generate(prompts, SamplingParams(max_tokens=120, temperature=0))
+    for (a, b), o in zip(pairs, outs):
+        assert demo_task.check_answer(a, b, o.text), (a, b, o.text)
+    assert llm.engine.stats.swap_out_blocks > 0 and llm.engine.stats.recomputations == 0
+
+
+def test_host_memory_kind_is_available_here():
+    kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+    assert "pinned_host" in kinds
