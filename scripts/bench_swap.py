@@ -64,7 +64,7 @@ def part_engine(a) -> dict:
         if e.runner.transfer else 0
     print(f"\n== engine: demo model, {a.num_requests} trace requests at {a.rate} req/s, device pool "
           f"{a.device_blocks - 1} blocks x 16 tokens, host {a.host_blocks}, max_num_seqs {a.max_num_seqs} "
-          f"(all requests' KV together: {kv_bytes / 1e6:.1f} MB)")
+          f"(all requests' KV together: {kv_bytes / 1e6:.2f} MB)")
     _table(out, [("mean_jct", "mean lat s", 2), ("p99_jct", "p99 lat s", 2), ("throughput_rps", "req/s", 3),
                  ("throughput_tps", "tok/s", 1), ("wrong_answers", "wrong", 0), ("recomputations", "recomp", 0),
                  ("swap_out_blocks", "blk out", 0), ("swap_ins_ahead", "in ahead", 0),
@@ -171,10 +171,10 @@ def main(argv=None) -> int:
     ap.add_argument("--part", action="append", choices=["engine", "copy", "sim"])
     ap.add_argument("--trace", default=TRACE)
     ap.add_argument("--num-requests", type=int, default=60)
-    ap.add_argument("--output-scale", type=float, default=0.5)
-    ap.add_argument("--rate", type=float, default=4.0, help="engine part: requests/s")
+    ap.add_argument("--output-scale", type=float, default=1.0)
+    ap.add_argument("--rate", type=float, default=8.0, help="engine part: requests/s")
     ap.add_argument("--max-num-seqs", type=int, default=8)
-    ap.add_argument("--device-blocks", type=int, default=48, help="engine part: device pool incl. the null block")
+    ap.add_argument("--device-blocks", type=int, default=20, help="engine part: device pool incl. the null block")
     ap.add_argument("--host-blocks", type=int, default=400)
     ap.add_argument("--copy-blocks", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
