@@ -134,13 +134,13 @@ class AsyncEngine:
         self._tracked: dict[str, _Tracked] = {}   # engine thread only
         self._live: dict[str, RequestGroup] = {}  # event loop only: the admission count
         self._ids = itertools.count()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.stopped = False
         self._thread = threading.Thread(target=self._run, name="fastserve-engine", daemon=True)
 
     # -- event-loop side -------------------------------------------------------------------
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._thread.start()
 
     @property
@@ -166,7 +166,7 @@ class AsyncEngine:
         """Run fn(engine) on the engine thread between iterations; returns its result."""
         if self.stopped or not self.health.ready:
             raise RuntimeError("the engine is not running")
-        fut = self._loop.create_future()
+        fut = self.loop.create_future()
         self._inbox.put(("call", fn, fut))
         return await fut
 
@@ -234,11 +234,11 @@ class AsyncEngine:
                 continue
             if cmd[0] == "add":
                 group = cmd[1]
-                self._loop.call_soon_threadsafe(self._deliver, [
+                self.loop.call_soon_threadsafe(self._deliver, [
                     (group, rid, i, Delta("", [], None, finish_reason="abort"))
                     for i, rid in enumerate(group.request_ids)])
             elif cmd[0] == "call":
-                self._loop.call_soon_threadsafe(self._resolve, cmd[2], None, RuntimeError("the engine has stopped"))
+                self.loop.call_soon_threadsafe(self._resolve, cmd[2], None, RuntimeError("the engine has stopped"))
 
     def _handle(self, cmd) -> None:
         kind = cmd[0]
@@ -255,7 +255,7 @@ class AsyncEngine:
                 value, error = fn(self.engine), None
             except Exception as e:  # handed to the awaiting coroutine, which reports it
                 value, error = None, e
-            self._loop.call_soon_threadsafe(self._resolve, fut, value, error)
+            self.loop.call_soon_threadsafe(self._resolve, fut, value, error)
 
     def _add(self, group: RequestGroup, prompts: list[tuple[Prompt, SamplingParams]], arrival: float) -> None:
         failed: list[tuple[RequestGroup, str, int, Delta]] = []
@@ -268,7 +268,7 @@ class AsyncEngine:
             hold = max((len(s) for s in params.stop), default=1) - 1
             self._tracked[rid] = _Tracked(req, group, index, hold)
         if failed:
-            self._loop.call_soon_threadsafe(self._deliver, failed)
+            self.loop.call_soon_threadsafe(self._deliver, failed)
 
     def _step(self) -> None:
         try:
@@ -292,7 +292,7 @@ class AsyncEngine:
             if req.finished:
                 del self._tracked[req.request_id]
         if batch:
-            self._loop.call_soon_threadsafe(self._deliver, batch)
+            self.loop.call_soon_threadsafe(self._deliver, batch)
 
     def _fail_all(self, message: str) -> None:
         batch = []
@@ -305,4 +305,4 @@ class AsyncEngine:
             batch.append((t.group, rid, t.index, Delta("", [], None, error=message)))
         self._tracked.clear()
         if batch:
-            self._loop.call_soon_threadsafe(self._deliver, batch)
+            self.loop.call_soon_threadsafe(self._deliver, batch)

@@ -57,15 +57,17 @@ def parse_body(raw: bytes) -> dict:
         body = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         raise bad_request(f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}")
-    except ValueError as e:
-        raise bad_request(str(e))
+    except ValueError as e:      # NaN/Infinity, or an integer literal past Python's digit limit
+        raise bad_request(f"the request body is not acceptable JSON: {e}")
+    except RecursionError:
+        raise bad_request("the request body nests arrays or objects too deeply; flatten it")
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
     return body
 
 
 def _reject_constant(name: str):
-    raise ValueError(f"the request body contains {name}, which is not valid JSON; send a finite number")
+    raise ValueError(f"{name} is not a JSON number; send finite numbers")
 
 
 # -- field checks -------------------------------------------------------------------------
