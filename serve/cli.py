@@ -15,6 +15,7 @@ import time
 
 from fastserve_jax.scheduler import POLICIES
 
+from serve.bench_cmd import add_bench_parser
 from serve.serve_cmd import add_serve_parser
 from serve.simulate_cmd import add_simulate_parser
 
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(g)
     g.set_defaults(func=cmd_generate)
     add_simulate_parser(sub)
+    add_bench_parser(sub, _add_engine_args)
     return ap
 
 
