@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -92,12 +93,12 @@ def run_rate(url: str, work, arrivals, api_key: str | None) -> dict:
 class LaunchedServer:
     """`fastserve-jax serve` in a subprocess on a free port, its log in a file."""
 
-    def __init__(self, scheduler: str, engine_argv: list[str], log_path: str) -> None:
+    def __init__(self, scheduler: str, engine_argv: list[str]) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_path, "w")
+        self.log = open(os.path.join(tempfile.gettempdir(), f"fastserve-bench-{scheduler}-{self.port}.log"), "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--port", str(self.port),
                                       "--scheduler", scheduler, "--log-level", "warning", *engine_argv],
                                      cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
@@ -163,8 +164,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     for sched in targets:
         server = None
         if a.url is None:
-            print(f"starting a server with scheduler {sched} (log: bench-server-{sched}.log) ...", file=sys.stderr)
-            server = LaunchedServer(sched, _engine_argv(a), f"bench-server-{sched}.log")
+            server = LaunchedServer(sched, _engine_argv(a))
+            print(f"starting a server with scheduler {sched} (log: {server.log.name}) ...", file=sys.stderr)
         try:
             url = a.url or server.url
             if server is not None:

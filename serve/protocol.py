@@ -139,11 +139,13 @@ def _stream_options(body: dict, stream: bool) -> bool:
     return _bool(opts, "include_usage", False)
 
 
-def _check_fields(body: dict, allowed: frozenset[str], endpoint: str) -> None:
+def _check_fields(body: dict, allowed: frozenset[str], endpoint: str, required: str) -> None:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise bad_request(f"unknown or unsupported field(s) {unknown} for {endpoint}; supported fields are "
                           f"{sorted(allowed)}", unknown[0])
+    if required not in body:
+        raise bad_request(f"'{required}' is required", required)
 
 
 _COMMON = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "presence_penalty",
@@ -187,9 +189,7 @@ def _prompts(v: Any) -> list[Any]:
 
 
 def parse_completion(body: dict) -> Job:
-    _check_fields(body, COMPLETION_FIELDS, "/v1/completions")
-    if "prompt" not in body:
-        raise bad_request("'prompt' is required", "prompt")
+    _check_fields(body, COMPLETION_FIELDS, "/v1/completions", "prompt")
     max_tokens = _int(body, "max_tokens", OPENAI_COMPLETION_DEFAULT_MAX_TOKENS, 1)
     return _common(body, False, _prompts(body["prompt"]), max_tokens, _int(body, "logprobs", None, 0, MAX_LOGPROBS))
 
@@ -225,9 +225,7 @@ def _messages(v: Any) -> list[dict]:
 
 
 def parse_chat(body: dict) -> Job:
-    _check_fields(body, CHAT_FIELDS, "/v1/chat/completions")
-    if "messages" not in body:
-        raise bad_request("'messages' is required", "messages")
+    _check_fields(body, CHAT_FIELDS, "/v1/chat/completions", "messages")
     max_tokens = _int(body, "max_completion_tokens", None, 1)
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", None, 1)
