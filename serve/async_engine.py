@@ -23,8 +23,7 @@ import itertools
 import logging
 import queue
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from fastserve_jax.config import SamplingParams
@@ -117,7 +116,6 @@ class EngineHealth:
     startup_error: str | None = None
     consecutive_faults: int = 0
     faults_total: int = 0
-    started: float = field(default_factory=time.monotonic)
 
 
 class AsyncEngine:

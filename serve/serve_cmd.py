@@ -89,12 +89,25 @@ def cmd_serve(a: argparse.Namespace) -> int:
     cfg = ServerConfig(model_name=a.served_model_name or model_name(a.model),
                        api_key=a.api_key or os.environ.get(API_KEY_ENV) or None,
                        max_pending=a.max_pending, max_body_bytes=a.max_body_bytes)
-    app = create_app(engine_builder(a.model, _engine_kwargs(a)), cfg)
+    build = engine_builder(a.model, _engine_kwargs(a))
+
+    def build_or_exit():
+        try:
+            return build()
+        except Exception:   # logged by the engine thread; the server has nothing to serve
+            server.should_exit = True
+            raise
+
+    app = create_app(build_or_exit, cfg)
     server = DrainingServer(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                                            timeout_graceful_shutdown=a.shutdown_timeout), app)
     log.info("serving '%s' on http://%s:%d (scheduler %s%s)", cfg.model_name, a.host, a.port, a.scheduler,
              ", API key required" if cfg.api_key else "")
     server.run()
+    failed = app.state.server.engine.health.startup_error
+    if failed:
+        print(f"error: the engine did not start: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 
