@@ -18,6 +18,9 @@ class SamplingParams:
     """How to sample one request's output (vLLM's names and defaults).
 
     temperature=0 means greedy. top_k=-1 (or 0) disables top-k; top_p=1 disables top-p.
+    presence_penalty and frequency_penalty follow OpenAI: before sampling, the logit of each
+    token t is lowered by frequency_penalty * (times t occurs in the output so far) +
+    presence_penalty * (1 if it occurs at all); negative values favour repetition.
     """
 
     max_tokens: int = 16
@@ -29,6 +32,8 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -45,6 +50,10 @@ class SamplingParams:
         if self.logprobs is not None and (
                 not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2] (0 disables it), got {v!r}")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if not all(isinstance(s, str) and s for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
@@ -57,6 +66,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass(frozen=True)

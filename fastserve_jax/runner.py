@@ -28,7 +28,7 @@ from fastserve_jax.config import MAX_LOGPROBS, EngineConfig, bucket  # noqa: E40
 from fastserve_jax.kv_cache import KVManager, SwapCopy
 from fastserve_jax.kv_transfer import KVTransfer
 from fastserve_jax.request import Request, TokenLogprobs
-from fastserve_jax.sampling import SamplingArrays, sample
+from fastserve_jax.sampling import Penalties, SamplingArrays, sample
 from fastserve_jax.scheduler.base import ScheduledRequest
 from models.attention import AttnBatch, KVCache
 from models.config import ModelConfig
@@ -109,10 +109,15 @@ class ModelRunner:
             logits = jax.ShapeDtypeStruct((n, vocab), jnp.float32)
             s = SamplingArrays(*(jax.ShapeDtypeStruct((n,), dt) for dt in
                                  (jnp.float32, jnp.int32, jnp.float32, jnp.uint32, jnp.int32)))
+            hist = self.cfg.max_model_len
+            pen = Penalties(jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.float32),
+                            jax.ShapeDtypeStruct((n, hist), jnp.int32))
             for greedy in (True, False):
                 for lp in (False, True):
-                    jobs.append((("sample", n, greedy, lp),
-                                 functools.partial(self._sample.lower, logits, s, greedy=greedy, with_logprobs=lp)))
+                    for with_pen in (False, True):
+                        args = (logits, s, pen) if with_pen else (logits, s)
+                        jobs.append((("sample", n, greedy, lp, with_pen),
+                                     functools.partial(self._sample.lower, *args, greedy=greedy, with_logprobs=lp)))
         if self.transfer is not None:
             jobs += self.transfer.lowerings(self.cache)
         workers = threads or min(8, os.cpu_count() or 1)
@@ -240,6 +245,19 @@ class ModelRunner:
                 seed[i], step[i] = r.seed & 0xFFFFFFFF, len(r.output_token_ids)
         return SamplingArrays(temp, top_k, top_p, seed, step)
 
+    def _penalty_arrays(self, rows: list[Request | None]) -> Penalties:
+        """Penalties and output histories, (N,) and (N, max_model_len) padded with -1; rows
+        without penalties keep an empty history (their penalties are 0 anyway)."""
+        n = len(rows)
+        presence = np.zeros(n, np.float32)
+        frequency = np.zeros(n, np.float32)
+        history = np.full((n, self.cfg.max_model_len), -1, np.int32)
+        for i, r in enumerate(rows):
+            if r is not None and r.sampling.penalized:
+                presence[i], frequency[i] = r.sampling.presence_penalty, r.sampling.frequency_penalty
+                history[i, :len(r.output_token_ids)] = r.output_token_ids
+        return Penalties(presence, frequency, history)
+
     def dispatch(self, launches: list[Launch]) -> list:
         """Run the launches back to back (asynchronously); returns device results per launch."""
         pending = []
@@ -251,9 +269,10 @@ class ModelRunner:
                 continue
             greedy = all(r.sampling.greedy for r in live)
             lp = any(r.sampling.logprobs is not None for r in live)
+            pen = any(r.sampling.penalized for r in live)
             n = len(ln.rows)
-            out = self._call(("sample", n, greedy, lp), logits, self._sampling_arrays(ln.rows),
-                             greedy=greedy, with_logprobs=lp)
+            args = (logits, self._sampling_arrays(ln.rows)) + ((self._penalty_arrays(ln.rows),) if pen else ())
+            out = self._call(("sample", n, greedy, lp, pen), *args, greedy=greedy, with_logprobs=lp)
             pending.append(out)
         return pending
 

@@ -6,6 +6,11 @@ Pure functions of (logits, per-row parameters); the runner jits them with the mo
 - random mode: temperature, then top-k and top-p over one descending sort; rows with
   temperature 0 still take the argmax.
 
+Presence and frequency penalties (OpenAI's) are applied first when a `Penalties` is given;
+passing None instead is a different pytree structure, hence its own compiled variant, so
+batches without penalties pay nothing for them. Logprobs are those of the raw model
+distribution, before penalties and temperature.
+
 Randomness is per request: row i draws with key fold_in(PRNGKey(seed_i), step_i), where
 step_i is the number of tokens the request has generated so far. A request's samples
 therefore do not depend on what else shares its batch.
@@ -29,6 +34,17 @@ class SamplingArrays(NamedTuple):
     top_p: jax.Array        # float32 in (0, 1]
     seed: jax.Array         # uint32
     step: jax.Array         # int32, tokens generated so far
+
+
+class Penalties(NamedTuple):
+    """Per-row presence/frequency penalties and each row's output so far.
+
+    history is padded with -1 to a fixed length (the runner uses max_model_len, so one
+    shape serves every request and nothing compiles after warm-up)."""
+
+    presence: jax.Array     # (N,) float32
+    frequency: jax.Array    # (N,) float32
+    history: jax.Array      # (N, H) int32 output token ids, -1 = padding
 
 
 class Sampled(NamedTuple):
@@ -56,12 +72,27 @@ def _sample_random(logits: jax.Array, s: SamplingArrays) -> jax.Array:
     return jnp.where(greedy, order[:, 0], drawn).astype(jnp.int32)
 
 
-def sample(logits: jax.Array, s: SamplingArrays, *, greedy: bool, with_logprobs: bool) -> Sampled:
+def apply_penalties(logits: jax.Array, p: Penalties) -> jax.Array:
+    """logits[i, t] -= frequency[i] * count_i(t) + presence[i] * (count_i(t) > 0), where
+    count_i(t) is how often t occurs in row i's history. Counts come from one scatter-add."""
+    n, v = logits.shape
+    valid = p.history >= 0                                          # (N, H)
+    rows = jnp.broadcast_to(jnp.arange(n)[:, None], p.history.shape)
+    counts = jnp.zeros((n, v), jnp.float32).at[rows, jnp.where(valid, p.history, 0)].add(
+        valid.astype(jnp.float32))                                  # (N, V)
+    return logits - p.frequency[:, None] * counts - p.presence[:, None] * (counts > 0)
+
+
+def sample(logits: jax.Array, s: SamplingArrays, penalties: Penalties | None = None, *, greedy: bool,
+           with_logprobs: bool) -> Sampled:
     """logits: (N, V) float32 -> sampled tokens (and logprobs of the raw distribution)."""
+    raw = logits
+    if penalties is not None:
+        logits = apply_penalties(logits, penalties)
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32) if greedy else _sample_random(logits, s)
     if not with_logprobs:
         return Sampled(tokens)
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    logp = jax.nn.log_softmax(raw, axis=-1)
     top_lp, top_ids = jax.lax.top_k(logp, MAX_LOGPROBS)
     chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
     return Sampled(tokens, chosen, top_ids.astype(jnp.int32), top_lp)

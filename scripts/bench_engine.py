@@ -344,7 +344,7 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
     runner = eng.runner
     bs = runner.bs
     fwd = runner._compiled[("decode", batch, nb)]
-    smp = runner._compiled[("sample", batch, True, False)]
+    smp = runner._compiled[("sample", batch, True, False, False)]  # greedy, no logprobs, no penalties
     tokens = np.full((batch, 1), 7, np.int32)
     pos = np.full((batch, 1), nb * bs - 1, np.int32)
     seg = np.zeros((batch, 1), np.int32)

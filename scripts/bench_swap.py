@@ -3,7 +3,7 @@
 Three parts, each printing its figures side by side:
 
 1. engine: the real engine with the bundled demo model replays one slice of the Azure trace
-   (scripts/bench_serving.py's workload: counting prompts with the trace's output lengths,
+   (counting prompts with the trace's output lengths,
    Poisson arrivals) once per swap policy, with a device pool far smaller than the live KV.
    Every answer is checked. Reports mean/p99 latency, throughput, swap traffic, and the share
    of loop time stalled waiting for swap copies.
@@ -28,16 +28,61 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from fastserve_jax import LLM, SamplingParams  # noqa: E402
+from fastserve_jax.metrics import summarize  # noqa: E402
+from fastserve_jax.workload import TraceRequest, load_trace  # noqa: E402
+from models import demo_task  # noqa: E402
 
 POLICIES = ("proactive", "reactive", "recompute")
 TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", "azure_conv_2023.csv")
+DEMO_MAX_TOKENS = 257   # the shipped demo model answers spans B - A <= 255: 256 numbers + EOS
+
+
+def build_workload(trace: str, n: int, output_scale: float, seed: int, tokenizer):
+    rows, _ = load_trace(trace)
+    rng = np.random.default_rng(seed)
+    picked = [rows[i] for i in rng.choice(len(rows), n, replace=False)]
+    out = []
+    for r in picked:
+        a, b = demo_task.pair_for_output_len(min(DEMO_MAX_TOKENS, max(2, round(r.output_tokens * output_scale))), rng)
+        prompt = demo_task.make_prompt(a, b)
+        out.append((prompt, (a, b), TraceRequest(0.0, len(tokenizer.encode(prompt)), demo_task.answer_num_tokens(a, b))))
+    return out
+
+
+def replay(llm: LLM, work, arrivals: list[float], policy: str) -> dict:
+    """Feed requests at their arrival times (relative to now) while stepping the engine."""
+    eng = llm.engine
+    eng.set_scheduler(policy)
+    start = time.monotonic()
+    pending = sorted(range(len(work)), key=lambda i: arrivals[i])
+    reqs = {}
+    k = 0
+    while k < len(pending) or eng.has_unfinished():
+        now = time.monotonic() - start
+        while k < len(pending) and arrivals[pending[k]] <= now:
+            i = pending[k]
+            prompt, _, tr = work[i]
+            # max_tokens is the exact answer length: EOS ends every request there, and the
+            # srpt oracle reads it as the true output length.
+            reqs[i] = eng.add_request(prompt, SamplingParams(max_tokens=tr.output_tokens, temperature=0),
+                                      arrival_time=start + arrivals[i])
+            k += 1
+        if eng.has_unfinished():
+            eng.step()
+        elif k < len(pending):
+            time.sleep(max(0.0, arrivals[pending[k]] - (time.monotonic() - start)))
+    done = [reqs[i] for i in range(len(work))]
+    wrong = sum(not demo_task.check_answer(a, b, r.output_text) for r, (_, (a, b), _) in zip(done, work))
+    m = summarize(done)
+    m.update(wrong_answers=wrong, preemptions=sum(r.num_preemptions for r in done))
+    return m
+
+
 
 
 def part_engine(a) -> dict:
-    from bench_serving import build_workload, replay
-
-    from fastserve_jax import LLM
     from fastserve_jax.workload import with_arrivals
 
     out = {}

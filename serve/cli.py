@@ -1,7 +1,10 @@
 """The `fastserve-jax` command line.
 
+    fastserve-jax serve                                     # OpenAI-compatible server, demo model, :8000
     fastserve-jax generate "count from 3 to 12:"            # the bundled demo model
     fastserve-jax generate --model DIR -p "Hello" -p "Hi" --max-tokens 32 --temperature 0.7
+    fastserve-jax simulate --help                           # policies on a trace, no model needed
+    fastserve-jax bench --help                              # HTTP load against a server
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import time
 
 from fastserve_jax.scheduler import POLICIES
 
+from serve.bench_cmd import add_bench_parser
+from serve.serve_cmd import add_serve_parser
 from serve.simulate_cmd import add_simulate_parser
 
 
@@ -89,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="FastServe-style LLM serving on JAX. Every command uses the bundled demo model unless "
                     "--model names a Hugging Face model directory; the first start compiles for a while "
                     "(compiled code is cached in ~/.cache/fastserve_jax for later starts).")
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve_parser(sub, _add_engine_args)
     g = sub.add_parser("generate", help="generate completions for prompts given on the command line",
                        description="Generate completions for one or more prompts and print them with timings.")
     g.add_argument("prompt_pos", nargs="*", metavar="PROMPT", help="prompt text (several allowed)")
@@ -104,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(g)
     g.set_defaults(func=cmd_generate)
     add_simulate_parser(sub)
+    add_bench_parser(sub, _add_engine_args)
     return ap
 
 

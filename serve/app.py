@@ -1,0 +1,280 @@
+"""The OpenAI-compatible Starlette app.
+
+    POST /v1/completions, /v1/chat/completions   (stream: Server-Sent Events, then [DONE])
+    GET  /v1/models, /health (200 only once warm-up is done), /metrics (Prometheus text)
+
+The engine runs on its own thread (serve/async_engine.py); handlers validate at the
+boundary, so bad input is a 400 and nothing is queued, then submit token ids and read
+deltas. Status codes: 400 invalid parameters or a prompt longer than the context (the
+message states the limits), 401 missing or wrong API key (/v1 only), 404 unknown model,
+413 body over --max-body-bytes, 503 with Retry-After while warming up, draining, or when
+the admission queue (--max-pending engine requests; n choices count n) is full, 500 only
+for engine faults, which fail the requests of that iteration and never the server.
+
+A client that disconnects, streaming or not, aborts its requests; their KV is freed
+before the engine's next iteration.
+
+`priority` (an integer extension) is accepted and currently ignored: the policies order
+requests by attained service or arrival, and the engine has no per-request priority.
+`seed` with n > 1 gives choice j the seed + j, so choices differ yet are reproducible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from fastserve_jax.engine import LLMEngine
+
+from serve.async_engine import AsyncEngine, RequestGroup
+from serve.errors import APIError, overloaded
+from serve.metrics import ServerMetrics
+from serve.openai_format import Choice, Formatter, sse
+from serve.prepare import prepare
+from serve.protocol import parse_body, parse_chat, parse_completion
+
+log = logging.getLogger("fastserve_jax.serve")
+FAULTY_AFTER = 3       # consecutive failed iterations before /health reports the engine failing
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_name: str = "demo"
+    api_key: str | None = None
+    max_pending: int = 256              # engine requests admitted and unfinished; more get 503
+    max_body_bytes: int = 1 << 20
+    retry_after: int = 1                # seconds, in Retry-After of a 503
+
+
+class Server:
+    """What the handlers share: the engine, the metrics, the config, the draining flag."""
+
+    def __init__(self, build: Callable[[], LLMEngine], cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.metrics: ServerMetrics
+        self.engine = AsyncEngine(build, cfg.max_pending, on_finished=lambda d: self.metrics.observe(d))
+        self.metrics = ServerMetrics(self.engine)
+        self.draining = False
+        self.started = int(time.time())
+
+    def status(self) -> tuple[int, str]:
+        h = self.engine.health
+        if h.startup_error:
+            return 503, f"failed to start: {h.startup_error}"
+        if self.draining or self.engine.stopped:
+            return 503, "shutting down"
+        if not h.ready:
+            return 503, "warming up (compiling); retry shortly"
+        if h.consecutive_faults >= FAULTY_AFTER:
+            return 503, f"engine failing: the last {h.consecutive_faults} iterations raised (see the server log)"
+        return 200, "ok"
+
+    def check_auth(self, request: Request) -> None:
+        key = self.cfg.api_key
+        if key is None:
+            return
+        got = request.headers.get("authorization", "")
+        if not (got.startswith("Bearer ") and hmac.compare_digest(got[7:].encode(), key.encode())):
+            raise APIError(401, "missing or incorrect API key; send the header 'Authorization: Bearer <key>' "
+                                "with the key the server was started with (--api-key or FASTSERVE_API_KEY)",
+                           code="invalid_api_key")
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.cfg.model_name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.cfg.model_name}' "
+                                "(see GET /v1/models)", param="model", code="model_not_found")
+
+    def check_serving(self) -> None:
+        status, message = self.status()
+        if status != 200:
+            self.metrics.rejected.labels("unavailable").inc()
+            raise APIError(503, f"the server is not serving: {message}",
+                           headers={"Retry-After": str(self.cfg.retry_after)})
+
+    def admit(self, count: int) -> None:
+        pending, cap = self.engine.num_pending, self.cfg.max_pending
+        if count > cap:
+            raise APIError(400, f"this request needs {count} engine requests (prompts x n) but the server admits "
+                                f"at most {cap} at once; send fewer prompts or a smaller n", param="n")
+        if pending + count > cap:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise overloaded(f"the admission queue is full ({pending} of {cap} requests pending); retry after "
+                             f"{self.cfg.retry_after} s", self.cfg.retry_after)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 past `limit` bytes. An oversized body is read to its end (up to 64x
+    the limit) before answering, so the client sees the 413 rather than a reset."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > 64 * limit:
+            break
+    if size > limit:
+        raise APIError(413, f"the request body is larger than the server's limit of {limit} bytes "
+                            "(--max-body-bytes)")
+    return b"".join(chunks)
+
+
+async def _until_disconnect(receive, group: RequestGroup) -> None:
+    """Wait for the client to go away, then abort its requests (the body is already read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    group.abort()
+
+
+class EventStream:
+    """SSE: one `data:` event per delta of any choice, usage if asked, then `data: [DONE]`.
+    Aborts the group when the client disconnects or the response ends for any reason.
+    (An ASGI app of its own: no Content-Length, so the server sends it chunked.)"""
+
+    raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                   (b"x-accel-buffering", b"no")]
+
+    def __init__(self, group: RequestGroup, fmt: Formatter, include_usage: bool, prompt_tokens: int) -> None:
+        self.group, self.fmt, self.include_usage, self.prompt_tokens = group, fmt, include_usage, prompt_tokens
+
+    async def events(self):
+        completion_tokens = [0] * len(self.group.request_ids)
+        if self.fmt.chat:
+            for i in range(len(completion_tokens)):
+                yield sse(self.fmt.chunk(i, None))
+        async for index, d in self.group:
+            if d.error is not None:
+                yield sse(APIError(500, d.error).body())
+                continue
+            if d.finish_reason == "abort":
+                continue
+            completion_tokens[index] = d.completion_tokens
+            if d.text or d.finish_reason or d.logprobs:
+                yield sse(self.fmt.chunk(index, d))
+        if self.include_usage:
+            yield sse(self.fmt.usage_chunk(self.prompt_tokens, sum(completion_tokens)))
+        yield sse("[DONE]")
+
+    async def __call__(self, scope, receive, send) -> None:
+        watcher = asyncio.create_task(_until_disconnect(receive, self.group))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for event in self.events():
+                await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watcher.cancel()
+            self.group.abort()
+
+
+async def _collect(request: Request, group: RequestGroup) -> list[Choice]:
+    choices = [Choice() for _ in group.request_ids]
+    watcher = asyncio.create_task(_until_disconnect(request.receive, group))
+    try:
+        async for index, d in group:
+            if d.error is not None:
+                raise APIError(500, d.error)
+            choices[index].add(d)
+    finally:
+        watcher.cancel()
+        group.abort()
+    return choices
+
+
+async def _generate(request: Request, chat: bool) -> Response | EventStream:
+    srv: Server = request.app.state.server
+    arrival = time.monotonic()
+    srv.check_auth(request)
+    body = parse_body(await _read_body(request, srv.cfg.max_body_bytes))
+    job = parse_chat(body) if chat else parse_completion(body)
+    srv.check_model(job.model)
+    srv.check_serving()
+    eng = srv.engine.engine
+    prompts, prompt_tokens = prepare(job, eng)
+    srv.admit(len(prompts))
+    group = srv.engine.submit(prompts, arrival)
+    fmt = Formatter(chat, srv.cfg.model_name, eng.tokenizer, job.logprobs)
+    if job.stream:
+        return EventStream(group, fmt, job.include_usage, prompt_tokens)
+    choices = await _collect(request, group)
+    return JSONResponse(fmt.response(choices, prompt_tokens))
+
+
+async def completions(request: Request) -> Response:
+    return await _generate(request, chat=False)
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, chat=True)
+
+
+async def models(request: Request) -> Response:
+    srv: Server = request.app.state.server
+    srv.check_auth(request)
+    eng = srv.engine.engine
+    card = {"id": srv.cfg.model_name, "object": "model", "created": srv.started, "owned_by": "fastserve-jax"}
+    if eng is not None:
+        card["max_model_len"] = eng.cfg.max_model_len
+    return JSONResponse({"object": "list", "data": [card]})
+
+
+async def health(request: Request) -> Response:
+    srv: Server = request.app.state.server
+    status, message = srv.status()
+    body = {"status": message}
+    if srv.engine.engine is not None:
+        body["scheduler"] = srv.engine.engine.cfg.scheduler
+    return JSONResponse(body, status_code=status, headers={} if status == 200 else
+                        {"Retry-After": str(srv.cfg.retry_after)})
+
+
+async def metrics(request: Request) -> Response:
+    srv: Server = request.app.state.server
+    return Response(await srv.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _api_error(request: Request, exc: APIError) -> Response:
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    return APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}").response()
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    """A bug, not bad input: Starlette re-raises it after this response, so uvicorn logs it."""
+    return APIError(500, f"internal server error: {type(exc).__name__}: {exc}").response()
+
+
+def create_app(build: Callable[[], LLMEngine], cfg: ServerConfig | None = None) -> Starlette:
+    """The app; `build` (run on the engine thread at start-up) loads and warms up the engine."""
+    srv = Server(build, cfg or ServerConfig())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        srv.engine.start()
+        yield
+        srv.draining = True
+        await srv.engine.stop()
+
+    app = Starlette(routes=[
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ], exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},
+        lifespan=lifespan)
+    app.state.server = srv
+    return app

@@ -1,0 +1,194 @@
+"""`fastserve-jax bench` (and scripts/bench_serving.py): HTTP load against the server.
+
+Requests come from the Azure conversation trace: each becomes a counting prompt for the
+demo model whose answer has the trace's output length (times --output-scale, clipped to
+the 257 tokens the demo model answers reliably), so every answer is checkable. Arrivals
+are Poisson at each --rate, or the trace's own timestamps (a contiguous window) scaled to
+that mean rate. Every request streams; latencies are measured by the client.
+
+Either bench a running server (--url; its policy comes from /health), or let the command
+start `fastserve-jax serve` once per --scheduler, on a free port with the engine options
+given here, and stop it after its rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from fastserve_jax.scheduler import POLICIES
+from fastserve_jax.workload import TraceRequest, load_trace, with_arrivals
+from models import demo_task
+
+from serve import bench_client
+
+DEMO_MAX_TOKENS = 257   # the shipped demo model answers spans B - A <= 255: 256 numbers + EOS
+TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", "azure_conv_2023.csv")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def add_bench_parser(sub, add_engine_args) -> None:
+    p = sub.add_parser(
+        "bench", help="measure TTFT, TPOT, inter-token and end-to-end latency over HTTP at several arrival rates",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, conflict_handler="resolve",
+        epilog="examples:\n"
+               "  fastserve-jax bench --scheduler fcfs --scheduler skip-join-mlfq --rate 4 --rate 8\n"
+               "  fastserve-jax bench --url http://127.0.0.1:8000 --rate 5 --arrivals trace")
+    add_engine_args(p)            # for started servers; --scheduler below replaces the engine's own
+    g = p.add_argument_group("load")
+    g.add_argument("--url", default=None, help="a running server (default: start one per --scheduler)")
+    g.add_argument("--scheduler", action="append", choices=sorted(POLICIES),
+                   help="policy of a started server (repeatable; default: fcfs and skip-join-mlfq)")
+    g.add_argument("--rate", action="append", type=float, help="mean arrivals per second (repeatable; default 4)")
+    g.add_argument("--arrivals", default="poisson", choices=["poisson", "trace"],
+                   help="poisson gaps, or the trace's own timestamps scaled to the rate")
+    g.add_argument("--num-requests", type=int, default=80, help="requests per rate")
+    g.add_argument("--output-scale", type=float, default=0.5, help="trace output lengths are multiplied by this")
+    g.add_argument("--trace", default=TRACE, help="CSV with num_decode_tokens (and arrived_at for --arrivals trace)")
+    g.add_argument("--api-key", default=None, help="bearer token for the server")
+    g.add_argument("--workload-seed", type=int, default=0, help="seed of the sampled requests and arrivals")
+    g.add_argument("--json", default=None, help="also write the figures to this file")
+    p.set_defaults(func=cmd_bench)
+
+
+def build_workload(trace: str, n: int, scale: float, timed: bool, rate: float, seed: int):
+    """[(payload, (A, B))] and arrival offsets (seconds) for n requests."""
+    rows, has_times = load_trace(trace)
+    rng = np.random.default_rng(seed)
+    if timed:
+        if not has_times:
+            raise ValueError(f"{trace} has no arrived_at column; use --arrivals poisson")
+        start = int(rng.integers(0, max(1, len(rows) - n)))
+        picked = rows[start:start + n]
+        t = np.array([r.arrival for r in picked]) - picked[0].arrival
+        arrivals = list(t * (len(picked) - 1) / (rate * t[-1])) if t[-1] > 0 else [0.0] * len(picked)
+    else:
+        picked = [rows[i] for i in rng.choice(len(rows), n, replace=False)]
+        arrivals = [r.arrival for r in with_arrivals([TraceRequest(0, 1, 1)] * n, rate, seed=seed)]
+    work = []
+    for r in picked:
+        a, b = demo_task.pair_for_output_len(min(DEMO_MAX_TOKENS, max(2, round(r.output_tokens * scale))), rng)
+        work.append((dict(prompt=demo_task.make_prompt(a, b), max_tokens=demo_task.answer_num_tokens(a, b),
+                          temperature=0, stream=True, stream_options={"include_usage": True}), (a, b)))
+    return work, arrivals
+
+
+def run_rate(url: str, work, arrivals, api_key: str | None) -> dict:
+    results = asyncio.run(bench_client.run_load(url, [w[0] for w in work], arrivals, api_key=api_key))
+    m = bench_client.summarize(results)
+    m["wrong"] = sum(1 for r, (_, (a, b)) in zip(results, work) if r.ok and not demo_task.check_answer(a, b, r.text))
+    return m
+
+
+class LaunchedServer:
+    """`fastserve-jax serve` in a subprocess on a free port, its log in a file."""
+
+    def __init__(self, scheduler: str, engine_argv: list[str]) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(os.path.join(tempfile.gettempdir(), f"fastserve-bench-{scheduler}-{self.port}.log"), "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--port", str(self.port),
+                                      "--scheduler", scheduler, "--log-level", "warning", *engine_argv],
+                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 900.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if asyncio.run(bench_client.request(self.url, "GET", "/health"))[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"the server was not ready after {timeout} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def _engine_argv(a: argparse.Namespace) -> list[str]:
+    argv = []
+    for flag in ("model", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                 "num_device_blocks", "cost_model", "seed"):
+        v = getattr(a, flag)
+        if v is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(v)]
+    return argv
+
+
+COLS = [("ttft", "ttft"), ("tpot", "tpot"), ("itl", "itl"), ("e2e", "e2e")]
+
+
+def print_table(rows: list[tuple[str, float, dict]]) -> None:
+    head = f"{'scheduler':15s}{'rate':>6s}{'done':>5s}{'fail':>5s}"
+    for name, _ in COLS:
+        head += "".join(f"{name + ' ' + s:>11s}" for s in ("mean", "p50", "p99"))
+    head += f"{'req/s':>7s}{'tok/s':>7s}{'wrong':>6s}"
+    print(head)
+    for sched, rate, m in rows:
+        line = f"{sched:15s}{rate:6.1f}{int(m['completed']):5d}{int(m['failed']):5d}"
+        for name, _ in COLS:
+            line += "".join(f"{1e3 * m[f'{name}_{s}']:11.1f}" for s in ("mean", "p50", "p99"))
+        line += f"{m['throughput_rps']:7.2f}{m['throughput_tps']:7.0f}{m['wrong']:6d}"
+        print(line)
+    print("(latencies in ms, measured by the client over HTTP. ttft: first token chunk - request sent; tpot: "
+          "(last token chunk - first) / (completion tokens - 1), per request; itl: gap between consecutive token "
+          "chunks, pooled; e2e: response complete - request sent; req/s, tok/s: completed requests and output "
+          "tokens over the run; wrong: completed answers that are not the exact count)")
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    rates = a.rate or [4.0]
+    rows, out = [], {}
+    targets = [None] if a.url else (a.scheduler or ["fcfs", "skip-join-mlfq"])
+    for sched in targets:
+        server = None
+        if a.url is None:
+            server = LaunchedServer(sched, _engine_argv(a))
+            print(f"starting a server with scheduler {sched} (log: {server.log.name}) ...", file=sys.stderr)
+        try:
+            url = a.url or server.url
+            if server is not None:
+                server.wait_ready()
+            health = json.loads(asyncio.run(bench_client.request(url, "GET", "/health"))[2])
+            sched = health.get("scheduler", sched or "?")
+            warm, _ = build_workload(a.trace, 2, a.output_scale, False, 1.0, a.workload_seed + 1)
+            run_rate(url, warm, [0.0, 0.0], a.api_key)             # touch every code path once
+            for rate in rates:
+                work, arrivals = build_workload(a.trace, a.num_requests, a.output_scale, a.arrivals == "trace",
+                                                rate, a.workload_seed)
+                m = run_rate(url, work, arrivals, a.api_key)
+                rows.append((sched, rate, m))
+                out.setdefault(sched, {})[str(rate)] = m
+                print(f"  {sched} at {rate} req/s: {int(m['completed'])} done, e2e mean {m['e2e_mean']:.2f} s",
+                      file=sys.stderr)
+        finally:
+            if server is not None:
+                server.stop()
+    print()
+    print_table(rows)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(arrivals=a.arrivals, num_requests=a.num_requests, output_scale=a.output_scale,
+                           results=out), f, indent=1)
+    return 1 if any(m["wrong"] or m["failed"] for _, _, m in rows) else 0

@@ -1,0 +1,105 @@
+"""Prometheus metrics of the server, on a registry of its own (one per app).
+
+Engine gauges and counters come from `LLMEngine.snapshot()`, taken on the engine thread at
+scrape time and exported by a collector; latency histograms are observed on the event
+loop when a request finishes (aborted and failed requests are not observed).
+
+    fastserve_queue_length{level}            live requests per MLFQ level (one level for FCFS)
+    fastserve_requests{state}                running | paused | swapped | waiting
+    fastserve_kv_blocks_used{pool}, fastserve_kv_blocks_total{pool}, fastserve_kv_usage{pool}
+                                             pool: device | host
+    fastserve_{prompt,generation}_tokens_total, fastserve_recomputations_total,
+    fastserve_swap_blocks_total{direction}, fastserve_swap_bytes_total{direction},
+    fastserve_swap_stall_seconds_total, fastserve_iterations_total
+    fastserve_time_to_first_token_seconds, fastserve_time_per_output_token_seconds,
+    fastserve_e2e_request_latency_seconds    histograms
+    fastserve_server_pending_requests, fastserve_server_rejected_total{reason},
+    fastserve_engine_faults_total, fastserve_server_ready
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from serve.async_engine import AsyncEngine, Delta
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+class _EngineCollector:
+    def __init__(self, owner: "ServerMetrics") -> None:
+        self.owner = owner
+
+    def collect(self):
+        s, ae = self.owner.snapshot, self.owner.engine
+        ready = GaugeMetricFamily("fastserve_server_ready", "1 once warm-up is done and the engine serves")
+        ready.add_metric([], 1.0 if ae.health.ready and not ae.stopped else 0.0)
+        pending = GaugeMetricFamily("fastserve_server_pending_requests",
+                                    "engine requests admitted and not finished (the bounded admission queue)")
+        pending.add_metric([], ae.num_pending)
+        faults = CounterMetricFamily("fastserve_engine_faults", "engine iterations that raised")
+        faults.add_metric([], ae.health.faults_total)
+        yield from (ready, pending, faults)
+        if s is None:
+            return
+        q = GaugeMetricFamily("fastserve_queue_length", "live requests per MLFQ level", labels=["level"])
+        for level, n in enumerate(s["queue_lengths"]):
+            q.add_metric([str(level)], n)
+        st = GaugeMetricFamily("fastserve_requests", "live requests by state", labels=["state"])
+        for state in ("running", "paused", "swapped", "waiting"):
+            st.add_metric([state], s[f"requests_{state}"])
+        used = GaugeMetricFamily("fastserve_kv_blocks_used", "KV blocks in use", labels=["pool"])
+        total = GaugeMetricFamily("fastserve_kv_blocks_total", "KV blocks in the pool", labels=["pool"])
+        usage = GaugeMetricFamily("fastserve_kv_usage", "fraction of the KV pool in use", labels=["pool"])
+        for pool in ("device", "host"):
+            u, t = s[f"kv_{pool}_used_blocks"], s[f"kv_{pool}_total_blocks"]
+            used.add_metric([pool], u)
+            total.add_metric([pool], t)
+            usage.add_metric([pool], u / t if t else 0.0)
+        yield from (q, st, used, total, usage)
+        for key, doc in (("prompt_tokens_total", "prompt tokens of admitted requests"),
+                         ("generation_tokens_total", "tokens generated"),
+                         ("recomputations_total", "requests whose KV was dropped and recomputed"),
+                         ("swap_stall_seconds_total", "seconds iterations waited on swaps"),
+                         ("iterations_total", "engine iterations")):
+            c = CounterMetricFamily(f"fastserve_{key[:-len('_total')]}", doc)
+            c.add_metric([], s[key])
+            yield c
+        for unit in ("blocks", "bytes"):
+            c = CounterMetricFamily(f"fastserve_swap_{unit}", f"KV {unit} swapped", labels=["direction"])
+            for direction in ("out", "in"):
+                c.add_metric([direction], s[f"swap_{direction}_{unit}_total"])
+            yield c
+
+
+class ServerMetrics:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.snapshot: dict | None = None
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(self))
+        self.ttft = Histogram("fastserve_time_to_first_token_seconds", "arrival to first token",
+                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("fastserve_time_per_output_token_seconds",
+                              "(finish - first token) / (output tokens - 1), per request",
+                              buckets=_TPOT_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("fastserve_e2e_request_latency_seconds", "arrival to finish",
+                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.rejected = Counter("fastserve_server_rejected", "requests turned away", ["reason"],
+                                registry=self.registry)
+
+    def observe(self, d: Delta) -> None:
+        """A finished request's latencies (the engine's on_finished hook, on the event loop)."""
+        if d.error is not None or d.finish_reason == "abort" or d.ttft is None or d.latency is None:
+            return
+        self.ttft.observe(d.ttft)
+        self.e2e.observe(d.latency)
+        if d.completion_tokens > 1:
+            self.tpot.observe((d.latency - d.ttft) / (d.completion_tokens - 1))
+
+    async def render(self) -> bytes:
+        if self.engine.health.ready and not self.engine.stopped:
+            self.snapshot = await self.engine.call(lambda e: e.snapshot())
+        return generate_latest(self.registry)

@@ -1,0 +1,112 @@
+"""OpenAI response objects for completions and chat: whole responses, stream chunks, usage,
+logprobs. Choice index i of a request with P prompts and n choices each is prompt i // n."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastserve_jax.request import TokenLogprobs
+
+from serve.async_engine import Delta
+
+
+def sse(obj: dict | str) -> str:
+    """One Server-Sent Event: `data: {...}` and a blank line."""
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+@dataclass
+class Choice:
+    """What one choice has produced so far (non-streaming responses accumulate here)."""
+
+    text: str = ""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, d: Delta) -> None:
+        self.text += d.text
+        self.logprobs += d.logprobs or []
+        self.finish_reason = d.finish_reason or self.finish_reason
+        self.prompt_tokens = d.prompt_tokens or self.prompt_tokens
+        self.completion_tokens = d.completion_tokens
+
+
+class Formatter:
+    """Builds the JSON of one request's responses (ids and timestamps fixed per request)."""
+
+    def __init__(self, chat: bool, model: str, tokenizer, logprobs: int | None) -> None:
+        self.chat = chat
+        self.model = model
+        self.tokenizer = tokenizer
+        self.logprobs = logprobs
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self._offset: dict[int, int] = {}     # completions logprobs: text offset per choice
+
+    def _token(self, tid: int) -> str:
+        return self.tokenizer.decode([tid])
+
+    def _logprobs(self, index: int, lps: list[TokenLogprobs] | None) -> dict | None:
+        if self.logprobs is None:
+            return None
+        lps = lps or []
+        if self.chat:
+            def entry(tid: int, lp: float) -> dict:
+                tok = self._token(tid)
+                return {"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8"))}
+            return {"content": [dict(entry(x.token_id, x.logprob),
+                                     top_logprobs=[entry(t, v) for t, v in x.top.items()]) for x in lps]}
+        toks = [self._token(x.token_id) for x in lps]
+        offsets, at = [], self._offset.get(index, 0)
+        for t in toks:
+            offsets.append(at)
+            at += len(t)
+        self._offset[index] = at
+        return {"tokens": toks, "token_logprobs": [x.logprob for x in lps],
+                "top_logprobs": [{self._token(t): v for t, v in x.top.items()} for x in lps], "text_offset": offsets}
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    # -- whole responses -------------------------------------------------------------------
+    def response(self, choices: list[Choice], prompt_tokens: int) -> dict:
+        out = []
+        for i, c in enumerate(choices):
+            ch = {"index": i, "logprobs": self._logprobs(i, c.logprobs), "finish_reason": c.finish_reason}
+            if self.chat:
+                ch["message"] = {"role": "assistant", "content": c.text}
+            else:
+                ch["text"] = c.text
+            out.append(ch)
+        body = self._head("chat.completion" if self.chat else "text_completion")
+        body.update(choices=out, usage=usage(prompt_tokens, sum(c.completion_tokens for c in choices)))
+        return body
+
+    # -- stream chunks ---------------------------------------------------------------------
+    def chunk(self, index: int, d: Delta | None) -> dict:
+        """A chunk for choice `index`; d=None is chat's opening chunk (the assistant role)."""
+        body = self._head("chat.completion.chunk" if self.chat else "text_completion")
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if d is None else ({"content": d.text} if d.text else {})
+            ch = {"index": index, "delta": delta}
+        else:
+            ch = {"index": index, "text": d.text}
+        ch["logprobs"] = None if d is None else self._logprobs(index, d.logprobs)
+        ch["finish_reason"] = None if d is None else d.finish_reason
+        body["choices"] = [ch]
+        return body
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        body = self._head("chat.completion.chunk" if self.chat else "text_completion")
+        body.update(choices=[], usage=usage(prompt_tokens, completion_tokens))
+        return body

@@ -1,0 +1,72 @@
+"""From a parsed `Job` to engine inputs: render chat messages with the model's own chat
+template, tokenize, check lengths against the context, and build one SamplingParams per
+choice. Runs on the event loop before anything is queued; every failure is a 400 whose
+message states the limit."""
+
+from __future__ import annotations
+
+from jinja2 import TemplateError
+
+from fastserve_jax.config import SamplingParams
+from fastserve_jax.engine import LLMEngine
+
+from serve.errors import bad_request
+from serve.protocol import Job
+
+
+def render_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the conversation plus the assistant's turn, by the tokenizer's template.
+
+    Special tokens are added by the tokenizer (BOS) unless the template already wrote them."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise bad_request("this model's tokenizer has no chat template; use /v1/completions with a prompt",
+                          "messages")
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except (TemplateError, ValueError, TypeError, KeyError) as e:   # the messages do not fit the template
+        raise bad_request(f"the model's chat template rejected the messages: {e}", "messages")
+    if not text:
+        raise bad_request("the messages render to an empty prompt; give some content", "messages")
+    bos = tokenizer.bos_token
+    return tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+
+def _params(job: Job, max_tokens: int, seed: int | None) -> SamplingParams:
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=job.temperature, top_p=job.top_p, top_k=job.top_k,
+                              seed=seed, stop=job.stop or None, logprobs=job.logprobs,
+                              presence_penalty=job.presence_penalty, frequency_penalty=job.frequency_penalty)
+    except ValueError as e:
+        raise bad_request(str(e))
+
+
+def prepare(job: Job, eng: LLMEngine) -> tuple[list[tuple[list[int], SamplingParams]], int]:
+    """[(prompt ids, params)] in choice order (prompt i's choices at i*n .. i*n+n-1), and the
+    prompt tokens of the request (each prompt counted once, as OpenAI's usage does)."""
+    limit = eng.cfg.max_model_len
+    probe = _params(job, 1, job.seed)
+    out, prompt_tokens = [], 0
+    for i, prompt in enumerate(job.prompts):
+        where = f"prompt {i}: " if len(job.prompts) > 1 else ""
+        src = render_chat(eng.tokenizer, prompt) if job.chat else prompt
+        try:
+            _, ids = eng.validate(src, probe)
+        except ValueError as e:
+            raise bad_request(f"{where}{e}", "messages" if job.chat else "prompt")
+        max_tokens = job.max_tokens if job.max_tokens is not None else limit - len(ids)
+        if len(ids) + max_tokens > limit:
+            raise bad_request(
+                f"{where}this model's maximum context length is {limit} tokens, but the prompt has {len(ids)} "
+                f"tokens and {max_tokens} more were requested ({len(ids) + max_tokens} in all); lower "
+                f"{'max_completion_tokens' if job.chat else 'max_tokens'} to at most {limit - len(ids)} or "
+                "shorten the prompt", "max_completion_tokens" if job.chat else "max_tokens")
+        for j in range(job.n):
+            seed = None if job.seed is None else (job.seed + j) % (1 << 64)
+            params = _params(job, max_tokens, seed)
+            try:
+                eng.validate(ids, params)    # the KV-pool check with the real max_tokens
+            except ValueError as e:
+                raise bad_request(f"{where}{e}", "max_tokens")
+            out.append((ids, params))
+        prompt_tokens += len(ids)
+    return out, prompt_tokens

@@ -1,0 +1,124 @@
+"""`fastserve-jax serve`: the OpenAI-compatible server under uvicorn.
+
+The port opens at once; /health answers 503 "warming up" while the engine compiles on its
+thread (log lines show the progress) and 200 once it serves. SIGINT/SIGTERM drain: the
+listening socket closes, new requests get 503, in-flight ones finish (streams included)
+for up to --shutdown-timeout seconds, then what is left is cancelled and the engine stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import uvicorn
+
+log = logging.getLogger("fastserve_jax.serve")
+
+API_KEY_ENV = "FASTSERVE_API_KEY"
+
+
+def add_serve_parser(sub, add_engine_args) -> None:
+    p = sub.add_parser(
+        "serve", help="run the OpenAI-compatible HTTP server (default: the demo model on 127.0.0.1:8000)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a model over HTTP with OpenAI's API: POST /v1/completions and /v1/chat/completions "
+                    "(streaming too), GET /v1/models, /health and /metrics (Prometheus).",
+        epilog="examples:\n"
+               "  fastserve-jax serve                                  # demo model, skip-join MLFQ, port 8000\n"
+               "  curl -s localhost:8000/health                        # 200 once warm-up is done\n"
+               "  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\\n"
+               "       -d '{\"prompt\": \"count from 3 to 12:\", \"max_tokens\": 20, \"temperature\": 0}'\n"
+               "  fastserve-jax serve --scheduler fcfs --port 8001 --api-key secret\n\n"
+               "From Python: openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='unused')"
+               ".completions.create(model='demo', prompt='count from 3 to 12:', max_tokens=20, temperature=0)")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", default=None,
+                   help="the model name clients send (default: 'demo' for the bundled model, else the directory name)")
+    g.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV} if set, else none)")
+    g.add_argument("--max-pending", type=int, default=256,
+                   help="admission bound: engine requests admitted and unfinished (n choices count n); "
+                        "beyond it requests get 503 with Retry-After")
+    g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGINT/SIGTERM")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def model_name(model: str | None) -> str:
+    return "demo" if model is None else os.path.basename(os.path.normpath(model))
+
+
+def progress_logger(every: float = 0.1):
+    """A warm-up progress callback that logs a line per `every` of the jobs compiled."""
+    state = {"next": every}
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done / total >= state["next"]:
+            log.info("warm-up: compiled %d/%d shapes (%.0f%%)", done, total, 100 * done / total)
+            state["next"] = done / total + every
+    return progress
+
+
+def engine_builder(model: str | None, engine_kwargs: dict):
+    """A function that loads and warms up the engine (run on the engine thread)."""
+    def build():
+        from fastserve_jax import LLM
+
+        log.info("loading %s and compiling (the first start takes a minute or two; later starts read "
+                 "~/.cache/fastserve_jax)", model or "the bundled demo model")
+        return LLM(model, progress=progress_logger(), **engine_kwargs).engine
+    return build
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from serve.app import ServerConfig, create_app
+    from serve.cli import _engine_kwargs
+
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if a.max_pending < 1 or a.max_body_bytes < 1:
+        print("error: --max-pending and --max-body-bytes must be >= 1", file=sys.stderr)
+        return 2
+    cfg = ServerConfig(model_name=a.served_model_name or model_name(a.model),
+                       api_key=a.api_key or os.environ.get(API_KEY_ENV) or None,
+                       max_pending=a.max_pending, max_body_bytes=a.max_body_bytes)
+    build = engine_builder(a.model, _engine_kwargs(a))
+
+    def build_or_exit():
+        try:
+            return build()
+        except Exception:   # logged by the engine thread; the server has nothing to serve
+            server.should_exit = True
+            raise
+
+    app = create_app(build_or_exit, cfg)
+    server = DrainingServer(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
+                                           timeout_graceful_shutdown=a.shutdown_timeout), app)
+    log.info("serving '%s' on http://%s:%d (scheduler %s%s)", cfg.model_name, a.host, a.port, a.scheduler,
+             ", API key required" if cfg.api_key else "")
+    server.run()
+    failed = app.state.server.engine.health.startup_error
+    if failed:
+        print(f"error: the engine did not start: {failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server that marks the app draining on the first exit signal, so requests
+    arriving on open keep-alive connections get 503 while in-flight ones finish."""
+
+    def __init__(self, config, app) -> None:
+        super().__init__(config)
+        self.app_state = app.state.server
+
+    def handle_exit(self, sig, frame) -> None:
+        self.app_state.draining = True
+        super().handle_exit(sig, frame)

@@ -1,0 +1,119 @@
+"""The real server on loopback for tests: the app under uvicorn on a background thread,
+plus helpers to read /metrics and to run a function on the engine thread."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve import bench_client
+from serve.app import ServerConfig, create_app
+from serve.serve_cmd import engine_builder
+
+# Small settings: few buckets to compile, and a batch limit well below the load tests'
+# concurrency, so requests queue and the policy preempts. The CLI test uses the same
+# ones, so its engine start reads the compiled executables from the session cache.
+ENGINE_KW = dict(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=128)
+ENGINE_ARGS = ["--max-model-len", "512", "--max-num-seqs", "8", "--max-num-batched-tokens", "128"]
+
+
+def answerable(pairs: list[tuple[int, int]], tokenizer) -> list[tuple[int, int]]:
+    """The pairs the demo model answers exactly under greedy decoding (it misses ~0.6%,
+    around carries; see models/demo/TRAINING.md), by one teacher-forced forward. A server
+    that is correct must then return exactly these answers, however it batches."""
+    import jax
+
+    from models import demo_model_path, demo_task
+    from models.loader import load_model
+
+    _, module, params = load_model(demo_model_path(), cache_dir="")
+    apply = jax.jit(lambda t, b: module.apply({"params": params}, t, b)[0])
+    enc = demo_task.ExampleEncoder(tokenizer)
+    ok = demo_task.teacher_forced_exact(apply, [enc.encode(a, b) for a, b in pairs], row_lens=(256,))
+    return [p for p, good in zip(pairs, ok) if good]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            status, _, body = asyncio.run(bench_client.request(url, "GET", "/health"))
+            if status == 200:
+                return
+            last = body
+        except OSError as e:
+            last = e
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/health not ready after {timeout} s: {last!r}")
+
+
+class LiveServer:
+    def __init__(self, cfg: ServerConfig, engine_kw: dict = ENGINE_KW) -> None:
+        self.app = create_app(engine_builder(None, engine_kw), cfg)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=10))
+        self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
+
+    @property
+    def state(self):
+        return self.app.state.server
+
+    def start(self, timeout: float = 400.0) -> "LiveServer":
+        self.thread.start()
+        wait_healthy(self.url, timeout)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def on_engine(self, fn):
+        """fn(engine) on the engine thread, between iterations."""
+        ae = self.state.engine
+        return asyncio.run_coroutine_threadsafe(ae.call(fn), ae.loop).result(30)
+
+    def get(self, path: str) -> tuple[int, dict, bytes]:
+        return asyncio.run(bench_client.request(self.url, "GET", path))
+
+    def post(self, path: str, body: bytes | dict, headers: dict | None = None) -> tuple[int, dict, dict]:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        status, h, data = asyncio.run(bench_client.request(self.url, "POST", path, raw, headers))
+        return status, h, json.loads(data)
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """{(sample name, sorted label items): value} from /metrics."""
+        status, _, body = self.get("/metrics")
+        assert status == 200
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(body.decode()) for s in fam.samples}
+
+    def metric(self, name: str, **labels) -> float:
+        return self.metrics()[(name, tuple(sorted(labels.items())))]
+
+    def wait_idle(self, timeout: float = 20.0) -> None:
+        """Until no request is pending and the device KV pool is empty again."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = self.metrics()
+            if m[("fastserve_server_pending_requests", ())] == 0 and \
+                    m[("fastserve_kv_blocks_used", (("pool", "device"),))] == 0:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"server not idle after {timeout} s: pending "
+                           f"{m[('fastserve_server_pending_requests', ())]}, KV blocks "
+                           f"{m[('fastserve_kv_blocks_used', (('pool', 'device'),))]}")

@@ -1,0 +1,96 @@
+"""`fastserve-jax serve` as a user runs it: a subprocess on loopback with an API key from
+the environment, /health not ready during warm-up, and a graceful SIGTERM that lets an
+in-flight stream finish."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from models import demo_task
+from serve import bench_client
+from server_harness import ENGINE_ARGS, free_port
+
+openai = pytest.importorskip("openai")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 400.0) -> list[tuple[int, str]]:
+    """Poll /health until 200; returns every (status, message) seen."""
+    seen: list[tuple[int, str]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            status, _, body = asyncio.run(bench_client.request(url, "GET", "/health"))
+            seen.append((status, json.loads(body)["status"]))
+            if status == 200:
+                return seen
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"server not ready (exit code {proc.poll()}); statuses seen: {seen[-3:]}")
+
+
+def _sse_texts(body: bytes) -> tuple[dict[int, str], bool]:
+    """Streamed text per choice index, and whether [DONE] came."""
+    texts: dict[int, str] = {}
+    done = False
+    for event in body.decode().split("\n\n"):
+        if event == "data: [DONE]":
+            done = True
+        elif event.startswith("data: "):
+            for c in json.loads(event[6:])["choices"]:
+                texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    return texts, done
+
+
+def test_serve_command_api_key_warmup_and_graceful_shutdown():
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, FASTSERVE_API_KEY="sekret")
+    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--port", str(port), *ENGINE_ARGS,
+                             "--shutdown-timeout", "60"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = _wait_ready(url, proc)
+        assert any(s == 503 and "warming up" in m for s, m in seen), seen
+
+        body = json.dumps({"prompt": demo_task.make_prompt(3, 12), "max_tokens": 20, "temperature": 0}).encode()
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            status, _, err = asyncio.run(bench_client.request(url, "POST", "/v1/completions", body, headers))
+            assert status == 401 and "API key" in json.loads(err)["error"]["message"]
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="sekret", max_retries=0)
+        out = client.completions.create(model="demo", prompt=demo_task.make_prompt(3, 12), max_tokens=20,
+                                        temperature=0)
+        assert demo_task.check_answer(3, 12, out.choices[0].text)
+
+        async def stream_through_sigterm():
+            payload = {"prompt": [demo_task.make_prompt(0, 250)] * 4, "max_tokens": 260, "temperature": 0,
+                       "stream": True}
+            reader, writer, status, h = await bench_client._open(
+                url, "POST", "/v1/completions", json.dumps(payload).encode(), {"Authorization": "Bearer sekret"})
+            assert status == 200
+            proc.send_signal(signal.SIGTERM)           # the request is admitted and running
+            data = b"".join([p async for p in bench_client._body_pieces(reader, h)])
+            writer.close()
+            return data
+
+        texts, done = _sse_texts(asyncio.run(stream_through_sigterm()))
+        assert done and texts == {i: demo_task.expected_answer(0, 250) for i in range(4)}
+        proc.wait(timeout=60)
+        assert proc.returncode in (0, -signal.SIGTERM)
+        with pytest.raises(OSError):
+            asyncio.run(bench_client.request(url, "GET", "/health"))
+        log = proc.stdout.read()
+        assert "warm-up: compiled" in log and "Shutting down" in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,255 @@
+"""The OpenAI-compatible server on loopback with the demo model: the official `openai`
+client for completions and chat (streaming and not), raw HTTP for the error cases,
+disconnects, the admission bound, an engine fault, and a bounded load test."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from models import demo_task
+from serve import bench_client
+from serve.app import ServerConfig
+from server_harness import LiveServer, answerable
+
+openai = pytest.importorskip("openai")
+
+MAX_PENDING = 48
+
+
+@pytest.fixture(scope="module")
+def live():
+    srv = LiveServer(ServerConfig(model_name="demo", max_pending=MAX_PENDING, max_body_bytes=64 << 10)).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(live):
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+
+
+def _counting(a: int, b: int, **kw) -> dict:
+    return dict(prompt=demo_task.make_prompt(a, b), max_tokens=b - a + 2, temperature=0, **kw)
+
+
+def test_health_models_metrics(live, client):
+    status, _, body = live.get("/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    assert [m.id for m in client.models.list().data] == ["demo"]
+    m = live.metrics()
+    assert m[("fastserve_server_ready", ())] == 1.0
+    for name in ("fastserve_queue_length", "fastserve_requests", "fastserve_kv_blocks_total",
+                 "fastserve_time_to_first_token_seconds_count", "fastserve_time_per_output_token_seconds_count",
+                 "fastserve_e2e_request_latency_seconds_count", "fastserve_prompt_tokens_total",
+                 "fastserve_generation_tokens_total", "fastserve_swap_blocks_total", "fastserve_swap_bytes_total",
+                 "fastserve_swap_stall_seconds_total", "fastserve_recomputations_total"):
+        assert any(k[0] == name for k in m), f"{name} missing from /metrics"
+    assert m[("fastserve_queue_length", (("level", "1"),))] == 0        # skip-join MLFQ: several levels
+    assert m[("fastserve_kv_blocks_total", (("pool", "device"),))] > 0
+
+
+def test_completions_non_streaming(live, client):
+    pairs = [(3, 12), (250, 300), (0, 7)]
+    out = client.completions.create(model="demo", prompt=[demo_task.make_prompt(a, b) for a, b in pairs],
+                                    max_tokens=300, temperature=0, n=2)
+    assert len(out.choices) == 6
+    for c in out.choices:
+        a, b = pairs[c.index // 2]
+        assert demo_task.check_answer(a, b, c.text), (c.index, c.text)
+        assert c.finish_reason == "stop"
+    assert out.usage.completion_tokens == 2 * sum(demo_task.answer_num_tokens(a, b) for a, b in pairs)
+    tokens = live.state.engine.engine.tokenizer.encode(demo_task.make_prompt(5, 40))
+    ids = client.completions.create(model="demo", prompt=tokens, max_tokens=3, temperature=0)
+    assert ids.usage.prompt_tokens == len(tokens) and ids.choices[0].finish_reason == "length"
+    assert ids.choices[0].text == " 5 6 7"
+
+
+def test_completions_streaming_with_usage_and_stop(client):
+    chunks = list(client.completions.create(model="demo", prompt=demo_task.make_prompt(40, 90), max_tokens=60,
+                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert demo_task.check_answer(40, 90, text)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == demo_task.answer_num_tokens(40, 90)
+    assert all(c.usage is None for c in chunks[:-1])
+    # a stop string spanning two tokens: nothing past the cut is ever streamed
+    stopped = list(client.completions.create(model="demo", prompt=demo_task.make_prompt(5, 40), max_tokens=50,
+                                             temperature=0, stream=True, stop=["0 1"]))
+    assert "".join(c.choices[0].text for c in stopped) == " 5 6 7 8 9 1"
+    assert stopped[-1].choices[0].finish_reason == "stop"
+
+
+def test_chat_streaming_and_not(client):
+    msgs = [{"role": "user", "content": demo_task.make_prompt(17, 60)}]
+    out = client.chat.completions.create(model="demo", messages=msgs, temperature=0, logprobs=True, top_logprobs=2)
+    ch = out.choices[0]
+    assert ch.message.role == "assistant" and demo_task.check_answer(17, 60, ch.message.content)
+    assert len(ch.logprobs.content) == demo_task.answer_num_tokens(17, 60)
+    assert ch.logprobs.content[0].token == " 17" and len(ch.logprobs.content[0].top_logprobs) == 2
+    chunks = list(client.chat.completions.create(model="demo", messages=msgs, max_completion_tokens=100,
+                                                 temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert demo_task.check_answer(17, 60, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+    assert chunks[-1].usage.prompt_tokens == out.usage.prompt_tokens
+
+
+def test_sampling_parameters_and_extensions(client):
+    kw = dict(model="demo", prompt=demo_task.make_prompt(1, 30), max_tokens=12, temperature=0.9, top_p=0.9,
+              seed=7, n=2, presence_penalty=0.5, frequency_penalty=0.3, user="tester",
+              extra_body={"top_k": 5, "priority": 3})
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]     # seeded: reproducible
+    lp = client.completions.create(model="demo", prompt=demo_task.make_prompt(1, 3), max_tokens=5, temperature=0,
+                                   logprobs=3).choices[0].logprobs
+    assert lp.tokens[:3] == [" 1", " 2", " 3"] and len(lp.top_logprobs[0]) == 3 and lp.text_offset[:2] == [0, 2]
+
+
+BAD = [
+    (b"{bad json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "must be a JSON object"),
+    (b'{"prompt": "\xff\xfe"}', 400, "not valid UTF-8"),
+    (b"[" * 60000, 400, "too deeply"),
+    (b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", 400, "digits"),
+    (b'{"prompt": "x", "temperature": NaN}', 400, "NaN"),
+    (b'{"prompt": 5}', 400, "'prompt' must be"),
+    (b'{"prompt": []}', 400, "'prompt' must be"),
+    (b'{"prompt": "x", "max_tokens": "10"}', 400, "'max_tokens' must be an integer"),
+    (b'{"prompt": "x", "max_tokens": 0}', 400, "'max_tokens' must be in [1, inf]"),
+    (b'{"prompt": "x", "temperature": true}', 400, "'temperature' must be a number"),
+    (b'{"prompt": "x", "temperature": 3}', 400, "'temperature' must be in [0.0, 2.0]"),
+    (b'{"prompt": "x", "top_p": 0}', 400, "'top_p' must be in (0.0, 1.0]"),
+    (b'{"prompt": "x", "n": 0}', 400, "'n' must be in [1, 16]"),
+    (b'{"prompt": "x", "stop": [1]}', 400, "'stop' must be"),
+    (b'{"prompt": "x", "logprobs": 21}', 400, "'logprobs' must be in [0, 20]"),
+    (b'{"prompt": "x", "frequency_penalty": 2.5}', 400, "'frequency_penalty' must be in [-2.0, 2.0]"),
+    (b'{"prompt": "x", "stream_options": {"include_usage": true}}', 400, "only allowed with"),
+    (b'{"prompt": "x", "best_of": 2}', 400, "unknown or unsupported field(s) ['best_of']"),
+    (b'{"prompt": [99999]}', 400, "token ids must be in [0, 1270)"),
+    (json.dumps({"prompt": "count " * 600}).encode(), 400, "max_model_len is 512"),
+    (b'{"prompt": "count from 1 to 3:", "max_tokens": 600}', 400, "maximum context length is 512 tokens"),
+    (b'{"prompt": "x", "model": "gpt-4"}', 404, "does not exist"),
+    (b'{"max_tokens": 3}', 400, "'prompt' is required"),
+]
+BAD_CHAT = [
+    (b'{"messages": "hi"}', 400, "'messages' must be a non-empty array"),
+    (b'{"messages": [{"role": "wizard", "content": "x"}]}', 400, "'role' one of"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400, "text only"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', 400, 'needs "logprobs": true'),
+    (b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 9999}', 400, "context length"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,message", [("/v1/completions", *b) for b in BAD] +
+                         [("/v1/chat/completions", *b) for b in BAD_CHAT], ids=lambda v: str(v)[:40])
+def test_bad_requests_get_openai_errors(live, path, body, status, message):
+    got, _, err = live.post(path, body, {"Content-Type": "application/json"})
+    assert got == status, err
+    assert set(err["error"]) == {"message", "type", "param", "code"} and message in err["error"]["message"], err
+
+
+def test_huge_body_wrong_method_unknown_route(live):
+    status, _, err = live.post("/v1/completions", b'{"prompt": "' + b"a" * (200 << 10) + b'"}')
+    assert status == 413 and "larger than the server's limit of 65536 bytes" in err["error"]["message"]
+    status, _, body = live.get("/v1/completions")
+    assert status == 405 and "error" in json.loads(body)
+    status, _, body = live.get("/v2/nothing")
+    assert status == 404 and "error" in json.loads(body)
+    assert live.get("/health")[0] == 200
+
+
+async def _open_streams(url: str, payloads: list[dict]):
+    """Start streaming requests and read only their status lines (they stay admitted)."""
+    opened = [await bench_client._open(url, "POST", "/v1/completions", json.dumps(p).encode(),
+                                       {"Content-Type": "application/json"}) for p in payloads]
+    return opened
+
+
+def test_admission_queue_full_then_disconnects_free_everything(live):
+    async def scenario():
+        hold = [_counting(0, 250, stream=True, n=16) for _ in range(MAX_PENDING // 16)]
+        opened = await _open_streams(live.url, hold)
+        assert [o[2] for o in opened] == [200] * len(hold)
+        status, headers, body = await bench_client.request(
+            live.url, "POST", "/v1/completions", json.dumps(_counting(1, 2)).encode())
+        for _, writer, _, _ in opened:
+            writer.close()
+        return status, headers, json.loads(body)
+
+    status, headers, err = asyncio.run(scenario())
+    assert status == 503 and headers["retry-after"] == "1" and "admission queue is full" in err["error"]["message"]
+    live.wait_idle(timeout=10)
+    assert live.metric("fastserve_server_rejected_total", reason="queue_full") >= 1
+
+
+def test_non_streaming_disconnect_aborts(live):
+    before = live.metric("fastserve_e2e_request_latency_seconds_count")
+
+    async def hang_up():
+        """Send the request, let it run a little, hang up without reading the response."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+        body = json.dumps(_counting(0, 250, n=4)).encode()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.close()
+
+    gen0 = live.metric("fastserve_generation_tokens_total")
+    asyncio.run(hang_up())
+    live.wait_idle(timeout=5)
+    generated = live.metric("fastserve_generation_tokens_total") - gen0
+    assert 0 < generated < 4 * 252, "the request should have started and been cut short"
+    assert live.metric("fastserve_e2e_request_latency_seconds_count") == before   # aborted, not finished
+
+
+def test_engine_fault_fails_requests_and_server_keeps_serving(live, client):
+    eng = live.state.engine.engine
+
+    def failing_step():
+        del eng.step          # fail once; the class's step serves the next iteration
+        raise RuntimeError("injected device fault")
+
+    live.on_engine(lambda e: setattr(e, "step", failing_step))
+    status, _, err = live.post("/v1/completions", _counting(3, 30))
+    assert status == 500 and "injected device fault" in err["error"]["message"]
+    out = client.completions.create(model="demo", prompt=demo_task.make_prompt(3, 30), max_tokens=40, temperature=0)
+    assert demo_task.check_answer(3, 30, out.choices[0].text)
+    assert live.get("/health")[0] == 200 and live.metric("fastserve_engine_faults_total") == 1
+    live.wait_idle()
+    live.on_engine(lambda e: e.kv.check_integrity())
+
+
+def test_load_200_requests_32_clients_with_disconnects(live):
+    rng = np.random.default_rng(5)
+    n = 200
+    tok = live.state.engine.engine.tokenizer
+    short = answerable([(a, a + int(rng.integers(0, 120))) for a in map(int, rng.integers(0, 800, 2 * n))], tok)
+    long = answerable([(a, a + int(rng.integers(60, 120))) for a in map(int, rng.integers(0, 800, n))], tok)
+    cut = [int(rng.integers(1, 6)) if i % 8 == 3 else None for i in range(n)]   # hang up after 1-5 tokens
+    pairs = [long.pop() if c else short.pop() for c in cut]                     # cut ones: long enough to cut
+    payloads = [_counting(a, b, stream=True, stream_options={"include_usage": True}) for a, b in pairs]
+    prompt_tokens = sum(len(tok.encode(p["prompt"])) for p in payloads)
+    m0 = live.metrics()
+
+    results = asyncio.run(bench_client.run_load(live.url, payloads, concurrency=32, disconnect_after=cut))
+
+    wrong = [(pairs[i], r.text[:60], r.error) for i, r in enumerate(results)
+             if cut[i] is None and not (r.ok and demo_task.check_answer(*pairs[i], r.text))]
+    assert not wrong, f"{len(wrong)} wrong or failed, e.g. {wrong[:3]}"
+    for i, r in enumerate(results):
+        assert len(r.ids) == 1
+        if cut[i]:
+            assert r.disconnected and demo_task.expected_answer(*pairs[i]).startswith(r.text)
+        else:
+            assert r.completion_tokens == demo_task.answer_num_tokens(*pairs[i]) and r.finish_reason == "stop"
+    assert len({next(iter(r.ids)) for r in results}) == n                       # nothing duplicated
+    live.wait_idle(timeout=20)                                                    # KV back to zero
+    m1 = live.metrics()
+    delta = lambda name: m1[(name, ())] - m0[(name, ())]
+    assert delta("fastserve_prompt_tokens_total") == prompt_tokens               # each admitted exactly once
+    assert delta("fastserve_e2e_request_latency_seconds_count") == sum(c is None for c in cut)
+    assert live.get("/health")[0] == 200
+    live.on_engine(lambda e: e.kv.check_integrity())
