@@ -47,6 +47,7 @@ class SimConfig:
     host_kv_capacity_tokens: int = 0     # host pool for swapped KV (0: none, so evictions recompute)
     swap_policy: str = "proactive"
     swap_reserve_blocks: int = 0
+    max_iterations: int = 10_000_000     # a policy that cannot finish the trace fails instead of spinning
 
     def num_host_blocks(self) -> int:
         return self.host_kv_capacity_tokens // self.block_size
@@ -151,6 +152,10 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
             if ready <= now:
                 kv.finish_swap_out(live_reqs[rid])
                 del out_ready[rid]
+        if iterations >= cfg.max_iterations:
+            raise RuntimeError(f"{policy} ran {iterations} iterations with {live} requests still live at "
+                               f"t={now:.1f}s: the plan rotates without finishing (raise max_iterations if the "
+                               "trace is that long)")
         plan = sched.schedule(now)
         if not plan.scheduled:
             raise RuntimeError(f"{policy} scheduled nothing with {live} live requests at t={now:.3f}s: "

@@ -80,7 +80,7 @@ def test_every_policy_finishes_everything_within_limits(reqs, policy, seqs, budg
     trace = [TraceRequest(t, p, o) for t, p, o in reqs]
     cfg = SimConfig(max_num_seqs=seqs, max_num_batched_tokens=budget, block_size=4, kv_capacity_tokens=kv_tokens,
                     scheduler_config=SchedulerConfig(base_quantum=0.5, num_queues=4, starvation_threshold=3.0,
-                                                     gittins_min_samples=3, gittins_refresh=2))
+                                                     gittins_min_samples=3, gittins_refresh=2), max_iterations=100_000)
     res = simulate(trace, policy, UNIT, cfg)
     by_id = {r.request_id: r for r in res.requests}
     for i, t in enumerate(trace):
@@ -88,6 +88,20 @@ def test_every_policy_finishes_everything_within_limits(reqs, policy, seqs, budg
         assert len(r.output_token_ids) == t.output_tokens and r.finished
         assert r.arrival_time <= r.metrics.first_token_time <= r.metrics.finish_time
     assert res.max_batch <= seqs and res.max_tokens <= budget
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_partial_prefills_do_not_rotate_forever(policy):
+    """Found by hypothesis: three prompts of 13-14 blocks in a 25-block pool with an 18-token
+    budget. When a request could start on its first chunk alone, MLFQ rotated partial
+    prefills that evicted each other, and nothing ever finished."""
+    trace = [TraceRequest(1.956, 50, 28), TraceRequest(1.720, 54, 10), TraceRequest(1.956, 50, 28),
+             TraceRequest(2.629, 14, 6)]
+    cfg = SimConfig(max_num_seqs=2, max_num_batched_tokens=18, block_size=4, kv_capacity_tokens=102,
+                    scheduler_config=SchedulerConfig(base_quantum=0.5, num_queues=4, starvation_threshold=3.0,
+                                                     gittins_min_samples=3, gittins_refresh=2), max_iterations=2000)
+    res = simulate(trace, policy, UNIT, cfg)
+    assert all(r.finished for r in res.requests)
 
 
 def test_kv_capacity_is_enforced_and_evictions_are_counted():

@@ -10,7 +10,9 @@ while low-priority requests sit on it. Then:
   more device blocks evicts paused requests of lower priority (lowest first) until it fits;
   `evict` moves their KV to the host pool while it has room (swap_on_evict), else drops it
   for recomputation;
-- a request without KV (new, or dropped earlier) evicts only to the host pool, never by
+- a request without KV (new, or dropped earlier) starts only if its whole context fits (a
+  start that must later evict for its own prefill lets MLFQ rotate partial prefills forever);
+  it evicts only to the host pool, never by
   dropping KV (dropping work already done to start a new request makes the two chase each
   other, and bounds nothing when more requests start than the pools hold); with
   recomputation only, it starts only if its chunk fits in the free blocks. With swapping,
@@ -78,13 +80,16 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
             continue
         n = min(req.num_pending_tokens, budget)
         need = kv.blocks_needed(req, n)
-        if not holds and swap and started + need > start_limit:
+        # A request starts only if its whole context fits, not just its first chunk: a start
+        # that later has to evict for its own prefill lets MLFQ rotate partial prefills forever.
+        fit = need if holds else max(need, kv.blocks_for_tokens(req.num_tokens))
+        if not holds and swap and started + fit > start_limit:
             admit_new = False
             continue
-        if need > free and (holds or swap) and not victims_done:
+        if fit > free and (holds or swap) and not victims_done:
             if victims is None:
                 victims = iter(worst_first)
-            while need > free:
+            while fit > free:
                 v, held_back = (held_back, None) if held_back is not None else (next(victims, None), None)
                 if v is None or v is req:     # everything further up ranks above the requester
                     victims_done = True
@@ -97,14 +102,14 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
                     break
                 evicted.add(vid)
                 free += evict(plan, v, kv, swap)
-        if need > free:
+        if fit > free:
             if not holds:
                 admit_new = False
             continue
         plan.scheduled.append(ScheduledRequest(req, n))
-        started += need if not holds else 0
+        started += fit if not holds else 0
         plan.host_blocks -= kv.host_blocks(req)       # coming back: its host blocks take evictions
         chosen.add(rid)
         budget -= n
-        free -= need
+        free -= fit                                   # a starter's rest of prefill is set aside too
     return plan
