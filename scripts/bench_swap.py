@@ -105,8 +105,10 @@ def part_engine(a) -> dict:
                  recomputations=st.recomputations, stall_share=st.swap_stall / loop if loop else 0.0,
                  iterations=st.iterations)
         out[policy] = m
-    kv_bytes = sum(w[2].prompt_tokens + w[2].output_tokens for w in work) * e.runner.transfer.block_bytes // 16 \
-        if e.runner.transfer else 0
+    from fastserve_jax.runner import kv_block_bytes
+
+    per_token = kv_block_bytes(e.model_cfg, e.cfg) / e.cfg.block_size
+    kv_bytes = sum(w[2].prompt_tokens + w[2].output_tokens for w in work) * per_token
     print(f"\n== engine: demo model, {a.num_requests} trace requests at {a.rate} req/s, device pool "
           f"{a.device_blocks - 1} blocks x 16 tokens, host {a.host_blocks}, max_num_seqs {a.max_num_seqs} "
           f"(all requests' KV together: {kv_bytes / 1e6:.2f} MB)")
