@@ -316,10 +316,7 @@ class LLMEngine:
         self._swapping_out += plan.swapped_out
         if not ahead:
             return
-        for req in ahead.drop:
-            self._forget_host_copy(req)
         copies = apply_ahead(ahead, self.kv)
-        self.stats.recomputations += len(ahead.drop)
         self.runner.swap_out(copies.swap_out)
         self.runner.start_swap_in(copies.swap_in)
         self._swapping_out += ahead.offload

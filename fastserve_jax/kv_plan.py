@@ -32,10 +32,9 @@ class SwapAhead:
 
     offload: list[Request] = field(default_factory=list)   # device -> host: paused, next run far off
     upload: list[Request] = field(default_factory=list)    # host -> device: next run soon
-    drop: list[Request] = field(default_factory=list)      # KV dropped (host pool full): recompute
 
     def __bool__(self) -> bool:
-        return bool(self.offload or self.upload or self.drop)
+        return bool(self.offload or self.upload)
 
 
 def drop_kv(req: Request, kv: KVManager) -> None:
@@ -67,6 +66,4 @@ def apply_plan(plan: Plan, kv: KVManager, now: float) -> Copies:
 
 def apply_ahead(ahead: SwapAhead, kv: KVManager) -> Copies:
     """Uploads come back SWAPPING_IN; call kv.finish_swap_in once their copy has landed."""
-    for req in ahead.drop:
-        drop_kv(req, kv)
     return Copies([kv.swap_out(r) for r in ahead.offload], [kv.swap_in(r) for r in ahead.upload])

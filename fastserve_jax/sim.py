@@ -32,7 +32,7 @@ from fastserve_jax.kv_cache import KVLocation, KVManager
 from fastserve_jax.kv_plan import apply_ahead, apply_plan
 from fastserve_jax.request import Request, RequestStatus
 from fastserve_jax.swap_policy import SwapPolicy
-from fastserve_jax.scheduler import Limits, make_scheduler
+from fastserve_jax.scheduler import Limits, Plan, make_scheduler
 from fastserve_jax.metrics import summarize
 from fastserve_jax.workload import TraceRequest
 
@@ -78,6 +78,26 @@ class SimResult:
         return dict(summarize(self.requests), iterations=self.iterations, preemptions=self.preemptions,
                     mean_batch=self.scheduled_seqs / max(1, self.iterations), sim_wall_seconds=self.wall_seconds,
                     **{f"swap_{k}": v for k, v in dataclasses.asdict(self.swap).items()})
+
+
+def advance(plan: Plan, now: float) -> list[Request]:
+    """The plan ran, ending at `now`: num_computed_tokens += n, a chunk that reaches the end
+    of its request samples a token (token id 0: nothing reads it), and requests at their
+    max_tokens finish with "length". Returns the finished ones; the caller frees their KV and
+    removes them from the policy."""
+    done = []
+    for s in plan.scheduled:
+        r = s.request
+        r.num_computed_tokens += s.num_tokens
+        if r.num_computed_tokens == r.num_tokens:
+            r.output_token_ids.append(0)
+            if r.metrics.first_token_time is None:
+                r.metrics.first_token_time = now
+            if len(r.output_token_ids) >= r.sampling.max_tokens:
+                r.status, r.finish_reason = RequestStatus.FINISHED, "length"
+                r.metrics.finish_time = now
+                done.append(r)
+    return done
 
 
 @dataclass
@@ -176,9 +196,6 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         max_blocks = max(max_blocks, kv.num_used_blocks)
         ahead = swap.plan_ahead(plan, live_reqs.values(), sched, now)
         if ahead:
-            preemptions += len(ahead.drop)
-            for r in ahead.drop:
-                out_ready.pop(r.request_id, None)
             moves = apply_ahead(ahead, kv)
             for c in moves.swap_out:
                 out_ready[c.request.request_id] = links.out(now, c.num_blocks)
@@ -189,22 +206,12 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
                 counts.ins_ahead += 1
         dt = plan_time(cost, plan.scheduled)
         now += dt
-        for s in plan.scheduled:
-            r = s.request
-            r.num_computed_tokens += s.num_tokens
-            if r.num_computed_tokens == r.num_tokens:      # the chunk reached the end: a token
-                r.output_token_ids.append(0)
-                if r.metrics.first_token_time is None:
-                    r.metrics.first_token_time = now
-                if len(r.output_token_ids) >= r.sampling.max_tokens:
-                    r.status = RequestStatus.FINISHED
-                    r.finish_reason = "length"
-                    r.metrics.finish_time = now
-                    kv.free(r)
-                    sched.remove(r)
-                    out_ready.pop(r.request_id, None)
-                    del live_reqs[r.request_id]
-                    live -= 1
+        for r in advance(plan, now):
+            kv.free(r)
+            sched.remove(r)
+            out_ready.pop(r.request_id, None)
+            del live_reqs[r.request_id]
+            live -= 1
         sched.on_iteration(plan, dt, now)
         swap.on_iteration(now - t_start)
         counts.busy_seconds += now - t_start

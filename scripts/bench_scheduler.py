@@ -25,8 +25,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from fastserve_jax.config import SamplingParams, SchedulerConfig  # noqa: E402
 from fastserve_jax.cost_model import CostModel  # noqa: E402
 from fastserve_jax.kv_cache import KVManager  # noqa: E402
-from fastserve_jax.request import Request, RequestStatus  # noqa: E402
+from fastserve_jax.kv_plan import apply_plan  # noqa: E402
+from fastserve_jax.request import Request  # noqa: E402
 from fastserve_jax.scheduler import POLICIES, Limits, make_scheduler  # noqa: E402
+from fastserve_jax.sim import advance  # noqa: E402
 
 TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", "azure_conv_2023.csv")
 
@@ -71,24 +73,13 @@ def bench(policy: str, live: int, iters: int, kv_tokens: int, cost: CostModel) -
         dt = time.perf_counter() - t0
         if it >= 300:
             times.append(dt)
-        for r in plan.preempted:
-            kv.free(r)
-            r.num_computed_tokens = 0
-            r.status = RequestStatus.WAITING
-        for s in plan.scheduled:
-            kv.allocate(s.request, s.num_tokens)
+        apply_plan(plan, kv, now)
         step = 0.02
         now += step
-        for s in plan.scheduled:
-            r = s.request
-            r.num_computed_tokens += s.num_tokens
-            if r.num_computed_tokens == r.num_tokens:
-                r.output_token_ids.append(0)
-                if len(r.output_token_ids) >= r.sampling.max_tokens:
-                    r.status, r.finish_reason = RequestStatus.FINISHED, "length"
-                    kv.free(r)
-                    sched.remove(r)
-                    sched.add(wl.next(now))
+        for r in advance(plan, now):
+            kv.free(r)
+            sched.remove(r)
+            sched.add(wl.next(now))
         sched.on_iteration(plan, step, now)
     assert len(sched) == live
     return times

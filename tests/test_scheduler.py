@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 from fastserve_jax.config import SamplingParams, SchedulerConfig
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.kv_cache import KVManager
-from fastserve_jax.request import Request, RequestStatus
+from fastserve_jax.kv_plan import apply_plan
+from fastserve_jax.request import Request
 from fastserve_jax.scheduler import POLICIES, Limits, make_scheduler
 from fastserve_jax.scheduler.gittins_table import GittinsTable
+from fastserve_jax.sim import advance
 
 # prefill: 10 ms per 100 tokens (at least 10 ms); decode: 10 ms per iteration at any batch
 COST = CostModel("literal", prefill_tokens=(1, 100, 10_000), prefill_seconds=(0.01, 0.01, 1.0),
@@ -34,21 +36,10 @@ def make(policy="skip-join-mlfq", seqs=4, budget=1000, num_blocks=1000, block_si
 def run(sched, kv, now=0.0, duration=0.01):
     """schedule + apply like the engine; returns [(id, n)] scheduled."""
     plan = sched.schedule(now)
-    for r in plan.preempted:
+    apply_plan(plan, kv, now)
+    for r in advance(plan, now + duration):
         kv.free(r)
-        r.num_computed_tokens = 0
-        r.status = RequestStatus.WAITING
-    for s in plan.scheduled:
-        kv.allocate(s.request, s.num_tokens)
-    for s in plan.scheduled:
-        r = s.request
-        r.num_computed_tokens += s.num_tokens
-        if r.num_computed_tokens == r.num_tokens:
-            r.output_token_ids.append(7)
-            if len(r.output_token_ids) >= r.sampling.max_tokens:
-                r.status, r.finish_reason = RequestStatus.FINISHED, "length"
-                kv.free(r)
-                sched.remove(r)
+        sched.remove(r)
     sched.on_iteration(plan, duration, now + duration)
     kv.check_integrity()
     return [(s.request.request_id, s.num_tokens) for s in plan.scheduled], plan

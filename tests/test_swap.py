@@ -18,7 +18,7 @@ from fastserve_jax.kv_plan import apply_ahead, apply_plan
 from fastserve_jax.kv_transfer import power_of_two_runs
 from fastserve_jax.request import Request, RequestStatus
 from fastserve_jax.scheduler import Limits, make_scheduler
-from fastserve_jax.sim import SimConfig, simulate
+from fastserve_jax.sim import SimConfig, advance, simulate
 from fastserve_jax.swap_policy import SwapPolicy
 from fastserve_jax.workload import TraceRequest
 from models import demo_task
@@ -168,17 +168,11 @@ def test_randomized_ledger_invariants(policy, seed):
         moves += len(copies.swap_out) + len(copies.swap_in) + len(later.swap_out) + len(later.swap_in)
         kv.check_integrity()
         now += 0.01
-        for s in plan.scheduled:
-            r = s.request
-            r.num_computed_tokens += s.num_tokens
-            if r.num_computed_tokens == r.num_tokens:
-                r.output_token_ids.append(7)
-                if len(r.output_token_ids) >= r.sampling.max_tokens:
-                    r.status, r.finish_reason = RequestStatus.FINISHED, "length"
-                    kv.free(r)
-                    sched.remove(r)
-                    swap.forget(r)
-                    del live[r.request_id]
+        for r in advance(plan, now):
+            kv.free(r)
+            sched.remove(r)
+            swap.forget(r)
+            del live[r.request_id]
         sched.on_iteration(plan, 0.01, now)
         swap.on_iteration(0.01)
         kv.check_integrity()
@@ -215,6 +209,15 @@ def _prompts(n, seed):
     return [[int(x) for x in rng.integers(3, 250, int(k))] for k in rng.integers(20, 40, n)]
 
 
+def _run_all(e, prompts, sp) -> list[Request]:
+    """Serve `prompts` to completion, checking the ledger after every iteration."""
+    reqs = [e.add_request(p, sp) for p in prompts]
+    while e.has_unfinished():
+        e.step()
+        e.kv.check_integrity()
+    return reqs
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoints):
     path = tiny_checkpoints("llama")
@@ -231,10 +234,7 @@ def test_tokens_identical_under_swapping(reference, policy):
     path, prompts, sp, want = reference
     llm = LLM(path, warmup=False, num_device_blocks=30, num_host_blocks=80, swap_policy=policy, **ENGINE_KW)
     e = llm.engine
-    reqs = [e.add_request(p, sp) for p in prompts]
-    while e.has_unfinished():
-        e.step()
-        e.kv.check_integrity()
+    reqs = _run_all(e, prompts, sp)
     assert [r.output_token_ids for r in reqs] == want
     st = e.stats
     assert e.kv.num_used_blocks == 0 and e.kv.num_host_used_blocks == 0
@@ -250,10 +250,7 @@ def test_host_pool_too_small_falls_back_to_recomputation(reference):
     path, prompts, sp, want = reference
     llm = LLM(path, warmup=False, num_device_blocks=30, num_host_blocks=6, swap_policy="reactive", **ENGINE_KW)
     e = llm.engine
-    reqs = [e.add_request(p, sp) for p in prompts]
-    while e.has_unfinished():
-        e.step()
-        e.kv.check_integrity()
+    reqs = _run_all(e, prompts, sp)
     assert [r.output_token_ids for r in reqs] == want
     assert e.stats.swap_out_blocks > 0 and e.stats.recomputations > 0
 
