@@ -174,6 +174,14 @@ class EngineConfig:
     prefill_token_buckets: tuple[int, ...] = ()
     block_buckets: tuple[int, ...] = ()
     compilation_cache_dir: str | None = field(default=None)
+    # Parallelism (sharding/): devices = tp x pp. Tensor parallel splits heads, MLP units and the
+    # vocabulary over tp devices; pipeline parallel splits the layers into pp stages.
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # Batches dispatched and not yet collected at once; 0: pipeline_parallel_size, so that every
+    # stage has a batch of its own (FastServe's answer to pipeline bubbles). 1 runs one batch
+    # through all stages before scheduling the next.
+    batches_in_flight: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "block_size"):
@@ -189,6 +197,12 @@ class EngineConfig:
             raise ValueError(f"swap_policy must be 'proactive', 'reactive' or 'recompute', got {self.swap_policy!r}")
         if not isinstance(self.swap_reserve_blocks, int) or self.swap_reserve_blocks < 0:
             raise ValueError(f"swap_reserve_blocks must be >= 0 (0 = sized from arrivals), got {self.swap_reserve_blocks!r}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.batches_in_flight, int) or self.batches_in_flight < 0:
+            raise ValueError(f"batches_in_flight must be >= 0 (0 = pipeline_parallel_size), got {self.batches_in_flight!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
 
@@ -215,7 +229,8 @@ class EngineConfig:
             if b[-1] < need:
                 raise ValueError(f"{name} must reach {need}, got largest {b[-1]}")
         return dataclasses.replace(self, decode_batch_buckets=tuple(dec),
-                                   prefill_token_buckets=tuple(pre), block_buckets=tuple(blk))
+                                   prefill_token_buckets=tuple(pre), block_buckets=tuple(blk),
+                                   batches_in_flight=self.batches_in_flight or self.pipeline_parallel_size)
 
 
 def bucket(value: int, buckets: tuple[int, ...]) -> int:

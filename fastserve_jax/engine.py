@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import jax
@@ -24,7 +25,10 @@ from fastserve_jax.kv_plan import apply_ahead, apply_plan
 from fastserve_jax.request import Request, RequestMetrics, RequestStatus, TokenLogprobs
 from fastserve_jax.runner import ModelRunner, auto_num_blocks, auto_num_host_blocks
 from fastserve_jax.scheduler import POLICIES, Limits, make_scheduler
+from fastserve_jax.scheduler.base import Plan
 from fastserve_jax.swap_policy import SwapPolicy
+from sharding.layout import ModelLayout
+from sharding.mesh import ParallelConfig
 
 
 @dataclass
@@ -93,9 +97,23 @@ def _eos_ids(path: str, model_cfg, tokenizer) -> frozenset[int]:
     return frozenset(int(i) for i in ids)
 
 
+@dataclass
+class _InFlight:
+    """A dispatched batch whose sampled tokens are not collected yet."""
+
+    batch: int
+    plan: Plan
+    launches: list
+    pending: list
+    started: float                   # perf_counter at the start of the step that dispatched it
+
+
 class LLMEngine:
-    def __init__(self, model_cfg, module, params, tokenizer, cfg: EngineConfig, eos_ids: frozenset[int] = frozenset(),
-                 warmup: bool = True, progress=None) -> None:
+    """params: the model's param tree, placed by `layout` (from_pretrained loads it straight
+    into place) or anywhere (it is then moved into the layout)."""
+
+    def __init__(self, model_cfg, params, tokenizer, cfg: EngineConfig, eos_ids: frozenset[int] = frozenset(),
+                 warmup: bool = True, progress=None, layout: ModelLayout | None = None) -> None:
         if cfg.max_model_len > model_cfg.max_position_embeddings:
             raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings="
                              f"{model_cfg.max_position_embeddings}; lower max_model_len")
@@ -106,8 +124,14 @@ class LLMEngine:
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer
         self.cfg = cfg.resolve()
+        self.layout = layout or ModelLayout(model_cfg, ParallelConfig(cfg.tensor_parallel_size,
+                                                                      cfg.pipeline_parallel_size))
+        if self.layout.parallel != ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size):
+            raise ValueError(f"the layout ({self.layout.describe()}) does not match the config's tensor/pipeline "
+                             "parallel sizes")
+        params = self.layout.place_params(params)
         param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-        num_blocks = self.cfg.num_device_blocks or auto_num_blocks(model_cfg, self.cfg, param_bytes)
+        num_blocks = self.cfg.num_device_blocks or auto_num_blocks(model_cfg, self.cfg, param_bytes, self.layout)
         num_host = (self.cfg.num_host_blocks if self.cfg.num_host_blocks is not None else
                     auto_num_host_blocks(model_cfg, self.cfg, num_blocks))
         if self.cfg.swap_policy == "recompute":
@@ -115,7 +139,10 @@ class LLMEngine:
         self.kv = KVManager(num_blocks, self.cfg.block_size, num_host)
         self.swap = SwapPolicy(self.cfg.swap_policy, self.kv, self.cfg.max_num_batched_tokens,
                                self.cfg.swap_reserve_blocks)
-        self.runner = ModelRunner(module, params, model_cfg, self.cfg, num_blocks, swap=self.swap.swaps)
+        self.runner = ModelRunner(params, model_cfg, self.cfg, num_blocks, self.layout, swap=self.swap.swaps)
+        self._inflight: deque[_InFlight] = deque()     # oldest first; at most cfg.batches_in_flight
+        self._batches = itertools.count()
+        self._last_collected = 0.0
         self._uploading: list[Request] = []          # uploads issued last iteration, to land next
         self._swapping_out: list[Request] = []       # swap-outs whose copy may still be in flight
         self.eos_ids = eos_ids
@@ -150,11 +177,15 @@ class LLMEngine:
         """Load a Hugging Face model directory (config.json, safetensors, tokenizer)."""
         from transformers import AutoTokenizer
 
+        from models.config import ModelConfig
         from models.loader import load_model
 
-        model_cfg, module, params = load_model(model_path, dtype=cfg.dtype)
+        model_cfg = ModelConfig.from_pretrained(model_path)
+        layout = ModelLayout(model_cfg, ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size))
+        model_cfg, _, params = load_model(model_path, dtype=cfg.dtype, place=layout.abstract_params)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        return cls(model_cfg, module, params, tokenizer, cfg, _eos_ids(model_path, model_cfg, tokenizer), **kwargs)
+        return cls(model_cfg, params, tokenizer, cfg, _eos_ids(model_path, model_cfg, tokenizer), layout=layout,
+                   **kwargs)
 
     # -- admission (the boundary: validate everything before anything is queued) -----------
     def validate(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
@@ -249,53 +280,85 @@ class LLMEngine:
         Callers turn them into outputs with `output_of` only when they need to. Order of device
         work (kv_plan.py): last iteration's uploads land, this plan's swap-outs and on-demand
         swap-ins, the step, then the swap policy's moves for later iterations, which overlap
-        the step."""
+        the step.
+
+        With cfg.batches_in_flight = k > 1 (pipeline mode), an iteration dispatches a batch of
+        requests that are not in flight and collects the oldest batch only once k are in
+        flight (or nothing more can be dispatched), so each pipeline stage holds a different
+        batch; requests in flight are neither scheduled again nor evicted until collected."""
         st = self.stats
         t0 = time.perf_counter()
         self._land_swaps()
-        now = time.monotonic()
-        plan = self.scheduler.schedule(now)
-        copies = apply_plan(plan, self.kv, now)
-        st.recomputations += len(plan.preempted)
-        for req in plan.preempted:
-            self._forget_host_copy(req)
+        plan = Plan()
+        launches: list = []
+        if len(self._inflight) < self.cfg.batches_in_flight:
+            now = time.monotonic()
+            plan = self.scheduler.schedule(now)
+            copies = apply_plan(plan, self.kv, now)
+            st.recomputations += len(plan.preempted)
+            for req in plan.preempted:
+                self._forget_host_copy(req)
+            t1 = time.perf_counter()
+            launches = self.runner.build_launches(plan.scheduled, self.kv)
+            t2 = time.perf_counter()
+            if copies.swap_out or copies.swap_in:
+                self.runner.swap_out(copies.swap_out)
+                self.runner.swap_in_now(copies.swap_in)
+                st.swap_ins_on_demand += len(copies.swap_in)
+                st.swap_outs_on_demand += len(copies.swap_out)
+            batch = next(self._batches)
+            for s in plan.scheduled:
+                s.request.in_flight = True
+            pending = self.runner.dispatch(launches, batch)
+            t3 = time.perf_counter()
+            self._swap_ahead(plan, now)
+            t4 = time.perf_counter()
+            if plan.scheduled:
+                self._inflight.append(_InFlight(batch, plan, launches, pending, t0))
+            st.schedule += t1 - t0 + t4 - t3
+            st.assemble += t2 - t1
+            st.device += t3 - t2
+        got: list[Request] = []
+        if self._inflight and (len(self._inflight) >= self.cfg.batches_in_flight or not plan.scheduled):
+            got = self._complete(self._inflight.popleft())
+        self._last_scheduled = {s.request.request_id for f in self._inflight for s in f.plan.scheduled} | \
+            {r.request_id for r in got}
+        self._count_swaps()
+        st.iterations += 1
+        return got
+
+    def _complete(self, f: _InFlight) -> list[Request]:
+        """Collect a batch's tokens and account for it."""
+        st = self.stats
+        t0 = time.perf_counter()
+        sampled = self.runner.collect(f.launches, f.pending)
+        if self.runner.activity is not None:
+            self.runner.activity.collect(f.batch)
         t1 = time.perf_counter()
-        launches = self.runner.build_launches(plan.scheduled, self.kv)
-        t2 = time.perf_counter()
-        if copies.swap_out or copies.swap_in:
-            self.runner.swap_out(copies.swap_out)
-            self.runner.swap_in_now(copies.swap_in)
-            st.swap_ins_on_demand += len(copies.swap_in)
-            st.swap_outs_on_demand += len(copies.swap_out)
-        pending = self.runner.dispatch(launches)
-        t_ahead = time.perf_counter()
-        self._swap_ahead(plan, now)
-        t_ahead = time.perf_counter() - t_ahead
-        sampled = self.runner.collect(launches, pending)
-        t3 = time.perf_counter()
         now = time.monotonic()
-        for s in plan.scheduled:
-            s.request.num_computed_tokens += s.num_tokens
-            s.request.last_run_time = now
-            if s.num_tokens == 1 and not s.request.is_prefilling:
+        for s in f.plan.scheduled:
+            req = s.request
+            req.in_flight = False
+            req.num_computed_tokens += s.num_tokens
+            req.last_run_time = now
+            if s.num_tokens == 1 and not req.is_prefilling:
                 st.decode_tokens += 1
             else:
                 st.prefill_tokens += s.num_tokens
         for req, tok, lp in sampled:
             self._append(req, tok, lp, now)
-        self._last_scheduled = {s.request.request_id for s in plan.scheduled}
-        for ln in launches:
+        for ln in f.launches:
             st.launches[ln.key] = st.launches.get(ln.key, 0) + 1
-        t4 = time.perf_counter()
-        self.scheduler.on_iteration(plan, t4 - t0, time.monotonic())
-        self.swap.on_iteration(t4 - t0)
-        self._count_swaps()
-        st.iterations += 1
-        st.schedule += time.perf_counter() - t4
-        st.schedule += t1 - t0 + t_ahead
-        st.assemble += t2 - t1
-        st.device += t3 - t2 - t_ahead
-        st.postprocess += t4 - t3
+        t2 = time.perf_counter()
+        # The batch's service: from its step's start, or (pipelined) from the previous
+        # collection, whichever is later, so overlapping batches are not charged twice.
+        duration = t2 - max(f.started, self._last_collected)
+        self._last_collected = t2
+        self.scheduler.on_iteration(f.plan, duration, time.monotonic())
+        self.swap.on_iteration(duration)
+        st.device += t1 - t0
+        st.postprocess += t2 - t1
+        st.schedule += time.perf_counter() - t2
         return [req for req, _, _ in sampled]
 
     # -- swapping (kv_plan.py, swap_policy.py, kv_transfer.py) ------------------------------

@@ -9,6 +9,11 @@ request's bytes, with no padding:
     swap-in    jax.device_put(host run, device)                   async H2D
                -> scatter(cache, run, ids[run]) -> cache          cache donated: updated in place
 
+With pipeline stages every stage owns the cache of its layers, and one swap issues the
+copies of all stages at once (each stage's on its own devices, so they run in parallel); with
+tensor parallelism the KV-head shards move shard by shard, each device to and from its own
+host memory, since the host copy keeps the stage cache's sharding.
+
 The host copies keep the device pool's block layout and live in `pinned_host` memory where
 the backend has it (CUDA, TPU and CPU do), else `unpinned_host`. The gather only reads the
 cache, and the scatter donates it, so swapping never copies the whole cache. Device work runs
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from fastserve_jax.kv_cache import SwapCopy
 from models.attention import KVCache
@@ -54,45 +60,51 @@ def host_memory_kind(device: jax.Device) -> str | None:
 
 @dataclass
 class _Upload:
-    runs: list[KVCache]              # device arrays, one per run, in flight from the host
+    runs: list[list[KVCache]]        # per run, per stage: device arrays in flight from the host
     ids: list[np.ndarray]            # the device blocks each run lands in
 
 
-class KVTransfer:
-    """Holds swapped-out KV (per request, as host runs) and issues the copies."""
+Caches = list[KVCache]               # one per pipeline stage
 
-    def __init__(self, device: jax.Device, max_blocks: int, block_bytes: int) -> None:
-        self.device = device
+
+class KVTransfer:
+    """Holds swapped-out KV (per request, as host runs of every stage) and issues the copies."""
+
+    def __init__(self, cache_shardings: list[NamedSharding], max_blocks: int, block_bytes: int) -> None:
         self.block_bytes = block_bytes
         self.run_sizes = power_of_two_runs((1 << max_blocks.bit_length()) - 1)   # 1 .. >= max_blocks
-        self.memory_kind = host_memory_kind(device)
-        dev = jax.sharding.SingleDeviceSharding(device)
-        self._device_sharding = dev
-        self._host_sharding = dev.with_memory_kind(self.memory_kind) if self.memory_kind else None
-        self._gather = jax.jit(_gather)
-        self._scatter = jax.jit(_scatter, donate_argnames=("cache",))
+        self.memory_kind = host_memory_kind(cache_shardings[0].mesh.devices.flat[0])
+        self._device_sharding = list(cache_shardings)
+        self._host_sharding = ([s.with_memory_kind(self.memory_kind) for s in cache_shardings]
+                               if self.memory_kind else None)
+        self._gather = [jax.jit(_gather, out_shardings=KVCache(s, s)) for s in cache_shardings]
+        self._scatter = [jax.jit(_scatter, donate_argnames=("cache",), out_shardings=KVCache(s, s))
+                         for s in cache_shardings]
         self._compiled: dict[tuple, object] = {}
-        self._held: dict[str, list[KVCache]] = {}       # request id -> host runs, block-table order
+        self._held: dict[str, list[list[KVCache]]] = {}   # request id -> host runs (block-table order) x stages
         self._uploads: dict[str, _Upload] = {}
         self.stall_seconds = 0.0                        # the loop waited for a copy to land
         self.blocks_out = self.blocks_in = 0
 
     # -- warm-up ---------------------------------------------------------------------------
-    def lowerings(self, cache: KVCache) -> list[tuple[tuple, object]]:
-        """(key, lower) for each gather and scatter shape, for the runner's warm-up pool."""
+    def lowerings(self, caches: Caches) -> list[tuple[tuple, object]]:
+        """(key, lower) for each gather and scatter shape of each stage, for the runner's warm-up pool."""
         out = []
-        for n in self.run_sizes:
-            ids = jax.ShapeDtypeStruct((n,), jnp.int32)
-            run = jax.eval_shape(_gather, cache, ids)
-            out.append((("swap_gather", n), lambda ids=ids: self._gather.lower(cache, ids)))
-            out.append((("swap_scatter", n), lambda run=run, ids=ids: self._scatter.lower(cache, run, ids)))
+        for s, cache in enumerate(caches):
+            for n in self.run_sizes:
+                ids = jax.ShapeDtypeStruct((n,), jnp.int32)
+                run = jax.eval_shape(_gather, cache, ids)
+                run = KVCache(*(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._device_sharding[s]) for x in run))
+                out.append((("swap_gather", n, s), lambda s=s, ids=ids, c=cache: self._gather[s].lower(c, ids)))
+                out.append((("swap_scatter", n, s),
+                            lambda s=s, run=run, ids=ids, c=cache: self._scatter[s].lower(c, run, ids)))
         return out
 
     def add_compiled(self, key: tuple, fn) -> None:
         self._compiled[key] = fn
 
-    def _fn(self, kind: str, n: int):
-        return self._compiled.get((kind, n)) or (self._gather if kind == "swap_gather" else self._scatter)
+    def _fn(self, kind: str, n: int, stage: int):
+        return self._compiled.get((kind, n, stage)) or (self._gather if kind == "swap_gather" else self._scatter)[stage]
 
     # -- copies ----------------------------------------------------------------------------
     @staticmethod
@@ -103,49 +115,54 @@ class KVTransfer:
             at += n
         return ids
 
-    def _to_host(self, blocks: KVCache) -> KVCache:
+    def _to_host(self, blocks: KVCache, stage: int) -> KVCache:
         if self._host_sharding is not None:
-            return jax.device_put(blocks, self._host_sharding)      # async
-        return jax.device_get(blocks)                                # no host memory space: numpy, waits
+            return jax.device_put(blocks, self._host_sharding[stage])      # async
+        return jax.device_get(blocks)                                      # no host memory space: numpy, waits
 
-    def swap_out(self, cache: KVCache, copy: SwapCopy) -> None:
-        """Issue the device-to-host copy of the request's blocks (returns at once)."""
+    def swap_out(self, caches: Caches, copy: SwapCopy) -> None:
+        """Issue the device-to-host copies of the request's blocks on every stage (returns at once)."""
         runs = []
         for ids in self._runs(copy.device_blocks):
-            blocks = self._fn("swap_gather", ids.shape[0])(cache, ids)
-            runs.append(self._to_host(blocks))
+            runs.append([self._to_host(self._fn("swap_gather", ids.shape[0], s)(cache, ids), s)
+                         for s, cache in enumerate(caches)])
         self._held[copy.request.request_id] = runs
         self.blocks_out += copy.num_blocks
 
+    def host_runs(self, request_id: str) -> list[list[KVCache]]:
+        return self._held.get(request_id, [])
+
     def out_landed(self, request_id: str) -> bool:
         return all(not isinstance(x, jax.Array) or x.is_ready()
-                   for run in self._held.get(request_id, ()) for x in (run.k, run.v))
+                   for run in self._held.get(request_id, ()) for part in run for x in part)
 
     def start_swap_in(self, copy: SwapCopy) -> None:
-        """Issue the host-to-device copy of the request's runs into `copy.device_blocks`; they
-        land in the cache at `land_swap_in`."""
+        """Issue the host-to-device copies of the request's runs into `copy.device_blocks`; they
+        land in the caches at `land_swap_in`."""
         rid = copy.request.request_id
         host = self._held.pop(rid)
-        runs = [jax.device_put(r, self._device_sharding) for r in host]
+        runs = [[jax.device_put(part, self._device_sharding[s]) for s, part in enumerate(run)] for run in host]
         self._uploads[rid] = _Upload(runs, self._runs(copy.device_blocks))
         self.blocks_in += copy.num_blocks
 
-    def land_swap_in(self, cache: KVCache, request_id: str) -> KVCache:
-        """Scatter an issued swap-in into the cache (donated); time spent waiting for its copy to
-        arrive counts as stall."""
+    def land_swap_in(self, caches: Caches, request_id: str) -> Caches:
+        """Scatter an issued swap-in into every stage's cache (donated); time spent waiting for
+        its copies to arrive counts as stall."""
         up = self._uploads.pop(request_id)
-        leaves = [x for run in up.runs for x in (run.k, run.v)]
+        leaves = [x for run in up.runs for part in run for x in part]
         if not all(x.is_ready() for x in leaves):
             t0 = time.perf_counter()
             jax.block_until_ready(leaves)
             self.stall_seconds += time.perf_counter() - t0
+        caches = list(caches)
         for run, ids in zip(up.runs, up.ids):
-            cache = self._fn("swap_scatter", ids.shape[0])(cache, run, ids)
-        return cache
+            for s, part in enumerate(run):
+                caches[s] = self._fn("swap_scatter", ids.shape[0], s)(caches[s], part, ids)
+        return caches
 
-    def swap_in_now(self, cache: KVCache, copy: SwapCopy) -> KVCache:
+    def swap_in_now(self, caches: Caches, copy: SwapCopy) -> Caches:
         self.start_swap_in(copy)
-        return self.land_swap_in(cache, copy.request.request_id)
+        return self.land_swap_in(caches, copy.request.request_id)
 
     def discard(self, request_id: str) -> None:
         """Forget a request's host copy or pending upload (it finished, or its KV was dropped)."""

@@ -61,6 +61,9 @@ class Request:
     attained_service: float = 0.0          # seconds of step time received in the current queue
     last_run_time: float = 0.0
     num_preemptions: int = 0
+    # in a batch dispatched but not yet collected (pipeline mode keeps several in flight): it
+    # cannot be scheduled again, nor lose its KV, until its token is back
+    in_flight: bool = False
     metrics: RequestMetrics = field(init=False)
 
     def __post_init__(self) -> None:

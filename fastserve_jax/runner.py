@@ -10,6 +10,7 @@ copied. Logits stay on the device and go straight into a jitted sampler.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import os
 import time
@@ -30,8 +31,11 @@ from fastserve_jax.kv_transfer import KVTransfer
 from fastserve_jax.request import Request, TokenLogprobs
 from fastserve_jax.sampling import Penalties, SamplingArrays, sample
 from fastserve_jax.scheduler.base import ScheduledRequest
+from models import build_model
 from models.attention import AttnBatch, KVCache
 from models.config import ModelConfig
+from sharding.layout import ModelLayout
+from sharding.pipeline import Stage, StageActivity, stage_forward
 
 
 @dataclass
@@ -45,34 +49,65 @@ class Launch:
     rows: list[Request | None]      # requests to sample for, per logits row (None: discard)
 
 
+def fetch(tree):
+    """Device results to numpy. Across processes an array is not fully addressable; the
+    sampler's outputs are replicated, so this process's own copy is the whole value."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
+    return jax.tree.map(one, tree)
+
+
 def _attn_batch(positions, seg, slots, block_ids, block_seg, block_pos) -> AttnBatch:
     return AttnBatch(positions, seg, slots, block_ids, block_seg, block_pos)
 
 
 class ModelRunner:
-    def __init__(self, module, params, model_cfg: ModelConfig, cfg: EngineConfig, num_blocks: int,
-                 swap: bool = False) -> None:
-        self.module = module
-        # Commit params and cache to one device explicitly: whether an input is committed is
-        # part of the compilation-cache key, and freshly converted weights are uncommitted
-        # while orbax-restored ones are committed.
-        self.device = jax.devices()[0]
-        self.params = jax.device_put(params, self.device)
+    """Runs launches through the pipeline stages of one `ModelLayout` (a single stage on one
+    device by default). `params` is the canonical tree, already placed by the layout."""
+
+    def __init__(self, params, model_cfg: ModelConfig, cfg: EngineConfig, num_blocks: int,
+                 layout: ModelLayout, swap: bool = False, record_stages: bool | None = None) -> None:
+        self.layout = layout
+        self.params = params
         self.model_cfg = model_cfg
         self.cfg = cfg
         self.num_blocks = num_blocks
         self.bs = cfg.block_size
-        shape = (model_cfg.num_layers, num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
-        self.cache = KVCache(jnp.zeros(shape, cfg.dtype, device=self.device), jnp.zeros(shape, cfg.dtype, device=self.device))
-        self._forward = jax.jit(self._forward_fn, donate_argnames=("cache",))
+        self.act_dtype = jnp.dtype(cfg.dtype)
+        module = build_model(dataclasses.replace(model_cfg, num_layers=layout.layers_per_stage), cfg.dtype)
+        shape = layout.cache_shape(num_blocks, cfg.block_size)
+        self.stages: list[Stage] = []
+        for s in range(layout.pp):
+            first, last = s == 0, s == layout.pp - 1
+            sp = layout.stage_params(params, s)
+            cs = layout.cache_sharding(s, shape)
+            rep = layout.replicated(s)
+            x_in = rep if first else layout.activation_sharding(s)
+            zeros = jax.jit(lambda: jnp.zeros(shape, cfg.dtype), out_shardings=cs)
+            fn = jax.jit(stage_forward(module, first, last), donate_argnames=("cache",),
+                         in_shardings=(jax.tree.map(lambda x: x.sharding, sp), KVCache(cs, cs), x_in, rep, rep),
+                         out_shardings=(rep, KVCache(cs, cs)))
+            self.stages.append(Stage(s, first, last, sp, KVCache(zeros(), zeros()), cs, None if first else x_in,
+                                     rep, fn))
         self._sample = jax.jit(sample, static_argnames=("greedy", "with_logprobs"))
-        self._compiled: dict[tuple, Callable] = {}
-        # Swap copies (kv_transfer.py); None when there is no host pool.
-        self.transfer = KVTransfer(self.device, cfg.max_blocks_per_seq, kv_block_bytes(model_cfg, cfg)) if swap else None
+        self._compiled: dict[tuple, Callable] = {}      # sampler variants
+        # Swap copies (kv_transfer.py), every stage's shard of a request at once; None without a host pool.
+        self.transfer = (KVTransfer([st.cache_sharding for st in self.stages], cfg.max_blocks_per_seq,
+                                    kv_block_bytes(model_cfg, cfg)) if swap else None)
+        if record_stages is None:
+            record_stages = layout.pp > 1
+        self.activity = StageActivity(layout.pp) if record_stages else None
         self.warmup_seconds = 0.0
 
-    def _forward_fn(self, params, cache: KVCache, tokens, batch: AttnBatch, logits_idx):
-        return self.module.apply({"params": params}, tokens, batch, cache, logits_idx)
+    @property
+    def caches(self) -> list[KVCache]:
+        return [st.cache for st in self.stages]
+
+    def _set_caches(self, caches: list[KVCache]) -> None:
+        for st, c in zip(self.stages, caches):
+            st.cache = c
 
     # -- shapes ----------------------------------------------------------------------------
     def launch_keys(self) -> list[tuple]:
@@ -83,13 +118,15 @@ class ModelRunner:
         keys += [("prefill", t, nb) for t in c.prefill_token_buckets for nb in c.block_buckets]
         return keys
 
-    def _abstract_args(self, key: tuple):
+    def _abstract_args(self, key: tuple, stage: Stage):
         kind, a, nb = key
         r, q = (a, 1) if kind == "decode" else (1, a)
         n = a if kind == "decode" else self.cfg.max_prefill_seqs
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
         batch = _attn_batch(i32(r, q), i32(r, q), i32(r, q), i32(r, nb), i32(r, nb), i32(r, nb))
-        return i32(r, q), batch, i32(n)
+        x = i32(r, q) if stage.first else jax.ShapeDtypeStruct((r, q, self.model_cfg.hidden_size), self.act_dtype,
+                                                               sharding=stage.input_sharding)
+        return x, batch, i32(n)
 
     def _sampler_rows(self) -> list[int]:
         return sorted(set(self.cfg.decode_batch_buckets) | {self.cfg.max_prefill_seqs})
@@ -101,17 +138,17 @@ class ModelRunner:
         serial); on a 2-core machine that is close to 2x."""
         t0 = time.perf_counter()
         jobs: list[tuple[tuple, Callable]] = []
-        for key in self.launch_keys():
-            tokens, batch, idx = self._abstract_args(key)
-            jobs.append((key, functools.partial(self._forward.lower, self.params, self.cache, tokens, batch, idx)))
+        for st in self.stages:
+            for key in self.launch_keys():
+                x, batch, idx = self._abstract_args(key, st)
+                jobs.append((("stage", st.index, key), functools.partial(st.fn.lower, st.params, st.cache, x, batch, idx)))
         vocab = self.model_cfg.vocab_size
+        # the sampler runs where the logits are: replicated over the last stage's devices
+        sds = functools.partial(jax.ShapeDtypeStruct, sharding=self.stages[-1].replicated)
         for n in self._sampler_rows():
-            logits = jax.ShapeDtypeStruct((n, vocab), jnp.float32)
-            s = SamplingArrays(*(jax.ShapeDtypeStruct((n,), dt) for dt in
-                                 (jnp.float32, jnp.int32, jnp.float32, jnp.uint32, jnp.int32)))
-            hist = self.cfg.max_model_len
-            pen = Penalties(jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.float32),
-                            jax.ShapeDtypeStruct((n, hist), jnp.int32))
+            logits = sds((n, vocab), jnp.float32)
+            s = SamplingArrays(*(sds((n,), dt) for dt in (jnp.float32, jnp.int32, jnp.float32, jnp.uint32, jnp.int32)))
+            pen = Penalties(sds((n,), jnp.float32), sds((n,), jnp.float32), sds((n, self.cfg.max_model_len), jnp.int32))
             for greedy in (True, False):
                 for lp in (False, True):
                     for with_pen in (False, True):
@@ -119,7 +156,7 @@ class ModelRunner:
                         jobs.append((("sample", n, greedy, lp, with_pen),
                                      functools.partial(self._sample.lower, *args, greedy=greedy, with_logprobs=lp)))
         if self.transfer is not None:
-            jobs += self.transfer.lowerings(self.cache)
+            jobs += self.transfer.lowerings(self.caches)
         workers = threads or min(8, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             futures = {pool.submit(lambda lower: lower().compile(), lower): key for key, lower in jobs}
@@ -127,6 +164,8 @@ class ModelRunner:
                 key = futures[fut]
                 if key[0].startswith("swap_"):
                     self.transfer.add_compiled(key, fut.result())
+                elif key[0] == "stage":
+                    self.stages[key[1]].compiled[key[2]] = fut.result()
                 else:
                     self._compiled[key] = fut.result()
                 if progress:
@@ -224,12 +263,11 @@ class ModelRunner:
         return launches
 
     # -- execution -------------------------------------------------------------------------
-    def _call(self, key: tuple, *args, **static):
+    def _sample_fn(self, key: tuple, greedy: bool, with_logprobs: bool) -> Callable:
         fn = self._compiled.get(key)
         if fn is None:  # not warmed up (only when warm-up was skipped): compile on demand
-            fn = (self._forward if key[0] != "sample" else
-                  lambda *a: self._sample(*a, **static))
-        return fn(*args)
+            return lambda *a: self._sample(*a, greedy=greedy, with_logprobs=with_logprobs)
+        return fn
 
     def _sampling_arrays(self, rows: list[Request | None]) -> SamplingArrays:
         n = len(rows)
@@ -258,11 +296,23 @@ class ModelRunner:
                 history[i, :len(r.output_token_ids)] = r.output_token_ids
         return Penalties(presence, frequency, history)
 
-    def dispatch(self, launches: list[Launch]) -> list:
+    def forward(self, ln: Launch, batch_id: int = -1):
+        """Queue one launch through every stage (asynchronously); returns the logits."""
+        rec = self.activity.begin(batch_id) if self.activity is not None else None
+        x = ln.tokens
+        for st in self.stages:
+            if not st.first:
+                x = jax.device_put(x, st.input_sharding)
+            x = st.run(ln.key, x, ln.batch, ln.logits_idx)
+            if rec is not None:
+                self.activity.output(rec, st.index, x)
+        return x
+
+    def dispatch(self, launches: list[Launch], batch_id: int = -1) -> list:
         """Run the launches back to back (asynchronously); returns device results per launch."""
         pending = []
         for ln in launches:
-            logits, self.cache = self._call(ln.key, self.params, self.cache, ln.tokens, ln.batch, ln.logits_idx)
+            logits = self.forward(ln, batch_id)
             live = [r for r in ln.rows if r is not None]
             if not live:
                 pending.append(None)
@@ -272,8 +322,7 @@ class ModelRunner:
             pen = any(r.sampling.penalized for r in live)
             n = len(ln.rows)
             args = (logits, self._sampling_arrays(ln.rows)) + ((self._penalty_arrays(ln.rows),) if pen else ())
-            out = self._call(("sample", n, greedy, lp, pen), *args, greedy=greedy, with_logprobs=lp)
-            pending.append(out)
+            pending.append(self._sample_fn(("sample", n, greedy, lp, pen), greedy, lp)(*args))
         return pending
 
     @staticmethod
@@ -283,9 +332,9 @@ class ModelRunner:
         for ln, out in zip(launches, pending):
             if out is None:
                 continue
-            host = jax.device_get(out)
+            host = fetch(out)
             for i, req in enumerate(ln.rows):
-                if req is None:
+                if req is None or req.finished:      # aborted while its batch was in flight
                     continue
                 tok = int(host.tokens[i])
                 lp = None
@@ -299,19 +348,19 @@ class ModelRunner:
     # -- swap copies (kv_transfer.py); order: swap_out, swap_in_now, dispatch, then ahead moves --
     def swap_out(self, copies: list[SwapCopy]) -> None:
         for c in copies:
-            self.transfer.swap_out(self.cache, c)
+            self.transfer.swap_out(self.caches, c)
 
     def swap_in_now(self, copies: list[SwapCopy]) -> None:
         """Copies the next step needs: issued and scattered before it (the step waits for them)."""
         for c in copies:
-            self.cache = self.transfer.swap_in_now(self.cache, c)
+            self._set_caches(self.transfer.swap_in_now(self.caches, c))
 
     def start_swap_in(self, copies: list[SwapCopy]) -> None:
         for c in copies:
             self.transfer.start_swap_in(c)
 
     def land_swap_in(self, request_id: str) -> None:
-        self.cache = self.transfer.land_swap_in(self.cache, request_id)
+        self._set_caches(self.transfer.land_swap_in(self.caches, request_id))
 
     def execute(self, scheduled: list[ScheduledRequest], kv: KVManager):
         launches = self.build_launches(scheduled, kv)
@@ -323,15 +372,19 @@ def kv_block_bytes(model_cfg: ModelConfig, cfg: EngineConfig) -> int:
     return 2 * model_cfg.num_layers * cfg.block_size * model_cfg.num_kv_heads * model_cfg.head_dim * itemsize
 
 
-def auto_num_blocks(model_cfg: ModelConfig, cfg: EngineConfig, param_bytes: int,
+def auto_num_blocks(model_cfg: ModelConfig, cfg: EngineConfig, param_bytes: int, layout: ModelLayout,
                     memory_fraction: float = 0.9, cpu_budget_bytes: int = 4 << 30) -> int:
-    """Blocks that fit: on an accelerator, a fraction of device memory minus the weights; on
-    CPU, a fixed budget. Never more than max_num_seqs full-length sequences need."""
+    """Blocks that fit: on an accelerator, a fraction of one device's memory minus its share of
+    the weights, over its share of a block (a block splits over the pp stages and the tp_kv
+    KV-head shards); on CPU, a fixed budget for the whole pool. Never more than max_num_seqs
+    full-length sequences need."""
     per_block = kv_block_bytes(model_cfg, cfg)
-    dev = jax.devices()[0]
+    dev = layout.devices[0]
     stats = dev.memory_stats() if dev.platform != "cpu" else None
     if stats and "bytes_limit" in stats:
-        avail = int(stats["bytes_limit"] * memory_fraction) - param_bytes - stats.get("bytes_in_use", 0)
+        shards = layout.pp * layout.meshes.tp_kv
+        avail = (int(stats["bytes_limit"] * memory_fraction) - param_bytes // len(layout.devices)
+                 - stats.get("bytes_in_use", 0)) * shards
     else:
         avail = cpu_budget_bytes
     wanted = cfg.max_num_seqs * cfg.max_blocks_per_seq + 1

@@ -113,7 +113,7 @@ class SwapPolicy:
         enst = scheduler.next_run_estimates(now, self.step_time)
         running = {s.request.request_id for s in plan.scheduled}
         paused = [r for r in live if kv.location(r) is KVLocation.DEVICE and r.request_id not in running
-                  and self._settled(r)]
+                  and not r.in_flight and self._settled(r)]
         paused.sort(key=lambda r: enst[r.request_id], reverse=True)        # furthest next run first
         host_resident.sort(key=lambda r: enst[r.request_id])               # soonest next run first
         host_free = kv.num_host_free_blocks

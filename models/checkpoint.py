@@ -2,6 +2,9 @@
 
 Restore goes into a tree of `jax.ShapeDtypeStruct` whose shardings say where each array
 lands, so params saved from one mesh can be restored into another (or into host memory).
+A checkpoint stores whole logical arrays, not a layout: a tree saved from a (tp, pp) layout
+(layer leaves on the global mesh, end-of-pipeline leaves on stage sub-meshes) restores into
+any other layout or onto one device, and vice versa.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ import orbax.checkpoint as ocp
 def save_params(path: str, params: dict, *, compress: bool = False) -> None:
     """Write params to a new checkpoint directory `path` (must not exist; orbax finalizes it
     atomically, so a crash never leaves a half-written `path`). Blocks until written.
+
+    Leaves may be sharded, each over its own devices (different meshes in one tree are fine):
+    every distinct shard is written once (its first replica), with no gather onto one device.
 
     The layout is StandardCheckpointer's (a PyTree checkpoint, OCDBT); it is written
     uncompressed by default because zstd decompression made restoring a 125M-param model
@@ -37,7 +43,8 @@ def restore_params(path: str, target_shapes: dict) -> dict:
     """Read a checkpoint written by `save_params`.
 
     target_shapes: tree of jax.ShapeDtypeStruct (or arrays) with the saved structure; each
-    leaf's dtype and sharding (default: the first device) decide the restored array's.
+    leaf's dtype and sharding (default: the first device) decide the restored array's, e.g.
+    `ModelLayout.abstract_params(param_shapes(cfg, dtype))`. Each device's block is read on its own.
     """
     path = os.path.abspath(path)
     if not os.path.isdir(path):

@@ -10,6 +10,10 @@ The expected tree comes from `jax.eval_shape` on `module.init`, so a module chan
 this table cannot drift apart silently: every expected param must be found with the
 right shape, and every checkpoint tensor must be used (or be a known harmless buffer).
 
+With a target tree of shardings (`ModelLayout.abstract_params`), every leaf is built in place
+on its devices, each device's block read alone from the files (safetensors slices, or a
+memory map for bfloat16/float8), so no device ever holds more than its own blocks.
+
 `load_model` caches the converted params as an orbax checkpoint keyed by the weight
 files' sizes and mtimes, so a second start restores instead of converting.
 """
@@ -17,13 +21,16 @@ files' sizes and mtimes, so a second start restores instead of converting.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import struct
+from typing import Callable
 
 import flax.linen as nn
 from flax.traverse_util import flatten_dict, unflatten_dict
@@ -86,6 +93,8 @@ _HARMLESS = re.compile(r".*\.rotary_emb\.inv_freq$")
 _ST_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
               "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
               "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64, "U8": np.uint8, "BOOL": np.bool_}
+# The dtypes safetensors hands to numpy itself; others are memory-mapped and read by us.
+_NUMPY_NATIVE = {"F16", "F32", "F64", "I8", "I16", "I32", "I64", "U8", "BOOL"}
 
 ParamPath = tuple[str, ...]  # a leaf's keys in the param tree
 
@@ -132,24 +141,38 @@ def weight_files(path: str) -> list[str]:
                      "supported (re-save a PyTorch .bin checkpoint with save_pretrained(safe_serialization=True))")
 
 
-def read_raw_tensor(file: str, name: str) -> np.ndarray:
-    """Read one tensor straight from the safetensors layout (8-byte header length, JSON header,
-    little-endian data); used for dtypes (bfloat16, float8) the installed safetensors cannot
-    hand to numpy."""
+def _raw_header(file: str) -> tuple[int, dict]:
+    """(offset of the data section, JSON header) of a safetensors file: an 8-byte little-endian
+    header length, the JSON header, then the tensors' bytes."""
     with open(file, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        info = json.loads(f.read(n))[name]
-    start, end = info["data_offsets"]
+        return 8 + n, json.loads(f.read(n))
+
+
+def _raw_view(file: str, data_start: int, info: dict) -> np.ndarray:
+    """A read-only memory map of one tensor (no bytes are read until it is indexed)."""
     dtype = np.dtype(_ST_DTYPES[info["dtype"]]).newbyteorder("<")
-    arr = np.fromfile(file, dtype=dtype, count=(end - start) // dtype.itemsize, offset=8 + n + start)
-    return arr.reshape(info["shape"])
+    shape = tuple(info["shape"])
+    if math.prod(shape) == 0:
+        return np.empty(shape, dtype)
+    start, _ = info["data_offsets"]
+    return np.memmap(file, dtype=dtype, mode="r", offset=data_start + start, shape=shape)
+
+
+def read_raw_tensor(file: str, name: str) -> np.ndarray:
+    """Read one tensor straight from the safetensors layout; used for dtypes (bfloat16, float8)
+    that the installed safetensors may not hand to numpy."""
+    data_start, header = _raw_header(file)
+    return np.array(_raw_view(file, data_start, header[name]))
 
 
 class _Tensors:
-    """Name -> tensor over all weight files, each opened once."""
+    """Name -> tensor over all weight files, each opened once. Shapes come from the headers;
+    `read` reads only the requested block of a tensor."""
 
     def __init__(self, arch: str, files: list[str], stack: contextlib.ExitStack):
         self._where: dict[str, tuple[str, object, str]] = {}  # canonical name -> (file, handle, stored name)
+        self._raw: dict[str, tuple[int, dict]] = {}           # file -> _raw_header(file), when needed
         for file in files:
             handle = stack.enter_context(safe_open(file, framework="numpy"))
             for stored in handle.keys():
@@ -161,52 +184,55 @@ class _Tensors:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def get(self, name: str) -> np.ndarray:
+    def shape(self, name: str) -> tuple[int, ...]:
+        _, handle, stored = self._where[name]
+        return tuple(handle.get_slice(stored).get_shape())
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """tensor[index] (index in the stored (HF) axis order), reading only that block."""
         file, handle, stored = self._where[name]
-        try:
-            return handle.get_tensor(stored)
-        except (TypeError, ValueError):  # numpy has no such dtype in this safetensors build
-            return read_raw_tensor(file, stored)
+        sl = handle.get_slice(stored)
+        if sl.get_dtype() in _NUMPY_NATIVE:
+            return sl[index]
+        if file not in self._raw:  # bfloat16 / float8: memory-map the file and slice on the host
+            self._raw[file] = _raw_header(file)
+        data_start, header = self._raw[file]
+        return np.array(_raw_view(file, data_start, header[stored])[index])
 
 
-def load_hf_params(path: str, cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """Read a HF model directory's safetensors into our param tree, cast to each param's dtype
-    (that of `build_model(cfg, dtype)`), as jax arrays on the default device.
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """The HF tensors one of our leaves is made of: one, or one per layer (stacked on axis 0)."""
+    names: tuple[str, ...]
+    transpose: bool  # torch Linear (out, in) -> our kernel (in, out)
+    layered: bool
 
-    Raises ValueError naming every missing, mis-shaped or unexpected tensor.
-    """
-    expected = flatten_dict(param_shapes(cfg, dtype))
-    files = weight_files(path)
-    params: dict[ParamPath, jax.Array] = {}
+
+def _match(path: str, cfg: ModelConfig, expected: dict[ParamPath, jax.ShapeDtypeStruct],
+           tensors: _Tensors) -> dict[ParamPath, _Source]:
+    """Pair every expected leaf with its checkpoint tensors, by name and header shape (no data is
+    read). Raises ValueError naming every missing, mis-shaped and unexpected tensor."""
+    sources: dict[ParamPath, _Source] = {}
     missing: list[str] = []
     bad_shape: list[str] = []
     used: set[str] = set()
-    with contextlib.ExitStack() as stack:
-        tensors = _Tensors(cfg.arch, files, stack)
-        for p, spec in expected.items():
-            template, transpose = hf_name(cfg.arch, p)
-            layered = p[0] == "layers"
-            names = [template.format(i=i) for i in range(cfg.num_layers)] if layered else [template]
-            want = spec.shape[1:] if layered else spec.shape
-            out = np.empty(spec.shape, dtype=spec.dtype)
-            for i, name in enumerate(names):
-                if name not in tensors:
-                    missing.append(name)
-                    continue
-                used.add(name)
-                t = tensors.get(name)
-                hf_want = tuple(reversed(want)) if transpose else tuple(want)  # torch Linear: (out, in)
-                if t.shape != hf_want:
-                    bad_shape.append(f"{name}: checkpoint has {t.shape}, config wants {hf_want}")
-                    continue
-                t = t.T if transpose else t
-                if layered:
-                    out[i] = t
-                else:
-                    out[...] = t
-            params[p] = out
-        unexpected = sorted(n for n in tensors.names() - used
-                            if not _HARMLESS.match(n) and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    for p, spec in expected.items():
+        template, transpose = hf_name(cfg.arch, p)
+        layered = p[0] == "layers"
+        names = tuple(template.format(i=i) for i in range(cfg.num_layers)) if layered else (template,)
+        want = spec.shape[1:] if layered else spec.shape
+        hf_want = tuple(reversed(want)) if transpose else tuple(want)  # torch Linear: (out, in)
+        for name in names:
+            if name not in tensors:
+                missing.append(name)
+                continue
+            used.add(name)
+            got = tensors.shape(name)
+            if got != hf_want:
+                bad_shape.append(f"{name}: checkpoint has {got}, config wants {hf_want}")
+        sources[p] = _Source(names, transpose, layered)
+    unexpected = sorted(n for n in tensors.names() - used
+                        if not _HARMLESS.match(n) and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
     if missing or bad_shape or unexpected:
         parts = []
         if missing:
@@ -217,7 +243,79 @@ def load_hf_params(path: str, cfg: ModelConfig, dtype: str = "float32") -> dict:
             parts.append(f"unexpected tensors ({len(unexpected)}): {_clip(unexpected)}")
         raise ValueError(f"checkpoint {path!r} does not match its config.json ({cfg.arch}, "
                          f"{cfg.num_layers} layers): " + "; ".join(parts))
-    return unflatten_dict({p: jax.device_put(a) for p, a in params.items()})
+    return sources
+
+
+def _read_block(tensors: _Tensors, src: _Source, shape: tuple[int, ...], dtype: np.dtype,
+                index: tuple[slice, ...] | None) -> np.ndarray:
+    """Block `index` (slices into our leaf of `shape`; None: all of it) of one leaf, cast to
+    dtype. Reads only that block of each HF tensor: for a layer-stacked leaf, index[0] picks
+    the layers (one HF tensor each) and the rest slices each of them; a kernel's slices are
+    applied to the HF tensor's (out, in) axes and the block transposed after reading."""
+    index = tuple(index or ()) + (slice(None),) * (len(shape) - len(index or ()))
+    ranges = [range(*s.indices(n)) for s, n in zip(index, shape)]
+    out = np.empty(tuple(len(r) for r in ranges), dtype)
+    inner = index[1:] if src.layered else index
+    hf_index = tuple(reversed(inner)) if src.transpose else inner
+    for k, i in enumerate(ranges[0] if src.layered else (0,)):
+        t = tensors.read(src.names[i], hf_index)
+        dst = out[k] if src.layered else out
+        dst[...] = t.T if src.transpose else t
+    return out
+
+
+def _make_sharded(tensors: _Tensors, src: _Source, target: jax.ShapeDtypeStruct) -> jax.Array:
+    """One leaf built shard by shard where `target.sharding` puts it: each addressable device
+    gets a host block read for its index alone (devices that hold the same block share one read)."""
+    blocks: dict[tuple, np.ndarray] = {}
+
+    def block(index: tuple[slice, ...] | None) -> np.ndarray:
+        key = tuple(s.indices(n) for s, n in zip(index or (), target.shape))
+        if key not in blocks:
+            blocks[key] = _read_block(tensors, src, target.shape, target.dtype, index)
+        return blocks[key]
+
+    return jax.make_array_from_callback(target.shape, target.sharding, block, dtype=target.dtype)
+
+
+def _check_target(cfg: ModelConfig, expected: dict[ParamPath, jax.ShapeDtypeStruct],
+                  target: dict) -> dict[ParamPath, jax.ShapeDtypeStruct]:
+    flat = flatten_dict(target)
+    if set(flat) != set(expected):
+        raise ValueError(f"target tree does not match a {cfg.arch!r} model of this config: "
+                         f"missing {sorted('/'.join(p) for p in set(expected) - set(flat))}, "
+                         f"unexpected {sorted('/'.join(p) for p in set(flat) - set(expected))}")
+    for p, t in flat.items():
+        if tuple(t.shape) != tuple(expected[p].shape) or getattr(t, "sharding", None) is None:
+            raise ValueError(f"target for param {'/'.join(p)} must be a ShapeDtypeStruct of shape "
+                             f"{expected[p].shape} with a sharding, got {t!r}")
+    return flat
+
+
+def load_hf_params(path: str, cfg: ModelConfig, dtype: str = "float32", target: dict | None = None) -> dict:
+    """Read a HF model directory's safetensors into our param tree.
+
+    target None: every leaf is cast to its param's dtype (that of `build_model(cfg, dtype)`)
+    and put on the default device.
+    target: a tree like `param_shapes(cfg, dtype)` of jax.ShapeDtypeStruct with shardings
+    (e.g. `ModelLayout.abstract_params(...)`); each leaf is built in place with its target's
+    sharding and dtype, every device reading only its own block from the files, so no device
+    (and no host buffer beyond one leaf's local blocks) ever holds a full copy.
+
+    Raises ValueError naming every missing, mis-shaped or unexpected tensor (checked on the
+    file headers before any data is read).
+    """
+    expected = flatten_dict(param_shapes(cfg, dtype))
+    placed = _check_target(cfg, expected, target) if target is not None else None
+    with contextlib.ExitStack() as stack:
+        tensors = _Tensors(cfg.arch, weight_files(path), stack)
+        sources = _match(path, cfg, expected, tensors)
+        if placed is None:
+            params = {p: jax.device_put(_read_block(tensors, sources[p], spec.shape, spec.dtype, None))
+                      for p, spec in expected.items()}
+        else:
+            params = {p: _make_sharded(tensors, sources[p], placed[p]) for p in expected}
+    return unflatten_dict(params)
 
 
 def _clip(items: list[str], n: int = 8) -> str:
@@ -306,23 +404,32 @@ def cache_key(path: str, dtype: str) -> str:
     return h.hexdigest()[:32]
 
 
-def load_model(path: str, dtype: str = "float32", cache_dir: str | None = None) -> tuple[ModelConfig, nn.Module, dict]:
+def load_model(path: str, dtype: str = "float32", cache_dir: str | None = None,
+               place: Callable[[dict], dict] | None = None) -> tuple[ModelConfig, nn.Module, dict]:
     """Config, Linen module and params of a HF model directory.
 
+    place: maps the param shape tree (`param_shapes(cfg, dtype)`, jax.ShapeDtypeStruct
+    leaves) to the target tree, the same structure with a sharding on every leaf, e.g.
+    `place=lambda shapes: layout.abstract_params(shapes)`. The params are then built
+    straight into those shardings (see `load_hf_params`), whether converted or restored.
+    None: every param on the default device.
+
     Restores the params from the orbax cache (`cache_root(cache_dir)/params/<cache_key>`)
-    when present; otherwise converts the safetensors and fills the cache. A cache that
+    when present; otherwise converts the safetensors and fills the cache. The cache holds
+    the canonical tree, whatever layout saved it, and restores into any other. A cache that
     cannot be written only costs the next start a conversion (logged as a warning).
     """
     cfg = ModelConfig.from_pretrained(path)
     module = build_model(cfg, dtype)
+    target = place(param_shapes(cfg, dtype)) if place is not None else None
     root = cache_root(cache_dir)
     if root is None:
-        return cfg, module, load_hf_params(path, cfg, dtype)
+        return cfg, module, load_hf_params(path, cfg, dtype, target)
     ckpt = os.path.abspath(os.path.join(root, "params", cache_key(path, dtype)))
     if os.path.isdir(ckpt):
         log.info("restoring converted params of %s from %s", path, ckpt)
-        return cfg, module, restore_params(ckpt, param_shapes(cfg, dtype))
-    params = load_hf_params(path, cfg, dtype)
+        return cfg, module, restore_params(ckpt, target if target is not None else param_shapes(cfg, dtype))
+    params = load_hf_params(path, cfg, dtype, target)
     try:
         save_params(ckpt, params)
     except OSError as e:

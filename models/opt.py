@@ -56,29 +56,48 @@ class OPTBlock(nn.Module):
 
 
 class OPTForCausalLM(nn.Module):
+    """Same contract and parts (embed, decode, head) as LlamaForCausalLM."""
+
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, tokens, batch: AttnBatch, cache: KVCache | None = None, logits_idx=None):
-        """Same contract as LlamaForCausalLM.__call__."""
+    def setup(self):
         c = self.cfg
         e_dim = c.word_embed_proj_dim or c.hidden_size
-        embed = nn.Embed(c.vocab_size, e_dim, dtype=self.dtype, param_dtype=self.dtype, name="embed_tokens")
-        h = embed(tokens)
+        self.embed_tokens = nn.Embed(c.vocab_size, e_dim, dtype=self.dtype, param_dtype=self.dtype)
+        self.embed_positions = nn.Embed(c.max_position_embeddings + POSITION_OFFSET, c.hidden_size, dtype=self.dtype,
+                                        param_dtype=self.dtype)
         if e_dim != c.hidden_size:
-            h = nn.Dense(c.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name="project_in")(h)
-        pos_embed = nn.Embed(c.max_position_embeddings + POSITION_OFFSET, c.hidden_size, dtype=self.dtype,
-                             param_dtype=self.dtype, name="embed_positions")
-        h = h + pos_embed(jnp.maximum(batch.positions, 0) + POSITION_OFFSET)
-        layers = nn.scan(OPTBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=nn.broadcast, length=c.num_layers)(c, self.dtype, name="layers")
-        (h, cache, _), _ = layers((h, cache, jnp.int32(0)), batch)
-        h = h.reshape(-1, c.hidden_size)
+            self.project_in = nn.Dense(c.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype)
+            self.project_out = nn.Dense(e_dim, use_bias=False, dtype=self.dtype, param_dtype=self.dtype)
+        self.layers = nn.scan(OPTBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=nn.broadcast, length=c.num_layers)(c, self.dtype)
+        if c.do_layer_norm_before:
+            self.final_norm = nn.LayerNorm(c.norm_eps, dtype=self.dtype, param_dtype=self.dtype)
+
+    def _projected(self) -> bool:
+        return bool(self.cfg.word_embed_proj_dim) and self.cfg.word_embed_proj_dim != self.cfg.hidden_size
+
+    def __call__(self, tokens, batch: AttnBatch, cache: KVCache | None = None, logits_idx=None):
+        h, cache = self.decode(self.embed(tokens, batch), batch, cache)
+        return self.head(h, logits_idx), cache
+
+    def embed(self, tokens, batch: AttnBatch):
+        h = self.embed_tokens(tokens)
+        if self._projected():
+            h = self.project_in(h)
+        return h + self.embed_positions(jnp.maximum(batch.positions, 0) + POSITION_OFFSET)
+
+    def decode(self, h, batch: AttnBatch, cache: KVCache | None):
+        (h, cache, _), _ = self.layers((h, cache, jnp.int32(0)), batch)
+        return h, cache
+
+    def head(self, h, logits_idx=None):
+        h = h.reshape(-1, self.cfg.hidden_size)
         if logits_idx is not None:
             h = h[logits_idx]
-        if c.do_layer_norm_before:
-            h = nn.LayerNorm(c.norm_eps, dtype=self.dtype, param_dtype=self.dtype, name="final_norm")(h)
-        if e_dim != c.hidden_size:
-            h = nn.Dense(e_dim, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name="project_out")(h)
-        return embed.attend(h).astype(jnp.float32), cache
+        if self.cfg.do_layer_norm_before:
+            h = self.final_norm(h)
+        if self._projected():
+            h = self.project_out(h)
+        return self.embed_tokens.attend(h).astype(jnp.float32)

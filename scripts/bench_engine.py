@@ -221,7 +221,7 @@ def make_llm(path: str, wl_max_len: int, args, cache_dir: str | None, scheduler:
               block_size=block, num_device_blocks=32 * blocks_per_seq + 1,
               compilation_cache_dir=cache_dir, scheduler=scheduler)
     construct = time.perf_counter() - t0
-    n_compiled = len(llm.engine.runner._compiled)
+    n_compiled = len(llm.engine.runner._compiled) + sum(len(st.compiled) for st in llm.engine.runner.stages)
     return llm, construct, n_compiled
 
 
@@ -343,7 +343,9 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
     assert not eng.has_unfinished(), "profile with an idle engine: writes go to the null block"
     runner = eng.runner
     bs = runner.bs
-    fwd = runner._compiled[("decode", batch, nb)]
+    stage = runner.stages[0]
+    assert len(runner.stages) == 1, "profile a single-stage (pp=1) engine"
+    fwd = stage.compiled[("decode", batch, nb)]
     smp = runner._compiled[("sample", batch, True, False, False)]  # greedy, no logprobs, no penalties
     tokens = np.full((batch, 1), 7, np.int32)
     pos = np.full((batch, 1), nb * bs - 1, np.int32)
@@ -357,7 +359,7 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
                         np.zeros(batch, np.uint32), np.zeros(batch, np.int32))
 
     def forward():
-        logits, runner.cache = fwd(runner.params, runner.cache, tokens, attn, idx)
+        logits, stage.cache = fwd(stage.params, stage.cache, tokens, attn, idx)
         return logits
 
     lp = runner.params

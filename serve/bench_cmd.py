@@ -129,7 +129,8 @@ class LaunchedServer:
 def _engine_argv(a: argparse.Namespace) -> list[str]:
     argv = []
     for flag in ("model", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                 "num_device_blocks", "cost_model", "seed"):
+                 "num_device_blocks", "num_host_blocks", "swap_policy", "cost_model", "seed",
+                 "tensor_parallel_size", "pipeline_parallel_size", "batches_in_flight"):
         v = getattr(a, flag)
         if v is not None:
             argv += [f"--{flag.replace('_', '-')}", str(v)]

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -51,13 +52,23 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cost-model", default=None,
                    help="cost model for the policy: a shipped name or JSON path (default: profile this engine)")
     g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("parallelism (devices used: tensor x pipeline parallel size)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split attention heads, MLP units and the vocabulary over this many devices (default 1)")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="split the layers into this many pipeline stages, each on its own tensor-parallel "
+                        "group of devices (default 1)")
+    g.add_argument("--batches-in-flight", type=int, default=0,
+                   help="batches dispatched at once in pipeline mode (default: one per stage)")
 
 
 def _engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                 max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
                 num_device_blocks=a.num_device_blocks, num_host_blocks=a.num_host_blocks, swap_policy=a.swap_policy,
-                scheduler=a.scheduler, cost_model=a.cost_model, seed=a.seed)
+                scheduler=a.scheduler, cost_model=a.cost_model, seed=a.seed,
+                tensor_parallel_size=a.tensor_parallel_size, pipeline_parallel_size=a.pipeline_parallel_size,
+                batches_in_flight=a.batches_in_flight)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -114,8 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _cpu_devices_for(a: argparse.Namespace) -> None:
+    """A tp x pp layout on a machine without an accelerator runs on that many virtual CPU
+    devices; the CPU backend must be told before it starts (it ignores this otherwise)."""
+    n = getattr(a, "tensor_parallel_size", 1) * getattr(a, "pipeline_parallel_size", 1)
+    if n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        import jax
+
+        try:
+            jax.config.update("jax_num_cpu_devices", n)
+        except RuntimeError:        # a backend already started (an embedding caller's): keep its devices
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _cpu_devices_for(args)
     return args.func(args)
 
 

@@ -1,10 +1,16 @@
 """Shared fixtures. Caches (converted params, compiled executables) go to a per-session
-temporary directory, so tests neither read nor pollute the user's cache."""
+temporary directory, so tests neither read nor pollute the user's cache. The CPU backend
+gets 8 virtual devices, for the tensor- and pipeline-parallel tests (single-device tests use
+the first)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
 
 _session_cache = tempfile.mkdtemp(prefix="fastserve-test-cache-")
 os.environ.setdefault("FASTSERVE_JAX_CACHE", os.path.join(_session_cache, "params"))

@@ -285,14 +285,14 @@ def test_swap_copies_keep_the_cache_donated_and_use_host_memory(reference):
     reqs = [e.add_request(p, sp) for p in prompts]
     seen_host = False
     while e.has_unfinished():
-        ptr = e.runner.cache.k.unsafe_buffer_pointer()
+        ptr = e.runner.stages[0].cache.k.unsafe_buffer_pointer()
         e.step()
         for runs in t._held.values():
-            assert all(run.k.sharding.memory_kind == "pinned_host" for run in runs)
+            assert all(part.k.sharding.memory_kind == "pinned_host" for run in runs for part in run)
             seen_host = True
         if e.stats.swap_in_blocks:
             # scatters donate the cache: the buffer is updated in place, never copied whole
-            assert e.runner.cache.k.unsafe_buffer_pointer() == ptr
+            assert e.runner.stages[0].cache.k.unsafe_buffer_pointer() == ptr
     assert seen_host and all(r.finished for r in reqs)
 
 

@@ -21,6 +21,9 @@ while low-priority requests sit on it. Then:
   one that does not fit, no other request without KV starts in this iteration (it would
   overtake a better-ranked one, and the walk stays short).
 
+Requests in flight (pipeline mode: in a batch dispatched but not collected yet) are neither
+scheduled nor evicted.
+
 The best-ranked KV holder can always evict every other paused holder, and admission checks
 that one request fits the whole pool, so some request always runs.
 """
@@ -73,7 +76,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
         if len(plan.scheduled) >= limits.max_num_seqs or budget <= 0:
             break
         rid = req.request_id
-        if rid in evicted:
+        if rid in evicted or req.in_flight:
             continue
         holds = kv.has_kv(req)
         if not holds and not admit_new:
@@ -95,7 +98,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
                     victims_done = True
                     break
                 vid = v.request_id
-                if vid in chosen or vid in evicted or not kv.block_table(v):
+                if vid in chosen or vid in evicted or v.in_flight or not kv.block_table(v):
                     continue
                 if not holds and not kv.can_swap_out(v, plan.host_blocks):
                     held_back = v             # a new request never drops others' KV; a holder may

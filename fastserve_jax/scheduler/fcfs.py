@@ -48,9 +48,12 @@ class FCFSScheduler(Scheduler):
         i = 0
         while i < len(self.running) and len(plan.scheduled) < self.limits.max_num_seqs and budget > 0:
             req = self.running[i]
+            if req.in_flight:                    # pipeline mode: its last token is not back yet
+                i += 1
+                continue
             n = min(req.num_pending_tokens, budget)
             need = self.kv.blocks_needed(req, n)
-            while need > free and self.running[-1] is not req:
+            while need > free and self.running[-1] is not req and not self.running[-1].in_flight:
                 victim = self.running.pop()
                 free += evict(plan, victim, self.kv, self.swap_on_evict)
                 evicted.append(victim)

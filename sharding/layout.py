@@ -1,0 +1,121 @@
+"""Where every param, KV block and activation lives for one (tp, pp) layout.
+
+The canonical param tree (the one checkpoints save and restore) has the model's usual
+structure; its leaves are placed by the rules table:
+
+    layers/*             one global array over the (pp, tp_kv, tp_rep) mesh: "layers" maps to
+                         "pp", so stage s's devices hold layers [s*L/pp, (s+1)*L/pp)
+    first-stage params   (embeddings, project_in) on stage 0's sub-mesh
+    last-stage params    (final norm, lm_head, project_out) on stage pp-1's sub-mesh
+
+`stage_params(params, s)` gives the tree one stage computes with: views of its layers'
+shards as arrays on its own sub-mesh (no copy), plus its end's params; a tied embedding is
+copied once to the last stage. The KV cache exists only per stage: (L/pp, blocks, block_size,
+KV heads, head_dim) on the stage's sub-mesh, split on KV heads.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import NamedSharding, PartitionSpec
+
+from models.axes import ACTIVATION_AXES, CACHE_AXES, FIRST, LAST, leaf_axes, stages_of
+from models.config import ModelConfig
+from sharding.mesh import Meshes, ParallelConfig, build_meshes
+from sharding.rules import ShardingRules
+
+
+class ModelLayout:
+    def __init__(self, model_cfg: ModelConfig, parallel: ParallelConfig = ParallelConfig(),
+                 devices: list[jax.Device] | None = None, rules: ShardingRules | None = None) -> None:
+        parallel.check_model(model_cfg.num_layers, model_cfg.num_heads, model_cfg.intermediate_size)
+        self.model_cfg = model_cfg
+        self.parallel = parallel
+        self.meshes: Meshes = build_meshes(parallel, model_cfg.num_kv_heads, devices)
+        self.rules = rules or ShardingRules()
+
+    @property
+    def pp(self) -> int:
+        return self.parallel.pp
+
+    @property
+    def tp(self) -> int:
+        return self.parallel.tp
+
+    @property
+    def layers_per_stage(self) -> int:
+        return self.model_cfg.num_layers // self.pp
+
+    @property
+    def devices(self) -> list[jax.Device]:
+        return list(self.meshes.mesh.devices.flat)
+
+    def stage_devices(self, s: int) -> list[jax.Device]:
+        return list(self.meshes.stages[s].devices.flat)
+
+    # -- params ----------------------------------------------------------------------------
+    def _home(self, path: tuple[str, ...]):
+        """The mesh a canonical param lives on."""
+        if path[0] == "layers":
+            return self.meshes.mesh
+        ends = stages_of(self.model_cfg, path[0])
+        return self.meshes.stages[0 if FIRST in ends else self.pp - 1]
+
+    def param_sharding(self, path: tuple[str, ...], shape: tuple[int, ...]) -> NamedSharding:
+        mesh = self._home(path)
+        return NamedSharding(mesh, self.rules.spec(leaf_axes(path), mesh, shape))
+
+    def param_shardings(self, params: dict) -> dict:
+        """Shardings for a tree of arrays or ShapeDtypeStructs with the model's structure."""
+        return unflatten_dict({p: self.param_sharding(p, x.shape) for p, x in flatten_dict(params).items()})
+
+    def abstract_params(self, shapes: dict) -> dict:
+        """ShapeDtypeStructs carrying this layout's shardings: the target of a sharded load or
+        an orbax restore (which reshards a checkpoint saved under any other layout)."""
+        return unflatten_dict({p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.param_sharding(p, x.shape))
+                               for p, x in flatten_dict(shapes).items()})
+
+    def place_params(self, params: dict) -> dict:
+        """Put an existing tree (e.g. numpy, or on one device) into this layout."""
+        return jax.tree.map(jax.device_put, params, self.param_shardings(params))
+
+    def stage_params(self, params: dict, s: int) -> dict:
+        """The params stage s computes with (see the module doc)."""
+        mesh = self.meshes.stages[s]
+        devs = set(mesh.devices.flat)
+        out = {}
+        for p, x in flatten_dict(params).items():
+            if p[0] == "layers":
+                shape = (self.layers_per_stage, *x.shape[1:])
+                spec = self.rules.spec(leaf_axes(p), mesh, shape)
+                shards = [sh.data for sh in x.addressable_shards if sh.device in devs]
+                out[p] = jax.make_array_from_single_device_arrays(shape, NamedSharding(mesh, spec), shards)
+                continue
+            ends = stages_of(self.model_cfg, p[0])
+            if (s == 0 and FIRST in ends) or (s == self.pp - 1 and LAST in ends):
+                want = NamedSharding(mesh, self.rules.spec(leaf_axes(p), mesh, x.shape))
+                out[p] = x if x.sharding == want else jax.device_put(x, want)
+        return unflatten_dict(out)
+
+    # -- KV cache and activations ------------------------------------------------------------
+    def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        c = self.model_cfg
+        return (self.layers_per_stage, num_blocks, block_size, c.num_kv_heads, c.head_dim)
+
+    def cache_sharding(self, s: int, shape: tuple[int, ...]) -> NamedSharding:
+        mesh = self.meshes.stages[s]
+        return NamedSharding(mesh, self.rules.spec(CACHE_AXES, mesh, shape))
+
+    def activation_sharding(self, s: int) -> NamedSharding:
+        """(R, Q, H) activations entering stage s, and the logits leaving the last: replicated."""
+        mesh = self.meshes.stages[s]
+        return NamedSharding(mesh, self.rules.spec(ACTIVATION_AXES, mesh))
+
+    def replicated(self, s: int) -> NamedSharding:
+        return NamedSharding(self.meshes.stages[s], PartitionSpec())
+
+    def describe(self) -> str:
+        m = self.meshes
+        return (f"tp={self.tp} (kv heads over {m.tp_kv}, each on {m.tp_rep}) x pp={self.pp} "
+                f"({self.layers_per_stage} layers per stage) on {len(self.devices)} {self.devices[0].platform} devices")

@@ -1,0 +1,181 @@
+"""Pipeline stages and the record of what each stage did when.
+
+A `Stage` is one jitted forward over a contiguous slice of the layers, on its own sub-mesh
+(itself tensor parallel), with the KV cache of exactly those layers:
+
+    stage 0       tokens -> embed -> layers [0, L/pp)        -> h      (R, Q, H)
+    stage s       h      ->          layers [s L/pp, ...)    -> h      moved with jax.device_put
+    stage pp-1    h      ->          layers [..., L)  -> head -> logits (N, V)
+
+With pp = 1 the single stage does all three. Each stage's cache is donated into its step and
+returned updated. Dispatch is asynchronous, so while stage 1 works on batch A the host can
+already have queued batch B on stage 0: that is how several batches are in flight at once.
+
+`StageActivity` is the engine's own record of that overlap: for every launch, when the host
+dispatched it and when each stage's output became ready (a watcher thread blocks on the
+outputs in order). A stage runs its launches in dispatch order, so a launch's busy interval
+on stage s is [max(dispatched, ready on stage s-1, previous launch ready on stage s),
+ready on stage s].
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import flax.linen as nn
+import jax
+from jax.sharding import NamedSharding
+
+from models.attention import AttnBatch, KVCache
+
+
+def stage_forward(module: nn.Module, first: bool, last: bool) -> Callable:
+    """fn(params, cache, x, batch, logits_idx) -> (logits or h, cache) for one stage."""
+
+    def forward(params, cache: KVCache, x, batch: AttnBatch, logits_idx):
+        v = {"params": params}
+        if first:
+            x = module.apply(v, x, batch, method="embed")
+        h, cache = module.apply(v, x, batch, cache, method="decode")
+        if last:
+            return module.apply(v, h, logits_idx, method="head"), cache
+        return h, cache
+
+    return forward
+
+
+@dataclass
+class Stage:
+    index: int
+    first: bool
+    last: bool
+    params: dict
+    cache: KVCache
+    cache_sharding: NamedSharding
+    input_sharding: NamedSharding | None       # activations coming in (None on the first stage)
+    replicated: NamedSharding
+    fn: Callable                               # jitted stage_forward
+    compiled: dict[tuple, Callable] = field(default_factory=dict)
+
+    @property
+    def devices(self) -> list[jax.Device]:
+        return list(self.replicated.mesh.devices.flat)
+
+    def run(self, key: tuple, x, batch: AttnBatch, logits_idx):
+        """Queue this stage's step for launch `key` (asynchronous); returns its output."""
+        fn = self.compiled.get(key, self.fn)
+        out, self.cache = fn(self.params, self.cache, x, batch, logits_idx)
+        return out
+
+
+@dataclass
+class LaunchRecord:
+    batch: int                      # engine batch (one iteration's plan) it belongs to
+    dispatched: float
+    ready: list[float | None]       # per stage, perf_counter when its output was ready
+
+
+class StageActivity:
+    """When each stage was busy with which launch; see the module doc."""
+
+    def __init__(self, num_stages: int) -> None:
+        self.num_stages = num_stages
+        self.launches: list[LaunchRecord] = []
+        self.collected: dict[int, float] = {}          # batch -> when the engine collected it
+        self._todo: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._watch, name="stage-activity", daemon=True)
+        self._thread.start()
+
+    def begin(self, batch: int) -> int:
+        with self._lock:
+            self.launches.append(LaunchRecord(batch, time.perf_counter(), [None] * self.num_stages))
+            return len(self.launches) - 1
+
+    def output(self, launch: int, stage: int, out) -> None:
+        """`out` is stage `stage`'s output for `launch`; its readiness is recorded."""
+        self._todo.put((launch, stage, out))
+
+    def collect(self, batch: int) -> None:
+        self.collected[batch] = time.perf_counter()
+
+    def _watch(self) -> None:
+        while True:
+            launch, stage, out = self._todo.get()
+            jax.block_until_ready(out)
+            t = time.perf_counter()
+            with self._lock:
+                self.launches[launch].ready[stage] = t
+
+    def wait(self) -> None:
+        """Until every recorded output is ready."""
+        while not self._todo.empty() or any(None in r.ready for r in list(self.launches)):
+            time.sleep(0.001)
+
+    def reset(self) -> None:
+        self.wait()
+        with self._lock:
+            self.launches.clear()
+        self.collected.clear()
+
+    # -- analysis ----------------------------------------------------------------------------
+    def intervals(self) -> list[list[tuple[float, float, int]]]:
+        """Per stage: (start, end, batch) busy intervals, in order."""
+        self.wait()
+        out: list[list[tuple[float, float, int]]] = [[] for _ in range(self.num_stages)]
+        prev_end = [0.0] * self.num_stages
+        for r in self.launches:
+            upstream = r.dispatched
+            for s in range(self.num_stages):
+                start = max(upstream, prev_end[s])
+                end = r.ready[s]
+                out[s].append((start, end, r.batch))
+                prev_end[s] = end
+                upstream = end
+        return out
+
+    def summary(self) -> dict:
+        """Stage occupancy (busy fraction of the recorded span); batches in flight on the
+        devices, time-weighted (a batch is in flight from its first dispatch until its last
+        stage is done); batches the engine held in flight (dispatched, not yet collected: the
+        scheduler's view, which device timing cannot blur); and the share of time at least two
+        stages were busy at once."""
+        iv = self.intervals()
+        if not self.launches:
+            return dict(stages=self.num_stages, launches=0)
+        t0 = min(r.dispatched for r in self.launches)
+        t1 = max(max(r.ready) for r in self.launches)
+        span = max(t1 - t0, 1e-9)
+        busy = [sum(e - s for s, e, _ in stage) / span for stage in iv]
+        flights: dict[int, list[float]] = {}
+        for r in self.launches:
+            f = flights.setdefault(r.batch, [r.dispatched, r.ready[-1]])
+            f[0], f[1] = min(f[0], r.dispatched), max(f[1], r.ready[-1])
+        in_flight = _time_weighted([(a, b) for a, b in flights.values()], t0, t1)
+        stage_busy = _time_weighted([(s, e) for stage in iv for s, e, _ in stage], t0, t1)
+        held = _time_weighted([(a, self.collected[b]) for b, (a, _) in flights.items() if b in self.collected], t0,
+                              max([t1, *self.collected.values()]))
+        return dict(stages=self.num_stages, launches=len(self.launches), batches=len(flights), span_s=span,
+                    occupancy=busy, mean_occupancy=sum(busy) / len(busy),
+                    batches_in_flight_mean=in_flight["mean"], batches_in_flight_max=in_flight["max"],
+                    time_with_2plus_batches=in_flight["at_least_2"],
+                    held_in_flight_mean=held["mean"], held_in_flight_max=held["max"],
+                    time_with_2plus_stages_busy=stage_busy["at_least_2"])
+
+
+def _time_weighted(intervals: list[tuple[float, float]], t0: float, t1: float) -> dict:
+    """Mean and max number of overlapping intervals over [t0, t1], and the share of time at least 2 overlap."""
+    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+    level, last, area, two, peak = 0, t0, 0.0, 0.0, 0
+    for t, d in events:
+        area += level * (t - last)
+        two += (t - last) if level >= 2 else 0.0
+        last = t
+        level += d
+        peak = max(peak, level)
+    span = max(t1 - t0, 1e-9)
+    return dict(mean=area / span, max=peak, at_least_2=two / span)
