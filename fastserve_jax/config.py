@@ -182,6 +182,9 @@ class EngineConfig:
     # stage has a batch of its own (FastServe's answer to pipeline bubbles). 1 runs one batch
     # through all stages before scheduling the next.
     batches_in_flight: int = 0
+    # Record when each pipeline stage was busy (sharding/pipeline.StageActivity; a watcher
+    # thread). None: only when pipeline_parallel_size > 1.
+    record_stage_activity: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "block_size"):

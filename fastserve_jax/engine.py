@@ -13,6 +13,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import jax
 
@@ -113,7 +114,8 @@ class LLMEngine:
     into place) or anywhere (it is then moved into the layout)."""
 
     def __init__(self, model_cfg, params, tokenizer, cfg: EngineConfig, eos_ids: frozenset[int] = frozenset(),
-                 warmup: bool = True, progress=None, layout: ModelLayout | None = None) -> None:
+                 warmup: bool = True, progress=None, layout: ModelLayout | None = None,
+                 mirror: Callable[[dict], None] | None = None) -> None:
         if cfg.max_model_len > model_cfg.max_position_embeddings:
             raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings="
                              f"{model_cfg.max_position_embeddings}; lower max_model_len")
@@ -139,7 +141,13 @@ class LLMEngine:
         self.kv = KVManager(num_blocks, self.cfg.block_size, num_host)
         self.swap = SwapPolicy(self.cfg.swap_policy, self.kv, self.cfg.max_num_batched_tokens,
                                self.cfg.swap_reserve_blocks)
-        self.runner = ModelRunner(params, model_cfg, self.cfg, num_blocks, self.layout, swap=self.swap.swaps)
+        self.runner = ModelRunner(params, model_cfg, self.cfg, num_blocks, self.layout, swap=self.swap.swaps,
+                                  record_stages=self.cfg.record_stage_activity)
+        # Multi-host leader (sharding/worker.py): the other processes size their pools like this
+        # one, then replay every device operation it issues, in order.
+        self.runner.mirror = mirror
+        if mirror is not None:
+            mirror({"op": "pools", "num_device_blocks": num_blocks, "num_host_blocks": num_host})
         self._inflight: deque[_InFlight] = deque()     # oldest first; at most cfg.batches_in_flight
         self._batches = itertools.count()
         self._last_collected = 0.0
@@ -182,7 +190,9 @@ class LLMEngine:
 
         model_cfg = ModelConfig.from_pretrained(model_path)
         layout = ModelLayout(model_cfg, ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size))
-        model_cfg, _, params = load_model(model_path, dtype=cfg.dtype, place=layout.abstract_params)
+        # Across processes the converted-params cache is off: orbax would need a shared filesystem.
+        model_cfg, _, params = load_model(model_path, dtype=cfg.dtype, place=layout.abstract_params,
+                                          cache_dir="" if jax.process_count() > 1 else None)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         return cls(model_cfg, params, tokenizer, cfg, _eos_ids(model_path, model_cfg, tokenizer), layout=layout,
                    **kwargs)
@@ -388,8 +398,7 @@ class LLMEngine:
         self.stats.swap_outs_ahead += len(ahead.offload)
 
     def _forget_host_copy(self, req: Request) -> None:
-        if self.runner.transfer is not None:
-            self.runner.transfer.discard(req.request_id)
+        self.runner.discard(req.request_id)
 
     def _count_swaps(self) -> None:
         t = self.runner.transfer

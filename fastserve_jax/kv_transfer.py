@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from fastserve_jax.kv_cache import SwapCopy
 from models.attention import KVCache
 
 
@@ -120,14 +119,15 @@ class KVTransfer:
             return jax.device_put(blocks, self._host_sharding[stage])      # async
         return jax.device_get(blocks)                                      # no host memory space: numpy, waits
 
-    def swap_out(self, caches: Caches, copy: SwapCopy) -> None:
-        """Issue the device-to-host copies of the request's blocks on every stage (returns at once)."""
+    def swap_out(self, caches: Caches, request_id: str, blocks: tuple[int, ...]) -> None:
+        """Issue the device-to-host copies of the request's `blocks` (block-table order) on every
+        stage (returns at once)."""
         runs = []
-        for ids in self._runs(copy.device_blocks):
+        for ids in self._runs(blocks):
             runs.append([self._to_host(self._fn("swap_gather", ids.shape[0], s)(cache, ids), s)
                          for s, cache in enumerate(caches)])
-        self._held[copy.request.request_id] = runs
-        self.blocks_out += copy.num_blocks
+        self._held[request_id] = runs
+        self.blocks_out += len(blocks)
 
     def host_runs(self, request_id: str) -> list[list[KVCache]]:
         return self._held.get(request_id, [])
@@ -136,14 +136,13 @@ class KVTransfer:
         return all(not isinstance(x, jax.Array) or x.is_ready()
                    for run in self._held.get(request_id, ()) for part in run for x in part)
 
-    def start_swap_in(self, copy: SwapCopy) -> None:
-        """Issue the host-to-device copies of the request's runs into `copy.device_blocks`; they
-        land in the caches at `land_swap_in`."""
-        rid = copy.request.request_id
-        host = self._held.pop(rid)
+    def start_swap_in(self, request_id: str, blocks: tuple[int, ...]) -> None:
+        """Issue the host-to-device copies of the request's runs into device `blocks`; they land
+        in the caches at `land_swap_in`."""
+        host = self._held.pop(request_id)
         runs = [[jax.device_put(part, self._device_sharding[s]) for s, part in enumerate(run)] for run in host]
-        self._uploads[rid] = _Upload(runs, self._runs(copy.device_blocks))
-        self.blocks_in += copy.num_blocks
+        self._uploads[request_id] = _Upload(runs, self._runs(blocks))
+        self.blocks_in += len(blocks)
 
     def land_swap_in(self, caches: Caches, request_id: str) -> Caches:
         """Scatter an issued swap-in into every stage's cache (donated); time spent waiting for
@@ -160,9 +159,9 @@ class KVTransfer:
                 caches[s] = self._fn("swap_scatter", ids.shape[0], s)(caches[s], part, ids)
         return caches
 
-    def swap_in_now(self, caches: Caches, copy: SwapCopy) -> Caches:
-        self.start_swap_in(copy)
-        return self.land_swap_in(caches, copy.request.request_id)
+    def swap_in_now(self, caches: Caches, request_id: str, blocks: tuple[int, ...]) -> Caches:
+        self.start_swap_in(request_id, blocks)
+        return self.land_swap_in(caches, request_id)
 
     def discard(self, request_id: str) -> None:
         """Forget a request's host copy or pending upload (it finished, or its KV was dropped)."""

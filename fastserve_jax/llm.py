@@ -16,11 +16,14 @@ class LLM:
     """An engine over one model. `model=None` serves the bundled demo model.
 
     Keyword arguments are EngineConfig fields (max_model_len, max_num_seqs,
-    max_num_batched_tokens, block_size, num_device_blocks, seed, scheduler, buckets ...).
+    max_num_batched_tokens, block_size, num_device_blocks, seed, scheduler, buckets,
+    tensor_parallel_size, pipeline_parallel_size ...). `mirror`: multi-host leader hook that
+    receives every device operation for the other processes (sharding/worker.py).
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "float32", max_model_len: int | None = None,
-                 num_device_blocks: int | None = None, warmup: bool = True, progress=None, **engine_kwargs) -> None:
+                 num_device_blocks: int | None = None, warmup: bool = True, progress=None, mirror=None,
+                 **engine_kwargs) -> None:
         from models import demo_model_path
         from models.config import ModelConfig
 
@@ -35,7 +38,7 @@ class LLM:
         cfg = EngineConfig(dtype=dtype, max_model_len=max_model_len, num_device_blocks=num_device_blocks or 0,
                            **engine_kwargs)
         enable_compilation_cache(cfg.compilation_cache_dir)
-        self.engine = LLMEngine.from_pretrained(path, cfg, warmup=warmup, progress=progress)
+        self.engine = LLMEngine.from_pretrained(path, cfg, warmup=warmup, progress=progress, mirror=mirror)
 
     @property
     def tokenizer(self):

@@ -34,7 +34,7 @@ from fastserve_jax.scheduler.base import ScheduledRequest
 from models import build_model
 from models.attention import AttnBatch, KVCache
 from models.config import ModelConfig
-from sharding.layout import ModelLayout
+from sharding.layout import ModelLayout, move
 from sharding.pipeline import Stage, StageActivity, stage_forward
 
 
@@ -47,6 +47,37 @@ class Launch:
     batch: AttnBatch                # numpy arrays, shapes per models.attention
     logits_idx: np.ndarray          # (N,) int32
     rows: list[Request | None]      # requests to sample for, per logits row (None: discard)
+
+
+@dataclass
+class LaunchWork:
+    """One launch as plain arrays: the forward's inputs and, when some row is sampled, the
+    sampler's variant and per-row arrays."""
+
+    key: tuple
+    tokens: np.ndarray
+    batch: AttnBatch
+    logits_idx: np.ndarray
+    greedy: bool = True
+    logprobs: bool = False
+    sampling: SamplingArrays | None = None
+    penalties: Penalties | None = None
+
+    def to_message(self) -> dict:
+        return dict(key=list(self.key), tokens=self.tokens, batch=list(self.batch), logits_idx=self.logits_idx,
+                    greedy=self.greedy, logprobs=self.logprobs,
+                    sampling=None if self.sampling is None else list(self.sampling),
+                    penalties=None if self.penalties is None else list(self.penalties))
+
+    @classmethod
+    def from_message(cls, m: dict) -> "LaunchWork":
+        return cls(tuple(m["key"]), m["tokens"], AttnBatch(*m["batch"]), m["logits_idx"], m["greedy"], m["logprobs"],
+                   None if m["sampling"] is None else SamplingArrays(*m["sampling"]),
+                   None if m["penalties"] is None else Penalties(*m["penalties"]))
+
+
+def _wire(moves: list[tuple[str, tuple[int, ...]]]) -> list:
+    return [[rid, np.asarray(blocks, np.int32)] for rid, blocks in moves]
 
 
 def fetch(tree):
@@ -100,6 +131,9 @@ class ModelRunner:
             record_stages = layout.pp > 1
         self.activity = StageActivity(layout.pp) if record_stages else None
         self.warmup_seconds = 0.0
+        # Multi-host leader: called with every device operation, as a message for the other
+        # processes to replay in the same order (sharding/worker.py); None on one host.
+        self.mirror: Callable[[dict], None] | None = None
 
     @property
     def caches(self) -> list[KVCache]:
@@ -296,33 +330,48 @@ class ModelRunner:
                 history[i, :len(r.output_token_ids)] = r.output_token_ids
         return Penalties(presence, frequency, history)
 
-    def forward(self, ln: Launch, batch_id: int = -1):
+    def forward(self, ln: Launch | LaunchWork, batch_id: int = -1):
         """Queue one launch through every stage (asynchronously); returns the logits."""
         rec = self.activity.begin(batch_id) if self.activity is not None else None
         x = ln.tokens
         for st in self.stages:
             if not st.first:
-                x = jax.device_put(x, st.input_sharding)
+                x = move(x, st.input_sharding)
             x = st.run(ln.key, x, ln.batch, ln.logits_idx)
             if rec is not None:
                 self.activity.output(rec, st.index, x)
         return x
 
+    def prepare(self, ln: Launch) -> LaunchWork:
+        """Everything the device needs for one launch, as plain arrays (what process 0 sends to
+        the other processes in multi-host mode)."""
+        live = [r for r in ln.rows if r is not None]
+        work = LaunchWork(ln.key, ln.tokens, ln.batch, ln.logits_idx)
+        if live:
+            work.greedy = all(r.sampling.greedy for r in live)
+            work.logprobs = any(r.sampling.logprobs is not None for r in live)
+            work.sampling = self._sampling_arrays(ln.rows)
+            if any(r.sampling.penalized for r in live):
+                work.penalties = self._penalty_arrays(ln.rows)
+        return work
+
     def dispatch(self, launches: list[Launch], batch_id: int = -1) -> list:
         """Run the launches back to back (asynchronously); returns device results per launch."""
+        work = [self.prepare(ln) for ln in launches]
+        self._mirror("dispatch", launches=[w.to_message() for w in work])
+        return self.run(work, batch_id)
+
+    def run(self, work: list[LaunchWork], batch_id: int = -1) -> list:
         pending = []
-        for ln in launches:
-            logits = self.forward(ln, batch_id)
-            live = [r for r in ln.rows if r is not None]
-            if not live:
+        for w in work:
+            logits = self.forward(w, batch_id)
+            if w.sampling is None:
                 pending.append(None)
                 continue
-            greedy = all(r.sampling.greedy for r in live)
-            lp = any(r.sampling.logprobs is not None for r in live)
-            pen = any(r.sampling.penalized for r in live)
-            n = len(ln.rows)
-            args = (logits, self._sampling_arrays(ln.rows)) + ((self._penalty_arrays(ln.rows),) if pen else ())
-            pending.append(self._sample_fn(("sample", n, greedy, lp, pen), greedy, lp)(*args))
+            pen = w.penalties is not None
+            n = w.sampling.temperature.shape[0]
+            args = (logits, w.sampling) + ((w.penalties,) if pen else ())
+            pending.append(self._sample_fn(("sample", n, w.greedy, w.logprobs, pen), w.greedy, w.logprobs)(*args))
         return pending
 
     @staticmethod
@@ -346,21 +395,50 @@ class ModelRunner:
         return results
 
     # -- swap copies (kv_transfer.py); order: swap_out, swap_in_now, dispatch, then ahead moves --
+    def _mirror(self, op: str, **args) -> None:
+        if self.mirror is not None:
+            self.mirror({"op": op, **args})
+
+    @staticmethod
+    def _moves(copies: list[SwapCopy]) -> list[tuple[str, tuple[int, ...]]]:
+        return [(c.request.request_id, c.device_blocks) for c in copies]
+
     def swap_out(self, copies: list[SwapCopy]) -> None:
-        for c in copies:
-            self.transfer.swap_out(self.caches, c)
+        self.swap_out_moves(self._moves(copies))
 
     def swap_in_now(self, copies: list[SwapCopy]) -> None:
         """Copies the next step needs: issued and scattered before it (the step waits for them)."""
-        for c in copies:
-            self._set_caches(self.transfer.swap_in_now(self.caches, c))
+        self.swap_in_now_moves(self._moves(copies))
 
     def start_swap_in(self, copies: list[SwapCopy]) -> None:
-        for c in copies:
-            self.transfer.start_swap_in(c)
+        self.start_swap_in_moves(self._moves(copies))
+
+    # The same operations on plain (request id, device blocks) pairs, which is what the other
+    # processes replay in multi-host mode (sharding/worker.py).
+    def swap_out_moves(self, moves: list[tuple[str, tuple[int, ...]]]) -> None:
+        self._mirror("swap_out", moves=_wire(moves))
+        for rid, blocks in moves:
+            self.transfer.swap_out(self.caches, rid, tuple(blocks))
+
+    def swap_in_now_moves(self, moves: list[tuple[str, tuple[int, ...]]]) -> None:
+        self._mirror("swap_in_now", moves=_wire(moves))
+        for rid, blocks in moves:
+            self._set_caches(self.transfer.swap_in_now(self.caches, rid, tuple(blocks)))
+
+    def start_swap_in_moves(self, moves: list[tuple[str, tuple[int, ...]]]) -> None:
+        self._mirror("start_swap_in", moves=_wire(moves))
+        for rid, blocks in moves:
+            self.transfer.start_swap_in(rid, tuple(blocks))
 
     def land_swap_in(self, request_id: str) -> None:
+        self._mirror("land_swap_in", request_id=request_id)
         self._set_caches(self.transfer.land_swap_in(self.caches, request_id))
+
+    def discard(self, request_id: str) -> None:
+        """Forget a request's host copy or pending upload (it finished, or its KV was dropped)."""
+        if self.transfer is not None:
+            self._mirror("discard", request_id=request_id)
+            self.transfer.discard(request_id)
 
     def execute(self, scheduled: list[ScheduledRequest], kv: KVManager):
         launches = self.build_launches(scheduled, kv)

@@ -48,6 +48,12 @@ def add_serve_parser(sub, add_engine_args) -> None:
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGINT/SIGTERM")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g = p.add_argument_group("multi-host (one process per host; docs/parallelism.md)")
+    g.add_argument("--coordinator-address", default=None,
+                   help="host:port of process 0 (default: $FASTSERVE_COORDINATOR); process 0 serves HTTP, the "
+                        "others replay its steps. The plan channel uses the next port.")
+    g.add_argument("--num-processes", type=int, default=None, help="processes in all (default: $FASTSERVE_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, default=None, help="this process, 0 = leader (default: $FASTSERVE_PROCESS_ID)")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -78,18 +84,58 @@ def engine_builder(model: str | None, engine_kwargs: dict):
     return build
 
 
+def _distributed(a: argparse.Namespace):
+    """The multi-host config from flags over environment, or None on one host."""
+    from sharding.distributed import DistributedConfig
+
+    env = dict(os.environ)
+    for flag, name in (("coordinator_address", "FASTSERVE_COORDINATOR"), ("num_processes", "FASTSERVE_NUM_PROCESSES"),
+                       ("process_id", "FASTSERVE_PROCESS_ID")):
+        if getattr(a, flag, None) is not None:
+            env[name] = str(getattr(a, flag))
+    if not (env.get("FASTSERVE_COORDINATOR") or env.get("JAX_COORDINATOR_ADDRESS")):
+        return None
+    return DistributedConfig.from_env(env)
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
-    from serve.app import ServerConfig, create_app
     from serve.cli import _engine_kwargs
 
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        dist = _distributed(a)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    channel = None
+    if dist is not None:
+        from sharding.distributed import PlanChannel, initialize
+        from sharding.worker import close_workers, run_worker
+
+        dist = initialize(dist)
+        if dist.process_id != 0:
+            log.info("process %d of %d: worker, following %s", dist.process_id, dist.num_processes,
+                     dist.coordinator_address)
+            return run_worker(a.model, _engine_kwargs(a), PlanChannel.connect(dist), progress_logger())
+        channel = PlanChannel.serve(dist)
+        log.info("process 0 of %d: leader, %d worker(s) connected", dist.num_processes, dist.num_processes - 1)
+    try:
+        return _serve(a, _engine_kwargs(a) if channel is None else dict(_engine_kwargs(a), mirror=channel.send))
+    finally:
+        if channel is not None:
+            close_workers(channel)
+
+
+def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
+    from serve.app import ServerConfig, create_app
+
     if a.max_pending < 1 or a.max_body_bytes < 1:
         print("error: --max-pending and --max-body-bytes must be >= 1", file=sys.stderr)
         return 2
     cfg = ServerConfig(model_name=a.served_model_name or model_name(a.model),
                        api_key=a.api_key or os.environ.get(API_KEY_ENV) or None,
                        max_pending=a.max_pending, max_body_bytes=a.max_body_bytes)
-    build = engine_builder(a.model, _engine_kwargs(a))
+    build = engine_builder(a.model, engine_kwargs)
 
     def build_or_exit():
         try:

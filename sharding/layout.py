@@ -26,6 +26,20 @@ from sharding.mesh import Meshes, ParallelConfig, build_meshes
 from sharding.rules import ShardingRules
 
 
+def move(x: jax.Array, target: NamedSharding) -> jax.Array:
+    """Copy `x` to another stage's sub-mesh with the same partitioning (activations, a tied
+    embedding). In one process that is jax.device_put. Across processes every stage spans all
+    of them the same way (mesh.ordered_devices), so each process copies its own shards to its
+    own devices of the next stage and assembles them; nothing crosses hosts (multi-controller
+    JAX refuses a device_put between different device sets, docs/multihost_findings.md)."""
+    if x.is_fully_addressable:
+        return jax.device_put(x, target)
+    key = lambda idx: tuple((s.start, s.stop) for s in idx)
+    local = {key(sh.index): sh.data for sh in x.addressable_shards}
+    parts = [jax.device_put(local[key(idx)], d) for d, idx in target.addressable_devices_indices_map(x.shape).items()]
+    return jax.make_array_from_single_device_arrays(x.shape, target, parts)
+
+
 class ModelLayout:
     def __init__(self, model_cfg: ModelConfig, parallel: ParallelConfig = ParallelConfig(),
                  devices: list[jax.Device] | None = None, rules: ShardingRules | None = None) -> None:
@@ -95,7 +109,7 @@ class ModelLayout:
             ends = stages_of(self.model_cfg, p[0])
             if (s == 0 and FIRST in ends) or (s == self.pp - 1 and LAST in ends):
                 want = NamedSharding(mesh, self.rules.spec(leaf_axes(p), mesh, x.shape))
-                out[p] = x if x.sharding == want else jax.device_put(x, want)
+                out[p] = x if x.sharding == want else move(x, want)
         return unflatten_dict(out)
 
     # -- KV cache and activations ------------------------------------------------------------

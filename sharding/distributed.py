@@ -1,0 +1,297 @@
+"""Multi-host start-up and the leader -> worker plan channel (docs/multihost_findings.md).
+
+One process per host, each calling `initialize(cfg)` before any other JAX use. Process 0 (the leader,
+which also hosts JAX's coordination service) runs the HTTP server and the scheduler and broadcasts each
+iteration's plan with `PlanChannel.send`; workers `recv()` it; all run the same jitted steps.
+
+Wire format, no pickle (a network port must never execute code): `b"FSP1" | u32 header length | u64
+payload length | JSON header | payload`. The header is the message with each numpy array replaced by
+`{"a": [dtype.str, shape, offset, nbytes]}` (into the payload, 16-byte aligned; numpy scalars: "s"),
+dicts as `{"d": {...}}` (str keys) or `{"m": [[key, value], ...]}` (int keys), lists and tuples as lists.
+Received arrays are writable views of one buffer per message. Shutdown convention: the leader calls
+`send_shutdown()` (sends `SHUTDOWN = {"op": "shutdown"}`) then `close()`; workers stop on
+`is_shutdown(msg)`, and `recv()` raises `ChannelClosed` once the leader has closed or died.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import socket
+import struct
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+SHUTDOWN: dict[str, Any] = {"op": "shutdown"}
+_MAGIC, _PREFIX, _ALIGN, _MAX_HEADER = b"FSP1", struct.Struct("!4sIQ"), 16, 64 << 20
+
+
+class ChannelClosed(ConnectionError):
+    """The other end of a PlanChannel closed the connection (or died)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Where process 0 is and who this process is. `num_processes`/`process_id` both None: JAX detects them
+    (SLURM, Open MPI, Kubernetes, Cloud TPU; not on a plain machine) and `initialize` returns them filled.
+    `local_device_count`: checked after start-up; on the CPU backend it also sets the virtual device count."""
+    coordinator_address: str  # host:port of process 0; JAX's coordination service listens there
+    num_processes: int | None = None
+    process_id: int | None = None
+    plan_port: int | None = None  # None: coordinator port + 1 (on process 0's host)
+    local_device_count: int | None = None
+
+    def __post_init__(self) -> None:
+        port = _split_address(self.coordinator_address)[1]
+        if self.plan_port is None:
+            object.__setattr__(self, "plan_port", port + 1)
+        n, pid, plan, local = self.num_processes, self.process_id, self.plan_port, self.local_device_count
+        if (n is None) != (pid is None):
+            raise ValueError("set both num_processes and process_id, or neither (JAX auto-detection)")
+        if n is not None and not 0 <= pid < n:
+            raise ValueError(f"need num_processes >= 1 and 0 <= process_id < num_processes, got {n} and {pid}")
+        if not 0 < plan < 65536 or plan == port:
+            raise ValueError(f"plan_port {plan} must be in 1..65535 and differ from the coordinator port")
+        if local is not None and local < 1:
+            raise ValueError(f"local_device_count must be >= 1, got {local}")
+
+    @property
+    def host(self) -> str:
+        return _split_address(self.coordinator_address)[0]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> DistributedConfig:
+        """Read FASTSERVE_COORDINATOR (else JAX's own JAX_COORDINATOR_ADDRESS), FASTSERVE_NUM_PROCESSES,
+        FASTSERVE_PROCESS_ID, FASTSERVE_PLAN_PORT and FASTSERVE_LOCAL_DEVICE_COUNT (default: os.environ)."""
+        env = os.environ if env is None else env
+        addr = env.get("FASTSERVE_COORDINATOR") or env.get("JAX_COORDINATOR_ADDRESS")
+        if not addr:
+            raise ValueError("set FASTSERVE_COORDINATOR (or JAX_COORDINATOR_ADDRESS) to host:port of process 0")
+        nums: list[int | None] = []
+        for name in ("NUM_PROCESSES", "PROCESS_ID", "PLAN_PORT", "LOCAL_DEVICE_COUNT"):
+            raw = env.get(f"FASTSERVE_{name}", "").strip()
+            if raw and not raw.lstrip("-").isdigit():
+                raise ValueError(f"FASTSERVE_{name} must be an integer, got {raw!r}")
+            nums.append(int(raw) if raw else None)
+        return cls(addr, *nums)
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"coordinator address must be host:port (port 1..65535), got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def initialize(cfg: DistributedConfig, timeout_s: int = 300) -> DistributedConfig:
+    """Start JAX's distributed runtime; must run before any other JAX use (devices, arrays, jit).
+    Returns `cfg` with num_processes and process_id as JAX sees them."""
+    import jax
+
+    if jax.distributed.is_initialized():
+        raise RuntimeError("jax.distributed is already initialized in this process")
+    from jax._src import xla_bridge  # private, only for a clearer error than JAX's own
+
+    if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+        raise RuntimeError("distributed.initialize() must run before any other JAX use (jax.devices(), jnp "
+                           "arrays, jit, device_put): JAX's backend is already initialized")
+    if cfg.local_device_count is not None:
+        jax.config.update("jax_num_cpu_devices", cfg.local_device_count)
+    try:
+        jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
+                                   process_id=cfg.process_id, initialization_timeout=timeout_s)
+    except ValueError as e:
+        raise ValueError(f"{e} (set FASTSERVE_NUM_PROCESSES and FASTSERVE_PROCESS_ID: JAX detects them "
+                         "only on SLURM, Open MPI, Kubernetes and Cloud TPU)") from e
+    if cfg.local_device_count is not None and jax.local_device_count() != cfg.local_device_count:
+        raise RuntimeError(f"expected {cfg.local_device_count} local devices, JAX sees {jax.local_device_count()}")
+    return dataclasses.replace(cfg, num_processes=jax.process_count(), process_id=jax.process_index())
+
+
+def encode(msg: Any) -> bytes:
+    """One frame for `msg`; a TypeError naming the offending path for anything not encodable."""
+    chunks: list[bytes] = []
+    size = 0
+
+    def enc(x: Any, path: str) -> Any:
+        nonlocal size
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if isinstance(x, (list, tuple)):
+            return [enc(v, f"{path}[{i}]") for i, v in enumerate(x)]
+        if isinstance(x, dict):
+            if all(isinstance(k, str) for k in x):
+                return {"d": {k: enc(v, f"{path}[{k!r}]") for k, v in x.items()}}
+            if all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in x):
+                return {"m": [[k, enc(v, f"{path}[{k!r}]")] for k, v in x.items()]}
+            raise TypeError(f"{path}: dict keys must be str or int")
+        if isinstance(x, (np.ndarray, np.generic)):
+            a = np.asarray(x)  # tobytes() writes C order whatever the strides
+            if a.dtype.kind not in "biufc" or a.dtype.fields is not None:
+                raise TypeError(f"{path}: cannot encode array of dtype {a.dtype}")
+            pad = -size % _ALIGN
+            chunks.append(b"\0" * pad + a.tobytes())
+            ref = [a.dtype.str, list(a.shape), size + pad, a.nbytes]
+            size += pad + a.nbytes
+            return {"s" if isinstance(x, np.generic) else "a": ref}
+        raise TypeError(f"{path}: cannot encode object of type {type(x).__name__} "
+                        "(allowed: dict, list, str, int, float, bool, None, numpy arrays)")
+
+    header = json.dumps(enc(msg, "msg"), separators=(",", ":")).encode()
+    return b"".join([_PREFIX.pack(_MAGIC, len(header), size), header, *chunks])
+
+
+def decode(header: bytes, payload: bytearray) -> Any:
+    """Inverse of `encode`, given a frame's header and payload (arrays are views of `payload`)."""
+
+    def array(ref: list[Any]) -> np.ndarray:
+        dtype, shape, offset, nbytes = np.dtype(ref[0]), tuple(ref[1]), int(ref[2]), int(ref[3])
+        if dtype.kind not in "biufc" or any(d < 0 for d in shape) or offset < 0 \
+                or offset + nbytes > len(payload) or nbytes != dtype.itemsize * int(np.prod(shape)):
+            raise ValueError(f"corrupt array reference {ref}")
+        return np.frombuffer(payload, dtype, nbytes // dtype.itemsize, offset).reshape(shape)
+
+    def dec(x: Any) -> Any:
+        if isinstance(x, list):
+            return [dec(v) for v in x]
+        if not isinstance(x, dict):
+            return x
+        ((tag, v),) = x.items()
+        if tag in ("d", "m"):
+            return {k: dec(w) for k, w in (v.items() if tag == "d" else v)}
+        if tag not in ("a", "s"):
+            raise ValueError(f"unknown tag {tag!r} in PlanChannel header")
+        return array(v) if tag == "a" else array(v)[()]
+
+    return dec(json.loads(header))
+
+
+def _recv_frame(sock: socket.socket, who: str) -> Any:
+    def exact(n: int, mid: bool) -> bytearray:
+        buf, got = bytearray(n), 0
+        while got < n:
+            k = sock.recv_into(memoryview(buf)[got:])
+            if k == 0:
+                raise ChannelClosed(f"{who} closed the connection" + (" mid-frame" if got or mid else ""))
+            got += k
+        return buf
+
+    magic, hlen, plen = _PREFIX.unpack(exact(_PREFIX.size, mid=False))
+    if magic != _MAGIC or hlen > _MAX_HEADER:
+        raise ValueError(f"not a PlanChannel frame from {who} (magic {magic!r})")
+    return decode(exact(hlen, True), exact(plen, True))
+
+
+def _check_role(cfg: DistributedConfig, leader: bool) -> int:
+    if cfg.num_processes is None or cfg.process_id is None:
+        raise ValueError("PlanChannel needs num_processes and process_id (use the config initialize() returns)")
+    if (cfg.process_id == 0) != leader:
+        raise ValueError(f"process {cfg.process_id} must {'serve' if cfg.process_id == 0 else 'connect'}")
+    return cfg.num_processes
+
+
+class PlanChannel:
+    """Leader -> workers broadcast over TCP. Build with `serve` (process 0) or `connect` (the others)."""
+
+    def __init__(self, socks: list[socket.socket], is_leader: bool) -> None:
+        self._socks, self.is_leader = socks, is_leader  # leader: one socket per worker, by process id
+
+    @classmethod
+    def serve(cls, cfg: DistributedConfig, timeout_s: float = 120.0, host: str | None = None) -> PlanChannel:
+        """Accept one connection from each worker on `host` (default: the coordinator's host) and plan_port."""
+        n, deadline = _check_role(cfg, leader=True), time.monotonic() + timeout_s
+        peers: dict[int, socket.socket] = {}
+        lsock = socket.create_server((host or cfg.host, cfg.plan_port))
+        try:
+            while len(peers) < n - 1:
+                lsock.settimeout(max(deadline - time.monotonic(), 0.0))
+                try:
+                    sock, _ = lsock.accept()
+                except TimeoutError:
+                    missing = sorted(set(range(1, n)) - set(peers))
+                    raise TimeoutError(f"PlanChannel leader: {len(peers)} of {n - 1} workers connected to port "
+                                       f"{cfg.plan_port} within {timeout_s} s; missing process ids {missing}") from None
+                sock.settimeout(max(deadline - time.monotonic(), 0.1))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                try:
+                    hello = _recv_frame(sock, "worker")
+                    pid = hello["process_id"]
+                    if hello.get("num_processes") != n or pid in peers or not 0 < pid < n:
+                        raise ValueError(f"bad hello {hello} (num_processes={n}, connected={sorted(peers)})")
+                    sock.sendall(encode({"op": "welcome"}))
+                except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # stray or bad client
+                    with contextlib.suppress(OSError):
+                        sock.sendall(encode({"op": "error", "message": str(e)}))
+                    sock.close()
+                    continue
+                sock.settimeout(None)
+                peers[pid] = sock
+        except BaseException:
+            cls(list(peers.values()), is_leader=True).close()
+            raise
+        finally:
+            lsock.close()
+        return cls([peers[i] for i in sorted(peers)], is_leader=True)
+
+    @classmethod
+    def connect(cls, cfg: DistributedConfig, timeout_s: float = 120.0) -> PlanChannel:
+        """Connect to the leader, retrying until it listens; TimeoutError after `timeout_s`."""
+        n, deadline = _check_role(cfg, leader=False), time.monotonic() + timeout_s
+        while True:
+            try:
+                sock = socket.create_connection((cfg.host, cfg.plan_port), max(deadline - time.monotonic(), 0.1))
+                break
+            except OSError as e:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"PlanChannel worker {cfg.process_id}: no leader listening at {cfg.host}:"
+                                       f"{cfg.plan_port} within {timeout_s} s ({e})") from None
+                time.sleep(0.05)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(encode({"op": "hello", "process_id": cfg.process_id, "num_processes": n}))
+        reply = _recv_frame(sock, "PlanChannel leader")
+        if reply.get("op") != "welcome":
+            sock.close()
+            raise ConnectionError(f"PlanChannel leader refused worker {cfg.process_id}: {reply.get('message')}")
+        sock.settimeout(None)
+        return cls([sock], is_leader=False)
+
+    def send(self, msg: Any) -> None:
+        """Leader: broadcast one message to every worker (encoded once, before anything is sent)."""
+        if not self.is_leader or not self._socks:
+            raise RuntimeError("only the leader sends on a PlanChannel" if self._socks else "PlanChannel is closed")
+        frame = encode(msg)
+        for i, sock in enumerate(self._socks):
+            try:
+                sock.sendall(frame)
+            except OSError as e:
+                raise ChannelClosed(f"PlanChannel: worker {i + 1} is gone ({e})") from e
+
+    def send_shutdown(self) -> None:
+        """Leader: tell the workers to leave their loops (they receive `SHUTDOWN`)."""
+        self.send(SHUTDOWN)
+
+    def recv(self) -> Any:
+        """Worker: the next message (blocks); ChannelClosed once the leader has gone."""
+        if self.is_leader or not self._socks:
+            raise RuntimeError("only workers receive on a PlanChannel" if self._socks else "PlanChannel is closed")
+        try:
+            return _recv_frame(self._socks[0], "PlanChannel leader")
+        except OSError as e:  # ChannelClosed is one too
+            raise e if isinstance(e, ChannelClosed) else ChannelClosed(f"PlanChannel leader: {e}") from e
+
+    def close(self) -> None:
+        """Close the connections; a worker blocked in recv() then gets ChannelClosed."""
+        for sock in self._socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._socks = []
+
+
+def is_shutdown(msg: Any) -> bool:
+    """True for the leader's `SHUTDOWN` message."""
+    return isinstance(msg, dict) and msg.get("op") == "shutdown"

@@ -1,0 +1,84 @@
+"""Multi-host serving: process 0 leads, the other processes replay its device operations.
+
+    process 0 (leader)                             process k > 0 (worker)
+    initialize(cfg)                                initialize(cfg)
+    channel = PlanChannel.serve(cfg)               channel = PlanChannel.connect(cfg)
+    LLM(..., mirror=channel.send)                  run_worker(model, engine_kwargs, channel)
+      -> {"op": "pools", ...}          ------>       builds the same engine with those pools
+      -> every dispatch / swap op      ------>       runner replays it: same jitted steps, same order
+    HTTP server, scheduler, sampling results        (its shards of every computation)
+    close_workers(channel)             ------>       returns on shutdown
+
+Only the leader schedules, owns requests and reads sampled tokens; a worker holds its shards of
+the params and the KV cache and runs the same SPMD programs, so the collectives match. The plan
+arrays are sent bit-identical (JAX does not check that numpy inputs agree across processes).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from fastserve_jax.runner import LaunchWork, ModelRunner
+from sharding.distributed import ChannelClosed, PlanChannel, is_shutdown
+
+log = logging.getLogger(__name__)
+
+
+def _ops(runner: ModelRunner) -> dict[str, Callable[[dict], object]]:
+    moves = lambda m: [(rid, tuple(int(b) for b in blocks)) for rid, blocks in m["moves"]]
+    return {
+        "dispatch": lambda m: runner.run([LaunchWork.from_message(x) for x in m["launches"]]),
+        "swap_out": lambda m: runner.swap_out_moves(moves(m)),
+        "swap_in_now": lambda m: runner.swap_in_now_moves(moves(m)),
+        "start_swap_in": lambda m: runner.start_swap_in_moves(moves(m)),
+        "land_swap_in": lambda m: runner.land_swap_in(m["request_id"]),
+        "discard": lambda m: runner.discard(m["request_id"]),
+    }
+
+
+def replay(runner: ModelRunner, channel: PlanChannel) -> int:
+    """Apply the leader's device operations in order until it shuts down; returns the number
+    applied. Raises ChannelClosed if the leader went away without saying so."""
+    ops = _ops(runner)
+    n = 0
+    while True:
+        msg = channel.recv()
+        if is_shutdown(msg):
+            return n
+        op = msg.get("op")
+        if op not in ops:
+            raise ValueError(f"unknown operation {op!r} from the leader (versions differ?)")
+        ops[op](msg)
+        n += 1
+
+
+def run_worker(model: str | None, engine_kwargs: dict, channel: PlanChannel, progress=None) -> int:
+    """Build this process's part of the engine as the leader sized it, then replay. Returns 0
+    after an orderly shutdown, 1 if the leader vanished."""
+    from fastserve_jax import LLM
+
+    first = channel.recv()
+    if is_shutdown(first):
+        return 0
+    if first.get("op") != "pools":
+        raise ValueError(f"expected the leader's pool sizes first, got {first.get('op')!r}")
+    kwargs = dict(engine_kwargs, num_device_blocks=int(first["num_device_blocks"]),
+                  num_host_blocks=int(first["num_host_blocks"]),
+                  # the worker never schedules: a policy without a cost model avoids profiling,
+                  # which would run device work the leader does not mirror
+                  scheduler="fcfs", cost_model=None, record_stage_activity=False)
+    llm = LLM(model, progress=progress, **kwargs)
+    log.info("worker ready (%s); replaying the leader's steps", llm.engine.layout.describe())
+    try:
+        n = replay(llm.engine.runner, channel)
+    except ChannelClosed:
+        log.error("the leader closed the plan channel without a shutdown message")
+        return 1
+    log.info("leader shut down after %d operations", n)
+    return 0
+
+
+def close_workers(channel: PlanChannel) -> None:
+    channel.send_shutdown()
+    channel.close()

@@ -1,0 +1,265 @@
+"""sharding.distributed: config parsing, the plan channel's wire format over real loopback
+sockets, and a two-process jax.distributed run that follows a plan sent by process 0."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sharding.distributed import (SHUTDOWN, ChannelClosed, DistributedConfig, PlanChannel, decode, encode,
+                                  is_shutdown)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cfgs(n: int) -> list[DistributedConfig]:
+    port = free_port()
+    return [DistributedConfig(f"127.0.0.1:{free_port()}", n, i, plan_port=port) for i in range(n)]
+
+
+def roundtrip(msg):
+    frame = encode(msg)
+    hlen = int.from_bytes(frame[4:8], "big")
+    return decode(frame[16:16 + hlen], bytearray(frame[16 + hlen:]))
+
+
+def assert_same(a, b):
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+PLAN = {
+    "op": "step", "iteration": 7, "temperature": 0.5, "greedy": True, "note": None, "name": "décode",
+    "tokens": np.arange(12, dtype=np.int32).reshape(3, 4),
+    "block_tables": np.array([[1, 2, 0], [3, 4, 5]], np.int32)[:, ::2],  # non-contiguous
+    "top_p": np.array([0.9, 1.0], np.float32), "seeds": np.array([2**32 - 1, 0], np.uint32),
+    "mask": np.array([True, False, True]), "scalar": np.array(3.5, np.float32),
+    "empty": np.zeros((0, 5), np.int32), "empty1d": np.array([], np.float32),
+    "ops": [{"op": "swap_out", "ids": np.array([5, 9], np.int32)}, {"op": "noop"}, [[np.int64(-3)]]],
+    "by_seq": {3: np.array([1], np.int32), 11: "x"},
+}
+
+
+def test_roundtrip_in_memory():
+    out = roundtrip(PLAN)
+    expect = dict(PLAN, block_tables=np.ascontiguousarray(PLAN["block_tables"]))
+    assert_same(out, expect)
+    assert isinstance(out["ops"][2][0][0], np.int64) and out["ops"][2][0][0] == -3
+    assert out["scalar"].shape == () and out["tokens"].flags.writeable
+    assert roundtrip((1, [2, (3,)])) == [1, [2, [3]]]  # tuples come back as lists
+    assert roundtrip(np.array([1.5], ">f8"))[0] == 1.5  # non-native byte order
+
+
+@pytest.mark.parametrize("bad, where", [
+    (object(), "msg"), ({"a": [1, {2.5: 1}]}, "msg['a'][1]"), ({"x": np.array(["s"])}, "msg['x']"),
+    ({"x": np.array([object()])}, "msg['x']"), ({"f": lambda: 0}, "msg['f']"), ({1, 2}, "msg"),
+    ({"b": b"raw"}, "msg['b']"),
+])
+def test_rejects_non_encodable(bad, where):
+    with pytest.raises(TypeError, match=re.escape(where) + ":"):
+        encode(bad)
+
+
+def test_rejects_corrupt_header():
+    with pytest.raises(ValueError, match="corrupt array"):
+        decode(json.dumps({"a": ["<i4", [4], 0, 16]}).encode(), bytearray(8))
+    with pytest.raises(ValueError, match="corrupt array"):
+        decode(json.dumps({"a": ["|O", [1], 0, 8]}).encode(), bytearray(8))
+
+
+def test_broadcast_to_two_workers_over_loopback():
+    cfg = cfgs(3)
+    got: dict[int, list] = {1: [], 2: []}
+    errors: list[BaseException] = []
+
+    def worker(c: DistributedConfig) -> None:
+        try:
+            ch = PlanChannel.connect(c, timeout_s=20)
+            while not is_shutdown(got[c.process_id][-1] if got[c.process_id] else None):
+                got[c.process_id].append(ch.recv())
+            with pytest.raises(ChannelClosed, match="leader closed the connection"):  # closed after shutdown
+                ch.recv()
+            ch.close()
+            with pytest.raises(RuntimeError, match="closed"):
+                ch.recv()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in cfg[1:]]
+    for t in threads:  # workers first: connect() retries until the leader listens
+        t.start()
+    leader = PlanChannel.serve(cfg[0], timeout_s=20)
+    with pytest.raises(TypeError):  # nothing of a non-encodable message reaches the workers
+        leader.send({"ok": np.zeros(3), "bad": object()})
+    leader.send(PLAN)
+    leader.send({"big": np.arange(1 << 20, dtype=np.float32)})
+    leader.send_shutdown()
+    leader.close()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    expect = dict(PLAN, block_tables=np.ascontiguousarray(PLAN["block_tables"]))
+    for pid in (1, 2):
+        assert len(got[pid]) == 3
+        assert_same(got[pid][0], expect)
+        assert np.array_equal(got[pid][1]["big"], np.arange(1 << 20, dtype=np.float32))
+        assert got[pid][2] == SHUTDOWN
+
+
+def test_connect_timeout():
+    cfg = cfgs(2)[1]
+    with pytest.raises(TimeoutError, match=f"no leader listening at 127.0.0.1:{cfg.plan_port}"):
+        PlanChannel.connect(cfg, timeout_s=0.3)
+
+
+def test_serve_timeout_names_missing_workers():
+    with pytest.raises(TimeoutError, match=r"0 of 2 workers .* missing process ids \[1, 2\]"):
+        PlanChannel.serve(cfgs(3)[0], timeout_s=0.3)
+
+
+def test_wrong_roles_and_unresolved_config():
+    c0, c1 = cfgs(2)
+    with pytest.raises(ValueError, match="must connect"):
+        PlanChannel.serve(c1, timeout_s=0.1)
+    with pytest.raises(ValueError, match="must serve"):
+        PlanChannel.connect(c0, timeout_s=0.1)
+    with pytest.raises(ValueError, match="num_processes and process_id"):
+        PlanChannel.serve(DistributedConfig("127.0.0.1:1234"), timeout_s=0.1)
+
+
+def test_from_env():
+    c = DistributedConfig.from_env({"FASTSERVE_COORDINATOR": "10.0.0.1:1234", "FASTSERVE_NUM_PROCESSES": "4",
+                                    "FASTSERVE_PROCESS_ID": "3", "FASTSERVE_LOCAL_DEVICE_COUNT": "8"})
+    assert (c.host, c.num_processes, c.process_id, c.plan_port, c.local_device_count) == ("10.0.0.1", 4, 3, 1235, 8)
+    c = DistributedConfig.from_env({"JAX_COORDINATOR_ADDRESS": "[::1]:5000", "FASTSERVE_PLAN_PORT": "6000"})
+    assert (c.host, c.num_processes, c.process_id, c.plan_port) == ("::1", None, None, 6000)
+
+
+@pytest.mark.parametrize("env, match", [
+    ({}, "FASTSERVE_COORDINATOR"),
+    ({"FASTSERVE_COORDINATOR": "10.0.0.1"}, "host:port"),
+    ({"FASTSERVE_COORDINATOR": "h:99999"}, "host:port"),
+    ({"FASTSERVE_COORDINATOR": "h:1", "FASTSERVE_NUM_PROCESSES": "two", "FASTSERVE_PROCESS_ID": "0"},
+     "FASTSERVE_NUM_PROCESSES must be an integer"),
+    ({"FASTSERVE_COORDINATOR": "h:1", "FASTSERVE_NUM_PROCESSES": "2"}, "both num_processes and process_id"),
+    ({"FASTSERVE_COORDINATOR": "h:1", "FASTSERVE_NUM_PROCESSES": "2", "FASTSERVE_PROCESS_ID": "2"},
+     "0 <= process_id < num_processes, got 2 and 2"),
+    ({"FASTSERVE_COORDINATOR": "h:1", "FASTSERVE_NUM_PROCESSES": "0", "FASTSERVE_PROCESS_ID": "0"},
+     "need num_processes >= 1"),
+    ({"FASTSERVE_COORDINATOR": "h:5", "FASTSERVE_PLAN_PORT": "5"}, "differ from the coordinator port"),
+    ({"FASTSERVE_COORDINATOR": "h:65535"}, "plan_port 65536"),
+    ({"FASTSERVE_COORDINATOR": "h:5", "FASTSERVE_LOCAL_DEVICE_COUNT": "0"}, "local_device_count"),
+])
+def test_from_env_validation(env, match):
+    with pytest.raises(ValueError, match=match):
+        DistributedConfig.from_env(env)
+
+
+def test_initialize_after_jax_use_is_refused():
+    code = textwrap.dedent("""
+        import jax
+        from sharding.distributed import DistributedConfig, initialize
+        jax.devices()
+        try:
+            initialize(DistributedConfig("127.0.0.1:1", 1, 0))
+        except RuntimeError as e:
+            print("REFUSED", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "REFUSED" in out.stdout and "before any other JAX use" in out.stdout, out.stderr[-2000:]
+
+
+TWO_PROCESS = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from sharding.distributed import DistributedConfig, PlanChannel, initialize, is_shutdown
+    cfg = initialize(DistributedConfig(sys.argv[1], 2, int(sys.argv[2]), plan_port=int(sys.argv[3]),
+                                       local_device_count=2), timeout_s=60)
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.array(jax.devices()), ("tp",))
+    w = jax.make_array_from_callback((8,), NamedSharding(mesh, P("tp")), lambda idx: np.arange(8.0, dtype=np.float32)[idx])
+    step = jax.jit(lambda x, w: jax.shard_map(lambda x, w: jax.lax.psum((x * w).sum(), "tp"), mesh=mesh,
+                                              in_specs=(P("tp"), P("tp")), out_specs=P())(x, w))
+    if cfg.process_id == 0:
+        ch = PlanChannel.serve(cfg, timeout_s=60)
+        plan = {"op": "step", "x": np.full((8,), 3.0, np.float32)}
+        ch.send(plan)
+    else:
+        ch = PlanChannel.connect(cfg, timeout_s=60)
+        plan = ch.recv()
+    out = step(plan["x"], w)
+    if cfg.process_id == 0:
+        ch.send_shutdown()
+    else:
+        assert is_shutdown(ch.recv())
+    ch.close()
+    print("RESULT", json.dumps({"pid": cfg.process_id, "n": cfg.num_processes, "devices": jax.device_count(),
+                                "local": jax.local_device_count(), "sum": float(out.addressable_data(0))}), flush=True)
+""")
+
+
+def test_two_processes_psum_following_a_plan():
+    coord, plan_port = f"127.0.0.1:{free_port()}", free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS, coord, str(i), str(plan_port)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=150))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # SIGKILL: JAX's preemption notifier catches SIGTERM
+    results = []
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(out.split("RESULT ", 1)[1]))
+    for pid, r in enumerate(results):  # 3 * (0 + 1 + ... + 7), psum over both processes' devices
+        assert r == {"pid": pid, "n": 2, "devices": 4, "local": 2, "sum": 84.0}
+
+
+def test_leader_refuses_duplicate_worker():
+    cfg = cfgs(3)
+    result: list[BaseException] = []
+
+    def lead() -> None:
+        try:
+            PlanChannel.serve(cfg[0], timeout_s=3)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            result.append(e)
+
+    t = threading.Thread(target=lead)
+    t.start()
+    first = PlanChannel.connect(cfg[1], timeout_s=5)
+    with pytest.raises(ConnectionError, match="refused worker 1"):
+        PlanChannel.connect(cfg[1], timeout_s=5)
+    t.join(10)
+    first.close()
+    assert len(result) == 1 and isinstance(result[0], TimeoutError) and "missing process ids [2]" in str(result[0])
