@@ -21,6 +21,7 @@ ready on stage s].
 from __future__ import annotations
 
 import queue
+from collections import OrderedDict, deque
 import threading
 import time
 from dataclasses import dataclass, field
@@ -80,36 +81,40 @@ class LaunchRecord:
 
 
 class StageActivity:
-    """When each stage was busy with which launch; see the module doc."""
+    """When each stage was busy with which launch; see the module doc. Keeps the latest
+    `keep` launches (a server runs for days)."""
 
-    def __init__(self, num_stages: int) -> None:
+    def __init__(self, num_stages: int, keep: int = 20000) -> None:
         self.num_stages = num_stages
-        self.launches: list[LaunchRecord] = []
-        self.collected: dict[int, float] = {}          # batch -> when the engine collected it
+        self.launches: deque[LaunchRecord] = deque(maxlen=keep)
+        self.collected: OrderedDict[int, float] = OrderedDict()   # batch -> when the engine collected it
+        self._keep = keep
         self._todo: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._watch, name="stage-activity", daemon=True)
         self._thread.start()
 
-    def begin(self, batch: int) -> int:
+    def begin(self, batch: int) -> LaunchRecord:
+        rec = LaunchRecord(batch, time.perf_counter(), [None] * self.num_stages)
         with self._lock:
-            self.launches.append(LaunchRecord(batch, time.perf_counter(), [None] * self.num_stages))
-            return len(self.launches) - 1
+            self.launches.append(rec)
+        return rec
 
-    def output(self, launch: int, stage: int, out) -> None:
+    def output(self, launch: LaunchRecord, stage: int, out) -> None:
         """`out` is stage `stage`'s output for `launch`; its readiness is recorded."""
         self._todo.put((launch, stage, out))
 
     def collect(self, batch: int) -> None:
         self.collected[batch] = time.perf_counter()
+        while len(self.collected) > self._keep:
+            self.collected.popitem(last=False)
 
     def _watch(self) -> None:
         while True:
             launch, stage, out = self._todo.get()
             jax.block_until_ready(out)
             t = time.perf_counter()
-            with self._lock:
-                self.launches[launch].ready[stage] = t
+            launch.ready[stage] = t
 
     def wait(self) -> None:
         """Until every recorded output is ready."""

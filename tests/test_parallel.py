@@ -191,3 +191,16 @@ def test_stages_span_processes_evenly():
     assert all({g[0][:2], g[1][:2]} == {"p0", "p1"} for g in grid)
     with pytest.raises(ValueError, match="evenly"):
         ordered_devices(3, devs)
+
+
+def test_nothing_compiles_after_warmup_in_pipeline_mode_with_swapping(four_layer):
+    from fastserve_jax.compile_guard import CompileCounter
+
+    path, want = four_layer["llama"]
+    llm = LLM(path, num_device_blocks=16, num_host_blocks=64, tensor_parallel_size=2, pipeline_parallel_size=2,
+              **KW)
+    with CompileCounter() as cc:
+        got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    assert got == want
+    assert llm.engine.stats.swap_out_blocks > 0
+    assert cc.count == 0
