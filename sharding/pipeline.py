@@ -12,8 +12,8 @@ returned updated. Dispatch is asynchronous, so while stage 1 works on batch A th
 already have queued batch B on stage 0: that is how several batches are in flight at once.
 
 `StageActivity` is the engine's own record of that overlap: for every launch, when the host
-dispatched it and when each stage's output became ready (a watcher thread blocks on the
-outputs in order). A stage runs its launches in dispatch order, so a launch's busy interval
+dispatched it and when each stage's output became ready (one watcher thread per stage
+blocks on that stage's outputs in order). A stage runs its launches in dispatch order, so a launch's busy interval
 on stage s is [max(dispatched, ready on stage s-1, previous launch ready on stage s),
 ready on stage s].
 """
@@ -89,10 +89,13 @@ class StageActivity:
         self.launches: deque[LaunchRecord] = deque(maxlen=keep)
         self.collected: OrderedDict[int, float] = OrderedDict()   # batch -> when the engine collected it
         self._keep = keep
-        self._todo: queue.SimpleQueue = queue.SimpleQueue()
+        # one watcher per stage: a stage finishes its launches in order, so each watcher sees
+        # every output of its stage as soon as it is ready (one shared watcher would stamp stage
+        # 0's next output only after the previous launch cleared the last stage)
+        self._todo = [queue.SimpleQueue() for _ in range(num_stages)]
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._watch, name="stage-activity", daemon=True)
-        self._thread.start()
+        for s in range(num_stages):
+            threading.Thread(target=self._watch, args=(s,), name=f"stage-activity-{s}", daemon=True).start()
 
     def begin(self, batch: int) -> LaunchRecord:
         rec = LaunchRecord(batch, time.perf_counter(), [None] * self.num_stages)
@@ -102,23 +105,23 @@ class StageActivity:
 
     def output(self, launch: LaunchRecord, stage: int, out) -> None:
         """`out` is stage `stage`'s output for `launch`; its readiness is recorded."""
-        self._todo.put((launch, stage, out))
+        self._todo[stage].put((launch, out))
 
     def collect(self, batch: int) -> None:
         self.collected[batch] = time.perf_counter()
         while len(self.collected) > self._keep:
             self.collected.popitem(last=False)
 
-    def _watch(self) -> None:
+    def _watch(self, stage: int) -> None:
         while True:
-            launch, stage, out = self._todo.get()
+            launch, out = self._todo[stage].get()
             jax.block_until_ready(out)
             t = time.perf_counter()
             launch.ready[stage] = t
 
     def wait(self) -> None:
         """Until every recorded output is ready."""
-        while not self._todo.empty() or any(None in r.ready for r in list(self.launches)):
+        while any(None in r.ready for r in list(self.launches)):
             time.sleep(0.001)
 
     def reset(self) -> None:
