@@ -137,10 +137,15 @@ class StageActivity:
         out: list[list[tuple[float, float, int]]] = [[] for _ in range(self.num_stages)]
         prev_end = [0.0] * self.num_stages
         for r in self.launches:
+            # A watcher stamps an output when it wakes, a little after it was ready, and stage
+            # s cannot finish after stage s+1 did: take the earlier stamp downstream.
+            ready = list(r.ready)
+            for s in range(self.num_stages - 2, -1, -1):
+                ready[s] = min(ready[s], ready[s + 1])
             upstream = r.dispatched
             for s in range(self.num_stages):
                 start = max(upstream, prev_end[s])
-                end = r.ready[s]
+                end = ready[s]
                 out[s].append((start, end, r.batch))
                 prev_end[s] = end
                 upstream = end

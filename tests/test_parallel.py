@@ -118,9 +118,12 @@ def test_pipeline_keeps_several_batches_in_flight(four_layer):
         s = act.summary()
         assert s["stages"] == 2 and len(s["occupancy"]) == 2
         held[k] = s["held_in_flight_max"]
-        # the record is consistent: each stage ran every launch, in order, after the stage before
-        for r in act.launches:
-            assert all(t is not None for t in r.ready) and r.ready[0] <= r.ready[1]
+        # the record is complete and consistent: each stage ran every launch, one after another
+        assert all(t is not None for r in act.launches for t in r.ready)
+        for stage in act.intervals():
+            assert len(stage) == len(act.launches)
+            assert all(start <= end for start, end, _ in stage)
+            assert all(a[1] <= b[0] for a, b in zip(stage, stage[1:]))
     assert held[1] == 1 and held[2] == 2
 
 
