@@ -129,9 +129,6 @@ class KVTransfer:
         self._held[request_id] = runs
         self.blocks_out += len(blocks)
 
-    def host_runs(self, request_id: str) -> list[list[KVCache]]:
-        return self._held.get(request_id, [])
-
     def out_landed(self, request_id: str) -> bool:
         return all(not isinstance(x, jax.Array) or x.is_ready()
                    for run in self._held.get(request_id, ()) for part in run for x in part)

@@ -65,9 +65,6 @@ class ModelLayout:
     def devices(self) -> list[jax.Device]:
         return list(self.meshes.mesh.devices.flat)
 
-    def stage_devices(self, s: int) -> list[jax.Device]:
-        return list(self.meshes.stages[s].devices.flat)
-
     # -- params ----------------------------------------------------------------------------
     def _home(self, path: tuple[str, ...]):
         """The mesh a canonical param lives on."""
