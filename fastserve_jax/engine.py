@@ -111,11 +111,12 @@ class _InFlight:
 
 class LLMEngine:
     """params: the model's param tree, placed by `layout` (from_pretrained loads it straight
-    into place) or anywhere (it is then moved into the layout)."""
+    into place) or anywhere (it is then moved into the layout). own_params: the engine may
+    free the tree's arrays once it has its own per-layer copies (from_pretrained does)."""
 
     def __init__(self, model_cfg, params, tokenizer, cfg: EngineConfig, eos_ids: frozenset[int] = frozenset(),
                  warmup: bool = True, progress=None, layout: ModelLayout | None = None,
-                 mirror: Callable[[dict], None] | None = None) -> None:
+                 mirror: Callable[[dict], None] | None = None, own_params: bool = False) -> None:
         if cfg.max_model_len > model_cfg.max_position_embeddings:
             raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings="
                              f"{model_cfg.max_position_embeddings}; lower max_model_len")
@@ -131,7 +132,11 @@ class LLMEngine:
         if self.layout.parallel != ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size):
             raise ValueError(f"the layout ({self.layout.describe()}) does not match the config's tensor/pipeline "
                              "parallel sizes")
-        params = self.layout.place_params(params)
+        placed = self.layout.place_params(params)
+        # the runner may free the stacked layer weights as it splits them per layer, unless
+        # the caller still holds them (place_params returned the caller's arrays)
+        free = own_params or not any(a is b for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(placed)))
+        params = placed
         param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
         num_blocks = self.cfg.num_device_blocks or auto_num_blocks(model_cfg, self.cfg, param_bytes, self.layout)
         num_host = (self.cfg.num_host_blocks if self.cfg.num_host_blocks is not None else
@@ -142,7 +147,8 @@ class LLMEngine:
         self.swap = SwapPolicy(self.cfg.swap_policy, self.kv, self.cfg.max_num_batched_tokens,
                                self.cfg.swap_reserve_blocks)
         self.runner = ModelRunner(params, model_cfg, self.cfg, num_blocks, self.layout, swap=self.swap.swaps,
-                                  record_stages=self.cfg.record_stage_activity)
+                                  record_stages=self.cfg.record_stage_activity, free_params=free)
+        del params, placed
         # Multi-host leader (sharding/worker.py): the other processes size their pools like this
         # one, then replay every device operation it issues, in order.
         self.runner.mirror = mirror
@@ -195,7 +201,7 @@ class LLMEngine:
                                           cache_dir="" if jax.process_count() > 1 else None)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         return cls(model_cfg, params, tokenizer, cfg, _eos_ids(model_path, model_cfg, tokenizer), layout=layout,
-                   **kwargs)
+                   own_params=True, **kwargs)
 
     # -- admission (the boundary: validate everything before anything is queued) -----------
     def validate(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:

@@ -31,7 +31,7 @@ from fastserve_jax.kv_transfer import KVTransfer
 from fastserve_jax.request import Request, TokenLogprobs
 from fastserve_jax.sampling import Penalties, SamplingArrays, sample
 from fastserve_jax.scheduler.base import ScheduledRequest
-from models import build_model
+from models import build_block, build_model
 from models.attention import AttnBatch, KVCache
 from models.config import ModelConfig
 from sharding.layout import ModelLayout, move
@@ -96,28 +96,31 @@ def _attn_batch(positions, seg, slots, block_ids, block_seg, block_pos) -> AttnB
 
 class ModelRunner:
     """Runs launches through the pipeline stages of one `ModelLayout` (a single stage on one
-    device by default). `params` is the canonical tree, already placed by the layout."""
+    device by default). `params` is the canonical tree, already placed by the layout; each
+    stage keeps its own part of it, with the layers as separate per-layer arrays."""
 
     def __init__(self, params, model_cfg: ModelConfig, cfg: EngineConfig, num_blocks: int,
-                 layout: ModelLayout, swap: bool = False, record_stages: bool | None = None) -> None:
+                 layout: ModelLayout, swap: bool = False, record_stages: bool | None = None,
+                 free_params: bool = False) -> None:
+        """free_params: the runner owns `params`; its stacked `layers/*` leaves are deleted as
+        they are split into per-layer arrays (see `ModelLayout.split_layers`)."""
         self.layout = layout
-        self.params = params
         self.model_cfg = model_cfg
         self.cfg = cfg
         self.num_blocks = num_blocks
         self.bs = cfg.block_size
         self.act_dtype = jnp.dtype(cfg.dtype)
-        module = build_model(dataclasses.replace(model_cfg, num_layers=layout.layers_per_stage), cfg.dtype)
+        stage_cfg = dataclasses.replace(model_cfg, num_layers=layout.layers_per_stage)
+        module, block = build_model(stage_cfg, cfg.dtype), build_block(stage_cfg, cfg.dtype)
         shape = layout.cache_shape(num_blocks, cfg.block_size)
         self.stages: list[Stage] = []
-        for s in range(layout.pp):
+        for s, sp in enumerate(layout.split_layers(params, free=free_params)):
             first, last = s == 0, s == layout.pp - 1
-            sp = layout.stage_params(params, s)
             cs = layout.cache_sharding(s, shape)
             rep = layout.replicated(s)
             x_in = rep if first else layout.activation_sharding(s)
             zeros = jax.jit(lambda: jnp.zeros(shape, cfg.dtype), out_shardings=cs)
-            fn = jax.jit(stage_forward(module, first, last), donate_argnames=("cache",),
+            fn = jax.jit(stage_forward(module, block, first, last), donate_argnames=("cache",),
                          in_shardings=(jax.tree.map(lambda x: x.sharding, sp), KVCache(cs, cs), x_in, rep, rep),
                          out_shardings=(rep, KVCache(cs, cs)))
             self.stages.append(Stage(s, first, last, sp, KVCache(zeros(), zeros()), cs, None if first else x_in,

@@ -326,18 +326,22 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
     """Where a decode step's device time goes, with the engine idle (no live requests).
 
     Timed in interleaved rounds (best of `rounds`), so machine load hits all alike:
-    - forward: the engine's compiled decode launch alone;
+    - forward: the engine's compiled decode launch alone (layers unrolled over per-layer
+      weight arrays);
+    - forward_scan: the same model and launch as one `nn.scan` over stacked weights (the
+      engine's layout before; XLA copies each layer's weight slices out of the stack);
     - forward_sample_get: plus the greedy sampler and device_get (what engine.step waits on);
-    - gemms_scan: an XLA program of only the step's matmuls, scanning over the stacked
-      layer weights as the model does (XLA slices each layer's weights out of the stack);
-    - gemms_per_layer: the same matmuls, one jitted call per layer on separate weight arrays;
+    - gemms: one XLA program of only the step's matmuls, on the same per-layer arrays;
     - gemms_isolated: the same matmuls as separate jitted dots (sum of their times).
     """
+    import functools
+
     import jax
     import jax.numpy as jnp
 
     from fastserve_jax.sampling import SamplingArrays
-    from models.attention import AttnBatch
+    from models import build_model
+    from models.attention import AttnBatch, KVCache
 
     eng = llm.engine
     assert not eng.has_unfinished(), "profile with an idle engine: writes go to the null block"
@@ -362,14 +366,23 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
         logits, stage.cache = fwd(stage.params, stage.cache, tokens, attn, idx)
         return logits
 
-    lp = runner.params
-    stacked = {"q": lp["layers"]["attn"]["q_proj"]["kernel"], "k": lp["layers"]["attn"]["k_proj"]["kernel"],
-               "v": lp["layers"]["attn"]["v_proj"]["kernel"], "o": lp["layers"]["attn"]["o_proj"]["kernel"],
-               "g": lp["layers"]["mlp"]["gate_proj"]["kernel"], "u": lp["layers"]["mlp"]["up_proj"]["kernel"],
-               "d": lp["layers"]["mlp"]["down_proj"]["kernel"]}
-    head = lp["lm_head"]["kernel"] if "lm_head" in lp else lp["embed_tokens"]["embedding"].T
-    n_layers = stacked["q"].shape[0]
-    per_layer = [{k: jnp.array(w[i]) for k, w in stacked.items()} for i in range(n_layers)]
+    layers = stage.params["layers"]
+    ends = {k: v for k, v in stage.params.items() if k != "layers"}
+    stacked = {**ends, "layers": jax.tree.map(lambda *ws: jnp.stack(ws), *layers)}
+    model = build_model(eng.model_cfg, eng.cfg.dtype)
+    scan_fwd = jax.jit(functools.partial(model.apply, method=model.__call__), donate_argnums=(3,))
+    scan_cache = KVCache(jnp.zeros_like(stage.cache.k), jnp.zeros_like(stage.cache.v))
+
+    def forward_scan():
+        nonlocal scan_cache
+        logits, scan_cache = scan_fwd({"params": stacked}, tokens, attn, scan_cache, idx)
+        return logits
+
+    per_layer = [{"q": w["attn"]["q_proj"]["kernel"], "k": w["attn"]["k_proj"]["kernel"],
+                  "v": w["attn"]["v_proj"]["kernel"], "o": w["attn"]["o_proj"]["kernel"],
+                  "g": w["mlp"]["gate_proj"]["kernel"], "u": w["mlp"]["up_proj"]["kernel"],
+                  "d": w["mlp"]["down_proj"]["kernel"]} for w in layers]
+    head = ends["lm_head"]["kernel"] if "lm_head" in ends else ends["embed_tokens"]["embedding"].T
 
     def layer(h, w):
         q = h @ w["q"]
@@ -377,17 +390,15 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
         h = h + (q + jnp.tile(kv, q.shape[-1] // kv.shape[-1])) @ w["o"]
         return h + (jax.nn.silu(h @ w["g"]) * (h @ w["u"])) @ w["d"]
 
-    scan_fn = jax.jit(lambda ws, hd, x: jax.lax.scan(lambda h, w: (layer(h, w), None), x, ws)[0] @ hd)
-    layer_fn = jax.jit(layer)
+    def gemms_fn(ws, hd, h):
+        for w in ws:
+            h = layer(h, w)
+        return h @ hd
+
+    gemms_prog = jax.jit(gemms_fn)
     dot = jax.jit(jnp.dot)
     x = jax.random.normal(jax.random.key(2), (batch, eng.model_cfg.hidden_size), jnp.float32) * 0.02
-    xi = jax.random.normal(jax.random.key(3), (batch, stacked["d"].shape[1]), jnp.float32) * 0.02
-
-    def per_layer_prog():
-        h = x
-        for w in per_layer:
-            h = layer_fn(h, w)
-        return dot(h, head)
+    xi = jax.random.normal(jax.random.key(3), (batch, per_layer[0]["d"].shape[0]), jnp.float32) * 0.02
 
     def isolated():
         out = []
@@ -397,13 +408,14 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
         return dot(x, head)
 
     parts = {"forward": lambda: forward().block_until_ready(),
+             "forward_scan": lambda: forward_scan().block_until_ready(),
              "forward_sample_get": lambda: jax.device_get(smp(forward(), sa)),
-             "gemms_scan": lambda: scan_fn(stacked, head, x).block_until_ready(),
-             "gemms_per_layer": lambda: per_layer_prog().block_until_ready(),
+             "gemms": lambda: gemms_prog(per_layer, head, x).block_until_ready(),
              "gemms_isolated": lambda: isolated().block_until_ready(),
              "lm_head": lambda: dot(x, head).block_until_ready()}
     for fn in parts.values():
         fn()
+    agree = bool(np.array_equal(np.asarray(forward()), np.asarray(forward_scan())))
     times: dict[str, list[float]] = {k: [] for k in parts}
     for _ in range(rounds):
         for k, fn in parts.items():
@@ -413,7 +425,9 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
     logits = forward()
     sampler = best_of(lambda: jax.device_get(smp(logits, sa)), rounds)
     out = {f"{k}_ms": 1e3 * min(v) for k, v in times.items()}
-    return dict(batch=batch, blocks=nb, rounds=rounds, sampler_ms=1e3 * sampler, **out)
+    out.update({f"{k}_median_ms": 1e3 * statistics.median(v) for k, v in times.items()})
+    del stacked, scan_cache
+    return dict(batch=batch, blocks=nb, rounds=rounds, sampler_ms=1e3 * sampler, scan_logits_identical=agree, **out)
 
 
 # -- transformers ---------------------------------------------------------------------------------
@@ -670,7 +684,7 @@ def main(argv: list[str] | None = None) -> dict:
     bw = max(bw1["best"], bw2["best"])
     mm = mm1 if mm1["square_gflops"] >= mm2["square_gflops"] else mm2
     mix = max(mm1["decode_mix_gflops"], mm2["decode_mix_gflops"])
-    cost = decode_cost(model_cfg, llm.engine.runner.params, DECODE_BATCH, dec["mean_context"])
+    cost = decode_cost(model_cfg, [st.params for st in llm.engine.runner.stages], DECODE_BATCH, dec["mean_context"])
     t_mem = (cost["weight_bytes"] + cost["kv_bytes"]) / (bw * 1e9)
     t_cmp = cost["flops"] / (mm["square_gflops"] * 1e9)
     t_cmp_mix = cost["flops"] / (mix * 1e9)
@@ -834,11 +848,14 @@ def print_report(r: dict) -> None:
     line("fraction vs decode-shape matmul rate (median)", f"{100 * rf['fraction_vs_decode_shape_rate']:.0f}%")
     print(f"  where the step goes (idle engine, decode bucket {parts['batch']} x {parts['blocks']} blocks, "
           f"interleaved, best of {parts['rounds']}):")
-    line("  compiled forward alone", f"{parts['forward_ms']:.1f} ms")
-    line("  forward + greedy sampler + device_get", f"{parts['forward_sample_get_ms']:.1f} ms")
+    pm = lambda k: f"{parts[k + '_ms']:.1f} / {parts[k + '_median_ms']:.1f} ms"
+    line("  compiled forward alone (best / median)", pm("forward"))
+    line("  same forward as nn.scan over stacked weights", f"{pm('forward_scan')} (logits "
+         f"{'identical' if parts['scan_logits_identical'] else 'DIFFER'}; unrolled is "
+         f"{parts['forward_scan_median_ms'] / parts['forward_median_ms']:.2f}x faster, median)")
+    line("  forward + greedy sampler + device_get", pm("forward_sample_get"))
     line("  sampler alone (argmax over 32 x vocab)", f"{parts['sampler_ms']:.1f} ms")
-    line("  step's matmuls only, scan over stacked layers", f"{parts['gemms_scan_ms']:.1f} ms")
-    line("  same, one jitted call per layer", f"{parts['gemms_per_layer_ms']:.1f} ms")
+    line("  step's matmuls only, one program", pm("gemms"))
     line("  same, as separate dots (sum)", f"{parts['gemms_isolated_ms']:.1f} ms "
          f"(of which lm_head {parts['lm_head_ms']:.1f} ms)")
     print("\n== host overhead (schedule + assemble + postprocess) vs device (dispatch .. tokens on host)")

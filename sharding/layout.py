@@ -8,9 +8,11 @@ structure; its leaves are placed by the rules table:
     first-stage params   (embeddings, project_in) on stage 0's sub-mesh
     last-stage params    (final norm, lm_head, project_out) on stage pp-1's sub-mesh
 
-`stage_params(params, s)` gives the tree one stage computes with: views of its layers'
-shards as arrays on its own sub-mesh (no copy), plus its end's params; a tied embedding is
-copied once to the last stage. The KV cache exists only per stage: (L/pp, blocks, block_size,
+`stage_params(params, s)` gives one stage's part of the tree: views of its layers' shards
+as arrays on its own sub-mesh (no copy), plus its end's params; a tied embedding is copied
+once to the last stage. `split_layers` gives what the stages compute with: the same, with
+the layers copied out into one array per layer (a launch then reads each layer's weights
+in place instead of slicing them out of the stack). The KV cache exists only per stage: (L/pp, blocks, block_size,
 KV heads, head_dim) on the stage's sub-mesh, split on KV heads.
 """
 
@@ -24,6 +26,14 @@ from models.axes import ACTIVATION_AXES, CACHE_AXES, FIRST, LAST, leaf_axes, sta
 from models.config import ModelConfig
 from sharding.mesh import Meshes, ParallelConfig, build_meshes
 from sharding.rules import ShardingRules
+
+
+def _unstack(x: jax.Array) -> list[jax.Array]:
+    """(n, ...) -> n arrays (...), each partitioned like x minus its leading (unsharded) axis."""
+    spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+    assert spec[0] is None, f"the layer axis is split inside a stage: {x.sharding.spec}"
+    one = NamedSharding(x.sharding.mesh, PartitionSpec(*spec[1:]))
+    return list(jax.jit(lambda a: [a[i] for i in range(a.shape[0])], out_shardings=[one] * x.shape[0])(x))
 
 
 def move(x: jax.Array, target: NamedSharding) -> jax.Array:
@@ -94,20 +104,45 @@ class ModelLayout:
     def stage_params(self, params: dict, s: int) -> dict:
         """The params stage s computes with (see the module doc)."""
         mesh = self.meshes.stages[s]
-        devs = set(mesh.devices.flat)
         out = {}
         for p, x in flatten_dict(params).items():
             if p[0] == "layers":
-                shape = (self.layers_per_stage, *x.shape[1:])
-                spec = self.rules.spec(leaf_axes(p), mesh, shape)
-                shards = [sh.data for sh in x.addressable_shards if sh.device in devs]
-                out[p] = jax.make_array_from_single_device_arrays(shape, NamedSharding(mesh, spec), shards)
+                out[p] = self.stage_layers_view(x, p, s)
                 continue
             ends = stages_of(self.model_cfg, p[0])
             if (s == 0 and FIRST in ends) or (s == self.pp - 1 and LAST in ends):
                 want = NamedSharding(mesh, self.rules.spec(leaf_axes(p), mesh, x.shape))
                 out[p] = x if x.sharding == want else move(x, want)
         return unflatten_dict(out)
+
+    def stage_layers_view(self, x: jax.Array, path: tuple[str, ...], s: int) -> jax.Array:
+        """Stage s's layers of the global `layers/*` leaf `x`, as an (L/pp, ...) array on
+        the stage's sub-mesh made of x's own shards (no copy)."""
+        mesh = self.meshes.stages[s]
+        devs = set(mesh.devices.flat)
+        shape = (self.layers_per_stage, *x.shape[1:])
+        spec = self.rules.spec(leaf_axes(path), mesh, shape)
+        shards = [sh.data for sh in x.addressable_shards if sh.device in devs]
+        return jax.make_array_from_single_device_arrays(shape, NamedSharding(mesh, spec), shards)
+
+    def split_layers(self, params: dict, free: bool = False) -> list[dict]:
+        """Every stage's tree with its layers as separate per-layer arrays: stage s gets
+        `stage_params(params, s)` with `layers` replaced by a tuple of L/pp per-layer trees
+        (what `stage_forward` runs). With `free`, each global `layers/*` leaf is deleted
+        once copied out, so the peak is one leaf above the weights (the caller must not use
+        those leaves afterwards); without it, the copies coexist with `params` until the
+        caller drops it."""
+        layers = {p: x for p, x in flatten_dict(params).items() if p[0] == "layers"}
+        ends = unflatten_dict({p: x for p, x in flatten_dict(params).items() if p[0] != "layers"})
+        per_layer = [[{} for _ in range(self.layers_per_stage)] for _ in range(self.pp)]
+        for p, x in layers.items():
+            for s in range(self.pp):
+                for i, a in enumerate(_unstack(self.stage_layers_view(x, p, s))):
+                    per_layer[s][i][p[1:]] = a
+            if free:
+                x.delete()
+        return [{**self.stage_params(ends, s), "layers": tuple(unflatten_dict(t) for t in per_layer[s])}
+                for s in range(self.pp)]
 
     # -- KV cache and activations ------------------------------------------------------------
     def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:

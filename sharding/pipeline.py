@@ -34,16 +34,26 @@ from jax.sharding import NamedSharding
 from models.attention import AttnBatch, KVCache
 
 
-def stage_forward(module: nn.Module, first: bool, last: bool) -> Callable:
-    """fn(params, cache, x, batch, logits_idx) -> (logits or h, cache) for one stage."""
+def stage_forward(module: nn.Module, block: nn.Module, first: bool, last: bool) -> Callable:
+    """fn(params, cache, x, batch, logits_idx) -> (logits or h, cache) for one stage.
+
+    `params` is the stage's tree from `ModelLayout.stage_params`: the ends it owns plus
+    `layers`, a tuple of per-layer trees. The layers run as an unrolled Python loop over
+    those separate arrays: under `nn.scan` over one stacked array, XLA copies every layer's
+    weight slice out of the stack on every launch (a full weight read and write per step;
+    docs/performance.md has the measurement), and the loop also makes each layer's cache
+    index static."""
 
     def forward(params, cache: KVCache, x, batch: AttnBatch, logits_idx):
-        v = {"params": params}
+        ends = {"params": {k: v for k, v in params.items() if k != "layers"}}
         if first:
-            x = module.apply(v, x, batch, method="embed")
-        h, cache = module.apply(v, x, batch, cache, method="decode")
+            x = module.apply(ends, x, batch, method="embed")
+        carry = (x, cache, 0)
+        for layer_params in params["layers"]:
+            carry, _ = block.apply({"params": layer_params}, carry, batch)
+        h, cache, _ = carry
         if last:
-            return module.apply(v, h, logits_idx, method="head"), cache
+            return module.apply(ends, h, logits_idx, method="head"), cache
         return h, cache
 
     return forward
