@@ -144,14 +144,20 @@ class EngineConfig:
     - prefill_token_buckets: a prefill launch packs the chunks of several sequences into one
       token row; it is padded to the next bucket. Powers of two from 32 up to
       max_num_batched_tokens (the per-iteration token budget, which bounds one iteration's cost).
-    - block_buckets: how many KV blocks one launch gathers (per sequence for decode, in total
-      for a packed prefill). Attention cost follows context length, not max_model_len.
+    - block_buckets: how many KV blocks one launch row gathers (per sequence for decode, per
+      row of prefill_tile tokens for a packed prefill). Attention cost follows context
+      length, not max_model_len.
+    - prefill_tile: a packed prefill's tokens are cut into rows of this many query tokens,
+      and each row gathers only the blocks of the sequences it holds. One row over all of a
+      launch's blocks would make every token attend to every packed sequence's keys (masked
+      out, but computed): 4 prompts of 128 tokens cost 4x the attention they need.
     """
 
     max_model_len: int = 2048
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
     max_prefill_seqs: int = 8          # sequences packed in one prefill launch (logit rows)
+    prefill_tile: int = 64             # query tokens per row of a packed prefill (see above)
     block_size: int = 16
     num_device_blocks: int = 0          # 0: size from memory (see runner)
     # Host KV pool for swapped-out requests, in blocks of the same size. None: as many blocks
@@ -187,7 +193,8 @@ class EngineConfig:
     record_stage_activity: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "block_size"):
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "block_size",
+                     "prefill_tile"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")

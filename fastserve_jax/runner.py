@@ -157,7 +157,7 @@ class ModelRunner:
 
     def _abstract_args(self, key: tuple, stage: Stage):
         kind, a, nb = key
-        r, q = (a, 1) if kind == "decode" else (1, a)
+        r, q = (a, 1) if kind == "decode" else self.prefill_shape(a)
         n = a if kind == "decode" else self.cfg.max_prefill_seqs
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
         batch = _attn_batch(i32(r, q), i32(r, q), i32(r, q), i32(r, nb), i32(r, nb), i32(r, nb))
@@ -258,39 +258,54 @@ class ModelRunner:
             groups.append(cur)
         return groups
 
+    def prefill_shape(self, t: int) -> tuple[int, int]:
+        """(rows, tokens per row) of a prefill launch of t packed tokens."""
+        tile = self.cfg.prefill_tile
+        return (t // tile, tile) if t > tile and t % tile == 0 else (1, t)
+
     def build_prefill(self, items: list[ScheduledRequest], kv: KVManager) -> Launch:
+        """The chunks of `items` packed back to back, cut into rows of `prefill_tile` tokens;
+        each row gathers, per sequence it holds, the blocks up to its last token there."""
         c, bs = self.cfg, self.bs
         t = bucket(sum(s.num_tokens for s in items), c.prefill_token_buckets)
+        r, q = self.prefill_shape(t)
         tables = [self._table(kv, s.request, s.request.num_computed_tokens + s.num_tokens) for s in items]
-        nb = bucket(sum(len(tb) for tb in tables), c.block_buckets)
-        tokens = np.zeros((1, t), np.int32)
-        pos = np.zeros((1, t), np.int32)
-        seg = np.full((1, t), -1, np.int32)
-        slots = np.zeros((1, t), np.int32)
-        block_ids = np.zeros((1, nb), np.int32)
-        block_seg = np.full((1, nb), -2, np.int32)
-        block_pos = np.zeros((1, nb), np.int32)
+        tokens = np.zeros(t, np.int32)
+        pos = np.zeros(t, np.int32)
+        seg = np.full(t, -1, np.int32)
+        slots = np.zeros(t, np.int32)
         logits_idx = np.zeros((c.max_prefill_seqs,), np.int32)
         rows: list[Request | None] = [None] * c.max_prefill_seqs
-        at = bt = 0
+        row_blocks: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(r)]
+        at = 0
         for i, (s, table) in enumerate(zip(items, tables)):
             req, n = s.request, s.num_tokens
             p0 = req.num_computed_tokens
             p = np.arange(p0, p0 + n, dtype=np.int32)
-            tokens[0, at:at + n] = (req.prompt_token_ids + req.output_token_ids)[p0:p0 + n]
-            pos[0, at:at + n] = p
-            seg[0, at:at + n] = i
-            slots[0, at:at + n] = table[p // bs] * bs + p % bs
-            block_ids[0, bt:bt + len(table)] = table
-            block_seg[0, bt:bt + len(table)] = i
-            block_pos[0, bt:bt + len(table)] = np.arange(len(table), dtype=np.int32) * bs
+            tokens[at:at + n] = (req.prompt_token_ids + req.output_token_ids)[p0:p0 + n]
+            pos[at:at + n] = p
+            seg[at:at + n] = i
+            slots[at:at + n] = table[p // bs] * bs + p % bs
+            for row in range(at // q, (at + n - 1) // q + 1):
+                last = min(at + n, (row + 1) * q) - 1          # this sequence's last token in the row
+                row_blocks[row].append((i, table[:-(-(p0 + last - at + 1) // bs)]))
             at += n
-            bt += len(table)
             logits_idx[i] = at - 1
             if p0 + n == req.num_tokens:
                 rows[i] = req
-        return Launch(("prefill", t, nb), tokens, _attn_batch(pos, seg, slots, block_ids, block_seg, block_pos),
-                      logits_idx, rows)
+        nb = bucket(max(sum(len(tb) for _, tb in rb) for rb in row_blocks), c.block_buckets)
+        block_ids = np.zeros((r, nb), np.int32)
+        block_seg = np.full((r, nb), -2, np.int32)
+        block_pos = np.zeros((r, nb), np.int32)
+        for row, rb in enumerate(row_blocks):
+            bt = 0
+            for i, tb in rb:
+                block_ids[row, bt:bt + len(tb)] = tb
+                block_seg[row, bt:bt + len(tb)] = i
+                block_pos[row, bt:bt + len(tb)] = np.arange(len(tb), dtype=np.int32) * bs
+                bt += len(tb)
+        batch = _attn_batch(pos.reshape(r, q), seg.reshape(r, q), slots.reshape(r, q), block_ids, block_seg, block_pos)
+        return Launch(("prefill", t, nb), tokens.reshape(r, q), batch, logits_idx, rows)
 
     def build_launches(self, scheduled: list[ScheduledRequest], kv: KVManager) -> list[Launch]:
         decode = [s for s in scheduled if s.num_tokens == 1]

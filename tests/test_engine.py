@@ -68,6 +68,32 @@ def test_batch_invariance(llm, tiny_checkpoints):
     assert alone == _hf_greedy(tiny_checkpoints("llama"), probe, 24)
 
 
+def test_prefill_rows_gather_only_their_sequences_blocks(llm, tiny_checkpoints):
+    """A packed prefill cut into rows of 8 tokens (each row gathering only the blocks of the
+    sequences it holds) gives the same greedy tokens as the default 64-token row and as
+    transformers, and its rows gather far fewer blocks than the launch holds in all."""
+    tiled = LLM(tiny_checkpoints("llama"), **dict(ENGINE_KW, prefill_tile=8), warmup=False)
+    prompts = _prompts(6, 3, 40, seed=11) + _prompts(1, 130, 130, seed=12)   # the long one spans 3 chunks
+    launches = []
+    build = tiled.engine.runner.build_prefill
+    tiled.engine.runner.build_prefill = lambda items, kv: launches.append(build(items, kv)) or launches[-1]
+    got = [o.token_ids for o in tiled.generate(prompts, GREEDY)]
+    assert got == [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    assert got == _hf_greedy(tiny_checkpoints("llama"), prompts, GREEDY.max_tokens)
+    multi = [ln for ln in launches if ln.tokens.shape[0] > 1]
+    assert multi and all(ln.tokens.shape[1] == 8 for ln in multi)
+    # every row reads only blocks of its own sequences, and in packed launches the busiest
+    # row reads fewer blocks than the launch holds in all (what a single row would gather)
+    fewer = []
+    for ln in multi:
+        b = ln.batch
+        for row in range(ln.tokens.shape[0]):
+            mine = set(b.seg[row][b.seg[row] >= 0].tolist())
+            assert set(b.block_seg[row][b.block_seg[row] >= 0].tolist()) <= mine
+        fewer.append(int((b.block_seg >= 0).sum(axis=1).max()) < len(set(b.block_ids[b.block_seg >= 0].tolist())))
+    assert any(fewer)
+
+
 def test_seeded_sampling_is_batch_invariant(llm):
     p = _prompts(1, 10, 10, seed=4)[0]
     sp = SamplingParams(max_tokens=10, temperature=0.8, top_k=50, top_p=0.9, seed=123, ignore_eos=True)
