@@ -415,7 +415,7 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
              "lm_head": lambda: dot(x, head).block_until_ready()}
     for fn in parts.values():
         fn()
-    agree = bool(np.array_equal(np.asarray(forward()), np.asarray(forward_scan())))
+    scan_diff = float(np.max(np.abs(np.asarray(forward()) - np.asarray(forward_scan()))))
     times: dict[str, list[float]] = {k: [] for k in parts}
     for _ in range(rounds):
         for k, fn in parts.items():
@@ -427,7 +427,7 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
     out = {f"{k}_ms": 1e3 * min(v) for k, v in times.items()}
     out.update({f"{k}_median_ms": 1e3 * statistics.median(v) for k, v in times.items()})
     del stacked, scan_cache
-    return dict(batch=batch, blocks=nb, rounds=rounds, sampler_ms=1e3 * sampler, scan_logits_identical=agree, **out)
+    return dict(batch=batch, blocks=nb, rounds=rounds, sampler_ms=1e3 * sampler, scan_logits_max_abs_diff=scan_diff, **out)
 
 
 # -- transformers ---------------------------------------------------------------------------------
@@ -851,7 +851,7 @@ def print_report(r: dict) -> None:
     pm = lambda k: f"{parts[k + '_ms']:.1f} / {parts[k + '_median_ms']:.1f} ms"
     line("  compiled forward alone (best / median)", pm("forward"))
     line("  same forward as nn.scan over stacked weights", f"{pm('forward_scan')} (logits "
-         f"{'identical' if parts['scan_logits_identical'] else 'DIFFER'}; unrolled is "
+         f"max abs diff {parts['scan_logits_max_abs_diff']:.1e}; unrolled is "
          f"{parts['forward_scan_median_ms'] / parts['forward_median_ms']:.2f}x faster, median)")
     line("  forward + greedy sampler + device_get", pm("forward_sample_get"))
     line("  sampler alone (argmax over 32 x vocab)", f"{parts['sampler_ms']:.1f} ms")
