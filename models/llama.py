@@ -2,7 +2,9 @@
 
 RMSNorm, rotary positions (rope_theta, Llama-3 rope_scaling), grouped-query attention,
 SwiGLU MLP, optional QKV bias, tied or untied embeddings. The layers are one `nn.scan`,
-so their params are stacked on a leading layer axis and the step compiles one layer body.
+so their params are stacked on a leading layer axis (the canonical tree checkpoints use).
+Serving launches instead run `LlamaBlock` once per layer on per-layer arrays split from
+that stack (sharding/pipeline.py, docs/performance.md).
 
 Param tree (kernels are (in, out); L = num_layers):
   embed_tokens/embedding (V, H)
