@@ -288,7 +288,7 @@ class ModelRunner:
             slots[at:at + n] = table[p // bs] * bs + p % bs
             for row in range(at // q, (at + n - 1) // q + 1):
                 last = min(at + n, (row + 1) * q) - 1          # this sequence's last token in the row
-                row_blocks[row].append((i, table[:-(-(p0 + last - at + 1) // bs)]))
+                row_blocks[row].append((i, table[:kv.blocks_for_tokens(p0 + last - at + 1)]))
             at += n
             logits_idx[i] = at - 1
             if p0 + n == req.num_tokens:

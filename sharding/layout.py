@@ -8,11 +8,11 @@ structure; its leaves are placed by the rules table:
     first-stage params   (embeddings, project_in) on stage 0's sub-mesh
     last-stage params    (final norm, lm_head, project_out) on stage pp-1's sub-mesh
 
-`stage_params(params, s)` gives one stage's part of the tree: views of its layers' shards
-as arrays on its own sub-mesh (no copy), plus its end's params; a tied embedding is copied
-once to the last stage. `split_layers` gives what the stages compute with: the same, with
-the layers copied out into one array per layer (a launch then reads each layer's weights
-in place instead of slicing them out of the stack). The KV cache exists only per stage: (L/pp, blocks, block_size,
+`split_layers(params)` gives what each stage computes with: its end's params
+(`stage_ends`; a tied embedding is copied once to the last stage) plus its layers copied
+out into one array per layer, cut from its own shards (`stage_layers_view`, no copy) on
+its own sub-mesh. A launch then reads each layer's weights in place instead of slicing
+them out of the stack. The KV cache exists only per stage: (L/pp, blocks, block_size,
 KV heads, head_dim) on the stage's sub-mesh, split on KV heads.
 """
 
@@ -101,13 +101,13 @@ class ModelLayout:
         """Put an existing tree (e.g. numpy, or on one device) into this layout."""
         return jax.tree.map(jax.device_put, params, self.param_shardings(params))
 
-    def stage_params(self, params: dict, s: int) -> dict:
-        """The params stage s computes with (see the module doc)."""
+    def stage_ends(self, params: dict, s: int) -> dict:
+        """The params outside `layers` that stage s owns (its end of the model), on its
+        sub-mesh; a tied embedding is copied once to the last stage."""
         mesh = self.meshes.stages[s]
         out = {}
         for p, x in flatten_dict(params).items():
             if p[0] == "layers":
-                out[p] = self.stage_layers_view(x, p, s)
                 continue
             ends = stages_of(self.model_cfg, p[0])
             if (s == 0 and FIRST in ends) or (s == self.pp - 1 and LAST in ends):
@@ -126,14 +126,13 @@ class ModelLayout:
         return jax.make_array_from_single_device_arrays(shape, NamedSharding(mesh, spec), shards)
 
     def split_layers(self, params: dict, free: bool = False) -> list[dict]:
-        """Every stage's tree with its layers as separate per-layer arrays: stage s gets
-        `stage_params(params, s)` with `layers` replaced by a tuple of L/pp per-layer trees
-        (what `stage_forward` runs). With `free`, each global `layers/*` leaf is deleted
+        """Every stage's tree, what `stage_forward` runs: `stage_ends(params, s)` plus
+        `layers`, a tuple of L/pp per-layer trees copied out of the stage's view of each
+        global `layers/*` leaf. With `free`, each global `layers/*` leaf is deleted
         once copied out, so the peak is one leaf above the weights (the caller must not use
         those leaves afterwards); without it, the copies coexist with `params` until the
         caller drops it."""
         layers = {p: x for p, x in flatten_dict(params).items() if p[0] == "layers"}
-        ends = unflatten_dict({p: x for p, x in flatten_dict(params).items() if p[0] != "layers"})
         per_layer = [[{} for _ in range(self.layers_per_stage)] for _ in range(self.pp)]
         for p, x in layers.items():
             for s in range(self.pp):
@@ -141,7 +140,7 @@ class ModelLayout:
                     per_layer[s][i][p[1:]] = a
             if free:
                 x.delete()
-        return [{**self.stage_params(ends, s), "layers": tuple(unflatten_dict(t) for t in per_layer[s])}
+        return [{**self.stage_ends(params, s), "layers": tuple(unflatten_dict(t) for t in per_layer[s])}
                 for s in range(self.pp)]
 
     # -- KV cache and activations ------------------------------------------------------------

@@ -37,7 +37,7 @@ from models.attention import AttnBatch, KVCache
 def stage_forward(module: nn.Module, block: nn.Module, first: bool, last: bool) -> Callable:
     """fn(params, cache, x, batch, logits_idx) -> (logits or h, cache) for one stage.
 
-    `params` is the stage's tree from `ModelLayout.stage_params`: the ends it owns plus
+    `params` is the stage's tree from `ModelLayout.split_layers`: the ends it owns plus
     `layers`, a tuple of per-layer trees. The layers run as an unrolled Python loop over
     those separate arrays: under `nn.scan` over one stacked array, XLA copies every layer's
     weight slice out of the stack on every launch (a full weight read and write per step;
