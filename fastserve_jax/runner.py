@@ -21,16 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastserve_jax.xla_flags import apply_cpu_defaults
-
-apply_cpu_defaults()
-
-from fastserve_jax.config import MAX_LOGPROBS, EngineConfig, bucket  # noqa: E402
+from fastserve_jax.config import MAX_LOGPROBS, EngineConfig, bucket
 from fastserve_jax.kv_cache import KVManager, SwapCopy
 from fastserve_jax.kv_transfer import KVTransfer
 from fastserve_jax.request import Request, TokenLogprobs
 from fastserve_jax.sampling import Penalties, SamplingArrays, sample
 from fastserve_jax.scheduler.base import ScheduledRequest
+from fastserve_jax.xla_flags import launch_compiler_options
 from models import build_block, build_model
 from models.attention import AttnBatch, KVCache
 from models.config import ModelConfig
@@ -172,13 +169,17 @@ class ModelRunner:
         """Compile every launch shape and sampler variant; returns seconds taken.
 
         XLA compiles outside the GIL, so a small thread pool overlaps them (lowering stays
-        serial); on a 2-core machine that is close to 2x."""
+        serial); on a 2-core machine that is close to 2x. Each launch shape gets the compiler
+        options of its size (xla_flags.py: small CPU launches run their dots through Eigen)."""
         t0 = time.perf_counter()
         jobs: list[tuple[tuple, Callable]] = []
+        options: dict[tuple, dict[str, str]] = {}
         for st in self.stages:
+            platform = st.devices[0].platform
             for key in self.launch_keys():
                 x, batch, idx = self._abstract_args(key, st)
                 jobs.append((("stage", st.index, key), functools.partial(st.fn.lower, st.params, st.cache, x, batch, idx)))
+                options[jobs[-1][0]] = launch_compiler_options(platform, key[1])   # key[1]: the launch's tokens
         vocab = self.model_cfg.vocab_size
         # the sampler runs where the logits are: replicated over the last stage's devices
         sds = functools.partial(jax.ShapeDtypeStruct, sharding=self.stages[-1].replicated)
@@ -196,7 +197,8 @@ class ModelRunner:
             jobs += self.transfer.lowerings(self.caches)
         workers = threads or min(8, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            futures = {pool.submit(lambda lower: lower().compile(), lower): key for key, lower in jobs}
+            futures = {pool.submit(lambda lower, opts: lower().compile(compiler_options=opts or None), lower,
+                                   options.get(key)): key for key, lower in jobs}
             for done, fut in enumerate(concurrent.futures.as_completed(futures), 1):
                 key = futures[fut]
                 if key[0].startswith("swap_"):

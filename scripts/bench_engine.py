@@ -150,28 +150,36 @@ def decode_gemms(model_cfg, batch: int) -> list[tuple[int, int, int, int]]:
 
 
 def measure_matmul(model_cfg, batch: int, square: int = 2048, repeats: int = 5) -> dict:
-    """GFLOP/s of jnp.dot: a large square float32 matmul (peak), and each decode-step shape at
-    `batch`, plus their count-weighted rate (the best a decode step built of XLA dots can do)."""
+    """GFLOP/s of a large square float32 matmul (the peak: the faster of XLA's jnp.dot and
+    numpy's BLAS), and of each decode-step shape at `batch` compiled as the engine compiles
+    its decode launches (xla_flags.py), plus their count-weighted rate (the best a decode
+    step built of these XLA dots can do)."""
     import jax
     import jax.numpy as jnp
 
-    dot = jax.jit(jnp.dot)
+    from fastserve_jax.xla_flags import launch_compiler_options
 
-    def rate(m, k, n, reps):
+    def rate(m, k, n, reps, opts=None):
         a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
         b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+        dot = jax.jit(jnp.dot).lower(a, b).compile(compiler_options=opts or None)
         dot(a, b).block_until_ready()
         t = best_of(lambda: dot(a, b).block_until_ready(), reps)
         return t, 2 * m * k * n / t / 1e9
 
-    _, peak = rate(square, square, square, repeats)
+    _, xla_peak = rate(square, square, square, repeats)
+    a = np.random.default_rng(0).standard_normal((square, square), dtype=np.float32)
+    a @ a
+    blas_peak = 2 * square ** 3 / best_of(lambda: a @ a, repeats) / 1e9
+    opts = launch_compiler_options(jax.devices()[0].platform, batch)
     shapes, total_t, total_f = {}, 0.0, 0.0
     for m, k, n, count in decode_gemms(model_cfg, batch):
-        t, r = rate(m, k, n, 4 * repeats)
+        t, r = rate(m, k, n, 4 * repeats, opts)
         shapes[f"{m}x{k}x{n}"] = r
         total_t += count * t
         total_f += count * 2 * m * k * n
-    return dict(square_size=square, square_gflops=peak, decode_shapes_gflops=shapes,
+    return dict(square_size=square, square_gflops=max(xla_peak, blas_peak), square_xla_gflops=xla_peak,
+                square_numpy_gflops=blas_peak, decode_shapes_gflops=shapes, decode_compiler_options=opts,
                 decode_mix_gflops=total_f / total_t / 1e9, decode_mix_seconds=total_t)
 
 
@@ -340,8 +348,19 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
     import jax.numpy as jnp
 
     from fastserve_jax.sampling import SamplingArrays
+    from fastserve_jax.xla_flags import launch_compiler_options
     from models import build_model
     from models.attention import AttnBatch, KVCache
+
+    opts = launch_compiler_options(jax.devices()[0].platform, batch) or None   # as the engine's decode launches
+    made: dict = {}
+
+    def compiled(fn, *args, **jit_kw):
+        """fn jitted and compiled for these arguments' shapes with the decode launches' options."""
+        key = (fn, tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
+        if key not in made:
+            made[key] = jax.jit(fn, **jit_kw).lower(*args).compile(compiler_options=opts)
+        return made[key](*args)
 
     eng = llm.engine
     assert not eng.has_unfinished(), "profile with an idle engine: writes go to the null block"
@@ -370,12 +389,13 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
     ends = {k: v for k, v in stage.params.items() if k != "layers"}
     stacked = {**ends, "layers": jax.tree.map(lambda *ws: jnp.stack(ws), *layers)}
     model = build_model(eng.model_cfg, eng.cfg.dtype)
-    scan_fwd = jax.jit(functools.partial(model.apply, method=model.__call__), donate_argnums=(3,))
-    scan_cache = KVCache(jnp.zeros_like(stage.cache.k), jnp.zeros_like(stage.cache.v))
+    scan_apply = functools.partial(model.apply, method=model.__call__)
+    scan_cache = KVCache(jnp.copy(stage.cache.k), jnp.copy(stage.cache.v))   # same KV as the engine reads
 
     def forward_scan():
         nonlocal scan_cache
-        logits, scan_cache = scan_fwd({"params": stacked}, tokens, attn, scan_cache, idx)
+        logits, scan_cache = compiled(scan_apply, {"params": stacked}, tokens, attn, scan_cache, idx,
+                                      donate_argnums=(3,))
         return logits
 
     per_layer = [{"q": w["attn"]["q_proj"]["kernel"], "k": w["attn"]["k_proj"]["kernel"],
@@ -395,8 +415,8 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
             h = layer(h, w)
         return h @ hd
 
-    gemms_prog = jax.jit(gemms_fn)
-    dot = jax.jit(jnp.dot)
+    gemms_prog = functools.partial(compiled, gemms_fn)
+    dot = functools.partial(compiled, jnp.dot)
     x = jax.random.normal(jax.random.key(2), (batch, eng.model_cfg.hidden_size), jnp.float32) * 0.02
     xi = jax.random.normal(jax.random.key(3), (batch, per_layer[0]["d"].shape[0]), jnp.float32) * 0.02
 
@@ -638,6 +658,10 @@ def main(argv: list[str] | None = None) -> dict:
     print("== fastserve-jax benchmark", time.strftime("%Y-%m-%d %H:%M:%S"))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on "
           f"{jax.devices()[0].platform}; load average {os.getloadavg()[0]:.1f} at start")
+    from fastserve_jax.xla_flags import SMALL_LAUNCH_TOKENS, launch_compiler_options
+
+    print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(unset)'}; compiler options of launches of <= "
+          f"{SMALL_LAUNCH_TOKENS} tokens: {launch_compiler_options(jax.devices()[0].platform, 1) or 'none'}")
     print(f"model: {ARCH} random weights, float32 ({path})")
     print(f"workload: {wl.how}")
     print(f"  trace prompt lens : {fmt_stats(length_stats(wl.raw_prompt_lens))}")
@@ -818,9 +842,11 @@ def print_report(r: dict) -> None:
          f"{bwd['after']['numpy_sum_read']:.1f} / {bwd['after']['numpy_copy_read_write']:.1f} after; "
          f"used {bwd['used']:.1f}")
     m = rf["matmul"]
-    line(f"matmul {m['before']['square_size']}^2 float32 GFLOP/s",
-         f"{m['before']['square_gflops']:.1f} before, {m['after']['square_gflops']:.1f} after; used "
+    line(f"matmul {m['before']['square_size']}^2 float32 GFLOP/s (XLA / numpy BLAS)",
+         f"{m['before']['square_xla_gflops']:.1f} / {m['before']['square_numpy_gflops']:.1f} before, "
+         f"{m['after']['square_xla_gflops']:.1f} / {m['after']['square_numpy_gflops']:.1f} after; used (peak) "
          f"{rf['matmul_peak_gflops']:.1f}")
+    line("decode launches' compiler options", str(m["before"]["decode_compiler_options"] or "XLA defaults"))
     for shape in m["before"]["decode_shapes_gflops"]:
         line(f"matmul {shape} GFLOP/s", f"{m['before']['decode_shapes_gflops'][shape]:.1f} before, "
              f"{m['after']['decode_shapes_gflops'][shape]:.1f} after")

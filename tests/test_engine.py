@@ -141,6 +141,25 @@ def test_nothing_compiles_after_warmup(llm):
     assert eng.kv.num_used_blocks == 0
 
 
+def test_small_cpu_launches_compile_without_ynnpack(llm):
+    """Warm-up gives launches of at most SMALL_LAUNCH_TOKENS tokens the options that keep
+    their dots off YNNPACK (xla_flags.py); larger launches keep XLA's defaults. Without
+    the options the same decode launch does use YNNPACK on this jaxlib, so the check bites."""
+    from fastserve_jax.xla_flags import SMALL_LAUNCH_TOKENS, launch_compiler_options
+
+    runner = llm.engine.runner
+    st = runner.stages[0]
+    small = {k: c for k, c in st.compiled.items() if k[1] <= SMALL_LAUNCH_TOKENS}
+    large = [k for k in st.compiled if k[1] > SMALL_LAUNCH_TOKENS]
+    assert small and large and set(st.compiled) == set(runner.launch_keys())
+    assert all(launch_compiler_options("cpu", k[1]) == {} for k in large)
+    if not launch_compiler_options("cpu", 1):
+        pytest.skip("no per-launch options on this jaxlib or with the user's XLA_FLAGS")
+    assert all("__ynn" not in c.as_text() for c in small.values())
+    key = min(small)
+    x, batch, idx = runner._abstract_args(key, st)
+    assert "__ynn" in st.fn.lower(st.params, st.cache, x, batch, idx).compile().as_text()
+
 def test_recompute_preemption_keeps_outputs(tiny_checkpoints):
     """A pool too small for all sequences forces FCFS to drop and recompute KV."""
     kw = dict(ENGINE_KW, num_device_blocks=24, swap_policy="recompute")
