@@ -178,8 +178,9 @@ class ModelRunner:
             platform = st.devices[0].platform
             for key in self.launch_keys():
                 x, batch, idx = self._abstract_args(key, st)
-                jobs.append((("stage", st.index, key), functools.partial(st.fn.lower, st.params, st.cache, x, batch, idx)))
-                options[jobs[-1][0]] = launch_compiler_options(platform, key[1])   # key[1]: the launch's tokens
+                job = ("stage", st.index, key)
+                jobs.append((job, functools.partial(st.fn.lower, st.params, st.cache, x, batch, idx)))
+                options[job] = launch_compiler_options(platform, tokens=key[1])
         vocab = self.model_cfg.vocab_size
         # the sampler runs where the logits are: replicated over the last stage's devices
         sds = functools.partial(jax.ShapeDtypeStruct, sharding=self.stages[-1].replicated)

@@ -160,6 +160,7 @@ def test_small_cpu_launches_compile_without_ynnpack(llm):
     x, batch, idx = runner._abstract_args(key, st)
     assert "__ynn" in st.fn.lower(st.params, st.cache, x, batch, idx).compile().as_text()
 
+
 def test_recompute_preemption_keeps_outputs(tiny_checkpoints):
     """A pool too small for all sequences forces FCFS to drop and recompute KV."""
     kw = dict(ENGINE_KW, num_device_blocks=24, swap_policy="recompute")
