@@ -10,7 +10,8 @@ One run, one machine, side by side:
    greedy, fixed output lengths (ignore_eos);
 3. tokens/s of fastserve-jax (`LLM.generate`), of transformers continuous batching (the
    manager `generate_batch` wraps, with per-request max_new_tokens) and of plain
-   `model.generate` in static batches of 32 (left padding);
+   `model.generate` in static batches of 32 (left padding); and the floor our run's launches
+   cannot go below with XLA's matmuls: each launch shape's matmuls alone, times its count;
 4. the decode roofline of this machine (weight + KV bytes over measured memory bandwidth,
    FLOPs over measured matmul rate) against our measured decode step at batch 32 (each step
    also paired with a matmul timed right after it, since the machine may be shared), with a
@@ -398,23 +399,7 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
                                       donate_argnums=(3,))
         return logits
 
-    per_layer = [{"q": w["attn"]["q_proj"]["kernel"], "k": w["attn"]["k_proj"]["kernel"],
-                  "v": w["attn"]["v_proj"]["kernel"], "o": w["attn"]["o_proj"]["kernel"],
-                  "g": w["mlp"]["gate_proj"]["kernel"], "u": w["mlp"]["up_proj"]["kernel"],
-                  "d": w["mlp"]["down_proj"]["kernel"]} for w in layers]
-    head = ends["lm_head"]["kernel"] if "lm_head" in ends else ends["embed_tokens"]["embedding"].T
-
-    def layer(h, w):
-        q = h @ w["q"]
-        kv = h @ w["k"] + h @ w["v"]
-        h = h + (q + jnp.tile(kv, q.shape[-1] // kv.shape[-1])) @ w["o"]
-        return h + (jax.nn.silu(h @ w["g"]) * (h @ w["u"])) @ w["d"]
-
-    def gemms_fn(ws, hd, h):
-        for w in ws:
-            h = layer(h, w)
-        return h @ hd
-
+    per_layer, head = gemm_weights(stage.params)
     gemms_prog = functools.partial(compiled, gemms_fn)
     dot = functools.partial(compiled, jnp.dot)
     x = jax.random.normal(jax.random.key(2), (batch, eng.model_cfg.hidden_size), jnp.float32) * 0.02
@@ -448,6 +433,71 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
     out.update({f"{k}_median_ms": 1e3 * statistics.median(v) for k, v in times.items()})
     del stacked, scan_cache
     return dict(batch=batch, blocks=nb, rounds=rounds, sampler_ms=1e3 * sampler, scan_logits_max_abs_diff=scan_diff, **out)
+
+
+# -- the step's matmuls alone -----------------------------------------------------------------------
+def gemm_weights(params: dict) -> tuple[list[dict], object]:
+    """The Llama's matmul weights, per layer (q k v o gate up down), and the head's."""
+    per_layer = [{"q": w["attn"]["q_proj"]["kernel"], "k": w["attn"]["k_proj"]["kernel"],
+                  "v": w["attn"]["v_proj"]["kernel"], "o": w["attn"]["o_proj"]["kernel"],
+                  "g": w["mlp"]["gate_proj"]["kernel"], "u": w["mlp"]["up_proj"]["kernel"],
+                  "d": w["mlp"]["down_proj"]["kernel"]} for w in params["layers"]]
+    head = params["lm_head"]["kernel"] if "lm_head" in params else params["embed_tokens"]["embedding"].T
+    return per_layer, head
+
+
+def gemms_fn(ws, hd, h, rows: int | None = None):
+    """Every matmul of a launch and nothing else: the layers' on h (tokens, hidden), the head's
+    on its first `rows` tokens (None: all); attention is replaced by adding K and V to Q."""
+    import jax
+    import jax.numpy as jnp
+
+    for w in ws:
+        q = h @ w["q"]
+        kv = h @ w["k"] + h @ w["v"]
+        h = h + (q + jnp.tile(kv, q.shape[-1] // kv.shape[-1])) @ w["o"]
+        h = h + (jax.nn.silu(h @ w["g"]) * (h @ w["u"])) @ w["d"]
+    return h[:rows] @ hd
+
+
+def matmul_floor(llm, launches: dict, rounds: int = 5) -> dict:
+    """Seconds the matmuls of a run's launches take alone: for each launch shape the run used,
+    one XLA program of only its matmuls (tokens x every layer weight, logit rows x head),
+    compiled with that launch's compiler options, best of `rounds` interleaved rounds, times
+    its count. Whatever else a launch does (attention, norms, sampling, the host) comes on top."""
+    import ast
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from fastserve_jax.xla_flags import launch_compiler_options
+
+    eng = llm.engine
+    assert len(eng.runner.stages) == 1, "single-stage (pp=1) engine"
+    per_layer, head = gemm_weights(eng.runner.stages[0].params)
+    platform = jax.devices()[0].platform
+    hidden = eng.model_cfg.hidden_size
+    shapes: dict[tuple[int, int], int] = {}
+    for key, n in launches.items():
+        kind, tokens, _ = ast.literal_eval(key) if isinstance(key, str) else key
+        rows = tokens if kind == "decode" else eng.cfg.max_prefill_seqs
+        shapes[(tokens, rows)] = shapes.get((tokens, rows), 0) + n
+    progs = {}
+    for tokens, rows in sorted(shapes):
+        h = jax.random.normal(jax.random.key(4), (tokens, hidden), jnp.float32) * 0.02
+        opts = launch_compiler_options(platform, tokens) or None
+        prog = jax.jit(functools.partial(gemms_fn, rows=rows)).lower(per_layer, head, h).compile(
+            compiler_options=opts)
+        prog(per_layer, head, h).block_until_ready()
+        progs[(tokens, rows)] = functools.partial(prog, per_layer, head, h)
+    best = dict.fromkeys(progs, float("inf"))
+    for _ in range(rounds):
+        for shape, run in progs.items():
+            best[shape] = min(best[shape], best_of(lambda: run().block_until_ready(), 1))
+    per_shape = {f"{t} tokens, {r} logit rows": dict(launches=shapes[(t, r)], best_ms=1e3 * best[(t, r)])
+                 for t, r in progs}
+    return dict(seconds=sum(shapes[k] * best[k] for k in progs), rounds=rounds, per_shape=per_shape)
 
 
 # -- transformers ---------------------------------------------------------------------------------
@@ -703,6 +753,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[3/5] decode step at batch {DECODE_BATCH} ...", flush=True)
     dec = measure_decode_step(llm, DECODE_BATCH, DECODE_PROMPT, dec_tokens, args.seed)
     parts = profile_decode_parts(llm, DECODE_BATCH, dec["max_blocks"], rounds=5)
+    print(f"      matmuls of the {ours['scheduler']} run's launches, alone ...", flush=True)
+    floor = matmul_floor(llm, ours["launches"])
     bw2 = measure_bandwidth()
     mm2 = measure_matmul(model_cfg, DECODE_BATCH)
     bw = max(bw1["best"], bw2["best"])
@@ -771,7 +823,7 @@ def main(argv: list[str] | None = None) -> dict:
             d["frac_of_peak"] = d["model_gflops"] / roofline["matmul_peak_gflops"]
     report.update(workload_gflop=wl_flops / 1e9, start=start, ours=ours, ours_by_policy=by_policy,
                   policy_agreement=policy_agreement, hf_continuous=hf_cb, hf_static=hf_static,
-                  roofline=roofline, decode=dec, decode_parts=parts, checks=checks,
+                  roofline=roofline, decode=dec, decode_parts=parts, matmul_floor=floor, checks=checks,
                   total_s=time.perf_counter() - t_start,
                   load_average_end=os.getloadavg()[0])
     print_report(report)
@@ -812,6 +864,16 @@ def print_report(r: dict) -> None:
               f"{c['num_blocks']} blocks; manager start {cb['setup_s']:.1f} s (not timed)")
     if cb:
         print(f"  bound: at 100% of peak we would be {peak / cb['model_gflops']:.2f}x transformers CB on this machine")
+    fl = r["matmul_floor"]
+    print(f"  the matmuls of our {ours['scheduler']} run's {sum(ours['launches'].values())} launches, each launch "
+          f"shape's matmuls run alone as one XLA program (best of {fl['rounds']} interleaved rounds): "
+          f"{fl['seconds']:.1f} s of its {ours['wall_s']:.1f} s (attention, norms, sampling and the host come on top)")
+    for shape, v in fl["per_shape"].items():
+        print(f"    {shape:<28} {v['launches']:3d} launches x {v['best_ms']:6.1f} ms")
+    if cb:
+        budget = n_tok / (3 * cb["tokens_per_s"])
+        print(f"  3x transformers CB means the whole run in {budget:.1f} s: the matmuls alone take "
+              f"{100 * fl['seconds'] / budget:.0f}% of that")
     print(f"  target >= 3x transformers CB: "
           + (f"{'MET' if ours['tokens_per_s'] >= 3 * cb['tokens_per_s'] else 'NOT MET'} "
              f"({ours['tokens_per_s'] / cb['tokens_per_s']:.2f}x)" if cb else "not measured"))
@@ -881,7 +943,8 @@ def print_report(r: dict) -> None:
          f"{parts['forward_scan_median_ms'] / parts['forward_median_ms']:.2f}x faster, median)")
     line("  forward + greedy sampler + device_get", pm("forward_sample_get"))
     line("  sampler alone (argmax over 32 x vocab)", f"{parts['sampler_ms']:.1f} ms")
-    line("  step's matmuls only, one program", pm("gemms"))
+    line("  step's matmuls only, one program", f"{pm('gemms')} = {100 * rf['roofline_ms'] / parts['gemms_ms']:.0f}% / "
+         f"{100 * rf['roofline_ms'] / parts['gemms_median_ms']:.0f}% of the roofline")
     line("  same, as separate dots (sum)", f"{parts['gemms_isolated_ms']:.1f} ms "
          f"(of which lm_head {parts['lm_head_ms']:.1f} ms)")
     print("\n== host overhead (schedule + assemble + postprocess) vs device (dispatch .. tokens on host)")
