@@ -480,7 +480,7 @@ def matmul_floor(llm, launches: dict, rounds: int = 5) -> dict:
     hidden = eng.model_cfg.hidden_size
     shapes: dict[tuple[int, int], int] = {}
     for key, n in launches.items():
-        kind, tokens, _ = ast.literal_eval(key) if isinstance(key, str) else key
+        kind, tokens, _ = ast.literal_eval(key)        # run_ours keys launches by str(tuple)
         rows = tokens if kind == "decode" else eng.cfg.max_prefill_seqs
         shapes[(tokens, rows)] = shapes.get((tokens, rows), 0) + n
     progs = {}
