@@ -70,6 +70,8 @@ class EngineStats:
     prompt_tokens: int = 0              # prompt tokens of admitted requests
     generated_tokens: int = 0           # tokens sampled and appended to outputs
     recomputations: int = 0             # requests that lost their KV and were prefilled again
+    recomputed_tokens: int = 0          # computed tokens those requests lost (prefilled again)
+    busy: float = 0.0                   # seconds of iterations (the base of the stall bound)
     swap_out_blocks: int = 0            # device -> host
     swap_in_blocks: int = 0             # host -> device
     swap_out_bytes: int = 0
@@ -184,7 +186,6 @@ class LLMEngine:
                                      SchedulerConfig.base_quantum)
         self.scheduler = make_scheduler(name, Limits(self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens),
                                         self.kv, config, self.cost_model)
-        self.scheduler.swap_on_evict = self.swap.swaps
 
     @classmethod
     def from_pretrained(cls, model_path: str, cfg: EngineConfig, **kwargs) -> "LLMEngine":
@@ -284,7 +285,8 @@ class LLMEngine:
             kv_device_used_blocks=self.kv.num_used_blocks, kv_device_total_blocks=self.kv.num_usable_blocks,
             kv_host_used_blocks=self.kv.num_host_used_blocks, kv_host_total_blocks=self.kv.num_host_blocks,
             prompt_tokens_total=st.prompt_tokens, generation_tokens_total=st.generated_tokens,
-            recomputations_total=st.recomputations,
+            recomputations_total=st.recomputations, recomputed_tokens_total=st.recomputed_tokens,
+            busy_seconds_total=st.busy, swap_stall_fraction=st.swap_stall / st.busy if st.busy else 0.0,
             swap_out_blocks_total=st.swap_out_blocks, swap_in_blocks_total=st.swap_in_blocks,
             swap_out_bytes_total=st.swap_out_bytes, swap_in_bytes_total=st.swap_in_bytes,
             swap_stall_seconds_total=st.swap_stall, iterations_total=st.iterations)
@@ -308,7 +310,12 @@ class LLMEngine:
         plan = Plan()
         if len(self._inflight) < self.cfg.batches_in_flight:
             now = time.monotonic()
+            self.swap.configure(self.scheduler)
             plan = self.scheduler.schedule(now)
+            if not plan.scheduled and self._uploading:     # only requests still uploading could run
+                self._land_swaps(wait=True)
+                plan = self.scheduler.schedule(now)
+            st.recomputed_tokens += sum(r.num_computed_tokens for r in plan.preempted)
             copies = apply_plan(plan, self.kv, now)
             st.recomputations += len(plan.preempted)
             for req in plan.preempted:
@@ -318,7 +325,9 @@ class LLMEngine:
             t2 = time.perf_counter()
             if copies.swap_out or copies.swap_in:
                 self.runner.swap_out(copies.swap_out)
+                stalled = self.runner.transfer.stall_seconds
                 self.runner.swap_in_now(copies.swap_in)
+                self.swap.charge(self.runner.transfer.stall_seconds - stalled)
                 st.swap_ins_on_demand += len(copies.swap_in)
                 st.swap_outs_on_demand += len(copies.swap_out)
             batch = next(self._batches)
@@ -371,19 +380,23 @@ class LLMEngine:
         self._last_collected = t2
         self.scheduler.on_iteration(f.plan, duration, time.monotonic())
         self.swap.on_iteration(duration)
+        st.busy += duration
         st.device += t1 - t0
         st.postprocess += t2 - t1
         st.schedule += time.perf_counter() - t2
         return [req for req, _, _ in sampled]
 
     # -- swapping (kv_plan.py, swap_policy.py, kv_transfer.py) ------------------------------
-    def _land_swaps(self) -> None:
-        """Uploads issued during the last step go into the cache; finished swap-outs are marked."""
+    def _land_swaps(self, wait: bool = False) -> None:
+        """Uploads whose copies are in (all of them if `wait`, counting the wait as stall) go
+        into the cache; the rest stay in flight and their requests wait. Finished swap-outs
+        are marked."""
+        t = self.runner.transfer
         for req in self._uploading:
-            if self.kv.location(req) is KVLocation.SWAPPING_IN:      # not aborted meanwhile
+            if self.kv.location(req) is KVLocation.SWAPPING_IN and (wait or t.in_landed(req.request_id)):
                 self.runner.land_swap_in(req.request_id)
                 self.kv.finish_swap_in(req)
-        self._uploading.clear()
+        self._uploading = [r for r in self._uploading if self.kv.location(r) is KVLocation.SWAPPING_IN]
         for req in self._swapping_out:
             if self.kv.location(req) is KVLocation.SWAPPING_OUT and self.runner.transfer.out_landed(req.request_id):
                 self.kv.finish_swap_out(req)

@@ -141,6 +141,10 @@ class KVTransfer:
         self._uploads[request_id] = _Upload(runs, self._runs(blocks))
         self.blocks_in += len(blocks)
 
+    def in_landed(self, request_id: str) -> bool:
+        """The request's issued swap-in copies are all on the device (landing it will not wait)."""
+        return all(x.is_ready() for run in self._uploads[request_id].runs for part in run for x in part)
+
     def land_swap_in(self, caches: Caches, request_id: str) -> Caches:
         """Scatter an issued swap-in into every stage's cache (donated); time spent waiting for
         its copies to arrive counts as stall."""

@@ -77,7 +77,8 @@ class SimResult:
         """Latencies in seconds, throughputs per second (see docs/scheduling.md)."""
         return dict(summarize(self.requests), iterations=self.iterations, preemptions=self.preemptions,
                     mean_batch=self.scheduled_seqs / max(1, self.iterations), sim_wall_seconds=self.wall_seconds,
-                    **{f"swap_{k}": v for k, v in dataclasses.asdict(self.swap).items()})
+                    **{f"swap_{k}": v for k, v in dataclasses.asdict(self.swap).items()},
+                    swap_stall_fraction=self.swap.stall_seconds / self.swap.busy_seconds if self.swap.busy_seconds else 0.0)
 
 
 def advance(plan: Plan, now: float) -> list[Request]:
@@ -107,6 +108,7 @@ class SwapCounts:
     ins_on_demand: int = 0
     ins_ahead: int = 0
     stall_seconds: float = 0.0           # simulated time the steps waited for swap-ins
+    recomputed_tokens: int = 0           # computed tokens dropped, to be prefilled again
     busy_seconds: float = 0.0            # simulated time spent in steps (stalls included)
 
 
@@ -130,10 +132,8 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
     kv = KVManager(cfg.num_blocks(cost), cfg.block_size, cfg.num_host_blocks() if cfg.swap_policy != "recompute" else 0)
     sched = make_scheduler(policy, Limits(cfg.max_num_seqs, cfg.max_num_batched_tokens), kv,
                            cfg.scheduler_config, cost)
-    swap = SwapPolicy(cfg.swap_policy, kv, cfg.max_num_batched_tokens, cfg.swap_reserve_blocks)
-    sched.swap_on_evict = swap.swaps
-    if swap.swaps:
-        cost.swap_time(1)                              # fail early without a transfer-time model
+    swap = SwapPolicy(cfg.swap_policy, kv, cfg.max_num_batched_tokens, cfg.swap_reserve_blocks,
+                      cost.swap_time(cfg.block_size) if cfg.swap_policy != "recompute" and kv.num_host_blocks else 0.0)
     links = _Links(cost, cfg.block_size)
     counts = SwapCounts()
     live_reqs: dict[str, Request] = {}
@@ -148,6 +148,14 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
                              f"pool holds {kv.num_usable_blocks * kv.block_size}; raise --kv-capacity-tokens")
         reqs.append(Request(f"r{i}", range(t.prompt_tokens), SamplingParams(max_tokens=t.output_tokens,
                                                                              ignore_eos=True), t.arrival))
+
+    def land(ups: list[tuple[Request, float]], t: float) -> list[tuple[Request, float]]:
+        """Uploads whose copy is in by `t` land; the rest stay in flight (not schedulable)."""
+        for r, ready in ups:
+            if ready <= t and kv.location(r) is KVLocation.SWAPPING_IN:
+                kv.finish_swap_in(r)
+        return [(r, ready) for r, ready in ups if ready > t and kv.location(r) is KVLocation.SWAPPING_IN]
+
     wall0 = time.perf_counter()
     now, nxt, live = 0.0, 0, 0
     iterations = preemptions = seqs = max_batch = max_tokens = max_blocks = 0
@@ -162,12 +170,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
             now = reqs[nxt].arrival_time
             continue
         t_start = now
-        for r, ready in uploading:                     # last iteration's uploads land
-            if kv.location(r) is KVLocation.SWAPPING_IN:
-                counts.stall_seconds += max(0.0, ready - now)
-                now = max(now, ready)
-                kv.finish_swap_in(r)
-        uploading.clear()
+        uploading = land(uploading, now)
         for rid, ready in list(out_ready.items()):
             if ready <= now:
                 kv.finish_swap_out(live_reqs[rid])
@@ -176,11 +179,19 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
             raise RuntimeError(f"{policy} ran {iterations} iterations with {live} requests still live at "
                                f"t={now:.1f}s: the plan rotates without finishing (raise max_iterations if the "
                                "trace is that long)")
+        swap.configure(sched)
         plan = sched.schedule(now)
+        if not plan.scheduled and uploading:           # only requests still uploading could run: wait
+            ready = min(t for _, t in uploading)
+            counts.stall_seconds += ready - now
+            now = ready
+            uploading = land(uploading, now)
+            plan = sched.schedule(now)
         if not plan.scheduled:
             raise RuntimeError(f"{policy} scheduled nothing with {live} live requests at t={now:.3f}s: "
                                "the policy cannot make progress")
         preemptions += len(plan.preempted)
+        counts.recomputed_tokens += sum(r.num_computed_tokens for r in plan.preempted)
         copies = apply_plan(plan, kv, now)
         for c in copies.swap_out:
             out_ready[c.request.request_id] = links.out(now, c.num_blocks)
@@ -190,6 +201,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
             counts.stall_seconds += ready - now
             counts.blocks_in += c.num_blocks
             counts.ins_on_demand += 1
+            swap.charge(ready - now)
             now = ready
         max_batch = max(max_batch, len(plan.scheduled))
         max_tokens = max(max_tokens, plan.num_tokens)

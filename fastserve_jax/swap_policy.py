@@ -47,16 +47,25 @@ LOOKAHEAD_ITERATIONS = 4
 ARRIVAL_WINDOW = 32
 COOLDOWN_ITERATIONS = 8
 MAX_RESERVE_FRACTION = 0.25
+MAX_STALL_FRACTION = 0.05      # of busy time, at most, spent waiting for on-demand swap-ins
+STALL_CREDIT_WINDOW = 2.0      # seconds of busy time whose stall budget may be saved up
 
 
 class SwapPolicy:
-    def __init__(self, name: str, kv: KVManager, max_num_batched_tokens: int, reserve_blocks: int = 0) -> None:
+    def __init__(self, name: str, kv: KVManager, max_num_batched_tokens: int, reserve_blocks: int = 0,
+                 seconds_per_block: float = 0.0) -> None:
         if name not in SWAP_POLICIES:
             raise ValueError(f"unknown swap_policy {name!r}; choose one of {list(SWAP_POLICIES)}")
         self.name = name
         self.kv = kv
         self.max_chunk = max_num_batched_tokens
         self.fixed_reserve = reserve_blocks
+        # One block's host-to-device copy time (0: unknown). Uploads issued per iteration are
+        # bounded by what the link carries during one step, so they land behind the compute.
+        self.seconds_per_block = seconds_per_block
+        # Seconds of on-demand swap-in the steps may still wait for: MAX_STALL_FRACTION of
+        # every iteration's time accrues, each on-demand swap-in spends its copy time.
+        self.stall_credit = 0.0
         self.step_time = 0.0                                   # EWMA of iteration seconds
         self._arrivals: deque[tuple[float, int]] = deque(maxlen=ARRIVAL_WINDOW)   # (time, first-chunk blocks)
         self._iteration = 0
@@ -67,6 +76,23 @@ class SwapPolicy:
         """Evicted KV goes to the host pool (the scheduler's swap_on_evict)."""
         return self.name != "recompute" and self.kv.num_host_blocks > 0
 
+    def configure(self, scheduler: Scheduler) -> None:
+        """Before each schedule(): where evicted KV goes, and how many host blocks the step may
+        wait for (the stall budget, see `stall_credit`)."""
+        scheduler.swap_on_evict = self.swaps
+        budget = None
+        if self.swaps and self.name == "proactive":
+            budget = 0                      # uploads ahead bring host KV back; never wait for it
+        elif self.swaps and self.seconds_per_block > 0:
+            budget = max(0, int(self.stall_credit / self.seconds_per_block))
+        elif self.swaps and self.stall_credit <= 0:
+            budget = 0                      # copy speed unknown: wait only while credit is left
+        scheduler.swap_in_blocks = budget
+
+    def charge(self, stall_seconds: float) -> None:
+        """The step waited this long for on-demand swap-ins."""
+        self.stall_credit -= stall_seconds
+
     # -- observations ----------------------------------------------------------------------
     def on_arrival(self, req: Request, now: float) -> None:
         self._arrivals.append((now, self.kv.blocks_for_tokens(min(req.num_prompt_tokens, self.max_chunk))))
@@ -74,6 +100,8 @@ class SwapPolicy:
     def on_iteration(self, seconds: float) -> None:
         self.step_time = seconds if self.step_time == 0 else 0.8 * self.step_time + 0.2 * seconds
         self._iteration += 1
+        self.stall_credit = min(self.stall_credit + MAX_STALL_FRACTION * seconds,
+                                MAX_STALL_FRACTION * STALL_CREDIT_WINDOW)
 
     def _settled(self, req: Request) -> bool:
         return self._iteration - self._moved.get(req.request_id, -COOLDOWN_ITERATIONS) >= COOLDOWN_ITERATIONS
@@ -118,6 +146,10 @@ class SwapPolicy:
         host_resident.sort(key=lambda r: enst[r.request_id])               # soonest next run first
         host_free = kv.num_host_free_blocks
         soon = LOOKAHEAD_ITERATIONS * self.step_time
+        link = math.inf                                                    # upload blocks this step carries
+        if self.seconds_per_block > 0:
+            in_flight = sum(len(kv.block_table(r)) for r in live if kv.location(r) is KVLocation.SWAPPING_IN)
+            link = self.step_time / self.seconds_per_block - in_flight
         k = 0                                                              # next offload candidate
 
         def offload_until(fits, than: float) -> bool:
@@ -137,10 +169,13 @@ class SwapPolicy:
         for req in host_resident:
             n, t = kv.host_blocks(req), enst[req.request_id]
             # make room by offloading requests due much later (the factor and margin are hysteresis)
+            if n > link and (ahead.upload or link < 0):
+                break
             if not offload_until(lambda: free - n >= reserve, 2 * t + soon):
                 break
             ahead.upload.append(req)
             free -= n
+            link -= n
         for req in ahead.offload + ahead.upload:
             self._moved[req.request_id] = self._iteration
         return ahead

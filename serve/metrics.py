@@ -10,7 +10,10 @@ loop when a request finishes (aborted and failed requests are not observed).
                                              pool: device | host
     fastserve_{prompt,generation}_tokens_total, fastserve_recomputations_total,
     fastserve_swap_blocks_total{direction}, fastserve_swap_bytes_total{direction},
-    fastserve_swap_stall_seconds_total, fastserve_iterations_total
+    fastserve_swap_stall_seconds_total, fastserve_busy_seconds_total, fastserve_iterations_total,
+    fastserve_recomputed_tokens_total
+    fastserve_swap_stall_fraction            stall / busy seconds since start: the no-thrash
+                                             bound keeps it under 5% (docs/swapping.md)
     fastserve_time_to_first_token_seconds, fastserve_time_per_output_token_seconds,
     fastserve_e2e_request_latency_seconds    histograms
     fastserve_server_pending_requests, fastserve_server_rejected_total{reason},
@@ -58,11 +61,16 @@ class _EngineCollector:
             used.add_metric([pool], u)
             total.add_metric([pool], t)
             usage.add_metric([pool], u / t if t else 0.0)
-        yield from (q, st, used, total, usage)
+        stall = GaugeMetricFamily("fastserve_swap_stall_fraction",
+                                  "seconds iterations waited on swaps over seconds in iterations, since start")
+        stall.add_metric([], s["swap_stall_fraction"])
+        yield from (q, st, used, total, usage, stall)
         for key, doc in (("prompt_tokens_total", "prompt tokens of admitted requests"),
                          ("generation_tokens_total", "tokens generated"),
                          ("recomputations_total", "requests whose KV was dropped and recomputed"),
+                         ("recomputed_tokens_total", "computed tokens dropped and prefilled again"),
                          ("swap_stall_seconds_total", "seconds iterations waited on swaps"),
+                         ("busy_seconds_total", "seconds spent in iterations"),
                          ("iterations_total", "engine iterations")):
             c = CounterMetricFamily(f"fastserve_{key[:-len('_total')]}", doc)
             c.add_metric([], s[key])

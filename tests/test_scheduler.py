@@ -106,7 +106,10 @@ def test_starvation_promotes_to_the_top_queue():
     assert run(sched, kv, now=0.02, duration=0.002)[0] == [("new", 10)]
     assert levels(sched) == [["new"], ["old"], []]
     assert run(sched, kv, now=0.5, duration=0.002)[0] == [("new", 1)]   # old idle 0.48 s: waits
-    ids, _ = run(sched, kv, now=1.1, duration=0.002)                     # old idle 1.08 s > 1 s
+    # 2 live requests share 1 slot: the 1 s threshold stretches to 2 s (MLFQScheduler.starvation_limit)
+    assert run(sched, kv, now=1.1, duration=0.002)[0] == [("new", 1)]   # old idle 1.08 s < 2 s: waits
+    assert levels(sched) == [["new"], ["old"], []]
+    ids, _ = run(sched, kv, now=2.1, duration=0.002)                     # old idle 2.08 s > 2 s
     assert ids == [("new", 1)] and levels(sched) == [["new", "old"], [], []]
     assert old.attained_service == 0.0
 
@@ -117,9 +120,9 @@ def test_starving_job_that_never_ran_counts_from_arrival():
     big = req("big", 300, 0.0, 10)                    # skip-joins q2
     sched.add(big)
     sched.add(req("small", 10, 0.0, 100))
-    sched.schedule(0.5)
+    sched.schedule(1.2)                               # 2 live, 1 slot: the limit is 2 s
     assert levels(sched)[2] == ["big"]
-    sched.schedule(1.2)
+    sched.schedule(2.2)
     assert levels(sched)[0] == ["small", "big"]
 
 

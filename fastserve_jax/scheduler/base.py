@@ -72,6 +72,9 @@ class Scheduler(ABC):
         # True: a request that must make room moves lower-priority KV to the host pool while
         # it has room (and may do so to start); False: it drops that KV for recomputation.
         self.swap_on_evict = False
+        # Host blocks the next step may wait for (swap-ins on demand); None: no bound. The swap
+        # policy sets it each iteration from its stall budget (swap_policy.SwapPolicy.configure).
+        self.swap_in_blocks: int | None = None
 
     @abstractmethod
     def add(self, req: Request) -> None:

@@ -30,9 +30,10 @@ that one request fits the whole pool, so some request always runs.
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterable
 
-from fastserve_jax.kv_cache import KVManager
+from fastserve_jax.kv_cache import ON_HOST, KVLocation, KVManager
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Limits, Plan, ScheduledRequest
 
@@ -53,10 +54,13 @@ def evict(plan: Plan, victim: Request, kv: KVManager, swap: bool) -> int:
 
 
 def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], limits: Limits,
-               kv: KVManager, swap: bool = False) -> Plan:
+               kv: KVManager, swap: bool = False, swap_in_blocks: int | None = None) -> Plan:
     """The next plan. `worst_first` is consumed lazily, only when a request must evict;
     it must list the same requests as `best_first` in reverse priority order. `swap`: evicted
-    KV goes to the host pool while it has room (see `evict`)."""
+    KV goes to the host pool while it has room (see `evict`). `swap_in_blocks`: host blocks
+    the step may wait for (None: any). A request whose KV is on the host and does not fit
+    what is left of it is passed over, so a lower-ranked resident one runs instead and the
+    swap policy brings it back ahead of need; it is taken anyway when nothing else can run."""
     plan = Plan()
     budget = limits.max_num_batched_tokens
     free = kv.num_free_blocks
@@ -72,11 +76,20 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     started = kv.num_used_blocks + kv.num_host_used_blocks
     start_limit = kv.num_usable_blocks * 3 // 4 + min(kv.num_host_blocks, kv.num_usable_blocks)
     admit_new = True
-    for req in best_first:
+    fallback = None                   # the best host request passed over for swap_in_blocks
+    for req in itertools.chain(best_first, (None,)):
+        if req is None:               # the walk is over: progress comes before the swap-in bound
+            if plan.scheduled or fallback is None:
+                break
+            req, fallback, swap_in_blocks = fallback, None, None
         if len(plan.scheduled) >= limits.max_num_seqs or budget <= 0:
             break
         rid = req.request_id
-        if rid in evicted or req.in_flight:
+        if rid in evicted or req.in_flight or kv.location(req) is KVLocation.SWAPPING_IN:
+            continue
+        comes_back = kv.host_blocks(req) if kv.location(req) in ON_HOST else 0
+        if comes_back and swap_in_blocks is not None and comes_back > swap_in_blocks:
+            fallback = fallback or req
             continue
         holds = kv.has_kv(req)
         if not holds and not admit_new:
@@ -98,7 +111,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
                     victims_done = True
                     break
                 vid = v.request_id
-                if vid in chosen or vid in evicted or v.in_flight or not kv.block_table(v):
+                if vid in chosen or vid in evicted or v.in_flight or kv.location(v) is not KVLocation.DEVICE:
                     continue
                 if not holds and not kv.can_swap_out(v, plan.host_blocks):
                     held_back = v             # a new request never drops others' KV; a holder may
@@ -111,7 +124,9 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
             continue
         plan.scheduled.append(ScheduledRequest(req, n))
         started += fit if not holds else 0
-        plan.host_blocks -= kv.host_blocks(req)       # coming back: its host blocks take evictions
+        plan.host_blocks -= comes_back                # coming back: its host blocks take evictions
+        if swap_in_blocks is not None:
+            swap_in_blocks -= comes_back
         chosen.add(rid)
         budget -= n
         free -= fit                                   # a starter's rest of prefill is set aside too

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from fastserve_jax.kv_cache import KVLocation
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan, ScheduledRequest, Scheduler
 from fastserve_jax.scheduler.batch import evict
@@ -72,6 +73,8 @@ class FCFSScheduler(Scheduler):
             return plan
         while self.waiting and len(plan.scheduled) < self.limits.max_num_seqs and budget > 0:
             req = self.waiting[0]
+            if self.kv.location(req) is KVLocation.SWAPPING_IN:     # its upload lands first
+                break
             n = min(req.num_pending_tokens, budget)
             need = self.kv.blocks_needed(req, n)
             if need > free:

@@ -93,7 +93,7 @@ class GittinsScheduler(IndexPolicy):
                                                           self._new_finishes >= c.gittins_refresh):
             self.relearn()
         if self.warmup is not None:
-            self.warmup.swap_on_evict = self.swap_on_evict
+            self.warmup.swap_on_evict, self.warmup.swap_in_blocks = self.swap_on_evict, self.swap_in_blocks
             return self.warmup.schedule(now)
         return super().schedule(now)
 

@@ -83,7 +83,8 @@ class IndexPolicy(Scheduler):
 
     def schedule(self, now: float) -> Plan:
         popped: list = []
-        plan = fill_batch(self._best_first(popped), self._worst_first(), self.limits, self.kv, self.swap_on_evict)
+        plan = fill_batch(self._best_first(popped), self._worst_first(), self.limits, self.kv, self.swap_on_evict,
+                          self.swap_in_blocks)
         for e in popped:
             heapq.heappush(self._heap, e)
         return plan

@@ -87,7 +87,7 @@ class MLFQScheduler(Scheduler):
         below = [0.0]                           # below[i] = q_0 + ... + q_{i-1}
         for q in self.quanta:
             below.append(below[-1] + q)
-        limit = self.config.starvation_threshold
+        limit = self.starvation_limit()
         out: dict[str, float] = {}
         count = 0                               # jobs in the queues above the current one
         owed = 0.0                              # their sum of (below[l_k] + attained_k)
@@ -109,8 +109,19 @@ class MLFQScheduler(Scheduler):
         for q in reversed(self.queues):
             yield from reversed(q.values())
 
+    def starvation_limit(self) -> float:
+        """Seconds without running after which a request is promoted to the top queue.
+
+        The configured threshold, stretched by the live requests per batch slot: with N jobs
+        sharing max_num_seqs slots, even a fair share leaves each one idle about N / slots
+        times as long. A fixed threshold under overload promotes every job again and again,
+        and MLFQ turns into round robin over all of them (an 8x burst on the heavy-tailed
+        trace: latency per token 1.4x better than fcfs with a fixed 10 s, 2.6x without
+        promotion)."""
+        return self.config.starvation_threshold * max(1.0, len(self._live) / self.limits.max_num_seqs)
+
     def promote_starving(self, now: float) -> None:
-        limit = self.config.starvation_threshold
+        limit = self.starvation_limit()
         if limit <= 0:
             return
         idle = self._idle
@@ -126,7 +137,8 @@ class MLFQScheduler(Scheduler):
 
     def schedule(self, now: float) -> Plan:
         self.promote_starving(now)
-        return fill_batch(self.best_first(), self.worst_first(), self.limits, self.kv, self.swap_on_evict)
+        return fill_batch(self.best_first(), self.worst_first(), self.limits, self.kv, self.swap_on_evict,
+                          self.swap_in_blocks)
 
     def on_iteration(self, plan: Plan, duration: float, now: float) -> None:
         last = len(self.quanta) - 1
