@@ -9,6 +9,13 @@ that mean rate. Every request streams; latencies are measured by the client.
 Either bench a running server (--url; its policy comes from /health), or let the command
 start `fastserve-jax serve` once per --scheduler, on a free port with the engine options
 given here, and stop it after its rates.
+
+Every row has the offered rate and the served throughput, mean latency per output token and
+the attainment of each --slo pair (fastserve_jax/metrics.py; a failed request misses every
+pair). With several rates the command also reports, per scheduler, the goodput (highest rate
+whose mean latency per token is within --slo-latency-per-token, by default 5x the value of
+--unloaded-probe requests sent one at a time to the first server) and the highest rate at
+which 95% of requests attain each pair; the JSON has them under "summary".
 """
 
 from __future__ import annotations
@@ -26,11 +33,14 @@ import time
 
 import numpy as np
 
+from fastserve_jax.metrics import PAPER_SLOS, UNLOADED_SLO_FACTOR, mean_latency_per_token, slo_attainment, \
+    sweep_summary
 from fastserve_jax.scheduler import POLICIES
 from fastserve_jax.workload import TraceRequest, load_trace, with_arrivals
 from models import demo_task
 
 from serve import bench_client
+from serve.simulate_cmd import add_slo_args, print_summary
 
 DEMO_MAX_TOKENS = 257   # the shipped demo model answers spans B - A <= 255: 256 numbers + EOS
 TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", "azure_conv_2023.csv")
@@ -58,6 +68,11 @@ def add_bench_parser(sub, add_engine_args) -> None:
     g.add_argument("--api-key", default=None, help="bearer token for the server")
     g.add_argument("--workload-seed", type=int, default=0, help="seed of the sampled requests and arrivals")
     g.add_argument("--json", default=None, help="also write the figures to this file")
+    g.add_argument("--unloaded-probe", type=int, default=4, metavar="N",
+                   help="with several rates: N of the workload's requests sent one at a time to the first server, "
+                        "to measure the unloaded latency per token (default 4; not sent with "
+                        "--slo-latency-per-token)")
+    add_slo_args(p, f"default: {UNLOADED_SLO_FACTOR:g}x the unloaded value --unloaded-probe measures")
     p.set_defaults(func=cmd_bench)
 
 
@@ -83,11 +98,36 @@ def build_workload(trace: str, n: int, scale: float, timed: bool, rate: float, s
     return work, arrivals
 
 
-def run_rate(url: str, work, arrivals, api_key: str | None) -> dict:
+def slo_figures(results: list[bench_client.Result], slos) -> dict:
+    """Mean latency per token (over completed requests) and SLO attainment (over all sent: a
+    failed request misses every pair), from the client's timings (bench_client's definitions)."""
+    done = [r.ok and bool(r.chunk_times) and (r.completion_tokens or 0) >= 1 for r in results]
+    if not any(done):
+        raise ValueError("no request completed with output; is the server healthy?")
+    ttft = np.array([r.chunk_times[0] - r.sent if d else np.inf for r, d in zip(results, done)])
+    tpot = np.array([np.inf if not d else np.nan if r.completion_tokens == 1 else
+                     (r.chunk_times[-1] - r.chunk_times[0]) / (r.completion_tokens - 1) for r, d in zip(results, done)])
+    fin = [r for r, d in zip(results, done) if d]
+    return dict(mean_latency_per_token=mean_latency_per_token([r.end - r.sent for r in fin],
+                                                              [r.completion_tokens for r in fin]),
+                slo_attainment=slo_attainment(ttft, tpot, slos) if slos else [])
+
+
+def run_rate(url: str, work, arrivals, api_key: str | None, slos) -> dict:
     results = asyncio.run(bench_client.run_load(url, [w[0] for w in work], arrivals, api_key=api_key))
     m = bench_client.summarize(results)
+    m.update(slo_figures(results, slos))
     m["wrong"] = sum(1 for r, (_, (a, b)) in zip(results, work) if r.ok and not demo_task.check_answer(a, b, r.text))
     return m
+
+
+def probe_unloaded(url: str, work, api_key: str | None) -> float:
+    """Mean latency per token of these requests, each sent after the one before has finished."""
+    results = [asyncio.run(bench_client.run_load(url, [w[0]], [0.0], api_key=api_key))[0] for w in work]
+    failed = [r.error or f"status {r.status}" for r in results if not r.ok]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of the {len(work)} unloaded probe requests failed: {failed[0]}")
+    return slo_figures(results, ())["mean_latency_per_token"]
 
 
 class LaunchedServer:
@@ -141,25 +181,37 @@ COLS = [("ttft", "ttft"), ("tpot", "tpot"), ("itl", "itl"), ("e2e", "e2e")]
 
 
 def print_table(rows: list[tuple[str, float, dict]]) -> None:
-    head = f"{'scheduler':15s}{'rate':>6s}{'done':>5s}{'fail':>5s}"
+    head = f"{'scheduler':15s}{'offered':>8s}{'served':>7s}{'done':>5s}{'fail':>5s}"
     for name, _ in COLS:
         head += "".join(f"{name + ' ' + s:>11s}" for s in ("mean", "p50", "p99"))
-    head += f"{'req/s':>7s}{'tok/s':>7s}{'wrong':>6s}"
+    head += f"{'ms/tok':>7s}{'tok/s':>7s}{'slo %':>12s}{'wrong':>6s}"
     print(head)
     for sched, rate, m in rows:
-        line = f"{sched:15s}{rate:6.1f}{int(m['completed']):5d}{int(m['failed']):5d}"
+        line = f"{sched:15s}{rate:8.2f}{m['throughput_rps']:7.2f}{int(m['completed']):5d}{int(m['failed']):5d}"
         for name, _ in COLS:
             line += "".join(f"{1e3 * m[f'{name}_{s}']:11.1f}" for s in ("mean", "p50", "p99"))
-        line += f"{m['throughput_rps']:7.2f}{m['throughput_tps']:7.0f}{m['wrong']:6d}"
+        slo = "/".join(f"{100 * s['attained']:.0f}" for s in m["slo_attainment"])
+        line += f"{1e3 * m['mean_latency_per_token']:7.1f}{m['throughput_tps']:7.0f}{slo:>12s}{m['wrong']:6d}"
         print(line)
-    print("(latencies in ms, measured by the client over HTTP. ttft: first token chunk - request sent; tpot: "
+    pairs = " / ".join(f"{s['ttft']:g},{s['tpot']:g} s" for s in rows[0][2]["slo_attainment"])
+    print("(latencies in ms, measured by the client over HTTP. offered: arrivals asked per second; served: "
+          "completed requests over the run per second; ttft: first token chunk - request sent; tpot: "
           "(last token chunk - first) / (completion tokens - 1), per request; itl: gap between consecutive token "
-          "chunks, pooled; e2e: response complete - request sent; req/s, tok/s: completed requests and output "
-          "tokens over the run; wrong: completed answers that are not the exact count)")
+          "chunks, pooled; e2e: response complete - request sent; ms/tok: e2e / completion tokens, mean over "
+          f"requests; tok/s: output tokens over the run; slo %: requests within TTFT,TPOT {pairs}; "
+          "wrong: completed answers that are not the exact count)")
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    rates = a.rate or [4.0]
+    rates = sorted(a.rate or [4.0])
+    for bad, msg in ((a.unloaded_probe < 1, f"--unloaded-probe must be >= 1, got {a.unloaded_probe}"),
+                     (a.num_requests < 1, f"--num-requests must be >= 1, got {a.num_requests}"),
+                     (any(not r > 0 for r in rates), f"every --rate must be > 0 requests/s, got {rates}")):
+        if bad:
+            print(f"error: {msg}", file=sys.stderr)
+            return 2
+    slos, slo_lpt, unloaded = a.slo or PAPER_SLOS, a.slo_latency_per_token, None
+    sweep = len(rates) > 1
     rows, out = [], {}
     targets = [None] if a.url else (a.scheduler or ["fcfs", "skip-join-mlfq"])
     for sched in targets:
@@ -174,11 +226,20 @@ def cmd_bench(a: argparse.Namespace) -> int:
             health = json.loads(asyncio.run(bench_client.request(url, "GET", "/health"))[2])
             sched = health.get("scheduler", sched or "?")
             warm, _ = build_workload(a.trace, 2, a.output_scale, False, 1.0, a.workload_seed + 1)
-            run_rate(url, warm, [0.0, 0.0], a.api_key)             # touch every code path once
+            run_rate(url, warm, [0.0, 0.0], a.api_key, ())         # touch every code path once
+            if sweep and slo_lpt is None:
+                # one request at a time is served alike by every policy: the first server's probe sets the
+                # SLO that every scheduler's goodput is held to
+                work, _ = build_workload(a.trace, a.num_requests, a.output_scale, a.arrivals == "trace",
+                                         rates[0], a.workload_seed)
+                unloaded = probe_unloaded(url, work[:a.unloaded_probe], a.api_key)
+                slo_lpt = UNLOADED_SLO_FACTOR * unloaded
+                print(f"  unloaded: {1e3 * unloaded:.1f} ms per output token over {min(a.unloaded_probe, len(work))} "
+                      f"requests sent one at a time; latency/token SLO {1e3 * slo_lpt:.1f} ms", file=sys.stderr)
             for rate in rates:
                 work, arrivals = build_workload(a.trace, a.num_requests, a.output_scale, a.arrivals == "trace",
                                                 rate, a.workload_seed)
-                m = run_rate(url, work, arrivals, a.api_key)
+                m = dict(offered_rps=rate, **run_rate(url, work, arrivals, a.api_key, slos))
                 rows.append((sched, rate, m))
                 out.setdefault(sched, {})[str(rate)] = m
                 print(f"  {sched} at {rate} req/s: {int(m['completed'])} done, e2e mean {m['e2e_mean']:.2f} s",
@@ -188,8 +249,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
                 server.stop()
     print()
     print_table(rows)
+    summary = {}
+    if sweep:
+        summary = {s: dict(sweep_summary(list(ms.values()), slo_lpt), unloaded_latency_per_token=unloaded)
+                   for s, ms in out.items()}
+        print()
+        print_summary(summary, sys.stdout)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(arrivals=a.arrivals, num_requests=a.num_requests, output_scale=a.output_scale,
-                           results=out), f, indent=1)
+                           results=out, summary=summary), f, indent=1)
     return 1 if any(m["wrong"] or m["failed"] for _, _, m in rows) else 0

@@ -5,8 +5,14 @@
         --json sweep.json --plot sweep.png                    # a sweep: several rates or loads
 
 One rate (or load, or the trace's own timing) writes {policy: {metric: value}}; several
-write {policy: [{rate, load, metric: value}, ...]} in rate order, and --plot draws one
-latency curve per policy against the request rate.
+write {policy: [{rate, load, metric: value}, ...]} in rate order plus a top-level "summary":
+{policy: {goodput_rps, slo_latency_per_token, unloaded_latency_per_token, max_offered_rps,
+rate_at_95pct: [{ttft, tpot, rate}]}} (metrics.sweep_summary: rates interpolated linearly
+between the two that bracket the limit), and --plot draws one latency curve per policy
+against the rate.
+Every row has offered_rps (the arrival rate asked, or the trace's own mean rate),
+throughput_rps (the rate served) and slo_attainment: [{ttft, tpot, attained}], one per
+--slo pair (see fastserve_jax/metrics.py for every definition).
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import os
 import sys
+
+from fastserve_jax.metrics import PAPER_SLOS, UNLOADED_SLO_FACTOR, parse_slo_pair
 
 PLOT_METRICS = ("mean_latency_per_token", "mean_jct", "p99_jct", "mean_ttft", "p99_ttft", "mean_tpot")
 
@@ -55,15 +64,73 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--json", required=True, metavar="OUT", help="where to write the results")
     p.add_argument("--plot", metavar="OUT.png", help="latency against request rate, one curve per policy")
     p.add_argument("--plot-metric", choices=PLOT_METRICS, default="mean_latency_per_token")
+    add_slo_args(p, f"default: {UNLOADED_SLO_FACTOR:g}x the unloaded value, each request of the trace alone by "
+                    "the cost model")
     p.set_defaults(func=cmd_simulate)
 
 
+def _slo_pair(text: str) -> tuple[float, float]:
+    try:
+        return parse_slo_pair(text)
+    except ValueError as e:                  # argparse prints an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = 0.0
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return v
+
+
+def add_slo_args(p: argparse.ArgumentParser, latency_default: str) -> None:
+    """--slo and --slo-latency-per-token (simulate and bench alike)."""
+    g = p.add_argument_group("service levels")
+    g.add_argument("--slo", action="append", type=_slo_pair, metavar="TTFT,TPOT",
+                   help="an SLO pair in seconds: a request attains it when its time to first token is <= TTFT "
+                        "and its time per output token after the first is <= TPOT (repeatable; default the "
+                        "FastServe paper's " +
+                        " ".join(f"{t},{o}" for t, o in PAPER_SLOS) + ")")
+    g.add_argument("--slo-latency-per-token", type=_positive_seconds, metavar="SECONDS",
+                   help=f"the goodput's SLO on mean latency per output token ({latency_default})")
+
+
+def print_summary(summary: dict[str, dict], file=sys.stderr) -> None:
+    """Per policy (metrics.sweep_summary): goodput and, per SLO pair, the highest rate with 95%
+    attainment."""
+    first = next(iter(summary.values()))
+    pairs = [f"{s['ttft']:g},{s['tpot']:g}" for s in first["rate_at_95pct"]]
+    unloaded = first.get("unloaded_latency_per_token")
+    print("summary in req/s, interpolated between the two rates around each limit (>=: every rate swept met "
+          "it; -: the lowest rate missed it)", file=file)
+    print(f"{'':>15} {'goodput':>8}" + "".join(f"{'95% ' + p:>15}" for p in pairs), file=file)
+    for policy, s in summary.items():
+        rates = [s["goodput_rps"]] + [x["rate"] for x in s["rate_at_95pct"]]
+        cells = [_rate_cell(x, s["max_offered_rps"]) for x in rates]
+        print(f"{policy:>15} {cells[0]:>8}" + "".join(f"{c:>15}" for c in cells[1:]), file=file)
+    print(f"(goodput: highest rate with mean latency/token <= {first['slo_latency_per_token'] * 1e3:.1f} ms"
+          + (f" (unloaded: {unloaded * 1e3:.1f} ms)" if unloaded else "")
+          + "; 95% A,B: highest rate at which >= 95% of requests have TTFT <= A s and TPOT <= B s)", file=file)
+
+
+def _rate_cell(rate: float | None, max_rate: float) -> str:
+    if rate is None:
+        return "-"
+    return f"{'>=' if rate >= max_rate else ''}{rate:.3f}"
+
+
 def _run_one(job: tuple) -> dict:
+    from fastserve_jax.metrics import request_latencies, slo_attainment
     from fastserve_jax.sim import simulate
 
-    trace, policy, cost, cfg, rate, load = job
-    m = simulate(trace, policy, cost, cfg).metrics()
-    return dict(rate=rate, load=load, **m)
+    trace, policy, cost, cfg, rate, load, offered, slos = job
+    res = simulate(trace, policy, cost, cfg)
+    _, ttft, tpot, _ = request_latencies(res.requests)
+    return dict(rate=rate, load=load, offered_rps=offered, **res.metrics(),
+                slo_attainment=slo_attainment(ttft, tpot, slos))
 
 
 def cmd_simulate(a: argparse.Namespace) -> int:
@@ -71,6 +138,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
 
     from fastserve_jax.config import SchedulerConfig
     from fastserve_jax.cost_model import CostModel
+    from fastserve_jax.metrics import sweep_summary, unloaded_latency_per_token
     from fastserve_jax.scheduler import DEFAULT_POLICY
     from fastserve_jax.sim import SimConfig
     from fastserve_jax.workload import capacity_rps, load_trace, with_arrivals
@@ -86,28 +154,33 @@ def cmd_simulate(a: argparse.Namespace) -> int:
             cost.swap_time(1)                    # the transfer-time model must be there
         blocks = cfg.num_blocks(cost)
         capacity = capacity_rps(trace, cost, a.max_num_seqs, (blocks - 1) * a.block_size)
+        # (rate asked or None for the trace's own timing, load, offered rate)
         if a.rate:
-            points = [(r, r / capacity) for r in a.rate]
+            points = [(r, r / capacity, r) for r in sorted(a.rate)]
         elif a.load:
-            points = [(l * capacity, l) for l in a.load]
+            points = [(l * capacity, l, l * capacity) for l in sorted(a.load)]
         elif timed:
             span = trace[-1].arrival - trace[0].arrival
             r = (len(trace) - 1) / span if span > 0 else 0.0
-            points = [(None, r / capacity if r else None)]
+            points = [(None, r / capacity if r else None, r or None)]
         else:
             raise ValueError(f"trace {a.trace} has no arrived_at column; give --rate or --load")
-        if any(r is not None and r <= 0 for r, _ in points):
+        if any(r is not None and r <= 0 for r, _, _ in points):
             raise ValueError("--rate and --load must be > 0")
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    policies = a.policy or [DEFAULT_POLICY]
+    policies, slos = a.policy or [DEFAULT_POLICY], a.slo or PAPER_SLOS
+    unloaded = unloaded_latency_per_token(trace, cost, a.max_num_batched_tokens)
+    slo_lpt = a.slo_latency_per_token or UNLOADED_SLO_FACTOR * unloaded
     jobs = []
-    for rate, load in points:
+    for rate, load, offered in points:
+        # the same N requests (--num-requests) at every rate: a finite burst per rate
         tr = trace if rate is None else with_arrivals(trace, rate, a.arrival, a.cv, a.seed)
-        jobs += [(tr, p, cost, cfg, rate, load) for p in policies]
+        jobs += [(tr, p, cost, cfg, rate, load, offered, slos) for p in policies]
     print(f"capacity {capacity:.3f} req/s by {cost.name}; {len(trace)} requests, {len(points)} rate(s) x "
-          f"{len(policies)} policies", file=sys.stderr)
+          f"{len(policies)} policies; latency/token alone {unloaded * 1e3:.1f} ms; slo: % of requests "
+          "within TTFT,TPOT " + " / ".join(f"{t:g},{o:g} s" for t, o in slos), file=sys.stderr)
     if a.jobs > 1:
         with concurrent.futures.ProcessPoolExecutor(a.jobs) as pool:
             results = list(pool.map(_run_one, jobs))
@@ -117,17 +190,24 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     for job, m in zip(jobs, results):
         swaps = (f" swapped out {m['swap_blocks_out']} blocks, stall {m['swap_stall_seconds']:.1f}s"
                  if m['swap_blocks_out'] else "")
-        print(f"{job[1]:>15} rate={m['rate'] or 0:.3f} load={m['load'] or 0:.2f}  mean_jct={m['mean_jct']:.2f}s "
-              f"p99_jct={m['p99_jct']:.2f}s latency/token={m['mean_latency_per_token'] * 1e3:.1f}ms "
-              f"ttft={m['mean_ttft']:.2f}s recomputed={m['preemptions']}{swaps}", file=sys.stderr)
+        slo = "/".join(f"{100 * s['attained']:.0f}" for s in m["slo_attainment"])
+        print(f"{job[1]:>15} offered {m['offered_rps'] or 0:.3f} served {m['throughput_rps']:.3f} req/s "
+              f"load {m['load'] or 0:.2f}  jct {m['mean_jct']:.2f}s p99 {m['p99_jct']:.2f}s  "
+              f"latency/token {m['mean_latency_per_token'] * 1e3:.1f}ms  ttft {m['mean_ttft']:.2f}s  slo {slo}%  "
+              f"recomputed {m['preemptions']}{swaps}", file=sys.stderr)
         out.setdefault(job[1], []).append(m)
     if len(points) == 1:
         out = {p: ms[0] for p, ms in out.items()}
+    else:
+        summary = {p: dict(sweep_summary(ms, slo_lpt), unloaded_latency_per_token=unloaded) for p, ms in out.items()}
+        print_summary(summary)
+        out["summary"] = summary
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(out, f, indent=1)
     if a.plot:
-        plot_sweep({p: ms if isinstance(ms, list) else [ms] for p, ms in out.items()}, a.plot_metric, a.plot,
+        plot_sweep({p: ms if isinstance(ms, list) else [ms] for p, ms in out.items() if p != "summary"},
+                   a.plot_metric, a.plot,
                    f"{os.path.basename(a.trace)}, {cost.name}, batch {a.max_num_seqs}, "
                    f"budget {a.max_num_batched_tokens}")
     return 0
