@@ -48,6 +48,9 @@ ARRIVAL_WINDOW = 32
 COOLDOWN_ITERATIONS = 8
 MAX_RESERVE_FRACTION = 0.25
 MAX_STALL_FRACTION = 0.05      # of busy time, at most, spent waiting for on-demand swap-ins
+# The stall budget accrues a little slower than the bound allows: a copy queued behind
+# swap-outs on the link, and the waits for progress when nothing else can run, come on top.
+STALL_CREDIT_RATE = 0.8 * MAX_STALL_FRACTION
 STALL_CREDIT_WINDOW = 2.0      # seconds of busy time whose stall budget may be saved up
 
 
@@ -63,8 +66,8 @@ class SwapPolicy:
         # One block's host-to-device copy time (0: unknown). Uploads issued per iteration are
         # bounded by what the link carries during one step, so they land behind the compute.
         self.seconds_per_block = seconds_per_block
-        # Seconds of on-demand swap-in the steps may still wait for: MAX_STALL_FRACTION of
-        # every iteration's time accrues, each on-demand swap-in spends its copy time.
+        # Seconds of on-demand swap-in the steps may still wait for: STALL_CREDIT_RATE of
+        # every iteration's time accrues, each on-demand swap-in spends the time it stalled.
         self.stall_credit = 0.0
         self.step_time = 0.0                                   # EWMA of iteration seconds
         self._arrivals: deque[tuple[float, int]] = deque(maxlen=ARRIVAL_WINDOW)   # (time, first-chunk blocks)
@@ -100,8 +103,8 @@ class SwapPolicy:
     def on_iteration(self, seconds: float) -> None:
         self.step_time = seconds if self.step_time == 0 else 0.8 * self.step_time + 0.2 * seconds
         self._iteration += 1
-        self.stall_credit = min(self.stall_credit + MAX_STALL_FRACTION * seconds,
-                                MAX_STALL_FRACTION * STALL_CREDIT_WINDOW)
+        self.stall_credit = min(self.stall_credit + STALL_CREDIT_RATE * seconds,
+                                STALL_CREDIT_RATE * STALL_CREDIT_WINDOW)
 
     def _settled(self, req: Request) -> bool:
         return self._iteration - self._moved.get(req.request_id, -COOLDOWN_ITERATIONS) >= COOLDOWN_ITERATIONS

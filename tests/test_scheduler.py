@@ -156,6 +156,17 @@ def test_token_budget_chunks_prefill_and_bounds_the_batch():
     assert ids == [("r0", 1), ("r1", 1), ("r2", 14)]
 
 
+def test_decodes_ranked_below_a_prefill_that_takes_the_budget_still_run():
+    sched, kv = make(seqs=4, budget=16, cfg=SchedulerConfig(base_quantum=0.01, num_queues=3, starvation_threshold=0))
+    old = req("old", 4, 0.0, 100)
+    sched.add(old)
+    run(sched, kv, duration=0.05)                     # prefilled, demoted below the top queue
+    run(sched, kv, duration=0.05)
+    sched.add(req("new", 40, 0.1))                    # ranks first and wants the whole budget
+    ids, plan = run(sched, kv, now=0.1)
+    assert ids == [("new", 15), ("old", 1)] and plan.num_tokens == 16
+
+
 def test_max_num_seqs_bounds_the_batch():
     sched, kv = make(seqs=2)
     for i in range(5):

@@ -38,6 +38,9 @@ from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Limits, Plan, ScheduledRequest
 
 
+DECODE_LOOKAHEAD = 4    # after the budget runs out, look this many batches further for decodes
+
+
 def evict(plan: Plan, victim: Request, kv: KVManager, swap: bool) -> int:
     """Take `victim`'s device KV away in `plan`: to the host pool when `swap` and it has room
     next to what the plan already moves there, else drop it. Returns the device blocks freed
@@ -77,13 +80,24 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     start_limit = kv.num_usable_blocks * 3 // 4 + min(kv.num_host_blocks, kv.num_usable_blocks)
     admit_new = True
     fallback = None                   # the best host request passed over for swap_in_blocks
+    donors: list[int] = []            # plan.scheduled indices of prefill chunks of > 1 token
+    past_budget = 0                   # requests walked after the budget ran out
     for req in itertools.chain(best_first, (None,)):
         if req is None:               # the walk is over: progress comes before the swap-in bound
             if plan.scheduled or fallback is None:
                 break
             req, fallback, swap_in_blocks = fallback, None, None
-        if len(plan.scheduled) >= limits.max_num_seqs or budget <= 0:
+        if len(plan.scheduled) >= limits.max_num_seqs:
             break
+        if budget <= 0:
+            # The budget went to prefill chunks; decodes ranked below them still run, each taking
+            # one token from the latest chunk. (A 2k-token prompt that took the whole budget
+            # stalled every decode behind it: on code-completion traffic skip-join lost to fcfs.)
+            if not donors or past_budget >= DECODE_LOOKAHEAD * limits.max_num_seqs:
+                break
+            past_budget += 1
+            if req.num_pending_tokens != 1:
+                continue
         rid = req.request_id
         if rid in evicted or req.in_flight or kv.location(req) is KVLocation.SWAPPING_IN:
             continue
@@ -94,7 +108,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
         holds = kv.has_kv(req)
         if not holds and not admit_new:
             continue
-        n = min(req.num_pending_tokens, budget)
+        n = min(req.num_pending_tokens, budget) if budget > 0 else 1
         need = kv.blocks_needed(req, n)
         # A request starts only if its whole context fits, not just its first chunk: a start
         # that later has to evict for its own prefill lets MLFQ rotate partial prefills forever.
@@ -122,6 +136,14 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
             if not holds:
                 admit_new = False
             continue
+        if budget <= 0:                               # a decode takes a token from the latest chunk
+            d = donors[-1]
+            plan.scheduled[d] = ScheduledRequest(plan.scheduled[d].request, plan.scheduled[d].num_tokens - 1)
+            if plan.scheduled[d].num_tokens == 1:
+                donors.pop()
+            budget += 1
+        if n > 1:
+            donors.append(len(plan.scheduled))
         plan.scheduled.append(ScheduledRequest(req, n))
         started += fit if not holds else 0
         plan.host_blocks -= comes_back                # coming back: its host blocks take evictions
