@@ -83,13 +83,13 @@ class SwapPolicy:
         """Before each schedule(): where evicted KV goes, and how many host blocks the step may
         wait for (the stall budget, see `stall_credit`)."""
         scheduler.swap_on_evict = self.swaps
-        budget = None
-        if self.swaps and self.name == "proactive":
-            budget = 0                      # uploads ahead bring host KV back; never wait for it
+        budget = None                       # no bound (no swapping, or copy speed unknown)
+        if self.swaps and self.stall_credit <= 0:
+            budget = -1                     # the stall budget is spent: nothing on demand
+        elif self.swaps and self.name == "proactive":
+            budget = 0                      # only into free blocks; uploads ahead do the rotation
         elif self.swaps and self.seconds_per_block > 0:
-            budget = max(0, int(self.stall_credit / self.seconds_per_block))
-        elif self.swaps and self.stall_credit <= 0:
-            budget = 0                      # copy speed unknown: wait only while credit is left
+            budget = int(self.stall_credit / self.seconds_per_block)
         scheduler.swap_in_blocks = budget
 
     def charge(self, stall_seconds: float) -> None:

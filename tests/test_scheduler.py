@@ -198,14 +198,19 @@ def test_memory_pressure_evicts_lowest_paused_and_does_not_start_what_does_not_f
 
 
 def test_evicts_from_the_bottom_only_below_the_requester():
-    sched, kv = make(seqs=3, num_blocks=7, block_size=4, cfg=SchedulerConfig(base_quantum=100, num_queues=2,
+    # 8 usable blocks; new requests start while started KV stays within 7 of them
+    sched, kv = make(seqs=3, num_blocks=9, block_size=4, cfg=SchedulerConfig(base_quantum=100, num_queues=2,
                                                                             starvation_threshold=0))
-    rs = [req(f"r{i}", 8, 0.0, 50) for i in range(3)]
+    rs = [req(f"r{i}", 7, 0.0, 50) for i in range(3)]
     for r in rs:
         sched.add(r)
-    run(sched, kv)                              # 3 x 2 blocks: the pool is full
-    assert kv.num_free_blocks == 0              # and each needs a 3rd block for its 9th token
-    ids, plan = run(sched, kv)
+    run(sched, kv)                              # prefill: 3 x 2 blocks
+    run(sched, kv)                              # 8th token: still 2 blocks each
+    ids, plan = run(sched, kv)                  # 9th: r0 and r1 take the last 2 blocks; r2, the lowest, waits
+    assert ids == [("r0", 1), ("r1", 1)] and not plan.preempted and kv.num_free_blocks == 0
+    for _ in range(3):                          # tokens 10-12 fit in their 3rd blocks
+        run(sched, kv)
+    ids, plan = run(sched, kv)                  # 13th: r0 evicts the lowest paused request, r2
     assert plan.preempted == [rs[2]] and ids == [("r0", 1), ("r1", 1)]
 
 
