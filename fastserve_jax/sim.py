@@ -3,9 +3,11 @@
 Each simulated iteration does what LLMEngine.step does, with the cost model's step time in
 place of the device and its transfer-time model (bytes over bandwidth) in place of copies:
 
-    admit arrivals up to now -> uploads issued last iteration land (wait if still in flight)
-    -> plan = scheduler.schedule(now) -> kv_plan.apply_plan (drops, swap-outs, on-demand
-       swap-ins: the step waits for those) -> the swap policy's moves ahead, issued with the step
+    admit arrivals up to now -> uploads whose copy is in land (the rest stay in flight)
+    -> swap_policy.configure (the swap-in budget) -> plan = scheduler.schedule(now) (if only
+       requests still uploading could run: wait for the first upload, counted as stall)
+    -> kv_plan.apply_plan (drops, swap-outs, on-demand swap-ins: the step waits for those,
+       charged to the stall credit) -> the swap policy's moves ahead, issued with the step
     -> now += cost_model.iteration_time(plan)
     -> num_computed_tokens += n; a chunk that reaches the end of a request samples a token
     -> requests at their output length finish (remove) -> scheduler.on_iteration(plan, dt, now)
