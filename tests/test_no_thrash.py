@@ -77,6 +77,14 @@ def test_recomputation_keeps_fcfs_throughput(policy):
     assert m["throughput_rps"] >= 0.95 * base["throughput_rps"], (m["throughput_rps"], base["throughput_rps"])
 
 
+@pytest.mark.parametrize("swap", ["recompute", "proactive"])
+def test_a_request_larger_than_the_start_bound_still_runs(swap):
+    cfg = SimConfig(16, 2048, 16, swap_policy=swap, kv_capacity_tokens=1024, host_kv_capacity_tokens=64)
+    trace = [TraceRequest(0.0, 900, 100), TraceRequest(0.1, 50, 20), TraceRequest(0.2, 1000, 24)]
+    for policy in ("skip-join-mlfq", "gittins", "fcfs"):
+        assert simulate(trace, policy, COST, cfg).metrics()["num_requests"] == 3
+
+
 def test_uploads_ahead_never_make_the_step_wait():
     cfg = SimConfig(16, 2048, 16, swap_policy="proactive", **BURST)
     m = run(chat_like(160), "skip-join-mlfq", cfg, 3.0)

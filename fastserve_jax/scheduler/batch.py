@@ -118,7 +118,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
                                                           (comes_back > swap_in_blocks and fit > free)):
             fallback = fallback or req
             continue
-        if not holds and started + fit > start_limit:
+        if not holds and started and started + fit > start_limit:      # alone, anything admitted fits
             admit_new = False
             continue
         if fit > free and (holds or swap) and not victims_done:
