@@ -110,3 +110,59 @@ def heavy_tailed_trace(prompts_from: Sequence[TraceRequest], n: int, alpha: floa
     out = np.floor(lo / (1.0 - u * (1.0 - ratio)) ** (1.0 / alpha)).astype(int)
     prompts = rng.choice(np.asarray([r.prompt_tokens for r in prompts_from]), n)
     return [TraceRequest(0.0, int(p), int(o)) for p, o in zip(prompts, out)]
+
+
+def chat_like_trace(prompts_from: Sequence[TraceRequest], n: int, seed: int = 0) -> list[TraceRequest]:
+    """Chat-like lengths: prompts resampled from the requests of `prompts_from` with at most
+    1,024 prompt tokens, log-normal outputs (median ~300, mean ~410), prompt + output <= 2,048."""
+    rng = np.random.default_rng(seed)
+    pool = np.asarray([r.prompt_tokens for r in prompts_from if r.prompt_tokens <= 1024])
+    if not pool.size:
+        raise ValueError("chat_like_trace needs some requests with prompts of at most 1,024 tokens")
+    p = rng.choice(pool, n)
+    o = np.minimum(np.exp(rng.normal(np.log(300), 0.85, n)).astype(int) + 1, 2048 - p)
+    return [TraceRequest(0.0, int(a), int(b)) for a, b in zip(p, o)]
+
+
+def code_completion_trace(n: int, seed: int = 0) -> list[TraceRequest]:
+    """Code completion: prompts of 1,024-2,048 tokens (uniform), outputs of a few dozen
+    (log-normal, median 30, at most 256)."""
+    rng = np.random.default_rng(seed)
+    p = rng.integers(1024, 2049, n)
+    o = np.clip(np.exp(rng.normal(np.log(30), 0.6, n)).astype(int), 1, 256)
+    return [TraceRequest(0.0, int(a), int(b)) for a, b in zip(p, o)]
+
+
+def chat_output_lengths(n: int, lo: int = 2, hi: int = 257, alpha: float = 0.1, seed: int = 0) -> np.ndarray:
+    """(n,) output lengths in tokens, integers in [lo, hi], skewed short with a long tail like
+    chat answers: a bounded Pareto of shape alpha on [lo, hi + 1), rounded down (so hi itself
+    is drawn too). The defaults span the bundled demo model's answers (2 to 257 tokens):
+    median 16, mean 44, 90th percentile 139, and the longest 10% of requests carry 43% of the
+    output tokens (alpha -> 0 tends to log-uniform; larger alpha is shorter and more skewed)."""
+    if not (isinstance(lo, (int, np.integer)) and isinstance(hi, (int, np.integer)) and 1 <= lo <= hi):
+        raise ValueError(f"need integer lengths 1 <= lo <= hi, got lo={lo!r}, hi={hi!r}")
+    if not alpha > 0:
+        raise ValueError(f"the Pareto shape alpha must be > 0, got {alpha!r}")
+    u = np.random.default_rng(seed).random(n)
+    ratio = (lo / (hi + 1)) ** alpha
+    return np.minimum(hi, np.floor(lo / (1.0 - u * (1.0 - ratio)) ** (1.0 / alpha))).astype(int)
+
+
+def kv_blocks(reqs: Sequence[TraceRequest], block_size: int) -> list[int]:
+    """KV blocks each request holds when its last token is in: ceil((prompt + output) / block_size)."""
+    return [-(-(r.prompt_tokens + r.output_tokens) // block_size) for r in reqs]
+
+
+def burst_pool_blocks(reqs: Sequence[TraceRequest], block_size: int, fraction: float = 0.45) -> int:
+    """Usable device KV blocks for a burst under memory pressure: `fraction` (< 0.5) of the
+    burst's live KV (every request's blocks at its end, summed: what the pool would need if
+    all were live at once), rounded down, and never below the largest single request's
+    blocks (else that request could never run). Raises if the two bounds cross."""
+    if not 0 < fraction < 0.5:
+        raise ValueError(f"fraction must be in (0, 0.5) to keep the pool below half the live KV, got {fraction!r}")
+    per = kv_blocks(reqs, block_size)
+    pool = int(fraction * sum(per))
+    if pool < max(per):
+        raise ValueError(f"{fraction:g} of the burst's live KV is {pool} blocks, fewer than its largest request "
+                         f"needs ({max(per)}); send more requests or raise fraction")
+    return pool

@@ -1,0 +1,379 @@
+"""FastServe's gains on the real engine, and how well the simulator predicts them, in one run.
+
+1. A/B over HTTP: `fastserve-jax serve` with the bundled demo model in interleaved pairs
+   (fcfs, skip-join-mlfq, fcfs, ...; every run a fresh server), all on the same burst:
+   --num-requests counting prompts with chat-like output lengths (2..257 tokens, skewed short
+   with a long tail: workload.chat_output_lengths), Poisson arrivals at --overload times the
+   capacity a probe measures (max-num-seqs clients in a closed loop on an fcfs server), a
+   device KV pool of a quarter of the burst's live KV (workload.burst_pool_blocks; below the
+   burst's peak, so it binds), a host pool that holds all of it, proactive swapping. Every
+   answer is checked token for token; one wrong or failed answer stops the run.
+2. Simulator fidelity: fastserve_jax.sim on the same requests (prompt tokens as the tokenizer
+   makes them, output tokens = the exact answer's, the same arrival times), limits and pools,
+   with the cost model the skip-join servers profiled (read back from the on-disk cache) and
+   swap copy times measured on the engine's copy path, next to the engine's medians.
+
+    python scripts/bench_preemption.py                             # 3 pairs of 120 requests
+    python scripts/bench_preemption.py --pairs 5 --json out.json
+    python scripts/bench_preemption.py --rate 30                   # skip the capacity probe
+
+The first server start compiles for minutes; later ones read ~/.cache/fastserve_jax. Client
+latencies include HTTP, tokenizing and streaming, which the simulator does not model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from fastserve_jax.metrics import PAPER_SLOS  # noqa: E402
+from fastserve_jax.workload import TraceRequest, burst_pool_blocks, kv_blocks, with_arrivals  # noqa: E402
+from models import demo_task  # noqa: E402
+from serve import bench_client  # noqa: E402
+from serve.bench_cmd import (TRACE, LaunchedServer, answer_problems, build_workload, screen_pairs,  # noqa: E402
+                             slo_figures)
+
+POLICIES = ("fcfs", "skip-join-mlfq")
+# (key, label, scale): the figures of one run, as the A/B table prints them
+FIGURES = [("throughput_rps", "served req/s", 1), ("throughput_tps", "served tok/s", 1),
+           ("mean_latency_per_token", "ms per token", 1e3), ("e2e_mean", "JCT mean s", 1), ("e2e_p99", "JCT p99 s", 1),
+           ("ttft_mean", "TTFT mean s", 1), ("ttft_p99", "TTFT p99 s", 1)]
+# (engine figure, simulator figure, label, scale): what the simulator is held against
+FIDELITY = [("e2e_mean", "mean_jct", "JCT mean s", 1), ("mean_latency_per_token", "mean_latency_per_token",
+                                                        "ms per token", 1e3),
+            ("e2e_p99", "p99_jct", "JCT p99 s", 1), ("ttft_mean", "mean_ttft", "TTFT mean s", 1),
+            ("throughput_rps", "throughput_rps", "served req/s", 1), ("iterations", "iterations", "iterations", 1),
+            ("iteration_seconds", "iteration_seconds", "ms per iteration", 1e3),
+            ("swap_out_blocks", "swap_blocks_out", "blocks swapped out", 1)]
+# Prometheus counters of one server, differenced around the burst
+COUNTERS = {"iterations": "fastserve_iterations_total", "busy_seconds": "fastserve_busy_seconds_total",
+            "swap_stall_seconds": "fastserve_swap_stall_seconds_total",
+            "recomputations": "fastserve_recomputations_total",
+            "swap_out_blocks": 'fastserve_swap_blocks_total{direction="out"}',
+            "swap_in_blocks": 'fastserve_swap_blocks_total{direction="in"}'}
+THROUGHPUT_TARGET, LATENCY_TARGET = 0.95, 1.5       # skip-join/fcfs served req/s; fcfs/skip-join ms per token
+
+
+# ----------------------------------------------------------------------------- pure helpers (tested)
+
+def relative_error(predicted: float, measured: float) -> float:
+    """(predicted - measured) / measured."""
+    if not measured > 0:
+        raise ValueError(f"the measured value must be > 0 to compare against, got {measured!r}")
+    return (predicted - measured) / measured
+
+
+def paired_medians(runs: list[dict], key: str) -> dict:
+    """runs: [{policy: figures}] one per pair. Per policy the median of `key` over pairs, and the
+    median over pairs of each pair's skip-join / fcfs ratio (each pair ran under the same load
+    from the machine's other jobs, so its ratio is the paired measurement)."""
+    per = {p: [r[p][key] for r in runs] for p in POLICIES}
+    return dict({p: statistics.median(v) for p, v in per.items()},
+                ratio=statistics.median(s / f for f, s in zip(per["fcfs"], per["skip-join-mlfq"])))
+
+
+def fidelity_rows(real: dict, sim: dict, tolerance: float = 0.15) -> list[dict]:
+    """Per FIDELITY figure present in both: the engine's value, the simulator's, the relative
+    error of the simulator's, and whether it is within `tolerance`."""
+    rows = []
+    for rk, sk, label, scale in FIDELITY:
+        if rk in real and sk in sim and real[rk] > 0:
+            err = relative_error(sim[sk], real[rk])
+            rows.append(dict(figure=label, scale=scale, real=real[rk], sim=sim[sk], rel_err=err,
+                             within=abs(err) <= tolerance))
+    return rows
+
+
+def parse_counters(text: str) -> dict[str, float]:
+    """COUNTERS' values from a Prometheus text exposition; raises if one is missing."""
+    values = {}
+    for name, series in COUNTERS.items():
+        m = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
+        if m is None:
+            raise ValueError(f"/metrics has no {series}; the server's metric names changed")
+        values[name] = float(m.group(1))
+    return values
+
+
+# ----------------------------------------------------------------------------- engine runs
+
+def serve_burst(policy: str, argv: list[str], warm, work, arrivals, concurrency: int | None = None) -> dict:
+    """One fresh server: warm it with two requests, send the burst, check every answer."""
+    server = LaunchedServer(policy, argv)
+    t0 = time.monotonic()
+    try:
+        server.wait_ready()
+        ready = time.monotonic() - t0
+        health = json.loads(asyncio.run(bench_client.request(server.url, "GET", "/health"))[2])
+        if health.get("scheduler") != policy:
+            raise RuntimeError(f"asked for scheduler {policy}, the server runs {health.get('scheduler')}")
+        bad = answer_problems(asyncio.run(bench_client.run_load(server.url, [w[0] for w in warm])), warm, "warm-up")
+        before = parse_counters(asyncio.run(bench_client.request(server.url, "GET", "/metrics"))[2].decode())
+        results = asyncio.run(bench_client.run_load(server.url, [w[0] for w in work], arrivals, concurrency))
+        after = parse_counters(asyncio.run(bench_client.request(server.url, "GET", "/metrics"))[2].decode())
+    finally:
+        server.stop()
+    bad += answer_problems(results, work)
+    if bad:
+        raise RuntimeError(f"{policy}: {len(bad)} wrong or failed answer(s) (server log {server.log.name}):\n  "
+                           + "\n  ".join(bad[:10]))
+    m = bench_client.summarize(results)
+    m.update(slo_figures(results, PAPER_SLOS))
+    m.update({k: after[k] - before[k] for k in COUNTERS}, server_ready_seconds=ready)
+    m["iteration_seconds"] = m["busy_seconds"] / m["iterations"]
+    return m
+
+
+# ----------------------------------------------------------------------------- simulator
+
+def local_engine(argv: list[str]):
+    """An in-process LLM with the servers' engine options (and their compiled executables,
+    through the persistent cache), scheduler fcfs: it screens the pairs (bench_cmd.screen_pairs),
+    then gives the simulator the servers' cost model and this machine's swap copy times."""
+    from fastserve_jax import LLM
+    from serve.cli import _engine_kwargs, build_parser
+
+    return LLM(None, **_engine_kwargs(build_parser().parse_args(["serve", *argv, "--scheduler", "fcfs"])))
+
+def servers_cost_model(eng) -> str:
+    """Give `eng` the cost model the skip-join servers profiled (same engine options, so the
+    same cache key); returns its path. Raises if it is not cached: the simulator must run on
+    the servers' model, not on one profiled here."""
+    from fastserve_jax.cost_profile import cost_cache_key
+    from models.loader import cache_root
+
+    path = os.path.join(cache_root() or "", "cost_models", f"{cost_cache_key(eng)}.json")
+    if not os.path.isfile(path):
+        raise RuntimeError(f"no cached cost model at {path}: the skip-join servers profiled under another key")
+    eng.set_scheduler("skip-join-mlfq")          # loads the cached profile
+    return path
+
+
+def measure_swap(eng, sizes=(1, 2, 4, 8, 16), repeats: int = 7) -> tuple[float, float]:
+    """(latency s, bandwidth bytes/s) of one copy on the engine's swap path: half the median time
+    of a swap-out (gather, device-to-host, until it lands) and swap-in (host-to-device, scatter)
+    of each size, fitted as latency + bytes / bandwidth (least squares)."""
+    import jax
+    import numpy as np
+
+    from fastserve_jax.runner import kv_block_bytes
+
+    runner, ys = eng.runner, []
+    for n in sizes:
+        samples = []
+        for i in range(repeats + 1):                  # the first call of a size may compile: untimed
+            t0 = time.perf_counter()
+            runner.swap_out_moves([("probe", tuple(range(1, n + 1)))])
+            while not runner.transfer.out_landed("probe"):
+                time.sleep(0)
+            runner.swap_in_now_moves([("probe", tuple(range(1, n + 1)))])
+            jax.block_until_ready(runner.caches)
+            samples.append((time.perf_counter() - t0) / 2)      # one copy each way
+        ys.append(statistics.median(samples[1:]))
+    slope, latency = np.polyfit([n * kv_block_bytes(eng.model_cfg, eng.cfg) for n in sizes], ys, 1)
+    # a copy of these few kilobytes is all launch overhead; a slope lost in noise reads as free bytes
+    return max(0.0, float(latency)), float(1.0 / slope) if slope > 0 else float("inf")
+
+
+def scaled_steps(cost, k: float):
+    """The cost model with every step time (prefill and decode tables, context coefficients)
+    times k; swap copy times, measured apart, unchanged."""
+    import dataclasses
+
+    return dataclasses.replace(cost, prefill_seconds=tuple(k * t for t in cost.prefill_seconds),
+                               decode_seconds=tuple(k * t for t in cost.decode_seconds),
+                               decode_context=k * cost.decode_context, prefill_context=k * cost.prefill_context)
+
+
+def simulate_policies(eng, trace: list[TraceRequest], swap_latency: float, swap_bandwidth: float,
+                      step_scale: float = 1.0) -> tuple[dict, object]:
+    """fastserve_jax.sim per policy with the engine's limits, pools and cost model (step times
+    times step_scale; the scheduler's base quantum stays the engine's, one batch-1 decode step
+    of the unscaled model, as engine.set_scheduler sets it)."""
+    import dataclasses
+
+    from fastserve_jax.config import SchedulerConfig
+    from fastserve_jax.runner import kv_block_bytes
+    from fastserve_jax.sim import SimConfig, simulate
+
+    cfg, kv = eng.cfg, eng.kv
+    cost = dataclasses.replace(eng.cost_model, kv_bytes_per_token=kv_block_bytes(eng.model_cfg, cfg) // cfg.block_size,
+                               swap_latency=swap_latency,
+                               swap_bandwidth=min(swap_bandwidth, 1e15))      # CostModel needs a finite figure
+    sim_cfg = SimConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                        block_size=cfg.block_size, kv_capacity_tokens=kv.num_usable_blocks * cfg.block_size,
+                        host_kv_capacity_tokens=kv.num_host_blocks * cfg.block_size, swap_policy=cfg.swap_policy,
+                        swap_reserve_blocks=cfg.swap_reserve_blocks,
+                        scheduler_config=cfg.scheduler_config or SchedulerConfig(base_quantum=cost.decode_time(1)))
+    cost = scaled_steps(cost, step_scale)
+    sims = {p: simulate(trace, p, cost, sim_cfg).metrics() for p in POLICIES}
+    for m in sims.values():
+        m["iteration_seconds"] = m["swap_busy_seconds"] / m["iterations"]
+    return sims, cost
+
+
+# ----------------------------------------------------------------------------- printing
+
+def print_ab(runs: list[dict]) -> dict:
+    head = f"{'':14s}" + "".join(f"{f'pair {i + 1}':>27s}" for i in range(len(runs))) + f"{'median':>27s}"
+    sub = f"{'':14s}" + f"{'fcfs':>9s}{'sj':>9s}{'sj/fcfs':>9s}" * (len(runs) + 1)
+    print(head)
+    print(sub)
+    medians = {}
+    for key, label, scale in FIGURES:
+        line = f"{label:14s}"
+        for r in runs:
+            f, s = r["fcfs"][key], r["skip-join-mlfq"][key]
+            line += f"{scale * f:9.3g}{scale * s:9.3g}{s / f:9.3f}"
+        medians[key] = med = paired_medians(runs, key)
+        line += f"{scale * med['fcfs']:9.3g}{scale * med['skip-join-mlfq']:9.3g}{med['ratio']:9.3f}"
+        print(line)
+    swaps = " ".join(f"{int(r[p]['swap_out_blocks'])}/{int(r[p]['swap_in_blocks'])}" for r in runs for p in POLICIES)
+    print(f"(client-side, over HTTP; sj = skip-join-mlfq; median column: median over pairs, and the median of the "
+          f"per-pair ratios. blocks swapped out/in per run, fcfs sj per pair: {swaps})")
+    thr, lat = medians["throughput_rps"]["ratio"], 1 / medians["mean_latency_per_token"]["ratio"]
+    print(f"targets: skip-join served req/s within 5% of fcfs: {thr:.3f}x "
+          f"({'met' if thr >= THROUGHPUT_TARGET else 'MISSED'}); latency per token >= 1.5x better: {lat:.2f}x "
+          f"({'met' if lat >= LATENCY_TARGET else 'MISSED'})")
+    return medians
+
+
+def print_fidelity(real: dict, sims: dict, medians: dict, note: str) -> dict:
+    """Per policy the fidelity rows; then the skip-join / fcfs ratios of mean JCT and latency per
+    token (the engine's: median of per-pair ratios). Returns both for the JSON."""
+    rows = {p: fidelity_rows(real[p], sims[p]) for p in POLICIES}
+    ratios = [dict(figure=label, real=medians[rk]["ratio"], sim=sims["skip-join-mlfq"][sk] / sims["fcfs"][sk])
+              for rk, sk, label, _ in FIDELITY[:2]]
+    print(f"{'policy':16s}{'figure':20s}{'engine':>11s}{'sim':>11s}{'rel err':>9s}")
+    for policy, rs in rows.items():
+        for r in rs:
+            print(f"{policy:16s}{r['figure']:20s}{r['scale'] * r['real']:11.4g}{r['scale'] * r['sim']:11.4g}"
+                  f"{100 * r['rel_err']:8.1f}%{'' if r['within'] else '  (> 15%)'}")
+    for r in ratios:
+        print(f"{'sj/fcfs':16s}{r['figure']:20s}{r['real']:11.3f}{r['sim']:11.3f}"
+              f"{100 * relative_error(r['sim'], r['real']):8.1f}%")
+    print(f"(engine: median over the runs of each policy, client-side; sim: fastserve_jax.sim, one run{note}; "
+          "rel err = sim / engine - 1)")
+    return dict(rows=rows, ratios=ratios)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=3, help="interleaved fcfs / skip-join runs (default 3)")
+    ap.add_argument("--num-requests", type=int, default=120, help="requests in the burst (default 120)")
+    ap.add_argument("--overload", type=float, default=3.5, help="arrival rate as a multiple of the probed capacity")
+    ap.add_argument("--rate", type=float, default=None, help="arrival rate in requests/s (skips the capacity probe)")
+    ap.add_argument("--capacity-requests", type=int, default=64, help="requests of the capacity probe (default 64)")
+    # 0.25: with 0.45 of the default burst's live KV the pool never filled (requests finish while
+    # others arrive: the simulator puts the peak at 36%), so nothing was swapped
+    ap.add_argument("--pool-fraction", type=float, default=0.25,
+                    help="usable device KV blocks as a fraction of the burst's live KV (< 0.5; default 0.25)")
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the requests and arrivals")
+    ap.add_argument("--json", default="bench_preemption.json", help="where the figures go")
+    a = ap.parse_args()
+    if a.pairs < 1 or a.num_requests < 2 or a.capacity_requests < 1 or not a.overload > 0:
+        ap.error("--pairs, --capacity-requests >= 1, --num-requests >= 2 and --overload > 0")
+    from transformers import AutoTokenizer
+
+    from models import demo_model_path
+
+    t_start = time.monotonic()
+    tok = AutoTokenizer.from_pretrained(demo_model_path())
+    work, _ = build_workload(TRACE, a.num_requests, 1.0, False, 1.0, a.seed, "chat")
+    prompt_tokens = [len(tok.encode(w[0]["prompt"])) for w in work]
+    outputs = [demo_task.answer_num_tokens(a_, b_) for _, (a_, b_) in work]
+    sized = [TraceRequest(0.0, p, o) for p, o in zip(prompt_tokens, outputs)]
+    live = sum(kv_blocks(sized, a.block_size))
+    pool = burst_pool_blocks(sized, a.block_size, a.pool_fraction)
+    argv = ["--max-num-seqs", str(a.max_num_seqs), "--max-num-batched-tokens", str(a.max_num_batched_tokens),
+            "--block-size", str(a.block_size), "--num-device-blocks", str(pool + 1),     # + the null block
+            "--num-host-blocks", str(live), "--swap-policy", "proactive"]
+    print(f"burst: {a.num_requests} counting prompts of {min(prompt_tokens)}-{max(prompt_tokens)} tokens, outputs "
+          f"{min(outputs)}-{max(outputs)} tokens (median {statistics.median(outputs):g}, mean "
+          f"{statistics.mean(outputs):.1f}); live KV {live} blocks of {a.block_size}, device pool {pool} usable "
+          f"blocks ({pool / live:.0%}; the largest request needs {max(kv_blocks(sized, a.block_size))}), host pool "
+          f"{live}\nengine: {' '.join(argv)}", flush=True)
+    warm, _ = build_workload(TRACE, 2, 1.0, False, 1.0, a.seed + 1, "chat")
+    probe, _ = build_workload(TRACE, a.capacity_requests, 1.0, False, 1.0, a.seed + 2, "chat")
+    llm = local_engine(argv)
+    (work, warm, probe), replaced = screen_pairs(llm, [work, warm, probe], a.seed)
+    if [len(tok.encode(w[0]["prompt"])) for w in work] != prompt_tokens:
+        raise RuntimeError("a replacement pair tokenizes to another prompt length; the pool was sized without it")
+    print(f"screened: {replaced} of {len(work) + len(warm) + len(probe)} pairs replaced by pairs of the same span "
+          "(the demo model missed them on a local fcfs engine)", flush=True)
+    out = dict(args=vars(a), engine_argv=argv, live_kv_blocks=live, pool_blocks=pool, screened_replaced=replaced,
+               workload=dict(pairs=[w[1] for w in work], prompt_tokens=prompt_tokens, output_tokens=outputs), runs=[])
+    try:
+        capacity = None
+        if a.rate is None:
+            m = serve_burst("fcfs", argv, warm, probe, None, concurrency=a.max_num_seqs)
+            capacity = m["throughput_rps"]
+            print(f"capacity probe (fcfs, {a.capacity_requests} requests, {a.max_num_seqs} clients in a closed loop): "
+                  f"{capacity:.2f} req/s, {m['throughput_tps']:.0f} tok/s", flush=True)
+        rate = a.rate or a.overload * capacity
+        arrivals = [r.arrival for r in with_arrivals(sized, rate, seed=a.seed)]       # as bench draws them
+        out.update(capacity_rps=capacity, rate=rate, arrivals=arrivals)
+        print(f"arrivals: Poisson at {rate:.2f} req/s, the last at {arrivals[-1]:.1f} s", flush=True)
+        for i in range(a.pairs):
+            pair = {}
+            for policy in POLICIES:
+                pair[policy] = m = serve_burst(policy, argv, warm, work, arrivals)
+                print(f"  pair {i + 1} {policy}: {m['throughput_rps']:.2f} req/s, "
+                      f"{1e3 * m['mean_latency_per_token']:.1f} ms/token, JCT mean {m['e2e_mean']:.2f} s "
+                      f"(server ready in {m['server_ready_seconds']:.0f} s)", flush=True)
+            out["runs"].append(pair)
+    except RuntimeError as e:
+        out["error"] = str(e)
+        _write(a.json, out, t_start)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("\n== A/B: fcfs vs skip-join-mlfq on the real engine (demo model, over HTTP)")
+    out["medians"] = medians = print_ab(out["runs"])
+    eng = llm.engine
+    path = servers_cost_model(eng)
+    latency, bandwidth = measure_swap(eng)
+    trace = [TraceRequest(t, p, o) for t, p, o in zip(arrivals, prompt_tokens, outputs)]
+    sims, cost = simulate_policies(eng, trace, latency, bandwidth)
+    real = {p: {k: statistics.median(r[p][k] for r in out["runs"]) for k in out["runs"][0][p]
+                if isinstance(out["runs"][0][p][k], (int, float))} for p in POLICIES}
+    print(f"\n== simulator fidelity: the same {a.num_requests} requests and arrivals; cost model {path} "
+          f"({cost.name}; decode batch 1 {1e3 * cost.decode_time(1):.2f} ms, batch {a.max_num_seqs} "
+          f"{1e3 * cost.decode_time(a.max_num_seqs):.2f} ms); swap copy {1e3 * latency:.2f} ms + bytes / "
+          f"{bandwidth / 1e9:.3g} GB/s measured on the engine's copy path")
+    out.update(cost_model=dict(path=path, **cost.to_json()), sim=sims, fidelity=print_fidelity(real, sims, medians, ""))
+    # Diagnostic, not a prediction: the profile times only the runner's launches on an idle
+    # engine; stretching every step to the engine's measured mean iteration time (its host work
+    # and the HTTP server's share included) shows what error is left once step times are right.
+    k = statistics.mean(real[p]["iteration_seconds"] / sims[p]["iteration_seconds"] for p in POLICIES)
+    cal, _ = simulate_policies(eng, trace, latency, bandwidth, step_scale=k)
+    print(f"\n== diagnostic: the same simulation with every step time x {k:.2f} (the engine's mean ms per "
+          "iteration over the simulator's, both policies; fitted to this run, so not a prediction)")
+    out["diagnostic"] = dict(step_scale=k, sim=cal,
+                             fidelity=print_fidelity(real, cal, medians, f", step times x {k:.2f}"))
+    _write(a.json, out, t_start)
+    return 0
+
+
+def _write(path: str, out: dict, t_start: float) -> None:
+    out["wall_seconds"] = time.monotonic() - t_start
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1, default=float)
+    print(f"\nwall time {out['wall_seconds']:.0f} s; figures in {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

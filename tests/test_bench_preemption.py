@@ -1,0 +1,157 @@
+"""The pieces of scripts/bench_preemption.py and `bench --output-dist chat` that need no server:
+the chat-like output lengths, the burst's KV pool sizing, and the simulator-vs-engine comparison."""
+
+import importlib.util
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from fastserve_jax.workload import TraceRequest, burst_pool_blocks, chat_output_lengths, kv_blocks
+from models import demo_task
+from serve import bench_client
+from serve.bench_cmd import TRACE, answer_problems, build_workload
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_preemption", pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_preemption.py")
+bp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bp)
+
+
+# ----------------------------------------------------------------------------- chat-like lengths
+
+def test_chat_lengths_span_the_demo_range_skewed_short_with_a_long_tail():
+    x = chat_output_lengths(100_000, seed=1)
+    assert x.dtype.kind == "i" and x.min() == 2 and x.max() == 257
+    s = np.sort(x)[::-1]
+    assert 14 <= np.median(x) <= 18 and 42 <= x.mean() <= 47          # the docstring's median 16, mean 44
+    assert 0.40 <= s[:len(s) // 10].sum() / s.sum() <= 0.46           # the longest 10% carry 43%
+    assert (x <= 32).mean() > 0.6 and (x >= 128).mean() > 0.08        # mostly short, yet a real tail
+
+
+def test_chat_lengths_are_deterministic_by_seed():
+    assert np.array_equal(chat_output_lengths(50, seed=3), chat_output_lengths(50, seed=3))
+    assert not np.array_equal(chat_output_lengths(50, seed=3), chat_output_lengths(50, seed=4))
+
+
+def test_chat_lengths_reject_bad_bounds():
+    with pytest.raises(ValueError, match="lo <= hi"):
+        chat_output_lengths(5, lo=10, hi=3)
+    with pytest.raises(ValueError, match="alpha"):
+        chat_output_lengths(5, alpha=0.0)
+
+
+@pytest.mark.skipif(not os.path.isfile(TRACE), reason="the Azure trace is not checked out next to the repository")
+def test_bench_chat_workload_asks_for_the_sampled_lengths_and_trace_stays_the_default():
+    work, arrivals = build_workload(TRACE, 40, 1.0, False, 2.0, 7, "chat")
+    assert [w[0]["max_tokens"] for w in work] == list(chat_output_lengths(40, 2, 257, seed=7))
+    assert all(w[0]["max_tokens"] == demo_task.answer_num_tokens(*ab) for w, ab in ((w, w[1]) for w in work))
+    trace_work, trace_arrivals = build_workload(TRACE, 40, 0.5, False, 2.0, 7)
+    assert trace_arrivals == arrivals                    # the lengths change, the arrivals do not
+    assert [w[0]["max_tokens"] for w in trace_work] != [w[0]["max_tokens"] for w in work]
+    with pytest.raises(ValueError, match="output_dist"):
+        build_workload(TRACE, 4, 1.0, False, 1.0, 0, "zipf")
+
+
+# ----------------------------------------------------------------------------- pool sizing
+
+def test_kv_blocks_round_up_prompt_plus_output():
+    reqs = [TraceRequest(0, 7, 9), TraceRequest(0, 7, 10), TraceRequest(0, 7, 257)]
+    assert kv_blocks(reqs, 16) == [1, 2, 17]
+
+
+def test_pool_is_below_half_the_live_kv_and_holds_the_largest_request():
+    reqs = [TraceRequest(0, 7, 25)] * 30 + [TraceRequest(0, 7, 257)]       # 30 x 2 blocks + 17 = 77 live
+    assert burst_pool_blocks(reqs, 16) == 34                                # int(0.45 * 77)
+    assert burst_pool_blocks(reqs, 16, fraction=0.25) == 19
+    with pytest.raises(ValueError, match="largest request needs \\(17\\)"):
+        burst_pool_blocks(reqs, 16, fraction=0.2)                           # 15 blocks < 17
+    with pytest.raises(ValueError, match="below half"):
+        burst_pool_blocks(reqs, 16, fraction=0.5)
+
+
+# ----------------------------------------------------------------------------- comparison helpers
+
+def test_relative_error_on_literal_numbers():
+    assert bp.relative_error(11.5, 10.0) == pytest.approx(0.15)
+    assert bp.relative_error(0.5, 2.0) == pytest.approx(-0.75)
+    with pytest.raises(ValueError, match="measured"):
+        bp.relative_error(1.0, 0.0)
+
+
+def test_fidelity_rows_compare_sim_to_engine_and_flag_misses():
+    real = dict(e2e_mean=2.0, mean_latency_per_token=0.040, iterations=500, ttft_mean=0.0)
+    sim = dict(mean_jct=2.2, mean_latency_per_token=0.030, iterations=500, mean_ttft=0.1)
+    rows = {r["figure"]: r for r in bp.fidelity_rows(real, sim)}
+    assert set(rows) == {"JCT mean s", "ms per token", "iterations"}        # ttft: nothing measured to hold to
+    assert rows["JCT mean s"]["rel_err"] == pytest.approx(0.10) and rows["JCT mean s"]["within"]
+    assert rows["ms per token"]["rel_err"] == pytest.approx(-0.25) and not rows["ms per token"]["within"]
+    assert rows["iterations"]["rel_err"] == 0.0
+    assert not bp.fidelity_rows(real, sim, tolerance=0.05)[0]["within"]
+
+
+def test_paired_medians_take_the_median_of_per_pair_ratios():
+    runs = [{"fcfs": {"x": 10.0}, "skip-join-mlfq": {"x": 5.0}},
+            {"fcfs": {"x": 20.0}, "skip-join-mlfq": {"x": 16.0}},
+            {"fcfs": {"x": 30.0}, "skip-join-mlfq": {"x": 3.0}}]
+    m = bp.paired_medians(runs, "x")
+    assert m == {"fcfs": 20.0, "skip-join-mlfq": 5.0, "ratio": 0.5}          # ratios 0.5, 0.8, 0.1
+
+
+def test_parse_counters_reads_the_servers_counters():
+    text = "\n".join(f"{series} {i}.0" for i, series in enumerate(bp.COUNTERS.values())) + "\nother 1\n"
+    assert bp.parse_counters(text) == {k: float(i) for i, k in enumerate(bp.COUNTERS)}
+    with pytest.raises(ValueError, match="fastserve_iterations_total"):
+        bp.parse_counters(text.replace("fastserve_iterations_total", "renamed"))
+
+
+def test_answer_problems_catch_wrong_short_and_failed_answers():
+    work = [({}, (3, 5)), ({}, (3, 5)), ({}, (3, 5)), ({}, (3, 5))]
+
+    def res(text, tokens, status=200):
+        return bench_client.Result(status=status, text=text, completion_tokens=tokens, done=True)
+    results = [res(" 3 4 5", 4), res(" 3 4 6", 4), res(" 3 4 5", 3), res("", None, status=503)]
+    problems = answer_problems(results, work)
+    assert [p.split(" ")[1] for p in problems] == ["1", "2", "3"]
+    assert "failed: status 503" in problems[2]
+
+
+def test_scaled_steps_stretch_step_times_only():
+    from fastserve_jax.cost_model import CostModel
+
+    cost = CostModel("t", prefill_tokens=(32, 64), prefill_seconds=(0.002, 0.004), decode_batch=(1, 8),
+                     decode_seconds=(0.001, 0.002), decode_context=1e-6, prefill_context=2e-8,
+                     kv_bytes_per_token=2048, swap_bandwidth=1e9, swap_latency=3e-4)
+    s = bp.scaled_steps(cost, 2.5)
+    assert s.prefill_time(48) == pytest.approx(2.5 * cost.prefill_time(48))
+    assert s.decode_time(4, 100) == pytest.approx(2.5 * cost.decode_time(4, 100))
+    assert s.swap_time(160) == cost.swap_time(160)
+
+
+def test_screen_pairs_replaces_the_models_misses_by_pairs_of_the_same_span():
+    from types import SimpleNamespace
+
+    from serve.bench_cmd import screen_pairs
+
+    class Llm:                          # misses every count that starts at 95, like the demo model's ' 95' stop
+        calls = 0
+
+        def generate(self, prompts, params):
+            self.calls += 1
+            out = []
+            for p in prompts:
+                a, b = demo_task.parse_prompt(p)
+                out.append(SimpleNamespace(text=" 95" if a == 95 else demo_task.expected_answer(a, b)))
+            return out
+
+    works = [[({"prompt": demo_task.make_prompt(95, 99), "max_tokens": 6}, (95, 99)),
+              ({"prompt": demo_task.make_prompt(3, 12), "max_tokens": 11}, (3, 12))],
+             [({"prompt": demo_task.make_prompt(95, 97), "max_tokens": 4}, (95, 97))]]
+    llm = Llm()
+    (first, second), replaced = screen_pairs(llm, works, seed=0)
+    assert replaced == 2 and llm.calls == 2
+    assert first[1] == works[0][1] and first[0][1] != (95, 99) and second[0][1] != (95, 97)
+    for (payload, (a, b)), (old, (a0, b0)) in zip(first + second, works[0] + works[1]):
+        assert b - a == b0 - a0 and payload["prompt"] == demo_task.make_prompt(a, b)
+        assert payload["max_tokens"] == old["max_tokens"]
