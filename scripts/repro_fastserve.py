@@ -195,10 +195,38 @@ def report(rows: list[dict], unloaded: dict[str, float], out_dir: str) -> str:
                             f"{wl}/{mem}: skip-join goodput proactive {sj:.3f} vs {other} {o:.3f} req/s "
                             f"({sj / o if o else float('inf'):.2f}x, target >= 1.3x)")
             _plot(idx, wl, mem, xs, os.path.join(out_dir, f"{wl}_{mem}.png"))
-    text = ("cells: mean latency per token, throughput / fcfs's under the same swap policy, swap stall share of busy "
-            "time when over 0.5%\n" + "\n".join(lines) + "\n\n## targets\n\n" + "\n".join(c.lines) +
+    text = ("## headline\n" + headline(rows) + "\n\n## every configuration\n\ncells: mean latency per token, "
+            "throughput / fcfs's under the same swap policy, swap stall share of busy time when over 0.5%\n" +
+            "\n".join(lines) + "\n\n## targets\n\n" + "\n".join(c.lines) +
             f"\n\n{c.failed} of {len(c.lines)} checks failed\n")
     return text
+
+
+HEADLINE = (("fcfs", "recompute"), ("skip-join-mlfq", "proactive"), ("skip-join-mlfq", "recompute"),
+            ("gittins", "proactive"), ("srpt", "proactive"))
+
+
+def headline(rows: list[dict]) -> str:
+    """Per workload and memory: mean latency per token of the main configurations, skip-join's
+    gain over fcfs/recompute, and the lowest throughput of any configuration against fcfs's
+    under the same swap policy."""
+    idx = _index(rows)
+    out = []
+    for wl in sorted({r["workload"] for r in rows}, key=["azure", "heavy", "chat", "code"].index):
+        for mem in MEMORY:
+            xs = sorted({r["x"] for r in rows if r["workload"] == wl and r["memory"] == mem})
+            out += [f"\n{wl}, device KV {mem}: mean latency per token (ms)\n",
+                    "| rate | " + " | ".join(f"{p}/{s}" for p, s in HEADLINE) +
+                    " | skip-join gain | lowest throughput vs fcfs |", "|---" * (len(HEADLINE) + 3) + "|"]
+            for x in xs:
+                cells = [f"{idx[(wl, mem, p, s, x)]['mean_latency_per_token'] * 1e3:.0f}" for p, s in HEADLINE]
+                f, sj = idx[(wl, mem, "fcfs", "recompute", x)], idx[(wl, mem, "skip-join-mlfq", "proactive", x)]
+                low = min((idx[(wl, mem, p, s, x)]["throughput_rps"] / idx[(wl, mem, "fcfs", s, x)]["throughput_rps"], p, s)
+                          for p in POLICIES for s in SWAPS)
+                out.append(f"| {x:g}x ({f['offered_rps']:.2f}/s) | " + " | ".join(cells) +
+                           f" | {f['mean_latency_per_token'] / sj['mean_latency_per_token']:.2f}x"
+                           f" | {low[0]:.2f} ({low[1]}/{low[2]}) |")
+    return "\n".join(out)
 
 
 def _plot(idx, wl, mem, xs, path) -> None:

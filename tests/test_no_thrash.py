@@ -7,6 +7,9 @@ the fix (figures from the same scenarios at 400 requests, opt-13b-a100 cost mode
   53% of its busy time and served 0.49x FCFS's throughput; skip-join-mlfq with device KV cut
   to a tenth waited 19% of the time. Now proactive swapping never waits for host KV while
   something resident can run, and the other swap policies wait within MAX_STALL_FRACTION.
+- the FCFS baseline itself: admitted by its first chunk, a request was evicted again before
+  its prefill was done (a tenth of the device KV, load 0.5: 3,378 recomputations of 400
+  requests); it now starts only when its whole context fits, as in the preemptive policies.
 - uploads ahead landing late: skip-join-mlfq's proactive uploads over-subscribed the link and
   the next step waited for them (4.8% of busy time at 3x); now an upload lands when its copy
   is in, and the uploads issued per step fit what the link carries in one step.
@@ -83,6 +86,14 @@ def test_a_request_larger_than_the_start_bound_still_runs(swap):
     trace = [TraceRequest(0.0, 900, 100), TraceRequest(0.1, 50, 20), TraceRequest(0.2, 1000, 24)]
     for policy in ("skip-join-mlfq", "gittins", "fcfs"):
         assert simulate(trace, policy, COST, cfg).metrics()["num_requests"] == 3
+
+
+def test_fcfs_baseline_does_not_recompute_in_a_loop_when_memory_is_tight():
+    prompts = [TraceRequest(0.0, int(p), 1) for p in np.random.default_rng(1).integers(200, 3000, 500)]
+    trace = [r for r in heavy_tailed_trace(prompts, 300, seed=0) if r.prompt_tokens + r.output_tokens <= 5933]
+    cfg = SimConfig(16, 2048, 16, swap_policy="recompute", kv_capacity_tokens=5933)
+    m = run(trace, "fcfs", cfg, 0.5)
+    assert m["preemptions"] <= 0.2 * len(trace), m["preemptions"]        # before the fix: 3,600
 
 
 def test_uploads_ahead_never_make_the_step_wait():
