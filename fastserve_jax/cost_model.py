@@ -11,10 +11,18 @@ is a small table, interpolated piecewise-linearly (extrapolated along the last s
     kv_bytes_per_token  K and V of one token over all layers (what a swap moves per token)
     swap_bandwidth      bytes per second of one device<->host copy direction; swap_latency
                         the fixed seconds of one copy (the simulator's transfer-time model)
+    iteration_overhead  host seconds every iteration adds to its launches: scheduling,
+                        assembling the batch, appending tokens, and whatever else the
+                        serving process takes from the engine's thread (0: none, or folded
+                        into the tables, as opt-13b-a100 folds 1.5 ms into each launch)
 
 One iteration runs its decode launch and its prefill launch back to back (as runner.py
-does), so its time is the sum of the two. Tables come from `fastserve_jax/cost_models/*.json`
-(shipped, say where their numbers come from) or from `cost_profile.profile_engine`.
+does), so its time is the sum of the two plus iteration_overhead. Only iteration_time adds
+it: prefill_time and decode_time stay the launches alone, which is what the schedulers read.
+A profile (cost_profile.py) times the launches alone, so its overhead is 0;
+scripts/bench_preemption.py calibrates a serving engine's against it. Tables come from
+`fastserve_jax/cost_models/*.json` (shipped, say where their numbers come from) or from
+`cost_profile.profile_engine`.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ class CostModel:
     kv_bytes_per_token: int = 0          # 0: unknown
     swap_bandwidth: float = 0.0          # bytes/s per direction (0: unknown)
     swap_latency: float = 0.0            # s per copy
+    iteration_overhead: float = 0.0      # s of host work per iteration, on top of the launches
     source: str = ""                     # where the numbers come from
 
     def __post_init__(self) -> None:
@@ -67,10 +76,11 @@ class CostModel:
                 raise ValueError(f"cost model {self.name!r}: {xs_name} must be strictly increasing and >= 1, got {xs}")
             if any(y <= 0 for y in ys):
                 raise ValueError(f"cost model {self.name!r}: {ys_name} must be positive, got {ys}")
-        if min(self.decode_context, self.prefill_context, self.kv_capacity_tokens, self.kv_bytes_per_token,
-               self.swap_bandwidth, self.swap_latency) < 0:
-            raise ValueError(f"cost model {self.name!r}: context coefficients, kv_capacity_tokens, kv_bytes_per_token "
-                             "and the swap figures must be >= 0")
+        if not all(v >= 0 for v in (self.decode_context, self.prefill_context, self.kv_capacity_tokens,   # NaN too
+                                    self.kv_bytes_per_token, self.swap_bandwidth, self.swap_latency,
+                                    self.iteration_overhead)):
+            raise ValueError(f"cost model {self.name!r}: context coefficients, kv_capacity_tokens, kv_bytes_per_token, "
+                             "the swap figures and iteration_overhead must be >= 0")
 
     # -- queries ---------------------------------------------------------------------------
     def prefill_time(self, num_tokens: int, context: int = 0) -> float:
@@ -88,12 +98,12 @@ class CostModel:
 
     def iteration_time(self, decode_contexts: Iterable[int], prefill_chunks: Sequence[tuple[int, int]]) -> float:
         """One iteration: a decode launch over sequences with these contexts, plus one packed
-        prefill launch of (num_tokens, earlier_context) chunks."""
+        prefill launch of (num_tokens, earlier_context) chunks, plus the host's iteration_overhead."""
         batch = ctx = 0
         for c in decode_contexts:
             batch += 1
             ctx += c
-        t = self.decode_time(batch, ctx)
+        t = self.iteration_overhead + self.decode_time(batch, ctx)
         if prefill_chunks:
             n = sum(c[0] for c in prefill_chunks)
             t += _interp(n, self.prefill_tokens, self.prefill_seconds)

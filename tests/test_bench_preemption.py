@@ -117,16 +117,30 @@ def test_answer_problems_catch_wrong_short_and_failed_answers():
     assert "failed: status 503" in problems[2]
 
 
-def test_scaled_steps_stretch_step_times_only():
-    from fastserve_jax.cost_model import CostModel
+def test_calibrate_overhead_solves_for_the_measured_iteration_time():
+    # a linear simulator: 1.6 ms of launches, and batches that grow by 5% of the overhead
+    calls = []
 
-    cost = CostModel("t", prefill_tokens=(32, 64), prefill_seconds=(0.002, 0.004), decode_batch=(1, 8),
-                     decode_seconds=(0.001, 0.002), decode_context=1e-6, prefill_context=2e-8,
-                     kv_bytes_per_token=2048, swap_bandwidth=1e9, swap_latency=3e-4)
-    s = bp.scaled_steps(cost, 2.5)
-    assert s.prefill_time(48) == pytest.approx(2.5 * cost.prefill_time(48))
-    assert s.decode_time(4, 100) == pytest.approx(2.5 * cost.decode_time(4, 100))
-    assert s.swap_time(160) == cost.swap_time(160)
+    def sim_mean(x):
+        calls.append(x)
+        return x + 0.0016 + 0.05 * x
+    x = bp.calibrate_overhead(0.006, sim_mean)
+    assert x == pytest.approx(0.0044 / 1.05, abs=2e-6)             # 4.19 ms, not the naive 6.0 - 1.6 = 4.4
+    assert calls[0] == 0.0 and len(calls) <= 6                       # secant steps: a few simulations
+    calls.clear()                    # a steeper simulator (slope 20): the secant finds it as quickly
+    x = bp.calibrate_overhead(0.006, lambda x: calls.append(x) or 0.0016 + 20 * x)
+    assert x == pytest.approx(0.0044 / 20, abs=1e-7) and len(calls) <= 6
+
+
+def test_calibrate_overhead_brackets_a_jumping_simulator_and_never_goes_negative():
+    # a schedule that jumps: 2 ms of launches below 2 ms of overhead, 3 ms from there (no x gives 4.5 ms)
+    x = bp.calibrate_overhead(0.0045, lambda x: x + (0.002 if x < 0.002 else 0.003))
+    assert x == pytest.approx(0.002, abs=2e-6)                        # the jump the measured value falls in
+    assert bp.calibrate_overhead(0.001, lambda x: x + 0.0016) == 0.0  # the profile alone is already slower
+    with pytest.raises(ValueError, match="> 0"):
+        bp.calibrate_overhead(0.0, lambda x: x)
+    with pytest.raises(RuntimeError, match="no overhead"):
+        bp.calibrate_overhead(0.006, lambda x: 0.001, max_rounds=5)   # a simulator deaf to the overhead
 
 
 def test_screen_pairs_replaces_the_models_misses_by_pairs_of_the_same_span():

@@ -3,6 +3,7 @@ a real (tiny) engine into a cached table."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -40,11 +41,22 @@ def test_iteration_time_is_decode_launch_plus_one_packed_prefill_launch():
         pytest.approx(T.iteration_time([5], [(60, 40)]))
 
 
+def test_iteration_overhead_is_added_to_every_iteration_and_to_nothing_else():
+    o = dataclasses.replace(T, iteration_overhead=0.25)
+    assert o.iteration_time([5, 15], [(60, 40)]) == pytest.approx(T.iteration_time([5, 15], [(60, 40)]) + 0.25)
+    assert o.iteration_time([], [(60, 0)]) == pytest.approx(1.0 + 50 / 90 + 0.001 * 60 * 30 + 0.25)
+    assert o.iteration_time([5], []) == pytest.approx(0.5 + 0.05 + 0.25)
+    # the launches alone, which the skip-join scheduler and the service meter read, stay the profile's
+    assert o.prefill_time(60, 40) == T.prefill_time(60, 40) and o.decode_time(3, 9) == T.decode_time(3, 9)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(prefill_tokens=(10, 5), prefill_seconds=(1.0, 2.0)), "strictly increasing"),
     (dict(prefill_tokens=(10,), prefill_seconds=(1.0, 2.0)), "equally long"),
     (dict(decode_seconds=(0.0, 1.0)), "positive"),
     (dict(decode_context=-1.0), ">= 0"),
+    (dict(iteration_overhead=-1e-3), "iteration_overhead must be >= 0"),
+    (dict(iteration_overhead=float("nan")), "iteration_overhead must be >= 0"),
 ])
 def test_rejects_bad_tables(bad, match):
     kw = dict(name="b", prefill_tokens=(10, 20), prefill_seconds=(1.0, 2.0), decode_batch=(1, 2),
@@ -58,6 +70,13 @@ def test_save_load_round_trip_and_helpful_errors(tmp_path):
     path = tmp_path / "m.json"
     T.save(str(path))
     assert CostModel.load(str(path)) == T
+    o = dataclasses.replace(T, iteration_overhead=0.004)
+    o.save(str(path))
+    d = json.loads(path.read_text())
+    assert d["iteration_overhead"] == 0.004 and CostModel.load(str(path)) == o
+    del d["iteration_overhead"]                          # tables written before the key keep loading
+    assert CostModel.from_json(d) == T
+    T.save(str(path))
     with pytest.raises(ValueError, match="opt-13b-a100"):
         CostModel.load("no-such-model")
     d = json.loads(path.read_text())
