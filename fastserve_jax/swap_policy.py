@@ -19,6 +19,11 @@ Pure Python; the engine and the simulator call it after each iteration's step is
                   Evictions that a scheduled request needs still fall back to recomputing
                   the lowest-priority requests (scheduler/batch.py).
 
+The stall budget (all swapping policies): steps wait for on-demand swap-ins at most
+MAX_STALL_FRACTION of busy time; `configure` turns the credit left into the scheduler's
+`swap_in_blocks` before each schedule(), and uploads issued after one step fit what the link
+carries in one step when the copy speed is known (docs/swapping.md, the no-thrash invariant).
+
 Avoiding ping-pong: uploads never take the device below the reserve that triggers offloads,
 so one iteration's upload cannot cause the next one's offload; a request moved either way is
 not moved back by this policy for COOLDOWN_ITERATIONS (only the scheduler's own eviction,

@@ -2,9 +2,10 @@
 
 Every iteration the running requests (arrival order) get their next token or prefill chunk,
 then waiting requests are admitted in arrival order while the batch size, the token budget
-and free KV blocks allow (a request without KV only if its whole context fits). When the running requests outgrow the KV pool, the latest arrival
-loses its KV and is recomputed later (vLLM's default), or with swapping on, its KV moves to
-the host pool while that has room and comes back when it is readmitted.
+and free KV blocks allow (a request without KV only if its whole context fits). When the
+running requests outgrow the KV pool, the latest arrival loses its KV and is recomputed
+later (vLLM's default), or with swapping on, its KV moves to the host pool while that has
+room and comes back when it is readmitted.
 """
 
 from __future__ import annotations
