@@ -7,6 +7,16 @@ The public names are imported lazily, so pure-host tools (the scheduler, the sim
 from __future__ import annotations
 
 import importlib
+import os
+
+# models/, sharding/ and serve/ sit beside this package at the top of the repository (the
+# design card's layout); an install maps them to fastserve_jax.models/.sharding/.serve
+# (pyproject's package-dir). A source-tree run (PYTHONPATH=.) finds them the same way
+# through the repository root on this package's search path.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not os.path.isdir(os.path.join(os.path.dirname(__file__), "models")) and all(
+        os.path.isfile(os.path.join(_ROOT, sub, "__init__.py")) for sub in ("models", "sharding", "serve")):
+    __path__.append(_ROOT)  # noqa: F821 (a package's __path__)
 
 _EXPORTS = {
     "LLM": "fastserve_jax.llm",
@@ -15,7 +25,7 @@ _EXPORTS = {
     "EngineConfig": "fastserve_jax.config",
     "SamplingParams": "fastserve_jax.config",
     "SchedulerConfig": "fastserve_jax.config",
-    "demo_model_path": "models",
+    "demo_model_path": "fastserve_jax.models",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -43,7 +43,7 @@ def cost_cache_key(engine) -> str:
 
 
 def _cache_path(engine, cache_dir: str | None) -> str | None:
-    from models.loader import cache_root
+    from fastserve_jax.models.loader import cache_root
 
     root = cache_root(cache_dir)
     return None if root is None else os.path.join(root, "cost_models", f"{cost_cache_key(engine)}.json")

@@ -28,8 +28,8 @@ from fastserve_jax.runner import ModelRunner, auto_num_blocks, auto_num_host_blo
 from fastserve_jax.scheduler import POLICIES, Limits, make_scheduler
 from fastserve_jax.scheduler.base import Plan
 from fastserve_jax.swap_policy import SwapPolicy
-from sharding.layout import ModelLayout
-from sharding.mesh import ParallelConfig
+from fastserve_jax.sharding.layout import ModelLayout
+from fastserve_jax.sharding.mesh import ParallelConfig
 
 
 @dataclass
@@ -192,8 +192,8 @@ class LLMEngine:
         """Load a Hugging Face model directory (config.json, safetensors, tokenizer)."""
         from transformers import AutoTokenizer
 
-        from models.config import ModelConfig
-        from models.loader import load_model
+        from fastserve_jax.models.config import ModelConfig
+        from fastserve_jax.models.loader import load_model
 
         model_cfg = ModelConfig.from_pretrained(model_path)
         layout = ModelLayout(model_cfg, ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size))

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from models.attention import KVCache
+from fastserve_jax.models.attention import KVCache
 
 
 def power_of_two_runs(n: int) -> list[int]:

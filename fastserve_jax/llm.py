@@ -24,8 +24,8 @@ class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "float32", max_model_len: int | None = None,
                  num_device_blocks: int | None = None, warmup: bool = True, progress=None, mirror=None,
                  **engine_kwargs) -> None:
-        from models import demo_model_path
-        from models.config import ModelConfig
+        from fastserve_jax.models import demo_model_path
+        from fastserve_jax.models.config import ModelConfig
 
         path = model if model is not None else demo_model_path()
         known = {f.name for f in dataclasses.fields(EngineConfig)}

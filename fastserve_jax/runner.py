@@ -28,11 +28,11 @@ from fastserve_jax.request import Request, TokenLogprobs
 from fastserve_jax.sampling import Penalties, SamplingArrays, sample
 from fastserve_jax.scheduler.base import ScheduledRequest
 from fastserve_jax.xla_flags import launch_compiler_options
-from models import build_block, build_model
-from models.attention import AttnBatch, KVCache
-from models.config import ModelConfig
-from sharding.layout import ModelLayout, move
-from sharding.pipeline import Stage, StageActivity, stage_forward
+from fastserve_jax.models import build_block, build_model
+from fastserve_jax.models.attention import AttnBatch, KVCache
+from fastserve_jax.models.config import ModelConfig
+from fastserve_jax.sharding.layout import ModelLayout, move
+from fastserve_jax.sharding.pipeline import Stage, StageActivity, stage_forward
 
 
 @dataclass

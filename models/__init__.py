@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+if __name__ == "models":  # imported by the generic top-level name from a source checkout
+    raise ImportError("import fastserve_jax.models: the models/ folder installs under the fastserve_jax namespace")
+
 import os
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models.config import ModelConfig
-from models.llama import LlamaBlock, LlamaForCausalLM
-from models.opt import OPTBlock, OPTForCausalLM
+from fastserve_jax.models.config import ModelConfig
+from fastserve_jax.models.llama import LlamaBlock, LlamaForCausalLM
+from fastserve_jax.models.opt import OPTBlock, OPTForCausalLM
 
 _ARCHS = {"llama": LlamaForCausalLM, "opt": OPTForCausalLM}
 _BLOCKS = {"llama": LlamaBlock, "opt": OPTBlock}

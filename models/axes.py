@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from models.config import ModelConfig
+from fastserve_jax.models.config import ModelConfig
 
 # (module, leaf) -> logical axes of one layer's (or the unstacked) array
 _AXES: dict[tuple[str, str], tuple[str, ...]] = {

@@ -267,7 +267,7 @@ def packed_rows_to_batch(rows: PackedRows):
     """The dense-mode `AttnBatch` for packed rows."""
     import jax.numpy as jnp
 
-    from models.attention import AttnBatch
+    from fastserve_jax.models.attention import AttnBatch
     return AttnBatch(positions=jnp.asarray(rows.positions), seg=jnp.asarray(rows.seg))
 
 

@@ -20,8 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.attention import AttnBatch, KVCache, apply_rope, attention, rope_inv_freq
-from models.config import ModelConfig
+from fastserve_jax.models.attention import AttnBatch, KVCache, apply_rope, attention, rope_inv_freq
+from fastserve_jax.models.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

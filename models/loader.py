@@ -41,10 +41,10 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from models import build_model
-from models.attention import dense_batch
-from models.checkpoint import restore_params, save_params
-from models.config import ModelConfig
+from fastserve_jax.models import build_model
+from fastserve_jax.models.attention import dense_batch
+from fastserve_jax.models.checkpoint import restore_params, save_params
+from fastserve_jax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

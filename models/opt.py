@@ -17,8 +17,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models.attention import AttnBatch, KVCache, attention
-from models.config import ModelConfig
+from fastserve_jax.models.attention import AttnBatch, KVCache, attention
+from fastserve_jax.models.config import ModelConfig
 
 POSITION_OFFSET = 2  # HF OPTLearnedPositionalEmbedding reserves the first two rows
 

@@ -4,7 +4,7 @@ The config comes from the architecture's `transformers` config class, the weight
 numpy normal draws shaped like our Linen param tree, written with `save_hf_checkpoint`
 under HF names. Used by the parity tests (tiny presets) and the benchmarks (llama-125m).
 
-    python -m models.random_checkpoint /tmp/llama125m --arch llama-125m
+    python -m fastserve_jax.models.random_checkpoint /tmp/llama125m --arch llama-125m
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import argparse
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from models.config import ModelConfig
-from models.loader import param_shapes, save_hf_checkpoint
+from fastserve_jax.models.config import ModelConfig
+from fastserve_jax.models.loader import param_shapes, save_hf_checkpoint
 
 # model_type -> (transformers config class, HF architecture name)
 _CONFIGS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),

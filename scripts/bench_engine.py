@@ -101,7 +101,7 @@ def fmt_stats(s: dict) -> str:
 def ensure_checkpoint(work_dir: str) -> str:
     path = os.path.join(work_dir, ARCH)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        from models.random_checkpoint import make_random_checkpoint
+        from fastserve_jax.models.random_checkpoint import make_random_checkpoint
 
         print(f"building random checkpoint {ARCH} in {path} ...", flush=True)
         os.makedirs(work_dir, exist_ok=True)
@@ -350,8 +350,8 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
 
     from fastserve_jax.sampling import SamplingArrays
     from fastserve_jax.xla_flags import launch_compiler_options
-    from models import build_model
-    from models.attention import AttnBatch, KVCache
+    from fastserve_jax.models import build_model
+    from fastserve_jax.models.attention import AttnBatch, KVCache
 
     opts = launch_compiler_options(jax.devices()[0].platform, batch) or None   # as the engine's decode launches
     made: dict = {}
@@ -695,7 +695,7 @@ def main(argv: list[str] | None = None) -> dict:
     import jax
 
     from fastserve_jax.persistent_cache import enable_compilation_cache
-    from models.config import ModelConfig
+    from fastserve_jax.models.config import ModelConfig
 
     path = ensure_checkpoint(args.work_dir)
     model_cfg = ModelConfig.from_pretrained(path)

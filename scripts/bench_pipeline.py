@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     except RuntimeError:
         pass
     from fastserve_jax import LLM, SamplingParams
-    from models.random_checkpoint import make_random_checkpoint
+    from fastserve_jax.models.random_checkpoint import make_random_checkpoint
 
     path = make_random_checkpoint(tempfile.mkdtemp(prefix="bench-pipeline-"), "llama", num_hidden_layers=a.layers,
                                   hidden_size=a.hidden, intermediate_size=a.hidden * 11 // 4 // 64 * 64,

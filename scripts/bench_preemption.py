@@ -45,9 +45,9 @@ sys.path.insert(0, ROOT)
 
 from fastserve_jax.metrics import PAPER_SLOS  # noqa: E402
 from fastserve_jax.workload import TraceRequest, burst_pool_blocks, kv_blocks, with_arrivals  # noqa: E402
-from models import demo_task  # noqa: E402
-from serve import bench_client  # noqa: E402
-from serve.bench_cmd import (TRACE, LaunchedServer, answer_problems, build_workload, screen_pairs,  # noqa: E402
+from fastserve_jax.models import demo_task  # noqa: E402
+from fastserve_jax.serve import bench_client  # noqa: E402
+from fastserve_jax.serve.bench_cmd import (TRACE, LaunchedServer, answer_problems, build_workload, screen_pairs,  # noqa: E402
                              slo_figures)
 
 POLICIES = ("fcfs", "skip-join-mlfq")
@@ -176,7 +176,7 @@ def local_engine(argv: list[str]):
     through the persistent cache), scheduler fcfs: it screens the pairs (bench_cmd.screen_pairs),
     then gives the simulator the servers' cost model and this machine's swap copy times."""
     from fastserve_jax import LLM
-    from serve.cli import _engine_kwargs, build_parser
+    from fastserve_jax.serve.cli import _engine_kwargs, build_parser
 
     return LLM(None, **_engine_kwargs(build_parser().parse_args(["serve", *argv, "--scheduler", "fcfs"])))
 
@@ -185,7 +185,7 @@ def servers_cost_model(eng) -> str:
     same cache key); returns its path. Raises if it is not cached: the simulator must run on
     the servers' model, not on one profiled here."""
     from fastserve_jax.cost_profile import cost_cache_key
-    from models.loader import cache_root
+    from fastserve_jax.models.loader import cache_root
 
     path = os.path.join(cache_root() or "", "cost_models", f"{cost_cache_key(eng)}.json")
     if not os.path.isfile(path):
@@ -357,7 +357,7 @@ def main() -> int:
         ap.error("--pairs, --capacity-requests >= 1, --num-requests >= 2 and --overload > 0")
     from transformers import AutoTokenizer
 
-    from models import demo_model_path
+    from fastserve_jax.models import demo_model_path
 
     t_start = time.monotonic()
     tok = AutoTokenizer.from_pretrained(demo_model_path())

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fastserve_jax import LLM, SamplingParams  # noqa: E402
 from fastserve_jax.metrics import summarize  # noqa: E402
 from fastserve_jax.workload import TraceRequest, load_trace  # noqa: E402
-from models import demo_task  # noqa: E402
+from fastserve_jax.models import demo_task  # noqa: E402
 
 POLICIES = ("proactive", "reactive", "recompute")
 TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", "azure_conv_2023.csv")
@@ -127,7 +127,7 @@ def part_copy(a) -> dict:
     from fastserve_jax.kv_transfer import KVTransfer
     from fastserve_jax.request import Request
     from fastserve_jax.config import SamplingParams
-    from models.attention import KVCache
+    from fastserve_jax.models.attention import KVCache
 
     L, BS, H, D, N = 32, 16, 8, 128, a.copy_blocks
     dev = jax.devices()[0]

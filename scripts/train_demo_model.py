@@ -30,8 +30,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from models import demo_task  # noqa: E402
-from models.demo_task import ExampleEncoder, MAX_NUMBER  # noqa: E402
+from fastserve_jax.models import demo_task  # noqa: E402
+from fastserve_jax.models.demo_task import ExampleEncoder, MAX_NUMBER  # noqa: E402
 
 # ----------------------------------------------------------------------------- tokenizer
 
@@ -233,7 +233,7 @@ def make_train_step(module, optimizer, eos_id: int, colon_id: int):
     import jax.numpy as jnp
     import optax
 
-    from models.attention import AttnBatch
+    from fastserve_jax.models.attention import AttnBatch
 
     def loss_fn(params, tokens, positions, seg, targets, mask, weights):
         logits, _ = module.apply({"params": params}, tokens, AttnBatch(positions=positions, seg=seg))
@@ -301,9 +301,9 @@ def train(args, tok, cfg_dict: dict):
     import jax.numpy as jnp
     import optax
 
-    from models import build_model
-    from models.attention import AttnBatch
-    from models.config import ModelConfig
+    from fastserve_jax.models import build_model
+    from fastserve_jax.models.attention import AttnBatch
+    from fastserve_jax.models.config import ModelConfig
 
     cfg = ModelConfig.from_dict(cfg_dict)
     module = build_model(cfg, "float32")
@@ -413,7 +413,7 @@ def main(argv=None) -> None:
 def save_artifacts(out_dir: str, cfg_dict: dict, params: dict, tok) -> None:
     """config.json + model.safetensors (models.loader), generation_config.json; the
     tokenizer files are already there (build_tokenizer)."""
-    from models.loader import save_hf_checkpoint
+    from fastserve_jax.models.loader import save_hf_checkpoint
 
     save_hf_checkpoint(cfg_dict, params, out_dir)
     gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
@@ -426,7 +426,7 @@ def save_artifacts(out_dir: str, cfg_dict: dict, params: dict, tok) -> None:
 def final_eval(args, tok) -> dict:
     """Exact match of the saved checkpoint, loaded back through models.loader.load_model:
     held-out pairs (with and without BOS) and a sweep stopping once at every B in 0..999."""
-    from models.loader import load_model
+    from fastserve_jax.models.loader import load_model
 
     _, module, params = load_model(args.out, cache_dir="")
     enc = ExampleEncoder(tok)

@@ -38,12 +38,12 @@ from starlette.routing import Route
 
 from fastserve_jax.engine import LLMEngine
 
-from serve.async_engine import AsyncEngine, RequestGroup
-from serve.errors import APIError, overloaded
-from serve.metrics import ServerMetrics
-from serve.openai_format import Choice, Formatter, sse
-from serve.prepare import prepare
-from serve.protocol import parse_body, parse_chat, parse_completion
+from fastserve_jax.serve.async_engine import AsyncEngine, RequestGroup
+from fastserve_jax.serve.errors import APIError, overloaded
+from fastserve_jax.serve.metrics import ServerMetrics
+from fastserve_jax.serve.openai_format import Choice, Formatter, sse
+from fastserve_jax.serve.prepare import prepare
+from fastserve_jax.serve.protocol import parse_body, parse_chat, parse_completion
 
 log = logging.getLogger("fastserve_jax.serve")
 FAULTY_AFTER = 3       # consecutive failed iterations before /health reports the engine failing

@@ -40,10 +40,10 @@ from fastserve_jax.metrics import PAPER_SLOS, UNLOADED_SLO_FACTOR, mean_latency_
     sweep_summary
 from fastserve_jax.scheduler import POLICIES
 from fastserve_jax.workload import TraceRequest, chat_output_lengths, load_trace, with_arrivals
-from models import demo_task
+from fastserve_jax.models import demo_task
 
-from serve import bench_client
-from serve.simulate_cmd import add_slo_args, print_summary
+from fastserve_jax.serve import bench_client
+from fastserve_jax.serve.simulate_cmd import add_slo_args, print_summary
 
 DEMO_MAX_TOKENS = 257   # the shipped demo model answers spans B - A <= 255: 256 numbers + EOS
 TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", "azure_conv_2023.csv")
@@ -193,7 +193,7 @@ class LaunchedServer:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(os.path.join(tempfile.gettempdir(), f"fastserve-bench-{scheduler}-{self.port}.log"), "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--port", str(self.port),
+        self.proc = subprocess.Popen([sys.executable, "-m", "fastserve_jax", "serve", "--port", str(self.port),
                                       "--scheduler", scheduler, "--log-level", "warning", *engine_argv],
                                      cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 

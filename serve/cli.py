@@ -16,9 +16,9 @@ import time
 
 from fastserve_jax.scheduler import POLICIES
 
-from serve.bench_cmd import add_bench_parser
-from serve.serve_cmd import add_serve_parser
-from serve.simulate_cmd import add_simulate_parser
+from fastserve_jax.serve.bench_cmd import add_bench_parser
+from fastserve_jax.serve.serve_cmd import add_serve_parser
+from fastserve_jax.serve.simulate_cmd import add_simulate_parser
 
 
 def _progress(done: int, total: int) -> None:

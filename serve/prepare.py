@@ -10,8 +10,8 @@ from jinja2 import TemplateError
 from fastserve_jax.config import SamplingParams
 from fastserve_jax.engine import LLMEngine
 
-from serve.errors import bad_request
-from serve.protocol import Job
+from fastserve_jax.serve.errors import bad_request
+from fastserve_jax.serve.protocol import Job
 
 
 def render_chat(tokenizer, messages: list[dict]) -> list[int]:

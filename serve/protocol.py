@@ -17,7 +17,7 @@ from typing import Any
 
 from fastserve_jax.config import MAX_LOGPROBS
 
-from serve.errors import bad_request
+from fastserve_jax.serve.errors import bad_request
 
 MAX_N = 16                # choices per prompt
 MAX_STOP = 8              # stop strings per request

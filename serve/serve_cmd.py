@@ -86,7 +86,7 @@ def engine_builder(model: str | None, engine_kwargs: dict):
 
 def _distributed(a: argparse.Namespace):
     """The multi-host config from flags over environment, or None on one host."""
-    from sharding.distributed import DistributedConfig
+    from fastserve_jax.sharding.distributed import DistributedConfig
 
     env = dict(os.environ)
     for flag, name in (("coordinator_address", "FASTSERVE_COORDINATOR"), ("num_processes", "FASTSERVE_NUM_PROCESSES"),
@@ -99,7 +99,7 @@ def _distributed(a: argparse.Namespace):
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from serve.cli import _engine_kwargs
+    from fastserve_jax.serve.cli import _engine_kwargs
 
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -109,8 +109,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         return 2
     channel = None
     if dist is not None:
-        from sharding.distributed import PlanChannel, initialize
-        from sharding.worker import close_workers, run_worker
+        from fastserve_jax.sharding.distributed import PlanChannel, initialize
+        from fastserve_jax.sharding.worker import close_workers, run_worker
 
         dist = initialize(dist)
         if dist.process_id != 0:
@@ -127,7 +127,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
-    from serve.app import ServerConfig, create_app
+    from fastserve_jax.serve.app import ServerConfig, create_app
 
     if a.max_pending < 1 or a.max_body_bytes < 1:
         print("error: --max-pending and --max-body-bytes must be >= 1", file=sys.stderr)

@@ -9,3 +9,7 @@
 
 docs/parallelism.md walks through the layout and how to launch on a pod.
 """
+
+if __name__ == "sharding":  # imported by the generic top-level name from a source checkout
+    raise ImportError("import fastserve_jax.sharding: the sharding/ folder installs under the fastserve_jax namespace")
+

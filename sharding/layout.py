@@ -22,10 +22,10 @@ import jax
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import NamedSharding, PartitionSpec
 
-from models.axes import ACTIVATION_AXES, CACHE_AXES, FIRST, LAST, leaf_axes, stages_of
-from models.config import ModelConfig
-from sharding.mesh import Meshes, ParallelConfig, build_meshes
-from sharding.rules import ShardingRules
+from fastserve_jax.models.axes import ACTIVATION_AXES, CACHE_AXES, FIRST, LAST, leaf_axes, stages_of
+from fastserve_jax.models.config import ModelConfig
+from fastserve_jax.sharding.mesh import Meshes, ParallelConfig, build_meshes
+from fastserve_jax.sharding.rules import ShardingRules
 
 
 def _unstack(x: jax.Array) -> list[jax.Array]:

@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import NamedSharding
 
-from models.attention import AttnBatch, KVCache
+from fastserve_jax.models.attention import AttnBatch, KVCache
 
 
 def stage_forward(module: nn.Module, block: nn.Module, first: bool, last: bool) -> Callable:

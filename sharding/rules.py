@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from sharding.mesh import PP, TP, TP_KV
+from fastserve_jax.sharding.mesh import PP, TP, TP_KV
 
 MeshAxes = str | tuple[str, ...] | None
 

@@ -20,7 +20,7 @@ import logging
 from typing import Callable
 
 from fastserve_jax.runner import LaunchWork, ModelRunner
-from sharding.distributed import ChannelClosed, PlanChannel, is_shutdown
+from fastserve_jax.sharding.distributed import ChannelClosed, PlanChannel, is_shutdown
 
 log = logging.getLogger(__name__)
 

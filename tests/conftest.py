@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """preset name -> directory of a random-weight tiny HF checkpoint (with a byte tokenizer)."""
-    from models.random_checkpoint import make_random_checkpoint
+    from fastserve_jax.models.random_checkpoint import make_random_checkpoint
 
     root = tmp_path_factory.mktemp("ckpt")
     cache: dict[str, str] = {}

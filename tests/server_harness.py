@@ -12,9 +12,9 @@ import time
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve import bench_client
-from serve.app import ServerConfig, create_app
-from serve.serve_cmd import engine_builder
+from fastserve_jax.serve import bench_client
+from fastserve_jax.serve.app import ServerConfig, create_app
+from fastserve_jax.serve.serve_cmd import engine_builder
 
 # Small settings: few buckets to compile, and a batch limit well below the load tests'
 # concurrency, so requests queue and the policy preempts. The CLI test uses the same
@@ -29,8 +29,8 @@ def answerable(pairs: list[tuple[int, int]], tokenizer) -> list[tuple[int, int]]
     that is correct must then return exactly these answers, however it batches."""
     import jax
 
-    from models import demo_model_path, demo_task
-    from models.loader import load_model
+    from fastserve_jax.models import demo_model_path, demo_task
+    from fastserve_jax.models.loader import load_model
 
     _, module, params = load_model(demo_model_path(), cache_dir="")
     apply = jax.jit(lambda t, b: module.apply({"params": params}, t, b)[0])

@@ -25,7 +25,7 @@ import urllib.request
 
 import pytest
 
-from models import demo_task
+from fastserve_jax.models import demo_task
 from server_harness import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,9 +135,9 @@ def test_serve_answers_completion_and_chat(venv, tmp_path):
 
 CHAT_ERRORS = r"""
 import json, shutil, sys
-from models import demo_model_path
-from serve.errors import APIError
-from serve.prepare import render_chat
+from fastserve_jax.models import demo_model_path
+from fastserve_jax.serve.errors import APIError
+from fastserve_jax.serve.prepare import render_chat
 from transformers import AutoTokenizer
 
 tok = AutoTokenizer.from_pretrained(demo_model_path())

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from fastserve_jax.workload import TraceRequest, burst_pool_blocks, chat_output_lengths, kv_blocks
-from models import demo_task
-from serve import bench_client
-from serve.bench_cmd import TRACE, answer_problems, build_workload
+from fastserve_jax.models import demo_task
+from fastserve_jax.serve import bench_client
+from fastserve_jax.serve.bench_cmd import TRACE, answer_problems, build_workload
 
 _spec = importlib.util.spec_from_file_location(
     "bench_preemption", pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_preemption.py")
@@ -146,7 +146,7 @@ def test_calibrate_overhead_brackets_a_jumping_simulator_and_never_goes_negative
 def test_screen_pairs_replaces_the_models_misses_by_pairs_of_the_same_span():
     from types import SimpleNamespace
 
-    from serve.bench_cmd import screen_pairs
+    from fastserve_jax.serve.bench_cmd import screen_pairs
 
     class Llm:                          # misses every count that starts at 95, like the demo model's ' 95' stop
         calls = 0

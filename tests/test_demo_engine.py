@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fastserve_jax import LLM, SamplingParams, demo_model_path
-from models import demo_task
+from fastserve_jax.models import demo_task
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(demo_model_path(), "model.safetensors")),
                                 reason="demo model not built (scripts/train_demo_model.py)")
@@ -50,8 +50,8 @@ def test_demo_parity_with_transformers():
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models.attention import dense_batch
-    from models.loader import load_model
+    from fastserve_jax.models.attention import dense_batch
+    from fastserve_jax.models.loader import load_model
 
     path = demo_model_path()
     tok = AutoTokenizer.from_pretrained(path)

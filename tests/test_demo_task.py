@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from models import demo_model_path, demo_task
-from models.demo_task import (MAX_SPAN, ExampleEncoder, answer_num_tokens, check_answer, expected_answer,
+from fastserve_jax.models import demo_model_path, demo_task
+from fastserve_jax.models.demo_task import (MAX_SPAN, ExampleEncoder, answer_num_tokens, check_answer, expected_answer,
                               held_out_pairs, make_prompt, pair_for_output_len, parse_prompt, sample_pairs)
 
 DEMO = demo_model_path()
@@ -131,7 +131,7 @@ def test_demo_config_files(tok):
 
 @pytest.fixture(scope="module")
 def demo_model():
-    from models.loader import load_model
+    from fastserve_jax.models.loader import load_model
     return load_model(DEMO, cache_dir="")
 
 

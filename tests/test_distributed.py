@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sharding.distributed import (SHUTDOWN, ChannelClosed, DistributedConfig, PlanChannel, decode, encode,
+from fastserve_jax.sharding.distributed import (SHUTDOWN, ChannelClosed, DistributedConfig, PlanChannel, decode, encode,
                                   is_shutdown)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,7 +184,7 @@ def test_from_env_validation(env, match):
 def test_initialize_after_jax_use_is_refused():
     code = textwrap.dedent("""
         import jax
-        from sharding.distributed import DistributedConfig, initialize
+        from fastserve_jax.sharding.distributed import DistributedConfig, initialize
         jax.devices()
         try:
             initialize(DistributedConfig("127.0.0.1:1", 1, 0))
@@ -198,7 +198,7 @@ def test_initialize_after_jax_use_is_refused():
 TWO_PROCESS = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from sharding.distributed import DistributedConfig, PlanChannel, initialize, is_shutdown
+    from fastserve_jax.sharding.distributed import DistributedConfig, PlanChannel, initialize, is_shutdown
     cfg = initialize(DistributedConfig(sys.argv[1], 2, int(sys.argv[2]), plan_port=int(sys.argv[3]),
                                        local_device_count=2), timeout_s=60)
     import jax

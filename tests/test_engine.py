@@ -12,7 +12,7 @@ import pytest
 from fastserve_jax import LLM, SamplingParams
 from fastserve_jax.compile_guard import CompileCounter
 from fastserve_jax.scheduler import POLICIES
-from models.random_checkpoint import TINY_PRESETS
+from fastserve_jax.models.random_checkpoint import TINY_PRESETS
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 ENGINE_KW = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, block_size=8, num_device_blocks=160,

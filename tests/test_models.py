@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from models import build_model
-from models.attention import NULL_BLOCK, AttnBatch, KVCache, dense_batch
-from models.checkpoint import restore_params, save_params
-from models.config import ModelConfig
-from models.loader import (CACHE_ENV, INDEX_FILE, cache_key, load_hf_params, load_model, param_shapes,
+from fastserve_jax.models import build_model
+from fastserve_jax.models.attention import NULL_BLOCK, AttnBatch, KVCache, dense_batch
+from fastserve_jax.models.checkpoint import restore_params, save_params
+from fastserve_jax.models.config import ModelConfig
+from fastserve_jax.models.loader import (CACHE_ENV, INDEX_FILE, cache_key, load_hf_params, load_model, param_shapes,
                            read_raw_tensor, save_hf_checkpoint)
-from models.random_checkpoint import TINY_PRESETS, make_random_checkpoint
+from fastserve_jax.models.random_checkpoint import TINY_PRESETS, make_random_checkpoint
 
 TOL = 1e-4
 SEQ = 32  # dense test rows are (2, SEQ); greedy generation reuses the same compiled shape
@@ -282,7 +282,7 @@ def test_load_model_restores_from_cache(checkpoint, tmp_path, monkeypatch):
     def no_conversion(*a, **k):
         raise AssertionError("the cached params should have been restored")
 
-    monkeypatch.setattr("models.loader.load_hf_params", no_conversion)
+    monkeypatch.setattr("fastserve_jax.models.loader.load_hf_params", no_conversion)
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # the env var names the same root
     cfg2, module, restored = load_model(path)
     assert cfg2 == cfg and _tree_equal(restored, converted)

@@ -39,7 +39,7 @@ def test_two_processes_serve_a_request_end_to_end(tmp_path):
     http, coord = _free_ports(2)
     while coord + 1 in (http,):
         http, coord = _free_ports(2)
-    common = ["-m", "serve.cli", "serve", "--port", str(http), "--coordinator-address", f"127.0.0.1:{coord}",
+    common = ["-m", "fastserve_jax", "serve", "--port", str(http), "--coordinator-address", f"127.0.0.1:{coord}",
               "--num-processes", "2", "-tp", "2", "-pp", "2", "--scheduler", "fcfs", "--max-num-seqs", "4",
               "--max-num-batched-tokens", "64", "--max-model-len", "256", "--num-device-blocks", "9", "--block-size", "8",
               "--log-level", "info"]

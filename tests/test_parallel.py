@@ -13,8 +13,8 @@ from jax.sharding import PartitionSpec as P
 
 from fastserve_jax.config import SamplingParams
 from fastserve_jax.llm import LLM
-from sharding.mesh import ParallelConfig, build_meshes, ordered_devices
-from sharding.rules import ShardingRules
+from fastserve_jax.sharding.mesh import ParallelConfig, build_meshes, ordered_devices
+from fastserve_jax.sharding.rules import ShardingRules
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (virtual) devices")
 
@@ -29,7 +29,7 @@ GREEDY = [SamplingParams(max_tokens=12 + 3 * i, temperature=0, ignore_eos=True) 
 def four_layer(tmp_path_factory):
     """arch -> a random 4-layer checkpoint (Llama: 4 query heads over 2 KV heads) and its
     single-device greedy outputs with ample KV memory."""
-    from models.random_checkpoint import make_random_checkpoint
+    from fastserve_jax.models.random_checkpoint import make_random_checkpoint
 
     out = {}
     for arch in ("llama", "opt"):

@@ -56,8 +56,8 @@ def _reference_greedy(path: str, prompt: list[int], sp: SamplingParams) -> list[
     to one length, so it compiles once) and the penalties applied in numpy."""
     import jax
 
-    from models.attention import dense_batch
-    from models.loader import load_model
+    from fastserve_jax.models.attention import dense_batch
+    from fastserve_jax.models.loader import load_model
 
     _, module, params = load_model(path)
     length = len(prompt) + sp.max_tokens

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from models import demo_task
-from serve import bench_client
+from fastserve_jax.models import demo_task
+from fastserve_jax.serve import bench_client
 from server_harness import ENGINE_ARGS, free_port
 
 openai = pytest.importorskip("openai")
@@ -55,7 +55,7 @@ def test_serve_command_api_key_warmup_and_graceful_shutdown():
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, FASTSERVE_API_KEY="sekret")
-    proc = subprocess.Popen([sys.executable, "-m", "serve.cli", "serve", "--port", str(port), *ENGINE_ARGS,
+    proc = subprocess.Popen([sys.executable, "-m", "fastserve_jax", "serve", "--port", str(port), *ENGINE_ARGS,
                              "--shutdown-timeout", "60"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

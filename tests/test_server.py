@@ -10,9 +10,9 @@ import json
 import numpy as np
 import pytest
 
-from models import demo_task
-from serve import bench_client
-from serve.app import ServerConfig
+from fastserve_jax.models import demo_task
+from fastserve_jax.serve import bench_client
+from fastserve_jax.serve.app import ServerConfig
 from server_harness import LiveServer, answerable
 
 openai = pytest.importorskip("openai")

@@ -25,12 +25,12 @@ import pytest  # noqa: E402
 from flax.traverse_util import flatten_dict  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from models.checkpoint import restore_params, save_params  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.loader import _Tensors, cache_key, load_hf_params, load_model, param_shapes  # noqa: E402
-from models.random_checkpoint import make_random_checkpoint  # noqa: E402
-from sharding.layout import ModelLayout  # noqa: E402
-from sharding.mesh import ParallelConfig  # noqa: E402
+from fastserve_jax.models.checkpoint import restore_params, save_params  # noqa: E402
+from fastserve_jax.models.config import ModelConfig  # noqa: E402
+from fastserve_jax.models.loader import _Tensors, cache_key, load_hf_params, load_model, param_shapes  # noqa: E402
+from fastserve_jax.models.random_checkpoint import make_random_checkpoint  # noqa: E402
+from fastserve_jax.sharding.layout import ModelLayout  # noqa: E402
+from fastserve_jax.sharding.mesh import ParallelConfig  # noqa: E402
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 CPU devices: the JAX backend was "
                                 "initialised before this module could set jax_num_cpu_devices=8")
@@ -164,7 +164,7 @@ def test_load_model_places_and_caches_sharded(ckpt, tmp_path, monkeypatch):
     def no_conversion(*a, **k):
         raise AssertionError("the cached params should have been restored")
 
-    monkeypatch.setattr("models.loader.load_hf_params", no_conversion)
+    monkeypatch.setattr("fastserve_jax.models.loader.load_hf_params", no_conversion)
     other = ModelLayout(cfg, ParallelConfig(4, 1)).abstract_params
     _, _, restored = load_model(path, cache_dir=str(tmp_path), place=other)
     _assert_placed(restored, other(param_shapes(cfg)), ref)

@@ -15,7 +15,7 @@ from fastserve_jax.scheduler import POLICIES
 from fastserve_jax.sim import SimConfig, simulate
 from fastserve_jax.workload import TraceRequest, capacity_rps, heavy_tailed_trace, load_trace, save_trace, \
     with_arrivals
-from serve.cli import main
+from fastserve_jax.serve.cli import main
 
 # 1 s per decode iteration at any batch; prefill 1 s up to 100 tokens, then 1 s per 100 tokens
 UNIT = CostModel("unit", prefill_tokens=(1, 100, 400), prefill_seconds=(1.0, 1.0, 4.0),

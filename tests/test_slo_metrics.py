@@ -18,9 +18,9 @@ from fastserve_jax.metrics import PAPER_SLOS, highest_rate_within, parse_slo_pai
 from fastserve_jax.request import Request, RequestStatus
 from fastserve_jax.sim import SimConfig, simulate
 from fastserve_jax.workload import TraceRequest, load_trace, save_trace, with_arrivals
-from serve import bench_client
-from serve.bench_cmd import slo_figures
-from serve.cli import main
+from fastserve_jax.serve import bench_client
+from fastserve_jax.serve.bench_cmd import slo_figures
+from fastserve_jax.serve.cli import main
 
 AZURE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", "azure_conv_2023.csv")
 

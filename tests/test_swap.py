@@ -21,7 +21,7 @@ from fastserve_jax.scheduler import Limits, make_scheduler
 from fastserve_jax.sim import SimConfig, advance, simulate
 from fastserve_jax.swap_policy import SwapPolicy
 from fastserve_jax.workload import TraceRequest
-from models import demo_task
+from fastserve_jax.models import demo_task
 
 COST = CostModel("literal", prefill_tokens=(1, 100, 10_000), prefill_seconds=(0.01, 0.01, 1.0),
                  decode_batch=(1,), decode_seconds=(0.01,), kv_bytes_per_token=1000, swap_bandwidth=1e6)
