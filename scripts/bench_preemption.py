@@ -176,9 +176,9 @@ def local_engine(argv: list[str]):
     through the persistent cache), scheduler fcfs: it screens the pairs (bench_cmd.screen_pairs),
     then gives the simulator the servers' cost model and this machine's swap copy times."""
     from fastserve_jax import LLM
-    from fastserve_jax.serve.cli import _engine_kwargs, build_parser
+    from fastserve_jax.serve.engine_args import engine_kwargs, parse_engine_args
 
-    return LLM(None, **_engine_kwargs(build_parser().parse_args(["serve", *argv, "--scheduler", "fcfs"])))
+    return LLM(None, **engine_kwargs(parse_engine_args([*argv, "--scheduler", "fcfs"])))
 
 def servers_cost_model(eng) -> str:
     """Give `eng` the cost model the skip-join servers profiled (same engine options, so the

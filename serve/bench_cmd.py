@@ -43,6 +43,7 @@ from fastserve_jax.workload import TraceRequest, chat_output_lengths, load_trace
 from fastserve_jax.models import demo_task
 
 from fastserve_jax.serve import bench_client
+from fastserve_jax.serve.engine_args import add_engine_args, engine_argv
 from fastserve_jax.serve.simulate_cmd import add_slo_args, print_summary
 
 DEMO_MAX_TOKENS = 257   # the shipped demo model answers spans B - A <= 255: 256 numbers + EOS
@@ -50,7 +51,7 @@ TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def add_bench_parser(sub, add_engine_args) -> None:
+def add_bench_parser(sub) -> None:
     p = sub.add_parser(
         "bench", help="measure TTFT, TPOT, inter-token and end-to-end latency over HTTP at several arrival rates",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, conflict_handler="resolve",
@@ -220,17 +221,6 @@ class LaunchedServer:
         self.log.close()
 
 
-def _engine_argv(a: argparse.Namespace) -> list[str]:
-    argv = []
-    for flag in ("model", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                 "num_device_blocks", "num_host_blocks", "swap_policy", "cost_model", "seed",
-                 "tensor_parallel_size", "pipeline_parallel_size", "batches_in_flight"):
-        v = getattr(a, flag)
-        if v is not None:
-            argv += [f"--{flag.replace('_', '-')}", str(v)]
-    return argv
-
-
 COLS = [("ttft", "ttft"), ("tpot", "tpot"), ("itl", "itl"), ("e2e", "e2e")]
 
 
@@ -271,7 +261,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     for sched in targets:
         server = None
         if a.url is None:
-            server = LaunchedServer(sched, _engine_argv(a))
+            server = LaunchedServer(sched, engine_argv(a))
             print(f"starting a server with scheduler {sched} (log: {server.log.name}) ...", file=sys.stderr)
         try:
             url = a.url or server.url

@@ -14,9 +14,8 @@ import os
 import sys
 import time
 
-from fastserve_jax.scheduler import POLICIES
-
 from fastserve_jax.serve.bench_cmd import add_bench_parser
+from fastserve_jax.serve.engine_args import add_engine_args, engine_kwargs
 from fastserve_jax.serve.serve_cmd import add_serve_parser
 from fastserve_jax.serve.simulate_cmd import add_simulate_parser
 
@@ -27,48 +26,6 @@ def _progress(done: int, total: int) -> None:
     end = "\n" if done == total else ""
     print(f"\rwarm-up: compiling [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end,
           file=sys.stderr, flush=True)
-
-
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None,
-                   help="Hugging Face model directory (config.json, *.safetensors, tokenizer); "
-                        "default: the bundled demo model, which counts ('count from 3 to 12:')")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, at most 2048)")
-    g.add_argument("--max-num-seqs", type=int, default=32, help="most sequences in one iteration")
-    g.add_argument("--max-num-batched-tokens", type=int, default=512,
-                   help="token budget of one iteration; longer prompts are prefilled in chunks")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    g.add_argument("--num-device-blocks", type=int, default=None, help="KV blocks on the device (default: sized from memory)")
-    g.add_argument("--num-host-blocks", type=int, default=None,
-                   help="host KV pool for swapped-out requests, in blocks (default: as many as the device pool, "
-                        "within 4 GiB; 0: none)")
-    g.add_argument("--swap-policy", default="proactive", choices=["proactive", "reactive", "recompute"],
-                   help="where paused requests' KV goes under memory pressure (default: FastServe's proactive "
-                        "swapping to host memory)")
-    g.add_argument("--scheduler", default="skip-join-mlfq", choices=sorted(POLICIES),
-                   help="scheduling policy (default: FastServe's skip-join MLFQ)")
-    g.add_argument("--cost-model", default=None,
-                   help="cost model for the policy: a shipped name or JSON path (default: profile this engine)")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("parallelism (devices used: tensor x pipeline parallel size)")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="split attention heads, MLP units and the vocabulary over this many devices (default 1)")
-    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
-                   help="split the layers into this many pipeline stages, each on its own tensor-parallel "
-                        "group of devices (default 1)")
-    g.add_argument("--batches-in-flight", type=int, default=0,
-                   help="batches dispatched at once in pipeline mode (default: one per stage)")
-
-
-def _engine_kwargs(a: argparse.Namespace) -> dict:
-    return dict(dtype=a.dtype, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
-                max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
-                num_device_blocks=a.num_device_blocks, num_host_blocks=a.num_host_blocks, swap_policy=a.swap_policy,
-                scheduler=a.scheduler, cost_model=a.cost_model, seed=a.seed,
-                tensor_parallel_size=a.tensor_parallel_size, pipeline_parallel_size=a.pipeline_parallel_size,
-                batches_in_flight=a.batches_in_flight)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -84,7 +41,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if not prompts:
         prompts = ["count from 3 to 12:", "count from 250 to 300:", "count from 0 to 7:"]
     t0 = time.perf_counter()
-    llm = LLM(a.model, progress=_progress, **_engine_kwargs(a))
+    llm = LLM(a.model, progress=_progress, **engine_kwargs(a))
     print(f"engine ready in {time.perf_counter() - t0:.1f} s (warm-up compile {llm.engine.warmup_seconds:.1f} s)",
           file=sys.stderr)
     try:
@@ -106,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "--model names a Hugging Face model directory; the first start compiles for a while "
                     "(compiled code is cached in ~/.cache/fastserve_jax for later starts).")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_serve_parser(sub, _add_engine_args)
+    add_serve_parser(sub)
     g = sub.add_parser("generate", help="generate completions for prompts given on the command line",
                        description="Generate completions for one or more prompts and print them with timings.")
     g.add_argument("prompt_pos", nargs="*", metavar="PROMPT", help="prompt text (several allowed)")
@@ -118,10 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed-sampling", type=int, default=None, help="per-request sampling seed")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
-    _add_engine_args(g)
+    add_engine_args(g)
     g.set_defaults(func=cmd_generate)
     add_simulate_parser(sub)
-    add_bench_parser(sub, _add_engine_args)
+    add_bench_parser(sub)
     return ap
 
 

@@ -15,12 +15,14 @@ import sys
 
 import uvicorn
 
+from fastserve_jax.serve.engine_args import add_engine_args, engine_kwargs
+
 log = logging.getLogger("fastserve_jax.serve")
 
 API_KEY_ENV = "FASTSERVE_API_KEY"
 
 
-def add_serve_parser(sub, add_engine_args) -> None:
+def add_serve_parser(sub) -> None:
     p = sub.add_parser(
         "serve", help="run the OpenAI-compatible HTTP server (default: the demo model on 127.0.0.1:8000)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -99,8 +101,6 @@ def _distributed(a: argparse.Namespace):
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from fastserve_jax.serve.cli import _engine_kwargs
-
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         dist = _distributed(a)
@@ -116,11 +116,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
         if dist.process_id != 0:
             log.info("process %d of %d: worker, following %s", dist.process_id, dist.num_processes,
                      dist.coordinator_address)
-            return run_worker(a.model, _engine_kwargs(a), PlanChannel.connect(dist), progress_logger())
+            return run_worker(a.model, engine_kwargs(a), PlanChannel.connect(dist), progress_logger())
         channel = PlanChannel.serve(dist)
         log.info("process 0 of %d: leader, %d worker(s) connected", dist.num_processes, dist.num_processes - 1)
     try:
-        return _serve(a, _engine_kwargs(a) if channel is None else dict(_engine_kwargs(a), mirror=channel.send))
+        return _serve(a, engine_kwargs(a) if channel is None else dict(engine_kwargs(a), mirror=channel.send))
     finally:
         if channel is not None:
             close_workers(channel)

@@ -1,0 +1,71 @@
+"""The engine's command-line options, shared by `serve`, `generate` and `bench` (and scripts):
+the flags, the LLM(...) keyword arguments they give, and the flags again for a server started
+in a subprocess."""
+
+from __future__ import annotations
+
+import argparse
+
+from fastserve_jax.scheduler import POLICIES
+
+# the options passed through to LLM(...) by name; --model and --scheduler are handled apart
+# (the model is LLM's first argument; bench gives each started server its own scheduler)
+ENGINE_OPTIONS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                  "num_device_blocks", "num_host_blocks", "swap_policy", "cost_model", "seed",
+                  "tensor_parallel_size", "pipeline_parallel_size", "batches_in_flight")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="Hugging Face model directory (config.json, *.safetensors, tokenizer); "
+                        "default: the bundled demo model, which counts ('count from 3 to 12:')")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, at most 2048)")
+    g.add_argument("--max-num-seqs", type=int, default=32, help="most sequences in one iteration")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="token budget of one iteration; longer prompts are prefilled in chunks")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    g.add_argument("--num-device-blocks", type=int, default=None, help="KV blocks on the device (default: sized from memory)")
+    g.add_argument("--num-host-blocks", type=int, default=None,
+                   help="host KV pool for swapped-out requests, in blocks (default: as many as the device pool, "
+                        "within 4 GiB; 0: none)")
+    g.add_argument("--swap-policy", default="proactive", choices=["proactive", "reactive", "recompute"],
+                   help="where paused requests' KV goes under memory pressure (default: FastServe's proactive "
+                        "swapping to host memory)")
+    g.add_argument("--scheduler", default="skip-join-mlfq", choices=sorted(POLICIES),
+                   help="scheduling policy (default: FastServe's skip-join MLFQ)")
+    g.add_argument("--cost-model", default=None,
+                   help="cost model for the policy: a shipped name or JSON path (default: profile this engine)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("parallelism (devices used: tensor x pipeline parallel size)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split attention heads, MLP units and the vocabulary over this many devices (default 1)")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="split the layers into this many pipeline stages, each on its own tensor-parallel "
+                        "group of devices (default 1)")
+    g.add_argument("--batches-in-flight", type=int, default=0,
+                   help="batches dispatched at once in pipeline mode (default: one per stage)")
+
+
+def parse_engine_args(argv: list[str]) -> argparse.Namespace:
+    """The engine options alone, e.g. a server's engine argv read back in-process."""
+    p = argparse.ArgumentParser(prog="engine options")
+    add_engine_args(p)
+    return p.parse_args(argv)
+
+
+def engine_kwargs(a: argparse.Namespace) -> dict:
+    """LLM(a.model, **engine_kwargs(a)): every engine option but the model."""
+    return dict({k: getattr(a, k) for k in ENGINE_OPTIONS}, scheduler=a.scheduler)
+
+
+def engine_argv(a: argparse.Namespace) -> list[str]:
+    """The flags that give a started `fastserve-jax serve` the same engine (model included, the
+    scheduler left out); options at None (their defaults) are not passed."""
+    argv = []
+    for flag in ("model", *ENGINE_OPTIONS):
+        v = getattr(a, flag)
+        if v is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(v)]
+    return argv
