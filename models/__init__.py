@@ -8,8 +8,10 @@ if __name__ == "models":  # imported by the generic top-level name from a source
 import os
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from fastserve_jax.models.attention import dense_batch
 from fastserve_jax.models.config import ModelConfig
 from fastserve_jax.models.llama import LlamaBlock, LlamaForCausalLM
 from fastserve_jax.models.opt import OPTBlock, OPTForCausalLM
@@ -21,6 +23,14 @@ _BLOCKS = {"llama": LlamaBlock, "opt": OPTBlock}
 def build_model(cfg: ModelConfig, dtype: str = "float32") -> nn.Module:
     """The Linen module for an architecture; params come from `models.loader`."""
     return _ARCHS[cfg.arch](cfg, jnp.dtype(dtype))
+
+
+def param_shapes(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """The param tree `build_model(cfg, dtype)` expects, as jax.ShapeDtypeStruct leaves."""
+    module = build_model(cfg, dtype)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    variables = jax.eval_shape(module.init, jax.random.key(0), tokens, dense_batch(tokens.shape))
+    return variables["params"]
 
 
 def build_block(cfg: ModelConfig, dtype: str = "float32") -> nn.Module:

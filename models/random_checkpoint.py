@@ -14,8 +14,9 @@ import argparse
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from fastserve_jax.models import param_shapes
 from fastserve_jax.models.config import ModelConfig
-from fastserve_jax.models.loader import param_shapes, save_hf_checkpoint
+from fastserve_jax.models.loader import save_hf_checkpoint
 
 # model_type -> (transformers config class, HF architecture name)
 _CONFIGS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),

@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from fastserve_jax.models import build_model
+from fastserve_jax.models import build_model, param_shapes
 from fastserve_jax.models.attention import NULL_BLOCK, AttnBatch, KVCache, dense_batch
 from fastserve_jax.models.checkpoint import restore_params, save_params
 from fastserve_jax.models.config import ModelConfig
-from fastserve_jax.models.loader import (CACHE_ENV, INDEX_FILE, cache_key, load_hf_params, load_model, param_shapes,
-                           read_raw_tensor, save_hf_checkpoint)
+from fastserve_jax.models.hf_files import INDEX_FILE, read_raw_tensor
+from fastserve_jax.models.hf_params import load_hf_params
+from fastserve_jax.models.loader import CACHE_ENV, cache_key, load_model, save_hf_checkpoint
 from fastserve_jax.models.random_checkpoint import TINY_PRESETS, make_random_checkpoint
 
 TOL = 1e-4

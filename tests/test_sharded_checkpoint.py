@@ -25,9 +25,12 @@ import pytest  # noqa: E402
 from flax.traverse_util import flatten_dict  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
+from fastserve_jax.models import param_shapes  # noqa: E402
 from fastserve_jax.models.checkpoint import restore_params, save_params  # noqa: E402
 from fastserve_jax.models.config import ModelConfig  # noqa: E402
-from fastserve_jax.models.loader import _Tensors, cache_key, load_hf_params, load_model, param_shapes  # noqa: E402
+from fastserve_jax.models.hf_files import WeightReader  # noqa: E402
+from fastserve_jax.models.hf_params import load_hf_params  # noqa: E402
+from fastserve_jax.models.loader import cache_key, load_model  # noqa: E402
 from fastserve_jax.models.random_checkpoint import make_random_checkpoint  # noqa: E402
 from fastserve_jax.sharding.layout import ModelLayout  # noqa: E402
 from fastserve_jax.sharding.mesh import ParallelConfig  # noqa: E402
@@ -77,14 +80,14 @@ def _assert_placed(params: dict, target: dict, ref: dict) -> None:
 def reads(monkeypatch):
     """Records (tensor name, shape of the block read) of every checkpoint read."""
     log: list[tuple[str, tuple[int, ...]]] = []
-    read = _Tensors.read
+    read = WeightReader.read
 
     def recording(self, name, index):
         out = read(self, name, index)
         log.append((name, out.shape))
         return out
 
-    monkeypatch.setattr(_Tensors, "read", recording)
+    monkeypatch.setattr(WeightReader, "read", recording)
     return log
 
 

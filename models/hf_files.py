@@ -1,0 +1,137 @@
+"""Hugging Face safetensors weight files: finding them, reading tensors block by block, writing them.
+
+A model directory holds one `model.safetensors`, or shards named by
+`model.safetensors.index.json`. Reading never loads a whole tensor unless asked to: the
+headers give names and shapes, and `WeightReader.read` reads one block. Dtypes the installed
+safetensors cannot hand to numpy (bfloat16, float8) are read through a memory map of the file.
+What the names mean for our param tree is hf_params.py's business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import math
+import os
+import struct
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# safetensors dtype codes, for reading tensors this numpy/safetensors pair cannot.
+_ST_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
+              "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+              "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64, "U8": np.uint8, "BOOL": np.bool_}
+# The dtypes safetensors hands to numpy itself; others are memory-mapped and read by us.
+_NUMPY_NATIVE = {"F16", "F32", "F64", "I8", "I16", "I32", "I64", "U8", "BOOL"}
+
+
+def weight_files(path: str) -> list[str]:
+    """The safetensors files of a model directory (one file, or the shards named by the index)."""
+    single, index = os.path.join(path, SINGLE_FILE), os.path.join(path, INDEX_FILE)
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        if missing:
+            raise ValueError(f"{INDEX_FILE} in {path!r} names shard files that are not there: {missing}")
+        return [os.path.join(path, s) for s in shards]
+    raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path!r}; only safetensors checkpoints are "
+                     "supported (re-save a PyTorch .bin checkpoint with save_pretrained(safe_serialization=True))")
+
+
+def _raw_header(file: str) -> tuple[int, dict]:
+    """(offset of the data section, JSON header) of a safetensors file: an 8-byte little-endian
+    header length, the JSON header, then the tensors' bytes."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return 8 + n, json.loads(f.read(n))
+
+
+def _raw_view(file: str, data_start: int, info: dict) -> np.ndarray:
+    """A read-only memory map of one tensor (no bytes are read until it is indexed)."""
+    dtype = np.dtype(_ST_DTYPES[info["dtype"]]).newbyteorder("<")
+    shape = tuple(info["shape"])
+    if math.prod(shape) == 0:
+        return np.empty(shape, dtype)
+    start, _ = info["data_offsets"]
+    return np.memmap(file, dtype=dtype, mode="r", offset=data_start + start, shape=shape)
+
+
+def read_raw_tensor(file: str, name: str) -> np.ndarray:
+    """Read one tensor straight from the safetensors layout; used for dtypes (bfloat16, float8)
+    that the installed safetensors may not hand to numpy."""
+    data_start, header = _raw_header(file)
+    return np.array(_raw_view(file, data_start, header[name]))
+
+
+class WeightReader:
+    """Name -> tensor over all weight files, each opened once (closed with `stack`). Shapes come
+    from the headers; `read` reads only the requested block of a tensor. `rename` maps a stored
+    name to the one callers ask for (e.g. adding a missing `model.` prefix)."""
+
+    def __init__(self, files: list[str], stack: contextlib.ExitStack, rename: Callable[[str], str] = str):
+        self._where: dict[str, tuple[str, object, str]] = {}  # name -> (file, handle, stored name)
+        self._raw: dict[str, tuple[int, dict]] = {}           # file -> _raw_header(file), when needed
+        for file in files:
+            handle = stack.enter_context(safe_open(file, framework="numpy"))
+            for stored in handle.keys():
+                self._where[rename(stored)] = (file, handle, stored)
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        _, handle, stored = self._where[name]
+        return tuple(handle.get_slice(stored).get_shape())
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """tensor[index] (index in the stored (HF) axis order), reading only that block."""
+        file, handle, stored = self._where[name]
+        sl = handle.get_slice(stored)
+        if sl.get_dtype() in _NUMPY_NATIVE:
+            return sl[index]
+        if file not in self._raw:  # bfloat16 / float8: memory-map the file and slice on the host
+            self._raw[file] = _raw_header(file)
+        data_start, header = self._raw[file]
+        return np.array(_raw_view(file, data_start, header[stored])[index])
+
+
+def write_weight_files(tensors: dict[str, np.ndarray], out_dir: str, max_shard_bytes: int | None = None) -> None:
+    """Write {HF name: array} as `model.safetensors`, or, with max_shard_bytes, as
+    `model-0000k-of-0000n.safetensors` plus `model.safetensors.index.json` (a tensor larger
+    than the limit gets a shard of its own). Weight files already in out_dir are replaced."""
+    os.makedirs(out_dir, exist_ok=True)
+    for old in glob.glob(os.path.join(out_dir, "model*.safetensors")) + glob.glob(os.path.join(out_dir, INDEX_FILE)):
+        os.remove(old)
+    meta = {"format": "pt"}  # transformers refuses safetensors files without it
+    if max_shard_bytes is None:
+        save_file(tensors, os.path.join(out_dir, SINGLE_FILE), metadata=meta)
+        return
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.nbytes
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, fname), metadata=meta)
+        weight_map.update({name: fname for name in shard})
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+    with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+        json.dump(index, f, indent=2)
