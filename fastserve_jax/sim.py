@@ -35,7 +35,7 @@ from fastserve_jax.kv_plan import apply_ahead, apply_plan
 from fastserve_jax.request import Request, RequestStatus
 from fastserve_jax.swap_policy import SwapPolicy
 from fastserve_jax.scheduler import Limits, Plan, make_scheduler
-from fastserve_jax.metrics import summarize
+from fastserve_jax.slo import summarize
 from fastserve_jax.workload import TraceRequest
 
 

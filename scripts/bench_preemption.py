@@ -43,7 +43,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fastserve_jax.metrics import PAPER_SLOS  # noqa: E402
+from fastserve_jax.slo import PAPER_SLOS  # noqa: E402
 from fastserve_jax.workload import TraceRequest, burst_pool_blocks, kv_blocks, with_arrivals  # noqa: E402
 from fastserve_jax.models import demo_task  # noqa: E402
 from fastserve_jax.serve import bench_client  # noqa: E402

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastserve_jax import LLM, SamplingParams  # noqa: E402
-from fastserve_jax.metrics import summarize  # noqa: E402
+from fastserve_jax.slo import summarize  # noqa: E402
 from fastserve_jax.workload import TraceRequest, load_trace  # noqa: E402
 from fastserve_jax.models import demo_task  # noqa: E402
 

@@ -40,7 +40,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from fastserve_jax.cost_model import CostModel  # noqa: E402
-from fastserve_jax.metrics import (UNLOADED_SLO_FACTOR, request_latencies, slo_attainment, sweep_summary,  # noqa: E402
+from fastserve_jax.slo import (UNLOADED_SLO_FACTOR, request_latencies, slo_attainment, sweep_summary,  # noqa: E402
                                    unloaded_latency_per_token)
 from fastserve_jax.sim import SimConfig, simulate  # noqa: E402
 from fastserve_jax.workload import (TraceRequest, capacity_rps, chat_like_trace, code_completion_trace,  # noqa: E402

@@ -40,7 +40,7 @@ from fastserve_jax.engine import LLMEngine
 
 from fastserve_jax.serve.async_engine import AsyncEngine, RequestGroup
 from fastserve_jax.serve.errors import APIError, overloaded
-from fastserve_jax.serve.metrics import ServerMetrics
+from fastserve_jax.serve.prometheus import ServerMetrics
 from fastserve_jax.serve.openai_format import Choice, Formatter, sse
 from fastserve_jax.serve.prepare import prepare
 from fastserve_jax.serve.protocol import parse_body, parse_chat, parse_completion

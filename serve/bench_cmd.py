@@ -14,7 +14,7 @@ start `fastserve-jax serve` once per --scheduler, on a free port with the engine
 given here, and stop it after its rates.
 
 Every row has the offered rate and the served throughput, mean latency per output token and
-the attainment of each --slo pair (fastserve_jax/metrics.py; a failed request misses every
+the attainment of each --slo pair (fastserve_jax/slo.py; a failed request misses every
 pair). With several rates the command also reports, per scheduler, the goodput (highest rate
 whose mean latency per token is within --slo-latency-per-token, by default 5x the value of
 --unloaded-probe requests sent one at a time to the first server) and the highest rate at
@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from fastserve_jax.metrics import PAPER_SLOS, UNLOADED_SLO_FACTOR, mean_latency_per_token, slo_attainment, \
+from fastserve_jax.slo import PAPER_SLOS, UNLOADED_SLO_FACTOR, mean_latency_per_token, slo_attainment, \
     sweep_summary
 from fastserve_jax.scheduler import POLICIES
 from fastserve_jax.workload import TraceRequest, chat_output_lengths, load_trace, with_arrivals

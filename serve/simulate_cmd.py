@@ -7,12 +7,12 @@
 One rate (or load, or the trace's own timing) writes {policy: {metric: value}}; several
 write {policy: [{rate, load, metric: value}, ...]} in rate order plus a top-level "summary":
 {policy: {goodput_rps, slo_latency_per_token, unloaded_latency_per_token, max_offered_rps,
-rate_at_95pct: [{ttft, tpot, rate}]}} (metrics.sweep_summary: rates interpolated linearly
+rate_at_95pct: [{ttft, tpot, rate}]}} (slo.sweep_summary: rates interpolated linearly
 between the two that bracket the limit), and --plot draws one latency curve per policy
 against the rate.
 Every row has offered_rps (the arrival rate asked, or the trace's own mean rate),
 throughput_rps (the rate served) and slo_attainment: [{ttft, tpot, attained}], one per
---slo pair (see fastserve_jax/metrics.py for every definition).
+--slo pair (see fastserve_jax/slo.py for every definition).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import math
 import os
 import sys
 
-from fastserve_jax.metrics import PAPER_SLOS, UNLOADED_SLO_FACTOR, parse_slo_pair
+from fastserve_jax.slo import PAPER_SLOS, UNLOADED_SLO_FACTOR, parse_slo_pair
 
 PLOT_METRICS = ("mean_latency_per_token", "mean_jct", "p99_jct", "mean_ttft", "p99_ttft", "mean_tpot")
 
@@ -99,7 +99,7 @@ def add_slo_args(p: argparse.ArgumentParser, latency_default: str) -> None:
 
 
 def print_summary(summary: dict[str, dict], file=sys.stderr) -> None:
-    """Per policy (metrics.sweep_summary): goodput and, per SLO pair, the highest rate with 95%
+    """Per policy (slo.sweep_summary): goodput and, per SLO pair, the highest rate with 95%
     attainment."""
     first = next(iter(summary.values()))
     pairs = [f"{s['ttft']:g},{s['tpot']:g}" for s in first["rate_at_95pct"]]
@@ -123,7 +123,7 @@ def _rate_cell(rate: float | None, max_rate: float) -> str:
 
 
 def _run_one(job: tuple) -> dict:
-    from fastserve_jax.metrics import request_latencies, slo_attainment
+    from fastserve_jax.slo import request_latencies, slo_attainment
     from fastserve_jax.sim import simulate
 
     trace, policy, cost, cfg, rate, load, offered, slos = job
@@ -138,7 +138,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
 
     from fastserve_jax.config import SchedulerConfig
     from fastserve_jax.cost_model import CostModel
-    from fastserve_jax.metrics import sweep_summary, unloaded_latency_per_token
+    from fastserve_jax.slo import sweep_summary, unloaded_latency_per_token
     from fastserve_jax.scheduler import DEFAULT_POLICY
     from fastserve_jax.sim import SimConfig
     from fastserve_jax.workload import capacity_rps, load_trace, with_arrivals

@@ -1,4 +1,4 @@
-"""FastServe's service-level figures (fastserve_jax/metrics.py): SLO attainment on literal
+"""FastServe's service-level figures (fastserve_jax/slo.py): SLO attainment on literal
 requests, the highest rate within a limit over a sweep (goodput, rate at 95%), the unloaded
 latency per token by hand and against the simulator, and what `simulate` and `bench` report.
 No model, no jax, no server."""
@@ -13,7 +13,7 @@ import pytest
 
 from fastserve_jax.config import SamplingParams
 from fastserve_jax.cost_model import CostModel
-from fastserve_jax.metrics import PAPER_SLOS, highest_rate_within, parse_slo_pair, request_latencies, \
+from fastserve_jax.slo import PAPER_SLOS, highest_rate_within, parse_slo_pair, request_latencies, \
     slo_attainment, summarize, sweep_summary, unloaded_latency_per_token
 from fastserve_jax.request import Request, RequestStatus
 from fastserve_jax.sim import SimConfig, simulate
