@@ -49,19 +49,13 @@ from fastserve_jax.models import demo_task  # noqa: E402
 from fastserve_jax.serve import bench_client  # noqa: E402
 from fastserve_jax.serve.bench_cmd import (TRACE, LaunchedServer, answer_problems, build_workload, screen_pairs,  # noqa: E402
                              slo_figures)
+# part 2, the simulator against the engine, next to this script (scripts/ is on sys.path when it runs)
+from sim_fidelity import POLICIES, simulator_fidelity  # noqa: E402
 
-POLICIES = ("fcfs", "skip-join-mlfq")
 # (key, label, scale): the figures of one run, as the A/B table prints them
 FIGURES = [("throughput_rps", "served req/s", 1), ("throughput_tps", "served tok/s", 1),
            ("mean_latency_per_token", "ms per token", 1e3), ("e2e_mean", "JCT mean s", 1), ("e2e_p99", "JCT p99 s", 1),
            ("ttft_mean", "TTFT mean s", 1), ("ttft_p99", "TTFT p99 s", 1)]
-# (engine figure, simulator figure, label, scale): what the simulator is held against
-FIDELITY = [("e2e_mean", "mean_jct", "JCT mean s", 1), ("mean_latency_per_token", "mean_latency_per_token",
-                                                        "ms per token", 1e3),
-            ("e2e_p99", "p99_jct", "JCT p99 s", 1), ("ttft_mean", "mean_ttft", "TTFT mean s", 1),
-            ("throughput_rps", "throughput_rps", "served req/s", 1), ("iterations", "iterations", "iterations", 1),
-            ("iteration_seconds", "iteration_seconds", "ms per iteration", 1e3),
-            ("swap_out_blocks", "swap_blocks_out", "blocks swapped out", 1)]
 # Prometheus counters of one server, differenced around the burst
 COUNTERS = {"iterations": "fastserve_iterations_total", "busy_seconds": "fastserve_busy_seconds_total",
             "swap_stall_seconds": "fastserve_swap_stall_seconds_total",
@@ -73,13 +67,6 @@ THROUGHPUT_TARGET, LATENCY_TARGET = 0.95, 1.5       # skip-join/fcfs served req/
 
 # ----------------------------------------------------------------------------- pure helpers (tested)
 
-def relative_error(predicted: float, measured: float) -> float:
-    """(predicted - measured) / measured."""
-    if not measured > 0:
-        raise ValueError(f"the measured value must be > 0 to compare against, got {measured!r}")
-    return (predicted - measured) / measured
-
-
 def paired_medians(runs: list[dict], key: str) -> dict:
     """runs: [{policy: figures}] one per pair. Per policy the median of `key` over pairs, and the
     median over pairs of each pair's skip-join / fcfs ratio (each pair ran under the same load
@@ -87,46 +74,6 @@ def paired_medians(runs: list[dict], key: str) -> dict:
     per = {p: [r[p][key] for r in runs] for p in POLICIES}
     return dict({p: statistics.median(v) for p, v in per.items()},
                 ratio=statistics.median(s / f for f, s in zip(per["fcfs"], per["skip-join-mlfq"])))
-
-
-def fidelity_rows(real: dict, sim: dict, tolerance: float = 0.15) -> list[dict]:
-    """Per FIDELITY figure present in both: the engine's value, the simulator's, the relative
-    error of the simulator's, and whether it is within `tolerance`."""
-    rows = []
-    for rk, sk, label, scale in FIDELITY:
-        if rk in real and sk in sim and real[rk] > 0:
-            err = relative_error(sim[sk], real[rk])
-            rows.append(dict(figure=label, scale=scale, real=real[rk], sim=sim[sk], rel_err=err,
-                             within=abs(err) <= tolerance))
-    return rows
-
-
-def calibrate_overhead(measured: float, sim_mean, xtol: float = 1e-7, max_rounds: int = 30) -> float:
-    """The per-iteration host overhead x >= 0 (seconds) at which the simulator's mean seconds
-    per iteration, sim_mean(x), equal the engine's `measured` mean.
-
-    sim_mean rises about linearly in x (slope near 1, bent by the batches a slower clock lets
-    form, and by swap stalls), so secant steps (the first with slope 1) converge in a few
-    simulations. A bracket of the points below and above
-    `measured` catches the jumps of discrete schedules: a step outside it is replaced by its
-    midpoint. Returns 0 if the profile alone already reaches `measured`."""
-    if not measured > 0:
-        raise ValueError(f"the measured seconds per iteration must be > 0, got {measured!r}")
-    lo, hi, x, prev = 0.0, float("inf"), 0.0, None
-    for _ in range(max_rounds):
-        f = sim_mean(x)
-        if f >= measured and x == 0.0:
-            return 0.0
-        lo, hi = (x, hi) if f < measured else (lo, x)
-        slope = (f - prev[1]) / (x - prev[0]) if prev and x != prev[0] and f != prev[1] else 1.0
-        step = x + (measured - f) / slope if slope > 0 else (lo + hi) / 2
-        if not lo < step < hi:
-            step = (lo + hi) / 2
-        if abs(step - x) <= xtol:
-            return step
-        prev, x = (x, f), step
-    raise RuntimeError(f"no overhead within {xtol:g} s after {max_rounds} simulations (last {x:.6g} s gave "
-                       f"{f:.6g} s per iteration, the engine {measured:.6g} s)")
 
 
 def parse_counters(text: str) -> dict[str, float]:
@@ -169,8 +116,6 @@ def serve_burst(policy: str, argv: list[str], warm, work, arrivals, concurrency:
     return m
 
 
-# ----------------------------------------------------------------------------- simulator
-
 def local_engine(argv: list[str]):
     """An in-process LLM with the servers' engine options (and their compiled executables,
     through the persistent cache), scheduler fcfs: it screens the pairs (bench_cmd.screen_pairs),
@@ -179,71 +124,6 @@ def local_engine(argv: list[str]):
     from fastserve_jax.serve.engine_args import engine_kwargs, parse_engine_args
 
     return LLM(None, **engine_kwargs(parse_engine_args([*argv, "--scheduler", "fcfs"])))
-
-def servers_cost_model(eng) -> str:
-    """Give `eng` the cost model the skip-join servers profiled (same engine options, so the
-    same cache key); returns its path. Raises if it is not cached: the simulator must run on
-    the servers' model, not on one profiled here."""
-    from fastserve_jax.cost_profile import cost_cache_key
-    from fastserve_jax.models.loader import cache_root
-
-    path = os.path.join(cache_root() or "", "cost_models", f"{cost_cache_key(eng)}.json")
-    if not os.path.isfile(path):
-        raise RuntimeError(f"no cached cost model at {path}: the skip-join servers profiled under another key")
-    eng.set_scheduler("skip-join-mlfq")          # loads the cached profile
-    return path
-
-
-def measure_swap(eng, sizes=(1, 2, 4, 8, 16), repeats: int = 7) -> tuple[float, float]:
-    """(latency s, bandwidth bytes/s) of one copy on the engine's swap path: half the median time
-    of a swap-out (gather, device-to-host, until it lands) and swap-in (host-to-device, scatter)
-    of each size, fitted as latency + bytes / bandwidth (least squares)."""
-    import jax
-    import numpy as np
-
-    from fastserve_jax.runner import kv_block_bytes
-
-    runner, ys = eng.runner, []
-    for n in sizes:
-        samples = []
-        for i in range(repeats + 1):                  # the first call of a size may compile: untimed
-            t0 = time.perf_counter()
-            runner.swap_out_moves([("probe", tuple(range(1, n + 1)))])
-            while not runner.transfer.out_landed("probe"):
-                time.sleep(0)
-            runner.swap_in_now_moves([("probe", tuple(range(1, n + 1)))])
-            jax.block_until_ready(runner.caches)
-            samples.append((time.perf_counter() - t0) / 2)      # one copy each way
-        ys.append(statistics.median(samples[1:]))
-    slope, latency = np.polyfit([n * kv_block_bytes(eng.model_cfg, eng.cfg) for n in sizes], ys, 1)
-    # a copy of these few kilobytes is all launch overhead; a slope lost in noise reads as free bytes
-    return max(0.0, float(latency)), float(1.0 / slope) if slope > 0 else float("inf")
-
-
-def simulate_policies(eng, trace: list[TraceRequest], swap_latency: float, swap_bandwidth: float,
-                      overhead: float = 0.0, policies=POLICIES) -> tuple[dict, object]:
-    """fastserve_jax.sim per policy with the engine's limits, pools and cost model, plus
-    `overhead` host seconds per iteration (the scheduler's base quantum stays the engine's, one
-    batch-1 decode launch of the profile, as engine.set_scheduler sets it)."""
-    import dataclasses
-
-    from fastserve_jax.config import SchedulerConfig
-    from fastserve_jax.runner import kv_block_bytes
-    from fastserve_jax.sim import SimConfig, simulate
-
-    cfg, kv = eng.cfg, eng.kv
-    cost = dataclasses.replace(eng.cost_model, kv_bytes_per_token=kv_block_bytes(eng.model_cfg, cfg) // cfg.block_size,
-                               swap_latency=swap_latency, iteration_overhead=overhead,
-                               swap_bandwidth=min(swap_bandwidth, 1e15))      # CostModel needs a finite figure
-    sim_cfg = SimConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                        block_size=cfg.block_size, kv_capacity_tokens=kv.num_usable_blocks * cfg.block_size,
-                        host_kv_capacity_tokens=kv.num_host_blocks * cfg.block_size, swap_policy=cfg.swap_policy,
-                        swap_reserve_blocks=cfg.swap_reserve_blocks,
-                        scheduler_config=cfg.scheduler_config or SchedulerConfig(base_quantum=cost.decode_time(1)))
-    sims = {p: simulate(trace, p, cost, sim_cfg).metrics() for p in policies}
-    for m in sims.values():
-        m["iteration_seconds"] = m["swap_busy_seconds"] / m["iterations"]      # swap stalls included, as the engine's
-    return sims, cost
 
 
 # ----------------------------------------------------------------------------- printing
@@ -270,68 +150,6 @@ def print_ab(runs: list[dict]) -> dict:
           f"({'met' if thr >= THROUGHPUT_TARGET else 'MISSED'}); latency per token >= 1.5x better: {lat:.2f}x "
           f"({'met' if lat >= LATENCY_TARGET else 'MISSED'})")
     return medians
-
-
-def print_fidelity(real: dict, sims: dict, medians: dict, note: str, labels: dict | None = None) -> dict:
-    """Per policy the fidelity rows; then the skip-join / fcfs ratios of mean JCT and latency per
-    token (the engine's: median of per-pair ratios). Returns both for the JSON."""
-    labels = labels or {}
-    rows = {p: fidelity_rows(real[p], sims[p]) for p in POLICIES}
-    ratios = [dict(figure=label, real=medians[rk]["ratio"], sim=sims["skip-join-mlfq"][sk] / sims["fcfs"][sk])
-              for rk, sk, label, _ in FIDELITY[:2]]
-    print(f"{'policy':16s}{'figure':20s}{'engine':>11s}{'sim':>11s}{'rel err':>9s}")
-    for policy, rs in rows.items():
-        for r in rs:
-            print(f"{labels.get(policy, policy):16s}{r['figure']:20s}{r['scale'] * r['real']:11.4g}"
-                  f"{r['scale'] * r['sim']:11.4g}{100 * r['rel_err']:8.1f}%{'' if r['within'] else '  (> 15%)'}")
-    for r in ratios:
-        print(f"{'sj/fcfs':16s}{r['figure']:20s}{r['real']:11.3f}{r['sim']:11.3f}"
-              f"{100 * relative_error(r['sim'], r['real']):8.1f}%")
-    print(f"(engine: median over the runs of each policy, client-side; sim: fastserve_jax.sim, one run{note}; "
-          "rel err = sim / engine - 1)")
-    return dict(rows=rows, ratios=ratios)
-
-
-# ----------------------------------------------------------------------------- simulator vs engine
-
-def simulator_fidelity(eng, trace: list[TraceRequest], runs: list[dict], medians: dict, max_num_seqs: int) -> dict:
-    """The profile-only comparison, then the calibrated one (fcfs fitted, skip-join held out);
-    returns their figures for the JSON."""
-    path = servers_cost_model(eng)
-    latency, bandwidth = measure_swap(eng)
-    sims, cost = simulate_policies(eng, trace, latency, bandwidth)
-    real = {p: {k: statistics.median(r[p][k] for r in runs) for k in runs[0][p]
-                if isinstance(runs[0][p][k], (int, float))} for p in POLICIES}
-    print(f"\n== simulator fidelity, profile only: the same {len(trace)} requests and arrivals; cost model {path} "
-          f"({cost.name}; decode batch 1 {1e3 * cost.decode_time(1):.2f} ms, batch {max_num_seqs} "
-          f"{1e3 * cost.decode_time(max_num_seqs):.2f} ms); swap copy {1e3 * latency:.2f} ms + bytes / "
-          f"{bandwidth / 1e9:.3g} GB/s measured on the engine's copy path")
-    res = dict(cost_model=dict(path=path, **cost.to_json()), sim=sims, fidelity=print_fidelity(real, sims, medians, ""))
-    # The profile times the launches alone; the serving engine also schedules, assembles,
-    # appends tokens and shares its 2 cores (and the GIL) with the HTTP server every iteration.
-    # That host cost is one number, fitted on the fcfs runs only; skip-join is then predicted.
-    measured = real["fcfs"]["iteration_seconds"]
-    overhead = calibrate_overhead(measured, lambda x: simulate_policies(
-        eng, trace, latency, bandwidth, x, ("fcfs",))[0]["fcfs"]["iteration_seconds"])
-    cal, _ = simulate_policies(eng, trace, latency, bandwidth, overhead)
-    print(f"\n== calibrated: the same simulation plus {1e3 * overhead:.3f} ms of host overhead per iteration, solved "
-          f"so the simulated fcfs mean ms per iteration equals the fcfs servers' median ({1e3 * measured:.3f} ms: "
-          "fastserve_busy_seconds_total / fastserve_iterations_total). fcfs rows are in-sample (only their ms per "
-          "iteration is fitted), skip-join rows a held-out prediction")
-    fid = print_fidelity(real, cal, medians, f", + {1e3 * overhead:.3f} ms per iteration",
-                         {"fcfs": "fcfs (fit)", "skip-join-mlfq": "sj (held out)"})
-    held = {r["figure"]: r for r in fid["rows"]["skip-join-mlfq"]}
-    met = all(held[f]["within"] for f in ("JCT mean s", "ms per token"))
-    print(f"held-out skip-join: JCT mean {100 * held['JCT mean s']['rel_err']:+.1f}%, ms per token "
-          f"{100 * held['ms per token']['rel_err']:+.1f}% (aim: both within 15%: {'met' if met else 'MISSED'})")
-    # What one calibrated number can hope for: the engine's own ms per iteration moves with the
-    # machine's other jobs from run to run, and JCT moves with it.
-    spread = {p: [1e3 * r[p]["iteration_seconds"] for r in runs] for p in POLICIES}
-    print("noise floor: engine ms per iteration per run, " + "; ".join(
-        f"{p} " + " ".join(f"{v:.2f}" for v in vs) + f" (max/min {max(vs) / min(vs):.2f})" for p, vs in spread.items()))
-    res["calibrated"] = dict(iteration_overhead=overhead, fcfs_measured_iteration_seconds=measured, sim=cal,
-                             fidelity=fid, engine_ms_per_iteration_per_run=spread)
-    return res
 
 
 # ----------------------------------------------------------------------------- main

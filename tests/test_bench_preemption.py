@@ -1,9 +1,10 @@
-"""The pieces of scripts/bench_preemption.py and `bench --output-dist chat` that need no server:
-the chat-like output lengths, the burst's KV pool sizing, and the simulator-vs-engine comparison."""
+"""The pieces of scripts/bench_preemption.py (and its scripts/sim_fidelity.py) and `bench
+--output-dist chat` that need no server: the chat-like output lengths, the burst's KV pool
+sizing, and the simulator-vs-engine comparison."""
 
-import importlib.util
 import os
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -13,10 +14,9 @@ from fastserve_jax.models import demo_task
 from fastserve_jax.serve import bench_client
 from fastserve_jax.serve.bench_cmd import TRACE, answer_problems, build_workload
 
-_spec = importlib.util.spec_from_file_location(
-    "bench_preemption", pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_preemption.py")
-bp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bp)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))   # as when the script runs
+import bench_preemption as bp  # noqa: E402
+import sim_fidelity as sf  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- chat-like lengths
@@ -74,21 +74,21 @@ def test_pool_is_below_half_the_live_kv_and_holds_the_largest_request():
 # ----------------------------------------------------------------------------- comparison helpers
 
 def test_relative_error_on_literal_numbers():
-    assert bp.relative_error(11.5, 10.0) == pytest.approx(0.15)
-    assert bp.relative_error(0.5, 2.0) == pytest.approx(-0.75)
+    assert sf.relative_error(11.5, 10.0) == pytest.approx(0.15)
+    assert sf.relative_error(0.5, 2.0) == pytest.approx(-0.75)
     with pytest.raises(ValueError, match="measured"):
-        bp.relative_error(1.0, 0.0)
+        sf.relative_error(1.0, 0.0)
 
 
 def test_fidelity_rows_compare_sim_to_engine_and_flag_misses():
     real = dict(e2e_mean=2.0, mean_latency_per_token=0.040, iterations=500, ttft_mean=0.0)
     sim = dict(mean_jct=2.2, mean_latency_per_token=0.030, iterations=500, mean_ttft=0.1)
-    rows = {r["figure"]: r for r in bp.fidelity_rows(real, sim)}
+    rows = {r["figure"]: r for r in sf.fidelity_rows(real, sim)}
     assert set(rows) == {"JCT mean s", "ms per token", "iterations"}        # ttft: nothing measured to hold to
     assert rows["JCT mean s"]["rel_err"] == pytest.approx(0.10) and rows["JCT mean s"]["within"]
     assert rows["ms per token"]["rel_err"] == pytest.approx(-0.25) and not rows["ms per token"]["within"]
     assert rows["iterations"]["rel_err"] == 0.0
-    assert not bp.fidelity_rows(real, sim, tolerance=0.05)[0]["within"]
+    assert not sf.fidelity_rows(real, sim, tolerance=0.05)[0]["within"]
 
 
 def test_paired_medians_take_the_median_of_per_pair_ratios():
@@ -124,23 +124,23 @@ def test_calibrate_overhead_solves_for_the_measured_iteration_time():
     def sim_mean(x):
         calls.append(x)
         return x + 0.0016 + 0.05 * x
-    x = bp.calibrate_overhead(0.006, sim_mean)
+    x = sf.calibrate_overhead(0.006, sim_mean)
     assert x == pytest.approx(0.0044 / 1.05, abs=2e-6)             # 4.19 ms, not the naive 6.0 - 1.6 = 4.4
     assert calls[0] == 0.0 and len(calls) <= 6                       # secant steps: a few simulations
     calls.clear()                    # a steeper simulator (slope 20): the secant finds it as quickly
-    x = bp.calibrate_overhead(0.006, lambda x: calls.append(x) or 0.0016 + 20 * x)
+    x = sf.calibrate_overhead(0.006, lambda x: calls.append(x) or 0.0016 + 20 * x)
     assert x == pytest.approx(0.0044 / 20, abs=1e-7) and len(calls) <= 6
 
 
 def test_calibrate_overhead_brackets_a_jumping_simulator_and_never_goes_negative():
     # a schedule that jumps: 2 ms of launches below 2 ms of overhead, 3 ms from there (no x gives 4.5 ms)
-    x = bp.calibrate_overhead(0.0045, lambda x: x + (0.002 if x < 0.002 else 0.003))
+    x = sf.calibrate_overhead(0.0045, lambda x: x + (0.002 if x < 0.002 else 0.003))
     assert x == pytest.approx(0.002, abs=2e-6)                        # the jump the measured value falls in
-    assert bp.calibrate_overhead(0.001, lambda x: x + 0.0016) == 0.0  # the profile alone is already slower
+    assert sf.calibrate_overhead(0.001, lambda x: x + 0.0016) == 0.0  # the profile alone is already slower
     with pytest.raises(ValueError, match="> 0"):
-        bp.calibrate_overhead(0.0, lambda x: x)
+        sf.calibrate_overhead(0.0, lambda x: x)
     with pytest.raises(RuntimeError, match="no overhead"):
-        bp.calibrate_overhead(0.006, lambda x: 0.001, max_rounds=5)   # a simulator deaf to the overhead
+        sf.calibrate_overhead(0.006, lambda x: 0.001, max_rounds=5)   # a simulator deaf to the overhead
 
 
 def test_screen_pairs_replaces_the_models_misses_by_pairs_of_the_same_span():
