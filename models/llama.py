@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from fastserve_jax.models.attention import AttnBatch, KVCache, apply_rope, attention, rope_inv_freq
+from fastserve_jax.models.causal_lm import CausalLM, scanned_layers
 from fastserve_jax.models.config import ModelConfig
 
 
@@ -87,42 +88,20 @@ class LlamaBlock(nn.Module):
         return (h, cache, layer + 1), None
 
 
-class LlamaForCausalLM(nn.Module):
-    """The forward in three parts, so a pipeline stage can run the ones it owns:
-    `embed` (first stage), `decode` (each stage's layers), `head` (last stage)."""
-
-    cfg: ModelConfig
-    dtype: jnp.dtype = jnp.float32
+class LlamaForCausalLM(CausalLM):
+    """embed, decode, head (see causal_lm.py)."""
 
     def setup(self):
         c = self.cfg
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype)
-        self.layers = nn.scan(LlamaBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=nn.broadcast, length=c.num_layers)(c, self.dtype)
+        self.layers = scanned_layers(LlamaBlock, c, self.dtype)
         self.norm = RMSNorm(c.norm_eps, self.dtype)
         if not c.tie_word_embeddings:
             self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype)
 
-    def __call__(self, tokens, batch: AttnBatch, cache: KVCache | None = None, logits_idx=None):
-        """tokens: (R, Q) int32. logits_idx: flat indices into the R*Q tokens whose logits
-        are wanted (None: all). Returns (logits (N, V) float32, cache)."""
-        h, cache = self.decode(self.embed(tokens, batch), batch, cache)
-        return self.head(h, logits_idx), cache
-
     def embed(self, tokens, batch: AttnBatch):
-        """(R, Q) int32 -> (R, Q, H)."""
         return self.embed_tokens(tokens)
 
-    def decode(self, h, batch: AttnBatch, cache: KVCache | None):
-        """This module's layers over (R, Q, H); the cache holds exactly these layers."""
-        (h, cache, _), _ = self.layers((h, cache, jnp.int32(0)), batch)
-        return h, cache
-
-    def head(self, h, logits_idx=None):
-        """(R, Q, H) -> logits (N, V) float32 of the rows picked by logits_idx."""
-        h = h.reshape(-1, self.cfg.hidden_size)
-        if logits_idx is not None:
-            h = h[logits_idx]
+    def logits(self, h):
         h = self.norm(h)
-        logits = self.embed_tokens.attend(h) if self.cfg.tie_word_embeddings else self.lm_head(h)
-        return logits.astype(jnp.float32)
+        return self.embed_tokens.attend(h) if self.cfg.tie_word_embeddings else self.lm_head(h)

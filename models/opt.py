@@ -17,7 +17,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fastserve_jax.models.attention import AttnBatch, KVCache, attention
+from fastserve_jax.models.attention import AttnBatch, attention
+from fastserve_jax.models.causal_lm import CausalLM, scanned_layers
 from fastserve_jax.models.config import ModelConfig
 
 POSITION_OFFSET = 2  # HF OPTLearnedPositionalEmbedding reserves the first two rows
@@ -55,11 +56,8 @@ class OPTBlock(nn.Module):
         return (h, cache, layer + 1), None
 
 
-class OPTForCausalLM(nn.Module):
-    """Same contract and parts (embed, decode, head) as LlamaForCausalLM."""
-
-    cfg: ModelConfig
-    dtype: jnp.dtype = jnp.float32
+class OPTForCausalLM(CausalLM):
+    """embed, decode, head (see causal_lm.py)."""
 
     def setup(self):
         c = self.cfg
@@ -70,17 +68,12 @@ class OPTForCausalLM(nn.Module):
         if e_dim != c.hidden_size:
             self.project_in = nn.Dense(c.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype)
             self.project_out = nn.Dense(e_dim, use_bias=False, dtype=self.dtype, param_dtype=self.dtype)
-        self.layers = nn.scan(OPTBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=nn.broadcast, length=c.num_layers)(c, self.dtype)
+        self.layers = scanned_layers(OPTBlock, c, self.dtype)
         if c.do_layer_norm_before:
             self.final_norm = nn.LayerNorm(c.norm_eps, dtype=self.dtype, param_dtype=self.dtype)
 
     def _projected(self) -> bool:
         return bool(self.cfg.word_embed_proj_dim) and self.cfg.word_embed_proj_dim != self.cfg.hidden_size
-
-    def __call__(self, tokens, batch: AttnBatch, cache: KVCache | None = None, logits_idx=None):
-        h, cache = self.decode(self.embed(tokens, batch), batch, cache)
-        return self.head(h, logits_idx), cache
 
     def embed(self, tokens, batch: AttnBatch):
         h = self.embed_tokens(tokens)
@@ -88,16 +81,9 @@ class OPTForCausalLM(nn.Module):
             h = self.project_in(h)
         return h + self.embed_positions(jnp.maximum(batch.positions, 0) + POSITION_OFFSET)
 
-    def decode(self, h, batch: AttnBatch, cache: KVCache | None):
-        (h, cache, _), _ = self.layers((h, cache, jnp.int32(0)), batch)
-        return h, cache
-
-    def head(self, h, logits_idx=None):
-        h = h.reshape(-1, self.cfg.hidden_size)
-        if logits_idx is not None:
-            h = h[logits_idx]
+    def logits(self, h):
         if self.cfg.do_layer_norm_before:
             h = self.final_norm(h)
         if self._projected():
             h = self.project_out(h)
-        return self.embed_tokens.attend(h).astype(jnp.float32)
+        return self.embed_tokens.attend(h)
