@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import jax
@@ -21,71 +21,17 @@ from fastserve_jax.config import EngineConfig, SamplingParams, SchedulerConfig
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.cost_profile import profile_engine
 from fastserve_jax.detokenizer import IncrementalDetokenizer
-from fastserve_jax.kv_cache import KVLocation, KVManager
+from fastserve_jax.kv_cache import KVLocation, KVManager, auto_num_blocks, auto_num_host_blocks
 from fastserve_jax.kv_plan import apply_ahead, apply_plan
-from fastserve_jax.request import Request, RequestMetrics, RequestStatus, TokenLogprobs
-from fastserve_jax.runner import ModelRunner, auto_num_blocks, auto_num_host_blocks
+from fastserve_jax.request import Request, RequestOutput, RequestStatus, TokenLogprobs
+from fastserve_jax.runner import ModelRunner
+from fastserve_jax.runner.swap_ops import moves_of
 from fastserve_jax.scheduler import POLICIES, Limits, make_scheduler
 from fastserve_jax.scheduler.base import Plan
+from fastserve_jax.stats import EngineStats, snapshot
 from fastserve_jax.swap_policy import SwapPolicy
 from fastserve_jax.sharding.layout import ModelLayout
 from fastserve_jax.sharding.mesh import ParallelConfig
-
-
-@dataclass
-class RequestOutput:
-    """A request's output so far (final when `finished`)."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    metrics: RequestMetrics
-    logprobs: list[TokenLogprobs] | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass
-class EngineStats:
-    """Cumulative wall-clock split of the loop (seconds), for host-overhead measurements.
-
-    schedule: policy + KV allocation + swap planning; assemble: building padded host arrays;
-    device: from dispatch until the sampled tokens are on the host (swap copies issued on the
-    way included); postprocess: appending tokens, stop checks, detokenizing, freeing finished
-    requests. swap_stall: part of `device` and `schedule` spent waiting for a swap copy the
-    step needed."""
-
-    iterations: int = 0
-    schedule: float = 0.0
-    assemble: float = 0.0
-    device: float = 0.0
-    postprocess: float = 0.0
-    prefill_tokens: int = 0
-    decode_tokens: int = 0
-    prompt_tokens: int = 0              # prompt tokens of admitted requests
-    generated_tokens: int = 0           # tokens sampled and appended to outputs
-    recomputations: int = 0             # requests that lost their KV and were prefilled again
-    recomputed_tokens: int = 0          # computed tokens those requests lost (prefilled again)
-    busy: float = 0.0                   # seconds of iterations (the base of the stall bound)
-    swap_out_blocks: int = 0            # device -> host
-    swap_in_blocks: int = 0             # host -> device
-    swap_out_bytes: int = 0
-    swap_in_bytes: int = 0
-    swap_stall: float = 0.0             # seconds the loop waited for a swap copy to land
-    swap_ins_on_demand: int = 0         # swap-ins the step had to wait for (not uploaded ahead)
-    swap_ins_ahead: int = 0             # uploads issued ahead of need (proactive)
-    swap_outs_on_demand: int = 0        # evictions a scheduled request needed room for
-    swap_outs_ahead: int = 0            # offloads ahead of need (proactive)
-    launches: dict = field(default_factory=dict)
-
-    @property
-    def host(self) -> float:
-        return self.schedule + self.assemble + self.postprocess
 
 
 def _eos_ids(path: str, model_cfg, tokenizer) -> frozenset[int]:
@@ -151,7 +97,7 @@ class LLMEngine:
         self.runner = ModelRunner(params, model_cfg, self.cfg, num_blocks, self.layout, swap=self.swap.swaps,
                                   record_stages=self.cfg.record_stage_activity, free_params=free)
         del params, placed
-        # Multi-host leader (sharding/worker.py): the other processes size their pools like this
+        # Multi-host leader (fastserve_jax/multihost.py): the other processes size their pools like this
         # one, then replay every device operation it issues, in order.
         self.runner.mirror = mirror
         if mirror is not None:
@@ -167,6 +113,7 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
         self._last_scheduled: set[str] = set()      # ran in the latest iteration
+        self._copies = apply_plan(Plan(), self.kv, 0.0)  # the latest plan's on-demand swap copies
         self.warmup_seconds = self.runner.warmup(progress) if warmup else 0.0
         self.cost_model: CostModel | None = None
         self.set_scheduler(self.cfg.scheduler, self.cfg.scheduler_config)
@@ -262,34 +209,9 @@ class LLMEngine:
         return bool(self._requests)
 
     def snapshot(self) -> dict:
-        """Gauges and counters for monitoring (serve/ exports them as Prometheus metrics).
-
-        Requests are running (in the latest iteration), paused (started, KV on the device,
-        not in the latest iteration), swapped (KV on the host, or in flight between the pools)
-        or waiting (no KV: not started, or dropped for recomputation). Counters end in _total."""
-        running = paused = swapped = waiting = 0
-        for rid, req in self._requests.items():
-            where = self.kv.location(req)
-            if rid in self._last_scheduled:
-                running += 1
-            elif where is KVLocation.DEVICE:
-                paused += 1
-            elif where is KVLocation.NONE:
-                waiting += 1
-            else:
-                swapped += 1
-        st = self.stats
-        return dict(
-            queue_lengths=self.scheduler.queue_lengths(),
-            requests_running=running, requests_paused=paused, requests_swapped=swapped, requests_waiting=waiting,
-            kv_device_used_blocks=self.kv.num_used_blocks, kv_device_total_blocks=self.kv.num_usable_blocks,
-            kv_host_used_blocks=self.kv.num_host_used_blocks, kv_host_total_blocks=self.kv.num_host_blocks,
-            prompt_tokens_total=st.prompt_tokens, generation_tokens_total=st.generated_tokens,
-            recomputations_total=st.recomputations, recomputed_tokens_total=st.recomputed_tokens,
-            busy_seconds_total=st.busy, swap_stall_fraction=st.swap_stall / st.busy if st.busy else 0.0,
-            swap_out_blocks_total=st.swap_out_blocks, swap_in_blocks_total=st.swap_in_blocks,
-            swap_out_bytes_total=st.swap_out_bytes, swap_in_bytes_total=st.swap_in_bytes,
-            swap_stall_seconds_total=st.swap_stall, iterations_total=st.iterations)
+        """Gauges and counters for monitoring (serve/ exports them as Prometheus metrics);
+        see stats.snapshot."""
+        return snapshot(self.stats, self._requests, self._last_scheduled, self.kv, self.scheduler)
 
     # -- one iteration ---------------------------------------------------------------------
     def step(self) -> list[Request]:
@@ -304,44 +226,19 @@ class LLMEngine:
         requests that are not in flight and collects the oldest batch only once k are in
         flight (or nothing more can be dispatched), so each pipeline stage holds a different
         batch; requests in flight are neither scheduled again nor evicted until collected."""
-        st = self.stats
-        t0 = time.perf_counter()
-        self._land_swaps()
+        st, started, now = self.stats, time.perf_counter(), time.monotonic()
         plan = Plan()
         if len(self._inflight) < self.cfg.batches_in_flight:
-            now = time.monotonic()
-            self.swap.configure(self.scheduler)
-            plan = self.scheduler.schedule(now)
-            if not plan.scheduled and self._uploading:     # only requests still uploading could run
-                self._land_swaps(wait=True)
-                plan = self.scheduler.schedule(now)
-            st.recomputed_tokens += sum(r.num_computed_tokens for r in plan.preempted)
-            copies = apply_plan(plan, self.kv, now)
-            st.recomputations += len(plan.preempted)
-            for req in plan.preempted:
-                self._forget_host_copy(req)
-            t1 = time.perf_counter()
-            launches = self.runner.build_launches(plan.scheduled, self.kv)
-            t2 = time.perf_counter()
-            if copies.swap_out or copies.swap_in:
-                self.runner.swap_out(copies.swap_out)
-                stalled = self.runner.transfer.stall_seconds
-                self.runner.swap_in_now(copies.swap_in)
-                self.swap.charge(self.runner.transfer.stall_seconds - stalled)
-                st.swap_ins_on_demand += len(copies.swap_in)
-                st.swap_outs_on_demand += len(copies.swap_out)
-            batch = next(self._batches)
-            for s in plan.scheduled:
-                s.request.in_flight = True
-            pending = self.runner.dispatch(launches, batch)
-            t3 = time.perf_counter()
-            self._swap_ahead(plan, now)
-            t4 = time.perf_counter()
+            with st.phase("schedule"):
+                plan = self._schedule(now)
+            with st.phase("assemble"):
+                launches = self.runner.build_launches(plan.scheduled, self.kv)
+            with st.phase("device"):
+                pending, batch = self._dispatch(plan, launches)
+            with st.phase("schedule"):
+                self._swap_ahead(plan, now)
             if plan.scheduled:
-                self._inflight.append(_InFlight(batch, plan, launches, pending, t0))
-            st.schedule += t1 - t0 + t4 - t3
-            st.assemble += t2 - t1
-            st.device += t3 - t2
+                self._inflight.append(_InFlight(batch, plan, launches, pending, started))
         got: list[Request] = []
         if self._inflight and (len(self._inflight) >= self.cfg.batches_in_flight or not plan.scheduled):
             got = self._complete(self._inflight.popleft())
@@ -351,54 +248,82 @@ class LLMEngine:
         st.iterations += 1
         return got
 
+    def _schedule(self, now: float) -> Plan:
+        """Land finished uploads, ask the policy for a plan and apply it to the KV ledger."""
+        self._land_swaps()
+        self.swap.configure(self.scheduler)
+        plan = self.scheduler.schedule(now)
+        if not plan.scheduled and self._uploading:     # only requests still uploading could run
+            self._land_swaps(wait=True)
+            plan = self.scheduler.schedule(now)
+        self.stats.recomputed_tokens += sum(r.num_computed_tokens for r in plan.preempted)
+        self._copies = apply_plan(plan, self.kv, now)
+        self.stats.recomputations += len(plan.preempted)
+        for req in plan.preempted:
+            self._forget_host_copy(req)
+        return plan
+
+    def _dispatch(self, plan: Plan, launches: list) -> tuple[list, int]:
+        """The plan's on-demand swaps, then its launches (asynchronously)."""
+        copies, st = self._copies, self.stats
+        if copies.swap_out or copies.swap_in:
+            swaps = self.runner.swaps
+            swaps.swap_out(moves_of(copies.swap_out))
+            stalled = swaps.transfer.stall_seconds
+            swaps.swap_in_now(moves_of(copies.swap_in))
+            self.swap.charge(swaps.transfer.stall_seconds - stalled)
+            st.swap_ins_on_demand += len(copies.swap_in)
+            st.swap_outs_on_demand += len(copies.swap_out)
+        batch = next(self._batches)
+        for s in plan.scheduled:
+            s.request.in_flight = True
+        return self.runner.dispatch(launches, batch), batch
+
     def _complete(self, f: _InFlight) -> list[Request]:
         """Collect a batch's tokens and account for it."""
         st = self.stats
-        t0 = time.perf_counter()
-        sampled = self.runner.collect(f.launches, f.pending)
-        if self.runner.activity is not None:
-            self.runner.activity.collect(f.batch)
-        t1 = time.perf_counter()
-        now = time.monotonic()
-        for s in f.plan.scheduled:
-            req = s.request
-            req.in_flight = False
-            req.num_computed_tokens += s.num_tokens
-            req.last_run_time = now
-            if s.num_tokens == 1 and not req.is_prefilling:
-                st.decode_tokens += 1
-            else:
-                st.prefill_tokens += s.num_tokens
-        for req, tok, lp in sampled:
-            self._append(req, tok, lp, now)
-        for ln in f.launches:
-            st.launches[ln.key] = st.launches.get(ln.key, 0) + 1
-        t2 = time.perf_counter()
-        # The batch's service: from its step's start, or (pipelined) from the previous
-        # collection, whichever is later, so overlapping batches are not charged twice.
-        duration = t2 - max(f.started, self._last_collected)
-        self._last_collected = t2
-        self.scheduler.on_iteration(f.plan, duration, time.monotonic())
-        self.swap.on_iteration(duration)
-        st.busy += duration
-        st.device += t1 - t0
-        st.postprocess += t2 - t1
-        st.schedule += time.perf_counter() - t2
+        with st.phase("device"):
+            sampled = self.runner.collect(f.launches, f.pending)
+            if self.runner.activity is not None:
+                self.runner.activity.collect(f.batch)
+        with st.phase("postprocess"):
+            now = time.monotonic()
+            for s in f.plan.scheduled:
+                req = s.request
+                req.in_flight = False
+                req.num_computed_tokens += s.num_tokens
+                if s.num_tokens == 1 and not req.is_prefilling:
+                    st.decode_tokens += 1
+                else:
+                    st.prefill_tokens += s.num_tokens
+            for req, tok, lp in sampled:
+                self._append(req, tok, lp, now)
+            for ln in f.launches:
+                st.launches[ln.key] = st.launches.get(ln.key, 0) + 1
+        with st.phase("schedule"):
+            # The batch's service: from its step's start, or (pipelined) from the previous
+            # collection, whichever is later, so overlapping batches are not charged twice.
+            t = time.perf_counter()
+            duration = t - max(f.started, self._last_collected)
+            self._last_collected = t
+            self.scheduler.on_iteration(f.plan, duration, time.monotonic())
+            self.swap.on_iteration(duration)
+            st.busy += duration
         return [req for req, _, _ in sampled]
 
-    # -- swapping (kv_plan.py, swap_policy.py, kv_transfer.py) ------------------------------
+    # -- swapping (kv_plan.py, swap_policy.py, runner/swap_ops.py) ------------------------------
     def _land_swaps(self, wait: bool = False) -> None:
         """Uploads whose copies are in (all of them if `wait`, counting the wait as stall) go
         into the cache; the rest stay in flight and their requests wait. Finished swap-outs
         are marked."""
-        t = self.runner.transfer
+        swaps = self.runner.swaps
         for req in self._uploading:
-            if self.kv.location(req) is KVLocation.SWAPPING_IN and (wait or t.in_landed(req.request_id)):
-                self.runner.land_swap_in(req.request_id)
+            if self.kv.location(req) is KVLocation.SWAPPING_IN and (wait or swaps.transfer.in_landed(req.request_id)):
+                swaps.land(req.request_id)
                 self.kv.finish_swap_in(req)
         self._uploading = [r for r in self._uploading if self.kv.location(r) is KVLocation.SWAPPING_IN]
         for req in self._swapping_out:
-            if self.kv.location(req) is KVLocation.SWAPPING_OUT and self.runner.transfer.out_landed(req.request_id):
+            if self.kv.location(req) is KVLocation.SWAPPING_OUT and swaps.transfer.out_landed(req.request_id):
                 self.kv.finish_swap_out(req)
         self._swapping_out = [r for r in self._swapping_out if self.kv.location(r) is KVLocation.SWAPPING_OUT]
 
@@ -408,15 +333,16 @@ class LLMEngine:
         if not ahead:
             return
         copies = apply_ahead(ahead, self.kv)
-        self.runner.swap_out(copies.swap_out)
-        self.runner.start_swap_in(copies.swap_in)
+        self.runner.swaps.swap_out(moves_of(copies.swap_out))
+        self.runner.swaps.start_swap_in(moves_of(copies.swap_in))
         self._swapping_out += ahead.offload
         self._uploading += ahead.upload
         self.stats.swap_ins_ahead += len(ahead.upload)
         self.stats.swap_outs_ahead += len(ahead.offload)
 
     def _forget_host_copy(self, req: Request) -> None:
-        self.runner.discard(req.request_id)
+        if self.runner.swaps is not None:
+            self.runner.swaps.discard(req.request_id)
 
     def _count_swaps(self) -> None:
         t = self.runner.transfer

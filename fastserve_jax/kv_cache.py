@@ -123,10 +123,6 @@ class KVManager:
     def host_blocks(self, req: Request) -> int:
         return self._host.get(req.request_id, 0)
 
-    def kv_blocks(self, req: Request) -> int:
-        """Blocks of KV the request has, wherever they are."""
-        return self.blocks_for_tokens(req.num_computed_tokens) if self.has_kv(req) else 0
-
     def blocks_needed(self, req: Request, num_new_tokens: int) -> int:
         """Device blocks `req` must gain to run `num_new_tokens` more tokens (for KV on the host:
         all of them, since it has to come back first)."""
@@ -218,3 +214,37 @@ class KVManager:
             if on_dev and on_host:
                 assert len(self._tables[rid]) == self._host[rid], f"{rid}: swap-in allocated the wrong block count"
         assert set(self._tables) | set(self._host) <= set(self._where), "ledger entry without a location"
+
+
+# -- pool sizing --------------------------------------------------------------------------
+def kv_block_bytes(model_cfg, cfg) -> int:
+    """Bytes of one block of K and V over all layers (a ModelConfig and an EngineConfig)."""
+    import jax.numpy as jnp          # here, so the simulator's imports stay free of jax
+
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    return 2 * model_cfg.num_layers * cfg.block_size * model_cfg.num_kv_heads * model_cfg.head_dim * itemsize
+
+
+def auto_num_blocks(model_cfg, cfg, param_bytes: int, layout, memory_fraction: float = 0.9,
+                    cpu_budget_bytes: int = 4 << 30) -> int:
+    """Blocks that fit: on an accelerator, a fraction of one device's memory minus its share of
+    the weights, over its share of a block (a block splits over the pp stages and the tp_kv
+    KV-head shards of the `ModelLayout`); on CPU, a fixed budget for the whole pool. Never
+    more than max_num_seqs full-length sequences need."""
+    per_block = kv_block_bytes(model_cfg, cfg)
+    dev = layout.devices[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        shards = layout.pp * layout.meshes.tp_kv
+        avail = (int(stats["bytes_limit"] * memory_fraction) - param_bytes // len(layout.devices)
+                 - stats.get("bytes_in_use", 0)) * shards
+    else:
+        avail = cpu_budget_bytes
+    wanted = cfg.max_num_seqs * cfg.max_blocks_per_seq + 1
+    return max(2, min(wanted, avail // per_block))
+
+
+def auto_num_host_blocks(model_cfg, cfg, num_device_blocks: int, budget_bytes: int = 4 << 30) -> int:
+    """As many host blocks as the device pool has, within `budget_bytes` of host memory (the
+    default swap space of vLLM; pinned host memory on CUDA is a capped pool, see JAX_NOTES)."""
+    return max(0, min(num_device_blocks - 1, budget_bytes // kv_block_bytes(model_cfg, cfg)))

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from fastserve_jax.config import EngineConfig, SamplingParams
 from fastserve_jax.engine import LLMEngine, RequestOutput
-from fastserve_jax.persistent_cache import enable_compilation_cache
+from fastserve_jax.runner.persistent_cache import enable_compilation_cache
 
 Prompt = str | list[int]
 
@@ -18,7 +18,7 @@ class LLM:
     Keyword arguments are EngineConfig fields (max_model_len, max_num_seqs,
     max_num_batched_tokens, block_size, num_device_blocks, seed, scheduler, buckets,
     tensor_parallel_size, pipeline_parallel_size ...). `mirror`: multi-host leader hook that
-    receives every device operation for the other processes (sharding/worker.py).
+    receives every device operation for the other processes (fastserve_jax/multihost.py).
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "float32", max_model_len: int | None = None,

@@ -59,7 +59,6 @@ class Request:
     # scheduling state, owned by the policy
     queue_level: int = 0
     attained_service: float = 0.0          # seconds of step time received in the current queue
-    last_run_time: float = 0.0
     num_preemptions: int = 0
     # in a batch dispatched but not yet collected (pipeline mode keeps several in flight): it
     # cannot be scheduled again, nor lose its KV, until its token is back
@@ -95,3 +94,21 @@ class Request:
     def token_at(self, i: int) -> int:
         p = len(self.prompt_token_ids)
         return self.prompt_token_ids[i] if i < p else self.output_token_ids[i - p]
+
+
+@dataclass
+class RequestOutput:
+    """A request's output so far (final when `finished`)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    metrics: RequestMetrics
+    logprobs: list[TokenLogprobs] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -11,8 +11,9 @@ pos(key) <= pos(query). Keys beyond a sequence's written length always have a la
 position than any of its queries, so stale slots in a partly filled block are never read.
 
 KV cache layout (per K and V):  (L, num_blocks, block_size, n_kv_heads, head_dim).
-Block 0 is the null block: padding tokens write there and padding block-table entries
-point there; its owner segment is -2, which matches no query.
+Block 0 is the null block (the KV manager's NULL_BLOCK, never handed out): padding tokens
+write there and padding block-table entries point there; its owner segment is -2, which
+matches no query.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NULL_BLOCK = 0
 _NEG = -1e30
 
 

@@ -105,7 +105,7 @@ def part_engine(a) -> dict:
                  recomputations=st.recomputations, stall_share=st.swap_stall / loop if loop else 0.0,
                  iterations=st.iterations)
         out[policy] = m
-    from fastserve_jax.runner import kv_block_bytes
+    from fastserve_jax.kv_cache import kv_block_bytes
 
     per_token = kv_block_bytes(e.model_cfg, e.cfg) / e.cfg.block_size
     kv_bytes = sum(w[2].prompt_tokens + w[2].output_tokens for w in work) * per_token
@@ -123,32 +123,31 @@ def part_copy(a) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from fastserve_jax.kv_cache import SwapCopy
-    from fastserve_jax.kv_transfer import KVTransfer
-    from fastserve_jax.request import Request
-    from fastserve_jax.config import SamplingParams
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
     from fastserve_jax.models.attention import KVCache
+    from fastserve_jax.runner.compiler import compile_all
+    from fastserve_jax.runner.kv_transfer import KVTransfer
 
     L, BS, H, D, N = 32, 16, 8, 128, a.copy_blocks
-    dev = jax.devices()[0]
+    sharding = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("x",)), PartitionSpec())
     shape = (L, 2 * N + 1, BS, H, D)
-    cache = KVCache(jnp.ones(shape, jnp.float32, device=dev), jnp.ones(shape, jnp.float32, device=dev))
+    cache = KVCache(jnp.ones(shape, jnp.float32, device=sharding), jnp.ones(shape, jnp.float32, device=sharding))
     block_bytes = 2 * L * BS * H * D * 4
-    t = KVTransfer(dev, N, block_bytes)
-    for key, lower in t.lowerings(cache):
-        t.add_compiled(key, lower().compile())
-    req = Request("r", [1], SamplingParams(), 0.0)
+    t = KVTransfer([sharding], N, block_bytes)
+    compile_all(t.compile_jobs([cache]))
     out_ids = tuple(range(1, N + 1))
     in_ids = tuple(range(N + 1, 2 * N + 1))
     nbytes = N * block_bytes
     times_out, times_in = [], []
     for _ in range(a.repeats):
         t0 = time.perf_counter()
-        t.swap_out(cache, SwapCopy(req, out_ids))
-        jax.block_until_ready(t._held["r"])
+        t.swap_out([cache], "r", out_ids)
+        while not t.out_landed("r"):
+            time.sleep(0)
         times_out.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        cache = t.swap_in_now(cache, SwapCopy(req, in_ids))
+        [cache] = t.swap_in_now([cache], "r", in_ids)
         jax.block_until_ready(cache)
         times_in.append(time.perf_counter() - t0)
     src = np.ones(nbytes // 4, np.float32)

@@ -96,18 +96,18 @@ def measure_swap(eng, sizes=(1, 2, 4, 8, 16), repeats: int = 7) -> tuple[float, 
     import jax
     import numpy as np
 
-    from fastserve_jax.runner import kv_block_bytes
+    from fastserve_jax.kv_cache import kv_block_bytes
 
-    runner, ys = eng.runner, []
+    swaps, ys = eng.runner.swaps, []
     for n in sizes:
         samples = []
         for i in range(repeats + 1):                  # the first call of a size may compile: untimed
             t0 = time.perf_counter()
-            runner.swap_out_moves([("probe", tuple(range(1, n + 1)))])
-            while not runner.transfer.out_landed("probe"):
+            swaps.swap_out([("probe", tuple(range(1, n + 1)))])
+            while not swaps.transfer.out_landed("probe"):
                 time.sleep(0)
-            runner.swap_in_now_moves([("probe", tuple(range(1, n + 1)))])
-            jax.block_until_ready(runner.caches)
+            swaps.swap_in_now([("probe", tuple(range(1, n + 1)))])
+            jax.block_until_ready(eng.runner.caches)
             samples.append((time.perf_counter() - t0) / 2)      # one copy each way
         ys.append(statistics.median(samples[1:]))
     slope, latency = np.polyfit([n * kv_block_bytes(eng.model_cfg, eng.cfg) for n in sizes], ys, 1)
@@ -125,7 +125,7 @@ def simulate_policies(eng, trace: list[TraceRequest], swap_latency: float, swap_
     import dataclasses
 
     from fastserve_jax.config import SchedulerConfig
-    from fastserve_jax.runner import kv_block_bytes
+    from fastserve_jax.kv_cache import kv_block_bytes
     from fastserve_jax.sim import SimConfig, simulate
 
     cfg, kv = eng.cfg, eng.kv

@@ -110,7 +110,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     channel = None
     if dist is not None:
         from fastserve_jax.sharding.distributed import PlanChannel, initialize
-        from fastserve_jax.sharding.worker import close_workers, run_worker
+        from fastserve_jax.multihost import close_workers, run_worker
 
         dist = initialize(dist)
         if dist.process_id != 0:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fastserve_jax import LLM, SamplingParams
-from fastserve_jax.compile_guard import CompileCounter
+from fastserve_jax.runner.compile_guard import CompileCounter
 from fastserve_jax.scheduler import POLICIES
 from fastserve_jax.models.random_checkpoint import TINY_PRESETS
 
@@ -75,8 +75,9 @@ def test_prefill_rows_gather_only_their_sequences_blocks(llm, tiny_checkpoints):
     tiled = LLM(tiny_checkpoints("llama"), **dict(ENGINE_KW, prefill_tile=8), warmup=False)
     prompts = _prompts(6, 3, 40, seed=11) + _prompts(1, 130, 130, seed=12)   # the long one spans 3 chunks
     launches = []
-    build = tiled.engine.runner.build_prefill
-    tiled.engine.runner.build_prefill = lambda items, kv: launches.append(build(items, kv)) or launches[-1]
+    builder = tiled.engine.runner.builder
+    build = builder.build_prefill
+    builder.build_prefill = lambda items, kv: launches.append(build(items, kv)) or launches[-1]
     got = [o.token_ids for o in tiled.generate(prompts, GREEDY)]
     assert got == [o.token_ids for o in llm.generate(prompts, GREEDY)]
     assert got == _hf_greedy(tiny_checkpoints("llama"), prompts, GREEDY.max_tokens)
@@ -145,19 +146,19 @@ def test_small_cpu_launches_compile_without_ynnpack(llm):
     """Warm-up gives launches of at most SMALL_LAUNCH_TOKENS tokens the options that keep
     their dots off YNNPACK (xla_flags.py); larger launches keep XLA's defaults. Without
     the options the same decode launch does use YNNPACK on this jaxlib, so the check bites."""
-    from fastserve_jax.xla_flags import SMALL_LAUNCH_TOKENS, launch_compiler_options
+    from fastserve_jax.runner.xla_flags import SMALL_LAUNCH_TOKENS, launch_compiler_options
 
     runner = llm.engine.runner
     st = runner.stages[0]
-    small = {k: c for k, c in st.compiled.items() if k[1] <= SMALL_LAUNCH_TOKENS}
-    large = [k for k in st.compiled if k[1] > SMALL_LAUNCH_TOKENS]
-    assert small and large and set(st.compiled) == set(runner.launch_keys())
-    assert all(launch_compiler_options("cpu", k[1]) == {} for k in large)
+    small = {k: c for k, c in st.compiled.items() if k.tokens <= SMALL_LAUNCH_TOKENS}
+    large = [k for k in st.compiled if k.tokens > SMALL_LAUNCH_TOKENS]
+    assert small and large and set(st.compiled) == set(runner.builder.launch_keys())
+    assert all(launch_compiler_options("cpu", k.tokens) == {} for k in large)
     if not launch_compiler_options("cpu", 1):
         pytest.skip("no per-launch options on this jaxlib or with the user's XLA_FLAGS")
     assert all("__ynn" not in c.as_text() for c in small.values())
-    key = min(small)
-    x, batch, idx = runner._abstract_args(key, st)
+    key = min(small, key=lambda k: (k.tokens, k.blocks))
+    x, batch, idx = runner.abstract_args(key)
     assert "__ynn" in st.fn.lower(st.params, st.cache, x, batch, idx).compile().as_text()
 
 

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from fastserve_jax.kv_cache import NULL_BLOCK
 from fastserve_jax.models import build_model, param_shapes
-from fastserve_jax.models.attention import NULL_BLOCK, AttnBatch, KVCache, dense_batch
+from fastserve_jax.models.attention import AttnBatch, KVCache, dense_batch
 from fastserve_jax.models.checkpoint import restore_params, save_params
 from fastserve_jax.models.config import ModelConfig
 from fastserve_jax.models.hf_files import INDEX_FILE, read_raw_tensor

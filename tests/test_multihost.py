@@ -1,5 +1,5 @@
 """Two processes started with jax.distributed on loopback serve requests end to end: process 0
-runs the HTTP server and the scheduler, process 1 replays its steps (sharding/worker.py), over a
+runs the HTTP server and the scheduler, process 1 replays its steps (fastserve_jax/multihost.py), over a
 tp=2 x pp=2 mesh whose every stage spans both processes."""
 
 from __future__ import annotations

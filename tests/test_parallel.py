@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from fastserve_jax.config import SamplingParams
 from fastserve_jax.llm import LLM
+from fastserve_jax.runner.keys import DecodeKey
 from fastserve_jax.sharding.mesh import ParallelConfig, build_meshes, ordered_devices
 from fastserve_jax.sharding.rules import ShardingRules
 
@@ -95,7 +96,7 @@ def test_tensor_parallel_step_has_megatron_collectives_only(four_layer, arch):
     path, _ = four_layer[arch]
     e = LLM(path, warmup=False, num_device_blocks=16, tensor_parallel_size=4, **KW).engine
     st = e.runner.stages[0]
-    x, batch, idx = e.runner._abstract_args(("decode", 4, 16), st)
+    x, batch, idx = e.runner.abstract_args(DecodeKey(4, 16))
     hlo = st.fn.lower(st.params, st.cache, x, batch, idx).compile().as_text()
     block = {"llama": "LlamaBlock", "opt": "OPTBlock"}[arch]
     ops = {"all-reduce": [], "all-gather": [], "all-to-all": [], "collective-permute": []}
@@ -123,7 +124,7 @@ def test_launch_reads_layer_weights_in_place(four_layer, tp, pp):
     path, _ = four_layer["llama"]
     e = LLM(path, warmup=False, num_device_blocks=16, tensor_parallel_size=tp, pipeline_parallel_size=pp, **KW).engine
     for st in e.runner.stages:
-        x, batch, idx = e.runner._abstract_args(("decode", 4, 16), st)
+        x, batch, idx = e.runner.abstract_args(DecodeKey(4, 16))
         hlo = st.fn.lower(st.params, st.cache, x, batch, idx).compile().as_text()
         assert not re.search(r"\b(while|dynamic-slice)\(", hlo)
         shard = lambda a: a.sharding.shard_shape(a.shape)
@@ -220,7 +221,7 @@ def test_stages_span_processes_evenly():
 
 
 def test_nothing_compiles_after_warmup_in_pipeline_mode_with_swapping(four_layer):
-    from fastserve_jax.compile_guard import CompileCounter
+    from fastserve_jax.runner.compile_guard import CompileCounter
 
     path, want = four_layer["llama"]
     llm = LLM(path, num_device_blocks=16, num_host_blocks=64, tensor_parallel_size=2, pipeline_parallel_size=2,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fastserve_jax import LLM, SamplingParams
-from fastserve_jax.compile_guard import CompileCounter
+from fastserve_jax.runner.compile_guard import CompileCounter
 from fastserve_jax.sampling import Penalties, SamplingArrays, apply_penalties, sample
 
 

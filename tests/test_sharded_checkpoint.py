@@ -33,7 +33,7 @@ from fastserve_jax.models.hf_params import load_hf_params  # noqa: E402
 from fastserve_jax.models.loader import cache_key, load_model  # noqa: E402
 from fastserve_jax.models.random_checkpoint import make_random_checkpoint  # noqa: E402
 from fastserve_jax.sharding.layout import ModelLayout  # noqa: E402
-from fastserve_jax.sharding.mesh import ParallelConfig  # noqa: E402
+from fastserve_jax.sharding.parallel_config import ParallelConfig  # noqa: E402
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 CPU devices: the JAX backend was "
                                 "initialised before this module could set jax_num_cpu_devices=8")

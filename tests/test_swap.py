@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from fastserve_jax import LLM, SamplingParams
-from fastserve_jax.compile_guard import CompileCounter
+from fastserve_jax.runner.compile_guard import CompileCounter
 from fastserve_jax.config import SchedulerConfig
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.kv_cache import KVLocation, KVManager
 from fastserve_jax.kv_plan import apply_ahead, apply_plan
-from fastserve_jax.kv_transfer import power_of_two_runs
+from fastserve_jax.runner.kv_transfer import power_of_two_runs
 from fastserve_jax.request import Request, RequestStatus
 from fastserve_jax.scheduler import Limits, make_scheduler
 from fastserve_jax.sim import SimConfig, advance, simulate

@@ -96,7 +96,6 @@ class Scheduler(ABC):
             req = s.request
             if not req.finished:
                 req.attained_service += duration
-                req.last_run_time = now
 
     @abstractmethod
     def __len__(self) -> int:

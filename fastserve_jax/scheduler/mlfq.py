@@ -141,6 +141,7 @@ class MLFQScheduler(Scheduler):
                           self.swap_in_blocks)
 
     def on_iteration(self, plan: Plan, duration: float, now: float) -> None:
+        super().on_iteration(plan, duration, now)     # charges attained_service
         last = len(self.quanta) - 1
         idle = self._idle
         for s in plan.scheduled:
@@ -148,8 +149,6 @@ class MLFQScheduler(Scheduler):
             rid = req.request_id
             if rid not in self._live:                 # finished and removed
                 continue
-            req.attained_service += duration
-            req.last_run_time = now
             idle.move_to_end(rid)
             idle[rid] = now
             level = req.queue_level

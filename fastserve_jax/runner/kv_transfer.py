@@ -23,6 +23,7 @@ them, and a scatter issued after a step lands before the next one reads them.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from fastserve_jax.models.attention import KVCache
+from fastserve_jax.runner.compiler import CompileJob
+from fastserve_jax.runner.keys import SwapKey
 
 
 def power_of_two_runs(n: int) -> list[int]:
@@ -79,31 +82,29 @@ class KVTransfer:
         self._gather = [jax.jit(_gather, out_shardings=KVCache(s, s)) for s in cache_shardings]
         self._scatter = [jax.jit(_scatter, donate_argnames=("cache",), out_shardings=KVCache(s, s))
                          for s in cache_shardings]
-        self._compiled: dict[tuple, object] = {}
+        self._compiled: dict[SwapKey, object] = {}
         self._held: dict[str, list[list[KVCache]]] = {}   # request id -> host runs (block-table order) x stages
         self._uploads: dict[str, _Upload] = {}
         self.stall_seconds = 0.0                        # the loop waited for a copy to land
         self.blocks_out = self.blocks_in = 0
 
     # -- warm-up ---------------------------------------------------------------------------
-    def lowerings(self, caches: Caches) -> list[tuple[tuple, object]]:
-        """(key, lower) for each gather and scatter shape of each stage, for the runner's warm-up pool."""
-        out = []
+    def compile_jobs(self, caches: Caches) -> list[CompileJob]:
+        """A job for each gather and scatter shape of each stage, for the runner's warm-up pool."""
+        jobs = []
         for s, cache in enumerate(caches):
             for n in self.run_sizes:
                 ids = jax.ShapeDtypeStruct((n,), jnp.int32)
                 run = jax.eval_shape(_gather, cache, ids)
                 run = KVCache(*(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._device_sharding[s]) for x in run))
-                out.append((("swap_gather", n, s), lambda s=s, ids=ids, c=cache: self._gather[s].lower(c, ids)))
-                out.append((("swap_scatter", n, s),
-                            lambda s=s, run=run, ids=ids, c=cache: self._scatter[s].lower(c, run, ids)))
-        return out
+                jobs.append(CompileJob(functools.partial(self._gather[s].lower, cache, ids),
+                                       functools.partial(self._compiled.__setitem__, SwapKey("gather", n, s))))
+                jobs.append(CompileJob(functools.partial(self._scatter[s].lower, cache, run, ids),
+                                       functools.partial(self._compiled.__setitem__, SwapKey("scatter", n, s))))
+        return jobs
 
-    def add_compiled(self, key: tuple, fn) -> None:
-        self._compiled[key] = fn
-
-    def _fn(self, kind: str, n: int, stage: int):
-        return self._compiled.get((kind, n, stage)) or (self._gather if kind == "swap_gather" else self._scatter)[stage]
+    def _fn(self, op: str, n: int, stage: int):
+        return self._compiled.get(SwapKey(op, n, stage)) or (self._gather if op == "gather" else self._scatter)[stage]
 
     # -- copies ----------------------------------------------------------------------------
     @staticmethod
@@ -124,7 +125,7 @@ class KVTransfer:
         stage (returns at once)."""
         runs = []
         for ids in self._runs(blocks):
-            runs.append([self._to_host(self._fn("swap_gather", ids.shape[0], s)(cache, ids), s)
+            runs.append([self._to_host(self._fn("gather", ids.shape[0], s)(cache, ids), s)
                          for s, cache in enumerate(caches)])
         self._held[request_id] = runs
         self.blocks_out += len(blocks)
@@ -157,7 +158,7 @@ class KVTransfer:
         caches = list(caches)
         for run, ids in zip(up.runs, up.ids):
             for s, part in enumerate(run):
-                caches[s] = self._fn("swap_scatter", ids.shape[0], s)(caches[s], part, ids)
+                caches[s] = self._fn("scatter", ids.shape[0], s)(caches[s], part, ids)
         return caches
 
     def swap_in_now(self, caches: Caches, request_id: str, blocks: tuple[int, ...]) -> Caches:

@@ -1,5 +1,8 @@
 """Multi-host serving: process 0 leads, the other processes replay its device operations.
 
+The plan channel and `jax.distributed` start live in sharding/distributed.py; this is the
+engine-facing part (it builds an engine and drives its runner), so it sits above sharding.
+
     process 0 (leader)                             process k > 0 (worker)
     initialize(cfg)                                initialize(cfg)
     channel = PlanChannel.serve(cfg)               channel = PlanChannel.connect(cfg)
@@ -17,39 +20,22 @@ arrays are sent bit-identical (JAX does not check that numpy inputs agree across
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
-from fastserve_jax.runner import LaunchWork, ModelRunner
+from fastserve_jax.runner import ModelRunner
 from fastserve_jax.sharding.distributed import ChannelClosed, PlanChannel, is_shutdown
 
 log = logging.getLogger(__name__)
 
 
-def _ops(runner: ModelRunner) -> dict[str, Callable[[dict], object]]:
-    moves = lambda m: [(rid, tuple(int(b) for b in blocks)) for rid, blocks in m["moves"]]
-    return {
-        "dispatch": lambda m: runner.run([LaunchWork.from_message(x) for x in m["launches"]]),
-        "swap_out": lambda m: runner.swap_out_moves(moves(m)),
-        "swap_in_now": lambda m: runner.swap_in_now_moves(moves(m)),
-        "start_swap_in": lambda m: runner.start_swap_in_moves(moves(m)),
-        "land_swap_in": lambda m: runner.land_swap_in(m["request_id"]),
-        "discard": lambda m: runner.discard(m["request_id"]),
-    }
-
-
 def replay(runner: ModelRunner, channel: PlanChannel) -> int:
     """Apply the leader's device operations in order until it shuts down; returns the number
     applied. Raises ChannelClosed if the leader went away without saying so."""
-    ops = _ops(runner)
     n = 0
     while True:
         msg = channel.recv()
         if is_shutdown(msg):
             return n
-        op = msg.get("op")
-        if op not in ops:
-            raise ValueError(f"unknown operation {op!r} from the leader (versions differ?)")
-        ops[op](msg)
+        runner.replay(msg)
         n += 1
 
 

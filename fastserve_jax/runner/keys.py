@@ -1,0 +1,70 @@
+"""Typed keys of the compiled executables, one kind per table.
+
+Every executable serving can call is compiled at warm-up under one of these keys, and looked
+up by it afterwards (`ModelRunner.executable`, `ModelRunner.sampler`). Frozen dataclasses,
+so a decode key never equals a prefill key with the same numbers.
+
+    DecodeKey(rows, blocks)        R sequences x 1 token, each row gathering `blocks` blocks
+    PrefillKey(tokens, blocks)     `tokens` packed prefill tokens (rows of prefill_tile), each
+                                   row gathering up to `blocks` blocks
+    SamplerKey(rows, greedy, logprobs, penalties)
+                                   one sampler variant over `rows` logits rows
+    SwapKey(op, run, stage)        a gather ("gather") or donated scatter ("scatter") of `run`
+                                   blocks of one pipeline stage's cache (kv_transfer.py)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DecodeKey:
+    rows: int
+    blocks: int
+
+    kind = "decode"
+
+    @property
+    def tokens(self) -> int:
+        """Query tokens in the launch (one per row)."""
+        return self.rows
+
+
+@dataclass(frozen=True)
+class PrefillKey:
+    tokens: int
+    blocks: int
+
+    kind = "prefill"
+
+
+LaunchKey = DecodeKey | PrefillKey
+
+
+def launch_key_to_wire(key: LaunchKey) -> list:
+    """A plain list for the multi-host plan channel (and JSON reports)."""
+    return [key.kind, key.tokens if key.kind == "prefill" else key.rows, key.blocks]
+
+
+def launch_key_from_wire(wire: list) -> LaunchKey:
+    kind, size, blocks = wire
+    cls = {"decode": DecodeKey, "prefill": PrefillKey}.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown launch kind {kind!r}")
+    return cls(int(size), int(blocks))
+
+
+@dataclass(frozen=True)
+class SamplerKey:
+    rows: int
+    greedy: bool
+    logprobs: bool
+    penalties: bool
+
+
+@dataclass(frozen=True)
+class SwapKey:
+    op: str          # "gather" (device blocks -> a run to copy out) or "scatter" (a run -> cache)
+    run: int         # blocks in the run (a power of two)
+    stage: int       # pipeline stage whose cache it reads or updates

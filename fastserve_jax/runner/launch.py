@@ -1,0 +1,233 @@
+"""Launch assembly: one iteration's scheduled requests -> padded host arrays (numpy only).
+
+At most one decode launch (R sequences x 1 token, each row gathering its own blocks) plus
+packed prefill launches (the chunks of several sequences back to back, cut into rows of
+`prefill_tile` tokens). Every launch is padded to a bucket from EngineConfig, so its key is
+one that warm-up compiled (`LaunchBuilder.launch_keys`). Nothing here touches a device;
+tests build launches from a KVManager alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastserve_jax.config import EngineConfig, bucket
+from fastserve_jax.kv_cache import KVManager
+from fastserve_jax.models.attention import AttnBatch
+from fastserve_jax.request import Request
+from fastserve_jax.runner.keys import DecodeKey, LaunchKey, PrefillKey, launch_key_from_wire, launch_key_to_wire
+from fastserve_jax.sampling import Penalties, SamplingArrays
+from fastserve_jax.scheduler.base import ScheduledRequest
+
+
+@dataclass
+class Launch:
+    """Host arrays of one padded launch; `rows[i]` is the request whose logits row i is."""
+
+    key: LaunchKey
+    tokens: np.ndarray              # (R, Q) int32
+    batch: AttnBatch                # numpy arrays, shapes per models.attention
+    logits_idx: np.ndarray          # (N,) int32
+    rows: list[Request | None]      # requests to sample for, per logits row (None: discard)
+
+
+@dataclass
+class LaunchWork:
+    """One launch as plain arrays: the forward's inputs and, when some row is sampled, the
+    sampler's variant and per-row arrays (what process 0 sends the others in multi-host mode)."""
+
+    key: LaunchKey
+    tokens: np.ndarray
+    batch: AttnBatch
+    logits_idx: np.ndarray
+    greedy: bool = True
+    logprobs: bool = False
+    sampling: SamplingArrays | None = None
+    penalties: Penalties | None = None
+
+    @classmethod
+    def of(cls, ln: Launch, max_model_len: int) -> "LaunchWork":
+        live = [r for r in ln.rows if r is not None]
+        work = cls(ln.key, ln.tokens, ln.batch, ln.logits_idx)
+        if live:
+            work.greedy = all(r.sampling.greedy for r in live)
+            work.logprobs = any(r.sampling.logprobs is not None for r in live)
+            work.sampling = sampling_arrays(ln.rows)
+            if any(r.sampling.penalized for r in live):
+                work.penalties = penalty_arrays(ln.rows, max_model_len)
+        return work
+
+    def to_message(self) -> dict:
+        return dict(key=launch_key_to_wire(self.key), tokens=self.tokens, batch=list(self.batch),
+                    logits_idx=self.logits_idx, greedy=self.greedy, logprobs=self.logprobs,
+                    sampling=None if self.sampling is None else list(self.sampling),
+                    penalties=None if self.penalties is None else list(self.penalties))
+
+    @classmethod
+    def from_message(cls, m: dict) -> "LaunchWork":
+        return cls(launch_key_from_wire(m["key"]), m["tokens"], AttnBatch(*m["batch"]), m["logits_idx"], m["greedy"],
+                   m["logprobs"], None if m["sampling"] is None else SamplingArrays(*m["sampling"]),
+                   None if m["penalties"] is None else Penalties(*m["penalties"]))
+
+
+def sampling_arrays(rows: list[Request | None]) -> SamplingArrays:
+    n = len(rows)
+    temp = np.zeros(n, np.float32)
+    top_k = np.zeros(n, np.int32)
+    top_p = np.ones(n, np.float32)
+    seed = np.zeros(n, np.uint32)
+    step = np.zeros(n, np.int32)
+    for i, r in enumerate(rows):
+        if r is not None:
+            sp = r.sampling
+            temp[i], top_k[i], top_p[i] = sp.temperature, sp.top_k, sp.top_p
+            seed[i], step[i] = r.seed & 0xFFFFFFFF, len(r.output_token_ids)
+    return SamplingArrays(temp, top_k, top_p, seed, step)
+
+
+def penalty_arrays(rows: list[Request | None], max_model_len: int) -> Penalties:
+    """Penalties and output histories, (N,) and (N, max_model_len) padded with -1; rows
+    without penalties keep an empty history (their penalties are 0 anyway)."""
+    n = len(rows)
+    presence = np.zeros(n, np.float32)
+    frequency = np.zeros(n, np.float32)
+    history = np.full((n, max_model_len), -1, np.int32)
+    for i, r in enumerate(rows):
+        if r is not None and r.sampling.penalized:
+            presence[i], frequency[i] = r.sampling.presence_penalty, r.sampling.frequency_penalty
+            history[i, :len(r.output_token_ids)] = r.output_token_ids
+    return Penalties(presence, frequency, history)
+
+
+class LaunchBuilder:
+    """Builds the padded launches of one plan from the KV manager's block tables."""
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        self.bs = cfg.block_size
+
+    # -- shapes ----------------------------------------------------------------------------
+    def launch_keys(self) -> list[LaunchKey]:
+        """Every launch shape serving can produce (what warm-up compiles)."""
+        c = self.cfg
+        dec_nb = [b for b in c.block_buckets if b <= bucket(c.max_blocks_per_seq, c.block_buckets)]
+        keys: list[LaunchKey] = [DecodeKey(r, nb) for r in c.decode_batch_buckets for nb in dec_nb]
+        keys += [PrefillKey(t, nb) for t in c.prefill_token_buckets for nb in c.block_buckets]
+        return keys
+
+    def sampler_rows(self) -> list[int]:
+        """Logits rows a sampler sees: a decode bucket, or max_prefill_seqs for a prefill."""
+        return sorted(set(self.cfg.decode_batch_buckets) | {self.cfg.max_prefill_seqs})
+
+    def prefill_shape(self, t: int) -> tuple[int, int]:
+        """(rows, tokens per row) of a prefill launch of t packed tokens."""
+        tile = self.cfg.prefill_tile
+        return (t // tile, tile) if t > tile and t % tile == 0 else (1, t)
+
+    def launch_shape(self, key: LaunchKey) -> tuple[int, int, int]:
+        """(rows, tokens per row, logits rows) of a launch."""
+        if isinstance(key, DecodeKey):
+            return key.rows, 1, key.rows
+        return (*self.prefill_shape(key.tokens), self.cfg.max_prefill_seqs)
+
+    # -- assembly --------------------------------------------------------------------------
+    def _table(self, kv: KVManager, req: Request, upto_tokens: int) -> np.ndarray:
+        nb = kv.blocks_for_tokens(upto_tokens)
+        table = kv.block_table(req)
+        assert len(table) >= nb, f"{req.request_id}: KV not allocated for {upto_tokens} tokens"
+        return np.asarray(table[:nb], np.int32)
+
+    def build_decode(self, items: list[ScheduledRequest], kv: KVManager) -> Launch:
+        c, bs = self.cfg, self.bs
+        r = bucket(len(items), c.decode_batch_buckets)
+        tables = [self._table(kv, s.request, s.request.num_computed_tokens + 1) for s in items]
+        nb = bucket(max(len(t) for t in tables), c.block_buckets)
+        tokens = np.zeros((r, 1), np.int32)
+        pos = np.zeros((r, 1), np.int32)
+        seg = np.full((r, 1), -1, np.int32)
+        slots = np.zeros((r, 1), np.int32)
+        block_ids = np.zeros((r, nb), np.int32)
+        block_seg = np.full((r, nb), -2, np.int32)
+        for i, (s, table) in enumerate(zip(items, tables)):
+            p = s.request.num_computed_tokens
+            tokens[i, 0] = s.request.token_at(p)
+            pos[i, 0] = p
+            seg[i, 0] = 0
+            slots[i, 0] = table[p // bs] * bs + p % bs
+            block_ids[i, :len(table)] = table
+            block_seg[i, :len(table)] = 0
+        block_pos = np.broadcast_to(np.arange(nb, dtype=np.int32) * bs, (r, nb)).copy()
+        rows = [s.request if s.request.num_pending_tokens == 1 else None for s in items] + [None] * (r - len(items))
+        return Launch(DecodeKey(r, nb), tokens, AttnBatch(pos, seg, slots, block_ids, block_seg, block_pos),
+                      np.arange(r, dtype=np.int32), rows)
+
+    def split_prefill(self, items: list[ScheduledRequest], kv: KVManager) -> list[list[ScheduledRequest]]:
+        """Greedy packing into launches that fit the largest token and block buckets."""
+        c = self.cfg
+        groups, cur, toks, blocks = [], [], 0, 0
+        for s in items:
+            nb = kv.blocks_for_tokens(s.request.num_computed_tokens + s.num_tokens)
+            if cur and (len(cur) == c.max_prefill_seqs or toks + s.num_tokens > c.prefill_token_buckets[-1]
+                        or blocks + nb > c.block_buckets[-1]):
+                groups.append(cur)
+                cur, toks, blocks = [], 0, 0
+            cur.append(s)
+            toks += s.num_tokens
+            blocks += nb
+        if cur:
+            groups.append(cur)
+        return groups
+
+    def build_prefill(self, items: list[ScheduledRequest], kv: KVManager) -> Launch:
+        """The chunks of `items` packed back to back, cut into rows of `prefill_tile` tokens;
+        each row gathers, per sequence it holds, the blocks up to its last token there."""
+        c, bs = self.cfg, self.bs
+        t = bucket(sum(s.num_tokens for s in items), c.prefill_token_buckets)
+        r, q = self.prefill_shape(t)
+        tables = [self._table(kv, s.request, s.request.num_computed_tokens + s.num_tokens) for s in items]
+        tokens = np.zeros(t, np.int32)
+        pos = np.zeros(t, np.int32)
+        seg = np.full(t, -1, np.int32)
+        slots = np.zeros(t, np.int32)
+        logits_idx = np.zeros((c.max_prefill_seqs,), np.int32)
+        rows: list[Request | None] = [None] * c.max_prefill_seqs
+        row_blocks: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(r)]
+        at = 0
+        for i, (s, table) in enumerate(zip(items, tables)):
+            req, n = s.request, s.num_tokens
+            p0 = req.num_computed_tokens
+            p = np.arange(p0, p0 + n, dtype=np.int32)
+            tokens[at:at + n] = (req.prompt_token_ids + req.output_token_ids)[p0:p0 + n]
+            pos[at:at + n] = p
+            seg[at:at + n] = i
+            slots[at:at + n] = table[p // bs] * bs + p % bs
+            for row in range(at // q, (at + n - 1) // q + 1):
+                last = min(at + n, (row + 1) * q) - 1          # this sequence's last token in the row
+                row_blocks[row].append((i, table[:kv.blocks_for_tokens(p0 + last - at + 1)]))
+            at += n
+            logits_idx[i] = at - 1
+            if p0 + n == req.num_tokens:
+                rows[i] = req
+        nb = bucket(max(sum(len(tb) for _, tb in rb) for rb in row_blocks), c.block_buckets)
+        block_ids = np.zeros((r, nb), np.int32)
+        block_seg = np.full((r, nb), -2, np.int32)
+        block_pos = np.zeros((r, nb), np.int32)
+        for row, rb in enumerate(row_blocks):
+            bt = 0
+            for i, tb in rb:
+                block_ids[row, bt:bt + len(tb)] = tb
+                block_seg[row, bt:bt + len(tb)] = i
+                block_pos[row, bt:bt + len(tb)] = np.arange(len(tb), dtype=np.int32) * bs
+                bt += len(tb)
+        batch = AttnBatch(pos.reshape(r, q), seg.reshape(r, q), slots.reshape(r, q), block_ids, block_seg, block_pos)
+        return Launch(PrefillKey(t, nb), tokens.reshape(r, q), batch, logits_idx, rows)
+
+    def build(self, scheduled: list[ScheduledRequest], kv: KVManager) -> list[Launch]:
+        """All launches of one plan: the decode launch first, then the packed prefills."""
+        decode = [s for s in scheduled if s.num_tokens == 1]
+        prefill = [s for s in scheduled if s.num_tokens > 1]
+        launches = [self.build_decode(decode, kv)] if decode else []
+        launches += [self.build_prefill(g, kv) for g in self.split_prefill(prefill, kv)]
+        return launches

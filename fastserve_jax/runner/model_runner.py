@@ -1,0 +1,199 @@
+"""Device execution and sampling: launches through the pipeline stages, tokens back.
+
+Each launch runs the forward that warm-up compiled for its key, stage after stage; every
+stage's KV cache is donated into its step and returned updated, so it is never copied.
+Logits stay on the device and go straight into a jitted sampler. Dispatch is asynchronous:
+`dispatch` returns device results at once and `collect` waits for the sampled tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastserve_jax.config import EngineConfig
+from fastserve_jax.kv_cache import KVManager, kv_block_bytes
+from fastserve_jax.models import build_block, build_model
+from fastserve_jax.models.attention import KVCache
+from fastserve_jax.models.config import ModelConfig
+from fastserve_jax.request import Request, TokenLogprobs
+from fastserve_jax.runner import compiler
+from fastserve_jax.runner.keys import LaunchKey, SamplerKey
+from fastserve_jax.runner.kv_transfer import KVTransfer
+from fastserve_jax.runner.launch import Launch, LaunchBuilder, LaunchWork
+from fastserve_jax.runner.swap_ops import SwapOps
+from fastserve_jax.sampling import sample
+from fastserve_jax.scheduler.base import ScheduledRequest
+from fastserve_jax.sharding.layout import ModelLayout, move
+from fastserve_jax.sharding.pipeline import Stage, StageActivity, stage_forward
+
+
+def fetch(tree):
+    """Device results to numpy. Across processes an array is not fully addressable; the
+    sampler's outputs are replicated, so this process's own copy is the whole value."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
+    return jax.tree.map(one, tree)
+
+
+class ModelRunner:
+    """Runs launches through the pipeline stages of one `ModelLayout` (a single stage on one
+    device by default). `params` is the canonical tree, already placed by the layout; each
+    stage keeps its own part of it, with the layers as separate per-layer arrays.
+
+    free_params: the runner owns `params`; its stacked `layers/*` leaves are deleted as they
+    are split into per-layer arrays (see `ModelLayout.split_layers`). swap: keep a host pool's
+    copies (`self.swaps`; None without one)."""
+
+    def __init__(self, params, model_cfg: ModelConfig, cfg: EngineConfig, num_blocks: int,
+                 layout: ModelLayout, swap: bool = False, record_stages: bool | None = None,
+                 free_params: bool = False) -> None:
+        self.layout = layout
+        self.model_cfg = model_cfg
+        self.cfg = cfg
+        self.num_blocks = num_blocks
+        self.act_dtype = jnp.dtype(cfg.dtype)
+        self.builder = LaunchBuilder(cfg)
+        stage_cfg = dataclasses.replace(model_cfg, num_layers=layout.layers_per_stage)
+        module, block = build_model(stage_cfg, cfg.dtype), build_block(stage_cfg, cfg.dtype)
+        shape = layout.cache_shape(num_blocks, cfg.block_size)
+        self.stages: list[Stage] = []
+        for s, sp in enumerate(layout.split_layers(params, free=free_params)):
+            first, last = s == 0, s == layout.pp - 1
+            cs = layout.cache_sharding(s, shape)
+            rep = layout.replicated(s)
+            x_in = rep if first else layout.activation_sharding(s)
+            zeros = jax.jit(lambda: jnp.zeros(shape, cfg.dtype), out_shardings=cs)
+            fn = jax.jit(stage_forward(module, block, first, last), donate_argnames=("cache",),
+                         in_shardings=(jax.tree.map(lambda x: x.sharding, sp), KVCache(cs, cs), x_in, rep, rep),
+                         out_shardings=(rep, KVCache(cs, cs)))
+            self.stages.append(Stage(s, first, last, sp, KVCache(zeros(), zeros()), cs, None if first else x_in,
+                                     rep, fn))
+        self._sample = jax.jit(sample, static_argnames=("greedy", "with_logprobs"))
+        self.samplers: dict[SamplerKey, Callable] = {}
+        # Multi-host leader: called with every device operation, as a message for the other
+        # processes to replay in the same order (fastserve_jax/multihost.py); None on one host.
+        self.mirror: Callable[[dict], None] | None = None
+        self.swaps = (SwapOps(KVTransfer([st.cache_sharding for st in self.stages], cfg.max_blocks_per_seq,
+                                         kv_block_bytes(model_cfg, cfg)), self.stages, self._mirror)
+                      if swap else None)
+        if record_stages is None:
+            record_stages = layout.pp > 1
+        self.activity = StageActivity(layout.pp) if record_stages else None
+        self.warmup_seconds = 0.0
+
+    @property
+    def caches(self) -> list[KVCache]:
+        return [st.cache for st in self.stages]
+
+    @property
+    def transfer(self) -> KVTransfer | None:
+        return self.swaps.transfer if self.swaps is not None else None
+
+    def _mirror(self, msg: dict) -> None:
+        if self.mirror is not None:
+            self.mirror(msg)
+
+    # -- compiled executables --------------------------------------------------------------
+    def warmup(self, progress: Callable[[int, int], None] | None = None, threads: int | None = None) -> float:
+        """Compile every launch shape, sampler variant and swap copy; returns seconds taken."""
+        t0 = time.perf_counter()
+        jobs = compiler.stage_jobs(self.builder, self.stages, self.model_cfg.hidden_size, self.act_dtype)
+        jobs += compiler.sampler_jobs(self._sample, self.builder, self.model_cfg.vocab_size, self.cfg.max_model_len,
+                                      self.stages[-1], self.samplers)
+        if self.swaps is not None:
+            jobs += self.swaps.transfer.compile_jobs(self.caches)
+        compiler.compile_all(jobs, progress, threads)
+        self.warmup_seconds = time.perf_counter() - t0
+        return self.warmup_seconds
+
+    def executable(self, key: LaunchKey, stage: int = 0) -> Callable:
+        """The compiled forward of `stage` for launch `key`: fn(params, cache, x, batch,
+        logits_idx) -> (output, cache). Raises KeyError if warm-up did not compile it."""
+        return self.stages[stage].compiled[key]
+
+    def sampler(self, key: SamplerKey) -> Callable:
+        """The sampler variant for `key` (compiled at warm-up; traced on first use without one)."""
+        fn = self.samplers.get(key)
+        if fn is None:
+            return lambda *a: self._sample(*a, greedy=key.greedy, with_logprobs=key.logprobs)
+        return fn
+
+    def abstract_args(self, key: LaunchKey, stage: int = 0):
+        """(x, batch, logits_idx) as ShapeDtypeStructs for `key` on `stage` (for lowering)."""
+        return compiler.abstract_launch_args(self.builder, key, self.stages[stage], self.model_cfg.hidden_size,
+                                             self.act_dtype)
+
+    # -- execution -------------------------------------------------------------------------
+    def build_launches(self, scheduled: list[ScheduledRequest], kv: KVManager) -> list[Launch]:
+        return self.builder.build(scheduled, kv)
+
+    def forward(self, ln: Launch | LaunchWork, batch_id: int = -1):
+        """Queue one launch through every stage (asynchronously); returns the logits."""
+        rec = self.activity.begin(batch_id) if self.activity is not None else None
+        x = ln.tokens
+        for st in self.stages:
+            if not st.first:
+                x = move(x, st.input_sharding)
+            x = st.run(ln.key, x, ln.batch, ln.logits_idx)
+            if rec is not None:
+                self.activity.output(rec, st.index, x)
+        return x
+
+    def dispatch(self, launches: list[Launch], batch_id: int = -1) -> list:
+        """Run the launches back to back (asynchronously); returns device results per launch."""
+        work = [LaunchWork.of(ln, self.cfg.max_model_len) for ln in launches]
+        self._mirror({"op": "dispatch", "launches": [w.to_message() for w in work]})
+        return self.run(work, batch_id)
+
+    def run(self, work: list[LaunchWork], batch_id: int = -1) -> list:
+        pending = []
+        for w in work:
+            logits = self.forward(w, batch_id)
+            if w.sampling is None:
+                pending.append(None)
+                continue
+            pen = w.penalties is not None
+            key = SamplerKey(w.sampling.temperature.shape[0], w.greedy, w.logprobs, pen)
+            pending.append(self.sampler(key)(logits, w.sampling, *((w.penalties,) if pen else ())))
+        return pending
+
+    @staticmethod
+    def collect(launches: list[Launch], pending: list) -> list[tuple[Request, int, TokenLogprobs | None]]:
+        """Wait for the sampled tokens; one (request, token, logprobs) per sampled row."""
+        results = []
+        for ln, out in zip(launches, pending):
+            if out is None:
+                continue
+            host = fetch(out)
+            for i, req in enumerate(ln.rows):
+                if req is None or req.finished:      # aborted while its batch was in flight
+                    continue
+                tok = int(host.tokens[i])
+                lp = None
+                if host.logprob is not None and req.sampling.logprobs is not None:
+                    k = req.sampling.logprobs
+                    lp = TokenLogprobs(tok, float(host.logprob[i]),
+                                       {int(t): float(v) for t, v in zip(host.top_ids[i, :k], host.top_logprobs[i, :k])})
+                results.append((req, tok, lp))
+        return results
+
+    def execute(self, scheduled: list[ScheduledRequest], kv: KVManager):
+        launches = self.build_launches(scheduled, kv)
+        return self.collect(launches, self.dispatch(launches))
+
+    def replay(self, msg: dict) -> None:
+        """Apply one of the leader's mirrored device operations (on a multi-host worker)."""
+        if msg["op"] == "dispatch":
+            self.run([LaunchWork.from_message(x) for x in msg["launches"]])
+        elif self.swaps is not None:
+            self.swaps.replay(msg)
+        else:
+            raise ValueError(f"unknown operation {msg['op']!r} from the leader (versions differ?)")
