@@ -7,8 +7,10 @@ transfer-time model), in the order returned:
                         must be issued before the swap-in copies (a swap-in may reuse a block
                         just freed) and both before the step.
     apply_ahead(ahead)  the swap policy's moves for later iterations, issued after the step:
-                        offloads free their device blocks at once, uploads hold theirs until
-                        `land_upload` when the copy is in (the next iteration, before its plan).
+                        offloads free their device blocks at once, uploads hold theirs, and
+                        the caller marks them landed (`KVManager.finish_swap_in`) once the copy
+                        is in: the engine checks at the start of each iteration, before its plan
+                        (`LLMEngine._land_swaps`), the simulator when the modelled copy ends.
 """
 
 from __future__ import annotations
