@@ -10,6 +10,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from fastserve_jax.sharding.parallel_config import ParallelConfig
+
 MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs; the sampler always computes this many.
 
 
@@ -207,10 +209,7 @@ class EngineConfig:
             raise ValueError(f"swap_policy must be 'proactive', 'reactive' or 'recompute', got {self.swap_policy!r}")
         if not isinstance(self.swap_reserve_blocks, int) or self.swap_reserve_blocks < 0:
             raise ValueError(f"swap_reserve_blocks must be >= 0 (0 = sized from arrivals), got {self.swap_reserve_blocks!r}")
-        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size)  # raises on bad sizes
         if not isinstance(self.batches_in_flight, int) or self.batches_in_flight < 0:
             raise ValueError(f"batches_in_flight must be >= 0 (0 = pipeline_parallel_size), got {self.batches_in_flight!r}")
         if self.dtype not in ("float32", "bfloat16"):

@@ -24,7 +24,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fastserve_jax.models.axes import ACTIVATION_AXES, CACHE_AXES, FIRST, LAST, leaf_axes, stages_of
 from fastserve_jax.models.config import ModelConfig
-from fastserve_jax.sharding.mesh import Meshes, ParallelConfig, build_meshes
+from fastserve_jax.sharding.mesh import Meshes, build_meshes
+from fastserve_jax.sharding.parallel_config import ParallelConfig
 from fastserve_jax.sharding.rules import ShardingRules
 
 
