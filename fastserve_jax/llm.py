@@ -32,13 +32,14 @@ class LLM:
         unknown = sorted(set(engine_kwargs) - known)
         if unknown:
             raise ValueError(f"unknown LLM arguments {unknown}; valid ones are {sorted(known)}")
+        model_cfg = ModelConfig.from_pretrained(path)     # read once, handed to the loader
         if max_model_len is None:
-            max_model_len = min(ModelConfig.from_pretrained(path).max_position_embeddings,
-                                EngineConfig.max_model_len)
+            max_model_len = min(model_cfg.max_position_embeddings, EngineConfig.max_model_len)
         cfg = EngineConfig(dtype=dtype, max_model_len=max_model_len, num_device_blocks=num_device_blocks or 0,
                            **engine_kwargs)
         enable_compilation_cache(cfg.compilation_cache_dir)
-        self.engine = LLMEngine.from_pretrained(path, cfg, warmup=warmup, progress=progress, mirror=mirror)
+        self.engine = LLMEngine.from_pretrained(path, cfg, model_cfg=model_cfg, warmup=warmup, progress=progress,
+                                                mirror=mirror)
 
     @property
     def tokenizer(self):

@@ -51,7 +51,8 @@ def cache_key(path: str, dtype: str) -> str:
 
 
 def load_model(path: str, dtype: str = "float32", cache_dir: str | None = None,
-               place: Callable[[dict], dict] | None = None) -> tuple[ModelConfig, nn.Module, dict]:
+               place: Callable[[dict], dict] | None = None,
+               cfg: ModelConfig | None = None) -> tuple[ModelConfig, nn.Module, dict]:
     """Config, Linen module and params of a HF model directory.
 
     place: maps the param shape tree (`param_shapes(cfg, dtype)`, jax.ShapeDtypeStruct
@@ -64,8 +65,9 @@ def load_model(path: str, dtype: str = "float32", cache_dir: str | None = None,
     when present; otherwise converts the safetensors and fills the cache. The cache holds
     the canonical tree, whatever layout saved it, and restores into any other. A cache that
     cannot be written only costs the next start a conversion (logged as a warning).
+    cfg: the directory's config when the caller has read it already.
     """
-    cfg = ModelConfig.from_pretrained(path)
+    cfg = cfg or ModelConfig.from_pretrained(path)
     module = build_model(cfg, dtype)
     target = place(param_shapes(cfg, dtype)) if place is not None else None
     root = cache_root(cache_dir)
