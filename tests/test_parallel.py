@@ -124,7 +124,7 @@ def test_launch_reads_layer_weights_in_place(four_layer, tp, pp):
     path, _ = four_layer["llama"]
     e = LLM(path, warmup=False, num_device_blocks=16, tensor_parallel_size=tp, pipeline_parallel_size=pp, **KW).engine
     for st in e.runner.stages:
-        x, batch, idx = e.runner.abstract_args(DecodeKey(4, 16))
+        x, batch, idx = e.runner.abstract_args(DecodeKey(4, 16), st.index)
         hlo = st.fn.lower(st.params, st.cache, x, batch, idx).compile().as_text()
         assert not re.search(r"\b(while|dynamic-slice)\(", hlo)
         shard = lambda a: a.sharding.shard_shape(a.shape)
