@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib
 import os
 
+# We use transformers for tokenizers and configs only; its advice that PyTorch is missing
+# means nothing to a user of a JAX engine (a user's own setting wins).
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 # models/, sharding/ and serve/ sit beside this package at the top of the repository (the
 # design card's layout); an install maps them to fastserve_jax.models/.sharding/.serve
 # (pyproject's package-dir). A source-tree run (PYTHONPATH=.) finds them the same way

@@ -81,20 +81,36 @@ class _Probe:
         return statistics.median(samples)
 
 
-def measure(engine, repeats: int = 3) -> CostModel:
-    """Profile now (no cache)."""
+def measure(engine, repeats: int = 3, sparse: bool = False) -> CostModel:
+    """Profile now (no cache). `sparse`: only the smallest and largest bucket of each kind (the
+    cost model interpolates between them), so an engine that compiles lazily compiles 6
+    launch shapes for its profile instead of every bucket."""
+    builder = engine.runner.builder
+    ready, builder.ready = builder.ready, None     # time each shape itself, not a padded fallback
+    try:
+        return _measure(engine, repeats, sparse)
+    finally:
+        builder.ready = ready
+
+
+def _ends(xs: list[int], sparse: bool) -> list[int]:
+    return sorted({xs[0], xs[-1]}) if sparse and xs else xs
+
+
+def _measure(engine, repeats: int, sparse: bool) -> CostModel:
     cfg, kv = engine.cfg, engine.kv
     probe = _Probe(engine)
     bs = cfg.block_size
-    pre_t = [t for t in cfg.prefill_token_buckets if t <= min(cfg.max_model_len, kv.num_free_blocks * bs)]
+    pre_t = _ends([t for t in cfg.prefill_token_buckets if t <= min(cfg.max_model_len, kv.num_free_blocks * bs)],
+                  sparse)
     pre_s = [probe.time([ScheduledRequest(probe.request(t, 0), t)], repeats) for t in pre_t]
-    dec_b = list(cfg.decode_batch_buckets)
+    dec_b = _ends(list(cfg.decode_batch_buckets), sparse)
     dec_s = [probe.time([ScheduledRequest(probe.request(2, 1), 1) for _ in range(b)], repeats) for b in dec_b]
     b = dec_b[-1]
     long_ctx = min(cfg.max_model_len - 1, (kv.num_free_blocks // b) * bs - 1)
     t_long = probe.time([ScheduledRequest(probe.request(long_ctx + 1, long_ctx), 1) for _ in range(b)], repeats)
     decode_context = max(0.0, (t_long - dec_s[-1]) / (b * (long_ctx - 1))) if long_ctx > 1 else 0.0
-    n = max(1, cfg.max_num_batched_tokens // 2)
+    n = pre_t[-1] if sparse and pre_t else max(1, cfg.max_num_batched_tokens // 2)
     ctx = min(cfg.max_model_len - n, (kv.num_free_blocks * bs) - n)
     if ctx > 0:
         t_ctx = probe.time([ScheduledRequest(probe.request(ctx + n, ctx), n)], repeats)
@@ -116,14 +132,16 @@ def measure(engine, repeats: int = 3) -> CostModel:
 def profile_engine(engine, cache_dir: str | None = None, repeats: int = 3, refresh: bool = False) -> CostModel:
     """The engine's cost model: from the on-disk cache, else measured now and cached.
 
-    `cache_dir=""` disables the cache; `refresh=True` measures even when cached."""
+    `cache_dir=""` disables the cache; `refresh=True` measures even when cached. An engine
+    without a full warm-up measures sparsely (see `measure`); a cached profile is used
+    whichever way it was measured."""
     path = _cache_path(engine, cache_dir)
     if path and not refresh and os.path.isfile(path):
         return CostModel.load(path)
     if engine.has_unfinished():
         raise RuntimeError("profile the engine while it is idle (before adding requests, or after they finish): "
                            "profiling borrows free KV blocks and runs launches of its own")
-    cm = measure(engine, repeats)
+    cm = measure(engine, repeats, sparse=getattr(engine, "warmup_mode", "full") != "full")
     if path:
         cm.save(path)
     return cm

@@ -25,6 +25,7 @@ from fastserve_jax.kv_cache import KVLocation, KVManager, auto_num_blocks, auto_
 from fastserve_jax.kv_plan import apply_ahead, apply_plan
 from fastserve_jax.request import Request, RequestOutput, RequestStatus, TokenLogprobs
 from fastserve_jax.runner import ModelRunner
+from fastserve_jax.runner.compiler import resolve_warmup
 from fastserve_jax.runner.swap_ops import moves_of
 from fastserve_jax.scheduler import POLICIES, Limits, make_scheduler
 from fastserve_jax.scheduler.base import Plan
@@ -60,11 +61,14 @@ class _InFlight:
 class LLMEngine:
     """params: the model's param tree, placed by `layout` (from_pretrained loads it straight
     into place) or anywhere (it is then moved into the layout). own_params: the engine may
-    free the tree's arrays once it has its own per-layer copies (from_pretrained does)."""
+    free the tree's arrays once it has its own per-layer copies (from_pretrained does).
+    warmup: what compiles before the engine serves ("lazy", "background" or "full", see
+    runner/compiler.py; True means "full", False "lazy")."""
 
     def __init__(self, model_cfg, params, tokenizer, cfg: EngineConfig, eos_ids: frozenset[int] = frozenset(),
-                 warmup: bool = True, progress=None, layout: ModelLayout | None = None,
+                 warmup: str | bool = "lazy", progress=None, layout: ModelLayout | None = None,
                  mirror: Callable[[dict], None] | None = None, own_params: bool = False) -> None:
+        self.warmup_mode = resolve_warmup(warmup)     # "lazy" | "background" | "full" (runner/compiler.py)
         if cfg.max_model_len > model_cfg.max_position_embeddings:
             raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings="
                              f"{model_cfg.max_position_embeddings}; lower max_model_len")
@@ -114,7 +118,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._last_scheduled: set[str] = set()      # ran in the latest iteration
         self._copies = apply_plan(Plan(), self.kv, 0.0)  # the latest plan's on-demand swap copies
-        self.warmup_seconds = self.runner.warmup(progress) if warmup else 0.0
+        self.warmup_seconds = self.runner.warmup(self.warmup_mode, progress)
         self.cost_model: CostModel | None = None
         self.set_scheduler(self.cfg.scheduler, self.cfg.scheduler_config)
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Sequence
 
 from fastserve_jax.config import EngineConfig, SamplingParams
 from fastserve_jax.engine import LLMEngine, RequestOutput
+from fastserve_jax.runner.compile_guard import compile_stats
+from fastserve_jax.runner.compiler import resolve_warmup
 from fastserve_jax.runner.persistent_cache import enable_compilation_cache
 
 Prompt = str | list[int]
@@ -17,16 +20,21 @@ class LLM:
 
     Keyword arguments are EngineConfig fields (max_model_len, max_num_seqs,
     max_num_batched_tokens, block_size, num_device_blocks, seed, scheduler, buckets,
-    tensor_parallel_size, pipeline_parallel_size ...). `mirror`: multi-host leader hook that
-    receives every device operation for the other processes (fastserve_jax/multihost.py).
+    tensor_parallel_size, pipeline_parallel_size ...).
+
+    `warmup`: "lazy" (compile each shape the first time a batch needs it), "background"
+    (enough to answer any request now, the rest on a thread) or "full" (everything first;
+    nothing compiles afterwards); see runner/compiler.py. `mirror`: multi-host leader hook
+    that receives every device operation for the other processes (fastserve_jax/multihost.py).
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "float32", max_model_len: int | None = None,
-                 num_device_blocks: int | None = None, warmup: bool = True, progress=None, mirror=None,
+                 num_device_blocks: int | None = None, warmup: str | bool = "lazy", progress=None, mirror=None,
                  **engine_kwargs) -> None:
         from fastserve_jax.models import demo_model_path
         from fastserve_jax.models.config import ModelConfig
 
+        resolve_warmup(warmup)                              # a bad mode fails before anything loads
         path = model if model is not None else demo_model_path()
         known = {f.name for f in dataclasses.fields(EngineConfig)}
         unknown = sorted(set(engine_kwargs) - known)
@@ -38,8 +46,11 @@ class LLM:
         cfg = EngineConfig(dtype=dtype, max_model_len=max_model_len, num_device_blocks=num_device_blocks or 0,
                            **engine_kwargs)
         enable_compilation_cache(cfg.compilation_cache_dir)
+        start, t0 = compile_stats(), time.perf_counter()
         self.engine = LLMEngine.from_pretrained(path, cfg, model_cfg=model_cfg, warmup=warmup, progress=progress,
                                                 mirror=mirror)
+        self.startup_seconds = time.perf_counter() - t0            # load, warm-up and profile
+        self.startup_compiles = compile_stats().since(start)
 
     @property
     def tokenizer(self):

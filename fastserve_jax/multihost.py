@@ -49,7 +49,8 @@ def run_worker(model: str | None, engine_kwargs: dict, channel: PlanChannel, pro
         return 0
     if first.get("op") != "pools":
         raise ValueError(f"expected the leader's pool sizes first, got {first.get('op')!r}")
-    kwargs = dict(engine_kwargs, num_device_blocks=int(first["num_device_blocks"]),
+    kwargs = {"warmup": "background", **engine_kwargs}      # replays seldom wait on a compile
+    kwargs.update(num_device_blocks=int(first["num_device_blocks"]),
                   num_host_blocks=int(first["num_host_blocks"]),
                   # the worker never schedules: a policy without a cost model avoids profiling,
                   # which would run device work the leader does not mirror

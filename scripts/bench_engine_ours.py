@@ -44,7 +44,7 @@ def make_llm(path: str, wl_max_len: int, max_batched_tokens: int, cache_dir: str
     t0 = time.perf_counter()
     llm = LLM(path, max_model_len=wl_max_len, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=max_batched_tokens,
               block_size=BLOCK_SIZE, num_device_blocks=MAX_NUM_SEQS * blocks_per_seq + 1,
-              compilation_cache_dir=cache_dir, scheduler=scheduler)
+              compilation_cache_dir=cache_dir, scheduler=scheduler, warmup="full")
     construct = time.perf_counter() - t0
     runner = llm.engine.runner
     n_compiled = len(runner.samplers) + sum(len(st.compiled) for st in runner.stages)

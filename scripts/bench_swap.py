@@ -126,7 +126,7 @@ def part_copy(a) -> dict:
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from fastserve_jax.models.attention import KVCache
-    from fastserve_jax.runner.compiler import compile_all
+    from fastserve_jax.runner.compiler import run_jobs
     from fastserve_jax.runner.kv_transfer import KVTransfer
 
     L, BS, H, D, N = 32, 16, 8, 128, a.copy_blocks
@@ -135,7 +135,7 @@ def part_copy(a) -> dict:
     cache = KVCache(jnp.ones(shape, jnp.float32, device=sharding), jnp.ones(shape, jnp.float32, device=sharding))
     block_bytes = 2 * L * BS * H * D * 4
     t = KVTransfer([sharding], N, block_bytes)
-    compile_all(t.compile_jobs([cache]))
+    run_jobs(t.compile_jobs([cache]))
     out_ids = tuple(range(1, N + 1))
     in_ids = tuple(range(N + 1, 2 * N + 1))
     nbytes = N * block_bytes

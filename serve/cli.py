@@ -20,16 +20,37 @@ from fastserve_jax.serve.serve_cmd import add_serve_parser
 from fastserve_jax.serve.simulate_cmd import add_simulate_parser
 
 
-def _progress(done: int, total: int) -> None:
-    width = 30
-    filled = width * done // total
-    end = "\n" if done == total else ""
-    print(f"\rwarm-up: compiling [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end,
-          file=sys.stderr, flush=True)
+class StatusLine:
+    """One line of progress on a terminal (rewritten in place); plain lines in a log."""
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self._last = -1
+
+    def show(self, text: str) -> None:
+        if self.tty:
+            print(f"\r\033[K{text}", end="", file=self.stream, flush=True)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def compiling(self, done: int, total: int) -> None:
+        """A warm-up progress callback: every job on a terminal, each quarter in a log."""
+        quarter = 4 * done // total
+        if self.tty or quarter != self._last:
+            self._last = quarter
+            self.show(f"compiling {done}/{total}")
+
+    def done(self, text: str) -> None:
+        if self.tty:
+            print("\r\033[K", end="", file=self.stream)
+        print(text, file=self.stream, flush=True)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
+    t0 = time.monotonic()
     from fastserve_jax import LLM, SamplingParams
+    from fastserve_jax.runner.compile_guard import compile_stats
 
     try:
         sp = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
@@ -40,15 +61,22 @@ def cmd_generate(a: argparse.Namespace) -> int:
     prompts = a.prompt_pos + (a.prompt or [])
     if not prompts:
         prompts = ["count from 3 to 12:", "count from 250 to 300:", "count from 0 to 7:"]
-    t0 = time.perf_counter()
-    llm = LLM(a.model, progress=_progress, **engine_kwargs(a))
-    print(f"engine ready in {time.perf_counter() - t0:.1f} s (warm-up compile {llm.engine.warmup_seconds:.1f} s)",
-          file=sys.stderr)
+    status = StatusLine()
+    status.show(f"loading {a.model or 'the demo model'}")
+    start = compile_stats()
+    llm = LLM(a.model, progress=status.compiling, **engine_kwargs(a))
+    status.show(f"generating ({llm.engine.warmup_mode} compile: new shapes compile as batches need them)"
+                if llm.engine.warmup_mode == "lazy" else "generating")
     try:
         outs = llm.generate(prompts, sp)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        status.done(f"error: {e}")
         return 2
+    compiled = compile_stats().since(start)
+    first = min(o.metrics.first_token_time for o in outs) - t0
+    status.done(f"load {llm.startup_seconds - llm.engine.warmup_seconds:.1f} s, warm-up ({llm.engine.warmup_mode}) "
+                f"{llm.engine.warmup_seconds:.1f} s, compiled {compiled.describe()} ({compiled.backend_seconds:.1f} s "
+                f"of XLA time), first token {first:.1f} s after start, all done in {time.monotonic() - t0:.1f} s")
     for o in outs:
         m = o.metrics
         print(f"prompt: {o.prompt!r}\noutput: {o.text!r}\n  tokens={len(o.token_ids)} finish={o.finish_reason} "

@@ -12,7 +12,7 @@ from fastserve_jax.scheduler import POLICIES
 # (the model is LLM's first argument; bench gives each started server its own scheduler)
 ENGINE_OPTIONS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                   "num_device_blocks", "num_host_blocks", "swap_policy", "cost_model", "seed",
-                  "tensor_parallel_size", "pipeline_parallel_size", "batches_in_flight")
+                  "tensor_parallel_size", "pipeline_parallel_size", "batches_in_flight", "warmup")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -38,6 +38,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cost-model", default=None,
                    help="cost model for the policy: a shipped name or JSON path (default: profile this engine)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--warmup", default=None, choices=["lazy", "background", "full"],
+                   help="what compiles before serving: lazy = each shape when a batch first needs it (generate's "
+                        "default); background = enough to answer any request, then the rest on a thread while "
+                        "serving (serve's default); full = everything first, nothing compiles afterwards "
+                        "(benchmarks, latency-critical deployments)")
     g = p.add_argument_group("parallelism (devices used: tensor x pipeline parallel size)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split attention heads, MLP units and the vocabulary over this many devices (default 1)")
@@ -56,8 +61,12 @@ def parse_engine_args(argv: list[str]) -> argparse.Namespace:
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
-    """LLM(a.model, **engine_kwargs(a)): every engine option but the model."""
-    return dict({k: getattr(a, k) for k in ENGINE_OPTIONS}, scheduler=a.scheduler)
+    """LLM(a.model, **engine_kwargs(a)): every engine option but the model (warmup only when
+    given: each command has its own default)."""
+    kw = dict({k: getattr(a, k) for k in ENGINE_OPTIONS}, scheduler=a.scheduler)
+    if kw["warmup"] is None:
+        del kw["warmup"]
+    return kw
 
 
 def engine_argv(a: argparse.Namespace) -> list[str]:

@@ -80,9 +80,11 @@ def engine_builder(model: str | None, engine_kwargs: dict):
     def build():
         from fastserve_jax import LLM
 
-        log.info("loading %s and compiling (the first start takes a minute or two; later starts read "
-                 "~/.cache/fastserve_jax)", model or "the bundled demo model")
-        return LLM(model, progress=progress_logger(), **engine_kwargs).engine
+        kwargs = dict(engine_kwargs)
+        kwargs.setdefault("warmup", "background")     # healthy once any request can be answered
+        log.info("loading %s and compiling (warm-up %s; compiled code is cached in ~/.cache/fastserve_jax)",
+                 model or "the bundled demo model", kwargs["warmup"])
+        return LLM(model, progress=progress_logger(), **kwargs).engine
     return build
 
 

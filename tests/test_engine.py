@@ -43,7 +43,7 @@ def _hf_greedy(path, prompts, n):
 def llm(tiny_checkpoints):
     """A warmed-up engine over the tiny GQA Llama, with the default policy (skip-join MLFQ
     over the engine's own profiled cost model)."""
-    return LLM(tiny_checkpoints("llama"), **dict(ENGINE_KW, scheduler="skip-join-mlfq"))
+    return LLM(tiny_checkpoints("llama"), warmup="full", **dict(ENGINE_KW, scheduler="skip-join-mlfq"))
 
 
 @pytest.mark.parametrize("preset", TINY_PRESETS)

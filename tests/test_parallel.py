@@ -224,7 +224,7 @@ def test_nothing_compiles_after_warmup_in_pipeline_mode_with_swapping(four_layer
     from fastserve_jax.runner.compile_guard import CompileCounter
 
     path, want = four_layer["llama"]
-    llm = LLM(path, num_device_blocks=16, num_host_blocks=64, tensor_parallel_size=2, pipeline_parallel_size=2,
+    llm = LLM(path, warmup="full", num_device_blocks=16, num_host_blocks=64, tensor_parallel_size=2, pipeline_parallel_size=2,
               **KW)
     with CompileCounter() as cc:
         got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]

@@ -299,7 +299,7 @@ def test_swap_copies_keep_the_cache_donated_and_use_host_memory(reference):
 
 def test_nothing_compiles_after_warmup_with_swapping(tiny_checkpoints):
     path = tiny_checkpoints("llama")
-    llm = LLM(path, num_device_blocks=30, num_host_blocks=80, swap_policy="proactive", **ENGINE_KW)
+    llm = LLM(path, warmup="full", num_device_blocks=30, num_host_blocks=80, swap_policy="proactive", **ENGINE_KW)
     e = llm.engine
     prompts = _prompts(24, 5)
     rng = np.random.default_rng(6)

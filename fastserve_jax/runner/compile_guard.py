@@ -1,36 +1,78 @@
-"""Count XLA compilations, so that tests can assert nothing compiles after warm-up.
+"""Count XLA compilations and persistent-cache hits, through `jax.monitoring`.
 
 Every compilation, including one served from the persistent cache, lowers a jaxpr to an
-MLIR module first; we count those events through `jax.monitoring`.
+MLIR module first; tests count those events to assert nothing compiles after warm-up. The
+persistent cache reports a hit or a miss per executable it is asked for; startup reports
+the hit rate from those.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 from jax import monitoring
 
-_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+_LOWERED = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+_BACKEND = "/jax/core/compile/backend_compile_duration"
+_HIT = "/jax/compilation_cache/cache_hits"
+_MISS = "/jax/compilation_cache/cache_misses"
+
+
+@dataclass
+class CompileStats:
+    """Process-wide totals since the listeners were registered (the first `compile_stats()`)."""
+
+    compilations: int = 0          # lowerings (one per executable built, cached or not)
+    cache_hits: int = 0
+    cache_misses: int = 0
+    backend_seconds: float = 0.0   # XLA's compile time (threads overlap, so this can exceed wall time)
+
+    def since(self, start: "CompileStats") -> "CompileStats":
+        return CompileStats(self.compilations - start.compilations, self.cache_hits - start.cache_hits,
+                            self.cache_misses - start.cache_misses, self.backend_seconds - start.backend_seconds)
+
+    def describe(self) -> str:
+        asked = self.cache_hits + self.cache_misses
+        cache = f", {self.cache_hits}/{asked} from the persistent cache" if asked else ""
+        return f"{self.compilations} executable{'s' * (self.compilations != 1)}{cache}"
+
+
 _lock = threading.Lock()
-_count = 0
+_totals = CompileStats()
 _registered = False
 
 
-def _listener(name: str, duration: float, **kwargs) -> None:
-    global _count
-    if name == _EVENT:
-        with _lock:
-            _count += 1
+def _duration(name: str, duration: float, **kwargs) -> None:
+    with _lock:
+        if name == _LOWERED:
+            _totals.compilations += 1
+        elif name == _BACKEND:
+            _totals.backend_seconds += duration
+
+
+def _event(name: str, **kwargs) -> None:
+    with _lock:
+        if name == _HIT:
+            _totals.cache_hits += 1
+        elif name == _MISS:
+            _totals.cache_misses += 1
+
+
+def compile_stats() -> CompileStats:
+    """A copy of the totals; registers the listeners on first use."""
+    global _registered
+    with _lock:
+        if not _registered:
+            monitoring.register_event_duration_secs_listener(_duration)
+            monitoring.register_event_listener(_event)
+            _registered = True
+        return CompileStats(**vars(_totals))
 
 
 def compilation_count() -> int:
     """Compilations in this process since the first call of this function."""
-    global _registered
-    with _lock:
-        if not _registered:
-            monitoring.register_event_duration_secs_listener(_listener)
-            _registered = True
-        return _count
+    return compile_stats().compilations
 
 
 class CompileCounter:

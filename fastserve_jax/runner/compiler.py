@@ -1,14 +1,23 @@
-"""Compilation and warm-up: every executable serving can call, compiled before it is needed.
+"""Compilation: every executable serving calls, compiled once, when the warm-up mode says.
 
 Three tables, one per kind of key (keys.py):
     Stage.compiled[LaunchKey]        each pipeline stage's forward, per launch shape
-    ModelRunner.samplers[SamplerKey] the sampler's variants, per logits-row count
+    Compiler.samplers[SamplerKey]    the sampler's variants, per logits-row count
     KVTransfer (SwapKey)             gathers and scatters of each power-of-two run
 
-XLA compiles outside the GIL, so a small thread pool overlaps the compiles (lowering stays
-serial); on a 2-core machine that is close to 2x. Each launch shape gets the compiler
-options of its size (xla_flags.py), and the persistent cache (persistent_cache.py) serves
-a second start from disk.
+Warm-up modes (EngineConfig.warmup):
+    lazy        nothing before serving; a launch or sampler shape compiles the first time a
+                batch needs it (`ensure`), with the same options as a full warm-up.
+    background  the covering set first (the largest launch of each kind and the samplers of
+                their row counts: enough to answer any request, padded), then the rest on a
+                background thread, smallest shapes first. Launches use the smallest compiled
+                bucket that fits (LaunchBuilder.ready), so no request waits on a compile.
+    full        everything before serving; afterwards nothing compiles.
+
+XLA compiles outside the GIL, so a small thread pool overlaps a full warm-up's compiles; on
+a 2-core machine that is close to 2x. Each launch shape gets the compiler options of its
+size (xla_flags.py), and the persistent cache (persistent_cache.py) serves a second start
+from disk.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,11 +33,21 @@ import jax
 import jax.numpy as jnp
 
 from fastserve_jax.models.attention import AttnBatch
-from fastserve_jax.runner.keys import LaunchKey, SamplerKey
+from fastserve_jax.runner.keys import DecodeKey, LaunchKey, PrefillKey, SamplerKey
 from fastserve_jax.runner.launch import LaunchBuilder
 from fastserve_jax.runner.xla_flags import launch_compiler_options
 from fastserve_jax.sampling import Penalties, SamplingArrays
 from fastserve_jax.sharding.pipeline import Stage
+
+WARMUP_MODES = ("lazy", "background", "full")
+
+
+def resolve_warmup(warmup: str | bool) -> str:
+    """A warm-up mode by name; True and False (the old switch) mean "full" and "lazy"."""
+    mode = {True: "full", False: "lazy"}.get(warmup, warmup) if isinstance(warmup, (bool, str)) else warmup
+    if mode not in WARMUP_MODES:
+        raise ValueError(f"warmup must be one of {WARMUP_MODES}, got {warmup!r}")
+    return mode
 
 
 @dataclass
@@ -37,6 +57,15 @@ class CompileJob:
     lower: Callable[[], jax.stages.Lowered]
     store: Callable[[object], None]
     options: dict[str, str] | None = None
+
+    def run(self) -> None:
+        self.store(self.lower().compile(compiler_options=self.options or None))
+
+
+def abstract(tree):
+    """ShapeDtypeStructs (with shardings) of a tree of arrays: lowering needs no live buffers,
+    so a cache donated since still lowers."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def abstract_launch_args(builder: LaunchBuilder, key: LaunchKey, stage: Stage, hidden_size: int, act_dtype):
@@ -50,44 +79,137 @@ def abstract_launch_args(builder: LaunchBuilder, key: LaunchKey, stage: Stage, h
     return x, batch, i32(n)
 
 
-def stage_jobs(builder: LaunchBuilder, stages: list[Stage], hidden_size: int, act_dtype) -> list[CompileJob]:
-    jobs = []
-    for st in stages:
-        platform = st.devices[0].platform
-        for key in builder.launch_keys():
-            x, batch, idx = abstract_launch_args(builder, key, st, hidden_size, act_dtype)
-            jobs.append(CompileJob(functools.partial(st.fn.lower, st.params, st.cache, x, batch, idx),
-                                   functools.partial(st.compiled.__setitem__, key),
-                                   launch_compiler_options(platform, tokens=key.tokens)))
-    return jobs
-
-
-def sampler_jobs(sample_jit, builder: LaunchBuilder, vocab: int, max_model_len: int, last: Stage,
-                 table: dict[SamplerKey, Callable]) -> list[CompileJob]:
-    """Every sampler variant, on the devices the logits are on (replicated over the last stage)."""
-    sds = functools.partial(jax.ShapeDtypeStruct, sharding=last.replicated)
-    jobs = []
-    for n in builder.sampler_rows():
-        logits = sds((n, vocab), jnp.float32)
-        s = SamplingArrays(*(sds((n,), dt) for dt in (jnp.float32, jnp.int32, jnp.float32, jnp.uint32, jnp.int32)))
-        pen = Penalties(sds((n,), jnp.float32), sds((n,), jnp.float32), sds((n, max_model_len), jnp.int32))
-        for greedy in (True, False):
-            for lp in (False, True):
-                for with_pen in (False, True):
-                    args = (logits, s, pen) if with_pen else (logits, s)
-                    jobs.append(CompileJob(functools.partial(sample_jit.lower, *args, greedy=greedy, with_logprobs=lp),
-                                           functools.partial(table.__setitem__, SamplerKey(n, greedy, lp, with_pen))))
-    return jobs
-
-
-def compile_all(jobs: list[CompileJob], progress: Callable[[int, int], None] | None = None,
-                threads: int | None = None) -> None:
+def run_jobs(jobs: list[CompileJob], progress: Callable[[int, int], None] | None = None,
+             threads: int | None = None) -> None:
     """Compile the jobs on a thread pool and file each result; `progress(done, total)`."""
     workers = threads or min(8, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(lambda j: j.lower().compile(compiler_options=j.options or None), job): job
-                   for job in jobs}
+        futures = [pool.submit(job.run) for job in jobs]
         for done, fut in enumerate(concurrent.futures.as_completed(futures), 1):
-            futures[fut].store(fut.result())
+            fut.result()
             if progress:
                 progress(done, len(jobs))
+
+
+class Compiler:
+    """Builds the compile job of any key and runs it when the warm-up mode says."""
+
+    def __init__(self, builder: LaunchBuilder, stages: list[Stage], sample_jit, vocab: int, hidden_size: int,
+                 act_dtype, max_model_len: int) -> None:
+        self.builder = builder
+        self.stages = stages
+        self._sample = sample_jit
+        self.vocab, self.hidden_size, self.act_dtype, self.max_model_len = vocab, hidden_size, act_dtype, max_model_len
+        self.samplers: dict[SamplerKey, Callable] = {}
+        self._lock = threading.Lock()
+        self._pending: dict[object, concurrent.futures.Future] = {}
+        self._background: concurrent.futures.ThreadPoolExecutor | None = None
+
+    # -- jobs ------------------------------------------------------------------------------
+    def launch_jobs(self, key: LaunchKey) -> list[CompileJob]:
+        """One job per pipeline stage for launch `key`."""
+        jobs = []
+        for st in self.stages:
+            x, batch, idx = abstract_launch_args(self.builder, key, st, self.hidden_size, self.act_dtype)
+            jobs.append(CompileJob(functools.partial(st.fn.lower, st.params, abstract(st.cache), x, batch, idx),
+                                   functools.partial(st.compiled.__setitem__, key),
+                                   launch_compiler_options(st.devices[0].platform, tokens=key.tokens)))
+        return jobs
+
+    def sampler_job(self, key: SamplerKey) -> CompileJob:
+        """The sampler variant, on the devices the logits are on (replicated over the last stage)."""
+        sds = functools.partial(jax.ShapeDtypeStruct, sharding=self.stages[-1].replicated)
+        n = key.rows
+        logits = sds((n, self.vocab), jnp.float32)
+        s = SamplingArrays(*(sds((n,), dt) for dt in (jnp.float32, jnp.int32, jnp.float32, jnp.uint32, jnp.int32)))
+        args = (logits, s)
+        if key.penalties:
+            args += (Penalties(sds((n,), jnp.float32), sds((n,), jnp.float32), sds((n, self.max_model_len), jnp.int32)),)
+        return CompileJob(functools.partial(self._sample.lower, *args, greedy=key.greedy, with_logprobs=key.logprobs),
+                          functools.partial(self.samplers.__setitem__, key))
+
+    def sampler_keys(self, rows: int) -> list[SamplerKey]:
+        return [SamplerKey(rows, g, lp, pen) for g in (True, False) for lp in (False, True) for pen in (False, True)]
+
+    def jobs(self, key) -> list[CompileJob]:
+        return [self.sampler_job(key)] if isinstance(key, SamplerKey) else self.launch_jobs(key)
+
+    # -- what is ready ---------------------------------------------------------------------
+    def compiled(self, key) -> bool:
+        if isinstance(key, SamplerKey):
+            return key in self.samplers
+        return all(key in st.compiled for st in self.stages)
+
+    def launch_ready(self, key: LaunchKey) -> bool:
+        """The launch and every sampler variant its logits rows may need are compiled."""
+        rows = self.builder.launch_shape(key)[2]
+        return self.compiled(key) and all(k in self.samplers for k in self.sampler_keys(rows))
+
+    def all_keys(self) -> list:
+        """Every launch and sampler key serving can use, smallest (most common when load is
+        light, and quickest to compile) first; each decode row count's samplers just before
+        its first launch."""
+        keys: list = []
+        launches = sorted(self.builder.launch_keys(), key=lambda k: (k.tokens * k.blocks, k.kind))
+        seen_rows: set[int] = set()
+        for k in launches:
+            rows = self.builder.launch_shape(k)[2]
+            if rows not in seen_rows:
+                seen_rows.add(rows)
+                keys += self.sampler_keys(rows)
+            keys.append(k)
+        return keys
+
+    def covering_keys(self) -> list:
+        """The largest launch of each kind and its samplers: with LaunchBuilder falling back to
+        the smallest compiled bucket that fits, these answer any request."""
+        c = self.builder.cfg
+        dec = max((k for k in self.builder.launch_keys() if isinstance(k, DecodeKey)), key=lambda k: (k.rows, k.blocks))
+        pre = PrefillKey(c.prefill_token_buckets[-1], c.block_buckets[-1])
+        return self.sampler_keys(dec.rows) + [dec] + self.sampler_keys(c.max_prefill_seqs) + [pre]
+
+    # -- compiling -------------------------------------------------------------------------
+    def ensure(self, key) -> None:
+        """Compile `key` now unless it is compiled (waits if the background has it in hand)."""
+        if self.compiled(key):
+            return
+        with self._lock:
+            fut = self._pending.get(key)
+        if fut is not None:
+            fut.result()
+            return
+        for job in self.jobs(key):
+            job.run()
+
+    def compile_now(self, keys: list, progress=None, threads: int | None = None, swap_jobs=()) -> None:
+        jobs = [j for k in keys if not self.compiled(k) for j in self.jobs(k)] + list(swap_jobs)
+        run_jobs(jobs, progress, threads)
+
+    def start_background(self, keys: list, swap_jobs=()) -> None:
+        """Compile `keys` (then the swap copies) one at a time on a background thread, in order."""
+        self._background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastserve-compile")
+        with self._lock:
+            for k in keys:
+                if not self.compiled(k) and k not in self._pending:
+                    self._pending[k] = self._background.submit(self._run_key, k)
+        for job in swap_jobs:
+            self._background.submit(job.run)
+
+    def _run_key(self, key) -> None:
+        if not self.compiled(key):
+            for job in self.jobs(key):
+                job.run()
+        with self._lock:
+            self._pending.pop(key, None)
+
+    def background_done(self) -> bool:
+        with self._lock:
+            return not self._pending
+
+    def wait_background(self) -> None:
+        if self._background is not None:
+            self._background.shutdown(wait=True)
+
+    def count(self) -> int:
+        """Executables compiled so far (launch shapes per stage and sampler variants)."""
+        return sum(len(st.compiled) for st in self.stages) + len(self.samplers)

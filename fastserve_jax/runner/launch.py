@@ -10,6 +10,7 @@ tests build launches from a KVManager alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -102,11 +103,25 @@ def penalty_arrays(rows: list[Request | None], max_model_len: int) -> Penalties:
 
 
 class LaunchBuilder:
-    """Builds the padded launches of one plan from the KV manager's block tables."""
+    """Builds the padded launches of one plan from the KV manager's block tables.
+
+    `ready`: None pads each launch to its own bucket (compiled on first use if need be);
+    otherwise a predicate on launch keys, and each launch takes the smallest bucket that fits
+    and is ready (warm-up in the background: the compiled set grows while serving)."""
 
     def __init__(self, cfg: EngineConfig) -> None:
         self.cfg = cfg
         self.bs = cfg.block_size
+        self.ready: Callable[[LaunchKey], bool] | None = None
+
+    def _fit(self, exact: LaunchKey, size: int) -> LaunchKey | None:
+        """`exact` if ready (or nothing is checked), else the cheapest ready key of its kind
+        and size with at least its blocks (None if there is none)."""
+        if self.ready is None or self.ready(exact):
+            return exact
+        fits = [k for k in self.launch_keys() if type(k) is type(exact) and k.blocks >= exact.blocks
+                and (k.rows if isinstance(k, DecodeKey) else k.tokens) == size and self.ready(k)]
+        return min(fits, key=lambda k: k.blocks) if fits else None
 
     # -- shapes ----------------------------------------------------------------------------
     def launch_keys(self) -> list[LaunchKey]:
@@ -139,11 +154,21 @@ class LaunchBuilder:
         assert len(table) >= nb, f"{req.request_id}: KV not allocated for {upto_tokens} tokens"
         return np.asarray(table[:nb], np.int32)
 
+    def decode_key(self, rows: int, blocks: int) -> DecodeKey:
+        """The launch key a decode of `rows` sequences gathering up to `blocks` blocks uses."""
+        c = self.cfg
+        exact = DecodeKey(bucket(rows, c.decode_batch_buckets), bucket(blocks, c.block_buckets))
+        for r in (b for b in c.decode_batch_buckets if b >= exact.rows):
+            key = self._fit(DecodeKey(r, exact.blocks), r)
+            if key is not None:
+                return key
+        return exact
+
     def build_decode(self, items: list[ScheduledRequest], kv: KVManager) -> Launch:
-        c, bs = self.cfg, self.bs
-        r = bucket(len(items), c.decode_batch_buckets)
+        bs = self.bs
         tables = [self._table(kv, s.request, s.request.num_computed_tokens + 1) for s in items]
-        nb = bucket(max(len(t) for t in tables), c.block_buckets)
+        key = self.decode_key(len(items), max(len(t) for t in tables))
+        r, nb = key.rows, key.blocks
         tokens = np.zeros((r, 1), np.int32)
         pos = np.zeros((r, 1), np.int32)
         seg = np.full((r, 1), -1, np.int32)
@@ -160,7 +185,7 @@ class LaunchBuilder:
             block_seg[i, :len(table)] = 0
         block_pos = np.broadcast_to(np.arange(nb, dtype=np.int32) * bs, (r, nb)).copy()
         rows = [s.request if s.request.num_pending_tokens == 1 else None for s in items] + [None] * (r - len(items))
-        return Launch(DecodeKey(r, nb), tokens, AttnBatch(pos, seg, slots, block_ids, block_seg, block_pos),
+        return Launch(key, tokens, AttnBatch(pos, seg, slots, block_ids, block_seg, block_pos),
                       np.arange(r, dtype=np.int32), rows)
 
     def split_prefill(self, items: list[ScheduledRequest], kv: KVManager) -> list[list[ScheduledRequest]]:
@@ -183,10 +208,22 @@ class LaunchBuilder:
     def build_prefill(self, items: list[ScheduledRequest], kv: KVManager) -> Launch:
         """The chunks of `items` packed back to back, cut into rows of `prefill_tile` tokens;
         each row gathers, per sequence it holds, the blocks up to its last token there."""
-        c, bs = self.cfg, self.bs
-        t = bucket(sum(s.num_tokens for s in items), c.prefill_token_buckets)
-        r, q = self.prefill_shape(t)
+        c = self.cfg
+        need = bucket(sum(s.num_tokens for s in items), c.prefill_token_buckets)
         tables = [self._table(kv, s.request, s.request.num_computed_tokens + s.num_tokens) for s in items]
+        for t in (b for b in c.prefill_token_buckets if b >= need):
+            packed = self._pack(items, tables, kv, t)
+            key = self._fit(PrefillKey(t, bucket(packed[-1], c.block_buckets)), t)
+            if key is not None:
+                return self._prefill_launch(key, *packed)
+        packed = self._pack(items, tables, kv, need)
+        return self._prefill_launch(PrefillKey(need, bucket(packed[-1], c.block_buckets)), *packed)
+
+    def _pack(self, items: list[ScheduledRequest], tables: list[np.ndarray], kv: KVManager, t: int):
+        """Token arrays of the chunks packed into t tokens, the blocks each row gathers and the
+        most any row gathers."""
+        c, bs = self.cfg, self.bs
+        r, q = self.prefill_shape(t)
         tokens = np.zeros(t, np.int32)
         pos = np.zeros(t, np.int32)
         seg = np.full(t, -1, np.int32)
@@ -210,7 +247,12 @@ class LaunchBuilder:
             logits_idx[i] = at - 1
             if p0 + n == req.num_tokens:
                 rows[i] = req
-        nb = bucket(max(sum(len(tb) for _, tb in rb) for rb in row_blocks), c.block_buckets)
+        most = max(sum(len(tb) for _, tb in rb) for rb in row_blocks)
+        return tokens, pos, seg, slots, logits_idx, rows, row_blocks, most
+
+    def _prefill_launch(self, key: PrefillKey, tokens, pos, seg, slots, logits_idx, rows, row_blocks, most) -> Launch:
+        r, q = self.prefill_shape(key.tokens)
+        nb, bs = key.blocks, self.bs
         block_ids = np.zeros((r, nb), np.int32)
         block_seg = np.full((r, nb), -2, np.int32)
         block_pos = np.zeros((r, nb), np.int32)
@@ -222,7 +264,7 @@ class LaunchBuilder:
                 block_pos[row, bt:bt + len(tb)] = np.arange(len(tb), dtype=np.int32) * bs
                 bt += len(tb)
         batch = AttnBatch(pos.reshape(r, q), seg.reshape(r, q), slots.reshape(r, q), block_ids, block_seg, block_pos)
-        return Launch(PrefillKey(t, nb), tokens.reshape(r, q), batch, logits_idx, rows)
+        return Launch(key, tokens.reshape(r, q), batch, logits_idx, rows)
 
     def build(self, scheduled: list[ScheduledRequest], kv: KVManager) -> list[Launch]:
         """All launches of one plan: the decode launch first, then the packed prefills."""

@@ -76,8 +76,10 @@ class ModelRunner:
                          out_shardings=(rep, KVCache(cs, cs)))
             self.stages.append(Stage(s, first, last, sp, KVCache(zeros(), zeros()), cs, None if first else x_in,
                                      rep, fn))
-        self._sample = jax.jit(sample, static_argnames=("greedy", "with_logprobs"))
-        self.samplers: dict[SamplerKey, Callable] = {}
+        self.compiler = compiler.Compiler(self.builder, self.stages,
+                                          jax.jit(sample, static_argnames=("greedy", "with_logprobs")),
+                                          model_cfg.vocab_size, model_cfg.hidden_size, self.act_dtype,
+                                          cfg.max_model_len)
         # Multi-host leader: called with every device operation, as a message for the other
         # processes to replay in the same order (fastserve_jax/multihost.py); None on one host.
         self.mirror: Callable[[dict], None] | None = None
@@ -102,29 +104,38 @@ class ModelRunner:
             self.mirror(msg)
 
     # -- compiled executables --------------------------------------------------------------
-    def warmup(self, progress: Callable[[int, int], None] | None = None, threads: int | None = None) -> float:
-        """Compile every launch shape, sampler variant and swap copy; returns seconds taken."""
+    def warmup(self, mode: str = "full", progress: Callable[[int, int], None] | None = None,
+               threads: int | None = None) -> float:
+        """Compile what the warm-up mode (compiler.py) wants before serving; returns seconds.
+        "background" compiles the covering set now and starts the rest on a thread."""
+        mode = compiler.resolve_warmup(mode)
+        if mode == "lazy":
+            return 0.0
         t0 = time.perf_counter()
-        jobs = compiler.stage_jobs(self.builder, self.stages, self.model_cfg.hidden_size, self.act_dtype)
-        jobs += compiler.sampler_jobs(self._sample, self.builder, self.model_cfg.vocab_size, self.cfg.max_model_len,
-                                      self.stages[-1], self.samplers)
-        if self.swaps is not None:
-            jobs += self.swaps.transfer.compile_jobs(self.caches)
-        compiler.compile_all(jobs, progress, threads)
+        swap_jobs = self.swaps.transfer.compile_jobs(compiler.abstract(self.caches)) if self.swaps else []
+        if mode == "full":
+            self.compiler.compile_now(self.compiler.all_keys(), progress, threads, swap_jobs)
+        elif mode == "background":
+            self.compiler.compile_now(self.compiler.covering_keys(), progress, threads)
+            self.builder.ready = self.compiler.launch_ready
+            self.compiler.start_background(self.compiler.all_keys(), swap_jobs)
         self.warmup_seconds = time.perf_counter() - t0
         return self.warmup_seconds
 
+    @property
+    def samplers(self) -> dict[SamplerKey, Callable]:
+        return self.compiler.samplers
+
     def executable(self, key: LaunchKey, stage: int = 0) -> Callable:
-        """The compiled forward of `stage` for launch `key`: fn(params, cache, x, batch,
-        logits_idx) -> (output, cache). Raises KeyError if warm-up did not compile it."""
+        """The compiled forward of `stage` for launch `key` (compiled now if it is not yet):
+        fn(params, cache, x, batch, logits_idx) -> (output, cache)."""
+        self.compiler.ensure(key)
         return self.stages[stage].compiled[key]
 
     def sampler(self, key: SamplerKey) -> Callable:
-        """The sampler variant for `key` (compiled at warm-up; traced on first use without one)."""
-        fn = self.samplers.get(key)
-        if fn is None:
-            return lambda *a: self._sample(*a, greedy=key.greedy, with_logprobs=key.logprobs)
-        return fn
+        """The compiled sampler variant for `key` (compiled now if it is not yet)."""
+        self.compiler.ensure(key)
+        return self.compiler.samplers[key]
 
     def abstract_args(self, key: LaunchKey, stage: int = 0):
         """(x, batch, logits_idx) as ShapeDtypeStructs for `key` on `stage` (for lowering)."""
@@ -137,6 +148,7 @@ class ModelRunner:
 
     def forward(self, ln: Launch | LaunchWork, batch_id: int = -1):
         """Queue one launch through every stage (asynchronously); returns the logits."""
+        self.compiler.ensure(ln.key)
         rec = self.activity.begin(batch_id) if self.activity is not None else None
         x = ln.tokens
         for st in self.stages:
