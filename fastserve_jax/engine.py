@@ -121,6 +121,7 @@ class LLMEngine:
         self.warmup_seconds = self.runner.warmup(self.warmup_mode, progress)
         self.cost_model: CostModel | None = None
         self.set_scheduler(self.cfg.scheduler, self.cfg.scheduler_config)
+        self.runner.start_background_compile()
 
     def set_scheduler(self, name: str, config: SchedulerConfig | None = None) -> None:
         """Switch the policy (only while idle). Policies that need a cost model get the

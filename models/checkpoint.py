@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 
 import jax
-import orbax.checkpoint as ocp
+
+# orbax is imported where it is used: it costs a start that does not touch a checkpoint a
+# third of a second.
 
 
 def save_params(path: str, params: dict, *, compress: bool = False) -> None:
@@ -30,6 +32,8 @@ def save_params(path: str, params: dict, *, compress: bool = False) -> None:
     if os.path.exists(path):
         raise ValueError(f"checkpoint {path!r} already exists; remove it or pick another path")
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    import orbax.checkpoint as ocp
+
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=compress)) as ckptr:
         ckptr.save(path, args=ocp.args.PyTreeSave(params))
 
@@ -50,5 +54,7 @@ def restore_params(path: str, target_shapes: dict) -> dict:
     if not os.path.isdir(path):
         raise ValueError(f"no checkpoint at {path!r}")
     target = jax.tree.map(_target, target_shapes)
+    import orbax.checkpoint as ocp
+
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, target)

@@ -84,7 +84,10 @@ def engine_builder(model: str | None, engine_kwargs: dict):
         kwargs.setdefault("warmup", "background")     # healthy once any request can be answered
         log.info("loading %s and compiling (warm-up %s; compiled code is cached in ~/.cache/fastserve_jax)",
                  model or "the bundled demo model", kwargs["warmup"])
-        return LLM(model, progress=progress_logger(), **kwargs).engine
+        llm = LLM(model, progress=progress_logger(), **kwargs)
+        log.info("engine loaded and compiled in %.1f s (%s)%s", llm.startup_seconds, llm.startup_compiles.describe(),
+                 "; the other shapes compile in the background" if kwargs["warmup"] == "background" else "")
+        return llm.engine
     return build
 
 

@@ -88,6 +88,9 @@ def test_readme_main_command_answers_both_prompts(venv, tmp_path):
     for p, o in zip(prompts, outputs):
         a, b = map(int, re.match(r"count from (\d+) to (\d+):", p).groups())
         assert demo_task.check_answer(a, b, o), f"{p!r} -> {o!r}"
+    # quiet startup: no advice from libraries that do not apply, and the one-line summary
+    assert "PyTorch was not found" not in r.stderr and "Warning" not in r.stderr, r.stderr
+    assert re.search(r"^load .* first token .* after start", r.stderr, re.M), r.stderr
 
 
 def _post(url: str, path: str, body: dict) -> tuple[int, dict]:

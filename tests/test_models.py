@@ -277,6 +277,7 @@ def test_orbax_round_trip_into_target_sharding(loaded, tmp_path):
 
 def test_load_model_restores_from_cache(checkpoint, tmp_path, monkeypatch):
     path = checkpoint("opt-postln")
+    monkeypatch.setattr("fastserve_jax.models.loader.CACHE_MIN_BYTES", 0)   # tiny weights: cache them anyway
     cfg, _, converted = load_model(path, cache_dir=str(tmp_path))
     cached = tmp_path / "params" / cache_key(path, "float32")
     assert cached.is_dir()

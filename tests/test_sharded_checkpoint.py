@@ -159,6 +159,7 @@ def test_orbax_restores_into_other_layouts(ckpt, tmp_path):
 def test_load_model_places_and_caches_sharded(ckpt, tmp_path, monkeypatch):
     path, cfg, ref = ckpt("opt")
     place = ModelLayout(cfg, ParallelConfig(2, 2)).abstract_params
+    monkeypatch.setattr("fastserve_jax.models.loader.CACHE_MIN_BYTES", 0)   # tiny weights: cache them anyway
     cfg2, module, params = load_model(path, cache_dir=str(tmp_path), place=place)
     assert cfg2 == cfg and module.cfg == cfg
     _assert_placed(params, place(param_shapes(cfg)), ref)

@@ -128,8 +128,12 @@ class Compiler:
         return CompileJob(functools.partial(self._sample.lower, *args, greedy=key.greedy, with_logprobs=key.logprobs),
                           functools.partial(self.samplers.__setitem__, key))
 
-    def sampler_keys(self, rows: int) -> list[SamplerKey]:
-        return [SamplerKey(rows, g, lp, pen) for g in (True, False) for lp in (False, True) for pen in (False, True)]
+    @staticmethod
+    def sampler_keys(rows: int, base_only: bool = False) -> list[SamplerKey]:
+        """The sampler variants for `rows` logits rows; base_only: greedy and random, without
+        logprobs or penalties (what most requests use; the others compile when first asked)."""
+        extras = ((False, False),) if base_only else ((False, False), (False, True), (True, False), (True, True))
+        return [SamplerKey(rows, g, lp, pen) for g in (True, False) for lp, pen in extras]
 
     def jobs(self, key) -> list[CompileJob]:
         return [self.sampler_job(key)] if isinstance(key, SamplerKey) else self.launch_jobs(key)
@@ -141,9 +145,10 @@ class Compiler:
         return all(key in st.compiled for st in self.stages)
 
     def launch_ready(self, key: LaunchKey) -> bool:
-        """The launch and every sampler variant its logits rows may need are compiled."""
+        """The launch and the base sampler variants of its logits rows are compiled (a request
+        with logprobs or penalties may wait on one sampler compile)."""
         rows = self.builder.launch_shape(key)[2]
-        return self.compiled(key) and all(k in self.samplers for k in self.sampler_keys(rows))
+        return self.compiled(key) and all(k in self.samplers for k in self.sampler_keys(rows, base_only=True))
 
     def all_keys(self) -> list:
         """Every launch and sampler key serving can use, smallest (most common when load is
@@ -161,12 +166,14 @@ class Compiler:
         return keys
 
     def covering_keys(self) -> list:
-        """The largest launch of each kind and its samplers: with LaunchBuilder falling back to
-        the smallest compiled bucket that fits, these answer any request."""
+        """The largest launch of each kind and the base samplers of their rows: with
+        LaunchBuilder falling back to the smallest compiled bucket that fits, these answer any
+        request."""
         c = self.builder.cfg
         dec = max((k for k in self.builder.launch_keys() if isinstance(k, DecodeKey)), key=lambda k: (k.rows, k.blocks))
         pre = PrefillKey(c.prefill_token_buckets[-1], c.block_buckets[-1])
-        return self.sampler_keys(dec.rows) + [dec] + self.sampler_keys(c.max_prefill_seqs) + [pre]
+        return (self.sampler_keys(dec.rows, base_only=True) + [dec]
+                + self.sampler_keys(c.max_prefill_seqs, base_only=True) + [pre])
 
     # -- compiling -------------------------------------------------------------------------
     def ensure(self, key) -> None:

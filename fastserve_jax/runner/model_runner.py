@@ -90,6 +90,7 @@ class ModelRunner:
             record_stages = layout.pp > 1
         self.activity = StageActivity(layout.pp) if record_stages else None
         self.warmup_seconds = 0.0
+        self._background_jobs: list = []          # swap copies for the background compile
 
     @property
     def caches(self) -> list[KVCache]:
@@ -118,9 +119,15 @@ class ModelRunner:
         elif mode == "background":
             self.compiler.compile_now(self.compiler.covering_keys(), progress, threads)
             self.builder.ready = self.compiler.launch_ready
-            self.compiler.start_background(self.compiler.all_keys(), swap_jobs)
+            self._background_jobs = swap_jobs
         self.warmup_seconds = time.perf_counter() - t0
         return self.warmup_seconds
+
+    def start_background_compile(self) -> None:
+        """After a "background" warm-up: compile every other shape on a thread (the engine
+        calls this once it is otherwise ready, so the thread does not slow its start)."""
+        if self.builder.ready is not None:
+            self.compiler.start_background(self.compiler.all_keys(), self._background_jobs)
 
     @property
     def samplers(self) -> dict[SamplerKey, Callable]:
