@@ -124,7 +124,7 @@ class CostModel:
 
     def save(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
+        tmp = f"{path}.{os.getpid()}.tmp"          # several processes may save the same profile
         with open(tmp, "w") as f:
             json.dump(self.to_json(), f, indent=1)
         os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""Shared fixtures. Caches (converted params, compiled executables) go to a per-session
+"""Shared fixtures. Caches (converted params, compiled executables) go to a per-run
 temporary directory, so tests neither read nor pollute the user's cache. The CPU backend
 gets 8 virtual devices, for the tensor- and pipeline-parallel tests (single-device tests use
 the first)."""
@@ -12,7 +12,10 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-_session_cache = tempfile.mkdtemp(prefix="fastserve-test-cache-")
+# one cache per test run, shared by pytest-xdist's workers (they compile the same shapes)
+_run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+_session_cache = (os.path.join(tempfile.gettempdir(), f"fastserve-test-cache-{_run}") if _run
+                  else tempfile.mkdtemp(prefix="fastserve-test-cache-"))
 os.environ.setdefault("FASTSERVE_JAX_CACHE", os.path.join(_session_cache, "params"))
 os.environ.setdefault("FASTSERVE_JAX_COMPILE_CACHE", os.path.join(_session_cache, "xla"))
 

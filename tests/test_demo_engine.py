@@ -63,4 +63,7 @@ def test_demo_parity_with_transformers():
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(ours - ref).max() < 1e-4
+    # fp32 with logits up to ~22: on an idle machine the two agree to 2e-5, but under load a
+    # matmul's accumulation order can differ (seen: 1.4e-3 at a logit of 22, the same value
+    # with the code before and after the refactor), so the bound is relative as well
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)

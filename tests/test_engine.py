@@ -13,6 +13,7 @@ from fastserve_jax import LLM, SamplingParams
 from fastserve_jax.runner.compile_guard import CompileCounter
 from fastserve_jax.scheduler import POLICIES
 from fastserve_jax.models.random_checkpoint import TINY_PRESETS
+from engine_grids import SMALL_GRID
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 ENGINE_KW = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, block_size=8, num_device_blocks=160,
@@ -41,9 +42,15 @@ def _hf_greedy(path, prompts, n):
 
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoints):
-    """A warmed-up engine over the tiny GQA Llama, with the default policy (skip-join MLFQ
-    over the engine's own profiled cost model)."""
-    return LLM(tiny_checkpoints("llama"), warmup="full", **dict(ENGINE_KW, scheduler="skip-join-mlfq"))
+    """An engine over the tiny GQA Llama (lazy warm-up), with the default policy (skip-join
+    MLFQ over the engine's own profiled cost model)."""
+    return LLM(tiny_checkpoints("llama"), **dict(ENGINE_KW, scheduler="skip-join-mlfq"))
+
+
+@pytest.fixture(scope="module")
+def full_llm(tiny_checkpoints):
+    """The same engine warmed up in full, over a small bucket grid (engine_grids.py)."""
+    return LLM(tiny_checkpoints("llama"), warmup="full", **dict(ENGINE_KW, scheduler="skip-join-mlfq", **SMALL_GRID))
 
 
 @pytest.mark.parametrize("preset", TINY_PRESETS)
@@ -119,14 +126,14 @@ def test_logprobs_and_finish_reasons(llm):
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finish_time
 
 
-def test_nothing_compiles_after_warmup(llm):
+def test_nothing_compiles_after_warmup(full_llm):
     """Replay 200 requests of mixed prompt and output lengths, arriving in waves."""
     rng = np.random.default_rng(7)
     prompts = _prompts(200, 1, 200, seed=8)
     params = [SamplingParams(max_tokens=int(rng.integers(1, 40)), temperature=float(rng.choice([0, 0.7])),
                              logprobs=int(rng.choice([0, 2])) if rng.random() < 0.2 else None, ignore_eos=True)
               for _ in prompts]
-    eng = llm.engine
+    eng = full_llm.engine
     reqs = []
     with CompileCounter() as cc:
         for i, (p, sp) in enumerate(zip(prompts, params)):
@@ -142,13 +149,13 @@ def test_nothing_compiles_after_warmup(llm):
     assert eng.kv.num_used_blocks == 0
 
 
-def test_small_cpu_launches_compile_without_ynnpack(llm):
+def test_small_cpu_launches_compile_without_ynnpack(full_llm):
     """Warm-up gives launches of at most SMALL_LAUNCH_TOKENS tokens the options that keep
     their dots off YNNPACK (xla_flags.py); larger launches keep XLA's defaults. Without
     the options the same decode launch does use YNNPACK on this jaxlib, so the check bites."""
     from fastserve_jax.runner.xla_flags import SMALL_LAUNCH_TOKENS, launch_compiler_options
 
-    runner = llm.engine.runner
+    runner = full_llm.engine.runner
     st = runner.stages[0]
     small = {k: c for k, c in st.compiled.items() if k.tokens <= SMALL_LAUNCH_TOKENS}
     large = [k for k in st.compiled if k.tokens > SMALL_LAUNCH_TOKENS]

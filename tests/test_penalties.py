@@ -9,6 +9,7 @@ import pytest
 
 from fastserve_jax import LLM, SamplingParams
 from fastserve_jax.runner.compile_guard import CompileCounter
+from engine_grids import SMALL_GRID
 from fastserve_jax.sampling import Penalties, SamplingArrays, apply_penalties, sample
 
 
@@ -74,7 +75,7 @@ def _reference_greedy(path: str, prompt: list[int], sp: SamplingParams) -> list[
 
 def test_engine_applies_penalties_without_new_compilations(tiny_checkpoints):
     path = tiny_checkpoints("llama")
-    llm = LLM(path, warmup="full", **ENGINE_KW)
+    llm = LLM(path, warmup="full", **ENGINE_KW, **SMALL_GRID)
     rng = np.random.default_rng(3)
     prompts = [[int(t) for t in rng.integers(3, 256, 12)] for _ in range(3)]
     plain = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)

@@ -11,6 +11,7 @@ import pytest
 
 from fastserve_jax import LLM, SamplingParams
 from fastserve_jax.runner.compile_guard import CompileCounter
+from engine_grids import SMALL_GRID
 from fastserve_jax.config import SchedulerConfig
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.kv_cache import KVLocation, KVManager
@@ -299,7 +300,8 @@ def test_swap_copies_keep_the_cache_donated_and_use_host_memory(reference):
 
 def test_nothing_compiles_after_warmup_with_swapping(tiny_checkpoints):
     path = tiny_checkpoints("llama")
-    llm = LLM(path, warmup="full", num_device_blocks=30, num_host_blocks=80, swap_policy="proactive", **ENGINE_KW)
+    llm = LLM(path, warmup="full", num_device_blocks=30, num_host_blocks=80, swap_policy="proactive", **ENGINE_KW,
+              **SMALL_GRID)
     e = llm.engine
     prompts = _prompts(24, 5)
     rng = np.random.default_rng(6)

@@ -22,6 +22,8 @@ from disk.
 
 from __future__ import annotations
 
+import atexit
+import collections
 import concurrent.futures
 import functools
 import os
@@ -102,8 +104,11 @@ class Compiler:
         self.vocab, self.hidden_size, self.act_dtype, self.max_model_len = vocab, hidden_size, act_dtype, max_model_len
         self.samplers: dict[SamplerKey, Callable] = {}
         self._lock = threading.Lock()
-        self._pending: dict[object, concurrent.futures.Future] = {}
-        self._background: concurrent.futures.ThreadPoolExecutor | None = None
+        # background compile: keys queued in order, and the one being compiled (with the event
+        # that is set when it is filed); a daemon thread, so exiting never waits for the queue
+        self._queue: collections.deque = collections.deque()
+        self._running: tuple[object, threading.Event] | None = None
+        self._thread: threading.Thread | None = None
 
     # -- jobs ------------------------------------------------------------------------------
     def launch_jobs(self, key: LaunchKey) -> list[CompileJob]:
@@ -177,14 +182,22 @@ class Compiler:
 
     # -- compiling -------------------------------------------------------------------------
     def ensure(self, key) -> None:
-        """Compile `key` now unless it is compiled (waits if the background has it in hand)."""
+        """Compile `key` now unless it is compiled; if the background thread is compiling it,
+        wait for that one compile instead (a queued key is taken out of the queue)."""
         if self.compiled(key):
             return
         with self._lock:
-            fut = self._pending.get(key)
-        if fut is not None:
-            fut.result()
-            return
+            running = self._running
+            if running is None or running[0] != key:
+                running = None
+                try:
+                    self._queue.remove(key)
+                except ValueError:
+                    pass
+        if running is not None:
+            running[1].wait()
+            if self.compiled(key):
+                return
         for job in self.jobs(key):
             job.run()
 
@@ -193,29 +206,45 @@ class Compiler:
         run_jobs(jobs, progress, threads)
 
     def start_background(self, keys: list, swap_jobs=()) -> None:
-        """Compile `keys` (then the swap copies) one at a time on a background thread, in order."""
-        self._background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastserve-compile")
+        """Compile `keys` (then the swap copies) one at a time on a daemon thread, in order."""
         with self._lock:
-            for k in keys:
-                if not self.compiled(k) and k not in self._pending:
-                    self._pending[k] = self._background.submit(self._run_key, k)
-        for job in swap_jobs:
-            self._background.submit(job.run)
+            self._queue.extend(k for k in keys if not self.compiled(k))
+            self._queue.extend(swap_jobs)
+        self._thread = threading.Thread(target=self._drain, name="fastserve-compile", daemon=True)
+        self._thread.start()
+        atexit.register(self.stop_background)      # before exit abandons the thread mid-compile
 
-    def _run_key(self, key) -> None:
-        if not self.compiled(key):
-            for job in self.jobs(key):
-                job.run()
+    def stop_background(self) -> None:
+        """Drop what is still queued and wait for the compile in progress (at most one)."""
         with self._lock:
-            self._pending.pop(key, None)
+            self._queue.clear()
+        self.wait_background()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._running = None
+                    return
+                item = self._queue.popleft()
+                done = threading.Event()
+                self._running = (item, done)
+            try:
+                if isinstance(item, CompileJob):
+                    item.run()
+                elif not self.compiled(item):
+                    for job in self.jobs(item):
+                        job.run()
+            finally:
+                done.set()
 
     def background_done(self) -> bool:
         with self._lock:
-            return not self._pending
+            return not self._queue and self._running is None
 
     def wait_background(self) -> None:
-        if self._background is not None:
-            self._background.shutdown(wait=True)
+        if self._thread is not None:
+            self._thread.join()
 
     def count(self) -> int:
         """Executables compiled so far (launch shapes per stage and sampler variants)."""

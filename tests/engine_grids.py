@@ -1,0 +1,11 @@
+"""Bucket grids for the tests that warm an engine up in full.
+
+`max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, block_size=8` (the tiny
+engines of test_engine, test_swap and test_penalties) derive 66 executables; this grid
+gives 24 and still has small and large launches of both kinds, which is all the
+"nothing compiles after a full warm-up" guarantee needs. The lists must reach the limits
+(EngineConfig.resolve): 8 sequences, 64 tokens, 48 blocks (32 per sequence + 8 for the
+budget + 8 for the packed sequences).
+"""
+
+SMALL_GRID = dict(decode_batch_buckets=(2, 8), prefill_token_buckets=(16, 64), block_buckets=(8, 48))
