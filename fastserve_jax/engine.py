@@ -22,7 +22,7 @@ from fastserve_jax.cost_model import CostModel
 from fastserve_jax.cost_profile import profile_engine
 from fastserve_jax.detokenizer import IncrementalDetokenizer
 from fastserve_jax.kv_cache import KVLocation, KVManager, auto_num_blocks, auto_num_host_blocks
-from fastserve_jax.kv_plan import apply_ahead, apply_plan
+from fastserve_jax.kv_plan import Copies, apply_ahead, apply_plan
 from fastserve_jax.request import Request, RequestOutput, RequestStatus, TokenLogprobs
 from fastserve_jax.runner import ModelRunner
 from fastserve_jax.runner.compiler import resolve_warmup
@@ -117,7 +117,6 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
         self._last_scheduled: set[str] = set()      # ran in the latest iteration
-        self._copies = apply_plan(Plan(), self.kv, 0.0)  # the latest plan's on-demand swap copies
         self.warmup_seconds = self.runner.warmup(self.warmup_mode, progress)
         self.cost_model: CostModel | None = None
         self.set_scheduler(self.cfg.scheduler, self.cfg.scheduler_config)
@@ -236,11 +235,11 @@ class LLMEngine:
         plan = Plan()
         if len(self._inflight) < self.cfg.batches_in_flight:
             with st.phase("schedule"):
-                plan = self._schedule(now)
+                plan, copies = self._schedule(now)
             with st.phase("assemble"):
                 launches = self.runner.build_launches(plan.scheduled, self.kv)
             with st.phase("device"):
-                pending, batch = self._dispatch(plan, launches)
+                pending, batch = self._dispatch(plan, copies, launches)
             with st.phase("schedule"):
                 self._swap_ahead(plan, now)
             if plan.scheduled:
@@ -254,8 +253,9 @@ class LLMEngine:
         st.iterations += 1
         return got
 
-    def _schedule(self, now: float) -> Plan:
-        """Land finished uploads, ask the policy for a plan and apply it to the KV ledger."""
+    def _schedule(self, now: float) -> tuple[Plan, Copies]:
+        """Land finished uploads, ask the policy for a plan and apply it to the KV ledger;
+        returns the plan and the swap copies it needs before its step."""
         self._land_swaps()
         self.swap.configure(self.scheduler)
         plan = self.scheduler.schedule(now)
@@ -263,15 +263,15 @@ class LLMEngine:
             self._land_swaps(wait=True)
             plan = self.scheduler.schedule(now)
         self.stats.recomputed_tokens += sum(r.num_computed_tokens for r in plan.preempted)
-        self._copies = apply_plan(plan, self.kv, now)
+        copies = apply_plan(plan, self.kv, now)
         self.stats.recomputations += len(plan.preempted)
         for req in plan.preempted:
             self._forget_host_copy(req)
-        return plan
+        return plan, copies
 
-    def _dispatch(self, plan: Plan, launches: list) -> tuple[list, int]:
+    def _dispatch(self, plan: Plan, copies: Copies, launches: list) -> tuple[list, int]:
         """The plan's on-demand swaps, then its launches (asynchronously)."""
-        copies, st = self._copies, self.stats
+        st = self.stats
         if copies.swap_out or copies.swap_in:
             swaps = self.runner.swaps
             swaps.swap_out(moves_of(copies.swap_out))
