@@ -141,7 +141,7 @@ def profile_engine(engine, cache_dir: str | None = None, repeats: int = 3, refre
     if engine.has_unfinished():
         raise RuntimeError("profile the engine while it is idle (before adding requests, or after they finish): "
                            "profiling borrows free KV blocks and runs launches of its own")
-    cm = measure(engine, repeats, sparse=getattr(engine, "warmup_mode", "full") != "full")
+    cm = measure(engine, repeats, sparse=engine.warmup_mode != "full")
     if path:
         cm.save(path)
     return cm

@@ -70,16 +70,16 @@ class Stage:
     input_sharding: NamedSharding | None       # activations coming in (None on the first stage)
     replicated: NamedSharding
     fn: Callable                               # jitted stage_forward
-    compiled: dict[tuple, Callable] = field(default_factory=dict)
+    compiled: dict = field(default_factory=dict)   # launch key (runner/keys.py) -> compiled forward
 
     @property
     def devices(self) -> list[jax.Device]:
         return list(self.replicated.mesh.devices.flat)
 
-    def run(self, key: tuple, x, batch: AttnBatch, logits_idx):
-        """Queue this stage's step for launch `key` (asynchronous); returns its output."""
-        fn = self.compiled.get(key, self.fn)
-        out, self.cache = fn(self.params, self.cache, x, batch, logits_idx)
+    def run(self, key, x, batch: AttnBatch, logits_idx):
+        """Queue this stage's step for launch `key` (compiled beforehand, see
+        runner/compiler.py; asynchronous); returns its output."""
+        out, self.cache = self.compiled[key](self.params, self.cache, x, batch, logits_idx)
         return out
 
 

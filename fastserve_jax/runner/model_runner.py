@@ -90,7 +90,6 @@ class ModelRunner:
             record_stages = layout.pp > 1
         self.activity = StageActivity(layout.pp) if record_stages else None
         self.warmup_seconds = 0.0
-        self._background_jobs: list = []          # swap copies for the background compile
 
     @property
     def caches(self) -> list[KVCache]:
@@ -108,18 +107,16 @@ class ModelRunner:
     def warmup(self, mode: str = "full", progress: Callable[[int, int], None] | None = None,
                threads: int | None = None) -> float:
         """Compile what the warm-up mode (compiler.py) wants before serving; returns seconds.
-        "background" compiles the covering set now and starts the rest on a thread."""
+        "background" compiles the covering set now; `start_background_compile` does the rest."""
         mode = compiler.resolve_warmup(mode)
         if mode == "lazy":
             return 0.0
         t0 = time.perf_counter()
-        swap_jobs = self.swaps.transfer.compile_jobs(compiler.abstract(self.caches)) if self.swaps else []
         if mode == "full":
-            self.compiler.compile_now(self.compiler.all_keys(), progress, threads, swap_jobs)
-        elif mode == "background":
+            self.compiler.compile_now(self.compiler.all_keys(), progress, threads, self._swap_jobs())
+        else:
             self.compiler.compile_now(self.compiler.covering_keys(), progress, threads)
             self.builder.ready = self.compiler.launch_ready
-            self._background_jobs = swap_jobs
         self.warmup_seconds = time.perf_counter() - t0
         return self.warmup_seconds
 
@@ -127,7 +124,10 @@ class ModelRunner:
         """After a "background" warm-up: compile every other shape on a thread (the engine
         calls this once it is otherwise ready, so the thread does not slow its start)."""
         if self.builder.ready is not None:
-            self.compiler.start_background(self.compiler.all_keys(), self._background_jobs)
+            self.compiler.start_background(self.compiler.all_keys(), self._swap_jobs())
+
+    def _swap_jobs(self) -> list:
+        return self.swaps.transfer.compile_jobs(compiler.abstract(self.caches)) if self.swaps else []
 
     @property
     def samplers(self) -> dict[SamplerKey, Callable]:
