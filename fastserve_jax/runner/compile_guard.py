@@ -59,6 +59,14 @@ def _event(name: str, **kwargs) -> None:
             _totals.cache_misses += 1
 
 
+def discount_export() -> None:
+    """An export (export_cache.py) lowers once to serialize the program and again to build the
+    executable; only the second makes an executable, so the first is not counted."""
+    with _lock:
+        if _registered:
+            _totals.compilations -= 1
+
+
 def compile_stats() -> CompileStats:
     """A copy of the totals; registers the listeners on first use."""
     global _registered

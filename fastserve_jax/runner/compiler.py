@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from fastserve_jax.models.attention import AttnBatch
+from fastserve_jax.runner import export_cache
 from fastserve_jax.runner.keys import DecodeKey, LaunchKey, PrefillKey, SamplerKey
 from fastserve_jax.runner.launch import LaunchBuilder
 from fastserve_jax.runner.xla_flags import launch_compiler_options
@@ -97,8 +98,9 @@ class Compiler:
     """Builds the compile job of any key and runs it when the warm-up mode says."""
 
     def __init__(self, builder: LaunchBuilder, stages: list[Stage], sample_jit, vocab: int, hidden_size: int,
-                 act_dtype, max_model_len: int) -> None:
+                 act_dtype, max_model_len: int, context: str = "") -> None:
         self.builder = builder
+        self.context = context      # what the stage functions close over (export_cache keys)
         self.stages = stages
         self._sample = sample_jit
         self.vocab, self.hidden_size, self.act_dtype, self.max_model_len = vocab, hidden_size, act_dtype, max_model_len
@@ -116,7 +118,8 @@ class Compiler:
         jobs = []
         for st in self.stages:
             x, batch, idx = abstract_launch_args(self.builder, key, st, self.hidden_size, self.act_dtype)
-            jobs.append(CompileJob(functools.partial(st.fn.lower, st.params, abstract(st.cache), x, batch, idx),
+            jobs.append(CompileJob(export_cache.lower_job(st.fn, st.params, abstract(st.cache), x, batch, idx,
+                                                          name=f"{self.context}/stage{st.index}", donate=(1,)),
                                    functools.partial(st.compiled.__setitem__, key),
                                    launch_compiler_options(st.devices[0].platform, tokens=key.tokens)))
         return jobs
@@ -130,7 +133,8 @@ class Compiler:
         args = (logits, s)
         if key.penalties:
             args += (Penalties(sds((n,), jnp.float32), sds((n,), jnp.float32), sds((n, self.max_model_len), jnp.int32)),)
-        return CompileJob(functools.partial(self._sample.lower, *args, greedy=key.greedy, with_logprobs=key.logprobs),
+        return CompileJob(export_cache.lower_job(self._sample, *args, name="sample", greedy=key.greedy,
+                                                 with_logprobs=key.logprobs),
                           functools.partial(self.samplers.__setitem__, key))
 
     @staticmethod

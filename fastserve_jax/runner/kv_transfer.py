@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from fastserve_jax.models.attention import KVCache
+from fastserve_jax.runner import export_cache
 from fastserve_jax.runner.compiler import CompileJob
 from fastserve_jax.runner.keys import SwapKey
 
@@ -97,9 +98,10 @@ class KVTransfer:
                 ids = jax.ShapeDtypeStruct((n,), jnp.int32)
                 run = jax.eval_shape(_gather, cache, ids)
                 run = KVCache(*(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._device_sharding[s]) for x in run))
-                jobs.append(CompileJob(functools.partial(self._gather[s].lower, cache, ids),
+                jobs.append(CompileJob(export_cache.lower_job(self._gather[s], cache, ids, name="kv_gather"),
                                        functools.partial(self._compiled.__setitem__, SwapKey("gather", n, s))))
-                jobs.append(CompileJob(functools.partial(self._scatter[s].lower, cache, run, ids),
+                jobs.append(CompileJob(export_cache.lower_job(self._scatter[s], cache, run, ids, name="kv_scatter",
+                                                              donate=(0,)),
                                        functools.partial(self._compiled.__setitem__, SwapKey("scatter", n, s))))
         return jobs
 

@@ -1,0 +1,140 @@
+"""Traced programs kept on disk, so a warm start skips tracing as well as XLA.
+
+JAX's persistent cache (persistent_cache.py) saves XLA's work, but each executable must
+still be traced and lowered to StableHLO before the cache can be asked: for a 2-layer
+model on a 2-core CPU that is 0.1-0.2 s per launch shape, most of a warm start. This cache
+keeps each program as a serialized `jax.export.Exported` and lowers a thin jit around its
+`call` instead, which is about 20 ms.
+
+Every executable goes through the exported form, cold starts too, so a program lowers to
+the same module (and the same persistent-cache key) whether it was traced now or read
+back. The key covers everything the trace depends on: the source of fastserve_jax (with
+its models and sharding), the jax/jaxlib/flax versions, the caller's name for the function and its
+static arguments, and the abstract arguments with their shardings. A file that fails to
+load is traced again and replaced.
+
+Off (plain `jit(...).lower`) when the compilation cache is off, with several processes
+(multi-host replays trace on each host), without the `flatbuffers` package that
+serialization needs, or with FASTSERVE_JAX_EXPORT_CACHE=off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import importlib.metadata
+import logging
+import os
+import sys
+import tempfile
+
+import jax
+from jax import export
+
+from fastserve_jax.runner.compile_guard import discount_export
+
+log = logging.getLogger(__name__)
+_FORMAT = "1"
+
+
+@functools.cache
+def _register_pytrees() -> None:
+    from fastserve_jax.models.attention import AttnBatch, KVCache
+    from fastserve_jax.sampling import Penalties, Sampled, SamplingArrays
+    for cls in (AttnBatch, KVCache, Penalties, Sampled, SamplingArrays):
+        export.register_namedtuple_serialization(cls, serialized_name=f"fastserve_jax.{cls.__name__}")
+
+
+def directory() -> str | None:
+    """Where exported programs live (beside the compilation cache), or None when off."""
+    if os.environ.get("FASTSERVE_JAX_EXPORT_CACHE", "").lower() in ("off", "0", "false"):
+        return None
+    root = jax.config.jax_compilation_cache_dir
+    if not root or jax.process_count() > 1:
+        return None
+    try:
+        import flatbuffers  # noqa: F401  (what Exported.serialize needs)
+    except ImportError:
+        return None
+    return os.path.join(root, "fastserve_exported")
+
+
+@functools.cache
+def _digest() -> str:
+    """The source of the packages a trace runs (fastserve_jax with its models and sharding)
+    and the versions that lower it."""
+    h = hashlib.sha256(_FORMAT.encode())
+    for pkg in ("fastserve_jax", "fastserve_jax.models", "fastserve_jax.sharding"):
+        root = importlib.import_module(pkg).__path__[0]
+        for dirpath, dirnames, files in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in ("models", "sharding", "serve", "__pycache__"))
+            for fn in sorted(f for f in files if f.endswith(".py")):
+                h.update(os.path.relpath(os.path.join(dirpath, fn), root).encode())
+                with open(os.path.join(dirpath, fn), "rb") as f:
+                    h.update(f.read())
+    for pkg in ("jax", "jaxlib", "flax"):
+        try:
+            h.update(f"{pkg}={importlib.metadata.version(pkg)}".encode())
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    h.update(sys.version.encode())
+    return h.hexdigest()
+
+
+def _describe(tree) -> str:
+    leaves, treedef = jax.tree.flatten(tree)
+    parts = [str(treedef)]
+    for x in leaves:
+        sh = getattr(x, "sharding", None)
+        parts.append(f"{x.shape}/{x.dtype}/{sh!r}" if hasattr(x, "shape") else repr(x))
+    return "|".join(parts)
+
+
+def cache_key(name: str, args: tuple, static: dict) -> str:
+    h = hashlib.sha256(_digest().encode())
+    h.update(name.encode())
+    h.update(repr(sorted(static.items())).encode())
+    h.update(_describe(args).encode())
+    return h.hexdigest()[:40]
+
+
+def _load(path: str):
+    try:
+        with open(path, "rb") as f:
+            return export.deserialize(bytearray(f.read()))
+    except FileNotFoundError:
+        return None
+    except Exception as e:                     # a torn or foreign file: trace again and replace it
+        log.warning("ignoring unreadable exported program %s: %s", path, e)
+        return None
+
+
+def _save(path: str, blob: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, path)                      # readers see the whole file or none
+
+
+def lower(fn, *args, name: str, donate: tuple[int, ...] = (), **static) -> jax.stages.Lowered:
+    """`fn.lower(*args, **static)` (fn a jax.jit of it), through the exported form when the
+    cache is on. `name` tells functions with the same arguments apart (and must change when
+    what the jit closes over does); `donate` repeats fn's donated positional arguments."""
+    root = directory()
+    if root is None:
+        return fn.lower(*args, **static)
+    _register_pytrees()
+    path = os.path.join(root, cache_key(name, args, static) + ".bin")
+    exp = _load(path)
+    if exp is None:
+        exp = export.export(fn)(*args, **static)
+        discount_export()
+        _save(path, exp.serialize())
+    return jax.jit(exp.call, donate_argnums=donate).lower(*args)
+
+
+def lower_job(fn, *args, name: str, donate: tuple[int, ...] = (), **static):
+    """A zero-argument callable for CompileJob.lower."""
+    return functools.partial(lower, fn, *args, name=name, donate=donate, **static)

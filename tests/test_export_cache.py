@@ -1,0 +1,79 @@
+"""runner/export_cache.py: a program read back lowers to the same module as one traced now (so
+the persistent cache key does not drift), keys tell programs apart, and bad files are traced
+again."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastserve_jax.models.attention import KVCache
+from fastserve_jax.runner import export_cache
+
+traced = []
+
+
+def _step(cache: KVCache, x, *, scale: float):
+    traced.append(x.shape)                      # runs only when jax traces the Python function
+    return x * scale + cache.k.sum(), KVCache(cache.k + x.sum(), cache.v)
+
+
+step = jax.jit(_step, donate_argnames=("cache",), static_argnames=("scale",))
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    yield tmp_path / "fastserve_exported"
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
+def _args(n=4):
+    sds = jax.ShapeDtypeStruct
+    return KVCache(sds((2, 3), jnp.float32), sds((2, 3), jnp.float32)), sds((n,), jnp.float32)
+
+
+def test_read_back_lowers_to_the_same_module_without_tracing(cache_dir, monkeypatch):
+    traced.clear()
+    first = export_cache.lower(step, *_args(), name="t", donate=(0,), scale=2.0)
+    assert len(traced) == 1 and len(os.listdir(cache_dir)) == 1
+
+    def no_export(*a, **k):
+        raise AssertionError("traced again instead of read from disk")
+    monkeypatch.setattr(export_cache.export, "export", no_export)
+    second = export_cache.lower(step, *_args(), name="t", donate=(0,), scale=2.0)
+    assert second.as_text() == first.as_text()
+    # the executable computes what the plain jit does, and the cache argument is donated
+    cache = KVCache(jnp.ones((2, 3)), jnp.zeros((2, 3)))
+    out, new = second.compile()(cache, jnp.arange(4.0))
+    want, _ = _step(KVCache(jnp.ones((2, 3)), jnp.zeros((2, 3))), jnp.arange(4.0), scale=2.0)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want))
+    assert cache.k.is_deleted() and float(new.k[0, 0]) == 7.0
+
+
+def test_the_key_separates_names_statics_and_shapes(cache_dir):
+    for name, scale, n in (("t", 2.0, 4), ("u", 2.0, 4), ("t", 3.0, 4), ("t", 2.0, 8)):
+        export_cache.lower(step, *_args(n), name=name, donate=(0,), scale=scale)
+    assert len(os.listdir(cache_dir)) == 4
+
+
+def test_an_unreadable_file_is_traced_again_and_replaced(cache_dir):
+    export_cache.lower(step, *_args(), name="t", scale=2.0)
+    (path,) = [cache_dir / f for f in os.listdir(cache_dir)]
+    path.write_bytes(b"torn")
+    lowered = export_cache.lower(step, *_args(), name="t", scale=2.0)
+    assert path.read_bytes() != b"torn"
+    assert export_cache._load(str(path)) is not None and lowered.compile() is not None
+
+
+def test_off_lowers_the_plain_jit(cache_dir, monkeypatch):
+    monkeypatch.setenv("FASTSERVE_JAX_EXPORT_CACHE", "off")
+    assert export_cache.directory() is None
+    lowered = export_cache.lower(step, *_args(), name="t", scale=2.0)
+    assert lowered.as_text() == step.lower(*_args(), scale=2.0).as_text()
+    assert not cache_dir.exists()
