@@ -21,7 +21,7 @@ from fastserve_jax.config import EngineConfig, SamplingParams, SchedulerConfig
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.cost_profile import profile_engine
 from fastserve_jax.detokenizer import IncrementalDetokenizer
-from fastserve_jax.kv_cache import KVLocation, KVManager, auto_num_blocks, auto_num_host_blocks
+from fastserve_jax.kv_cache import KVLocation, KVManager, auto_num_blocks, auto_num_host_blocks, kv_block_bytes
 from fastserve_jax.kv_plan import Copies, apply_ahead, apply_plan
 from fastserve_jax.request import Request, RequestOutput, RequestStatus, TokenLogprobs
 from fastserve_jax.runner import ModelRunner
@@ -78,7 +78,7 @@ class LLMEngine:
                              "attention is exact")
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer
-        self.cfg = cfg.resolve()
+        self.cfg = cfg.resolve(sum(x.nbytes for x in jax.tree.leaves(params)), kv_block_bytes(model_cfg, cfg))
         self.layout = layout or ModelLayout(model_cfg, ParallelConfig(cfg.tensor_parallel_size,
                                                                       cfg.pipeline_parallel_size))
         if self.layout.parallel != ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size):

@@ -3,6 +3,8 @@ detokenizer stop strings. No model involved."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -129,6 +131,31 @@ def test_engine_config_buckets_cover_limits():
     assert cfg.block_buckets[-1] >= cfg.max_blocks_per_seq
     with pytest.raises(ValueError, match="must reach"):
         EngineConfig(max_num_seqs=8, decode_batch_buckets=(1, 2, 4)).resolve()
+
+
+def test_block_buckets_scale_with_the_models_weight_to_kv_ratio():
+    from fastserve_jax.runner.keys import DecodeKey, PrefillKey
+    from fastserve_jax.runner.launch import LaunchBuilder
+    cfg = EngineConfig(max_model_len=2048, max_num_seqs=128, max_num_batched_tokens=2048)
+    full = LaunchBuilder(cfg.resolve()).launch_keys()
+    # an 8B-like model: 16 GB of weights, 2 MiB per KV block: small launches pad to the
+    # blocks whose reads are an eighth of the weights'
+    big = LaunchBuilder(cfg.resolve(16 << 30, 2 << 20))
+    assert big.cfg.min_launch_blocks == 1024
+    assert [big.floor(r, decode=True) for r in big.cfg.decode_batch_buckets] == [128, 128, 128, 128, 64, 32, 16, 8]
+    assert len(big.launch_keys()) < len(full) / 2
+    assert big.decode_key(1, 3) == DecodeKey(1, 128) and big.decode_key(64, 3) == DecodeKey(64, 16)
+    for t in cfg.resolve().prefill_token_buckets:        # prefill rows pad the same way
+        rows, low = big.prefill_shape(t)[0], min(k.blocks for k in big.launch_keys() if k == PrefillKey(t, k.blocks))
+        assert low == big.floor(rows) and (rows * low <= 1024 or low == big.cfg.block_buckets[0])
+        above = big.cfg.block_buckets[big.cfg.block_buckets.index(low) + 1:]
+        assert not above or rows * above[0] > 1024
+    # a model whose KV outweighs its weights keeps every bucket; 0 turns the rule off
+    assert len(LaunchBuilder(cfg.resolve(1 << 20, 64 << 10)).launch_keys()) == len(full)
+    off = dataclasses.replace(cfg, launch_kv_fraction=0.0).resolve(16 << 30, 2 << 20)
+    assert len(LaunchBuilder(off).launch_keys()) == len(full)
+    with pytest.raises(ValueError, match="launch_kv_fraction"):
+        EngineConfig(launch_kv_fraction=1.5)
 
 
 # -- device sampling --------------------------------------------------------------------------

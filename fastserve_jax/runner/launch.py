@@ -127,10 +127,28 @@ class LaunchBuilder:
     def launch_keys(self) -> list[LaunchKey]:
         """Every launch shape serving can produce (what warm-up compiles)."""
         c = self.cfg
-        dec_nb = [b for b in c.block_buckets if b <= bucket(c.max_blocks_per_seq, c.block_buckets)]
-        keys: list[LaunchKey] = [DecodeKey(r, nb) for r in c.decode_batch_buckets for nb in dec_nb]
-        keys += [PrefillKey(t, nb) for t in c.prefill_token_buckets for nb in c.block_buckets]
+        keys: list[LaunchKey] = [DecodeKey(r, nb) for r in c.decode_batch_buckets for nb in c.block_buckets
+                                 if self.floor(r, decode=True) <= nb <= self.decode_top]
+        keys += [PrefillKey(t, nb) for t in c.prefill_token_buckets for nb in c.block_buckets
+                 if nb >= self.floor(self.prefill_shape(t)[0])]
         return keys
+
+    @property
+    def decode_top(self) -> int:
+        """The most blocks a decode row gathers (one sequence of max_model_len)."""
+        return bucket(self.cfg.max_blocks_per_seq, self.cfg.block_buckets)
+
+    def floor(self, rows: int, decode: bool = False) -> int:
+        """The fewest blocks per row a launch of `rows` rows compiles with: the largest bucket
+        whose KV reads stay within min_launch_blocks (EngineConfig.launch_kv_fraction)."""
+        c = self.cfg
+        under = [b for b in c.block_buckets if rows * b <= c.min_launch_blocks]
+        low = under[-1] if under else c.block_buckets[0]
+        return min(low, self.decode_top) if decode else low
+
+    def blocks_bucket(self, rows: int, blocks: int, decode: bool = False) -> int:
+        """The block count a launch of `rows` rows gathering up to `blocks` per row pads to."""
+        return max(bucket(blocks, self.cfg.block_buckets), self.floor(rows, decode))
 
     def sampler_rows(self) -> list[int]:
         """Logits rows a sampler sees: a decode bucket, or max_prefill_seqs for a prefill."""
@@ -157,9 +175,10 @@ class LaunchBuilder:
     def decode_key(self, rows: int, blocks: int) -> DecodeKey:
         """The launch key a decode of `rows` sequences gathering up to `blocks` blocks uses."""
         c = self.cfg
-        exact = DecodeKey(bucket(rows, c.decode_batch_buckets), bucket(blocks, c.block_buckets))
+        r = bucket(rows, c.decode_batch_buckets)
+        exact = DecodeKey(r, self.blocks_bucket(r, blocks, decode=True))
         for r in (b for b in c.decode_batch_buckets if b >= exact.rows):
-            key = self._fit(DecodeKey(r, exact.blocks), r)
+            key = self._fit(DecodeKey(r, max(exact.blocks, self.floor(r, decode=True))), r)
             if key is not None:
                 return key
         return exact
@@ -213,11 +232,12 @@ class LaunchBuilder:
         tables = [self._table(kv, s.request, s.request.num_computed_tokens + s.num_tokens) for s in items]
         for t in (b for b in c.prefill_token_buckets if b >= need):
             packed = self._pack(items, tables, kv, t)
-            key = self._fit(PrefillKey(t, bucket(packed[-1], c.block_buckets)), t)
+            key = self._fit(PrefillKey(t, self.blocks_bucket(self.prefill_shape(t)[0], packed[-1])), t)
             if key is not None:
                 return self._prefill_launch(key, *packed)
         packed = self._pack(items, tables, kv, need)
-        return self._prefill_launch(PrefillKey(need, bucket(packed[-1], c.block_buckets)), *packed)
+        return self._prefill_launch(PrefillKey(need, self.blocks_bucket(self.prefill_shape(need)[0], packed[-1])),
+                                    *packed)
 
     def _pack(self, items: list[ScheduledRequest], tables: list[np.ndarray], kv: KVManager, t: int):
         """Token arrays of the chunks packed into t tokens, the blocks each row gathers and the
