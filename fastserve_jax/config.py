@@ -152,11 +152,15 @@ class EngineConfig:
     - launch_kv_fraction: block buckets scale with the model. A launch of r rows padded to
       nb blocks per row reads r * nb blocks of KV besides the weights; while that is under
       this fraction of the weight bytes, a tighter block count saves little of the step (a
-      step at least reads every weight once), so such shapes are not compiled and the launch
-      pads up to the smallest r * nb past the fraction (`min_launch_blocks`, set by
-      `resolve` from the model's weight and KV-block bytes). A 16 GB 8B model at batch 8
-      skips every decode block bucket under 2,048 tokens; the 0.85M-parameter demo model,
-      whose KV outweighs its weights, keeps nearly all. 0 compiles every block bucket.
+      step reads every weight once), so such shapes are not compiled and the launch pads up
+      to the smallest r * nb past the fraction (`min_launch_blocks`, set by `resolve` from
+      the model's weight and KV-block bytes). With 1/8, a 16 GB 8B model at 128 sequences
+      compiles 50 launch shapes instead of 104; the demo model, whose KV outweighs its
+      weights, keeps 70 of 71. None (the default) means 1/8 on GPU and TPU and 0 (every
+      block bucket) on CPU: there the reference path's block gather costs far more per byte
+      than streaming weights, and scripts/bench_buckets.py measured a random llama-125m's
+      batch-1 decode at 27 ms with 4 blocks against 73 ms padded to 128 (2026-12-01, 2-core
+      VM). The accelerator value is not measured yet.
     - prefill_tile: a packed prefill's tokens are cut into rows of this many query tokens,
       and each row gathers only the blocks of the sequences it holds. One row over all of a
       launch's blocks would make every token attend to every packed sequence's keys (masked
@@ -189,7 +193,7 @@ class EngineConfig:
     decode_batch_buckets: tuple[int, ...] = ()
     prefill_token_buckets: tuple[int, ...] = ()
     block_buckets: tuple[int, ...] = ()
-    launch_kv_fraction: float = 0.125
+    launch_kv_fraction: float | None = None
     min_launch_blocks: int = 0           # derived by resolve(weight_bytes, kv_block_bytes)
     compilation_cache_dir: str | None = field(default=None)
     # Parallelism (sharding/): devices = tp x pp. Tensor parallel splits heads, MLP units and the
@@ -222,7 +226,8 @@ class EngineConfig:
         ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size)  # raises on bad sizes
         if not isinstance(self.batches_in_flight, int) or self.batches_in_flight < 0:
             raise ValueError(f"batches_in_flight must be >= 0 (0 = pipeline_parallel_size), got {self.batches_in_flight!r}")
-        if not isinstance(self.launch_kv_fraction, (int, float)) or not 0 <= self.launch_kv_fraction <= 1:
+        f = self.launch_kv_fraction
+        if f is not None and (not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 <= f <= 1):
             raise ValueError(f"launch_kv_fraction must be in [0, 1] (0 compiles every block bucket), "
                              f"got {self.launch_kv_fraction!r}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -237,10 +242,10 @@ class EngineConfig:
         """Blocks one packed prefill launch may gather: one long context plus the budget."""
         return self.max_blocks_per_seq + -(-self.max_num_batched_tokens // self.block_size) + self.max_prefill_seqs
 
-    def resolve(self, weight_bytes: int = 0, kv_block_bytes: int = 0) -> "EngineConfig":
+    def resolve(self, weight_bytes: int = 0, kv_block_bytes: int = 0, platform: str = "cpu") -> "EngineConfig":
         """Fill in derived bucket lists; validate user-given ones. With the model's weight bytes
-        and bytes per KV block (all layers), also `min_launch_blocks` (see launch_kv_fraction);
-        given block_buckets are compiled whole."""
+        and bytes per KV block (all layers), also `min_launch_blocks` (see launch_kv_fraction;
+        `platform` picks its default); given block_buckets are compiled whole."""
         dec = self.decode_batch_buckets or _pow2_upto(1, self.max_num_seqs)
         pre = self.prefill_token_buckets or _pow2_upto(min(32, self.max_num_batched_tokens),
                                                         self.max_num_batched_tokens)
@@ -252,8 +257,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be strictly increasing positive integers, got {b}")
             if b[-1] < need:
                 raise ValueError(f"{name} must reach {need}, got largest {b[-1]}")
-        floor = (int(self.launch_kv_fraction * weight_bytes // kv_block_bytes)
-                 if kv_block_bytes and not self.block_buckets else 0)
+        f = self.launch_kv_fraction if self.launch_kv_fraction is not None else (0.0 if platform == "cpu" else 0.125)
+        floor = int(f * weight_bytes // kv_block_bytes) if kv_block_bytes and not self.block_buckets else 0
         return dataclasses.replace(self, decode_batch_buckets=tuple(dec),
                                    prefill_token_buckets=tuple(pre), block_buckets=tuple(blk),
                                    min_launch_blocks=floor,

@@ -78,7 +78,8 @@ class LLMEngine:
                              "attention is exact")
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer
-        self.cfg = cfg.resolve(sum(x.nbytes for x in jax.tree.leaves(params)), kv_block_bytes(model_cfg, cfg))
+        self.cfg = cfg.resolve(sum(x.nbytes for x in jax.tree.leaves(params)), kv_block_bytes(model_cfg, cfg),
+                               (layout.devices[0].platform if layout else jax.devices()[0].platform))
         self.layout = layout or ModelLayout(model_cfg, ParallelConfig(cfg.tensor_parallel_size,
                                                                       cfg.pipeline_parallel_size))
         if self.layout.parallel != ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size):

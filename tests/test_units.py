@@ -140,7 +140,7 @@ def test_block_buckets_scale_with_the_models_weight_to_kv_ratio():
     full = LaunchBuilder(cfg.resolve()).launch_keys()
     # an 8B-like model: 16 GB of weights, 2 MiB per KV block: small launches pad to the
     # blocks whose reads are an eighth of the weights'
-    big = LaunchBuilder(cfg.resolve(16 << 30, 2 << 20))
+    big = LaunchBuilder(cfg.resolve(16 << 30, 2 << 20, platform="gpu"))
     assert big.cfg.min_launch_blocks == 1024
     assert [big.floor(r, decode=True) for r in big.cfg.decode_batch_buckets] == [128, 128, 128, 128, 64, 32, 16, 8]
     assert len(big.launch_keys()) < len(full) / 2
@@ -151,8 +151,12 @@ def test_block_buckets_scale_with_the_models_weight_to_kv_ratio():
         above = big.cfg.block_buckets[big.cfg.block_buckets.index(low) + 1:]
         assert not above or rows * above[0] > 1024
     # a model whose KV outweighs its weights keeps every bucket; 0 turns the rule off
-    assert len(LaunchBuilder(cfg.resolve(1 << 20, 64 << 10)).launch_keys()) == len(full)
-    off = dataclasses.replace(cfg, launch_kv_fraction=0.0).resolve(16 << 30, 2 << 20)
+    assert len(LaunchBuilder(cfg.resolve(1 << 20, 64 << 10, platform="gpu")).launch_keys()) == len(full)
+    # on CPU the block gather costs more than the weights it is weighed against: every bucket
+    assert len(LaunchBuilder(cfg.resolve(16 << 30, 2 << 20, platform="cpu")).launch_keys()) == len(full)
+    fixed = dataclasses.replace(cfg, launch_kv_fraction=0.125).resolve(16 << 30, 2 << 20, platform="cpu")
+    assert fixed.min_launch_blocks == 1024
+    off = dataclasses.replace(cfg, launch_kv_fraction=0.0).resolve(16 << 30, 2 << 20, platform="gpu")
     assert len(LaunchBuilder(off).launch_keys()) == len(full)
     with pytest.raises(ValueError, match="launch_kv_fraction"):
         EngineConfig(launch_kv_fraction=1.5)
