@@ -17,6 +17,7 @@ from typing import Callable
 
 import jax
 
+from fastserve_jax.admission import validate_request
 from fastserve_jax.config import EngineConfig, SamplingParams, SchedulerConfig
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.cost_profile import profile_engine
@@ -120,6 +121,7 @@ class LLMEngine:
         self._last_scheduled: set[str] = set()      # ran in the latest iteration
         self.warmup_seconds = self.runner.warmup(self.warmup_mode, progress)
         self.cost_model: CostModel | None = None
+        self.predictor = None                  # predictor.LengthPredictor under the predictive policy
         self.set_scheduler(self.cfg.scheduler, self.cfg.scheduler_config)
         self.runner.start_background_compile()
 
@@ -138,6 +140,11 @@ class LLMEngine:
                                      SchedulerConfig.base_quantum)
         self.scheduler = make_scheduler(name, Limits(self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens),
                                         self.kv, config, self.cost_model)
+        if (name == "predictive") != (self.predictor is not None):     # the policy's length predictor
+            from fastserve_jax.predictor import LengthPredictor, default_path
+            self.predictor = (LengthPredictor(2 * self.model_cfg.hidden_size + 2,
+                                              path=default_path(self.model_cfg, self.cfg.dtype))
+                              if name == "predictive" else self.predictor.close())
 
     @classmethod
     def from_pretrained(cls, model_path: str, cfg: EngineConfig, model_cfg=None, **kwargs) -> "LLMEngine":
@@ -159,35 +166,9 @@ class LLMEngine:
 
     # -- admission (the boundary: validate everything before anything is queued) -----------
     def validate(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
-        """Tokenize and check one prompt; raises ValueError saying what to change."""
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty; give at least one character or token id")
-            text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            text, ids = None, list(prompt)
-            bad = [t for t in ids if not 0 <= t < self.model_cfg.vocab_size]
-            if bad:
-                raise ValueError(f"token ids must be in [0, {self.model_cfg.vocab_size}), got {bad[:5]}")
-        else:
-            raise ValueError("a prompt must be a string or a list of integer token ids")
-        if not ids:
-            raise ValueError("prompt is empty; give at least one character or token id")
-        limit = self.cfg.max_model_len
-        if len(ids) >= limit:
-            raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {limit}, which must also hold "
-                             f"at least one generated token; shorten the prompt to at most {limit - 1} tokens "
-                             "or raise max_model_len")
-        need = self.kv.blocks_for_tokens(min(len(ids) + params.max_tokens, limit))
-        if need > self.kv.num_usable_blocks:
-            raise ValueError(f"this request can need {need} KV blocks but the device pool has only "
-                             f"{self.kv.num_usable_blocks}; lower max_tokens or raise num_device_blocks")
-        bad_stop = [t for t in params.stop_token_ids if t >= self.model_cfg.vocab_size]
-        if bad_stop:
-            raise ValueError(f"stop_token_ids must be < vocab size {self.model_cfg.vocab_size}, got {bad_stop}")
-        return text, ids
+        """Tokenize and check one prompt; raises ValueError saying what to change (admission.py)."""
+        return validate_request(prompt, params, self.tokenizer, self.model_cfg.vocab_size, self.cfg.max_model_len,
+                                self.kv)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                     arrival_time: float | None = None) -> Request:
@@ -211,13 +192,19 @@ class LLMEngine:
         if req is not None:
             self._finish(req, "abort", time.monotonic())
 
+    def close(self) -> None:
+        """Save what the engine learned (the length predictor's state); it may still serve."""
+        if self.predictor is not None:
+            self.predictor.save()
+
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
     def snapshot(self) -> dict:
         """Gauges and counters for monitoring (serve/ exports them as Prometheus metrics);
         see stats.snapshot."""
-        return snapshot(self.stats, self._requests, self._last_scheduled, self.kv, self.scheduler)
+        return {**snapshot(self.stats, self._requests, self._last_scheduled, self.kv, self.scheduler),
+                **(self.predictor.metrics() if self.predictor is not None else {})}
 
     # -- one iteration ---------------------------------------------------------------------
     def step(self) -> list[Request]:
@@ -295,6 +282,11 @@ class LLMEngine:
                 self.runner.activity.collect(f.batch)
         with st.phase("postprocess"):
             now = time.monotonic()
+            if self.predictor is not None:          # prefills that just ended: features, prediction
+                firsts = {req.request_id: req for req, _, _ in sampled if not req.output_token_ids}
+                if firsts:
+                    self.predictor.on_first_token(list(firsts.values()),
+                                                  self.runner.features(f.launches, f.pending, firsts))
             for s in f.plan.scheduled:
                 req = s.request
                 req.in_flight = False
@@ -385,6 +377,8 @@ class LLMEngine:
         req.finish_reason = reason
         req.metrics.finish_time = now
         self.scheduler.remove(req)
+        if self.predictor is not None:
+            self.predictor.on_finish(req)
         self.kv.free(req)
         self._forget_host_copy(req)
         self.swap.forget(req)

@@ -65,7 +65,7 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
                         np.zeros(batch, np.uint32), np.zeros(batch, np.int32))
 
     def forward():
-        logits, stage.cache = fwd(stage.params, stage.cache, tokens, attn, idx)
+        (logits, _), stage.cache = fwd(stage.params, stage.cache, tokens, attn, idx)
         return logits
 
     layers = stage.params["layers"]

@@ -178,6 +178,8 @@ class AsyncEngine:
         if self._thread.is_alive():
             log.warning("engine thread still busy after %.0f s; leaving it (daemon) to exit with the process",
                         timeout)
+        elif self.engine is not None:
+            self.engine.close()
 
     def _deliver(self, batch: list[tuple[RequestGroup, str, int, Delta]]) -> None:
         for group, rid, index, delta in batch:

@@ -18,6 +18,9 @@ loop when a request finishes (aborted and failed requests are not observed).
     fastserve_e2e_request_latency_seconds    histograms
     fastserve_server_pending_requests, fastserve_server_rejected_total{reason},
     fastserve_engine_faults_total, fastserve_server_ready
+    fastserve_predictor_{samples,train_rounds}_total, fastserve_predictor_{ready,scored,kendall_tau,
+    ...}                                     the output-length predictor's learning and quality
+                                             (scheduler "predictive" only; predictor.py)
 """
 
 from __future__ import annotations
@@ -75,6 +78,14 @@ class _EngineCollector:
             c = CounterMetricFamily(f"fastserve_{key[:-len('_total')]}", doc)
             c.add_metric([], s[key])
             yield c
+        for key in sorted(k for k in s if k.startswith("predictor_")):     # predictor.py, when on
+            doc = "output-length predictor (fastserve_jax/predictor.py): " + key[len("predictor_"):]
+            if key.endswith("_total"):
+                m = CounterMetricFamily(f"fastserve_{key[:-len('_total')]}", doc)
+            else:
+                m = GaugeMetricFamily(f"fastserve_{key}", doc)
+            m.add_metric([], s[key])
+            yield m
         for unit in ("blocks", "bytes"):
             c = CounterMetricFamily(f"fastserve_swap_{unit}", f"KV {unit} swapped", labels=["direction"])
             for direction in ("out", "in"):

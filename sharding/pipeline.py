@@ -29,13 +29,31 @@ from typing import Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from fastserve_jax.models.attention import AttnBatch, KVCache
 
 
-def stage_forward(module: nn.Module, block: nn.Module, first: bool, last: bool) -> Callable:
-    """fn(params, cache, x, batch, logits_idx) -> (logits or h, cache) for one stage.
+def pooled_features(h, batch: AttnBatch, logits_idx):
+    """(N, 2H) float32 per logits row: the mean of its sequence's hidden states in this launch
+    and the state at its last token. A decode row is one token, so both halves are that
+    token's state; a packed prefill pools each sequence's tokens by segment id."""
+    r, q, hidden = h.shape
+    flat = h.reshape(r * q, hidden).astype(jnp.float32)
+    last = flat[logits_idx]
+    if q == 1:
+        return jnp.concatenate([last, last], axis=-1)
+    onehot = (batch.seg.reshape(-1)[:, None] == jnp.arange(logits_idx.shape[0])[None, :]).astype(jnp.float32)
+    mean = (onehot.T @ flat) / jnp.maximum(onehot.sum(0), 1.0)[:, None]
+    return jnp.concatenate([mean, last], axis=-1)
+
+
+def stage_forward(module: nn.Module, block: nn.Module, first: bool, last: bool,
+                  feature_layer: int | None = None) -> Callable:
+    """fn(params, cache, x, batch, logits_idx) -> (logits or h, cache) for one stage; the last
+    stage returns ((logits, features), cache), the features pooled (`pooled_features`) from
+    the output of its layer `feature_layer` (0-based, within the stage; None: its last).
 
     `params` is the stage's tree from `ModelLayout.split_layers`: the ends it owns plus
     `layers`, a tuple of per-layer trees. The layers run as an unrolled Python loop over
@@ -49,11 +67,15 @@ def stage_forward(module: nn.Module, block: nn.Module, first: bool, last: bool) 
         if first:
             x = module.apply(ends, x, batch, method="embed")
         carry = (x, cache, 0)
-        for layer_params in params["layers"]:
+        tapped = None
+        for i, layer_params in enumerate(params["layers"]):
             carry, _ = block.apply({"params": layer_params}, carry, batch)
+            if i == feature_layer:
+                tapped = carry[0]
         h, cache, _ = carry
         if last:
-            return module.apply(ends, h, logits_idx, method="head"), cache
+            feats = pooled_features(h if tapped is None else tapped, batch, logits_idx)
+            return (module.apply(ends, h, logits_idx, method="head"), feats), cache
         return h, cache
 
     return forward

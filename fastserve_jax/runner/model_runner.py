@@ -62,6 +62,10 @@ class ModelRunner:
         self.act_dtype = jnp.dtype(cfg.dtype)
         self.builder = LaunchBuilder(cfg)
         stage_cfg = dataclasses.replace(model_cfg, num_layers=layout.layers_per_stage)
+        # The last stage also returns each logits row's hidden state pooled from the middle
+        # layer of the model (or its own first layer, if the middle is in an earlier stage):
+        # what the output-length predictor (predictor.py) reads.
+        self.feature_layer = max(0, (model_cfg.num_layers - 1) // 2 - (layout.pp - 1) * layout.layers_per_stage)
         module, block = build_model(stage_cfg, cfg.dtype), build_block(stage_cfg, cfg.dtype)
         shape = layout.cache_shape(num_blocks, cfg.block_size)
         self.stages: list[Stage] = []
@@ -71,7 +75,8 @@ class ModelRunner:
             rep = layout.replicated(s)
             x_in = rep if first else layout.activation_sharding(s)
             zeros = jax.jit(lambda: jnp.zeros(shape, cfg.dtype), out_shardings=cs)
-            fn = jax.jit(stage_forward(module, block, first, last), donate_argnames=("cache",),
+            fn = jax.jit(stage_forward(module, block, first, last, self.feature_layer if last else None),
+                         donate_argnames=("cache",),
                          in_shardings=(jax.tree.map(lambda x: x.sharding, sp), KVCache(cs, cs), x_in, rep, rep),
                          out_shardings=(rep, KVCache(cs, cs)))
             self.stages.append(Stage(s, first, last, sp, KVCache(zeros(), zeros()), cs, None if first else x_in,
@@ -175,13 +180,13 @@ class ModelRunner:
     def run(self, work: list[LaunchWork], batch_id: int = -1) -> list:
         pending = []
         for w in work:
-            logits = self.forward(w, batch_id)
+            logits, feats = self.forward(w, batch_id)
             if w.sampling is None:
                 pending.append(None)
                 continue
             pen = w.penalties is not None
             key = SamplerKey(w.sampling.temperature.shape[0], w.greedy, w.logprobs, pen)
-            pending.append(self.sampler(key)(logits, w.sampling, *((w.penalties,) if pen else ())))
+            pending.append((self.sampler(key)(logits, w.sampling, *((w.penalties,) if pen else ())), feats))
         return pending
 
     @staticmethod
@@ -191,7 +196,7 @@ class ModelRunner:
         for ln, out in zip(launches, pending):
             if out is None:
                 continue
-            host = fetch(out)
+            host = fetch(out[0])
             for i, req in enumerate(ln.rows):
                 if req is None or req.finished:      # aborted while its batch was in flight
                     continue
@@ -203,6 +208,18 @@ class ModelRunner:
                                        {int(t): float(v) for t, v in zip(host.top_ids[i, :k], host.top_logprobs[i, :k])})
                 results.append((req, tok, lp))
         return results
+
+    @staticmethod
+    def features(launches: list[Launch], pending: list, wanted) -> dict[str, np.ndarray]:
+        """Pooled hidden states (pipeline.pooled_features) of the rows whose request ids are
+        in `wanted`, by request id; copies only the launches that hold one."""
+        out = {}
+        for ln, p in zip(launches, pending):
+            idx = [i for i, req in enumerate(ln.rows) if req is not None and req.request_id in wanted]
+            if p is not None and idx:
+                host = np.asarray(jax.device_get(p[1]))
+                out.update({ln.rows[i].request_id: host[i] for i in idx})
+        return out
 
     def execute(self, scheduled: list[ScheduledRequest], kv: KVManager):
         launches = self.build_launches(scheduled, kv)

@@ -1,0 +1,40 @@
+"""The engine's boundary: a prompt and its sampling parameters are checked in full before
+anything is queued, and a bad one raises ValueError saying what to change."""
+
+from __future__ import annotations
+
+from fastserve_jax.config import SamplingParams
+from fastserve_jax.kv_cache import KVManager
+
+
+def validate_request(prompt: str | list[int], params: SamplingParams, tokenizer, vocab_size: int, max_model_len: int,
+                     kv: KVManager) -> tuple[str | None, list[int]]:
+    """(text or None, token ids) of one prompt."""
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt is empty; give at least one character or token id")
+        text, ids = prompt, tokenizer.encode(prompt, add_special_tokens=True)
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        text, ids = None, list(prompt)
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"token ids must be in [0, {vocab_size}), got {bad[:5]}")
+    else:
+        raise ValueError("a prompt must be a string or a list of integer token ids")
+    if not ids:
+        raise ValueError("prompt is empty; give at least one character or token id")
+    limit = max_model_len
+    if len(ids) >= limit:
+        raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {limit}, which must also hold "
+                         f"at least one generated token; shorten the prompt to at most {limit - 1} tokens "
+                         "or raise max_model_len")
+    need = kv.blocks_for_tokens(min(len(ids) + params.max_tokens, limit))
+    if need > kv.num_usable_blocks:
+        raise ValueError(f"this request can need {need} KV blocks but the device pool has only "
+                         f"{kv.num_usable_blocks}; lower max_tokens or raise num_device_blocks")
+    bad_stop = [t for t in params.stop_token_ids if t >= vocab_size]
+    if bad_stop:
+        raise ValueError(f"stop_token_ids must be < vocab size {vocab_size}, got {bad_stop}")
+    return text, ids
