@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastserve_jax.config import SamplingParams
+
+if TYPE_CHECKING:
+    from fastserve_jax.length_prediction import LengthPrediction
 
 
 class RequestStatus(enum.Enum):
@@ -60,6 +64,9 @@ class Request:
     queue_level: int = 0
     attained_service: float = 0.0          # seconds of step time received in the current queue
     num_preemptions: int = 0
+    # predicted distribution of the total output length; set by the engine or the simulator
+    # on requests of an iteration's plan before scheduler.on_iteration (scheduler/base.py)
+    length_prediction: LengthPrediction | None = None
     # in a batch dispatched but not yet collected (pipeline mode keeps several in flight): it
     # cannot be scheduled again, nor lose its KV, until its token is back
     in_flight: bool = False

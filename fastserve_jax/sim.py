@@ -18,23 +18,34 @@ reusing them); a swap-in the step needs stalls it until the copy is in.
 When nothing is live the clock jumps to the next arrival. Requests end exactly at their
 trace output length (ignore_eos), so `max_tokens` is the true length (what srpt reads).
 Prompts are `range(n)`: the simulator never reads token values.
+
+Predicted output lengths (SimConfig.prediction_sigma or prediction_tau; sim_prediction.py):
+when a request's prefill completes (its first token), it gets a prediction of the chosen
+quality, set before scheduler.on_iteration as the engine does (scheduler/base.py); the
+predictor's prior learns from the requests finished so far. The run's realised Kendall's
+tau between predicted means and true lengths, and the predictions' calibration, are in
+the metrics.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 
 from fastserve_jax.config import SamplingParams, SchedulerConfig
 from fastserve_jax.cost_model import CostModel, plan_time
 from fastserve_jax.kv_cache import KVLocation, KVManager
 from fastserve_jax.kv_plan import apply_ahead, apply_plan
+from fastserve_jax.length_prediction import LengthPrediction, calibration, kendall_tau
 from fastserve_jax.request import Request, RequestStatus
 from fastserve_jax.swap_policy import SwapPolicy
 from fastserve_jax.scheduler import Limits, Plan, make_scheduler
+from fastserve_jax.sim_prediction import NoisyLengthOracle, sigma_for_tau
 from fastserve_jax.slo import summarize
 from fastserve_jax.workload import TraceRequest
 
@@ -50,6 +61,28 @@ class SimConfig:
     swap_policy: str = "proactive"
     swap_reserve_blocks: int = 0
     max_iterations: int = 10_000_000     # a policy that cannot finish the trace fails instead of spinning
+    # Predicted output lengths (sim_prediction.py): log-normal noise of this sigma on the true
+    # length (0 = exact), or the sigma that gives this Kendall's tau on the trace's lengths
+    # (in (0, 1]); None for both: no predictions. Noise draws come from prediction_seed.
+    prediction_sigma: float | None = None
+    prediction_tau: float | None = None
+    prediction_seed: int = 0
+
+    def __post_init__(self) -> None:
+        s, t = self.prediction_sigma, self.prediction_tau
+        if s is not None and t is not None:
+            raise ValueError("give prediction_sigma or prediction_tau, not both")
+        if s is not None and not (isinstance(s, (int, float)) and math.isfinite(s) and s >= 0):
+            raise ValueError(f"prediction_sigma must be a finite number >= 0 (0 = exact lengths), got {s!r}")
+        if t is not None and not (isinstance(t, (int, float)) and 0 < t <= 1):
+            raise ValueError(f"prediction_tau must be in (0, 1] (1 = exact lengths), got {t!r}")
+
+    def oracle(self, trace: Sequence[TraceRequest]) -> NoisyLengthOracle | None:
+        """The run's predictor, None without predictions."""
+        if self.prediction_tau is not None:
+            return NoisyLengthOracle(sigma_for_tau([t.output_tokens for t in trace], self.prediction_tau,
+                                                   self.prediction_seed))
+        return None if self.prediction_sigma is None else NoisyLengthOracle(self.prediction_sigma)
 
     def num_host_blocks(self) -> int:
         return self.host_kv_capacity_tokens // self.block_size
@@ -74,13 +107,22 @@ class SimResult:
     max_tokens: int = 0                  # most tokens in one iteration
     max_kv_blocks: int = 0               # most KV blocks in use at once
     swap: SwapCounts = field(default_factory=lambda: SwapCounts())
+    predictions: list[tuple[LengthPrediction, int]] = field(default_factory=list)   # (latest prediction, true length)
+    prediction_sigma: float | None = None
 
     def metrics(self) -> dict[str, float]:
         """Latencies in seconds, throughputs per second (see docs/scheduling.md)."""
-        return dict(summarize(self.requests), iterations=self.iterations, preemptions=self.preemptions,
-                    mean_batch=self.scheduled_seqs / max(1, self.iterations), sim_wall_seconds=self.wall_seconds,
-                    **{f"swap_{k}": v for k, v in dataclasses.asdict(self.swap).items()},
-                    swap_stall_fraction=self.swap.stall_seconds / self.swap.busy_seconds if self.swap.busy_seconds else 0.0)
+        m = dict(summarize(self.requests), iterations=self.iterations, preemptions=self.preemptions,
+                 mean_batch=self.scheduled_seqs / max(1, self.iterations), sim_wall_seconds=self.wall_seconds,
+                 **{f"swap_{k}": v for k, v in dataclasses.asdict(self.swap).items()},
+                 swap_stall_fraction=self.swap.stall_seconds / self.swap.busy_seconds if self.swap.busy_seconds else 0.0)
+        if self.prediction_sigma is not None:
+            preds, true = [p for p, _ in self.predictions], [n for _, n in self.predictions]
+            cal = calibration(preds, true)
+            m.update(prediction_sigma=self.prediction_sigma,
+                     prediction_kendall_tau=kendall_tau([p.mean() for p in preds], true),
+                     prediction_true_bin_prob=cal["true_bin_prob"], prediction_coverage_80=cal["coverage_80"])
+        return m
 
 
 def advance(plan: Plan, now: float) -> list[Request]:
@@ -137,6 +179,10 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
     swap = SwapPolicy(cfg.swap_policy, kv, cfg.max_num_batched_tokens, cfg.swap_reserve_blocks,
                       cost.swap_time(cfg.block_size) if cfg.swap_policy != "recompute" and kv.num_host_blocks else 0.0)
     links = _Links(cost, cfg.block_size)
+    oracle = cfg.oracle(trace)
+    noise = dict(zip((f"r{i}" for i in range(len(trace))),
+                     np.random.default_rng(cfg.prediction_seed).standard_normal(len(trace)).tolist()))
+    predicted: dict[str, tuple[int, LengthPrediction, int]] = {}    # id -> (oracle version, latest, true length)
     counts = SwapCounts()
     live_reqs: dict[str, Request] = {}
     out_ready: dict[str, float] = {}                   # request id -> when its swap-out copy is in
@@ -226,6 +272,15 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
             out_ready.pop(r.request_id, None)
             del live_reqs[r.request_id]
             live -= 1
+            if oracle is not None:
+                oracle.observe(len(r.output_token_ids))
+        if oracle is not None:           # first tokens, or the prior relearned: predict, before on_iteration
+            for s in plan.scheduled:
+                r = s.request
+                if r.output_token_ids and predicted.get(r.request_id, (-1,))[0] != oracle.version:
+                    r.length_prediction = oracle.predict(r.sampling.max_tokens, noise[r.request_id],
+                                                         len(r.output_token_ids))
+                    predicted[r.request_id] = (oracle.version, r.length_prediction, r.sampling.max_tokens)
         sched.on_iteration(plan, dt, now)
         swap.on_iteration(now - t_start)
         counts.busy_seconds += now - t_start
@@ -235,4 +290,5 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
     assert kv.num_free_blocks == kv.num_usable_blocks and kv.num_host_used_blocks == 0, \
         "KV leaked: blocks still owned after every request finished"
     return SimResult(policy, reqs, iterations, preemptions, seqs, time.perf_counter() - wall0, max_batch, max_tokens,
-                     max_blocks, counts)
+                     max_blocks, counts, [(p, n) for _, p, n in predicted.values()],
+                     oracle.sigma if oracle is not None else None)

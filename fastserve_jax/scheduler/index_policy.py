@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from abc import abstractmethod
-from typing import Iterator
+from typing import Callable, Iterator
 
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan, Scheduler
@@ -82,8 +82,12 @@ class IndexPolicy(Scheduler):
             yield self._live[e[2]]
 
     def schedule(self, now: float) -> Plan:
+        return self.fill(lambda ranked: ranked, self._worst_first())
+
+    def fill(self, order: Callable[[Iterator[Request]], Iterator[Request]], worst_first: Iterator[Request]) -> Plan:
+        """fill_batch over order(requests in key order, popped off the heap lazily)."""
         popped: list = []
-        plan = fill_batch(self._best_first(popped), self._worst_first(), self.limits, self.kv, self.swap_on_evict,
+        plan = fill_batch(order(self._best_first(popped)), worst_first, self.limits, self.kv, self.swap_on_evict,
                           self.swap_in_blocks)
         for e in popped:
             heapq.heappush(self._heap, e)
