@@ -141,8 +141,8 @@ class LLMEngine:
         self.scheduler = make_scheduler(name, Limits(self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens),
                                         self.kv, config, self.cost_model)
         if (name == "predictive") != (self.predictor is not None):     # the policy's length predictor
-            from fastserve_jax.predictor import LengthPredictor, default_path
-            self.predictor = (LengthPredictor(2 * self.model_cfg.hidden_size + 2,
+            from fastserve_jax.predictor import EXTRA, LengthPredictor, default_path
+            self.predictor = (LengthPredictor(2 * self.model_cfg.hidden_size + EXTRA,
                                               path=default_path(self.model_cfg, self.cfg.dtype))
                               if name == "predictive" else self.predictor.close())
 
@@ -282,11 +282,10 @@ class LLMEngine:
                 self.runner.activity.collect(f.batch)
         with st.phase("postprocess"):
             now = time.monotonic()
-            if self.predictor is not None:          # prefills that just ended: features, prediction
-                firsts = {req.request_id: req for req, _, _ in sampled if not req.output_token_ids}
-                if firsts:
-                    self.predictor.on_first_token(list(firsts.values()),
-                                                  self.runner.features(f.launches, f.pending, firsts))
+            if self.predictor is not None:          # prefills that just ended (and refresh points)
+                due = {req.request_id: req for req, _, _ in sampled if self.predictor.wants(req)}
+                if due:
+                    self.predictor.on_features(list(due.values()), self.runner.features(f.launches, f.pending, due))
             for s in f.plan.scheduled:
                 req = s.request
                 req.in_flight = False

@@ -47,8 +47,8 @@ from fastserve_jax.slo import PAPER_SLOS  # noqa: E402
 from fastserve_jax.workload import TraceRequest, burst_pool_blocks, kv_blocks, with_arrivals  # noqa: E402
 from fastserve_jax.models import demo_task  # noqa: E402
 from fastserve_jax.serve import bench_client  # noqa: E402
-from fastserve_jax.serve.bench_cmd import (TRACE, LaunchedServer, answer_problems, build_workload, screen_pairs,  # noqa: E402
-                             slo_figures)
+from fastserve_jax.serve.bench_cmd import (TRACE, LaunchedServer, answer_problems, build_workload,  # noqa: E402
+                                           raise_on_problems, screen_pairs, slo_figures)
 # part 2, the simulator against the engine, next to this script (scripts/ is on sys.path when it runs)
 from sim_fidelity import POLICIES, simulator_fidelity  # noqa: E402
 
@@ -105,10 +105,7 @@ def serve_burst(policy: str, argv: list[str], warm, work, arrivals, concurrency:
         after = parse_counters(asyncio.run(bench_client.request(server.url, "GET", "/metrics"))[2].decode())
     finally:
         server.stop()
-    bad += answer_problems(results, work)
-    if bad:
-        raise RuntimeError(f"{policy}: {len(bad)} wrong or failed answer(s) (server log {server.log.name}):\n  "
-                           + "\n  ".join(bad[:10]))
+    raise_on_problems(policy, server.log.name, bad + answer_problems(results, work))
     m = bench_client.summarize(results)
     m.update(slo_figures(results, PAPER_SLOS))
     m.update({k: after[k] - before[k] for k in COUNTERS}, server_ready_seconds=ready)

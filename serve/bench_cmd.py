@@ -147,6 +147,13 @@ def answer_problems(results: list[bench_client.Result], work, what: str = "reque
     return out
 
 
+def raise_on_problems(policy: str, log_name: str, problems: list[str]) -> None:
+    """A run with a wrong or failed answer is no measurement: stop, saying which and where."""
+    if problems:
+        raise RuntimeError(f"{policy}: {len(problems)} wrong or failed answer(s) (server log {log_name}):\n  "
+                           + "\n  ".join(problems[:10]))
+
+
 def screen_pairs(llm, works: list[list], seed: int, rounds: int = 10) -> tuple[list[list], int]:
     """`works`: lists of build_workload's (payload, (A, B)), with every pair replaced until the demo
     model answers it exactly. The model misses about 0.6% of counts by itself (models/demo/

@@ -1,0 +1,299 @@
+"""Output-length predictor that the engine trains by itself while it serves (issue 18).
+
+The input is what the model already computed: each launch's last pipeline stage also returns,
+per logits row, the hidden state of the model's middle layer pooled over the sequence's
+tokens in the launch, next to its last token's state (sharding/pipeline.pooled_features;
+inside the compiled step, no extra launch). When a request's prefill ends (its first token)
+the engine hands that row to `LengthPredictor.on_first_token`; the features are each half
+layer-normalised, plus log prompt length and log max_tokens.
+
+    features -> Dense(128) -> relu -> Dense(NUM_BINS) -> softmax over log-spaced
+    total-output-length bins (length_prediction.BIN_EDGES), cut at max_tokens
+
+Training: every finished request (not aborted) adds (features, its output length) to a
+replay window of the last `window` feature rows; every 5th request is held out. Every `train_every` new samples a background
+thread runs `steps` jitted AdamW updates of (neighbour-smoothed) cross-entropy on minibatches of the window, then
+publishes a host (numpy) copy of the weights; the engine thread only runs that numpy
+forward, so training never sits on the iteration's critical path. Predictions start once
+`min_samples` requests have been learned from (`ready`); until then the predictive policy
+is skip-join MLFQ.
+
+Quality, as it learns, over the last 512 requests that finished after a prediction was made
+for them (out of sample): Kendall's tau between predicted mean and true length, the mean
+probability given to the true bin, and the coverage of the central 80% interval. /metrics
+exports them. The weights and the window are saved beside the compilation cache (keyed by
+the model) on close and every 10 rounds, so a restart does not start cold.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fastserve_jax.length_prediction import BIN_EDGES, NUM_BINS, LengthPrediction, calibration, kendall_tau
+
+log = logging.getLogger(__name__)
+_FORMAT = 2
+_WIDTH = 128
+
+
+def _norm(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean(-1, keepdims=True)) / (x.std(-1, keepdims=True) + 1e-5)
+
+
+EXTRA = 3      # scalar features after the pooled state
+
+
+def featurize(pooled: np.ndarray, prompt_len: int, max_tokens: int, generated: int = 0) -> np.ndarray:
+    """(2H,) pooled state (mean | last token) -> the head's input."""
+    half = pooled.shape[-1] // 2
+    return np.concatenate([_norm(pooled[:half]), _norm(pooled[half:]),
+                           [np.log1p(prompt_len) / 8.0, np.log1p(max_tokens) / 8.0,
+                            np.log1p(generated) / 8.0]]).astype(np.float32)
+
+
+def _init(dim: int, seed: int) -> dict:
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return {"w1": jax.random.normal(k1, (dim, _WIDTH)) * (2.0 / dim) ** 0.5, "b1": jnp.zeros(_WIDTH),
+            "w2": jax.random.normal(k2, (_WIDTH, NUM_BINS)) * 0.01, "b2": jnp.zeros(NUM_BINS)}
+
+
+def _logits(p, x):
+    return jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+
+def _loss(p, x, y):
+    """Cross-entropy against the true bin smoothed over its neighbours (a Gaussian of one bin,
+    a quarter of a doubling): lengths are ordinal, and a one-hot target makes the head
+    overconfident on a window of a few hundred requests."""
+    soft = jnp.exp(-0.5 * (jnp.arange(NUM_BINS)[None, :] - y[:, None]) ** 2)
+    return optax.softmax_cross_entropy(_logits(p, x), soft / soft.sum(-1, keepdims=True)).mean()
+
+
+class LengthPredictor:
+    def __init__(self, feature_dim: int, *, window: int = 4096, min_samples: int = 200, train_every: int = 32,
+                 steps: int = 60, batch: int = 128, lr: float = 3e-3, seed: int = 0, path: str | None = None,
+                 refine: bool = True) -> None:
+        self.feature_dim, self.min_samples, self.train_every = feature_dim, min_samples, train_every
+        self.steps, self.batch = steps, batch
+        self.path = path
+        self.window: deque[tuple[np.ndarray, int, bool]] = deque(maxlen=window)   # (x, bin, held out)
+        self._opt = optax.adamw(lr, weight_decay=1e-3)
+        self._params = _init(feature_dim, seed)
+        self._opt_state = self._opt.init(self._params)
+        self._host: dict[str, np.ndarray] | None = None       # published weights (numpy)
+        self._rng = np.random.default_rng(seed)
+        self.refine = refine
+        self._pending: dict[str, list[np.ndarray]] = {}         # request id -> its features, until it finishes
+        self._first: dict[str, LengthPrediction] = {}           # request id -> the prediction at its prefill
+        self._quality: deque[tuple[LengthPrediction, int]] = deque(maxlen=512)
+        self.samples_seen = 0          # finished requests added to the window (this run and restored)
+        self.rounds = 0
+        self.upkeep_seconds = 0.0      # engine-thread time in this module
+        self.train_seconds = 0.0       # trainer-thread time
+        self._new = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
+        self._update = jax.jit(self._step)
+        self._eval = jax.jit(_loss)
+        self._best = None              # the published weights (device), for early stopping
+        self.val_loss = float("nan")
+        if path:
+            self._restore(path)
+        self._thread = threading.Thread(target=self._train_loop, name="length-predictor", daemon=True)
+        self._thread.start()
+        atexit.register(self._stop)        # a daemon thread inside jax at interpreter exit aborts it
+
+    @property
+    def ready(self) -> bool:
+        return self._host is not None and self.samples_seen >= self.min_samples
+
+    # -- the engine's side -----------------------------------------------------------------
+    def wants(self, req) -> bool:
+        """Whether the step that is being collected should hand over `req`'s pooled state: its
+        prefill just ended (no token yet), or it has generated a refresh point's tokens."""
+        g = len(req.output_token_ids)
+        return g == 0 or (self.refine and g >= 8 and g & (g - 1) == 0)
+
+    def on_features(self, requests: list, pooled: dict[str, np.ndarray]) -> None:
+        """`wants` requests with their pooled rows by request id (before this step's tokens are
+        appended): keep the features for training, and predict (once ready) before the
+        scheduler re-ranks them."""
+        t0 = time.perf_counter()
+        todo = [r for r in requests if r.request_id in pooled]
+        gen = [len(r.output_token_ids) for r in todo]
+        xs = [featurize(pooled[r.request_id], r.num_prompt_tokens, r.sampling.max_tokens, g) for r, g in zip(todo, gen)]
+        for r, x in zip(todo, xs):
+            self._pending.setdefault(r.request_id, []).append(x)
+        if xs and self.ready:
+            for r, g, pred in zip(todo, gen, self.predict(np.stack(xs), [r.sampling.max_tokens for r in todo], gen)):
+                r.length_prediction = pred
+                if g == 0:
+                    self._first[r.request_id] = pred
+        self.upkeep_seconds += time.perf_counter() - t0
+
+    def on_finish(self, req) -> None:
+        t0 = time.perf_counter()
+        xs = self._pending.pop(req.request_id, [])
+        first = self._first.pop(req.request_id, None)
+        n = len(req.output_token_ids)
+        if xs and req.finish_reason != "abort" and n > 0:
+            if first is not None:
+                self._quality.append((first, n))
+            label = int(np.clip(np.searchsorted(BIN_EDGES, n, side="right") - 1, 0, NUM_BINS - 1))
+            with self._lock:
+                held_out = self.samples_seen % 5 == 4           # a request's points stay on one side
+                self.window.extend((x, label, held_out) for x in xs)
+                self.samples_seen += 1
+                self._new += 1
+                if self._new >= self.train_every or (self._host is None and self.samples_seen >= self.min_samples):
+                    self._wake.notify()
+        self.upkeep_seconds += time.perf_counter() - t0
+
+    def predict(self, x: np.ndarray, max_tokens: list[int], generated: list[int] | None = None) -> list[LengthPrediction]:
+        """Distributions of the total output length for rows of features (numpy forward of the
+        published weights), cut to (generated, max_tokens]."""
+        p = self._host
+        z = np.maximum(x @ p["w1"] + p["b1"], 0.0) @ p["w2"] + p["b2"]
+        z = np.exp(z - z.max(-1, keepdims=True))
+        out = []
+        for probs, cap, g in zip(z, max_tokens, generated or [0] * len(z)):
+            probs = probs.copy()
+            probs[(BIN_EDGES[:-1] > cap) | (BIN_EDGES[1:] <= g + 1)] = 0.0   # never past max_tokens, nor done already
+            total = probs.sum()
+            out.append(LengthPrediction(probs / total, at_tokens=g) if total > 0
+                       else LengthPrediction.point(max(cap, g + 1), at_tokens=g))
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        pairs = list(self._quality)
+        m = {"predictor_samples_total": float(self.samples_seen), "predictor_train_rounds_total": float(self.rounds),
+             "predictor_ready": float(self.ready), "predictor_scored": float(len(pairs)),
+             "predictor_upkeep_seconds_total": self.upkeep_seconds, "predictor_train_seconds_total": self.train_seconds,
+             "predictor_val_loss": self.val_loss}
+        if len(pairs) >= 10:
+            preds, true = [p for p, _ in pairs], [n for _, n in pairs]
+            m["predictor_kendall_tau"] = float(kendall_tau([p.mean() for p in preds], true))
+            m.update({f"predictor_{k}": float(v) for k, v in calibration(preds, true).items()})
+        return m
+
+    # -- training --------------------------------------------------------------------------
+    def _step(self, params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(_loss)(params, x, y)
+        updates, opt_state = self._opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    def train_round(self) -> float:
+        """`steps` updates on minibatches of the window's training part, then publish the
+        weights if they score better on its held-out part (every 5th request) than the ones
+        published: early stopping, since each round revisits the same window. Returns the
+        held-out loss of what is published."""
+        t0 = time.perf_counter()
+        with self._lock:
+            data = list(self.window)
+            self._new = 0
+        x = np.stack([d[0] for d in data])
+        y = np.asarray([d[1] for d in data], np.int32)
+        val = np.asarray([d[2] for d in data], bool)
+        tx, ty = (x[~val], y[~val]) if (~val).any() else (x, y)
+        for _ in range(self.steps):
+            idx = self._rng.integers(0, len(tx), size=self.batch)
+            self._params, self._opt_state, _ = self._update(self._params, self._opt_state, tx[idx], ty[idx])
+        vx, vy = (x[val], y[val]) if val.any() else (x, y)
+        loss = float(self._eval(self._params, vx, vy))
+        if self._best is None or loss <= float(self._eval(self._best, vx, vy)):
+            self._best = self._params
+            self._host = {k: np.asarray(v) for k, v in jax.device_get(self._params).items()}
+        else:                                        # worse on held-out requests: back to the published
+            self._params, self._opt_state = self._best, self._opt.init(self._best)
+            loss = float(self._eval(self._best, vx, vy))
+        self.val_loss = loss
+        self.rounds += 1
+        if self.rounds % 10 == 0:
+            self.save()
+        self.train_seconds += time.perf_counter() - t0
+        return loss
+
+    def _train_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not (self._new >= self.train_every or
+                                                (self._host is None and self.samples_seen >= self.min_samples
+                                                 and self._new > 0)):
+                    self._wake.wait()
+                if self._closed:
+                    return
+            try:
+                self.train_round()
+            except Exception:                       # never take the engine down with it
+                log.exception("length predictor training failed")
+                return
+
+    def _stop(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def close(self) -> None:
+        """Stop training and save."""
+        self._stop()
+        atexit.unregister(self._stop)
+        self.save()
+
+    # -- persistence -----------------------------------------------------------------------
+    def save(self) -> None:
+        if not self.path:
+            return
+        with self._lock:
+            data = list(self.window)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        params = {k: np.asarray(v) for k, v in jax.device_get(self._best if self._best is not None
+                                                              else self._params).items()}
+        tmp = self.path + f".{os.getpid()}.tmp.npz"
+        np.savez(tmp, fmt=_FORMAT, dim=self.feature_dim, bins=NUM_BINS, seen=self.samples_seen,
+                 x=np.stack([d[0] for d in data]) if data else np.zeros((0, self.feature_dim), np.float32),
+                 y=np.asarray([d[1] for d in data], np.int32), v=np.asarray([d[2] for d in data], bool),
+                 **{f"p_{k}": v for k, v in params.items()})
+        os.replace(tmp, self.path)
+
+    def _restore(self, path: str) -> None:
+        try:
+            with np.load(path) as f:
+                if int(f["fmt"]) != _FORMAT or int(f["dim"]) != self.feature_dim or int(f["bins"]) != NUM_BINS:
+                    return
+                self._params = {k: jnp.asarray(f[f"p_{k}"]) for k in ("w1", "b1", "w2", "b2")}
+                self._opt_state = self._opt.init(self._params)
+                self.window.extend(zip(list(f["x"]), [int(v) for v in f["y"]], [bool(v) for v in f["v"]]))
+                self.samples_seen = int(f["seen"])
+        except FileNotFoundError:
+            return
+        except Exception as e:                      # a torn or foreign file: start cold
+            log.warning("ignoring unreadable length predictor state %s: %s", path, e)
+            return
+        if len(self.window):
+            self._best = self._params
+            self._host = {k: np.asarray(v) for k, v in self._params.items()}
+
+
+def default_path(model_cfg, dtype: str) -> str | None:
+    """Where the predictor of this model is kept: $FASTSERVE_JAX_PREDICTOR_DIR, else beside the
+    compilation cache; None (not kept) when neither is set or the variable says "off"."""
+    root = os.environ.get("FASTSERVE_JAX_PREDICTOR_DIR")
+    if root is None and jax.config.jax_compilation_cache_dir:
+        root = os.path.join(os.path.dirname(os.path.abspath(jax.config.jax_compilation_cache_dir)), "predictor")
+    if not root or root == "off":
+        return None
+    key = hashlib.sha256(f"{model_cfg!r}/{dtype}/{_FORMAT}".encode()).hexdigest()[:24]
+    return os.path.join(root, f"{key}.npz")

@@ -1,0 +1,165 @@
+"""The output-length predictor (fastserve_jax/predictor.py) and the pooled hidden states it reads
+(sharding/pipeline.pooled_features)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from fastserve_jax.config import SamplingParams
+from fastserve_jax.length_prediction import BIN_EDGES, kendall_tau
+from fastserve_jax.models.attention import AttnBatch
+from fastserve_jax.predictor import EXTRA, LengthPredictor, featurize
+from fastserve_jax.request import Request
+from fastserve_jax.sharding.pipeline import pooled_features
+
+
+def test_pooled_features_average_each_sequence_and_take_its_last_token():
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(2, 4, 3)).astype(np.float32)          # 2 rows of 4 packed tokens
+    seg = np.array([[0, 0, 0, 1], [1, 1, -1, -1]], np.int32)   # seq 0: 3 tokens, seq 1: 3 tokens, padding
+    idx = np.array([2, 5, 0], np.int32)                        # last token of each (third row unused)
+    z = np.zeros((2, 4), np.int32)
+    out = np.asarray(pooled_features(jnp.asarray(h), AttnBatch(z, jnp.asarray(seg), z, None, None, None),
+                                     jnp.asarray(idx)))
+    flat = h.reshape(8, 3)
+    np.testing.assert_allclose(out[0], np.r_[flat[[0, 1, 2]].mean(0), flat[2]], rtol=1e-6)
+    np.testing.assert_allclose(out[1], np.r_[flat[[3, 4, 5]].mean(0), flat[5]], rtol=1e-6)
+    dec = np.asarray(pooled_features(jnp.asarray(h[:, :1]), AttnBatch(z[:, :1], z[:, :1], z[:, :1], None, None, None),
+                                     jnp.arange(2)))
+    np.testing.assert_allclose(dec, np.c_[h[:, 0], h[:, 0]])
+
+
+def _req(rid: str, n_out: int, max_tokens: int = 2000, reason: str = "stop") -> Request:
+    r = Request(rid, [1, 2, 3], SamplingParams(max_tokens=max_tokens), 0.0)
+    r.output_token_ids = [5] * n_out
+    r.finish_reason = reason
+    return r
+
+
+def _planted(rng, length: int, dim: int, noise: float) -> np.ndarray:
+    """A pooled row whose first coordinate carries log(length)."""
+    x = rng.normal(size=dim).astype(np.float32)
+    x[0] = np.log(length) + noise * rng.normal()
+    return x
+
+
+def _teach(p: LengthPredictor, rng, n: int, dim: int, noise: float = 0.1) -> None:
+    for i in range(n):
+        length = int(np.exp(rng.uniform(0, 6)))
+        req = _req(f"r{i}", 0)
+        p.on_features([req], {req.request_id: _planted(rng, max(length, 1), dim, noise)})
+        req.output_token_ids = [5] * max(length, 1)
+        p.on_finish(req)
+
+
+def test_the_head_learns_a_planted_length_signal_and_reports_its_quality(tmp_path):
+    dim, rng = 16, np.random.default_rng(0)
+    p = LengthPredictor(dim + EXTRA, min_samples=300, train_every=10**9, steps=100, path=str(tmp_path / "p.npz"))
+    _teach(p, rng, 300, dim)
+    assert not p.ready and p.samples_seen == 300
+    for _ in range(8):
+        p.train_round()
+    assert p.ready
+    _teach(p, rng, 200, dim)                    # predicted at prefill, scored at finish (out of sample)
+    m = p.metrics()
+    assert m["predictor_scored"] == 200 and m["predictor_kendall_tau"] > 0.6, m
+    assert 0.6 < m["predictor_coverage_80"] <= 1.0
+    # restart: the saved state predicts the same without training
+    p.close()
+    q = LengthPredictor(dim + EXTRA, min_samples=300, path=str(tmp_path / "p.npz"))
+    f = np.stack([featurize(_planted(rng, 50, dim, 0.0), 3, 2000)])
+    assert q.ready and q.samples_seen == 500
+    np.testing.assert_allclose(q.predict(f, [2000])[0].probs, p.predict(f, [2000])[0].probs, rtol=1e-5)
+    q.close()
+
+
+def test_predictions_respect_max_tokens_and_tokens_generated():
+    dim, rng = 8, np.random.default_rng(1)
+    p = LengthPredictor(dim + EXTRA, min_samples=50, train_every=10**9)
+    _teach(p, rng, 60, dim)
+    p.train_round()
+    x = np.stack([np.r_[rng.normal(size=dim), 0.1, 0.9, 0.0].astype(np.float32)] * 2)
+    capped, late = p.predict(x, [20, 2000], [0, 100])
+    assert capped.probs[BIN_EDGES[:-1] > 20].sum() == 0
+    assert late.probs[BIN_EDGES[1:] <= 101].sum() == 0 and late.at_tokens == 100
+    p.close()
+
+
+def test_window_is_bounded_aborts_are_not_learned_and_refresh_points_are_powers_of_two():
+    dim, rng = 4, np.random.default_rng(2)
+    p = LengthPredictor(dim + EXTRA, window=50, min_samples=10**9, train_every=10**9)
+    _teach(p, rng, 80, dim)
+    assert len(p.window) == 50 and p.samples_seen == 80
+    gone = _req("abort-me", 0, reason="abort")
+    p.on_features([gone], {"abort-me": rng.normal(size=2 * dim).astype(np.float32)})
+    p.on_finish(gone)
+    assert p.samples_seen == 80 and not p._pending
+    assert [g for g in range(200) if p.wants(_req("x", g))] == [0, 8, 16, 32, 64, 128]
+    p.close()
+
+
+def test_engine_hands_each_request_its_own_pooled_state():
+    """A prompt's prefill features do not depend on what it was packed with."""
+    from fastserve_jax import LLM
+
+    llm = LLM(max_num_seqs=8)
+    eng = llm.engine
+    got = {}
+
+    class Spy:
+        def wants(self, req):
+            return not req.output_token_ids
+
+        def on_features(self, requests, pooled):
+            for r in requests:
+                got.setdefault(r.prompt, []).append(pooled[r.request_id])
+
+        def on_finish(self, req):
+            pass
+
+    eng.predictor = Spy()
+    prompts = ["count from 3 to 12:", "count from 250 to 300:", "count from 7 to 9:"]
+    sp = SamplingParams(max_tokens=4, temperature=0)
+    llm.generate(prompts, sp)                       # packed together
+    for p in prompts:
+        llm.generate([p], sp)                       # alone
+    eng.predictor = None
+    for p in prompts:
+        packed, alone = got[p]
+        assert packed.shape == (2 * eng.model_cfg.hidden_size,)
+        np.testing.assert_allclose(packed, alone, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(got[prompts[0]][0], got[prompts[1]][0])
+
+
+def test_predictive_engine_learns_predicts_and_stays_exact(tmp_path, monkeypatch):
+    """scheduler="predictive": the engine's predictor learns from finished requests on its own
+    thread, then every new request gets a prediction at its first token; answers stay exact."""
+    import time
+
+    from fastserve_jax import LLM
+    from fastserve_jax.models import demo_task
+
+    monkeypatch.setenv("FASTSERVE_JAX_PREDICTOR_DIR", str(tmp_path))
+    llm = LLM(max_num_seqs=8, scheduler="predictive")
+    eng = llm.engine
+    p = eng.predictor
+    p.min_samples, p.train_every = 24, 8
+    rng = np.random.default_rng(0)
+    pairs = [demo_task.pair_for_output_len(int(n), rng) for n in rng.integers(2, 40, 48)]
+    sp = SamplingParams(max_tokens=64, temperature=0)
+    outs = llm.generate([demo_task.make_prompt(a, b) for a, b in pairs[:24]], sp)
+    deadline = time.monotonic() + 60
+    while not p.ready and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert p.ready and p.rounds >= 1
+    seen = []
+    finish = eng.predictor.on_finish
+    eng.predictor.on_finish = lambda req: (seen.append(req.length_prediction), finish(req))
+    outs += llm.generate([demo_task.make_prompt(a, b) for a, b in pairs[24:]], sp)
+    assert all(demo_task.check_answer(a, b, o.text) for (a, b), o in zip(pairs, outs))
+    assert len(seen) == 24 and all(s is not None for s in seen)
+    snap = eng.snapshot()
+    assert snap["predictor_samples_total"] == 48 and snap["predictor_scored"] == 24
+    eng.close()
+    assert list(tmp_path.glob("*.npz"))                    # saved for the next start
