@@ -4,6 +4,9 @@ with predictions of a chosen quality, plus its knobs at the boundary. No model, 
 from __future__ import annotations
 
 import json
+import pathlib
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -214,3 +217,15 @@ def test_simulate_cli_prediction_flags(small_trace, tmp_path, capsys):
             main(["simulate", "--trace", small_trace, "--load", "3", "--json", str(out)] + bad)
         assert e.value.code == 2
         assert "prediction" in capsys.readouterr().err
+
+
+def test_sweep_script_quick_mode(tmp_path):
+    root = pathlib.Path(__file__).resolve().parents[1]
+    if not (root.parent / "shared" / "traces" / "azure_conv_2023.csv").is_file():
+        pytest.skip("../shared/traces is not beside this checkout")
+    r = subprocess.run([sys.executable, str(root / "scripts" / "sweep_prediction.py"), "--out", str(tmp_path),
+                        "--quick", "--jobs", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "| predictive 0.55 |" in r.stdout and "## targets" in r.stdout
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(json.loads((tmp_path / "results.json").read_text())) == 7
