@@ -62,6 +62,10 @@ class NoisyLengthOracle:
             self.prior = self._snapshot()
             self.version += 1
 
+    def estimate(self, true_length: int, z: float) -> float:
+        """The noisy point estimate p = L exp(sigma z) behind a prediction."""
+        return true_length * math.exp(self.sigma * z)
+
     def predict(self, true_length: int, z: float, at_tokens: int = 1) -> LengthPrediction:
         """The prediction for a request of `true_length` tokens whose noise draw is `z`."""
         if self.sigma == 0.0:

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+from typing import Callable
 
 from fastserve_jax.slo import PAPER_SLOS, UNLOADED_SLO_FACTOR, parse_slo_pair
 
@@ -59,7 +60,15 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--base-quantum", type=float, default=None, help="seconds (SchedulerConfig.base_quantum)")
     p.add_argument("--quantum-ratio", type=float, default=None)
     p.add_argument("--starvation-threshold", type=float, default=None, help="seconds; 0 disables promotion")
-    p.add_argument("--seed", type=int, default=0, help="seed of the arrival process")
+    pred = p.add_mutually_exclusive_group()
+    pred.add_argument("--prediction-sigma", type=_sigma, metavar="SIGMA",
+                      help="simulate output-length predictions: log-normal noise of this sigma on the true length "
+                           "(0 = exact), turned into calibrated distributions (fastserve_jax/sim_prediction.py); "
+                           "--policy predictive needs this or --prediction-tau")
+    pred.add_argument("--prediction-tau", type=_tau, metavar="TAU",
+                      help="simulate predictions whose Kendall's tau with the true lengths is TAU, in (0, 1] "
+                           "(learned predictors report 0.5-0.6; 1 = exact)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrival process and the prediction noise")
     p.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes")
     p.add_argument("--json", required=True, metavar="OUT", help="where to write the results")
     p.add_argument("--plot", metavar="OUT.png", help="latency against request rate, one curve per policy")
@@ -76,14 +85,22 @@ def _slo_pair(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = 0.0
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return v
+def _number(ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
+    """An argparse type: a float for which ok() holds, else an error that says `what` it must be."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = math.nan
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return v
+    return parse
+
+
+_positive_seconds = _number(lambda v: math.isfinite(v) and v > 0, "a positive number of seconds")
+_sigma = _number(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = exact lengths)")
+_tau = _number(lambda v: 0 < v <= 1, "a Kendall's tau in (0, 1] (1 = exact lengths)")
 
 
 def add_slo_args(p: argparse.ArgumentParser, latency_default: str) -> None:
@@ -148,8 +165,12 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         trace, timed = load_trace(a.trace, a.num_requests)
         knobs = {k: v for k, v in (("base_quantum", a.base_quantum), ("quantum_ratio", a.quantum_ratio),
                                    ("starvation_threshold", a.starvation_threshold)) if v is not None}
+        if "predictive" in (a.policy or ()) and a.prediction_sigma is None and a.prediction_tau is None:
+            raise ValueError("--policy predictive ranks by predicted output lengths: give --prediction-tau "
+                             "(e.g. 0.55, like learned predictors) or --prediction-sigma (e.g. 0.8)")
         cfg = SimConfig(a.max_num_seqs, a.max_num_batched_tokens, a.block_size, a.kv_capacity_tokens,
-                        dataclasses.replace(SchedulerConfig(), **knobs), a.host_kv_capacity_tokens, a.swap_policy)
+                        dataclasses.replace(SchedulerConfig(), **knobs), a.host_kv_capacity_tokens, a.swap_policy,
+                        prediction_sigma=a.prediction_sigma, prediction_tau=a.prediction_tau, prediction_seed=a.seed)
         if a.host_kv_capacity_tokens and a.swap_policy != "recompute":
             cost.swap_time(1)                    # the transfer-time model must be there
         blocks = cfg.num_blocks(cost)
@@ -191,10 +212,11 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         swaps = (f" swapped out {m['swap_blocks_out']} blocks, stall {m['swap_stall_seconds']:.1f}s"
                  if m['swap_blocks_out'] else "")
         slo = "/".join(f"{100 * s['attained']:.0f}" for s in m["slo_attainment"])
+        pred = f"  prediction tau {m['prediction_kendall_tau']:.2f}" if "prediction_kendall_tau" in m else ""
         print(f"{job[1]:>15} offered {m['offered_rps'] or 0:.3f} served {m['throughput_rps']:.3f} req/s "
               f"load {m['load'] or 0:.2f}  jct {m['mean_jct']:.2f}s p99 {m['p99_jct']:.2f}s  "
               f"latency/token {m['mean_latency_per_token'] * 1e3:.1f}ms  ttft {m['mean_ttft']:.2f}s  slo {slo}%  "
-              f"recomputed {m['preemptions']}{swaps}", file=sys.stderr)
+              f"recomputed {m['preemptions']}{swaps}{pred}", file=sys.stderr)
         out.setdefault(job[1], []).append(m)
     if len(points) == 1:
         out = {p: ms[0] for p, ms in out.items()}

@@ -72,6 +72,17 @@ def test_swapping_policies_keep_fcfs_throughput_and_bound_stall(policy, memory, 
     assert stall(m) <= MAX_STALL_FRACTION + 0.01, stall(m)
 
 
+@pytest.mark.parametrize("swap", ["proactive", "reactive", "recompute"])
+@pytest.mark.parametrize("memory,load", [(BURST, 3.0), (TIGHT, 0.95)])
+def test_predictive_keeps_fcfs_throughput_and_bounds_stall(memory, load, swap):
+    """The predictive policy (predictions of Kendall's tau 0.55) on the same footing."""
+    cfg = SimConfig(16, 2048, 16, swap_policy=swap, prediction_tau=0.55, **memory)
+    trace = chat_like(160 if memory is BURST else 120)
+    base, m = run(trace, "fcfs", cfg, load), run(trace, "predictive", cfg, load)
+    assert m["throughput_rps"] >= 0.95 * base["throughput_rps"], (m["throughput_rps"], base["throughput_rps"])
+    assert stall(m) <= MAX_STALL_FRACTION + 0.01, stall(m)
+
+
 @pytest.mark.parametrize("policy", ["skip-join-mlfq", "gittins"])
 def test_recomputation_keeps_fcfs_throughput(policy):
     cfg = SimConfig(16, 2048, 16, swap_policy="recompute", kv_capacity_tokens=16384)
