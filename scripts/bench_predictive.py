@@ -119,7 +119,7 @@ def main() -> int:
 
     t0 = time.monotonic()
     os.environ["FASTSERVE_JAX_PREDICTOR_DIR"] = tempfile.mkdtemp(prefix="fsj-predictor-")   # start cold
-    argv = ["--max-num-seqs", str(a.max_num_seqs), "--max-num-batched-tokens", "512"]
+    argv = ["--max-num-seqs", str(a.max_num_seqs), "--max-num-batched-tokens", "512", "--warmup", "full"]
     rng = np.random.default_rng(a.seed)
     prelude, work, probe = workload(a.train_requests, rng), workload(a.num_requests, rng), workload(64, rng)
     llm = LLM(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=512, scheduler="fcfs")
