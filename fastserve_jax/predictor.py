@@ -11,7 +11,9 @@ layer-normalised, plus log prompt length and log max_tokens.
     total-output-length bins (length_prediction.BIN_EDGES), cut at max_tokens
 
 Training: every finished request (not aborted) adds (features, its output length) to a
-replay window of the last `window` feature rows; every 5th request is held out. Every `train_every` new samples a background
+replay window of the last `window` feature rows; every 5th request is held out. The
+training thread takes at most `train_budget` (2%) of the wall clock: after a round it
+rests 49 times as long as the round took. Every `train_every` new samples a background
 thread runs `steps` jitted AdamW updates of (neighbour-smoothed) cross-entropy on minibatches of the window, then
 publishes a host (numpy) copy of the weights; the engine thread only runs that numpy
 forward, so training never sits on the iteration's critical path. Predictions start once
@@ -54,12 +56,13 @@ def _norm(x: np.ndarray) -> np.ndarray:
 EXTRA = 3      # scalar features after the pooled state
 
 
-def featurize(pooled: np.ndarray, prompt_len: int, max_tokens: int, generated: int = 0) -> np.ndarray:
-    """(2H,) pooled state (mean | last token) -> the head's input."""
+def featurize(pooled: np.ndarray, prompt_len, max_tokens, generated=0) -> np.ndarray:
+    """(..., 2H) pooled states (mean | last token) -> the head's input rows; the scalars
+    broadcast over the leading dimension."""
     half = pooled.shape[-1] // 2
-    return np.concatenate([_norm(pooled[:half]), _norm(pooled[half:]),
-                           [np.log1p(prompt_len) / 8.0, np.log1p(max_tokens) / 8.0,
-                            np.log1p(generated) / 8.0]]).astype(np.float32)
+    lead = pooled.shape[:-1]
+    scal = np.log1p(np.stack(np.broadcast_arrays(prompt_len, max_tokens, generated), -1).reshape(*lead, 3)) / 8.0
+    return np.concatenate([_norm(pooled[..., :half]), _norm(pooled[..., half:]), scal], -1).astype(np.float32)
 
 
 def _init(dim: int, seed: int) -> dict:
@@ -82,8 +85,8 @@ def _loss(p, x, y):
 
 class LengthPredictor:
     def __init__(self, feature_dim: int, *, window: int = 4096, min_samples: int = 200, train_every: int = 32,
-                 steps: int = 60, batch: int = 128, lr: float = 3e-3, seed: int = 0, path: str | None = None,
-                 refine: bool = True) -> None:
+                 steps: int = 40, batch: int = 128, lr: float = 3e-3, seed: int = 0, path: str | None = None,
+                 refine: bool = True, train_budget: float = 0.02) -> None:
         self.feature_dim, self.min_samples, self.train_every = feature_dim, min_samples, train_every
         self.steps, self.batch = steps, batch
         self.path = path
@@ -94,6 +97,7 @@ class LengthPredictor:
         self._host: dict[str, np.ndarray] | None = None       # published weights (numpy)
         self._rng = np.random.default_rng(seed)
         self.refine = refine
+        self.train_budget = train_budget
         self._pending: dict[str, list[np.ndarray]] = {}         # request id -> its features, until it finishes
         self._first: dict[str, LengthPrediction] = {}           # request id -> the prediction at its prefill
         self._quality: deque[tuple[LengthPrediction, int]] = deque(maxlen=512)
@@ -132,12 +136,15 @@ class LengthPredictor:
         scheduler re-ranks them."""
         t0 = time.perf_counter()
         todo = [r for r in requests if r.request_id in pooled]
+        if not todo:
+            return
         gen = [len(r.output_token_ids) for r in todo]
-        xs = [featurize(pooled[r.request_id], r.num_prompt_tokens, r.sampling.max_tokens, g) for r, g in zip(todo, gen)]
+        caps = [r.sampling.max_tokens for r in todo]
+        xs = featurize(np.stack([pooled[r.request_id] for r in todo]), [r.num_prompt_tokens for r in todo], caps, gen)
         for r, x in zip(todo, xs):
             self._pending.setdefault(r.request_id, []).append(x)
-        if xs and self.ready:
-            for r, g, pred in zip(todo, gen, self.predict(np.stack(xs), [r.sampling.max_tokens for r in todo], gen)):
+        if self.ready:
+            for r, g, pred in zip(todo, gen, self.predict(xs, caps, gen)):
                 r.length_prediction = pred
                 if g == 0:
                     self._first[r.request_id] = pred
@@ -226,19 +233,26 @@ class LengthPredictor:
         return loss
 
     def _train_loop(self) -> None:
+        rest = 0.0
         while True:
             with self._lock:
-                while not self._closed and not (self._new >= self.train_every or
-                                                (self._host is None and self.samples_seen >= self.min_samples
-                                                 and self._new > 0)):
-                    self._wake.wait()
+                deadline = time.monotonic() + rest
+                while not self._closed and (time.monotonic() < deadline or not (
+                        self._new >= self.train_every or
+                        (self._host is None and self.samples_seen >= self.min_samples and self._new > 0))):
+                    self._wake.wait(max(0.0, deadline - time.monotonic()) or None)
                 if self._closed:
                     return
             try:
+                first = self.rounds == 0
+                t0 = time.perf_counter()
                 self.train_round()
             except Exception:                       # never take the engine down with it
                 log.exception("length predictor training failed")
                 return
+            # the budget: training takes at most `train_budget` of the wall clock (the first
+            # round, which compiles the update, does not count)
+            rest = 0.0 if first else (time.perf_counter() - t0) * (1 / self.train_budget - 1)
 
     def _stop(self) -> None:
         with self._lock:
