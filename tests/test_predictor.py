@@ -95,6 +95,8 @@ def test_window_is_bounded_aborts_are_not_learned_and_refresh_points_are_powers_
     p.on_features([gone], {"abort-me": rng.normal(size=2 * dim).astype(np.float32)})
     p.on_finish(gone)
     assert p.samples_seen == 80 and not p._pending
+    assert [g for g in range(200) if p.wants(_req("x", g))] == [0]
+    p.refine = True
     assert [g for g in range(200) if p.wants(_req("x", g))] == [0, 8, 16, 32, 64, 128]
     p.close()
 
