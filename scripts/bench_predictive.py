@@ -3,8 +3,8 @@
 Four policies, each in a fresh `fastserve-jax serve` with the bundled demo model, in
 interleaved rounds (skip-join-mlfq, predictive, fcfs, srpt, then again):
 
-1. a prelude of --train-requests counting prompts, all sent at once: the predictive server's
-   length predictor learns from them (it needs 200 finished requests before it predicts);
+1. a prelude of --train-requests counting prompts from 64 clients in a closed loop: the
+   predictive server's length predictor learns from them (it needs 200 finished requests before it predicts);
    every server gets the same prelude so that they start the burst alike;
 2. the measured burst: --num-requests prompts with Poisson arrivals at --overload times the
    capacity a probe measures (fcfs, max-num-seqs clients in a closed loop), lasting at least
@@ -46,6 +46,7 @@ from fastserve_jax.serve.bench_cmd import (DEMO_MAX_TOKENS, LaunchedServer, answ
 from fastserve_jax.workload import TraceRequest, with_arrivals  # noqa: E402
 
 POLICIES = ("skip-join-mlfq", "predictive", "fcfs", "srpt")
+PRELUDE_CLIENTS = 64         # a closed loop, within the server's admission queue
 FIGURES = [("throughput_rps", "served req/s", 1), ("e2e_mean", "JCT mean s", 1), ("e2e_p99", "JCT p99 s", 1),
            ("mean_latency_per_token", "ms per token", 1e3)]
 
@@ -80,8 +81,8 @@ def serve(policy: str, argv: list[str], prelude: list, work: list, arrivals: lis
     server = LaunchedServer(policy, argv)
     try:
         server.wait_ready()
-        bad = answer_problems(asyncio.run(bench_client.run_load(server.url, [w[0] for w in prelude])), prelude,
-                              "prelude")
+        bad = answer_problems(asyncio.run(bench_client.run_load(server.url, [w[0] for w in prelude], None,
+                                                                 PRELUDE_CLIENTS)), prelude, "prelude")
         text = asyncio.run(bench_client.request(server.url, "GET", "/metrics"))[2].decode()
         busy0 = metric(text, "fastserve_busy_seconds_total")
         results = asyncio.run(bench_client.run_load(server.url, [w[0] for w in work], arrivals, concurrency))
@@ -107,7 +108,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--train-requests", type=int, default=260)
-    ap.add_argument("--num-requests", type=int, default=1500, help="the most the burst may use (it takes "
+    ap.add_argument("--num-requests", type=int, default=4000, help="the most the burst may use (it takes "
                     "overload x capacity x min-seconds)")
     ap.add_argument("--overload", type=float, default=1.5, help="arrival rate over the probed capacity")
     ap.add_argument("--min-seconds", type=float, default=30.0, help="the burst's arrivals span at least this")
@@ -119,7 +120,8 @@ def main() -> int:
 
     t0 = time.monotonic()
     os.environ["FASTSERVE_JAX_PREDICTOR_DIR"] = tempfile.mkdtemp(prefix="fsj-predictor-")   # start cold
-    argv = ["--max-num-seqs", str(a.max_num_seqs), "--max-num-batched-tokens", "512", "--warmup", "full"]
+    argv = ["--max-num-seqs", str(a.max_num_seqs), "--max-num-batched-tokens", "512", "--warmup", "full",
+            "--max-pending", "8192"]                     # the burst's backlog must not be turned away
     rng = np.random.default_rng(a.seed)
     prelude, work, probe = workload(a.train_requests, rng), workload(a.num_requests, rng), workload(64, rng)
     llm = LLM(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=512, scheduler="fcfs")
