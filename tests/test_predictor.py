@@ -165,3 +165,26 @@ def test_predictive_engine_learns_predicts_and_stays_exact(tmp_path, monkeypatch
     assert snap["predictor_samples_total"] == 48 and snap["predictor_scored"] == 24
     eng.close()
     assert list(tmp_path.glob("*.npz"))                    # saved for the next start
+
+
+def test_prometheus_exports_the_predictors_figures():
+    """/metrics carries every predictor_* figure of the engine snapshot: counters as _total,
+    the rest as gauges (serve/prometheus.py)."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from fastserve_jax.kv_cache import KVManager
+    from fastserve_jax.scheduler import Limits, make_scheduler
+    from fastserve_jax.serve.prometheus import _EngineCollector
+    from fastserve_jax.stats import EngineStats, snapshot
+
+    kv = KVManager(16, 8, 0)
+    snap = snapshot(EngineStats(), {}, set(), kv, make_scheduler("fcfs", Limits(4, 64), kv))
+    snap.update({"predictor_samples_total": 250.0, "predictor_kendall_tau": 0.42, "predictor_coverage_80": 0.8})
+    engine = SimpleNamespace(health=SimpleNamespace(ready=True, faults_total=0), stopped=False, num_pending=0)
+    reg = CollectorRegistry()
+    reg.register(_EngineCollector(SimpleNamespace(snapshot=snap, engine=engine)))
+    text = generate_latest(reg).decode()
+    assert "fastserve_predictor_samples_total 250.0" in text
+    assert "fastserve_predictor_kendall_tau 0.42" in text and "fastserve_predictor_coverage_80 0.8" in text
