@@ -184,7 +184,7 @@ class EngineConfig:
       to the smallest r * nb past the fraction (`min_launch_blocks`, set by `resolve` from
       the model's weight and KV-block bytes). With 1/8, a 16 GB 8B model at 128 sequences
       compiles 50 launch shapes instead of 104; the demo model, whose KV outweighs its
-      weights, keeps 70 of 71. None (the default) means 1/8 on GPU and TPU and 0 (every
+      weights, keeps 68 of 71. None (the default) means 1/8 on GPU and TPU and 0 (every
       block bucket) on CPU: there the reference path's block gather costs far more per byte
       than streaming weights, and scripts/bench_buckets.py measured a random llama-125m's
       batch-1 decode at 27 ms with 4 blocks against 73 ms padded to 128 (2026-12-01, 2-core

@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fastserve_jax.length_prediction import BIN_EDGES, NUM_BINS, LengthPrediction, calibration, kendall_tau
+from fastserve_jax.length_prediction import (BIN_EDGES, NUM_BINS, LengthPrediction, calibration, kendall_tau,
+                                             length_to_bin)
 
 log = logging.getLogger(__name__)
 _FORMAT = 2
@@ -161,7 +162,7 @@ class LengthPredictor:
         if xs and req.finish_reason != "abort" and n > 0:
             if first is not None:
                 self._quality.append((first, n))
-            label = int(np.clip(np.searchsorted(BIN_EDGES, n, side="right") - 1, 0, NUM_BINS - 1))
+            label = length_to_bin(n)
             with self._lock:
                 held_out = self.samples_seen % 5 == 4           # a request's points stay on one side
                 self.window.extend((x, label, held_out) for x in xs)

@@ -113,6 +113,9 @@ class LaunchBuilder:
         self.cfg = cfg
         self.bs = cfg.block_size
         self.ready: Callable[[LaunchKey], bool] | None = None
+        # the most blocks a decode row gathers (one sequence of max_model_len)
+        self.decode_top = bucket(cfg.max_blocks_per_seq, cfg.block_buckets)
+        self._floors: dict[int, int] = {}          # rows -> floor (see `floor`)
 
     def _fit(self, exact: LaunchKey, size: int) -> LaunchKey | None:
         """`exact` if ready (or nothing is checked), else the cheapest ready key of its kind
@@ -133,17 +136,15 @@ class LaunchBuilder:
                  if nb >= self.floor(self.prefill_shape(t)[0])]
         return keys
 
-    @property
-    def decode_top(self) -> int:
-        """The most blocks a decode row gathers (one sequence of max_model_len)."""
-        return bucket(self.cfg.max_blocks_per_seq, self.cfg.block_buckets)
-
     def floor(self, rows: int, decode: bool = False) -> int:
         """The fewest blocks per row a launch of `rows` rows compiles with: the largest bucket
-        whose KV reads stay within min_launch_blocks (EngineConfig.launch_kv_fraction)."""
-        c = self.cfg
-        under = [b for b in c.block_buckets if rows * b <= c.min_launch_blocks]
-        low = under[-1] if under else c.block_buckets[0]
+        whose KV reads stay within min_launch_blocks (EngineConfig.launch_kv_fraction).
+        Memoised: the builder asks for every launch it assembles."""
+        low = self._floors.get(rows)
+        if low is None:
+            c = self.cfg
+            under = [b for b in c.block_buckets if rows * b <= c.min_launch_blocks]
+            low = self._floors[rows] = under[-1] if under else c.block_buckets[0]
         return min(low, self.decode_top) if decode else low
 
     def blocks_bucket(self, rows: int, blocks: int, decode: bool = False) -> int:
