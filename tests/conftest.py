@@ -10,7 +10,7 @@ import tempfile
 
 # XLA:CPU's backend optimisation level 0 compiles the suite's hundreds of tiny executables
 # faster: the default suite took 376 s on 2 cores with the default level and
-# 302-349 s with 0, every test passing both ways. It changes LLVM's code generation, not
+# 276-349 s with 0 (three runs), every test passing both ways. It changes LLVM's code generation, not
 # what is computed; a flag the caller set wins. Benchmarks never run under this conftest.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
