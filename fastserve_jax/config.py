@@ -89,8 +89,11 @@ class SchedulerConfig:
       the top queue (0 disables promotion).
     - gittins_*: the Gittins policy learns output lengths from the last `gittins_window`
       finished requests of each prompt-length bucket (edges in tokens; () = one bucket),
-      recomputes its index tables every `gittins_refresh` finishes, and behaves like
-      skip-join MLFQ until `gittins_min_samples` requests have finished.
+      and from the running ones as censored lengths; it recomputes its index tables every
+      `gittins_refresh` finishes, and behaves like skip-join MLFQ until
+      `gittins_min_samples` requests have finished. Refreshing every 10 finishes rather
+      than 50 lets the estimate follow the running requests as they age: in a 1.5x burst
+      on the Azure trace, mean JCT 40.6 s against 49.2 s (fcfs: 37.7 s).
     - predictive_*: the predictive policy (scheduler/predictive.py; the measurements behind
       each default are in docs/scheduling.md, "Predicted output lengths").
       predictive_objective: what its Gittins index minimises, "latency_per_token" (mean of
@@ -116,7 +119,7 @@ class SchedulerConfig:
     starvation_threshold: float = 10.0
     gittins_window: int = 2000
     gittins_min_samples: int = 50
-    gittins_refresh: int = 50
+    gittins_refresh: int = 10
     gittins_bucket_edges: tuple[int, ...] = ()
     predictive_max_paused: int = 256
     predictive_objective: str = "latency_per_token"

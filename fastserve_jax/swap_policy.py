@@ -88,6 +88,7 @@ class SwapPolicy:
         """Before each schedule(): where evicted KV goes, and how many host blocks the step may
         wait for (the stall budget, see `stall_credit`)."""
         scheduler.swap_on_evict = self.swaps
+        scheduler.start_on_host = self.swaps and self.name == "proactive"
         budget = None                       # no bound (no swapping, or copy speed unknown)
         if self.swaps and self.stall_credit <= 0:
             budget = -1                     # the stall budget is spent: nothing on demand

@@ -242,6 +242,22 @@ def test_gittins_table_sweep_equals_the_definition(lengths):
         assert table.index(a, p) == pytest.approx(want_p, rel=1e-9)
 
 
+def test_gittins_table_counts_running_requests_as_censored_lengths():
+    """Kaplan-Meier: 200 jobs of lengths 1..100 all started together, seen when the survivors
+    have 40 tokens. The finished ones alone say every job ends by 40; with the 120 running ones
+    counted as needing more than 40, P(X <= t) is exact up to 40 and the rest sits at 41."""
+    lengths = [1 + i % 100 for i in range(200)]
+    done = [x for x in lengths if x <= 40]
+    running = [40] * (len(lengths) - len(done))
+    naive, km = GittinsTable(done), GittinsTable(done, running)
+    assert naive.F[40] == pytest.approx(1.0) and naive.max_len == 40
+    for t in (1, 17, 40):
+        assert km.F[t] == pytest.approx(sum(x <= t for x in lengths) / len(lengths))
+    assert km.max_len == 41 and km.F[41] == pytest.approx(1.0)
+    assert km.index(40) > naive.index(40)              # a 40-token job is not taken for one past all history
+    assert GittinsTable(done, [0] * 5).F == pytest.approx(naive.F)      # not started: no information
+
+
 def test_gittins_behaves_like_skip_join_until_it_has_history_then_learns():
     cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=0, gittins_min_samples=3,
                           gittins_refresh=2)

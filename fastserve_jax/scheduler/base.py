@@ -82,6 +82,9 @@ class Scheduler(ABC):
         # Host blocks the next step may wait for (swap-ins on demand); None: no bound. The swap
         # policy sets it each iteration from its stall budget (swap_policy.SwapPolicy.configure).
         self.swap_in_blocks: int | None = None
+        # True: host KV comes back ahead of need (proactive swapping), so new requests may
+        # start on the strength of the host pool and push paused KV there (batch.fill_batch).
+        self.start_on_host = False
 
     @abstractmethod
     def add(self, req: Request) -> None:

@@ -11,15 +11,14 @@ while low-priority requests sit on it. Then:
   `evict` moves their KV to the host pool while it has room (swap_on_evict), else drops it
   for recomputation;
 - a request without KV (new, or dropped earlier) starts only if its whole context fits (a
-  start that must later evict for its own prefill lets MLFQ rotate partial prefills forever);
-  it evicts only to the host pool, never by
-  dropping KV (dropping work already done to start a new request makes the two chase each
-  other, and bounds nothing when more requests start than the pools hold); with
-  recomputation only, it starts only if its chunk fits in the free blocks. Requests start
-  only while all started requests' KV stays within a bound (see below).
-  After the first
-  one that does not fit, no other request without KV starts in this iteration (it would
-  overtake a better-ranked one, and the walk stays short).
+  start that must later evict for its own prefill lets MLFQ rotate partial prefills forever).
+  With proactive swapping (`start_on_host`) it may evict paused requests to the host pool,
+  never by dropping KV (dropping work already done to start a new request makes the two
+  chase each other, and bounds nothing when more requests start than the pools hold);
+  otherwise it starts only into free blocks. Requests start only while all started
+  requests' KV stays within a bound (see below). After the first one that does not fit, no
+  other request without KV starts in this iteration (it would overtake a better-ranked
+  one, and the walk stays short).
 
 Requests in flight (pipeline mode: in a batch dispatched but not collected yet) are neither
 scheduled nor evicted.
@@ -39,6 +38,9 @@ from fastserve_jax.scheduler.base import Limits, Plan, ScheduledRequest
 
 
 DECODE_LOOKAHEAD = 4    # after the budget runs out, look this many batches further for decodes
+# Started requests' KV stays this fraction of the device pool below its size, room for the
+# running ones to grow before they evict paused ones (see fill_batch's start bound).
+START_HEADROOM = 1 / 16
 
 
 def evict(plan: Plan, victim: Request, kv: KVManager, swap: bool) -> int:
@@ -57,7 +59,8 @@ def evict(plan: Plan, victim: Request, kv: KVManager, swap: bool) -> int:
 
 
 def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], limits: Limits,
-               kv: KVManager, swap: bool = False, swap_in_blocks: int | None = None) -> Plan:
+               kv: KVManager, swap: bool = False, swap_in_blocks: int | None = None,
+               start_on_host: bool = False) -> Plan:
     """The next plan. `worst_first` is consumed lazily, only when a request must evict;
     it must list the same requests as `best_first` in reverse priority order. `swap`: evicted
     KV goes to the host pool while it has room (see `evict`). `swap_in_blocks` bounds the
@@ -65,7 +68,12 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     host comes back on demand if it fits in the free blocks, or if its blocks fit what is left
     of the bound (it then takes others' device blocks: rotation, where thrashing lives).
     Otherwise it is passed over, a lower-ranked resident one runs instead, and the swap policy
-    brings it back ahead of need; it is taken anyway when nothing else can run."""
+    brings it back ahead of need; it is taken anyway when nothing else can run.
+    `start_on_host`: the swap policy brings host KV back ahead of need (proactive), so new
+    requests may start past the device pool, up to one more device pool's worth of host
+    blocks, moving paused KV to the host to make room. Without it (recompute, reactive:
+    there host KV returns only on demand, through the stall budget) started KV stays within
+    the device pool and a new request starts only into free blocks."""
     plan = Plan()
     budget = limits.max_num_batched_tokens
     free = kv.num_free_blocks
@@ -74,14 +82,22 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     victims = None                    # iterator over worst_first, shared by all evictions
     victims_done = False
     held_back = None                  # a victim taken from `victims` but not evicted yet
-    # Requests start only while the KV of all started ones fits in 7/8 of the device pool plus
-    # at most one device pool's worth of host blocks (none without swapping). Beyond that the
-    # policy rotates through more KV than the pools hold and every switch is a swap or a
-    # recomputation (Azure trace near capacity with the whole host pool open: throughput fell
-    # to 1/5; without the bound under recompute, 0.88x fcfs's at 3x). 7/8 rather than 3/4: the
-    # chat-like 3x burst with 16k tokens of device KV served 0.97x fcfs's against 0.94x.
+    # Requests start only while the KV of all started ones fits in the device pool less
+    # START_HEADROOM, plus at most one device pool's worth of host blocks when the swap policy
+    # brings them back ahead of need. Beyond that the policy rotates through more KV than the
+    # pools hold and every switch is a swap or a recomputation (Azure trace near capacity with
+    # the whole host pool open: throughput fell to 1/5; with no headroom under recompute,
+    # skip-join served 0.88x fcfs's in a 3x Azure burst and recomputed 245k tokens).
+    # The headroom is 1/16 rather than 1/8: with a tenth of OPT-13B's KV the pool holds a
+    # few requests, and 1/8 of it idle cost 6-8% of throughput against fcfs, which keeps no
+    # headroom (code completion, 3x burst: 0.94x with 1/8, 0.98x with 1/16). Host KV counts
+    # only for proactive swapping: with reactive swapping, new requests that pushed paused
+    # KV to the host left it there, returning only through the stall budget, and the batch
+    # ran two-thirds full (code completion, 3x burst: 0.88x fcfs's throughput).
     started = kv.num_used_blocks + kv.num_host_used_blocks
-    start_limit = kv.num_usable_blocks * 7 // 8 + min(kv.num_host_blocks, kv.num_usable_blocks)
+    start_limit = kv.num_usable_blocks - int(kv.num_usable_blocks * START_HEADROOM)
+    if start_on_host:
+        start_limit += min(kv.num_host_blocks, kv.num_usable_blocks)
     admit_new = True
     fallback = None                   # the best host request passed over for swap_in_blocks
     donors: list[int] = []            # plan.scheduled indices of prefill chunks of > 1 token
@@ -121,7 +137,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
         if not holds and started and started + fit > start_limit:      # alone, anything admitted fits
             admit_new = False
             continue
-        if fit > free and (holds or swap) and not victims_done:
+        if fit > free and (holds or (swap and start_on_host)) and not victims_done:
             if victims is None:
                 victims = iter(worst_first)
             while fit > free:

@@ -4,7 +4,8 @@ MLFQ bets that output lengths are heavy-tailed (a job that has run long will run
 and loses to FCFS when they are not; the Gittins index is the optimal non-anticipating
 policy for mean response time in both regimes, given the length distribution. This policy
 learns that distribution from finished requests (a sliding window per prompt-length
-bucket, see learned.py and SchedulerConfig.gittins_*), ranks every live request by its
+bucket, see learned.py and SchedulerConfig.gittins_*) and the running ones (censored:
+Kaplan-Meier, see gittins_table.py), ranks every live request by its
 index at the tokens it has generated (gittins_table.py), and runs the highest first. Until
 `gittins_min_samples` requests have finished it is skip-join MLFQ; then the live requests
 move over, keeping their KV.
@@ -29,7 +30,10 @@ class GittinsScheduler(LearnedLengthPolicy):
         return -table.index(len(req.output_token_ids), self.meter.prefill_slots(req))
 
     def learn(self) -> None:
-        """Rebuild the index tables from the history; a bucket with too little uses the pool."""
+        """Rebuild the index tables from the history and the running requests (censored, see
+        gittins_table); a bucket with too few finished requests uses the pool."""
         c = self.config
-        pooled = GittinsTable(self.pooled)
-        self.tables = [GittinsTable(h) if len(h) >= c.gittins_min_samples else pooled for h in self.history]
+        running = self.running_ages()
+        pooled = GittinsTable(self.pooled, [a for ages in running for a in ages])
+        self.tables = [GittinsTable(h, r) if len(h) >= c.gittins_min_samples else pooled
+                       for h, r in zip(self.history, running)]

@@ -14,6 +14,14 @@ Only b at support points of X can attain the max; the table for all ages is one 
 sweep (see `_all_ages`). Ages past the largest observed length
 have no data; there the index is 1 / (a + 1 + p), as if the job would run as long again as
 it has (the Lindy guess), which ranks such jobs below nearly all others.
+
+Censored observations: the requests still running have generated c tokens and are known only
+to need more (X > c). Learning from the finished ones alone is biased short whenever the
+long ones are still running, worst early in an overload burst, when only the short ones
+have finished. The distribution is then the Kaplan-Meier estimate over both; the mass it
+leaves past the largest observation sits one token past the oldest running request. (In a
+400-request 3x burst on the Azure trace, gittins learned from finished requests alone had a
+mean JCT 1.28x fcfs's; with the true distribution, 0.83x.)
 """
 
 from __future__ import annotations
@@ -23,19 +31,36 @@ from typing import Sequence
 import numpy as np
 
 
+def kaplan_meier_pmf(lengths: np.ndarray, censored: np.ndarray) -> np.ndarray:
+    """(m+1,) P(X = t) from finished `lengths` and running requests known to exceed `censored`
+    (ages >= 0); the mass left past the largest observation goes to t = max(censored) + 1
+    when a running request is older than every finished one."""
+    m = int(max(lengths.max(), censored.max() + 1 if censored.size else 0))
+    events = np.bincount(lengths, minlength=m + 1).astype(np.float64)          # (m+1,) finished at t
+    exits = np.bincount(censored[censored > 0], minlength=m + 1)[: m + 1]      # (m+1,) at risk through t, not after
+    # at risk at t: finished at >= t, or running with more than t - 1 tokens (censored at >= t)
+    at_risk = np.cumsum((events + exits)[::-1])[::-1]
+    hazard = np.divide(events, at_risk, out=np.zeros_like(events), where=at_risk > 0)
+    surv = np.cumprod(1.0 - hazard)                                            # (m+1,) P(X > t)
+    pmf = np.concatenate([[1.0], surv[:-1]]) - surv
+    pmf[m] += surv[m]                            # the unobserved tail (0 unless censored past every length)
+    return pmf
+
+
 class GittinsTable:
-    def __init__(self, lengths: Sequence[int]) -> None:
+    def __init__(self, lengths: Sequence[int], censored: Sequence[int] = ()) -> None:
         x = np.asarray(lengths, np.int64)
         if x.size == 0 or x.min() < 1:
             raise ValueError("a Gittins table needs at least one output length, all >= 1")
-        m = int(x.max())
-        pmf = np.bincount(x, minlength=m + 1) / x.size          # (m+1,) P(X = t)
+        c = np.asarray(censored, np.int64)
+        pmf = kaplan_meier_pmf(x, c) if c.size and c.max() > 0 else np.bincount(x) / x.size   # (m+1,) P(X = t)
+        m = pmf.size - 1
         self.F = np.cumsum(pmf)                                  # (m+1,) P(X <= b)
         surv = 1.0 - self.F
         self.S = np.concatenate([[0.0], np.cumsum(surv[:-1])])  # (m+1,) E[min(X, b)]
         self.support = np.nonzero(pmf)[0]                        # (K,) b values that can attain the max
         self.max_len = m
-        self.mean = float(x.mean())
+        self.mean = float(pmf @ np.arange(m + 1))
         self._table: list[float] = self._all_ages()              # (m,) G(a), a = 0 .. m-1
 
     def _all_ages(self) -> list[float]:

@@ -131,7 +131,7 @@ class MLFQScheduler(Scheduler):
     def schedule(self, now: float) -> Plan:
         self.promote_starving(now)
         return fill_batch(self.best_first(), self.worst_first(), self.limits, self.kv, self.swap_on_evict,
-                          self.swap_in_blocks)
+                          self.swap_in_blocks, self.start_on_host)
 
     def on_iteration(self, plan: Plan, duration: float, now: float) -> None:
         super().on_iteration(plan, duration, now)     # charges attained_service
