@@ -15,6 +15,11 @@ import tempfile
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
+# torch (the transformers parity references) spins one thread per core by default; with
+# pytest-xdist's workers on every core those threads wait on each other: a tiny model's
+# 30-token generate took 1.7 s with 2 threads on a busy 2-core VM and 0.07 s with 1.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)

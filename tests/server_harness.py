@@ -16,10 +16,13 @@ from fastserve_jax.serve import bench_client
 from fastserve_jax.serve.app import ServerConfig, create_app
 from fastserve_jax.serve.serve_cmd import engine_builder
 
-# Small settings: few buckets to compile, and a batch limit well below the load tests'
-# concurrency, so requests queue and the policy preempts. The CLI test uses the same
-# ones, so its engine start reads the compiled executables from the session cache.
-ENGINE_KW = dict(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=128)
+# Small settings: a batch limit well below the load tests' concurrency, so requests queue
+# and the policy preempts, and a small bucket grid (2 decode x 2 prefill sizes x 2 block
+# counts, the largest of each reaching the limits), so the background warm-up compiles 8
+# launches instead of the default grid's 31. The CLI test starts the same limits (the
+# command line has no bucket options, so it compiles the default grid).
+ENGINE_KW = dict(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=128,
+                 decode_batch_buckets=(2, 8), prefill_token_buckets=(32, 128), block_buckets=(8, 48))
 ENGINE_ARGS = ["--max-model-len", "512", "--max-num-seqs", "8", "--max-num-batched-tokens", "128"]
 
 

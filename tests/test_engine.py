@@ -1,7 +1,8 @@
-"""The engine end to end on CPU with tiny random-weight checkpoints of real architectures.
+"""The engine end to end on CPU with a tiny random-weight Llama, one engine for the module.
 
 The strongest check we have: a request's greedy tokens do not depend on what shares its
-batch, on bucket padding or on chunked prefill, and they equal `transformers` generate.
+batch, on bucket padding or on chunked prefill, and they equal `transformers` generate
+(test_engine_parity.py holds the other architectures and recompute preemption).
 """
 
 from __future__ import annotations
@@ -12,67 +13,28 @@ import pytest
 from fastserve_jax import LLM, SamplingParams
 from fastserve_jax.runner.compile_guard import CompileCounter
 from fastserve_jax.scheduler import POLICIES
-from fastserve_jax.models.random_checkpoint import TINY_PRESETS
-from engine_grids import SMALL_GRID
-
-GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-ENGINE_KW = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, block_size=8, num_device_blocks=160,
-                 scheduler="fcfs")
-
-
-def _prompts(n, lo, hi, seed=0, vocab=256):
-    rng = np.random.default_rng(seed)
-    return [[int(t) for t in rng.integers(3, vocab, rng.integers(lo, hi + 1))] for _ in range(n)]
-
-
-def _hf_greedy(path, prompts, n):
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None   # like ignore_eos (min_new_tokens would mask EOS instead)
-    out = []
-    with torch.no_grad():
-        for p in prompts:
-            g = model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
-                               pad_token_id=0)
-            out.append(g[0, len(p):].tolist())
-    return out
+from tiny_engine import ENGINE_KW, GREEDY, hf_greedy, random_prompts
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoints):
-    """An engine over the tiny GQA Llama (lazy warm-up), with the default policy (skip-join
-    MLFQ over the engine's own profiled cost model)."""
-    return LLM(tiny_checkpoints("llama"), **dict(ENGINE_KW, scheduler="skip-join-mlfq"))
-
-
-@pytest.fixture(scope="module")
-def full_llm(tiny_checkpoints):
-    """The same engine warmed up in full, over a small bucket grid (engine_grids.py)."""
-    return LLM(tiny_checkpoints("llama"), warmup="full", **dict(ENGINE_KW, scheduler="skip-join-mlfq", **SMALL_GRID))
-
-
-@pytest.mark.parametrize("preset", TINY_PRESETS)
-def test_greedy_matches_transformers(tiny_checkpoints, preset):
-    path = tiny_checkpoints(preset)
-    prompts = _prompts(3, 1, 90, seed=1)   # 90 > the 64-token budget: chunked prefill too
-    eng = LLM(path, warmup=False, **ENGINE_KW)
-    got = [o.token_ids for o in eng.generate(prompts, GREEDY)]
-    assert got == _hf_greedy(path, prompts, GREEDY.max_tokens)
+    """An engine over the tiny GQA Llama warmed up in full over the small bucket grid, with
+    the default policy (skip-join MLFQ over the engine's own profiled cost model). Tests
+    leave it idle and on that policy."""
+    return LLM(tiny_checkpoints("llama"), warmup="full", **dict(ENGINE_KW, scheduler="skip-join-mlfq"))
 
 
 def test_batch_invariance(llm, tiny_checkpoints):
     """Alone, in mixed batches of other lengths (other decode/prefill buckets), chunked or not."""
-    probe = _prompts(2, 5, 150, seed=2)            # one of them needs 3 prefill chunks
-    others = _prompts(7, 1, 120, seed=3)
+    probe = random_prompts(2, 5, 150, seed=2)            # one of them needs 3 prefill chunks
+    others = random_prompts(7, 1, 120, seed=3)
     sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     alone = [llm.generate([p], sp)[0].token_ids for p in probe]
     mixed = llm.generate(others[:3] + probe + others[3:], sp)
     assert [mixed[3].token_ids, mixed[4].token_ids] == alone
     pair = llm.generate([probe[0], others[0]], [sp, SamplingParams(max_tokens=3, temperature=0)])
     assert pair[0].token_ids == alone[0]
-    assert alone == _hf_greedy(tiny_checkpoints("llama"), probe, 24)
+    assert alone == hf_greedy(tiny_checkpoints("llama"), probe, 24)
 
 
 def test_prefill_rows_gather_only_their_sequences_blocks(llm, tiny_checkpoints):
@@ -80,14 +42,14 @@ def test_prefill_rows_gather_only_their_sequences_blocks(llm, tiny_checkpoints):
     sequences it holds) gives the same greedy tokens as the default 64-token row and as
     transformers, and its rows gather far fewer blocks than the launch holds in all."""
     tiled = LLM(tiny_checkpoints("llama"), **dict(ENGINE_KW, prefill_tile=8), warmup=False)
-    prompts = _prompts(6, 3, 40, seed=11) + _prompts(1, 130, 130, seed=12)   # the long one spans 3 chunks
+    prompts = random_prompts(6, 3, 40, seed=11) + random_prompts(1, 130, 130, seed=12)   # the long one spans 3 chunks
     launches = []
     builder = tiled.engine.runner.builder
     build = builder.build_prefill
     builder.build_prefill = lambda items, kv: launches.append(build(items, kv)) or launches[-1]
     got = [o.token_ids for o in tiled.generate(prompts, GREEDY)]
     assert got == [o.token_ids for o in llm.generate(prompts, GREEDY)]
-    assert got == _hf_greedy(tiny_checkpoints("llama"), prompts, GREEDY.max_tokens)
+    assert got == hf_greedy(tiny_checkpoints("llama"), prompts, GREEDY.max_tokens)
     multi = [ln for ln in launches if ln.tokens.shape[0] > 1]
     assert multi and all(ln.tokens.shape[1] == 8 for ln in multi)
     # every row reads only blocks of its own sequences, and in packed launches the busiest
@@ -103,16 +65,17 @@ def test_prefill_rows_gather_only_their_sequences_blocks(llm, tiny_checkpoints):
 
 
 def test_seeded_sampling_is_batch_invariant(llm):
-    p = _prompts(1, 10, 10, seed=4)[0]
+    p = random_prompts(1, 10, 10, seed=4)[0]
     sp = SamplingParams(max_tokens=10, temperature=0.8, top_k=50, top_p=0.9, seed=123, ignore_eos=True)
     alone = llm.generate([p], sp)[0].token_ids
-    batch = llm.generate(_prompts(3, 5, 40, seed=5) + [p], [SamplingParams(max_tokens=5)] * 3 + [sp])
+    batch = llm.generate(random_prompts(3, 5, 40, seed=5) + [p], [SamplingParams(max_tokens=5)] * 3 + [sp])
     assert batch[3].token_ids == alone
-    assert llm.generate([p], SamplingParams(max_tokens=10, temperature=0.8, seed=124, ignore_eos=True))[0].token_ids != alone
+    other_seed = SamplingParams(max_tokens=10, temperature=0.8, seed=124, ignore_eos=True)
+    assert llm.generate([p], other_seed)[0].token_ids != alone
 
 
 def test_logprobs_and_finish_reasons(llm):
-    p = _prompts(1, 8, 8, seed=6)[0]
+    p = random_prompts(1, 8, 8, seed=6)[0]
     out = llm.generate([p], SamplingParams(max_tokens=6, temperature=0, logprobs=3, ignore_eos=True))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 6
     assert len(out.logprobs) == 6
@@ -126,14 +89,14 @@ def test_logprobs_and_finish_reasons(llm):
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finish_time
 
 
-def test_nothing_compiles_after_warmup(full_llm):
+def test_nothing_compiles_after_warmup(llm):
     """Replay 200 requests of mixed prompt and output lengths, arriving in waves."""
     rng = np.random.default_rng(7)
-    prompts = _prompts(200, 1, 200, seed=8)
+    prompts = random_prompts(200, 1, 200, seed=8)
     params = [SamplingParams(max_tokens=int(rng.integers(1, 40)), temperature=float(rng.choice([0, 0.7])),
                              logprobs=int(rng.choice([0, 2])) if rng.random() < 0.2 else None, ignore_eos=True)
               for _ in prompts]
-    eng = full_llm.engine
+    eng = llm.engine
     reqs = []
     with CompileCounter() as cc:
         for i, (p, sp) in enumerate(zip(prompts, params)):
@@ -149,13 +112,13 @@ def test_nothing_compiles_after_warmup(full_llm):
     assert eng.kv.num_used_blocks == 0
 
 
-def test_small_cpu_launches_compile_without_ynnpack(full_llm):
+def test_small_cpu_launches_compile_without_ynnpack(llm):
     """Warm-up gives launches of at most SMALL_LAUNCH_TOKENS tokens the options that keep
     their dots off YNNPACK (xla_flags.py); larger launches keep XLA's defaults. Without
     the options the same decode launch does use YNNPACK on this jaxlib, so the check bites."""
     from fastserve_jax.runner.xla_flags import SMALL_LAUNCH_TOKENS, launch_compiler_options
 
-    runner = full_llm.engine.runner
+    runner = llm.engine.runner
     st = runner.stages[0]
     small = {k: c for k, c in st.compiled.items() if k.tokens <= SMALL_LAUNCH_TOKENS}
     large = [k for k in st.compiled if k.tokens > SMALL_LAUNCH_TOKENS]
@@ -169,23 +132,6 @@ def test_small_cpu_launches_compile_without_ynnpack(full_llm):
     assert "__ynn" in st.fn.lower(st.params, st.cache, x, batch, idx).compile().as_text()
 
 
-def test_recompute_preemption_keeps_outputs(tiny_checkpoints):
-    """A pool too small for all sequences forces FCFS to drop and recompute KV."""
-    kw = dict(ENGINE_KW, num_device_blocks=24, swap_policy="recompute")
-    small = LLM(tiny_checkpoints("llama"), warmup=False, **kw)
-    prompts = _prompts(6, 20, 40, seed=9)
-    sp = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
-    with pytest.raises(ValueError, match="KV blocks"):     # 200 tokens need 25 blocks; the pool has 23
-        small.generate([[3] * 200], SamplingParams(max_tokens=5))
-    reqs = [small.engine.add_request(p, sp) for p in prompts]
-    while small.engine.has_unfinished():
-        small.engine.step()
-        small.engine.kv.check_integrity()
-    assert sum(r.num_preemptions for r in reqs) > 0
-    got = [small.engine.output_of(r) for r in reqs]
-    assert [o.token_ids for o in got] == _hf_greedy(tiny_checkpoints("llama"), prompts, 30)
-
-
 @pytest.mark.parametrize("prompt, params, match", [
     ("", GREEDY, "empty"),
     ([], GREEDY, "empty"),
@@ -197,7 +143,7 @@ def test_recompute_preemption_keeps_outputs(tiny_checkpoints):
     ("hello", [GREEDY], "one per prompt"),
 ])
 def test_bad_input_is_rejected_and_engine_keeps_serving(llm, prompt, params, match):
-    good = _prompts(1, 5, 5, seed=10)[0]
+    good = random_prompts(1, 5, 5, seed=10)[0]
     with pytest.raises(ValueError, match=match):
         llm.generate([good, prompt], params if isinstance(params, list) else [GREEDY, params])
     assert not llm.engine.has_unfinished(), "a rejected batch must queue nothing"
@@ -207,7 +153,7 @@ def test_bad_input_is_rejected_and_engine_keeps_serving(llm, prompt, params, mat
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_every_policy_gives_identical_greedy_outputs(llm, policy):
     """Only timing differs between policies: preemption between iterations keeps the KV."""
-    prompts = _prompts(12, 1, 150, seed=11)
+    prompts = random_prompts(12, 1, 150, seed=11)
     params = [SamplingParams(max_tokens=int(n), temperature=0, ignore_eos=True)
               for n in np.random.default_rng(12).integers(1, 40, len(prompts))]
     llm.engine.set_scheduler("fcfs")

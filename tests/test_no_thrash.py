@@ -32,6 +32,8 @@ the fix (figures from the same scenarios at 400 requests, opt-13b-a100 cost mode
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -56,6 +58,13 @@ def run(trace, policy, cfg, load):
     return simulate(with_arrivals(trace, load * cap, seed=0), policy, COST, cfg).metrics()
 
 
+@functools.cache
+def fcfs_on_chat(n: int, cfg: SimConfig, load: float) -> dict:
+    """FCFS's metrics on chat_like(n): the baseline, simulated once per worker for the
+    scenarios that share it (both recomputation tests)."""
+    return run(chat_like(n), "fcfs", cfg, load)
+
+
 def stall(m: dict) -> float:
     return m["swap_stall_seconds"] / m["swap_busy_seconds"]
 
@@ -72,8 +81,7 @@ BURST = dict(host_kv_capacity_tokens=68000)                            # the cos
 ])
 def test_swapping_policies_keep_fcfs_throughput_and_bound_stall(policy, memory, load, n, swap):
     cfg = SimConfig(16, 2048, 16, swap_policy=swap, **memory)
-    trace = chat_like(n)
-    base, m = run(trace, "fcfs", cfg, load), run(trace, policy, cfg, load)
+    base, m = fcfs_on_chat(n, cfg, load), run(chat_like(n), policy, cfg, load)
     assert m["throughput_rps"] >= 0.95 * base["throughput_rps"], (m["throughput_rps"], base["throughput_rps"])
     # the bound, plus what one request's copy can overshoot it by on so short a run
     assert stall(m) <= MAX_STALL_FRACTION + 0.01, stall(m)
@@ -84,8 +92,8 @@ def test_swapping_policies_keep_fcfs_throughput_and_bound_stall(policy, memory, 
 def test_predictive_keeps_fcfs_throughput_and_bounds_stall(memory, load, swap):
     """The predictive policy (predictions of Kendall's tau 0.55) on the same footing."""
     cfg = SimConfig(16, 2048, 16, swap_policy=swap, prediction_tau=0.55, **memory)
-    trace = chat_like(160 if memory is BURST else 120)
-    base, m = run(trace, "fcfs", cfg, load), run(trace, "predictive", cfg, load)
+    n = 160 if memory is BURST else 120
+    base, m = fcfs_on_chat(n, cfg, load), run(chat_like(n), "predictive", cfg, load)
     assert m["throughput_rps"] >= 0.95 * base["throughput_rps"], (m["throughput_rps"], base["throughput_rps"])
     assert stall(m) <= MAX_STALL_FRACTION + 0.01, stall(m)
 
@@ -93,8 +101,7 @@ def test_predictive_keeps_fcfs_throughput_and_bounds_stall(memory, load, swap):
 @pytest.mark.parametrize("policy", ["skip-join-mlfq", "gittins"])
 def test_recomputation_keeps_fcfs_throughput(policy):
     cfg = SimConfig(16, 2048, 16, swap_policy="recompute", kv_capacity_tokens=16384)
-    trace = chat_like(400)
-    base, m = run(trace, "fcfs", cfg, 3.0), run(trace, policy, cfg, 3.0)
+    base, m = fcfs_on_chat(400, cfg, 3.0), run(chat_like(400), policy, cfg, 3.0)
     assert m["throughput_rps"] >= 0.95 * base["throughput_rps"], (m["throughput_rps"], base["throughput_rps"])
 
 

@@ -27,7 +27,10 @@ from fastserve_jax.models import demo_task
 COST = CostModel("literal", prefill_tokens=(1, 100, 10_000), prefill_seconds=(0.01, 0.01, 1.0),
                  decode_batch=(1,), decode_seconds=(0.01,), kv_bytes_per_token=1000, swap_bandwidth=1e6)
 CFG = SchedulerConfig(base_quantum=0.01, quantum_ratio=2.0, num_queues=5, starvation_threshold=0.2)
-ENGINE_KW = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, block_size=8, scheduler="mlfq")
+# the small bucket grid: engines with the same pool share executables through the session
+# cache (the reference's 160 blocks are test_engine's, the 30 of the others are shared here)
+ENGINE_KW = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, block_size=8, scheduler="mlfq",
+                 **SMALL_GRID)
 
 
 def req(rid: str, n: int, max_tokens: int = 8) -> Request:
@@ -225,7 +228,7 @@ def reference(tiny_checkpoints):
     path = tiny_checkpoints("llama")
     prompts = _prompts(10, 3)
     sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-    want = [o.token_ids for o in LLM(path, warmup=False, **ENGINE_KW).generate(prompts, sp)]
+    want = [o.token_ids for o in LLM(path, warmup=False, num_device_blocks=160, **ENGINE_KW).generate(prompts, sp)]
     return path, prompts, sp, want
 
 
@@ -259,12 +262,12 @@ def test_host_pool_too_small_falls_back_to_recomputation(reference):
 
 def test_oversize_request_rejected_and_abort_frees_host(reference):
     path, prompts, sp, _ = reference
-    llm = LLM(path, warmup=False, num_device_blocks=12, num_host_blocks=200, swap_policy="reactive", **ENGINE_KW)
+    llm = LLM(path, warmup=False, num_device_blocks=30, num_host_blocks=200, swap_policy="reactive", **ENGINE_KW)
     e = llm.engine
     with pytest.raises(ValueError, match="KV blocks.*num_device_blocks"):      # host space does not help
-        e.add_request([3] * 60, SamplingParams(max_tokens=40))
+        e.add_request([3] * 200, SamplingParams(max_tokens=40))            # 30 blocks; the pool has 29
     assert not e.has_unfinished()
-    reqs = [e.add_request(p, sp) for p in prompts[:4]]
+    reqs = [e.add_request(p, sp) for p in prompts]            # 10 prompts need more than the 29 blocks
     for _ in range(30):
         e.step()
     swapped = [r for r in reqs if e.kv.location(r) in (KVLocation.HOST, KVLocation.SWAPPING_OUT)]
@@ -300,8 +303,7 @@ def test_swap_copies_keep_the_cache_donated_and_use_host_memory(reference):
 
 def test_nothing_compiles_after_warmup_with_swapping(tiny_checkpoints):
     path = tiny_checkpoints("llama")
-    llm = LLM(path, warmup="full", num_device_blocks=30, num_host_blocks=80, swap_policy="proactive", **ENGINE_KW,
-              **SMALL_GRID)
+    llm = LLM(path, warmup="full", num_device_blocks=30, num_host_blocks=80, swap_policy="proactive", **ENGINE_KW)
     e = llm.engine
     prompts = _prompts(24, 5)
     rng = np.random.default_rng(6)

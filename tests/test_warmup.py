@@ -5,11 +5,11 @@ greedy tokens."""
 from __future__ import annotations
 
 import pytest
-from test_engine import ENGINE_KW, _prompts   # the tiny-engine settings and prompts test_engine uses
 
 from fastserve_jax import LLM, SamplingParams
 from fastserve_jax.runner.compile_guard import CompileCounter
 from fastserve_jax.runner.keys import DecodeKey, PrefillKey
+from tiny_engine import ENGINE_KW, random_prompts   # the engine tests' settings (small bucket grid) and prompts
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
@@ -23,12 +23,12 @@ def test_lazy_compiles_only_the_shapes_batches_use(lazy):
     runner = lazy.engine.runner
     assert lazy.engine.warmup_mode == "lazy" and lazy.engine.warmup_seconds == 0.0
     assert runner.compiler.count() == 0
-    lazy.generate(_prompts(2, 5, 12, seed=1), GREEDY)
+    lazy.generate(random_prompts(2, 5, 12, seed=1), GREEDY)
     used = set(lazy.engine.stats.launches)
     assert used and set(runner.stages[0].compiled) == used     # exactly the launches that ran
     assert runner.compiler.count() < len(runner.compiler.all_keys())
     with CompileCounter() as cc:                              # the same batch again: nothing new
-        lazy.generate(_prompts(2, 5, 12, seed=1), GREEDY)
+        lazy.generate(random_prompts(2, 5, 12, seed=1), GREEDY)
     assert cc.count == 0
 
 
@@ -36,7 +36,7 @@ def test_covering_set_answers_any_request_without_compiling(lazy, tiny_checkpoin
     """With only the covering set compiled and the builder falling back to the smallest ready
     bucket (background warm-up before its thread has done anything), a mixed batch compiles
     nothing and gives the tokens of exact buckets."""
-    prompts = _prompts(5, 3, 90, seed=2)
+    prompts = random_prompts(5, 3, 90, seed=2)
     want = [o.token_ids for o in lazy.generate(prompts, GREEDY)]
     llm = LLM(tiny_checkpoints("llama"), **ENGINE_KW)
     comp, builder = llm.engine.runner.compiler, llm.engine.runner.builder
@@ -50,7 +50,7 @@ def test_covering_set_answers_any_request_without_compiling(lazy, tiny_checkpoin
 
 
 def test_background_warmup_finishes_and_then_serves_exact_buckets(lazy, tiny_checkpoints):
-    prompts = _prompts(3, 3, 40, seed=3)
+    prompts = random_prompts(3, 3, 40, seed=3)
     want = [o.token_ids for o in lazy.generate(prompts, GREEDY)]
     llm = LLM(tiny_checkpoints("llama"), warmup="background", **ENGINE_KW)
     got_early = [o.token_ids for o in llm.generate(prompts, GREEDY)]     # while the thread compiles

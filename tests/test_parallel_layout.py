@@ -1,0 +1,145 @@
+"""Where tensor and pipeline parallelism put things, on 8 virtual CPU devices: weights and KV
+actually sharded, Megatron's collectives only, layer weights read in place, the rules
+table and meshes."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from fastserve_jax.llm import LLM
+from fastserve_jax.runner.keys import DecodeKey
+from fastserve_jax.sharding.mesh import ParallelConfig, build_meshes, ordered_devices
+from fastserve_jax.sharding.rules import ShardingRules
+from parallel_setup import KW, four_layer_checkpoints  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (virtual) devices")
+
+
+def _shard_shapes(x) -> set[tuple[int, ...]]:
+    return {tuple(s.data.shape) for s in x.addressable_shards}
+
+
+def test_weights_and_kv_cache_are_sharded_not_replicated(four_layer_checkpoints):
+    path = four_layer_checkpoints["llama"]
+    # tp=4 over 2 KV heads: KV heads split 2 ways, each held by the 2 devices whose query heads read it
+    llm = LLM(path, warmup=False, num_device_blocks=16, tensor_parallel_size=4, pipeline_parallel_size=2, **KW)
+    e = llm.engine
+    c = e.model_cfg                              # L=4, H=64, 4 heads x 16, 2 KV heads, MLP 128, vocab 256
+    assert (e.layout.meshes.tp_kv, e.layout.meshes.tp_rep) == (2, 2)
+    for st in e.runner.stages:
+        assert len(st.params["layers"]) == 2                                # L/pp separate per-layer trees
+        for layer in st.params["layers"]:
+            a = layer["attn"]
+            assert _shard_shapes(a["q_proj"]["kernel"]) == {(64, 16)}       # (H, Hq*D/tp)
+            assert _shard_shapes(a["k_proj"]["kernel"]) == {(64, 16)}       # (H, Hkv*D/2)
+            assert _shard_shapes(a["o_proj"]["kernel"]) == {(16, 64)}
+            assert _shard_shapes(layer["mlp"]["down_proj"]["kernel"]) == {(32, 64)}
+            assert set(a["q_proj"]["kernel"].sharding.device_set) == set(st.devices)
+        assert _shard_shapes(st.cache.k) == {(2, 16, 8, 1, c.head_dim)}     # (L/pp, blocks, bs, Hkv/2, D)
+        # every KV-head shard is held by exactly tp_rep = 2 devices
+        held = {}
+        for s in st.cache.k.addressable_shards:
+            held.setdefault(s.index[3].start, set()).add(s.device)
+        assert sorted(len(v) for v in held.values()) == [2, 2]
+        assert set(st.cache.k.sharding.device_set) == set(st.devices)
+    assert "embed_tokens" in e.runner.stages[0].params and "embed_tokens" not in e.runner.stages[1].params
+    assert "lm_head" in e.runner.stages[1].params and "lm_head" not in e.runner.stages[0].params
+    assert _shard_shapes(e.runner.stages[1].params["lm_head"]["kernel"]) == {(64, 64)}   # vocab / tp
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_tensor_parallel_step_has_megatron_collectives_only(four_layer_checkpoints, arch):
+    """One all-reduce after attention and one after the MLP in every layer, no weight
+    gathers; outside the layers only the sharded-vocabulary embedding and logits."""
+    path = four_layer_checkpoints[arch]
+    e = LLM(path, warmup=False, num_device_blocks=16, tensor_parallel_size=4, **KW).engine
+    st = e.runner.stages[0]
+    x, batch, idx = e.runner.abstract_args(DecodeKey(4, 16))
+    hlo = st.fn.lower(st.params, st.cache, x, batch, idx).compile().as_text()
+    block = {"llama": "LlamaBlock", "opt": "OPTBlock"}[arch]
+    ops = {"all-reduce": [], "all-gather": [], "all-to-all": [], "collective-permute": []}
+    for line in hlo.splitlines():
+        for op, found in ops.items():
+            if re.search(rf"\b{op}(-start)?\(", line):
+                m = re.search(r'op_name="([^"]*)"', line)
+                found.append(m.group(1) if m else "")
+    in_layers = {op: [n for n in names if f"/{block}/" in n] for op, names in ops.items()}
+    assert len(in_layers["all-reduce"]) == 2 * len(st.params["layers"]) == 8, ops["all-reduce"]
+    assert sorted(set(in_layers["all-reduce"])) == sorted(
+        {"llama": [f"jit(forward)/{block}/attn/o_proj/dot_general", f"jit(forward)/{block}/mlp/down_proj/dot_general"],
+         "opt": [f"jit(forward)/{block}/fc2/dot_general", f"jit(forward)/{block}/out_proj/dot_general"]}[arch])
+    for op in ("all-gather", "all-to-all", "collective-permute"):
+        assert in_layers[op] == [], op
+    # outside the layers: the embedding's all-reduce and the logits' gather over the vocabulary
+    assert len(ops["all-reduce"]) == 9 and len(ops["all-gather"]) == 1
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
+def test_launch_reads_layer_weights_in_place(four_layer_checkpoints, tp, pp):
+    """The compiled launch has no loop over the layers and never materializes a layer
+    weight: each is a parameter of the step, read where it lies (under nn.scan XLA copied
+    every layer's slices out of the stacked weights on every launch)."""
+    path = four_layer_checkpoints["llama"]
+    e = LLM(path, warmup=False, num_device_blocks=16, tensor_parallel_size=tp, pipeline_parallel_size=pp, **KW).engine
+    for st in e.runner.stages:
+        x, batch, idx = e.runner.abstract_args(DecodeKey(4, 16), st.index)
+        hlo = st.fn.lower(st.params, st.cache, x, batch, idx).compile().as_text()
+        assert not re.search(r"\b(while|dynamic-slice)\(", hlo)
+        shard = lambda a: a.sharding.shard_shape(a.shape)
+        weights = {f"f32[{','.join(map(str, shard(w)))}]" for w in jax.tree.leaves(st.params["layers"]) if w.ndim == 2}
+        made = [ln for ln in hlo.splitlines() if " = " in ln and "parameter(" not in ln
+                and ln.split(" = ", 1)[1].split("{")[0].split(" ")[0] in weights]
+        assert made == [], made
+
+
+# -- the rules table and meshes -----------------------------------------------------------------
+
+def test_rules_map_logical_axes_and_reject_collisions():
+    meshes = build_meshes(ParallelConfig(4, 2), num_kv_heads=2)
+    rules = ShardingRules()
+    assert rules.spec(("layers", "embed", "heads"), meshes.mesh) == P("pp", None, ("tp_kv", "tp_rep"))
+    assert rules.spec(("layers", "embed", "kv_heads"), meshes.mesh) == P("pp", None, "tp_kv")
+    assert rules.spec(("layers", "embed", "heads"), meshes.stages[0]) == P(None, None, ("tp_kv", "tp_rep"))
+    assert rules.spec(("vocab", "embed"), meshes.stages[0], shape=(250, 64)) == P()     # 250 % 4: replicated
+    with pytest.raises(ValueError, match="both map to mesh axis"):
+        rules.spec(("heads", "mlp"), meshes.mesh)
+    with pytest.raises(KeyError, match="no sharding rule"):
+        rules.spec(("nope",), meshes.mesh)
+    with pytest.raises(ValueError, match="does not have"):
+        ShardingRules({"heads": "model"})
+    with pytest.raises(ValueError, match="twice"):
+        ShardingRules({"heads": ("tp_kv", "tp_kv")})
+
+
+def test_parallel_config_errors_say_what_to_change():
+    with pytest.raises(ValueError, match="num_heads=6 is not a multiple of tensor_parallel_size=4"):
+        ParallelConfig(4, 1).check_model(num_layers=4, num_heads=6, intermediate_size=128)
+    with pytest.raises(ValueError, match="num_layers=3 is not a multiple of pipeline_parallel_size=2"):
+        ParallelConfig(1, 2).check_model(num_layers=3, num_heads=4, intermediate_size=128)
+    with pytest.raises(ValueError, match="positive integer"):
+        ParallelConfig(0, 1)
+    with pytest.raises(ValueError, match="only 8 are visible"):
+        ordered_devices(16)
+
+
+def test_stages_span_processes_evenly():
+    """Across processes a stage takes the same share of every process's devices, so nothing a
+    stage hands on crosses hosts."""
+    class Dev:
+        def __init__(self, p, i):
+            self.process_index, self.id, self.platform = p, i, "cpu"
+
+        def __repr__(self):
+            return f"p{self.process_index}d{self.id}"
+
+    devs = [Dev(p, i) for p in (0, 1) for i in range(4)]
+    order = ordered_devices(8, devs)
+    grid = np.array([repr(d) for d in order]).reshape(4, 2)           # pp=4 stages x tp=2
+    assert all({g[0][:2], g[1][:2]} == {"p0", "p1"} for g in grid)
+    with pytest.raises(ValueError, match="evenly"):
+        ordered_devices(3, devs)

@@ -1,0 +1,40 @@
+"""What the engine tests share (test_engine.py, test_engine_parity.py): the tiny engine's
+settings, random prompts, and transformers' greedy decoding as the reference.
+
+Every engine here uses the small bucket grid (engine_grids.py): a lazily warmed engine then
+meets fewer distinct launch shapes, so it compiles less, and engines of the same model and
+pool size share their executables through the session's compilation cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fastserve_jax import SamplingParams
+from engine_grids import SMALL_GRID
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+ENGINE_KW = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, block_size=8, num_device_blocks=160,
+                 scheduler="fcfs", **SMALL_GRID)
+
+
+def random_prompts(n, lo, hi, seed=0, vocab=256):
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(3, vocab, rng.integers(lo, hi + 1))] for _ in range(n)]
+
+
+def hf_greedy(path, prompts, n):
+    """transformers' greedy continuation of each prompt, `n` tokens, EOS ignored."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None   # like ignore_eos (min_new_tokens would mask EOS instead)
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            g = model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
+                               pad_token_id=0)
+            out.append(g[0, len(p):].tolist())
+    return out
