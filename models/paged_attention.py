@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 _NEG = -1e30
 MIN_TILE = 16        # Triton's dot wants every operand dimension >= 16
@@ -112,6 +113,9 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positi
         out_specs=pl.BlockSpec((None, None, block_m, d), lambda i, j, t: (i, j, t, 0)),
         out_shape=jax.ShapeDtypeStruct((r, hkv, m, d), k_cache.dtype),
         interpret=interpret,
+        # Triton, not Mosaic GPU (pallas_call's default on GPU, which would stage each
+        # BlockSpec'd block, here a layer's whole cache, through shared memory)
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
         name="fastserve_paged_attention",
     )(qh, qpos, qseg, block_ids, block_seg, block_pos, nblk, k_cache, v_cache)
     out = out[:, :, :rows].reshape(r, hkv, nq, g, d).transpose(0, 2, 1, 3, 4)

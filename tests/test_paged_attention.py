@@ -117,3 +117,23 @@ def test_traced_layer_is_refused():
     with pytest.raises(TypeError, match="static layer index"):
         jax.jit(lambda i: attention(jnp.zeros((1, 1, 1, D)), jnp.zeros((1, 1, 1, D)), jnp.zeros((1, 1, 1, D)),
                                     batch, KVCache(z, z), i, "pallas"))(jnp.int32(0))
+
+
+@pytest.mark.parametrize("q_len", [1, 64])
+def test_kernel_lowers_to_triton_for_cuda(q_len):
+    """Cross-lowered on CPU for a GPU: the kernel goes through Pallas's Triton lowering (not
+    Mosaic GPU), in bf16 with 7 query heads per KV head, and exports the way the engine's
+    program cache exports it. (Triton's own compile to PTX happens on a GPU, untested here.)"""
+    from jax import export
+
+    from fastserve_jax.models.paged_attention import paged_attention
+    from fastserve_jax.runner.export_cache import DISABLED_CHECKS
+
+    r, nb = 2, 4
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+    cache = jax.ShapeDtypeStruct((L, NUM_BLOCKS, 16, 2, 64), jnp.bfloat16)
+    args = (jax.ShapeDtypeStruct((r, q_len, 14, 64), jnp.bfloat16), cache, cache,
+            i32(r, q_len), i32(r, q_len), i32(r, nb), i32(r, nb), i32(r, nb))
+    fn = jax.jit(lambda *a: paged_attention(*a, layer=1))
+    exp = export.export(fn, platforms=["cuda"], disabled_checks=DISABLED_CHECKS)(*args)
+    assert "__gpu$xla.gpu.triton" in exp.mlir_module()
