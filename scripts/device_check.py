@@ -224,10 +224,11 @@ def run_backend(backend: str, model_cfg, p: dict, dtype: str, rates: dict, platf
     out = dict(backend=backend, compile_s=compile_s, decode=cells)
     if time.perf_counter() < deadline:
         t = time_launches(runner, pre, p["steps"])
-        n = p["prefill"]
-        c = model_cfg
-        flops = 2 * costs[(p["batches"][0], p["contexts"][0])]["params_read"] * n \
-            + 2 * c.num_layers * c.num_heads * c.head_dim * n * (n + 1)
+        n, c = p["prefill"], model_cfg
+        # the layers for every token, the head for the logits rows, causal attention
+        head = c.hidden_size * c.vocab_size
+        flops = (2 * (costs[(p["batches"][0], p["contexts"][0])]["params_read"] - head) * n
+                 + 2 * head * cfg.max_prefill_seqs + 2 * c.num_layers * c.num_heads * c.head_dim * n * (n + 1))
         out["prefill"] = dict(tokens=n, ms=1e3 * t, tflops=flops / t / 1e12,
                               peak_fraction=flops / t / 1e12 / rates["peak_tflops"])
     del runner
