@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from fastserve_jax.sharding.parallel_config import ParallelConfig
 
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs; the sampler always computes this many.
 # EngineConfig.attention_backend values; `resolve` turns "auto" into one of the other two
-ATTENTION_CHOICES = ("auto", "reference", "pallas")  # OpenAI's limit for top logprobs; the sampler always computes this many.
+ATTENTION_CHOICES = ("auto", "reference", "pallas")
 
 
 @dataclass(frozen=True)

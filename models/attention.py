@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastserve_jax.models.paged_attention import paged_attention
+
 _NEG = -1e30
 
 

@@ -84,7 +84,8 @@ class ModelRunner:
         self.compiler = compiler.Compiler(self.builder, self.stages,
                                           jax.jit(sample, static_argnames=("greedy", "with_logprobs")),
                                           model_cfg.vocab_size, model_cfg.hidden_size, self.act_dtype,
-                                          cfg.max_model_len, context=f"{stage_cfg!r}/{cfg.dtype}/{cfg.attention_backend}/{layout.describe()}")
+                                          cfg.max_model_len,
+                                          context=f"{stage_cfg!r}/{cfg.dtype}/{cfg.attention_backend}/{layout.describe()}")
         # Multi-host leader: called with every device operation, as a message for the other
         # processes to replay in the same order (fastserve_jax/multihost.py); None on one host.
         self.mirror: Callable[[dict], None] | None = None
