@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from fastserve_jax.sharding.parallel_config import ParallelConfig
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs; the sampler always computes this many.
+# EngineConfig.attention_backend values; `resolve` turns "auto" into one of the other two
+ATTENTION_CHOICES = ("auto", "reference", "pallas")
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,12 @@ class EngineConfig:
     # Record when each pipeline stage was busy (sharding/pipeline.StageActivity; a watcher
     # thread). None: only when pipeline_parallel_size > 1.
     record_stage_activity: bool | None = None
+    # How attention reads the paged KV cache (docs/attention.md): "reference" gathers each
+    # row's blocks into a new array and runs einsums (portable jnp); "pallas" reads the blocks
+    # in place with the Pallas kernel of models/paged_attention.py (Triton on GPU, interpret
+    # mode on CPU: correct but slow, for tests); "auto" is resolved by `resolve`: pallas on GPU
+    # without tensor parallelism, reference elsewhere (CPU; TPU, which the kernel does not target).
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "block_size",
@@ -263,6 +271,12 @@ class EngineConfig:
                              f"got {self.launch_kv_fraction!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_CHOICES:
+            raise ValueError(f"attention_backend must be one of {', '.join(map(repr, ATTENTION_CHOICES))}, "
+                             f"got {self.attention_backend!r}")
+        if self.attention_backend == "pallas" and self.tensor_parallel_size > 1:
+            raise ValueError("attention_backend='pallas' does not support tensor_parallel_size > 1 yet (the kernel "
+                             "is not wrapped in shard_map over KV heads); use 'reference' or 'auto'")
 
     @property
     def max_blocks_per_seq(self) -> int:
@@ -290,7 +304,13 @@ class EngineConfig:
                 raise ValueError(f"{name} must reach {need}, got largest {b[-1]}")
         f = self.launch_kv_fraction if self.launch_kv_fraction is not None else (0.0 if platform == "cpu" else 0.125)
         floor = int(f * weight_bytes // kv_block_bytes) if kv_block_bytes and not self.block_buckets else 0
-        return dataclasses.replace(self, decode_batch_buckets=tuple(dec),
+        backend = self.attention_backend
+        if backend == "auto":
+            backend = "pallas" if platform == "gpu" and self.tensor_parallel_size == 1 else "reference"
+        elif backend == "pallas" and platform not in ("gpu", "cpu"):
+            raise ValueError(f"attention_backend='pallas' runs on GPU (Triton) and CPU (interpret mode), not on "
+                             f"{platform}; use 'reference' or 'auto'")
+        return dataclasses.replace(self, decode_batch_buckets=tuple(dec), attention_backend=backend,
                                    prefill_token_buckets=tuple(pre), block_buckets=tuple(blk),
                                    min_launch_blocks=floor,
                                    batches_in_flight=self.batches_in_flight or self.pipeline_parallel_size)

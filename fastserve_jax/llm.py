@@ -20,7 +20,9 @@ class LLM:
 
     Keyword arguments are EngineConfig fields (max_model_len, max_num_seqs,
     max_num_batched_tokens, block_size, num_device_blocks, seed, scheduler, buckets,
-    tensor_parallel_size, pipeline_parallel_size ...).
+    tensor_parallel_size, pipeline_parallel_size, attention_backend ...). attention_backend:
+    "auto" (Pallas kernel on GPU, jnp reference elsewhere), "reference" or "pallas"
+    (interpret mode on CPU: for tests); see docs/attention.md.
 
     `warmup`: "lazy" (compile each shape the first time a batch needs it), "background"
     (enough to answer any request now, the rest on a thread) or "full" (everything first;

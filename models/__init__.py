@@ -33,11 +33,12 @@ def param_shapes(cfg: ModelConfig, dtype: str = "float32") -> dict:
     return variables["params"]
 
 
-def build_block(cfg: ModelConfig, dtype: str = "float32") -> nn.Module:
+def build_block(cfg: ModelConfig, dtype: str = "float32", attention_backend: str = "reference") -> nn.Module:
     """One decoder layer of the architecture, applied with one layer's slice of `layers/*`:
     `block.apply({"params": layer_params}, (h, cache, layer_index), batch)`. The serving
-    launches run their layers as a Python loop of these (see sharding/pipeline.py)."""
-    return _BLOCKS[cfg.arch](cfg, jnp.dtype(dtype))
+    launches run their layers as a Python loop of these (see sharding/pipeline.py), so the
+    layer index is static and the Pallas attention backend ("pallas", attention.py) can run."""
+    return _BLOCKS[cfg.arch](cfg, jnp.dtype(dtype), attention_backend)
 
 
 def demo_model_path() -> str:

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastserve_jax.models.paged_attention import paged_attention
+
 _NEG = -1e30
 
 
@@ -98,12 +100,15 @@ def _attend(q, k, v, q_pos, q_seg, k_pos, k_seg, scale):
     return o.reshape(r, nq, h, d).astype(q.dtype)
 
 
-def attention(q, k, v, batch: AttnBatch, cache: KVCache | None, layer):
-    """Write this launch's K/V into the cache, then attend over the gathered blocks.
+def attention(q, k, v, batch: AttnBatch, cache: KVCache | None, layer, backend: str = "reference"):
+    """Write this launch's K/V into the cache, then attend over the launch's blocks: gathered
+    into a new array ("reference"), or read in place by the Pallas kernel ("pallas",
+    paged_attention.py; interpret mode on CPU; needs a static `layer`).
 
     q: (R, Q, H, D); k, v: (R, Q, Hkv, D); layer: scalar index into the cache.
     Returns (out (R, Q, H, D), cache).
     """
+    assert backend in ("reference", "pallas"), f"unknown attention backend {backend!r}"
     scale = 1.0 / np.sqrt(q.shape[-1])
     if cache is None:
         out = _attend(q, k, v, batch.positions, batch.seg, batch.positions, batch.seg, scale)
@@ -112,6 +117,13 @@ def attention(q, k, v, batch: AttnBatch, cache: KVCache | None, layer):
     blk, off = batch.slots // bs, batch.slots % bs
     kc = cache.k.at[layer, blk, off].set(k.astype(cache.k.dtype))
     vc = cache.v.at[layer, blk, off].set(v.astype(cache.v.dtype))
+    if backend == "pallas":
+        if not isinstance(layer, int):
+            raise TypeError("the pallas attention backend needs a static layer index (the per-layer serving "
+                            "path, sharding/pipeline.stage_forward), not a traced one (nn.scan)")
+        out = paged_attention(q, kc, vc, batch.positions, batch.seg, batch.block_ids, batch.block_seg,
+                              batch.block_pos, layer=layer, interpret=jax.default_backend() == "cpu")
+        return out, KVCache(kc, vc)
     r, nb = batch.block_ids.shape
     kg = kc[layer, batch.block_ids].reshape(r, nb * bs, *kc.shape[3:])  # (R, NB*bs, Hkv, D)
     vg = vc[layer, batch.block_ids].reshape(r, nb * bs, *vc.shape[3:])

@@ -40,6 +40,7 @@ class RMSNorm(nn.Module):
 class LlamaAttention(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
+    attention_backend: str = "reference"     # or "pallas": attention.attention
 
     @nn.compact
     def __call__(self, x, batch: AttnBatch, cache: KVCache | None, layer):
@@ -55,7 +56,7 @@ class LlamaAttention(nn.Module):
         inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
         q = apply_rope(q, batch.positions, inv_freq)
         k = apply_rope(k, batch.positions, inv_freq)
-        o, cache = attention(q, k, v, batch, cache, layer)
+        o, cache = attention(q, k, v, batch, cache, layer, self.attention_backend)
         o = dense(c.hidden_size, "o_proj", False)(o.reshape(r, q_len, -1))
         return o, cache
 
@@ -77,11 +78,12 @@ class LlamaBlock(nn.Module):
 
     cfg: ModelConfig
     dtype: jnp.dtype
+    attention_backend: str = "reference"
 
     @nn.compact
     def __call__(self, carry, batch: AttnBatch):
         h, cache, layer = carry
-        a, cache = LlamaAttention(self.cfg, self.dtype, name="attn")(
+        a, cache = LlamaAttention(self.cfg, self.dtype, self.attention_backend, name="attn")(
             RMSNorm(self.cfg.norm_eps, self.dtype, name="input_norm")(h), batch, cache, layer)
         h = h + a
         h = h + LlamaMLP(self.cfg, self.dtype, name="mlp")(RMSNorm(self.cfg.norm_eps, self.dtype, name="post_attn_norm")(h))

@@ -31,6 +31,7 @@ def _act(name: str):
 class OPTBlock(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
+    attention_backend: str = "reference"     # or "pallas": attention.attention
 
     @nn.compact
     def __call__(self, carry, batch: AttnBatch):
@@ -44,7 +45,7 @@ class OPTBlock(nn.Module):
         q = dense(c.hidden_size, "q_proj")(x).reshape(r, q_len, c.num_heads, c.head_dim)
         k = dense(c.hidden_size, "k_proj")(x).reshape(r, q_len, c.num_heads, c.head_dim)
         v = dense(c.hidden_size, "v_proj")(x).reshape(r, q_len, c.num_heads, c.head_dim)
-        o, cache = attention(q, k, v, batch, cache, layer)
+        o, cache = attention(q, k, v, batch, cache, layer, self.attention_backend)
         h = h + dense(c.hidden_size, "out_proj")(o.reshape(r, q_len, -1))
         if not c.do_layer_norm_before:
             h = norm("attn_norm")(h)

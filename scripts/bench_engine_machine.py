@@ -86,12 +86,15 @@ def measure_matmul(model_cfg, batch: int, square: int = 2048, repeats: int = 5) 
 
 
 def decode_cost(model_cfg, param_tree, batch: int, context: float) -> dict:
-    """Bytes and FLOPs of one decode step: every weight but the embedding table is read once
-    (only `batch` embedding rows are gathered); each sequence reads `context` tokens of K and V."""
+    """Bytes and FLOPs of one decode step: every weight is read once except the embedding
+    table, of which only `batch` rows are gathered, unless the output head is tied to it;
+    each sequence reads `context` tokens of K and V."""
     import jax
 
     leaves = jax.tree_util.tree_leaves_with_path(param_tree)
     embed = sum(x.nbytes for p, x in leaves if "embed_tokens" in jax.tree_util.keystr(p))
+    if model_cfg.tie_word_embeddings:
+        embed = 0
     total = sum(x.nbytes for _, x in leaves)
     itemsize = leaves[0][1].dtype.itemsize
     weight_bytes = total - embed

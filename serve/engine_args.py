@@ -12,7 +12,8 @@ from fastserve_jax.scheduler import POLICIES
 # (the model is LLM's first argument; bench gives each started server its own scheduler)
 ENGINE_OPTIONS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                   "num_device_blocks", "num_host_blocks", "swap_policy", "cost_model", "seed",
-                  "tensor_parallel_size", "pipeline_parallel_size", "batches_in_flight", "warmup")
+                  "tensor_parallel_size", "pipeline_parallel_size", "batches_in_flight", "warmup",
+                  "attention_backend")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +44,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "default); background = enough to answer any request, then the rest on a thread while "
                         "serving (serve's default); full = everything first, nothing compiles afterwards "
                         "(benchmarks, latency-critical deployments)")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "pallas"],
+                   help="how attention reads the paged KV cache: pallas = the Pallas kernel reading blocks in place "
+                        "(GPU; interpret mode on CPU, slow, for tests); reference = the portable jnp gather; "
+                        "auto (default) = pallas on GPU without tensor parallelism, reference elsewhere")
     g = p.add_argument_group("parallelism (devices used: tensor x pipeline parallel size)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split attention heads, MLP units and the vocabulary over this many devices (default 1)")

@@ -66,7 +66,7 @@ class ModelRunner:
         # layer of the model (or its own first layer, if the middle is in an earlier stage):
         # what the output-length predictor (predictor.py) reads.
         self.feature_layer = max(0, (model_cfg.num_layers - 1) // 2 - (layout.pp - 1) * layout.layers_per_stage)
-        module, block = build_model(stage_cfg, cfg.dtype), build_block(stage_cfg, cfg.dtype)
+        module, block = build_model(stage_cfg, cfg.dtype), build_block(stage_cfg, cfg.dtype, cfg.attention_backend)
         shape = layout.cache_shape(num_blocks, cfg.block_size)
         self.stages: list[Stage] = []
         for s, sp in enumerate(layout.split_layers(params, free=free_params)):
@@ -84,7 +84,8 @@ class ModelRunner:
         self.compiler = compiler.Compiler(self.builder, self.stages,
                                           jax.jit(sample, static_argnames=("greedy", "with_logprobs")),
                                           model_cfg.vocab_size, model_cfg.hidden_size, self.act_dtype,
-                                          cfg.max_model_len, context=f"{stage_cfg!r}/{cfg.dtype}/{layout.describe()}")
+                                          cfg.max_model_len,
+                                          context=f"{stage_cfg!r}/{cfg.dtype}/{cfg.attention_backend}/{layout.describe()}")
         # Multi-host leader: called with every device operation, as a message for the other
         # processes to replay in the same order (fastserve_jax/multihost.py); None on one host.
         self.mirror: Callable[[dict], None] | None = None

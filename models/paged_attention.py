@@ -1,0 +1,146 @@
+"""Paged attention as a Pallas kernel that reads KV blocks in place through the block table.
+
+Same contract as the reference path in attention.py (`AttnBatch`, rows layout, masks), for
+decode (Q = 1) and packed, segment-masked prefill (Q = prefill tile) alike, over the
+existing cache layout (L, num_blocks, block_size, Hkv, D): no gather of a row's context
+into a new array. Where the reference copies R x NB x block_size x Hkv x D per layer and
+then reads it, the kernel reads each block once, straight from the cache.
+
+Grid: (R rows, Hkv KV heads, M / block_m query tiles, context splits). One program holds a tile of
+block_m "query rows" of one KV head: the row's Q tokens x G = H / Hkv query heads of the
+group, flattened (token-major) and padded to a power of two (Triton wants power-of-two
+tile shapes and dot operands of at least 16 rows). It walks the row's live blocks (the
+leading entries of block_ids whose block_seg is not -2: the launch builder packs them at
+the front), loads block b's (block_size, D) slab of its head for K and V, and keeps an
+online softmax (running max m, sum l, accumulator acc in fp32):
+
+    s   = (q @ k.T) * scale                   (block_m, block_size), fp32 accumulation
+    s   = where(same segment & pos(key) <= pos(query), s, -inf)
+    acc = acc * exp(m_old - m_new) + p @ v    p = exp(s - m_new), cast to the KV dtype as the
+                                              reference casts its probabilities
+A query with no visible key (padding) gets 0, never NaN, so nothing non-finite reaches
+the null block. A decode launch splits each row's blocks over several programs
+(flash-decoding) so that a small batch still fills the device; `_combine` merges them.
+
+The kernel is written for the Triton (GPU) lowering and runs anywhere in interpret mode
+(`interpret=True`; CPU tests). It does not target Mosaic (TPU): there, reading a block of
+a cache left in HBM needs scalar prefetch and explicit DMA, which this kernel does not do.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+_NEG = -1e30
+MIN_TILE = 16        # Triton's dot wants every operand dimension >= 16
+MAX_TILE = 64        # query rows per program: keeps the fp32 accumulator within registers
+MIN_PROGRAMS = 128   # a decode launch splits each row's blocks until it has about this many programs
+
+
+def _kernel(q_ref, qpos_ref, qseg_ref, ids_ref, bseg_ref, bpos_ref, nblk_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
+            scale: float, block_size: int, chunk: int):
+    """One (row r, KV head h, query tile, context split s) program: blocks [s*chunk, (s+1)*chunk)
+    of the row's live ones. Writes its normalised output and its softmax max and sum."""
+    r, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(3)
+    q = q_ref[...]                                          # (block_m, D), KV dtype
+    qpos = qpos_ref[...]                                    # (block_m,)
+    qseg = qseg_ref[...]
+    offs = jnp.arange(block_size, dtype=jnp.int32)
+    block_m, d = q.shape
+
+    def body(j, carry):
+        m, l, acc = carry
+        b = ids_ref[r, j]
+        k = k_ref[b, :, h, :]                               # (block_size, D) straight from the cache
+        v = v_ref[b, :, h, :]
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+        kpos = bpos_ref[r, j] + offs
+        mask = (qseg[:, None] == bseg_ref[r, j]) & (kpos[None, :] <= qpos[:, None])
+        s = jnp.where(mask, s, _NEG)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return m_new, l * corr + p.sum(axis=-1), acc * corr[:, None] + pv
+
+    init = (jnp.full((block_m,), _NEG, jnp.float32), jnp.zeros((block_m,), jnp.float32),
+            jnp.zeros((block_m, d), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(split * chunk, jnp.minimum(nblk_ref[r], (split + 1) * chunk), body, init)
+    o_ref[...] = acc / jnp.where(l > 0, l, 1.0)[:, None]
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _combine(o, m, l):
+    """Merge the context splits (axis 2): o (R, Hkv, S, M, D) normalised per split, m and l
+    (R, Hkv, S, M). A split that saw no visible key has l = 0 and weighs nothing."""
+    w = jnp.where(l > 0, l * jnp.exp(m - m.max(axis=2, keepdims=True)), 0.0)
+    total = w.sum(axis=2)
+    return (o * w[..., None]).sum(axis=2) / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "interpret"))
+def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array, seg: jax.Array,
+                    block_ids: jax.Array, block_seg: jax.Array, block_pos: jax.Array, layer: int,
+                    interpret: bool = False) -> jax.Array:
+    """Attention of q over the blocks a launch names, read in place from the caches.
+
+    q: (R, Q, H, D); k_cache, v_cache: (L, num_blocks, block_size, Hkv, D), this launch's
+    K/V already written; positions, seg: (R, Q) and block_ids, block_seg, block_pos:
+    (R, NB), as in attention.AttnBatch; layer: static index into L (the serving launches
+    run their layers as an unrolled loop, sharding/pipeline.py). Returns (R, Q, H, D) in
+    q's dtype.
+    """
+    r, nq, h, d = q.shape
+    _, _, bs, hkv, _ = k_cache.shape
+    g = h // hkv
+    rows = nq * g                                           # query rows per (row, KV head)
+    block_m = min(max(_pow2(rows), MIN_TILE), MAX_TILE)
+    m = -(-rows // block_m) * block_m
+    # (R, Q, Hkv, G, D) -> (R, Hkv, Q*G, D), token-major within a head group, padded to m
+    qh = q.astype(k_cache.dtype).reshape(r, nq, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(r, hkv, rows, d)
+    qh = jnp.pad(qh, ((0, 0), (0, 0), (0, m - rows), (0, 0)))
+    qpos = jnp.pad(jnp.repeat(positions, g, axis=1), ((0, 0), (0, m - rows)))
+    qseg = jnp.pad(jnp.repeat(seg, g, axis=1), ((0, 0), (0, m - rows)), constant_values=-1)
+    nblk = (block_seg != -2).sum(axis=1).astype(jnp.int32)   # live blocks lead each row
+    # Context splits (flash-decoding): a decode launch with few rows would otherwise run only
+    # R x Hkv programs, too few to fill a GPU; a prefill launch has enough query tiles.
+    nb = block_ids.shape[1]
+    programs = r * hkv * (m // block_m)
+    splits = 1 if nq > 1 else min(nb, max(1, MIN_PROGRAMS // programs))
+    chunk = -(-nb // splits)
+    whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, t, s: (0,) * a.ndim)
+    cache_spec = pl.BlockSpec((None, *k_cache.shape[1:]), lambda i, j, t, s: (layer, 0, 0, 0, 0))
+    per_split = lambda *tail: pl.BlockSpec((None, None, None, block_m, *tail),
+                                           lambda i, j, t, s: (i, j, s, t, *(0,) * len(tail)))
+    o, m_, l_ = pl.pallas_call(
+        functools.partial(_kernel, scale=1.0 / float(np.sqrt(d)), block_size=bs, chunk=chunk),
+        grid=(r, hkv, m // block_m, splits),
+        in_specs=[pl.BlockSpec((None, None, block_m, d), lambda i, j, t, s: (i, j, t, 0)),
+                  pl.BlockSpec((None, block_m), lambda i, j, t, s: (i, t)),
+                  pl.BlockSpec((None, block_m), lambda i, j, t, s: (i, t)),
+                  whole(block_ids), whole(block_seg), whole(block_pos), whole(nblk),
+                  cache_spec, cache_spec],
+        out_specs=[per_split(d), per_split(), per_split()],
+        out_shape=[jax.ShapeDtypeStruct((r, hkv, splits, m, d), jnp.float32),
+                   jax.ShapeDtypeStruct((r, hkv, splits, m), jnp.float32),
+                   jax.ShapeDtypeStruct((r, hkv, splits, m), jnp.float32)],
+        interpret=interpret,
+        # Triton, not Mosaic GPU (pallas_call's default on GPU, which would stage each
+        # BlockSpec'd block, here a layer's whole cache, through shared memory)
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+        name="fastserve_paged_attention",
+    )(qh, qpos, qseg, block_ids, block_seg, block_pos, nblk, k_cache, v_cache)
+    out = (o[:, :, 0] if splits == 1 else _combine(o, m_, l_))[:, :, :rows]
+    out = out.reshape(r, hkv, nq, g, d).transpose(0, 2, 1, 3, 4)
+    return out.reshape(r, nq, h, d).astype(q.dtype)

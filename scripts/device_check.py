@@ -1,0 +1,302 @@
+"""One run on one accelerator: our decode and prefill against the device's own roofline and
+against transformers `generate` on the same device, for the reference and the Pallas path.
+
+    PYTHONPATH=. python scripts/device_check.py            # GPU: Llama-3-8B shapes, bf16, < 8 min
+    PYTHONPATH=. python scripts/device_check.py --model 1b # Llama-3.2-1B shapes
+    PYTHONPATH=. python scripts/device_check.py --smoke    # CPU, tiny model, seconds (tests run this)
+
+Runs from the source tree (no install, no server imports). Steps, in order:
+1. the device's rates: HBM bandwidth from a device-to-device copy (read + write of a large
+   array) and bf16 peak from a large square matmul;
+2. transformers + torch `generate` on the same device and shapes (random weights of its own:
+   speed does not depend on the values): decode tokens/s at batch 1 and 32, taken as the
+   difference between generating 1 and 1 + N tokens after the same prompt;
+3. for each attention backend (reference, pallas): a random-weight model built on the device,
+   the engine's ModelRunner over it, and launches assembled by the engine's LaunchBuilder from
+   a KVManager (batches 1/8/32/128 at contexts 512 and 2,048; a 2,048-token prefill). A decode
+   step is one forward of the launch, logits included, sampling and scheduling excluded
+   (the engine's host overhead is measured by scripts/bench_engine.py); each step against
+   the HBM roofline (weight bytes + KV bytes read, over the measured bandwidth), the prefill
+   against the measured bf16 peak.
+Cells that would overrun --budget-s are skipped and listed. JSON goes to $OUT/device_check.json
+when $OUT is set (or to --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # torch shares the device
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_engine_machine import best_of, decode_cost  # noqa: E402
+
+# Llama-3-8B and Llama-3.2-1B shapes (transformers LlamaConfig kwargs); "tiny" is the smoke model
+SHAPES = {
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+               tie_word_embeddings=False),
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+               tie_word_embeddings=True),
+    "tiny": dict(num_hidden_layers=2),
+}
+FULL = dict(batches=(1, 8, 32, 128), contexts=(512, 2048), prefill=2048, hf_batches=(1, 32), hf_new=32,
+            copy_bytes=4 << 30, square=8192, steps=10, block_size=16)
+SMOKE = dict(batches=(2,), contexts=(24,), prefill=32, hf_batches=(2,), hf_new=2,
+             copy_bytes=16 << 20, square=256, steps=2, block_size=8)
+
+
+def device_rates(copy_bytes: int, square: int, dtype) -> dict:
+    """HBM GB/s from x + 1 over a large array (reads and writes every byte), and the peak
+    FLOP/s of a square matmul in `dtype`; best of several runs."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.zeros((copy_bytes // 2,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a + jnp.ones((), a.dtype))
+    copy(x).block_until_ready()
+    t_copy = best_of(lambda: copy(x).block_until_ready(), 10)
+    a = jax.random.normal(jax.random.key(0), (square, square), dtype)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    t_dot = best_of(lambda: dot(a, a).block_until_ready(), 10)
+    return dict(bandwidth_gbs=2 * copy_bytes / t_copy / 1e9, copy_bytes=copy_bytes,
+                peak_tflops=2 * square ** 3 / t_dot / 1e12, square=square)
+
+
+def model_config(name: str, dtype: str) -> dict:
+    from fastserve_jax.models.random_checkpoint import hf_config_dict
+
+    d = hf_config_dict("llama", **SHAPES[name])
+    d["dtype"] = dtype
+    return d
+
+
+def hf_decode(hf_cfg: dict, dtype: str, batches, contexts, new: int, device: str, deadline: float) -> dict:
+    """transformers `generate` decode tokens/s: (t(1 + new tokens) - t(1 token)) per batch/context."""
+    import torch
+    import transformers
+
+    tdtype = getattr(torch, dtype)
+    torch.manual_seed(0)
+    with torch.device(device):
+        torch.set_default_dtype(tdtype)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(hf_cfg)).eval()
+        torch.set_default_dtype(torch.float32)
+    model.generation_config.eos_token_id = None
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    out = {}
+    for ctx in contexts:
+        for b in batches:
+            if time.perf_counter() > deadline:
+                out[f"{b}x{ctx}"] = "skipped (time)"
+                continue
+            ids = torch.randint(3, hf_cfg["vocab_size"], (b, ctx - new // 2), device=device)
+            run = lambda n: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                           min_new_tokens=n, do_sample=False, pad_token_id=0)
+            with torch.no_grad():
+                run(2)
+                sync()
+                t = [0.0, 0.0]
+                for i, n in enumerate((1, 1 + new)):
+                    t0 = time.perf_counter()
+                    run(n)
+                    sync()
+                    t[i] = time.perf_counter() - t0
+            step = (t[1] - t[0]) / new
+            out[f"{b}x{ctx}"] = dict(batch=b, context=ctx, step_ms=1e3 * step, tokens_per_s=b / step)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def random_params(model_cfg, dtype: str, seed: int = 0) -> dict:
+    """Our param tree drawn on the device (normal * 0.02, norm scales 1): nothing on disk."""
+    import jax
+    import jax.numpy as jnp
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    from fastserve_jax.models import param_shapes
+
+    flat = flatten_dict(param_shapes(model_cfg, dtype))
+
+    def draw(key):
+        return {path: jnp.ones(s.shape, s.dtype) if path[-1] == "scale" else
+                jax.random.normal(jax.random.fold_in(key, i), s.shape, s.dtype) * jnp.asarray(0.02, s.dtype)
+                for i, (path, s) in enumerate(flat.items())}
+
+    out = jax.jit(draw)(jax.random.key(seed))
+    return unflatten_dict(out)
+
+
+def decode_launch(runner, kv, batch: int, context: int, vocab: int):
+    """A decode launch built by the engine's builder: `batch` sequences of `context` tokens
+    (the last one the query), their blocks allocated in `kv`."""
+    from fastserve_jax.config import SamplingParams
+    from fastserve_jax.request import Request
+    from fastserve_jax.scheduler.base import ScheduledRequest
+
+    items = []
+    for i in range(batch):
+        req = Request(f"d{batch}-{context}-{i}", [3 + (i + j) % (vocab - 3) for j in range(context)],
+                      SamplingParams(max_tokens=1), 0.0)
+        kv.allocate(req, context)
+        req.num_computed_tokens = context - 1
+        items.append(ScheduledRequest(req, 1))
+    return runner.builder.build(items, kv)[0], items
+
+
+def prefill_launch(runner, kv, tokens: int, vocab: int):
+    from fastserve_jax.config import SamplingParams
+    from fastserve_jax.request import Request
+    from fastserve_jax.scheduler.base import ScheduledRequest
+
+    req = Request(f"p{tokens}", [3 + j % (vocab - 3) for j in range(tokens)], SamplingParams(max_tokens=1), 0.0)
+    kv.allocate(req, tokens)
+    return runner.builder.build([ScheduledRequest(req, tokens)], kv), [req]
+
+
+def time_launches(runner, launches, steps: int) -> float:
+    """Seconds per forward of `launches` (dispatched back to back, the last one waited for)."""
+    import jax
+
+    for _ in range(2):
+        jax.block_until_ready([runner.forward(ln) for ln in launches])
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = [runner.forward(ln) for ln in launches]
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / steps
+
+
+def run_backend(backend: str, model_cfg, p: dict, dtype: str, rates: dict, platform: str, deadline: float) -> dict:
+    """Every decode cell and the prefill for one attention backend, on a fresh model and cache."""
+    import jax
+
+    from fastserve_jax.config import EngineConfig
+    from fastserve_jax.kv_cache import KVManager, kv_block_bytes
+    from fastserve_jax.runner.model_runner import ModelRunner
+    from fastserve_jax.sharding.layout import ModelLayout
+
+    bs = p["block_size"]
+    max_len = max(max(p["contexts"]), p["prefill"])
+    blocks = max(p["batches"]) * -(-max(p["contexts"]) // bs) + 1
+    params = random_params(model_cfg, dtype)
+    weight = sum(x.nbytes for x in jax.tree.leaves(params))
+    cfg = EngineConfig(dtype=dtype, max_model_len=max_len, max_num_seqs=max(p["batches"]), block_size=bs,
+                       max_num_batched_tokens=p["prefill"], num_device_blocks=blocks, attention_backend=backend,
+                       decode_batch_buckets=tuple(p["batches"]), prefill_token_buckets=(p["prefill"],))
+    cfg = cfg.resolve(weight, kv_block_bytes(model_cfg, cfg), platform)
+    costs = {(b, c): decode_cost(model_cfg, params, b, c) for b in p["batches"] for c in p["contexts"]}
+    runner = ModelRunner(params, model_cfg, cfg, blocks, ModelLayout(model_cfg), free_params=True)
+    del params
+    kv = KVManager(blocks, bs)
+    cells = {}
+    t0 = time.perf_counter()
+    plan = [(b, c) for c in sorted(p["contexts"], reverse=True) for b in p["batches"]]
+    launches = {}
+    for b, c in plan:
+        ln, items = decode_launch(runner, kv, b, c, model_cfg.vocab_size)
+        launches[(b, c)] = ln
+        for s in items:
+            kv.free(s.request)
+    pre, reqs = prefill_launch(runner, kv, p["prefill"], model_cfg.vocab_size)
+    kv.free(reqs[0])
+    runner.compiler.compile_now(sorted({ln.key for ln in launches.values()} | {ln.key for ln in pre}, key=str),
+                                threads=min(16, os.cpu_count() or 1))
+    compile_s = time.perf_counter() - t0
+    for b, c in plan:
+        if time.perf_counter() > deadline:
+            cells[f"{b}x{c}"] = "skipped (time)"
+            continue
+        step = time_launches(runner, [launches[(b, c)]], p["steps"])
+        cost = costs[(b, c)]
+        roof = (cost["weight_bytes"] + cost["kv_bytes"]) / (rates["bandwidth_gbs"] * 1e9)
+        cells[f"{b}x{c}"] = dict(batch=b, context=c, step_ms=1e3 * step, tokens_per_s=b / step,
+                                 roofline_ms=1e3 * roof, roofline_fraction=roof / step,
+                                 weight_bytes=cost["weight_bytes"], kv_bytes=cost["kv_bytes"])
+    out = dict(backend=backend, compile_s=compile_s, decode=cells)
+    if time.perf_counter() < deadline:
+        t = time_launches(runner, pre, p["steps"])
+        n, c = p["prefill"], model_cfg
+        # the layers for every token, the head for the logits rows, causal attention
+        head = c.hidden_size * c.vocab_size
+        flops = (2 * (costs[(p["batches"][0], p["contexts"][0])]["params_read"] - head) * n
+                 + 2 * head * cfg.max_prefill_seqs + 2 * c.num_layers * c.num_heads * c.head_dim * n * (n + 1))
+        out["prefill"] = dict(tokens=n, ms=1e3 * t, tflops=flops / t / 1e12,
+                              peak_fraction=flops / t / 1e12 / rates["peak_tflops"])
+    del runner
+    return out
+
+
+def print_table(res: dict) -> None:
+    r = res["rates"]
+    print(f"\n{res['device']}  model {res['model']} ({res['dtype']})  HBM {r['bandwidth_gbs']:.0f} GB/s (copy)  "
+          f"peak {r['peak_tflops']:.1f} TFLOP/s (matmul {r['square']}^3)")
+    backends = list(res["ours"])
+    head = f"{'batch x ctx':>12} " + " ".join(f"{b + ' ms':>13} {b + ' tok/s':>13} {'roof':>5}" for b in backends)
+    print(head + f" {'hf tok/s':>10} {'ours/hf':>8}")
+    for key in res["ours"][backends[0]]["decode"]:
+        row = f"{key:>12} "
+        for b in backends:
+            cell = res["ours"][b]["decode"].get(key)
+            row += (f"{cell['step_ms']:13.2f} {cell['tokens_per_s']:13.0f} {cell['roofline_fraction']:5.0%} "
+                    if isinstance(cell, dict) else f"{str(cell):>33} ")
+        hf = res["hf"].get(key)
+        best = max((res["ours"][b]["decode"][key]["tokens_per_s"] for b in backends
+                    if isinstance(res["ours"][b]["decode"].get(key), dict)), default=None)
+        if isinstance(hf, dict) and best:
+            row += f"{hf['tokens_per_s']:10.0f} {best / hf['tokens_per_s']:8.2f}x"
+        print(row)
+    for b in backends:
+        pf = res["ours"][b].get("prefill")
+        if pf:
+            print(f"prefill {pf['tokens']} tokens ({b}): {pf['ms']:.1f} ms, {pf['tflops']:.1f} TFLOP/s = "
+                  f"{pf['peak_fraction']:.0%} of peak; compile {res['ours'][b]['compile_s']:.0f} s")
+    print(f"total {res['seconds']:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes: checks the script runs")
+    ap.add_argument("--model", choices=["8b", "1b"], default="8b")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="skip cells that would start after this")
+    ap.add_argument("--backends", default="reference,pallas")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    deadline = t_start + a.budget_s
+    import jax
+    import jax.numpy as jnp
+
+    from fastserve_jax.models.config import ModelConfig
+
+    p, name = (SMOKE, "tiny") if a.smoke else (FULL, a.model)
+    dev = jax.devices()[0]
+    dtype = "bfloat16"
+    rates = device_rates(p["copy_bytes"], p["square"], jnp.bfloat16)
+    hf_cfg = model_config(name, dtype)
+    hf = {} if a.no_hf else hf_decode(hf_cfg, dtype, p["hf_batches"], p["contexts"], p["hf_new"],
+                                      "cuda" if dev.platform == "gpu" else "cpu", deadline)
+    model_cfg = ModelConfig.from_dict(hf_cfg)
+    ours = {b: run_backend(b, model_cfg, p, dtype, rates, dev.platform, deadline) for b in a.backends.split(",")}
+    res = dict(device=f"{dev.device_kind} ({dev.platform})", model=name, dtype=dtype, jax=jax.__version__,
+               rates=rates, hf=hf, ours=ours, seconds=time.perf_counter() - t_start)
+    print_table(res)
+    path = a.json or (os.path.join(os.environ["OUT"], "device_check.json") if os.environ.get("OUT") else None)
+    if path:
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"wrote {path}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

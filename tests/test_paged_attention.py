@@ -1,0 +1,139 @@
+"""The Pallas paged-attention kernel (interpret mode on CPU) against the reference jnp path.
+
+Launches are built by hand in the launch builder's layout (runner/launch.py): decode rows
+with ragged context lengths and a padding row (null block only), and packed prefill rows
+holding chunks of several sequences, one of them a later chunk of a longer prompt (chunked
+prefill: its queries read blocks an earlier launch wrote). Both backends write the same K/V
+and must agree on every real query token: 1e-5 in float32; in bfloat16 2e-2 absolute (the
+kernel keeps scores and the output accumulator in fp32 as the reference does, but sums in
+another order over blocks, so results differ by a few bf16 ulps of O(1) values).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastserve_jax.models.attention import AttnBatch, KVCache, attention
+
+L, NUM_BLOCKS, BS, D = 2, 40, 4, 16
+TOL = {"float32": 1e-5, "bfloat16": 2e-2}
+
+
+def _tables(rng, lengths):
+    """Distinct non-null blocks per sequence, enough for `lengths` tokens."""
+    free = list(rng.permutation(np.arange(1, NUM_BLOCKS)))
+    return [np.array([free.pop() for _ in range(-(-n // BS))], np.int32) for n in lengths]
+
+
+def _decode_batch(rng, lengths, rows):
+    """One decode row per context length (its last token is the query), padded to `rows`."""
+    tables = _tables(rng, lengths)
+    nb = max(len(t) for t in tables) + 1
+    pos, seg, slots = np.zeros((rows, 1), np.int32), np.full((rows, 1), -1, np.int32), np.zeros((rows, 1), np.int32)
+    ids, bseg = np.zeros((rows, nb), np.int32), np.full((rows, nb), -2, np.int32)
+    for i, (n, t) in enumerate(zip(lengths, tables)):
+        p = n - 1
+        pos[i], seg[i], slots[i] = p, 0, t[p // BS] * BS + p % BS
+        ids[i, :len(t)], bseg[i, :len(t)] = t, 0
+    bpos = np.broadcast_to(np.arange(nb, dtype=np.int32) * BS, (rows, nb)).copy()
+    return AttnBatch(pos, seg, slots, ids, bseg, bpos)
+
+
+def _prefill_batch(rng, chunks, rows, q):
+    """Chunks (start position, tokens) of several sequences packed into rows of q tokens; each
+    row reads, per sequence it holds, that sequence's blocks up to its last token there."""
+    tables = _tables(rng, [p0 + n for p0, n in chunks])
+    t = rows * q
+    pos, seg, slots = np.zeros(t, np.int32), np.full(t, -1, np.int32), np.zeros(t, np.int32)
+    row_blocks = [[] for _ in range(rows)]
+    at = 0
+    for i, ((p0, n), table) in enumerate(zip(chunks, tables)):
+        p = np.arange(p0, p0 + n, dtype=np.int32)
+        pos[at:at + n], seg[at:at + n], slots[at:at + n] = p, i, table[p // BS] * BS + p % BS
+        for row in range(at // q, (at + n - 1) // q + 1):
+            last = min(at + n, (row + 1) * q) - 1
+            row_blocks[row].append((i, table[:-(-(p0 + last - at + 1) // BS)]))
+        at += n
+    nb = max(sum(len(tb) for _, tb in rb) for rb in row_blocks) + 2
+    ids, bseg, bpos = np.zeros((rows, nb), np.int32), np.full((rows, nb), -2, np.int32), np.zeros((rows, nb), np.int32)
+    for row, rb in enumerate(row_blocks):
+        at = 0
+        for i, tb in rb:
+            ids[row, at:at + len(tb)], bseg[row, at:at + len(tb)] = tb, i
+            bpos[row, at:at + len(tb)] = np.arange(len(tb)) * BS
+            at += len(tb)
+    return AttnBatch(pos.reshape(rows, q), seg.reshape(rows, q), slots.reshape(rows, q), ids, bseg, bpos)
+
+
+def _both(batch: AttnBatch, heads: int, kv_heads: int, dtype: str, layer: int = 1, seed: int = 0):
+    """(reference output, kernel output, real-token mask) for one launch on a random cache."""
+    rng = np.random.default_rng(seed)
+    r, nq = batch.positions.shape
+    draw = lambda *s: jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype)
+    cache = KVCache(draw(L, NUM_BLOCKS, BS, kv_heads, D), draw(L, NUM_BLOCKS, BS, kv_heads, D))
+    q, k, v = draw(r, nq, heads, D), draw(r, nq, kv_heads, D), draw(r, nq, kv_heads, D)
+    b = AttnBatch(*(jnp.asarray(a) for a in batch))
+    run = jax.jit(lambda q, k, v, b, c, backend: attention(q, k, v, b, c, layer, backend), static_argnums=5)
+    ref, ref_cache = run(q, k, v, b, cache, "reference")
+    out, out_cache = run(q, k, v, b, cache, "pallas")
+    np.testing.assert_array_equal(np.asarray(ref_cache.k, np.float32), np.asarray(out_cache.k, np.float32))
+    return np.asarray(ref, np.float32), np.asarray(out, np.float32), np.asarray(batch.seg) >= 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (6, 1)])
+def test_decode_matches_reference(heads, kv_heads, dtype):
+    """GQA groups 1, 4 and 6 (not a power of two), ragged lengths incl. a one-token context
+    and a full last block, and a padding row that reads only the null block."""
+    batch = _decode_batch(np.random.default_rng(1), [1, 7, 12, 23], rows=5)
+    ref, out, real = _both(batch, heads, kv_heads, dtype)
+    np.testing.assert_allclose(out[real], ref[real], atol=TOL[dtype], rtol=0)
+    assert np.all(out[~real] == 0)          # padding gets zeros, never NaN
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_chunked_prefill_matches_reference(dtype):
+    """Three sequences packed over two rows of 16 tokens: a second chunk of a 13-token prompt
+    (positions 9-12, reading the blocks its first chunk wrote), a fresh 15-token prompt that
+    spans both rows, a fresh 6-token one, and 7 padding tokens."""
+    batch = _prefill_batch(np.random.default_rng(2), [(9, 4), (0, 15), (0, 6)], rows=2, q=16)
+    ref, out, real = _both(batch, 8, 2, dtype)
+    np.testing.assert_allclose(out[real], ref[real], atol=TOL[dtype], rtol=0)
+
+
+def test_query_tiles_split_a_long_row():
+    """A row of 64 tokens x 4 query heads per KV head is 256 query rows: four tiles of 64."""
+    batch = _prefill_batch(np.random.default_rng(3), [(0, 40), (5, 24)], rows=1, q=64)
+    ref, out, real = _both(batch, 8, 2, "float32")
+    np.testing.assert_allclose(out[real], ref[real], atol=1e-5, rtol=0)
+
+
+def test_traced_layer_is_refused():
+    batch = AttnBatch(*(jnp.asarray(a) for a in _decode_batch(np.random.default_rng(4), [3], rows=1)))
+    z = jnp.zeros((L, NUM_BLOCKS, BS, 1, D))
+    with pytest.raises(TypeError, match="static layer index"):
+        jax.jit(lambda i: attention(jnp.zeros((1, 1, 1, D)), jnp.zeros((1, 1, 1, D)), jnp.zeros((1, 1, 1, D)),
+                                    batch, KVCache(z, z), i, "pallas"))(jnp.int32(0))
+
+
+@pytest.mark.parametrize("q_len", [1, 64])
+def test_kernel_lowers_to_triton_for_cuda(q_len):
+    """Cross-lowered on CPU for a GPU: the kernel goes through Pallas's Triton lowering (not
+    Mosaic GPU), in bf16 with 7 query heads per KV head, and exports the way the engine's
+    program cache exports it. (Triton's own compile to PTX happens on a GPU, untested here.)"""
+    from jax import export
+
+    from fastserve_jax.models.paged_attention import paged_attention
+    from fastserve_jax.runner.export_cache import DISABLED_CHECKS
+
+    r, nb = 2, 4
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+    cache = jax.ShapeDtypeStruct((L, NUM_BLOCKS, 16, 2, 64), jnp.bfloat16)
+    args = (jax.ShapeDtypeStruct((r, q_len, 14, 64), jnp.bfloat16), cache, cache,
+            i32(r, q_len), i32(r, q_len), i32(r, nb), i32(r, nb), i32(r, nb))
+    fn = jax.jit(lambda *a: paged_attention(*a, layer=1))
+    exp = export.export(fn, platforms=["cuda"], disabled_checks=DISABLED_CHECKS)(*args)
+    assert "__gpu$xla.gpu.triton" in exp.mlir_module()
