@@ -74,6 +74,35 @@ def test_the_head_learns_a_planted_length_signal_and_reports_its_quality(tmp_pat
     q.close()
 
 
+def test_predictions_reach_requests_only_once_their_scored_quality_passes_the_gate():
+    """Once ready, the predictor predicts every request and scores it at its finish, but sets
+    `length_prediction` only while Kendall's tau over the scored window is at least min_tau: a
+    predictor that learned nothing leaves the policy as skip-join instead of ranking by noise."""
+    dim = 16
+    for noise, trusted in ((0.1, True), (50.0, False)):          # a planted signal, then none at all
+        rng = np.random.default_rng(3)
+        p = LengthPredictor(dim + EXTRA, min_samples=300, train_every=10**9, steps=100, min_scored=64, check_every=16)
+        _teach(p, rng, 300, dim, noise)
+        for _ in range(4):
+            p.train_round()
+        assert p.ready and not p.trusted
+        handed = []
+        for i in range(120):
+            length = int(np.exp(rng.uniform(0, 6)))
+            req = _req(f"s{i}", 0)
+            p.on_features([req], {req.request_id: _planted(rng, max(length, 1), dim, noise)})
+            handed.append(req.length_prediction is not None)
+            req.output_token_ids = [5] * max(length, 1)
+            p.on_finish(req)
+        m = p.metrics()
+        assert m["predictor_scored"] == 120                      # scored whether handed over or not
+        assert not any(handed[:64])                              # nothing before min_scored were scored
+        assert p.trusted == trusted and m["predictor_trusted"] == float(trusted), (noise, p.tau)
+        assert any(handed[64:]) == trusted
+        assert (p.tau >= 0.3) == trusted
+        p.close()
+
+
 def test_predictions_respect_max_tokens_and_tokens_generated():
     dim, rng = 8, np.random.default_rng(1)
     p = LengthPredictor(dim + EXTRA, min_samples=50, train_every=10**9)
@@ -155,6 +184,7 @@ def test_predictive_engine_learns_predicts_and_stays_exact(tmp_path, monkeypatch
     while not p.ready and time.monotonic() < deadline:
         time.sleep(0.1)
     assert p.ready and p.rounds >= 1
+    p.trusted = True              # the quality gate has its own test; this one checks the hand-over
     seen = []
     finish = eng.predictor.on_finish
     eng.predictor.on_finish = lambda req: (seen.append(req.length_prediction), finish(req))
