@@ -285,7 +285,7 @@ class LLMEngine:
             if self.predictor is not None:          # prefills that just ended (and refresh points)
                 due = {req.request_id: req for req, _, _ in sampled if self.predictor.wants(req)}
                 if due:
-                    self.predictor.on_features(list(due.values()), self.runner.features(f.launches, f.pending, due))
+                    self.predictor.on_features(list(due.values()), lambda: self.runner.features(f.launches, f.pending, due))
             for s in f.plan.scheduled:
                 req = s.request
                 req.in_flight = False

@@ -15,8 +15,8 @@ log tokens generated.
 
 Training: every finished request (not aborted) adds (features, its output length) to a
 replay window of the last `window` feature rows; every 5th request is held out. The
-training thread takes at most `train_budget` (2%) of the wall clock: after a round it
-rests 49 times as long as the round took. Every `train_every` new samples a background
+training thread takes at most `train_budget` (1%) of the wall clock: after a round it
+rests 1 / train_budget - 1 times as long as the round took. Every `train_every` new samples a background
 thread runs `steps` jitted AdamW updates of (neighbour-smoothed) cross-entropy on minibatches of the window, then
 publishes a host (numpy) copy of the weights; the engine thread only runs that numpy
 forward, so training never sits on the iteration's critical path. Predictions start once
@@ -106,13 +106,14 @@ def _loss(p, x, y):
 class LengthPredictor:
     def __init__(self, feature_dim: int, *, window: int = 4096, min_samples: int = 200, train_every: int = 32,
                  steps: int = 40, batch: int = 128, lr: float = 3e-3, seed: int = 0, path: str | None = None,
-                 refine: bool = False, train_budget: float = 0.02, min_tau: float = 0.3, min_scored: int = 128,
-                 check_every: int = 32) -> None:
+                 refine: bool = False, train_budget: float = 0.01, upkeep_budget: float = 0.01, min_tau: float = 0.3,
+                 min_scored: int = 128, check_every: int = 32) -> None:
         self.feature_dim, self.min_samples, self.train_every = feature_dim, min_samples, train_every
         self.min_tau, self.min_scored, self.check_every = min_tau, min_scored, check_every
         self.trusted = False           # predictions are handed to the scheduler (see the module doc)
         self.tau = float("nan")        # Kendall's tau over the scored window at the last check
         self._unchecked = 0
+        self.handed = 0                # predictions set on requests (what the scheduler ranked by)
         self.steps, self.batch = steps, batch
         self.path = path
         self.window: deque[tuple[np.ndarray, int, bool]] = deque(maxlen=window)   # (x, bin, held out)
@@ -123,9 +124,12 @@ class LengthPredictor:
         self._rng = np.random.default_rng(seed)
         self.refine = refine
         self.train_budget = train_budget
+        self.upkeep_budget = upkeep_budget
+        self._credit, self._last = 0.05, time.perf_counter()   # upkeep budget: seconds in hand, as of when
+        self._over = False             # engine-thread upkeep is over its budget: take no features for now
         self._pending: dict[str, list[np.ndarray]] = {}         # request id -> its features, until it finishes
         self._first: dict[str, LengthPrediction] = {}           # request id -> the prediction at its prefill
-        self._quality: deque[tuple[LengthPrediction, int]] = deque(maxlen=512)
+        self._quality: deque[tuple[LengthPrediction, int, float]] = deque(maxlen=512)   # (first, true, its mean)
         self.samples_seen = 0          # finished requests added to the window (this run and restored)
         self.rounds = 0
         self.upkeep_seconds = 0.0      # engine-thread time in this module
@@ -152,16 +156,34 @@ class LengthPredictor:
     def wants(self, req) -> bool:
         """Whether the step that is being collected should hand over `req`'s pooled state: its
         prefill just ended (no token yet), or it has generated a refresh point's tokens."""
+        if self._over:
+            return False
         g = len(req.output_token_ids)
         return g == 0 or (self.refine and g >= 8 and g & (g - 1) == 0)
 
-    def on_features(self, requests: list, pooled: dict[str, np.ndarray]) -> None:
+    def _account(self, t0: float) -> None:
+        """Charge the engine thread's time since t0 and decide whether the next requests'
+        features are taken. A token bucket: credit accrues at `upkeep_budget` seconds per
+        second, up to 50 ms, and each call spends what it took, so upkeep stays under that
+        share of the wall clock (idle time does not save up for a burst). At high request
+        rates the predictor thus learns from, scores and predicts a sample of the requests;
+        one without a prediction is ranked by the learned distribution."""
+        now = time.perf_counter()
+        self.upkeep_seconds += now - t0
+        self._credit = min(0.05, self._credit + self.upkeep_budget * (now - self._last)) - (now - t0)
+        self._last = now
+        self._over = self._credit < 0
+
+    def on_features(self, requests: list, pooled) -> None:
         """`wants` requests with their pooled rows by request id (before this step's tokens are
-        appended): keep the features for training, and predict (once ready) before the
-        scheduler re-ranks them."""
+        appended), or a function that copies them (timed as upkeep): keep the features for
+        training, and predict (once ready) before the scheduler re-ranks them."""
         t0 = time.perf_counter()
+        if callable(pooled):
+            pooled = pooled()
         todo = [r for r in requests if r.request_id in pooled]
         if not todo:
+            self._account(t0)
             return
         gen = [len(r.output_token_ids) for r in todo]
         caps = [r.sampling.max_tokens for r in todo]
@@ -172,9 +194,10 @@ class LengthPredictor:
             for r, g, pred in zip(todo, gen, self.predict(xs, caps, gen)):
                 if self.trusted:
                     r.length_prediction = pred
+                    self.handed += 1
                 if g == 0:
                     self._first[r.request_id] = pred          # scored when it finishes, trusted or not
-        self.upkeep_seconds += time.perf_counter() - t0
+        self._account(t0)
 
     def on_finish(self, req) -> None:
         t0 = time.perf_counter()
@@ -183,7 +206,7 @@ class LengthPredictor:
         n = len(req.output_token_ids)
         if xs and req.finish_reason != "abort" and n > 0:
             if first is not None:
-                self._quality.append((first, n))
+                self._quality.append((first, n, first.mean()))
                 self._unchecked += 1
                 if self._unchecked >= self.check_every:
                     self._check()
@@ -195,14 +218,14 @@ class LengthPredictor:
                 self._new += 1
                 if self._new >= self.train_every or (self._host is None and self.samples_seen >= self.min_samples):
                     self._wake.notify()
-        self.upkeep_seconds += time.perf_counter() - t0
+        self._account(t0)
 
     def _check(self) -> None:
         """Re-decide `trusted` from the scored window (O(n log^2 n) in its 512 pairs)."""
         self._unchecked = 0
         pairs = list(self._quality)
         if len(pairs) >= max(self.min_scored, 2):
-            self.tau = float(kendall_tau([p.mean() for p, _ in pairs], [n for _, n in pairs]))
+            self.tau = float(kendall_tau([m for _, _, m in pairs], [n for _, n, _ in pairs]))
             was, self.trusted = self.trusted, bool(self.tau >= self.min_tau)     # nan (constant) -> False
             if was != self.trusted:
                 log.info("length predictor %s: Kendall's tau %.2f over %d scored requests (threshold %.2f)",
@@ -227,12 +250,13 @@ class LengthPredictor:
         pairs = list(self._quality)
         m = {"predictor_samples_total": float(self.samples_seen), "predictor_train_rounds_total": float(self.rounds),
              "predictor_ready": float(self.ready), "predictor_trusted": float(self.trusted),
+             "predictor_handed_total": float(self.handed),
              "predictor_scored": float(len(pairs)),
              "predictor_upkeep_seconds_total": self.upkeep_seconds, "predictor_train_seconds_total": self.train_seconds,
              "predictor_val_loss": self.val_loss}
         if len(pairs) >= 10:
-            preds, true = [p for p, _ in pairs], [n for _, n in pairs]
-            m["predictor_kendall_tau"] = float(kendall_tau([p.mean() for p in preds], true))
+            preds, true = [p for p, _, _ in pairs], [n for _, n, _ in pairs]
+            m["predictor_kendall_tau"] = float(kendall_tau([mean for _, _, mean in pairs], true))
             m.update({f"predictor_{k}": float(v) for k, v in calibration(preds, true).items()})
         return m
 

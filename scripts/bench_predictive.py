@@ -93,7 +93,7 @@ def serve(policy: str, argv: list[str], prelude: list, work: list, arrivals: lis
     m = bench_client.summarize(results)
     m.update(slo_figures(results, []))
     m["busy_seconds"] = metric(text, "fastserve_busy_seconds_total") - busy0
-    for key in ("ready", "samples_total", "kendall_tau", "coverage_80", "true_bin_prob", "upkeep_seconds_total",
+    for key in ("ready", "trusted", "handed_total", "samples_total", "kendall_tau", "coverage_80", "true_bin_prob", "upkeep_seconds_total",
                 "train_seconds_total"):
         m[f"predictor_{key}"] = metric(text, f"fastserve_predictor_{key}")
     return m
@@ -144,7 +144,8 @@ def main() -> int:
         run = {}
         for policy in POLICIES:
             run[policy] = m = serve(policy, argv, for_policy(prelude, policy), for_policy(work, policy), arrivals)
-            extra = (f", predictor tau {m['predictor_kendall_tau']:.2f} from {m['predictor_samples_total']:.0f}"
+            extra = (f", predictor tau {m['predictor_kendall_tau']:.2f} from {m['predictor_samples_total']:.0f}, "
+                     f"{m['predictor_handed_total']:.0f} predictions handed to the scheduler"
                      if m.get("predictor_kendall_tau") is not None else "")
             print(f"  round {i + 1} {policy}: {m['throughput_rps']:.2f} req/s, JCT mean {m['e2e_mean']:.2f} s, "
                   f"p99 {m['e2e_p99']:.2f} s, {1e3 * m['mean_latency_per_token']:.1f} ms/token{extra}", flush=True)

@@ -103,6 +103,24 @@ def test_predictions_reach_requests_only_once_their_scored_quality_passes_the_ga
         p.close()
 
 
+def test_engine_thread_upkeep_is_held_to_its_budget():
+    """Past its budget the predictor asks for no features (the engine copies none), until the
+    budget has accrued again; idle time does not save up more than 50 ms."""
+    import time
+
+    p = LengthPredictor(4 + EXTRA, min_samples=10**9, train_every=10**9, upkeep_budget=0.5)
+    assert p.wants(_req("a", 0))
+    p._account(time.perf_counter() - 0.08)            # a call that took 80 ms, past the 50 ms in hand
+    assert not p.wants(_req("b", 0))
+    time.sleep(0.1)                                   # 0.5 s per second accrues 50 ms
+    p._account(time.perf_counter())
+    assert p.wants(_req("c", 0))
+    time.sleep(0.3)
+    p._account(time.perf_counter() - 0.06)            # the idle 0.3 s saved up 50 ms, not 150
+    assert not p.wants(_req("d", 0))
+    p.close()
+
+
 def test_predictions_respect_max_tokens_and_tokens_generated():
     dim, rng = 8, np.random.default_rng(1)
     p = LengthPredictor(dim + EXTRA, min_samples=50, train_every=10**9)
@@ -143,6 +161,7 @@ def test_engine_hands_each_request_its_own_pooled_state():
             return not req.output_token_ids
 
         def on_features(self, requests, pooled):
+            pooled = pooled()                       # the engine hands over the copy, to be timed
             for r in requests:
                 got.setdefault(r.prompt, []).append(pooled[r.request_id])
 
