@@ -74,33 +74,38 @@ def test_the_head_learns_a_planted_length_signal_and_reports_its_quality(tmp_pat
     q.close()
 
 
-def test_predictions_reach_requests_only_once_their_scored_quality_passes_the_gate():
+def test_predictions_reach_requests_only_once_their_held_out_quality_passes_the_gate(tmp_path):
     """Once ready, the predictor predicts every request and scores it at its finish, but sets
-    `length_prediction` only while Kendall's tau over the scored window is at least min_tau: a
+    `length_prediction` only while the published weights rank the window's held-out rows with
+    Kendall's tau >= min_tau (decided after each training round, and again on a restart): a
     predictor that learned nothing leaves the policy as skip-join instead of ranking by noise."""
     dim = 16
     for noise, trusted in ((0.1, True), (50.0, False)):          # a planted signal, then none at all
         rng = np.random.default_rng(3)
-        p = LengthPredictor(dim + EXTRA, min_samples=300, train_every=10**9, steps=100, min_scored=64, check_every=16)
-        _teach(p, rng, 300, dim, noise)
+        path = str(tmp_path / f"gate{noise}.npz")
+        p = LengthPredictor(dim + EXTRA, min_samples=300, train_every=10**9, steps=100, min_scored=40, path=path)
+        _teach(p, rng, 150, dim, noise)
+        p.train_round()
+        assert not p.trusted and np.isnan(p.tau)                 # 30 held-out rows: too few to judge
+        _teach(p, rng, 150, dim, noise)
         for _ in range(4):
             p.train_round()
-        assert p.ready and not p.trusted
+        assert p.ready and p.trusted == trusted and (p.tau >= 0.3) == trusted, (noise, p.tau)
         handed = []
-        for i in range(120):
-            length = int(np.exp(rng.uniform(0, 6)))
+        for i in range(40):
             req = _req(f"s{i}", 0)
-            p.on_features([req], {req.request_id: _planted(rng, max(length, 1), dim, noise)})
+            p.on_features([req], {req.request_id: _planted(rng, 20, dim, noise)})
             handed.append(req.length_prediction is not None)
-            req.output_token_ids = [5] * max(length, 1)
+            req.output_token_ids = [5] * 20
             p.on_finish(req)
         m = p.metrics()
-        assert m["predictor_scored"] == 120                      # scored whether handed over or not
-        assert not any(handed[:64])                              # nothing before min_scored were scored
-        assert p.trusted == trusted and m["predictor_trusted"] == float(trusted), (noise, p.tau)
-        assert any(handed[64:]) == trusted
-        assert (p.tau >= 0.3) == trusted
-        p.close()
+        assert m["predictor_scored"] == 40                       # scored whether handed over or not
+        assert all(handed) == trusted and any(handed) == trusted
+        assert m["predictor_trusted"] == float(trusted) and m["predictor_handed_total"] == 40 * trusted
+        p.close()                                                # saves the window
+        q = LengthPredictor(dim + EXTRA, min_samples=300, min_scored=40, path=path)
+        assert q.trusted == trusted and (q.tau >= 0.3) == trusted  # re-decided from the saved window
+        q.close()
 
 
 def test_engine_thread_upkeep_is_held_to_its_budget():
