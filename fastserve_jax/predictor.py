@@ -320,6 +320,10 @@ class LengthPredictor:
         return loss
 
     def _train_loop(self) -> None:
+        try:            # Linux: this thread only; the engine thread's work goes first on a busy CPU
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
         rest = 0.0
         while True:
             with self._lock:
