@@ -16,8 +16,8 @@ log tokens generated.
 Training: every finished request (not aborted) adds (features, its output length) to a
 replay window of the last `window` feature rows; every 5th request is held out. The
 training thread takes at most `train_budget` (1%) of the wall clock: after a round it
-rests 1 / train_budget - 1 times as long as the round took. Every `train_every` new samples a background
-thread runs `steps` jitted AdamW updates of (neighbour-smoothed) cross-entropy on minibatches of the window, then
+rests 1 / train_budget - 1 times as long as the round took. Every `train_every` new
+samples a background thread runs `steps` jitted AdamW updates of (neighbour-smoothed) cross-entropy on minibatches of the window, then
 publishes a host (numpy) copy of the weights; the engine thread only runs that numpy
 forward, so training never sits on the iteration's critical path. Predictions start once
 `min_samples` requests have been learned from (`ready`); until then the predictive policy
@@ -32,9 +32,9 @@ Predictions reach the scheduler only while they are worth ranking by (`trusted`)
 ready, the predictor predicts every request but keeps the prediction to itself (it is still
 scored when the request finishes) until, after a training round, the published weights rank
 the window's held-out rows (at least `min_scored` of them) with a Kendall's tau of at least
-`min_tau` (`_gate`). An
-untrusted predictor leaves the predictive policy as skip-join MLFQ (or, after it was
-trusted once, the learned-distribution Gittins policy for requests without a prediction).
+`min_tau` (`_gate`). An untrusted predictor leaves the predictive policy as skip-join MLFQ
+(or, after it was trusted once, the learned-distribution Gittins policy for requests
+without a prediction).
 On the demo model the live predictor learned nothing (tau about 0); ranking by its
 predictions, which followed the lengths finished so far, made the policy 20x worse than
 skip-join on latency per token and cost 14% of fcfs's throughput (docs/scheduling.md). In
