@@ -28,20 +28,12 @@ for them (out of sample): Kendall's tau between predicted mean and true length, 
 probability given to the true bin, and the coverage of the central 80% interval. /metrics
 exports them.
 
-Predictions reach the scheduler only while they are worth ranking by (`trusted`): once
-ready, the predictor predicts every request but keeps the prediction to itself (it is still
-scored when the request finishes) until, after a training round, the published weights rank
-the window's held-out rows (at least `min_scored` of them) with a Kendall's tau of at least
-`min_tau` (`_gate`). An untrusted predictor leaves the predictive policy as skip-join MLFQ
-(or, after it was trusted once, the learned-distribution Gittins policy for requests
-without a prediction).
-On the demo model the live predictor learned nothing (tau about 0); ranking by its
-predictions, which followed the lengths finished so far, made the policy 20x worse than
-skip-join on latency per token and cost 14% of fcfs's throughput (docs/scheduling.md). In
-the simulator's sweep, calibrated predictions at tau 0.3 gained 1.00-1.14x over skip-join's
-latency per token (useless but calibrated ones, which fall back to the prior, 0.98-1.11x),
-so below 0.3 there is little to win, and much to lose with a head that is not calibrated.
-A restart re-decides the gate from the saved window.
+Predictions reach the scheduler only while they are worth ranking by (`trusted`, `_gate`):
+once ready, the predictor predicts and scores every request, but sets `length_prediction`
+only while the published weights rank the window's held-out rows (at least `min_scored`)
+with Kendall's tau >= `min_tau`; until then the predictive policy stays skip-join MLFQ.
+Ranking by a head that learned nothing (the demo model: tau about 0) made it 20x worse than
+skip-join; docs/scheduling.md has the figures and the choice of 0.3.
 
 The weights and the window are saved beside the compilation cache (keyed by the model) on
 close and every 10 rounds, so a restart does not start cold.
