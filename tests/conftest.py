@@ -58,9 +58,9 @@ def tiny_checkpoints(tmp_path_factory):
 # count, so the one-test files that run subprocesses for 15-30 s (multi-host, startup, device
 # check) went last, and one worker ran them while the other sat idle. They now go first; the
 # rest keep xdist's order (most tests first). Queuing every file by its measured seconds
-# instead balanced the workers but did not shorten the run: 240 s against 233 s, with 451 s
-# of summed test time against 417 s, on the 2-core VM at the same machine speed (the engine
-# files that share one small grid through the run's cache then run side by side).
+# instead balanced the workers but did not shorten the run (240 and 255 s against 233 and
+# 268 s on the 2-core VM) and added 8% of summed test time at the same machine speed (451 s
+# against 417 s: the engine files that share one small grid then ran side by side).
 SUBPROCESS_FILES = ("test_multihost.py", "test_startup.py", "test_device_check.py")
 
 
