@@ -142,7 +142,7 @@ class LLMEngine:
                                         self.kv, config, self.cost_model)
         if (name == "predictive") != (self.predictor is not None):     # the policy's length predictor
             from fastserve_jax.predictor import EXTRA, LengthPredictor, default_path
-            self.predictor = (LengthPredictor(2 * self.model_cfg.hidden_size + EXTRA,
+            self.predictor = (LengthPredictor(2 * self.model_cfg.hidden_size + EXTRA, warm=True,
                                               path=default_path(self.model_cfg, self.cfg.dtype))
                               if name == "predictive" else self.predictor.close())
 

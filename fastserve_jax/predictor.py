@@ -14,14 +14,12 @@ log tokens generated.
     total-output-length bins (length_prediction.BIN_EDGES), cut at max_tokens
 
 Training: every finished request (not aborted) adds (features, its output length) to a
-replay window of the last `window` feature rows; every 5th request is held out. The
-training thread takes at most `train_budget` (1%) of the wall clock: after a round it
-rests 1 / train_budget - 1 times as long as the round took. Every `train_every` new
-samples a background thread runs `steps` jitted AdamW updates of (neighbour-smoothed) cross-entropy on minibatches of the window, then
-publishes a host (numpy) copy of the weights; the engine thread only runs that numpy
-forward, so training never sits on the iteration's critical path. Predictions start once
-`min_samples` requests have been learned from (`ready`); until then the predictive policy
-is skip-join MLFQ.
+replay window of the last `window` feature rows; every 5th request is held out. Every
+`train_every` new samples a background thread runs `steps` AdamW updates of
+(neighbour-smoothed) cross-entropy on minibatches of the window, in one compiled call, and
+publishes a numpy copy of the weights, which is all the engine thread runs. The thread then
+rests 1 / `train_budget` - 1 times as long as the round took (1% of the wall clock).
+Predictions start once `min_samples` requests have been learned from (`ready`).
 
 Quality, as it learns, over the last 512 requests that finished after a prediction was made
 for them (out of sample): Kendall's tau between predicted mean and true length, the mean
@@ -29,11 +27,10 @@ probability given to the true bin, and the coverage of the central 80% interval.
 exports them.
 
 Predictions reach the scheduler only while they are worth ranking by (`trusted`, `_gate`):
-once ready, the predictor predicts and scores every request, but sets `length_prediction`
-only while the published weights rank the window's held-out rows (at least `min_scored`)
-with Kendall's tau >= `min_tau`; until then the predictive policy stays skip-join MLFQ.
-Ranking by a head that learned nothing (the demo model: tau about 0) made it 20x worse than
-skip-join; docs/scheduling.md has the figures and the choice of 0.3.
+the published weights rank the window's held-out rows (at least `min_scored`) with
+Kendall's tau >= `min_tau`; until then the predictive policy stays skip-join MLFQ. Ranking
+by a head that learned nothing (the demo model: tau about 0) made it 20x worse than
+skip-join (docs/scheduling.md: the figures and the choice of 0.3).
 
 The weights and the window are saved beside the compilation cache (keyed by the model) on
 close and every 10 rounds, so a restart does not start cold.
@@ -98,8 +95,7 @@ def _loss(p, x, y, w=None):
 
 
 def _padded(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows padded to the next power of two with weight 0, so the evaluation compiles once per
-    size class (a dozen over a 4,096-row window) instead of once per window length."""
+    """Rows padded to a power of two with weight 0: one compile per size class, not per length."""
     n = len(x)
     m = 1 << max(n - 1, 0).bit_length()
     w = np.zeros(m, np.float32)
@@ -112,9 +108,10 @@ class LengthPredictor:
     def __init__(self, feature_dim: int, *, window: int = 4096, min_samples: int = 200, train_every: int = 32,
                  steps: int = 40, batch: int = 128, lr: float = 3e-3, seed: int = 0, path: str | None = None,
                  refine: bool = False, train_budget: float = 0.01, upkeep_budget: float = 0.01, min_tau: float = 0.3,
-                 min_scored: int = 100) -> None:
+                 min_scored: int = 100, warm: bool = False) -> None:
         self.feature_dim, self.min_samples, self.train_every = feature_dim, min_samples, train_every
         self.min_tau, self.min_scored = min_tau, min_scored
+        self.warm = warm               # compile a round's update when the thread starts, not in the first round
         self.trusted = False           # predictions are handed to the scheduler (see the module doc)
         self.tau = float("nan")        # held-out Kendall's tau at the last training round
         self.handed = 0                # predictions set on requests (what the scheduler ranked by)
@@ -166,12 +163,9 @@ class LengthPredictor:
         return g == 0 or (self.refine and g >= 8 and g & (g - 1) == 0)
 
     def _account(self, t0: float) -> None:
-        """Charge the engine thread's time since t0 and decide whether the next requests'
-        features are taken. A token bucket: credit accrues at `upkeep_budget` seconds per
-        second, up to 50 ms, and each call spends what it took, so upkeep stays under that
-        share of the wall clock (idle time does not save up for a burst). At high request
-        rates the predictor thus learns from, scores and predicts a sample of the requests;
-        one without a prediction is ranked by the learned distribution."""
+        """Charge the engine thread's time since t0 to a token bucket (credit accrues at
+        `upkeep_budget` s/s, at most 50 ms saved up); in debt, take no features: at high rates
+        the predictor learns from, scores and predicts a sample of the requests."""
         now = time.perf_counter()
         self.upkeep_seconds += now - t0
         self._credit = min(0.05, self._credit + self.upkeep_budget * (now - self._last)) - (now - t0)
@@ -222,11 +216,9 @@ class LengthPredictor:
         self._account(t0)
 
     def _gate(self, x: np.ndarray, y: np.ndarray) -> None:
-        """Re-decide `trusted` from the held-out rows `x` (labels `y`, bins) with the weights
-        just published: one set of weights at one moment. Scoring the predictions made at
-        each request's prefill instead mixes weights of different ages, and during a burst
-        both drift together (the head learns longer lengths as the long requests finish,
-        late): on the demo model that opened the gate at a spurious tau >= 0.3."""
+        """Re-decide `trusted` from held-out rows `x` (label bins `y`) with the published weights:
+        one set of weights at one moment (predictions made at each prefill mix weights of
+        different ages, whose drift in a burst once opened the gate on the demo model)."""
         if len(x) < self.min_scored:
             return
         p = self._host
@@ -287,11 +279,8 @@ class LengthPredictor:
         held-out loss of what is published."""
         t0 = time.perf_counter()
         with self._lock:
-            data = list(self.window)
             self._new = 0
-        x = np.stack([d[0] for d in data])
-        y = np.asarray([d[1] for d in data], np.int32)
-        val = np.asarray([d[2] for d in data], bool)
+        x, y, val = self._arrays()
         tx, ty = (x[~val], y[~val]) if (~val).any() else (x, y)
         idx = self._rng.integers(0, len(tx), size=(self.steps, self.batch))
         self._params, self._opt_state = self._update(self._params, self._opt_state, tx[idx], ty[idx])
@@ -316,6 +305,12 @@ class LengthPredictor:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         except (AttributeError, OSError):
             pass
+        if self.warm:   # 0.6 s of compiling on 2 cores, at start-up rather than in the first round under load
+            try:
+                self._update(self._params, self._opt_state, np.zeros((self.steps, self.batch, self.feature_dim),
+                             np.float32), np.zeros((self.steps, self.batch), np.int32))
+            except Exception:
+                log.exception("compiling the length predictor's update failed")
         rest = 0.0
         while True:
             with self._lock:
@@ -334,7 +329,7 @@ class LengthPredictor:
                 log.exception("length predictor training failed")
                 return
             # the budget: training takes at most `train_budget` of the wall clock (the first
-            # round, which compiles the update, does not count)
+            # round, which compiles, does not count)
             rest = 0.0 if first else (time.perf_counter() - t0) * (1 / self.train_budget - 1)
 
     def _stop(self) -> None:
@@ -350,19 +345,25 @@ class LengthPredictor:
         self.save()
 
     # -- persistence -----------------------------------------------------------------------
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The window as (feature rows, label bins, held-out mask)."""
+        with self._lock:
+            data = list(self.window)
+        if not data:
+            return np.zeros((0, self.feature_dim), np.float32), np.zeros(0, np.int32), np.zeros(0, bool)
+        return (np.stack([d[0] for d in data]), np.asarray([d[1] for d in data], np.int32),
+                np.asarray([d[2] for d in data], bool))
+
     def save(self) -> None:
         if not self.path:
             return
-        with self._lock:
-            data = list(self.window)
+        x, y, v = self._arrays()
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         params = {k: np.asarray(v) for k, v in jax.device_get(self._best if self._best is not None
                                                               else self._params).items()}
         tmp = self.path + f".{os.getpid()}.tmp.npz"
-        np.savez(tmp, fmt=_FORMAT, dim=self.feature_dim, bins=NUM_BINS, seen=self.samples_seen,
-                 x=np.stack([d[0] for d in data]) if data else np.zeros((0, self.feature_dim), np.float32),
-                 y=np.asarray([d[1] for d in data], np.int32), v=np.asarray([d[2] for d in data], bool),
-                 **{f"p_{k}": v for k, v in params.items()})
+        np.savez(tmp, fmt=_FORMAT, dim=self.feature_dim, bins=NUM_BINS, seen=self.samples_seen, x=x, y=y, v=v,
+                 **{f"p_{k}": w for k, w in params.items()})
         os.replace(tmp, self.path)
 
     def _restore(self, path: str) -> None:
@@ -382,9 +383,8 @@ class LengthPredictor:
         if len(self.window):
             self._best = self._params
             self._host = {k: np.asarray(v) for k, v in self._params.items()}
-            held = [(x, y) for x, y, v in self.window if v]
-            if held:
-                self._gate(np.stack([x for x, _ in held]), np.asarray([y for _, y in held]))
+            x, y, v = self._arrays()
+            self._gate(x[v], y[v])
 
 
 def default_path(model_cfg, dtype: str) -> str | None:
