@@ -130,7 +130,7 @@ class LengthPredictor:
         self._over = False             # engine-thread upkeep is over its budget: take no features for now
         self._pending: dict[str, list[np.ndarray]] = {}         # request id -> its features, until it finishes
         self._first: dict[str, LengthPrediction] = {}           # request id -> the prediction at its prefill
-        self._quality: deque[tuple[LengthPrediction, int, float]] = deque(maxlen=512)   # (first, true, its mean)
+        self._quality: deque[tuple[LengthPrediction, int]] = deque(maxlen=512)
         self.samples_seen = 0          # finished requests added to the window (this run and restored)
         self.rounds = 0
         self.upkeep_seconds = 0.0      # engine-thread time in this module
@@ -204,7 +204,7 @@ class LengthPredictor:
         n = len(req.output_token_ids)
         if xs and req.finish_reason != "abort" and n > 0:
             if first is not None:
-                self._quality.append((first, n, first.mean()))
+                self._quality.append((first, n))
             label = length_to_bin(n)
             with self._lock:
                 held_out = self.samples_seen % 5 == 4           # a request's points stay on one side
@@ -216,14 +216,11 @@ class LengthPredictor:
         self._account(t0)
 
     def _gate(self, x: np.ndarray, y: np.ndarray) -> None:
-        """Re-decide `trusted` from held-out rows `x` (label bins `y`) with the published weights:
-        one set of weights at one moment (predictions made at each prefill mix weights of
-        different ages, whose drift in a burst once opened the gate on the demo model)."""
+        """Re-decide `trusted` from held-out rows `x` (label bins `y`) with the published weights
+        (predictions made at each prefill mix weights of different ages: docs/scheduling.md)."""
         if len(x) < self.min_scored:
             return
-        p = self._host
-        z = np.maximum(x @ p["w1"] + p["b1"], 0.0) @ p["w2"] + p["b2"]
-        z = np.exp(z - z.max(-1, keepdims=True))
+        z = self._weights(x)
         mean = (z / z.sum(-1, keepdims=True)) @ np.log(BIN_EDGES[:-1])      # ranks like the mean length
         self.tau = float(kendall_tau(mean, y))
         was, self.trusted = self.trusted, bool(self.tau >= self.min_tau)     # nan (constant) -> False
@@ -231,12 +228,15 @@ class LengthPredictor:
             log.info("length predictor %s: held-out Kendall's tau %.2f over %d rows (threshold %.2f)",
                      "trusted" if self.trusted else "no longer trusted", self.tau, len(x), self.min_tau)
 
+    def _weights(self, x: np.ndarray) -> np.ndarray:
+        p = self._host                                  # unnormalised bin probabilities (numpy)
+        z = np.maximum(x @ p["w1"] + p["b1"], 0.0) @ p["w2"] + p["b2"]
+        return np.exp(z - z.max(-1, keepdims=True))
+
     def predict(self, x: np.ndarray, max_tokens: list[int], generated: list[int] | None = None) -> list[LengthPrediction]:
         """Distributions of the total output length for rows of features (numpy forward of the
         published weights), cut to (generated, max_tokens]."""
-        p = self._host
-        z = np.maximum(x @ p["w1"] + p["b1"], 0.0) @ p["w2"] + p["b2"]
-        z = np.exp(z - z.max(-1, keepdims=True))
+        z = self._weights(x)
         out = []
         for probs, cap, g in zip(z, max_tokens, generated or [0] * len(z)):
             probs = probs.copy()
@@ -255,8 +255,8 @@ class LengthPredictor:
              "predictor_upkeep_seconds_total": self.upkeep_seconds, "predictor_train_seconds_total": self.train_seconds,
              "predictor_val_loss": self.val_loss}
         if len(pairs) >= 10:
-            preds, true = [p for p, _, _ in pairs], [n for _, n, _ in pairs]
-            m["predictor_kendall_tau"] = float(kendall_tau([mean for _, _, mean in pairs], true))
+            preds, true = [p for p, _ in pairs], [n for _, n in pairs]
+            m["predictor_kendall_tau"] = float(kendall_tau([p.mean() for p in preds], true))
             m.update({f"predictor_{k}": float(v) for k, v in calibration(preds, true).items()})
         return m
 

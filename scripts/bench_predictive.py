@@ -159,6 +159,9 @@ def main() -> int:
               + (f"{gap:9.0%}" if key in ("e2e_mean", "mean_latency_per_token") else ""))
     thr = med["throughput_rps"]["predictive"] / med["throughput_rps"]["fcfs"]
     pred = runs[-1]["predictive"]
+    if not any(r["predictive"].get("predictor_handed_total") for r in runs):
+        print("no prediction reached the scheduler (the quality gate stayed closed): predictive scheduled as "
+              "skip-join-mlfq, so 'closed' measures run-to-run noise, not prediction")
     upkeep = (pred["predictor_upkeep_seconds_total"] or 0) / pred["busy_seconds"]
     train = (pred["predictor_train_seconds_total"] or 0) / pred["busy_seconds"]
     print(f"predictive/fcfs served req/s {thr:.3f}; predictor (last round): kendall tau "
