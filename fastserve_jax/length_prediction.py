@@ -235,11 +235,15 @@ def kendall_tau(pred: Sequence[float], true: Sequence[float]) -> float:
     ry = np.unique(y, return_inverse=True)[1].astype(np.int64)      # ranks of y, ties equal
 
     def tied(*cols: np.ndarray) -> float:
-        _, counts = np.unique(np.stack(cols), axis=1, return_counts=True)
+        """Pairs equal in every column; the rows are sorted by the columns (runs of equals)."""
+        change = np.zeros(n - 1, bool)
+        for c in cols:
+            change |= c[1:] != c[:-1]
+        counts = np.diff(np.flatnonzero(np.concatenate([[True], change, [True]])))
         return float((counts * (counts - 1) // 2).sum())
 
     pairs = n * (n - 1) / 2
-    tx, ty, txy = tied(x), tied(y), tied(x, y)
+    tx, ty, txy = tied(x), tied(np.sort(y)), tied(x, y)
     if pairs == tx or pairs == ty:
         return float("nan")
     discordant = _inversions(ry)
