@@ -5,6 +5,7 @@ from __future__ import annotations
 if __name__ == "models":  # imported by the generic top-level name from a source checkout
     raise ImportError("import fastserve_jax.models: the models/ folder installs under the fastserve_jax namespace")
 
+import functools
 import os
 
 import flax.linen as nn
@@ -26,11 +27,17 @@ def build_model(cfg: ModelConfig, dtype: str = "float32") -> nn.Module:
 
 
 def param_shapes(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """The param tree `build_model(cfg, dtype)` expects, as jax.ShapeDtypeStruct leaves."""
+    """The param tree `build_model(cfg, dtype)` expects, as jax.ShapeDtypeStruct leaves (a
+    fresh tree of the same leaves on every call; the leaves are immutable)."""
+    return jax.tree.map(lambda s: s, _param_shapes(cfg, jnp.dtype(dtype).name))
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(cfg: ModelConfig, dtype: str) -> dict:
+    # tracing the model's init takes 0.1-0.2 s, and a load asks two or three times
     module = build_model(cfg, dtype)
     tokens = jnp.zeros((1, 1), jnp.int32)
-    variables = jax.eval_shape(module.init, jax.random.key(0), tokens, dense_batch(tokens.shape))
-    return variables["params"]
+    return jax.eval_shape(module.init, jax.random.key(0), tokens, dense_batch(tokens.shape))["params"]
 
 
 def build_block(cfg: ModelConfig, dtype: str = "float32", attention_backend: str = "reference") -> nn.Module:
