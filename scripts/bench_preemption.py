@@ -209,7 +209,7 @@ def main() -> int:
         capacity = None
         if a.rate is None:
             # a full warm-up: with a cold compilation cache the probe otherwise times the background
-            # compiles of a lazy start (4.5 req/s instead of 18 on the demo model); it also fills
+            # compiles of a lazy start (4.5 req/s instead of 65-71 on the demo model); it also fills
             # the cache for every server after it
             m = serve_burst("fcfs", argv + ["--warmup", "full"], warm, probe, None, concurrency=a.max_num_seqs)
             capacity = m["throughput_rps"]
