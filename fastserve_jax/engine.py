@@ -150,17 +150,16 @@ class LLMEngine:
     def from_pretrained(cls, model_path: str, cfg: EngineConfig, model_cfg=None, **kwargs) -> "LLMEngine":
         """Load a Hugging Face model directory (config.json, safetensors, tokenizer);
         `model_cfg`: its ModelConfig when the caller has read it already."""
-        from transformers import AutoTokenizer
-
         from fastserve_jax.models.config import ModelConfig
         from fastserve_jax.models.loader import load_model
+        from fastserve_jax.models.tokenizer import load_tokenizer
 
         model_cfg = model_cfg or ModelConfig.from_pretrained(model_path)
         layout = ModelLayout(model_cfg, ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size))
         # Across processes the converted-params cache is off: orbax would need a shared filesystem.
         _, _, params = load_model(model_path, dtype=cfg.dtype, place=layout.abstract_params,
                                   cache_dir="" if jax.process_count() > 1 else None, cfg=model_cfg)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        tokenizer = load_tokenizer(model_path)
         return cls(model_cfg, params, tokenizer, cfg, _eos_ids(model_path, model_cfg, tokenizer), layout=layout,
                    own_params=True, **kwargs)
 

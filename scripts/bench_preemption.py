@@ -175,12 +175,11 @@ def main() -> int:
     a = ap.parse_args()
     if a.pairs < 1 or a.num_requests < 2 or a.capacity_requests < 1 or not a.overload > 0:
         ap.error("--pairs, --capacity-requests >= 1, --num-requests >= 2 and --overload > 0")
-    from transformers import AutoTokenizer
-
     from fastserve_jax.models import demo_model_path
+    from fastserve_jax.models.tokenizer import load_tokenizer
 
     t_start = time.monotonic()
-    tok = AutoTokenizer.from_pretrained(demo_model_path())
+    tok = load_tokenizer(demo_model_path())
     work, _ = build_workload(TRACE, a.num_requests, 1.0, False, 1.0, a.seed, "chat")
     prompt_tokens = [len(tok.encode(w[0]["prompt"])) for w in work]
     outputs = [demo_task.answer_num_tokens(a_, b_) for _, (a_, b_) in work]

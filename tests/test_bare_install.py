@@ -140,10 +140,10 @@ CHAT_ERRORS = r"""
 import json, shutil, sys
 from fastserve_jax.models import demo_model_path
 from fastserve_jax.serve.errors import APIError
+from fastserve_jax.models.tokenizer import load_tokenizer
 from fastserve_jax.serve.prepare import render_chat
-from transformers import AutoTokenizer
 
-tok = AutoTokenizer.from_pretrained(demo_model_path())
+tok = load_tokenizer(demo_model_path())
 msgs = [{"role": "user", "content": "count from 3 to 5:"}]
 out = {}
 for name, template in (("raises", "{{ raise_exception('only user turns') }}"), ("missing", None)):

@@ -1,0 +1,36 @@
+"""Loading a checkpoint's tokenizer without paying for what it does not use.
+
+`transformers.AutoTokenizer` reads the checkpoint's config.json through transformers' model
+config classes, and those import torch whenever it is installed: 3-4 s of a start on a
+2-core machine, for an engine that never runs torch. A checkpoint whose tokenizer is the
+generic fast one (a `tokenizer.json` and `tokenizer_class` PreTrainedTokenizerFast or
+TokenizersBackend, as the demo model and the random checkpoints have) loads through that
+class directly, which imports neither. Any other tokenizer class (LlamaTokenizerFast,
+GPT2Tokenizer, ...) may carry model-specific behaviour, so it goes through AutoTokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+GENERIC_FAST = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
+
+
+def tokenizer_class(model_path: str) -> str | None:
+    """The `tokenizer_class` the checkpoint's tokenizer_config.json names, None without one."""
+    path = os.path.join(model_path, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        cls = json.load(f).get("tokenizer_class")
+    return cls if isinstance(cls, str) else None
+
+
+def load_tokenizer(model_path: str):
+    """The tokenizer of a Hugging Face model directory (see the module docstring)."""
+    if tokenizer_class(model_path) in GENERIC_FAST and os.path.isfile(os.path.join(model_path, "tokenizer.json")):
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast.from_pretrained(model_path)
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(model_path)

@@ -1,0 +1,66 @@
+"""models/tokenizer.py: a generic fast tokenizer loads without AutoTokenizer (and so without
+torch), and behaves exactly as AutoTokenizer's; other tokenizer classes still go through it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fastserve_jax.models import demo_model_path
+from fastserve_jax.models.random_checkpoint import save_byte_tokenizer
+from fastserve_jax.models.tokenizer import load_tokenizer, tokenizer_class
+
+TEXTS = ["count from 3 to 12:", "count from 250 to 300: 250 251", "", " ", "héllo wörld \n\t<s></s><unk>", "0 999 1000"]
+
+
+def _same(a, b) -> None:
+    for text in TEXTS:
+        assert a(text)["input_ids"] == b(text)["input_ids"], text
+        assert a(text, add_special_tokens=False)["input_ids"] == b(text, add_special_tokens=False)["input_ids"]
+        ids = b(text)["input_ids"]
+        assert a.decode(ids) == b.decode(ids) and a.decode(ids, skip_special_tokens=True) == \
+            b.decode(ids, skip_special_tokens=True)
+    assert len(a) == len(b) and a.all_special_ids == b.all_special_ids
+    assert (a.bos_token_id, a.eos_token_id, a.pad_token_id) == (b.bos_token_id, b.eos_token_id, b.pad_token_id)
+    assert a.chat_template == b.chat_template
+    if b.chat_template:
+        msgs = [{"role": "user", "content": "count from 3 to 5:"}]
+        assert a.apply_chat_template(msgs, tokenize=False) == b.apply_chat_template(msgs, tokenize=False)
+
+
+@pytest.mark.parametrize("which", ["demo", "byte"])
+def test_generic_fast_tokenizer_matches_auto_tokenizer(which, tmp_path):
+    from transformers import AutoTokenizer
+    path = demo_model_path() if which == "demo" else str(tmp_path)
+    if which == "byte":
+        save_byte_tokenizer(path, vocab_size=300, eos_token_id=2)
+    assert tokenizer_class(path) in {"PreTrainedTokenizerFast", "TokenizersBackend"}
+    _same(load_tokenizer(path), AutoTokenizer.from_pretrained(path))
+
+
+def test_other_tokenizer_classes_go_through_auto_tokenizer(tmp_path):
+    save_byte_tokenizer(str(tmp_path), vocab_size=300, eos_token_id=2)
+    cfg_path = tmp_path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "tokenizer_class": "GPT2TokenizerFast"}))
+    assert type(load_tokenizer(str(tmp_path))).__name__ == "GPT2Tokenizer"   # AutoTokenizer's pick, not ours
+    os.remove(cfg_path)                          # no tokenizer config: AutoTokenizer decides from config.json
+    shutil.copy(os.path.join(demo_model_path(), "config.json"), tmp_path)
+    assert tokenizer_class(str(tmp_path)) is None
+    from transformers import AutoTokenizer
+    assert type(load_tokenizer(str(tmp_path))) is type(AutoTokenizer.from_pretrained(str(tmp_path)))
+
+
+def test_loading_the_demo_tokenizer_imports_neither_torch_nor_auto_classes():
+    code = ("import sys\nfrom fastserve_jax.models import demo_model_path\n"
+            "from fastserve_jax.models.tokenizer import load_tokenizer\n"
+            "tok = load_tokenizer(demo_model_path())\nassert tok('count from 3 to 5:')['input_ids']\n"
+            "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('transformers.models.'))\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
