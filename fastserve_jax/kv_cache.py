@@ -102,6 +102,11 @@ class KVManager:
         return self.num_host_blocks - self._host_free
 
     @property
+    def num_kv_requests(self) -> int:
+        """Requests whose KV is kept anywhere (has_kv)."""
+        return len(self._where)
+
+    @property
     def num_host_requests(self) -> int:
         """Requests holding host blocks (on the host or in flight either way)."""
         return len(self._host)

@@ -105,11 +105,20 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     fallback = None                   # the best host request passed over for swap_in_blocks
     donors: list[int] = []            # plan.scheduled indices of prefill chunks of > 1 token
     past_budget = 0                   # requests walked after the budget ran out
-    for req in itertools.chain(best_first, (None,)):
+    holders_left = kv.num_kv_requests  # KV holders not walked yet: once none is left and no new
+    for req in itertools.chain(best_first, (None,)):  # request may start, the walk is over
+        if req is not None:
+            where = kv.location(req)
+            holds = where is not KVLocation.NONE      # kv.has_kv(req), without a second lookup
+            holders_left -= holds
+            if not holds and not admit_new and holders_left <= 0:
+                req = None            # (a long queue of waiting requests is not walked in vain)
         if req is None:               # the walk is over: progress comes before the swap-in bound
             if plan.scheduled or fallback is None:
                 break
             req, fallback, swap_in_blocks = fallback, None, None
+            where = kv.location(req)
+            holds = where is not KVLocation.NONE
         if len(plan.scheduled) >= limits.max_num_seqs:
             break
         if budget <= 0:
@@ -121,13 +130,12 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
             past_budget += 1
             if req.num_pending_tokens != 1:
                 continue
-        rid = req.request_id
-        if rid in evicted or req.in_flight or kv.location(req) is KVLocation.SWAPPING_IN:
-            continue
-        comes_back = kv.host_blocks(req) if kv.location(req) in ON_HOST else 0
-        holds = kv.has_kv(req)
         if not holds and not admit_new:
             continue
+        rid = req.request_id
+        if rid in evicted or req.in_flight or where is KVLocation.SWAPPING_IN:
+            continue
+        comes_back = kv.host_blocks(req) if where in ON_HOST else 0
         n = min(req.num_pending_tokens, budget) if budget > 0 else 1
         need = kv.blocks_needed(req, n)
         # A request starts only if its whole context fits, not just its first chunk: a start
