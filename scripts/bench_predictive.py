@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -127,7 +129,9 @@ def main() -> int:
     from fastserve_jax import LLM
 
     t0 = time.monotonic()
-    os.environ["FASTSERVE_JAX_PREDICTOR_DIR"] = tempfile.mkdtemp(prefix="fsj-predictor-")   # start cold
+    cold = tempfile.mkdtemp(prefix="fsj-predictor-")   # start cold, and leave nothing behind
+    atexit.register(shutil.rmtree, cold, True)
+    os.environ["FASTSERVE_JAX_PREDICTOR_DIR"] = cold
     argv = ["--max-num-seqs", str(a.max_num_seqs), "--max-num-batched-tokens", "512", "--warmup", "full",
             "--max-pending", "8192"]                     # the burst's backlog must not be turned away
     rng = np.random.default_rng(a.seed)
