@@ -144,20 +144,33 @@ class SwapPolicy:
         reserve = self.reserve(len(plan.scheduled), now)
         if free >= reserve and kv.num_host_requests == 0:
             return ahead
-        host_resident = [r for r in live if kv.location(r) is KVLocation.HOST and self._settled(r)]
+        # One walk over the live requests (in a burst most hold no KV) sorts the holders out.
+        running = {s.request.request_id for s in plan.scheduled}
+        host_resident: list[Request] = []
+        paused: list[Request] = []
+        in_flight = 0                                                      # blocks being uploaded
+        for r in live:
+            where = kv.location(r)
+            if where is KVLocation.NONE:
+                continue
+            if where is KVLocation.HOST:
+                if self._settled(r):
+                    host_resident.append(r)
+            elif where is KVLocation.DEVICE:
+                if r.request_id not in running and not r.in_flight and self._settled(r):
+                    paused.append(r)
+            elif where is KVLocation.SWAPPING_IN:
+                in_flight += len(kv.block_table(r))
         if free >= reserve and not host_resident:
             return ahead
-        enst = scheduler.next_run_estimates(now, self.step_time)
-        running = {s.request.request_id for s in plan.scheduled}
-        paused = [r for r in live if kv.location(r) is KVLocation.DEVICE and r.request_id not in running
-                  and not r.in_flight and self._settled(r)]
+        enst = scheduler.next_run_estimates(now, self.step_time,
+                                            {r.request_id for r in paused} | {r.request_id for r in host_resident})
         paused.sort(key=lambda r: enst[r.request_id], reverse=True)        # furthest next run first
         host_resident.sort(key=lambda r: enst[r.request_id])               # soonest next run first
         host_free = kv.num_host_free_blocks
         soon = LOOKAHEAD_ITERATIONS * self.step_time
         link = math.inf                                                    # upload blocks this step carries
         if self.seconds_per_block > 0:
-            in_flight = sum(len(kv.block_table(r)) for r in live if kv.location(r) is KVLocation.SWAPPING_IN)
             link = self.step_time / self.seconds_per_block - in_flight
         k = 0                                                              # next offload candidate
 

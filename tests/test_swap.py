@@ -125,6 +125,12 @@ def test_mlfq_enst_orders_by_queue_and_promotion():
     assert est["c"] == pytest.approx(0.056)
     # 3 live requests share 1 slot: the 1 s threshold stretches to 3 s, and promotion comes first
     assert sched.next_run_estimates(2.99, 0.01)["c"] == pytest.approx(0.01)
+    # asked for some requests only (the swap policy asks for the KV holders): the same figures
+    assert sched.next_run_estimates(0.5, 0.01, only={"c", "b"}) == {k: est[k] for k in ("b", "c")}
+    fcfs = make_scheduler("fcfs", Limits(1, 100), kv)
+    for r in (req("x", 4), req("y", 4), req("z", 4)):
+        fcfs.add(r)
+    assert fcfs.next_run_estimates(0.0, 0.01, only={"z"}) == {"z": 0.02}
 
 
 # -- a long randomized run of the ledger under every swap policy -----------------------------

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Container, Iterator
 
 from fastserve_jax.config import SchedulerConfig
 from fastserve_jax.cost_model import CostModel
@@ -115,13 +115,16 @@ class Scheduler(ABC):
     def priority_order(self) -> Iterator[Request]:
         """Every live request, the one that would run first first."""
 
-    def next_run_estimates(self, now: float, step_time: float) -> dict[str, float]:
-        """Estimated seconds until each live request is next scheduled (FastServe's ENST).
+    def next_run_estimates(self, now: float, step_time: float,
+                           only: Container[str] | None = None) -> dict[str, float]:
+        """Estimated seconds until each live request is next scheduled (FastServe's ENST);
+        `only`: the request ids wanted (default all; the swap policy asks for the KV holders).
 
         This default reads only the ranking: a request of rank k waits about k // max_num_seqs
         iterations of `step_time` seconds. Policies with more structure refine it (mlfq)."""
         b = self.limits.max_num_seqs
-        return {r.request_id: (k // b) * step_time for k, r in enumerate(self.priority_order())}
+        return {r.request_id: (k // b) * step_time for k, r in enumerate(self.priority_order())
+                if only is None or r.request_id in only}
 
     def queue_lengths(self) -> list[int]:
         """Live requests per priority level, highest first (one level unless the policy has queues)."""

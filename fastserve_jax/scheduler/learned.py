@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 from abc import abstractmethod
 from collections import deque
-from typing import Iterator
+from typing import Container, Iterator
 
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan
@@ -110,10 +110,11 @@ class LearnedLengthPolicy(IndexPolicy):
     def priority_order(self) -> Iterator[Request]:
         return self.warmup.priority_order() if self.warmup is not None else super().priority_order()
 
-    def next_run_estimates(self, now: float, step_time: float) -> dict[str, float]:
+    def next_run_estimates(self, now: float, step_time: float,
+                           only: Container[str] | None = None) -> dict[str, float]:
         if self.warmup is not None:
-            return self.warmup.next_run_estimates(now, step_time)
-        return super().next_run_estimates(now, step_time)
+            return self.warmup.next_run_estimates(now, step_time, only)
+        return super().next_run_estimates(now, step_time, only)
 
     def on_iteration(self, plan: Plan, duration: float, now: float) -> None:
         if self.warmup is not None:

@@ -18,7 +18,7 @@ promote are O(1) and a schedule() walks only as far as the batch fills.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator
+from typing import Container, Iterator
 
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan, Scheduler, starvation_limit
@@ -75,34 +75,40 @@ class MLFQScheduler(Scheduler):
 
     priority_order = best_first
 
-    def next_run_estimates(self, now: float, step_time: float) -> dict[str, float]:
+    def next_run_estimates(self, now: float, step_time: float,
+                           only: Container[str] | None = None) -> dict[str, float]:
         """FastServe's ENST: the smaller of the time until starvation promotion and the time
         until the jobs ahead have been served down to this job's queue, over the batch size.
 
         A job ahead in a higher queue l < i must receive q_l + ... + q_{i-1} minus what it
         already got there before it joins queue i behind this one; a job ahead in queue i
         must use up the rest of q_i. Quanta are seconds of iteration time charged to every
-        job of a batch, so max_num_seqs jobs are served at once. One walk, O(live)."""
+        job of a batch, so max_num_seqs jobs are served at once. One walk, O(live); `only`
+        (request ids) limits the estimates made, not the walk."""
         b = self.limits.max_num_seqs
         below = [0.0]                           # below[i] = q_0 + ... + q_{i-1}
         for q in self.quanta:
             below.append(below[-1] + q)
         limit = self.starvation_limit()
+        idle = self._idle
         out: dict[str, float] = {}
         count = 0                               # jobs in the queues above the current one
         owed = 0.0                              # their sum of (below[l_k] + attained_k)
         for i, q in enumerate(self.queues):
+            quantum, base = self.quanta[i], below[i]
             same = 0.0                          # the rest of q_i owed by the jobs ahead in queue i
             for rid, req in q.items():
-                ahead = count * below[i] - owed + same
-                t = ahead / b
-                if limit > 0:
-                    t = min(t, max(0.0, limit - (now - self._idle[rid])))
-                out[rid] = t
-                same += max(0.0, self.quanta[i] - req.attained_service)
+                if only is None or rid in only:
+                    t = (count * base - owed + same) / b
+                    if limit > 0:
+                        t = min(t, max(0.0, limit - (now - idle[rid])))
+                    out[rid] = t
+                rest = quantum - req.attained_service
+                if rest > 0.0:
+                    same += rest
             for req in q.values():
                 count += 1
-                owed += below[i] + req.attained_service
+                owed += base + req.attained_service
         return out
 
     def worst_first(self) -> Iterator[Request]:
