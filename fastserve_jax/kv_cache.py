@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Mapping
 
 from fastserve_jax.request import Request
 
@@ -116,6 +117,12 @@ class KVManager:
 
     def location(self, req: Request) -> KVLocation:
         return self._where.get(req.request_id, KVLocation.NONE)
+
+    @property
+    def where(self) -> Mapping[str, KVLocation]:
+        """Request id -> where its KV is, for loops over many requests (`location` per
+        request costs a Python call; `kv.where.get(rid, KVLocation.NONE)` does not). Read only."""
+        return self._where
 
     def has_kv(self, req: Request) -> bool:
         """True when the request's computed tokens are kept somewhere (device, host or in flight)."""

@@ -149,8 +149,9 @@ class SwapPolicy:
         host_resident: list[Request] = []
         paused: list[Request] = []
         in_flight = 0                                                      # blocks being uploaded
+        where_of = kv.where.get
         for r in live:
-            where = kv.location(r)
+            where = where_of(r.request_id, KVLocation.NONE)
             if where is KVLocation.NONE:
                 continue
             if where is KVLocation.HOST:

@@ -106,10 +106,11 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     donors: list[int] = []            # plan.scheduled indices of prefill chunks of > 1 token
     past_budget = 0                   # requests walked after the budget ran out
     holders_left = kv.num_kv_requests  # KV holders not walked yet: once none is left and no new
-    for req in itertools.chain(best_first, (None,)):  # request may start, the walk is over
+    where_of = kv.where.get            # request may start, the walk is over
+    for req in itertools.chain(best_first, (None,)):
         if req is not None:
-            where = kv.location(req)
-            holds = where is not KVLocation.NONE      # kv.has_kv(req), without a second lookup
+            where = where_of(req.request_id, KVLocation.NONE)
+            holds = where is not KVLocation.NONE      # kv.has_kv(req)
             holders_left -= holds
             if not holds and not admit_new and holders_left <= 0:
                 req = None            # (a long queue of waiting requests is not walked in vain)
