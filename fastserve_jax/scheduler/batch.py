@@ -105,15 +105,17 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     fallback = None                   # the best host request passed over for swap_in_blocks
     donors: list[int] = []            # plan.scheduled indices of prefill chunks of > 1 token
     past_budget = 0                   # requests walked after the budget ran out
-    holders_left = kv.num_kv_requests  # KV holders not walked yet: once none is left and no new
-    where_of = kv.where.get            # request may start, the walk is over
+    # Once no new request may start and every KV holder has been walked, the rest of the walk
+    # (in a burst, a long queue of waiting requests) can schedule nothing: it ends there.
+    holders_left = kv.num_kv_requests  # KV holders not walked yet
+    where_of = kv.where.get
     for req in itertools.chain(best_first, (None,)):
         if req is not None:
             where = where_of(req.request_id, KVLocation.NONE)
             holds = where is not KVLocation.NONE      # kv.has_kv(req)
             holders_left -= holds
             if not holds and not admit_new and holders_left <= 0:
-                req = None            # (a long queue of waiting requests is not walked in vain)
+                req = None
         if req is None:               # the walk is over: progress comes before the swap-in bound
             if plan.scheduled or fallback is None:
                 break
