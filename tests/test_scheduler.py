@@ -197,6 +197,27 @@ def test_memory_pressure_evicts_lowest_paused_and_does_not_start_what_does_not_f
     assert b.num_computed_tokens == 0 and not kv.block_table(b) and len(kv.block_table(a)) == 5
 
 
+def test_the_walk_ends_once_nothing_new_may_start_and_every_kv_holder_was_walked():
+    from fastserve_jax.scheduler.batch import fill_batch
+    kv = KVManager(num_blocks=9, block_size=4)        # 8 usable blocks
+    old = req("old", 8, 0.0, 50)
+    kv.allocate(old, 8)
+    old.num_computed_tokens = 8
+    old.output_token_ids.append(5)                    # decoding: one token pending, one block more
+    ahead = [req(f"w{i}", 40) for i in range(50)]     # 10 blocks each: none can start
+    behind = [req(f"v{i}", 40) for i in range(50)]
+    walked = []
+
+    def best_first():
+        for r in ahead + [old] + behind:              # the holder ranks below a long waiting queue
+            walked.append(r.request_id)
+            yield r
+
+    plan = fill_batch(best_first(), iter([old, *reversed(ahead + behind)]), Limits(4, 64), kv)
+    assert [(s.request.request_id, s.num_tokens) for s in plan.scheduled] == [("old", 1)]
+    assert walked == [r.request_id for r in ahead] + ["old", "v0"]    # stopped at the first one behind
+
+
 def test_evicts_from_the_bottom_only_below_the_requester():
     # 8 usable blocks; new requests start while started KV stays within 7 of them
     sched, kv = make(seqs=3, num_blocks=9, block_size=4, cfg=SchedulerConfig(base_quantum=100, num_queues=2,
