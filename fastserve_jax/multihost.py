@@ -6,11 +6,18 @@ engine-facing part (it builds an engine and drives its runner), so it sits above
     process 0 (leader)                             process k > 0 (worker)
     initialize(cfg)                                initialize(cfg)
     channel = PlanChannel.serve(cfg)               channel = PlanChannel.connect(cfg)
-    LLM(..., mirror=channel.send)                  run_worker(model, engine_kwargs, channel)
+    LLM(..., mirror=LeaderMirror(channel))         run_worker(model, engine_kwargs, channel)
       -> {"op": "pools", ...}          ------>       builds the same engine with those pools
+         (compiles its own covering set)              (loads its shards, compiles its covering set)
+      first device op waits for        <------       {"op": "ready"}
       -> every dispatch / swap op      ------>       runner replays it: same jitted steps, same order
     HTTP server, scheduler, sampling results        (its shards of every computation)
     close_workers(channel)             ------>       returns on shutdown
+
+The ready handshake keeps the leader out of a collective its workers cannot join yet: a
+worker still loading or compiling its covering set would leave the leader's first step waiting
+in the collective's setup, which times out on the CPU backend (30 s; seen once in a loaded test
+run). The serve command also waits for it before /health says ready.
 
 Only the leader schedules, owns requests and reads sampled tokens; a worker holds its shards of
 the params and the KV cache and runs the same SPMD programs, so the collectives match. The plan
@@ -25,6 +32,31 @@ from fastserve_jax.runner import ModelRunner
 from fastserve_jax.sharding.distributed import ChannelClosed, PlanChannel, is_shutdown
 
 log = logging.getLogger(__name__)
+# How long the leader waits for its workers to load and compile before it gives up: a cold
+# start of a large model compiles for many minutes.
+READY_TIMEOUT_S = 3600.0
+
+
+class LeaderMirror:
+    """The leader engine's `mirror`: broadcasts each device operation to the workers. The
+    message after the first (the pool sizes the workers build their engines with) waits
+    until every worker has said it is ready."""
+
+    def __init__(self, channel: PlanChannel, ready_timeout_s: float = READY_TIMEOUT_S) -> None:
+        self.channel, self.ready_timeout_s = channel, ready_timeout_s
+        self._sent = 0
+
+    def __call__(self, msg) -> None:
+        if self._sent:
+            self.wait_ready()
+        self.channel.send(msg)
+        self._sent += 1
+
+    def wait_ready(self) -> None:
+        if not self.channel.workers_ready:
+            log.info("waiting for the workers to load and compile")
+            self.channel.wait_ready(self.ready_timeout_s)
+            log.info("every worker is ready")
 
 
 def replay(runner: ModelRunner, channel: PlanChannel) -> int:
@@ -58,6 +90,7 @@ def run_worker(model: str | None, engine_kwargs: dict, channel: PlanChannel, pro
     llm = LLM(model, progress=progress, **kwargs)
     log.info("worker ready (%s); replaying the leader's steps", llm.engine.layout.describe())
     try:
+        channel.send_ready()
         n = replay(llm.engine.runner, channel)
     except ChannelClosed:
         log.error("the leader closed the plan channel without a shutdown message")

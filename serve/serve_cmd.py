@@ -115,7 +115,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     channel = None
     if dist is not None:
         from fastserve_jax.sharding.distributed import PlanChannel, initialize
-        from fastserve_jax.multihost import close_workers, run_worker
+        from fastserve_jax.multihost import LeaderMirror, close_workers, run_worker
 
         dist = initialize(dist)
         if dist.process_id != 0:
@@ -125,7 +125,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         channel = PlanChannel.serve(dist)
         log.info("process 0 of %d: leader, %d worker(s) connected", dist.num_processes, dist.num_processes - 1)
     try:
-        return _serve(a, engine_kwargs(a) if channel is None else dict(engine_kwargs(a), mirror=channel.send))
+        return _serve(a, engine_kwargs(a) if channel is None else dict(engine_kwargs(a), mirror=LeaderMirror(channel)))
     finally:
         if channel is not None:
             close_workers(channel)
@@ -144,7 +144,10 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
 
     def build_or_exit():
         try:
-            return build()
+            engine = build()
+            if engine_kwargs.get("mirror") is not None:    # multi-host: ready only with every worker
+                engine_kwargs["mirror"].wait_ready()
+            return engine
         except Exception:   # logged by the engine thread; the server has nothing to serve
             server.should_exit = True
             raise

@@ -195,10 +195,15 @@ def _check_role(cfg: DistributedConfig, leader: bool) -> int:
 
 
 class PlanChannel:
-    """Leader -> workers broadcast over TCP. Build with `serve` (process 0) or `connect` (the others)."""
+    """Leader -> workers broadcast over TCP. Build with `serve` (process 0) or `connect` (the others).
+
+    One message goes the other way: each worker's `send_ready` once it can follow the leader's
+    device operations, which the leader collects with `wait_ready` (multihost.py: before its
+    first collective, so a worker still loading or compiling does not leave it waiting in one)."""
 
     def __init__(self, socks: list[socket.socket], is_leader: bool) -> None:
         self._socks, self.is_leader = socks, is_leader  # leader: one socket per worker, by process id
+        self.workers_ready = False
 
     @classmethod
     def serve(cls, cfg: DistributedConfig, timeout_s: float = 120.0, host: str | None = None) -> PlanChannel:
@@ -269,6 +274,40 @@ class PlanChannel:
                 sock.sendall(frame)
             except OSError as e:
                 raise ChannelClosed(f"PlanChannel: worker {i + 1} is gone ({e})") from e
+
+    def send_ready(self) -> None:
+        """Worker: tell the leader this process can follow its device operations now."""
+        if self.is_leader or not self._socks:
+            raise RuntimeError("only workers say they are ready" if self._socks else "PlanChannel is closed")
+        try:
+            self._socks[0].sendall(encode({"op": "ready"}))
+        except OSError as e:
+            raise ChannelClosed(f"PlanChannel leader: {e}") from e
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Leader: block until every worker has sent `send_ready` (at once if they all have);
+        TimeoutError naming the workers still missing after `timeout_s`, ChannelClosed if one
+        went away first."""
+        if not self.is_leader or not self._socks:
+            raise RuntimeError("only the leader waits for workers" if self._socks else "PlanChannel is closed")
+        if self.workers_ready:
+            return
+        deadline = time.monotonic() + timeout_s
+        for i, sock in enumerate(self._socks):
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                msg = _recv_frame(sock, f"worker {i + 1}")
+            except TimeoutError:
+                raise TimeoutError(f"PlanChannel leader: workers {list(range(i + 1, len(self._socks) + 1))} not "
+                                   f"ready within {timeout_s} s (still loading or compiling?)") from None
+            except ChannelClosed as e:
+                raise ChannelClosed(f"PlanChannel: worker {i + 1} went away before it was ready ({e})") from e
+            finally:
+                with contextlib.suppress(OSError):
+                    sock.settimeout(None)
+            if not (isinstance(msg, dict) and msg.get("op") == "ready"):
+                raise ValueError(f"PlanChannel: expected worker {i + 1}'s ready message, got {msg!r}")
+        self.workers_ready = True
 
     def send_shutdown(self) -> None:
         """Leader: tell the workers to leave their loops (they receive `SHUTDOWN`)."""

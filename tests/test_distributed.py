@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,79 @@ def test_broadcast_to_two_workers_over_loopback():
         assert_same(got[pid][0], expect)
         assert np.array_equal(got[pid][1]["big"], np.arange(1 << 20, dtype=np.float32))
         assert got[pid][2] == SHUTDOWN
+
+
+def test_leader_mirror_holds_device_ops_until_every_worker_is_ready():
+    """multihost.LeaderMirror: the pool sizes go out at once; the next operation waits for the
+    workers' ready messages (a worker still compiling must not leave the leader in a collective)."""
+    from fastserve_jax.multihost import LeaderMirror
+
+    cfg = cfgs(3)
+    events: list[tuple[str, float]] = []
+    errors: list[BaseException] = []
+
+    def worker(c: DistributedConfig, delay: float) -> None:
+        try:
+            ch = PlanChannel.connect(c, timeout_s=20)
+            assert ch.recv()["op"] == "pools"
+            time.sleep(delay)                             # loading and compiling
+            events.append((f"ready{c.process_id}", time.monotonic()))
+            ch.send_ready()
+            assert ch.recv()["op"] == "step"
+            assert is_shutdown(ch.recv())
+            ch.close()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(c, d)) for c, d in zip(cfg[1:], (0.2, 0.6))]
+    for t in threads:
+        t.start()
+    channel = PlanChannel.serve(cfg[0], timeout_s=20)
+    mirror = LeaderMirror(channel, ready_timeout_s=20)
+    t0 = time.monotonic()
+    mirror({"op": "pools", "num_device_blocks": 9})
+    assert time.monotonic() - t0 < 0.2 and not channel.workers_ready        # the first message does not wait
+    mirror({"op": "step", "x": np.zeros(2, np.float32)})
+    events.append(("step", time.monotonic()))
+    assert channel.workers_ready
+    mirror.wait_ready()                                                      # at once now
+    channel.send_shutdown()
+    channel.close()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    t = dict(events)
+    assert t["step"] >= max(t["ready1"], t["ready2"]), events
+
+
+def test_wait_ready_names_the_workers_not_ready_and_reports_one_that_left():
+    cfg = cfgs(3)
+    chans: dict[int, PlanChannel] = {}
+    threads = [threading.Thread(target=lambda c=c: chans.__setitem__(c.process_id, PlanChannel.connect(c, 20)))
+               for c in cfg[1:]]
+    for t in threads:
+        t.start()
+    leader = PlanChannel.serve(cfg[0], timeout_s=20)
+    for t in threads:
+        t.join(30)
+    chans[1].send_ready()
+    with pytest.raises(TimeoutError, match=r"workers \[2\] not ready within 0.3 s"):
+        leader.wait_ready(0.3)
+    with pytest.raises(RuntimeError, match="only workers"):
+        leader.send_ready()
+    with pytest.raises(RuntimeError, match="only the leader"):
+        chans[2].wait_ready(1)
+    leader.close()
+
+    cfg = cfgs(2)
+    t = threading.Thread(target=lambda: chans.__setitem__(9, PlanChannel.connect(cfg[1], 20)))
+    t.start()
+    leader = PlanChannel.serve(cfg[0], timeout_s=20)
+    t.join(30)
+    chans[9].close()                                                         # gone before it was ready
+    with pytest.raises(ChannelClosed, match="worker 1 went away before it was ready"):
+        leader.wait_ready(5)
+    leader.close()
 
 
 def test_connect_timeout():
