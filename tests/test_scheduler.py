@@ -263,6 +263,34 @@ def test_gittins_table_sweep_equals_the_definition(lengths):
         assert table.index(a, p) == pytest.approx(want_p, rel=1e-9)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 80), min_size=1, max_size=60), st.lists(st.integers(0, 90), max_size=20),
+       st.lists(st.floats(1e-3, 500.0), min_size=1, max_size=40), st.integers(0, 95))
+def test_gittins_index_many_is_index_of_each(lengths, censored, slots, age):
+    """The batched index (what a relearn re-keys a burst's waiting requests with) gives exactly
+    the numbers index() gives, past the longest length too."""
+    table = GittinsTable(lengths, censored)
+    assert table.index_many(age, slots, chunk=7) == [table.index(age, p) for p in slots]
+
+
+def test_gittins_rekeys_every_request_as_its_key_says():
+    cfg = SchedulerConfig(starvation_threshold=0, gittins_min_samples=1, gittins_bucket_edges=(20,))
+    sched, kv = make("gittins", seqs=2, cfg=cfg)
+    for i, n in enumerate((3, 9, 30, 4, 50)):                  # history in both prompt buckets
+        sched.add(req(f"h{i}", 5 + 20 * (i % 2), 0.0, n))
+    while len(sched):
+        run(sched, kv)
+    reqs = [req(f"r{i}", 3 + 11 * i, 0.0, 200) for i in range(8)]
+    for r in reqs:
+        sched.add(r)
+    for _ in range(6):                                          # some start decoding, some wait
+        run(sched, kv)
+    reqs[-1].output_token_ids.extend([1] * 120)                 # an age past every length seen
+    sched.learn()
+    assert sched.keys(reqs) == [sched.key(r) for r in reqs]
+    assert len({sched.meter.prefill_slots(r) > 0 for r in reqs}) == 2      # both kinds were keyed
+
+
 def test_gittins_table_counts_running_requests_as_censored_lengths():
     """Kaplan-Meier: 200 jobs of lengths 1..100 all started together, seen when the survivors
     have 40 tokens. The finished ones alone say every job ends by 40; with the 120 running ones

@@ -97,3 +97,18 @@ class GittinsTable:
         sup = self.support[self.support > age]
         fa, sa = self.F[age], self.S[age]
         return float(((self.F[sup] - fa) / (prefill_slots * (1.0 - fa) + self.S[sup] - sa)).max())
+
+    def index_many(self, age: int, prefill_slots: Sequence[float], chunk: int = 256) -> list[float]:
+        """index(age, p) for each p in `prefill_slots` (all > 0), in numpy passes of `chunk`
+        rows; the same operations in the same order, so the same numbers."""
+        p = np.asarray(prefill_slots, np.float64)
+        if age >= self.max_len:
+            return [1.0 / (age + 1 + x) for x in p.tolist()]
+        sup = self.support[self.support > age]
+        fa, sa = self.F[age], self.S[age]
+        num, s_sup = self.F[sup] - fa, self.S[sup]                     # (K,)
+        out: list[float] = []
+        for lo in range(0, p.size, chunk):
+            den = (p[lo:lo + chunk, None] * (1.0 - fa) + s_sup[None, :]) - sa   # (rows, K)
+            out += (num[None, :] / den).max(axis=1).tolist()
+        return out
