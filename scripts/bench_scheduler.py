@@ -94,8 +94,11 @@ def main() -> int:
     ap.add_argument("--cost-model", default="opt-13b-a100")
     a = ap.parse_args()
     cost = CostModel.load(a.cost_model)
+    lengths_from = (f"the Azure trace ({os.path.normpath(TRACE)})" if os.path.isfile(TRACE) else
+                    "log-normal lengths (the Azure trace is not beside this checkout; figures are not "
+                    "comparable with runs that had it)")
     print(f"schedule() with {a.live} live requests, max_num_seqs 16, budget 2048, "
-          f"KV {'ample' if not a.kv_tokens else f'{a.kv_tokens} tokens'}")
+          f"KV {'ample' if not a.kv_tokens else f'{a.kv_tokens} tokens'}; lengths from {lengths_from}")
     print(f"{'policy':>15} {'median':>9} {'p90':>9} {'p99':>9}  (ms)")
     worst = 0.0
     for p in a.policy or ["fcfs", "mlfq", "skip-join-mlfq", "gittins", "srpt"]:
