@@ -50,7 +50,7 @@ from fastserve_jax.serve import bench_client  # noqa: E402
 from fastserve_jax.serve.bench_cmd import (TRACE, LaunchedServer, answer_problems, build_workload,  # noqa: E402
                                            raise_on_problems, screen_pairs, slo_figures)
 # part 2, the simulator against the engine, next to this script (scripts/ is on sys.path when it runs)
-from sim_fidelity import POLICIES, simulator_fidelity  # noqa: E402
+from sim_fidelity import POLICIES, in_process_fidelity, simulator_fidelity  # noqa: E402
 
 # (key, label, scale): the figures of one run, as the A/B table prints them
 FIGURES = [("throughput_rps", "served req/s", 1), ("throughput_tps", "served tok/s", 1),
@@ -120,14 +120,15 @@ def serve_burst(policy: str, argv: list[str], warm, work, arrivals, concurrency:
     return m
 
 
-def local_engine(argv: list[str]):
+def local_engine(argv: list[str], policy: str = "fcfs", warmup: str = "lazy"):
     """An in-process LLM with the servers' engine options (and their compiled executables,
-    through the persistent cache), scheduler fcfs: it screens the pairs (bench_cmd.screen_pairs),
-    then gives the simulator the servers' cost model and this machine's swap copy times."""
+    through the persistent cache): with fcfs it screens the pairs (bench_cmd.screen_pairs),
+    then gives the simulator the servers' cost model and this machine's swap copy times; last,
+    each policy serves the burst in process (sim_fidelity.in_process_fidelity)."""
     from fastserve_jax import LLM
     from fastserve_jax.serve.engine_args import engine_kwargs, parse_engine_args
 
-    return LLM(None, **engine_kwargs(parse_engine_args([*argv, "--scheduler", "fcfs"])))
+    return LLM(None, **engine_kwargs(parse_engine_args([*argv, "--scheduler", policy, "--warmup", warmup])))
 
 
 # ----------------------------------------------------------------------------- printing
@@ -240,6 +241,9 @@ def main() -> int:
     out["medians"] = medians = print_ab(out["runs"])
     trace = [TraceRequest(t, p, o) for t, p, o in zip(arrivals, prompt_tokens, outputs)]
     out.update(simulator_fidelity(llm.engine, trace, out["runs"], medians, a.max_num_seqs))
+    del llm
+    build = lambda policy: local_engine(argv, policy, "full")             # noqa: E731  (nothing compiles mid-burst)
+    out["in_process"] = in_process_fidelity(build, work, arrivals, out["sim"])
     _write(a.json, out, t_start)
     return 0
 

@@ -203,3 +203,58 @@ def simulator_fidelity(eng, trace: list[TraceRequest], runs: list[dict], medians
     res["calibrated"] = dict(iteration_overhead=overhead, fcfs_measured_iteration_seconds=measured, sim=cal,
                              fidelity=fid, engine_ms_per_iteration_per_run=spread)
     return res
+
+
+# ----------------------------------------------------------------------------- the engine without HTTP
+
+def engine_in_process(build, work: list, arrivals: list[float], policy: str) -> dict:
+    """The burst on an in-process engine of `policy` (build(policy) -> LLM), each request added
+    between steps once its arrival time has passed, as the simulator adds them: the engine's
+    scheduling and device work without the HTTP server and client sharing its cores. Every
+    answer is checked; one wrong answer raises."""
+    from fastserve_jax.config import SamplingParams
+    from fastserve_jax.models import demo_task
+
+    eng = build(policy).engine
+    reqs, i, t0 = [], 0, time.monotonic()
+    while i < len(work) or eng.has_unfinished():
+        now = time.monotonic() - t0
+        while i < len(work) and arrivals[i] <= now:
+            body = work[i][0]
+            reqs.append(eng.add_request(body["prompt"], SamplingParams(max_tokens=body["max_tokens"], temperature=0),
+                                        arrival_time=t0 + arrivals[i]))
+            i += 1
+        if eng.has_unfinished():
+            eng.step()
+        else:
+            time.sleep(max(0.0, min(0.005, arrivals[i] - now)))
+    wall = time.monotonic() - t0
+    bad = [(a, b) for r, (_, (a, b)) in zip(reqs, work)
+           if not demo_task.check_answer(a, b, eng.tokenizer.decode(r.output_token_ids, skip_special_tokens=True))]
+    if bad:
+        raise RuntimeError(f"{policy} in process: {len(bad)} wrong answer(s), e.g. count from {bad[0][0]} to {bad[0][1]}")
+    m = [r.metrics for r in reqs]
+    jct = [x.finish_time - x.arrival_time for x in m]
+    return dict(e2e_mean=statistics.mean(jct), e2e_p99=sorted(jct)[int(0.99 * (len(jct) - 1))],
+                mean_latency_per_token=statistics.mean(j / len(r.output_token_ids) for j, r in zip(jct, reqs)),
+                ttft_mean=statistics.mean(x.first_token_time - x.arrival_time for x in m),
+                throughput_rps=len(reqs) / wall, iterations=eng.stats.iterations)
+
+
+def in_process_fidelity(build, work: list, arrivals: list[float], sims: dict) -> dict:
+    """The in-process engine per policy against the profile-only simulation of the same burst."""
+    real = {p: engine_in_process(build, work, arrivals, p) for p in POLICIES}
+    print("\n== the same burst on an in-process engine (no HTTP server or client on its cores), against the "
+          "profile-only simulation above")
+    print(f"{'policy':16s}{'figure':20s}{'engine':>11s}{'sim':>11s}{'rel err':>9s}")
+    rows = {p: fidelity_rows(real[p], sims[p]) for p in POLICIES}
+    for policy, rs in rows.items():
+        for r in rs:
+            print(f"{policy:16s}{r['figure']:20s}{r['scale'] * r['real']:11.4g}{r['scale'] * r['sim']:11.4g}"
+                  f"{100 * r['rel_err']:8.1f}%{'' if r['within'] else '  (> 15%)'}")
+    for rk, sk, label, _ in FIDELITY[:2]:
+        e = real["skip-join-mlfq"][rk] / real["fcfs"][rk]
+        sim = sims["skip-join-mlfq"][sk] / sims["fcfs"][sk]
+        print(f"{'sj/fcfs':16s}{label:20s}{e:11.3f}{sim:11.3f}{100 * relative_error(sim, e):8.1f}%")
+    return dict(engine=real, rows=rows)
+

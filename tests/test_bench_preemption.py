@@ -5,6 +5,7 @@ sizing, and the simulator-vs-engine comparison."""
 import os
 import pathlib
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -169,3 +170,22 @@ def test_screen_pairs_replaces_the_models_misses_by_pairs_of_the_same_span():
     for (payload, (a, b)), (old, (a0, b0)) in zip(first + second, works[0] + works[1]):
         assert b - a == b0 - a0 and payload["prompt"] == demo_task.make_prompt(a, b)
         assert payload["max_tokens"] == old["max_tokens"]
+
+
+def test_engine_in_process_serves_the_burst_at_its_arrival_times_and_checks_every_answer():
+    from fastserve_jax import LLM
+
+    build = lambda policy: LLM(None, max_num_seqs=4, max_num_batched_tokens=64, scheduler=policy)  # noqa: E731
+    pairs = [(3, 9), (40, 41), (100, 120), (7, 7), (250, 262), (11, 30)]
+    work = [({"prompt": demo_task.make_prompt(a, b), "max_tokens": demo_task.answer_num_tokens(a, b)}, (a, b))
+            for a, b in pairs]
+    arrivals = [0.0, 0.0, 0.01, 0.02, 0.05, 0.3]
+    t0 = time.monotonic()
+    m = sf.engine_in_process(build, work, arrivals, "skip-join-mlfq")
+    assert set(m) == {"e2e_mean", "e2e_p99", "mean_latency_per_token", "ttft_mean", "throughput_rps", "iterations"}
+    assert 0 < m["ttft_mean"] <= m["e2e_mean"] <= m["e2e_p99"] and m["iterations"] >= 20
+    assert m["throughput_rps"] <= len(pairs) / 0.3           # the last request arrives at 0.3 s, not at once
+    assert time.monotonic() - t0 > 0.3
+    wrong = [({**work[0][0]}, (3, 10))]                         # asks for 3..9, checked against 3..10
+    with pytest.raises(RuntimeError, match="fcfs in process: 1 wrong answer"):
+        sf.engine_in_process(build, wrong, [0.0], "fcfs")
