@@ -203,7 +203,7 @@ class PlanChannel:
 
     def __init__(self, socks: list[socket.socket], is_leader: bool) -> None:
         self._socks, self.is_leader = socks, is_leader  # leader: one socket per worker, by process id
-        self.workers_ready = False
+        self._ready: set[int] = set()                    # leader: workers (socket index) that said ready
 
     @classmethod
     def serve(cls, cfg: DistributedConfig, timeout_s: float = 120.0, host: str | None = None) -> PlanChannel:
@@ -290,16 +290,17 @@ class PlanChannel:
         went away first."""
         if not self.is_leader or not self._socks:
             raise RuntimeError("only the leader waits for workers" if self._socks else "PlanChannel is closed")
-        if self.workers_ready:
-            return
         deadline = time.monotonic() + timeout_s
         for i, sock in enumerate(self._socks):
+            if i in self._ready:                         # a retry does not wait for a ready already read
+                continue
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             try:
                 msg = _recv_frame(sock, f"worker {i + 1}")
             except TimeoutError:
-                raise TimeoutError(f"PlanChannel leader: workers {list(range(i + 1, len(self._socks) + 1))} not "
-                                   f"ready within {timeout_s} s (still loading or compiling?)") from None
+                missing = [j + 1 for j in range(len(self._socks)) if j not in self._ready]
+                raise TimeoutError(f"PlanChannel leader: workers {missing} not ready within {timeout_s} s "
+                                   "(still loading or compiling?)") from None
             except ChannelClosed as e:
                 raise ChannelClosed(f"PlanChannel: worker {i + 1} went away before it was ready ({e})") from e
             finally:
@@ -307,7 +308,12 @@ class PlanChannel:
                     sock.settimeout(None)
             if not (isinstance(msg, dict) and msg.get("op") == "ready"):
                 raise ValueError(f"PlanChannel: expected worker {i + 1}'s ready message, got {msg!r}")
-        self.workers_ready = True
+            self._ready.add(i)
+
+    @property
+    def workers_ready(self) -> bool:
+        """Leader: every worker has said it is ready."""
+        return bool(self._socks) and len(self._ready) == len(self._socks)
 
     def send_shutdown(self) -> None:
         """Leader: tell the workers to leave their loops (they receive `SHUTDOWN`)."""

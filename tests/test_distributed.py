@@ -189,6 +189,9 @@ def test_wait_ready_names_the_workers_not_ready_and_reports_one_that_left():
     chans[1].send_ready()
     with pytest.raises(TimeoutError, match=r"workers \[2\] not ready within 0.3 s"):
         leader.wait_ready(0.3)
+    chans[2].send_ready()
+    leader.wait_ready(5)                         # a retry does not wait again for worker 1's ready
+    assert leader.workers_ready
     with pytest.raises(RuntimeError, match="only workers"):
         leader.send_ready()
     with pytest.raises(RuntimeError, match="only the leader"):
