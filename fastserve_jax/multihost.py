@@ -44,13 +44,13 @@ class LeaderMirror:
 
     def __init__(self, channel: PlanChannel, ready_timeout_s: float = READY_TIMEOUT_S) -> None:
         self.channel, self.ready_timeout_s = channel, ready_timeout_s
-        self._sent = 0
+        self._pools_sent = False
 
     def __call__(self, msg) -> None:
-        if self._sent:
+        if self._pools_sent:
             self.wait_ready()
         self.channel.send(msg)
-        self._sent += 1
+        self._pools_sent = True
 
     def wait_ready(self) -> None:
         if not self.channel.workers_ready:

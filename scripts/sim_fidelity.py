@@ -11,6 +11,8 @@ import os
 import statistics
 import time
 
+import numpy as np
+
 from fastserve_jax.workload import TraceRequest
 
 # The A/B's two policies: the calibration fits fcfs; skip-join-mlfq is the held-out prediction
@@ -145,9 +147,11 @@ def simulate_policies(eng, trace: list[TraceRequest], swap_latency: float, swap_
 
 # ----------------------------------------------------------------------------- simulator vs engine
 
-def print_fidelity(real: dict, sims: dict, medians: dict, note: str, labels: dict | None = None) -> dict:
+def print_fidelity(real: dict, sims: dict, medians: dict, note: str, labels: dict | None = None,
+                   engine: str = "median over the runs of each policy, client-side") -> dict:
     """Per policy the fidelity rows; then the skip-join / fcfs ratios of mean JCT and latency per
-    token (the engine's: median of per-pair ratios). Returns both for the JSON."""
+    token (the engine's: medians[key]["ratio"], the median of per-pair ratios over HTTP).
+    `engine` says where the engine's figures come from. Returns both for the JSON."""
     labels = labels or {}
     rows = {p: fidelity_rows(real[p], sims[p]) for p in POLICIES}
     ratios = [dict(figure=label, real=medians[rk]["ratio"], sim=sims["skip-join-mlfq"][sk] / sims["fcfs"][sk])
@@ -160,7 +164,7 @@ def print_fidelity(real: dict, sims: dict, medians: dict, note: str, labels: dic
     for r in ratios:
         print(f"{'sj/fcfs':16s}{r['figure']:20s}{r['real']:11.3f}{r['sim']:11.3f}"
               f"{100 * relative_error(r['sim'], r['real']):8.1f}%")
-    print(f"(engine: median over the runs of each policy, client-side; sim: fastserve_jax.sim, one run{note}; "
+    print(f"(engine: {engine}; sim: fastserve_jax.sim, one run{note}; "
           "rel err = sim / engine - 1)")
     return dict(rows=rows, ratios=ratios)
 
@@ -235,7 +239,7 @@ def engine_in_process(build, work: list, arrivals: list[float], policy: str) -> 
         raise RuntimeError(f"{policy} in process: {len(bad)} wrong answer(s), e.g. count from {bad[0][0]} to {bad[0][1]}")
     m = [r.metrics for r in reqs]
     jct = [x.finish_time - x.arrival_time for x in m]
-    return dict(e2e_mean=statistics.mean(jct), e2e_p99=sorted(jct)[int(0.99 * (len(jct) - 1))],
+    return dict(e2e_mean=statistics.mean(jct), e2e_p99=float(np.percentile(jct, 99)),      # as slo.py, the sim's
                 mean_latency_per_token=statistics.mean(j / len(r.output_token_ids) for j, r in zip(jct, reqs)),
                 ttft_mean=statistics.mean(x.first_token_time - x.arrival_time for x in m),
                 throughput_rps=len(reqs) / wall, iterations=eng.stats.iterations)
@@ -246,15 +250,6 @@ def in_process_fidelity(build, work: list, arrivals: list[float], sims: dict) ->
     real = {p: engine_in_process(build, work, arrivals, p) for p in POLICIES}
     print("\n== the same burst on an in-process engine (no HTTP server or client on its cores), against the "
           "profile-only simulation above")
-    print(f"{'policy':16s}{'figure':20s}{'engine':>11s}{'sim':>11s}{'rel err':>9s}")
-    rows = {p: fidelity_rows(real[p], sims[p]) for p in POLICIES}
-    for policy, rs in rows.items():
-        for r in rs:
-            print(f"{policy:16s}{r['figure']:20s}{r['scale'] * r['real']:11.4g}{r['scale'] * r['sim']:11.4g}"
-                  f"{100 * r['rel_err']:8.1f}%{'' if r['within'] else '  (> 15%)'}")
-    for rk, sk, label, _ in FIDELITY[:2]:
-        e = real["skip-join-mlfq"][rk] / real["fcfs"][rk]
-        sim = sims["skip-join-mlfq"][sk] / sims["fcfs"][sk]
-        print(f"{'sj/fcfs':16s}{label:20s}{e:11.3f}{sim:11.3f}{100 * relative_error(sim, e):8.1f}%")
-    return dict(engine=real, rows=rows)
+    ratios = {rk: dict(ratio=real["skip-join-mlfq"][rk] / real["fcfs"][rk]) for rk, _, _, _ in FIDELITY[:2]}
+    return dict(engine=real, **print_fidelity(real, sims, ratios, "", engine="one in-process run per policy"))
 
