@@ -77,3 +77,29 @@ def test_off_lowers_the_plain_jit(cache_dir, monkeypatch):
     lowered = export_cache.lower(step, *_args(), name="t", scale=2.0)
     assert lowered.as_text() == step.lower(*_args(), scale=2.0).as_text()
     assert not cache_dir.exists()
+
+
+def test_compile_threads_register_the_pytrees_once_together():
+    """A warm-up's compile threads reach the first export at the same time; each must find the
+    pytrees registered exactly once (a second registration raises in jax). A fresh process,
+    since registration is per process; a tiny switch interval makes the threads interleave."""
+    import subprocess
+    import sys
+    code = """
+import sys, threading
+from fastserve_jax.runner import export_cache
+sys.setswitchinterval(1e-6)
+gate, errors = threading.Barrier(8), []
+def first_export():
+    gate.wait()
+    try:
+        export_cache._register_pytrees()
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=first_export) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert not errors, errors
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 
 import jax
 from jax import export
@@ -42,12 +43,22 @@ _FORMAT = "1"
 DISABLED_CHECKS = (export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton"),)
 
 
-@functools.cache
+_registered = False
+_register_lock = threading.Lock()
+
+
 def _register_pytrees() -> None:
-    from fastserve_jax.models.attention import AttnBatch, KVCache
-    from fastserve_jax.sampling import Penalties, Sampled, SamplingArrays
-    for cls in (AttnBatch, KVCache, Penalties, Sampled, SamplingArrays):
-        export.register_namedtuple_serialization(cls, serialized_name=f"fastserve_jax.{cls.__name__}")
+    """Once per process. Compile threads of a warm-up call this at the same time, and jax
+    refuses a second registration (functools.cache lets concurrent first calls all run)."""
+    global _registered
+    with _register_lock:
+        if _registered:
+            return
+        from fastserve_jax.models.attention import AttnBatch, KVCache
+        from fastserve_jax.sampling import Penalties, Sampled, SamplingArrays
+        for cls in (AttnBatch, KVCache, Penalties, Sampled, SamplingArrays):
+            export.register_namedtuple_serialization(cls, serialized_name=f"fastserve_jax.{cls.__name__}")
+        _registered = True
 
 
 def directory() -> str | None:
