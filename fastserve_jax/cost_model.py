@@ -16,6 +16,21 @@ is a small table, interpolated piecewise-linearly (extrapolated along the last s
                         serving process takes from the engine's thread (0: none, or folded
                         into the tables, as opt-13b-a100 folds 1.5 ms into each launch)
 
+Launch padding, for a profile of this engine (empty or 0 in a table of real kernels):
+
+    decode_row_buckets, prefill_token_buckets
+                        a decode launch pads its rows, a prefill launch its tokens, to the
+                        next bucket, so an iteration costs the table's time at that size
+    block_size, block_buckets, min_launch_blocks
+                        set when the profiled attention reads every row's context padded to
+                        the launch's block bucket (the reference path gathers blocks; a paged
+                        kernel reads each row's own): a decode launch then reads rows x
+                        bucket(longest row's blocks) blocks, at least the floor that
+                        min_launch_blocks sets (runner/launch.py), and decode_context is
+                        seconds per padded token read. Without it a batch that mixes one long
+                        context with short ones costs as little as its mean context says;
+                        fcfs, whose batches mix the most, ran 30-40% slower than simulated.
+
 One iteration runs its decode launch and its prefill launch back to back (as runner.py
 does), so its time is the sum of the two plus iteration_overhead. Only iteration_time adds
 it: prefill_time and decode_time stay the launches alone, which is what the schedulers read.
@@ -47,6 +62,12 @@ def _interp(x: float, xs: tuple[float, ...], ys: tuple[float, ...]) -> float:
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
+def _pad(x: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket >= x; x itself past the last bucket or without buckets."""
+    i = bisect.bisect_left(buckets, x)
+    return buckets[i] if i < len(buckets) else x
+
+
 @dataclass(frozen=True)
 class CostModel:
     name: str
@@ -62,6 +83,11 @@ class CostModel:
     swap_latency: float = 0.0            # s per copy
     iteration_overhead: float = 0.0      # s of host work per iteration, on top of the launches
     source: str = ""                     # where the numbers come from
+    decode_row_buckets: tuple[int, ...] = ()     # launch padding (see the module doc); () none
+    prefill_token_buckets: tuple[int, ...] = ()
+    block_size: int = 0                  # 0: a decode reads its rows' own context
+    block_buckets: tuple[int, ...] = ()
+    min_launch_blocks: int = 0
 
     def __post_init__(self) -> None:
         for xs_name, ys_name in (("prefill_tokens", "prefill_seconds"), ("decode_batch", "decode_seconds")):
@@ -76,6 +102,14 @@ class CostModel:
                 raise ValueError(f"cost model {self.name!r}: {xs_name} must be strictly increasing and >= 1, got {xs}")
             if any(y <= 0 for y in ys):
                 raise ValueError(f"cost model {self.name!r}: {ys_name} must be positive, got {ys}")
+        for name in ("decode_row_buckets", "prefill_token_buckets", "block_buckets"):
+            b = tuple(int(x) for x in getattr(self, name))
+            object.__setattr__(self, name, b)
+            if list(b) != sorted(set(b)) or (b and b[0] < 1):
+                raise ValueError(f"cost model {self.name!r}: {name} must be strictly increasing and >= 1, got {b}")
+        if self.block_size < 0 or (self.block_size > 0) != bool(self.block_buckets):
+            raise ValueError(f"cost model {self.name!r}: block_size and block_buckets go together (both set for "
+                             f"padded context reads, or neither), got {self.block_size} and {self.block_buckets}")
         if not all(v >= 0 for v in (self.decode_context, self.prefill_context, self.kv_capacity_tokens,   # NaN too
                                     self.kv_bytes_per_token, self.swap_bandwidth, self.swap_latency,
                                     self.iteration_overhead)):
@@ -96,17 +130,43 @@ class CostModel:
             return 0.0
         return _interp(batch, self.decode_batch, self.decode_seconds) + self.decode_context * context_tokens
 
+    def padded_read(self, rows: int, longest: int) -> int:
+        """Context tokens a decode launch of `rows` padded rows reads beyond what it reads at a
+        context of one token (the table's own point), when reads are padded (block_size set):
+        rows x (its block bucket - the 1-token bucket) x block_size. 0 when they are not."""
+        if not self.block_size:
+            return 0
+        return rows * (self._row_blocks(rows, longest) - self._row_blocks(rows, 1)) * self.block_size
+
+    def _row_blocks(self, rows: int, tokens: int) -> int:
+        """Blocks each row of a decode launch gathers: the bucket of the longest row, at least
+        the largest bucket whose rows x blocks stay within min_launch_blocks (LaunchBuilder.floor)."""
+        bb = self.block_buckets
+        under = [b for b in bb if rows * b <= self.min_launch_blocks]
+        return max(_pad(-(-tokens // self.block_size), bb), under[-1] if under else bb[0])
+
+    def decode_launch_time(self, batch: int, context_tokens: int, longest: int) -> float:
+        """One decode launch as the profiled engine runs it: `batch` sequences reading
+        `context_tokens` in all, the longest `longest`, with the launch padding applied."""
+        if batch <= 0:
+            return 0.0
+        rows = _pad(batch, self.decode_row_buckets)
+        read = self.padded_read(rows, longest) if self.block_size else context_tokens
+        return _interp(rows, self.decode_batch, self.decode_seconds) + self.decode_context * read
+
     def iteration_time(self, decode_contexts: Iterable[int], prefill_chunks: Sequence[tuple[int, int]]) -> float:
         """One iteration: a decode launch over sequences with these contexts, plus one packed
         prefill launch of (num_tokens, earlier_context) chunks, plus the host's iteration_overhead."""
-        batch = ctx = 0
+        batch = ctx = top = 0
         for c in decode_contexts:
             batch += 1
             ctx += c
-        t = self.iteration_overhead + self.decode_time(batch, ctx)
+            if c > top:
+                top = c
+        t = self.iteration_overhead + self.decode_launch_time(batch, ctx, top)
         if prefill_chunks:
             n = sum(c[0] for c in prefill_chunks)
-            t += _interp(n, self.prefill_tokens, self.prefill_seconds)
+            t += _interp(_pad(n, self.prefill_token_buckets), self.prefill_tokens, self.prefill_seconds)
             t += self.prefill_context * sum(k * (c + k / 2) for k, c in prefill_chunks)
         return t
 

@@ -7,8 +7,14 @@ runs at a short and a long context:
 
     prefill_seconds[T]  one prefill chunk of T tokens, no earlier context
     decode_seconds[B]   B decode rows with 1 token of context each
-    decode_context      (t(B, long) - t(B, short)) / (B * (long - short)), B = max_num_seqs
+    decode_context      (t(B, long) - t(B, short)) / (B * (long - short)), B = max_num_seqs;
+                        with the reference attention per padded token read instead
+                        (CostModel.padded_read), as its launches gather every row's
+                        blocks up to the launch's block bucket
     prefill_context     (t(T after C cached) - t(T)) / (T * C), T = half the token budget
+
+The launch padding (bucket lists, and the block buckets when the attention pads reads) goes
+into the model too, so the simulator charges a batch what its padded launch costs.
 
 Each point is the median of `repeats` runs after one untimed run (which compiles the shape
 if warm-up was skipped). The synthetic requests borrow free KV blocks and give them back,
@@ -33,7 +39,7 @@ from fastserve_jax.cost_model import CostModel
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import ScheduledRequest
 
-_VERSION = 1
+_VERSION = 2                     # 2: launch padding in the model
 
 
 def cost_cache_key(engine) -> str:
@@ -109,7 +115,13 @@ def _measure(engine, repeats: int, sparse: bool) -> CostModel:
     b = dec_b[-1]
     long_ctx = min(cfg.max_model_len - 1, (kv.num_free_blocks // b) * bs - 1)
     t_long = probe.time([ScheduledRequest(probe.request(long_ctx + 1, long_ctx), 1) for _ in range(b)], repeats)
-    decode_context = max(0.0, (t_long - dec_s[-1]) / (b * (long_ctx - 1))) if long_ctx > 1 else 0.0
+    padding = dict(decode_row_buckets=cfg.decode_batch_buckets, prefill_token_buckets=cfg.prefill_token_buckets)
+    if cfg.attention_backend == "reference":       # gathers every row's blocks up to the bucket
+        padding.update(block_size=bs, block_buckets=cfg.block_buckets, min_launch_blocks=cfg.min_launch_blocks)
+    # the decode rows read long_ctx + 1 tokens (plan_time's contexts: computed + the new one)
+    read = (CostModel("probe", (1,), (1.0,), (1,), (1.0,), **padding).padded_read(b, long_ctx + 1)
+            if "block_size" in padding else b * (long_ctx - 1))
+    decode_context = max(0.0, (t_long - dec_s[-1]) / read) if long_ctx > 1 and read > 0 else 0.0
     n = pre_t[-1] if sparse and pre_t else max(1, cfg.max_num_batched_tokens // 2)
     ctx = min(cfg.max_model_len - n, (kv.num_free_blocks * bs) - n)
     if ctx > 0:
@@ -123,7 +135,7 @@ def _measure(engine, repeats: int, sparse: bool) -> CostModel:
         name=f"profiled-{engine.model_cfg.arch}-{dev.platform}", prefill_tokens=tuple(pre_t),
         prefill_seconds=tuple(pre_s), decode_batch=tuple(dec_b), decode_seconds=tuple(dec_s),
         decode_context=decode_context, prefill_context=prefill_context,
-        kv_capacity_tokens=kv.num_usable_blocks * bs,
+        kv_capacity_tokens=kv.num_usable_blocks * bs, **padding,
         source=f"profiled by fastserve_jax.cost_profile on {dev.device_kind} ({dev.platform}), median of "
                f"{repeats} runs per point, {engine.model_cfg.arch} {engine.model_cfg.num_layers} layers "
                f"hidden {engine.model_cfg.hidden_size}, dtype {cfg.dtype}")

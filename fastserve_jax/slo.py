@@ -123,8 +123,10 @@ def unloaded_latency_per_token(trace: Sequence[TraceRequest], cost: CostModel,
         p, o = r.prompt_tokens, r.output_tokens
         step = prefill_chunk or p
         prefill = sum(cost.iteration_time((), [(min(step, p - c), c)]) for c in range(0, p, step))
-        # sum over j = 1 .. o-1 of decode_time(1, p + j), which is base + decode_context * (p + j)
-        decode = (o - 1) * (base + cost.iteration_overhead) + per_ctx * ((o - 1) * p + o * (o - 1) / 2)
+        if cost.block_size:         # padded reads (a profile of the reference path): token by token
+            decode = sum(cost.iteration_time((p + j,), ()) for j in range(1, o))
+        else:   # sum over j = 1 .. o-1 of decode_time(1, p + j), which is base + decode_context * (p + j)
+            decode = (o - 1) * (base + cost.iteration_overhead) + per_ctx * ((o - 1) * p + o * (o - 1) / 2)
         total += (prefill + decode) / o
     return total / len(trace)
 

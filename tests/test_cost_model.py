@@ -50,7 +50,33 @@ def test_iteration_overhead_is_added_to_every_iteration_and_to_nothing_else():
     assert o.prefill_time(60, 40) == T.prefill_time(60, 40) and o.decode_time(3, 9) == T.decode_time(3, 9)
 
 
+# decode rows pad to 1, 2, 4; prefill tokens to 10, 100, 200; each row reads its blocks of 4 tokens
+# padded to the launch's bucket of 1, 2, 4 or 8 (what the reference attention does)
+P = dataclasses.replace(T, decode_row_buckets=(1, 2, 4), prefill_token_buckets=(10, 100, 200), block_size=4,
+                        block_buckets=(1, 2, 4, 8))
+
+
+def test_padded_launches_cost_their_bucket():
+    # 3 rows run as 4 (1.1 s); the longest context, 13 tokens, is 4 blocks, so all 4 rows read
+    # 4 - 1 blocks of 4 tokens more than at a 1-token context: 0.01 per padded token
+    assert P.iteration_time([2, 3, 13], []) == pytest.approx(1.1 + 0.01 * 4 * 3 * 4)
+    # the same 18 tokens of context spread evenly (6 each: 2 blocks) cost less: padding follows the longest
+    assert P.iteration_time([6, 6, 6], []) == pytest.approx(1.1 + 0.01 * 4 * 1 * 4)
+    assert T.iteration_time([2, 3, 13], []) == T.iteration_time([6, 6, 6], [])     # unpadded: the sum only
+    assert P.iteration_time([1], []) == pytest.approx(0.5)                         # the table's own point
+    # a 55-token prefill runs as the 100-token bucket
+    assert P.iteration_time([], [(55, 0)]) == pytest.approx(2.0 + 0.001 * 55 * 27.5)
+    # the floor: while rows x blocks stay within min_launch_blocks the launch pads up to it
+    f = dataclasses.replace(P, min_launch_blocks=8)
+    assert f.padded_read(4, 1) == 0 and f.padded_read(4, 5) == 0      # 4 rows pad to 2 blocks either way
+    assert f.padded_read(4, 9) == 4 * (4 - 2) * 4 and f.padded_read(1, 9) == 0
+    assert T.padded_read(4, 100) == 0
+
+
 @pytest.mark.parametrize("bad, match", [
+    (dict(block_size=4), "go together"),
+    (dict(block_buckets=(2, 1), block_size=4), "strictly increasing"),
+    (dict(decode_row_buckets=(0, 2)), "strictly increasing"),
     (dict(prefill_tokens=(10, 5), prefill_seconds=(1.0, 2.0)), "strictly increasing"),
     (dict(prefill_tokens=(10,), prefill_seconds=(1.0, 2.0)), "equally long"),
     (dict(decode_seconds=(0.0, 1.0)), "positive"),

@@ -5,6 +5,7 @@ No model, no jax, no server."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -139,11 +140,14 @@ def test_unloaded_latency_per_token_by_hand():
         unloaded_latency_per_token([], TINY)
 
 
-def test_unloaded_latency_per_token_is_what_the_simulator_charges_a_lone_request():
+@pytest.mark.parametrize("padded", [False, True])
+def test_unloaded_latency_per_token_is_what_the_simulator_charges_a_lone_request(padded):
     trace = [TraceRequest(1000.0 * i, p, o) for i, (p, o) in enumerate([(60, 3), (10, 1), (100, 20), (7, 9)])]
     cfg = SimConfig(max_num_seqs=4, max_num_batched_tokens=40, block_size=4)
-    m = simulate(trace, "fcfs", TINY, cfg).metrics()
-    assert m["mean_latency_per_token"] == pytest.approx(unloaded_latency_per_token(trace, TINY, 40))
+    # padded: a profile of the reference attention, whose decode rows read up to a block bucket
+    cost = dataclasses.replace(TINY, block_size=4, block_buckets=(1, 2, 4, 8, 16, 32)) if padded else TINY
+    m = simulate(trace, "fcfs", cost, cfg).metrics()
+    assert m["mean_latency_per_token"] == pytest.approx(unloaded_latency_per_token(trace, cost, 40))
 
 
 # -- the command lines ----------------------------------------------------------------------------------
