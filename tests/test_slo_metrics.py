@@ -158,6 +158,26 @@ def test_parse_slo_pair():
             parse_slo_pair(bad)
 
 
+def test_bench_starts_its_servers_fully_warmed_unless_told(monkeypatch):
+    """A server still loading shapes in the background serves at about half its rate, so the
+    servers `bench` starts warm up fully first; an explicit --warmup is passed through."""
+    from fastserve_jax.serve import bench_cmd
+
+    class Started(Exception):
+        pass
+    started = []
+
+    def launch(scheduler, argv):
+        started.append(argv)
+        raise Started
+    monkeypatch.setattr(bench_cmd, "LaunchedServer", launch)
+    for extra, want in (([], "full"), (["--warmup", "lazy"], "lazy")):
+        with pytest.raises(Started):
+            main(["bench", "--scheduler", "fcfs", *extra])
+        argv = started[-1]
+        assert argv.count("--warmup") == 1 and argv[argv.index("--warmup") + 1] == want
+
+
 @pytest.mark.parametrize("argv,msg", [(["--slo", "1.5"], "TTFT,TPOT"), (["--slo", "2,0"], "positive"),
                                       (["--slo", "1,x"], "TTFT,TPOT"),
                                       (["--slo-latency-per-token", "0"], "positive number of seconds")])
