@@ -97,6 +97,7 @@ def serve(policy: str, argv: list[str], prelude: list, work: list, arrivals: lis
     finally:
         server.stop()
     raise_on_problems(policy, server.log.name, bad + answer_problems(results, work))
+    server.discard_log()
     m = bench_client.summarize(results)
     m.update(slo_figures(results, []))
     # busy time and the predictor's upkeep over the measured burst alone (the prelude, start-up

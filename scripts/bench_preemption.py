@@ -114,6 +114,7 @@ def serve_burst(policy: str, argv: list[str], warm, work, arrivals, concurrency:
     finally:
         server.stop()
     raise_on_problems(policy, server.log.name, bad + answer_problems(results, work))
+    server.discard_log()
     m = bench_client.summarize(results)
     m.update(slo_figures(results, PAPER_SLOS))
     m.update({k: after[k] - before[k] for k in COUNTERS}, server_ready_seconds=ready)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -228,6 +229,14 @@ class LaunchedServer:
             self.proc.wait()
         self.log.close()
 
+    def discard_log(self) -> None:
+        """Remove the log of a server that stopped cleanly (call once its run checked out);
+        a failed one keeps it for its error message. (uvicorn re-raises SIGTERM once it has
+        drained, so a clean stop ends with -SIGTERM.)"""
+        if self.proc.returncode in (0, -signal.SIGTERM):
+            with contextlib.suppress(OSError):
+                os.remove(self.log.name)
+
 
 COLS = [("ttft", "ttft"), ("tpot", "tpot"), ("itl", "itl"), ("e2e", "e2e")]
 
@@ -302,6 +311,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
         finally:
             if server is not None:
                 server.stop()
+        if server is not None:
+            server.discard_log()
     print()
     print_table(rows)
     summary = {}
