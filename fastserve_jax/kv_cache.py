@@ -138,13 +138,16 @@ class KVManager:
     def blocks_needed(self, req: Request, num_new_tokens: int) -> int:
         """Device blocks `req` must gain to run `num_new_tokens` more tokens (for KV on the host:
         all of them, since it has to come back first)."""
-        have = len(self._tables.get(req.request_id, ()))
-        return max(0, self.blocks_for_tokens(req.num_computed_tokens + num_new_tokens) - have)
+        table = self._tables.get(req.request_id)
+        need = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size) - (0 if table is None else len(table))
+        return need if need > 0 else 0
 
     # -- device allocation (matching pairs: allocate / free) -------------------------------
     def allocate(self, req: Request, num_new_tokens: int) -> None:
         rid = req.request_id
         where = self._where.get(rid, KVLocation.NONE)
+        if where is KVLocation.DEVICE and self.blocks_needed(req, num_new_tokens) == 0:
+            return                    # most decodes: the last block has room (the simulator's hot path)
         assert where in (KVLocation.NONE, KVLocation.DEVICE), f"{rid}: allocate while its KV is {where.value}"
         need = self.blocks_needed(req, num_new_tokens)
         if need > len(self._free):

@@ -51,12 +51,14 @@ def apply_plan(plan: Plan, kv: KVManager, now: float) -> Copies:
     copies = Copies()
     for req in plan.preempted:
         drop_kv(req, kv)
-    borrow = sum(kv.host_blocks(s.request) for s in plan.scheduled if kv.location(s.request) in ON_HOST)
+    where = kv.where
+    back = {s.request.request_id for s in plan.scheduled if where.get(s.request.request_id) in ON_HOST}
+    borrow = sum(kv.host_blocks(s.request) for s in plan.scheduled if s.request.request_id in back) if back else 0
     for req in plan.swapped_out:
         copies.swap_out.append(kv.swap_out(req, borrow))
     for s in plan.scheduled:
         req = s.request
-        if kv.location(req) in ON_HOST:           # not uploaded ahead of time: comes back now
+        if back and req.request_id in back:       # not uploaded ahead of time: comes back now
             copies.swap_in.append(kv.swap_in(req))
             kv.finish_swap_in(req)
         kv.allocate(req, s.num_tokens)

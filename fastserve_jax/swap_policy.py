@@ -76,6 +76,7 @@ class SwapPolicy:
         self.stall_credit = 0.0
         self.step_time = 0.0                                   # EWMA of iteration seconds
         self._arrivals: deque[tuple[float, int]] = deque(maxlen=ARRIVAL_WINDOW)   # (time, first-chunk blocks)
+        self._arrival_blocks = 0                   # the window's first-chunk blocks, summed
         self._iteration = 0
         self._moved: dict[str, int] = {}                       # request id -> iteration of its last move
 
@@ -104,7 +105,11 @@ class SwapPolicy:
 
     # -- observations ----------------------------------------------------------------------
     def on_arrival(self, req: Request, now: float) -> None:
-        self._arrivals.append((now, self.kv.blocks_for_tokens(min(req.num_prompt_tokens, self.max_chunk))))
+        if len(self._arrivals) == self._arrivals.maxlen:
+            self._arrival_blocks -= self._arrivals[0][1]
+        b = self.kv.blocks_for_tokens(min(req.num_prompt_tokens, self.max_chunk))
+        self._arrivals.append((now, b))
+        self._arrival_blocks += b
 
     def on_iteration(self, seconds: float) -> None:
         self.step_time = seconds if self.step_time == 0 else 0.8 * self.step_time + 0.2 * seconds
@@ -128,7 +133,7 @@ class SwapPolicy:
             span = now - self._arrivals[0][0]
             if span > 0:
                 arrivals = len(self._arrivals) / span * horizon
-        chunk = sum(b for _, b in self._arrivals) / len(self._arrivals) if self._arrivals else 0.0
+        chunk = self._arrival_blocks / len(self._arrivals) if self._arrivals else 0.0
         growth = num_running * LOOKAHEAD_ITERATIONS / self.kv.block_size
         want = math.ceil(arrivals * chunk + growth)
         return min(want, int(self.kv.num_usable_blocks * MAX_RESERVE_FRACTION))

@@ -47,24 +47,26 @@ class FCFSScheduler(Scheduler):
         evicted: list[Request] = []
         budget = self.limits.max_num_batched_tokens
         free = self.kv.num_free_blocks
+        running, scheduled, blocks_needed = self.running, plan.scheduled, self.kv.blocks_needed
+        max_seqs = self.limits.max_num_seqs
         i = 0
-        while i < len(self.running) and len(plan.scheduled) < self.limits.max_num_seqs and budget > 0:
-            req = self.running[i]
+        while i < len(running) and len(scheduled) < max_seqs and budget > 0:
+            req = running[i]
             if req.in_flight:                    # pipeline mode: its last token is not back yet
                 i += 1
                 continue
             n = min(req.num_pending_tokens, budget)
-            need = self.kv.blocks_needed(req, n)
-            while need > free and self.running[-1] is not req and not self.running[-1].in_flight:
-                victim = self.running.pop()
+            need = blocks_needed(req, n)
+            while need > free and running[-1] is not req and not running[-1].in_flight:
+                victim = running.pop()
                 free += evict(plan, victim, self.kv, self.swap_on_evict)
                 evicted.append(victim)
             if need > free:                      # even alone it does not fit now: give way
-                self.running.pop(i)
+                running.pop(i)
                 evict(plan, req, self.kv, self.swap_on_evict)
                 evicted.append(req)
                 break
-            plan.scheduled.append(ScheduledRequest(req, n))
+            scheduled.append(ScheduledRequest(req, n))
             budget -= n
             free -= need
             i += 1
