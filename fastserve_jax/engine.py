@@ -21,7 +21,7 @@ from fastserve_jax.admission import validate_request
 from fastserve_jax.config import EngineConfig, SamplingParams, SchedulerConfig
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.cost_profile import profile_engine
-from fastserve_jax.detokenizer import IncrementalDetokenizer
+from fastserve_jax.detokenizer import IncrementalDetokenizer, decoder
 from fastserve_jax.kv_cache import KVLocation, KVManager, auto_num_blocks, auto_num_host_blocks, kv_block_bytes
 from fastserve_jax.kv_plan import Copies, apply_ahead, apply_plan
 from fastserve_jax.request import Request, RequestOutput, RequestStatus, TokenLogprobs
@@ -117,6 +117,7 @@ class LLMEngine:
         self.stats = EngineStats()
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._decode = decoder(tokenizer)
         self._ids = itertools.count()
         self._last_scheduled: set[str] = set()      # ran in the latest iteration
         self.warmup_seconds = self.runner.warmup(self.warmup_mode, progress)
@@ -181,7 +182,7 @@ class LLMEngine:
                       seed=seed, eos_token_ids=frozenset() if params.ignore_eos else self.eos_ids)
         self._requests[rid] = req
         self.stats.prompt_tokens += len(ids)
-        self._detok[rid] = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+        self._detok[rid] = IncrementalDetokenizer(self.tokenizer, ids, params.stop, self._decode)
         self.scheduler.add(req)
         self.swap.on_arrival(req, req.arrival_time)
         return req

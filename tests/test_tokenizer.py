@@ -64,3 +64,30 @@ def test_loading_the_demo_tokenizer_imports_neither_torch_nor_auto_classes():
             "assert not bad, bad\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("which", ["demo", "byte"])
+def test_the_detokenizer_decodes_as_the_tokenizer_does(which, tmp_path):
+    """The Rust tokenizer's decode, which the detokenizer calls directly, gives exactly what
+    transformers' decode gives: special tokens, spaces, text cut inside a UTF-8 sequence; and
+    streaming a text token by token rebuilds it."""
+    import random
+
+    from fastserve_jax.detokenizer import IncrementalDetokenizer, decoder
+    path = demo_model_path() if which == "demo" else str(tmp_path)
+    if which == "byte":
+        save_byte_tokenizer(path, vocab_size=300, eos_token_id=2)
+    tok = load_tokenizer(path)
+    fast = decoder(tok)
+    assert fast.__code__ is not decoder(object()).__code__      # the direct path was taken
+    rng = random.Random(0)
+    ids = [i for text in TEXTS for i in tok(text)["input_ids"]]
+    for _ in range(200):
+        part = [rng.choice(ids + list(range(len(tok)))) for _ in range(rng.randint(0, 12))]
+        assert fast(part) == tok.decode(part, skip_special_tokens=True), part
+    for text in TEXTS:
+        prompt, out = tok("count:")["input_ids"], tok(text, add_special_tokens=False)["input_ids"]
+        d, got = IncrementalDetokenizer(tok, prompt, []), ""
+        for t in out:
+            got, _ = d.push(t, got)
+        assert got == tok.decode(out, skip_special_tokens=True)
