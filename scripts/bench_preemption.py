@@ -57,7 +57,8 @@ from sim_fidelity import POLICIES, in_process_fidelity, simulator_fidelity  # no
 FIGURES = [("throughput_rps", "served req/s", 1), ("throughput_tps", "served tok/s", 1),
            ("mean_latency_per_token", "ms per token", 1e3), ("e2e_mean", "JCT mean s", 1), ("e2e_p99", "JCT p99 s", 1),
            ("ttft_mean", "TTFT mean s", 1), ("ttft_p99", "TTFT p99 s", 1),
-           ("server_ttft_mean", "TTFT server mean s", 1)]      # from the handler's start, not the send
+           ("server_ttft_mean", "TTFT server mean s", 1),      # from the handler's start, not the send
+           ("server_e2e_mean", "JCT server mean s", 1)]        # handler's start to the engine's last token
 # Prometheus counters of one server, differenced around the burst
 COUNTERS = {"iterations": "fastserve_iterations_total", "busy_seconds": "fastserve_busy_seconds_total",
             "swap_stall_seconds": "fastserve_swap_stall_seconds_total",
@@ -66,7 +67,9 @@ COUNTERS = {"iterations": "fastserve_iterations_total", "busy_seconds": "fastser
             "swap_in_blocks": 'fastserve_swap_blocks_total{direction="in"}',
             # the server's own TTFT (from its request handler's start), against the client's (from the send)
             "server_ttft_sum": "fastserve_time_to_first_token_seconds_sum",
-            "server_ttft_count": "fastserve_time_to_first_token_seconds_count"}
+            "server_ttft_count": "fastserve_time_to_first_token_seconds_count",
+            "server_e2e_sum": "fastserve_e2e_request_latency_seconds_sum",
+            "server_e2e_count": "fastserve_e2e_request_latency_seconds_count"}
 THROUGHPUT_TARGET, LATENCY_TARGET = 0.95, 1.5       # skip-join/fcfs served req/s; fcfs/skip-join ms per token
 
 
@@ -120,7 +123,8 @@ def serve_burst(policy: str, argv: list[str], warm, work, arrivals, concurrency:
     m.update(slo_figures(results, PAPER_SLOS))
     m.update({k: after[k] - before[k] for k in COUNTERS}, server_ready_seconds=ready)
     m["iteration_seconds"] = m["busy_seconds"] / m["iterations"]
-    m["server_ttft_mean"] = m.pop("server_ttft_sum") / max(m.pop("server_ttft_count"), 1.0)
+    for key in ("server_ttft", "server_e2e"):
+        m[f"{key}_mean"] = m.pop(f"{key}_sum") / max(m.pop(f"{key}_count"), 1.0)
     return m
 
 
@@ -212,7 +216,9 @@ def main() -> int:
     # a profile cached earlier had this VM at another speed (the in-process engine then ran
     # 25% faster than the simulator said, against within 5% the run before).
     from fastserve_jax.cost_profile import profile_engine
-    profile_engine(llm.engine, refresh=True)
+    # (median of 9 runs per point, not the engine's 3: one slow (32 rows, 16 blocks) sample set
+    # the context coefficient 30% high once, and fcfs runs mostly that launch)
+    profile_engine(llm.engine, repeats=9, refresh=True)
     (work, warm, probe), replaced = screen_pairs(llm, [work, warm, probe], a.seed)
     if [len(tok.encode(w[0]["prompt"])) for w in work] != prompt_tokens:
         raise RuntimeError("a replacement pair tokenizes to another prompt length; the pool was sized without it")
