@@ -146,10 +146,10 @@ class KVManager:
     def allocate(self, req: Request, num_new_tokens: int) -> None:
         rid = req.request_id
         where = self._where.get(rid, KVLocation.NONE)
-        if where is KVLocation.DEVICE and self.blocks_needed(req, num_new_tokens) == 0:
+        need = self.blocks_needed(req, num_new_tokens)
+        if need == 0 and where is KVLocation.DEVICE:
             return                    # most decodes: the last block has room (the simulator's hot path)
         assert where in (KVLocation.NONE, KVLocation.DEVICE), f"{rid}: allocate while its KV is {where.value}"
-        need = self.blocks_needed(req, num_new_tokens)
         if need > len(self._free):
             raise RuntimeError(f"plan does not fit: {rid} needs {need} blocks, {len(self._free)} free")
         table = self._tables.setdefault(rid, [])

@@ -44,6 +44,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from fastserve_jax.cost_profile import profile_engine  # noqa: E402
 from fastserve_jax.slo import PAPER_SLOS  # noqa: E402
 from fastserve_jax.workload import TraceRequest, burst_pool_blocks, kv_blocks, with_arrivals  # noqa: E402
 from fastserve_jax.models import demo_task  # noqa: E402
@@ -212,12 +213,11 @@ def main() -> int:
     probe, _ = build_workload(TRACE, a.capacity_requests, 1.0, False, 1.0, a.seed + 2, "chat")
     llm = local_engine(argv, warmup="full")
     # The cost model is measured now, every shape at its own bucket, and cached under the
-    # servers' key, so the servers' policies and the simulator both use this hour's machine:
-    # a profile cached earlier had this VM at another speed (the in-process engine then ran
-    # 25% faster than the simulator said, against within 5% the run before).
-    from fastserve_jax.cost_profile import profile_engine
-    # (median of 9 runs per point, not the engine's 3: one slow (32 rows, 16 blocks) sample set
-    # the context coefficient 30% high once, and fcfs runs mostly that launch)
+    # servers' key, so the servers' policies and the simulator both use this hour's machine (a
+    # profile cached earlier had this VM at another speed: the in-process engine then ran 25%
+    # faster than the simulator said). The median of 9 runs per point, not the engine's 3: one
+    # slow (32 rows, 16 blocks) sample set the context coefficient 30% high once, and fcfs runs
+    # mostly that launch.
     profile_engine(llm.engine, repeats=9, refresh=True)
     (work, warm, probe), replaced = screen_pairs(llm, [work, warm, probe], a.seed)
     if [len(tok.encode(w[0]["prompt"])) for w in work] != prompt_tokens:
