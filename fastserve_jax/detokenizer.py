@@ -18,14 +18,12 @@ def decoder(tokenizer):
     Rust tokenizer's own decode, which is all transformers' decode calls then: the wrapper
     around it cost 6 of the 9.6 us of a call on 13 ids of the demo tokenizer, and the
     engine's thread decodes twice per generated token."""
-    try:
-        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-        from transformers.tokenization_utils_tokenizers import TokenizersBackend
-    except ImportError:          # pragma: no cover (transformers is a dependency)
-        TokenizersBackend = None
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
     cls = type(tokenizer)
     backend = getattr(tokenizer, "_tokenizer", None)
-    if (TokenizersBackend is not None and isinstance(tokenizer, TokenizersBackend) and backend is not None
+    if (isinstance(tokenizer, TokenizersBackend) and backend is not None
             and cls.decode is PreTrainedTokenizerBase.decode and cls._decode is TokenizersBackend._decode
             and not tokenizer.clean_up_tokenization_spaces):
         fast = backend.decode
