@@ -22,6 +22,12 @@ so the engine must be idle. The result is cached as JSON under
 <cache root>/cost_models/<key>.json (cache root as for converted params, see
 models.loader.cache_root), keyed by the model config, the engine config, the KV pool size
 and the device kind; a second start loads it instead of profiling.
+
+While a background warm-up is still compiling (runner/compiler.py), launches pad to the
+covering set, so timing the other buckets would compile them first. The engine then takes a
+provisional model instead (`provisional=True`: the same points timed on whatever is
+compiled, nothing compiled, nothing cached) and replaces it with a full profile once every
+shape is compiled and it is idle (`refine_profile`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import ScheduledRequest
 
 _VERSION = 2                     # 2: launch padding in the model
+PROVISIONAL = "-provisional"     # name suffix of a model timed on a covering set's padded launches
 
 
 def cost_cache_key(engine) -> str:
@@ -141,19 +148,43 @@ def _measure(engine, repeats: int, sparse: bool) -> CostModel:
                f"hidden {engine.model_cfg.hidden_size}, dtype {cfg.dtype}")
 
 
-def profile_engine(engine, cache_dir: str | None = None, repeats: int = 3, refresh: bool = False) -> CostModel:
+def profile_engine(engine, cache_dir: str | None = None, repeats: int = 3, refresh: bool = False,
+                   provisional: bool = False) -> CostModel:
     """The engine's cost model: from the on-disk cache, else measured now and cached.
 
     `cache_dir=""` disables the cache; `refresh=True` measures even when cached. An engine
-    without a full warm-up measures sparsely (see `measure`); a cached profile is used
-    whichever way it was measured."""
+    with shapes left to compile measures sparsely (see `measure`); a cached profile is used
+    whichever way it was measured. `provisional=True` (when not cached): time the launches
+    as they run now, padded to the compiled shapes, once per point; nothing compiles and
+    nothing is cached, and the name ends in PROVISIONAL."""
     path = _cache_path(engine, cache_dir)
     if path and not refresh and os.path.isfile(path):
         return CostModel.load(path)
     if engine.has_unfinished():
         raise RuntimeError("profile the engine while it is idle (before adding requests, or after they finish): "
                            "profiling borrows free KV blocks and runs launches of its own")
-    cm = measure(engine, repeats, sparse=engine.warmup_mode != "full")
+    if provisional:
+        cm = _measure(engine, 1, sparse=True)
+        return dataclasses.replace(cm, name=cm.name + PROVISIONAL, source=cm.source + "; provisional: launches "
+                                   "padded to the shapes compiled so far, one run per point")
+    cm = measure(engine, repeats, sparse=engine.warmup_mode != "full" and not engine.runner.fully_compiled())
     if path:
         cm.save(path)
     return cm
+
+
+def is_provisional(cm: CostModel | None) -> bool:
+    return cm is not None and cm.name.endswith(PROVISIONAL)
+
+
+def refine_profile(engine) -> bool:
+    """Replace the engine's provisional cost model by a full profile (cached on disk for the
+    next start) once every shape is compiled and no request is live; its scheduler keeps
+    what it learned. Returns whether it profiled. The serve loop calls it when idle,
+    LLM.generate before it queues: it runs launches for about a second on the demo model."""
+    if (not is_provisional(engine.cost_model) or engine.has_unfinished()
+            or not engine.runner.compiler.background_done() or engine.runner.shapes_pending()):
+        return False
+    engine.cost_model = profile_engine(engine, refresh=True)
+    engine.scheduler.use_cost_model(engine.cost_model, engine._policy_config())
+    return True

@@ -20,7 +20,7 @@ import jax
 from fastserve_jax.admission import validate_request
 from fastserve_jax.config import EngineConfig, SamplingParams, SchedulerConfig
 from fastserve_jax.cost_model import CostModel
-from fastserve_jax.cost_profile import profile_engine
+from fastserve_jax.cost_profile import is_provisional, profile_engine
 from fastserve_jax.detokenizer import IncrementalDetokenizer, decoder
 from fastserve_jax.kv_cache import KVLocation, KVManager, auto_num_blocks, auto_num_host_blocks, kv_block_bytes
 from fastserve_jax.kv_plan import Copies, apply_ahead, apply_plan
@@ -133,19 +133,26 @@ class LLMEngine:
             raise RuntimeError("switch schedulers only while the engine is idle")
         if POLICIES.get(name) is None:
             raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(POLICIES)}")
-        if self.cost_model is None and POLICIES[name].needs_cost_model:
+        if self.cost_model is None and POLICIES[name].needs_cost_model:   # provisional in a background warm-up
             self.cost_model = (CostModel.load(self.cfg.cost_model) if self.cfg.cost_model
-                               else profile_engine(self))
-        if config is None:
-            config = SchedulerConfig(base_quantum=self.cost_model.decode_time(1) if self.cost_model else
-                                     SchedulerConfig.base_quantum)
+                               else profile_engine(self, provisional=self.runner.shapes_pending()))
+        self._scheduler_config = config
         self.scheduler = make_scheduler(name, Limits(self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens),
-                                        self.kv, config, self.cost_model)
+                                        self.kv, self._policy_config(), self.cost_model)
         if (name == "predictive") != (self.predictor is not None):     # the policy's length predictor
             from fastserve_jax.predictor import EXTRA, LengthPredictor, default_path
             self.predictor = (LengthPredictor(2 * self.model_cfg.hidden_size + EXTRA, warm=True,
                                               path=default_path(self.model_cfg, self.cfg.dtype))
                               if name == "predictive" else self.predictor.close())
+
+    def _policy_config(self) -> SchedulerConfig:
+        """set_scheduler's config, else the default with one decode step as the base quantum."""
+        return self._scheduler_config or SchedulerConfig(
+            base_quantum=self.cost_model.decode_time(1) if self.cost_model else SchedulerConfig.base_quantum)
+
+    @property
+    def profile_provisional(self) -> bool:          # see cost_profile.refine_profile
+        return is_provisional(self.cost_model)
 
     @classmethod
     def from_pretrained(cls, model_path: str, cfg: EngineConfig, model_cfg=None, **kwargs) -> "LLMEngine":

@@ -7,6 +7,7 @@ import time
 from typing import Sequence
 
 from fastserve_jax.config import EngineConfig, SamplingParams
+from fastserve_jax.cost_profile import refine_profile
 from fastserve_jax.engine import LLMEngine, RequestOutput
 from fastserve_jax.runner.compile_guard import compile_stats
 from fastserve_jax.runner.compiler import resolve_warmup
@@ -78,6 +79,7 @@ class LLM:
                 self.engine.validate(p, sp)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
+        refine_profile(self.engine)        # a background warm-up's provisional cost model, once it is done
         reqs = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
         while any(not r.finished for r in reqs):
             self.engine.step()

@@ -23,10 +23,12 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from fastserve_jax.config import SamplingParams
+from fastserve_jax.cost_profile import refine_profile
 from fastserve_jax.engine import LLMEngine
 from fastserve_jax.request import Request, TokenLogprobs
 
@@ -34,6 +36,7 @@ log = logging.getLogger("fastserve_jax.serve")
 
 Prompt = list[int]
 _STOP = object()
+REFINE_POLL_S = 0.5      # how often an idle engine looks whether it can replace a provisional profile
 
 
 @dataclass
@@ -208,9 +211,11 @@ class AsyncEngine:
         self.health.ready = True
         log.info("engine ready: %d KV blocks, scheduler %s", self.engine.kv.num_usable_blocks,
                  self.engine.cfg.scheduler)
+        refine = self.engine.profile_provisional      # until the background warm-up is done
         while True:
+            idle = not self.engine.has_unfinished()
             try:   # sleep in the inbox only while there is nothing to run
-                cmd = self._inbox.get(block=not self.engine.has_unfinished())
+                cmd = self._inbox.get(block=idle, timeout=REFINE_POLL_S if idle and refine else None)
             except queue.Empty:
                 cmd = None
             while cmd is not None:
@@ -219,8 +224,24 @@ class AsyncEngine:
                     return
                 self._handle(cmd)
                 cmd = None if self._inbox.empty() else self._inbox.get_nowait()
+            if refine and not self.engine.has_unfinished():
+                refine = self._refine_profile()
             if self.engine.has_unfinished():
                 self._step()
+
+    def _refine_profile(self) -> bool:
+        """While idle: the full cost profile once the background warm-up is done (see
+        cost_profile.refine_profile). Returns whether to try again later."""
+        t0 = time.perf_counter()
+        try:
+            if not refine_profile(self.engine):
+                return True
+        except Exception:  # keep serving on the provisional model
+            log.exception("profiling the engine after its warm-up failed; keeping the provisional cost model")
+            return False
+        log.info("cost model profiled now that every shape is compiled (%.1f s): %s", time.perf_counter() - t0,
+                 self.engine.cost_model.name)
+        return False
 
     def _shut_down(self) -> None:
         """Abort every live request and whatever is still in the inbox, then return."""

@@ -92,7 +92,9 @@ def engine_builder(model: str | None, engine_kwargs: dict):
                  model or "the bundled demo model", kwargs["warmup"])
         llm = LLM(model, progress=progress_logger(), **kwargs)
         log.info("engine loaded and compiled in %.1f s (%s)%s", llm.startup_seconds, llm.startup_compiles.describe(),
-                 "; the other shapes compile in the background" if kwargs["warmup"] == "background" else "")
+                 "; the other shapes compile in the background" + (
+                     ", then the cost model is profiled (provisional until then)" if llm.engine.profile_provisional
+                     else "") if kwargs["warmup"] == "background" else "")
         return llm.engine
     return build
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ MAX_PENDING = 48
 @pytest.fixture(scope="module")
 def live():
     srv = LiveServer(ServerConfig(model_name="demo", max_pending=MAX_PENDING, max_body_bytes=64 << 10)).start()
+    srv.started_provisional = srv.state.engine.engine.profile_provisional    # read before the warm-up is done
     yield srv
     srv.stop()
 
@@ -255,3 +257,18 @@ def test_load_200_requests_32_clients_with_disconnects(live):
     assert delta("fastserve_e2e_request_latency_seconds_count") == sum(c is None for c in cut)
     assert live.get("/health")[0] == 200
     live.on_engine(lambda e: e.kv.check_integrity())
+
+
+def test_idle_server_replaces_its_provisional_cost_model_once_the_warmup_is_done(live):
+    """serve came up on a cost model timed on the background warm-up's covering set; once
+    every shape is compiled the idle engine thread profiles every bucket and the scheduler
+    takes it."""
+    assert live.started_provisional
+    live.on_engine(lambda e: e.runner.compiler.wait_background())
+    deadline = time.monotonic() + 20
+    while live.on_engine(lambda e: e.profile_provisional):
+        assert time.monotonic() < deadline, "still on the provisional cost model"
+        time.sleep(0.1)
+    assert live.on_engine(lambda e: e.scheduler.cost_model is e.cost_model and not e.runner.shapes_pending())
+    status, _, out = live.post("/v1/completions", _counting(3, 30))
+    assert status == 200 and demo_task.check_answer(3, 30, out["choices"][0]["text"])

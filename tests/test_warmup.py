@@ -65,3 +65,39 @@ def test_background_warmup_finishes_and_then_serves_exact_buckets(lazy, tiny_che
 def test_unknown_warmup_mode_is_refused(tiny_checkpoints):
     with pytest.raises(ValueError, match="warmup must be one of"):
         LLM(tiny_checkpoints("llama"), warmup="eager", **ENGINE_KW)
+
+
+def test_background_warmup_profiles_on_the_covering_set_then_fully_once_done(lazy, tiny_checkpoints, tmp_path,
+                                                                             monkeypatch):
+    """Under a background warm-up a policy's cost model is first timed on the covering set's
+    padded launches (compiling nothing for it, caching nothing), so the server is up as soon
+    as the covering set is; once every shape is compiled, the next idle moment profiles every
+    bucket, caches it, and the live scheduler takes it (quanta from the new decode step)."""
+    from fastserve_jax import cost_profile
+
+    monkeypatch.setenv("FASTSERVE_JAX_CACHE", str(tmp_path))       # no profile cached by other tests
+    prompts = random_prompts(3, 3, 40, seed=4)
+    want = [o.token_ids for o in lazy.generate(prompts, GREEDY)]
+    measured_with = []
+    real = cost_profile._measure
+    monkeypatch.setattr(cost_profile, "_measure", lambda e, r, sparse: measured_with.append(
+        (sorted(e.runner.stages[0].compiled, key=str), e.runner.builder.ready)) or real(e, r, sparse))
+    llm = LLM(tiny_checkpoints("llama"), warmup="background", **dict(ENGINE_KW, scheduler="skip-join-mlfq"))
+    eng, comp = llm.engine, llm.engine.runner.compiler
+    covering = sorted((k for k in comp.covering_keys() if isinstance(k, (DecodeKey, PrefillKey))), key=str)
+    assert measured_with == [(covering, comp.launch_ready)]       # timed padded, on the covering set alone
+    assert eng.profile_provisional and eng.cost_model.name.endswith(cost_profile.PROVISIONAL)
+    assert not (tmp_path / "cost_models").exists()
+    comp.stop_background()                                        # shapes left: no full profile yet
+    assert eng.runner.shapes_pending() and cost_profile.refine_profile(eng) is False and eng.profile_provisional
+    comp.start_background(comp.all_keys())
+    comp.wait_background()
+    got = [o.token_ids for o in llm.generate(prompts, GREEDY)]     # refines first: the engine is idle
+    assert got == want and not eng.profile_provisional
+    cm = eng.cost_model
+    assert cm.decode_batch == eng.cfg.decode_batch_buckets and cm.prefill_tokens == eng.cfg.prefill_token_buckets
+    assert eng.scheduler.cost_model is cm and eng.scheduler.quanta[0] == pytest.approx(cm.decode_time(1))
+    cached = list((tmp_path / "cost_models").glob("*.json"))
+    assert len(cached) == 1 and cost_profile.CostModel.load(str(cached[0])) == cm
+    assert cost_profile.refine_profile(eng) is False                          # once
+    assert eng.kv.num_free_blocks == eng.kv.num_usable_blocks

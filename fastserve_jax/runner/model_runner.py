@@ -132,6 +132,14 @@ class ModelRunner:
         if self.builder.ready is not None:
             self.compiler.start_background(self.compiler.all_keys(), self._swap_jobs())
 
+    def fully_compiled(self) -> bool:
+        """Every launch shape and sampler serving can use is compiled."""
+        return all(self.compiler.compiled(k) for k in self.compiler.all_keys())
+
+    def shapes_pending(self) -> bool:
+        """A background warm-up has shapes left: launches pad to the compiled ones meanwhile."""
+        return self.builder.ready is not None and not self.fully_compiled()
+
     def _swap_jobs(self) -> list:
         return self.swaps.transfer.compile_jobs(compiler.abstract(self.caches)) if self.swaps else []
 

@@ -130,6 +130,15 @@ class Scheduler(ABC):
         """Live requests per priority level, highest first (one level unless the policy has queues)."""
         return [len(self)]
 
+    def use_cost_model(self, cost_model: CostModel, config: SchedulerConfig) -> None:
+        """Swap in a new cost model and config (a provisional profile for the full one, see
+        cost_profile.refine_profile) while no request is live; what the policy learned from
+        finished requests stays. Policies that derive state from either extend this."""
+        if len(self):
+            raise RuntimeError("replace the cost model only while the scheduler holds no request")
+        self.cost_model = cost_model
+        self.config = config
+
     def _require_cost_model(self) -> CostModel:
         if self.cost_model is None:
             raise ValueError(f"the {self.name} scheduler needs a cost model: pass cost_model=CostModel.load("

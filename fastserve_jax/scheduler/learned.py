@@ -34,6 +34,12 @@ class LearnedLengthPolicy(IndexPolicy):
         self.pooled: deque[int] = deque(maxlen=c.gittins_window)
         self._new_finishes = 0
 
+    def use_cost_model(self, cost_model, config) -> None:
+        super().use_cost_model(cost_model, config)
+        self.meter = ServiceMeter(cost_model, self.limits.max_num_seqs)
+        if self.warmup is not None:
+            self.warmup.use_cost_model(cost_model, config)
+
     def bucket(self, req: Request) -> int:
         return bisect.bisect_right(self.edges, req.num_prompt_tokens)
 

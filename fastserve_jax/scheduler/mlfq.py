@@ -41,6 +41,11 @@ class MLFQScheduler(Scheduler):
     def __len__(self) -> int:
         return len(self._live)
 
+    def use_cost_model(self, cost_model, config) -> None:
+        super().use_cost_model(cost_model, config)
+        self.quanta = [config.quantum(i) for i in range(config.num_queues)]
+        self.queues = [{} for _ in self.quanta]
+
     def entry_level(self, req: Request) -> int:
         return 0
 

@@ -21,5 +21,9 @@ class SRPTScheduler(IndexPolicy):
         super().__init__(limits, kv, config, cost_model)
         self.meter = ServiceMeter(self._require_cost_model(), limits.max_num_seqs)
 
+    def use_cost_model(self, cost_model, config) -> None:
+        super().use_cost_model(cost_model, config)
+        self.meter = ServiceMeter(cost_model, self.limits.max_num_seqs)
+
     def key(self, req: Request) -> float:
         return self.meter.prefill_slots(req) + (req.sampling.max_tokens - len(req.output_token_ids))
