@@ -18,6 +18,7 @@ loop when a request finishes (aborted and failed requests are not observed).
     fastserve_e2e_request_latency_seconds    histograms
     fastserve_server_pending_requests, fastserve_server_rejected_total{reason},
     fastserve_engine_faults_total, fastserve_server_ready
+    fastserve_cost_model_provisional         1 until the background warm-up is done and profiled
     fastserve_predictor_{samples,train_rounds}_total, fastserve_predictor_{ready,scored,kendall_tau,
     ...}                                     the output-length predictor's learning and quality
                                              (scheduler "predictive" only; predictor.py)
@@ -47,7 +48,11 @@ class _EngineCollector:
         pending.add_metric([], ae.num_pending)
         faults = CounterMetricFamily("fastserve_engine_faults", "engine iterations that raised")
         faults.add_metric([], ae.health.faults_total)
-        yield from (ready, pending, faults)
+        provisional = GaugeMetricFamily("fastserve_cost_model_provisional",
+                                        "1 while the scheduler's cost model is timed on the background warm-up's "
+                                        "covering set, until every shape is compiled (cost_profile.py)")
+        provisional.add_metric([], 1.0 if ae.engine is not None and ae.engine.profile_provisional else 0.0)
+        yield from (ready, pending, faults, provisional)
         if s is None:
             return
         q = GaugeMetricFamily("fastserve_queue_length", "live requests per MLFQ level", labels=["level"])

@@ -48,7 +48,8 @@ def test_health_models_metrics(live, client):
                  "fastserve_time_to_first_token_seconds_count", "fastserve_time_per_output_token_seconds_count",
                  "fastserve_e2e_request_latency_seconds_count", "fastserve_prompt_tokens_total",
                  "fastserve_generation_tokens_total", "fastserve_swap_blocks_total", "fastserve_swap_bytes_total",
-                 "fastserve_swap_stall_seconds_total", "fastserve_recomputations_total"):
+                 "fastserve_swap_stall_seconds_total", "fastserve_recomputations_total",
+                 "fastserve_cost_model_provisional"):
         assert any(k[0] == name for k in m), f"{name} missing from /metrics"
     assert m[("fastserve_queue_length", (("level", "1"),))] == 0        # skip-join MLFQ: several levels
     assert m[("fastserve_kv_blocks_total", (("pool", "device"),))] > 0
@@ -270,5 +271,6 @@ def test_idle_server_replaces_its_provisional_cost_model_once_the_warmup_is_done
         assert time.monotonic() < deadline, "still on the provisional cost model"
         time.sleep(0.1)
     assert live.on_engine(lambda e: e.scheduler.cost_model is e.cost_model and not e.runner.shapes_pending())
+    assert live.metric("fastserve_cost_model_provisional") == 0
     status, _, out = live.post("/v1/completions", _counting(3, 30))
     assert status == 200 and demo_task.check_answer(3, 30, out["choices"][0]["text"])
