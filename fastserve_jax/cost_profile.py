@@ -85,12 +85,14 @@ class _Probe:
     def time(self, items: list[ScheduledRequest], repeats: int) -> float:
         runner, kv = self.engine.runner, self.engine.kv
         samples = []
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            runner.execute(items, kv)
-            if i:
-                samples.append(time.perf_counter() - t0)
-        self.release()
+        try:
+            for i in range(repeats + 1):
+                t0 = time.perf_counter()
+                runner.execute(items, kv)
+                if i:
+                    samples.append(time.perf_counter() - t0)
+        finally:                 # a failed launch (e.g. out of memory) still gives the blocks back
+            self.release()
         return statistics.median(samples)
 
 
