@@ -82,6 +82,13 @@ class _Probe:
             self.engine.kv.free(r)
         self.taken.clear()
 
+    def keys(self, items: list[ScheduledRequest]) -> list:
+        """The launch and sampler keys timing `items` runs (nothing runs); gives the blocks back."""
+        try:
+            return self.engine.runner.keys_of(items, self.engine.kv)
+        finally:
+            self.release()
+
     def time(self, items: list[ScheduledRequest], repeats: int) -> float:
         runner, kv = self.engine.runner, self.engine.kv
         samples = []
@@ -118,12 +125,29 @@ def _measure(engine, repeats: int, sparse: bool) -> CostModel:
     bs = cfg.block_size
     pre_t = _ends([t for t in cfg.prefill_token_buckets if t <= min(cfg.max_model_len, kv.num_free_blocks * bs)],
                   sparse)
-    pre_s = [probe.time([ScheduledRequest(probe.request(t, 0), t)], repeats) for t in pre_t]
     dec_b = _ends(list(cfg.decode_batch_buckets), sparse)
-    dec_s = [probe.time([ScheduledRequest(probe.request(2, 1), 1) for _ in range(b)], repeats) for b in dec_b]
     b = dec_b[-1]
     long_ctx = min(cfg.max_model_len - 1, (kv.num_free_blocks // b) * bs - 1)
-    t_long = probe.time([ScheduledRequest(probe.request(long_ctx + 1, long_ctx), 1) for _ in range(b)], repeats)
+    n = pre_t[-1] if sparse and pre_t else max(1, cfg.max_num_batched_tokens // 2)
+    ctx = min(cfg.max_model_len - n, (kv.num_free_blocks * bs) - n)
+
+    def prefill(tokens: int, cached: int = 0) -> list[ScheduledRequest]:
+        return [ScheduledRequest(probe.request(cached + tokens, cached), tokens)]
+
+    def decode(rows: int, context: int) -> list[ScheduledRequest]:
+        return [ScheduledRequest(probe.request(context + 1, context), 1) for _ in range(rows)]
+
+    # What the points run, compiled first on the compiler's thread pool (a lazy engine would
+    # otherwise compile them one by one as each point's untimed run meets them)
+    points = ([lambda t=t: prefill(t) for t in pre_t] + [lambda r=r: decode(r, 1) for r in dec_b]
+              + [lambda: decode(b, long_ctx)] + ([lambda: prefill(n, ctx), lambda: prefill(n)] if ctx > 0 else []))
+    keys = []
+    for point in points:
+        keys += [k for k in probe.keys(point()) if k not in keys]
+    engine.runner.compiler.compile_now(keys)
+    times = [probe.time(point(), repeats) for point in points]
+    pre_s, dec_s = times[:len(pre_t)], times[len(pre_t):len(pre_t) + len(dec_b)]
+    t_long = times[len(pre_t) + len(dec_b)]
     padding = dict(decode_row_buckets=cfg.decode_batch_buckets, prefill_token_buckets=cfg.prefill_token_buckets)
     if cfg.attention_backend == "reference":       # gathers every row's blocks up to the bucket
         padding.update(block_size=bs, block_buckets=cfg.block_buckets, min_launch_blocks=cfg.min_launch_blocks)
@@ -131,11 +155,8 @@ def _measure(engine, repeats: int, sparse: bool) -> CostModel:
     read = (CostModel("probe", (1,), (1.0,), (1,), (1.0,), **padding).padded_read(b, long_ctx + 1)
             if "block_size" in padding else b * (long_ctx - 1))
     decode_context = max(0.0, (t_long - dec_s[-1]) / read) if long_ctx > 1 and read > 0 else 0.0
-    n = pre_t[-1] if sparse and pre_t else max(1, cfg.max_num_batched_tokens // 2)
-    ctx = min(cfg.max_model_len - n, (kv.num_free_blocks * bs) - n)
     if ctx > 0:
-        t_ctx = probe.time([ScheduledRequest(probe.request(ctx + n, ctx), n)], repeats)
-        t0 = probe.time([ScheduledRequest(probe.request(n, 0), n)], repeats)
+        t_ctx, t0 = times[-2:]
         prefill_context = max(0.0, (t_ctx - t0) / (n * ctx))
     else:
         prefill_context = 0.0

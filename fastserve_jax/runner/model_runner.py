@@ -167,6 +167,14 @@ class ModelRunner:
     def build_launches(self, scheduled: list[ScheduledRequest], kv: KVManager) -> list[Launch]:
         return self.builder.build(scheduled, kv)
 
+    def keys_of(self, scheduled: list[ScheduledRequest], kv: KVManager) -> list:
+        """The launch and sampler keys running `scheduled` would use; nothing runs or compiles."""
+        keys: list = []
+        for ln in self.build_launches(scheduled, kv):
+            sk = sampler_key(LaunchWork.of(ln, self.cfg.max_model_len))
+            keys += [ln.key] if sk is None else [ln.key, sk]
+        return keys
+
     def forward(self, ln: Launch | LaunchWork, batch_id: int = -1):
         """Queue one launch through every stage (asynchronously); returns the logits."""
         self.compiler.ensure(ln.key)
@@ -193,9 +201,8 @@ class ModelRunner:
             if w.sampling is None:
                 pending.append(None)
                 continue
-            pen = w.penalties is not None
-            key = SamplerKey(w.sampling.temperature.shape[0], w.greedy, w.logprobs, pen)
-            pending.append((self.sampler(key)(logits, w.sampling, *((w.penalties,) if pen else ())), feats))
+            key = sampler_key(w)
+            pending.append((self.sampler(key)(logits, w.sampling, *((w.penalties,) if key.penalties else ())), feats))
         return pending
 
     @staticmethod
@@ -242,3 +249,10 @@ class ModelRunner:
             self.swaps.replay(msg)
         else:
             raise ValueError(f"unknown operation {msg['op']!r} from the leader (versions differ?)")
+
+
+def sampler_key(w: LaunchWork) -> SamplerKey | None:
+    """The sampler variant a launch's logits go through; None for a launch that samples nothing."""
+    if w.sampling is None:
+        return None
+    return SamplerKey(w.sampling.temperature.shape[0], w.greedy, w.logprobs, w.penalties is not None)
