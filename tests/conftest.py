@@ -5,6 +5,7 @@ the first)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import tempfile
 
@@ -16,8 +17,12 @@ import tempfile
 #   compile time fell from 204 s to 107 s and the suite from 296-313 s to 237 s. XLA:CPU then
 #   lowers the KV cache's scatter as a loop (test_parallel_layout allows that one loop).
 # Both change code generation, not what is computed; every test passes either way. A flag the
-# caller set wins. Benchmarks never run under this conftest.
-for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
+# caller set wins. Benchmarks never run under this conftest. The emitter flag exists on jaxlib
+# 0.10 only: XLA aborts the process on a flag it does not know (jaxlib 0.11 dropped it).
+_FLAGS = ["--xla_backend_optimization_level=0"]
+if importlib.metadata.version("jaxlib").startswith("0.10."):
+    _FLAGS.append("--xla_cpu_use_fusion_emitters=false")
+for _flag in _FLAGS:
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 

@@ -123,8 +123,11 @@ def test_traced_layer_is_refused():
 def test_kernel_lowers_to_triton_for_cuda(q_len):
     """Cross-lowered on CPU for a GPU: the kernel goes through Pallas's Triton lowering (not
     Mosaic GPU), in bf16 with 7 query heads per KV head, and exports the way the engine's
-    program cache exports it. (Triton's own compile to PTX happens on a GPU, untested here.)"""
+    program cache exports it. (Triton's own compile to PTX happens on a GPU, untested here.)
+    It lowers under an abstract CUDA device: jax 0.11 will not lower a GPU kernel on a machine
+    without one otherwise (0.10 did not ask)."""
     from jax import export
+    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
     from fastserve_jax.models.paged_attention import paged_attention
     from fastserve_jax.runner.export_cache import DISABLED_CHECKS
@@ -135,5 +138,8 @@ def test_kernel_lowers_to_triton_for_cuda(q_len):
     args = (jax.ShapeDtypeStruct((r, q_len, 14, 64), jnp.bfloat16), cache, cache,
             i32(r, q_len), i32(r, q_len), i32(r, nb), i32(r, nb), i32(r, nb))
     fn = jax.jit(lambda *a: paged_attention(*a, layer=1))
-    exp = export.export(fn, platforms=["cuda"], disabled_checks=DISABLED_CHECKS)(*args)
+    gpu = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H200", num_cores=None,
+                                                                    platform="cuda"))
+    with use_abstract_mesh(gpu):
+        exp = export.export(fn, platforms=["cuda"], disabled_checks=DISABLED_CHECKS)(*args)
     assert "__gpu$xla.gpu.triton" in exp.mlir_module()
