@@ -86,13 +86,18 @@ def capacity_rps(reqs: Sequence[TraceRequest], cost: CostModel, max_num_seqs: in
     The decode batch is max_num_seqs, or fewer if the KV pool cannot hold that many
     average requests half-way through their output (prompt + output/2 tokens each). Every
     request costs its own prefill (which stalls the iteration) plus its output tokens, each
-    a 1/batch share of a decode launch over batch contexts of average length:
+    a 1/batch share of a decode launch over batch contexts of average length, as the
+    profiled engine pads it (CostModel.decode_launch_time: rows to a bucket and, with padded
+    reads, every row to the block bucket of the longest, taken as the batch/(batch+1)
+    quantile of the half-way contexts); a table without padding is charged decode_time:
 
-        capacity = 1 / mean_i( prefill_time(P_i) + O_i * decode_time(B, B * ctx) / B )
+        capacity = 1 / mean_i( prefill_time(P_i) + O_i * decode_launch_time(B, B * ctx, longest) / B )
     """
-    held = float(np.mean([r.prompt_tokens + r.output_tokens / 2 for r in reqs]))
+    held_each = np.asarray([r.prompt_tokens + r.output_tokens / 2 for r in reqs], np.float64)
+    held = float(held_each.mean())
     batch = max(1, min(max_num_seqs, int(kv_tokens // held))) if kv_tokens else max_num_seqs
-    per_token = cost.decode_time(batch, int(batch * held)) / batch
+    longest = int(np.ceil(np.quantile(held_each, batch / (batch + 1))))
+    per_token = cost.decode_launch_time(batch, int(batch * held), longest) / batch
     work = np.mean([cost.prefill_time(r.prompt_tokens) + r.output_tokens * per_token for r in reqs])
     return float(1.0 / work)
 

@@ -3,6 +3,8 @@ the `simulate` command line. No model, no jax."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -132,6 +134,21 @@ def test_capacity_follows_the_cost_model():
     # batch 2 (KV holds 2 x (100 + 5.5) tokens): per request 1 s prefill + 11 x 1/2 s of decode
     assert capacity_rps(tr, UNIT, 16, 211) == pytest.approx(1 / 6.5)
     assert capacity_rps(tr, UNIT, 1, 10_000) == pytest.approx(1 / 12)
+
+
+def test_capacity_charges_a_profiled_engines_launch_padding():
+    """With the engine's padding in the table (rows to buckets, every row's reads to the block
+    bucket of the longest), a decode costs what the padded launch costs: here 3 rows run as 4
+    and each reads 4 blocks of 16 (the longest half-way context, estimated at 40 tokens, needs
+    3 blocks, padded to the bucket of 4)."""
+    tr = [TraceRequest(0.0, 20, 20), TraceRequest(0.0, 20, 20), TraceRequest(0.0, 40, 20)]
+    flat = CostModel("flat", (1, 64), (1.0, 1.0), (1, 4), (1.0, 4.0), decode_context=0.01)
+    padded = dataclasses.replace(flat, decode_row_buckets=(1, 4), block_size=16, block_buckets=(1, 4))
+    held = [30, 30, 50]                                  # prompt + output / 2
+    unpadded = 1 / (1.0 + 20 * (3.0 + 0.01 * sum(held)) / 3)
+    assert capacity_rps(tr, flat, 3, 0) == pytest.approx(unpadded)
+    assert capacity_rps(tr, padded, 3, 0) == pytest.approx(1 / (1.0 + 20 * (4.0 + 0.01 * 4 * (4 - 1) * 16) / 3))
+    assert capacity_rps(tr, padded, 3, 0) < capacity_rps(tr, flat, 3, 0)
 
 
 def test_heavy_tailed_trace_matches_azure_mean_with_a_heavier_tail():
