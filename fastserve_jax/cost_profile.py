@@ -209,5 +209,5 @@ def refine_profile(engine) -> bool:
             or not engine.runner.compiler.background_done() or engine.runner.shapes_pending()):
         return False
     engine.cost_model = profile_engine(engine, refresh=True)
-    engine.scheduler.use_cost_model(engine.cost_model, engine._policy_config())
+    engine.scheduler.use_cost_model(engine.cost_model, engine.policy_config())
     return True

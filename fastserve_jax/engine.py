@@ -138,14 +138,14 @@ class LLMEngine:
                                else profile_engine(self, provisional=self.runner.shapes_pending()))
         self._scheduler_config = config
         self.scheduler = make_scheduler(name, Limits(self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens),
-                                        self.kv, self._policy_config(), self.cost_model)
+                                        self.kv, self.policy_config(), self.cost_model)
         if (name == "predictive") != (self.predictor is not None):     # the policy's length predictor
             from fastserve_jax.predictor import EXTRA, LengthPredictor, default_path
             self.predictor = (LengthPredictor(2 * self.model_cfg.hidden_size + EXTRA, warm=True,
                                               path=default_path(self.model_cfg, self.cfg.dtype))
                               if name == "predictive" else self.predictor.close())
 
-    def _policy_config(self) -> SchedulerConfig:
+    def policy_config(self) -> SchedulerConfig:
         """set_scheduler's config, else the default with one decode step as the base quantum."""
         return self._scheduler_config or SchedulerConfig(
             base_quantum=self.cost_model.decode_time(1) if self.cost_model else SchedulerConfig.base_quantum)
