@@ -91,10 +91,13 @@ def engine_builder(model: str | None, engine_kwargs: dict):
         log.info("loading %s and compiling (warm-up %s; compiled code is cached in ~/.cache/fastserve_jax)",
                  model or "the bundled demo model", kwargs["warmup"])
         llm = LLM(model, progress=progress_logger(), **kwargs)
+        rest = ""
+        if kwargs["warmup"] == "background":
+            rest = "; the other shapes compile in the background"
+            if llm.engine.profile_provisional:
+                rest += ", then the cost model is profiled (provisional until then)"
         log.info("engine loaded and compiled in %.1f s (%s)%s", llm.startup_seconds, llm.startup_compiles.describe(),
-                 "; the other shapes compile in the background" + (
-                     ", then the cost model is profiled (provisional until then)" if llm.engine.profile_provisional
-                     else "") if kwargs["warmup"] == "background" else "")
+                 rest)
         return llm.engine
     return build
 
