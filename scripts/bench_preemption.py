@@ -40,6 +40,7 @@ import re
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -76,13 +77,13 @@ THROUGHPUT_TARGET, LATENCY_TARGET = 0.95, 1.5       # skip-join/fcfs served req/
 
 # ----------------------------------------------------------------------------- pure helpers (tested)
 
-def paired_medians(runs: list[dict], key: str) -> dict:
-    """runs: [{policy: figures}] one per pair. Per policy the median of `key` over pairs, and the
-    median over pairs of each pair's skip-join / fcfs ratio (each pair ran under the same load
+def paired_medians(runs: list[dict], key: str, base: str = "fcfs", other: str = "skip-join-mlfq") -> dict:
+    """runs: [{mode: figures}] one per pair. Per mode the median of `key` over pairs, and the
+    median over pairs of each pair's other / base ratio (each pair ran under the same load
     from the machine's other jobs, so its ratio is the paired measurement)."""
-    per = {p: [r[p][key] for r in runs] for p in POLICIES}
+    per = {p: [r[p][key] for r in runs] for p in (base, other)}
     return dict({p: statistics.median(v) for p, v in per.items()},
-                ratio=statistics.median(s / f for f, s in zip(per["fcfs"], per["skip-join-mlfq"])))
+                ratio=statistics.median(o / b for b, o in zip(per[base], per[other])))
 
 
 def parse_counters(text: str) -> dict[str, float]:
@@ -98,13 +99,16 @@ def parse_counters(text: str) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- engine runs
 
-def serve_burst(policy: str, argv: list[str], warm, work, arrivals, concurrency: int | None = None) -> dict:
-    """One fresh server: warm it with two requests, send the burst, check every answer."""
+def serve_burst(policy: str, argv: list[str], warm, work, arrivals, concurrency: int | None = None,
+                serve_argv: tuple[str, ...] = ()) -> dict:
+    """One fresh server: warm it with two requests, send the burst, check every answer.
+    `serve_argv`: server options beside the engine's (e.g. --engine-process)."""
     # every request of the burst is admitted (the server's default queue of 256 refuses the rest
     # of a larger burst with 503s)
     # and fully warmed, as the in-process engines: a server still loading its shapes in the
     # background served the burst at half the rate (ms per iteration 17-19 against 7)
-    server = LaunchedServer(policy, argv + ["--warmup", "full", "--max-pending", str(max(256, len(work) + len(warm)))])
+    server = LaunchedServer(policy, argv + ["--warmup", "full", "--max-pending", str(max(256, len(work) + len(warm))),
+                                            *serve_argv])
     t0 = time.monotonic()
     try:
         server.wait_ready()
@@ -140,60 +144,29 @@ def local_engine(argv: list[str], policy: str = "fcfs", warmup: str = "lazy"):
     return LLM(None, **engine_kwargs(parse_engine_args([*argv, "--scheduler", policy, "--warmup", warmup])))
 
 
-# ----------------------------------------------------------------------------- printing
+@dataclass
+class Burst:
+    """The burst both benchmarks serve, its engine options, and a warmed local fcfs engine."""
 
-def print_ab(runs: list[dict]) -> dict:
-    head = f"{'':14s}" + "".join(f"{f'pair {i + 1}':>27s}" for i in range(len(runs))) + f"{'median':>27s}"
-    sub = f"{'':14s}" + f"{'fcfs':>9s}{'sj':>9s}{'sj/fcfs':>9s}" * (len(runs) + 1)
-    print(head)
-    print(sub)
-    medians = {}
-    for key, label, scale in FIGURES:
-        line = f"{label:14s}"
-        for r in runs:
-            f, s = r["fcfs"][key], r["skip-join-mlfq"][key]
-            line += f"{scale * f:9.3g}{scale * s:9.3g}{s / f:9.3f}"
-        medians[key] = med = paired_medians(runs, key)
-        line += f"{scale * med['fcfs']:9.3g}{scale * med['skip-join-mlfq']:9.3g}{med['ratio']:9.3f}"
-        print(line)
-    swaps = " ".join(f"{int(r[p]['swap_out_blocks'])}/{int(r[p]['swap_in_blocks'])}" for r in runs for p in POLICIES)
-    print(f"(client-side, over HTTP; sj = skip-join-mlfq; median column: median over pairs, and the median of the "
-          f"per-pair ratios. blocks swapped out/in per run, fcfs sj per pair: {swaps})")
-    thr, lat = medians["throughput_rps"]["ratio"], 1 / medians["mean_latency_per_token"]["ratio"]
-    print(f"targets: skip-join served req/s within 5% of fcfs: {thr:.3f}x "
-          f"({'met' if thr >= THROUGHPUT_TARGET else 'MISSED'}); latency per token >= 1.5x better: {lat:.2f}x "
-          f"({'met' if lat >= LATENCY_TARGET else 'MISSED'})")
-    return medians
+    work: list
+    warm: list
+    probe: list
+    prompt_tokens: list[int]
+    outputs: list[int]
+    sized: list[TraceRequest]
+    live: int
+    pool: int
+    argv: list[str]
+    replaced: int
+    llm: object
 
 
-# ----------------------------------------------------------------------------- main
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", type=int, default=3, help="interleaved fcfs / skip-join runs (default 3)")
-    # 400, the simulator's burst (scripts/repro_fastserve.py): a burst of 120 at 3.5x the probed
-    # capacity arrives within 0.6 s, about four batches, too little queueing for any ranking to
-    # matter much (docs/scheduling.md, "The real engine")
-    ap.add_argument("--num-requests", type=int, default=400, help="requests in the burst (default 400)")
-    ap.add_argument("--overload", type=float, default=3.5, help="arrival rate as a multiple of the probed capacity")
-    ap.add_argument("--rate", type=float, default=None, help="arrival rate in requests/s (skips the capacity probe)")
-    ap.add_argument("--capacity-requests", type=int, default=64, help="requests of the capacity probe (default 64)")
-    # 0.25: with 0.45 of the default burst's live KV the pool never filled (requests finish while
-    # others arrive: the simulator puts the peak at 36%), so nothing was swapped
-    ap.add_argument("--pool-fraction", type=float, default=0.25,
-                    help="usable device KV blocks as a fraction of the burst's live KV (< 0.5; default 0.25)")
-    ap.add_argument("--max-num-seqs", type=int, default=32)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0, help="seed of the requests and arrivals")
-    ap.add_argument("--json", default="bench_preemption.json", help="where the figures go")
-    a = ap.parse_args()
-    if a.pairs < 1 or a.num_requests < 2 or a.capacity_requests < 1 or not a.overload > 0:
-        ap.error("--pairs, --capacity-requests >= 1, --num-requests >= 2 and --overload > 0")
+def burst_setup(a: argparse.Namespace) -> Burst:
+    """Requests, pools and engine options from `a` (add_burst_args), the cost model profiled
+    on a local engine, and the pairs the demo model misses replaced (screen_pairs)."""
     from fastserve_jax.models import demo_model_path
     from fastserve_jax.models.tokenizer import load_tokenizer
 
-    t_start = time.monotonic()
     tok = load_tokenizer(demo_model_path())
     work, _ = build_workload(TRACE, a.num_requests, 1.0, False, 1.0, a.seed, "chat")
     prompt_tokens = [len(tok.encode(w[0]["prompt"])) for w in work]
@@ -224,26 +197,103 @@ def main() -> int:
         raise RuntimeError("a replacement pair tokenizes to another prompt length; the pool was sized without it")
     print(f"screened: {replaced} of {len(work) + len(warm) + len(probe)} pairs replaced by pairs of the same span "
           "(the demo model missed them on a local fcfs engine)", flush=True)
+    return Burst(work, warm, probe, prompt_tokens, outputs, sized, live, pool, argv, replaced, llm)
+
+
+def add_burst_args(ap: argparse.ArgumentParser) -> None:
+    # 400, the simulator's burst (scripts/repro_fastserve.py): a burst of 120 at 3.5x the probed
+    # capacity arrives within 0.6 s, about four batches, too little queueing for any ranking to
+    # matter much (docs/scheduling.md, "The real engine")
+    ap.add_argument("--num-requests", type=int, default=400, help="requests in the burst (default 400)")
+    ap.add_argument("--overload", type=float, default=3.5, help="arrival rate as a multiple of the probed capacity")
+    ap.add_argument("--rate", type=float, default=None, help="arrival rate in requests/s (skips the capacity probe)")
+    ap.add_argument("--capacity-requests", type=int, default=64, help="requests of the capacity probe (default 64)")
+    # 0.25: with 0.45 of the default burst's live KV the pool never filled (requests finish while
+    # others arrive: the simulator puts the peak at 36%), so nothing was swapped
+    ap.add_argument("--pool-fraction", type=float, default=0.25,
+                    help="usable device KV blocks as a fraction of the burst's live KV (< 0.5; default 0.25)")
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the requests and arrivals")
+
+
+def burst_rate(a: argparse.Namespace, b: Burst) -> tuple[float | None, float]:
+    """(probed capacity or None, the burst's arrival rate): --rate, or --overload x the
+    capacity an fcfs server serves to max-num-seqs clients in a closed loop."""
+    if a.rate is not None:
+        return None, a.rate
+    # a full warm-up: with a cold compilation cache the probe otherwise times the background
+    # compiles of a lazy start (4.5 req/s instead of 65-71 on the demo model); it also fills
+    # the cache for every server after it
+    m = serve_burst("fcfs", b.argv + ["--warmup", "full"], b.warm, b.probe, None, concurrency=a.max_num_seqs)
+    capacity = m["throughput_rps"]
+    print(f"capacity probe (fcfs, {a.capacity_requests} requests, {a.max_num_seqs} clients in a closed loop): "
+          f"{capacity:.2f} req/s, {m['throughput_tps']:.0f} tok/s", flush=True)
+    return capacity, a.overload * capacity
+
+
+# ----------------------------------------------------------------------------- printing
+
+def print_paired(runs: list[dict], figures: list[tuple[str, str, float]], base: str, other: str,
+                 heads: tuple[str, str, str]) -> dict:
+    """A table of `figures`: per pair base, other and other/base, then the paired medians."""
+    width = max(len(label) for _, label, _ in figures) + 2
+    print(f"{'':{width}s}" + "".join(f"{f'pair {i + 1}':>27s}" for i in range(len(runs))) + f"{'median':>27s}")
+    print(f"{'':{width}s}" + "".join(f"{h:>9s}" for h in heads) * (len(runs) + 1))
+    medians = {}
+    for key, label, scale in figures:
+        line = f"{label:{width}s}"
+        for r in runs:
+            b, o = r[base][key], r[other][key]
+            line += f"{scale * b:9.4g}{scale * o:9.4g}{o / b:9.3f}"
+        medians[key] = med = paired_medians(runs, key, base, other)
+        line += f"{scale * med[base]:9.4g}{scale * med[other]:9.4g}{med['ratio']:9.3f}"
+        print(line)
+    return medians
+
+
+def print_ab(runs: list[dict]) -> dict:
+    medians = print_paired(runs, FIGURES, "fcfs", "skip-join-mlfq", ("fcfs", "sj", "sj/fcfs"))
+    swaps = " ".join(f"{int(r[p]['swap_out_blocks'])}/{int(r[p]['swap_in_blocks'])}" for r in runs for p in POLICIES)
+    print(f"(client-side, over HTTP; sj = skip-join-mlfq; median column: median over pairs, and the median of the "
+          f"per-pair ratios. blocks swapped out/in per run, fcfs sj per pair: {swaps})")
+    thr, lat = medians["throughput_rps"]["ratio"], 1 / medians["mean_latency_per_token"]["ratio"]
+    print(f"targets: skip-join served req/s within 5% of fcfs: {thr:.3f}x "
+          f"({'met' if thr >= THROUGHPUT_TARGET else 'MISSED'}); latency per token >= 1.5x better: {lat:.2f}x "
+          f"({'met' if lat >= LATENCY_TARGET else 'MISSED'})")
+    return medians
+
+
+# ----------------------------------------------------------------------------- main
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=3, help="interleaved fcfs / skip-join runs (default 3)")
+    add_burst_args(ap)
+    ap.add_argument("--engine-process", action="store_true",
+                    help="serve with the engine in a process of its own (serve --engine-process)")
+    ap.add_argument("--json", default="bench_preemption.json", help="where the figures go")
+    a = ap.parse_args()
+    if a.pairs < 1 or a.num_requests < 2 or a.capacity_requests < 1 or not a.overload > 0:
+        ap.error("--pairs, --capacity-requests >= 1, --num-requests >= 2 and --overload > 0")
+    t_start = time.monotonic()
+    b = burst_setup(a)
+    work, warm, probe, argv, llm = b.work, b.warm, b.probe, b.argv, b.llm
+    prompt_tokens, outputs, sized, live, pool, replaced = (b.prompt_tokens, b.outputs, b.sized, b.live, b.pool,
+                                                           b.replaced)
     out = dict(args=vars(a), engine_argv=argv, live_kv_blocks=live, pool_blocks=pool, screened_replaced=replaced,
                workload=dict(pairs=[w[1] for w in work], prompt_tokens=prompt_tokens, output_tokens=outputs), runs=[])
     try:
-        capacity = None
-        if a.rate is None:
-            # a full warm-up: with a cold compilation cache the probe otherwise times the background
-            # compiles of a lazy start (4.5 req/s instead of 65-71 on the demo model); it also fills
-            # the cache for every server after it
-            m = serve_burst("fcfs", argv + ["--warmup", "full"], warm, probe, None, concurrency=a.max_num_seqs)
-            capacity = m["throughput_rps"]
-            print(f"capacity probe (fcfs, {a.capacity_requests} requests, {a.max_num_seqs} clients in a closed loop): "
-                  f"{capacity:.2f} req/s, {m['throughput_tps']:.0f} tok/s", flush=True)
-        rate = a.rate or a.overload * capacity
+        capacity, rate = burst_rate(a, b)
         arrivals = [r.arrival for r in with_arrivals(sized, rate, seed=a.seed)]       # as bench draws them
         out.update(capacity_rps=capacity, rate=rate, arrivals=arrivals)
         print(f"arrivals: Poisson at {rate:.2f} req/s, the last at {arrivals[-1]:.1f} s", flush=True)
         for i in range(a.pairs):
             pair = {}
             for policy in POLICIES:
-                pair[policy] = m = serve_burst(policy, argv, warm, work, arrivals)
+                pair[policy] = m = serve_burst(policy, argv, warm, work, arrivals,
+                                               serve_argv=("--engine-process",) if a.engine_process else ())
                 print(f"  pair {i + 1} {policy}: {m['throughput_rps']:.2f} req/s, "
                       f"{1e3 * m['mean_latency_per_token']:.1f} ms/token, JCT mean {m['e2e_mean']:.2f} s "
                       f"(server ready in {m['server_ready_seconds']:.0f} s)", flush=True)
@@ -258,6 +308,7 @@ def main() -> int:
     trace = [TraceRequest(t, p, o) for t, p, o in zip(arrivals, prompt_tokens, outputs)]
     out.update(simulator_fidelity(llm.engine, trace, out["runs"], medians, a.max_num_seqs))
     del llm
+    b.llm = None
     build = lambda policy: local_engine(argv, policy, "full")             # noqa: E731  (nothing compiles mid-burst)
     out["in_process"] = in_process_fidelity(build, work, arrivals, out["sim"])
     _write(a.json, out, t_start)

@@ -3,8 +3,8 @@
     POST /v1/completions, /v1/chat/completions   (stream: Server-Sent Events, then [DONE])
     GET  /v1/models, /health (200 only once warm-up is done), /metrics (Prometheus text)
 
-The engine runs on its own thread (serve/async_engine.py); handlers validate at the
-boundary, so bad input is a 400 and nothing is queued, then submit token ids and read
+The engine runs on its own thread, or with `engine_process` in its own process
+(serve/async_engine.py); handlers validate at the boundary, so bad input is a 400 and nothing is queued, then submit token ids and read
 deltas. Status codes: 400 invalid parameters or a prompt longer than the context (the
 message states the limits), 401 missing or wrong API key (/v1 only), 404 unknown model,
 413 body over --max-body-bytes, 503 with Retry-After while warming up, draining, or when
@@ -56,6 +56,7 @@ class ServerConfig:
     max_pending: int = 256              # engine requests admitted and unfinished; more get 503
     max_body_bytes: int = 1 << 20
     retry_after: int = 1                # seconds, in Retry-After of a 503
+    engine_process: bool = False        # the engine loop in a process of its own (a picklable build)
 
 
 class Server:
@@ -64,7 +65,8 @@ class Server:
     def __init__(self, build: Callable[[], LLMEngine], cfg: ServerConfig) -> None:
         self.cfg = cfg
         self.metrics: ServerMetrics
-        self.engine = AsyncEngine(build, cfg.max_pending, on_finished=lambda d: self.metrics.observe(d))
+        self.engine = AsyncEngine(build, cfg.max_pending, on_finished=lambda d: self.metrics.observe(d),
+                                  engine_process=cfg.engine_process)
         self.metrics = ServerMetrics(self.engine)
         self.draining = False
         self.started = int(time.time())
@@ -73,6 +75,8 @@ class Server:
         h = self.engine.health
         if h.startup_error:
             return 503, f"failed to start: {h.startup_error}"
+        if h.lost:
+            return 503, f"engine lost: {h.lost} (see the server log); restart the server"
         if self.draining or self.engine.stopped:
             return 503, "shutting down"
         if not h.ready:

@@ -10,12 +10,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 from fastserve_jax.serve.bench_cmd import add_bench_parser
-from fastserve_jax.serve.engine_args import add_engine_args, engine_kwargs
+from fastserve_jax.serve.engine_args import add_engine_args, cpu_devices_for, engine_kwargs
 from fastserve_jax.serve.serve_cmd import add_serve_parser
 from fastserve_jax.serve.simulate_cmd import add_simulate_parser
 
@@ -111,16 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cpu_devices_for(a: argparse.Namespace) -> None:
-    """A tp x pp layout on a machine without an accelerator runs on that many virtual CPU
-    devices; the CPU backend must be told before it starts (it ignores this otherwise)."""
-    n = getattr(a, "tensor_parallel_size", 1) * getattr(a, "pipeline_parallel_size", 1)
-    if n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        import jax
-
-        try:
-            jax.config.update("jax_num_cpu_devices", n)
-        except RuntimeError:        # a backend already started (an embedding caller's): keep its devices
-            pass
+    cpu_devices_for(getattr(a, "tensor_parallel_size", 1) * getattr(a, "pipeline_parallel_size", 1))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ in a subprocess."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from fastserve_jax.scheduler import POLICIES
 
@@ -83,3 +84,17 @@ def engine_argv(a: argparse.Namespace) -> list[str]:
         if v is not None:
             argv += [f"--{flag.replace('_', '-')}", str(v)]
     return argv
+
+
+def cpu_devices_for(num_devices: int) -> None:
+    """A tp x pp layout on a machine without an accelerator runs on that many virtual CPU
+    devices; the CPU backend must be told before it starts (it ignores this otherwise).
+    Called by the CLI, and again by an engine process (serve --engine-process), which starts
+    its own backend."""
+    if num_devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        import jax
+
+        try:
+            jax.config.update("jax_num_cpu_devices", num_devices)
+        except RuntimeError:        # a backend already started (an embedding caller's): keep its devices
+            pass

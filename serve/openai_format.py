@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from fastserve_jax.request import TokenLogprobs
 
-from fastserve_jax.serve.async_engine import Delta
+from fastserve_jax.serve.engine_loop import Delta
 
 
 def sse(obj: dict | str) -> str:

@@ -29,7 +29,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from fastserve_jax.serve.async_engine import AsyncEngine, Delta
+from fastserve_jax.serve.async_engine import AsyncEngine
+from fastserve_jax.serve.engine_loop import Delta
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
@@ -42,7 +43,7 @@ class _EngineCollector:
     def collect(self):
         s, ae = self.owner.snapshot, self.owner.engine
         ready = GaugeMetricFamily("fastserve_server_ready", "1 once warm-up is done and the engine serves")
-        ready.add_metric([], 1.0 if ae.health.ready and not ae.stopped else 0.0)
+        ready.add_metric([], 1.0 if ae.health.ready and not ae.stopped and not ae.health.lost else 0.0)
         pending = GaugeMetricFamily("fastserve_server_pending_requests",
                                     "engine requests admitted and not finished (the bounded admission queue)")
         pending.add_metric([], ae.num_pending)
@@ -98,6 +99,11 @@ class _EngineCollector:
             yield c
 
 
+def _snapshot(engine) -> dict:
+    """Run in the engine loop (a module-level function, so it crosses to an engine process)."""
+    return engine.snapshot()
+
+
 class ServerMetrics:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -125,5 +131,5 @@ class ServerMetrics:
 
     async def render(self) -> bytes:
         if self.engine.health.ready and not self.engine.stopped:
-            self.snapshot = await self.engine.call(lambda e: e.snapshot())
+            self.snapshot = await self.engine.call(_snapshot)
         return generate_latest(self.registry)

@@ -15,7 +15,7 @@ import sys
 
 import uvicorn
 
-from fastserve_jax.serve.engine_args import add_engine_args, engine_kwargs
+from fastserve_jax.serve.engine_args import add_engine_args, cpu_devices_for, engine_kwargs
 
 log = logging.getLogger("fastserve_jax.serve")
 
@@ -55,6 +55,9 @@ def add_serve_parser(sub) -> None:
     g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGINT/SIGTERM")
+    g.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=False,
+                   help="run the engine in a process of its own, as vLLM does, so that HTTP parsing, tokenizing "
+                        "and streaming do not share a GIL with the engine loop (docs/performance.md); one host only")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g = p.add_argument_group("multi-host (one process per host; docs/parallelism.md)")
     g.add_argument("--coordinator-address", default=None,
@@ -81,16 +84,22 @@ def progress_logger(every: float = 0.1):
     return progress
 
 
-def engine_builder(model: str | None, engine_kwargs: dict):
-    """A function that loads and warms up the engine (run on the engine thread)."""
-    def build():
+class EngineBuilder:
+    """Loads and warms up the engine, called in the engine loop. Picklable (a model path and
+    keyword arguments), so it can run in an engine process of its own."""
+
+    def __init__(self, model: str | None, engine_kwargs: dict) -> None:
+        self.model, self.engine_kwargs = model, engine_kwargs
+
+    def __call__(self):
         from fastserve_jax import LLM
 
-        kwargs = dict(engine_kwargs)
+        kwargs = dict(self.engine_kwargs)
+        cpu_devices_for(kwargs.get("tensor_parallel_size", 1) * kwargs.get("pipeline_parallel_size", 1))
         kwargs.setdefault("warmup", "background")     # healthy once any request can be answered
         log.info("loading %s and compiling (warm-up %s; compiled code is cached in ~/.cache/fastserve_jax)",
-                 model or "the bundled demo model", kwargs["warmup"])
-        llm = LLM(model, progress=progress_logger(), **kwargs)
+                 self.model or "the bundled demo model", kwargs["warmup"])
+        llm = LLM(self.model, progress=progress_logger(), **kwargs)
         rest = ""
         if kwargs["warmup"] == "background":
             rest = "; the other shapes compile in the background"
@@ -99,7 +108,10 @@ def engine_builder(model: str | None, engine_kwargs: dict):
         log.info("engine loaded and compiled in %.1f s (%s)%s", llm.startup_seconds, llm.startup_compiles.describe(),
                  rest)
         return llm.engine
-    return build
+
+
+def engine_builder(model: str | None, engine_kwargs: dict) -> EngineBuilder:
+    return EngineBuilder(model, engine_kwargs)
 
 
 def _distributed(a: argparse.Namespace):
@@ -122,6 +134,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
         dist = _distributed(a)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if dist is not None and a.engine_process:
+        print("error: --engine-process serves from one host; a multi-host server runs its engine on the leader's "
+              "own thread (drop --engine-process)", file=sys.stderr)
         return 2
     channel = None
     if dist is not None:
@@ -150,29 +166,34 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
         return 2
     cfg = ServerConfig(model_name=a.served_model_name or model_name(a.model),
                        api_key=a.api_key or os.environ.get(API_KEY_ENV) or None,
-                       max_pending=a.max_pending, max_body_bytes=a.max_body_bytes)
+                       max_pending=a.max_pending, max_body_bytes=a.max_body_bytes, engine_process=a.engine_process)
     build = engine_builder(a.model, engine_kwargs)
-
-    def build_or_exit():
-        try:
-            engine = build()
-            if engine_kwargs.get("mirror") is not None:    # multi-host: ready only with every worker
-                engine_kwargs["mirror"].wait_ready()
+    mirror = engine_kwargs.get("mirror")
+    if mirror is not None:
+        def build(inner=build):     # multi-host: ready only with every worker
+            engine = inner()
+            mirror.wait_ready()
             return engine
-        except Exception:   # logged by the engine thread; the server has nothing to serve
-            server.should_exit = True
-            raise
 
-    app = create_app(build_or_exit, cfg)
+    app = create_app(build, cfg)
     server = DrainingServer(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                                            timeout_graceful_shutdown=a.shutdown_timeout), app)
-    log.info("serving '%s' on http://%s:%d (scheduler %s%s)", cfg.model_name, a.host, a.port, a.scheduler,
+    # the engine did not start, or its process died: nothing left to serve (a supervisor restarts us)
+    app.state.server.engine.on_fatal = lambda: setattr(server, "should_exit", True)
+    log.info("serving '%s' on http://%s:%d (scheduler %s%s%s)", cfg.model_name, a.host, a.port, a.scheduler,
+             ", engine in its own process" if cfg.engine_process else "",
              ", API key required" if cfg.api_key else "")
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    server.run()
-    failed = app.state.server.engine.health.startup_error
-    if failed:
-        print(f"error: the engine did not start: {failed}", file=sys.stderr)
+    try:
+        server.run()
+    except KeyboardInterrupt:   # uvicorn re-raises the Ctrl-C it drained for; the drain is done
+        log.info("stopped by SIGINT")
+    health = app.state.server.engine.health
+    if health.startup_error:
+        print(f"error: the engine did not start: {health.startup_error}", file=sys.stderr)
+        return 1
+    if health.lost:
+        print(f"error: {health.lost}; the server stopped", file=sys.stderr)
         return 1
     return 0
 

@@ -42,6 +42,23 @@ def answerable(pairs: list[tuple[int, int]], tokenizer) -> list[tuple[int, int]]
     return [p for p, good in zip(pairs, ok) if good]
 
 
+def load_pairs(rng, n: int, cut_every: int, tokenizer) -> tuple[list[tuple[int, int]], list[int | None]]:
+    """n counting pairs the demo model answers exactly, and for every `cut_every`-th one (> 3; from
+    the fourth) a hang-up after 1-5 tokens (None: read to the end); cut ones are long enough
+    to cut. Spans up to 40 tokens: concurrency, hang-ups and accounting are what the load
+    tests check, and 200 answers of up to 120 tokens took 16 s of the suite at 8 rows a step."""
+    short = answerable([(a, a + int(rng.integers(0, 40))) for a in map(int, rng.integers(0, 800, 2 * n))], tokenizer)
+    long = answerable([(a, a + int(rng.integers(20, 60))) for a in map(int, rng.integers(0, 800, n))], tokenizer)
+    cut = [int(rng.integers(1, 6)) if i % cut_every == 3 else None for i in range(n)]
+    return [long.pop() if c else short.pop() for c in cut], cut
+
+
+def kv_integrity(engine) -> None:
+    """For `LiveServer.on_engine`: the KV manager's own check (a module-level function, so it
+    also crosses to an engine process)."""
+    engine.kv.check_integrity()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

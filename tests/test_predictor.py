@@ -230,13 +230,14 @@ def test_prometheus_exports_the_predictors_figures():
 
     from fastserve_jax.kv_cache import KVManager
     from fastserve_jax.scheduler import Limits, make_scheduler
+    from fastserve_jax.serve.async_engine import EngineHealth
     from fastserve_jax.serve.prometheus import _EngineCollector
     from fastserve_jax.stats import EngineStats, snapshot
 
     kv = KVManager(16, 8, 0)
     snap = snapshot(EngineStats(), {}, set(), kv, make_scheduler("fcfs", Limits(4, 64), kv))
     snap.update({"predictor_samples_total": 250.0, "predictor_kendall_tau": 0.42, "predictor_coverage_80": 0.8})
-    engine = SimpleNamespace(health=SimpleNamespace(ready=True, faults_total=0), stopped=False, num_pending=0,
+    engine = SimpleNamespace(health=EngineHealth(ready=True), stopped=False, num_pending=0,
                              engine=None)    # AsyncEngine before its build: no LLMEngine yet
     reg = CollectorRegistry()
     reg.register(_EngineCollector(SimpleNamespace(snapshot=snap, engine=engine)))

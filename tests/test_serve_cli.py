@@ -94,3 +94,11 @@ def test_serve_command_api_key_warmup_and_graceful_shutdown():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_engine_process_is_refused_with_multi_host(capsys):
+    from fastserve_jax.serve.cli import main
+
+    code = main(["serve", "--engine-process", "--coordinator-address", "127.0.0.1:1", "--num-processes", "2",
+                 "--process-id", "0"])
+    assert code == 2 and "--engine-process serves from one host" in capsys.readouterr().err

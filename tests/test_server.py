@@ -14,7 +14,7 @@ import pytest
 from fastserve_jax.models import demo_task
 from fastserve_jax.serve import bench_client
 from fastserve_jax.serve.app import ServerConfig
-from server_harness import LiveServer, answerable
+from server_harness import LiveServer, load_pairs
 
 openai = pytest.importorskip("openai")
 
@@ -229,12 +229,7 @@ def test_load_200_requests_32_clients_with_disconnects(live):
     rng = np.random.default_rng(5)
     n = 200
     tok = live.state.engine.engine.tokenizer
-    # Spans up to 40 tokens: the concurrency, the hang-ups and the accounting are what this
-    # checks, and 200 answers of up to 120 tokens took 16 s of the suite at 8 rows per step.
-    short = answerable([(a, a + int(rng.integers(0, 40))) for a in map(int, rng.integers(0, 800, 2 * n))], tok)
-    long = answerable([(a, a + int(rng.integers(20, 60))) for a in map(int, rng.integers(0, 800, n))], tok)
-    cut = [int(rng.integers(1, 6)) if i % 8 == 3 else None for i in range(n)]   # hang up after 1-5 tokens
-    pairs = [long.pop() if c else short.pop() for c in cut]                     # cut ones: long enough to cut
+    pairs, cut = load_pairs(rng, n, 8, tok)
     payloads = [_counting(a, b, stream=True, stream_options={"include_usage": True}) for a, b in pairs]
     prompt_tokens = sum(len(tok.encode(p["prompt"])) for p in payloads)
     m0 = live.metrics()

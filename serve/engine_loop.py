@@ -1,0 +1,259 @@
+"""The engine's side of `serve`: one loop that owns the `LLMEngine`, run on a thread of the
+server's process or in a process of its own (`--engine-process`, serve/async_engine.py).
+
+    front end (event loop)  --commands-->  EngineLoop: build -> loop: drain commands -> step -> deltas
+                            <--events----
+
+Commands and events are plain tuples, so they cross a pipe as they are:
+
+    ("add", request ids, [(prompt ids, SamplingParams)], arrival)   ("abort", request id)
+    ("call", call id, fn)   fn(engine) between iterations            ("stop",)
+
+    ("ready", view)         the engine itself on a thread; an EngineInfo across processes
+    ("failed", message)     the build raised
+    ("deltas", [(request id, choice index, Delta)])
+    ("result", call id, value, error)
+    ("health", consecutive faults, faults in all, cost model provisional)
+
+Every request added ends with exactly one final delta (finish_reason set, or `error`), also
+when it was aborted or the loop stopped first, so the front end's count of live requests
+(the admission bound) cannot drift. A step that raises fails the requests then live with
+an error (500) and the loop goes on; the engine's KV state is not trusted across a failed
+launch, so they are aborted, which frees their blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fastserve_jax.admission import validate_request
+from fastserve_jax.config import EngineConfig, SamplingParams
+from fastserve_jax.cost_profile import refine_profile
+from fastserve_jax.request import Request, TokenLogprobs
+
+log = logging.getLogger("fastserve_jax.serve")
+
+REFINE_POLL_S = 0.5      # how often an idle engine looks whether it can replace a provisional profile
+STOP = ("stop",)
+
+Event = tuple
+# receive(block, timeout) -> the next command, or None when none came (block=False, or timeout)
+Receive = Callable[[bool, "float | None"], "tuple | None"]
+
+
+@dataclass
+class Delta:
+    """New output of one engine request since its previous delta."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None
+    finish_reason: str | None = None     # "stop" | "length" | "abort" on the last delta
+    prompt_tokens: int = 0
+    completion_tokens: int = 0           # generated so far
+    error: str | None = None             # engine fault: the request failed
+    ttft: float | None = None            # seconds, on the last delta
+    latency: float | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+@dataclass
+class EngineInfo:
+    """What the front end of an engine in another process needs to validate, tokenize and
+    format requests: the same checks as `LLMEngine.validate`, from numbers fixed at build."""
+
+    tokenizer: Any
+    cfg: EngineConfig
+    vocab_size: int
+    block_size: int
+    num_usable_blocks: int
+    profile_provisional: bool
+
+    @classmethod
+    def of(cls, engine) -> "EngineInfo":
+        return cls(engine.tokenizer, engine.cfg, engine.model_cfg.vocab_size, engine.kv.block_size,
+                   engine.kv.num_usable_blocks, engine.profile_provisional)
+
+    def blocks_for_tokens(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
+        return validate_request(prompt, params, self.tokenizer, self.vocab_size, self.cfg.max_model_len, self)
+
+
+@dataclass
+class _Tracked:
+    """One request's delivery state: how much of its output was sent.
+
+    Text that could still be the start of a stop string (`hold` characters) is held back
+    until more tokens decide it, so a client never sees text that is later cut."""
+
+    req: Request
+    index: int
+    hold: int
+    sent_text: int = 0
+    sent_tokens: int = 0
+
+    def delta(self) -> Delta:
+        req = self.req
+        text = req.output_text
+        end = len(text) if req.finished else max(self.sent_text, len(text) - self.hold)
+        new_ids = req.output_token_ids[self.sent_tokens:]
+        lps = req.logprobs[self.sent_tokens:] if req.logprobs is not None else None
+        d = Delta(text[self.sent_text:end], new_ids, lps, req.finish_reason, req.num_prompt_tokens,
+                  len(req.output_token_ids))
+        self.sent_text, self.sent_tokens = end, len(req.output_token_ids)
+        if req.finished:
+            d.ttft, d.latency = req.metrics.ttft, req.metrics.latency
+        return d
+
+
+class EngineLoop:
+    """Builds the engine and serves commands until ("stop",); `emit` hands events to the
+    front end (it must not block for long), `view` turns the engine into what "ready" carries."""
+
+    def __init__(self, build: Callable[[], Any], emit: Callable[[Event], None],
+                 view: Callable[[Any], Any] = lambda engine: engine) -> None:
+        self.build, self.emit, self.view = build, emit, view
+        self.engine = None
+        self._tracked: dict[str, _Tracked] = {}
+        self._health = (0, 0, False)
+
+    def run(self, receive: Receive) -> None:
+        try:
+            self.engine = self.build()
+        except Exception as e:  # a broken model or config: reported on /health and in the log
+            log.exception("engine start failed")
+            self.emit(("failed", f"{type(e).__name__}: {e}"))
+            self._refuse_pending(receive)
+            return
+        log.info("engine ready: %d KV blocks, scheduler %s", self.engine.kv.num_usable_blocks,
+                 self.engine.cfg.scheduler)
+        self.emit(("ready", self.view(self.engine)))
+        self._report_health(0, 0)
+        faults = total = 0
+        refine = self.engine.profile_provisional      # until the background warm-up is done
+        while True:
+            idle = not self.engine.has_unfinished()
+            cmd = receive(idle, REFINE_POLL_S if idle and refine else None)
+            while cmd is not None:
+                if cmd == STOP:
+                    self._shut_down(receive)
+                    return
+                self._handle(cmd)
+                cmd = receive(False, None)
+            if refine and not self.engine.has_unfinished():
+                refine = self._refine_profile()
+            if self.engine.has_unfinished():
+                ok = self._step()
+                faults, total = (0, total) if ok else (faults + 1, total + 1)
+            self._report_health(faults, total)
+
+    def _report_health(self, faults: int, total: int) -> None:
+        now = (faults, total, self.engine.profile_provisional)
+        if now != self._health:
+            self._health = now
+            self.emit(("health", *now))
+
+    def _refine_profile(self) -> bool:
+        """While idle: the full cost profile once the background warm-up is done (see
+        cost_profile.refine_profile). Returns whether to try again later."""
+        t0 = time.perf_counter()
+        try:
+            if not refine_profile(self.engine):
+                return True
+        except Exception:  # keep serving on the provisional model
+            log.exception("profiling the engine after its warm-up failed; keeping the provisional cost model")
+            return False
+        log.info("cost model profiled now that every shape is compiled (%.1f s): %s", time.perf_counter() - t0,
+                 self.engine.cost_model.name)
+        return False
+
+    def _shut_down(self, receive: Receive) -> None:
+        """Abort every live request and answer what is still queued, then save the engine's state."""
+        live = [t.req for t in self._tracked.values()]
+        for req in live:
+            self.engine.abort(req.request_id)
+        self._flush(live)
+        self._refuse_pending(receive)
+        self.engine.close()
+
+    def _refuse_pending(self, receive: Receive) -> None:
+        """Answer the commands still queued: their requests end as aborted, calls fail."""
+        while (cmd := receive(False, None)) is not None and cmd != STOP:   # a closed pipe reads as STOP
+            if cmd[0] == "add":
+                self.emit(("deltas", [(rid, i, Delta("", [], None, finish_reason="abort"))
+                                      for i, rid in enumerate(cmd[1])]))
+            elif cmd[0] == "call":
+                self.emit(("result", cmd[1], None, RuntimeError("the engine has stopped")))
+
+    def _handle(self, cmd: tuple) -> None:
+        kind = cmd[0]
+        if kind == "add":
+            self._add(*cmd[1:])
+        elif kind == "abort":
+            t = self._tracked.get(cmd[1])
+            if t is not None:
+                self.engine.abort(cmd[1])
+                self._flush([t.req])
+        elif kind == "call":
+            _, call_id, fn = cmd
+            try:
+                value, error = fn(self.engine), None
+            except Exception as e:  # handed to the awaiting coroutine, which reports it
+                value, error = None, e
+            self.emit(("result", call_id, value, error))
+
+    def _add(self, rids: list[str], prompts: list[tuple[list[int], SamplingParams]], arrival: float) -> None:
+        failed = []
+        for index, (rid, (ids, params)) in enumerate(zip(rids, prompts)):
+            try:
+                req = self.engine.add_request(ids, params, request_id=rid, arrival_time=arrival)
+            except ValueError as e:   # validated at the boundary, so only a race (e.g. duplicate id)
+                failed.append((rid, index, Delta("", [], None, error=str(e))))
+                continue
+            hold = max((len(s) for s in params.stop), default=1) - 1
+            self._tracked[rid] = _Tracked(req, index, hold)
+        if failed:
+            self.emit(("deltas", failed))
+
+    def _step(self) -> bool:
+        try:
+            got = self.engine.step()
+        except Exception as e:
+            log.exception("engine step failed; failing the %d live requests", len(self._tracked))
+            self._fail_all(f"engine fault in an iteration: {type(e).__name__}: {e}")
+            return False
+        self._flush(got)
+        return True
+
+    def _flush(self, reqs: list[Request]) -> None:
+        batch = []
+        for req in reqs:
+            t = self._tracked.get(req.request_id)
+            if t is None:
+                continue
+            batch.append((req.request_id, t.index, t.delta()))
+            if req.finished:
+                del self._tracked[req.request_id]
+        if batch:
+            self.emit(("deltas", batch))
+
+    def _fail_all(self, message: str) -> None:
+        batch = []
+        for rid, t in list(self._tracked.items()):
+            if not t.req.finished:
+                try:
+                    self.engine.abort(rid)
+                except Exception:  # the engine is inconsistent; the request still fails below
+                    log.exception("abort of %s after a failed step also failed", rid)
+            batch.append((rid, t.index, Delta("", [], None, error=message)))
+        self._tracked.clear()
+        if batch:
+            self.emit(("deltas", batch))

@@ -1,0 +1,121 @@
+"""The engine in a process of its own (`serve --engine-process`), as vLLM runs its engine
+core: the HTTP front end (event loop, parsing, tokenizing, streaming) and the engine loop
+no longer share one GIL, so the engine's host work between device steps does not wait for
+the event loop, nor the event loop for it.
+
+    server process                                      engine process (spawned)
+    event loop --send()--> writer thread --pipe-->      EngineLoop (serve/engine_loop.py)
+    event loop <--call_soon_threadsafe-- reader thread <--pipe--
+
+Commands are pickled on the caller's thread (so a command that cannot cross, e.g. a
+lambda handed to `call`, fails there, at once) and written by the writer thread, so the
+event loop never blocks on a full pipe. The engine process ignores SIGINT (a terminal's
+Ctrl-C reaches the whole process group; the server drains and then stops it) and exits
+when told to or when the server's end of the pipe closes. If it dies, the reader thread
+reports ("exited", message): the front end fails what was live and /health turns 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import pickle
+import queue
+import signal
+import threading
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
+from typing import Any, Callable
+
+from fastserve_jax.serve.engine_loop import STOP, EngineInfo, EngineLoop, Event
+
+log = logging.getLogger("fastserve_jax.serve")
+_CLOSE = object()      # ends the writer thread
+
+
+def _receiver(conn: Connection):
+    """receive(block, timeout) over the command pipe; a closed pipe reads as ("stop",)."""
+    def receive(block: bool, timeout: float | None):
+        try:
+            if not conn.poll(timeout if block else 0):
+                return None
+            return conn.recv()
+        except (EOFError, OSError):
+            return STOP
+    return receive
+
+
+def _sender(conn: Connection) -> Callable[[Event], None]:
+    def emit(event: Event) -> None:
+        try:
+            payload = ForkingPickler.dumps(event)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            if event[0] != "result":
+                raise
+            # a call's value or error that cannot cross the pipe: the caller gets why
+            payload = ForkingPickler.dumps(("result", event[1], None, RuntimeError(
+                f"the result of the engine call cannot be sent to the server process: {type(e).__name__}: {e}")))
+        conn.send_bytes(payload)
+    return emit
+
+
+def engine_process_main(build: Callable[[], Any], commands: Connection, events: Connection, log_level: int) -> None:
+    """The spawned process's entry point."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
+    try:
+        EngineLoop(build, _sender(events), view=EngineInfo.of).run(_receiver(commands))
+    except (BrokenPipeError, EOFError):   # the server went away mid-send: nothing is left to answer
+        log.warning("the server process closed its pipe; the engine process exits")
+    finally:
+        events.close()
+
+
+class ProcessTransport:
+    """The server's side of an engine process."""
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self.build = build
+        self.proc: multiprocessing.process.BaseProcess | None = None
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+
+    def start(self, on_event: Callable[[Event], None]) -> None:
+        ctx = multiprocessing.get_context("spawn")      # JAX and fork do not mix
+        cmd_recv, cmd_send = ctx.Pipe(duplex=False)
+        ev_recv, ev_send = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=engine_process_main, name="fastserve-engine", daemon=True,
+                                args=(self.build, cmd_recv, ev_send, logging.getLogger().getEffectiveLevel()))
+        self.proc.start()
+        cmd_recv.close()
+        ev_send.close()
+        threading.Thread(target=self._write, args=(cmd_send,), name="fastserve-engine-writer", daemon=True).start()
+        threading.Thread(target=self._read, args=(ev_recv, on_event), name="fastserve-engine-reader",
+                         daemon=True).start()
+
+    def send(self, cmd: tuple) -> None:
+        self._out.put(ForkingPickler.dumps(cmd))
+
+    def _write(self, conn: Connection) -> None:
+        while (payload := self._out.get()) is not _CLOSE:
+            try:
+                conn.send_bytes(payload)
+            except OSError:      # the engine process is gone; the reader reports it
+                break
+        conn.close()
+
+    def _read(self, conn: Connection, on_event: Callable[[Event], None]) -> None:
+        while True:
+            try:
+                event = conn.recv()
+            except (EOFError, OSError):
+                break
+            on_event(event)
+        self.proc.join(5)
+        code = self.proc.exitcode
+        on_event(("exited", "the engine process exited" + (f" with code {code}" if code else "")))
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the process to end after ("stop",); True if it did."""
+        self._out.put(_CLOSE)
+        self.proc.join(timeout)
+        return not self.proc.is_alive()

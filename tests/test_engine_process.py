@@ -1,0 +1,94 @@
+"""`serve --engine-process`: the engine loop in a spawned process of its own, behind the same
+app. Exact answers streaming and not under concurrent load with hang-ups, metrics read
+across the pipe, a call that cannot cross fails at once, a clean stop ends the process, and
+a process that dies fails its live requests, turns /health 503 and stops the server.
+
+One server for the module (a spawned engine starts in ~10 s); the last test kills it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from fastserve_jax.models import demo_task
+from fastserve_jax.serve import bench_client
+from fastserve_jax.serve.app import ServerConfig
+from fastserve_jax.serve.engine_loop import EngineInfo
+from server_harness import LiveServer, kv_integrity, load_pairs
+
+
+@pytest.fixture(scope="module")
+def live():
+    srv = LiveServer(ServerConfig(model_name="demo", engine_process=True)).start()
+    srv.fatal = []
+    srv.state.engine.on_fatal = lambda: srv.fatal.append(time.monotonic())
+    yield srv
+    srv.stop()
+
+
+def _counting(a: int, b: int, **kw) -> dict:
+    return dict(prompt=demo_task.make_prompt(a, b), max_tokens=b - a + 2, temperature=0, **kw)
+
+
+def test_serves_exact_answers_from_its_own_process(live):
+    ae = live.state.engine
+    assert isinstance(ae.engine, EngineInfo) and ae.transport.proc.pid != os.getpid()
+    status, _, out = live.post("/v1/completions", dict(_counting(3, 12), n=2))
+    assert status == 200 and [c["text"] for c in out["choices"]] == [" 3 4 5 6 7 8 9 10 11 12"] * 2
+    status, _, out = live.post("/v1/completions", dict(prompt=demo_task.make_prompt(3, 90), max_tokens=3,
+                                                       temperature=0))
+    assert status == 200 and out["choices"][0]["text"] == " 3 4 5" and out["choices"][0]["finish_reason"] == "length"
+    status, _, err = live.post("/v1/completions", dict(prompt=" ".join(["7"] * 600), max_tokens=4))
+    assert status == 400 and "max_model_len" in err["error"]["message"]   # checked here, from the EngineInfo
+    m = live.metrics()      # the engine's snapshot, taken in its process and sent back
+    assert m[("fastserve_server_ready", ())] == 1.0 and m[("fastserve_generation_tokens_total", ())] >= 20
+    assert live.get("/health")[0] == 200
+
+
+def test_load_with_hang_ups_is_exact_and_frees_everything(live):
+    rng = np.random.default_rng(7)
+    n = 60
+    tok = live.state.engine.engine.tokenizer
+    pairs, cut = load_pairs(rng, n, 6, tok)
+    payloads = [_counting(a, b, stream=True) for a, b in pairs]
+    results = asyncio.run(bench_client.run_load(live.url, payloads, concurrency=16, disconnect_after=cut))
+    for i, r in enumerate(results):
+        if cut[i]:
+            assert r.disconnected and demo_task.expected_answer(*pairs[i]).startswith(r.text)
+        else:
+            assert r.ok and demo_task.check_answer(*pairs[i], r.text), (pairs[i], r.text[:60], r.error)
+    live.wait_idle(timeout=20)
+    assert live.on_engine(kv_integrity) is None
+
+
+def test_a_call_that_cannot_cross_fails_at_once(live):
+    ae = live.state.engine
+    with pytest.raises(Exception, match="pickle|lambda|local"):
+        live.on_engine(lambda e: e.snapshot())
+    assert ae.num_pending == 0 and live.get("/health")[0] == 200
+
+
+def test_a_dead_engine_process_fails_live_requests_and_stops_the_server(live):
+    ae = live.state.engine
+
+    async def scenario():
+        task = asyncio.create_task(bench_client.request(
+            live.url, "POST", "/v1/completions", json.dumps(_counting(0, 400)).encode()))
+        while ae.num_pending == 0:
+            await asyncio.sleep(0.01)
+        os.kill(ae.transport.proc.pid, signal.SIGKILL)
+        return await task
+
+    status, _, body = asyncio.run(scenario())
+    assert status == 500 and "engine process exited" in json.loads(body)["error"]["message"]
+    assert ae.num_pending == 0 and ae.health.lost and live.fatal
+    status, _, body = live.get("/health")
+    assert status == 503 and "engine lost" in json.loads(body)["status"]
+    status, _, _ = live.post("/v1/completions", _counting(1, 3))
+    assert status == 503
