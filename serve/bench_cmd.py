@@ -65,6 +65,8 @@ def add_bench_parser(sub) -> None:
     g.add_argument("--url", default=None, help="a running server (default: start one per --scheduler)")
     g.add_argument("--scheduler", action="append", choices=sorted(POLICIES),
                    help="policy of a started server (repeatable; default: fcfs and skip-join-mlfq)")
+    g.add_argument("--engine-process", action="store_true",
+                   help="started servers run their engine in a process of their own (serve --engine-process)")
     g.add_argument("--rate", action="append", type=float, help="mean arrivals per second (repeatable; default 4)")
     g.add_argument("--arrivals", default="poisson", choices=["poisson", "trace"],
                    help="poisson gaps, or the trace's own timestamps scaled to the rate")
@@ -281,7 +283,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
             # a benchmark measures the steady state: with serve's background warm-up the server
             # loads or compiles the rest of its shapes while the load runs, padding launches to
             # what is ready (skip-join, 400 requests at 250 req/s: 39.7 req/s, TTFT 1.5 s; full: 65.7, 69 ms)
-            server = LaunchedServer(sched, engine_argv(a) + (["--warmup", "full"] if a.warmup is None else []))
+            server = LaunchedServer(sched, engine_argv(a) + (["--warmup", "full"] if a.warmup is None else []) +
+                                    (["--engine-process"] if a.engine_process else []))
             print(f"starting a server with scheduler {sched} (log: {server.log.name}) ...", file=sys.stderr)
         try:
             url = a.url or server.url

@@ -176,6 +176,10 @@ def test_bench_starts_its_servers_fully_warmed_unless_told(monkeypatch):
             main(["bench", "--scheduler", "fcfs", *extra])
         argv = started[-1]
         assert argv.count("--warmup") == 1 and argv[argv.index("--warmup") + 1] == want
+        assert "--engine-process" not in argv
+    with pytest.raises(Started):
+        main(["bench", "--scheduler", "fcfs", "--engine-process"])
+    assert started[-1][-1] == "--engine-process"      # passed on to the servers it starts
 
 
 @pytest.mark.parametrize("argv,msg", [(["--slo", "1.5"], "TTFT,TPOT"), (["--slo", "2,0"], "positive"),
