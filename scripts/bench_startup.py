@@ -71,12 +71,12 @@ def _get(url: str, body: dict | None = None, timeout: float = 120) -> int:
         return 0
 
 
-def run_serve(cache: str, warmup: str) -> dict:
+def run_serve(cache: str, warmup: str, extra: tuple[str, ...] = ()) -> dict:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
     proc = subprocess.Popen([*PYTHON, "-m", "fastserve_jax", "serve", "--port", str(port), "--warmup", warmup,
-                             "--log-level", "warning"], env=env_for(cache), stdout=subprocess.DEVNULL,
+                             "--log-level", "warning", *extra], env=env_for(cache), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
         while _get(f"{url}/health", timeout=5) != 200:
@@ -98,6 +98,8 @@ def run_serve(cache: str, warmup: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", choices=["generate", "serve"], default=None)
+    ap.add_argument("--engine-process", action="store_true",
+                    help="also time `serve --engine-process` (background warm-up), the engine in its own process")
     ap.add_argument("--python", default=sys.executable,
                     help="the interpreter to start the commands with, e.g. a bare install's venv (a test "
                          "environment with torch makes transformers import it: seconds per start)")
@@ -114,11 +116,14 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{r['compiled']} compiled, {r['cache_hits']} cache hits"))
                     print(*rows[-1], sep=" | ", flush=True)
         if a.only in (None, "serve"):
-            for mode in ("background", "full"):
-                cache = os.path.join(root, f"serve-{mode}")
+            variants = [("serve", "background", ()), ("serve", "full", ())]
+            if a.engine_process:
+                variants.append(("serve --engine-process", "background", ("--engine-process",)))
+            for i, (command, mode, extra) in enumerate(variants):
+                cache = os.path.join(root, f"serve-{i}")
                 for temp in ("cold", "warm"):
-                    r = run_serve(cache, mode)
-                    rows.append(("serve", mode, temp, f"{r['healthy']:6.1f} s", f"{r['answered']:6.1f} s", ""))
+                    r = run_serve(cache, mode, extra)
+                    rows.append((command, mode, temp, f"{r['healthy']:6.1f} s", f"{r['answered']:6.1f} s", ""))
                     print(*rows[-1], sep=" | ", flush=True)
     print("\n| command | warm-up | cache | ready (generate: answers printed) | first completion | compiles |")
     print("|---|---|---|---|---|---|")
