@@ -142,7 +142,8 @@ async def _until_disconnect(receive, group: RequestGroup) -> None:
 
 
 class EventStream:
-    """SSE: one `data:` event per delta of any choice, usage if asked, then `data: [DONE]`.
+    """SSE: one `data:` event per delta of any choice (those queued together in one write),
+    usage if asked, then `data: [DONE]`.
     Aborts the group when the client disconnects or the response ends for any reason.
     (An ASGI app of its own: no Content-Length, so the server sends it chunked.)"""
 
@@ -157,15 +158,17 @@ class EventStream:
         if self.fmt.chat:
             for i in range(len(completion_tokens)):
                 yield sse(self.fmt.chunk(i, None))
-        async for index, d in self.group:
-            if d.error is not None:
-                yield sse(APIError(500, d.error).body())
-                continue
-            if d.finish_reason == "abort":
-                continue
-            completion_tokens[index] = d.completion_tokens
-            if d.text or d.finish_reason or d.logprobs:
-                yield sse(self.fmt.chunk(index, d))
+        async for batch in self.group.batches():
+            events = []
+            for index, d in batch:
+                if d.error is not None:
+                    events.append(sse(APIError(500, d.error).body()))
+                elif d.finish_reason != "abort":
+                    completion_tokens[index] = d.completion_tokens
+                    if d.text or d.finish_reason or d.logprobs:
+                        events.append(self.fmt.chunk_event(index, d))
+            if events:
+                yield "".join(events)
         if self.include_usage:
             yield sse(self.fmt.usage_chunk(self.prompt_tokens, sum(completion_tokens)))
         yield sse("[DONE]")

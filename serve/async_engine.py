@@ -46,11 +46,19 @@ class RequestGroup:
         return self._iter()
 
     async def _iter(self):
+        async for batch in self.batches():
+            for item in batch:
+                yield item
+
+    async def batches(self):
+        """Every (index, delta) already queued at each wake-up, as one list: a stream that
+        fell behind the engine by several iterations writes them in one send."""
         while self.open:
-            index, delta = await self.queue.get()
-            if delta.final:
-                self.open -= 1
-            yield index, delta
+            batch = [await self.queue.get()]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            self.open -= sum(d.final for _, d in batch)
+            yield batch
 
     def abort(self) -> None:
         """Cancel every unfinished choice (a no-op for finished ones); KV is freed before

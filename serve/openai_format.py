@@ -52,6 +52,7 @@ class Formatter:
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self._offset: dict[int, int] = {}     # completions logprobs: text offset per choice
+        self._chunk_head: str | None = None   # chunk_event's serialized head
 
     def _token(self, tid: int) -> str:
         return self.tokenizer.decode([tid])
@@ -105,6 +106,23 @@ class Formatter:
         ch["finish_reason"] = None if d is None else d.finish_reason
         body["choices"] = [ch]
         return body
+
+    def chunk_event(self, index: int, d: Delta) -> str:
+        """sse(self.chunk(index, d)) for a delta, the same bytes, without building and
+        encoding a dict per token: the head is serialized once per request and only the
+        text and finish reason are encoded here (logprobs take the dict path)."""
+        if self.logprobs is not None:
+            return sse(self.chunk(index, d))
+        if self._chunk_head is None:
+            head = json.dumps(self._head("chat.completion.chunk" if self.chat else "text_completion"),
+                              separators=(",", ":"))
+            self._chunk_head = f'data: {head[:-1]},"choices":[{{"index":'
+        if self.chat:
+            body = f'"delta":{{"content":{json.dumps(d.text)}}}' if d.text else '"delta":{}'
+        else:
+            body = f'"text":{json.dumps(d.text)}'
+        reason = "null" if d.finish_reason is None else json.dumps(d.finish_reason)
+        return f'{self._chunk_head}{index},{body},"logprobs":null,"finish_reason":{reason}}}]}}\n\n'
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
         body = self._head("chat.completion.chunk" if self.chat else "text_completion")
