@@ -56,6 +56,15 @@ def load_pairs(rng, n: int, cut_every: int, tokenizer) -> tuple[list[tuple[int, 
     return [long.pop() if c else short.pop() for c in cut], cut
 
 
+def fail_next_step(engine) -> None:
+    """For `LiveServer.on_engine`: the engine's next iteration raises, once (then the class's
+    step serves again)."""
+    def failing_step():
+        del engine.step
+        raise RuntimeError("injected device fault")
+    engine.step = failing_step
+
+
 def kv_integrity(engine) -> None:
     """For `LiveServer.on_engine`: the KV manager's own check (a module-level function, so it
     also crosses to an engine process)."""

@@ -20,7 +20,7 @@ from fastserve_jax.models import demo_task
 from fastserve_jax.serve import bench_client
 from fastserve_jax.serve.app import ServerConfig
 from fastserve_jax.serve.engine_loop import EngineInfo
-from server_harness import LiveServer, kv_integrity, load_pairs
+from server_harness import LiveServer, fail_next_step, kv_integrity, load_pairs
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,17 @@ def test_a_call_that_cannot_cross_fails_at_once(live):
     with pytest.raises(Exception, match="pickle|lambda|local"):
         live.on_engine(lambda e: e.snapshot())
     assert ae.num_pending == 0 and live.get("/health")[0] == 200
+
+
+def test_a_failed_iteration_fails_its_requests_and_the_process_keeps_serving(live):
+    live.on_engine(fail_next_step)
+    status, _, err = live.post("/v1/completions", _counting(3, 30))
+    assert status == 500 and "injected device fault" in err["error"]["message"]
+    status, _, out = live.post("/v1/completions", _counting(3, 30))
+    assert status == 200 and demo_task.check_answer(3, 30, out["choices"][0]["text"])
+    assert live.get("/health")[0] == 200 and live.metric("fastserve_engine_faults_total") == 1
+    live.wait_idle()
+    assert live.state.engine.health.consecutive_faults == 0
 
 
 def test_a_dead_engine_process_fails_live_requests_and_stops_the_server(live):

@@ -14,7 +14,7 @@ import pytest
 from fastserve_jax.models import demo_task
 from fastserve_jax.serve import bench_client
 from fastserve_jax.serve.app import ServerConfig
-from server_harness import LiveServer, load_pairs
+from server_harness import LiveServer, fail_next_step, load_pairs
 
 openai = pytest.importorskip("openai")
 
@@ -209,13 +209,7 @@ def test_non_streaming_disconnect_aborts(live):
 
 
 def test_engine_fault_fails_requests_and_server_keeps_serving(live, client):
-    eng = live.state.engine.engine
-
-    def failing_step():
-        del eng.step          # fail once; the class's step serves the next iteration
-        raise RuntimeError("injected device fault")
-
-    live.on_engine(lambda e: setattr(e, "step", failing_step))
+    live.on_engine(fail_next_step)
     status, _, err = live.post("/v1/completions", _counting(3, 30))
     assert status == 500 and "injected device fault" in err["error"]["message"]
     out = client.completions.create(model="demo", prompt=demo_task.make_prompt(3, 30), max_tokens=40, temperature=0)
