@@ -27,7 +27,7 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -36,14 +36,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from fastserve_jax.engine import LLMEngine
-
 from fastserve_jax.serve.async_engine import AsyncEngine, RequestGroup
 from fastserve_jax.serve.errors import APIError, overloaded
 from fastserve_jax.serve.prometheus import ServerMetrics
 from fastserve_jax.serve.openai_format import Choice, Formatter, sse
 from fastserve_jax.serve.prepare import prepare
 from fastserve_jax.serve.protocol import parse_body, parse_chat, parse_completion
+
+if TYPE_CHECKING:     # the engine (and jax) load in the engine loop; this process may do without
+    from fastserve_jax.engine import LLMEngine
+    from fastserve_jax.serve.engine_process import ProcessTransport
 
 log = logging.getLogger("fastserve_jax.serve")
 FAULTY_AFTER = 3       # consecutive failed iterations before /health reports the engine failing
@@ -62,11 +64,12 @@ class ServerConfig:
 class Server:
     """What the handlers share: the engine, the metrics, the config, the draining flag."""
 
-    def __init__(self, build: Callable[[], LLMEngine], cfg: ServerConfig) -> None:
+    def __init__(self, build: Callable[[], "LLMEngine"], cfg: ServerConfig,
+                 transport: "ProcessTransport | None" = None) -> None:
         self.cfg = cfg
         self.metrics: ServerMetrics
         self.engine = AsyncEngine(build, cfg.max_pending, on_finished=lambda d: self.metrics.observe(d),
-                                  engine_process=cfg.engine_process)
+                                  engine_process=cfg.engine_process, transport=transport)
         self.metrics = ServerMetrics(self.engine)
         self.draining = False
         self.started = int(time.time())
@@ -264,9 +267,11 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return APIError(500, f"internal server error: {type(exc).__name__}: {exc}").response()
 
 
-def create_app(build: Callable[[], LLMEngine], cfg: ServerConfig | None = None) -> Starlette:
-    """The app; `build` (run on the engine thread at start-up) loads and warms up the engine."""
-    srv = Server(build, cfg or ServerConfig())
+def create_app(build: Callable[[], "LLMEngine"], cfg: ServerConfig | None = None,
+               transport: "ProcessTransport | None" = None) -> Starlette:
+    """The app; `build` (run in the engine loop at start-up) loads and warms up the engine.
+    `transport`: an engine process already spawned with `build` (serve starts it first)."""
+    srv = Server(build, cfg or ServerConfig(), transport)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):

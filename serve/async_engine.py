@@ -106,13 +106,17 @@ class ThreadTransport:
 
 class AsyncEngine:
     """The event loop's side. `build` runs in the engine loop and returns a warmed-up engine;
-    with `engine_process` it must be picklable (serve_cmd.EngineBuilder is)."""
+    with `engine_process` it must be picklable (serve_cmd.EngineBuilder is). `transport`: one
+    made already (an engine process spawned early, see ProcessTransport.spawn)."""
 
     def __init__(self, build: Callable[[], Any], max_pending: int,
-                 on_finished: Callable[[Delta], None] | None = None, engine_process: bool = False) -> None:
+                 on_finished: Callable[[Delta], None] | None = None, engine_process: bool = False,
+                 transport: Any = None) -> None:
         from fastserve_jax.serve.engine_process import ProcessTransport
 
-        self.transport = ProcessTransport(build) if engine_process else ThreadTransport(build)
+        if transport is None:
+            transport = ProcessTransport(build) if engine_process else ThreadTransport(build)
+        self.transport = transport
         self.max_pending = max_pending
         self.on_finished = on_finished
         self.on_fatal: Callable[[], None] | None = None    # the engine failed to start, or its process died

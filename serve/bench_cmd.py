@@ -42,8 +42,9 @@ from fastserve_jax.slo import PAPER_SLOS, UNLOADED_SLO_FACTOR, mean_latency_per_
     sweep_summary
 from fastserve_jax.scheduler import POLICIES
 from fastserve_jax.workload import TraceRequest, chat_output_lengths, load_trace, with_arrivals
-from fastserve_jax.models import demo_task
 
+# fastserve_jax.models (demo_task) is imported in the functions that use it: it imports flax
+# and jax, which `fastserve-jax --help`, `simulate` and `serve`'s own start do without
 from fastserve_jax.serve import bench_client
 from fastserve_jax.serve.engine_args import add_engine_args, engine_argv
 from fastserve_jax.serve.simulate_cmd import add_slo_args, print_summary
@@ -92,6 +93,7 @@ def build_workload(trace: str, n: int, scale: float, timed: bool, rate: float, s
                    output_dist: str = "trace"):
     """[(payload, (A, B))] and arrival offsets (seconds) for n requests; output lengths from the
     picked trace rows (times `scale`), or with output_dist="chat" from chat_output_lengths."""
+    from fastserve_jax.models import demo_task
     if output_dist not in ("trace", "chat"):
         raise ValueError(f"output_dist must be 'trace' or 'chat', got {output_dist!r}")
     rows, has_times = load_trace(trace)
@@ -132,6 +134,7 @@ def slo_figures(results: list[bench_client.Result], slos) -> dict:
 
 
 def run_rate(url: str, work, arrivals, api_key: str | None, slos) -> dict:
+    from fastserve_jax.models import demo_task
     results = asyncio.run(bench_client.run_load(url, [w[0] for w in work], arrivals, api_key=api_key))
     m = bench_client.summarize(results)
     m.update(slo_figures(results, slos))
@@ -141,6 +144,7 @@ def run_rate(url: str, work, arrivals, api_key: str | None, slos) -> dict:
 
 def answer_problems(results: list[bench_client.Result], work, what: str = "request") -> list[str]:
     """Every request that failed or whose answer is not exactly the count, in words."""
+    from fastserve_jax.models import demo_task
     out = []
     for i, (r, (_, (a, b))) in enumerate(zip(results, work)):
         want, name = demo_task.answer_num_tokens(a, b), f"{what} {i} (count from {a} to {b})"
@@ -165,6 +169,7 @@ def screen_pairs(llm, works: list[list], seed: int, rounds: int = 10) -> tuple[l
     errors. Every pair runs greedily on `llm` (an LLM over the demo model, all in one generate
     call: greedy output does not depend on the batch); each miss is replaced by a pair of the same
     span (a new A). Returns the screened lists and how many pairs were replaced."""
+    from fastserve_jax.models import demo_task
     from fastserve_jax import SamplingParams
 
     rng = np.random.default_rng([seed, 0x5C4EE7])

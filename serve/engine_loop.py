@@ -31,7 +31,6 @@ from typing import Any, Callable
 
 from fastserve_jax.admission import validate_request
 from fastserve_jax.config import EngineConfig, SamplingParams
-from fastserve_jax.cost_profile import refine_profile
 from fastserve_jax.request import Request, TokenLogprobs
 
 log = logging.getLogger("fastserve_jax.serve")
@@ -164,6 +163,8 @@ class EngineLoop:
     def _refine_profile(self) -> bool:
         """While idle: the full cost profile once the background warm-up is done (see
         cost_profile.refine_profile). Returns whether to try again later."""
+        from fastserve_jax.cost_profile import refine_profile   # imports jax; the server process does without
+
         t0 = time.perf_counter()
         try:
             if not refine_profile(self.engine):

@@ -79,17 +79,25 @@ class ProcessTransport:
         self.proc: multiprocessing.process.BaseProcess | None = None
         self._out: queue.SimpleQueue = queue.SimpleQueue()
 
-    def start(self, on_event: Callable[[Event], None]) -> None:
+    def spawn(self) -> None:
+        """Start the engine process (once). serve calls this before it imports and sets up the
+        app, so the two processes start up side by side; events wait in the pipe until `start`."""
+        if self.proc is not None:
+            return
         ctx = multiprocessing.get_context("spawn")      # JAX and fork do not mix
-        cmd_recv, cmd_send = ctx.Pipe(duplex=False)
-        ev_recv, ev_send = ctx.Pipe(duplex=False)
+        cmd_recv, self._cmd_send = ctx.Pipe(duplex=False)
+        self._ev_recv, ev_send = ctx.Pipe(duplex=False)
         self.proc = ctx.Process(target=engine_process_main, name="fastserve-engine", daemon=True,
                                 args=(self.build, cmd_recv, ev_send, logging.getLogger().getEffectiveLevel()))
         self.proc.start()
         cmd_recv.close()
         ev_send.close()
-        threading.Thread(target=self._write, args=(cmd_send,), name="fastserve-engine-writer", daemon=True).start()
-        threading.Thread(target=self._read, args=(ev_recv, on_event), name="fastserve-engine-reader",
+
+    def start(self, on_event: Callable[[Event], None]) -> None:
+        self.spawn()
+        threading.Thread(target=self._write, args=(self._cmd_send,), name="fastserve-engine-writer",
+                         daemon=True).start()
+        threading.Thread(target=self._read, args=(self._ev_recv, on_event), name="fastserve-engine-reader",
                          daemon=True).start()
 
     def send(self, cmd: tuple) -> None:

@@ -5,13 +5,18 @@ message states the limit."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from jinja2 import TemplateError
 
 from fastserve_jax.config import SamplingParams
-from fastserve_jax.engine import LLMEngine
 
 from fastserve_jax.serve.errors import bad_request
 from fastserve_jax.serve.protocol import Job
+
+if TYPE_CHECKING:
+    from fastserve_jax.engine import LLMEngine
+    from fastserve_jax.serve.engine_loop import EngineInfo
 
 
 def render_chat(tokenizer, messages: list[dict]) -> list[int]:
@@ -40,7 +45,7 @@ def _params(job: Job, max_tokens: int, seed: int | None) -> SamplingParams:
         raise bad_request(str(e))
 
 
-def prepare(job: Job, eng: LLMEngine) -> tuple[list[tuple[list[int], SamplingParams]], int]:
+def prepare(job: Job, eng: "LLMEngine | EngineInfo") -> tuple[list[tuple[list[int], SamplingParams]], int]:
     """[(prompt ids, params)] in choice order (prompt i's choices at i*n .. i*n+n-1), and the
     prompt tokens of the request (each prompt counted once, as OpenAI's usage does)."""
     limit = eng.cfg.max_model_len

@@ -9,9 +9,11 @@ for up to --shutdown-timeout seconds, then what is left is cancelled and the eng
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
+import threading
 
 import uvicorn
 
@@ -159,15 +161,18 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
-    from fastserve_jax.serve.app import ServerConfig, create_app
-
     if a.max_pending < 1 or a.max_body_bytes < 1:
         print("error: --max-pending and --max-body-bytes must be >= 1", file=sys.stderr)
         return 2
+    build = engine_builder(a.model, engine_kwargs)
+    transport = None
+    if a.engine_process:
+        transport = _spawn_engine(build)
+    from fastserve_jax.serve.app import ServerConfig, create_app
+
     cfg = ServerConfig(model_name=a.served_model_name or model_name(a.model),
                        api_key=a.api_key or os.environ.get(API_KEY_ENV) or None,
                        max_pending=a.max_pending, max_body_bytes=a.max_body_bytes, engine_process=a.engine_process)
-    build = engine_builder(a.model, engine_kwargs)
     mirror = engine_kwargs.get("mirror")
     if mirror is not None:
         def build(inner=build):     # multi-host: ready only with every worker
@@ -175,7 +180,7 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
             mirror.wait_ready()
             return engine
 
-    app = create_app(build, cfg)
+    app = create_app(build, cfg, transport)
     server = DrainingServer(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                                            timeout_graceful_shutdown=a.shutdown_timeout), app)
     # the engine did not start, or its process died: nothing left to serve (a supervisor restarts us)
@@ -196,6 +201,19 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
         print(f"error: {health.lost}; the server stopped", file=sys.stderr)
         return 1
     return 0
+
+
+def _spawn_engine(build: EngineBuilder):
+    """The engine process, started before this process imports the app, so the two start up
+    side by side; and, on a thread, the tokenizer code its EngineInfo will need when it comes
+    (transformers: about a second to import)."""
+    from fastserve_jax.serve.engine_process import ProcessTransport
+
+    transport = ProcessTransport(build)
+    transport.spawn()
+    threading.Thread(target=importlib.import_module, args=("transformers.tokenization_utils_tokenizers",),
+                     name="fastserve-preimport", daemon=True).start()
+    return transport
 
 
 class DrainingServer(uvicorn.Server):

@@ -103,3 +103,16 @@ def test_a_dead_engine_process_fails_live_requests_and_stops_the_server(live):
     assert status == 503 and "engine lost" in json.loads(body)["status"]
     status, _, _ = live.post("/v1/completions", _counting(1, 3))
     assert status == 503
+
+
+def test_the_server_process_starts_without_jax():
+    """serve --engine-process spawns the engine before it imports the app; that start-up
+    gain holds only while the CLI, the app and the transport import neither jax nor flax."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import fastserve_jax.serve.cli, fastserve_jax.serve.app, fastserve_jax.serve.engine_process; "
+            "bad = sorted(m for m in ('jax', 'flax', 'transformers') if m in sys.modules); "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
