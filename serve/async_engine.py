@@ -112,11 +112,11 @@ class AsyncEngine:
     def __init__(self, build: Callable[[], Any], max_pending: int,
                  on_finished: Callable[[Delta], None] | None = None, engine_process: bool = False,
                  transport: Any = None) -> None:
-        from fastserve_jax.serve.engine_process import ProcessTransport
+        if transport is None and engine_process:
+            from fastserve_jax.serve.engine_process import ProcessTransport
 
-        if transport is None:
-            transport = ProcessTransport(build) if engine_process else ThreadTransport(build)
-        self.transport = transport
+            transport = ProcessTransport(build)
+        self.transport = transport if transport is not None else ThreadTransport(build)
         self.max_pending = max_pending
         self.on_finished = on_finished
         self.on_fatal: Callable[[], None] | None = None    # the engine failed to start, or its process died
