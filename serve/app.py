@@ -4,12 +4,14 @@
     GET  /v1/models, /health (200 only once warm-up is done), /metrics (Prometheus text)
 
 The engine runs on its own thread, or with `engine_process` in its own process
-(serve/async_engine.py); handlers validate at the boundary, so bad input is a 400 and nothing is queued, then submit token ids and read
-deltas. Status codes: 400 invalid parameters or a prompt longer than the context (the
-message states the limits), 401 missing or wrong API key (/v1 only), 404 unknown model,
-413 body over --max-body-bytes, 503 with Retry-After while warming up, draining, or when
-the admission queue (--max-pending engine requests; n choices count n) is full, 500 only
-for engine faults, which fail the requests of that iteration and never the server.
+(serve/async_engine.py, docs/serving.md); handlers validate at the boundary, so bad input
+is a 400 and nothing is queued, then submit token ids and read deltas. Status codes: 400
+invalid parameters or a prompt longer than the context (the message states the limits),
+401 missing or wrong API key (/v1 only), 404 unknown model, 413 body over
+--max-body-bytes, 503 with Retry-After while warming up, draining, when the admission
+queue (--max-pending engine requests; n choices count n) is full, or once the engine
+process was lost, 500 only for engine faults, which fail the requests of that iteration
+and never the server (a lost engine process fails its live requests).
 
 A client that disconnects, streaming or not, aborts its requests; their KV is freed
 before the engine's next iteration.

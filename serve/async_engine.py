@@ -233,7 +233,8 @@ class AsyncEngine:
             else:
                 self.health.startup_error = message
             self._fatal()
-        self._deliver([(rid, index, Delta("", [], None, error=message)) for rid, (_, index) in list(self._live.items())])
+        self._deliver([(rid, index, Delta("", [], None, error=message))
+                       for rid, (_, index) in list(self._live.items())])
         for fut in self._calls.values():
             if not fut.done():
                 fut.set_exception(RuntimeError(message))

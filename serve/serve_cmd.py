@@ -59,7 +59,7 @@ def add_serve_parser(sub) -> None:
                    help="seconds in-flight requests get to finish after SIGINT/SIGTERM")
     g.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=False,
                    help="run the engine in a process of its own, as vLLM does, so that HTTP parsing, tokenizing "
-                        "and streaming do not share a GIL with the engine loop (docs/performance.md); one host only")
+                        "and streaming do not share a GIL with the engine loop (docs/serving.md); one host only")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g = p.add_argument_group("multi-host (one process per host; docs/parallelism.md)")
     g.add_argument("--coordinator-address", default=None,
