@@ -33,6 +33,23 @@ log = logging.getLogger("fastserve_jax.serve")
 _CLOSE = object()      # ends the writer thread
 
 
+class _PickledCall:
+    """A call's function, pickled here and unpickled only when the engine loop runs it: one
+    that cannot be loaded in the engine process (its module is not importable there) fails
+    that call, not the process's command pipe."""
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.payload = bytes(ForkingPickler.dumps(fn))
+        self.name = getattr(fn, "__qualname__", type(fn).__name__)
+
+    def __call__(self, engine) -> Any:
+        try:
+            fn = pickle.loads(self.payload)
+        except Exception as e:  # handed back to the caller as the call's error
+            raise RuntimeError(f"the engine process cannot load {self.name}: {type(e).__name__}: {e}") from None
+        return fn(engine)
+
+
 def _receiver(conn: Connection):
     """receive(block, timeout) over the command pipe; a closed pipe reads as ("stop",)."""
     def receive(block: bool, timeout: float | None):
@@ -101,6 +118,8 @@ class ProcessTransport:
                          daemon=True).start()
 
     def send(self, cmd: tuple) -> None:
+        if cmd[0] == "call":
+            cmd = (*cmd[:2], _PickledCall(cmd[2]))
         self._out.put(ForkingPickler.dumps(cmd))
 
     def _write(self, conn: Connection) -> None:
