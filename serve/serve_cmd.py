@@ -112,10 +112,6 @@ class EngineBuilder:
         return llm.engine
 
 
-def engine_builder(model: str | None, engine_kwargs: dict) -> EngineBuilder:
-    return EngineBuilder(model, engine_kwargs)
-
-
 def _distributed(a: argparse.Namespace):
     """The multi-host config from flags over environment, or None on one host."""
     from fastserve_jax.sharding.distributed import DistributedConfig
@@ -164,7 +160,7 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
     if a.max_pending < 1 or a.max_body_bytes < 1:
         print("error: --max-pending and --max-body-bytes must be >= 1", file=sys.stderr)
         return 2
-    build = engine_builder(a.model, engine_kwargs)
+    build = EngineBuilder(a.model, engine_kwargs)
     transport = None
     if a.engine_process:
         transport = _spawn_engine(build)

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fastserve_jax.serve import bench_client
 from fastserve_jax.serve.app import ServerConfig, create_app
-from fastserve_jax.serve.serve_cmd import engine_builder
+from fastserve_jax.serve.serve_cmd import EngineBuilder
 
 # Small settings: a batch limit well below the load tests' concurrency, so requests queue
 # and the policy preempts, and a small bucket grid (2 decode x 2 prefill sizes x 2 block
@@ -94,7 +94,7 @@ def wait_healthy(url: str, timeout: float) -> None:
 
 class LiveServer:
     def __init__(self, cfg: ServerConfig, engine_kw: dict = ENGINE_KW) -> None:
-        self.app = create_app(engine_builder(None, engine_kw), cfg)
+        self.app = create_app(EngineBuilder(None, engine_kw), cfg)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
