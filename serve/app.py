@@ -66,7 +66,7 @@ class ServerConfig:
 class Server:
     """What the handlers share: the engine, the metrics, the config, the draining flag."""
 
-    def __init__(self, build: Callable[[], "LLMEngine"], cfg: ServerConfig,
+    def __init__(self, build: Callable[[Callable[[], bool]], "LLMEngine"], cfg: ServerConfig,
                  transport: "ProcessTransport | None" = None) -> None:
         self.cfg = cfg
         self.metrics: ServerMetrics
@@ -269,9 +269,10 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return APIError(500, f"internal server error: {type(exc).__name__}: {exc}").response()
 
 
-def create_app(build: Callable[[], "LLMEngine"], cfg: ServerConfig | None = None,
+def create_app(build: Callable[[Callable[[], bool]], "LLMEngine"], cfg: ServerConfig | None = None,
                transport: "ProcessTransport | None" = None) -> Starlette:
-    """The app; `build` (run in the engine loop at start-up) loads and warms up the engine.
+    """The app; `build(stopping)` (run in the engine loop at start-up) loads and warms up the
+    engine (serve/engine_loop.py: a stop during the warm-up cancels it).
     `transport`: an engine process already spawned with `build` (serve starts it first)."""
     srv = Server(build, cfg or ServerConfig(), transport)
 

@@ -80,13 +80,14 @@ class EngineHealth:
 class ThreadTransport:
     """The engine loop on a thread of this process."""
 
-    def __init__(self, build: Callable[[], Any]) -> None:
+    def __init__(self, build: Callable[[Callable[[], bool]], Any]) -> None:
         self.build = build
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self, on_event: Callable[[Event], None]) -> None:
-        loop = EngineLoop(self.build, on_event)
+        loop = EngineLoop(self.build, on_event, stopping=self._stopping.is_set)
         self._thread = threading.Thread(target=loop.run, args=(self._receive,), name="fastserve-engine", daemon=True)
         self._thread.start()
 
@@ -97,6 +98,8 @@ class ThreadTransport:
             return None
 
     def send(self, cmd: tuple) -> None:
+        if cmd == STOP:
+            self._stopping.set()        # a build still warming up stops at its next shape
         self._inbox.put(cmd)
 
     def join(self, timeout: float) -> bool:
@@ -105,11 +108,12 @@ class ThreadTransport:
 
 
 class AsyncEngine:
-    """The event loop's side. `build` runs in the engine loop and returns a warmed-up engine;
-    with `engine_process` it must be picklable (serve_cmd.EngineBuilder is). `transport`: one
-    made already (an engine process spawned early, see ProcessTransport.spawn)."""
+    """The event loop's side. `build(stopping)` runs in the engine loop and returns a warmed-up
+    engine (engine_loop.py); with `engine_process` it must be picklable (serve_cmd.EngineBuilder
+    is). `transport`: one made already (an engine process spawned early, see
+    ProcessTransport.spawn)."""
 
-    def __init__(self, build: Callable[[], Any], max_pending: int,
+    def __init__(self, build: Callable[[Callable[[], bool]], Any], max_pending: int,
                  on_finished: Callable[[Delta], None] | None = None, engine_process: bool = False,
                  transport: Any = None) -> None:
         if transport is None and engine_process:

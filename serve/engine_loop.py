@@ -15,6 +15,11 @@ Commands and events are plain tuples, so they cross a pipe as they are:
     ("result", call id, value, error)
     ("health", consecutive faults, faults in all, cost model provisional)
 
+The build is `build(stopping)`: `stopping()` turns true once ("stop",) has been sent, and a
+build still loading (compiling its warm-up, which can take minutes on a cold cache) raises
+StartupCancelled at its next compiled shape, so a server stopped while it starts exits
+within a compile instead of after the whole warm-up.
+
 Every request added ends with exactly one final delta (finish_reason set, or `error`), also
 when it was aborted or the loop stopped first, so the front end's count of live requests
 (the admission bound) cannot drift. A step that raises fails the requests then live with
@@ -41,6 +46,10 @@ STOP = ("stop",)
 Event = tuple
 # receive(block, timeout) -> the next command, or None when none came (block=False, or timeout)
 Receive = Callable[[bool, "float | None"], "tuple | None"]
+
+
+class StartupCancelled(Exception):
+    """Raised by a build that saw `stopping()` before the engine was ready."""
 
 
 @dataclass
@@ -115,18 +124,24 @@ class _Tracked:
 
 class EngineLoop:
     """Builds the engine and serves commands until ("stop",); `emit` hands events to the
-    front end (it must not block for long), `view` turns the engine into what "ready" carries."""
+    front end (it must not block for long), `view` turns the engine into what "ready" carries,
+    `stopping` is what the build polls (the transport sets it with ("stop",))."""
 
-    def __init__(self, build: Callable[[], Any], emit: Callable[[Event], None],
-                 view: Callable[[Any], Any] = lambda engine: engine) -> None:
-        self.build, self.emit, self.view = build, emit, view
+    def __init__(self, build: Callable[[Callable[[], bool]], Any], emit: Callable[[Event], None],
+                 view: Callable[[Any], Any] = lambda engine: engine,
+                 stopping: Callable[[], bool] = lambda: False) -> None:
+        self.build, self.emit, self.view, self.stopping = build, emit, view, stopping
         self.engine = None
         self._tracked: dict[str, _Tracked] = {}
         self._health = (0, 0, False)
 
     def run(self, receive: Receive) -> None:
         try:
-            self.engine = self.build()
+            self.engine = self.build(self.stopping)
+        except StartupCancelled:
+            log.info("stopped before the engine was ready")
+            self._refuse_pending(receive)
+            return
         except Exception as e:  # a broken model or config: reported on /health and in the log
             log.exception("engine start failed")
             self.emit(("failed", f"{type(e).__name__}: {e}"))

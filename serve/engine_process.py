@@ -11,7 +11,9 @@ Commands are pickled on the caller's thread (so a command that cannot cross, e.g
 lambda handed to `call`, fails there, at once) and written by the writer thread, so the
 event loop never blocks on a full pipe. The engine process ignores SIGINT (a terminal's
 Ctrl-C reaches the whole process group; the server drains and then stops it) and exits
-when told to or when the server's end of the pipe closes. If it dies, the reader thread
+when told to or when the server's end of the pipe closes. Told while it still warms up,
+it sees a shared flag (the pipe is read only once the engine is ready) and stops at its
+next compiled shape. If it dies, the reader thread
 reports ("exited", message): the front end fails what was live and /health turns 503.
 """
 
@@ -76,12 +78,14 @@ def _sender(conn: Connection) -> Callable[[Event], None]:
     return emit
 
 
-def engine_process_main(build: Callable[[], Any], commands: Connection, events: Connection, log_level: int) -> None:
-    """The spawned process's entry point."""
+def engine_process_main(build: Callable[[Callable[[], bool]], Any], commands: Connection, events: Connection,
+                        log_level: int, stopping) -> None:
+    """The spawned process's entry point; `stopping`: a multiprocessing Event the server sets
+    with ("stop",)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
     try:
-        EngineLoop(build, _sender(events), view=EngineInfo.of).run(_receiver(commands))
+        EngineLoop(build, _sender(events), view=EngineInfo.of, stopping=stopping.is_set).run(_receiver(commands))
     except (BrokenPipeError, EOFError):   # the server went away mid-send: nothing is left to answer
         log.warning("the server process closed its pipe; the engine process exits")
     finally:
@@ -91,9 +95,10 @@ def engine_process_main(build: Callable[[], Any], commands: Connection, events: 
 class ProcessTransport:
     """The server's side of an engine process."""
 
-    def __init__(self, build: Callable[[], Any]) -> None:
+    def __init__(self, build: Callable[[Callable[[], bool]], Any]) -> None:
         self.build = build
         self.proc: multiprocessing.process.BaseProcess | None = None
+        self._stopping = None           # a multiprocessing Event, made with the process
         self._out: queue.SimpleQueue = queue.SimpleQueue()
 
     def spawn(self) -> None:
@@ -104,8 +109,10 @@ class ProcessTransport:
         ctx = multiprocessing.get_context("spawn")      # JAX and fork do not mix
         cmd_recv, self._cmd_send = ctx.Pipe(duplex=False)
         self._ev_recv, ev_send = ctx.Pipe(duplex=False)
+        self._stopping = ctx.Event()
         self.proc = ctx.Process(target=engine_process_main, name="fastserve-engine", daemon=True,
-                                args=(self.build, cmd_recv, ev_send, logging.getLogger().getEffectiveLevel()))
+                                args=(self.build, cmd_recv, ev_send, logging.getLogger().getEffectiveLevel(),
+                                      self._stopping))
         self.proc.start()
         cmd_recv.close()
         ev_send.close()
@@ -118,6 +125,8 @@ class ProcessTransport:
                          daemon=True).start()
 
     def send(self, cmd: tuple) -> None:
+        if cmd == STOP and self._stopping is not None:
+            self._stopping.set()        # a build still warming up stops at its next shape
         if cmd[0] == "call":
             cmd = (*cmd[:2], _PickledCall(cmd[2]))
         self._out.put(ForkingPickler.dumps(cmd))

@@ -14,10 +14,12 @@ import logging
 import os
 import sys
 import threading
+from typing import Callable
 
 import uvicorn
 
 from fastserve_jax.serve.engine_args import add_engine_args, cpu_devices_for, engine_kwargs
+from fastserve_jax.serve.engine_loop import StartupCancelled
 
 log = logging.getLogger("fastserve_jax.serve")
 
@@ -75,11 +77,14 @@ def model_name(model: str | None) -> str:
     return "demo" if model is None else os.path.basename(os.path.normpath(model))
 
 
-def progress_logger(every: float = 0.1):
-    """A warm-up progress callback that logs a line per `every` of the jobs compiled."""
+def progress_logger(every: float = 0.1, stopping: Callable[[], bool] | None = None):
+    """A warm-up progress callback that logs a line per `every` of the jobs compiled, and
+    raises StartupCancelled once `stopping()` (the compiles not started are dropped)."""
     state = {"next": every}
 
     def progress(done: int, total: int) -> None:
+        if stopping is not None and stopping():
+            raise StartupCancelled(f"stopped during the warm-up, {done}/{total} shapes compiled")
         if done == total or done / total >= state["next"]:
             log.info("warm-up: compiled %d/%d shapes (%.0f%%)", done, total, 100 * done / total)
             state["next"] = done / total + every
@@ -93,7 +98,7 @@ class EngineBuilder:
     def __init__(self, model: str | None, engine_kwargs: dict) -> None:
         self.model, self.engine_kwargs = model, engine_kwargs
 
-    def __call__(self):
+    def __call__(self, stopping: Callable[[], bool] | None = None):
         from fastserve_jax import LLM
 
         kwargs = dict(self.engine_kwargs)
@@ -101,7 +106,7 @@ class EngineBuilder:
         kwargs.setdefault("warmup", "background")     # healthy once any request can be answered
         log.info("loading %s and compiling (warm-up %s; compiled code is cached in ~/.cache/fastserve_jax)",
                  self.model or "the bundled demo model", kwargs["warmup"])
-        llm = LLM(self.model, progress=progress_logger(), **kwargs)
+        llm = LLM(self.model, progress=progress_logger(stopping=stopping), **kwargs)
         rest = ""
         if kwargs["warmup"] == "background":
             rest = "; the other shapes compile in the background"
@@ -171,8 +176,8 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
                        max_pending=a.max_pending, max_body_bytes=a.max_body_bytes, engine_process=a.engine_process)
     mirror = engine_kwargs.get("mirror")
     if mirror is not None:
-        def build(inner=build):     # multi-host: ready only with every worker
-            engine = inner()
+        def build(stopping, inner=build):     # multi-host: ready only with every worker
+            engine = inner(stopping)
             mirror.wait_ready()
             return engine
 

@@ -102,3 +102,42 @@ def test_engine_process_is_refused_with_multi_host(capsys):
     code = main(["serve", "--engine-process", "--coordinator-address", "127.0.0.1:1", "--num-processes", "2",
                  "--process-id", "0"])
     assert code == 2 and "--engine-process serves from one host" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["--no-engine-process", "--engine-process"])
+def test_ctrl_c_during_a_cold_warm_up_stops_the_server_without_compiling_the_rest(mode, tmp_path):
+    """A cold full warm-up takes a minute or more (the demo model: 135 shapes, ~90 s on the
+    2-core VM); Ctrl-C during it used to wait for every shape (thread) or 30 s (process)."""
+    import threading
+
+    port = free_port()
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))          # nothing compiled yet
+    env.pop("FASTSERVE_JAX_COMPILE_CACHE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "fastserve_jax", "serve", "--port", str(port), *ENGINE_ARGS,
+                             "--warmup", "full", mode], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            text = "".join(lines)
+            if "Uvicorn running" in text and "loading the bundled demo model" in text:
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert started.wait(120), "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+        reader.join(10)
+        log = "".join(lines)
+        assert proc.returncode == 0, log
+        assert "stopped before the engine was ready" in log, log
+        assert "engine ready" not in log and "error" not in log.lower(), log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -101,3 +101,32 @@ def test_background_warmup_profiles_on_the_covering_set_then_fully_once_done(laz
     assert len(cached) == 1 and cost_profile.CostModel.load(str(cached[0])) == cm
     assert cost_profile.refine_profile(eng) is False                          # once
     assert eng.kv.num_free_blocks == eng.kv.num_usable_blocks
+
+
+def test_a_warm_up_stopped_midway_drops_the_compiles_not_started():
+    """run_jobs: when progress raises (a server stopping while it warms up), the queued jobs
+    are dropped; without that, leaving the pool ran every one of them first."""
+    import threading
+    import time
+
+    from fastserve_jax.runner.compiler import run_jobs
+
+    ran: list[int] = []
+    lock = threading.Lock()
+
+    class Job:
+        def __init__(self, i: int) -> None:
+            self.i = i
+
+        def run(self) -> None:
+            time.sleep(0.01)
+            with lock:
+                ran.append(self.i)
+
+    def progress(done: int, total: int) -> None:
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs([Job(i) for i in range(50)], progress, threads=2)
+    assert 2 <= len(ran) <= 6, ran       # the two seen, plus those already running on the 2 workers

@@ -84,14 +84,25 @@ def abstract_launch_args(builder: LaunchBuilder, key: LaunchKey, stage: Stage, h
 
 def run_jobs(jobs: list[CompileJob], progress: Callable[[int, int], None] | None = None,
              threads: int | None = None) -> None:
-    """Compile the jobs on a thread pool and file each result; `progress(done, total)`."""
+    """Compile the jobs on a thread pool and file each result; `progress(done, total)`.
+
+    If a job or `progress` raises (a server stopping during its warm-up raises from
+    `progress`, as does Ctrl-C here), the jobs not yet started are dropped and the exception
+    propagates once the running ones are done: leaving the pool would otherwise wait for
+    every queued compile, and the running ones are let finish so that their persistent-cache
+    entries are written whole."""
     workers = threads or min(8, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         futures = [pool.submit(job.run) for job in jobs]
-        for done, fut in enumerate(concurrent.futures.as_completed(futures), 1):
-            fut.result()
-            if progress:
-                progress(done, len(jobs))
+        try:
+            for done, fut in enumerate(concurrent.futures.as_completed(futures), 1):
+                fut.result()
+                if progress:
+                    progress(done, len(jobs))
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
 
 
 class Compiler:
