@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import pathlib
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,6 +16,7 @@ from fastserve_jax.kv_cache import KVManager
 from fastserve_jax.kv_plan import apply_plan
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler import POLICIES, Limits, make_scheduler
+from fastserve_jax.scheduler import gittins_table
 from fastserve_jax.scheduler.gittins_table import GittinsTable
 from fastserve_jax.sim import advance
 
@@ -294,7 +296,8 @@ def test_gittins_rekeys_every_request_as_its_key_says():
 def test_gittins_table_counts_running_requests_as_censored_lengths():
     """Kaplan-Meier: 200 jobs of lengths 1..100 all started together, seen when the survivors
     have 40 tokens. The finished ones alone say every job ends by 40; with the 120 running ones
-    counted as needing more than 40, P(X <= t) is exact up to 40 and the rest sits at 41."""
+    counted as needing more than 40, P(X <= t) is exact up to 40, and the 0.6 left is a
+    geometric tail from 41 on."""
     lengths = [1 + i % 100 for i in range(200)]
     done = [x for x in lengths if x <= 40]
     running = [40] * (len(lengths) - len(done))
@@ -302,9 +305,37 @@ def test_gittins_table_counts_running_requests_as_censored_lengths():
     assert naive.F[40] == pytest.approx(1.0) and naive.max_len == 40
     for t in (1, 17, 40):
         assert km.F[t] == pytest.approx(sum(x <= t for x in lengths) / len(lengths))
-    assert km.max_len == 41 and km.F[41] == pytest.approx(1.0)
+    # the measured hazard over ages 20..40 is 42 / 2982 per token, under the floor 1 / 42
+    # (a tail no longer, on average, than the oldest job's age again)
+    h = 1 / 42
+    assert km.F[41] - km.F[40] == pytest.approx(0.6 * h)
+    assert km.F[42] - km.F[41] == pytest.approx(0.6 * h * (1 - h))
+    assert km.F[-1] == pytest.approx(1.0) and km.max_len <= 40 + 3 * 42
     assert km.index(40) > naive.index(40)              # a 40-token job is not taken for one past all history
     assert GittinsTable(done, [0] * 5).F == pytest.approx(naive.F)      # not started: no information
+
+
+@pytest.mark.parametrize("finished, running", [
+    (list(range(21, 41)) * 5, [40] * 20),        # many finish late: measured, 0.064 per token
+    ([30, 31, 32, 33, 34] * 10, [34] * 5),       # the same, 0.056
+    ([2] * 60 + [30] * 3, [35] * 40),            # few finish late: the floor 1 / (m + 1) holds it
+    ([3, 5, 8, 13, 21, 34] * 4, [34] * 30),      # the same
+])
+def test_gittins_tail_hazard_is_the_later_half_events_over_tokens_at_risk(finished, running):
+    """Past the oldest running request (age c, so m = c + 1), P(X = m + k) = rest h (1 - h)^k,
+    h = (events at ages >= m / 2) / (tokens at risk there), clipped to [1 / (m + 1), 1 / 2]."""
+    table = GittinsTable(finished, running)
+    m = max(running) + 1
+    lo = int(gittins_table.TAIL_WINDOW * m)
+    events = sum(lo <= x for x in finished)
+    exposure = sum(sum(x >= t for x in finished) + sum(c >= t for c in running) for t in range(lo, m + 1))
+    h = min(max(events / exposure, 1 / (m + 1)), 0.5)
+    rest = 1.0 - table.F[m - 1]
+    assert rest == pytest.approx(len(running) / (len(finished) + len(running)))   # all run together
+    pmf = np.diff(table.F)
+    for k in range(3):
+        assert pmf[m - 1 + k] == pytest.approx(rest * h * (1 - h) ** k)
+    assert table.F[-1] == pytest.approx(1.0)
 
 
 def test_gittins_behaves_like_skip_join_until_it_has_history_then_learns():
