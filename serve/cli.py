@@ -22,9 +22,9 @@ from fastserve_jax.serve.simulate_cmd import add_simulate_parser
 class StatusLine:
     """One line of progress on a terminal (rewritten in place); plain lines in a log."""
 
-    def __init__(self, stream=sys.stderr) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, stream=None) -> None:
+        self.stream = stream if stream is not None else sys.stderr     # the current one, not import time's
+        self.tty = self.stream.isatty()
         self._last = -1
 
     def show(self, text: str) -> None:
@@ -63,7 +63,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
     status = StatusLine()
     status.show(f"loading {a.model or 'the demo model'}")
     start = compile_stats()
-    llm = LLM(a.model, progress=status.compiling, **engine_kwargs(a))
+    try:
+        llm = LLM(a.model, progress=status.compiling, **engine_kwargs(a))
+    except ValueError as e:     # a bad engine setting or model directory, said before anything loads
+        status.done(f"error: {e}")
+        return 2
     status.show(f"generating ({llm.engine.warmup_mode} compile: new shapes compile as batches need them)"
                 if llm.engine.warmup_mode == "lazy" else "generating")
     try:

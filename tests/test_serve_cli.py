@@ -141,3 +141,16 @@ def test_ctrl_c_during_a_cold_warm_up_stops_the_server_without_compiling_the_res
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--max-num-seqs", "0"], "max_num_seqs must be a positive integer"),
+    (["--model", "/nonexistent-model-dir"], "is not a model directory"),
+    (["--max-model-len", "99999"], "exceeds the model's max_position_embeddings"),
+])
+def test_generate_refuses_a_bad_engine_setting_with_one_line_and_exit_code_2(args, says, capsys):
+    from fastserve_jax.serve.cli import main
+
+    assert main(["generate", *args, "count from 1 to 3:"]) == 2
+    err = capsys.readouterr()
+    assert "error: " in err.err and says in err.err and "Traceback" not in err.err + err.out
