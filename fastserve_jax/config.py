@@ -17,6 +17,14 @@ MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs; the sampler always compute
 ATTENTION_CHOICES = ("auto", "reference", "pallas")
 
 
+def check_positive_ints(obj, names) -> None:
+    """ValueError naming the first of `names` (attributes of obj) that is not an int >= 1."""
+    for name in names:
+        v = getattr(obj, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample one request's output (vLLM's names and defaults).
@@ -248,11 +256,8 @@ class EngineConfig:
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "block_size",
-                     "prefill_tile"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        check_positive_ints(self, ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs",
+                                   "block_size", "prefill_tile"))
         if self.num_device_blocks < 0:
             raise ValueError(f"num_device_blocks must be >= 0 (0 = size automatically), got {self.num_device_blocks}")
         if self.num_host_blocks is not None and (not isinstance(self.num_host_blocks, int) or self.num_host_blocks < 0):

@@ -39,13 +39,13 @@ from typing import Sequence
 
 import numpy as np
 
-from fastserve_jax.config import SamplingParams, SchedulerConfig
+from fastserve_jax.config import SamplingParams, SchedulerConfig, check_positive_ints
 from fastserve_jax.cost_model import CostModel, plan_time
 from fastserve_jax.kv_cache import KVLocation, KVManager
 from fastserve_jax.kv_plan import apply_ahead, apply_plan
 from fastserve_jax.length_prediction import LengthPrediction, calibration, kendall_tau
 from fastserve_jax.request import Request, RequestStatus
-from fastserve_jax.swap_policy import SwapPolicy
+from fastserve_jax.swap_policy import SWAP_POLICIES, SwapPolicy
 from fastserve_jax.scheduler import Limits, Plan, make_scheduler
 from fastserve_jax.sim_prediction import NoisyLengthOracle, sigma_for_tau
 from fastserve_jax.slo import summarize
@@ -71,6 +71,13 @@ class SimConfig:
     prediction_seed: int = 0
 
     def __post_init__(self) -> None:
+        check_positive_ints(self, ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_iterations"))
+        for name in ("kv_capacity_tokens", "host_kv_capacity_tokens", "swap_reserve_blocks"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        if self.swap_policy not in SWAP_POLICIES:
+            raise ValueError(f"unknown swap_policy {self.swap_policy!r}; choose one of {list(SWAP_POLICIES)}")
         s, t = self.prediction_sigma, self.prediction_tau
         if s is not None and t is not None:
             raise ValueError("give prediction_sigma or prediction_tau, not both")
@@ -94,6 +101,9 @@ class SimConfig:
         if tokens <= 0:
             raise ValueError(f"cost model {cost.name!r} does not say how many KV tokens the device holds; "
                              "give kv_capacity_tokens (--kv-capacity-tokens)")
+        if tokens < self.block_size:
+            raise ValueError(f"a device KV of {tokens} tokens holds no block of {self.block_size} tokens; give "
+                             f"kv_capacity_tokens (--kv-capacity-tokens) >= block_size")
         return tokens // self.block_size + 1          # + the null block
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import json
+import os
 
 import pytest
 from hypothesis import given, settings
@@ -210,3 +211,24 @@ def test_shipped_trace_loads_if_present():
         pytest.skip("../shared/traces is not beside this checkout")
     tr, timed = load_trace(path, 100)
     assert timed and len(tr) == 100 and tr[0].arrival == 0.0
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    (dict(max_num_seqs=0), "max_num_seqs must be a positive integer"),
+    (dict(block_size=0), "block_size must be a positive integer"),
+    (dict(host_kv_capacity_tokens=-3), "host_kv_capacity_tokens must be an integer >= 0"),
+    (dict(swap_policy="sometimes"), "unknown swap_policy"),
+])
+def test_sim_config_refuses_bad_settings_by_name(kwargs, says):
+    with pytest.raises(ValueError, match=says):
+        SimConfig(**kwargs)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--kv-capacity-tokens", "5"], "error: a device KV of 5 tokens holds no block of 16 tokens"),
+    (["--max-num-seqs", "0"], "error: max_num_seqs must be a positive integer"),
+])
+def test_simulate_refuses_bad_settings_before_the_run(flags, says, small_trace, capsys):
+    """They used to fail inside the run: a traceback from the KV manager, a ZeroDivisionError."""
+    assert main(["simulate", "--trace", small_trace, "--load", "0.5", "--json", os.devnull, *flags]) == 2
+    assert says in capsys.readouterr().err
