@@ -143,7 +143,10 @@ class EngineLoop:
             self._refuse_pending(receive)
             return
         except Exception as e:  # a broken model or config: reported on /health and in the log
-            log.exception("engine start failed")
+            if isinstance(e, ValueError):    # a setting refused by name: the message says what to change
+                log.error("engine start failed: %s", e)
+            else:
+                log.exception("engine start failed")
             self.emit(("failed", f"{type(e).__name__}: {e}"))
             self._refuse_pending(receive)
             return
