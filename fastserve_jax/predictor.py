@@ -39,7 +39,6 @@ close and every 10 rounds, so a restart does not start cold.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import logging
 import os
 import threading
@@ -53,6 +52,7 @@ import optax
 
 from fastserve_jax.length_prediction import (BIN_EDGES, NUM_BINS, LengthPrediction, calibration, kendall_tau,
                                              length_to_bin)
+from fastserve_jax.runner.persistent_cache import beside_cache
 
 log = logging.getLogger(__name__)
 _FORMAT = 2
@@ -390,10 +390,4 @@ class LengthPredictor:
 def default_path(model_cfg, dtype: str) -> str | None:
     """Where the predictor of this model is kept: $FASTSERVE_JAX_PREDICTOR_DIR, else beside the
     compilation cache; None (not kept) when neither is set or the variable says "off"."""
-    root = os.environ.get("FASTSERVE_JAX_PREDICTOR_DIR")
-    if root is None and jax.config.jax_compilation_cache_dir:
-        root = os.path.join(os.path.dirname(os.path.abspath(jax.config.jax_compilation_cache_dir)), "predictor")
-    if not root or root == "off":
-        return None
-    key = hashlib.sha256(f"{model_cfg!r}/{dtype}/{_FORMAT}".encode()).hexdigest()[:24]
-    return os.path.join(root, f"{key}.npz")
+    return beside_cache("predictor", "FASTSERVE_JAX_PREDICTOR_DIR", f"{model_cfg!r}/{dtype}/{_FORMAT}", ".npz")

@@ -45,6 +45,9 @@ if _OWN_CACHE:
 _session_cache = os.environ["FASTSERVE_TEST_CACHE_ROOT"]
 os.environ.setdefault("FASTSERVE_JAX_CACHE", os.path.join(_session_cache, "params"))
 os.environ.setdefault("FASTSERVE_JAX_COMPILE_CACHE", os.path.join(_session_cache, "xla"))
+# Engines start with no learned output lengths (gittins, predictive) whatever ran before them;
+# a test of that persistence points this at its own directory.
+os.environ.setdefault("FASTSERVE_JAX_LENGTHS_DIR", "off")
 
 import pytest  # noqa: E402
 

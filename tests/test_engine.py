@@ -163,3 +163,30 @@ def test_every_policy_gives_identical_greedy_outputs(llm, policy):
         assert [o.token_ids for o in llm.generate(prompts, params)] == want
     finally:
         llm.engine.set_scheduler("skip-join-mlfq")
+
+
+def test_learned_output_lengths_outlive_the_policy_and_a_torn_file_starts_cold(llm, tmp_path, monkeypatch, caplog):
+    """gittins' window of finished lengths is saved when the engine closes or switches policy,
+    and the next gittins (or predictive) of this model starts from it instead of cold."""
+    monkeypatch.setenv("FASTSERVE_JAX_LENGTHS_DIR", str(tmp_path))
+    eng = llm.engine
+    prompts = random_prompts(6, 1, 40, seed=5)
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (3, 5, 8, 13, 21, 34)]
+    try:
+        eng.set_scheduler("gittins")
+        assert not eng.scheduler.pooled
+        llm.generate(prompts, params)
+        assert sorted(eng.scheduler.pooled) == [3, 5, 8, 13, 21, 34]
+        eng.close()                                            # serve's shutdown
+        (path,) = tmp_path.glob("*.json")
+        eng.set_scheduler("gittins")
+        assert sorted(eng.scheduler.pooled) == [3, 5, 8, 13, 21, 34]
+        llm.generate(prompts[:1], params[:1])
+        eng.set_scheduler("predictive")                        # switching saves, the next one restores
+        assert sorted(eng.scheduler.pooled) == [3, 3, 5, 8, 13, 21, 34]
+        eng.set_scheduler("fcfs")
+        path.write_text('{"edges": [], "history": [[1, 2]')    # torn
+        eng.set_scheduler("gittins")
+        assert not eng.scheduler.pooled and "ignoring the learned output lengths" in caplog.text
+    finally:
+        eng.set_scheduler("skip-join-mlfq")

@@ -396,3 +396,15 @@ def test_scheduler_code_never_imports_jax():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n == "jax" or n.startswith("jax.") for n in names), f"{f.name} imports jax"
+
+
+def test_learned_lengths_restore_only_into_the_same_buckets():
+    cfg = SchedulerConfig(gittins_min_samples=2, gittins_bucket_edges=(20,))
+    sched, _ = make("gittins", seqs=2, cfg=cfg)
+    state = {"edges": [20], "history": [[3, 4], [50]], "pooled": [3, 4, 50]}
+    sched.restore_lengths(state)
+    assert sched.learned_lengths() == state and sched.ready()
+    other, _ = make("gittins", seqs=2, cfg=SchedulerConfig(gittins_bucket_edges=(30,)))
+    for bad in (state, dict(state, pooled=[0]), dict(state, history=[[3], "x"]), {"edges": []}):
+        with pytest.raises(ValueError):
+            (other if bad is state else sched).restore_lengths(bad)

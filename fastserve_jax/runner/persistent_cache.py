@@ -7,6 +7,7 @@ $XDG_CACHE_HOME/fastserve_jax/xla (default ~/.cache/fastserve_jax/xla). "off" di
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import jax
@@ -26,3 +27,16 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return path
+
+
+def beside_cache(kind: str, env: str, key: str, suffix: str) -> str | None:
+    """Where the engine keeps state of `kind` it learned while serving (the length predictor,
+    the learned output lengths): $`env`, else a `kind` directory beside the compilation cache;
+    None (not kept) when neither is set or the variable says "off". The file is named by a
+    hash of `key` (what the state is valid for)."""
+    root = os.environ.get(env)
+    if root is None and jax.config.jax_compilation_cache_dir:
+        root = os.path.join(os.path.dirname(os.path.abspath(jax.config.jax_compilation_cache_dir)), kind)
+    if not root or root == "off":
+        return None
+    return os.path.join(root, hashlib.sha256(key.encode()).hexdigest()[:24] + suffix)

@@ -63,6 +63,25 @@ class LearnedLengthPolicy(IndexPolicy):
                 out[self.bucket(req)].append(len(req.output_token_ids))
         return out
 
+    def learned_lengths(self) -> dict:
+        """What a restart keeps (the engine saves it beside its caches): the finished lengths
+        in the windows, per prompt-length bucket and pooled, and the bucket edges they go with."""
+        return {"edges": list(self.edges), "history": [list(h) for h in self.history], "pooled": list(self.pooled)}
+
+    def restore_lengths(self, state: dict) -> None:
+        """Start from the lengths a previous run learned (ValueError if they do not fit: other
+        bucket edges, or not lengths); the windows then slide on as usual."""
+        history, pooled = state.get("history"), state.get("pooled")
+        if list(state.get("edges", ())) != list(self.edges) or not isinstance(history, list) \
+                or len(history) != len(self.history) or not isinstance(pooled, list):
+            raise ValueError("learned lengths for other prompt-length buckets")
+        for xs in (*history, pooled):
+            if not isinstance(xs, list) or not all(isinstance(x, int) and x >= 1 for x in xs):
+                raise ValueError("learned lengths must be integers >= 1")
+        for h, xs in zip(self.history, history):
+            h.extend(xs)
+        self.pooled.extend(pooled)
+
     def ready(self) -> bool:
         """Enough learned to leave skip-join MLFQ."""
         return len(self.pooled) >= self.config.gittins_min_samples
