@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import os
 import time
 from collections import deque
@@ -18,6 +17,7 @@ from typing import Callable
 
 import jax
 
+from fastserve_jax import policy_state
 from fastserve_jax.admission import validate_request
 from fastserve_jax.config import EngineConfig, SamplingParams, SchedulerConfig
 from fastserve_jax.cost_model import CostModel
@@ -28,17 +28,13 @@ from fastserve_jax.kv_plan import Copies, apply_ahead, apply_plan
 from fastserve_jax.request import Request, RequestOutput, RequestStatus, TokenLogprobs
 from fastserve_jax.runner import ModelRunner
 from fastserve_jax.runner.compiler import resolve_warmup
-from fastserve_jax.runner.persistent_cache import beside_cache
 from fastserve_jax.runner.swap_ops import moves_of
 from fastserve_jax.scheduler import POLICIES, Limits, make_scheduler
 from fastserve_jax.scheduler.base import Plan
-from fastserve_jax.scheduler.learned import LearnedLengthPolicy
 from fastserve_jax.stats import EngineStats, snapshot
 from fastserve_jax.swap_policy import SwapPolicy
 from fastserve_jax.sharding.layout import ModelLayout
 from fastserve_jax.sharding.mesh import ParallelConfig
-
-log = logging.getLogger(__name__)
 
 
 def _eos_ids(path: str, model_cfg, tokenizer) -> frozenset[int]:
@@ -134,25 +130,19 @@ class LLMEngine:
     def set_scheduler(self, name: str, config: SchedulerConfig | None = None) -> None:
         """Switch the policy (only while idle). Policies that need a cost model get the
         engine's own, profiled on first use and cached on disk, unless cfg.cost_model names one.
-        Policies that learn output lengths (gittins, predictive) start from what the last one
-        learned for this model, kept beside the caches (`_save_lengths`)."""
+        What a policy learns is kept across switches and restarts (policy_state.py)."""
         if self.has_unfinished():
             raise RuntimeError("switch schedulers only while the engine is idle")
         if POLICIES.get(name) is None:
             raise ValueError(f"unknown scheduler {name!r}; choose one of {sorted(POLICIES)}")
-        self._save_lengths()
+        policy_state.save_lengths(self)
         if self.cost_model is None and POLICIES[name].needs_cost_model:   # provisional in a background warm-up
             self.cost_model = (CostModel.load(self.cfg.cost_model) if self.cfg.cost_model
                                else profile_engine(self, provisional=self.runner.shapes_pending()))
         self._scheduler_config = config
         self.scheduler = make_scheduler(name, Limits(self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens),
                                         self.kv, self.policy_config(), self.cost_model)
-        self._restore_lengths()
-        if (name == "predictive") != (self.predictor is not None):     # the policy's length predictor
-            from fastserve_jax.predictor import EXTRA, LengthPredictor, default_path
-            self.predictor = (LengthPredictor(2 * self.model_cfg.hidden_size + EXTRA, warm=True,
-                                              path=default_path(self.model_cfg, self.cfg.dtype))
-                              if name == "predictive" else self.predictor.close())
+        policy_state.attach(self, name)
 
     def policy_config(self) -> SchedulerConfig:
         """set_scheduler's config, else the default with one decode step as the base quantum."""
@@ -209,39 +199,8 @@ class LLMEngine:
             self._finish(req, "abort", time.monotonic())
 
     def close(self) -> None:
-        """Save what the engine learned (the length predictor's state, the output lengths its
-        policy learned); it may still serve."""
-        if self.predictor is not None:
-            self.predictor.save()
-        self._save_lengths()
-
-    # -- learned output lengths across restarts ----------------------------------------------
-    def _lengths_path(self) -> str | None:
-        """A file per model and dtype: the lengths a model writes depend on it, not on the policy."""
-        return beside_cache("lengths", "FASTSERVE_JAX_LENGTHS_DIR", f"{self.model_cfg!r}/{self.cfg.dtype}/1", ".json")
-
-    def _save_lengths(self) -> None:
-        sched, path = getattr(self, "scheduler", None), self._lengths_path()
-        if not isinstance(sched, LearnedLengthPolicy) or path is None or not sched.pooled:
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(sched.learned_lengths(), f)
-        os.replace(tmp, path)
-
-    def _restore_lengths(self) -> None:
-        path = self._lengths_path()
-        if not isinstance(self.scheduler, LearnedLengthPolicy) or path is None or not os.path.exists(path):
-            return
-        try:
-            with open(path) as f:
-                self.scheduler.restore_lengths(json.load(f))
-        except (OSError, ValueError, AttributeError, TypeError) as e:   # torn, foreign or other buckets: start cold
-            log.warning("ignoring the learned output lengths in %s: %s", path, e)
-            return
-        log.info("%s starts from %d output lengths learned before (%s)", self.scheduler.name,
-                 len(self.scheduler.pooled), path)
+        """Save what the engine learned (policy_state.py); it may still serve."""
+        policy_state.save(self)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)

@@ -1,0 +1,67 @@
+"""What the scheduling policy learns while serving, kept across restarts.
+
+- The output lengths that gittins and predictive learn (scheduler/learned.py): their window
+  of finished lengths is written when the engine closes (serve's shutdown) or switches
+  policy, and the next learned policy of the same model and dtype starts from it instead of
+  cold. One JSON file per model and dtype in `<cache>/lengths/`, or $FASTSERVE_JAX_LENGTHS_DIR
+  ("off" keeps nothing). A torn or foreign file is ignored with a warning. The window slides
+  on as usual, so traffic that changes is relearned within `gittins_window` finishes.
+- predictive's length predictor (predictor.py), which keeps its own state.
+
+Given the length distribution before a burst, gittins meets its mean-JCT target in every
+burst of scripts/repro_fastserve.py's grid; learned during the burst it does not on chat-like
+lengths (docs/scheduling.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from fastserve_jax.runner.persistent_cache import beside_cache
+from fastserve_jax.scheduler.learned import LearnedLengthPolicy
+
+log = logging.getLogger(__name__)
+
+
+def lengths_path(engine) -> str | None:
+    """A file per model and dtype: the lengths a model writes depend on it, not on the policy."""
+    return beside_cache("lengths", "FASTSERVE_JAX_LENGTHS_DIR", f"{engine.model_cfg!r}/{engine.cfg.dtype}/1", ".json")
+
+
+def save_lengths(engine) -> None:
+    """Write the engine's learned lengths, if its policy learns them and has seen any."""
+    sched, path = getattr(engine, "scheduler", None), lengths_path(engine)
+    if not isinstance(sched, LearnedLengthPolicy) or path is None or not sched.pooled:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(sched.learned_lengths(), f)
+    os.replace(tmp, path)
+
+
+def attach(engine, name: str) -> None:
+    """After set_scheduler made `engine.scheduler` (policy `name`): restore learned lengths, and
+    make or close predictive's length predictor."""
+    path = lengths_path(engine)
+    if isinstance(engine.scheduler, LearnedLengthPolicy) and path is not None and os.path.exists(path):
+        try:
+            with open(path) as f:
+                engine.scheduler.restore_lengths(json.load(f))
+            log.info("%s starts from %d output lengths learned before (%s)", name, len(engine.scheduler.pooled), path)
+        except (OSError, ValueError, AttributeError, TypeError) as e:   # torn, foreign, other buckets: start cold
+            log.warning("ignoring the learned output lengths in %s: %s", path, e)
+    if (name == "predictive") != (engine.predictor is not None):
+        from fastserve_jax.predictor import EXTRA, LengthPredictor, default_path
+        engine.predictor = (LengthPredictor(2 * engine.model_cfg.hidden_size + EXTRA, warm=True,
+                                            path=default_path(engine.model_cfg, engine.cfg.dtype))
+                            if name == "predictive" else engine.predictor.close())
+
+
+def save(engine) -> None:
+    """Everything above (LLMEngine.close)."""
+    if engine.predictor is not None:
+        engine.predictor.save()
+    save_lengths(engine)
