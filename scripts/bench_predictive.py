@@ -133,6 +133,7 @@ def main() -> int:
     cold = tempfile.mkdtemp(prefix="fsj-predictor-")   # start cold, and leave nothing behind
     atexit.register(shutil.rmtree, cold, True)
     os.environ["FASTSERVE_JAX_PREDICTOR_DIR"] = cold
+    os.environ["FASTSERVE_JAX_LENGTHS_DIR"] = os.path.join(cold, "lengths")   # learned lengths too (policy_state.py)
     argv = ["--max-num-seqs", str(a.max_num_seqs), "--max-num-batched-tokens", "512", "--warmup", "full",
             "--max-pending", "8192"]                     # the burst's backlog must not be turned away
     rng = np.random.default_rng(a.seed)

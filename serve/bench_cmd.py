@@ -210,9 +210,13 @@ class LaunchedServer:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(os.path.join(tempfile.gettempdir(), f"fastserve-bench-{scheduler}-{self.port}.log"), "w")
+        # each server learns its output lengths afresh (policy_state.py), so servers of one
+        # policy compare alike and the user's cache is left as it was; unless the caller says
+        env = dict(os.environ)
+        env.setdefault("FASTSERVE_JAX_LENGTHS_DIR", "off")
         self.proc = subprocess.Popen([sys.executable, "-m", "fastserve_jax", "serve", "--port", str(self.port),
                                       "--scheduler", scheduler, "--log-level", "warning", *engine_argv],
-                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 900.0) -> None:
         deadline = time.monotonic() + timeout
