@@ -38,3 +38,65 @@ def test_second_start_loads_every_executable_from_the_cache(tmp_path):
     assert 0 < n2 <= n and hits2 == asked2 == n2, second.stderr[-2000:]
     status = [ln for ln in second.stderr.splitlines() if ln.startswith("load ")]
     assert status and "first token" in status[0]
+
+
+_TINY_JIT = """
+import sys
+from jax._src import monitoring
+from fastserve_jax.runner.persistent_cache import enable_compilation_cache
+events = []
+monitoring.register_event_listener(lambda e, **k: events.append(e))
+enable_compilation_cache(sys.argv[1])
+import jax, jax.numpy as jnp
+jax.jit(lambda x: jnp.sin(x) @ x.T + 3)(jnp.ones((8, 8))).block_until_ready()
+print("misses", events.count("/jax/compilation_cache/cache_misses"))
+"""
+
+
+def _tiny_start(cache: str) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-c", _TINY_JIT, cache], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p
+
+
+def _age(path: str, seconds: float) -> None:
+    for name in os.listdir(path):
+        t = os.path.getmtime(os.path.join(path, name)) - seconds
+        os.utime(os.path.join(path, name), (t, t))
+
+
+def test_an_entry_cut_short_compiles_again_once_not_at_every_start(tmp_path):
+    """jax never replaces an existing entry, so one cut short (the process killed while
+    writing it) used to fail to load and compile again at every start."""
+    cache = str(tmp_path / "xla")
+    assert "misses 0" not in _tiny_start(cache).stdout
+    assert "misses 0" in _tiny_start(cache).stdout
+    entry = max((n for n in os.listdir(cache) if n.endswith("-cache")), key=lambda n: os.path.getsize(os.path.join(cache, n)))
+    with open(os.path.join(cache, entry), "r+b") as f:
+        f.truncate(os.path.getsize(f.name) // 2)
+    _age(cache, 600)
+    third = _tiny_start(cache)
+    assert "misses 1" in third.stdout and "removed 1 damaged compilation cache entry" in third.stderr, third.stderr
+    assert "Error reading persistent compilation cache entry" not in third.stderr
+    _age(cache, 600)
+    fourth = _tiny_start(cache)
+    assert "misses 0" in fourth.stdout and "damaged" not in fourth.stderr, fourth.stderr
+
+
+def test_damaged_entries_are_judged_once_and_young_ones_are_left(tmp_path, monkeypatch):
+    from jax._src.compilation_cache import compress_executable
+
+    from fastserve_jax.runner import persistent_cache as pc
+    whole = compress_executable(os.urandom(4096) * 4)
+    for name, data in (("whole-cache", whole), ("cut-cache", whole[: len(whole) // 2]),
+                       ("young-cut-cache", whole[:100]), ("other-file", b"x")):
+        (tmp_path / name).write_bytes(data)
+    _age(str(tmp_path), 600)
+    os.utime(tmp_path / "young-cut-cache")                      # written just now: maybe still being written
+    assert pc.drop_damaged_entries(str(tmp_path)) == ["cut-cache"]
+    assert sorted(os.listdir(tmp_path)) == [pc.MANIFEST, "other-file", "whole-cache", "young-cut-cache"]
+    reads = []
+    monkeypatch.setattr(pc, "_loader", lambda: lambda b: reads.append(len(b)))
+    assert pc.drop_damaged_entries(str(tmp_path)) == [] and reads == []   # the whole one is not read again
+    assert pc.drop_damaged_entries(str(tmp_path), now=os.path.getmtime(tmp_path / "young-cut-cache") + 600) == []
+    assert reads == [100]                                       # the young one, once settled (the fake finds it whole)

@@ -3,14 +3,29 @@
 A second start reads compiled executables from disk instead of compiling them again.
 Order of precedence: the explicit argument, $FASTSERVE_JAX_COMPILE_CACHE, then
 $XDG_CACHE_HOME/fastserve_jax/xla (default ~/.cache/fastserve_jax/xla). "off" disables it.
+
+JAX writes an entry in place and never replaces one that exists, so an entry cut short
+(the process killed while writing it) would fail to load, with a warning, and be compiled
+again at every start. `drop_damaged_entries` removes such entries when the cache is
+enabled; each entry is read once, and a manifest in the directory remembers the ones found
+whole.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
+import time
 
 import jax
+
+log = logging.getLogger(__name__)
+
+ENTRY_SUFFIX = "-cache"                 # what jax's file cache names its entries
+MANIFEST = "fastserve-checked.json"     # entries found whole: name -> [size, mtime_ns]
+SETTLE_SECONDS = 120.0                  # younger entries may still be being written: not judged yet
 
 
 def default_cache_root() -> str:
@@ -23,10 +38,78 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     if path == "off":
         return None
     os.makedirs(path, exist_ok=True)
+    drop_damaged_entries(path)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return path
+
+
+def _loader():
+    """jax's own decompression of a cache entry (a private function: None where this jax
+    version lacks it, and then no entry is judged)."""
+    try:
+        from jax._src.compilation_cache import decompress_executable
+    except ImportError:
+        return None
+    return decompress_executable
+
+
+def drop_damaged_entries(path: str, now: float | None = None) -> list[str]:
+    """Delete the entries under `path` that do not decompress (cut short), and return their
+    names. Entries already found whole (same size and mtime in the manifest) are not read
+    again; entries written in the last SETTLE_SECONDS are left for a later start."""
+    load = _loader()
+    if load is None:
+        return []
+    now = time.time() if now is None else now
+    manifest_path = os.path.join(path, MANIFEST)
+    try:
+        with open(manifest_path) as f:
+            known = json.load(f)
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    whole: dict[str, list[int]] = {}
+    dropped: list[str] = []
+    with os.scandir(path) as entries:
+        for e in entries:
+            if not e.name.endswith(ENTRY_SUFFIX) or not e.is_file():
+                continue
+            st = e.stat()
+            stamp = [st.st_size, st.st_mtime_ns]
+            if known.get(e.name) == stamp:
+                whole[e.name] = stamp
+                continue
+            if now - st.st_mtime < SETTLE_SECONDS:
+                continue
+            try:
+                with open(e.path, "rb") as f:
+                    load(f.read())
+            except OSError:
+                continue
+            except Exception:      # jax's decompressor raises its library's own errors
+                try:
+                    os.unlink(e.path)
+                except OSError:
+                    continue
+                dropped.append(e.name)
+                continue
+            whole[e.name] = stamp
+    if dropped:
+        log.warning("removed %d damaged compilation cache entr%s from %s (cut short when written; they "
+                    "compile again once): %s", len(dropped), "y" if len(dropped) == 1 else "ies", path,
+                    ", ".join(dropped))
+    if whole != known:
+        tmp = f"{manifest_path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(whole, f)
+            os.replace(tmp, manifest_path)
+        except OSError:
+            pass
+    return dropped
 
 
 def beside_cache(kind: str, env: str, key: str, suffix: str) -> str | None:
