@@ -104,6 +104,9 @@ class SchedulerConfig:
       `gittins_min_samples` requests have finished. Refreshing every 10 finishes rather
       than 50 lets the estimate follow the running requests as they age: in a 1.5x burst
       on the Azure trace, mean JCT 40.6 s against 49.2 s (fcfs: 37.7 s).
+    - protect_decodes: skip-join MLFQ stops demoting a decoding request while the learned
+      lengths say it is worth more per token than a fresh one (scheduler/mlfq.py's
+      SkipJoinMLFQScheduler; False: the paper's policy as published).
     - predictive_*: the predictive policy (scheduler/predictive.py; the measurements behind
       each default are in docs/scheduling.md, "Predicted output lengths").
       predictive_objective: what its Gittins index minimises, "latency_per_token" (mean of
@@ -134,6 +137,8 @@ class SchedulerConfig:
     predictive_max_paused: int = 256
     predictive_objective: str = "latency_per_token"
     predictive_starvation_threshold: float = 20.0
+    protect_decodes: bool = True
+    protect_min_samples: int = 16
 
     def __post_init__(self) -> None:
         if not (isinstance(self.base_quantum, (int, float)) and self.base_quantum > 0):
@@ -144,10 +149,13 @@ class SchedulerConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0 seconds (0 disables it), got {v!r}")
-        for name in ("num_queues", "gittins_window", "gittins_min_samples", "gittins_refresh"):
+        for name in ("num_queues", "gittins_window", "gittins_min_samples", "gittins_refresh",
+                     "protect_min_samples"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.protect_decodes, bool):
+            raise ValueError(f"protect_decodes must be true or false, got {self.protect_decodes!r}")
         v = self.predictive_max_paused
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"predictive_max_paused must be an integer >= 0 (started requests that may wait "

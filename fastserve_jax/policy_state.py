@@ -1,9 +1,9 @@
 """What the scheduling policy learns while serving, kept across restarts.
 
-- The output lengths that gittins and predictive learn (scheduler/learned.py): their window
-  of finished lengths is written when the engine closes (serve's shutdown) or switches
-  policy, and the next learned policy of the same model and dtype starts from it instead of
-  cold. One JSON file per model and dtype in `<cache>/lengths/`, or $FASTSERVE_JAX_LENGTHS_DIR
+- The output lengths that gittins and predictive learn (scheduler/learned.py), and that
+  skip-join MLFQ learns to protect decodes (scheduler/mlfq.py): the window of finished
+  lengths is written when the engine closes (serve's shutdown) or switches policy, and the
+  next of these policies on the same model and dtype starts from it instead of cold. One JSON file per model and dtype in `<cache>/lengths/`, or $FASTSERVE_JAX_LENGTHS_DIR
   ("off" keeps nothing). A torn or foreign file is ignored with a warning. The window slides
   on as usual, so traffic that changes is relearned within `gittins_window` finishes.
 - predictive's length predictor (predictor.py), which keeps its own state.
@@ -20,7 +20,6 @@ import logging
 import os
 
 from fastserve_jax.runner.persistent_cache import beside_cache
-from fastserve_jax.scheduler.learned import LearnedLengthPolicy
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +32,15 @@ def lengths_path(engine) -> str | None:
 def save_lengths(engine) -> None:
     """Write the engine's learned lengths, if its policy learns them and has seen any."""
     sched, path = getattr(engine, "scheduler", None), lengths_path(engine)
-    if not isinstance(sched, LearnedLengthPolicy) or path is None or not sched.pooled:
+    if not hasattr(sched, "learned_lengths") or path is None:
+        return
+    state = sched.learned_lengths()
+    if not state["pooled"]:
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump(sched.learned_lengths(), f)
+        json.dump(state, f)
     os.replace(tmp, path)
 
 
@@ -46,11 +48,12 @@ def attach(engine, name: str) -> None:
     """After set_scheduler made `engine.scheduler` (policy `name`): restore learned lengths, and
     make or close predictive's length predictor."""
     path = lengths_path(engine)
-    if isinstance(engine.scheduler, LearnedLengthPolicy) and path is not None and os.path.exists(path):
+    if hasattr(engine.scheduler, "restore_lengths") and path is not None and os.path.exists(path):
         try:
             with open(path) as f:
-                engine.scheduler.restore_lengths(json.load(f))
-            log.info("%s starts from %d output lengths learned before (%s)", name, len(engine.scheduler.pooled), path)
+                state = json.load(f)
+            engine.scheduler.restore_lengths(state)
+            log.info("%s starts from %d output lengths learned before (%s)", name, len(state["pooled"]), path)
         except (OSError, ValueError, AttributeError, TypeError) as e:   # torn, foreign, other buckets: start cold
             log.warning("ignoring the learned output lengths in %s: %s", path, e)
     if (name == "predictive") != (engine.predictor is not None):

@@ -60,6 +60,10 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--base-quantum", type=float, default=None, help="seconds (SchedulerConfig.base_quantum)")
     p.add_argument("--quantum-ratio", type=float, default=None)
     p.add_argument("--starvation-threshold", type=float, default=None, help="seconds; 0 disables promotion")
+    p.add_argument("--no-protect-decodes", dest="protect_decodes", action="store_false",
+                   help="skip-join-mlfq as the paper has it: demote decoding requests even where the learned "
+                        "output lengths say they are worth more per token than a fresh one "
+                        "(SchedulerConfig.protect_decodes)")
     pred = p.add_mutually_exclusive_group()
     pred.add_argument("--prediction-sigma", type=_sigma, metavar="SIGMA",
                       help="simulate output-length predictions: log-normal noise of this sigma on the true length "
@@ -165,6 +169,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         trace, timed = load_trace(a.trace, a.num_requests)
         knobs = {k: v for k, v in (("base_quantum", a.base_quantum), ("quantum_ratio", a.quantum_ratio),
                                    ("starvation_threshold", a.starvation_threshold)) if v is not None}
+        knobs["protect_decodes"] = a.protect_decodes
         if "predictive" in (a.policy or ()) and a.prediction_sigma is None and a.prediction_tau is None:
             raise ValueError("--policy predictive ranks by predicted output lengths: give --prediction-tau "
                              "(e.g. 0.55, like learned predictors) or --prediction-sigma (e.g. 0.8)")

@@ -167,7 +167,7 @@ def test_every_policy_gives_identical_greedy_outputs(llm, policy):
 
 def test_learned_output_lengths_outlive_the_policy_and_a_torn_file_starts_cold(llm, tmp_path, monkeypatch, caplog):
     """gittins' window of finished lengths is saved when the engine closes or switches policy,
-    and the next gittins (or predictive) of this model starts from it instead of cold."""
+    and the next gittins (or predictive, or skip-join) of this model starts from it instead of cold."""
     monkeypatch.setenv("FASTSERVE_JAX_LENGTHS_DIR", str(tmp_path))
     eng = llm.engine
     prompts = random_prompts(6, 1, 40, seed=5)
@@ -184,6 +184,8 @@ def test_learned_output_lengths_outlive_the_policy_and_a_torn_file_starts_cold(l
         llm.generate(prompts[:1], params[:1])
         eng.set_scheduler("predictive")                        # switching saves, the next one restores
         assert sorted(eng.scheduler.pooled) == [3, 3, 5, 8, 13, 21, 34]
+        eng.set_scheduler("skip-join-mlfq")                    # the default learns them too (to protect decodes)
+        assert sorted(eng.scheduler.learned_lengths()["pooled"]) == [3, 3, 5, 8, 13, 21, 34]
         eng.set_scheduler("fcfs")
         path.write_text('{"edges": [], "history": [[1, 2]')    # torn
         eng.set_scheduler("gittins")

@@ -367,6 +367,67 @@ def test_gittins_runs_old_jobs_first_when_lengths_are_deterministic():
     assert run(sched, kv)[0] == [("old", 1)]
 
 
+def _learned_skip_join(protect: bool, seqs: int = 1):
+    """skip-join that has seen two requests of 5 tokens finish (prompts of 50: 10 ms of
+    prefill, one decode iteration)."""
+    cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=0, protect_decodes=protect,
+                          protect_min_samples=2)
+    sched, kv = make(seqs=seqs, cfg=cfg)
+    for i in range(2):
+        sched.add(req(f"done{i}", 50, 0.0, 5))
+    while len(sched):
+        run(sched, kv)
+    return sched, kv
+
+
+def test_skip_join_protects_a_decode_worth_more_per_token_than_a_fresh_request():
+    """Lengths alike (all 5): a started request is nearly done, so a newer one does not
+    demote it out of the batch; without protection (the paper's policy) it is demoted after
+    its first quantum and the newcomer runs."""
+    order = {}
+    for protect in (True, False):
+        sched, kv = _learned_skip_join(protect)
+        sched.add(req("a", 50, 1.0, 5))
+        sched.add(req("b", 50, 1.1, 5))
+        order[protect] = [run(sched, kv)[0][0][0] for _ in range(6)]
+        assert (sched._table is not None) == protect
+    assert order[True] == ["a"] * 5 + ["b"]
+    assert order[False][:3] == ["a", "a", "b"]
+
+
+def test_skip_join_puts_a_prefilled_request_back_ahead_of_newer_ones():
+    """A prefill iteration longer than the quantum demotes its request; once protection is on,
+    the request goes back to the queue it joined, ahead of the requests that came after it."""
+    sched, kv = _learned_skip_join(True)
+    a, b = req("a", 50, 1.0, 5), req("b", 50, 1.1, 5)
+    sched.add(a)
+    sched.add(b)
+    run(sched, kv, duration=0.05)                      # a's prefill: 50 ms > q0
+    assert levels(sched)[0] == ["a", "b"]
+    plain, kv2 = _learned_skip_join(False)
+    plain.add(req("a", 50, 1.0, 5))
+    plain.add(req("b", 50, 1.1, 5))
+    run(plain, kv2, duration=0.05)
+    assert levels(plain)[:2] == [["b"], ["a"]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 80), min_size=1, max_size=60))
+def test_per_token_gittins_table_equals_the_definition(lengths):
+    """Latency per token: each job's cost rate is 1 / its length, so the numerator is
+    E[1{a < X <= b} / X]."""
+    m, n = max(lengths), len(lengths)
+    F = [sum(x <= b for x in lengths) / n for b in range(m + 1)]
+    W = [sum(1 / x for x in lengths if x <= b) / n for b in range(m + 1)]
+    S = [sum(min(x, b) for x in lengths) / n for b in range(m + 1)]
+    table = GittinsTable(lengths, per_token=True)
+    for a in range(m):
+        want = max((W[b] - W[a]) / (S[b] - S[a]) for b in range(a + 1, m + 1))
+        assert table.index(a) == pytest.approx(want, rel=1e-9)
+        want_p = max((W[b] - W[a]) / (2.5 * (1 - F[a]) + S[b] - S[a]) for b in range(a + 1, m + 1))
+        assert table.index(a, 2.5) == pytest.approx(want_p, rel=1e-9)
+
+
 def test_srpt_runs_the_shortest_remaining_first():
     sched, kv = make("srpt", seqs=1)
     long, short = req("long", 4, 0.0, 30), req("short", 4, 0.1, 3)
@@ -408,3 +469,17 @@ def test_learned_lengths_restore_only_into_the_same_buckets():
     for bad in (state, dict(state, pooled=[0]), dict(state, history=[[3], "x"]), {"edges": []}):
         with pytest.raises(ValueError):
             (other if bad is state else sched).restore_lengths(bad)
+
+
+def test_skip_join_keeps_its_lengths_in_the_format_gittins_reads():
+    sched, _ = make(cfg=SchedulerConfig(protect_min_samples=2))
+    sched.restore_lengths({"edges": [], "history": [[3, 4]], "pooled": [3, 4]})
+    state = sched.learned_lengths()
+    assert state == {"edges": [], "history": [[3, 4]], "pooled": [3, 4]}
+    g, _ = make("gittins")
+    g.restore_lengths(state)
+    assert list(g.pooled) == [3, 4]
+    for bad in ({"pooled": [0]}, {"pooled": "x"}, {}, {"pooled": [True]}):
+        with pytest.raises(ValueError):
+            sched.restore_lengths(bad)
+    assert sched.schedule(0.0).scheduled == [] and sched._table is None    # nothing to rank yet: no table

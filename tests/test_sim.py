@@ -16,8 +16,8 @@ from fastserve_jax.config import SchedulerConfig
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.scheduler import POLICIES
 from fastserve_jax.sim import SimConfig, simulate
-from fastserve_jax.workload import TraceRequest, capacity_rps, heavy_tailed_trace, load_trace, save_trace, \
-    with_arrivals
+from fastserve_jax.workload import TraceRequest, capacity_rps, code_completion_trace, heavy_tailed_trace, load_trace, \
+    save_trace, with_arrivals
 from fastserve_jax.serve.cli import main
 
 # 1 s per decode iteration at any batch; prefill 1 s up to 100 tokens, then 1 s per 100 tokens
@@ -191,6 +191,21 @@ def test_simulate_cli_keeps_trace_timing_and_sweeps_with_a_plot(small_trace, tmp
     res = json.loads(out.read_text())
     assert [m["rate"] for m in res["srpt"]] == [0.5, 1.0]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_cli_runs_the_papers_skip_join_on_request(tmp_path):
+    """--no-protect-decodes: skip-join as published, which demotes started requests below new
+    ones even where lengths are alike (code completion near capacity: about 1.25x the latency
+    per token)."""
+    path = tmp_path / "code.csv"
+    save_trace(str(path), code_completion_trace(400))
+    lpt = {}
+    for flags in ((), ("--no-protect-decodes",)):
+        out = tmp_path / "o.json"
+        assert main(["simulate", "--trace", str(path), "--load", "0.95", "--policy", "skip-join-mlfq",
+                     "--host-kv-capacity-tokens", "68000", "--json", str(out), *flags]) == 0
+        lpt[bool(flags)] = json.loads(out.read_text())["skip-join-mlfq"]["mean_latency_per_token"]
+    assert lpt[True] > 1.15 * lpt[False], lpt
 
 
 def test_simulate_cli_says_how_to_fix_a_bad_trace(tmp_path, capsys):

@@ -82,16 +82,24 @@ def kaplan_meier_pmf(lengths: np.ndarray, censored: np.ndarray) -> np.ndarray:
 
 
 class GittinsTable:
-    def __init__(self, lengths: Sequence[int], censored: Sequence[int] = ()) -> None:
+    """G(a) for every age a of the learned distribution. per_token: the index for mean
+    latency per output token instead of mean response time: each job's cost rate is 1 / its
+    length, so the numerator F(b) - F(a) becomes E[1{a < X <= b} / X] (the Gittins index
+    with holding costs; finishing a short job saves more)."""
+
+    def __init__(self, lengths: Sequence[int], censored: Sequence[int] = (), per_token: bool = False) -> None:
         x = np.asarray(lengths, np.int64)
         if x.size == 0 or x.min() < 1:
             raise ValueError("a Gittins table needs at least one output length, all >= 1")
         c = np.asarray(censored, np.int64)
         pmf = kaplan_meier_pmf(x, c) if c.size and c.max() > 0 else np.bincount(x) / x.size   # (m+1,) P(X = t)
         m = pmf.size - 1
-        self.F = np.cumsum(pmf)                                  # (m+1,) P(X <= b)
-        surv = 1.0 - self.F
-        self.S = np.concatenate([[0.0], np.cumsum(surv[:-1])])  # (m+1,) E[min(X, b)]
+        self.per_token = per_token
+        self.F = np.cumsum(pmf)                                  # (m+1,) P(X <= b): the index's numerator
+        self.surv = 1.0 - self.F                                 # (m+1,) P(X > b)
+        self.S = np.concatenate([[0.0], np.cumsum(self.surv[:-1])])  # (m+1,) E[min(X, b)]
+        if per_token:                                            # (m+1,) E[1{X <= b} / X]; P(X = 0) = 0
+            self.F = np.cumsum(pmf / np.maximum(np.arange(m + 1), 1))
         self.support = np.nonzero(pmf)[0]                        # (K,) b values that can attain the max
         self.max_len = m
         self.mean = float(pmf @ np.arange(m + 1))
@@ -120,27 +128,32 @@ class GittinsTable:
             hull.append(a)
         return out
 
+    def _lindy(self, age: int, prefill_slots: float) -> float:
+        """Past the data: as if the job runs as long again as it has (per token: over the
+        expected length 2 age + 1)."""
+        return 1.0 / (age + 1 + prefill_slots) / ((2 * age + 1) if self.per_token else 1)
+
     def index(self, age: int, prefill_slots: float = 0.0) -> float:
         """G at `age` tokens generated with `prefill_slots` of prefill still ahead."""
         if age >= self.max_len:
-            return 1.0 / (age + 1 + prefill_slots)
+            return self._lindy(age, prefill_slots)
         if prefill_slots <= 0.0:
             return self._table[age]
         sup = self.support[self.support > age]
         fa, sa = self.F[age], self.S[age]
-        return float(((self.F[sup] - fa) / (prefill_slots * (1.0 - fa) + self.S[sup] - sa)).max())
+        return float(((self.F[sup] - fa) / (prefill_slots * self.surv[age] + self.S[sup] - sa)).max())
 
     def index_many(self, age: int, prefill_slots: Sequence[float], chunk: int = 256) -> list[float]:
         """index(age, p) for each p in `prefill_slots` (all > 0), in numpy passes of `chunk`
         rows; the same operations in the same order, so the same numbers."""
         p = np.asarray(prefill_slots, np.float64)
         if age >= self.max_len:
-            return [1.0 / (age + 1 + x) for x in p.tolist()]
+            return [self._lindy(age, x) for x in p.tolist()]
         sup = self.support[self.support > age]
         fa, sa = self.F[age], self.S[age]
         num, s_sup = self.F[sup] - fa, self.S[sup]                     # (K,)
         out: list[float] = []
         for lo in range(0, p.size, chunk):
-            den = (p[lo:lo + chunk, None] * (1.0 - fa) + s_sup[None, :]) - sa   # (rows, K)
+            den = (p[lo:lo + chunk, None] * self.surv[age] + s_sup[None, :]) - sa   # (rows, K)
             out += (num[None, :] / den).max(axis=1).tolist()
         return out

@@ -17,12 +17,13 @@ promote are O(1) and a schedule() walks only as far as the batch fills.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Container, Iterator
 
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan, Scheduler, starvation_limit
 from fastserve_jax.scheduler.batch import fill_batch
+from fastserve_jax.scheduler.gittins_table import GittinsTable
 
 
 class MLFQScheduler(Scheduler):
@@ -145,23 +146,40 @@ class MLFQScheduler(Scheduler):
                           self.swap_in_blocks, self.start_on_host)
 
     def on_iteration(self, plan: Plan, duration: float, now: float) -> None:
-        super().on_iteration(plan, duration, now)     # charges attained_service
         last = len(self.quanta) - 1
         idle = self._idle
         for s in plan.scheduled:
             req = s.request
             rid = req.request_id
-            if rid not in self._live:                 # finished and removed
+            if req.finished or rid not in self._live:     # finished and removed
                 continue
             idle.move_to_end(rid)
             idle[rid] = now
+            if not self.charge(req, s.num_tokens, duration):
+                continue
             level = req.queue_level
             if level < last and req.attained_service > self.quanta[level]:
                 self._move(req, level + 1)
 
+    def charge(self, req: Request, num_tokens: int, duration: float) -> bool:
+        """Charge `req` for an iteration it ran `num_tokens` in (FastServe: the iteration's
+        duration); False if it was not charged, so it is not demoted either."""
+        req.attained_service += duration
+        return True
+
 
 class SkipJoinMLFQScheduler(MLFQScheduler):
-    """FastServe: a request joins the highest queue whose quantum covers its prefill time."""
+    """FastServe: a request joins the highest queue whose quantum covers its prefill time.
+
+    Beyond the paper (SchedulerConfig.protect_decodes): once `protect_min_samples` requests
+    have finished, a decoding request is not charged service, so not demoted below newer
+    arrivals, while the per-token Gittins index of its age (the output lengths learned as
+    gittins learns them: finished ones and running ones as censored) is at least that of
+    a fresh request with the median recent prompt. Where lengths are alike (code
+    completion) a started request is then nearly done, and demoting it below new arrivals
+    made skip-join lose to fcfs; where they vary a lot the index falls soon and MLFQ
+    demotes as before. A request whose prefill completes goes back to the queue it joined,
+    since that iteration's charge was its prefill, which placed it there."""
 
     name = "skip-join-mlfq"
     needs_cost_model = True
@@ -169,6 +187,12 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
     def __init__(self, limits, kv, config=None, cost_model=None) -> None:
         super().__init__(limits, kv, config, cost_model)
         self._require_cost_model()
+        c = self.config
+        self._lengths: deque[int] = deque(maxlen=c.gittins_window)     # finished output lengths
+        self._prompts: deque[int] = deque(maxlen=c.gittins_window)     # prompt lengths of arrivals
+        self._new_finishes = 0
+        self._table: GittinsTable | None = None
+        self._fresh_index = 0.0            # the per-token index of a fresh request, median prompt
 
     def entry_level(self, req: Request) -> int:
         t = self.cost_model.prefill_time(req.num_prompt_tokens)
@@ -176,3 +200,79 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
             if q >= t:
                 return level
         return len(self.quanta) - 1
+
+    def add(self, req: Request) -> None:
+        super().add(req)
+        self._prompts.append(req.num_prompt_tokens)
+
+    def remove(self, req: Request) -> None:
+        super().remove(req)
+        if req.finished and req.finish_reason != "abort" and req.output_token_ids:
+            self._lengths.append(len(req.output_token_ids))
+            self._new_finishes += 1
+
+    def schedule(self, now: float) -> Plan:
+        c = self.config
+        if c.protect_decodes and len(self._lengths) >= c.protect_min_samples and self._prompts and (
+                self._table is None or self._new_finishes >= c.gittins_refresh):
+            self.learn()
+        return super().schedule(now)
+
+    def learned_lengths(self) -> dict:
+        """What a restart keeps (policy_state.py): the finished lengths, in the format gittins
+        writes with a single prompt-length bucket, so either policy can read the other's."""
+        return {"edges": [], "history": [list(self._lengths)], "pooled": list(self._lengths)}
+
+    def restore_lengths(self, state: dict) -> None:
+        """Start from the lengths a previous run learned (ValueError if they are not lengths)."""
+        pooled = state.get("pooled")
+        if not isinstance(pooled, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
+                                                   for x in pooled):
+            raise ValueError("learned lengths must be a list of integers >= 1")
+        self._lengths.extend(pooled)
+
+    def learn(self) -> None:
+        """The per-token Gittins table of the learned lengths, and a fresh request's index."""
+        running = [len(r.output_token_ids) for r in self._live.values() if r.output_token_ids]
+        self._table = GittinsTable(self._lengths, running, per_token=True)
+        prompt = sorted(self._prompts)[len(self._prompts) // 2]
+        slot = self.cost_model.decode_time(self.limits.max_num_seqs) / self.limits.max_num_seqs
+        self._fresh_index = self._table.index(0, self.cost_model.prefill_time(prompt) / slot)
+        self._new_finishes = 0
+        for req in list(self._live.values()):          # demoted before they were known to be protected
+            if req.output_token_ids and self.protected(req) and req.queue_level > self.entry_level(req):
+                self._restore(req, self.entry_level(req))
+
+    def _restore(self, req: Request, level: int) -> None:
+        """Put `req` back into `level` where its arrival places it among the requests there
+        (ahead of the newer ones), not at the back as a demotion does."""
+        rid, t = req.request_id, req.arrival_time
+        del self.queues[req.queue_level][rid]
+        req.queue_level = level
+        req.attained_service = 0.0
+        old = self.queues[level]
+        new: dict[str, Request] = {}
+        for k, r in old.items():
+            if rid not in new and r.arrival_time > t:
+                new[rid] = req
+            new[k] = r
+        new.setdefault(rid, req)
+        self.queues[level] = new
+
+    def protected(self, req: Request) -> bool:
+        """A decoding request whose index is still at least a fresh request's."""
+        age = len(req.output_token_ids)
+        table = self._table
+        return table is not None and age < table.max_len and table.index(age) >= self._fresh_index
+
+    def charge(self, req: Request, num_tokens: int, duration: float) -> bool:
+        if self._table is None:
+            return super().charge(req, num_tokens, duration)
+        if num_tokens > 1 and not req.is_prefilling:        # its prefill completed
+            level = self.entry_level(req)
+            if req.queue_level != level:
+                self._restore(req, level)
+            return False
+        if num_tokens == 1 and self.protected(req):
+            return False
+        return super().charge(req, num_tokens, duration)
