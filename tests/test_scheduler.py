@@ -367,12 +367,12 @@ def test_gittins_runs_old_jobs_first_when_lengths_are_deterministic():
     assert run(sched, kv)[0] == [("old", 1)]
 
 
-def _learned_skip_join(protect: bool, seqs: int = 1):
+def _learned_skip_join(protect: bool, seqs: int = 1, num_blocks: int = 1000):
     """skip-join that has seen two requests of 5 tokens finish (prompts of 50: 10 ms of
     prefill, one decode iteration)."""
     cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=0, protect_decodes=protect,
                           protect_min_samples=2)
-    sched, kv = make(seqs=seqs, cfg=cfg)
+    sched, kv = make(seqs=seqs, cfg=cfg, num_blocks=num_blocks)
     for i in range(2):
         sched.add(req(f"done{i}", 50, 0.0, 5))
     while len(sched):
@@ -393,6 +393,18 @@ def test_skip_join_protects_a_decode_worth_more_per_token_than_a_fresh_request()
         assert (sched._table is not None) == protect
     assert order[True] == ["a"] * 5 + ["b"]
     assert order[False][:3] == ["a", "a", "b"]
+
+
+def test_skip_join_protects_nothing_where_memory_binds_the_batch():
+    """4 slots x (50 + 5) tokens do not fit 50 blocks of 4: memory, not the batch, bounds what runs."""
+    sched, kv = _learned_skip_join(True, seqs=4, num_blocks=50)
+    sched.add(req("a", 50, 1.0, 5))
+    run(sched, kv)
+    assert sched._learned and sched._table is None and not sched.protected(sched._live["a"])
+    roomy, kv2 = _learned_skip_join(True, seqs=4, num_blocks=56)         # 55 usable blocks: 220 tokens fit
+    roomy.add(req("a", 50, 1.0, 5))
+    run(roomy, kv2)
+    assert roomy._table is not None and roomy.protected(roomy._live["a"])
 
 
 def test_skip_join_puts_a_prefilled_request_back_ahead_of_newer_ones():

@@ -179,7 +179,13 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
     completion) a started request is then nearly done, and demoting it below new arrivals
     made skip-join lose to fcfs; where they vary a lot the index falls soon and MLFQ
     demotes as before. A request whose prefill completes goes back to the queue it joined,
-    since that iteration's charge was its prefill, which placed it there."""
+    since that iteration's charge was its prefill, which placed it there.
+
+    Nothing is protected while the device pool cannot hold a full batch of typical requests
+    (max_num_seqs x (median prompt + mean output)): there memory, not the batch, bounds what
+    runs, and keeping started requests ahead cost throughput (a tenth of OPT-13B's KV,
+    heavy-tailed 3x burst, recompute: 0.935x fcfs's, with 50% more recomputed tokens) and
+    latency (light-tailed Azure trace at 0.75x capacity: 1.19x better than fcfs became 0.97x)."""
 
     name = "skip-join-mlfq"
     needs_cost_model = True
@@ -191,7 +197,8 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         self._lengths: deque[int] = deque(maxlen=c.gittins_window)     # finished output lengths
         self._prompts: deque[int] = deque(maxlen=c.gittins_window)     # prompt lengths of arrivals
         self._new_finishes = 0
-        self._table: GittinsTable | None = None
+        self._table: GittinsTable | None = None   # None: nothing protected (not learned, or memory binds)
+        self._learned = False
         self._fresh_index = 0.0            # the per-token index of a fresh request, median prompt
 
     def entry_level(self, req: Request) -> int:
@@ -214,7 +221,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
     def schedule(self, now: float) -> Plan:
         c = self.config
         if c.protect_decodes and len(self._lengths) >= c.protect_min_samples and self._prompts and (
-                self._table is None or self._new_finishes >= c.gittins_refresh):
+                self._new_finishes >= c.gittins_refresh or not self._learned):
             self.learn()
         return super().schedule(now)
 
@@ -234,11 +241,17 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
     def learn(self) -> None:
         """The per-token Gittins table of the learned lengths, and a fresh request's index."""
         running = [len(r.output_token_ids) for r in self._live.values() if r.output_token_ids]
-        self._table = GittinsTable(self._lengths, running, per_token=True)
+        table = GittinsTable(self._lengths, running, per_token=True)
         prompt = sorted(self._prompts)[len(self._prompts) // 2]
-        slot = self.cost_model.decode_time(self.limits.max_num_seqs) / self.limits.max_num_seqs
-        self._fresh_index = self._table.index(0, self.cost_model.prefill_time(prompt) / slot)
         self._new_finishes = 0
+        self._learned = True
+        kv, seqs = self.kv, self.limits.max_num_seqs
+        if kv.num_usable_blocks * kv.block_size < seqs * (prompt + table.mean):
+            self._table = None             # memory binds the batch: see the class docstring
+            return
+        self._table = table
+        slot = self.cost_model.decode_time(seqs) / seqs
+        self._fresh_index = table.index(0, self.cost_model.prefill_time(prompt) / slot)
         for req in list(self._live.values()):          # demoted before they were known to be protected
             if req.output_token_ids and self.protected(req) and req.queue_level > self.entry_level(req):
                 self._restore(req, self.entry_level(req))
