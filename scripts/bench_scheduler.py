@@ -5,9 +5,10 @@
 For each policy: admit `--live` requests with prompt/output lengths drawn from the Azure
 conversation trace's distribution (or a lognormal stand-in when the trace is not beside the
 checkout), warm the state up with 300 iterations applied as the engine applies them (so
-requests are spread over queues, hold KV, and gittins has learned from 2,000 lengths), then
-time `--iters` further schedule() calls, each followed by the same application. Finished
-requests are replaced, so the live count stays at `--live`. Only schedule() is timed.
+requests are spread over queues, hold KV, and gittins and skip-join have learned from 2,000
+lengths), then time `--iters` further schedule() calls, each followed by the same
+application. Finished requests are replaced, so the live count stays at `--live`. Only
+schedule() is timed.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def bench(policy: str, live: int, iters: int, kv_tokens: int, cost: CostModel) -
         for o in wl.pool[1][-2000:]:
             sched.pooled.append(int(o))
             sched.history[0].append(int(o))
+    elif policy == "skip-join-mlfq":                  # protected decodes from the first iteration
+        sched.restore_lengths({"pooled": [int(o) for o in wl.pool[1][-2000:]]})
     now = 0.0
     for _ in range(live):
         sched.add(wl.next(now))
