@@ -3,7 +3,8 @@
 - The output lengths that gittins and predictive learn (scheduler/learned.py), and that
   skip-join MLFQ learns to protect decodes (scheduler/mlfq.py): the window of finished
   lengths is written when the engine closes (serve's shutdown) or switches policy, and the
-  next of these policies on the same model and dtype starts from it instead of cold. One JSON file per model and dtype in `<cache>/lengths/`, or $FASTSERVE_JAX_LENGTHS_DIR
+  next of these policies on the same model and dtype starts from it instead of cold. One
+  JSON file per model and dtype in `<cache>/lengths/`, or $FASTSERVE_JAX_LENGTHS_DIR
   ("off" keeps nothing). A torn or foreign file is ignored with a warning. The window slides
   on as usual, so traffic that changes is relearned within `gittins_window` finishes.
 - predictive's length predictor (predictor.py), which keeps its own state.
