@@ -236,6 +236,9 @@ class EngineConfig:
     # None: SchedulerConfig defaults with base_quantum = one decode iteration (batch 1) of the
     # engine's cost model, FastServe's "about one decode step".
     scheduler_config: SchedulerConfig | None = None
+    # SchedulerConfig.protect_decodes for the default config above (False: skip-join MLFQ as
+    # the paper has it); a scheduler_config given says its own.
+    protect_decodes: bool = True
     # Cost model for skip-join placement and service accounting: None profiles this engine
     # (cached on disk); otherwise a shipped table name or a JSON path (see cost_model.py).
     cost_model: str | None = None
@@ -284,6 +287,8 @@ class EngineConfig:
                              f"got {self.launch_kv_fraction!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if not isinstance(self.protect_decodes, bool):
+            raise ValueError(f"protect_decodes must be True or False, got {self.protect_decodes!r}")
         if self.attention_backend not in ATTENTION_CHOICES:
             raise ValueError(f"attention_backend must be one of {', '.join(map(repr, ATTENTION_CHOICES))}, "
                              f"got {self.attention_backend!r}")

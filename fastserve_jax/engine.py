@@ -147,7 +147,8 @@ class LLMEngine:
     def policy_config(self) -> SchedulerConfig:
         """set_scheduler's config, else the default with one decode step as the base quantum."""
         return self._scheduler_config or SchedulerConfig(
-            base_quantum=self.cost_model.decode_time(1) if self.cost_model else SchedulerConfig.base_quantum)
+            base_quantum=self.cost_model.decode_time(1) if self.cost_model else SchedulerConfig.base_quantum,
+            protect_decodes=self.cfg.protect_decodes)
 
     @property
     def profile_provisional(self) -> bool:          # see cost_profile.refine_profile

@@ -37,6 +37,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "swapping to host memory)")
     g.add_argument("--scheduler", default="skip-join-mlfq", choices=sorted(POLICIES),
                    help="scheduling policy (default: FastServe's skip-join MLFQ)")
+    g.add_argument("--no-protect-decodes", dest="protect_decodes", action="store_false",
+                   help="skip-join-mlfq as the paper has it: demote decoding requests even where the output "
+                        "lengths it learns say they are worth more per token than a fresh one")
     g.add_argument("--cost-model", default=None,
                    help="cost model for the policy: a shipped name or JSON path (default: profile this engine)")
     g.add_argument("--seed", type=int, default=0)
@@ -69,7 +72,7 @@ def parse_engine_args(argv: list[str]) -> argparse.Namespace:
 def engine_kwargs(a: argparse.Namespace) -> dict:
     """LLM(a.model, **engine_kwargs(a)): every engine option but the model (warmup only when
     given: each command has its own default)."""
-    kw = dict({k: getattr(a, k) for k in ENGINE_OPTIONS}, scheduler=a.scheduler)
+    kw = dict({k: getattr(a, k) for k in ENGINE_OPTIONS}, scheduler=a.scheduler, protect_decodes=a.protect_decodes)
     if kw["warmup"] is None:
         del kw["warmup"]
     return kw
@@ -83,6 +86,8 @@ def engine_argv(a: argparse.Namespace) -> list[str]:
         v = getattr(a, flag)
         if v is not None:
             argv += [f"--{flag.replace('_', '-')}", str(v)]
+    if not a.protect_decodes:
+        argv.append("--no-protect-decodes")
     return argv
 
 

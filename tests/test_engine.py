@@ -192,3 +192,25 @@ def test_learned_output_lengths_outlive_the_policy_and_a_torn_file_starts_cold(l
         assert not eng.scheduler.pooled and "ignoring the learned output lengths" in caplog.text
     finally:
         eng.set_scheduler("skip-join-mlfq")
+
+
+def test_the_papers_skip_join_is_one_flag_away(llm, monkeypatch):
+    """`serve --no-protect-decodes` (LLM(protect_decodes=False)): the engine's default policy
+    config keeps its cost-model quantum and turns protection off; the flag survives the argv
+    a benchmark hands to the servers it starts."""
+    import dataclasses
+
+    from fastserve_jax.serve.engine_args import engine_argv, engine_kwargs, parse_engine_args
+
+    eng = llm.engine
+    assert eng.policy_config().protect_decodes is True
+    monkeypatch.setattr(eng, "cfg", dataclasses.replace(eng.cfg, protect_decodes=False))
+    cfg = eng.policy_config()
+    assert cfg.protect_decodes is False and cfg.base_quantum == eng.cost_model.decode_time(1)
+    a = parse_engine_args(["--no-protect-decodes"])
+    assert engine_kwargs(a)["protect_decodes"] is False and "--no-protect-decodes" in engine_argv(a)
+    assert engine_kwargs(parse_engine_args(engine_argv(a)))["protect_decodes"] is False
+    default = parse_engine_args([])
+    assert engine_kwargs(default)["protect_decodes"] is True and "--no-protect-decodes" not in engine_argv(default)
+    with pytest.raises(ValueError, match="protect_decodes"):
+        dataclasses.replace(eng.cfg, protect_decodes="no")
