@@ -237,8 +237,9 @@ class EngineConfig:
     # engine's cost model, FastServe's "about one decode step".
     scheduler_config: SchedulerConfig | None = None
     # SchedulerConfig.protect_decodes for the default config above (False: skip-join MLFQ as
-    # the paper has it); a scheduler_config given says its own.
-    protect_decodes: bool = True
+    # the paper has it); a scheduler_config given says its own. Out of the repr, which keys
+    # the profiled cost model (cost_profile.cost_cache_key): the policy does not change it.
+    protect_decodes: bool = field(default=True, repr=False)
     # Cost model for skip-join placement and service accounting: None profiles this engine
     # (cached on disk); otherwise a shipped table name or a JSON path (see cost_model.py).
     cost_model: str | None = None

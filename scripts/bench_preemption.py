@@ -176,7 +176,8 @@ def burst_setup(a: argparse.Namespace) -> Burst:
     pool = burst_pool_blocks(sized, a.block_size, a.pool_fraction)
     argv = ["--max-num-seqs", str(a.max_num_seqs), "--max-num-batched-tokens", str(a.max_num_batched_tokens),
             "--block-size", str(a.block_size), "--num-device-blocks", str(pool + 1),     # + the null block
-            "--num-host-blocks", str(live), "--swap-policy", "proactive"]
+            "--num-host-blocks", str(live), "--swap-policy", "proactive"] + \
+        ([] if a.protect_decodes else ["--no-protect-decodes"])
     print(f"burst: {a.num_requests} counting prompts of {min(prompt_tokens)}-{max(prompt_tokens)} tokens, outputs "
           f"{min(outputs)}-{max(outputs)} tokens (median {statistics.median(outputs):g}, mean "
           f"{statistics.mean(outputs):.1f}); live KV {live} blocks of {a.block_size}, device pool {pool} usable "
@@ -215,6 +216,8 @@ def add_burst_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--no-protect-decodes", dest="protect_decodes", action="store_false",
+                    help="skip-join as the paper has it (serve --no-protect-decodes), here and in the simulator")
     ap.add_argument("--seed", type=int, default=0, help="seed of the requests and arrivals")
 
 

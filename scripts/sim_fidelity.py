@@ -138,7 +138,8 @@ def simulate_policies(eng, trace: list[TraceRequest], swap_latency: float, swap_
                         block_size=cfg.block_size, kv_capacity_tokens=kv.num_usable_blocks * cfg.block_size,
                         host_kv_capacity_tokens=kv.num_host_blocks * cfg.block_size, swap_policy=cfg.swap_policy,
                         swap_reserve_blocks=cfg.swap_reserve_blocks,
-                        scheduler_config=cfg.scheduler_config or SchedulerConfig(base_quantum=cost.decode_time(1)))
+                        scheduler_config=cfg.scheduler_config or SchedulerConfig(base_quantum=cost.decode_time(1),
+                                                                                     protect_decodes=cfg.protect_decodes))
     sims = {p: simulate(trace, p, cost, sim_cfg).metrics() for p in policies}
     for m in sims.values():
         m["iteration_seconds"] = m["swap_busy_seconds"] / m["iterations"]      # swap stalls included, as the engine's
