@@ -147,6 +147,12 @@ class Scheduler(ABC):
         return self.cost_model
 
 
+def finished_length(req: Request) -> int:
+    """The output length a policy may learn from `req` as it leaves: its tokens if it finished
+    on its own, 0 if it was aborted or has not finished (see the module docstring)."""
+    return len(req.output_token_ids) if req.finished and req.finish_reason != "abort" else 0
+
+
 def starvation_limit(threshold: float, live: int, max_num_seqs: int) -> float:
     """Seconds without running after which a request counts as starving (0: never).
 

@@ -15,7 +15,7 @@ from collections import deque
 from typing import Container, Iterator
 
 from fastserve_jax.request import Request
-from fastserve_jax.scheduler.base import Plan
+from fastserve_jax.scheduler.base import Plan, finished_length
 from fastserve_jax.scheduler.index_policy import IndexPolicy
 from fastserve_jax.scheduler.mlfq import SkipJoinMLFQScheduler
 from fastserve_jax.scheduler.service import ServiceMeter
@@ -45,8 +45,8 @@ class LearnedLengthPolicy(IndexPolicy):
 
     # -- learning --------------------------------------------------------------------------
     def observe(self, req: Request) -> None:
-        n = len(req.output_token_ids)
-        if n < 1 or req.finish_reason == "abort":
+        n = finished_length(req)
+        if n < 1:
             return
         self.history[self.bucket(req)].append(n)
         self.pooled.append(n)

@@ -23,7 +23,7 @@ from collections import OrderedDict, deque
 from typing import Container, Iterator
 
 from fastserve_jax.request import Request
-from fastserve_jax.scheduler.base import Plan, Scheduler, starvation_limit
+from fastserve_jax.scheduler.base import Plan, Scheduler, finished_length, starvation_limit
 from fastserve_jax.scheduler.batch import fill_batch
 from fastserve_jax.scheduler.gittins_table import GittinsTable
 
@@ -216,8 +216,9 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
 
     def remove(self, req: Request) -> None:
         super().remove(req)
-        if req.finished and req.finish_reason != "abort" and req.output_token_ids:
-            self._lengths.append(len(req.output_token_ids))
+        n = finished_length(req)
+        if n:
+            self._lengths.append(n)
             self._new_finishes += 1
 
     def schedule(self, now: float) -> Plan:
@@ -255,8 +256,10 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         slot = self.cost_model.decode_time(seqs) / seqs
         self._fresh_index = table.index(0, self.cost_model.prefill_time(prompt) / slot)
         for req in list(self._live.values()):          # demoted before they were known to be protected
-            if req.output_token_ids and self.protected(req) and req.queue_level > self.entry_level(req):
-                self._restore(req, self.entry_level(req))
+            if req.output_token_ids and self.protected(req):
+                level = self.entry_level(req)
+                if req.queue_level > level:
+                    self._restore(req, level)
 
     def _restore(self, req: Request, level: int) -> None:
         """Put `req` back into `level` where its arrival places it among the requests there
