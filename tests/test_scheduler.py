@@ -23,7 +23,8 @@ from fastserve_jax.sim import advance
 # prefill: 10 ms per 100 tokens (at least 10 ms); decode: 10 ms per iteration at any batch
 COST = CostModel("literal", prefill_tokens=(1, 100, 10_000), prefill_seconds=(0.01, 0.01, 1.0),
                  decode_batch=(1,), decode_seconds=(0.01,))
-CFG = SchedulerConfig(base_quantum=0.01, quantum_ratio=2.0, num_queues=5, starvation_threshold=0)
+# the paper's mechanics (protected decodes have their own tests below)
+CFG = SchedulerConfig(base_quantum=0.01, quantum_ratio=2.0, num_queues=5, starvation_threshold=0, protect_decodes=False)
 
 
 def req(rid: str, prompt_len: int, t: float = 0.0, max_tokens: int = 8) -> Request:
@@ -83,7 +84,7 @@ def test_fifo_within_a_queue_and_runner_keeps_its_place():
 
 
 def test_demotion_goes_to_the_back_of_the_next_queue_and_resets_service():
-    sched, kv = make(seqs=2, cfg=SchedulerConfig(base_quantum=0.01, num_queues=3, starvation_threshold=0))
+    sched, kv = make(seqs=2, cfg=SchedulerConfig(protect_decodes=False, base_quantum=0.01, num_queues=3, starvation_threshold=0))
     a, b, c = req("a", 150, 0.0, 50), req("b", 150, 0.0, 50), req("c", 50, 0.0, 50)
     for r in (a, b, c):
         sched.add(r)                  # a, b -> q1 (20 ms), c -> q0
@@ -99,7 +100,7 @@ def test_demotion_goes_to_the_back_of_the_next_queue_and_resets_service():
 
 
 def test_starvation_promotes_to_the_top_queue():
-    cfg = SchedulerConfig(base_quantum=0.01, num_queues=3, starvation_threshold=1.0)
+    cfg = SchedulerConfig(protect_decodes=False, base_quantum=0.01, num_queues=3, starvation_threshold=1.0)
     sched, kv = make(seqs=1, cfg=cfg)
     old, new = req("old", 10, 0.0, 100), req("new", 10, 0.0, 100)
     sched.add(old)
@@ -159,7 +160,7 @@ def test_token_budget_chunks_prefill_and_bounds_the_batch():
 
 
 def test_decodes_ranked_below_a_prefill_that_takes_the_budget_still_run():
-    sched, kv = make(seqs=4, budget=16, cfg=SchedulerConfig(base_quantum=0.01, num_queues=3, starvation_threshold=0))
+    sched, kv = make(seqs=4, budget=16, cfg=SchedulerConfig(protect_decodes=False, base_quantum=0.01, num_queues=3, starvation_threshold=0))
     old = req("old", 4, 0.0, 100)
     sched.add(old)
     run(sched, kv, duration=0.05)                     # prefilled, demoted below the top queue
@@ -178,7 +179,7 @@ def test_max_num_seqs_bounds_the_batch():
 
 def test_memory_pressure_evicts_lowest_paused_and_does_not_start_what_does_not_fit():
     # 6 usable blocks of 4 tokens
-    sched, kv = make(seqs=1, num_blocks=7, block_size=4, cfg=SchedulerConfig(base_quantum=0.01, num_queues=3,
+    sched, kv = make(seqs=1, num_blocks=7, block_size=4, cfg=SchedulerConfig(protect_decodes=False, base_quantum=0.01, num_queues=3,
                                                                             starvation_threshold=0))
     a, b = req("a", 8, 0.0, 50), req("b", 8, 0.0, 50)
     sched.add(a)
@@ -393,6 +394,32 @@ def test_skip_join_protects_a_decode_worth_more_per_token_than_a_fresh_request()
         assert (sched._table is not None) == protect
     assert order[True] == ["a"] * 5 + ["b"]
     assert order[False][:3] == ["a", "a", "b"]
+
+
+def test_skip_join_protects_every_decode_until_it_has_learned():
+    """Cold start (nothing finished yet): a started request keeps its place ahead of newer
+    arrivals in its queue, so the first requests of a burst finish as under fcfs; the paper's
+    policy demotes it after its first quantum. Not where a batch of prompts twice the median
+    length does not fit the device pool."""
+    order = {}
+    for protect in (True, False):
+        cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=0, protect_decodes=protect)
+        sched, kv = make(seqs=1, cfg=cfg)
+        sched.add(req("a", 50, 1.0, 5))
+        sched.add(req("b", 50, 1.1, 5))
+        order[protect] = [run(sched, kv)[0][0][0] for _ in range(6)]
+        assert not sched._learned and sched._cold == protect
+    assert order[True] == ["a"] * 5 + ["b"]
+    assert order[False][:3] == ["a", "a", "b"]
+    cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=0)
+    tight, kv = make(seqs=4, cfg=cfg, num_blocks=100)              # 99 usable blocks of 4: 396 < 4 x 100 tokens
+    tight.add(req("a", 50, 1.0, 5))
+    run(tight, kv)
+    assert not tight._cold and not tight.protected(tight._live["a"])
+    roomy, kv = make(seqs=4, cfg=cfg, num_blocks=101)
+    roomy.add(req("a", 50, 1.0, 5))
+    run(roomy, kv)
+    assert roomy._cold and roomy.protected(roomy._live["a"])
 
 
 def test_skip_join_protects_nothing_where_memory_binds_the_batch():
