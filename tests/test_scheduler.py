@@ -434,6 +434,33 @@ def test_skip_join_protects_nothing_where_memory_binds_the_batch():
     assert roomy._table is not None and roomy.protected(roomy._live["a"])
 
 
+def test_skip_join_moves_a_protected_decode_above_fresh_requests_of_lower_index():
+    """One slot. `a` (prompt 300: queue 2) decodes, protected; `b` (prompt 150: queue 1)
+    arrives. Every fresh request's index is below that of a decode nearly done, so `a`
+    moves up to the top queue and keeps its slot to the end; the paper's policy lets `b`'s
+    shorter prefill overtake it. A request charged as a decode once is not moved again."""
+    order = {}
+    for protect in (True, False):
+        sched, kv = _learned_skip_join(protect)
+        sched.add(req("a", 300, 1.0, 5))
+        run(sched, kv)                                  # a's prefill: back to queue 2
+        run(sched, kv)                                  # a's first decode
+        assert levels(sched)[0 if protect else 2] == ["a"]
+        sched.add(req("b", 150, 1.1, 5))
+        order[protect] = [run(sched, kv)[0][0][0] for _ in range(4)]
+    assert order[True] == ["a", "a", "a", "b"]
+    assert order[False][0] == "b"
+    sched, kv = _learned_skip_join(True)
+    sched.add(req("a", 300, 1.0, 5))
+    run(sched, kv)
+    sched._lapsed.add("a")
+    run(sched, kv)
+    assert levels(sched)[2] == ["a"]
+    while len(sched):
+        run(sched, kv)
+    assert not sched._lapsed
+
+
 def test_skip_join_puts_a_prefilled_request_back_ahead_of_newer_ones():
     """A prefill iteration longer than the quantum demotes its request; once protection is on,
     the request goes back to the queue it joined, ahead of the requests that came after it."""

@@ -181,7 +181,16 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
     completion) a started request is then nearly done, and demoting it below new arrivals
     made skip-join lose to fcfs; where they vary a lot the index falls soon and MLFQ
     demotes as before. A request whose prefill completes goes back to the queue it joined,
-    since that iteration's charge was its prefill, which placed it there.
+    since that iteration's charge was its prefill, which placed it there. A protected decode
+    also moves up past the queues whose fresh requests all have a lower index than its own
+    (the first of a queue's fresh requests by index is the one whose prefill just exceeds
+    the quantum above), in arrival order: otherwise new requests with shorter prompts, in
+    higher queues, take its batch slot (code completion, 8x burst: 0.93-0.95x fcfs's
+    latency per token became 0.98-1.00x, throughput 0.976-0.992x became 0.992-0.997x). Once
+    a request has been charged as a decode (its index fell below a fresh request's), it is
+    not moved up again: the index of an empirical distribution rises and falls with age, and
+    lifting on every rise cost the Azure trace at 0.95x of capacity 1.05-1.19x to
+    0.99-1.10x.
 
     Until those finishes (a cold start) every decode is protected: a request, once started,
     keeps its place in the queue its prompt picked, so new arrivals do not push the first
@@ -213,6 +222,8 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         self._cold = False                 # not learned yet, and a batch fits: every decode protected
         self._cold_prompts = 0             # len(self._prompts) when _cold was last decided
         self._fresh_index = 0.0            # the per-token index of a fresh request, median prompt
+        self._level_index: list[float] = []
+        self._lapsed: set[str] = set()     # charged as a decode since learning: never lifted again
 
     def entry_level(self, req: Request) -> int:
         t = self.cost_model.prefill_time(req.num_prompt_tokens)
@@ -227,6 +238,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
 
     def remove(self, req: Request) -> None:
         super().remove(req)
+        self._lapsed.discard(req.request_id)
         n = finished_length(req)
         if n:
             self._lengths.append(n)
@@ -281,11 +293,27 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         seqs = self.limits.max_num_seqs
         slot = self.cost_model.decode_time(seqs) / seqs
         self._fresh_index = table.index(0, self.cost_model.prefill_time(prompt) / slot)
+        # _level_index[L]: the highest index of a fresh request that joins queue L, the one
+        # whose prefill just exceeds the quantum of the queue above
+        self._level_index = [table.index(0, (self.quanta[i - 1] if i else 0.0) / slot)
+                             for i in range(len(self.quanta))]
         for req in list(self._live.values()):          # demoted before they were known to be protected
             if req.output_token_ids and self.protected(req):
+                if req.request_id not in self._lapsed:
+                    self._lift(req)
+                    continue
                 level = self.entry_level(req)
                 if req.queue_level > level:
                     self._restore(req, level)
+
+    def _lift(self, req: Request) -> None:
+        """Move a protected decode up to the highest queue whose fresh requests all have an
+        index at most its own (never below the queue its prompt picked), in arrival order."""
+        g = self._table.index(len(req.output_token_ids))
+        level = next((i for i, x in enumerate(self._level_index) if x <= g), len(self.quanta) - 1)
+        level = min(level, self.entry_level(req))
+        if req.queue_level > level:
+            self._restore(req, level)
 
     def _restore(self, req: Request, level: int) -> None:
         """Put `req` back into `level` where its arrival places it among the requests there
@@ -321,5 +349,9 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
                 self._restore(req, level)
             return False
         if num_tokens == 1 and self.protected(req):
+            if self._table is not None and req.request_id not in self._lapsed:
+                self._lift(req)
             return False
+        if self._table is not None and num_tokens == 1:
+            self._lapsed.add(req.request_id)
         return super().charge(req, num_tokens, duration)
