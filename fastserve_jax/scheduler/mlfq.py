@@ -297,39 +297,42 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         # whose prefill just exceeds the quantum of the queue above
         self._level_index = [table.index(0, (self.quanta[i - 1] if i else 0.0) / slot)
                              for i in range(len(self.quanta))]
-        for req in list(self._live.values()):          # demoted before they were known to be protected
+        moves = []                                     # demoted before they were known to be protected
+        for req in self._live.values():
             if req.output_token_ids and self.protected(req):
-                if req.request_id not in self._lapsed:
-                    self._lift(req)
-                    continue
-                level = self.entry_level(req)
+                level = self._lift_level(req) if req.request_id not in self._lapsed else self.entry_level(req)
                 if req.queue_level > level:
-                    self._restore(req, level)
+                    moves.append((req, level))
+        self._restore(moves)
 
-    def _lift(self, req: Request) -> None:
-        """Move a protected decode up to the highest queue whose fresh requests all have an
-        index at most its own (never below the queue its prompt picked), in arrival order."""
+    def _lift_level(self, req: Request) -> int:
+        """Where a protected decode moves: the highest queue whose fresh requests all have an
+        index at most its own, never below the queue its prompt picked."""
         g = self._table.index(len(req.output_token_ids))
         level = next((i for i, x in enumerate(self._level_index) if x <= g), len(self.quanta) - 1)
-        level = min(level, self.entry_level(req))
-        if req.queue_level > level:
-            self._restore(req, level)
+        return min(level, self.entry_level(req))
 
-    def _restore(self, req: Request, level: int) -> None:
-        """Put `req` back into `level` where its arrival places it among the requests there
-        (ahead of the newer ones), not at the back as a demotion does."""
-        rid, t = req.request_id, req.arrival_time
-        del self.queues[req.queue_level][rid]
-        req.queue_level = level
-        req.attained_service = 0.0
-        old = self.queues[level]
-        new: dict[str, Request] = {}
-        for k, r in old.items():
-            if rid not in new and r.arrival_time > t:
-                new[rid] = req
-            new[k] = r
-        new.setdefault(rid, req)
-        self.queues[level] = new
+    def _restore(self, moves: list[tuple[Request, int]]) -> None:
+        """Put each request back into its level where its arrival places it among the requests
+        there (ahead of the newer ones), not at the back as a demotion does. One pass per level."""
+        into: dict[int, list[Request]] = {}
+        for req, level in moves:
+            del self.queues[req.queue_level][req.request_id]
+            req.queue_level = level
+            req.attained_service = 0.0
+            into.setdefault(level, []).append(req)
+        for level, reqs in into.items():
+            reqs.sort(key=lambda r: r.arrival_time)
+            new: dict[str, Request] = {}
+            i = 0
+            for k, r in self.queues[level].items():
+                while i < len(reqs) and reqs[i].arrival_time < r.arrival_time:
+                    new[reqs[i].request_id] = reqs[i]
+                    i += 1
+                new[k] = r
+            for req in reqs[i:]:
+                new[req.request_id] = req
+            self.queues[level] = new
 
     def protected(self, req: Request) -> bool:
         """A decoding request whose index is still at least a fresh request's (any decoding
@@ -346,11 +349,13 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         if num_tokens > 1 and not req.is_prefilling:        # its prefill completed
             level = self.entry_level(req)
             if req.queue_level != level:
-                self._restore(req, level)
+                self._restore([(req, level)])
             return False
         if num_tokens == 1 and self.protected(req):
             if self._table is not None and req.request_id not in self._lapsed:
-                self._lift(req)
+                level = self._lift_level(req)
+                if req.queue_level > level:
+                    self._restore([(req, level)])
             return False
         if self._table is not None and num_tokens == 1:
             self._lapsed.add(req.request_id)
