@@ -422,16 +422,22 @@ def test_skip_join_protects_every_decode_until_it_has_learned():
     assert roomy._cold and roomy.protected(roomy._live["a"])
 
 
-def test_skip_join_protects_nothing_where_memory_binds_the_batch():
-    """4 slots x (50 + 5) tokens do not fit 50 blocks of 4: memory, not the batch, bounds what runs."""
-    sched, kv = _learned_skip_join(True, seqs=4, num_blocks=50)
-    sched.add(req("a", 50, 1.0, 5))
-    run(sched, kv)
-    assert sched._learned and sched._table is None and not sched.protected(sched._live["a"])
-    roomy, kv2 = _learned_skip_join(True, seqs=4, num_blocks=56)         # 55 usable blocks: 220 tokens fit
-    roomy.add(req("a", 50, 1.0, 5))
-    run(roomy, kv2)
-    assert roomy._table is not None and roomy.protected(roomy._live["a"])
+def test_skip_join_protects_where_memory_binds_only_if_nearly_every_request_ends_protected():
+    """4 slots x (50 + mean output) tokens do not fit 50 blocks of 4: memory, not the batch,
+    bounds what runs. Lengths alike (all 5): every request ends while still protected, so
+    decodes stay protected. Half 1 token and half 200: the index falls below a fresh
+    request's after the first token, only half would end protected, and nothing is. With
+    room for the batch, the same lengths are protected as usual."""
+    cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=0, protect_min_samples=2)
+    for lengths, blocks, protect in (([5] * 20, 50, True), ([1] * 10 + [200] * 10, 50, False),
+                                     ([5] * 20, 1000, True)):
+        sched, kv = make(seqs=4, num_blocks=blocks, cfg=cfg)
+        sched.restore_lengths({"pooled": lengths})
+        sched.add(req("a", 50, 1.0, 5))
+        run(sched, kv)
+        run(sched, kv)
+        assert sched._learned and (sched._table is not None) == protect, lengths
+        assert sched.protected(sched._live["a"]) == protect
 
 
 def test_skip_join_moves_a_protected_decode_above_fresh_requests_of_lower_index():
