@@ -105,7 +105,8 @@ class SchedulerConfig:
       than 50 lets the estimate follow the running requests as they age: in a 1.5x burst
       on the Azure trace, mean JCT 40.6 s against 49.2 s (fcfs: 37.7 s).
     - protect_decodes: skip-join MLFQ stops demoting a decoding request while the learned
-      lengths say it is worth more per token than a fresh one (scheduler/mlfq.py's
+      lengths say it is worth more per token than a fresh one, and every decoding request
+      until `protect_min_samples` requests have finished (scheduler/mlfq.py's
       SkipJoinMLFQScheduler; False: the paper's policy as published).
     - predictive_*: the predictive policy (scheduler/predictive.py; the measurements behind
       each default are in docs/scheduling.md, "Predicted output lengths").
