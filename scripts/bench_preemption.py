@@ -282,7 +282,7 @@ def main() -> int:
         ap.error("--pairs, --capacity-requests >= 1, --num-requests >= 2 and --overload > 0")
     t_start = time.monotonic()
     b = burst_setup(a)
-    work, warm, probe, argv, llm = b.work, b.warm, b.probe, b.argv, b.llm
+    work, warm, argv, llm = b.work, b.warm, b.argv, b.llm
     prompt_tokens, outputs, sized, live, pool, replaced = (b.prompt_tokens, b.outputs, b.sized, b.live, b.pool,
                                                            b.replaced)
     out = dict(args=vars(a), engine_argv=argv, live_kv_blocks=live, pool_blocks=pool, screened_replaced=replaced,

@@ -35,7 +35,6 @@ import sys
 import time
 from dataclasses import replace
 
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastserve_jax.config import SamplingParams
-from fastserve_jax.length_prediction import BIN_EDGES, kendall_tau
+from fastserve_jax.length_prediction import BIN_EDGES
 from fastserve_jax.models.attention import AttnBatch
 from fastserve_jax.predictor import EXTRA, LengthPredictor, featurize
 from fastserve_jax.request import Request
