@@ -440,6 +440,21 @@ def test_skip_join_protects_where_memory_binds_only_if_nearly_every_request_ends
         assert sched.protected(sched._live["a"]) == protect
 
 
+def test_skip_join_stretches_starvation_by_the_requests_memory_lets_run():
+    """196 tokens of KV hold one request of 50 + 100.5 (mean output) tokens: with two live
+    requests each waits about twice as long as a fair share, so the limit is 2 x the
+    threshold, not 1 x (2 live / 4 slots); with room for the batch it stays max_num_seqs."""
+    cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=1.0, protect_min_samples=2)
+    for blocks, slots, limit in ((50, 1, 2.0), (1000, 4, 1.0)):
+        sched, kv = make(seqs=4, num_blocks=blocks, cfg=cfg)
+        assert sched.batch_slots() == 4
+        sched.restore_lengths({"pooled": [1] * 10 + [200] * 10})
+        sched.add(req("a", 50, 1.0, 5))
+        sched.add(req("b", 50, 1.0, 5))
+        run(sched, kv)
+        assert sched.batch_slots() == slots and sched.starvation_limit() == limit
+
+
 def test_skip_join_moves_a_protected_decode_above_fresh_requests_of_lower_index():
     """One slot. `a` (prompt 300: queue 2) decodes, protected; `b` (prompt 150: queue 1)
     arrives. Every fresh request's index is below that of a decode nearly done, so `a`
