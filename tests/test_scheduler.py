@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import pathlib
 
 import numpy as np
@@ -480,6 +481,18 @@ def test_skip_join_moves_a_protected_decode_above_fresh_requests_of_lower_index(
     while len(sched):
         run(sched, kv)
     assert not sched._lapsed
+
+
+def test_skip_join_relearns_after_a_new_cost_model():
+    """A fresh request's index and each queue's depend on the cost model and the quanta:
+    replacing them (a provisional profile for the full one) relearns at the next schedule()."""
+    sched, kv = _learned_skip_join(True)
+    sched.schedule(0.0)
+    before = list(sched._level_index)
+    sched.use_cost_model(COST, dataclasses.replace(sched.config, base_quantum=0.02))
+    assert not sched._learned
+    sched.schedule(0.0)
+    assert sched._learned and sched._level_index[1] < before[1]
 
 
 def test_skip_join_puts_a_prefilled_request_back_ahead_of_newer_ones():

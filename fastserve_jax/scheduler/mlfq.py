@@ -240,6 +240,10 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         self._slots = 0
         self._lapsed: set[str] = set()     # charged as a decode since learning: never lifted again
 
+    def use_cost_model(self, cost_model, config) -> None:
+        super().use_cost_model(cost_model, config)
+        self._learned = False      # a fresh request's index and the queues' depend on both: relearn
+
     def entry_level(self, req: Request) -> int:
         t = self.cost_model.prefill_time(req.num_prompt_tokens)
         for level, q in enumerate(self.quanta):
