@@ -289,10 +289,12 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
     def _median_prompt(self) -> int:
         return sorted(self._prompts)[len(self._prompts) // 2]
 
+    def _pool_tokens(self) -> int:
+        return self.kv.num_usable_blocks * self.kv.block_size
+
     def _batch_fits(self, prompt: float, output: float) -> bool:
         """Whether the device pool holds max_num_seqs requests of these lengths (tokens)."""
-        kv = self.kv
-        return kv.num_usable_blocks * kv.block_size >= self.limits.max_num_seqs * (prompt + output)
+        return self._pool_tokens() >= self.limits.max_num_seqs * (prompt + output)
 
     def learned_lengths(self) -> dict:
         """What a restart keeps (policy_state.py): the finished lengths, in the format gittins
@@ -312,9 +314,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         running = [len(r.output_token_ids) for r in self._live.values() if r.output_token_ids]
         table = GittinsTable(self._lengths, running, per_token=True)
         prompt = self._median_prompt()
-        kv = self.kv
-        self._slots = max(1, min(self.limits.max_num_seqs,
-                                 int(kv.num_usable_blocks * kv.block_size // max(1.0, prompt + table.mean))))
+        self._slots = max(1, min(self.limits.max_num_seqs, int(self._pool_tokens() // (prompt + table.mean))))
         self._new_finishes = 0
         self._learned, self._cold = True, False
         seqs = self.limits.max_num_seqs
