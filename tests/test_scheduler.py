@@ -511,6 +511,29 @@ def test_skip_join_puts_a_prefilled_request_back_ahead_of_newer_ones():
     assert levels(plain)[:2] == [["b"], ["a"]]
 
 
+def test_skip_join_does_not_charge_a_prefill_chunk_that_leaves_the_prefill_unfinished():
+    """A 300-token prompt (30 ms of prefill) joins q2 (40 ms). Chunked 100 tokens at a time in
+    iterations of 50 ms (the batch's other work), it used to be demoted after its first
+    chunk, and a later prompt of the same queue overtook it mid-prefill. Not while decodes
+    are protected (here: the cold start); the paper's policy charges every iteration."""
+    for protect in (True, False):
+        cfg = SchedulerConfig(base_quantum=0.01, quantum_ratio=2.0, num_queues=5, starvation_threshold=0,
+                              protect_decodes=protect)
+        sched, kv = make(budget=100, cfg=cfg)
+        a, b = req("a", 300, 0.0), req("b", 300, 0.1)
+        sched.add(a)
+        assert run(sched, kv, duration=0.05)[0] == [("a", 100)]
+        sched.add(b)
+        if not protect:
+            assert levels(sched)[2:4] == [["b"], ["a"]]
+            assert run(sched, kv, duration=0.05)[0] == [("b", 100)]
+            continue
+        assert sched._cold and levels(sched)[2] == ["a", "b"]
+        assert run(sched, kv, duration=0.05)[0] == [("a", 100)]
+        assert levels(sched)[2] == ["a", "b"]
+        assert run(sched, kv, duration=0.05)[0] == [("a", 100)] and not a.is_prefilling
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(1, 80), min_size=1, max_size=60))
 def test_per_token_gittins_table_equals_the_definition(lengths):
