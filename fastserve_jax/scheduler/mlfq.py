@@ -205,9 +205,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
     keeps its place in the queue its prompt picked, so new arrivals do not push the first
     requests of a burst out of the batch and the first finishes come as soon as under fcfs.
     Under the paper's policy they came late, and with them the lengths to learn from (code
-    completion, 1.5x burst: the 16th finish at 17.8 s against fcfs's 9.1 s, 9.7 s with the
-    cold start protected; latency per token 0.91-0.94x fcfs's over three seeds, 0.94-0.98x
-    with it).
+    completion, 1.5x burst: the 16th finish at 17.8 s against fcfs's 9.1 s; 9.7 s with it).
 
     Where the device pool cannot hold a full batch of typical requests (max_num_seqs x
     (median prompt + mean output); before any output length is known, mean output = median
@@ -381,15 +379,9 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         if self._table is None and not self._cold:
             return super().charge(req, num_tokens, duration)
         if num_tokens > 1 and req.is_prefilling:
-            # A chunk of a prefill that goes on: not charged while decodes are protected. The
-            # request's queue was picked so that its whole prefill fits the quantum, but the
-            # chunk's iteration also ran the batch's decodes and other chunks, and charging all
-            # of it demoted long prompts mid-prefill behind later arrivals (code completion at
-            # 0.9x capacity: 17 of 90 chunks; 0.97-1.00x fcfs's latency per token became 1.00x,
-            # 0.96-1.02x in the bursts 1.03-1.04x). A prefill is finite, so this never keeps a
-            # request up. Where memory binds and decodes are not protected, leaving chunks
-            # uncharged cost heavy-tailed lengths with a tenth of the KV at 0.95x of capacity:
-            # 1.93 / 1.65 / 1.32x fcfs's latency per token became 1.41 / 1.25 / 1.20x.
+            # A chunk after which the prefill goes on: not charged while decodes are protected
+            # (the queue was picked for the whole prefill; the chunk's iteration also ran other
+            # work; docs/scheduling.md, "Unfinished prefill chunks go uncharged").
             return False
         if num_tokens > 1:                                  # its prefill completed
             level = self.entry_level(req)
