@@ -106,7 +106,7 @@ class SchedulerConfig:
       on the Azure trace, mean JCT 40.6 s against 49.2 s (fcfs: 37.7 s).
     - protect_decodes: skip-join MLFQ stops demoting a decoding request while the learned
       lengths say it is worth more per token than a fresh one, and every decoding request
-      until `protect_min_samples` requests have finished (scheduler/mlfq.py's
+      until `protect_min_samples` requests have finished (scheduler/skip_join.py's
       SkipJoinMLFQScheduler; False: the paper's policy as published).
     - predictive_*: the predictive policy (scheduler/predictive.py; the measurements behind
       each default are in docs/scheduling.md, "Predicted output lengths").

@@ -1,7 +1,7 @@
 """What the scheduling policy learns while serving, kept across restarts.
 
 - The output lengths that gittins and predictive learn (scheduler/learned.py), and that
-  skip-join MLFQ learns to protect decodes (scheduler/mlfq.py): the window of finished
+  skip-join MLFQ learns to protect decodes (scheduler/skip_join.py): the window of finished
   lengths is written when the engine closes (serve's shutdown) or switches policy, and the
   next of these policies on the same model and dtype starts from it instead of cold. One
   JSON file per model and dtype in `<cache>/lengths/`, or $FASTSERVE_JAX_LENGTHS_DIR

@@ -32,7 +32,7 @@ the fix (figures from the same scenarios at 400 requests, opt-13b-a100 cost mode
   started ones, so under a backlog the started set grew past the batch and its oldest
   members waited for the backlog to clear (0.95x of capacity: 0.79x fcfs's latency per
   token; 1.5x burst: 0.80x). A decoding request is now not demoted while the learned
-  lengths say it is worth more per token than a fresh one (scheduler/mlfq.py).
+  lengths say it is worth more per token than a fresh one (scheduler/skip_join.py).
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from fastserve_jax.kv_cache import KVManager
 from fastserve_jax.scheduler.base import Limits, Plan, ScheduledRequest, Scheduler
 from fastserve_jax.scheduler.fcfs import FCFSScheduler
 from fastserve_jax.scheduler.gittins import GittinsScheduler
-from fastserve_jax.scheduler.mlfq import MLFQScheduler, SkipJoinMLFQScheduler
+from fastserve_jax.scheduler.mlfq import MLFQScheduler
+from fastserve_jax.scheduler.skip_join import SkipJoinMLFQScheduler
 from fastserve_jax.scheduler.predictive import PredictiveScheduler
 from fastserve_jax.scheduler.srpt import SRPTScheduler
 

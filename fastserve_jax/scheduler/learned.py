@@ -17,7 +17,7 @@ from typing import Container, Iterator
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan, finished_length
 from fastserve_jax.scheduler.index_policy import IndexPolicy
-from fastserve_jax.scheduler.mlfq import SkipJoinMLFQScheduler
+from fastserve_jax.scheduler.skip_join import SkipJoinMLFQScheduler
 from fastserve_jax.scheduler.service import ServiceMeter
 
 
