@@ -166,7 +166,7 @@ def main() -> int:
     ap.add_argument("--qualities", nargs="+", default=[q for q, _ in QUALITIES], choices=[q for q, _ in QUALITIES])
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--quick", action="store_true",
-                    help="40 requests of chat at 3x, 3 qualities, gittins_min_samples 10 so predictive leaves "
+                    help="40 requests of chat at 3x, 3 qualities, gittins_min_samples 10 so gittins leaves "
                          "skip-join: a smoke run")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report and plot from OUT/results.json")
     a = ap.parse_args()

@@ -24,7 +24,7 @@ from tests.test_scheduler import make, req, run
 
 OPT = CostModel.load("opt-13b-a100")
 PROMPTS = [TraceRequest(0.0, int(p), 1) for p in np.random.default_rng(1).integers(50, 1000, 500)]
-QUICK = SchedulerConfig(gittins_min_samples=10, predictive_starvation_threshold=0)
+QUICK = SchedulerConfig(predictive_min_samples=10, predictive_starvation_threshold=0)
 
 
 def burst(trace, load, cfg):
@@ -38,7 +38,7 @@ def sim_cfg(sched=QUICK, **kw) -> SimConfig:
 
 # -- literal scenarios ----------------------------------------------------------------------------
 def test_skip_join_until_a_prediction_is_seen_then_live_requests_keep_their_kv():
-    cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=0, gittins_min_samples=3)
+    cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=0, predictive_min_samples=3)
     sched, kv = make("predictive", seqs=2, cfg=cfg)
     for i in range(4):
         sched.add(req(f"done{i}", 5, 0.0, 2))
@@ -157,7 +157,7 @@ def test_starvation_bound_lets_a_request_predicted_long_finish(monkeypatch, thre
     trace = [TraceRequest(0.0, 10, 30)] + [TraceRequest(1.0 + 2.0 * i, 10, 2) for i in range(40)]
     rec = Recorder(monkeypatch)
     cfg = SimConfig(1, 512, 4, scheduler_config=SchedulerConfig(
-        gittins_min_samples=1, predictive_starvation_threshold=threshold,
+        predictive_min_samples=1, predictive_starvation_threshold=threshold,
         protect_decodes=False), prediction_sigma=0.0)      # the warm-up's skip-join must not protect the long one
     res = simulate(trace, "predictive", UNIT, cfg)
     long = res.requests[0]
@@ -172,6 +172,7 @@ def test_starvation_bound_lets_a_request_predicted_long_finish(monkeypatch, thre
 @pytest.mark.parametrize("kw,match", [
     (dict(predictive_max_paused=-1), "predictive_max_paused"),
     (dict(predictive_max_paused=2.5), "predictive_max_paused"),
+    (dict(predictive_min_samples=0), "predictive_min_samples"),
     (dict(predictive_objective="p99"), "predictive_objective"),
     (dict(predictive_starvation_threshold=-1.0), "predictive_starvation_threshold"),
     (dict(predictive_starvation_threshold=float("inf")), "predictive_starvation_threshold"),

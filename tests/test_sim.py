@@ -89,7 +89,7 @@ def test_every_policy_finishes_everything_within_limits(reqs, policy, seqs, budg
     trace = [TraceRequest(t, p, o) for t, p, o in reqs]
     cfg = SimConfig(max_num_seqs=seqs, max_num_batched_tokens=budget, block_size=4, kv_capacity_tokens=kv_tokens,
                     scheduler_config=SchedulerConfig(base_quantum=0.5, num_queues=4, starvation_threshold=3.0,
-                                                     gittins_min_samples=3, gittins_refresh=2), max_iterations=100_000,
+                                                     gittins_min_samples=3, predictive_min_samples=3, gittins_refresh=2), max_iterations=100_000,
                     prediction_sigma=0.5)          # predictive leaves skip-join (the others ignore predictions)
     res = simulate(trace, policy, UNIT, cfg)
     by_id = {r.request_id: r for r in res.requests}
@@ -109,7 +109,7 @@ def test_partial_prefills_do_not_rotate_forever(policy):
              TraceRequest(2.629, 14, 6)]
     cfg = SimConfig(max_num_seqs=2, max_num_batched_tokens=18, block_size=4, kv_capacity_tokens=102,
                     scheduler_config=SchedulerConfig(base_quantum=0.5, num_queues=4, starvation_threshold=3.0,
-                                                     gittins_min_samples=3, gittins_refresh=2), max_iterations=2000,
+                                                     gittins_min_samples=3, predictive_min_samples=3, gittins_refresh=2), max_iterations=2000,
                     prediction_sigma=0.5)
     res = simulate(trace, policy, UNIT, cfg)
     assert all(r.finished for r in res.requests)

@@ -3,7 +3,7 @@
 Both learn the output-length distribution from finished requests: a sliding window of the
 last `gittins_window` lengths per prompt-length bucket and one pooled over all (see
 SchedulerConfig.gittins_*), relearned every `gittins_refresh` finishes. Until `ready()`
-(at least `gittins_min_samples` finished, and whatever a subclass adds) the policy is
+(at least `gittins_min_samples` finished, predictive's own `predictive_min_samples`, and whatever a subclass adds) the policy is
 skip-join MLFQ; then the live requests move over to the index, keeping their KV.
 """
 
@@ -82,9 +82,12 @@ class LearnedLengthPolicy(IndexPolicy):
             h.extend(xs)
         self.pooled.extend(pooled)
 
+    def min_samples(self) -> int:
+        return self.config.gittins_min_samples
+
     def ready(self) -> bool:
         """Enough learned to leave skip-join MLFQ."""
-        return len(self.pooled) >= self.config.gittins_min_samples
+        return len(self.pooled) >= self.min_samples()
 
     @abstractmethod
     def learn(self) -> None:

@@ -31,9 +31,9 @@ Two bounds on top of the ranking:
   allowance first and starts even at the limit: the wait bound is the hard guarantee, so
   the paused count may exceed M by the promoted requests started in that iteration.
 
-Until a request carrying a prediction has been seen and `gittins_min_samples` requests
-have finished, the policy is skip-join MLFQ (learned.py); then live requests move over,
-keeping their KV.
+Until a request carrying a prediction has been seen and `predictive_min_samples` (10)
+requests have finished, the policy is skip-join MLFQ (learned.py); then live requests move
+over, keeping their KV.
 """
 
 from __future__ import annotations
@@ -75,6 +75,9 @@ class PredictiveScheduler(LearnedLengthPolicy):
         k = -pred.gittins_index(g, self.meter.prefill_slots(req), self.per_token)
         self._keys[rid] = (pred, g, k)
         return k
+
+    def min_samples(self) -> int:
+        return self.config.predictive_min_samples
 
     def ready(self) -> bool:
         return self.seen_prediction and super().ready()
