@@ -21,7 +21,8 @@ Prompts are `range(n)`: the simulator never reads token values.
 
 Predicted output lengths (SimConfig.prediction_sigma or prediction_tau; sim_prediction.py):
 when a request's prefill completes (its first token), it gets a prediction of the chosen
-quality, set before scheduler.on_iteration as the engine does (scheduler/base.py); the
+quality (with prediction_at="arrival", already when it arrives: a predictor that reads only
+the prompt, as vLLM-LTR's; the engine's reads the prefill's hidden states), set before scheduler.on_iteration as the engine does (scheduler/base.py); the
 predictor's prior learns from the requests finished so far. The metrics carry the run's
 realised Kendall's tau between the predictor's estimates and the true lengths (the
 posterior means under one prior rank alike; under the moving prior, their tau drifts with
@@ -46,6 +47,8 @@ from fastserve_jax.kv_plan import apply_ahead, apply_plan
 from fastserve_jax.length_prediction import LengthPrediction, calibration, kendall_tau
 from fastserve_jax.request import Request, RequestStatus
 from fastserve_jax.swap_policy import SWAP_POLICIES, SwapPolicy
+
+PREDICTION_AT = ("prefill", "arrival")
 from fastserve_jax.scheduler import Limits, Plan, make_scheduler
 from fastserve_jax.sim_prediction import NoisyLengthOracle, sigma_for_tau
 from fastserve_jax.slo import summarize
@@ -69,6 +72,9 @@ class SimConfig:
     prediction_sigma: float | None = None
     prediction_tau: float | None = None
     prediction_seed: int = 0
+    # When a request gets its first prediction: "prefill" (its first token, as the engine's
+    # predictor, which reads the prefill's hidden states) or "arrival" (a prompt-only predictor).
+    prediction_at: str = "prefill"
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_iterations"))
@@ -85,6 +91,8 @@ class SimConfig:
             raise ValueError(f"prediction_sigma must be a finite number >= 0 (0 = exact lengths), got {s!r}")
         if t is not None and not (isinstance(t, (int, float)) and 0 < t <= 1):
             raise ValueError(f"prediction_tau must be in (0, 1] (1 = exact lengths), got {t!r}")
+        if self.prediction_at not in PREDICTION_AT:
+            raise ValueError(f"prediction_at must be one of {list(PREDICTION_AT)}, got {self.prediction_at!r}")
 
     def oracle(self, trace: Sequence[TraceRequest]) -> NoisyLengthOracle | None:
         """The run's predictor, None without predictions."""
@@ -216,11 +224,16 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
                 kv.finish_swap_in(r)
         return [(r, ready) for r, ready in ups if ready > t and kv.location(r) is KVLocation.SWAPPING_IN]
 
+    at_arrival = oracle is not None and cfg.prediction_at == "arrival"
     wall0 = time.perf_counter()
     now, nxt, live = 0.0, 0, 0
     iterations = preemptions = seqs = max_batch = max_tokens = max_blocks = 0
     while nxt < len(reqs) or live:
         while nxt < len(reqs) and reqs[nxt].arrival_time <= now:
+            if at_arrival:
+                r = reqs[nxt]
+                r.length_prediction = oracle.predict(r.sampling.max_tokens, noise[r.request_id], 0)
+                predicted[r.request_id] = (oracle.version, r.length_prediction, r.sampling.max_tokens)
             sched.add(reqs[nxt])
             swap.on_arrival(reqs[nxt], reqs[nxt].arrival_time)
             live_reqs[reqs[nxt].request_id] = reqs[nxt]

@@ -32,6 +32,7 @@ PLOT_METRICS = ("mean_latency_per_token", "mean_jct", "p99_jct", "mean_ttft", "p
 
 def add_simulate_parser(sub) -> None:
     from fastserve_jax.scheduler import DEFAULT_POLICY, POLICIES
+    from fastserve_jax.sim import PREDICTION_AT
 
     p = sub.add_parser("simulate", help="run scheduling policies on a trace in the simulator (no model, no device)",
                        description="Simulate policies on a trace with a cost model: the real scheduler and KV "
@@ -72,6 +73,10 @@ def add_simulate_parser(sub) -> None:
     pred.add_argument("--prediction-tau", type=_tau, metavar="TAU",
                       help="simulate predictions whose Kendall's tau with the true lengths is TAU, in (0, 1] "
                            "(learned predictors report 0.5-0.6; 1 = exact)")
+    p.add_argument("--prediction-at", choices=PREDICTION_AT, default="prefill",
+                   help="when a request first gets its simulated prediction: when its prefill completes (as the "
+                        "engine's predictor, which reads the prefill's hidden states; default) or when it arrives "
+                        "(a predictor that reads only the prompt)")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival process and the prediction noise")
     p.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes")
     p.add_argument("--json", required=True, metavar="OUT", help="where to write the results")
@@ -175,7 +180,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
                              "(e.g. 0.55, like learned predictors) or --prediction-sigma (e.g. 0.8)")
         cfg = SimConfig(a.max_num_seqs, a.max_num_batched_tokens, a.block_size, a.kv_capacity_tokens,
                         dataclasses.replace(SchedulerConfig(), **knobs), a.host_kv_capacity_tokens, a.swap_policy,
-                        prediction_sigma=a.prediction_sigma, prediction_tau=a.prediction_tau, prediction_seed=a.seed)
+                        prediction_sigma=a.prediction_sigma, prediction_tau=a.prediction_tau, prediction_seed=a.seed,
+                        prediction_at=a.prediction_at)
         if a.host_kv_capacity_tokens and a.swap_policy != "recompute":
             cost.swap_time(1)                    # the transfer-time model must be there
         blocks = cfg.num_blocks(cost)
