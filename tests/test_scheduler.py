@@ -534,6 +534,43 @@ def test_skip_join_does_not_charge_a_prefill_chunk_that_leaves_the_prefill_unfin
         assert run(sched, kv, duration=0.05)[0] == [("a", 100)] and not a.is_prefilling
 
 
+def test_drop_to_start_drops_only_host_kv_ranked_below_the_new_request():
+    """Device pool of 9 usable blocks, paused KV on the host: q (2 blocks, ranked first) and p
+    (6 blocks, ranked last). The new request a needs 4: started KV 8 + 4 is past the
+    device-only start bound (9), so a drops p's host KV and starts; q, ranked above it, keeps
+    its KV. Without drop_to_start (and without the host share) a waits."""
+    from fastserve_jax.kv_plan import drop_kv
+    from fastserve_jax.scheduler.batch import fill_batch
+    for drop in (True, False):
+        kv = KVManager(10, 4, 20)
+        q, a, p = req("q", 8, 0.0), req("a", 16, 0.2), req("p", 24, 0.1)
+        for r in (q, p):
+            kv.allocate(r, r.num_prompt_tokens)
+            r.num_computed_tokens = r.num_prompt_tokens
+            kv.swap_out(r)
+            kv.finish_swap_out(r)
+        plan = fill_batch([q, a, p], [p, a, q], Limits(4, 100), kv, swap=True, swap_in_blocks=-1,
+                          start_on_host=drop, drop_to_start=drop)
+        if drop:
+            assert [s.request.request_id for s in plan.scheduled] == ["a"] and plan.preempted == [p]
+            drop_kv(p, kv)
+            assert kv.location(q).value == "host" and kv.location(p).value == "none"
+        else:
+            assert "a" not in [s.request.request_id for s in plan.scheduled] and not plan.preempted
+
+
+def test_skip_join_drops_to_start_only_where_memory_binds_and_a_backlog_waits():
+    cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=0, protect_min_samples=2)
+    for blocks, backlog, want in ((1000, 100, False), (60, 100, True), (60, 17, False)):
+        sched, kv = make(seqs=4, cfg=cfg, num_blocks=blocks)
+        for i in range(backlog):
+            sched.add(req(f"r{i}", 50, 0.0, 5))
+        apply_plan(sched.schedule(0.0), kv, 0.0)      # a cold start decides whether memory binds
+        waiting = len(sched) - kv.num_kv_requests
+        assert sched.drops_to_start() is want, (blocks, backlog, waiting)   # 4 slots x 4 per slot
+        assert want == (blocks == 60 and waiting > 16)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(1, 80), min_size=1, max_size=60))
 def test_per_token_gittins_table_equals_the_definition(lengths):

@@ -23,6 +23,11 @@ while low-priority requests sit on it. Then:
 Requests in flight (pipeline mode: in a batch dispatched but not collected yet) are neither
 scheduled nor evicted.
 
+With `drop_to_start` (skip-join sets it where memory binds and a backlog waits; see
+skip_join.py) the start bound counts the device pool only, and a new request it holds back
+drops the host KV of paused requests ranked below it, lowest first, until it fits: those
+prefill again later, as under recompute.
+
 The best-ranked KV holder can always evict every other paused holder, and admission checks
 that one request fits the whole pool, so some request always runs.
 """
@@ -60,7 +65,7 @@ def evict(plan: Plan, victim: Request, kv: KVManager, swap: bool) -> int:
 
 def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], limits: Limits,
                kv: KVManager, swap: bool = False, swap_in_blocks: int | None = None,
-               start_on_host: bool = False) -> Plan:
+               start_on_host: bool = False, drop_to_start: bool = False) -> Plan:
     """The next plan. `worst_first` is consumed lazily, only when a request must evict;
     it must list the same requests as `best_first` in reverse priority order. `swap`: evicted
     KV goes to the host pool while it has room (see `evict`). `swap_in_blocks` bounds the
@@ -73,7 +78,8 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     requests may start past the device pool, up to one more device pool's worth of host
     blocks, moving paused KV to the host to make room. Without it (recompute, reactive:
     there host KV returns only on demand, through the stall budget) started KV stays within
-    the device pool and a new request starts only into free blocks."""
+    the device pool and a new request starts only into free blocks. `drop_to_start` (with
+    start_on_host): see the module docstring."""
     plan = Plan()
     budget = limits.max_num_batched_tokens
     free = kv.num_free_blocks
@@ -98,7 +104,10 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     # ran two-thirds full (code completion, 3x burst: 0.88x fcfs's throughput).
     started = kv.num_used_blocks + kv.num_host_used_blocks
     start_limit = kv.num_usable_blocks
-    if start_on_host:
+    drop_to_start = drop_to_start and start_on_host
+    if drop_to_start:
+        worst_first = list(worst_first)   # walked for drops and for evictions
+    elif start_on_host:
         start_limit += min(kv.num_host_blocks, kv.num_usable_blocks)
     start_limit -= int(start_limit * START_HEADROOM)
     admit_new = True
@@ -148,6 +157,16 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
                                                           (comes_back > swap_in_blocks and fit > free)):
             fallback = fallback or req
             continue
+        if not holds and started and started + fit > start_limit and drop_to_start:
+            for v in worst_first:                     # the host KV of paused requests ranked below
+                if started + fit <= start_limit or v is req:
+                    break
+                vid = v.request_id
+                if vid in chosen or vid in evicted or v.in_flight or where_of(vid) is not KVLocation.HOST:
+                    continue
+                evicted.add(vid)
+                plan.preempted.append(v)
+                started -= kv.host_blocks(v)
         if not holds and started and started + fit > start_limit:      # alone, anything admitted fits
             admit_new = False
             continue

@@ -149,7 +149,11 @@ class MLFQScheduler(Scheduler):
     def schedule(self, now: float) -> Plan:
         self.promote_starving(now)
         return fill_batch(self.best_first(), self.worst_first(), self.limits, self.kv, self.swap_on_evict,
-                          self.swap_in_blocks, self.start_on_host)
+                          self.swap_in_blocks, self.start_on_host, self.drops_to_start())
+
+    def drops_to_start(self) -> bool:
+        """Whether new requests may drop lower-ranked host KV to start (batch.fill_batch)."""
+        return False
 
     def on_iteration(self, plan: Plan, duration: float, now: float) -> None:
         last = len(self.quanta) - 1

@@ -15,6 +15,9 @@ from fastserve_jax.scheduler.mlfq import MLFQScheduler
 # Where memory binds the batch, skip-join still protects decodes if at least this share of
 # the learned lengths would finish while protected (SkipJoinMLFQScheduler's docstring).
 MEMORY_BOUND_COVERAGE = 0.9
+# Where memory binds, a backlog of more than this many waiting requests per batch slot turns
+# on fill_batch's drop_to_start (SkipJoinMLFQScheduler.drops_to_start).
+BACKLOG_PER_SLOT = 4
 
 
 class SkipJoinMLFQScheduler(MLFQScheduler):
@@ -75,6 +78,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         self._level_index: list[float] = []
         self._slots = 0
         self._lapsed: set[str] = set()     # charged as a decode since learning: never lifted again
+        self._memory_bound = False         # the device pool holds no full batch of typical requests
 
     def use_cost_model(self, cost_model, config) -> None:
         super().use_cost_model(cost_model, config)
@@ -111,7 +115,28 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
                 self._cold_prompts = len(self._prompts)
                 prompt = self._median_prompt()
                 self._cold = self._batch_fits(prompt, prompt)
+                self._memory_bound = not self._cold
         return super().schedule(now)
+
+    def drops_to_start(self) -> bool:
+        """Where memory binds and decodes are not protected (see the class docstring), and more
+        than BACKLOG_PER_SLOT requests per batch slot wait unstarted: new requests start within
+        the device pool, dropping the host KV of paused requests ranked below them
+        (batch.fill_batch). Proactive swapping otherwise starts requests on the strength of the
+        host pool too, and with a tenth of OPT-13B's KV that share filled up with paused,
+        lower-ranked requests while new ones waited: in the chat-like 1.5x burst the first
+        tokens came after 78 s on average against 39 s under recompute, which dropped those
+        requests instead (latency per token 1.18x fcfs's against 1.90x; heavy-tailed 3x 1.56x
+        against 2.04x). Below capacity that recomputation costs more than the host copies
+        (heavy-tailed at 0.75x: 1.20x against 3.53x when dropping at any backlog, 0.95x:
+        1.72x against 1.93x with a backlog of one per slot), hence the backlog. With full
+        device KV the host share is what lets proactive swapping start enough requests
+        (heavy-tailed 8x burst: 2.60x, 1.52x when dropping), hence the memory bound. Where
+        decodes are protected (code completion) the paused requests hold long prompts and
+        are nearly done, and dropping them cost 1-3% (bursts 1.02-1.07x fcfs's became
+        1.00-1.04x, throughput 0.975-0.989x)."""
+        return self._memory_bound and self._table is None and \
+            len(self._live) - self.kv.num_kv_requests > BACKLOG_PER_SLOT * self.limits.max_num_seqs
 
     def batch_slots(self) -> int:
         """Once learned: the typical requests (median prompt + mean output) the device pool
@@ -156,7 +181,8 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         seqs = self.limits.max_num_seqs
         slot = self.cost_model.decode_time(seqs) / seqs
         fresh = table.index(0, self.cost_model.prefill_time(prompt) / slot)
-        if not self._batch_fits(prompt, table.mean):
+        self._memory_bound = not self._batch_fits(prompt, table.mean)
+        if self._memory_bound:
             until = next((a for a in range(table.max_len) if table.index(a) < fresh), table.max_len)
             if 1.0 - table.surv[until] < MEMORY_BOUND_COVERAGE:      # P(X <= until): finished while protected
                 self._table = None             # memory binds the batch: see the class docstring
