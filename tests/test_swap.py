@@ -207,8 +207,12 @@ def test_simulator_charges_swap_time():
     assert out["recompute"]["swap_blocks_out"] == 0
     for policy in ("reactive", "proactive"):
         m = out[policy]
-        assert m["swap_blocks_out"] > 0 and m["swap_blocks_in"] == m["swap_blocks_out"]
-        assert m["swap_stall_seconds"] > 0              # a 1 MB/s link: on-demand swap-ins stall
+        assert m["swap_blocks_out"] > 0 and m["swap_stall_seconds"] > 0   # a 1 MB/s link: on-demand swap-ins stall
+    assert out["reactive"]["swap_blocks_in"] == out["reactive"]["swap_blocks_out"]
+    # skip-join with proactive swapping: memory binds and a backlog waits, so new requests drop
+    # some host KV instead of waiting for it to come back (SkipJoinMLFQScheduler.drops_to_start)
+    m = out["proactive"]
+    assert 0 < m["swap_blocks_in"] < m["swap_blocks_out"] and m["preemptions"] > 0
     with pytest.raises(ValueError, match="swap_bandwidth"):
         simulate(trace, "mlfq", CostModel("bare", (1,), (0.01,), (1,), (0.01,)),
                  SimConfig(**base, host_kv_capacity_tokens=400, swap_policy="reactive"))
@@ -348,7 +352,7 @@ def test_demo_model_counts_correctly_when_new_requests_drop_host_kv(monkeypatch)
     from fastserve_jax.scheduler.skip_join import SkipJoinMLFQScheduler
     monkeypatch.setattr(SkipJoinMLFQScheduler, "drops_to_start", lambda self: True)
     rng = np.random.default_rng(0)
-    pairs = [demo_task.sample_pair(rng, 60) for _ in range(40)]
+    pairs = [demo_task.sample_pair(rng, 60) for _ in range(24)]
     llm = LLM(None, warmup=False, max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64, block_size=8,
               num_device_blocks=18, num_host_blocks=120, swap_policy="proactive", scheduler="skip-join-mlfq",
               protect_decodes=False)           # MLFQ's demotions pause requests, and proactive offloads them
