@@ -22,12 +22,13 @@ Prompts are `range(n)`: the simulator never reads token values.
 Predicted output lengths (SimConfig.prediction_sigma or prediction_tau; sim_prediction.py):
 when a request's prefill completes (its first token), it gets a prediction of the chosen
 quality (with prediction_at="arrival", already when it arrives: a predictor that reads only
-the prompt, as vLLM-LTR's; the engine's reads the prefill's hidden states), set before scheduler.on_iteration as the engine does (scheduler/base.py); the
-predictor's prior learns from the requests finished so far. The metrics carry the run's
-realised Kendall's tau between the predictor's estimates and the true lengths (the
-posterior means under one prior rank alike; under the moving prior, their tau drifts with
-when each prediction was made: 0.45 for useless predictions in a 3x chat burst), and the
-calibration of each request's latest prediction.
+the prompt, as vLLM-LTR's; the engine's reads the prefill's hidden states), set before
+scheduler.on_iteration as the engine does (scheduler/base.py); the predictor's prior
+learns from the requests finished so far. The metrics carry the run's realised Kendall's
+tau between the predictor's estimates and the true lengths (the posterior means under one
+prior rank alike; under the moving prior, their tau drifts with when each prediction was
+made: 0.45 for useless predictions in a 3x chat burst), and the calibration of each
+request's latest prediction.
 """
 
 from __future__ import annotations
@@ -47,12 +48,12 @@ from fastserve_jax.kv_plan import apply_ahead, apply_plan
 from fastserve_jax.length_prediction import LengthPrediction, calibration, kendall_tau
 from fastserve_jax.request import Request, RequestStatus
 from fastserve_jax.swap_policy import SWAP_POLICIES, SwapPolicy
-
-PREDICTION_AT = ("prefill", "arrival")
 from fastserve_jax.scheduler import Limits, Plan, make_scheduler
 from fastserve_jax.sim_prediction import NoisyLengthOracle, sigma_for_tau
 from fastserve_jax.slo import summarize
 from fastserve_jax.workload import TraceRequest
+
+PREDICTION_AT = ("prefill", "arrival")     # SimConfig.prediction_at
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 Both learn the output-length distribution from finished requests: a sliding window of the
 last `gittins_window` lengths per prompt-length bucket and one pooled over all (see
 SchedulerConfig.gittins_*), relearned every `gittins_refresh` finishes. Until `ready()`
-(at least `gittins_min_samples` finished, predictive's own `predictive_min_samples`, and whatever a subclass adds) the policy is
-skip-join MLFQ; then the live requests move over to the index, keeping their KV.
+(at least `min_samples()` finished: `gittins_min_samples`, predictive's own
+`predictive_min_samples`; and whatever a subclass adds) the policy is skip-join MLFQ; then
+the live requests move over to the index, keeping their KV.
 """
 
 from __future__ import annotations
