@@ -88,8 +88,9 @@ def part_engine(a) -> dict:
     out = {}
     kw = dict(max_model_len=512, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=256, block_size=16,
               num_device_blocks=a.device_blocks, num_host_blocks=a.host_blocks, scheduler="skip-join-mlfq",
-              cost_model="demo-cpu", warmup="full")     # compiled before the replay: the first policy
-                                                        # run used to pay the compiles (2-4x its latency)
+              cost_model="demo-cpu", warmup="full")     # compiled before the replay: unwarmed, the first
+                                                        # policy paid the compiles (0.60-0.77 s mean latency
+                                                        # against 0.12-0.15 s warmed, 2026-12-02)
     work = None
     for policy in POLICIES:
         llm = LLM(None, swap_policy=policy, **kw)

@@ -27,7 +27,6 @@ from fastserve_jax.scheduler.base import Plan, Scheduler, starvation_limit
 from fastserve_jax.scheduler.batch import fill_batch
 
 
-
 class MLFQScheduler(Scheduler):
     """Plain MLFQ: every request enters the top queue."""
 
