@@ -538,10 +538,11 @@ def test_drop_to_start_drops_only_host_kv_ranked_below_the_new_request():
     """Device pool of 9 usable blocks, paused KV on the host: q (2 blocks, ranked first) and p
     (6 blocks, ranked last). The new request a needs 4: started KV 8 + 4 is past the
     device-only start bound (9), so a drops p's host KV and starts; q, ranked above it, keeps
-    its KV. Without drop_to_start (and without the host share) a waits."""
+    its KV. So with reactive swapping too (no host share: host KV counts against the device
+    pool there). Without drop_to_start (and without the host share) a waits."""
     from fastserve_jax.kv_plan import drop_kv
     from fastserve_jax.scheduler.batch import fill_batch
-    for drop in (True, False):
+    for drop, on_host in ((True, True), (True, False), (False, False)):
         kv = KVManager(10, 4, 20)
         q, a, p = req("q", 8, 0.0), req("a", 16, 0.2), req("p", 24, 0.1)
         for r in (q, p):
@@ -550,7 +551,7 @@ def test_drop_to_start_drops_only_host_kv_ranked_below_the_new_request():
             kv.swap_out(r)
             kv.finish_swap_out(r)
         plan = fill_batch([q, a, p], [p, a, q], Limits(4, 100), kv, swap=True, swap_in_blocks=-1,
-                          start_on_host=drop, drop_to_start=drop)
+                          start_on_host=on_host, drop_to_start=drop)
         if drop:
             assert [s.request.request_id for s in plan.scheduled] == ["a"] and plan.preempted == [p]
             drop_kv(p, kv)

@@ -345,17 +345,18 @@ def test_demo_model_counts_correctly_while_swapped(policy):
     assert llm.engine.stats.swap_out_blocks > 0 and llm.engine.stats.recomputations == 0
 
 
-def test_demo_model_counts_correctly_when_new_requests_drop_host_kv(monkeypatch):
+@pytest.mark.parametrize("swap_policy", ["proactive", "reactive"])
+def test_demo_model_counts_correctly_when_new_requests_drop_host_kv(monkeypatch, swap_policy):
     """skip-join's drop_to_start (forced on here; skip-join turns it on where memory binds and
     a backlog waits): new requests drop the host KV of paused requests ranked below them, and
-    those prefill again from scratch. Every answer stays exact."""
+    those prefill again from scratch. Every answer stays exact, with either swap policy."""
     from fastserve_jax.scheduler.skip_join import SkipJoinMLFQScheduler
     monkeypatch.setattr(SkipJoinMLFQScheduler, "drops_to_start", lambda self: True)
     rng = np.random.default_rng(0)
     pairs = [demo_task.sample_pair(rng, 60) for _ in range(24)]
     llm = LLM(None, warmup=False, max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64, block_size=8,
-              num_device_blocks=18, num_host_blocks=120, swap_policy="proactive", scheduler="skip-join-mlfq",
-              protect_decodes=False)           # MLFQ's demotions pause requests, and proactive offloads them
+              num_device_blocks=18, num_host_blocks=120, swap_policy=swap_policy, scheduler="skip-join-mlfq",
+              protect_decodes=False)           # MLFQ's demotions pause requests; evictions move them to the host
     outs = llm.generate([demo_task.make_prompt(a, b) for a, b in pairs],
                         [SamplingParams(max_tokens=demo_task.answer_num_tokens(a, b), temperature=0) for a, b in pairs])
     for (a, b), o in zip(pairs, outs):

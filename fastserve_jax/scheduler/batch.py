@@ -26,7 +26,8 @@ scheduled nor evicted.
 With `drop_to_start` (skip-join sets it where memory binds and a backlog waits; see
 skip_join.py) the start bound counts the device pool only, and a new request it holds back
 drops the host KV of paused requests ranked below it, lowest first, until it fits: those
-prefill again later, as under recompute.
+prefill again later, as under recompute. With reactive swapping the bound is the device pool
+anyway, and host KV counts against it until dropped the same way.
 
 The best-ranked KV holder can always evict every other paused holder, and admission checks
 that one request fits the whole pool, so some request always runs.
@@ -79,7 +80,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     blocks, moving paused KV to the host to make room. Without it (recompute, reactive:
     there host KV returns only on demand, through the stall budget) started KV stays within
     the device pool and a new request starts only into free blocks. `drop_to_start` (with
-    start_on_host): see the module docstring."""
+    `start_on_host` or `swap`): see the module docstring."""
     plan = Plan()
     budget = limits.max_num_batched_tokens
     free = kv.num_free_blocks
@@ -104,7 +105,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     # ran two-thirds full (code completion, 3x burst: 0.88x fcfs's throughput).
     started = kv.num_used_blocks + kv.num_host_used_blocks
     start_limit = kv.num_usable_blocks
-    drop_to_start = drop_to_start and start_on_host
+    drop_to_start = drop_to_start and (start_on_host or swap)    # host KV to drop exists
     if drop_to_start:
         worst_first = list(worst_first)   # walked for drops and for evictions
     elif start_on_host:

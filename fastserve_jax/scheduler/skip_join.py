@@ -134,7 +134,10 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         (heavy-tailed 8x burst: 2.60x, 1.52x when dropping), hence the memory bound. Where
         decodes are protected (code completion) the paused requests hold long prompts and
         are nearly done, and dropping them cost 1-3% (bursts 1.02-1.07x fcfs's became
-        1.00-1.04x, throughput 0.975-0.989x)."""
+        1.00-1.04x, throughput 0.975-0.989x). Reactive swapping's start bound is the device
+        pool already, host KV counted in it, and the drops apply there too (three seeds,
+        bursts: heavy-tailed 1.21-1.41x fcfs's latency per token became 1.45-2.28x,
+        chat-like 1.03-1.05x became 1.45-1.74x, Azure 1.63-1.80x became 1.63-1.73x)."""
         return self._memory_bound and self._table is None and \
             len(self._live) - self.kv.num_kv_requests > BACKLOG_PER_SLOT * self.limits.max_num_seqs
 
