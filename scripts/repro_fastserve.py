@@ -17,6 +17,10 @@ same requests):
     heavy   Azure prompts with bounded-Pareto outputs of the same mean (workload.heavy_tailed_trace)
     chat    chat-like: prompts <= 1,024, log-normal outputs (mean ~410), prompt + output <= 2,048
     code    code completion: prompts of 1-2k tokens, outputs of a few dozen
+  and, only when named with --workloads (not in the default run):
+    lognormal  the azure rows' prompts with log-normal outputs of the same mean, sigma 0.9
+               (workload.lognormal_trace): a few outputs of 1.5-4k tokens, whose drain at
+               the end of a burst is what its throughput checks measure (docs/scheduling.md)
 
 Configurations: fcfs with recompute (vLLM-like, the baseline of the latency ratios), and every
 policy with every swap policy. Throughput is compared with fcfs under the same swap policy
@@ -43,7 +47,7 @@ from fastserve_jax.slo import (UNLOADED_SLO_FACTOR, request_latencies, slo_attai
                                    unloaded_latency_per_token)
 from fastserve_jax.sim import SimConfig, simulate  # noqa: E402
 from fastserve_jax.workload import (TraceRequest, capacity_rps, chat_like_trace, code_completion_trace,  # noqa: E402
-                                    heavy_tailed_trace, load_trace, with_arrivals)
+                                    heavy_tailed_trace, load_trace, lognormal_trace, with_arrivals)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 AZURE = os.path.join(ROOT, "..", "shared", "traces", "azure_conv_2023.csv")
@@ -54,6 +58,9 @@ MEMORY = {"full": (0, 68_000), "tenth": (5_933, 41_943)}        # (device KV tok
 POLICIES = ("fcfs", "mlfq", "skip-join-mlfq", "gittins", "srpt")
 SWAPS = ("proactive", "reactive", "recompute")
 MAX_TOKENS = 5_933                                               # a tenth of the cost model's device KV
+BLOCK = 16
+WORKLOADS = ("azure", "heavy", "chat", "code", "lognormal")
+DEFAULT_WORKLOADS = WORKLOADS[:4]
 
 
 def workloads(n: int, seed: int = 0) -> dict[str, list[TraceRequest]]:
@@ -61,7 +68,8 @@ def workloads(n: int, seed: int = 0) -> dict[str, list[TraceRequest]]:
     fits = [r for r in azure if r.prompt_tokens + r.output_tokens <= MAX_TOKENS]
     heavy = [r for r in heavy_tailed_trace(fits, 4 * n, seed=seed) if r.prompt_tokens + r.output_tokens <= MAX_TOKENS]
     return {"azure": fits[:n], "heavy": heavy[:n], "chat": chat_like_trace(fits, n, seed=seed),
-            "code": code_completion_trace(n, seed=seed)}
+            "code": code_completion_trace(n, seed=seed),
+            "lognormal": lognormal_trace(fits, n, max_tokens=MAX_TOKENS - BLOCK, seed=100 + seed)}
 
 
 def _run(job: tuple) -> dict:
@@ -79,7 +87,7 @@ def run_all(a: argparse.Namespace) -> list[dict]:
     loads = a.loads or list(STEADY + BURSTS)
     jobs = []
     for wl, trace in workloads(a.requests).items():
-        if a.workloads and wl not in a.workloads:
+        if wl not in (a.workloads or DEFAULT_WORKLOADS):
             continue
         for mem, (dev, host) in MEMORY.items():
             base = SimConfig(16, 2048, 16, dev, host_kv_capacity_tokens=host)
@@ -122,7 +130,7 @@ class Checks:
 
 def report(rows: list[dict], unloaded: dict[str, float], out_dir: str) -> str:
     idx = _index(rows)
-    wls = sorted({r["workload"] for r in rows}, key=["azure", "heavy", "chat", "code"].index)
+    wls = sorted({r["workload"] for r in rows}, key=WORKLOADS.index)
     xs = sorted({r["x"] for r in rows})
     lines, c = [], Checks()
     for wl in wls:
@@ -175,7 +183,7 @@ def report(rows: list[dict], unloaded: dict[str, float], out_dir: str) -> str:
                                         "fcfs/recompute (target >= 2x)")
                 if wl in ("azure", "heavy") and mem == "full":
                     c.check(p99 <= 2.0, f"{wl}/{mem} {x:g}x: skip-join p99 JCT {p99:.2f}x fcfs's (target <= 2x)")
-                if mem == "tenth" or wl in ("code", "chat"):
+                if mem == "tenth" or wl in ("code", "chat", "lognormal"):
                     c.check(lpt >= 1.0, f"{wl}/{mem} {x:g}x: skip-join latency per token {lpt:.2f}x fcfs/recompute's "
                                         "(target: no worse)")
                 g = idx.get((wl, mem, "gittins", "proactive", x))
@@ -211,7 +219,7 @@ def headline(rows: list[dict]) -> str:
     under the same swap policy."""
     idx = _index(rows)
     out = []
-    for wl in sorted({r["workload"] for r in rows}, key=["azure", "heavy", "chat", "code"].index):
+    for wl in sorted({r["workload"] for r in rows}, key=WORKLOADS.index):
         for mem in MEMORY:
             xs = sorted({r["x"] for r in rows if r["workload"] == wl and r["memory"] == mem})
             out += [f"\n{wl}, device KV {mem}: mean latency per token (ms)\n",
@@ -257,7 +265,8 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="directory for results.json, report.md and the PNGs")
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--loads", type=float, nargs="+", help="rates as multiples of capacity (default: steady and bursts)")
-    ap.add_argument("--workloads", nargs="+", choices=["azure", "heavy", "chat", "code"])
+    ap.add_argument("--workloads", nargs="+", choices=WORKLOADS,
+                    help=f"default: {' '.join(DEFAULT_WORKLOADS)} (lognormal only when named)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--quick", action="store_true", help="40 requests, 3 rates: a smoke run")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from OUT/results.json")

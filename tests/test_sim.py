@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,7 +18,7 @@ from fastserve_jax.cost_model import CostModel
 from fastserve_jax.scheduler import POLICIES
 from fastserve_jax.sim import SimConfig, simulate
 from fastserve_jax.workload import TraceRequest, capacity_rps, code_completion_trace, heavy_tailed_trace, load_trace, \
-    save_trace, with_arrivals
+    lognormal_trace, save_trace, with_arrivals
 from fastserve_jax.serve.cli import main
 
 # 1 s per decode iteration at any batch; prefill 1 s up to 100 tokens, then 1 s per 100 tokens
@@ -165,6 +166,18 @@ def test_heavy_tailed_trace_matches_azure_mean_with_a_heavier_tail():
     assert 195 < sum(out) / len(out) < 225
     top10 = sum(out[-len(out) // 10:]) / sum(out)
     assert top10 > 0.45                                    # an exponential with that mean: 0.33
+
+
+def test_lognormal_trace_keeps_the_prompts_and_draws_outputs_of_the_given_mean():
+    rows = [TraceRequest(0.0, 100 + i % 900, 1) for i in range(50_000)]
+    tr = lognormal_trace(rows, 40_000, sigma=0.9, mean=260.0, seed=1)
+    out = np.array([r.output_tokens for r in tr])
+    assert [r.prompt_tokens for r in tr] == [r.prompt_tokens for r in rows[:40_000]]
+    assert 250 < out.mean() < 270 and 160 < np.median(out) < 200 and out.min() >= 2
+    capped = lognormal_trace(rows, 1_000, sigma=2.0, max_tokens=1_200, seed=1)
+    assert max(r.prompt_tokens + r.output_tokens for r in capped) == 1_200
+    with pytest.raises(ValueError, match="sigma > 0"):
+        lognormal_trace(rows, 10, sigma=0.0)
 
 
 # -- the command line -----------------------------------------------------------------------------
