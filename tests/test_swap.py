@@ -208,11 +208,12 @@ def test_simulator_charges_swap_time():
     for policy in ("reactive", "proactive"):
         m = out[policy]
         assert m["swap_blocks_out"] > 0 and m["swap_stall_seconds"] > 0   # a 1 MB/s link: on-demand swap-ins stall
-    assert out["reactive"]["swap_blocks_in"] == out["reactive"]["swap_blocks_out"]
-    # skip-join with proactive swapping: memory binds and a backlog waits, so new requests drop
-    # some host KV instead of waiting for it to come back (SkipJoinMLFQScheduler.drops_to_start)
-    m = out["proactive"]
-    assert 0 < m["swap_blocks_in"] < m["swap_blocks_out"] and m["preemptions"] > 0
+        # skip-join: memory binds and a backlog waits, so new requests drop some host KV instead
+        # of waiting for it to come back (SkipJoinMLFQScheduler.drops_to_start)
+        assert 0 < m["swap_blocks_in"] < m["swap_blocks_out"] and m["preemptions"] > 0, policy
+    # plain MLFQ drops no host KV to start requests: every block copied out comes back
+    m = simulate(trace, "mlfq", COST, SimConfig(**base, host_kv_capacity_tokens=400, swap_policy="reactive")).metrics()
+    assert 0 < m["swap_blocks_out"] == m["swap_blocks_in"] and m["swap_stall_seconds"] > 0
     with pytest.raises(ValueError, match="swap_bandwidth"):
         simulate(trace, "mlfq", CostModel("bare", (1,), (0.01,), (1,), (0.01,)),
                  SimConfig(**base, host_kv_capacity_tokens=400, swap_policy="reactive"))
