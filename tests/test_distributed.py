@@ -277,7 +277,7 @@ TWO_PROCESS = textwrap.dedent("""
     import numpy as np
     from fastserve_jax.sharding.distributed import DistributedConfig, PlanChannel, initialize, is_shutdown
     cfg = initialize(DistributedConfig(sys.argv[1], 2, int(sys.argv[2]), plan_port=int(sys.argv[3]),
-                                       local_device_count=2), timeout_s=60)
+                                       local_device_count=2), timeout_s=120)
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     mesh = Mesh(np.array(jax.devices()), ("tp",))
@@ -285,11 +285,11 @@ TWO_PROCESS = textwrap.dedent("""
     step = jax.jit(lambda x, w: jax.shard_map(lambda x, w: jax.lax.psum((x * w).sum(), "tp"), mesh=mesh,
                                               in_specs=(P("tp"), P("tp")), out_specs=P())(x, w))
     if cfg.process_id == 0:
-        ch = PlanChannel.serve(cfg, timeout_s=60)
+        ch = PlanChannel.serve(cfg, timeout_s=120)
         plan = {"op": "step", "x": np.full((8,), 3.0, np.float32)}
         ch.send(plan)
     else:
-        ch = PlanChannel.connect(cfg, timeout_s=60)
+        ch = PlanChannel.connect(cfg, timeout_s=120)
         plan = ch.recv()
     out = step(plan["x"], w)
     if cfg.process_id == 0:
@@ -303,13 +303,15 @@ TWO_PROCESS = textwrap.dedent("""
 
 
 def test_two_processes_psum_following_a_plan():
+    # Generous waits: on a 2-core machine running other tests beside it, one process can take
+    # a minute to import JAX while the other waits for it (a 60 s wait failed once, 2026-12-02).
     coord, plan_port = f"127.0.0.1:{free_port()}", free_port()
     procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS, coord, str(i), str(plan_port)], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     outs = []
     try:
         for p in procs:
-            outs.append(p.communicate(timeout=150))
+            outs.append(p.communicate(timeout=300))
     finally:
         for p in procs:
             if p.poll() is None:
