@@ -122,7 +122,8 @@ def lognormal_trace(prompts_from: Sequence[TraceRequest], n: int, sigma: float =
     """The first n requests of `prompts_from` with their outputs replaced by log-normal ones
     of the given mean and sigma (at least 2 tokens; prompt + output at most max_tokens when
     given); no arrival times. Sigma 0.9 and mean 260 (the repro's Azure rows' mean) give
-    median ~180, coefficient of variation ~1.1 and a few outputs of 1.5-4k tokens."""
+    median ~180, coefficient of variation ~1 and, in 400 draws, a longest output of 1.5-3k
+    tokens (seeds 100 / 101 / 102: 1,791 / 1,575 / 2,828)."""
     if sigma <= 0 or mean <= 0:
         raise ValueError("lognormal_trace needs sigma > 0 and mean > 0")
     rng = np.random.default_rng(seed)

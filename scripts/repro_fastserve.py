@@ -19,8 +19,8 @@ same requests):
     code    code completion: prompts of 1-2k tokens, outputs of a few dozen
   and, only when named with --workloads (not in the default run):
     lognormal  the azure rows' prompts with log-normal outputs of the same mean, sigma 0.9
-               (workload.lognormal_trace): a few outputs of 1.5-4k tokens, whose drain at
-               the end of a burst is what its throughput checks measure (docs/scheduling.md)
+               (workload.lognormal_trace; the longest output of the 400 is 1,791 tokens):
+               its throughput checks show the drain at the end of a burst (docs/scheduling.md)
 
 Configurations: fcfs with recompute (vLLM-like, the baseline of the latency ratios), and every
 policy with every swap policy. Throughput is compared with fcfs under the same swap policy
