@@ -120,8 +120,8 @@ def heavy_tailed_trace(prompts_from: Sequence[TraceRequest], n: int, alpha: floa
 def lognormal_trace(prompts_from: Sequence[TraceRequest], n: int, sigma: float = 0.9, mean: float = 260.0,
                     max_tokens: int | None = None, seed: int = 0) -> list[TraceRequest]:
     """The first n requests of `prompts_from` with their outputs replaced by log-normal ones
-    of the given mean and sigma (at least 2 tokens; prompt + output at most max_tokens when
-    given); no arrival times. Sigma 0.9 and mean 260 (the repro's Azure rows' mean) give
+    of the given mean and sigma (at least 2 tokens; with max_tokens, prompt + output at most
+    that, and at least 1 output token where the prompt leaves less room); no arrival times. Sigma 0.9 and mean 260 (the repro's Azure rows' mean) give
     median ~180, coefficient of variation ~1 and, in 400 draws, a longest output of 1.5-3k
     tokens (seeds 100 / 101 / 102: 1,791 / 1,575 / 2,828)."""
     if sigma <= 0 or mean <= 0:
