@@ -11,6 +11,9 @@ is a small table, interpolated piecewise-linearly (extrapolated along the last s
     kv_bytes_per_token  K and V of one token over all layers (what a swap moves per token)
     swap_bandwidth      bytes per second of one device<->host copy direction; swap_latency
                         the fixed seconds of one copy (the simulator's transfer-time model)
+    swap_issue_seconds  host seconds to issue one request's swap copy (dispatching its gathers
+                        and transfers), which the iteration that issues it waits for; the copy
+                        itself runs on the link (0: free, as for a table of real kernels)
     iteration_overhead  host seconds every iteration adds to its launches: scheduling,
                         assembling the batch, appending tokens, and whatever else the
                         serving process takes from the engine's thread (0: none, or folded
@@ -81,6 +84,7 @@ class CostModel:
     kv_bytes_per_token: int = 0          # 0: unknown
     swap_bandwidth: float = 0.0          # bytes/s per direction (0: unknown)
     swap_latency: float = 0.0            # s per copy
+    swap_issue_seconds: float = 0.0      # host s to issue one request's copy (charged to the iteration)
     iteration_overhead: float = 0.0      # s of host work per iteration, on top of the launches
     source: str = ""                     # where the numbers come from
     decode_row_buckets: tuple[int, ...] = ()     # launch padding (see the module doc); () none
@@ -112,7 +116,7 @@ class CostModel:
                              f"padded context reads, or neither), got {self.block_size} and {self.block_buckets}")
         if not all(v >= 0 for v in (self.decode_context, self.prefill_context, self.kv_capacity_tokens,   # NaN too
                                     self.kv_bytes_per_token, self.swap_bandwidth, self.swap_latency,
-                                    self.iteration_overhead)):
+                                    self.swap_issue_seconds, self.iteration_overhead)):
             raise ValueError(f"cost model {self.name!r}: context coefficients, kv_capacity_tokens, kv_bytes_per_token, "
                              "the swap figures and iteration_overhead must be >= 0")
 

@@ -8,7 +8,8 @@ place of the device and its transfer-time model (bytes over bandwidth) in place 
        requests still uploading could run: wait for the first upload, counted as stall)
     -> kv_plan.apply_plan (drops, swap-outs, on-demand swap-ins: the step waits for those,
        charged to the stall credit) -> the swap policy's moves ahead, issued with the step
-    -> now += cost_model.iteration_time(plan)
+    -> now += cost_model.iteration_time(plan) + swap_issue_seconds per copy issued (+ the
+       host time of the policy's own calls with SimConfig.host_time_scale)
     -> num_computed_tokens += n; a chunk that reaches the end of a request samples a token
     -> requests at their output length finish (remove) -> scheduler.on_iteration(plan, dt, now)
 
@@ -76,6 +77,15 @@ class SimConfig:
     # When a request gets its first prediction: "prefill" (its first token, as the engine's
     # predictor, which reads the prefill's hidden states) or "arrival" (a prompt-only predictor).
     prediction_at: str = "prefill"
+    # Add to each iteration this multiple of the wall-clock seconds this process spent in the
+    # policy's own calls (scheduling, applying the plan to the KV ledger, the swap policy's
+    # planning and both per-iteration updates): the same code the engine's thread runs between
+    # its launches, at the same number of live requests (a multiple, because there it shares the
+    # cores with the launches). The profile times the launches alone, so without it a policy
+    # whose scheduling costs more host time looks faster than the engine runs it. 0: not
+    # charged; above 0 the run is not deterministic (scripts/sim_fidelity.py uses it). The time
+    # is recorded either way (metrics' policy_host_seconds, unscaled).
+    host_time_scale: float = 0.0
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_iterations"))
@@ -92,6 +102,10 @@ class SimConfig:
             raise ValueError(f"prediction_sigma must be a finite number >= 0 (0 = exact lengths), got {s!r}")
         if t is not None and not (isinstance(t, (int, float)) and 0 < t <= 1):
             raise ValueError(f"prediction_tau must be in (0, 1] (1 = exact lengths), got {t!r}")
+        if not (isinstance(self.host_time_scale, (int, float)) and math.isfinite(self.host_time_scale)
+                and self.host_time_scale >= 0):
+            raise ValueError(f"host_time_scale must be a finite number >= 0 (0: not charged), got "
+                             f"{self.host_time_scale!r}")
         if self.prediction_at not in PREDICTION_AT:
             raise ValueError(f"prediction_at must be one of {list(PREDICTION_AT)}, got {self.prediction_at!r}")
 
@@ -131,11 +145,14 @@ class SimResult:
     # (latest prediction, true length, the predictor's point estimate) per predicted request
     predictions: list[tuple[LengthPrediction, int, float]] = field(default_factory=list)
     prediction_sigma: float | None = None
+    policy_host_seconds: float = 0.0     # wall clock in the policy's calls (SimConfig.host_time_scale)
+    launch_seconds: float = 0.0          # simulated time in the cost model's launches alone
 
     def metrics(self) -> dict[str, float]:
         """Latencies in seconds, throughputs per second (see docs/scheduling.md)."""
         m = dict(summarize(self.requests), iterations=self.iterations, preemptions=self.preemptions,
                  mean_batch=self.scheduled_seqs / max(1, self.iterations), sim_wall_seconds=self.wall_seconds,
+                 policy_host_seconds=self.policy_host_seconds, launch_seconds=self.launch_seconds,
                  **{f"swap_{k}": v for k, v in dataclasses.asdict(self.swap).items()},
                  swap_stall_fraction=self.swap.stall_seconds / self.swap.busy_seconds if self.swap.busy_seconds else 0.0)
         if self.prediction_sigma is not None:
@@ -175,6 +192,7 @@ class SwapCounts:
     stall_seconds: float = 0.0           # simulated time the steps waited for swap-ins
     recomputed_tokens: int = 0           # computed tokens dropped, to be prefilled again
     busy_seconds: float = 0.0            # simulated time spent in steps (stalls included)
+    copies_issued: int = 0               # swap copies (one per request and direction) issued
 
 
 class _Links:
@@ -226,8 +244,9 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         return [(r, ready) for r, ready in ups if ready > t and kv.location(r) is KVLocation.SWAPPING_IN]
 
     at_arrival = oracle is not None and cfg.prediction_at == "arrival"
-    wall0 = time.perf_counter()
-    now, nxt, live = 0.0, 0, 0
+    clock = time.perf_counter
+    wall0 = clock()
+    now, nxt, live, policy_host, launches = 0.0, 0, 0, 0.0, 0.0
     iterations = preemptions = seqs = max_batch = max_tokens = max_blocks = 0
     while nxt < len(reqs) or live:
         while nxt < len(reqs) and reqs[nxt].arrival_time <= now:
@@ -253,20 +272,26 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
             raise RuntimeError(f"{policy} ran {iterations} iterations with {live} requests still live at "
                                f"t={now:.1f}s: the plan rotates without finishing (raise max_iterations if the "
                                "trace is that long)")
+        h0 = clock()
         swap.configure(sched)
         plan = sched.schedule(now)
+        host = clock() - h0
         if not plan.scheduled and uploading:           # only requests still uploading could run: wait
             ready = min(t for _, t in uploading)
             counts.stall_seconds += ready - now
             now = ready
             uploading = land(uploading, now)
+            h0 = clock()
             plan = sched.schedule(now)
+            host += clock() - h0
         if not plan.scheduled:
             raise RuntimeError(f"{policy} scheduled nothing with {live} live requests at t={now:.3f}s: "
                                "the policy cannot make progress")
         preemptions += len(plan.preempted)
         counts.recomputed_tokens += sum(r.num_computed_tokens for r in plan.preempted)
+        h0 = clock()
         copies = apply_plan(plan, kv, now)
+        host += clock() - h0
         for c in copies.swap_out:
             out_ready[c.request.request_id] = links.out(now, c.num_blocks)
             counts.blocks_out += c.num_blocks
@@ -280,9 +305,11 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         max_batch = max(max_batch, len(plan.scheduled))
         max_tokens = max(max_tokens, plan.num_tokens)
         max_blocks = max(max_blocks, kv.num_used_blocks)
+        h0 = clock()
         ahead = swap.plan_ahead(plan, live_reqs.values(), sched, now)
+        moves = apply_ahead(ahead, kv) if ahead else None
+        host += clock() - h0
         if ahead:
-            moves = apply_ahead(ahead, kv)
             for c in moves.swap_out:
                 out_ready[c.request.request_id] = links.out(now, c.num_blocks)
                 counts.blocks_out += c.num_blocks
@@ -290,7 +317,11 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
                 uploading.append((c.request, links.into(now, c.num_blocks, out_ready.pop(c.request.request_id, 0.0))))
                 counts.blocks_in += c.num_blocks
                 counts.ins_ahead += 1
+        issued = len(copies.swap_out) + len(copies.swap_in) + (len(moves.swap_out) + len(moves.swap_in) if ahead else 0)
+        counts.copies_issued += issued
         dt = plan_time(cost, plan.scheduled)
+        launches += dt - cost.iteration_overhead
+        dt += issued * cost.swap_issue_seconds + cfg.host_time_scale * host     # + 0.0 exactly by default
         now += dt
         for r in advance(plan, now):
             kv.free(r)
@@ -307,8 +338,12 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
                     r.length_prediction = oracle.predict(r.sampling.max_tokens, noise[r.request_id],
                                                          len(r.output_token_ids))
                     predicted[r.request_id] = (oracle.version, r.length_prediction, r.sampling.max_tokens)
+        h0 = clock()
         sched.on_iteration(plan, dt, now)
         swap.on_iteration(now - t_start)
+        after = clock() - h0
+        policy_host += host + after
+        now += cfg.host_time_scale * after
         counts.busy_seconds += now - t_start
         iterations += 1
         seqs += len(plan.scheduled)
@@ -318,4 +353,4 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
     return SimResult(policy, reqs, iterations, preemptions, seqs, time.perf_counter() - wall0, max_batch, max_tokens,
                      max_blocks, counts,
                      [(p, n, oracle.estimate(n, noise[rid])) for rid, (_, p, n) in predicted.items()],
-                     oracle.sigma if oracle is not None else None)
+                     oracle.sigma if oracle is not None else None, policy_host, launches)

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from fastserve_jax.kv_cache import KVLocation, KVManager
 
 
+PHASES = ("schedule", "assemble", "device", "postprocess")      # EngineStats' split of an iteration
+
+
 @dataclass
 class EngineStats:
     """Cumulative wall-clock split of the loop (seconds), for host-overhead measurements.
@@ -84,4 +87,5 @@ def snapshot(st: EngineStats, requests: dict, last_scheduled: set[str], kv: KVMa
         busy_seconds_total=st.busy, swap_stall_fraction=st.swap_stall / st.busy if st.busy else 0.0,
         swap_out_blocks_total=st.swap_out_blocks, swap_in_blocks_total=st.swap_in_blocks,
         swap_out_bytes_total=st.swap_out_bytes, swap_in_bytes_total=st.swap_in_bytes,
-        swap_stall_seconds_total=st.swap_stall, iterations_total=st.iterations)
+        swap_stall_seconds_total=st.swap_stall, iterations_total=st.iterations,
+        **{f"phase_{k}_seconds_total": getattr(st, k) for k in PHASES})

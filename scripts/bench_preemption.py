@@ -19,10 +19,15 @@
    equal what the fcfs servers' own counters say (fastserve_busy_seconds_total /
    fastserve_iterations_total, read from /metrics before each server stops). Only fcfs is
    fitted; skip-join-mlfq is a held-out prediction.
+3. The same burst on in-process engines (no HTTP server or client on the cores), fcfs and
+   skip-join-mlfq alternating, --in-process-rounds runs each, their medians against the
+   profile-only simulation, with each figure's run-to-run range and the engine's split of an
+   iteration into scheduling, assembling, device and postprocessing time.
 
     python scripts/bench_preemption.py                             # 3 pairs of 400 requests
     python scripts/bench_preemption.py --pairs 5 --json out.json
     python scripts/bench_preemption.py --rate 30                   # skip the capacity probe
+    python scripts/bench_preemption.py --in-process-rounds 5       # steadier in-process medians
 
 The first server start compiles for minutes; later ones read ~/.cache/fastserve_jax. Client
 latencies include HTTP, tokenizing and streaming; the busy counter covers the engine's step
@@ -47,13 +52,15 @@ sys.path.insert(0, ROOT)
 
 from fastserve_jax.cost_profile import profile_engine  # noqa: E402
 from fastserve_jax.slo import PAPER_SLOS  # noqa: E402
+from fastserve_jax.stats import PHASES  # noqa: E402
 from fastserve_jax.workload import TraceRequest, burst_pool_blocks, kv_blocks, with_arrivals  # noqa: E402
 from fastserve_jax.models import demo_task  # noqa: E402
 from fastserve_jax.serve import bench_client  # noqa: E402
 from fastserve_jax.serve.bench_cmd import (TRACE, LaunchedServer, answer_problems, build_workload,  # noqa: E402
                                            raise_on_problems, screen_pairs, slo_figures)
 # part 2, the simulator against the engine, next to this script (scripts/ is on sys.path when it runs)
-from sim_fidelity import POLICIES, in_process_fidelity, simulator_fidelity  # noqa: E402
+from sim_fidelity import (POLICIES, calibrated, engine_shape, in_process_fidelity, measure_swap,  # noqa: E402
+                          servers_cost_model, simulator_fidelity)
 
 # (key, label, scale): the figures of one run, as the A/B table prints them
 FIGURES = [("throughput_rps", "served req/s", 1), ("throughput_tps", "served tok/s", 1),
@@ -71,7 +78,9 @@ COUNTERS = {"iterations": "fastserve_iterations_total", "busy_seconds": "fastser
             "server_ttft_sum": "fastserve_time_to_first_token_seconds_sum",
             "server_ttft_count": "fastserve_time_to_first_token_seconds_count",
             "server_e2e_sum": "fastserve_e2e_request_latency_seconds_sum",
-            "server_e2e_count": "fastserve_e2e_request_latency_seconds_count"}
+            "server_e2e_count": "fastserve_e2e_request_latency_seconds_count",
+            # where the iterations' time goes; the simulator's calibration reads the device phase
+            **{f"{k}_seconds": f'fastserve_iteration_phase_seconds_total{{phase="{k}"}}' for k in PHASES}}
 THROUGHPUT_TARGET, LATENCY_TARGET = 0.95, 1.5       # skip-join/fcfs served req/s; fcfs/skip-join ms per token
 
 
@@ -128,6 +137,8 @@ def serve_burst(policy: str, argv: list[str], warm, work, arrivals, concurrency:
     m.update(slo_figures(results, PAPER_SLOS))
     m.update({k: after[k] - before[k] for k in COUNTERS}, server_ready_seconds=ready)
     m["iteration_seconds"] = m["busy_seconds"] / m["iterations"]
+    for k in PHASES:
+        m[f"{k}_seconds_per_iteration"] = m.pop(f"{k}_seconds") / m["iterations"]
     for key in ("server_ttft", "server_e2e"):
         m[f"{key}_mean"] = m.pop(f"{key}_sum") / max(m.pop(f"{key}_count"), 1.0)
     return m
@@ -276,10 +287,12 @@ def main() -> int:
     add_burst_args(ap)
     ap.add_argument("--engine-process", action="store_true",
                     help="serve with the engine in a process of its own (serve --engine-process)")
+    ap.add_argument("--in-process-rounds", type=int, default=3,
+                    help="alternating in-process runs per policy for the simulator comparison (default 3; medians)")
     ap.add_argument("--json", default="bench_preemption.json", help="where the figures go")
     a = ap.parse_args()
-    if a.pairs < 1 or a.num_requests < 2 or a.capacity_requests < 1 or not a.overload > 0:
-        ap.error("--pairs, --capacity-requests >= 1, --num-requests >= 2 and --overload > 0")
+    if a.pairs < 1 or a.in_process_rounds < 1 or a.num_requests < 2 or a.capacity_requests < 1 or not a.overload > 0:
+        ap.error("--pairs, --in-process-rounds, --capacity-requests >= 1, --num-requests >= 2 and --overload > 0")
     t_start = time.monotonic()
     b = burst_setup(a)
     work, warm, argv, llm = b.work, b.warm, b.argv, b.llm
@@ -309,11 +322,14 @@ def main() -> int:
     print("\n== A/B: fcfs vs skip-join-mlfq on the real engine (demo model, over HTTP)")
     out["medians"] = medians = print_ab(out["runs"])
     trace = [TraceRequest(t, p, o) for t, p, o in zip(arrivals, prompt_tokens, outputs)]
-    out.update(simulator_fidelity(llm.engine, trace, out["runs"], medians, a.max_num_seqs))
+    path = servers_cost_model(llm.engine)
+    shape, swap = engine_shape(llm.engine), measure_swap(llm.engine)
+    out.update(simulator_fidelity(shape, path, swap, trace, out["runs"], medians, a.max_num_seqs))
     del llm
     b.llm = None
     build = lambda policy: local_engine(argv, policy, "full")             # noqa: E731  (nothing compiles mid-burst)
-    out["in_process"] = in_process_fidelity(build, work, arrivals, out["sim"])
+    out["in_process"] = in_process_fidelity(build, work, arrivals, out["sim"], a.in_process_rounds,
+                                            lambda fcfs: calibrated(shape, trace, swap, fcfs))
     _write(a.json, out, t_start)
     return 0
 

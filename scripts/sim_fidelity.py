@@ -7,12 +7,14 @@ table and the command line stay in bench_preemption.py.
 
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import time
 
 import numpy as np
 
+from fastserve_jax.stats import PHASES  # noqa: F401  (EngineStats' split of an iteration; tests read it here)
 from fastserve_jax.workload import TraceRequest
 
 # The A/B's two policies: the calibration fits fcfs; skip-join-mlfq is the held-out prediction
@@ -24,6 +26,8 @@ FIDELITY = [("e2e_mean", "mean_jct", "JCT mean s", 1), ("mean_latency_per_token"
             ("throughput_rps", "throughput_rps", "served req/s", 1), ("iterations", "iterations", "iterations", 1),
             ("iteration_seconds", "iteration_seconds", "ms per iteration", 1e3),
             ("swap_out_blocks", "swap_blocks_out", "blocks swapped out", 1)]
+# the in-process figures whose run-to-run range is printed
+SPREAD = ("e2e_mean", "mean_latency_per_token", "throughput_rps", "iteration_seconds")
 
 
 # ----------------------------------------------------------------------------- pure helpers (tested)
@@ -91,39 +95,68 @@ def servers_cost_model(eng) -> str:
     return path
 
 
-def measure_swap(eng, sizes=(1, 2, 4, 8, 16), repeats: int = 7) -> tuple[float, float]:
-    """(latency s, bandwidth bytes/s) of one copy on the engine's swap path: half the median time
-    of a swap-out (gather, device-to-host, until it lands) and swap-in (host-to-device, scatter)
-    of each size, fitted as latency + bytes / bandwidth (least squares)."""
+def measure_swap(eng, sizes=(1, 2, 4, 8, 16), repeats: int = 7) -> tuple[float, float, float]:
+    """(latency s, bandwidth bytes/s, issue s) of one copy on the engine's swap path: half the
+    median time of a swap-out (gather, device-to-host, until it lands) and swap-in
+    (host-to-device, scatter) of each size, fitted as latency + bytes / bandwidth (least
+    squares); and the median host time to issue one request's copy (half the sum of the
+    swap-out call, the swap-in's start and its landing call, each until it returns, over every
+    size): what the engine's thread spends per request it moves, beside the copy itself."""
     import jax
     import numpy as np
 
     from fastserve_jax.kv_cache import kv_block_bytes
 
-    swaps, ys = eng.runner.swaps, []
+    swaps, ys, issue = eng.runner.swaps, [], []
     for n in sizes:
         samples = []
         for i in range(repeats + 1):                  # the first call of a size may compile: untimed
+            blocks = [("probe", tuple(range(1, n + 1)))]
             t0 = time.perf_counter()
-            swaps.swap_out([("probe", tuple(range(1, n + 1)))])
+            swaps.swap_out(blocks)
+            t1 = time.perf_counter()
             while not swaps.transfer.out_landed("probe"):
                 time.sleep(0)
-            swaps.swap_in_now([("probe", tuple(range(1, n + 1)))])
+            t2 = time.perf_counter()
+            swaps.start_swap_in(blocks)
+            t3 = time.perf_counter()
+            while not swaps.transfer.in_landed("probe"):
+                time.sleep(0)
+            t4 = time.perf_counter()
+            swaps.land("probe")                       # dispatches the scatter into the cache
+            t5 = time.perf_counter()
             jax.block_until_ready(eng.runner.caches)
             samples.append((time.perf_counter() - t0) / 2)      # one copy each way
+            if i:
+                issue.append((t1 - t0 + t3 - t2 + t5 - t4) / 2)
         ys.append(statistics.median(samples[1:]))
     slope, latency = np.polyfit([n * kv_block_bytes(eng.model_cfg, eng.cfg) for n in sizes], ys, 1)
     # a copy of these few kilobytes is all launch overhead; a slope lost in noise reads as free bytes
-    return max(0.0, float(latency)), float(1.0 / slope) if slope > 0 else float("inf")
+    return max(0.0, float(latency)), float(1.0 / slope) if slope > 0 else float("inf"), statistics.median(issue)
 
 
 # ----------------------------------------------------------------------------- simulator
 
-def simulate_policies(eng, trace: list[TraceRequest], swap_latency: float, swap_bandwidth: float,
-                      overhead: float = 0.0, policies=POLICIES) -> tuple[dict, object]:
-    """fastserve_jax.sim per policy with the engine's limits, pools and cost model, plus
-    `overhead` host seconds per iteration (the scheduler's base quantum stays the engine's, one
-    batch-1 decode launch of the profile, as engine.set_scheduler sets it)."""
+def scaled_launches(cost, speed: float):
+    """`cost` with every launch time (the prefill and decode tables and both context
+    coefficients) multiplied by `speed`; the swap figures and the host overhead unchanged."""
+    import dataclasses
+
+    if not speed > 0:
+        raise ValueError(f"speed must be > 0, got {speed!r}")
+    return dataclasses.replace(cost, prefill_seconds=tuple(speed * t for t in cost.prefill_seconds),
+                               decode_seconds=tuple(speed * t for t in cost.decode_seconds),
+                               decode_context=speed * cost.decode_context, prefill_context=speed * cost.prefill_context)
+
+
+def simulate_policies(eng, trace: list[TraceRequest], swap: tuple[float, float, float], overhead: float = 0.0,
+                      policies=POLICIES, host_scale: float = 1.0, speed: float = 1.0) -> tuple[dict, object]:
+    """fastserve_jax.sim per policy with the engine's limits, pools and cost model, `swap` =
+    measure_swap's (latency, bandwidth, issue seconds), plus `overhead` host seconds per
+    iteration (the scheduler's base quantum stays the engine's, one batch-1 decode launch of
+    the profile, as engine.set_scheduler sets it), plus `host_scale` times the seconds the
+    simulator spends in the policy's own calls (SimConfig.host_time_scale); every launch time
+    of the profile multiplied by `speed` (scaled_launches)."""
     import dataclasses
 
     from fastserve_jax.config import SchedulerConfig
@@ -131,18 +164,22 @@ def simulate_policies(eng, trace: list[TraceRequest], swap_latency: float, swap_
     from fastserve_jax.sim import SimConfig, simulate
 
     cfg, kv = eng.cfg, eng.kv
-    cost = dataclasses.replace(eng.cost_model, kv_bytes_per_token=kv_block_bytes(eng.model_cfg, cfg) // cfg.block_size,
-                               swap_latency=swap_latency, iteration_overhead=overhead,
-                               swap_bandwidth=min(swap_bandwidth, 1e15))      # CostModel needs a finite figure
+    latency, bandwidth, issue = swap
+    cost = dataclasses.replace(scaled_launches(eng.cost_model, speed),
+                               kv_bytes_per_token=kv_block_bytes(eng.model_cfg, cfg) // cfg.block_size,
+                               swap_latency=latency, swap_issue_seconds=issue, iteration_overhead=overhead,
+                               swap_bandwidth=min(bandwidth, 1e15))      # CostModel needs a finite figure
     sim_cfg = SimConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                         block_size=cfg.block_size, kv_capacity_tokens=kv.num_usable_blocks * cfg.block_size,
                         host_kv_capacity_tokens=kv.num_host_blocks * cfg.block_size, swap_policy=cfg.swap_policy,
-                        swap_reserve_blocks=cfg.swap_reserve_blocks,
-                        scheduler_config=cfg.scheduler_config or SchedulerConfig(base_quantum=cost.decode_time(1),
+                        swap_reserve_blocks=cfg.swap_reserve_blocks, host_time_scale=host_scale,
+                        scheduler_config=cfg.scheduler_config or SchedulerConfig(
+                            base_quantum=eng.cost_model.decode_time(1),
                                                                                      protect_decodes=cfg.protect_decodes))
     sims = {p: simulate(trace, p, cost, sim_cfg).metrics() for p in policies}
     for m in sims.values():
         m["iteration_seconds"] = m["swap_busy_seconds"] / m["iterations"]      # swap stalls included, as the engine's
+        m["launch_seconds_per_iteration"] = m["launch_seconds"] / m["iterations"]
     return sims, cost
 
 
@@ -170,43 +207,90 @@ def print_fidelity(real: dict, sims: dict, medians: dict, note: str, labels: dic
     return dict(rows=rows, ratios=ratios)
 
 
-def simulator_fidelity(eng, trace: list[TraceRequest], runs: list[dict], medians: dict, max_num_seqs: int) -> dict:
-    """The profile-only comparison, then the calibrated one (fcfs fitted, skip-join held out);
-    returns their figures for the JSON."""
-    path = servers_cost_model(eng)
-    latency, bandwidth = measure_swap(eng)
-    sims, cost = simulate_policies(eng, trace, latency, bandwidth)
-    real = {p: {k: statistics.median(r[p][k] for r in runs) for k in runs[0][p]
-                if isinstance(runs[0][p][k], (int, float))} for p in POLICIES}
-    print(f"\n== simulator fidelity, profile only: the same {len(trace)} requests and arrivals; cost model {path} "
-          f"({cost.name}; decode batch 1 {1e3 * cost.decode_time(1):.2f} ms, batch {max_num_seqs} "
-          f"{1e3 * cost.decode_time(max_num_seqs):.2f} ms); swap copy {1e3 * latency:.2f} ms + bytes / "
-          f"{bandwidth / 1e9:.3g} GB/s measured on the engine's copy path")
-    res = dict(cost_model=dict(path=path, **cost.to_json()), sim=sims, fidelity=print_fidelity(real, sims, medians, ""))
-    # The profile times the launches alone; the serving engine also schedules, assembles,
-    # appends tokens and shares its 2 cores (and the GIL) with the HTTP server every iteration.
-    # That host cost is one number, fitted on the fcfs runs only; skip-join is then predicted.
-    measured = real["fcfs"]["iteration_seconds"]
-    overhead = calibrate_overhead(measured, lambda x: simulate_policies(
-        eng, trace, latency, bandwidth, x, ("fcfs",))[0]["fcfs"]["iteration_seconds"])
-    cal, _ = simulate_policies(eng, trace, latency, bandwidth, overhead)
-    print(f"\n== calibrated: the same simulation plus {1e3 * overhead:.3f} ms of host overhead per iteration, solved "
-          f"so the simulated fcfs mean ms per iteration equals the fcfs servers' median ({1e3 * measured:.3f} ms: "
-          "fastserve_busy_seconds_total / fastserve_iterations_total). fcfs rows are in-sample (only their ms per "
-          "iteration is fitted), skip-join rows a held-out prediction")
-    fid = print_fidelity(real, cal, medians, f", + {1e3 * overhead:.3f} ms per iteration",
-                         {"fcfs": "fcfs (fit)", "skip-join-mlfq": "sj (held out)"})
+def engine_shape(eng):
+    """What simulate_policies reads of an engine (its options, pool sizes, model config and
+    cost model), without the engine: the benchmark frees its engines (engine_in_process)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(cfg=eng.cfg, model_cfg=eng.model_cfg, cost_model=eng.cost_model,
+                           kv=SimpleNamespace(num_usable_blocks=eng.kv.num_usable_blocks,
+                                              num_host_blocks=eng.kv.num_host_blocks))
+
+
+def calibrated(shape, trace: list[TraceRequest], swap: tuple[float, float, float], fcfs: dict) -> dict:
+    """Fit the simulation to the fcfs engine's figures `fcfs` (medians), three numbers, each
+    from one phase of the engine's iterations (EngineStats):
+    - `speed`: its device seconds per iteration over the simulated launch seconds per
+      iteration; it scales every launch of the profile (the machine's speed while the engine
+      served, against the moment it was profiled: on the 2-core VM they differ by up to 1.5x);
+    - `host_scale`: its schedule seconds per iteration over the seconds the simulator spent in
+      the same policy calls per iteration; it scales that measured host time (the engine runs
+      them beside its launches on the same cores, the simulator alone; the phase also holds the
+      engine's own per-iteration bookkeeping, which this folds in);
+    - `overhead`: the host seconds per iteration that bring the simulated fcfs seconds per
+      iteration to the engine's (assembling, appending tokens, detokenizing, the front end).
+    skip-join is then simulated with all three, a held-out prediction. Without the phase
+    figures (an older server) speed and host_scale stay 1."""
+    base, _ = simulate_policies(shape, trace, swap, policies=("fcfs",))
+    b = base["fcfs"]
+    speed, host_scale = 1.0, 1.0
+    if fcfs.get("device_seconds_per_iteration") and fcfs.get("schedule_seconds_per_iteration"):
+        speed = fcfs["device_seconds_per_iteration"] / b["launch_seconds_per_iteration"]
+        host_scale = fcfs["schedule_seconds_per_iteration"] / (b["policy_host_seconds"] / b["iterations"])
+    overhead = calibrate_overhead(fcfs["iteration_seconds"], lambda x: simulate_policies(
+        shape, trace, swap, x, ("fcfs",), host_scale, speed)[0]["fcfs"]["iteration_seconds"])
+    sims, _ = simulate_policies(shape, trace, swap, overhead, host_scale=host_scale, speed=speed)
+    return dict(speed=speed, host_scale=host_scale, iteration_overhead=overhead,
+                fcfs_measured_iteration_seconds=fcfs["iteration_seconds"], sim=sims)
+
+
+def _fit_note(cal: dict) -> str:
+    return (f"launches x {cal['speed']:.3f}, policy host time x {cal['host_scale']:.2f}, + "
+            f"{1e3 * cal['iteration_overhead']:.3f} ms per iteration")
+
+
+def print_held_out(fid: dict) -> None:
     held = {r["figure"]: r for r in fid["rows"]["skip-join-mlfq"]}
     met = all(held[f]["within"] for f in ("JCT mean s", "ms per token"))
     print(f"held-out skip-join: JCT mean {100 * held['JCT mean s']['rel_err']:+.1f}%, ms per token "
           f"{100 * held['ms per token']['rel_err']:+.1f}% (aim: both within 15%: {'met' if met else 'MISSED'})")
-    # What one calibrated number can hope for: the engine's own ms per iteration moves with the
+
+
+def simulator_fidelity(shape, path: str, swap: tuple[float, float, float], trace: list[TraceRequest],
+                       runs: list[dict], medians: dict, max_num_seqs: int) -> dict:
+    """The model alone (the profile, swap copy times and the policy's host time as the
+    simulator measures it), then calibrated on the fcfs servers (skip-join held out); returns
+    their figures for the JSON."""
+    sims, cost = simulate_policies(shape, trace, swap)
+    latency, bandwidth, issue = swap
+    real = {p: {k: statistics.median(r[p][k] for r in runs) for k in runs[0][p]
+                if isinstance(runs[0][p][k], (int, float))} for p in POLICIES}
+    print(f"\n== simulator fidelity, the model alone: the same {len(trace)} requests and arrivals; cost model {path} "
+          f"({cost.name}; decode batch 1 {1e3 * cost.decode_time(1):.2f} ms, batch {max_num_seqs} "
+          f"{1e3 * cost.decode_time(max_num_seqs):.2f} ms); swap copy {1e3 * latency:.2f} ms + bytes / "
+          f"{bandwidth / 1e9:.3g} GB/s and {1e3 * issue:.3f} ms of host time to issue one, measured on the engine's "
+          "copy path; each iteration also charged the host time of the policy's own calls as the simulator ran them")
+    res = dict(cost_model=dict(path=path, **cost.to_json()), sim=sims, fidelity=print_fidelity(real, sims, medians, ""))
+    # The serving engine also assembles its launches, appends tokens, detokenizes and shares its
+    # 2 cores (and the GIL) with the HTTP server every iteration, and the machine runs at another
+    # speed than when it was profiled: two numbers fitted on the fcfs runs only; skip-join is
+    # then predicted.
+    cal = calibrated(shape, trace, swap, real["fcfs"])
+    print(f"\n== calibrated on the fcfs servers ({_fit_note(cal)}): launches scaled to their device seconds per "
+          "iteration (fastserve_iteration_phase_seconds_total{phase=\"device\"}), the policy's host time to their "
+          "schedule phase, and a host overhead solved so the simulated fcfs mean ms per iteration equals the servers' "
+          f"median ({1e3 * cal['fcfs_measured_iteration_seconds']:.3f} ms: fastserve_busy_seconds_total / "
+          "fastserve_iterations_total). fcfs rows are in-sample (only phases of their ms per iteration are fitted), "
+          "skip-join rows a held-out prediction")
+    fid = print_fidelity(real, cal["sim"], medians, ", " + _fit_note(cal),
+                         {"fcfs": "fcfs (fit)", "skip-join-mlfq": "sj (held out)"})
+    print_held_out(fid)
+    # What a calibration can hope for: the engine's own ms per iteration moves with the
     # machine's other jobs from run to run, and JCT moves with it.
     spread = {p: [1e3 * r[p]["iteration_seconds"] for r in runs] for p in POLICIES}
     print("noise floor: engine ms per iteration per run, " + "; ".join(
         f"{p} " + " ".join(f"{v:.2f}" for v in vs) + f" (max/min {max(vs) / min(vs):.2f})" for p, vs in spread.items()))
-    res["calibrated"] = dict(iteration_overhead=overhead, fcfs_measured_iteration_seconds=measured, sim=cal,
-                             fidelity=fid, engine_ms_per_iteration_per_run=spread)
+    res["calibrated"] = dict(cal, fidelity=fid, engine_ms_per_iteration_per_run=spread)
     return res
 
 
@@ -238,19 +322,60 @@ def engine_in_process(build, work: list, arrivals: list[float], policy: str) -> 
            if not demo_task.check_answer(a, b, eng.tokenizer.decode(r.output_token_ids, skip_special_tokens=True))]
     if bad:
         raise RuntimeError(f"{policy} in process: {len(bad)} wrong answer(s), e.g. count from {bad[0][0]} to {bad[0][1]}")
-    m = [r.metrics for r in reqs]
+    m, st = [r.metrics for r in reqs], eng.stats
+    # An engine holds ~11,000 memory maps (its loaded executables) until the collector breaks its
+    # reference cycles; a few uncollected ones reach Linux's 65,530 (vm.max_map_count) and the
+    # next compile fails with "LLVM ERROR: Unable to allocate section memory". Free it now.
+    del eng
+    gc.collect()
     jct = [x.finish_time - x.arrival_time for x in m]
     return dict(e2e_mean=statistics.mean(jct), e2e_p99=float(np.percentile(jct, 99)),      # as slo.py, the sim's
                 mean_latency_per_token=statistics.mean(j / len(r.output_token_ids) for j, r in zip(jct, reqs)),
                 ttft_mean=statistics.mean(x.first_token_time - x.arrival_time for x in m),
-                throughput_rps=len(reqs) / wall, iterations=eng.stats.iterations)
+                throughput_rps=len(reqs) / wall, iterations=st.iterations,
+                # where an iteration's time goes (EngineStats' phases): the simulator charges the
+                # launches and no host work, so these say what its profile leaves out
+                iteration_seconds=st.busy / st.iterations,
+                **{f"{k}_seconds_per_iteration": getattr(st, k) / st.iterations for k in PHASES})
 
 
-def in_process_fidelity(build, work: list, arrivals: list[float], sims: dict) -> dict:
-    """The in-process engine per policy against the profile-only simulation of the same burst."""
-    real = {p: engine_in_process(build, work, arrivals, p) for p in POLICIES}
-    print("\n== the same burst on an in-process engine (no HTTP server or client on its cores), against the "
-          "profile-only simulation above")
-    ratios = {rk: dict(ratio=real["skip-join-mlfq"][rk] / real["fcfs"][rk]) for rk, _, _, _ in FIDELITY[:2]}
-    return dict(engine=real, **print_fidelity(real, sims, ratios, "", engine="one in-process run per policy"))
+def median_runs(runs: list[dict]) -> dict:
+    """Per figure the median over `runs` (dicts of the same numeric figures)."""
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
+
+def in_process_fidelity(build, work: list, arrivals: list[float], sims: dict, rounds: int = 3,
+                        calibrate=None) -> dict:
+    """The in-process engine per policy, `rounds` alternating runs each (fcfs, skip-join, fcfs,
+    ...; a fresh engine per run), their medians against the simulation `sims` of the same
+    burst (the model alone), then against calibrate(fcfs medians) (`calibrated`'s result, fcfs
+    fitted, skip-join held out) if given. One run says little: on the 2-core VM a policy's
+    served rate moved by up to 1.6x between runs minutes apart (2026-12-02), so the spread is
+    printed beside it."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    runs = [{p: engine_in_process(build, work, arrivals, p) for p in POLICIES} for _ in range(rounds)]
+    real = {p: median_runs([r[p] for r in runs]) for p in POLICIES}
+    print(f"\n== the same burst on an in-process engine (no HTTP server or client on its cores), median of {rounds} "
+          "alternating runs per policy, against the model alone (above)")
+    ratios = {rk: dict(ratio=statistics.median(r["skip-join-mlfq"][rk] / r["fcfs"][rk] for r in runs))
+              for rk, _, _, _ in FIDELITY[:2]}
+    fid = print_fidelity(real, sims, ratios, "", engine=f"median of {rounds} in-process runs per policy")
+    spread = {p: {k: (min(r[p][k] for r in runs), max(r[p][k] for r in runs)) for k in SPREAD} for p in POLICIES}
+    for p in POLICIES:
+        print(f"run to run, {p}: " + "; ".join(f"{k} {lo:.4g}-{hi:.4g} (max/min {hi / lo:.2f})"
+                                                 for k, (lo, hi) in spread[p].items()))
+        print(f"  ms per iteration {1e3 * real[p]['iteration_seconds']:.3f} (simulated "
+              f"{1e3 * sims[p]['iteration_seconds']:.3f}) = " + " + ".join(
+                  f"{k} {1e3 * real[p][f'{k}_seconds_per_iteration']:.3f}" for k in PHASES) + " (medians)")
+    res = dict(engine=real, runs=runs, spread=spread, **fid)
+    if calibrate is not None:
+        cal = calibrate(real["fcfs"])
+        print(f"\n== calibrated on the in-process fcfs runs as on the servers above ({_fit_note(cal)}; skip-join "
+              "held out)")
+        fid = print_fidelity(real, cal["sim"], ratios, ", " + _fit_note(cal),
+                             {"fcfs": "fcfs (fit)", "skip-join-mlfq": "sj (held out)"},
+                             engine=f"median of {rounds} in-process runs per policy")
+        print_held_out(fid)
+        res["calibrated"] = dict(cal, fidelity=fid)
+    return res

@@ -12,6 +12,9 @@ loop when a request finishes (aborted and failed requests are not observed).
     fastserve_swap_blocks_total{direction}, fastserve_swap_bytes_total{direction},
     fastserve_swap_stall_seconds_total, fastserve_busy_seconds_total, fastserve_iterations_total,
     fastserve_recomputed_tokens_total
+    fastserve_iteration_phase_seconds_total{phase}
+                                             schedule | assemble | device | postprocess: where
+                                             the iterations' busy seconds go (stats.EngineStats)
     fastserve_swap_stall_fraction            stall / busy seconds since start: the no-thrash
                                              bound keeps it under 5% (docs/swapping.md)
     fastserve_time_to_first_token_seconds, fastserve_time_per_output_token_seconds,
@@ -30,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from fastserve_jax.serve.async_engine import AsyncEngine
+from fastserve_jax.stats import PHASES
 from fastserve_jax.serve.engine_loop import Delta
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
@@ -92,6 +96,13 @@ class _EngineCollector:
                 m = GaugeMetricFamily(f"fastserve_{key}", doc)
             m.add_metric([], s[key])
             yield m
+        phases = CounterMetricFamily("fastserve_iteration_phase_seconds", "seconds of iterations by phase: "
+                                     "schedule (policy, KV ledger, swap planning and issuing), assemble (launch "
+                                     "arrays), device (dispatch until the sampled tokens are on the host), "
+                                     "postprocess (appending tokens, stop checks, detokenizing)", labels=["phase"])
+        for phase in PHASES:
+            phases.add_metric([phase], s[f"phase_{phase}_seconds_total"])
+        yield phases
         for unit in ("blocks", "bytes"):
             c = CounterMetricFamily(f"fastserve_swap_{unit}", f"KV {unit} swapped", labels=["direction"])
             for direction in ("out", "in"):

@@ -182,10 +182,109 @@ def test_engine_in_process_serves_the_burst_at_its_arrival_times_and_checks_ever
     arrivals = [0.0, 0.0, 0.01, 0.02, 0.05, 0.3]
     t0 = time.monotonic()
     m = sf.engine_in_process(build, work, arrivals, "skip-join-mlfq")
-    assert set(m) == {"e2e_mean", "e2e_p99", "mean_latency_per_token", "ttft_mean", "throughput_rps", "iterations"}
+    phases = {f"{k}_seconds_per_iteration" for k in sf.PHASES}
+    assert set(m) == {"e2e_mean", "e2e_p99", "mean_latency_per_token", "ttft_mean", "throughput_rps", "iterations",
+                      "iteration_seconds"} | phases
     assert 0 < m["ttft_mean"] <= m["e2e_mean"] <= m["e2e_p99"] and m["iterations"] >= 20
+    assert 0 < m["device_seconds_per_iteration"] < m["iteration_seconds"]       # busy covers the phases
+    assert all(m[k] > 0 for k in phases)
     assert m["throughput_rps"] <= len(pairs) / 0.3           # the last request arrives at 0.3 s, not at once
     assert time.monotonic() - t0 > 0.3
     wrong = [({**work[0][0]}, (3, 10))]                         # asks for 3..9, checked against 3..10
     with pytest.raises(RuntimeError, match="fcfs in process: 1 wrong answer"):
         sf.engine_in_process(build, wrong, [0.0], "fcfs")
+
+
+def test_in_process_fidelity_takes_medians_of_alternating_runs_and_reports_their_range(monkeypatch, capsys):
+    figures = lambda jct, rps: dict(e2e_mean=jct, e2e_p99=2 * jct, mean_latency_per_token=jct / 10,  # noqa: E731
+                                    ttft_mean=jct / 4, throughput_rps=rps, iterations=100, iteration_seconds=0.004,
+                                    **{f"{k}_seconds_per_iteration": 0.001 for k in sf.PHASES})
+    served = {"fcfs": iter([figures(2.0, 80), figures(3.0, 60), figures(2.5, 70)]),
+              "skip-join-mlfq": iter([figures(1.0, 90), figures(0.9, 100), figures(2.0, 50)])}
+    order = []
+
+    def fake(build, work, arrivals, policy):
+        order.append(policy)
+        return next(served[policy])
+
+    monkeypatch.setattr(sf, "engine_in_process", fake)
+    sims = {p: dict(mean_jct=1.0, mean_latency_per_token=0.1, p99_jct=2.0, mean_ttft=0.25, throughput_rps=90,
+                    iterations=100, iteration_seconds=0.004) for p in sf.POLICIES}
+    res = sf.in_process_fidelity(None, [], [], sims, rounds=3)
+    assert order == ["fcfs", "skip-join-mlfq"] * 3                       # alternating, one fresh run each
+    assert res["engine"]["fcfs"]["e2e_mean"] == 2.5 and res["engine"]["skip-join-mlfq"]["e2e_mean"] == 1.0
+    assert res["spread"]["fcfs"]["throughput_rps"] == (60, 80)
+    assert res["spread"]["skip-join-mlfq"]["e2e_mean"] == (0.9, 2.0)
+    # the ratio is the median of each round's own ratio (0.5, 0.3, 0.8), not a ratio of medians
+    assert res["ratios"][0]["real"] == pytest.approx(0.5)
+    jct = {r["figure"]: r for r in res["rows"]["skip-join-mlfq"]}["JCT mean s"]
+    assert jct["real"] == 1.0 and jct["within"]
+    out = capsys.readouterr().out
+    assert "median of 3 alternating runs" in out and "max/min 2.22" in out
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        sf.in_process_fidelity(None, [], [], sims, rounds=0)
+
+
+def _shape(cost, usable_blocks: int):
+    """What simulate_policies reads of an engine (sim_fidelity.engine_shape), for a made-up one."""
+    from types import SimpleNamespace
+
+    from fastserve_jax.config import EngineConfig
+
+    return SimpleNamespace(cfg=EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, block_size=4),
+                           model_cfg=SimpleNamespace(num_layers=2, num_kv_heads=2, head_dim=8), cost_model=cost,
+                           kv=SimpleNamespace(num_usable_blocks=usable_blocks, num_host_blocks=400))
+
+
+def _cost():
+    from fastserve_jax.cost_model import CostModel
+
+    return CostModel("made-up", prefill_tokens=(1, 64, 512), prefill_seconds=(0.002, 0.004, 0.03),
+                     decode_batch=(1, 8), decode_seconds=(0.002, 0.004), decode_context=1e-6)
+
+
+def test_scaled_launches_scale_every_launch_and_nothing_else():
+    import dataclasses
+
+    cost = dataclasses.replace(_cost(), swap_latency=0.1, iteration_overhead=0.2, prefill_context=1e-7)
+    fast = sf.scaled_launches(cost, 0.5)
+    assert fast.prefill_time(100, 50) == pytest.approx(0.5 * cost.prefill_time(100, 50))
+    assert fast.decode_time(4, 300) == pytest.approx(0.5 * cost.decode_time(4, 300))
+    assert (fast.swap_latency, fast.iteration_overhead) == (0.1, 0.2)
+    with pytest.raises(ValueError, match="speed must be > 0"):
+        sf.scaled_launches(cost, 0.0)
+
+
+def test_calibrated_recovers_the_engines_speed_and_host_overhead_from_fcfs_alone(monkeypatch):
+    import itertools
+
+    import fastserve_jax.sim
+
+    # a clock that ticks 10 us per reading: every timed policy call "takes" 10 us, so the host
+    # time each simulation measures is the same in every run and on any machine
+    ticks = itertools.count()
+    monkeypatch.setattr(fastserve_jax.sim.time, "perf_counter", lambda: 1e-5 * next(ticks))
+    shape = _shape(_cost(), usable_blocks=400)            # room for every request: fcfs never swaps
+    trace = [TraceRequest(0.0, 10 + 3 * (i % 5), 5 + 7 * (i % 6)) for i in range(60)]
+    swap = (1e-4, 1e9, 5e-5)
+    # the "engine": the same simulation with launches 1.4x slower and 1 ms of other host work per
+    # iteration; all requests arrive at once, so the batches do not depend on the speed
+    engine, _ = sf.simulate_policies(shape, trace, swap, 0.001, ("fcfs",), host_scale=0.0, speed=1.4)
+    e = engine["fcfs"]
+    host = e["policy_host_seconds"] / e["iterations"]
+    assert host == pytest.approx(4e-5)      # scheduling, applying the plan, planning moves, the updates
+    # its schedule phase: the policy's calls 3x slower than the simulator runs them
+    fcfs = dict(e, device_seconds_per_iteration=e["launch_seconds_per_iteration"],
+                schedule_seconds_per_iteration=3 * host)
+    cal = sf.calibrated(shape, trace, swap, fcfs)
+    assert cal["speed"] == pytest.approx(1.4, rel=1e-9) and cal["host_scale"] == pytest.approx(3.0, rel=1e-9)
+    # the rest of the engine's 1 ms is the overhead
+    assert cal["iteration_overhead"] == pytest.approx(0.001 - 3 * host, rel=1e-4)
+    assert cal["sim"]["fcfs"]["iteration_seconds"] == pytest.approx(fcfs["iteration_seconds"], rel=1e-6)
+    assert set(cal["sim"]) == set(sf.POLICIES)
+    # without the phases (a server older than their counters) only the overhead is fitted, and
+    # it absorbs the slower launches too
+    old = sf.calibrated(shape, trace, swap, {k: v for k, v in fcfs.items() if not k.endswith("_per_iteration")
+                                             or k == "launch_seconds_per_iteration"})
+    assert old["speed"] == old["host_scale"] == 1.0 and old["iteration_overhead"] > 0.001 + 0.3 * (
+        e["launch_seconds_per_iteration"] / 1.4)

@@ -3,6 +3,8 @@ end-to-end token identity under memory pressure."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 
 import jax
@@ -217,6 +219,27 @@ def test_simulator_charges_swap_time():
     with pytest.raises(ValueError, match="swap_bandwidth"):
         simulate(trace, "mlfq", CostModel("bare", (1,), (0.01,), (1,), (0.01,)),
                  SimConfig(**base, host_kv_capacity_tokens=400, swap_policy="reactive"))
+
+
+def test_simulator_charges_swap_issue_time_and_the_policys_host_time_only_when_asked():
+    trace = [TraceRequest(0.001 * i, 30 + 7 * (i % 5), 20 + 13 * (i % 4)) for i in range(40)]
+    cfg = SimConfig(max_num_seqs=8, max_num_batched_tokens=64, block_size=4, kv_capacity_tokens=200,
+                    scheduler_config=CFG, host_kv_capacity_tokens=400, swap_policy="proactive")
+    plain = simulate(trace, "skip-join-mlfq", COST, cfg).metrics()
+    # the launches, the stalls and nothing else make up the busy time; the policy's calls are timed anyway
+    assert plain["swap_busy_seconds"] == pytest.approx(plain["launch_seconds"] + plain["swap_stall_seconds"])
+    assert plain["swap_copies_issued"] > 0 and plain["policy_host_seconds"] > 0
+    issue = dataclasses.replace(COST, swap_issue_seconds=0.5)           # half a second per copy: dominates
+    m = simulate(trace, "skip-join-mlfq", issue, cfg).metrics()
+    assert m["swap_busy_seconds"] == pytest.approx(
+        m["launch_seconds"] + m["swap_stall_seconds"] + 0.5 * m["swap_copies_issued"])
+    assert m["swap_busy_seconds"] > plain["swap_busy_seconds"] + 0.5 * plain["swap_copies_issued"] / 2
+    charged = simulate(trace, "skip-join-mlfq", COST, dataclasses.replace(cfg, host_time_scale=2.5)).metrics()
+    # the charged time is the policy's own, scaled: what the run measured, on top of launches and stalls
+    assert charged["swap_busy_seconds"] == pytest.approx(
+        charged["launch_seconds"] + charged["swap_stall_seconds"] + 2.5 * charged["policy_host_seconds"], rel=1e-9)
+    with pytest.raises(ValueError, match="host_time_scale must be"):
+        dataclasses.replace(cfg, host_time_scale=-1.0)
 
 
 # -- the engine: real copies, token identity --------------------------------------------------
