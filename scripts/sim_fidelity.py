@@ -7,7 +7,6 @@ table and the command line stay in bench_preemption.py.
 
 from __future__ import annotations
 
-import gc
 import os
 import statistics
 import time
@@ -323,11 +322,6 @@ def engine_in_process(build, work: list, arrivals: list[float], policy: str) -> 
     if bad:
         raise RuntimeError(f"{policy} in process: {len(bad)} wrong answer(s), e.g. count from {bad[0][0]} to {bad[0][1]}")
     m, st = [r.metrics for r in reqs], eng.stats
-    # An engine holds ~11,000 memory maps (its loaded executables) until the collector breaks its
-    # reference cycles; a few uncollected ones reach Linux's 65,530 (vm.max_map_count) and the
-    # next compile fails with "LLVM ERROR: Unable to allocate section memory". Free it now.
-    del eng
-    gc.collect()
     jct = [x.finish_time - x.arrival_time for x in m]
     return dict(e2e_mean=statistics.mean(jct), e2e_p99=float(np.percentile(jct, 99)),      # as slo.py, the sim's
                 mean_latency_per_token=statistics.mean(j / len(r.output_token_ids) for j, r in zip(jct, reqs)),
