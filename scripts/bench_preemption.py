@@ -12,17 +12,19 @@
    makes them, output tokens = the exact answer's, the same arrival times), limits and pools,
    with the cost model profiled at the start of the run (every launch shape, on a fully
    warmed local engine; cached under the servers' key, so the skip-join servers use it too) and
-   swap copy times measured on the engine's copy path, next to the engine's medians: first
-   the profile alone (it times the launches on an idle engine, so it misses the serving
-   engine's host work), then calibrated: one per-iteration host overhead
-   (CostModel.iteration_overhead) solved so the simulated fcfs mean seconds per iteration
-   equal what the fcfs servers' own counters say (fastserve_busy_seconds_total /
-   fastserve_iterations_total, read from /metrics before each server stops). Only fcfs is
-   fitted; skip-join-mlfq is a held-out prediction.
+   swap copy times (and the host time to issue one) measured on the engine's copy path, next
+   to the engine's medians: first the model alone (the profile, the copies, and the host time
+   of the policy's own calls as the simulator runs them), then calibrated on the fcfs servers'
+   counters, read from /metrics before each server stops (sim_fidelity.calibrated): the
+   launches scaled to their device phase (fastserve_iteration_phase_seconds_total), the
+   policy's host time to their schedule phase, and a per-iteration overhead solved so the
+   simulated fcfs mean seconds per iteration equal theirs (fastserve_busy_seconds_total /
+   fastserve_iterations_total). Only fcfs is fitted; skip-join-mlfq is a held-out prediction.
 3. The same burst on in-process engines (no HTTP server or client on the cores), fcfs and
    skip-join-mlfq alternating, --in-process-rounds runs each, their medians against the
-   profile-only simulation, with each figure's run-to-run range and the engine's split of an
-   iteration into scheduling, assembling, device and postprocessing time.
+   model alone and then calibrated the same way on the in-process fcfs runs, with each
+   figure's run-to-run range and the engine's split of an iteration into scheduling,
+   assembling, device and postprocessing time.
 
     python scripts/bench_preemption.py                             # 3 pairs of 400 requests
     python scripts/bench_preemption.py --pairs 5 --json out.json

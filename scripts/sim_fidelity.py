@@ -1,8 +1,9 @@
 """Simulator fidelity, part 2 of scripts/bench_preemption.py: fastserve_jax.sim on the burst the
 real engine served, with the servers' cost model and swap copy times measured on the engine's
-copy path, held against the engine's medians; first the profile alone, then with one
-per-iteration host overhead fitted on fcfs (skip-join-mlfq held out). The engine runs, the A/B
-table and the command line stay in bench_preemption.py.
+copy path, held against the engine's medians; first the model alone (the profile, the copies'
+link and issue times, the policy's own host time), then calibrated on fcfs's iteration phases
+(skip-join-mlfq held out; `calibrated`); and the same burst on in-process engines. The server
+runs, the A/B table and the command line stay in bench_preemption.py.
 """
 
 from __future__ import annotations
