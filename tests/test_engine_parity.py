@@ -34,3 +34,32 @@ def test_recompute_preemption_keeps_outputs(tiny_checkpoints):
     assert sum(r.num_preemptions for r in reqs) > 0
     got = [small.engine.output_of(r) for r in reqs]
     assert [o.token_ids for o in got] == hf_greedy(tiny_checkpoints("llama"), prompts, 30)
+
+
+# bf16 tolerances, stated in docs/attention.md ("bf16"): the engine runs weights, KV and
+# activations in bf16 with norms and softmax in fp32, transformers runs its own bf16 kernels,
+# so logits differ by rounding. Each greedy token the engine picks must be transformers' argmax
+# or within BF16_TIE nats of it (a near-tie that rounding may flip), and the engine's logprob of
+# it must agree with transformers' within BF16_LOGPROB nats.
+BF16_TIE, BF16_LOGPROB = 0.1, 0.05
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas"])
+def test_bfloat16_engine_agrees_with_transformers_in_bfloat16(tiny_checkpoints, backend):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoints("llama")
+    prompts = random_prompts(3, 4, 90, seed=5)           # 90 > the 64-token budget: a chunked prefill
+    sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=1)
+    outs = LLM(path, dtype="bfloat16", attention_backend=backend, warmup=False, **ENGINE_KW).generate(prompts, sp)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    worst_tie = worst_lp = 0.0
+    for p, o in zip(prompts, outs):
+        with torch.no_grad():
+            logits = hf(torch.tensor([p + o.token_ids])).logits[0].float()
+        lp = torch.log_softmax(logits, -1)[len(p) - 1:-1]         # the distribution each new token came from
+        for i, (tok, got) in enumerate(zip(o.token_ids, o.logprobs)):
+            worst_tie = max(worst_tie, float(lp[i].max() - lp[i, tok]))
+            worst_lp = max(worst_lp, abs(got.logprob - float(lp[i, tok])))
+    assert worst_tie <= BF16_TIE and worst_lp <= BF16_LOGPROB, (worst_tie, worst_lp)
