@@ -47,6 +47,7 @@ def test_serves_exact_answers_from_its_own_process(live):
     assert status == 400 and "max_model_len" in err["error"]["message"]   # checked here, from the EngineInfo
     m = live.metrics()      # the engine's snapshot, taken in its process and sent back
     assert m[("fastserve_server_ready", ())] == 1.0 and m[("fastserve_generation_tokens_total", ())] >= 20
+    assert m[("fastserve_iteration_phase_seconds_total", (("phase", "device"),))] > 0   # the split crosses too
     assert live.get("/health")[0] == 200
 
 
