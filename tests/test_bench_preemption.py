@@ -190,6 +190,14 @@ def test_engine_in_process_serves_the_burst_at_its_arrival_times_and_checks_ever
     assert all(m[k] > 0 for k in phases)
     assert m["throughput_rps"] <= len(pairs) / 0.3           # the last request arrives at 0.3 s, not at once
     assert time.monotonic() - t0 > 0.3
+    # the simulator reads what it needs of a real engine through engine_shape, without the engine
+    eng = build("fcfs").engine
+    eng.cost_model = _cost()
+    shape = sf.engine_shape(eng)
+    del eng
+    trace = [TraceRequest(a_t, 7, 4 + i) for i, a_t in enumerate(arrivals)]
+    sims, cost = sf.simulate_policies(shape, trace, (1e-4, 1e9, 5e-5))
+    assert cost.swap_issue_seconds == 5e-5 and all(m["iterations"] > 0 for m in sims.values())
     wrong = [({**work[0][0]}, (3, 10))]                         # asks for 3..9, checked against 3..10
     with pytest.raises(RuntimeError, match="fcfs in process: 1 wrong answer"):
         sf.engine_in_process(build, wrong, [0.0], "fcfs")
