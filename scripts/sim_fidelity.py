@@ -209,7 +209,8 @@ def print_fidelity(real: dict, sims: dict, medians: dict, note: str, labels: dic
 
 def engine_shape(eng):
     """What simulate_policies reads of an engine (its options, pool sizes, model config and
-    cost model), without the engine: the benchmark frees its engines (engine_in_process)."""
+    cost model), without holding the engine: the benchmark drops its setup engine before the
+    in-process runs build theirs."""
     from types import SimpleNamespace
 
     return SimpleNamespace(cfg=eng.cfg, model_cfg=eng.model_cfg, cost_model=eng.cost_model,
@@ -273,7 +274,7 @@ def simulator_fidelity(shape, path: str, swap: tuple[float, float, float], trace
     res = dict(cost_model=dict(path=path, **cost.to_json()), sim=sims, fidelity=print_fidelity(real, sims, medians, ""))
     # The serving engine also assembles its launches, appends tokens, detokenizes and shares its
     # 2 cores (and the GIL) with the HTTP server every iteration, and the machine runs at another
-    # speed than when it was profiled: two numbers fitted on the fcfs runs only; skip-join is
+    # speed than when it was profiled: three numbers fitted on the fcfs runs only; skip-join is
     # then predicted.
     cal = calibrated(shape, trace, swap, real["fcfs"])
     print(f"\n== calibrated on the fcfs servers ({_fit_note(cal)}): launches scaled to their device seconds per "
@@ -328,8 +329,8 @@ def engine_in_process(build, work: list, arrivals: list[float], policy: str) -> 
                 mean_latency_per_token=statistics.mean(j / len(r.output_token_ids) for j, r in zip(jct, reqs)),
                 ttft_mean=statistics.mean(x.first_token_time - x.arrival_time for x in m),
                 throughput_rps=len(reqs) / wall, iterations=st.iterations,
-                # where an iteration's time goes (EngineStats' phases): the simulator charges the
-                # launches and no host work, so these say what its profile leaves out
+                # where an iteration's time goes (EngineStats' phases): what the simulator's launches,
+                # its policy host time and the calibrated overhead have to account for
                 iteration_seconds=st.busy / st.iterations,
                 **{f"{k}_seconds_per_iteration": getattr(st, k) / st.iterations for k in PHASES})
 
