@@ -307,17 +307,16 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         max_blocks = max(max_blocks, kv.num_used_blocks)
         h0 = clock()
         ahead = swap.plan_ahead(plan, live_reqs.values(), sched, now)
-        moves = apply_ahead(ahead, kv) if ahead else None
+        moves = apply_ahead(ahead, kv)                 # empty when nothing is planned
         host += clock() - h0
-        if ahead:
-            for c in moves.swap_out:
-                out_ready[c.request.request_id] = links.out(now, c.num_blocks)
-                counts.blocks_out += c.num_blocks
-            for c in moves.swap_in:
-                uploading.append((c.request, links.into(now, c.num_blocks, out_ready.pop(c.request.request_id, 0.0))))
-                counts.blocks_in += c.num_blocks
-                counts.ins_ahead += 1
-        issued = len(copies.swap_out) + len(copies.swap_in) + (len(moves.swap_out) + len(moves.swap_in) if ahead else 0)
+        for c in moves.swap_out:
+            out_ready[c.request.request_id] = links.out(now, c.num_blocks)
+            counts.blocks_out += c.num_blocks
+        for c in moves.swap_in:
+            uploading.append((c.request, links.into(now, c.num_blocks, out_ready.pop(c.request.request_id, 0.0))))
+            counts.blocks_in += c.num_blocks
+            counts.ins_ahead += 1
+        issued = len(copies.swap_out) + len(copies.swap_in) + len(moves.swap_out) + len(moves.swap_in)
         counts.copies_issued += issued
         dt = plan_time(cost, plan.scheduled)
         launches += dt - cost.iteration_overhead

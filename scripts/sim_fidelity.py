@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from fastserve_jax.stats import PHASES  # noqa: F401  (EngineStats' split of an iteration; tests read it here)
+from fastserve_jax.stats import PHASES
 from fastserve_jax.workload import TraceRequest
 
 # The A/B's two policies: the calibration fits fcfs; skip-join-mlfq is the held-out prediction

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from fastserve_jax.stats import PHASES
 from fastserve_jax.workload import TraceRequest, burst_pool_blocks, chat_output_lengths, kv_blocks
 from fastserve_jax.models import demo_task
 from fastserve_jax.serve import bench_client
@@ -182,7 +183,7 @@ def test_engine_in_process_serves_the_burst_at_its_arrival_times_and_checks_ever
     arrivals = [0.0, 0.0, 0.01, 0.02, 0.05, 0.3]
     t0 = time.monotonic()
     m = sf.engine_in_process(build, work, arrivals, "skip-join-mlfq")
-    phases = {f"{k}_seconds_per_iteration" for k in sf.PHASES}
+    phases = {f"{k}_seconds_per_iteration" for k in PHASES}
     assert set(m) == {"e2e_mean", "e2e_p99", "mean_latency_per_token", "ttft_mean", "throughput_rps", "iterations",
                       "iteration_seconds"} | phases
     assert 0 < m["ttft_mean"] <= m["e2e_mean"] <= m["e2e_p99"] and m["iterations"] >= 20
@@ -206,7 +207,7 @@ def test_engine_in_process_serves_the_burst_at_its_arrival_times_and_checks_ever
 def test_in_process_fidelity_takes_medians_of_alternating_runs_and_reports_their_range(monkeypatch, capsys):
     figures = lambda jct, rps: dict(e2e_mean=jct, e2e_p99=2 * jct, mean_latency_per_token=jct / 10,  # noqa: E731
                                     ttft_mean=jct / 4, throughput_rps=rps, iterations=100, iteration_seconds=0.004,
-                                    **{f"{k}_seconds_per_iteration": 0.001 for k in sf.PHASES})
+                                    **{f"{k}_seconds_per_iteration": 0.001 for k in PHASES})
     served = {"fcfs": iter([figures(2.0, 80), figures(3.0, 60), figures(2.5, 70)]),
               "skip-join-mlfq": iter([figures(1.0, 90), figures(0.9, 100), figures(2.0, 50)])}
     order = []
