@@ -108,6 +108,11 @@ class SchedulerConfig:
       lengths say it is worth more per token than a fresh one, and every decoding request
       until `protect_min_samples` requests have finished (scheduler/skip_join.py's
       SkipJoinMLFQScheduler; False: the paper's policy as published).
+    - tail_slowdown: skip-join MLFQ's tail guard. Once lengths are learned, a request older
+      than the starvation limit whose age exceeds this many times the decode time at a
+      full batch of the tokens it has produced (plus one), and whose expected remaining
+      length at that age is at most the learned mean, runs from the top queue, uncharged,
+      until it has caught up (0 disables it; docs/scheduling.md, "The tail guard").
     - predictive_*: the predictive policy (scheduler/predictive.py; the measurements behind
       each default are in docs/scheduling.md, "Predicted output lengths").
       predictive_objective: what its Gittins index minimises, "latency_per_token" (mean of
@@ -148,16 +153,18 @@ class SchedulerConfig:
     predictive_starvation_threshold: float = 20.0
     protect_decodes: bool = True
     protect_min_samples: int = 16
+    tail_slowdown: float = 5.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.base_quantum, (int, float)) and self.base_quantum > 0):
             raise ValueError(f"base_quantum must be > 0 seconds, got {self.base_quantum!r}")
         if not (isinstance(self.quantum_ratio, (int, float)) and self.quantum_ratio >= 1):
             raise ValueError(f"quantum_ratio must be >= 1, got {self.quantum_ratio!r}")
-        for name in ("starvation_threshold", "predictive_starvation_threshold"):
+        for name in ("starvation_threshold", "predictive_starvation_threshold", "tail_slowdown"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name} must be a finite number >= 0 seconds (0 disables it), got {v!r}")
+                unit = "" if name == "tail_slowdown" else " seconds"
+                raise ValueError(f"{name} must be a finite number >= 0{unit} (0 disables it), got {v!r}")
         for name in ("num_queues", "gittins_window", "gittins_min_samples", "gittins_refresh",
                      "protect_min_samples", "predictive_min_samples"):
             v = getattr(self, name)
@@ -249,6 +256,9 @@ class EngineConfig:
     # the paper has it); a scheduler_config given says its own. Out of the repr, which keys
     # the profiled cost model (cost_profile.cost_cache_key): the policy does not change it.
     protect_decodes: bool = field(default=True, repr=False)
+    # SchedulerConfig.tail_slowdown for the default config above (0: no tail guard); likewise
+    # out of the repr.
+    tail_slowdown: float = field(default=SchedulerConfig.tail_slowdown, repr=False)
     # Cost model for skip-join placement and service accounting: None profiles this engine
     # (cached on disk); otherwise a shipped table name or a JSON path (see cost_model.py).
     cost_model: str | None = None
@@ -299,6 +309,7 @@ class EngineConfig:
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if not isinstance(self.protect_decodes, bool):
             raise ValueError(f"protect_decodes must be True or False, got {self.protect_decodes!r}")
+        SchedulerConfig(tail_slowdown=self.tail_slowdown)           # its check, its message
         if self.attention_backend not in ATTENTION_CHOICES:
             raise ValueError(f"attention_backend must be one of {', '.join(map(repr, ATTENTION_CHOICES))}, "
                              f"got {self.attention_backend!r}")

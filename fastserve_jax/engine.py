@@ -148,7 +148,7 @@ class LLMEngine:
         """set_scheduler's config, else the default with one decode step as the base quantum."""
         return self._scheduler_config or SchedulerConfig(
             base_quantum=self.cost_model.decode_time(1) if self.cost_model else SchedulerConfig.base_quantum,
-            protect_decodes=self.cfg.protect_decodes)
+            protect_decodes=self.cfg.protect_decodes, tail_slowdown=self.cfg.tail_slowdown)
 
     @property
     def profile_provisional(self) -> bool:          # see cost_profile.refine_profile

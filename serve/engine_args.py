@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from fastserve_jax.config import SchedulerConfig
 from fastserve_jax.scheduler import POLICIES
 
 # the options passed through to LLM(...) by name; --model and --scheduler are handled apart
@@ -14,7 +15,7 @@ from fastserve_jax.scheduler import POLICIES
 ENGINE_OPTIONS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                   "num_device_blocks", "num_host_blocks", "swap_policy", "cost_model", "seed",
                   "tensor_parallel_size", "pipeline_parallel_size", "batches_in_flight", "warmup",
-                  "attention_backend")
+                  "attention_backend", "tail_slowdown")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -40,6 +41,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-protect-decodes", dest="protect_decodes", action="store_false",
                    help="skip-join-mlfq as the paper has it: demote decoding requests even where the output "
                         "lengths it learns say they are worth more per token than a fresh one")
+    g.add_argument("--tail-slowdown", type=float, default=SchedulerConfig.tail_slowdown,
+                   help="skip-join-mlfq's tail guard: a request older than the starvation limit, slower than this "
+                        "many times a full batch's decode time per token and expected by the learned lengths to "
+                        "be nearly done runs first until it catches up (default %(default)s; 0: off)")
     g.add_argument("--cost-model", default=None,
                    help="cost model for the policy: a shipped name or JSON path (default: profile this engine)")
     g.add_argument("--seed", type=int, default=0)

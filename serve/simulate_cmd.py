@@ -65,6 +65,8 @@ def add_simulate_parser(sub) -> None:
                    help="skip-join-mlfq as the paper has it: demote decoding requests even where the learned "
                         "output lengths say they are worth more per token than a fresh one "
                         "(SchedulerConfig.protect_decodes)")
+    p.add_argument("--tail-slowdown", type=float, default=None,
+                   help="skip-join-mlfq's tail guard (SchedulerConfig.tail_slowdown; 0: off)")
     pred = p.add_mutually_exclusive_group()
     pred.add_argument("--prediction-sigma", type=_sigma, metavar="SIGMA",
                       help="simulate output-length predictions: log-normal noise of this sigma on the true length "
@@ -173,7 +175,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         cost = CostModel.load(a.cost_model)
         trace, timed = load_trace(a.trace, a.num_requests)
         knobs = {k: v for k, v in (("base_quantum", a.base_quantum), ("quantum_ratio", a.quantum_ratio),
-                                   ("starvation_threshold", a.starvation_threshold)) if v is not None}
+                                   ("starvation_threshold", a.starvation_threshold),
+                                   ("tail_slowdown", a.tail_slowdown)) if v is not None}
         knobs["protect_decodes"] = a.protect_decodes
         if "predictive" in (a.policy or ()) and a.prediction_sigma is None and a.prediction_tau is None:
             raise ValueError("--policy predictive ranks by predicted output lengths: give --prediction-tau "

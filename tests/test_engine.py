@@ -211,6 +211,13 @@ def test_the_papers_skip_join_is_one_flag_away(llm, monkeypatch):
     assert cfg.protect_decodes is False and cfg.base_quantum == eng.cost_model.decode_time(1)
     a = parse_engine_args(["--no-protect-decodes"])
     assert engine_kwargs(a)["protect_decodes"] is False and "--no-protect-decodes" in engine_argv(a)
+    assert eng.policy_config().tail_slowdown == 5.0                  # the tail guard likewise
+    monkeypatch.setattr(eng, "cfg", dataclasses.replace(eng.cfg, tail_slowdown=0.0))
+    assert eng.policy_config().tail_slowdown == 0.0
+    b = parse_engine_args(["--tail-slowdown", "0"])
+    assert engine_kwargs(b)["tail_slowdown"] == 0.0 and engine_argv(b)[-2:] == ["--tail-slowdown", "0.0"]
+    with pytest.raises(ValueError, match="tail_slowdown must be a finite number >= 0"):
+        dataclasses.replace(eng.cfg, tail_slowdown=-1.0)
     assert engine_kwargs(parse_engine_args(engine_argv(a)))["protect_decodes"] is False
     default = parse_engine_args([])
     assert engine_kwargs(default)["protect_decodes"] is True and "--no-protect-decodes" not in engine_argv(default)

@@ -644,3 +644,50 @@ def test_skip_join_keeps_its_lengths_in_the_format_gittins_reads():
         with pytest.raises(ValueError):
             sched.restore_lengths(bad)
     assert sched.schedule(0.0).scheduled == [] and sched._table is None    # nothing to rank yet: no table
+
+
+def test_near_done_marks_the_ages_whose_expected_remaining_length_is_at_most_the_mean():
+    from fastserve_jax.scheduler.skip_join import near_done
+    # half 1 token, half 20 (mean 10.5): at age 0 the rest is the mean; from age 1 only the
+    # 20s are left, 20 - age <= 10.5 from age 10; past every length nothing is expected
+    assert near_done([1] * 10 + [20] * 10) == [True] + [False] * 9 + [True] * 11
+    assert near_done([7] * 3) == [True] * 8
+    assert near_done([]) == []
+
+
+def test_skip_join_tail_guard_runs_a_request_behind_its_pace_from_the_top_uncharged():
+    """Lengths half 1, half 20 (near_done above). `a` has 11 tokens; at 10 x 10 ms per token
+    its pace allows 1.2 s, the starvation limit 1 s. At 1.15 s it is on pace; at 3 s it is
+    behind and near done, so it moves to the top queue and is not charged, so not demoted,
+    while it runs. `b`, behind by as much with 5 tokens, is expected to need more than a
+    fresh request (a 20) and is left to MLFQ: promoted for idling, then charged as usual.
+    With tail_slowdown=0 there is no guard."""
+    for slowdown in (10.0, 0.0):
+        cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=1.0, protect_decodes=True,
+                              protect_min_samples=2, tail_slowdown=slowdown)
+        sched, kv = make(seqs=2, cfg=cfg)
+        sched.restore_lengths({"pooled": [1] * 10 + [20] * 10})
+        sched.add(req("a", 50, 0.0, 20))
+        for i in range(11):
+            run(sched, kv, now=0.01 * i)
+        assert len(sched._live["a"].output_token_ids) == 11
+        sched.add(req("b", 50, 0.0, 20))
+        for i in range(5):
+            run(sched, kv, now=0.2 + 0.01 * i)
+        sched._move(sched._live["a"], 3)                # as if demoted meanwhile
+        sched._move(sched._live["b"], 3)
+        sched.schedule(1.15)
+        assert not sched._guarded
+        sched.schedule(3.0)
+        assert sched._guarded == ({"a"} if slowdown else set())
+        for i in range(3):
+            run(sched, kv, now=3.0 + 0.01 * i)
+        a, b = sched._live["a"], sched._live["b"]
+        assert b.attained_service > 0 or b.queue_level > 0
+        assert (a.queue_level == 0 and a.attained_service == 0.0) == bool(slowdown)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "5", True])
+def test_scheduler_config_rejects_a_bad_tail_slowdown(bad):
+    with pytest.raises(ValueError, match="tail_slowdown must be a finite number >= 0 \\(0 disables it\\)"):
+        SchedulerConfig(tail_slowdown=bad)

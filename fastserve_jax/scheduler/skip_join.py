@@ -79,6 +79,8 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         self._slots = 0
         self._lapsed: set[str] = set()     # charged as a decode since learning: never lifted again
         self._memory_bound = False         # the device pool holds no full batch of typical requests
+        self._near_done: list[bool] = []   # [age]: expected remaining length <= the mean (tail guard)
+        self._guarded: set[str] = set()    # behind the tail guard's pace: top queue, uncharged
 
     def use_cost_model(self, cost_model, config) -> None:
         super().use_cost_model(cost_model, config)
@@ -98,6 +100,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
     def remove(self, req: Request) -> None:
         super().remove(req)
         self._lapsed.discard(req.request_id)
+        self._guarded.discard(req.request_id)
         n = finished_length(req)
         if n:
             self._lengths.append(n)
@@ -181,6 +184,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         self._slots = max(1, min(self.limits.max_num_seqs, int(self._pool_tokens() // (prompt + table.mean))))
         self._new_finishes = 0
         self._learned, self._cold = True, False
+        self._near_done = near_done(self._lengths)
         seqs = self.limits.max_num_seqs
         slot = self.cost_model.decode_time(seqs) / seqs
         fresh = table.index(0, self.cost_model.prefill_time(prompt) / slot)
@@ -242,7 +246,40 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         table = self._table
         return table is not None and age < table.max_len and table.index(age) >= self._fresh_index
 
+    def promote_starving(self, now: float) -> None:
+        super().promote_starving(now)
+        if self._near_done and self.config.tail_slowdown > 0:
+            self._guard_tail(now)
+
+    def _guard_tail(self, now: float) -> None:
+        """The tail guard (SchedulerConfig.tail_slowdown; docs/scheduling.md, "The tail
+        guard"): a request older than the starvation limit that has produced fewer tokens
+        than its age allows at `tail_slowdown` times a full batch's decode time per token,
+        and that the learned lengths expect to need no more than a fresh request, runs from
+        the top queue, uncharged, until it has caught up. Walks the live requests in the
+        order they were added (their arrival order) and stops at the first one younger than
+        the limit."""
+        limit = self.starvation_limit()
+        for rid in [r for r in self._guarded if now - self._live[r].arrival_time <= limit]:
+            self._guarded.discard(rid)          # the limit grew past its age: guarded no more
+        pace = self.config.tail_slowdown * self.cost_model.decode_time(self.limits.max_num_seqs)
+        near, guarded = self._near_done, self._guarded
+        for rid, req in self._live.items():
+            age = now - req.arrival_time
+            if age <= limit:
+                break
+            n = len(req.output_token_ids)
+            if age > pace * (n + 1) and (n >= len(near) or near[n]):
+                if rid not in guarded:
+                    guarded.add(rid)
+                    if req.queue_level != 0:
+                        self._move(req, 0)
+            else:
+                guarded.discard(rid)
+
     def charge(self, req: Request, num_tokens: int, duration: float) -> bool:
+        if req.request_id in self._guarded:
+            return False
         if self._table is None and not self._cold:
             return super().charge(req, num_tokens, duration)
         if num_tokens > 1 and req.is_prefilling:
@@ -264,3 +301,21 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         if self._table is not None and num_tokens == 1:
             self._lapsed.add(req.request_id)
         return super().charge(req, num_tokens, duration)
+
+
+def near_done(lengths) -> list[bool]:
+    """[age] for ages 0..max(lengths): whether a request of that age is expected to need at
+    most the mean length more, E[X - age | X > age] <= E[X], by the learned lengths."""
+    xs = sorted(lengths)
+    if not xs:
+        return []
+    mean = sum(xs) / len(xs)
+    rest, count, i = float(sum(xs)), len(xs), 0     # sum and count of the lengths > age
+    out = []
+    for age in range(xs[-1] + 1):
+        while i < len(xs) and xs[i] <= age:
+            rest -= xs[i]
+            count -= 1
+            i += 1
+        out.append(count == 0 or rest / count - age <= mean)
+    return out
