@@ -297,3 +297,15 @@ def test_calibrated_recovers_the_engines_speed_and_host_overhead_from_fcfs_alone
                                              or k == "launch_seconds_per_iteration"})
     assert old["speed"] == old["host_scale"] == 1.0 and old["iteration_overhead"] > 0.001 + 0.3 * (
         e["launch_seconds_per_iteration"] / 1.4)
+
+
+def test_bench_tail_guard_workload_is_light_tailed_and_exact_counts():
+    import bench_tail_guard as btg
+
+    outs = btg.light_tailed_outputs(2000, 100.0, 0)
+    assert outs.min() >= 4 and outs.max() <= 250 and 0.5 < outs.std() / outs.mean() < 0.7
+    assert abs(outs.mean() - 100) < 6
+    work = btg.workload(50, 100.0, 0)
+    assert [p["max_tokens"] for p, _ in work] == [demo_task.answer_num_tokens(a, b) for _, (a, b) in work]
+    assert [p["max_tokens"] for p, _ in work] == list(btg.light_tailed_outputs(50, 100.0, 0))
+    assert all(p["prompt"] == demo_task.make_prompt(a, b) for p, (a, b) in work)
