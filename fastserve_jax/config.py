@@ -112,7 +112,9 @@ class SchedulerConfig:
       than the starvation limit whose age exceeds this many times the decode time at a
       full batch of the tokens it has produced (plus one), and whose expected remaining
       length at that age is at most the learned mean, runs from the top queue, uncharged,
-      until it has caught up (0 disables it; docs/scheduling.md, "The tail guard").
+      until it has caught up (0 disables it; docs/scheduling.md, "The tail guard"). Skip-join
+      learns lengths only with protect_decodes, so protect_decodes=False (the paper's
+      policy) has no tail guard either.
     - predictive_*: the predictive policy (scheduler/predictive.py; the measurements behind
       each default are in docs/scheduling.md, "Predicted output lengths").
       predictive_objective: what its Gittins index minimises, "latency_per_token" (mean of
