@@ -10,7 +10,8 @@ arrivals:
 - skip-join-mlfq;
 - skip-join-mlfq with tail_slowdown=0 (no tail guard).
 
-Every answer is checked token for token. Pairs the demo model misses by itself are replaced
+Every answer is checked token for token. Each run also prints the engine's seconds per
+iteration and its scheduling phase, the policy's host time. Pairs the demo model misses by itself are replaced
 first (bench_cmd.screen_pairs).
 
 The starvation limit is what the guard waits for. By default it is scaled to the same
@@ -44,6 +45,7 @@ from fastserve_jax.models import demo_task  # noqa: E402
 FIGURES = (("e2e_mean", "JCT mean s"), ("e2e_p99", "JCT p99 s"), ("mean_latency_per_token", "latency per token s"),
            ("throughput_rps", "served req/s"))
 GUARD, NO_GUARD = "skip-join-mlfq", "skip-join, no guard"
+PHASE_FIGURES = ("iteration_seconds", "schedule_seconds_per_iteration")   # the engine's, per run
 
 
 def light_tailed_outputs(n: int, mean: float, seed: int) -> np.ndarray:
@@ -124,9 +126,11 @@ def main(argv: list[str] | None = None) -> dict:
     for r in range(a.rounds):
         for name in configs:
             m = engine_in_process(build, work, arrivals, name)
-            runs[name].append({k: m[k] for k, _ in FIGURES})
-            print(f"  round {r + 1} {name:20s} " + "  ".join(f"{label} {m[k]:.4g}" for k, label in FIGURES), flush=True)
-    med = {n: {k: statistics.median(x[k] for x in v) for k, _ in FIGURES} for n, v in runs.items()}
+            runs[name].append({k: m[k] for k in (*dict(FIGURES), *PHASE_FIGURES)})
+            print(f"  round {r + 1} {name:20s} " + "  ".join(f"{label} {m[k]:.4g}" for k, label in FIGURES) +
+                  f"  ms per iteration {m['iteration_seconds'] * 1e3:.2f} (schedule "
+                  f"{m['schedule_seconds_per_iteration'] * 1e3:.2f})", flush=True)
+    med = {n: {k: statistics.median(x[k] for x in v) for k in v[0]} for n, v in runs.items()}
     print(f"\nmedians of {a.rounds} rounds (ratios: to fcfs; latency per token as fcfs's / the policy's)")
     print(f"{'':22s}" + "".join(f"{label:>24s}" for _, label in FIGURES))
     for n in configs:
@@ -135,6 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
             ratio = med["fcfs"][k] / med[n][k] if k == "mean_latency_per_token" else med[n][k] / med["fcfs"][k]
             cells.append(f"{med[n][k]:.4g} ({ratio:.2f}x)")
         print(f"{n:22s}" + "".join(f"{c:>24s}" for c in cells))
+    print("ms per iteration (schedule phase), medians: " + "; ".join(
+        f"{n} {med[n]['iteration_seconds'] * 1e3:.2f} ({med[n]['schedule_seconds_per_iteration'] * 1e3:.2f})"
+        for n in configs))
     paired = {k: [g[k] / o[k] for g, o in zip(runs[GUARD], runs[NO_GUARD])] for k, _ in FIGURES}
     print("guard / no guard, per round: " + "; ".join(f"{label} " + ", ".join(f"{x:.2f}" for x in paired[k])
                                                         for k, label in FIGURES))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -301,11 +302,14 @@ def engine_in_process(build, work: list, arrivals: list[float], policy: str) -> 
     """The burst on an in-process engine of `policy` (build(policy) -> LLM), each request added
     between steps once its arrival time has passed, as the simulator adds them: the engine's
     scheduling and device work without the HTTP server and client sharing its cores. Every
-    answer is checked; one wrong answer raises."""
+    answer is checked; one wrong answer raises. The engine's counters (iterations, busy time,
+    phases) are taken over this run alone, so an engine may serve several runs."""
     from fastserve_jax.config import SamplingParams
     from fastserve_jax.models import demo_task
 
     eng = build(policy).engine
+    counters = ("iterations", "busy", *PHASES)
+    before = {k: getattr(eng.stats, k) for k in counters}      # an engine reused across runs counts on
     reqs, i, t0 = [], 0, time.monotonic()
     while i < len(work) or eng.has_unfinished():
         now = time.monotonic() - t0
@@ -323,7 +327,8 @@ def engine_in_process(build, work: list, arrivals: list[float], policy: str) -> 
            if not demo_task.check_answer(a, b, eng.tokenizer.decode(r.output_token_ids, skip_special_tokens=True))]
     if bad:
         raise RuntimeError(f"{policy} in process: {len(bad)} wrong answer(s), e.g. count from {bad[0][0]} to {bad[0][1]}")
-    m, st = [r.metrics for r in reqs], eng.stats
+    m = [r.metrics for r in reqs]
+    st = SimpleNamespace(**{k: getattr(eng.stats, k) - before[k] for k in counters})
     jct = [x.finish_time - x.arrival_time for x in m]
     return dict(e2e_mean=statistics.mean(jct), e2e_p99=float(np.percentile(jct, 99)),      # as slo.py, the sim's
                 mean_latency_per_token=statistics.mean(j / len(r.output_token_ids) for j, r in zip(jct, reqs)),
