@@ -155,6 +155,12 @@ def code_completion_trace(n: int, seed: int = 0) -> list[TraceRequest]:
     return [TraceRequest(0.0, int(a), int(b)) for a, b in zip(p, o)]
 
 
+def light_tailed_lengths(rng: np.random.Generator, n: int, mean: float, lo: int, hi: int) -> np.ndarray:
+    """(n,) output lengths in tokens with the light tail of the Azure conversation trace's
+    (CV 0.61): gamma of shape 2.7 and the given mean, clipped to [lo, hi], drawn from `rng`."""
+    return np.clip(rng.gamma(2.7, mean / 2.7, n), lo, hi).astype(int)
+
+
 def chat_output_lengths(n: int, lo: int = 2, hi: int = 257, alpha: float = 0.1, seed: int = 0) -> np.ndarray:
     """(n,) output lengths in tokens, integers in [lo, hi], skewed short with a long tail like
     chat answers: a bounded Pareto of shape alpha on [lo, hi + 1), rounded down (so hi itself

@@ -10,9 +10,9 @@ arrivals:
 - skip-join-mlfq;
 - skip-join-mlfq with tail_slowdown=0 (no tail guard).
 
-Every answer is checked token for token. Each run also prints the engine's seconds per
-iteration and its scheduling phase, the policy's host time. Pairs the demo model misses by itself are replaced
-first (bench_cmd.screen_pairs).
+Every answer is checked token for token. Pairs the demo model misses by itself are
+replaced first (bench_cmd.screen_pairs). Each run also prints the engine's seconds per
+iteration and its scheduling phase, the policy's host time.
 
 The starvation limit is what the guard waits for. By default it is scaled to the same
 number of full-batch decode steps as the simulator's 10 s on OPT-13B: the demo model
@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fastserve_jax.config import SchedulerConfig  # noqa: E402
 from fastserve_jax.cost_model import CostModel  # noqa: E402
 from fastserve_jax.models import demo_task  # noqa: E402
+from fastserve_jax.workload import light_tailed_lengths  # noqa: E402
 
 FIGURES = (("e2e_mean", "JCT mean s"), ("e2e_p99", "JCT p99 s"), ("mean_latency_per_token", "latency per token s"),
            ("throughput_rps", "served req/s"))
@@ -50,8 +51,7 @@ PHASE_FIGURES = ("iteration_seconds", "schedule_seconds_per_iteration")   # the 
 
 def light_tailed_outputs(n: int, mean: float, seed: int) -> np.ndarray:
     """Output lengths in tokens: gamma of shape 2.7 (CV 0.61 before clipping), clipped to 4-250."""
-    rng = np.random.default_rng([seed, 0x7A11])
-    return np.clip(rng.gamma(2.7, mean / 2.7, n), 4, 250).astype(int)
+    return light_tailed_lengths(np.random.default_rng([seed, 0x7A11]), n, mean, 4, 250)
 
 
 def workload(n: int, mean: float, seed: int) -> list:

@@ -59,7 +59,8 @@ from fastserve_jax.config import SchedulerConfig
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.sim import SimConfig, simulate
 from fastserve_jax.swap_policy import MAX_STALL_FRACTION
-from fastserve_jax.workload import TraceRequest, capacity_rps, code_completion_trace, heavy_tailed_trace, with_arrivals
+from fastserve_jax.workload import (TraceRequest, capacity_rps, code_completion_trace, heavy_tailed_trace,
+                                    light_tailed_lengths, with_arrivals)
 
 COST = CostModel.load("opt-13b-a100")
 
@@ -193,7 +194,7 @@ def light_tailed(n: int, seed: int = 0) -> list[TraceRequest]:
     shape of the Azure conversation trace's first 400 rows."""
     rng = np.random.default_rng(seed)
     p = rng.integers(700, 1300, n)
-    o = np.clip(rng.gamma(2.7, 260 / 2.7, n), 10, 650).astype(int)
+    o = light_tailed_lengths(rng, n, 260, 10, 650)
     return [TraceRequest(0.0, int(a), int(b)) for a, b in zip(p, o)]
 
 

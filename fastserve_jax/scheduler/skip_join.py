@@ -80,6 +80,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         self._lapsed: set[str] = set()     # charged as a decode since learning: never lifted again
         self._memory_bound = False         # the device pool holds no full batch of typical requests
         self._near_done: list[bool] = []   # [age]: expected remaining length <= the mean (tail guard)
+        self._tail_pace = 0.0              # seconds per token below which the tail guard steps in
         self._guarded: set[str] = set()    # behind the tail guard's pace: top queue, uncharged
 
     def use_cost_model(self, cost_model, config) -> None:
@@ -186,6 +187,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         self._learned, self._cold = True, False
         self._near_done = near_done(self._lengths)
         seqs = self.limits.max_num_seqs
+        self._tail_pace = self.config.tail_slowdown * self.cost_model.decode_time(seqs)
         slot = self.cost_model.decode_time(seqs) / seqs
         fresh = table.index(0, self.cost_model.prefill_time(prompt) / slot)
         self._memory_bound = not self._batch_fits(prompt, table.mean)
@@ -248,7 +250,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
 
     def promote_starving(self, now: float) -> None:
         super().promote_starving(now)
-        if self._near_done and self.config.tail_slowdown > 0:
+        if self._near_done and self._tail_pace > 0:
             self._guard_tail(now)
 
     def _guard_tail(self, now: float) -> None:
@@ -262,8 +264,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         limit = self.starvation_limit()
         for rid in [r for r in self._guarded if now - self._live[r].arrival_time <= limit]:
             self._guarded.discard(rid)          # the limit grew past its age: guarded no more
-        pace = self.config.tail_slowdown * self.cost_model.decode_time(self.limits.max_num_seqs)
-        near, guarded = self._near_done, self._guarded
+        pace, near, guarded = self._tail_pace, self._near_done, self._guarded
         for rid, req in self._live.items():
             age = now - req.arrival_time
             if age <= limit:
