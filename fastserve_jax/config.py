@@ -112,7 +112,7 @@ class SchedulerConfig:
       than the starvation limit whose age exceeds this many times the decode time at a
       full batch of the tokens it has produced (plus one), and whose expected remaining
       length at that age is at most the learned mean, runs from the top queue, uncharged,
-      until it has caught up (0 disables it; docs/scheduling.md, "The tail guard"). Skip-join
+      until it has caught up (0 disables it; docs/scheduling_log.md, "The tail guard"). Skip-join
       learns lengths only with protect_decodes, so protect_decodes=False (the paper's
       policy) has no tail guard either.
     - predictive_*: the predictive policy (scheduler/predictive.py; the measurements behind
@@ -190,6 +190,31 @@ class SchedulerConfig:
         return self.base_quantum * self.quantum_ratio ** level
 
 
+# SchedulerConfig's seconds are tuned in the simulator on the paper's setup, OPT-13B on an A100 at
+# batch 16, where one decode iteration takes this long (cost_models/opt-13b-a100.json; a test
+# keeps the two in step).
+REFERENCE_ITERATION_SECONDS = 0.02055
+
+
+def engine_policy_config(cost_model, max_num_seqs: int, starvation_threshold: float | None = None,
+                         **knobs) -> SchedulerConfig:
+    """SchedulerConfig's defaults for an engine with this cost model (None: the plain
+    defaults): one decode step as the base quantum (FastServe's "about one decode step"), and
+    the starvation limits stretched to as many full-batch decode iterations as the defaults'
+    seconds last on the reference setup. A model that decodes 5x faster than OPT-13B waits
+    2 s, not 10, before promotion and the tail guard; at 10 s the demo model's bursts end
+    before either acts. `starvation_threshold`: seconds that replace the scaled skip-join and
+    gittins limit."""
+    d = SchedulerConfig
+    # (a noisy profile's line may fall below its batch-1 time when stretched past its last batch)
+    full = max(cost_model.decode_time(1), cost_model.decode_time(max_num_seqs)) if cost_model else 0.0
+    scale = full / REFERENCE_ITERATION_SECONDS if cost_model else 1.0
+    return SchedulerConfig(
+        base_quantum=cost_model.decode_time(1) if cost_model else d.base_quantum,
+        starvation_threshold=d.starvation_threshold * scale if starvation_threshold is None else starvation_threshold,
+        predictive_starvation_threshold=d.predictive_starvation_threshold * scale, **knobs)
+
+
 def _pow2_upto(lo: int, hi: int) -> tuple[int, ...]:
     """Powers of two from `lo` with `hi` itself as the last entry (hi need not be a power)."""
     out, b = [], lo
@@ -261,6 +286,9 @@ class EngineConfig:
     # SchedulerConfig.tail_slowdown for the default config above (0: no tail guard); likewise
     # out of the repr.
     tail_slowdown: float = field(default=SchedulerConfig.tail_slowdown, repr=False)
+    # SchedulerConfig.starvation_threshold in seconds for the default config above; None: the
+    # default's 10 s scaled to this engine's full-batch decode time (engine_policy_config).
+    starvation_threshold: float | None = field(default=None, repr=False)
     # Cost model for skip-join placement and service accounting: None profiles this engine
     # (cached on disk); otherwise a shipped table name or a JSON path (see cost_model.py).
     cost_model: str | None = None
@@ -311,7 +339,9 @@ class EngineConfig:
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if not isinstance(self.protect_decodes, bool):
             raise ValueError(f"protect_decodes must be True or False, got {self.protect_decodes!r}")
-        SchedulerConfig(tail_slowdown=self.tail_slowdown)           # its check, its message
+        SchedulerConfig(tail_slowdown=self.tail_slowdown,            # their checks, their messages
+                        starvation_threshold=SchedulerConfig.starvation_threshold if self.starvation_threshold is None
+                        else self.starvation_threshold)
         if self.attention_backend not in ATTENTION_CHOICES:
             raise ValueError(f"attention_backend must be one of {', '.join(map(repr, ATTENTION_CHOICES))}, "
                              f"got {self.attention_backend!r}")

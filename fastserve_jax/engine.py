@@ -19,7 +19,7 @@ import jax
 
 from fastserve_jax import policy_state
 from fastserve_jax.admission import validate_request
-from fastserve_jax.config import EngineConfig, SamplingParams, SchedulerConfig
+from fastserve_jax.config import EngineConfig, SamplingParams, SchedulerConfig, engine_policy_config
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.cost_profile import is_provisional, profile_engine
 from fastserve_jax.detokenizer import IncrementalDetokenizer, decoder
@@ -145,9 +145,11 @@ class LLMEngine:
         policy_state.attach(self, name)
 
     def policy_config(self) -> SchedulerConfig:
-        """set_scheduler's config, else the default with one decode step as the base quantum."""
-        return self._scheduler_config or SchedulerConfig(
-            base_quantum=self.cost_model.decode_time(1) if self.cost_model else SchedulerConfig.base_quantum,
+        """set_scheduler's config, else the defaults fitted to this engine's cost model
+        (config.engine_policy_config: one decode step as the base quantum, starvation limits
+        scaled to its full-batch decode time)."""
+        return self._scheduler_config or engine_policy_config(
+            self.cost_model, self.cfg.max_num_seqs, self.cfg.starvation_threshold,
             protect_decodes=self.cfg.protect_decodes, tail_slowdown=self.cfg.tail_slowdown)
 
     @property

@@ -154,13 +154,12 @@ def simulate_policies(eng, trace: list[TraceRequest], swap: tuple[float, float, 
                       policies=POLICIES, host_scale: float = 1.0, speed: float = 1.0) -> tuple[dict, object]:
     """fastserve_jax.sim per policy with the engine's limits, pools and cost model, `swap` =
     measure_swap's (latency, bandwidth, issue seconds), plus `overhead` host seconds per
-    iteration (the scheduler's base quantum stays the engine's, one batch-1 decode launch of
-    the profile, as engine.set_scheduler sets it), plus `host_scale` times the seconds the
+    iteration (the policy's config stays the engine's own, engine.policy_config, fitted to
+    the unscaled profile), plus `host_scale` times the seconds the
     simulator spends in the policy's own calls (SimConfig.host_time_scale); every launch time
     of the profile multiplied by `speed` (scaled_launches)."""
     import dataclasses
 
-    from fastserve_jax.config import SchedulerConfig
     from fastserve_jax.kv_cache import kv_block_bytes
     from fastserve_jax.sim import SimConfig, simulate
 
@@ -174,9 +173,7 @@ def simulate_policies(eng, trace: list[TraceRequest], swap: tuple[float, float, 
                         block_size=cfg.block_size, kv_capacity_tokens=kv.num_usable_blocks * cfg.block_size,
                         host_kv_capacity_tokens=kv.num_host_blocks * cfg.block_size, swap_policy=cfg.swap_policy,
                         swap_reserve_blocks=cfg.swap_reserve_blocks, host_time_scale=host_scale,
-                        scheduler_config=cfg.scheduler_config or SchedulerConfig(
-                            base_quantum=eng.cost_model.decode_time(1),
-                                                                                     protect_decodes=cfg.protect_decodes))
+                        scheduler_config=eng.policy_config())
     sims = {p: simulate(trace, p, cost, sim_cfg).metrics() for p in policies}
     for m in sims.values():
         m["iteration_seconds"] = m["swap_busy_seconds"] / m["iterations"]      # swap stalls included, as the engine's
@@ -214,7 +211,9 @@ def engine_shape(eng):
     in-process runs build theirs."""
     from types import SimpleNamespace
 
+    config = eng.policy_config()
     return SimpleNamespace(cfg=eng.cfg, model_cfg=eng.model_cfg, cost_model=eng.cost_model,
+                           policy_config=lambda: config,
                            kv=SimpleNamespace(num_usable_blocks=eng.kv.num_usable_blocks,
                                               num_host_blocks=eng.kv.num_host_blocks))
 

@@ -15,7 +15,7 @@ from fastserve_jax.scheduler import POLICIES
 ENGINE_OPTIONS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                   "num_device_blocks", "num_host_blocks", "swap_policy", "cost_model", "seed",
                   "tensor_parallel_size", "pipeline_parallel_size", "batches_in_flight", "warmup",
-                  "attention_backend", "tail_slowdown")
+                  "attention_backend", "tail_slowdown", "starvation_threshold")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +45,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="skip-join-mlfq's tail guard: a request older than the starvation limit, slower than this "
                         "many times a full batch's decode time per token and expected by the learned lengths to "
                         "be nearly done runs first until it catches up (default %(default)s; 0: off)")
+    g.add_argument("--starvation-threshold", type=float, default=None,
+                   help="seconds a request may wait before skip-join-mlfq and gittins promote it to the top queue, "
+                        "and the age at which the tail guard looks at it (default: 10 s scaled to this engine's "
+                        "full-batch decode time against OPT-13B's on an A100; 0: no promotion)")
     g.add_argument("--cost-model", default=None,
                    help="cost model for the policy: a shipped name or JSON path (default: profile this engine)")
     g.add_argument("--seed", type=int, default=0)

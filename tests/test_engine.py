@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fastserve_jax import LLM, SamplingParams
+from fastserve_jax.config import REFERENCE_ITERATION_SECONDS, SchedulerConfig
 from fastserve_jax.runner.compile_guard import CompileCounter
 from fastserve_jax.scheduler import POLICIES
 from tiny_engine import ENGINE_KW, GREEDY, hf_greedy, random_prompts
@@ -220,6 +221,16 @@ def test_the_papers_skip_join_is_one_flag_away(llm, monkeypatch):
     with pytest.raises(ValueError, match="tail_slowdown must be a finite number >= 0"):
         dataclasses.replace(eng.cfg, tail_slowdown=-1.0)
     assert engine_kwargs(parse_engine_args(engine_argv(a)))["protect_decodes"] is False
+    scaled = eng.policy_config().starvation_threshold                # scaled to the profile (test_scheduler)
+    full = max(eng.cost_model.decode_time(n) for n in (1, eng.cfg.max_num_seqs))
+    assert scaled == pytest.approx(SchedulerConfig.starvation_threshold * full / REFERENCE_ITERATION_SECONDS)
+    monkeypatch.setattr(eng, "cfg", dataclasses.replace(eng.cfg, starvation_threshold=2.5))
+    assert eng.policy_config().starvation_threshold == 2.5
+    c = parse_engine_args(["--starvation-threshold", "2.5"])
+    assert engine_kwargs(c)["starvation_threshold"] == 2.5 and "--starvation-threshold" in engine_argv(c)
+    assert "--starvation-threshold" not in engine_argv(parse_engine_args([]))
+    with pytest.raises(ValueError, match="starvation_threshold must be a finite number >= 0"):
+        dataclasses.replace(eng.cfg, starvation_threshold=-1.0)
     default = parse_engine_args([])
     assert engine_kwargs(default)["protect_decodes"] is True and "--no-protect-decodes" not in engine_argv(default)
     with pytest.raises(ValueError, match="protect_decodes"):

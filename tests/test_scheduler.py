@@ -687,6 +687,30 @@ def test_skip_join_tail_guard_runs_a_request_behind_its_pace_from_the_top_unchar
         assert (a.queue_level == 0 and a.attained_service == 0.0) == bool(slowdown)
 
 
+def test_engine_policy_defaults_wait_as_many_full_batch_iterations_as_the_reference_setup():
+    """The engine's starvation limits are the defaults' seconds scaled by its full-batch decode
+    time over the reference setup's, which the shipped OPT-13B table still gives."""
+    from fastserve_jax.config import REFERENCE_ITERATION_SECONDS, engine_policy_config
+
+    opt = CostModel.load("opt-13b-a100")
+    assert opt.decode_time(16) == pytest.approx(REFERENCE_ITERATION_SECONDS, rel=1e-3)
+    d = SchedulerConfig()
+    same = engine_policy_config(opt, 16)
+    assert same.starvation_threshold == pytest.approx(d.starvation_threshold, rel=1e-3)
+    assert same.base_quantum == opt.decode_time(1)
+    fast = dataclasses.replace(opt, decode_seconds=tuple(t / 5 for t in opt.decode_seconds))
+    cfg = engine_policy_config(fast, 16, tail_slowdown=0.0)
+    assert cfg.starvation_threshold == pytest.approx(d.starvation_threshold * fast.decode_time(16) / opt.decode_time(16))
+    assert cfg.starvation_threshold < 0.3 * d.starvation_threshold and cfg.tail_slowdown == 0.0
+    assert cfg.predictive_starvation_threshold / cfg.starvation_threshold == pytest.approx(
+        d.predictive_starvation_threshold / d.starvation_threshold)
+    assert engine_policy_config(fast, 16, 3.0).starvation_threshold == 3.0          # a given limit is kept
+    assert engine_policy_config(None, 16) == d
+    falling = dataclasses.replace(opt, decode_batch=(1, 2), decode_seconds=(0.01, 0.002))  # stretched past batch 2
+    assert engine_policy_config(falling, 16).starvation_threshold == pytest.approx(
+        d.starvation_threshold * 0.01 / REFERENCE_ITERATION_SECONDS)
+
+
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "5", True])
 def test_scheduler_config_rejects_a_bad_tail_slowdown(bad):
     with pytest.raises(ValueError, match="tail_slowdown must be a finite number >= 0 \\(0 disables it\\)"):
