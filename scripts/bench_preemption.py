@@ -217,7 +217,7 @@ def burst_setup(a: argparse.Namespace) -> Burst:
 def add_burst_args(ap: argparse.ArgumentParser) -> None:
     # 400, the simulator's burst (scripts/repro_fastserve.py): a burst of 120 at 3.5x the probed
     # capacity arrives within 0.6 s, about four batches, too little queueing for any ranking to
-    # matter much (docs/scheduling.md, "The real engine")
+    # matter much (docs/scheduling_log.md, "The real engine")
     ap.add_argument("--num-requests", type=int, default=400, help="requests in the burst (default 400)")
     ap.add_argument("--overload", type=float, default=3.5, help="arrival rate as a multiple of the probed capacity")
     ap.add_argument("--rate", type=float, default=None, help="arrival rate in requests/s (skips the capacity probe)")

@@ -254,7 +254,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
             self._guard_tail(now)
 
     def _guard_tail(self, now: float) -> None:
-        """The tail guard (SchedulerConfig.tail_slowdown; docs/scheduling.md, "The tail
+        """The tail guard (SchedulerConfig.tail_slowdown; docs/scheduling_log.md, "The tail
         guard"): a request older than the starvation limit that has produced fewer tokens
         than its age allows at `tail_slowdown` times a full batch's decode time per token,
         and that the learned lengths expect to need no more than a fresh request, runs from
@@ -286,7 +286,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         if num_tokens > 1 and req.is_prefilling:
             # A chunk after which the prefill goes on: not charged while decodes are protected
             # (the queue was picked for the whole prefill; the chunk's iteration also ran other
-            # work; docs/scheduling.md, "Unfinished prefill chunks go uncharged").
+            # work; docs/scheduling_log.md, "Unfinished prefill chunks go uncharged").
             return False
         if num_tokens > 1:                                  # its prefill completed
             level = self.entry_level(req)
