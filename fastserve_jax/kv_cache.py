@@ -80,6 +80,7 @@ class KVManager:
         self._host: dict[str, int] = {}                 # request id -> host blocks held
         self._host_free = num_host_blocks
         self._where: dict[str, KVLocation] = {}         # absent: NONE
+        self._swapping_in = 0                           # device blocks of swap-ins in flight
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -111,6 +112,11 @@ class KVManager:
     def num_host_requests(self) -> int:
         """Requests holding host blocks (on the host or in flight either way)."""
         return len(self._host)
+
+    @property
+    def num_swapping_in_blocks(self) -> int:
+        """Device blocks held by swap-ins still in flight (the upload link's backlog)."""
+        return self._swapping_in
 
     def blocks_for_tokens(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -160,9 +166,11 @@ class KVManager:
     def free(self, req: Request) -> None:
         """Release the request's KV wherever it is (device, host, or both while in flight)."""
         rid = req.request_id
-        self._free.extend(reversed(self._tables.pop(rid, [])))
+        table = self._tables.pop(rid, [])
+        if self._where.pop(rid, None) is KVLocation.SWAPPING_IN:
+            self._swapping_in -= len(table)
+        self._free.extend(reversed(table))
         self._host_free += self._host.pop(rid, 0)
-        self._where.pop(rid, None)
 
     # -- swapping (matching pairs: swap_out / finish_swap_out, swap_in / finish_swap_in) ----
     def can_swap_out(self, req: Request, host_blocks_promised: int = 0) -> bool:
@@ -202,6 +210,7 @@ class KVManager:
         table = [self._free.pop() for _ in range(n)]
         self._tables[rid] = table
         self._where[rid] = KVLocation.SWAPPING_IN
+        self._swapping_in += n
         return SwapCopy(req, tuple(table))
 
     def finish_swap_in(self, req: Request) -> None:
@@ -209,6 +218,7 @@ class KVManager:
         assert self._where.get(rid) is KVLocation.SWAPPING_IN, f"{rid}: finish_swap_in without swap_in"
         self._host_free += self._host.pop(rid)
         self._where[rid] = KVLocation.DEVICE
+        self._swapping_in -= len(self._tables[rid])
 
     def check_integrity(self) -> None:
         """Every usable device block is free or owned by exactly one request; host blocks add
@@ -229,6 +239,8 @@ class KVManager:
             if on_dev and on_host:
                 assert len(self._tables[rid]) == self._host[rid], f"{rid}: swap-in allocated the wrong block count"
         assert set(self._tables) | set(self._host) <= set(self._where), "ledger entry without a location"
+        assert self._swapping_in == sum(len(self._tables[r]) for r, w in self._where.items()
+                                        if w is KVLocation.SWAPPING_IN), "in-flight swap-in count is off"
 
 
 # -- pool sizing --------------------------------------------------------------------------

@@ -153,7 +153,6 @@ class SwapPolicy:
         running = {s.request.request_id for s in plan.scheduled}
         host_resident: list[Request] = []
         paused: list[Request] = []
-        in_flight = 0                                                      # blocks being uploaded
         where_of = kv.where.get
         for r in live:
             where = where_of(r.request_id, KVLocation.NONE)
@@ -165,8 +164,6 @@ class SwapPolicy:
             elif where is KVLocation.DEVICE:
                 if r.request_id not in running and not r.in_flight and self._settled(r):
                     paused.append(r)
-            elif where is KVLocation.SWAPPING_IN:
-                in_flight += len(kv.block_table(r))
         if free >= reserve and not host_resident:
             return ahead
         enst = scheduler.next_run_estimates(now, self.step_time,
@@ -177,7 +174,7 @@ class SwapPolicy:
         soon = LOOKAHEAD_ITERATIONS * self.step_time
         link = math.inf                                                    # upload blocks this step carries
         if self.seconds_per_block > 0:
-            link = self.step_time / self.seconds_per_block - in_flight
+            link = self.step_time / self.seconds_per_block - kv.num_swapping_in_blocks
         k = 0                                                              # next offload candidate
 
         def offload_until(fits, than: float) -> bool:

@@ -176,6 +176,8 @@ def test_randomized_ledger_invariants(policy, seed):
         assert plan.scheduled, "some request always runs"
         copies = apply_plan(plan, kv, now)
         ahead = swap.plan_ahead(plan, live.values(), sched, now)
+        # a request that runs in this step is never offloaded under it
+        assert not {r.request_id for r in ahead.offload} & {s.request.request_id for s in plan.scheduled}
         later = apply_ahead(ahead, kv)
         uploading += [c.request for c in later.swap_in]
         moves += len(copies.swap_out) + len(copies.swap_in) + len(later.swap_out) + len(later.swap_in)

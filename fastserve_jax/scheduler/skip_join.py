@@ -82,17 +82,21 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         self._near_done: list[bool] = []   # [age]: expected remaining length <= the mean (tail guard)
         self._tail_pace = 0.0              # seconds per token below which the tail guard steps in
         self._guarded: set[str] = set()    # behind the tail guard's pace: top queue, uncharged
+        self._entry_levels: dict[int, int] = {}   # prompt tokens -> entry_level
 
     def use_cost_model(self, cost_model, config) -> None:
         super().use_cost_model(cost_model, config)
+        self._entry_levels.clear()
         self._learned = False      # a fresh request's index and the queues' depend on both: relearn
 
     def entry_level(self, req: Request) -> int:
-        t = self.cost_model.prefill_time(req.num_prompt_tokens)
-        for level, q in enumerate(self.quanta):
-            if q >= t:
-                return level
-        return len(self.quanta) - 1
+        n = req.num_prompt_tokens
+        level = self._entry_levels.get(n)
+        if level is None:                  # asked per protected decode per iteration: kept per prompt length
+            t = self.cost_model.prefill_time(n)
+            level = next((i for i, q in enumerate(self.quanta) if q >= t), len(self.quanta) - 1)
+            self._entry_levels[n] = level
+        return level
 
     def add(self, req: Request) -> None:
         super().add(req)
