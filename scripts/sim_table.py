@@ -1,5 +1,5 @@
 """Markdown tables from a `fastserve-jax simulate` sweep JSON: one row per load, one column
-per policy, for each metric asked (the tables in docs/scheduling.md come from here), then
+per policy, for each metric asked (the simulator tables in docs/scheduling_log.md came from here), then
 the sweep's summary: goodput and the highest rate with 95% SLO attainment per policy.
 
     python scripts/sim_table.py out/azure_sweep.json --metric mean_jct --metric mean_latency_per_token
