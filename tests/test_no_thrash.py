@@ -208,3 +208,26 @@ def test_skip_join_bounds_its_tail_where_lengths_are_light_tailed():
         p99[slowdown] = m["p99_jct"] / base["p99_jct"]
     assert p99[SchedulerConfig().tail_slowdown] <= 2.0, p99       # 1.59x
     assert p99[0.0] > 3.0, p99                                     # the scenario: 5.33x without the guard
+
+
+def test_skip_join_starts_within_the_device_pool_where_lengths_are_light_tailed(monkeypatch):
+    """Once the learned lengths are light-tailed and a batch fits the device pool, new requests
+    no longer start on the host pool's share: in a 1.5x burst of light-tailed outputs that
+    pausing of nearly finished work cost skip-join mean JCT (on the Azure trace latency per token
+    too: docs/scheduling.md). Heavy tails keep the share."""
+    from fastserve_jax.scheduler import skip_join
+
+    cfg = SimConfig(16, 2048, 16, swap_policy="proactive", **BURST)
+    rng = np.random.default_rng(0)                  # light-tailed outputs, prompts of 50-600 tokens
+    p, o = rng.integers(50, 600, 400), light_tailed_lengths(rng, 400, 260, 10, 650)
+    trace = [TraceRequest(0.0, int(a), int(b)) for a, b in zip(p, o)]
+    m = run(trace, "skip-join-mlfq", cfg, 1.5)
+    monkeypatch.setattr(skip_join, "LIGHT_TAIL_CV", 0.0)              # never light: the host share always
+    shared = run(trace, "skip-join-mlfq", cfg, 1.5)
+    assert m["mean_jct"] < 0.95 * shared["mean_jct"], (m["mean_jct"], shared["mean_jct"])          # 0.91x
+    assert m["mean_latency_per_token"] <= shared["mean_latency_per_token"]                          # 0.995x
+    assert m["throughput_rps"] >= 0.99 * shared["throughput_rps"]
+    monkeypatch.undo()
+    for lengths, light in ((trace, True), (heavy_tailed_trace(trace, 400), False), (chat_like(400), False)):
+        table = skip_join.GittinsTable([t.output_tokens for t in lengths], per_token=True)
+        assert (table.cv <= skip_join.LIGHT_TAIL_CV) == light, table.cv

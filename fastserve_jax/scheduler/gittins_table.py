@@ -41,6 +41,7 @@ costs is latency per token on chat-like lengths (docs/scheduling.md).
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -103,6 +104,8 @@ class GittinsTable:
         self.support = np.nonzero(pmf)[0]                        # (K,) b values that can attain the max
         self.max_len = m
         self.mean = float(pmf @ np.arange(m + 1))
+        var = float(pmf @ np.arange(m + 1) ** 2) - self.mean ** 2
+        self.cv = math.sqrt(max(var, 0.0)) / self.mean if self.mean > 0 else 0.0   # coefficient of variation
         self._table: list[float] = self._all_ages()              # (m,) G(a), a = 0 .. m-1
 
     def _all_ages(self) -> list[float]:

@@ -148,7 +148,12 @@ class MLFQScheduler(Scheduler):
     def schedule(self, now: float) -> Plan:
         self.promote_starving(now)
         return fill_batch(self.best_first(), self.worst_first(), self.limits, self.kv, self.swap_on_evict,
-                          self.swap_in_blocks, self.start_on_host, self.drops_to_start())
+                          self.swap_in_blocks, self.starts_on_host(), self.drops_to_start())
+
+    def starts_on_host(self) -> bool:
+        """Whether new requests may start on the host pool's share (batch.fill_batch's
+        start_on_host; the swap policy's choice, set before each schedule)."""
+        return self.start_on_host
 
     def drops_to_start(self) -> bool:
         """Whether new requests may drop lower-ranked host KV to start (batch.fill_batch)."""
