@@ -16,9 +16,9 @@ iteration and its scheduling phase, the policy's host time.
 
 The starvation limit is what the guard waits for. It is the engine's default: the
 simulator's 10 s on OPT-13B scaled to the same number of full-batch decode steps
-(config.engine_policy_config); at --max-num-seqs 16 the demo model decodes about 6x faster,
-so it waits about 1.6 s. The figures are medians over the rounds, with the per-round values, since this
-VM's speed moves between runs.
+(config.engine_policy_config); at --max-num-seqs 16 the demo model decodes about 6x
+faster, so it waits about 1.6 s. The figures are medians over the rounds, with the
+per-round values, since this VM's speed moves between runs.
 
     python scripts/bench_tail_guard.py                        # 1,200 requests at 1.2x capacity, 3 rounds
     python scripts/bench_tail_guard.py --rate 65 --rounds 5 --json out.json
