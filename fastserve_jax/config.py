@@ -206,11 +206,13 @@ def engine_policy_config(cost_model, max_num_seqs: int, starvation_threshold: fl
     before either acts. `starvation_threshold`: seconds that replace the scaled skip-join and
     gittins limit."""
     d = SchedulerConfig
-    # (a noisy profile's line may fall below its batch-1 time when stretched past its last batch)
-    full = max(cost_model.decode_time(1), cost_model.decode_time(max_num_seqs)) if cost_model else 0.0
-    scale = full / REFERENCE_ITERATION_SECONDS if cost_model else 1.0
+    quantum, scale = d.base_quantum, 1.0
+    if cost_model is not None:
+        quantum = cost_model.decode_time(1)
+        # (a noisy profile's line may fall below its batch-1 time when stretched past its last batch)
+        scale = max(quantum, cost_model.decode_time(max_num_seqs)) / REFERENCE_ITERATION_SECONDS
     return SchedulerConfig(
-        base_quantum=cost_model.decode_time(1) if cost_model else d.base_quantum,
+        base_quantum=quantum,
         starvation_threshold=d.starvation_threshold * scale if starvation_threshold is None else starvation_threshold,
         predictive_starvation_threshold=d.predictive_starvation_threshold * scale, **knobs)
 
