@@ -5,8 +5,10 @@
   lengths is written when the engine closes (serve's shutdown) or switches policy, and the
   next of these policies on the same model and dtype starts from it instead of cold. One
   JSON file per model and dtype in `<cache>/lengths/`, or $FASTSERVE_JAX_LENGTHS_DIR
-  ("off" keeps nothing). A torn or foreign file is ignored with a warning. The window slides
-  on as usual, so traffic that changes is relearned within `gittins_window` finishes.
+  ("off" keeps nothing). A torn or foreign file is ignored with a warning. The restored lengths
+  are a prior: once as many of the new run's own requests have finished as a cold start
+  learns from, they are dropped (scheduler/length_window.py), so traffic that changed is
+  learned afresh.
 - predictive's length predictor (predictor.py), which keeps its own state.
 
 Learning from a cold start, gittins' mean JCT is within 1.05x of the better of fcfs and

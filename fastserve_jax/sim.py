@@ -86,6 +86,9 @@ class SimConfig:
     # charged; above 0 the run is not deterministic (scripts/sim_fidelity.py uses it). The time
     # is recorded either way (metrics' policy_host_seconds, unscaled).
     host_time_scale: float = 0.0
+    # Output lengths a previous run saved, restored into a policy that learns lengths, as the
+    # engine does on a restart (policy_state.py; a prior, scheduler/length_window.py).
+    prior_lengths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_iterations"))
@@ -215,6 +218,11 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
     kv = KVManager(cfg.num_blocks(cost), cfg.block_size, cfg.num_host_blocks() if cfg.swap_policy != "recompute" else 0)
     sched = make_scheduler(policy, Limits(cfg.max_num_seqs, cfg.max_num_batched_tokens), kv,
                            cfg.scheduler_config, cost)
+    if cfg.prior_lengths and hasattr(sched, "restore_lengths"):
+        buckets = len(cfg.scheduler_config.gittins_bucket_edges) + 1      # the prompts are not saved
+        prior = list(cfg.prior_lengths)
+        sched.restore_lengths({"edges": list(cfg.scheduler_config.gittins_bucket_edges), "pooled": prior,
+                               "history": [prior] if buckets == 1 else [[] for _ in range(buckets)]})
     swap = SwapPolicy(cfg.swap_policy, kv, cfg.max_num_batched_tokens, cfg.swap_reserve_blocks,
                       cost.swap_time(cfg.block_size) if cfg.swap_policy != "recompute" and kv.num_host_blocks else 0.0)
     links = _Links(cost, cfg.block_size)

@@ -154,6 +154,9 @@ def local_engine(argv: list[str], policy: str = "fcfs", warmup: str = "lazy"):
     from fastserve_jax import LLM
     from fastserve_jax.serve.engine_args import engine_kwargs, parse_engine_args
 
+    # each run learns its output lengths afresh, as the servers (LaunchedServer) and the
+    # simulator do, not from whatever traffic this user's cache last saw (policy_state.py)
+    os.environ.setdefault("FASTSERVE_JAX_LENGTHS_DIR", "off")
     return LLM(None, **engine_kwargs(parse_engine_args([*argv, "--scheduler", policy, "--warmup", warmup])))
 
 

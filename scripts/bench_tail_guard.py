@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> dict:
     from fastserve_jax.serve.bench_cmd import screen_pairs
     from sim_fidelity import engine_in_process
 
+    # every configuration learns its output lengths afresh, as the simulator does, not from
+    # the previous one's or whatever this user's cache last saw (policy_state.py)
+    os.environ.setdefault("FASTSERVE_JAX_LENGTHS_DIR", "off")
     llm = LLM(None, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=512, block_size=16, warmup="full",
               scheduler="fcfs")
     eng = llm.engine

@@ -646,6 +646,62 @@ def test_skip_join_keeps_its_lengths_in_the_format_gittins_reads():
     assert sched.schedule(0.0).scheduled == [] and sched._table is None    # nothing to rank yet: no table
 
 
+def test_length_window_keeps_a_restored_prior_until_it_is_dropped_or_slides_out():
+    from fastserve_jax.scheduler.length_window import LengthWindow
+    w = LengthWindow(4)
+    w.restore([7, 8, 9])
+    w.observe(1)
+    assert list(w) == [7, 8, 9, 1] and (w.prior, w.fresh) == (3, 1)
+    w.observe(2)                                    # the oldest restored length slides out
+    assert list(w) == [8, 9, 1, 2] and w.prior == 2
+    assert w.drop_prior() and list(w) == [1, 2] and not w.drop_prior()
+    with pytest.raises(ValueError):
+        w.restore([5])                              # a prior comes before this run's own
+    w = LengthWindow(2)
+    w.restore([7, 8, 9])
+    assert list(w) == [8, 9] and w.prior == 2
+    for n in (1, 2, 3):
+        w.observe(n)
+    assert list(w) == [2, 3] and w.prior == 0
+
+
+def _finish_all(sched, kv, lengths):
+    for i, n in enumerate(lengths):
+        sched.add(req(f"r{i}", 8, 0.0, n))
+    for i in range(1000):
+        if not len(sched):
+            break
+        run(sched, kv, now=0.01 * i)
+    assert not len(sched)
+
+
+def test_restored_lengths_are_a_prior_until_the_run_has_as_many_of_its_own_as_a_cold_start():
+    """A previous run's lengths (all 6: light-tailed) stand in until protect_min_samples (4)
+    of this run's own have finished; then skip-join learns from its own only (1s and 40s:
+    heavy-tailed), so the light-tail rule the prior set is undone. gittins likewise at
+    gittins_min_samples. Kept whole, 2,000 restored lengths of other traffic outlived a
+    400-request burst on the engine (length_window.py)."""
+    cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=0, protect_min_samples=4,
+                          gittins_min_samples=4, gittins_refresh=2)
+    sched, kv = make(cfg=cfg)
+    sched.restore_lengths({"pooled": [6] * 100})
+    sched.add(req("x", 8, 0.0, 6))
+    run(sched, kv)
+    assert sched._light and sched.starts_on_host() is False
+    _finish_all(sched, kv, (1, 40, 1, 40))
+    assert sorted(sched.learned_lengths()["pooled"]) == [1, 1, 6, 40, 40]     # x finished too: 5 of its own
+    sched.add(req("y", 8, 1.0, 6))
+    sched.schedule(1.0)
+    assert not sched._light
+    g, gkv = make("gittins", cfg=cfg)
+    g.restore_lengths({"edges": [], "history": [[6] * 100], "pooled": [6] * 100})
+    _finish_all(g, gkv, (1, 40, 1))
+    assert len(g.pooled) == 103                                 # 3 of its own: the prior stands
+    _finish_all(g, gkv, (40,))
+    state = g.learned_lengths()
+    assert sorted(state["pooled"]) == sorted(state["history"][0]) == [1, 1, 40, 40]
+
+
 def test_near_done_marks_the_ages_whose_expected_remaining_length_is_at_most_the_mean():
     from fastserve_jax.scheduler.skip_join import near_done
     # half 1 token, half 20 (mean 10.5): at age 0 the rest is the mean; from age 1 only the

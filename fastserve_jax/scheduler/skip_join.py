@@ -9,6 +9,7 @@ from collections import deque
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan, finished_length
 from fastserve_jax.scheduler.gittins_table import GittinsTable
+from fastserve_jax.scheduler.length_window import LengthWindow
 from fastserve_jax.scheduler.mlfq import MLFQScheduler
 
 
@@ -70,7 +71,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         super().__init__(limits, kv, config, cost_model)
         self._require_cost_model()
         c = self.config
-        self._lengths: deque[int] = deque(maxlen=c.gittins_window)     # finished output lengths
+        self._lengths = LengthWindow(c.gittins_window)                 # finished output lengths
         self._prompts: deque[int] = deque(maxlen=c.gittins_window)     # prompt lengths of arrivals
         self._new_finishes = 0
         self._table: GittinsTable | None = None   # None: no index (not learned, or memory binds)
@@ -112,8 +113,10 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         self._guarded.discard(req.request_id)
         n = finished_length(req)
         if n:
-            self._lengths.append(n)
+            self._lengths.observe(n)
             self._new_finishes += 1
+            if self._lengths.fresh >= self.config.protect_min_samples and self._lengths.drop_prior():
+                self._new_finishes = self.config.gittins_refresh       # relearn from this run's own
 
     def schedule(self, now: float) -> Plan:
         c = self.config
@@ -190,12 +193,13 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         return {"edges": [], "history": [list(self._lengths)], "pooled": list(self._lengths)}
 
     def restore_lengths(self, state: dict) -> None:
-        """Start from the lengths a previous run learned (ValueError if they are not lengths)."""
+        """Start from the lengths a previous run learned (ValueError if they are not lengths),
+        until protect_min_samples of this run's own have finished (length_window.py)."""
         pooled = state.get("pooled")
         if not isinstance(pooled, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
                                                    for x in pooled):
             raise ValueError("learned lengths must be a list of integers >= 1")
-        self._lengths.extend(pooled)
+        self._lengths.restore(pooled)
 
     def learn(self) -> None:
         """The per-token Gittins table of the learned lengths, and a fresh request's index."""
