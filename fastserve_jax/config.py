@@ -313,9 +313,10 @@ class EngineConfig:
     record_stage_activity: bool | None = None
     # How attention reads the paged KV cache (docs/attention.md): "reference" gathers each
     # row's blocks into a new array and runs einsums (portable jnp); "pallas" reads the blocks
-    # in place with the Pallas kernel of models/paged_attention.py (Triton on GPU, interpret
-    # mode on CPU: correct but slow, for tests); "auto" is resolved by `resolve`: pallas on GPU
-    # without tensor parallelism, reference elsewhere (CPU; TPU, which the kernel does not target).
+    # in place with a Pallas kernel (models/paged_attention.py, Triton, on GPU;
+    # models/paged_attention_tpu.py, Mosaic, on TPU; interpret mode on CPU: correct but slow,
+    # for tests); "auto" is resolved by `resolve`: pallas on GPU and TPU without tensor
+    # parallelism, reference elsewhere (CPU).
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -379,10 +380,10 @@ class EngineConfig:
         floor = int(f * weight_bytes // kv_block_bytes) if kv_block_bytes and not self.block_buckets else 0
         backend = self.attention_backend
         if backend == "auto":
-            backend = "pallas" if platform == "gpu" and self.tensor_parallel_size == 1 else "reference"
-        elif backend == "pallas" and platform not in ("gpu", "cpu"):
-            raise ValueError(f"attention_backend='pallas' runs on GPU (Triton) and CPU (interpret mode), not on "
-                             f"{platform}; use 'reference' or 'auto'")
+            backend = "pallas" if platform in ("gpu", "tpu") and self.tensor_parallel_size == 1 else "reference"
+        elif backend == "pallas" and platform not in ("gpu", "tpu", "cpu"):
+            raise ValueError(f"attention_backend='pallas' runs on GPU (Triton), TPU (Mosaic) and CPU (interpret "
+                             f"mode), not on {platform}; use 'reference' or 'auto'")
         return dataclasses.replace(self, decode_batch_buckets=tuple(dec), attention_backend=backend,
                                    prefill_token_buckets=tuple(pre), block_buckets=tuple(blk),
                                    min_launch_blocks=floor,

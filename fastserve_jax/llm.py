@@ -22,7 +22,7 @@ class LLM:
     Keyword arguments are EngineConfig fields (max_model_len, max_num_seqs,
     max_num_batched_tokens, block_size, num_device_blocks, seed, scheduler, buckets,
     tensor_parallel_size, pipeline_parallel_size, attention_backend ...). attention_backend:
-    "auto" (Pallas kernel on GPU, jnp reference elsewhere), "reference" or "pallas"
+    "auto" (a Pallas kernel on GPU and TPU, jnp reference elsewhere), "reference" or "pallas"
     (interpret mode on CPU: for tests); see docs/attention.md.
 
     `warmup`: "lazy" (compile each shape the first time a batch needs it), "background"

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import os
+
 from fastserve_jax.models.paged_attention import paged_attention
 
 _NEG = -1e30
@@ -100,10 +102,24 @@ def _attend(q, k, v, q_pos, q_seg, k_pos, k_seg, scale):
     return o.reshape(r, nq, h, d).astype(q.dtype)
 
 
+PALLAS_KERNELS = ("triton", "mosaic")
+
+
+def pallas_kernel() -> str:
+    """The kernel the "pallas" backend runs: "mosaic" (paged_attention_tpu.py) on a TPU,
+    "triton" (paged_attention.py) elsewhere, in interpret mode on a CPU. The environment
+    variable FASTSERVE_JAX_PALLAS_KERNEL names one instead; on a CPU either runs in its
+    interpret mode, which is how the tests run the TPU kernel."""
+    kernel = os.environ.get("FASTSERVE_JAX_PALLAS_KERNEL") or ("mosaic" if jax.default_backend() == "tpu" else "triton")
+    if kernel not in PALLAS_KERNELS:
+        raise ValueError(f"FASTSERVE_JAX_PALLAS_KERNEL must be one of {', '.join(PALLAS_KERNELS)}, got {kernel!r}")
+    return kernel
+
+
 def attention(q, k, v, batch: AttnBatch, cache: KVCache | None, layer, backend: str = "reference"):
     """Write this launch's K/V into the cache, then attend over the launch's blocks: gathered
-    into a new array ("reference"), or read in place by the Pallas kernel ("pallas",
-    paged_attention.py; interpret mode on CPU; needs a static `layer`).
+    into a new array ("reference"), or read in place by a Pallas kernel ("pallas",
+    pallas_kernel(): Triton or Mosaic; interpret mode on CPU; needs a static `layer`).
 
     q: (R, Q, H, D); k, v: (R, Q, Hkv, D); layer: scalar index into the cache.
     Returns (out (R, Q, H, D), cache).
@@ -121,8 +137,11 @@ def attention(q, k, v, batch: AttnBatch, cache: KVCache | None, layer, backend: 
         if not isinstance(layer, int):
             raise TypeError("the pallas attention backend needs a static layer index (the per-layer serving "
                             "path, sharding/pipeline.stage_forward), not a traced one (nn.scan)")
-        out = paged_attention(q, kc, vc, batch.positions, batch.seg, batch.block_ids, batch.block_seg,
-                              batch.block_pos, layer=layer, interpret=jax.default_backend() == "cpu")
+        kernel = paged_attention
+        if pallas_kernel() == "mosaic":
+            from fastserve_jax.models.paged_attention_tpu import paged_attention_tpu as kernel   # TPU only: ~50 ms to import
+        out = kernel(q, kc, vc, batch.positions, batch.seg, batch.block_ids, batch.block_seg, batch.block_pos,
+                     layer=layer, interpret=jax.default_backend() == "cpu")
         return out, KVCache(kc, vc)
     r, nb = batch.block_ids.shape
     kg = kc[layer, batch.block_ids].reshape(r, nb * bs, *kc.shape[3:])  # (R, NB*bs, Hkv, D)

@@ -23,8 +23,8 @@ the null block. A decode launch splits each row's blocks over several programs
 (flash-decoding) so that a small batch still fills the device; `_combine` merges them.
 
 The kernel is written for the Triton (GPU) lowering and runs anywhere in interpret mode
-(`interpret=True`; CPU tests). It does not target Mosaic (TPU): there, reading a block of
-a cache left in HBM needs scalar prefetch and explicit DMA, which this kernel does not do.
+(`interpret=True`; CPU tests). TPUs run paged_attention_tpu.py instead: Mosaic reaches a
+cache left in HBM only by DMA, with the block table in scalar memory.
 """
 
 from __future__ import annotations
@@ -103,16 +103,10 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positi
     """
     r, nq, h, d = q.shape
     _, _, bs, hkv, _ = k_cache.shape
-    g = h // hkv
-    rows = nq * g                                           # query rows per (row, KV head)
+    rows = nq * (h // hkv)                                  # query rows per (row, KV head)
     block_m = min(max(_pow2(rows), MIN_TILE), MAX_TILE)
-    m = -(-rows // block_m) * block_m
-    # (R, Q, Hkv, G, D) -> (R, Hkv, Q*G, D), token-major within a head group, padded to m
-    qh = q.astype(k_cache.dtype).reshape(r, nq, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(r, hkv, rows, d)
-    qh = jnp.pad(qh, ((0, 0), (0, 0), (0, m - rows), (0, 0)))
-    qpos = jnp.pad(jnp.repeat(positions, g, axis=1), ((0, 0), (0, m - rows)))
-    qseg = jnp.pad(jnp.repeat(seg, g, axis=1), ((0, 0), (0, m - rows)), constant_values=-1)
-    nblk = (block_seg != -2).sum(axis=1).astype(jnp.int32)   # live blocks lead each row
+    qh, qpos, qseg, nblk = query_rows(q.astype(k_cache.dtype), positions, seg, block_seg, hkv, block_m)
+    m = qh.shape[2]
     # Context splits (flash-decoding): a decode launch with few rows would otherwise run only
     # R x Hkv programs, too few to fill a GPU; a prefill launch has enough query tiles.
     nb = block_ids.shape[1]
@@ -141,6 +135,30 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positi
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
         name="fastserve_paged_attention",
     )(qh, qpos, qseg, block_ids, block_seg, block_pos, nblk, k_cache, v_cache)
-    out = (o[:, :, 0] if splits == 1 else _combine(o, m_, l_))[:, :, :rows]
-    out = out.reshape(r, hkv, nq, g, d).transpose(0, 2, 1, 3, 4)
+    return from_query_rows(o[:, :, 0] if splits == 1 else _combine(o, m_, l_), q)
+
+
+def query_rows(q: jax.Array, positions: jax.Array, seg: jax.Array, block_seg: jax.Array, hkv: int, block_m: int):
+    """A launch's queries as the kernels tile them: per (row, KV head) the row's Q tokens x G
+    query heads of the group, token-major, padded to a multiple of block_m. Returns qh (R, Hkv,
+    M, D), each query row's position and segment (R, M; padding: segment -1), and each row's
+    live block count (R,): the launch builder packs a row's live blocks at the front."""
+    r, nq, h, d = q.shape
+    g = h // hkv
+    rows = nq * g
+    m = -(-rows // block_m) * block_m
+    # (R, Q, Hkv, G, D) -> (R, Hkv, Q*G, D)
+    qh = q.reshape(r, nq, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(r, hkv, rows, d)
+    qh = jnp.pad(qh, ((0, 0), (0, 0), (0, m - rows), (0, 0)))
+    qpos = jnp.pad(jnp.repeat(positions, g, axis=1), ((0, 0), (0, m - rows)))
+    qseg = jnp.pad(jnp.repeat(seg, g, axis=1), ((0, 0), (0, m - rows)), constant_values=-1)
+    return qh, qpos, qseg, (block_seg != -2).sum(axis=1).astype(jnp.int32)
+
+
+def from_query_rows(o: jax.Array, q: jax.Array) -> jax.Array:
+    """The kernels' output (R, Hkv, M, D) back to q's shape (R, Q, H, D) and dtype."""
+    r, nq, h, d = q.shape
+    hkv = o.shape[1]
+    g = h // hkv
+    out = o[:, :, :nq * g].reshape(r, hkv, nq, g, d).transpose(0, 2, 1, 3, 4)
     return out.reshape(r, nq, h, d).astype(q.dtype)

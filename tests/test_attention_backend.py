@@ -20,7 +20,8 @@ def test_auto_resolves_per_platform():
     assert EngineConfig().attention_backend == "auto"
     assert EngineConfig().resolve(platform="cpu").attention_backend == "reference"
     assert EngineConfig().resolve(platform="gpu").attention_backend == "pallas"
-    assert EngineConfig().resolve(platform="tpu").attention_backend == "reference"
+    assert EngineConfig().resolve(platform="tpu").attention_backend == "pallas"
+    assert EngineConfig(tensor_parallel_size=2).resolve(platform="tpu").attention_backend == "reference"
     assert EngineConfig(tensor_parallel_size=2).resolve(platform="gpu").attention_backend == "reference"
     assert EngineConfig(attention_backend="pallas").resolve(platform="cpu").attention_backend == "pallas"
     assert EngineConfig(attention_backend="reference").resolve(platform="gpu").attention_backend == "reference"
@@ -31,8 +32,8 @@ def test_bad_backends_fail_with_a_fix():
         EngineConfig(attention_backend="flash")
     with pytest.raises(ValueError, match="tensor_parallel_size > 1"):
         EngineConfig(attention_backend="pallas", tensor_parallel_size=2)
-    with pytest.raises(ValueError, match="not on tpu"):
-        EngineConfig(attention_backend="pallas").resolve(platform="tpu")
+    with pytest.raises(ValueError, match="not on metal"):
+        EngineConfig(attention_backend="pallas").resolve(platform="metal")
     with pytest.raises(ValueError, match="attention_backend must be one of"):
         LLM(None, attention_backend="triton")
     with pytest.raises(SystemExit):
@@ -47,11 +48,27 @@ def test_cli_flag_reaches_the_engine_and_a_started_server():
     assert engine_kwargs(parse_engine_args([]))["attention_backend"] == "auto"
 
 
-@pytest.mark.parametrize("preset", ["llama", "opt"])
-def test_engine_on_pallas_matches_reference(tiny_checkpoints, preset):
+def test_a_bad_pallas_kernel_name_is_refused(monkeypatch):
+    from fastserve_jax.models.attention import pallas_kernel
+
+    assert pallas_kernel() == "triton"                      # on CPU, unless named
+    monkeypatch.setenv("FASTSERVE_JAX_PALLAS_KERNEL", "mosaic")
+    assert pallas_kernel() == "mosaic"
+    monkeypatch.setenv("FASTSERVE_JAX_PALLAS_KERNEL", "cuda")
+    with pytest.raises(ValueError, match="must be one of triton, mosaic"):
+        pallas_kernel()
+
+
+@pytest.mark.parametrize("preset,kernel", [("llama", "triton"), ("opt", "triton"), ("llama", "mosaic")])
+def test_engine_on_pallas_matches_reference(tiny_checkpoints, preset, kernel, monkeypatch):
     """Greedy tokens of several requests at once (decode rows of ragged lengths, padded decode
     buckets, packed prefill, a 90-token prompt prefilled in two chunks) are identical on both
-    backends; GQA on the Llama preset (4 query heads over 2 KV heads), MHA on OPT."""
+    backends; GQA on the Llama preset (4 query heads over 2 KV heads), MHA on OPT; with the
+    Triton kernel and with the TPU (Mosaic) kernel, each in its interpret mode (the TPU one
+    runs on host callbacks, which jax.export cannot serialize: no program cache there)."""
+    monkeypatch.setenv("FASTSERVE_JAX_PALLAS_KERNEL", kernel)
+    if kernel == "mosaic":
+        monkeypatch.setenv("FASTSERVE_JAX_EXPORT_CACHE", "off")
     rng = np.random.default_rng(5)
     prompts = [[int(t) for t in rng.integers(3, 256, n)] for n in (90, 3, 17)]
     sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)

@@ -1,4 +1,5 @@
-"""The Pallas paged-attention kernel (interpret mode on CPU) against the reference jnp path.
+"""The Pallas paged-attention kernels (interpret mode on CPU: Triton's, and the TPU kernel in
+Pallas's TPU interpret mode) against the reference jnp path.
 
 Launches are built by hand in the launch builder's layout (runner/launch.py): decode rows
 with ragged context lengths and a padding row (null block only), and packed prefill rows
@@ -20,6 +21,13 @@ from fastserve_jax.models.attention import AttnBatch, KVCache, attention
 
 L, NUM_BLOCKS, BS, D = 2, 40, 4, 16
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
+
+
+@pytest.fixture(params=["triton", "mosaic"])
+def kernel(request, monkeypatch):
+    """The test on both kernels (attention.pallas_kernel)."""
+    monkeypatch.setenv("FASTSERVE_JAX_PALLAS_KERNEL", request.param)
+    return request.param
 
 
 def _tables(rng, lengths):
@@ -85,7 +93,7 @@ def _both(batch: AttnBatch, heads: int, kv_heads: int, dtype: str, layer: int = 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (6, 1)])
-def test_decode_matches_reference(heads, kv_heads, dtype):
+def test_decode_matches_reference(heads, kv_heads, dtype, kernel):
     """GQA groups 1, 4 and 6 (not a power of two), ragged lengths incl. a one-token context
     and a full last block, and a padding row that reads only the null block."""
     batch = _decode_batch(np.random.default_rng(1), [1, 7, 12, 23], rows=5)
@@ -95,7 +103,7 @@ def test_decode_matches_reference(heads, kv_heads, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_packed_chunked_prefill_matches_reference(dtype):
+def test_packed_chunked_prefill_matches_reference(dtype, kernel):
     """Three sequences packed over two rows of 16 tokens: a second chunk of a 13-token prompt
     (positions 9-12, reading the blocks its first chunk wrote), a fresh 15-token prompt that
     spans both rows, a fresh 6-token one, and 7 padding tokens."""
@@ -104,8 +112,9 @@ def test_packed_chunked_prefill_matches_reference(dtype):
     np.testing.assert_allclose(out[real], ref[real], atol=TOL[dtype], rtol=0)
 
 
-def test_query_tiles_split_a_long_row():
-    """A row of 64 tokens x 4 query heads per KV head is 256 query rows: four tiles of 64."""
+def test_query_tiles_split_a_long_row(kernel):
+    """A row of 64 tokens x 4 query heads per KV head is 256 query rows: four tiles of 64
+    (Triton), two of 128 (TPU)."""
     batch = _prefill_batch(np.random.default_rng(3), [(0, 40), (5, 24)], rows=1, q=64)
     ref, out, real = _both(batch, 8, 2, "float32")
     np.testing.assert_allclose(out[real], ref[real], atol=1e-5, rtol=0)
@@ -143,3 +152,23 @@ def test_kernel_lowers_to_triton_for_cuda(q_len):
     with use_abstract_mesh(gpu):
         exp = export.export(fn, platforms=["cuda"], disabled_checks=DISABLED_CHECKS)(*args)
     assert "__gpu$xla.gpu.triton" in exp.mlir_module()
+
+
+@pytest.mark.parametrize("q_len,rows,blocks", [(1, 2, 4), (512, 1, 40)])
+def test_tpu_kernel_lowers_to_mosaic(q_len, rows, blocks):
+    """Cross-lowered on CPU for a TPU, as the engine's program cache exports it: the kernel
+    goes through Pallas's Mosaic lowering (scalar prefetch, DMAs from the caches left in HBM)
+    in bf16 with 7 query heads per KV head and head_dim 128, for a decode launch and a 512-token
+    prefill. (Mosaic's own compile happens on a TPU, untested here.)"""
+    from jax import export
+
+    from fastserve_jax.models.paged_attention_tpu import paged_attention_tpu
+    from fastserve_jax.runner.export_cache import DISABLED_CHECKS
+
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+    cache = jax.ShapeDtypeStruct((L, NUM_BLOCKS, 16, 2, 128), jnp.bfloat16)
+    args = (jax.ShapeDtypeStruct((rows, q_len, 14, 128), jnp.bfloat16), cache, cache,
+            i32(rows, q_len), i32(rows, q_len), i32(rows, blocks), i32(rows, blocks), i32(rows, blocks))
+    exp = export.export(jax.jit(lambda *a: paged_attention_tpu(*a, layer=1)), platforms=["tpu"],
+                        disabled_checks=DISABLED_CHECKS)(*args)
+    assert "tpu_custom_call" in exp.mlir_module()

@@ -20,7 +20,7 @@ import numpy as np
 from fastserve_jax.config import EngineConfig
 from fastserve_jax.kv_cache import KVManager, kv_block_bytes
 from fastserve_jax.models import build_block, build_model
-from fastserve_jax.models.attention import KVCache
+from fastserve_jax.models.attention import KVCache, pallas_kernel
 from fastserve_jax.models.config import ModelConfig
 from fastserve_jax.request import Request, TokenLogprobs
 from fastserve_jax.runner import compiler
@@ -88,11 +88,12 @@ class ModelRunner:
                          out_shardings=(rep, KVCache(cs, cs)))
             self.stages.append(Stage(s, first, last, sp, KVCache(zeros(), zeros()), cs, None if first else x_in,
                                      rep, fn))
+        backend = cfg.attention_backend + (f"-{pallas_kernel()}" if cfg.attention_backend == "pallas" else "")
         self.compiler = compiler.Compiler(self.builder, self.stages,
                                           jax.jit(sample, static_argnames=("greedy", "with_logprobs")),
                                           model_cfg.vocab_size, model_cfg.hidden_size, self.act_dtype,
                                           cfg.max_model_len,
-                                          context=f"{stage_cfg!r}/{cfg.dtype}/{cfg.attention_backend}/{layout.describe()}")
+                                          context=f"{stage_cfg!r}/{cfg.dtype}/{backend}/{layout.describe()}")
         # Multi-host leader: called with every device operation, as a message for the other
         # processes to replay in the same order (fastserve_jax/multihost.py); None on one host.
         self.mirror: Callable[[dict], None] | None = None
