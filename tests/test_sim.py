@@ -285,3 +285,18 @@ def test_a_restarts_prior_from_other_traffic_costs_little_once_the_run_has_lengt
         cold = simulate(trace, policy, cost, cfg).metrics()["mean_latency_per_token"]
         warm = simulate(trace, policy, cost, dataclasses.replace(cfg, prior_lengths=prior)).metrics()
         assert warm["mean_latency_per_token"] <= 1.1 * cold, policy
+
+
+def test_the_short_prompt_light_tail_script_prints_its_ratios(capsys):
+    """scripts/sim_light_short_prompts.py (the documented weak spot) on a small sample."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "sim_light_short_prompts.py"
+    spec = importlib.util.spec_from_file_location("sim_light_short_prompts", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.main(["--num-requests", "60"])
+    assert [(r["seed"], r["load"]) for r in rows] == [(s, x) for s in (0, 1) for x in (0.9, 1.0, 1.2)]
+    assert all(r[k] > 0 for r in rows for k in ("p99", "jct", "latency_per_token"))
+    assert capsys.readouterr().out.count("skip-join p99 JCT") == 6
