@@ -149,3 +149,25 @@ def test_profile_engine_times_the_runner_and_caches(tiny_checkpoints, tmp_path, 
     eng.add_request([5, 6], SP(max_tokens=2))
     with pytest.raises(RuntimeError, match="idle"):
         cost_profile.profile_engine(eng, cache_dir="")
+
+
+def test_the_profile_cache_key_ignores_the_policy_and_the_host_pool():
+    """Engines that differ only in scheduling, host pool or swap settings share one profile;
+    the launch shapes, the dtype and the device pool still tell profiles apart."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from fastserve_jax.config import EngineConfig, SchedulerConfig
+    from fastserve_jax.cost_profile import cost_cache_key
+
+    def key(num_blocks=100, **kw):
+        return cost_cache_key(SimpleNamespace(cfg=dataclasses.replace(EngineConfig(), **kw), model_cfg="m",
+                                              kv=SimpleNamespace(num_blocks=num_blocks)))
+
+    base = key()
+    for kw in (dict(num_host_blocks=0), dict(swap_policy="recompute"), dict(swap_reserve_blocks=8),
+               dict(scheduler="fcfs"), dict(scheduler_config=SchedulerConfig(base_quantum=0.5)), dict(seed=3),
+               dict(tail_slowdown=0.0), dict(starvation_threshold=2.0)):
+        assert key(**kw) == base, kw
+    for kw in (dict(dtype="bfloat16"), dict(max_num_seqs=8), dict(block_size=8), dict(num_blocks=50)):
+        assert key(**kw) != base, kw
