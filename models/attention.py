@@ -110,9 +110,13 @@ def pallas_kernel() -> str:
     "triton" (paged_attention.py) elsewhere, in interpret mode on a CPU. The environment
     variable FASTSERVE_JAX_PALLAS_KERNEL names one instead; on a CPU either runs in its
     interpret mode, which is how the tests run the TPU kernel."""
-    kernel = os.environ.get("FASTSERVE_JAX_PALLAS_KERNEL") or ("mosaic" if jax.default_backend() == "tpu" else "triton")
+    platform = jax.default_backend()
+    kernel = os.environ.get("FASTSERVE_JAX_PALLAS_KERNEL") or ("mosaic" if platform == "tpu" else "triton")
     if kernel not in PALLAS_KERNELS:
         raise ValueError(f"FASTSERVE_JAX_PALLAS_KERNEL must be one of {', '.join(PALLAS_KERNELS)}, got {kernel!r}")
+    if platform != "cpu" and (kernel == "mosaic") != (platform == "tpu"):
+        raise ValueError(f"FASTSERVE_JAX_PALLAS_KERNEL={kernel} does not run on {platform} (only in interpret mode "
+                         "on a CPU); unset it")
     return kernel
 
 

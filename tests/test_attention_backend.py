@@ -57,6 +57,10 @@ def test_a_bad_pallas_kernel_name_is_refused(monkeypatch):
     monkeypatch.setenv("FASTSERVE_JAX_PALLAS_KERNEL", "cuda")
     with pytest.raises(ValueError, match="must be one of triton, mosaic"):
         pallas_kernel()
+    monkeypatch.setenv("FASTSERVE_JAX_PALLAS_KERNEL", "mosaic")
+    monkeypatch.setattr("jax.default_backend", lambda: "gpu")
+    with pytest.raises(ValueError, match="does not run on gpu"):
+        pallas_kernel()
 
 
 _REFERENCE: dict[str, list] = {}       # preset -> the reference path's tokens, shared by the kernels
