@@ -52,9 +52,9 @@ class LearnedLengthPolicy(IndexPolicy):
         self.history[self.bucket(req)].observe(n)
         self.pooled.observe(n)
         self._new_finishes += 1
-        if self.pooled.fresh >= self.min_samples() and self.pooled.prior:    # length_window.py
-            for w in (*self.history, self.pooled):
-                w.drop_prior()
+        if self.pooled.settle(self.min_samples()):                           # length_window.py
+            for h in self.history:
+                h.drop_prior()
             self._new_finishes = max(self._new_finishes, self.config.gittins_refresh)
 
     def running_ages(self) -> list[list[int]]:

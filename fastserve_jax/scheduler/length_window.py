@@ -39,7 +39,7 @@ class LengthWindow(deque):
     def observe(self, n: int) -> None:
         self.append(n)
         self.fresh += 1
-        self.prior = min(self.prior, len(self) - min(self.fresh, len(self)))   # slid out of the window
+        self.prior = min(self.prior, max(0, len(self) - self.fresh))      # the oldest slide out
 
     def drop_prior(self) -> bool:
         """Forget the restored lengths still in the window; True if there were any."""
@@ -48,3 +48,7 @@ class LengthWindow(deque):
             self.popleft()
         self.prior = 0
         return had
+
+    def settle(self, needed: int) -> bool:
+        """Drop the prior once this run has `needed` lengths of its own; True when it did."""
+        return self.fresh >= needed and self.drop_prior()

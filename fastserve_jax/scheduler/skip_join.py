@@ -115,7 +115,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         if n:
             self._lengths.observe(n)
             self._new_finishes += 1
-            if self._lengths.fresh >= self.config.protect_min_samples and self._lengths.drop_prior():
+            if self._lengths.settle(self.config.protect_min_samples):
                 self._new_finishes = self.config.gittins_refresh       # relearn from this run's own
 
     def schedule(self, now: float) -> Plan:
