@@ -12,7 +12,10 @@ one from other traffic cost up to 2.28x in latency per token against a cold star
 (scripts/bench_restart_prior.py: skip-join, heavy-tailed 3x burst with Azure lengths as the
 prior; gittins 2.03x with chat-like ones; mean JCT up to 1.31x), while one from the same
 traffic gained at most 6% and cost up to 1.27x. Dropped at the cold start's threshold, every
-prior is within 0.86-1.09x of the cold start there.
+prior is within 0.86-1.09x of the cold start there. With a tenth of the device KV
+(`--memory tenth`): kept whole up to 1.64x (gittins, heavy-tailed at 0.9x of capacity, a
+prior of the same trace), now at most 1.27x (the same cell with a chat-like prior; 1.21x
+with its own), 1.00x in about half the cells: there the first finishes decide more.
 """
 
 from __future__ import annotations
