@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from fastserve_jax.sharding.parallel_config import ParallelConfig
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs; the sampler always computes this many.
-# EngineConfig.attention_backend values; `resolve` turns "auto" into one of the other two
-ATTENTION_CHOICES = ("auto", "reference", "pallas")
+# EngineConfig.attention_backend and dtype values; `resolve` turns "auto" into one of the others
+ATTENTION_CHOICES, DTYPE_CHOICES = ("auto", "reference", "pallas"), ("auto", "float32", "bfloat16")
 
 
 def check_positive_ints(obj, names) -> None:
@@ -271,11 +271,12 @@ class EngineConfig:
     # Host KV pool for swapped-out requests, in blocks of the same size. None: as many blocks
     # as the device pool, within 4 GiB (see runner.auto_num_host_blocks); 0: no host pool.
     num_host_blocks: int | None = None
-    # Where paused requests' KV goes under memory pressure (swap_policy.py): "proactive"
-    # (FastServe), "reactive" or "recompute".
+    # where paused requests' KV goes: "proactive" (FastServe), "reactive", "recompute" (swap_policy.py)
     swap_policy: str = "proactive"
     swap_reserve_blocks: int = 0        # free device blocks the proactive policy keeps (0: sized from arrivals)
-    dtype: str = "float32"
+    # Of weights, KV cache and activations (softmax and norms run in fp32); "auto" (`resolve`):
+    # bfloat16 on GPU and TPU (half the bytes a decode step reads), float32 on CPU.
+    dtype: str = "auto"
     seed: int = 0
     scheduler: str = "skip-join-mlfq"
     # None: SchedulerConfig defaults with base_quantum = one decode iteration (batch 1) of the
@@ -300,8 +301,7 @@ class EngineConfig:
     launch_kv_fraction: float | None = None
     min_launch_blocks: int = 0           # derived by resolve(weight_bytes, kv_block_bytes)
     compilation_cache_dir: str | None = field(default=None)
-    # Parallelism (sharding/): devices = tp x pp. Tensor parallel splits heads, MLP units and the
-    # vocabulary over tp devices; pipeline parallel splits the layers into pp stages.
+    # devices = tp x pp: tp splits heads, MLP units and vocabulary, pp the layers (sharding/)
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     # Batches dispatched and not yet collected at once; 0: pipeline_parallel_size, so that every
@@ -338,8 +338,8 @@ class EngineConfig:
         if f is not None and (not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 <= f <= 1):
             raise ValueError(f"launch_kv_fraction must be in [0, 1] (0 compiles every block bucket), "
                              f"got {self.launch_kv_fraction!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPE_CHOICES))}, got {self.dtype!r}")
         if not isinstance(self.protect_decodes, bool):
             raise ValueError(f"protect_decodes must be True or False, got {self.protect_decodes!r}")
         SchedulerConfig(tail_slowdown=self.tail_slowdown,            # their checks, their messages
@@ -378,13 +378,14 @@ class EngineConfig:
                 raise ValueError(f"{name} must reach {need}, got largest {b[-1]}")
         f = self.launch_kv_fraction if self.launch_kv_fraction is not None else (0.0 if platform == "cpu" else 0.125)
         floor = int(f * weight_bytes // kv_block_bytes) if kv_block_bytes and not self.block_buckets else 0
-        backend = self.attention_backend
+        backend, accel = self.attention_backend, "bfloat16" if platform in ("gpu", "tpu") else None
         if backend == "auto":
             backend = "pallas" if platform in ("gpu", "tpu") and self.tensor_parallel_size == 1 else "reference"
         elif backend == "pallas" and platform not in ("gpu", "tpu", "cpu"):
             raise ValueError(f"attention_backend='pallas' runs on GPU (Triton), TPU (Mosaic) and CPU (interpret "
                              f"mode), not on {platform}; use 'reference' or 'auto'")
         return dataclasses.replace(self, decode_batch_buckets=tuple(dec), attention_backend=backend,
+                                   dtype=self.dtype if self.dtype != "auto" else accel or "float32",
                                    prefill_token_buckets=tuple(pre), block_buckets=tuple(blk),
                                    min_launch_blocks=floor,
                                    batches_in_flight=self.batches_in_flight or self.pipeline_parallel_size)

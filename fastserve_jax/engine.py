@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import jax
@@ -166,9 +166,9 @@ class LLMEngine:
 
         model_cfg = model_cfg or ModelConfig.from_pretrained(model_path)
         layout = ModelLayout(model_cfg, ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size))
-        # Across processes the converted-params cache is off: orbax would need a shared filesystem.
-        _, _, params = load_model(model_path, dtype=cfg.dtype, place=layout.abstract_params,
-                                  cache_dir="" if jax.process_count() > 1 else None, cfg=model_cfg)
+        cfg = replace(cfg, dtype=cfg.resolve(platform=layout.devices[0].platform).dtype)   # "auto": by platform
+        _, _, params = load_model(model_path, dtype=cfg.dtype, place=layout.abstract_params,   # no cache across
+                                  cache_dir="" if jax.process_count() > 1 else None, cfg=model_cfg)  # processes
         tokenizer = load_tokenizer(model_path)
         return cls(model_cfg, params, tokenizer, cfg, _eos_ids(model_path, model_cfg, tokenizer), layout=layout,
                    own_params=True, **kwargs)

@@ -21,7 +21,8 @@ class LLM:
 
     Keyword arguments are EngineConfig fields (max_model_len, max_num_seqs,
     max_num_batched_tokens, block_size, num_device_blocks, seed, scheduler, buckets,
-    tensor_parallel_size, pipeline_parallel_size, attention_backend ...). attention_backend:
+    tensor_parallel_size, pipeline_parallel_size, attention_backend ...). dtype: "auto"
+    (bfloat16 on GPU and TPU, float32 on CPU), "float32" or "bfloat16". attention_backend:
     "auto" (a Pallas kernel on GPU and TPU, jnp reference elsewhere), "reference" or "pallas"
     (interpret mode on CPU: for tests); see docs/attention.md.
 
@@ -31,7 +32,7 @@ class LLM:
     that receives every device operation for the other processes (fastserve_jax/multihost.py).
     """
 
-    def __init__(self, model: str | None = None, *, dtype: str = "float32", max_model_len: int | None = None,
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", max_model_len: int | None = None,
                  num_device_blocks: int | None = None, warmup: str | bool = "lazy", progress=None, mirror=None,
                  **engine_kwargs) -> None:
         from fastserve_jax.models import demo_model_path

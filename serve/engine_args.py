@@ -23,7 +23,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None,
                    help="Hugging Face model directory (config.json, *.safetensors, tokenizer); "
                         "default: the bundled demo model, which counts ('count from 3 to 12:')")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="weights, KV cache and activations (default: bfloat16 on GPU and TPU, float32 on CPU)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, at most 2048)")
     g.add_argument("--max-num-seqs", type=int, default=32, help="most sequences in one iteration")
     g.add_argument("--max-num-batched-tokens", type=int, default=512,

@@ -27,6 +27,20 @@ def test_auto_resolves_per_platform():
     assert EngineConfig(attention_backend="reference").resolve(platform="gpu").attention_backend == "reference"
 
 
+def test_dtype_auto_is_bf16_on_accelerators_fp32_on_cpu():
+    assert EngineConfig().dtype == "auto"
+    assert [EngineConfig().resolve(platform=p).dtype for p in ("cpu", "gpu", "tpu")] == \
+        ["float32", "bfloat16", "bfloat16"]
+    assert EngineConfig(dtype="float32").resolve(platform="gpu").dtype == "float32"
+    assert EngineConfig(dtype="bfloat16").resolve(platform="cpu").dtype == "bfloat16"
+    assert parse_engine_args([]).dtype == "auto"
+    assert engine_kwargs(parse_engine_args(["--dtype", "bfloat16"]))["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="dtype must be one of 'auto', 'float32', 'bfloat16', got 'fp16'"):
+        EngineConfig(dtype="fp16")
+    with pytest.raises(SystemExit):
+        parse_engine_args(["--dtype", "float16"])
+
+
 def test_bad_backends_fail_with_a_fix():
     with pytest.raises(ValueError, match="attention_backend must be one of 'auto', 'reference', 'pallas'"):
         EngineConfig(attention_backend="flash")
