@@ -274,9 +274,7 @@ class EngineConfig:
     # where paused requests' KV goes: "proactive" (FastServe), "reactive", "recompute" (swap_policy.py)
     swap_policy: str = "proactive"
     swap_reserve_blocks: int = 0        # free device blocks the proactive policy keeps (0: sized from arrivals)
-    # Of weights, KV cache and activations (softmax and norms run in fp32); "auto" (`resolve`):
-    # bfloat16 on GPU and TPU (half the bytes a decode step reads), float32 on CPU.
-    dtype: str = "auto"
+    dtype: str = "auto"                 # weights, KV cache, activations (norms, softmax: fp32); for_platform
     seed: int = 0
     scheduler: str = "skip-join-mlfq"
     # None: SchedulerConfig defaults with base_quantum = one decode iteration (batch 1) of the
@@ -286,14 +284,12 @@ class EngineConfig:
     # the paper has it); a scheduler_config given says its own. Out of the repr, which keys
     # the profiled cost model (cost_profile.cost_cache_key): the policy does not change it.
     protect_decodes: bool = field(default=True, repr=False)
-    # SchedulerConfig.tail_slowdown for the default config above (0: no tail guard); likewise
-    # out of the repr.
+    # SchedulerConfig.tail_slowdown for the default config above (0: no guard); out of the repr
     tail_slowdown: float = field(default=SchedulerConfig.tail_slowdown, repr=False)
     # SchedulerConfig.starvation_threshold in seconds for the default config above; None: the
     # default's 10 s scaled to this engine's full-batch decode time (engine_policy_config).
     starvation_threshold: float | None = field(default=None, repr=False)
-    # Cost model for skip-join placement and service accounting: None profiles this engine
-    # (cached on disk); otherwise a shipped table name or a JSON path (see cost_model.py).
+    # the policy's cost model: None profiles this engine (cached); else a shipped name or JSON path
     cost_model: str | None = None
     decode_batch_buckets: tuple[int, ...] = ()
     prefill_token_buckets: tuple[int, ...] = ()
@@ -308,8 +304,7 @@ class EngineConfig:
     # stage has a batch of its own (FastServe's answer to pipeline bubbles). 1 runs one batch
     # through all stages before scheduling the next.
     batches_in_flight: int = 0
-    # Record when each pipeline stage was busy (sharding/pipeline.StageActivity; a watcher
-    # thread). None: only when pipeline_parallel_size > 1.
+    # record when each pipeline stage was busy (sharding/pipeline.StageActivity); None: if pp > 1
     record_stage_activity: bool | None = None
     # How attention reads the paged KV cache (docs/attention.md): "reference" gathers each
     # row's blocks into a new array and runs einsums (portable jnp); "pallas" reads the blocks
@@ -361,6 +356,11 @@ class EngineConfig:
         """Blocks one packed prefill launch may gather: one long context plus the budget."""
         return self.max_blocks_per_seq + -(-self.max_num_batched_tokens // self.block_size) + self.max_prefill_seqs
 
+    def for_platform(self, platform: str) -> "EngineConfig":
+        """dtype "auto" made concrete: bfloat16 on GPU and TPU (half the bytes a step reads), float32 on CPU."""
+        auto = "bfloat16" if platform in ("gpu", "tpu") else "float32"
+        return dataclasses.replace(self, dtype=auto) if self.dtype == "auto" else self
+
     def resolve(self, weight_bytes: int = 0, kv_block_bytes: int = 0, platform: str = "cpu") -> "EngineConfig":
         """Fill in derived bucket lists; validate user-given ones. With the model's weight bytes
         and bytes per KV block (all layers), also `min_launch_blocks` (see launch_kv_fraction;
@@ -378,14 +378,14 @@ class EngineConfig:
                 raise ValueError(f"{name} must reach {need}, got largest {b[-1]}")
         f = self.launch_kv_fraction if self.launch_kv_fraction is not None else (0.0 if platform == "cpu" else 0.125)
         floor = int(f * weight_bytes // kv_block_bytes) if kv_block_bytes and not self.block_buckets else 0
-        backend, accel = self.attention_backend, "bfloat16" if platform in ("gpu", "tpu") else None
+        backend = self.attention_backend
         if backend == "auto":
             backend = "pallas" if platform in ("gpu", "tpu") and self.tensor_parallel_size == 1 else "reference"
         elif backend == "pallas" and platform not in ("gpu", "tpu", "cpu"):
             raise ValueError(f"attention_backend='pallas' runs on GPU (Triton), TPU (Mosaic) and CPU (interpret "
                              f"mode), not on {platform}; use 'reference' or 'auto'")
         return dataclasses.replace(self, decode_batch_buckets=tuple(dec), attention_backend=backend,
-                                   dtype=self.dtype if self.dtype != "auto" else accel or "float32",
+                                   dtype=self.for_platform(platform).dtype,
                                    prefill_token_buckets=tuple(pre), block_buckets=tuple(blk),
                                    min_launch_blocks=floor,
                                    batches_in_flight=self.batches_in_flight or self.pipeline_parallel_size)

@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import jax
@@ -166,7 +166,7 @@ class LLMEngine:
 
         model_cfg = model_cfg or ModelConfig.from_pretrained(model_path)
         layout = ModelLayout(model_cfg, ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size))
-        cfg = replace(cfg, dtype=cfg.resolve(platform=layout.devices[0].platform).dtype)   # "auto": by platform
+        cfg = cfg.for_platform(layout.devices[0].platform)                   # dtype "auto", before loading
         _, _, params = load_model(model_path, dtype=cfg.dtype, place=layout.abstract_params,   # no cache across
                                   cache_dir="" if jax.process_count() > 1 else None, cfg=model_cfg)  # processes
         tokenizer = load_tokenizer(model_path)

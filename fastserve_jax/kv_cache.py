@@ -246,9 +246,9 @@ class KVManager:
 # -- pool sizing --------------------------------------------------------------------------
 def kv_block_bytes(model_cfg, cfg) -> int:
     """Bytes of one block of K and V over all layers (a ModelConfig and an EngineConfig)."""
-    import jax.numpy as jnp          # here, so the simulator's imports stay free of jax
+    import jax                       # here, so the simulator's imports stay free of jax
 
-    itemsize = jnp.dtype(cfg.dtype).itemsize
+    itemsize = jax.numpy.dtype(cfg.for_platform(jax.default_backend()).dtype).itemsize
     return 2 * model_cfg.num_layers * cfg.block_size * model_cfg.num_kv_heads * model_cfg.head_dim * itemsize
 
 

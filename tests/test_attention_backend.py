@@ -4,11 +4,14 @@ reference path."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from fastserve_jax import LLM, SamplingParams
 from fastserve_jax.config import EngineConfig
+from fastserve_jax.kv_cache import kv_block_bytes
 from fastserve_jax.serve.engine_args import engine_argv, engine_kwargs, parse_engine_args
 from engine_grids import SMALL_GRID
 
@@ -33,6 +36,10 @@ def test_dtype_auto_is_bf16_on_accelerators_fp32_on_cpu():
         ["float32", "bfloat16", "bfloat16"]
     assert EngineConfig(dtype="float32").resolve(platform="gpu").dtype == "float32"
     assert EngineConfig(dtype="bfloat16").resolve(platform="cpu").dtype == "bfloat16"
+    assert EngineConfig(dtype="bfloat16").for_platform("tpu").dtype == "bfloat16"
+    # before an engine resolves it (pool sizing, scripts), "auto" is the default backend's (CPU here)
+    shape = SimpleNamespace(num_layers=2, num_kv_heads=2, head_dim=8)
+    assert kv_block_bytes(shape, EngineConfig()) == kv_block_bytes(shape, EngineConfig(dtype="float32")) == 4096
     assert parse_engine_args([]).dtype == "auto"
     assert engine_kwargs(parse_engine_args(["--dtype", "bfloat16"]))["dtype"] == "bfloat16"
     with pytest.raises(ValueError, match="dtype must be one of 'auto', 'float32', 'bfloat16', got 'fp16'"):
