@@ -120,6 +120,27 @@ def test_query_tiles_split_a_long_row(kernel):
     np.testing.assert_allclose(out[real], ref[real], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("keys", [4, 12, 16])
+def test_tpu_kernel_in_steps_of_several_blocks(keys, monkeypatch):
+    """The Mosaic kernel copying and scoring 1, 3 or 4 blocks of 4 tokens per step (the
+    default, 128 keys, takes these launches' rows in one step): decode rows of 1, 2, 3 and 6
+    live blocks end on a full step, a partial one, or within the first, also where the longest
+    row fills the block table (no padding column after it); and a packed prefill."""
+    import functools
+
+    import fastserve_jax.models.paged_attention_tpu as tpu
+
+    monkeypatch.setenv("FASTSERVE_JAX_PALLAS_KERNEL", "mosaic")
+    monkeypatch.setattr(tpu, "paged_attention_tpu", functools.partial(tpu.paged_attention_tpu, keys_per_step=keys))
+    decode = _decode_batch(np.random.default_rng(1), [1, 7, 12, 23], rows=5)
+    full = decode._replace(block_ids=decode.block_ids[:, :-1], block_seg=decode.block_seg[:, :-1],
+                           block_pos=decode.block_pos[:, :-1])
+    for batch in (decode, full, _prefill_batch(np.random.default_rng(2), [(9, 4), (0, 15), (0, 6)], rows=2, q=16)):
+        ref, out, real = _both(batch, 8, 2, "float32")
+        np.testing.assert_allclose(out[real], ref[real], atol=1e-5, rtol=0)
+        assert np.all(np.isfinite(out))
+
+
 def test_traced_layer_is_refused():
     batch = AttnBatch(*(jnp.asarray(a) for a in _decode_batch(np.random.default_rng(4), [3], rows=1)))
     z = jnp.zeros((L, NUM_BLOCKS, BS, 1, D))
