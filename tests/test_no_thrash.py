@@ -180,6 +180,19 @@ def test_skip_join_does_not_starve_started_requests_when_lengths_are_alike():
         assert ratio >= floor, (load, ratio)
 
 
+def test_new_requests_do_not_evict_protected_decodes_where_memory_binds():
+    """Code completion with a tenth of OPT-13B's KV (the pool holds 3-4 requests). Before
+    (SkipJoinMLFQScheduler.kept_from_starts): 0.990x / 0.986x fcfs's latency per token at
+    0.75x / 0.95x of capacity, new requests swapping out nearly finished decodes to start."""
+    cfg = SimConfig(16, 2048, 16, swap_policy="proactive", kv_capacity_tokens=5933, host_kv_capacity_tokens=41943)
+    trace = code_completion_trace(400)
+    for load in (0.75, 0.95):
+        base = run(trace, "fcfs", replace(cfg, swap_policy="recompute"), load)
+        m = run(trace, "skip-join-mlfq", cfg, load)
+        ratio = base["mean_latency_per_token"] / m["mean_latency_per_token"]
+        assert ratio >= 1.005, (load, ratio)        # 1.016x, 1.023x
+
+
 def test_skip_join_with_proactive_swapping_keeps_up_with_recompute_under_a_backlog():
     cfg = SimConfig(16, 2048, 16, swap_policy="proactive", **TIGHT)
     base = run(chat_like(200), "fcfs", replace(cfg, swap_policy="recompute"), 3.0)

@@ -560,6 +560,29 @@ def test_drop_to_start_drops_only_host_kv_ranked_below_the_new_request():
             assert "a" not in [s.request.request_id for s in plan.scheduled] and not plan.preempted
 
 
+def test_kept_requests_are_not_evicted_for_a_start_but_are_for_a_holder():
+    """fill_batch's `keep` (skip-join: protected decodes where memory binds): a new request
+    ranked above a kept paused request does not swap it out to start; without `keep` it
+    does; a request that holds KV and needs a block still evicts it."""
+    from fastserve_jax.scheduler.batch import fill_batch
+    for keep in (None, lambda r: r.request_id == "p"):
+        kv = KVManager(9, 4, 20)                          # 8 usable device blocks
+        p, n = req("p", 24, 0.0), req("n", 12, 0.1)      # p holds 6 blocks, n needs 3
+        kv.allocate(p, 24)
+        p.num_computed_tokens = 24
+        plan = fill_batch([n], [p, n], Limits(1, 100), kv, swap=True, start_on_host=True, keep=keep)
+        started = [s.request.request_id for s in plan.scheduled] == ["n"]
+        assert (started, plan.swapped_out) == ((True, [p]) if keep is None else (False, []))
+    kv = KVManager(9, 4, 20)
+    h, p = req("h", 8, 0.0), req("p", 24, 0.1)
+    for r, n in ((h, 8), (p, 24)):
+        kv.allocate(r, n)
+        r.num_computed_tokens = n
+    h.output_token_ids.append(5)                      # decoding at 8 tokens: needs a third block, none free
+    plan = fill_batch([h], [p, h], Limits(1, 100), kv, swap=True, start_on_host=True, keep=lambda r: True)
+    assert [s.request.request_id for s in plan.scheduled] == ["h"] and plan.swapped_out == [p]
+
+
 def test_skip_join_drops_to_start_only_where_memory_binds_and_a_backlog_waits():
     cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=0, protect_min_samples=2)
     for blocks, backlog, want in ((1000, 100, False), (60, 100, True), (60, 17, False)):

@@ -66,7 +66,7 @@ def evict(plan: Plan, victim: Request, kv: KVManager, swap: bool) -> int:
 
 def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], limits: Limits,
                kv: KVManager, swap: bool = False, swap_in_blocks: int | None = None,
-               start_on_host: bool = False, drop_to_start: bool = False) -> Plan:
+               start_on_host: bool = False, drop_to_start: bool = False, keep=None) -> Plan:
     """The next plan. `worst_first` is consumed lazily, only when a request must evict;
     it must list the same requests as `best_first` in reverse priority order. `swap`: evicted
     KV goes to the host pool while it has room (see `evict`). `swap_in_blocks` bounds the
@@ -80,7 +80,9 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     blocks, moving paused KV to the host to make room. Without it (recompute, reactive:
     there host KV returns only on demand, through the stall budget) started KV stays within
     the device pool and a new request starts only into free blocks. `drop_to_start` (with
-    `start_on_host` or `swap`): see the module docstring."""
+    `start_on_host` or `swap`): see the module docstring. `keep`: None, or a predicate on the
+    device-resident requests a new request may not evict to start (its evictions stop at the
+    first one, walking worst first); requests that hold KV still may evict them."""
     plan = Plan()
     budget = limits.max_num_batched_tokens
     free = kv.num_free_blocks
@@ -182,7 +184,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
                 vid = v.request_id
                 if vid in chosen or vid in evicted or v.in_flight or kv.location(v) is not KVLocation.DEVICE:
                     continue
-                if not holds and not kv.can_swap_out(v, plan.host_blocks):
+                if not holds and (not kv.can_swap_out(v, plan.host_blocks) or (keep is not None and keep(v))):
                     held_back = v             # a new request never drops others' KV; a holder may
                     break
                 evicted.add(vid)

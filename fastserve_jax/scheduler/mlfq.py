@@ -148,7 +148,7 @@ class MLFQScheduler(Scheduler):
     def schedule(self, now: float) -> Plan:
         self.promote_starving(now)
         return fill_batch(self.best_first(), self.worst_first(), self.limits, self.kv, self.swap_on_evict,
-                          self.swap_in_blocks, self.starts_on_host(), self.drops_to_start())
+                          self.swap_in_blocks, self.starts_on_host(), self.drops_to_start(), self.kept_from_starts())
 
     def starts_on_host(self) -> bool:
         """Whether new requests may start on the host pool's share (batch.fill_batch's
@@ -158,6 +158,10 @@ class MLFQScheduler(Scheduler):
     def drops_to_start(self) -> bool:
         """Whether new requests may drop lower-ranked host KV to start (batch.fill_batch)."""
         return False
+
+    def kept_from_starts(self):
+        """None, or which resident requests new ones may not evict to start (fill_batch's keep)."""
+        return None
 
     def on_iteration(self, plan: Plan, duration: float, now: float) -> None:
         last = len(self.quanta) - 1
