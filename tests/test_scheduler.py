@@ -583,6 +583,21 @@ def test_kept_requests_are_not_evicted_for_a_start_but_are_for_a_holder():
     assert [s.request.request_id for s in plan.scheduled] == ["h"] and plan.swapped_out == [p]
 
 
+def test_start_headroom_shrinks_to_the_growth_a_policy_expects():
+    """32 usable blocks, 24 started: a 7-block start overshoots the default headroom (1/16 of
+    the bound: 2 blocks) but fits a policy's expected growth of 1 block; never more than
+    the default."""
+    from fastserve_jax.scheduler.batch import fill_batch
+    for headroom, starts in ((None, False), (1, True), (5, False)):
+        kv = KVManager(33, 4)
+        held = req("held", 96, 0.0)
+        kv.allocate(held, 96)
+        held.num_computed_tokens = 96
+        new = req("new", 28, 0.1)
+        plan = fill_batch([new], [new], Limits(4, 100), kv, headroom=headroom)
+        assert ([s.request.request_id for s in plan.scheduled] == ["new"]) == starts, headroom
+
+
 def test_skip_join_drops_to_start_only_where_memory_binds_and_a_backlog_waits():
     cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=0, protect_min_samples=2)
     for blocks, backlog, want in ((1000, 100, False), (60, 100, True), (60, 17, False)):

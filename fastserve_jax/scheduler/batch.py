@@ -66,7 +66,8 @@ def evict(plan: Plan, victim: Request, kv: KVManager, swap: bool) -> int:
 
 def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], limits: Limits,
                kv: KVManager, swap: bool = False, swap_in_blocks: int | None = None,
-               start_on_host: bool = False, drop_to_start: bool = False, keep=None) -> Plan:
+               start_on_host: bool = False, drop_to_start: bool = False, keep=None,
+               headroom: int | None = None) -> Plan:
     """The next plan. `worst_first` is consumed lazily, only when a request must evict;
     it must list the same requests as `best_first` in reverse priority order. `swap`: evicted
     KV goes to the host pool while it has room (see `evict`). `swap_in_blocks` bounds the
@@ -82,7 +83,9 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     the device pool and a new request starts only into free blocks. `drop_to_start` (with
     `start_on_host` or `swap`): see the module docstring. `keep`: None, or a predicate on the
     device-resident requests a new request may not evict to start (its evictions stop at the
-    first one, walking worst first); requests that hold KV still may evict them."""
+    first one, walking worst first); requests that hold KV still may evict them. `headroom`:
+    None, or blocks of growth the running requests are expected to need, when fewer than
+    START_HEADROOM of the start bound (the headroom is then that many blocks)."""
     plan = Plan()
     budget = limits.max_num_batched_tokens
     free = kv.num_free_blocks
@@ -112,7 +115,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
         worst_first = list(worst_first)   # walked for drops and for evictions
     elif start_on_host:
         start_limit += min(kv.num_host_blocks, kv.num_usable_blocks)
-    start_limit -= int(start_limit * START_HEADROOM)
+    start_limit -= min(int(start_limit * START_HEADROOM), headroom if headroom is not None else start_limit)
     admit_new = True
     fallback = None                   # the best host request passed over for swap_in_blocks
     donors: list[int] = []            # plan.scheduled indices of prefill chunks of > 1 token

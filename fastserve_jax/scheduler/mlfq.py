@@ -148,7 +148,8 @@ class MLFQScheduler(Scheduler):
     def schedule(self, now: float) -> Plan:
         self.promote_starving(now)
         return fill_batch(self.best_first(), self.worst_first(), self.limits, self.kv, self.swap_on_evict,
-                          self.swap_in_blocks, self.starts_on_host(), self.drops_to_start(), self.kept_from_starts())
+                          self.swap_in_blocks, self.starts_on_host(), self.drops_to_start(), self.kept_from_starts(),
+                          self.start_headroom())
 
     def starts_on_host(self) -> bool:
         """Whether new requests may start on the host pool's share (batch.fill_batch's
@@ -161,6 +162,10 @@ class MLFQScheduler(Scheduler):
 
     def kept_from_starts(self):
         """None, or which resident requests new ones may not evict to start (fill_batch's keep)."""
+        return None
+
+    def start_headroom(self) -> int | None:
+        """None, or the blocks of growth running requests are expected to need (fill_batch)."""
         return None
 
     def on_iteration(self, plan: Plan, duration: float, now: float) -> None:

@@ -88,6 +88,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         self._guarded: set[str] = set()    # behind the tail guard's pace: top queue, uncharged
         self._entry_levels: dict[int, int] = {}   # prompt tokens -> entry_level
         self._light = False                # learned lengths light-tailed and a batch fits (starts_on_host)
+        self._mean_len = 0.0               # the learned mean output length (tokens)
 
     def use_cost_model(self, cost_model, config) -> None:
         super().use_cost_model(cost_model, config)
@@ -168,6 +169,20 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         KV may still evict them, so the best-ranked holder always can run."""
         return self.protected if self._memory_bound and self._table is not None else None
 
+    def start_headroom(self) -> int | None:
+        """Where memory binds, once learned: the blocks the requests that fit at once grow by,
+        batch_slots() x the mean learned length, where that is less than batch.START_HEADROOM
+        of the start bound. Code completion with a tenth of OPT-13B's KV under recompute:
+        0.982 / 0.969 / 0.950 / 0.939x fcfs's latency per token at 0.5-0.95x of capacity
+        became 1.001 / 1.011 / 1.026 / 1.015x, bursts 0.985-1.048x became 1.056-1.067x,
+        throughput 0.985-0.990x became 1.002-1.006x (the fixed 1/16 of a 371-block pool is a
+        fifth of a request there); proactive moved by at most 1.6% (1.5x burst). Not where
+        memory does not bind: with full device KV the smaller headroom moved the chat-like
+        3x burst from 1.64x to 1.57x."""
+        if not (self._learned and self._memory_bound):
+            return None
+        return -(-int(self.batch_slots() * self._mean_len) // self.kv.block_size)
+
     def starts_on_host(self) -> bool:
         """Not once the learned lengths are light-tailed (coefficient of variation at most
         LIGHT_TAIL_CV, from the censoring-aware table) while the device pool holds a full
@@ -222,6 +237,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         self._new_finishes = 0
         self._learned, self._cold = True, False
         self._near_done = near_done(self._lengths)
+        self._mean_len = table.mean
         seqs = self.limits.max_num_seqs
         self._tail_pace = self.config.tail_slowdown * self.cost_model.decode_time(seqs)
         slot = self.cost_model.decode_time(seqs) / seqs
