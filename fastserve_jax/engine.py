@@ -88,8 +88,7 @@ class LLMEngine:
             raise ValueError(f"the layout ({self.layout.describe()}) does not match the config's tensor/pipeline "
                              "parallel sizes")
         placed = self.layout.place_params(params)
-        # the runner may free the stacked layer weights as it splits them per layer, unless
-        # the caller still holds them (place_params returned the caller's arrays)
+        # the runner may free the stacked layer weights it splits unless the caller still holds them
         free = own_params or not any(a is b for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(placed)))
         params = placed
         param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
@@ -166,9 +165,10 @@ class LLMEngine:
 
         model_cfg = model_cfg or ModelConfig.from_pretrained(model_path)
         layout = ModelLayout(model_cfg, ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size))
-        cfg = cfg.for_platform(layout.devices[0].platform)                   # dtype "auto", before loading
-        _, _, params = load_model(model_path, dtype=cfg.dtype, place=layout.abstract_params,   # no cache across
-                                  cache_dir="" if jax.process_count() > 1 else None, cfg=model_cfg)  # processes
+        cfg = cfg.for_platform(layout.devices[0].platform)           # dtype "auto" resolved before loading
+        # Across processes the converted-params cache is off: orbax would need a shared filesystem.
+        _, _, params = load_model(model_path, dtype=cfg.dtype, place=layout.abstract_params,
+                                  cache_dir="" if jax.process_count() > 1 else None, cfg=model_cfg)
         tokenizer = load_tokenizer(model_path)
         return cls(model_cfg, params, tokenizer, cfg, _eos_ids(model_path, model_cfg, tokenizer), layout=layout,
                    own_params=True, **kwargs)

@@ -165,8 +165,8 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         see. Code completion with a tenth of OPT-13B's KV: 0.990x / 0.986x fcfs's latency per
         token at 0.75x / 0.95x of capacity became 1.016x / 1.023x (seeds 1 and 2, below
         capacity: 0.976-1.079x became 0.992-1.084x), throughput unchanged; the p99 JCT at 0.95x
-        rose from 1.29x to 1.59x fcfs's (seed 0). Requests that hold
-        KV may still evict them, so the best-ranked holder always can run."""
+        rose from 1.29x to 1.59x fcfs's (seed 0). Requests that hold KV may still evict them,
+        so the best-ranked holder can always run."""
         return self.protected if self._memory_bound and self._table is not None else None
 
     def start_headroom(self) -> int | None:
