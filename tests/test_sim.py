@@ -287,6 +287,29 @@ def test_a_restarts_prior_from_other_traffic_costs_little_once_the_run_has_lengt
         assert warm["mean_latency_per_token"] <= 1.1 * cold, policy
 
 
+def test_a_prior_of_longer_traffic_does_not_end_the_cold_starts_protection_where_memory_binds():
+    """A device pool of 23 blocks of 16 for 16 sequences, a 400-request burst of 7-token
+    prompts with 9-25-token answers (the demo model's, engine-sized), and a restored prior of
+    longer lengths (mean 100): the prior said memory binds and decodes cannot be protected,
+    so until the run's own 16 finishes replaced it skip-join rotated requests and dropped
+    their host KV: 7,160 tokens recomputed, latency per token 0.68x fcfs's, throughput
+    0.92x. The same run found on the real engine: 0.72-0.88x fcfs's throughput. Now as a
+    cold start."""
+    import dataclasses as dc
+    from fastserve_jax.workload import light_tailed_lengths
+    cost = dc.replace(CostModel.load("demo-cpu"), kv_bytes_per_token=1024, swap_bandwidth=3.44e9, swap_latency=2.6e-4)
+    rng = np.random.default_rng(0)
+    trace = [TraceRequest(0.0, 7, int(rng.integers(9, 26))) for _ in range(400)]
+    prior = tuple(int(x) for x in light_tailed_lengths(np.random.default_rng(1), 2000, 100, 4, 250))
+    cfg = SimConfig(16, 512, 16, 23 * 16, host_kv_capacity_tokens=23 * 16, swap_policy="proactive")
+    base = simulate(trace, "fcfs", cost, cfg).metrics()
+    cold = simulate(trace, "skip-join-mlfq", cost, cfg).metrics()
+    warm = simulate(trace, "skip-join-mlfq", cost, dc.replace(cfg, prior_lengths=prior)).metrics()
+    assert warm["swap_recomputed_tokens"] == cold["swap_recomputed_tokens"] == 0
+    assert warm["throughput_rps"] >= 0.95 * base["throughput_rps"]
+    assert warm["mean_latency_per_token"] <= 1.05 * cold["mean_latency_per_token"]
+
+
 def test_the_short_prompt_light_tail_script_prints_its_ratios(capsys):
     """scripts/sim_light_short_prompts.py (the documented weak spot) on a small sample."""
     import importlib.util
