@@ -36,7 +36,7 @@ that one request fits the whole pool, so some request always runs.
 from __future__ import annotations
 
 import itertools
-from typing import Iterable
+from typing import Callable, Iterable
 
 from fastserve_jax.kv_cache import ON_HOST, KVLocation, KVManager
 from fastserve_jax.request import Request
@@ -66,7 +66,8 @@ def evict(plan: Plan, victim: Request, kv: KVManager, swap: bool) -> int:
 
 def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], limits: Limits,
                kv: KVManager, swap: bool = False, swap_in_blocks: int | None = None,
-               start_on_host: bool = False, drop_to_start: bool = False, keep=None,
+               start_on_host: bool = False, drop_to_start: bool = False,
+               keep: Callable[[Request], bool] | None = None,
                headroom: int | None = None) -> Plan:
     """The next plan. `worst_first` is consumed lazily, only when a request must evict;
     it must list the same requests as `best_first` in reverse priority order. `swap`: evicted
@@ -115,7 +116,8 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
         worst_first = list(worst_first)   # walked for drops and for evictions
     elif start_on_host:
         start_limit += min(kv.num_host_blocks, kv.num_usable_blocks)
-    start_limit -= min(int(start_limit * START_HEADROOM), headroom if headroom is not None else start_limit)
+    reserve = int(start_limit * START_HEADROOM)
+    start_limit -= reserve if headroom is None else min(reserve, headroom)
     admit_new = True
     fallback = None                   # the best host request passed over for swap_in_blocks
     donors: list[int] = []            # plan.scheduled indices of prefill chunks of > 1 token

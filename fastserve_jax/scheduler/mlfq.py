@@ -20,7 +20,7 @@ remove, demote and promote are O(1) and a schedule() walks only as far as the ba
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Container, Iterator
+from typing import Callable, Container, Iterator
 
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan, Scheduler, starvation_limit
@@ -160,7 +160,7 @@ class MLFQScheduler(Scheduler):
         """Whether new requests may drop lower-ranked host KV to start (batch.fill_batch)."""
         return False
 
-    def kept_from_starts(self):
+    def kept_from_starts(self) -> Callable[[Request], bool] | None:
         """None, or which resident requests new ones may not evict to start (fill_batch's keep)."""
         return None
 

@@ -5,6 +5,7 @@ the paper does not have (the class docstring). Pure Python."""
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan, finished_length
@@ -157,7 +158,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         return self._memory_bound and self._table is None and \
             len(self._live) - self.kv.num_kv_requests > BACKLOG_PER_SLOT * self.limits.max_num_seqs
 
-    def kept_from_starts(self):
+    def kept_from_starts(self) -> Callable[[Request], bool] | None:
         """Where memory binds and decodes are protected (code completion), a new request does not
         evict a protected decode to start: that decode is expected to finish within its
         protection, and evicting it moves its whole context to the host and back (or drops it)
