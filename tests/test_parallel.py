@@ -29,8 +29,13 @@ def four_layer(four_layer_checkpoints):
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
-@pytest.mark.parametrize("tp,pp", LAYOUTS)
+# Every layout runs once in the default suite, the architectures alternating; the other
+# five pairs are marked slow (about 4 s each on 2 CPU cores) and run with `-m slow`.
+MESH_CASES = [pytest.param(arch, tp, pp, marks=() if (i + (arch == "opt")) % 2 else pytest.mark.slow)
+              for i, (tp, pp) in enumerate(LAYOUTS) for arch in ("llama", "opt")]
+
+
+@pytest.mark.parametrize("arch,tp,pp", MESH_CASES)
 def test_greedy_outputs_match_one_device_with_swapping_forced(four_layer, arch, tp, pp):
     path, want = four_layer[arch]
     # 16 blocks of 8 tokens hold under half of what the 6 requests need at once: MLFQ's
