@@ -18,15 +18,15 @@ matches no query.
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import os
-
-from fastserve_jax.models.paged_attention import paged_attention
+from fastserve_jax.models.paged_attention import paged_attention, tuning
 
 _NEG = -1e30
 
@@ -141,16 +141,23 @@ def attention(q, k, v, batch: AttnBatch, cache: KVCache | None, layer, backend: 
         if not isinstance(layer, int):
             raise TypeError("the pallas attention backend needs a static layer index (the per-layer serving "
                             "path, sharding/pipeline.stage_forward), not a traced one (nn.scan)")
-        kernel = paged_attention
+        kernel = functools.partial(paged_attention, tune=tuning())
         if pallas_kernel() == "mosaic":
             from fastserve_jax.models.paged_attention_tpu import paged_attention_tpu as kernel   # TPU only: ~50 ms to import
         out = kernel(q, kc, vc, batch.positions, batch.seg, batch.block_ids, batch.block_seg, batch.block_pos,
                      layer=layer, interpret=jax.default_backend() == "cpu")
         return out, KVCache(kc, vc)
+    return gathered_attention(q, kc, vc, batch, layer), KVCache(kc, vc)
+
+
+def gathered_attention(q, kc, vc, batch: AttnBatch, layer):
+    """The reference path's read: each row's blocks gathered from the caches (L, num_blocks,
+    block_size, Hkv, D) into a new (R, NB x block_size, Hkv, D) array, then attended over."""
     r, nb = batch.block_ids.shape
+    bs = kc.shape[2]
     kg = kc[layer, batch.block_ids].reshape(r, nb * bs, *kc.shape[3:])  # (R, NB*bs, Hkv, D)
     vg = vc[layer, batch.block_ids].reshape(r, nb * bs, *vc.shape[3:])
     k_pos = (batch.block_pos[:, :, None] + jnp.arange(bs, dtype=jnp.int32)).reshape(r, nb * bs)
     k_seg = jnp.repeat(batch.block_seg, bs, axis=1)
-    out = _attend(q, kg.astype(q.dtype), vg.astype(q.dtype), batch.positions, batch.seg, k_pos, k_seg, scale)
-    return out, KVCache(kc, vc)
+    return _attend(q, kg.astype(q.dtype), vg.astype(q.dtype), batch.positions, batch.seg, k_pos, k_seg,
+                   1.0 / np.sqrt(q.shape[-1]))

@@ -22,6 +22,14 @@ A query with no visible key (padding) gets 0, never NaN, so nothing non-finite r
 the null block. A decode launch splits each row's blocks over several programs
 (flash-decoding) so that a small batch still fills the device; `_combine` merges them.
 
+Two static knobs (`Tuning`; the environment variable FASTSERVE_JAX_TRITON_TUNING, e.g.
+`blocks_per_step=4,min_programs=512`, sets them for the engine): `blocks_per_step`, the
+blocks each loop step loads before it updates the softmax (more loads in flight per
+program; a step past the row's last block is masked), and `min_programs`, the program count
+a decode launch splits its rows' blocks up to. The defaults are the kernel as first written
+(1 and 128); neither is measured on a GPU yet: scripts/device_check.py times the kernel
+alone over a grid of both and runs the engine with the fastest.
+
 The kernel is written for the Triton (GPU) lowering and runs anywhere in interpret mode
 (`interpret=True`; CPU tests). TPUs run paged_attention_tpu.py instead: Mosaic reaches a
 cache left in HBM only by DMA, with the block table in scalar memory.
@@ -30,6 +38,8 @@ cache left in HBM only by DMA, with the block table in scalar memory.
 from __future__ import annotations
 
 import functools
+import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,38 +50,78 @@ from jax.experimental.pallas import triton as pltriton
 _NEG = -1e30
 MIN_TILE = 16        # Triton's dot wants every operand dimension >= 16
 MAX_TILE = 64        # query rows per program: keeps the fp32 accumulator within registers
-MIN_PROGRAMS = 128   # a decode launch splits each row's blocks until it has about this many programs
+TUNING_ENV = "FASTSERVE_JAX_TRITON_TUNING"
+
+
+class Tuning(NamedTuple):
+    blocks_per_step: int = 1    # blocks loaded per loop step before the softmax update
+    min_programs: int = 128     # a decode launch splits each row's blocks until it has about this many programs
+
+    def describe(self) -> str:
+        return f"b{self.blocks_per_step}p{self.min_programs}"
+
+
+def tuning() -> Tuning:
+    """The kernel's knobs: the defaults, or FASTSERVE_JAX_TRITON_TUNING
+    (`blocks_per_step=N,min_programs=N`, either may be left out); ValueError on anything else."""
+    text = os.environ.get(TUNING_ENV, "").strip()
+    if not text:
+        return Tuning()
+    values = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in Tuning._fields or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"{TUNING_ENV} takes blocks_per_step=N,min_programs=N (N >= 1), got {text!r}")
+        values[name] = int(value)
+    return Tuning(**values)
 
 
 def _kernel(q_ref, qpos_ref, qseg_ref, ids_ref, bseg_ref, bpos_ref, nblk_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
-            scale: float, block_size: int, chunk: int):
+            scale: float, block_size: int, chunk: int, per_step: int):
     """One (row r, KV head h, query tile, context split s) program: blocks [s*chunk, (s+1)*chunk)
-    of the row's live ones. Writes its normalised output and its softmax max and sum."""
+    of the row's live ones, `per_step` of them per loop step (chunk is a multiple of it).
+    Writes its normalised output and its softmax max and sum."""
     r, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(3)
     q = q_ref[...]                                          # (block_m, D), KV dtype
     qpos = qpos_ref[...]                                    # (block_m,)
     qseg = qseg_ref[...]
     offs = jnp.arange(block_size, dtype=jnp.int32)
     block_m, d = q.shape
+    first = split * chunk
+    end = jnp.minimum(nblk_ref[r], first + chunk)           # past the split's last live block
+    last_col = ids_ref.shape[1] - 1
 
-    def body(j, carry):
+    def body(step, carry):
         m, l, acc = carry
-        b = ids_ref[r, j]
-        k = k_ref[b, :, h, :]                               # (block_size, D) straight from the cache
-        v = v_ref[b, :, h, :]
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        kpos = bpos_ref[r, j] + offs
-        mask = (qseg[:, None] == bseg_ref[r, j]) & (kpos[None, :] <= qpos[:, None])
-        s = jnp.where(mask, s, _NEG)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+        scores, values, masks = [], [], []
+        for u in range(per_step):                           # all loads of the step are issued together
+            j = first + step * per_step + u
+            col = jnp.minimum(j, last_col)                  # a step's tail past the table reads its last column
+            b = ids_ref[r, col]
+            k = k_ref[b, :, h, :]                           # (block_size, D) straight from the cache
+            values.append(v_ref[b, :, h, :])
+            s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+            kpos = bpos_ref[r, col] + offs
+            mask = (qseg[:, None] == bseg_ref[r, col]) & (kpos[None, :] <= qpos[:, None]) & (j < end)
+            scores.append(jnp.where(mask, s, _NEG))
+            masks.append(mask)
+        m_new = m
+        for s in scores:
+            m_new = jnp.maximum(m_new, s.max(axis=-1))
         corr = jnp.exp(m - m_new)
-        pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        return m_new, l * corr + p.sum(axis=-1), acc * corr[:, None] + pv
+        l, acc = l * corr, acc * corr[:, None]
+        for s, v, mask in zip(scores, values, masks):
+            p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+            l = l + p.sum(axis=-1)
+            acc = acc + jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                            preferred_element_type=jnp.float32)
+        return m_new, l, acc
 
     init = (jnp.full((block_m,), _NEG, jnp.float32), jnp.zeros((block_m,), jnp.float32),
             jnp.zeros((block_m, d), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(split * chunk, jnp.minimum(nblk_ref[r], (split + 1) * chunk), body, init)
+    steps = jnp.maximum(end - first + per_step - 1, 0) // per_step
+    m, l, acc = jax.lax.fori_loop(0, steps, body, init)
     o_ref[...] = acc / jnp.where(l > 0, l, 1.0)[:, None]
     m_ref[...] = m
     l_ref[...] = l
@@ -85,21 +135,25 @@ def _combine(o, m, l):
     return (o * w[..., None]).sum(axis=2) / jnp.where(total > 0, total, 1.0)[..., None]
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "interpret"))
+@functools.partial(jax.jit, static_argnames=("layer", "interpret", "tune"))
 def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array, seg: jax.Array,
                     block_ids: jax.Array, block_seg: jax.Array, block_pos: jax.Array, layer: int,
-                    interpret: bool = False) -> jax.Array:
+                    interpret: bool = False, tune: Tuning = Tuning()) -> jax.Array:
     """Attention of q over the blocks a launch names, read in place from the caches.
 
     q: (R, Q, H, D); k_cache, v_cache: (L, num_blocks, block_size, Hkv, D), this launch's
     K/V already written; positions, seg: (R, Q) and block_ids, block_seg, block_pos:
     (R, NB), as in attention.AttnBatch; layer: static index into L (the serving launches
-    run their layers as an unrolled loop, sharding/pipeline.py). Returns (R, Q, H, D) in
-    q's dtype.
+    run their layers as an unrolled loop, sharding/pipeline.py); tune: the kernel's knobs
+    (`tuning()`). Returns (R, Q, H, D) in q's dtype.
     """
     r, nq, h, d = q.shape
     _, _, bs, hkv, _ = k_cache.shape
@@ -111,14 +165,16 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positi
     # R x Hkv programs, too few to fill a GPU; a prefill launch has enough query tiles.
     nb = block_ids.shape[1]
     programs = r * hkv * (m // block_m)
-    splits = 1 if nq > 1 else min(nb, max(1, MIN_PROGRAMS // programs))
-    chunk = -(-nb // splits)
+    per_step = tune.blocks_per_step
+    splits = 1 if nq > 1 else min(nb, max(1, tune.min_programs // programs))
+    chunk = _cdiv(_cdiv(nb, splits), per_step) * per_step   # blocks per split, a multiple of per_step
+    splits = _cdiv(nb, chunk)                               # none left empty by the rounding
     whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, t, s: (0,) * a.ndim)
     cache_spec = pl.BlockSpec((None, *k_cache.shape[1:]), lambda i, j, t, s: (layer, 0, 0, 0, 0))
     per_split = lambda *tail: pl.BlockSpec((None, None, None, block_m, *tail),
                                            lambda i, j, t, s: (i, j, s, t, *(0,) * len(tail)))
     o, m_, l_ = pl.pallas_call(
-        functools.partial(_kernel, scale=1.0 / float(np.sqrt(d)), block_size=bs, chunk=chunk),
+        functools.partial(_kernel, scale=1.0 / float(np.sqrt(d)), block_size=bs, chunk=chunk, per_step=per_step),
         grid=(r, hkv, m // block_m, splits),
         in_specs=[pl.BlockSpec((None, None, block_m, d), lambda i, j, t, s: (i, j, t, 0)),
                   pl.BlockSpec((None, block_m), lambda i, j, t, s: (i, t)),

@@ -11,7 +11,12 @@ Runs from the source tree (no install, no server imports). Steps, in order:
 2. transformers + torch `generate` on the same device and shapes (random weights of its own:
    speed does not depend on the values): decode tokens/s at batch 1 and 32, taken as the
    difference between generating 1 and 1 + N tokens after the same prompt;
-3. for each attention backend (reference, pallas): a random-weight model built on the device,
+3. the Triton kernel alone (GPU and CPU; a TPU runs its own kernel): decode attention over one
+   layer's cache at batch 1/32/128 and a 2,048-token context, for each of six tunings
+   (blocks per loop step x programs a launch splits up to; models/paged_attention.Tuning)
+   and for the reference path's gather, against the bandwidth its KV bytes need; the
+   engine's Pallas path then runs with the fastest tuning (at most 90 s);
+4. for each attention backend (reference, pallas): a random-weight model built on the device,
    the engine's ModelRunner over it, and launches assembled by the engine's LaunchBuilder from
    a KVManager (batches 1/8/32/128 at contexts 512 and 2,048; a 2,048-token prefill). A decode
    step is one forward of the launch, logits included, sampling and scheduling excluded
@@ -25,6 +30,7 @@ when $OUT is set (or to --json).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -45,10 +51,16 @@ SHAPES = {
                tie_word_embeddings=True),
     "tiny": dict(num_hidden_layers=2),
 }
+# tunings: the Triton kernel's (blocks per loop step, programs a decode launch splits up to),
+# timed alone at kernel_cells (batch, context) before the engine runs with the fastest
 FULL = dict(batches=(1, 8, 32, 128), contexts=(512, 2048), prefill=2048, hf_batches=(1, 32), hf_new=32,
-            hf_repeats=2, copy_bytes=4 << 30, square=8192, steps=10, block_size=16)
+            hf_repeats=2, copy_bytes=4 << 30, square=8192, steps=10, block_size=16,
+            tunings=((1, 128), (2, 128), (4, 128), (1, 512), (4, 512), (8, 512)),
+            kernel_cells=((1, 2048), (32, 2048), (128, 2048)))
+SWEEP_BUDGET_S = 90.0      # the kernel sweep's share of the run: the engine's cells come after it
 SMOKE = dict(batches=(2,), contexts=(24,), prefill=32, hf_batches=(2,), hf_new=8, hf_repeats=3,
-             copy_bytes=16 << 20, square=256, steps=2, block_size=8)
+             copy_bytes=16 << 20, square=256, steps=2, block_size=8, tunings=((1, 128), (2, 4)),
+             kernel_cells=((2, 24),))
 
 
 def device_rates(copy_bytes: int, square: int, dtype) -> dict:
@@ -174,6 +186,52 @@ def time_launches(runner, launches, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def kernel_sweep(model_cfg, p: dict, dtype: str, rates: dict, deadline: float) -> dict:
+    """The Triton decode kernel alone on one layer's cache, for each tuning in p["tunings"]
+    (models/paged_attention.Tuning: blocks per loop step, programs a launch splits up to),
+    and the reference path's attention on the same launch: ms per call and the KV bytes a
+    call must read over the measured bandwidth, per (batch, context) in p["kernel_cells"].
+    `best` is the tuning with the least total time over the cells every tuning finished."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fastserve_jax.models.attention import AttnBatch, KVCache, gathered_attention
+    from fastserve_jax.models.paged_attention import Tuning, paged_attention
+
+    bs, hkv, h, d = p["block_size"], model_cfg.num_kv_heads, model_cfg.num_heads, model_cfg.head_dim
+    interpret = jax.default_backend() == "cpu"
+    variants = {t.describe(): t for t in (Tuning(*t) for t in p["tunings"])}
+    out = {name: {} for name in [*variants, "reference"]}
+    for b, c in p["kernel_cells"]:
+        per_row = -(-c // bs)
+        ids = (1 + np.arange(b * per_row, dtype=np.int32)).reshape(b, per_row)
+        batch = AttnBatch(jnp.full((b, 1), c - 1, jnp.int32), jnp.zeros((b, 1), jnp.int32),
+                          jnp.asarray(ids[:, -1:] * bs + (c - 1) % bs), jnp.asarray(ids), jnp.zeros_like(ids),
+                          jnp.asarray(np.broadcast_to(np.arange(per_row, dtype=np.int32) * bs, (b, per_row)).copy()))
+        key = jax.random.key(b * 7919 + c)
+        draw = lambda i, *shape: jax.random.normal(jax.random.fold_in(key, i), shape, dtype)   # noqa: E731
+        cache = KVCache(draw(0, 1, b * per_row + 1, bs, hkv, d), draw(1, 1, b * per_row + 1, bs, hkv, d))
+        q = draw(2, b, 1, h, d)
+        kv_bytes = 2 * b * c * hkv * d * jnp.dtype(dtype).itemsize
+        calls = {name: jax.jit(functools.partial(paged_attention, layer=0, interpret=interpret, tune=t))
+                 for name, t in variants.items()}
+        calls["reference"] = jax.jit(lambda q, kc, vc, *bt: gathered_attention(q, kc, vc, AttnBatch(*bt), 0))
+        for name, fn in calls.items():
+            if time.perf_counter() > deadline:
+                out[name][f"{b}x{c}"] = "skipped (time)"
+                continue
+            args = (q, cache.k, cache.v, *batch) if name == "reference" else \
+                (q, cache.k, cache.v, batch.positions, batch.seg, batch.block_ids, batch.block_seg, batch.block_pos)
+            fn(*args).block_until_ready()
+            t = best_of(lambda: fn(*args).block_until_ready(), p["steps"])
+            out[name][f"{b}x{c}"] = dict(ms=1e3 * t, kv_bytes=kv_bytes,
+                                         bandwidth_fraction=kv_bytes / t / (rates["bandwidth_gbs"] * 1e9))
+    done = [n for n in variants if all(isinstance(v, dict) for v in out[n].values())]
+    best = min(done, key=lambda n: sum(v["ms"] for v in out[n].values())) if done else Tuning().describe()
+    return dict(cells=out, best=best, best_tuning=dict(variants[best]._asdict()) if best in variants else {})
+
+
 def run_backend(backend: str, model_cfg, p: dict, dtype: str, rates: dict, platform: str, deadline: float) -> dict:
     """Every decode cell and the prefill for one attention backend, on a fresh model and cache."""
     import jax
@@ -221,6 +279,9 @@ def run_backend(backend: str, model_cfg, p: dict, dtype: str, rates: dict, platf
                                  roofline_ms=1e3 * roof, roofline_fraction=roof / step,
                                  weight_bytes=cost["weight_bytes"], kv_bytes=cost["kv_bytes"])
     out = dict(backend=backend, compile_s=compile_s, decode=cells)
+    if backend == "pallas" and platform != "tpu":
+        from fastserve_jax.models.paged_attention import tuning
+        out["tuning"] = tuning().describe()
     if time.perf_counter() < deadline:
         t = time_launches(runner, pre, p["steps"])
         n, c = p["prefill"], model_cfg
@@ -258,6 +319,16 @@ def print_table(res: dict) -> None:
         if pf:
             print(f"prefill {pf['tokens']} tokens ({b}): {pf['ms']:.1f} ms, {pf['tflops']:.1f} TFLOP/s = "
                   f"{pf['peak_fraction']:.0%} of peak; compile {res['ours'][b]['compile_s']:.0f} s")
+    if res.get("kernel"):
+        cells = res["kernel"]["cells"]
+        keys = list(next(iter(cells.values())))
+        print("decode attention alone, one layer (ms, fraction of HBM bandwidth for its KV); Triton tunings "
+              "b<blocks per step>p<programs>:")
+        print(f"{'':>10} " + " ".join(f"{k:>16}" for k in keys))
+        for name, row in cells.items():
+            print(f"{name:>10} " + " ".join(f"{v['ms']:9.3f} {v['bandwidth_fraction']:5.0%} " if isinstance(v, dict)
+                                            else f"{str(v):>16}" for v in row.values()))
+        print(f"the engine's Pallas path ran with {res['kernel']['best']}")
     print(f"total {res['seconds']:.0f} s")
 
 
@@ -276,6 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
     import jax.numpy as jnp
 
     from fastserve_jax.models.config import ModelConfig
+    from fastserve_jax.models.paged_attention import TUNING_ENV
 
     p, name = (SMOKE, "tiny") if a.smoke else (FULL, a.model)
     dev = jax.devices()[0]
@@ -285,9 +357,15 @@ def main(argv: list[str] | None = None) -> dict:
     hf = {} if a.no_hf else hf_decode(hf_cfg, dtype, p["hf_batches"], p["contexts"], p["hf_new"],
                                       "cuda" if dev.platform == "gpu" else "cpu", deadline, p["hf_repeats"])
     model_cfg = ModelConfig.from_dict(hf_cfg)
-    ours = {b: run_backend(b, model_cfg, p, dtype, rates, dev.platform, deadline) for b in a.backends.split(",")}
+    backends = a.backends.split(",")
+    sweep = None
+    if "pallas" in backends and dev.platform != "tpu":        # the TPU's kernel has no such knobs
+        sweep = kernel_sweep(model_cfg, p, dtype, rates, min(deadline, time.perf_counter() + SWEEP_BUDGET_S))
+        if sweep["best_tuning"]:                               # the engine's Pallas path runs the fastest
+            os.environ[TUNING_ENV] = ",".join(f"{k}={v}" for k, v in sweep["best_tuning"].items())
+    ours = {b: run_backend(b, model_cfg, p, dtype, rates, dev.platform, deadline) for b in backends}
     res = dict(device=f"{dev.device_kind} ({dev.platform})", model=name, dtype=dtype, jax=jax.__version__,
-               rates=rates, hf=hf, ours=ours, seconds=time.perf_counter() - t_start)
+               rates=rates, hf=hf, kernel=sweep, ours=ours, seconds=time.perf_counter() - t_start)
     print_table(res)
     path = a.json or (os.path.join(os.environ["OUT"], "device_check.json") if os.environ.get("OUT") else None)
     if path:

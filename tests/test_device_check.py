@@ -28,3 +28,8 @@ def test_smoke_run_fills_every_cell(tmp_path):
         assert cell["kv_bytes"] == 2 * 24 * 2 * 2 * 2 * 16 * 2    # batch x ctx x K,V x layers x kv heads x D x bf16
         assert res["ours"][backend]["prefill"]["peak_fraction"] > 0
     assert "reference ms" in proc.stdout and "pallas tok/s" in proc.stdout
+    # the Triton kernel's tunings timed alone, and the engine's Pallas path run with the fastest
+    kernel = res["kernel"]
+    assert set(kernel["cells"]) == {"b1p128", "b2p4", "reference"}
+    assert all(c["2x24"]["ms"] > 0 and c["2x24"]["kv_bytes"] == 2 * 24 * 2 * 2 * 16 * 2 for c in kernel["cells"].values())
+    assert res["ours"]["pallas"]["tuning"] == kernel["best"] in ("b1p128", "b2p4")

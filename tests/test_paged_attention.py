@@ -120,6 +120,19 @@ def test_query_tiles_split_a_long_row(kernel):
     np.testing.assert_allclose(out[real], ref[real], atol=1e-5, rtol=0)
 
 
+def _check_block_walks():
+    """The kernel against the reference (fp32) where a walk over blocks can go wrong: decode
+    rows of 1, 2, 3 and 6 live blocks of 4 tokens, the same with the longest row filling the
+    block table (no padding column after it), and a packed prefill; nothing non-finite."""
+    decode = _decode_batch(np.random.default_rng(1), [1, 7, 12, 23], rows=5)
+    full = decode._replace(block_ids=decode.block_ids[:, :-1], block_seg=decode.block_seg[:, :-1],
+                           block_pos=decode.block_pos[:, :-1])
+    for batch in (decode, full, _prefill_batch(np.random.default_rng(2), [(9, 4), (0, 15), (0, 6)], rows=2, q=16)):
+        ref, out, real = _both(batch, 8, 2, "float32")
+        np.testing.assert_allclose(out[real], ref[real], atol=1e-5, rtol=0)
+        assert np.all(np.isfinite(out))
+
+
 @pytest.mark.parametrize("keys", [4, 12, 16])
 def test_tpu_kernel_in_steps_of_several_blocks(keys, monkeypatch):
     """The Mosaic kernel copying and scoring 1, 3 or 4 blocks of 4 tokens per step (the
@@ -132,13 +145,34 @@ def test_tpu_kernel_in_steps_of_several_blocks(keys, monkeypatch):
 
     monkeypatch.setenv("FASTSERVE_JAX_PALLAS_KERNEL", "mosaic")
     monkeypatch.setattr(tpu, "paged_attention_tpu", functools.partial(tpu.paged_attention_tpu, keys_per_step=keys))
-    decode = _decode_batch(np.random.default_rng(1), [1, 7, 12, 23], rows=5)
-    full = decode._replace(block_ids=decode.block_ids[:, :-1], block_seg=decode.block_seg[:, :-1],
-                           block_pos=decode.block_pos[:, :-1])
-    for batch in (decode, full, _prefill_batch(np.random.default_rng(2), [(9, 4), (0, 15), (0, 6)], rows=2, q=16)):
-        ref, out, real = _both(batch, 8, 2, "float32")
-        np.testing.assert_allclose(out[real], ref[real], atol=1e-5, rtol=0)
-        assert np.all(np.isfinite(out))
+    _check_block_walks()
+
+
+@pytest.mark.parametrize("tune", ["blocks_per_step=2,min_programs=1", "blocks_per_step=4", "blocks_per_step=3,min_programs=64"])
+def test_triton_kernel_tuning(tune, monkeypatch):
+    """The Triton kernel's knobs (FASTSERVE_JAX_TRITON_TUNING): 2, 3 or 4 blocks per loop step,
+    with no context split, the default split and many splits (each a multiple of the step,
+    the last one partly past the table): decode rows of 1, 2, 3 and 6 live blocks, the table
+    with and without a padding column after the longest, and a packed prefill."""
+    import fastserve_jax.models.attention as attention_module
+    from fastserve_jax.models.paged_attention import paged_attention, tuning
+
+    monkeypatch.setenv("FASTSERVE_JAX_PALLAS_KERNEL", "triton")
+    monkeypatch.setenv("FASTSERVE_JAX_TRITON_TUNING", tune)
+    seen = []
+    monkeypatch.setattr(attention_module, "paged_attention", lambda *a, **kw: seen.append(kw["tune"]) or
+                        paged_attention(*a, **kw))
+    _check_block_walks()
+    assert seen and set(seen) == {tuning()} and tuning() != type(tuning())()
+
+
+@pytest.mark.parametrize("bad", ["blocks_per_step=0", "blocks=4", "min_programs=x"])
+def test_triton_tuning_refuses_bad_settings(bad, monkeypatch):
+    from fastserve_jax.models.paged_attention import tuning
+
+    monkeypatch.setenv("FASTSERVE_JAX_TRITON_TUNING", bad)
+    with pytest.raises(ValueError, match="FASTSERVE_JAX_TRITON_TUNING"):
+        tuning()
 
 
 def test_traced_layer_is_refused():
@@ -149,8 +183,8 @@ def test_traced_layer_is_refused():
                                     batch, KVCache(z, z), i, "pallas"))(jnp.int32(0))
 
 
-@pytest.mark.parametrize("q_len", [1, 64])
-def test_kernel_lowers_to_triton_for_cuda(q_len):
+@pytest.mark.parametrize("q_len,per_step", [(1, 1), (64, 1), (1, 4)])
+def test_kernel_lowers_to_triton_for_cuda(q_len, per_step):
     """Cross-lowered on CPU for a GPU: the kernel goes through Pallas's Triton lowering (not
     Mosaic GPU), in bf16 with 7 query heads per KV head, and exports the way the engine's
     program cache exports it. (Triton's own compile to PTX happens on a GPU, untested here.)
@@ -159,7 +193,7 @@ def test_kernel_lowers_to_triton_for_cuda(q_len):
     from jax import export
     from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
-    from fastserve_jax.models.paged_attention import paged_attention
+    from fastserve_jax.models.paged_attention import Tuning, paged_attention
     from fastserve_jax.runner.export_cache import DISABLED_CHECKS
 
     r, nb = 2, 4
@@ -167,7 +201,7 @@ def test_kernel_lowers_to_triton_for_cuda(q_len):
     cache = jax.ShapeDtypeStruct((L, NUM_BLOCKS, 16, 2, 64), jnp.bfloat16)
     args = (jax.ShapeDtypeStruct((r, q_len, 14, 64), jnp.bfloat16), cache, cache,
             i32(r, q_len), i32(r, q_len), i32(r, nb), i32(r, nb), i32(r, nb))
-    fn = jax.jit(lambda *a: paged_attention(*a, layer=1))
+    fn = jax.jit(lambda *a: paged_attention(*a, layer=1, tune=Tuning(per_step, 512)))
     gpu = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H200", num_cores=None,
                                                                     platform="cuda"))
     with use_abstract_mesh(gpu):

@@ -21,6 +21,7 @@ from fastserve_jax.config import EngineConfig
 from fastserve_jax.kv_cache import KVManager, kv_block_bytes
 from fastserve_jax.models import build_block, build_model
 from fastserve_jax.models.attention import KVCache, pallas_kernel
+from fastserve_jax.models.paged_attention import tuning as triton_tuning
 from fastserve_jax.models.config import ModelConfig
 from fastserve_jax.request import Request, TokenLogprobs
 from fastserve_jax.runner import compiler
@@ -89,6 +90,8 @@ class ModelRunner:
             self.stages.append(Stage(s, first, last, sp, KVCache(zeros(), zeros()), cs, None if first else x_in,
                                      rep, fn))
         backend = cfg.attention_backend + (f"-{pallas_kernel()}" if cfg.attention_backend == "pallas" else "")
+        if backend == "pallas-triton":
+            backend += f"-{triton_tuning().describe()}"         # the knobs change the program
         self.compiler = compiler.Compiler(self.builder, self.stages,
                                           jax.jit(sample, static_argnames=("greedy", "with_logprobs")),
                                           model_cfg.vocab_size, model_cfg.hidden_size, self.act_dtype,
