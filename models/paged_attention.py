@@ -22,13 +22,14 @@ A query with no visible key (padding) gets 0, never NaN, so nothing non-finite r
 the null block. A decode launch splits each row's blocks over several programs
 (flash-decoding) so that a small batch still fills the device; `_combine` merges them.
 
-Two static knobs (`Tuning`; the environment variable FASTSERVE_JAX_TRITON_TUNING, e.g.
+Static knobs (`Tuning`; the environment variable FASTSERVE_JAX_TRITON_TUNING, e.g.
 `blocks_per_step=4,min_programs=512`, sets them for the engine): `blocks_per_step`, the
 blocks each loop step loads before it updates the softmax (more loads in flight per
-program; a step past the row's last block is masked), and `min_programs`, the program count
-a decode launch splits its rows' blocks up to. The defaults are the kernel as first written
-(1 and 128); neither is measured on a GPU yet: scripts/device_check.py times the kernel
-alone over a grid of both and runs the engine with the fastest.
+program; a step past the row's last block is masked), `min_programs`, the program count
+a decode launch splits its rows' blocks up to, and Triton's `num_warps` and `num_stages`.
+The defaults are the kernel as first written (1, 128, 4, 2); none is measured on a GPU yet:
+scripts/device_check.py times the kernel alone over a grid of them and runs the engine with
+the fastest.
 
 The kernel is written for the Triton (GPU) lowering and runs anywhere in interpret mode
 (`interpret=True`; CPU tests). TPUs run paged_attention_tpu.py instead: Mosaic reaches a
@@ -56,14 +57,17 @@ TUNING_ENV = "FASTSERVE_JAX_TRITON_TUNING"
 class Tuning(NamedTuple):
     blocks_per_step: int = 1    # blocks loaded per loop step before the softmax update
     min_programs: int = 128     # a decode launch splits each row's blocks until it has about this many programs
+    num_warps: int = 4          # Triton's, per program
+    num_stages: int = 2         # Triton's software pipelining of the block loop
 
     def describe(self) -> str:
-        return f"b{self.blocks_per_step}p{self.min_programs}"
+        return f"b{self.blocks_per_step}p{self.min_programs}w{self.num_warps}s{self.num_stages}"
 
 
 def tuning() -> Tuning:
     """The kernel's knobs: the defaults, or FASTSERVE_JAX_TRITON_TUNING
-    (`blocks_per_step=N,min_programs=N`, either may be left out); ValueError on anything else."""
+    (`blocks_per_step=N,min_programs=N,num_warps=N,num_stages=N`, any may be left out);
+    ValueError on anything else."""
     text = os.environ.get(TUNING_ENV, "").strip()
     if not text:
         return Tuning()
@@ -72,7 +76,7 @@ def tuning() -> Tuning:
         name, _, value = part.partition("=")
         name = name.strip()
         if name not in Tuning._fields or not value.strip().isdigit() or int(value) < 1:
-            raise ValueError(f"{TUNING_ENV} takes blocks_per_step=N,min_programs=N (N >= 1), got {text!r}")
+            raise ValueError(f"{TUNING_ENV} takes {'=N,'.join(Tuning._fields)}=N (N >= 1), got {text!r}")
         values[name] = int(value)
     return Tuning(**values)
 
@@ -188,7 +192,7 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positi
         interpret=interpret,
         # Triton, not Mosaic GPU (pallas_call's default on GPU, which would stage each
         # BlockSpec'd block, here a layer's whole cache, through shared memory)
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=pltriton.CompilerParams(num_warps=tune.num_warps, num_stages=tune.num_stages),
         name="fastserve_paged_attention",
     )(qh, qpos, qseg, block_ids, block_seg, block_pos, nblk, k_cache, v_cache)
     return from_query_rows(o[:, :, 0] if splits == 1 else _combine(o, m_, l_), q)

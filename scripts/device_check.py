@@ -12,10 +12,11 @@ Runs from the source tree (no install, no server imports). Steps, in order:
    speed does not depend on the values): decode tokens/s at batch 1 and 32, taken as the
    difference between generating 1 and 1 + N tokens after the same prompt;
 3. the Triton kernel alone (GPU and CPU; a TPU runs its own kernel): decode attention over one
-   layer's cache at batch 1/32/128 and a 2,048-token context, for each of six tunings
-   (blocks per loop step x programs a launch splits up to; models/paged_attention.Tuning)
-   and for the reference path's gather, against the bandwidth its KV bytes need; the
-   engine's Pallas path then runs with the fastest tuning (at most 90 s);
+   layer's cache at batch 1/32/128 and a 2,048-token context, for six tunings (blocks per
+   loop step x programs a launch splits up to; models/paged_attention.Tuning), then the
+   fastest with three other (warps, stages), and the reference path's gather, each against
+   the bandwidth its KV bytes need; the engine's Pallas path then runs with the fastest
+   tuning (at most 90 s);
 4. for each attention backend (reference, pallas): a random-weight model built on the device,
    the engine's ModelRunner over it, and launches assembled by the engine's LaunchBuilder from
    a KVManager (batches 1/8/32/128 at contexts 512 and 2,048; a 2,048-token prefill). A decode
@@ -55,11 +56,11 @@ SHAPES = {
 # timed alone at kernel_cells (batch, context) before the engine runs with the fastest
 FULL = dict(batches=(1, 8, 32, 128), contexts=(512, 2048), prefill=2048, hf_batches=(1, 32), hf_new=32,
             hf_repeats=2, copy_bytes=4 << 30, square=8192, steps=10, block_size=16,
-            tunings=((1, 128), (2, 128), (4, 128), (1, 512), (4, 512), (8, 512)),
+            tunings=((1, 128), (2, 128), (4, 128), (1, 512), (4, 512), (8, 512)), warps_stages=((4, 3), (8, 2), (8, 3)),
             kernel_cells=((1, 2048), (32, 2048), (128, 2048)))
 SWEEP_BUDGET_S = 90.0      # the kernel sweep's share of the run: the engine's cells come after it
 SMOKE = dict(batches=(2,), contexts=(24,), prefill=32, hf_batches=(2,), hf_new=8, hf_repeats=3,
-             copy_bytes=16 << 20, square=256, steps=2, block_size=8, tunings=((1, 128), (2, 4)),
+             copy_bytes=16 << 20, square=256, steps=2, block_size=8, tunings=((1, 128), (2, 4)), warps_stages=((8, 3),),
              kernel_cells=((2, 24),))
 
 
@@ -187,49 +188,64 @@ def time_launches(runner, launches, steps: int) -> float:
 
 
 def kernel_sweep(model_cfg, p: dict, dtype: str, rates: dict, deadline: float) -> dict:
-    """The Triton decode kernel alone on one layer's cache, for each tuning in p["tunings"]
-    (models/paged_attention.Tuning: blocks per loop step, programs a launch splits up to),
-    and the reference path's attention on the same launch: ms per call and the KV bytes a
-    call must read over the measured bandwidth, per (batch, context) in p["kernel_cells"].
-    `best` is the tuning with the least total time over the cells every tuning finished."""
+    """The Triton decode kernel alone on one layer's cache (models/paged_attention.Tuning), and
+    the reference path's gather on the same launches: ms per call and the KV bytes a call must
+    read over the measured bandwidth, per (batch, context) in p["kernel_cells"]. Two rounds:
+    each (blocks per loop step, programs a launch splits up to) in p["tunings"] at Triton's
+    default warps and stages, then the fastest of those with each (warps, stages) in
+    p["warps_stages"]. `best`: the least total time over the cells, among the tunings that
+    finished every cell."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from fastserve_jax.models.attention import AttnBatch, KVCache, gathered_attention
+    from fastserve_jax.models.attention import AttnBatch, gathered_attention
     from fastserve_jax.models.paged_attention import Tuning, paged_attention
 
     bs, hkv, h, d = p["block_size"], model_cfg.num_kv_heads, model_cfg.num_heads, model_cfg.head_dim
     interpret = jax.default_backend() == "cpu"
-    variants = {t.describe(): t for t in (Tuning(*t) for t in p["tunings"])}
-    out = {name: {} for name in [*variants, "reference"]}
+    cells = {}                                    # "BxC" -> (kernel args, KV bytes a call reads)
     for b, c in p["kernel_cells"]:
         per_row = -(-c // bs)
         ids = (1 + np.arange(b * per_row, dtype=np.int32)).reshape(b, per_row)
-        batch = AttnBatch(jnp.full((b, 1), c - 1, jnp.int32), jnp.zeros((b, 1), jnp.int32),
-                          jnp.asarray(ids[:, -1:] * bs + (c - 1) % bs), jnp.asarray(ids), jnp.zeros_like(ids),
-                          jnp.asarray(np.broadcast_to(np.arange(per_row, dtype=np.int32) * bs, (b, per_row)).copy()))
         key = jax.random.key(b * 7919 + c)
         draw = lambda i, *shape: jax.random.normal(jax.random.fold_in(key, i), shape, dtype)   # noqa: E731
-        cache = KVCache(draw(0, 1, b * per_row + 1, bs, hkv, d), draw(1, 1, b * per_row + 1, bs, hkv, d))
-        q = draw(2, b, 1, h, d)
-        kv_bytes = 2 * b * c * hkv * d * jnp.dtype(dtype).itemsize
-        calls = {name: jax.jit(functools.partial(paged_attention, layer=0, interpret=interpret, tune=t))
-                 for name, t in variants.items()}
-        calls["reference"] = jax.jit(lambda q, kc, vc, *bt: gathered_attention(q, kc, vc, AttnBatch(*bt), 0))
-        for name, fn in calls.items():
+        args = (draw(2, b, 1, h, d), draw(0, 1, b * per_row + 1, bs, hkv, d), draw(1, 1, b * per_row + 1, bs, hkv, d),
+                jnp.full((b, 1), c - 1, jnp.int32), jnp.zeros((b, 1), jnp.int32), jnp.asarray(ids),
+                jnp.zeros_like(jnp.asarray(ids)),
+                jnp.asarray(np.broadcast_to(np.arange(per_row, dtype=np.int32) * bs, (b, per_row)).copy()))
+        cells[f"{b}x{c}"] = (args, 2 * b * c * hkv * d * jnp.dtype(dtype).itemsize)
+    out: dict[str, dict] = {}
+
+    def time_all(name: str, fn) -> None:
+        out[name] = {}
+        for cell, (args, kv_bytes) in cells.items():
             if time.perf_counter() > deadline:
-                out[name][f"{b}x{c}"] = "skipped (time)"
+                out[name][cell] = "skipped (time)"
                 continue
-            args = (q, cache.k, cache.v, *batch) if name == "reference" else \
-                (q, cache.k, cache.v, batch.positions, batch.seg, batch.block_ids, batch.block_seg, batch.block_pos)
             fn(*args).block_until_ready()
             t = best_of(lambda: fn(*args).block_until_ready(), p["steps"])
-            out[name][f"{b}x{c}"] = dict(ms=1e3 * t, kv_bytes=kv_bytes,
-                                         bandwidth_fraction=kv_bytes / t / (rates["bandwidth_gbs"] * 1e9))
-    done = [n for n in variants if all(isinstance(v, dict) for v in out[n].values())]
-    best = min(done, key=lambda n: sum(v["ms"] for v in out[n].values())) if done else Tuning().describe()
-    return dict(cells=out, best=best, best_tuning=dict(variants[best]._asdict()) if best in variants else {})
+            out[name][cell] = dict(ms=1e3 * t, kv_bytes=kv_bytes,
+                                   bandwidth_fraction=kv_bytes / t / (rates["bandwidth_gbs"] * 1e9))
+
+    def fastest(names):
+        done = [n for n in names if all(isinstance(v, dict) for v in out[n].values())]
+        return min(done, key=lambda n: sum(v["ms"] for v in out[n].values())) if done else None
+
+    def sweep(tunings) -> dict[str, Tuning]:
+        variants = {t.describe(): t for t in tunings}
+        for name, t in variants.items():
+            time_all(name, jax.jit(functools.partial(paged_attention, layer=0, interpret=interpret, tune=t)))
+        return variants
+
+    time_all("reference", jax.jit(lambda q, kc, vc, pos, seg, ids, bseg, bpos: gathered_attention(
+        q, kc, vc, AttnBatch(pos, seg, pos, ids, bseg, bpos), 0)))
+    variants = sweep([Tuning(*t) for t in p["tunings"]])
+    first = variants.get(fastest(variants))
+    if first is not None:
+        variants.update(sweep([first._replace(num_warps=w, num_stages=st) for w, st in p["warps_stages"]]))
+    best = fastest(variants)
+    return dict(cells=out, best=best, best_tuning=dict(variants[best]._asdict()) if best else {})
 
 
 def run_backend(backend: str, model_cfg, p: dict, dtype: str, rates: dict, platform: str, deadline: float) -> dict:
@@ -323,7 +339,7 @@ def print_table(res: dict) -> None:
         cells = res["kernel"]["cells"]
         keys = list(next(iter(cells.values())))
         print("decode attention alone, one layer (ms, fraction of HBM bandwidth for its KV); Triton tunings "
-              "b<blocks per step>p<programs>:")
+              "b<blocks per step>p<programs>w<warps>s<stages>:")
         print(f"{'':>10} " + " ".join(f"{k:>16}" for k in keys))
         for name, row in cells.items():
             print(f"{name:>10} " + " ".join(f"{v['ms']:9.3f} {v['bandwidth_fraction']:5.0%} " if isinstance(v, dict)

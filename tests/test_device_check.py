@@ -30,6 +30,8 @@ def test_smoke_run_fills_every_cell(tmp_path):
     assert "reference ms" in proc.stdout and "pallas tok/s" in proc.stdout
     # the Triton kernel's tunings timed alone, and the engine's Pallas path run with the fastest
     kernel = res["kernel"]
-    assert set(kernel["cells"]) == {"b1p128", "b2p4", "reference"}
+    # (round 2: the faster of round 1's two with 8 warps and 3 stages)
+    first = min(("b1p128w4s2", "b2p4w4s2"), key=lambda n: kernel["cells"][n]["2x24"]["ms"])
+    assert set(kernel["cells"]) == {"reference", "b1p128w4s2", "b2p4w4s2", first[:-4] + "w8s3"}
     assert all(c["2x24"]["ms"] > 0 and c["2x24"]["kv_bytes"] == 2 * 24 * 2 * 2 * 16 * 2 for c in kernel["cells"].values())
-    assert res["ours"]["pallas"]["tuning"] == kernel["best"] in ("b1p128", "b2p4")
+    assert res["ours"]["pallas"]["tuning"] == kernel["best"] != "reference"

@@ -183,8 +183,8 @@ def test_traced_layer_is_refused():
                                     batch, KVCache(z, z), i, "pallas"))(jnp.int32(0))
 
 
-@pytest.mark.parametrize("q_len,per_step", [(1, 1), (64, 1), (1, 4)])
-def test_kernel_lowers_to_triton_for_cuda(q_len, per_step):
+@pytest.mark.parametrize("q_len,tune", [(1, ()), (64, ()), (1, (4, 512, 8, 3))])
+def test_kernel_lowers_to_triton_for_cuda(q_len, tune):
     """Cross-lowered on CPU for a GPU: the kernel goes through Pallas's Triton lowering (not
     Mosaic GPU), in bf16 with 7 query heads per KV head, and exports the way the engine's
     program cache exports it. (Triton's own compile to PTX happens on a GPU, untested here.)
@@ -201,7 +201,7 @@ def test_kernel_lowers_to_triton_for_cuda(q_len, per_step):
     cache = jax.ShapeDtypeStruct((L, NUM_BLOCKS, 16, 2, 64), jnp.bfloat16)
     args = (jax.ShapeDtypeStruct((r, q_len, 14, 64), jnp.bfloat16), cache, cache,
             i32(r, q_len), i32(r, q_len), i32(r, nb), i32(r, nb), i32(r, nb))
-    fn = jax.jit(lambda *a: paged_attention(*a, layer=1, tune=Tuning(per_step, 512)))
+    fn = jax.jit(lambda *a: paged_attention(*a, layer=1, tune=Tuning(*tune)))
     gpu = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H200", num_cores=None,
                                                                     platform="cuda"))
     with use_abstract_mesh(gpu):
