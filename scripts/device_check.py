@@ -122,7 +122,7 @@ def hf_decode(hf_cfg: dict, dtype: str, batches, contexts, new: int, device: str
             step = (t[1] - t[0]) / new
             out[f"{b}x{ctx}"] = (dict(batch=b, context=ctx, step_ms=1e3 * step, tokens_per_s=b / step) if step > 0
                                  else f"noisy: {1e3 * t[1]:.1f} ms for {1 + new} tokens, {1e3 * t[0]:.1f} for 1")
-    del model
+    model = run = None                     # frees the weights before empty_cache (the lambda holds it too)
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
