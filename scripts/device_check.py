@@ -24,14 +24,15 @@ Runs from the source tree (no install, no server imports). Steps, in order:
    (the engine's host overhead is measured by scripts/bench_engine.py); each step against
    the HBM roofline (weight bytes + KV bytes read, over the measured bandwidth), the prefill
    against the measured bf16 peak.
-Cells that would overrun --budget-s are skipped and listed. JSON goes to $OUT/device_check.json
-when $OUT is set (or to --json).
+Cells that would overrun --budget-s are skipped and listed. A part that raises (a kernel
+setting Triton cannot compile, a backend out of memory) is reported as an error in its place
+and the run goes on. JSON goes to $OUT/device_check.json when $OUT is set (or to --json),
+rewritten after every part, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -41,6 +42,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # torch shares
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_engine_machine import best_of, decode_cost  # noqa: E402
+from device_check_kernel import guarded, kernel_sweep  # noqa: E402
 
 # Llama-3-8B and Llama-3.2-1B shapes (transformers LlamaConfig kwargs); "tiny" is the smoke model
 SHAPES = {
@@ -187,67 +189,6 @@ def time_launches(runner, launches, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def kernel_sweep(model_cfg, p: dict, dtype: str, rates: dict, deadline: float) -> dict:
-    """The Triton decode kernel alone on one layer's cache (models/paged_attention.Tuning), and
-    the reference path's gather on the same launches: ms per call and the KV bytes a call must
-    read over the measured bandwidth, per (batch, context) in p["kernel_cells"]. Two rounds:
-    each (blocks per loop step, programs a launch splits up to) in p["tunings"] at Triton's
-    default warps and stages, then the fastest of those with each (warps, stages) in
-    p["warps_stages"]. `best`: the least total time over the cells, among the tunings that
-    finished every cell."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from fastserve_jax.models.attention import AttnBatch, gathered_attention
-    from fastserve_jax.models.paged_attention import Tuning, paged_attention
-
-    bs, hkv, h, d = p["block_size"], model_cfg.num_kv_heads, model_cfg.num_heads, model_cfg.head_dim
-    interpret = jax.default_backend() == "cpu"
-    cells = {}                                    # "BxC" -> (kernel args, KV bytes a call reads)
-    for b, c in p["kernel_cells"]:
-        per_row = -(-c // bs)
-        ids = (1 + np.arange(b * per_row, dtype=np.int32)).reshape(b, per_row)
-        key = jax.random.key(b * 7919 + c)
-        draw = lambda i, *shape: jax.random.normal(jax.random.fold_in(key, i), shape, dtype)   # noqa: E731
-        args = (draw(2, b, 1, h, d), draw(0, 1, b * per_row + 1, bs, hkv, d), draw(1, 1, b * per_row + 1, bs, hkv, d),
-                jnp.full((b, 1), c - 1, jnp.int32), jnp.zeros((b, 1), jnp.int32), jnp.asarray(ids),
-                jnp.zeros_like(jnp.asarray(ids)),
-                jnp.asarray(np.broadcast_to(np.arange(per_row, dtype=np.int32) * bs, (b, per_row)).copy()))
-        cells[f"{b}x{c}"] = (args, 2 * b * c * hkv * d * jnp.dtype(dtype).itemsize)
-    out: dict[str, dict] = {}
-
-    def time_all(name: str, fn) -> None:
-        out[name] = {}
-        for cell, (args, kv_bytes) in cells.items():
-            if time.perf_counter() > deadline:
-                out[name][cell] = "skipped (time)"
-                continue
-            fn(*args).block_until_ready()
-            t = best_of(lambda: fn(*args).block_until_ready(), p["steps"])
-            out[name][cell] = dict(ms=1e3 * t, kv_bytes=kv_bytes,
-                                   bandwidth_fraction=kv_bytes / t / (rates["bandwidth_gbs"] * 1e9))
-
-    def fastest(names):
-        done = [n for n in names if all(isinstance(v, dict) for v in out[n].values())]
-        return min(done, key=lambda n: sum(v["ms"] for v in out[n].values())) if done else None
-
-    def sweep(tunings) -> dict[str, Tuning]:
-        variants = {t.describe(): t for t in tunings}
-        for name, t in variants.items():
-            time_all(name, jax.jit(functools.partial(paged_attention, layer=0, interpret=interpret, tune=t)))
-        return variants
-
-    time_all("reference", jax.jit(lambda q, kc, vc, pos, seg, ids, bseg, bpos: gathered_attention(
-        q, kc, vc, AttnBatch(pos, seg, pos, ids, bseg, bpos), 0)))
-    variants = sweep([Tuning(*t) for t in p["tunings"]])
-    first = variants.get(fastest(variants))
-    if first is not None:
-        variants.update(sweep([first._replace(num_warps=w, num_stages=st) for w, st in p["warps_stages"]]))
-    best = fastest(variants)
-    return dict(cells=out, best=best, best_tuning=dict(variants[best]._asdict()) if best else {})
-
-
 def run_backend(backend: str, model_cfg, p: dict, dtype: str, rates: dict, platform: str, deadline: float) -> dict:
     """Every decode cell and the prefill for one attention backend, on a fresh model and cache."""
     import jax
@@ -315,10 +256,14 @@ def print_table(res: dict) -> None:
     r = res["rates"]
     print(f"\n{res['device']}  model {res['model']} ({res['dtype']})  HBM {r['bandwidth_gbs']:.0f} GB/s (copy)  "
           f"peak {r['peak_tflops']:.1f} TFLOP/s (matmul {r['square']}^3)")
-    backends = list(res["ours"])
+    for what, part in [("transformers", res["hf"]), ("kernel sweep", res.get("kernel") or {}),
+                       *((f"backend {b}", v) for b, v in res["ours"].items())]:
+        if "error" in part:
+            print(f"{what}: {part['error']}")
+    backends = [b for b, v in res["ours"].items() if "decode" in v]
     head = f"{'batch x ctx':>12} " + " ".join(f"{b + ' ms':>13} {b + ' tok/s':>13} {'roof':>5}" for b in backends)
     print(head + f" {'hf tok/s':>10} {'ours/hf':>8}")
-    for key in res["ours"][backends[0]]["decode"]:
+    for key in res["ours"][backends[0]]["decode"] if backends else ():
         row = f"{key:>12} "
         for b in backends:
             cell = res["ours"][b]["decode"].get(key)
@@ -335,7 +280,7 @@ def print_table(res: dict) -> None:
         if pf:
             print(f"prefill {pf['tokens']} tokens ({b}): {pf['ms']:.1f} ms, {pf['tflops']:.1f} TFLOP/s = "
                   f"{pf['peak_fraction']:.0%} of peak; compile {res['ours'][b]['compile_s']:.0f} s")
-    if res.get("kernel"):
+    if res.get("kernel") and "cells" in res["kernel"]:
         cells = res["kernel"]["cells"]
         keys = list(next(iter(cells.values())))
         print("decode attention alone, one layer (ms, fraction of HBM bandwidth for its KV); Triton tunings "
@@ -368,25 +313,36 @@ def main(argv: list[str] | None = None) -> dict:
     p, name = (SMOKE, "tiny") if a.smoke else (FULL, a.model)
     dev = jax.devices()[0]
     dtype = "bfloat16"
-    rates = device_rates(p["copy_bytes"], p["square"], jnp.bfloat16)
+    path = a.json or (os.path.join(os.environ["OUT"], "device_check.json") if os.environ.get("OUT") else None)
+    res = dict(device=f"{dev.device_kind} ({dev.platform})", model=name, dtype=dtype, jax=jax.__version__,
+               rates=device_rates(p["copy_bytes"], p["square"], jnp.bfloat16), hf={}, kernel=None, ours={})
+
+    def save() -> None:                         # after every part: a run cut short keeps what it measured
+        res["seconds"] = time.perf_counter() - t_start
+        if path:
+            with open(path, "w") as f:
+                json.dump(res, f, indent=1)
+
+    save()
     hf_cfg = model_config(name, dtype)
-    hf = {} if a.no_hf else hf_decode(hf_cfg, dtype, p["hf_batches"], p["contexts"], p["hf_new"],
-                                      "cuda" if dev.platform == "gpu" else "cpu", deadline, p["hf_repeats"])
+    if not a.no_hf:
+        res["hf"] = guarded("transformers generate", hf_decode, hf_cfg, dtype, p["hf_batches"], p["contexts"],
+                            p["hf_new"], "cuda" if dev.platform == "gpu" else "cpu", deadline, p["hf_repeats"])
+        save()
     model_cfg = ModelConfig.from_dict(hf_cfg)
     backends = a.backends.split(",")
-    sweep = None
     if "pallas" in backends and dev.platform != "tpu":        # the TPU's kernel has no such knobs
-        sweep = kernel_sweep(model_cfg, p, dtype, rates, min(deadline, time.perf_counter() + SWEEP_BUDGET_S))
-        if sweep["best_tuning"]:                               # the engine's Pallas path runs the fastest
-            os.environ[TUNING_ENV] = ",".join(f"{k}={v}" for k, v in sweep["best_tuning"].items())
-    ours = {b: run_backend(b, model_cfg, p, dtype, rates, dev.platform, deadline) for b in backends}
-    res = dict(device=f"{dev.device_kind} ({dev.platform})", model=name, dtype=dtype, jax=jax.__version__,
-               rates=rates, hf=hf, kernel=sweep, ours=ours, seconds=time.perf_counter() - t_start)
+        res["kernel"] = guarded("the kernel sweep", kernel_sweep, model_cfg, p, dtype, res["rates"],
+                                min(deadline, time.perf_counter() + SWEEP_BUDGET_S))
+        if res["kernel"].get("best_tuning"):                   # the engine's Pallas path runs the fastest
+            os.environ[TUNING_ENV] = ",".join(f"{k}={v}" for k, v in res["kernel"]["best_tuning"].items())
+        save()
+    for b in backends:
+        res["ours"][b] = guarded(f"the {b} backend", run_backend, b, model_cfg, p, dtype, res["rates"], dev.platform,
+                                 deadline)
+        save()
     print_table(res)
-    path = a.json or (os.path.join(os.environ["OUT"], "device_check.json") if os.environ.get("OUT") else None)
     if path:
-        with open(path, "w") as f:
-            json.dump(res, f, indent=1)
         print(f"wrote {path}")
     return res
 

@@ -35,3 +35,41 @@ def test_smoke_run_fills_every_cell(tmp_path):
     assert set(kernel["cells"]) == {"reference", "b1p128w4s2", "b2p4w4s2", first[:-4] + "w8s3"}
     assert all(c["2x24"]["ms"] > 0 and c["2x24"]["kv_bytes"] == 2 * 24 * 2 * 2 * 16 * 2 for c in kernel["cells"].values())
     assert res["ours"]["pallas"]["tuning"] == kernel["best"] != "reference"
+
+
+def test_a_failing_part_leaves_the_others_in_the_table_and_the_json(tmp_path, monkeypatch, capsys):
+    """One kernel setting that does not compile and one backend that fails end as errors in their
+    places; the other setting, the other backend and the JSON (written after every part) stay."""
+    import importlib.util
+
+    import fastserve_jax.models.paged_attention as pa
+
+    spec = importlib.util.spec_from_file_location("device_check", ROOT / "scripts" / "device_check.py")
+    dc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dc)          # puts scripts/ on sys.path (its kernel part is a module there)
+    monkeypatch.setattr(dc, "SMOKE", dict(dc.SMOKE, warps_stages=()))
+    kernel = pa.paged_attention
+
+    def two_blocks_fail(*a, tune, **kw):
+        if tune.blocks_per_step == 2:
+            raise RuntimeError("triton: out of shared memory")
+        return kernel(*a, tune=tune, **kw)
+
+    def backend(b, *a):
+        if b == "pallas":
+            raise MemoryError("RESOURCE_EXHAUSTED")
+        return dict(backend=b, compile_s=0.0, decode={"2x24": dict(step_ms=1.0, tokens_per_s=2000.0,
+                                                                   roofline_fraction=0.5)})
+
+    monkeypatch.setattr(pa, "paged_attention", two_blocks_fail)
+    monkeypatch.setattr(dc, "run_backend", backend)
+    monkeypatch.delenv(pa.TUNING_ENV, raising=False)
+    res = dc.main(["--smoke", "--no-hf", "--json", str(tmp_path / "out.json")])
+    cells = res["kernel"]["cells"]
+    assert cells["b2p4w4s2"]["2x24"].startswith("error: RuntimeError: triton: out of shared memory")
+    assert res["kernel"]["best"] == "b1p128w4s2" and cells["b1p128w4s2"]["2x24"]["ms"] > 0
+    assert res["ours"]["pallas"] == {"error": "error: MemoryError: RESOURCE_EXHAUSTED"}
+    assert res["ours"]["reference"]["decode"]["2x24"]["tokens_per_s"] == 2000.0
+    assert json.loads((tmp_path / "out.json").read_text())["ours"] == res["ours"]
+    out = capsys.readouterr().out
+    assert "backend pallas: error: MemoryError" in out and "2000" in out
