@@ -21,8 +21,8 @@ from fastserve_jax.config import EngineConfig
 from fastserve_jax.kv_cache import KVManager, kv_block_bytes
 from fastserve_jax.models import build_block, build_model
 from fastserve_jax.models.attention import KVCache, pallas_kernel
-from fastserve_jax.models.paged_attention import tuning as triton_tuning
 from fastserve_jax.models.config import ModelConfig
+from fastserve_jax.models.paged_attention import tuning as triton_tuning
 from fastserve_jax.request import Request, TokenLogprobs
 from fastserve_jax.runner import compiler
 from fastserve_jax.runner.keys import LaunchKey, SamplerKey
