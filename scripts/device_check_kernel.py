@@ -9,6 +9,7 @@ import time
 
 from bench_engine_machine import best_of
 
+
 def failure(what: str, e: Exception) -> str:
     """Print `what` failed with its traceback's tail, and return a one-line account of it: the
     run goes on, so one failing part (a kernel Triton cannot compile, a backend out of memory)
