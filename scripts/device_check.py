@@ -84,6 +84,19 @@ def device_rates(copy_bytes: int, square: int, dtype) -> dict:
                 peak_tflops=2 * square ** 3 / t_dot / 1e12, square=square)
 
 
+def versions() -> dict:
+    """The installed versions the figures depend on (None where a package is missing)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "flax", "torch", "transformers", "triton"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
 def model_config(name: str, dtype: str) -> dict:
     from fastserve_jax.models.random_checkpoint import hf_config_dict
 
@@ -315,7 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = "bfloat16"
     path = a.json or (os.path.join(os.environ["OUT"], "device_check.json") if os.environ.get("OUT") else None)
     res = dict(device=f"{dev.device_kind} ({dev.platform})", model=name, dtype=dtype, jax=jax.__version__,
-               rates=device_rates(p["copy_bytes"], p["square"], jnp.bfloat16), hf={}, kernel=None, ours={})
+               versions=versions(), rates=device_rates(p["copy_bytes"], p["square"], jnp.bfloat16), hf={},
+               kernel=None, ours={})
 
     def save() -> None:                         # after every part: a run cut short keeps what it measured
         res["seconds"] = time.perf_counter() - t_start

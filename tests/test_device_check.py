@@ -21,6 +21,7 @@ def test_smoke_run_fills_every_cell(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "device_check.json").read_text())
     assert res["rates"]["bandwidth_gbs"] > 0 and res["rates"]["peak_tflops"] > 0
+    assert res["versions"]["jax"] == res["jax"] and res["versions"]["jaxlib"]
     assert res["hf"]["2x24"]["tokens_per_s"] > 0
     for backend in ("reference", "pallas"):
         cell = res["ours"][backend]["decode"]["2x24"]
