@@ -141,9 +141,10 @@ def attention(q, k, v, batch: AttnBatch, cache: KVCache | None, layer, backend: 
         if not isinstance(layer, int):
             raise TypeError("the pallas attention backend needs a static layer index (the per-layer serving "
                             "path, sharding/pipeline.stage_forward), not a traced one (nn.scan)")
-        kernel = functools.partial(paged_attention, tune=tuning())
         if pallas_kernel() == "mosaic":
             from fastserve_jax.models.paged_attention_tpu import paged_attention_tpu as kernel   # TPU only: ~50 ms to import
+        else:
+            kernel = functools.partial(paged_attention, tune=tuning())
         out = kernel(q, kc, vc, batch.positions, batch.seg, batch.block_ids, batch.block_seg, batch.block_pos,
                      layer=layer, interpret=jax.default_backend() == "cpu")
         return out, KVCache(kc, vc)

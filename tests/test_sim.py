@@ -293,7 +293,7 @@ def test_a_prior_of_longer_traffic_does_not_end_the_cold_starts_protection_where
     longer lengths (mean 100): the prior said memory binds and decodes cannot be protected,
     so until the run's own 16 finishes replaced it skip-join rotated requests and dropped
     their host KV: 7,160 tokens recomputed, latency per token 0.68x fcfs's, throughput
-    0.92x. The same run found on the real engine: 0.72-0.88x fcfs's throughput. Now as a
+    0.92x. The same run found on the real engine: 0.60-0.88x fcfs's throughput. Now as a
     cold start."""
     import dataclasses as dc
     from fastserve_jax.workload import light_tailed_lengths
