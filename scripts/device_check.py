@@ -55,7 +55,8 @@ SHAPES = {
     "tiny": dict(num_hidden_layers=2),
 }
 # tunings: the Triton kernel's (blocks per loop step, programs a decode launch splits up to),
-# timed alone at kernel_cells (batch, context) before the engine runs with the fastest
+# timed alone at kernel_cells (batch, context); warps_stages: (num_warps, num_stages) tried
+# with the fastest of them; the engine then runs with the fastest of all
 FULL = dict(batches=(1, 8, 32, 128), contexts=(512, 2048), prefill=2048, hf_batches=(1, 32), hf_new=32,
             hf_repeats=2, copy_bytes=4 << 30, square=8192, steps=10, block_size=16,
             tunings=((1, 128), (2, 128), (4, 128), (1, 512), (4, 512), (8, 512)), warps_stages=((4, 3), (8, 2), (8, 3)),
@@ -302,7 +303,8 @@ def print_table(res: dict) -> None:
         for name, row in cells.items():
             print(f"{name:>10} " + " ".join(f"{v['ms']:9.3f} {v['bandwidth_fraction']:5.0%} " if isinstance(v, dict)
                                             else f"{str(v):>16}" for v in row.values()))
-        print(f"the engine's Pallas path ran with {res['kernel']['best']}")
+        ran = res["ours"].get("pallas", {}).get("tuning")
+        print(f"fastest: {res['kernel']['best']}; the engine's Pallas path ran with {ran or 'nothing (see above)'}")
     print(f"total {res['seconds']:.0f} s")
 
 
