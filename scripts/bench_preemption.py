@@ -61,15 +61,17 @@ from fastserve_jax.serve import bench_client  # noqa: E402
 from fastserve_jax.serve.bench_cmd import (TRACE, LaunchedServer, answer_problems, build_workload,  # noqa: E402
                                            raise_on_problems, screen_pairs, slo_figures)
 # part 2, the simulator against the engine, next to this script (scripts/ is on sys.path when it runs)
-from sim_fidelity import (POLICIES, calibrated, engine_shape, in_process_fidelity, measure_swap,  # noqa: E402
-                          servers_cost_model, simulator_fidelity)
+from sim_fidelity import (POLICIES, calibrated, engine_shape, measure_swap, servers_cost_model,  # noqa: E402
+                          simulator_fidelity)
+from sim_fidelity_in_process import in_process_fidelity  # noqa: E402
 
 # (key, label, scale): the figures of one run, as the A/B table prints them
 FIGURES = [("throughput_rps", "served req/s", 1), ("throughput_tps", "served tok/s", 1),
            ("mean_latency_per_token", "ms per token", 1e3), ("e2e_mean", "JCT mean s", 1), ("e2e_p99", "JCT p99 s", 1),
            ("ttft_mean", "TTFT mean s", 1), ("ttft_p99", "TTFT p99 s", 1),
            ("server_ttft_mean", "TTFT server mean s", 1),      # from the handler's start, not the send
-           ("server_e2e_mean", "JCT server mean s", 1)]        # handler's start to the engine's last token
+           ("server_e2e_mean", "JCT server mean s", 1),        # handler's start to the engine's last token
+           ("server_handoff_mean", "hand-off server ms", 1e3)]  # handler's start to the engine's add_request
 # Prometheus counters of one server, differenced around the burst
 COUNTERS = {"iterations": "fastserve_iterations_total", "busy_seconds": "fastserve_busy_seconds_total",
             "swap_stall_seconds": "fastserve_swap_stall_seconds_total",
@@ -81,6 +83,8 @@ COUNTERS = {"iterations": "fastserve_iterations_total", "busy_seconds": "fastser
             "server_ttft_count": "fastserve_time_to_first_token_seconds_count",
             "server_e2e_sum": "fastserve_e2e_request_latency_seconds_sum",
             "server_e2e_count": "fastserve_e2e_request_latency_seconds_count",
+            "server_handoff_sum": "fastserve_request_handoff_seconds_sum",
+            "server_handoff_count": "fastserve_request_handoff_seconds_count",
             # where the iterations' time goes; the simulator's calibration reads the device phase
             **{f"{k}_seconds": f'fastserve_iteration_phase_seconds_total{{phase="{k}"}}' for k in PHASES}}
 THROUGHPUT_TARGET, LATENCY_TARGET = 0.95, 1.5       # skip-join/fcfs served req/s; fcfs/skip-join ms per token
@@ -141,7 +145,7 @@ def serve_burst(policy: str, argv: list[str], warm, work, arrivals, concurrency:
     m["iteration_seconds"] = m["busy_seconds"] / m["iterations"]
     for k in PHASES:
         m[f"{k}_seconds_per_iteration"] = m.pop(f"{k}_seconds") / m["iterations"]
-    for key in ("server_ttft", "server_e2e"):
+    for key in ("server_ttft", "server_e2e", "server_handoff"):
         m[f"{key}_mean"] = m.pop(f"{key}_sum") / max(m.pop(f"{key}_count"), 1.0)
     return m
 
@@ -150,7 +154,7 @@ def local_engine(argv: list[str], policy: str = "fcfs", warmup: str = "lazy"):
     """An in-process LLM with the servers' engine options (and their compiled executables,
     through the persistent cache): with fcfs it screens the pairs (bench_cmd.screen_pairs),
     then gives the simulator the servers' cost model and this machine's swap copy times; last,
-    each policy serves the burst in process (sim_fidelity.in_process_fidelity)."""
+    each policy serves the burst in process (sim_fidelity_in_process.in_process_fidelity)."""
     from fastserve_jax import LLM
     from fastserve_jax.serve.engine_args import engine_kwargs, parse_engine_args
 

@@ -2,8 +2,9 @@
 real engine served, with the servers' cost model and swap copy times measured on the engine's
 copy path, held against the engine's medians; first the model alone (the profile, the copies'
 link and issue times, the policy's own host time), then calibrated on fcfs's iteration phases
-(skip-join-mlfq held out; `calibrated`); and the same burst on in-process engines. The server
-runs, the A/B table and the command line stay in bench_preemption.py.
+(skip-join-mlfq held out; `calibrated`), and with the HTTP front end measured on fcfs added. The
+in-process engines are in sim_fidelity_in_process.py; the server runs, the A/B table and the
+command line stay in bench_preemption.py.
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from types import SimpleNamespace
 
 import numpy as np
 
-from fastserve_jax.stats import PHASES
 from fastserve_jax.workload import TraceRequest
 
 # The A/B's two policies: the calibration fits fcfs; skip-join-mlfq is the held-out prediction
@@ -150,14 +149,40 @@ def scaled_launches(cost, speed: float):
                                decode_context=speed * cost.decode_context, prefill_context=speed * cost.prefill_context)
 
 
+def front_end_offsets(fcfs: dict) -> tuple[float, float] | None:
+    """(TTFT, JCT) seconds the HTTP path adds to the engine's, from the fcfs servers' medians:
+    the client's figure less the server's (the client's send to the handler's start, and the
+    streamed token back to the client), plus the server's hand-off (the handler's start to the
+    engine's add_request: parsing, tokenizing, the engine thread's next look at its inbox),
+    where measured; None without the server's figures."""
+    if not all(k in fcfs for k in ("server_ttft_mean", "server_e2e_mean", "ttft_mean", "e2e_mean")):
+        return None
+    handoff = fcfs.get("server_handoff_mean", 0.0)
+    return (max(0.0, fcfs["ttft_mean"] - fcfs["server_ttft_mean"]) + handoff,
+            max(0.0, fcfs["e2e_mean"] - fcfs["server_e2e_mean"]) + handoff)
+
+
+def front_end_figures(requests, ttft_offset: float, e2e_offset: float) -> dict:
+    """The simulated requests' mean and p99 JCT, mean TTFT and latency per token as a client
+    would see them: each request's TTFT and JCT plus the front end's offsets."""
+    from fastserve_jax.slo import mean_latency_per_token, request_latencies
+
+    jct, ttft, _, out = request_latencies(requests)
+    jct = jct + e2e_offset
+    return dict(mean_jct=float(jct.mean()), p99_jct=float(np.percentile(jct, 99)),
+                mean_ttft=float((ttft + ttft_offset).mean()), mean_latency_per_token=mean_latency_per_token(jct, out))
+
+
 def simulate_policies(eng, trace: list[TraceRequest], swap: tuple[float, float, float], overhead: float = 0.0,
-                      policies=POLICIES, host_scale: float = 1.0, speed: float = 1.0) -> tuple[dict, object]:
+                      policies=POLICIES, host_scale: float = 1.0, speed: float = 1.0,
+                      front_end: tuple[float, float] | None = None) -> tuple[dict, object]:
     """fastserve_jax.sim per policy with the engine's limits, pools and cost model, `swap` =
     measure_swap's (latency, bandwidth, issue seconds), plus `overhead` host seconds per
     iteration (the policy's config stays the engine's own, engine.policy_config, fitted to
     the unscaled profile), plus `host_scale` times the seconds the
     simulator spends in the policy's own calls (SimConfig.host_time_scale); every launch time
-    of the profile multiplied by `speed` (scaled_launches)."""
+    of the profile multiplied by `speed` (scaled_launches); with `front_end` (front_end_offsets)
+    the latency figures are the client's (front_end_figures)."""
     import dataclasses
 
     from fastserve_jax.kv_cache import kv_block_bytes
@@ -174,7 +199,9 @@ def simulate_policies(eng, trace: list[TraceRequest], swap: tuple[float, float, 
                         host_kv_capacity_tokens=kv.num_host_blocks * cfg.block_size, swap_policy=cfg.swap_policy,
                         swap_reserve_blocks=cfg.swap_reserve_blocks, host_time_scale=host_scale,
                         scheduler_config=eng.policy_config())
-    sims = {p: simulate(trace, p, cost, sim_cfg).metrics() for p in policies}
+    runs = {p: simulate(trace, p, cost, sim_cfg) for p in policies}
+    sims = {p: dict(r.metrics(), **(front_end_figures(r.requests, *front_end) if front_end else {}))
+            for p, r in runs.items()}
     for m in sims.values():
         m["iteration_seconds"] = m["swap_busy_seconds"] / m["iterations"]      # swap stalls included, as the engine's
         m["launch_seconds_per_iteration"] = m["launch_seconds"] / m["iterations"]
@@ -292,90 +319,18 @@ def simulator_fidelity(shape, path: str, swap: tuple[float, float, float], trace
     print("noise floor: engine ms per iteration per run, " + "; ".join(
         f"{p} " + " ".join(f"{v:.2f}" for v in vs) + f" (max/min {max(vs) / min(vs):.2f})" for p, vs in spread.items()))
     res["calibrated"] = dict(cal, fidelity=fid, engine_ms_per_iteration_per_run=spread)
-    return res
-
-
-# ----------------------------------------------------------------------------- the engine without HTTP
-
-def engine_in_process(build, work: list, arrivals: list[float], policy: str) -> dict:
-    """The burst on an in-process engine of `policy` (build(policy) -> LLM), each request added
-    between steps once its arrival time has passed, as the simulator adds them: the engine's
-    scheduling and device work without the HTTP server and client sharing its cores. Every
-    answer is checked; one wrong answer raises. The engine's counters (iterations, busy time,
-    phases) are taken over this run alone, so an engine may serve several runs."""
-    from fastserve_jax.config import SamplingParams
-    from fastserve_jax.models import demo_task
-
-    eng = build(policy).engine
-    counters = ("iterations", "busy", *PHASES)
-    before = {k: getattr(eng.stats, k) for k in counters}      # an engine reused across runs counts on
-    reqs, i, t0 = [], 0, time.monotonic()
-    while i < len(work) or eng.has_unfinished():
-        now = time.monotonic() - t0
-        while i < len(work) and arrivals[i] <= now:
-            body = work[i][0]
-            reqs.append(eng.add_request(body["prompt"], SamplingParams(max_tokens=body["max_tokens"], temperature=0),
-                                        arrival_time=t0 + arrivals[i]))
-            i += 1
-        if eng.has_unfinished():
-            eng.step()
-        else:
-            time.sleep(max(0.0, min(0.005, arrivals[i] - now)))
-    wall = time.monotonic() - t0
-    bad = [(a, b) for r, (_, (a, b)) in zip(reqs, work)
-           if not demo_task.check_answer(a, b, eng.tokenizer.decode(r.output_token_ids, skip_special_tokens=True))]
-    if bad:
-        raise RuntimeError(f"{policy} in process: {len(bad)} wrong answer(s), e.g. count from {bad[0][0]} to {bad[0][1]}")
-    m = [r.metrics for r in reqs]
-    st = SimpleNamespace(**{k: getattr(eng.stats, k) - before[k] for k in counters})
-    jct = [x.finish_time - x.arrival_time for x in m]
-    return dict(e2e_mean=statistics.mean(jct), e2e_p99=float(np.percentile(jct, 99)),      # as slo.py, the sim's
-                mean_latency_per_token=statistics.mean(j / len(r.output_token_ids) for j, r in zip(jct, reqs)),
-                ttft_mean=statistics.mean(x.first_token_time - x.arrival_time for x in m),
-                throughput_rps=len(reqs) / wall, iterations=st.iterations,
-                # where an iteration's time goes (EngineStats' phases): what the simulator's launches,
-                # its policy host time and the calibrated overhead have to account for
-                iteration_seconds=st.busy / st.iterations,
-                **{f"{k}_seconds_per_iteration": getattr(st, k) / st.iterations for k in PHASES})
-
-
-def median_runs(runs: list[dict]) -> dict:
-    """Per figure the median over `runs` (dicts of the same numeric figures)."""
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-
-
-def in_process_fidelity(build, work: list, arrivals: list[float], sims: dict, rounds: int = 3,
-                        calibrate=None) -> dict:
-    """The in-process engine per policy, `rounds` alternating runs each (fcfs, skip-join, fcfs,
-    ...; a fresh engine per run), their medians against the simulation `sims` of the same
-    burst (the model alone), then against calibrate(fcfs medians) (`calibrated`'s result, fcfs
-    fitted, skip-join held out) if given. One run says little: on the 2-core VM a policy's
-    served rate moved by up to 1.6x between runs minutes apart (2026-12-02), so the spread is
-    printed beside it."""
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    runs = [{p: engine_in_process(build, work, arrivals, p) for p in POLICIES} for _ in range(rounds)]
-    real = {p: median_runs([r[p] for r in runs]) for p in POLICIES}
-    print(f"\n== the same burst on an in-process engine (no HTTP server or client on its cores), median of {rounds} "
-          "alternating runs per policy, against the model alone (above)")
-    ratios = {rk: dict(ratio=statistics.median(r["skip-join-mlfq"][rk] / r["fcfs"][rk] for r in runs))
-              for rk, _, _, _ in FIDELITY[:2]}
-    fid = print_fidelity(real, sims, ratios, "", engine=f"median of {rounds} in-process runs per policy")
-    spread = {p: {k: (min(r[p][k] for r in runs), max(r[p][k] for r in runs)) for k in SPREAD} for p in POLICIES}
-    for p in POLICIES:
-        print(f"run to run, {p}: " + "; ".join(f"{k} {lo:.4g}-{hi:.4g} (max/min {hi / lo:.2f})"
-                                                 for k, (lo, hi) in spread[p].items()))
-        print(f"  ms per iteration {1e3 * real[p]['iteration_seconds']:.3f} (simulated "
-              f"{1e3 * sims[p]['iteration_seconds']:.3f}) = " + " + ".join(
-                  f"{k} {1e3 * real[p][f'{k}_seconds_per_iteration']:.3f}" for k in PHASES) + " (medians)")
-    res = dict(engine=real, runs=runs, spread=spread, **fid)
-    if calibrate is not None:
-        cal = calibrate(real["fcfs"])
-        print(f"\n== calibrated on the in-process fcfs runs as on the servers above ({_fit_note(cal)}; skip-join "
-              "held out)")
-        fid = print_fidelity(real, cal["sim"], ratios, ", " + _fit_note(cal),
-                             {"fcfs": "fcfs (fit)", "skip-join-mlfq": "sj (held out)"},
-                             engine=f"median of {rounds} in-process runs per policy")
+    # The client's clock also counts its send and the streamed answer's way back, outside the
+    # handler the engine's figures start at: measured on the fcfs servers, added to each request.
+    fe = front_end_offsets(real["fcfs"])
+    if fe:
+        sims, _ = simulate_policies(shape, trace, swap, cal["iteration_overhead"], host_scale=cal["host_scale"],
+                                    speed=cal["speed"], front_end=fe)
+        print(f"\n== calibrated as above, plus the HTTP front end measured on the fcfs servers (client less server "
+              f"figures, plus the server's hand-off to the engine, "
+              f"{1e3 * real['fcfs'].get('server_handoff_mean', 0.0):.1f} ms): + {1e3 * fe[0]:.1f} ms to each TTFT, "
+              f"+ {1e3 * fe[1]:.1f} ms to each JCT")
+        fid = print_fidelity(real, sims, medians, ", " + _fit_note(cal) + ", + the front end",
+                             {"fcfs": "fcfs (fit)", "skip-join-mlfq": "sj (held out)"})
         print_held_out(fid)
-        res["calibrated"] = dict(cal, fidelity=fid)
+        res["calibrated_front_end"] = dict(ttft_offset=fe[0], e2e_offset=fe[1], sim=sims, fidelity=fid)
     return res

@@ -65,6 +65,7 @@ class Delta:
     error: str | None = None             # engine fault: the request failed
     ttft: float | None = None            # seconds, on the last delta
     latency: float | None = None
+    handoff: float | None = None         # arrival (the handler's start) to the engine's add_request
 
     @property
     def final(self) -> bool:
@@ -105,6 +106,7 @@ class _Tracked:
     req: Request
     index: int
     hold: int
+    handoff: float = 0.0
     sent_text: int = 0
     sent_tokens: int = 0
 
@@ -118,7 +120,7 @@ class _Tracked:
                   len(req.output_token_ids))
         self.sent_text, self.sent_tokens = end, len(req.output_token_ids)
         if req.finished:
-            d.ttft, d.latency = req.metrics.ttft, req.metrics.latency
+            d.ttft, d.latency, d.handoff = req.metrics.ttft, req.metrics.latency, self.handoff
         return d
 
 
@@ -238,7 +240,7 @@ class EngineLoop:
                 failed.append((rid, index, Delta("", [], None, error=str(e))))
                 continue
             hold = max((len(s) for s in params.stop), default=1) - 1
-            self._tracked[rid] = _Tracked(req, index, hold)
+            self._tracked[rid] = _Tracked(req, index, hold, time.monotonic() - arrival)
         if failed:
             self.emit(("deltas", failed))
 

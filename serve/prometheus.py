@@ -18,7 +18,8 @@ loop when a request finishes (aborted and failed requests are not observed).
     fastserve_swap_stall_fraction            stall / busy seconds since start: the no-thrash
                                              bound keeps it under 5% (docs/swapping.md)
     fastserve_time_to_first_token_seconds, fastserve_time_per_output_token_seconds,
-    fastserve_e2e_request_latency_seconds    histograms
+    fastserve_e2e_request_latency_seconds,
+    fastserve_request_handoff_seconds        histograms (hand-off: arrival to the engine's add_request)
     fastserve_server_pending_requests, fastserve_server_rejected_total{reason},
     fastserve_engine_faults_total, fastserve_server_ready
     fastserve_cost_model_provisional         1 until the background warm-up is done and profiled
@@ -128,6 +129,9 @@ class ServerMetrics:
                               buckets=_TPOT_BUCKETS, registry=self.registry)
         self.e2e = Histogram("fastserve_e2e_request_latency_seconds", "arrival to finish",
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.handoff = Histogram("fastserve_request_handoff_seconds", "arrival to the engine's add_request: "
+                                 "parsing, tokenizing and the hand-off to the engine thread",
+                                 buckets=_TPOT_BUCKETS, registry=self.registry)
         self.rejected = Counter("fastserve_server_rejected", "requests turned away", ["reason"],
                                 registry=self.registry)
 
@@ -137,6 +141,8 @@ class ServerMetrics:
             return
         self.ttft.observe(d.ttft)
         self.e2e.observe(d.latency)
+        if d.handoff is not None:
+            self.handoff.observe(d.handoff)
         if d.completion_tokens > 1:
             self.tpot.observe((d.latency - d.ttft) / (d.completion_tokens - 1))
 

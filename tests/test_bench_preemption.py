@@ -19,6 +19,7 @@ from fastserve_jax.serve.bench_cmd import TRACE, answer_problems, build_workload
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))   # as when the script runs
 import bench_preemption as bp  # noqa: E402
 import sim_fidelity as sf  # noqa: E402
+import sim_fidelity_in_process as sfi  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- chat-like lengths
@@ -182,7 +183,7 @@ def test_engine_in_process_serves_the_burst_at_its_arrival_times_and_checks_ever
             for a, b in pairs]
     arrivals = [0.0, 0.0, 0.01, 0.02, 0.05, 0.3]
     t0 = time.monotonic()
-    m = sf.engine_in_process(build, work, arrivals, "skip-join-mlfq")
+    m = sfi.engine_in_process(build, work, arrivals, "skip-join-mlfq")
     phases = {f"{k}_seconds_per_iteration" for k in PHASES}
     assert set(m) == {"e2e_mean", "e2e_p99", "mean_latency_per_token", "ttft_mean", "throughput_rps", "iterations",
                       "iteration_seconds"} | phases
@@ -201,7 +202,7 @@ def test_engine_in_process_serves_the_burst_at_its_arrival_times_and_checks_ever
     assert cost.swap_issue_seconds == 5e-5 and all(m["iterations"] > 0 for m in sims.values())
     wrong = [({**work[0][0]}, (3, 10))]                         # asks for 3..9, checked against 3..10
     with pytest.raises(RuntimeError, match="fcfs in process: 1 wrong answer"):
-        sf.engine_in_process(build, wrong, [0.0], "fcfs")
+        sfi.engine_in_process(build, wrong, [0.0], "fcfs")
 
 
 def test_in_process_fidelity_takes_medians_of_alternating_runs_and_reports_their_range(monkeypatch, capsys):
@@ -216,10 +217,10 @@ def test_in_process_fidelity_takes_medians_of_alternating_runs_and_reports_their
         order.append(policy)
         return next(served[policy])
 
-    monkeypatch.setattr(sf, "engine_in_process", fake)
+    monkeypatch.setattr(sfi, "engine_in_process", fake)
     sims = {p: dict(mean_jct=1.0, mean_latency_per_token=0.1, p99_jct=2.0, mean_ttft=0.25, throughput_rps=90,
                     iterations=100, iteration_seconds=0.004) for p in sf.POLICIES}
-    res = sf.in_process_fidelity(None, [], [], sims, rounds=3)
+    res = sfi.in_process_fidelity(None, [], [], sims, rounds=3)
     assert order == ["fcfs", "skip-join-mlfq"] * 3                       # alternating, one fresh run each
     assert res["engine"]["fcfs"]["e2e_mean"] == 2.5 and res["engine"]["skip-join-mlfq"]["e2e_mean"] == 1.0
     assert res["spread"]["fcfs"]["throughput_rps"] == (60, 80)
@@ -231,7 +232,7 @@ def test_in_process_fidelity_takes_medians_of_alternating_runs_and_reports_their
     out = capsys.readouterr().out
     assert "median of 3 alternating runs" in out and "max/min 2.22" in out
     with pytest.raises(ValueError, match="rounds must be >= 1"):
-        sf.in_process_fidelity(None, [], [], sims, rounds=0)
+        sfi.in_process_fidelity(None, [], [], sims, rounds=0)
 
 
 def _shape(cost, usable_blocks: int):
@@ -298,6 +299,27 @@ def test_calibrated_recovers_the_engines_speed_and_host_overhead_from_fcfs_alone
                                              or k == "launch_seconds_per_iteration"})
     assert old["speed"] == old["host_scale"] == 1.0 and old["iteration_overhead"] > 0.001 + 0.3 * (
         e["launch_seconds_per_iteration"] / 1.4)
+
+
+def test_front_end_offsets_come_from_fcfs_and_shift_each_request_not_the_mean():
+    fcfs = dict(ttft_mean=0.50, server_ttft_mean=0.48, e2e_mean=2.0, server_e2e_mean=1.97)
+    assert sf.front_end_offsets(fcfs) == pytest.approx((0.02, 0.03))
+    assert sf.front_end_offsets(dict(fcfs, server_e2e_mean=2.5))[1] == 0.0     # never negative
+    assert sf.front_end_offsets({k: v for k, v in fcfs.items() if k != "server_ttft_mean"}) is None
+    # the server's hand-off to the engine is inside its handler's figures, outside the engine's
+    assert sf.front_end_offsets(dict(fcfs, server_handoff_mean=0.005)) == pytest.approx((0.025, 0.035))
+    shape = _shape(_cost(), usable_blocks=400)
+    trace = [TraceRequest(0.0, 10, out) for out in (2, 4, 40)]
+    # host_scale 0: no measured host time, so both simulations schedule alike
+    plain, _ = sf.simulate_policies(shape, trace, (1e-4, 1e9, 5e-5), policies=("fcfs",), host_scale=0.0)
+    seen, _ = sf.simulate_policies(shape, trace, (1e-4, 1e9, 5e-5), policies=("fcfs",), host_scale=0.0,
+                                   front_end=(0.02, 0.03))
+    p, s = plain["fcfs"], seen["fcfs"]
+    assert s["mean_jct"] == pytest.approx(p["mean_jct"] + 0.03) and s["p99_jct"] == pytest.approx(p["p99_jct"] + 0.03)
+    assert s["mean_ttft"] == pytest.approx(p["mean_ttft"] + 0.02)
+    # a short answer's latency per token gains more of the offset than a long one's
+    assert s["mean_latency_per_token"] == pytest.approx(p["mean_latency_per_token"] + 0.03 * (1 / 2 + 1 / 4 + 1 / 40) / 3)
+    assert s["throughput_rps"] == p["throughput_rps"] and s["iterations"] == p["iterations"]
 
 
 def test_bench_tail_guard_workload_is_light_tailed_and_exact_counts():

@@ -57,6 +57,18 @@ def test_health_models_metrics(live, client):
     assert phases == {"schedule", "assemble", "device", "postprocess"}
 
 
+def test_handoff_is_observed_once_per_finished_request_and_is_part_of_its_ttft(live, client):
+    names = [f"fastserve_{n}_{s}" for n in ("request_handoff_seconds", "time_to_first_token_seconds",
+                                            "e2e_request_latency_seconds") for s in ("count", "sum")]
+    before = {n: live.metric(n) for n in names}
+    client.completions.create(model="demo", prompt=[demo_task.make_prompt(a, a + 5) for a in (10, 20)],
+                              max_tokens=8, temperature=0)
+    d = {n: live.metric(n) - before[n] for n in names}
+    assert d["fastserve_request_handoff_seconds_count"] == d["fastserve_e2e_request_latency_seconds_count"] == 2
+    # the handler's start to the engine's add_request comes before the first token
+    assert 0 < d["fastserve_request_handoff_seconds_sum"] < d["fastserve_time_to_first_token_seconds_sum"]
+
+
 def test_completions_non_streaming(live, client):
     pairs = [(3, 12), (250, 300), (0, 7)]
     out = client.completions.create(model="demo", prompt=[demo_task.make_prompt(a, b) for a, b in pairs],
