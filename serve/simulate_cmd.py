@@ -4,7 +4,8 @@
     fastserve-jax simulate --trace T.csv --load 0.5 0.6 0.7 0.8 0.9 1.0 --policy fcfs ... \\
         --json sweep.json --plot sweep.png                    # a sweep: several rates or loads
 
-One rate (or load, or the trace's own timing) writes {policy: {metric: value}}; several
+It prints one line per policy and rate. With --json, one rate (or load, or the trace's own
+timing) writes {policy: {metric: value}}; several
 write {policy: [{rate, load, metric: value}, ...]} in rate order plus a top-level "summary":
 {policy: {goodput_rps, slo_latency_per_token, unloaded_latency_per_token, max_offered_rps,
 rate_at_95pct: [{ttft, tpot, rate}]}} (slo.sweep_summary: rates interpolated linearly
@@ -81,7 +82,7 @@ def add_simulate_parser(sub) -> None:
                         "(a predictor that reads only the prompt)")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrival process and the prediction noise")
     p.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes")
-    p.add_argument("--json", required=True, metavar="OUT", help="where to write the results")
+    p.add_argument("--json", metavar="OUT", help="also write the results there (the table goes to stderr either way)")
     p.add_argument("--plot", metavar="OUT.png", help="latency against request rate, one curve per policy")
     p.add_argument("--plot-metric", choices=PLOT_METRICS, default="mean_latency_per_token")
     add_slo_args(p, f"default: {UNLOADED_SLO_FACTOR:g}x the unloaded value, each request of the trace alone by "
@@ -238,9 +239,10 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         summary = {p: dict(sweep_summary(ms, slo_lpt), unloaded_latency_per_token=unloaded) for p, ms in out.items()}
         print_summary(summary)
         out["summary"] = summary
-    os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-    with open(a.json, "w") as f:
-        json.dump(out, f, indent=1)
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
     if a.plot:
         plot_sweep({p: ms if isinstance(ms, list) else [ms] for p, ms in out.items() if p != "summary"},
                    a.plot_metric, a.plot,

@@ -200,10 +200,13 @@ def test_simulate_cli_writes_the_contract_metrics(small_trace, tmp_path):
     assert res["fcfs"]["num_requests"] == 30 and res["fcfs"]["load"] == 0.7
 
 
-def test_simulate_cli_keeps_trace_timing_and_sweeps_with_a_plot(small_trace, tmp_path):
+def test_simulate_cli_keeps_trace_timing_and_sweeps_with_a_plot(small_trace, tmp_path, capsys):
     out = tmp_path / "o.json"
     assert main(["simulate", "--trace", small_trace, "--json", str(out)]) == 0
     assert json.loads(out.read_text())["skip-join-mlfq"]["rate"] is None
+    capsys.readouterr()
+    assert main(["simulate", "--trace", small_trace, "--policy", "fcfs"]) == 0      # no --json: the table only
+    assert "fcfs offered" in capsys.readouterr().err
     png = tmp_path / "s.png"
     assert main(["simulate", "--trace", small_trace, "--rate", "0.5", "1.0", "--policy", "fcfs",
                  "--policy", "srpt", "--json", str(out), "--plot", str(png)]) == 0
