@@ -140,6 +140,11 @@ def serve_burst(policy: str, argv: list[str], warm, work, arrivals, concurrency:
     raise_on_problems(policy, server.log.name, bad + answer_problems(results, work))
     server.discard_log()
     m = bench_client.summarize(results)
+    # per request, in the burst's order: how late the client sent it (its open loop shares the
+    # cores), then TTFT and JCT from the send, and tokens; what the simulator is held against
+    if arrivals is not None:
+        m["per_request"] = [[round(r.sent - r.due, 5), round(r.chunk_times[0] - r.sent, 5),
+                             round(r.end - r.sent, 5), r.completion_tokens] for r in results]
     m.update(slo_figures(results, PAPER_SLOS))
     m.update({k: after[k] - before[k] for k in COUNTERS}, server_ready_seconds=ready)
     m["iteration_seconds"] = m["busy_seconds"] / m["iterations"]

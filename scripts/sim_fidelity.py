@@ -164,13 +164,52 @@ def front_end_offsets(fcfs: dict) -> tuple[float, float] | None:
 
 def front_end_figures(requests, ttft_offset: float, e2e_offset: float) -> dict:
     """The simulated requests' mean and p99 JCT, mean TTFT and latency per token as a client
-    would see them: each request's TTFT and JCT plus the front end's offsets."""
+    would see them: each request's TTFT and JCT plus the front end's offsets; and per request,
+    in the trace's order, [TTFT, JCT, output tokens] so (`per_request`, as the servers')."""
     from fastserve_jax.slo import mean_latency_per_token, request_latencies
 
+    requests = sorted(requests, key=lambda r: int(r.request_id[1:]))      # the simulator's ids: r0, r1, ...
     jct, ttft, _, out = request_latencies(requests)
-    jct = jct + e2e_offset
+    jct, ttft = jct + e2e_offset, ttft + ttft_offset
     return dict(mean_jct=float(jct.mean()), p99_jct=float(np.percentile(jct, 99)),
-                mean_ttft=float((ttft + ttft_offset).mean()), mean_latency_per_token=mean_latency_per_token(jct, out))
+                mean_ttft=float(ttft.mean()), mean_latency_per_token=mean_latency_per_token(jct, out),
+                per_request=[[round(float(t), 5), round(float(j), 5), int(n)] for t, j, n in zip(ttft, jct, out)])
+
+
+LENGTH_BUCKETS = ((1, 8), (8, 20), (20, 50), (50, 120), (120, 100_000))
+
+
+def by_length(runs: list[dict], sims: dict, policy: str) -> list[dict]:
+    """Per output-length bucket, the servers' mean TTFT, time per output token and latency per
+    token (each request's figures averaged over the runs first) against the simulation's:
+    where in the burst the simulator is off. runs: [{policy: {per_request: [[send lag, TTFT,
+    JCT, tokens], ...]}}]; sims[policy]["per_request"]: [[TTFT, JCT, tokens], ...]."""
+    real = np.array([r[policy]["per_request"] for r in runs], float)
+    sim = np.array(sims[policy]["per_request"], float)
+    n = real[0, :, 3]
+    if not np.array_equal(n, sim[:, 2]):
+        raise ValueError("the servers' and the simulation's requests differ in their output lengths")
+    figures = {"engine": (real[:, :, 1].mean(0), real[:, :, 2].mean(0)), "sim": (sim[:, 0], sim[:, 1])}
+    rows = []
+    for lo, hi in LENGTH_BUCKETS:
+        k = (n >= lo) & (n < hi)
+        if not k.any():
+            continue
+        row = dict(tokens=(lo, hi), requests=int(k.sum()))
+        for who, (ttft, jct) in figures.items():
+            row[who] = dict(ttft=float(ttft[k].mean()), tpot=float(((jct - ttft) / np.maximum(n - 1, 1))[k].mean()),
+                            latency_per_token=float((jct / n)[k].mean()))
+        rows.append(row)
+    return rows
+
+
+def print_by_length(rows: list[dict], policy: str) -> None:
+    print(f"{policy} by output length (engine / sim, ms):")
+    for r in rows:
+        lo, hi = r["tokens"]
+        e, s = r["engine"], r["sim"]
+        print(f"  {lo:>4d}-{min(hi, 9999) - 1:<4d} tokens {r['requests']:4d} req: " + "  ".join(
+            f"{k} {1e3 * e[k]:8.2f} / {1e3 * s[k]:8.2f}" for k in ("ttft", "tpot", "latency_per_token")))
 
 
 def simulate_policies(eng, trace: list[TraceRequest], swap: tuple[float, float, float], overhead: float = 0.0,
@@ -333,4 +372,8 @@ def simulator_fidelity(shape, path: str, swap: tuple[float, float, float], trace
                              {"fcfs": "fcfs (fit)", "skip-join-mlfq": "sj (held out)"})
         print_held_out(fid)
         res["calibrated_front_end"] = dict(ttft_offset=fe[0], e2e_offset=fe[1], sim=sims, fidelity=fid)
+        if all("per_request" in r[p] for r in runs for p in POLICIES):
+            res["calibrated_front_end"]["by_length"] = lengths = {p: by_length(runs, sims, p) for p in POLICIES}
+            for p, rows in lengths.items():
+                print_by_length(rows, p)
     return res

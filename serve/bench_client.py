@@ -39,6 +39,7 @@ class Result:
     disconnected: bool = False                      # the client hung up on purpose
     error: str | None = None
     sent: float = 0.0
+    due: float | None = None                        # when an open loop meant to send it
     chunk_times: list[float] = field(default_factory=list)
     end: float = 0.0
 
@@ -174,9 +175,13 @@ async def run_load(url: str, payloads: list[dict], arrivals: list[float] | None 
             await asyncio.sleep(max(0.0, start + arrivals[i] - time.perf_counter()))
         cut = disconnect_after[i] if disconnect_after else None
         if sem is None:
-            return await stream(url, path, payloads[i], api_key, cut)
-        async with sem:
-            return await stream(url, path, payloads[i], api_key, cut)
+            res = await stream(url, path, payloads[i], api_key, cut)
+        else:
+            async with sem:
+                res = await stream(url, path, payloads[i], api_key, cut)
+        if arrivals is not None:
+            res.due = start + arrivals[i]
+        return res
 
     return list(await asyncio.gather(*(one(i) for i in range(len(payloads)))))
 

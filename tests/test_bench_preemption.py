@@ -320,6 +320,29 @@ def test_front_end_offsets_come_from_fcfs_and_shift_each_request_not_the_mean():
     # a short answer's latency per token gains more of the offset than a long one's
     assert s["mean_latency_per_token"] == pytest.approx(p["mean_latency_per_token"] + 0.03 * (1 / 2 + 1 / 4 + 1 / 40) / 3)
     assert s["throughput_rps"] == p["throughput_rps"] and s["iterations"] == p["iterations"]
+    zero, _ = sf.simulate_policies(shape, trace, (1e-4, 1e9, 5e-5), policies=("fcfs",), host_scale=0.0,
+                                   front_end=(0.0, 0.0))
+    assert [o for _, _, o in s["per_request"]] == [2, 4, 40]                     # the trace's order
+    assert s["per_request"] == [[pytest.approx(t + 0.02, abs=2e-5), pytest.approx(j + 0.03, abs=2e-5), o]
+                                for t, j, o in zero["fcfs"]["per_request"]]
+
+
+def test_by_length_buckets_each_requests_figures_averaged_over_the_runs():
+    n = [3, 3, 30]
+    # two runs; per request [send lag, TTFT, JCT, tokens]
+    runs = [{"fcfs": {"per_request": [[0.0, 0.1, 0.3, 3], [0.0, 0.2, 0.4, 3], [0.0, 0.1, 3.0, 30]]}},
+            {"fcfs": {"per_request": [[0.0, 0.3, 0.5, 3], [0.0, 0.2, 0.4, 3], [0.0, 0.1, 0.1 + 29 * 0.2, 30]]}}]
+    sims = {"fcfs": {"per_request": [[0.1, 0.2, 3], [0.1, 0.2, 3], [0.1, 1.55, 30]]}}
+    rows = sf.by_length(runs, sims, "fcfs")
+    assert [r["tokens"] for r in rows] == [(1, 8), (20, 50)] and [r["requests"] for r in rows] == [2, 1]
+    short, long = rows
+    assert short["engine"]["ttft"] == pytest.approx(0.2) and short["engine"]["tpot"] == pytest.approx(0.1)
+    assert short["engine"]["latency_per_token"] == pytest.approx(0.4 / 3) and short["sim"]["tpot"] == pytest.approx(0.05)
+    assert long["engine"]["tpot"] == pytest.approx(0.15) and long["sim"]["tpot"] == pytest.approx(0.05)
+    sims["fcfs"]["per_request"][2][2] = 31
+    with pytest.raises(ValueError, match="differ in their output lengths"):
+        sf.by_length(runs, sims, "fcfs")
+    assert n == [3, 3, 30]
 
 
 def test_bench_tail_guard_workload_is_light_tailed_and_exact_counts():

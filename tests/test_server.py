@@ -57,12 +57,15 @@ def test_health_models_metrics(live, client):
     assert phases == {"schedule", "assemble", "device", "postprocess"}
 
 
-def test_handoff_is_observed_once_per_finished_request_and_is_part_of_its_ttft(live, client):
+def test_handoff_is_observed_once_per_finished_request_and_is_part_of_its_ttft(live):
     names = [f"fastserve_{n}_{s}" for n in ("request_handoff_seconds", "time_to_first_token_seconds",
                                             "e2e_request_latency_seconds") for s in ("count", "sum")]
     before = {n: live.metric(n) for n in names}
-    client.completions.create(model="demo", prompt=[demo_task.make_prompt(a, a + 5) for a in (10, 20)],
-                              max_tokens=8, temperature=0)
+    # an open loop (bench_client) records when each request was due beside when it went out
+    results = asyncio.run(bench_client.run_load(live.url, [_counting(a, a + 5, stream=True) for a in (10, 20)],
+                                                arrivals=[0.0, 0.05]))
+    assert all(r.ok for r in results) and results[1].due - results[0].due == pytest.approx(0.05)
+    assert all(r.sent >= r.due for r in results)
     d = {n: live.metric(n) - before[n] for n in names}
     assert d["fastserve_request_handoff_seconds_count"] == d["fastserve_e2e_request_latency_seconds_count"] == 2
     # the handler's start to the engine's add_request comes before the first token
@@ -254,6 +257,7 @@ def test_load_200_requests_32_clients_with_disconnects(live):
         else:
             assert r.completion_tokens == demo_task.answer_num_tokens(*pairs[i]) and r.finish_reason == "stop"
     assert len({next(iter(r.ids)) for r in results}) == n                       # nothing duplicated
+    assert all(r.due is None for r in results)                                   # a closed loop: none due
     live.wait_idle(timeout=20)                                                    # KV back to zero
     m1 = live.metrics()
     delta = lambda name: m1[(name, ())] - m0[(name, ())]
