@@ -58,6 +58,7 @@ class _InFlight:
     launches: list
     pending: list
     started: float                   # perf_counter at the start of the step that dispatched it
+    service: float | None = None     # what the policy charges for it (Scheduler.service)
 
 
 class LLMEngine:
@@ -221,11 +222,9 @@ class LLMEngine:
         Callers turn them into outputs with `output_of` only when they need to. Order of device
         work (kv_plan.py): last iteration's uploads land, this plan's swap-outs and on-demand
         swap-ins, the step, then the swap policy's moves for later iterations, which overlap
-        the step.
-
-        With cfg.batches_in_flight = k > 1 (pipeline mode), an iteration dispatches a batch of
-        requests that are not in flight and collects the oldest batch only once k are in
-        flight (or nothing more can be dispatched), so each pipeline stage holds a different
+        the step. With cfg.batches_in_flight = k > 1 (pipeline mode), an iteration dispatches a
+        batch of requests that are not in flight and collects the oldest batch only once k are
+        in flight (or nothing more can be dispatched), so each pipeline stage holds a different
         batch; requests in flight are neither scheduled again nor evicted until collected."""
         st, started, now = self.stats, time.perf_counter(), time.monotonic()
         plan = Plan()
@@ -239,7 +238,7 @@ class LLMEngine:
             with st.phase("schedule"):
                 self._swap_ahead(plan, now)
             if plan.scheduled:
-                self._inflight.append(_InFlight(batch, plan, launches, pending, started))
+                self._inflight.append(_InFlight(batch, plan, launches, pending, started, self.scheduler.service(plan)))
         got: list[Request] = []
         if self._inflight and (len(self._inflight) >= self.cfg.batches_in_flight or not plan.scheduled):
             got = self._complete(self._inflight.popleft())
@@ -307,12 +306,13 @@ class LLMEngine:
             for ln in f.launches:
                 st.launches[ln.key] = st.launches.get(ln.key, 0) + 1
         with st.phase("schedule"):
-            # The batch's service: from its step's start, or (pipelined) from the previous
-            # collection, whichever is later, so overlapping batches are not charged twice.
+            # The batch's time: from its step's start, or (pipelined) from the previous
+            # collection, whichever is later, so overlapping batches are not counted twice; the
+            # policy is charged its modeled time where it has a cost model (Scheduler.service).
             t = time.perf_counter()
             duration = t - max(f.started, self._last_collected)
             self._last_collected = t
-            self.scheduler.on_iteration(f.plan, duration, time.monotonic())
+            self.scheduler.on_iteration(f.plan, duration if f.service is None else f.service, time.monotonic())
             self.swap.on_iteration(duration)
             st.busy += duration
         return [req for req, _, _ in sampled]

@@ -11,7 +11,8 @@ place of the device and its transfer-time model (bytes over bandwidth) in place 
     -> now += cost_model.iteration_time(plan) + swap_issue_seconds per copy issued (+ the
        host time of the policy's own calls with SimConfig.host_time_scale)
     -> num_computed_tokens += n; a chunk that reaches the end of a request samples a token
-    -> requests at their output length finish (remove) -> scheduler.on_iteration(plan, dt, now)
+    -> requests at their output length finish (remove) -> scheduler.on_iteration(plan,
+       scheduler.service(plan) (taken before the plan ran), or dt without a cost model, now)
 
 Each copy direction is one link: a copy starts when the link is free and takes
 cost.swap_time(tokens). Swap-outs never stall the step (the device reads the blocks before
@@ -89,6 +90,10 @@ class SimConfig:
     # Output lengths a previous run saved, restored into a policy that learns lengths, as the
     # engine does on a restart (policy_state.py; a prior, scheduler/length_window.py).
     prior_lengths: tuple[int, ...] = ()
+    # The cost model the policy sees (skip-join's entry levels, the service it charges, see
+    # Scheduler.service) where it is not the one the clock runs on: the engine's own profile,
+    # while scripts/sim_fidelity.py runs the clock on one calibrated to a run. None: the same.
+    policy_cost: CostModel | None = None
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_iterations"))
@@ -217,7 +222,7 @@ class _Links:
 def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: SimConfig = SimConfig()) -> SimResult:
     kv = KVManager(cfg.num_blocks(cost), cfg.block_size, cfg.num_host_blocks() if cfg.swap_policy != "recompute" else 0)
     sched = make_scheduler(policy, Limits(cfg.max_num_seqs, cfg.max_num_batched_tokens), kv,
-                           cfg.scheduler_config, cost)
+                           cfg.scheduler_config, cfg.policy_cost or cost)
     if cfg.prior_lengths and hasattr(sched, "restore_lengths"):
         buckets = len(cfg.scheduler_config.gittins_bucket_edges) + 1      # the prompts are not saved
         prior = list(cfg.prior_lengths)
@@ -327,6 +332,10 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         issued = len(copies.swap_out) + len(copies.swap_in) + len(moves.swap_out) + len(moves.swap_in)
         counts.copies_issued += issued
         dt = plan_time(cost, plan.scheduled)
+        # what the policy is charged, as the engine charges it (Scheduler.service, taken before
+        # the plan advances; with the policy on the clock's own model, dt so far); a policy
+        # without a cost model is charged the whole iteration, as the engine's measured one
+        service = dt if cfg.policy_cost is None else sched.service(plan)
         launches += dt - cost.iteration_overhead
         dt += issued * cost.swap_issue_seconds + cfg.host_time_scale * host     # + 0.0 exactly by default
         now += dt
@@ -346,7 +355,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
                                                          len(r.output_token_ids))
                     predicted[r.request_id] = (oracle.version, r.length_prediction, r.sampling.max_tokens)
         h0 = clock()
-        sched.on_iteration(plan, dt, now)
+        sched.on_iteration(plan, service if sched.cost_model is not None else dt, now)
         swap.on_iteration(now - t_start)
         after = clock() - h0
         policy_host += host + after

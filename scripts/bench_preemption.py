@@ -71,6 +71,7 @@ FIGURES = [("throughput_rps", "served req/s", 1), ("throughput_tps", "served tok
            ("ttft_mean", "TTFT mean s", 1), ("ttft_p99", "TTFT p99 s", 1),
            ("server_ttft_mean", "TTFT server mean s", 1),      # from the handler's start, not the send
            ("server_e2e_mean", "JCT server mean s", 1),        # handler's start to the engine's last token
+           ("server_tpot_mean", "TPOT server ms", 1e3),       # the engine's own token times
            ("server_handoff_mean", "hand-off server ms", 1e3)]  # handler's start to the engine's add_request
 # Prometheus counters of one server, differenced around the burst
 COUNTERS = {"iterations": "fastserve_iterations_total", "busy_seconds": "fastserve_busy_seconds_total",
@@ -83,6 +84,8 @@ COUNTERS = {"iterations": "fastserve_iterations_total", "busy_seconds": "fastser
             "server_ttft_count": "fastserve_time_to_first_token_seconds_count",
             "server_e2e_sum": "fastserve_e2e_request_latency_seconds_sum",
             "server_e2e_count": "fastserve_e2e_request_latency_seconds_count",
+            "server_tpot_sum": "fastserve_time_per_output_token_seconds_sum",
+            "server_tpot_count": "fastserve_time_per_output_token_seconds_count",
             "server_handoff_sum": "fastserve_request_handoff_seconds_sum",
             "server_handoff_count": "fastserve_request_handoff_seconds_count",
             # where the iterations' time goes; the simulator's calibration reads the device phase
@@ -150,7 +153,7 @@ def serve_burst(policy: str, argv: list[str], warm, work, arrivals, concurrency:
     m["iteration_seconds"] = m["busy_seconds"] / m["iterations"]
     for k in PHASES:
         m[f"{k}_seconds_per_iteration"] = m.pop(f"{k}_seconds") / m["iterations"]
-    for key in ("server_ttft", "server_e2e", "server_handoff"):
+    for key in ("server_ttft", "server_e2e", "server_tpot", "server_handoff"):
         m[f"{key}_mean"] = m.pop(f"{key}_sum") / max(m.pop(f"{key}_count"), 1.0)
     return m
 

@@ -220,7 +220,8 @@ def simulate_policies(eng, trace: list[TraceRequest], swap: tuple[float, float, 
     iteration (the policy's config stays the engine's own, engine.policy_config, fitted to
     the unscaled profile), plus `host_scale` times the seconds the
     simulator spends in the policy's own calls (SimConfig.host_time_scale); every launch time
-    of the profile multiplied by `speed` (scaled_launches); with `front_end` (front_end_offsets)
+    of the profile multiplied by `speed` (scaled_launches), while the policy sees the engine's
+    own profile, as the engine's does (SimConfig.policy_cost); with `front_end` (front_end_offsets)
     the latency figures are the client's (front_end_figures)."""
     import dataclasses
 
@@ -237,7 +238,7 @@ def simulate_policies(eng, trace: list[TraceRequest], swap: tuple[float, float, 
                         block_size=cfg.block_size, kv_capacity_tokens=kv.num_usable_blocks * cfg.block_size,
                         host_kv_capacity_tokens=kv.num_host_blocks * cfg.block_size, swap_policy=cfg.swap_policy,
                         swap_reserve_blocks=cfg.swap_reserve_blocks, host_time_scale=host_scale,
-                        scheduler_config=eng.policy_config())
+                        scheduler_config=eng.policy_config(), policy_cost=eng.cost_model)
     runs = {p: simulate(trace, p, cost, sim_cfg) for p in policies}
     sims = {p: dict(r.metrics(), **(front_end_figures(r.requests, *front_end) if front_end else {}))
             for p, r in runs.items()}

@@ -168,6 +168,36 @@ def test_every_policy_gives_identical_greedy_outputs(llm, policy):
         llm.engine.set_scheduler("skip-join-mlfq")
 
 
+def test_the_policy_is_charged_a_batchs_modeled_time_not_a_host_stall(llm, monkeypatch):
+    """A stall inside the iteration (here 30 ms in each dispatch) counts in the engine's busy
+    time but not in the service MLFQ charges: that is the batch's time by the policy's cost
+    model, taken before it runs (Scheduler.service), so a quantum stays the same work."""
+    import time
+
+    from fastserve_jax.cost_model import plan_time
+
+    eng = llm.engine
+    charged, modeled = [], []
+    schedule, on_iteration, dispatch = eng.scheduler.schedule, eng.scheduler.on_iteration, eng._dispatch
+
+    def schedule_and_model(now):
+        plan = schedule(now)
+        modeled.append(plan_time(eng.scheduler.cost_model, plan.scheduled))
+        return plan
+
+    monkeypatch.setattr(eng.scheduler, "schedule", schedule_and_model)
+    monkeypatch.setattr(eng.scheduler, "on_iteration", lambda plan, d, now: (charged.append(d), on_iteration(plan, d, now)))
+    monkeypatch.setattr(eng, "_dispatch", lambda *a: (time.sleep(0.03), dispatch(*a))[1])
+    busy, its = eng.stats.busy, eng.stats.iterations
+    try:
+        out = llm.generate(random_prompts(2, 5, 20, seed=3), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    finally:
+        eng.set_scheduler("skip-join-mlfq")        # a fresh one: the next tests see nothing learned here
+    assert all(len(o.token_ids) == 4 for o in out)
+    assert eng.stats.busy - busy >= 0.03 * (eng.stats.iterations - its)        # the clock saw the stalls
+    assert charged and charged == modeled[:len(charged)] and all(0 < c < 0.03 for c in charged)
+
+
 def test_learned_output_lengths_outlive_the_policy_and_a_torn_file_starts_cold(llm, tmp_path, monkeypatch, caplog):
     """gittins' window of finished lengths is saved when the engine closes or switches policy,
     and the next gittins (or predictive, or skip-join) of this model starts from it instead of cold."""

@@ -60,6 +60,23 @@ def test_three_job_example_plain_mlfq():
     assert jcts(THREE, "mlfq") == [15.0, 11.5, 7.5]
 
 
+def test_the_policy_charges_by_its_own_cost_model_while_the_clock_runs_on_another():
+    """SimConfig.policy_cost (as the engine: the policy charges its own profile's time for a
+    batch, Scheduler.service). On a clock twice as slow, MLFQ charged by its own model demotes
+    after the same work, so every request finishes at exactly twice the unit clock's time
+    (all arrive within the first iteration either way); charged by the clock it demotes twice
+    as early, and the schedule changes."""
+    slow = dataclasses.replace(UNIT, prefill_seconds=tuple(2 * t for t in UNIT.prefill_seconds),
+                               decode_seconds=tuple(2 * t for t in UNIT.decode_seconds))
+
+    def finishes(cfg, cost):
+        return [j + t.arrival for j, t in zip(jcts(THREE, "mlfq", cfg, cost), THREE)]
+
+    base = finishes(ONE_AT_A_TIME, UNIT)
+    assert finishes(dataclasses.replace(ONE_AT_A_TIME, policy_cost=UNIT), slow) == [2 * f for f in base]
+    assert finishes(ONE_AT_A_TIME, slow) != [2 * f for f in base]
+
+
 def test_three_job_example_skip_join_beats_fcfs_and_mlfq():
     # J2's 4 s prefill skip-joins q2 directly, so J3 (q0) runs first: J1 0-2, J3 2-4, J1 4-7
     # (to q2, behind J2), J2 7-12, J1 12-15.

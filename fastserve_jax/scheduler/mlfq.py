@@ -9,7 +9,8 @@
 Each iteration the batch is filled from the top queue down, FIFO within a queue (see
 batch.fill_batch for KV limits). A request that ran keeps its place in its queue; it is
 demoted to the back of the next queue once the service it received in its current queue
-(seconds of iteration time, `Request.attained_service`) exceeds that queue's quantum. A
+(`Request.attained_service`: seconds of the iterations it ran in, by the policy's cost model,
+Scheduler.service) exceeds that queue's quantum. A
 request that has not run for `starvation_threshold` seconds is promoted to the back of the
 top queue. Skip-join (beyond the paper) also learns output lengths and stops charging a
 decoding request while they say it is worth more per token than a fresh one (see
