@@ -17,12 +17,13 @@ from sim_fidelity import FIDELITY, POLICIES, SPREAD, _fit_note, print_fidelity, 
 
 # ----------------------------------------------------------------------------- the engine without HTTP
 
-def engine_in_process(build, work: list, arrivals: list[float], policy: str) -> dict:
+def engine_in_process(build, work: list, arrivals: list[float], policy: str, per_request: bool = False) -> dict:
     """The burst on an in-process engine of `policy` (build(policy) -> LLM), each request added
     between steps once its arrival time has passed, as the simulator adds them: the engine's
     scheduling and device work without the HTTP server and client sharing its cores. Every
     answer is checked; one wrong answer raises. The engine's counters (iterations, busy time,
-    phases) are taken over this run alone, so an engine may serve several runs."""
+    phases) are taken over this run alone, so an engine may serve several runs. With
+    `per_request`, also each request's [TTFT, JCT, output tokens] in `work`'s order."""
     from fastserve_jax.config import SamplingParams
     from fastserve_jax.models import demo_task
 
@@ -49,7 +50,9 @@ def engine_in_process(build, work: list, arrivals: list[float], policy: str) -> 
     m = [r.metrics for r in reqs]
     st = SimpleNamespace(**{k: getattr(eng.stats, k) - before[k] for k in counters})
     jct = [x.finish_time - x.arrival_time for x in m]
-    return dict(e2e_mean=statistics.mean(jct), e2e_p99=float(np.percentile(jct, 99)),      # as slo.py, the sim's
+    extra = dict(per_request=[[x.first_token_time - x.arrival_time, j, len(r.output_token_ids)]
+                              for x, j, r in zip(m, jct, reqs)]) if per_request else {}
+    return dict(**extra, e2e_mean=statistics.mean(jct), e2e_p99=float(np.percentile(jct, 99)),      # as slo.py, the sim's
                 mean_latency_per_token=statistics.mean(j / len(r.output_token_ids) for j, r in zip(jct, reqs)),
                 ttft_mean=statistics.mean(x.first_token_time - x.arrival_time for x in m),
                 throughput_rps=len(reqs) / wall, iterations=st.iterations,
@@ -60,8 +63,8 @@ def engine_in_process(build, work: list, arrivals: list[float], policy: str) -> 
 
 
 def median_runs(runs: list[dict]) -> dict:
-    """Per figure the median over `runs` (dicts of the same numeric figures)."""
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    """Per numeric figure the median over `runs` (dicts of the same figures)."""
+    return {k: statistics.median(r[k] for r in runs) for k, v in runs[0].items() if isinstance(v, (int, float))}
 
 
 def in_process_fidelity(build, work: list, arrivals: list[float], sims: dict, rounds: int = 3,

@@ -345,6 +345,15 @@ def test_by_length_buckets_each_requests_figures_averaged_over_the_runs():
     assert n == [3, 3, 30]
 
 
+def test_service_charge_bench_buckets_time_per_token_by_output_length():
+    import bench_service_charge as bsc
+
+    rows = [[0.1, 0.1, 1], [0.1, 0.4, 4], [0.2, 0.8, 4], [0.1, 2.1, 21]]      # [TTFT, JCT, tokens]
+    t = bsc.tpot_by_length(rows)
+    assert set(t) == {"tpot 1-7", "tpot 20-49"}                              # 1-token requests have none
+    assert t["tpot 1-7"] == pytest.approx((0.1 + 0.2) / 2) and t["tpot 20-49"] == pytest.approx(0.1)
+
+
 def test_bench_tail_guard_workload_is_light_tailed_and_exact_counts():
     import bench_tail_guard as btg
 
