@@ -16,10 +16,18 @@ import tempfile
 #   warm-up compiled in 45 s instead of 84 s (backend compile, level 0), the suite's summed
 #   compile time fell from 204 s to 107 s and the suite from 296-313 s to 237 s. XLA:CPU then
 #   lowers the KV cache's scatter as a loop (test_parallel_layout allows that one loop).
-# Both change code generation, not what is computed; every test passes either way. A flag the
-# caller set wins. Benchmarks never run under this conftest. The emitter flag exists on jaxlib
-# 0.10 only: XLA aborts the process on a flag it does not know (jaxlib 0.11 dropped it).
-_FLAGS = ["--xla_backend_optimization_level=0"]
+# - one thread per process for Eigen's kernels and one piece per module for code generation:
+#   pytest-xdist already runs one worker per core, and the threads each XLA:CPU client started
+#   beside them only contended for the same 2 cores. engine, swap, paged-attention and parity
+#   test files on 2 workers: 82-84 s without them, 64-72 s with them (2026-12-03; each alone
+#   72 s); the default suite in place 226 and 238 s with them, 272 s without between those two
+#   runs. Both exist on jaxlib 0.10 and 0.11.
+# These change code generation and threading, not what is computed; every test passes either
+# way. A flag the caller set wins. Benchmarks never run under this conftest. The emitter flag
+# exists on jaxlib 0.10 only: XLA aborts the process on a flag it does not know (jaxlib 0.11
+# dropped it).
+_FLAGS = ["--xla_backend_optimization_level=0", "--xla_cpu_multi_thread_eigen=false",
+          "--xla_cpu_parallel_codegen_split_count=1"]
 if importlib.metadata.version("jaxlib").startswith("0.10."):
     _FLAGS.append("--xla_cpu_use_fusion_emitters=false")
 for _flag in _FLAGS:
