@@ -88,7 +88,7 @@ def wait_healthy(url: str, timeout: float) -> None:
             last = body
         except OSError as e:
             last = e
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise TimeoutError(f"{url}/health not ready after {timeout} s: {last!r}")
 
 
