@@ -332,9 +332,9 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         issued = len(copies.swap_out) + len(copies.swap_in) + len(moves.swap_out) + len(moves.swap_in)
         counts.copies_issued += issued
         dt = plan_time(cost, plan.scheduled)
-        # what the policy is charged, as the engine charges it (Scheduler.service, taken before
-        # the plan advances; with the policy on the clock's own model, dt so far); a policy
-        # without a cost model is charged the whole iteration, as the engine's measured one
+        # what the policy is charged, as the engine charges it: Scheduler.service, taken before
+        # the plan advances (with the policy on the clock's own model that is dt so far), or,
+        # for a policy without a cost model, the whole iteration, as the engine's measured one
         service = dt if cfg.policy_cost is None else sched.service(plan)
         launches += dt - cost.iteration_overhead
         dt += issued * cost.swap_issue_seconds + cfg.host_time_scale * host     # + 0.0 exactly by default
@@ -355,7 +355,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
                                                          len(r.output_token_ids))
                     predicted[r.request_id] = (oracle.version, r.length_prediction, r.sampling.max_tokens)
         h0 = clock()
-        sched.on_iteration(plan, service if sched.cost_model is not None else dt, now)
+        sched.on_iteration(plan, dt if service is None else service, now)
         swap.on_iteration(now - t_start)
         after = clock() - h0
         policy_host += host + after
