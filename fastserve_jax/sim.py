@@ -12,7 +12,7 @@ place of the device and its transfer-time model (bytes over bandwidth) in place 
        host time of the policy's own calls with SimConfig.host_time_scale)
     -> num_computed_tokens += n; a chunk that reaches the end of a request samples a token
     -> requests at their output length finish (remove) -> scheduler.on_iteration(plan,
-       scheduler.service(plan) (taken before the plan ran), or dt without a cost model, now)
+       scheduler.service(plan) (taken before the plan ran), or dt where the policy takes none, now)
 
 Each copy direction is one link: a copy starts when the link is free and takes
 cost.swap_time(tokens). Swap-outs never stall the step (the device reads the blocks before
@@ -334,7 +334,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         dt = plan_time(cost, plan.scheduled)
         # what the policy is charged, as the engine charges it: Scheduler.service, taken before
         # the plan advances (with the policy on the clock's own model that is dt so far), or,
-        # for a policy without a cost model, the whole iteration, as the engine's measured one
+        # where the policy takes none, the whole iteration, as the engine's measured one
         service = dt if cfg.policy_cost is None else sched.service(plan)
         launches += dt - cost.iteration_overhead
         dt += issued * cost.swap_issue_seconds + cfg.host_time_scale * host     # + 0.0 exactly by default

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Container, Iterator
 
 from fastserve_jax.config import SchedulerConfig
-from fastserve_jax.cost_model import CostModel, plan_time
+from fastserve_jax.cost_model import CostModel
 from fastserve_jax.kv_cache import KVManager
 from fastserve_jax.request import Request
 
@@ -142,14 +142,9 @@ class Scheduler(ABC):
 
     def service(self, plan: Plan) -> float | None:
         """The seconds of service `plan` is charged (on_iteration's duration), taken before it
-        runs: its launch time by the policy's cost model (cost_model.plan_time); None without
-        one, and the caller charges the measured seconds. The model's time, not the clock's,
-        so a quantum stays the same amount of work when the host stalls (a garbage collection,
-        the HTTP server's thread holding the GIL) or the machine runs slower than when it was
-        profiled, and the engine demotes a request where the simulator does: charged by the
-        clock, a 1.4x slower spell doubled the iterations 20-49-token requests waited paused
-        in a burst (docs/scheduling_log.md, "Service charged by the cost model")."""
-        return None if self.cost_model is None else plan_time(self.cost_model, plan.scheduled)
+        runs; None: the caller charges the measured seconds. Only a policy whose decisions read
+        the service charges it by its cost model (MLFQ); the others take None and cost nothing."""
+        return None
 
     def _require_cost_model(self) -> CostModel:
         if self.cost_model is None:

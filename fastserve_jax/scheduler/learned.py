@@ -150,6 +150,9 @@ class LearnedLengthPolicy(IndexPolicy):
             return self.warmup.next_run_estimates(now, step_time, only)
         return super().next_run_estimates(now, step_time, only)
 
+    def service(self, plan: Plan) -> float | None:
+        return self.warmup.service(plan) if self.warmup is not None else super().service(plan)
+
     def on_iteration(self, plan: Plan, duration: float, now: float) -> None:
         if self.warmup is not None:
             self.warmup.on_iteration(plan, duration, now)

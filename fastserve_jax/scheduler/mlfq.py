@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable, Container, Iterator
 
+from fastserve_jax.cost_model import plan_time
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan, Scheduler, starvation_limit
 from fastserve_jax.scheduler.batch import fill_batch
@@ -184,6 +185,16 @@ class MLFQScheduler(Scheduler):
             level = req.queue_level
             if level < last and req.attained_service > self.quanta[level]:
                 self._move(req, level + 1)
+
+    def service(self, plan: Plan) -> float | None:
+        """The plan's launch time by the policy's cost model (cost_model.plan_time), taken
+        before it runs (None without a cost model: the measured seconds). The model's time, not
+        the clock's, so a quantum stays the same amount of work when the host stalls (a garbage
+        collection, the HTTP server's thread holding the GIL) or the machine runs slower than
+        when it was profiled, and the engine demotes a request where the simulator does:
+        charged by the clock, a 1.4x slower spell doubled the iterations 20-49-token requests
+        waited paused in a burst (docs/scheduling_log.md, "Service charged by the cost model")."""
+        return None if self.cost_model is None else plan_time(self.cost_model, plan.scheduled)
 
     def charge(self, req: Request, num_tokens: int, duration: float) -> bool:
         """Charge `req` for an iteration it ran `num_tokens` in (FastServe: the iteration's
