@@ -310,8 +310,8 @@ class EngineConfig:
     # row's blocks into a new array and runs einsums (portable jnp); "pallas" reads the blocks
     # in place with a Pallas kernel (models/paged_attention.py, Triton, on GPU;
     # models/paged_attention_tpu.py, Mosaic, on TPU; interpret mode on CPU: correct but slow,
-    # for tests); "auto" is resolved by `resolve`: pallas on GPU and TPU without tensor
-    # parallelism, reference elsewhere (CPU).
+    # for tests); "auto" is resolved by `resolve`: pallas on GPU and TPU where the kernel can
+    # run per head shard (sharding/mesh.kernel_fits_heads), reference elsewhere (CPU).
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -343,9 +343,6 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_CHOICES:
             raise ValueError(f"attention_backend must be one of {', '.join(map(repr, ATTENTION_CHOICES))}, "
                              f"got {self.attention_backend!r}")
-        if self.attention_backend == "pallas" and self.tensor_parallel_size > 1:
-            raise ValueError("attention_backend='pallas' does not support tensor_parallel_size > 1 yet (the kernel "
-                             "is not wrapped in shard_map over KV heads); use 'reference' or 'auto'")
 
     @property
     def max_blocks_per_seq(self) -> int:
@@ -361,10 +358,11 @@ class EngineConfig:
         auto = "bfloat16" if platform in ("gpu", "tpu") else "float32"
         return dataclasses.replace(self, dtype=auto) if self.dtype == "auto" else self
 
-    def resolve(self, weight_bytes: int = 0, kv_block_bytes: int = 0, platform: str = "cpu") -> "EngineConfig":
+    def resolve(self, weight_bytes: int = 0, kv_block_bytes: int = 0, platform: str = "cpu",
+                kernel_fits: bool = True) -> "EngineConfig":
         """Fill in derived bucket lists; validate user-given ones. With the model's weight bytes
         and bytes per KV block (all layers), also `min_launch_blocks` (see launch_kv_fraction;
-        `platform` picks its default); given block_buckets are compiled whole."""
+        `platform` picks its default); given block_buckets are compiled whole. `kernel_fits`: see mesh.py."""
         dec = self.decode_batch_buckets or _pow2_upto(1, self.max_num_seqs)
         pre = self.prefill_token_buckets or _pow2_upto(min(32, self.max_num_batched_tokens),
                                                         self.max_num_batched_tokens)
@@ -380,10 +378,13 @@ class EngineConfig:
         floor = int(f * weight_bytes // kv_block_bytes) if kv_block_bytes and not self.block_buckets else 0
         backend = self.attention_backend
         if backend == "auto":
-            backend = "pallas" if platform in ("gpu", "tpu") and self.tensor_parallel_size == 1 else "reference"
+            backend = "pallas" if platform in ("gpu", "tpu") and kernel_fits else "reference"
         elif backend == "pallas" and platform not in ("gpu", "tpu", "cpu"):
             raise ValueError(f"attention_backend='pallas' runs on GPU (Triton), TPU (Mosaic) and CPU (interpret "
                              f"mode), not on {platform}; use 'reference' or 'auto'")
+        elif backend == "pallas" and not kernel_fits:
+            raise ValueError(f"attention_backend='pallas' cannot split this model's KV heads over tensor_parallel_size="
+                             f"{self.tensor_parallel_size} (sharding/mesh.kernel_fits_heads); use reference or auto")
         return dataclasses.replace(self, decode_batch_buckets=tuple(dec), attention_backend=backend,
                                    dtype=self.for_platform(platform).dtype,
                                    prefill_token_buckets=tuple(pre), block_buckets=tuple(blk),

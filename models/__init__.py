@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastserve_jax.models.attention import dense_batch
+from fastserve_jax.models.attention import HeadSharding, dense_batch
 from fastserve_jax.models.config import ModelConfig
 from fastserve_jax.models.llama import LlamaBlock, LlamaForCausalLM
 from fastserve_jax.models.opt import OPTBlock, OPTForCausalLM
@@ -40,12 +40,14 @@ def _param_shapes(cfg: ModelConfig, dtype: str) -> dict:
     return jax.eval_shape(module.init, jax.random.key(0), tokens, dense_batch(tokens.shape))["params"]
 
 
-def build_block(cfg: ModelConfig, dtype: str = "float32", attention_backend: str = "reference") -> nn.Module:
+def build_block(cfg: ModelConfig, dtype: str = "float32", attention_backend: str = "reference",
+                heads: HeadSharding | None = None) -> nn.Module:
     """One decoder layer of the architecture, applied with one layer's slice of `layers/*`:
     `block.apply({"params": layer_params}, (h, cache, layer_index), batch)`. The serving
     launches run their layers as a Python loop of these (see sharding/pipeline.py), so the
-    layer index is static and the Pallas attention backend ("pallas", attention.py) can run."""
-    return _BLOCKS[cfg.arch](cfg, jnp.dtype(dtype), attention_backend)
+    layer index is static and the Pallas attention backend ("pallas", attention.py) can run;
+    `heads`: its head shards on a tensor-parallel stage (attention.HeadSharding)."""
+    return _BLOCKS[cfg.arch](cfg, jnp.dtype(dtype), attention_backend, heads)
 
 
 def demo_model_path() -> str:

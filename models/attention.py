@@ -25,6 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 
 from fastserve_jax.models.paged_attention import paged_attention, tuning
 
@@ -102,6 +103,28 @@ def _attend(q, k, v, q_pos, q_seg, k_pos, k_seg, scale):
     return o.reshape(r, nq, h, d).astype(q.dtype)
 
 
+class HeadSharding(NamedTuple):
+    """How a tensor-parallel stage splits the attention heads, for the Pallas kernels: each
+    device runs the kernel on its own query heads over its own KV heads (`jax.shard_map`),
+    reading its shard of the cache in place. sharding/layout.ModelLayout.head_sharding builds
+    it from the rules table (query heads over tp_kv x tp_rep, KV heads over tp_kv)."""
+
+    mesh: Mesh
+    heads: tuple[str, ...]       # mesh axes that split the query heads
+    kv_heads: tuple[str, ...]    # mesh axes that split the KV heads and the cache
+
+
+def shard_heads(fn, heads: HeadSharding):
+    """fn(q, k_cache, v_cache, positions, seg, block_ids, block_seg, block_pos) run per head
+    shard: q and the output split on their head axis, the caches on their KV-head axis, the
+    launch's positions and block table whole on every device. A device's query heads read
+    only its own KV heads (mesh.kernel_fits_heads checks that the layout allows this)."""
+    q = PartitionSpec(None, None, heads.heads or None, None)
+    cache = PartitionSpec(None, None, None, heads.kv_heads or None, None)
+    return jax.shard_map(fn, mesh=heads.mesh, in_specs=(q, cache, cache) + (PartitionSpec(),) * 5, out_specs=q,
+                         check_vma=False)
+
+
 PALLAS_KERNELS = ("triton", "mosaic")
 
 
@@ -120,10 +143,12 @@ def pallas_kernel() -> str:
     return kernel
 
 
-def attention(q, k, v, batch: AttnBatch, cache: KVCache | None, layer, backend: str = "reference"):
+def attention(q, k, v, batch: AttnBatch, cache: KVCache | None, layer, backend: str = "reference",
+              heads: HeadSharding | None = None):
     """Write this launch's K/V into the cache, then attend over the launch's blocks: gathered
     into a new array ("reference"), or read in place by a Pallas kernel ("pallas",
-    pallas_kernel(): Triton or Mosaic; interpret mode on CPU; needs a static `layer`).
+    pallas_kernel(): Triton or Mosaic; interpret mode on CPU; needs a static `layer`), per
+    head shard where `heads` says the stage is tensor parallel.
 
     q: (R, Q, H, D); k, v: (R, Q, Hkv, D); layer: scalar index into the cache.
     Returns (out (R, Q, H, D), cache).
@@ -145,8 +170,9 @@ def attention(q, k, v, batch: AttnBatch, cache: KVCache | None, layer, backend: 
             from fastserve_jax.models.paged_attention_tpu import paged_attention_tpu as kernel   # TPU only: ~50 ms to import
         else:
             kernel = functools.partial(paged_attention, tune=tuning())
-        out = kernel(q, kc, vc, batch.positions, batch.seg, batch.block_ids, batch.block_seg, batch.block_pos,
-                     layer=layer, interpret=jax.default_backend() == "cpu")
+        kernel = functools.partial(kernel, layer=layer, interpret=jax.default_backend() == "cpu")
+        out = (kernel if heads is None else shard_heads(kernel, heads))(
+            q, kc, vc, batch.positions, batch.seg, batch.block_ids, batch.block_seg, batch.block_pos)
         return out, KVCache(kc, vc)
     return gathered_attention(q, kc, vc, batch, layer), KVCache(kc, vc)
 

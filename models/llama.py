@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fastserve_jax.models.attention import AttnBatch, KVCache, apply_rope, attention, rope_inv_freq
+from fastserve_jax.models.attention import AttnBatch, HeadSharding, KVCache, apply_rope, attention, rope_inv_freq
 from fastserve_jax.models.causal_lm import CausalLM, scanned_layers
 from fastserve_jax.models.config import ModelConfig
 
@@ -41,6 +41,7 @@ class LlamaAttention(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
     attention_backend: str = "reference"     # or "pallas": attention.attention
+    heads: HeadSharding | None = None        # the kernel's head shards under tensor parallelism
 
     @nn.compact
     def __call__(self, x, batch: AttnBatch, cache: KVCache | None, layer):
@@ -56,7 +57,7 @@ class LlamaAttention(nn.Module):
         inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
         q = apply_rope(q, batch.positions, inv_freq)
         k = apply_rope(k, batch.positions, inv_freq)
-        o, cache = attention(q, k, v, batch, cache, layer, self.attention_backend)
+        o, cache = attention(q, k, v, batch, cache, layer, self.attention_backend, self.heads)
         o = dense(c.hidden_size, "o_proj", False)(o.reshape(r, q_len, -1))
         return o, cache
 
@@ -79,11 +80,12 @@ class LlamaBlock(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
     attention_backend: str = "reference"
+    heads: HeadSharding | None = None
 
     @nn.compact
     def __call__(self, carry, batch: AttnBatch):
         h, cache, layer = carry
-        a, cache = LlamaAttention(self.cfg, self.dtype, self.attention_backend, name="attn")(
+        a, cache = LlamaAttention(self.cfg, self.dtype, self.attention_backend, self.heads, name="attn")(
             RMSNorm(self.cfg.norm_eps, self.dtype, name="input_norm")(h), batch, cache, layer)
         h = h + a
         h = h + LlamaMLP(self.cfg, self.dtype, name="mlp")(RMSNorm(self.cfg.norm_eps, self.dtype, name="post_attn_norm")(h))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fastserve_jax.models.attention import AttnBatch, attention
+from fastserve_jax.models.attention import AttnBatch, HeadSharding, attention
 from fastserve_jax.models.causal_lm import CausalLM, scanned_layers
 from fastserve_jax.models.config import ModelConfig
 
@@ -32,6 +32,7 @@ class OPTBlock(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
     attention_backend: str = "reference"     # or "pallas": attention.attention
+    heads: HeadSharding | None = None        # the kernel's head shards under tensor parallelism
 
     @nn.compact
     def __call__(self, carry, batch: AttnBatch):
@@ -45,7 +46,7 @@ class OPTBlock(nn.Module):
         q = dense(c.hidden_size, "q_proj")(x).reshape(r, q_len, c.num_heads, c.head_dim)
         k = dense(c.hidden_size, "k_proj")(x).reshape(r, q_len, c.num_heads, c.head_dim)
         v = dense(c.hidden_size, "v_proj")(x).reshape(r, q_len, c.num_heads, c.head_dim)
-        o, cache = attention(q, k, v, batch, cache, layer, self.attention_backend)
+        o, cache = attention(q, k, v, batch, cache, layer, self.attention_backend, self.heads)
         h = h + dense(c.hidden_size, "out_proj")(o.reshape(r, q_len, -1))
         if not c.do_layer_norm_before:
             h = norm("attn_norm")(h)

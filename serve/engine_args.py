@@ -61,8 +61,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "pallas"],
                    help="how attention reads the paged KV cache: pallas = a Pallas kernel reading blocks in place "
                         "(Triton on GPU, Mosaic on TPU; interpret mode on CPU, slow, for tests); reference = the "
-                        "portable jnp gather; auto (default) = pallas on GPU and TPU without tensor parallelism, "
-                        "reference elsewhere")
+                        "portable jnp gather; auto (default) = pallas on GPU and TPU (per head shard under tensor "
+                        "parallelism), reference elsewhere")
     g = p.add_argument_group("parallelism (devices used: tensor x pipeline parallel size)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split attention heads, MLP units and the vocabulary over this many devices (default 1)")

@@ -24,6 +24,7 @@ import jax
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import NamedSharding, PartitionSpec
 
+from fastserve_jax.models.attention import HeadSharding
 from fastserve_jax.models.axes import ACTIVATION_AXES, CACHE_AXES, FIRST, LAST, leaf_axes, stages_of
 from fastserve_jax.models.config import ModelConfig
 from fastserve_jax.sharding.mesh import Meshes, build_meshes
@@ -166,6 +167,17 @@ class ModelLayout:
         """(R, Q, H) activations entering stage s, and the logits leaving the last: replicated."""
         mesh = self.meshes.stages[s]
         return NamedSharding(mesh, self.rules.spec(ACTIVATION_AXES, mesh))
+
+    def head_sharding(self, s: int) -> HeadSharding | None:
+        """How stage s splits attention heads, for the Pallas kernels (None: one device, or
+        no split): the mesh axes of the query heads and of the KV heads, from the rules."""
+        mesh, c = self.meshes.stages[s], self.model_cfg
+
+        def axes(logical, shape, i):        # a spec drops its trailing unsplit dimensions
+            p = (*self.rules.spec(logical, mesh, shape), None, None, None, None, None)[i]
+            return () if p is None else (p,) if isinstance(p, str) else tuple(p)
+        heads = axes((None, None, "heads", None), (1, 1, c.num_heads, c.head_dim), 2)
+        return HeadSharding(mesh, heads, axes(CACHE_AXES, self.cache_shape(1, 1), 3)) if heads else None
 
     def replicated(self, s: int) -> NamedSharding:
         return NamedSharding(self.meshes.stages[s], PartitionSpec())

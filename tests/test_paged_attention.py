@@ -12,6 +12,8 @@ another order over blocks, so results differ by a few bf16 ulps of O(1) values).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,6 +209,41 @@ def test_kernel_lowers_to_triton_for_cuda(q_len, tune):
     with use_abstract_mesh(gpu):
         exp = export.export(fn, platforms=["cuda"], disabled_checks=DISABLED_CHECKS)(*args)
     assert "__gpu$xla.gpu.triton" in exp.mlir_module()
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_kernels_lower_per_head_shard_under_tensor_parallelism(platform):
+    """Cross-lowered on CPU as tensor-parallel launches (tp=8: 8 KV heads over tp_kv=4, each on
+    tp_rep=2 devices), the way the engine wraps them (attention.shard_heads): each device's
+    kernel sees its own 4 query heads and 2 KV heads, so the Triton grid has rows x 2 programs
+    per query tile, not rows x 8."""
+    import re
+
+    from jax import export
+    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+    from fastserve_jax.models.attention import HeadSharding, shard_heads
+    from fastserve_jax.models.paged_attention import paged_attention
+    from fastserve_jax.models.paged_attention_tpu import paged_attention_tpu
+    from fastserve_jax.runner.export_cache import DISABLED_CHECKS
+
+    kernel, kind, d = {"cuda": (paged_attention, "NVIDIA H200", 64), "tpu": (paged_attention_tpu, "TPU v5 lite", 128)}[platform]
+    r, nb = 2, 4
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
+    cache = jax.ShapeDtypeStruct((L, NUM_BLOCKS, 16, 8, d), jnp.bfloat16)
+    args = (jax.ShapeDtypeStruct((r, 1, 32, d), jnp.bfloat16), cache, cache, i32(r, 1), i32(r, 1), i32(r, nb), i32(r, nb),
+            i32(r, nb))
+    mesh = AbstractMesh((4, 2), ("tp_kv", "tp_rep"), abstract_device=AbstractDevice(device_kind=kind, num_cores=None,
+                                                                                      platform=platform))
+    fn = jax.jit(shard_heads(functools.partial(kernel, layer=1), HeadSharding(mesh, ("tp_kv", "tp_rep"), ("tp_kv",))))
+    with use_abstract_mesh(mesh):
+        text = export.export(fn, platforms=[platform], disabled_checks=DISABLED_CHECKS)(*args).mlir_module()
+    call = next(ln for ln in text.splitlines() if "__gpu$xla.gpu.triton" in ln or "tpu_custom_call" in ln)
+    assert ("triton" in call) == (platform == "cuda")
+    # the kernel reads the device's own shard of the cache in place: 2 of the 8 KV heads
+    assert f"tensor<{L}x{NUM_BLOCKS}x16x2x{d}xbf16>" in call and f"x16x8x{d}xbf16" not in call
+    if platform == "cuda":
+        assert re.search(r"grid_x = (\d+)", call).group(1) == str(r * 2)     # rows x local KV heads (16 unsplit)
 
 
 @pytest.mark.parametrize("q_len,rows,blocks", [(1, 2, 4), (512, 1, 40)])

@@ -51,6 +51,39 @@ def test_greedy_outputs_match_one_device_with_swapping_forced(four_layer, arch, 
     assert len(e.runner.stages) == pp and len({d for st in e.runner.stages for d in st.devices}) == tp * pp
 
 
+@pytest.mark.parametrize("arch,tp,pp,kernel", [("llama", 4, 1, "triton"),
+                                               pytest.param("opt", 2, 2, "triton", marks=pytest.mark.slow),
+                                               # host callbacks per shard in interpret mode: ~40 s here
+                                               pytest.param("llama", 4, 1, "mosaic", marks=pytest.mark.slow)])
+def test_pallas_kernel_per_head_shard_matches_one_device(four_layer, arch, tp, pp, kernel, monkeypatch):
+    """The Pallas kernels (in interpret mode) under tensor parallelism: each device attends
+    its own query heads over its own KV-head shard of the cache (shard_map), with swapping
+    forced. Llama at tp=4 keeps each of its 2 KV heads on 2 devices (tp_rep = 2), each with
+    one query head of that head's group; greedy tokens equal one device's."""
+    monkeypatch.setenv("FASTSERVE_JAX_PALLAS_KERNEL", kernel)
+    if kernel == "mosaic":                  # host callbacks: jax.export cannot serialize them
+        monkeypatch.setenv("FASTSERVE_JAX_EXPORT_CACHE", "off")
+    n = 6 if kernel == "triton" else 2      # the TPU kernel's interpret mode is slow: two requests
+    path, want = four_layer[arch]
+    llm = LLM(path, warmup=False, num_device_blocks=16, num_host_blocks=64, swap_policy="proactive",
+              tensor_parallel_size=tp, pipeline_parallel_size=pp, attention_backend="pallas", **KW)
+    assert llm.engine.cfg.attention_backend == "pallas"
+    assert [o.token_ids for o in llm.generate(PROMPTS[:n], GREEDY[:n])] == want[:n]
+    assert llm.engine.stats.swap_out_blocks > 0 or n < 6
+
+
+def test_pallas_refuses_a_head_split_it_cannot_run(tmp_path):
+    """6 KV heads over tp=4: a device would hold 3 KV heads and query heads of another
+    device's group, so the per-shard kernel would read the wrong heads (forcing it through
+    changed the greedy tokens); "pallas" says so, "auto" picks the reference path."""
+    from fastserve_jax.models.random_checkpoint import make_random_checkpoint
+
+    path = make_random_checkpoint(str(tmp_path), "llama", num_hidden_layers=1, hidden_size=96,
+                                  num_attention_heads=12, num_key_value_heads=6, intermediate_size=128)
+    with pytest.raises(ValueError, match="cannot split this model's KV heads over tensor_parallel_size=4"):
+        LLM(path, warmup=False, num_device_blocks=16, tensor_parallel_size=4, attention_backend="pallas", **KW)
+
+
 def test_pipeline_keeps_several_batches_in_flight(four_layer):
     path, want = four_layer["llama"]
     held = {}

@@ -13,7 +13,9 @@ from jax.sharding import PartitionSpec as P
 
 from fastserve_jax.llm import LLM
 from fastserve_jax.runner.keys import DecodeKey
-from fastserve_jax.sharding.mesh import ParallelConfig, build_meshes, ordered_devices
+from fastserve_jax.models.config import ModelConfig
+from fastserve_jax.sharding.layout import ModelLayout
+from fastserve_jax.sharding.mesh import ParallelConfig, build_meshes, kernel_fits_heads, ordered_devices
 from fastserve_jax.sharding.rules import ShardingRules
 from parallel_setup import KW, four_layer_checkpoints  # noqa: F401  (a fixture)
 
@@ -52,12 +54,14 @@ def test_weights_and_kv_cache_are_sharded_not_replicated(four_layer_checkpoints)
     assert _shard_shapes(e.runner.stages[1].params["lm_head"]["kernel"]) == {(64, 64)}   # vocab / tp
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_tensor_parallel_step_has_megatron_collectives_only(four_layer_checkpoints, arch):
+@pytest.mark.parametrize("arch,backend", [("llama", "reference"), ("opt", "reference"), ("llama", "pallas")])
+def test_tensor_parallel_step_has_megatron_collectives_only(four_layer_checkpoints, arch, backend):
     """One all-reduce after attention and one after the MLP in every layer, no weight
-    gathers; outside the layers only the sharded-vocabulary embedding and logits."""
+    gathers; outside the layers only the sharded-vocabulary embedding and logits. With the
+    Pallas kernel too: it runs on each device's head shard, gathering neither the query
+    heads nor the cache."""
     path = four_layer_checkpoints[arch]
-    e = LLM(path, warmup=False, num_device_blocks=16, tensor_parallel_size=4, **KW).engine
+    e = LLM(path, warmup=False, num_device_blocks=16, tensor_parallel_size=4, attention_backend=backend, **KW).engine
     st = e.runner.stages[0]
     x, batch, idx = e.runner.abstract_args(DecodeKey(4, 16))
     hlo = st.fn.lower(st.params, st.cache, x, batch, idx).compile().as_text()
@@ -117,6 +121,18 @@ def test_rules_map_logical_axes_and_reject_collisions():
         ShardingRules({"heads": "model"})
     with pytest.raises(ValueError, match="twice"):
         ShardingRules({"heads": ("tp_kv", "tp_kv")})
+
+
+def test_kernel_fits_heads_where_each_device_holds_whole_groups_or_one_kv_head():
+    assert kernel_fits_heads(1, 1) and kernel_fits_heads(8, 8) and kernel_fits_heads(2, 8)     # tp divides them
+    assert kernel_fits_heads(16, 8) and kernel_fits_heads(4, 2) and kernel_fits_heads(8, 1)    # one KV head each
+    assert not kernel_fits_heads(4, 6) and not kernel_fits_heads(8, 12)                       # 3 KV heads each
+    cfg = ModelConfig(arch="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+    layout = ModelLayout(cfg, ParallelConfig(4, 1))
+    hs = layout.head_sharding(0)
+    assert (hs.heads, hs.kv_heads) == (("tp_kv", "tp_rep"), ("tp_kv",)) and hs.mesh is layout.meshes.stages[0]
+    assert ModelLayout(layout.model_cfg, ParallelConfig(1, 2)).head_sharding(1) is None
 
 
 def test_parallel_config_errors_say_what_to_change():

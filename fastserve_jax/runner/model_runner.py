@@ -74,7 +74,7 @@ class ModelRunner:
         # layer of the model (or its own first layer, if the middle is in an earlier stage):
         # what the output-length predictor (predictor.py) reads.
         self.feature_layer = max(0, (model_cfg.num_layers - 1) // 2 - (layout.pp - 1) * layout.layers_per_stage)
-        module, block = build_model(stage_cfg, cfg.dtype), build_block(stage_cfg, cfg.dtype, cfg.attention_backend)
+        module = build_model(stage_cfg, cfg.dtype)
         shape = layout.cache_shape(num_blocks, cfg.block_size)
         self.stages: list[Stage] = []
         for s, sp in enumerate(layout.split_layers(params, free=free_params)):
@@ -83,6 +83,8 @@ class ModelRunner:
             rep = layout.replicated(s)
             x_in = rep if first else layout.activation_sharding(s)
             zeros = jax.jit(lambda: jnp.zeros(shape, cfg.dtype), out_shardings=cs)
+            block = build_block(stage_cfg, cfg.dtype, cfg.attention_backend,
+                                layout.head_sharding(s) if cfg.attention_backend == "pallas" else None)
             fn = jax.jit(stage_forward(module, block, first, last, self.feature_layer if last else None),
                          donate_argnames=("cache",),
                          in_shardings=(jax.tree.map(lambda x: x.sharding, sp), KVCache(cs, cs), x_in, rep, rep),
