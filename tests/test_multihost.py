@@ -35,14 +35,16 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def test_two_processes_serve_a_request_end_to_end(tmp_path):
+# with the Pallas kernel (Triton's, interpret mode) per head shard over the two processes' mesh: -m slow
+@pytest.mark.parametrize("backend", ["reference", pytest.param("pallas", marks=pytest.mark.slow)])
+def test_two_processes_serve_a_request_end_to_end(tmp_path, backend):
     http, coord = _free_ports(2)
     while coord + 1 in (http,):
         http, coord = _free_ports(2)
     common = ["-m", "fastserve_jax", "serve", "--port", str(http), "--coordinator-address", f"127.0.0.1:{coord}",
               "--num-processes", "2", "-tp", "2", "-pp", "2", "--scheduler", "fcfs", "--max-num-seqs", "4",
               "--max-num-batched-tokens", "64", "--max-model-len", "256", "--num-device-blocks", "9", "--block-size", "8",
-              "--warmup", "lazy", "--log-level", "info"]
+              "--warmup", "lazy", "--log-level", "info", "--attention-backend", backend]
     env = dict(os.environ, FASTSERVE_LOCAL_DEVICE_COUNT="2", PYTHONPATH=ROOT)
     # the parent's virtual device count must not reach the children; its optimisation level may
     env["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
