@@ -220,7 +220,7 @@ def test_kernels_lower_per_head_shard_under_tensor_parallelism(platform):
     import re
 
     from jax import export
-    from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
     from fastserve_jax.models.attention import HeadSharding, shard_heads
     from fastserve_jax.models.paged_attention import paged_attention
@@ -233,8 +233,9 @@ def test_kernels_lower_per_head_shard_under_tensor_parallelism(platform):
     cache = jax.ShapeDtypeStruct((L, NUM_BLOCKS, 16, 8, d), jnp.bfloat16)
     args = (jax.ShapeDtypeStruct((r, 1, 32, d), jnp.bfloat16), cache, cache, i32(r, 1), i32(r, 1), i32(r, nb), i32(r, nb),
             i32(r, nb))
-    mesh = AbstractMesh((4, 2), ("tp_kv", "tp_rep"), abstract_device=AbstractDevice(device_kind=kind, num_cores=None,
-                                                                                      platform=platform))
+    # Auto axes, as the engine's meshes have (jax 0.11 makes an AbstractMesh's axes Explicit by default)
+    mesh = AbstractMesh((4, 2), ("tp_kv", "tp_rep"), axis_types=(AxisType.Auto,) * 2,
+                        abstract_device=AbstractDevice(device_kind=kind, num_cores=None, platform=platform))
     fn = jax.jit(shard_heads(functools.partial(kernel, layer=1), HeadSharding(mesh, ("tp_kv", "tp_rep"), ("tp_kv",))))
     with use_abstract_mesh(mesh):
         text = export.export(fn, platforms=[platform], disabled_checks=DISABLED_CHECKS)(*args).mlir_module()
