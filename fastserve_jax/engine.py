@@ -8,8 +8,6 @@ under memory pressure, in the host pool (swap_policy.py).
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -35,18 +33,6 @@ from fastserve_jax.stats import EngineStats, snapshot
 from fastserve_jax.swap_policy import SwapPolicy
 from fastserve_jax.sharding.layout import ModelLayout
 from fastserve_jax.sharding.mesh import ParallelConfig, kernel_fits_heads
-
-
-def _eos_ids(path: str, model_cfg, tokenizer) -> frozenset[int]:
-    gen = os.path.join(path, "generation_config.json")
-    ids = None
-    if os.path.isfile(gen):
-        with open(gen) as f:
-            ids = json.load(f).get("eos_token_id")
-    if ids is None:
-        ids = list(model_cfg.eos_token_id) or tokenizer.eos_token_id
-    ids = ids if isinstance(ids, list) else ([] if ids is None else [ids])
-    return frozenset(int(i) for i in ids)
 
 
 @dataclass
@@ -163,7 +149,7 @@ class LLMEngine:
         `model_cfg`: its ModelConfig when the caller has read it already."""
         from fastserve_jax.models.config import ModelConfig
         from fastserve_jax.models.loader import load_model
-        from fastserve_jax.models.tokenizer import load_tokenizer
+        from fastserve_jax.models.tokenizer import eos_ids, load_tokenizer
 
         model_cfg = model_cfg or ModelConfig.from_pretrained(model_path)
         layout = ModelLayout(model_cfg, ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size))
@@ -172,7 +158,7 @@ class LLMEngine:
         _, _, params = load_model(model_path, dtype=cfg.dtype, place=layout.abstract_params,
                                   cache_dir="" if jax.process_count() > 1 else None, cfg=model_cfg)
         tokenizer = load_tokenizer(model_path)
-        return cls(model_cfg, params, tokenizer, cfg, _eos_ids(model_path, model_cfg, tokenizer), layout=layout,
+        return cls(model_cfg, params, tokenizer, cfg, eos_ids(model_path, model_cfg, tokenizer), layout=layout,
                    own_params=True, **kwargs)
 
     # -- admission (the boundary: validate everything before anything is queued) -----------

@@ -1,4 +1,5 @@
-"""Loading a checkpoint's tokenizer without paying for what it does not use.
+"""Loading a checkpoint's tokenizer without paying for what it does not use, and the token
+ids that end its generations (`eos_ids`).
 
 `transformers.AutoTokenizer` reads the checkpoint's config.json through transformers' model
 config classes, and those import torch whenever it is installed: 3-4 s of a start on a
@@ -34,3 +35,17 @@ def load_tokenizer(model_path: str):
         return PreTrainedTokenizerFast.from_pretrained(model_path)
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(model_path)
+
+
+def eos_ids(model_path: str, model_cfg, tokenizer) -> frozenset[int]:
+    """The token ids that end a generation: generation_config.json's eos_token_id (one or a
+    list), else config.json's, else the tokenizer's."""
+    gen = os.path.join(model_path, "generation_config.json")
+    ids = None
+    if os.path.isfile(gen):
+        with open(gen) as f:
+            ids = json.load(f).get("eos_token_id")
+    if ids is None:
+        ids = list(model_cfg.eos_token_id) or tokenizer.eos_token_id
+    ids = ids if isinstance(ids, list) else ([] if ids is None else [ids])
+    return frozenset(int(i) for i in ids)
