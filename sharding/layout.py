@@ -172,12 +172,8 @@ class ModelLayout:
         """How stage s splits attention heads, for the Pallas kernels (None: one device, or
         no split): the mesh axes of the query heads and of the KV heads, from the rules."""
         mesh, c = self.meshes.stages[s], self.model_cfg
-
-        def axes(logical, shape, i):        # a spec drops its trailing unsplit dimensions
-            p = (*self.rules.spec(logical, mesh, shape), None, None, None, None, None)[i]
-            return () if p is None else (p,) if isinstance(p, str) else tuple(p)
-        heads = axes((None, None, "heads", None), (1, 1, c.num_heads, c.head_dim), 2)
-        return HeadSharding(mesh, heads, axes(CACHE_AXES, self.cache_shape(1, 1), 3)) if heads else None
+        heads = self.rules.mesh_axes("heads", mesh, c.num_heads)
+        return HeadSharding(mesh, heads, self.rules.mesh_axes("kv_heads", mesh, c.num_kv_heads)) if heads else None
 
     def replicated(self, s: int) -> NamedSharding:
         return NamedSharding(self.meshes.stages[s], PartitionSpec())

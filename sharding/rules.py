@@ -57,6 +57,16 @@ class ShardingRules:
                 raise ValueError(f"rule {logical!r} -> {axes} uses a mesh axis twice")
             self.rules[logical] = axes
 
+    def mesh_axes(self, logical: str, mesh: Mesh, size: int | None = None) -> tuple[str, ...]:
+        """The axes of `mesh` that split a dimension with this logical axis (and this size:
+        none if they do not divide it evenly); see `spec`."""
+        if logical not in self.rules:
+            raise KeyError(f"no sharding rule for logical axis {logical!r}; known: {sorted(self.rules)}")
+        axes = tuple(a for a in self.rules[logical] if a in mesh.axis_names and mesh.shape[a] > 1)
+        if size is not None and size % int(np.prod([mesh.shape[a] for a in axes], dtype=int)):
+            return ()
+        return axes
+
     def spec(self, logical: Sequence[str | None], mesh: Mesh, shape: Sequence[int] | None = None) -> PartitionSpec:
         """The PartitionSpec of an array with these logical axes on `mesh`.
 
@@ -73,11 +83,7 @@ class ShardingRules:
             if name is None:
                 parts.append(None)
                 continue
-            if name not in self.rules:
-                raise KeyError(f"no sharding rule for logical axis {name!r}; known: {sorted(self.rules)}")
-            axes = tuple(a for a in self.rules[name] if a in mesh.axis_names and mesh.shape[a] > 1)
-            if shape is not None and shape[i] % int(np.prod([mesh.shape[a] for a in axes], dtype=int)):
-                axes = ()
+            axes = self.mesh_axes(name, mesh, None if shape is None else shape[i])
             for a in axes:
                 if a in used:
                     raise ValueError(f"logical axes {used[a]!r} and {name!r} of {tuple(logical)} both map to "
