@@ -23,7 +23,10 @@ Runs from the source tree (no install, no server imports). Steps, in order:
    step is one forward of the launch, logits included, sampling and scheduling excluded
    (the engine's host overhead is measured by scripts/bench_engine.py); each step against
    the HBM roofline (weight bytes + KV bytes read, over the measured bandwidth), the prefill
-   against the measured bf16 peak.
+   against the measured bf16 peak;
+5. for each backend, the whole engine (LLMEngine's loop: scheduling, sampling, detokenizing)
+   timed as transformers is in step 2, at its batches and the first context: the like-for-like
+   comparison with `generate` (device_check_engine.py); step 4's cells leave that host work out.
 Cells that would overrun --budget-s are skipped and listed. A part that raises (a kernel
 setting Triton cannot compile, a backend out of memory) is reported as an error in its place
 and the run goes on. JSON goes to $OUT/device_check.json when $OUT is set (or to --json),
@@ -42,6 +45,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # torch shares
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_engine_machine import best_of, decode_cost  # noqa: E402
+from device_check_engine import engine_decode  # noqa: E402
 from device_check_kernel import guarded, kernel_sweep  # noqa: E402
 
 # Llama-3-8B and Llama-3.2-1B shapes (transformers LlamaConfig kwargs); "tiny" is the smoke model
@@ -60,11 +64,11 @@ SHAPES = {
 FULL = dict(batches=(1, 8, 32, 128), contexts=(512, 2048), prefill=2048, hf_batches=(1, 32), hf_new=32,
             hf_repeats=2, copy_bytes=4 << 30, square=8192, steps=10, block_size=16,
             tunings=((1, 128), (2, 128), (4, 128), (1, 512), (4, 512), (8, 512)), warps_stages=((4, 3), (8, 2), (8, 3)),
-            kernel_cells=((1, 2048), (32, 2048), (128, 2048)))
+            kernel_cells=((1, 2048), (32, 2048), (128, 2048)), engine_backends=2)
 SWEEP_BUDGET_S = 90.0      # the kernel sweep's share of the run: the engine's cells come after it
 SMOKE = dict(batches=(2,), contexts=(24,), prefill=32, hf_batches=(2,), hf_new=8, hf_repeats=3,
              copy_bytes=16 << 20, square=256, steps=2, block_size=8, tunings=((1, 128), (2, 4)), warps_stages=((8, 3),),
-             kernel_cells=((2, 24),))
+             kernel_cells=((2, 24),), engine_backends=1)     # the whole engine on the first backend only
 
 
 def device_rates(copy_bytes: int, square: int, dtype) -> dict:
@@ -294,6 +298,18 @@ def print_table(res: dict) -> None:
         if pf:
             print(f"prefill {pf['tokens']} tokens ({b}): {pf['ms']:.1f} ms, {pf['tflops']:.1f} TFLOP/s = "
                   f"{pf['peak_fraction']:.0%} of peak; compile {res['ours'][b]['compile_s']:.0f} s")
+    engine = {b: v for b, v in res.get("engine", {}).items() if "error" not in v}
+    for b, v in res.get("engine", {}).items():
+        if "error" in v:
+            print(f"engine on {b}: {v['error']}")
+    if engine:
+        print("whole engine loop (scheduling, sampling, detokenizing), timed as transformers generate is:")
+        for key, hf in res["hf"].items():
+            cells = {b: v.get(key) for b, v in engine.items()}
+            row = " | ".join(f"{b} {c['tokens_per_s']:.0f} tok/s ({c['step_ms']:.2f} ms)" + (
+                f" = {c['tokens_per_s'] / hf['tokens_per_s']:.2f}x hf" if isinstance(hf, dict) else "")
+                if isinstance(c, dict) else f"{b} {c}" for b, c in cells.items() if c is not None)
+            print(f"{key:>12} {row}")
     if res.get("kernel") and "cells" in res["kernel"]:
         cells = res["kernel"]["cells"]
         keys = list(next(iter(cells.values())))
@@ -315,6 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip cells that would start after this")
     ap.add_argument("--backends", default="reference,pallas")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--no-engine", action="store_true", help="skip the whole-engine cells (step 5)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -331,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
     path = a.json or (os.path.join(os.environ["OUT"], "device_check.json") if os.environ.get("OUT") else None)
     res = dict(device=f"{dev.device_kind} ({dev.platform})", model=name, dtype=dtype, jax=jax.__version__,
                versions=versions(), rates=device_rates(p["copy_bytes"], p["square"], jnp.bfloat16), hf={},
-               kernel=None, ours={})
+               kernel=None, ours={}, engine={})
 
     def save() -> None:                         # after every part: a run cut short keeps what it measured
         res["seconds"] = time.perf_counter() - t_start
@@ -356,6 +373,12 @@ def main(argv: list[str] | None = None) -> dict:
     for b in backends:
         res["ours"][b] = guarded(f"the {b} backend", run_backend, b, model_cfg, p, dtype, res["rates"], dev.platform,
                                  deadline)
+        save()
+    for b in [] if a.no_engine else backends[:p["engine_backends"]]:
+        cells = res["engine"][b] = {}              # filled and saved cell by cell
+        cells.update(guarded(f"the engine on {b}", engine_decode, b, model_cfg, lambda: random_params(model_cfg, dtype),
+                             dtype, p["hf_batches"], p["contexts"][:1], p["hf_new"], p["block_size"], p["prefill"],
+                             deadline, p["hf_repeats"], cells, save))
         save()
     print_table(res)
     if path:

@@ -29,6 +29,9 @@ def test_smoke_run_fills_every_cell(tmp_path):
         assert cell["kv_bytes"] == 2 * 24 * 2 * 2 * 2 * 16 * 2    # batch x ctx x K,V x layers x kv heads x D x bf16
         assert res["ours"][backend]["prefill"]["peak_fraction"] > 0
     assert "reference ms" in proc.stdout and "pallas tok/s" in proc.stdout
+    # the whole engine's loop, timed as transformers generate is (the smoke run: the first backend only)
+    assert list(res["engine"]) == ["reference"] and res["engine"]["reference"]["2x24"]["tokens_per_s"] > 0
+    assert "whole engine loop" in proc.stdout and "x hf" in proc.stdout
     # the Triton kernel's tunings timed alone, and the engine's Pallas path run with the fastest
     kernel = res["kernel"]
     # (round 2: the faster of round 1's two with 8 warps and 3 stages)
@@ -62,8 +65,13 @@ def test_a_failing_part_leaves_the_others_in_the_table_and_the_json(tmp_path, mo
         return dict(backend=b, compile_s=0.0, decode={"2x24": dict(step_ms=1.0, tokens_per_s=2000.0,
                                                                    roofline_fraction=0.5)})
 
+    def engine_fails(backend, *a):
+        a[-2]["1x24"] = dict(batch=1, context=24, step_ms=2.0, tokens_per_s=500.0)    # a cell saved before
+        raise RuntimeError("engine: out of memory")
+
     monkeypatch.setattr(pa, "paged_attention", two_blocks_fail)
     monkeypatch.setattr(dc, "run_backend", backend)
+    monkeypatch.setattr(dc, "engine_decode", engine_fails)
     monkeypatch.delenv(pa.TUNING_ENV, raising=False)
     res = dc.main(["--smoke", "--no-hf", "--json", str(tmp_path / "out.json")])
     cells = res["kernel"]["cells"]
@@ -71,6 +79,10 @@ def test_a_failing_part_leaves_the_others_in_the_table_and_the_json(tmp_path, mo
     assert res["kernel"]["best"] == "b1p128w4s2" and cells["b1p128w4s2"]["2x24"]["ms"] > 0
     assert res["ours"]["pallas"] == {"error": "error: MemoryError: RESOURCE_EXHAUSTED"}
     assert res["ours"]["reference"]["decode"]["2x24"]["tokens_per_s"] == 2000.0
-    assert json.loads((tmp_path / "out.json").read_text())["ours"] == res["ours"]
+    assert res["engine"]["reference"] == {"1x24": dict(batch=1, context=24, step_ms=2.0, tokens_per_s=500.0),
+                                          "error": "error: RuntimeError: engine: out of memory"}
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["ours"] == res["ours"] and saved["engine"] == res["engine"]
     out = capsys.readouterr().out
     assert "backend pallas: error: MemoryError" in out and "2000" in out
+    assert "engine on reference: error: RuntimeError: engine: out of memory" in out

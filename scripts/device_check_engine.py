@@ -1,0 +1,68 @@
+"""Part of scripts/device_check.py: the whole engine's decode tokens/s, measured the way the
+transformers baseline is (hf_decode), so the two compare like for like.
+
+The backend cells of device_check.py time one forward of a launch: no scheduling, sampling,
+detokenizing or host work between steps, which transformers `generate` pays for in its own
+figure. Here the engine's loop serves `batch` prompts of `context - new/2` token ids, once for
+1 output token and once for 1 + new (greedy, EOS ignored), and a decode step is the difference
+over `new`, the best of `repeats` runs each, exactly as hf_decode takes transformers'. Both
+runs are served once first, so every shape they need is compiled before the timing (the
+engine compiles lazily). The model is the random-weight one of the backend cells; its
+tokenizer is the byte-level one random checkpoints get (models/random_checkpoint.py), so
+detokenizing costs what a real tokenizer's incremental decode costs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+from bench_engine_machine import best_of
+
+
+def engine_decode(backend: str, model_cfg, params_fn, dtype: str, batches, contexts, new: int, block_size: int,
+                  max_batched_tokens: int, deadline: float, repeats: int, out: dict, saved) -> dict:
+    """Fills `out` with "<batch>x<context>": {batch, context, step_ms, tokens_per_s} (or why
+    not) for one attention backend, calling saved() after each cell; params_fn() draws the
+    model's params on the device."""
+    import numpy as np
+
+    from fastserve_jax.config import EngineConfig, SamplingParams
+    from fastserve_jax.engine import LLMEngine
+    from fastserve_jax.models.random_checkpoint import save_byte_tokenizer
+    from fastserve_jax.models.tokenizer import load_tokenizer
+
+    os.environ.setdefault("FASTSERVE_JAX_LENGTHS_DIR", "off")     # nothing learned is read or written
+    with tempfile.TemporaryDirectory() as tmp:
+        save_byte_tokenizer(tmp, model_cfg.vocab_size, None)
+        tokenizer = load_tokenizer(tmp)
+    max_len = max(contexts) + new
+    blocks = max(batches) * -(-max_len // block_size) + 1
+    cfg = EngineConfig(dtype=dtype, max_model_len=max_len, max_num_seqs=max(batches), block_size=block_size,
+                       max_num_batched_tokens=max_batched_tokens, num_device_blocks=blocks, num_host_blocks=0,
+                       swap_policy="recompute", scheduler="fcfs", attention_backend=backend)
+    engine = LLMEngine(model_cfg, params_fn(), tokenizer, cfg, warmup="lazy", own_params=True)
+    rng = np.random.default_rng(0)
+
+    def serve(prompts, n: int) -> None:
+        sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+        reqs = [engine.add_request(p, sp) for p in prompts]
+        while engine.has_unfinished():
+            engine.step()
+        assert all(len(r.output_token_ids) == n for r in reqs)
+
+    for ctx in contexts:
+        for b in batches:
+            if time.perf_counter() > deadline:
+                out[f"{b}x{ctx}"] = "skipped (time)"
+                continue
+            prompts = [[int(t) for t in rng.integers(3, model_cfg.vocab_size, ctx - new // 2)] for _ in range(b)]
+            for n in (1, 1 + new):                     # compiles what the timed runs need
+                serve(prompts, n)
+            t = [best_of(lambda: serve(prompts, n), repeats) for n in (1, 1 + new)]
+            step = (t[1] - t[0]) / new
+            out[f"{b}x{ctx}"] = (dict(batch=b, context=ctx, step_ms=1e3 * step, tokens_per_s=b / step) if step > 0
+                                 else f"noisy: {1e3 * t[1]:.1f} ms for {1 + new} tokens, {1e3 * t[0]:.1f} for 1")
+            saved()
+    return out
