@@ -304,8 +304,8 @@ def print_table(res: dict) -> None:
             print(f"engine on {b}: {v['error']}")
     if engine:
         print("whole engine loop (scheduling, sampling, detokenizing), timed as transformers generate is:")
-        for key, hf in res["hf"].items():
-            cells = {b: v.get(key) for b, v in engine.items()}
+        for key in dict.fromkeys(k for v in engine.values() for k in v):
+            cells, hf = {b: v.get(key) for b, v in engine.items()}, res["hf"].get(key)
             row = " | ".join(f"{b} {c['tokens_per_s']:.0f} tok/s ({c['step_ms']:.2f} ms)" + (
                 f" = {c['tokens_per_s'] / hf['tokens_per_s']:.2f}x hf" if isinstance(hf, dict) else "")
                 if isinstance(c, dict) else f"{b} {c}" for b, c in cells.items() if c is not None)
