@@ -32,6 +32,7 @@ def engine_decode(backend: str, model_cfg, params_fn, dtype: str, batches, conte
     from fastserve_jax.engine import LLMEngine
     from fastserve_jax.models.random_checkpoint import save_byte_tokenizer
     from fastserve_jax.models.tokenizer import load_tokenizer
+    from fastserve_jax.stats import PHASES
 
     os.environ.setdefault("FASTSERVE_JAX_LENGTHS_DIR", "off")     # nothing learned is read or written
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,12 +46,18 @@ def engine_decode(backend: str, model_cfg, params_fn, dtype: str, batches, conte
     engine = LLMEngine(model_cfg, params_fn(), tokenizer, cfg, warmup="lazy", own_params=True)
     rng = np.random.default_rng(0)
 
+    phases: dict[int, dict] = {}                   # n -> ms per iteration of each phase, its last run
+
     def serve(prompts, n: int) -> None:
+        st = engine.stats
+        before = [st.iterations] + [getattr(st, k) for k in PHASES]
         sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
         reqs = [engine.add_request(p, sp) for p in prompts]
         while engine.has_unfinished():
             engine.step()
         assert all(len(r.output_token_ids) == n for r in reqs)
+        its = st.iterations - before[0]
+        phases[n] = {k: 1e3 * (getattr(st, k) - b) / its for k, b in zip(PHASES, before[1:])}
 
     for ctx in contexts:
         for b in batches:
@@ -62,7 +69,9 @@ def engine_decode(backend: str, model_cfg, params_fn, dtype: str, batches, conte
                 serve(prompts, n)
             t = [best_of(lambda: serve(prompts, n), repeats) for n in (1, 1 + new)]
             step = (t[1] - t[0]) / new
-            out[f"{b}x{ctx}"] = (dict(batch=b, context=ctx, step_ms=1e3 * step, tokens_per_s=b / step) if step > 0
+            # where an iteration of the 1 + new run went (mostly decode steps): the engine's phases
+            out[f"{b}x{ctx}"] = (dict(batch=b, context=ctx, step_ms=1e3 * step, tokens_per_s=b / step,
+                                      phase_ms_per_iteration=phases[1 + new]) if step > 0
                                  else f"noisy: {1e3 * t[1]:.1f} ms for {1 + new} tokens, {1e3 * t[0]:.1f} for 1")
             saved()
     return out

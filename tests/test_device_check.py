@@ -31,6 +31,8 @@ def test_smoke_run_fills_every_cell(tmp_path):
     assert "reference ms" in proc.stdout and "pallas tok/s" in proc.stdout
     # the whole engine's loop, timed as transformers generate is (the smoke run: the first backend only)
     assert list(res["engine"]) == ["reference"] and res["engine"]["reference"]["2x24"]["tokens_per_s"] > 0
+    phases = res["engine"]["reference"]["2x24"]["phase_ms_per_iteration"]     # where its iterations went
+    assert set(phases) == {"schedule", "assemble", "device", "postprocess"} and phases["device"] > 0
     assert "whole engine loop" in proc.stdout and "x hf" in proc.stdout
     # the Triton kernel's tunings timed alone, and the engine's Pallas path run with the fastest
     kernel = res["kernel"]
