@@ -310,8 +310,8 @@ class EngineConfig:
     # row's blocks into a new array and runs einsums (portable jnp); "pallas" reads the blocks
     # in place with a Pallas kernel (models/paged_attention.py, Triton, on GPU;
     # models/paged_attention_tpu.py, Mosaic, on TPU; interpret mode on CPU: correct but slow,
-    # for tests); "auto" is resolved by `resolve`: pallas on GPU and TPU where the kernel can
-    # run per head shard (sharding/mesh.kernel_fits_heads), reference elsewhere (CPU).
+    # for tests); "auto" is resolved by `resolve`: pallas on GPU and TPU (per head shard under
+    # tensor parallelism), reference elsewhere (CPU).
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -358,11 +358,10 @@ class EngineConfig:
         auto = "bfloat16" if platform in ("gpu", "tpu") else "float32"
         return dataclasses.replace(self, dtype=auto) if self.dtype == "auto" else self
 
-    def resolve(self, weight_bytes: int = 0, kv_block_bytes: int = 0, platform: str = "cpu",
-                kernel_fits: bool = True) -> "EngineConfig":
+    def resolve(self, weight_bytes: int = 0, kv_block_bytes: int = 0, platform: str = "cpu") -> "EngineConfig":
         """Fill in derived bucket lists; validate user-given ones. With the model's weight bytes
         and bytes per KV block (all layers), also `min_launch_blocks` (see launch_kv_fraction;
-        `platform` picks its default); given block_buckets are compiled whole. `kernel_fits`: see mesh.py."""
+        `platform` picks its default); given block_buckets are compiled whole."""
         dec = self.decode_batch_buckets or _pow2_upto(1, self.max_num_seqs)
         pre = self.prefill_token_buckets or _pow2_upto(min(32, self.max_num_batched_tokens),
                                                         self.max_num_batched_tokens)
@@ -378,13 +377,10 @@ class EngineConfig:
         floor = int(f * weight_bytes // kv_block_bytes) if kv_block_bytes and not self.block_buckets else 0
         backend = self.attention_backend
         if backend == "auto":
-            backend = "pallas" if platform in ("gpu", "tpu") and kernel_fits else "reference"
+            backend = "pallas" if platform in ("gpu", "tpu") else "reference"
         elif backend == "pallas" and platform not in ("gpu", "tpu", "cpu"):
             raise ValueError(f"attention_backend='pallas' runs on GPU (Triton), TPU (Mosaic) and CPU (interpret "
                              f"mode), not on {platform}; use 'reference' or 'auto'")
-        elif backend == "pallas" and not kernel_fits:
-            raise ValueError(f"attention_backend='pallas' cannot split this model's KV heads over tensor_parallel_size="
-                             f"{self.tensor_parallel_size} (sharding/mesh.kernel_fits_heads); use reference or auto")
         return dataclasses.replace(self, decode_batch_buckets=tuple(dec), attention_backend=backend,
                                    dtype=self.for_platform(platform).dtype,
                                    prefill_token_buckets=tuple(pre), block_buckets=tuple(blk),

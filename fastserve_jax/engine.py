@@ -32,7 +32,7 @@ from fastserve_jax.scheduler.base import Plan
 from fastserve_jax.stats import EngineStats, snapshot
 from fastserve_jax.swap_policy import SwapPolicy
 from fastserve_jax.sharding.layout import ModelLayout
-from fastserve_jax.sharding.mesh import ParallelConfig, kernel_fits_heads
+from fastserve_jax.sharding.mesh import ParallelConfig
 
 
 @dataclass
@@ -68,8 +68,7 @@ class LLMEngine:
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer
         self.cfg = cfg.resolve(sum(x.nbytes for x in jax.tree.leaves(params)), kv_block_bytes(model_cfg, cfg),
-                               (layout.devices[0].platform if layout else jax.devices()[0].platform),
-                               kernel_fits_heads(cfg.tensor_parallel_size, model_cfg.num_kv_heads))
+                               (layout.devices[0].platform if layout else jax.devices()[0].platform))
         self.layout = layout or ModelLayout(model_cfg, ParallelConfig(cfg.tensor_parallel_size,
                                                                       cfg.pipeline_parallel_size))
         if self.layout.parallel != ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size):

@@ -112,17 +112,34 @@ class HeadSharding(NamedTuple):
     mesh: Mesh
     heads: tuple[str, ...]       # mesh axes that split the query heads
     kv_heads: tuple[str, ...]    # mesh axes that split the KV heads and the cache
+    # Mesh axes that split the groups of a device's several KV heads (12 query heads over 6 KV
+    # heads at tp=4: a device holds KV heads 0-2 and query heads 3-5, of groups 1, 2, 2);
+    # empty where each device holds whole groups or a single KV head.
+    spread: tuple[str, ...] = ()
 
 
 def shard_heads(fn, heads: HeadSharding):
     """fn(q, k_cache, v_cache, positions, seg, block_ids, block_seg, block_pos) run per head
     shard: q and the output split on their head axis, the caches on their KV-head axis, the
-    launch's positions and block table whole on every device. A device's query heads read
-    only its own KV heads (mesh.kernel_fits_heads checks that the layout allows this)."""
+    launch's positions and block table whole on every device.
+
+    The kernel maps query heads to KV heads by GQA groups, in order, so a device's own heads
+    must form such groups: they do when it holds whole groups or one KV head. Where `spread`
+    splits its KV heads' groups over n devices, the device's h query heads are the slice
+    [i*h, (i+1)*h) of its KV heads' groups' n*h query heads (i: its index along `spread`); the
+    kernel then runs on all n*h, its own in place and zeros elsewhere, and its own are sliced
+    back out: n times the attention arithmetic, the same KV reads."""
     q = PartitionSpec(None, None, heads.heads or None, None)
     cache = PartitionSpec(None, None, None, heads.kv_heads or None, None)
-    return jax.shard_map(fn, mesh=heads.mesh, in_specs=(q, cache, cache) + (PartitionSpec(),) * 5, out_specs=q,
-                         check_vma=False)
+
+    def in_groups(qs, *rest):
+        n = int(np.prod([heads.mesh.shape[a] for a in heads.spread]))
+        h, at = qs.shape[2], jax.lax.axis_index(heads.spread) * qs.shape[2]
+        groups = jnp.zeros((*qs.shape[:2], n * h, qs.shape[3]), qs.dtype)
+        out = fn(jax.lax.dynamic_update_slice_in_dim(groups, qs, at, axis=2), *rest)
+        return jax.lax.dynamic_slice_in_dim(out, at, h, axis=2)
+    return jax.shard_map(in_groups if heads.spread else fn, mesh=heads.mesh, out_specs=q,
+                         in_specs=(q, cache, cache) + (PartitionSpec(),) * 5, check_vma=False)
 
 
 PALLAS_KERNELS = ("triton", "mosaic")

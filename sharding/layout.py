@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -170,10 +171,15 @@ class ModelLayout:
 
     def head_sharding(self, s: int) -> HeadSharding | None:
         """How stage s splits attention heads, for the Pallas kernels (None: one device, or
-        no split): the mesh axes of the query heads and of the KV heads, from the rules."""
+        no split): the mesh axes of the query heads and of the KV heads, from the rules, and
+        those that split a device's KV heads' groups (attention.HeadSharding.spread)."""
         mesh, c = self.meshes.stages[s], self.model_cfg
         heads = self.rules.mesh_axes("heads", mesh, c.num_heads)
-        return HeadSharding(mesh, heads, self.rules.mesh_axes("kv_heads", mesh, c.num_kv_heads)) if heads else None
+        if not heads:
+            return None
+        kv = self.rules.mesh_axes("kv_heads", mesh, c.num_kv_heads)
+        own_kv = c.num_kv_heads // int(np.prod([mesh.shape[a] for a in kv]))
+        return HeadSharding(mesh, heads, kv, tuple(a for a in heads if a not in kv) if own_kv > 1 else ())
 
     def replicated(self, s: int) -> NamedSharding:
         return NamedSharding(self.meshes.stages[s], PartitionSpec())

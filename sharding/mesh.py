@@ -74,14 +74,3 @@ def build_meshes(config: ParallelConfig, num_kv_heads: int, devices: list[jax.De
     mesh = Mesh(grid, (PP, TP_KV, TP_REP))
     stages = tuple(Mesh(grid[s], (TP_KV, TP_REP)) for s in range(config.pp))
     return Meshes(config, tp_kv, tp_rep, mesh, stages)
-
-
-def kernel_fits_heads(tp: int, num_kv_heads: int) -> bool:
-    """Whether the Pallas attention kernels can run per head shard (models/attention.py,
-    shard_heads): every device's query heads must read its own KV heads from the first on.
-    True when tp divides the KV heads (each device holds whole GQA groups) or each device
-    holds one KV head (tp_rep devices share it, their query heads all in its group). Not for
-    e.g. 6 KV heads over tp=4: a device would hold 3 KV heads and a query head of another
-    device's group; the reference path (GSPMD over the whole array) serves such layouts."""
-    tp_kv = math.gcd(tp, num_kv_heads)
-    return tp_kv == tp or num_kv_heads == tp_kv

@@ -24,10 +24,9 @@ def test_auto_resolves_per_platform():
     assert EngineConfig().resolve(platform="cpu").attention_backend == "reference"
     assert EngineConfig().resolve(platform="gpu").attention_backend == "pallas"
     assert EngineConfig().resolve(platform="tpu").attention_backend == "pallas"
-    # tensor parallel: the kernel per head shard where the heads split so (sharding/mesh.kernel_fits_heads)
+    # tensor parallel: the kernel per head shard (attention.shard_heads)
     assert EngineConfig(tensor_parallel_size=2).resolve(platform="tpu").attention_backend == "pallas"
-    assert EngineConfig(tensor_parallel_size=4).resolve(platform="gpu", kernel_fits=False).attention_backend == \
-        "reference"
+    assert EngineConfig(tensor_parallel_size=4).resolve(platform="gpu").attention_backend == "pallas"
     assert EngineConfig(attention_backend="pallas").resolve(platform="cpu").attention_backend == "pallas"
     assert EngineConfig(attention_backend="reference").resolve(platform="gpu").attention_backend == "reference"
 
@@ -53,8 +52,6 @@ def test_dtype_auto_is_bf16_on_accelerators_fp32_on_cpu():
 def test_bad_backends_fail_with_a_fix():
     with pytest.raises(ValueError, match="attention_backend must be one of 'auto', 'reference', 'pallas'"):
         EngineConfig(attention_backend="flash")
-    with pytest.raises(ValueError, match="cannot split this model's KV heads over tensor_parallel_size=4"):
-        EngineConfig(attention_backend="pallas", tensor_parallel_size=4).resolve(platform="gpu", kernel_fits=False)
     with pytest.raises(ValueError, match="not on metal"):
         EngineConfig(attention_backend="pallas").resolve(platform="metal")
     with pytest.raises(ValueError, match="attention_backend must be one of"):

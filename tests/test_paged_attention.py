@@ -212,11 +212,14 @@ def test_kernel_lowers_to_triton_for_cuda(q_len, tune):
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_kernels_lower_per_head_shard_under_tensor_parallelism(platform):
-    """Cross-lowered on CPU as tensor-parallel launches (tp=8: 8 KV heads over tp_kv=4, each on
-    tp_rep=2 devices), the way the engine wraps them (attention.shard_heads): each device's
-    kernel sees its own 4 query heads and 2 KV heads, so the Triton grid has rows x 2 programs
-    per query tile, not rows x 8."""
+@pytest.mark.parametrize("kv_heads", [4, 8])
+def test_kernels_lower_per_head_shard_under_tensor_parallelism(platform, kv_heads):
+    """Cross-lowered on CPU as tensor-parallel launches at tp=8 (tp_kv=4 x tp_rep=2), the way
+    the engine wraps them (attention.shard_heads): 32 query heads over 4 KV heads (each device
+    holds 1 KV head and 4 of its 8 query heads), and over 8 KV heads (each device holds 2 KV
+    heads and half of each one's group: HeadSharding.spread). Each device's call reads its own
+    shard of the cache in place, and the Triton grid has rows x its KV heads programs, not
+    rows x all of them."""
     import re
 
     from jax import export
@@ -227,24 +230,26 @@ def test_kernels_lower_per_head_shard_under_tensor_parallelism(platform):
     from fastserve_jax.models.paged_attention_tpu import paged_attention_tpu
     from fastserve_jax.runner.export_cache import DISABLED_CHECKS
 
-    kernel, kind, d = {"cuda": (paged_attention, "NVIDIA H200", 64), "tpu": (paged_attention_tpu, "TPU v5 lite", 128)}[platform]
+    kernel, kind, d = {"cuda": (paged_attention, "NVIDIA H200", 64),
+                       "tpu": (paged_attention_tpu, "TPU v5 lite", 128)}[platform]
     r, nb = 2, 4
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
-    cache = jax.ShapeDtypeStruct((L, NUM_BLOCKS, 16, 8, d), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((L, NUM_BLOCKS, 16, kv_heads, d), jnp.bfloat16)
     args = (jax.ShapeDtypeStruct((r, 1, 32, d), jnp.bfloat16), cache, cache, i32(r, 1), i32(r, 1), i32(r, nb), i32(r, nb),
             i32(r, nb))
     # Auto axes, as the engine's meshes have (jax 0.11 makes an AbstractMesh's axes Explicit by default)
     mesh = AbstractMesh((4, 2), ("tp_kv", "tp_rep"), axis_types=(AxisType.Auto,) * 2,
                         abstract_device=AbstractDevice(device_kind=kind, num_cores=None, platform=platform))
-    fn = jax.jit(shard_heads(functools.partial(kernel, layer=1), HeadSharding(mesh, ("tp_kv", "tp_rep"), ("tp_kv",))))
+    heads = HeadSharding(mesh, ("tp_kv", "tp_rep"), ("tp_kv",), () if kv_heads == 4 else ("tp_rep",))
+    fn = jax.jit(shard_heads(functools.partial(kernel, layer=1), heads))
     with use_abstract_mesh(mesh):
         text = export.export(fn, platforms=[platform], disabled_checks=DISABLED_CHECKS)(*args).mlir_module()
     call = next(ln for ln in text.splitlines() if "__gpu$xla.gpu.triton" in ln or "tpu_custom_call" in ln)
     assert ("triton" in call) == (platform == "cuda")
-    # the kernel reads the device's own shard of the cache in place: 2 of the 8 KV heads
-    assert f"tensor<{L}x{NUM_BLOCKS}x16x2x{d}xbf16>" in call and f"x16x8x{d}xbf16" not in call
+    own = kv_heads // 4                   # the device's KV heads, read in place from its shard of the cache
+    assert f"tensor<{L}x{NUM_BLOCKS}x16x{own}x{d}xbf16>" in call and f"x16x{kv_heads}x{d}xbf16" not in call
     if platform == "cuda":
-        assert re.search(r"grid_x = (\d+)", call).group(1) == str(r * 2)     # rows x local KV heads (16 unsplit)
+        assert re.search(r"grid_x = (\d+)", call).group(1) == str(r * own)     # rows x own KV heads
 
 
 @pytest.mark.parametrize("q_len,rows,blocks", [(1, 2, 4), (512, 1, 40)])

@@ -72,16 +72,20 @@ def test_pallas_kernel_per_head_shard_matches_one_device(four_layer, arch, tp, p
     assert llm.engine.stats.swap_out_blocks > 0 or n < 6
 
 
-def test_pallas_refuses_a_head_split_it_cannot_run(tmp_path):
-    """6 KV heads over tp=4: a device would hold 3 KV heads and query heads of another
-    device's group, so the per-shard kernel would read the wrong heads (forcing it through
-    changed the greedy tokens); "pallas" says so, "auto" picks the reference path."""
+def test_pallas_kernel_where_a_device_holds_parts_of_several_groups(tmp_path):
+    """12 query heads over 6 KV heads at tp=4: each KV head is on 2 devices, and a device holds
+    3 KV heads and 3 query heads, e.g. heads 3-5 of groups 1, 2, 2, so its heads do not fall
+    into GQA groups by themselves. shard_heads runs the kernel on all six query heads of its KV
+    heads' groups, its own in place (HeadSharding.spread); the plain per-shard call gave other
+    tokens here. Greedy tokens equal one device's, on the reference path."""
     from fastserve_jax.models.random_checkpoint import make_random_checkpoint
 
-    path = make_random_checkpoint(str(tmp_path), "llama", num_hidden_layers=1, hidden_size=96,
+    path = make_random_checkpoint(str(tmp_path), "llama", num_hidden_layers=2, hidden_size=96,
                                   num_attention_heads=12, num_key_value_heads=6, intermediate_size=128)
-    with pytest.raises(ValueError, match="cannot split this model's KV heads over tensor_parallel_size=4"):
-        LLM(path, warmup=False, num_device_blocks=16, tensor_parallel_size=4, attention_backend="pallas", **KW)
+    want = [o.token_ids for o in LLM(path, warmup=False, num_device_blocks=96, **KW).generate(PROMPTS, GREEDY)]
+    llm = LLM(path, warmup=False, num_device_blocks=96, tensor_parallel_size=4, attention_backend="pallas", **KW)
+    assert llm.engine.runner.layout.head_sharding(0).spread == ("tp_rep",)
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
 
 
 def test_pipeline_keeps_several_batches_in_flight(four_layer):

@@ -15,7 +15,7 @@ from fastserve_jax.llm import LLM
 from fastserve_jax.runner.keys import DecodeKey
 from fastserve_jax.models.config import ModelConfig
 from fastserve_jax.sharding.layout import ModelLayout
-from fastserve_jax.sharding.mesh import ParallelConfig, build_meshes, kernel_fits_heads, ordered_devices
+from fastserve_jax.sharding.mesh import ParallelConfig, build_meshes, ordered_devices
 from fastserve_jax.sharding.rules import ShardingRules
 from parallel_setup import KW, four_layer_checkpoints  # noqa: F401  (a fixture)
 
@@ -123,16 +123,19 @@ def test_rules_map_logical_axes_and_reject_collisions():
         ShardingRules({"heads": ("tp_kv", "tp_kv")})
 
 
-def test_kernel_fits_heads_where_each_device_holds_whole_groups_or_one_kv_head():
-    assert kernel_fits_heads(1, 1) and kernel_fits_heads(8, 8) and kernel_fits_heads(2, 8)     # tp divides them
-    assert kernel_fits_heads(16, 8) and kernel_fits_heads(4, 2) and kernel_fits_heads(8, 1)    # one KV head each
-    assert not kernel_fits_heads(4, 6) and not kernel_fits_heads(8, 12)                       # 3 KV heads each
-    cfg = ModelConfig(arch="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=16, max_position_embeddings=128)
-    layout = ModelLayout(cfg, ParallelConfig(4, 1))
+@pytest.mark.parametrize("heads,kv_heads,tp,want", [
+    (8, 8, 2, (("tp_kv",), ("tp_kv",), ())),                        # tp divides the KV heads: whole groups
+    (16, 4, 8, (("tp_kv", "tp_rep"), ("tp_kv",), ())),              # one KV head per device, on 2 devices
+    (8, 1, 4, (("tp_rep",), (), ())),                               # MQA: the one KV head on every device
+    (12, 6, 4, (("tp_kv", "tp_rep"), ("tp_kv",), ("tp_rep",))),     # 3 KV heads per device, groups split
+])
+def test_head_sharding_from_the_rules(heads, kv_heads, tp, want):
+    cfg = ModelConfig(arch="llama", vocab_size=256, hidden_size=16 * heads, intermediate_size=128, num_layers=2,
+                      num_heads=heads, num_kv_heads=kv_heads, head_dim=16, max_position_embeddings=128)
+    layout = ModelLayout(cfg, ParallelConfig(tp, 1))
     hs = layout.head_sharding(0)
-    assert (hs.heads, hs.kv_heads) == (("tp_kv", "tp_rep"), ("tp_kv",)) and hs.mesh is layout.meshes.stages[0]
-    assert ModelLayout(layout.model_cfg, ParallelConfig(1, 2)).head_sharding(1) is None
+    assert (hs.heads, hs.kv_heads, hs.spread) == want and hs.mesh is layout.meshes.stages[0]
+    assert ModelLayout(cfg, ParallelConfig(1, 2)).head_sharding(1) is None     # one device per stage: no split
 
 
 def test_parallel_config_errors_say_what_to_change():
