@@ -126,12 +126,14 @@ def test_abort_while_in_flight_frees_everything(four_layer):
     assert e.kv.num_used_blocks == 0
 
 
-def test_nothing_compiles_after_warmup_in_pipeline_mode_with_swapping(four_layer):
+# and on the Pallas kernel per head shard (interpret mode: -m slow)
+@pytest.mark.parametrize("backend", ["reference", pytest.param("pallas", marks=pytest.mark.slow)])
+def test_nothing_compiles_after_warmup_in_pipeline_mode_with_swapping(four_layer, backend):
     from fastserve_jax.runner.compile_guard import CompileCounter
 
     path, want = four_layer["llama"]
     llm = LLM(path, warmup="full", num_device_blocks=16, num_host_blocks=64, tensor_parallel_size=2, pipeline_parallel_size=2,
-              **KW)
+              attention_backend=backend, **KW)
     with CompileCounter() as cc:
         got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
     assert got == want
