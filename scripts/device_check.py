@@ -45,7 +45,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # torch shares
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_engine_machine import best_of, decode_cost  # noqa: E402
-from device_check_engine import engine_decode  # noqa: E402
+from device_check_engine import decode_cell, engine_decode  # noqa: E402
 from device_check_kernel import guarded, kernel_sweep  # noqa: E402
 
 # Llama-3-8B and Llama-3.2-1B shapes (transformers LlamaConfig kwargs); "tiny" is the smoke model
@@ -112,9 +112,7 @@ def model_config(name: str, dtype: str) -> dict:
 
 def hf_decode(hf_cfg: dict, dtype: str, batches, contexts, new: int, device: str, deadline: float,
               repeats: int = 2) -> dict:
-    """transformers `generate` decode tokens/s: (t(1 + new tokens) - t(1 token)) per batch/context,
-    each the best of `repeats` runs. A difference that noise makes non-positive (a busy CPU
-    in the smoke test gave one) is reported as such, not as a rate."""
+    """transformers `generate` decode tokens/s per batch/context (device_check_engine.decode_cell)."""
     import torch
     import transformers
 
@@ -138,10 +136,7 @@ def hf_decode(hf_cfg: dict, dtype: str, batches, contexts, new: int, device: str
             with torch.no_grad():
                 run(2)
                 sync()
-                t = [best_of(lambda: (run(n), sync()), repeats) for n in (1, 1 + new)]
-            step = (t[1] - t[0]) / new
-            out[f"{b}x{ctx}"] = (dict(batch=b, context=ctx, step_ms=1e3 * step, tokens_per_s=b / step) if step > 0
-                                 else f"noisy: {1e3 * t[1]:.1f} ms for {1 + new} tokens, {1e3 * t[0]:.1f} for 1")
+                out[f"{b}x{ctx}"] = decode_cell(lambda n: (run(n), sync()), b, ctx, new, repeats)
     model = run = None                     # frees the weights before empty_cache (the lambda holds it too)
     if device == "cuda":
         torch.cuda.empty_cache()

@@ -21,6 +21,17 @@ import time
 from bench_engine_machine import best_of
 
 
+def decode_cell(run, batch: int, context: int, new: int, repeats: int) -> dict | str:
+    """Decode tokens/s from run(n) (generate n tokens for `batch` prompts of about `context`
+    tokens): (t(1 + new) - t(1)) / new per step, each time the best of `repeats`; how both
+    transformers (device_check.hf_decode) and the engine are timed. A difference that noise
+    makes non-positive (a busy CPU in the smoke test gave one) is reported as such."""
+    t = [best_of(lambda: run(n), repeats) for n in (1, 1 + new)]
+    step = (t[1] - t[0]) / new
+    return (dict(batch=batch, context=context, step_ms=1e3 * step, tokens_per_s=batch / step) if step > 0
+            else f"noisy: {1e3 * t[1]:.1f} ms for {1 + new} tokens, {1e3 * t[0]:.1f} for 1")
+
+
 def engine_decode(backend: str, model_cfg, params_fn, dtype: str, batches, contexts, new: int, block_size: int,
                   max_batched_tokens: int, deadline: float, repeats: int, out: dict, saved) -> dict:
     """Fills `out` with "<batch>x<context>": {batch, context, step_ms, tokens_per_s} (or why
@@ -67,11 +78,8 @@ def engine_decode(backend: str, model_cfg, params_fn, dtype: str, batches, conte
             prompts = [[int(t) for t in rng.integers(3, model_cfg.vocab_size, ctx - new // 2)] for _ in range(b)]
             for n in (1, 1 + new):                     # compiles what the timed runs need
                 serve(prompts, n)
-            t = [best_of(lambda: serve(prompts, n), repeats) for n in (1, 1 + new)]
-            step = (t[1] - t[0]) / new
-            # where an iteration of the 1 + new run went (mostly decode steps): the engine's phases
-            out[f"{b}x{ctx}"] = (dict(batch=b, context=ctx, step_ms=1e3 * step, tokens_per_s=b / step,
-                                      phase_ms_per_iteration=phases[1 + new]) if step > 0
-                                 else f"noisy: {1e3 * t[1]:.1f} ms for {1 + new} tokens, {1e3 * t[0]:.1f} for 1")
+            cell = out[f"{b}x{ctx}"] = decode_cell(lambda n: serve(prompts, n), b, ctx, new, repeats)
+            if isinstance(cell, dict):     # where an iteration of the 1 + new run went (mostly decode steps)
+                cell["phase_ms_per_iteration"] = phases[1 + new]
             saved()
     return out
