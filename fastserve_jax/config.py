@@ -190,33 +190,6 @@ class SchedulerConfig:
         return self.base_quantum * self.quantum_ratio ** level
 
 
-# SchedulerConfig's seconds are tuned in the simulator on the paper's setup, OPT-13B on an A100 at
-# batch 16, where one decode iteration takes this long (cost_models/opt-13b-a100.json; a test
-# keeps the two in step).
-REFERENCE_ITERATION_SECONDS = 0.02055
-
-
-def engine_policy_config(cost_model, max_num_seqs: int, starvation_threshold: float | None = None,
-                         **knobs) -> SchedulerConfig:
-    """SchedulerConfig's defaults for an engine with this cost model (None: the plain
-    defaults): one decode step as the base quantum (FastServe's "about one decode step"), and
-    the starvation limits stretched to as many full-batch decode iterations as the defaults'
-    seconds last on the reference setup. A model that decodes 5x faster than OPT-13B waits
-    2 s, not 10, before promotion and the tail guard; at 10 s the demo model's bursts end
-    before either acts. `starvation_threshold`: seconds that replace the scaled skip-join and
-    gittins limit."""
-    d = SchedulerConfig
-    quantum, scale = d.base_quantum, 1.0
-    if cost_model is not None:
-        quantum = cost_model.decode_time(1)
-        # (a noisy profile's line may fall below its batch-1 time when stretched past its last batch)
-        scale = max(quantum, cost_model.decode_time(max_num_seqs)) / REFERENCE_ITERATION_SECONDS
-    return SchedulerConfig(
-        base_quantum=quantum,
-        starvation_threshold=d.starvation_threshold * scale if starvation_threshold is None else starvation_threshold,
-        predictive_starvation_threshold=d.predictive_starvation_threshold * scale, **knobs)
-
-
 def _pow2_upto(lo: int, hi: int) -> tuple[int, ...]:
     """Powers of two from `lo` with `hi` itself as the last entry (hi need not be a power)."""
     out, b = [], lo
@@ -287,7 +260,7 @@ class EngineConfig:
     # SchedulerConfig.tail_slowdown for the default config above (0: no guard); out of the repr
     tail_slowdown: float = field(default=SchedulerConfig.tail_slowdown, repr=False)
     # SchedulerConfig.starvation_threshold in seconds for the default config above; None: the
-    # default's 10 s scaled to this engine's full-batch decode time (engine_policy_config).
+    # default's 10 s scaled to this engine's full-batch decode time (scheduler/engine_defaults.py).
     starvation_threshold: float | None = field(default=None, repr=False)
     # the policy's cost model: None profiles this engine (cached); else a shipped name or JSON path
     cost_model: str | None = None
@@ -304,6 +277,9 @@ class EngineConfig:
     # stage has a batch of its own (FastServe's answer to pipeline bubbles). 1 runs one batch
     # through all stages before scheduling the next.
     batches_in_flight: int = 0
+    # Schedule and dispatch the next batch before the last one's tokens are read, so the host's
+    # work overlaps the device's (engine.py; one pipeline stage and one host process only)
+    async_scheduling: bool = False
     # record when each pipeline stage was busy (sharding/pipeline.StageActivity); None: if pp > 1
     record_stage_activity: bool | None = None
     # How attention reads the paged KV cache (docs/attention.md): "reference" gathers each
@@ -329,6 +305,11 @@ class EngineConfig:
         ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size)  # raises on bad sizes
         if not isinstance(self.batches_in_flight, int) or self.batches_in_flight < 0:
             raise ValueError(f"batches_in_flight must be >= 0 (0 = pipeline_parallel_size), got {self.batches_in_flight!r}")
+        if self.async_scheduling is not False and (self.async_scheduling is not True or self.pipeline_parallel_size > 1
+                                                   or self.batches_in_flight not in (0, 2)):
+            raise ValueError(f"async_scheduling must be True or False, and True needs pipeline_parallel_size=1 and "
+                             f"batches_in_flight 0 or 2 (it keeps two batches in flight); got {self.async_scheduling!r}, "
+                             f"pipeline_parallel_size={self.pipeline_parallel_size}, batches_in_flight={self.batches_in_flight}")
         f = self.launch_kv_fraction
         if f is not None and (not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 <= f <= 1):
             raise ValueError(f"launch_kv_fraction must be in [0, 1] (0 compiles every block bucket), "
@@ -385,7 +366,8 @@ class EngineConfig:
                                    dtype=self.for_platform(platform).dtype,
                                    prefill_token_buckets=tuple(pre), block_buckets=tuple(blk),
                                    min_launch_blocks=floor,
-                                   batches_in_flight=self.batches_in_flight or self.pipeline_parallel_size)
+                                   batches_in_flight=2 if self.async_scheduling else
+                                   self.batches_in_flight or self.pipeline_parallel_size)
 
 
 def bucket(value: int, buckets: tuple[int, ...]) -> int:

@@ -17,19 +17,20 @@ import jax
 
 from fastserve_jax import policy_state
 from fastserve_jax.admission import validate_request
-from fastserve_jax.config import EngineConfig, SamplingParams, SchedulerConfig, engine_policy_config
+from fastserve_jax.config import EngineConfig, SamplingParams, SchedulerConfig
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.cost_profile import is_provisional, profile_engine
 from fastserve_jax.detokenizer import IncrementalDetokenizer, decoder
-from fastserve_jax.kv_cache import KVLocation, KVManager, auto_num_blocks, auto_num_host_blocks, kv_block_bytes
-from fastserve_jax.kv_plan import Copies, apply_ahead, apply_plan
+from fastserve_jax.kv_cache import KVManager, auto_num_blocks, auto_num_host_blocks, kv_block_bytes
+from fastserve_jax.kv_plan import Copies, apply_plan
 from fastserve_jax.request import Request, RequestOutput, RequestStatus, TokenLogprobs
 from fastserve_jax.runner import ModelRunner
 from fastserve_jax.runner.compiler import resolve_warmup
-from fastserve_jax.runner.swap_ops import moves_of
 from fastserve_jax.scheduler import POLICIES, Limits, make_scheduler
 from fastserve_jax.scheduler.base import Plan
+from fastserve_jax.scheduler.engine_defaults import engine_policy_config
 from fastserve_jax.stats import EngineStats, snapshot
+from fastserve_jax.swap_copies import SwapCopies
 from fastserve_jax.swap_policy import SwapPolicy
 from fastserve_jax.sharding.layout import ModelLayout
 from fastserve_jax.sharding.mesh import ParallelConfig
@@ -45,6 +46,7 @@ class _InFlight:
     pending: list
     started: float                   # perf_counter at the start of the step that dispatched it
     service: float | None = None     # what the policy charges for it (Scheduler.service)
+    wait_first: bool = False         # async scheduling: collect it before the next plan (_advance)
 
 
 class LLMEngine:
@@ -93,15 +95,17 @@ class LLMEngine:
         # Multi-host leader (fastserve_jax/multihost.py): the other processes size their pools like this
         # one, then replay every device operation it issues, in order.
         self.runner.mirror = mirror
+        if mirror is not None and self.cfg.async_scheduling:
+            raise ValueError("async_scheduling runs on one host process: the other processes replay the leader's "
+                             "launches with host tokens only; turn it off for a multi-host engine")
         if mirror is not None:
             mirror({"op": "pools", "num_device_blocks": num_blocks, "num_host_blocks": num_host})
+        self.stats = EngineStats()
         self._inflight: deque[_InFlight] = deque()     # oldest first; at most cfg.batches_in_flight
         self._batches = itertools.count()
         self._last_collected = 0.0
-        self._uploading: list[Request] = []          # uploads issued last iteration, to land next
-        self._swapping_out: list[Request] = []       # swap-outs whose copy may still be in flight
+        self.copies = SwapCopies(self.runner, self.kv, self.swap, self.stats)
         self.eos_ids = eos_ids
-        self.stats = EngineStats()
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._decode = decoder(tokenizer)
@@ -132,7 +136,7 @@ class LLMEngine:
 
     def policy_config(self) -> SchedulerConfig:
         """set_scheduler's config, else the defaults fitted to this engine's cost model
-        (config.engine_policy_config: one decode step as the base quantum, starvation limits
+        (scheduler/engine_defaults.py: one decode step as the base quantum, starvation limits
         scaled to its full-batch decode time)."""
         return self._scheduler_config or engine_policy_config(
             self.cost_model, self.cfg.max_num_seqs, self.cfg.starvation_threshold,
@@ -211,60 +215,97 @@ class LLMEngine:
         the step. With cfg.batches_in_flight = k > 1 (pipeline mode), an iteration dispatches a
         batch of requests that are not in flight and collects the oldest batch only once k are
         in flight (or nothing more can be dispatched), so each pipeline stage holds a different
-        batch; requests in flight are neither scheduled again nor evicted until collected."""
+        batch; requests in flight are neither scheduled again nor evicted until collected.
+
+        With cfg.async_scheduling (k = 2, one stage) the batch in flight is the previous
+        iteration's, and its requests may run again in this one (`_advance`): the host plans,
+        assembles and dispatches batch N+1 while the device runs batch N, then reads N's tokens
+        while N+1 runs. A request that N ends (EOS, a stop string) wastes its row in N+1."""
         st, started, now = self.stats, time.perf_counter(), time.monotonic()
         plan = Plan()
+        got: list[Request] = []
+        if self._inflight and self._inflight[-1].wait_first:
+            got = self._complete(self._inflight.popleft())
         if len(self._inflight) < self.cfg.batches_in_flight:
             with st.phase("schedule"):
                 plan, copies = self._schedule(now)
+                service = self.scheduler.service(plan)        # before _advance moves its requests on
             with st.phase("assemble"):
                 launches = self.runner.build_launches(plan.scheduled, self.kv)
             with st.phase("device"):
-                pending, batch = self._dispatch(plan, copies, launches)
+                pending, batch, wait_first = self._dispatch(plan, copies, launches)
             with st.phase("schedule"):
-                self._swap_ahead(plan, now)
+                self.copies.ahead(plan, self._requests.values(), self.scheduler, now)
             if plan.scheduled:
-                self._inflight.append(_InFlight(batch, plan, launches, pending, started, self.scheduler.service(plan)))
-        got: list[Request] = []
+                self._inflight.append(_InFlight(batch, plan, launches, pending, started, service, wait_first))
         if self._inflight and (len(self._inflight) >= self.cfg.batches_in_flight or not plan.scheduled):
-            got = self._complete(self._inflight.popleft())
-        self._last_scheduled = {s.request.request_id for f in self._inflight for s in f.plan.scheduled} | \
-            {r.request_id for r in got}
-        self._count_swaps()
+            got += self._complete(self._inflight.popleft())
+        while self._inflight and not self._requests:      # only finished requests' rows are left
+            self._complete(self._inflight.popleft())
+        if self.cfg.async_scheduling and plan.scheduled:       # the latest batch: the one on the device now
+            self._last_scheduled = {s.request.request_id for s in plan.scheduled}
+        else:
+            self._last_scheduled = {s.request.request_id for f in self._inflight for s in f.plan.scheduled} | \
+                {r.request_id for r in got}
+        self.copies.count()
         st.iterations += 1
         return got
 
     def _schedule(self, now: float) -> tuple[Plan, Copies]:
         """Land finished uploads, ask the policy for a plan and apply it to the KV ledger;
         returns the plan and the swap copies it needs before its step."""
-        self._land_swaps()
+        self.copies.land()
         self.swap.configure(self.scheduler)
         plan = self.scheduler.schedule(now)
-        if not plan.scheduled and self._uploading:     # only requests still uploading could run
-            self._land_swaps(wait=True)
+        if not plan.scheduled and self.copies.uploading:     # only requests still uploading could run
+            self.copies.land(wait=True)
             plan = self.scheduler.schedule(now)
         self.stats.recomputed_tokens += sum(r.num_computed_tokens for r in plan.preempted)
         copies = apply_plan(plan, self.kv, now)
         self.stats.recomputations += len(plan.preempted)
         for req in plan.preempted:
-            self._forget_host_copy(req)
+            self.copies.forget(req)
         return plan, copies
 
-    def _dispatch(self, plan: Plan, copies: Copies, launches: list) -> tuple[list, int]:
-        """The plan's on-demand swaps, then its launches (asynchronously)."""
-        st = self.stats
-        if copies.swap_out or copies.swap_in:
-            swaps = self.runner.swaps
-            swaps.swap_out(moves_of(copies.swap_out))
-            stalled = swaps.transfer.stall_seconds
-            swaps.swap_in_now(moves_of(copies.swap_in))
-            self.swap.charge(swaps.transfer.stall_seconds - stalled)
-            st.swap_ins_on_demand += len(copies.swap_in)
-            st.swap_outs_on_demand += len(copies.swap_out)
+    def _dispatch(self, plan: Plan, copies: Copies, launches: list) -> tuple[list, int, bool]:
+        """The plan's on-demand swaps, then its launches (asynchronously); returns the device
+        results, the batch's number and whether its tokens are needed before the next plan."""
+        self.copies.on_demand(copies)
         batch = next(self._batches)
         for s in plan.scheduled:
             s.request.in_flight = True
-        return self.runner.dispatch(launches, batch), batch
+        pending = self.runner.dispatch(launches, batch)
+        wait_first = self._advance(plan, launches, pending, batch) if self.cfg.async_scheduling else False
+        return pending, batch, wait_first
+
+    def _advance(self, plan: Plan, launches: list, pending: list, batch: int) -> bool:
+        """Async scheduling: the dispatched batch's progress, counted before its tokens are
+        back, so the next plan can run its requests again. A sampled row's token waits in the
+        runner's token box (`Request.token_slot`, read by the next decode launch); a request
+        whose token ends it for sure (max_tokens, max_model_len) stays in flight. Returns True
+        when some request's next step needs its token on the host (the box was full): the
+        engine then collects this batch before the next plan, an iteration without overlap
+        rather than a request that runs every other one."""
+        wait_first = False
+        for s in plan.scheduled:
+            req = s.request
+            req.num_computed_tokens += s.num_tokens
+            req.flight_batch = batch
+            req.in_flight = False                  # the next prefill chunk's tokens are on the host
+        for ln, out in zip(launches, pending):
+            for i, req in enumerate(ln.rows if out is not None else ()):
+                if req is None:
+                    continue
+                req.pending_tokens += 1
+                sp = req.sampling
+                last = (len(req.output_token_ids) + req.pending_tokens >= sp.max_tokens
+                        or req.num_tokens >= self.cfg.max_model_len)
+                if out[2] is None or last:
+                    req.token_slot, req.in_flight = -1, True
+                    wait_first |= not last
+                else:
+                    req.token_slot = out[2] + i
+        return wait_first
 
     def _complete(self, f: _InFlight) -> list[Request]:
         """Collect a batch's tokens and account for it."""
@@ -281,13 +322,17 @@ class LLMEngine:
                     self.predictor.on_features(list(due.values()), lambda: self.runner.features(f.launches, f.pending, due))
             for s in f.plan.scheduled:
                 req = s.request
-                req.in_flight = False
-                req.num_computed_tokens += s.num_tokens
+                if not self.cfg.async_scheduling:
+                    req.in_flight = False
+                    req.num_computed_tokens += s.num_tokens        # async: counted at dispatch
+                elif req.flight_batch == f.batch:
+                    req.in_flight = False
                 if s.num_tokens == 1 and not req.is_prefilling:
                     st.decode_tokens += 1
                 else:
                     st.prefill_tokens += s.num_tokens
             for req, tok, lp in sampled:
+                req.pending_tokens -= self.cfg.async_scheduling
                 self._append(req, tok, lp, now)
             for ln in f.launches:
                 st.launches[ln.key] = st.launches.get(ln.key, 0) + 1
@@ -302,48 +347,6 @@ class LLMEngine:
             self.swap.on_iteration(duration)
             st.busy += duration
         return [req for req, _, _ in sampled]
-
-    # -- swapping (kv_plan.py, swap_policy.py, runner/swap_ops.py) ------------------------------
-    def _land_swaps(self, wait: bool = False) -> None:
-        """Uploads whose copies are in (all of them if `wait`, counting the wait as stall) go
-        into the cache; the rest stay in flight and their requests wait. Finished swap-outs
-        are marked."""
-        swaps = self.runner.swaps
-        for req in self._uploading:
-            if self.kv.location(req) is KVLocation.SWAPPING_IN and (wait or swaps.transfer.in_landed(req.request_id)):
-                swaps.land(req.request_id)
-                self.kv.finish_swap_in(req)
-        self._uploading = [r for r in self._uploading if self.kv.location(r) is KVLocation.SWAPPING_IN]
-        for req in self._swapping_out:
-            if self.kv.location(req) is KVLocation.SWAPPING_OUT and swaps.transfer.out_landed(req.request_id):
-                self.kv.finish_swap_out(req)
-        self._swapping_out = [r for r in self._swapping_out if self.kv.location(r) is KVLocation.SWAPPING_OUT]
-
-    def _swap_ahead(self, plan, now: float) -> None:
-        ahead = self.swap.plan_ahead(plan, self._requests.values(), self.scheduler, now)
-        self._swapping_out += plan.swapped_out
-        if not ahead:
-            return
-        copies = apply_ahead(ahead, self.kv)
-        self.runner.swaps.swap_out(moves_of(copies.swap_out))
-        self.runner.swaps.start_swap_in(moves_of(copies.swap_in))
-        self._swapping_out += ahead.offload
-        self._uploading += ahead.upload
-        self.stats.swap_ins_ahead += len(ahead.upload)
-        self.stats.swap_outs_ahead += len(ahead.offload)
-
-    def _forget_host_copy(self, req: Request) -> None:
-        if self.runner.swaps is not None:
-            self.runner.swaps.discard(req.request_id)
-
-    def _count_swaps(self) -> None:
-        t = self.runner.transfer
-        if t is None:
-            return
-        st = self.stats
-        st.swap_out_blocks, st.swap_in_blocks = t.blocks_out, t.blocks_in
-        st.swap_out_bytes, st.swap_in_bytes = t.bytes_out, t.bytes_in
-        st.swap_stall = t.stall_seconds
 
     def _append(self, req: Request, token: int, lp: TokenLogprobs | None, now: float) -> None:
         req.output_token_ids.append(token)
@@ -360,7 +363,7 @@ class LLMEngine:
             req.output_text, hit = self._detok[req.request_id].push(token, req.output_text)
             if hit:
                 reason = "stop"
-            elif len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.cfg.max_model_len:
+            elif len(req.output_token_ids) >= sp.max_tokens or req.num_known_tokens >= self.cfg.max_model_len:
                 reason = "length"
         if reason is not None:
             self._finish(req, reason, now)
@@ -373,7 +376,7 @@ class LLMEngine:
         if self.predictor is not None:
             self.predictor.on_finish(req)
         self.kv.free(req)
-        self._forget_host_copy(req)
+        self.copies.forget(req)
         self.swap.forget(req)
         del self._requests[req.request_id]
         del self._detok[req.request_id]

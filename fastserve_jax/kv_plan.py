@@ -10,7 +10,7 @@ transfer-time model), in the order returned:
                         offloads free their device blocks at once, uploads hold theirs, and
                         the caller marks them landed (`KVManager.finish_swap_in`) once the copy
                         is in: the engine checks at the start of each iteration, before its plan
-                        (`LLMEngine._land_swaps`), the simulator when the modelled copy ends.
+                        (`SwapCopies.land`, swap_copies.py), the simulator when the modelled copy ends.
 """
 
 from __future__ import annotations

@@ -70,6 +70,13 @@ class Request:
     # in a batch dispatched but not yet collected (pipeline mode keeps several in flight): it
     # cannot be scheduled again, nor lose its KV, until its token is back
     in_flight: bool = False
+    # Async scheduling (engine.py) only: tokens sampled by dispatched batches, not back yet
+    # (counted in num_tokens, so the next batch's plan sees them); the newest one's index in
+    # the runner's device token box (runner/token_box.py), -1 when a batch may not read it;
+    # the latest batch that holds the request.
+    pending_tokens: int = 0
+    token_slot: int = -1
+    flight_batch: int = -1
     metrics: RequestMetrics = field(init=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +90,11 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host has (all but async scheduling's pending ones)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property

@@ -16,7 +16,7 @@ iteration and its scheduling phase, the policy's host time.
 
 The starvation limit is what the guard waits for. It is the engine's default: the
 simulator's 10 s on OPT-13B scaled to the same number of full-batch decode steps
-(config.engine_policy_config); at --max-num-seqs 16 the demo model decodes about 6x
+(scheduler/engine_defaults.py); at --max-num-seqs 16 the demo model decodes about 6x
 faster, so it waits about 1.6 s. The figures are medians over the rounds, with the
 per-round values, since this VM's speed moves between runs.
 
@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fastserve_jax.config import REFERENCE_ITERATION_SECONDS  # noqa: E402
+from fastserve_jax.scheduler.engine_defaults import REFERENCE_ITERATION_SECONDS  # noqa: E402
 from fastserve_jax.models import demo_task  # noqa: E402
 from fastserve_jax.workload import light_tailed_lengths  # noqa: E402
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--starvation-threshold", type=float, default=None,
                     help="seconds (default: the engine's own, 10 s scaled by its full-batch decode time over "
-                         "OPT-13B's on an A100, config.engine_policy_config)")
+                         "OPT-13B's on an A100, scheduler/engine_defaults.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)

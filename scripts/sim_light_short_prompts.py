@@ -5,7 +5,7 @@ benchmark, scripts/bench_tail_guard.py) behind prompts of --prompt tokens, Poiss
 1.0 and 1.2x the capacity the cost model implies, batch 16, 512 tokens per iteration, a
 device pool of 2,048 blocks of 16 and a host pool as large, proactive swapping; fcfs
 against skip-join-mlfq with the engine's defaults for the cost model
-(config.engine_policy_config), two arrival seeds. Prints skip-join's p99 and mean JCT over
+(scheduler/engine_defaults.py), two arrival seeds. Prints skip-join's p99 and mean JCT over
 fcfs's and fcfs's latency per token over skip-join's.
 
 With 7-token prompts skip-join loses to fcfs on the shipped cost models: every arrival joins
@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fastserve_jax.config import engine_policy_config  # noqa: E402
+from fastserve_jax.scheduler.engine_defaults import engine_policy_config  # noqa: E402
 from fastserve_jax.cost_model import CostModel  # noqa: E402
 from fastserve_jax.sim import SimConfig, simulate  # noqa: E402
 from fastserve_jax.workload import TraceRequest, capacity_rps, light_tailed_lengths, with_arrivals  # noqa: E402

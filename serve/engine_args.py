@@ -71,6 +71,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "group of devices (default 1)")
     g.add_argument("--batches-in-flight", type=int, default=0,
                    help="batches dispatched at once in pipeline mode (default: one per stage)")
+    g.add_argument("--async-scheduling", action="store_true",
+                   help="plan and dispatch each iteration's batch while the device still runs the last one, "
+                        "whose tokens feed it on the device (one pipeline stage, one host; docs/performance.md)")
 
 
 def parse_engine_args(argv: list[str]) -> argparse.Namespace:
@@ -83,7 +86,8 @@ def parse_engine_args(argv: list[str]) -> argparse.Namespace:
 def engine_kwargs(a: argparse.Namespace) -> dict:
     """LLM(a.model, **engine_kwargs(a)): every engine option but the model (warmup only when
     given: each command has its own default)."""
-    kw = dict({k: getattr(a, k) for k in ENGINE_OPTIONS}, scheduler=a.scheduler, protect_decodes=a.protect_decodes)
+    kw = dict({k: getattr(a, k) for k in ENGINE_OPTIONS}, scheduler=a.scheduler, protect_decodes=a.protect_decodes,
+              async_scheduling=a.async_scheduling)
     if kw["warmup"] is None:
         del kw["warmup"]
     return kw
@@ -99,6 +103,8 @@ def engine_argv(a: argparse.Namespace) -> list[str]:
             argv += [f"--{flag.replace('_', '-')}", str(v)]
     if not a.protect_decodes:
         argv.append("--no-protect-decodes")
+    if a.async_scheduling:
+        argv.append("--async-scheduling")
     return argv
 
 

@@ -239,7 +239,8 @@ def _shape(cost, usable_blocks: int):
     """What simulate_policies reads of an engine (sim_fidelity.engine_shape), for a made-up one."""
     from types import SimpleNamespace
 
-    from fastserve_jax.config import EngineConfig, engine_policy_config
+    from fastserve_jax.config import EngineConfig
+    from fastserve_jax.scheduler.engine_defaults import engine_policy_config
 
     return SimpleNamespace(cfg=EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, block_size=4),
                            model_cfg=SimpleNamespace(num_layers=2, num_kv_heads=2, head_dim=8), cost_model=cost,

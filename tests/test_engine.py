@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from fastserve_jax import LLM, SamplingParams
-from fastserve_jax.config import REFERENCE_ITERATION_SECONDS, SchedulerConfig
+from fastserve_jax.config import SchedulerConfig
 from fastserve_jax.runner.compile_guard import CompileCounter
 from fastserve_jax.scheduler import POLICIES
+from fastserve_jax.scheduler.engine_defaults import REFERENCE_ITERATION_SECONDS
 from tiny_engine import ENGINE_KW, GREEDY, hf_greedy, random_prompts
 
 

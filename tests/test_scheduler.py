@@ -784,7 +784,7 @@ def test_skip_join_tail_guard_runs_a_request_behind_its_pace_from_the_top_unchar
 def test_engine_policy_defaults_wait_as_many_full_batch_iterations_as_the_reference_setup():
     """The engine's starvation limits are the defaults' seconds scaled by its full-batch decode
     time over the reference setup's, which the shipped OPT-13B table still gives."""
-    from fastserve_jax.config import REFERENCE_ITERATION_SECONDS, engine_policy_config
+    from fastserve_jax.scheduler.engine_defaults import REFERENCE_ITERATION_SECONDS, engine_policy_config
 
     opt = CostModel.load("opt-13b-a100")
     assert opt.decode_time(16) == pytest.approx(REFERENCE_ITERATION_SECONDS, rel=1e-3)

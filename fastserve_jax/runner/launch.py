@@ -32,6 +32,9 @@ class Launch:
     batch: AttnBatch                # numpy arrays, shapes per models.attention
     logits_idx: np.ndarray          # (N,) int32
     rows: list[Request | None]      # requests to sample for, per logits row (None: discard)
+    # (R,) int32, decode launches under async scheduling: row i's input token is entry src[i]
+    # of the runner's token box when >= 0 (sampled by the batch before, not back on the host)
+    src: np.ndarray | None = None
 
 
 @dataclass
@@ -47,11 +50,12 @@ class LaunchWork:
     logprobs: bool = False
     sampling: SamplingArrays | None = None
     penalties: Penalties | None = None
+    src: np.ndarray | None = None
 
     @classmethod
     def of(cls, ln: Launch, max_model_len: int) -> "LaunchWork":
         live = [r for r in ln.rows if r is not None]
-        work = cls(ln.key, ln.tokens, ln.batch, ln.logits_idx)
+        work = cls(ln.key, ln.tokens, ln.batch, ln.logits_idx, src=ln.src)
         if live:
             work.greedy = all(r.sampling.greedy for r in live)
             work.logprobs = any(r.sampling.logprobs is not None for r in live)
@@ -64,13 +68,13 @@ class LaunchWork:
         return dict(key=launch_key_to_wire(self.key), tokens=self.tokens, batch=list(self.batch),
                     logits_idx=self.logits_idx, greedy=self.greedy, logprobs=self.logprobs,
                     sampling=None if self.sampling is None else list(self.sampling),
-                    penalties=None if self.penalties is None else list(self.penalties))
+                    penalties=None if self.penalties is None else list(self.penalties), src=self.src)
 
     @classmethod
     def from_message(cls, m: dict) -> "LaunchWork":
         return cls(launch_key_from_wire(m["key"]), m["tokens"], AttnBatch(*m["batch"]), m["logits_idx"], m["greedy"],
                    m["logprobs"], None if m["sampling"] is None else SamplingArrays(*m["sampling"]),
-                   None if m["penalties"] is None else Penalties(*m["penalties"]))
+                   None if m["penalties"] is None else Penalties(*m["penalties"]), m.get("src"))
 
 
 def sampling_arrays(rows: list[Request | None]) -> SamplingArrays:
@@ -84,7 +88,7 @@ def sampling_arrays(rows: list[Request | None]) -> SamplingArrays:
         if r is not None:
             sp = r.sampling
             temp[i], top_k[i], top_p[i] = sp.temperature, sp.top_k, sp.top_p
-            seed[i], step[i] = r.seed & 0xFFFFFFFF, len(r.output_token_ids)
+            seed[i], step[i] = r.seed & 0xFFFFFFFF, r.num_tokens - r.num_prompt_tokens   # pending ones too
     return SamplingArrays(temp, top_k, top_p, seed, step)
 
 
@@ -100,6 +104,20 @@ def penalty_arrays(rows: list[Request | None], max_model_len: int) -> Penalties:
             presence[i], frequency[i] = r.sampling.presence_penalty, r.sampling.frequency_penalty
             history[i, :len(r.output_token_ids)] = r.output_token_ids
     return Penalties(presence, frequency, history)
+
+
+def _sources(items: list[ScheduledRequest], rows: int) -> np.ndarray | None:
+    """A decode launch's token-box sources (Launch.src): the rows whose input token is async
+    scheduling's pending one; None when every input token is on the host."""
+    src = None
+    for i, s in enumerate(items):
+        req = s.request
+        if req.num_computed_tokens >= req.num_known_tokens:
+            assert req.token_slot >= 0, f"{req.request_id}: its next input token is neither on the host nor in the box"
+            if src is None:
+                src = np.full(rows, -1, np.int32)
+            src[i] = req.token_slot
+    return src
 
 
 class LaunchBuilder:
@@ -197,7 +215,7 @@ class LaunchBuilder:
         block_seg = np.full((r, nb), -2, np.int32)
         for i, (s, table) in enumerate(zip(items, tables)):
             p = s.request.num_computed_tokens
-            tokens[i, 0] = s.request.token_at(p)
+            tokens[i, 0] = s.request.token_at(p) if p < s.request.num_known_tokens else 0   # else: _sources
             pos[i, 0] = p
             seg[i, 0] = 0
             slots[i, 0] = table[p // bs] * bs + p % bs
@@ -206,7 +224,7 @@ class LaunchBuilder:
         block_pos = np.broadcast_to(np.arange(nb, dtype=np.int32) * bs, (r, nb)).copy()
         rows = [s.request if s.request.num_pending_tokens == 1 else None for s in items] + [None] * (r - len(items))
         return Launch(key, tokens, AttnBatch(pos, seg, slots, block_ids, block_seg, block_pos),
-                      np.arange(r, dtype=np.int32), rows)
+                      np.arange(r, dtype=np.int32), rows, _sources(items, r))
 
     def split_prefill(self, items: list[ScheduledRequest], kv: KVManager) -> list[list[ScheduledRequest]]:
         """Greedy packing into launches that fit the largest token and block buckets."""
@@ -257,6 +275,7 @@ class LaunchBuilder:
             req, n = s.request, s.num_tokens
             p0 = req.num_computed_tokens
             p = np.arange(p0, p0 + n, dtype=np.int32)
+            assert p0 + n <= req.num_known_tokens, f"{req.request_id}: a prefill over tokens not back on the host"
             tokens[at:at + n] = (req.prompt_token_ids + req.output_token_ids)[p0:p0 + n]
             pos[at:at + n] = p
             seg[at:at + n] = i

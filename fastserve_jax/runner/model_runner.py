@@ -29,6 +29,7 @@ from fastserve_jax.runner.keys import LaunchKey, SamplerKey
 from fastserve_jax.runner.kv_transfer import KVTransfer
 from fastserve_jax.runner.launch import Launch, LaunchBuilder, LaunchWork
 from fastserve_jax.runner.swap_ops import SwapOps
+from fastserve_jax.runner.token_box import TokenBox
 from fastserve_jax.sampling import sample
 from fastserve_jax.scheduler.base import ScheduledRequest
 from fastserve_jax.sharding.layout import ModelLayout, move
@@ -108,6 +109,9 @@ class ModelRunner:
         if record_stages is None:
             record_stages = layout.pp > 1
         self.activity = StageActivity(layout.pp) if record_stages else None
+        # async scheduling: the next batch reads this batch's sampled tokens on the device
+        self.token_box = (TokenBox(max(cfg.decode_batch_buckets) + 2 * cfg.max_prefill_seqs, self.stages[-1].replicated)
+                          if cfg.async_scheduling else None)
         self.warmup_seconds = 0.0
 
     @property
@@ -136,6 +140,9 @@ class ModelRunner:
         else:
             self.compiler.compile_now(self.compiler.covering_keys(), progress, threads)
             self.builder.ready = self.compiler.launch_ready
+        if self.token_box is not None:
+            self.token_box.compile_all(self.builder.sampler_rows(), list(self.cfg.decode_batch_buckets),
+                                       self.cfg.max_model_len)
         self.warmup_seconds = time.perf_counter() - t0
         return self.warmup_seconds
 
@@ -192,7 +199,7 @@ class ModelRunner:
         """Queue one launch through every stage (asynchronously); returns the logits."""
         self.compiler.ensure(ln.key)
         rec = self.activity.begin(batch_id) if self.activity is not None else None
-        x = ln.tokens
+        x = ln.tokens if ln.src is None else self.token_box.take(ln.tokens, ln.src)
         for st in self.stages:
             if not st.first:
                 x = move(x, st.input_sharding)
@@ -208,14 +215,22 @@ class ModelRunner:
         return self.run(work, batch_id)
 
     def run(self, work: list[LaunchWork], batch_id: int = -1) -> list:
+        """Per launch None (nothing sampled) or (Sampled, pooled features, the offset of its
+        tokens in the token box, None without one or when the box is full)."""
         pending = []
+        if self.token_box is not None:
+            self.token_box.start_batch()
         for w in work:
             logits, feats = self.forward(w, batch_id)
             if w.sampling is None:
                 pending.append(None)
                 continue
             key = sampler_key(w)
-            pending.append((self.sampler(key)(logits, w.sampling, *((w.penalties,) if key.penalties else ())), feats))
+            penalties = w.penalties
+            if penalties is not None and w.src is not None:         # a pending token joins the history
+                penalties = penalties._replace(history=self.token_box.patch(penalties.history, w.src))
+            sampled = self.sampler(key)(logits, w.sampling, *((penalties,) if key.penalties else ()))
+            pending.append((sampled, feats, self.token_box.put(sampled.tokens) if self.token_box is not None else None))
         return pending
 
     @staticmethod

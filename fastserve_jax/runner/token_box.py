@@ -1,0 +1,116 @@
+"""The device-side token box of async scheduling: sampled tokens feed the next batch on the device.
+
+With async scheduling (engine.py) the engine dispatches batch N+1 before it has read batch
+N's sampled tokens, so a request that decodes in both does not know its next input token on
+the host. Each batch's samplers write their tokens into this small device array, launch by
+launch at fixed offsets; the next batch's decode launch takes each such row's token from it
+(`Launch.src`) and every other row's from the host. Nothing waits for the device.
+
+    box (size,) int32    [decode launch's rows | prefill launch 1's rows | ...]
+    put(box, tokens (n,), offset) -> box      one per sampled launch, in dispatch order
+    take(box, host (R, 1), src (R,)) -> (R, 1)    src[i] >= 0: box[src[i]], else host[i]
+    patch(box, history (R, H), src (R,)) -> (R, H)  the pending token appended to row i's
+        output history (padded with -1) where src[i] >= 0, for presence/frequency penalties
+
+The device runs the programs in the order they are queued, so a batch's `take` reads the
+previous batch's tokens before this batch's `put`s overwrite them. Every shape is compiled
+once per logits-row count (put) and decode bucket (take, patch), by `compile_all` in a
+full warm-up, so serving compiles nothing new.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+
+def _put(box: jax.Array, tokens: jax.Array, offset: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice(box, tokens.astype(box.dtype), (offset,))
+
+
+def _take(box: jax.Array, host: jax.Array, src: jax.Array) -> jax.Array:
+    return jnp.where(src[:, None] >= 0, box[jnp.maximum(src, 0)][:, None], host)
+
+
+def _patch(box: jax.Array, history: jax.Array, src: jax.Array) -> jax.Array:
+    rows = jnp.arange(history.shape[0])
+    col = jnp.minimum((history >= 0).sum(axis=1), history.shape[1] - 1)      # first padding entry
+    return history.at[rows, col].set(jnp.where(src >= 0, box[jnp.maximum(src, 0)], history[rows, col]))
+
+
+class TokenBox:
+    """size: entries (the largest decode bucket plus two prefill launches' logits rows);
+    sharding: where the sampler's tokens are (the last stage, replicated), which is where the
+    first stage reads its input tokens when there is one stage."""
+
+    def __init__(self, size: int, sharding: NamedSharding) -> None:
+        self.size = size
+        self.sharding = sharding
+        self.box = jax.device_put(np.zeros(size, np.int32), sharding)
+        self._put_fn = jax.jit(_put, out_shardings=sharding)
+        self._take_fn = jax.jit(_take, out_shardings=sharding)
+        self._patch_fn = jax.jit(_patch, out_shardings=sharding)
+        self._puts: dict[int, object] = {}       # tokens rows -> compiled put
+        self._takes: dict[int, object] = {}      # decode rows -> compiled take
+        self._patches: dict[tuple[int, int], object] = {}    # (decode rows, history length) -> compiled patch
+        self._offset = 0
+
+    def start_batch(self) -> None:
+        """The next puts belong to a new batch: they fill the box from its start."""
+        self._offset = 0
+
+    def put(self, tokens: jax.Array) -> int | None:
+        """Queue a copy of one launch's sampled tokens into the box; returns the offset of its
+        row 0, or None when the batch's launches have filled the box (its rows then wait for
+        the host, see engine.py)."""
+        n = tokens.shape[0]
+        if self._offset + n > self.size:
+            return None
+        at, self._offset = self._offset, self._offset + n
+        self.box = self._compiled_put(n)(self.box, tokens, np.int32(at))
+        return at
+
+    def take(self, host: np.ndarray, src: np.ndarray) -> jax.Array:
+        """A decode launch's (R, 1) input tokens: the box's entries where src >= 0."""
+        return self._compiled_take(host.shape[0])(self.box, host, src)
+
+    def patch(self, history: np.ndarray, src: np.ndarray) -> jax.Array:
+        """A decode launch's penalty history with each src row's pending token appended."""
+        return self._compiled_patch(*history.shape)(self.box, history, src)
+
+    def _compiled_put(self, n: int):
+        fn = self._puts.get(n)
+        if fn is None:
+            tokens = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=self.sharding)
+            fn = self._puts[n] = self._put_fn.lower(self.box, tokens, np.int32(0)).compile()
+        return fn
+
+    def _compiled_take(self, rows: int):
+        fn = self._takes.get(rows)
+        if fn is None:
+            host = jax.ShapeDtypeStruct((rows, 1), jnp.int32)
+            src = jax.ShapeDtypeStruct((rows,), jnp.int32)
+            fn = self._takes[rows] = self._take_fn.lower(self.box, host, src).compile()
+        return fn
+
+    def _compiled_patch(self, rows: int, length: int):
+        fn = self._patches.get((rows, length))
+        if fn is None:
+            history = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+            src = jax.ShapeDtypeStruct((rows,), jnp.int32)
+            fn = self._patches[rows, length] = self._patch_fn.lower(self.box, history, src).compile()
+        return fn
+
+    def compile_all(self, sampler_rows: list[int], decode_rows: list[int], history: int) -> None:
+        """Every shape serving uses; `history`: the penalties' history length (max_model_len)."""
+        for n in sampler_rows:
+            self._compiled_put(n)
+        for r in decode_rows:
+            self._compiled_take(r)
+            self._compiled_patch(r, history)
+
+    def count(self) -> int:
+        """Executables compiled so far."""
+        return len(self._puts) + len(self._takes) + len(self._patches)
