@@ -9,7 +9,9 @@ over `new`, the best of `repeats` runs each, exactly as hf_decode takes transfor
 runs are served once first, so every shape they need is compiled before the timing (the
 engine compiles lazily). The model is the random-weight one of the backend cells; its
 tokenizer is the byte-level one random checkpoints get (models/random_checkpoint.py), so
-detokenizing costs what a real tokenizer's incremental decode costs.
+detokenizing costs what a real tokenizer's incremental decode costs. A backend named
+"<backend>+async" runs the engine with async scheduling (the next iteration planned and
+dispatched while the device runs the last), to show how much host time that hides.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ def decode_cell(run, batch: int, context: int, new: int, repeats: int) -> dict |
 def engine_decode(backend: str, model_cfg, params_fn, dtype: str, batches, contexts, new: int, block_size: int,
                   max_batched_tokens: int, deadline: float, repeats: int, out: dict, saved) -> dict:
     """Fills `out` with "<batch>x<context>": {batch, context, step_ms, tokens_per_s} (or why
-    not) for one attention backend, calling saved() after each cell; params_fn() draws the
-    model's params on the device."""
+    not) for one attention backend ("<backend>+async": with async scheduling), calling saved()
+    after each cell; params_fn() draws the model's params on the device."""
     import numpy as np
 
     from fastserve_jax.config import EngineConfig, SamplingParams
@@ -53,7 +55,8 @@ def engine_decode(backend: str, model_cfg, params_fn, dtype: str, batches, conte
     blocks = max(batches) * -(-max_len // block_size) + 1
     cfg = EngineConfig(dtype=dtype, max_model_len=max_len, max_num_seqs=max(batches), block_size=block_size,
                        max_num_batched_tokens=max_batched_tokens, num_device_blocks=blocks, num_host_blocks=0,
-                       swap_policy="recompute", scheduler="fcfs", attention_backend=backend)
+                       swap_policy="recompute", scheduler="fcfs", attention_backend=backend.split("+")[0],
+                       async_scheduling=backend.endswith("+async"))
     engine = LLMEngine(model_cfg, params_fn(), tokenizer, cfg, warmup="lazy", own_params=True)
     rng = np.random.default_rng(0)
 
