@@ -51,6 +51,19 @@ def test_greedy_outputs_match_one_device_with_swapping_forced(four_layer, arch, 
     assert len(e.runner.stages) == pp and len({d for st in e.runner.stages for d in st.devices}) == tp * pp
 
 
+def test_async_scheduling_matches_one_device_under_tensor_parallelism(four_layer):
+    """Async scheduling at tp=4: the token box is replicated over the stage's mesh, and the
+    decode rows that read their input tokens from it give one device's greedy tokens, with
+    swapping forced."""
+    path, want = four_layer["llama"]
+    llm = LLM(path, warmup=False, num_device_blocks=16, num_host_blocks=64, swap_policy="proactive",
+              tensor_parallel_size=4, async_scheduling=True, **KW)
+    box = llm.engine.runner.token_box
+    assert box is not None and len(box.box.sharding.device_set) == 4
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == want
+    assert llm.engine.stats.swap_out_blocks > 0
+
+
 @pytest.mark.parametrize("arch,tp,pp,kernel", [("llama", 4, 1, "triton"),
                                                pytest.param("opt", 2, 2, "triton", marks=pytest.mark.slow),
                                                # host callbacks per shard in interpret mode: ~40 s here
