@@ -332,7 +332,8 @@ class LLMEngine:
                 else:
                     st.prefill_tokens += s.num_tokens
             for req, tok, lp in sampled:
-                req.pending_tokens -= self.cfg.async_scheduling
+                if self.cfg.async_scheduling:
+                    req.pending_tokens -= 1                # now a known output token
                 self._append(req, tok, lp, now)
             for ln in f.launches:
                 st.launches[ln.key] = st.launches.get(ln.key, 0) + 1

@@ -15,7 +15,7 @@ launch at fixed offsets; the next batch's decode launch takes each such row's to
 The device runs the programs in the order they are queued, so a batch's `take` reads the
 previous batch's tokens before this batch's `put`s overwrite them. Every shape is compiled
 once per logits-row count (put) and decode bucket (take, patch), by `compile_all` in a
-full warm-up, so serving compiles nothing new.
+full or background warm-up, so serving after a full one compiles nothing new.
 """
 
 from __future__ import annotations
