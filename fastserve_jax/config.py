@@ -278,8 +278,9 @@ class EngineConfig:
     # through all stages before scheduling the next.
     batches_in_flight: int = 0
     # Schedule and dispatch the next batch before the last one's tokens are read, so the host's
-    # work overlaps the device's (engine.py; one pipeline stage and one host process only)
-    async_scheduling: bool = False
+    # work overlaps the device's (engine.py; one pipeline stage and one host process only).
+    # None: on where it can be (pp 1, batches_in_flight 0 or 2, one host), resolved by `resolve`
+    async_scheduling: bool | None = None
     # record when each pipeline stage was busy (sharding/pipeline.StageActivity); None: if pp > 1
     record_stage_activity: bool | None = None
     # How attention reads the paged KV cache (docs/attention.md): "reference" gathers each
@@ -305,11 +306,11 @@ class EngineConfig:
         ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size)  # raises on bad sizes
         if not isinstance(self.batches_in_flight, int) or self.batches_in_flight < 0:
             raise ValueError(f"batches_in_flight must be >= 0 (0 = pipeline_parallel_size), got {self.batches_in_flight!r}")
-        if self.async_scheduling is not False and (self.async_scheduling is not True or self.pipeline_parallel_size > 1
-                                                   or self.batches_in_flight not in (0, 2)):
-            raise ValueError(f"async_scheduling must be True or False, and True needs pipeline_parallel_size=1 and "
-                             f"batches_in_flight 0 or 2 (it keeps two batches in flight); got {self.async_scheduling!r}, "
-                             f"pipeline_parallel_size={self.pipeline_parallel_size}, batches_in_flight={self.batches_in_flight}")
+        if self.async_scheduling not in (None, False) and (self.async_scheduling is not True or not self._async_fits):
+            raise ValueError(f"async_scheduling must be None (where it can run), True or False, and True needs "
+                             f"pipeline_parallel_size=1 and batches_in_flight 0 or 2 (it keeps two batches in flight); "
+                             f"got {self.async_scheduling!r}, pipeline_parallel_size={self.pipeline_parallel_size}, "
+                             f"batches_in_flight={self.batches_in_flight}")
         f = self.launch_kv_fraction
         if f is not None and (not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 <= f <= 1):
             raise ValueError(f"launch_kv_fraction must be in [0, 1] (0 compiles every block bucket), "
@@ -326,6 +327,10 @@ class EngineConfig:
                              f"got {self.attention_backend!r}")
 
     @property
+    def _async_fits(self) -> bool:
+        return self.pipeline_parallel_size == 1 and self.batches_in_flight in (0, 2)
+
+    @property
     def max_blocks_per_seq(self) -> int:
         return -(-self.max_model_len // self.block_size)
 
@@ -339,10 +344,16 @@ class EngineConfig:
         auto = "bfloat16" if platform in ("gpu", "tpu") else "float32"
         return dataclasses.replace(self, dtype=auto) if self.dtype == "auto" else self
 
-    def resolve(self, weight_bytes: int = 0, kv_block_bytes: int = 0, platform: str = "cpu") -> "EngineConfig":
+    def resolve(self, weight_bytes: int = 0, kv_block_bytes: int = 0, platform: str = "cpu",
+                multi_host: bool = False) -> "EngineConfig":
         """Fill in derived bucket lists; validate user-given ones. With the model's weight bytes
         and bytes per KV block (all layers), also `min_launch_blocks` (see launch_kv_fraction;
-        `platform` picks its default); given block_buckets are compiled whole."""
+        `platform` picks its default); given block_buckets are compiled whole. `multi_host`: the
+        engine leads other processes (async_scheduling None resolves to off; True is refused)."""
+        if multi_host and self.async_scheduling:
+            raise ValueError("async_scheduling runs on one host process: the other processes replay the leader's "
+                             "launches with host tokens only; leave it unset or False for a multi-host engine")
+        asyn = self._async_fits and not multi_host if self.async_scheduling is None else self.async_scheduling
         dec = self.decode_batch_buckets or _pow2_upto(1, self.max_num_seqs)
         pre = self.prefill_token_buckets or _pow2_upto(min(32, self.max_num_batched_tokens),
                                                         self.max_num_batched_tokens)
@@ -366,7 +377,7 @@ class EngineConfig:
                                    dtype=self.for_platform(platform).dtype,
                                    prefill_token_buckets=tuple(pre), block_buckets=tuple(blk),
                                    min_launch_blocks=floor,
-                                   batches_in_flight=2 if self.async_scheduling else
+                                   async_scheduling=asyn, batches_in_flight=2 if asyn else
                                    self.batches_in_flight or self.pipeline_parallel_size)
 
 

@@ -70,7 +70,8 @@ class LLMEngine:
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer
         self.cfg = cfg.resolve(sum(x.nbytes for x in jax.tree.leaves(params)), kv_block_bytes(model_cfg, cfg),
-                               (layout.devices[0].platform if layout else jax.devices()[0].platform))
+                               (layout.devices[0].platform if layout else jax.devices()[0].platform),
+                               multi_host=mirror is not None)
         self.layout = layout or ModelLayout(model_cfg, ParallelConfig(cfg.tensor_parallel_size,
                                                                       cfg.pipeline_parallel_size))
         if self.layout.parallel != ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size):
@@ -95,9 +96,6 @@ class LLMEngine:
         # Multi-host leader (fastserve_jax/multihost.py): the other processes size their pools like this
         # one, then replay every device operation it issues, in order.
         self.runner.mirror = mirror
-        if mirror is not None and self.cfg.async_scheduling:
-            raise ValueError("async_scheduling runs on one host process: the other processes replay the leader's "
-                             "launches with host tokens only; turn it off for a multi-host engine")
         if mirror is not None:
             mirror({"op": "pools", "num_device_blocks": num_blocks, "num_host_blocks": num_host})
         self.stats = EngineStats()

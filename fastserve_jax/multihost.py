@@ -85,8 +85,8 @@ def run_worker(model: str | None, engine_kwargs: dict, channel: PlanChannel, pro
     kwargs.update(num_device_blocks=int(first["num_device_blocks"]),
                   num_host_blocks=int(first["num_host_blocks"]),
                   # the worker never schedules: a policy without a cost model avoids profiling,
-                  # which would run device work the leader does not mirror
-                  scheduler="fcfs", cost_model=None, record_stage_activity=False)
+                  # which would run device work the leader does not mirror (nor a token box)
+                  scheduler="fcfs", cost_model=None, record_stage_activity=False, async_scheduling=False)
     llm = LLM(model, progress=progress, **kwargs)
     log.info("worker ready (%s); replaying the leader's steps", llm.engine.layout.describe())
     try:

@@ -205,7 +205,7 @@ def burst_setup(a: argparse.Namespace) -> Burst:
     argv = ["--max-num-seqs", str(a.max_num_seqs), "--max-num-batched-tokens", str(a.max_num_batched_tokens),
             "--block-size", str(a.block_size), "--num-device-blocks", str(pool + 1),     # + the null block
             "--num-host-blocks", str(live), "--swap-policy", "proactive"] + \
-        ([] if a.protect_decodes else ["--no-protect-decodes"])
+        ([] if a.protect_decodes else ["--no-protect-decodes"]) + ([] if a.async_scheduling else ["--no-async-scheduling"])
     print(f"burst: {a.num_requests} counting prompts of {min(prompt_tokens)}-{max(prompt_tokens)} tokens, outputs "
           f"{min(outputs)}-{max(outputs)} tokens (median {statistics.median(outputs):g}, mean "
           f"{statistics.mean(outputs):.1f}); live KV {live} blocks of {a.block_size}, device pool {pool} usable "
@@ -247,6 +247,9 @@ def add_burst_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-protect-decodes", dest="protect_decodes", action="store_false",
                     help="skip-join as the paper has it (serve --no-protect-decodes), here and in the simulator")
     ap.add_argument("--seed", type=int, default=0, help="seed of the requests and arrivals")
+    ap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                    help="every engine (both policies' servers, the in-process runs) without async scheduling, the "
+                         "loop the simulator models (by default they schedule asynchronously)")
 
 
 def burst_rate(a: argparse.Namespace, b: Burst) -> tuple[float | None, float]:

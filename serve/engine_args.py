@@ -71,9 +71,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "group of devices (default 1)")
     g.add_argument("--batches-in-flight", type=int, default=0,
                    help="batches dispatched at once in pipeline mode (default: one per stage)")
-    g.add_argument("--async-scheduling", action="store_true",
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="plan and dispatch each iteration's batch while the device still runs the last one, "
-                        "whose tokens feed it on the device (one pipeline stage, one host; docs/performance.md)")
+                        "whose tokens feed it on the device (default: on with one pipeline stage on one host, "
+                        "off otherwise; docs/performance.md)")
 
 
 def parse_engine_args(argv: list[str]) -> argparse.Namespace:
@@ -103,8 +104,8 @@ def engine_argv(a: argparse.Namespace) -> list[str]:
             argv += [f"--{flag.replace('_', '-')}", str(v)]
     if not a.protect_decodes:
         argv.append("--no-protect-decodes")
-    if a.async_scheduling:
-        argv.append("--async-scheduling")
+    if a.async_scheduling is not None:
+        argv.append("--async-scheduling" if a.async_scheduling else "--no-async-scheduling")
     return argv
 
 

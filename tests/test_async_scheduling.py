@@ -140,15 +140,26 @@ def test_decode_rows_with_a_pending_token_read_it_from_the_box():
 @pytest.mark.parametrize("bad", [dict(async_scheduling="yes"), dict(async_scheduling=True, pipeline_parallel_size=2),
                                  dict(async_scheduling=True, batches_in_flight=3)])
 def test_async_scheduling_config_is_checked(bad):
-    with pytest.raises(ValueError, match="async_scheduling must be True or False"):
+    with pytest.raises(ValueError, match="async_scheduling must be None"):
         EngineConfig(**bad)
+    with pytest.raises(ValueError, match="one host process"):
+        EngineConfig(async_scheduling=True).resolve(multi_host=True)
+
+
+def test_async_scheduling_is_on_by_default_where_it_can_run():
+    on = EngineConfig().resolve()
+    assert on.async_scheduling is True and on.batches_in_flight == 2
+    for kw, inflight in ((dict(pipeline_parallel_size=2), 2), (dict(batches_in_flight=1), 1), ({}, 1)):
+        off = EngineConfig(**kw).resolve(multi_host=not kw)
+        assert off.async_scheduling is False and off.batches_in_flight == inflight, kw
+    off = EngineConfig(async_scheduling=False).resolve()
+    assert off.async_scheduling is False and off.batches_in_flight == 1
 
 
 def test_async_scheduling_flag_reaches_the_engine_and_started_servers():
     from fastserve_jax.serve.engine_args import engine_argv, engine_kwargs, parse_engine_args
 
-    a = parse_engine_args(["--async-scheduling"])
-    assert engine_kwargs(a)["async_scheduling"] is True
-    assert "--async-scheduling" in engine_argv(a)
-    assert engine_kwargs(parse_engine_args([]))["async_scheduling"] is False
-    assert EngineConfig(async_scheduling=True).resolve().batches_in_flight == 2
+    for flags, value in (([], None), (["--async-scheduling"], True), (["--no-async-scheduling"], False)):
+        a = parse_engine_args(flags)
+        assert engine_kwargs(a)["async_scheduling"] is value
+        assert engine_argv(a)[-len(flags):] == flags if flags else "async" not in " ".join(engine_argv(a))
