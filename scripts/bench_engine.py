@@ -152,11 +152,19 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"      {by_policy[policy]['wall_s']:.1f} s, {by_policy[policy]['tokens_per_s']:.1f} tok/s", flush=True)
     ours, our_tokens = by_policy[policies[0]], tokens_by_policy[policies[0]]
 
+    # the same engine with the synchronous loop: its trace run beside the default's, and the
+    # decode step timed as one launch from dispatch to tokens (async overlaps a step with the next)
+    sync_llm = make_llm(path, max_len, args.max_batched_tokens, cache_dir, policies[0], async_scheduling=False)[0]
+    print(f"      running {n_req} requests, scheduler {policies[0]}, synchronous loop ...", flush=True)
+    ours_sync, sync_tokens = run_ours(sync_llm, wl, policies[0])
+    print(f"      {ours_sync['wall_s']:.1f} s, {ours_sync['tokens_per_s']:.1f} tok/s; async scheduling (the default) "
+          f"{ours['tokens_per_s'] / ours_sync['tokens_per_s']:.2f}x that", flush=True)
+
     print("[2/5] roofline: memory bandwidth and matmul rates ...", flush=True)
     rates_before = machine_rates(model_cfg, DECODE_BATCH)
     print(f"[3/5] decode step at batch {DECODE_BATCH} ...", flush=True)
-    dec = measure_decode_step(llm, DECODE_BATCH, DECODE_PROMPT, dec_tokens, args.seed)
-    parts = profile_decode_parts(llm, DECODE_BATCH, dec["max_blocks"], rounds=5)
+    dec = measure_decode_step(sync_llm, DECODE_BATCH, DECODE_PROMPT, dec_tokens, args.seed)
+    parts = profile_decode_parts(sync_llm, DECODE_BATCH, dec["max_blocks"], rounds=5)
     print(f"      matmuls of the {ours['scheduler']} run's launches, alone ...", flush=True)
     floor = matmul_floor(llm, ours["launch_counts"])
     rates_after = machine_rates(model_cfg, DECODE_BATCH)
@@ -182,11 +190,12 @@ def main(argv: list[str] | None = None) -> dict:
                                                     args.max_batched_tokens, max_len, DECODE_BATCH, DECODE_PROMPT)
 
     policy_agreement = {p: agreement(our_tokens, t) for p, t in tokens_by_policy.items() if p != policies[0]}
-    for d in (*by_policy.values(), hf_cb, hf_static):
+    policy_agreement[f"{policies[0]}, synchronous loop"] = agreement(our_tokens, sync_tokens)
+    for d in (*by_policy.values(), ours_sync, hf_cb, hf_static):
         if d is not None:
             d["model_gflops"] = wl_flops / d["wall_s"] / 1e9
             d["frac_of_peak"] = d["model_gflops"] / roofline["matmul_peak_gflops"]
-    report.update(workload_gflop=wl_flops / 1e9, start=start, ours=ours, ours_by_policy=by_policy,
+    report.update(workload_gflop=wl_flops / 1e9, start=start, ours=ours, ours_by_policy=by_policy, ours_sync=ours_sync,
                   policy_agreement=policy_agreement, hf_continuous=hf_cb, hf_static=hf_static,
                   roofline=roofline, decode=dec, decode_parts=parts, matmul_floor=floor, checks=checks,
                   total_s=time.perf_counter() - t_start,

@@ -35,7 +35,8 @@ def launch_counts(launches: dict) -> list[list]:
     return sorted([*launch_key_to_wire(k), n] for k, n in launches.items())
 
 
-def make_llm(path: str, wl_max_len: int, max_batched_tokens: int, cache_dir: str | None, scheduler: str):
+def make_llm(path: str, wl_max_len: int, max_batched_tokens: int, cache_dir: str | None, scheduler: str,
+             async_scheduling: bool | None = None):
     """The engine as the benchmark runs it: 32 sequences, blocks for 32 of the longest; returns
     (llm, seconds to construct it, compiled launch and sampler executables)."""
     from fastserve_jax import LLM
@@ -44,7 +45,7 @@ def make_llm(path: str, wl_max_len: int, max_batched_tokens: int, cache_dir: str
     t0 = time.perf_counter()
     llm = LLM(path, max_model_len=wl_max_len, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=max_batched_tokens,
               block_size=BLOCK_SIZE, num_device_blocks=MAX_NUM_SEQS * blocks_per_seq + 1,
-              compilation_cache_dir=cache_dir, scheduler=scheduler, warmup="full")
+              compilation_cache_dir=cache_dir, scheduler=scheduler, warmup="full", async_scheduling=async_scheduling)
     construct = time.perf_counter() - t0
     runner = llm.engine.runner
     n_compiled = len(runner.samplers) + sum(len(st.compiled) for st in runner.stages)
@@ -104,7 +105,8 @@ def run_ours(llm, wl: Workload, scheduler: str) -> tuple[dict, list[list[int]]]:
 
 
 def measure_decode_step(llm, batch: int, prompt_len: int, new_tokens: int, seed: int, probe_size: int = 1024) -> dict:
-    """`batch` requests with short prompts; once all are decoding, time each `engine.step()`.
+    """`batch` requests with short prompts; once all are decoding, time each `engine.step()`
+    (of an engine without async scheduling: a step is then the whole launch, dispatch to tokens).
 
     Each step is paired with a square matmul timed right after it (best of 2), so every
     step has the machine's matmul rate of that moment beside it (the machine is shared)."""
