@@ -278,8 +278,8 @@ class EngineConfig:
     # through all stages before scheduling the next.
     batches_in_flight: int = 0
     # Schedule and dispatch the next batch before the last one's tokens are read, so the host's
-    # work overlaps the device's (engine.py; one pipeline stage and one host process only).
-    # None: on where it can be (pp 1, batches_in_flight 0 or 2, one host), resolved by `resolve`
+    # work overlaps the device's (engine.py; one pipeline stage only).
+    # None: on where it can be (pp 1, batches_in_flight 0 or 2), resolved by `resolve`
     async_scheduling: bool | None = None
     # record when each pipeline stage was busy (sharding/pipeline.StageActivity); None: if pp > 1
     record_stage_activity: bool | None = None
@@ -344,16 +344,11 @@ class EngineConfig:
         auto = "bfloat16" if platform in ("gpu", "tpu") else "float32"
         return dataclasses.replace(self, dtype=auto) if self.dtype == "auto" else self
 
-    def resolve(self, weight_bytes: int = 0, kv_block_bytes: int = 0, platform: str = "cpu",
-                multi_host: bool = False) -> "EngineConfig":
+    def resolve(self, weight_bytes: int = 0, kv_block_bytes: int = 0, platform: str = "cpu") -> "EngineConfig":
         """Fill in derived bucket lists; validate user-given ones. With the model's weight bytes
         and bytes per KV block (all layers), also `min_launch_blocks` (see launch_kv_fraction;
-        `platform` picks its default); given block_buckets are compiled whole. `multi_host`: the
-        engine leads other processes (async_scheduling None resolves to off; True is refused)."""
-        if multi_host and self.async_scheduling:
-            raise ValueError("async_scheduling runs on one host process: the other processes replay the leader's "
-                             "launches with host tokens only; leave it unset or False for a multi-host engine")
-        asyn = self._async_fits and not multi_host if self.async_scheduling is None else self.async_scheduling
+        `platform` picks its default); given block_buckets are compiled whole."""
+        asyn = self._async_fits if self.async_scheduling is None else self.async_scheduling
         dec = self.decode_batch_buckets or _pow2_upto(1, self.max_num_seqs)
         pre = self.prefill_token_buckets or _pow2_upto(min(32, self.max_num_batched_tokens),
                                                         self.max_num_batched_tokens)

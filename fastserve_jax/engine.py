@@ -70,8 +70,7 @@ class LLMEngine:
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer
         self.cfg = cfg.resolve(sum(x.nbytes for x in jax.tree.leaves(params)), kv_block_bytes(model_cfg, cfg),
-                               (layout.devices[0].platform if layout else jax.devices()[0].platform),
-                               multi_host=mirror is not None)
+                               (layout.devices[0].platform if layout else jax.devices()[0].platform))
         self.layout = layout or ModelLayout(model_cfg, ParallelConfig(cfg.tensor_parallel_size,
                                                                       cfg.pipeline_parallel_size))
         if self.layout.parallel != ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size):
@@ -97,7 +96,8 @@ class LLMEngine:
         # one, then replay every device operation it issues, in order.
         self.runner.mirror = mirror
         if mirror is not None:
-            mirror({"op": "pools", "num_device_blocks": num_blocks, "num_host_blocks": num_host})
+            mirror({"op": "pools", "num_device_blocks": num_blocks, "num_host_blocks": num_host,
+                    "async_scheduling": self.cfg.async_scheduling})
         self.stats = EngineStats()
         self._inflight: deque[_InFlight] = deque()     # oldest first; at most cfg.batches_in_flight
         self._batches = itertools.count()

@@ -85,10 +85,13 @@ def run_worker(model: str | None, engine_kwargs: dict, channel: PlanChannel, pro
     kwargs.update(num_device_blocks=int(first["num_device_blocks"]),
                   num_host_blocks=int(first["num_host_blocks"]),
                   # the worker never schedules: a policy without a cost model avoids profiling,
-                  # which would run device work the leader does not mirror (nor a token box)
-                  scheduler="fcfs", cost_model=None, record_stage_activity=False, async_scheduling=False)
+                  # which would run device work the leader does not mirror
+                  scheduler="fcfs", cost_model=None, record_stage_activity=False,
+                  # a token box, and the same puts and takes in the replayed launches, as the leader's
+                  async_scheduling=bool(first.get("async_scheduling", False)))
     llm = LLM(model, progress=progress, **kwargs)
-    log.info("worker ready (%s); replaying the leader's steps", llm.engine.layout.describe())
+    log.info("worker ready (%s%s); replaying the leader's steps", llm.engine.layout.describe(),
+             ", async scheduling" if llm.engine.cfg.async_scheduling else "")
     try:
         channel.send_ready()
         n = replay(llm.engine.runner, channel)

@@ -142,15 +142,13 @@ def test_decode_rows_with_a_pending_token_read_it_from_the_box():
 def test_async_scheduling_config_is_checked(bad):
     with pytest.raises(ValueError, match="async_scheduling must be None"):
         EngineConfig(**bad)
-    with pytest.raises(ValueError, match="one host process"):
-        EngineConfig(async_scheduling=True).resolve(multi_host=True)
 
 
 def test_async_scheduling_is_on_by_default_where_it_can_run():
     on = EngineConfig().resolve()
     assert on.async_scheduling is True and on.batches_in_flight == 2
-    for kw, inflight in ((dict(pipeline_parallel_size=2), 2), (dict(batches_in_flight=1), 1), ({}, 1)):
-        off = EngineConfig(**kw).resolve(multi_host=not kw)
+    for kw, inflight in ((dict(pipeline_parallel_size=2), 2), (dict(batches_in_flight=1), 1)):
+        off = EngineConfig(**kw).resolve()
         assert off.async_scheduling is False and off.batches_in_flight == inflight, kw
     off = EngineConfig(async_scheduling=False).resolve()
     assert off.async_scheduling is False and off.batches_in_flight == 1

@@ -1,6 +1,8 @@
 """Two processes started with jax.distributed on loopback serve requests end to end: process 0
 runs the HTTP server and the scheduler, process 1 replays its steps (fastserve_jax/multihost.py), over a
-tp=2 x pp=2 mesh whose every stage spans both processes."""
+tp=2 x pp=2 mesh whose every stage spans both processes, and over a tp=2 mesh of one device per
+process (one stage, so async scheduling is on: the token box spans both processes, and the
+worker replays its puts and takes)."""
 
 from __future__ import annotations
 
@@ -36,16 +38,17 @@ def _post(url: str, body: dict) -> dict:
 
 
 # with the Pallas kernel (Triton's, interpret mode) per head shard over the two processes' mesh: -m slow
-@pytest.mark.parametrize("backend", ["reference", pytest.param("pallas", marks=pytest.mark.slow)])
-def test_two_processes_serve_a_request_end_to_end(tmp_path, backend):
+@pytest.mark.parametrize("backend,tp,pp", [("reference", 2, 2), pytest.param("pallas", 2, 2, marks=pytest.mark.slow),
+                                           ("reference", 2, 1)])
+def test_two_processes_serve_a_request_end_to_end(tmp_path, backend, tp, pp):
     http, coord = _free_ports(2)
     while coord + 1 in (http,):
         http, coord = _free_ports(2)
     common = ["-m", "fastserve_jax", "serve", "--port", str(http), "--coordinator-address", f"127.0.0.1:{coord}",
-              "--num-processes", "2", "-tp", "2", "-pp", "2", "--scheduler", "fcfs", "--max-num-seqs", "4",
+              "--num-processes", "2", "-tp", str(tp), "-pp", str(pp), "--scheduler", "fcfs", "--max-num-seqs", "4",
               "--max-num-batched-tokens", "64", "--max-model-len", "256", "--num-device-blocks", "9", "--block-size", "8",
               "--warmup", "lazy", "--log-level", "info", "--attention-backend", backend]
-    env = dict(os.environ, FASTSERVE_LOCAL_DEVICE_COUNT="2", PYTHONPATH=ROOT)
+    env = dict(os.environ, FASTSERVE_LOCAL_DEVICE_COUNT=str(tp * pp // 2), PYTHONPATH=ROOT)
     # the parent's virtual device count must not reach the children; its optimisation level may
     env["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
     procs, logs = [], []
@@ -83,7 +86,9 @@ def test_two_processes_serve_a_request_end_to_end(tmp_path, backend):
         # uvicorn re-raises the signal it drained on, after the shutdown (as in test_serve_cli)
         assert procs[0].wait(timeout=120) in (0, -signal.SIGINT), _logs(tmp_path)
         assert procs[1].wait(timeout=120) == 0, _logs(tmp_path)
-        assert "leader shut down after" in (tmp_path / "p1.log").read_text()
+        worker_log = (tmp_path / "p1.log").read_text()
+        assert "leader shut down after" in worker_log
+        assert ("async scheduling" in worker_log) == (pp == 1), worker_log[-2000:]
     finally:
         for p in procs:
             if p.poll() is None:

@@ -48,10 +48,15 @@ class TokenBox:
     def __init__(self, size: int, sharding: NamedSharding) -> None:
         self.size = size
         self.sharding = sharding
-        self.box = jax.device_put(np.zeros(size, np.int32), sharding)
-        self._put_fn = jax.jit(_put, out_shardings=sharding)
-        self._take_fn = jax.jit(_take, out_shardings=sharding)
-        self._patch_fn = jax.jit(_patch, out_shardings=sharding)
+        # made on the devices, not put from the host: across processes a device_put checks the
+        # value with the other processes (a collective the workers, still starting, would miss)
+        self.box = jax.jit(lambda: jnp.zeros(size, jnp.int32), out_shardings=sharding)()
+        # every argument replicated where the box is: across processes (a multi-host mesh) the
+        # host arrays are then each process's own identical copy
+        rep3 = (sharding, sharding, sharding)
+        self._put_fn = jax.jit(_put, in_shardings=rep3, out_shardings=sharding)
+        self._take_fn = jax.jit(_take, in_shardings=rep3, out_shardings=sharding)
+        self._patch_fn = jax.jit(_patch, in_shardings=rep3, out_shardings=sharding)
         self._puts: dict[int, object] = {}       # tokens rows -> compiled put
         self._takes: dict[int, object] = {}      # decode rows -> compiled take
         self._patches: dict[tuple[int, int], object] = {}    # (decode rows, history length) -> compiled patch
@@ -83,7 +88,7 @@ class TokenBox:
     def _compiled_put(self, n: int):
         fn = self._puts.get(n)
         if fn is None:
-            tokens = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=self.sharding)
+            tokens = jax.ShapeDtypeStruct((n,), jnp.int32)
             fn = self._puts[n] = self._put_fn.lower(self.box, tokens, np.int32(0)).compile()
         return fn
 
