@@ -279,7 +279,8 @@ class EngineConfig:
     batches_in_flight: int = 0
     # Schedule and dispatch the next batch before the last one's tokens are read, so the host's
     # work overlaps the device's (engine.py; one pipeline stage only).
-    # None: on where it can be (pp 1, batches_in_flight 0 or 2), resolved by `resolve`
+    # None: on at pp 1 with batches_in_flight unset, resolved by `resolve`; True also allows
+    # batches_in_flight 2
     async_scheduling: bool | None = None
     # record when each pipeline stage was busy (sharding/pipeline.StageActivity); None: if pp > 1
     record_stage_activity: bool | None = None
@@ -348,7 +349,9 @@ class EngineConfig:
         """Fill in derived bucket lists; validate user-given ones. With the model's weight bytes
         and bytes per KV block (all layers), also `min_launch_blocks` (see launch_kv_fraction;
         `platform` picks its default); given block_buckets are compiled whole."""
-        asyn = self._async_fits if self.async_scheduling is None else self.async_scheduling
+        # unset: on unless pipeline mode is asked for (pp > 1, or a batches_in_flight given)
+        asyn = (self._async_fits and self.batches_in_flight == 0) if self.async_scheduling is None else \
+            self.async_scheduling
         dec = self.decode_batch_buckets or _pow2_upto(1, self.max_num_seqs)
         pre = self.prefill_token_buckets or _pow2_upto(min(32, self.max_num_batched_tokens),
                                                         self.max_num_batched_tokens)

@@ -147,7 +147,8 @@ def test_async_scheduling_config_is_checked(bad):
 def test_async_scheduling_is_on_by_default_where_it_can_run():
     on = EngineConfig().resolve()
     assert on.async_scheduling is True and on.batches_in_flight == 2
-    for kw, inflight in ((dict(pipeline_parallel_size=2), 2), (dict(batches_in_flight=1), 1)):
+    for kw, inflight in ((dict(pipeline_parallel_size=2), 2), (dict(batches_in_flight=1), 1),
+                         (dict(batches_in_flight=2), 2)):      # pipeline mode's batches, as asked
         off = EngineConfig(**kw).resolve()
         assert off.async_scheduling is False and off.batches_in_flight == inflight, kw
     off = EngineConfig(async_scheduling=False).resolve()
