@@ -270,11 +270,12 @@ class LLMEngine:
         results, the batch's number and whether its tokens are needed before the next plan."""
         self.copies.on_demand(copies)
         batch = next(self._batches)
+        pending = self.runner.dispatch(launches, batch)
+        if self.cfg.async_scheduling:
+            return pending, batch, self._advance(plan, launches, pending, batch)
         for s in plan.scheduled:
             s.request.in_flight = True
-        pending = self.runner.dispatch(launches, batch)
-        wait_first = self._advance(plan, launches, pending, batch) if self.cfg.async_scheduling else False
-        return pending, batch, wait_first
+        return pending, batch, False
 
     def _advance(self, plan: Plan, launches: list, pending: list, batch: int) -> bool:
         """Async scheduling: the dispatched batch's progress, counted before its tokens are
