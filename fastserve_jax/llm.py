@@ -25,7 +25,7 @@ class LLM:
     (bfloat16 on GPU and TPU, float32 on CPU), "float32" or "bfloat16". attention_backend:
     "auto" (a Pallas kernel on GPU and TPU, jnp reference elsewhere), "reference" or "pallas"
     (interpret mode on CPU: for tests); see docs/attention.md. async_scheduling: None (on with
-    one pipeline stage), True or False; see docs/performance.md, section 5.
+    one pipeline stage unless batches_in_flight is given), True or False; see docs/performance.md, section 5.
 
     `warmup`: "lazy" (compile each shape the first time a batch needs it), "background"
     (enough to answer any request now, the rest on a thread) or "full" (everything first;

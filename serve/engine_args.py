@@ -74,7 +74,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="plan and dispatch each iteration's batch while the device still runs the last one, "
                         "whose tokens feed it on the device (default: on with one pipeline stage, off with "
-                        "pipeline parallelism; docs/performance.md)")
+                        "pipeline parallelism or --batches-in-flight; docs/performance.md)")
 
 
 def parse_engine_args(argv: list[str]) -> argparse.Namespace:

@@ -54,12 +54,9 @@ class TokenBox:
         # every argument replicated where the box is: across processes (a multi-host mesh) the
         # host arrays are then each process's own identical copy
         rep3 = (sharding, sharding, sharding)
-        self._put_fn = jax.jit(_put, in_shardings=rep3, out_shardings=sharding)
-        self._take_fn = jax.jit(_take, in_shardings=rep3, out_shardings=sharding)
-        self._patch_fn = jax.jit(_patch, in_shardings=rep3, out_shardings=sharding)
-        self._puts: dict[int, object] = {}       # tokens rows -> compiled put
-        self._takes: dict[int, object] = {}      # decode rows -> compiled take
-        self._patches: dict[tuple[int, int], object] = {}    # (decode rows, history length) -> compiled patch
+        self._fns = {name: jax.jit(f, in_shardings=rep3, out_shardings=sharding)
+                     for name, f in (("put", _put), ("take", _take), ("patch", _patch))}
+        self._compiled: dict[tuple, object] = {}     # (name, argument shapes) -> compiled program
         self._offset = 0
 
     def start_batch(self) -> None:
@@ -74,48 +71,33 @@ class TokenBox:
         if self._offset + n > self.size:
             return None
         at, self._offset = self._offset, self._offset + n
-        self.box = self._compiled_put(n)(self.box, tokens, np.int32(at))
+        self.box = self._program("put", (n,), ())(self.box, tokens, np.int32(at))
         return at
 
     def take(self, host: np.ndarray, src: np.ndarray) -> jax.Array:
         """A decode launch's (R, 1) input tokens: the box's entries where src >= 0."""
-        return self._compiled_take(host.shape[0])(self.box, host, src)
+        return self._program("take", host.shape, src.shape)(self.box, host, src)
 
     def patch(self, history: np.ndarray, src: np.ndarray) -> jax.Array:
         """A decode launch's penalty history with each src row's pending token appended."""
-        return self._compiled_patch(*history.shape)(self.box, history, src)
+        return self._program("patch", history.shape, src.shape)(self.box, history, src)
 
-    def _compiled_put(self, n: int):
-        fn = self._puts.get(n)
+    def _program(self, name: str, a: tuple, b: tuple):
+        """The compiled `name` for int32 arguments of shapes a and b (() for put's offset)."""
+        fn = self._compiled.get((name, a, b))
         if fn is None:
-            tokens = jax.ShapeDtypeStruct((n,), jnp.int32)
-            fn = self._puts[n] = self._put_fn.lower(self.box, tokens, np.int32(0)).compile()
-        return fn
-
-    def _compiled_take(self, rows: int):
-        fn = self._takes.get(rows)
-        if fn is None:
-            host = jax.ShapeDtypeStruct((rows, 1), jnp.int32)
-            src = jax.ShapeDtypeStruct((rows,), jnp.int32)
-            fn = self._takes[rows] = self._take_fn.lower(self.box, host, src).compile()
-        return fn
-
-    def _compiled_patch(self, rows: int, length: int):
-        fn = self._patches.get((rows, length))
-        if fn is None:
-            history = jax.ShapeDtypeStruct((rows, length), jnp.int32)
-            src = jax.ShapeDtypeStruct((rows,), jnp.int32)
-            fn = self._patches[rows, length] = self._patch_fn.lower(self.box, history, src).compile()
+            args = [jax.ShapeDtypeStruct(shape, jnp.int32) for shape in (a, b)]
+            fn = self._compiled[name, a, b] = self._fns[name].lower(self.box, *args).compile()
         return fn
 
     def compile_all(self, sampler_rows: list[int], decode_rows: list[int], history: int) -> None:
         """Every shape serving uses; `history`: the penalties' history length (max_model_len)."""
         for n in sampler_rows:
-            self._compiled_put(n)
+            self._program("put", (n,), ())
         for r in decode_rows:
-            self._compiled_take(r)
-            self._compiled_patch(r, history)
+            self._program("take", (r, 1), (r,))
+            self._program("patch", (r, history), (r,))
 
     def count(self) -> int:
         """Executables compiled so far."""
-        return len(self._puts) + len(self._takes) + len(self._patches)
+        return len(self._compiled)
