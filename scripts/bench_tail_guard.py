@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from fastserve_jax import LLM
     from fastserve_jax.serve.bench_cmd import screen_pairs
-    from sim_fidelity import engine_in_process
+    from sim_fidelity_in_process import engine_in_process
 
     # every configuration learns its output lengths afresh, as the simulator does, not from
     # the previous one's or whatever this user's cache last saw (policy_state.py)

@@ -125,3 +125,33 @@ def test_one_import_namespace(name, tmp_path):
     for cwd in (tmp_path, ROOT):
         bad = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=cwd, capture_output=True, text=True)
         assert bad.returncode != 0 and "Error" in bad.stderr, (cwd, bad.stdout)
+
+
+_CHECK_FROM_IMPORTS = r'''
+import ast, glob, importlib, os, sys
+sys.path[:0] = ["scripts", "."]
+bad = []
+for f in sorted(glob.glob("scripts/*.py") + glob.glob("tests/*.py")):
+    for node in ast.walk(ast.parse(open(f).read(), f)):
+        if not (isinstance(node, ast.ImportFrom) and node.module and node.level == 0):
+            continue
+        if not (node.module.startswith("fastserve_jax") or os.path.exists(f"scripts/{node.module}.py")):
+            continue
+        m = importlib.import_module(node.module)
+        for a in node.names:
+            if a.name != "*" and not hasattr(m, a.name):
+                try:
+                    importlib.import_module(f"{node.module}.{a.name}")
+                except ImportError:
+                    bad.append(f"{f}:{node.lineno}: {node.module} has no {a.name}")
+print("\n".join(bad))
+sys.exit(1 if bad else 0)
+'''
+
+
+def test_every_from_import_in_scripts_and_tests_resolves():
+    """A benchmark imports helpers inside main(), where nothing but running it reaches them:
+    every `from <project module or script> import name` in scripts/ and tests/ names
+    something that exists (bench_tail_guard.py once imported a function that had moved)."""
+    r = subprocess.run([sys.executable, "-c", _CHECK_FROM_IMPORTS], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
