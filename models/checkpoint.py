@@ -57,4 +57,13 @@ def restore_params(path: str, target_shapes: dict) -> dict:
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(path, target)
+        try:
+            return ckptr.restore(path, target)
+        except ValueError as e:
+            if ".kernel:" in str(e):
+                raise ValueError(f"checkpoint {path!r} holds Linen Dense 'kernel' leaves, (in, out), as fastserve-jax "
+                                 "wrote them before 2026-12-03; the models now store each weight (out, in) as "
+                                 "'weight' (models/linear.py). Convert it again from the Hugging Face weights "
+                                 "(load_model does so by itself), or transpose every kernel and rename it 'weight'"
+                                 ) from e
+            raise

@@ -1,7 +1,7 @@
 """Hugging Face tensor names <-> our Linen param tree, both ways.
 
 Names map module by module (table below) and leaf by leaf:
-  kernel    <-> weight, transposed (torch Linear is (out, in), Linen Dense is (in, out))
+  weight <-> weight (our Linear stores (out, in), as torch does: no transpose)
   embedding <-> weight;  scale <-> weight (norms);  bias <-> bias
 Per-layer tensors `...layers.{i}...` are stacked on a leading layer axis (our `nn.scan`).
 Tied embeddings have no lm_head in our tree; a checkpoint that still stores one is fine.
@@ -60,22 +60,20 @@ _OPT_MODULES = {
     "project_out": "model.decoder.project_out",
 }
 _MODULES = {"llama": _LLAMA_MODULES, "opt": _OPT_MODULES}
-# Our leaf name -> (HF leaf name, transpose).
-_LEAVES = {"kernel": ("weight", True), "embedding": ("weight", False), "scale": ("weight", False),
-           "bias": ("bias", False)}
+# Our leaf name -> HF leaf name.
+_LEAVES = {"weight": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 # Buffers some (older Llama) checkpoints carry; recomputed, never loaded.
 _HARMLESS = re.compile(r".*\.rotary_emb\.inv_freq$")
 
 ParamPath = tuple[str, ...]  # a leaf's keys in the param tree
 
 
-def hf_name(arch: str, path: ParamPath) -> tuple[str, bool]:
-    """HF tensor name for one of our leaves (with "{i}" for layer leaves) and whether to transpose."""
+def hf_name(arch: str, path: ParamPath) -> str:
+    """HF tensor name for one of our leaves (with "{i}" for layer leaves)."""
     module, leaf = "/".join(path[:-1]), path[-1]
     if module not in _MODULES[arch] or leaf not in _LEAVES:
         raise KeyError(f"no Hugging Face name for param {'/'.join(path)!r} of a {arch!r} model")
-    hf_leaf, transpose = _LEAVES[leaf]
-    return f"{_MODULES[arch][module]}.{hf_leaf}", transpose
+    return f"{_MODULES[arch][module]}.{_LEAVES[leaf]}"
 
 
 def _canonical(arch: str, name: str) -> str:
@@ -91,7 +89,6 @@ def _canonical(arch: str, name: str) -> str:
 class _Source:
     """The HF tensors one of our leaves is made of: one, or one per layer (stacked on axis 0)."""
     names: tuple[str, ...]
-    transpose: bool  # torch Linear (out, in) -> our kernel (in, out)
     layered: bool
 
 
@@ -104,11 +101,10 @@ def _match(path: str, cfg: ModelConfig, expected: dict[ParamPath, jax.ShapeDtype
     bad_shape: list[str] = []
     used: set[str] = set()
     for p, spec in expected.items():
-        template, transpose = hf_name(cfg.arch, p)
+        template = hf_name(cfg.arch, p)
         layered = p[0] == "layers"
         names = tuple(template.format(i=i) for i in range(cfg.num_layers)) if layered else (template,)
-        want = spec.shape[1:] if layered else spec.shape
-        hf_want = tuple(reversed(want)) if transpose else tuple(want)  # torch Linear: (out, in)
+        hf_want = tuple(spec.shape[1:] if layered else spec.shape)
         for name in names:
             if name not in tensors:
                 missing.append(name)
@@ -117,7 +113,7 @@ def _match(path: str, cfg: ModelConfig, expected: dict[ParamPath, jax.ShapeDtype
             got = tensors.shape(name)
             if got != hf_want:
                 bad_shape.append(f"{name}: checkpoint has {got}, config wants {hf_want}")
-        sources[p] = _Source(names, transpose, layered)
+        sources[p] = _Source(names, layered)
     unexpected = sorted(n for n in tensors.names() - used
                         if not _HARMLESS.match(n) and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
     if missing or bad_shape or unexpected:
@@ -137,17 +133,14 @@ def _read_block(tensors: WeightReader, src: _Source, shape: tuple[int, ...], dty
                 index: tuple[slice, ...] | None) -> np.ndarray:
     """Block `index` (slices into our leaf of `shape`; None: all of it) of one leaf, cast to
     dtype. Reads only that block of each HF tensor: for a layer-stacked leaf, index[0] picks
-    the layers (one HF tensor each) and the rest slices each of them; a kernel's slices are
-    applied to the HF tensor's (out, in) axes and the block transposed after reading."""
+    the layers (one HF tensor each) and the rest slices each of them."""
     index = tuple(index or ()) + (slice(None),) * (len(shape) - len(index or ()))
     ranges = [range(*s.indices(n)) for s, n in zip(index, shape)]
     out = np.empty(tuple(len(r) for r in ranges), dtype)
     inner = index[1:] if src.layered else index
-    hf_index = tuple(reversed(inner)) if src.transpose else inner
     for k, i in enumerate(ranges[0] if src.layered else (0,)):
-        t = tensors.read(src.names[i], hf_index)
         dst = out[k] if src.layered else out
-        dst[...] = t.T if src.transpose else t
+        dst[...] = tensors.read(src.names[i], inner)
     return out
 
 
@@ -215,7 +208,7 @@ def _clip(items: list[str], n: int = 8) -> str:
 
 
 def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
-    """Our param tree -> {HF name: numpy array}, layers unstacked, kernels transposed to (out, in)."""
+    """Our param tree -> {HF name: numpy array}, layers unstacked."""
     expected = flatten_dict(param_shapes(cfg))
     flat = flatten_dict(params)
     _same_tree("param tree", cfg, expected, flat)
@@ -224,9 +217,9 @@ def to_hf_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
         arr = np.asarray(flat[p])
         if arr.shape != expected[p].shape:
             raise ValueError(f"param {'/'.join(p)} has shape {arr.shape}, expected {expected[p].shape}")
-        template, transpose = hf_name(cfg.arch, p)
+        template = hf_name(cfg.arch, p)
         pieces = [(template.format(i=i), arr[i]) for i in range(cfg.num_layers)] if p[0] == "layers" \
             else [(template, arr)]
         for name, t in pieces:
-            out[name] = np.ascontiguousarray(t.T if transpose else t)
+            out[name] = np.ascontiguousarray(t)
     return out

@@ -6,12 +6,12 @@ so their params are stacked on a leading layer axis (the canonical tree checkpoi
 Serving launches instead run `LlamaBlock` once per layer on per-layer arrays split from
 that stack (sharding/pipeline.py, docs/performance.md).
 
-Param tree (kernels are (in, out); L = num_layers):
+Param tree (weights are (out, in), as torch stores them: models/linear.py; L = num_layers):
   embed_tokens/embedding (V, H)
   layers/input_norm/scale (L, H)        layers/post_attn_norm/scale (L, H)
-  layers/attn/{q,k,v,o}_proj/kernel     (L, H, H*D) ... (L, Hq*D, H); q,k,v bias if attention_bias
-  layers/mlp/{gate,up}_proj/kernel (L, H, I)    layers/mlp/down_proj/kernel (L, I, H)
-  norm/scale (H)                        lm_head/kernel (H, V)  (absent when tied)
+  layers/attn/{q,k,v,o}_proj/weight     (L, Hq*D, H) ... (L, H, Hq*D); q,k,v bias if attention_bias
+  layers/mlp/{gate,up}_proj/weight (L, I, H)    layers/mlp/down_proj/weight (L, H, I)
+  norm/scale (H)                        lm_head/weight (V, H)  (absent when tied)
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from fastserve_jax.models.attention import AttnBatch, HeadSharding, KVCache, apply_rope, attention, rope_inv_freq
 from fastserve_jax.models.causal_lm import CausalLM, scanned_layers
 from fastserve_jax.models.config import ModelConfig
+from fastserve_jax.models.linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -47,7 +48,7 @@ class LlamaAttention(nn.Module):
     def __call__(self, x, batch: AttnBatch, cache: KVCache | None, layer):
         c = self.cfg
         r, q_len, _ = x.shape
-        dense = lambda n, name, bias: nn.Dense(n, use_bias=bias, dtype=self.dtype, param_dtype=self.dtype, name=name)
+        dense = lambda n, name, bias: Linear(n, use_bias=bias, dtype=self.dtype, param_dtype=self.dtype, name=name)
         q = dense(c.num_heads * c.head_dim, "q_proj", c.attention_bias)(x)
         k = dense(c.num_kv_heads * c.head_dim, "k_proj", c.attention_bias)(x)
         v = dense(c.num_kv_heads * c.head_dim, "v_proj", c.attention_bias)(x)
@@ -68,7 +69,7 @@ class LlamaMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name=name)
+        dense = lambda n, name: Linear(n, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name=name)
         g = dense(self.cfg.intermediate_size, "gate_proj")(x)
         u = dense(self.cfg.intermediate_size, "up_proj")(x)
         return dense(self.cfg.hidden_size, "down_proj")(nn.silu(g) * u)
@@ -101,7 +102,7 @@ class LlamaForCausalLM(CausalLM):
         self.layers = scanned_layers(LlamaBlock, c, self.dtype)
         self.norm = RMSNorm(c.norm_eps, self.dtype)
         if not c.tie_word_embeddings:
-            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype)
+            self.lm_head = Linear(c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype)
 
     def embed(self, tokens, batch: AttnBatch):
         return self.embed_tokens(tokens)

@@ -26,7 +26,7 @@ from fastserve_jax.models.hf_params import load_hf_params, to_hf_tensors
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "FASTSERVE_JAX_CACHE"  # cache root; "off" disables the converted-params cache
-_CACHE_VERSION = 1  # bump when the name mapping or the cached tree changes
+_CACHE_VERSION = 2  # bump when the name mapping or the cached tree changes (2: (out, in) weights)
 # Weights smaller than this convert faster than orbax restores them, so they skip the cache
 # (the demo model: 0.06 s converting, 0.38 s restoring, plus orbax's import, on 2 cores).
 CACHE_MIN_BYTES = 64 << 20

@@ -4,11 +4,11 @@ Learned positions (offset 2, as in HF), LayerNorm (pre- or post-attention per
 `do_layer_norm_before`), ReLU MLP, biases everywhere, lm_head tied to the embedding,
 optional project_in/project_out when word_embed_proj_dim differs from hidden_size.
 
-Param tree (kernels are (in, out); L = num_layers):
+Param tree (weights are (out, in), as torch stores them: models/linear.py; L = num_layers):
   embed_tokens/embedding (V, E)         embed_positions/embedding (max_pos + 2, H)
-  project_in/kernel (E, H), project_out/kernel (H, E)   (only when E != H)
-  layers/attn_norm/{scale,bias} (L, H)  layers/attn/{q,k,v,out}_proj/{kernel,bias}
-  layers/ffn_norm/{scale,bias} (L, H)   layers/fc1/{kernel,bias} (L, H, I)  layers/fc2 (L, I, H)
+  project_in/weight (H, E), project_out/weight (E, H)   (only when E != H)
+  layers/attn_norm/{scale,bias} (L, H)  layers/{q,k,v,out}_proj/{weight,bias}
+  layers/ffn_norm/{scale,bias} (L, H)   layers/fc1/{weight,bias} (L, I, H)  layers/fc2 (L, H, I)
   final_norm/{scale,bias} (H)           (only for pre-LN models)
 """
 
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from fastserve_jax.models.attention import AttnBatch, HeadSharding, attention
 from fastserve_jax.models.causal_lm import CausalLM, scanned_layers
 from fastserve_jax.models.config import ModelConfig
+from fastserve_jax.models.linear import Linear
 
 POSITION_OFFSET = 2  # HF OPTLearnedPositionalEmbedding reserves the first two rows
 
@@ -39,7 +40,7 @@ class OPTBlock(nn.Module):
         h, cache, layer = carry
         c = self.cfg
         r, q_len, _ = h.shape
-        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=self.dtype, name=name)
+        dense = lambda n, name: Linear(n, use_bias=True, dtype=self.dtype, param_dtype=self.dtype, name=name)
         norm = lambda name: nn.LayerNorm(c.norm_eps, dtype=self.dtype, param_dtype=self.dtype, name=name)
 
         x = norm("attn_norm")(h) if c.do_layer_norm_before else h
@@ -68,8 +69,8 @@ class OPTForCausalLM(CausalLM):
         self.embed_positions = nn.Embed(c.max_position_embeddings + POSITION_OFFSET, c.hidden_size, dtype=self.dtype,
                                         param_dtype=self.dtype)
         if e_dim != c.hidden_size:
-            self.project_in = nn.Dense(c.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype)
-            self.project_out = nn.Dense(e_dim, use_bias=False, dtype=self.dtype, param_dtype=self.dtype)
+            self.project_in = Linear(c.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype)
+            self.project_out = Linear(e_dim, use_bias=False, dtype=self.dtype, param_dtype=self.dtype)
         self.layers = scanned_layers(OPTBlock, c, self.dtype)
         if c.do_layer_norm_before:
             self.final_norm = nn.LayerNorm(c.norm_eps, dtype=self.dtype, param_dtype=self.dtype)

@@ -112,10 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("== fastserve-jax benchmark", time.strftime("%Y-%m-%d %H:%M:%S"))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} on "
           f"{jax.devices()[0].platform}; load average {os.getloadavg()[0]:.1f} at start")
-    from fastserve_jax.runner.xla_flags import SMALL_LAUNCH_TOKENS, launch_compiler_options
-
-    print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(unset)'}; compiler options of launches of <= "
-          f"{SMALL_LAUNCH_TOKENS} tokens: {launch_compiler_options(jax.devices()[0].platform, 1) or 'none'}")
+    print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(unset)'}")
     print(f"model: {ARCH} random weights, float32 ({path})")
     print(f"workload: {wl.how}")
     print(f"  trace prompt lens : {fmt_stats(length_stats(wl.raw_prompt_lens))}")

@@ -53,18 +53,17 @@ def decode_gemms(model_cfg, batch: int) -> list[tuple[int, int, int, int]]:
 
 def measure_matmul(model_cfg, batch: int, square: int = 2048, repeats: int = 5) -> dict:
     """GFLOP/s of a large square float32 matmul (the peak: the faster of XLA's jnp.dot and
-    numpy's BLAS), and of each decode-step shape at `batch` compiled as the engine compiles
-    its decode launches (xla_flags.py), plus their count-weighted rate (the best a decode
+    numpy's BLAS), and of each decode-step shape at `batch` with the weight (out, in) as the
+    model stores it (models/linear.py), plus their count-weighted rate (the best a decode
     step built of these XLA dots can do)."""
     import jax
     import jax.numpy as jnp
 
-    from fastserve_jax.runner.xla_flags import launch_compiler_options
-
-    def rate(m, k, n, reps, opts=None):
+    def rate(m, k, n, reps, weight_out_in=False):
         a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
-        b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
-        dot = jax.jit(jnp.dot).lower(a, b).compile(compiler_options=opts or None)
+        b = jax.random.normal(jax.random.key(1), (n, k) if weight_out_in else (k, n), jnp.float32)
+        fn = (lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))) if weight_out_in else jnp.dot
+        dot = jax.jit(fn).lower(a, b).compile()
         dot(a, b).block_until_ready()
         t = best_of(lambda: dot(a, b).block_until_ready(), reps)
         return t, 2 * m * k * n / t / 1e9
@@ -73,15 +72,14 @@ def measure_matmul(model_cfg, batch: int, square: int = 2048, repeats: int = 5) 
     a = np.random.default_rng(0).standard_normal((square, square), dtype=np.float32)
     a @ a
     blas_peak = 2 * square ** 3 / best_of(lambda: a @ a, repeats) / 1e9
-    opts = launch_compiler_options(jax.devices()[0].platform, batch)
     shapes, total_t, total_f = {}, 0.0, 0.0
     for m, k, n, count in decode_gemms(model_cfg, batch):
-        t, r = rate(m, k, n, 4 * repeats, opts)
+        t, r = rate(m, k, n, 4 * repeats, weight_out_in=True)
         shapes[f"{m}x{k}x{n}"] = r
         total_t += count * t
         total_f += count * 2 * m * k * n
     return dict(square_size=square, square_gflops=max(xla_peak, blas_peak), square_xla_gflops=xla_peak,
-                square_numpy_gflops=blas_peak, decode_shapes_gflops=shapes, decode_compiler_options=opts,
+                square_numpy_gflops=blas_peak, decode_shapes_gflops=shapes,
                 decode_mix_gflops=total_f / total_t / 1e9, decode_mix_seconds=total_t)
 
 

@@ -32,17 +32,15 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
     from fastserve_jax.models import build_model
     from fastserve_jax.models.attention import AttnBatch, KVCache
     from fastserve_jax.runner.keys import DecodeKey, SamplerKey
-    from fastserve_jax.runner.xla_flags import launch_compiler_options
     from fastserve_jax.sampling import SamplingArrays
 
-    opts = launch_compiler_options(jax.devices()[0].platform, batch) or None   # as the engine's decode launches
     made: dict = {}
 
     def compiled(fn, *args, **jit_kw):
-        """fn jitted and compiled for these arguments' shapes with the decode launches' options."""
+        """fn jitted and compiled for these arguments' shapes."""
         key = (fn, tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
         if key not in made:
-            made[key] = jax.jit(fn, **jit_kw).lower(*args).compile(compiler_options=opts)
+            made[key] = jax.jit(fn, **jit_kw).lower(*args).compile()
         return made[key](*args)
 
     eng = llm.engine
@@ -83,9 +81,9 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
 
     per_layer, head = gemm_weights(stage.params)
     gemms_prog = functools.partial(compiled, gemms_fn)
-    dot = functools.partial(compiled, jnp.dot)
+    dot = functools.partial(compiled, linear)
     x = jax.random.normal(jax.random.key(2), (batch, eng.model_cfg.hidden_size), jnp.float32) * 0.02
-    xi = jax.random.normal(jax.random.key(3), (batch, per_layer[0]["d"].shape[0]), jnp.float32) * 0.02
+    xi = jax.random.normal(jax.random.key(3), (batch, per_layer[0]["d"].shape[1]), jnp.float32) * 0.02
 
     def isolated():
         out = []
@@ -118,13 +116,21 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
 
 
 def gemm_weights(params: dict) -> tuple[list[dict], object]:
-    """The Llama's matmul weights, per layer (q k v o gate up down), and the head's."""
-    per_layer = [{"q": w["attn"]["q_proj"]["kernel"], "k": w["attn"]["k_proj"]["kernel"],
-                  "v": w["attn"]["v_proj"]["kernel"], "o": w["attn"]["o_proj"]["kernel"],
-                  "g": w["mlp"]["gate_proj"]["kernel"], "u": w["mlp"]["up_proj"]["kernel"],
-                  "d": w["mlp"]["down_proj"]["kernel"]} for w in params["layers"]]
-    head = params["lm_head"]["kernel"] if "lm_head" in params else params["embed_tokens"]["embedding"].T
+    """The Llama's matmul weights, (out, in) as the model stores them (models/linear.py), per
+    layer (q k v o gate up down), and the head's."""
+    per_layer = [{"q": w["attn"]["q_proj"]["weight"], "k": w["attn"]["k_proj"]["weight"],
+                  "v": w["attn"]["v_proj"]["weight"], "o": w["attn"]["o_proj"]["weight"],
+                  "g": w["mlp"]["gate_proj"]["weight"], "u": w["mlp"]["up_proj"]["weight"],
+                  "d": w["mlp"]["down_proj"]["weight"]} for w in params["layers"]]
+    head = params["lm_head"]["weight"] if "lm_head" in params else params["embed_tokens"]["embedding"]
     return per_layer, head
+
+
+def linear(x, w):
+    """x @ w.T for an (out, in) weight, as models/linear.py computes it."""
+    import jax
+
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
 
 
 def gemms_fn(ws, hd, h, rows: int | None = None):
@@ -134,17 +140,17 @@ def gemms_fn(ws, hd, h, rows: int | None = None):
     import jax.numpy as jnp
 
     for w in ws:
-        q = h @ w["q"]
-        kv = h @ w["k"] + h @ w["v"]
-        h = h + (q + jnp.tile(kv, q.shape[-1] // kv.shape[-1])) @ w["o"]
-        h = h + (jax.nn.silu(h @ w["g"]) * (h @ w["u"])) @ w["d"]
-    return h[:rows] @ hd
+        q = linear(h, w["q"])
+        kv = linear(h, w["k"]) + linear(h, w["v"])
+        h = h + linear(q + jnp.tile(kv, q.shape[-1] // kv.shape[-1]), w["o"])
+        h = h + linear(jax.nn.silu(linear(h, w["g"])) * linear(h, w["u"]), w["d"])
+    return linear(h[:rows], hd)
 
 
 def matmul_floor(llm, launch_counts: list[list], rounds: int = 5) -> dict:
     """Seconds the matmuls of a run's launches take alone: for each launch shape the run used,
     one XLA program of only its matmuls (tokens x every layer weight, logit rows x head),
-    compiled with that launch's compiler options, best of `rounds` interleaved rounds, times
+    compiled as the engine compiles it, best of `rounds` interleaved rounds, times
     its count. Whatever else a launch does (attention, norms, sampling, the host) comes on top.
     launch_counts: [kind, size, blocks, count] rows (run_ours's "launch_counts")."""
     import functools
@@ -153,12 +159,10 @@ def matmul_floor(llm, launch_counts: list[list], rounds: int = 5) -> dict:
     import jax.numpy as jnp
 
     from fastserve_jax.runner.keys import launch_key_from_wire
-    from fastserve_jax.runner.xla_flags import launch_compiler_options
 
     eng = llm.engine
     assert len(eng.runner.stages) == 1, "single-stage (pp=1) engine"
     per_layer, head = gemm_weights(eng.runner.stages[0].params)
-    platform = jax.devices()[0].platform
     hidden = eng.model_cfg.hidden_size
     shapes: dict[tuple[int, int], int] = {}
     for *wire, n in launch_counts:
@@ -167,9 +171,7 @@ def matmul_floor(llm, launch_counts: list[list], rounds: int = 5) -> dict:
     progs = {}
     for tokens, rows in sorted(shapes):
         h = jax.random.normal(jax.random.key(4), (tokens, hidden), jnp.float32) * 0.02
-        opts = launch_compiler_options(platform, tokens) or None
-        prog = jax.jit(functools.partial(gemms_fn, rows=rows)).lower(per_layer, head, h).compile(
-            compiler_options=opts)
+        prog = jax.jit(functools.partial(gemms_fn, rows=rows)).lower(per_layer, head, h).compile()
         prog(per_layer, head, h).block_until_ready()
         progs[(tokens, rows)] = functools.partial(prog, per_layer, head, h)
     best = dict.fromkeys(progs, float("inf"))

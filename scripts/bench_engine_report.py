@@ -100,7 +100,6 @@ def print_roofline(r: dict) -> None:
          f"{m['before']['square_xla_gflops']:.1f} / {m['before']['square_numpy_gflops']:.1f} before, "
          f"{m['after']['square_xla_gflops']:.1f} / {m['after']['square_numpy_gflops']:.1f} after; used (peak) "
          f"{rf['matmul_peak_gflops']:.1f}")
-    line("decode launches' compiler options", str(m["before"]["decode_compiler_options"] or "XLA defaults"))
     for shape in m["before"]["decode_shapes_gflops"]:
         line(f"matmul {shape} GFLOP/s", f"{m['before']['decode_shapes_gflops'][shape]:.1f} before, "
              f"{m['after']['decode_shapes_gflops'][shape]:.1f} after")

@@ -116,24 +116,22 @@ def test_nothing_compiles_after_warmup(llm):
     assert eng.kv.num_used_blocks == 0
 
 
-def test_small_cpu_launches_compile_without_ynnpack(llm):
-    """Warm-up gives launches of at most SMALL_LAUNCH_TOKENS tokens the options that keep
-    their dots off YNNPACK (xla_flags.py); larger launches keep XLA's defaults. Without
-    the options the same decode launch does use YNNPACK on this jaxlib, so the check bites."""
-    from fastserve_jax.runner.xla_flags import SMALL_LAUNCH_TOKENS, launch_compiler_options
+def test_cpu_launches_keep_xla_defaults_and_run_their_dots_on_ynnpack(llm):
+    """With the weights (out, in) (models/linear.py) XLA:CPU's YNNPACK dots are the fast path
+    for every launch, decode included (docs/performance.md, "Weights (out, in)"): warm-up
+    compiles with XLA's defaults, and on jaxlib 0.10 every launch's dots are YNNPACK fusions.
+    With (in, out) weights a decode launch had been faster on Eigen, which now took 3-4x as
+    long; this keeps anyone from reinstating that switch unmeasured."""
+    import importlib.metadata
 
     runner = llm.engine.runner
     st = runner.stages[0]
-    small = {k: c for k, c in st.compiled.items() if k.tokens <= SMALL_LAUNCH_TOKENS}
-    large = [k for k in st.compiled if k.tokens > SMALL_LAUNCH_TOKENS]
-    assert small and large and set(st.compiled) == set(runner.builder.launch_keys())
-    assert all(launch_compiler_options("cpu", k.tokens) == {} for k in large)
-    if not launch_compiler_options("cpu", 1):
-        pytest.skip("no per-launch options on this jaxlib or with the user's XLA_FLAGS")
-    assert all("__ynn" not in c.as_text() for c in small.values())
-    key = min(small, key=lambda k: (k.tokens, k.blocks))
-    x, batch, idx = runner.abstract_args(key)
-    assert "__ynn" in st.fn.lower(st.params, st.cache, x, batch, idx).compile().as_text()
+    assert set(st.compiled) == set(runner.builder.launch_keys())
+    if not importlib.metadata.version("jaxlib").startswith("0.10."):
+        pytest.skip("YNNPACK's fusions are checked on jaxlib 0.10, where they were measured")
+    for key, c in st.compiled.items():
+        text = c.as_text()
+        assert "__ynn" in text and " dot(" not in text.split("\nENTRY", 1)[1], key
 
 
 @pytest.mark.parametrize("prompt, params, match", [

@@ -310,10 +310,10 @@ def test_bfloat16_checkpoint_and_params(checkpoint, loaded):
 
     cfg = ModelConfig.from_pretrained(path)
     p16 = load_hf_params(path, cfg, "bfloat16")
-    assert p16["layers"]["attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
-    assert p16["embed_tokens"]["embedding"].dtype == jnp.bfloat16 and p16["lm_head"]["kernel"].dtype == jnp.bfloat16
+    assert p16["layers"]["attn"]["q_proj"]["weight"].dtype == jnp.bfloat16
+    assert p16["embed_tokens"]["embedding"].dtype == jnp.bfloat16 and p16["lm_head"]["weight"].dtype == jnp.bfloat16
     p32 = load_hf_params(path, cfg, "float32")  # the same bf16 values, widened
-    assert p32["lm_head"]["kernel"].dtype == jnp.float32
+    assert p32["lm_head"]["weight"].dtype == jnp.float32
 
     tokens = jnp.asarray(_tokens(cfg, (2, SEQ)))
     ref = np.asarray(loaded("llama").dense(p32, tokens))

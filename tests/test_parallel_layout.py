@@ -37,11 +37,11 @@ def test_weights_and_kv_cache_are_sharded_not_replicated(four_layer_checkpoints)
         assert len(st.params["layers"]) == 2                                # L/pp separate per-layer trees
         for layer in st.params["layers"]:
             a = layer["attn"]
-            assert _shard_shapes(a["q_proj"]["kernel"]) == {(64, 16)}       # (H, Hq*D/tp)
-            assert _shard_shapes(a["k_proj"]["kernel"]) == {(64, 16)}       # (H, Hkv*D/2)
-            assert _shard_shapes(a["o_proj"]["kernel"]) == {(16, 64)}
-            assert _shard_shapes(layer["mlp"]["down_proj"]["kernel"]) == {(32, 64)}
-            assert set(a["q_proj"]["kernel"].sharding.device_set) == set(st.devices)
+            assert _shard_shapes(a["q_proj"]["weight"]) == {(16, 64)}       # (Hq*D/tp, H)
+            assert _shard_shapes(a["k_proj"]["weight"]) == {(16, 64)}       # (Hkv*D/2, H)
+            assert _shard_shapes(a["o_proj"]["weight"]) == {(64, 16)}
+            assert _shard_shapes(layer["mlp"]["down_proj"]["weight"]) == {(64, 32)}
+            assert set(a["q_proj"]["weight"].sharding.device_set) == set(st.devices)
         assert _shard_shapes(st.cache.k) == {(2, 16, 8, 1, c.head_dim)}     # (L/pp, blocks, bs, Hkv/2, D)
         # every KV-head shard is held by exactly tp_rep = 2 devices
         held = {}
@@ -51,7 +51,7 @@ def test_weights_and_kv_cache_are_sharded_not_replicated(four_layer_checkpoints)
         assert set(st.cache.k.sharding.device_set) == set(st.devices)
     assert "embed_tokens" in e.runner.stages[0].params and "embed_tokens" not in e.runner.stages[1].params
     assert "lm_head" in e.runner.stages[1].params and "lm_head" not in e.runner.stages[0].params
-    assert _shard_shapes(e.runner.stages[1].params["lm_head"]["kernel"]) == {(64, 64)}   # vocab / tp
+    assert _shard_shapes(e.runner.stages[1].params["lm_head"]["weight"]) == {(64, 64)}   # vocab / tp
 
 
 @pytest.mark.parametrize("arch,backend", [("llama", "reference"), ("opt", "reference"), ("llama", "pallas")])
@@ -92,7 +92,11 @@ def test_launch_reads_layer_weights_in_place(four_layer_checkpoints, tp, pp):
     e = LLM(path, warmup=False, num_device_blocks=16, tensor_parallel_size=tp, pipeline_parallel_size=pp, **KW).engine
     for st in e.runner.stages:
         x, batch, idx = e.runner.abstract_args(DecodeKey(4, 16), st.index)
-        hlo = st.fn.lower(st.params, st.cache, x, batch, idx).compile().as_text()
+        # compiled multi-threaded, as the engine runs: the suite's conftest turns XLA:CPU's
+        # threads off, and single-threaded YNNPACK dots copy an (out, in) weight into the
+        # other layout first
+        hlo = st.fn.lower(st.params, st.cache, x, batch, idx).compile(
+            compiler_options={"xla_cpu_multi_thread_eigen": True}).as_text()
         # no loop over the layers; the one loop allowed is XLA:CPU's legacy emitter writing the
         # KV cache (a scatter lowered as a loop: the suite's conftest selects that emitter)
         loops = [ln for ln in hlo.splitlines() if re.search(r"\bwhile\(", ln) and "/scatter" not in ln]

@@ -22,7 +22,7 @@ import os  # noqa: E402
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from flax.traverse_util import flatten_dict  # noqa: E402
+from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from fastserve_jax.models import param_shapes  # noqa: E402
@@ -117,9 +117,9 @@ def test_sharded_load_matches_unsharded(ckpt, reads, arch, tp, pp):
         return layers[(module, leaf)].addressable_shards[0].data.shape
 
     norm = "attn_norm" if arch == "opt" else "input_norm"
-    assert shard_shape("q_proj", "kernel") == (L, H, cfg.num_heads * D // tp)
-    assert shard_shape("k_proj", "kernel") == (L, H, cfg.num_kv_heads * D // tp_kv)
-    assert shard_shape("o_proj" if arch == "llama" else "out_proj", "kernel") == (L, cfg.num_heads * D // tp, H)
+    assert shard_shape("q_proj", "weight") == (L, cfg.num_heads * D // tp, H)
+    assert shard_shape("k_proj", "weight") == (L, cfg.num_kv_heads * D // tp_kv, H)
+    assert shard_shape("o_proj" if arch == "llama" else "out_proj", "weight") == (L, H, cfg.num_heads * D // tp)
     assert shard_shape(norm, "scale") == (L, H)
     assert flat[("embed_tokens", "embedding")].addressable_shards[0].data.shape == (cfg.vocab_size // tp, H)
 
@@ -154,6 +154,17 @@ def test_orbax_restores_into_other_layouts(ckpt, tmp_path):
     for tp, pp in ((4, 1), (1, 2), (1, 1), (4, 2)):
         target = _target(cfg, tp, pp)
         _assert_placed(restore_params(str(tmp_path / "ckpt"), target), target, ref)
+
+
+def test_a_checkpoint_of_in_out_kernels_is_refused_with_the_way_out(ckpt, tmp_path):
+    """A tree saved before the weights became (out, in) 'weight' leaves (models/linear.py)
+    does not restore into today's tree, and the error says why and what to do."""
+    path, cfg, ref = ckpt("llama")
+    old = unflatten_dict({(*p[:-1], "kernel") if p[-1] == "weight" else p: (x.swapaxes(-1, -2) if p[-1] == "weight"
+                                                                             else x) for p, x in ref.items()})
+    save_params(str(tmp_path / "old"), old)
+    with pytest.raises(ValueError, match="'kernel' leaves, \\(in, out\\).*load_model"):
+        restore_params(str(tmp_path / "old"), _target(cfg, 1, 1))
 
 
 def test_load_model_places_and_caches_sharded(ckpt, tmp_path, monkeypatch):

@@ -18,8 +18,8 @@ The runner's contract with the engine (the way scheduler/base.py states the sche
 - `mirror`: on a multi-host leader, called with every device operation before it is issued;
   a worker applies them in the same order with `replay` (fastserve_jax/multihost.py).
 
-Files: keys.py (typed keys), launch.py (assembly), compiler.py (warm-up, with xla_flags.py
-and persistent_cache.py; compile_guard.py counts compiles for tests), model_runner.py
+Files: keys.py (typed keys), launch.py (assembly), compiler.py (warm-up, with
+persistent_cache.py; compile_guard.py counts compiles for tests), model_runner.py
 (execution and sampling), kv_transfer.py and swap_ops.py (KV copies).
 """
 

@@ -7,7 +7,7 @@ Three tables, one per kind of key (keys.py):
 
 Warm-up modes (EngineConfig.warmup):
     lazy        nothing before serving; a launch or sampler shape compiles the first time a
-                batch needs it (`ensure`), with the same options as a full warm-up.
+                batch needs it (`ensure`), as a full warm-up compiles it.
     background  the covering set first (the largest launch of each kind and the samplers of
                 their row counts: enough to answer any request, padded), then the rest on a
                 background thread, smallest shapes first. Launches use the smallest compiled
@@ -15,9 +15,8 @@ Warm-up modes (EngineConfig.warmup):
     full        everything before serving; afterwards nothing compiles.
 
 XLA compiles outside the GIL, so a small thread pool overlaps a full warm-up's compiles; on
-a 2-core machine that is close to 2x. Each launch shape gets the compiler options of its
-size (xla_flags.py), and the persistent cache (persistent_cache.py) serves a second start
-from disk.
+a 2-core machine that is close to 2x. The persistent cache (persistent_cache.py) serves a
+second start from disk.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from fastserve_jax.models.attention import AttnBatch
 from fastserve_jax.runner import export_cache
 from fastserve_jax.runner.keys import DecodeKey, LaunchKey, PrefillKey, SamplerKey
 from fastserve_jax.runner.launch import LaunchBuilder
-from fastserve_jax.runner.xla_flags import launch_compiler_options
 from fastserve_jax.sampling import Penalties, SamplingArrays
 from fastserve_jax.sharding.pipeline import Stage
 
@@ -59,10 +57,9 @@ class CompileJob:
 
     lower: Callable[[], jax.stages.Lowered]
     store: Callable[[object], None]
-    options: dict[str, str] | None = None
 
     def run(self) -> None:
-        self.store(self.lower().compile(compiler_options=self.options or None))
+        self.store(self.lower().compile())
 
 
 def abstract(tree):
@@ -131,8 +128,7 @@ class Compiler:
             x, batch, idx = abstract_launch_args(self.builder, key, st, self.hidden_size, self.act_dtype)
             jobs.append(CompileJob(export_cache.lower_job(st.fn, st.params, abstract(st.cache), x, batch, idx,
                                                           name=f"{self.context}/stage{st.index}", donate=(1,)),
-                                   functools.partial(st.compiled.__setitem__, key),
-                                   launch_compiler_options(st.devices[0].platform, tokens=key.tokens)))
+                                   functools.partial(st.compiled.__setitem__, key)))
         return jobs
 
     def sampler_job(self, key: SamplerKey) -> CompileJob:
