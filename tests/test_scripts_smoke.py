@@ -91,3 +91,10 @@ def test_bench_pipeline_tiny():
     rows = [ln.split() for ln in out.splitlines() if ln.split()[:1] in (["1"], ["2"]) and len(ln.split()) > 8]
     assert {(r[0], r[1]) for r in rows} >= {("1", "1"), ("2", "1"), ("1", "2")}, out
     assert all(r[-1] == "True" for r in rows), out
+
+
+def test_bench_weight_layout_tiny():
+    out = _script("bench_weight_layout.py", "--rows", "1", "4", "--hidden", "32", "--mlp", "64", "--layers", "2",
+                  "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--vocab", "64", "--rounds", "2")
+    assert "(out, in), XLA defaults" in out and "(in, out), YNNPACK off" in out
+    assert len([ln for ln in out.splitlines() if ln.split()[:1] in (["1"], ["4"])]) == 2, out
