@@ -1,12 +1,12 @@
 """A dense layer whose weight is stored (out, in), as torch.nn.Linear and Hugging Face
 checkpoints store it, instead of Linen Dense's (in, out).
 
-Why: XLA:CPU's matmul is up to 1.7x faster with the weight's contracted axis minor. On the
-2-core VM, the 125M Llama's matmuls for 32 decode rows took 52.6 ms with (out, in) weights
-against 89.8 ms with (in, out) (1.46x at 8 rows, 1.14x at 1, 1.03x at 512 prompt tokens;
-docs/performance.md). A decode step streams every weight once, and with (in, out) XLA:CPU
-reads it in the slower order. GPUs and TPUs take either layout at the same speed (cuBLAS's
-preferred GEMM is this one), and HF weights load without a transpose.
+Why: XLA:CPU runs a dot against an (out, in) weight through YNNPACK faster than anything
+it does with (in, out). The 125M Llama's matmuls for 32 decode rows took 49.9 ms against
+69.9 ms, the best of (in, out) (Eigen; 83.9 ms on YNNPACK): 1.40x, 1.45x at 8 rows, 1.09x
+at 1, 1.04x at 512 prompt tokens (scripts/bench_weight_layout.py, docs/performance.md
+section 6). HF weights load without a transpose. On GPUs and TPUs XLA assigns a dot's
+layouts itself; this is the layout torch serves with there (not measured here).
 """
 
 from __future__ import annotations
