@@ -45,7 +45,7 @@ from fastserve_jax.cost_model import CostModel
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import ScheduledRequest
 
-_VERSION = 2                     # 2: launch padding in the model
+_VERSION = 3                     # 2: launch padding in the model; 3: packed prefill probes, reachable buckets only
 PROVISIONAL = "-provisional"     # name suffix of a model timed on a covering set's padded launches
 
 
@@ -125,23 +125,47 @@ def _ends(xs: list[int], sparse: bool) -> list[int]:
     return sorted({xs[0], xs[-1]}) if sparse and xs else xs
 
 
+def _chunks(tokens: int, cfg, kv) -> list[int]:
+    """Prompt lengths that pack `tokens` prefill tokens (or as many as fit) into one launch:
+    at most max_prefill_seqs prompts of at most max_model_len tokens, within the free blocks."""
+    out, left, blocks = [], tokens, kv.num_free_blocks
+    while left > 0 and len(out) < cfg.max_prefill_seqs:
+        n = min(left, cfg.max_model_len, blocks * cfg.block_size)
+        if n < 1:
+            break
+        out.append(n)
+        left -= n
+        blocks -= kv.blocks_for_tokens(n)
+    return out
+
+
 def _measure(engine, repeats: int, sparse: bool) -> CostModel:
     cfg, kv = engine.cfg, engine.kv
     probe = _Probe(engine)
     bs = cfg.block_size
-    pre_t = _ends([t for t in cfg.prefill_token_buckets if t <= min(cfg.max_model_len, kv.num_free_blocks * bs)],
-                  sparse)
-    dec_b = _ends(list(cfg.decode_batch_buckets), sparse)
+    # A prefill bucket's probe is prompts of at most max_model_len tokens packed into one launch
+    # (up to max_prefill_seqs of them, within the free blocks), as a batch of short prompts
+    # fills it; a bucket the packing cannot pass its smaller neighbour for is never launched
+    tb = list(cfg.prefill_token_buckets)
+    pre_t = _ends([t for i, t in enumerate(tb) if sum(_chunks(t, cfg, kv)) > (tb[i - 1] if i else 0)], sparse)
+    # Every running row holds a block, so a pool of fewer blocks than a bucket's rows never
+    # fills it: time the buckets a batch can reach, each with at most one row per free block
+    # (the launch pads the rest, as the engine's would)
+    free, rb = kv.num_free_blocks, list(cfg.decode_batch_buckets)
+    dec_b = _ends([x for i, x in enumerate(rb) if i == 0 or rb[i - 1] < free], sparse)
     b = dec_b[-1]
-    long_ctx = min(cfg.max_model_len - 1, (kv.num_free_blocks // b) * bs - 1)
+    rows_b = min(b, free)
+    long_ctx = min(cfg.max_model_len - 1, (free // rows_b) * bs - 1)
     n = pre_t[-1] if sparse and pre_t else max(1, cfg.max_num_batched_tokens // 2)
     ctx = min(cfg.max_model_len - n, (kv.num_free_blocks * bs) - n)
 
     def prefill(tokens: int, cached: int = 0) -> list[ScheduledRequest]:
-        return [ScheduledRequest(probe.request(cached + tokens, cached), tokens)]
+        if cached:
+            return [ScheduledRequest(probe.request(cached + tokens, cached), tokens)]
+        return [ScheduledRequest(probe.request(k, 0), k) for k in _chunks(tokens, cfg, kv)]
 
     def decode(rows: int, context: int) -> list[ScheduledRequest]:
-        return [ScheduledRequest(probe.request(context + 1, context), 1) for _ in range(rows)]
+        return [ScheduledRequest(probe.request(context + 1, context), 1) for _ in range(min(rows, free))]
 
     # What the points run, compiled first on the compiler's thread pool (a lazy engine would
     # otherwise compile them one by one as each point's untimed run meets them)
@@ -159,7 +183,7 @@ def _measure(engine, repeats: int, sparse: bool) -> CostModel:
         padding.update(block_size=bs, block_buckets=cfg.block_buckets, min_launch_blocks=cfg.min_launch_blocks)
     # the decode rows read long_ctx + 1 tokens (plan_time's contexts: computed + the new one)
     read = (CostModel("probe", (1,), (1.0,), (1,), (1.0,), **padding).padded_read(b, long_ctx + 1)
-            if "block_size" in padding else b * (long_ctx - 1))
+            if "block_size" in padding else rows_b * (long_ctx - 1))
     decode_context = max(0.0, (t_long - dec_s[-1]) / read) if long_ctx > 1 and read > 0 else 0.0
     if ctx > 0:
         t_ctx, t0 = times[-2:]

@@ -171,3 +171,24 @@ def test_the_profile_cache_key_ignores_the_policy_and_the_host_pool():
         assert key(**kw) == base, kw
     for kw in (dict(dtype="bfloat16"), dict(max_num_seqs=8), dict(block_size=8), dict(num_blocks=50)):
         assert key(**kw) != base, kw
+
+
+def test_an_engine_whose_pool_holds_fewer_blocks_than_a_batch_profiles_and_serves(tiny_checkpoints, tmp_path):
+    """Every running row holds a block, so with 4 usable blocks and max_num_seqs 8 no batch
+    passes 4 rows (bucket 4). The profile used to build one probe request per row of the
+    largest decode bucket and failed the engine's construction ("plan does not fit:
+    __profile4"), and with max_model_len under the smallest prefill bucket it timed no
+    prefill at all (`LLM(max_model_len=16)` raised). It now times the buckets a batch can
+    reach: decode with at most one row per free block, prefill with prompts packed as a batch
+    of short prompts fills the bucket."""
+    from fastserve_jax import LLM, SamplingParams as SP
+
+    llm = LLM(tiny_checkpoints("llama"), warmup=False, max_model_len=24, max_num_seqs=8, max_num_batched_tokens=32,
+              block_size=8, num_device_blocks=5, decode_batch_buckets=(1, 2, 4, 8), compilation_cache_dir=str(tmp_path))
+    eng = llm.engine
+    assert eng.kv.num_usable_blocks == 4 and eng.cost_model is not None
+    assert eng.cost_model.decode_batch[-1] == 4 and all(s > 0 for s in eng.cost_model.decode_seconds)
+    assert eng.cfg.prefill_token_buckets[0] > 24 and eng.cost_model.prefill_tokens[0] == eng.cfg.prefill_token_buckets[0]
+    assert eng.kv.num_free_blocks == eng.kv.num_usable_blocks
+    outs = llm.generate([[5, 6, 7]] * 6, SP(max_tokens=4, ignore_eos=True))
+    assert [len(o.token_ids) for o in outs] == [4] * 6
