@@ -98,3 +98,14 @@ def test_bench_weight_layout_tiny():
                   "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--vocab", "64", "--rounds", "2")
     assert "(out, in), XLA defaults" in out and "(in, out), YNNPACK off" in out
     assert len([ln for ln in out.splitlines() if ln.split()[:1] in (["1"], ["4"])]) == 2, out
+
+
+@pytest.mark.slow   # about 30 s: two server starts
+def test_bench_frontend_one_pair_of_a_small_burst(tmp_path):
+    """24 requests on a pool of a quarter of their KV: this run found the profile's crash on
+    pools smaller than a decode bucket (cost_profile.py)."""
+    out = _script("bench_frontend.py", "--pairs", "1", "--num-requests", "24", "--rate", "40",
+                  "--json", str(tmp_path / "f.json"))
+    assert "the engine on the server's thread vs in its own process" in out
+    res = json.load(open(tmp_path / "f.json"))
+    assert len(res["runs"]) == 1 and set(res["runs"][0]) == {"thread", "process"}
