@@ -16,6 +16,11 @@ import jax
 import jax.numpy as jnp
 
 
+def linear(x, weight):
+    """x @ weight.T for a weight stored (out, in): the input's last axis against the weight's."""
+    return jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())))
+
+
 class Linear(nn.Module):
     """y = x @ weight.T (+ bias); weight (features, in)."""
 
@@ -28,7 +33,7 @@ class Linear(nn.Module):
     def __call__(self, x):
         w = self.param("weight", nn.initializers.lecun_normal(in_axis=-1, out_axis=-2),
                        (self.features, x.shape[-1]), self.param_dtype)
-        y = jax.lax.dot_general(x.astype(self.dtype), w.astype(self.dtype), (((x.ndim - 1,), (1,)), ((), ())))
+        y = linear(x.astype(self.dtype), w.astype(self.dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
         return y

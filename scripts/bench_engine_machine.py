@@ -59,10 +59,12 @@ def measure_matmul(model_cfg, batch: int, square: int = 2048, repeats: int = 5) 
     import jax
     import jax.numpy as jnp
 
+    from fastserve_jax.models.linear import linear
+
     def rate(m, k, n, reps, weight_out_in=False):
         a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
         b = jax.random.normal(jax.random.key(1), (n, k) if weight_out_in else (k, n), jnp.float32)
-        fn = (lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))) if weight_out_in else jnp.dot
+        fn = linear if weight_out_in else jnp.dot
         dot = jax.jit(fn).lower(a, b).compile()
         dot(a, b).block_until_ready()
         t = best_of(lambda: dot(a, b).block_until_ready(), reps)

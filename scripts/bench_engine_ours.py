@@ -99,8 +99,8 @@ def run_ours(llm, wl: Workload, scheduler: str) -> tuple[dict, list[list[int]]]:
             single.setdefault(keys[0], []).append(dt)
     decode_only = sum(dt for keys, dt in step_log if keys and all(k.kind == "decode" for k in keys))
     with_prefill = sum(dt for keys, dt in step_log if any(k.kind == "prefill" for k in keys))
-    return dict(scheduler=scheduler, wall_s=wall, first_pass_wall_s=first_wall, output_tokens=n_out, decode_only_steps_s=decode_only,
-                steps_with_prefill_s=with_prefill,
+    return dict(scheduler=scheduler, wall_s=wall, first_pass_wall_s=first_wall, output_tokens=n_out,
+                decode_only_steps_s=decode_only, steps_with_prefill_s=with_prefill,
                 single_launch_step_ms={launch_name(k): dict(n=len(v), median=1e3 * statistics.median(v))
                                        for k, v in sorted(single.items(), key=lambda kv: launch_key_to_wire(kv[0]))},
                 tokens_per_s=n_out / wall,

@@ -31,6 +31,7 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
 
     from fastserve_jax.models import build_model
     from fastserve_jax.models.attention import AttnBatch, KVCache
+    from fastserve_jax.models.linear import linear
     from fastserve_jax.runner.keys import DecodeKey, SamplerKey
     from fastserve_jax.sampling import SamplingArrays
 
@@ -126,18 +127,13 @@ def gemm_weights(params: dict) -> tuple[list[dict], object]:
     return per_layer, head
 
 
-def linear(x, w):
-    """x @ w.T for an (out, in) weight, as models/linear.py computes it."""
-    import jax
-
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())))
-
-
 def gemms_fn(ws, hd, h, rows: int | None = None):
     """Every matmul of a launch and nothing else: the layers' on h (tokens, hidden), the head's
     on its first `rows` tokens (None: all); attention is replaced by adding K and V to Q."""
     import jax
     import jax.numpy as jnp
+
+    from fastserve_jax.models.linear import linear
 
     for w in ws:
         q = linear(h, w["q"])

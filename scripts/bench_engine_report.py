@@ -40,9 +40,9 @@ def print_results(r: dict) -> None:
           f"tokens: {r['workload_gflop']:.0f} GFLOP; '% peak' is of the {peak:.1f} GFLOP/s square-matmul rate)")
     if "first_pass_wall_s" in ours:
         print(f"  ours is timed on its second pass over the workload; the first, right after the engine's start, took "
-              f"{ours['first_pass_wall_s']:.1f} s ({n_tok / ours['first_pass_wall_s']:.1f} tok/s, "
-              f"{n_tok / ours['first_pass_wall_s'] / cb['tokens_per_s'] if cb else 0:.2f}x transformers CB): "
-              "XLA:CPU sets up each launch's YNNPACK dots on its first run")
+              f"{ours['first_pass_wall_s']:.1f} s ({n_tok / ours['first_pass_wall_s']:.1f} tok/s"
+              + (f", {n_tok / ours['first_pass_wall_s'] / cb['tokens_per_s']:.2f}x transformers CB" if cb else "")
+              + "): XLA:CPU sets up each launch's YNNPACK dots on its first run")
     if st:
         print(f"  static batches: {st['raw_generated_tokens']} tokens generated in all (padding to each batch's "
               f"longest output), raw {st['raw_tokens_per_s']:.1f} tok/s")

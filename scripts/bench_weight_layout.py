@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from fastserve_jax.models.linear import linear  # noqa: E402
 
 YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
@@ -32,7 +38,7 @@ def weights(rng, shapes, out_in: bool):
 
 def program(shapes, layers: int, out_in: bool):
     """The matmuls alone: per layer q, k, v (added into q's width), o, gate, up, down; the head."""
-    mm = (lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))) if out_in else (lambda x, w: x @ w)
+    mm = linear if out_in else (lambda x, w: x @ w)
 
     def f(x, ws):
         for i in range(layers):

@@ -1,8 +1,8 @@
 """The benchmark and reproduction scripts that no other test runs, each at a tiny size, as a
 user would call them (a subprocess from the checkout's root): they must run to the end and
 print their figures. A script is only as good as its last run; bench_tail_guard.py once
-failed at its first line after a helper moved, and nothing noticed. The long ones
-(bench_engine, bench_startup, bench_frontend, bench_predictive) are marked slow."""
+failed at its first line after a helper moved, and nothing noticed. bench_frontend is marked
+slow; bench_engine, bench_startup and bench_predictive (minutes each) have no test here."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ needs_trace = pytest.mark.skipif(not os.path.isfile(SHARED_TRACE),
                                  reason="the shared Azure trace is not beside this checkout")
 
 
-def _script(name: str, *args: str, timeout: float = 300, env: dict | None = None) -> str:
+def _script(name: str, *args: str, timeout: float = 300) -> str:
     r = subprocess.run([sys.executable, os.path.join("scripts", name), *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                       text=True, timeout=timeout)
     assert r.returncode == 0, f"{name} {' '.join(args)} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r.stdout + r.stderr
 
