@@ -27,9 +27,8 @@ Static knobs (`Tuning`; the environment variable FASTSERVE_JAX_TRITON_TUNING, e.
 blocks each loop step loads before it updates the softmax (more loads in flight per
 program; a step past the row's last block is masked), `min_programs`, the program count
 a decode launch splits its rows' blocks up to, and Triton's `num_warps` and `num_stages`.
-The defaults are the kernel as first written (1, 128, 4, 2); none is measured on a GPU yet:
-scripts/device_check.py times the kernel alone over a grid of them and runs the engine with
-the fastest.
+The defaults (4, 512, 4, 2) are the fastest of the nine settings scripts/device_check.py
+timed on an H200 (2026-12-04, docs/attention.md; the kernel as first written was 1, 128, 4, 2).
 
 The kernel is written for the Triton (GPU) lowering and runs anywhere in interpret mode
 (`interpret=True`; CPU tests). TPUs run paged_attention_tpu.py instead: Mosaic reaches a
@@ -55,8 +54,8 @@ TUNING_ENV = "FASTSERVE_JAX_TRITON_TUNING"
 
 
 class Tuning(NamedTuple):
-    blocks_per_step: int = 1    # blocks loaded per loop step before the softmax update
-    min_programs: int = 128     # a decode launch splits each row's blocks until it has about this many programs
+    blocks_per_step: int = 4    # blocks loaded per loop step before the softmax update
+    min_programs: int = 512     # a decode launch splits each row's blocks until it has about this many programs
     num_warps: int = 4          # Triton's, per program
     num_stages: int = 2         # Triton's software pipelining of the block loop
 

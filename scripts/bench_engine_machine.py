@@ -1,6 +1,7 @@
 """This machine's roofline for scripts/bench_engine.py: memory bandwidth, matmul rates (a large
 square and each decode-step shape), the bytes and FLOPs of one decode step and of the whole
-workload, and the decode roofline that holds them against a measured step."""
+workload, and the decode roofline that holds them against a measured step; device_rates is
+scripts/device_check.py's ceilings on an accelerator."""
 
 from __future__ import annotations
 
@@ -149,3 +150,46 @@ def decode_roofline(model_cfg, param_tree, dec: dict, before: dict, after: dict)
     roofline["fraction_paired_median"] = statistics.median(paired)
     roofline["paired_matmul_gflops_median"] = statistics.median(dec["paired_matmul_gflops"])
     return roofline
+
+
+def device_rates(copy_bytes: int, square: int, dtype) -> dict:
+    """HBM GB/s and bf16 peak, each the best the device showed: x + 1 over a large array (reads
+    and writes every byte), a sum over it (reads only), torch's copy_ where torch sees a GPU; a
+    square matmul in `dtype` through XLA and through torch. The fastest is the ceiling."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.zeros((copy_bytes // 2,), jnp.bfloat16)
+    rate = {}
+    for name, fn, moved in [("copy", lambda a: a + jnp.ones((), a.dtype), 2), ("sum", lambda a: jnp.sum(a, dtype=jnp.float32), 1)]:
+        f = jax.jit(fn)
+        f(x).block_until_ready()
+        rate[f"{name}_gbs"] = moved * copy_bytes / best_of(lambda: f(x).block_until_ready(), 10) / 1e9
+    a = jax.random.normal(jax.random.key(0), (square, square), dtype)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    rate["xla_matmul_tflops"] = 2 * square ** 3 / best_of(lambda: dot(a, a).block_until_ready(), 10) / 1e12
+    x = a = None                     # frees the arrays before torch allocates its own
+    if jax.devices()[0].platform == "gpu":       # torch shares the GPU; its kernels may be the faster ones
+        try:
+            rate.update(torch_rates(copy_bytes, square, "cuda"))
+        except Exception as e:                   # no torch, or no CUDA build of it: XLA's figures stand
+            rate["torch_error"] = repr(e)
+    return dict(rate, bandwidth_gbs=max(v for k, v in rate.items() if k.endswith("gbs")), copy_bytes=copy_bytes,
+                peak_tflops=max(v for k, v in rate.items() if k.endswith("tflops")), square=square)
+
+
+def torch_rates(copy_bytes: int, square: int, device: str) -> dict:
+    """torch's copy_ GB/s (reads + writes) and bf16 square matmul TFLOP/s on `device`, best of 10."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    t = torch.empty(copy_bytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    u = torch.empty_like(t)
+    m = torch.randn(square, square, dtype=torch.bfloat16, device=device)
+    out = dict(torch_copy_gbs=2 * copy_bytes / best_of(lambda: (u.copy_(t), sync()), 10) / 1e9,
+               torch_matmul_tflops=2 * square ** 3 / best_of(lambda: (m @ m, sync()), 10) / 1e12)
+    t = u = m = None
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out

@@ -6,8 +6,8 @@ against transformers `generate` on the same device, for the reference and the Pa
     PYTHONPATH=. python scripts/device_check.py --smoke    # CPU, tiny model, seconds (tests run this)
 
 Runs from the source tree (no install, no server imports). Steps, in order:
-1. the device's rates: HBM bandwidth from a device-to-device copy (read + write of a large
-   array) and bf16 peak from a large square matmul;
+1. the device's rates, each the best of XLA's and torch's: HBM bandwidth from a copy and a sum
+   over a large array, bf16 peak from a large square matmul;
 2. transformers + torch `generate` on the same device and shapes (random weights of its own:
    speed does not depend on the values): decode tokens/s at batch 1 and 32, taken as the
    difference between generating 1 and 1 + N tokens after the same prompt;
@@ -22,15 +22,14 @@ Runs from the source tree (no install, no server imports). Steps, in order:
    a KVManager (batches 1/8/32/128 at contexts 512 and 2,048; a 2,048-token prefill). A decode
    step is one forward of the launch, logits included, sampling and scheduling excluded
    (the engine's host overhead is measured by scripts/bench_engine.py); each step against
-   the HBM roofline (weight bytes + KV bytes read, over the measured bandwidth), the prefill
-   against the measured bf16 peak;
+   the HBM roofline (weight + KV bytes read, over step 1's bandwidth), the prefill against its peak;
 5. for each backend, the whole engine (LLMEngine's loop: scheduling, sampling, detokenizing)
    timed as transformers is in step 2, at its batches and the first context: the like-for-like
    comparison with `generate` (device_check_engine.py); step 4's cells leave that host work out.
-Cells that would overrun --budget-s are skipped and listed. A part that raises (a kernel
-setting Triton cannot compile, a backend out of memory) is reported as an error in its place
-and the run goes on. JSON goes to $OUT/device_check.json when $OUT is set (or to --json),
-rewritten after every part, so a run cut short keeps what it measured.
+Cells that would overrun --budget-s are skipped and listed; --no-sweep/--no-launch/--no-engine/
+--no-hf leave steps out. A part that raises is reported as an error in its place and the run
+goes on. JSON goes to $OUT/device_check.json when $OUT is set (or to --json), rewritten after
+every part, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ import time
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # torch shares the device
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_engine_machine import best_of, decode_cost  # noqa: E402
+from bench_engine_machine import decode_cost, device_rates  # noqa: E402
 from device_check_engine import decode_cell, engine_decode  # noqa: E402
 from device_check_kernel import guarded, kernel_sweep  # noqa: E402
 
@@ -69,24 +68,6 @@ SWEEP_BUDGET_S = 90.0      # the kernel sweep's share of the run: the engine's c
 SMOKE = dict(batches=(2,), contexts=(24,), prefill=32, hf_batches=(2,), hf_new=8, hf_repeats=3,
              copy_bytes=16 << 20, square=256, steps=2, block_size=8, tunings=((1, 128), (2, 4)), warps_stages=((8, 3),),
              kernel_cells=((2, 24),), engine_backends=1)     # the whole engine on the first backend only
-
-
-def device_rates(copy_bytes: int, square: int, dtype) -> dict:
-    """HBM GB/s from x + 1 over a large array (reads and writes every byte), and the peak
-    FLOP/s of a square matmul in `dtype`; best of several runs."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.zeros((copy_bytes // 2,), jnp.bfloat16)
-    copy = jax.jit(lambda a: a + jnp.ones((), a.dtype))
-    copy(x).block_until_ready()
-    t_copy = best_of(lambda: copy(x).block_until_ready(), 10)
-    a = jax.random.normal(jax.random.key(0), (square, square), dtype)
-    dot = jax.jit(jnp.dot)
-    dot(a, a).block_until_ready()
-    t_dot = best_of(lambda: dot(a, a).block_until_ready(), 10)
-    return dict(bandwidth_gbs=2 * copy_bytes / t_copy / 1e9, copy_bytes=copy_bytes,
-                peak_tflops=2 * square ** 3 / t_dot / 1e12, square=square)
 
 
 def versions() -> dict:
@@ -267,8 +248,9 @@ def run_backend(backend: str, model_cfg, p: dict, dtype: str, rates: dict, platf
 
 def print_table(res: dict) -> None:
     r = res["rates"]
-    print(f"\n{res['device']}  model {res['model']} ({res['dtype']})  HBM {r['bandwidth_gbs']:.0f} GB/s (copy)  "
-          f"peak {r['peak_tflops']:.1f} TFLOP/s (matmul {r['square']}^3)")
+    print(f"\n{res['device']}  model {res['model']} ({res['dtype']})  HBM {r['bandwidth_gbs']:.0f} GB/s, "
+          f"peak {r['peak_tflops']:.1f} TFLOP/s (matmul {r['square']}^3), the best of: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in r.items() if k.endswith(("_gbs", "_tflops")) and "_" in k[:-4]))
     for what, part in [("transformers", res["hf"]), ("kernel sweep", res.get("kernel") or {}),
                        *((f"backend {b}", v) for b, v in res["ours"].items())]:
         if "error" in part:
@@ -328,6 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip cells that would start after this")
     ap.add_argument("--backends", default="reference,pallas")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the kernel sweep (step 3): the tuning of FASTSERVE_JAX_TRITON_TUNING or the defaults")
+    ap.add_argument("--no-launch", action="store_true", help="skip the launch cells (step 4)")
     ap.add_argument("--no-engine", action="store_true", help="skip the whole-engine cells (step 5)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -361,13 +345,13 @@ def main(argv: list[str] | None = None) -> dict:
         save()
     model_cfg = ModelConfig.from_dict(hf_cfg)
     backends = a.backends.split(",")
-    if "pallas" in backends and dev.platform != "tpu":        # the TPU's kernel has no such knobs
+    if "pallas" in backends and dev.platform != "tpu" and not a.no_sweep:        # the TPU's kernel has no such knobs
         res["kernel"] = guarded("the kernel sweep", kernel_sweep, model_cfg, p, dtype, res["rates"],
                                 min(deadline, time.perf_counter() + SWEEP_BUDGET_S))
         if res["kernel"].get("best_tuning"):                   # the engine's Pallas path runs the fastest
             os.environ[TUNING_ENV] = ",".join(f"{k}={v}" for k, v in res["kernel"]["best_tuning"].items())
         save()
-    for b in backends:
+    for b in [] if a.no_launch else backends:
         res["ours"][b] = guarded(f"the {b} backend", run_backend, b, model_cfg, p, dtype, res["rates"], dev.platform,
                                  deadline)
         save()

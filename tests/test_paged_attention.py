@@ -150,10 +150,12 @@ def test_tpu_kernel_in_steps_of_several_blocks(keys, monkeypatch):
     _check_block_walks()
 
 
-@pytest.mark.parametrize("tune", ["blocks_per_step=2,min_programs=1", "blocks_per_step=4", "blocks_per_step=3,min_programs=64"])
+@pytest.mark.parametrize("tune", ["blocks_per_step=2,min_programs=1", "blocks_per_step=1,min_programs=128",
+                                  "blocks_per_step=3,min_programs=64"])
 def test_triton_kernel_tuning(tune, monkeypatch):
-    """The Triton kernel's knobs (FASTSERVE_JAX_TRITON_TUNING): 2, 3 or 4 blocks per loop step,
-    with no context split, the default split and many splits (each a multiple of the step,
+    """The Triton kernel's knobs (FASTSERVE_JAX_TRITON_TUNING) away from the defaults (4 blocks
+    per step, 512 programs: every other test runs them): 1, 2 or 3 blocks per loop step,
+    with no context split, the first written split and many splits (each a multiple of the step,
     the last one partly past the table): decode rows of 1, 2, 3 and 6 live blocks, the table
     with and without a padding column after the longest, and a packed prefill."""
     import fastserve_jax.models.attention as attention_module
