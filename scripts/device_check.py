@@ -44,7 +44,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # torch shares
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_engine_machine import decode_cost, device_rates  # noqa: E402
-from device_check_engine import decode_cell, engine_decode  # noqa: E402
+from device_check_engine import agreement, decode_cell, engine_decode  # noqa: E402
 from device_check_kernel import guarded, kernel_sweep  # noqa: E402
 
 # Llama-3-8B and Llama-3.2-1B shapes (transformers LlamaConfig kwargs); "tiny" is the smoke model
@@ -289,6 +289,9 @@ def print_table(res: dict) -> None:
                 f" = {c['tokens_per_s'] / hf['tokens_per_s']:.2f}x hf" if isinstance(hf, dict) else "")
                 if isinstance(c, dict) else f"{b} {c}" for b, c in cells.items() if c is not None)
             print(f"{key:>12} {row}")
+            ran = [(b, c["tokens"]) for b, c in cells.items() if isinstance(c, dict) and "tokens" in c]
+            for b, toks in ran[1:]:
+                print(f"{'':>12} {b} against {ran[0][0]}: {agreement(ran[0][1], toks)}")
     if res.get("kernel") and "cells" in res["kernel"]:
         cells = res["kernel"]["cells"]
         keys = list(next(iter(cells.values())))
@@ -298,6 +301,11 @@ def print_table(res: dict) -> None:
         for name, row in cells.items():
             print(f"{name:>10} " + " ".join(f"{v['ms']:9.3f} {v['bandwidth_fraction']:5.0%} " if isinstance(v, dict)
                                             else f"{str(v):>16}" for v in row.values()))
+        errs = {n: max(v["rel_err"] for v in row.values() if isinstance(v, dict) and "rel_err" in v)
+                for n, row in cells.items() if n != "reference" and any("rel_err" in v for v in row.values()
+                                                                         if isinstance(v, dict))}
+        print("largest relative error against the reference gather (bf16 inputs; above 2e-2 is a defect): "
+              + ", ".join(f"{n} {e:.1e}" + (" WRONG" if e > 2e-2 else "") for n, e in errs.items()))
         ran = res["ours"].get("pallas", {}).get("tuning")
         print(f"fastest: {res['kernel']['best']}; the engine's Pallas path ran with {ran or 'nothing (see above)'}")
     print(f"total {res['seconds']:.0f} s")

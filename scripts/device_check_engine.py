@@ -61,6 +61,7 @@ def engine_decode(backend: str, model_cfg, params_fn, dtype: str, batches, conte
     rng = np.random.default_rng(0)
 
     phases: dict[int, dict] = {}                   # n -> ms per iteration of each phase, its last run
+    tokens: dict[int, list] = {}                   # n -> each row's greedy tokens, its last run
 
     def serve(prompts, n: int) -> None:
         st = engine.stats
@@ -70,6 +71,7 @@ def engine_decode(backend: str, model_cfg, params_fn, dtype: str, batches, conte
         while engine.has_unfinished():
             engine.step()
         assert all(len(r.output_token_ids) == n for r in reqs)
+        tokens[n] = [list(map(int, r.output_token_ids)) for r in reqs]
         its = st.iterations - before[0]
         phases[n] = {k: 1e3 * (getattr(st, k) - b) / its for k, b in zip(PHASES, before[1:])}
 
@@ -83,6 +85,14 @@ def engine_decode(backend: str, model_cfg, params_fn, dtype: str, batches, conte
                 serve(prompts, n)
             cell = out[f"{b}x{ctx}"] = decode_cell(lambda n: serve(prompts, n), b, ctx, new, repeats)
             if isinstance(cell, dict):     # where an iteration of the 1 + new run went (mostly decode steps)
-                cell["phase_ms_per_iteration"] = phases[1 + new]
+                cell["phase_ms_per_iteration"], cell["tokens"] = phases[1 + new], tokens[1 + new]
             saved()
     return out
+
+
+def agreement(a: list, b: list) -> str:
+    """How far two engines' greedy tokens for the same prompts agree: rows identical, and the
+    mean length of the rows' common prefix (bf16 near-ties may part them late; early is a defect)."""
+    prefix = [next((i for i, (x, y) in enumerate(zip(r, s)) if x != y), min(len(r), len(s))) for r, s in zip(a, b)]
+    same = sum(r == s for r, s in zip(a, b))
+    return f"{same}/{len(a)} rows identical, common prefix {sum(prefix) / len(prefix):.1f} of {len(a[0])} tokens"

@@ -31,7 +31,8 @@ def guarded(what: str, fn, *args):
 def kernel_sweep(model_cfg, p: dict, dtype: str, rates: dict, deadline: float) -> dict:
     """The Triton decode kernel alone on one layer's cache (models/paged_attention.Tuning), and
     the reference path's gather on the same launches: ms per call and the KV bytes a call must
-    read over the measured bandwidth, per (batch, context) in p["kernel_cells"]. Two rounds:
+    read over the measured bandwidth, per (batch, context) in p["kernel_cells"], and each output's
+    relative error (||out - ref|| / ||ref||, fp32) against the gather's. Two rounds:
     each (blocks per loop step, programs a launch splits up to) in p["tunings"] at Triton's
     default warps and stages, then the fastest of those with each (warps, stages) in
     p["warps_stages"]. `best`: the least total time over the cells, among the tunings that
@@ -57,6 +58,7 @@ def kernel_sweep(model_cfg, p: dict, dtype: str, rates: dict, deadline: float) -
                 jnp.asarray(np.broadcast_to(np.arange(per_row, dtype=np.int32) * bs, (b, per_row)).copy()))
         cells[f"{b}x{c}"] = (args, 2 * b * c * hkv * d * jnp.dtype(dtype).itemsize)
     out: dict[str, dict] = {}
+    refs: dict[str, jax.Array] = {}                # the reference gather's output per cell, fp32
 
     def time_all(name: str, fn) -> None:
         out[name] = {}
@@ -66,13 +68,17 @@ def kernel_sweep(model_cfg, p: dict, dtype: str, rates: dict, deadline: float) -
                 out[name][cell] = "skipped (failed above)" if failed else "skipped (time)"
                 continue
             try:
-                fn(*args).block_until_ready()
+                o = fn(*args).astype(jnp.float32)
             except Exception as e:                # a setting Triton cannot compile must not end the run
                 out[name][cell], failed = failure(f"kernel {name} at {cell}", e), True
                 continue
+            if name == "reference":               # it runs first
+                refs[cell] = o
             t = best_of(lambda: fn(*args).block_until_ready(), p["steps"])
             out[name][cell] = dict(ms=1e3 * t, kv_bytes=kv_bytes,
                                    bandwidth_fraction=kv_bytes / t / (rates["bandwidth_gbs"] * 1e9))
+            if cell in refs:
+                out[name][cell]["rel_err"] = float(jnp.linalg.norm(o - refs[cell]) / jnp.linalg.norm(refs[cell]))
 
     def fastest(names):
         done = [n for n in names if all(isinstance(v, dict) for v in out[n].values())]

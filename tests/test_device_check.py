@@ -40,12 +40,19 @@ def test_smoke_run_fills_every_cell(tmp_path):
     phases = res["engine"]["reference"]["2x24"]["phase_ms_per_iteration"]     # where its iterations went
     assert set(phases) == {"schedule", "assemble", "device", "postprocess"} and phases["device"] > 0
     assert "whole engine loop" in proc.stdout and "x hf" in proc.stdout
+    # each cell keeps its rows' greedy tokens, and the run compares the engines' (async is exact)
+    assert res["engine"]["reference"]["2x24"]["tokens"] == res["engine"]["reference+async"]["2x24"]["tokens"]
+    assert "2/2 rows identical, common prefix 9.0 of 9 tokens" in proc.stdout
     # the Triton kernel's tunings timed alone, and the engine's Pallas path run with the fastest
     kernel = res["kernel"]
     # (round 2: the faster of round 1's two with 8 warps and 3 stages)
     first = min(("b1p128w4s2", "b2p4w4s2"), key=lambda n: kernel["cells"][n]["2x24"]["ms"])
     assert set(kernel["cells"]) == {"reference", "b1p128w4s2", "b2p4w4s2", first[:-4] + "w8s3"}
     assert all(c["2x24"]["ms"] > 0 and c["2x24"]["kv_bytes"] == 2 * 24 * 2 * 2 * 16 * 2 for c in kernel["cells"].values())
+    # every tuning's output against the reference gather's, in bf16 (the GPU run's correctness check)
+    assert kernel["cells"]["reference"]["2x24"]["rel_err"] == 0
+    assert all(0 < c["2x24"]["rel_err"] < 2e-2 for n, c in kernel["cells"].items() if n != "reference")
+    assert "largest relative error against the reference gather" in proc.stdout and "WRONG" not in proc.stdout
     assert res["ours"]["pallas"]["tuning"] == kernel["best"] != "reference"
 
 
