@@ -17,7 +17,7 @@ Runs from the source tree (no install, no server imports). Steps, in order:
    fastest with three other (warps, stages), and the reference path's gather, each against
    the bandwidth its KV bytes need; the engine's Pallas path then runs with the fastest
    tuning (at most 90 s);
-4. for each attention backend (reference, pallas): a random-weight model built on the device,
+4. for each attention backend (the platform's own first: pallas on GPU and TPU): a random-weight model built on the device,
    the engine's ModelRunner over it, and launches assembled by the engine's LaunchBuilder from
    a KVManager (batches 1/8/32/128 at contexts 512 and 2,048; a 2,048-token prefill). A decode
    step is one forward of the launch, logits included, sampling and scheduling excluded
@@ -308,7 +308,7 @@ def print_table(res: dict) -> None:
               + ", ".join(f"{n} {e:.1e}" + (" WRONG" if e > 2e-2 else "") for n, e in errs.items()))
         ran = res["ours"].get("pallas", {}).get("tuning")
         print(f"fastest: {res['kernel']['best']}; the engine's Pallas path ran with {ran or 'nothing (see above)'}")
-    print(f"total {res['seconds']:.0f} s")
+    print(f"total {res['seconds']:.0f} s; parts ended at " + ", ".join(f"{k} {v:.0f} s" for k, v in res["timeline"].items()))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes: checks the script runs")
     ap.add_argument("--model", choices=["8b", "1b"], default="8b")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip cells that would start after this")
-    ap.add_argument("--backends", default="reference,pallas")
+    ap.add_argument("--backends", default=None, help="default: the platform's own backend first (pallas on GPU "
+                    "and TPU, reference on CPU), so its engine cells come first within the budget")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--no-sweep", action="store_true", help="skip the kernel sweep (step 3): the tuning of FASTSERVE_JAX_TRITON_TUNING or the defaults")
     ap.add_argument("--no-launch", action="store_true", help="skip the launch cells (step 4)")
@@ -337,32 +338,34 @@ def main(argv: list[str] | None = None) -> dict:
     path = a.json or (os.path.join(os.environ["OUT"], "device_check.json") if os.environ.get("OUT") else None)
     res = dict(device=f"{dev.device_kind} ({dev.platform})", model=name, dtype=dtype, jax=jax.__version__,
                versions=versions(), rates=device_rates(p["copy_bytes"], p["square"], jnp.bfloat16), hf={},
-               kernel=None, ours={}, engine={})
+               kernel=None, ours={}, engine={}, timeline={})
 
-    def save() -> None:                         # after every part: a run cut short keeps what it measured
+    def save(part: str | None = None) -> None:  # after every part: a run cut short keeps what it measured
         res["seconds"] = time.perf_counter() - t_start
+        if part:                                # seconds from the start at which each part ended
+            res["timeline"][part] = round(res["seconds"], 1)
         if path:
             with open(path, "w") as f:
                 json.dump(res, f, indent=1)
 
-    save()
+    save("rates")
     hf_cfg = model_config(name, dtype)
     if not a.no_hf:
         res["hf"] = guarded("transformers generate", hf_decode, hf_cfg, dtype, p["hf_batches"], p["contexts"],
                             p["hf_new"], "cuda" if dev.platform == "gpu" else "cpu", deadline, p["hf_repeats"])
-        save()
+        save("transformers")
     model_cfg = ModelConfig.from_dict(hf_cfg)
-    backends = a.backends.split(",")
+    backends = (a.backends or ("pallas,reference" if dev.platform in ("gpu", "tpu") else "reference,pallas")).split(",")
     if "pallas" in backends and dev.platform != "tpu" and not a.no_sweep:        # the TPU's kernel has no such knobs
         res["kernel"] = guarded("the kernel sweep", kernel_sweep, model_cfg, p, dtype, res["rates"],
                                 min(deadline, time.perf_counter() + SWEEP_BUDGET_S))
         if res["kernel"].get("best_tuning"):                   # the engine's Pallas path runs the fastest
             os.environ[TUNING_ENV] = ",".join(f"{k}={v}" for k, v in res["kernel"]["best_tuning"].items())
-        save()
+        save("kernel sweep")
     for b in [] if a.no_launch else backends:
         res["ours"][b] = guarded(f"the {b} backend", run_backend, b, model_cfg, p, dtype, res["rates"], dev.platform,
                                  deadline)
-        save()
+        save(f"launches {b}")
     # each backend's engine synchronous, then with async scheduling ("<backend>+async")
     for b in [] if a.no_engine else [x + m for x in backends[:p["engine_backends"]] for m in ("", "+async")]:
         cells = res["engine"][b] = {}              # filled and saved cell by cell
@@ -372,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
         cells.update(guarded(f"the engine on {b}", engine_decode, b, model_cfg, lambda: random_params(model_cfg, dtype),
                              dtype, p["hf_batches"], p["contexts"][:1], p["hf_new"], p["block_size"], p["prefill"],
                              deadline - compile_s, p["hf_repeats"], cells, save))
-        save()
+        save(f"engine {b}")
     print_table(res)
     if path:
         print(f"wrote {path}")

@@ -33,6 +33,9 @@ def test_smoke_run_fills_every_cell(tmp_path):
         assert cell["kv_bytes"] == 2 * 24 * 2 * 2 * 2 * 16 * 2    # batch x ctx x K,V x layers x kv heads x D x bf16
         assert res["ours"][backend]["prefill"]["peak_fraction"] > 0
     assert "reference ms" in proc.stdout and "pallas tok/s" in proc.stdout
+    # when each part ended, and the CPU's own backend first (a GPU's run puts pallas first)
+    assert list(res["timeline"])[:2] == ["rates", "transformers"] and list(res["ours"]) == ["reference", "pallas"]
+    assert list(res["timeline"].values()) == sorted(res["timeline"].values()) and "parts ended at" in proc.stdout
     # the whole engine's loop, timed as transformers generate is (the smoke run: the first backend
     # only), synchronous and with async scheduling
     assert list(res["engine"]) == ["reference", "reference+async"]
