@@ -9,7 +9,8 @@ place of the device and its transfer-time model (bytes over bandwidth) in place 
     -> kv_plan.apply_plan (drops, swap-outs, on-demand swap-ins: the step waits for those,
        charged to the stall credit) -> the swap policy's moves ahead, issued with the step
     -> now += cost_model.iteration_time(plan) + swap_issue_seconds per copy issued (+ the
-       host time of the policy's own calls with SimConfig.host_time_scale)
+       host time of the policy's own calls with SimConfig.host_time_scale; with
+       SimConfig.async_scheduling the longer of the launch and all that host work)
     -> num_computed_tokens += n; a chunk that reaches the end of a request samples a token
     -> requests at their output length finish (remove) -> scheduler.on_iteration(plan,
        scheduler.service(plan) (taken before the plan ran), or dt where the policy takes none, now)
@@ -87,6 +88,14 @@ class SimConfig:
     # charged; above 0 the run is not deterministic (scripts/sim_fidelity.py uses it). The time
     # is recorded either way (metrics' policy_host_seconds, unscaled).
     host_time_scale: float = 0.0
+    # The engine's async scheduling (EngineConfig.async_scheduling): the host work of an
+    # iteration (the cost model's iteration_overhead, the charged policy time, issuing swap
+    # copies, and the previous iteration's updates) runs while the device runs the launch, so an
+    # iteration takes the longer of the two instead of their sum. False: the synchronous loop.
+    # async_overlap: the share of the shorter of the two that the longer hides (1: all, as on an
+    # accelerator; on a CPU of N cores the host's thread takes one from the launch: 1 - 1/N).
+    async_scheduling: bool = False
+    async_overlap: float = 1.0
     # Output lengths a previous run saved, restored into a policy that learns lengths, as the
     # engine does on a restart (policy_state.py; a prior, scheduler/length_window.py).
     prior_lengths: tuple[int, ...] = ()
@@ -110,6 +119,8 @@ class SimConfig:
             raise ValueError(f"prediction_sigma must be a finite number >= 0 (0 = exact lengths), got {s!r}")
         if t is not None and not (isinstance(t, (int, float)) and 0 < t <= 1):
             raise ValueError(f"prediction_tau must be in (0, 1] (1 = exact lengths), got {t!r}")
+        if not (isinstance(self.async_overlap, (int, float)) and 0 <= self.async_overlap <= 1):
+            raise ValueError(f"async_overlap must be in [0, 1], got {self.async_overlap!r}")
         if not (isinstance(self.host_time_scale, (int, float)) and math.isfinite(self.host_time_scale)
                 and self.host_time_scale >= 0):
             raise ValueError(f"host_time_scale must be a finite number >= 0 (0: not charged), got "
@@ -260,6 +271,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
     clock = time.perf_counter
     wall0 = clock()
     now, nxt, live, policy_host, launches = 0.0, 0, 0, 0.0, 0.0
+    carried = 0.0                                      # async: the last iteration's updates, on the next launch
     iterations = preemptions = seqs = max_batch = max_tokens = max_blocks = 0
     while nxt < len(reqs) or live:
         while nxt < len(reqs) and reqs[nxt].arrival_time <= now:
@@ -336,8 +348,14 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         # the plan advances (with the policy on the clock's own model that is dt so far), or,
         # where the policy takes none, the whole iteration, as the engine's measured one
         service = dt if cfg.policy_cost is None else sched.service(plan)
-        launches += dt - cost.iteration_overhead
-        dt += issued * cost.swap_issue_seconds + cfg.host_time_scale * host     # + 0.0 exactly by default
+        launch = dt - cost.iteration_overhead
+        launches += launch
+        host_seconds = issued * cost.swap_issue_seconds + cfg.host_time_scale * host     # 0.0 exactly by default
+        if cfg.async_scheduling:
+            beside = cost.iteration_overhead + host_seconds + carried
+            dt = max(launch, beside) + (1.0 - cfg.async_overlap) * min(launch, beside)
+        else:
+            dt += host_seconds
         now += dt
         for r in advance(plan, now):
             kv.free(r)
@@ -359,7 +377,10 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         swap.on_iteration(now - t_start)
         after = clock() - h0
         policy_host += host + after
-        now += cfg.host_time_scale * after
+        if cfg.async_scheduling:
+            carried = cfg.host_time_scale * after
+        else:
+            now += cfg.host_time_scale * after
         counts.busy_seconds += now - t_start
         iterations += 1
         seqs += len(plan.scheduled)

@@ -302,6 +302,33 @@ def test_calibrated_recovers_the_engines_speed_and_host_overhead_from_fcfs_alone
         e["launch_seconds_per_iteration"] / 1.4)
 
 
+def test_calibrated_with_async_scheduling_solves_the_launches_speed_beside_the_host_work(monkeypatch):
+    """An engine that schedules asynchronously: its assemble and postprocess phases are the host
+    work beside each launch, and the launches' speed is solved to fit its ms per iteration."""
+    import dataclasses
+    import itertools
+
+    import fastserve_jax.sim
+
+    ticks = itertools.count()
+    monkeypatch.setattr(fastserve_jax.sim.time, "perf_counter", lambda: 1e-5 * next(ticks))
+    shape = _shape(_cost(), usable_blocks=400)
+    shape.cfg = dataclasses.replace(shape.cfg, async_scheduling=True)
+    trace = [TraceRequest(0.0, 10 + 3 * (i % 5), 5 + 7 * (i % 6)) for i in range(60)]
+    swap = (1e-4, 1e9, 5e-5)
+    engine, _ = sf.simulate_policies(shape, trace, swap, 0.001, ("fcfs",), host_scale=3.0, speed=1.4)
+    e = engine["fcfs"]
+    host = e["policy_host_seconds"] / e["iterations"]
+    fcfs = dict(e, device_seconds_per_iteration=0.5 * e["launch_seconds_per_iteration"],   # a wait, not the launch
+                schedule_seconds_per_iteration=3 * host, assemble_seconds_per_iteration=0.0006,
+                postprocess_seconds_per_iteration=0.0004)
+    cal = sf.calibrated(shape, trace, swap, fcfs)
+    assert cal["async_scheduling"] and cal["iteration_overhead"] == pytest.approx(0.001)
+    assert cal["host_scale"] == pytest.approx(3.0, rel=1e-9) and cal["speed"] == pytest.approx(1.4, rel=2e-3)
+    assert cal["sim"]["fcfs"]["iteration_seconds"] == pytest.approx(fcfs["iteration_seconds"], rel=1e-3)
+    assert "beside each launch" in sf._fit_note(cal)
+
+
 def test_front_end_offsets_come_from_fcfs_and_shift_each_request_not_the_mean():
     fcfs = dict(ttft_mean=0.50, server_ttft_mean=0.48, e2e_mean=2.0, server_e2e_mean=1.97)
     assert sf.front_end_offsets(fcfs) == pytest.approx((0.02, 0.03))

@@ -244,6 +244,34 @@ def test_simulator_charges_swap_issue_time_and_the_policys_host_time_only_when_a
         dataclasses.replace(cfg, host_time_scale=-1.0)
 
 
+def test_simulator_with_async_scheduling_runs_the_host_work_beside_the_launch():
+    """SimConfig.async_scheduling: an iteration takes the longer of its launch and its host work
+    (here half a second to issue each swap copy), plus (1 - async_overlap) of the shorter."""
+    trace = [TraceRequest(0.001 * i, 30 + 7 * (i % 5), 20 + 13 * (i % 4)) for i in range(40)]
+    cfg = SimConfig(max_num_seqs=8, max_num_batched_tokens=64, block_size=4, kv_capacity_tokens=200,
+                    scheduler_config=CFG, host_kv_capacity_tokens=400, swap_policy="proactive")
+    wall = ("sim_wall_seconds", "policy_host_seconds")          # this process's clock, not the simulation's
+
+    def run(cost, **kw):
+        m = simulate(trace, "skip-join-mlfq", cost, dataclasses.replace(cfg, **kw)).metrics()
+        return {k: v for k, v in m.items() if k not in wall}
+
+    # nothing on the host: the launches alone, as the synchronous loop
+    assert run(COST, async_scheduling=True) == run(COST)
+    issue = dataclasses.replace(COST, swap_issue_seconds=0.5)
+    sync = run(issue)
+    assert run(issue, async_scheduling=True, async_overlap=0.0) == sync       # nothing hidden: the sum
+    assert sync["swap_busy_seconds"] - sync["swap_stall_seconds"] == pytest.approx(
+        sync["launch_seconds"] + 0.5 * sync["swap_copies_issued"])
+    # (each run schedules on its own clock, so their copies and launches differ; each within its bounds)
+    for overlap in (1.0, 0.5):
+        m = run(issue, async_scheduling=True, async_overlap=overlap)
+        launch, host, busy = m["launch_seconds"], 0.5 * m["swap_copies_issued"], m["swap_busy_seconds"] - m["swap_stall_seconds"]
+        assert max(launch, host) + (1 - overlap) * min(launch, host) <= busy + 1e-9 < launch + host, overlap
+    with pytest.raises(ValueError, match="async_overlap must be in"):
+        dataclasses.replace(cfg, async_overlap=1.5)
+
+
 # -- the engine: real copies, token identity --------------------------------------------------
 def _prompts(n, seed):
     rng = np.random.default_rng(seed)
