@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,9 +52,9 @@ def run_generate(cache: str, warmup: str) -> dict:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from fastserve_jax.serve.bench_client import unused_port
+
+    return unused_port()
 
 
 def _get(url: str, body: dict | None = None, timeout: float = 120) -> int:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import socket
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -210,3 +212,28 @@ def summarize(results: list[Result]) -> dict[str, float]:
     out["throughput_rps"] = len(done) / span
     out["throughput_tps"] = sum(r.completion_tokens or 0 for r in done) / span
     return out
+
+
+def unused_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on, for a server started next, chosen below the kernel's
+    ephemeral range. A port bound to 0 and closed comes from that range, and any outbound
+    connection on the machine (a client of another server, a jax.distributed channel) may take
+    it in the seconds before the server binds it: "address already in use"."""
+    low = 32768                                    # Linux's default start of the ephemeral range
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(max(1024, low - 20000), low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        return port
+    with socket.socket() as s:                     # every pick taken: the kernel's, with its race
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -205,9 +204,7 @@ class LaunchedServer:
     """`fastserve-jax serve` in a subprocess on a free port, its log in a file."""
 
     def __init__(self, scheduler: str, engine_argv: list[str]) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = bench_client.unused_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(os.path.join(tempfile.gettempdir(), f"fastserve-bench-{scheduler}-{self.port}.log"), "w")
         # each server learns its output lengths afresh (policy_state.py), so servers of one

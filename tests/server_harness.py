@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 
@@ -72,9 +71,7 @@ def kv_integrity(engine) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return bench_client.unused_port()
 
 
 def wait_healthy(url: str, timeout: float) -> None:

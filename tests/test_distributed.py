@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fastserve_jax.serve.bench_client import unused_port
 from fastserve_jax.sharding.distributed import (SHUTDOWN, ChannelClosed, DistributedConfig, PlanChannel, decode, encode,
                                   is_shutdown)
 
@@ -23,9 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return unused_port()
 
 
 def cfgs(n: int) -> list[DistributedConfig]:

@@ -10,7 +10,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,18 @@ import urllib.request
 
 import pytest
 
+from fastserve_jax.serve.bench_client import unused_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    """n distinct ports below the ephemeral range (bench_client.unused_port): the leader binds
+    its HTTP port only after the worker has connected over loopback, on an ephemeral port."""
+    ports: list[int] = []
+    while len(ports) < n:
+        p = unused_port()
+        ports += [] if p in ports else [p]
     return ports
 
 

@@ -164,3 +164,28 @@ def test_serve_with_a_bad_engine_setting_exits_1_and_says_which():
     assert proc.returncode == 1, proc.stderr
     assert "error: the engine did not start: ValueError: max_num_seqs must be a positive integer, got 0" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_servers_get_ports_below_the_ephemeral_range(monkeypatch):
+    """bench_client.unused_port: a port an outbound connection cannot take before the server
+    binds it (the multi-host test's leader once lost its port so), and one nothing listens on."""
+    import itertools
+    import socket
+
+    from fastserve_jax.serve.bench_client import unused_port
+
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except OSError:
+        pass
+    ports = {unused_port() for _ in range(20)}
+    assert all(1024 <= p < low for p in ports) and len(ports) > 1
+    with socket.socket() as s:                  # taken: the next pick is another
+        s.bind(("127.0.0.1", 0))
+        taken = s.getsockname()[1]
+        s.listen()
+        picks = itertools.chain([taken], range(20000, 21000))
+        monkeypatch.setattr("random.Random.randrange", lambda self, a, b: next(picks))
+        assert unused_port() != taken
