@@ -8,26 +8,28 @@ against transformers `generate` on the same device, for the reference and the Pa
 Runs from the source tree (no install, no server imports). Steps, in order:
 1. the device's rates, each the best of XLA's and torch's: HBM bandwidth from a copy and a sum
    over a large array, bf16 peak from a large square matmul;
-2. transformers + torch `generate` on the same device and shapes (random weights of its own:
+2. correctness: a small random Llama-3-style checkpoint served by the engine on each backend in
+   bf16 and scored teacher-forced by transformers on the same device (device_check_parity.py);
+3. transformers + torch `generate` on the same device and shapes (random weights of its own:
    speed does not depend on the values): decode tokens/s at batch 1 and 32, taken as the
    difference between generating 1 and 1 + N tokens after the same prompt;
-3. the Triton kernel alone (GPU and CPU; a TPU runs its own kernel): decode attention over one
-   layer's cache at batch 1/32/128 and a 2,048-token context, for six tunings (blocks per
-   loop step x programs a launch splits up to; models/paged_attention.Tuning), then the
-   fastest with three other (warps, stages), and the reference path's gather, each against
-   the bandwidth its KV bytes need; the engine's Pallas path then runs with the fastest
-   tuning (at most 90 s);
-4. for each attention backend (the platform's own first: pallas on GPU and TPU): a random-weight model built on the device,
-   the engine's ModelRunner over it, and launches assembled by the engine's LaunchBuilder from
-   a KVManager (batches 1/8/32/128 at contexts 512 and 2,048; a 2,048-token prefill). A decode
-   step is one forward of the launch, logits included, sampling and scheduling excluded
-   (the engine's host overhead is measured by scripts/bench_engine.py); each step against
-   the HBM roofline (weight + KV bytes read, over step 1's bandwidth), the prefill against its peak;
-5. for each backend, the whole engine (LLMEngine's loop: scheduling, sampling, detokenizing)
-   timed as transformers is in step 2, at its batches and the first context: the like-for-like
-   comparison with `generate` (device_check_engine.py); step 4's cells leave that host work out.
-Cells that would overrun --budget-s are skipped and listed; --no-sweep/--no-launch/--no-engine/
---no-hf leave steps out. A part that raises is reported as an error in its place and the run
+4. the Triton kernel alone (GPU and CPU; a TPU runs its own kernel): decode attention over one
+   layer's cache at batch 1/32/128 and a 2,048-token context, for six tunings, then the
+   fastest with three other (warps, stages), and the reference path's gather: time, the
+   bandwidth its KV bytes need, and its output against the gather's; the engine's Pallas path
+   then runs with the fastest tuning (at most 90 s);
+5. for each attention backend (the platform's own first: pallas on GPU and TPU): a
+   random-weight model on the device, the engine's ModelRunner over it, and launches built by
+   its LaunchBuilder (batches 1/8/32/128 at contexts 512 and 2,048; a 2,048-token prefill). A
+   decode step is one forward of the launch, logits included, sampling and scheduling
+   excluded; each against the HBM roofline (weight + KV bytes over step 1's bandwidth), the
+   prefill against its peak;
+6. the whole engine (LLMEngine's loop: scheduling, sampling, detokenizing) on the platform's
+   own backend (--all-engines: each), synchronous and async, timed as transformers is in
+   step 3 at its batches and the first context: the like-for-like comparison with `generate`
+   (device_check_engine.py), with the engines' greedy tokens compared.
+Cells that would overrun --budget-s are skipped and listed; --no-parity/--no-hf/--no-sweep/
+--no-launch/--no-engine leave steps out. A part that raises is reported as an error in its place and the run
 goes on. JSON goes to $OUT/device_check.json when $OUT is set (or to --json), rewritten after
 every part, so a run cut short keeps what it measured.
 """
@@ -44,8 +46,10 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # torch shares
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_engine_machine import decode_cost, device_rates  # noqa: E402
-from device_check_engine import agreement, decode_cell, engine_decode  # noqa: E402
+from device_check_engine import decode_cell, engine_decode  # noqa: E402
 from device_check_kernel import guarded, kernel_sweep  # noqa: E402
+from device_check_parity import bf16_parity  # noqa: E402
+from device_check_table import print_table  # noqa: E402
 
 # Llama-3-8B and Llama-3.2-1B shapes (transformers LlamaConfig kwargs); "tiny" is the smoke model
 SHAPES = {
@@ -63,11 +67,15 @@ SHAPES = {
 FULL = dict(batches=(1, 8, 32, 128), contexts=(512, 2048), prefill=2048, hf_batches=(1, 32), hf_new=32,
             hf_repeats=2, copy_bytes=4 << 30, square=8192, steps=10, block_size=16,
             tunings=((1, 128), (2, 128), (4, 128), (1, 512), (4, 512), (8, 512)), warps_stages=((4, 3), (8, 2), (8, 3)),
-            kernel_cells=((1, 2048), (32, 2048), (128, 2048)), engine_backends=2)
+            kernel_cells=((1, 2048), (32, 2048), (128, 2048)), engine_backends=1,
+            parity=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
+                        num_key_value_heads=2, vocab_size=32000, max_position_embeddings=2048, init_std=0.02),
+            parity_tokens=16)
 SWEEP_BUDGET_S = 90.0      # the kernel sweep's share of the run: the engine's cells come after it
 SMOKE = dict(batches=(2,), contexts=(24,), prefill=32, hf_batches=(2,), hf_new=8, hf_repeats=3,
              copy_bytes=16 << 20, square=256, steps=2, block_size=8, tunings=((1, 128), (2, 4)), warps_stages=((8, 3),),
-             kernel_cells=((2, 24),), engine_backends=1)     # the whole engine on the first backend only
+             kernel_cells=((2, 24),), engine_backends=1, parity=dict(init_std=0.1),
+             parity_tokens=4)
 
 
 def versions() -> dict:
@@ -246,71 +254,6 @@ def run_backend(backend: str, model_cfg, p: dict, dtype: str, rates: dict, platf
     return out
 
 
-def print_table(res: dict) -> None:
-    r = res["rates"]
-    print(f"\n{res['device']}  model {res['model']} ({res['dtype']})  HBM {r['bandwidth_gbs']:.0f} GB/s, "
-          f"peak {r['peak_tflops']:.1f} TFLOP/s (matmul {r['square']}^3), the best of: "
-          + ", ".join(f"{k} {v:.0f}" for k, v in r.items() if k.endswith(("_gbs", "_tflops")) and "_" in k[:-4]))
-    for what, part in [("transformers", res["hf"]), ("kernel sweep", res.get("kernel") or {}),
-                       *((f"backend {b}", v) for b, v in res["ours"].items())]:
-        if "error" in part:
-            print(f"{what}: {part['error']}")
-    backends = [b for b, v in res["ours"].items() if "decode" in v]
-    head = f"{'batch x ctx':>12} " + " ".join(f"{b + ' ms':>13} {b + ' tok/s':>13} {'roof':>5}" for b in backends)
-    print(head + f" {'hf tok/s':>10} {'ours/hf':>8}")
-    for key in res["ours"][backends[0]]["decode"] if backends else ():
-        row = f"{key:>12} "
-        for b in backends:
-            cell = res["ours"][b]["decode"].get(key)
-            row += (f"{cell['step_ms']:13.2f} {cell['tokens_per_s']:13.0f} {cell['roofline_fraction']:5.0%} "
-                    if isinstance(cell, dict) else f"{str(cell):>33} ")
-        hf = res["hf"].get(key)
-        best = max((res["ours"][b]["decode"][key]["tokens_per_s"] for b in backends
-                    if isinstance(res["ours"][b]["decode"].get(key), dict)), default=None)
-        if isinstance(hf, dict) and best:
-            row += f"{hf['tokens_per_s']:10.0f} {best / hf['tokens_per_s']:8.2f}x"
-        print(row)
-    for b in backends:
-        pf = res["ours"][b].get("prefill")
-        if pf:
-            print(f"prefill {pf['tokens']} tokens ({b}): {pf['ms']:.1f} ms, {pf['tflops']:.1f} TFLOP/s = "
-                  f"{pf['peak_fraction']:.0%} of peak; compile {res['ours'][b]['compile_s']:.0f} s")
-    engine = {b: v for b, v in res.get("engine", {}).items() if "error" not in v}
-    for b, v in res.get("engine", {}).items():
-        if "error" in v:
-            print(f"engine on {b}: {v['error']}")
-    if engine:
-        print("whole engine loop (scheduling, sampling, detokenizing), timed as transformers generate is "
-              "(host: schedule/assemble/postprocess ms per iteration):")
-        for key in dict.fromkeys(k for v in engine.values() for k in v):
-            cells, hf = {b: v.get(key) for b, v in engine.items()}, res["hf"].get(key)
-            row = " | ".join(f"{b} {c['tokens_per_s']:.0f} tok/s ({c['step_ms']:.2f} ms; host " + "/".join(
-                f"{v:.2f}" for k, v in c["phase_ms_per_iteration"].items() if k != "device") + " ms)" + (
-                f" = {c['tokens_per_s'] / hf['tokens_per_s']:.2f}x hf" if isinstance(hf, dict) else "")
-                if isinstance(c, dict) else f"{b} {c}" for b, c in cells.items() if c is not None)
-            print(f"{key:>12} {row}")
-            ran = [(b, c["tokens"]) for b, c in cells.items() if isinstance(c, dict) and "tokens" in c]
-            for b, toks in ran[1:]:
-                print(f"{'':>12} {b} against {ran[0][0]}: {agreement(ran[0][1], toks)}")
-    if res.get("kernel") and "cells" in res["kernel"]:
-        cells = res["kernel"]["cells"]
-        keys = list(next(iter(cells.values())))
-        print("decode attention alone, one layer (ms, fraction of HBM bandwidth for its KV); Triton tunings "
-              "b<blocks per step>p<programs>w<warps>s<stages>:")
-        print(f"{'':>10} " + " ".join(f"{k:>16}" for k in keys))
-        for name, row in cells.items():
-            print(f"{name:>10} " + " ".join(f"{v['ms']:9.3f} {v['bandwidth_fraction']:5.0%} " if isinstance(v, dict)
-                                            else f"{str(v):>16}" for v in row.values()))
-        errs = {n: max(v["rel_err"] for v in row.values() if isinstance(v, dict) and "rel_err" in v)
-                for n, row in cells.items() if n != "reference" and any("rel_err" in v for v in row.values()
-                                                                         if isinstance(v, dict))}
-        print("largest relative error against the reference gather (bf16 inputs; above 2e-2 is a defect): "
-              + ", ".join(f"{n} {e:.1e}" + (" WRONG" if e > 2e-2 else "") for n, e in errs.items()))
-        ran = res["ours"].get("pallas", {}).get("tuning")
-        print(f"fastest: {res['kernel']['best']}; the engine's Pallas path ran with {ran or 'nothing (see above)'}")
-    print(f"total {res['seconds']:.0f} s; parts ended at " + ", ".join(f"{k} {v:.0f} s" for k, v in res["timeline"].items()))
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes: checks the script runs")
@@ -319,9 +262,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--backends", default=None, help="default: the platform's own backend first (pallas on GPU "
                     "and TPU, reference on CPU), so its engine cells come first within the budget")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
-    ap.add_argument("--no-sweep", action="store_true", help="skip the kernel sweep (step 3): the tuning of FASTSERVE_JAX_TRITON_TUNING or the defaults")
-    ap.add_argument("--no-launch", action="store_true", help="skip the launch cells (step 4)")
-    ap.add_argument("--no-engine", action="store_true", help="skip the whole-engine cells (step 5)")
+    ap.add_argument("--no-parity", action="store_true", help="skip the bf16 parity check (step 2)")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the kernel sweep (step 4): the tuning of FASTSERVE_JAX_TRITON_TUNING or the defaults")
+    ap.add_argument("--no-launch", action="store_true", help="skip the launch cells (step 5)")
+    ap.add_argument("--no-engine", action="store_true", help="skip the whole-engine cells (step 6)")
+    ap.add_argument("--all-engines", action="store_true", help="step 6 on every backend, not only the platform's own")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -349,13 +294,17 @@ def main(argv: list[str] | None = None) -> dict:
                 json.dump(res, f, indent=1)
 
     save("rates")
+    backends = (a.backends or ("pallas,reference" if dev.platform in ("gpu", "tpu") else "reference,pallas")).split(",")
+    if not a.no_parity:
+        res["parity"] = guarded("the bf16 parity check", bf16_parity, backends, p["parity"],
+                                "cuda" if dev.platform == "gpu" else "cpu", p["parity_tokens"])
+        save("parity")
     hf_cfg = model_config(name, dtype)
     if not a.no_hf:
         res["hf"] = guarded("transformers generate", hf_decode, hf_cfg, dtype, p["hf_batches"], p["contexts"],
                             p["hf_new"], "cuda" if dev.platform == "gpu" else "cpu", deadline, p["hf_repeats"])
         save("transformers")
     model_cfg = ModelConfig.from_dict(hf_cfg)
-    backends = (a.backends or ("pallas,reference" if dev.platform in ("gpu", "tpu") else "reference,pallas")).split(",")
     if "pallas" in backends and dev.platform != "tpu" and not a.no_sweep:        # the TPU's kernel has no such knobs
         res["kernel"] = guarded("the kernel sweep", kernel_sweep, model_cfg, p, dtype, res["rates"],
                                 min(deadline, time.perf_counter() + SWEEP_BUDGET_S))
@@ -367,10 +316,11 @@ def main(argv: list[str] | None = None) -> dict:
                                  deadline)
         save(f"launches {b}")
     # each backend's engine synchronous, then with async scheduling ("<backend>+async")
-    for b in [] if a.no_engine else [x + m for x in backends[:p["engine_backends"]] for m in ("", "+async")]:
+    engines = backends if a.all_engines else backends[:p["engine_backends"]]
+    for b in [] if a.no_engine else [x + m for x in engines for m in ("", "+async")]:
         cells = res["engine"][b] = {}              # filled and saved cell by cell
         # a cell compiles its launches lazily: it starts only while its backend's whole compile
-        # (step 4) still fits before the deadline, so the run stays within its time
+        # (step 5) still fits before the deadline, so the run stays within its time
         compile_s = res["ours"].get(b.split("+")[0], {}).get("compile_s", 0.0)
         cells.update(guarded(f"the engine on {b}", engine_decode, b, model_cfg, lambda: random_params(model_cfg, dtype),
                              dtype, p["hf_batches"], p["contexts"][:1], p["hf_new"], p["block_size"], p["prefill"],

@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_smoke_run_fills_every_cell(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OUT=str(tmp_path))
-    run = ("import runpy, sys; sys.argv = ['device_check.py', '--smoke']; "
+    run = ("import runpy, sys; sys.argv = ['device_check.py', '--smoke', '--no-parity']; "
            "runpy.run_path('scripts/device_check.py', run_name='__main__'); "
            "assert 'starlette' not in sys.modules, 'the GPU machine has no starlette'")
     proc = subprocess.run([sys.executable, "-c", run], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -114,3 +114,30 @@ def test_torch_rates_measure_copy_and_matmul():
 
     r = torch_rates(8 << 20, 128, "cpu")
     assert set(r) == {"torch_copy_gbs", "torch_matmul_tflops"} and min(r.values()) > 0
+
+
+@pytest.mark.slow
+def test_parity_part_scores_each_backend_against_transformers(monkeypatch):
+    """Step 2 (device_check_parity.bf16_parity; the smoke run above leaves it out, 5-30 s): a
+    llama3-style checkpoint served in bf16 on each backend, scored by transformers; a backend
+    that fails is reported in its place and the other is still scored."""
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import device_check_parity as dp
+
+    res = dp.bf16_parity(["reference", "pallas"], dict(init_std=0.1), "cpu", new_tokens=4)
+    for b in ("reference", "pallas"):
+        assert res[b]["ok"] and res[b]["worst_logprob"] <= dp.BF16_LOGPROB, res[b]
+        assert [len(t) for t in res[b]["tokens"]] == [4] * 4
+    import fastserve_jax
+
+    real = fastserve_jax.LLM
+
+    def no_pallas(*a, attention_backend, **kw):
+        if attention_backend == "pallas":
+            raise RuntimeError("triton: out of resources")
+        return real(*a, attention_backend=attention_backend, **kw)
+
+    monkeypatch.setattr(fastserve_jax, "LLM", no_pallas)
+    res = dp.bf16_parity(["pallas", "reference"], dict(init_std=0.1), "cpu", new_tokens=2)
+    assert res["pallas"] == {"error": "RuntimeError: triton: out of resources"} and res["reference"]["ok"]

@@ -3,6 +3,9 @@ and under recompute preemption (a pool too small for all sequences)."""
 
 from __future__ import annotations
 
+import pathlib
+import sys
+
 import pytest
 
 from fastserve_jax import LLM, SamplingParams
@@ -48,8 +51,10 @@ def test_recompute_preemption_keeps_outputs(tiny_checkpoints):
 # activations in bf16 with norms and softmax in fp32, transformers runs its own bf16 kernels,
 # so logits differ by rounding. Each greedy token the engine picks must be transformers' argmax
 # or within BF16_TIE nats of it (a near-tie that rounding may flip), and the engine's logprob of
-# it must agree with transformers' within BF16_LOGPROB nats.
-BF16_TIE, BF16_LOGPROB = 0.1, 0.05
+# it must agree with transformers' within BF16_LOGPROB nats. scripts/device_check.py scores a
+# GPU's outputs with the same function and limits.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
+from device_check_parity import BF16_LOGPROB, BF16_TIE, teacher_forced  # noqa: E402
 
 
 @pytest.mark.parametrize("backend", ["reference", "pallas"])
@@ -62,12 +67,5 @@ def test_bfloat16_engine_agrees_with_transformers_in_bfloat16(tiny_checkpoints, 
     sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=1)
     outs = LLM(path, dtype="bfloat16", attention_backend=backend, warmup=False, **ENGINE_KW).generate(prompts, sp)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    worst_tie = worst_lp = 0.0
-    for p, o in zip(prompts, outs):
-        with torch.no_grad():
-            logits = hf(torch.tensor([p + o.token_ids])).logits[0].float()
-        lp = torch.log_softmax(logits, -1)[len(p) - 1:-1]         # the distribution each new token came from
-        for i, (tok, got) in enumerate(zip(o.token_ids, o.logprobs)):
-            worst_tie = max(worst_tie, float(lp[i].max() - lp[i, tok]))
-            worst_lp = max(worst_lp, abs(got.logprob - float(lp[i, tok])))
+    worst_tie, worst_lp = teacher_forced(hf, prompts, outs)
     assert worst_tie <= BF16_TIE and worst_lp <= BF16_LOGPROB, (worst_tie, worst_lp)
