@@ -24,8 +24,9 @@ Runs from the source tree (no install, no server imports). Steps, in order:
    decode step is one forward of the launch, logits included, sampling and scheduling
    excluded; each against the HBM roofline (weight + KV bytes over step 1's bandwidth), the
    prefill against its peak;
-6. the whole engine (LLMEngine's loop: scheduling, sampling, detokenizing) on the platform's
-   own backend (--all-engines: each), synchronous and async, timed as transformers is in
+6. right after its backend's step 5, the whole engine (LLMEngine's loop: scheduling,
+   sampling, detokenizing) on the platform's own backend (--all-engines: each),
+   synchronous and async, timed as transformers is in
    step 3 at its batches and the first context: the like-for-like comparison with `generate`
    (device_check_engine.py), with the engines' greedy tokens compared.
 Cells that would overrun --budget-s are skipped and listed; --no-parity/--no-hf/--no-sweep/
@@ -311,21 +312,21 @@ def main(argv: list[str] | None = None) -> dict:
         if res["kernel"].get("best_tuning"):                   # the engine's Pallas path runs the fastest
             os.environ[TUNING_ENV] = ",".join(f"{k}={v}" for k, v in res["kernel"]["best_tuning"].items())
         save("kernel sweep")
-    for b in [] if a.no_launch else backends:
-        res["ours"][b] = guarded(f"the {b} backend", run_backend, b, model_cfg, p, dtype, res["rates"], dev.platform,
-                                 deadline)
-        save(f"launches {b}")
-    # each backend's engine synchronous, then with async scheduling ("<backend>+async")
-    engines = backends if a.all_engines else backends[:p["engine_backends"]]
-    for b in [] if a.no_engine else [x + m for x in engines for m in ("", "+async")]:
-        cells = res["engine"][b] = {}              # filled and saved cell by cell
-        # a cell compiles its launches lazily: it starts only while its backend's whole compile
-        # (step 5) still fits before the deadline, so the run stays within its time
-        compile_s = res["ours"].get(b.split("+")[0], {}).get("compile_s", 0.0)
-        cells.update(guarded(f"the engine on {b}", engine_decode, b, model_cfg, lambda: random_params(model_cfg, dtype),
-                             dtype, p["hf_batches"], p["contexts"][:1], p["hf_new"], p["block_size"], p["prefill"],
-                             deadline - compile_s, p["hf_repeats"], cells, save))
-        save(f"engine {b}")
+    engines = [] if a.no_engine else backends if a.all_engines else backends[:p["engine_backends"]]
+    for b in backends:               # each backend's launch cells, then its engine (sync, then "+async")
+        if not a.no_launch:
+            res["ours"][b] = guarded(f"the {b} backend", run_backend, b, model_cfg, p, dtype, res["rates"],
+                                     dev.platform, deadline)
+            save(f"launches {b}")
+        for e in [b, b + "+async"] if b in engines else []:
+            cells = res["engine"][e] = {}          # filled and saved cell by cell
+            # a cell compiles its launches lazily: it starts only while its backend's whole compile
+            # (step 5) still fits before the deadline, so the run stays within its time
+            compile_s = res["ours"].get(b, {}).get("compile_s", 0.0)
+            cells.update(guarded(f"the engine on {e}", engine_decode, e, model_cfg, lambda: random_params(model_cfg, dtype),
+                                 dtype, p["hf_batches"], p["contexts"][:1], p["hf_new"], p["block_size"], p["prefill"],
+                                 deadline - compile_s, p["hf_repeats"], cells, save))
+            save(f"engine {e}")
     print_table(res)
     if path:
         print(f"wrote {path}")
