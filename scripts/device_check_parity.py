@@ -7,7 +7,10 @@ longer than one prefill launch (a chunked prefill) beside short ones. transforme
 reads the same checkpoint in bf16 and scores each engine's sequences teacher-forced: every
 token the engine chose must be transformers' argmax or within BF16_TIE nats of it, and the
 engine's logprob must agree with transformers' within BF16_LOGPROB nats. That holds across
-near-ties, where comparing greedy tokens alone would fail on rounding.
+near-ties, where comparing greedy tokens alone would fail on rounding. Beside it, fp32
+transformers gives the exact answer: the engine's bf16 logprobs should be about as far from it
+as transformers' own bf16 are (vs_fp32 against hf_bf16_vs_fp32), a yardstick that holds at any
+logit scale, where the fixed limits hold only for small logits.
 """
 
 from __future__ import annotations
@@ -20,20 +23,41 @@ import tempfile
 BF16_TIE, BF16_LOGPROB = 0.1, 0.05
 
 
-def teacher_forced(hf_model, prompts: list[list[int]], outs, device: str = "cpu") -> tuple[float, float]:
-    """(worst tie, worst logprob gap) in nats of the engine's greedy outputs `outs` (RequestOutputs
-    with logprobs) for `prompts`, scored by the transformers model `hf_model`."""
+def scored(hf_model, prompts: list[list[int]], outs, device: str = "cpu") -> list:
+    """Per output, the log-softmax rows (fp32) transformers' `hf_model` gives at each of its
+    tokens, teacher-forced on the prompt and the engine's tokens before it."""
     import torch
 
-    worst_tie = worst_lp = 0.0
+    rows = []
     for p, o in zip(prompts, outs):
         with torch.no_grad():
             logits = hf_model(torch.tensor([p + o.token_ids], device=device)).logits[0].float()
-        lp = torch.log_softmax(logits, -1)[len(p) - 1:-1]         # the distribution each new token came from
+        rows.append(torch.log_softmax(logits, -1)[len(p) - 1:-1])   # the distribution each new token came from
+    return rows
+
+
+def teacher_forced(hf_model, prompts: list[list[int]], outs, device: str = "cpu") -> tuple[float, float]:
+    """(worst tie, worst logprob gap) in nats of the engine's greedy outputs `outs` (RequestOutputs
+    with logprobs) for `prompts`, scored by the transformers model `hf_model`."""
+    worst_tie = worst_lp = 0.0
+    for o, lp in zip(outs, scored(hf_model, prompts, outs, device)):
         for i, (tok, got) in enumerate(zip(o.token_ids, o.logprobs)):
             worst_tie = max(worst_tie, float(lp[i].max() - lp[i, tok]))
             worst_lp = max(worst_lp, abs(got.logprob - float(lp[i, tok])))
     return worst_tie, worst_lp
+
+
+def rounding_yardstick(hf_bf16, hf_fp32, prompts, outs, device: str) -> tuple[float, float]:
+    """(the engine's worst logprob gap to fp32 transformers, transformers bf16's own on the same
+    tokens): bf16 is right when the first is not far above the second, at any logit scale."""
+    import torch
+
+    ours = teacher_forced(hf_fp32, prompts, outs, device)[1]
+    theirs = 0.0
+    for o, a, b in zip(outs, scored(hf_bf16, prompts, outs, device), scored(hf_fp32, prompts, outs, device)):
+        at = torch.tensor(o.token_ids, device=a.device)[:, None]          # the engine's tokens
+        theirs = max(theirs, float((a.gather(-1, at) - b.gather(-1, at)).abs().max()))
+    return ours, theirs
 
 
 def bf16_parity(backends: list[str], shapes: dict, device: str, new_tokens: int = 16, seed: int = 0) -> dict:
@@ -66,13 +90,15 @@ def bf16_parity(backends: list[str], shapes: dict, device: str, new_tokens: int 
             except Exception as e:                  # reported in its place; the other backend still runs
                 out[b] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+        exact = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
         for b in backends:
             if "outs" in out[b]:
                 outs = out[b].pop("outs")
                 tie, lp = teacher_forced(hf, prompts, outs, device)
+                ours, theirs = rounding_yardstick(hf, exact, prompts, outs, device)
                 out[b].update(worst_tie=tie, worst_logprob=lp, ok=tie <= BF16_TIE and lp <= BF16_LOGPROB,
-                              tokens=[list(o.token_ids) for o in outs])
-        del hf
+                              vs_fp32=ours, hf_bf16_vs_fp32=theirs, tokens=[list(o.token_ids) for o in outs])
+        del hf, exact
     if device == "cuda":
         torch.cuda.empty_cache()
     return out

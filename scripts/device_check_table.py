@@ -15,7 +15,8 @@ def print_table(res: dict) -> None:
     for b, v in par.items():
         if isinstance(v, dict) and "worst_tie" in v:
             print(f"bf16 parity with transformers, {b}: worst tie {v['worst_tie']:.3f} nats, worst logprob gap "
-                  f"{v['worst_logprob']:.3f} (limits {BF16_TIE} / {BF16_LOGPROB}): {'ok' if v['ok'] else 'FAILED'}")
+                  f"{v['worst_logprob']:.3f} (limits {BF16_TIE} / {BF16_LOGPROB}): {'ok' if v['ok'] else 'FAILED'}; "
+                  f"to fp32 transformers {v['vs_fp32']:.3f} nats, its own bf16 {v['hf_bf16_vs_fp32']:.3f}")
     for what, part in [("parity", par), *((f"parity on {b}", v) for b, v in par.items() if isinstance(v, dict)),
                        ("transformers", res["hf"]), ("kernel sweep", res.get("kernel") or {}),
                        *((f"backend {b}", v) for b, v in res["ours"].items())]:

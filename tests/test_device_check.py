@@ -129,6 +129,8 @@ def test_parity_part_scores_each_backend_against_transformers(monkeypatch):
     for b in ("reference", "pallas"):
         assert res[b]["ok"] and res[b]["worst_logprob"] <= dp.BF16_LOGPROB, res[b]
         assert [len(t) for t in res[b]["tokens"]] == [4] * 4
+        # as far from fp32 transformers as transformers' own bf16, within a margin
+        assert 0 < res[b]["vs_fp32"] <= 2 * res[b]["hf_bf16_vs_fp32"] + 0.01, res[b]
     import fastserve_jax
 
     real = fastserve_jax.LLM
