@@ -60,12 +60,27 @@ def engine_decode(backend: str, model_cfg, params_fn, dtype: str, batches, conte
     engine = LLMEngine(model_cfg, params_fn(), tokenizer, cfg, warmup="lazy", own_params=True)
     rng = np.random.default_rng(0)
 
+    # the device phase split: the runner's dispatch (host work: the launches queued) and its
+    # collect (mostly the wait for a batch's tokens), timed around the engine's own calls
+    split = dict(dispatch=0.0, collect=0.0)
+
+    def timed(name: str, fn):
+        def run(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                split[name] += time.perf_counter() - t
+        return run
+
+    engine.runner.dispatch = timed("dispatch", engine.runner.dispatch)
+    engine.runner.collect = timed("collect", engine.runner.collect)
     phases: dict[int, dict] = {}                   # n -> ms per iteration of each phase, its last run
     tokens: dict[int, list] = {}                   # n -> each row's greedy tokens, its last run
 
     def serve(prompts, n: int) -> None:
         st = engine.stats
-        before = [st.iterations] + [getattr(st, k) for k in PHASES]
+        before = [st.iterations] + [getattr(st, k) for k in PHASES] + [split[k] for k in split]
         sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
         reqs = [engine.add_request(p, sp) for p in prompts]
         while engine.has_unfinished():
@@ -73,7 +88,8 @@ def engine_decode(backend: str, model_cfg, params_fn, dtype: str, batches, conte
         assert all(len(r.output_token_ids) == n for r in reqs)
         tokens[n] = [list(map(int, r.output_token_ids)) for r in reqs]
         its = st.iterations - before[0]
-        phases[n] = {k: 1e3 * (getattr(st, k) - b) / its for k, b in zip(PHASES, before[1:])}
+        phases[n] = {k: 1e3 * (now - b) / its for k, now, b in
+                     zip([*PHASES, *split], [*(getattr(st, k) for k in PHASES), *split.values()], before[1:])}
 
     for ctx in contexts:
         for b in batches:
@@ -85,7 +101,9 @@ def engine_decode(backend: str, model_cfg, params_fn, dtype: str, batches, conte
                 serve(prompts, n)
             cell = out[f"{b}x{ctx}"] = decode_cell(lambda n: serve(prompts, n), b, ctx, new, repeats)
             if isinstance(cell, dict):     # where an iteration of the 1 + new run went (mostly decode steps)
-                cell["phase_ms_per_iteration"], cell["tokens"] = phases[1 + new], tokens[1 + new]
+                ph = dict(phases[1 + new])
+                cell["device_phase_split_ms"] = {k: ph.pop(k) for k in split}
+                cell["phase_ms_per_iteration"], cell["tokens"] = ph, tokens[1 + new]
             saved()
     return out
 

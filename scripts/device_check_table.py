@@ -48,11 +48,12 @@ def print_table(res: dict) -> None:
             print(f"engine on {b}: {v['error']}")
     if engine:
         print("whole engine loop (scheduling, sampling, detokenizing), timed as transformers generate is "
-              "(host: schedule/assemble/postprocess ms per iteration):")
+              "(host: schedule/assemble/postprocess ms per iteration; the device phase's dispatch and collect):")
         for key in dict.fromkeys(k for v in engine.values() for k in v):
             cells, hf = {b: v.get(key) for b, v in engine.items()}, res["hf"].get(key)
             row = " | ".join(f"{b} {c['tokens_per_s']:.0f} tok/s ({c['step_ms']:.2f} ms; host " + "/".join(
-                f"{v:.2f}" for k, v in c["phase_ms_per_iteration"].items() if k != "device") + " ms)" + (
+                f"{v:.2f}" for k, v in c["phase_ms_per_iteration"].items() if k != "device") + " ms, dispatch/collect "
+                + "/".join(f"{v:.2f}" for v in c.get("device_phase_split_ms", {}).values()) + " ms)" + (
                 f" = {c['tokens_per_s'] / hf['tokens_per_s']:.2f}x hf" if isinstance(hf, dict) else "")
                 if isinstance(c, dict) else f"{b} {c}" for b, c in cells.items() if c is not None)
             print(f"{key:>12} {row}")

@@ -42,6 +42,8 @@ def test_smoke_run_fills_every_cell(tmp_path):
     assert all(res["engine"][b]["2x24"]["tokens_per_s"] > 0 for b in res["engine"])
     phases = res["engine"]["reference"]["2x24"]["phase_ms_per_iteration"]     # where its iterations went
     assert set(phases) == {"schedule", "assemble", "device", "postprocess"} and phases["device"] > 0
+    split = res["engine"]["reference"]["2x24"]["device_phase_split_ms"]     # the runner's calls within it
+    assert set(split) == {"dispatch", "collect"} and 0 < split["dispatch"] + split["collect"] <= phases["device"] * 1.05
     assert "whole engine loop" in proc.stdout and "x hf" in proc.stdout
     # each cell keeps its rows' greedy tokens, and the run compares the engines' (async is exact)
     assert res["engine"]["reference"]["2x24"]["tokens"] == res["engine"]["reference+async"]["2x24"]["tokens"]
