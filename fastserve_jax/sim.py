@@ -285,7 +285,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
             nxt += 1
             live += 1
         if not live:
-            now = reqs[nxt].arrival_time
+            now, carried = reqs[nxt].arrival_time, 0.0     # the last updates ran while nothing was live
             continue
         t_start = now
         uploading = land(uploading, now)
