@@ -10,7 +10,8 @@ def print_table(res: dict) -> None:
     r = res["rates"]
     print(f"\n{res['device']}  model {res['model']} ({res['dtype']})  HBM {r['bandwidth_gbs']:.0f} GB/s, "
           f"peak {r['peak_tflops']:.1f} TFLOP/s (matmul {r['square']}^3), the best of: "
-          + ", ".join(f"{k} {v:.0f}" for k, v in r.items() if k.endswith(("_gbs", "_tflops")) and "_" in k[:-4]))
+          + ", ".join(f"{k} {v:.4g}" for k, v in r.items()
+                    if k.endswith(("_gbs", "_tflops")) and k not in ("bandwidth_gbs", "peak_tflops")))
     par = res.get("parity") or {}
     for b, v in par.items():
         if isinstance(v, dict) and "worst_tie" in v:

@@ -25,6 +25,7 @@ def test_smoke_run_fills_every_cell(tmp_path):
     rates = res["rates"]      # the ceilings are the best of what the device showed (torch's join on a GPU)
     assert rates["bandwidth_gbs"] == max(rates["copy_gbs"], rates["sum_gbs"]) > 0
     assert rates["peak_tflops"] == rates["xla_matmul_tflops"] > 0
+    assert "the best of: copy_gbs" in proc.stdout and "sum_gbs" in proc.stdout
     assert res["versions"]["jax"] == res["jax"] and res["versions"]["jaxlib"]
     assert res["hf"]["2x24"]["tokens_per_s"] > 0
     for backend in ("reference", "pallas"):
