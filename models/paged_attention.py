@@ -80,8 +80,8 @@ def tuning() -> Tuning:
     return Tuning(**values)
 
 
-def _kernel(q_ref, qpos_ref, qseg_ref, ids_ref, bseg_ref, bpos_ref, nblk_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
-            scale: float, block_size: int, chunk: int, per_step: int):
+def _kernel(q_ref, qpos_ref, qseg_ref, ids_ref, bseg_ref, bpos_ref, nblk_ref, layer_ref, k_ref, v_ref, o_ref, m_ref,
+            l_ref, *, scale: float, block_size: int, chunk: int, per_step: int):
     """One (row r, KV head h, query tile, context split s) program: blocks [s*chunk, (s+1)*chunk)
     of the row's live ones, `per_step` of them per loop step (chunk is a multiple of it).
     Writes its normalised output and its softmax max and sum."""
@@ -94,6 +94,7 @@ def _kernel(q_ref, qpos_ref, qseg_ref, ids_ref, bseg_ref, bpos_ref, nblk_ref, k_
     first = split * chunk
     end = jnp.minimum(nblk_ref[r], first + chunk)           # past the split's last live block
     last_col = ids_ref.shape[1] - 1
+    layer = layer_ref[0]                                    # an input, so every layer's kernel is one program
 
     def body(step, carry):
         m, l, acc = carry
@@ -102,8 +103,8 @@ def _kernel(q_ref, qpos_ref, qseg_ref, ids_ref, bseg_ref, bpos_ref, nblk_ref, k_
             j = first + step * per_step + u
             col = jnp.minimum(j, last_col)                  # a step's tail past the table reads its last column
             b = ids_ref[r, col]
-            k = k_ref[b, :, h, :]                           # (block_size, D) straight from the cache
-            values.append(v_ref[b, :, h, :])
+            k = k_ref[layer, b, :, h, :]                    # (block_size, D) straight from the cache
+            values.append(v_ref[layer, b, :, h, :])
             s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
             kpos = bpos_ref[r, col] + offs
             mask = (qseg[:, None] == bseg_ref[r, col]) & (kpos[None, :] <= qpos[:, None]) & (j < end)
@@ -173,7 +174,11 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positi
     chunk = _cdiv(_cdiv(nb, splits), per_step) * per_step   # blocks per split, a multiple of per_step
     splits = _cdiv(nb, chunk)                               # none left empty by the rounding
     whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, t, s: (0,) * a.ndim)
-    cache_spec = pl.BlockSpec((None, *k_cache.shape[1:]), lambda i, j, t, s: (layer, 0, 0, 0, 0))
+    # the whole cache, indexed by the layer inside the kernel: with the layer in the BlockSpec
+    # each of a launch's layers was its own Triton program (the IR differed by that constant),
+    # compiled separately on the GPU
+    cache_spec = whole(k_cache)
+    layer_arr = jnp.full((1,), layer, jnp.int32)
     per_split = lambda *tail: pl.BlockSpec((None, None, None, block_m, *tail),
                                            lambda i, j, t, s: (i, j, s, t, *(0,) * len(tail)))
     o, m_, l_ = pl.pallas_call(
@@ -182,7 +187,7 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positi
         in_specs=[pl.BlockSpec((None, None, block_m, d), lambda i, j, t, s: (i, j, t, 0)),
                   pl.BlockSpec((None, block_m), lambda i, j, t, s: (i, t)),
                   pl.BlockSpec((None, block_m), lambda i, j, t, s: (i, t)),
-                  whole(block_ids), whole(block_seg), whole(block_pos), whole(nblk),
+                  whole(block_ids), whole(block_seg), whole(block_pos), whole(nblk), whole(layer_arr),
                   cache_spec, cache_spec],
         out_specs=[per_split(d), per_split(), per_split()],
         out_shape=[jax.ShapeDtypeStruct((r, hkv, splits, m, d), jnp.float32),
@@ -190,10 +195,10 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positi
                    jax.ShapeDtypeStruct((r, hkv, splits, m), jnp.float32)],
         interpret=interpret,
         # Triton, not Mosaic GPU (pallas_call's default on GPU, which would stage each
-        # BlockSpec'd block, here a layer's whole cache, through shared memory)
+        # BlockSpec'd block, here the whole cache, through shared memory)
         compiler_params=pltriton.CompilerParams(num_warps=tune.num_warps, num_stages=tune.num_stages),
         name="fastserve_paged_attention",
-    )(qh, qpos, qseg, block_ids, block_seg, block_pos, nblk, k_cache, v_cache)
+    )(qh, qpos, qseg, block_ids, block_seg, block_pos, nblk, layer_arr, k_cache, v_cache)
     return from_query_rows(o[:, :, 0] if splits == 1 else _combine(o, m_, l_), q)
 
 

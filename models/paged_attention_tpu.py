@@ -51,12 +51,13 @@ MAX_TILE = 128       # query rows per program
 KEYS_PER_STEP = 128  # keys (whole blocks) copied and scored per step: 8 blocks of 16, one lane-wide tile
 
 
-def _kernel(ids_ref, bseg_ref, bpos_ref, nblk_ref, q_ref, qpos_ref, qseg_ref, k_hbm, v_hbm, o_ref,
-            kbuf, vbuf, sem, *, layer: int, scale: float, block_size: int, per_step: int, width: int):
+def _kernel(ids_ref, bseg_ref, bpos_ref, nblk_ref, layer_ref, q_ref, qpos_ref, qseg_ref, k_hbm, v_hbm, o_ref,
+            kbuf, vbuf, sem, *, scale: float, block_size: int, per_step: int, width: int):
     """One (row r, KV head h, query tile) program over the row's live blocks, `per_step` blocks
     (one key tile of per_step x block_size keys) at a time."""
     r, h = pl.program_id(0), pl.program_id(1)
     n = nblk_ref[r]
+    layer = layer_ref[0]                                    # an input, so every layer's kernel is one program
     q = q_ref[...]                                          # (block_m, D), KV dtype
     qpos, qseg = qpos_ref[...], qseg_ref[...]               # (block_m, 1)
     keys = per_step * block_size
@@ -132,19 +133,19 @@ def paged_attention_tpu(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, po
     m = qh.shape[2]
     column = pl.BlockSpec((None, block_m, 1), lambda i, j, t, *_: (i, t, 0))
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=4, grid=(r, hkv, m // block_m),
+        num_scalar_prefetch=5, grid=(r, hkv, m // block_m),
         in_specs=[pl.BlockSpec((None, None, block_m, d), lambda i, j, t, *_: (i, j, t, 0)), column, column,
                   pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=pl.BlockSpec((None, None, block_m, d), lambda i, j, t, *_: (i, j, t, 0)),
         scratch_shapes=[pltpu.VMEM((2, per_step * bs, d), k_cache.dtype),
                         pltpu.VMEM((2, per_step * bs, d), v_cache.dtype), pltpu.SemaphoreType.DMA((2, 2, per_step))])
     o = pl.pallas_call(
-        functools.partial(_kernel, layer=layer, scale=1.0 / float(np.sqrt(d)), block_size=bs, per_step=per_step,
-                          width=width),
+        functools.partial(_kernel, scale=1.0 / float(np.sqrt(d)), block_size=bs, per_step=per_step, width=width),
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((r, hkv, m, d), jnp.float32),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="fastserve_paged_attention_tpu",
-    )(block_ids, block_seg, block_pos, nblk, qh, qpos[..., None], qseg[..., None], k_cache, v_cache)
+    )(block_ids, block_seg, block_pos, nblk, jnp.full((1,), layer, jnp.int32), qh, qpos[..., None], qseg[..., None],
+      k_cache, v_cache)
     return from_query_rows(o, q)
