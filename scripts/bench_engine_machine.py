@@ -161,7 +161,8 @@ def device_rates(copy_bytes: int, square: int, dtype) -> dict:
 
     x = jnp.zeros((copy_bytes // 2,), jnp.bfloat16)
     rate = {}
-    for name, fn, moved in [("copy", lambda a: a + jnp.ones((), a.dtype), 2), ("sum", lambda a: jnp.sum(a, dtype=jnp.float32), 1)]:
+    for name, fn, moved in [("copy", lambda a: a + jnp.ones((), a.dtype), 2),     # bytes moved per byte of x
+                            ("sum", lambda a: jnp.sum(a, dtype=jnp.float32), 1)]:
         f = jax.jit(fn)
         f(x).block_until_ready()
         rate[f"{name}_gbs"] = moved * copy_bytes / best_of(lambda: f(x).block_until_ready(), 10) / 1e9

@@ -30,9 +30,9 @@ Runs from the source tree (no install, no server imports). Steps, in order:
    step 3 at its batches and the first context: the like-for-like comparison with `generate`
    (device_check_engine.py), with the engines' greedy tokens compared.
 Cells that would overrun --budget-s are skipped and listed; --no-parity/--no-hf/--no-sweep/
---no-launch/--no-engine leave steps out. A part that raises is reported as an error in its place and the run
-goes on. JSON goes to $OUT/device_check.json when $OUT is set (or to --json), rewritten after
-every part, so a run cut short keeps what it measured.
+--no-launch/--no-engine leave steps out. A part that raises is reported as an error in its
+place and the run goes on. JSON goes to $OUT/device_check.json when $OUT is set (or to
+--json), rewritten after every part, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -68,14 +68,14 @@ SHAPES = {
 FULL = dict(batches=(1, 8, 32, 128), contexts=(512, 2048), prefill=2048, hf_batches=(1, 32), hf_new=32,
             hf_repeats=2, copy_bytes=4 << 30, square=8192, steps=10, block_size=16,
             tunings=((1, 128), (2, 128), (4, 128), (1, 512), (4, 512), (8, 512)), warps_stages=((4, 3), (8, 2), (8, 3)),
-            kernel_cells=((1, 2048), (32, 2048), (128, 2048)), engine_backends=1,
+            kernel_cells=((1, 2048), (32, 2048), (128, 2048)),
             parity=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
                         num_key_value_heads=2, vocab_size=32000, max_position_embeddings=2048, init_std=0.02),
             parity_tokens=16)
 SWEEP_BUDGET_S = 90.0      # the kernel sweep's share of the run: the engine's cells come after it
 SMOKE = dict(batches=(2,), contexts=(24,), prefill=32, hf_batches=(2,), hf_new=8, hf_repeats=3,
              copy_bytes=16 << 20, square=256, steps=2, block_size=8, tunings=((1, 128), (2, 4)), warps_stages=((8, 3),),
-             kernel_cells=((2, 24),), engine_backends=1, parity=dict(init_std=0.1),
+             kernel_cells=((2, 24),), parity=dict(init_std=0.1),
              parity_tokens=4)
 
 
@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "and TPU, reference on CPU), so its engine cells come first within the budget")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--no-parity", action="store_true", help="skip the bf16 parity check (step 2)")
-    ap.add_argument("--no-sweep", action="store_true", help="skip the kernel sweep (step 4): the tuning of FASTSERVE_JAX_TRITON_TUNING or the defaults")
+    ap.add_argument("--no-sweep", action="store_true",
+                    help="skip the kernel sweep (step 4): the tuning of FASTSERVE_JAX_TRITON_TUNING or the defaults")
     ap.add_argument("--no-launch", action="store_true", help="skip the launch cells (step 5)")
     ap.add_argument("--no-engine", action="store_true", help="skip the whole-engine cells (step 6)")
     ap.add_argument("--all-engines", action="store_true", help="step 6 on every backend, not only the platform's own")
@@ -296,14 +297,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     save("rates")
     backends = (a.backends or ("pallas,reference" if dev.platform in ("gpu", "tpu") else "reference,pallas")).split(",")
+    torch_device = "cuda" if dev.platform == "gpu" else "cpu"         # transformers' (a TPU's: the host)
     if not a.no_parity:
-        res["parity"] = guarded("the bf16 parity check", bf16_parity, backends, p["parity"],
-                                "cuda" if dev.platform == "gpu" else "cpu", p["parity_tokens"])
+        res["parity"] = guarded("the bf16 parity check", bf16_parity, backends, p["parity"], torch_device,
+                                p["parity_tokens"])
         save("parity")
     hf_cfg = model_config(name, dtype)
     if not a.no_hf:
         res["hf"] = guarded("transformers generate", hf_decode, hf_cfg, dtype, p["hf_batches"], p["contexts"],
-                            p["hf_new"], "cuda" if dev.platform == "gpu" else "cpu", deadline, p["hf_repeats"])
+                            p["hf_new"], torch_device, deadline, p["hf_repeats"])
         save("transformers")
     model_cfg = ModelConfig.from_dict(hf_cfg)
     if "pallas" in backends and dev.platform != "tpu" and not a.no_sweep:        # the TPU's kernel has no such knobs
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
         if res["kernel"].get("best_tuning"):                   # the engine's Pallas path runs the fastest
             os.environ[TUNING_ENV] = ",".join(f"{k}={v}" for k, v in res["kernel"]["best_tuning"].items())
         save("kernel sweep")
-    engines = [] if a.no_engine else backends if a.all_engines else backends[:p["engine_backends"]]
+    engines = [] if a.no_engine else backends if a.all_engines else backends[:1]
     for b in backends:               # each backend's launch cells, then its engine (sync, then "+async")
         if not a.no_launch:
             res["ours"][b] = guarded(f"the {b} backend", run_backend, b, model_cfg, p, dtype, res["rates"],

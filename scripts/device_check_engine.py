@@ -80,16 +80,17 @@ def engine_decode(backend: str, model_cfg, params_fn, dtype: str, batches, conte
 
     def serve(prompts, n: int) -> None:
         st = engine.stats
-        before = [st.iterations] + [getattr(st, k) for k in PHASES] + [split[k] for k in split]
+        totals = lambda: {"iterations": st.iterations, **{k: getattr(st, k) for k in PHASES}, **split}  # noqa: E731
+        before = totals()
         sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
         reqs = [engine.add_request(p, sp) for p in prompts]
         while engine.has_unfinished():
             engine.step()
         assert all(len(r.output_token_ids) == n for r in reqs)
         tokens[n] = [list(map(int, r.output_token_ids)) for r in reqs]
-        its = st.iterations - before[0]
-        phases[n] = {k: 1e3 * (now - b) / its for k, now, b in
-                     zip([*PHASES, *split], [*(getattr(st, k) for k in PHASES), *split.values()], before[1:])}
+        delta = {k: v - before[k] for k, v in totals().items()}
+        its = delta.pop("iterations")
+        phases[n] = {k: 1e3 * v / its for k, v in delta.items()}
 
     for ctx in contexts:
         for b in batches:

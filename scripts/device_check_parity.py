@@ -36,15 +36,20 @@ def scored(hf_model, prompts: list[list[int]], outs, device: str = "cpu") -> lis
     return rows
 
 
-def teacher_forced(hf_model, prompts: list[list[int]], outs, device: str = "cpu") -> tuple[float, float]:
+def worst_gaps(outs, rows: list) -> tuple[float, float]:
     """(worst tie, worst logprob gap) in nats of the engine's greedy outputs `outs` (RequestOutputs
-    with logprobs) for `prompts`, scored by the transformers model `hf_model`."""
+    with logprobs) against transformers' log-softmax `rows` (scored) at their tokens."""
     worst_tie = worst_lp = 0.0
-    for o, lp in zip(outs, scored(hf_model, prompts, outs, device)):
+    for o, lp in zip(outs, rows):
         for i, (tok, got) in enumerate(zip(o.token_ids, o.logprobs)):
             worst_tie = max(worst_tie, float(lp[i].max() - lp[i, tok]))
             worst_lp = max(worst_lp, abs(got.logprob - float(lp[i, tok])))
     return worst_tie, worst_lp
+
+
+def teacher_forced(hf_model, prompts: list[list[int]], outs, device: str = "cpu") -> tuple[float, float]:
+    """worst_gaps of `outs` for `prompts` against the transformers model `hf_model`."""
+    return worst_gaps(outs, scored(hf_model, prompts, outs, device))
 
 
 def rounding_yardstick(hf_bf16, hf_fp32, prompts, outs, device: str) -> tuple[float, float]:
@@ -52,12 +57,12 @@ def rounding_yardstick(hf_bf16, hf_fp32, prompts, outs, device: str) -> tuple[fl
     tokens): bf16 is right when the first is not far above the second, at any logit scale."""
     import torch
 
-    ours = teacher_forced(hf_fp32, prompts, outs, device)[1]
+    exact = scored(hf_fp32, prompts, outs, device)
     theirs = 0.0
-    for o, a, b in zip(outs, scored(hf_bf16, prompts, outs, device), scored(hf_fp32, prompts, outs, device)):
+    for o, a, b in zip(outs, scored(hf_bf16, prompts, outs, device), exact):
         at = torch.tensor(o.token_ids, device=a.device)[:, None]          # the engine's tokens
         theirs = max(theirs, float((a.gather(-1, at) - b.gather(-1, at)).abs().max()))
-    return ours, theirs
+    return worst_gaps(outs, exact)[1], theirs
 
 
 def bf16_parity(backends: list[str], shapes: dict, device: str, new_tokens: int = 16, seed: int = 0) -> dict:

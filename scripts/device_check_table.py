@@ -77,4 +77,5 @@ def print_table(res: dict) -> None:
               + ", ".join(f"{n} {e:.1e}" + (" WRONG" if e > 2e-2 else "") for n, e in errs.items()))
         ran = res["ours"].get("pallas", {}).get("tuning")
         print(f"fastest: {res['kernel']['best']}; the engine's Pallas path ran with {ran or 'nothing (see above)'}")
-    print(f"total {res['seconds']:.0f} s; parts ended at " + ", ".join(f"{k} {v:.0f} s" for k, v in res["timeline"].items()))
+    print(f"total {res['seconds']:.0f} s; parts ended at "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in res["timeline"].items()))
