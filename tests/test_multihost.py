@@ -28,7 +28,8 @@ def _free_ports(n: int) -> list[int]:
     ports: list[int] = []
     while len(ports) < n:
         p = unused_port()
-        ports += [] if p in ports else [p]
+        if p not in ports:
+            ports.append(p)
     return ports
 
 

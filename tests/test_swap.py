@@ -266,7 +266,8 @@ def test_simulator_with_async_scheduling_runs_the_host_work_beside_the_launch():
     # (each run schedules on its own clock, so their copies and launches differ; each within its bounds)
     for overlap in (1.0, 0.5):
         m = run(issue, async_scheduling=True, async_overlap=overlap)
-        launch, host, busy = m["launch_seconds"], 0.5 * m["swap_copies_issued"], m["swap_busy_seconds"] - m["swap_stall_seconds"]
+        launch, host = m["launch_seconds"], 0.5 * m["swap_copies_issued"]
+        busy = m["swap_busy_seconds"] - m["swap_stall_seconds"]
         assert max(launch, host) + (1 - overlap) * min(launch, host) <= busy + 1e-9 < launch + host, overlap
     with pytest.raises(ValueError, match="async_overlap must be in"):
         dataclasses.replace(cfg, async_overlap=1.5)
