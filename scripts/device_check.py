@@ -47,7 +47,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # torch shares
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_engine_machine import decode_cost, device_rates  # noqa: E402
-from device_check_engine import decode_cell, engine_decode  # noqa: E402
+from device_check_engine import decode_cell, decode_prompt_len, engine_decode  # noqa: E402
 from device_check_kernel import guarded, kernel_sweep  # noqa: E402
 from device_check_parity import bf16_parity  # noqa: E402
 from device_check_table import print_table  # noqa: E402
@@ -120,7 +120,7 @@ def hf_decode(hf_cfg: dict, dtype: str, batches, contexts, new: int, device: str
             if time.perf_counter() > deadline:
                 out[f"{b}x{ctx}"] = "skipped (time)"
                 continue
-            ids = torch.randint(3, hf_cfg["vocab_size"], (b, ctx - new // 2), device=device)
+            ids = torch.randint(3, hf_cfg["vocab_size"], (b, decode_prompt_len(ctx, new)), device=device)
             run = lambda n: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                            min_new_tokens=n, do_sample=False, pad_token_id=0)
             with torch.no_grad():
