@@ -1,8 +1,9 @@
 """The benchmark and reproduction scripts that no other test runs, each at a tiny size, as a
 user would call them (a subprocess from the checkout's root): they must run to the end and
 print their figures. A script is only as good as its last run; bench_tail_guard.py once
-failed at its first line after a helper moved, and nothing noticed. bench_frontend is marked
-slow; bench_engine, bench_startup and bench_predictive (minutes each) have no test here."""
+failed at its first line after a helper moved, and nothing noticed. bench_frontend and
+bench_predictive are marked slow; bench_engine and bench_startup (minutes each) have no test
+here."""
 
 from __future__ import annotations
 
@@ -109,3 +110,16 @@ def test_bench_frontend_one_pair_of_a_small_burst(tmp_path):
     assert "the engine on the server's thread vs in its own process" in out
     res = json.load(open(tmp_path / "f.json"))
     assert len(res["runs"]) == 1 and set(res["runs"][0]) == {"thread", "process"}
+
+
+@pytest.mark.slow
+def test_bench_predictive_one_round_of_a_small_burst(tmp_path):
+    """Four servers (skip-join, predictive, fcfs, srpt) on 40 requests after a 10-request
+    prelude, about 60 s: too few finished requests for the predictor to open its quality gate,
+    which the script says rather than reporting prediction."""
+    out = _script("bench_predictive.py", "--rounds", "1", "--train-requests", "10", "--num-requests", "40",
+                  "--min-seconds", "1", "--json", str(tmp_path / "p.json"))
+    assert "closed" in out and "quality gate stayed closed" in out
+    res = json.load(open(tmp_path / "p.json"))
+    assert len(res["runs"]) == 1 and set(res["runs"][0]) == {"skip-join-mlfq", "predictive", "fcfs", "srpt"}
+    assert all(res["runs"][0][p]["throughput_rps"] > 0 for p in res["runs"][0])
