@@ -1,9 +1,9 @@
 """The benchmark and reproduction scripts that no other test runs, each at a tiny size, as a
 user would call them (a subprocess from the checkout's root): they must run to the end and
 print their figures. A script is only as good as its last run; bench_tail_guard.py once
-failed at its first line after a helper moved, and nothing noticed. bench_frontend and
-bench_predictive are marked slow; bench_engine and bench_startup (minutes each) have no test
-here."""
+failed at its first line after a helper moved, and nothing noticed. bench_frontend,
+bench_predictive and bench_engine (--quick, without transformers) are marked slow;
+bench_startup (minutes) has no test here."""
 
 from __future__ import annotations
 
@@ -123,3 +123,12 @@ def test_bench_predictive_one_round_of_a_small_burst(tmp_path):
     res = json.load(open(tmp_path / "p.json"))
     assert len(res["runs"]) == 1 and set(res["runs"][0]) == {"skip-join-mlfq", "predictive", "fcfs", "srpt"}
     assert all(res["runs"][0][p]["throughput_rps"] > 0 for p in res["runs"][0])
+
+
+@needs_trace
+@pytest.mark.slow
+def test_bench_engine_quick_without_transformers(tmp_path):
+    """16 requests of the shared trace on the random 125M Llama (written to a fresh work dir),
+    every engine variant, about 70 s: the engines agree token for token."""
+    out = _script("bench_engine.py", "--quick", "--skip-hf", "--work-dir", str(tmp_path), timeout=600)
+    assert "16/16 requests identical" in out and "target host < 10% of step" in out
