@@ -214,17 +214,21 @@ def summarize(results: list[Result]) -> dict[str, float]:
     return out
 
 
+def ephemeral_port_start() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default 32768 where it is unknown)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def unused_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on, for a server started next, chosen below the kernel's
     ephemeral range. A port bound to 0 and closed comes from that range, and any outbound
     connection on the machine (a client of another server, a jax.distributed channel) may take
     it in the seconds before the server binds it: "address already in use"."""
-    low = 32768                                    # Linux's default start of the ephemeral range
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
+    low = ephemeral_port_start()
     rng = random.Random()
     for _ in range(100):
         port = rng.randrange(max(1024, low - 20000), low)

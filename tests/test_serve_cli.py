@@ -172,14 +172,9 @@ def test_servers_get_ports_below_the_ephemeral_range(monkeypatch):
     import itertools
     import socket
 
-    from fastserve_jax.serve.bench_client import unused_port
+    from fastserve_jax.serve.bench_client import ephemeral_port_start, unused_port
 
-    low = 32768
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except OSError:
-        pass
+    low = ephemeral_port_start()
     ports = {unused_port() for _ in range(20)}
     assert all(1024 <= p < low for p in ports) and len(ports) > 1
     with socket.socket() as s:                  # taken: the next pick is another
