@@ -27,7 +27,7 @@ _EXPORTS = {
     "LLMEngine": "fastserve_jax.engine",
     "RequestOutput": "fastserve_jax.engine",
     "EngineConfig": "fastserve_jax.config",
-    "SamplingParams": "fastserve_jax.config",
+    "SamplingParams": "fastserve_jax.sampling_params",
     "SchedulerConfig": "fastserve_jax.config",
     "demo_model_path": "fastserve_jax.models",
 }

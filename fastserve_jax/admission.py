@@ -3,7 +3,9 @@ anything is queued, and a bad one raises ValueError saying what to change."""
 
 from __future__ import annotations
 
-from fastserve_jax.config import SamplingParams
+from numbers import Integral
+
+from fastserve_jax.sampling_params import SamplingParams
 from fastserve_jax.kv_cache import KVManager
 
 
@@ -12,12 +14,15 @@ def validate_request(prompt: str | list[int], params: SamplingParams, tokenizer,
     """(text or None, token ids) of one prompt."""
     if not isinstance(params, SamplingParams):
         raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+    if params.n != 1:
+        raise ValueError(f"the engine runs one completion per request, got n={params.n}; LLM.generate and the "
+                         "server run n requests for it")
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError("prompt is empty; give at least one character or token id")
         text, ids = prompt, tokenizer.encode(prompt, add_special_tokens=True)
-    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        text, ids = None, list(prompt)
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, Integral) and not isinstance(t, bool) for t in prompt):
+        text, ids = None, [int(t) for t in prompt]
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"token ids must be in [0, {vocab_size}), got {bad[:5]}")

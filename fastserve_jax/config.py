@@ -10,9 +10,12 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from fastserve_jax import sampling_params as _sp
 from fastserve_jax.sharding.parallel_config import ParallelConfig
 
-MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs; the sampler always computes this many.
+# a request's parameters live in sampling_params.py; these names are kept here for the imports that use them
+MAX_LOGPROBS, SamplingParams, sampler_seed = _sp.MAX_LOGPROBS, _sp.SamplingParams, _sp.sampler_seed
+
 # EngineConfig.attention_backend and dtype values; `resolve` turns "auto" into one of the others
 ATTENTION_CHOICES, DTYPE_CHOICES = ("auto", "reference", "pallas"), ("auto", "float32", "bfloat16")
 
@@ -23,65 +26,6 @@ def check_positive_ints(obj, names) -> None:
         v = getattr(obj, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to sample one request's output (vLLM's names and defaults).
-
-    temperature=0 means greedy. top_k=-1 (or 0) disables top-k; top_p=1 disables top-p.
-    presence_penalty and frequency_penalty follow OpenAI: before sampling, the logit of each
-    token t is lowered by frequency_penalty * (times t occurs in the output so far) +
-    presence_penalty * (1 if it occurs at all); negative values favour repetition.
-    """
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(
-                f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}; use 1.0 to disable it")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disabled) or a positive integer, got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        if self.logprobs is not None and (
-                not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not -2.0 <= v <= 2.0:
-                raise ValueError(f"{name} must be a number in [-2, 2] (0 disables it), got {v!r}")
-        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if not all(isinstance(s, str) and s for s in stops):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
-        object.__setattr__(self, "stop", list(stops))
-        ids = self.stop_token_ids or []
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
-            raise ValueError(f"stop_token_ids must be a list of non-negative token ids, got {self.stop_token_ids!r}")
-        object.__setattr__(self, "stop_token_ids", list(ids))
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
-    def penalized(self) -> bool:
-        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass(frozen=True)
@@ -295,11 +239,19 @@ class EngineConfig:
     def __post_init__(self) -> None:
         check_positive_ints(self, ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs",
                                    "block_size", "prefill_tile"))
-        if self.num_device_blocks < 0:
-            raise ValueError(f"num_device_blocks must be >= 0 (0 = size automatically), got {self.num_device_blocks}")
-        if self.num_host_blocks is not None and (not isinstance(self.num_host_blocks, int) or self.num_host_blocks < 0):
+        if not isinstance(self.num_device_blocks, int) or isinstance(self.num_device_blocks, bool) \
+                or self.num_device_blocks < 0:
+            raise ValueError(f"num_device_blocks must be an integer >= 0 (0 = size automatically), "
+                             f"got {self.num_device_blocks!r}")
+        if self.num_host_blocks is not None and (not isinstance(self.num_host_blocks, int)
+                                                 or isinstance(self.num_host_blocks, bool) or self.num_host_blocks < 0):
             raise ValueError(f"num_host_blocks must be >= 0 (0 = no host pool) or None (sized automatically), "
                              f"got {self.num_host_blocks!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer (unseeded requests derive theirs from it), got {self.seed!r}")
+        from fastserve_jax.scheduler import POLICIES      # here: the scheduler package imports this module
+        if self.scheduler not in POLICIES:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {sorted(POLICIES)}")
         if self.swap_policy not in ("proactive", "reactive", "recompute"):
             raise ValueError(f"swap_policy must be 'proactive', 'reactive' or 'recompute', got {self.swap_policy!r}")
         if not isinstance(self.swap_reserve_blocks, int) or self.swap_reserve_blocks < 0:

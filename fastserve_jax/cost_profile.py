@@ -55,7 +55,7 @@ def cost_cache_key(engine) -> str:
     the swap settings. Engines that differed only in those once profiled apart, at whatever
     speed the machine had then: on the 2-core VM two such profiles of the demo model were
     3.6x apart, and with them the starvation limits (docs/scheduling_log.md, 2026-12-03)."""
-    cfg = dataclasses.replace(engine.cfg, seed=0, scheduler="", compilation_cache_dir=None, num_host_blocks=None,
+    cfg = dataclasses.replace(engine.cfg, seed=0, scheduler="fcfs", compilation_cache_dir=None, num_host_blocks=None,
                               swap_policy="proactive", swap_reserve_blocks=0, scheduler_config=None, cost_model=None)
     text = f"v{_VERSION}|{engine.model_cfg!r}|{cfg!r}|{engine.kv.num_blocks}|{jax.devices()[0].device_kind}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]

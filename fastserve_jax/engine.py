@@ -17,7 +17,8 @@ import jax
 
 from fastserve_jax import policy_state
 from fastserve_jax.admission import validate_request
-from fastserve_jax.config import EngineConfig, SamplingParams, SchedulerConfig
+from fastserve_jax.config import EngineConfig, SchedulerConfig
+from fastserve_jax.sampling_params import SamplingParams, sampler_seed
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.cost_profile import is_provisional, profile_engine
 from fastserve_jax.detokenizer import IncrementalDetokenizer, decoder
@@ -175,7 +176,7 @@ class LLMEngine:
         rid = request_id if request_id is not None else f"req-{n}"
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already live; ids must be unique")
-        seed = params.seed if params.seed is not None else hash((self.cfg.seed, n)) & 0xFFFFFFFF
+        seed = sampler_seed(params.seed) if params.seed is not None else hash((self.cfg.seed, n)) & 0xFFFFFFFF
         req = Request(rid, ids, params, time.monotonic() if arrival_time is None else arrival_time, prompt=text,
                       seed=seed, eos_token_ids=frozenset() if params.ignore_eos else self.eos_ids)
         self._requests[rid] = req

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
+
+import numpy as np
 from typing import Sequence
 
-from fastserve_jax.config import EngineConfig, SamplingParams
+from fastserve_jax.config import EngineConfig
+from fastserve_jax.sampling_params import SamplingParams
 from fastserve_jax.cost_profile import refine_profile
 from fastserve_jax.engine import LLMEngine, RequestOutput
+from fastserve_jax.request import CompletionOutput
 from fastserve_jax.runner.compile_guard import compile_stats
 from fastserve_jax.runner.compiler import resolve_warmup
 from fastserve_jax.runner.persistent_cache import enable_compilation_cache
@@ -62,27 +66,71 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """One output per prompt, in order. Every prompt is validated before any is queued."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """One output per prompt, in order, with its `n` completions in `outputs` (seeds seed,
+        seed + 1, ... when a seed is given). A prompt is a string, token ids (a list, tuple or
+        1-D integer array) or vLLM's {"prompt": text} / {"prompt_token_ids": ids}. Every prompt
+        is validated before any is queued. use_tqdm is taken for vLLM's callers; no progress
+        bar is drawn."""
+        prompts = [_one_prompt(p, i) for i, p in enumerate(_prompt_list(prompts))]
         if not prompts:
             return []
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(prompts)
-        else:
+        elif isinstance(sampling_params, (list, tuple)):
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts; "
                                  "pass one, or one per prompt")
-        for i, (p, sp) in enumerate(zip(prompts, params)):
+        else:
+            raise ValueError(f"sampling_params must be a SamplingParams or a list of them (one per prompt), "
+                             f"got {type(sampling_params).__name__}")
+        runs = [[dataclasses.replace(sp, n=1, seed=None if sp.seed is None else sp.seed + j) for j in range(sp.n)]
+                if isinstance(sp, SamplingParams) else [sp] for sp in params]
+        for i, (p, subs) in enumerate(zip(prompts, runs)):
             try:
-                self.engine.validate(p, sp)
+                self.engine.validate(p, subs[0])
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         refine_profile(self.engine)        # a background warm-up's provisional cost model, once it is done
-        reqs = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-        while any(not r.finished for r in reqs):
+        groups = [[self.engine.add_request(p, sp) for sp in subs] for p, subs in zip(prompts, runs)]
+        while any(not r.finished for g in groups for r in g):
             self.engine.step()
-        return [self.engine.output_of(r) for r in reqs]
+        out = []
+        for g in groups:
+            first, *rest = [self.engine.output_of(r) for r in g]
+            first.outputs += [CompletionOutput(j, o.text, o.token_ids, o.finish_reason, o.logprobs)
+                              for j, o in enumerate(rest, 1)]
+            out.append(first)
+        return out
+
+
+def _prompt_list(prompts) -> list:
+    """generate()'s first argument as a list of prompts (one prompt alone is a list of one)."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, np.ndarray) and prompts.ndim == 1):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        return [prompts] if prompts and _is_token(prompts[0]) else list(prompts)
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+        return list(prompts)
+    raise ValueError(f"prompts must be a string, token ids, a prompt dict or a list of them, got "
+                     f"{type(prompts).__name__}")
+
+
+def _is_token(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _one_prompt(p, i: int):
+    """A string or a list of token ids, from any form generate() takes."""
+    if isinstance(p, dict):
+        if set(p) not in ({"prompt"}, {"prompt_token_ids"}):
+            raise ValueError(f"prompt {i}: a prompt dict has exactly one of 'prompt' (text) or 'prompt_token_ids', "
+                             f"got keys {sorted(p)}")
+        p = p.get("prompt", p.get("prompt_token_ids"))
+    if isinstance(p, np.ndarray):
+        if p.ndim != 1 or not np.issubdtype(p.dtype, np.integer):
+            raise ValueError(f"prompt {i}: a token-id array must be 1-D of integers, got shape {p.shape} {p.dtype}")
+        return p.tolist()
+    return list(p) if isinstance(p, tuple) else p

@@ -116,8 +116,21 @@ class Request:
 
 
 @dataclass
+class CompletionOutput:
+    """One of a prompt's completions (vLLM's name): `index` is its place among the n."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass
 class RequestOutput:
-    """A request's output so far (final when `finished`)."""
+    """A request's output so far (final when `finished`). text, token_ids, finish_reason and
+    logprobs are the first completion's; `outputs` holds all n (vLLM's layout; n > 1 only
+    from `LLM.generate`, whose metrics are then the first completion's)."""
 
     request_id: str
     prompt: str | None
@@ -127,7 +140,12 @@ class RequestOutput:
     finish_reason: str | None
     metrics: RequestMetrics
     logprobs: list[TokenLogprobs] | None = None
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.outputs:
+            self.outputs = [CompletionOutput(0, self.text, self.token_ids, self.finish_reason, self.logprobs)]
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return all(o.finish_reason is not None for o in self.outputs)

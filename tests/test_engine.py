@@ -78,6 +78,29 @@ def test_seeded_sampling_is_batch_invariant(llm):
     assert llm.generate([p], other_seed)[0].token_ids != alone
 
 
+def test_n_completions_vllm_prompt_forms_and_wide_seeds(llm):
+    """vLLM's calls work: n completions in `outputs` (seeds seed, seed + 1, ...), prompts as
+    tuples, integer arrays and prompt dicts; seeds past 32 bits no longer alias (0, 2**32 and
+    -1 sampled the same before, the seed cut to its low 32 bits)."""
+    p = random_prompts(1, 10, 10, seed=6)[0]
+    sp = lambda seed, n=1: SamplingParams(max_tokens=10, temperature=1.0, seed=seed, n=n, ignore_eos=True)
+    ids = {s: tuple(llm.generate([p], sp(s))[0].token_ids) for s in (0, 1, 2**32, 2**32 + 1, -1, 2**32 - 1)}
+    assert len(set(ids.values())) == 6, ids
+    out = llm.generate([p], sp(2**32, n=2))[0]
+    assert [o.index for o in out.outputs] == [0, 1] and out.token_ids == out.outputs[0].token_ids
+    assert [tuple(o.token_ids) for o in out.outputs] == [ids[2**32], ids[2**32 + 1]]
+    for form in (tuple(p), np.array(p), [np.int64(t) for t in p], {"prompt_token_ids": p}):
+        assert llm.generate(form, sp(0), use_tqdm=False)[0].token_ids == list(ids[0])
+    with pytest.raises(ValueError, match="exactly one of 'prompt'"):
+        llm.generate({"prompt": "a", "prompt_token_ids": p})
+    with pytest.raises(ValueError, match="got int"):
+        llm.generate(5)
+    with pytest.raises(ValueError, match="got dict"):
+        llm.generate([p], {"max_tokens": 3})
+    with pytest.raises(ValueError, match="n=2"):
+        llm.engine.add_request(p, sp(0, n=2))
+
+
 def test_logprobs_and_finish_reasons(llm):
     p = random_prompts(1, 8, 8, seed=6)[0]
     out = llm.generate([p], SamplingParams(max_tokens=6, temperature=0, logprobs=3, ignore_eos=True))[0]

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastserve_jax.config import EngineConfig, SamplingParams
+from fastserve_jax.config import EngineConfig
+from fastserve_jax.sampling_params import SamplingParams, sampler_seed
 from fastserve_jax.detokenizer import IncrementalDetokenizer
 from fastserve_jax.kv_cache import KVManager
 from fastserve_jax.request import Request
@@ -118,10 +119,33 @@ def test_fcfs_preempts_latest_when_kv_runs_out():
     (dict(top_k=-2), "top_k"),
     (dict(logprobs=21), "logprobs"),
     (dict(stop=[""]), "stop"),
+    (dict(stop_token_ids=5), "stop_token_ids"),
+    (dict(temperature=True), "temperature"),
+    (dict(top_p=True), "top_p"),
+    (dict(logprobs=True), "logprobs"),
+    (dict(n=0), "n must be"),
 ])
 def test_sampling_params_reject_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(scheduler="skipjoin"), "unknown scheduler"),     # found only after load and warm-up before
+    (dict(num_device_blocks=10.5), "num_device_blocks"),
+    (dict(num_device_blocks=True), "num_device_blocks"),
+    (dict(seed="x"), "seed"),
+    (dict(seed=None), "seed"),
+])
+def test_engine_config_rejects_bad_values_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EngineConfig(**kwargs)
+
+
+def test_sampler_seed_keeps_32_bit_seeds_and_hashes_the_rest():
+    assert [sampler_seed(s) for s in (0, 7, 2**32 - 1)] == [0, 7, 2**32 - 1]
+    wide = [sampler_seed(s) for s in (2**32, 2**40, -1, -(2**32), 2**64)]
+    assert len(set(wide) | {0, 7, 2**32 - 1}) == 8 and all(0 <= s < 2**32 for s in wide)
 
 
 def test_engine_config_buckets_cover_limits():

@@ -1,0 +1,87 @@
+"""A request's sampling parameters (vLLM's names), validated at construction."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs; the sampler always computes this many.
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def sampler_seed(seed: int) -> int:
+    """A request's seed as the sampler's uint32: itself in [0, 2**32), else a hash of all its
+    digits, so seeds that differ only above bit 31 or in sign (0, 2**32, -1) do not collide
+    the way truncation makes them."""
+    if 0 <= seed < 1 << 32:
+        return seed
+    return int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=4).digest(), "little")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one request's output (vLLM's names and defaults).
+
+    temperature=0 means greedy. top_k=-1 (or 0) disables top-k; top_p=1 disables top-p.
+    presence_penalty and frequency_penalty follow OpenAI: before sampling, the logit of each
+    token t is lowered by frequency_penalty * (times t occurs in the output so far) +
+    presence_penalty * (1 if it occurs at all); negative values favour repetition.
+    n: completions of the prompt (`LLM.generate` runs n requests, seeds seed, seed + 1, ...
+    when a seed is given; the engine itself takes n = 1). A seed is any integer: one outside
+    [0, 2**32) is hashed to the sampler's 32 bits (`sampler_seed`), so 0, 2**32 and -1 differ.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "n"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(
+                f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}")
+        if not _is_number(self.top_p) or not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}; use 1.0 to disable it")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (disabled) or a positive integer, got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_number(v) or not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2] (0 disables it), got {v!r}")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if not all(isinstance(s, str) and s for s in stops):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        object.__setattr__(self, "stop", list(stops))
+        ids = self.stop_token_ids or []
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise ValueError(f"stop_token_ids must be a list of non-negative token ids, got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", list(ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
