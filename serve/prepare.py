@@ -11,12 +11,12 @@ from jinja2 import TemplateError
 
 from fastserve_jax.config import SamplingParams
 
+from fastserve_jax.serve.engine_loop import EngineInfo
 from fastserve_jax.serve.errors import bad_request
 from fastserve_jax.serve.protocol import Job
 
 if TYPE_CHECKING:
     from fastserve_jax.engine import LLMEngine
-    from fastserve_jax.serve.engine_loop import EngineInfo
 
 
 def render_chat(tokenizer, messages: list[dict]) -> list[int]:
@@ -40,15 +40,26 @@ def _params(job: Job, max_tokens: int, seed: int | None) -> SamplingParams:
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=job.temperature, top_p=job.top_p, top_k=job.top_k,
                               seed=seed, stop=job.stop or None, logprobs=job.logprobs,
-                              presence_penalty=job.presence_penalty, frequency_penalty=job.frequency_penalty)
+                              presence_penalty=job.presence_penalty, frequency_penalty=job.frequency_penalty,
+                              ignore_eos=job.ignore_eos, stop_token_ids=list(job.stop_token_ids) or None)
     except ValueError as e:
         raise bad_request(str(e))
+
+
+def _check_stop_token_ids(job: Job, eng: "LLMEngine | EngineInfo") -> None:
+    """Here rather than in the engine's own check, so the 400 names the field."""
+    vocab = eng.vocab_size if isinstance(eng, EngineInfo) else eng.model_cfg.vocab_size
+    bad = [t for t in job.stop_token_ids if t >= vocab]
+    if bad:
+        raise bad_request(f"'stop_token_ids' must be token ids in [0, {vocab}) (this model's vocabulary), got "
+                          f"{bad[:5]}", "stop_token_ids")
 
 
 def prepare(job: Job, eng: "LLMEngine | EngineInfo") -> tuple[list[tuple[list[int], SamplingParams]], int]:
     """[(prompt ids, params)] in choice order (prompt i's choices at i*n .. i*n+n-1), and the
     prompt tokens of the request (each prompt counted once, as OpenAI's usage does)."""
     limit = eng.cfg.max_model_len
+    _check_stop_token_ids(job, eng)
     probe = _params(job, 1, job.seed)
     out, prompt_tokens = [], 0
     for i, prompt in enumerate(job.prompts):

@@ -4,8 +4,29 @@
 non-object); `parse_completion` / `parse_chat` check every field's type and range, reject
 unknown fields, and return a `Job`. Each error names the field and the accepted values.
 
-Extensions beyond OpenAI's parameters: `top_k` (-1 disables it) and `priority` (an
-integer, accepted and passed along; see serve/app.py for what the policies do with it).
+Extensions beyond OpenAI's parameters, as vLLM names them (both endpoints):
+
+- `top_k` (-1 disables it);
+- `priority` (an integer, accepted and passed along; see serve/app.py for what the
+  policies do with it);
+- `ignore_eos` (bool): generate past the model's EOS tokens, until `max_tokens` or a stop;
+- `stop_token_ids` (at most 64 token ids, each below the vocabulary size): finish with
+  "stop" when one is sampled; like EOS, its text is not part of the output;
+- `stream_options.continuous_usage_stats` (with `include_usage`, as in vLLM; ignored
+  without it): every chunk carries the usage of its choice so far (prompt tokens of that
+  choice's prompt, completion tokens so far; 0 on chat's opening role chunk).
+
+`echo` (/v1/completions only) prepends each choice's prompt (a token-id prompt decoded)
+to its text; when streaming, to the first chunk of each choice. Not with `logprobs`: no
+prompt logprobs are returned.
+
+Accepted only at the value that asks for nothing (what clients such as vLLM's benchmark
+send by default), rejected otherwise with a 400 naming the field and what is accepted:
+`min_tokens` (0; the engine has no minimum length), `best_of` (equal to n: no candidates
+are ranked), `logit_bias` ({}), `response_format` ({"type": "text"}), `suffix`, and on
+chat `tools` ([]), `tool_choice` ("none") and `parallel_tool_calls` (any bool, unused).
+Chat messages may be an assistant's with `content: null` (read as "") and
+`tool_calls: []`. Any other field is unknown and rejected.
 """
 
 from __future__ import annotations
@@ -17,10 +38,11 @@ from typing import Any
 
 from fastserve_jax.config import MAX_LOGPROBS
 
-from fastserve_jax.serve.errors import bad_request
+from fastserve_jax.serve.errors import APIError, bad_request
 
 MAX_N = 16                # choices per prompt
 MAX_STOP = 8              # stop strings per request
+MAX_STOP_TOKEN_IDS = 64   # the engine tests each sampled token against this list
 OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
@@ -44,8 +66,12 @@ class Job:
     frequency_penalty: float
     stream: bool
     include_usage: bool
+    continuous_usage: bool          # usage on every chunk (needs include_usage)
     priority: int
     user: str | None
+    ignore_eos: bool
+    stop_token_ids: tuple[int, ...]
+    echo: bool                      # completions: the prompt text before each choice's text
 
 
 def parse_body(raw: bytes) -> dict:
@@ -128,15 +154,70 @@ def _stop(body: dict) -> list[str]:
     return stops
 
 
-def _stream_options(body: dict, stream: bool) -> bool:
+def _stop_token_ids(body: dict) -> tuple[int, ...]:
+    v = body.get("stop_token_ids")
+    if v is None:
+        return ()
+    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
+        raise bad_request("'stop_token_ids' must be an array of token ids (integers >= 0)", "stop_token_ids")
+    if len(v) > MAX_STOP_TOKEN_IDS:
+        raise bad_request(f"'stop_token_ids' has {len(v)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed",
+                          "stop_token_ids")
+    return tuple(v)
+
+
+_STREAM_OPTIONS = ("include_usage", "continuous_usage_stats")
+
+
+def _stream_options(body: dict, stream: bool) -> tuple[bool, bool]:
+    """(include_usage, continuous usage): as in vLLM, continuous_usage_stats counts only
+    with include_usage."""
     opts = body.get("stream_options")
     if opts is None:
-        return False
+        return False, False
     if not stream:
         raise bad_request("'stream_options' is only allowed with \"stream\": true", "stream_options")
-    if not isinstance(opts, dict) or set(opts) - {"include_usage"}:
-        raise bad_request("'stream_options' must be an object with the one key 'include_usage'", "stream_options")
-    return _bool(opts, "include_usage", False)
+    if not isinstance(opts, dict) or set(opts) - set(_STREAM_OPTIONS):
+        raise bad_request(f"'stream_options' must be an object with the keys {list(_STREAM_OPTIONS)} (booleans)",
+                          "stream_options")
+    include, continuous = _bool(opts, "include_usage", False), _bool(opts, "continuous_usage_stats", False)
+    return include, include and continuous
+
+
+def _unsupported(name: str, detail: str) -> APIError:
+    """The 400 of a known field at a value this server cannot honour (the same words as an
+    unknown field's, so a client sees one kind of message)."""
+    return bad_request(f"unknown or unsupported field(s) ['{name}']: {detail}", name)
+
+
+def _only_empty(body: dict, name: str, kind: type[list] | type[dict], why: str) -> None:
+    """`name` may be null or empty (an array or an object, by `kind`), nothing else."""
+    v, empty = body.get(name), "[]" if kind is list else "{}"
+    if v is not None and not isinstance(v, kind):
+        raise bad_request(f"'{name}' must be {'an array' if kind is list else 'an object'}, got {_typename(v)}", name)
+    if v:
+        raise _unsupported(name, f"{why}; send {empty} or null")
+
+
+def _defaults_only(body: dict, n: int) -> None:
+    """The fields accepted only at the value that asks for nothing (module docstring)."""
+    if _int(body, "min_tokens", 0, 0):
+        raise _unsupported("min_tokens", "this engine cannot hold back EOS and stop tokens for a minimum length; "
+                                         "send 0 or leave it out (for a fixed length, send \"ignore_eos\": true "
+                                         "with max_tokens)")
+    best_of = _int(body, "best_of", None, 1)
+    if best_of is not None and best_of != n:
+        raise _unsupported("best_of", f"best_of={best_of} with n={n}; this server returns n samples and does not "
+                                      "generate extra candidates to rank, so send best_of equal to n or leave it out")
+    _only_empty(body, "logit_bias", dict, "this server cannot bias logits")
+    fmt = body.get("response_format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind in ("json_object", "json_schema"):
+        raise _unsupported("response_format", f"type {kind!r}: structured (JSON) output is not supported; send "
+                                              "{\"type\": \"text\"} or leave it out")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise bad_request("'response_format' must be {\"type\": \"text\"} (the only format this server produces)",
+                          "response_format")
 
 
 def _check_fields(body: dict, allowed: frozenset[str], endpoint: str, required: str) -> None:
@@ -149,22 +230,29 @@ def _check_fields(body: dict, allowed: frozenset[str], endpoint: str, required: 
 
 
 _COMMON = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "presence_penalty",
-                     "frequency_penalty", "user", "stream", "stream_options", "top_k", "priority", "logprobs"})
-COMPLETION_FIELDS = _COMMON | {"prompt"}
-CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
+                     "frequency_penalty", "user", "stream", "stream_options", "top_k", "priority", "logprobs",
+                     "ignore_eos", "stop_token_ids", "min_tokens", "best_of", "logit_bias", "response_format"})
+COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix"}
+CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                         "parallel_tool_calls"}
 
 
-def _common(body: dict, chat: bool, prompts: list[Any], max_tokens: int | None, logprobs: int | None) -> Job:
+def _common(body: dict, chat: bool, prompts: list[Any], max_tokens: int | None, logprobs: int | None,
+            echo: bool = False) -> Job:
     stream = _bool(body, "stream", False)
+    n = _int(body, "n", 1, 1, MAX_N)
+    _defaults_only(body, n)
+    include_usage, continuous_usage = _stream_options(body, stream)
     return Job(
-        chat=chat, model=_str(body, "model"), prompts=prompts, n=_int(body, "n", 1, 1, MAX_N),
+        chat=chat, model=_str(body, "model"), prompts=prompts, n=n,
         max_tokens=max_tokens, temperature=_num(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), top_k=_int(body, "top_k", -1, -1),
         stop=_stop(body), seed=_int(body, "seed", None, -2 ** 63, 2 ** 64 - 1), logprobs=logprobs,
         presence_penalty=_num(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_num(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        stream=stream, include_usage=_stream_options(body, stream), priority=_int(body, "priority", 0),
-        user=_str(body, "user"))
+        stream=stream, include_usage=include_usage, continuous_usage=continuous_usage,
+        priority=_int(body, "priority", 0), user=_str(body, "user"), ignore_eos=_bool(body, "ignore_eos", False),
+        stop_token_ids=_stop_token_ids(body), echo=echo)
 
 
 def _prompts(v: Any) -> list[Any]:
@@ -191,7 +279,14 @@ def _prompts(v: Any) -> list[Any]:
 def parse_completion(body: dict) -> Job:
     _check_fields(body, COMPLETION_FIELDS, "/v1/completions", "prompt")
     max_tokens = _int(body, "max_tokens", OPENAI_COMPLETION_DEFAULT_MAX_TOKENS, 1)
-    return _common(body, False, _prompts(body["prompt"]), max_tokens, _int(body, "logprobs", None, 0, MAX_LOGPROBS))
+    logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
+    echo = _bool(body, "echo", False)
+    if echo and logprobs is not None:
+        raise bad_request("'echo' with 'logprobs' is not supported: this server returns no logprobs for the prompt; "
+                          "drop one of them", "echo")
+    if body.get("suffix") is not None:
+        raise _unsupported("suffix", "text after the insertion point is not supported; leave it out")
+    return _common(body, False, _prompts(body["prompt"]), max_tokens, logprobs, echo)
 
 
 _ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -204,11 +299,18 @@ def _messages(v: Any) -> list[dict]:
     for i, m in enumerate(v):
         if not isinstance(m, dict) or m.get("role") not in _ROLES:
             raise bad_request(f"messages[{i}] must be an object with 'role' one of {list(_ROLES)}", "messages")
-        extra = sorted(set(m) - {"role", "content", "name"})
+        assistant = m["role"] == "assistant"
+        keys = ("role", "content", "name", "tool_calls") if assistant else ("role", "content", "name")
+        extra = sorted(set(m) - set(keys))
         if extra:
-            raise bad_request(f"messages[{i}] has unsupported field(s) {extra}; use 'role', 'content', 'name'",
+            raise bad_request(f"messages[{i}] has unsupported field(s) {extra}; use {list(keys)}", "messages")
+        calls = m.get("tool_calls")
+        if calls is not None and calls != []:
+            raise bad_request(f"messages[{i}].tool_calls must be [] or null: this server has no tool calling",
                               "messages")
         content = m.get("content")
+        if content is None and assistant:   # an assistant turn that only called tools (none here)
+            content = ""
         if isinstance(content, list):   # content parts: only text is supported
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):
@@ -233,4 +335,15 @@ def parse_chat(body: dict) -> Job:
     want = _bool(body, "logprobs", False)
     if top is not None and not want:
         raise bad_request("'top_logprobs' needs \"logprobs\": true", "top_logprobs")
+    _no_tools(body)
     return _common(body, True, [_messages(body["messages"])], max_tokens, (top or 0) if want else None)
+
+
+def _no_tools(body: dict) -> None:
+    """Chat's tool fields, accepted only when they ask for no tools."""
+    _only_empty(body, "tools", list, "this server has no tool (function) calling")
+    choice = body.get("tool_choice")
+    if choice is not None and choice != "none":
+        raise _unsupported("tool_choice", f"got {json.dumps(choice)}; with no tools only \"none\" or null is "
+                                          "accepted")
+    _bool(body, "parallel_tool_calls", False)    # type-checked; unused without tools
