@@ -216,7 +216,7 @@ async def _generate(request: Request, chat: bool) -> Response | EventStream:
     prompts, prompt_tokens = prepare(job, eng)
     srv.admit(len(prompts))
     group = srv.engine.submit(prompts, arrival)
-    fmt = Formatter(chat, srv.cfg.model_name, eng.tokenizer, job.logprobs)
+    fmt = Formatter.for_job(job, srv.cfg.model_name, eng.tokenizer, prompts)
     if job.stream:
         return EventStream(group, fmt, job.include_usage, prompt_tokens)
     choices = await _collect(request, group)

@@ -1,5 +1,7 @@
 """OpenAI response objects for completions and chat: whole responses, stream chunks, usage,
-logprobs. Choice index i of a request with P prompts and n choices each is prompt i // n."""
+logprobs. Choice index i of a request with P prompts and n choices each is prompt i // n.
+`Formatter.for_job` also carries the request's `echo` (completions) and continuous usage
+(a usage object on every chunk), as serve/protocol.py describes them."""
 
 from __future__ import annotations
 
@@ -8,9 +10,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from fastserve_jax.config import SamplingParams
 from fastserve_jax.request import TokenLogprobs
 
 from fastserve_jax.serve.engine_loop import Delta
+from fastserve_jax.serve.protocol import Job
 
 
 def sse(obj: dict | str) -> str:
@@ -44,7 +48,10 @@ class Choice:
 class Formatter:
     """Builds the JSON of one request's responses (ids and timestamps fixed per request)."""
 
-    def __init__(self, chat: bool, model: str, tokenizer, logprobs: int | None) -> None:
+    def __init__(self, chat: bool, model: str, tokenizer, logprobs: int | None, echo: list[str] | None = None,
+                 usage_prompt_tokens: list[int] | None = None) -> None:
+        """echo: per choice, the text written before its first text (completions);
+        usage_prompt_tokens: per choice, its prompt's tokens, to put usage on every chunk."""
         self.chat = chat
         self.model = model
         self.tokenizer = tokenizer
@@ -53,9 +60,26 @@ class Formatter:
         self.created = int(time.time())
         self._offset: dict[int, int] = {}     # completions logprobs: text offset per choice
         self._chunk_head: str | None = None   # chunk_event's serialized head
+        self._echo: dict[int, str] = dict(enumerate(echo or []))      # popped once written
+        self._usage_prompt_tokens = usage_prompt_tokens
+
+    @classmethod
+    def for_job(cls, job: Job, model: str, tokenizer, prepared: list[tuple[list[int], SamplingParams]]) -> "Formatter":
+        """The formatter of one request; `prepared` is serve/prepare.py's (prompt ids, params)
+        per choice. echo writes a text prompt as sent and a token-id prompt decoded (as vLLM)."""
+        echo = None
+        if job.echo:
+            texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in job.prompts]
+            echo = [t for t in texts for _ in range(job.n)]
+        counts = [len(ids) for ids, _ in prepared] if job.continuous_usage else None
+        return cls(job.chat, model, tokenizer, job.logprobs, echo, counts)
 
     def _token(self, tid: int) -> str:
         return self.tokenizer.decode([tid])
+
+    def _text(self, index: int, text: str) -> str:
+        """Choice `index`'s text, its echo before the first piece written."""
+        return self._echo.pop(index, "") + text if self._echo else text
 
     def _logprobs(self, index: int, lps: list[TokenLogprobs] | None) -> dict | None:
         if self.logprobs is None:
@@ -87,7 +111,7 @@ class Formatter:
             if self.chat:
                 ch["message"] = {"role": "assistant", "content": c.text}
             else:
-                ch["text"] = c.text
+                ch["text"] = self._text(i, c.text)
             out.append(ch)
         body = self._head("chat.completion" if self.chat else "text_completion")
         body.update(choices=out, usage=usage(prompt_tokens, sum(c.completion_tokens for c in choices)))
@@ -101,17 +125,19 @@ class Formatter:
             delta = {"role": "assistant", "content": ""} if d is None else ({"content": d.text} if d.text else {})
             ch = {"index": index, "delta": delta}
         else:
-            ch = {"index": index, "text": d.text}
+            ch = {"index": index, "text": self._text(index, d.text)}
         ch["logprobs"] = None if d is None else self._logprobs(index, d.logprobs)
         ch["finish_reason"] = None if d is None else d.finish_reason
         body["choices"] = [ch]
+        if self._usage_prompt_tokens is not None:     # vLLM's continuous_usage_stats
+            body["usage"] = usage(self._usage_prompt_tokens[index], 0 if d is None else d.completion_tokens)
         return body
 
     def chunk_event(self, index: int, d: Delta) -> str:
         """sse(self.chunk(index, d)) for a delta, the same bytes, without building and
         encoding a dict per token: the head is serialized once per request and only the
-        text and finish reason are encoded here (logprobs take the dict path)."""
-        if self.logprobs is not None:
+        text and finish reason are encoded here (logprobs and per-chunk usage take the dict path)."""
+        if self.logprobs is not None or self._usage_prompt_tokens is not None:
             return sse(self.chunk(index, d))
         if self._chunk_head is None:
             head = json.dumps(self._head("chat.completion.chunk" if self.chat else "text_completion"),
@@ -120,7 +146,7 @@ class Formatter:
         if self.chat:
             body = f'"delta":{{"content":{json.dumps(d.text)}}}' if d.text else '"delta":{}'
         else:
-            body = f'"text":{json.dumps(d.text)}'
+            body = f'"text":{json.dumps(self._text(index, d.text))}'
         reason = "null" if d.finish_reason is None else json.dumps(d.finish_reason)
         return f'{self._chunk_head}{index},{body},"logprobs":null,"finish_reason":{reason}}}]}}\n\n'
 
