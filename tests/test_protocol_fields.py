@@ -1,0 +1,178 @@
+"""The request fields vLLM's clients send beyond OpenAI's core set (serve/protocol.py's
+docstring): the parser accepts what the engine honours and what asks for nothing, and
+rejects the rest with a 400 naming the field; then, through the server with the demo
+model, ignore_eos, stop_token_ids, echo and continuous usage change what comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from fastserve_jax.models import demo_task
+from fastserve_jax.serve import bench_client
+from fastserve_jax.serve.app import ServerConfig
+from fastserve_jax.serve.errors import APIError
+from fastserve_jax.serve.protocol import parse_chat, parse_completion
+from server_harness import LiveServer
+
+USER = [{"role": "user", "content": "count from 3 to 12:"}]
+# the payloads of vLLM's benchmark request functions (backend_request_func.py)
+VLLM_COMPLETION = {"model": "demo", "prompt": "count from 3 to 12:", "temperature": 0.0, "best_of": 1,
+                   "max_tokens": 20, "logprobs": None, "stream": True, "stream_options": {"include_usage": True},
+                   "ignore_eos": False}
+VLLM_CHAT = {"model": "demo", "messages": USER, "temperature": 0.0, "max_completion_tokens": 20, "stream": True,
+             "stream_options": {"include_usage": True}, "ignore_eos": False}
+
+
+def test_vllm_benchmark_payloads_and_default_valued_fields_parse():
+    job = parse_completion(VLLM_COMPLETION)
+    assert job.include_usage and not job.ignore_eos and job.stop_token_ids == () and not job.echo
+    assert parse_chat(VLLM_CHAT).max_tokens == 20
+    job = parse_completion({"prompt": "x", "n": 2, "best_of": 2, "ignore_eos": True, "stop_token_ids": [5, 9],
+                            "min_tokens": 0, "logit_bias": {}, "response_format": {"type": "text"}, "echo": True,
+                            "suffix": None, "stream": True,
+                            "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    assert job.ignore_eos and job.stop_token_ids == (5, 9) and job.echo and job.continuous_usage
+    # as in vLLM, continuous usage counts only with include_usage
+    assert not parse_completion({"prompt": "x", "stream": True,
+                                 "stream_options": {"continuous_usage_stats": True}}).continuous_usage
+    chat = parse_chat({"messages": USER + [{"role": "assistant", "content": None, "tool_calls": []}] + USER,
+                       "tools": [], "tool_choice": "none", "parallel_tool_calls": False, "logit_bias": None,
+                       "min_tokens": None, "best_of": None})
+    assert chat.prompts[0][1] == {"role": "assistant", "content": ""}
+
+
+REJECTED = [
+    ({"min_tokens": 5}, "min_tokens", "ignore_eos"),
+    ({"best_of": 3}, "best_of", "best_of=3 with n=1"),
+    ({"n": 2, "best_of": 1}, "best_of", "send best_of equal to n"),
+    ({"logit_bias": {"5": 10}}, "logit_bias", "cannot bias logits"),
+    ({"logit_bias": [1]}, "logit_bias", "must be an object"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "structured (JSON) output"),
+    ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format", "not supported"),
+    ({"response_format": "text"}, "response_format", '{"type": "text"}'),
+    ({"ignore_eos": 1}, "ignore_eos", "true or false"),
+    ({"stop_token_ids": [1, -2]}, "stop_token_ids", "integers >= 0"),
+    ({"stop_token_ids": list(range(65))}, "stop_token_ids", "at most 64"),
+    ({"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": "yes"}},
+     "continuous_usage_stats", "true or false"),
+    ({"stream": True, "stream_options": {"other": True}}, "stream_options", "continuous_usage_stats"),
+    ({"frobnicate": 1}, "frobnicate", "unknown or unsupported field(s) ['frobnicate']"),
+]
+REJECTED_COMPLETION = [
+    ({"echo": True, "logprobs": 1}, "echo", "no logprobs for the prompt"),
+    ({"suffix": "end"}, "suffix", "not supported"),
+    ({"tools": []}, "tools", "unknown or unsupported field(s) ['tools']"),
+]
+REJECTED_CHAT = [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "no tool (function) calling"),
+    ({"tool_choice": "auto"}, "tool_choice", 'only "none" or null'),
+    ({"parallel_tool_calls": "no"}, "parallel_tool_calls", "true or false"),
+    ({"echo": True}, "echo", "unknown or unsupported field(s) ['echo']"),
+    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "c"}]}]}, "messages",
+     "tool_calls must be [] or null"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages", "must be a string"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages", "unsupported field(s)"),
+]
+
+
+@pytest.mark.parametrize("chat,extra,param,message", [(c, *r) for r in REJECTED for c in (False, True)] +
+                         [(False, *r) for r in REJECTED_COMPLETION] + [(True, *r) for r in REJECTED_CHAT],
+                         ids=lambda v: str(v)[:40])
+def test_unsupported_values_are_400s_naming_the_field(chat, extra, param, message):
+    body = dict({"messages": USER} if chat else {"prompt": "x"}, **extra)
+    with pytest.raises(APIError) as e:
+        (parse_chat if chat else parse_completion)(body)
+    err = e.value.body()["error"]
+    assert e.value.status == 400 and message in err["message"], err
+    assert err["param"] == param or param in err["message"], err
+
+
+@pytest.fixture(scope="module")
+def live():
+    srv = LiveServer(ServerConfig(model_name="demo")).start()
+    yield srv
+    srv.stop()
+
+
+def _post(live, path: str, body: dict) -> tuple[int, dict | list[dict]]:
+    """(status, the JSON body), or for a stream (status, its events' objects before [DONE])."""
+    status, _, data = asyncio.run(bench_client.request(live.url, "POST", path, json.dumps(body).encode(),
+                                                       {"Content-Type": "application/json"}))
+    if not body.get("stream") or status != 200:
+        return status, json.loads(data)
+    events = [e[len("data: "):] for e in data.decode().split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    return status, [json.loads(e) for e in events[:-1]]
+
+
+def test_vllm_benchmark_payloads_are_served(live):
+    status, chunks = _post(live, "/v1/completions", VLLM_COMPLETION)
+    assert status == 200 and demo_task.check_answer(3, 12, "".join(c["choices"][0]["text"] for c in chunks[:-1]))
+    assert chunks[-1]["usage"]["completion_tokens"] == demo_task.answer_num_tokens(3, 12)
+    status, chunks = _post(live, "/v1/chat/completions", VLLM_CHAT)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
+    assert status == 200 and demo_task.check_answer(3, 12, text)
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": []}] + USER
+    status, out = _post(live, "/v1/chat/completions", {"messages": history, "max_tokens": 4, "tools": [],
+                                                       "tool_choice": "none", "response_format": {"type": "text"}})
+    assert status == 200 and out["usage"]["completion_tokens"] >= 1, out
+
+
+def test_ignore_eos_and_stop_token_ids(live):
+    answer = demo_task.answer_num_tokens(3, 12)
+    body = {"prompt": demo_task.make_prompt(3, 12), "max_tokens": answer + 6, "temperature": 0}
+    _, out = _post(live, "/v1/completions", body)
+    assert out["choices"][0]["finish_reason"] == "stop" and out["usage"]["completion_tokens"] == answer
+    _, out = _post(live, "/v1/completions", dict(body, ignore_eos=True))
+    assert out["choices"][0]["finish_reason"] == "length" and out["usage"]["completion_tokens"] == answer + 6
+    assert out["choices"][0]["text"].startswith(demo_task.expected_answer(3, 12))
+    tok = live.state.engine.engine.tokenizer
+    seven = tok.encode(" 7", add_special_tokens=False)
+    assert len(seven) == 1
+    _, out = _post(live, "/v1/completions", dict(body, stop_token_ids=seven))
+    assert out["choices"][0]["text"] == " 3 4 5 6" and out["choices"][0]["finish_reason"] == "stop"
+    _, out = _post(live, "/v1/chat/completions", {"messages": USER, "temperature": 0, "stop_token_ids": seven})
+    assert out["choices"][0]["message"]["content"] == " 3 4 5 6"
+    status, err = _post(live, "/v1/completions", dict(body, stop_token_ids=[10 ** 6]))
+    assert status == 400 and err["error"]["param"] == "stop_token_ids" and "vocabulary" in err["error"]["message"]
+
+
+def test_echo_whole_and_streamed(live):
+    pairs = [(3, 6), (20, 22)]
+    prompts = [demo_task.make_prompt(a, b) for a, b in pairs]
+    body = {"prompt": prompts, "n": 2, "max_tokens": 12, "temperature": 0, "echo": True}
+    _, out = _post(live, "/v1/completions", body)
+    for c in out["choices"]:
+        prompt = prompts[c["index"] // 2]
+        assert c["text"].startswith(prompt) and demo_task.check_answer(*pairs[c["index"] // 2], c["text"][len(prompt):])
+    _, chunks = _post(live, "/v1/completions", dict(body, stream=True))
+    for want in out["choices"]:
+        mine = [c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == want["index"]]
+        assert mine[0].startswith(prompts[want["index"] // 2]) and "".join(mine) == want["text"]
+    # a token-id prompt is echoed decoded
+    tok = live.state.engine.engine.tokenizer
+    ids = tok.encode(prompts[0])
+    _, out = _post(live, "/v1/completions", dict(body, prompt=ids, n=1))
+    assert out["choices"][0]["text"] == tok.decode(ids) + demo_task.expected_answer(*pairs[0])
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_continuous_usage_stats_on_every_chunk(live, chat):
+    body = {"max_tokens": 30, "temperature": 0, "n": 2, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    body.update({"messages": USER} if chat else {"prompt": demo_task.make_prompt(3, 12)})
+    _, chunks = _post(live, "/v1/chat/completions" if chat else "/v1/completions", body)
+    final = chunks[-1]
+    assert final["choices"] == [] and final["usage"]["completion_tokens"] == 2 * demo_task.answer_num_tokens(3, 12)
+    seen = {0: 0, 1: 0}
+    for c in chunks[:-1]:
+        i, u = c["choices"][0]["index"], c["usage"]
+        assert u["prompt_tokens"] == final["usage"]["prompt_tokens"]     # one prompt, counted once
+        assert u["completion_tokens"] >= seen[i] and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+        seen[i] = u["completion_tokens"]
+    assert sum(seen.values()) == final["usage"]["completion_tokens"]
+    if chat:   # the opening role chunks: nothing generated yet
+        assert [c["usage"]["completion_tokens"] for c in chunks[:2]] == [0, 0]
