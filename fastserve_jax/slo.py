@@ -22,7 +22,7 @@ import numpy as np
 
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.request import Request
-from fastserve_jax.workload import TraceRequest
+from fastserve_jax.workload import TraceRequest, prefill_seconds
 
 # The FastServe paper's (TTFT, TPOT) SLO pairs in seconds: a base pair and its 2x and 4x.
 PAPER_SLOS: tuple[tuple[float, float], ...] = ((1.55, 0.15), (3.1, 0.3), (6.2, 0.6))
@@ -121,8 +121,7 @@ def unloaded_latency_per_token(trace: Sequence[TraceRequest], cost: CostModel,
     total = 0.0
     for r in trace:
         p, o = r.prompt_tokens, r.output_tokens
-        step = prefill_chunk or p
-        prefill = sum(cost.iteration_time((), [(min(step, p - c), c)]) for c in range(0, p, step))
+        prefill = prefill_seconds(cost, p, prefill_chunk)
         if cost.block_size:         # padded reads (a profile of the reference path): token by token
             decode = sum(cost.iteration_time((p + j,), ()) for j in range(1, o))
         else:   # sum over j = 1 .. o-1 of decode_time(1, p + j), which is base + decode_context * (p + j)

@@ -8,6 +8,8 @@ arrived_at (seconds), like ../shared/traces/azure_conv_2023.csv.
 from __future__ import annotations
 
 import csv
+import functools
+import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -24,7 +26,13 @@ class TraceRequest:
 
 
 def load_trace(path: str, num_requests: int | None = None) -> tuple[list[TraceRequest], bool]:
-    """The first `num_requests` rows (all if None), and whether the file had arrival times."""
+    """The first `num_requests` rows of the file (all if None), and whether it had arrival times.
+
+    With an arrived_at column the rows are sorted by arrival time (stably: ties keep file
+    order) and shifted so that the earliest arrives at 0; a log written out of order gives
+    the same requests at the same times as a sorted one. A row that is short, or whose
+    lengths are not integers >= 1 or whose time is not a finite number, raises a ValueError
+    naming the file and line."""
     with open(path, newline="") as f:
         rows = csv.DictReader(f)
         cols = set(rows.fieldnames or ())
@@ -37,16 +45,33 @@ def load_trace(path: str, num_requests: int | None = None) -> tuple[list[TraceRe
         for i, r in enumerate(rows):
             if num_requests is not None and i >= num_requests:
                 break
-            p, o = int(r["num_prefill_tokens"]), int(r["num_decode_tokens"])
-            if p < 1 or o < 1:
-                raise ValueError(f"trace {path} row {i + 2}: prompt and output lengths must be >= 1, got {p}, {o}")
-            out.append(TraceRequest(float(r["arrived_at"]) if timed else 0.0, p, o))
+            out.append(_trace_row(r, timed, f"trace {path} line {rows.line_num}"))
     if not out:
         raise ValueError(f"trace {path} has no requests")
     if timed:
+        out.sort(key=lambda r: r.arrival)              # list.sort is stable
         t0 = out[0].arrival
         out = [replace(r, arrival=r.arrival - t0) for r in out]
     return out, timed
+
+
+def _trace_row(r: dict, timed: bool, where: str) -> TraceRequest:
+    """One CSV row (csv.DictReader's dict: a short row has None for its missing fields)."""
+    fields = ("arrived_at",) * timed + ("num_prefill_tokens", "num_decode_tokens")
+    absent = [k for k in fields if r.get(k) in (None, "")]
+    if absent:
+        raise ValueError(f"{where}: no value for {', '.join(absent)}; every row needs {','.join(fields)}")
+    try:
+        p, o = int(r["num_prefill_tokens"]), int(r["num_decode_tokens"])
+        t = float(r["arrived_at"]) if timed else 0.0
+    except ValueError:
+        raise ValueError(f"{where}: prompt and output lengths must be integers and arrived_at a number, got "
+                         + ",".join(str(r[k]) for k in fields)) from None
+    if p < 1 or o < 1:
+        raise ValueError(f"{where}: prompt and output lengths must be >= 1, got {p}, {o}")
+    if not math.isfinite(t):
+        raise ValueError(f"{where}: arrived_at must be a finite number of seconds, got {r['arrived_at']}")
+    return TraceRequest(t, p, o)
 
 
 def save_trace(path: str, reqs: Sequence[TraceRequest]) -> None:
@@ -63,14 +88,14 @@ def with_arrivals(reqs: Sequence[TraceRequest], rate: float, process: str = "poi
 
     poisson: exponential gaps. gamma: gamma gaps with mean 1/rate and coefficient of
     variation `cv` (cv > 1 is burstier than Poisson, cv = 1 is Poisson)."""
-    if not rate > 0:
-        raise ValueError(f"arrival rate must be > 0 requests/s, got {rate}")
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"arrival rate must be a finite number > 0 requests/s, got {rate}")
     rng = np.random.default_rng(seed)
     if process == "poisson":
         gaps = rng.exponential(1.0 / rate, len(reqs))
     elif process == "gamma":
-        if not cv > 0:
-            raise ValueError(f"--cv must be > 0 for gamma arrivals, got {cv}")
+        if not (math.isfinite(cv) and cv > 0):
+            raise ValueError(f"--cv must be a finite number > 0 for gamma arrivals, got {cv}")
         shape = 1.0 / cv ** 2
         gaps = rng.gamma(shape, 1.0 / (rate * shape), len(reqs))
     else:
@@ -80,7 +105,18 @@ def with_arrivals(reqs: Sequence[TraceRequest], rate: float, process: str = "poi
     return [replace(r, arrival=float(t)) for r, t in zip(reqs, times)]
 
 
-def capacity_rps(reqs: Sequence[TraceRequest], cost: CostModel, max_num_seqs: int, kv_tokens: int) -> float:
+def prefill_seconds(cost: CostModel, prompt_tokens: int, chunk: int | None = None) -> float:
+    """Seconds the prefill of a prompt of `prompt_tokens` takes on its own, by the cost model:
+    launches of at most `chunk` tokens (one launch if None), each charged as the simulator
+    charges an iteration with that chunk after the prompt tokens before it (iteration_time)."""
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"a prefill chunk must be >= 1 token (or None: one launch), got {chunk}")
+    step = chunk or prompt_tokens
+    return sum(cost.iteration_time((), [(min(step, prompt_tokens - c), c)]) for c in range(0, prompt_tokens, step))
+
+
+def capacity_rps(reqs: Sequence[TraceRequest], cost: CostModel, max_num_seqs: int, kv_tokens: int,
+                 max_num_batched_tokens: int | None = None) -> float:
     """Requests per second the machine serves when it is never idle, by the cost model.
 
     The decode batch is max_num_seqs, or fewer if the KV pool cannot hold that many
@@ -91,14 +127,27 @@ def capacity_rps(reqs: Sequence[TraceRequest], cost: CostModel, max_num_seqs: in
     reads, every row to the block bucket of the longest, taken as the batch/(batch+1)
     quantile of the half-way contexts); a table without padding is charged decode_time:
 
-        capacity = 1 / mean_i( prefill_time(P_i) + O_i * decode_launch_time(B, B * ctx, longest) / B )
+        capacity = 1 / mean_i( prefill(P_i) + O_i * decode_launch_time(B, B * ctx, longest) / B )
+
+    Without a token budget (max_num_batched_tokens None) prefill(P) is one launch,
+    prefill_time(P). With one, an iteration holds at most that many tokens: the decode batch
+    is at most the budget, and a prompt is prefilled in chunks of at most the budget, each
+    charged with the context before it (prefill_seconds, as slo.unloaded_latency_per_token
+    charges them), so a small budget lowers the capacity as it lowers what the simulator serves.
     """
+    if max_num_batched_tokens is not None and max_num_batched_tokens < 1:
+        raise ValueError(f"the token budget must be >= 1 token per iteration, got {max_num_batched_tokens}")
     held_each = np.asarray([r.prompt_tokens + r.output_tokens / 2 for r in reqs], np.float64)
     held = float(held_each.mean())
     batch = max(1, min(max_num_seqs, int(kv_tokens // held))) if kv_tokens else max_num_seqs
+    if max_num_batched_tokens is not None:
+        batch = min(batch, max_num_batched_tokens)
+        prefill = functools.partial(prefill_seconds, cost, chunk=max_num_batched_tokens)
+    else:
+        prefill = cost.prefill_time
     longest = int(np.ceil(np.quantile(held_each, batch / (batch + 1))))
     per_token = cost.decode_launch_time(batch, int(batch * held), longest) / batch
-    work = np.mean([cost.prefill_time(r.prompt_tokens) + r.output_tokens * per_token for r in reqs])
+    work = np.mean([prefill(r.prompt_tokens) + r.output_tokens * per_token for r in reqs])
     return float(1.0 / work)
 
 

@@ -9,10 +9,12 @@ median 16, mean 44, the longest 10% carry 43% of the tokens). Arrivals are Poiss
 --rate, or the trace's own timestamps (a contiguous window) scaled to that mean rate. Every
 request streams; latencies are measured by the client.
 
-Either bench a running server (--url; its policy comes from /health), or let the command
-start `fastserve-jax serve` once per --scheduler, on a free port with the engine options
-given here (and --warmup full unless --warmup is given, so nothing loads or compiles while
-the load runs), and stop it after its rates.
+Either bench a running server (--url; its policy comes from /health, and the engine options,
+--scheduler and --engine-process, which configure a started server, are ignored with a
+warning), or let the command start `fastserve-jax serve` once per --scheduler, on a free port
+with the engine options given here (and --warmup full unless --warmup is given, so nothing
+loads or compiles while the load runs), and stop it after its rates. The trace and the
+workload are checked before any server starts.
 
 Every row has the offered rate and the served throughput, mean latency per output token and
 the attainment of each --slo pair (fastserve_jax/slo.py; a failed request misses every
@@ -45,7 +47,7 @@ from fastserve_jax.workload import TraceRequest, chat_output_lengths, load_trace
 # fastserve_jax.models (demo_task) is imported in the functions that use it: it imports flax
 # and jax, which `fastserve-jax --help`, `simulate` and `serve`'s own start do without
 from fastserve_jax.serve import bench_client
-from fastserve_jax.serve.engine_args import add_engine_args, engine_argv
+from fastserve_jax.serve.engine_args import add_engine_args, engine_argv, parse_engine_args
 from fastserve_jax.serve.simulate_cmd import add_slo_args, print_summary
 
 DEMO_MAX_TOKENS = 257   # the shipped demo model answers spans B - A <= 255: 256 numbers + EOS
@@ -62,11 +64,16 @@ def add_bench_parser(sub) -> None:
                "  fastserve-jax bench --url http://127.0.0.1:8000 --rate 5 --arrivals trace")
     add_engine_args(p)            # for started servers; --scheduler below replaces the engine's own
     g = p.add_argument_group("load")
-    g.add_argument("--url", default=None, help="a running server (default: start one per --scheduler)")
+    g.add_argument("--url", default=None,
+                   help="a running server (default: start one per --scheduler); the engine options, --scheduler "
+                        "and --engine-process only configure a started server, so with --url they are ignored "
+                        "with a warning")
     g.add_argument("--scheduler", action="append", choices=sorted(POLICIES),
-                   help="policy of a started server (repeatable; default: fcfs and skip-join-mlfq)")
+                   help="policy of a started server (repeatable; default: fcfs and skip-join-mlfq; ignored with "
+                        "--url, whose server reports its own)")
     g.add_argument("--engine-process", action="store_true",
-                   help="started servers run their engine in a process of their own (serve --engine-process)")
+                   help="started servers run their engine in a process of their own (serve --engine-process; "
+                        "ignored with --url)")
     g.add_argument("--rate", action="append", type=float, help="mean arrivals per second (repeatable; default 4)")
     g.add_argument("--arrivals", default="poisson", choices=["poisson", "trace"],
                    help="poisson gaps, or the trace's own timestamps scaled to the rate")
@@ -88,18 +95,19 @@ def add_bench_parser(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def build_workload(trace: str, n: int, scale: float, timed: bool, rate: float, seed: int,
-                   output_dist: str = "trace"):
-    """[(payload, (A, B))] and arrival offsets (seconds) for n requests; output lengths from the
-    picked trace rows (times `scale`), or with output_dist="chat" from chat_output_lengths."""
-    from fastserve_jax.models import demo_task
-    if output_dist not in ("trace", "chat"):
-        raise ValueError(f"output_dist must be 'trace' or 'chat', got {output_dist!r}")
+def pick_requests(trace: str, n: int, timed: bool, rate: float, seed: int):
+    """n rows of the trace, their arrival offsets (seconds) and the generator that picked them
+    (build_workload draws on from it): with `timed`, a contiguous window of the trace's own
+    times scaled to a mean of `rate` per second; else n distinct rows, Poisson at `rate`. numpy
+    only, so cmd_bench checks the workload with it before it starts a server: a trace without
+    arrived_at (timed) or with fewer than n rows raises a ValueError."""
     rows, has_times = load_trace(trace)
+    if timed and not has_times:
+        raise ValueError(f"{trace} has no arrived_at column; use --arrivals poisson")
+    if len(rows) < n:
+        raise ValueError(f"{trace} has {len(rows)} requests, fewer than the {n} asked; lower --num-requests")
     rng = np.random.default_rng(seed)
     if timed:
-        if not has_times:
-            raise ValueError(f"{trace} has no arrived_at column; use --arrivals poisson")
         start = int(rng.integers(0, max(1, len(rows) - n)))
         picked = rows[start:start + n]
         t = np.array([r.arrival for r in picked]) - picked[0].arrival
@@ -107,6 +115,18 @@ def build_workload(trace: str, n: int, scale: float, timed: bool, rate: float, s
     else:
         picked = [rows[i] for i in rng.choice(len(rows), n, replace=False)]
         arrivals = [r.arrival for r in with_arrivals([TraceRequest(0, 1, 1)] * n, rate, seed=seed)]
+    return picked, arrivals, rng
+
+
+def build_workload(trace: str, n: int, scale: float, timed: bool, rate: float, seed: int,
+                   output_dist: str = "trace"):
+    """[(payload, (A, B))] and arrival offsets (seconds) for n requests (pick_requests); output
+    lengths from the picked trace rows (times `scale`), or with output_dist="chat" from
+    chat_output_lengths."""
+    from fastserve_jax.models import demo_task
+    if output_dist not in ("trace", "chat"):
+        raise ValueError(f"output_dist must be 'trace' or 'chat', got {output_dist!r}")
+    picked, arrivals, rng = pick_requests(trace, n, timed, rate, seed)
     lengths = ([min(DEMO_MAX_TOKENS, max(2, round(r.output_tokens * scale))) for r in picked]
                if output_dist == "trace" else chat_output_lengths(len(picked), 2, DEMO_MAX_TOKENS, seed=seed))
     work = []
@@ -246,6 +266,27 @@ class LaunchedServer:
                 os.remove(self.log.name)
 
 
+def launch_only_flags(a: argparse.Namespace) -> list[str]:
+    """The options given (at other than their defaults) that only configure a server bench
+    starts: the engine options, --scheduler and --engine-process. With --url nothing reads them."""
+    defaults = vars(parse_engine_args([]))
+    flags = ["--no-protect-decodes" if k == "protect_decodes" else "--" + k.replace("_", "-")
+             for k, v in defaults.items() if k != "scheduler" and getattr(a, k) != v]
+    return flags + ["--scheduler"] * bool(a.scheduler) + ["--engine-process"] * a.engine_process
+
+
+def server_health(url: str) -> dict:
+    """GET /health of a running server; a ValueError that says how to fix it if none answers."""
+    try:
+        status, _, body = asyncio.run(bench_client.request(url, "GET", "/health"))
+    except OSError as e:
+        raise ValueError(f"no server answers at {url} ({type(e).__name__}: {e}); start one with `fastserve-jax "
+                         "serve`, or leave out --url and bench starts its own") from None
+    if status != 200:
+        raise ValueError(f"{url}/health answered status {status}, not 200: is it a fastserve-jax server?")
+    return json.loads(body)
+
+
 COLS = [("ttft", "ttft"), ("tpot", "tpot"), ("itl", "itl"), ("e2e", "e2e")]
 
 
@@ -275,10 +316,21 @@ def cmd_bench(a: argparse.Namespace) -> int:
     rates = sorted(a.rate or [4.0])
     for bad, msg in ((a.unloaded_probe < 1, f"--unloaded-probe must be >= 1, got {a.unloaded_probe}"),
                      (a.num_requests < 1, f"--num-requests must be >= 1, got {a.num_requests}"),
-                     (any(not r > 0 for r in rates), f"every --rate must be > 0 requests/s, got {rates}")):
+                     (not all(np.isfinite(r) and r > 0 for r in rates),
+                      f"every --rate must be a finite number > 0 requests/s, got {rates}")):
         if bad:
             print(f"error: {msg}", file=sys.stderr)
             return 2
+    ignored = launch_only_flags(a) if a.url else []
+    if ignored:
+        print(f"warning: {' '.join(ignored)} configure a server that bench starts; with --url they are "
+              f"ignored, and the table names the policy the server at {a.url} reports", file=sys.stderr)
+    try:            # bad input fails here, before a server starts and warms up
+        pick_requests(a.trace, a.num_requests, a.arrivals == "trace", rates[0], a.workload_seed)
+        health = server_health(a.url) if a.url else {}
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     slos, slo_lpt, unloaded = a.slo or PAPER_SLOS, a.slo_latency_per_token, None
     sweep = len(rates) > 1
     rows, out = [], {}
@@ -296,10 +348,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
             url = a.url or server.url
             if server is not None:
                 server.wait_ready()
-            health = json.loads(asyncio.run(bench_client.request(url, "GET", "/health"))[2])
+                health = server_health(url)
             sched = health.get("scheduler", sched or "?")
-            warm, _ = build_workload(a.trace, 2, a.output_scale, False, 1.0, a.workload_seed + 1, a.output_dist)
-            run_rate(url, warm, [0.0, 0.0], a.api_key, ())         # touch every code path once
+            warm, _ = build_workload(a.trace, min(2, a.num_requests), a.output_scale, False, 1.0,
+                                     a.workload_seed + 1, a.output_dist)
+            run_rate(url, warm, [0.0] * len(warm), a.api_key, ())   # touch every code path once
             if sweep and slo_lpt is None:
                 # one request at a time is served alike by every policy: the first server's probe sets the
                 # SLO that every scheduler's goodput is held to

@@ -189,7 +189,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         if a.host_kv_capacity_tokens and a.swap_policy != "recompute":
             cost.swap_time(1)                    # the transfer-time model must be there
         blocks = cfg.num_blocks(cost)
-        capacity = capacity_rps(trace, cost, a.max_num_seqs, (blocks - 1) * a.block_size)
+        capacity = capacity_rps(trace, cost, a.max_num_seqs, (blocks - 1) * a.block_size, a.max_num_batched_tokens)
         # (rate asked or None for the trace's own timing, load, offered rate)
         if a.rate:
             points = [(r, r / capacity, r) for r in sorted(a.rate)]
@@ -201,27 +201,31 @@ def cmd_simulate(a: argparse.Namespace) -> int:
             points = [(None, r / capacity if r else None, r or None)]
         else:
             raise ValueError(f"trace {a.trace} has no arrived_at column; give --rate or --load")
-        if any(r is not None and r <= 0 for r, _, _ in points):
-            raise ValueError("--rate and --load must be > 0")
+        if any(r is not None and not (math.isfinite(r) and r > 0) for r, _, _ in points):
+            raise ValueError(f"--rate and --load must be finite numbers > 0, got {a.rate or a.load}")
+        policies, slos = a.policy or [DEFAULT_POLICY], a.slo or PAPER_SLOS
+        jobs = []
+        for rate, load, offered in points:
+            # the same N requests (--num-requests) at every rate: a finite burst per rate
+            tr = trace if rate is None else with_arrivals(trace, rate, a.arrival, a.cv, a.seed)
+            jobs += [(tr, p, cost, cfg, rate, load, offered, slos) for p in policies]
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    policies, slos = a.policy or [DEFAULT_POLICY], a.slo or PAPER_SLOS
     unloaded = unloaded_latency_per_token(trace, cost, a.max_num_batched_tokens)
     slo_lpt = a.slo_latency_per_token or UNLOADED_SLO_FACTOR * unloaded
-    jobs = []
-    for rate, load, offered in points:
-        # the same N requests (--num-requests) at every rate: a finite burst per rate
-        tr = trace if rate is None else with_arrivals(trace, rate, a.arrival, a.cv, a.seed)
-        jobs += [(tr, p, cost, cfg, rate, load, offered, slos) for p in policies]
     print(f"capacity {capacity:.3f} req/s by {cost.name}; {len(trace)} requests, {len(points)} rate(s) x "
           f"{len(policies)} policies; latency/token alone {unloaded * 1e3:.1f} ms; slo: % of requests "
           "within TTFT,TPOT " + " / ".join(f"{t:g},{o:g} s" for t, o in slos), file=sys.stderr)
-    if a.jobs > 1:
-        with concurrent.futures.ProcessPoolExecutor(a.jobs) as pool:
-            results = list(pool.map(_run_one, jobs))
-    else:
-        results = [_run_one(j) for j in jobs]
+    try:            # the simulator rejects what the trace and pool cannot serve (a request larger than the pool)
+        if a.jobs > 1:
+            with concurrent.futures.ProcessPoolExecutor(a.jobs) as pool:
+                results = list(pool.map(_run_one, jobs))
+        else:
+            results = [_run_one(j) for j in jobs]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out: dict = {}
     for job, m in zip(jobs, results):
         swaps = (f" swapped out {m['swap_blocks_out']} blocks, stall {m['swap_stall_seconds']:.1f}s"

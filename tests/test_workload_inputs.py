@@ -1,0 +1,158 @@
+"""Workload inputs at the boundary: trace files (out of order, short rows), the capacity a
+token budget allows, and `simulate` and `bench` turning bad input into `error: ...` and exit
+2 before anything runs or starts. No model, no jax, no server."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fastserve_jax.cost_model import CostModel
+from fastserve_jax.serve import bench_cmd
+from fastserve_jax.serve.cli import main
+from fastserve_jax.workload import TraceRequest, capacity_rps, load_trace, save_trace
+
+OPT = CostModel.load("opt-13b-a100")
+HEAD = "arrived_at,num_prefill_tokens,num_decode_tokens\n"
+
+
+def write(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture
+def trace(tmp_path) -> str:
+    """40 requests of Azure-like lengths, 0.7 s apart."""
+    path = str(tmp_path / "t.csv")
+    save_trace(path, [TraceRequest(0.7 * i, 200 + 53 * i % 900, 20 + 37 * i % 300) for i in range(40)])
+    return path
+
+
+def test_an_out_of_order_trace_loads_sorted_from_its_earliest_arrival(tmp_path):
+    ordered, timed = load_trace(write(tmp_path, "a.csv", HEAD + "1.0,20,8\n3.0,30,9\n5.0,10,5\n"))
+    shuffled, _ = load_trace(write(tmp_path, "b.csv", HEAD + "5.0,10,5\n1.0,20,8\n3.0,30,9\n"))
+    assert timed and shuffled == ordered
+    assert [r.arrival for r in ordered] == [0.0, 2.0, 4.0]
+    ties, _ = load_trace(write(tmp_path, "c.csv", HEAD + "2.0,1,1\n1.0,2,2\n2.0,3,3\n"))
+    assert [r.prompt_tokens for r in ties] == [2, 1, 3]           # stable: equal times keep file order
+
+
+def test_simulate_gives_an_out_of_order_trace_the_sorted_one_s_result(tmp_path):
+    res = []
+    for name, rows in (("a.csv", "1.0,20,8\n3.0,30,9\n5.0,10,5\n"), ("b.csv", "5.0,10,5\n1.0,20,8\n3.0,30,9\n")):
+        out = tmp_path / f"{name}.json"
+        assert main(["simulate", "--trace", write(tmp_path, name, HEAD + rows), "--policy", "fcfs",
+                     "--json", str(out)]) == 0
+        res.append(json.loads(out.read_text())["fcfs"])
+    timing = ("sim_wall_seconds", "policy_host_seconds")       # host time, not simulated time
+    ordered, shuffled = ({k: v for k, v in m.items() if k not in timing} for m in res)
+    assert ordered["offered_rps"] == pytest.approx(0.5) and shuffled == ordered
+
+
+@pytest.mark.parametrize("rows,what", [("10,5\n20\n", "line 3"), ("10,5\n,5\n", "line 3"),
+                                       ("10.5,5\n", "integers"), ("0,5\n", ">= 1")])
+def test_a_bad_row_is_a_value_error_naming_the_file_and_line(tmp_path, rows, what):
+    path = write(tmp_path, "bad.csv", "num_prefill_tokens,num_decode_tokens\n" + rows)
+    with pytest.raises(ValueError, match=what) as e:
+        load_trace(path)
+    assert path in str(e.value) and "line" in str(e.value)
+    with pytest.raises(ValueError, match="finite"):
+        load_trace(write(tmp_path, "nan.csv", HEAD + "0,1,1\nnan,1,1\n"))
+
+
+def test_capacity_without_a_budget_is_the_documented_formula(trace):
+    reqs, _ = load_trace(trace)
+    held_each = np.asarray([r.prompt_tokens + r.output_tokens / 2 for r in reqs])
+    batch = min(16, int(20000 // held_each.mean()))
+    longest = int(np.ceil(np.quantile(held_each, batch / (batch + 1))))
+    per_token = OPT.decode_launch_time(batch, int(batch * held_each.mean()), longest) / batch
+    want = 1 / np.mean([OPT.prefill_time(r.prompt_tokens) + r.output_tokens * per_token for r in reqs])
+    assert capacity_rps(reqs, OPT, 16, 20000) == capacity_rps(reqs, OPT, 16, 20000, None) == float(want)
+
+
+def test_a_small_token_budget_lowers_the_capacity(trace):
+    reqs, _ = load_trace(trace)
+    caps = [capacity_rps(reqs, OPT, 16, 0, b) for b in (4096, 256, 64, 1)]
+    assert caps == sorted(caps, reverse=True) and caps[-1] < caps[0] / 10
+    assert caps[0] == pytest.approx(capacity_rps(reqs, OPT, 16, 0), rel=0.02)    # no chunking: ~ one launch
+    flat = CostModel("flat", (1, 4096), (0.01, 0.2), (1, 16), (0.01, 0.02))   # no context term, no overhead
+    assert capacity_rps(reqs, flat, 16, 0, 4096) == pytest.approx(capacity_rps(reqs, flat, 16, 0))
+    with pytest.raises(ValueError, match="budget"):
+        capacity_rps(reqs, OPT, 16, 0, 0)
+
+
+def test_simulate_load_is_a_fraction_of_the_capacity_within_its_token_budget(trace, tmp_path):
+    out = tmp_path / "o.json"
+    assert main(["simulate", "--trace", trace, "--num-requests", "10", "--load", "0.5", "--policy", "fcfs",
+                 "--max-num-batched-tokens", "64", "--json", str(out)]) == 0
+    reqs, _ = load_trace(trace, 10)
+    blocks = 59337 // 16           # opt-13b-a100's KV pool in 16-token blocks
+    cap = capacity_rps(reqs, OPT, 16, (blocks - 1) * 16, 64)
+    assert json.loads(out.read_text())["fcfs"]["offered_rps"] == pytest.approx(0.5 * cap)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--rate", "nan"], "finite"), (["--load", "nan"], "finite"), (["--rate", "inf"], "finite"),
+    (["--load", "inf"], "finite"), (["--rate", "1", "--arrival", "gamma", "--cv", "0"], "--cv"),
+    (["--rate", "1", "--arrival", "gamma", "--cv", "-1"], "--cv"),
+    (["--rate", "1", "--kv-capacity-tokens", "100"], "--kv-capacity-tokens")])
+def test_simulate_rejects_bad_input_with_an_error_line(trace, args, msg, capsys):
+    assert main(["simulate", "--trace", trace, "--num-requests", "5", "--policy", "fcfs", *args]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and msg in err and "Traceback" not in err
+
+
+def test_simulate_rejects_a_short_row(tmp_path, capsys):
+    path = write(tmp_path, "short.csv", "num_prefill_tokens,num_decode_tokens\n10,5\n20\n")
+    assert main(["simulate", "--trace", path, "--rate", "1"]) == 2
+    assert f"error: trace {path} line 3" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """bench_cmd with LaunchedServer and the workload build replaced by ones that fail loudly:
+    a test that reaches either has got past the checks."""
+    class Reached(Exception):
+        pass
+
+    def reached(*args, **kw):
+        raise Reached
+    monkeypatch.setattr(bench_cmd, "LaunchedServer", reached)
+    monkeypatch.setattr(bench_cmd, "build_workload", reached)
+    return Reached
+
+
+@pytest.mark.parametrize("rows,args,msg", [
+    ("num_prefill_tokens,num_decode_tokens\n10,5\n20,6\n", ["--arrivals", "trace"], "no arrived_at"),
+    ("num_prefill_tokens,num_decode_tokens\n10,5\n20,6\n", ["--num-requests", "3"], "fewer than the 3"),
+    (HEAD + "0,10,5\n1,20,6\n", ["--arrivals", "trace", "--num-requests", "3"], "fewer than the 3"),
+    ("num_prefill_tokens,num_decode_tokens\n10,5\n20\n", ["--num-requests", "1"], "line 3")])
+def test_bench_checks_the_workload_before_it_starts_a_server(tmp_path, no_launch, rows, args, msg, capsys):
+    path = write(tmp_path, "t.csv", rows)
+    assert main(["bench", "--trace", path, "--scheduler", "fcfs", *args]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and msg in err
+    good = write(tmp_path, "good.csv", HEAD + "1,10,5\n0,20,6\n")
+    for arrivals in ("trace", "poisson"):          # a good workload goes on to start the server
+        with pytest.raises(no_launch):
+            main(["bench", "--trace", good, "--scheduler", "fcfs", "--num-requests", "2", "--arrivals", arrivals])
+
+
+def test_bench_url_errors_clearly_and_warns_of_launch_only_flags(trace, no_launch, monkeypatch, capsys):
+    url = "http://127.0.0.1:9"                     # nothing listens on port 9 (discard)
+    assert main(["bench", "--trace", trace, "--num-requests", "4", "--url", url]) == 2
+    err = capsys.readouterr().err
+    assert "error: no server answers at http://127.0.0.1:9" in err and "Traceback" not in err
+    monkeypatch.setattr(bench_cmd, "server_health", lambda url: {"scheduler": "skip-join-mlfq"})
+    with pytest.raises(no_launch):
+        main(["bench", "--trace", trace, "--num-requests", "4", "--url", "http://x:1", "--scheduler", "fcfs",
+              "--max-num-seqs", "4"])
+    err = capsys.readouterr().err
+    assert "warning: --max-num-seqs --scheduler configure a server that bench starts" in err
+    with pytest.raises(no_launch):
+        main(["bench", "--trace", trace, "--num-requests", "4", "--url", "http://x:1"])
+    assert "warning" not in capsys.readouterr().err
