@@ -18,6 +18,8 @@ MAX_LOGPROBS, SamplingParams, sampler_seed = _sp.MAX_LOGPROBS, _sp.SamplingParam
 
 # EngineConfig.attention_backend and dtype values; `resolve` turns "auto" into one of the others
 ATTENTION_CHOICES, DTYPE_CHOICES = ("auto", "reference", "pallas"), ("auto", "float32", "bfloat16")
+# EngineConfig.scheduler values: the names of scheduler.POLICIES (that package imports this one)
+SCHEDULER_CHOICES = ("fcfs", "mlfq", "skip-join-mlfq", "gittins", "predictive", "srpt")
 
 
 def check_positive_ints(obj, names) -> None:
@@ -249,9 +251,8 @@ class EngineConfig:
                              f"got {self.num_host_blocks!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer (unseeded requests derive theirs from it), got {self.seed!r}")
-        from fastserve_jax.scheduler import POLICIES      # here: the scheduler package imports this module
-        if self.scheduler not in POLICIES:
-            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {sorted(POLICIES)}")
+        if self.scheduler not in SCHEDULER_CHOICES:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {sorted(SCHEDULER_CHOICES)}")
         if self.swap_policy not in ("proactive", "reactive", "recompute"):
             raise ValueError(f"swap_policy must be 'proactive', 'reactive' or 'recompute', got {self.swap_policy!r}")
         if not isinstance(self.swap_reserve_blocks, int) or self.swap_reserve_blocks < 0:

@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastserve_jax.config import EngineConfig
+from fastserve_jax.config import SCHEDULER_CHOICES, EngineConfig
 from fastserve_jax.sampling_params import SamplingParams, sampler_seed
 from fastserve_jax.detokenizer import IncrementalDetokenizer
 from fastserve_jax.kv_cache import KVManager
 from fastserve_jax.request import Request
 from fastserve_jax.sampling import SamplingArrays, sample
-from fastserve_jax.scheduler import Limits, make_scheduler
+from fastserve_jax.scheduler import POLICIES, Limits, make_scheduler
 
 
 def req(rid: str, prompt_len: int, t: float = 0.0, max_tokens: int = 8) -> Request:
@@ -140,6 +140,7 @@ def test_sampling_params_reject_bad_values(kwargs, match):
 def test_engine_config_rejects_bad_values_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EngineConfig(**kwargs)
+    assert sorted(SCHEDULER_CHOICES) == sorted(POLICIES)      # the names it checks are the policies'
 
 
 def test_sampler_seed_keeps_32_bit_seeds_and_hashes_the_rest():
