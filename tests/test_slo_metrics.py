@@ -158,10 +158,15 @@ def test_parse_slo_pair():
             parse_slo_pair(bad)
 
 
-def test_bench_starts_its_servers_fully_warmed_unless_told(monkeypatch):
+def test_bench_starts_its_servers_fully_warmed_unless_told(monkeypatch, tmp_path):
     """A server still loading shapes in the background serves at about half its rate, so the
     servers `bench` starts warm up fully first; an explicit --warmup is passed through."""
     from fastserve_jax.serve import bench_cmd
+
+    trace = tmp_path / "t.csv"        # bench reads its trace before it starts a server; not ../shared's
+    trace.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n" +
+                     "".join(f"{i}.0,{20 + i},{5 + i % 7}\n" for i in range(100)))
+    monkeypatch.setattr(bench_cmd, "TRACE", str(trace))
 
     class Started(Exception):
         pass
