@@ -9,6 +9,13 @@ from fastserve_jax.sampling_params import SamplingParams
 from fastserve_jax.kv_cache import KVManager
 
 
+def context_limit(max_model_len: int, kv) -> int:
+    """The most tokens, prompt and output, one request can hold: max_model_len, or fewer where
+    the device pool is smaller (a request runs with all of its KV on the device). `kv` is a
+    KVManager or anything with its num_usable_blocks and block_size."""
+    return min(max_model_len, kv.num_usable_blocks * kv.block_size)
+
+
 def validate_request(prompt: str | list[int], params: SamplingParams, tokenizer, vocab_size: int, max_model_len: int,
                      kv: KVManager) -> tuple[str | None, list[int]]:
     """(text or None, token ids) of one prompt."""

@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 
 from fastserve_jax import policy_state
-from fastserve_jax.admission import validate_request
+from fastserve_jax.admission import context_limit, validate_request
 from fastserve_jax.config import EngineConfig, SchedulerConfig
 from fastserve_jax.sampling_params import SamplingParams, sampler_seed
 from fastserve_jax.cost_model import CostModel
@@ -168,6 +168,11 @@ class LLMEngine:
         """Tokenize and check one prompt; raises ValueError saying what to change (admission.py)."""
         return validate_request(prompt, params, self.tokenizer, self.model_cfg.vocab_size, self.cfg.max_model_len,
                                 self.kv)
+
+    @property
+    def context_limit(self) -> int:
+        """Tokens one request can hold: max_model_len, or the device pool where smaller (admission.py)."""
+        return context_limit(self.cfg.max_model_len, self.kv)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                     arrival_time: float | None = None) -> Request:

@@ -28,13 +28,14 @@ import contextlib
 import hmac
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -75,6 +76,9 @@ class Server:
         self.metrics = ServerMetrics(self.engine)
         self.draining = False
         self.started = int(time.time())
+        # One thread: requests are tokenized one at a time, in arrival order, as on the event
+        # loop before, and the tokenizer never sees two encodes at once.
+        self.preparer = ThreadPoolExecutor(1, thread_name_prefix="fastserve-prepare")
 
     def status(self) -> tuple[int, str]:
         h = self.engine.health
@@ -127,12 +131,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
     """The body, or 413 past `limit` bytes. An oversized body is read to its end (up to 64x
     the limit) before answering, so the client sees the 413 rather than a reset."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= limit:
-            chunks.append(chunk)
-        elif size > 64 * limit:
-            break
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif size > 64 * limit:
+                break
+    except ClientDisconnect:      # gone mid-upload: nothing to answer, nothing queued, nothing to log
+        raise APIError(400, "the client disconnected before sending the whole request body") from None
     if size > limit:
         raise APIError(413, f"the request body is larger than the server's limit of {limit} bytes "
                             "(--max-body-bytes)")
@@ -167,7 +174,7 @@ class EventStream:
             events = []
             for index, d in batch:
                 if d.error is not None:
-                    events.append(sse(APIError(500, d.error).body()))
+                    events.append(sse(APIError(d.error_status, d.error).body()))
                 elif d.finish_reason != "abort":
                     completion_tokens[index] = d.completion_tokens
                     if d.text or d.finish_reason or d.logprobs:
@@ -196,7 +203,7 @@ async def _collect(request: Request, group: RequestGroup) -> list[Choice]:
     try:
         async for index, d in group:
             if d.error is not None:
-                raise APIError(500, d.error)
+                raise APIError(d.error_status, d.error)
             choices[index].add(d)
     finally:
         watcher.cancel()
@@ -213,7 +220,8 @@ async def _generate(request: Request, chat: bool) -> Response | EventStream:
     srv.check_model(job.model)
     srv.check_serving()
     eng = srv.engine.engine
-    prompts, prompt_tokens = prepare(job, eng)
+    # tokenizing (a 1 MB prompt: ~1 s) and chat templates run off the event loop, which serves every stream
+    prompts, prompt_tokens = await asyncio.get_running_loop().run_in_executor(srv.preparer, prepare, job, eng)
     srv.admit(len(prompts))
     group = srv.engine.submit(prompts, arrival)
     fmt = Formatter.for_job(job, srv.cfg.model_name, eng.tokenizer, prompts)
@@ -237,7 +245,7 @@ async def models(request: Request) -> Response:
     eng = srv.engine.engine
     card = {"id": srv.cfg.model_name, "object": "model", "created": srv.started, "owned_by": "fastserve-jax"}
     if eng is not None:
-        card["max_model_len"] = eng.cfg.max_model_len
+        card["max_model_len"] = eng.context_limit      # fewer than cfg.max_model_len where the KV pool is smaller
     return JSONResponse({"object": "list", "data": [card]})
 
 
@@ -261,7 +269,8 @@ async def _api_error(request: Request, exc: APIError) -> Response:
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
-    return APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}").response()
+    return APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}",
+                    headers=exc.headers).response()          # a 405's Allow
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -282,6 +291,7 @@ def create_app(build: Callable[[Callable[[], bool]], "LLMEngine"], cfg: ServerCo
         yield
         srv.draining = True
         await srv.engine.stop()
+        srv.preparer.shutdown(wait=False)
 
     app = Starlette(routes=[
         Route("/v1/completions", completions, methods=["POST"]),

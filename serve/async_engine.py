@@ -224,6 +224,16 @@ class AsyncEngine:
                     self.on_finished(delta)
             entry[0].queue.put_nowait((index, delta))
 
+    def end_live(self, message: str, status: int) -> None:
+        """Answer every live request now with the error `message` (HTTP `status`) and abort it:
+        a shutdown whose grace period is about to end, so that handlers still write a complete
+        response instead of being cancelled in the middle of one."""
+        live = list(self._live.items())
+        for rid, _ in live:
+            self.abort(rid)
+        self._deliver([(rid, index, Delta("", [], None, error=message, error_status=status))
+                       for rid, (_, index) in live])
+
     def _fatal(self) -> None:
         if self.on_fatal is not None:
             self.on_fatal()

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from fastserve_jax.admission import validate_request
+from fastserve_jax.admission import context_limit, validate_request
 from fastserve_jax.config import EngineConfig, SamplingParams
 from fastserve_jax.request import Request, TokenLogprobs
 
@@ -63,6 +63,7 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0           # generated so far
     error: str | None = None             # engine fault: the request failed
+    error_status: int = 500              # the HTTP status that answers `error` (503: the server shut down)
     ttft: float | None = None            # seconds, on the last delta
     latency: float | None = None
     handoff: float | None = None         # arrival (the handler's start) to the engine's add_request
@@ -94,6 +95,10 @@ class EngineInfo:
 
     def validate(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
         return validate_request(prompt, params, self.tokenizer, self.vocab_size, self.cfg.max_model_len, self)
+
+    @property
+    def context_limit(self) -> int:
+        return context_limit(self.cfg.max_model_len, self)
 
 
 @dataclass
@@ -154,6 +159,11 @@ class EngineLoop:
             return
         log.info("engine ready: %d KV blocks, scheduler %s", self.engine.kv.num_usable_blocks,
                  self.engine.cfg.scheduler)
+        limit, cfg = self.engine.context_limit, self.engine.cfg
+        if limit < cfg.max_model_len:
+            log.warning("the device KV pool holds %d tokens, fewer than max_model_len %d: a request's prompt and "
+                        "output are limited to %d tokens (advertised on /v1/models; chat's default max_tokens fills "
+                        "that); raise num_device_blocks or lower max_model_len", limit, cfg.max_model_len, limit)
         self.emit(("ready", self.view(self.engine)))
         self._report_health(0, 0)
         faults = total = 0

@@ -58,7 +58,9 @@ def _check_stop_token_ids(job: Job, eng: "LLMEngine | EngineInfo") -> None:
 def prepare(job: Job, eng: "LLMEngine | EngineInfo") -> tuple[list[tuple[list[int], SamplingParams]], int]:
     """[(prompt ids, params)] in choice order (prompt i's choices at i*n .. i*n+n-1), and the
     prompt tokens of the request (each prompt counted once, as OpenAI's usage does)."""
-    limit = eng.cfg.max_model_len
+    limit = eng.context_limit          # max_model_len, or the device KV pool's tokens where fewer
+    context = ("this model's maximum context length" if limit == eng.cfg.max_model_len else
+               "this server's context limit (what its device KV pool holds)")
     _check_stop_token_ids(job, eng)
     probe = _params(job, 1, job.seed)
     out, prompt_tokens = [], 0
@@ -72,7 +74,7 @@ def prepare(job: Job, eng: "LLMEngine | EngineInfo") -> tuple[list[tuple[list[in
         max_tokens = job.max_tokens if job.max_tokens is not None else limit - len(ids)
         if len(ids) + max_tokens > limit:
             raise bad_request(
-                f"{where}this model's maximum context length is {limit} tokens, but the prompt has {len(ids)} "
+                f"{where}{context} is {limit} tokens, but the prompt has {len(ids)} "
                 f"tokens and {max_tokens} more were requested ({len(ids) + max_tokens} in all); lower "
                 f"{'max_completion_tokens' if job.chat else 'max_tokens'} to at most {limit - len(ids)} or "
                 "shorten the prompt", "max_completion_tokens" if job.chat else "max_tokens")

@@ -185,9 +185,8 @@ def _stream_options(body: dict, stream: bool) -> tuple[bool, bool]:
 
 
 def _unsupported(name: str, detail: str) -> APIError:
-    """The 400 of a known field at a value this server cannot honour (the same words as an
-    unknown field's, so a client sees one kind of message)."""
-    return bad_request(f"unknown or unsupported field(s) ['{name}']: {detail}", name)
+    """The 400 of a known field at a value this server cannot honour."""
+    return bad_request(f"unsupported value of '{name}': {detail}", name)
 
 
 def _only_empty(body: dict, name: str, kind: type[list] | type[dict], why: str) -> None:

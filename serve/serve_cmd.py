@@ -9,6 +9,7 @@ for up to --shutdown-timeout seconds, then what is left is cancelled and the eng
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import logging
 import os
@@ -30,6 +31,9 @@ API_KEY_ENV = "FASTSERVE_API_KEY"
 # fcfs, 400 streaming requests at 250 req/s on the 2-core dev VM, served req/s at 5 ms against
 # 0.5 ms, alternating: 53.8/60.3, 48.1/54.6, 53.0/54.5 (skip-join: within noise).
 GIL_SWITCH_INTERVAL_S = 0.0005
+# How long before --shutdown-timeout ends the requests still running are answered (at most
+# half the timeout): time for their handlers to write the answer before uvicorn cancels them.
+SHUTDOWN_ANSWER_MARGIN_S = 0.5
 
 
 def add_serve_parser(sub) -> None:
@@ -228,3 +232,17 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         self.app_state.draining = True
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets=None) -> None:
+        """uvicorn's, except that requests still running just before --shutdown-timeout ends
+        are answered (503 "shut down", or an error event and [DONE] on a stream) rather than
+        cut off mid-response when uvicorn cancels their handlers."""
+        grace = self.config.timeout_graceful_shutdown
+        end = None if grace is None else asyncio.get_running_loop().call_later(
+            max(0.0, grace - min(SHUTDOWN_ANSWER_MARGIN_S, grace / 2)), self.app_state.engine.end_live,
+            "the server shut down before this request finished (its --shutdown-timeout ran out); retry", 503)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if end is not None:
+                end.cancel()

@@ -176,3 +176,22 @@ def test_continuous_usage_stats_on_every_chunk(live, chat):
     assert sum(seen.values()) == final["usage"]["completion_tokens"]
     if chat:   # the opening role chunks: nothing generated yet
         assert [c["usage"]["completion_tokens"] for c in chunks[:2]] == [0, 0]
+
+
+def test_a_kv_pool_smaller_than_the_context_bounds_chats_default_max_tokens():
+    """With --num-device-blocks below max_model_len's worth, a chat without max_tokens was
+    refused with a 400 naming max_tokens, a field the client never sent, and /v1/models
+    advertised max_model_len. The limit is now the pool's (admission.context_limit)."""
+    from fastserve_jax.config import EngineConfig
+    from fastserve_jax.models import demo_model_path
+    from fastserve_jax.models.tokenizer import load_tokenizer
+    from fastserve_jax.serve.engine_loop import EngineInfo
+    from fastserve_jax.serve.prepare import prepare
+
+    tok = load_tokenizer(demo_model_path())
+    info = EngineInfo(tok, EngineConfig(max_model_len=2048), len(tok), 16, 99, False)
+    assert info.context_limit == 99 * 16
+    [(ids, params)], _ = prepare(parse_chat({"messages": USER}), info)
+    assert len(ids) + params.max_tokens == 99 * 16
+    with pytest.raises(APIError, match="this server's context limit .* is 1584 tokens"):
+        prepare(parse_completion({"prompt": "count from 3 to 12:", "max_tokens": 1600}), info)

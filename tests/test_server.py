@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import threading
 import time
 
 import numpy as np
@@ -147,7 +149,7 @@ BAD = [
     (b'{"prompt": "x", "logprobs": 21}', 400, "'logprobs' must be in [0, 20]"),
     (b'{"prompt": "x", "frequency_penalty": 2.5}', 400, "'frequency_penalty' must be in [-2.0, 2.0]"),
     (b'{"prompt": "x", "stream_options": {"include_usage": true}}', 400, "only allowed with"),
-    (b'{"prompt": "x", "best_of": 2}', 400, "unknown or unsupported field(s) ['best_of']"),
+    (b'{"prompt": "x", "best_of": 2}', 400, "unsupported value of 'best_of'"),
     (b'{"prompt": [99999]}', 400, "token ids must be in [0, 1270)"),
     (json.dumps({"prompt": "count " * 600}).encode(), 400, "max_model_len is 512"),
     (b'{"prompt": "count from 1 to 3:", "max_tokens": 600}', 400, "maximum context length is 512 tokens"),
@@ -174,10 +176,28 @@ def test_bad_requests_get_openai_errors(live, path, body, status, message):
 def test_huge_body_wrong_method_unknown_route(live):
     status, _, err = live.post("/v1/completions", b'{"prompt": "' + b"a" * (200 << 10) + b'"}')
     assert status == 413 and "larger than the server's limit of 65536 bytes" in err["error"]["message"]
-    status, _, body = live.get("/v1/completions")
-    assert status == 405 and "error" in json.loads(body)
+    status, headers, body = live.get("/v1/completions")
+    assert status == 405 and "error" in json.loads(body) and headers.get("allow") == "POST"
     status, _, body = live.get("/v2/nothing")
     assert status == 404 and "error" in json.loads(body)
+    assert live.get("/health")[0] == 200
+
+
+def test_a_client_gone_mid_upload_is_no_server_error(live, caplog):
+    """A hang-up before the body's end was logged as an unexpected exception with a traceback
+    (starlette's ClientDisconnect out of the body read)."""
+    import socket
+
+    uvicorn_log = logging.getLogger("uvicorn.error")      # uvicorn's loggers do not propagate to the root
+    uvicorn_log.addHandler(caplog.handler)
+    try:
+        with socket.create_connection(("127.0.0.1", live.port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"prompt\":")
+            time.sleep(0.3)
+        time.sleep(0.3)
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     assert live.get("/health")[0] == 200
 
 
@@ -281,3 +301,47 @@ def test_idle_server_replaces_its_provisional_cost_model_once_the_warmup_is_done
     assert live.metric("fastserve_cost_model_provisional") == 0
     status, _, out = live.post("/v1/completions", _counting(3, 30))
     assert status == 200 and demo_task.check_answer(3, 30, out["choices"][0]["text"])
+
+
+def test_prompts_are_tokenized_off_the_event_loop(live, monkeypatch):
+    """A 1 MB prompt took ~1 s to tokenize on the event loop, and every stream stalled that long."""
+    from fastserve_jax.serve import app
+
+    threads = []
+
+    def recording(job, eng, inner=app.prepare):
+        threads.append(threading.current_thread().name)
+        return inner(job, eng)
+    monkeypatch.setattr(app, "prepare", recording)
+    assert live.post("/v1/completions", _counting(3, 5))[0] == 200
+    assert threads and threads[0].startswith("fastserve-prepare")
+
+
+def test_requests_left_when_the_shutdown_grace_runs_out_get_a_clean_answer(caplog):
+    """Past --shutdown-timeout uvicorn cancels the handlers: a non-streaming client got a
+    text/plain 500, a stream stopped with no [DONE], and the log had a traceback per request.
+    Now they are answered just before: a JSON 503, an error event then [DONE]."""
+    srv = LiveServer(ServerConfig(model_name="demo"), grace=0.6, draining=True).start()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(caplog.handler)
+    long = dict(prompt=demo_task.make_prompt(0, 5), max_tokens=490, temperature=0, ignore_eos=True)
+
+    async def scenario():
+        plain = asyncio.create_task(bench_client.request(srv.url, "POST", "/v1/completions",
+                                                         json.dumps(long).encode()))
+        [(reader, writer, status, h)] = await _open_streams(srv.url, [dict(long, stream=True)])
+        assert status == 200
+        await asyncio.sleep(0.2)
+        srv.server.should_exit = True
+        data = b"".join([p async for p in bench_client._body_pieces(reader, h)])
+        writer.close()
+        return await plain, data.decode()
+    try:
+        (status, headers, body), stream = asyncio.run(scenario())
+    finally:
+        srv.stop()
+        uvicorn_log.removeHandler(caplog.handler)
+    assert status == 503 and "shut down before this request finished" in json.loads(body)["error"]["message"]
+    events = [e for e in stream.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and "shut down" in json.loads(events[-2][6:])["error"]["message"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
