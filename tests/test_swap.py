@@ -135,6 +135,16 @@ def test_mlfq_enst_orders_by_queue_and_promotion():
     assert fcfs.next_run_estimates(0.0, 0.01, only={"z"}) == {"z": 0.02}
 
 
+def _retire(plan, now, kv, sched, swap, live) -> None:
+    """The step of `plan` ended at `now` (0.01 s long): finished requests leave every ledger."""
+    for r in advance(plan, now):
+        kv.free(r)
+        sched.remove(r)
+        swap.forget(r)
+        del live[r.request_id]
+    sched.on_iteration(plan, 0.01, now)
+
+
 # -- a long randomized run of the ledger under every swap policy -----------------------------
 @pytest.mark.parametrize("policy", ["proactive", "reactive", "recompute"])
 @pytest.mark.parametrize("seed", [0, 1])
@@ -183,12 +193,7 @@ def test_randomized_ledger_invariants(policy, seed):
         moves += len(copies.swap_out) + len(copies.swap_in) + len(later.swap_out) + len(later.swap_in)
         kv.check_integrity()
         now += 0.01
-        for r in advance(plan, now):
-            kv.free(r)
-            sched.remove(r)
-            swap.forget(r)
-            del live[r.request_id]
-        sched.on_iteration(plan, 0.01, now)
+        _retire(plan, now, kv, sched, swap, live)
         swap.on_iteration(0.01)
         kv.check_integrity()
     for r in list(live.values()):
@@ -271,6 +276,69 @@ def test_simulator_with_async_scheduling_runs_the_host_work_beside_the_launch():
         assert max(launch, host) + (1 - overlap) * min(launch, host) <= busy + 1e-9 < launch + host, overlap
     with pytest.raises(ValueError, match="async_overlap must be in"):
         dataclasses.replace(cfg, async_overlap=1.5)
+
+
+def _serve_fcfs_proactive(sizes, num_blocks, num_host_blocks, budget, limit=500):
+    """fcfs with proactive swapping, copies landing at once, the calls in the engine's order:
+    the iterations it took to finish `sizes` [(prompt, max_tokens)], or where each live
+    request's KV sits when `limit` iterations did not."""
+    kv = KVManager(num_blocks, 8, num_host_blocks)
+    sched = make_scheduler("fcfs", Limits(8, budget), kv, CFG, COST)
+    swap = SwapPolicy("proactive", kv, budget)
+    live = {}
+    for i, (p, o) in enumerate(sizes):
+        r = req(f"r{i}", p, max_tokens=o)
+        live[r.request_id] = r
+        sched.add(r)
+        swap.on_arrival(r, 0.0)
+    now = 0.0
+    for it in range(limit):
+        if not live:
+            return it
+        swap.configure(sched)
+        plan = sched.schedule(now)
+        apply_plan(plan, kv, now)
+        for r in plan.swapped_out:
+            kv.finish_swap_out(r)
+        now += 0.01
+        _retire(plan, now, kv, sched, swap, live)
+        ahead = swap.plan_ahead(plan, live.values(), sched, now)
+        apply_ahead(ahead, kv)
+        for r in ahead.offload:
+            kv.finish_swap_out(r)
+        for r in ahead.upload:
+            kv.finish_swap_in(r)
+        swap.on_iteration(0.01)
+        kv.check_integrity()
+    return {rid: kv.location(r).value for rid, r in live.items()}
+
+
+@pytest.mark.parametrize("sizes,num_blocks,num_host_blocks,budget", [
+    ([(11, 13), (5, 19)], 4, 6, 64),                       # 3 usable blocks, each request needs 3
+    ([(1, 85), (61, 41), (14, 17)], 14, 10, 16)])          # from a fuzzed engine run, minimized
+def test_fcfs_with_proactive_swapping_never_deadlocks(sizes, num_blocks, num_host_blocks, budget):
+    """The swap policy uploaded a request that fcfs had evicted back into the blocks the
+    running one needed; fcfs evicted only running requests, so the runner gave way to a
+    waiting request that could not start either, and nothing ran again (before the fix:
+    both requests on the device with no block free; in the second case one on the host
+    behind a waiting one that held 10 device blocks). Waiting requests' device KV now goes
+    first."""
+    done = _serve_fcfs_proactive(sizes, num_blocks, num_host_blocks, budget)
+    assert isinstance(done, int), f"deadlock: {done}"
+
+
+def test_fcfs_head_of_the_queue_takes_the_device_kv_of_waiting_requests_behind_it():
+    kv = KVManager(8, 4, 20)                               # 7 usable blocks
+    sched = make_scheduler("fcfs", Limits(4, 64), kv, CFG, COST)
+    sched.swap_on_evict = True
+    head, behind = req("head", 20, max_tokens=4), req("behind", 12, max_tokens=4)
+    for r in (head, behind):
+        sched.add(r)
+    kv.allocate(behind, 12)                                 # as if uploaded ahead of need: 3 blocks
+    behind.num_computed_tokens = 12
+    plan = sched.schedule(0.0)                              # head needs 6 blocks, 4 are free
+    assert [s.request for s in plan.scheduled] == [head] and plan.swapped_out == [behind]
+    assert list(sched.waiting) == [behind]                  # it keeps its place
 
 
 # -- the engine: real copies, token identity --------------------------------------------------
@@ -423,3 +491,25 @@ def test_demo_model_counts_correctly_when_new_requests_drop_host_kv(monkeypatch,
 def test_host_memory_kind_is_available_here():
     kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
     assert "pinned_host" in kinds
+
+
+def test_engine_fcfs_with_proactive_swapping_finishes_in_a_three_block_pool(reference):
+    """The deadlock above on the real engine (it hung forever before the fix): greedy tokens
+    match the ample-memory run."""
+    path = reference[0]
+    sp = [SamplingParams(max_tokens=13, temperature=0, ignore_eos=True),
+          SamplingParams(max_tokens=19, temperature=0, ignore_eos=True)]
+    prompts = [list(range(10, 21)), list(range(30, 35))]
+    kw = dict(ENGINE_KW, scheduler="fcfs")
+    want = [o.token_ids for o in LLM(path, warmup=False, num_device_blocks=160, **kw).generate(prompts, sp)]
+    e = LLM(path, warmup=False, num_device_blocks=4, num_host_blocks=6, swap_policy="proactive",
+            async_scheduling=False, **kw).engine
+    reqs = [e.add_request(p, s) for p, s in zip(prompts, sp)]
+    for _ in range(200):
+        if not e.has_unfinished():
+            break
+        e.step()
+        e.kv.check_integrity()
+    assert not e.has_unfinished(), {r.request_id: e.kv.location(r).value for r in reqs}
+    assert [r.output_token_ids for r in reqs] == want
+    assert e.stats.swap_out_blocks > 0

@@ -6,6 +6,12 @@ and free KV blocks allow (a request without KV only if its whole context fits). 
 running requests outgrow the KV pool, the latest arrival loses its KV and is recomputed
 later (vLLM's default), or with swapping on, its KV moves to the host pool while that has
 room and comes back when it is readmitted.
+
+Waiting requests may hold device KV too: proactive swapping uploads an evicted request's KV
+ahead of its readmission. Such KV is the first to go when a running request or the head of
+the queue needs blocks (latest arrival first): FCFS once evicted only running requests, so a
+running request gave way to an uploaded waiting one that could not start either, and
+neither ran again (two requests, a 3-block pool: tests/test_scheduler.py).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ class FCFSScheduler(Scheduler):
     def schedule(self, now: float) -> Plan:
         plan = Plan()
         evicted: list[Request] = []
+        parked: set[str] = set()                 # waiting requests whose device KV this plan evicts
         budget = self.limits.max_num_batched_tokens
         free = self.kv.num_free_blocks
         running, scheduled, blocks_needed = self.running, plan.scheduled, self.kv.blocks_needed
@@ -61,6 +68,8 @@ class FCFSScheduler(Scheduler):
                 victim = running.pop()
                 free += evict(plan, victim, self.kv, self.swap_on_evict)
                 evicted.append(victim)
+            if need > free:
+                free += self._evict_waiting(plan, need - free, parked)
             if need > free:                      # even alone it does not fit now: give way
                 running.pop(i)
                 evict(plan, req, self.kv, self.swap_on_evict)
@@ -70,9 +79,9 @@ class FCFSScheduler(Scheduler):
             budget -= n
             free -= need
             i += 1
-        if evicted:                              # memory is short: admit nobody this iteration
-            for victim in evicted:               # latest first, so the earliest ends up in front
-                self.waiting.appendleft(victim)
+        for victim in evicted:                   # latest first, so the earliest ends up in front
+            self.waiting.appendleft(victim)
+        if evicted or parked:                    # memory is short: admit nobody this iteration
             return plan
         while self.waiting and len(plan.scheduled) < self.limits.max_num_seqs and budget > 0:
             req = self.waiting[0]
@@ -86,6 +95,8 @@ class FCFSScheduler(Scheduler):
             # device KV, load 0.5: 3,378 recomputations of 400 requests, 3.4 s per output token).
             fit = need if self.kv.has_kv(req) else max(need, self.kv.blocks_for_tokens(req.num_tokens))
             if fit > free:
+                free += self._evict_waiting(plan, fit - free, parked, head=req)
+            if fit > free or req.request_id in parked:         # one just parked: next time
                 break
             self.waiting.popleft()
             self.running.append(req)
@@ -93,3 +104,25 @@ class FCFSScheduler(Scheduler):
             budget -= n
             free -= fit
         return plan
+
+    def _evict_waiting(self, plan: Plan, want: int, parked: set[str], head: Request | None = None) -> int:
+        """Evict the device KV of waiting requests other than `head`, latest first, if that
+        frees `want` blocks; they keep their place in the queue and join `parked`. Returns
+        the blocks freed."""
+        kv = self.kv
+        skip = parked | {r.request_id for r in self.running}
+        if head is not None:
+            skip.add(head.request_id)
+        ids = {rid for rid, where in kv.where.items() if where is KVLocation.DEVICE and rid not in skip}
+        if not ids:                              # the common case: only running requests hold KV
+            return 0
+        holders = [r for r in reversed(self.waiting) if r.request_id in ids and not r.in_flight]
+        if sum(len(kv.block_table(r)) for r in holders) < want:
+            return 0
+        freed = 0
+        for r in holders:
+            if freed >= want:
+                break
+            freed += evict(plan, r, kv, self.swap_on_evict)
+            parked.add(r.request_id)
+        return freed
