@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from numbers import Integral
 
-from fastserve_jax.sampling_params import SamplingParams
+from fastserve_jax.sampling_params import BIAS_SLOTS, SamplingParams
 from fastserve_jax.kv_cache import KVManager
 
 
@@ -17,8 +17,8 @@ def context_limit(max_model_len: int, kv) -> int:
 
 
 def validate_request(prompt: str | list[int], params: SamplingParams, tokenizer, vocab_size: int, max_model_len: int,
-                     kv: KVManager) -> tuple[str | None, list[int]]:
-    """(text or None, token ids) of one prompt."""
+                     kv: KVManager, eos_ids: frozenset[int] = frozenset()) -> tuple[str | None, list[int]]:
+    """(text or None, token ids) of one prompt. `eos_ids`: the model's, which min_tokens bans."""
     if not isinstance(params, SamplingParams):
         raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
     if params.n != 1:
@@ -48,4 +48,13 @@ def validate_request(prompt: str | list[int], params: SamplingParams, tokenizer,
     bad_stop = [t for t in params.stop_token_ids if t >= vocab_size]
     if bad_stop:
         raise ValueError(f"stop_token_ids must be < vocab size {vocab_size}, got {bad_stop}")
+    bias = params.logit_bias or {}
+    bad_bias = sorted(t for t in bias if t >= vocab_size)
+    if bad_bias:
+        raise ValueError(f"logit_bias token ids must be < vocab size {vocab_size}, got {bad_bias[:5]}")
+    if params.min_tokens:
+        biased = set(bias) | set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+        if len(biased) > BIAS_SLOTS:
+            raise ValueError(f"with min_tokens, logit_bias and stop_token_ids (and EOS) may name at most {BIAS_SLOTS} "
+                             f"tokens together, got {len(biased)}")
     return text, ids

@@ -42,10 +42,12 @@ class IncrementalDetokenizer:
         self.stop = stop
         self._max_stop = max((len(s) for s in stop), default=0)
 
-    def push(self, token_id: int, text_so_far: str) -> tuple[str, bool]:
+    def push(self, token_id: int, text_so_far: str, check_stop: bool = True) -> tuple[str, bool]:
         """Add one token; returns (the complete new output text, whether a stop string hit).
 
-        On a hit the text is cut before the stop string (OpenAI and vLLM semantics)."""
+        On a hit the text is cut before the stop string (OpenAI and vLLM semantics).
+        `check_stop` False (a request below its min_tokens): no stop string is looked for in
+        this token's text, as vLLM does."""
         self.ids.append(token_id)
         dec = self.decode
         before = dec(self.ids[self.prefix:self.read])
@@ -55,7 +57,7 @@ class IncrementalDetokenizer:
         delta = now[len(before):]
         self.prefix, self.read = self.read, len(self.ids)
         text = text_so_far + delta
-        if self.stop:
+        if self.stop and check_stop:
             start = max(0, len(text_so_far) - self._max_stop + 1)
             hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
             if hits:

@@ -167,7 +167,7 @@ class LLMEngine:
     def validate(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
         """Tokenize and check one prompt; raises ValueError saying what to change (admission.py)."""
         return validate_request(prompt, params, self.tokenizer, self.model_cfg.vocab_size, self.cfg.max_model_len,
-                                self.kv)
+                                self.kv, self.eos_ids)
 
     @property
     def context_limit(self) -> int:
@@ -366,7 +366,8 @@ class LLMEngine:
         if token in req.eos_token_ids or token in sp.stop_token_ids:
             reason = "stop"
         else:
-            req.output_text, hit = self._detok[req.request_id].push(token, req.output_text)
+            req.output_text, hit = self._detok[req.request_id].push(
+                token, req.output_text, len(req.output_token_ids) >= sp.min_tokens)
             if hit:
                 reason = "stop"
             elif len(req.output_token_ids) >= sp.max_tokens or req.num_known_tokens >= self.cfg.max_model_len:

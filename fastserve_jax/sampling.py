@@ -6,10 +6,11 @@ Pure functions of (logits, per-row parameters); the runner jits them with the mo
 - random mode: temperature, then top-k and top-p over one descending sort; rows with
   temperature 0 still take the argmax.
 
-Presence and frequency penalties (OpenAI's) are applied first when a `Penalties` is given;
-passing None instead is a different pytree structure, hence its own compiled variant, so
-batches without penalties pay nothing for them. Logprobs are those of the raw model
-distribution, before penalties and temperature.
+Presence and frequency penalties and logit biases (OpenAI's; min_tokens bans EOS and stop
+tokens as a bias of -inf) are applied first when a `Penalties` is given; passing None instead
+is a different pytree structure, hence its own compiled variant, so batches without them pay
+nothing for them. Logprobs are those of the raw model distribution, before penalties, biases
+and temperature.
 
 Randomness is per request: row i draws with key fold_in(PRNGKey(seed_i), step_i), where
 step_i is the number of tokens the request has generated so far. A request's samples
@@ -37,14 +38,17 @@ class SamplingArrays(NamedTuple):
 
 
 class Penalties(NamedTuple):
-    """Per-row presence/frequency penalties and each row's output so far.
+    """Per-row presence/frequency penalties, each row's output so far, and logit biases.
 
     history is padded with -1 to a fixed length (the runner uses max_model_len, so one
-    shape serves every request and nothing compiles after warm-up)."""
+    shape serves every request and nothing compiles after warm-up); bias_ids likewise to
+    sampling_params.BIAS_SLOTS."""
 
     presence: jax.Array     # (N,) float32
     frequency: jax.Array    # (N,) float32
     history: jax.Array      # (N, H) int32 output token ids, -1 = padding
+    bias_ids: jax.Array     # (N, B) int32 token ids, -1 = padding
+    bias: jax.Array         # (N, B) float32 added to those tokens' logits (-inf: banned)
 
 
 class Sampled(NamedTuple):
@@ -73,14 +77,19 @@ def _sample_random(logits: jax.Array, s: SamplingArrays) -> jax.Array:
 
 
 def apply_penalties(logits: jax.Array, p: Penalties) -> jax.Array:
-    """logits[i, t] -= frequency[i] * count_i(t) + presence[i] * (count_i(t) > 0), where
-    count_i(t) is how often t occurs in row i's history. Counts come from one scatter-add."""
+    """logits[i, t] += bias_i(t) - frequency[i] * count_i(t) - presence[i] * (count_i(t) > 0),
+    where count_i(t) is how often t occurs in row i's history. Counts and biases come from one
+    scatter-add each."""
     n, v = logits.shape
     valid = p.history >= 0                                          # (N, H)
     rows = jnp.broadcast_to(jnp.arange(n)[:, None], p.history.shape)
     counts = jnp.zeros((n, v), jnp.float32).at[rows, jnp.where(valid, p.history, 0)].add(
         valid.astype(jnp.float32))                                  # (N, V)
-    return logits - p.frequency[:, None] * counts - p.presence[:, None] * (counts > 0)
+    biased = p.bias_ids >= 0                                        # (N, B)
+    brows = jnp.broadcast_to(jnp.arange(n)[:, None], p.bias_ids.shape)
+    bias = jnp.zeros((n, v), jnp.float32).at[brows, jnp.where(biased, p.bias_ids, 0)].add(
+        jnp.where(biased, p.bias, 0.0))                             # (N, V)
+    return logits + bias - p.frequency[:, None] * counts - p.presence[:, None] * (counts > 0)
 
 
 def sample(logits: jax.Array, s: SamplingArrays, penalties: Penalties | None = None, *, greedy: bool,

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from numbers import Integral
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs; the sampler always computes this many.
+# Tokens one row's logits can be biased on (sampling.Penalties): a request's logit_bias entries
+# plus, while it is below min_tokens, its EOS and stop token ids.
+BIAS_SLOTS = 320
+MAX_LOGIT_BIAS = 300
 
 
 def _is_number(v) -> bool:
@@ -33,6 +38,10 @@ class SamplingParams:
     n: completions of the prompt (`LLM.generate` runs n requests, seeds seed, seed + 1, ...
     when a seed is given; the engine itself takes n = 1). A seed is any integer: one outside
     [0, 2**32) is hashed to the sampler's 32 bits (`sampler_seed`), so 0, 2**32 and -1 differ.
+    logit_bias: {token id: bias in [-100, 100]} added to the logits before sampling (OpenAI's;
+    at most MAX_LOGIT_BIAS tokens; logprobs stay the raw model's). min_tokens (vLLM's): until
+    that many tokens are out, EOS and stop_token_ids cannot be sampled and stop strings are
+    not checked.
     """
 
     max_tokens: int = 16
@@ -47,6 +56,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     n: int = 1
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "n"):
@@ -77,6 +88,18 @@ class SamplingParams:
         if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
             raise ValueError(f"stop_token_ids must be a list of non-negative token ids, got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop_token_ids", list(ids))
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or \
+                not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+                             f"got {self.min_tokens!r}")
+        bias = self.logit_bias or {}
+        if not isinstance(bias, dict) or not all(isinstance(t, Integral) and not isinstance(t, bool) and t >= 0 and
+                                                 _is_number(v) and -100 <= v <= 100 for t, v in bias.items()):
+            raise ValueError("logit_bias must map non-negative token ids to numbers in [-100, 100], "
+                             f"got {self.logit_bias!r}")
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may name at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}")
+        object.__setattr__(self, "logit_bias", {int(t): float(v) for t, v in bias.items()} or None)
 
     @property
     def greedy(self) -> bool:
@@ -84,4 +107,6 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        return self.presence_penalty != 0 or self.frequency_penalty != 0
+        """The sampler's penalties variant runs for it (sampling.Penalties)."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.logit_bias is not None or
+                self.min_tokens > 0)

@@ -84,17 +84,19 @@ class EngineInfo:
     block_size: int
     num_usable_blocks: int
     profile_provisional: bool
+    eos_ids: frozenset[int] = frozenset()
 
     @classmethod
     def of(cls, engine) -> "EngineInfo":
         return cls(engine.tokenizer, engine.cfg, engine.model_cfg.vocab_size, engine.kv.block_size,
-                   engine.kv.num_usable_blocks, engine.profile_provisional)
+                   engine.kv.num_usable_blocks, engine.profile_provisional, engine.eos_ids)
 
     def blocks_for_tokens(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def validate(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
-        return validate_request(prompt, params, self.tokenizer, self.vocab_size, self.cfg.max_model_len, self)
+        return validate_request(prompt, params, self.tokenizer, self.vocab_size, self.cfg.max_model_len, self,
+                                self.eos_ids)
 
     @property
     def context_limit(self) -> int:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from jinja2 import TemplateError
 
 from fastserve_jax.config import SamplingParams
+from fastserve_jax.sampling_params import BIAS_SLOTS
 
 from fastserve_jax.serve.engine_loop import EngineInfo
 from fastserve_jax.serve.errors import bad_request
@@ -36,23 +37,32 @@ def render_chat(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
 
 
-def _params(job: Job, max_tokens: int, seed: int | None) -> SamplingParams:
+def _params(job: Job, max_tokens: int, seed: int | None, min_tokens: int | None = None) -> SamplingParams:
+    """`min_tokens`: None for the job's."""
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=job.temperature, top_p=job.top_p, top_k=job.top_k,
                               seed=seed, stop=job.stop or None, logprobs=job.logprobs,
                               presence_penalty=job.presence_penalty, frequency_penalty=job.frequency_penalty,
-                              ignore_eos=job.ignore_eos, stop_token_ids=list(job.stop_token_ids) or None)
+                              ignore_eos=job.ignore_eos, stop_token_ids=list(job.stop_token_ids) or None,
+                              min_tokens=job.min_tokens if min_tokens is None else min_tokens,
+                              logit_bias=job.logit_bias)
     except ValueError as e:
         raise bad_request(str(e))
 
 
-def _check_stop_token_ids(job: Job, eng: "LLMEngine | EngineInfo") -> None:
+def _check_token_ids(job: Job, eng: "LLMEngine | EngineInfo") -> None:
     """Here rather than in the engine's own check, so the 400 names the field."""
     vocab = eng.vocab_size if isinstance(eng, EngineInfo) else eng.model_cfg.vocab_size
-    bad = [t for t in job.stop_token_ids if t >= vocab]
-    if bad:
-        raise bad_request(f"'stop_token_ids' must be token ids in [0, {vocab}) (this model's vocabulary), got "
-                          f"{bad[:5]}", "stop_token_ids")
+    for name, ids in (("stop_token_ids", job.stop_token_ids), ("logit_bias", sorted(job.logit_bias or ()))):
+        bad = [t for t in ids if t >= vocab]
+        if bad:
+            raise bad_request(f"'{name}' must name token ids in [0, {vocab}) (this model's vocabulary), got "
+                              f"{bad[:5]}", name)
+    if job.min_tokens:
+        biased = set(job.logit_bias or ()) | set(job.stop_token_ids) | (set() if job.ignore_eos else set(eng.eos_ids))
+        if len(biased) > BIAS_SLOTS:
+            raise bad_request(f"with 'min_tokens', 'logit_bias' and 'stop_token_ids' (and EOS) may name at most "
+                              f"{BIAS_SLOTS} tokens together, got {len(biased)}", "logit_bias")
 
 
 def prepare(job: Job, eng: "LLMEngine | EngineInfo") -> tuple[list[tuple[list[int], SamplingParams]], int]:
@@ -61,8 +71,8 @@ def prepare(job: Job, eng: "LLMEngine | EngineInfo") -> tuple[list[tuple[list[in
     limit = eng.context_limit          # max_model_len, or the device KV pool's tokens where fewer
     context = ("this model's maximum context length" if limit == eng.cfg.max_model_len else
                "this server's context limit (what its device KV pool holds)")
-    _check_stop_token_ids(job, eng)
-    probe = _params(job, 1, job.seed)
+    _check_token_ids(job, eng)
+    probe = _params(job, 1, job.seed, min_tokens=0)
     out, prompt_tokens = [], 0
     for i, prompt in enumerate(job.prompts):
         where = f"prompt {i}: " if len(job.prompts) > 1 else ""
@@ -78,6 +88,9 @@ def prepare(job: Job, eng: "LLMEngine | EngineInfo") -> tuple[list[tuple[list[in
                 f"tokens and {max_tokens} more were requested ({len(ids) + max_tokens} in all); lower "
                 f"{'max_completion_tokens' if job.chat else 'max_tokens'} to at most {limit - len(ids)} or "
                 "shorten the prompt", "max_completion_tokens" if job.chat else "max_tokens")
+        if job.min_tokens > max_tokens:
+            raise bad_request(f"{where}'min_tokens' is {job.min_tokens} but at most {max_tokens} tokens can be "
+                              "generated; lower it", "min_tokens")
         for j in range(job.n):
             seed = None if job.seed is None else (job.seed + j) % (1 << 64)
             params = _params(job, max_tokens, seed)

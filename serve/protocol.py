@@ -12,9 +12,15 @@ Extensions beyond OpenAI's parameters, as vLLM names them (both endpoints):
 - `ignore_eos` (bool): generate past the model's EOS tokens, until `max_tokens` or a stop;
 - `stop_token_ids` (at most 64 token ids, each below the vocabulary size): finish with
   "stop" when one is sampled; like EOS, its text is not part of the output;
+- `min_tokens` (0 to max_tokens): until that many tokens are out, EOS and `stop_token_ids`
+  cannot be sampled and stop strings are not looked for (vLLM's);
 - `stream_options.continuous_usage_stats` (with `include_usage`, as in vLLM; ignored
   without it): every chunk carries the usage of its choice so far (prompt tokens of that
   choice's prompt, completion tokens so far; 0 on chat's opening role chunk).
+
+`logit_bias` (OpenAI's): an object mapping token ids (as strings) to numbers in [-100, 100],
+added to those tokens' logits before sampling, at most MAX_LOGIT_BIAS of them; logprobs stay
+the model's own.
 
 `echo` (/v1/completions only) prepends each choice's prompt (a token-id prompt decoded)
 to its text; when streaming, to the first chunk of each choice. Not with `logprobs`: no
@@ -22,8 +28,8 @@ prompt logprobs are returned.
 
 Accepted only at the value that asks for nothing (what clients such as vLLM's benchmark
 send by default), rejected otherwise with a 400 naming the field and what is accepted:
-`min_tokens` (0; the engine has no minimum length), `best_of` (equal to n: no candidates
-are ranked), `logit_bias` ({}), `response_format` ({"type": "text"}), `suffix`, and on
+`best_of` (equal to n: no candidates are ranked), `response_format` ({"type": "text"}),
+`suffix`, and on
 chat `tools` ([]), `tool_choice` ("none") and `parallel_tool_calls` (any bool, unused).
 Chat messages may be an assistant's with `content: null` (read as "") and
 `tool_calls: []`. Any other field is unknown and rejected.
@@ -37,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastserve_jax.config import MAX_LOGPROBS
+from fastserve_jax.sampling_params import MAX_LOGIT_BIAS
 
 from fastserve_jax.serve.errors import APIError, bad_request
 
@@ -72,6 +79,8 @@ class Job:
     ignore_eos: bool
     stop_token_ids: tuple[int, ...]
     echo: bool                      # completions: the prompt text before each choice's text
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None      # token id -> bias
 
 
 def parse_body(raw: bytes) -> dict:
@@ -166,6 +175,24 @@ def _stop_token_ids(body: dict) -> tuple[int, ...]:
     return tuple(v)
 
 
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    v = body.get("logit_bias")
+    if v is None:
+        return None
+    what = "an object mapping token ids (strings of digits, as \"50256\") to numbers in [-100, 100]"
+    if not isinstance(v, dict):
+        raise bad_request(f"'logit_bias' must be {what}, got {_typename(v)}", "logit_bias")
+    out = {}
+    for k, b in v.items():
+        if not (k.isascii() and k.isdigit()) or isinstance(b, bool) or not isinstance(b, (int, float)) or \
+                not -100 <= b <= 100:
+            raise bad_request(f"'logit_bias' must be {what}; got {k!r}: {b!r}", "logit_bias")
+        out[int(k)] = float(b)
+    if len(out) > MAX_LOGIT_BIAS:
+        raise bad_request(f"'logit_bias' names {len(out)} tokens; at most {MAX_LOGIT_BIAS} are allowed", "logit_bias")
+    return out or None
+
+
 _STREAM_OPTIONS = ("include_usage", "continuous_usage_stats")
 
 
@@ -200,15 +227,10 @@ def _only_empty(body: dict, name: str, kind: type[list] | type[dict], why: str) 
 
 def _defaults_only(body: dict, n: int) -> None:
     """The fields accepted only at the value that asks for nothing (module docstring)."""
-    if _int(body, "min_tokens", 0, 0):
-        raise _unsupported("min_tokens", "this engine cannot hold back EOS and stop tokens for a minimum length; "
-                                         "send 0 or leave it out (for a fixed length, send \"ignore_eos\": true "
-                                         "with max_tokens)")
     best_of = _int(body, "best_of", None, 1)
     if best_of is not None and best_of != n:
         raise _unsupported("best_of", f"best_of={best_of} with n={n}; this server returns n samples and does not "
                                       "generate extra candidates to rank, so send best_of equal to n or leave it out")
-    _only_empty(body, "logit_bias", dict, "this server cannot bias logits")
     fmt = body.get("response_format")
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     if kind in ("json_object", "json_schema"):
@@ -251,7 +273,8 @@ def _common(body: dict, chat: bool, prompts: list[Any], max_tokens: int | None, 
         frequency_penalty=_num(body, "frequency_penalty", 0.0, -2.0, 2.0),
         stream=stream, include_usage=include_usage, continuous_usage=continuous_usage,
         priority=_int(body, "priority", 0), user=_str(body, "user"), ignore_eos=_bool(body, "ignore_eos", False),
-        stop_token_ids=_stop_token_ids(body), echo=echo)
+        stop_token_ids=_stop_token_ids(body), echo=echo, min_tokens=_int(body, "min_tokens", 0, 0),
+        logit_bias=_logit_bias(body))
 
 
 def _prompts(v: Any) -> list[Any]:

@@ -1,7 +1,10 @@
-"""Presence and frequency penalties (OpenAI semantics): the device sampler on literal
-arrays, and greedy decoding through the engine against a step-by-step reference."""
+"""Presence and frequency penalties and logit_bias (OpenAI semantics) and min_tokens (vLLM's):
+the device sampler on literal arrays, and greedy decoding through the engine against a
+step-by-step reference."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,25 +21,43 @@ def _arrays(n):
                           jnp.zeros(n, jnp.uint32), jnp.zeros(n, jnp.int32))
 
 
+def _pen(presence, frequency, history, bias: list[dict] | None = None) -> Penalties:
+    """Penalties from lists; `bias`: per row {token: bias}, padded to 3 slots with -1."""
+    n = len(presence)
+    ids, vals = np.full((n, 3), -1, np.int32), np.zeros((n, 3), np.float32)
+    for i, row in enumerate(bias or []):
+        ids[i, :len(row)], vals[i, :len(row)] = list(row), list(row.values())
+    return Penalties(jnp.asarray(presence, jnp.float32), jnp.asarray(frequency, jnp.float32),
+                     jnp.asarray(history, jnp.int32), jnp.asarray(ids), jnp.asarray(vals))
+
+
 def test_penalties_on_literal_arrays():
     logits = jnp.asarray([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]], jnp.float32)
-    pen = Penalties(presence=jnp.asarray([0.5, 0.0], jnp.float32), frequency=jnp.asarray([1.0, -1.0], jnp.float32),
-                    history=jnp.asarray([[3, 3, 1, -1, -1], [2, -1, -1, -1, -1]], jnp.int32))
+    pen = _pen([0.5, 0.0], [1.0, -1.0], [[3, 3, 1, -1, -1], [2, -1, -1, -1, -1]])
     got = np.asarray(apply_penalties(logits, pen))
     # row 0: token 3 twice (4 - 2*1 - 0.5), token 1 once (2 - 1 - 0.5); row 1: token 2 once, frequency -1
     np.testing.assert_allclose(got, [[1.0, 0.5, 3.0, 1.5], [1.0, 2.0, 4.0, 4.0]])
+    # biases add on top; -inf bans a token; padding slots (-1) change nothing
+    pen = _pen([0.5, 0.0], [1.0, 0.0], [[3, 3, 1, -1, -1], [-1] * 5], [{0: 2.5, 3: -np.inf}, {1: -1.0, 2: 100.0}])
+    got = np.asarray(apply_penalties(logits, pen))
+    np.testing.assert_allclose(got, [[3.5, 0.5, 3.0, -np.inf], [1.0, 1.0, 103.0, 4.0]])
 
 
 def test_penalties_change_greedy_choice_but_not_logprobs():
     logits = jnp.full((1, 24), -10.0, jnp.float32).at[0, :3].set(jnp.asarray([0.0, 5.0, 4.0]))
     hist = jnp.asarray([[1, 1, -1]], jnp.int32)
     plain = sample(logits, _arrays(1), greedy=True, with_logprobs=True)
-    pen = sample(logits, _arrays(1), Penalties(jnp.zeros(1), jnp.ones(1), hist), greedy=True, with_logprobs=True)
+    pen = sample(logits, _arrays(1), _pen([0.0], [1.0], hist), greedy=True, with_logprobs=True)
     assert int(plain.tokens[0]) == 1 and int(pen.tokens[0]) == 2      # 5 - 2*1 = 3 < 4
     raw = np.asarray(logits - jnp.log(jnp.exp(logits).sum()))
     assert abs(float(pen.logprob[0]) - raw[0, 2]) < 1e-5              # logprobs stay the raw model's
-    zero = sample(logits, _arrays(1), Penalties(jnp.zeros(1), jnp.zeros(1), hist), greedy=True, with_logprobs=False)
+    zero = sample(logits, _arrays(1), _pen([0.0], [0.0], hist), greedy=True, with_logprobs=False)
     assert int(zero.tokens[0]) == 1
+    for greedy in (True, False):                 # a banned token is never drawn, in either mode
+        banned = sample(jnp.tile(logits, (64, 1)), _arrays(64)._replace(seed=jnp.arange(64, dtype=jnp.uint32)),
+                        _pen([0.0] * 64, [0.0] * 64, jnp.tile(hist, (64, 1)), [{1: -np.inf, 2: -np.inf}] * 64),
+                        greedy=greedy, with_logprobs=False)
+        assert not set(np.asarray(banned.tokens).tolist()) & {1, 2}
 
 
 def test_penalty_params_are_validated():
@@ -45,6 +66,16 @@ def test_penalty_params_are_validated():
     with pytest.raises(ValueError, match="frequency_penalty"):
         SamplingParams(frequency_penalty="1")
     assert SamplingParams(frequency_penalty=-2).penalized and not SamplingParams().penalized
+    assert SamplingParams(logit_bias={5: 1}).penalized and SamplingParams(min_tokens=1).penalized
+    for bad, match in ((dict(min_tokens=17), r"min_tokens must be an integer in \[0, max_tokens=16\]"),
+                       (dict(min_tokens=True), "min_tokens"), (dict(logit_bias={5: 100.5}), r"\[-100, 100\]"),
+                       (dict(logit_bias={-1: 1}), "non-negative token ids"), (dict(logit_bias={"5": 1}), "token ids"),
+                       (dict(logit_bias={5: float("nan")}), "numbers"),
+                       (dict(logit_bias=dict.fromkeys(range(301), 1.0)), "at most 300")):
+        with pytest.raises(ValueError, match=match):
+            SamplingParams(**bad)
+    assert SamplingParams(logit_bias={np.int64(5): 2}).logit_bias == {5: 2.0}
+    assert SamplingParams(logit_bias={}).logit_bias is None
 
 
 # Same settings as tests/test_engine.py, so its compiled executables come from the session cache.
@@ -54,7 +85,8 @@ ENGINE_KW = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, b
 
 def _reference_greedy(path: str, prompt: list[int], sp: SamplingParams) -> list[int]:
     """Greedy decoding with a dense causal forward over the whole sequence each step (padded
-    to one length, so it compiles once) and the penalties applied in numpy."""
+    to one length, so it compiles once), the penalties and logit biases applied in numpy, the
+    stop token ids banned below min_tokens and ending the output from there (EOS ignored)."""
     import jax
 
     from fastserve_jax.models.attention import dense_batch
@@ -68,8 +100,14 @@ def _reference_greedy(path: str, prompt: list[int], sp: SamplingParams) -> list[
         logits = np.asarray(forward(jnp.asarray([ids + [0] * (length - len(ids))])))[len(ids) - 1]  # (L, V) rows
         counts = np.bincount(np.asarray(out, np.int64), minlength=logits.shape[0])[:logits.shape[0]]
         logits = logits - sp.frequency_penalty * counts - sp.presence_penalty * (counts > 0)
+        for t, b in (sp.logit_bias or {}).items():
+            logits[t] += b
+        if len(out) < sp.min_tokens:
+            logits[sp.stop_token_ids] = -np.inf
         out.append(int(np.argmax(logits)))
         ids.append(out[-1])
+        if out[-1] in sp.stop_token_ids:
+            break
     return out
 
 
@@ -89,3 +127,48 @@ def test_engine_applies_penalties_without_new_compilations(tiny_checkpoints):
         assert o.token_ids == _reference_greedy(path, p, pen)
     unpenalized = llm.generate(prompts[0], plain)[0].token_ids
     assert outs[0].token_ids != unpenalized                # the check above is not vacuous
+
+
+def test_engine_applies_logit_bias_and_min_tokens(tiny_checkpoints):
+    """logit_bias moves greedy choices, min_tokens holds back stop tokens until that many are
+    out (the pending token of async scheduling counted), in a batch with a plain row, with
+    the warmed-up executables; the synchronous loop gives the same."""
+    path = tiny_checkpoints("llama")
+    llm = LLM(path, warmup="full", **ENGINE_KW, **SMALL_GRID)
+    rng = np.random.default_rng(4)
+    prompts = [[int(t) for t in rng.integers(3, 256, 12)] for _ in range(3)]
+    plain = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    solo = [o.token_ids for o in llm.generate(prompts, plain)]
+    biased = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True,
+                            logit_bias={solo[0][0]: -100, solo[0][3]: 3.5, 7: -2})
+    held = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, stop_token_ids=[solo[2][0], solo[2][1]],
+                          min_tokens=5)
+    with CompileCounter() as cc:
+        outs = llm.generate(prompts, [biased, plain, held])
+    assert cc.count == 0, f"{cc.count} compilations after warm-up"
+    assert outs[1].token_ids == solo[1]
+    assert outs[0].token_ids != solo[0] and outs[0].token_ids == _reference_greedy(path, prompts[0], biased)
+    want = _reference_greedy(path, prompts[2], held)
+    assert outs[2].token_ids == want and len(want) > 5
+    # without min_tokens the first token is a stop token: the check above is not vacuous
+    assert llm.generate(prompts[2], dataclasses.replace(held, min_tokens=0))[0].token_ids == [solo[2][0]]
+    sync = LLM(path, warmup=False, async_scheduling=False, **ENGINE_KW, **SMALL_GRID)
+    assert [o.token_ids for o in sync.generate(prompts, [biased, plain, held])] == [o.token_ids for o in outs]
+
+
+def test_min_tokens_holds_back_eos_and_stop_strings():
+    """The demo model counts and ends with EOS; min_tokens makes it go on past its EOS, and a
+    stop string in the first min_tokens tokens is not looked for (vLLM's semantics)."""
+    llm = LLM(warmup=False)
+    prompt = "count from 3 to 12:"
+    base = SamplingParams(max_tokens=30, temperature=0)
+    plain = llm.generate(prompt, base)[0]
+    assert plain.finish_reason == "stop" and len(plain.token_ids) == 11       # " 3" .. " 12", EOS
+    longer = llm.generate(prompt, dataclasses.replace(base, min_tokens=14))[0]
+    eos = min(llm.engine.eos_ids)
+    assert len(longer.token_ids) >= 14 and eos not in longer.token_ids[:14]
+    assert longer.token_ids[:10] == plain.token_ids[:10]
+    cut = llm.generate(prompt, dataclasses.replace(base, stop=["5"]))[0]
+    assert cut.text == " 3 4 "
+    late = llm.generate(prompt, dataclasses.replace(base, stop=["5"], min_tokens=4))[0]
+    assert late.text == plain.text                        # " 5" was the 3rd token, below min_tokens

@@ -1,7 +1,8 @@
 """The request fields vLLM's clients send beyond OpenAI's core set (serve/protocol.py's
 docstring): the parser accepts what the engine honours and what asks for nothing, and
 rejects the rest with a 400 naming the field; then, through the server with the demo
-model, ignore_eos, stop_token_ids, echo and continuous usage change what comes back."""
+model, ignore_eos, stop_token_ids, logit_bias, min_tokens, echo and continuous usage change
+what comes back."""
 
 from __future__ import annotations
 
@@ -45,11 +46,16 @@ def test_vllm_benchmark_payloads_and_default_valued_fields_parse():
 
 
 REJECTED = [
-    ({"min_tokens": 5}, "min_tokens", "ignore_eos"),
+    ({"min_tokens": -1}, "min_tokens", "must be in [0, inf]"),
+    ({"min_tokens": 2.5}, "min_tokens", "must be an integer"),
     ({"best_of": 3}, "best_of", "best_of=3 with n=1"),
     ({"n": 2, "best_of": 1}, "best_of", "send best_of equal to n"),
-    ({"logit_bias": {"5": 10}}, "logit_bias", "cannot bias logits"),
     ({"logit_bias": [1]}, "logit_bias", "must be an object"),
+    ({"logit_bias": {"5": 101}}, "logit_bias", "numbers in [-100, 100]"),
+    ({"logit_bias": {"-5": 1}}, "logit_bias", "strings of digits"),
+    ({"logit_bias": {"x": 1}}, "logit_bias", "strings of digits"),
+    ({"logit_bias": {"5": True}}, "logit_bias", "numbers in [-100, 100]"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "at most 300"),
     ({"response_format": {"type": "json_object"}}, "response_format", "structured (JSON) output"),
     ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format", "not supported"),
     ({"response_format": "text"}, "response_format", '{"type": "text"}'),
@@ -138,6 +144,30 @@ def test_ignore_eos_and_stop_token_ids(live):
     assert out["choices"][0]["message"]["content"] == " 3 4 5 6"
     status, err = _post(live, "/v1/completions", dict(body, stop_token_ids=[10 ** 6]))
     assert status == 400 and err["error"]["param"] == "stop_token_ids" and "vocabulary" in err["error"]["message"]
+
+
+
+def test_logit_bias_and_min_tokens(live):
+    answer = demo_task.answer_num_tokens(3, 12)
+    body = {"prompt": demo_task.make_prompt(3, 12), "max_tokens": answer + 6, "temperature": 0}
+    tok = live.state.engine.engine.tokenizer
+    [three], [seven] = (tok.encode(t, add_special_tokens=False) for t in (" 3", " 7"))
+    _, out = _post(live, "/v1/completions", dict(body, logit_bias={str(three): -100, str(seven): 100}))
+    assert out["choices"][0]["text"].startswith(" 7 7")          # " 3" banned, " 7" forced
+    _, out = _post(live, "/v1/completions", dict(body, min_tokens=answer + 3, stream=True,
+                                                  stream_options={"include_usage": True}))
+    assert out[-1]["usage"]["completion_tokens"] >= answer + 3    # past the EOS it ends with alone
+    text = "".join(c["choices"][0]["text"] for c in out[:-1])
+    assert text.startswith(demo_task.expected_answer(3, 12))
+    _, out = _post(live, "/v1/chat/completions", {"messages": USER, "temperature": 0, "stop_token_ids": [seven],
+                                                  "min_tokens": 6})
+    content = out["choices"][0]["message"]["content"]       # " 7", the 5th token, is banned: the model goes on
+    assert content.startswith(" 3 4 5 6 ") and not content.startswith(" 3 4 5 6 7") and \
+        out["usage"]["completion_tokens"] > 6, out
+    for extra, param, message in ((dict(logit_bias={"1000000": 1}), "logit_bias", "vocabulary"),
+                                  (dict(min_tokens=answer + 7), "min_tokens", "at most")):
+        status, err = _post(live, "/v1/completions", dict(body, **extra))
+        assert status == 400 and err["error"]["param"] == param and message in err["error"]["message"], err
 
 
 def test_echo_whole_and_streamed(live):

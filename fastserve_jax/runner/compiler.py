@@ -38,6 +38,7 @@ from fastserve_jax.runner import export_cache
 from fastserve_jax.runner.keys import DecodeKey, LaunchKey, PrefillKey, SamplerKey
 from fastserve_jax.runner.launch import LaunchBuilder
 from fastserve_jax.sampling import Penalties, SamplingArrays
+from fastserve_jax.sampling_params import BIAS_SLOTS
 from fastserve_jax.sharding.pipeline import Stage
 
 WARMUP_MODES = ("lazy", "background", "full")
@@ -139,7 +140,8 @@ class Compiler:
         s = SamplingArrays(*(sds((n,), dt) for dt in (jnp.float32, jnp.int32, jnp.float32, jnp.uint32, jnp.int32)))
         args = (logits, s)
         if key.penalties:
-            args += (Penalties(sds((n,), jnp.float32), sds((n,), jnp.float32), sds((n, self.max_model_len), jnp.int32)),)
+            args += (Penalties(sds((n,), jnp.float32), sds((n,), jnp.float32), sds((n, self.max_model_len), jnp.int32),
+                               sds((n, BIAS_SLOTS), jnp.int32), sds((n, BIAS_SLOTS), jnp.float32)),)
         return CompileJob(export_cache.lower_job(self._sample, *args, name="sample", greedy=key.greedy,
                                                  with_logprobs=key.logprobs),
                           functools.partial(self.samplers.__setitem__, key))

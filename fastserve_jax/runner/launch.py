@@ -20,6 +20,7 @@ from fastserve_jax.models.attention import AttnBatch
 from fastserve_jax.request import Request
 from fastserve_jax.runner.keys import DecodeKey, LaunchKey, PrefillKey, launch_key_from_wire, launch_key_to_wire
 from fastserve_jax.sampling import Penalties, SamplingArrays
+from fastserve_jax.sampling_params import BIAS_SLOTS
 from fastserve_jax.scheduler.base import ScheduledRequest
 
 
@@ -93,17 +94,33 @@ def sampling_arrays(rows: list[Request | None]) -> SamplingArrays:
 
 
 def penalty_arrays(rows: list[Request | None], max_model_len: int) -> Penalties:
-    """Penalties and output histories, (N,) and (N, max_model_len) padded with -1; rows
-    without penalties keep an empty history (their penalties are 0 anyway)."""
+    """Penalties and output histories, (N,) and (N, max_model_len) padded with -1, and logit
+    biases, (N, BIAS_SLOTS) padded with -1: a row's logit_bias, and while fewer than its
+    min_tokens are out (pending ones too) -inf on its EOS and stop token ids. Rows without
+    any keep an empty history and no biases."""
     n = len(rows)
     presence = np.zeros(n, np.float32)
     frequency = np.zeros(n, np.float32)
     history = np.full((n, max_model_len), -1, np.int32)
+    bias_ids = np.full((n, BIAS_SLOTS), -1, np.int32)
+    bias = np.zeros((n, BIAS_SLOTS), np.float32)
     for i, r in enumerate(rows):
-        if r is not None and r.sampling.penalized:
-            presence[i], frequency[i] = r.sampling.presence_penalty, r.sampling.frequency_penalty
-            history[i, :len(r.output_token_ids)] = r.output_token_ids
-    return Penalties(presence, frequency, history)
+        if r is None or not r.sampling.penalized:
+            continue
+        sp = r.sampling
+        presence[i], frequency[i] = sp.presence_penalty, sp.frequency_penalty
+        history[i, :len(r.output_token_ids)] = r.output_token_ids
+        row = dict(sp.logit_bias or {})
+        if r.num_tokens - r.num_prompt_tokens < sp.min_tokens:
+            row.update(dict.fromkeys(banned_until_min_tokens(r), -np.inf))
+        bias_ids[i, :len(row)] = list(row)
+        bias[i, :len(row)] = list(row.values())
+    return Penalties(presence, frequency, history, bias_ids, bias)
+
+
+def banned_until_min_tokens(r: Request) -> set[int]:
+    """The tokens a request may not sample before its min_tokens: its EOS and stop token ids."""
+    return set(r.eos_token_ids) | set(r.sampling.stop_token_ids)
 
 
 def _sources(items: list[ScheduledRequest], rows: int) -> np.ndarray | None:
