@@ -59,6 +59,17 @@ def test_bench_swap_sim_and_copy_parts(small_trace):
     assert "swap-out (gather + device_put to host)" in out and "swap-in  (device_put + donated scatter)" in out, out
 
 
+@pytest.mark.slow
+def test_bench_swap_engine_part_answers_match_an_ample_pool(small_trace, tmp_path):
+    out_json = str(tmp_path / "engine.json")
+    _script("bench_swap.py", "--part", "engine", "--trace", small_trace, "--num-requests", "16", "--device-blocks", "8",
+            "--json", out_json)
+    rows = json.load(open(out_json))["engine"]
+    assert set(rows) == {"proactive", "reactive", "recompute", "ample"}
+    assert rows["proactive"]["swap_out_blocks"] > 0 and rows["recompute"]["recomputations"] > 0, rows
+    assert all(m["differ_from_ample"] == 0 for m in rows.values()), rows
+
+
 @needs_trace
 def test_bench_restart_prior_one_cell():
     out = _script("bench_restart_prior.py", "--loads", "0.9", "--workloads", "code", "--jobs", "1")
