@@ -414,6 +414,38 @@ def test_oversize_request_rejected_and_abort_frees_host(reference):
     assert e.kv.num_used_blocks == 0 and e.kv.num_host_used_blocks == 0
 
 
+@pytest.mark.parametrize("where", [KVLocation.SWAPPING_IN, KVLocation.SWAPPING_OUT])
+def test_abort_while_the_kv_is_in_flight_frees_both_pools_and_spares_the_rest(reference, where):
+    """A request aborted while its copy runs (an upload issued ahead of need, or an offload):
+    its device and host blocks come back once, the ledger holds after every step, and every
+    other request's greedy tokens are those of the ample-memory run."""
+    path, prompts, sp, want = reference
+    llm = LLM(path, warmup=False, num_device_blocks=30, num_host_blocks=80, swap_policy="proactive", **ENGINE_KW)
+    e = llm.engine
+    reqs = [e.add_request(p, sp) for p in prompts]
+    aborted = None
+    for _ in range(400):
+        e.step()
+        e.kv.check_integrity()
+        caught = [r for r in reqs if r.status is not RequestStatus.FINISHED and e.kv.location(r) is where]
+        if caught:
+            aborted = caught[0]
+            break
+    assert aborted is not None, f"no request was ever {where.value} after a step"
+    e.abort(aborted.request_id)
+    e.kv.check_integrity()
+    assert not e.kv.has_kv(aborted) and e.kv.host_blocks(aborted) == 0
+    while e.has_unfinished():
+        e.step()
+        e.kv.check_integrity()
+    assert aborted.finish_reason == "abort"
+    for r, w in zip(reqs, want):
+        if r is not aborted:
+            assert r.output_token_ids == w, r.request_id
+    assert e.kv.num_used_blocks == 0 and e.kv.num_host_used_blocks == 0 and e.kv.num_swapping_in_blocks == 0
+    assert not e.runner.transfer._held, "the aborted request's host copy is still held"
+
+
 def test_swap_copies_keep_the_cache_donated_and_use_host_memory(reference):
     path, prompts, sp, _ = reference
     llm = LLM(path, warmup=False, num_device_blocks=30, num_host_blocks=80, swap_policy="reactive", **ENGINE_KW)
