@@ -6,7 +6,8 @@ Three parts, each printing its figures side by side:
    (counting prompts with the trace's output lengths,
    Poisson arrivals at several times what it serves: an overload burst) once per swap policy,
    with a device pool far smaller than the live KV. Every answer is checked, and compared with
-   a last row whose pool holds all the KV (nothing swaps): the same answers, request by request. Reports mean/p99
+   a last row whose pool holds all the requests' KV at once (nothing swaps or recomputes): the
+   same answers, request by request. Reports mean/p99
    latency, latency per output token, throughput, swap traffic, and the share
    of loop time stalled waiting for swap copies.
 2. copy: the swap copy path (kv_transfer.KVTransfer: jitted gather + device_put to pinned_host,
@@ -95,12 +96,14 @@ def part_engine(a) -> dict:
                                                         # policy paid the compiles (0.60-0.77 s mean latency
                                                         # against 0.12-0.15 s warmed, 2026-12-02)
     work = None
-    # The last row holds every request's KV on the device (nothing swaps or recomputes): the
+    # The last row's pool holds every request's KV at once (nothing swaps or recomputes): the
     # answers the pressured rows must reproduce, request by request, on this backend.
-    ample = a.max_num_seqs * -(-512 // 16) + 1
+    ample = None
     for policy in POLICIES + ("ample",):
+        if policy == "ample":
+            ample = 1 + sum(-(-(w[2].prompt_tokens + w[2].output_tokens) // 16) for w in work)
         llm = LLM(None, swap_policy="recompute" if policy == "ample" else policy,
-                  **(kw | {"num_device_blocks": ample} if policy == "ample" else kw))
+                  **(kw | {"num_device_blocks": max(ample, a.max_num_seqs * 32 + 1)} if ample else kw))
         if work is None:
             work = build_workload(a.trace, a.num_requests, a.output_scale, a.seed, llm.tokenizer)
             arrivals = [t.arrival for t in with_arrivals([w[2] for w in work], a.rate, "poisson", 1.0, a.seed)]
