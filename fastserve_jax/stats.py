@@ -44,6 +44,8 @@ class EngineStats:
     swap_ins_ahead: int = 0             # uploads issued ahead of need (proactive)
     swap_outs_on_demand: int = 0        # evictions a scheduled request needed room for
     swap_outs_ahead: int = 0            # offloads ahead of need (proactive)
+    swap_link_out_bytes_per_second: float = 0.0   # one device's link, measured at start (0: no swapping)
+    swap_link_in_bytes_per_second: float = 0.0
     launches: dict = field(default_factory=dict)
 
     @property
@@ -88,4 +90,6 @@ def snapshot(st: EngineStats, requests: dict, last_scheduled: set[str], kv: KVMa
         swap_out_blocks_total=st.swap_out_blocks, swap_in_blocks_total=st.swap_in_blocks,
         swap_out_bytes_total=st.swap_out_bytes, swap_in_bytes_total=st.swap_in_bytes,
         swap_stall_seconds_total=st.swap_stall, iterations_total=st.iterations,
+        swap_link_out_bytes_per_second=st.swap_link_out_bytes_per_second,
+        swap_link_in_bytes_per_second=st.swap_link_in_bytes_per_second,
         **{f"phase_{k}_seconds_total": getattr(st, k) for k in PHASES})

@@ -5,6 +5,7 @@ on the runner (runner/swap_ops.py) and follows them until they land:
 
     on_demand(copies)   a plan's swap-outs, then its swap-ins, before its step; waiting on
                         those is stall, charged to the swap policy
+    (start)             the link's speed, for the swap policy's per-step upload bound
     ahead(plan, ...)    after the step: the swap policy's offloads and uploads for later
                         iterations (swap_policy.py), which overlap the step
     land(wait)          at the start of an iteration: uploads whose copies are in go into the
@@ -15,7 +16,7 @@ on the runner (runner/swap_ops.py) and follows them until they land:
 from __future__ import annotations
 
 from fastserve_jax.kv_cache import KVLocation, KVManager
-from fastserve_jax.kv_plan import Copies, apply_ahead
+from fastserve_jax.kv_plan import Copies, SwapAhead, apply_ahead
 from fastserve_jax.request import Request
 from fastserve_jax.runner.swap_ops import moves_of
 from fastserve_jax.stats import EngineStats
@@ -27,6 +28,15 @@ class SwapCopies:
         self.runner, self.kv, self.policy, self.stats = runner, kv, policy, stats
         self.uploading: list[Request] = []          # uploads issued, to land in a later iteration
         self.swapping_out: list[Request] = []       # swap-outs whose copy may still be in flight
+        # The link's speed, measured once here (KVTransfer.probe_link): it bounds the uploads
+        # issued after a step to what the link carries during one, and under reactive swapping
+        # turns the stall credit into blocks (swap_policy.py), as the simulator does with its
+        # cost model's transfer figures.
+        self.link = runner.transfer.probe_link(runner.caches) if policy.swaps else None
+        if self.link is not None:
+            policy.seconds_per_block = self.link.in_seconds_per_block
+            stats.swap_link_out_bytes_per_second = self.link.bytes_per_second("out")
+            stats.swap_link_in_bytes_per_second = self.link.bytes_per_second("in")
 
     def land(self, wait: bool = False) -> None:
         swaps = self.runner.swaps
@@ -54,8 +64,11 @@ class SwapCopies:
     def ahead(self, plan, requests, scheduler, now: float) -> None:
         ahead = self.policy.plan_ahead(plan, requests, scheduler, now)
         self.swapping_out += plan.swapped_out
-        if not ahead:
-            return
+        if ahead:
+            self.issue(ahead)
+
+    def issue(self, ahead: SwapAhead) -> None:
+        """Apply moves ahead of need to the ledger and issue their copies."""
         copies = apply_ahead(ahead, self.kv)
         self.runner.swaps.swap_out(moves_of(copies.swap_out))
         self.runner.swaps.start_swap_in(moves_of(copies.swap_in))

@@ -17,6 +17,9 @@ loop when a request finishes (aborted and failed requests are not observed).
                                              the iterations' busy seconds go (stats.EngineStats)
     fastserve_swap_stall_fraction            stall / busy seconds since start: the no-thrash
                                              bound keeps it under 5% (docs/swapping.md)
+    fastserve_swap_link_bytes_per_second{direction}
+                                             one device's link to host memory, measured at start
+                                             (0 without swapping); it bounds the uploads per step
     fastserve_time_to_first_token_seconds, fastserve_time_per_output_token_seconds,
     fastserve_e2e_request_latency_seconds,
     fastserve_request_handoff_seconds        histograms (hand-off: arrival to the engine's add_request)
@@ -78,7 +81,11 @@ class _EngineCollector:
         stall = GaugeMetricFamily("fastserve_swap_stall_fraction",
                                   "seconds iterations waited on swaps over seconds in iterations, since start")
         stall.add_metric([], s["swap_stall_fraction"])
-        yield from (q, st, used, total, usage, stall)
+        link = GaugeMetricFamily("fastserve_swap_link_bytes_per_second", "one device's copy speed to and from "
+                                 "host memory, measured at start (0: no swapping)", labels=["direction"])
+        for direction in ("out", "in"):
+            link.add_metric([direction], s[f"swap_link_{direction}_bytes_per_second"])
+        yield from (q, st, used, total, usage, stall, link)
         for key, doc in (("prompt_tokens_total", "prompt tokens of admitted requests"),
                          ("generation_tokens_total", "tokens generated"),
                          ("recomputations_total", "requests whose KV was dropped and recomputed"),

@@ -84,6 +84,9 @@ def test_two_processes_serve_a_request_end_to_end(tmp_path, backend, tp, pp):
             metrics = r.read().decode()
         swapped = [ln for ln in metrics.splitlines() if ln.startswith('fastserve_swap_blocks_total{direction="out"}')]
         assert swapped and float(swapped[0].split()[-1]) > 0, metrics
+        link = [ln for ln in metrics.splitlines()
+                if ln.startswith('fastserve_swap_link_bytes_per_second{direction="in"}')]
+        assert link and float(link[0].split()[-1]) > 0, metrics       # the leader's own device, probed
         procs[0].send_signal(signal.SIGINT)            # graceful: the leader tells the worker to stop
         # uvicorn re-raises the signal it drained on, after the shutdown (as in test_serve_cli)
         assert procs[0].wait(timeout=120) in (0, -signal.SIGINT), _logs(tmp_path)

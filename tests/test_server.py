@@ -51,10 +51,12 @@ def test_health_models_metrics(live, client):
                  "fastserve_e2e_request_latency_seconds_count", "fastserve_prompt_tokens_total",
                  "fastserve_generation_tokens_total", "fastserve_swap_blocks_total", "fastserve_swap_bytes_total",
                  "fastserve_swap_stall_seconds_total", "fastserve_recomputations_total",
-                 "fastserve_cost_model_provisional", "fastserve_iteration_phase_seconds_total"):
+                 "fastserve_cost_model_provisional", "fastserve_iteration_phase_seconds_total",
+                 "fastserve_swap_link_bytes_per_second"):
         assert any(k[0] == name for k in m), f"{name} missing from /metrics"
     assert m[("fastserve_queue_length", (("level", "1"),))] == 0        # skip-join MLFQ: several levels
     assert m[("fastserve_kv_blocks_total", (("pool", "device"),))] > 0
+    assert m[("fastserve_swap_link_bytes_per_second", (("direction", "in"),))] > 0     # proactive: measured
     phases = {dict(k[1])["phase"] for k in m if k[0] == "fastserve_iteration_phase_seconds_total"}
     assert phases == {"schedule", "assemble", "device", "postprocess"}
 

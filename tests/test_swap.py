@@ -17,10 +17,11 @@ from engine_grids import SMALL_GRID
 from fastserve_jax.config import SchedulerConfig
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.kv_cache import KVLocation, KVManager
-from fastserve_jax.kv_plan import apply_ahead, apply_plan
+from fastserve_jax.kv_plan import SwapAhead, apply_ahead, apply_plan
 from fastserve_jax.runner.kv_transfer import power_of_two_runs
 from fastserve_jax.request import Request, RequestStatus
 from fastserve_jax.scheduler import Limits, make_scheduler
+from fastserve_jax.scheduler.base import Plan
 from fastserve_jax.sim import SimConfig, advance, simulate
 from fastserve_jax.swap_policy import SwapPolicy
 from fastserve_jax.workload import TraceRequest
@@ -133,6 +134,31 @@ def test_mlfq_enst_orders_by_queue_and_promotion():
     for r in (req("x", 4), req("y", 4), req("z", 4)):
         fcfs.add(r)
     assert fcfs.next_run_estimates(0.0, 0.01, only={"z"}) == {"z": 0.02}
+
+
+@pytest.mark.parametrize("seconds_per_block,in_flight,uploads", [
+    (0.0, 0, 4),          # speed unknown: as many as the free blocks take
+    (0.01 / 2.5, 0, 1),   # 2.5 blocks per step: one 2-block request, the next does not fit
+    (0.01 / 1, 0, 1),     # under one request per step: still one, so uploads make progress
+    (0.01 / 2.5, 3, 0)])  # 3 blocks already on their way use up the step's link
+def test_uploads_ahead_fit_what_the_link_carries_in_one_step(seconds_per_block, in_flight, uploads):
+    kv = KVManager(num_blocks=24, block_size=4, num_host_blocks=24)
+    sched = make_scheduler("fcfs", Limits(8, 64), kv, CFG, COST)
+    swap = SwapPolicy("proactive", kv, 64, seconds_per_block=seconds_per_block)
+    swap.on_iteration(0.01)
+    hosted = [req(f"r{i}", 8) for i in range(4)]
+    busy = [req("busy", 4 * in_flight)] if in_flight else []
+    for r in hosted + busy:
+        sched.add(r)
+        kv.allocate(r, r.num_prompt_tokens)
+        r.num_computed_tokens = r.num_prompt_tokens
+        kv.swap_out(r)
+        kv.finish_swap_out(r)
+    for r in busy:
+        kv.swap_in(r)
+    assert kv.num_swapping_in_blocks == in_flight
+    ahead = swap.plan_ahead(Plan(), hosted, sched, 0.01)
+    assert [r.request_id for r in ahead.upload] == [f"r{i}" for i in range(uploads)] and not ahead.offload
 
 
 def _retire(plan, now, kv, sched, swap, live) -> None:
@@ -418,7 +444,9 @@ def test_oversize_request_rejected_and_abort_frees_host(reference):
 def test_abort_while_the_kv_is_in_flight_frees_both_pools_and_spares_the_rest(reference, where):
     """A request aborted while its copy runs (an upload issued ahead of need, or an offload):
     its device and host blocks come back once, the ledger holds after every step, and every
-    other request's greedy tokens are those of the ample-memory run."""
+    other request's greedy tokens are those of the ample-memory run. Offloads happen on their
+    own here; the upload is issued through the engine's own path once a request's KV is on the
+    host and fits the free blocks (the policy's own uploads ahead are few and timing-bound)."""
     path, prompts, sp, want = reference
     llm = LLM(path, warmup=False, num_device_blocks=30, num_host_blocks=80, swap_policy="proactive", **ENGINE_KW)
     e = llm.engine
@@ -427,7 +455,13 @@ def test_abort_while_the_kv_is_in_flight_frees_both_pools_and_spares_the_rest(re
     for _ in range(400):
         e.step()
         e.kv.check_integrity()
-        caught = [r for r in reqs if r.status is not RequestStatus.FINISHED and e.kv.location(r) is where]
+        live = [r for r in reqs if r.status is not RequestStatus.FINISHED]
+        if where is KVLocation.SWAPPING_IN:
+            hosted = [r for r in live if e.kv.location(r) is KVLocation.HOST
+                      and e.kv.host_blocks(r) <= e.kv.num_free_blocks]
+            if hosted:
+                e.copies.issue(SwapAhead(upload=[hosted[0]]))
+        caught = [r for r in live if e.kv.location(r) is where]
         if caught:
             aborted = caught[0]
             break
@@ -444,6 +478,23 @@ def test_abort_while_the_kv_is_in_flight_frees_both_pools_and_spares_the_rest(re
             assert r.output_token_ids == w, r.request_id
     assert e.kv.num_used_blocks == 0 and e.kv.num_host_used_blocks == 0 and e.kv.num_swapping_in_blocks == 0
     assert not e.runner.transfer._held, "the aborted request's host copy is still held"
+
+
+def test_engine_measures_its_link_for_the_swap_policy(reference):
+    """The engine times its device-host link at start (one device's share of a block, each
+    way) and hands the swap policy the upload time per block, as the simulator hands it the
+    cost model's; /metrics reads the speed from the snapshot."""
+    path, prompts, sp, want = reference
+    e = LLM(path, warmup=False, num_device_blocks=30, num_host_blocks=80, swap_policy="proactive",
+            **ENGINE_KW).engine
+    link = e.copies.link
+    assert link is not None and link.device_block_bytes > 0
+    assert 0 < e.swap.seconds_per_block == link.in_seconds_per_block < 1.0
+    snap = e.snapshot()
+    assert snap["swap_link_in_bytes_per_second"] == pytest.approx(link.device_block_bytes / link.in_seconds_per_block)
+    assert snap["swap_link_out_bytes_per_second"] > 0
+    off = LLM(path, warmup=False, num_device_blocks=30, swap_policy="recompute", **ENGINE_KW).engine
+    assert off.copies.link is None and off.swap.seconds_per_block == 0 and off.snapshot()["swap_link_in_bytes_per_second"] == 0
 
 
 def test_swap_copies_keep_the_cache_donated_and_use_host_memory(reference):

@@ -61,6 +61,22 @@ def host_memory_kind(device: jax.Device) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class LinkSpeed:
+    """Seconds one KV block takes to cross between a device and host memory, each way, for
+    one device's share of the block (every device moves its own share in parallel): the
+    median of `KVTransfer.probe_link`'s timed copies. It is the link alone; the engine's swap
+    path adds a gather before a swap-out and a scatter after a swap-in, device work that runs
+    in order with the steps (on the CPU backend the gather is the slow part, docs/swapping.md)."""
+    out_seconds_per_block: float
+    in_seconds_per_block: float
+    device_block_bytes: int
+
+    def bytes_per_second(self, direction: str) -> float:
+        t = self.out_seconds_per_block if direction == "out" else self.in_seconds_per_block
+        return self.device_block_bytes / t if t > 0 else 0.0
+
+
 @dataclass
 class _Upload:
     runs: list[list[KVCache]]        # per run, per stage: device arrays in flight from the host
@@ -107,6 +123,39 @@ class KVTransfer:
 
     def _fn(self, op: str, n: int, stage: int):
         return self._compiled.get(SwapKey(op, n, stage)) or (self._gather if op == "gather" else self._scatter)[stage]
+
+    # -- the link's speed --------------------------------------------------------------------
+    def probe_link(self, caches: Caches, max_blocks: int = 16, max_bytes: int = 32 << 20,
+                   repeats: int = 5) -> LinkSpeed:
+        """Time up to `max_blocks` blocks' worth (at most `max_bytes`, at least one block) of one device's share of every stage's KV (the largest
+        share, whose stage moves slowest) to host memory and back, `repeats` times after one
+        untimed round; per-block medians. A plain array on one of this process's devices, not
+        the cache: no compile, nothing for other processes to replay, and nothing in the
+        cache is touched."""
+        def share(cache: KVCache, sharding: NamedSharding) -> int:
+            shape = sharding.shard_shape(cache.k.shape)        # (layers, blocks, block size, kv heads, head dim)
+            return 2 * int(np.prod(shape)) // shape[1] * cache.k.dtype.itemsize
+        block = max(share(c, s) for c, s in zip(caches, self._device_sharding))
+        blocks = max(1, min(max_blocks, max_bytes // block))
+        mesh = self._device_sharding[0].mesh
+        device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+        on_device = jax.sharding.SingleDeviceSharding(device)
+        x = jax.device_put(np.zeros(blocks * block, np.uint8), on_device)
+        x.block_until_ready()
+        to_host = (functools.partial(jax.device_put, device=on_device.with_memory_kind(self.memory_kind))
+                   if self.memory_kind else np.asarray)
+        outs, ins = [], []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            h = to_host(x)
+            jax.block_until_ready(h)
+            t1 = time.perf_counter()
+            jax.device_put(h, on_device).block_until_ready()
+            t2 = time.perf_counter()
+            if i:
+                outs.append((t1 - t0) / blocks)
+                ins.append((t2 - t1) / blocks)
+        return LinkSpeed(float(np.median(outs)), float(np.median(ins)), block)
 
     # -- copies ----------------------------------------------------------------------------
     @staticmethod
