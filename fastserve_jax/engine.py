@@ -239,7 +239,7 @@ class LLMEngine:
             with st.phase("device"):
                 pending, batch, wait_first = self._dispatch(plan, copies, launches)
             with st.phase("schedule"):
-                self.copies.ahead(plan, self._requests.values(), self.scheduler, now)
+                self.copies.ahead(plan, self._requests, self.scheduler, now)
             if plan.scheduled:
                 self._inflight.append(_InFlight(batch, plan, launches, pending, started, service, wait_first))
         if self._inflight and (len(self._inflight) >= self.cfg.batches_in_flight or not plan.scheduled):

@@ -331,7 +331,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         max_tokens = max(max_tokens, plan.num_tokens)
         max_blocks = max(max_blocks, kv.num_used_blocks)
         h0 = clock()
-        ahead = swap.plan_ahead(plan, live_reqs.values(), sched, now)
+        ahead = swap.plan_ahead(plan, live_reqs, sched, now)
         moves = apply_ahead(ahead, kv)                 # empty when nothing is planned
         host += clock() - h0
         for c in moves.swap_out:

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Iterable
+from typing import Mapping
 
 from fastserve_jax.kv_cache import KVLocation, KVManager
 from fastserve_jax.kv_plan import SwapAhead
@@ -139,8 +139,9 @@ class SwapPolicy:
         return min(want, int(self.kv.num_usable_blocks * MAX_RESERVE_FRACTION))
 
     # -- the proactive moves ---------------------------------------------------------------
-    def plan_ahead(self, plan: Plan, live: Iterable[Request], scheduler: Scheduler, now: float) -> SwapAhead:
-        """Moves to issue after this iteration's step (empty unless proactive)."""
+    def plan_ahead(self, plan: Plan, live: Mapping[str, Request], scheduler: Scheduler, now: float) -> SwapAhead:
+        """Moves to issue after this iteration's step (empty unless proactive); `live`: request
+        id -> request, of which only those holding KV are looked at."""
         ahead = SwapAhead()
         kv = self.kv
         if self.name != "proactive" or kv.num_host_blocks == 0:
@@ -149,15 +150,14 @@ class SwapPolicy:
         reserve = self.reserve(len(plan.scheduled), now)
         if free >= reserve and kv.num_host_requests == 0:
             return ahead
-        # One walk over the live requests (in a burst most hold no KV) sorts the holders out.
+        # One walk over the KV holders (in a burst most live requests hold none), in arrival order.
         running = {s.request.request_id for s in plan.scheduled}
         host_resident: list[Request] = []
         paused: list[Request] = []
-        where_of = kv.where.get
-        for r in live:
-            where = where_of(r.request_id, KVLocation.NONE)
-            if where is KVLocation.NONE:
-                continue
+        holders = sorted((r for r in map(live.get, kv.where) if r is not None), key=lambda r: r.arrival_time)
+        where_of = kv.where.__getitem__
+        for r in holders:
+            where = where_of(r.request_id)
             if where is KVLocation.HOST:
                 if self._settled(r):
                     host_resident.append(r)

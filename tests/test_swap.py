@@ -157,7 +157,7 @@ def test_uploads_ahead_fit_what_the_link_carries_in_one_step(seconds_per_block, 
     for r in busy:
         kv.swap_in(r)
     assert kv.num_swapping_in_blocks == in_flight
-    ahead = swap.plan_ahead(Plan(), hosted, sched, 0.01)
+    ahead = swap.plan_ahead(Plan(), {r.request_id: r for r in hosted}, sched, 0.01)
     assert [r.request_id for r in ahead.upload] == [f"r{i}" for i in range(uploads)] and not ahead.offload
 
 
@@ -211,7 +211,7 @@ def test_randomized_ledger_invariants(policy, seed):
         plan = sched.schedule(now)
         assert plan.scheduled, "some request always runs"
         copies = apply_plan(plan, kv, now)
-        ahead = swap.plan_ahead(plan, live.values(), sched, now)
+        ahead = swap.plan_ahead(plan, live, sched, now)
         # a request that runs in this step is never offloaded under it
         assert not {r.request_id for r in ahead.offload} & {s.request.request_id for s in plan.scheduled}
         later = apply_ahead(ahead, kv)
@@ -328,7 +328,7 @@ def _serve_fcfs_proactive(sizes, num_blocks, num_host_blocks, budget, limit=500)
             kv.finish_swap_out(r)
         now += 0.01
         _retire(plan, now, kv, sched, swap, live)
-        ahead = swap.plan_ahead(plan, live.values(), sched, now)
+        ahead = swap.plan_ahead(plan, live, sched, now)
         apply_ahead(ahead, kv)
         for r in ahead.offload:
             kv.finish_swap_out(r)
