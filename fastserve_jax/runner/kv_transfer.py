@@ -127,11 +127,11 @@ class KVTransfer:
     # -- the link's speed --------------------------------------------------------------------
     def probe_link(self, caches: Caches, max_blocks: int = 16, max_bytes: int = 32 << 20,
                    repeats: int = 5) -> LinkSpeed:
-        """Time up to `max_blocks` blocks' worth (at most `max_bytes`, at least one block) of one device's share of every stage's KV (the largest
-        share, whose stage moves slowest) to host memory and back, `repeats` times after one
-        untimed round; per-block medians. A plain array on one of this process's devices, not
-        the cache: no compile, nothing for other processes to replay, and nothing in the
-        cache is touched."""
+        """Time up to `max_blocks` blocks (at most `max_bytes`, at least one block) of one
+        device's share of the KV (the largest stage's share: that stage moves slowest) to host
+        memory and back, `repeats` times after one untimed round; per-block medians. A plain
+        array on one of this process's devices, not the cache: no compile, nothing for other
+        processes to replay, and nothing in the cache is touched."""
         def share(cache: KVCache, sharding: NamedSharding) -> int:
             shape = sharding.shard_shape(cache.k.shape)        # (layers, blocks, block size, kv heads, head dim)
             return 2 * int(np.prod(shape)) // shape[1] * cache.k.dtype.itemsize
