@@ -12,7 +12,8 @@ Three parts, each printing its figures side by side:
    of loop time stalled waiting for swap copies.
 2. copy: the swap copy path (kv_transfer.KVTransfer: jitted gather + device_put to pinned_host,
    and back with a donated scatter) on a cache shaped like a 7B Llama's (32 layers, 8 KV heads
-   of 128, float32), against numpy copies of the same bytes on this machine.
+   of 128, float32), against the link alone as the engine measures it at start (probe_link)
+   and numpy copies of the same bytes on this machine.
 3. sim: the simulator at the paper's scale (OPT-13B on an A100 cost model, PCIe transfer
    model) on a longer slice of the trace, the same three policies.
 
@@ -182,14 +183,18 @@ def part_copy(a) -> dict:
         pool[:, 1:N + 1].copy()
         gather.append(time.perf_counter() - t0)
     gbs = lambda ts: nbytes / min(ts) / 1e9
+    link = t.probe_link([cache])          # the engine's own start-up figure: the link alone
     res = dict(bytes=nbytes, memory_kind=t.memory_kind, swap_out_gbs=gbs(times_out), swap_in_gbs=gbs(times_in),
-               memcpy_gbs=gbs(memcpy), numpy_slice_copy_gbs=gbs(gather))
+               memcpy_gbs=gbs(memcpy), numpy_slice_copy_gbs=gbs(gather),
+               link_out_gbs=link.bytes_per_second("out") / 1e9, link_in_gbs=link.bytes_per_second("in") / 1e9)
     print(f"\n== copy: {N} blocks of {block_bytes / 1e6:.1f} MB ({nbytes / 1e9:.2f} GB) per swap, best of "
           f"{a.repeats}, host memory kind {t.memory_kind}")
     print(f"  swap-out (gather + device_put to host) {res['swap_out_gbs']:6.2f} GB/s "
           f"= {res['swap_out_gbs'] / res['memcpy_gbs']:.2f}x memcpy")
     print(f"  swap-in  (device_put + donated scatter) {res['swap_in_gbs']:6.2f} GB/s "
           f"= {res['swap_in_gbs'] / res['memcpy_gbs']:.2f}x memcpy")
+    print(f"  the link alone (probe_link, the engine's) {res['link_out_gbs']:6.2f} GB/s out, "
+          f"{res['link_in_gbs']:.2f} GB/s in")
     print(f"  numpy memcpy of the same bytes           {res['memcpy_gbs']:6.2f} GB/s")
     print(f"  numpy strided slice copy (K and V)       {res['numpy_slice_copy_gbs']:6.2f} GB/s")
     return res

@@ -57,6 +57,7 @@ def test_bench_swap_sim_and_copy_parts(small_trace):
                   "--copy-blocks", "4", "--repeats", "1")
     assert all(f"{p} @ 3.0" in out for p in ("proactive", "reactive", "recompute")), out
     assert "swap-out (gather + device_put to host)" in out and "swap-in  (device_put + donated scatter)" in out, out
+    assert "the link alone (probe_link" in out, out
 
 
 @pytest.mark.slow
