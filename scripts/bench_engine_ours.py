@@ -71,7 +71,7 @@ def run_ours(llm, wl: Workload, scheduler: str) -> tuple[dict, list[list[int]]]:
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in wl.out_lens]
 
     def serve():
-        eng.stats = EngineStats()
+        eng.stats = eng.copies.stats = EngineStats()     # the swap copies count into the same object
         log: list[tuple[tuple, float]] = []     # which launches each iteration ran, and its wall time
         t0 = time.perf_counter()
         reqs = [eng.add_request(p, sp) for p, sp in zip(wl.prompts, params)]
@@ -138,7 +138,7 @@ def measure_decode_step(llm, batch: int, prompt_len: int, new_tokens: int, seed:
     reqs = [eng.add_request(rng.integers(VOCAB_LO, vocab, size=prompt_len).tolist(), sp) for _ in range(batch)]
     while any(r.is_prefilling for r in reqs):
         eng.step()
-    eng.stats = EngineStats()
+    eng.stats = eng.copies.stats = EngineStats()
     steps, ctx, rates = [], [], []
     while any(not r.finished for r in reqs):
         ctx.append(statistics.mean(r.num_tokens for r in reqs))
