@@ -71,6 +71,13 @@ def test_bench_swap_engine_part_answers_match_an_ample_pool(small_trace, tmp_pat
     assert all(m["differ_from_ample"] == 0 for m in rows.values()), rows
 
 
+@pytest.mark.slow
+@needs_trace
+def test_bench_swap_burst_one_round():
+    out = _script("bench_swap_burst.py", "--rounds", "1", "--num-requests", "60")
+    assert "skip-join-mlfq/recompute" in out and "against fcfs/recompute" in out, out
+
+
 @needs_trace
 def test_bench_restart_prior_one_cell():
     out = _script("bench_restart_prior.py", "--loads", "0.9", "--workloads", "code", "--jobs", "1")
