@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from numbers import Integral
 
-from fastserve_jax.sampling_params import BIAS_SLOTS, SamplingParams
+from fastserve_jax.sampling_params import BIAS_SLOTS, SamplingParams, bias_tokens
 from fastserve_jax.kv_cache import KVManager
 
 
@@ -53,7 +53,7 @@ def validate_request(prompt: str | list[int], params: SamplingParams, tokenizer,
     if bad_bias:
         raise ValueError(f"logit_bias token ids must be < vocab size {vocab_size}, got {bad_bias[:5]}")
     if params.min_tokens:
-        biased = set(bias) | set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+        biased = bias_tokens(bias, params.stop_token_ids, () if params.ignore_eos else eos_ids)
         if len(biased) > BIAS_SLOTS:
             raise ValueError(f"with min_tokens, logit_bias and stop_token_ids (and EOS) may name at most {BIAS_SLOTS} "
                              f"tokens together, got {len(biased)}")

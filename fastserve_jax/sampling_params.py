@@ -14,6 +14,12 @@ BIAS_SLOTS = 320
 MAX_LOGIT_BIAS = 300
 
 
+def bias_tokens(logit_bias, stop_token_ids, eos_ids) -> set[int]:
+    """The tokens a request with min_tokens biases at once (at most BIAS_SLOTS may be): its
+    logit_bias entries, its stop token ids and its EOS ids (pass none under ignore_eos)."""
+    return set(logit_bias or ()) | set(stop_token_ids) | set(eos_ids)
+
+
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from jinja2 import TemplateError
 
 from fastserve_jax.config import SamplingParams
-from fastserve_jax.sampling_params import BIAS_SLOTS
+from fastserve_jax.sampling_params import BIAS_SLOTS, bias_tokens
 
 from fastserve_jax.serve.engine_loop import EngineInfo
 from fastserve_jax.serve.errors import bad_request
@@ -59,7 +59,7 @@ def _check_token_ids(job: Job, eng: "LLMEngine | EngineInfo") -> None:
             raise bad_request(f"'{name}' must name token ids in [0, {vocab}) (this model's vocabulary), got "
                               f"{bad[:5]}", name)
     if job.min_tokens:
-        biased = set(job.logit_bias or ()) | set(job.stop_token_ids) | (set() if job.ignore_eos else set(eng.eos_ids))
+        biased = bias_tokens(job.logit_bias, job.stop_token_ids, () if job.ignore_eos else eng.eos_ids)
         if len(biased) > BIAS_SLOTS:
             raise bad_request(f"with 'min_tokens', 'logit_bias' and 'stop_token_ids' (and EOS) may name at most "
                               f"{BIAS_SLOTS} tokens together, got {len(biased)}", "logit_bias")
