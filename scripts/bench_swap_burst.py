@@ -24,9 +24,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_preemption as bp  # noqa: E402
 from sim_fidelity_in_process import engine_in_process  # noqa: E402
 
+from fastserve_jax.stats import PHASES  # noqa: E402
 from fastserve_jax.workload import with_arrivals  # noqa: E402
 
 FIGURES = ("throughput_rps", "mean_latency_per_token", "e2e_mean", "e2e_p99")
+
+
+def work_line(m: dict) -> str:
+    """Where one run's time went: iterations, ms per iteration split by EngineStats' phases, tokens
+    computed per iteration, and the KV work (blocks swapped, tokens recomputed, stall)."""
+    its = m["iterations"]
+    phases = " ".join(f"{k} {m[f'{k}_seconds_per_iteration'] * 1e3:.2f}" for k in PHASES)
+    return (f"{its} iterations of {m['iteration_seconds'] * 1e3:.2f} ms ({phases}); "
+            f"{(m['prefill_tokens'] + m['decode_tokens']) / its:.1f} tokens per iteration "
+            f"({m['decode_tokens'] / its:.1f} decode); blocks out {m['swap_out_blocks']}, in {m['swap_in_blocks']}; "
+            f"recomputed {m['recomputed_tokens']} tokens; stall {m['swap_stall'] / m['busy_seconds']:.2%}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {rnd + 1} {policy}/{swap}: {m['throughput_rps']:.1f} req/s, "
                       f"{m['mean_latency_per_token'] * 1e3:.2f} ms per token, JCT mean {m['e2e_mean']:.3f} s, "
                       f"p99 {m['e2e_p99']:.3f} s", flush=True)
+                print("    " + work_line(m), flush=True)
     med = {k: {f: statistics.median(m[f] for m in ms) for f in FIGURES} for k, ms in runs.items()}
     print(f"\nmedians of {a.rounds} rounds at {rate:g} req/s")
     print(f"  {'':>26}{'req/s':>9}{'ms/token':>10}{'JCT s':>8}{'p99 s':>8}")

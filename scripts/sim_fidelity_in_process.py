@@ -12,6 +12,9 @@ from types import SimpleNamespace
 import numpy as np
 
 from fastserve_jax.stats import PHASES
+
+# the KV work of a run (EngineStats' counters): what preemption cost beside the model's steps
+KV_WORK = ("swap_out_blocks", "swap_in_blocks", "swap_stall", "recomputed_tokens", "prefill_tokens", "decode_tokens")
 from sim_fidelity import FIDELITY, POLICIES, SPREAD, _fit_note, print_fidelity, print_held_out
 
 
@@ -28,7 +31,7 @@ def engine_in_process(build, work: list, arrivals: list[float], policy: str, per
     from fastserve_jax.models import demo_task
 
     eng = build(policy).engine
-    counters = ("iterations", "busy", *PHASES)
+    counters = ("iterations", "busy", *PHASES, *KV_WORK)
     before = {k: getattr(eng.stats, k) for k in counters}      # an engine reused across runs counts on
     reqs, i, t0 = [], 0, time.monotonic()
     while i < len(work) or eng.has_unfinished():
@@ -59,7 +62,8 @@ def engine_in_process(build, work: list, arrivals: list[float], policy: str, per
                 # where an iteration's time goes (EngineStats' phases): what the simulator's launches,
                 # its policy host time and the calibrated overhead have to account for
                 iteration_seconds=st.busy / st.iterations,
-                **{f"{k}_seconds_per_iteration": getattr(st, k) / st.iterations for k in PHASES})
+                **{f"{k}_seconds_per_iteration": getattr(st, k) / st.iterations for k in PHASES},
+                **{k: getattr(st, k) for k in KV_WORK}, busy_seconds=st.busy)
 
 
 def median_runs(runs: list[dict]) -> dict:
