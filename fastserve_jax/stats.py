@@ -44,7 +44,6 @@ class EngineStats:
     swap_ins_ahead: int = 0             # uploads issued ahead of need (proactive)
     swap_outs_on_demand: int = 0        # evictions a scheduled request needed room for
     swap_outs_ahead: int = 0            # offloads ahead of need (proactive)
-    swap_ins_landed_in_flight: int = 0  # uploads landed before their copy was in (the device waited, if anyone)
     swap_link_out_bytes_per_second: float = 0.0   # one device's link, measured at start (0: no swapping)
     swap_link_in_bytes_per_second: float = 0.0
     launches: dict = field(default_factory=dict)

@@ -8,9 +8,9 @@ on the runner (runner/swap_ops.py) and follows them until they land:
     (start)             the link's speed, for the swap policy's per-step upload bound
     ahead(plan, ...)    after the step: the swap policy's offloads and uploads for later
                         iterations (swap_policy.py), which overlap the step
-    land(wait)          at the start of an iteration: issued uploads go into the cache (see
-                        LAND_IN_FLIGHT; with `wait`, the host first waits for their copies,
-                        counted as stall); finished swap-outs are marked
+    land(wait)          at the start of an iteration: uploads whose copies are in go into the
+                        cache (with `wait`, all of them, the wait counted as stall); finished
+                        swap-outs are marked
 """
 
 from __future__ import annotations
@@ -24,17 +24,6 @@ from fastserve_jax.swap_policy import SwapPolicy
 
 
 class SwapCopies:
-    # Uploads land at the start of the iteration after the one that issued them, their copies
-    # in or not: the scatter is issued at once, and the device runs it when the copies are in,
-    # before the step that reads them. With async scheduling the next plan is made while the
-    # step that the uploads were issued behind still runs, so their copies are rarely in yet;
-    # waiting for them on the host (False) kept the requests out of one more iteration (H200,
-    # demo model, bench_swap_burst: 31.0 tokens per iteration against recompute's 32.9). The
-    # per-step upload bound (swap_policy.py) sizes them to cross during one step, so the
-    # device rarely waits; `swap_ins_landed_in_flight` counts the uploads landed before their
-    # copies were in.
-    LAND_IN_FLIGHT = True
-
     def __init__(self, runner, kv: KVManager, policy: SwapPolicy, stats: EngineStats) -> None:
         self.runner, self.kv, self.policy, self.stats = runner, kv, policy, stats
         self.uploading: list[Request] = []          # uploads issued, to land in a later iteration
@@ -52,13 +41,8 @@ class SwapCopies:
     def land(self, wait: bool = False) -> None:
         swaps = self.runner.swaps
         for req in self.uploading:
-            if self.kv.location(req) is not KVLocation.SWAPPING_IN:
-                continue
-            ready = swaps.transfer.in_landed(req.request_id)
-            if ready or wait or self.LAND_IN_FLIGHT:
-                if not (ready or wait):
-                    self.stats.swap_ins_landed_in_flight += 1
-                swaps.land(req.request_id, wait=wait)
+            if self.kv.location(req) is KVLocation.SWAPPING_IN and (wait or swaps.transfer.in_landed(req.request_id)):
+                swaps.land(req.request_id)
                 self.kv.finish_swap_in(req)
         self.uploading = [r for r in self.uploading if self.kv.location(r) is KVLocation.SWAPPING_IN]
         for req in self.swapping_out:

@@ -197,14 +197,12 @@ class KVTransfer:
         """The request's issued swap-in copies are all on the device (landing it will not wait)."""
         return all(x.is_ready() for run in self._uploads[request_id].runs for part in run for x in part)
 
-    def land_swap_in(self, caches: Caches, request_id: str, wait: bool = True) -> Caches:
-        """Scatter an issued swap-in into every stage's cache (donated). With `wait`, the host
-        first waits for its copies to arrive, and that wait counts as stall; without it the
-        scatter is issued at once and the device runs it once the copies are in (the step
-        after it waits there, not the host)."""
+    def land_swap_in(self, caches: Caches, request_id: str) -> Caches:
+        """Scatter an issued swap-in into every stage's cache (donated); time spent waiting for
+        its copies to arrive counts as stall."""
         up = self._uploads.pop(request_id)
         leaves = [x for run in up.runs for part in run for x in part]
-        if wait and not all(x.is_ready() for x in leaves):
+        if not all(x.is_ready() for x in leaves):
             t0 = time.perf_counter()
             jax.block_until_ready(leaves)
             self.stall_seconds += time.perf_counter() - t0

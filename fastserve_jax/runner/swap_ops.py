@@ -68,10 +68,9 @@ class SwapOps:
         for rid, blocks in moves:
             self.transfer.start_swap_in(rid, tuple(blocks))
 
-    def land(self, request_id: str, wait: bool = True) -> None:
-        """Scatter an issued upload into the caches (`wait`: see KVTransfer.land_swap_in)."""
-        self._mirror({"op": "land_swap_in", "request_id": request_id, "wait": wait})
-        self._set_caches(self.transfer.land_swap_in(self._caches(), request_id, wait))
+    def land(self, request_id: str) -> None:
+        self._mirror({"op": "land_swap_in", "request_id": request_id})
+        self._set_caches(self.transfer.land_swap_in(self._caches(), request_id))
 
     def discard(self, request_id: str) -> None:
         """Forget a request's host copy or pending upload (it finished, or its KV was dropped)."""
@@ -84,7 +83,7 @@ class SwapOps:
         if op in ("swap_out", "swap_in_now", "start_swap_in"):
             getattr(self, op)(moves_from_wire(msg["moves"]))
         elif op == "land_swap_in":
-            self.land(msg["request_id"], msg.get("wait", True))
+            self.land(msg["request_id"])
         elif op == "discard":
             self.discard(msg["request_id"])
         else:
