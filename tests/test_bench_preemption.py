@@ -186,7 +186,10 @@ def test_engine_in_process_serves_the_burst_at_its_arrival_times_and_checks_ever
     m = sfi.engine_in_process(build, work, arrivals, "skip-join-mlfq")
     phases = {f"{k}_seconds_per_iteration" for k in PHASES}
     assert set(m) == {"e2e_mean", "e2e_p99", "mean_latency_per_token", "ttft_mean", "throughput_rps", "iterations",
-                      "iteration_seconds"} | phases
+                      "iteration_seconds", "busy_seconds", *sfi.KV_WORK} | phases
+    # the run's own KV work: no host pool, so nothing swaps; every token was computed once at least
+    assert m["swap_out_blocks"] == m["swap_in_blocks"] == 0 and m["swap_stall"] == 0
+    assert m["prefill_tokens"] >= len(pairs) and m["decode_tokens"] > 0
     assert 0 < m["ttft_mean"] <= m["e2e_mean"] <= m["e2e_p99"] and m["iterations"] >= 20
     assert 0 < m["device_seconds_per_iteration"] < m["iteration_seconds"]       # busy covers the phases
     assert all(m[k] > 0 for k in phases)
