@@ -196,7 +196,7 @@ def burst_setup(a: argparse.Namespace) -> Burst:
     from fastserve_jax.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(demo_model_path())
-    work, _ = build_workload(TRACE, a.num_requests, 1.0, False, 1.0, a.seed, "chat")
+    work, _ = build_workload(a.trace, a.num_requests, 1.0, False, 1.0, a.seed, "chat")
     prompt_tokens = [len(tok.encode(w[0]["prompt"])) for w in work]
     outputs = [demo_task.answer_num_tokens(a_, b_) for _, (a_, b_) in work]
     sized = [TraceRequest(0.0, p, o) for p, o in zip(prompt_tokens, outputs)]
@@ -211,8 +211,8 @@ def burst_setup(a: argparse.Namespace) -> Burst:
           f"{statistics.mean(outputs):.1f}); live KV {live} blocks of {a.block_size}, device pool {pool} usable "
           f"blocks ({pool / live:.0%}; the largest request needs {max(kv_blocks(sized, a.block_size))}), host pool "
           f"{live}\nengine: {' '.join(argv)}", flush=True)
-    warm, _ = build_workload(TRACE, 2, 1.0, False, 1.0, a.seed + 1, "chat")
-    probe, _ = build_workload(TRACE, a.capacity_requests, 1.0, False, 1.0, a.seed + 2, "chat")
+    warm, _ = build_workload(a.trace, 2, 1.0, False, 1.0, a.seed + 1, "chat")
+    probe, _ = build_workload(a.trace, a.capacity_requests, 1.0, False, 1.0, a.seed + 2, "chat")
     llm = local_engine(argv, warmup="full")
     # The cost model is measured now, every shape at its own bucket, and cached under the
     # servers' key, so the servers' policies and the simulator both use this hour's machine (a
@@ -247,6 +247,7 @@ def add_burst_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-protect-decodes", dest="protect_decodes", action="store_false",
                     help="skip-join as the paper has it (serve --no-protect-decodes), here and in the simulator")
     ap.add_argument("--seed", type=int, default=0, help="seed of the requests and arrivals")
+    ap.add_argument("--trace", default=TRACE, help="the request trace (default: the shared Azure conversation trace)")
     ap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                     help="every engine (both policies' servers, the in-process runs) without async scheduling, the "
                          "loop the simulator models (by default they schedule asynchronously)")
