@@ -596,3 +596,30 @@ def test_engine_fcfs_with_proactive_swapping_finishes_in_a_three_block_pool(refe
     assert not e.has_unfinished(), {r.request_id: e.kv.location(r).value for r in reqs}
     assert [r.output_token_ids for r in reqs] == want
     assert e.stats.swap_out_blocks > 0
+
+
+@pytest.mark.parametrize("host_memory", [True, False])
+def test_probe_link_times_one_devices_share_of_a_block(host_memory, monkeypatch):
+    """probe_link times the largest per-device share of one block (here KV heads split over 2
+    devices: half a block), to host memory and back; without a host memory space (some
+    backends) the copies are numpy's, and it still gives a speed each way."""
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from fastserve_jax.models.attention import KVCache
+    from fastserve_jax.runner.kv_transfer import KVTransfer
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+    sh = NamedSharding(mesh, P(None, None, None, "tp", None))       # (layers, blocks, block size, kv heads, D)
+    cache = KVCache(*(jax.device_put(jnp.zeros((3, 9, 4, 2, 8), jnp.float32), sh) for _ in range(2)))
+    t = KVTransfer([sh], max_blocks=8, block_bytes=2 * 3 * 4 * 2 * 8 * 4)
+    if not host_memory:
+        t.memory_kind = None
+    puts = []
+    real_put = jax.device_put
+    monkeypatch.setattr(jax, "device_put", lambda x, device=None, **kw: puts.append(device) or real_put(x, device, **kw))
+    link = t.probe_link([cache], max_blocks=4, repeats=2)
+    assert link.device_block_bytes == 2 * 3 * 4 * 1 * 8 * 4         # K and V of one device's KV head
+    assert link.out_seconds_per_block > 0 and link.in_seconds_per_block > 0
+    assert link.bytes_per_second("in") == pytest.approx(link.device_block_bytes / link.in_seconds_per_block)
+    kinds = {getattr(d, "memory_kind", None) for d in puts}
+    assert ("pinned_host" in kinds or "unpinned_host" in kinds) == host_memory, kinds
