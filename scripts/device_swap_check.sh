@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The swap checks for a lent GPU machine (the device tool), about 5 minutes on one H200:
+# the copy path on a 7B-shaped cache, bench_swap_burst's burst (3 rounds, with where each
+# run's time went) and bench_swap's tight-pool engine part. Each part has its own time limit,
+# so a slow one leaves the others' logs. Carry the trace (an ignored copy in the checkout,
+# e.g. .bench/azure_conv_2023.csv: the machine has no ../shared) and run from the root:
+#
+#     scripts/device_swap_check.sh .bench/azure_conv_2023.csv      # logs under $OUT
+#
+# The figures of 2026-12-04 are in docs/swapping.md ("On an accelerator").
+set -uo pipefail
+TRACE=${1:?the trace csv}
+OUT=${OUT:-out/device_swap}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+part() {            # part NAME SECONDS COMMAND...: its output, less XLA's timer warnings, to NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $* (limit ${limit} s, $(date -u +%H:%M:%S) UTC)"
+    timeout "$limit" "$@" 2>&1 | grep -v "cuda_timer" | tee "$OUT/$name.log"
+}
+nvidia-smi -L 2>/dev/null
+python -c "import jax; print('jax', jax.__version__, jax.devices())"
+part copy 90 python scripts/bench_swap.py --part copy --copy-blocks 128 --json "$OUT/copy.json"
+part burst 150 python scripts/bench_swap_burst.py --rate 300 --rounds 3 --trace "$TRACE"
+part engine 150 python scripts/bench_swap.py --part engine --trace "$TRACE" --num-requests 100 --json "$OUT/engine.json"
