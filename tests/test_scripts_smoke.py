@@ -56,7 +56,8 @@ def test_bench_swap_sim_and_copy_parts(small_trace):
                   "--sim-rate", "3", "--sim-device-tokens", "640", "--sim-host-tokens", "20000",
                   "--copy-blocks", "4", "--repeats", "1")
     assert all(f"{p} @ 3.0" in out for p in ("proactive", "reactive", "recompute")), out
-    assert "swap-out (gather + device_put to host)" in out and "swap-in  (device_put + donated scatter)" in out, out
+    # the CPU's fused path (kv_transfer.FUSED_PLATFORMS)
+    assert "swap-out (gather into host memory)" in out and "swap-in  (donated scatter from host)" in out, out
     assert "the link alone (probe_link" in out, out
 
 

@@ -623,3 +623,36 @@ def test_probe_link_times_one_devices_share_of_a_block(host_memory, monkeypatch)
     assert link.bytes_per_second("in") == pytest.approx(link.device_block_bytes / link.in_seconds_per_block)
     kinds = {getattr(d, "memory_kind", None) for d in puts}
     assert ("pinned_host" in kinds or "unpinned_host" in kinds) == host_memory, kinds
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_swap_copies_round_trip_fused_on_the_cpu_and_through_device_put_elsewhere(fused, monkeypatch):
+    """A request's blocks go to host memory and come back into other blocks unchanged. On the
+    CPU backend the gather writes them straight into host memory and the scatter reads them
+    from there (no jax.device_put: its Python path cost more than the copy); the accelerator
+    path (device_put both ways) is the one taken with FUSED_PLATFORMS emptied."""
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from fastserve_jax.models.attention import KVCache
+    from fastserve_jax.runner import kv_transfer as kt
+
+    if not fused:
+        monkeypatch.setattr(kt, "FUSED_PLATFORMS", ())
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+    sh = NamedSharding(mesh, P(None, None, None, "tp", None))       # (layers, blocks, block size, kv heads, D)
+    vals = np.random.default_rng(0).normal(size=(3, 16, 4, 2, 8)).astype(np.float32)
+    cache = KVCache(jax.device_put(vals, sh), jax.device_put(-vals, sh))
+    t = kt.KVTransfer([sh], max_blocks=8, block_bytes=2 * 3 * 4 * 2 * 8 * 4)
+    assert t.fused == fused and t.memory_kind == "pinned_host"
+    puts = []
+    real_put = jax.device_put
+    monkeypatch.setattr(jax, "device_put", lambda *a, **kw: puts.append(1) or real_put(*a, **kw))
+    t.swap_out([cache], "r", (3, 5, 7, 9, 11, 13, 15))          # runs of 4, 2 and 1 blocks
+    assert all(part.k.sharding.memory_kind == "pinned_host" for run in t._held["r"] for part in run)
+    t.start_swap_in("r", (1, 2, 4, 6, 8, 10, 12))
+    (cache,) = t.land_swap_in([cache], "r")
+    assert bool(puts) != fused, len(puts)
+    src, dst = [3, 5, 7, 9, 11, 13, 15], [1, 2, 4, 6, 8, 10, 12]
+    np.testing.assert_array_equal(np.asarray(cache.k)[:, dst], vals[:, src])
+    np.testing.assert_array_equal(np.asarray(cache.v)[:, dst], -vals[:, src])
+    assert cache.k.sharding.memory_kind == "device" and t.blocks_out == t.blocks_in == 7

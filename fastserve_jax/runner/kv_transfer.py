@@ -14,6 +14,16 @@ copies of all stages at once (each stage's on its own devices, so they run in pa
 tensor parallelism the KV-head shards move shard by shard, each device to and from its own
 host memory, since the host copy keeps the stage cache's sharding.
 
+On the CPU backend (FUSED_PLATFORMS) the gather writes its runs straight into host memory
+and the scatter reads them from there, one compiled call each way, with no device_put:
+`jax.device_put`'s Python path cost 60-80 us per array there (4 small arrays: 0.24-0.30 ms,
+against 10 us for a gather with its output in host memory), and 7B-shaped copies ran at
+2.4 GB/s fused against 0.9-1.0 GB/s (`bench_swap.py --part copy`, 2026-12-04). The CPU has
+no copy engine for a separate copy to overlap with. On accelerators the copies stay
+`device_put`s, which the runtime issues on its transfer streams so that they overlap the
+steps; a copy inside a compiled call would likely be ordered with the steps on the compute
+stream (not measured on a GPU).
+
 The host copies keep the device pool's block layout and live in `pinned_host` memory where
 the backend has it (CUDA, TPU and CPU do), else `unpinned_host`. The gather only reads the
 cache, and the scatter donates it, so swapping never copies the whole cache. Device work runs
@@ -51,6 +61,10 @@ def _scatter(cache: KVCache, blocks: KVCache, ids: jax.Array) -> KVCache:
     return KVCache(cache.k.at[:, ids].set(blocks.k), cache.v.at[:, ids].set(blocks.v))
 
 
+# Backends whose swap copies run inside the compiled gather and scatter (see above).
+FUSED_PLATFORMS = ("cpu",)
+
+
 def host_memory_kind(device: jax.Device) -> str | None:
     """'pinned_host' where the device offers it, else 'unpinned_host', else None (no host memory
     space: fall back to plain host arrays)."""
@@ -79,7 +93,7 @@ class LinkSpeed:
 
 @dataclass
 class _Upload:
-    runs: list[list[KVCache]]        # per run, per stage: device arrays in flight from the host
+    runs: list[list[KVCache]]        # per run, per stage: device arrays in flight from the host (fused: the host copies)
     ids: list[np.ndarray]            # the device blocks each run lands in
 
 
@@ -96,9 +110,14 @@ class KVTransfer:
         self._device_sharding = list(cache_shardings)
         self._host_sharding = ([s.with_memory_kind(self.memory_kind) for s in cache_shardings]
                                if self.memory_kind else None)
-        self._gather = [jax.jit(_gather, out_shardings=KVCache(s, s)) for s in cache_shardings]
+        # fused: the gather's output and the scatter's input are the host copies (FUSED_PLATFORMS)
+        self.fused = (self.memory_kind is not None
+                      and cache_shardings[0].mesh.devices.flat[0].platform in FUSED_PLATFORMS)
+        runs_at = self._host_sharding if self.fused else self._device_sharding     # where gathered runs live
+        self._gather = [jax.jit(_gather, out_shardings=KVCache(r, r)) for r in runs_at]
         self._scatter = [jax.jit(_scatter, donate_argnames=("cache",), out_shardings=KVCache(s, s))
                          for s in cache_shardings]
+        self._runs_at = runs_at
         self._compiled: dict[SwapKey, object] = {}
         self._held: dict[str, list[list[KVCache]]] = {}   # request id -> host runs (block-table order) x stages
         self._uploads: dict[str, _Upload] = {}
@@ -113,11 +132,12 @@ class KVTransfer:
             for n in self.run_sizes:
                 ids = jax.ShapeDtypeStruct((n,), jnp.int32)
                 run = jax.eval_shape(_gather, cache, ids)
-                run = KVCache(*(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._device_sharding[s]) for x in run))
-                jobs.append(CompileJob(export_cache.lower_job(self._gather[s], cache, ids, name="kv_gather"),
+                run = KVCache(*(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._runs_at[s]) for x in run))
+                suffix = "_host" if self.fused else ""
+                jobs.append(CompileJob(export_cache.lower_job(self._gather[s], cache, ids, name="kv_gather" + suffix),
                                        functools.partial(self._compiled.__setitem__, SwapKey("gather", n, s))))
-                jobs.append(CompileJob(export_cache.lower_job(self._scatter[s], cache, run, ids, name="kv_scatter",
-                                                              donate=(0,)),
+                jobs.append(CompileJob(export_cache.lower_job(self._scatter[s], cache, run, ids,
+                                                              name="kv_scatter" + suffix, donate=(0,)),
                                        functools.partial(self._compiled.__setitem__, SwapKey("scatter", n, s))))
         return jobs
 
@@ -177,8 +197,9 @@ class KVTransfer:
     def swap_out(self, caches: Caches, request_id: str, blocks: tuple[int, ...]) -> None:
         """Issue the device-to-host copies of the request's `blocks` (block-table order) on every
         stage (returns at once)."""
-        self._held[request_id] = self._to_host([[self._fn("gather", ids.shape[0], s)(cache, ids)
-                                                 for s, cache in enumerate(caches)] for ids in self._runs(blocks)])
+        runs = [[self._fn("gather", ids.shape[0], s)(cache, ids) for s, cache in enumerate(caches)]
+                for ids in self._runs(blocks)]
+        self._held[request_id] = runs if self.fused else self._to_host(runs)
         self.blocks_out += len(blocks)
 
     def out_landed(self, request_id: str) -> bool:
@@ -189,7 +210,7 @@ class KVTransfer:
         """Issue the host-to-device copies of the request's runs into device `blocks`; they land
         in the caches at `land_swap_in`."""
         host = self._held.pop(request_id)
-        runs = jax.device_put(host, [self._device_sharding[:len(run)] for run in host])     # one call, as _to_host
+        runs = host if self.fused else jax.device_put(host, [self._device_sharding[:len(run)] for run in host])  # one call, as _to_host
         self._uploads[request_id] = _Upload(runs, self._runs(blocks))
         self.blocks_in += len(blocks)
 
