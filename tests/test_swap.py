@@ -631,7 +631,6 @@ def test_swap_copies_round_trip_fused_on_the_cpu_and_through_device_put_elsewher
     CPU backend the gather writes them straight into host memory and the scatter reads them
     from there (no jax.device_put: its Python path cost more than the copy); the accelerator
     path (device_put both ways) is the one taken with FUSED_PLATFORMS emptied."""
-    import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from fastserve_jax.models.attention import KVCache
     from fastserve_jax.runner import kv_transfer as kt
