@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 
 from fastserve_jax.stats import PHASES
+from sim_fidelity import FIDELITY, POLICIES, SPREAD, _fit_note, print_fidelity, print_held_out
 
 # the KV work of a run (EngineStats' counters): what preemption cost beside the model's steps
 KV_WORK = ("swap_out_blocks", "swap_in_blocks", "swap_stall", "recomputed_tokens", "prefill_tokens", "decode_tokens")
-from sim_fidelity import FIDELITY, POLICIES, SPREAD, _fit_note, print_fidelity, print_held_out
 
 
 # ----------------------------------------------------------------------------- the engine without HTTP
