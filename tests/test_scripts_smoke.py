@@ -79,6 +79,15 @@ def test_bench_swap_burst_one_round():
     assert "skip-join-mlfq/recompute" in out and "against fcfs/recompute" in out, out
 
 
+@pytest.mark.slow
+@needs_trace
+def test_bench_swap_host_one_round():
+    out = _script("bench_swap_host.py", "--rounds", "1", "--num-requests", "60")
+    # on the CPU both copy paths run, and every run prints the swap path's host time
+    assert "skip-join/proactive fused" in out and "skip-join/proactive device_put" in out, out
+    assert out.count("swap path host ms per iteration: ahead") == 3, out
+
+
 @needs_trace
 def test_bench_restart_prior_one_cell():
     out = _script("bench_restart_prior.py", "--loads", "0.9", "--workloads", "code", "--jobs", "1")
