@@ -16,7 +16,7 @@ host memory, since the host copy keeps the stage cache's sharding.
 
 On the CPU backend (FUSED_PLATFORMS) the gather writes its runs straight into host memory
 and the scatter reads them from there, one compiled call each way, with no device_put:
-`jax.device_put`'s Python path cost 60-80 us per array there (4 small arrays: 0.24-0.30 ms,
+`jax.device_put`'s Python path cost 60-90 us per array there (4 small arrays: 0.24-0.30 ms,
 against 10 us for a gather with its output in host memory), and 7B-shaped copies ran at
 2.4 GB/s fused against 0.9-1.0 GB/s (`bench_swap.py --part copy`, 2026-12-04). The CPU has
 no copy engine for a separate copy to overlap with. On accelerators the copies stay
