@@ -84,7 +84,7 @@ def test_bench_swap_burst_one_round():
 def test_bench_swap_host_one_round():
     out = _script("bench_swap_host.py", "--rounds", "1", "--num-requests", "60")
     # on the CPU both copy paths run, and every run prints the swap path's host time
-    assert "skip-join/proactive fused" in out and "skip-join/proactive device_put" in out, out
+    assert "skip-join/proactive fused (this backend's path)" in out and "skip-join/proactive device_put:" in out, out
     assert out.count("swap path host ms per iteration: ahead") == 3, out
 
 
