@@ -11,9 +11,10 @@ Three parts, each printing its figures side by side:
    latency, latency per output token, throughput, swap traffic, and the share
    of loop time stalled waiting for swap copies.
 2. copy: the swap copy path (kv_transfer.KVTransfer: jitted gather + device_put to pinned_host,
-   and back with a donated scatter; on the CPU the gather writes into host memory itself) on a cache shaped like a 7B Llama's (32 layers, 8 KV heads
-   of 128, float32), against the link alone as the engine measures it at start (probe_link)
-   and numpy copies of the same bytes on this machine.
+   and back with a donated scatter; on the CPU the gather writes into host memory itself) on
+   a cache shaped like a 7B Llama's (32 layers, 8 KV heads of 128, float32), against the link
+   alone as the engine measures it at start (probe_link) and numpy copies of the same bytes on
+   this machine.
 3. sim: the simulator at the paper's scale (OPT-13B on an A100 cost model, PCIe transfer
    model) on a longer slice of the trace, the same three policies.
 

@@ -598,25 +598,40 @@ def test_engine_fcfs_with_proactive_swapping_finishes_in_a_three_block_pool(refe
     assert e.stats.swap_out_blocks > 0
 
 
+def _kv_heads_split_over_two_devices(k: np.ndarray, v: np.ndarray):
+    """(sharding, KVCache) of a cache (layers, blocks, block size, kv heads, D) whose KV heads
+    are split over two devices."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from fastserve_jax.models.attention import KVCache
+
+    sh = NamedSharding(Mesh(np.array(jax.devices()[:2]), ("tp",)), P(None, None, None, "tp", None))
+    return sh, KVCache(jax.device_put(k, sh), jax.device_put(v, sh))
+
+
+def _count_device_puts(monkeypatch) -> list:
+    """A list that gets each later jax.device_put call's target (device or sharding)."""
+    puts, real_put = [], jax.device_put
+
+    def put(x, device=None, **kw):
+        puts.append(device)
+        return real_put(x, device, **kw)
+    monkeypatch.setattr(jax, "device_put", put)
+    return puts
+
+
 @pytest.mark.parametrize("host_memory", [True, False])
 def test_probe_link_times_one_devices_share_of_a_block(host_memory, monkeypatch):
     """probe_link times the largest per-device share of one block (here KV heads split over 2
     devices: half a block), to host memory and back; without a host memory space (some
     backends) the copies are numpy's, and it still gives a speed each way."""
-    import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from fastserve_jax.models.attention import KVCache
     from fastserve_jax.runner.kv_transfer import KVTransfer
 
-    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
-    sh = NamedSharding(mesh, P(None, None, None, "tp", None))       # (layers, blocks, block size, kv heads, D)
-    cache = KVCache(*(jax.device_put(jnp.zeros((3, 9, 4, 2, 8), jnp.float32), sh) for _ in range(2)))
+    zeros = np.zeros((3, 9, 4, 2, 8), np.float32)
+    sh, cache = _kv_heads_split_over_two_devices(zeros, zeros)
     t = KVTransfer([sh], max_blocks=8, block_bytes=2 * 3 * 4 * 2 * 8 * 4)
     if not host_memory:
         t.memory_kind = None
-    puts = []
-    real_put = jax.device_put
-    monkeypatch.setattr(jax, "device_put", lambda x, device=None, **kw: puts.append(device) or real_put(x, device, **kw))
+    puts = _count_device_puts(monkeypatch)
     link = t.probe_link([cache], max_blocks=4, repeats=2)
     assert link.device_block_bytes == 2 * 3 * 4 * 1 * 8 * 4         # K and V of one device's KV head
     assert link.out_seconds_per_block > 0 and link.in_seconds_per_block > 0
@@ -631,21 +646,15 @@ def test_swap_copies_round_trip_fused_on_the_cpu_and_through_device_put_elsewher
     CPU backend the gather writes them straight into host memory and the scatter reads them
     from there (no jax.device_put: its Python path cost more than the copy); the accelerator
     path (device_put both ways) is the one taken with FUSED_PLATFORMS emptied."""
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from fastserve_jax.models.attention import KVCache
     from fastserve_jax.runner import kv_transfer as kt
 
     if not fused:
         monkeypatch.setattr(kt, "FUSED_PLATFORMS", ())
-    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
-    sh = NamedSharding(mesh, P(None, None, None, "tp", None))       # (layers, blocks, block size, kv heads, D)
     vals = np.random.default_rng(0).normal(size=(3, 16, 4, 2, 8)).astype(np.float32)
-    cache = KVCache(jax.device_put(vals, sh), jax.device_put(-vals, sh))
+    sh, cache = _kv_heads_split_over_two_devices(vals, -vals)
     t = kt.KVTransfer([sh], max_blocks=8, block_bytes=2 * 3 * 4 * 2 * 8 * 4)
     assert t.fused == fused and t.memory_kind == "pinned_host"
-    puts = []
-    real_put = jax.device_put
-    monkeypatch.setattr(jax, "device_put", lambda *a, **kw: puts.append(1) or real_put(*a, **kw))
+    puts = _count_device_puts(monkeypatch)
     t.swap_out([cache], "r", (3, 5, 7, 9, 11, 13, 15))          # runs of 4, 2 and 1 blocks
     assert all(part.k.sharding.memory_kind == "pinned_host" for run in t._held["r"] for part in run)
     t.start_swap_in("r", (1, 2, 4, 6, 8, 10, 12))

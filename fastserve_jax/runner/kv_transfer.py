@@ -79,9 +79,10 @@ def host_memory_kind(device: jax.Device) -> str | None:
 class LinkSpeed:
     """Seconds one KV block takes to cross between a device and host memory, each way, for
     one device's share of the block (every device moves its own share in parallel): the
-    median of `KVTransfer.probe_link`'s timed copies. It is the link alone; the engine's swap
-    path adds a gather before a swap-out and a scatter after a swap-in, device work that runs
-    in order with the steps (on the CPU backend the gather is the slow part, docs/swapping.md)."""
+    median of `KVTransfer.probe_link`'s timed copies (`device_put`s). It is the link alone; the
+    engine's swap path adds a gather before a swap-out and a scatter after a swap-in, device
+    work that runs in order with the steps. On the CPU backend the swap path does not use
+    `device_put` (FUSED_PLATFORMS) and ran faster than this figure (docs/swapping.md)."""
     out_seconds_per_block: float
     in_seconds_per_block: float
     device_block_bytes: int
