@@ -147,6 +147,7 @@ def part_copy(a) -> dict:
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from fastserve_jax.models.attention import KVCache
+    from fastserve_jax.runner import kv_transfer
     from fastserve_jax.runner.compiler import run_jobs
     from fastserve_jax.runner.kv_transfer import KVTransfer
 
@@ -155,7 +156,15 @@ def part_copy(a) -> dict:
     shape = (L, 2 * N + 1, BS, H, D)
     cache = KVCache(jnp.ones(shape, jnp.float32, device=sharding), jnp.ones(shape, jnp.float32, device=sharding))
     block_bytes = 2 * L * BS * H * D * 4
-    t = KVTransfer([sharding], N, block_bytes)
+    shipped = kv_transfer.FUSED_PLATFORMS
+    platform = jax.devices()[0].platform
+    if a.copy_path != "backend":              # try the other path on this backend (kv_transfer.FUSED_PLATFORMS)
+        others = tuple(p for p in shipped if p != platform)
+        kv_transfer.FUSED_PLATFORMS = (*others, platform) if a.copy_path == "fused" else others
+    try:
+        t = KVTransfer([sharding], N, block_bytes)
+    finally:
+        kv_transfer.FUSED_PLATFORMS = shipped
     run_jobs(t.compile_jobs([cache]))
     out_ids = tuple(range(1, N + 1))
     in_ids = tuple(range(N + 1, 2 * N + 1))
@@ -253,6 +262,9 @@ def main(argv=None) -> int:
     ap.add_argument("--host-blocks", type=int, default=400)
     ap.add_argument("--copy-blocks", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--copy-path", choices=["backend", "fused", "device_put"], default="backend",
+                    help="copy part: this backend's swap copies (default), or force the fused gather/scatter "
+                         "through host memory or the jax.device_put path (kv_transfer.FUSED_PLATFORMS)")
     ap.add_argument("--sim-requests", type=int, default=1000)
     ap.add_argument("--sim-rate", type=float, nargs="+", default=[0.6, 0.9])
     ap.add_argument("--sim-device-tokens", type=int, default=12000)

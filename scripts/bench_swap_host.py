@@ -6,13 +6,13 @@ warmed engine, rounds alternating. Proactive runs twice: with this backend's cop
 with the other one. The copies are fused into the compiled gather and scatter on the CPU
 (kv_transfer.FUSED_PLATFORMS) and are `jax.device_put`s both ways elsewhere, so on a GPU the
 second run tries the fused path there (a run that fails is reported, and the rest go on).
-The swap path's calls are timed
-by wrapping them (SwapCopies.ahead, its issue, land and on_demand, SwapPolicy.plan_ahead), and
+`--fcfs` adds fcfs with recompute, the issue's baseline. The swap path's calls are timed by
+wrapping them (SwapCopies.ahead, its issue, land and on_demand, SwapPolicy.plan_ahead), and
 each run prints their host milliseconds per iteration beside the engine's phases and served
-rate. Every answer is checked.
+rate; the end prints each variant's medians against the recompute rows. Every answer is checked.
 
     python scripts/bench_swap_host.py                  # 2 rounds
-    python scripts/bench_swap_host.py --rounds 3 --num-requests 200
+    python scripts/bench_swap_host.py --rounds 3 --num-requests 200 --fcfs
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import statistics
 import sys
 import time
 
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bp.add_burst_args(ap)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--fcfs", action="store_true", help="also run fcfs with recompute (the issue's baseline) "
+                                                         "each round, and compare the medians with it")
     a = ap.parse_args(argv)
     rate = a.rate if a.rate is not None else 300.0
     b = bp.burst_setup(a)
@@ -72,28 +75,45 @@ def main(argv: list[str] | None = None) -> int:
     paths = {"fused": (*others, platform), "device_put": others}        # FUSED_PLATFORMS for each path here
     default = "fused" if platform in shipped else "device_put"
     other = "device_put" if default == "fused" else "fused"
-    variants = [("proactive", f"{default} (this backend's path)", paths[default]),
-                ("proactive", other, paths[other]), ("recompute", "", shipped)]
+    variants = [("skip-join-mlfq", "proactive", f"{default} (this backend's path)", paths[default]),
+                ("skip-join-mlfq", "proactive", other, paths[other]), ("skip-join-mlfq", "recompute", "", shipped)]
+    if a.fcfs:
+        variants.append(("fcfs", "recompute", "", shipped))
+    served: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
     try:
         for rnd in range(a.rounds):
-            for swap, label, platforms in variants:
+            for policy, swap, label, platforms in variants:
                 kv_transfer.FUSED_PLATFORMS = platforms
                 argv_ = [swap if x == "proactive" else x for x in b.argv]      # burst_setup's --swap-policy
+                name = f"{policy.removesuffix('-mlfq')}/{swap}{' ' + label if label else ''}"
                 spent.clear()
                 try:
-                    llm = bp.local_engine(argv_, "skip-join-mlfq", warmup="full")
-                    m = engine_in_process(lambda p: llm, b.work, arrivals, "skip-join-mlfq")
+                    llm = bp.local_engine(argv_, policy, warmup="full")
+                    m = engine_in_process(lambda p: llm, b.work, arrivals, policy)
                 except Exception as e:                                      # the other path may not run here
-                    print(f"round {rnd + 1} skip-join/{swap} {label}: failed: {type(e).__name__}: {e}"[:600], flush=True)
+                    print(f"round {rnd + 1} {name}: failed: {type(e).__name__}: {e}"[:600], flush=True)
                     continue
                 its = m["iterations"]
-                host = " ".join(f"{name} {spent[name] / its * 1e3:.3f}" for _, name in TIMED)
-                print(f"round {rnd + 1} skip-join/{swap}{' ' + label if label else ''}: "
+                served[name].append((m["throughput_rps"], m["mean_latency_per_token"]))
+                host = " ".join(f"{fn} {spent[fn] / its * 1e3:.3f}" for _, fn in TIMED)
+                print(f"round {rnd + 1} {name}: "
                       f"{m['throughput_rps']:.1f} req/s, {m['mean_latency_per_token'] * 1e3:.2f} ms per token\n"
                       f"    {work_line(m)}\n    swap path host ms per iteration: {host}", flush=True)
     finally:
         kv_transfer.FUSED_PLATFORMS = shipped
+    print_medians(served)
     return 0
+
+
+def print_medians(served: dict[str, list[tuple[float, float]]]) -> None:
+    """Each variant's median served rate and latency per token, and both against the fcfs/recompute
+    and skip-join/recompute rows where they ran."""
+    med = {k: (statistics.median(r for r, _ in v), statistics.median(t for _, t in v)) for k, v in served.items()}
+    print("\nmedians")
+    for k, (rate, lat) in med.items():
+        vs = "".join(f"; vs {b}: {rate / med[b][0]:.3f}x rate, {med[b][1] / lat:.2f}x lower ms/token"
+                     for b in ("fcfs/recompute", "skip-join/recompute") if b in med and b != k)
+        print(f"  {k:45} {rate:6.1f} req/s {lat * 1e3:7.2f} ms/token ({len(served[k])} runs){vs}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The swap checks for a lent GPU machine (the device tool), about 7 minutes on one H200
-# (at most 510 s): the copy path on a 7B-shaped cache, bench_swap_burst's burst (3 rounds,
-# with where each run's time went), bench_swap's tight-pool engine part, and the swap path's
-# host time with the backend's copies and with the CPU's fused ones (bench_swap_host.py).
-# Each part has its own time limit, so a slow one leaves the others' logs. Carry the trace
+# The swap checks for a lent GPU machine (the device tool), at most 420 s on one H200: the
+# copy path on a 7B-shaped cache with the backend's device_put copies and with the CPU's fused
+# ones, and bench_swap_host.py's burst (3 rounds: skip-join/proactive with either copy path,
+# skip-join/recompute and fcfs/recompute, with the swap path's host time and the medians).
+# `--all` adds the parts of 2026-12-04's first runs: bench_swap_burst's burst and bench_swap's
+# tight-pool engine part (270 s more). Each part has its own time limit, so a slow one leaves
+# the others' logs. Carry the trace
 # (an ignored copy in the checkout, e.g. .bench/azure_conv_2023.csv: the machine has no
 # ../shared) and run from the root:
 #
-#     scripts/device_swap_check.sh .bench/azure_conv_2023.csv      # logs under $OUT
+#     scripts/device_swap_check.sh .bench/azure_conv_2023.csv [--all]     # logs under $OUT
 #
 # The figures of 2026-12-04 are in docs/swapping.md ("On an accelerator").
 set -uo pipefail
@@ -23,8 +25,13 @@ part() {            # part NAME SECONDS COMMAND...: its output, less XLA's timer
 }
 nvidia-smi -L 2>/dev/null
 python -c "import jax; print('jax', jax.__version__, jax.devices())"
-part copy 90 python scripts/bench_swap.py --part copy --copy-blocks 128 --json "$OUT/copy.json"
-part burst 150 python scripts/bench_swap_burst.py --rate 300 --rounds 3 --trace "$TRACE"
-part engine 120 python scripts/bench_swap.py --part engine --trace "$TRACE" --num-requests 80 --json "$OUT/engine.json"
+part copy 60 python scripts/bench_swap.py --part copy --copy-blocks 128 --json "$OUT/copy.json"
+part copy_fused 60 python scripts/bench_swap.py --part copy --copy-blocks 128 --copy-path fused \
+    --json "$OUT/copy_fused.json"
 # the swap path's host time, and whether the CPU's fused copies help or hurt on this backend
-part host 150 python scripts/bench_swap_host.py --rounds 2 --trace "$TRACE"
+part host 300 python scripts/bench_swap_host.py --rounds 3 --fcfs --trace "$TRACE"
+if [ "${2:-}" = "--all" ]; then
+    part burst 150 python scripts/bench_swap_burst.py --rate 300 --rounds 3 --trace "$TRACE"
+    part engine 120 python scripts/bench_swap.py --part engine --trace "$TRACE" --num-requests 80 \
+        --json "$OUT/engine.json"
+fi
