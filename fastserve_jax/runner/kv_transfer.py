@@ -61,6 +61,12 @@ def _scatter(cache: KVCache, blocks: KVCache, ids: jax.Array) -> KVCache:
     return KVCache(cache.k.at[:, ids].set(blocks.k), cache.v.at[:, ids].set(blocks.v))
 
 
+def _scatter_from_host(cache: KVCache, blocks: KVCache, ids: jax.Array, *, to: NamedSharding) -> KVCache:
+    """The fused scatter: the runs cross from host to device memory inside the call (XLA's GPU
+    compiler rejects a scatter that reads host memory; on the CPU this cost nothing measurable)."""
+    return _scatter(cache, jax.device_put(blocks, KVCache(to, to)), ids)
+
+
 # Backends whose swap copies run inside the compiled gather and scatter (see above).
 FUSED_PLATFORMS = ("cpu",)
 
@@ -113,12 +119,13 @@ class KVTransfer:
         self._host_sharding = ([s.with_memory_kind(self.memory_kind) for s in cache_shardings]
                                if self.memory_kind else None)
         # fused: the gather's output and the scatter's input are the host copies (FUSED_PLATFORMS)
-        self.fused = (self.memory_kind is not None
-                      and cache_shardings[0].mesh.devices.flat[0].platform in FUSED_PLATFORMS)
+        platform = cache_shardings[0].mesh.devices.flat[0].platform
+        self.fused = self.memory_kind is not None and platform in FUSED_PLATFORMS
         runs_at = self._host_sharding if self.fused else self._device_sharding     # where gathered runs live
         self._gather = [jax.jit(_gather, out_shardings=KVCache(r, r)) for r in runs_at]
-        self._scatter = [jax.jit(_scatter, donate_argnames=("cache",), out_shardings=KVCache(s, s))
-                         for s in cache_shardings]
+        scatter = [functools.partial(_scatter_from_host, to=s) if self.fused else _scatter for s in cache_shardings]
+        self._scatter = [jax.jit(f, donate_argnames=("cache",), out_shardings=KVCache(s, s))
+                         for f, s in zip(scatter, cache_shardings)]
         self._runs_at = runs_at
         self._compiled: dict[SwapKey, object] = {}
         self._held: dict[str, list[list[KVCache]]] = {}   # request id -> host runs (block-table order) x stages
