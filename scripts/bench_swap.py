@@ -156,15 +156,8 @@ def part_copy(a) -> dict:
     shape = (L, 2 * N + 1, BS, H, D)
     cache = KVCache(jnp.ones(shape, jnp.float32, device=sharding), jnp.ones(shape, jnp.float32, device=sharding))
     block_bytes = 2 * L * BS * H * D * 4
-    shipped = kv_transfer.FUSED_PLATFORMS
-    platform = jax.devices()[0].platform
-    if a.copy_path != "backend":              # try the other path on this backend (kv_transfer.FUSED_PLATFORMS)
-        others = tuple(p for p in shipped if p != platform)
-        kv_transfer.FUSED_PLATFORMS = (*others, platform) if a.copy_path == "fused" else others
-    try:
+    with kv_transfer.forced_copy_path(a.copy_path):
         t = KVTransfer([sharding], N, block_bytes)
-    finally:
-        kv_transfer.FUSED_PLATFORMS = shipped
     run_jobs(t.compile_jobs([cache]))
     out_ids = tuple(range(1, N + 1))
     in_ids = tuple(range(N + 1, 2 * N + 1))
@@ -199,9 +192,10 @@ def part_copy(a) -> dict:
                link_out_gbs=link.bytes_per_second("out") / 1e9, link_in_gbs=link.bytes_per_second("in") / 1e9)
     print(f"\n== copy: {N} blocks of {block_bytes / 1e6:.1f} MB ({nbytes / 1e9:.2f} GB) per swap, best of "
           f"{a.repeats}, host memory kind {t.memory_kind}")
-    out_path, in_path = (("gather into host memory", "donated scatter from host") if t.fused else
+    fused = t.fused(N)
+    out_path, in_path = (("gather into host memory", "donated scatter from host") if fused else
                          ("gather + device_put to host", "device_put + donated scatter"))
-    res["fused"] = t.fused
+    res["fused"] = fused
     print(f"  {'swap-out (' + out_path + ')':40} {res['swap_out_gbs']:6.2f} GB/s "
           f"= {res['swap_out_gbs'] / res['memcpy_gbs']:.2f}x memcpy")
     print(f"  {'swap-in  (' + in_path + ')':40} {res['swap_in_gbs']:6.2f} GB/s "
@@ -263,8 +257,8 @@ def main(argv=None) -> int:
     ap.add_argument("--copy-blocks", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--copy-path", choices=["backend", "fused", "device_put"], default="backend",
-                    help="copy part: this backend's swap copies (default), or force the fused gather/scatter "
-                         "through host memory or the jax.device_put path (kv_transfer.FUSED_PLATFORMS)")
+                    help="copy part: this backend's swap copies (default: by kv_transfer.FUSED_MAX_BYTES), or "
+                         "force the fused gather/scatter through host memory or the jax.device_put path")
     ap.add_argument("--sim-requests", type=int, default=1000)
     ap.add_argument("--sim-rate", type=float, nargs="+", default=[0.6, 0.9])
     ap.add_argument("--sim-device-tokens", type=int, default=12000)

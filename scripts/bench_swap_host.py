@@ -2,10 +2,10 @@
 
 Skip-join serves bench_preemption.py's burst (400 chat-like counting answers, a device pool of
 a quarter of their KV) with `proactive` swapping and with `recompute`, each run a fresh, fully
-warmed engine, rounds alternating. Proactive runs twice: with this backend's copy path and
-with the other one. The copies are fused into the compiled gather and scatter on the CPU
-(kv_transfer.FUSED_PLATFORMS) and are `jax.device_put`s both ways elsewhere, so on a GPU the
-second run tries the fused path there (a run that fails is reported, and the rest go on).
+warmed engine, rounds alternating. Proactive runs three times: with the backend's choice of
+copy path per swap (kv_transfer.FUSED_MAX_BYTES: the demo model's swaps are small, so fused
+everywhere), and with every swap forced through the fused path and through `jax.device_put`s
+(a run that fails is reported, and the rest go on).
 `--fcfs` adds fcfs with recompute, the issue's baseline. The swap path's calls are timed by
 wrapping them (SwapCopies.ahead, its issue, land and on_demand, SwapPolicy.plan_ahead), and
 each run prints their host milliseconds per iteration beside the engine's phases and served
@@ -26,7 +26,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
 
 import bench_preemption as bp  # noqa: E402
 from bench_swap_burst import work_line  # noqa: E402
@@ -69,38 +68,29 @@ def main(argv: list[str] | None = None) -> int:
     b = bp.burst_setup(a)
     arrivals = [r.arrival for r in with_arrivals(b.sized, rate, seed=a.seed)]
     spent = timed_calls()
-    shipped = kv_transfer.FUSED_PLATFORMS
-    platform = jax.devices()[0].platform
-    others = tuple(p for p in shipped if p != platform)
-    paths = {"fused": (*others, platform), "device_put": others}        # FUSED_PLATFORMS for each path here
-    default = "fused" if platform in shipped else "device_put"
-    other = "device_put" if default == "fused" else "fused"
-    variants = [("skip-join-mlfq", "proactive", f"{default} (this backend's path)", paths[default]),
-                ("skip-join-mlfq", "proactive", other, paths[other]), ("skip-join-mlfq", "recompute", "", shipped)]
+    variants = [("skip-join-mlfq", "proactive", path) for path in ("backend", "fused", "device_put")]
+    variants.append(("skip-join-mlfq", "recompute", "backend"))
     if a.fcfs:
-        variants.append(("fcfs", "recompute", "", shipped))
+        variants.append(("fcfs", "recompute", "backend"))
     served: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
-    try:
-        for rnd in range(a.rounds):
-            for policy, swap, label, platforms in variants:
-                kv_transfer.FUSED_PLATFORMS = platforms
-                argv_ = [swap if x == "proactive" else x for x in b.argv]      # burst_setup's --swap-policy
-                name = f"{policy.removesuffix('-mlfq')}/{swap}{' ' + label if label else ''}"
-                spent.clear()
-                try:
+    for rnd in range(a.rounds):
+        for policy, swap, path in variants:
+            argv_ = [swap if x == "proactive" else x for x in b.argv]      # burst_setup's --swap-policy
+            name = f"{policy.removesuffix('-mlfq')}/{swap}{'' if swap == 'recompute' else ' ' + path}"
+            spent.clear()
+            try:
+                with kv_transfer.forced_copy_path(path):
                     llm = bp.local_engine(argv_, policy, warmup="full")
-                    m = engine_in_process(lambda p: llm, b.work, arrivals, policy)
-                except Exception as e:                                      # the other path may not run here
-                    print(f"round {rnd + 1} {name}: failed: {type(e).__name__}: {e}"[:600], flush=True)
-                    continue
-                its = m["iterations"]
-                served[name].append((m["throughput_rps"], m["mean_latency_per_token"]))
-                host = " ".join(f"{fn} {spent[fn] / its * 1e3:.3f}" for _, fn in TIMED)
-                print(f"round {rnd + 1} {name}: "
-                      f"{m['throughput_rps']:.1f} req/s, {m['mean_latency_per_token'] * 1e3:.2f} ms per token\n"
-                      f"    {work_line(m)}\n    swap path host ms per iteration: {host}", flush=True)
-    finally:
-        kv_transfer.FUSED_PLATFORMS = shipped
+                m = engine_in_process(lambda p: llm, b.work, arrivals, policy)
+            except Exception as e:                                      # a forced path may not run here
+                print(f"round {rnd + 1} {name}: failed: {type(e).__name__}: {e}"[:600], flush=True)
+                continue
+            its = m["iterations"]
+            served[name].append((m["throughput_rps"], m["mean_latency_per_token"]))
+            host = " ".join(f"{fn} {spent[fn] / its * 1e3:.3f}" for _, fn in TIMED)
+            print(f"round {rnd + 1} {name}: "
+                  f"{m['throughput_rps']:.1f} req/s, {m['mean_latency_per_token'] * 1e3:.2f} ms per token\n"
+                  f"    {work_line(m)}\n    swap path host ms per iteration: {host}", flush=True)
     print_medians(served)
     return 0
 

@@ -2,9 +2,9 @@
 
 The engine issues a request's swap-out (gather, then to host memory) and swap-in (to device
 memory, then a donated scatter) between its steps and does not wait for them. Whether the
-copies then cost the steps anything depends on the path (kv_transfer.FUSED_PLATFORMS):
+copies then cost the steps anything depends on the path (kv_transfer.FUSED_MAX_BYTES):
 `jax.device_put`s may run on the runtime's transfer streams beside the next step, while copies
-fused into the compiled gather and scatter (the CPU's path) are part of calls that run in order
+fused into the compiled gather and scatter (small swaps' path) are part of calls that run in order
 with the steps. This script measures it on this backend for both paths, on a 7B-shaped cache
 (32 layers, 8 KV heads of 128, float32, blocks of 16 tokens): per iteration it issues a
 stand-in step (a chain of matmuls, its size set so it takes a few milliseconds on the
@@ -44,15 +44,9 @@ L, BS, H, D = 32, 16, 8, 128
 
 
 def transfer_for(path: str, sharding, blocks: int) -> kv_transfer.KVTransfer:
-    """A KVTransfer on the given copy path: 'fused' or 'device_put' (FUSED_PLATFORMS set for it)."""
-    shipped = kv_transfer.FUSED_PLATFORMS
-    platform = jax.devices()[0].platform
-    others = tuple(p for p in shipped if p != platform)
-    kv_transfer.FUSED_PLATFORMS = (*others, platform) if path == "fused" else others
-    try:
+    """A KVTransfer whose swaps all take the given copy path: 'fused' or 'device_put'."""
+    with kv_transfer.forced_copy_path(path):
         return kv_transfer.KVTransfer([sharding], blocks, 2 * L * BS * H * D * 4)
-    finally:
-        kv_transfer.FUSED_PLATFORMS = shipped
 
 
 def measure(path: str, a) -> dict:
@@ -99,7 +93,7 @@ def measure(path: str, a) -> dict:
             best = min(best, time.perf_counter() - t0)
         return best / a.iterations
 
-    res = dict(steps=loop(True, False), copies=loop(False, True), both=loop(True, True), fused=t.fused)
+    res = dict(steps=loop(True, False), copies=loop(False, True), both=loop(True, True), fused=t.fused(n))
     res["overlap"] = (res["steps"] + res["copies"] - res["both"]) / min(res["steps"], res["copies"])
     res["gbs"] = 2 * n * t.block_bytes / res["copies"] / 1e9
     return res

@@ -2,7 +2,8 @@
 
 Each seed draws an engine (device pool of 4-40 blocks of 8 tokens, host pool of 0-120
 blocks, every swap policy, every policy but `predictive`, 2-8 sequences, a 16-64 token
-budget, async scheduling on or off) and 2-9 greedy requests that each fit the pool, serves
+budget, async scheduling on or off, the swap copies fused as on the CPU or only for swaps
+of up to 0-4 blocks as on accelerators) and 2-9 greedy requests that each fit the pool, serves
 them while aborting a random live request now and then, and checks:
 
 - the KV ledger after every step and every abort (KVManager.check_integrity);
@@ -63,6 +64,9 @@ def draw(seed: int) -> tuple[dict, list[list[int]], list[int]]:
             p, m = max(1, p // 2), max(1, m // 2)
         prompts.append([rng.randint(3, 250) for _ in range(p)])
         maxes.append(m)
+    # the swap copy path: None keeps the backend's (the CPU fuses every swap); k fuses swaps of
+    # at most k blocks and sends larger ones by device_put, as accelerators do (0: none fused)
+    cfg["fused_blocks"] = rng.choice([None, 0, 2, 4])
     return cfg, prompts, maxes
 
 
@@ -92,7 +96,11 @@ def run_seed(seed: int) -> str:
 
     cfg, prompts, maxes = draw(seed)
     refs = reference(prompts, maxes)
+    fused_blocks = cfg.pop("fused_blocks")
     e = LLM(checkpoint(), **BASE, **cfg).engine
+    t = e.runner.transfer
+    if t is not None and fused_blocks is not None:       # no warm-up (BASE): the copies compile as they come
+        t.fused_max_bytes = fused_blocks * t._block_share(e.runner.caches)
     rng = random.Random(seed + 10**6)
     reqs = [e.add_request(p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True)) for p, m in zip(prompts, maxes)]
     aborted: set[str] = set()
@@ -119,7 +127,7 @@ def run_seed(seed: int) -> str:
                            f"left in use ({cfg})")
     return (f"{seed} ok: {steps} steps, {len(reqs)} requests, {len(aborted)} aborted, {cfg['scheduler']}/"
             f"{cfg['swap_policy']}, {cfg['num_device_blocks']}+{cfg['num_host_blocks']} blocks, "
-            f"async {cfg['async_scheduling']}")
+            f"async {cfg['async_scheduling']}, fused {'all' if fused_blocks is None else f'<= {fused_blocks} blocks'}")
 
 
 def _safe(seed: int) -> tuple[bool, str]:

@@ -56,7 +56,7 @@ def test_bench_swap_sim_and_copy_parts(small_trace):
                   "--sim-rate", "3", "--sim-device-tokens", "640", "--sim-host-tokens", "20000",
                   "--copy-blocks", "4", "--repeats", "1")
     assert all(f"{p} @ 3.0" in out for p in ("proactive", "reactive", "recompute")), out
-    # the CPU's fused path (kv_transfer.FUSED_PLATFORMS)
+    # the CPU fuses every swap (kv_transfer.FUSED_MAX_BYTES)
     assert "swap-out (gather into host memory)" in out and "swap-in  (donated scatter from host)" in out, out
     assert "the link alone (probe_link" in out, out
 
@@ -80,12 +80,18 @@ def test_bench_swap_burst_one_round():
 
 
 @pytest.mark.slow
+def test_bench_swap_overlap_both_paths():
+    out = _script("bench_swap_overlap.py", "--blocks", "2", "--matmul", "256", "--iterations", "2", "--repeats", "1")
+    assert all(f"  {p:10} steps" in out for p in ("device_put", "fused")) and out.count("overlap ") == 2, out
+
+
+@pytest.mark.slow
 @needs_trace
 def test_bench_swap_host_one_round():
     out = _script("bench_swap_host.py", "--rounds", "1", "--num-requests", "60")
-    # on the CPU both copy paths run, and every run prints the swap path's host time
-    assert "skip-join/proactive fused (this backend's path)" in out and "skip-join/proactive device_put:" in out, out
-    assert out.count("swap path host ms per iteration: ahead") == 3, out
+    # the backend's choice and both forced copy paths run, and every run prints the swap path's host time
+    assert all(f"skip-join/proactive {p}:" in out for p in ("backend", "fused", "device_put")), out
+    assert out.count("swap path host ms per iteration: ahead") == 4 and "medians" in out, out
 
 
 @needs_trace

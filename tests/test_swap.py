@@ -537,6 +537,29 @@ def test_nothing_compiles_after_warmup_with_swapping(tiny_checkpoints):
     assert cc.count == 0, f"{cc.count} compilations after warm-up"
 
 
+def test_engine_with_small_swaps_fused_and_large_ones_by_device_put(reference, monkeypatch):
+    """The accelerators' rule on the CPU (FUSED_MAX_BYTES emptied, the threshold at three blocks'
+    share): after a full warm-up, swaps of up to three blocks go fused and larger ones by
+    device_put, nothing compiles, and greedy tokens match a run with ample memory."""
+    from fastserve_jax.runner import kv_transfer as kt
+
+    path, prompts, sp, want = reference
+    kw = dict(num_device_blocks=30, num_host_blocks=80, swap_policy="proactive", **ENGINE_KW)
+    probe = LLM(path, warmup=False, **kw).engine.runner
+    share = probe.transfer._block_share(probe.caches)
+    monkeypatch.setattr(kt, "FUSED_MAX_BYTES", {})
+    monkeypatch.setattr(kt, "ACCELERATOR_FUSED_MAX_BYTES", 3 * share)
+    e = LLM(path, warmup="full", **kw).engine
+    sizes = {True: [], False: []}
+    fused = e.runner.transfer.fused
+    monkeypatch.setattr(e.runner.transfer, "fused", lambda n: sizes[fused(n)].append(n) or fused(n))
+    with CompileCounter() as cc:
+        reqs = _run_all(e, prompts, sp)
+    assert [r.output_token_ids for r in reqs] == want
+    assert cc.count == 0, f"{cc.count} compilations after warm-up"
+    assert sizes[True] and sizes[False] and max(sizes[True]) <= 3 < min(sizes[False]), sizes
+
+
 @pytest.mark.parametrize("policy", ["proactive", "reactive"])
 def test_demo_model_counts_correctly_while_swapped(policy):
     """The bundled model's counting answers survive being swapped out and back (a position or
@@ -642,23 +665,24 @@ def test_probe_link_times_one_devices_share_of_a_block(host_memory, monkeypatch)
     assert ("pinned_host" in kinds or "unpinned_host" in kinds) == host_memory, kinds
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_swap_copies_round_trip_fused_on_the_cpu_and_through_device_put_elsewhere(fused, monkeypatch):
+@pytest.mark.parametrize("path", ["backend", "fused", "device_put"])
+def test_swap_copies_round_trip_by_either_copy_path(path, monkeypatch):
     """A request's blocks go to host memory and come back into other blocks unchanged. On the
-    CPU backend the gather writes them straight into host memory and the scatter moves them
-    back inside its compiled call (no jax.device_put from Python: its Python path cost more
-    than the copy); the accelerator
-    path (device_put both ways) is the one taken with FUSED_PLATFORMS emptied."""
+    CPU backend every swap is fused: the gather writes them straight into host memory and the
+    scatter moves them back inside its compiled call (no jax.device_put from Python: its Python
+    path cost more than the copy); the accelerators' path for larger swaps (device_put both
+    ways) gives the same blocks."""
     from fastserve_jax.runner import kv_transfer as kt
 
-    if not fused:
-        monkeypatch.setattr(kt, "FUSED_PLATFORMS", ())
     vals = np.random.default_rng(0).normal(size=(3, 16, 4, 2, 8)).astype(np.float32)
     sh, cache = _kv_heads_split_over_two_devices(vals, -vals)
-    t = kt.KVTransfer([sh], max_blocks=8, block_bytes=2 * 3 * 4 * 2 * 8 * 4)
-    assert t.fused == fused and t.memory_kind == "pinned_host"
+    with kt.forced_copy_path(path):
+        t = kt.KVTransfer([sh], max_blocks=8, block_bytes=2 * 3 * 4 * 2 * 8 * 4)
+    assert t.memory_kind == "pinned_host" and kt.FUSED_MAX_BYTES == {"cpu": float("inf")}
+    fused = path != "device_put"
     puts = _count_device_puts(monkeypatch)
     t.swap_out([cache], "r", (3, 5, 7, 9, 11, 13, 15))          # runs of 4, 2 and 1 blocks
+    assert t.fused(7) == fused
     assert all(part.k.sharding.memory_kind == "pinned_host" for run in t._held["r"] for part in run)
     t.start_swap_in("r", (1, 2, 4, 6, 8, 10, 12))
     (cache,) = t.land_swap_in([cache], "r")
@@ -667,3 +691,36 @@ def test_swap_copies_round_trip_fused_on_the_cpu_and_through_device_put_elsewher
     np.testing.assert_array_equal(np.asarray(cache.k)[:, dst], vals[:, src])
     np.testing.assert_array_equal(np.asarray(cache.v)[:, dst], -vals[:, src])
     assert cache.k.sharding.memory_kind == "device" and t.blocks_out == t.blocks_in == 7
+
+
+def test_accelerators_fuse_small_swaps_and_device_put_large_ones(monkeypatch):
+    """Off the CPU a swap is fused while one device's share of it is at most
+    ACCELERATOR_FUSED_MAX_BYTES (fused copies are ordered with the steps; device_puts overlap
+    them): here a share of a block is 768 bytes (K and V, 3 layers, 4 tokens, one KV head of 8,
+    float32, heads split over 2 devices), so with the threshold at 3 blocks a 2-block swap is
+    fused and a 5-block one goes by device_put, each way, and both land intact. Warm-up
+    compiles the fused gather and scatter only for runs that fit under the threshold."""
+    from fastserve_jax.runner import kv_transfer as kt
+    from fastserve_jax.runner.compiler import run_jobs
+
+    monkeypatch.setattr(kt, "FUSED_MAX_BYTES", {})                 # the CPU treated as an accelerator
+    monkeypatch.setattr(kt, "ACCELERATOR_FUSED_MAX_BYTES", 3 * 768)
+    vals = np.random.default_rng(1).normal(size=(3, 16, 4, 2, 8)).astype(np.float32)
+    sh, cache = _kv_heads_split_over_two_devices(vals, -vals)
+    t = kt.KVTransfer([sh], max_blocks=8, block_bytes=2 * 3 * 4 * 2 * 8 * 4)
+    jobs = t.compile_jobs([cache])
+    assert t._block_share([cache]) == 768 and len(jobs) == 2 * (4 + 2)   # runs 1, 2, 4, 8 by device_put; 1, 2 fused
+    run_jobs(jobs)
+    assert {k.op for k in t._compiled} == {"gather", "scatter", "gather_host", "scatter_host"}
+    puts = _count_device_puts(monkeypatch)
+    t.swap_out([cache], "small", (3, 5))
+    t.swap_out([cache], "large", (7, 9, 11, 13, 15))
+    assert len(puts) == 1 and t.fused(2) and not t.fused(5)        # the large swap-out's one device_put
+    t.start_swap_in("small", (1, 2))
+    t.start_swap_in("large", (4, 6, 8, 10, 12))
+    assert len(puts) == 2
+    (cache,) = t.land_swap_in([cache], "small")
+    (cache,) = t.land_swap_in([cache], "large")
+    src, dst = [3, 5, 7, 9, 11, 13, 15], [1, 2, 4, 6, 8, 10, 12]
+    np.testing.assert_array_equal(np.asarray(cache.k)[:, dst], vals[:, src])
+    np.testing.assert_array_equal(np.asarray(cache.v)[:, dst], -vals[:, src])

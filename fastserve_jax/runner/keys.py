@@ -65,6 +65,7 @@ class SamplerKey:
 
 @dataclass(frozen=True)
 class SwapKey:
-    op: str          # "gather" (device blocks -> a run to copy out) or "scatter" (a run -> cache)
+    op: str          # "gather" (device blocks -> a run to copy out) or "scatter" (a run -> cache);
+                     # "_host" on the fused path's (the run in host memory: kv_transfer.py)
     run: int         # blocks in the run (a power of two)
     stage: int       # pipeline stage whose cache it reads or updates

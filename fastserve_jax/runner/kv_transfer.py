@@ -14,15 +14,16 @@ copies of all stages at once (each stage's on its own devices, so they run in pa
 tensor parallelism the KV-head shards move shard by shard, each device to and from its own
 host memory, since the host copy keeps the stage cache's sharding.
 
-On the CPU backend (FUSED_PLATFORMS) the gather writes its runs straight into host memory
-and the scatter reads them from there, one compiled call each way, with no device_put:
-`jax.device_put`'s Python path cost 60-90 us per array there (4 small arrays: 0.24-0.30 ms,
-against 10 us for a gather with its output in host memory), and 7B-shaped copies ran at
-2.4 GB/s fused against 0.9-1.0 GB/s (`bench_swap.py --part copy`, 2026-12-04). The CPU has
-no copy engine for a separate copy to overlap with. On accelerators the copies stay
-`device_put`s, which the runtime issues on its transfer streams so that they overlap the
-steps; a copy inside a compiled call would likely be ordered with the steps on the compute
-stream (not measured on a GPU).
+Small swaps take a fused path instead (FUSED_MAX_BYTES): the gather writes its runs straight
+into host memory and the scatter moves them back inside its compiled call, one call each way
+and no `jax.device_put` from Python, whose path costs 60-90 us per array on the CPU and ~0.1-0.2
+ms of host time per swap on an H200. A fused copy is ordered with the steps, though: on an H200
+a 268 MB swap each way per iteration overlapped a step 0.27 of the way fused against 0.94 with
+`device_put`s, which the runtime issues on its transfer streams (`bench_swap_overlap.py`,
+2026-12-04). So accelerators fuse a swap only while one device's share of it is at most 4 MiB,
+about what the link moves in the host time a `device_put` costs (a threshold reasoned from
+those figures, not measured at its edge); the CPU, which has no copy engine to overlap with,
+fuses every swap (7B-shaped copies ran at 2.4 GB/s fused against 0.9-1.0 with `device_put`).
 
 The host copies keep the device pool's block layout and live in `pinned_host` memory where
 the backend has it (CUDA, TPU and CPU do), else `unpinned_host`. The gather only reads the
@@ -33,7 +34,9 @@ them, and a scatter issued after a step lands before the next one reads them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import time
 from dataclasses import dataclass
 
@@ -67,8 +70,28 @@ def _scatter_from_host(cache: KVCache, blocks: KVCache, ids: jax.Array, *, to: N
     return _scatter(cache, jax.device_put(blocks, KVCache(to, to)), ids)
 
 
-# Backends whose swap copies run inside the compiled gather and scatter (see above).
-FUSED_PLATFORMS = ("cpu",)
+# The most bytes of one device's share of a swap (one way) that go by the fused path, per
+# backend (see above); other backends use ACCELERATOR_FUSED_MAX_BYTES.
+FUSED_MAX_BYTES: dict[str, float] = {"cpu": math.inf}
+ACCELERATOR_FUSED_MAX_BYTES = 4 << 20
+
+
+def fused_max_bytes(platform: str) -> float:
+    return FUSED_MAX_BYTES.get(platform, ACCELERATOR_FUSED_MAX_BYTES)
+
+
+@contextlib.contextmanager
+def forced_copy_path(path: str):
+    """For benchmarks and tests: KVTransfers built inside take every swap by `path` ('fused' or
+    'device_put'; 'backend' changes nothing)."""
+    saved = dict(FUSED_MAX_BYTES)
+    if path != "backend":
+        FUSED_MAX_BYTES.update({p: math.inf if path == "fused" else -1.0 for p in ("cpu", jax.default_backend())})
+    try:
+        yield
+    finally:
+        FUSED_MAX_BYTES.clear()
+        FUSED_MAX_BYTES.update(saved)
 
 
 def host_memory_kind(device: jax.Device) -> str | None:
@@ -87,8 +110,8 @@ class LinkSpeed:
     one device's share of the block (every device moves its own share in parallel): the
     median of `KVTransfer.probe_link`'s timed copies (`device_put`s). It is the link alone; the
     engine's swap path adds a gather before a swap-out and a scatter after a swap-in, device
-    work that runs in order with the steps. On the CPU backend the swap path does not use
-    `device_put` (FUSED_PLATFORMS) and ran faster than this figure (docs/swapping.md)."""
+    work that runs in order with the steps. Small swaps, and every swap on the CPU, do not use
+    `device_put` (FUSED_MAX_BYTES); on the CPU they ran faster than this figure (docs/swapping.md)."""
     out_seconds_per_block: float
     in_seconds_per_block: float
     device_block_bytes: int
@@ -103,6 +126,7 @@ class _Upload:
     runs: list[list[KVCache]]        # per run, per stage: device arrays in flight from the host
                                      # (fused: the host copies themselves, read by the scatter)
     ids: list[np.ndarray]            # the device blocks each run lands in
+    fused: bool                      # the scatter moves the runs from host memory itself
 
 
 Caches = list[KVCache]               # one per pipeline stage
@@ -113,20 +137,23 @@ class KVTransfer:
 
     def __init__(self, cache_shardings: list[NamedSharding], max_blocks: int, block_bytes: int) -> None:
         self.block_bytes = block_bytes
+        self.max_blocks = max_blocks
         self.run_sizes = power_of_two_runs((1 << max_blocks.bit_length()) - 1)   # 1 .. >= max_blocks
         self.memory_kind = host_memory_kind(cache_shardings[0].mesh.devices.flat[0])
         self._device_sharding = list(cache_shardings)
         self._host_sharding = ([s.with_memory_kind(self.memory_kind) for s in cache_shardings]
                                if self.memory_kind else None)
-        # fused: the gather's output and the scatter's input are the host copies (FUSED_PLATFORMS)
         platform = cache_shardings[0].mesh.devices.flat[0].platform
-        self.fused = self.memory_kind is not None and platform in FUSED_PLATFORMS
-        runs_at = self._host_sharding if self.fused else self._device_sharding     # where gathered runs live
-        self._gather = [jax.jit(_gather, out_shardings=KVCache(r, r)) for r in runs_at]
-        scatter = [functools.partial(_scatter_from_host, to=s) if self.fused else _scatter for s in cache_shardings]
-        self._scatter = [jax.jit(f, donate_argnames=("cache",), out_shardings=KVCache(s, s))
-                         for f, s in zip(scatter, cache_shardings)]
-        self._runs_at = runs_at
+        # a swap whose per-device share is at most this many bytes takes the fused path (above)
+        self.fused_max_bytes = fused_max_bytes(platform) if self.memory_kind else -1.0
+        self._share: int | None = None          # bytes of one device's share of a block (_block_share)
+        self._gather = {False: [jax.jit(_gather, out_shardings=KVCache(s, s)) for s in cache_shardings]}
+        self._scatter = {False: [jax.jit(_scatter, donate_argnames=("cache",), out_shardings=KVCache(s, s))
+                                 for s in cache_shardings]}
+        if self._host_sharding is not None:     # fused: the gather's output and the scatter's input are host copies
+            self._gather[True] = [jax.jit(_gather, out_shardings=KVCache(h, h)) for h in self._host_sharding]
+            self._scatter[True] = [jax.jit(functools.partial(_scatter_from_host, to=s), donate_argnames=("cache",),
+                                           out_shardings=KVCache(s, s)) for s in cache_shardings]
         self._compiled: dict[SwapKey, object] = {}
         self._held: dict[str, list[list[KVCache]]] = {}   # request id -> host runs (block-table order) x stages
         self._uploads: dict[str, _Upload] = {}
@@ -135,23 +162,47 @@ class KVTransfer:
 
     # -- warm-up ---------------------------------------------------------------------------
     def compile_jobs(self, caches: Caches) -> list[CompileJob]:
-        """A job for each gather and scatter shape of each stage, for the runner's warm-up pool."""
+        """A job for each gather and scatter shape of each stage, on each copy path a swap of that
+        run can take, for the runner's warm-up pool."""
+        share = self._block_share(caches)
         jobs = []
         for s, cache in enumerate(caches):
             for n in self.run_sizes:
-                ids = jax.ShapeDtypeStruct((n,), jnp.int32)
-                run = jax.eval_shape(_gather, cache, ids)
-                run = KVCache(*(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._runs_at[s]) for x in run))
-                suffix = "_host" if self.fused else ""
-                jobs.append(CompileJob(export_cache.lower_job(self._gather[s], cache, ids, name="kv_gather" + suffix),
-                                       functools.partial(self._compiled.__setitem__, SwapKey("gather", n, s))))
-                jobs.append(CompileJob(export_cache.lower_job(self._scatter[s], cache, run, ids,
-                                                              name="kv_scatter" + suffix, donate=(0,)),
-                                       functools.partial(self._compiled.__setitem__, SwapKey("scatter", n, s))))
+                # a run of n blocks goes fused in swaps under the threshold, if n blocks fit under
+                # it, and by device_put in swaps over it, if the largest request's goes over
+                for fused in [f for f, can in ((True, n * share <= self.fused_max_bytes),
+                                               (False, self.max_blocks * share > self.fused_max_bytes)) if can]:
+                    ids = jax.ShapeDtypeStruct((n,), jnp.int32)
+                    at = (self._host_sharding if fused else self._device_sharding)[s]
+                    run = KVCache(*(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=at)
+                                    for x in jax.eval_shape(_gather, cache, ids)))
+                    suffix = "_host" if fused else ""
+                    jobs.append(CompileJob(
+                        export_cache.lower_job(self._gather[fused][s], cache, ids, name="kv_gather" + suffix),
+                        functools.partial(self._compiled.__setitem__, SwapKey("gather" + suffix, n, s))))
+                    jobs.append(CompileJob(
+                        export_cache.lower_job(self._scatter[fused][s], cache, run, ids, name="kv_scatter" + suffix,
+                                               donate=(0,)),
+                        functools.partial(self._compiled.__setitem__, SwapKey("scatter" + suffix, n, s))))
         return jobs
 
-    def _fn(self, op: str, n: int, stage: int):
-        return self._compiled.get(SwapKey(op, n, stage)) or (self._gather if op == "gather" else self._scatter)[stage]
+    def _fn(self, op: str, fused: bool, n: int, stage: int):
+        return (self._compiled.get(SwapKey(op + ("_host" if fused else ""), n, stage))
+                or (self._gather if op == "gather" else self._scatter)[fused][stage])
+
+    def _block_share(self, caches: Caches) -> int:
+        """Bytes of one device's share of a KV block (K and V, every layer of the largest stage's
+        share: that stage moves slowest)."""
+        if self._share is None:
+            def share(cache: KVCache, sharding: NamedSharding) -> int:
+                shape = sharding.shard_shape(cache.k.shape)        # (layers, blocks, block size, kv heads, head dim)
+                return 2 * int(np.prod(shape)) // shape[1] * cache.k.dtype.itemsize
+            self._share = max(share(c, s) for c, s in zip(caches, self._device_sharding))
+        return self._share
+
+    def fused(self, blocks: int) -> bool:
+        """A swap of this many blocks takes the fused path (known once a cache has been seen)."""
+        return self._share is not None and blocks * self._share <= self.fused_max_bytes
 
     # -- the link's speed --------------------------------------------------------------------
     def probe_link(self, caches: Caches, max_blocks: int = 16, max_bytes: int = 32 << 20,
@@ -161,10 +212,7 @@ class KVTransfer:
         memory and back, `repeats` times after one untimed round; per-block medians. A plain
         array on one of this process's devices, not the cache: no compile, nothing for other
         processes to replay, and nothing in the cache is touched."""
-        def share(cache: KVCache, sharding: NamedSharding) -> int:
-            shape = sharding.shard_shape(cache.k.shape)        # (layers, blocks, block size, kv heads, head dim)
-            return 2 * int(np.prod(shape)) // shape[1] * cache.k.dtype.itemsize
-        block = max(share(c, s) for c, s in zip(caches, self._device_sharding))
+        block = self._block_share(caches)
         blocks = max(1, min(max_blocks, max_bytes // block))
         mesh = self._device_sharding[0].mesh
         device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
@@ -206,9 +254,11 @@ class KVTransfer:
     def swap_out(self, caches: Caches, request_id: str, blocks: tuple[int, ...]) -> None:
         """Issue the device-to-host copies of the request's `blocks` (block-table order) on every
         stage (returns at once)."""
-        runs = [[self._fn("gather", ids.shape[0], s)(cache, ids) for s, cache in enumerate(caches)]
+        self._block_share(caches)
+        fused = self.fused(len(blocks))
+        runs = [[self._fn("gather", fused, ids.shape[0], s)(cache, ids) for s, cache in enumerate(caches)]
                 for ids in self._runs(blocks)]
-        self._held[request_id] = runs if self.fused else self._to_host(runs)
+        self._held[request_id] = runs if fused else self._to_host(runs)
         self.blocks_out += len(blocks)
 
     def out_landed(self, request_id: str) -> bool:
@@ -219,11 +269,12 @@ class KVTransfer:
         """Issue the host-to-device copies of the request's runs into device `blocks`; they land
         in the caches at `land_swap_in`."""
         host = self._held.pop(request_id)
-        if self.fused:
-            runs = host                  # the scatter reads them from host memory
+        fused = self.fused(len(blocks))
+        if fused:
+            runs = host                  # the scatter moves them from host memory
         else:
             runs = jax.device_put(host, [self._device_sharding[:len(run)] for run in host])     # one call, as _to_host
-        self._uploads[request_id] = _Upload(runs, self._runs(blocks))
+        self._uploads[request_id] = _Upload(runs, self._runs(blocks), fused)
         self.blocks_in += len(blocks)
 
     def in_landed(self, request_id: str) -> bool:
@@ -242,7 +293,7 @@ class KVTransfer:
         caches = list(caches)
         for run, ids in zip(up.runs, up.ids):
             for s, part in enumerate(run):
-                caches[s] = self._fn("scatter", ids.shape[0], s)(caches[s], part, ids)
+                caches[s] = self._fn("scatter", up.fused, ids.shape[0], s)(caches[s], part, ids)
         return caches
 
     def swap_in_now(self, caches: Caches, request_id: str, blocks: tuple[int, ...]) -> Caches:
