@@ -4,8 +4,9 @@ Skip-join serves bench_preemption.py's burst (400 chat-like counting answers, a 
 a quarter of their KV) with `proactive` swapping and with `recompute`, each run a fresh, fully
 warmed engine, rounds alternating. Proactive runs three times: with the backend's choice of
 copy path per swap (kv_transfer.FUSED_MAX_BYTES: the demo model's swaps are small, so fused
-everywhere), and with every swap forced through the fused path and through `jax.device_put`s
-(a run that fails is reported, and the rest go on).
+everywhere, and the first two runs are the same path: an A/A pair that shows the noise), and
+with every swap forced through the fused path and through `jax.device_put`s (a run that fails
+is reported, and the rest go on).
 `--fcfs` adds fcfs with recompute, the issue's baseline. The swap path's calls are timed by
 wrapping them (SwapCopies.ahead, its issue, land and on_demand, SwapPolicy.plan_ahead), and
 each run prints their host milliseconds per iteration beside the engine's phases and served
@@ -25,7 +26,6 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 
 import bench_preemption as bp  # noqa: E402
 from bench_swap_burst import work_line  # noqa: E402

@@ -74,12 +74,10 @@ def measure(path: str, a) -> dict:
         if with_step:
             state["m"] = step(state["m"])
         if with_copies:
-            [c] = [state["cache"]]
             if f"r{i - 1}" in t._uploads:                  # landed one iteration after it was issued
-                [c] = t.land_swap_in([c], f"r{i - 1}")
-            t.swap_out([c], f"r{i}", out_ids)
+                [state["cache"]] = t.land_swap_in([state["cache"]], f"r{i - 1}")
+            t.swap_out([state["cache"]], f"r{i}", out_ids)
             t.start_swap_in(f"r{i}", in_ids)
-            state["cache"] = c
 
     def loop(with_step: bool, with_copies: bool) -> float:
         best = float("inf")
