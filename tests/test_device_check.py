@@ -94,7 +94,7 @@ def test_a_failing_part_leaves_the_others_in_the_table_and_the_json(tmp_path, mo
     monkeypatch.setattr(dc, "run_backend", backend)
     monkeypatch.setattr(dc, "engine_decode", engine_fails)
     monkeypatch.delenv(pa.TUNING_ENV, raising=False)
-    res = dc.main(["--smoke", "--no-hf", "--json", str(tmp_path / "out.json")])
+    res = dc.main(["--smoke", "--no-hf", "--no-parity", "--json", str(tmp_path / "out.json")])  # parity: its own test
     cells = res["kernel"]["cells"]
     assert cells["b2p4w4s2"]["2x24"].startswith("error: RuntimeError: triton: out of shared memory")
     assert res["kernel"]["best"] == "b1p128w4s2" and cells["b1p128w4s2"]["2x24"]["ms"] > 0
