@@ -165,13 +165,13 @@ class KVTransfer:
         """A job for each gather and scatter shape of each stage, on each copy path a swap of that
         run can take, for the runner's warm-up pool."""
         share = self._block_share(caches)
+        any_put = self.max_blocks * share > self.fused_max_bytes    # the largest request's swap goes by device_put
         jobs = []
         for s, cache in enumerate(caches):
             for n in self.run_sizes:
-                # a run of n blocks goes fused in swaps under the threshold, if n blocks fit under
-                # it, and by device_put in swaps over it, if the largest request's goes over
-                for fused in [f for f, can in ((True, n * share <= self.fused_max_bytes),
-                                               (False, self.max_blocks * share > self.fused_max_bytes)) if can]:
+                # a run of n blocks goes fused in swaps under the threshold if n blocks fit under
+                # it, and by device_put in swaps over it
+                for fused in [True] * (n * share <= self.fused_max_bytes) + [False] * any_put:
                     ids = jax.ShapeDtypeStruct((n,), jnp.int32)
                     at = (self._host_sharding if fused else self._device_sharding)[s]
                     run = KVCache(*(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=at)
