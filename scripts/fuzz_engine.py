@@ -144,11 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1)
     a = ap.parse_args(argv)
     seeds = range(a.first, a.end)
+    results = []
     with concurrent.futures.ProcessPoolExecutor(a.jobs) as pool:
-        results = list(pool.map(_safe, seeds)) if a.jobs > 1 else [_safe(s) for s in seeds]
-    for _, line in results:
-        print(line, flush=True)
-    failed = sum(not ok for ok, _ in results)
+        # each seed's line as soon as it and the seeds before it are done (a long run shows progress)
+        for ok, line in (pool.map(_safe, seeds) if a.jobs > 1 else map(_safe, seeds)):
+            results.append(ok)
+            print(line, flush=True)
+    failed = results.count(False)
     print(f"{len(results) - failed} of {len(results)} seeds passed")
     return 1 if failed else 0
 
