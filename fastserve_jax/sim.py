@@ -12,6 +12,8 @@ place of the device and its transfer-time model (bytes over bandwidth) in place 
        host time of the policy's own calls with SimConfig.host_time_scale; with
        SimConfig.async_scheduling the longer of the launch and all that host work)
     -> num_computed_tokens += n; a chunk that reaches the end of a request samples a token
+       (with async scheduling, first tokens and finishes are stamped when the engine would
+       read them, during the next iteration: read_later)
     -> requests at their output length finish (remove) -> scheduler.on_iteration(plan,
        scheduler.service(plan) (taken before the plan ran), or dt where the policy takes none, now)
 
@@ -182,24 +184,48 @@ class SimResult:
         return m
 
 
-def advance(plan: Plan, now: float) -> list[Request]:
+def advance(plan: Plan, now: float, stamped: list[Request] | None = None) -> list[Request]:
     """The plan ran, ending at `now`: num_computed_tokens += n, a chunk that reaches the end
     of its request samples a token (token id 0: nothing reads it), and requests at their
     max_tokens finish with "length". Returns the finished ones; the caller frees their KV and
-    removes them from the policy."""
+    removes them from the policy. `stamped`: a list that gets the requests whose first token
+    or finish this stamped (for read_later)."""
     done = []
     for s in plan.scheduled:
         r = s.request
         r.num_computed_tokens += s.num_tokens
         if r.num_computed_tokens == r.num_tokens:
             r.output_token_ids.append(0)
-            if r.metrics.first_token_time is None:
+            first = r.metrics.first_token_time is None
+            if first:
                 r.metrics.first_token_time = now
             if len(r.output_token_ids) >= r.sampling.max_tokens:
                 r.status, r.finish_reason = RequestStatus.FINISHED, "length"
                 r.metrics.finish_time = now
                 done.append(r)
+            elif first and stamped is not None:
+                stamped.append(r)
+    if stamped is not None:
+        stamped += done
     return done
+
+
+def read_later(stamped: list[Request], t: float) -> None:
+    """Async scheduling: the engine reads batch N's tokens in the next step, once it has planned
+    and dispatched batch N + 1 and N's launch is done (LLMEngine.step), so the first tokens and
+    finishes that iteration N stamped at its end (`stamped`: those requests) are seen at `t`.
+    In the simulator's iteration N + 1 that is after its host work before the launch (p: the
+    policy's calls, the swap copies it issues, iteration_overhead) or, where the launch is the
+    longer, after the launch less the host work that follows the read (q: the last
+    iteration's updates): max(p, launch - q), at most the iteration. With the launch the
+    longer, a request's first token comes about two launches after it is planned, as the
+    engine's does, against one in the synchronous loop."""
+    for r in stamped:
+        m = r.metrics
+        if len(r.output_token_ids) == 1:
+            m.first_token_time = t
+        if m.finish_time is not None:
+            m.finish_time = t
 
 
 @dataclass
@@ -272,6 +298,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
     wall0 = clock()
     now, nxt, live, policy_host, launches = 0.0, 0, 0, 0.0, 0.0
     carried = 0.0                                      # async: the last iteration's updates, on the next launch
+    stamped: list[Request] | None = []                 # async: first tokens and finishes of the last iteration
     iterations = preemptions = seqs = max_batch = max_tokens = max_blocks = 0
     while nxt < len(reqs) or live:
         while nxt < len(reqs) and reqs[nxt].arrival_time <= now:
@@ -285,7 +312,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
             nxt += 1
             live += 1
         if not live:
-            now, carried = reqs[nxt].arrival_time, 0.0     # the last updates ran while nothing was live
+            now, carried, stamped = reqs[nxt].arrival_time, 0.0, []    # the last updates ran while nothing was live
             continue
         t_start = now
         uploading = land(uploading, now)
@@ -354,10 +381,13 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         if cfg.async_scheduling:
             beside = cost.iteration_overhead + host_seconds + carried
             dt = max(launch, beside) + (1.0 - cfg.async_overlap) * min(launch, beside)
+            # the last iteration's tokens are read once this one is dispatched and that one's launch is done
+            read_later(stamped, now + min(dt, max(cost.iteration_overhead + host_seconds, launch - carried)))
         else:
             dt += host_seconds
         now += dt
-        for r in advance(plan, now):
+        stamped = [] if cfg.async_scheduling else None
+        for r in advance(plan, now, stamped):
             kv.free(r)
             sched.remove(r)
             out_ready.pop(r.request_id, None)

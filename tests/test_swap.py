@@ -283,9 +283,13 @@ def test_simulator_with_async_scheduling_runs_the_host_work_beside_the_launch():
                     scheduler_config=CFG, host_kv_capacity_tokens=400, swap_policy="proactive")
     wall = ("sim_wall_seconds", "policy_host_seconds")          # this process's clock, not the simulation's
 
+    # when each token is read moves with async scheduling (the next test), nothing else
+    late = ("mean_jct", "p50_jct", "p95_jct", "p99_jct", "mean_ttft", "p99_ttft", "mean_tpot",
+            "mean_latency_per_token", "throughput_rps", "throughput_tps")
+
     def run(cost, **kw):
         m = simulate(trace, "skip-join-mlfq", cost, dataclasses.replace(cfg, **kw)).metrics()
-        return {k: v for k, v in m.items() if k not in wall}
+        return {k: v for k, v in m.items() if k not in wall + late}
 
     # nothing on the host: the launches alone, as the synchronous loop
     assert run(COST, async_scheduling=True) == run(COST)
@@ -302,6 +306,24 @@ def test_simulator_with_async_scheduling_runs_the_host_work_beside_the_launch():
         assert max(launch, host) + (1 - overlap) * min(launch, host) <= busy + 1e-9 < launch + host, overlap
     with pytest.raises(ValueError, match="async_overlap must be in"):
         dataclasses.replace(cfg, async_overlap=1.5)
+
+
+def test_simulator_with_async_scheduling_reads_each_iteration_s_tokens_during_the_next():
+    """LLMEngine.step reads batch N's tokens once it has planned and dispatched batch N + 1, so
+    the simulator stamps a first token or a finish after the next iteration's host work (here a
+    second, far longer than any launch, so each iteration takes a second), except after the
+    last iteration, which nothing follows."""
+    host_bound = dataclasses.replace(COST, iteration_overhead=1.0)
+    trace = [TraceRequest(0.0, 10, 2), TraceRequest(0.0, 10, 6)]
+    cfg = SimConfig(max_num_seqs=4, max_num_batched_tokens=64, block_size=4, kv_capacity_tokens=200,
+                    scheduler_config=CFG)
+    short, long = simulate(trace, "fcfs", host_bound, dataclasses.replace(cfg, async_scheduling=True)).requests
+    # iteration 0 (ends at 1 s) prefills both; 1 ends the short one; 2-5 decode the long one
+    assert short.metrics.ttft == pytest.approx(2.0) and long.metrics.ttft == pytest.approx(2.0)
+    assert short.metrics.latency == pytest.approx(3.0)
+    assert long.metrics.latency == pytest.approx(6.0)               # the last iteration: read at once
+    sync_short, sync_long = simulate(trace, "fcfs", host_bound, cfg).requests
+    assert 1.0 < sync_short.metrics.ttft < 1.1 and 2.0 < sync_short.metrics.latency < 2.2   # launch + host, in turn
 
 
 def _serve_fcfs_proactive(sizes, num_blocks, num_host_blocks, budget, limit=500):
