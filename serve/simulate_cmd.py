@@ -33,7 +33,7 @@ PLOT_METRICS = ("mean_latency_per_token", "mean_jct", "p99_jct", "mean_ttft", "p
 
 def add_simulate_parser(sub) -> None:
     from fastserve_jax.scheduler import DEFAULT_POLICY, POLICIES
-    from fastserve_jax.sim import PREDICTION_AT
+    from fastserve_jax.sim_config import PREDICTION_AT
 
     p = sub.add_parser("simulate", help="run scheduling policies on a trace in the simulator (no model, no device)",
                        description="Simulate policies on a trace with a cost model: the real scheduler and KV "
