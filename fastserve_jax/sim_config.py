@@ -48,7 +48,8 @@ class SimConfig:
     # The engine's async scheduling (EngineConfig.async_scheduling): the host work of an
     # iteration (the cost model's iteration_overhead, the charged policy time, issuing swap
     # copies, and the previous iteration's updates) runs while the device runs the launch, so an
-    # iteration takes the longer of the two instead of their sum. False: the synchronous loop.
+    # iteration takes the longer of the two instead of their sum, and an iteration's first tokens
+    # and finishes are read during the next one (sim.read_later). False: the synchronous loop.
     # async_overlap: the share of the shorter of the two that the longer hides (1: all, as on an
     # accelerator; on a CPU of N cores the host's thread takes one from the launch: 1 - 1/N).
     async_scheduling: bool = False
