@@ -130,3 +130,50 @@ def test_a_warm_up_stopped_midway_drops_the_compiles_not_started():
     with pytest.raises(KeyboardInterrupt):
         run_jobs([Job(i) for i in range(50)], progress, threads=2)
     assert 2 <= len(ran) <= 6, ran       # the two seen, plus those already running on the 2 workers
+
+
+def test_full_warmup_runs_every_program_once_and_the_tokens_stay_exact(lazy, tiny_checkpoints, monkeypatch):
+    """A full warm-up runs each compiled program once on padding (so that no request pays a
+    program's costlier first run): every stage's launches, the samplers, the token box and the
+    swap copies, exactly once each. Its writes land in the null block, which stays finite, and
+    a tight pool that swaps serves the tokens of an ample one, compiling nothing."""
+    import collections
+
+    import numpy as np
+
+    from fastserve_jax.runner.model_runner import ModelRunner
+
+    prompts = random_prompts(10, 3, 60, seed=5)
+    sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    want = [o.token_ids for o in lazy.generate(prompts, sp)]
+    ran: collections.Counter = collections.Counter()
+    tables: list[dict] = []
+
+    def counting(name, fn):
+        return lambda *a, **k: ran.update([name]) or fn(*a, **k)
+
+    real = ModelRunner.run_once
+
+    def spy(self):
+        tables.extend([*(st.compiled for st in self.stages), self.compiler.samplers, self.token_box._compiled,
+                       self.swaps.transfer._compiled])
+        for i, table in enumerate(tables):
+            for key, fn in table.items():
+                table[key] = counting((i, key), fn)
+        return real(self)
+
+    monkeypatch.setattr(ModelRunner, "run_once", spy)
+    llm = LLM(tiny_checkpoints("llama"), warmup="full",
+              **dict(ENGINE_KW, num_device_blocks=30, num_host_blocks=80, swap_policy="proactive"))
+    runner = llm.engine.runner
+    assert runner.token_box is not None and len(tables) == 4 and all(tables)
+    programs = {(i, key) for i, table in enumerate(tables) for key in table}
+    assert any(k.op.startswith("scatter") for k in tables[3]) and runner.first_run_seconds > 0
+    assert set(ran) == programs and set(ran.values()) == {1}, (programs - set(ran), ran)
+    for st in runner.stages:
+        assert np.isfinite(np.asarray(st.cache.k[:, 0], np.float32)).all()
+        assert np.isfinite(np.asarray(st.cache.v[:, 0], np.float32)).all()
+    with CompileCounter() as cc:
+        got = [o.token_ids for o in llm.generate(prompts, sp)]
+    assert llm.engine.stats.swap_out_blocks > 0
+    assert cc.count == 0 and got == want

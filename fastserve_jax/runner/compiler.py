@@ -32,6 +32,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fastserve_jax.models.attention import AttnBatch
 from fastserve_jax.runner import export_cache
@@ -78,6 +79,11 @@ def abstract_launch_args(builder: LaunchBuilder, key: LaunchKey, stage: Stage, h
     x = i32(r, q) if stage.first else jax.ShapeDtypeStruct((r, q, hidden_size), act_dtype,
                                                            sharding=stage.input_sharding)
     return x, batch, i32(n)
+
+
+def _filled(shape: tuple, dtype, value, sharding) -> jax.Array:
+    """An array of `value` placed by `sharding` (one process: run_once is never multi-host)."""
+    return jax.device_put(np.full(shape, value, dtype), sharding)
 
 
 def run_jobs(jobs: list[CompileJob], progress: Callable[[int, int], None] | None = None,
@@ -132,18 +138,28 @@ class Compiler:
                                    functools.partial(st.compiled.__setitem__, key)))
         return jobs
 
-    def sampler_job(self, key: SamplerKey) -> CompileJob:
-        """The sampler variant, on the devices the logits are on (replicated over the last stage)."""
-        sds = functools.partial(jax.ShapeDtypeStruct, sharding=self.stages[-1].replicated)
+    def sampler_args(self, key: SamplerKey, fill: Callable | None = None) -> tuple:
+        """The sampler's arguments for `key`, on the devices the logits are on (replicated over
+        the last stage): ShapeDtypeStructs, or with `fill` arrays of fill(shape, dtype, value)
+        holding neutral values (temperature and top-p 1, empty histories and biases)."""
+        rep = self.stages[-1].replicated
+        arg = (lambda shape, dt, v: fill(shape, dt, v, rep)) if fill else (
+            lambda shape, dt, v: jax.ShapeDtypeStruct(shape, dt, sharding=rep))
         n = key.rows
-        logits = sds((n, self.vocab), jnp.float32)
-        s = SamplingArrays(*(sds((n,), dt) for dt in (jnp.float32, jnp.int32, jnp.float32, jnp.uint32, jnp.int32)))
+        logits = arg((n, self.vocab), jnp.float32, 0)
+        s = SamplingArrays(*(arg((n,), dt, v) for dt, v in ((jnp.float32, 1), (jnp.int32, 0), (jnp.float32, 1),
+                                                             (jnp.uint32, 0), (jnp.int32, 0))))
         args = (logits, s)
         if key.penalties:
-            args += (Penalties(sds((n,), jnp.float32), sds((n,), jnp.float32), sds((n, self.max_model_len), jnp.int32),
-                               sds((n, BIAS_SLOTS), jnp.int32), sds((n, BIAS_SLOTS), jnp.float32)),)
-        return CompileJob(export_cache.lower_job(self._sample, *args, name="sample", greedy=key.greedy,
-                                                 with_logprobs=key.logprobs),
+            args += (Penalties(arg((n,), jnp.float32, 0), arg((n,), jnp.float32, 0),
+                               arg((n, self.max_model_len), jnp.int32, -1), arg((n, BIAS_SLOTS), jnp.int32, -1),
+                               arg((n, BIAS_SLOTS), jnp.float32, 0)),)
+        return args
+
+    def sampler_job(self, key: SamplerKey) -> CompileJob:
+        """The sampler variant, compiled for `sampler_args`."""
+        return CompileJob(export_cache.lower_job(self._sample, *self.sampler_args(key), name="sample",
+                                                 greedy=key.greedy, with_logprobs=key.logprobs),
                           functools.partial(self.samplers.__setitem__, key))
 
     @staticmethod
@@ -217,6 +233,27 @@ class Compiler:
     def compile_now(self, keys: list, progress=None, threads: int | None = None, swap_jobs=()) -> None:
         jobs = [j for k in keys if not self.compiled(k) for j in self.jobs(k)] + list(swap_jobs)
         run_jobs(jobs, progress, threads)
+
+    def run_once(self, keys: list) -> None:
+        """Run each compiled launch (every stage) and sampler of `keys` once on padding: no
+        token is real, every K/V write lands in the null block and every block read is masked.
+        A compiled program's first run costs more than the next (XLA:CPU sets up its dots
+        then: 10-30 ms a launch shape on the demo model), so a full warm-up pays it here rather
+        than the first requests. Each stage's cache is donated and replaced, as in serving."""
+        outs = []
+        for key in keys:
+            if isinstance(key, SamplerKey):
+                outs.append(self.samplers[key](*self.sampler_args(key, _filled)))
+                continue
+            r, q, n = self.builder.launch_shape(key)
+            nb = key.blocks
+            batch = AttnBatch(*(np.full(shape, v, np.int32) for shape, v in (
+                ((r, q), 0), ((r, q), -1), ((r, q), 0), ((r, nb), 0), ((r, nb), -2), ((r, nb), 0))))
+            for st in self.stages:
+                x = (np.zeros((r, q), np.int32) if st.first else
+                     _filled((r, q, self.hidden_size), self.act_dtype, 0, st.input_sharding))
+                outs.append(st.run(key, x, batch, np.zeros(n, np.int32)))
+        jax.block_until_ready(outs)
 
     def start_background(self, keys: list, swap_jobs=()) -> None:
         """Compile `keys` (then the swap copies) one at a time on a daemon thread, in order."""

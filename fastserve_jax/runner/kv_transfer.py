@@ -186,6 +186,22 @@ class KVTransfer:
                         functools.partial(self._compiled.__setitem__, SwapKey("scatter" + suffix, n, s))))
         return jobs
 
+    def run_once(self, caches: Caches) -> Caches:
+        """Run each compiled gather once with the scatter of its run (a full warm-up: see
+        Compiler.run_once), on the null block: every id is 0, so the scatter writes the null
+        block's own contents back. The caches are donated; returns the new ones. Counts no
+        swap."""
+        caches = list(caches)
+        for key in self._compiled:
+            if key.op.startswith("gather"):
+                ids = np.zeros(key.run, np.int32)
+                run = self._compiled[key](caches[key.stage], ids)     # where the scatter of its path reads it
+                scatter = self._compiled.get(SwapKey("scatter" + key.op[len("gather"):], key.run, key.stage))
+                if scatter is not None:
+                    caches[key.stage] = scatter(caches[key.stage], run, ids)
+        jax.block_until_ready(caches)
+        return caches
+
     def _fn(self, op: str, fused: bool, n: int, stage: int):
         return (self._compiled.get(SwapKey(op + ("_host" if fused else ""), n, stage))
                 or (self._gather if op == "gather" else self._scatter)[fused][stage])

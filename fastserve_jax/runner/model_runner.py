@@ -113,6 +113,7 @@ class ModelRunner:
         self.token_box = (TokenBox(max(cfg.decode_batch_buckets) + 2 * cfg.max_prefill_seqs, self.stages[-1].replicated)
                           if cfg.async_scheduling else None)
         self.warmup_seconds = 0.0
+        self.first_run_seconds = 0.0         # of warmup_seconds, running each program once (run_once)
 
     @property
     def caches(self) -> list[KVCache]:
@@ -143,7 +144,25 @@ class ModelRunner:
         if self.token_box is not None:
             self.token_box.compile_all(self.builder.sampler_rows(), list(self.cfg.decode_batch_buckets),
                                        self.cfg.max_model_len)
+        if mode == "full" and jax.process_count() == 1:
+            self.run_once()
         self.warmup_seconds = time.perf_counter() - t0
+        return self.warmup_seconds
+
+    def run_once(self) -> float:
+        """Run every compiled program once on padding (Compiler.run_once), so that no request
+        pays a program's costlier first run; returns seconds. Not across processes: the other
+        processes would have to run the same programs (a full warm-up there runs none)."""
+        t0 = time.perf_counter()
+        self.compiler.run_once([k for k in self.compiler.all_keys() if self.compiler.compiled(k)])
+        if self.token_box is not None:
+            self.token_box.run_once()
+        if self.swaps is not None:
+            caches = self.swaps.transfer.run_once(self.caches)
+            for st, c in zip(self.stages, caches):
+                st.cache = c
+        self.first_run_seconds = time.perf_counter() - t0
+        return self.first_run_seconds
         return self.warmup_seconds
 
     def start_background_compile(self) -> None:
