@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     llm, construct_s, n_compiled = make_llm(path, max_len, args.max_batched_tokens, cache_dir, policies[0])
     cache_after = compile_cache_entries(None if args.no_compile_cache else cache_dir)
     start = dict(construct_s=construct_s, scheduler=policies[0], warmup_compile_s=llm.engine.warmup_seconds,
-                 executables=n_compiled,
+                 first_runs_s=llm.engine.runner.first_run_seconds, executables=n_compiled,
                  compile_cache="off" if args.no_compile_cache else cache_dir,
                  cache_entries_before=cache_before, cache_entries_after=cache_after,
                  config=dict(max_model_len=max_len, max_num_seqs=MAX_NUM_SEQS,

@@ -42,7 +42,8 @@ def print_results(r: dict) -> None:
         print(f"  ours is timed on its second pass over the workload; the first, right after the engine's start, took "
               f"{ours['first_pass_wall_s']:.1f} s ({n_tok / ours['first_pass_wall_s']:.1f} tok/s"
               + (f", {n_tok / ours['first_pass_wall_s'] / cb['tokens_per_s']:.2f}x transformers CB" if cb else "")
-              + "): XLA:CPU sets up each launch's YNNPACK dots on its first run")
+              + "); XLA:CPU sets up each launch's YNNPACK dots on its first run, which the full warm-up now does "
+              "(ModelRunner.run_once)")
     if st:
         print(f"  static batches: {st['raw_generated_tokens']} tokens generated in all (padding to each batch's "
               f"longest output), raw {st['raw_tokens_per_s']:.1f} tok/s")
@@ -73,7 +74,8 @@ def print_start(r: dict) -> None:
     ours, start = r["ours"], r["start"]
     print("\n== fastserve-jax start")
     line("construct (load + warm-up compile)", f"{start['construct_s']:.1f} s")
-    line("warm-up compile", f"{start['warmup_compile_s']:.1f} s, {start['executables']} executables")
+    line("warm-up compile", f"{start['warmup_compile_s']:.1f} s, {start['executables']} executables"
+         + (f", of which {start['first_runs_s']:.1f} s running each once" if start.get("first_runs_s") else ""))
     line("persistent compile cache", f"{start['compile_cache']}: {start['cache_entries_before']} entries before, "
          f"{start['cache_entries_after']} after")
     if "second_construct_s" in start:

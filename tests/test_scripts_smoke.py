@@ -2,7 +2,7 @@
 user would call them (a subprocess from the checkout's root): they must run to the end and
 print their figures. A script is only as good as its last run; bench_tail_guard.py once
 failed at its first line after a helper moved, and nothing noticed. bench_frontend,
-bench_predictive and bench_engine (--quick, without transformers) are marked slow;
+bench_first_runs, bench_predictive and bench_engine (--quick, without transformers) are marked slow;
 bench_startup (minutes) has no test here."""
 
 from __future__ import annotations
@@ -145,6 +145,12 @@ def test_bench_frontend_one_pair_of_a_small_burst(tmp_path):
     assert "the engine on the server's thread vs in its own process" in out
     res = json.load(open(tmp_path / "f.json"))
     assert len(res["runs"]) == 1 and set(res["runs"][0]) == {"thread", "process"}
+
+
+@pytest.mark.slow   # about a minute: the burst's profile and two fully warmed engines
+def test_bench_first_runs_one_pair_of_a_small_burst():
+    out = _script("bench_first_runs.py", "--pairs", "1", "--num-requests", "60", "--first", "10")
+    assert "first runs off:" in out and "first runs on :" in out and "off / on:" in out, out
 
 
 @pytest.mark.slow
