@@ -27,6 +27,7 @@ import concurrent.futures
 import functools
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -262,7 +263,10 @@ class Compiler:
             self._queue.extend(swap_jobs)
         self._thread = threading.Thread(target=self._drain, name="fastserve-compile", daemon=True)
         self._thread.start()
-        atexit.register(self.stop_background)      # before exit abandons the thread mid-compile
+        # before exit abandons the thread mid-compile; through a weak reference, so that the hook
+        # does not keep a dropped engine's executables alive (memory maps: see ModelRunner)
+        ref = weakref.ref(self)
+        atexit.register(lambda: (c := ref()) is not None and c.stop_background())
 
     def stop_background(self) -> None:
         """Drop what is still queued and wait for the compile in progress (at most one)."""
