@@ -41,6 +41,7 @@ from fastserve_jax.request import Request, TokenLogprobs
 log = logging.getLogger("fastserve_jax.serve")
 
 REFINE_POLL_S = 0.5      # how often an idle engine looks whether it can replace a provisional profile
+FIRST_RUN_SLICE_S = 0.05   # an idle engine's slice of first runs between looks at its inbox (_first_runs)
 STOP = ("stop",)
 
 Event = tuple
@@ -170,9 +171,11 @@ class EngineLoop:
         self._report_health(0, 0)
         faults = total = 0
         refine = self.engine.profile_provisional      # until the background warm-up is done
+        first_runs, running = True, False             # programs compiled but never run (_first_runs)
         while True:
             idle = not self.engine.has_unfinished()
-            cmd = receive(idle, REFINE_POLL_S if idle and refine else None)
+            wait = (0.0 if running else REFINE_POLL_S) if refine or first_runs else None
+            cmd = receive(idle, wait if idle else None)
             while cmd is not None:
                 if cmd == STOP:
                     self._shut_down(receive)
@@ -181,6 +184,8 @@ class EngineLoop:
                 cmd = receive(False, None)
             if refine and not self.engine.has_unfinished():
                 refine = self._refine_profile()
+            elif first_runs and not self.engine.has_unfinished():
+                first_runs, running = self._first_runs()
             if self.engine.has_unfinished():
                 ok = self._step()
                 faults, total = (0, total) if ok else (faults + 1, total + 1)
@@ -207,6 +212,24 @@ class EngineLoop:
         log.info("cost model profiled now that every shape is compiled (%.1f s): %s", time.perf_counter() - t0,
                  self.engine.cost_model.name)
         return False
+
+    def _first_runs(self) -> tuple[bool, bool]:
+        """While idle, once every shape is compiled: run the programs that have not run yet, a
+        slice of FIRST_RUN_SLICE_S at a time (ModelRunner.run_pending), so that their costlier
+        first runs (XLA:CPU sets its dots up then; docs/startup.md, "First runs") come before
+        a request needs them. After a full warm-up none is left. Returns (try again later,
+        some are left now)."""
+        runner = self.engine.runner
+        if not runner.compiler.background_done() or runner.shapes_pending():
+            return True, False
+        try:
+            left = runner.run_pending(FIRST_RUN_SLICE_S)
+        except Exception:  # keep serving; the programs run when a request needs them
+            log.exception("running the compiled programs once while idle failed; leaving them to the requests")
+            return False, False
+        if not left:
+            log.debug("every compiled program has run once")
+        return left, left
 
     def _shut_down(self, receive: Receive) -> None:
         """Abort every live request and answer what is still queued, then save the engine's state."""

@@ -292,7 +292,7 @@ def test_load_200_requests_32_clients_with_disconnects(live):
 def test_idle_server_replaces_its_provisional_cost_model_once_the_warmup_is_done(live):
     """serve came up on a cost model timed on the background warm-up's covering set; once
     every shape is compiled the idle engine thread profiles every bucket and the scheduler
-    takes it."""
+    takes it, and then runs every program that has not run yet once."""
     assert live.started_provisional
     live.on_engine(lambda e: e.runner.compiler.wait_background())
     deadline = time.monotonic() + 20
@@ -301,6 +301,12 @@ def test_idle_server_replaces_its_provisional_cost_model_once_the_warmup_is_done
         time.sleep(0.1)
     assert live.on_engine(lambda e: e.scheduler.cost_model is e.cost_model and not e.runner.shapes_pending())
     assert live.metric("fastserve_cost_model_provisional") == 0
+    # then, still idle, it runs each compiled program that has not run yet once, in slices
+    # (engine_loop._first_runs), so that no request pays a program's costlier first run
+    while live.on_engine(lambda e: e.runner.first_runs_pending()):
+        assert time.monotonic() < deadline + 30, "programs left that never ran"
+        time.sleep(0.1)
+    assert live.on_engine(lambda e: set(e.runner.compiler.all_keys()) <= e.runner.ran)
     status, _, out = live.post("/v1/completions", _counting(3, 30))
     assert status == 200 and demo_task.check_answer(3, 30, out["choices"][0]["text"])
 

@@ -177,3 +177,43 @@ def test_full_warmup_runs_every_program_once_and_the_tokens_stay_exact(lazy, tin
         got = [o.token_ids for o in llm.generate(prompts, sp)]
     assert llm.engine.stats.swap_out_blocks > 0
     assert cc.count == 0 and got == want
+
+
+def test_after_a_background_warm_up_the_programs_not_yet_run_run_in_slices(lazy, tiny_checkpoints):
+    """What an idle server does once its background compile is done (engine_loop._first_runs):
+    the compiled programs serving has not run yet run once each, at least one per slice, the
+    ones that ran never again, and the tokens stay exact."""
+    prompts = random_prompts(4, 3, 40, seed=7)
+    want = [o.token_ids for o in lazy.generate(prompts, GREEDY)]
+    llm = LLM(tiny_checkpoints("llama"), warmup="background", **ENGINE_KW)
+    runner = llm.engine.runner
+    runner.compiler.wait_background()
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
+    used = set(llm.engine.stats.launches)
+    pending = runner.first_runs_pending()
+    assert used and used <= runner.ran and not used & set(pending)
+    assert len(pending) > 2 and set(pending) | runner.ran == set(runner.compiler.all_keys())
+    ran = []
+    real = runner.compiler.run_once
+    runner.compiler.run_once = lambda keys: ran.extend(keys) or real(keys)
+    assert runner.run_pending(0.0) is True and ran == pending[:1]          # a slice runs at least one
+    assert runner.run_pending(float("inf")) is False and ran == pending
+    assert runner.first_runs_pending() == [] and runner.run_pending(float("inf")) is False and ran == pending
+    with CompileCounter() as cc:
+        assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
+    assert cc.count == 0
+
+
+def test_a_dropped_engine_after_a_background_warm_up_is_freed(tiny_checkpoints):
+    """The background compile's exit hook held its compiler, and with it every executable of
+    an engine long dropped: a process building several such engines ran out of memory maps
+    (LLVM "Unable to allocate section memory", seen in bench_first_runs.py --warmup background)."""
+    import gc
+    import weakref
+
+    llm = LLM(tiny_checkpoints("llama"), warmup="background", **ENGINE_KW)
+    llm.engine.runner.compiler.wait_background()
+    ref = weakref.ref(llm.engine.runner.compiler)
+    del llm
+    gc.collect()
+    assert ref() is None

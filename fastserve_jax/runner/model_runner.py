@@ -114,6 +114,7 @@ class ModelRunner:
                           if cfg.async_scheduling else None)
         self.warmup_seconds = 0.0
         self.first_run_seconds = 0.0         # of warmup_seconds, running each program once (run_once)
+        self.ran: set = set()                # launch and sampler keys that have run at least once
 
     @property
     def caches(self) -> list[KVCache]:
@@ -154,7 +155,9 @@ class ModelRunner:
         pays a program's costlier first run; returns seconds. Not across processes: the other
         processes would have to run the same programs (a full warm-up there runs none)."""
         t0 = time.perf_counter()
-        self.compiler.run_once([k for k in self.compiler.all_keys() if self.compiler.compiled(k)])
+        keys = [k for k in self.compiler.all_keys() if self.compiler.compiled(k)]
+        self.compiler.run_once(keys)
+        self.ran.update(keys)
         if self.token_box is not None:
             self.token_box.run_once()
         if self.swaps is not None:
@@ -163,6 +166,28 @@ class ModelRunner:
                 st.cache = c
         self.first_run_seconds = time.perf_counter() - t0
         return self.first_run_seconds
+
+    def first_runs_pending(self) -> list:
+        """The compiled launch and sampler keys that have not run yet, in all_keys' order
+        (smallest first); nothing across processes (see run_once)."""
+        if jax.process_count() > 1:
+            return []
+        return [k for k in self.compiler.all_keys() if k not in self.ran and self.compiler.compiled(k)]
+
+    def run_pending(self, budget_s: float) -> bool:
+        """Run compiled programs that have not run yet, one at a time on padding (as
+        run_once), until `budget_s` is spent (at least one); returns whether any are left. For an idle
+        engine after a background warm-up (LLMEngine.run_idle_first_runs): each program's
+        costlier first run then happens before a request needs it, and a request arriving
+        meanwhile waits at most about the budget and one program's run."""
+        t0 = time.perf_counter()
+        pending = self.first_runs_pending()
+        for i, key in enumerate(pending, 1):
+            self.compiler.run_once([key])
+            self.ran.add(key)
+            if time.perf_counter() - t0 >= budget_s:
+                return i < len(pending)
+        return False
         return self.warmup_seconds
 
     def start_background_compile(self) -> None:
@@ -219,6 +244,7 @@ class ModelRunner:
         self.compiler.ensure(ln.key)
         rec = self.activity.begin(batch_id) if self.activity is not None else None
         x = ln.tokens if ln.src is None else self.token_box.take(ln.tokens, ln.src)
+        self.ran.add(ln.key)
         for st in self.stages:
             if not st.first:
                 x = move(x, st.input_sharding)
@@ -249,6 +275,7 @@ class ModelRunner:
             if penalties is not None and w.src is not None:         # a pending token joins the history
                 penalties = penalties._replace(history=self.token_box.patch(penalties.history, w.src))
             sampled = self.sampler(key)(logits, w.sampling, *((penalties,) if key.penalties else ()))
+            self.ran.add(key)
             pending.append((sampled, feats, self.token_box.put(sampled.tokens) if self.token_box is not None else None))
         return pending
 
