@@ -176,8 +176,8 @@ class ModelRunner:
 
     def run_pending(self, budget_s: float) -> bool:
         """Run compiled programs that have not run yet, one at a time on padding (as
-        run_once), until `budget_s` is spent (at least one); returns whether any are left. For an idle
-        engine after a background warm-up (LLMEngine.run_idle_first_runs): each program's
+        run_once), until `budget_s` is spent (at least one); returns whether any are left. For
+        an idle engine after a background warm-up (serve/engine_loop.py): each program's
         costlier first run then happens before a request needs it, and a request arriving
         meanwhile waits at most about the budget and one program's run."""
         t0 = time.perf_counter()
