@@ -78,7 +78,8 @@ def main() -> int:
     ap.add_argument("--warmup", choices=("full", "background"), default="full",
                     help="full: the warm-up runs each program (default); background: serve's default start, its "
                          "idle first runs once the background compile is done")
-    ap.add_argument("--first", type=int, default=50, help="the early arrivals whose TTFT is reported apart (default 50)")
+    ap.add_argument("--first", type=int, default=50,
+                    help="the early arrivals whose TTFT is reported apart (default 50)")
     a = ap.parse_args()
     if not 0 < a.first < a.num_requests:
         ap.error("--first must be between 0 and --num-requests")

@@ -78,9 +78,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
     compiled = compile_stats().since(start)
     first = min(o.metrics.first_token_time for o in outs) - t0
     ran = llm.engine.runner.first_run_seconds
+    ran = f" ({ran:.1f} s of it running each program once)" if ran else ""
     status.done(f"load {llm.startup_seconds - llm.engine.warmup_seconds:.1f} s, warm-up ({llm.engine.warmup_mode}) "
-                f"{llm.engine.warmup_seconds:.1f} s{f' ({ran:.1f} s of it running each program once)' if ran else ''}, compiled {compiled.describe()} ({compiled.backend_seconds:.1f} s "
-                f"of XLA time), first token {first:.1f} s after start, all done in {time.monotonic() - t0:.1f} s")
+                f"{llm.engine.warmup_seconds:.1f} s{ran}, compiled {compiled.describe()} "
+                f"({compiled.backend_seconds:.1f} s of XLA time), first token {first:.1f} s after start, "
+                f"all done in {time.monotonic() - t0:.1f} s")
     for o in outs:
         m = o.metrics
         print(f"prompt: {o.prompt!r}\noutput: {o.text!r}\n  tokens={len(o.token_ids)} finish={o.finish_reason} "

@@ -188,7 +188,6 @@ class ModelRunner:
             if time.perf_counter() - t0 >= budget_s:
                 return i < len(pending)
         return False
-        return self.warmup_seconds
 
     def start_background_compile(self) -> None:
         """After a "background" warm-up: compile every other shape on a thread (the engine
