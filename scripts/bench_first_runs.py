@@ -18,6 +18,7 @@ covering set's, and "first runs" the idle runs' seconds.
     python scripts/bench_first_runs.py                     # 3 pairs at 450 req/s
     python scripts/bench_first_runs.py --pairs 1 --num-requests 100
     python scripts/bench_first_runs.py --warmup background
+    python scripts/bench_first_runs.py --programs          # each program's first and second run alone
 """
 
 from __future__ import annotations
@@ -70,6 +71,43 @@ def one_engine(b, arrivals: list[float], first: int, run_once: bool, warmup: str
                 jct=m["e2e_mean"], per_token=m["mean_latency_per_token"], rps=m["throughput_rps"])
 
 
+def program_runs(model: str | None, argv: argparse.Namespace) -> None:
+    """--programs: one engine, fully warmed with its runs switched off; each compiled launch
+    and sampler program timed on its first run and on its second (Compiler.run_once, each
+    waited for), then the totals and the five largest first-run excesses."""
+    from fastserve_jax import LLM
+
+    real = ModelRunner.run_once
+    ModelRunner.run_once = lambda self: 0.0
+    try:
+        llm = LLM(model, warmup="full", max_num_seqs=argv.max_num_seqs,
+                  max_num_batched_tokens=argv.max_num_batched_tokens, block_size=argv.block_size)
+    finally:
+        ModelRunner.run_once = real
+    runner = llm.engine.runner
+    keys = runner.first_runs_pending()
+    times = {}
+    for rnd in range(2):
+        for key in keys:
+            t0 = time.perf_counter()
+            runner.compiler.run_once([key])
+            times.setdefault(key, []).append(time.perf_counter() - t0)
+    first = sum(t[0] for t in times.values())
+    second = sum(t[1] for t in times.values())
+    print(f"{jax_backend()}: {len(keys)} launch and sampler programs of {model or 'the demo model'}, each run "
+          f"alone: first runs {first:.3f} s in all, second runs {second:.3f} s (excess {first - second:.3f} s, "
+          f"{(first - second) / len(keys) * 1e3:.2f} ms a program)")
+    for key, (t1, t2) in sorted(times.items(), key=lambda kv: kv[1][1] - kv[1][0])[:5]:
+        print(f"  {key}: first {t1 * 1e3:.1f} ms, second {t2 * 1e3:.1f} ms")
+
+
+def jax_backend() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    return f"{d.platform} ({d.device_kind})"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bp.add_burst_args(ap)
@@ -80,7 +118,13 @@ def main() -> int:
                          "idle first runs once the background compile is done")
     ap.add_argument("--first", type=int, default=50,
                     help="the early arrivals whose TTFT is reported apart (default 50)")
+    ap.add_argument("--programs", action="store_true",
+                    help="instead of the burst: each program's first and second run on one engine, any backend")
+    ap.add_argument("--model", default=None, help="with --programs: a model directory (default: the demo model)")
     a = ap.parse_args()
+    if a.programs:
+        program_runs(a.model, a)
+        return 0
     if not 0 < a.first < a.num_requests:
         ap.error("--first must be between 0 and --num-requests")
     b = bp.burst_setup(a)

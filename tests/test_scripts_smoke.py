@@ -151,6 +151,8 @@ def test_bench_frontend_one_pair_of_a_small_burst(tmp_path):
 def test_bench_first_runs_one_pair_of_a_small_burst():
     out = _script("bench_first_runs.py", "--pairs", "1", "--num-requests", "60", "--first", "10")
     assert "first runs off:" in out and "first runs on :" in out and "off / on:" in out, out
+    out = _script("bench_first_runs.py", "--programs", "--max-num-seqs", "8", "--max-num-batched-tokens", "64")
+    assert "launch and sampler programs of the demo model" in out and "second runs" in out, out
 
 
 @pytest.mark.slow
