@@ -13,8 +13,11 @@ The runner's contract with the engine (the way scheduler/base.py states the sche
   engine issues them in kv_plan.py's order, and device work runs in issue order, so a copy
   never races the step that reads or reuses its blocks.
 - `warmup()` compiles every launch, sampler and swap shape (compiler.py); afterwards serving
-  compiles nothing. `executable(key)` and `sampler(key)` look compiled functions up by their
-  typed keys (keys.py).
+  compiles nothing. A full one then runs each program once on padding (`run_once`; a
+  program's first run costs more than the next); after a background one, an idle engine
+  runs the programs that have not run (`first_runs_pending`, `run_pending`).
+  `executable(key)` and `sampler(key)` look compiled functions up by their typed keys
+  (keys.py).
 - `mirror`: on a multi-host leader, called with every device operation before it is issued;
   a worker applies them in the same order with `replay` (fastserve_jax/multihost.py).
 
