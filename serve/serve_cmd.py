@@ -103,8 +103,6 @@ class EngineBuilder:
         self.model, self.engine_kwargs = model, engine_kwargs
 
     def __call__(self, stopping: Callable[[], bool] | None = None):
-        import jax
-
         from fastserve_jax import LLM
 
         kwargs = dict(self.engine_kwargs)
@@ -118,8 +116,7 @@ class EngineBuilder:
             rest = "; the other shapes compile in the background"
             if llm.engine.profile_provisional:
                 rest += ", then the cost model is profiled (provisional until then)"
-            if jax.process_count() == 1:          # serve/engine_loop.py: _first_runs
-                rest += ", and each program runs once while the server is idle"
+            rest += ", and each program runs once while the server is idle"     # engine_loop._first_runs
         elif llm.engine.runner.first_run_seconds:
             rest = f"; {llm.engine.runner.first_run_seconds:.1f} s of it running each program once"
         log.info("engine loaded and compiled in %.1f s (%s)%s", llm.startup_seconds, llm.startup_compiles.describe(),

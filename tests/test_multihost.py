@@ -40,16 +40,18 @@ def _post(url: str, body: dict) -> dict:
 
 
 # with the Pallas kernel (Triton's, interpret mode) per head shard over the two processes' mesh: -m slow
-@pytest.mark.parametrize("backend,tp,pp", [("reference", 2, 2), pytest.param("pallas", 2, 2, marks=pytest.mark.slow),
-                                           ("reference", 2, 1)])
-def test_two_processes_serve_a_request_end_to_end(tmp_path, backend, tp, pp):
+# ... and with a full warm-up, whose runs of each program the worker replays
+@pytest.mark.parametrize("backend,tp,pp,warmup", [
+    ("reference", 2, 2, "lazy"), pytest.param("pallas", 2, 2, "lazy", marks=pytest.mark.slow),
+    ("reference", 2, 1, "lazy"), ("reference", 2, 1, "full")])
+def test_two_processes_serve_a_request_end_to_end(tmp_path, backend, tp, pp, warmup):
     http, coord = _free_ports(2)
     while coord + 1 in (http,):
         http, coord = _free_ports(2)
     common = ["-m", "fastserve_jax", "serve", "--port", str(http), "--coordinator-address", f"127.0.0.1:{coord}",
               "--num-processes", "2", "-tp", str(tp), "-pp", str(pp), "--scheduler", "fcfs", "--max-num-seqs", "4",
               "--max-num-batched-tokens", "64", "--max-model-len", "256", "--num-device-blocks", "9", "--block-size", "8",
-              "--warmup", "lazy", "--log-level", "info", "--attention-backend", backend]
+              "--warmup", warmup, "--log-level", "info", "--attention-backend", backend]
     env = dict(os.environ, FASTSERVE_LOCAL_DEVICE_COUNT=str(tp * pp // 2), PYTHONPATH=ROOT)
     # the parent's virtual device count must not reach the children; its optimisation level may
     env["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
@@ -93,6 +95,8 @@ def test_two_processes_serve_a_request_end_to_end(tmp_path, backend, tp, pp):
         assert procs[1].wait(timeout=120) == 0, _logs(tmp_path)
         worker_log = (tmp_path / "p1.log").read_text()
         assert "leader shut down after" in worker_log
+        # a full warm-up's runs are collectives the worker joins (replayed), or the leader would hang
+        assert ("running each program once" in (tmp_path / "p0.log").read_text()) == (warmup == "full")
         assert ("async scheduling" in worker_log) == (pp == 1), worker_log[-2000:]
     finally:
         for p in procs:

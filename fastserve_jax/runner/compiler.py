@@ -83,7 +83,8 @@ def abstract_launch_args(builder: LaunchBuilder, key: LaunchKey, stage: Stage, h
 
 
 def _filled(shape: tuple, dtype, value, sharding) -> jax.Array:
-    """An array of `value` placed by `sharding` (one process: run_once is never multi-host)."""
+    """An array of `value` placed by `sharding` (across processes each puts the same value, in
+    the same order: run_once is mirrored)."""
     return jax.device_put(np.full(shape, value, dtype), sharding)
 
 

@@ -63,6 +63,19 @@ class SamplerKey:
     penalties: bool
 
 
+def key_to_wire(key: LaunchKey | SamplerKey) -> list:
+    """A launch or sampler key as a plain list (the plan channel's run_once message)."""
+    if isinstance(key, SamplerKey):
+        return ["sampler", key.rows, key.greedy, key.logprobs, key.penalties]
+    return launch_key_to_wire(key)
+
+
+def key_from_wire(wire: list) -> LaunchKey | SamplerKey:
+    if wire[0] == "sampler":
+        return SamplerKey(int(wire[1]), bool(wire[2]), bool(wire[3]), bool(wire[4]))
+    return launch_key_from_wire(wire)
+
+
 @dataclass(frozen=True)
 class SwapKey:
     op: str          # "gather" (device blocks -> a run to copy out) or "scatter" (a run -> cache);

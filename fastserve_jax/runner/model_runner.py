@@ -25,7 +25,7 @@ from fastserve_jax.models.config import ModelConfig
 from fastserve_jax.models.paged_attention import tuning as triton_tuning
 from fastserve_jax.request import Request, TokenLogprobs
 from fastserve_jax.runner import compiler
-from fastserve_jax.runner.keys import LaunchKey, SamplerKey
+from fastserve_jax.runner.keys import LaunchKey, SamplerKey, key_from_wire, key_to_wire
 from fastserve_jax.runner.kv_transfer import KVTransfer
 from fastserve_jax.runner.launch import Launch, LaunchBuilder, LaunchWork
 from fastserve_jax.runner.swap_ops import SwapOps
@@ -145,33 +145,39 @@ class ModelRunner:
         if self.token_box is not None:
             self.token_box.compile_all(self.builder.sampler_rows(), list(self.cfg.decode_batch_buckets),
                                        self.cfg.max_model_len)
-        if mode == "full" and jax.process_count() == 1:
-            self.run_once()
+        if mode == "full" and (jax.process_count() == 1 or self.mirror is not None):
+            self.run_once()          # a worker runs them when its leader's run reaches it (replay)
         self.warmup_seconds = time.perf_counter() - t0
         return self.warmup_seconds
 
     def run_once(self) -> float:
         """Run every compiled program once on padding (Compiler.run_once), so that no request
-        pays a program's costlier first run; returns seconds. Not across processes: the other
-        processes would have to run the same programs (a full warm-up there runs none)."""
+        pays a program's costlier first run; returns seconds. Across processes only the
+        launches and samplers, mirrored to the workers (`_run_programs`)."""
         t0 = time.perf_counter()
-        keys = [k for k in self.compiler.all_keys() if self.compiler.compiled(k)]
-        self.compiler.run_once(keys)
-        self.ran.update(keys)
-        if self.token_box is not None:
+        self._run_programs([k for k in self.compiler.all_keys() if self.compiler.compiled(k)])
+        one_process = jax.process_count() == 1      # else the token box's and swap copies' few ms are left
+        if one_process and self.token_box is not None:
             self.token_box.run_once()
-        if self.swaps is not None:
+        if one_process and self.swaps is not None:
             caches = self.swaps.transfer.run_once(self.caches)
             for st, c in zip(self.stages, caches):
                 st.cache = c
         self.first_run_seconds = time.perf_counter() - t0
         return self.first_run_seconds
 
+    def _run_programs(self, keys: list) -> None:
+        """Run these launch and sampler programs once on padding (Compiler.run_once); a leader
+        mirrors it, and a worker compiles any it has not yet (its warm-up is a background one)."""
+        self._mirror({"op": "run_once", "keys": [key_to_wire(k) for k in keys]})
+        for k in keys:
+            self.compiler.ensure(k)
+        self.compiler.run_once(keys)
+        self.ran.update(keys)
+
     def first_runs_pending(self) -> list:
         """The compiled launch and sampler keys that have not run yet, in all_keys' order
-        (smallest first); nothing across processes (see run_once)."""
-        if jax.process_count() > 1:
-            return []
+        (smallest first)."""
         return [k for k in self.compiler.all_keys() if k not in self.ran and self.compiler.compiled(k)]
 
     def run_pending(self, budget_s: float) -> bool:
@@ -183,8 +189,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         pending = self.first_runs_pending()
         for i, key in enumerate(pending, 1):
-            self.compiler.run_once([key])
-            self.ran.add(key)
+            self._run_programs([key])
             if time.perf_counter() - t0 >= budget_s:
                 return i < len(pending)
         return False
@@ -318,6 +323,8 @@ class ModelRunner:
         """Apply one of the leader's mirrored device operations (on a multi-host worker)."""
         if msg["op"] == "dispatch":
             self.run([LaunchWork.from_message(x) for x in msg["launches"]])
+        elif msg["op"] == "run_once":
+            self._run_programs([key_from_wire(w) for w in msg["keys"]])
         elif self.swaps is not None:
             self.swaps.replay(msg)
         else:
