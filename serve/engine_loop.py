@@ -144,6 +144,7 @@ class EngineLoop:
         self.engine = None
         self._tracked: dict[str, _Tracked] = {}
         self._health = (0, 0, False)
+        self._idle_runs = [0, 0.0]          # programs run by _first_runs, and their seconds
 
     def run(self, receive: Receive) -> None:
         try:
@@ -222,13 +223,16 @@ class EngineLoop:
         runner = self.engine.runner
         if not runner.compiler.background_done() or runner.shapes_pending():
             return True, False
+        before, t0 = len(runner.ran), time.perf_counter()
         try:
             left = runner.run_pending(FIRST_RUN_SLICE_S)
         except Exception:  # keep serving; the programs run when a request needs them
             log.exception("running the compiled programs once while idle failed; leaving them to the requests")
             return False, False
-        if not left:
-            log.debug("every compiled program has run once")
+        self._idle_runs[0] += len(runner.ran) - before
+        self._idle_runs[1] += time.perf_counter() - t0
+        if not left and self._idle_runs[0]:
+            log.info("ran each of the %d programs not run yet once while idle (%.1f s in all)", *self._idle_runs)
         return left, left
 
     def _shut_down(self, receive: Receive) -> None:

@@ -22,6 +22,9 @@ from fastserve_jax.serve.bench_client import unused_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+IDLE_RUNS = "programs not run yet once while idle"     # serve/engine_loop.py, _first_runs
+
+
 def _free_ports(n: int) -> list[int]:
     """n distinct ports below the ephemeral range (bench_client.unused_port): the leader binds
     its HTTP port only after the worker has connected over loopback, on an ephemeral port."""
@@ -40,10 +43,12 @@ def _post(url: str, body: dict) -> dict:
 
 
 # with the Pallas kernel (Triton's, interpret mode) per head shard over the two processes' mesh: -m slow
-# ... and with a full warm-up, whose runs of each program the worker replays
+# ... and with a full warm-up, whose runs of each program the worker replays, and with a
+# background one, whose idle leader runs the programs that have not run (mirrored too)
 @pytest.mark.parametrize("backend,tp,pp,warmup", [
     ("reference", 2, 2, "lazy"), pytest.param("pallas", 2, 2, "lazy", marks=pytest.mark.slow),
-    ("reference", 2, 1, "lazy"), ("reference", 2, 1, "full")])
+    ("reference", 2, 1, "lazy"), ("reference", 2, 1, "full"),
+    pytest.param("reference", 2, 1, "background", marks=pytest.mark.slow)])
 def test_two_processes_serve_a_request_end_to_end(tmp_path, backend, tp, pp, warmup):
     http, coord = _free_ports(2)
     while coord + 1 in (http,):
@@ -73,6 +78,9 @@ def test_two_processes_serve_a_request_end_to_end(tmp_path, backend, tp, pp, war
                 pass
             assert time.time() < deadline, "not ready in time\n" + _logs(tmp_path)
             time.sleep(0.2)
+        while warmup == "background" and IDLE_RUNS not in (tmp_path / "p0.log").read_text():
+            assert all(p.poll() is None for p in procs) and time.time() < deadline, _logs(tmp_path)
+            time.sleep(0.2)
         # four at once in a pool of 9 blocks: the leader swaps KV to the host and back, and the
         # worker replays those copies on its shards
         spans = [(3, 12), (40, 52), (100, 109), (7, 19)]
@@ -97,6 +105,7 @@ def test_two_processes_serve_a_request_end_to_end(tmp_path, backend, tp, pp, war
         assert "leader shut down after" in worker_log
         # a full warm-up's runs are collectives the worker joins (replayed), or the leader would hang
         assert ("running each program once" in (tmp_path / "p0.log").read_text()) == (warmup == "full")
+        assert (IDLE_RUNS in (tmp_path / "p0.log").read_text()) == (warmup == "background")
         assert ("async scheduling" in worker_log) == (pp == 1), worker_log[-2000:]
     finally:
         for p in procs:
