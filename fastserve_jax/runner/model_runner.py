@@ -155,7 +155,7 @@ class ModelRunner:
         pays a program's costlier first run; returns seconds. Across processes only the
         launches and samplers, mirrored to the workers (`_run_programs`)."""
         t0 = time.perf_counter()
-        self._run_programs([k for k in self.compiler.all_keys() if self.compiler.compiled(k)])
+        self._run_programs(self.first_runs_pending())
         one_process = jax.process_count() == 1      # else the token box's and swap copies' few ms are left
         if one_process and self.token_box is not None:
             self.token_box.run_once()
