@@ -39,6 +39,7 @@ over those steps; at most a quarter of the device pool.
 from __future__ import annotations
 
 import math
+import operator
 from collections import deque
 from typing import Mapping
 
@@ -57,6 +58,7 @@ MAX_STALL_FRACTION = 0.05      # of busy time, at most, spent waiting for on-dem
 # swap-outs on the link, and the waits for progress when nothing else can run, come on top.
 STALL_CREDIT_RATE = 0.8 * MAX_STALL_FRACTION
 STALL_CREDIT_WINDOW = 2.0      # seconds of busy time whose stall budget may be saved up
+_ARRIVAL = operator.attrgetter("arrival_time")
 
 
 class SwapPolicy:
@@ -154,17 +156,27 @@ class SwapPolicy:
         running = {s.request.request_id for s in plan.scheduled}
         host_resident: list[Request] = []
         paused: list[Request] = []
-        holders = sorted((r for r in map(live.get, kv.where) if r is not None), key=lambda r: r.arrival_time)
+        holders = sorted(filter(None, map(live.get, kv.where)), key=_ARRIVAL)
         where_of = kv.where.__getitem__
+        moved, settled = self._moved.get, self._iteration - COOLDOWN_ITERATIONS     # _settled, inlined
         for r in holders:
-            where = where_of(r.request_id)
+            rid = r.request_id
+            where = where_of(rid)
             if where is KVLocation.HOST:
-                if self._settled(r):
+                if moved(rid, -COOLDOWN_ITERATIONS) <= settled:
                     host_resident.append(r)
             elif where is KVLocation.DEVICE:
-                if r.request_id not in running and not r.in_flight and self._settled(r):
+                if rid not in running and not r.in_flight and moved(rid, -COOLDOWN_ITERATIONS) <= settled:
                     paused.append(r)
-        if free >= reserve and not host_resident:
+        link = math.inf                                                    # upload blocks this step carries
+        if self.seconds_per_block > 0:
+            link = self.step_time / self.seconds_per_block - kv.num_swapping_in_blocks
+        if not host_resident and (free >= reserve or not paused):
+            return ahead
+        if not paused and (link < 0 or free - min(map(kv.host_blocks, host_resident)) < reserve):
+            # Nothing to offload, so the upload ranked first must fit the free blocks above the
+            # reserve: none does (or the link is full), and no estimate is needed to say so.
+            # Where memory binds, nearly every device holder runs, and this is most iterations.
             return ahead
         enst = scheduler.next_run_estimates(now, self.step_time,
                                             {r.request_id for r in paused} | {r.request_id for r in host_resident})
@@ -172,9 +184,6 @@ class SwapPolicy:
         host_resident.sort(key=lambda r: enst[r.request_id])               # soonest next run first
         host_free = kv.num_host_free_blocks
         soon = LOOKAHEAD_ITERATIONS * self.step_time
-        link = math.inf                                                    # upload blocks this step carries
-        if self.seconds_per_block > 0:
-            link = self.step_time / self.seconds_per_block - kv.num_swapping_in_blocks
         k = 0                                                              # next offload candidate
 
         def offload_until(fits, than: float) -> bool:

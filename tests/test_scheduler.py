@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import pathlib
+import random
 
 import numpy as np
 import pytest
@@ -747,6 +748,26 @@ def test_near_done_marks_the_ages_whose_expected_remaining_length_is_at_most_the
     assert near_done([1] * 10 + [20] * 10) == [True] + [False] * 9 + [True] * 11
     assert near_done([7] * 3) == [True] * 8
     assert near_done([]) == []
+
+
+def test_near_done_is_the_definition_age_by_age():
+    """near_done is one numpy pass; against E[X - age | X > age] <= E[X] taken age by age over
+    the lengths themselves, on random sets of alike, spread and heavy-tailed lengths."""
+    from fastserve_jax.scheduler.skip_join import near_done
+
+    def by_definition(xs):
+        mean = sum(xs) / len(xs)
+        out = []
+        for age in range(max(xs) + 1):
+            rest = [x for x in xs if x > age]
+            out.append(not rest or sum(rest) / len(rest) - age <= mean)
+        return out
+
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(1, 40)
+        xs = [rng.choice([1, 2, rng.randint(1, 600), int(rng.paretovariate(0.8))]) + 1 for _ in range(n)]
+        assert near_done(xs) == by_definition(xs), xs
 
 
 def test_skip_join_tail_guard_runs_a_request_behind_its_pace_from_the_top_uncharged():

@@ -51,6 +51,13 @@ def test_bench_scheduler_times_each_policy():
     assert "policy    median" in out and " fcfs " in out and " skip-join-mlfq " in out
 
 
+def test_bench_scheduler_simulate_prints_host_time_and_decisions():
+    out = _script("bench_scheduler.py", "--simulate", "--policy", "fcfs", "--repeats", "2")
+    rows = [ln.split() for ln in out.splitlines() if " fcfs " in ln]
+    assert [r[0] for r in rows] == ["full", "tenth"], out
+    assert all(float(r[3]) > 0 and len(r[4]) == 12 for r in rows), out
+
+
 def test_bench_swap_sim_and_copy_parts(small_trace):
     out = _script("bench_swap.py", "--part", "sim", "--part", "copy", "--trace", small_trace, "--sim-requests", "60",
                   "--sim-rate", "3", "--sim-device-tokens", "640", "--sim-host-tokens", "20000",

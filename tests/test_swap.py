@@ -21,7 +21,7 @@ from fastserve_jax.kv_plan import SwapAhead, apply_ahead, apply_plan
 from fastserve_jax.runner.kv_transfer import power_of_two_runs
 from fastserve_jax.request import Request, RequestStatus
 from fastserve_jax.scheduler import Limits, make_scheduler
-from fastserve_jax.scheduler.base import Plan
+from fastserve_jax.scheduler.base import Plan, ScheduledRequest
 from fastserve_jax.sim import SimConfig, advance, simulate
 from fastserve_jax.swap_policy import SwapPolicy
 from fastserve_jax.workload import TraceRequest
@@ -159,6 +159,34 @@ def test_uploads_ahead_fit_what_the_link_carries_in_one_step(seconds_per_block, 
     assert kv.num_swapping_in_blocks == in_flight
     ahead = swap.plan_ahead(Plan(), {r.request_id: r for r in hosted}, sched, 0.01)
     assert [r.request_id for r in ahead.upload] == [f"r{i}" for i in range(uploads)] and not ahead.offload
+
+
+@pytest.mark.parametrize("host_tokens,uploads", [(24, []), (8, ["host"])])
+def test_the_planner_estimates_next_runs_only_when_something_can_move(host_tokens, uploads):
+    """Every device holder runs (nothing to offload), so an upload must fit the free blocks
+    above the reserve. A 6-block request in 5 free blocks cannot: nothing moves, and the
+    planner says so without the next-run estimates (its cost, most iterations where memory
+    binds). A 2-block one can: it is uploaded, ranked by the estimates."""
+    kv = KVManager(num_blocks=10, block_size=4, num_host_blocks=24)
+    sched = make_scheduler("skip-join-mlfq", Limits(8, 64), kv, CFG, COST)
+    swap = SwapPolicy("proactive", kv, 64, reserve_blocks=1)
+    swap.on_iteration(0.01)
+    running, hosted = req("run", 16), req("host", host_tokens)
+    for r in (hosted, running):
+        sched.add(r)
+        kv.allocate(r, r.num_prompt_tokens)
+        r.num_computed_tokens = r.num_prompt_tokens
+        if r is hosted:
+            kv.swap_out(hosted)
+            kv.finish_swap_out(hosted)
+    assert kv.num_free_blocks == 5
+    estimates = []
+    real = sched.next_run_estimates
+    sched.next_run_estimates = lambda *a, **k: estimates.append(1) or real(*a, **k)
+    plan = Plan(scheduled=[ScheduledRequest(running, 1)])
+    ahead = swap.plan_ahead(plan, {r.request_id: r for r in (running, hosted)}, sched, 0.01)
+    assert [r.request_id for r in ahead.upload] == uploads and not ahead.offload
+    assert len(estimates) == len(uploads)
 
 
 def _retire(plan, now, kv, sched, swap, live) -> None:

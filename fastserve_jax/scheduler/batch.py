@@ -156,7 +156,12 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
         if rid in evicted or req.in_flight or where is KVLocation.SWAPPING_IN:
             continue
         comes_back = kv.host_blocks(req) if where in ON_HOST else 0
-        n = min(req.num_pending_tokens, budget) if budget > 0 else 1
+        if budget > 0:               # min(req.num_pending_tokens, budget), without the calls
+            n = len(req.prompt_token_ids) + len(req.output_token_ids) + req.pending_tokens - req.num_computed_tokens
+            if n > budget:
+                n = budget
+        else:
+            n = 1
         need = kv.blocks_needed(req, n)
         # A request starts only if its whole context fits, not just its first chunk: a start
         # that later has to evict for its own prefill lets MLFQ rotate partial prefills forever.

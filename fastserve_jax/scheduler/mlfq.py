@@ -104,19 +104,24 @@ class MLFQScheduler(Scheduler):
         count = 0                               # jobs in the queues above the current one
         owed = 0.0                              # their sum of (below[l_k] + attained_k)
         for i, q in enumerate(self.queues):
+            if not q:
+                continue
             quantum, base = self.quanta[i], below[i]
             same = 0.0                          # the rest of q_i owed by the jobs ahead in queue i
             for rid, req in q.items():
                 if only is None or rid in only:
                     t = (count * base - owed + same) / b
-                    if limit > 0:
-                        t = min(t, max(0.0, limit - (now - idle[rid])))
+                    if limit > 0:               # min(t, max(0, time to promotion)), without the calls
+                        w = limit - (now - idle[rid])
+                        w = w if w > 0.0 else 0.0
+                        if w < t:
+                            t = w
                     out[rid] = t
                 rest = quantum - req.attained_service
                 if rest > 0.0:
                     same += rest
+            count += len(q)
             for req in q.values():
-                count += 1
                 owed += base + req.attained_service
         return out
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
+import numpy as np
+
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan, finished_length
 from fastserve_jax.scheduler.gittins_table import GittinsTable
@@ -367,17 +369,15 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
 
 def near_done(lengths) -> list[bool]:
     """[age] for ages 0..max(lengths): whether a request of that age is expected to need at
-    most the mean length more, E[X - age | X > age] <= E[X], by the learned lengths."""
-    xs = sorted(lengths)
-    if not xs:
+    most the mean length more, E[X - age | X > age] <= E[X], by the learned lengths. One
+    numpy pass (skip-join relearns every few finishes); the sums are of integers, so exact."""
+    x = np.fromiter(lengths, np.int64)
+    if not x.size:
         return []
-    mean = sum(xs) / len(xs)
-    rest, count, i = float(sum(xs)), len(xs), 0     # sum and count of the lengths > age
-    out = []
-    for age in range(xs[-1] + 1):
-        while i < len(xs) and xs[i] <= age:
-            rest -= xs[i]
-            count -= 1
-            i += 1
-        out.append(count == 0 or rest / count - age <= mean)
-    return out
+    mean = int(x.sum()) / x.size
+    ages = np.arange(int(x.max()) + 1)
+    per = np.bincount(x)                                   # (m+1,) how many end at each length
+    count = x.size - np.cumsum(per)                        # (m+1,) lengths > age
+    rest = (int(x.sum()) - np.cumsum(per * ages)).astype(np.float64)     # (m+1,) their sum
+    ahead = np.divide(rest, count, out=np.zeros_like(rest), where=count > 0) - ages
+    return ((count == 0) | (ahead <= mean)).tolist()
