@@ -123,20 +123,6 @@ def banned_until_min_tokens(r: Request) -> set[int]:
     return set(r.eos_token_ids) | set(r.sampling.stop_token_ids)
 
 
-def _sources(items: list[ScheduledRequest], rows: int) -> np.ndarray | None:
-    """A decode launch's token-box sources (Launch.src): the rows whose input token is async
-    scheduling's pending one; None when every input token is on the host."""
-    src = None
-    for i, s in enumerate(items):
-        req = s.request
-        if req.num_computed_tokens >= req.num_known_tokens:
-            assert req.token_slot >= 0, f"{req.request_id}: its next input token is neither on the host nor in the box"
-            if src is None:
-                src = np.full(rows, -1, np.int32)
-            src[i] = req.token_slot
-    return src
-
-
 class LaunchBuilder:
     """Builds the padded launches of one plan from the KV manager's block tables.
 
@@ -220,28 +206,53 @@ class LaunchBuilder:
         return exact
 
     def build_decode(self, items: list[ScheduledRequest], kv: KVManager) -> Launch:
+        """One row per request, its next token at its position; each row gathers its blocks up
+        to that position. One pass over the requests into Python lists, then one numpy
+        conversion per array: per-row element writes took 1.7x as long (94 against 56 us for
+        32 rows on the development VM), a third of the assemble phase."""
         bs = self.bs
-        tables = [self._table(kv, s.request, s.request.num_computed_tokens + 1) for s in items]
-        key = self.decode_key(len(items), max(len(t) for t in tables))
-        r, nb = key.rows, key.blocks
-        tokens = np.zeros((r, 1), np.int32)
-        pos = np.zeros((r, 1), np.int32)
-        seg = np.full((r, 1), -1, np.int32)
-        slots = np.zeros((r, 1), np.int32)
-        block_ids = np.zeros((r, nb), np.int32)
-        block_seg = np.full((r, nb), -2, np.int32)
-        for i, (s, table) in enumerate(zip(items, tables)):
-            p = s.request.num_computed_tokens
-            tokens[i, 0] = s.request.token_at(p) if p < s.request.num_known_tokens else 0   # else: _sources
-            pos[i, 0] = p
-            seg[i, 0] = 0
-            slots[i, 0] = table[p // bs] * bs + p % bs
-            block_ids[i, :len(table)] = table
-            block_seg[i, :len(table)] = 0
-        block_pos = np.broadcast_to(np.arange(nb, dtype=np.int32) * bs, (r, nb)).copy()
-        rows = [s.request if s.request.num_pending_tokens == 1 else None for s in items] + [None] * (r - len(items))
+        tokens_l, pos_l, slots_l, tables, rows_l = [], [], [], [], []
+        src_l = None                         # async scheduling's pending input tokens (Launch.src)
+        for i, s in enumerate(items):
+            req = s.request
+            p = req.num_computed_tokens
+            table = kv.block_table(req)[:p // bs + 1]       # the blocks of p + 1 tokens
+            assert len(table) == p // bs + 1, f"{req.request_id}: KV not allocated for {p + 1} tokens"
+            prompt, out = req.prompt_token_ids, req.output_token_ids
+            known = len(prompt) + len(out)
+            if p < known:                                    # req.token_at(p)
+                tokens_l.append(prompt[p] if p < len(prompt) else out[p - len(prompt)])
+            else:                                            # not back yet: read from the token box
+                assert req.token_slot >= 0, f"{req.request_id}: its next input token is neither on the host nor in the box"
+                tokens_l.append(0)
+                src_l = src_l or [-1] * len(items)
+                src_l[i] = req.token_slot
+            pos_l.append(p)
+            slots_l.append(table[-1] * bs + p % bs)
+            tables.append(table)
+            rows_l.append(req if known + req.pending_tokens - p == 1 else None)    # num_pending_tokens == 1
+        n = len(items)
+        key = self.decode_key(n, max(map(len, tables)))
+        rows, nb = key.rows, key.blocks
+        tokens = np.zeros((rows, 1), np.int32)
+        tokens[:n, 0] = tokens_l
+        pos = np.zeros((rows, 1), np.int32)
+        pos[:n, 0] = pos_l
+        seg = np.full((rows, 1), -1, np.int32)
+        seg[:n] = 0
+        slots = np.zeros((rows, 1), np.int32)
+        slots[:n, 0] = slots_l
+        block_ids = np.zeros((rows, nb), np.int32)
+        block_ids[:n] = [t + [0] * (nb - len(t)) for t in tables]
+        block_seg = np.full((rows, nb), -2, np.int32)
+        block_seg[:n][np.arange(nb) < np.array([len(t) for t in tables])[:, None]] = 0
+        block_pos = np.broadcast_to(np.arange(nb, dtype=np.int32) * bs, (rows, nb)).copy()
+        src = None
+        if src_l is not None:
+            src = np.full(rows, -1, np.int32)
+            src[:n] = src_l
         return Launch(key, tokens, AttnBatch(pos, seg, slots, block_ids, block_seg, block_pos),
-                      np.arange(r, dtype=np.int32), rows, _sources(items, r))
+                      np.arange(rows, dtype=np.int32), rows_l + [None] * (rows - n), src)
 
     def split_prefill(self, items: list[ScheduledRequest], kv: KVManager) -> list[list[ScheduledRequest]]:
         """Greedy packing into launches that fit the largest token and block buckets."""
