@@ -119,9 +119,6 @@ class SwapPolicy:
         self.stall_credit = min(self.stall_credit + STALL_CREDIT_RATE * seconds,
                                 STALL_CREDIT_RATE * STALL_CREDIT_WINDOW)
 
-    def _settled(self, req: Request) -> bool:
-        return self._iteration - self._moved.get(req.request_id, -COOLDOWN_ITERATIONS) >= COOLDOWN_ITERATIONS
-
     def forget(self, req: Request) -> None:
         self._moved.pop(req.request_id, None)
 
@@ -158,7 +155,8 @@ class SwapPolicy:
         paused: list[Request] = []
         holders = sorted(filter(None, map(live.get, kv.where)), key=_ARRIVAL)
         where_of = kv.where.__getitem__
-        moved, settled = self._moved.get, self._iteration - COOLDOWN_ITERATIONS     # _settled, inlined
+        # settled: not moved in the last COOLDOWN_ITERATIONS iterations (no ping-pong)
+        moved, settled = self._moved.get, self._iteration - COOLDOWN_ITERATIONS
         for r in holders:
             rid = r.request_id
             where = where_of(rid)

@@ -220,7 +220,7 @@ class LaunchBuilder:
             assert len(table) == p // bs + 1, f"{req.request_id}: KV not allocated for {p + 1} tokens"
             prompt, out = req.prompt_token_ids, req.output_token_ids
             known = len(prompt) + len(out)
-            if p < known:                                    # req.token_at(p)
+            if p < known:                                    # the token at position p
                 tokens_l.append(prompt[p] if p < len(prompt) else out[p - len(prompt)])
             else:                                            # not back yet: read from the token box
                 assert req.token_slot >= 0, f"{req.request_id}: its next input token is neither on the host nor in the box"

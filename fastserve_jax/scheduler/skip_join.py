@@ -374,10 +374,11 @@ def near_done(lengths) -> list[bool]:
     x = np.fromiter(lengths, np.int64)
     if not x.size:
         return []
-    mean = int(x.sum()) / x.size
+    total = int(x.sum())
+    mean = total / x.size
     ages = np.arange(int(x.max()) + 1)
     per = np.bincount(x)                                   # (m+1,) how many end at each length
     count = x.size - np.cumsum(per)                        # (m+1,) lengths > age
-    rest = (int(x.sum()) - np.cumsum(per * ages)).astype(np.float64)     # (m+1,) their sum
+    rest = (total - np.cumsum(per * ages)).astype(np.float64)     # (m+1,) their sum
     ahead = np.divide(rest, count, out=np.zeros_like(rest), where=count > 0) - ages
     return ((count == 0) | (ahead <= mean)).tolist()
