@@ -1,7 +1,7 @@
 """FastServe's experiments in the simulator: the paper's setup, every policy and swap policy,
 steady load and finite overload bursts, at the cost model's device KV and at a tenth of it.
 
-    python scripts/repro_fastserve.py --out out/repro --jobs 2          # the full run (~30 min, 2 cores)
+    python scripts/repro_fastserve.py --out out/repro --jobs 2          # the full run (5-7 min on 2 cores)
     python scripts/repro_fastserve.py --out out/repro --report-only      # tables and plots again from out/repro/results.json
     python scripts/repro_fastserve.py --out /tmp/r --quick               # a smoke run (seconds)
 
