@@ -99,27 +99,26 @@ def bench(policy: str, live: int, iters: int, kv_tokens: int, cost: CostModel) -
 
 def simulated_host_time(policies: list[str], repeats: int, cost: CostModel) -> None:
     """--simulate (the module docstring)."""
-    import dataclasses
     import hashlib
     import json
 
     from fastserve_jax.sim import SimConfig, simulate
     from fastserve_jax.workload import TraceRequest, capacity_rps, with_arrivals
+    from repro_fastserve import MAX_TOKENS, MEMORY       # the grid's memories (scripts/ is on sys.path)
 
     rng = np.random.default_rng(0)
     p, o = lengths(4000, rng)
-    trace = [TraceRequest(0.0, int(a), int(b)) for a, b in zip(p, o) if a + b <= 5933][:400]
+    trace = [TraceRequest(0.0, int(a), int(b)) for a, b in zip(p, o) if a + b <= MAX_TOKENS][:400]
     print(f"{len(trace)} requests at 3x capacity, proactive swapping; host microseconds per iteration "
           f"(least of {repeats} runs) and a hash of the decisions")
     print(f"{'device KV':>10} {'policy':>15} {'iterations':>10} {'host us':>9}  decisions")
-    for memory, tokens in (("full", 0), ("tenth", 5933)):
-        cfg = SimConfig(16, 2048, 16, tokens, host_kv_capacity_tokens=68_000 if not tokens else 41_943,
-                        swap_policy="proactive")
+    for memory, (tokens, host) in MEMORY.items():
+        cfg = SimConfig(16, 2048, 16, tokens, host_kv_capacity_tokens=host, swap_policy="proactive")
         rate = 3.0 * capacity_rps(trace, cost, 16, (cfg.num_blocks(cost) - 1) * 16)
         for policy in policies:
             host, digests = [], set()
             for _ in range(repeats):
-                res = simulate(with_arrivals(trace, rate, seed=0), policy, cost, dataclasses.replace(cfg))
+                res = simulate(with_arrivals(trace, rate, seed=0), policy, cost, cfg)
                 host.append(res.policy_host_seconds / res.iterations)
                 times = [(r.request_id, r.metrics.first_token_time, r.metrics.finish_time) for r in res.requests]
                 digests.add(hashlib.md5(json.dumps(times).encode()).hexdigest()[:12])
