@@ -81,6 +81,12 @@ class SchedulerConfig:
       the warm-up on skip-join took much of an overload burst: at Kendall's tau 0.55, 10
       gave 1.02-1.36x lower latency per token in the chat and heavy-tailed 3x and 8x bursts
       (three seeds) and 0.95-1.10x at 1.5x.
+      predictive_prompt_neighbors: requests without a prediction of their own are ranked
+      by the lengths of the finished requests with the nearest prompt lengths (this many;
+      running requests count as at least their age), once those rank the finished window
+      with Kendall's tau >= 0.3 (scheduler/prompt_lengths.py). Until then, and where
+      prompt lengths say nothing about output lengths, they need a prediction of their own
+      to leave skip-join MLFQ. 0 turns it off.
       predictive_starvation_threshold: a request idle this many seconds (stretched by the
       live requests per batch slot, as MLFQ's; 0 disables it) runs before all others until
       it finishes. 20 s kept p99 JCT within 1.5x fcfs's in every burst measured; 10 s cost
@@ -99,6 +105,7 @@ class SchedulerConfig:
     predictive_min_samples: int = 10
     predictive_objective: str = "latency_per_token"
     predictive_starvation_threshold: float = 20.0
+    predictive_prompt_neighbors: int = 16
     protect_decodes: bool = True
     protect_min_samples: int = 16
     tail_slowdown: float = 5.0
@@ -120,6 +127,10 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(self.protect_decodes, bool):
             raise ValueError(f"protect_decodes must be true or false, got {self.protect_decodes!r}")
+        v = self.predictive_prompt_neighbors
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"predictive_prompt_neighbors must be an integer >= 0 (0 turns prompt-length "
+                             f"predictions off), got {v!r}")
         v = self.predictive_max_paused
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"predictive_max_paused must be an integer >= 0 (started requests that may wait "

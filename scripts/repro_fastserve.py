@@ -23,7 +23,8 @@ same requests):
                its throughput checks show the drain at the end of a burst (docs/scheduling.md)
 
 Configurations: fcfs with recompute (vLLM-like, the baseline of the latency ratios), and every
-policy with every swap policy. Throughput is compared with fcfs under the same swap policy
+policy with every swap policy (predictive with no predictor given: it ranks on its own
+prompt-length predictions where those pass its gate, and is skip-join MLFQ elsewhere). Throughput is compared with fcfs under the same swap policy
 ("the same setting"). The report checks the issue's targets and prints PASS/FAIL per target
 with the figures; results.json keeps every run's metrics, the PNGs are latency per token
 against rate, one curve per configuration (the paper's Figure 11).
@@ -55,7 +56,7 @@ COST = "opt-13b-a100"
 STEADY = (0.5, 0.75, 0.9, 0.95)
 BURSTS = (1.5, 3.0, 8.0)
 MEMORY = {"full": (0, 68_000), "tenth": (5_933, 41_943)}        # (device KV tokens (0: the cost model's), host)
-POLICIES = ("fcfs", "mlfq", "skip-join-mlfq", "gittins", "srpt")
+POLICIES = ("fcfs", "mlfq", "skip-join-mlfq", "gittins", "predictive", "srpt")
 SWAPS = ("proactive", "reactive", "recompute")
 MAX_TOKENS = 5_933                                               # a tenth of the cost model's device KV
 BLOCK = 16
@@ -216,12 +217,13 @@ def report(rows: list[dict], unloaded: dict[str, float], out_dir: str) -> str:
 
 
 HEADLINE = (("fcfs", "recompute"), ("skip-join-mlfq", "proactive"), ("skip-join-mlfq", "recompute"),
-            ("gittins", "proactive"), ("srpt", "proactive"))
+            ("gittins", "proactive"), ("predictive", "proactive"), ("srpt", "proactive"))
 
 
 def headline(rows: list[dict]) -> str:
     """Per workload and memory: mean latency per token of the main configurations, skip-join's
-    gain over fcfs/recompute, and the lowest throughput of any configuration against fcfs's
+    and predictive's (its own prompt-length predictions, no predictor given) gain over
+    fcfs/recompute, and the lowest throughput of any configuration against fcfs's
     under the same swap policy."""
     idx = _index(rows)
     out = []
@@ -230,14 +232,16 @@ def headline(rows: list[dict]) -> str:
             xs = sorted({r["x"] for r in rows if r["workload"] == wl and r["memory"] == mem})
             out += [f"\n{wl}, device KV {mem}: mean latency per token (ms)\n",
                     "| rate | " + " | ".join(f"{p}/{s}" for p, s in HEADLINE) +
-                    " | skip-join gain | lowest throughput vs fcfs |", "|---" * (len(HEADLINE) + 3) + "|"]
+                    " | skip-join gain | predictive gain | lowest throughput vs fcfs |", "|---" * (len(HEADLINE) + 4) + "|"]
             for x in xs:
                 cells = [f"{idx[(wl, mem, p, s, x)]['mean_latency_per_token'] * 1e3:.0f}" for p, s in HEADLINE]
                 f, sj = idx[(wl, mem, "fcfs", "recompute", x)], idx[(wl, mem, "skip-join-mlfq", "proactive", x)]
+                pr = idx[(wl, mem, "predictive", "proactive", x)]
                 low = min((idx[(wl, mem, p, s, x)]["throughput_rps"] / idx[(wl, mem, "fcfs", s, x)]["throughput_rps"], p, s)
                           for p in POLICIES for s in SWAPS)
                 out.append(f"| {x:g}x ({f['offered_rps']:.2f}/s) | " + " | ".join(cells) +
                            f" | {f['mean_latency_per_token'] / sj['mean_latency_per_token']:.2f}x"
+                           f" | {f['mean_latency_per_token'] / pr['mean_latency_per_token']:.2f}x"
                            f" | {low[0]:.2f} ({low[1]}/{low[2]}) |")
     return "\n".join(out)
 
@@ -250,7 +254,8 @@ def _plot(idx, wl, mem, xs, path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for policy, swap in [("fcfs", "recompute"), ("skip-join-mlfq", "proactive"), ("skip-join-mlfq", "reactive"),
-                         ("skip-join-mlfq", "recompute"), ("gittins", "proactive"), ("srpt", "proactive")]:
+                         ("skip-join-mlfq", "recompute"), ("gittins", "proactive"), ("predictive", "proactive"),
+                         ("srpt", "proactive")]:
         pts = [(idx[k]["offered_rps"], idx[k]["mean_latency_per_token"]) for x in xs
                if (k := (wl, mem, policy, swap, x)) in idx]
         if pts:

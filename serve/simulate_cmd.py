@@ -32,6 +32,7 @@ PLOT_METRICS = ("mean_latency_per_token", "mean_jct", "p99_jct", "mean_ttft", "p
 
 
 def add_simulate_parser(sub) -> None:
+    from fastserve_jax.config import SchedulerConfig
     from fastserve_jax.scheduler import DEFAULT_POLICY, POLICIES
     from fastserve_jax.sim_config import PREDICTION_AT
 
@@ -72,10 +73,15 @@ def add_simulate_parser(sub) -> None:
     pred.add_argument("--prediction-sigma", type=_sigma, metavar="SIGMA",
                       help="simulate output-length predictions: log-normal noise of this sigma on the true length "
                            "(0 = exact), turned into calibrated distributions (fastserve_jax/sim_prediction.py); "
-                           "--policy predictive needs this or --prediction-tau")
+                           "without this or --prediction-tau, --policy predictive ranks by its own predictions from "
+                           "prompt lengths where they pass its gate, and is skip-join-mlfq elsewhere")
     pred.add_argument("--prediction-tau", type=_tau, metavar="TAU",
                       help="simulate predictions whose Kendall's tau with the true lengths is TAU, in (0, 1] "
                            "(learned predictors report 0.5-0.6; 1 = exact)")
+    p.add_argument("--prompt-neighbors", type=int, default=None,
+                   help="predictive's predictions from prompt lengths: finished requests with the nearest prompt "
+                        "lengths each is predicted from (SchedulerConfig.predictive_prompt_neighbors, default "
+                        f"{SchedulerConfig.predictive_prompt_neighbors}; 0: off)")
     p.add_argument("--prediction-at", choices=PREDICTION_AT, default="prefill",
                    help="when a request first gets its simulated prediction: when its prefill completes (as the "
                         "engine's predictor, which reads the prefill's hidden states; default) or when it arrives "
@@ -177,11 +183,9 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         trace, timed = load_trace(a.trace, a.num_requests)
         knobs = {k: v for k, v in (("base_quantum", a.base_quantum), ("quantum_ratio", a.quantum_ratio),
                                    ("starvation_threshold", a.starvation_threshold),
-                                   ("tail_slowdown", a.tail_slowdown)) if v is not None}
+                                   ("tail_slowdown", a.tail_slowdown),
+                                   ("predictive_prompt_neighbors", a.prompt_neighbors)) if v is not None}
         knobs["protect_decodes"] = a.protect_decodes
-        if "predictive" in (a.policy or ()) and a.prediction_sigma is None and a.prediction_tau is None:
-            raise ValueError("--policy predictive ranks by predicted output lengths: give --prediction-tau "
-                             "(e.g. 0.55, like learned predictors) or --prediction-sigma (e.g. 0.8)")
         cfg = SimConfig(a.max_num_seqs, a.max_num_batched_tokens, a.block_size, a.kv_capacity_tokens,
                         dataclasses.replace(SchedulerConfig(), **knobs), a.host_kv_capacity_tokens, a.swap_policy,
                         prediction_sigma=a.prediction_sigma, prediction_tau=a.prediction_tau, prediction_seed=a.seed,
