@@ -121,3 +121,37 @@ def test_a_restart_keeps_the_pairs_as_a_prior():
     m.observe(100, 5)
     m.refresh()
     assert len(m) == MIN_ROWS and m.prior == 0, "dropped once this run has MIN_ROWS of its own"
+
+
+def test_the_engine_opens_the_gate_from_its_own_finishes(tmp_path, monkeypatch):
+    """The real engine (demo model): requests whose prompt sizes tell their lengths (ignore_eos,
+    max_tokens by prompt size) pass the gate as they finish; predictive then leaves skip-join
+    MLFQ and ranks new arrivals by prompt-length predictions; every output has its length."""
+    from fastserve_jax import LLM, SamplingParams
+
+    monkeypatch.setenv("FASTSERVE_JAX_LENGTHS_DIR", str(tmp_path / "lengths"))
+    monkeypatch.setenv("FASTSERVE_JAX_PREDICTOR_DIR", str(tmp_path / "predictor"))
+    llm = LLM(max_num_seqs=8, scheduler="predictive")
+    sched = llm.engine.scheduler
+    rng = np.random.default_rng(0)
+    apps = [(5, 24), (20, 3), (48, 10)]                     # (prompt tokens, output tokens)
+
+    def batch(n):
+        picks = [apps[i] for i in rng.integers(0, len(apps), n)]
+        prompts = [[int(t) for t in rng.integers(3, 20, p)] for p, _ in picks]
+        params = [SamplingParams(max_tokens=o + int(rng.integers(0, 2)), ignore_eos=True, temperature=0)
+                  for _, o in picks]
+        outs = llm.generate(prompts, params)
+        assert [len(o.outputs[0].token_ids) for o in outs] == [sp.max_tokens for sp in params]
+
+    batch(80)                 # the gate is judged as they finish (early on, on the short ones first)
+    batch(8)                  # and the last of them are removed from the policy while these run
+    assert sched.prompts.ranks() and sched.prompts.tau > 0.5, sched.prompts.tau
+    ranked_by = {}                                          # id -> ranked by its prompt-length prediction
+    key = type(sched).key
+    monkeypatch.setattr(type(sched), "key", lambda s, req: (
+        ranked_by.setdefault(req.request_id, req.request_id in s.by_prompt), key(s, req))[1])
+    batch(16)
+    assert sched.warmup is None, "ranked, not skip-join MLFQ"
+    assert len(ranked_by) == 16 and all(ranked_by.values()), ranked_by
+    llm.engine.close()
