@@ -108,7 +108,7 @@ class PredictiveScheduler(LearnedLengthPolicy):
             self.prompts.observe(req.num_prompt_tokens, finished_length(req))
             self._gate_finishes += 1
             if self.warmup is not None and self._gate_finishes >= self.config.gittins_refresh:
-                self.prompts.refresh()                        # judge the gate (learn() does it once ranked)
+                self.prompts.refresh(self._running())         # judge the gate (learn() does it once ranked)
                 self._gate_finishes = 0
 
     def learned_lengths(self) -> dict:
@@ -128,13 +128,18 @@ class PredictiveScheduler(LearnedLengthPolicy):
     def _live_requests(self) -> Iterable[Request]:
         return self.warmup.best_first() if self.warmup is not None else self._live.values()
 
+    def _running(self, live: Iterable[Request] | None = None) -> list[tuple[int, int]]:
+        """(prompt tokens, tokens generated) of the live requests that have started decoding."""
+        return [(r.num_prompt_tokens, len(r.output_token_ids))
+                for r in (self._live_requests() if live is None else live) if r.output_token_ids and not r.finished]
+
     def learn(self) -> None:
         self.prior = LengthPrediction.from_samples(self.pooled)
         self.by_prompt = {}
         if self.prompts is None:
             return
         live = list(self._live_requests())
-        self.prompts.refresh([(r.num_prompt_tokens, len(r.output_token_ids)) for r in live if r.output_token_ids])
+        self.prompts.refresh(self._running(live))
         self._gate_finishes = 0
         if self.prompts.ranks() and live:
             preds = self.prompts.predict_many([r.num_prompt_tokens for r in live],
