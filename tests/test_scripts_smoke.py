@@ -182,3 +182,11 @@ def test_bench_engine_quick_without_transformers(tmp_path):
     every engine variant, about 70 s: the engines agree token for token."""
     out = _script("bench_engine.py", "--quick", "--skip-hf", "--work-dir", str(tmp_path), timeout=600)
     assert "16/16 requests identical" in out and "target host < 10% of step" in out
+
+
+def test_sim_templated_one_seed():
+    out = _script("sim_templated.py", "2", "3")
+    assert "1 seeds" in out and "predictive more than 5% behind skip-join in" in out
+    r = subprocess.run([sys.executable, os.path.join("scripts", "sim_templated.py"), "3", "3"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "end must be greater than first" in r.stderr
