@@ -83,12 +83,14 @@ class SchedulerConfig:
       (three seeds) and 0.95-1.10x at 1.5x.
       predictive_prompt_neighbors: requests without a prediction of their own are ranked
       by the lengths of the finished requests with the nearest prompt lengths (this many;
-      running requests count as at least their age), once those rank the finished window
-      with Kendall's tau >= 0.3 (scheduler/prompt_lengths.py). Until then, and where
-      prompt lengths say nothing about output lengths, they need a prediction of their own
-      to leave skip-join MLFQ. 0 turns it off.
+      running requests count as at least their age), once such predictions rank the
+      finished and running requests at a concordance of 0.3 as a tau
+      (scheduler/prompt_lengths.py). Until then, and where prompt lengths say nothing about
+      output lengths, they need a prediction of their own to leave skip-join MLFQ. 0 turns
+      it off.
       predictive_starvation_threshold: a request idle this many seconds (stretched by the
-      live requests per batch slot, as MLFQ's; 0 disables it) runs before all others until
+      live requests per batch slot, the slots being the typical requests the device pool
+      holds, as skip-join's; 0 disables it) runs before all others until
       it finishes. 20 s kept p99 JCT within 1.5x fcfs's in every burst measured; 10 s cost
       1.6-3x latency per token in 1.5x bursts, 40 s let p99 JCT reach 2x fcfs's.
     """

@@ -33,8 +33,9 @@ Two bounds on top of the ranking:
 
 Predictions from prompt lengths: a request with no prediction of its own is ranked by the
 finished requests with the nearest prompt lengths (`predictive_prompt_neighbors`, running
-requests counted as at least their age; prompt_lengths.py), once those have been seen to rank
-the finished window (Kendall's tau >= 0.3), and by the prior otherwise. They are made when a
+requests counted as at least their age; prompt_lengths.py), once such predictions have been
+seen to rank the finished and running requests (a concordance of 0.3 as a tau), and by the
+prior otherwise. They are made when a
 request arrives and redone for every live request at each relearn, so a request waiting in
 a burst is ranked by what has been learned since it arrived. Templated traffic has this
 signal (the Azure trace: tau 0.59); traffic whose output lengths do not follow its prompts'
@@ -53,8 +54,7 @@ from typing import Iterable, Iterator
 
 from fastserve_jax.length_prediction import LengthPrediction
 from fastserve_jax.request import Request
-from fastserve_jax.scheduler.base import Plan, starvation_limit
-from fastserve_jax.scheduler.base import finished_length
+from fastserve_jax.scheduler.base import Plan, finished_length, starvation_limit
 from fastserve_jax.scheduler.learned import LearnedLengthPolicy
 from fastserve_jax.scheduler.prompt_lengths import PromptLengthModel
 
@@ -105,8 +105,9 @@ class PredictiveScheduler(LearnedLengthPolicy):
 
     def observe(self, req: Request) -> None:
         super().observe(req)
-        if self.prompts is not None and finished_length(req) >= 1:
-            self.prompts.observe(req.num_prompt_tokens, finished_length(req))
+        n = finished_length(req)
+        if self.prompts is not None and n >= 1:
+            self.prompts.observe(req.num_prompt_tokens, n)
             self._gate_finishes += 1
             if self.warmup is not None and self._gate_finishes >= self.config.gittins_refresh:
                 self.prompts.refresh(self._running())         # judge the gate (learn() does it once ranked)
@@ -133,9 +134,9 @@ class PredictiveScheduler(LearnedLengthPolicy):
         waiting its turn, and promoting those (first until they finish) made the policy fcfs:
         random templated traffic with 8,000 tokens of device KV, 1.00x and 1.03x fcfs's
         latency per token against skip-join's 2.73x and 4.54x (docs/scheduling_log.md)."""
-        prompts = sorted(p for p, _ in self.prompts.finished) if self.prompts is not None and len(self.prompts) \
-            else sorted(r.num_prompt_tokens for r in live)
-        if not prompts or not len(self.pooled):
+        finished = self.prompts.finished if self.prompts is not None else ()
+        prompts = sorted(p for p, _ in finished) or sorted(r.num_prompt_tokens for r in live)
+        if not prompts or not self.pooled:
             return self.limits.max_num_seqs
         typical = prompts[len(prompts) // 2] + sum(self.pooled) / len(self.pooled)
         pool = self.kv.num_usable_blocks * self.kv.block_size
