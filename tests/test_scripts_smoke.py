@@ -2,8 +2,8 @@
 user would call them (a subprocess from the checkout's root): they must run to the end and
 print their figures. A script is only as good as its last run; bench_tail_guard.py once
 failed at its first line after a helper moved, and nothing noticed. bench_frontend,
-bench_first_runs, bench_predictive and bench_engine (--quick, without transformers) are marked slow;
-bench_startup (minutes) has no test here."""
+bench_first_runs, bench_predictive, bench_prompt_lengths and bench_engine (--quick, without
+transformers) are marked slow; bench_startup (minutes) has no test here."""
 
 from __future__ import annotations
 
@@ -190,3 +190,11 @@ def test_sim_templated_one_seed():
     r = subprocess.run([sys.executable, os.path.join("scripts", "sim_templated.py"), "3", "3"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "end must be greater than first" in r.stderr
+
+
+@pytest.mark.slow
+def test_bench_prompt_lengths_one_round():
+    """Three in-process engines on a small templated burst; predictive's gate opens on the
+    warm-up batch and it ranks the burst."""
+    out = _script("bench_prompt_lengths.py", "--rounds", "1", "--num-requests", "24", "--warm", "48")
+    assert "medians over rounds" in out and "ranked: True" in out
