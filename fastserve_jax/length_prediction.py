@@ -189,6 +189,16 @@ class LengthPrediction:
         done_j = A_j / T (or W_j / T) and spent_j = (B_j - g T) / T, so the ratio is
         A_j / (B_j + T (prefill_slots - g)). Past the prediction (geometric rest, module doc)
         the index is 1 / (g + 1 + prefill_slots), over the expected length 2 g + 1 per token."""
+        memo = self.__dict__.setdefault("_index_memo", {})       # one prediction may rank many requests
+        key = (generated, prefill_slots, per_token)
+        hit = memo.get(key)
+        if hit is None:
+            if len(memo) >= 4096:
+                memo.clear()
+            hit = memo[key] = self._gittins_index(generated, prefill_slots, per_token)
+        return hit
+
+    def _gittins_index(self, generated: int, prefill_slots: float, per_token: bool) -> float:
         g = generated
         past = self._past(g)
         if past is None:

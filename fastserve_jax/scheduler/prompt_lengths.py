@@ -185,9 +185,16 @@ class PromptLengthModel:
         """One prediction per request, from the last refresh()."""
         if self._pooled is None:
             raise RuntimeError("predict before anything finished: refresh() after the first observe()")
-        q = np.log(np.maximum(1, np.asarray(prompt_tokens, np.float64)))
-        near = _neighbours(self._keys, q, self.k)
+        prompts, row_of = np.unique(np.maximum(1, np.asarray(prompt_tokens, np.int64)), return_inverse=True)
+        near = _neighbours(self._keys, np.log(prompts.astype(np.float64)), self.k)   # one per prompt length
         km = kaplan_meier(self._lengths[near], self._events[near])
         w = near.shape[1] / (near.shape[1] + 2.0)
         probs = w * km + (1.0 - w) * self._pooled
-        return [LengthPrediction(row / row.sum(), int(g)) for row, g in zip(probs, generated)]
+        made: dict[tuple[int, int], LengthPrediction] = {}      # equal requests share one (and its indices)
+        out = []
+        for i, g in zip(row_of.tolist(), generated):
+            pred = made.get((i, int(g)))
+            if pred is None:
+                pred = made[(i, int(g))] = LengthPrediction(probs[i] / probs[i].sum(), int(g))
+            out.append(pred)
+        return out
