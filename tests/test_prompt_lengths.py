@@ -194,3 +194,25 @@ def test_where_the_pool_holds_few_requests_waiting_is_not_starving():
     arrivals = with_arrivals(trace, 0.9 * capacity_rps(trace, OPT, 32, (cfg.num_blocks(OPT) - 1) * 16), seed=0)
     lpt = {p: simulate(arrivals, p, OPT, cfg).metrics()["mean_latency_per_token"] for p in ("fcfs", "predictive")}
     assert lpt["fcfs"] >= 2.0 * lpt["predictive"], lpt
+
+
+def test_equal_requests_share_a_prediction_and_its_indices():
+    """Requests with the same prompt length and tokens share one prediction object, equal to
+    what each would get alone; a prediction's remembered Gittins index equals a fresh one."""
+    from fastserve_jax.length_prediction import LengthPrediction
+    m = PromptLengthModel(2000)
+    for t in templated(300):
+        m.observe(t.prompt_tokens, t.output_tokens)
+    m.refresh([(120, 50), (390, 7)])
+    preds = m.predict_many([390, 120, 390, 390, 700], [0, 0, 0, 3, 0])
+    assert preds[0] is preds[2] and preds[0] is not preds[3] and preds[0] is not preds[1]
+    for p, (prompt, g) in zip(preds, [(390, 0), (120, 0), (390, 0), (390, 3), (700, 0)]):
+        alone = m.predict_many([prompt], [g])[0]
+        assert np.array_equal(p.probs, alone.probs) and p.at_tokens == alone.at_tokens == g
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        p = LengthPrediction(rng.dirichlet(np.ones(NUM_BINS) * 0.3))
+        for g, slots, per_token in [(int(rng.integers(0, 300)), float(rng.uniform(0, 40)), bool(rng.integers(0, 2)))
+                                    for _ in range(5)]:
+            first = p.gittins_index(g, slots, per_token)
+            assert p.gittins_index(g, slots, per_token) == first == p._gittins_index(g, slots, per_token)
