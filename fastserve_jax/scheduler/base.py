@@ -163,6 +163,12 @@ def finished_length(req: Request) -> int:
     return len(req.output_token_ids) if req.finished and req.finish_reason != "abort" else 0
 
 
+def pool_slots(kv: KVManager, max_num_seqs: int, prompt: float, output: float) -> int:
+    """How many requests of `prompt` + `output` tokens the device pool holds, 1 to max_num_seqs:
+    the batch slots that stretch a starvation limit where memory binds (skip-join, predictive)."""
+    return max(1, min(max_num_seqs, int(kv.num_usable_blocks * kv.block_size // (prompt + output))))
+
+
 def starvation_limit(threshold: float, live: int, max_num_seqs: int) -> float:
     """Seconds without running after which a request counts as starving (0: never).
 

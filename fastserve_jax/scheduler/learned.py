@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 from abc import abstractmethod
-from typing import Container, Iterator
+from typing import Container, Iterable, Iterator
 
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan, finished_length
@@ -62,11 +62,14 @@ class LearnedLengthPolicy(IndexPolicy):
         decoding: censored lengths (each request needs more than that), which keep the learned
         distribution from being biased short while long requests are still running."""
         out: list[list[int]] = [[] for _ in self.history]
-        live = self.warmup.best_first() if self.warmup is not None else self._live.values()
-        for req in live:
+        for req in self.live_requests():
             if req.output_token_ids:
                 out[self.bucket(req)].append(len(req.output_token_ids))
         return out
+
+    def live_requests(self) -> Iterable[Request]:
+        """Every live request, in either phase (skip-join MLFQ's warm-up or ranked)."""
+        return self.warmup.best_first() if self.warmup is not None else self._live.values()
 
     def learned_lengths(self) -> dict:
         """What a restart keeps (the engine saves it beside its caches): the finished lengths

@@ -54,7 +54,7 @@ from typing import Iterable, Iterator
 
 from fastserve_jax.length_prediction import LengthPrediction
 from fastserve_jax.request import Request
-from fastserve_jax.scheduler.base import Plan, finished_length, starvation_limit
+from fastserve_jax.scheduler.base import Plan, finished_length, pool_slots, starvation_limit
 from fastserve_jax.scheduler.learned import LearnedLengthPolicy
 from fastserve_jax.scheduler.prompt_lengths import PromptLengthModel
 
@@ -138,22 +138,18 @@ class PredictiveScheduler(LearnedLengthPolicy):
         prompts = sorted(p for p, _ in finished) or sorted(r.num_prompt_tokens for r in live)
         if not prompts or not self.pooled:
             return self.limits.max_num_seqs
-        typical = prompts[len(prompts) // 2] + sum(self.pooled) / len(self.pooled)
-        pool = self.kv.num_usable_blocks * self.kv.block_size
-        return max(1, min(self.limits.max_num_seqs, int(pool // typical)))
-
-    def _live_requests(self) -> Iterable[Request]:
-        return self.warmup.best_first() if self.warmup is not None else self._live.values()
+        return pool_slots(self.kv, self.limits.max_num_seqs, prompts[len(prompts) // 2],
+                          sum(self.pooled) / len(self.pooled))
 
     def _running(self, live: Iterable[Request] | None = None) -> list[tuple[int, int]]:
         """(prompt tokens, tokens generated) of the live requests that have started decoding."""
         return [(r.num_prompt_tokens, len(r.output_token_ids))
-                for r in (self._live_requests() if live is None else live) if r.output_token_ids and not r.finished]
+                for r in (self.live_requests() if live is None else live) if r.output_token_ids and not r.finished]
 
     def learn(self) -> None:
         self.prior = LengthPrediction.from_samples(self.pooled)
         self.by_prompt = {}
-        live = list(self._live_requests())
+        live = list(self.live_requests())
         self._slots = self.batch_slots(live)
         if self.prompts is None:
             return

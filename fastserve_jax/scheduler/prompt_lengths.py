@@ -13,7 +13,7 @@ there this finds nothing (tau -0.06 to 0.04).
     refresh(censored)                  snapshot what predictions read: the finished window
                                        plus the live requests that have started decoding,
                                        each a length of at least its age (censored)
-    predict(prompt_tokens, generated)  LengthPrediction: a Kaplan-Meier estimate over the
+    predict_many(prompts, generated)   LengthPredictions: a Kaplan-Meier estimate over the
                                        K nearest prompt lengths (in log), shrunk towards
                                        the pooled lengths by K / (K + 2)
     ranks()                            the gate: Harrell's concordance C of each request's
@@ -38,12 +38,12 @@ docs/scheduling_log.md "Prompt lengths as the predictor").
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Sequence
 
 import numpy as np
 
 from fastserve_jax.length_prediction import BIN_EDGES, NUM_BINS, LengthPrediction, length_to_bin
+from fastserve_jax.scheduler.length_window import LengthWindow
 
 MIN_TAU = 0.3          # as LengthPredictor.min_tau: below it calibrated predictions gained nothing
 MIN_ROWS = 40          # finished requests before the gate is judged
@@ -98,26 +98,25 @@ class PromptLengthModel:
         if not (isinstance(k, int) and k >= 1):
             raise ValueError(f"prompt-length neighbours must be an integer >= 1, got {k!r}")
         self.k = k
-        self.finished: deque[tuple[int, int]] = deque(maxlen=window)       # (prompt tokens, length)
-        self.prior = 0                                  # restored pairs (the oldest) not yet dropped
-        self.fresh = 0                                  # pairs observed in this run
+        self.finished = LengthWindow(window)           # (prompt tokens, length) pairs, a restart's as prior
         self._keys = np.zeros(0)
         self._lengths = np.zeros(0, np.int64)
         self._events = np.zeros(0, bool)
         self._pooled: np.ndarray | None = None
         self.tau = float("nan")
-        self._judged_at = 0                             # observe() calls when the gate was last judged
-        self._observed = 0
+        self._judged_at = 0                             # this run's pairs when the gate was last judged
 
     def __len__(self) -> int:
         return len(self.finished)
 
+    @property
+    def prior(self) -> int:
+        """Restored pairs still in the window."""
+        return self.finished.prior
+
     def observe(self, prompt_tokens: int, length: int) -> None:
         if prompt_tokens >= 1 and length >= 1:
-            self.finished.append((int(prompt_tokens), int(length)))
-            self.fresh += 1
-            self._observed += 1
-            self.prior = min(self.prior, max(0, len(self.finished) - self.fresh))     # the oldest slide out
+            self.finished.observe((int(prompt_tokens), int(length)))
 
     def pairs(self) -> list[list[int]]:
         return [list(pair) for pair in self.finished]
@@ -125,38 +124,34 @@ class PromptLengthModel:
     def restore(self, pairs) -> None:
         """Start from a previous run's (prompt tokens, output length) pairs (ValueError if they
         are not pairs of integers >= 1), before any of this run's."""
-        if self.fresh:
-            raise ValueError("restore prompt lengths before observing any")
         if not isinstance(pairs, list) or not all(
                 isinstance(pr, list) and len(pr) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
                                                               for v in pr) for pr in pairs):
             raise ValueError("prompt lengths must be a list of [prompt tokens, output length] pairs of integers >= 1")
-        self.finished.extend((p, n) for p, n in pairs)
-        self.prior = len(self.finished)
+        self.finished.restore((p, n) for p, n in pairs)
 
     def refresh(self, censored: Sequence[tuple[int, int]] = ()) -> None:
         """Snapshot the finished window and `censored` (prompt tokens, tokens generated so far)
         of the running requests; re-judge the gate."""
-        judge = self._observed >= self._judged_at + max(1, len(self.finished) // 8) or not self._judged_at
-        if self.prior and self.fresh >= MIN_ROWS:               # enough of this run's own: drop the prior
-            for _ in range(self.prior):
-                self.finished.popleft()
-            self.prior, judge = 0, True
+        fresh = self.finished.fresh
+        judge = fresh >= self._judged_at + max(1, len(self.finished) // 8) or not self._judged_at
+        if self.finished.settle(MIN_ROWS):                      # enough of this run's own: the prior dropped
+            judge = True
         if not self.finished:
             return
         p, n = (np.array(v) for v in zip(*self.finished))
         p = np.log(p.astype(np.float64))
         pooled = np.bincount(length_to_bin(n), minlength=NUM_BINS)
         self._pooled = pooled / pooled.sum()
-        cp = np.log(np.array([c[0] for c in censored if c[0] >= 1 and c[1] >= 1], np.float64))
-        cn = np.array([c[1] for c in censored if c[0] >= 1 and c[1] >= 1], np.int64)
+        c = np.array([c for c in censored if c[0] >= 1 and c[1] >= 1], np.int64).reshape(-1, 2)
+        cp, cn = np.log(c[:, 0].astype(np.float64)), c[:, 1]
         keys = np.concatenate([p, cp])
         order = np.argsort(keys, kind="stable")
         self._keys = keys[order]
         self._lengths = np.concatenate([n, cn])[order]
         self._events = np.concatenate([np.ones(len(n), bool), np.zeros(len(cn), bool)])[order]
         if judge:                     # the gate moves slowly: judged again after an eighth of a window of finishes
-            self.tau, self._judged_at = self._loo_concordance(), max(1, self._observed)
+            self.tau, self._judged_at = self._loo_concordance(), max(1, fresh)
 
     def _loo_concordance(self) -> float:
         """Harrell's concordance of each request's leave-one-out prediction (the expected log

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from fastserve_jax.request import Request
-from fastserve_jax.scheduler.base import Plan, finished_length
+from fastserve_jax.scheduler.base import Plan, finished_length, pool_slots
 from fastserve_jax.scheduler.gittins_table import GittinsTable
 from fastserve_jax.scheduler.length_window import LengthWindow
 from fastserve_jax.scheduler.mlfq import MLFQScheduler
@@ -240,7 +240,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         running = [len(r.output_token_ids) for r in self._live.values() if r.output_token_ids]
         table = GittinsTable(self._lengths, running, per_token=True)
         prompt = self._median_prompt()
-        self._slots = max(1, min(self.limits.max_num_seqs, int(self._pool_tokens() // (prompt + table.mean))))
+        self._slots = pool_slots(self.kv, self.limits.max_num_seqs, prompt, table.mean)
         self._new_finishes = 0
         self._learned, self._cold = True, False
         self._near_done = near_done(self._lengths)
