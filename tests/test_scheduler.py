@@ -223,6 +223,60 @@ def test_the_walk_ends_once_nothing_new_may_start_and_every_kv_holder_was_walked
     assert walked == [r.request_id for r in ahead] + ["old", "v0"]    # stopped at the first one behind
 
 
+def test_a_queue_walk_narrows_to_kv_holders_once_nothing_new_may_start():
+    """MLFQ's walk (batch.QueueWalk): once the first waiting request cannot start, fill_batch
+    narrows the rest of the walk to the requests holding KV, within the current level and
+    the ones below, so the waiting requests above paused ones are not walked one by one."""
+    from fastserve_jax.scheduler.batch import QueueWalk, fill_batch
+    kv = KVManager(num_blocks=9, block_size=4)        # 8 usable blocks
+    holders = [req("old", 8, 0.0, 50), req("low", 4, 0.0, 50)]
+    for r in holders:
+        kv.allocate(r, r.num_prompt_tokens)
+        r.num_computed_tokens = r.num_prompt_tokens
+        r.output_token_ids.append(5)                  # decoding
+    waiting = [req(f"w{i}", 40) for i in range(60)]   # 10 blocks each: none can start
+    levels = [{r.request_id: r for r in waiting[:20]},
+              {r.request_id: r for r in waiting[20:40] + [holders[0]] + waiting[40:50]},
+              {r.request_id: r for r in waiting[50:] + [holders[1]]}]
+    walked = []
+
+    class Counted(QueueWalk):
+        def __iter__(self):
+            for r in super().__iter__():
+                walked.append(r.request_id)
+                yield r
+
+    worst = [r for level in reversed(levels) for r in reversed(level.values())]
+    plan = fill_batch(Counted(levels, kv.where), iter(worst), Limits(4, 64), kv)
+    assert [s.request.request_id for s in plan.scheduled] == ["old", "low"]
+    assert walked == ["w0", "w1", "old", "low"]       # w1 was taken before the walk narrowed
+    # the same plan from a plain walk over every request
+    plain = fill_batch(iter([r for level in levels for r in level.values()]), iter(worst), Limits(4, 64), kv)
+    assert [(s.request.request_id, s.num_tokens) for s in plain.scheduled] == \
+        [(s.request.request_id, s.num_tokens) for s in plan.scheduled]
+
+
+def test_the_decode_lookahead_counts_only_requests_that_could_run():
+    """After a prefill chunk takes the whole token budget, fill_batch looks DECODE_LOOKAHEAD
+    batches further for decodes. Once no new request may start, the waiting requests in that
+    stretch are not counted: a decode ranked below 70 of them still runs, taking a token
+    from the chunk (it did not when they counted)."""
+    from fastserve_jax.scheduler.batch import DECODE_LOOKAHEAD, fill_batch
+    kv = KVManager(num_blocks=200, block_size=4)
+    big = req("big", 1000)                            # 250 blocks: cannot start
+    chunked = req("chunked", 400, 0.0, 50)            # prefilling, 100 tokens done
+    kv.allocate(chunked, 100)
+    chunked.num_computed_tokens = 100
+    dec = req("dec", 8, 0.0, 50)
+    kv.allocate(dec, 8)
+    dec.num_computed_tokens = 8
+    dec.output_token_ids.append(5)
+    waiting = [req(f"w{i}", 40) for i in range(DECODE_LOOKAHEAD * 4 + 6)]
+    order = [big, chunked, *waiting, dec]
+    plan = fill_batch(iter(order), iter(order[::-1]), Limits(4, 64), kv)
+    assert [(s.request.request_id, s.num_tokens) for s in plan.scheduled] == [("chunked", 63), ("dec", 1)]
+
+
 def test_evicts_from_the_bottom_only_below_the_requester():
     # 8 usable blocks; new requests start while started KV stays within 7 of them
     sched, kv = make(seqs=3, num_blocks=9, block_size=4, cfg=SchedulerConfig(base_quantum=100, num_queues=2,

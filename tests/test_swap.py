@@ -588,9 +588,10 @@ def test_nothing_compiles_after_warmup_with_swapping(tiny_checkpoints):
 
 
 def test_engine_with_small_swaps_fused_and_large_ones_by_device_put(reference, monkeypatch):
-    """The accelerators' rule on the CPU (FUSED_MAX_BYTES emptied, the threshold at three blocks'
-    share): after a full warm-up, swaps of up to three blocks go fused and larger ones by
-    device_put, nothing compiles, and greedy tokens match a run with ample memory."""
+    """The accelerators' rule on the CPU (FUSED_MAX_BYTES emptied, the threshold at five blocks'
+    share): after a full warm-up, swaps of up to five blocks go fused and larger ones by
+    device_put, nothing compiles, and greedy tokens match a run with ample memory. (This
+    workload swaps 4-8 blocks at a time under skip-join.)"""
     from fastserve_jax.runner import kv_transfer as kt
 
     path, prompts, sp, want = reference
@@ -598,7 +599,7 @@ def test_engine_with_small_swaps_fused_and_large_ones_by_device_put(reference, m
     probe = LLM(path, warmup=False, **kw).engine.runner
     share = probe.transfer._block_share(probe.caches)
     monkeypatch.setattr(kt, "FUSED_MAX_BYTES", {})
-    monkeypatch.setattr(kt, "ACCELERATOR_FUSED_MAX_BYTES", 3 * share)
+    monkeypatch.setattr(kt, "ACCELERATOR_FUSED_MAX_BYTES", 5 * share)
     e = LLM(path, warmup="full", **kw).engine
     sizes = {True: [], False: []}
     fused = e.runner.transfer.fused
@@ -607,7 +608,7 @@ def test_engine_with_small_swaps_fused_and_large_ones_by_device_put(reference, m
         reqs = _run_all(e, prompts, sp)
     assert [r.output_token_ids for r in reqs] == want
     assert cc.count == 0, f"{cc.count} compilations after warm-up"
-    assert sizes[True] and sizes[False] and max(sizes[True]) <= 3 < min(sizes[False]), sizes
+    assert sizes[True] and sizes[False] and max(sizes[True]) <= 5 < min(sizes[False]), sizes
 
 
 @pytest.mark.parametrize("policy", ["proactive", "reactive"])

@@ -36,7 +36,7 @@ that one request fits the whole pool, so some request always runs.
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterable
+from typing import Callable, Container, Iterable, Iterator, Mapping
 
 from fastserve_jax.kv_cache import ON_HOST, KVLocation, KVManager
 from fastserve_jax.request import Request
@@ -47,6 +47,34 @@ DECODE_LOOKAHEAD = 4    # after the budget runs out, look this many batches furt
 # Started requests' KV stays this fraction of the device pool below its size, room for the
 # running ones to grow before they evict paused ones (see fill_batch's start bound).
 START_HEADROOM = 1 / 16
+
+
+class QueueWalk:
+    """A best-first walk over priority levels (each an insertion-ordered dict, request id ->
+    request, walked in order) that fill_batch narrows, once no new request may start, to the
+    requests holding KV (`holders`, e.g. KVManager.where). MLFQ ranks the requests waiting
+    to start above the paused ones in its lower queues, and in a burst a walk that has to
+    reach those paused requests went through every waiting one each iteration: skip-join's
+    host time grew with the backlog (Azure trace, 8x burst: 89 us per iteration with 400
+    requests, 235 us with 2,000; docs/scheduling_log.md)."""
+
+    def __init__(self, levels: Iterable[Mapping[str, Request]], holders: Container[str]) -> None:
+        self.levels = levels
+        self.holders = holders
+        self.narrowed = False
+
+    def __iter__(self) -> Iterator[Request]:
+        holders = self.holders
+        for level in self.levels:
+            if self.narrowed:
+                yield from [r for rid, r in level.items() if rid in holders]
+                continue
+            items = iter(level.items())
+            for _, req in items:
+                yield req
+                if self.narrowed:                     # the rest of this level, then the others
+                    yield from [r for rid, r in items if rid in holders]
+                    break
 
 
 def evict(plan: Plan, victim: Request, kv: KVManager, swap: bool) -> int:
@@ -126,7 +154,10 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     # (in a burst, a long queue of waiting requests) can schedule nothing: it ends there.
     holders_left = kv.num_kv_requests  # KV holders not walked yet
     where_of = kv.where.get
+    walk = best_first if isinstance(best_first, QueueWalk) else None
     for req in itertools.chain(best_first, (None,)):
+        if walk is not None and not admit_new:        # only KV holders can run from here on
+            walk.narrowed, walk = True, None
         if req is not None:
             where = where_of(req.request_id, KVLocation.NONE)
             holds = where is not KVLocation.NONE      # kv.has_kv(req)
@@ -141,6 +172,8 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
             holds = where is not KVLocation.NONE
         if len(plan.scheduled) >= limits.max_num_seqs:
             break
+        if not holds and not admit_new:   # (before the lookahead below: it counts what could run)
+            continue
         if budget <= 0:
             # The budget went to prefill chunks; decodes ranked below them still run, each taking
             # one token from the latest chunk. (A 2k-token prompt that took the whole budget
@@ -150,8 +183,6 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
             past_budget += 1
             if req.num_pending_tokens != 1:
                 continue
-        if not holds and not admit_new:
-            continue
         rid = req.request_id
         if rid in evicted or req.in_flight or where is KVLocation.SWAPPING_IN:
             continue

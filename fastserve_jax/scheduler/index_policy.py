@@ -56,7 +56,11 @@ class IndexPolicy(Scheduler):
 
     def _push(self, req: Request) -> None:
         rid = req.request_id
-        e = (self.key(req), self._seq[rid], rid)
+        k = self.key(req)
+        old = self._entry.get(rid)
+        if old is not None and old[0] == k:       # its entry stands (most decode steps under gittins)
+            return
+        e = (k, self._seq[rid], rid)
         self._entry[rid] = e
         heapq.heappush(self._heap, e)
         if len(self._heap) > 2 * len(self._entry) + 64:        # too many stale entries: compact

@@ -26,7 +26,7 @@ from typing import Callable, Container, Iterator
 from fastserve_jax.cost_model import plan_time
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan, Scheduler, starvation_limit
-from fastserve_jax.scheduler.batch import fill_batch
+from fastserve_jax.scheduler.batch import QueueWalk, fill_batch
 
 
 class MLFQScheduler(Scheduler):
@@ -154,7 +154,7 @@ class MLFQScheduler(Scheduler):
 
     def schedule(self, now: float) -> Plan:
         self.promote_starving(now)
-        return fill_batch(self.best_first(), self.worst_first(), self.limits, self.kv, self.swap_on_evict,
+        return fill_batch(QueueWalk(self.queues, self.kv.where), self.worst_first(), self.limits, self.kv, self.swap_on_evict,
                           self.swap_in_blocks, self.starts_on_host(), self.drops_to_start(), self.kept_from_starts(),
                           self.start_headroom())
 

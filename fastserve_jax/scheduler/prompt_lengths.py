@@ -105,6 +105,7 @@ class PromptLengthModel:
         self._pooled: np.ndarray | None = None
         self.tau = float("nan")
         self._judged_at = 0                             # this run's pairs when the gate was last judged
+        self._made: dict[tuple[int, int], LengthPrediction] = {}     # since the last refresh, by (prompt, tokens)
 
     def __len__(self) -> int:
         return len(self.finished)
@@ -139,6 +140,7 @@ class PromptLengthModel:
             judge = True
         if not self.finished:
             return
+        self._made = {}
         p, n = (np.array(v) for v in zip(*self.finished))
         p = np.log(p.astype(np.float64))
         pooled = np.bincount(length_to_bin(n), minlength=NUM_BINS)
@@ -177,19 +179,23 @@ class PromptLengthModel:
         return bool(self.tau >= MIN_TAU)
 
     def predict_many(self, prompt_tokens: Sequence[int], generated: Sequence[int]) -> list[LengthPrediction]:
-        """One prediction per request, from the last refresh()."""
+        """One prediction per request, from the last refresh(). Requests with the same prompt
+        length and tokens generated share one (and the Gittins indices it computes), also
+        across calls until the next refresh: the engine predicts each arrival of a burst as
+        it comes."""
         if self._pooled is None:
             raise RuntimeError("predict before anything finished: refresh() after the first observe()")
-        prompts, row_of = np.unique(np.maximum(1, np.asarray(prompt_tokens, np.int64)), return_inverse=True)
-        near = _neighbours(self._keys, np.log(prompts.astype(np.float64)), self.k)   # one per prompt length
-        km = kaplan_meier(self._lengths[near], self._events[near])
-        w = near.shape[1] / (near.shape[1] + 2.0)
-        probs = w * km + (1.0 - w) * self._pooled
-        made: dict[tuple[int, int], LengthPrediction] = {}      # equal requests share one (and its indices)
-        out = []
-        for i, g in zip(row_of.tolist(), generated):
-            pred = made.get((i, int(g)))
-            if pred is None:
-                pred = made[(i, int(g))] = LengthPrediction(probs[i] / probs[i].sum(), int(g))
-            out.append(pred)
-        return out
+        asked = [(max(1, int(p)), int(g)) for p, g in zip(prompt_tokens, generated)]
+        made = self._made
+        missing = sorted({p for p, g in asked if (p, g) not in made})
+        if missing:
+            near = _neighbours(self._keys, np.log(np.array(missing, np.float64)), self.k)   # one per prompt length
+            km = kaplan_meier(self._lengths[near], self._events[near])
+            w = near.shape[1] / (near.shape[1] + 2.0)
+            probs = w * km + (1.0 - w) * self._pooled
+            row = {p: i for i, p in enumerate(missing)}
+            for p, g in asked:
+                if (p, g) not in made:
+                    i = row[p]
+                    made[(p, g)] = LengthPrediction(probs[i] / probs[i].sum(), g)
+        return [made[a] for a in asked]
