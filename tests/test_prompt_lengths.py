@@ -216,3 +216,29 @@ def test_equal_requests_share_a_prediction_and_its_indices():
                                     for _ in range(5)]:
             first = p.gittins_index(g, slots, per_token)
             assert p.gittins_index(g, slots, per_token) == first == p._gittins_index(g, slots, per_token)
+
+
+@pytest.mark.parametrize("max_paused", [4, 64])
+def test_ranks_for_the_swap_policy_are_the_places_in_the_full_order(monkeypatch, max_paused):
+    """PredictiveScheduler.ranks finds the KV holders' places without ordering every live
+    request; at every call of a templated burst with tight device KV and proactive swapping
+    they are their places in priority_order() (the start allowance cut short or not, requests
+    promoted for waiting among them)."""
+    from fastserve_jax.scheduler.learned import LearnedLengthPolicy
+    from fastserve_jax.scheduler.predictive import PredictiveScheduler
+    compared = []
+    fast = PredictiveScheduler.ranks
+
+    def both(self, only=None):
+        got = fast(self, only)
+        if self.warmup is None and only is not None:
+            want = LearnedLengthPolicy.ranks(self, only)
+            assert got == want
+            compared.append((len(got), len(self._promoted)))
+        return got
+
+    monkeypatch.setattr(PredictiveScheduler, "ranks", both)
+    cfg = sim_cfg(SchedulerConfig(predictive_max_paused=max_paused, predictive_starvation_threshold=2.0),
+                  kv_capacity_tokens=20_000, swap_policy="proactive")
+    simulate(burst(templated(250), 3.0, cfg), "predictive", OPT, cfg)
+    assert len(compared) > 50 and any(n for n, _ in compared) and any(p for _, p in compared), compared[:5]

@@ -127,8 +127,12 @@ class Scheduler(ABC):
         This default reads only the ranking: a request of rank k waits about k // max_num_seqs
         iterations of `step_time` seconds. Policies with more structure refine it (mlfq)."""
         b = self.limits.max_num_seqs
-        return {r.request_id: (k // b) * step_time for k, r in enumerate(self.priority_order())
-                if only is None or r.request_id in only}
+        return {rid: (k // b) * step_time for rid, k in self.ranks(only).items()}
+
+    def ranks(self, only: Container[str] | None = None) -> dict[str, int]:
+        """Each live request's place in priority_order() (0 runs first); `only`: the ids
+        wanted (default all). A policy may find a few places without ordering everything."""
+        return {r.request_id: k for k, r in enumerate(self.priority_order()) if only is None or r.request_id in only}
 
     def queue_lengths(self) -> list[int]:
         """Live requests per priority level, highest first (one level unless the policy has queues)."""
