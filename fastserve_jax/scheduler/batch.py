@@ -18,7 +18,7 @@ while low-priority requests sit on it. Then:
   otherwise it starts only into free blocks. Requests start only while all started
   requests' KV stays within a bound (see below). After the first one that does not fit, no
   other request without KV starts in this iteration (it would overtake a better-ranked
-  one, and the walk stays short).
+  one), and a QueueWalk (MLFQ's) narrows the rest of the walk to the requests holding KV.
 
 Requests in flight (pipeline mode: in a batch dispatched but not collected yet) are neither
 scheduled nor evicted.
@@ -43,7 +43,8 @@ from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Limits, Plan, ScheduledRequest
 
 
-DECODE_LOOKAHEAD = 4    # after the budget runs out, look this many batches further for decodes
+# After the budget runs out, look this many batches further for decodes (counting requests that could run).
+DECODE_LOOKAHEAD = 4
 # Started requests' KV stays this fraction of the device pool below its size, room for the
 # running ones to grow before they evict paused ones (see fill_batch's start bound).
 START_HEADROOM = 1 / 16
