@@ -244,44 +244,19 @@ class PredictiveScheduler(LearnedLengthPolicy):
         return self.fill(lambda ranked: self._order(front, ranked), self._worst_first_but(front))
 
     def ranks(self, only: Container[str] | None = None) -> dict[str, int]:
-        """As priority_order() would place them, without ordering every live request: the
-        promoted, the index walk while the start allowance lasts (off the heap), then the
-        started requests it did not reach; the swap policy asks for the KV holders, which
-        have all started. With 2,000 requests in a burst the full order was most of the
+        """As priority_order() would place them, without ordering every live request: _order
+        over the index heap, as a schedule walks it (the promoted, the index walk while the
+        start allowance lasts, then the started requests it did not reach); the swap policy
+        asks for the KV holders, which have all started. With 2,000 requests in a burst the full order was most of the
         policy's host time (docs/scheduling_log.md). Any other id asked for: the full order."""
         if self.warmup is not None or only is None:
             return super().ranks(only)
-        started, seen, out = self._started, set(), {}
-        allow = self.limits.max_num_seqs + self.max_paused - len(started)
-        pos = 0
-        for req in self._promoted.values():
-            rid = req.request_id
-            seen.add(rid)
-            if rid not in started:
-                allow -= 1
-            if rid in only:
-                out[rid] = pos
-            pos += 1
-        if allow > 0:
-            popped: list = []
-            for req in self._best_first(popped):
-                rid = req.request_id
-                if rid in seen:
-                    continue
-                seen.add(rid)
-                if rid in only:
-                    out[rid] = pos
-                pos += 1
-                if rid not in started:
-                    allow -= 1
-                    if allow <= 0:
-                        break
-            for e in popped:
-                heapq.heappush(self._heap, e)
-        for e in sorted(self._entry[rid] for rid in started if rid not in seen):
-            if e[2] in only:
-                out[e[2]] = pos
-            pos += 1
+        popped: list = []
+        out = {r.request_id: pos for pos, r in enumerate(self._order(list(self._promoted.values()),
+                                                                     self._best_first(popped)))
+               if r.request_id in only}
+        for e in popped:
+            heapq.heappush(self._heap, e)
         if any(rid not in out for rid in only if rid in self._live):
             return super().ranks(only)
         return out
