@@ -61,6 +61,17 @@ class SchedulerConfig:
       until it has caught up (0 disables it; docs/scheduling_log.md, "The tail guard"). Skip-join
       learns lengths only with protect_decodes, so protect_decodes=False (the paper's
       policy) has no tail guard either.
+    - prompt_neighbors: output lengths predicted from prompt lengths (beyond the paper;
+      scheduler/prompt_lengths.py): the finished requests with this many nearest prompt
+      lengths, running ones counted as at least their age, predict a request's length, and
+      the predictions are used once they are seen to rank the finished and running
+      requests at a concordance of 0.3 as a tau (the gate). Templated traffic passes it
+      (the Azure trace: tau 0.59); traffic whose answers do not follow its prompts never
+      does, and there the policies are as without it. Once the gate is open, skip-join MLFQ
+      joins a new request to the queue that covers its prefill plus its predicted answer
+      (not its prefill alone), gittins ranks every request by the Gittins index of its own
+      prediction, and predictive ranks requests with no prediction of their own by it. 0
+      turns it off; skip-join also needs protect_decodes (the paper's policy has neither).
     - predictive_*: the predictive policy (scheduler/predictive.py; the measurements behind
       each default are in docs/scheduling.md, "Predicted output lengths").
       predictive_objective: what its Gittins index minimises, "latency_per_token" (mean of
@@ -81,13 +92,6 @@ class SchedulerConfig:
       the warm-up on skip-join took much of an overload burst: at Kendall's tau 0.55, 10
       gave 1.02-1.36x lower latency per token in the chat and heavy-tailed 3x and 8x bursts
       (three seeds) and 0.95-1.10x at 1.5x.
-      predictive_prompt_neighbors: requests without a prediction of their own are ranked
-      by the lengths of the finished requests with the nearest prompt lengths (this many;
-      running requests count as at least their age), once such predictions rank the
-      finished and running requests at a concordance of 0.3 as a tau
-      (scheduler/prompt_lengths.py). Until then, and where prompt lengths say nothing about
-      output lengths, they need a prediction of their own to leave skip-join MLFQ. 0 turns
-      it off.
       predictive_starvation_threshold: a request idle this many seconds (stretched by the
       live requests per batch slot, the slots being the typical requests the device pool
       holds, as skip-join's; 0 disables it) runs before all others until
@@ -107,9 +111,9 @@ class SchedulerConfig:
     predictive_min_samples: int = 10
     predictive_objective: str = "latency_per_token"
     predictive_starvation_threshold: float = 20.0
-    predictive_prompt_neighbors: int = 16
     protect_decodes: bool = True
     protect_min_samples: int = 16
+    prompt_neighbors: int = 16
     tail_slowdown: float = 5.0
 
     def __post_init__(self) -> None:
@@ -129,9 +133,9 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(self.protect_decodes, bool):
             raise ValueError(f"protect_decodes must be true or false, got {self.protect_decodes!r}")
-        v = self.predictive_prompt_neighbors
+        v = self.prompt_neighbors
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"predictive_prompt_neighbors must be an integer >= 0 (0 turns prompt-length "
+            raise ValueError(f"prompt_neighbors must be an integer >= 0 (0 turns prompt-length "
                              f"predictions off), got {v!r}")
         v = self.predictive_max_paused
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:

@@ -178,6 +178,11 @@ class LengthPrediction:
         """E[L] in tokens."""
         return self.mean_remaining(0)
 
+    def median(self) -> float:
+        """The smallest length L takes with P(L <= it) >= 1/2, in tokens (bins spread as in _spread)."""
+        x, v, _ = self._atoms
+        return float(x[min(int(np.searchsorted(np.cumsum(v), 0.5 - 1e-9)), len(x) - 1)])
+
     def gittins_index(self, generated: int, prefill_slots: float = 0.0, per_token: bool = False) -> float:
         """max over horizons D of P(L - g <= D | L > g) / (prefill_slots + E[min(L - g, D) | L > g]),
         g = generated: higher runs first (mean response time). per_token: the numerator is

@@ -79,9 +79,10 @@ def add_simulate_parser(sub) -> None:
                       help="simulate predictions whose Kendall's tau with the true lengths is TAU, in (0, 1] "
                            "(learned predictors report 0.5-0.6; 1 = exact)")
     p.add_argument("--prompt-neighbors", type=int, default=None,
-                   help="predictive's predictions from prompt lengths: finished requests with the nearest prompt "
-                        "lengths each is predicted from (SchedulerConfig.predictive_prompt_neighbors, default "
-                        f"{SchedulerConfig.predictive_prompt_neighbors}; 0: off)")
+                   help="output lengths predicted from prompt lengths (skip-join's joins, gittins' and predictive's "
+                        "ranks, once they pass their gate): finished requests with the nearest prompt lengths each is "
+                        f"predicted from (SchedulerConfig.prompt_neighbors, default {SchedulerConfig.prompt_neighbors}; "
+                        "0: off)")
     p.add_argument("--prediction-at", choices=PREDICTION_AT, default="prefill",
                    help="when a request first gets its simulated prediction: when its prefill completes (as the "
                         "engine's predictor, which reads the prefill's hidden states; default) or when it arrives "
@@ -184,7 +185,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         knobs = {k: v for k, v in (("base_quantum", a.base_quantum), ("quantum_ratio", a.quantum_ratio),
                                    ("starvation_threshold", a.starvation_threshold),
                                    ("tail_slowdown", a.tail_slowdown),
-                                   ("predictive_prompt_neighbors", a.prompt_neighbors)) if v is not None}
+                                   ("prompt_neighbors", a.prompt_neighbors)) if v is not None}
         knobs["protect_decodes"] = a.protect_decodes
         cfg = SimConfig(a.max_num_seqs, a.max_num_batched_tokens, a.block_size, a.kv_capacity_tokens,
                         dataclasses.replace(SchedulerConfig(), **knobs), a.host_kv_capacity_tokens, a.swap_policy,

@@ -186,8 +186,8 @@ def test_starvation_bound_lets_a_request_predicted_long_finish(monkeypatch, thre
     (dict(predictive_max_paused=2.5), "predictive_max_paused"),
     (dict(predictive_min_samples=0), "predictive_min_samples"),
     (dict(predictive_objective="p99"), "predictive_objective"),
-    (dict(predictive_prompt_neighbors=-1), "predictive_prompt_neighbors"),
-    (dict(predictive_prompt_neighbors=True), "predictive_prompt_neighbors"),
+    (dict(prompt_neighbors=-1), "prompt_neighbors"),
+    (dict(prompt_neighbors=True), "prompt_neighbors"),
     (dict(predictive_starvation_threshold=-1.0), "predictive_starvation_threshold"),
     (dict(predictive_starvation_threshold=float("inf")), "predictive_starvation_threshold"),
 ])
@@ -233,7 +233,7 @@ def test_simulate_cli_prediction_flags(small_trace, tmp_path, capsys):
     assert "prediction_kendall_tau" not in json.loads(out.read_text())["predictive"]
     assert main(["simulate", "--trace", small_trace, "--load", "3", "--policy", "predictive",
                  "--prompt-neighbors", "-1", "--json", str(out)]) == 2
-    assert "predictive_prompt_neighbors" in capsys.readouterr().err
+    assert "prompt_neighbors" in capsys.readouterr().err
     for bad in (["--prediction-sigma", "-1"], ["--prediction-sigma", "nan"], ["--prediction-tau", "0"],
                 ["--prediction-tau", "1.5"], ["--prediction-tau", "0.5", "--prediction-sigma", "1"],
                 ["--prediction-tau", "0.5", "--prediction-at", "decode"]):

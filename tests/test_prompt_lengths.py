@@ -90,13 +90,68 @@ def test_predictive_ranks_templated_traffic_by_prompt_length_without_a_predictor
     (1.00x) here; measured 2.04x lower latency per token than skip-join-mlfq (199 against 405 ms),
     3.0x fcfs's."""
     trace = burst(templated(300), 3.0, sim_cfg())
-    cfg = sim_cfg(SchedulerConfig())
-    m = {p: simulate(trace, p, OPT, cfg).metrics() for p in ("predictive", "skip-join-mlfq", "fcfs")}
+    off = sim_cfg(SchedulerConfig(prompt_neighbors=0))
+    m = {p: simulate(trace, p, OPT, sim_cfg(SchedulerConfig())).metrics() for p in ("predictive", "fcfs")}
+    m["skip-join-mlfq"] = simulate(trace, "skip-join-mlfq", OPT, off).metrics()     # on prefill time alone
     lpt = {p: v["mean_latency_per_token"] for p, v in m.items()}
     assert lpt["skip-join-mlfq"] >= 1.3 * lpt["predictive"], lpt
     assert m["predictive"]["throughput_rps"] >= 0.95 * m["fcfs"]["throughput_rps"]
-    off = simulate(trace, "predictive", OPT, sim_cfg(SchedulerConfig(predictive_prompt_neighbors=0))).metrics()
-    assert off["mean_latency_per_token"] == lpt["skip-join-mlfq"], "turned off: skip-join MLFQ"
+    none = simulate(trace, "predictive", OPT, off).metrics()
+    assert none["mean_latency_per_token"] == lpt["skip-join-mlfq"], "turned off: skip-join MLFQ"
+
+
+def test_skip_join_joins_on_predicted_service_where_prompt_lengths_rank():
+    """Templated traffic: once the gate opens, a request predicted to answer at length joins
+    the queue that covers its prefill and that answer, not its prefill alone, and the short
+    ones run first. Measured on this burst: latency per token 405 ms with joins on prefill
+    time (prompt_neighbors=0, as before), 227 ms with predicted joins, fcfs 597 ms; mean JCT
+    48.0 s, 35.6 s and 43.3 s. Where prompt lengths
+    say nothing (heavy-tailed outputs behind random prompts) the gate stays shut and every
+    decision is the paper's join on prefill time."""
+    trace = burst(templated(300), 3.0, sim_cfg())
+    on, off = (simulate(trace, "skip-join-mlfq", OPT, sim_cfg(SchedulerConfig(prompt_neighbors=k))).metrics()
+               for k in (16, 0))
+    fcfs = simulate(trace, "fcfs", OPT, sim_cfg()).metrics()
+    assert off["mean_latency_per_token"] >= 1.3 * on["mean_latency_per_token"], (on, off)
+    assert on["mean_jct"] <= off["mean_jct"] and on["throughput_rps"] >= 0.95 * fcfs["throughput_rps"]
+    plain = burst(heavy_tailed_trace(PROMPTS, 300, seed=0), 3.0, sim_cfg())
+    on, off = (simulate(plain, "skip-join-mlfq", OPT, sim_cfg(SchedulerConfig(prompt_neighbors=k))).metrics()
+               for k in (16, 0))
+    assert on["mean_latency_per_token"] == off["mean_latency_per_token"] and on["mean_jct"] == off["mean_jct"]
+
+
+def test_gittins_ranks_each_request_by_its_prompt_lengths_prediction():
+    """Measured on this burst: mean JCT 39.5 s ranking every request by the one learned
+    distribution (prompt_neighbors=0, as before), 32.3 s by its own prediction from prompt
+    lengths."""
+    trace = burst(templated(300), 3.0, sim_cfg())
+    on, off = (simulate(trace, "gittins", OPT, sim_cfg(SchedulerConfig(prompt_neighbors=k))).metrics() for k in (16, 0))
+    assert on["mean_jct"] <= 0.9 * off["mean_jct"], (on["mean_jct"], off["mean_jct"])
+
+
+def test_a_predicted_join_places_the_request_and_a_rejoin_moves_only_unstarted_unpromoted_ones():
+    from tests.test_scheduler import make
+    sched, _ = make("skip-join-mlfq", seqs=2, cfg=SchedulerConfig())
+    pairs = [[t.prompt_tokens, t.output_tokens] for t in templated(200)]
+    sched.restore_lengths({"pooled": [n for _, n in pairs], "prompts": pairs})
+    assert sched.joins.ranks()
+    from fastserve_jax.request import Request
+    from fastserve_jax.sampling_params import SamplingParams
+    short, long_ = (Request(rid, range(p), SamplingParams(max_tokens=500), 0.0) for rid, p in (("s", 390), ("l", 120)))
+    for r in (short, long_):
+        sched.add(r)
+    prefill_only = make("skip-join-mlfq", seqs=2, cfg=SchedulerConfig(prompt_neighbors=0))[0]
+    assert prefill_only.entry_level(long_) <= prefill_only.entry_level(short), "the longer prompt, by prefill"
+    assert long_.queue_level > short.queue_level, "the long answer (120-token prompts answer in ~400) joins lower"
+    assert sched.entry_level(long_) == long_.queue_level
+    promoted = Request("p", range(120), SamplingParams(max_tokens=500), 0.0)
+    sched.add(promoted)
+    sched._move(promoted, 0)                                # as starvation promotion does
+    sched.joins.finishes = sched.config.gittins_refresh
+    sched.schedule(0.0)                                     # refreshes the joins (nothing else to do: no KV)
+    assert promoted.queue_level == 0 and long_.queue_level == sched.entry_level(long_)
+    with pytest.raises(ValueError, match="prompt lengths"):
+        make("skip-join-mlfq", cfg=SchedulerConfig())[0].restore_lengths({"pooled": [3], "prompts": [[0, 1]]})
 
 
 def test_a_restart_keeps_the_pairs_as_a_prior():

@@ -718,7 +718,7 @@ def test_learned_lengths_restore_only_into_the_same_buckets():
     sched, _ = make("gittins", seqs=2, cfg=cfg)
     state = {"edges": [20], "history": [[3, 4], [50]], "pooled": [3, 4, 50]}
     sched.restore_lengths(state)
-    assert sched.learned_lengths() == state and sched.ready()
+    assert sched.learned_lengths() == dict(state, prompts=[]) and sched.ready()   # no prompt pairs were restored
     other, _ = make("gittins", seqs=2, cfg=SchedulerConfig(gittins_bucket_edges=(30,)))
     for bad in (state, dict(state, pooled=[0]), dict(state, history=[[3], "x"]), {"edges": []}):
         with pytest.raises(ValueError):
@@ -729,7 +729,7 @@ def test_skip_join_keeps_its_lengths_in_the_format_gittins_reads():
     sched, _ = make(cfg=SchedulerConfig(protect_min_samples=2))
     sched.restore_lengths({"edges": [], "history": [[3, 4]], "pooled": [3, 4]})
     state = sched.learned_lengths()
-    assert state == {"edges": [], "history": [[3, 4]], "pooled": [3, 4]}
+    assert state == {"edges": [], "history": [[3, 4]], "pooled": [3, 4], "prompts": []}
     g, _ = make("gittins")
     g.restore_lengths(state)
     assert list(g.pooled) == [3, 4]
@@ -796,7 +796,7 @@ def test_restored_lengths_are_a_prior_until_the_run_has_as_many_of_its_own_as_a_
 
 
 def test_near_done_marks_the_ages_whose_expected_remaining_length_is_at_most_the_mean():
-    from fastserve_jax.scheduler.skip_join import near_done
+    from fastserve_jax.scheduler.length_window import near_done
     # half 1 token, half 20 (mean 10.5): at age 0 the rest is the mean; from age 1 only the
     # 20s are left, 20 - age <= 10.5 from age 10; past every length nothing is expected
     assert near_done([1] * 10 + [20] * 10) == [True] + [False] * 9 + [True] * 11
@@ -807,7 +807,7 @@ def test_near_done_marks_the_ages_whose_expected_remaining_length_is_at_most_the
 def test_near_done_is_the_definition_age_by_age():
     """near_done is one numpy pass; against E[X - age | X > age] <= E[X] taken age by age over
     the lengths themselves, on random sets of alike, spread and heavy-tailed lengths."""
-    from fastserve_jax.scheduler.skip_join import near_done
+    from fastserve_jax.scheduler.length_window import near_done
 
     def by_definition(xs):
         mean = sum(xs) / len(xs)

@@ -6,7 +6,11 @@ policy for mean response time in both regimes, given the length distribution. Th
 learns that distribution from finished requests (a sliding window per prompt-length
 bucket, see learned.py and SchedulerConfig.gittins_*) and the running ones (censored:
 Kaplan-Meier, see gittins_table.py), ranks every live request by its
-index at the tokens it has generated (gittins_table.py), and runs the highest first. Until
+index at the tokens it has generated (gittins_table.py), and runs the highest first.
+Where prompt lengths are seen to rank output lengths (templated traffic;
+SchedulerConfig.prompt_neighbors, prompt_lengths.py), each request is ranked instead by the
+index of its own distribution, that of the finished and running requests with the nearest
+prompt lengths: given what is known at arrival, that is the optimal ranking for mean JCT. Until
 `gittins_min_samples` requests have finished it is skip-join MLFQ; then the live requests
 move over, keeping their KV.
 """
@@ -26,6 +30,9 @@ class GittinsScheduler(LearnedLengthPolicy):
         self.tables: list[GittinsTable] = []
 
     def key(self, req: Request) -> float:
+        pred = self.by_prompt.get(req.request_id)
+        if pred is not None:                         # prompt lengths rank: its own prediction
+            return self.prediction_key(req, pred, False)
         table = self.tables[self.bucket(req)]
         return -table.index(len(req.output_token_ids), self.meter.prefill_slots(req))
 
@@ -36,7 +43,12 @@ class GittinsScheduler(LearnedLengthPolicy):
         out = [0.0] * len(reqs)
         groups: dict[tuple[int, int], list[int]] = {}
         slots = [0.0] * len(reqs)
+        by_prompt = self.by_prompt
         for i, req in enumerate(reqs):
+            pred = by_prompt.get(req.request_id)
+            if pred is not None:
+                out[i] = self.prediction_key(req, pred, False)
+                continue
             b, age, p = self.bucket(req), len(req.output_token_ids), self.meter.prefill_slots(req)
             if p > 0.0:
                 groups.setdefault((b, age), []).append(i)
@@ -56,3 +68,4 @@ class GittinsScheduler(LearnedLengthPolicy):
         pooled = GittinsTable(self.pooled, [a for ages in running for a in ages])
         self.tables = [GittinsTable(h, r) if len(h) >= c.gittins_min_samples else pooled
                        for h, r in zip(self.history, running)]
+        self.predict_by_prompt(list(self.live_requests()))

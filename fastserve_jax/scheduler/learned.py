@@ -11,13 +11,16 @@ the live requests move over to the index, keeping their KV.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from abc import abstractmethod
 from typing import Container, Iterable, Iterator
 
+from fastserve_jax.length_prediction import LengthPrediction
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan, finished_length
 from fastserve_jax.scheduler.index_policy import IndexPolicy
 from fastserve_jax.scheduler.length_window import LengthWindow
+from fastserve_jax.scheduler.prompt_lengths import PromptLengthModel
 from fastserve_jax.scheduler.skip_join import SkipJoinMLFQScheduler
 from fastserve_jax.scheduler.service import ServiceMeter
 
@@ -29,11 +32,18 @@ class LearnedLengthPolicy(IndexPolicy):
         super().__init__(limits, kv, config, cost_model)
         c = self.config
         self.meter = ServiceMeter(self._require_cost_model(), limits.max_num_seqs)
-        self.warmup: SkipJoinMLFQScheduler | None = SkipJoinMLFQScheduler(limits, kv, c, cost_model)
+        # the warm-up joins on prefill time only: each policy ranks on its own lengths once ready
+        self.warmup: SkipJoinMLFQScheduler | None = SkipJoinMLFQScheduler(
+            limits, kv, dataclasses.replace(c, prompt_neighbors=0), cost_model)
         self.edges = c.gittins_bucket_edges
         self.history = [LengthWindow(c.gittins_window) for _ in range(len(self.edges) + 1)]
         self.pooled = LengthWindow(c.gittins_window)
         self._new_finishes = 0
+        k = c.prompt_neighbors
+        self.prompts = PromptLengthModel(c.gittins_window, k) if k else None
+        self.by_prompt: dict[str, LengthPrediction] = {}      # id -> prediction from its prompt length
+        self._gate_finishes = 0                                # finishes since the gate was judged
+        self._pred_keys: dict[str, tuple] = {}                # id -> (prediction, tokens, key) last computed
 
     def use_cost_model(self, cost_model, config) -> None:
         super().use_cost_model(cost_model, config)
@@ -56,6 +66,49 @@ class LearnedLengthPolicy(IndexPolicy):
             for h in self.history:
                 h.drop_prior()
             self._new_finishes = max(self._new_finishes, self.config.gittins_refresh)
+        if self.prompts is not None:
+            self.prompts.observe(req.num_prompt_tokens, n)
+            self._gate_finishes += 1
+            if self.warmup is not None and self._gate_finishes >= self.config.gittins_refresh:
+                self.prompts.refresh(self._running())         # judge the gate (learn() does it once ranked)
+                self._gate_finishes = 0
+
+    # -- predictions from prompt lengths (SchedulerConfig.prompt_neighbors) -------------------
+    def prompts_rank(self) -> bool:
+        return self.prompts is not None and self.prompts.ranks()
+
+    def _running(self, live: Iterable[Request] | None = None) -> list[tuple[int, int]]:
+        """(prompt tokens, tokens generated) of the live requests that have started decoding."""
+        return [(r.num_prompt_tokens, len(r.output_token_ids))
+                for r in (self.live_requests() if live is None else live) if r.output_token_ids and not r.finished]
+
+    def predict_by_prompt(self, live: list[Request]) -> None:
+        """At a relearn: refresh the prompt-length predictions (running requests as censored
+        lengths) and, where they rank, predict every live request from them afresh, so that a
+        request waiting in a burst is ranked by what has been learned since it arrived."""
+        self.by_prompt = {}
+        if self.prompts is None:
+            return
+        self.prompts.refresh(self._running(live))
+        self._gate_finishes = 0
+        if self.prompts.ranks() and live:
+            preds = self.prompts.predict_many([r.num_prompt_tokens for r in live],
+                                              [len(r.output_token_ids) for r in live])
+            self.by_prompt = {r.request_id: p for r, p in zip(live, preds)}
+
+    def prediction_key(self, req: Request, pred: LengthPrediction, per_token: bool) -> float:
+        """Minus the Gittins index of `pred` at the tokens req has generated, its prefill still
+        ahead counted in decode slots. A running request's is recomputed once its tokens have
+        grown by an eighth since the last time (or its prediction changed), not every token:
+        each computation costs about 50 us of host time, and the engine's decode steps on a
+        CPU take a few ms. A sharp prediction still re-ranks within an eighth of its progress."""
+        g, rid = len(req.output_token_ids), req.request_id
+        hit = self._pred_keys.get(rid)
+        if hit is not None and hit[0] is pred and hit[1] <= g < hit[1] + 1 + hit[1] // 8 and not req.is_prefilling:
+            return hit[2]
+        k = -pred.gittins_index(g, self.meter.prefill_slots(req), per_token)
+        self._pred_keys[rid] = (pred, g, k)
+        return k
 
     def running_ages(self) -> list[list[int]]:
         """Per prompt-length bucket, the tokens generated by each live request that has started
@@ -73,8 +126,12 @@ class LearnedLengthPolicy(IndexPolicy):
 
     def learned_lengths(self) -> dict:
         """What a restart keeps (the engine saves it beside its caches): the finished lengths
-        in the windows, per prompt-length bucket and pooled, and the bucket edges they go with."""
-        return {"edges": list(self.edges), "history": [list(h) for h in self.history], "pooled": list(self.pooled)}
+        in the windows, per prompt-length bucket and pooled, and the bucket edges they go with;
+        with prompt-length predictions on, the (prompt, length) pairs."""
+        state = {"edges": list(self.edges), "history": [list(h) for h in self.history], "pooled": list(self.pooled)}
+        if self.prompts is not None:
+            state["prompts"] = self.prompts.pairs()
+        return state
 
     def restore_lengths(self, state: dict) -> None:
         """Start from the lengths a previous run learned (ValueError if they do not fit: other
@@ -90,6 +147,9 @@ class LearnedLengthPolicy(IndexPolicy):
         for h, xs in zip(self.history, history):
             h.restore(xs)
         self.pooled.restore(pooled)
+        if self.prompts is not None and "prompts" in state:   # a prior, as the lengths are (prompt_lengths.py)
+            self.prompts.restore(state["prompts"])
+            self.prompts.refresh()                            # the gate, judged on the prior
 
     def min_samples(self) -> int:
         return self.config.gittins_min_samples
@@ -121,6 +181,8 @@ class LearnedLengthPolicy(IndexPolicy):
         if self.warmup is not None:
             self.warmup.add(req)
         else:
+            if self.prompts_rank():
+                self.by_prompt[req.request_id] = self.prompts.predict_many([req.num_prompt_tokens], [0])[0]
             super().add(req)
 
     def remove(self, req: Request) -> None:
@@ -130,6 +192,8 @@ class LearnedLengthPolicy(IndexPolicy):
             self.warmup.remove(req)
         else:
             super().remove(req)
+        self.by_prompt.pop(req.request_id, None)
+        self._pred_keys.pop(req.request_id, None)
 
     def schedule(self, now: float) -> Plan:
         if self.ready() and (self.warmup is not None or self._new_finishes >= self.config.gittins_refresh):

@@ -32,7 +32,7 @@ Two bounds on top of the ranking:
   the paused count may exceed M by the promoted requests started in that iteration.
 
 Predictions from prompt lengths: a request with no prediction of its own is ranked by the
-finished requests with the nearest prompt lengths (`predictive_prompt_neighbors`, running
+finished requests with the nearest prompt lengths (`prompt_neighbors`, running
 requests counted as at least their age; prompt_lengths.py), once such predictions have been
 seen to rank the finished and running requests (a concordance of 0.3 as a tau), and by the
 prior otherwise. They are made when a
@@ -54,9 +54,8 @@ from typing import Container, Iterable, Iterator
 
 from fastserve_jax.length_prediction import LengthPrediction
 from fastserve_jax.request import Request
-from fastserve_jax.scheduler.base import Plan, finished_length, pool_slots, starvation_limit
+from fastserve_jax.scheduler.base import Plan, pool_slots, starvation_limit
 from fastserve_jax.scheduler.learned import LearnedLengthPolicy
-from fastserve_jax.scheduler.prompt_lengths import PromptLengthModel
 
 
 class PredictiveScheduler(LearnedLengthPolicy):
@@ -71,26 +70,13 @@ class PredictiveScheduler(LearnedLengthPolicy):
         self._started: set[str] = set()                       # live requests that have run
         self._idle: OrderedDict[str, float] = OrderedDict()   # live id -> idle since, oldest first
         self._promoted: dict[str, Request] = {}               # starved once: first until done, in order
-        self._keys: dict[str, tuple] = {}                     # id -> (prediction, tokens, key) last computed
-        k = self.config.predictive_prompt_neighbors
-        self.prompts = PromptLengthModel(self.config.gittins_window, k) if k else None
-        self.by_prompt: dict[str, LengthPrediction] = {}      # id -> prediction from its prompt length
-        self._gate_finishes = 0                                # finishes since the gate was judged
         self._slots = self.limits.max_num_seqs                 # batch_slots(), set by learn()
 
     def key(self, req: Request) -> float:
-        """Minus the index. A running request's index is recomputed once its tokens have grown
-        by an eighth since the last time (or its prediction changed), not every token: each
-        computation costs about 50 us of host time, and the engine's decode steps on a CPU
-        take a few ms. A sharp prediction still re-ranks within an eighth of its progress."""
-        g, rid = len(req.output_token_ids), req.request_id
-        pred = req.length_prediction or self.by_prompt.get(rid) or self.prior
-        hit = self._keys.get(rid)
-        if hit is not None and hit[0] is pred and hit[1] <= g < hit[1] + 1 + hit[1] // 8 and not req.is_prefilling:
-            return hit[2]
-        k = -pred.gittins_index(g, self.meter.prefill_slots(req), self.per_token)
-        self._keys[rid] = (pred, g, k)
-        return k
+        """Minus the index of the request's own prediction, else the one from its prompt length,
+        else the prior (learned.prediction_key)."""
+        pred = req.length_prediction or self.by_prompt.get(req.request_id) or self.prior
+        return self.prediction_key(req, pred, self.per_token)
 
     def min_samples(self) -> int:
         return self.config.predictive_min_samples
@@ -99,33 +85,6 @@ class PredictiveScheduler(LearnedLengthPolicy):
         if self.warmup is None:                  # switched over: stay (the gate may close later)
             return True
         return (self.seen_prediction or self.prompts_rank()) and super().ready()
-
-    def prompts_rank(self) -> bool:
-        return self.prompts is not None and self.prompts.ranks()
-
-    def observe(self, req: Request) -> None:
-        super().observe(req)
-        n = finished_length(req)
-        if self.prompts is not None and n >= 1:
-            self.prompts.observe(req.num_prompt_tokens, n)
-            self._gate_finishes += 1
-            if self.warmup is not None and self._gate_finishes >= self.config.gittins_refresh:
-                self.prompts.refresh(self._running())         # judge the gate (learn() does it once ranked)
-                self._gate_finishes = 0
-
-    def learned_lengths(self) -> dict:
-        state = super().learned_lengths()
-        if self.prompts is not None:
-            state["prompts"] = self.prompts.pairs()
-        return state
-
-    def restore_lengths(self, state: dict) -> None:
-        """As learned.py's, and the (prompt, length) pairs if the state has them (a prior, as
-        the lengths are; prompt_lengths.py)."""
-        super().restore_lengths(state)
-        if self.prompts is not None and "prompts" in state:
-            self.prompts.restore(state["prompts"])
-            self.prompts.refresh()                            # the gate, judged on the prior
 
     def batch_slots(self, live: list[Request]) -> int:
         """The typical requests (median prompt + mean learned output) the device pool holds,
@@ -141,29 +100,14 @@ class PredictiveScheduler(LearnedLengthPolicy):
         return pool_slots(self.kv, self.limits.max_num_seqs, prompts[len(prompts) // 2],
                           sum(self.pooled) / len(self.pooled))
 
-    def _running(self, live: Iterable[Request] | None = None) -> list[tuple[int, int]]:
-        """(prompt tokens, tokens generated) of the live requests that have started decoding."""
-        return [(r.num_prompt_tokens, len(r.output_token_ids))
-                for r in (self.live_requests() if live is None else live) if r.output_token_ids and not r.finished]
-
     def learn(self) -> None:
         self.prior = LengthPrediction.from_samples(self.pooled)
-        self.by_prompt = {}
         live = list(self.live_requests())
         self._slots = self.batch_slots(live)
-        if self.prompts is None:
-            return
-        self.prompts.refresh(self._running(live))
-        self._gate_finishes = 0
-        if self.prompts.ranks() and live:
-            preds = self.prompts.predict_many([r.num_prompt_tokens for r in live],
-                                              [len(r.output_token_ids) for r in live])
-            self.by_prompt = {r.request_id: p for r, p in zip(live, preds)}
+        self.predict_by_prompt(live)
 
     # -- membership and bookkeeping (both phases) -------------------------------------------
     def add(self, req: Request) -> None:
-        if self.warmup is None and self.prompts_rank():
-            self.by_prompt[req.request_id] = self.prompts.predict_many([req.num_prompt_tokens], [0])[0]
         super().add(req)
         self._idle[req.request_id] = req.arrival_time
 
@@ -172,8 +116,6 @@ class PredictiveScheduler(LearnedLengthPolicy):
         self._started.discard(req.request_id)
         self._idle.pop(req.request_id, None)
         self._promoted.pop(req.request_id, None)
-        self._keys.pop(req.request_id, None)
-        self.by_prompt.pop(req.request_id, None)
 
     def on_iteration(self, plan: Plan, duration: float, now: float) -> None:
         idle = self._idle

@@ -7,13 +7,12 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
-import numpy as np
-
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan, finished_length, pool_slots
 from fastserve_jax.scheduler.gittins_table import GittinsTable
-from fastserve_jax.scheduler.length_window import LengthWindow
+from fastserve_jax.scheduler.length_window import LengthWindow, near_done
 from fastserve_jax.scheduler.mlfq import MLFQScheduler
+from fastserve_jax.scheduler.predicted_joins import PredictedJoins
 
 
 # Where memory binds the batch, skip-join still protects decodes if at least this share of
@@ -92,6 +91,8 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         self._entry_levels: dict[int, int] = {}   # prompt tokens -> entry_level
         self._light = False                # learned lengths light-tailed and a batch fits (starts_on_host)
         self._mean_len = 0.0               # the learned mean output length (tokens)
+        k = c.prompt_neighbors if c.protect_decodes else 0
+        self.joins = PredictedJoins(c.gittins_window, k) if k else None     # predicted_joins.py
 
     def use_cost_model(self, cost_model, config) -> None:
         super().use_cost_model(cost_model, config)
@@ -99,6 +100,9 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         self._learned = False      # a fresh request's index and the queues' depend on both: relearn
 
     def entry_level(self, req: Request) -> int:
+        level = self.joins.levels.get(req.request_id) if self.joins is not None else None
+        if level is not None:                          # joined on its predicted service
+            return level
         n = req.num_prompt_tokens
         level = self._entry_levels.get(n)
         if level is None:                  # asked per protected decode per iteration: kept per prompt length
@@ -108,6 +112,8 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         return level
 
     def add(self, req: Request) -> None:
+        if self.joins is not None and self.joins.ranks():
+            self.joins.place([req], self.quanta, self.cost_model, self.limits.max_num_seqs)
         super().add(req)
         self._prompts.append(req.num_prompt_tokens)
 
@@ -116,6 +122,10 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         self._lapsed.discard(req.request_id)
         self._guarded.discard(req.request_id)
         n = finished_length(req)
+        if self.joins is not None:
+            self.joins.levels.pop(req.request_id, None)
+            if n:
+                self.joins.finished(req, n)
         if n:
             self._lengths.observe(n)
             self._new_finishes += 1
@@ -135,6 +145,9 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
                 prompt = self._median_prompt()
                 self._cold = self._batch_fits(prompt, prompt)
                 self._memory_bound = not self._cold
+        if self.joins is not None and self.joins.finishes >= c.gittins_refresh:
+            self._restore(self.joins.refresh(self._live.values(), self.entry_level, self.quanta, self.cost_model,
+                                             self.limits.max_num_seqs))
         return super().schedule(now)
 
     def drops_to_start(self) -> bool:
@@ -219,8 +232,12 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
 
     def learned_lengths(self) -> dict:
         """What a restart keeps (policy_state.py): the finished lengths, in the format gittins
-        writes with a single prompt-length bucket, so either policy can read the other's."""
-        return {"edges": [], "history": [list(self._lengths)], "pooled": list(self._lengths)}
+        writes with a single prompt-length bucket, so either policy can read the other's; with
+        joins on predicted service, the (prompt, length) pairs, as gittins and predictive keep them."""
+        state = {"edges": [], "history": [list(self._lengths)], "pooled": list(self._lengths)}
+        if self.joins is not None:
+            state["prompts"] = self.joins.model.pairs()
+        return state
 
     def restore_lengths(self, state: dict) -> None:
         """Start from the lengths a previous run learned (ValueError if they are not lengths),
@@ -233,6 +250,9 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         if not isinstance(pooled, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
                                                    for x in pooled):
             raise ValueError("learned lengths must be a list of integers >= 1")
+        if self.joins is not None and "prompts" in state:     # a prior too (prompt_lengths.py)
+            self.joins.model.restore(state["prompts"])
+            self.joins.model.refresh()
         self._lengths.restore(pooled)
 
     def learn(self) -> None:
@@ -365,20 +385,3 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         if self._table is not None and num_tokens == 1:
             self._lapsed.add(req.request_id)
         return super().charge(req, num_tokens, duration)
-
-
-def near_done(lengths) -> list[bool]:
-    """[age] for ages 0..max(lengths): whether a request of that age is expected to need at
-    most the mean length more, E[X - age | X > age] <= E[X], by the learned lengths. One
-    numpy pass (skip-join relearns every few finishes); the sums are of integers, so exact."""
-    x = np.fromiter(lengths, np.int64)
-    if not x.size:
-        return []
-    total = int(x.sum())
-    mean = total / x.size
-    ages = np.arange(int(x.max()) + 1)
-    per = np.bincount(x)                                   # (m+1,) how many end at each length
-    count = x.size - np.cumsum(per)                        # (m+1,) lengths > age
-    rest = (total - np.cumsum(per * ages)).astype(np.float64)     # (m+1,) their sum
-    ahead = np.divide(rest, count, out=np.zeros_like(rest), where=count > 0) - ages
-    return ((count == 0) | (ahead <= mean)).tolist()
