@@ -92,7 +92,7 @@ class SchedulerConfig:
       the warm-up on skip-join took much of an overload burst: at Kendall's tau 0.55, 10
       gave 1.02-1.36x lower latency per token in the chat and heavy-tailed 3x and 8x bursts
       (three seeds) and 0.95-1.10x at 1.5x.
-      predictive_starvation_threshold: a request idle this many seconds (stretched by the
+      gittins_starvation_threshold: a request idle this many seconds (stretched by the
       live requests per batch slot, the slots being the typical requests the device pool
       holds, as skip-join's; 0 disables it) runs before all others until
       it finishes. 20 s kept p99 JCT within 1.5x fcfs's in every burst measured; 10 s cost
@@ -110,7 +110,7 @@ class SchedulerConfig:
     predictive_max_paused: int = 256
     predictive_min_samples: int = 10
     predictive_objective: str = "latency_per_token"
-    predictive_starvation_threshold: float = 20.0
+    gittins_starvation_threshold: float = 20.0
     protect_decodes: bool = True
     protect_min_samples: int = 16
     prompt_neighbors: int = 16
@@ -121,7 +121,7 @@ class SchedulerConfig:
             raise ValueError(f"base_quantum must be > 0 seconds, got {self.base_quantum!r}")
         if not (isinstance(self.quantum_ratio, (int, float)) and self.quantum_ratio >= 1):
             raise ValueError(f"quantum_ratio must be >= 1, got {self.quantum_ratio!r}")
-        for name in ("starvation_threshold", "predictive_starvation_threshold", "tail_slowdown"):
+        for name in ("starvation_threshold", "gittins_starvation_threshold", "tail_slowdown"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 unit = "" if name == "tail_slowdown" else " seconds"

@@ -24,7 +24,7 @@ from tests.test_scheduler import make, req, run
 
 OPT = CostModel.load("opt-13b-a100")
 PROMPTS = [TraceRequest(0.0, int(p), 1) for p in np.random.default_rng(1).integers(50, 1000, 500)]
-QUICK = SchedulerConfig(predictive_min_samples=10, predictive_starvation_threshold=0)
+QUICK = SchedulerConfig(predictive_min_samples=10, gittins_starvation_threshold=0)
 
 
 def burst(trace, load, cfg):
@@ -169,7 +169,7 @@ def test_starvation_bound_lets_a_request_predicted_long_finish(monkeypatch, thre
     trace = [TraceRequest(0.0, 10, 30)] + [TraceRequest(1.0 + 2.0 * i, 10, 2) for i in range(40)]
     rec = Recorder(monkeypatch)
     cfg = SimConfig(1, 512, 4, scheduler_config=SchedulerConfig(
-        predictive_min_samples=1, predictive_starvation_threshold=threshold,
+        predictive_min_samples=1, gittins_starvation_threshold=threshold,
         protect_decodes=False), prediction_sigma=0.0)      # the warm-up's skip-join must not protect the long one
     res = simulate(trace, "predictive", UNIT, cfg)
     long = res.requests[0]
@@ -180,6 +180,22 @@ def test_starvation_bound_lets_a_request_predicted_long_finish(monkeypatch, thre
         assert long.metrics.finish_time < 45.0, long.metrics.finish_time
 
 
+@pytest.mark.parametrize("threshold", [0.0, 2.0])
+def test_gittins_starvation_bound_lets_the_long_request_finish(threshold):
+    """The same stream under gittins: once it has learned that requests answer in 2 tokens,
+    the long one's index falls below every fresh request's, and without the bound it waits
+    for the whole stream. With it, it is promoted and runs to the end (measured: done at
+    50 s with the bound, at 110 s, after the whole stream, without)."""
+    trace = [TraceRequest(0.0, 10, 30)] + [TraceRequest(1.0 + 2.0 * i, 10, 2) for i in range(40)]
+    cfg = SimConfig(1, 512, 4, scheduler_config=SchedulerConfig(
+        gittins_min_samples=1, gittins_starvation_threshold=threshold, protect_decodes=False))
+    long = simulate(trace, "gittins", UNIT, cfg).requests[0]
+    if threshold == 0:
+        assert long.metrics.finish_time > 75.0, long.metrics.finish_time
+    else:
+        assert long.metrics.finish_time < 60.0, long.metrics.finish_time
+
+
 # -- knobs at the boundary ----------------------------------------------------------------------
 @pytest.mark.parametrize("kw,match", [
     (dict(predictive_max_paused=-1), "predictive_max_paused"),
@@ -188,8 +204,8 @@ def test_starvation_bound_lets_a_request_predicted_long_finish(monkeypatch, thre
     (dict(predictive_objective="p99"), "predictive_objective"),
     (dict(prompt_neighbors=-1), "prompt_neighbors"),
     (dict(prompt_neighbors=True), "prompt_neighbors"),
-    (dict(predictive_starvation_threshold=-1.0), "predictive_starvation_threshold"),
-    (dict(predictive_starvation_threshold=float("inf")), "predictive_starvation_threshold"),
+    (dict(gittins_starvation_threshold=-1.0), "gittins_starvation_threshold"),
+    (dict(gittins_starvation_threshold=float("inf")), "gittins_starvation_threshold"),
 ])
 def test_scheduler_config_rejects_bad_predictive_knobs(kw, match):
     with pytest.raises(ValueError, match=match):

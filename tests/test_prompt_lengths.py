@@ -293,7 +293,7 @@ def test_ranks_for_the_swap_policy_are_the_places_in_the_full_order(monkeypatch,
         return got
 
     monkeypatch.setattr(PredictiveScheduler, "ranks", both)
-    cfg = sim_cfg(SchedulerConfig(predictive_max_paused=max_paused, predictive_starvation_threshold=2.0),
+    cfg = sim_cfg(SchedulerConfig(predictive_max_paused=max_paused, gittins_starvation_threshold=2.0),
                   kv_capacity_tokens=20_000, swap_policy="proactive")
     simulate(burst(templated(250), 3.0, cfg), "predictive", OPT, cfg)
     assert len(compared) > 50 and any(n for n, _ in compared) and any(p for _, p in compared), compared[:5]

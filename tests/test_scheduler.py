@@ -871,8 +871,8 @@ def test_engine_policy_defaults_wait_as_many_full_batch_iterations_as_the_refere
     cfg = engine_policy_config(fast, 16, tail_slowdown=0.0)
     assert cfg.starvation_threshold == pytest.approx(d.starvation_threshold * fast.decode_time(16) / opt.decode_time(16))
     assert cfg.starvation_threshold < 0.3 * d.starvation_threshold and cfg.tail_slowdown == 0.0
-    assert cfg.predictive_starvation_threshold / cfg.starvation_threshold == pytest.approx(
-        d.predictive_starvation_threshold / d.starvation_threshold)
+    assert cfg.gittins_starvation_threshold / cfg.starvation_threshold == pytest.approx(
+        d.gittins_starvation_threshold / d.starvation_threshold)
     assert engine_policy_config(fast, 16, 3.0).starvation_threshold == 3.0          # a given limit is kept
     assert engine_policy_config(None, 16) == d
     falling = dataclasses.replace(opt, decode_batch=(1, 2), decode_seconds=(0.01, 0.002))  # stretched past batch 2

@@ -29,4 +29,4 @@ def engine_policy_config(cost_model, max_num_seqs: int, starvation_threshold: fl
     return SchedulerConfig(
         base_quantum=quantum,
         starvation_threshold=d.starvation_threshold * scale if starvation_threshold is None else starvation_threshold,
-        predictive_starvation_threshold=d.predictive_starvation_threshold * scale, **knobs)
+        gittins_starvation_threshold=d.gittins_starvation_threshold * scale, **knobs)

@@ -23,7 +23,7 @@ Two bounds on top of the ranking:
   paused in that iteration.
 - Starvation: a request idle (not in a batch) longer than the starvation limit is promoted:
   from then on it runs before every other request until it finishes, promoted requests in
-  the order they were promoted. The limit is `predictive_starvation_threshold` stretched
+  the order they were promoted. The limit is `gittins_starvation_threshold` stretched
   by the live requests per batch slot, as for MLFQ (base.starvation_limit). MLFQ's
   promotion lasts one quantum, which bounds each wait but not the sum of them: a job
   predicted long would get a token per limit and finish last all the same (p99 JCT 2x
@@ -49,12 +49,11 @@ and `predictive_min_samples` (10) requests have finished, the policy is skip-joi
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
 from typing import Container, Iterable, Iterator
 
 from fastserve_jax.length_prediction import LengthPrediction
 from fastserve_jax.request import Request
-from fastserve_jax.scheduler.base import Plan, pool_slots, starvation_limit
+from fastserve_jax.scheduler.base import Plan
 from fastserve_jax.scheduler.learned import LearnedLengthPolicy
 
 
@@ -68,9 +67,6 @@ class PredictiveScheduler(LearnedLengthPolicy):
         self.prior: LengthPrediction | None = None
         self.seen_prediction = False
         self._started: set[str] = set()                       # live requests that have run
-        self._idle: OrderedDict[str, float] = OrderedDict()   # live id -> idle since, oldest first
-        self._promoted: dict[str, Request] = {}               # starved once: first until done, in order
-        self._slots = self.limits.max_num_seqs                 # batch_slots(), set by learn()
 
     def key(self, req: Request) -> float:
         """Minus the index of the request's own prediction, else the one from its prompt length,
@@ -86,20 +82,6 @@ class PredictiveScheduler(LearnedLengthPolicy):
             return True
         return (self.seen_prediction or self.prompts_rank()) and super().ready()
 
-    def batch_slots(self, live: list[Request]) -> int:
-        """The typical requests (median prompt + mean learned output) the device pool holds,
-        at most max_num_seqs: what stretches the starvation limit, as skip-join's. Stretched
-        by max_num_seqs where the pool holds a few, a request idle past the limit was only
-        waiting its turn, and promoting those (first until they finish) made the policy fcfs:
-        random templated traffic with 8,000 tokens of device KV, 1.00x and 1.03x fcfs's
-        latency per token against skip-join's 2.73x and 4.54x (docs/scheduling_log.md)."""
-        finished = self.prompts.finished if self.prompts is not None else ()
-        prompts = sorted(p for p, _ in finished) or sorted(r.num_prompt_tokens for r in live)
-        if not prompts or not self.pooled:
-            return self.limits.max_num_seqs
-        return pool_slots(self.kv, self.limits.max_num_seqs, prompts[len(prompts) // 2],
-                          sum(self.pooled) / len(self.pooled))
-
     def learn(self) -> None:
         self.prior = LengthPrediction.from_samples(self.pooled)
         live = list(self.live_requests())
@@ -107,46 +89,20 @@ class PredictiveScheduler(LearnedLengthPolicy):
         self.predict_by_prompt(live)
 
     # -- membership and bookkeeping (both phases) -------------------------------------------
-    def add(self, req: Request) -> None:
-        super().add(req)
-        self._idle[req.request_id] = req.arrival_time
-
     def remove(self, req: Request) -> None:
         super().remove(req)
         self._started.discard(req.request_id)
-        self._idle.pop(req.request_id, None)
-        self._promoted.pop(req.request_id, None)
 
     def on_iteration(self, plan: Plan, duration: float, now: float) -> None:
-        idle = self._idle
         for s in plan.scheduled:
             req = s.request
             if req.length_prediction is not None:
                 self.seen_prediction = True
-            rid = req.request_id
-            if req.finished:                                  # already removed
-                continue
-            self._started.add(rid)
-            if rid in idle:                                   # not promoted
-                idle.move_to_end(rid)
-                idle[rid] = now
+            if not req.finished:                              # else already removed
+                self._started.add(req.request_id)
         super().on_iteration(plan, duration, now)
 
     # -- the ranked phase --------------------------------------------------------------------
-    def starving(self, now: float) -> list[Request]:
-        """Requests promoted for waiting: every live request idle past the starvation limit
-        joins the back of this list and stays in it until it finishes."""
-        limit = starvation_limit(self.config.predictive_starvation_threshold, len(self), self._slots)
-        if limit > 0:
-            idle, promoted = self._idle, self._promoted
-            while idle:
-                rid, since = next(iter(idle.items()))
-                if now - since <= limit:
-                    break
-                del idle[rid]
-                promoted[rid] = self._live[rid]
-        return list(self._promoted.values())
-
     def _order(self, front: list[Request], ranked: Iterable[Request]) -> Iterator[Request]:
         """`front` (the promoted), then `ranked` (index order) with new requests only while the
         start allowance lasts, then the started requests `ranked` did not reach, in index order."""
@@ -173,13 +129,6 @@ class PredictiveScheduler(LearnedLengthPolicy):
         yield from (self._live[e[2]] for e in head)
         if len(head) < len(rest):
             yield from (self._live[e[2]] for e in sorted(rest)[len(head):])
-
-    def _worst_first_but(self, front: list[Request]) -> Iterator[Request]:
-        ids = {r.request_id for r in front}
-        for req in self._worst_first():
-            if req.request_id not in ids:
-                yield req
-        yield from reversed(front)
 
     def schedule_ranked(self, now: float) -> Plan:
         front = self.starving(now)
