@@ -200,6 +200,9 @@ def test_predictive_engine_learns_predicts_and_stays_exact(tmp_path, monkeypatch
     eng = llm.engine
     p = eng.predictor
     p.min_samples, p.train_every = 24, 8
+    # all of the engine thread's time may go to upkeep: on a loaded machine (the suite's
+    # workers) the 1% budget went into debt and left some requests unpredicted (sampling)
+    p.upkeep_budget = 1.0
     rng = np.random.default_rng(0)
     pairs = [demo_task.pair_for_output_len(int(n), rng) for n in rng.integers(2, 40, 48)]
     sp = SamplingParams(max_tokens=64, temperature=0)

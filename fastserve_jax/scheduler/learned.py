@@ -6,6 +6,11 @@ SchedulerConfig.gittins_*), relearned every `gittins_refresh` finishes. Until `r
 (at least `min_samples()` finished: `gittins_min_samples`, predictive's own
 `predictive_min_samples`; and whatever a subclass adds) the policy is skip-join MLFQ; then
 the live requests move over to the index, keeping their KV.
+
+Both also share predictions from prompt lengths (SchedulerConfig.prompt_neighbors,
+prompt_lengths.py: each live request's own distribution once prompt lengths are seen to rank
+answer lengths) and a starvation bound (SchedulerConfig.gittins_starvation_threshold: a
+request idle past the stretched limit runs before all others until it finishes).
 """
 
 from __future__ import annotations
@@ -79,8 +84,8 @@ class LearnedLengthPolicy(IndexPolicy):
 
     def batch_slots(self, live: list[Request]) -> int:
         """The typical requests (median prompt + mean learned output) the device pool holds,
-        at most max_num_seqs: what stretches the starvation limit (starving), as skip-join's. Stretched
-        by max_num_seqs where the pool holds a few, a request idle past the limit was only
+        at most max_num_seqs: what stretches the starvation limit (starving), as skip-join's.
+        Stretched by max_num_seqs where the pool holds a few, a request idle past the limit was only
         waiting its turn, and promoting those (first until they finish) made the policy fcfs:
         random templated traffic with 8,000 tokens of device KV, 1.00x and 1.03x fcfs's
         latency per token against skip-join's 2.73x and 4.54x (docs/scheduling_log.md)."""
