@@ -224,6 +224,9 @@ class EngineConfig:
     protect_decodes: bool = field(default=True, repr=False)
     # SchedulerConfig.tail_slowdown for the default config above (0: no guard); out of the repr
     tail_slowdown: float = field(default=SchedulerConfig.tail_slowdown, repr=False)
+    # SchedulerConfig.prompt_neighbors for the default config above (0: no predictions from
+    # prompt lengths: skip-join joins on prefill time, gittins ranks on the pooled lengths)
+    prompt_neighbors: int = field(default=SchedulerConfig.prompt_neighbors, repr=False)
     # SchedulerConfig.starvation_threshold in seconds for the default config above; None: the
     # default's 10 s scaled to this engine's full-batch decode time (scheduler/engine_defaults.py).
     starvation_threshold: float | None = field(default=None, repr=False)
@@ -292,7 +295,7 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPE_CHOICES))}, got {self.dtype!r}")
         if not isinstance(self.protect_decodes, bool):
             raise ValueError(f"protect_decodes must be True or False, got {self.protect_decodes!r}")
-        SchedulerConfig(tail_slowdown=self.tail_slowdown,            # their checks, their messages
+        SchedulerConfig(tail_slowdown=self.tail_slowdown, prompt_neighbors=self.prompt_neighbors,  # their checks
                         starvation_threshold=SchedulerConfig.starvation_threshold if self.starvation_threshold is None
                         else self.starvation_threshold)
         if self.attention_backend not in ATTENTION_CHOICES:

@@ -139,7 +139,8 @@ class LLMEngine:
         scaled to its full-batch decode time)."""
         return self._scheduler_config or engine_policy_config(
             self.cost_model, self.cfg.max_num_seqs, self.cfg.starvation_threshold,
-            protect_decodes=self.cfg.protect_decodes, tail_slowdown=self.cfg.tail_slowdown)
+            protect_decodes=self.cfg.protect_decodes, tail_slowdown=self.cfg.tail_slowdown,
+            prompt_neighbors=self.cfg.prompt_neighbors)
 
     @property
     def profile_provisional(self) -> bool:          # see cost_profile.refine_profile

@@ -15,7 +15,7 @@ from fastserve_jax.scheduler import POLICIES
 ENGINE_OPTIONS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                   "num_device_blocks", "num_host_blocks", "swap_policy", "cost_model", "seed",
                   "tensor_parallel_size", "pipeline_parallel_size", "batches_in_flight", "warmup",
-                  "attention_backend", "tail_slowdown", "starvation_threshold")
+                  "attention_backend", "tail_slowdown", "starvation_threshold", "prompt_neighbors")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -47,9 +47,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "many times a full batch's decode time per token and expected by the learned lengths to "
                         "be nearly done runs first until it catches up (default %(default)s; 0: off)")
     g.add_argument("--starvation-threshold", type=float, default=None,
-                   help="seconds a request may wait before skip-join-mlfq and gittins promote it to the top queue, "
-                        "and the age at which the tail guard looks at it (default: 10 s scaled to this engine's "
-                        "full-batch decode time against OPT-13B's on an A100; 0: no promotion)")
+                   help="seconds a request may wait before skip-join-mlfq promotes it to the top queue, and the "
+                        "age at which the tail guard looks at it (default: 10 s scaled to this engine's "
+                        "full-batch decode time against OPT-13B's on an A100; 0: no promotion; gittins and "
+                        "predictive use their own limit, 20 s scaled alike)")
+    g.add_argument("--prompt-neighbors", type=int, default=SchedulerConfig.prompt_neighbors,
+                   help="output lengths predicted from the finished requests with this many nearest prompt lengths, "
+                        "used once they are seen to rank answer lengths (templated traffic): skip-join-mlfq joins "
+                        "a request to the queue that covers its prefill plus its predicted answer, gittins and "
+                        "predictive rank by them (default %(default)s; 0: off)")
     g.add_argument("--cost-model", default=None,
                    help="cost model for the policy: a shipped name or JSON path (default: profile this engine)")
     g.add_argument("--seed", type=int, default=0)

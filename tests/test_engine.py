@@ -272,6 +272,14 @@ def test_the_papers_skip_join_is_one_flag_away(llm, monkeypatch):
     assert engine_kwargs(b)["tail_slowdown"] == 0.0 and argv[argv.index("--tail-slowdown") + 1] == "0.0"
     with pytest.raises(ValueError, match="tail_slowdown must be a finite number >= 0"):
         dataclasses.replace(eng.cfg, tail_slowdown=-1.0)
+    assert eng.policy_config().prompt_neighbors == 16                # predictions from prompt lengths likewise
+    monkeypatch.setattr(eng, "cfg", dataclasses.replace(eng.cfg, prompt_neighbors=0))
+    assert eng.policy_config().prompt_neighbors == 0
+    c = parse_engine_args(["--prompt-neighbors", "0"])
+    argv = engine_argv(c)
+    assert engine_kwargs(c)["prompt_neighbors"] == 0 and argv[argv.index("--prompt-neighbors") + 1] == "0"
+    with pytest.raises(ValueError, match="prompt_neighbors must be an integer >= 0"):
+        dataclasses.replace(eng.cfg, prompt_neighbors=-1)
     assert engine_kwargs(parse_engine_args(engine_argv(a)))["protect_decodes"] is False
     scaled = eng.policy_config().starvation_threshold                # scaled to the profile (test_scheduler)
     full = max(eng.cost_model.decode_time(n) for n in (1, eng.cfg.max_num_seqs))
