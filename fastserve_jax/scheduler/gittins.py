@@ -18,8 +18,9 @@ A request idle past the starvation limit (SchedulerConfig.gittins_starvation_thr
 stretched by the live requests per batch slot) runs before every other request until it
 finishes, as under predictive. Without that bound the index let requests it ranked low wait
 out a burst: with a tenth of OPT-13B's KV, p99 JCT 1.6-4.8x fcfs's at 0.75-1.5x of capacity
-(heavy-tailed and Azure traces), and mean JCT up to 1.22x skip-join's (docs/scheduling_log.md,
-"Gittins gets a starvation bound").
+(heavy-tailed and Azure traces), and mean JCT up to 1.22x skip-join's; with it 1.2-1.8x and
+at most 1.03x (arrival seed 0; two other draws: misses of up to 1.27x became at most 1.10x,
+docs/scheduling_log.md, "Gittins gets a starvation bound").
 """
 
 from __future__ import annotations
