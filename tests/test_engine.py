@@ -264,22 +264,18 @@ def test_the_papers_skip_join_is_one_flag_away(llm, monkeypatch):
     assert cfg.protect_decodes is False and cfg.base_quantum == eng.cost_model.decode_time(1)
     a = parse_engine_args(["--no-protect-decodes"])
     assert engine_kwargs(a)["protect_decodes"] is False and "--no-protect-decodes" in engine_argv(a)
-    assert eng.policy_config().tail_slowdown == 5.0                  # the tail guard likewise
-    monkeypatch.setattr(eng, "cfg", dataclasses.replace(eng.cfg, tail_slowdown=0.0))
-    assert eng.policy_config().tail_slowdown == 0.0
-    b = parse_engine_args(["--tail-slowdown", "0"])
-    argv = engine_argv(b)
-    assert engine_kwargs(b)["tail_slowdown"] == 0.0 and argv[argv.index("--tail-slowdown") + 1] == "0.0"
-    with pytest.raises(ValueError, match="tail_slowdown must be a finite number >= 0"):
-        dataclasses.replace(eng.cfg, tail_slowdown=-1.0)
-    assert eng.policy_config().prompt_neighbors == 16                # predictions from prompt lengths likewise
-    monkeypatch.setattr(eng, "cfg", dataclasses.replace(eng.cfg, prompt_neighbors=0))
-    assert eng.policy_config().prompt_neighbors == 0
-    c = parse_engine_args(["--prompt-neighbors", "0"])
-    argv = engine_argv(c)
-    assert engine_kwargs(c)["prompt_neighbors"] == 0 and argv[argv.index("--prompt-neighbors") + 1] == "0"
-    with pytest.raises(ValueError, match="prompt_neighbors must be an integer >= 0"):
-        dataclasses.replace(eng.cfg, prompt_neighbors=-1)
+    # the tail guard and the predictions from prompt lengths likewise: (field, default, off, its flag's text, bad)
+    for name, default, off, text, bad, msg in (
+            ("tail_slowdown", 5.0, 0.0, "0.0", -1.0, "tail_slowdown must be a finite number >= 0"),
+            ("prompt_neighbors", 16, 0, "0", -1, "prompt_neighbors must be an integer >= 0")):
+        flag = "--" + name.replace("_", "-")
+        assert getattr(eng.policy_config(), name) == default
+        monkeypatch.setattr(eng, "cfg", dataclasses.replace(eng.cfg, **{name: off}))
+        assert getattr(eng.policy_config(), name) == off
+        argv = engine_argv(parse_engine_args([flag, "0"]))
+        assert engine_kwargs(parse_engine_args([flag, "0"]))[name] == off and argv[argv.index(flag) + 1] == text
+        with pytest.raises(ValueError, match=msg):
+            dataclasses.replace(eng.cfg, **{name: bad})
     assert engine_kwargs(parse_engine_args(engine_argv(a)))["protect_decodes"] is False
     scaled = eng.policy_config().starvation_threshold                # scaled to the profile (test_scheduler)
     full = max(eng.cost_model.decode_time(n) for n in (1, eng.cfg.max_num_seqs))

@@ -26,7 +26,7 @@ from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan, finished_length, pool_slots, starvation_limit
 from fastserve_jax.scheduler.index_policy import IndexPolicy
 from fastserve_jax.scheduler.length_window import LengthWindow
-from fastserve_jax.scheduler.prompt_lengths import PromptLengthModel
+from fastserve_jax.scheduler.prompt_lengths import PromptLengthModel, running_pairs
 from fastserve_jax.scheduler.skip_join import SkipJoinMLFQScheduler
 from fastserve_jax.scheduler.service import ServiceMeter
 
@@ -79,7 +79,7 @@ class LearnedLengthPolicy(IndexPolicy):
             self.prompts.observe(req.num_prompt_tokens, n)
             self._gate_finishes += 1
             if self.warmup is not None and self._gate_finishes >= self.config.gittins_refresh:
-                self.prompts.refresh(self._running())         # judge the gate (learn() does it once ranked)
+                self.prompts.refresh(running_pairs(self.live_requests()))   # judge the gate (learn() does it once ranked)
                 self._gate_finishes = 0
 
     def batch_slots(self, live: list[Request]) -> int:
@@ -129,11 +129,6 @@ class LearnedLengthPolicy(IndexPolicy):
     def prompts_rank(self) -> bool:
         return self.prompts is not None and self.prompts.ranks()
 
-    def _running(self, live: Iterable[Request] | None = None) -> list[tuple[int, int]]:
-        """(prompt tokens, tokens generated) of the live requests that have started decoding."""
-        return [(r.num_prompt_tokens, len(r.output_token_ids))
-                for r in (self.live_requests() if live is None else live) if r.output_token_ids and not r.finished]
-
     def predict_by_prompt(self, live: list[Request]) -> None:
         """At a relearn: refresh the prompt-length predictions (running requests as censored
         lengths) and, where they rank, predict every live request from them afresh, so that a
@@ -141,7 +136,7 @@ class LearnedLengthPolicy(IndexPolicy):
         self.by_prompt = {}
         if self.prompts is None:
             return
-        self.prompts.refresh(self._running(live))
+        self.prompts.refresh(running_pairs(live))
         self._gate_finishes = 0
         if self.prompts.ranks() and live:
             preds = self.prompts.predict_many([r.num_prompt_tokens for r in live],

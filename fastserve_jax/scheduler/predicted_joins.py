@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.request import Request
-from fastserve_jax.scheduler.prompt_lengths import PromptLengthModel
+from fastserve_jax.scheduler.prompt_lengths import PromptLengthModel, running_pairs
 
 
 class PredictedJoins:
@@ -61,7 +61,7 @@ class PredictedJoins:
         Returns the (request, queue) moves."""
         self.finishes = 0
         live = list(live)
-        self.model.refresh([(r.num_prompt_tokens, len(r.output_token_ids)) for r in live if r.output_token_ids])
+        self.model.refresh(running_pairs(live))
         if not self.model.ranks():
             return []
         waiting = [r for r in live if not r.num_computed_tokens and r.queue_level == joined(r)]

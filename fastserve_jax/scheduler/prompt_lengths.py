@@ -90,6 +90,12 @@ def kaplan_meier(lengths: np.ndarray, events: np.ndarray) -> np.ndarray:
     return out
 
 
+def running_pairs(reqs) -> list[tuple[int, int]]:
+    """(prompt tokens, tokens generated) of the requests that have started decoding and not
+    finished: what refresh() takes as censored lengths."""
+    return [(r.num_prompt_tokens, len(r.output_token_ids)) for r in reqs if r.output_token_ids and not r.finished]
+
+
 class PromptLengthModel:
     """The last `window` finished (prompt length, output length) pairs, and predictions from
     them. `k` neighbours per prediction."""
