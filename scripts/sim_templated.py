@@ -1,19 +1,21 @@
-"""Random templated traffic in the simulator: predictive (with only its own prompt-length
-predictions), skip-join-mlfq and fcfs on workloads the grid does not cover.
+"""Random templated traffic in the simulator: predictive and gittins (with only their own
+prompt-length predictions), skip-join-mlfq and fcfs on workloads the grid does not cover.
 
 Each seed draws 2-8 "applications", each with its own prompt size (5-3,000 tokens) and median
 answer (2-800 tokens), and a trace of 150-500 requests from them (prompts within 10% of their
 application's, answers log-normal around its median with sigma 0.1, 0.3 or 0.8, prompt +
 answer <= 4,000), then a machine (batch 8/16/32 sequences, device KV of the OPT-13B cost
 model's size or 20,000 or 8,000 tokens, host KV 20,000 or 68,000, a swap policy) and a load
-(0.5x, 0.9x, 1.5x or 4x the capacity the cost model implies). All three policies run the
+(0.5x, 0.9x, 1.5x or 4x the capacity the cost model implies). All four policies run the
 same requests on the same machine; latency per token and throughput are fcfs's over the
-policy's (higher is better) and the policy's over fcfs's.
+policy's (higher is better) and the policy's over fcfs's, and gittins' mean JCT is given
+against the better of fcfs's and skip-join's (its target in the grid: at most 1.05x).
 
-    python scripts/sim_templated.py 0 60 --jobs 2        # seeds 0..59, ~2 min on 2 cores
+    python scripts/sim_templated.py 0 60 --jobs 2        # seeds 0..59, ~3 min on 2 cores
 
-It prints one line per seed and a summary: where predictive or skip-join fall below fcfs,
-where predictive falls below skip-join, and the lowest throughput of either against fcfs.
+It prints one line per seed and a summary: where each policy falls below fcfs, where
+predictive falls below skip-join, where gittins' mean JCT misses, and the lowest throughput
+of each against fcfs.
 The measurements and what they say are in docs/scheduling_log.md ("Prompt lengths as the
 predictor").
 """
@@ -34,6 +36,7 @@ from fastserve_jax.sim import SimConfig, simulate  # noqa: E402
 from fastserve_jax.workload import TraceRequest, capacity_rps, with_arrivals  # noqa: E402
 
 COST = "opt-13b-a100"
+POLICIES = (("sj", "skip-join-mlfq"), ("pred", "predictive"), ("git", "gittins"))
 MAX_TOKENS = 4000
 
 
@@ -61,14 +64,14 @@ def run(seed: int) -> dict:
     cfg = d["cfg"]
     cap = capacity_rps(d["trace"], cost, cfg.max_num_seqs, (cfg.num_blocks(cost) - 1) * cfg.block_size)
     arrivals = with_arrivals(d["trace"], d["load"] * cap, seed=seed)
-    m = {p: simulate(arrivals, p, cost, cfg).metrics() for p in ("fcfs", "skip-join-mlfq", "predictive")}
+    m = {p: simulate(arrivals, p, cost, cfg).metrics() for p in ("fcfs", "skip-join-mlfq", "predictive", "gittins")}
     f = m["fcfs"]
     return dict(seed=seed, apps=d["apps"], swap=cfg.swap_policy, kv=cfg.kv_capacity_tokens or "model's",
                 seqs=cfg.max_num_seqs, load=d["load"], n=len(d["trace"]),
                 **{f"lpt_{k}": f["mean_latency_per_token"] / m[p]["mean_latency_per_token"]
-                   for k, p in (("sj", "skip-join-mlfq"), ("pred", "predictive"))},
-                **{f"thr_{k}": m[p]["throughput_rps"] / f["throughput_rps"]
-                   for k, p in (("sj", "skip-join-mlfq"), ("pred", "predictive"))})
+                   for k, p in POLICIES},
+                **{f"thr_{k}": m[p]["throughput_rps"] / f["throughput_rps"] for k, p in POLICIES},
+                jct_git=m["gittins"]["mean_jct"] / min(f["mean_jct"], m["skip-join-mlfq"]["mean_jct"]))
 
 
 def main() -> int:
@@ -82,13 +85,15 @@ def main() -> int:
     with concurrent.futures.ProcessPoolExecutor(a.jobs) as pool:
         rows = list(pool.map(run, range(a.first, a.end)))
     print("seed | apps (prompt -> median answer) | swap | device KV | seqs | load | n | "
-          "latency per token vs fcfs: skip-join, predictive | throughput vs fcfs: skip-join, predictive")
+          "latency per token vs fcfs: skip-join, predictive, gittins | throughput vs fcfs: skip-join, predictive, "
+          "gittins | gittins mean JCT vs the better of fcfs and skip-join")
     for r in rows:
         apps = ", ".join(f"{p}->{o}" for p, o in r["apps"])
         print(f"{r['seed']} | {apps} | {r['swap']} | {r['kv']} | {r['seqs']} | {r['load']:g}x | {r['n']} | "
-              f"{r['lpt_sj']:.2f}x, {r['lpt_pred']:.2f}x | {r['thr_sj']:.3f}, {r['thr_pred']:.3f}")
+              f"{r['lpt_sj']:.2f}x, {r['lpt_pred']:.2f}x, {r['lpt_git']:.2f}x | {r['thr_sj']:.3f}, {r['thr_pred']:.3f}, "
+              f"{r['thr_git']:.3f} | {r['jct_git']:.2f}x")
     print(f"\n{len(rows)} seeds")
-    for k, name in (("sj", "skip-join-mlfq"), ("pred", "predictive")):
+    for k, name in POLICIES:
         lose = [r for r in rows if r[f"lpt_{k}"] < 0.97]
         print(f"{name}: latency per token below fcfs's (under 0.97x) in {len(lose)}: "
               + (", ".join(f"seed {r['seed']} {r['lpt_' + k]:.2f}x ({r['swap']})" for r in lose) or "none")
@@ -99,6 +104,9 @@ def main() -> int:
           + (", ".join(f"seed {r['seed']} {r['lpt_pred']:.2f}x against {r['lpt_sj']:.2f}x" for r in behind) or "none"))
     ahead = [r for r in rows if r["lpt_pred"] > 1.05 * r["lpt_sj"]]
     print(f"predictive more than 5% ahead of skip-join in {len(ahead)}")
+    miss = [r for r in rows if r["jct_git"] > 1.05]
+    print(f"gittins' mean JCT over 1.05x the better of fcfs and skip-join in {len(miss)}: "
+          + (", ".join(f"seed {r['seed']} {r['jct_git']:.2f}x ({r['swap']})" for r in miss) or "none"))
     return 0
 
 

@@ -229,6 +229,70 @@ def test_the_gate_counts_running_requests():
     assert counted.ranks(), counted.tau
 
 
+def test_the_gate_counts_the_pairs_predictions_separate():
+    """Two applications, a quarter of the finishes from one with long prompts and short
+    answers, the rest answering long with a wide spread (sigma 0.8). Within the majority the
+    predictions are alike and their order is noise; counted as coin flips those pairs held
+    tau under the gate in 12 of 16 draws although every pair across the applications ranks
+    right (4 of 16 open). Counting only the pairs whose predictions differ, it opens in most."""
+    opened = 0
+    for seed in range(16):
+        rng = np.random.default_rng(seed)
+        m = PromptLengthModel(2000)
+        for app, (prompt, answer, sigma) in enumerate([(2800, 41, 0.3), (1800, 406, 0.8)]):
+            for _ in range(14 if app == 0 else 46):
+                m.observe(int(prompt * rng.uniform(0.9, 1.1)), max(1, int(answer * rng.lognormal(0, sigma))))
+        m.refresh()
+        opened += m.ranks()
+    assert opened >= 10, opened
+
+
+def test_the_gate_opens_at_min_tau_and_shuts_under_close_tau(monkeypatch):
+    """Judged tau 0.2 on a shut gate keeps it shut; 0.35 opens it; 0.2 and 0.16 keep it
+    open; 0.1 shuts it; nan (too few rows) keeps it shut."""
+    from fastserve_jax.scheduler import prompt_lengths
+    taus = iter([0.2, 0.35, 0.2, 0.16, 0.1, 0.2, float("nan")])
+    monkeypatch.setattr(prompt_lengths.PromptLengthModel, "_loo_concordance", lambda self: next(taus))
+    m = PromptLengthModel(2000)
+    seen = []
+    for i in range(7):
+        for _ in range(MIN_ROWS):                        # enough new finishes that each refresh judges
+            m.observe(100 + i, 10)
+        m.refresh()
+        seen.append(m.ranks())
+    assert seen == [False, True, True, True, False, False, False], seen
+
+
+def two_applications(seed, apps, sigma, n, device_tokens, load, arrival_seed, policies) -> dict[str, float]:
+    """Mean latency per token of each policy on `n` requests drawn from two applications
+    ((prompt, median answer) each; prompts within 10%, answers log-normal with `sigma`), 32
+    sequences, `device_tokens` of device KV, recompute, Poisson at `load` x capacity
+    (sim_templated.py's shape)."""
+    from fastserve_jax.sim import SimConfig
+    from fastserve_jax.workload import capacity_rps, with_arrivals
+    rng = np.random.default_rng(seed)
+    trace = []
+    for a in rng.integers(0, 2, n):
+        p, m = apps[a]
+        prompt = int(p * rng.uniform(0.9, 1.1))
+        trace.append(TraceRequest(0.0, prompt, max(1, min(4000 - prompt, int(m * rng.lognormal(0, sigma))))))
+    cfg = SimConfig(32, 2048, 16, device_tokens, host_kv_capacity_tokens=20_000, swap_policy="recompute")
+    rate = load * capacity_rps(trace, OPT, 32, (cfg.num_blocks(OPT) - 1) * 16)
+    arrivals = with_arrivals(trace, rate, seed=arrival_seed)
+    return {p: simulate(arrivals, p, OPT, cfg).metrics()["mean_latency_per_token"] for p in policies}
+
+
+def test_skip_join_starts_a_minority_of_long_prompts_with_short_answers():
+    """Two applications: 2,800-token prompts answering in ~41 tokens, 1,800 in ~406 (sigma
+    0.8), 20,000 tokens of device KV, 32 sequences, recompute, a 1.5x burst. Joining on
+    prefill, skip-join starts the long prompts last, few of them finish, and a gate that
+    counted the majority's unseparated pairs stayed shut until the starvation limit let them
+    through: 0.90x fcfs's latency per token here (sim_templated.py seed 29: 0.54x). With the
+    gate on separated pairs, measured 1.80x."""
+    lpt = two_applications(2, [(2800, 41), (1800, 406)], 0.8, 300, 20_000, 1.5, 2, ("fcfs", "skip-join-mlfq"))
+    assert lpt["fcfs"] >= 1.3 * lpt["skip-join-mlfq"], lpt
+
+
 def test_where_the_pool_holds_few_requests_waiting_is_not_starving():
     """Two applications (1,510-token prompts answering in ~724 tokens, 662 in ~63), 8,000
     tokens of device KV (three of the long requests), 32 sequences, recompute, 0.9x of
@@ -236,18 +300,7 @@ def test_where_the_pool_holds_few_requests_waiting_is_not_starving():
     they waited their turn, and first-until-done they made predictive fcfs (1.00x fcfs's
     latency per token, skip-join 2.73x; sim_templated.py seed 46). Stretched by the typical
     requests the pool holds, measured 3.10x here (1.02x before; skip-join 1.62x)."""
-    rng = np.random.default_rng(46)
-    apps = [(1510, 724), (662, 63)]
-    trace = []
-    for a in rng.integers(0, 2, 200):
-        p, m = apps[a]
-        prompt = int(p * rng.uniform(0.9, 1.1))
-        trace.append(TraceRequest(0.0, prompt, max(1, min(4000 - prompt, int(m * rng.lognormal(0, 0.3))))))
-    from fastserve_jax.sim import SimConfig
-    from fastserve_jax.workload import capacity_rps, with_arrivals
-    cfg = SimConfig(32, 2048, 16, 8000, host_kv_capacity_tokens=20_000, swap_policy="recompute")
-    arrivals = with_arrivals(trace, 0.9 * capacity_rps(trace, OPT, 32, (cfg.num_blocks(OPT) - 1) * 16), seed=0)
-    lpt = {p: simulate(arrivals, p, OPT, cfg).metrics()["mean_latency_per_token"] for p in ("fcfs", "predictive")}
+    lpt = two_applications(46, [(1510, 724), (662, 63)], 0.3, 200, 8000, 0.9, 0, ("fcfs", "predictive"))
     assert lpt["fcfs"] >= 2.0 * lpt["predictive"], lpt
 
 

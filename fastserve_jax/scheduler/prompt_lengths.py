@@ -19,8 +19,10 @@ there this finds nothing (tau -0.06 to 0.04).
     ranks()                            the gate: Harrell's concordance C of each request's
                                        leave-one-out prediction (expected log length) with
                                        its length, over the snapshot, finished and running
-                                       requests alike, as a tau (2 C - 1) of at least
-                                       MIN_TAU, once MIN_ROWS have finished
+                                       requests alike, pairs whose predictions differ
+                                       (MIN_SEPARATION), as a tau (2 C - 1) of at least
+                                       MIN_TAU (shut again under CLOSE_TAU), once
+                                       MIN_ROWS have finished
     pairs() / restore(pairs)           what a restart keeps (policy_state.py): restored
                                        pairs are a prior, dropped once MIN_ROWS of this
                                        run's own have finished, as learned lengths are
@@ -46,7 +48,16 @@ from fastserve_jax.length_prediction import BIN_EDGES, NUM_BINS, LengthPredictio
 from fastserve_jax.scheduler.length_window import LengthWindow
 
 MIN_TAU = 0.3          # as LengthPredictor.min_tau: below it calibrated predictions gained nothing
+# Once open, the gate shuts only under this tau: a minority application whose requests start
+# late is judged on few finishes while the majority's keep coming, and tau dips as they do
+# (PromptLengthModel.ranks).
+CLOSE_TAU = 0.15
 MIN_ROWS = 40          # finished requests before the gate is judged
+# The gate counts a pair only where the two predictions' expected log lengths differ by at
+# least this much (about 5% in length): pairs the predictions do not separate (requests of
+# one application) are ties to a policy, and counted as coin flips they hid a minority
+# application from the gate (PromptLengthModel._loo_concordance).
+MIN_SEPARATION = 0.05
 _LOG_MID = 0.5 * np.log(BIN_EDGES[:-1] * BIN_EDGES[1:].astype(np.float64))      # (NUM_BINS,) a bin's log centre
 
 
@@ -110,6 +121,7 @@ class PromptLengthModel:
         self._events = np.zeros(0, bool)
         self._pooled: np.ndarray | None = None
         self.tau = float("nan")
+        self._open = False                              # the gate (ranks)
         self._judged_at = 0                             # this run's pairs when the gate was last judged
         self._made: dict[tuple[int, int], LengthPrediction] = {}     # since the last refresh, by (prompt, tokens)
 
@@ -160,12 +172,24 @@ class PromptLengthModel:
         self._events = np.concatenate([np.ones(len(n), bool), np.zeros(len(cn), bool)])[order]
         if judge:                     # the gate moves slowly: judged again after an eighth of a window of finishes
             self.tau, self._judged_at = self._loo_concordance(), max(1, fresh)
+            self._open = bool(self.tau >= MIN_TAU or (self._open and self.tau >= CLOSE_TAU))
 
     def _loo_concordance(self) -> float:
         """Harrell's concordance of each request's leave-one-out prediction (the expected log
         length of its neighbours' Kaplan-Meier estimate) with its length, finished and running
         requests alike, as a Kendall's tau: 2 C - 1. A pair counts where one request finished
-        shorter than the other ran (finished or still running); nan under MIN_ROWS finished."""
+        shorter than the other ran (finished or still running) and their predictions differ by
+        at least MIN_SEPARATION; nan under MIN_ROWS finished.
+
+        Only separated pairs: within an application the predictions are alike and its
+        requests' order is noise, so counting those pairs as half concordant scales tau by the
+        share of pairs across applications, whatever the predictions get right. Two
+        applications mixed 1:10 (the minority with long prompts and short answers, so
+        skip-join, joining on prefill, starts it last and few of it finish) gave tau 0.17-0.19
+        with every pair across them ranked right, and the gate stayed shut while the minority
+        waited out the burst (sim_templated.py seed 29: skip-join 0.54x fcfs's latency per
+        token; docs/scheduling_log.md, "The gate counts separated pairs"). Where answers do not
+        follow prompts the separated pairs are as often wrong as right, and tau stays near 0."""
         t, e = self._lengths, self._events
         if int(e.sum()) < MIN_ROWS:
             return float("nan")
@@ -174,15 +198,21 @@ class PromptLengthModel:
         ti, si = t[e], score[e]
         conc = comparable = 0.0
         for lo in range(0, len(ti), 256):                       # pairs (finished i, any j) with t_i < t_j
-            longer = ti[lo:lo + 256, None] < t[None, :]
             ds = si[lo:lo + 256, None] - score[None, :]
-            conc += float(np.sum(longer * ((ds < 0) + 0.5 * (ds == 0))))
-            comparable += float(longer.sum())
+            counted = (ti[lo:lo + 256, None] < t[None, :]) & (np.abs(ds) >= MIN_SEPARATION)
+            conc += float(np.sum(counted & (ds < 0)))
+            comparable += float(counted.sum())
         return 2.0 * conc / comparable - 1.0 if comparable else float("nan")
 
     def ranks(self) -> bool:
-        """The prompt lengths rank the outputs well enough to schedule on (the gate)."""
-        return bool(self.tau >= MIN_TAU)
+        """The prompt lengths rank the outputs well enough to schedule on (the gate): tau has
+        reached MIN_TAU and not fallen under CLOSE_TAU since. Without the margin, gittins
+        (skip-join MLFQ until 50 finishes, then ranked) met a two-application mix with the gate
+        open at 40 finishes (tau 0.39) and shut at 50 (0.16, the majority's finishes coming
+        in), ranked the minority's long prompts last for 280 s and served 0.37x fcfs's latency
+        per token (sim_templated.py seed 29; 2.84x with it; docs/scheduling_log.md, "The
+        gate counts separated pairs")."""
+        return self._open
 
     def predict_many(self, prompt_tokens: Sequence[int], generated: Sequence[int]) -> list[LengthPrediction]:
         """One prediction per request, from the last refresh(). Requests with the same prompt
