@@ -65,7 +65,8 @@ class SchedulerConfig:
       scheduler/prompt_lengths.py): the finished requests with this many nearest prompt
       lengths, running ones counted as at least their age, predict a request's length, and
       the predictions are used once they are seen to rank the finished and running
-      requests at a concordance of 0.3 as a tau (the gate). Templated traffic passes it
+      requests at a concordance of 0.3 as a tau, over the pairs the predictions separate
+      (the gate; shut again under 0.15). Templated traffic passes it
       (the Azure trace: tau 0.59); traffic whose answers do not follow its prompts never
       does, and there the policies are as without it. Once the gate is open, skip-join MLFQ
       joins a new request to the queue that covers its prefill plus its predicted answer

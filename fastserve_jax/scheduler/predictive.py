@@ -34,7 +34,8 @@ Two bounds on top of the ranking:
 Predictions from prompt lengths: a request with no prediction of its own is ranked by the
 finished requests with the nearest prompt lengths (`prompt_neighbors`, running
 requests counted as at least their age; prompt_lengths.py), once such predictions have been
-seen to rank the finished and running requests (a concordance of 0.3 as a tau), and by the
+seen to rank the finished and running requests (a concordance of 0.3 as a tau, over the
+pairs the predictions separate; prompt_lengths.py), and by the
 prior otherwise. They are made when a
 request arrives and redone for every live request at each relearn, so a request waiting in
 a burst is ranked by what has been learned since it arrived. Templated traffic has this
