@@ -39,7 +39,7 @@ pairs the predictions separate; prompt_lengths.py), and by the
 prior otherwise. They are made when a
 request arrives and redone for every live request at each relearn, so a request waiting in
 a burst is ranked by what has been learned since it arrived. Templated traffic has this
-signal (the Azure trace: tau 0.59); traffic whose output lengths do not follow its prompts'
+signal (the Azure trace: the gate's tau 0.69); traffic whose output lengths do not follow its prompts'
 never opens the gate.
 
 Until a request carrying a prediction has been seen, or prompt lengths have passed the gate,

@@ -184,10 +184,10 @@ class PromptLengthModel:
         Only separated pairs: within an application the predictions are alike and its
         requests' order is noise, so counting those pairs as half concordant scales tau by the
         share of pairs across applications, whatever the predictions get right. Two
-        applications mixed 1:10 (the minority with long prompts and short answers, so
-        skip-join, joining on prefill, starts it last and few of it finish) gave tau 0.17-0.19
-        with every pair across them ranked right, and the gate stayed shut while the minority
-        waited out the burst (sim_templated.py seed 29: skip-join 0.54x fcfs's latency per
+        applications whose finishes came 14 of 40, then 14 of 104, from one (long prompts and
+        short answers: skip-join, joining on prefill, starts them last) gave tau 0.06-0.30
+        with every pair across them ranked right, and the gate stayed shut while they waited
+        out the burst (sim_templated.py seed 29: skip-join 0.54x fcfs's latency per
         token; docs/scheduling_log.md, "The gate counts separated pairs"). Where answers do not
         follow prompts the separated pairs are as often wrong as right, and tau stays near 0."""
         t, e = self._lengths, self._events
