@@ -50,7 +50,8 @@ from fastserve_jax.scheduler.length_window import LengthWindow
 MIN_TAU = 0.3          # as LengthPredictor.min_tau: below it calibrated predictions gained nothing
 # Once open, the gate shuts only under this tau: a minority application whose requests start
 # late is judged on few finishes while the majority's keep coming, and tau dips as they do
-# (PromptLengthModel.ranks).
+# (PromptLengthModel.ranks). A gate opened on a restored prior stays open the same way once the
+# prior is dropped: this run's own pairs then shut it only under CLOSE_TAU.
 CLOSE_TAU = 0.15
 MIN_ROWS = 40          # finished requests before the gate is judged
 # The gate counts a pair only where the two predictions' expected log lengths differ by at
