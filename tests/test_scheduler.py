@@ -665,6 +665,25 @@ def test_skip_join_drops_to_start_only_where_memory_binds_and_a_backlog_waits():
         assert want == (blocks == 60 and waiting > 16)
 
 
+def test_gittins_drops_to_start_where_memory_binds_a_backlog_waits_and_lengths_are_heavy_tailed():
+    """As skip-join's (above), and only once the learned lengths' CV is over LIGHT_TAIL_CV."""
+    cfg = SchedulerConfig(starvation_threshold=0, gittins_starvation_threshold=0, gittins_min_samples=4,
+                          gittins_refresh=1, protect_min_samples=2)
+    heavy, alike = (1, 1, 2, 1, 3, 1, 60, 2), (20, 22, 19, 21, 20, 23, 18, 21)
+    for blocks, backlog, lengths, want in ((40, 100, heavy, True), (40, 100, alike, False),
+                                           (1000, 100, heavy, False), (40, 17, heavy, False)):
+        sched, kv = make("gittins", seqs=4, cfg=cfg, num_blocks=blocks)
+        for i, n in enumerate(lengths):                     # learned lengths
+            sched.add(req(f"h{i}", 50, 0.0, n))
+        while len(sched):
+            run(sched, kv)
+        for i in range(backlog):
+            sched.add(req(f"r{i}", 50, 0.0, 5))
+        run(sched, kv)
+        waiting = len(sched) - kv.num_kv_requests
+        assert sched.warmup is None and sched.drops_to_start() is want, (blocks, backlog, lengths, waiting)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(1, 80), min_size=1, max_size=60))
 def test_per_token_gittins_table_equals_the_definition(lengths):

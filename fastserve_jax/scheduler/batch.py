@@ -23,8 +23,8 @@ while low-priority requests sit on it. Then:
 Requests in flight (pipeline mode: in a batch dispatched but not collected yet) are neither
 scheduled nor evicted.
 
-With `drop_to_start` (skip-join sets it where memory binds and a backlog waits; see
-skip_join.py) the start bound counts the device pool only, and a new request it holds back
+With `drop_to_start` (skip-join sets it where memory binds and a backlog waits, and gittins
+there too where its learned lengths are heavy-tailed; see skip_join.py and gittins.py) the start bound counts the device pool only, and a new request it holds back
 drops the host KV of paused requests ranked below it, lowest first, until it fits: those
 prefill again later, as under recompute. With reactive swapping the bound is the device pool
 anyway, and host KV counts against it until dropped the same way.

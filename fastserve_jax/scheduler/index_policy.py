@@ -97,10 +97,14 @@ class IndexPolicy(Scheduler):
         """fill_batch over order(requests in key order, popped off the heap lazily)."""
         popped: list = []
         plan = fill_batch(order(self._best_first(popped)), worst_first, self.limits, self.kv, self.swap_on_evict,
-                          self.swap_in_blocks, self.start_on_host)
+                          self.swap_in_blocks, self.start_on_host, self.drops_to_start())
         for e in popped:
             heapq.heappush(self._heap, e)
         return plan
+
+    def drops_to_start(self) -> bool:
+        """Whether new requests may drop lower-ranked host KV to start (batch.fill_batch)."""
+        return False
 
     def on_iteration(self, plan: Plan, duration: float, now: float) -> None:
         super().on_iteration(plan, duration, now)
