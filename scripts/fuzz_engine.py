@@ -4,10 +4,16 @@ Each seed draws an engine (device pool of 4-40 blocks of 8 tokens, host pool of 
 blocks, every swap policy, every policy but `predictive`, 2-8 sequences, a 16-64 token
 budget, async scheduling on or off, the swap copies fused as on the CPU or only for swaps
 of up to 0-4 blocks as on accelerators) and 2-9 greedy requests that each fit the pool, serves
-them while aborting a random live request now and then, and checks:
+them while aborting a random live request now and then. About LEARNED_SHARE of the seeds
+instead serve 60-90 templated requests (answer lengths that follow prompt lengths) under
+skip-join, gittins or predictive with thresholds the tiny model reaches, so that the learned
+paths run too: learned lengths, protected decodes, the tail guard, starvation promotion,
+the prompt-length gate with predicted joins and rankings (the line says which were reached).
+It checks:
 
 - the KV ledger after every step and every abort (KVManager.check_integrity);
-- that the engine finishes within 4,000 steps (no livelock or deadlock);
+- that the engine finishes within 4,000 steps, 60 per request in the templated seeds (no
+  livelock or deadlock);
 - that both pools end empty;
 - every request not aborted gets the tokens of an fcfs engine whose pool holds everything,
   up to a tie: where the two first differ, the reference's top two tokens must be this
@@ -35,6 +41,13 @@ import traceback
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 TIE = 1e-4
+# The share of seeds that exercise the policies' learned paths (learned lengths, protected
+# decodes, the prompt-length gate and predicted joins, predictive's own predictions): many
+# templated requests, a policy that learns, thresholds the tiny model reaches (templated()).
+LEARNED_SHARE = 0.3
+LEARNED_POLICIES = ("skip-join-mlfq", "gittins", "predictive")
+LEARNED_REQUESTS = (60, 90)
+LEARNED_ABORTS = 0.01     # per step (0.04 otherwise): most of the requests finish, and teach
 BASE = dict(max_model_len=256, block_size=8, warmup=False,
             decode_batch_buckets=(2, 8), prefill_token_buckets=(16, 64), block_buckets=(8, 48))
 _checkpoint: str | None = None
@@ -67,7 +80,43 @@ def draw(seed: int) -> tuple[dict, list[list[int]], list[int]]:
     # the swap copy path: None keeps the backend's (the CPU fuses every swap); k fuses swaps of
     # at most k blocks and sends larger ones by device_put, as accelerators do (0: none fused)
     cfg["fused_blocks"] = rng.choice([None, 0, 2, 4])
+    learned = random.Random(seed + 2 * 10**6)      # its own stream: the other seeds draw as before
+    if learned.random() < LEARNED_SHARE:
+        prompts, maxes = templated(learned, blocks)
+        cfg["scheduler"] = learned.choice(LEARNED_POLICIES)
+        cfg["scheduler_config"] = learned_config(learned)
     return cfg, prompts, maxes
+
+
+def templated(rng: random.Random, blocks: int) -> tuple[list[list[int]], list[int]]:
+    """LEARNED_REQUESTS requests from two or three "applications", each a range of prompt
+    lengths with its own answer length (plus a little noise), so that answer lengths follow
+    prompt lengths and the prompt-length gate (scheduler/prompt_lengths.py) can open once
+    MIN_ROWS have finished; each fits the pool."""
+    apps = [(rng.randint(1, 40), rng.randint(1, 30)) for _ in range(rng.randint(2, 3))]
+    prompts, maxes = [], []
+    for _ in range(rng.randint(*LEARNED_REQUESTS)):
+        base_p, base_m = rng.choice(apps)
+        p, m = base_p + rng.randint(0, 6), max(1, base_m + rng.randint(-2, 2))
+        while -(-(p + m) // 8) > blocks - 1 and p + m > 2:
+            p, m = max(1, p // 2), max(1, m // 2)
+        prompts.append([rng.randint(3, 250) for _ in range(p)])
+        maxes.append(m)
+    return prompts, maxes
+
+
+def learned_config(rng: random.Random):
+    """A SchedulerConfig whose learned paths start within a few dozen finishes (the defaults
+    wait for 16-50) and whose starvation limits and tail guard fire on the tiny model's
+    millisecond iterations."""
+    from fastserve_jax.config import SchedulerConfig
+
+    return SchedulerConfig(gittins_min_samples=rng.randint(4, 12), gittins_refresh=rng.randint(1, 5),
+                           protect_min_samples=rng.randint(2, 8), predictive_min_samples=rng.randint(2, 6),
+                           starvation_threshold=rng.choice([0.0, 0.002, 0.02, 10.0]),
+                           gittins_starvation_threshold=rng.choice([0.0, 0.004, 0.04, 20.0]),
+                           tail_slowdown=rng.choice([0.0, 1.0, 5.0]), protect_decodes=rng.random() < 0.8,
+                           prompt_neighbors=rng.choice([0, 4, 16]))
 
 
 def reference(prompts, maxes):
@@ -104,20 +153,20 @@ def run_seed(seed: int) -> str:
     rng = random.Random(seed + 10**6)
     reqs = [e.add_request(p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True)) for p, m in zip(prompts, maxes)]
     aborted: set[str] = set()
-    steps = 0
+    steps, limit = 0, max(4000, 60 * len(reqs))
     while e.has_unfinished():
         e.step()
         steps += 1
         e.kv.check_integrity()
-        if rng.random() < 0.04:
+        if rng.random() < (LEARNED_ABORTS if "scheduler_config" in cfg else 0.04):
             live = [r for r in reqs if r.status is not RequestStatus.FINISHED]
             if live:
                 r = rng.choice(live)
                 e.abort(r.request_id)
                 aborted.add(r.request_id)
                 e.kv.check_integrity()
-        if steps > 4000:
-            raise RuntimeError(f"seed {seed}: not finished after 4000 steps ({cfg})")
+        if steps > limit:
+            raise RuntimeError(f"seed {seed}: not finished after {limit} steps ({cfg})")
     for r, ref in zip(reqs, refs):
         why = None if r.request_id in aborted else mismatch(r.output_token_ids, ref)
         if why:
@@ -125,9 +174,21 @@ def run_seed(seed: int) -> str:
     if e.kv.num_used_blocks or e.kv.num_host_used_blocks:
         raise RuntimeError(f"seed {seed}: {e.kv.num_used_blocks} device and {e.kv.num_host_used_blocks} host blocks "
                            f"left in use ({cfg})")
-    return (f"{seed} ok: {steps} steps, {len(reqs)} requests, {len(aborted)} aborted, {cfg['scheduler']}/"
+    return (f"{seed} ok: {steps} steps, {len(reqs)} requests, {len(aborted)} aborted, {cfg['scheduler']}"
+            f"{learned_state(e.scheduler) if 'scheduler_config' in cfg else ''}/"
             f"{cfg['swap_policy']}, {cfg['num_device_blocks']}+{cfg['num_host_blocks']} blocks, "
             f"async {cfg['async_scheduling']}, fused {'all' if fused_blocks is None else f'<= {fused_blocks} blocks'}")
+
+
+def learned_state(sched) -> str:
+    """Which learned paths a learned-mode seed reached by its end, as " (learned, gate open)"."""
+    parts = []
+    if getattr(sched, "_learned", False) or (hasattr(sched, "warmup") and sched.warmup is None):
+        parts.append("learned")
+    joins = getattr(sched, "joins", None)
+    if (joins is not None and joins.ranks()) or (hasattr(sched, "prompts_rank") and sched.prompts_rank()):
+        parts.append("gate open")
+    return f" ({', '.join(parts) or 'not learned'})"
 
 
 def _safe(seed: int) -> tuple[bool, str]:

@@ -28,7 +28,26 @@ def test_a_difference_passes_only_at_a_near_tie_of_the_reference():
     assert "2 tokens against 3" in fuzz_engine.mismatch([5, 7], ref)
 
 
+def test_templated_seeds_draw_a_learning_policy_and_enough_requests_to_learn_from():
+    """The learned-mode seeds: a learning policy, lowered thresholds, more requests than the
+    prompt-length gate needs finished, each fitting the pool; the other seeds draw as before."""
+    from fastserve_jax.scheduler.prompt_lengths import MIN_ROWS
+
+    drawn = [fuzz_engine.draw(seed) for seed in range(40)]
+    learned = [(cfg, prompts, maxes) for cfg, prompts, maxes in drawn if "scheduler_config" in cfg]
+    assert 5 <= len(learned) <= 25
+    for cfg, prompts, maxes in learned:
+        assert cfg["scheduler"] in fuzz_engine.LEARNED_POLICIES
+        assert cfg["scheduler_config"].gittins_min_samples <= 12 and len(prompts) > MIN_ROWS
+        assert all(-(-(len(p) + m) // 8) <= cfg["num_device_blocks"] - 1 or len(p) + m <= 2
+                   for p, m in zip(prompts, maxes))
+    for cfg, prompts, maxes in drawn:
+        if "scheduler_config" not in cfg:
+            assert cfg["scheduler"] != "predictive" and len(prompts) <= 9
+
+
 @pytest.mark.slow
 def test_fuzz_seeds_pass():
-    for seed in range(12):
-        assert " ok: " in fuzz_engine.run_seed(seed)
+    lines = [fuzz_engine.run_seed(seed) for seed in range(13)]     # 2, 5, 11 and 12 serve templated requests
+    assert all(" ok: " in line for line in lines)
+    assert any("(learned" in line for line in lines)
