@@ -38,6 +38,10 @@ from fastserve_jax.cost_model import CostModel
 from fastserve_jax.kv_cache import KVManager
 from fastserve_jax.request import Request
 
+# Where memory binds, a backlog of more than this many waiting requests per batch slot turns
+# on fill_batch's drop_to_start (Scheduler.backlog_waits; skip-join's and gittins' drops_to_start).
+BACKLOG_PER_SLOT = 4
+
 
 class ScheduledRequest(NamedTuple):
     """One request's part of an iteration: a prefill chunk, or 1 for a decode. A named tuple,
@@ -114,6 +118,10 @@ class Scheduler(ABC):
     @abstractmethod
     def __len__(self) -> int:
         """Number of live requests."""
+
+    def backlog_waits(self) -> bool:
+        """More than BACKLOG_PER_SLOT live requests per batch slot hold no KV (wait to start)."""
+        return len(self) - self.kv.num_kv_requests > BACKLOG_PER_SLOT * self.limits.max_num_seqs
 
     @abstractmethod
     def priority_order(self) -> Iterator[Request]:

@@ -31,7 +31,7 @@ from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan
 from fastserve_jax.scheduler.gittins_table import GittinsTable
 from fastserve_jax.scheduler.learned import LearnedLengthPolicy
-from fastserve_jax.scheduler.skip_join import BACKLOG_PER_SLOT, LIGHT_TAIL_CV
+from fastserve_jax.scheduler.skip_join import LIGHT_TAIL_CV
 
 
 class GittinsScheduler(LearnedLengthPolicy):
@@ -98,8 +98,7 @@ class GittinsScheduler(LearnedLengthPolicy):
         chat-like bursts. Not where lengths are alike: there a paused request is nearly done,
         and dropping it cost code completion's bursts 1-3% of throughput and of mean JCT
         (docs/scheduling_log.md, "Gittins drops host KV to start in a backlog")."""
-        return self._heavy and self._slots < self.limits.max_num_seqs and \
-            len(self) - self.kv.num_kv_requests > BACKLOG_PER_SLOT * self.limits.max_num_seqs
+        return self._heavy and self._slots < self.limits.max_num_seqs and self.backlog_waits()
 
     def schedule_ranked(self, now: float) -> Plan:
         """Index order, after the requests promoted for waiting (learned.starving)."""

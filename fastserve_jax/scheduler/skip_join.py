@@ -18,9 +18,6 @@ from fastserve_jax.scheduler.predicted_joins import PredictedJoins
 # Where memory binds the batch, skip-join still protects decodes if at least this share of
 # the learned lengths would finish while protected (SkipJoinMLFQScheduler's docstring).
 MEMORY_BOUND_COVERAGE = 0.9
-# Where memory binds, a backlog of more than this many waiting requests per batch slot turns
-# on fill_batch's drop_to_start (SkipJoinMLFQScheduler.drops_to_start).
-BACKLOG_PER_SLOT = 4
 # Learned lengths with at most this coefficient of variation (censoring-aware) are light-tailed:
 # there new requests start within the device pool only (SkipJoinMLFQScheduler.starts_on_host).
 LIGHT_TAIL_CV = 0.75
@@ -170,8 +167,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         pool already, host KV counted in it, and the drops apply there too (three seeds,
         bursts: heavy-tailed 1.21-1.41x fcfs's latency per token became 1.45-2.28x,
         chat-like 1.03-1.05x became 1.45-1.74x, Azure 1.63-1.80x became 1.63-1.73x)."""
-        return self._memory_bound and self._table is None and \
-            len(self._live) - self.kv.num_kv_requests > BACKLOG_PER_SLOT * self.limits.max_num_seqs
+        return self._memory_bound and self._table is None and self.backlog_waits()
 
     def kept_from_starts(self) -> Callable[[Request], bool] | None:
         """Where memory binds and decodes are protected (code completion), a new request does not
