@@ -45,6 +45,42 @@ def test_repro_fastserve_quick(tmp_path):
     assert "report in" in out
 
 
+@needs_trace
+def test_repro_fastserve_compares_arrival_seeds(tmp_path):
+    _script("repro_fastserve.py", "--out", str(tmp_path), "--quick", "--jobs", "1", "--workloads", "code",
+            "--loads", "1.5", "--seeds", "0", "1")
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert {r["seed"] for r in rows} == {0, 1}
+    by_seed = {s: sorted((r["memory"], r["policy"], r["swap"], r["mean_jct"]) for r in rows if r["seed"] == s)
+               for s in (0, 1)}
+    assert by_seed[0] != by_seed[1]                      # other arrival times, other figures
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("## targets across arrival seeds 0, 1")
+    assert "# arrival seed 0" in report and "# arrival seed 1" in report
+    assert report.count("### code, device KV full") == 2
+
+
+def test_repro_fastserve_lists_each_target_missed_in_any_seed():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import repro_fastserve as R
+    finally:
+        sys.path.pop(0)
+    c0, c1 = R.Checks(), R.Checks()
+    c0.check(True, "a 1.01x", ("a",))
+    c0.check(False, "b 0.90x", ("b",))
+    c0.check(True, "d 2.1x", ("d",))
+    c1.check(False, "a 0.97x", ("a",))
+    c1.check(False, "b 0.80x", ("b",))
+    c1.check(False, "throughput 0.94", ("t",))           # listed only where missed
+    c1.check(True, "d 2.2x", ("d",))
+    text = R.across_seeds({0: c0, 1: c1})
+    assert "4 targets" in text and "missed in every seed: 1; in some seeds: 2; met in every seed: 1" in text
+    assert "seed 0: PASS  a 1.01x\n    seed 1: FAIL  a 0.97x" in text
+    assert "seed 0: PASS  (not listed: met)\n    seed 1: FAIL  throughput 0.94" in text
+    assert "d 2.1x" not in text
+
+
 def test_bench_scheduler_times_each_policy():
     out = _script("bench_scheduler.py", "--live", "40", "--iters", "30", "--policy", "fcfs",
                   "--policy", "skip-join-mlfq")
