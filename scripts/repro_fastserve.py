@@ -127,11 +127,12 @@ def _unloaded(a, wl_traces) -> dict[str, float]:
 
 class Checks:
     """Each target: PASS/FAIL with the figures that decide it. `outcomes` maps each check's key
-    (what it checks, without the figures) to (passed, line), for comparing seeds."""
+    (what it checks, without the figures) to (passed, line), for comparing seeds; passed is
+    None where the run could not decide it (N/A)."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
-        self.outcomes: dict[tuple, tuple[bool, str]] = {}
+        self.outcomes: dict[tuple, tuple[bool | None, str]] = {}
         self.failed = self.checked = 0
 
     def check(self, ok: bool, what: str, key: tuple) -> None:
@@ -141,14 +142,27 @@ class Checks:
         self.lines.append(line)
         self.outcomes[key] = (ok, line)
 
-    def goodput(self, ours: float, theirs: float, factor: float, what: str, key: tuple) -> None:
-        """Goodput `ours` at least `factor` x `theirs`; neither met the SLO at any rate run
-        (e.g. only bursts were run): not measured, so listed but neither passed nor failed."""
+    def goodput(self, ours: float, theirs: float, factor: float, what: str, key: tuple, lowest: float) -> None:
+        """Goodput `ours` at least `factor` x `theirs` (0: the SLO missed already at the lowest
+        rate swept, `lowest`). Where `theirs` is 0 its goodput is only known to be under
+        `lowest`: passed if `ours` >= `factor` x `lowest`, else not measured (listed with the
+        lower bound of the ratio, neither passed nor failed); so too where neither met the SLO
+        (e.g. only bursts were run)."""
         if not ours and not theirs:
-            self.lines.append(f"N/A   {what} (no rate run met the SLO: run steady loads too)")
-            return
-        self.check(ours >= factor * theirs if theirs else ours > 0,
-                   f"{what} ({ours / theirs if theirs else float('inf'):.2f}x, target >= {factor:g}x)", key)
+            self.not_measured(f"N/A   {what} (no rate run met the SLO: run steady loads too)", key)
+        elif theirs:
+            self.check(ours >= factor * theirs, f"{what} ({ours / theirs:.2f}x, target >= {factor:g}x)", key)
+        elif ours >= factor * lowest:
+            self.check(True, f"{what} (over {ours / lowest:.2f}x: the other misses the SLO at the lowest rate, "
+                             f"{lowest:.3f} req/s; target >= {factor:g}x)", key)
+        else:
+            self.not_measured(f"N/A   {what} (over {ours / lowest:.2f}x, a lower bound: the other misses the SLO "
+                              f"at the lowest rate swept, {lowest:.3f} req/s; sweep lower rates; "
+                              f"target >= {factor:g}x)", key)
+
+    def not_measured(self, line: str, key: tuple) -> None:
+        self.lines.append(line)
+        self.outcomes[key] = (None, line)
 
 
 def report(rows: list[dict], unloaded: dict[str, float], out_dir: str | None) -> tuple[str, Checks]:
@@ -191,6 +205,7 @@ def report(rows: list[dict], unloaded: dict[str, float], out_dir: str | None) ->
                     pts = [idx[(wl, mem, policy, swap, x)] for x in xs if (wl, mem, policy, swap, x) in idx]
                     if pts:
                         good[(policy, swap)] = sweep_summary(pts, slo)["goodput_rps"] or 0.0
+            lowest = min(r["offered_rps"] for r in rows if r["workload"] == wl and r["memory"] == mem)
             fr = good.get(("fcfs", "recompute"), 0.0)
             sj = good.get(("skip-join-mlfq", "proactive"), 0.0)
             lines.append(f"\ngoodput (mean latency per token <= {slo * 1e3:.0f} ms, 5x unloaded): " +
@@ -219,12 +234,12 @@ def report(rows: list[dict], unloaded: dict[str, float], out_dir: str | None) ->
                             (wl, mem, x, "gittins"))
             if wl in ("azure", "heavy"):
                 c.goodput(sj, fr, 1.5, f"{wl}/{mem}: skip-join/proactive goodput {sj:.3f} req/s vs fcfs/recompute {fr:.3f}",
-                          (wl, mem, "goodput"))
+                          (wl, mem, "goodput"), lowest)
             if mem == "tenth":
                 for other in ("recompute", "reactive"):
                     o = good.get(("skip-join-mlfq", other), 0.0)
                     c.goodput(sj, o, 1.3, f"{wl}/{mem}: skip-join goodput proactive {sj:.3f} vs {other} {o:.3f} req/s",
-                              (wl, mem, "goodput", other))
+                              (wl, mem, "goodput", other), lowest)
             if out_dir is not None:
                 _plot(idx, wl, mem, xs, os.path.join(out_dir, f"{wl}_{mem}.png"))
     text = ("## headline\n" + headline(rows) + "\n\n## every configuration\n\ncells: mean latency per token, "
@@ -235,27 +250,33 @@ def report(rows: list[dict], unloaded: dict[str, float], out_dir: str | None) ->
 
 
 def across_seeds(checks: dict[int, Checks]) -> str:
-    """Each target's outcome over the seeds: a count, then every target missed in some seed with
-    each seed's line (a seed where it was not checked, e.g. a throughput target met there, is
-    listed as passed)."""
+    """Each target's outcome over the seeds: a count, then every target missed or not measured
+    in some seed with each seed's line (a seed where it was not checked, e.g. a throughput
+    target met there, is listed as passed)."""
     seeds = sorted(checks)
     keys = list(dict.fromkeys(k for s in seeds for k in checks[s].outcomes))
-    every = some = 0
+    every = some = unmeasured = 0
     lines = []
     for k in keys:
-        missed = [s for s in seeds if k in checks[s].outcomes and not checks[s].outcomes[k][0]]
-        if not missed:
+        got = [checks[s].outcomes.get(k, (True, ""))[0] for s in seeds]
+        missed = got.count(False)
+        if missed == len(seeds):
+            every += 1
+        elif missed:
+            some += 1
+        elif None in got:
+            unmeasured += 1
+        else:
             continue
-        every += len(missed) == len(seeds)
-        some += len(missed) < len(seeds)
-        lines.append(f"FAIL in {len(missed)} of {len(seeds)} seeds:")
+        lines.append(f"FAIL in {missed} of {len(seeds)} seeds" + (f", not measured in {got.count(None)}" if None in got
+                                                                   else "") + ":")
         for s in seeds:
             line = checks[s].outcomes.get(k, (True, "PASS  (not listed: met)"))[1]
             lines.append(f"    seed {s}: {line}")
     head = (f"## targets across arrival seeds {', '.join(map(str, seeds))}\n\n"
             f"{len(keys)} targets (the throughput ones only where missed); missed in every seed: {every}; "
-            f"in some seeds: {some}; "
-            f"met in every seed: {len(keys) - every - some}\n")
+            f"in some seeds: {some}; met where measured, not measured in some seeds: {unmeasured}; "
+            f"met in every seed: {len(keys) - every - some - unmeasured}\n")
     return head + "\n" + "\n".join(lines) + "\n"
 
 

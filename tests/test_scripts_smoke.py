@@ -74,8 +74,15 @@ def test_repro_fastserve_lists_each_target_missed_in_any_seed():
     c1.check(False, "b 0.80x", ("b",))
     c1.check(False, "throughput 0.94", ("t",))           # listed only where missed
     c1.check(True, "d 2.2x", ("d",))
+    # the other configuration's goodput 0: it missed the SLO at the lowest rate swept (0.353)
+    c0.goodput(0.378, 0.0, 1.5, "g", ("g",), lowest=0.353)          # over 1.07x only: not measured
+    c1.goodput(0.6, 0.0, 1.5, "g", ("g",), lowest=0.353)            # over 1.70x: met
+    assert c0.outcomes[("g",)][0] is None and c0.outcomes[("g",)][1].startswith("N/A   g (over 1.07x, a lower bound")
+    assert c1.outcomes[("g",)][0] is True and c0.checked == 3
     text = R.across_seeds({0: c0, 1: c1})
-    assert "4 targets" in text and "missed in every seed: 1; in some seeds: 2; met in every seed: 1" in text
+    assert "5 targets" in text and ("missed in every seed: 1; in some seeds: 2; met where measured, not measured in "
+                                    "some seeds: 1; met in every seed: 1") in text
+    assert "FAIL in 0 of 2 seeds, not measured in 1:\n    seed 0: N/A   g" in text
     assert "seed 0: PASS  a 1.01x\n    seed 1: FAIL  a 0.97x" in text
     assert "seed 0: PASS  (not listed: met)\n    seed 1: FAIL  throughput 0.94" in text
     assert "d 2.1x" not in text
