@@ -268,8 +268,9 @@ def across_seeds(checks: dict[int, Checks]) -> str:
             unmeasured += 1
         else:
             continue
-        lines.append(f"FAIL in {missed} of {len(seeds)} seeds" + (f", not measured in {got.count(None)}" if None in got
-                                                                   else "") + ":")
+        unknown = f"not measured in {got.count(None)}" if None in got else ""
+        lines.append((f"FAIL in {missed} of {len(seeds)} seeds" + (f", {unknown}" if unknown else "") if missed
+                      else f"{unknown.capitalize()} of {len(seeds)} seeds, met in the others") + ":")
         for s in seeds:
             line = checks[s].outcomes.get(k, (True, "PASS  (not listed: met)"))[1]
             lines.append(f"    seed {s}: {line}")
@@ -348,6 +349,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="40 requests, 3 rates: a smoke run")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from OUT/results.json")
     a = ap.parse_args()
+    if len(set(a.seeds)) != len(a.seeds) or min(a.seeds) < 0:
+        ap.error(f"--seeds must be distinct integers >= 0, got {' '.join(map(str, a.seeds))}")
     if a.quick:
         a.requests, a.loads = 40, a.loads or [0.5, 1.5, 8.0]
     os.makedirs(a.out, exist_ok=True)

@@ -56,6 +56,9 @@ def test_repro_fastserve_compares_arrival_seeds(tmp_path):
     assert by_seed[0] != by_seed[1]                      # other arrival times, other figures
     report = (tmp_path / "report.md").read_text()
     assert report.startswith("## targets across arrival seeds 0, 1")
+    r = subprocess.run([sys.executable, os.path.join("scripts", "repro_fastserve.py"), "--out", str(tmp_path / "x"),
+                        "--quick", "--seeds", "1", "1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--seeds must be distinct integers >= 0, got 1 1" in r.stderr
     assert "# arrival seed 0" in report and "# arrival seed 1" in report
     assert report.count("### code, device KV full") == 2
 
@@ -82,7 +85,7 @@ def test_repro_fastserve_lists_each_target_missed_in_any_seed():
     text = R.across_seeds({0: c0, 1: c1})
     assert "5 targets" in text and ("missed in every seed: 1; in some seeds: 2; met where measured, not measured in "
                                     "some seeds: 1; met in every seed: 1") in text
-    assert "FAIL in 0 of 2 seeds, not measured in 1:\n    seed 0: N/A   g" in text
+    assert "Not measured in 1 of 2 seeds, met in the others:\n    seed 0: N/A   g" in text
     assert "seed 0: PASS  a 1.01x\n    seed 1: FAIL  a 0.97x" in text
     assert "seed 0: PASS  (not listed: met)\n    seed 1: FAIL  throughput 0.94" in text
     assert "d 2.1x" not in text
