@@ -254,11 +254,12 @@ def across_seeds(checks: dict[int, Checks]) -> str:
     in some seed with each seed's line (a seed where it was not checked, e.g. a throughput
     target met there, is listed as passed)."""
     seeds = sorted(checks)
+    met = (True, "PASS  (not listed: met)")          # a seed that did not list the target
     keys = list(dict.fromkeys(k for s in seeds for k in checks[s].outcomes))
     every = some = unmeasured = 0
     lines = []
     for k in keys:
-        got = [checks[s].outcomes.get(k, (True, ""))[0] for s in seeds]
+        got = [checks[s].outcomes.get(k, met)[0] for s in seeds]
         missed = got.count(False)
         if missed == len(seeds):
             every += 1
@@ -272,7 +273,7 @@ def across_seeds(checks: dict[int, Checks]) -> str:
         lines.append((f"FAIL in {missed} of {len(seeds)} seeds" + (f", {unknown}" if unknown else "") if missed
                       else f"{unknown.capitalize()} of {len(seeds)} seeds, met in the others") + ":")
         for s in seeds:
-            line = checks[s].outcomes.get(k, (True, "PASS  (not listed: met)"))[1]
+            line = checks[s].outcomes.get(k, met)[1]
             lines.append(f"    seed {s}: {line}")
     head = (f"## targets across arrival seeds {', '.join(map(str, seeds))}\n\n"
             f"{len(keys)} targets (the throughput ones only where missed); missed in every seed: {every}; "

@@ -25,8 +25,9 @@ scheduled nor evicted.
 
 With `drop_to_start` (skip-join sets it where memory binds and a backlog waits, and gittins
 there too where its learned lengths are heavy-tailed; see skip_join.py and gittins.py) the
-start bound counts the device pool only, and a new request it holds back drops the host KV of paused requests ranked below it, lowest first, until it fits: those
-prefill again later, as under recompute. With reactive swapping the bound is the device pool
+start bound counts the device pool only, and a new request it holds back drops the host KV
+of paused requests ranked below it, lowest first, until it fits: those prefill again later,
+as under recompute. With reactive swapping the bound is the device pool
 anyway, and host KV counts against it until dropped the same way.
 
 The best-ranked KV holder can always evict every other paused holder, and admission checks
