@@ -653,6 +653,46 @@ def test_start_headroom_shrinks_to_the_growth_a_policy_expects():
         assert ([s.request.request_id for s in plan.scheduled] == ["new"]) == starts, headroom
 
 
+def test_start_bound_takes_the_host_pools_a_policy_asks_for():
+    """8 usable device blocks, 14 blocks of paused KV on the host, a new request of 4 blocks:
+    with proactive swapping's host share of one device pool the bound is 16 blocks less the
+    headroom (1), and 14 + 4 is past it; with two pools' worth (24 - 1) it starts, moving
+    nothing (the device pool is free)."""
+    from fastserve_jax.scheduler.batch import fill_batch
+    for pools, starts in ((1, False), (2, True)):
+        kv = KVManager(9, 4, 40)
+        paused = [req("p1", 28, 0.0), req("p2", 28, 0.0)]       # 7 blocks each
+        for p in paused:
+            kv.allocate(p, 28)
+            p.num_computed_tokens = 28
+            kv.swap_out(p)
+            kv.finish_swap_out(p)
+        new = req("new", 16, 0.1)
+        plan = fill_batch([new] + paused, paused[::-1] + [new], Limits(4, 100), kv, swap=True, swap_in_blocks=-1,
+                          start_on_host=True, host_pools=pools)
+        assert ([s.request.request_id for s in plan.scheduled] == ["new"]) == starts, pools
+
+
+def test_skip_join_and_gittins_start_on_two_host_pools_where_memory_binds_and_lengths_are_heavy_tailed():
+    """host_pools: 2 once learned lengths heavier-tailed than LIGHT_TAIL_CV say a device pool
+    holds fewer typical requests than max_num_seqs; 1 with lengths alike, with room for a
+    full batch, or before anything is learned."""
+    cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=0, gittins_starvation_threshold=0,
+                          gittins_min_samples=4, gittins_refresh=1, protect_min_samples=4)
+    heavy, alike = (1, 1, 2, 1, 3, 1, 60, 2), (20, 22, 19, 21, 20, 23, 18, 21)
+    for policy in ("skip-join-mlfq", "gittins"):
+        for blocks, lengths, want in ((40, heavy, 2), (40, alike, 1), (1000, heavy, 1)):
+            sched, kv = make(policy, seqs=4, cfg=cfg, num_blocks=blocks)
+            assert sched.host_pools() == 1                  # nothing learned yet
+            for i, n in enumerate(lengths):
+                sched.add(req(f"h{i}", 50, 0.0, n))
+            while len(sched):
+                run(sched, kv)
+            sched.add(req("next", 50, 0.0, 5))
+            run(sched, kv)
+            assert sched.host_pools() == want, (policy, blocks, lengths)
+
+
 def test_skip_join_drops_to_start_only_where_memory_binds_and_a_backlog_waits():
     cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=0, protect_min_samples=2)
     for blocks, backlog, want in ((1000, 100, False), (60, 100, True), (60, 17, False)):

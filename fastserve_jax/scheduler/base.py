@@ -123,6 +123,11 @@ class Scheduler(ABC):
         """More than BACKLOG_PER_SLOT live requests per batch slot hold no KV (wait to start)."""
         return len(self) - self.kv.num_kv_requests > BACKLOG_PER_SLOT * self.limits.max_num_seqs
 
+    def host_pools(self) -> int:
+        """Device pools' worth of host blocks new requests may start on, with proactive
+        swapping (batch.fill_batch's host_pools)."""
+        return 1
+
     @abstractmethod
     def priority_order(self) -> Iterator[Request]:
         """Every live request, the one that would run first first."""

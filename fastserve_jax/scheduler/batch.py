@@ -98,7 +98,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
                kv: KVManager, swap: bool = False, swap_in_blocks: int | None = None,
                start_on_host: bool = False, drop_to_start: bool = False,
                keep: Callable[[Request], bool] | None = None,
-               headroom: int | None = None) -> Plan:
+               headroom: int | None = None, host_pools: int = 1) -> Plan:
     """The next plan. `worst_first` is consumed lazily, only when a request must evict;
     it must list the same requests as `best_first` in reverse priority order. `swap`: evicted
     KV goes to the host pool while it has room (see `evict`). `swap_in_blocks` bounds the
@@ -116,7 +116,10 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     device-resident requests a new request may not evict to start (its evictions stop at the
     first one, walking worst first); requests that hold KV still may evict them. `headroom`:
     None, or blocks of growth the running requests are expected to need, when fewer than
-    START_HEADROOM of the start bound (the headroom is then that many blocks)."""
+    START_HEADROOM of the start bound (the headroom is then that many blocks). `host_pools`:
+    with `start_on_host`, how many device pools' worth of host blocks the start bound adds
+    (at most the host pool; skip-join and gittins ask for more where memory binds and
+    lengths are heavy-tailed: SkipJoinMLFQScheduler.host_pools)."""
     plan = Plan()
     budget = limits.max_num_batched_tokens
     free = kv.num_free_blocks
@@ -126,8 +129,8 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     victims_done = False
     held_back = None                  # a victim taken from `victims` but not evicted yet
     # Requests start only while the KV of all started ones fits the device pool, plus at most
-    # one device pool's worth of host blocks when the swap policy brings them back ahead of
-    # need, less START_HEADROOM of that for growth. Beyond that the policy rotates through more
+    # one device pool's worth of host blocks (`host_pools` of them) when the swap policy brings
+    # them back ahead of need, less START_HEADROOM of that for growth. Beyond that the policy rotates through more
     # KV than the pools hold and every switch is a swap or a recomputation (Azure trace near
     # capacity with the whole host pool open: throughput fell to 1/5; with no headroom under
     # recompute, skip-join served 0.88x fcfs's in a 3x Azure burst and recomputed 245k
@@ -145,7 +148,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     if drop_to_start:
         worst_first = list(worst_first)   # walked for drops and for evictions
     elif start_on_host:
-        start_limit += min(kv.num_host_blocks, kv.num_usable_blocks)
+        start_limit += min(kv.num_host_blocks, host_pools * kv.num_usable_blocks)
     reserve = int(start_limit * START_HEADROOM)
     start_limit -= reserve if headroom is None else min(reserve, headroom)
     admit_new = True

@@ -156,7 +156,7 @@ class MLFQScheduler(Scheduler):
         self.promote_starving(now)
         return fill_batch(QueueWalk(self.queues, self.kv.where), self.worst_first(), self.limits, self.kv, self.swap_on_evict,
                           self.swap_in_blocks, self.starts_on_host(), self.drops_to_start(), self.kept_from_starts(),
-                          self.start_headroom())
+                          self.start_headroom(), self.host_pools())
 
     def starts_on_host(self) -> bool:
         """Whether new requests may start on the host pool's share (batch.fill_batch's

@@ -21,6 +21,9 @@ MEMORY_BOUND_COVERAGE = 0.9
 # Learned lengths with at most this coefficient of variation (censoring-aware) are light-tailed:
 # there new requests start within the device pool only (SkipJoinMLFQScheduler.starts_on_host).
 LIGHT_TAIL_CV = 0.75
+# Where memory binds and the learned lengths are heavier-tailed than that, new requests may start
+# on this many device pools' worth of host blocks (SkipJoinMLFQScheduler.host_pools).
+HEAVY_TAIL_HOST_POOLS = 2
 
 
 class SkipJoinMLFQScheduler(MLFQScheduler):
@@ -88,6 +91,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         self._entry_levels: dict[int, int] = {}   # prompt tokens -> entry_level
         self._light = False                # learned lengths light-tailed and a batch fits (starts_on_host)
         self._mean_len = 0.0               # the learned mean output length (tokens)
+        self._heavy_bound = False          # memory binds and the learned lengths are not light-tailed
         k = c.prompt_neighbors if c.protect_decodes else 0
         self.joins = PredictedJoins(c.gittins_window, k) if k else None     # predicted_joins.py
 
@@ -207,6 +211,21 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         1.16-1.18x without)."""
         return self.start_on_host and not self._light
 
+    def host_pools(self) -> int:
+        """HEAVY_TAIL_HOST_POOLS where memory binds and the learned lengths are heavier-tailed
+        than LIGHT_TAIL_CV, else 1 (batch.fill_batch's start bound). There a demoted request
+        has run long and is expected to run longer, and its KV waits on the host while the
+        requests ranked above it run; a host share of one device pool filled with such KV,
+        and new requests waited for the long ones to finish, as under fcfs (a tenth of
+        OPT-13B's KV, heavy-tailed lengths at 0.9x of capacity, below any backlog: short
+        answers waited 17 s for a first token against srpt's 1.3 s; latency per token 304 ms,
+        90 ms with two pools, 60 ms with four, fcfs's 551). Four and three pools' worth lost
+        elsewhere (more swapping: chat-like tenth 8x burst 0.947x fcfs's throughput with
+        three), and all of the host pool for light-tailed lengths or full device KV too cost
+        the Azure tenth at 0.9x (46 -> 54 ms) and mlfq's code-completion 3x burst (0.947x
+        fcfs's throughput): docs/scheduling_log.md, "Demoted requests wait on the host"."""
+        return HEAVY_TAIL_HOST_POOLS if self._heavy_bound else 1
+
     def batch_slots(self) -> int:
         """Once learned: the typical requests (median prompt + mean output) the device pool
         holds, at most max_num_seqs. Where memory binds, that many run at once, and
@@ -267,6 +286,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         fresh = table.index(0, self.cost_model.prefill_time(prompt) / slot)
         self._memory_bound = not self._batch_fits(prompt, table.mean)
         self._light = not self._memory_bound and table.cv <= LIGHT_TAIL_CV
+        self._heavy_bound = self._memory_bound and table.cv > LIGHT_TAIL_CV
         if self._memory_bound:
             until = next((a for a in range(table.max_len) if table.index(a) < fresh), table.max_len)
             if 1.0 - table.surv[until] < MEMORY_BOUND_COVERAGE:      # P(X <= until): finished while protected
