@@ -97,10 +97,14 @@ class LearnedLengthPolicy(IndexPolicy):
                           sum(self.pooled) / len(self.pooled))
 
     # -- starvation (SchedulerConfig.gittins_starvation_threshold) -----------------------------
+    def starvation_threshold(self) -> float:
+        """Seconds idle before a request is promoted, before the stretch (starvation_limit)."""
+        return self.config.gittins_starvation_threshold
+
     def starving(self, now: float) -> list[Request]:
         """Requests promoted for waiting: every live request idle past the starvation limit
         joins the back of this list and stays in it until it finishes."""
-        limit = starvation_limit(self.config.gittins_starvation_threshold, len(self), self._slots)
+        limit = starvation_limit(self.starvation_threshold(), len(self), self._slots)
         if limit > 0:
             idle, promoted = self._idle, self._promoted
             while idle:
