@@ -100,7 +100,8 @@ class SchedulerConfig:
       measured; 10 s cost 1.6-3x latency per token in 1.5x bursts, 40 s let p99 JCT reach 2x
       fcfs's. For gittins (since 2026-12-05; before, no bound) its worst p99 JCT in the
       simulator grid went from 4.8x fcfs's to 2.7x (two other arrival draws: 4.1-4.7x either
-      way, its worst mean-JCT misses 1.16-1.27x -> 1.08-1.10x).
+      way, its worst mean-JCT misses 1.16-1.27x -> 1.08-1.10x). Gittins doubles it while its
+      backlog drops are on (GittinsScheduler.starvation_threshold).
     """
 
     base_quantum: float = 0.010

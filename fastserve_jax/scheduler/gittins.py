@@ -15,8 +15,8 @@ Until `gittins_min_samples` requests have finished it is skip-join MLFQ; then th
 requests move over, keeping their KV.
 
 A request idle past the starvation limit (SchedulerConfig.gittins_starvation_threshold,
-stretched by the live requests per batch slot) runs before every other request until it
-finishes, as under predictive. Without that bound the index let requests it ranked low wait
+twice that while the backlog drops are on, stretched by the live requests per batch slot)
+runs before every other request until it finishes, as under predictive. Without that bound the index let requests it ranked low wait
 out a burst: with a tenth of OPT-13B's KV, p99 JCT 1.6-4.8x fcfs's at 0.75-1.5x of capacity
 (heavy-tailed and Azure traces), and mean JCT up to 1.22x skip-join's; with it 1.2-1.8x and
 at most 1.03x (arrival seed 0; two other draws: misses of up to 1.27x became at most 1.10x,
