@@ -706,8 +706,9 @@ def test_skip_join_drops_to_start_only_where_memory_binds_and_a_backlog_waits():
 
 
 def test_gittins_drops_to_start_where_memory_binds_a_backlog_waits_and_lengths_are_heavy_tailed():
-    """As skip-join's (above), and only once the learned lengths' CV is over LIGHT_TAIL_CV."""
-    cfg = SchedulerConfig(starvation_threshold=0, gittins_starvation_threshold=0, gittins_min_samples=4,
+    """As skip-join's (above), and only once the learned lengths' CV is over LIGHT_TAIL_CV; while
+    it drops, it waits twice gittins_starvation_threshold to promote (starvation_threshold)."""
+    cfg = SchedulerConfig(starvation_threshold=0, gittins_starvation_threshold=20, gittins_min_samples=4,
                           gittins_refresh=1, protect_min_samples=2)
     heavy, alike = (1, 1, 2, 1, 3, 1, 60, 2), (20, 22, 19, 21, 20, 23, 18, 21)
     for blocks, backlog, lengths, want in ((40, 100, heavy, True), (40, 100, alike, False),
@@ -722,25 +723,7 @@ def test_gittins_drops_to_start_where_memory_binds_a_backlog_waits_and_lengths_a
         run(sched, kv)
         waiting = len(sched) - kv.num_kv_requests
         assert sched.warmup is None and sched.drops_to_start() is want, (blocks, backlog, lengths, waiting)
-
-
-def test_gittins_waits_twice_as_long_to_promote_while_its_backlog_drops_are_on():
-    """GittinsScheduler.starvation_threshold: twice gittins_starvation_threshold where it drops
-    host KV to start (memory binds, heavy-tailed lengths, a backlog), the threshold elsewhere."""
-    cfg = SchedulerConfig(starvation_threshold=0, gittins_starvation_threshold=20, gittins_min_samples=4,
-                          gittins_refresh=1, protect_min_samples=2)
-    heavy = (1, 1, 2, 1, 3, 1, 60, 2)
-    for blocks, backlog, drops in ((40, 100, True), (40, 17, False), (1000, 100, False)):
-        sched, kv = make("gittins", seqs=4, cfg=cfg, num_blocks=blocks)
-        for i, n in enumerate(heavy):                       # learned lengths
-            sched.add(req(f"h{i}", 50, 0.0, n))
-        while len(sched):
-            run(sched, kv)
-        for i in range(backlog):
-            sched.add(req(f"r{i}", 50, 0.0, 5))
-        run(sched, kv)
-        assert sched.drops_to_start() is drops
-        assert sched.starvation_threshold() == (40.0 if drops else 20.0), (blocks, backlog)
+        assert sched.starvation_threshold() == (40.0 if want else 20.0)
 
 
 @settings(max_examples=40, deadline=None)

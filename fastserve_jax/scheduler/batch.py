@@ -130,18 +130,18 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     held_back = None                  # a victim taken from `victims` but not evicted yet
     # Requests start only while the KV of all started ones fits the device pool, plus at most
     # one device pool's worth of host blocks (`host_pools` of them) when the swap policy brings
-    # them back ahead of need, less START_HEADROOM of that for growth. Beyond that the policy rotates through more
-    # KV than the pools hold and every switch is a swap or a recomputation (Azure trace near
-    # capacity with the whole host pool open: throughput fell to 1/5; with no headroom under
-    # recompute, skip-join served 0.88x fcfs's in a 3x Azure burst and recomputed 245k
-    # tokens). The headroom is 1/16 rather than 1/8: with a tenth of OPT-13B's KV the pool
-    # holds a few requests, and 1/8 of it idle cost 6-8% of throughput against fcfs, which
-    # keeps no headroom (code completion, 3x burst: srpt 0.925x with 1/8, 0.967x with 1/16).
-    # It applies to the host share too: a full host pool turns the evictions that growth
-    # needs into recomputation (mlfq, code completion, 3x: 0.949x -> 0.960x). Host KV counts
-    # only for proactive swapping: with reactive swapping, new requests that pushed paused
-    # KV to the host left it there, returning only through the stall budget, and the batch
-    # ran two-thirds full (code completion, 3x burst: 0.88x fcfs's throughput).
+    # them back ahead of need, less START_HEADROOM of that for growth. Beyond that the policy
+    # rotates through more KV than the pools hold and every switch is a swap or a recomputation
+    # (Azure trace near capacity with the whole host pool open: throughput fell to 1/5; with no
+    # headroom under recompute, skip-join served 0.88x fcfs's in a 3x Azure burst and recomputed
+    # 245k tokens). The headroom is 1/16 rather than 1/8: with a tenth of OPT-13B's KV the pool
+    # holds a few requests, and 1/8 of it idle cost 6-8% of throughput against fcfs, which keeps
+    # no headroom (code completion, 3x burst: srpt 0.925x with 1/8, 0.967x with 1/16). It
+    # applies to the host share too: a full host pool turns the evictions that growth needs into
+    # recomputation (mlfq, code completion, 3x: 0.949x -> 0.960x). Host KV counts only for
+    # proactive swapping: with reactive swapping, new requests that pushed paused KV to the host
+    # left it there, returning only through the stall budget, and the batch ran two-thirds full
+    # (code completion, 3x burst: 0.88x fcfs's throughput).
     started = kv.num_used_blocks + kv.num_host_used_blocks
     start_limit = kv.num_usable_blocks
     drop_to_start = drop_to_start and (start_on_host or swap)    # host KV to drop exists

@@ -219,11 +219,12 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         and new requests waited for the long ones to finish, as under fcfs (a tenth of
         OPT-13B's KV, heavy-tailed lengths at 0.9x of capacity, below any backlog: short
         answers waited 17 s for a first token against srpt's 1.3 s; latency per token 304 ms,
-        90 ms with two pools, 60 ms with four, fcfs's 551). Four and three pools' worth lost
+        90 ms with two pools, 60 ms with four, fcfs's 551). Three or four pools' worth lost
         elsewhere (more swapping: chat-like tenth 8x burst 0.947x fcfs's throughput with
-        three), and all of the host pool for light-tailed lengths or full device KV too cost
-        the Azure tenth at 0.9x (46 -> 54 ms) and mlfq's code-completion 3x burst (0.947x
-        fcfs's throughput): docs/scheduling_log.md, "Demoted requests wait on the host"."""
+        three), and two pools for every policy and trace cost the light-tailed Azure trace
+        with a tenth of the KV at 0.9x (46 -> 54 ms) and mlfq's code-completion 3x burst with
+        full device KV, where two pools are the whole host pool (0.947x fcfs's throughput):
+        docs/scheduling_log.md, "Demoted requests wait on the host"."""
         return HEAVY_TAIL_HOST_POOLS if self._heavy_bound else 1
 
     def batch_slots(self) -> int:
