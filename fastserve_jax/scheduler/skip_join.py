@@ -213,18 +213,12 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
 
     def host_pools(self) -> int:
         """HEAVY_TAIL_HOST_POOLS where memory binds and the learned lengths are heavier-tailed
-        than LIGHT_TAIL_CV, else 1 (batch.fill_batch's start bound). There a demoted request
-        has run long and is expected to run longer, and its KV waits on the host while the
-        requests ranked above it run; a host share of one device pool filled with such KV,
-        and new requests waited for the long ones to finish, as under fcfs (a tenth of
-        OPT-13B's KV, heavy-tailed lengths at 0.9x of capacity, below any backlog: short
-        answers waited 17 s for a first token against srpt's 1.3 s; latency per token 304 ms,
-        90 ms with two pools, 60 ms with four, fcfs's 551). Three or four pools' worth lost
-        elsewhere (more swapping: chat-like tenth 8x burst 0.947x fcfs's throughput with
-        three), and two pools for every policy and trace cost the light-tailed Azure trace
-        with a tenth of the KV at 0.9x (46 -> 54 ms) and mlfq's code-completion 3x burst with
-        full device KV, where two pools are the whole host pool (0.947x fcfs's throughput):
-        docs/scheduling_log.md, "Demoted requests wait on the host"."""
+        than LIGHT_TAIL_CV, else 1 (batch.fill_batch's start bound). There the KV of demoted
+        requests, expected to run long, waits on the host, and one pool's worth filled up:
+        new requests waited for the long ones to finish, as under fcfs (a tenth of OPT-13B's
+        KV, heavy-tailed lengths at 0.9x of capacity: latency per token 304 ms, 90 ms with
+        two pools, fcfs's 551). More pools, or light tails and full device KV too, cost
+        elsewhere (docs/scheduling_log.md, "Demoted requests wait on the host")."""
         return HEAVY_TAIL_HOST_POOLS if self._heavy_bound else 1
 
     def batch_slots(self) -> int:
