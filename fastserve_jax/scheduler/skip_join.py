@@ -91,7 +91,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         self._entry_levels: dict[int, int] = {}   # prompt tokens -> entry_level
         self._light = False                # learned lengths light-tailed and a batch fits (starts_on_host)
         self._mean_len = 0.0               # the learned mean output length (tokens)
-        self._heavy_bound = False          # memory binds and the learned lengths are not light-tailed
+        self._cv = 0.0                     # the learned lengths' coefficient of variation
         k = c.prompt_neighbors if c.protect_decodes else 0
         self.joins = PredictedJoins(c.gittins_window, k) if k else None     # predicted_joins.py
 
@@ -219,7 +219,8 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         KV, heavy-tailed lengths at 0.9x of capacity: latency per token 304 ms, 90 ms with
         two pools, fcfs's 551). More pools, or light tails and full device KV too, cost
         elsewhere (docs/scheduling_log.md, "Demoted requests wait on the host")."""
-        return HEAVY_TAIL_HOST_POOLS if self._heavy_bound else 1
+        heavy_bound = self._learned and self._memory_bound and self._cv > LIGHT_TAIL_CV
+        return HEAVY_TAIL_HOST_POOLS if heavy_bound else 1
 
     def batch_slots(self) -> int:
         """Once learned: the typical requests (median prompt + mean output) the device pool
@@ -281,7 +282,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         fresh = table.index(0, self.cost_model.prefill_time(prompt) / slot)
         self._memory_bound = not self._batch_fits(prompt, table.mean)
         self._light = not self._memory_bound and table.cv <= LIGHT_TAIL_CV
-        self._heavy_bound = self._memory_bound and table.cv > LIGHT_TAIL_CV
+        self._cv = table.cv
         if self._memory_bound:
             until = next((a for a in range(table.max_len) if table.index(a) < fresh), table.max_len)
             if 1.0 - table.surv[until] < MEMORY_BOUND_COVERAGE:      # P(X <= until): finished while protected
