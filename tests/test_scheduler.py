@@ -673,24 +673,80 @@ def test_start_bound_takes_the_host_pools_a_policy_asks_for():
         assert ([s.request.request_id for s in plan.scheduled] == ["new"]) == starts, pools
 
 
-def test_skip_join_and_gittins_start_on_two_host_pools_where_memory_binds_and_lengths_are_heavy_tailed():
-    """host_pools: 2 once learned lengths heavier-tailed than LIGHT_TAIL_CV say a device pool
-    holds fewer typical requests than max_num_seqs; 1 with lengths alike, with room for a
-    full batch, or before anything is learned."""
+def test_backfill_starts_past_a_promoted_request_held_back_and_leaves_it_room():
+    """32 usable blocks, start bound 30. h holds 14; big (20 blocks, more than half the bound)
+    is past the bound, so it waits. Strictly in order, or if big was not promoted for
+    waiting, nothing else starts; with backfill past the promoted big, small (8) starts,
+    since big + small fit the bound, but small2 (4) does not: big + small + small2 would not.
+    Once h finishes big starts beside small, and the requests started past it are forgotten.
+    A held-back request of half the bound or less keeps the order."""
+    from fastserve_jax.scheduler.batch import fill_batch
+    for backfill, promoted in ((None, ("big",)), ({}, ()), ({}, ("big",))):
+        kv = KVManager(33, 4)
+        h, big, small, small2 = req("h", 56, 0.0), req("big", 80, 0.1), req("small", 32, 0.2), req("small2", 16, 0.3)
+        kv.allocate(h, 56)
+        h.num_computed_tokens = 56
+        order = [h, big, small, small2]
+        plan = fill_batch(order, order[::-1], Limits(4, 1000), kv, backfill=backfill, promoted=promoted)
+        ran = [s.request.request_id for s in plan.scheduled]
+        if backfill is None or not promoted:
+            assert ran == ["h"] and not backfill
+            continue
+        assert ran == ["h", "small"] and list(backfill) == ["small"]
+        kv.allocate(small, 32)
+        small.num_computed_tokens = 32
+        kv.free(h)
+        plan = fill_batch(order[1:], order[:0:-1], Limits(4, 1000), kv, backfill=backfill, promoted=promoted)
+        assert [s.request.request_id for s in plan.scheduled] == ["big", "small"] and backfill == {}
+    kv = KVManager(33, 4)
+    h, mid, small = req("h", 80, 0.0), req("mid", 60, 0.1), req("small", 16, 0.2)    # 20, 15 and 4 blocks
+    kv.allocate(h, 80)
+    h.num_computed_tokens = 80
+    plan = fill_batch([h, mid, small], [small, mid, h], Limits(4, 1000), kv, backfill={}, promoted=("mid",))
+    assert [s.request.request_id for s in plan.scheduled] == ["h"]
+
+
+def test_mlfq_names_the_requests_it_promoted_for_waiting():
+    """promoted(): a request moved to the top queue by starvation promotion, until it leaves
+    the policy or moves again; not one that entered the top queue on its own."""
+    cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=1.0, protect_decodes=False)
+    sched, _ = make(cfg=cfg)
+    top, low = req("top", 50, 0.0), req("low", 9000, 0.0)         # queues 0 and 4
+    sched.add(top)
+    sched.add(low)
+    assert not sched.promoted()
+    sched.promote_starving(100.0)
+    assert set(sched.promoted()) == {"low"} and low.queue_level == 0
+    sched._move(low, 2)
+    assert not sched.promoted()
+    sched.promote_starving(300.0)
+    sched.remove(low)
+    assert not sched.promoted()
+
+
+def test_skip_join_and_gittins_take_two_host_pools_or_backfill_where_memory_binds_and_lengths_are_heavy_tailed():
+    """heavy_bound: once learned lengths heavier-tailed than LIGHT_TAIL_CV say a device pool
+    holds fewer typical requests than max_num_seqs. There host_pools is 2 (else 1, as before
+    anything is learned), and backfills() holds while new requests start within the device
+    pool (reactive swapping, recompute), not with proactive swapping's host share. Not with
+    lengths alike or room for a full batch, and never for the policies that learn nothing."""
     cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=0, gittins_starvation_threshold=0,
                           gittins_min_samples=4, gittins_refresh=1, protect_min_samples=4)
     heavy, alike = (1, 1, 2, 1, 3, 1, 60, 2), (20, 22, 19, 21, 20, 23, 18, 21)
-    for policy in ("skip-join-mlfq", "gittins"):
-        for blocks, lengths, want in ((40, heavy, 2), (40, alike, 1), (1000, heavy, 1)):
+    for policy in ("skip-join-mlfq", "gittins", "fcfs", "mlfq", "srpt"):
+        learns = policy in ("skip-join-mlfq", "gittins")
+        for blocks, lengths, want in ((40, heavy, learns), (40, alike, False), (1000, heavy, False)):
             sched, kv = make(policy, seqs=4, cfg=cfg, num_blocks=blocks)
-            assert sched.host_pools() == 1                  # nothing learned yet
+            assert sched.host_pools() == 1 and not sched.backfills()       # nothing learned yet
             for i, n in enumerate(lengths):
                 sched.add(req(f"h{i}", 50, 0.0, n))
             while len(sched):
                 run(sched, kv)
             sched.add(req("next", 50, 0.0, 5))
             run(sched, kv)
-            assert sched.host_pools() == want, (policy, blocks, lengths)
+            assert (sched.host_pools(), sched.backfills()) == ((2, True) if want else (1, False)), (policy, blocks, lengths)
+            sched.start_on_host = True
+            assert not sched.backfills(), (policy, blocks, lengths)
 
 
 def test_skip_join_drops_to_start_only_where_memory_binds_and_a_backlog_waits():

@@ -41,6 +41,9 @@ from fastserve_jax.request import Request
 # Where memory binds, a backlog of more than this many waiting requests per batch slot turns
 # on fill_batch's drop_to_start (Scheduler.backlog_waits; skip-join's and gittins' drops_to_start).
 BACKLOG_PER_SLOT = 4
+# Where memory binds and lengths are heavy-tailed (Scheduler.heavy_bound), new requests may start
+# on this many device pools' worth of host blocks with proactive swapping (Scheduler.host_pools).
+HEAVY_TAIL_HOST_POOLS = 2
 
 
 class ScheduledRequest(NamedTuple):
@@ -93,6 +96,8 @@ class Scheduler(ABC):
         # True: host KV comes back ahead of need (proactive swapping), so new requests may
         # start on the strength of the host pool and push paused KV there (batch.fill_batch).
         self.start_on_host = False
+        # The requests started past a new one the start bound held back (Scheduler.backfills).
+        self.backfilled: dict[str, Request] = {}
 
     @abstractmethod
     def add(self, req: Request) -> None:
@@ -123,10 +128,46 @@ class Scheduler(ABC):
         """More than BACKLOG_PER_SLOT live requests per batch slot hold no KV (wait to start)."""
         return len(self) - self.kv.num_kv_requests > BACKLOG_PER_SLOT * self.limits.max_num_seqs
 
+    def starts_on_host(self) -> bool:
+        """Whether new requests may start on the host pool's share (batch.fill_batch's
+        start_on_host; the swap policy's choice, set before each schedule)."""
+        return self.start_on_host
+
+    def heavy_bound(self) -> bool:
+        """Whether memory binds the batch and the learned lengths are heavy-tailed (skip-join
+        and gittins learn both; the others never say so)."""
+        return False
+
     def host_pools(self) -> int:
         """Device pools' worth of host blocks new requests may start on, with proactive
-        swapping (batch.fill_batch's host_pools)."""
-        return 1
+        swapping (batch.fill_batch's host_pools): HEAVY_TAIL_HOST_POOLS where heavy_bound, else
+        1. There the KV of demoted requests, expected to run long, waits on the host, and one
+        pool's worth filled up: new requests waited for the long ones to finish, as under
+        fcfs (a tenth of OPT-13B's KV, heavy-tailed lengths at 0.9x of capacity: skip-join's
+        latency per token 304 ms, 90 ms with two pools, fcfs's 551; gittins' 177 and 90 ms).
+        More pools, or light tails and full device KV too, cost elsewhere
+        (docs/scheduling_log.md, "Demoted requests wait on the host")."""
+        return HEAVY_TAIL_HOST_POOLS if self.heavy_bound() else 1
+
+    def promoted(self) -> Container[str]:
+        """Ids of the requests promoted for waiting (starvation), which run first for
+        fairness rather than for their rank: the only ones fill_batch's backfill starts past."""
+        return ()
+
+    def backfills(self) -> bool:
+        """Whether new requests may start past a request promoted for waiting that the start
+        bound holds back, leaving it room (batch.fill_batch's backfill): where heavy_bound
+        and new requests start within the device pool (reactive swapping, recompute). There
+        the promoted request was often a long one needing most of the pool, every request
+        behind it waited, and as a burst drained the batch ran 1.7 requests on average against
+        fcfs's 2.6 (a tenth of OPT-13B's KV, heavy-tailed lengths, 0.95x of capacity:
+        skip-join/reactive served 0.947x fcfs's throughput). Not with proactive swapping,
+        whose host share already lets new requests start past the long ones, nor where
+        lengths are alike: the requests started past it hold their blocks until they finish,
+        ahead of better-ranked ones arriving later (Azure trace, a tenth of the KV, reactive:
+        latency per token 57 -> 148 ms at 0.9x of capacity when every policy backfilled past
+        any request; docs/scheduling_log.md, "Backfill past a promoted request")."""
+        return self.heavy_bound() and not self.starts_on_host()
 
     @abstractmethod
     def priority_order(self) -> Iterator[Request]:

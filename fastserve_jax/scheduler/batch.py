@@ -30,6 +30,17 @@ of paused requests ranked below it, lowest first, until it fits: those prefill a
 as under recompute. With reactive swapping the bound is the device pool
 anyway, and host KV counts against it until dropped the same way.
 
+With `backfill` (skip-join and gittins where memory binds, lengths are heavy-tailed and new
+requests start within the device pool: Scheduler.backfills) a request promoted for waiting
+that the start bound holds back, and that needs more than half of the bound, does not stop
+the others: one ranked below it may start if it fits the bound and if it, the held-back one
+and every request started past a held-back one so far (the dict the policy keeps, emptied
+when a new request starts in order) fit the bound together. So the held-back one waits for
+the KV holders that were there before it, not for those started past it (but for their
+growth). In strict order such a request ran nearly alone as a burst drained; one that is
+first by its rank, or that a few finishing holders make room for, keeps the order
+(docs/scheduling_log.md, "Backfill past a promoted request").
+
 The best-ranked KV holder can always evict every other paused holder, and admission checks
 that one request fits the whole pool, so some request always runs.
 """
@@ -49,6 +60,8 @@ DECODE_LOOKAHEAD = 4
 # Started requests' KV stays this fraction of the device pool below its size, room for the
 # running ones to grow before they evict paused ones (see fill_batch's start bound).
 START_HEADROOM = 1 / 16
+# With backfill, look this many requests without KV past the one the start bound holds back.
+BACKFILL_LOOKAHEAD = 64
 
 
 class QueueWalk:
@@ -98,7 +111,8 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
                kv: KVManager, swap: bool = False, swap_in_blocks: int | None = None,
                start_on_host: bool = False, drop_to_start: bool = False,
                keep: Callable[[Request], bool] | None = None,
-               headroom: int | None = None, host_pools: int = 1) -> Plan:
+               headroom: int | None = None, host_pools: int = 1,
+               backfill: dict[str, Request] | None = None, promoted: Container[str] = ()) -> Plan:
     """The next plan. `worst_first` is consumed lazily, only when a request must evict;
     it must list the same requests as `best_first` in reverse priority order. `swap`: evicted
     KV goes to the host pool while it has room (see `evict`). `swap_in_blocks` bounds the
@@ -119,7 +133,11 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     START_HEADROOM of the start bound (the headroom is then that many blocks). `host_pools`:
     with `start_on_host`, how many device pools' worth of host blocks the start bound adds
     (at most the host pool; skip-join and gittins ask for more where memory binds and
-    lengths are heavy-tailed: SkipJoinMLFQScheduler.host_pools)."""
+    lengths are heavy-tailed: Scheduler.host_pools). `backfill`: None (strict order: no
+    request without KV starts past one that does not fit), or the requests started past a
+    request of `promoted` (ids of requests promoted for waiting) that the start bound held
+    back, kept by the policy across iterations (Scheduler.backfills; see the module
+    docstring)."""
     plan = Plan()
     budget = limits.max_num_batched_tokens
     free = kv.num_free_blocks
@@ -142,6 +160,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     # proactive swapping: with reactive swapping, new requests that pushed paused KV to the host
     # left it there, returning only through the stall budget, and the batch ran two-thirds full
     # (code completion, 3x burst: 0.88x fcfs's throughput).
+    where_of = kv.where.get
     started = kv.num_used_blocks + kv.num_host_used_blocks
     start_limit = kv.num_usable_blocks
     drop_to_start = drop_to_start and (start_on_host or swap)    # host KV to drop exists
@@ -152,13 +171,19 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     reserve = int(start_limit * START_HEADROOM)
     start_limit -= reserve if headroom is None else min(reserve, headroom)
     admit_new = True
+    blocked = 0                       # with backfill: blocks of the new request the bound held back
+    held = 0                          # with backfill: blocks the requests started past it hold
+    if backfill is not None:
+        for rid in [rid for rid in backfill if where_of(rid, KVLocation.NONE) is KVLocation.NONE]:
+            del backfill[rid]         # finished, or dropped: no longer in the way
+        held = sum(kv.blocks_for_tokens(r.num_tokens) for r in backfill.values())
+        looked = 0
     fallback = None                   # the best host request passed over for swap_in_blocks
     donors: list[int] = []            # plan.scheduled indices of prefill chunks of > 1 token
     past_budget = 0                   # requests walked after the budget ran out
     # Once no new request may start and every KV holder has been walked, the rest of the walk
     # (in a burst, a long queue of waiting requests) can schedule nothing: it ends there.
     holders_left = kv.num_kv_requests  # KV holders not walked yet
-    where_of = kv.where.get
     walk = best_first if isinstance(best_first, QueueWalk) else None
     for req in itertools.chain(best_first, (None,)):
         if walk is not None and not admit_new:        # only KV holders can run from here on
@@ -206,7 +231,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
                                                           (comes_back > swap_in_blocks and fit > free)):
             fallback = fallback or req
             continue
-        if not holds and started and started + fit > start_limit and drop_to_start:
+        if not holds and started and started + fit > start_limit and drop_to_start and not blocked:
             for v in worst_first:                     # the host KV of paused requests ranked below
                 if started + fit <= start_limit or v is req:
                     break
@@ -216,7 +241,15 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
                 evicted.add(vid)
                 plan.preempted.append(v)
                 started -= kv.host_blocks(v)
-        if not holds and started and started + fit > start_limit:      # alone, anything admitted fits
+        if not holds and blocked:             # a backfill: it must leave room for the held-back one
+            if started + fit > start_limit or blocked + held + fit > start_limit:
+                looked += 1
+                admit_new = looked < BACKFILL_LOOKAHEAD
+                continue
+        elif not holds and started and started + fit > start_limit:    # alone, anything admitted fits
+            if backfill is not None and rid in promoted and 2 * fit > start_limit:
+                blocked = fit
+                continue
             admit_new = False
             continue
         if fit > free and (holds or (swap and start_on_host)) and not victims_done:
@@ -248,6 +281,13 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
         if n > 1:
             donors.append(len(plan.scheduled))
         plan.scheduled.append(ScheduledRequest(req, n))
+        if not holds and backfill is not None:
+            if blocked:
+                backfill[rid] = req
+                held += fit
+            elif backfill:                            # started in order: nothing waits on them
+                backfill.clear()
+                held = 0
         started += fit if not holds else 0
         plan.host_blocks -= comes_back                # coming back: its host blocks take evictions
         if swap_in_blocks is not None:

@@ -32,7 +32,7 @@ from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan
 from fastserve_jax.scheduler.gittins_table import GittinsTable
 from fastserve_jax.scheduler.learned import LearnedLengthPolicy
-from fastserve_jax.scheduler.skip_join import HEAVY_TAIL_HOST_POOLS, LIGHT_TAIL_CV
+from fastserve_jax.scheduler.skip_join import LIGHT_TAIL_CV
 
 
 class GittinsScheduler(LearnedLengthPolicy):
@@ -99,18 +99,13 @@ class GittinsScheduler(LearnedLengthPolicy):
         chat-like bursts. Not where lengths are alike: there a paused request is nearly done,
         and dropping it cost code completion's bursts 1-3% of throughput and of mean JCT
         (docs/scheduling_log.md, "Gittins drops host KV to start in a backlog")."""
-        return self._heavy_bound() and self.backlog_waits()
+        return self.heavy_bound() and self.backlog_waits()
 
-    def _heavy_bound(self) -> bool:
-        """Learned lengths heavier-tailed than LIGHT_TAIL_CV, and memory binds the batch."""
+    def heavy_bound(self) -> bool:
+        """Learned lengths heavier-tailed than LIGHT_TAIL_CV, and memory binds the batch
+        (Scheduler.host_pools: heavy-tailed lengths, a tenth of OPT-13B's KV, 0.9x / 0.95x of
+        capacity: latency per token 177 / 243 ms became 90 / 142 ms with two pools)."""
         return self._heavy and self._slots < self.limits.max_num_seqs
-
-    def host_pools(self) -> int:
-        """Skip-join's (SkipJoinMLFQScheduler.host_pools): HEAVY_TAIL_HOST_POOLS where memory
-        binds and the learned lengths are heavier-tailed than LIGHT_TAIL_CV. Heavy-tailed
-        lengths, a tenth of OPT-13B's KV, 0.9x / 0.95x of capacity: latency per token 177 /
-        243 ms became 90 / 142 ms, mean JCT 17.7 / 21.8 s became 13.5 / 17.2 s."""
-        return HEAVY_TAIL_HOST_POOLS if self._heavy_bound() else 1
 
     def starvation_threshold(self) -> float:
         """Twice gittins_starvation_threshold while its backlog drops are on (drops_to_start:

@@ -97,7 +97,8 @@ class IndexPolicy(Scheduler):
         """fill_batch over order(requests in key order, popped off the heap lazily)."""
         popped: list = []
         plan = fill_batch(order(self._best_first(popped)), worst_first, self.limits, self.kv, self.swap_on_evict,
-                          self.swap_in_blocks, self.start_on_host, self.drops_to_start(), host_pools=self.host_pools())
+                          self.swap_in_blocks, self.starts_on_host(), self.drops_to_start(), host_pools=self.host_pools(),
+                          backfill=self.backfilled if self.backfills() else None, promoted=self.promoted())
         for e in popped:
             heapq.heappush(self._heap, e)
         return plan

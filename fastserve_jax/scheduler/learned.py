@@ -122,6 +122,9 @@ class LearnedLengthPolicy(IndexPolicy):
                 yield req
         yield from reversed(front)
 
+    def promoted(self) -> Container[str]:
+        return self._promoted
+
     def promoted_first(self, ranked: Iterable[Request]) -> Iterator[Request]:
         """The promoted requests in the order they were promoted, then `ranked` without them."""
         yield from self._promoted.values()

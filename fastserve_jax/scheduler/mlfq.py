@@ -41,6 +41,7 @@ class MLFQScheduler(Scheduler):
         self.queues: list[dict[str, Request]] = [{} for _ in self.quanta]
         self._live: dict[str, Request] = {}
         self._idle: OrderedDict[str, float] = OrderedDict()   # request id -> idle since, oldest first
+        self._promoted: set[str] = set()     # moved to the top queue by promote_starving, not moved since
 
     def __len__(self) -> int:
         return len(self._live)
@@ -70,8 +71,13 @@ class MLFQScheduler(Scheduler):
         if self._live.pop(rid, None) is not None:
             del self._idle[rid]
             del self.queues[req.queue_level][rid]
+            self._promoted.discard(rid)
+
+    def promoted(self) -> Container[str]:
+        return self._promoted
 
     def _move(self, req: Request, level: int) -> None:
+        self._promoted.discard(req.request_id)
         del self.queues[req.queue_level][req.request_id]
         req.queue_level = level
         req.attained_service = 0.0
@@ -149,6 +155,7 @@ class MLFQScheduler(Scheduler):
             req = self._live[rid]
             if req.queue_level != 0:
                 self._move(req, 0)
+                self._promoted.add(rid)
             idle.move_to_end(rid)
             idle[rid] = now
 
@@ -156,12 +163,8 @@ class MLFQScheduler(Scheduler):
         self.promote_starving(now)
         return fill_batch(QueueWalk(self.queues, self.kv.where), self.worst_first(), self.limits, self.kv, self.swap_on_evict,
                           self.swap_in_blocks, self.starts_on_host(), self.drops_to_start(), self.kept_from_starts(),
-                          self.start_headroom(), self.host_pools())
-
-    def starts_on_host(self) -> bool:
-        """Whether new requests may start on the host pool's share (batch.fill_batch's
-        start_on_host; the swap policy's choice, set before each schedule)."""
-        return self.start_on_host
+                          self.start_headroom(), self.host_pools(),
+                          self.backfilled if self.backfills() else None, self._promoted)
 
     def drops_to_start(self) -> bool:
         """Whether new requests may drop lower-ranked host KV to start (batch.fill_batch)."""

@@ -21,9 +21,6 @@ MEMORY_BOUND_COVERAGE = 0.9
 # Learned lengths with at most this coefficient of variation (censoring-aware) are light-tailed:
 # there new requests start within the device pool only (SkipJoinMLFQScheduler.starts_on_host).
 LIGHT_TAIL_CV = 0.75
-# Where memory binds and the learned lengths are heavier-tailed than that, new requests may start
-# on this many device pools' worth of host blocks (SkipJoinMLFQScheduler.host_pools).
-HEAVY_TAIL_HOST_POOLS = 2
 
 
 class SkipJoinMLFQScheduler(MLFQScheduler):
@@ -211,16 +208,9 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         1.16-1.18x without)."""
         return self.start_on_host and not self._light
 
-    def host_pools(self) -> int:
-        """HEAVY_TAIL_HOST_POOLS where memory binds and the learned lengths are heavier-tailed
-        than LIGHT_TAIL_CV, else 1 (batch.fill_batch's start bound). There the KV of demoted
-        requests, expected to run long, waits on the host, and one pool's worth filled up:
-        new requests waited for the long ones to finish, as under fcfs (a tenth of OPT-13B's
-        KV, heavy-tailed lengths at 0.9x of capacity: latency per token 304 ms, 90 ms with
-        two pools, fcfs's 551). More pools, or light tails and full device KV too, cost
-        elsewhere (docs/scheduling_log.md, "Demoted requests wait on the host")."""
-        heavy_bound = self._learned and self._memory_bound and self._cv > LIGHT_TAIL_CV
-        return HEAVY_TAIL_HOST_POOLS if heavy_bound else 1
+    def heavy_bound(self) -> bool:
+        """Once learned: memory binds and the learned lengths' CV is over LIGHT_TAIL_CV."""
+        return self._learned and self._memory_bound and self._cv > LIGHT_TAIL_CV
 
     def batch_slots(self) -> int:
         """Once learned: the typical requests (median prompt + mean output) the device pool
@@ -317,6 +307,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         there (ahead of the newer ones), not at the back as a demotion does. One pass per level."""
         into: dict[int, list[Request]] = {}
         for req, level in moves:
+            self._promoted.discard(req.request_id)
             del self.queues[req.queue_level][req.request_id]
             req.queue_level = level
             req.attained_service = 0.0
