@@ -30,8 +30,8 @@ of paused requests ranked below it, lowest first, until it fits: those prefill a
 as under recompute. With reactive swapping the bound is the device pool
 anyway, and host KV counts against it until dropped the same way.
 
-With `backfill` (skip-join and gittins where memory binds, lengths are heavy-tailed and new
-requests start within the device pool: Scheduler.backfills) a request promoted for waiting
+With `backfill` (skip-join and gittins where memory binds and lengths are heavy-tailed:
+Scheduler.backfills) a request promoted for waiting
 that the start bound holds back, and that needs more than half of the bound, does not stop
 the others: one ranked below it may start if it fits the bound and if it, the held-back one
 and every request started past a held-back one so far (the dict the policy keeps, emptied
