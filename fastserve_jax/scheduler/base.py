@@ -161,7 +161,7 @@ class Scheduler(ABC):
         request behind it waited, and as a burst drained the batch ran 1.7 requests on
         average against fcfs's 2.6 (a tenth of OPT-13B's KV, heavy-tailed lengths, 0.95x of
         capacity: skip-join/reactive served 0.947x fcfs's throughput; with proactive
-        swapping the host share let new requests past, and backfill took 3-13% off skip-join's
+        swapping the host share let new requests past, and backfill took 1-15% off skip-join's
         latency per token in the bursts). Not where lengths are alike: the requests started
         past it hold their blocks until they finish, ahead of better-ranked ones arriving
         later (Azure trace, a tenth of the KV, reactive: latency per token 57 -> 148 ms at
