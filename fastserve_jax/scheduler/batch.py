@@ -31,15 +31,15 @@ as under recompute. With reactive swapping the bound is the device pool
 anyway, and host KV counts against it until dropped the same way.
 
 With `backfill` (skip-join and gittins where memory binds and lengths are heavy-tailed:
-Scheduler.backfills) a request promoted for waiting
-that the start bound holds back, and that needs more than half of the bound, does not stop
-the others: one ranked below it may start if it fits the bound and if it, the held-back one
-and every request started past a held-back one so far (the dict the policy keeps, emptied
-when a new request starts in order) fit the bound together. So the held-back one waits for
-the KV holders that were there before it, not for those started past it (but for their
-growth). In strict order such a request ran nearly alone as a burst drained; one that is
-first by its rank, or that a few finishing holders make room for, keeps the order
-(docs/scheduling_log.md, "Backfill past a promoted request").
+Scheduler.backfills) a request promoted for waiting that the start bound holds back, and
+that needs more than half of the bound, does not stop the others: one ranked below it may
+start if it fits the bound and if it, the held-back one and every request started past a
+held-back one so far (the dict the policy keeps, emptied when a new request starts in order)
+fit the bound together. So the held-back one waits for the KV holders that were there before
+it, not for those started past it (but for their growth). In strict order such a request ran
+nearly alone as a burst drained; one that is first by its rank, or that a few finishing
+holders make room for, keeps the order (docs/scheduling_log.md, "Backfill past a promoted
+request").
 
 The best-ranked KV holder can always evict every other paused holder, and admission checks
 that one request fits the whole pool, so some request always runs.

@@ -164,7 +164,7 @@ class MLFQScheduler(Scheduler):
         return fill_batch(QueueWalk(self.queues, self.kv.where), self.worst_first(), self.limits, self.kv, self.swap_on_evict,
                           self.swap_in_blocks, self.starts_on_host(), self.drops_to_start(), self.kept_from_starts(),
                           self.start_headroom(), self.host_pools(),
-                          self.backfilled if self.backfills() else None, self._promoted)
+                          self.backfilled if self.backfills() else None, self.promoted())
 
     def drops_to_start(self) -> bool:
         """Whether new requests may drop lower-ranked host KV to start (batch.fill_batch)."""
