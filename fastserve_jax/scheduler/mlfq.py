@@ -77,11 +77,17 @@ class MLFQScheduler(Scheduler):
         return self._promoted
 
     def _move(self, req: Request, level: int) -> None:
+        """To the back of queue `level`, its service there starting from zero."""
+        self._take(req, level)
+        self.queues[level][req.request_id] = req
+
+    def _take(self, req: Request, level: int) -> None:
+        """Out of its queue, bound for `level` (no longer promoted for waiting); the caller
+        inserts it there."""
         self._promoted.discard(req.request_id)
         del self.queues[req.queue_level][req.request_id]
         req.queue_level = level
         req.attained_service = 0.0
-        self.queues[level][req.request_id] = req
 
     # -- the iteration ---------------------------------------------------------------------
     def best_first(self) -> Iterator[Request]:

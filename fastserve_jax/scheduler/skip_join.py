@@ -307,10 +307,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         there (ahead of the newer ones), not at the back as a demotion does. One pass per level."""
         into: dict[int, list[Request]] = {}
         for req, level in moves:
-            self._promoted.discard(req.request_id)
-            del self.queues[req.queue_level][req.request_id]
-            req.queue_level = level
-            req.attained_service = 0.0
+            self._take(req, level)
             into.setdefault(level, []).append(req)
         for level, reqs in into.items():
             reqs.sort(key=lambda r: r.arrival_time)
