@@ -175,6 +175,21 @@ def test_bad_requests_get_openai_errors(live, path, body, status, message):
     assert set(err["error"]) == {"message", "type", "param", "code"} and message in err["error"]["message"], err
 
 
+def test_a_top_k_past_int32_samples_with_every_token_and_faults_nothing(live):
+    """top_k is any integer >= -1 (vLLM's); one of 2**31 or more overflowed the sampler's int32
+    array in the engine step: a 500 counted as an engine fault, so three such requests left
+    /health, and every later request, at 503."""
+    faults = live.metric("fastserve_engine_faults_total")
+    body = dict(prompt=demo_task.make_prompt(1, 30), max_tokens=8, temperature=0.8, seed=3)
+    status, _, want = live.post("/v1/completions", body)
+    assert status == 200, want
+    for k in (2 ** 31, 10 ** 20):
+        status, _, got = live.post("/v1/completions", dict(body, top_k=k))
+        assert status == 200, got
+        assert got["choices"][0]["text"] == want["choices"][0]["text"]   # k past the vocabulary: top-k off
+    assert live.metric("fastserve_engine_faults_total") == faults and live.get("/health")[0] == 200
+
+
 def test_huge_body_wrong_method_unknown_route(live):
     status, _, err = live.post("/v1/completions", b'{"prompt": "' + b"a" * (200 << 10) + b'"}')
     assert status == 413 and "larger than the server's limit of 65536 bytes" in err["error"]["message"]

@@ -78,6 +78,9 @@ class LaunchWork:
                    None if m["penalties"] is None else Penalties(*m["penalties"]), m.get("src"))
 
 
+_INT32_MAX = np.iinfo(np.int32).max
+
+
 def sampling_arrays(rows: list[Request | None]) -> SamplingArrays:
     n = len(rows)
     temp = np.zeros(n, np.float32)
@@ -88,7 +91,8 @@ def sampling_arrays(rows: list[Request | None]) -> SamplingArrays:
     for i, r in enumerate(rows):
         if r is not None:
             sp = r.sampling
-            temp[i], top_k[i], top_p[i] = sp.temperature, sp.top_k, sp.top_p
+            # any top_k >= the vocabulary keeps every token, so one past int32 (vLLM takes any) is capped
+            temp[i], top_k[i], top_p[i] = sp.temperature, min(sp.top_k, _INT32_MAX), sp.top_p
             seed[i], step[i] = r.seed & 0xFFFFFFFF, r.num_tokens - r.num_prompt_tokens   # pending ones too
     return SamplingArrays(temp, top_k, top_p, seed, step)
 
