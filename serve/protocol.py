@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,11 +99,35 @@ def parse_body(raw: bytes) -> dict:
         raise bad_request("the request body nests arrays or objects too deeply; flatten it")
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
+    if _ESCAPED_SURROGATE.search(text) and _has_lone_surrogate(body):
+        raise bad_request("the request body has an unpaired UTF-16 surrogate escape (\\ud800-\\udfff without its "
+                          "other half: no Unicode character); send text as UTF-8 or escape both halves of a pair")
     return body
 
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number; send finite numbers")
+
+
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")    # valid UTF-8 holds none unescaped
+_SURROGATE = re.compile("[\ud800-\udfff]")    # what json.loads leaves of an escape without its pair
+
+
+def _has_lone_surrogate(body: dict) -> bool:
+    """Whether a key or string anywhere in `body` holds half a surrogate pair (no tokenizer,
+    and no UTF-8 writer of an error naming it, takes one). Iterative: bodies nest deeply."""
+    stack: list[Any] = [body]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
 
 
 # -- field checks -------------------------------------------------------------------------

@@ -157,6 +157,11 @@ BAD = [
     (b'{"prompt": "count from 1 to 3:", "max_tokens": 600}', 400, "maximum context length is 512 tokens"),
     (b'{"prompt": "x", "model": "gpt-4"}', 404, "does not exist"),
     (b'{"max_tokens": 3}', 400, "'prompt' is required"),
+    # a lone UTF-16 surrogate escape: was a 500 from the tokenizer, or from writing the error naming it
+    (b'{"prompt": "a\\ud800b"}', 400, "unpaired UTF-16 surrogate"),
+    (b'{"prompt": ["x", "\\udfff"]}', 400, "unpaired UTF-16 surrogate"),
+    (b'{"prompt": "x", "model": "\\ud83c"}', 400, "unpaired UTF-16 surrogate"),
+    (b'{"prompt": "x", "\\ud800": 1}', 400, "unpaired UTF-16 surrogate"),
 ]
 BAD_CHAT = [
     (b'{"messages": "hi"}', 400, "'messages' must be a non-empty array"),
@@ -164,6 +169,7 @@ BAD_CHAT = [
     (b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400, "text only"),
     (b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', 400, 'needs "logprobs": true'),
     (b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 9999}', 400, "context length"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}', 400, "surrogate"),
 ]
 
 
@@ -173,6 +179,11 @@ def test_bad_requests_get_openai_errors(live, path, body, status, message):
     got, _, err = live.post(path, body, {"Content-Type": "application/json"})
     assert got == status, err
     assert set(err["error"]) == {"message", "type", "param", "code"} and message in err["error"]["message"], err
+
+
+def test_an_escaped_surrogate_pair_is_one_character(live):
+    status, _, out = live.post("/v1/completions", b'{"prompt": "\\ud83c\\udf89 1", "max_tokens": 1, "echo": true}')
+    assert status == 200 and out["choices"][0]["text"].startswith("\U0001f389 1"), out
 
 
 def test_a_top_k_past_int32_samples_with_every_token_and_faults_nothing(live):
