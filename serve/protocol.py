@@ -114,19 +114,17 @@ _SURROGATE = re.compile("[\ud800-\udfff]")    # what json.loads leaves of an esc
 
 
 def _has_lone_surrogate(body: dict) -> bool:
-    """Whether a key or string anywhere in `body` holds half a surrogate pair (no tokenizer,
-    and no UTF-8 writer of an error naming it, takes one). Iterative: bodies nest deeply."""
+    """Whether a key or string anywhere in `body` holds half a surrogate pair (no tokenizer, and
+    no UTF-8 writer of an error naming it, takes one); iterative, as bodies nest deeply."""
     stack: list[Any] = [body]
     while stack:
         v = stack.pop()
-        if isinstance(v, str):
-            if _SURROGATE.search(v):
-                return True
-        elif isinstance(v, dict):
-            stack.extend(v)
-            stack.extend(v.values())
+        if isinstance(v, str) and _SURROGATE.search(v):
+            return True
+        if isinstance(v, dict):
+            stack += [*v, *v.values()]
         elif isinstance(v, list):
-            stack.extend(v)
+            stack += v
     return False
 
 
@@ -212,6 +210,9 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
         if not (k.isascii() and k.isdigit()) or isinstance(b, bool) or not isinstance(b, (int, float)) or \
                 not -100 <= b <= 100:
             raise bad_request(f"'logit_bias' must be {what}; got {k!r}: {b!r}", "logit_bias")
+        k = k.lstrip("0") or "0"          # int() refuses 4,300 digits or more
+        if len(k) > 18:
+            raise bad_request(f"'logit_bias' names a token id of {len(k)} digits, past any vocabulary", "logit_bias")
         out[int(k)] = float(b)
     if len(out) > MAX_LOGIT_BIAS:
         raise bad_request(f"'logit_bias' names {len(out)} tokens; at most {MAX_LOGIT_BIAS} are allowed", "logit_bias")

@@ -162,6 +162,8 @@ BAD = [
     (b'{"prompt": ["x", "\\udfff"]}', 400, "unpaired UTF-16 surrogate"),
     (b'{"prompt": "x", "model": "\\ud83c"}', 400, "unpaired UTF-16 surrogate"),
     (b'{"prompt": "x", "\\ud800": 1}', 400, "unpaired UTF-16 surrogate"),
+    # was a 500: int() refuses 4,300 digits or more
+    (json.dumps({"prompt": "x", "logit_bias": {"1" * 5000: 1}}).encode(), 400, "past any vocabulary"),
 ]
 BAD_CHAT = [
     (b'{"messages": "hi"}', 400, "'messages' must be a non-empty array"),
