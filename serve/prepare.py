@@ -83,9 +83,10 @@ def prepare(job: Job, eng: "LLMEngine | EngineInfo") -> tuple[list[tuple[list[in
             raise bad_request(f"{where}{e}", "messages" if job.chat else "prompt")
         max_tokens = job.max_tokens if job.max_tokens is not None else limit - len(ids)
         if len(ids) + max_tokens > limit:
+            total = f" ({len(ids) + max_tokens} in all)" if max_tokens <= limit else ""   # str(): 4,300 digits at most
             raise bad_request(
                 f"{where}{context} is {limit} tokens, but the prompt has {len(ids)} "
-                f"tokens and {max_tokens} more were requested ({len(ids) + max_tokens} in all); lower "
+                f"tokens and {max_tokens} more were requested{total}; lower "
                 f"{'max_completion_tokens' if job.chat else 'max_tokens'} to at most {limit - len(ids)} or "
                 "shorten the prompt", "max_completion_tokens" if job.chat else "max_tokens")
         if job.min_tokens > max_tokens:

@@ -155,6 +155,8 @@ BAD = [
     (b'{"prompt": [99999]}', 400, "token ids must be in [0, 1270)"),
     (json.dumps({"prompt": "count " * 600}).encode(), 400, "max_model_len is 512"),
     (b'{"prompt": "count from 1 to 3:", "max_tokens": 600}', 400, "maximum context length is 512 tokens"),
+    # was a 500: the message's prompt + max_tokens had more digits than str() writes
+    (b'{"prompt": "x", "max_tokens": ' + b"9" * 4300 + b"}", 400, "maximum context length is 512 tokens"),
     (b'{"prompt": "x", "model": "gpt-4"}', 404, "does not exist"),
     (b'{"max_tokens": 3}', 400, "'prompt' is required"),
     # a lone UTF-16 surrogate escape: was a 500 from the tokenizer, or from writing the error naming it
@@ -171,6 +173,7 @@ BAD_CHAT = [
     (b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400, "text only"),
     (b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', 400, 'needs "logprobs": true'),
     (b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 9999}', 400, "context length"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": ' + b"9" * 4300 + b"}", 400, "context length"),
     (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}', 400, "surrogate"),
 ]
 
