@@ -11,7 +11,9 @@ invalid parameters or a prompt longer than the context (the message states the l
 --max-body-bytes, 503 with Retry-After while warming up, draining, when the admission
 queue (--max-pending engine requests; n choices count n) is full, or once the engine
 process was lost, 500 only for engine faults, which fail the requests of that iteration
-and never the server (a lost engine process fails its live requests).
+and never the server (a lost engine process fails its live requests). After FAULTY_AFTER
+failed iterations in a row /health is 503 and requests are let in one at a time (503 for
+the others) until an iteration succeeds.
 
 A client that disconnects, streaming or not, aborts its requests; their KV is freed
 before the engine's next iteration.
@@ -51,7 +53,7 @@ if TYPE_CHECKING:     # the engine (and jax) load in the engine loop; this proce
     from fastserve_jax.serve.engine_process import ProcessTransport
 
 log = logging.getLogger("fastserve_jax.serve")
-FAULTY_AFTER = 3       # consecutive failed iterations before /health reports the engine failing
+FAULTY_AFTER = 3       # consecutive failed iterations before /health reports the engine failing (Server.admit)
 
 
 @dataclass(frozen=True)
@@ -81,18 +83,29 @@ class Server:
         self.preparer = ThreadPoolExecutor(1, thread_name_prefix="fastserve-prepare")
 
     def status(self) -> tuple[int, str]:
+        """/health's answer: 503 while unavailable() or while the engine is failing (the last
+        FAULTY_AFTER iterations raised)."""
+        down = self.unavailable()
+        if down is not None:
+            return 503, down
+        h = self.engine.health
+        if h.consecutive_faults >= FAULTY_AFTER:
+            return 503, (f"engine failing: the last {h.consecutive_faults} iterations raised (see the server log); "
+                         "requests are let in one at a time until an iteration succeeds")
+        return 200, "ok"
+
+    def unavailable(self) -> str | None:
+        """Why no request can be served now, or None."""
         h = self.engine.health
         if h.startup_error:
-            return 503, f"failed to start: {h.startup_error}"
+            return f"failed to start: {h.startup_error}"
         if h.lost:
-            return 503, f"engine lost: {h.lost} (see the server log); restart the server"
+            return f"engine lost: {h.lost} (see the server log); restart the server"
         if self.draining or self.engine.stopped:
-            return 503, "shutting down"
+            return "shutting down"
         if not h.ready:
-            return 503, "warming up (compiling); retry shortly"
-        if h.consecutive_faults >= FAULTY_AFTER:
-            return 503, f"engine failing: the last {h.consecutive_faults} iterations raised (see the server log)"
-        return 200, "ok"
+            return "warming up (compiling); retry shortly"
+        return None
 
     def check_auth(self, request: Request) -> None:
         key = self.cfg.api_key
@@ -110,17 +123,24 @@ class Server:
                                 "(see GET /v1/models)", param="model", code="model_not_found")
 
     def check_serving(self) -> None:
-        status, message = self.status()
-        if status != 200:
-            self.metrics.rejected.labels("unavailable").inc()
-            raise APIError(503, f"the server is not serving: {message}",
-                           headers={"Retry-After": str(self.cfg.retry_after)})
+        message = self.unavailable()
+        if message is not None:
+            self._refuse(message)
+
+    def _refuse(self, message: str) -> None:
+        self.metrics.rejected.labels("unavailable").inc()
+        raise APIError(503, f"the server is not serving: {message}", headers={"Retry-After": str(self.cfg.retry_after)})
 
     def admit(self, count: int) -> None:
         pending, cap = self.engine.num_pending, self.cfg.max_pending
         if count > cap:
             raise APIError(400, f"this request needs {count} engine requests (prompts x n) but the server admits "
                                 f"at most {cap} at once; send fewer prompts or a smaller n", param="n")
+        if pending and self.engine.health.consecutive_faults >= FAULTY_AFTER:
+            # A failing engine takes one request (group) at a time: the step it needs is the only
+            # way the fault count can reset (a transient fault), and a lasting one fails no more
+            # than that request. Refusing every request kept a server failing for good.
+            self._refuse(self.status()[1])
         if pending + count > cap:
             self.metrics.rejected.labels("queue_full").inc()
             raise overloaded(f"the admission queue is full ({pending} of {cap} requests pending); retry after "

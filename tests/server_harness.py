@@ -150,3 +150,16 @@ class LiveServer:
         raise TimeoutError(f"server not idle after {timeout} s: pending "
                            f"{m[('fastserve_server_pending_requests', ())]}, KV blocks "
                            f"{m[('fastserve_kv_blocks_used', (('pool', 'device'),))]}")
+
+
+def fail_three_steps(engine) -> None:
+    """For `LiveServer.on_engine`: the engine's next three iterations raise (then the class's
+    step serves again), enough for /health to call it failing (serve/app.py FAULTY_AFTER)."""
+    left = [3]
+
+    def failing_step():
+        left[0] -= 1
+        if not left[0]:
+            del engine.step
+        raise RuntimeError("injected device fault")
+    engine.step = failing_step

@@ -16,7 +16,7 @@ import pytest
 from fastserve_jax.models import demo_task
 from fastserve_jax.serve import bench_client
 from fastserve_jax.serve.app import ServerConfig
-from server_harness import LiveServer, fail_next_step, load_pairs
+from server_harness import LiveServer, fail_next_step, fail_three_steps, load_pairs
 
 openai = pytest.importorskip("openai")
 
@@ -287,6 +287,25 @@ def test_engine_fault_fails_requests_and_server_keeps_serving(live, client):
     assert live.get("/health")[0] == 200 and live.metric("fastserve_engine_faults_total") == 1
     live.wait_idle()
     live.on_engine(lambda e: e.kv.check_integrity())
+
+
+def test_a_failing_engine_takes_one_request_at_a_time_and_recovers(live):
+    """Three failed iterations in a row make /health 503 'engine failing'; every request used to
+    be refused from then on, so no iteration could run to reset the count and the server stayed
+    failing after a transient fault. Now one request is let in, and its success clears it."""
+    live.on_engine(fail_three_steps)
+    for _ in range(3):
+        status, _, err = live.post("/v1/completions", _counting(3, 9))
+        assert status == 500 and "injected device fault" in err["error"]["message"]
+    deadline = time.monotonic() + 5
+    while live.get("/health")[0] == 200 and time.monotonic() < deadline:    # the health event trails the 500
+        time.sleep(0.02)
+    status, _, raw = live.get("/health")
+    assert status == 503 and b"engine failing" in raw
+    status, _, out = live.post("/v1/completions", _counting(3, 30))
+    assert status == 200 and demo_task.check_answer(3, 30, out["choices"][0]["text"])
+    assert live.get("/health")[0] == 200
+    live.wait_idle()
 
 
 def test_load_200_requests_32_clients_with_disconnects(live):
