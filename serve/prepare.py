@@ -87,8 +87,7 @@ def prepare(job: Job, eng: "LLMEngine | EngineInfo") -> tuple[list[tuple[list[in
             raise bad_request(
                 f"{where}{context} is {limit} tokens, but the prompt has {len(ids)} "
                 f"tokens and {max_tokens} more were requested{total}; lower "
-                f"{'max_completion_tokens' if job.chat else 'max_tokens'} to at most {limit - len(ids)} or "
-                "shorten the prompt", "max_completion_tokens" if job.chat else "max_tokens")
+                f"{job.limit_field} to at most {limit - len(ids)} or shorten the prompt", job.limit_field)
         if job.min_tokens > max_tokens:
             raise bad_request(f"{where}'min_tokens' is {job.min_tokens} but at most {max_tokens} tokens can be "
                               "generated; lower it", "min_tokens")

@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastserve_jax.config import MAX_LOGPROBS
@@ -82,6 +82,7 @@ class Job:
     echo: bool                      # completions: the prompt text before each choice's text
     min_tokens: int = 0
     logit_bias: dict[int, float] | None = None      # token id -> bias
+    limit_field: str = "max_tokens"  # the field that set max_tokens (chat: max_completion_tokens unless max_tokens)
 
 
 def parse_body(raw: bytes) -> dict:
@@ -98,7 +99,7 @@ def parse_body(raw: bytes) -> dict:
     except RecursionError:
         raise bad_request("the request body nests arrays or objects too deeply; flatten it")
     if not isinstance(body, dict):
-        raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
+        raise bad_request(f"the request body must be a JSON object, got {_typename(body)}")
     if _ESCAPED_SURROGATE.search(text) and _has_lone_surrogate(body):
         raise bad_request("the request body has an unpaired UTF-16 surrogate escape (\\ud800-\\udfff without its "
                           "other half: no Unicode character); send text as UTF-8 or escape both halves of a pair")
@@ -384,7 +385,9 @@ def parse_chat(body: dict) -> Job:
     if top is not None and not want:
         raise bad_request("'top_logprobs' needs \"logprobs\": true", "top_logprobs")
     _no_tools(body)
-    return _common(body, True, [_messages(body["messages"])], max_tokens, (top or 0) if want else None)
+    job = _common(body, True, [_messages(body["messages"])], max_tokens, (top or 0) if want else None)
+    named = body.get("max_completion_tokens") is not None or body.get("max_tokens") is None   # the newer name
+    return replace(job, limit_field="max_completion_tokens") if named else job
 
 
 def _no_tools(body: dict) -> None:

@@ -135,6 +135,7 @@ def test_sampling_parameters_and_extensions(client):
 BAD = [
     (b"{bad json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "must be a JSON object"),
+    (b"null", 400, "must be a JSON object, got null"),
     (b'{"prompt": "\xff\xfe"}', 400, "not valid UTF-8"),
     (b"[" * 60000, 400, "too deeply"),
     (b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", 400, "digits"),
@@ -172,7 +173,9 @@ BAD_CHAT = [
     (b'{"messages": [{"role": "wizard", "content": "x"}]}', 400, "'role' one of"),
     (b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400, "text only"),
     (b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', 400, 'needs "logprobs": true'),
-    (b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 9999}', 400, "context length"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 9999}', 400,
+     "lower max_completion_tokens to"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 9999}', 400, "lower max_tokens to"),
     (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": ' + b"9" * 4300 + b"}", 400, "context length"),
     (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}', 400, "surrogate"),
 ]
