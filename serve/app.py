@@ -132,6 +132,10 @@ class Server:
         raise APIError(503, f"the server is not serving: {message}", headers={"Retry-After": str(self.cfg.retry_after)})
 
     def admit(self, count: int) -> None:
+        """Room for `count` engine requests, checked right before they are submitted: the state
+        is read again, as the server may have begun to drain (or its engine to stop, which made
+        submit() raise: a 500) while the request was being tokenized."""
+        self.check_serving()
         pending, cap = self.engine.num_pending, self.cfg.max_pending
         if count > cap:
             raise APIError(400, f"this request needs {count} engine requests (prompts x n) but the server admits "

@@ -311,6 +311,24 @@ def test_a_failing_engine_takes_one_request_at_a_time_and_recovers(live):
     live.wait_idle()
 
 
+def test_a_drain_that_begins_while_a_prompt_is_tokenized_refuses_it_with_a_503(live, monkeypatch):
+    """The serving state was read only before tokenizing: a drain (or an engine stop, then a
+    500 from submit) that began meanwhile let the request through."""
+    from fastserve_jax.serve import app as app_mod
+    srv, prepare = live.state, app_mod.prepare
+
+    def prepare_then_drain(job, eng):
+        out = prepare(job, eng)
+        srv.draining = True
+        return out
+    monkeypatch.setattr(app_mod, "prepare", prepare_then_drain)
+    try:
+        status, headers, err = live.post("/v1/completions", _counting(3, 9))
+    finally:
+        srv.draining = False
+    assert status == 503 and "shutting down" in err["error"]["message"] and "retry-after" in map(str.lower, headers)
+
+
 def test_load_200_requests_32_clients_with_disconnects(live):
     rng = np.random.default_rng(5)
     n = 200
