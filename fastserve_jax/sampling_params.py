@@ -86,10 +86,15 @@ class SamplingParams:
             v = getattr(self, name)
             if not _is_number(v) or not -2.0 <= v <= 2.0:
                 raise ValueError(f"{name} must be a number in [-2, 2] (0 disables it), got {v!r}")
-        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        # a list or tuple only: an iterator would be used up by the check below (its stops lost),
+        # a dict or set would pass its keys, a number would raise TypeError
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop if isinstance(self.stop, (list, tuple)) \
+            else [None] if self.stop is not None else []
         if not all(isinstance(s, str) and s for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         object.__setattr__(self, "stop", list(stops))
+        if not isinstance(self.ignore_eos, bool):         # "no" would be true, and ignore EOS
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         ids = self.stop_token_ids or []
         if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
             raise ValueError(f"stop_token_ids must be a list of non-negative token ids, got {self.stop_token_ids!r}")

@@ -119,6 +119,10 @@ def test_fcfs_preempts_latest_when_kv_runs_out():
     (dict(top_k=-2), "top_k"),
     (dict(logprobs=21), "logprobs"),
     (dict(stop=[""]), "stop"),
+    (dict(stop=5), "stop must be"),                  # a TypeError before
+    (dict(stop=iter(["END"])), "stop must be"),      # accepted with its stops lost before
+    (dict(stop={"END": 1}), "stop must be"),
+    (dict(ignore_eos="no"), "ignore_eos"),           # accepted as true before
     (dict(stop_token_ids=5), "stop_token_ids"),
     (dict(temperature=True), "temperature"),
     (dict(top_p=True), "top_p"),
