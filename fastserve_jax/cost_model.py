@@ -48,7 +48,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from typing import Iterable, Sequence
 
 SHIPPED_DIR = os.path.join(os.path.dirname(__file__), "cost_models")
@@ -195,11 +195,21 @@ class CostModel:
 
     @classmethod
     def from_json(cls, d: dict) -> "CostModel":
+        if not isinstance(d, dict):
+            raise ValueError(f"a cost model table is a JSON object, got {type(d).__name__}")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"cost model table has unknown keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**d)
+        required = [k for k, f in cls.__dataclass_fields__.items() if f.default is MISSING]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"cost model table lacks the key(s) {missing}; {', '.join(required)} are required")
+        try:
+            return cls(**d)
+        except TypeError as e:      # a list where a number belongs, or a number where a list does
+            raise ValueError(f"cost model {d['name']!r}: a value has the wrong type ({e}); the tables are lists "
+                             "of numbers, the other figures numbers") from None
 
     @classmethod
     def load(cls, name_or_path: str) -> "CostModel":
@@ -211,7 +221,10 @@ class CostModel:
             raise ValueError(f"no cost model {name_or_path!r}: give a JSON file path or one of the shipped "
                              f"names {shipped_cost_models()}")
         with open(path) as f:
-            return cls.from_json(json.load(f))
+            try:
+                return cls.from_json(json.load(f))
+            except ValueError as e:     # JSON or UTF-8 that does not parse, a table that does not check
+                raise ValueError(f"cost model file {path}: {e}") from None
 
 
 def shipped_cost_models() -> list[str]:

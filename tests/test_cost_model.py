@@ -193,3 +193,18 @@ def test_an_engine_whose_pool_holds_fewer_blocks_than_a_batch_profiles_and_serve
     assert eng.kv.num_free_blocks == eng.kv.num_usable_blocks
     outs = llm.generate([[5, 6, 7]] * 6, SP(max_tokens=4, ignore_eos=True))
     assert [len(o.token_ids) for o in outs] == [4] * 6
+
+
+@pytest.mark.parametrize("text, says", [
+    ("{}", "lacks the key(s) ['name'"),                    # a TypeError traceback before
+    ("[1, 2]", "a JSON object, got list"),
+    ('{"name": "x", "prefill_tokens": 5, "prefill_seconds": [1], "decode_batch": [1], "decode_seconds": [1]}',
+     "wrong type"),
+    ("{", "Expecting property name"),                       # the file was not named before
+])
+def test_a_malformed_cost_model_file_is_a_value_error_naming_the_file(tmp_path, text, says):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="cost model file .*bad.json") as e:
+        CostModel.load(str(path))
+    assert says in str(e.value)
