@@ -48,7 +48,7 @@ from fastserve_jax.workload import TraceRequest, chat_output_lengths, load_trace
 # and jax, which `fastserve-jax --help`, `simulate` and `serve`'s own start do without
 from fastserve_jax.serve import bench_client
 from fastserve_jax.serve.engine_args import add_engine_args, engine_argv, parse_engine_args
-from fastserve_jax.serve.simulate_cmd import add_slo_args, print_summary
+from fastserve_jax.serve.simulate_cmd import add_slo_args, check_output, print_summary
 
 DEMO_MAX_TOKENS = 257   # the shipped demo model answers spans B - A <= 255: 256 numbers + EOS
 TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", "azure_conv_2023.csv")
@@ -316,6 +316,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     rates = sorted(a.rate or [4.0])
     for bad, msg in ((a.unloaded_probe < 1, f"--unloaded-probe must be >= 1, got {a.unloaded_probe}"),
                      (a.num_requests < 1, f"--num-requests must be >= 1, got {a.num_requests}"),
+                     (not (np.isfinite(a.output_scale) and a.output_scale > 0),   # NaN failed once a server ran
+                      f"--output-scale must be a finite number > 0, got {a.output_scale}"),
                      (not all(np.isfinite(r) and r > 0 for r in rates),
                       f"every --rate must be a finite number > 0 requests/s, got {rates}")):
         if bad:
@@ -327,6 +329,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
               f"ignored, and the table names the policy the server at {a.url} reports", file=sys.stderr)
     try:            # bad input fails here, before a server starts and warms up
         pick_requests(a.trace, a.num_requests, a.arrivals == "trace", rates[0], a.workload_seed)
+        check_output(a.json, "--json")                      # not after the servers ran
         health = server_health(a.url) if a.url else {}
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

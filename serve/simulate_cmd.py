@@ -122,6 +122,21 @@ _sigma = _number(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0
 _tau = _number(lambda v: 0 < v <= 1, "a Kendall's tau in (0, 1] (1 = exact lengths)")
 
 
+def check_output(path: str | None, flag: str) -> None:
+    """A ValueError now if `flag`'s file could not be written when the run ends (a directory, a
+    folder that cannot be made or written), so that the run's results are not lost to it."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot make its folder ({e.strerror})") from None
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag} {path}: " + ("a directory; give a file name" if os.path.isdir(path)
+                                               else "its folder is not writable"))
+
+
 def add_slo_args(p: argparse.ArgumentParser, latency_default: str) -> None:
     """--slo and --slo-latency-per-token (simulate and bench alike)."""
     g = p.add_argument_group("service levels")
@@ -180,6 +195,10 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     from fastserve_jax.workload import capacity_rps, load_trace, with_arrivals
 
     try:
+        if a.num_requests is not None and a.num_requests < 1:
+            raise ValueError(f"--num-requests must be >= 1 (or left out: the whole trace), got {a.num_requests}")
+        check_output(a.json, "--json")
+        check_output(a.plot, "--plot")
         cost = CostModel.load(a.cost_model)
         trace, timed = load_trace(a.trace, a.num_requests)
         knobs = {k: v for k, v in (("base_quantum", a.base_quantum), ("quantum_ratio", a.quantum_ratio),

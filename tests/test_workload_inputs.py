@@ -99,7 +99,9 @@ def test_simulate_load_is_a_fraction_of_the_capacity_within_its_token_budget(tra
     (["--rate", "nan"], "finite"), (["--load", "nan"], "finite"), (["--rate", "inf"], "finite"),
     (["--load", "inf"], "finite"), (["--rate", "1", "--arrival", "gamma", "--cv", "0"], "--cv"),
     (["--rate", "1", "--arrival", "gamma", "--cv", "-1"], "--cv"),
-    (["--rate", "1", "--kv-capacity-tokens", "100"], "--kv-capacity-tokens")])
+    (["--rate", "1", "--kv-capacity-tokens", "100"], "--kv-capacity-tokens"),
+    (["--rate", "1", "--num-requests", "0"], "--num-requests must be >= 1"),   # "the trace has no requests" before
+    (["--rate", "1", "--json", "/"], "--json /: a directory")])               # a traceback after the run before
 def test_simulate_rejects_bad_input_with_an_error_line(trace, args, msg, capsys):
     assert main(["simulate", "--trace", trace, "--num-requests", "5", "--policy", "fcfs", *args]) == 2
     err = capsys.readouterr().err
@@ -156,3 +158,24 @@ def test_bench_url_errors_clearly_and_warns_of_launch_only_flags(trace, no_launc
     with pytest.raises(no_launch):
         main(["bench", "--trace", trace, "--num-requests", "4", "--url", "http://x:1"])
     assert "warning" not in capsys.readouterr().err
+
+
+def test_output_files_that_cannot_be_written_are_refused_before_the_run(trace, no_launch, capsys):
+    """Once a traceback after the whole run (simulate, bench), its results lost; a folder
+    that does not exist yet is made."""
+    under_a_file = f"{trace}/out.json"
+    assert main(["simulate", "--trace", trace, "--rate", "1", "--plot", under_a_file]) == 2
+    assert f"error: --plot {under_a_file}: cannot make its folder" in capsys.readouterr().err
+    assert main(["bench", "--trace", trace, "--scheduler", "fcfs", "--num-requests", "2", "--json", "/"]) == 2
+    assert "error: --json /: a directory" in capsys.readouterr().err
+    with pytest.raises(no_launch):
+        main(["bench", "--trace", trace, "--scheduler", "fcfs", "--num-requests", "2", "--json",
+              f"{trace}.d/new/out.json"])
+
+
+@pytest.mark.parametrize("scale", ["nan", "0", "-1"])
+def test_bench_refuses_an_output_scale_that_is_not_positive(trace, no_launch, scale, capsys):
+    """NaN failed with a traceback once a server had started; 0 and negatives turned every
+    answer into 2 tokens without a word."""
+    assert main(["bench", "--trace", trace, "--scheduler", "fcfs", "--num-requests", "2", "--output-scale", scale]) == 2
+    assert "error: --output-scale must be a finite number > 0" in capsys.readouterr().err
