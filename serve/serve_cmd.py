@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import math
 import os
 import sys
 import threading
@@ -52,7 +53,7 @@ def add_serve_parser(sub) -> None:
                ".completions.create(model='demo', prompt='count from 3 to 12:', max_tokens=20, temperature=0)")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=_port, default=8000, help="TCP port, 0-65535 (0: any free one)")
     g.add_argument("--served-model-name", default=None,
                    help="the model name clients send (default: 'demo' for the bundled model, else the directory name)")
     g.add_argument("--api-key", default=None,
@@ -61,7 +62,7 @@ def add_serve_parser(sub) -> None:
                    help="admission bound: engine requests admitted and unfinished (n choices count n); "
                         "beyond it requests get 503 with Retry-After")
     g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
-    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+    g.add_argument("--shutdown-timeout", type=_seconds, default=30.0,
                    help="seconds in-flight requests get to finish after SIGINT/SIGTERM")
     g.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=False,
                    help="run the engine in a process of its own, as vLLM does, so that HTTP parsing, tokenizing "
@@ -75,6 +76,29 @@ def add_serve_parser(sub) -> None:
     g.add_argument("--process-id", type=int, default=None, help="this process, 0 = leader (default: $FASTSERVE_PROCESS_ID)")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
+
+
+def _port(text: str) -> int:
+    """An argparse type: uvicorn would bind 70000 as 4464 (mod 2**16) and fail on -1 only
+    after the engine started loading."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 0-65535, got {text!r}")
+    return v
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds >= 0 (NaN failed in the shutdown's timer)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
+    return v
 
 
 def model_name(model: str | None) -> str:

@@ -184,3 +184,17 @@ def test_servers_get_ports_below_the_ephemeral_range(monkeypatch):
         picks = itertools.chain([taken], range(20000, 21000))
         monkeypatch.setattr("random.Random.randrange", lambda self, a, b: next(picks))
         assert unused_port() != taken
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--port", "70000"], "argument --port: must be a port number in 0-65535"),     # bound as 4464 before
+    (["--port", "-1"], "argument --port: must be a port number in 0-65535"),       # uvicorn's error, exit 3
+    (["--shutdown-timeout", "nan"], "argument --shutdown-timeout: must be a finite number"),   # a traceback
+    (["--shutdown-timeout", "-1"], "argument --shutdown-timeout: must be a finite number"),
+])
+def test_serve_refuses_a_bad_port_or_timeout_before_anything_starts(args, says, capsys):
+    from fastserve_jax.serve.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", *args])
+    assert e.value.code == 2 and says in capsys.readouterr().err
