@@ -140,6 +140,7 @@ def test_sampling_params_reject_bad_values(kwargs, match):
     (dict(num_device_blocks=True), "num_device_blocks"),
     (dict(seed="x"), "seed"),
     (dict(seed=None), "seed"),
+    (dict(block_size=100000), "block_size=100000 exceeds max_model_len=2048"),    # minutes per step before
 ])
 def test_engine_config_rejects_bad_values_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
