@@ -35,17 +35,20 @@ def load_trace(path: str, num_requests: int | None = None) -> tuple[list[TraceRe
     naming the file and line."""
     with open(path, newline="") as f:
         rows = csv.DictReader(f)
-        cols = set(rows.fieldnames or ())
-        missing = {"num_prefill_tokens", "num_decode_tokens"} - cols
-        if missing:
-            raise ValueError(f"trace {path} lacks the column(s) {sorted(missing)}; a trace is a CSV with "
-                             "num_prefill_tokens,num_decode_tokens and optionally arrived_at")
-        timed = "arrived_at" in cols
-        out = []
-        for i, r in enumerate(rows):
-            if num_requests is not None and i >= num_requests:
-                break
-            out.append(_trace_row(r, timed, f"trace {path} line {rows.line_num}"))
+        try:
+            cols = set(rows.fieldnames or ())
+            missing = {"num_prefill_tokens", "num_decode_tokens"} - cols
+            if missing:
+                raise ValueError(f"trace {path} lacks the column(s) {sorted(missing)}; a trace is a CSV with "
+                                 "num_prefill_tokens,num_decode_tokens and optionally arrived_at")
+            timed = "arrived_at" in cols
+            out = []
+            for i, r in enumerate(rows):
+                if num_requests is not None and i >= num_requests:
+                    break
+                out.append(_trace_row(r, timed, f"trace {path} line {rows.line_num}"))
+        except (UnicodeDecodeError, csv.Error) as e:    # not text, or a field over csv's limit: name the file
+            raise ValueError(f"trace {path} line {rows.line_num + 1}: not a CSV of UTF-8 text ({e})") from None
     if not out:
         raise ValueError(f"trace {path} has no requests")
     if timed:

@@ -64,6 +64,17 @@ def test_a_bad_row_is_a_value_error_naming_the_file_and_line(tmp_path, rows, wha
         load_trace(write(tmp_path, "nan.csv", HEAD + "0,1,1\nnan,1,1\n"))
 
 
+@pytest.mark.parametrize("data", [b"\xff\xfe\x00garbage", HEAD.encode() + b"0,1,1\n0,\"" + b"1" * 200_000 + b"\",1\n"],
+                         ids=["binary", "a field over csv's limit"])
+def test_a_file_that_is_not_a_text_csv_is_a_value_error_naming_it(tmp_path, data):
+    """A binary file gave the codec's message without the file; a field over csv's size limit
+    raised _csv.Error, a traceback."""
+    path = tmp_path / "bin.csv"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=f"trace {path} line .*not a CSV of UTF-8 text"):
+        load_trace(str(path))
+
+
 def test_capacity_without_a_budget_is_the_documented_formula(trace):
     reqs, _ = load_trace(trace)
     held_each = np.asarray([r.prompt_tokens + r.output_tokens / 2 for r in reqs])
