@@ -34,6 +34,7 @@ has landed, so a request in flight holds both.
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -269,6 +270,26 @@ def auto_num_blocks(model_cfg, cfg, param_bytes: int, layout, memory_fraction: f
         avail = cpu_budget_bytes
     wanted = cfg.max_num_seqs * cfg.max_blocks_per_seq + 1
     return max(2, min(wanted, avail // per_block))
+
+
+def device_pool_blocks(model_cfg, cfg, param_bytes: int, layout) -> int:
+    """cfg.num_device_blocks, or auto_num_blocks where it is 0. A pool asked for that is larger
+    than the memory it would live in (the devices', or the host's on CPU) is a ValueError here,
+    not a MemoryError or an allocator's failure somewhere later."""
+    if not cfg.num_device_blocks:
+        return auto_num_blocks(model_cfg, cfg, param_bytes, layout)
+    dev = layout.devices[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        where, limit = "device", stats["bytes_limit"] * layout.pp * layout.meshes.tp_kv   # the pool's shards
+    else:
+        where, limit = "host", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = cfg.num_device_blocks * kv_block_bytes(model_cfg, cfg)
+    if need > limit:
+        raise ValueError(f"num_device_blocks={cfg.num_device_blocks} needs {need / 2**30:.1f} GiB of KV cache, more "
+                         f"than the {limit / 2**30:.1f} GiB of {where} memory; lower it, or leave it out to size the "
+                         "pool from memory")
+    return cfg.num_device_blocks
 
 
 def auto_num_host_blocks(model_cfg, cfg, num_device_blocks: int, budget_bytes: int = 4 << 30) -> int:

@@ -147,6 +147,7 @@ def test_ctrl_c_during_a_cold_warm_up_stops_the_server_without_compiling_the_res
     (["--max-num-seqs", "0"], "max_num_seqs must be a positive integer"),
     (["--model", "/nonexistent-model-dir"], "is not a model directory"),
     (["--max-model-len", "99999"], "exceeds the model's max_position_embeddings"),
+    (["--num-device-blocks", "1000000000000"], "num_device_blocks=1000000000000 needs"),   # a MemoryError before
 ])
 def test_generate_refuses_a_bad_engine_setting_with_one_line_and_exit_code_2(args, says, capsys):
     from fastserve_jax.serve.cli import main
