@@ -256,8 +256,10 @@ def cmd_simulate(a: argparse.Namespace) -> int:
                  if m['swap_blocks_out'] else "")
         slo = "/".join(f"{100 * s['attained']:.0f}" for s in m["slo_attainment"])
         pred = f"  prediction tau {m['prediction_kendall_tau']:.2f}" if "prediction_kendall_tau" in m else ""
-        print(f"{job[1]:>15} offered {m['offered_rps'] or 0:.3f} served {m['throughput_rps']:.3f} req/s "
-              f"load {m['load'] or 0:.2f}  jct {m['mean_jct']:.2f}s p99 {m['p99_jct']:.2f}s  "
+        offered = "all at once," if m['offered_rps'] is None else f"{m['offered_rps']:.3f}"     # a trace of one instant
+        load = "-" if m['load'] is None else f"{m['load']:.2f}"
+        print(f"{job[1]:>15} offered {offered} served {m['throughput_rps']:.3f} req/s "
+              f"load {load}  jct {m['mean_jct']:.2f}s p99 {m['p99_jct']:.2f}s  "
               f"latency/token {m['mean_latency_per_token'] * 1e3:.1f}ms  ttft {m['mean_ttft']:.2f}s  slo {slo}%  "
               f"recomputed {m['preemptions']}{swaps}{pred}", file=sys.stderr)
         out.setdefault(job[1], []).append(m)

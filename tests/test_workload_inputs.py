@@ -119,6 +119,13 @@ def test_simulate_rejects_bad_input_with_an_error_line(trace, args, msg, capsys)
     assert "error: " in err and msg in err and "Traceback" not in err
 
 
+def test_a_trace_that_arrives_at_one_instant_is_offered_all_at_once(tmp_path, capsys):
+    path = write(tmp_path, "burst.csv", "arrived_at,num_prefill_tokens,num_decode_tokens\n0,10,5\n0,20,5\n")
+    assert main(["simulate", "--trace", path, "--policy", "fcfs"]) == 0
+    err = capsys.readouterr().err
+    assert "offered all at once, served" in err and "offered 0.000" not in err
+
+
 def test_simulate_rejects_a_short_row(tmp_path, capsys):
     path = write(tmp_path, "short.csv", "num_prefill_tokens,num_decode_tokens\n10,5\n20\n")
     assert main(["simulate", "--trace", path, "--rate", "1"]) == 2
