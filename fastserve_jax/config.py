@@ -266,7 +266,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         check_positive_ints(self, ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs",
                                    "block_size", "prefill_tile"))
-        if self.block_size > self.max_model_len:      # launches gather whole blocks: 100000 took minutes a step
+        if self.block_size > max(self.max_model_len, 16):    # launches gather whole blocks: 100000 took minutes a step
             raise ValueError(f"block_size={self.block_size} exceeds max_model_len={self.max_model_len}: a block holds "
                              "one request's KV, so no request would fill one; lower block_size (16 is usual)")
         if not isinstance(self.num_device_blocks, int) or isinstance(self.num_device_blocks, bool) \

@@ -148,6 +148,10 @@ def test_engine_config_rejects_bad_values_at_construction(kwargs, match):
     assert sorted(SCHEDULER_CHOICES) == sorted(POLICIES)      # the names it checks are the policies'
 
 
+def test_a_context_shorter_than_the_default_block_still_takes_the_default_block():
+    assert EngineConfig(max_model_len=8).block_size == 16    # refused only past max(max_model_len, 16)
+
+
 def test_sampler_seed_keeps_32_bit_seeds_and_hashes_the_rest():
     assert [sampler_seed(s) for s in (0, 7, 2**32 - 1)] == [0, 7, 2**32 - 1]
     wide = [sampler_seed(s) for s in (2**32, 2**40, -1, -(2**32), 2**64)]
