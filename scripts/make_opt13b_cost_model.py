@@ -79,6 +79,10 @@ def build() -> CostModel:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    # no options: this only gives --help a usage text instead of writing the file
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     cm = build()
     path = os.path.join(SHIPPED_DIR, f"{cm.name}.json")
     cm.save(path)

@@ -124,6 +124,18 @@ def test_shipped_opt13b_table_is_what_its_derivation_gives():
     assert mod.build() == cm
 
 
+def test_opt13b_script_help_does_not_rewrite_the_shipped_table():
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "make_opt13b_cost_model.py"
+    shipped = script.parents[1] / "fastserve_jax" / "cost_models" / "opt-13b-a100.json"
+    before = shipped.read_bytes()
+    r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage:") and "wrote" not in r.stdout
+    assert shipped.read_bytes() == before
+
+
 # -- profiling the real engine ------------------------------------------------------------------
 @pytest.mark.slow   # about 25 s on 2 CPU cores: it compiles four launch shapes
 def test_profile_engine_times_the_runner_and_caches(tiny_checkpoints, tmp_path, monkeypatch):
