@@ -154,6 +154,13 @@ class ServerMetrics:
             self.tpot.observe((d.latency - d.ttft) / (d.completion_tokens - 1))
 
     async def render(self) -> bytes:
-        if self.engine.health.ready and not self.engine.stopped:
-            self.snapshot = await self.engine.call(_snapshot)
+        """The registry's text, with a fresh engine snapshot while the engine runs (the last one
+        once it has stopped or its process was lost, when the call would fail)."""
+        ae = self.engine
+        if ae.health.ready and not ae.stopped and not ae.health.lost:
+            try:
+                self.snapshot = await ae.call(_snapshot)
+            except RuntimeError:
+                if not (ae.stopped or ae.health.lost):     # else: stopped or lost while the call waited
+                    raise
         return generate_latest(self.registry)

@@ -119,6 +119,7 @@ def test_a_dead_engine_process_fails_live_requests_and_stops_the_server(live):
     assert ae.num_pending == 0 and ae.health.lost and live.fatal
     status, _, body = live.get("/health")
     assert status == 503 and "engine lost" in json.loads(body)["status"]
+    assert live.metric("fastserve_server_ready") == 0       # /metrics still answers (it was a 500)
     status, _, _ = live.post("/v1/completions", _counting(1, 3))
     assert status == 503
 

@@ -424,3 +424,22 @@ def test_requests_left_when_the_shutdown_grace_runs_out_get_a_clean_answer(caplo
     events = [e for e in stream.split("\n\n") if e]
     assert events[-1] == "data: [DONE]" and "shut down" in json.loads(events[-2][6:])["error"]["message"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_metrics_render_once_the_engine_is_gone(when):
+    """A scrape after the engine process died, or one whose snapshot call the engine failed as
+    it stopped (calls left queued at a stop fail), answered 500: render() called into the lost
+    engine. It answers with fastserve_server_ready 0 and the last snapshot's figures."""
+    from types import SimpleNamespace
+
+    from fastserve_jax.serve.async_engine import EngineHealth
+    from fastserve_jax.serve.prometheus import ServerMetrics
+
+    async def call(fn):
+        engine.stopped = True
+        raise RuntimeError("the engine has stopped")
+    lost = "engine process exited" if when == "before" else None
+    engine = SimpleNamespace(health=EngineHealth(ready=True, lost=lost), stopped=False, num_pending=0, engine=None, call=call)
+    text = asyncio.run(ServerMetrics(engine).render()).decode()
+    assert "fastserve_server_ready 0.0" in text and "fastserve_server_pending_requests 0.0" in text
