@@ -426,6 +426,25 @@ def test_requests_left_when_the_shutdown_grace_runs_out_get_a_clean_answer(caplo
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
+def test_token_counters_count_what_the_engine_processes(live, client):
+    """fastserve_prompt_tokens_total counts a prompt once per choice, as vLLM's prompt_tokens_total
+    does (n choices are n engine requests, each prefilled), while usage.prompt_tokens counts it
+    once; generation tokens equal the usage's completion tokens (streams, echo, stops, n > 1)."""
+    names = ("fastserve_prompt_tokens_total", "fastserve_generation_tokens_total")
+    before = [live.metric(n) for n in names]
+    a = client.completions.create(model="demo", prompt=[demo_task.make_prompt(3, 9), demo_task.make_prompt(40, 52)],
+                                  max_tokens=20, temperature=0, n=2, stop=["8"])
+    msgs = [{"role": "user", "content": demo_task.make_prompt(5, 9)}]
+    b = list(client.chat.completions.create(model="demo", messages=msgs, max_completion_tokens=8, temperature=0, n=3,
+                                            stream=True, stream_options={"include_usage": True}))[-1]
+    c = client.completions.create(model="demo", prompt=demo_task.make_prompt(1, 4), max_tokens=6, temperature=0,
+                                  echo=True)
+    live.wait_idle()
+    assert [live.metric(n) - x for n, x in zip(names, before)] == \
+        [2 * a.usage.prompt_tokens + 3 * b.usage.prompt_tokens + c.usage.prompt_tokens,
+         a.usage.completion_tokens + b.usage.completion_tokens + c.usage.completion_tokens]
+
+
 @pytest.mark.parametrize("when", ["before", "during"])
 def test_metrics_render_once_the_engine_is_gone(when):
     """A scrape after the engine process died, or one whose snapshot call the engine failed as
