@@ -142,6 +142,8 @@ class ServerMetrics:
                                  buckets=_TPOT_BUCKETS, registry=self.registry)
         self.rejected = Counter("fastserve_server_rejected", "requests turned away", ["reason"],
                                 registry=self.registry)
+        for reason in ("unavailable", "queue_full"):    # a series from the start, so rate() sees the first one
+            self.rejected.labels(reason)
 
     def observe(self, d: Delta) -> None:
         """A finished request's latencies (the engine's on_finished hook, on the event loop)."""

@@ -462,3 +462,5 @@ def test_metrics_render_once_the_engine_is_gone(when):
     engine = SimpleNamespace(health=EngineHealth(ready=True, lost=lost), stopped=False, num_pending=0, engine=None, call=call)
     text = asyncio.run(ServerMetrics(engine).render()).decode()
     assert "fastserve_server_ready 0.0" in text and "fastserve_server_pending_requests 0.0" in text
+    # every refusal reason has a series before its first refusal (rate() over a missing one is empty)
+    assert all(f'fastserve_server_rejected_total{{reason="{r}"}} 0.0' in text for r in ("unavailable", "queue_full"))
