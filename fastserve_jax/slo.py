@@ -45,7 +45,8 @@ def request_latencies(requests: Sequence[Request]) -> tuple[np.ndarray, np.ndarr
 
 
 def summarize(requests: Sequence[Request]) -> dict[str, float]:
-    """The module docstring's figures over finished requests (seconds, per second)."""
+    """The module docstring's figures over finished requests (seconds, per second); mean_tpot
+    is nan where no request has more than one token."""
     jct, ttft, tpot, out = request_latencies(requests)
     span = max(r.metrics.finish_time for r in requests) - min(r.arrival_time for r in requests)
     multi = ~np.isnan(tpot)
@@ -53,7 +54,8 @@ def summarize(requests: Sequence[Request]) -> dict[str, float]:
         mean_jct=float(jct.mean()), p50_jct=float(np.percentile(jct, 50)),
         p95_jct=float(np.percentile(jct, 95)), p99_jct=float(np.percentile(jct, 99)),
         mean_ttft=float(ttft.mean()), p99_ttft=float(np.percentile(ttft, 99)),
-        mean_tpot=float(tpot[multi].mean()) if multi.any() else 0.0,
+        # no request with a second token: no tpot (nan, as bench_client's), not a perfect 0 s
+        mean_tpot=float(tpot[multi].mean()) if multi.any() else float("nan"),
         mean_latency_per_token=mean_latency_per_token(jct, out),
         throughput_rps=len(requests) / span, throughput_tps=float(out.sum()) / span,
         num_requests=len(requests))

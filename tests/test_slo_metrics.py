@@ -51,6 +51,13 @@ def test_latencies_of_literal_requests():
     assert m["throughput_rps"] == 4 / 7.25
 
 
+def test_mean_tpot_of_one_token_requests_is_undefined_not_zero():
+    # no request has a second token, so there is no time per output token: a 0.0 would read as
+    # perfect (and meet any TPOT target); bench_client reports nan for the same case
+    m = summarize([REQS[1], finished(0.0, 3.0, 3.0, 1)])
+    assert math.isnan(m["mean_tpot"]) and m["mean_ttft"] == 2.5
+
+
 def test_slo_attainment_of_literal_requests():
     _, ttft, tpot, _ = request_latencies(REQS)
     got = slo_attainment(ttft, tpot)
