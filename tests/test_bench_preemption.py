@@ -99,7 +99,9 @@ def test_paired_medians_take_the_median_of_per_pair_ratios():
             {"fcfs": {"x": 20.0}, "skip-join-mlfq": {"x": 16.0}},
             {"fcfs": {"x": 30.0}, "skip-join-mlfq": {"x": 3.0}}]
     m = bp.paired_medians(runs, "x")
-    assert m == {"fcfs": 20.0, "skip-join-mlfq": 5.0, "ratio": 0.5}          # ratios 0.5, 0.8, 0.1
+    assert m == {"fcfs": 20.0, "skip-join-mlfq": 5.0, "ratio": 0.5, "inverse": 2.0}   # ratios 0.5, 0.8, 0.1
+    # two pairs, 2x and 10x better: the median improvement is 6x, not 1 / median(0.5, 0.1) = 3.33x
+    assert bp.paired_medians(runs[::2], "x")["inverse"] == 6.0
 
 
 def test_parse_counters_reads_the_servers_counters():
