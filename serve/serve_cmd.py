@@ -22,6 +22,7 @@ import uvicorn
 
 from fastserve_jax.serve.engine_args import add_engine_args, cpu_devices_for, engine_kwargs
 from fastserve_jax.serve.engine_loop import StartupCancelled
+from fastserve_jax.serve.simulate_cmd import number_arg
 
 log = logging.getLogger("fastserve_jax.serve")
 
@@ -90,15 +91,8 @@ def _port(text: str) -> int:
     return v
 
 
-def _seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds >= 0 (NaN failed in the shutdown's timer)."""
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
-    return v
+# a finite number of seconds >= 0 (NaN failed in the shutdown's timer)
+_seconds = number_arg(lambda v: math.isfinite(v) and v >= 0, "a finite number of seconds >= 0")
 
 
 def model_name(model: str | None) -> str:

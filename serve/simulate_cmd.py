@@ -104,7 +104,7 @@ def _slo_pair(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _number(ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
+def number_arg(ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
     """An argparse type: a float for which ok() holds, else an error that says `what` it must be."""
     def parse(text: str) -> float:
         try:
@@ -117,9 +117,9 @@ def _number(ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
     return parse
 
 
-_positive_seconds = _number(lambda v: math.isfinite(v) and v > 0, "a positive number of seconds")
-_sigma = _number(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = exact lengths)")
-_tau = _number(lambda v: 0 < v <= 1, "a Kendall's tau in (0, 1] (1 = exact lengths)")
+_positive_seconds = number_arg(lambda v: math.isfinite(v) and v > 0, "a positive number of seconds")
+_sigma = number_arg(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = exact lengths)")
+_tau = number_arg(lambda v: 0 < v <= 1, "a Kendall's tau in (0, 1] (1 = exact lengths)")
 
 
 def check_output(path: str | None, flag: str) -> None:
