@@ -102,5 +102,15 @@ class ModelConfig:
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
             raise ValueError(f"{path!r} is not a model directory: no config.json in it")
-        with open(cfg_file) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(cfg_file) as f:
+                d = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{cfg_file!r} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{cfg_file!r} holds a JSON {type(d).__name__}, not an object")
+        try:
+            return cls.from_dict(d)
+        except KeyError as e:
+            raise ValueError(f"{cfg_file!r} lacks {e.args[0]!r}, which a {d.get('model_type')!r} config "
+                             "needs") from None

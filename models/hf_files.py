@@ -38,14 +38,29 @@ def weight_files(path: str) -> list[str]:
     if os.path.isfile(single):
         return [single]
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = sorted(set(index_weight_map(path).values()))
         missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
         if missing:
             raise ValueError(f"{INDEX_FILE} in {path!r} names shard files that are not there: {missing}")
         return [os.path.join(path, s) for s in shards]
     raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path!r}; only safetensors checkpoints are "
                      "supported (re-save a PyTorch .bin checkpoint with save_pretrained(safe_serialization=True))")
+
+
+def index_weight_map(path: str) -> dict[str, str] | None:
+    """{tensor name: shard file name} of the directory's index; None without one (or with a
+    single model.safetensors, which wins over it)."""
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(os.path.join(path, SINGLE_FILE)) or not os.path.isfile(index):
+        return None
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("'weight_map' is not an object of shard file names")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read {index!r}: {type(e).__name__}: {e}") from None
+    return weight_map
 
 
 def _raw_header(file: str) -> tuple[int, dict]:
@@ -78,13 +93,29 @@ class WeightReader:
     from the headers; `read` reads only the requested block of a tensor. `rename` maps a stored
     name to the one callers ask for (e.g. adding a missing `model.` prefix)."""
 
-    def __init__(self, files: list[str], stack: contextlib.ExitStack, rename: Callable[[str], str] = str):
+    def __init__(self, files: list[str], stack: contextlib.ExitStack, rename: Callable[[str], str] = str,
+                 weight_map: dict[str, str] | None = None):
         self._where: dict[str, tuple[str, object, str]] = {}  # name -> (file, handle, stored name)
         self._raw: dict[str, tuple[int, dict]] = {}           # file -> _raw_header(file), when needed
         for file in files:
-            handle = stack.enter_context(safe_open(file, framework="numpy"))
+            try:
+                handle = stack.enter_context(safe_open(file, framework="numpy"))
+            except Exception as e:  # SafetensorError: truncated, empty or not a safetensors file
+                raise ValueError(f"cannot read weight file {file!r} (truncated or corrupted? download it again): "
+                                 f"{e}") from None
             for stored in handle.keys():
-                self._where[rename(stored)] = (file, handle, stored)
+                name = rename(stored)
+                if name in self._where:
+                    raise ValueError(f"tensor {stored!r} is stored twice, in {self._where[name][0]!r} and {file!r}")
+                self._where[name] = (file, handle, stored)
+        if weight_map is not None:  # the index must agree with the shards' headers
+            where = {stored: os.path.basename(f) for f, _, stored in self._where.values()}
+            wrong = sorted(f"{n} (index: {s}, found in: {where.get(n, 'no shard')})"
+                           for n, s in weight_map.items() if where.get(n) != s)
+            if wrong:
+                index = os.path.join(os.path.dirname(files[0]), INDEX_FILE) if files else INDEX_FILE
+                raise ValueError(f"{index!r} does not match its shards; tensors not where it says "
+                                 f"({len(wrong)}): {', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}")
 
     def names(self) -> set[str]:
         return set(self._where)
@@ -95,6 +126,11 @@ class WeightReader:
     def shape(self, name: str) -> tuple[int, ...]:
         _, handle, stored = self._where[name]
         return tuple(handle.get_slice(stored).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The stored safetensors dtype code ("F32", "BF16", "I64", ...)."""
+        _, handle, stored = self._where[name]
+        return handle.get_slice(stored).get_dtype()
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         """tensor[index] (index in the stored (HF) axis order), reading only that block."""

@@ -27,7 +27,7 @@ import numpy as np
 
 from fastserve_jax.models import param_shapes
 from fastserve_jax.models.config import ModelConfig
-from fastserve_jax.models.hf_files import WeightReader, weight_files
+from fastserve_jax.models.hf_files import WeightReader, index_weight_map, weight_files
 
 # Our module path (joined with "/") -> HF module name; "{i}" is the layer index.
 _LLAMA_MODULES = {
@@ -62,6 +62,9 @@ _OPT_MODULES = {
 _MODULES = {"llama": _LLAMA_MODULES, "opt": _OPT_MODULES}
 # Our leaf name -> HF leaf name.
 _LEAVES = {"weight": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+# Stored dtypes a float param may be read from (cast to the param's dtype); an integer or
+# bool tensor in a float param's place would be cast silently into garbage.
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 # Buffers some (older Llama) checkpoints carry; recomputed, never loaded.
 _HARMLESS = re.compile(r".*\.rotary_emb\.inv_freq$")
 
@@ -94,11 +97,12 @@ class _Source:
 
 def _match(path: str, cfg: ModelConfig, expected: dict[ParamPath, jax.ShapeDtypeStruct],
            tensors: WeightReader) -> dict[ParamPath, _Source]:
-    """Pair every expected leaf with its checkpoint tensors, by name and header shape (no data is
-    read). Raises ValueError naming every missing, mis-shaped and unexpected tensor."""
+    """Pair every expected leaf with its checkpoint tensors, by name, header shape and dtype (no
+    data is read). Raises ValueError naming every missing, mis-shaped, non-float and unexpected tensor."""
     sources: dict[ParamPath, _Source] = {}
     missing: list[str] = []
     bad_shape: list[str] = []
+    bad_dtype: list[str] = []
     used: set[str] = set()
     for p, spec in expected.items():
         template = hf_name(cfg.arch, p)
@@ -113,15 +117,19 @@ def _match(path: str, cfg: ModelConfig, expected: dict[ParamPath, jax.ShapeDtype
             got = tensors.shape(name)
             if got != hf_want:
                 bad_shape.append(f"{name}: checkpoint has {got}, config wants {hf_want}")
+            if tensors.dtype(name) not in _FLOAT_DTYPES:
+                bad_dtype.append(f"{name}: {tensors.dtype(name)}")
         sources[p] = _Source(names, layered)
     unexpected = sorted(n for n in tensors.names() - used
                         if not _HARMLESS.match(n) and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
-    if missing or bad_shape or unexpected:
+    if missing or bad_shape or bad_dtype or unexpected:
         parts = []
         if missing:
             parts.append(f"missing tensors ({len(missing)}): {_clip(missing)}")
         if bad_shape:
             parts.append(f"wrong shapes ({len(bad_shape)}): {_clip(bad_shape)}")
+        if bad_dtype:
+            parts.append(f"not floating-point ({len(bad_dtype)}): {_clip(bad_dtype)}")
         if unexpected:
             parts.append(f"unexpected tensors ({len(unexpected)}): {_clip(unexpected)}")
         raise ValueError(f"checkpoint {path!r} does not match its config.json ({cfg.arch}, "
@@ -193,7 +201,8 @@ def load_hf_params(path: str, cfg: ModelConfig, dtype: str = "float32", target: 
     expected = flatten_dict(param_shapes(cfg, dtype))
     placed = _check_target(cfg, expected, target) if target is not None else None
     with contextlib.ExitStack() as stack:
-        tensors = WeightReader(weight_files(path), stack, rename=lambda name: _canonical(cfg.arch, name))
+        tensors = WeightReader(weight_files(path), stack, rename=lambda name: _canonical(cfg.arch, name),
+                               weight_map=index_weight_map(path))
         sources = _match(path, cfg, expected, tensors)
         if placed is None:
             params = {p: jax.device_put(_read_block(tensors, sources[p], spec.shape, spec.dtype, None))

@@ -1,0 +1,71 @@
+"""Loading a Hugging Face directory that is broken, and the converted-params cache when the
+directory changes under it, is damaged, or is filled by two processes at once: every case fails
+before serving with an error naming the file, or is converted again; never old or wrong weights."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from fastserve_jax.models.hf_files import INDEX_FILE
+from fastserve_jax.models.loader import load_model
+from fastserve_jax.models.random_checkpoint import make_random_checkpoint
+
+
+def _checkpoint(tmp_path, arch: str, **kw) -> str:
+    """A tiny random checkpoint of preset arch, built once per test under tmp_path/src."""
+    d = tmp_path / "src" / "-".join([arch] + [f"{k}{v}" for k, v in sorted(kw.items())])
+    return str(d) if d.is_dir() else make_random_checkpoint(str(d), arch, **kw)
+
+
+def test_broken_files_are_named(tmp_path):
+    """Each broken input fails before any weight is read, naming the file and what is wrong."""
+    def copy(name: str, arch: str = "llama", **kw) -> str:
+        d = tmp_path / name
+        d.mkdir()
+        src = _checkpoint(tmp_path, arch, **kw)
+        for f in glob.glob(os.path.join(src, "*")):
+            (d / os.path.basename(f)).write_bytes(open(f, "rb").read())
+        return str(d)
+
+    for arch in ("llama", "opt"):
+        d = copy(f"trunc-{arch}", arch)
+        with open(os.path.join(d, "model.safetensors"), "r+b") as f:
+            f.truncate(os.path.getsize(f.name) - 100)
+        with pytest.raises(ValueError, match=r"cannot read weight file .*trunc-.*model\.safetensors.*truncated"):
+            load_model(d, cache_dir="")
+        d = copy(f"int-{arch}", arch)
+        tensors = load_file(os.path.join(d, "model.safetensors"))
+        emb = next(n for n in tensors if "embed_tokens" in n)
+        tensors[emb] = tensors[emb].astype(np.int64)   # same shape, integer dtype: was cast into garbage
+        save_file(tensors, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=rf"not floating-point \(1\): {emb}: I64"):
+            load_model(d, cache_dir="")
+
+    d = copy("index", max_shard_bytes=40000)
+    index = os.path.join(d, INDEX_FILE)
+    good = json.load(open(index))
+    json.dump({**good, "weight_map": {**good["weight_map"], "model.extra.weight": "model-00001-of-00012.safetensors"}},
+              open(index, "w"))
+    with pytest.raises(ValueError, match=r"does not match its shards.*model\.extra\.weight .*found in: no shard"):
+        load_model(d, cache_dir="")
+    open(index, "w").write("{")
+    with pytest.raises(ValueError, match=r"cannot read .*model\.safetensors\.index\.json': JSONDecodeError"):
+        load_model(d, cache_dir="")
+    json.dump({"metadata": {}}, open(index, "w"))
+    with pytest.raises(ValueError, match=r"cannot read .*index\.json': KeyError: 'weight_map'"):
+        load_model(d, cache_dir="")
+
+    d = copy("config")
+    open(os.path.join(d, "config.json"), "w").write("{")
+    with pytest.raises(ValueError, match=r"config\.json' is not valid JSON"):
+        load_model(d, cache_dir="")
+    cfg = json.load(open(os.path.join(_checkpoint(tmp_path, "llama"), "config.json")))
+    json.dump({k: v for k, v in cfg.items() if k != "hidden_size"}, open(os.path.join(d, "config.json"), "w"))
+    with pytest.raises(ValueError, match=r"config\.json' lacks 'hidden_size'"):
+        load_model(d, cache_dir="")
