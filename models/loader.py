@@ -1,9 +1,10 @@
 """A Hugging Face model directory in and out: `load_model` (config, module, params; the
 engine's entry) and `save_hf_checkpoint`, its inverse.
 
-`load_model` caches the converted params as an orbax checkpoint keyed by the weight
-files' sizes and mtimes, so a second start restores instead of converting. The conversion
-itself is hf_params.py (names, shapes, sharded reads); the files are hf_files.py.
+`load_model` caches the converted params as an orbax checkpoint keyed by the config's
+contents and the weight files' sizes, mtimes and sampled bytes, so a second start restores
+instead of converting. The conversion itself is hf_params.py (names, shapes, sharded
+reads); the files are hf_files.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import uuid
 from typing import Callable
 
 import flax.linen as nn
@@ -30,6 +33,7 @@ _CACHE_VERSION = 2  # bump when the name mapping or the cached tree changes (2: 
 # Weights smaller than this convert faster than orbax restores them, so they skip the cache
 # (the demo model: 0.06 s converting, 0.38 s restoring, plus orbax's import, on 2 cores).
 CACHE_MIN_BYTES = 64 << 20
+_SAMPLES = 64  # 4 KiB blocks of each weight file that cache_key hashes (beyond its first MiB)
 
 
 def cache_root(cache_dir: str | None = None) -> str | None:
@@ -45,12 +49,38 @@ def cache_root(cache_dir: str | None = None) -> str | None:
 
 
 def cache_key(path: str, dtype: str) -> str:
-    """Changes whenever the weights, the config, the dtype or the conversion code version change."""
+    """Changes whenever the weights, the config, the dtype or the conversion code version change.
+
+    Besides each weight file's size and mtime, the key hashes its first MiB (the header) and
+    _SAMPLES blocks spread over it: new weights copied in with their mtime kept (cp -p, tar,
+    reproducible images) have the same size and mtime but not the same bytes."""
     h = hashlib.sha256(f"v{_CACHE_VERSION}|{os.path.realpath(path)}|{jnp.dtype(dtype).name}".encode())
-    for file in [os.path.join(path, "config.json")] + weight_files(path):
+    with open(os.path.join(path, "config.json"), "rb") as f:
+        h.update(f.read())
+    for file in weight_files(path):
         st = os.stat(file)
         h.update(f"|{os.path.basename(file)}:{st.st_size}:{st.st_mtime_ns}".encode())
+        with open(file, "rb") as f:
+            h.update(f.read(1 << 20))
+            for k in range(1, _SAMPLES + 1):
+                f.seek(st.st_size * k // (_SAMPLES + 1))
+                h.update(f.read(4096))
     return h.hexdigest()[:32]
+
+
+def _fill_cache(ckpt: str, params: dict) -> None:
+    """Save params as the cache entry ckpt: written under a name of this process's own, then
+    renamed into place, so processes filling the same entry at once never share a directory
+    (orbax's temporary name is the same for both) and the one that renames second keeps the first's."""
+    tmp = f"{ckpt}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+    try:
+        save_params(tmp, params)
+        os.rename(tmp, ckpt)
+    except OSError as e:
+        if not os.path.isdir(ckpt):
+            log.warning("could not cache converted params at %s (%s); the next load converts again", ckpt, e)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_model(path: str, dtype: str = "float32", cache_dir: str | None = None,
@@ -66,9 +96,11 @@ def load_model(path: str, dtype: str = "float32", cache_dir: str | None = None,
 
     Restores the params from the orbax cache (`cache_root(cache_dir)/params/<cache_key>`)
     when present; otherwise converts the safetensors and fills the cache (weights under
-    CACHE_MIN_BYTES are always converted). The cache holds
-    the canonical tree, whatever layout saved it, and restores into any other. A cache that
-    cannot be written only costs the next start a conversion (logged as a warning).
+    CACHE_MIN_BYTES are always converted); an entry that cannot be restored is converted
+    again and replaced. The cache holds the canonical tree, whatever layout saved it, and
+    restores into any other. A cache that cannot be written only costs the next start a
+    conversion (logged as a warning); processes filling one entry at once each write their
+    own copy and the first to rename it into place wins.
     cfg: the directory's config when the caller has read it already.
     """
     cfg = cfg or ModelConfig.from_pretrained(path)
@@ -80,12 +112,14 @@ def load_model(path: str, dtype: str = "float32", cache_dir: str | None = None,
     ckpt = os.path.abspath(os.path.join(root, "params", cache_key(path, dtype)))
     if os.path.isdir(ckpt):
         log.info("restoring converted params of %s from %s", path, ckpt)
-        return cfg, module, restore_params(ckpt, target if target is not None else param_shapes(cfg, dtype))
+        try:
+            return cfg, module, restore_params(ckpt, target if target is not None else param_shapes(cfg, dtype))
+        except Exception as e:  # a damaged entry (truncated, emptied): convert again and replace it
+            log.warning("cached params at %s are unreadable (%s: %.200s); converting %s again",
+                        ckpt, type(e).__name__, e, path)
+            shutil.rmtree(ckpt, ignore_errors=True)
     params = load_hf_params(path, cfg, dtype, target)
-    try:
-        save_params(ckpt, params)
-    except OSError as e:
-        log.warning("could not cache converted params at %s (%s); the next load converts again", ckpt, e)
+    _fill_cache(ckpt, params)
     return cfg, module, params
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -69,3 +70,65 @@ def test_broken_files_are_named(tmp_path):
     json.dump({k: v for k, v in cfg.items() if k != "hidden_size"}, open(os.path.join(d, "config.json"), "w"))
     with pytest.raises(ValueError, match=r"config\.json' lacks 'hidden_size'"):
         load_model(d, cache_dir="")
+
+
+# ---------------------------------------------------------------- the converted-params cache
+
+def _embedding(params) -> np.ndarray:
+    return np.asarray(params["embed_tokens"]["embedding"])
+
+
+@pytest.fixture
+def cached(tmp_path, monkeypatch):
+    """load(path) -> params through a cache under tmp_path/cache (tiny weights cached anyway)."""
+    monkeypatch.setattr("fastserve_jax.models.loader.CACHE_MIN_BYTES", 0)
+    return lambda path: load_model(path, cache_dir=str(tmp_path / "cache"))[2]
+
+
+def test_cache_sees_new_weights_with_the_old_size_and_mtime(tmp_path, cached):
+    d = _checkpoint(tmp_path, "llama")
+    old = _embedding(cached(d))
+    file, new_file = (os.path.join(p, "model.safetensors") for p in (d, _checkpoint(tmp_path, "llama", seed=1)))
+    st = os.stat(file)
+    open(file, "wb").write(open(new_file, "rb").read())    # as cp -p, tar or rsync -a leave it
+    os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.path.getsize(file) == st.st_size
+    served = _embedding(cached(d))
+    assert not np.array_equal(served, old) and np.array_equal(served, _embedding(load_model(d, cache_dir="")[2]))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's abandoned reads
+def test_a_damaged_cache_entry_is_converted_again(tmp_path, cached, caplog):
+    d = _checkpoint(tmp_path, "opt")
+    want = _embedding(cached(d))
+    (entry,) = glob.glob(str(tmp_path / "cache" / "params" / "*"))
+    data = max((os.path.join(r, f) for r, _, fs in os.walk(entry) for f in fs), key=os.path.getsize)
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+    assert np.array_equal(_embedding(cached(d)), want)
+    assert "unreadable" in caplog.text
+    assert np.array_equal(_embedding(cached(d)), want)    # the entry was rebuilt: restores cleanly
+    for name in os.listdir(entry):                        # emptied (a half-copied cache): the same
+        (shutil.rmtree if os.path.isdir(os.path.join(entry, name)) else os.remove)(os.path.join(entry, name))
+    assert np.array_equal(_embedding(cached(d)), want)
+
+
+def test_two_processes_filling_one_cache_entry(tmp_path, cached, monkeypatch):
+    """Another process saves the entry while this one converts: no crash, the first entry stays,
+    no temporary directory is left behind."""
+    import fastserve_jax.models.loader as loader
+
+    d = _checkpoint(tmp_path, "llama")
+    convert = loader.load_hf_params
+
+    def convert_while_another_saves(path, *a, **k):
+        params = convert(path, *a, **k)
+        loader.save_params(str(tmp_path / "cache" / "params" / loader.cache_key(path, "float32")), params)
+        return params
+
+    monkeypatch.setattr(loader, "load_hf_params", convert_while_another_saves)
+    want = _embedding(cached(d))
+    assert len(os.listdir(tmp_path / "cache" / "params")) == 1
+    monkeypatch.setattr(loader, "load_hf_params", convert)
+    assert np.array_equal(_embedding(cached(d)), want)
+
