@@ -157,10 +157,10 @@ class LLMEngine:
         model_cfg = model_cfg or ModelConfig.from_pretrained(model_path)
         layout = ModelLayout(model_cfg, ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size))
         cfg = cfg.for_platform(layout.devices[0].platform)           # dtype "auto" resolved before loading
+        tokenizer = load_tokenizer(model_path)                       # a broken one fails before the weights load
         # Across processes the converted-params cache is off: orbax would need a shared filesystem.
         _, _, params = load_model(model_path, dtype=cfg.dtype, place=layout.abstract_params,
                                   cache_dir="" if jax.process_count() > 1 else None, cfg=model_cfg)
-        tokenizer = load_tokenizer(model_path)
         return cls(model_cfg, params, tokenizer, cfg, eos_ids(model_path, model_cfg, tokenizer), layout=layout,
                    own_params=True, **kwargs)
 

@@ -29,12 +29,17 @@ def tokenizer_class(model_path: str) -> str | None:
 
 
 def load_tokenizer(model_path: str):
-    """The tokenizer of a Hugging Face model directory (see the module docstring)."""
-    if tokenizer_class(model_path) in GENERIC_FAST and os.path.isfile(os.path.join(model_path, "tokenizer.json")):
-        from transformers import PreTrainedTokenizerFast
-        return PreTrainedTokenizerFast.from_pretrained(model_path)
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(model_path)
+    """The tokenizer of a Hugging Face model directory (see the module docstring). Raises
+    ValueError naming the directory when its tokenizer files are missing or broken."""
+    try:
+        if tokenizer_class(model_path) in GENERIC_FAST and os.path.isfile(os.path.join(model_path, "tokenizer.json")):
+            from transformers import PreTrainedTokenizerFast
+            return PreTrainedTokenizerFast.from_pretrained(model_path)
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(model_path)
+    except Exception as e:  # JSONDecodeError, OSError, transformers' ValueErrors: none names the directory
+        raise ValueError(f"cannot load the tokenizer of {model_path!r} (tokenizer.json, tokenizer_config.json "
+                         f"or its tokenizer class's files missing or broken?): {type(e).__name__}: {e}") from None
 
 
 def eos_ids(model_path: str, model_cfg, tokenizer) -> frozenset[int]:

@@ -132,3 +132,18 @@ def test_two_processes_filling_one_cache_entry(tmp_path, cached, monkeypatch):
     monkeypatch.setattr(loader, "load_hf_params", convert)
     assert np.array_equal(_embedding(cached(d)), want)
 
+
+def test_a_broken_tokenizer_fails_before_the_weights_load(tmp_path, monkeypatch):
+    from fastserve_jax.config import EngineConfig
+    from fastserve_jax.engine import LLMEngine
+
+    d = tmp_path / "model"
+    shutil.copytree(_checkpoint(tmp_path, "opt"), d)
+    (d / "tokenizer.json").write_text("{")
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights loaded before the tokenizer was checked")
+
+    monkeypatch.setattr("fastserve_jax.models.loader.load_model", no_load)
+    with pytest.raises(ValueError, match=r"cannot load the tokenizer of .*model'"):
+        LLMEngine.from_pretrained(str(d), EngineConfig())

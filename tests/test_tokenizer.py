@@ -91,3 +91,17 @@ def test_the_detokenizer_decodes_as_the_tokenizer_does(which, tmp_path):
         for t in out:
             got, _ = d.push(t, got)
         assert got == tok.decode(out, skip_special_tokens=True)
+
+
+def test_a_missing_or_broken_tokenizer_is_named(tmp_path):
+    save_byte_tokenizer(str(tmp_path), 300, None)
+    os.remove(tmp_path / "tokenizer.json")               # no tokenizer files a fast tokenizer can load
+    with pytest.raises(ValueError, match=rf"cannot load the tokenizer of '{tmp_path}'"):
+        load_tokenizer(str(tmp_path))
+    save_byte_tokenizer(str(tmp_path), 300, None)
+    (tmp_path / "tokenizer.json").write_text("{")         # a truncated download
+    with pytest.raises(ValueError, match=r"cannot load the tokenizer of .*JSONDecodeError"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer_config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"cannot load the tokenizer of .*JSONDecodeError"):
+        load_tokenizer(str(tmp_path))
