@@ -253,6 +253,18 @@ def kv_block_bytes(model_cfg, cfg) -> int:
     return 2 * model_cfg.num_layers * cfg.block_size * model_cfg.num_kv_heads * model_cfg.head_dim * itemsize
 
 
+def _accelerator_memory(layout) -> dict | None:
+    """The first device's memory_stats() where it reports a bytes_limit (an accelerator), else None."""
+    dev = layout.devices[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    return stats if stats and "bytes_limit" in stats else None
+
+
+def _pool_shards(layout) -> int:
+    """The devices one KV block splits over: the pp stages times the tp_kv KV-head shards."""
+    return layout.pp * layout.meshes.tp_kv
+
+
 def auto_num_blocks(model_cfg, cfg, param_bytes: int, layout, memory_fraction: float = 0.9,
                     cpu_budget_bytes: int = 4 << 30) -> int:
     """Blocks that fit: on an accelerator, a fraction of one device's memory minus its share of
@@ -260,12 +272,10 @@ def auto_num_blocks(model_cfg, cfg, param_bytes: int, layout, memory_fraction: f
     KV-head shards of the `ModelLayout`); on CPU, a fixed budget for the whole pool. Never
     more than max_num_seqs full-length sequences need."""
     per_block = kv_block_bytes(model_cfg, cfg)
-    dev = layout.devices[0]
-    stats = dev.memory_stats() if dev.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        shards = layout.pp * layout.meshes.tp_kv
+    stats = _accelerator_memory(layout)
+    if stats:
         avail = (int(stats["bytes_limit"] * memory_fraction) - param_bytes // len(layout.devices)
-                 - stats.get("bytes_in_use", 0)) * shards
+                 - stats.get("bytes_in_use", 0)) * _pool_shards(layout)
     else:
         avail = cpu_budget_bytes
     wanted = cfg.max_num_seqs * cfg.max_blocks_per_seq + 1
@@ -278,10 +288,9 @@ def device_pool_blocks(model_cfg, cfg, param_bytes: int, layout) -> int:
     not a MemoryError or an allocator's failure somewhere later."""
     if not cfg.num_device_blocks:
         return auto_num_blocks(model_cfg, cfg, param_bytes, layout)
-    dev = layout.devices[0]
-    stats = dev.memory_stats() if dev.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        where, limit = "device", stats["bytes_limit"] * layout.pp * layout.meshes.tp_kv   # the pool's shards
+    stats = _accelerator_memory(layout)
+    if stats:
+        where, limit = "device", stats["bytes_limit"] * _pool_shards(layout)
     else:
         where, limit = "host", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     need = cfg.num_device_blocks * kv_block_bytes(model_cfg, cfg)
