@@ -300,6 +300,21 @@ def teacher_forced_exact(apply_fn, examples: list[Example], row_lens: tuple[int,
     return ok
 
 
+def answerable(pairs: list[tuple[int, int]], tokenizer) -> list[tuple[int, int]]:
+    """The pairs the bundled demo model answers exactly under greedy decoding (it misses
+    ~0.6%, around carries; models/demo/TRAINING.md), by one teacher-forced forward. A server
+    that is correct must then return exactly these answers, however it batches."""
+    import jax
+
+    from fastserve_jax.models import demo_model_path
+    from fastserve_jax.models.loader import load_model
+
+    _, module, params = load_model(demo_model_path(), cache_dir="")
+    apply = jax.jit(lambda t, b: module.apply({"params": params}, t, b)[0])
+    ok = teacher_forced_exact(apply, [ExampleEncoder(tokenizer).encode(a, b) for a, b in pairs], row_lens=(256,))
+    return [p for p, good in zip(pairs, ok) if good]
+
+
 def _pad_rows(a: np.ndarray, n: int, fill: int) -> np.ndarray:
     if a.shape[0] == n:
         return a

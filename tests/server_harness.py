@@ -11,6 +11,7 @@ import time
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from fastserve_jax.models.demo_task import answerable
 from fastserve_jax.serve import bench_client
 from fastserve_jax.serve.app import ServerConfig, create_app
 from fastserve_jax.serve.serve_cmd import DrainingServer, EngineBuilder
@@ -23,22 +24,6 @@ from fastserve_jax.serve.serve_cmd import DrainingServer, EngineBuilder
 ENGINE_KW = dict(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=128,
                  decode_batch_buckets=(2, 8), prefill_token_buckets=(32, 128), block_buckets=(8, 48))
 ENGINE_ARGS = ["--max-model-len", "512", "--max-num-seqs", "8", "--max-num-batched-tokens", "128"]
-
-
-def answerable(pairs: list[tuple[int, int]], tokenizer) -> list[tuple[int, int]]:
-    """The pairs the demo model answers exactly under greedy decoding (it misses ~0.6%,
-    around carries; see models/demo/TRAINING.md), by one teacher-forced forward. A server
-    that is correct must then return exactly these answers, however it batches."""
-    import jax
-
-    from fastserve_jax.models import demo_model_path, demo_task
-    from fastserve_jax.models.loader import load_model
-
-    _, module, params = load_model(demo_model_path(), cache_dir="")
-    apply = jax.jit(lambda t, b: module.apply({"params": params}, t, b)[0])
-    enc = demo_task.ExampleEncoder(tokenizer)
-    ok = demo_task.teacher_forced_exact(apply, [enc.encode(a, b) for a, b in pairs], row_lens=(256,))
-    return [p for p, good in zip(pairs, ok) if good]
 
 
 def load_pairs(rng, n: int, cut_every: int, tokenizer) -> tuple[list[tuple[int, int]], list[int | None]]:

@@ -2,8 +2,8 @@
 user would call them (a subprocess from the checkout's root): they must run to the end and
 print their figures. A script is only as good as its last run; bench_tail_guard.py once
 failed at its first line after a helper moved, and nothing noticed. bench_frontend,
-bench_first_runs, bench_predictive, bench_prompt_lengths and bench_engine (--quick, without
-transformers) are marked slow; bench_startup (minutes) has no test here."""
+bench_first_runs, bench_predictive, bench_prompt_lengths, bench_engine (--quick, without
+transformers) and soak_server are marked slow; bench_startup (minutes) has no test here."""
 
 from __future__ import annotations
 
@@ -244,3 +244,11 @@ def test_bench_prompt_lengths_one_round():
     warm-up batch and it ranks the burst."""
     out = _script("bench_prompt_lengths.py", "--rounds", "1", "--num-requests", "24", "--warm", "48")
     assert "medians over rounds" in out and "ranked: True" in out
+
+
+@pytest.mark.slow   # about a minute: a fully warmed server, then 15 s of mixed requests
+def test_soak_server_short():
+    out = _script("soak_server.py", "--minutes", "0.25", "--clients", "8", "--swap-policy", "reactive")
+    assert out.rstrip().endswith("ok"), out[-2000:]
+    swapped = int(out.split("KV blocks swapped out ")[1].split(",")[0])
+    assert swapped > 0, out[-2000:]              # the pool was too small for what was live
