@@ -3,7 +3,8 @@
 Decoding a growing id list and emitting only the new suffix is exact for byte-level and
 SentencePiece tokenizers alike, as long as (1) a few prompt tokens stay in front as
 context, so a leading space is not stripped, and (2) text ending in an incomplete UTF-8
-sequence (U+FFFD) is held back until the next token completes it.
+sequence (U+FFFD) is held back until the next token completes it (or, at the end, `flush`
+releases it as decode writes it).
 """
 
 from __future__ import annotations
@@ -54,8 +55,21 @@ class IncrementalDetokenizer:
         now = dec(self.ids[self.prefix:])
         if len(now) <= len(before) or now.endswith("\ufffd"):
             return text_so_far, False
-        delta = now[len(before):]
         self.prefix, self.read = self.read, len(self.ids)
+        return self._add(text_so_far, now[len(before):], check_stop)
+
+    def flush(self, text_so_far: str, check_stop: bool = True) -> tuple[str, bool]:
+        """The output text once no token follows (the request finished): with the text push
+        held back, so an output that ends inside a character ends in U+FFFD as
+        `tokenizer.decode` of its ids does, rather than losing those tokens' text."""
+        before = self.decode(self.ids[self.prefix:self.read])
+        now = self.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        if len(now) <= len(before):
+            return text_so_far, False
+        return self._add(text_so_far, now[len(before):], check_stop)
+
+    def _add(self, text_so_far: str, delta: str, check_stop: bool) -> tuple[str, bool]:
         text = text_so_far + delta
         if self.stop and check_stop:
             start = max(0, len(text_so_far) - self._max_stop + 1)

@@ -377,8 +377,9 @@ class LLMEngine:
             self._finish(req, reason, now)
 
     def _finish(self, req: Request, reason: str, now: float) -> None:
-        req.status = RequestStatus.FINISHED
-        req.finish_reason = reason
+        # the text the detokenizer held back (an output that ends inside a character), stop strings cut
+        req.output_text, hit = self._detok.pop(req.request_id).flush(req.output_text, reason != "abort")
+        req.status, req.finish_reason = RequestStatus.FINISHED, "stop" if hit else reason
         req.metrics.finish_time = now
         self.scheduler.remove(req)
         if self.predictor is not None:
@@ -387,7 +388,6 @@ class LLMEngine:
         self.copies.forget(req)
         self.swap.forget(req)
         del self._requests[req.request_id]
-        del self._detok[req.request_id]
 
     @staticmethod
     def output_of(req: Request) -> RequestOutput:

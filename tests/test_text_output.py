@@ -1,0 +1,124 @@
+"""Text output, on the tokenizers alone (no engine, no model): incremental detokenizing
+(characters split across tokens, a request that ends inside one), logprob formats (chat's
+`bytes`, completions' `text_offset`) and chat message parsing, for the demo's byte-level
+BPE tokenizer and a Llama-style SentencePiece tokenizer with byte fallback built here."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastserve_jax.detokenizer import IncrementalDetokenizer
+from fastserve_jax.models import demo_model_path
+from fastserve_jax.models.tokenizer import load_tokenizer
+
+TEXT = "héllo wörld 中文🙂 end"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_tokenizer(demo_model_path())
+
+
+def _sentencepiece():
+    """Llama's layout: "▁" for spaces, byte-fallback tokens <0x00>..<0xFF>, a decoder that
+    strips the text's first space; no merges (each character or byte is a token)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for ch in "▁abcdefghijklmnopqrstuvwxyzé":
+        vocab.setdefault(ch, len(vocab))
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   clean_up_tokenization_spaces=False)
+
+
+@pytest.fixture(scope="module", params=["demo", "sentencepiece"])
+def tok(request, demo):
+    return demo if request.param == "demo" else _sentencepiece()
+
+
+def _stream(tok, prompt, out, stop=(), finish=True):
+    d, text, deltas = IncrementalDetokenizer(tok, prompt, list(stop)), "", []
+    for t in out:
+        new, hit = d.push(t, text)
+        deltas.append(new[len(text):])
+        text = new
+        if hit:
+            return text, deltas, True
+    if finish:
+        text, hit = d.flush(text)
+    return text, deltas, False
+
+
+def test_a_character_split_across_tokens_is_emitted_whole_once_complete(tok):
+    prompt = tok("count:")["input_ids"]
+    out = tok(TEXT, add_special_tokens=False)["input_ids"]
+    text, deltas, _ = _stream(tok, prompt, out)
+    assert not any("\ufffd" in d for d in deltas)
+    assert text == tok.decode(prompt + out, skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)):]
+
+
+def test_an_output_that_ends_inside_a_character_keeps_its_bytes_as_decode_does(tok):
+    """max_tokens (or EOS) cut after the first bytes of 🙂: the text ends in U+FFFD, as
+    tokenizer.decode gives it, rather than losing those tokens' text."""
+    prompt = tok("count:")["input_ids"]
+    out = tok("ab🙂", add_special_tokens=False)["input_ids"]
+    cut = out[:-2]                                     # 🙂 is 4 byte tokens in both tokenizers
+    text, deltas, _ = _stream(tok, prompt, cut)
+    assert not any("\ufffd" in d for d in deltas)
+    assert text.rstrip("\ufffd").endswith("ab") and text.count("\ufffd") == tok.decode(cut).count("\ufffd") > 0
+
+
+class _Bytes:
+    """Ids are bytes; id 300 is a token of a space and the first byte of a 3-byte character."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return b"".join(b" \xe4" if i == 300 else bytes([i]) for i in ids).decode("utf-8", "replace")
+
+
+def test_flush_looks_for_stop_strings_in_the_text_it_releases():
+    d = IncrementalDetokenizer(_Bytes(), [ord("x")], [" "])
+    assert d.push(ord("a"), "") == ("a", False)
+    assert d.push(300, "a") == ("a", False)          # " \xe4" held back: it ends inside a character
+    assert d.flush("a") == ("a", True)
+    d = IncrementalDetokenizer(_Bytes(), [ord("x")], [" "])
+    assert d.flush(d.push(300, "", check_stop=False)[0], check_stop=False) == (" \ufffd", False)
+
+
+class _Nop:
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def _bare_engine(tok, prompt, params):
+    """An LLMEngine with nothing but what finishing requests reads (no model, no device)."""
+    from types import SimpleNamespace
+
+    from fastserve_jax.engine import LLMEngine
+    from fastserve_jax.request import Request
+    from fastserve_jax.stats import EngineStats
+
+    eng = object.__new__(LLMEngine)
+    eng.stats, eng.cfg, eng.predictor = EngineStats(), SimpleNamespace(max_model_len=64), None
+    eng.scheduler = eng.kv = eng.copies = eng.swap = _Nop()
+    req = Request("r", prompt, params, 0.0, eos_token_ids=frozenset({tok.eos_token_id}))
+    eng._requests, eng._detok = {"r": req}, {"r": IncrementalDetokenizer(tok, prompt, params.stop)}
+    return eng, req
+
+
+@pytest.mark.parametrize("end", ["length", "eos"])
+def test_a_request_that_finishes_inside_a_character_keeps_its_text(demo, end):
+    from fastserve_jax.sampling_params import SamplingParams
+
+    prompt, ids = demo("count:")["input_ids"], demo("a🙂", add_special_tokens=False)["input_ids"][:3]
+    out = ids + [demo.eos_token_id] if end == "eos" else ids
+    eng, req = _bare_engine(demo, prompt, SamplingParams(max_tokens=len(out)))
+    for t in out:
+        eng._append(req, t, None, 0.0)
+    assert req.finished and req.finish_reason == ("length" if end == "length" else "stop")
+    assert req.output_text == demo.decode(out, skip_special_tokens=True) == "a\ufffd"
