@@ -9,7 +9,14 @@ releases it as decode writes it).
 
 from __future__ import annotations
 
+import json
+import re
+from typing import Callable
+from weakref import WeakKeyDictionary
+
 _CONTEXT = 4  # prompt tokens kept in front of the output for decoding context
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")      # SentencePiece's byte-fallback tokens
+_TOKEN_BYTES: WeakKeyDictionary = WeakKeyDictionary()   # tokenizer -> token_bytes' function
 
 
 def decoder(tokenizer):
@@ -30,6 +37,63 @@ def decoder(tokenizer):
         fast = backend.decode
         return lambda ids: fast(ids, skip_special_tokens=True)
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def token_bytes(tokenizer) -> Callable[[int], bytes]:
+    """id -> the raw bytes the token adds to a text (OpenAI's logprob `bytes`), also for a
+    token holding only part of a character's UTF-8 bytes (alone it decodes to U+FFFD): by
+    GPT-2's byte alphabet for a byte-level BPE, `<0xNN>` as its byte and "▁" as a space for
+    a SentencePiece with byte fallback, an added (special) token's own text. Any other
+    tokenizer: the UTF-8 of the token decoded alone."""
+    try:
+        return _TOKEN_BYTES[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tree = getattr(backend, "decoder", None)
+    stack, kinds = [json.loads(tree.__getstate__())] if tree is not None else [], set()
+    while stack:
+        node = stack.pop()
+        stack += node.get("decoders", [])
+        kinds.add(node["type"])
+        if node["type"] == "Replace" and node.get("pattern", {}).get("String") == "\u2581":
+            kinds.add("Metaspace")
+    alphabet = _byte_alphabet() if "ByteLevel" in kinds else {}
+    added = {i: t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    cache: dict[int, bytes] = {}
+
+    def raw(token_id: int) -> bytes:
+        out = cache.get(token_id)
+        if out is not None:
+            return out
+        piece = None if token_id in added or not kinds else tokenizer.convert_ids_to_tokens(token_id)
+        byte = _BYTE_PIECE.fullmatch(piece) if piece and "ByteFallback" in kinds else None
+        if token_id in added:
+            out = added[token_id].encode()
+        elif piece and alphabet and all(c in alphabet for c in piece):
+            out = bytes(alphabet[c] for c in piece)
+        elif byte:
+            out = bytes([int(byte[1], 16)])
+        elif piece and "Metaspace" in kinds:
+            out = piece.replace("\u2581", " ").encode()
+        else:
+            out = tokenizer.decode([token_id]).encode()
+        cache[token_id] = out
+        return out
+
+    try:
+        _TOKEN_BYTES[tokenizer] = raw
+    except TypeError:         # not weakly referable: computed per call
+        pass
+    return raw
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: character -> the byte it stands for (printable Latin-1
+    bytes stand for themselves, the others for chr(256), chr(257), ... in byte order)."""
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    extra = iter(range(256, 512))
+    return {chr(b if b in keep else next(extra)): b for b in range(256)}
 
 
 class IncrementalDetokenizer:

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from fastserve_jax.config import SamplingParams
+from fastserve_jax.detokenizer import token_bytes
 from fastserve_jax.request import TokenLogprobs
 
 from fastserve_jax.serve.engine_loop import Delta
@@ -87,8 +88,8 @@ class Formatter:
         lps = lps or []
         if self.chat:
             def entry(tid: int, lp: float) -> dict:
-                tok = self._token(tid)
-                return {"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8"))}
+                # bytes: the token's own, also where it holds part of a character (its token is then U+FFFD)
+                return {"token": self._token(tid), "logprob": lp, "bytes": list(token_bytes(self.tokenizer)(tid))}
             return {"content": [dict(entry(x.token_id, x.logprob),
                                      top_logprobs=[entry(t, v) for t, v in x.top.items()]) for x in lps]}
         toks = [self._token(x.token_id) for x in lps]

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from fastserve_jax.detokenizer import IncrementalDetokenizer
+from fastserve_jax.detokenizer import IncrementalDetokenizer, token_bytes
 from fastserve_jax.models import demo_model_path
 from fastserve_jax.models.tokenizer import load_tokenizer
+from fastserve_jax.request import TokenLogprobs
+from fastserve_jax.serve.openai_format import Formatter
 
 TEXT = "héllo wörld 中文🙂 end"
 
@@ -122,3 +124,20 @@ def test_a_request_that_finishes_inside_a_character_keeps_its_text(demo, end):
         eng._append(req, t, None, 0.0)
     assert req.finished and req.finish_reason == ("length" if end == "length" else "stop")
     assert req.output_text == demo.decode(out, skip_special_tokens=True) == "a\ufffd"
+
+
+@pytest.mark.parametrize("text", [TEXT, "a b  c", "🙂🙂 é"])
+def test_token_bytes_are_each_tokens_raw_bytes(tok, text):
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    raw = token_bytes(tok)
+    joined = b"".join(raw(t) for t in ids)
+    assert joined.decode("utf-8").lstrip(" ") == text.lstrip(" ")    # SentencePiece: the space it prepends
+    assert raw(tok.eos_token_id) == tok.eos_token.encode()
+
+
+def test_chat_logprob_bytes_hold_a_partial_characters_raw_bytes(demo):
+    ids = demo("é🙂", add_special_tokens=False)["input_ids"]
+    fmt = Formatter(True, "demo", demo, 1)
+    content = fmt._logprobs(0, [TokenLogprobs(t, -0.5, {t: -0.5}) for t in ids])["content"]
+    assert b"".join(bytes(c["bytes"]) for c in content) == "é🙂".encode()
+    assert [c["top_logprobs"][0]["bytes"] for c in content] == [c["bytes"] for c in content]
