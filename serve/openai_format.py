@@ -5,6 +5,7 @@ logprobs. Choice index i of a request with P prompts and n choices each is promp
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 import uuid
@@ -60,6 +61,7 @@ class Formatter:
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self._offset: dict[int, int] = {}     # completions logprobs: text offset per choice
+        self._utf8: dict[int, codecs.IncrementalDecoder] = {}     # and its tokens' bytes decoded so far
         self._chunk_head: str | None = None   # chunk_event's serialized head
         self._echo: dict[int, str] = dict(enumerate(echo or []))      # popped once written
         self._usage_prompt_tokens = usage_prompt_tokens
@@ -92,13 +94,17 @@ class Formatter:
                 return {"token": self._token(tid), "logprob": lp, "bytes": list(token_bytes(self.tokenizer)(tid))}
             return {"content": [dict(entry(x.token_id, x.logprob),
                                      top_logprobs=[entry(t, v) for t, v in x.top.items()]) for x in lps]}
-        toks = [self._token(x.token_id) for x in lps]
-        offsets, at = [], self._offset.get(index, 0)
-        for t in toks:
+        # text_offset: where the token's text starts in the choice's text. Counted on the tokens'
+        # bytes, as the detokenizer writes them: the tokens of one character share its offset
+        # (each alone decodes to U+FFFD), and special tokens, skipped in the text, add nothing.
+        offsets, at, raw = [], self._offset.get(index, 0), token_bytes(self.tokenizer)
+        utf8 = self._utf8.setdefault(index, codecs.getincrementaldecoder("utf-8")("replace"))
+        special = set(getattr(self.tokenizer, "all_special_ids", ()))
+        for x in lps:
             offsets.append(at)
-            at += len(t)
+            at += 0 if x.token_id in special else len(utf8.decode(raw(x.token_id)))
         self._offset[index] = at
-        return {"tokens": toks, "token_logprobs": [x.logprob for x in lps],
+        return {"tokens": [self._token(x.token_id) for x in lps], "token_logprobs": [x.logprob for x in lps],
                 "top_logprobs": [{self._token(t): v for t, v in x.top.items()} for x in lps], "text_offset": offsets}
 
     def _head(self, obj: str) -> dict:

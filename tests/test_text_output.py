@@ -141,3 +141,20 @@ def test_chat_logprob_bytes_hold_a_partial_characters_raw_bytes(demo):
     content = fmt._logprobs(0, [TokenLogprobs(t, -0.5, {t: -0.5}) for t in ids])["content"]
     assert b"".join(bytes(c["bytes"]) for c in content) == "é🙂".encode()
     assert [c["top_logprobs"][0]["bytes"] for c in content] == [c["bytes"] for c in content]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_text_offsets_index_into_the_returned_text(demo, streamed):
+    text = "é x🙂y" + demo.eos_token + "z"
+    ids = demo(text, add_special_tokens=False)["input_ids"]
+    returned = demo.decode(ids, skip_special_tokens=True)
+    lps = [TokenLogprobs(t, -0.5, {}) for t in ids]
+    fmt = Formatter(False, "demo", demo, 0)
+    parts = [fmt._logprobs(0, [lp]) for lp in lps] if streamed else [fmt._logprobs(0, lps)]
+    offsets = [o for p in parts for o in p["text_offset"]]
+    tokens = [t for p in parts for t in p["tokens"]]
+    assert len(offsets) == len(ids) and offsets == sorted(offsets)
+    for off, tid, tok_text in zip(offsets, ids, tokens):
+        if "\ufffd" not in tok_text and tid not in demo.all_special_ids:
+            assert returned[off:off + len(tok_text)] == tok_text
+    assert offsets[-1] == returned.index("z")
