@@ -365,7 +365,7 @@ def _messages(v: Any) -> list[dict]:
                        for p in content):
                 raise bad_request(f"messages[{i}].content parts must be {{\"type\": \"text\", \"text\": ...}}; "
                                   "this server accepts text only", "messages")
-            content = "".join(p["text"] for p in content)
+            content = "\n".join(p["text"] for p in content)     # as vLLM joins them
         if not isinstance(content, str):
             raise bad_request(f"messages[{i}].content must be a string or an array of text parts", "messages")
         msg = {"role": m["role"], "content": content}

@@ -158,3 +158,11 @@ def test_text_offsets_index_into_the_returned_text(demo, streamed):
         if "\ufffd" not in tok_text and tid not in demo.all_special_ids:
             assert returned[off:off + len(tok_text)] == tok_text
     assert offsets[-1] == returned.index("z")
+
+
+def test_chat_text_parts_are_joined_by_newlines_as_vllm_does():
+    from fastserve_jax.serve.protocol import parse_chat
+
+    parts = [{"type": "text", "text": "first line"}, {"type": "text", "text": "second"}]
+    job = parse_chat({"messages": [{"role": "system", "content": parts}, {"role": "user", "content": "x"}]})
+    assert job.prompts[0][0] == {"role": "system", "content": "first line\nsecond"}
