@@ -105,7 +105,14 @@ class Formatter:
             at += 0 if x.token_id in special else len(utf8.decode(raw(x.token_id)))
         self._offset[index] = at
         return {"tokens": [self._token(x.token_id) for x in lps], "token_logprobs": [x.logprob for x in lps],
-                "top_logprobs": [{self._token(t): v for t, v in x.top.items()} for x in lps], "text_offset": offsets}
+                "top_logprobs": [self._top(x) for x in lps], "text_offset": offsets}
+
+    def _top(self, x: TokenLogprobs) -> dict[str, float]:
+        """Completions' top_logprobs entry: the sampled token's logprob also where it is not among
+        the top (OpenAI: "up to logprobs+1 elements"; vLLM writes it first too)."""
+        top = {} if x.token_id in x.top else {self._token(x.token_id): x.logprob}
+        top.update((self._token(t), v) for t, v in x.top.items())
+        return top
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}

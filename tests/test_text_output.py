@@ -166,3 +166,15 @@ def test_chat_text_parts_are_joined_by_newlines_as_vllm_does():
     parts = [{"type": "text", "text": "first line"}, {"type": "text", "text": "second"}]
     job = parse_chat({"messages": [{"role": "system", "content": parts}, {"role": "user", "content": "x"}]})
     assert job.prompts[0][0] == {"role": "system", "content": "first line\nsecond"}
+
+
+def test_completions_top_logprobs_hold_the_sampled_token_as_openai_and_vllm_do(demo):
+    """OpenAI's legacy logprobs: "the API will always return the logprob of the sampled token,
+    so there may be up to logprobs+1 elements"; logprobs=0 gives the sampled token alone."""
+    a, b, c = demo(" 1 2 3", add_special_tokens=False)["input_ids"][:3]
+    name = demo.decode
+    lps = [TokenLogprobs(a, -2.0, {}), TokenLogprobs(b, -0.1, {b: -0.1}), TokenLogprobs(c, -3.0, {a: -0.2})]
+    top = Formatter(False, "demo", demo, 0)._logprobs(0, lps)["top_logprobs"]
+    assert top == [{name([a]): -2.0}, {name([b]): -0.1}, {name([c]): -3.0, name([a]): -0.2}]
+    chat = Formatter(True, "demo", demo, 0)._logprobs(0, lps[:1])["content"]
+    assert chat[0]["top_logprobs"] == []              # chat's top_logprobs: exactly top_logprobs of them
