@@ -60,6 +60,9 @@ class Request:
     finish_reason: str | None = None       # "stop" | "length" | "abort"
     output_text: str = ""
     logprobs: list[TokenLogprobs] | None = None
+    # SamplingParams.prompt_logprobs: entry i is prompt token i's (entry 0 None), filled as the
+    # prefill chunks come back (fastserve_jax/prompt_logprobs.py)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     # scheduling state, owned by the policy
     queue_level: int = 0
     attained_service: float = 0.0          # seconds of step time received in the current queue
@@ -83,6 +86,8 @@ class Request:
         self.metrics = RequestMetrics(self.arrival_time)
         if self.sampling.logprobs is not None:
             self.logprobs = []
+        if self.sampling.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -127,7 +132,8 @@ class CompletionOutput:
 class RequestOutput:
     """A request's output so far (final when `finished`). text, token_ids, finish_reason and
     logprobs are the first completion's; `outputs` holds all n (vLLM's layout; n > 1 only
-    from `LLM.generate`, whose metrics are then the first completion's)."""
+    from `LLM.generate`, whose metrics are then the first completion's). prompt_logprobs:
+    one entry per prompt token, the first None (SamplingParams.prompt_logprobs)."""
 
     request_id: str
     prompt: str | None
@@ -138,6 +144,7 @@ class RequestOutput:
     metrics: RequestMetrics
     logprobs: list[TokenLogprobs] | None = None
     outputs: list[CompletionOutput] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.outputs:

@@ -47,7 +47,9 @@ class SamplingParams:
     logit_bias: {token id: bias in [-100, 100]} added to the logits before sampling (OpenAI's;
     at most MAX_LOGIT_BIAS tokens; logprobs stay the raw model's). min_tokens (vLLM's): until
     that many tokens are out, EOS and stop_token_ids cannot be sampled and stop strings are
-    not checked.
+    not checked. prompt_logprobs (vLLM's): the logprob of each prompt token given the tokens
+    before it, with the top-k alternatives (k = prompt_logprobs), in the output's
+    `prompt_logprobs`: one entry per prompt token, the first None (nothing precedes it).
     """
 
     max_tokens: int = 16
@@ -64,6 +66,7 @@ class SamplingParams:
     n: int = 1
     min_tokens: int = 0
     logit_bias: dict[int, float] | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "n"):
@@ -79,9 +82,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1 (disabled) or a positive integer, got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {v!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not _is_number(v) or not -2.0 <= v <= 2.0:

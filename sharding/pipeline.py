@@ -50,10 +50,11 @@ def pooled_features(h, batch: AttnBatch, logits_idx):
 
 
 def stage_forward(module: nn.Module, block: nn.Module, first: bool, last: bool,
-                  feature_layer: int | None = None) -> Callable:
+                  feature_layer: int | None = None, every_logits: bool = False) -> Callable:
     """fn(params, cache, x, batch, logits_idx) -> (logits or h, cache) for one stage; the last
     stage returns ((logits, features), cache), the features pooled (`pooled_features`) from
-    the output of its layer `feature_layer` (0-based, within the stage; None: its last).
+    the output of its layer `feature_layer` (0-based, within the stage; None: its last), and
+    with `every_logits` ((logits, features, logits of every token (R*Q, V)), cache).
 
     `params` is the stage's tree from `ModelLayout.split_layers`: the ends it owns plus
     `layers`, a tuple of per-layer trees. The layers run as an unrolled Python loop over
@@ -75,7 +76,10 @@ def stage_forward(module: nn.Module, block: nn.Module, first: bool, last: bool,
         h, cache, _ = carry
         if last:
             feats = pooled_features(h if tapped is None else tapped, batch, logits_idx)
-            return (module.apply(ends, h, logits_idx, method="head"), feats), cache
+            out = (module.apply(ends, h, logits_idx, method="head"), feats)
+            if every_logits:          # the sampled rows' logits still come from their own matmul, as above
+                out += (module.apply(ends, h, None, method="head"),)
+            return out, cache
         return h, cache
 
     return forward
@@ -93,15 +97,20 @@ class Stage:
     replicated: NamedSharding
     fn: Callable                               # jitted stage_forward
     compiled: dict = field(default_factory=dict)   # launch key (runner/keys.py) -> compiled forward
+    # the last stage's jitted forward for prompt-logprobs prefills, which also takes the targets
+    # (fastserve_jax/prompt_logprobs.py); None elsewhere
+    plp_fn: Callable | None = None
 
     @property
     def devices(self) -> list[jax.Device]:
         return list(self.replicated.mesh.devices.flat)
 
-    def run(self, key, x, batch: AttnBatch, logits_idx):
+    def run(self, key, x, batch: AttnBatch, logits_idx, targets=None):
         """Queue this stage's step for launch `key` (compiled beforehand, see
-        runner/compiler.py; asynchronous); returns its output."""
-        out, self.cache = self.compiled[key](self.params, self.cache, x, batch, logits_idx)
+        runner/compiler.py; asynchronous); returns its output. `targets`: a prompt-logprobs
+        prefill's, on the last stage."""
+        extra = () if targets is None else (targets,)
+        out, self.cache = self.compiled[key](self.params, self.cache, x, batch, logits_idx, *extra)
         return out
 
 

@@ -17,7 +17,7 @@ from fastserve_jax.config import SchedulerConfig
 from fastserve_jax.runner.compile_guard import CompileCounter
 from fastserve_jax.scheduler import POLICIES
 from fastserve_jax.scheduler.engine_defaults import REFERENCE_ITERATION_SECONDS
-from tiny_engine import ENGINE_KW, GREEDY, hf_greedy, random_prompts
+from tiny_engine import ENGINE_KW, GREEDY, check_prompt_logprobs, hf_greedy, hf_prompt_logprobs, random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,26 @@ def test_logprobs_and_finish_reasons(llm):
     assert stopped.finish_reason == "stop" and stopped.token_ids == out.token_ids[:first + 1]
     m = stopped.metrics
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finish_time
+
+
+def test_prompt_logprobs_over_chunked_prefills_equal_transformers(llm, tiny_checkpoints):
+    """A 150-token prompt spans three prefill chunks (64-token budget); the prompt-logprobs
+    prefill variant is not part of the warm-up, compiles when first asked, and leaves the
+    tokens (of these requests and their batch neighbours) as they were."""
+    def plp_keys():
+        return [k for k in llm.engine.runner.stages[-1].compiled if getattr(k, "prompt_logprobs", False)]
+
+    assert not plp_keys(), "warm-up compiled the prompt-logprobs variant"
+    prompts = random_prompts(1, 150, 150, seed=21) + random_prompts(2, 2, 30, seed=22) + [[7]]
+    plain = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    sp = [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=k) for k in (5, 0, 2)]
+    outs = llm.generate(prompts, [sp[0], plain, sp[1], sp[2]])
+    assert [o.token_ids for o in outs] == [o.token_ids for o in llm.generate(prompts, plain)]
+    assert outs[1].prompt_logprobs is None and outs[3].prompt_logprobs == [None]
+    ref = hf_prompt_logprobs(tiny_checkpoints("llama"), [prompts[0], prompts[2]])
+    check_prompt_logprobs(outs[0].prompt_logprobs, prompts[0], ref[0], 5)
+    check_prompt_logprobs(outs[2].prompt_logprobs, prompts[2], ref[1], 0)
+    assert plp_keys()
 
 
 def test_nothing_compiles_after_warmup(llm):

@@ -3,6 +3,7 @@ and under recompute preemption (a pool too small for all sequences)."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 
 from fastserve_jax import LLM, SamplingParams
 from fastserve_jax.models.random_checkpoint import TINY_PRESETS
-from tiny_engine import ENGINE_KW, GREEDY, hf_greedy, random_prompts
+from tiny_engine import ENGINE_KW, GREEDY, check_prompt_logprobs, hf_greedy, hf_prompt_logprobs, random_prompts
 
 
 # Three architectures run in the default suite (GQA Llama, OPT's learned positions, Llama 3's
@@ -30,21 +31,27 @@ def test_greedy_matches_transformers(tiny_checkpoints, preset):
     assert got == hf_greedy(path, prompts, GREEDY.max_tokens)
 
 
-def test_recompute_preemption_keeps_outputs(tiny_checkpoints):
-    """A pool too small for all sequences forces FCFS to drop and recompute KV."""
+def test_recompute_preemption_keeps_outputs_and_prompt_logprobs(tiny_checkpoints):
+    """A pool too small for all sequences forces FCFS to drop and recompute KV. Half the
+    requests ask for prompt logprobs: a recomputed prefill neither records them twice nor
+    changes them (fastserve_jax/prompt_logprobs.py)."""
+    path = tiny_checkpoints("llama")
     kw = dict(ENGINE_KW, num_device_blocks=24, swap_policy="recompute")
-    small = LLM(tiny_checkpoints("llama"), warmup=False, **kw)
+    small = LLM(path, warmup=False, **kw)
     prompts = random_prompts(6, 20, 40, seed=9)
     sp = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     with pytest.raises(ValueError, match="KV blocks"):     # 200 tokens need 25 blocks; the pool has 23
         small.generate([[3] * 200], SamplingParams(max_tokens=5))
-    reqs = [small.engine.add_request(p, sp) for p in prompts]
+    reqs = [small.engine.add_request(p, dataclasses.replace(sp, prompt_logprobs=3) if i % 2 else sp)
+            for i, p in enumerate(prompts)]
     while small.engine.has_unfinished():
         small.engine.step()
         small.engine.kv.check_integrity()
-    assert sum(r.num_preemptions for r in reqs) > 0
+    assert sum(r.num_preemptions for r in reqs[1::2]) > 0
     got = [small.engine.output_of(r) for r in reqs]
-    assert [o.token_ids for o in got] == hf_greedy(tiny_checkpoints("llama"), prompts, 30)
+    assert [o.token_ids for o in got] == hf_greedy(path, prompts, 30)
+    for o, p, ref in zip(got[1::2], prompts[1::2], hf_prompt_logprobs(path, prompts[1::2])):
+        check_prompt_logprobs(o.prompt_logprobs, p, ref, 3)
 
 
 # bf16 tolerances, stated in docs/attention.md ("bf16"): the engine runs weights, KV and

@@ -5,12 +5,15 @@ land, and the rules table)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import pytest
 
 from fastserve_jax.config import SamplingParams
 from fastserve_jax.llm import LLM
 from parallel_setup import KW, four_layer_checkpoints  # noqa: F401  (a fixture)
+from tiny_engine import check_prompt_logprobs, hf_prompt_logprobs
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (virtual) devices")
 
@@ -102,13 +105,18 @@ def test_pallas_kernel_where_a_device_holds_parts_of_several_groups(tmp_path):
 
 
 def test_pipeline_keeps_several_batches_in_flight(four_layer):
+    """... and computes prompt logprobs on its last stage (one request of the k = 2 run asks)."""
     path, want = four_layer["llama"]
     held = {}
     for k in (1, 2):
         llm = LLM(path, warmup=False, num_device_blocks=96, pipeline_parallel_size=2, batches_in_flight=k, **KW)
         act = llm.engine.runner.activity
-        got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        params = GREEDY[:5] + [dataclasses.replace(GREEDY[5], prompt_logprobs=2)] if k == 2 else GREEDY
+        outs = llm.generate(PROMPTS, params)
+        got = [o.token_ids for o in outs]
         assert got == want
+        if k == 2:
+            check_prompt_logprobs(outs[5].prompt_logprobs, PROMPTS[5], hf_prompt_logprobs(path, PROMPTS[5:])[0], 2)
         s = act.summary()
         assert s["stages"] == 2 and len(s["occupancy"]) == 2
         held[k] = s["held_in_flight_max"]

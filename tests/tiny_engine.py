@@ -1,5 +1,5 @@
 """What the engine tests share (test_engine.py, test_engine_parity.py): the tiny engine's
-settings, random prompts, and transformers' greedy decoding as the reference.
+settings, random prompts, and transformers' greedy decoding and prompt logprobs as the references.
 
 Every engine here uses the small bucket grid (engine_grids.py): a lazily warmed engine then
 meets fewer distinct launch shapes, so it compiles less, and engines of the same model and
@@ -38,3 +38,24 @@ def hf_greedy(path, prompts, n):
                                pad_token_id=0)
             out.append(g[0, len(p):].tolist())
     return out
+
+
+def hf_prompt_logprobs(path, prompts):
+    """Per prompt, transformers' log-softmax over the vocabulary at every position (L, V)."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [model(torch.tensor([p])).logits[0].log_softmax(-1).numpy() for p in prompts]
+
+
+def check_prompt_logprobs(got, prompt, ref, k):
+    """vLLM's layout: None, then per prompt token its logprob given the tokens before it and
+    the k most likely tokens there, equal to the reference (L, V) log-softmax."""
+    assert len(got) == len(prompt) and got[0] is None
+    for i, e in enumerate(got[1:], 1):
+        assert e.token_id == prompt[i] and e.logprob == pytest.approx(ref[i - 1, prompt[i]], abs=2e-4)
+        best = np.sort(ref[i - 1])[::-1][:k]
+        assert len(e.top) == k and sorted(e.top.values(), reverse=True) == pytest.approx(best, abs=2e-4)
+        assert all(ref[i - 1, t] == pytest.approx(v, abs=2e-4) for t, v in e.top.items())

@@ -131,12 +131,16 @@ class Compiler:
 
     # -- jobs ------------------------------------------------------------------------------
     def launch_jobs(self, key: LaunchKey) -> list[CompileJob]:
-        """One job per pipeline stage for launch `key`."""
+        """One job per pipeline stage for launch `key` (a prompt-logprobs prefill's last stage
+        is its own program, which also takes the targets: Stage.plp_fn)."""
         jobs = []
         for st in self.stages:
             x, batch, idx = abstract_launch_args(self.builder, key, st, self.hidden_size, self.act_dtype)
-            jobs.append(CompileJob(export_cache.lower_job(st.fn, st.params, abstract(st.cache), x, batch, idx,
-                                                          name=f"{self.context}/stage{st.index}", donate=(1,)),
+            fn, extra, name = st.fn, (), f"{self.context}/stage{st.index}"
+            if st.last and getattr(key, "prompt_logprobs", False):
+                fn, extra, name = st.plp_fn, (jax.ShapeDtypeStruct((key.tokens,), jnp.int32),), name + "/prompt_logprobs"
+            jobs.append(CompileJob(export_cache.lower_job(fn, st.params, abstract(st.cache), x, batch, idx, *extra,
+                                                          name=name, donate=(1,)),
                                    functools.partial(st.compiled.__setitem__, key)))
         return jobs
 

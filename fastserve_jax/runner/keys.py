@@ -6,7 +6,9 @@ so a decode key never equals a prefill key with the same numbers.
 
     DecodeKey(rows, blocks)        R sequences x 1 token, each row gathering `blocks` blocks
     PrefillKey(tokens, blocks)     `tokens` packed prefill tokens (rows of prefill_tile), each
-                                   row gathering up to `blocks` blocks
+                                   row gathering up to `blocks` blocks; prompt_logprobs=True: the
+                                   variant that also returns every token's prompt logprobs
+                                   (fastserve_jax/prompt_logprobs.py), never warmed up
     SamplerKey(rows, greedy, logprobs, penalties)
                                    one sampler variant over `rows` logits rows
     SwapKey(op, run, stage)        a gather ("gather") or donated scatter ("scatter") of `run`
@@ -35,6 +37,7 @@ class DecodeKey:
 class PrefillKey:
     tokens: int
     blocks: int
+    prompt_logprobs: bool = False
 
     kind = "prefill"
 
@@ -43,16 +46,19 @@ LaunchKey = DecodeKey | PrefillKey
 
 
 def launch_key_to_wire(key: LaunchKey) -> list:
-    """A plain list for the multi-host plan channel (and JSON reports)."""
-    return [key.kind, key.tokens if key.kind == "prefill" else key.rows, key.blocks]
+    """A plain list for the multi-host plan channel (and JSON reports); a prompt-logprobs
+    prefill has a fourth entry, true."""
+    if key.kind == "prefill":
+        return ["prefill", key.tokens, key.blocks] + ([True] if key.prompt_logprobs else [])
+    return [key.kind, key.rows, key.blocks]
 
 
 def launch_key_from_wire(wire: list) -> LaunchKey:
-    kind, size, blocks = wire
+    kind, size, blocks, *variant = wire
     cls = {"decode": DecodeKey, "prefill": PrefillKey}.get(kind)
-    if cls is None:
+    if cls is None or (variant and cls is DecodeKey):
         raise ValueError(f"unknown launch kind {kind!r}")
-    return cls(int(size), int(blocks))
+    return cls(int(size), int(blocks), *map(bool, variant))
 
 
 @dataclass(frozen=True)

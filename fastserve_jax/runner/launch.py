@@ -17,6 +17,7 @@ import numpy as np
 from fastserve_jax.config import EngineConfig, bucket
 from fastserve_jax.kv_cache import KVManager
 from fastserve_jax.models.attention import AttnBatch
+from fastserve_jax.prompt_logprobs import Span, fill_targets, needs_prompt_logprobs
 from fastserve_jax.request import Request
 from fastserve_jax.runner.keys import DecodeKey, LaunchKey, PrefillKey, launch_key_from_wire, launch_key_to_wire
 from fastserve_jax.sampling import Penalties, SamplingArrays
@@ -36,6 +37,10 @@ class Launch:
     # (R,) int32, decode launches under async scheduling: row i's input token is entry src[i]
     # of the runner's token box when >= 0 (sampled by the batch before, not back on the host)
     src: np.ndarray | None = None
+    # a prompt-logprobs prefill (PrefillKey.prompt_logprobs): (T,) int32 each packed token's
+    # next prompt token, -1 for none, and the spans to record (fastserve_jax/prompt_logprobs.py)
+    targets: np.ndarray | None = None
+    spans: list[Span] | None = None
 
 
 @dataclass
@@ -52,11 +57,12 @@ class LaunchWork:
     sampling: SamplingArrays | None = None
     penalties: Penalties | None = None
     src: np.ndarray | None = None
+    targets: np.ndarray | None = None
 
     @classmethod
     def of(cls, ln: Launch, max_model_len: int) -> "LaunchWork":
         live = [r for r in ln.rows if r is not None]
-        work = cls(ln.key, ln.tokens, ln.batch, ln.logits_idx, src=ln.src)
+        work = cls(ln.key, ln.tokens, ln.batch, ln.logits_idx, src=ln.src, targets=ln.targets)
         if live:
             work.greedy = all(r.sampling.greedy for r in live)
             work.logprobs = any(r.sampling.logprobs is not None for r in live)
@@ -69,13 +75,14 @@ class LaunchWork:
         return dict(key=launch_key_to_wire(self.key), tokens=self.tokens, batch=list(self.batch),
                     logits_idx=self.logits_idx, greedy=self.greedy, logprobs=self.logprobs,
                     sampling=None if self.sampling is None else list(self.sampling),
-                    penalties=None if self.penalties is None else list(self.penalties), src=self.src)
+                    penalties=None if self.penalties is None else list(self.penalties), src=self.src,
+                    targets=self.targets)
 
     @classmethod
     def from_message(cls, m: dict) -> "LaunchWork":
         return cls(launch_key_from_wire(m["key"]), m["tokens"], AttnBatch(*m["batch"]), m["logits_idx"], m["greedy"],
                    m["logprobs"], None if m["sampling"] is None else SamplingArrays(*m["sampling"]),
-                   None if m["penalties"] is None else Penalties(*m["penalties"]), m.get("src"))
+                   None if m["penalties"] is None else Penalties(*m["penalties"]), m.get("src"), m.get("targets"))
 
 
 _INT32_MAX = np.iinfo(np.int32).max
@@ -281,14 +288,16 @@ class LaunchBuilder:
         c = self.cfg
         need = bucket(sum(s.num_tokens for s in items), c.prefill_token_buckets)
         tables = [self._table(kv, s.request, s.request.num_computed_tokens + s.num_tokens) for s in items]
-        for t in (b for b in c.prefill_token_buckets if b >= need):
+        # the prompt-logprobs variant is never warmed up: its own bucket, compiled when first asked
+        plp = any(needs_prompt_logprobs(s.request, s.num_tokens) for s in items)
+        for t in (b for b in c.prefill_token_buckets if b >= need and not plp):
             packed = self._pack(items, tables, kv, t)
             key = self._fit(PrefillKey(t, self.blocks_bucket(self.prefill_shape(t)[0], packed[-1])), t)
             if key is not None:
                 return self._prefill_launch(key, *packed)
         packed = self._pack(items, tables, kv, need)
-        return self._prefill_launch(PrefillKey(need, self.blocks_bucket(self.prefill_shape(need)[0], packed[-1])),
-                                    *packed)
+        return self._prefill_launch(PrefillKey(need, self.blocks_bucket(self.prefill_shape(need)[0], packed[-1]),
+                                               plp), *packed)
 
     def _pack(self, items: list[ScheduledRequest], tables: list[np.ndarray], kv: KVManager, t: int):
         """Token arrays of the chunks packed into t tokens, the blocks each row gathers and the
@@ -302,6 +311,7 @@ class LaunchBuilder:
         logits_idx = np.zeros((c.max_prefill_seqs,), np.int32)
         rows: list[Request | None] = [None] * c.max_prefill_seqs
         row_blocks: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(r)]
+        targets, spans = np.full(t, -1, np.int32), []
         at = 0
         for i, (s, table) in enumerate(zip(items, tables)):
             req, n = s.request, s.num_tokens
@@ -312,6 +322,7 @@ class LaunchBuilder:
             pos[at:at + n] = p
             seg[at:at + n] = i
             slots[at:at + n] = table[p // bs] * bs + p % bs
+            fill_targets(targets, spans, req, at, p0, n)
             for row in range(at // q, (at + n - 1) // q + 1):
                 last = min(at + n, (row + 1) * q) - 1          # this sequence's last token in the row
                 row_blocks[row].append((i, table[:kv.blocks_for_tokens(p0 + last - at + 1)]))
@@ -320,9 +331,10 @@ class LaunchBuilder:
             if p0 + n == req.num_tokens:
                 rows[i] = req
         most = max(sum(len(tb) for _, tb in rb) for rb in row_blocks)
-        return tokens, pos, seg, slots, logits_idx, rows, row_blocks, most
+        return tokens, pos, seg, slots, logits_idx, rows, (targets, spans), row_blocks, most
 
-    def _prefill_launch(self, key: PrefillKey, tokens, pos, seg, slots, logits_idx, rows, row_blocks, most) -> Launch:
+    def _prefill_launch(self, key: PrefillKey, tokens, pos, seg, slots, logits_idx, rows, plp, row_blocks,
+                        most) -> Launch:
         r, q = self.prefill_shape(key.tokens)
         nb, bs = key.blocks, self.bs
         block_ids = np.zeros((r, nb), np.int32)
@@ -336,12 +348,17 @@ class LaunchBuilder:
                 block_pos[row, bt:bt + len(tb)] = np.arange(len(tb), dtype=np.int32) * bs
                 bt += len(tb)
         batch = AttnBatch(pos.reshape(r, q), seg.reshape(r, q), slots.reshape(r, q), block_ids, block_seg, block_pos)
-        return Launch(key, tokens.reshape(r, q), batch, logits_idx, rows)
+        targets, spans = plp if key.prompt_logprobs else (None, None)
+        return Launch(key, tokens.reshape(r, q), batch, logits_idx, rows, targets=targets, spans=spans)
 
     def build(self, scheduled: list[ScheduledRequest], kv: KVManager) -> list[Launch]:
-        """All launches of one plan: the decode launch first, then the packed prefills."""
-        decode = [s for s in scheduled if s.num_tokens == 1]
-        prefill = [s for s in scheduled if s.num_tokens > 1]
+        """All launches of one plan: the decode launch first, then the packed prefills (a
+        one-token prompt chunk whose prompt logprob is wanted among them: a decode launch
+        computes no prompt logprobs)."""
+        decode, prefill = [], []
+        for s in scheduled:
+            one = s.num_tokens == 1 and not needs_prompt_logprobs(s.request, 1)
+            (decode if one else prefill).append(s)
         launches = [self.build_decode(decode, kv)] if decode else []
         launches += [self.build_prefill(g, kv) for g in self.split_prefill(prefill, kv)]
         return launches

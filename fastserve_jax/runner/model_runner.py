@@ -23,6 +23,7 @@ from fastserve_jax.models import build_block, build_model
 from fastserve_jax.models.attention import KVCache, pallas_kernel
 from fastserve_jax.models.config import ModelConfig
 from fastserve_jax.models.paged_attention import tuning as triton_tuning
+from fastserve_jax.prompt_logprobs import record as record_prompt_logprobs, with_prompt_logprobs
 from fastserve_jax.request import Request, TokenLogprobs
 from fastserve_jax.runner import compiler
 from fastserve_jax.runner.keys import LaunchKey, SamplerKey, key_from_wire, key_to_wire
@@ -86,12 +87,15 @@ class ModelRunner:
             zeros = jax.jit(lambda: jnp.zeros(shape, cfg.dtype), out_shardings=cs)
             block = build_block(stage_cfg, cfg.dtype, cfg.attention_backend,
                                 layout.head_sharding(s) if cfg.attention_backend == "pallas" else None)
+            shardings = (jax.tree.map(lambda x: x.sharding, sp), KVCache(cs, cs), x_in, rep, rep)
             fn = jax.jit(stage_forward(module, block, first, last, self.feature_layer if last else None),
-                         donate_argnames=("cache",),
-                         in_shardings=(jax.tree.map(lambda x: x.sharding, sp), KVCache(cs, cs), x_in, rep, rep),
-                         out_shardings=(rep, KVCache(cs, cs)))
+                         donate_argnames=("cache",), in_shardings=shardings, out_shardings=(rep, KVCache(cs, cs)))
+            plp_fn = jax.jit(with_prompt_logprobs(stage_forward(module, block, first, last, self.feature_layer,
+                                                                every_logits=True)),
+                             donate_argnames=("cache",), in_shardings=shardings + (rep,),
+                             out_shardings=(rep, KVCache(cs, cs))) if last else None
             self.stages.append(Stage(s, first, last, sp, KVCache(zeros(), zeros()), cs, None if first else x_in,
-                                     rep, fn))
+                                     rep, fn, plp_fn=plp_fn))
         backend = cfg.attention_backend + (f"-{pallas_kernel()}" if cfg.attention_backend == "pallas" else "")
         if backend == "pallas-triton":
             backend += f"-{triton_tuning().describe()}"         # the knobs change the program
@@ -252,7 +256,7 @@ class ModelRunner:
         for st in self.stages:
             if not st.first:
                 x = move(x, st.input_sharding)
-            x = st.run(ln.key, x, ln.batch, ln.logits_idx)
+            x = st.run(ln.key, x, ln.batch, ln.logits_idx, ln.targets if st.last else None)
             if rec is not None:
                 self.activity.output(rec, st.index, x)
         return x
@@ -264,15 +268,17 @@ class ModelRunner:
         return self.run(work, batch_id)
 
     def run(self, work: list[LaunchWork], batch_id: int = -1) -> list:
-        """Per launch None (nothing sampled) or (Sampled, pooled features, the offset of its
-        tokens in the token box, None without one or when the box is full)."""
+        """Per launch None (nothing sampled, no prompt logprobs) or (Sampled or None, pooled
+        features, the offset of its tokens in the token box (None without one, when the box is
+        full or nothing was sampled), the prompt logprobs or None)."""
         pending = []
         if self.token_box is not None:
             self.token_box.start_batch()
         for w in work:
-            logits, feats = self.forward(w, batch_id)
+            logits, feats, *plp = self.forward(w, batch_id)
+            plp = plp[0] if plp else None
             if w.sampling is None:
-                pending.append(None)
+                pending.append(None if plp is None else (None, feats, None, plp))
                 continue
             key = sampler_key(w)
             penalties = w.penalties
@@ -280,15 +286,21 @@ class ModelRunner:
                 penalties = penalties._replace(history=self.token_box.patch(penalties.history, w.src))
             sampled = self.sampler(key)(logits, w.sampling, *((penalties,) if key.penalties else ()))
             self.ran.add(key)
-            pending.append((sampled, feats, self.token_box.put(sampled.tokens) if self.token_box is not None else None))
+            pending.append((sampled, feats, self.token_box.put(sampled.tokens) if self.token_box is not None else None,
+                            plp))
         return pending
 
     @staticmethod
     def collect(launches: list[Launch], pending: list) -> list[tuple[Request, int, TokenLogprobs | None]]:
-        """Wait for the sampled tokens; one (request, token, logprobs) per sampled row."""
+        """Wait for the sampled tokens; one (request, token, logprobs) per sampled row. Prompt
+        logprobs go straight into their requests, before any of their tokens."""
         results = []
         for ln, out in zip(launches, pending):
             if out is None:
+                continue
+            if out[3] is not None:
+                record_prompt_logprobs(ln.spans, fetch(out[3]))
+            if out[0] is None:
                 continue
             host = fetch(out[0])
             for i, req in enumerate(ln.rows):
