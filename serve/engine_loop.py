@@ -68,6 +68,9 @@ class Delta:
     ttft: float | None = None            # seconds, on the last delta
     latency: float | None = None
     handoff: float | None = None         # arrival (the handler's start) to the engine's add_request
+    # SamplingParams.prompt_logprobs: one entry per prompt token (the first None), on the request's
+    # first delta with tokens only
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def final(self) -> bool:
@@ -126,6 +129,8 @@ class _Tracked:
         lps = req.logprobs[self.sent_tokens:] if req.logprobs is not None else None
         d = Delta(text[self.sent_text:end], new_ids, lps, req.finish_reason, req.num_prompt_tokens,
                   len(req.output_token_ids))
+        if self.sent_tokens == 0 and new_ids and req.prompt_logprobs is not None:
+            d.prompt_logprobs = list(req.prompt_logprobs)
         self.sent_text, self.sent_tokens = end, len(req.output_token_ids)
         if req.finished:
             d.ttft, d.latency, d.handoff = req.metrics.ttft, req.metrics.latency, self.handoff

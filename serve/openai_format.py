@@ -1,7 +1,10 @@
 """OpenAI response objects for completions and chat: whole responses, stream chunks, usage,
 logprobs. Choice index i of a request with P prompts and n choices each is prompt i // n.
 `Formatter.for_job` also carries the request's `echo` (completions) and continuous usage
-(a usage object on every chunk), as serve/protocol.py describes them."""
+(a usage object on every chunk), as serve/protocol.py describes them. With `echo` and
+`logprobs` a completion choice's logprobs cover its prompt tokens, then the generated ones
+(OpenAI's legacy format, as vLLM: the first prompt token's logprob and top_logprobs are null);
+when streaming, the prompt's part comes in the choice's first chunk, with the echoed text."""
 
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ class Choice:
 
     text: str = ""
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -42,6 +46,7 @@ class Choice:
     def add(self, d: Delta) -> None:
         self.text += d.text
         self.logprobs += d.logprobs or []
+        self.prompt_logprobs = d.prompt_logprobs or self.prompt_logprobs
         self.finish_reason = d.finish_reason or self.finish_reason
         self.prompt_tokens = d.prompt_tokens or self.prompt_tokens
         self.completion_tokens = d.completion_tokens
@@ -51,9 +56,11 @@ class Formatter:
     """Builds the JSON of one request's responses (ids and timestamps fixed per request)."""
 
     def __init__(self, chat: bool, model: str, tokenizer, logprobs: int | None, echo: list[str] | None = None,
-                 usage_prompt_tokens: list[int] | None = None) -> None:
+                 usage_prompt_tokens: list[int] | None = None, echo_ids: list[list[int]] | None = None) -> None:
         """echo: per choice, the text written before its first text (completions);
-        usage_prompt_tokens: per choice, its prompt's tokens, to put usage on every chunk."""
+        usage_prompt_tokens: per choice, its prompt's tokens, to put usage on every chunk;
+        echo_ids: per choice, its prompt's token ids, whose logprobs come before the generated
+        tokens' (completions with echo and logprobs)."""
         self.chat = chat
         self.model = model
         self.tokenizer = tokenizer
@@ -65,6 +72,7 @@ class Formatter:
         self._chunk_head: str | None = None   # chunk_event's serialized head
         self._echo: dict[int, str] = dict(enumerate(echo or []))      # popped once written
         self._usage_prompt_tokens = usage_prompt_tokens
+        self._echo_ids = echo_ids
 
     @classmethod
     def for_job(cls, job: Job, model: str, tokenizer, prepared: list[tuple[list[int], SamplingParams]]) -> "Formatter":
@@ -75,7 +83,8 @@ class Formatter:
             texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in job.prompts]
             echo = [t for t in texts for _ in range(job.n)]
         counts = [len(ids) for ids, _ in prepared] if job.continuous_usage else None
-        return cls(job.chat, model, tokenizer, job.logprobs, echo, counts)
+        echo_ids = [ids for ids, _ in prepared] if job.echo and job.logprobs is not None else None
+        return cls(job.chat, model, tokenizer, job.logprobs, echo, counts, echo_ids)
 
     def _token(self, tid: int) -> str:
         return self.tokenizer.decode([tid])
@@ -84,7 +93,9 @@ class Formatter:
         """Choice `index`'s text, its echo before the first piece written."""
         return self._echo.pop(index, "") + text if self._echo else text
 
-    def _logprobs(self, index: int, lps: list[TokenLogprobs] | None) -> dict | None:
+    def _logprobs(self, index: int, lps: list[TokenLogprobs] | None,
+                  prompt: list[TokenLogprobs | None] | None = None) -> dict | None:
+        """`prompt`: the choice's prompt logprobs (echo), before the generated tokens'."""
         if self.logprobs is None:
             return None
         lps = lps or []
@@ -94,22 +105,29 @@ class Formatter:
                 return {"token": self._token(tid), "logprob": lp, "bytes": list(token_bytes(self.tokenizer)(tid))}
             return {"content": [dict(entry(x.token_id, x.logprob),
                                      top_logprobs=[entry(t, v) for t, v in x.top.items()]) for x in lps]}
+        lead: list[TokenLogprobs | None] = []
+        ids = [x.token_id for x in lps]
+        if prompt is not None and self._echo_ids is not None:
+            lead = list(prompt)                   # its first entry None: null, as in OpenAI's
+            ids = list(self._echo_ids[index]) + ids
         # text_offset: where the token's text starts in the choice's text. Counted on the tokens'
         # bytes, as the detokenizer writes them: the tokens of one character share its offset
         # (each alone decodes to U+FFFD), and special tokens, skipped in the text, add nothing.
         offsets, at, raw = [], self._offset.get(index, 0), token_bytes(self.tokenizer)
         utf8 = self._utf8.setdefault(index, codecs.getincrementaldecoder("utf-8")("replace"))
         special = set(getattr(self.tokenizer, "all_special_ids", ()))
-        for x in lps:
+        for tid in ids:
             offsets.append(at)
-            at += 0 if x.token_id in special else len(utf8.decode(raw(x.token_id)))
+            at += 0 if tid in special else len(utf8.decode(raw(tid)))
         self._offset[index] = at
-        return {"tokens": [self._token(x.token_id) for x in lps], "token_logprobs": [x.logprob for x in lps],
-                "top_logprobs": [self._top(x) for x in lps], "text_offset": offsets}
+        entries = lead + lps
+        return {"tokens": [self._token(t) for t in ids],
+                "token_logprobs": [None if x is None else x.logprob for x in entries],
+                "top_logprobs": [None if x is None else self._top(x) for x in entries], "text_offset": offsets}
 
     def _top(self, x: TokenLogprobs) -> dict[str, float]:
-        """Completions' top_logprobs entry: the sampled token's logprob also where it is not among
-        the top (OpenAI: "up to logprobs+1 elements"; vLLM writes it first too)."""
+        """Completions' top_logprobs entry: the sampled (or prompt) token's logprob also where it
+        is not among the top (OpenAI: "up to logprobs+1 elements"; vLLM writes it first too)."""
         top = {} if x.token_id in x.top else {self._token(x.token_id): x.logprob}
         top.update((self._token(t), v) for t, v in x.top.items())
         return top
@@ -121,7 +139,8 @@ class Formatter:
     def response(self, choices: list[Choice], prompt_tokens: int) -> dict:
         out = []
         for i, c in enumerate(choices):
-            ch = {"index": i, "logprobs": self._logprobs(i, c.logprobs), "finish_reason": c.finish_reason}
+            ch = {"index": i, "logprobs": self._logprobs(i, c.logprobs, c.prompt_logprobs),
+                  "finish_reason": c.finish_reason}
             if self.chat:
                 ch["message"] = {"role": "assistant", "content": c.text}
             else:
@@ -140,7 +159,7 @@ class Formatter:
             ch = {"index": index, "delta": delta}
         else:
             ch = {"index": index, "text": self._text(index, d.text)}
-        ch["logprobs"] = None if d is None else self._logprobs(index, d.logprobs)
+        ch["logprobs"] = None if d is None else self._logprobs(index, d.logprobs, d.prompt_logprobs)
         ch["finish_reason"] = None if d is None else d.finish_reason
         body["choices"] = [ch]
         if self._usage_prompt_tokens is not None:     # vLLM's continuous_usage_stats

@@ -45,7 +45,7 @@ def _params(job: Job, max_tokens: int, seed: int | None, min_tokens: int | None 
                               presence_penalty=job.presence_penalty, frequency_penalty=job.frequency_penalty,
                               ignore_eos=job.ignore_eos, stop_token_ids=list(job.stop_token_ids) or None,
                               min_tokens=job.min_tokens if min_tokens is None else min_tokens,
-                              logit_bias=job.logit_bias)
+                              logit_bias=job.logit_bias, prompt_logprobs=job.logprobs if job.echo else None)
     except ValueError as e:
         raise bad_request(str(e))
 

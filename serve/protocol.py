@@ -23,8 +23,9 @@ added to those tokens' logits before sampling, at most MAX_LOGIT_BIAS of them; l
 the model's own.
 
 `echo` (/v1/completions only) prepends each choice's prompt (a token-id prompt decoded)
-to its text; when streaming, to the first chunk of each choice. Not with `logprobs`: no
-prompt logprobs are returned.
+to its text; when streaming, to the first chunk of each choice. With `logprobs` the engine
+computes the prompt's logprobs too (SamplingParams.prompt_logprobs) and each choice's
+logprobs cover its prompt tokens, then the generated ones (serve/openai_format.py).
 
 Accepted only at the value that asks for nothing (what clients such as vLLM's benchmark
 send by default), rejected otherwise with a 400 naming the field and what is accepted:
@@ -330,9 +331,6 @@ def parse_completion(body: dict) -> Job:
     max_tokens = _int(body, "max_tokens", OPENAI_COMPLETION_DEFAULT_MAX_TOKENS, 1)
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
     echo = _bool(body, "echo", False)
-    if echo and logprobs is not None:
-        raise bad_request("'echo' with 'logprobs' is not supported: this server returns no logprobs for the prompt; "
-                          "drop one of them", "echo")
     if body.get("suffix") is not None:
         raise _unsupported("suffix", "text after the insertion point is not supported; leave it out")
     return _common(body, False, _prompts(body["prompt"]), max_tokens, logprobs, echo)

@@ -68,7 +68,7 @@ REJECTED = [
     ({"frobnicate": 1}, "frobnicate", "unknown or unsupported field(s) ['frobnicate']"),
 ]
 REJECTED_COMPLETION = [
-    ({"echo": True, "logprobs": 1}, "echo", "no logprobs for the prompt"),
+    ({"echo": True, "logprobs": 21}, "logprobs", "must be in [0, 20]"),
     ({"suffix": "end"}, "suffix", "not supported"),
     ({"tools": []}, "tools", "unknown or unsupported field(s) ['tools']"),
 ]
@@ -187,6 +187,41 @@ def test_echo_whole_and_streamed(live):
     ids = tok.encode(prompts[0])
     _, out = _post(live, "/v1/completions", dict(body, prompt=ids, n=1))
     assert out["choices"][0]["text"] == tok.decode(ids) + demo_task.expected_answer(*pairs[0])
+
+
+def test_echo_with_logprobs_puts_the_prompts_logprobs_first(live):
+    """lm-eval-harness's loglikelihood request (echo, logprobs, few tokens): each choice's
+    logprobs cover its prompt tokens, the first with null logprob and top_logprobs (OpenAI's,
+    vLLM's), then the generated tokens as without echo; streamed, the prompt's part comes in
+    each choice's first chunk. Before, echo with logprobs was a 400."""
+    tok = live.state.engine.engine.tokenizer
+    prompts = [demo_task.make_prompt(3, 6), demo_task.make_prompt(20, 22)]
+    body = {"prompt": prompts, "n": 2, "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 2}
+    status, out = _post(live, "/v1/completions", body)
+    assert status == 200, out
+    for c in out["choices"]:
+        prompt = prompts[c["index"] // 2]
+        ids, lp = tok.encode(prompt), c["logprobs"]
+        n = len(ids)
+        assert lp["tokens"][:n] == [tok.decode([t]) for t in ids] and len(lp["tokens"]) == n + 3
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n + 3
+        for x, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
+            assert x <= 0 and len(top) == 2 and x <= max(top.values()) + 1e-5
+        assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(n + 3)]
+        assert c["text"] == prompt + "".join(lp["tokens"][n:])
+        assert c["logprobs"]["token_logprobs"][1:n] == out["choices"][c["index"] ^ 1]["logprobs"]["token_logprobs"][1:n]
+        _, alone = _post(live, "/v1/completions", {"prompt": prompt, "max_tokens": 3, "temperature": 0, "logprobs": 2})
+        assert alone["choices"][0]["logprobs"]["tokens"] == lp["tokens"][n:]
+        assert alone["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"][n:], abs=1e-5)
+    _, chunks = _post(live, "/v1/completions", dict(body, stream=True))
+    for want in out["choices"]:
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == want["index"]]
+        n = len(tok.encode(prompts[want["index"] // 2]))
+        assert len(mine[0]["logprobs"]["tokens"]) == n + 1 and mine[0]["logprobs"]["token_logprobs"][0] is None
+        got = {k: sum((m["logprobs"][k] for m in mine), []) for k in ("tokens", "text_offset", "token_logprobs")}
+        assert got["tokens"] == want["logprobs"]["tokens"] and got["text_offset"] == want["logprobs"]["text_offset"]
+        assert got["token_logprobs"][1:] == pytest.approx(want["logprobs"]["token_logprobs"][1:], abs=1e-5)
 
 
 @pytest.mark.parametrize("chat", [False, True])
