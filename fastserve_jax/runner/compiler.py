@@ -137,7 +137,7 @@ class Compiler:
         for st in self.stages:
             x, batch, idx = abstract_launch_args(self.builder, key, st, self.hidden_size, self.act_dtype)
             fn, extra, name = st.fn, (), f"{self.context}/stage{st.index}"
-            if st.last and getattr(key, "prompt_logprobs", False):
+            if st.last and key.prompt_logprobs:
                 fn, extra, name = st.plp_fn, (jax.ShapeDtypeStruct((key.tokens,), jnp.int32),), name + "/prompt_logprobs"
             jobs.append(CompileJob(export_cache.lower_job(fn, st.params, abstract(st.cache), x, batch, idx, *extra,
                                                           name=name, donate=(1,)),

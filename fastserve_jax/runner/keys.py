@@ -26,6 +26,7 @@ class DecodeKey:
     blocks: int
 
     kind = "decode"
+    prompt_logprobs = False      # a decode launch computes none (PrefillKey's variant does)
 
     @property
     def tokens(self) -> int:
@@ -57,7 +58,7 @@ def launch_key_from_wire(wire: list) -> LaunchKey:
     kind, size, blocks, *variant = wire
     cls = {"decode": DecodeKey, "prefill": PrefillKey}.get(kind)
     if cls is None or (variant and cls is DecodeKey):
-        raise ValueError(f"unknown launch kind {kind!r}")
+        raise ValueError(f"unknown launch {wire!r}")
     return cls(int(size), int(blocks), *map(bool, variant))
 
 
