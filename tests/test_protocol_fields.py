@@ -206,10 +206,13 @@ def test_echo_with_logprobs_puts_the_prompts_logprobs_first(live):
         assert lp["tokens"][:n] == [tok.decode([t]) for t in ids] and len(lp["tokens"]) == n + 3
         assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
         assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n + 3
-        for x, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
-            assert x <= 0 and len(top) == 2 and x <= max(top.values()) + 1e-5
-        assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(n + 3)]
+        for t, x, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
+            # the top 2, and the token itself where it is not among them (OpenAI's logprobs + 1)
+            assert x <= 0 and len(top) == 2 + (t not in list(top)[-2:]) and top[t] == x <= max(top.values()) + 1e-5
         assert c["text"] == prompt + "".join(lp["tokens"][n:])
+        # text_offset indexes into the returned text (a special token, not in it, takes no room)
+        assert lp["text_offset"][0] == 0 and all(
+            t in tok.all_special_tokens or c["text"][at:at + len(t)] == t for t, at in zip(lp["tokens"], lp["text_offset"]))
         assert c["logprobs"]["token_logprobs"][1:n] == out["choices"][c["index"] ^ 1]["logprobs"]["token_logprobs"][1:n]
         _, alone = _post(live, "/v1/completions", {"prompt": prompt, "max_tokens": 3, "temperature": 0, "logprobs": 2})
         assert alone["choices"][0]["logprobs"]["tokens"] == lp["tokens"][n:]
