@@ -90,6 +90,11 @@ def test_two_processes_serve_a_request_end_to_end(tmp_path, backend, tp, pp, war
                 spans))
         for (a, b), out in zip(spans, outs):
             assert out["choices"][0]["text"] == "".join(f" {i}" for i in range(a, b + 1)), _logs(tmp_path)
+        if warmup == "background":      # (slow) prompt logprobs: the launch's targets reach the worker
+            plp = _post(f"http://127.0.0.1:{http}/v1/completions", {"model": "demo", "prompt": "count from 3 to 9:",
+                        "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 2})["choices"][0]["logprobs"]
+            assert plp["token_logprobs"][0] is None and all(x <= 0 for x in plp["token_logprobs"][1:]), plp
+            assert plp["token_logprobs"][-3:] == [max(t.values()) for t in plp["top_logprobs"][-3:]]   # greedy
         with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=10) as r:
             metrics = r.read().decode()
         swapped = [ln for ln in metrics.splitlines() if ln.startswith('fastserve_swap_blocks_total{direction="out"}')]
