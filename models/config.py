@@ -11,6 +11,9 @@ import os
 from dataclasses import dataclass
 
 LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# MLP activations (transformers' ACT2FN names: `hidden_act`, OPT's `activation_function`) that
+# models/linear.py computes as transformers does; "gelu" is the exact (erf) GELU there.
+ACTIVATIONS = ("silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu")
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class ModelConfig:
     # OPT only
     do_layer_norm_before: bool = True
     word_embed_proj_dim: int = 0   # 0: equal to hidden_size
-    activation: str = "silu"
+    activation: str = "silu"       # the MLP's (ACTIVATIONS): Llama's hidden_act, OPT's activation_function
     eos_token_id: tuple[int, ...] = ()
     bos_token_id: int | None = None
     sliding_window: int | None = None  # Mistral/Qwen2 local attention; not implemented (see engine)
@@ -50,6 +53,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.activation not in ACTIVATIONS:
+            field = "activation_function" if self.arch == "opt" else "hidden_act"
+            raise ValueError(f"unsupported {field} {self.activation!r}; supported: {', '.join(ACTIVATIONS)}")
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -11,9 +11,28 @@ layouts itself; this is the layout torch serves with there (not measured here).
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from fastserve_jax.models.config import ACTIVATIONS
+
+# transformers' ACT2FN by name: "gelu" is the exact (erf) GELU, the tanh approximation has three
+# names (gelu_new, gelu_pytorch_tanh, and gelu_fast with sqrt(2/pi) rounded to 0.7978845608).
+_ACT = {"silu": jax.nn.silu, "swish": jax.nn.silu, "relu": jax.nn.relu,
+        "gelu": functools.partial(jax.nn.gelu, approximate=False),
+        "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+        "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+        "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x)}
+assert set(_ACT) == set(ACTIVATIONS)
+
+
+def activation(name: str):
+    """The MLP activation a config names (config.ACTIVATIONS)."""
+    return _ACT[name]
 
 
 def linear(x, weight):

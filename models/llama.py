@@ -1,7 +1,7 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2) as a Flax Linen module.
 
 RMSNorm, rotary positions (rope_theta, Llama-3 rope_scaling), grouped-query attention,
-SwiGLU MLP, optional QKV bias, tied or untied embeddings. The layers are one `nn.scan`,
+gated MLP (SwiGLU, or hidden_act's gate), optional QKV bias, tied or untied embeddings. The layers are one `nn.scan`,
 so their params are stacked on a leading layer axis (the canonical tree checkpoints use).
 Serving launches instead run `LlamaBlock` once per layer on per-layer arrays split from
 that stack (sharding/pipeline.py, docs/performance.md).
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from fastserve_jax.models.attention import AttnBatch, HeadSharding, KVCache, apply_rope, attention, rope_inv_freq
 from fastserve_jax.models.causal_lm import CausalLM, scanned_layers
 from fastserve_jax.models.config import ModelConfig
-from fastserve_jax.models.linear import Linear
+from fastserve_jax.models.linear import Linear, activation
 
 
 class RMSNorm(nn.Module):
@@ -72,7 +72,7 @@ class LlamaMLP(nn.Module):
         dense = lambda n, name: Linear(n, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name=name)
         g = dense(self.cfg.intermediate_size, "gate_proj")(x)
         u = dense(self.cfg.intermediate_size, "up_proj")(x)
-        return dense(self.cfg.hidden_size, "down_proj")(nn.silu(g) * u)
+        return dense(self.cfg.hidden_size, "down_proj")(activation(self.cfg.activation)(g) * u)
 
 
 class LlamaBlock(nn.Module):

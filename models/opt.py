@@ -1,7 +1,7 @@
 """OPT decoder (the family the FastServe paper evaluates) as a Flax Linen module.
 
 Learned positions (offset 2, as in HF), LayerNorm (pre- or post-attention per
-`do_layer_norm_before`), ReLU MLP, biases everywhere, lm_head tied to the embedding,
+`do_layer_norm_before`), ReLU (or activation_function's) MLP, biases everywhere, lm_head tied to the embedding,
 optional project_in/project_out when word_embed_proj_dim differs from hidden_size.
 
 Param tree (weights are (out, in), as torch stores them: models/linear.py; L = num_layers):
@@ -20,13 +20,9 @@ import jax.numpy as jnp
 from fastserve_jax.models.attention import AttnBatch, HeadSharding, attention
 from fastserve_jax.models.causal_lm import CausalLM, scanned_layers
 from fastserve_jax.models.config import ModelConfig
-from fastserve_jax.models.linear import Linear
+from fastserve_jax.models.linear import Linear, activation
 
 POSITION_OFFSET = 2  # HF OPTLearnedPositionalEmbedding reserves the first two rows
-
-
-def _act(name: str):
-    return {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}[name]
 
 
 class OPTBlock(nn.Module):
@@ -53,7 +49,7 @@ class OPTBlock(nn.Module):
             h = norm("attn_norm")(h)
 
         x = norm("ffn_norm")(h) if c.do_layer_norm_before else h
-        h = h + dense(c.hidden_size, "fc2")(_act(c.activation)(dense(c.intermediate_size, "fc1")(x)))
+        h = h + dense(c.hidden_size, "fc2")(activation(c.activation)(dense(c.intermediate_size, "fc1")(x)))
         if not c.do_layer_norm_before:
             h = norm("ffn_norm")(h)
         return (h, cache, layer + 1), None

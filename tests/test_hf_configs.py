@@ -1,0 +1,73 @@
+"""Config fields of real Hugging Face checkpoints that change what the model computes.
+
+Each case is a tiny random `transformers` model saved with `save_pretrained` (the files a
+real checkpoint of that config has), loaded by `load_model` and checked for logit parity with
+the torch forward, or for a refusal that names the field. One layer, 32 hidden units: the
+whole file runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastserve_jax.models.attention import dense_batch
+from fastserve_jax.models.loader import load_model
+
+TOL = 1e-4
+_TINY = {"llama": dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+         "opt": dict(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4,
+                     max_position_embeddings=64, word_embed_proj_dim=32)}
+_CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "opt": "OPTConfig"}
+
+
+def hf_checkpoint(path, model_type: str, **config_kw):
+    """A random-weight transformers model of model_type (tiny shapes, config_kw on top) saved
+    to path; returns the torch model (float32, eval)."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    base = _TINY["opt" if model_type == "opt" else "llama"]
+    cfg = getattr(transformers, _CONFIGS[model_type])(**{**base, **config_kw})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():   # std 0.1 (norm scales ~1): a wrong term moves the logits far beyond TOL
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name and name.endswith("weight")
+                    else 0.1 * torch.randn_like(p))
+    model.save_pretrained(str(path))
+    return model
+
+
+def max_logit_error(path, model, n_tokens: int = 12) -> float:
+    import torch
+
+    _, module, params = load_model(str(path), cache_dir="")
+    tokens = np.random.default_rng(0).integers(3, 64, (1, n_tokens)).astype(np.int32)
+    ours = np.asarray(module.apply({"params": params}, jnp.asarray(tokens), dense_batch(tokens.shape))[0])
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens, dtype=torch.long)).logits[0].numpy()
+    return float(np.abs(ours - ref).max())
+
+
+@pytest.mark.parametrize("model_type,config_kw", [
+    ("llama", dict(hidden_act="gelu")),                  # exact (erf) GELU
+    ("llama", dict(hidden_act="gelu_pytorch_tanh")),     # tanh approximation
+    ("opt", dict(activation_function="gelu")),
+    ("opt", dict(activation_function="gelu_new")),
+])
+def test_activation_functions_match_transformers(tmp_path, model_type, config_kw):
+    """Llama's MLP ran SiLU whatever hidden_act said, and OPT's "gelu" was the tanh approximation."""
+    model = hf_checkpoint(tmp_path, model_type, **config_kw)
+    assert max_logit_error(tmp_path, model) < TOL
+
+
+def test_unknown_activation_is_refused_by_name():
+    from fastserve_jax.models.config import ModelConfig
+
+    import transformers
+    d = transformers.LlamaConfig(**_TINY["llama"], hidden_act="relu2").to_dict()
+    with pytest.raises(ValueError, match="hidden_act 'relu2'"):
+        ModelConfig.from_dict(d)
