@@ -96,7 +96,7 @@ class ModelConfig:
                 intermediate_size=d["ffn_dim"], num_layers=d["num_hidden_layers"], num_heads=heads,
                 num_kv_heads=heads, head_dim=d["hidden_size"] // heads,
                 max_position_embeddings=d.get("max_position_embeddings", 2048), norm_eps=1e-5,
-                attention_bias=True, tie_word_embeddings=True,
+                attention_bias=True, tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
                 do_layer_norm_before=d.get("do_layer_norm_before", True),
                 word_embed_proj_dim=d.get("word_embed_proj_dim") or d["hidden_size"],
                 activation=d.get("activation_function", "relu"), eos_token_id=eos_t,

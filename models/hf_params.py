@@ -58,6 +58,7 @@ _OPT_MODULES = {
     "layers/fc2": "model.decoder.layers.{i}.fc2",
     "final_norm": "model.decoder.final_layer_norm",
     "project_out": "model.decoder.project_out",
+    "lm_head": "lm_head",
 }
 _MODULES = {"llama": _LLAMA_MODULES, "opt": _OPT_MODULES}
 # Our leaf name -> HF leaf name.

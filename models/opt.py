@@ -1,8 +1,9 @@
 """OPT decoder (the family the FastServe paper evaluates) as a Flax Linen module.
 
 Learned positions (offset 2, as in HF), LayerNorm (pre- or post-attention per
-`do_layer_norm_before`), ReLU (or activation_function's) MLP, biases everywhere, lm_head tied to the embedding,
-optional project_in/project_out when word_embed_proj_dim differs from hidden_size.
+`do_layer_norm_before`), ReLU (or activation_function's) MLP, biases everywhere, lm_head tied
+to the embedding (or its own when tie_word_embeddings is false), optional
+project_in/project_out when word_embed_proj_dim differs from hidden_size.
 
 Param tree (weights are (out, in), as torch stores them: models/linear.py; L = num_layers):
   embed_tokens/embedding (V, E)         embed_positions/embedding (max_pos + 2, H)
@@ -10,6 +11,7 @@ Param tree (weights are (out, in), as torch stores them: models/linear.py; L = n
   layers/attn_norm/{scale,bias} (L, H)  layers/{q,k,v,out}_proj/{weight,bias}
   layers/ffn_norm/{scale,bias} (L, H)   layers/fc1/{weight,bias} (L, I, H)  layers/fc2 (L, H, I)
   final_norm/{scale,bias} (H)           (only for pre-LN models)
+  lm_head/weight (V, E)                 (only when untied)
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ class OPTForCausalLM(CausalLM):
         self.layers = scanned_layers(OPTBlock, c, self.dtype)
         if c.do_layer_norm_before:
             self.final_norm = nn.LayerNorm(c.norm_eps, dtype=self.dtype, param_dtype=self.dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = Linear(c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.dtype)
 
     def _projected(self) -> bool:
         return bool(self.cfg.word_embed_proj_dim) and self.cfg.word_embed_proj_dim != self.cfg.hidden_size
@@ -85,4 +89,4 @@ class OPTForCausalLM(CausalLM):
             h = self.final_norm(h)
         if self._projected():
             h = self.project_out(h)
-        return self.embed_tokens.attend(h)
+        return self.embed_tokens.attend(h) if self.cfg.tie_word_embeddings else self.lm_head(h)

@@ -71,3 +71,9 @@ def test_unknown_activation_is_refused_by_name():
     d = transformers.LlamaConfig(**_TINY["llama"], hidden_act="relu2").to_dict()
     with pytest.raises(ValueError, match="hidden_act 'relu2'"):
         ModelConfig.from_dict(d)
+
+
+def test_opt_with_untied_lm_head_matches_transformers(tmp_path):
+    """OPT was always read as tied: a stored lm_head.weight of its own was ignored silently."""
+    model = hf_checkpoint(tmp_path, "opt", tie_word_embeddings=False, word_embed_proj_dim=16)
+    assert max_logit_error(tmp_path, model) < TOL
