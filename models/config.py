@@ -16,6 +16,17 @@ LLAMA_FAMILY = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "q
 ACTIVATIONS = ("silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu")
 
 
+# transformers' default window where a Mistral config (or a Qwen2 one with use_sliding_window)
+# has no `sliding_window` key; an explicit null means full attention.
+_DEFAULT_SLIDING_WINDOW = 4096
+
+
+def _sliding_window(model_type: str, d: dict) -> int | None:
+    if model_type == "mistral" or (model_type == "qwen2" and d.get("use_sliding_window")):
+        return d.get("sliding_window", _DEFAULT_SLIDING_WINDOW)
+    return None
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama-3 style frequency scaling (`rope_type: llama3`)."""
@@ -88,7 +99,7 @@ class ModelConfig:
                 attention_bias=bool(d.get("attention_bias", mt == "qwen2")),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 activation=d.get("hidden_act", "silu"), eos_token_id=eos_t, bos_token_id=d.get("bos_token_id"),
-                sliding_window=(d.get("sliding_window") if mt == "mistral" or d.get("use_sliding_window") else None))
+                sliding_window=_sliding_window(mt, d))
         if mt == "opt":
             heads = d["num_attention_heads"]
             return cls(

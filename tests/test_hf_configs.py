@@ -77,3 +77,22 @@ def test_opt_with_untied_lm_head_matches_transformers(tmp_path):
     """OPT was always read as tied: a stored lm_head.weight of its own was ignored silently."""
     model = hf_checkpoint(tmp_path, "opt", tie_word_embeddings=False, word_embed_proj_dim=16)
     assert max_logit_error(tmp_path, model) < TOL
+
+
+_LLAMA_DICT = dict(_TINY["llama"], num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("model_type,extra,window", [
+    ("mistral", {}, 4096),                                   # no key: MistralConfig's default window
+    ("mistral", {"sliding_window": None}, None),             # Mistral v0.2+: full attention
+    ("mistral", {"sliding_window": 32}, 32),
+    ("qwen2", {"use_sliding_window": True}, 4096),           # no key: Qwen2Config's default
+    ("qwen2", {"use_sliding_window": False, "sliding_window": 32}, None),
+    ("llama", {"sliding_window": 32}, None),                 # not a Llama field
+])
+def test_sliding_window_defaults_as_transformers(model_type, extra, window):
+    """A Mistral config without a sliding_window key has transformers' default 4096-token
+    window; read as None, the engine served beyond it with full attention."""
+    from fastserve_jax.models.config import ModelConfig
+
+    assert ModelConfig.from_dict({"model_type": model_type, **_LLAMA_DICT, **extra}).sliding_window == window
