@@ -22,10 +22,11 @@ _AXES: dict[tuple[str, str], tuple[str, ...]] = {
     ("q_proj", "weight"): ("heads", "embed"), ("q_proj", "bias"): ("heads",),
     ("k_proj", "weight"): ("kv_heads", "embed"), ("k_proj", "bias"): ("kv_heads",),
     ("v_proj", "weight"): ("kv_heads", "embed"), ("v_proj", "bias"): ("kv_heads",),
-    ("o_proj", "weight"): ("embed", "heads"),
+    ("o_proj", "weight"): ("embed", "heads"), ("o_proj", "bias"): ("embed",),
     ("out_proj", "weight"): ("embed", "heads"), ("out_proj", "bias"): ("embed",),
     ("gate_proj", "weight"): ("mlp", "embed"), ("up_proj", "weight"): ("mlp", "embed"),
-    ("down_proj", "weight"): ("embed", "mlp"),
+    ("gate_proj", "bias"): ("mlp",), ("up_proj", "bias"): ("mlp",),
+    ("down_proj", "weight"): ("embed", "mlp"), ("down_proj", "bias"): ("embed",),
     ("fc1", "weight"): ("mlp", "embed"), ("fc1", "bias"): ("mlp",),
     ("fc2", "weight"): ("embed", "mlp"), ("fc2", "bias"): ("embed",),
 }

@@ -51,7 +51,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
-    attention_bias: bool = False   # QKV bias (Qwen2); OPT always has biases
+    attention_bias: bool = False   # q/k/v bias (Qwen2, Llama's attention_bias); OPT always has biases
+    o_proj_bias: bool = False      # Llama's attention_bias (not Qwen2's o_proj)
+    mlp_bias: bool = False         # Llama's mlp_bias: gate/up/down biases
     tie_word_embeddings: bool = False
     # OPT only
     do_layer_norm_before: bool = True
@@ -96,7 +98,11 @@ class ModelConfig:
                 head_dim=d.get("head_dim") or d["hidden_size"] // heads,
                 max_position_embeddings=d.get("max_position_embeddings", 2048),
                 norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
-                attention_bias=bool(d.get("attention_bias", mt == "qwen2")),
+                # transformers: Qwen2 always has q/k/v biases, Mistral never has any (neither reads
+                # attention_bias or mlp_bias); Llama's attention_bias adds o_proj's as well
+                attention_bias=mt == "qwen2" or (mt == "llama" and bool(d.get("attention_bias"))),
+                o_proj_bias=mt == "llama" and bool(d.get("attention_bias")),
+                mlp_bias=mt == "llama" and bool(d.get("mlp_bias")),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 activation=d.get("hidden_act", "silu"), eos_token_id=eos_t, bos_token_id=d.get("bos_token_id"),
                 sliding_window=_sliding_window(mt, d))

@@ -1,7 +1,7 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2) as a Flax Linen module.
 
 RMSNorm, rotary positions (rope_theta, Llama-3 rope_scaling), grouped-query attention,
-gated MLP (SwiGLU, or hidden_act's gate), optional QKV bias, tied or untied embeddings. The layers are one `nn.scan`,
+gated MLP (SwiGLU, or hidden_act's gate), optional QKV (and o_proj, MLP) biases, tied or untied embeddings. The layers are one `nn.scan`,
 so their params are stacked on a leading layer axis (the canonical tree checkpoints use).
 Serving launches instead run `LlamaBlock` once per layer on per-layer arrays split from
 that stack (sharding/pipeline.py, docs/performance.md).
@@ -9,8 +9,9 @@ that stack (sharding/pipeline.py, docs/performance.md).
 Param tree (weights are (out, in), as torch stores them: models/linear.py; L = num_layers):
   embed_tokens/embedding (V, H)
   layers/input_norm/scale (L, H)        layers/post_attn_norm/scale (L, H)
-  layers/attn/{q,k,v,o}_proj/weight     (L, Hq*D, H) ... (L, H, Hq*D); q,k,v bias if attention_bias
-  layers/mlp/{gate,up}_proj/weight (L, I, H)    layers/mlp/down_proj/weight (L, H, I)
+  layers/attn/{q,k,v,o}_proj/weight     (L, Hq*D, H) ... (L, H, Hq*D); q,k,v bias if attention_bias,
+                                        o bias if o_proj_bias
+  layers/mlp/{gate,up}_proj/weight (L, I, H)    layers/mlp/down_proj/weight (L, H, I); biases if mlp_bias
   norm/scale (H)                        lm_head/weight (V, H)  (absent when tied)
 """
 
@@ -59,7 +60,7 @@ class LlamaAttention(nn.Module):
         q = apply_rope(q, batch.positions, inv_freq)
         k = apply_rope(k, batch.positions, inv_freq)
         o, cache = attention(q, k, v, batch, cache, layer, self.attention_backend, self.heads)
-        o = dense(c.hidden_size, "o_proj", False)(o.reshape(r, q_len, -1))
+        o = dense(c.hidden_size, "o_proj", c.o_proj_bias)(o.reshape(r, q_len, -1))
         return o, cache
 
 
@@ -69,7 +70,8 @@ class LlamaMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dense = lambda n, name: Linear(n, use_bias=False, dtype=self.dtype, param_dtype=self.dtype, name=name)
+        dense = lambda n, name: Linear(n, use_bias=self.cfg.mlp_bias, dtype=self.dtype, param_dtype=self.dtype,
+                                       name=name)
         g = dense(self.cfg.intermediate_size, "gate_proj")(x)
         u = dense(self.cfg.intermediate_size, "up_proj")(x)
         return dense(self.cfg.hidden_size, "down_proj")(activation(self.cfg.activation)(g) * u)

@@ -96,3 +96,13 @@ def test_sliding_window_defaults_as_transformers(model_type, extra, window):
     from fastserve_jax.models.config import ModelConfig
 
     assert ModelConfig.from_dict({"model_type": model_type, **_LLAMA_DICT, **extra}).sliding_window == window
+
+
+@pytest.mark.parametrize("model_type,config_kw", [
+    ("llama", dict(attention_bias=True, mlp_bias=True)),    # Llama's attention_bias covers o_proj too
+    ("qwen2", dict(attention_bias=False)),                  # not a Qwen2 field: q/k/v always have biases
+    ("mistral", dict(attention_bias=True)),                 # nor a Mistral one: no biases
+])
+def test_projection_biases_match_transformers(tmp_path, model_type, config_kw):
+    model = hf_checkpoint(tmp_path, model_type, **config_kw)
+    assert max_logit_error(tmp_path, model) < TOL
