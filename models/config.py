@@ -78,6 +78,11 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         mt = d.get("model_type", "")
+        quant = d.get("quantization_config") or d.get("compression_config")
+        if quant:
+            method = quant.get("quant_method") if isinstance(quant, dict) else None
+            raise ValueError(f"quantized checkpoints are not supported (quantization_config, quant_method {method!r}); "
+                             "use the unquantized (float32, float16 or bfloat16) weights")
         eos = d.get("eos_token_id")
         eos_t = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         if mt in LLAMA_FAMILY:
@@ -108,6 +113,13 @@ class ModelConfig:
                 sliding_window=_sliding_window(mt, d))
         if mt == "opt":
             heads = d["num_attention_heads"]
+            # transformers' OPT variants without biases, without norm scales, or (pre-LN) without
+            # the final norm: none of the released checkpoints, and not implemented here
+            pre_ln = d.get("do_layer_norm_before", True)
+            for key, bad in (("enable_bias", False), ("layer_norm_elementwise_affine", False),
+                             ("_remove_final_layer_norm", True if pre_ln else None)):
+                if key in d and d[key] == bad:
+                    raise ValueError(f"OPT config {key}={d[key]!r} is not supported (only {not bad})")
             return cls(
                 arch="opt", vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
                 intermediate_size=d["ffn_dim"], num_layers=d["num_hidden_layers"], num_heads=heads,

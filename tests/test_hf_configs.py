@@ -106,3 +106,32 @@ def test_sliding_window_defaults_as_transformers(model_type, extra, window):
 def test_projection_biases_match_transformers(tmp_path, model_type, config_kw):
     model = hf_checkpoint(tmp_path, model_type, **config_kw)
     assert max_logit_error(tmp_path, model) < TOL
+
+
+_OPT_DICT = dict(_TINY["opt"])
+
+
+@pytest.mark.parametrize("model_type,extra,match", [
+    ("llama", {"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quantization_config.*'gptq'"),
+    ("qwen2", {"quantization_config": {"quant_method": "awq"}}, "quantization_config.*'awq'"),
+    ("opt", {"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}},
+     "quantization_config.*'bitsandbytes'"),
+    ("opt", {"enable_bias": False}, "enable_bias"),
+    ("opt", {"layer_norm_elementwise_affine": False}, "layer_norm_elementwise_affine"),
+    ("opt", {"_remove_final_layer_norm": True}, "_remove_final_layer_norm"),
+])
+def test_unsupported_fields_are_refused_by_name(model_type, extra, match):
+    """Quantized weights and OPT's bias-free or scale-free variants were refused only as a list
+    of missing or unexpected tensors (or, for quantized ones, of integer dtypes)."""
+    from fastserve_jax.models.config import ModelConfig
+
+    base = _OPT_DICT if model_type == "opt" else _LLAMA_DICT
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_dict({"model_type": model_type, **base, **extra})
+
+
+def test_opt_post_ln_ignores_remove_final_layer_norm():
+    from fastserve_jax.models.config import ModelConfig
+
+    d = {"model_type": "opt", **_OPT_DICT, "do_layer_norm_before": False, "_remove_final_layer_norm": True}
+    assert not ModelConfig.from_dict(d).do_layer_norm_before   # no final norm either way (opt-350m)
