@@ -64,9 +64,12 @@ def dense_batch(tokens_shape: tuple[int, int]) -> AttnBatch:
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> np.ndarray:
-    """Inverse frequencies, with Llama-3 scaling when given (same formula as HF)."""
+    """Inverse frequencies, with linear or Llama-3 scaling when given (config.RopeScaling; same
+    formulas as HF)."""
     inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    if scaling is not None:
+    if scaling is not None and scaling.rope_type == "linear":
+        inv = inv / scaling.factor
+    elif scaling is not None:
         low_wl = scaling.original_max_position_embeddings / scaling.low_freq_factor
         high_wl = scaling.original_max_position_embeddings / scaling.high_freq_factor
         wl = 2 * np.pi / inv

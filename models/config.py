@@ -29,12 +29,34 @@ def _sliding_window(model_type: str, d: dict) -> int | None:
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 style frequency scaling (`rope_type: llama3`)."""
+    """Rotary frequency scaling: `rope_type` llama3 (Llama-3's wavelength-dependent scaling) or
+    linear (every frequency divided by factor, i.e. positions divided by it; the llama3 fields unused)."""
 
     factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
+
+
+def _rope(d: dict) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) of a Llama-family config, read as transformers reads them: the
+    legacy `rope_scaling` dict wins over `rope_parameters`, a theta inside it over a top-level one."""
+    rs = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    if any(isinstance(v, dict) for v in rs.values()):
+        raise ValueError(f"rope parameters per layer type ({', '.join(rs)}) are not supported; give one "
+                         "rope_parameters dict for every layer")
+    theta = float(rs.get("rope_theta") or d.get("rope_theta") or 10000.0)
+    kind = rs.get("rope_type", rs.get("type")) or "default"
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, RopeScaling(float(rs["factor"]), rope_type="linear")
+    if kind == "llama3":
+        return theta, RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"]),
+                                  int(rs.get("original_max_position_embeddings")
+                                      or d.get("max_position_embeddings", 2048)))
+    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
 
 
 @dataclass(frozen=True)
@@ -87,22 +109,14 @@ class ModelConfig:
         eos_t = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         if mt in LLAMA_FAMILY:
             heads = d["num_attention_heads"]
-            rs = d.get("rope_scaling") or d.get("rope_parameters")
-            scaling = None
-            if rs and rs.get("rope_type", rs.get("type")) == "llama3":
-                scaling = RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]),
-                                      float(rs["high_freq_factor"]), int(rs["original_max_position_embeddings"]))
-            elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
-                raise ValueError(f"unsupported rope_scaling type {rs.get('rope_type', rs.get('type'))!r}; "
-                                 "supported: default, llama3")
-            theta = d.get("rope_theta") or (rs or {}).get("rope_theta") or 10000.0
+            theta, scaling = _rope(d)
             return cls(
                 arch="llama", vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
                 intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
                 num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
                 head_dim=d.get("head_dim") or d["hidden_size"] // heads,
                 max_position_embeddings=d.get("max_position_embeddings", 2048),
-                norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_scaling=scaling,
+                norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
                 # transformers: Qwen2 always has q/k/v biases, Mistral never has any (neither reads
                 # attention_bias or mlp_bias); Llama's attention_bias adds o_proj's as well
                 attention_bias=mt == "qwen2" or (mt == "llama" and bool(d.get("attention_bias"))),

@@ -135,3 +135,26 @@ def test_opt_post_ln_ignores_remove_final_layer_norm():
 
     d = {"model_type": "opt", **_OPT_DICT, "do_layer_norm_before": False, "_remove_final_layer_norm": True}
     assert not ModelConfig.from_dict(d).do_layer_norm_before   # no final norm either way (opt-350m)
+
+
+def test_linear_rope_scaling_matches_transformers(tmp_path):
+    """rope_type linear (Llama-2 long-context fine-tunes) was refused; it divides the positions."""
+    model = hf_checkpoint(tmp_path, "llama", rope_parameters={"rope_type": "linear", "factor": 4.0,
+                                                              "rope_theta": 10000.0})
+    assert max_logit_error(tmp_path, model) < TOL
+
+
+def test_rope_parameters_as_transformers_reads_them():
+    """rope_parameters' own rope_theta wins over a top-level one (transformers' order), and a
+    llama3 scaling without original_max_position_embeddings takes max_position_embeddings."""
+    from fastserve_jax.models.config import ModelConfig
+
+    d = {"model_type": "llama", **_LLAMA_DICT, "rope_theta": 10000.0,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
+    assert ModelConfig.from_dict(d).rope_theta == 500000.0
+    d = {"model_type": "llama", **_LLAMA_DICT, "rope_theta": 500000.0,
+         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}}
+    cfg = ModelConfig.from_dict(d)
+    assert (cfg.rope_theta, cfg.rope_scaling.original_max_position_embeddings) == (500000.0, 64)
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn'.*supported: default, linear, llama3"):
+        ModelConfig.from_dict({**d, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
