@@ -6,8 +6,10 @@ A real server process (the bundled demo model, which counts: "count from A to B:
 " A A+1 ... B"), several concurrent clients, each drawing one kind of request at a time:
 
     exact       completions, greedy, streamed or not, n 1-2, sometimes logprobs: every
-                choice is the exact answer, finish_reason "stop", usage counts its tokens
-    echo        the same with echo: the prompt, then the answer
+                choice is the exact answer, finish_reason "stop", usage counts its tokens,
+                one logprob per token
+    echo        the same with echo, not streamed: the prompt, then the answer (with logprobs,
+                the prompt tokens' first: null, then one per token)
     stop        a stop string inside the answer: the text up to it, finish_reason "stop"
     length      max_tokens under the answer's length: its first max_tokens numbers, "length"
     seeded      temperature 1 with a seed, sent twice at different times (so in different
@@ -18,8 +20,8 @@ A real server process (the bundled demo model, which counts: "count from A to B:
 
 At the end the server must come back to idle (no live request, no KV block used on the
 device or the host, per /metrics), stop on SIGINT with status 0, and its log must hold no
-traceback. It prints one line per kind and the server's memory (RSS, its process and its
-children) after warm-up and at the end; exit status 1 on any failure.
+traceback. It prints the requests of each kind and the server's memory (RSS, its process and
+its children) every 30 s and at the end; exit status 1 on any failure.
 
     python scripts/soak_server.py --minutes 5
     python scripts/soak_server.py --minutes 5 --scheduler gittins --swap-policy recompute --engine-process
@@ -106,7 +108,7 @@ class Soak:
         if kind in ("exact", "echo"):
             n = rng.choice((1, 1, 2))
             body.update(n=n, echo=kind == "echo")
-            if rng.random() < 0.3 and kind == "exact":
+            if rng.random() < 0.3:             # with echo: the prompt's logprobs first
                 body["logprobs"] = rng.randrange(0, 4)
             want = prompt + want if kind == "echo" else want
             await self.check_choices(kind, body, stream and kind == "exact", [want] * n, "stop",
@@ -169,12 +171,25 @@ class Soak:
             got = [c["text"] for c in out["choices"]] if ok else None
             reasons = [c["finish_reason"] for c in out["choices"]] if ok else []
             used, detail = (out.get("usage") or {}).get("completion_tokens"), f"{status} {str(out)[:200]}"
+            for c in out.get("choices", []) if ok and body.get("logprobs") is not None else []:
+                lps = c["logprobs"]["token_logprobs"]
+                prompt = out["usage"]["prompt_tokens"] if body.get("echo") else 0     # one prompt, n choices
+                if len(lps) != prompt + (tokens or 0) // len(texts) or (prompt and lps[0] is not None) \
+                        or any(x is None or x > 0 for x in lps[1 if prompt else 0:]):
+                    got = [f"bad logprobs {lps}"]
         if got != texts or any(r != finish for r in reasons) or (tokens is not None and used != tokens):
             self.fail(kind, f"{body['prompt']!r} stream={stream}: got {got and [t[:60] for t in got]} "
                             f"{reasons} {used} tokens, want {[t[:60] for t in texts]} {finish} {tokens} ({detail})")
 
-    async def run(self, seconds: float, clients: int) -> None:
+    async def run(self, seconds: float, clients: int, pid: int) -> list[int]:
+        """The clients until `seconds` have passed; the server's RSS (KiB) every 30 s."""
         end = time.monotonic() + seconds
+        rss = []
+
+        async def sample():
+            while time.monotonic() < end:
+                rss.append(rss_kib(pid))
+                await asyncio.sleep(min(30.0, max(0.0, end - time.monotonic())))
 
         async def client():
             while time.monotonic() < end:
@@ -183,7 +198,8 @@ class Soak:
                 except Exception as e:  # noqa: BLE001 - a client-side failure is a finding
                     self.fail("client", f"{type(e).__name__}: {e}")
 
-        await asyncio.gather(*(client() for _ in range(clients)))
+        await asyncio.gather(sample(), *(client() for _ in range(clients)))
+        return rss
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -246,10 +262,9 @@ def soak(proc: subprocess.Popen, url: str, log_path: str, args) -> int:
         except OSError:
             pass
         time.sleep(0.5)
-    rss0 = rss_kib(proc.pid)
     s = Soak(url, args.seed, screened_pairs(args.seed))
     t0 = time.monotonic()
-    asyncio.run(s.run(args.minutes * 60, args.clients))
+    rss = asyncio.run(s.run(args.minutes * 60, args.clients, proc.pid))
     took = time.monotonic() - t0
     end = time.monotonic() + 60
     while not idle(m := metrics(url)) and time.monotonic() < end:
@@ -260,7 +275,7 @@ def soak(proc: subprocess.Popen, url: str, log_path: str, args) -> int:
     recomputed = m.get("fastserve_recomputations_total", 0)
     if m.get("fastserve_engine_faults_total", 0):
         s.fail("engine", f"{m['fastserve_engine_faults_total']:.0f} engine faults")
-    rss1 = rss_kib(proc.pid)
+    rss.append(rss_kib(proc.pid))
     proc.send_signal(signal.SIGINT)
     try:
         rc = proc.wait(timeout=120)
@@ -275,7 +290,7 @@ def soak(proc: subprocess.Popen, url: str, log_path: str, args) -> int:
     print(f"{total} requests in {took:.0f} s ({total / took:.1f}/s): "
           + ", ".join(f"{k} {s.counts[k]}" for k in KINDS))
     print(f"KV blocks swapped out {swapped:.0f}, requests recomputed {recomputed:.0f}; "
-          f"server RSS {rss0 / 1024:.0f} MiB after warm-up, {rss1 / 1024:.0f} MiB at the end")
+          f"server RSS every 30 s from the start, then idle at the end (MiB): {' '.join(f'{r / 1024:.0f}' for r in rss)}")
     for f in s.failures[:20]:
         print("FAIL", f)
     print(f"{len(s.failures)} failures" if s.failures else "ok")
