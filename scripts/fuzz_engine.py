@@ -20,6 +20,9 @@ It checks:
   run's token and the reference's, with logprobs within TIE (a near-tie's argmax can flip
   when a recomputation or another batch sums in another order); the rest of that request
   is then not compared.
+- about PROMPT_SHARE of the requests ask for prompt logprobs: one per prompt token, each
+  within PROMPT_TOL of the reference's, however their prefill was chunked, preempted,
+  swapped or recomputed.
 
     python scripts/fuzz_engine.py 0 200           # seeds 0..199; prints one line per seed
     python scripts/fuzz_engine.py 0 200 --jobs 2
@@ -48,6 +51,9 @@ LEARNED_SHARE = 0.3
 LEARNED_POLICIES = ("skip-join-mlfq", "gittins", "predictive")
 LEARNED_REQUESTS = (60, 90)
 LEARNED_ABORTS = 0.01     # per step (0.04 otherwise): most of the requests finish, and teach
+PROMPT_SHARE = 0.3        # of the requests ask for prompt logprobs (PROMPT_TOP), checked against the
+PROMPT_TOP = 2            # reference's within PROMPT_TOL
+PROMPT_TOL = 1e-3
 BASE = dict(max_model_len=256, block_size=8, warmup=False,
             decode_batch_buckets=(2, 8), prefill_token_buckets=(16, 64), block_buckets=(8, 48))
 _checkpoint: str | None = None
@@ -123,8 +129,19 @@ def reference(prompts, maxes):
     from fastserve_jax import LLM, SamplingParams
 
     llm = LLM(checkpoint(), num_device_blocks=200, scheduler="fcfs", max_num_seqs=8, max_num_batched_tokens=64, **BASE)
-    return llm.generate(prompts, [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True, logprobs=2)
-                                  for m in maxes])
+    return llm.generate(prompts, [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True, logprobs=2,
+                                                 prompt_logprobs=PROMPT_TOP) for m in maxes])
+
+
+def prompt_mismatch(got, ref) -> str | None:
+    """None if a request's prompt logprobs are the reference's (each prompt token's logprob
+    within PROMPT_TOL: another batch or a recomputation sums in another order), else why not."""
+    if len(got) != len(ref.prompt_logprobs) or got[0] is not None:
+        return f"{len(got)} prompt logprobs against {len(ref.prompt_logprobs)}, first {got[0]}"
+    for k, (a, b) in enumerate(zip(got[1:], ref.prompt_logprobs[1:]), 1):
+        if a.token_id != b.token_id or abs(a.logprob - b.logprob) > PROMPT_TOL or len(a.top) != PROMPT_TOP:
+            return f"prompt logprob {k}: {a} against {b}"
+    return None
 
 
 def mismatch(got: list[int], ref) -> str | None:
@@ -151,7 +168,10 @@ def run_seed(seed: int) -> str:
     if t is not None and fused_blocks is not None:       # no warm-up (BASE): the copies compile as they come
         t.fused_max_bytes = fused_blocks * t._block_share(e.runner.caches)
     rng = random.Random(seed + 10**6)
-    reqs = [e.add_request(p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True)) for p, m in zip(prompts, maxes)]
+    asks = random.Random(seed + 3 * 10**6)     # which requests ask for prompt logprobs (PROMPT_SHARE)
+    reqs = [e.add_request(p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True,
+                                            prompt_logprobs=PROMPT_TOP if asks.random() < PROMPT_SHARE else None))
+            for p, m in zip(prompts, maxes)]
     aborted: set[str] = set()
     steps, limit = 0, max(4000, 60 * len(reqs))
     while e.has_unfinished():
@@ -167,8 +187,11 @@ def run_seed(seed: int) -> str:
                 e.kv.check_integrity()
         if steps > limit:
             raise RuntimeError(f"seed {seed}: not finished after {limit} steps ({cfg})")
+    checked = [r for r in reqs if r.request_id not in aborted and r.prompt_logprobs is not None]
     for r, ref in zip(reqs, refs):
         why = None if r.request_id in aborted else mismatch(r.output_token_ids, ref)
+        if why is None and r.request_id not in aborted and r.prompt_logprobs is not None:
+            why = prompt_mismatch(r.prompt_logprobs, ref)
         if why:
             raise RuntimeError(f"seed {seed}: {r.request_id} differs from the ample run at {why} ({cfg})")
     if e.kv.num_used_blocks or e.kv.num_host_used_blocks:
@@ -177,7 +200,8 @@ def run_seed(seed: int) -> str:
     return (f"{seed} ok: {steps} steps, {len(reqs)} requests, {len(aborted)} aborted, {cfg['scheduler']}"
             f"{learned_state(e.scheduler) if 'scheduler_config' in cfg else ''}/"
             f"{cfg['swap_policy']}, {cfg['num_device_blocks']}+{cfg['num_host_blocks']} blocks, "
-            f"async {cfg['async_scheduling']}, fused {'all' if fused_blocks is None else f'<= {fused_blocks} blocks'}")
+            f"async {cfg['async_scheduling']}, fused {'all' if fused_blocks is None else f'<= {fused_blocks} blocks'}, "
+            f"prompt logprobs {len(checked)} ({sum(r.num_preemptions > 0 for r in checked)} preempted)")
 
 
 def learned_state(sched) -> str:

@@ -28,6 +28,15 @@ def test_a_difference_passes_only_at_a_near_tie_of_the_reference():
     assert "2 tokens against 3" in fuzz_engine.mismatch([5, 7], ref)
 
 
+def test_prompt_logprobs_pass_within_the_tolerance_only():
+    lp = lambda tok, v: SimpleNamespace(token_id=tok, logprob=v, top={1: -0.1, 2: -0.2})
+    ref = SimpleNamespace(prompt_logprobs=[None, lp(7, -1.0), lp(9, -2.0)])
+    assert fuzz_engine.prompt_mismatch([None, lp(7, -1.0004), lp(9, -2.0)], ref) is None
+    assert "prompt logprob 2" in fuzz_engine.prompt_mismatch([None, lp(7, -1.0), lp(9, -2.01)], ref)
+    assert "prompt logprob 1" in fuzz_engine.prompt_mismatch([None, lp(8, -1.0), lp(9, -2.0)], ref)
+    assert "2 prompt logprobs against 3" in fuzz_engine.prompt_mismatch([None, lp(7, -1.0)], ref)
+
+
 def test_templated_seeds_draw_a_learning_policy_and_enough_requests_to_learn_from():
     """The learned-mode seeds: a learning policy, lowered thresholds, more requests than the
     prompt-length gate needs finished, each fitting the pool; the other seeds draw as before."""
@@ -50,4 +59,5 @@ def test_templated_seeds_draw_a_learning_policy_and_enough_requests_to_learn_fro
 def test_fuzz_seeds_pass():
     lines = [fuzz_engine.run_seed(seed) for seed in range(13)]     # 2, 5, 11 and 12 serve templated requests
     assert all(" ok: " in line for line in lines)
+    assert any(" preempted)" in line and "(0 preempted)" not in line for line in lines), lines
     assert any("(learned" in line for line in lines)
