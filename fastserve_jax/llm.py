@@ -12,7 +12,7 @@ from fastserve_jax.config import EngineConfig
 from fastserve_jax.sampling_params import SamplingParams
 from fastserve_jax.cost_profile import refine_profile
 from fastserve_jax.engine import LLMEngine, RequestOutput
-from fastserve_jax.request import CompletionOutput
+from fastserve_jax.request import CompletionOutput, Request
 from fastserve_jax.runner.compile_guard import compile_stats
 from fastserve_jax.runner.compiler import resolve_warmup
 from fastserve_jax.runner.persistent_cache import enable_compilation_cache
@@ -94,9 +94,7 @@ class LLM:
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         refine_profile(self.engine)        # a background warm-up's provisional cost model, once it is done
-        groups = [[self.engine.add_request(p, sp) for sp in subs] for p, subs in zip(prompts, runs)]
-        while any(not r.finished for g in groups for r in g):
-            self.engine.step()
+        groups = self._run(prompts, runs)
         out = []
         for g in groups:
             first, *rest = [self.engine.output_of(r) for r in g]
@@ -104,6 +102,24 @@ class LLM:
                               for j, o in enumerate(rest, 1)]
             out.append(first)
         return out
+
+    def _run(self, prompts: list, runs: list[list[SamplingParams]]) -> list[list[Request]]:
+        """Queue the requests and step until all are done. Interrupted (KeyboardInterrupt,
+        or a step that raises), the requests of this call are aborted, which frees their KV:
+        none runs on in a later generate."""
+        groups: list[list[Request]] = []
+        try:
+            for p, subs in zip(prompts, runs):
+                groups.append([])
+                for sp in subs:
+                    groups[-1].append(self.engine.add_request(p, sp))
+            while any(not r.finished for g in groups for r in g):
+                self.engine.step()
+        except BaseException:
+            for r in (r for g in groups for r in g if not r.finished):
+                self.engine.abort(r.request_id)
+            raise
+        return groups
 
 
 def _prompt_list(prompts) -> list:

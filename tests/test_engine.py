@@ -333,3 +333,32 @@ def test_a_dropped_engine_frees_its_executables_before_the_next_one_loads():
         counts.append(maps())
         del llm
     assert max(counts[1:]) <= counts[0] + 100, counts          # one engine's worth, not four
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, RuntimeError])
+def test_an_interrupted_generate_leaves_nothing_behind(llm, monkeypatch, fault):
+    """Ctrl-C in a notebook, or a step that raises (a tokenizer or model error), in the middle
+    of generate: the call's requests are aborted and their KV freed, so none of them runs on
+    in the next generate (which returns what it returns on an idle engine) or keeps the engine
+    busy after it."""
+    eng = llm.engine
+    prompts = random_prompts(3, 5, 40, seed=21)
+    want = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    real, calls = eng.step, []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise fault("interrupted in the middle of generate")
+        return real()
+
+    monkeypatch.setattr(eng, "step", step)
+    with pytest.raises(fault):
+        llm.generate(prompts + [random_prompts(1, 5, 5, seed=22)[0]], SamplingParams(max_tokens=200, temperature=0,
+                                                                                    ignore_eos=True))
+    monkeypatch.setattr(eng, "step", real)
+    assert not eng.has_unfinished() and len(eng.scheduler) == 0
+    assert eng.kv.num_free_blocks == eng.kv.num_usable_blocks
+    eng.kv.check_integrity()
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
+    assert not eng.has_unfinished()
