@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import numpy as np
@@ -60,6 +61,7 @@ class LLM:
                                                 mirror=mirror)
         self.startup_seconds = time.perf_counter() - t0            # load, warm-up and profile
         self.startup_compiles = compile_stats().since(start)
+        self._generating = threading.Lock()       # LLMEngine is single-threaded: one generate at a time
 
     @property
     def tokenizer(self):
@@ -72,7 +74,7 @@ class LLM:
         seed + 1, ... when a seed is given). A prompt is a string, token ids (a list, tuple or
         1-D integer array) or vLLM's {"prompt": text} / {"prompt_token_ids": ids}. Every prompt
         is validated before any is queued. use_tqdm is taken for vLLM's callers; no progress
-        bar is drawn."""
+        bar is drawn. Calls from several threads run one after another."""
         prompts = [_one_prompt(p, i) for i, p in enumerate(_prompt_list(prompts))]
         if not prompts:
             return []
@@ -93,8 +95,9 @@ class LLM:
                 self.engine.validate(p, subs[0])
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        refine_profile(self.engine)        # a background warm-up's provisional cost model, once it is done
-        groups = self._run(prompts, runs)
+        with self._generating:      # another thread's generate finishes first, then this one runs
+            refine_profile(self.engine)        # a background warm-up's provisional cost model, once it is done
+            groups = self._run(prompts, runs)
         out = []
         for g in groups:
             first, *rest = [self.engine.output_of(r) for r in g]

@@ -362,3 +362,50 @@ def test_an_interrupted_generate_leaves_nothing_behind(llm, monkeypatch, fault):
     eng.kv.check_integrity()
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
     assert not eng.has_unfinished()
+
+
+def test_generate_from_two_threads_runs_one_call_at_a_time(llm, monkeypatch):
+    """LLMEngine is single-threaded: a second thread's generate waits for the first instead of
+    stepping the engine beside it (mixing its iterations, and its requests' tokens, into the
+    first call's)."""
+    import threading
+    import time
+
+    eng = llm.engine
+    a, b = random_prompts(2, 5, 30, seed=31), random_prompts(2, 5, 30, seed=32)
+    want = [[o.token_ids for o in llm.generate(p, GREEDY)] for p in (a, b)]
+    real, callers, entered, release = eng.step, [], threading.Event(), threading.Event()
+    inside: list[str] = []
+
+    def step():
+        name = threading.current_thread().name
+        callers.append(name)
+        inside.append(name)
+        try:
+            if len(callers) == 1:
+                entered.set()
+                release.wait(10)
+            assert len(inside) == 1, f"two threads step the engine at once: {inside}"
+            return real()
+        finally:
+            inside.remove(name)
+
+    monkeypatch.setattr(eng, "step", step)
+    got = {}
+
+    def call(name, prompts):
+        try:
+            got[name] = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+        except BaseException as e:      # reported below
+            got[name] = e
+
+    threads = [threading.Thread(target=call, args=(n, p), name=n) for n, p in (("a", a), ("b", b))]
+    threads[0].start()
+    assert entered.wait(10)
+    threads[1].start()
+    time.sleep(0.3)                       # b's generate waits on a's meanwhile
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert [got[n] for n in "ab"] == want
+    assert callers == sorted(callers), callers           # every step of a's call, then b's
