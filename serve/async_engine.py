@@ -11,8 +11,8 @@ token in one event; each HTTP request reads its own `RequestGroup` queue.
     event loop:   submit() -> async for index, delta in group -> group.abort() on disconnect
 
 Every engine request ends with exactly one final delta (see engine_loop.py), also when the
-engine process dies: then every live request fails with an error, so the loop's count of
-live requests (the admission bound) can never drift.
+engine process dies or the loop on its thread raises: then every live request fails with an
+error, so the loop's count of live requests (the admission bound) can never drift.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class RequestGroup:
 class EngineHealth:
     ready: bool = False
     startup_error: str | None = None
-    lost: str | None = None              # the engine process died after start-up
+    lost: str | None = None              # the engine process died (or its thread raised) after start-up
     consecutive_faults: int = 0
     faults_total: int = 0
 
@@ -87,9 +87,19 @@ class ThreadTransport:
         self._thread: threading.Thread | None = None
 
     def start(self, on_event: Callable[[Event], None]) -> None:
-        loop = EngineLoop(self.build, on_event, stopping=self._stopping.is_set)
-        self._thread = threading.Thread(target=loop.run, args=(self._receive,), name="fastserve-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(on_event,), name="fastserve-engine", daemon=True)
         self._thread.start()
+
+    def _run(self, on_event: Callable[[Event], None]) -> None:
+        """The engine loop, then ("exited", why) as an engine process's reader reports its end:
+        a loop that raised fails what is live instead of leaving it waiting for ever."""
+        message = "the engine thread exited"
+        try:
+            EngineLoop(self.build, on_event, stopping=self._stopping.is_set).run(self._receive)
+        except BaseException as e:  # reported to the front end below, which fails the live requests
+            log.exception("the engine loop failed")
+            message = f"the engine thread failed: {type(e).__name__}: {e}"
+        on_event(("exited", message))
 
     def _receive(self, block: bool, timeout: float | None):
         try:
@@ -239,7 +249,7 @@ class AsyncEngine:
             self.on_fatal()
 
     def _lost(self, message: str) -> None:
-        """The engine process ended: fail what was live and every waiting call."""
+        """The engine process (or thread) ended: fail what was live and every waiting call."""
         if not self.stopped and self.health.startup_error is None:
             log.error("%s; failing %d live requests", message, len(self._live))
             if self.health.ready:

@@ -1,0 +1,59 @@
+"""The engine loop's lifecycle behind the server's AsyncEngine, over a stand-in engine (no
+model, no compile): what the front end sees when the loop itself dies."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+from fastserve_jax.config import SamplingParams
+from fastserve_jax.serve.async_engine import AsyncEngine
+
+
+class StandInEngine:
+    """Just what EngineLoop reads of an LLMEngine; add_request raises what `add_error` holds."""
+
+    def __init__(self, add_error: BaseException | None = None) -> None:
+        self.add_error = add_error
+        self.kv = SimpleNamespace(num_usable_blocks=64)
+        self.cfg = SimpleNamespace(scheduler="fcfs", max_model_len=64)
+        self.context_limit = 64
+        self.profile_provisional = False
+        self.runner = SimpleNamespace(compiler=SimpleNamespace(background_done=lambda: True),
+                                      shapes_pending=lambda: False, ran=set(), run_pending=lambda s: False)
+        self.closed = False
+
+    def has_unfinished(self) -> bool:
+        return False
+
+    def add_request(self, *args, **kwargs):
+        raise self.add_error
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_an_engine_thread_that_dies_fails_its_requests_and_reports_it():
+    """An exception the loop does not expect (here from add_request) ended the engine thread
+    silently: the request waited forever and /health stayed 200. As with a dead engine
+    process, the front end now fails what was live, marks the engine lost and calls on_fatal."""
+    fatal = []
+
+    async def scenario():
+        ae = AsyncEngine(lambda stopping: StandInEngine(RuntimeError("a broken tokenizer")), max_pending=8)
+        ae.on_fatal = lambda: fatal.append(1)
+        ae.start()
+        while not ae.health.ready:
+            await asyncio.sleep(0.01)
+        group = ae.submit([([1, 2, 3], SamplingParams(max_tokens=4))], 0.0)
+        deltas = await asyncio.wait_for(_all(group), 5)
+        await ae.stop(5)
+        return ae, deltas
+
+    ae, deltas = asyncio.run(scenario())
+    assert len(deltas) == 1 and "a broken tokenizer" in deltas[0][1].error
+    assert ae.health.lost and "RuntimeError" in ae.health.lost and fatal and ae.num_pending == 0
+
+
+async def _all(group):
+    return [item async for item in group]
