@@ -266,11 +266,12 @@ class Compiler:
         with self._lock:
             self._queue.extend(k for k in keys if not self.compiled(k))
             self._queue.extend(swap_jobs)
-        self._thread = threading.Thread(target=self._drain, name="fastserve-compile", daemon=True)
-        self._thread.start()
-        # before exit abandons the thread mid-compile; through a weak reference, so that the hook
-        # does not keep a dropped engine's executables alive (memory maps: see ModelRunner)
+        # The thread and the exit hook (before exit abandons the thread mid-compile) hold the
+        # compiler through a weak reference, so that neither keeps a dropped engine's weights,
+        # caches and executables alive (device memory, memory maps: see ModelRunner).
         ref = weakref.ref(self)
+        self._thread = threading.Thread(target=_drain, args=(ref,), name="fastserve-compile", daemon=True)
+        self._thread.start()
         atexit.register(lambda: (c := ref()) is not None and c.stop_background())
 
     def stop_background(self) -> None:
@@ -279,23 +280,24 @@ class Compiler:
             self._queue.clear()
         self.wait_background()
 
-    def _drain(self) -> None:
-        while True:
-            with self._lock:
-                if not self._queue:
-                    self._running = None
-                    return
-                item = self._queue.popleft()
-                done = threading.Event()
-                self._running = (item, done)
-            try:
-                if isinstance(item, CompileJob):
-                    item.run()
-                elif not self.compiled(item):
-                    for job in self.jobs(item):
-                        job.run()
-            finally:
-                done.set()
+    def _drain_one(self) -> bool:
+        """Compile the next queued item; False once the queue is empty."""
+        with self._lock:
+            if not self._queue:
+                self._running = None
+                return False
+            item = self._queue.popleft()
+            done = threading.Event()
+            self._running = (item, done)
+        try:
+            if isinstance(item, CompileJob):
+                item.run()
+            elif not self.compiled(item):
+                for job in self.jobs(item):
+                    job.run()
+        finally:
+            done.set()
+        return True
 
     def background_done(self) -> bool:
         with self._lock:
@@ -308,3 +310,10 @@ class Compiler:
     def count(self) -> int:
         """Executables compiled so far (launch shapes per stage and sampler variants)."""
         return sum(len(st.compiled) for st in self.stages) + len(self.samplers)
+
+
+def _drain(ref: "weakref.ref[Compiler]") -> None:
+    """The background thread: the queue, one item at a time, holding the compiler only while
+    it compiles one; a compiler dropped meanwhile ends it after that compile."""
+    while (c := ref()) is not None and c._drain_one():
+        del c

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
+import weakref
 from typing import Callable
 
 import jax
@@ -145,7 +146,10 @@ class ModelRunner:
             self.compiler.compile_now(self.compiler.all_keys(), progress, threads, self._swap_jobs())
         else:
             self.compiler.compile_now(self.compiler.covering_keys(), progress, threads)
-            self.builder.ready = self.compiler.launch_ready
+            # weakly: the compiler holds the builder, and a cycle between them kept a dropped
+            # engine's weights alive until a garbage collection after its background compile
+            ready = weakref.WeakMethod(self.compiler.launch_ready)
+            self.builder.ready = lambda key: ready()(key)
         if self.token_box is not None:
             self.token_box.compile_all(self.builder.sampler_rows(), list(self.cfg.decode_batch_buckets),
                                        self.cfg.max_model_len)
