@@ -25,6 +25,7 @@ its children) every 30 s and at the end; exit status 1 on any failure.
 
     python scripts/soak_server.py --minutes 5
     python scripts/soak_server.py --minutes 5 --scheduler gittins --swap-policy recompute --engine-process
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python scripts/soak_server.py --serve-args "-tp 2 -pp 2"
 
 Uses only the standard library beside the project (serve/bench_client.py's HTTP client).
 """
@@ -227,6 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-device-blocks", type=int, default=24, help="16-token blocks (default 24: a few requests)")
     ap.add_argument("--engine-process", action="store_true")
     ap.add_argument("--no-async-scheduling", action="store_true")
+    ap.add_argument("--serve-args", default="", help="more `serve` options, one string (e.g. \"-tp 2 -pp 2\"; "
+                    "on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count=4 gives the devices)")
     args = ap.parse_args(argv)
     if args.minutes <= 0 or args.clients < 1:
         ap.error("--minutes must be > 0 and --clients >= 1")
@@ -239,6 +242,7 @@ def main(argv=None) -> int:
            "--engine-process" if args.engine_process else "--no-engine-process"]
     if args.no_async_scheduling:
         cmd.append("--no-async-scheduling")
+    cmd += args.serve_args.split()
     print(" ".join(cmd[1:]), f"(log {log_path})", flush=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
