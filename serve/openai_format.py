@@ -69,6 +69,7 @@ class Formatter:
         self.created = int(time.time())
         self._offset: dict[int, int] = {}     # completions logprobs: text offset per choice
         self._utf8: dict[int, codecs.IncrementalDecoder] = {}     # and its tokens' bytes decoded so far
+        self._special_ids: frozenset[int] | None = None
         self._chunk_head: str | None = None   # chunk_event's serialized head
         self._echo: dict[int, str] = dict(enumerate(echo or []))      # popped once written
         self._usage_prompt_tokens = usage_prompt_tokens
@@ -115,7 +116,7 @@ class Formatter:
         # (each alone decodes to U+FFFD), and special tokens, skipped in the text, add nothing.
         offsets, at, raw = [], self._offset.get(index, 0), token_bytes(self.tokenizer)
         utf8 = self._utf8.setdefault(index, codecs.getincrementaldecoder("utf-8")("replace"))
-        special = set(getattr(self.tokenizer, "all_special_ids", ()))
+        special = self._special()
         for tid in ids:
             offsets.append(at)
             at += 0 if tid in special else len(utf8.decode(raw(tid)))
@@ -124,6 +125,12 @@ class Formatter:
         return {"tokens": [self._token(t) for t in ids],
                 "token_logprobs": [None if x is None else x.logprob for x in entries],
                 "top_logprobs": [None if x is None else self._top(x) for x in entries], "text_offset": offsets}
+
+    def _special(self) -> frozenset[int]:
+        """The tokenizer's special ids (a list transformers builds at every read), once per response."""
+        if self._special_ids is None:
+            self._special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()))
+        return self._special_ids
 
     def _top(self, x: TokenLogprobs) -> dict[str, float]:
         """Completions' top_logprobs entry: the sampled (or prompt) token's logprob also where it
