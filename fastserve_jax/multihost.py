@@ -26,7 +26,9 @@ arrays are sent bit-identical (JAX does not check that numpy inputs agree across
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 
 from fastserve_jax.runner import ModelRunner
 from fastserve_jax.sharding.distributed import ChannelClosed, PlanChannel, is_shutdown
@@ -35,6 +37,36 @@ log = logging.getLogger(__name__)
 # How long the leader waits for its workers to load and compile before it gives up: a cold
 # start of a large model compiles for many minutes.
 READY_TIMEOUT_S = 3600.0
+# Engine options only the leader acts on (it schedules, seeds requests, sizes the pools and
+# picks async scheduling, and tells the workers the last two); every other one shapes the
+# programs all processes run together, so the plan channel's handshake compares them.
+LEADER_ONLY = frozenset({"scheduler", "cost_model", "tail_slowdown", "starvation_threshold", "prompt_neighbors",
+                         "protect_decodes", "seed", "warmup", "num_device_blocks", "num_host_blocks",
+                         "async_scheduling", "mirror"})
+MODEL_FILES = (".json", ".safetensors", ".model", ".txt", ".tiktoken")    # config, weights, tokenizer
+_SAMPLE = 1 << 20
+
+
+def deployment_settings(model: str | None, engine_kwargs: dict) -> dict:
+    """What every process of a deployment must share (PlanChannel.serve/connect compare it
+    before anything loads): the engine options that shape the programs, and per model file
+    its size and a digest of its first and last MiB (the model path may differ between hosts;
+    reading whole weight files would take minutes; the ends tell two checkpoints apart)."""
+    from fastserve_jax.models import demo_model_path
+
+    out = {k: v for k, v in sorted(engine_kwargs.items()) if k not in LEADER_ONLY}
+    path = model if model is not None else demo_model_path()
+    for name in sorted(os.listdir(path)) if os.path.isdir(path) else []:
+        full = os.path.join(path, name)
+        if name.endswith(MODEL_FILES) and os.path.isfile(full):
+            size, h = os.path.getsize(full), hashlib.sha256()
+            with open(full, "rb") as f:
+                h.update(f.read(_SAMPLE))
+                if size > _SAMPLE:
+                    f.seek(max(_SAMPLE, size - _SAMPLE))
+                    h.update(f.read())
+            out[f"model file {name}"] = f"{size} bytes, {h.hexdigest()[:16]}"
+    return out
 
 
 class LeaderMirror:

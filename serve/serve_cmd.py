@@ -170,14 +170,20 @@ def cmd_serve(a: argparse.Namespace) -> int:
     channel = None
     if dist is not None:
         from fastserve_jax.sharding.distributed import PlanChannel, initialize
-        from fastserve_jax.multihost import LeaderMirror, close_workers, run_worker
+        from fastserve_jax.multihost import LeaderMirror, close_workers, deployment_settings, run_worker
 
         dist = initialize(dist)
-        if dist.process_id != 0:
-            log.info("process %d of %d: worker, following %s", dist.process_id, dist.num_processes,
-                     dist.coordinator_address)
-            return run_worker(a.model, engine_kwargs(a), PlanChannel.connect(dist), progress_logger())
-        channel = PlanChannel.serve(dist)
+        settings = deployment_settings(a.model, engine_kwargs(a))
+        try:
+            if dist.process_id != 0:
+                log.info("process %d of %d: worker, following %s", dist.process_id, dist.num_processes,
+                         dist.coordinator_address)
+                channel = PlanChannel.connect(dist, settings=settings)
+                return run_worker(a.model, engine_kwargs(a), channel, progress_logger())
+            channel = PlanChannel.serve(dist, settings=settings)
+        except (ValueError, ConnectionError, TimeoutError) as e:    # settings that differ, a missing process
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         log.info("process 0 of %d: leader, %d worker(s) connected", dist.num_processes, dist.num_processes - 1)
     try:
         return _serve(a, engine_kwargs(a) if channel is None else dict(engine_kwargs(a), mirror=LeaderMirror(channel)))

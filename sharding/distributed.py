@@ -206,8 +206,11 @@ class PlanChannel:
         self._ready: set[int] = set()                    # leader: workers (socket index) that said ready
 
     @classmethod
-    def serve(cls, cfg: DistributedConfig, timeout_s: float = 120.0, host: str | None = None) -> PlanChannel:
-        """Accept one connection from each worker on `host` (default: the coordinator's host) and plan_port."""
+    def serve(cls, cfg: DistributedConfig, timeout_s: float = 120.0, host: str | None = None,
+              settings: Mapping[str, Any] | None = None) -> PlanChannel:
+        """Accept one connection from each worker on `host` (default: the coordinator's host) and plan_port.
+        `settings` (JSON values by name: the model and engine settings every process must share): a worker
+        whose hello carries others is refused, and so is this start (ValueError naming the differences)."""
         n, deadline = _check_role(cfg, leader=True), time.monotonic() + timeout_s
         peers: dict[int, socket.socket] = {}
         lsock = socket.create_server((host or cfg.host, cfg.plan_port))
@@ -227,12 +230,20 @@ class PlanChannel:
                     pid = hello["process_id"]
                     if hello.get("num_processes") != n or pid in peers or not 0 < pid < n:
                         raise ValueError(f"bad hello {hello} (num_processes={n}, connected={sorted(peers)})")
-                    sock.sendall(encode({"op": "welcome"}))
+                    differ = settings_differ(settings or {}, hello.get("settings") or {})
                 except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # stray or bad client
                     with contextlib.suppress(OSError):
                         sock.sendall(encode({"op": "error", "message": str(e)}))
                     sock.close()
                     continue
+                if differ:     # a real worker of another deployment's settings: neither can serve
+                    msg = (f"process {pid} was started with other settings than process 0: {differ}; start every "
+                           "process with the same model and engine flags")
+                    with contextlib.suppress(OSError):
+                        sock.sendall(encode({"op": "error", "message": msg}))
+                    sock.close()
+                    raise ValueError(msg)
+                sock.sendall(encode({"op": "welcome"}))
                 sock.settimeout(None)
                 peers[pid] = sock
         except BaseException:
@@ -243,8 +254,10 @@ class PlanChannel:
         return cls([peers[i] for i in sorted(peers)], is_leader=True)
 
     @classmethod
-    def connect(cls, cfg: DistributedConfig, timeout_s: float = 120.0) -> PlanChannel:
-        """Connect to the leader, retrying until it listens; TimeoutError after `timeout_s`."""
+    def connect(cls, cfg: DistributedConfig, timeout_s: float = 120.0,
+                settings: Mapping[str, Any] | None = None) -> PlanChannel:
+        """Connect to the leader, retrying until it listens; TimeoutError after `timeout_s`. `settings`: see
+        `serve`; ConnectionError with the leader's reason where it refuses this worker."""
         n, deadline = _check_role(cfg, leader=False), time.monotonic() + timeout_s
         while True:
             try:
@@ -256,7 +269,8 @@ class PlanChannel:
                                        f"{cfg.plan_port} within {timeout_s} s ({e})") from None
                 time.sleep(0.05)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(encode({"op": "hello", "process_id": cfg.process_id, "num_processes": n}))
+        sock.sendall(encode({"op": "hello", "process_id": cfg.process_id, "num_processes": n,
+                             "settings": dict(settings or {})}))
         reply = _recv_frame(sock, "PlanChannel leader")
         if reply.get("op") != "welcome":
             sock.close()
@@ -335,6 +349,15 @@ class PlanChannel:
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
         self._socks = []
+
+
+def settings_differ(leader: Mapping[str, Any], worker: Mapping[str, Any]) -> str:
+    """The settings that differ between the leader's and a worker's, as "name: process 0 has A, this
+    one B; ..." ("" where they agree); a setting one side lacks reads as None."""
+    leader, worker = (json.loads(json.dumps(dict(d), sort_keys=True)) for d in (leader, worker))  # tuples: lists
+    names = sorted(set(leader) | set(worker))
+    return "; ".join(f"{k}: process 0 has {leader.get(k)!r}, this one {worker.get(k)!r}"
+                     for k in names if leader.get(k) != worker.get(k))
 
 
 def is_shutdown(msg: Any) -> bool:

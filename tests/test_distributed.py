@@ -340,3 +340,60 @@ def test_leader_refuses_duplicate_worker():
     t.join(10)
     first.close()
     assert len(result) == 1 and isinstance(result[0], TimeoutError) and "missing process ids [2]" in str(result[0])
+
+
+def test_handshake_refuses_a_worker_started_with_other_settings():
+    """Processes started with other engine flags or another model would join the same
+    collectives with other programs or weights (a hang, or silently wrong text): the plan
+    channel's hello compares them, and both ends fail naming what differs."""
+    cfg = cfgs(2)
+    lead = {"dtype": "float32", "max_num_seqs": 4, "buckets": (1, 2), "model file config.json": "10 bytes, ab"}
+    result: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            PlanChannel.serve(cfg[0], timeout_s=10, settings=lead)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            result.append(e)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    worker = dict(lead, max_num_seqs=8, **{"model file config.json": "10 bytes, cd"})
+    with pytest.raises(ConnectionError, match=r"max_num_seqs: process 0 has 4, this one 8") as e:
+        PlanChannel.connect(cfg[1], timeout_s=5, settings=worker)
+    assert "model file config.json" in str(e.value) and "buckets" not in str(e.value)   # tuple == list
+    t.join(10)
+    assert len(result) == 1 and isinstance(result[0], ValueError), result
+    assert "process 1 was started with other settings" in str(result[0]) and "same model and engine flags" in str(result[0])
+
+
+def test_handshake_accepts_equal_settings():
+    cfg = cfgs(2)
+    chans: list[PlanChannel] = []
+    t = threading.Thread(target=lambda: chans.append(PlanChannel.serve(cfg[0], timeout_s=10, settings={"tp": (2,)})))
+    t.start()
+    w = PlanChannel.connect(cfg[1], timeout_s=5, settings={"tp": [2]})
+    t.join(10)
+    assert len(chans) == 1
+    chans[0].send({"op": "x"})
+    assert w.recv() == {"op": "x"}
+    w.close()
+    chans[0].close()
+
+
+def test_deployment_settings_tell_models_and_program_flags_apart(tiny_checkpoints, tmp_path):
+    import shutil
+
+    from fastserve_jax.models.random_checkpoint import make_random_checkpoint
+    from fastserve_jax.multihost import deployment_settings
+    from fastserve_jax.sharding.distributed import settings_differ
+
+    kw = dict(dtype="auto", tensor_parallel_size=2, max_num_seqs=4, scheduler="fcfs", seed=0)
+    a = tiny_checkpoints("llama")
+    copy = shutil.copytree(a, tmp_path / "copy")               # the same model at another path
+    assert settings_differ(deployment_settings(a, kw), deployment_settings(str(copy), dict(kw, scheduler="mlfq", seed=3))) == ""
+    other = make_random_checkpoint(str(tmp_path / "other"), "llama", seed=1)   # same shapes, other weights
+    assert "model file model.safetensors" in settings_differ(deployment_settings(a, kw), deployment_settings(other, kw))
+    assert "tensor_parallel_size" in settings_differ(deployment_settings(a, kw),
+                                                     deployment_settings(a, dict(kw, tensor_parallel_size=4)))
+    assert deployment_settings(None, kw)["model file config.json"]              # the demo model
