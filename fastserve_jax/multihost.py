@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 
 from fastserve_jax.runner import ModelRunner
 from fastserve_jax.sharding.distributed import ChannelClosed, PlanChannel, is_shutdown
@@ -101,6 +102,14 @@ def replay(runner: ModelRunner, channel: PlanChannel) -> int:
             return n
         runner.replay(msg)
         n += 1
+
+
+def die_on_sigterm() -> None:
+    """Give SIGTERM its default action back in a worker process: jax.distributed's preemption
+    notifier catches it (and only logs "SIGTERM caught"), so a worker went on replaying after
+    `kill` or a supervisor's stop. A worker holds nothing to save; the leader sees its plan
+    channel close and stops serving (engine lost). Call from the main thread."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def run_worker(model: str | None, engine_kwargs: dict, channel: PlanChannel, progress=None) -> int:

@@ -170,9 +170,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     channel = None
     if dist is not None:
         from fastserve_jax.sharding.distributed import PlanChannel, initialize
-        from fastserve_jax.multihost import LeaderMirror, close_workers, deployment_settings, run_worker
+        from fastserve_jax.multihost import LeaderMirror, close_workers, deployment_settings, die_on_sigterm, run_worker
 
         dist = initialize(dist)
+        if dist.process_id != 0:
+            die_on_sigterm()      # the leader's SIGTERM goes to uvicorn's drain, then to the workers' shutdown
         settings = deployment_settings(a.model, engine_kwargs(a))
         try:
             if dist.process_id != 0:

@@ -397,3 +397,21 @@ def test_deployment_settings_tell_models_and_program_flags_apart(tiny_checkpoint
     assert "tensor_parallel_size" in settings_differ(deployment_settings(a, kw),
                                                      deployment_settings(a, dict(kw, tensor_parallel_size=4)))
     assert deployment_settings(None, kw)["model file config.json"]              # the demo model
+
+
+def test_a_worker_dies_on_sigterm_despite_jax_preemption_notifier():
+    """jax.distributed catches SIGTERM (it only logs it): a worker went on replaying after a
+    supervisor's stop. serve's workers give SIGTERM its default action back."""
+    code = textwrap.dedent("""
+        import os, signal, sys, time
+        from fastserve_jax.sharding.distributed import DistributedConfig, initialize
+        initialize(DistributedConfig(sys.argv[1], 1, 0, local_device_count=1), timeout_s=30)
+        from fastserve_jax.multihost import die_on_sigterm
+        die_on_sigterm()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(20)
+        print("STILL ALIVE", flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", code, f"127.0.0.1:{free_port()}"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == -15 and "STILL ALIVE" not in out.stdout, (out.returncode, out.stderr[-2000:])
