@@ -144,5 +144,10 @@ def run_worker(model: str | None, engine_kwargs: dict, channel: PlanChannel, pro
 
 
 def close_workers(channel: PlanChannel) -> None:
-    channel.send_shutdown()
-    channel.close()
+    """Tell the workers to stop (those still there) and close the channel."""
+    try:
+        channel.send_shutdown()
+    except ChannelClosed as e:        # a worker gone already: the others see the channel close
+        log.warning("%s; closing the plan channel", e)
+    finally:
+        channel.close()

@@ -37,6 +37,7 @@ from typing import Any, Callable
 from fastserve_jax.admission import context_limit, validate_request
 from fastserve_jax.config import EngineConfig, SamplingParams
 from fastserve_jax.request import Request, TokenLogprobs
+from fastserve_jax.sharding.distributed import ChannelClosed
 
 log = logging.getLogger("fastserve_jax.serve")
 
@@ -291,6 +292,8 @@ class EngineLoop:
     def _step(self) -> bool:
         try:
             got = self.engine.step()
+        except ChannelClosed:    # a multi-host worker is gone: no step can run again, the engine is lost
+            raise
         except Exception as e:
             log.exception("engine step failed; failing the %d live requests", len(self._tracked))
             self._fail_all(f"engine fault in an iteration: {type(e).__name__}: {e}")

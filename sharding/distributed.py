@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import select
 import socket
 import struct
 import time
@@ -283,11 +284,28 @@ class PlanChannel:
         if not self.is_leader or not self._socks:
             raise RuntimeError("only the leader sends on a PlanChannel" if self._socks else "PlanChannel is closed")
         frame = encode(msg)
+        self._check_workers()
         for i, sock in enumerate(self._socks):
             try:
                 sock.sendall(frame)
             except OSError as e:
                 raise ChannelClosed(f"PlanChannel: worker {i + 1} is gone ({e})") from e
+
+    def _check_workers(self) -> None:
+        """Leader: ChannelClosed if a worker's connection has closed. The first send to a dead
+        worker still succeeds (the kernel buffers it), and the leader then waited in the step's
+        collective for the worker until gloo gave up (30 s on CPU)."""
+        readable, _, _ = select.select(self._socks, [], [], 0)
+        for sock in readable:
+            try:
+                gone = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                gone = False
+            except OSError:
+                gone = True
+            if gone:
+                raise ChannelClosed(f"PlanChannel: worker {self._socks.index(sock) + 1} is gone "
+                                    "(its connection closed)")
 
     def send_ready(self) -> None:
         """Worker: tell the leader this process can follow its device operations now."""

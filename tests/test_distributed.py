@@ -415,3 +415,24 @@ def test_a_worker_dies_on_sigterm_despite_jax_preemption_notifier():
     out = subprocess.run([sys.executable, "-c", code, f"127.0.0.1:{free_port()}"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == -15 and "STILL ALIVE" not in out.stdout, (out.returncode, out.stderr[-2000:])
+
+
+def test_the_first_send_after_a_worker_died_fails():
+    """The kernel buffered the first frame to a dead worker, so the leader went on into the
+    step's collective and waited there for it (30 s, then a gloo error): send now checks for
+    a closed worker connection first."""
+    cfg = cfgs(2)
+    chans: list[PlanChannel] = []
+    t = threading.Thread(target=lambda: chans.append(PlanChannel.serve(cfg[0], timeout_s=10)))
+    t.start()
+    w = PlanChannel.connect(cfg[1], timeout_s=5)
+    t.join(10)
+    leader = chans[0]
+    leader.send({"op": "x"})
+    assert w.recv() == {"op": "x"}
+    w.close()
+    time.sleep(0.1)
+    with pytest.raises(ChannelClosed, match="worker 1 is gone"):
+        leader.send({"op": "dispatch"})
+    from fastserve_jax.multihost import close_workers
+    close_workers(leader)             # a worker gone already: no error at the server's exit

@@ -57,3 +57,48 @@ def test_an_engine_thread_that_dies_fails_its_requests_and_reports_it():
 
 async def _all(group):
     return [item async for item in group]
+
+
+class LosesItsWorker(StandInEngine):
+    """A multi-host leader whose worker is gone: every step fails on the plan channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: set[str] = set()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.live)
+
+    def add_request(self, ids, params, request_id, arrival_time):
+        self.live.add(request_id)
+
+    def abort(self, request_id: str) -> None:
+        from fastserve_jax.sharding.distributed import ChannelClosed
+        raise ChannelClosed("PlanChannel: worker 1 is gone")
+
+    def step(self):
+        from fastserve_jax.sharding.distributed import ChannelClosed
+        raise ChannelClosed("PlanChannel: worker 1 is gone")
+
+
+def test_a_lost_multihost_worker_makes_the_engine_lost_not_failing():
+    """With a worker gone no step can run again: the loop used to count it as one more faulty
+    iteration, kept /health at "engine failing ... until an iteration succeeds" and spun through
+    failing steps (the abort of the failed request fails too, leaving it unfinished). Now the
+    engine is lost: the request fails naming the worker, and on_fatal stops the server."""
+    fatal = []
+
+    async def scenario():
+        ae = AsyncEngine(lambda stopping: LosesItsWorker(), max_pending=8)
+        ae.on_fatal = lambda: fatal.append(1)
+        ae.start()
+        while not ae.health.ready:
+            await asyncio.sleep(0.01)
+        group = ae.submit([([1, 2, 3], SamplingParams(max_tokens=4))], 0.0)
+        deltas = await asyncio.wait_for(_all(group), 5)
+        await ae.stop(5)
+        return ae, deltas
+
+    ae, deltas = asyncio.run(scenario())
+    assert len(deltas) == 1 and "worker 1 is gone" in deltas[0][1].error
+    assert ae.health.lost and "worker 1 is gone" in ae.health.lost and fatal
