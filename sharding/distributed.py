@@ -102,6 +102,8 @@ def initialize(cfg: DistributedConfig, timeout_s: int = 300) -> DistributedConfi
                            "arrays, jit, device_put): JAX's backend is already initialized")
     if cfg.local_device_count is not None:
         jax.config.update("jax_num_cpu_devices", cfg.local_device_count)
+    if cfg.process_id:
+        wait_for_coordinator(cfg, timeout_s)
     try:
         jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
                                    process_id=cfg.process_id, initialization_timeout=timeout_s)
@@ -111,6 +113,21 @@ def initialize(cfg: DistributedConfig, timeout_s: int = 300) -> DistributedConfi
     if cfg.local_device_count is not None and jax.local_device_count() != cfg.local_device_count:
         raise RuntimeError(f"expected {cfg.local_device_count} local devices, JAX sees {jax.local_device_count()}")
     return dataclasses.replace(cfg, num_processes=jax.process_count(), process_id=jax.process_index())
+
+
+def wait_for_coordinator(cfg: DistributedConfig, timeout_s: float) -> None:
+    """A worker's wait for process 0 to listen: JAX's own aborts the process with a gRPC stack
+    dump after its timeout (a wrong or unreachable address, process 0 not started)."""
+    deadline, addr = time.monotonic() + timeout_s, _split_address(cfg.coordinator_address)
+    while True:
+        try:
+            socket.create_connection(addr, max(min(deadline - time.monotonic(), 5.0), 0.1)).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no process 0 listening at {cfg.coordinator_address} within {timeout_s} s ({e}): "
+                                   "start process 0, or check --coordinator-address / FASTSERVE_COORDINATOR") from None
+            time.sleep(0.2)
 
 
 def encode(msg: Any) -> bytes:
@@ -292,9 +309,8 @@ class PlanChannel:
                 raise ChannelClosed(f"PlanChannel: worker {i + 1} is gone ({e})") from e
 
     def _check_workers(self) -> None:
-        """Leader: ChannelClosed if a worker's connection has closed. The first send to a dead
-        worker still succeeds (the kernel buffers it), and the leader then waited in the step's
-        collective for the worker until gloo gave up (30 s on CPU)."""
+        """Leader: ChannelClosed if a worker's connection has closed (a first send to a dead worker
+        succeeds, buffered, and the leader then waited in the step's collective until gloo gave up)."""
         readable, _, _ = select.select(self._socks, [], [], 0)
         for sock in readable:
             try:
@@ -370,8 +386,7 @@ class PlanChannel:
 
 
 def settings_differ(leader: Mapping[str, Any], worker: Mapping[str, Any]) -> str:
-    """The settings that differ between the leader's and a worker's, as "name: process 0 has A, this
-    one B; ..." ("" where they agree); a setting one side lacks reads as None."""
+    """The settings that differ, as "name: process 0 has A, this one B; ..." ("" where they agree)."""
     leader, worker = (json.loads(json.dumps(dict(d), sort_keys=True)) for d in (leader, worker))  # tuples: lists
     names = sorted(set(leader) | set(worker))
     return "; ".join(f"{k}: process 0 has {leader.get(k)!r}, this one {worker.get(k)!r}"

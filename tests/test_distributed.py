@@ -436,3 +436,18 @@ def test_the_first_send_after_a_worker_died_fails():
         leader.send({"op": "dispatch"})
     from fastserve_jax.multihost import close_workers
     close_workers(leader)             # a worker gone already: no error at the server's exit
+
+
+def test_a_worker_waits_for_its_coordinator_with_a_clear_timeout():
+    """jax.distributed aborts a worker whose coordinator never answers (SIGABRT and a gRPC
+    stack dump, after 300 s); serve's workers first wait for process 0 to listen."""
+    from fastserve_jax.sharding.distributed import wait_for_coordinator
+
+    cfg = cfgs(2)[1]
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"no process 0 listening at 127\.0\.0\.1:\d+ within 0.5 s.*coordinator-address"):
+        wait_for_coordinator(cfg, 0.5)
+    assert time.monotonic() - t0 < 3
+    import socket
+    with socket.create_server(("127.0.0.1", int(cfg.coordinator_address.rsplit(":", 1)[1]))):
+        wait_for_coordinator(cfg, 5)              # listening: returns at once
