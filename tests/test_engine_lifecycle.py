@@ -37,10 +37,18 @@ def test_an_engine_thread_that_dies_fails_its_requests_and_reports_it():
     """An exception the loop does not expect (here from add_request) ended the engine thread
     silently: the request waited forever and /health stayed 200. As with a dead engine
     process, the front end now fails what was live, marks the engine lost and calls on_fatal."""
+    ae, deltas, fatal = _one_request(lambda: StandInEngine(RuntimeError("a broken tokenizer")))
+    assert len(deltas) == 1 and "a broken tokenizer" in deltas[0][1].error
+    assert ae.health.lost and "RuntimeError" in ae.health.lost and fatal and ae.num_pending == 0
+
+
+def _one_request(build):
+    """Start an AsyncEngine over build(), submit one request, read its deltas, stop: (the
+    engine, the deltas, on_fatal's calls)."""
     fatal = []
 
     async def scenario():
-        ae = AsyncEngine(lambda stopping: StandInEngine(RuntimeError("a broken tokenizer")), max_pending=8)
+        ae = AsyncEngine(lambda stopping: build(), max_pending=8)
         ae.on_fatal = lambda: fatal.append(1)
         ae.start()
         while not ae.health.ready:
@@ -50,9 +58,7 @@ def test_an_engine_thread_that_dies_fails_its_requests_and_reports_it():
         await ae.stop(5)
         return ae, deltas
 
-    ae, deltas = asyncio.run(scenario())
-    assert len(deltas) == 1 and "a broken tokenizer" in deltas[0][1].error
-    assert ae.health.lost and "RuntimeError" in ae.health.lost and fatal and ae.num_pending == 0
+    return (*asyncio.run(scenario()), fatal)
 
 
 async def _all(group):
@@ -86,19 +92,6 @@ def test_a_lost_multihost_worker_makes_the_engine_lost_not_failing():
     iteration, kept /health at "engine failing ... until an iteration succeeds" and spun through
     failing steps (the abort of the failed request fails too, leaving it unfinished). Now the
     engine is lost: the request fails naming the worker, and on_fatal stops the server."""
-    fatal = []
-
-    async def scenario():
-        ae = AsyncEngine(lambda stopping: LosesItsWorker(), max_pending=8)
-        ae.on_fatal = lambda: fatal.append(1)
-        ae.start()
-        while not ae.health.ready:
-            await asyncio.sleep(0.01)
-        group = ae.submit([([1, 2, 3], SamplingParams(max_tokens=4))], 0.0)
-        deltas = await asyncio.wait_for(_all(group), 5)
-        await ae.stop(5)
-        return ae, deltas
-
-    ae, deltas = asyncio.run(scenario())
+    ae, deltas, fatal = _one_request(LosesItsWorker)
     assert len(deltas) == 1 and "worker 1 is gone" in deltas[0][1].error
     assert ae.health.lost and "worker 1 is gone" in ae.health.lost and fatal
