@@ -5,13 +5,14 @@ the tokens before it, and the top-k alternatives, computed on the device during 
                         `targets` (T,) int32: at packed token j of position p, prompt[p + 1]
                         (what position p predicts), -1 elsewhere; and the spans to read back.
                         Its key is PrefillKey(..., prompt_logprobs=True): the last pipeline
-                        stage then runs `with_prompt_logprobs`, a variant compiled only the
-                        first time a batch needs it (warm-up never does), so batches without
-                        such a request pay nothing.
-    device              logits of every packed token (T, V) -> log-softmax -> the target's
-                        logprob (T,) and the top MAX_LOGPROBS (T, K) of the raw distribution.
-                        The (T, V) float32 logits are what such a batch pays in memory: 1 GiB
-                        for a 2048-token bucket and a 128k vocabulary.
+                        stage then also runs `chunked_token_logprobs`, a variant compiled only
+                        the first time a batch needs it (warm-up never does), so batches
+                        without such a request pay nothing.
+    device              logits of every packed token, a chunk of rows at a time (at most
+                        LOGITS_CHUNK_BYTES of float32 logits at once, not the 1 GiB of a whole
+                        2,048-token bucket over a 128k vocabulary) -> log-softmax -> the
+                        target's logprob (T,) and the top MAX_LOGPROBS (T, K) of the raw
+                        distribution.
     host (collect)      `record` appends each span's entries to Request.prompt_logprobs.
 
 Chunked prefill: every chunk contributes its own positions; the last position of a chunk
@@ -33,6 +34,10 @@ import numpy as np
 
 from fastserve_jax.request import Request, TokenLogprobs
 from fastserve_jax.sampling_params import MAX_LOGPROBS
+
+# float32 logits a prompt-logprobs prefill holds at once (`chunked_token_logprobs`): 256 rows of
+# a 128k vocabulary; a whole 2,048-token bucket's would be 1 GiB, beside the KV pool
+LOGITS_CHUNK_BYTES = 128 << 20
 
 # (request, offset of its first wanted token in the launch, that token's position, count)
 Span = tuple[Request, int, int, int]
@@ -70,15 +75,20 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, ja
     return chosen, top_ids.astype(jnp.int32), top_lp
 
 
-def with_prompt_logprobs(forward: Callable) -> Callable:
-    """The last stage's forward (sharding/pipeline.stage_forward with every_logits=True) with
-    the prompt logprobs of `targets` in place of the logits of every token:
-    fn(params, cache, x, batch, logits_idx, targets) -> ((logits, features, (lp, ids, top)), cache)."""
-    def fn(params, cache, x, batch, logits_idx, targets):
-        (logits, feats, every), cache = forward(params, cache, x, batch, logits_idx)
-        return (logits, feats, token_logprobs(every, targets)), cache
-
-    return fn
+def chunked_token_logprobs(head: Callable, h: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`token_logprobs` of every packed token, its logits made by `head` (rows of h (T, H) ->
+    (N, V) float32) a chunk of rows at a time, so that no more than about LOGITS_CHUNK_BYTES of
+    logits live at once. The last stage's extra output for prompt-logprobs prefills
+    (sharding/pipeline.stage_forward's `every_token`)."""
+    t = h.shape[0]
+    vocab = jax.eval_shape(head, jax.ShapeDtypeStruct((1, h.shape[1]), h.dtype)).shape[-1]
+    rows = min(t, max(8, LOGITS_CHUNK_BYTES // (4 * vocab)))
+    chunks = -(-t // rows)
+    pad = chunks * rows - t
+    hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(chunks, rows, h.shape[1])
+    ts = jnp.pad(targets, (0, pad), constant_values=-1).reshape(chunks, rows)
+    lp, ids, top = jax.lax.map(lambda c: token_logprobs(head(c[0]), c[1]), (hs, ts))
+    return lp.reshape(-1)[:t], ids.reshape(-1, MAX_LOGPROBS)[:t], top.reshape(-1, MAX_LOGPROBS)[:t]
 
 
 def record(spans: list[Span], host: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:

@@ -50,11 +50,14 @@ def pooled_features(h, batch: AttnBatch, logits_idx):
 
 
 def stage_forward(module: nn.Module, block: nn.Module, first: bool, last: bool,
-                  feature_layer: int | None = None, every_logits: bool = False) -> Callable:
+                  feature_layer: int | None = None, every_token: Callable | None = None) -> Callable:
     """fn(params, cache, x, batch, logits_idx) -> (logits or h, cache) for one stage; the last
     stage returns ((logits, features), cache), the features pooled (`pooled_features`) from
     the output of its layer `feature_layer` (0-based, within the stage; None: its last), and
-    with `every_logits` ((logits, features, logits of every token (R*Q, V)), cache).
+    with `every_token` ((logits, features, every_token(head, h, *extra)), cache), where h is
+    every token's final hidden state (R*Q, H), head maps rows of it to their logits (N, V)
+    float32, and `extra` are the forward's arguments after logits_idx (prompt logprobs:
+    fastserve_jax/prompt_logprobs.py).
 
     `params` is the stage's tree from `ModelLayout.split_layers`: the ends it owns plus
     `layers`, a tuple of per-layer trees. The layers run as an unrolled Python loop over
@@ -63,7 +66,7 @@ def stage_forward(module: nn.Module, block: nn.Module, first: bool, last: bool,
     docs/performance.md has the measurement), and the loop also makes each layer's cache
     index static."""
 
-    def forward(params, cache: KVCache, x, batch: AttnBatch, logits_idx):
+    def forward(params, cache: KVCache, x, batch: AttnBatch, logits_idx, *extra):
         ends = {"params": {k: v for k, v in params.items() if k != "layers"}}
         if first:
             x = module.apply(ends, x, batch, method="embed")
@@ -77,8 +80,9 @@ def stage_forward(module: nn.Module, block: nn.Module, first: bool, last: bool,
         if last:
             feats = pooled_features(h if tapped is None else tapped, batch, logits_idx)
             out = (module.apply(ends, h, logits_idx, method="head"), feats)
-            if every_logits:          # the sampled rows' logits still come from their own matmul, as above
-                out += (module.apply(ends, h, None, method="head"),)
+            if every_token is not None:   # the sampled rows' logits still come from their own matmul, as above
+                out += (every_token(lambda rows: module.apply(ends, rows, None, method="head"),
+                                    h.reshape(-1, h.shape[-1]), *extra),)
             return out, cache
         return h, cache
 

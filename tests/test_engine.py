@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from fastserve_jax import LLM, SamplingParams
+from fastserve_jax import LLM, SamplingParams, prompt_logprobs
 from fastserve_jax.config import SchedulerConfig
 from fastserve_jax.runner.compile_guard import CompileCounter
 from fastserve_jax.scheduler import POLICIES
@@ -116,14 +116,16 @@ def test_logprobs_and_finish_reasons(llm):
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finish_time
 
 
-def test_prompt_logprobs_over_chunked_prefills_equal_transformers(llm, tiny_checkpoints):
+def test_prompt_logprobs_over_chunked_prefills_equal_transformers(llm, tiny_checkpoints, monkeypatch):
     """A 150-token prompt spans three prefill chunks (64-token budget); the prompt-logprobs
     prefill variant is not part of the warm-up, compiles when first asked, and leaves the
-    tokens (of these requests and their batch neighbours) as they were."""
+    tokens (of these requests and their batch neighbours) as they were. Its logits are made
+    24 rows at a time here (a 64-token launch: chunks of 24, 24 and 16 plus padding)."""
     def plp_keys():
         return [k for k in llm.engine.runner.stages[-1].compiled if k.prompt_logprobs]
 
     assert not plp_keys(), "warm-up compiled the prompt-logprobs variant"
+    monkeypatch.setattr(prompt_logprobs, "LOGITS_CHUNK_BYTES", 24 * 4 * llm.engine.model_cfg.vocab_size)
     prompts = random_prompts(1, 150, 150, seed=21) + random_prompts(2, 2, 30, seed=22) + [[7]]
     plain = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     sp = [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=k) for k in (5, 0, 2)]

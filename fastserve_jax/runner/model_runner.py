@@ -24,7 +24,7 @@ from fastserve_jax.models import build_block, build_model
 from fastserve_jax.models.attention import KVCache, pallas_kernel
 from fastserve_jax.models.config import ModelConfig
 from fastserve_jax.models.paged_attention import tuning as triton_tuning
-from fastserve_jax.prompt_logprobs import record as record_prompt_logprobs, with_prompt_logprobs
+from fastserve_jax.prompt_logprobs import chunked_token_logprobs, record as record_prompt_logprobs
 from fastserve_jax.request import Request, TokenLogprobs
 from fastserve_jax.runner import compiler
 from fastserve_jax.runner.keys import LaunchKey, SamplerKey, key_from_wire, key_to_wire
@@ -91,8 +91,8 @@ class ModelRunner:
             shardings = (jax.tree.map(lambda x: x.sharding, sp), KVCache(cs, cs), x_in, rep, rep)
             fn = jax.jit(stage_forward(module, block, first, last, self.feature_layer if last else None),
                          donate_argnames=("cache",), in_shardings=shardings, out_shardings=(rep, KVCache(cs, cs)))
-            plp_fn = jax.jit(with_prompt_logprobs(stage_forward(module, block, first, last, self.feature_layer,
-                                                                every_logits=True)),
+            plp_fn = jax.jit(stage_forward(module, block, first, last, self.feature_layer,
+                                           every_token=chunked_token_logprobs),
                              donate_argnames=("cache",), in_shardings=shardings + (rep,),
                              out_shardings=(rep, KVCache(cs, cs))) if last else None
             self.stages.append(Stage(s, first, last, sp, KVCache(zeros(), zeros()), cs, None if first else x_in,
