@@ -197,6 +197,7 @@ class EventStream:
         async for batch in self.group.batches():
             events = []
             for index, d in batch:
+                d = self.fmt.view(d)
                 if d.error is not None:
                     events.append(sse(APIError(d.error_status, d.error).body()))
                 elif d.finish_reason != "abort":
@@ -221,14 +222,14 @@ class EventStream:
             self.group.abort()
 
 
-async def _collect(request: Request, group: RequestGroup) -> list[Choice]:
+async def _collect(request: Request, group: RequestGroup, fmt: Formatter) -> list[Choice]:
     choices = [Choice() for _ in group.request_ids]
     watcher = asyncio.create_task(_until_disconnect(request.receive, group))
     try:
         async for index, d in group:
             if d.error is not None:
                 raise APIError(d.error_status, d.error)
-            choices[index].add(d)
+            choices[index].add(fmt.view(d))
     finally:
         watcher.cancel()
         group.abort()
@@ -251,7 +252,7 @@ async def _generate(request: Request, chat: bool) -> Response | EventStream:
     fmt = Formatter.for_job(job, srv.cfg.model_name, eng.tokenizer, prompts)
     if job.stream:
         return EventStream(group, fmt, job.include_usage, prompt_tokens)
-    choices = await _collect(request, group)
+    choices = await _collect(request, group, fmt)
     return JSONResponse(fmt.response(choices, prompt_tokens))
 
 

@@ -12,7 +12,7 @@ import codecs
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastserve_jax.config import SamplingParams
 from fastserve_jax.detokenizer import token_bytes
@@ -74,6 +74,7 @@ class Formatter:
         self._echo: dict[int, str] = dict(enumerate(echo or []))      # popped once written
         self._usage_prompt_tokens = usage_prompt_tokens
         self._echo_ids = echo_ids
+        self.prompt_only = False      # Job.prompt_only: `view` drops the generated token
 
     @classmethod
     def for_job(cls, job: Job, model: str, tokenizer, prepared: list[tuple[list[int], SamplingParams]]) -> "Formatter":
@@ -85,7 +86,17 @@ class Formatter:
             echo = [t for t in texts for _ in range(job.n)]
         counts = [len(ids) for ids, _ in prepared] if job.continuous_usage else None
         echo_ids = [ids for ids, _ in prepared] if job.echo and job.logprobs is not None else None
-        return cls(job.chat, model, tokenizer, job.logprobs, echo, counts, echo_ids)
+        fmt = cls(job.chat, model, tokenizer, job.logprobs, echo, counts, echo_ids)
+        fmt.prompt_only = job.prompt_only
+        return fmt
+
+    def view(self, d: Delta) -> Delta:
+        """The delta as the client sees it: with Job.prompt_only (max_tokens 0 with echo) the
+        one token the engine generated is not part of the answer, which ends with "length"."""
+        if not self.prompt_only or d.error is not None or d.finish_reason == "abort":
+            return d
+        return replace(d, text="", token_ids=[], logprobs=None, completion_tokens=0,
+                       finish_reason=d.finish_reason and "length")
 
     def _token(self, tid: int) -> str:
         return self.tokenizer.decode([tid])

@@ -25,7 +25,10 @@ the model's own.
 `echo` (/v1/completions only) prepends each choice's prompt (a token-id prompt decoded)
 to its text; when streaming, to the first chunk of each choice. With `logprobs` the engine
 computes the prompt's logprobs too (SamplingParams.prompt_logprobs) and each choice's
-logprobs cover its prompt tokens, then the generated ones (serve/openai_format.py).
+logprobs cover its prompt tokens, then the generated ones (serve/openai_format.py). With
+`echo`, `max_tokens` may be 0 (as in vLLM, and what older lm-eval-harness versions send to
+score a prompt): the answer is the prompt alone, with its logprobs if asked, no completion
+tokens in the usage, and finish_reason "length".
 
 Accepted only at the value that asks for nothing (what clients such as vLLM's benchmark
 send by default), rejected otherwise with a 400 naming the field and what is accepted:
@@ -84,6 +87,9 @@ class Job:
     min_tokens: int = 0
     logit_bias: dict[int, float] | None = None      # token id -> bias
     limit_field: str = "max_tokens"  # the field that set max_tokens (chat: max_completion_tokens unless max_tokens)
+    # completions' max_tokens 0 with echo (vLLM's): the engine generates one token (max_tokens 1
+    # here) and the answer holds the prompt alone (its logprobs too), finish_reason "length"
+    prompt_only: bool = False
 
 
 def parse_body(raw: bytes) -> dict:
@@ -328,12 +334,15 @@ def _prompts(v: Any) -> list[Any]:
 
 def parse_completion(body: dict) -> Job:
     _check_fields(body, COMPLETION_FIELDS, "/v1/completions", "prompt")
-    max_tokens = _int(body, "max_tokens", OPENAI_COMPLETION_DEFAULT_MAX_TOKENS, 1)
-    logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
     echo = _bool(body, "echo", False)
+    max_tokens = _int(body, "max_tokens", OPENAI_COMPLETION_DEFAULT_MAX_TOKENS, 0 if echo else 1)
+    logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
     if body.get("suffix") is not None:
         raise _unsupported("suffix", "text after the insertion point is not supported; leave it out")
-    return _common(body, False, _prompts(body["prompt"]), max_tokens, logprobs, echo)
+    if max_tokens == 0 and _int(body, "min_tokens", 0, 0):
+        raise bad_request("'min_tokens' must be 0 with 'max_tokens' 0 (echo of the prompt alone)", "min_tokens")
+    job = _common(body, False, _prompts(body["prompt"]), max_tokens or 1, logprobs, echo)
+    return replace(job, prompt_only=True) if max_tokens == 0 else job
 
 
 _ROLES = ("system", "developer", "user", "assistant", "tool")

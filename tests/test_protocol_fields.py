@@ -69,6 +69,8 @@ REJECTED = [
 ]
 REJECTED_COMPLETION = [
     ({"echo": True, "logprobs": 21}, "logprobs", "must be in [0, 20]"),
+    ({"max_tokens": 0}, "max_tokens", "must be in [1, inf]"),           # 0 only with echo
+    ({"echo": True, "max_tokens": 0, "min_tokens": 1}, "min_tokens", "must be 0 with 'max_tokens' 0"),
     ({"suffix": "end"}, "suffix", "not supported"),
     ({"tools": []}, "tools", "unknown or unsupported field(s) ['tools']"),
 ]
@@ -225,6 +227,33 @@ def test_echo_with_logprobs_puts_the_prompts_logprobs_first(live):
         got = {k: sum((m["logprobs"][k] for m in mine), []) for k in ("tokens", "text_offset", "token_logprobs")}
         assert got["tokens"] == want["logprobs"]["tokens"] and got["text_offset"] == want["logprobs"]["text_offset"]
         assert got["token_logprobs"][1:] == pytest.approx(want["logprobs"]["token_logprobs"][1:], abs=1e-5)
+
+
+def test_echo_with_max_tokens_0_answers_the_prompt_alone(live):
+    """max_tokens 0 with echo (vLLM's; older lm-eval-harness versions score prompts so): the
+    prompt's text and logprobs, no generated token, no completion tokens in the usage,
+    finish_reason "length"; whole and streamed, with n = 2."""
+    tok = live.state.engine.engine.tokenizer
+    prompt = demo_task.make_prompt(3, 6)
+    n = len(tok.encode(prompt))
+    body = {"prompt": prompt, "n": 2, "max_tokens": 0, "temperature": 0, "echo": True, "logprobs": 2}
+    status, out = _post(live, "/v1/completions", body)
+    assert status == 200, out
+    _, ref = _post(live, "/v1/completions", dict(body, max_tokens=3, n=1))
+    want = ref["choices"][0]["logprobs"]
+    assert out["usage"] == {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}   # the prompt once
+    for c in out["choices"]:
+        assert c["text"] == prompt and c["finish_reason"] == "length", c
+        assert c["logprobs"]["tokens"] == want["tokens"][:n] and c["logprobs"]["text_offset"] == want["text_offset"][:n]
+        assert c["logprobs"]["token_logprobs"][1:] == pytest.approx(want["token_logprobs"][1:n], abs=1e-5)
+    _, chunks = _post(live, "/v1/completions", dict(body, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1]["usage"]["completion_tokens"] == 0
+    for i in (0, 1):
+        mine = [c["choices"][0] for c in chunks[:-1] if c["choices"][0]["index"] == i]
+        assert "".join(m["text"] for m in mine) == prompt and mine[-1]["finish_reason"] == "length"
+        assert sum((m["logprobs"]["tokens"] for m in mine), []) == want["tokens"][:n]
+    _, plain = _post(live, "/v1/completions", {"prompt": prompt, "max_tokens": 0, "echo": True})
+    assert plain["choices"][0]["text"] == prompt and plain["choices"][0]["logprobs"] is None
 
 
 @pytest.mark.parametrize("chat", [False, True])
