@@ -26,13 +26,15 @@ class TraceRequest:
 
 
 def load_trace(path: str, num_requests: int | None = None) -> tuple[list[TraceRequest], bool]:
-    """The first `num_requests` rows of the file (all if None), and whether it had arrival times.
+    """The first `num_requests` requests of the file (all if None), and whether it had arrival times.
 
     With an arrived_at column the rows are sorted by arrival time (stably: ties keep file
-    order) and shifted so that the earliest arrives at 0; a log written out of order gives
-    the same requests at the same times as a sorted one. A row that is short, or whose
-    lengths are not integers >= 1 or whose time is not a finite number, raises a ValueError
-    naming the file and line."""
+    order), the first `num_requests` of them kept (the earliest arrivals, so every row is
+    read and checked), and shifted so that the earliest arrives at 0; a log written out of
+    order gives the same requests at the same times as a sorted one. Without it, the first
+    `num_requests` rows in file order. A row that is short, or whose lengths are not
+    integers >= 1 or whose time is not a finite number, raises a ValueError naming the file
+    and line."""
     with open(path, newline="") as f:
         rows = csv.DictReader(f)
         try:
@@ -44,7 +46,7 @@ def load_trace(path: str, num_requests: int | None = None) -> tuple[list[TraceRe
             timed = "arrived_at" in cols
             out = []
             for i, r in enumerate(rows):
-                if num_requests is not None and i >= num_requests:
+                if num_requests is not None and i >= num_requests and not timed:   # timed: the earliest N, below
                     break
                 out.append(_trace_row(r, timed, f"trace {path} line {rows.line_num}"))
         except (UnicodeDecodeError, csv.Error) as e:    # not text, or a field over csv's limit: name the file
@@ -53,6 +55,7 @@ def load_trace(path: str, num_requests: int | None = None) -> tuple[list[TraceRe
         raise ValueError(f"trace {path} has no requests")
     if timed:
         out.sort(key=lambda r: r.arrival)              # list.sort is stable
+        out = out[:num_requests]
         t0 = out[0].arrival
         out = [replace(r, arrival=r.arrival - t0) for r in out]
     return out, timed

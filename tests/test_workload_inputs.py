@@ -53,6 +53,16 @@ def test_simulate_gives_an_out_of_order_trace_the_sorted_one_s_result(tmp_path):
     assert ordered["offered_rps"] == pytest.approx(0.5) and shuffled == ordered
 
 
+def test_the_first_n_of_an_out_of_order_trace_are_its_earliest_arrivals(tmp_path):
+    """--num-requests cut the file before sorting it: of a log written 5, 1, 3 the first two
+    were the requests at 5 and 1 (4 s apart, offered 0.25/s) instead of those at 1 and 3."""
+    ordered, _ = load_trace(write(tmp_path, "a.csv", HEAD + "1.0,20,8\n3.0,30,9\n5.0,10,5\n"), 2)
+    shuffled, _ = load_trace(write(tmp_path, "b.csv", HEAD + "5.0,10,5\n1.0,20,8\n3.0,30,9\n"), 2)
+    assert shuffled == ordered == [TraceRequest(0.0, 20, 8), TraceRequest(2.0, 30, 9)]
+    untimed, _ = load_trace(write(tmp_path, "c.csv", "num_prefill_tokens,num_decode_tokens\n7,1\n8,2\n9,3\n"), 2)
+    assert [r.prompt_tokens for r in untimed] == [7, 8]             # no times: file order
+
+
 @pytest.mark.parametrize("rows,what", [("10,5\n20\n", "line 3"), ("10,5\n,5\n", "line 3"),
                                        ("10.5,5\n", "integers"), ("0,5\n", ">= 1")])
 def test_a_bad_row_is_a_value_error_naming_the_file_and_line(tmp_path, rows, what):
