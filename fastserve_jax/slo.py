@@ -113,20 +113,22 @@ def unloaded_latency_per_token(trace: Sequence[TraceRequest], cost: CostModel,
     """Mean latency per output token (jct / output tokens, mean over the requests) when each
     request runs alone, by the cost model: its prompt in prefill launches of at most
     `prefill_chunk` tokens (one launch if None), the last of which gives the first token, then
-    one batch-1 decode launch per further token, the one for token j + 1 reading the prompt and
-    j outputs of context. This is what the simulator charges a request that never waits."""
+    one batch-1 decode launch per further token (with the cost model's launch padding), the one
+    for token j + 1 reading the prompt and j outputs of context. This is what the simulator
+    charges a request that never waits."""
     if not trace:
         raise ValueError("unloaded_latency_per_token needs at least one request")
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError(f"prefill_chunk must be >= 1 token (or None: one launch), got {prefill_chunk}")
-    base, per_ctx = cost.decode_time(1, 0), cost.decode_context
+    # a batch-1 decode launch as iteration_time charges it: its one row padded to the smallest row bucket
+    base, per_ctx = cost.decode_launch_time(1, 0, 0), cost.decode_context
     total = 0.0
     for r in trace:
         p, o = r.prompt_tokens, r.output_tokens
         prefill = prefill_seconds(cost, p, prefill_chunk)
         if cost.block_size:         # padded reads (a profile of the reference path): token by token
             decode = sum(cost.iteration_time((p + j,), ()) for j in range(1, o))
-        else:   # sum over j = 1 .. o-1 of decode_time(1, p + j), which is base + decode_context * (p + j)
+        else:   # sum over j = 1 .. o-1 of decode_launch_time(1, p + j, p + j): base + decode_context * (p + j)
             decode = (o - 1) * (base + cost.iteration_overhead) + per_ctx * ((o - 1) * p + o * (o - 1) / 2)
         total += (prefill + decode) / o
     return total / len(trace)

@@ -147,12 +147,16 @@ def test_unloaded_latency_per_token_by_hand():
         unloaded_latency_per_token([], TINY)
 
 
-@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("padded", [None, "blocks", "rows"])
 def test_unloaded_latency_per_token_is_what_the_simulator_charges_a_lone_request(padded):
     trace = [TraceRequest(1000.0 * i, p, o) for i, (p, o) in enumerate([(60, 3), (10, 1), (100, 20), (7, 9)])]
     cfg = SimConfig(max_num_seqs=4, max_num_batched_tokens=40, block_size=4)
-    # padded: a profile of the reference attention, whose decode rows read up to a block bucket
-    cost = dataclasses.replace(TINY, block_size=4, block_buckets=(1, 2, 4, 8, 16, 32)) if padded else TINY
+    # blocks: a profile of the reference attention, whose decode rows read up to a block bucket;
+    # rows: a paged kernel's profile whose smallest decode bucket is 4 rows (a lone decode pays for
+    # 4: 1.0 s here, not the 1-row 0.5 s, which the SLO's base once charged)
+    cost = {None: TINY, "blocks": dataclasses.replace(TINY, block_size=4, block_buckets=(1, 2, 4, 8, 16, 32)),
+            "rows": dataclasses.replace(TINY, decode_batch=(1, 4), decode_seconds=(0.5, 1.0),
+                                        decode_row_buckets=(4, 8))}[padded]
     m = simulate(trace, "fcfs", cost, cfg).metrics()
     assert m["mean_latency_per_token"] == pytest.approx(unloaded_latency_per_token(trace, cost, 40))
 
