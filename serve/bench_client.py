@@ -51,8 +51,16 @@ class Result:
 
 
 def split_url(url: str) -> tuple[str, int]:
-    u = urlsplit(url)
-    return u.hostname or "127.0.0.1", u.port or 80
+    """(host, port) of an http://HOST[:PORT] URL (port 80 if none); a ValueError otherwise: the
+    client speaks plain HTTP, and "HOST:PORT" alone would not name the port it seems to."""
+    try:
+        u = urlsplit(url)
+        port = u.port
+    except ValueError:                 # a port that is not a number, an unclosed [IPv6 address
+        u = port = None
+    if u is None or u.scheme != "http" or not u.hostname:
+        raise ValueError(f"{url}: not an http://HOST[:PORT] URL (e.g. http://127.0.0.1:8000; plain HTTP only)")
+    return u.hostname, port or 80
 
 
 async def _open(url: str, method: str, path: str, body: bytes, headers: dict[str, str]):

@@ -65,9 +65,9 @@ def add_bench_parser(sub) -> None:
     add_engine_args(p)            # for started servers; --scheduler below replaces the engine's own
     g = p.add_argument_group("load")
     g.add_argument("--url", default=None,
-                   help="a running server (default: start one per --scheduler); the engine options, --scheduler "
-                        "and --engine-process only configure a started server, so with --url they are ignored "
-                        "with a warning")
+                   help="a running server, http://HOST:PORT (default: start one per --scheduler); the engine "
+                        "options, --scheduler and --engine-process only configure a started server, so with --url "
+                        "they are ignored with a warning")
     g.add_argument("--scheduler", action="append", choices=sorted(POLICIES),
                    help="policy of a started server (repeatable; default: fcfs and skip-join-mlfq; ignored with "
                         "--url, whose server reports its own)")
@@ -277,6 +277,10 @@ def launch_only_flags(a: argparse.Namespace) -> list[str]:
 
 def server_health(url: str) -> dict:
     """GET /health of a running server; a ValueError that says how to fix it if none answers."""
+    try:
+        bench_client.split_url(url)
+    except ValueError as e:
+        raise ValueError(f"--url {e}") from None
     try:
         status, _, body = asyncio.run(bench_client.request(url, "GET", "/health"))
     except OSError as e:

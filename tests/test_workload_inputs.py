@@ -188,6 +188,16 @@ def test_bench_url_errors_clearly_and_warns_of_launch_only_flags(trace, no_launc
     assert "warning" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("url", ["127.0.0.1:9", "localhost:9", "notaurl", "https://127.0.0.1:9",
+                                 "http://127.0.0.1:abc", "http://:9"])
+def test_bench_refuses_a_url_it_cannot_reach_as_written(trace, no_launch, url, capsys):
+    """host:port without http:// (and any word) went to 127.0.0.1:80, whatever listens there;
+    https:// spoke plain HTTP to a TLS port; a bad port gave urllib's message without the flag."""
+    assert main(["bench", "--trace", trace, "--num-requests", "4", "--url", url]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --url {url}: not an http://HOST[:PORT] URL" in err and "Traceback" not in err
+
+
 def test_output_files_that_cannot_be_written_are_refused_before_the_run(trace, no_launch, capsys):
     """Once a traceback after the whole run (simulate, bench), its results lost; a folder
     that does not exist yet is made."""
