@@ -48,7 +48,7 @@ from fastserve_jax.workload import TraceRequest, chat_output_lengths, load_trace
 # and jax, which `fastserve-jax --help`, `simulate` and `serve`'s own start do without
 from fastserve_jax.serve import bench_client
 from fastserve_jax.serve.engine_args import add_engine_args, engine_argv, parse_engine_args
-from fastserve_jax.serve.simulate_cmd import add_slo_args, check_output, print_summary
+from fastserve_jax.serve.simulate_cmd import add_slo_args, check_output, print_summary, seed_arg
 
 DEMO_MAX_TOKENS = 257   # the shipped demo model answers spans B - A <= 255: 256 numbers + EOS
 TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", "azure_conv_2023.csv")
@@ -85,7 +85,7 @@ def add_bench_parser(sub) -> None:
                    help="trace output lengths are multiplied by this (--output-dist trace)")
     g.add_argument("--trace", default=TRACE, help="CSV with num_decode_tokens (and arrived_at for --arrivals trace)")
     g.add_argument("--api-key", default=None, help="bearer token for the server")
-    g.add_argument("--workload-seed", type=int, default=0, help="seed of the sampled requests and arrivals")
+    g.add_argument("--workload-seed", type=seed_arg, default=0, help="seed of the sampled requests and arrivals")
     g.add_argument("--json", default=None, help="also write the figures to this file")
     g.add_argument("--unloaded-probe", type=int, default=4, metavar="N",
                    help="with several rates: N of the workload's requests sent one at a time to the first server, "

@@ -87,7 +87,7 @@ def add_simulate_parser(sub) -> None:
                    help="when a request first gets its simulated prediction: when its prefill completes (as the "
                         "engine's predictor, which reads the prefill's hidden states; default) or when it arrives "
                         "(a predictor that reads only the prompt)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the arrival process and the prediction noise")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the arrival process and the prediction noise")
     p.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes")
     p.add_argument("--json", metavar="OUT", help="also write the results there (the table goes to stderr either way)")
     p.add_argument("--plot", metavar="OUT.png", help="latency against request rate, one curve per policy")
@@ -115,6 +115,17 @@ def number_arg(ok: Callable[[float], bool], what: str) -> Callable[[str], float]
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return v
     return parse
+
+
+def seed_arg(text: str) -> int:
+    """An argparse type: a seed, an integer >= 0 (numpy's generators take no negative one)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return v
 
 
 _positive_seconds = number_arg(lambda v: math.isfinite(v) and v > 0, "a positive number of seconds")

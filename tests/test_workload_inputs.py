@@ -211,6 +211,17 @@ def test_output_files_that_cannot_be_written_are_refused_before_the_run(trace, n
               f"{trace}.d/new/out.json"])
 
 
+@pytest.mark.parametrize("cmd,flag", [("simulate", "--seed"), ("bench", "--workload-seed")])
+def test_a_negative_seed_is_refused_by_its_flag(trace, cmd, flag, capsys):
+    """numpy's own 'error: expected non-negative integer' came without the flag that gave it."""
+    argv = (["simulate", "--trace", trace, "--rate", "1"] if cmd == "simulate" else
+            ["bench", "--trace", trace, "--url", "http://127.0.0.1:9"])
+    with pytest.raises(SystemExit) as e:
+        main(argv + [flag, "-1"])
+    assert e.value.code == 2
+    assert f"argument {flag}: must be an integer >= 0, got '-1'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("scale", ["nan", "0", "-1"])
 def test_bench_refuses_an_output_scale_that_is_not_positive(trace, no_launch, scale, capsys):
     """NaN failed with a traceback once a server had started; 0 and negatives turned every
