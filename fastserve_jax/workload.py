@@ -35,13 +35,14 @@ def load_trace(path: str, num_requests: int | None = None) -> tuple[list[TraceRe
     `num_requests` rows in file order. A row that is short, or whose lengths are not
     integers >= 1 or whose time is not a finite number, raises a ValueError naming the file
     and line."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:     # -sig: a spreadsheet's byte order mark
         rows = csv.DictReader(f)
         try:
             cols = set(rows.fieldnames or ())
             missing = {"num_prefill_tokens", "num_decode_tokens"} - cols
             if missing:
-                raise ValueError(f"trace {path} lacks the column(s) {sorted(missing)}; a trace is a CSV with "
+                raise ValueError(f"trace {path} lacks the column(s) {sorted(missing)} (its columns "
+                                 f"{list(rows.fieldnames or ())}); a trace is a CSV with "
                                  "num_prefill_tokens,num_decode_tokens and optionally arrived_at")
             timed = "arrived_at" in cols
             out = []

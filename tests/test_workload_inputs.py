@@ -74,6 +74,17 @@ def test_a_bad_row_is_a_value_error_naming_the_file_and_line(tmp_path, rows, wha
         load_trace(write(tmp_path, "nan.csv", HEAD + "0,1,1\nnan,1,1\n"))
 
 
+def test_a_trace_saved_with_a_byte_order_mark_keeps_its_first_column(tmp_path):
+    """A CSV saved by a spreadsheet starts with a UTF-8 byte order mark, which became part of
+    the first column's name: 'has no arrived_at column; give --rate or --load' for a file that
+    has one, or a missing num_prefill_tokens; a misspelt header now shows what was read."""
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + HEAD.encode() + b"1.0,20,8\n3.0,30,9\n")
+    assert load_trace(str(path)) == ([TraceRequest(0.0, 20, 8), TraceRequest(2.0, 30, 9)], True)
+    with pytest.raises(ValueError, match=r"columns \['arrived_at', ' num_prefill_tokens', ' num_decode_tokens'\]"):
+        load_trace(write(tmp_path, "spaced.csv", "arrived_at, num_prefill_tokens, num_decode_tokens\n0,1,1\n"))
+
+
 @pytest.mark.parametrize("data", [b"\xff\xfe\x00garbage", HEAD.encode() + b"0,1,1\n0,\"" + b"1" * 200_000 + b"\",1\n"],
                          ids=["binary", "a field over csv's limit"])
 def test_a_file_that_is_not_a_text_csv_is_a_value_error_naming_it(tmp_path, data):
