@@ -323,7 +323,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
                      (not (np.isfinite(a.output_scale) and a.output_scale > 0),   # NaN failed once a server ran
                       f"--output-scale must be a finite number > 0, got {a.output_scale}"),
                      (not all(np.isfinite(r) and r > 0 for r in rates),
-                      f"every --rate must be a finite number > 0 requests/s, got {rates}")):
+                      f"every --rate must be a finite number > 0 requests/s, got {rates}"),
+                     (len(set(rates)) < len(rates), f"--rate {max(rates, key=rates.count)} is given twice")):
         if bad:
             print(f"error: {msg}", file=sys.stderr)
             return 2

@@ -222,6 +222,13 @@ def test_output_files_that_cannot_be_written_are_refused_before_the_run(trace, n
               f"{trace}.d/new/out.json"])
 
 
+def test_bench_refuses_a_rate_given_twice(trace, no_launch, capsys):
+    """The table printed both runs at 4 req/s, the JSON (one result per rate) and the sweep's
+    summary kept only the second."""
+    assert main(["bench", "--trace", trace, "--num-requests", "2", "--rate", "4", "--rate", "2", "--rate", "4.0"]) == 2
+    assert "error: --rate 4.0 is given twice" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("cmd,flag", [("simulate", "--seed"), ("bench", "--workload-seed")])
 def test_a_negative_seed_is_refused_by_its_flag(trace, cmd, flag, capsys):
     """numpy's own 'error: expected non-negative integer' came without the flag that gave it."""
