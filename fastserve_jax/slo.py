@@ -12,6 +12,11 @@
 Over a sweep of offered rates, `highest_rate_within` finds the highest rate at which a
 figure still meets its target (SLO attainment >= 95%, or mean latency per token <= its SLO:
 the goodput).
+
+Beside vLLM's benchmark_serving: ttft, tpot (requests with > 1 token; a 1-token request meets
+any TPOT), throughput over the run and numpy's linear percentiles mean what its figures mean;
+its `request_goodput` is another figure, the completed requests per second of one run that
+meet every SLO, where this goodput is a rate found by a sweep.
 """
 
 from __future__ import annotations
