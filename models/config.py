@@ -27,6 +27,12 @@ def _sliding_window(model_type: str, d: dict) -> int | None:
     return None
 
 
+def _ids(v) -> tuple[int, ...]:
+    """A token-id field of config.json (one id, a list of them, or null) as a tuple: a list
+    kept as a list would make the frozen ModelConfig unhashable."""
+    return tuple(v) if isinstance(v, list) else (() if v is None else (v,))
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Rotary frequency scaling: `rope_type` llama3 (Llama-3's wavelength-dependent scaling) or
@@ -82,7 +88,7 @@ class ModelConfig:
     word_embed_proj_dim: int = 0   # 0: equal to hidden_size
     activation: str = "silu"       # the MLP's (ACTIVATIONS): Llama's hidden_act, OPT's activation_function
     eos_token_id: tuple[int, ...] = ()
-    bos_token_id: int | None = None
+    bos_token_id: tuple[int, ...] = ()  # config.json's, one id or a list as eos_token_id (the tokenizer adds BOS)
     sliding_window: int | None = None  # Mistral/Qwen2 local attention; not implemented (see engine)
 
     def __post_init__(self) -> None:
@@ -105,8 +111,7 @@ class ModelConfig:
             method = quant.get("quant_method") if isinstance(quant, dict) else None
             raise ValueError(f"quantized checkpoints are not supported (quantization_config, quant_method {method!r}); "
                              "use the unquantized (float32, float16 or bfloat16) weights")
-        eos = d.get("eos_token_id")
-        eos_t = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        eos_t, bos_t = _ids(d.get("eos_token_id")), _ids(d.get("bos_token_id"))
         if mt in LLAMA_FAMILY:
             heads = d["num_attention_heads"]
             theta, scaling = _rope(d)
@@ -123,7 +128,7 @@ class ModelConfig:
                 o_proj_bias=mt == "llama" and bool(d.get("attention_bias")),
                 mlp_bias=mt == "llama" and bool(d.get("mlp_bias")),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                activation=d.get("hidden_act", "silu"), eos_token_id=eos_t, bos_token_id=d.get("bos_token_id"),
+                activation=d.get("hidden_act", "silu"), eos_token_id=eos_t, bos_token_id=bos_t,
                 sliding_window=_sliding_window(mt, d))
         if mt == "opt":
             heads = d["num_attention_heads"]
@@ -143,7 +148,7 @@ class ModelConfig:
                 do_layer_norm_before=d.get("do_layer_norm_before", True),
                 word_embed_proj_dim=d.get("word_embed_proj_dim") or d["hidden_size"],
                 activation=d.get("activation_function", "relu"), eos_token_id=eos_t,
-                bos_token_id=d.get("bos_token_id"))
+                bos_token_id=bos_t)
         raise ValueError(f"unsupported model_type {mt!r}; supported: {sorted(LLAMA_FAMILY) + ['opt']}")
 
     @classmethod

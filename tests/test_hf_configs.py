@@ -158,3 +158,17 @@ def test_rope_parameters_as_transformers_reads_them():
     assert (cfg.rope_theta, cfg.rope_scaling.original_max_position_embeddings) == (500000.0, 64)
     with pytest.raises(ValueError, match="rope_scaling type 'yarn'.*supported: default, linear, llama3"):
         ModelConfig.from_dict({**d, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_a_list_of_bos_token_ids_loads():
+    """config.json's bos_token_id as a list (as eos_token_id may be) was kept as a list in the
+    frozen ModelConfig, whose hash (param_shapes' cache key) then raised TypeError: the engine
+    could not start."""
+    from fastserve_jax.models import param_shapes
+    from fastserve_jax.models.config import ModelConfig
+
+    cfg = ModelConfig.from_dict({**_TINY["llama"], "model_type": "llama", "bos_token_id": [1, 5],
+                                 "eos_token_id": [2, 7]})
+    assert param_shapes(cfg)                  # TypeError: unhashable type: 'list'
+    assert (cfg.bos_token_id, cfg.eos_token_id) == ((1, 5), (2, 7))
+    assert ModelConfig.from_dict({**_TINY["llama"], "model_type": "llama", "bos_token_id": 1}).bos_token_id == (1,)
