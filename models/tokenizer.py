@@ -44,13 +44,16 @@ def load_tokenizer(model_path: str):
 
 def eos_ids(model_path: str, model_cfg, tokenizer) -> frozenset[int]:
     """The token ids that end a generation: generation_config.json's eos_token_id (one or a
-    list), else config.json's, else the tokenizer's."""
+    list), else config.json's, and the tokenizer's own EOS as well (vLLM stops on both: a
+    chat fine-tune's tokenizer may end turns with a token its configs do not name)."""
     gen = os.path.join(model_path, "generation_config.json")
     ids = None
     if os.path.isfile(gen):
         with open(gen) as f:
             ids = json.load(f).get("eos_token_id")
     if ids is None:
-        ids = list(model_cfg.eos_token_id) or tokenizer.eos_token_id
-    ids = ids if isinstance(ids, list) else ([] if ids is None else [ids])
+        ids = list(model_cfg.eos_token_id)
+    ids = ids if isinstance(ids, list) else [ids]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
     return frozenset(int(i) for i in ids)

@@ -105,3 +105,21 @@ def test_a_missing_or_broken_tokenizer_is_named(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{")
     with pytest.raises(ValueError, match=r"cannot load the tokenizer of .*JSONDecodeError"):
         load_tokenizer(str(tmp_path))
+
+
+def test_eos_ids_join_the_tokenizers_eos_to_the_generation_configs(tmp_path):
+    """A generation ends on generation_config.json's eos_token_id (one id or a list), else
+    config.json's, and always on the tokenizer's own EOS too, as vLLM stops on both: a
+    fine-tune whose tokenizer ends turns with a token its generation_config does not name
+    (a ChatML <|im_end|> over a base model's </s>) ran past its turn."""
+    from types import SimpleNamespace
+
+    from fastserve_jax.models.tokenizer import eos_ids
+    save_byte_tokenizer(str(tmp_path), vocab_size=300, eos_token_id=2)
+    tok, cfg = load_tokenizer(str(tmp_path)), SimpleNamespace(eos_token_id=(9,))
+    assert eos_ids(str(tmp_path), cfg, tok) == {9, 2}                    # no generation_config.json
+    for gen, want in ((5, {5, 2}), ([5, 6], {5, 6, 2}), ([2, 6], {2, 6}), (None, {9, 2})):
+        (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": gen}))
+        assert eos_ids(str(tmp_path), cfg, tok) == want, gen
+    save_byte_tokenizer(str(tmp_path), vocab_size=300, eos_token_id=None)    # a tokenizer without EOS
+    assert eos_ids(str(tmp_path), cfg, load_tokenizer(str(tmp_path))) == {9}
