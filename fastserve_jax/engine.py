@@ -59,7 +59,8 @@ class LLMEngine:
 
     def __init__(self, model_cfg, params, tokenizer, cfg: EngineConfig, eos_ids: frozenset[int] = frozenset(),
                  warmup: str | bool = "lazy", progress=None, layout: ModelLayout | None = None,
-                 mirror: Callable[[dict], None] | None = None, own_params: bool = False) -> None:
+                 mirror: Callable[[dict], None] | None = None, own_params: bool = False,
+                 sampling_defaults: dict | None = None) -> None:
         self.warmup_mode = resolve_warmup(warmup)     # "lazy" | "background" | "full" (runner/compiler.py)
         if cfg.max_model_len > model_cfg.max_position_embeddings:
             raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings="
@@ -104,7 +105,7 @@ class LLMEngine:
         self._batches = itertools.count()
         self._last_collected = 0.0
         self.copies = SwapCopies(self.runner, self.kv, self.swap, self.stats)
-        self.eos_ids = eos_ids
+        self.eos_ids, self.sampling_defaults = eos_ids, dict(sampling_defaults or {})
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._decode = decoder(tokenizer)
@@ -147,10 +148,11 @@ class LLMEngine:
         return is_provisional(self.cost_model)
 
     @classmethod
-    def from_pretrained(cls, model_path: str, cfg: EngineConfig, model_cfg=None, **kwargs) -> "LLMEngine":
-        """Load a Hugging Face model directory (config.json, safetensors, tokenizer);
-        `model_cfg`: its ModelConfig when the caller has read it already."""
+    def from_pretrained(cls, model_path: str, cfg: EngineConfig, model_cfg=None, generation_config: str = "auto",
+                        **kwargs) -> "LLMEngine":
+        """Load a Hugging Face model directory (`model_cfg`: its ModelConfig, when read already)."""
         from fastserve_jax.models.config import ModelConfig
+        from fastserve_jax.models.generation_config import sampling_defaults
         from fastserve_jax.models.loader import load_model
         from fastserve_jax.models.tokenizer import eos_ids, load_tokenizer
 
@@ -158,11 +160,12 @@ class LLMEngine:
         layout = ModelLayout(model_cfg, ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size))
         cfg = cfg.for_platform(layout.devices[0].platform)           # dtype "auto" resolved before loading
         tokenizer = load_tokenizer(model_path)                       # a broken one fails before the weights load
+        defaults = sampling_defaults(model_path, generation_config)   # and so does a bad generation_config.json
         # Across processes the converted-params cache is off: orbax would need a shared filesystem.
         _, _, params = load_model(model_path, dtype=cfg.dtype, place=layout.abstract_params,
                                   cache_dir="" if jax.process_count() > 1 else None, cfg=model_cfg)
         return cls(model_cfg, params, tokenizer, cfg, eos_ids(model_path, model_cfg, tokenizer), layout=layout,
-                   own_params=True, **kwargs)
+                   own_params=True, sampling_defaults=defaults, **kwargs)
 
     # -- admission (the boundary: validate everything before anything is queued) -----------
     def validate(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:

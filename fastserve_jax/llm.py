@@ -32,6 +32,10 @@ class LLM:
     (interpret mode on CPU: for tests); see docs/attention.md. async_scheduling: None (on with
     one pipeline stage unless batches_in_flight is given), True or False; see docs/performance.md, section 5.
 
+    `generation_config`: "auto" (the default: sampling parameters a call leaves out, and a
+    generate without sampling_params, take the model's generation_config.json temperature,
+    top_p and top_k, as vLLM's do) or "vllm" (neutral defaults); models/generation_config.py.
+
     `warmup`: "lazy" (compile each shape the first time a batch needs it), "background"
     (enough to answer any request now, the rest on a thread) or "full" (everything first;
     nothing compiles afterwards); see runner/compiler.py. `mirror`: multi-host leader hook
@@ -40,11 +44,13 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, dtype: str = "auto", max_model_len: int | None = None,
                  num_device_blocks: int | None = None, warmup: str | bool = "lazy", progress=None, mirror=None,
-                 **engine_kwargs) -> None:
+                 generation_config: str = "auto", **engine_kwargs) -> None:
         from fastserve_jax.models import demo_model_path
         from fastserve_jax.models.config import ModelConfig
+        from fastserve_jax.models.generation_config import check_mode
 
         resolve_warmup(warmup)                              # a bad mode fails before anything loads
+        check_mode(generation_config)                       # and so does a bad generation_config
         path = model if model is not None else demo_model_path()
         known = {f.name for f in dataclasses.fields(EngineConfig)}
         unknown = sorted(set(engine_kwargs) - known)
@@ -58,7 +64,7 @@ class LLM:
         enable_compilation_cache(cfg.compilation_cache_dir)
         start, t0 = compile_stats(), time.perf_counter()
         self.engine = LLMEngine.from_pretrained(path, cfg, model_cfg=model_cfg, warmup=warmup, progress=progress,
-                                                mirror=mirror)
+                                                mirror=mirror, generation_config=generation_config)
         self.startup_seconds = time.perf_counter() - t0            # load, warm-up and profile
         self.startup_compiles = compile_stats().since(start)
         self._generating = threading.Lock()       # LLMEngine is single-threaded: one generate at a time
@@ -66,6 +72,11 @@ class LLM:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate samples with when given no sampling_params: vLLM's defaults, with the
+        model's generation_config.json temperature, top_p and top_k (unless generation_config="vllm")."""
+        return SamplingParams(**self.engine.sampling_defaults)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -79,7 +90,7 @@ class LLM:
         if not prompts:
             return []
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(prompts)
+            params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         elif isinstance(sampling_params, (list, tuple)):
             params = list(sampling_params)
             if len(params) != len(prompts):

@@ -15,7 +15,8 @@ from fastserve_jax.scheduler import POLICIES
 ENGINE_OPTIONS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                   "num_device_blocks", "num_host_blocks", "swap_policy", "cost_model", "seed",
                   "tensor_parallel_size", "pipeline_parallel_size", "batches_in_flight", "warmup",
-                  "attention_backend", "tail_slowdown", "starvation_threshold", "prompt_neighbors")
+                  "attention_backend", "tail_slowdown", "starvation_threshold", "prompt_neighbors",
+                  "generation_config")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -59,6 +60,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cost-model", default=None,
                    help="cost model for the policy: a shipped name or JSON path (default: profile this engine)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
+                   help="auto (default, as vLLM): temperature, top_p and top_k that a request leaves out come from "
+                        "the model's generation_config.json; vllm: neutral defaults (temperature 1, no top-p/top-k)")
     g.add_argument("--warmup", default=None, choices=["lazy", "background", "full"],
                    help="what compiles before serving: lazy = each shape when a batch first needs it (generate's "
                         "default); background = enough to answer any request, then the rest on a thread while "

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from fastserve_jax.admission import context_limit, validate_request
@@ -90,11 +90,12 @@ class EngineInfo:
     num_usable_blocks: int
     profile_provisional: bool
     eos_ids: frozenset[int] = frozenset()
+    sampling_defaults: dict = field(default_factory=dict)      # LLMEngine.sampling_defaults
 
     @classmethod
     def of(cls, engine) -> "EngineInfo":
         return cls(engine.tokenizer, engine.cfg, engine.model_cfg.vocab_size, engine.kv.block_size,
-                   engine.kv.num_usable_blocks, engine.profile_provisional, engine.eos_ids)
+                   engine.kv.num_usable_blocks, engine.profile_provisional, engine.eos_ids, engine.sampling_defaults)
 
     def blocks_for_tokens(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

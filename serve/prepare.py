@@ -37,11 +37,15 @@ def render_chat(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
 
 
-def _params(job: Job, max_tokens: int, seed: int | None, min_tokens: int | None = None) -> SamplingParams:
-    """`min_tokens`: None for the job's."""
+def _params(job: Job, max_tokens: int, seed: int | None, defaults: dict,
+            min_tokens: int | None = None) -> SamplingParams:
+    """`min_tokens`: None for the job's. `defaults`: the engine's sampling_defaults (the model's
+    generation_config.json), for temperature, top_p and top_k where the request left them out,
+    as vLLM's server takes them; SamplingParams' own where the model has none."""
+    given = {k: getattr(job, k) for k in ("temperature", "top_p", "top_k") if getattr(job, k) is not None}
     try:
-        return SamplingParams(max_tokens=max_tokens, temperature=job.temperature, top_p=job.top_p, top_k=job.top_k,
-                              seed=seed, stop=job.stop or None, logprobs=job.logprobs,
+        return SamplingParams(max_tokens=max_tokens, **{**defaults, **given}, seed=seed, stop=job.stop or None,
+                              logprobs=job.logprobs,
                               presence_penalty=job.presence_penalty, frequency_penalty=job.frequency_penalty,
                               ignore_eos=job.ignore_eos, stop_token_ids=list(job.stop_token_ids) or None,
                               min_tokens=job.min_tokens if min_tokens is None else min_tokens,
@@ -72,7 +76,7 @@ def prepare(job: Job, eng: "LLMEngine | EngineInfo") -> tuple[list[tuple[list[in
     context = ("this model's maximum context length" if limit == eng.cfg.max_model_len else
                "this server's context limit (what its device KV pool holds)")
     _check_token_ids(job, eng)
-    probe = _params(job, 1, job.seed, min_tokens=0)
+    probe = _params(job, 1, job.seed, eng.sampling_defaults, min_tokens=0)
     out, prompt_tokens = [], 0
     for i, prompt in enumerate(job.prompts):
         where = f"prompt {i}: " if len(job.prompts) > 1 else ""
@@ -93,7 +97,7 @@ def prepare(job: Job, eng: "LLMEngine | EngineInfo") -> tuple[list[tuple[list[in
                               "generated; lower it", "min_tokens")
         for j in range(job.n):
             seed = None if job.seed is None else (job.seed + j) % (1 << 64)
-            params = _params(job, max_tokens, seed)
+            params = _params(job, max_tokens, seed, eng.sampling_defaults)
             try:
                 eng.validate(ids, params)    # the KV-pool check with the real max_tokens
             except ValueError as e:

@@ -68,9 +68,9 @@ class Job:
     prompts: list[Any]
     n: int
     max_tokens: int | None          # None: the rest of the context (chat's default)
-    temperature: float
-    top_p: float
-    top_k: int
+    temperature: float | None       # None (left out): the model's default, else vLLM's (serve/prepare.py)
+    top_p: float | None
+    top_k: int | None
     stop: list[str]
     seed: int | None
     logprobs: int | None            # top alternatives per token, None = no logprobs
@@ -155,7 +155,7 @@ def _int(body: dict, name: str, default, lo: int | None = None, hi: int | None =
     return v
 
 
-def _num(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+def _num(body: dict, name: str, default: float | None, lo: float, hi: float, lo_open: bool = False) -> float | None:
     v = body.get(name)
     if v is None:
         return default
@@ -300,8 +300,8 @@ def _common(body: dict, chat: bool, prompts: list[Any], max_tokens: int | None, 
     include_usage, continuous_usage = _stream_options(body, stream)
     return Job(
         chat=chat, model=_str(body, "model"), prompts=prompts, n=n,
-        max_tokens=max_tokens, temperature=_num(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), top_k=_int(body, "top_k", -1, -1),
+        max_tokens=max_tokens, temperature=_num(body, "temperature", None, 0.0, 2.0),
+        top_p=_num(body, "top_p", None, 0.0, 1.0, lo_open=True), top_k=_int(body, "top_k", None, -1),
         stop=_stop(body), seed=_int(body, "seed", None, -2 ** 63, 2 ** 64 - 1), logprobs=logprobs,
         presence_penalty=_num(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_num(body, "frequency_penalty", 0.0, -2.0, 2.0),

@@ -1,0 +1,62 @@
+"""The sampling defaults a checkpoint recommends in its generation_config.json, used where a
+request leaves a parameter out (vLLM's default, `generation_config="auto"`).
+
+Read: temperature, top_p and top_k. Not read, as in vLLM: do_sample (a file with
+temperature 0.6 and no do_sample samples at 0.6, where transformers would decode greedily)
+and max_new_tokens (vLLM turns it into a server-wide cap; here max_tokens keeps its own
+default). repetition_penalty and min_p, which vLLM would also apply, have no counterpart in
+this engine: a file that sets them is served without them, and the load says so.
+`generation_config="vllm"` (LLM's keyword, serve's --generation-config) ignores the file:
+vLLM's neutral defaults (temperature 1, no top-p, no top-k)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k")
+_NOT_APPLIED = {"repetition_penalty": 1.0, "min_p": 0.0}     # what each is when it does nothing
+CHOICES = ("auto", "vllm")
+
+
+def check_mode(mode: str) -> None:
+    if mode not in CHOICES:
+        raise ValueError(f"generation_config must be one of {list(CHOICES)} ('auto': the model's "
+                         f"generation_config.json, 'vllm': neutral defaults), got {mode!r}")
+
+
+def sampling_defaults(model_path: str, mode: str = "auto") -> dict:
+    """{name: value} of SAMPLING_KEYS that the model directory's generation_config.json sets
+    (empty without the file, or with mode "vllm"). Raises ValueError naming the file when a
+    value is not a valid sampling parameter."""
+    check_mode(mode)
+    path = os.path.join(model_path, "generation_config.json")
+    if mode == "vllm" or not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        d = json.load(f)
+    out = {k: d[k] for k in SAMPLING_KEYS if d.get(k) is not None}
+    bad = [f"{k}={v!r}" for k, v in out.items() if not _valid(k, v)]
+    if bad:
+        raise ValueError(f"{path!r} recommends {', '.join(bad)}, which this engine cannot sample with (temperature "
+                         "a number >= 0, top_p in (0, 1], top_k an integer >= -1); fix the file, or pass "
+                         "generation_config='vllm' (--generation-config vllm) to ignore it")
+    ignored = {k: d[k] for k, off in _NOT_APPLIED.items() if d.get(k) not in (None, off)}
+    if ignored:
+        log.warning("%s recommends %s, which this engine does not implement; generating without", path,
+                    ", ".join(f"{k}={v}" for k, v in ignored.items()))
+    if out:
+        log.info("default sampling parameters from %s: %s (generation_config='vllm' ignores them)", path, out)
+    return out
+
+
+def _valid(name: str, v) -> bool:
+    """As SamplingParams checks the field (models/ does not import the engine's modules)."""
+    if name == "top_k":
+        return isinstance(v, int) and not isinstance(v, bool) and v >= -1
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or v in (float("inf"), float("-inf")):
+        return False
+    return v >= 0 if name == "temperature" else 0 < v <= 1
