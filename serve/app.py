@@ -46,7 +46,8 @@ from fastserve_jax.serve.errors import APIError, overloaded
 from fastserve_jax.serve.prometheus import ServerMetrics
 from fastserve_jax.serve.openai_format import Choice, Formatter, sse
 from fastserve_jax.serve.prepare import prepare
-from fastserve_jax.serve.protocol import parse_body, parse_chat, parse_completion
+from fastserve_jax.serve.json_body import parse_body
+from fastserve_jax.serve.protocol import parse_chat, parse_completion
 
 if TYPE_CHECKING:     # the engine (and jax) load in the engine loop; this process may do without
     from fastserve_jax.engine import LLMEngine

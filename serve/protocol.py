@@ -1,7 +1,7 @@
 """Request bodies of /v1/completions and /v1/chat/completions, checked field by field.
 
-`parse_body` turns raw bytes into a dict (400 for invalid UTF-8, malformed JSON, NaN, a
-non-object); `parse_completion` / `parse_chat` check every field's type and range, reject
+`json_body.parse_body` turns raw bytes into a dict (400 for invalid UTF-8, malformed JSON, NaN,
+a non-object); `parse_completion` / `parse_chat` check every field's type and range, reject
 unknown fields, and return a `Job`. Each error names the field and the accepted values.
 
 Extensions beyond OpenAI's parameters, as vLLM names them (both endpoints):
@@ -26,9 +26,7 @@ the model's own.
 to its text; when streaming, to the first chunk of each choice. With `logprobs` the engine
 computes the prompt's logprobs too (SamplingParams.prompt_logprobs) and each choice's
 logprobs cover its prompt tokens, then the generated ones (serve/openai_format.py). With
-`echo`, `max_tokens` may be 0 (as in vLLM, and what older lm-eval-harness versions send to
-score a prompt): the answer is the prompt alone, with its logprobs if asked, no completion
-tokens in the usage, and finish_reason "length".
+`echo`, `max_tokens` may be 0 (vLLM's): the answer is the prompt alone (Job.prompt_only).
 
 Accepted only at the value that asks for nothing (what clients such as vLLM's benchmark
 send by default), rejected otherwise with a 400 naming the field and what is accepted:
@@ -42,8 +40,6 @@ Chat messages may be an assistant's with `content: null` (read as "") and
 from __future__ import annotations
 
 import json
-import math
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -51,6 +47,8 @@ from fastserve_jax.config import MAX_LOGPROBS
 from fastserve_jax.sampling_params import MAX_LOGIT_BIAS
 
 from fastserve_jax.serve.errors import APIError, bad_request
+from fastserve_jax.serve.json_body import (bool_field as _bool, int_field as _int, num_field as _num,
+                                           str_field as _str, typename as _typename)
 
 MAX_N = 16                # choices per prompt
 MAX_STOP = 8              # stop strings per request
@@ -87,99 +85,7 @@ class Job:
     min_tokens: int = 0
     logit_bias: dict[int, float] | None = None      # token id -> bias
     limit_field: str = "max_tokens"  # the field that set max_tokens (chat: max_completion_tokens unless max_tokens)
-    # completions' max_tokens 0 with echo (vLLM's): the engine generates one token (max_tokens 1
-    # here) and the answer holds the prompt alone (its logprobs too), finish_reason "length"
-    prompt_only: bool = False
-
-
-def parse_body(raw: bytes) -> dict:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise bad_request(f"the request body is not valid UTF-8 (byte {e.start}); send JSON encoded as UTF-8")
-    try:
-        body = json.loads(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as e:
-        raise bad_request(f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}")
-    except ValueError as e:      # NaN/Infinity, or an integer literal past Python's digit limit
-        raise bad_request(f"the request body is not acceptable JSON: {e}")
-    except RecursionError:
-        raise bad_request("the request body nests arrays or objects too deeply; flatten it")
-    if not isinstance(body, dict):
-        raise bad_request(f"the request body must be a JSON object, got {_typename(body)}")
-    if _ESCAPED_SURROGATE.search(text) and _has_lone_surrogate(body):
-        raise bad_request("the request body has an unpaired UTF-16 surrogate escape (\\ud800-\\udfff without its "
-                          "other half: no Unicode character); send text as UTF-8 or escape both halves of a pair")
-    return body
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number; send finite numbers")
-
-
-_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")    # valid UTF-8 holds none unescaped
-_SURROGATE = re.compile("[\ud800-\udfff]")    # what json.loads leaves of an escape without its pair
-
-
-def _has_lone_surrogate(body: dict) -> bool:
-    """Whether a key or string anywhere in `body` holds half a surrogate pair (no tokenizer, and
-    no UTF-8 writer of an error naming it, takes one); iterative, as bodies nest deeply."""
-    stack: list[Any] = [body]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str) and _SURROGATE.search(v):
-            return True
-        if isinstance(v, dict):
-            stack += [*v, *v.values()]
-        elif isinstance(v, list):
-            stack += v
-    return False
-
-
-# -- field checks -------------------------------------------------------------------------
-
-def _typename(v: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number",
-            type(None): "null"}.get(type(v), type(v).__name__)
-
-
-def _int(body: dict, name: str, default, lo: int | None = None, hi: int | None = None):
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise bad_request(f"'{name}' must be an integer, got {_typename(v)} {v!r}", name)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise bad_request(f"'{name}' must be in [{lo if lo is not None else '-inf'}, "
-                          f"{hi if hi is not None else 'inf'}], got {v}", name)
-    return v
-
-
-def _num(body: dict, name: str, default: float | None, lo: float, hi: float, lo_open: bool = False) -> float | None:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-        raise bad_request(f"'{name}' must be a number, got {_typename(v)} {v!r}", name)
-    if v > hi or v < lo or (lo_open and v == lo):
-        raise bad_request(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", name)
-    return float(v)
-
-
-def _bool(body: dict, name: str, default: bool) -> bool:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise bad_request(f"'{name}' must be true or false, got {_typename(v)} {v!r}", name)
-    return v
-
-
-def _str(body: dict, name: str) -> str | None:
-    v = body.get(name)
-    if v is not None and not isinstance(v, str):
-        raise bad_request(f"'{name}' must be a string, got {_typename(v)}", name)
-    return v
+    prompt_only: bool = False  # max_tokens 0 with echo: one token generated, the prompt alone answered
 
 
 def _stop(body: dict) -> list[str]:
@@ -231,8 +137,7 @@ _STREAM_OPTIONS = ("include_usage", "continuous_usage_stats")
 
 
 def _stream_options(body: dict, stream: bool) -> tuple[bool, bool]:
-    """(include_usage, continuous usage): as in vLLM, continuous_usage_stats counts only
-    with include_usage."""
+    """(include_usage, continuous usage): as in vLLM, continuous_usage_stats needs include_usage."""
     opts = body.get("stream_options")
     if opts is None:
         return False, False
@@ -341,8 +246,8 @@ def parse_completion(body: dict) -> Job:
         raise _unsupported("suffix", "text after the insertion point is not supported; leave it out")
     if max_tokens == 0 and _int(body, "min_tokens", 0, 0):
         raise bad_request("'min_tokens' must be 0 with 'max_tokens' 0 (echo of the prompt alone)", "min_tokens")
-    job = _common(body, False, _prompts(body["prompt"]), max_tokens or 1, logprobs, echo)
-    return replace(job, prompt_only=True) if max_tokens == 0 else job
+    return replace(_common(body, False, _prompts(body["prompt"]), max_tokens or 1, logprobs, echo),
+                   prompt_only=max_tokens == 0)
 
 
 _ROLES = ("system", "developer", "user", "assistant", "tool")
