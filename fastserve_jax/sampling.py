@@ -3,7 +3,8 @@
 Pure functions of (logits, per-row parameters); the runner jits them with the mode static:
 
 - greedy mode: argmax only (the common serving and benchmark case, no vocabulary sort);
-- random mode: temperature, then top-k and top-p over one descending sort; rows with
+- random mode: temperature, then top-k, then top-p over the distribution top-k left
+  (renormalized, as vLLM and transformers do), over one descending sort; rows with
   temperature 0 still take the argmax.
 
 Presence and frequency penalties and logit biases (OpenAI's; min_tokens bans EOS and stop
@@ -66,10 +67,11 @@ def _sample_random(logits: jax.Array, s: SamplingArrays) -> jax.Array:
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
     rank = jnp.arange(v)[None, :]
     k = jnp.where(s.top_k > 0, s.top_k, v)[:, None]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    in_top_k = jnp.where(rank < k, sorted_logits, -jnp.inf)
+    # top-p over what top-k kept, renormalized (vLLM's and transformers' order)
+    probs = jax.nn.softmax(in_top_k, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs                    # mass strictly above this rank
-    keep = (rank < k) & ((before < s.top_p[:, None]) | (rank == 0))
-    masked = jnp.where(keep, sorted_logits, -jnp.inf)
+    masked = jnp.where((before < s.top_p[:, None]) | (rank == 0), in_top_k, -jnp.inf)
     keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(s.seed, s.step)
     choice = jax.vmap(jax.random.categorical)(keys, masked)        # index into the sorted order
     drawn = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]

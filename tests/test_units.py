@@ -224,6 +224,21 @@ def test_sampling_top_k_and_seed():
     assert int(a[0]) == int(b[0])
 
 
+def _draws(logits, n=64, **kw):
+    """The tokens n rows of one logits row draw, row i with seed i."""
+    rows = jnp.tile(jnp.asarray(logits, jnp.float32)[None], (n, 1))
+    s = _arrays(n, **kw)._replace(seed=jnp.arange(n, dtype=jnp.uint32))
+    return np.asarray(sample(rows, s, greedy=False, with_logprobs=False).tokens)
+
+
+def test_top_p_applies_to_the_top_k_distribution():
+    """vLLM and transformers apply top-p to what top-k kept, renormalized: with probabilities
+    (0.4, 0.3, 0.2, 0.1), top_k=2 leaves (0.57, 0.43) and top_p=0.5 then only token 0. Over the
+    whole vocabulary token 1 would stay (0.4 above it < 0.5) and be drawn 43% of the time."""
+    got = _draws(np.log([0.4, 0.3, 0.2, 0.1]), top_k=2, top_p=0.5)
+    assert set(got.tolist()) == {0}
+
+
 def test_sampling_logprobs():
     logits = jnp.log(jnp.asarray([[0.5, 0.25, 0.25] + [1e-9] * 30], jnp.float32))
     out = sample(logits, _arrays(1), greedy=True, with_logprobs=True)
