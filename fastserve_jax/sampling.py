@@ -3,9 +3,9 @@
 Pure functions of (logits, per-row parameters); the runner jits them with the mode static:
 
 - greedy mode: argmax only (the common serving and benchmark case, no vocabulary sort);
-- random mode: temperature, then top-k, then top-p over the distribution top-k left
-  (renormalized, as vLLM and transformers do), over one descending sort; rows with
-  temperature 0 still take the argmax.
+- random mode: temperature, then top-k (tokens tied with the k-th stay), then top-p over the
+  distribution top-k left (renormalized), as vLLM and transformers do, over one descending
+  sort; rows with temperature 0 still take the argmax.
 
 Presence and frequency penalties and logit biases (OpenAI's; min_tokens bans EOS and stop
 tokens as a bias of -inf) are applied first when a `Penalties` is given; passing None instead
@@ -66,8 +66,10 @@ def _sample_random(logits: jax.Array, s: SamplingArrays) -> jax.Array:
     order = jnp.argsort(-scaled, axis=-1)                          # (N, V) descending
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
     rank = jnp.arange(v)[None, :]
-    k = jnp.where(s.top_k > 0, s.top_k, v)[:, None]
-    in_top_k = jnp.where(rank < k, sorted_logits, -jnp.inf)
+    k = jnp.where((s.top_k > 0) & (s.top_k < v), s.top_k, v)[:, None]
+    # top-k keeps every token at least as likely as the k-th, ties with it too (vLLM, transformers)
+    kth = jnp.take_along_axis(sorted_logits, k - 1, axis=-1)      # (N, 1)
+    in_top_k = jnp.where(sorted_logits >= kth, sorted_logits, -jnp.inf)
     # top-p over what top-k kept, renormalized (vLLM's and transformers' order)
     probs = jax.nn.softmax(in_top_k, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs                    # mass strictly above this rank

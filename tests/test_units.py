@@ -239,6 +239,14 @@ def test_top_p_applies_to_the_top_k_distribution():
     assert set(got.tolist()) == {0}
 
 
+def test_top_k_keeps_the_tokens_tied_with_the_kth():
+    """vLLM and transformers cut top-k below the k-th largest logit, so tokens tied with it
+    stay (ties are common in bf16 logits); keeping exactly k, by index, drew token 0 only."""
+    got = _draws([1.0, 2.0, 2.0, 2.0, 0.0], top_k=1)
+    assert set(got.tolist()) == {1, 2, 3}
+    assert set(_draws([3.0, 2.0, 2.0, 0.0], top_k=2).tolist()) == {0, 1, 2}
+
+
 def test_sampling_logprobs():
     logits = jnp.log(jnp.asarray([[0.5, 0.25, 0.25] + [1e-9] * 30], jnp.float32))
     out = sample(logits, _arrays(1), greedy=True, with_logprobs=True)
