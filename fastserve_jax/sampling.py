@@ -5,7 +5,7 @@ Pure functions of (logits, per-row parameters); the runner jits them with the mo
 - greedy mode: argmax only (the common serving and benchmark case, no vocabulary sort);
 - random mode: temperature, then top-k (tokens tied with the k-th stay), then top-p over the
   distribution top-k left (renormalized), as vLLM and transformers do, over one descending
-  sort; rows with temperature 0 still take the argmax.
+  sort; rows with temperature 0 (or below GREEDY_BELOW) still take the argmax.
 
 Presence and frequency penalties and logit biases (OpenAI's; min_tokens bans EOS and stop
 tokens as a bias of -inf) are applied first when a `Penalties` is given; passing None instead
@@ -26,12 +26,13 @@ import jax
 import jax.numpy as jnp
 
 from fastserve_jax.config import MAX_LOGPROBS
+from fastserve_jax.sampling_params import GREEDY_BELOW
 
 
 class SamplingArrays(NamedTuple):
     """Per-row sampling parameters, all shape (N,)."""
 
-    temperature: jax.Array  # float32, 0 = greedy
+    temperature: jax.Array  # float32, 0 (or below GREEDY_BELOW) = greedy
     top_k: jax.Array        # int32, <= 0 = disabled
     top_p: jax.Array        # float32 in (0, 1]
     seed: jax.Array         # uint32
@@ -61,7 +62,7 @@ class Sampled(NamedTuple):
 
 def _sample_random(logits: jax.Array, s: SamplingArrays) -> jax.Array:
     n, v = logits.shape
-    greedy = s.temperature <= 0
+    greedy = s.temperature < GREEDY_BELOW
     scaled = logits / jnp.where(greedy, 1.0, s.temperature)[:, None]
     order = jnp.argsort(-scaled, axis=-1)                          # (N, V) descending
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)

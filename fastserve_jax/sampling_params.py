@@ -12,6 +12,9 @@ MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs; the sampler always compute
 # plus, while it is below min_tokens, its EOS and stop token ids.
 BIAS_SLOTS = 320
 MAX_LOGIT_BIAS = 300
+# A temperature below this samples greedily, as in vLLM: logits over a tiny temperature
+# overflow float32 (2 / 1e-38 is +inf), and ties at +inf would lose the argmax.
+GREEDY_BELOW = 1e-5
 
 
 def bias_tokens(logit_bias, stop_token_ids, eos_ids) -> set[int]:
@@ -37,7 +40,8 @@ def sampler_seed(seed: int) -> int:
 class SamplingParams:
     """How to sample one request's output (vLLM's names and defaults).
 
-    temperature=0 means greedy. top_k=-1 (or 0) disables top-k; top_p=1 disables top-p.
+    temperature=0 (or below GREEDY_BELOW = 1e-5, as in vLLM) means greedy. top_k=-1 (or 0)
+    disables top-k; top_p=1 disables top-p.
     presence_penalty and frequency_penalty follow OpenAI: before sampling, the logit of each
     token t is lowered by frequency_penalty * (times t occurs in the output so far) +
     presence_penalty * (1 if it occurs at all); negative values favour repetition.
@@ -118,7 +122,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:

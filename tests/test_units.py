@@ -247,6 +247,13 @@ def test_top_k_keeps_the_tokens_tied_with_the_kth():
     assert set(_draws([3.0, 2.0, 2.0, 0.0], top_k=2).tolist()) == {0, 1, 2}
 
 
+def test_a_tiny_temperature_samples_the_argmax():
+    """Logits over a tiny temperature overflowed to +inf, ties the sort broke by index (token
+    0 drawn, not the argmax 1). As in vLLM, a temperature below 1e-5 samples greedily."""
+    assert set(_draws([24.0, 25.0, 0.0, -1.0], temp=5e-38).tolist()) == {1}
+    assert SamplingParams(temperature=1e-6).greedy and not SamplingParams(temperature=1e-5).greedy
+
+
 def test_sampling_logprobs():
     logits = jnp.log(jnp.asarray([[0.5, 0.25, 0.25] + [1e-9] * 30], jnp.float32))
     out = sample(logits, _arrays(1), greedy=True, with_logprobs=True)
