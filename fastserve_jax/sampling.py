@@ -60,21 +60,27 @@ class Sampled(NamedTuple):
     top_logprobs: jax.Array | None = None
 
 
+def top_k_top_p(sorted_logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Descending logits (N, V) with what top-k and then top-p drop set to -inf. Top-k keeps
+    every token at least as likely as the k-th (ties with it too); top-p runs over the
+    distribution top-k left, renormalized (vLLM's and transformers' order), and a row with
+    top_p 1 keeps everything (float32's cumulative sum reaches 1 before a long tail ends)."""
+    v = sorted_logits.shape[-1]
+    rank = jnp.arange(v)[None, :]
+    k = jnp.where((top_k > 0) & (top_k < v), top_k, v)[:, None]
+    kth = jnp.take_along_axis(sorted_logits, k - 1, axis=-1)      # (N, 1)
+    in_top_k = jnp.where(sorted_logits >= kth, sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(in_top_k, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs                    # mass strictly above this rank
+    keep = (before < top_p[:, None]) | (rank == 0) | (top_p[:, None] >= 1.0)
+    return jnp.where(keep, in_top_k, -jnp.inf)
+
+
 def _sample_random(logits: jax.Array, s: SamplingArrays) -> jax.Array:
-    n, v = logits.shape
     greedy = s.temperature < GREEDY_BELOW
     scaled = logits / jnp.where(greedy, 1.0, s.temperature)[:, None]
     order = jnp.argsort(-scaled, axis=-1)                          # (N, V) descending
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    rank = jnp.arange(v)[None, :]
-    k = jnp.where((s.top_k > 0) & (s.top_k < v), s.top_k, v)[:, None]
-    # top-k keeps every token at least as likely as the k-th, ties with it too (vLLM, transformers)
-    kth = jnp.take_along_axis(sorted_logits, k - 1, axis=-1)      # (N, 1)
-    in_top_k = jnp.where(sorted_logits >= kth, sorted_logits, -jnp.inf)
-    # top-p over what top-k kept, renormalized (vLLM's and transformers' order)
-    probs = jax.nn.softmax(in_top_k, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs                    # mass strictly above this rank
-    masked = jnp.where((before < s.top_p[:, None]) | (rank == 0), in_top_k, -jnp.inf)
+    masked = top_k_top_p(jnp.take_along_axis(scaled, order, axis=-1), s.top_k, s.top_p)
     keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(s.seed, s.step)
     choice = jax.vmap(jax.random.categorical)(keys, masked)        # index into the sorted order
     drawn = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]

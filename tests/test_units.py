@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from fastserve_jax.sampling_params import SamplingParams, sampler_seed
 from fastserve_jax.detokenizer import IncrementalDetokenizer
 from fastserve_jax.kv_cache import KVManager
 from fastserve_jax.request import Request
-from fastserve_jax.sampling import SamplingArrays, sample
+from fastserve_jax.sampling import SamplingArrays, sample, top_k_top_p
 from fastserve_jax.scheduler import POLICIES, Limits, make_scheduler
 
 
@@ -245,6 +246,14 @@ def test_top_k_keeps_the_tokens_tied_with_the_kth():
     got = _draws([1.0, 2.0, 2.0, 2.0, 0.0], top_k=1)
     assert set(got.tolist()) == {1, 2, 3}
     assert set(_draws([3.0, 2.0, 2.0, 0.0], top_k=2).tolist()) == {0, 1, 2}
+
+
+def test_top_p_1_keeps_the_whole_tail():
+    """float32's cumulative sum reaches 1 before a long tail ends, so `before < 1` dropped the
+    last tokens of a 152k vocabulary (vLLM skips top-p at 1); top_p 0.9 still cuts."""
+    logits = jnp.sort(jax.random.normal(jax.random.key(1), (1, 152_064)) * 8, axis=-1)[:, ::-1]
+    kept = lambda p: int(jnp.isfinite(top_k_top_p(logits, jnp.asarray([-1]), jnp.asarray([p], jnp.float32))).sum())
+    assert kept(1.0) == 152_064 and kept(0.9) < 152_064
 
 
 def test_a_tiny_temperature_samples_the_argmax():
