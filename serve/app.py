@@ -74,7 +74,7 @@ class Server:
                  transport: "ProcessTransport | None" = None) -> None:
         self.cfg = cfg
         self.metrics: ServerMetrics
-        self.engine = AsyncEngine(build, cfg.max_pending, on_finished=lambda d: self.metrics.observe(d),
+        self.engine = AsyncEngine(build, cfg.max_pending, on_timing=lambda d: self.metrics.observe(d),
                                   engine_process=cfg.engine_process, transport=transport)
         self.metrics = ServerMetrics(self.engine)
         self.draining = False

@@ -66,7 +66,7 @@ class Delta:
     completion_tokens: int = 0           # generated so far
     error: str | None = None             # engine fault: the request failed
     error_status: int = 500              # the HTTP status that answers `error` (503: the server shut down)
-    ttft: float | None = None            # seconds, on the last delta
+    ttft: float | None = None            # seconds, on the delta with the request's first token and on the last
     latency: float | None = None
     handoff: float | None = None         # arrival (the handler's start) to the engine's add_request
     # SamplingParams.prompt_logprobs: one entry per prompt token (the first None), on the request's
@@ -131,8 +131,10 @@ class _Tracked:
         lps = req.logprobs[self.sent_tokens:] if req.logprobs is not None else None
         d = Delta(text[self.sent_text:end], new_ids, lps, req.finish_reason, req.num_prompt_tokens,
                   len(req.output_token_ids))
-        if self.sent_tokens == 0 and new_ids and req.prompt_logprobs is not None:
-            d.prompt_logprobs = list(req.prompt_logprobs)
+        if self.sent_tokens == 0 and new_ids:
+            d.ttft = req.metrics.ttft
+            if req.prompt_logprobs is not None:
+                d.prompt_logprobs = list(req.prompt_logprobs)
         self.sent_text, self.sent_tokens = end, len(req.output_token_ids)
         if req.finished:
             d.ttft, d.latency, d.handoff = req.metrics.ttft, req.metrics.latency, self.handoff

@@ -2,7 +2,9 @@
 
 Engine gauges and counters come from `LLMEngine.snapshot()`, taken on the engine thread at
 scrape time and exported by a collector; latency histograms are observed on the event
-loop when a request finishes (aborted and failed requests are not observed).
+loop: time to first token when a request's first token reaches it (as vLLM observes it, so
+also for a request aborted later), the others when a request finishes (aborted and failed
+requests are not observed).
 
     fastserve_queue_length{level}            live requests per MLFQ level (one level for FCFS)
     fastserve_requests{state}                running | paused | swapped | waiting
@@ -146,10 +148,13 @@ class ServerMetrics:
             self.rejected.labels(reason)
 
     def observe(self, d: Delta) -> None:
-        """A finished request's latencies (the engine's on_finished hook, on the event loop)."""
-        if d.error is not None or d.finish_reason == "abort" or d.ttft is None or d.latency is None:
+        """A request's first token or its end (AsyncEngine's on_timing hook, on the event loop)."""
+        if d.error is not None:
             return
-        self.ttft.observe(d.ttft)
+        if d.ttft is not None and d.token_ids and d.completion_tokens == len(d.token_ids):    # has the first token
+            self.ttft.observe(d.ttft)
+        if d.finish_reason in (None, "abort") or d.ttft is None or d.latency is None:
+            return
         self.e2e.observe(d.latency)
         if d.handoff is not None:
             self.handoff.observe(d.handoff)

@@ -281,6 +281,34 @@ def test_non_streaming_disconnect_aborts(live):
     assert live.metric("fastserve_e2e_request_latency_seconds_count") == before   # aborted, not finished
 
 
+def _histogram_count(text: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name + "_count")
+
+
+def test_ttft_is_observed_at_the_first_token_also_for_a_stream_cut_short(live):
+    """The TTFT histogram was fed when a request finished: a long answer's first token showed
+    on /metrics only at its end, and a client that hung up after its first tokens never
+    counted. As in vLLM, a first token is observed when it comes, whatever follows."""
+    ttft = "fastserve_time_to_first_token_seconds"
+    before = live.metric(ttft + "_count"), live.metric("fastserve_e2e_request_latency_seconds_count")
+
+    async def scenario():
+        long = dict(prompt=demo_task.make_prompt(0, 5), max_tokens=400, temperature=0, ignore_eos=True, stream=True)
+        [(reader, writer, status, h)] = await _open_streams(live.url, [long])
+        pieces = bench_client._body_pieces(reader, h)
+        while b'"text":"' not in await anext(pieces):     # the first token's chunk (chat would open with a role)
+            pass
+        _, _, body = await bench_client.request(live.url, "GET", "/metrics")
+        writer.close()
+        return _histogram_count(body.decode(), ttft)
+
+    assert asyncio.run(scenario()) == before[0] + 1          # running, its first token out
+    live.wait_idle()
+    assert live.metric(ttft + "_count") == before[0] + 1     # hung up: still counted, once
+    assert live.metric("fastserve_e2e_request_latency_seconds_count") == before[1]   # but it never finished
+
+
 def test_engine_fault_fails_requests_and_server_keeps_serving(live, client):
     live.on_engine(fail_next_step)
     status, _, err = live.post("/v1/completions", _counting(3, 30))
