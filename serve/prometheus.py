@@ -25,6 +25,9 @@ requests are not observed).
     fastserve_time_to_first_token_seconds, fastserve_time_per_output_token_seconds,
     fastserve_e2e_request_latency_seconds,
     fastserve_request_handoff_seconds        histograms (hand-off: arrival to the engine's add_request)
+    fastserve_request_success_total{finished_reason}
+                                             engine requests ended: stop | length | abort | error
+                                             (vLLM's request_success_total; n choices count n)
     fastserve_server_pending_requests, fastserve_server_rejected_total{reason},
     fastserve_engine_faults_total, fastserve_server_ready
     fastserve_cost_model_provisional         1 until the background warm-up is done and profiled
@@ -43,6 +46,7 @@ from fastserve_jax.serve.engine_loop import Delta
 from fastserve_jax.stats import PHASES
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+FINISH_REASONS = ("stop", "length", "abort", "error")
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
 
@@ -146,11 +150,19 @@ class ServerMetrics:
                                 registry=self.registry)
         for reason in ("unavailable", "queue_full"):    # a series from the start, so rate() sees the first one
             self.rejected.labels(reason)
+        self.success = Counter("fastserve_request_success", "engine requests ended, by finish reason (error: "
+                               "failed by an engine fault, a lost engine or the shutdown)", ["finished_reason"],
+                               registry=self.registry)
+        for reason in FINISH_REASONS:
+            self.success.labels(reason)
 
     def observe(self, d: Delta) -> None:
         """A request's first token or its end (AsyncEngine's on_timing hook, on the event loop)."""
         if d.error is not None:
+            self.success.labels("error").inc()
             return
+        if d.final:
+            self.success.labels(d.finish_reason).inc()
         if d.ttft is not None and d.token_ids and d.completion_tokens == len(d.token_ids):    # has the first token
             self.ttft.observe(d.ttft)
         if d.finish_reason in (None, "abort") or d.ttft is None or d.latency is None:

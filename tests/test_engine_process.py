@@ -58,6 +58,7 @@ def test_load_with_hang_ups_is_exact_and_frees_everything(live):
              (637, 661), (105, 133), (656, 687), (372, 392), (399, 431), (4, 43), (730, 750), (776, 835)]
     cut = [None, None, None, 5, None, None, None, 4, None, None, None, 4, None, None, None, 5]
     payloads = [_counting(a, b, stream=True) for a, b in pairs]
+    m0 = live.metrics()
     results = asyncio.run(bench_client.run_load(live.url, payloads, concurrency=8, disconnect_after=cut))
     for i, r in enumerate(results):
         if cut[i]:
@@ -66,6 +67,12 @@ def test_load_with_hang_ups_is_exact_and_frees_everything(live):
             assert r.ok and demo_task.check_answer(*pairs[i], r.text), (pairs[i], r.text[:60], r.error)
     live.wait_idle(timeout=20)
     assert live.on_engine(kv_integrity) is None
+    m1 = live.metrics()
+    delta = {k: m1[k] - m0.get(k, 0.0) for k in m1}
+    ended = {r: delta[("fastserve_request_success_total", (("finished_reason", r),))] for r in ("stop", "abort")}
+    assert ended == {"stop": 12, "abort": 4}                   # the deltas crossed the pipe, once each
+    assert delta[("fastserve_time_to_first_token_seconds_count", ())] == 16     # the cut ones had their first token
+    assert delta[("fastserve_e2e_request_latency_seconds_count", ())] == 12
 
 
 def test_a_call_that_cannot_cross_fails_at_once(live):

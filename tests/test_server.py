@@ -309,6 +309,29 @@ def test_ttft_is_observed_at_the_first_token_also_for_a_stream_cut_short(live):
     assert live.metric("fastserve_e2e_request_latency_seconds_count") == before[1]   # but it never finished
 
 
+def test_requests_are_counted_by_finish_reason(live):
+    """vLLM's request_success_total{finished_reason}: /metrics had no count of requests by how
+    they ended, so neither hang-ups nor answers cut at max_tokens could be told apart."""
+    def counts():
+        m = live.metrics()
+        return {r: m[("fastserve_request_success_total", (("finished_reason", r),))]
+                for r in ("stop", "length", "abort", "error")}
+    before = counts()
+    assert live.post("/v1/completions", _counting(3, 9))[2]["choices"][0]["finish_reason"] == "stop"     # EOS
+    assert live.post("/v1/completions", dict(_counting(3, 90), stop=[" 6"]))[2]["choices"][0]["finish_reason"] == "stop"
+    out = live.post("/v1/completions", dict(_counting(3, 90), max_tokens=3, n=2))[2]
+    assert [c["finish_reason"] for c in out["choices"]] == ["length"] * 2
+
+    async def hang_up():
+        [(reader, writer, _, h)] = await _open_streams(live.url, [dict(_counting(0, 300), stream=True)])
+        await anext(bench_client._body_pieces(reader, h))
+        writer.close()
+    asyncio.run(hang_up())
+    live.wait_idle()
+    after = counts()
+    assert {r: after[r] - before[r] for r in after} == {"stop": 2, "length": 2, "abort": 1, "error": 0}
+
+
 def test_engine_fault_fails_requests_and_server_keeps_serving(live, client):
     live.on_engine(fail_next_step)
     status, _, err = live.post("/v1/completions", _counting(3, 30))
