@@ -189,7 +189,6 @@ class LLMEngine:
         req = Request(rid, ids, params, time.monotonic() if arrival_time is None else arrival_time, prompt=text,
                       seed=seed, eos_token_ids=frozenset() if params.ignore_eos else self.eos_ids)
         self._requests[rid] = req
-        self.stats.prompt_tokens += len(ids)
         self._detok[rid] = IncrementalDetokenizer(self.tokenizer, ids, params.stop, self._decode)
         self.scheduler.add(req)
         self.swap.on_arrival(req, req.arrival_time)
@@ -365,6 +364,7 @@ class LLMEngine:
             req.logprobs.append(lp)
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
+            self.stats.prompt_tokens += req.num_prompt_tokens     # its prefill is done (vLLM's count)
         sp = req.sampling
         reason = None
         if token in req.eos_token_ids or token in sp.stop_token_ids:

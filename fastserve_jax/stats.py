@@ -30,7 +30,7 @@ class EngineStats:
     postprocess: float = 0.0
     prefill_tokens: int = 0
     decode_tokens: int = 0
-    prompt_tokens: int = 0              # prompt tokens of admitted requests
+    prompt_tokens: int = 0              # prompt tokens of requests whose prefill is done (first token out)
     generated_tokens: int = 0           # tokens sampled and appended to outputs
     recomputations: int = 0             # requests that lost their KV and were prefilled again
     recomputed_tokens: int = 0          # computed tokens those requests lost (prefilled again)

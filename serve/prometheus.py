@@ -92,8 +92,9 @@ class _EngineCollector:
         for direction in ("out", "in"):
             link.add_metric([direction], s[f"swap_link_{direction}_bytes_per_second"])
         yield from (q, st, used, total, usage, stall, link)
-        for key, doc in (("prompt_tokens_total", "prompt tokens of admitted engine requests: n choices count a "
-                                                 "prompt n times, as vLLM does (usage.prompt_tokens: once)"),
+        for key, doc in (("prompt_tokens_total", "prompt tokens of engine requests whose prefill is done (first "
+                                                 "token out; a recomputation does not count again): n choices "
+                                                 "count a prompt n times, as vLLM does (usage.prompt_tokens: once)"),
                          ("generation_tokens_total", "tokens generated"),
                          ("recomputations_total", "requests whose KV was dropped and recomputed"),
                          ("recomputed_tokens_total", "computed tokens dropped and prefilled again"),

@@ -405,7 +405,7 @@ def test_load_200_requests_32_clients_with_disconnects(live):
     live.wait_idle(timeout=20)                                                    # KV back to zero
     m1 = live.metrics()
     delta = lambda name: m1[(name, ())] - m0[(name, ())]
-    assert delta("fastserve_prompt_tokens_total") == prompt_tokens               # each admitted exactly once
+    assert delta("fastserve_prompt_tokens_total") == prompt_tokens               # each prefilled once (cut ones too)
     assert delta("fastserve_e2e_request_latency_seconds_count") == sum(c is None for c in cut)
     assert live.get("/health")[0] == 200
     live.on_engine(lambda e: e.kv.check_integrity())
@@ -494,6 +494,24 @@ def test_token_counters_count_what_the_engine_processes(live, client):
     assert [live.metric(n) - x for n, x in zip(names, before)] == \
         [2 * a.usage.prompt_tokens + 3 * b.usage.prompt_tokens + c.usage.prompt_tokens,
          a.usage.completion_tokens + b.usage.completion_tokens + c.usage.completion_tokens]
+
+
+def _add_then_abort(engine) -> int:
+    """A request aborted before any iteration ran (a client gone while it waited): the growth of
+    the engine's prompt token count."""
+    from fastserve_jax import SamplingParams
+
+    before = engine.snapshot()["prompt_tokens_total"]
+    engine.add_request([5, 6, 7, 8], SamplingParams(max_tokens=4), request_id="never-prefilled")
+    engine.abort("never-prefilled")
+    return engine.snapshot()["prompt_tokens_total"] - before
+
+
+def test_a_prompt_counts_once_its_prefill_is_done_not_when_admitted(live):
+    """fastserve_prompt_tokens_total counted a prompt on admission, so requests whose clients left
+    while they waited (never prefilled) inflated it; vLLM's prompt_tokens_total counts a prompt
+    when its prefill ends (its first token), once also when its KV is recomputed."""
+    assert live.on_engine(_add_then_abort) == 0
 
 
 @pytest.mark.parametrize("when", ["before", "during"])
