@@ -38,6 +38,8 @@ requests are not observed).
 
 from __future__ import annotations
 
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -56,8 +58,9 @@ class _EngineCollector:
 
     def collect(self):
         s, ae = self.owner.snapshot, self.owner.engine
-        ready = GaugeMetricFamily("fastserve_server_ready", "1 once warm-up is done and the engine serves")
-        ready.add_metric([], 1.0 if ae.health.ready and not ae.stopped and not ae.health.lost else 0.0)
+        ready = GaugeMetricFamily("fastserve_server_ready", "1 while /health answers 200: warmed up, serving, not "
+                                  "draining, the engine not failing")
+        ready.add_metric([], 1.0 if self.owner.serving() else 0.0)
         pending = GaugeMetricFamily("fastserve_server_pending_requests",
                                     "engine requests admitted and not finished (the bounded admission queue)")
         pending.add_metric([], ae.num_pending)
@@ -132,8 +135,11 @@ def _snapshot(engine) -> dict:
 
 
 class ServerMetrics:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, serving: Callable[[], bool] | None = None) -> None:
+        """`serving()`: what fastserve_server_ready reports (the app's: /health answers 200);
+        by default, the engine is ready and neither stopped nor lost."""
         self.engine = engine
+        self.serving = serving or (lambda: engine.health.ready and not engine.stopped and not engine.health.lost)
         self.snapshot: dict | None = None
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(self))

@@ -356,6 +356,7 @@ def test_a_failing_engine_takes_one_request_at_a_time_and_recovers(live):
         time.sleep(0.02)
     status, _, raw = live.get("/health")
     assert status == 503 and b"engine failing" in raw
+    assert live.metric("fastserve_server_ready") == 0        # /metrics agrees with /health
     status, _, out = live.post("/v1/completions", _counting(3, 30))
     assert status == 200 and demo_task.check_answer(3, 30, out["choices"][0]["text"])
     assert live.get("/health")[0] == 200
@@ -375,8 +376,10 @@ def test_a_drain_that_begins_while_a_prompt_is_tokenized_refuses_it_with_a_503(l
     monkeypatch.setattr(app_mod, "prepare", prepare_then_drain)
     try:
         status, headers, err = live.post("/v1/completions", _counting(3, 9))
+        health, ready = live.get("/health")[0], live.metric("fastserve_server_ready")
     finally:
         srv.draining = False
+    assert (health, ready) == (503, 0)          # draining: fastserve_server_ready said 1 while /health said 503
     assert status == 503 and "shutting down" in err["error"]["message"] and "retry-after" in map(str.lower, headers)
 
 
