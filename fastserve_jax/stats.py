@@ -39,7 +39,8 @@ class EngineStats:
     swap_in_blocks: int = 0             # host -> device
     swap_out_bytes: int = 0
     swap_in_bytes: int = 0
-    swap_stall: float = 0.0             # seconds the loop waited for a swap copy to land
+    swap_stall: float = 0.0             # seconds the loop waited for a swap copy to land, and
+    swap_fused_seconds: float = 0.0     # of those, the fused copies' estimate (swap_copies.py)
     swap_ins_on_demand: int = 0         # swap-ins the step had to wait for (not uploaded ahead)
     swap_ins_ahead: int = 0             # uploads issued ahead of need (proactive)
     swap_outs_on_demand: int = 0        # evictions a scheduled request needed room for
@@ -89,7 +90,8 @@ def snapshot(st: EngineStats, requests: dict, last_scheduled: set[str], kv: KVMa
         busy_seconds_total=st.busy, swap_stall_fraction=st.swap_stall / st.busy if st.busy else 0.0,
         swap_out_blocks_total=st.swap_out_blocks, swap_in_blocks_total=st.swap_in_blocks,
         swap_out_bytes_total=st.swap_out_bytes, swap_in_bytes_total=st.swap_in_bytes,
-        swap_stall_seconds_total=st.swap_stall, iterations_total=st.iterations,
+        swap_stall_seconds_total=st.swap_stall, swap_fused_seconds_total=st.swap_fused_seconds,
+        iterations_total=st.iterations,
         swap_link_out_bytes_per_second=st.swap_link_out_bytes_per_second,
         swap_link_in_bytes_per_second=st.swap_link_in_bytes_per_second,
         **{f"phase_{k}_seconds_total": getattr(st, k) for k in PHASES})

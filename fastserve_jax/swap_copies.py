@@ -5,6 +5,12 @@ on the runner (runner/swap_ops.py) and follows them until they land:
 
     on_demand(copies)   a plan's swap-outs, then its swap-ins, before its step; waiting on
                         those is stall, charged to the swap policy
+    fused copies        a swap moved by the fused path (runner/kv_transfer.py: every swap on
+                        the CPU, small ones on accelerators) copies inside calls that run in
+                        the device's queue between steps, so the steps wait for it, on demand
+                        or ahead, and no host-side wait sees it: its time is estimated from
+                        the link's probed speed (an upper estimate: fused copies ran faster
+                        than `device_put`'s), counted as stall and charged to the policy
     (start)             the link's speed, for the swap policy's per-step upload bound
     ahead(plan, ...)    after the step: the swap policy's offloads and uploads for later
                         iterations (swap_policy.py), which overlap the step
@@ -33,6 +39,7 @@ class SwapCopies:
         # turns the stall credit into blocks (swap_policy.py), as the simulator does with its
         # cost model's transfer figures.
         self.link = runner.transfer.probe_link(runner.caches) if policy.swaps else None
+        self._fused_charged = 0.0                  # fused_seconds() charged to the policy so far
         if self.link is not None:
             policy.seconds_per_block = self.link.in_seconds_per_block
             stats.swap_link_out_bytes_per_second = self.link.bytes_per_second("out")
@@ -58,6 +65,7 @@ class SwapCopies:
         stalled = swaps.transfer.stall_seconds
         swaps.swap_in_now(moves_of(copies.swap_in))
         self.policy.charge(swaps.transfer.stall_seconds - stalled)
+        self._charge_fused()
         self.stats.swap_ins_on_demand += len(copies.swap_in)
         self.stats.swap_outs_on_demand += len(copies.swap_out)
 
@@ -72,10 +80,23 @@ class SwapCopies:
         copies = apply_ahead(ahead, self.kv)
         self.runner.swaps.swap_out(moves_of(copies.swap_out))
         self.runner.swaps.start_swap_in(moves_of(copies.swap_in))
+        self._charge_fused()
         self.swapping_out += ahead.offload
         self.uploading += ahead.upload
         self.stats.swap_ins_ahead += len(ahead.upload)
         self.stats.swap_outs_ahead += len(ahead.offload)
+
+    def fused_seconds(self) -> float:
+        """The estimated time of every fused copy so far (see the module docstring)."""
+        t = self.runner.transfer
+        if self.link is None or t is None:
+            return 0.0
+        return t.fused_blocks_out * self.link.out_seconds_per_block + t.fused_blocks_in * self.link.in_seconds_per_block
+
+    def _charge_fused(self) -> None:
+        now = self.fused_seconds()
+        self.policy.charge(now - self._fused_charged)
+        self._fused_charged = now
 
     def forget(self, req: Request) -> None:
         """Drop a request's host copy or pending upload (it finished, or its KV was dropped)."""
@@ -90,4 +111,5 @@ class SwapCopies:
         st = self.stats
         st.swap_out_blocks, st.swap_in_blocks = t.blocks_out, t.blocks_in
         st.swap_out_bytes, st.swap_in_bytes = t.bytes_out, t.bytes_in
-        st.swap_stall = t.stall_seconds
+        st.swap_fused_seconds = self.fused_seconds()
+        st.swap_stall = t.stall_seconds + st.swap_fused_seconds

@@ -12,7 +12,8 @@ requests are not observed).
                                              pool: device | host
     fastserve_{prompt,generation}_tokens_total, fastserve_recomputations_total,
     fastserve_swap_blocks_total{direction}, fastserve_swap_bytes_total{direction},
-    fastserve_swap_stall_seconds_total, fastserve_busy_seconds_total, fastserve_iterations_total,
+    fastserve_swap_stall_seconds_total (fastserve_swap_fused_seconds_total: the part estimated
+    for fused copies), fastserve_busy_seconds_total, fastserve_iterations_total,
     fastserve_recomputed_tokens_total
     fastserve_iteration_phase_seconds_total{phase}
                                              schedule | assemble | device | postprocess: where
@@ -101,7 +102,10 @@ class _EngineCollector:
                          ("generation_tokens_total", "tokens generated"),
                          ("recomputations_total", "requests whose KV was dropped and recomputed"),
                          ("recomputed_tokens_total", "computed tokens dropped and prefilled again"),
-                         ("swap_stall_seconds_total", "seconds iterations waited on swaps"),
+                         ("swap_stall_seconds_total", "seconds iterations waited on swaps (fused copies: "
+                                                      "estimated, see the next)"),
+                         ("swap_fused_seconds_total", "of those, the estimated time of the fused swap copies, "
+                                                      "which run in the device's queue between steps"),
                          ("busy_seconds_total", "seconds spent in iterations"),
                          ("iterations_total", "engine iterations")):
             c = CounterMetricFamily(f"fastserve_{key[:-len('_total')]}", doc)

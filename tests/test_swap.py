@@ -622,7 +622,14 @@ def test_demo_model_counts_correctly_while_swapped(policy):
     outs = llm.generate(prompts, SamplingParams(max_tokens=120, temperature=0))
     for (a, b), o in zip(pairs, outs):
         assert demo_task.check_answer(a, b, o.text), (a, b, o.text)
-    assert llm.engine.stats.swap_out_blocks > 0 and llm.engine.stats.recomputations == 0
+    st, t, link = llm.engine.stats, llm.engine.runner.transfer, llm.engine.copies.link
+    assert st.swap_out_blocks > 0 and st.recomputations == 0
+    # every swap on the CPU is fused: its copies run between steps, unseen by host-side waits;
+    # their estimated time is stall (it read 0 before), and charged to the stall budget
+    assert t.fused_blocks_out == st.swap_out_blocks and t.fused_blocks_in == st.swap_in_blocks
+    assert st.swap_fused_seconds == pytest.approx(st.swap_out_blocks * link.out_seconds_per_block +
+                                                  st.swap_in_blocks * link.in_seconds_per_block)
+    assert st.swap_stall >= st.swap_fused_seconds > 0 and llm.engine.copies._fused_charged == st.swap_fused_seconds
 
 
 @pytest.mark.parametrize("swap_policy", ["proactive", "reactive"])

@@ -159,6 +159,9 @@ class KVTransfer:
         self._uploads: dict[str, _Upload] = {}
         self.stall_seconds = 0.0                        # the loop waited for a copy to land
         self.blocks_out = self.blocks_in = 0
+        # of those, the blocks moved by the fused path, whose copies run in the device's queue
+        # between steps (the steps wait for them; swap_copies.py estimates that time)
+        self.fused_blocks_out = self.fused_blocks_in = 0
 
     # -- warm-up ---------------------------------------------------------------------------
     def compile_jobs(self, caches: Caches) -> list[CompileJob]:
@@ -276,6 +279,7 @@ class KVTransfer:
                 for ids in self._runs(blocks)]
         self._held[request_id] = runs if fused else self._to_host(runs)
         self.blocks_out += len(blocks)
+        self.fused_blocks_out += len(blocks) if fused else 0
 
     def out_landed(self, request_id: str) -> bool:
         return all(not isinstance(x, jax.Array) or x.is_ready()
@@ -292,6 +296,7 @@ class KVTransfer:
             runs = jax.device_put(host, [self._device_sharding[:len(run)] for run in host])     # one call, as _to_host
         self._uploads[request_id] = _Upload(runs, self._runs(blocks), fused)
         self.blocks_in += len(blocks)
+        self.fused_blocks_in += len(blocks) if fused else 0
 
     def in_landed(self, request_id: str) -> bool:
         """The request's issued swap-in copies are all on the device (landing it will not wait)."""
