@@ -5,6 +5,13 @@ SentencePiece tokenizers alike, as long as (1) a few prompt tokens stay in front
 context, so a leading space is not stripped, and (2) text ending in an incomplete UTF-8
 sequence (U+FFFD) is held back until the next token completes it (or, at the end, `flush`
 releases it as decode writes it).
+
+Per request (SamplingParams, vLLM's semantics): skip_special_tokens (decode drops special
+tokens' text, or keeps it); spaces_between_special_tokens=False (as vLLM's detokenizer for
+fast tokenizers: an added token right after another is written as its own text, without
+the space a decoder such as WordPiece's puts between them); include_stop_str_in_output
+(the text is cut after the matched stop string rather than before it, and a stop token's
+or EOS's text is written too).
 """
 
 from __future__ import annotations
@@ -19,8 +26,8 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")      # SentencePiece's byte-fa
 _TOKEN_BYTES: WeakKeyDictionary = WeakKeyDictionary()   # tokenizer -> token_bytes' function
 
 
-def decoder(tokenizer):
-    """ids -> text, as `tokenizer.decode(ids, skip_special_tokens=True)` returns it.
+def decoder(tokenizer, skip_special_tokens: bool = True):
+    """ids -> text, as `tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)` returns it.
 
     For a transformers fast tokenizer that does not clean up tokenization spaces this is the
     Rust tokenizer's own decode, which is all transformers' decode calls then: the wrapper
@@ -35,8 +42,8 @@ def decoder(tokenizer):
             and cls.decode is PreTrainedTokenizerBase.decode and cls._decode is TokenizersBackend._decode
             and not tokenizer.clean_up_tokenization_spaces):
         fast = backend.decode
-        return lambda ids: fast(ids, skip_special_tokens=True)
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        return lambda ids: fast(ids, skip_special_tokens=skip_special_tokens)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def token_bytes(tokenizer) -> Callable[[int], bytes]:
@@ -97,30 +104,59 @@ def _byte_alphabet() -> dict[str, int]:
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], decode=None) -> None:
-        """`decode`: `decoder(tokenizer)`, which a caller making many of these computes once."""
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], decode=None, *,
+                 include_stop: bool = False, skip_special_tokens: bool = True,
+                 spaces_between_special_tokens: bool = True) -> None:
+        """`decode`: `decoder(tokenizer, skip_special_tokens)`, which a caller making many of
+        these computes once. The keywords are SamplingParams' (module docstring)."""
         self.tokenizer = tokenizer
-        self.decode = decode or decoder(tokenizer)
+        self.decode = decode or decoder(tokenizer, skip_special_tokens)
         self.ids = list(prompt_ids[-_CONTEXT:])
         self.prefix = 0
         self.read = len(self.ids)
         self.stop = stop
-        self._max_stop = max((len(s) for s in stop), default=0)
+        self.include_stop = include_stop
+        # added token id -> its text, where one right after another is written without a space
+        self._added: dict[int, str] | None = None
+        if not (skip_special_tokens or spaces_between_special_tokens):
+            self._added = {i: t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+        self._after_added = False
 
-    def push(self, token_id: int, text_so_far: str, check_stop: bool = True) -> tuple[str, bool]:
+    @classmethod
+    def for_request(cls, tokenizer, prompt_ids: list[int], params, decoders: dict | None = None):
+        """The detokenizer of a request with these SamplingParams; `decoders`: {skip_special_tokens:
+        decoder(tokenizer, skip_special_tokens)}, computed once by the caller."""
+        skip = params.skip_special_tokens
+        return cls(tokenizer, prompt_ids, params.stop, (decoders or {}).get(skip),
+                   include_stop=params.include_stop_str_in_output, skip_special_tokens=skip,
+                   spaces_between_special_tokens=params.spaces_between_special_tokens)
+
+    def push(self, token_id: int, text_so_far: str, check_stop: bool = True,
+             stop_token: bool = False) -> tuple[str, bool]:
         """Add one token; returns (the complete new output text, whether a stop string hit).
 
-        On a hit the text is cut before the stop string (OpenAI and vLLM semantics).
-        `check_stop` False (a request below its min_tokens): no stop string is looked for in
-        this token's text, as vLLM does."""
+        On a hit the text is cut before the stop string (OpenAI and vLLM semantics), or after
+        it with include_stop. `check_stop` False (a request below its min_tokens): no stop
+        string is looked for in this token's text, as vLLM does. `stop_token`: the token ends
+        the request (EOS, stop_token_ids): its text is written only with include_stop, and
+        no stop string is looked for in it (vLLM's)."""
+        if stop_token and not self.include_stop:
+            return text_so_far, False
         self.ids.append(token_id)
         dec = self.decode
         before = dec(self.ids[self.prefix:self.read])
         now = dec(self.ids[self.prefix:])
         if len(now) <= len(before) or now.endswith("\ufffd"):
+            self._after_added = False
             return text_so_far, False
         self.prefix, self.read = self.read, len(self.ids)
-        return self._add(text_so_far, now[len(before):], check_stop)
+        delta = now[len(before):]
+        if self._added is not None:
+            added = self._added.get(token_id)
+            if added is not None and self._after_added:
+                delta = added
+            self._after_added = added is not None
+        return self._add(text_so_far, delta, check_stop and not stop_token)
 
     def flush(self, text_so_far: str, check_stop: bool = True) -> tuple[str, bool]:
         """The output text once no token follows (the request finished): with the text push
@@ -134,10 +170,13 @@ class IncrementalDetokenizer:
         return self._add(text_so_far, now[len(before):], check_stop)
 
     def _add(self, text_so_far: str, delta: str, check_stop: bool) -> tuple[str, bool]:
+        """A stop string counts where it reaches into `delta` (vLLM's window); the one that
+        starts first wins, the first listed among those starting at the same place."""
         text = text_so_far + delta
         if self.stop and check_stop:
-            start = max(0, len(text_so_far) - self._max_stop + 1)
-            hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+            hits = [(i, n) for n, s in enumerate(self.stop)
+                    if (i := text.find(s, max(0, len(text_so_far) - len(s) + 1))) >= 0]
             if hits:
-                return text[:min(hits)], True
+                at, n = min(hits)
+                return text[:at + len(self.stop[n]) if self.include_stop else at], True
         return text, False

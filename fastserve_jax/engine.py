@@ -108,7 +108,7 @@ class LLMEngine:
         self.eos_ids, self.sampling_defaults = eos_ids, dict(sampling_defaults or {})
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._decode = decoder(tokenizer)
+        self._decoders = {skip: decoder(tokenizer, skip) for skip in (True, False)}   # skip_special_tokens
         self._ids = itertools.count()
         self._last_scheduled: set[str] = set()      # ran in the latest iteration
         self.warmup_seconds = self.runner.warmup(self.warmup_mode, progress)
@@ -189,7 +189,7 @@ class LLMEngine:
         req = Request(rid, ids, params, time.monotonic() if arrival_time is None else arrival_time, prompt=text,
                       seed=seed, eos_token_ids=frozenset() if params.ignore_eos else self.eos_ids)
         self._requests[rid] = req
-        self._detok[rid] = IncrementalDetokenizer(self.tokenizer, ids, params.stop, self._decode)
+        self._detok[rid] = IncrementalDetokenizer.for_request(self.tokenizer, ids, params, self._decoders)
         self.scheduler.add(req)
         self.swap.on_arrival(req, req.arrival_time)
         return req
@@ -366,16 +366,14 @@ class LLMEngine:
             req.metrics.first_token_time = now
             self.stats.prompt_tokens += req.num_prompt_tokens     # its prefill is done (vLLM's count)
         sp = req.sampling
-        reason = None
-        if token in req.eos_token_ids or token in sp.stop_token_ids:
+        reason, stop_token = None, token in req.eos_token_ids or token in sp.stop_token_ids
+        # a stop token's text is written only with include_stop_str_in_output (detokenizer.py)
+        req.output_text, hit = self._detok[req.request_id].push(
+            token, req.output_text, len(req.output_token_ids) >= sp.min_tokens, stop_token)
+        if stop_token or hit:
             reason = "stop"
-        else:
-            req.output_text, hit = self._detok[req.request_id].push(
-                token, req.output_text, len(req.output_token_ids) >= sp.min_tokens)
-            if hit:
-                reason = "stop"
-            elif len(req.output_token_ids) >= sp.max_tokens or req.num_known_tokens >= self.cfg.max_model_len:
-                reason = "length"
+        elif len(req.output_token_ids) >= sp.max_tokens or req.num_known_tokens >= self.cfg.max_model_len:
+            reason = "length"
         if reason is not None:
             self._finish(req, reason, now)
 

@@ -1,4 +1,5 @@
-"""The Python batch API, with vLLM's names: `LLM(...).generate(prompts, sampling_params)`."""
+"""The Python batch API, with vLLM's names: `LLM(...).generate(prompts, sampling_params)` and
+`LLM(...).chat(messages, sampling_params)`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 import numpy as np
 from typing import Sequence
 
+from fastserve_jax.chat_template import ChatOptions, conversations, render_chat
 from fastserve_jax.config import EngineConfig
 from fastserve_jax.sampling_params import SamplingParams
 from fastserve_jax.cost_profile import refine_profile
@@ -116,6 +118,31 @@ class LLM:
                               for j, o in enumerate(rest, 1)]
             out.append(first)
         return out
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False, *,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """vLLM's: one conversation (a list of {"role", "content"} dicts) or a list of them, each
+        rendered by the tokenizer's chat template as the server renders /v1/chat/completions
+        (fastserve_jax/chat_template.py), then generated as `generate` does; one output per
+        conversation, whose `prompt` is the rendered text. add_generation_prompt opens the
+        assistant's turn; continue_final_message (with add_generation_prompt=False) leaves the
+        final message open for the model to continue; chat_template_kwargs are extra template
+        variables (e.g. {"enable_thinking": False}). Bad input raises ValueError before any
+        conversation is queued."""
+        options = ChatOptions(add_generation_prompt, continue_final_message, chat_template_kwargs)
+        convs = conversations(messages)
+        rendered = []
+        for i, conv in enumerate(convs):
+            try:
+                rendered.append(render_chat(self.tokenizer, conv, options))
+            except ValueError as e:
+                raise ValueError(f"conversation {i}: {e}" if len(convs) > 1 else str(e)) from None
+        outs = self.generate([ids for _, ids in rendered], sampling_params, use_tqdm)
+        for out, (text, _) in zip(outs, rendered):
+            out.prompt = text
+        return outs
 
     def _run(self, prompts: list, runs: list[list[SamplingParams]]) -> list[list[Request]]:
         """Queue the requests and step until all are done. Interrupted (KeyboardInterrupt,

@@ -54,6 +54,10 @@ class SamplingParams:
     not checked. prompt_logprobs (vLLM's): the logprob of each prompt token given the tokens
     before it, with the top-k alternatives (k = prompt_logprobs), in the output's
     `prompt_logprobs`: one entry per prompt token, the first None (nothing precedes it).
+    Output text (vLLM's, fastserve_jax/detokenizer.py): skip_special_tokens drops special
+    tokens' text; spaces_between_special_tokens=False writes a special token right after
+    another without the space a decoder may put between them; include_stop_str_in_output keeps
+    the matched stop string (and the text of a stop token or EOS) at the end of the text.
     """
 
     max_tokens: int = 16
@@ -71,6 +75,9 @@ class SamplingParams:
     min_tokens: int = 0
     logit_bias: dict[int, float] | None = None
     prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "n"):
@@ -101,8 +108,10 @@ class SamplingParams:
         if not all(isinstance(s, str) and s for s in stops):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         object.__setattr__(self, "stop", list(stops))
-        if not isinstance(self.ignore_eos, bool):         # "no" would be true, and ignore EOS
-            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
+                     "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):         # "no" would be true
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         ids = self.stop_token_ids or []
         if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
             raise ValueError(f"stop_token_ids must be a list of non-negative token ids, got {self.stop_token_ids!r}")

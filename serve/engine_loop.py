@@ -287,7 +287,8 @@ class EngineLoop:
             except ValueError as e:   # validated at the boundary, so only a race (e.g. duplicate id)
                 failed.append((rid, index, Delta("", [], None, error=str(e))))
                 continue
-            hold = max((len(s) for s in params.stop), default=1) - 1
+            # text that may begin a stop string waits, unless a matched stop string stays in the text
+            hold = 0 if params.include_stop_str_in_output else max((len(s) for s in params.stop), default=1) - 1
             self._tracked[rid] = _Tracked(req, index, hold, time.monotonic() - arrival)
         if failed:
             self.emit(("deltas", failed))

@@ -56,15 +56,18 @@ class Formatter:
     """Builds the JSON of one request's responses (ids and timestamps fixed per request)."""
 
     def __init__(self, chat: bool, model: str, tokenizer, logprobs: int | None, echo: list[str] | None = None,
-                 usage_prompt_tokens: list[int] | None = None, echo_ids: list[list[int]] | None = None) -> None:
+                 usage_prompt_tokens: list[int] | None = None, echo_ids: list[list[int]] | None = None,
+                 skip_special_tokens: bool = True) -> None:
         """echo: per choice, the text written before its first text (completions);
         usage_prompt_tokens: per choice, its prompt's tokens, to put usage on every chunk;
         echo_ids: per choice, its prompt's token ids, whose logprobs come before the generated
-        tokens' (completions with echo and logprobs)."""
+        tokens' (completions with echo and logprobs); skip_special_tokens: the request's, whether
+        generated special tokens are left out of the text (text_offset then gives them no room)."""
         self.chat = chat
         self.model = model
         self.tokenizer = tokenizer
         self.logprobs = logprobs
+        self.skip_special_tokens = skip_special_tokens
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self._offset: dict[int, int] = {}     # completions logprobs: text offset per choice
@@ -86,7 +89,7 @@ class Formatter:
             echo = [t for t in texts for _ in range(job.n)]
         counts = [len(ids) for ids, _ in prepared] if job.continuous_usage else None
         echo_ids = [ids for ids, _ in prepared] if job.echo and job.logprobs is not None else None
-        fmt = cls(job.chat, model, tokenizer, job.logprobs, echo, counts, echo_ids)
+        fmt = cls(job.chat, model, tokenizer, job.logprobs, echo, counts, echo_ids, job.skip_special_tokens)
         fmt.prompt_only = job.prompt_only
         return fmt
 
@@ -124,13 +127,16 @@ class Formatter:
             ids = list(self._echo_ids[index]) + ids
         # text_offset: where the token's text starts in the choice's text. Counted on the tokens'
         # bytes, as the detokenizer writes them: the tokens of one character share its offset
-        # (each alone decodes to U+FFFD), and special tokens, skipped in the text, add nothing.
+        # (each alone decodes to U+FFFD), and special tokens, skipped in the text, add nothing: the
+        # prompt's always (echo writes the prompt as sent), the generated ones unless the request
+        # keeps them (skip_special_tokens false).
         offsets, at, raw = [], self._offset.get(index, 0), token_bytes(self.tokenizer)
         utf8 = self._utf8.setdefault(index, codecs.getincrementaldecoder("utf-8")("replace"))
         special = self._special()
-        for tid in ids:
+        for k, tid in enumerate(ids):
             offsets.append(at)
-            at += 0 if tid in special else len(utf8.decode(raw(tid)))
+            skipped = tid in special and (k < len(lead) or self.skip_special_tokens)
+            at += 0 if skipped else len(utf8.decode(raw(tid)))
         self._offset[index] = at
         entries = lead + lps
         return {"tokens": [self._token(t) for t in ids],

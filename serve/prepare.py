@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from jinja2 import TemplateError
-
+from fastserve_jax import chat_template
+from fastserve_jax.chat_template import ChatOptions, ChatTemplateError
 from fastserve_jax.config import SamplingParams
 from fastserve_jax.sampling_params import BIAS_SLOTS, bias_tokens
 
@@ -20,21 +20,13 @@ if TYPE_CHECKING:
     from fastserve_jax.engine import LLMEngine
 
 
-def render_chat(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of the conversation plus the assistant's turn, by the tokenizer's template.
-
-    Special tokens are added by the tokenizer (BOS) unless the template already wrote them."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise bad_request("this model's tokenizer has no chat template; use /v1/completions with a prompt",
-                          "messages")
+def render_chat(tokenizer, messages: list[dict], options: ChatOptions = ChatOptions()) -> list[int]:
+    """Token ids of the conversation by the tokenizer's template (by default with the
+    assistant's turn opened), as `LLM.chat` renders it (fastserve_jax/chat_template.py)."""
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except (TemplateError, ValueError, TypeError, KeyError) as e:   # the messages do not fit the template
-        raise bad_request(f"the model's chat template rejected the messages: {e}", "messages")
-    if not text:
-        raise bad_request("the messages render to an empty prompt; give some content", "messages")
-    bos = tokenizer.bos_token
-    return tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+        return chat_template.render_chat(tokenizer, messages, options)[1]
+    except ChatTemplateError as e:
+        raise bad_request(str(e), e.param)
 
 
 def _params(job: Job, max_tokens: int, seed: int | None, defaults: dict,
@@ -49,7 +41,10 @@ def _params(job: Job, max_tokens: int, seed: int | None, defaults: dict,
                               presence_penalty=job.presence_penalty, frequency_penalty=job.frequency_penalty,
                               ignore_eos=job.ignore_eos, stop_token_ids=list(job.stop_token_ids) or None,
                               min_tokens=job.min_tokens if min_tokens is None else min_tokens,
-                              logit_bias=job.logit_bias, prompt_logprobs=job.logprobs if job.echo else None)
+                              logit_bias=job.logit_bias, prompt_logprobs=job.logprobs if job.echo else None,
+                              skip_special_tokens=job.skip_special_tokens,
+                              spaces_between_special_tokens=job.spaces_between_special_tokens,
+                              include_stop_str_in_output=job.include_stop_str_in_output)
     except ValueError as e:
         raise bad_request(str(e))
 
@@ -80,7 +75,7 @@ def prepare(job: Job, eng: "LLMEngine | EngineInfo") -> tuple[list[tuple[list[in
     out, prompt_tokens = [], 0
     for i, prompt in enumerate(job.prompts):
         where = f"prompt {i}: " if len(job.prompts) > 1 else ""
-        src = render_chat(eng.tokenizer, prompt) if job.chat else prompt
+        src = render_chat(eng.tokenizer, prompt, job.chat_options) if job.chat else prompt
         try:
             _, ids = eng.validate(src, probe)
         except ValueError as e:

@@ -11,12 +11,22 @@ Extensions beyond OpenAI's parameters, as vLLM names them (both endpoints):
   policies do with it);
 - `ignore_eos` (bool): generate past the model's EOS tokens, until `max_tokens` or a stop;
 - `stop_token_ids` (at most 64 token ids, each below the vocabulary size): finish with
-  "stop" when one is sampled; like EOS, its text is not part of the output;
+  "stop" when one is sampled; like EOS, its text is not part of the output (unless
+  include_stop_str_in_output);
 - `min_tokens` (0 to max_tokens): until that many tokens are out, EOS and `stop_token_ids`
   cannot be sampled and stop strings are not looked for (vLLM's);
 - `stream_options.continuous_usage_stats` (with `include_usage`, as in vLLM; ignored
   without it): every chunk carries the usage of its choice so far (prompt tokens of that
   choice's prompt, completion tokens so far; 0 on chat's opening role chunk).
+
+Output text (vLLM's, both endpoints; SamplingParams and fastserve_jax/detokenizer.py say
+how): `skip_special_tokens` (default true), `spaces_between_special_tokens` (default true),
+`include_stop_str_in_output` (default false: a matched stop string is cut from the text).
+
+Chat rendering (vLLM's; fastserve_jax/chat_template.py): `add_generation_prompt` (default
+true), `continue_final_message` (default false; both true is a 400, as in vLLM) and
+`chat_template_kwargs` (an object of extra template variables, e.g. {"enable_thinking":
+false}; keys the renderer sets itself are a 400).
 
 `logit_bias` (OpenAI's): an object mapping token ids (as strings) to numbers in [-100, 100],
 added to those tokens' logits before sampling, at most MAX_LOGIT_BIAS of them; logprobs stay
@@ -43,6 +53,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
+from fastserve_jax.chat_template import ChatOptions, ChatTemplateError
 from fastserve_jax.config import MAX_LOGPROBS
 from fastserve_jax.sampling_params import MAX_LOGIT_BIAS
 
@@ -86,6 +97,10 @@ class Job:
     logit_bias: dict[int, float] | None = None      # token id -> bias
     limit_field: str = "max_tokens"  # the field that set max_tokens (chat: max_completion_tokens unless max_tokens)
     prompt_only: bool = False  # max_tokens 0 with echo: one token generated, the prompt alone answered
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    chat_options: ChatOptions = ChatOptions()    # chat: how the messages are rendered
 
 
 def _stop(body: dict) -> list[str]:
@@ -191,10 +206,12 @@ def _check_fields(body: dict, allowed: frozenset[str], endpoint: str, required: 
 
 _COMMON = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "presence_penalty",
                      "frequency_penalty", "user", "stream", "stream_options", "top_k", "priority", "logprobs",
-                     "ignore_eos", "stop_token_ids", "min_tokens", "best_of", "logit_bias", "response_format"})
+                     "ignore_eos", "stop_token_ids", "min_tokens", "best_of", "logit_bias", "response_format",
+                     "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output"})
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
-                         "parallel_tool_calls"}
+                         "parallel_tool_calls", "add_generation_prompt", "continue_final_message",
+                         "chat_template_kwargs"}
 
 
 def _common(body: dict, chat: bool, prompts: list[Any], max_tokens: int | None, logprobs: int | None,
@@ -213,7 +230,9 @@ def _common(body: dict, chat: bool, prompts: list[Any], max_tokens: int | None, 
         stream=stream, include_usage=include_usage, continuous_usage=continuous_usage,
         priority=_int(body, "priority", 0), user=_str(body, "user"), ignore_eos=_bool(body, "ignore_eos", False),
         stop_token_ids=_stop_token_ids(body), echo=echo, min_tokens=_int(body, "min_tokens", 0, 0),
-        logit_bias=_logit_bias(body))
+        logit_bias=_logit_bias(body), skip_special_tokens=_bool(body, "skip_special_tokens", True),
+        spaces_between_special_tokens=_bool(body, "spaces_between_special_tokens", True),
+        include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False))
 
 
 def _prompts(v: Any) -> list[Any]:
@@ -297,9 +316,18 @@ def parse_chat(body: dict) -> Job:
     if top is not None and not want:
         raise bad_request("'top_logprobs' needs \"logprobs\": true", "top_logprobs")
     _no_tools(body)
+    options = _chat_options(body)
     job = _common(body, True, [_messages(body["messages"])], max_tokens, (top or 0) if want else None)
     named = body.get("max_completion_tokens") is not None or body.get("max_tokens") is None   # the newer name
-    return replace(job, limit_field="max_completion_tokens") if named else job
+    return replace(job, chat_options=options, limit_field="max_completion_tokens" if named else job.limit_field)
+
+
+def _chat_options(body: dict) -> ChatOptions:
+    try:
+        return ChatOptions(_bool(body, "add_generation_prompt", True), _bool(body, "continue_final_message", False),
+                           body.get("chat_template_kwargs"))
+    except ChatTemplateError as e:
+        raise bad_request(str(e), e.param)
 
 
 def _no_tools(body: dict) -> None:

@@ -46,6 +46,27 @@ def test_stop_strings_and_max_tokens(demo_llm):
     assert eos.text.startswith(" 1 2") and len(eos.token_ids) == 6 and eos.finish_reason == "length"
 
 
+def test_chat_renders_with_the_tokenizers_template(demo_llm):
+    """LLM.chat (vLLM's): one conversation or a list, rendered as the server renders them; the
+    output's prompt is the rendered text; continue_final_message continues the last message."""
+    user = [{"role": "user", "content": demo_task.make_prompt(3, 9)}]
+    greedy = SamplingParams(max_tokens=20, temperature=0)
+    [one] = demo_llm.chat(user, greedy)
+    assert one.text == demo_task.expected_answer(3, 9) and one.prompt == demo_task.make_prompt(3, 9)
+    assert one.prompt_token_ids == demo_llm.tokenizer.encode(one.prompt)
+    started = user + [{"role": "assistant", "content": " 3 4"}]
+    outs = demo_llm.chat([user, started], greedy, add_generation_prompt=False, continue_final_message=True,
+                         chat_template_kwargs={"enable_thinking": False})
+    assert [o.text for o in outs] == [demo_task.expected_answer(3, 9), " 5 6 7 8 9"]
+    for kw, message in ((dict(continue_final_message=True), "cannot both be true"),
+                        (dict(chat_template_kwargs={"tokenize": True}), "may not set"),
+                        (dict(add_generation_prompt=None), "True or False")):
+        with pytest.raises(ValueError, match=message):
+            demo_llm.chat(user, greedy, **kw)
+    with pytest.raises(ValueError, match="conversation 1"):
+        demo_llm.chat([user, [{"content": "no role"}]], greedy)
+
+
 def test_demo_parity_with_transformers():
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer

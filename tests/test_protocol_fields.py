@@ -43,6 +43,19 @@ def test_vllm_benchmark_payloads_and_default_valued_fields_parse():
                        "tools": [], "tool_choice": "none", "parallel_tool_calls": False, "logit_bias": None,
                        "min_tokens": None, "best_of": None})
     assert chat.prompts[0][1] == {"role": "assistant", "content": ""}
+    # vLLM's output and chat-template fields, at their defaults and not
+    defaults = {"skip_special_tokens": True, "spaces_between_special_tokens": True, "include_stop_str_in_output": False}
+    assert parse_completion(dict(defaults, prompt="x")) == parse_completion({"prompt": "x"})
+    job = parse_chat(dict(defaults, messages=USER, add_generation_prompt=True, continue_final_message=False,
+                          chat_template_kwargs=None))
+    assert job == parse_chat({"messages": USER})
+    job = parse_chat({"messages": USER, "add_generation_prompt": False, "continue_final_message": True,
+                      "chat_template_kwargs": {"enable_thinking": False}, "skip_special_tokens": False,
+                      "include_stop_str_in_output": True, "spaces_between_special_tokens": False})
+    assert job.chat_options.continue_final_message and not job.chat_options.add_generation_prompt
+    assert job.chat_options.template_kwargs == {"enable_thinking": False}
+    assert (job.skip_special_tokens, job.spaces_between_special_tokens, job.include_stop_str_in_output) == \
+        (False, False, True)
 
 
 REJECTED = [
@@ -66,18 +79,28 @@ REJECTED = [
      "continuous_usage_stats", "true or false"),
     ({"stream": True, "stream_options": {"other": True}}, "stream_options", "continuous_usage_stats"),
     ({"frobnicate": 1}, "frobnicate", "unknown or unsupported field(s) ['frobnicate']"),
+    ({"skip_special_tokens": "false"}, "skip_special_tokens", "true or false"),
+    ({"spaces_between_special_tokens": 0}, "spaces_between_special_tokens", "true or false"),
+    ({"include_stop_str_in_output": 1}, "include_stop_str_in_output", "true or false"),
 ]
 REJECTED_COMPLETION = [
     ({"echo": True, "logprobs": 21}, "logprobs", "must be in [0, 20]"),
     ({"max_tokens": 0}, "max_tokens", "must be in [1, inf]"),           # 0 only with echo
     ({"echo": True, "max_tokens": 0, "min_tokens": 1}, "min_tokens", "must be 0 with 'max_tokens' 0"),
     ({"suffix": "end"}, "suffix", "not supported"),
+    ({"add_generation_prompt": False}, "add_generation_prompt", "unknown or unsupported field(s)"),
+    ({"chat_template_kwargs": {}}, "chat_template_kwargs", "unknown or unsupported field(s)"),
     ({"tools": []}, "tools", "unknown or unsupported field(s) ['tools']"),
 ]
 REJECTED_CHAT = [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "no tool (function) calling"),
     ({"tool_choice": "auto"}, "tool_choice", 'only "none" or null'),
     ({"parallel_tool_calls": "no"}, "parallel_tool_calls", "true or false"),
+    ({"continue_final_message": True}, "continue_final_message", "cannot both be true"),
+    ({"add_generation_prompt": "no"}, "add_generation_prompt", "true or false"),
+    ({"chat_template_kwargs": "enable_thinking=false"}, "chat_template_kwargs", "must be an object"),
+    ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs", "may not set"),
+    ({"chat_template_kwargs": {"tokenize": True, "messages": []}}, "chat_template_kwargs", "['messages', 'tokenize']"),
     ({"echo": True}, "echo", "unknown or unsupported field(s) ['echo']"),
     ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "c"}]}]}, "messages",
      "tool_calls must be [] or null"),
@@ -292,3 +315,86 @@ def test_a_kv_pool_smaller_than_the_context_bounds_chats_default_max_tokens():
     assert len(ids) + params.max_tokens == 99 * 16
     with pytest.raises(APIError, match="this server's context limit .* is 1584 tokens"):
         prepare(parse_completion({"prompt": "count from 3 to 12:", "max_tokens": 1600}), info)
+
+
+def _text(chunks: list[dict], chat: bool) -> str:
+    """A stream's text (chunks before the usage chunk, one choice)."""
+    return "".join(c["choices"][0]["delta"].get("content", "") if chat else c["choices"][0]["text"]
+                   for c in chunks if c["choices"])
+
+
+def _both(live, path: str, body: dict) -> dict:
+    """The whole response, checked equal in text and finish reason to the same request streamed."""
+    chat = path.endswith("chat/completions")
+    status, out = _post(live, path, body)
+    assert status == 200, out
+    _, chunks = _post(live, path, dict(body, stream=True))
+    choice = out["choices"][0]
+    assert _text(chunks, chat) == (choice["message"]["content"] if chat else choice["text"])
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == choice["finish_reason"]
+    return choice
+
+
+def test_include_stop_str_in_output_whole_and_streamed(live):
+    """The matched stop string stays (vLLM's include_stop_str_in_output), as does the text of a
+    stop token or EOS; the default cuts them. Streamed, nothing is held back for stop strings."""
+    tok = live.state.engine.engine.tokenizer
+    [seven] = tok.encode(" 7", add_special_tokens=False)
+    body = {"prompt": demo_task.make_prompt(3, 12), "max_tokens": 20, "temperature": 0}
+    for extra, cut in ((dict(stop=[" 7", "9"]), " 3 4 5 6"), (dict(stop_token_ids=[seven]), " 3 4 5 6")):
+        assert _both(live, "/v1/completions", dict(body, **extra))["text"] == cut
+        c = _both(live, "/v1/completions", dict(body, include_stop_str_in_output=True, **extra))
+        assert c["text"] == cut + " 7" and c["finish_reason"] == "stop"
+    c = _both(live, "/v1/chat/completions", {"messages": USER, "temperature": 0, "stop": " 5",
+                                              "include_stop_str_in_output": True})
+    assert c["message"]["content"] == " 3 4 5"
+    answer = demo_task.expected_answer(3, 12)
+    eos = tok.eos_token
+    for skip, end in ((True, ""), (False, eos)):
+        c = _both(live, "/v1/completions", dict(body, include_stop_str_in_output=True, skip_special_tokens=skip))
+        assert c["text"] == answer + end and c["finish_reason"] == "stop"
+    c = _both(live, "/v1/completions", dict(body, skip_special_tokens=False))
+    assert c["text"] == answer                     # EOS ends the text without being part of it
+
+
+def test_skip_special_tokens_whole_and_streamed_with_logprobs(live):
+    """Special tokens the model samples (here forced by logit_bias) are in the text with
+    skip_special_tokens false, and text_offset counts them; spaces_between_special_tokens
+    changes nothing for the demo's byte-level tokenizer (no spaces between tokens)."""
+    tok = live.state.engine.engine.tokenizer
+    pad = tok.pad_token_id
+    body = {"prompt": demo_task.make_prompt(3, 12), "max_tokens": 3, "temperature": 0,
+            "logit_bias": {str(pad): 100}, "logprobs": 0}
+    assert _both(live, "/v1/completions", body)["text"] == ""
+    for spaces in (True, False):
+        c = _both(live, "/v1/completions", dict(body, skip_special_tokens=False, spaces_between_special_tokens=spaces))
+        assert c["text"] == tok.pad_token * 3 and c["logprobs"]["text_offset"] == [0, 5, 10]
+        chat = _both(live, "/v1/chat/completions", {"messages": USER, "max_tokens": 2, "temperature": 0,
+                                                    "logit_bias": {str(pad): 100}, "skip_special_tokens": False,
+                                                    "spaces_between_special_tokens": spaces})
+        assert chat["message"]["content"] == tok.pad_token * 2
+
+
+def test_chat_template_fields_whole_and_streamed(live):
+    """continue_final_message: the answer continues the final (assistant) message; a template
+    given chat_template_kwargs reads them; bad values are 400s naming the field."""
+    body = {"messages": USER + [{"role": "assistant", "content": " 3 4 5"}], "temperature": 0,
+            "add_generation_prompt": False, "continue_final_message": True}
+    assert _both(live, "/v1/chat/completions", body)["message"]["content"] == " 6 7 8 9 10 11 12"
+    assert _both(live, "/v1/chat/completions", {"messages": USER, "temperature": 0, "add_generation_prompt": False,
+                                                "chat_template_kwargs": {"enable_thinking": False}})[
+        "message"]["content"] == demo_task.expected_answer(3, 12)
+    tok = live.state.engine.engine.tokenizer
+    template = tok.chat_template
+    tok.chat_template = "{{ messages[0]['content'] }} to {{ upto | default(12) }}:"
+    try:
+        c = _both(live, "/v1/chat/completions", {"messages": [{"role": "user", "content": "count from 3"}],
+                                                 "temperature": 0, "chat_template_kwargs": {"upto": 6}})
+        assert c["message"]["content"] == " 3 4 5 6"
+    finally:
+        tok.chat_template = template
+    for extra, param in ((dict(add_generation_prompt=True), "continue_final_message"),
+                         (dict(chat_template_kwargs={"continue_final_message": False}), "chat_template_kwargs"),
+                         (dict(chat_template_kwargs=[]), "chat_template_kwargs")):
+        status, err = _post(live, "/v1/chat/completions", dict(body, **extra))
+        assert status == 400 and err["error"]["param"] == param, err

@@ -109,7 +109,7 @@ def _bare_engine(tok, prompt, params):
     eng.stats, eng.cfg, eng.predictor = EngineStats(), SimpleNamespace(max_model_len=64), None
     eng.scheduler = eng.kv = eng.copies = eng.swap = _Nop()
     req = Request("r", prompt, params, 0.0, eos_token_ids=frozenset({tok.eos_token_id}))
-    eng._requests, eng._detok = {"r": req}, {"r": IncrementalDetokenizer(tok, prompt, params.stop)}
+    eng._requests, eng._detok = {"r": req}, {"r": IncrementalDetokenizer.for_request(tok, prompt, params)}
     return eng, req
 
 
@@ -143,19 +143,20 @@ def test_chat_logprob_bytes_hold_a_partial_characters_raw_bytes(demo):
     assert [c["top_logprobs"][0]["bytes"] for c in content] == [c["bytes"] for c in content]
 
 
-@pytest.mark.parametrize("streamed", [False, True])
-def test_text_offsets_index_into_the_returned_text(demo, streamed):
+@pytest.mark.parametrize("streamed,skip", [(False, True), (True, True), (False, False), (True, False)])
+def test_text_offsets_index_into_the_returned_text(demo, streamed, skip):
+    """Special tokens take no room in the text unless skip_special_tokens is false."""
     text = "é x🙂y" + demo.eos_token + "z"
     ids = demo(text, add_special_tokens=False)["input_ids"]
-    returned = demo.decode(ids, skip_special_tokens=True)
+    returned = demo.decode(ids, skip_special_tokens=skip)
     lps = [TokenLogprobs(t, -0.5, {}) for t in ids]
-    fmt = Formatter(False, "demo", demo, 0)
+    fmt = Formatter(False, "demo", demo, 0, skip_special_tokens=skip)
     parts = [fmt._logprobs(0, [lp]) for lp in lps] if streamed else [fmt._logprobs(0, lps)]
     offsets = [o for p in parts for o in p["text_offset"]]
     tokens = [t for p in parts for t in p["tokens"]]
     assert len(offsets) == len(ids) and offsets == sorted(offsets)
     for off, tid, tok_text in zip(offsets, ids, tokens):
-        if "\ufffd" not in tok_text and tid not in demo.all_special_ids:
+        if "\ufffd" not in tok_text and (tid not in demo.all_special_ids or not skip):
             assert returned[off:off + len(tok_text)] == tok_text
     assert offsets[-1] == returned.index("z")
 
@@ -178,3 +179,89 @@ def test_completions_top_logprobs_hold_the_sampled_token_as_openai_and_vllm_do(d
     assert top == [{name([a]): -2.0}, {name([b]): -0.1}, {name([c]): -3.0, name([a]): -0.2}]
     chat = Formatter(True, "demo", demo, 0)._logprobs(0, lps[:1])["content"]
     assert chat[0]["top_logprobs"] == []              # chat's top_logprobs: exactly top_logprobs of them
+
+
+# -- skip_special_tokens, spaces_between_special_tokens, include_stop_str_in_output (vLLM's) ----
+def test_special_tokens_stay_in_the_text_when_not_skipped(tok):
+    prompt = tok("count:")["input_ids"]
+    out = tok("ab", add_special_tokens=False)["input_ids"] + [tok.eos_token_id, tok.bos_token_id] + \
+        tok(" é🙂c", add_special_tokens=False)["input_ids"]
+    d, text = IncrementalDetokenizer(tok, prompt, [], skip_special_tokens=False), ""
+    for t in out:
+        text, _ = d.push(t, text)
+    text, _ = d.flush(text)
+    whole = tok.decode(prompt + out, skip_special_tokens=False)
+    assert text == whole[len(tok.decode(prompt, skip_special_tokens=False)):]
+    assert tok.eos_token + tok.bos_token in text
+    assert _stream(tok, prompt, out)[0] == text.replace(tok.eos_token + tok.bos_token, "")
+
+
+def _wordpiece():
+    """A WordPiece tokenizer (BERT's decoder joins tokens with spaces) with two special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordPiece(vocab={"[UNK]": 0, "hello": 1, "world": 2, "##s": 3}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece()
+    tk.add_special_tokens([AddedToken(t, special=True) for t in ("[A]", "[B]")])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.parametrize("skip,spaces,want", [(True, True, " worlds"), (False, True, " [A] [B] worlds"),
+                                              (False, False, " [A][B] worlds"), (True, False, " worlds")])
+def test_spaces_between_special_tokens_as_vllm_writes_them(skip, spaces, want):
+    """False: a special (added) token right after another is written without the space the
+    decoder puts before it (vLLM's fast detokenizer); it only matters where specials are kept."""
+    wp = _wordpiece()
+    ids = wp.encode("hello [A][B] worlds", add_special_tokens=False)
+    d, text = IncrementalDetokenizer(wp, ids[:1], [], skip_special_tokens=skip,
+                                     spaces_between_special_tokens=spaces), ""
+    for t in ids[1:]:
+        text, _ = d.push(t, text)
+    assert d.flush(text)[0] == want
+
+
+class _Pieces:
+    """Id i is PIECES[i]: tokens of several characters."""
+    PIECES = ["x", "ab", "cEN", "Dxy", "z"]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.PIECES[i] for i in ids)
+
+
+@pytest.mark.parametrize("include,want", [(False, "abc"), (True, "abcEND")])
+def test_include_stop_str_in_output_keeps_the_stop_string_and_cuts_after_it(include, want):
+    d = IncrementalDetokenizer(_Pieces(), [0], ["END"], include_stop=include)
+    assert d.push(1, "") == ("ab", False) and d.push(2, "ab") == ("abcEN", False)
+    assert d.push(3, "abcEN") == (want, True)            # "xy" after the stop string is cut either way
+
+
+def test_a_stop_string_is_found_where_it_reaches_into_the_new_text():
+    """vLLM's window, per stop string: a short stop wholly in text written under min_tokens
+    (not looked for then) does not end the request later; among stops at the same place the
+    first listed wins (with include_stop_str_in_output, its end is where the text is cut)."""
+    d = IncrementalDetokenizer(_Pieces(), [0], ["zzz", "x"])
+    text, hit = d.push(0, "", check_stop=False)
+    assert (text, hit) == ("x", False) and d.push(1, text) == ("xab", False)
+    for stops, want in ((["abcE", "abc"], "abcE"), (["abc", "abcE"], "abc")):
+        d = IncrementalDetokenizer(_Pieces(), [0], stops, include_stop=True)
+        assert d.push(1, "") == ("ab", False) and d.push(2, "ab") == (want, True)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_include_stop_str_in_output_writes_the_stop_tokens_text(demo, skip):
+    """As vLLM: EOS or a stop_token_ids token is detokenized only with include_stop_str_in_output
+    (EOS is a special token: visible with skip_special_tokens false)."""
+    from fastserve_jax.sampling_params import SamplingParams
+
+    prompt, ids = demo("count:")["input_ids"], demo(" 3 4", add_special_tokens=False)["input_ids"]
+    [seven] = demo(" 7", add_special_tokens=False)["input_ids"]
+    for stop, end in ((demo.eos_token_id, "" if skip else demo.eos_token), (seven, " 7")):
+        for include in (False, True):
+            params = SamplingParams(max_tokens=9, stop_token_ids=[seven], include_stop_str_in_output=include,
+                                    skip_special_tokens=skip)
+            eng, req = _bare_engine(demo, prompt, params)
+            for t in ids + [stop]:
+                eng._append(req, t, None, 0.0)
+            assert req.finish_reason == "stop" and req.output_text == " 3 4" + (end if include else "")

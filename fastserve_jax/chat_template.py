@@ -1,0 +1,98 @@
+"""Chat conversations to prompt token ids, by the tokenizer's own chat template: one code
+path for the server (serve/prepare.py, which turns a ChatTemplateError into a 400 naming its
+field) and `LLM.chat` (which raises it, a ValueError).
+
+ChatOptions are vLLM's chat fields: `add_generation_prompt` (open the assistant's turn),
+`continue_final_message` (leave the final message open, with no end of turn, for the model
+to continue it; the two cannot both be true) and `template_kwargs` (vLLM's
+chat_template_kwargs: extra variables for the template, e.g. Qwen3's enable_thinking).
+Template kwargs may not set what the renderer sets itself (RESERVED_KWARGS); vLLM lets them
+override it, we refuse with a message instead."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# apply_chat_template's own arguments, and the template variables it sets from them: a template
+# kwarg of one of these names would change how the prompt is rendered or what comes back
+RESERVED_KWARGS = frozenset({
+    "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+class ChatTemplateError(ValueError):
+    """A conversation or chat option the renderer refuses; `param` names the request field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """How a conversation is rendered (module docstring); validated at construction."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("add_generation_prompt", "continue_final_message"):
+            if not isinstance(getattr(self, name), bool):
+                raise ChatTemplateError(f"'{name}' must be True or False, got {getattr(self, name)!r}", name)
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ChatTemplateError(
+                "'add_generation_prompt' and 'continue_final_message' cannot both be true: the first opens a new "
+                "assistant turn, the second continues the final message; send add_generation_prompt false with "
+                "continue_final_message", "continue_final_message")
+        kw = {} if self.template_kwargs is None else self.template_kwargs
+        if not isinstance(kw, dict) or not all(isinstance(k, str) for k in kw):
+            raise ChatTemplateError("'chat_template_kwargs' must be an object of template variables (e.g. "
+                                    f"{{\"enable_thinking\": false}}), got {type(kw).__name__}", "chat_template_kwargs")
+        taken = sorted(RESERVED_KWARGS & set(kw))
+        if taken:
+            raise ChatTemplateError(
+                f"'chat_template_kwargs' may not set {taken if len(taken) > 1 else repr(taken[0])}: the renderer "
+                "sets those itself (add_generation_prompt and continue_final_message are fields of their own)",
+                "chat_template_kwargs")
+        object.__setattr__(self, "template_kwargs", dict(kw))
+
+
+def render_chat(tokenizer, messages: list[dict], options: ChatOptions = ChatOptions()) -> tuple[str, list[int]]:
+    """(prompt text, token ids) of one conversation by the tokenizer's template. Special tokens
+    are added by the tokenizer (BOS) unless the template already wrote them."""
+    from jinja2 import TemplateError      # here: protocol.py imports this module for ChatOptions alone
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError("this model's tokenizer has no chat template; send a prompt instead "
+                                "(/v1/completions, LLM.generate)", "messages")
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=options.add_generation_prompt,
+            continue_final_message=options.continue_final_message, **options.template_kwargs)
+    except (TemplateError, ValueError, TypeError, KeyError) as e:   # the messages do not fit the template
+        raise ChatTemplateError(f"the model's chat template rejected the messages: {e}", "messages") from None
+    if not text:
+        raise ChatTemplateError("the messages render to an empty prompt; give some content", "messages")
+    bos = tokenizer.bos_token
+    return text, tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+
+def conversations(messages) -> list[list[dict]]:
+    """`LLM.chat`'s first argument as a list of conversations: one conversation (a list of
+    {"role", "content", ...} dicts) or a list of them."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts (one conversation) "
+                         f"or a list of such lists, got {messages!r:.80}")
+    many = not isinstance(messages[0], dict)
+    convs = list(messages) if many else [messages]
+    for i, conv in enumerate(convs):
+        where = f"conversation {i}: " if many else ""
+        if not isinstance(conv, (list, tuple)) or not conv:
+            raise ValueError(f"conversation {i}: must be a non-empty list of {{'role', 'content'}} dicts")
+        for j, m in enumerate(conv):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ValueError(f"{where}message {j} must be a dict with a 'role' string, got {m!r:.80}")
+    return [list(c) for c in convs]
