@@ -46,6 +46,7 @@ scripts/bench_preemption.py calibrates a serving engine's against it. Tables com
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import os
 from dataclasses import MISSING, asdict, dataclass
@@ -189,9 +190,14 @@ class CostModel:
     def save(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"          # several processes may save the same profile
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.to_json(), f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):     # a full disk: leave no partial file behind
+                os.unlink(tmp)
+            raise
 
     @classmethod
     def from_json(cls, d: dict) -> "CostModel":

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import statistics
 import time
@@ -44,6 +45,8 @@ from fastserve_jax.config import SamplingParams
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import ScheduledRequest
+
+log = logging.getLogger(__name__)
 
 _VERSION = 3                     # 2: launch padding in the model; 3: packed prefill probes, reachable buckets only
 PROVISIONAL = "-provisional"     # name suffix of a model timed on a covering set's padded launches
@@ -212,7 +215,10 @@ def profile_engine(engine, cache_dir: str | None = None, repeats: int = 3, refre
     nothing is cached, and the name ends in PROVISIONAL."""
     path = _cache_path(engine, cache_dir)
     if path and not refresh and os.path.isfile(path):
-        return CostModel.load(path)
+        try:
+            return CostModel.load(path)
+        except (OSError, ValueError) as e:   # cut short, emptied, unreadable: measure again and replace it
+            log.warning("the cached cost profile is unreadable (%s); profiling again", e)
     if engine.has_unfinished():
         raise RuntimeError("profile the engine while it is idle (before adding requests, or after they finish): "
                            "profiling borrows free KV blocks and runs launches of its own")
@@ -222,7 +228,10 @@ def profile_engine(engine, cache_dir: str | None = None, repeats: int = 3, refre
                                    "padded to the shapes compiled so far, one run per point")
     cm = measure(engine, repeats, sparse=engine.warmup_mode != "full" and not engine.runner.fully_compiled())
     if path:
-        cm.save(path)
+        try:
+            cm.save(path)
+        except OSError as e:                 # a full disk or a read-only cache: the next start profiles again
+            log.warning("could not cache the cost profile at %s (%s); the next start profiles again", path, e)
     return cm
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import pathlib
 
 import pytest
@@ -220,3 +221,51 @@ def test_a_malformed_cost_model_file_is_a_value_error_naming_the_file(tmp_path, 
     with pytest.raises(ValueError, match="cost model file .*bad.json") as e:
         CostModel.load(str(path))
     assert says in str(e.value)
+
+
+def _idle_engine(**kw):
+    """What profile_engine reads of an engine, for the cache's tests (nothing is measured)."""
+    from types import SimpleNamespace
+
+    from fastserve_jax.config import EngineConfig
+
+    return SimpleNamespace(cfg=dataclasses.replace(EngineConfig(), **kw), model_cfg="m",
+                           kv=SimpleNamespace(num_blocks=100), warmup_mode="full", has_unfinished=lambda: False)
+
+
+def test_a_damaged_cached_profile_is_measured_again_and_replaced(tmp_path, monkeypatch, caplog):
+    """A cached profile that does not parse (zero bytes, cut short, another format) used to stop
+    the engine from starting (ValueError from CostModel.load): it is measured again, with a warning."""
+    from fastserve_jax import cost_profile
+
+    eng = _idle_engine()
+    measured = []
+    monkeypatch.setattr(cost_profile, "measure", lambda engine, repeats, sparse: measured.append(1) or T)
+    path = tmp_path / "cost_models" / f"{cost_profile.cost_cache_key(eng)}.json"
+    path.parent.mkdir()
+    for text in ("", '{"name": "t", "prefill_tok', '{"name": "t"}', "[]"):
+        path.write_text(text)
+        assert cost_profile.profile_engine(eng, cache_dir=str(tmp_path)) == T
+        assert CostModel.load(str(path)) == T and "profiling again" in caplog.text
+    assert len(measured) == 4
+    assert cost_profile.profile_engine(eng, cache_dir=str(tmp_path)) == T and len(measured) == 4
+
+
+def test_a_profile_that_cannot_be_cached_still_serves(tmp_path, monkeypatch, caplog):
+    """A cache directory that cannot be written (full disk, read-only, a file in the way) used to
+    stop the engine from starting with the OSError of CostModel.save; the profile is used
+    uncached, with a warning, and no temporary file is left."""
+    from fastserve_jax import cost_profile
+
+    monkeypatch.setattr(cost_profile, "measure", lambda engine, repeats, sparse: T)
+    (tmp_path / "cost_models").write_text("a file where the directory goes")
+    assert cost_profile.profile_engine(_idle_engine(), cache_dir=str(tmp_path)) == T
+    assert "could not cache" in caplog.text
+    (tmp_path / "cost_models").unlink()
+    (tmp_path / "cost_models").mkdir()
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(json, "dump", full)
+    assert cost_profile.profile_engine(_idle_engine(), cache_dir=str(tmp_path)) == T
+    assert os.listdir(tmp_path / "cost_models") == []
