@@ -103,3 +103,21 @@ assert not errors, errors
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_cache_that_cannot_be_written_still_lowers(cache_dir, monkeypatch, caplog):
+    """A full disk or a directory that cannot be written used to fail the compile (and with it
+    the engine's start) with the OSError of saving the program, leaving its temporary file; the
+    program is lowered anyway, with one warning for the process."""
+    monkeypatch.setattr(export_cache, "_warned_save", False)
+    cache_dir.write_text("a file in the way")
+    assert export_cache.lower(step, *_args(), name="t", scale=2.0).compile() is not None
+    cache_dir.unlink()
+    cache_dir.mkdir()
+
+    def full(*a):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(export_cache.os, "replace", full)
+    assert export_cache.lower(step, *_args(8), name="t", scale=2.0).compile() is not None
+    assert os.listdir(cache_dir) == []
+    assert caplog.text.count("could not save") == 1

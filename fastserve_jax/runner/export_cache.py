@@ -20,6 +20,7 @@ serialization needs, or with FASTSERVE_JAX_EXPORT_CACHE=off.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -125,12 +126,29 @@ def _load(path: str):
         return None
 
 
+_warned_save = False
+
+
 def _save(path: str, blob: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)                      # readers see the whole file or none
+    """Write the program where readers see the whole file or none. A cache that cannot be
+    written (a full disk, a read-only directory) only costs the next start a trace: warned
+    once per process, never raised."""
+    global _warned_save
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if not _warned_save:
+            _warned_save = True
+            log.warning("could not save traced programs in %s (%s); they are traced again at the next start",
+                        os.path.dirname(path), e)
 
 
 def lower(fn, *args, name: str, donate: tuple[int, ...] = (), **static) -> jax.stages.Lowered:
