@@ -22,7 +22,7 @@ import json
 import logging
 import os
 
-from fastserve_jax.runner.persistent_cache import beside_cache
+from fastserve_jax.runner.persistent_cache import beside_cache, save_state
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,11 @@ def save_lengths(engine) -> None:
     state = sched.learned_lengths()
     if not state["pooled"]:
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+    save_state(path, write, "the learned output lengths")
 
 
 def attach(engine, name: str) -> None:

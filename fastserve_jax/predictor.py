@@ -52,7 +52,7 @@ import optax
 
 from fastserve_jax.length_prediction import (BIN_EDGES, NUM_BINS, LengthPrediction, calibration, kendall_tau,
                                              length_to_bin)
-from fastserve_jax.runner.persistent_cache import beside_cache
+from fastserve_jax.runner.persistent_cache import beside_cache, save_state
 
 log = logging.getLogger(__name__)
 _FORMAT = 2
@@ -358,13 +358,14 @@ class LengthPredictor:
         if not self.path:
             return
         x, y, v = self._arrays()
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         params = {k: np.asarray(v) for k, v in jax.device_get(self._best if self._best is not None
                                                               else self._params).items()}
-        tmp = self.path + f".{os.getpid()}.tmp.npz"
-        np.savez(tmp, fmt=_FORMAT, dim=self.feature_dim, bins=NUM_BINS, seen=self.samples_seen, x=x, y=y, v=v,
-                 **{f"p_{k}": w for k, w in params.items()})
-        os.replace(tmp, self.path)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:          # a file object: np.savez would add ".npz" to a name
+                np.savez(f, fmt=_FORMAT, dim=self.feature_dim, bins=NUM_BINS, seen=self.samples_seen, x=x, y=y, v=v,
+                         **{f"p_{k}": w for k, w in params.items()})
+        save_state(self.path, write, "the length predictor")
 
     def _restore(self, path: str) -> None:
         try:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -247,3 +249,29 @@ def test_prometheus_exports_the_predictors_figures():
     text = generate_latest(reg).decode()
     assert "fastserve_predictor_samples_total 250.0" in text
     assert "fastserve_predictor_kendall_tau 0.42" in text and "fastserve_predictor_coverage_80 0.8" in text
+
+
+def test_learned_state_that_cannot_be_saved_is_warned_about_not_raised(tmp_path, monkeypatch, caplog):
+    """A full disk or a read-only state directory used to raise out of LLMEngine.close (serve's
+    shutdown) and set_scheduler, leaving a partial temporary file, and ended the predictor's
+    training thread at its periodic save; now each save warns and the engine goes on."""
+    import json
+    from types import SimpleNamespace
+
+    from fastserve_jax import policy_state
+
+    (tmp_path / "in-the-way").write_text("a file where the directory goes")
+    monkeypatch.setenv("FASTSERVE_JAX_LENGTHS_DIR", str(tmp_path / "in-the-way"))
+    sched = SimpleNamespace(learned_lengths=lambda: {"edges": [], "history": [[3, 5]], "pooled": [3, 5]})
+    engine = SimpleNamespace(scheduler=sched, model_cfg="m", cfg=SimpleNamespace(dtype="float32"), predictor=None)
+    policy_state.save(engine)
+    monkeypatch.setenv("FASTSERVE_JAX_LENGTHS_DIR", str(tmp_path / "lengths"))
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(json, "dump", full)
+    policy_state.save(engine)
+    assert os.listdir(tmp_path / "lengths") == []
+    p = LengthPredictor(4 + EXTRA, min_samples=10**9, train_every=10**9, path=str(tmp_path / "in-the-way" / "p.npz"))
+    p.close()
+    assert caplog.text.count("could not save") == 3, caplog.text

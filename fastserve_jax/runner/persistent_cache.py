@@ -13,11 +13,13 @@ whole.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
+from typing import Callable
 
 import jax
 
@@ -123,3 +125,21 @@ def beside_cache(kind: str, env: str, key: str, suffix: str) -> str | None:
     if not root or root == "off":
         return None
     return os.path.join(root, hashlib.sha256(key.encode()).hexdigest()[:24] + suffix)
+
+
+def save_state(path: str, write: Callable[[str], None], what: str) -> bool:
+    """Write state the engine learned to `path`: `write(tmp)` fills a temporary file beside it,
+    which is then renamed into place (readers, and processes saving at once, see a whole file).
+    A state directory that cannot be written (a full disk, read-only) only costs what a later
+    start would have restored: a warning naming `what`, no exception, no partial file left."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+        return True
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        log.warning("could not save %s at %s (%s); the next start begins without it", what, path, e)
+        return False
