@@ -100,3 +100,22 @@ def test_damaged_entries_are_judged_once_and_young_ones_are_left(tmp_path, monke
     assert pc.drop_damaged_entries(str(tmp_path)) == [] and reads == []   # the whole one is not read again
     assert pc.drop_damaged_entries(str(tmp_path), now=os.path.getmtime(tmp_path / "young-cut-cache") + 600) == []
     assert reads == [100]                                       # the young one, once settled (the fake finds it whole)
+
+
+def test_a_cache_directory_that_cannot_be_made_or_read_leaves_the_cache_off(tmp_path, monkeypatch, caplog):
+    """A compilation cache path that cannot be made (read-only file system, a file in the way)
+    or listed used to stop every start with the OSError of os.makedirs or os.scandir; the
+    engine now compiles without the cache, after one warning."""
+    import jax
+
+    from fastserve_jax.runner import persistent_cache as pc
+    (tmp_path / "file").write_text("in the way")
+    before = jax.config.jax_compilation_cache_dir
+    assert pc.enable_compilation_cache(str(tmp_path / "file" / "xla")) is None
+    assert jax.config.jax_compilation_cache_dir == before and "compiling without it" in caplog.text
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(pc.os, "scandir", unreadable)
+    assert pc.enable_compilation_cache(str(tmp_path / "xla")) is None
+    assert jax.config.jax_compilation_cache_dir == before and caplog.text.count("compiling without it") == 2

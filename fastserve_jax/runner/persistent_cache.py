@@ -39,8 +39,12 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     path = path or os.environ.get("FASTSERVE_JAX_COMPILE_CACHE") or os.path.join(default_cache_root(), "xla")
     if path == "off":
         return None
-    os.makedirs(path, exist_ok=True)
-    drop_damaged_entries(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        drop_damaged_entries(path)
+    except OSError as e:        # a read-only file system, a file in the way, a directory we may not list
+        log.warning("the compilation cache at %s is unusable (%s); compiling without it", path, e)
+        return None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
