@@ -69,18 +69,23 @@ def cache_key(path: str, dtype: str) -> str:
 
 
 def _fill_cache(ckpt: str, params: dict) -> None:
-    """Save params as the cache entry ckpt: written under a name of this process's own, then
+    """Save params as the cache entry ckpt: written in a directory of this process's own, then
     renamed into place, so processes filling the same entry at once never share a directory
-    (orbax's temporary name is the same for both) and the one that renames second keeps the first's."""
-    tmp = f"{ckpt}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+    (orbax's temporary name is the same for both) and the one that renames second keeps the
+    first's. Whatever the write leaves in that directory (orbax's temporary checkpoint after a
+    failed write) is removed with it. A failed write (orbax reports a full disk as a ValueError
+    from tensorstore, not an OSError) costs the next load a conversion, never this one."""
+    work = f"{ckpt}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+    entry = os.path.join(work, "entry")
     try:
-        save_params(tmp, params)
-        os.rename(tmp, ckpt)
-    except OSError as e:
+        save_params(entry, params)
+        os.rename(entry, ckpt)
+    except Exception as e:
         if not os.path.isdir(ckpt):
-            log.warning("could not cache converted params at %s (%s); the next load converts again", ckpt, e)
+            log.warning("could not cache converted params at %s (%s: %.300s); the next load converts again",
+                        ckpt, type(e).__name__, e)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def load_model(path: str, dtype: str = "float32", cache_dir: str | None = None,

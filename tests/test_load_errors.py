@@ -133,6 +133,24 @@ def test_two_processes_filling_one_cache_entry(tmp_path, cached, monkeypatch):
     assert np.array_equal(_embedding(cached(d)), want)
 
 
+def test_a_cache_that_orbax_cannot_write_still_loads(tmp_path, cached, monkeypatch, caplog):
+    """orbax reports a full disk as tensorstore's ValueError (RESOURCE_EXHAUSTED), not an
+    OSError: load_model let it out after converting, so the engine did not start, and the
+    `.orbax-checkpoint-tmp` directory it had half filled stayed in the cache, holding the space."""
+    import fastserve_jax.models.loader as loader
+
+    d = _checkpoint(tmp_path, "llama")
+
+    def full_disk(path, params, **k):
+        os.makedirs(path + ".orbax-checkpoint-tmp")        # where orbax was writing
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "layers/0.0" in OCDBT database: No space left on device')
+
+    monkeypatch.setattr(loader, "save_params", full_disk)
+    assert np.array_equal(_embedding(cached(d)), _embedding(load_model(d, cache_dir="")[2]))
+    assert "could not cache converted params" in caplog.text
+    assert os.listdir(tmp_path / "cache" / "params") == []
+
+
 def test_a_broken_tokenizer_fails_before_the_weights_load(tmp_path, monkeypatch):
     from fastserve_jax.config import EngineConfig
     from fastserve_jax.engine import LLMEngine
