@@ -121,3 +121,24 @@ def test_a_cache_that_cannot_be_written_still_lowers(cache_dir, monkeypatch, cap
     assert export_cache.lower(step, *_args(8), name="t", scale=2.0).compile() is not None
     assert os.listdir(cache_dir) == []
     assert caplog.text.count("could not save") == 1
+
+
+def test_a_program_exported_for_another_platform_is_traced_again(cache_dir, monkeypatch):
+    """One cache directory, two platforms (a GPU run, then JAX_PLATFORMS=cpu on the same host,
+    or a shared home): the sampler's and the swap copies' keys named no platform, so a program
+    exported for CUDA was read back on the CPU and its lowering failed ("exported for platforms
+    ('cuda',) but it is used on ('cpu',)"). The key now names the backend and device kind, and a
+    program for another platform is traced again and replaced."""
+    export_cache.lower(step, *_args(), name="t", scale=2.0)
+    (path,) = [cache_dir / f for f in os.listdir(cache_dir)]
+    cuda = export_cache.export.export(step, platforms=("cuda",))(*_args(), scale=2.0)
+    path.write_bytes(cuda.serialize())
+    assert export_cache.lower(step, *_args(), name="t", scale=2.0).compile() is not None
+    assert export_cache._load(str(path)).platforms == ("cpu",)
+    key = export_cache.cache_key("t", _args(), {})
+    monkeypatch.setattr(export_cache, "_device", lambda: "cuda/NVIDIA H100 80GB HBM3")
+    export_cache._digest.cache_clear()
+    try:
+        assert export_cache.cache_key("t", _args(), {}) != key
+    finally:
+        export_cache._digest.cache_clear()

@@ -9,9 +9,9 @@ keeps each program as a serialized `jax.export.Exported` and lowers a thin jit a
 Every executable goes through the exported form, cold starts too, so a program lowers to
 the same module (and the same persistent-cache key) whether it was traced now or read
 back. The key covers everything the trace depends on: the source of fastserve_jax (with
-its models and sharding), the jax/jaxlib/flax versions, the caller's name for the function and its
-static arguments, and the abstract arguments with their shardings. A file that fails to
-load is traced again and replaced.
+its models and sharding), the jax/jaxlib/flax versions, the backend and device kind, the
+caller's name for the function and its static arguments, and the abstract arguments with
+their shardings. A file that fails to load, or to lower here, is traced again and replaced.
 
 Off (plain `jit(...).lower`) when the compilation cache is off, with several processes
 (multi-host replays trace on each host), without the `flatbuffers` package that
@@ -76,11 +76,17 @@ def directory() -> str | None:
     return os.path.join(root, "fastserve_exported")
 
 
+def _device() -> str:
+    """The backend and device kind programs are exported for: a cache directory shared by a
+    GPU run and a CPU run (JAX_PLATFORMS=cpu, a shared home) keeps each one's programs apart."""
+    return f"{jax.default_backend()}/{jax.devices()[0].device_kind}"
+
+
 @functools.cache
 def _digest() -> str:
-    """The source of the packages a trace runs (fastserve_jax with its models and sharding)
-    and the versions that lower it."""
-    h = hashlib.sha256(_FORMAT.encode())
+    """The source of the packages a trace runs (fastserve_jax with its models and sharding),
+    the versions that lower it and the device it is for."""
+    h = hashlib.sha256(f"{_FORMAT}|{_device()}".encode())
     for pkg in ("fastserve_jax", "fastserve_jax.models", "fastserve_jax.sharding"):
         root = importlib.import_module(pkg).__path__[0]
         for dirpath, dirnames, files in os.walk(root):
@@ -161,10 +167,14 @@ def lower(fn, *args, name: str, donate: tuple[int, ...] = (), **static) -> jax.s
     _register_pytrees()
     path = os.path.join(root, cache_key(name, args, static) + ".bin")
     exp = _load(path)
-    if exp is None:
-        exp = export.export(fn, disabled_checks=DISABLED_CHECKS)(*args, **static)
-        discount_export()
-        _save(path, exp.serialize())
+    if exp is not None:
+        try:
+            return jax.jit(exp.call, donate_argnums=donate).lower(*args)
+        except ValueError as e:                # exported for another platform or device count
+            log.warning("ignoring exported program %s, which does not lower here: %.300s", path, e)
+    exp = export.export(fn, disabled_checks=DISABLED_CHECKS)(*args, **static)
+    discount_export()
+    _save(path, exp.serialize())
     return jax.jit(exp.call, donate_argnums=donate).lower(*args)
 
 
