@@ -55,12 +55,13 @@ class LLMEngine:
     into place) or anywhere (it is then moved into the layout). own_params: the engine may
     free the tree's arrays once it has its own per-layer copies (from_pretrained does).
     warmup: what compiles before the engine serves ("lazy", "background" or "full", see
-    runner/compiler.py; True means "full", False "lazy")."""
+    runner/compiler.py; True means "full", False "lazy"). weights_id: which weights these are
+    (models.loader.weights_id; from_pretrained's): what the policy learns is kept per model (policy_state.py)."""
 
     def __init__(self, model_cfg, params, tokenizer, cfg: EngineConfig, eos_ids: frozenset[int] = frozenset(),
                  warmup: str | bool = "lazy", progress=None, layout: ModelLayout | None = None,
                  mirror: Callable[[dict], None] | None = None, own_params: bool = False,
-                 sampling_defaults: dict | None = None) -> None:
+                 sampling_defaults: dict | None = None, weights_id: str = "") -> None:
         self.warmup_mode = resolve_warmup(warmup)     # "lazy" | "background" | "full" (runner/compiler.py)
         if cfg.max_model_len > model_cfg.max_position_embeddings:
             raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings="
@@ -69,7 +70,7 @@ class LLMEngine:
             raise ValueError(f"the model uses sliding-window attention (window {model_cfg.sliding_window}), which this "
                              f"engine does not implement; set max_model_len <= {model_cfg.sliding_window} so full "
                              "attention is exact")
-        self.model_cfg = model_cfg
+        self.model_cfg, self.weights_id = model_cfg, weights_id
         self.tokenizer = tokenizer
         self.cfg = cfg.resolve(sum(x.nbytes for x in jax.tree.leaves(params)), kv_block_bytes(model_cfg, cfg),
                                (layout.devices[0].platform if layout else jax.devices()[0].platform))
@@ -153,7 +154,7 @@ class LLMEngine:
         """Load a Hugging Face model directory (`model_cfg`: its ModelConfig, when read already)."""
         from fastserve_jax.models.config import ModelConfig
         from fastserve_jax.models.generation_config import sampling_defaults
-        from fastserve_jax.models.loader import load_model
+        from fastserve_jax.models.loader import load_model, weights_id
         from fastserve_jax.models.tokenizer import eos_ids, load_tokenizer
 
         model_cfg = model_cfg or ModelConfig.from_pretrained(model_path)
@@ -165,7 +166,7 @@ class LLMEngine:
         _, _, params = load_model(model_path, dtype=cfg.dtype, place=layout.abstract_params,
                                   cache_dir="" if jax.process_count() > 1 else None, cfg=model_cfg)
         return cls(model_cfg, params, tokenizer, cfg, eos_ids(model_path, model_cfg, tokenizer), layout=layout,
-                   own_params=True, sampling_defaults=defaults, **kwargs)
+                   own_params=True, sampling_defaults=defaults, weights_id=weights_id(model_path), **kwargs)
 
     # -- admission (the boundary: validate everything before anything is queued) -----------
     def validate(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:

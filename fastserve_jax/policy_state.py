@@ -4,7 +4,7 @@
   skip-join MLFQ learns to protect decodes (scheduler/skip_join.py): the window of finished
   lengths is written when the engine closes (serve's shutdown) or switches policy, and the
   next of these policies on the same model and dtype starts from it instead of cold. One
-  JSON file per model and dtype in `<cache>/lengths/`, or $FASTSERVE_JAX_LENGTHS_DIR
+  JSON file per model (config and weights) and dtype in `<cache>/lengths/`, or $FASTSERVE_JAX_LENGTHS_DIR
   ("off" keeps nothing). A torn or foreign file is ignored with a warning. The restored lengths
   are a prior: once as many of the new run's own requests have finished as a cold start
   learns from, they are dropped (scheduler/length_window.py), so traffic that changed is
@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 
 
 def lengths_path(engine) -> str | None:
-    """A file per model and dtype: the lengths a model writes depend on it, not on the policy."""
-    return beside_cache("lengths", "FASTSERVE_JAX_LENGTHS_DIR", f"{engine.model_cfg!r}/{engine.cfg.dtype}/1", ".json")
+    """A file per model (its config and weights: `LLMEngine.weights_id`) and dtype: the lengths
+    a model writes depend on it, not on the policy."""
+    return beside_cache("lengths", "FASTSERVE_JAX_LENGTHS_DIR",
+                        f"{engine.model_cfg!r}/{engine.weights_id}/{engine.cfg.dtype}/1", ".json")
 
 
 def save_lengths(engine) -> None:
@@ -62,7 +64,8 @@ def attach(engine, name: str) -> None:
     if (name == "predictive") != (engine.predictor is not None):
         from fastserve_jax.predictor import EXTRA, LengthPredictor, default_path
         engine.predictor = (LengthPredictor(2 * engine.model_cfg.hidden_size + EXTRA, warm=True,
-                                            path=default_path(engine.model_cfg, engine.cfg.dtype))
+                                            path=default_path(engine.model_cfg, engine.cfg.dtype,
+                                                                      engine.weights_id))
                             if name == "predictive" else engine.predictor.close())
 
 

@@ -388,7 +388,9 @@ class LengthPredictor:
             self._gate(x[v], y[v])
 
 
-def default_path(model_cfg, dtype: str) -> str | None:
-    """Where the predictor of this model is kept: $FASTSERVE_JAX_PREDICTOR_DIR, else beside the
-    compilation cache; None (not kept) when neither is set or the variable says "off"."""
-    return beside_cache("predictor", "FASTSERVE_JAX_PREDICTOR_DIR", f"{model_cfg!r}/{dtype}/{_FORMAT}", ".npz")
+def default_path(model_cfg, dtype: str, weights_id: str = "") -> str | None:
+    """Where the predictor of this model (config and weights: it reads their hidden states) is
+    kept: $FASTSERVE_JAX_PREDICTOR_DIR, else beside the compilation cache; None (not kept) when
+    neither is set or the variable says "off"."""
+    return beside_cache("predictor", "FASTSERVE_JAX_PREDICTOR_DIR", f"{model_cfg!r}/{weights_id}/{dtype}/{_FORMAT}",
+                        ".npz")

@@ -57,15 +57,29 @@ def cache_key(path: str, dtype: str) -> str:
     h = hashlib.sha256(f"v{_CACHE_VERSION}|{os.path.realpath(path)}|{jnp.dtype(dtype).name}".encode())
     with open(os.path.join(path, "config.json"), "rb") as f:
         h.update(f.read())
+    _hash_weights(h, path, mtime=True)
+    return h.hexdigest()[:32]
+
+
+def weights_id(path: str) -> str:
+    """Which weights a model directory holds, wherever it is and whenever copied: each weight
+    file's name and size, its first MiB and _SAMPLES blocks spread over it (as `cache_key`
+    reads them). What the engine learns about a model's outputs is kept under it
+    (policy_state.py): a fine-tune with its base model's config.json is another model."""
+    h = hashlib.sha256(b"weights")
+    _hash_weights(h, path, mtime=False)
+    return h.hexdigest()[:24]
+
+
+def _hash_weights(h, path: str, mtime: bool) -> None:
     for file in weight_files(path):
         st = os.stat(file)
-        h.update(f"|{os.path.basename(file)}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"|{os.path.basename(file)}:{st.st_size}{f':{st.st_mtime_ns}' if mtime else ''}".encode())
         with open(file, "rb") as f:
             h.update(f.read(1 << 20))
             for k in range(1, _SAMPLES + 1):
                 f.seek(st.st_size * k // (_SAMPLES + 1))
                 h.update(f.read(4096))
-    return h.hexdigest()[:32]
 
 
 def _fill_cache(ckpt: str, params: dict) -> None:

@@ -263,7 +263,8 @@ def test_learned_state_that_cannot_be_saved_is_warned_about_not_raised(tmp_path,
     (tmp_path / "in-the-way").write_text("a file where the directory goes")
     monkeypatch.setenv("FASTSERVE_JAX_LENGTHS_DIR", str(tmp_path / "in-the-way"))
     sched = SimpleNamespace(learned_lengths=lambda: {"edges": [], "history": [[3, 5]], "pooled": [3, 5]})
-    engine = SimpleNamespace(scheduler=sched, model_cfg="m", cfg=SimpleNamespace(dtype="float32"), predictor=None)
+    engine = SimpleNamespace(scheduler=sched, model_cfg="m", weights_id="w", cfg=SimpleNamespace(dtype="float32"),
+                             predictor=None)
     policy_state.save(engine)
     monkeypatch.setenv("FASTSERVE_JAX_LENGTHS_DIR", str(tmp_path / "lengths"))
 
@@ -275,3 +276,39 @@ def test_learned_state_that_cannot_be_saved_is_warned_about_not_raised(tmp_path,
     p = LengthPredictor(4 + EXTRA, min_samples=10**9, train_every=10**9, path=str(tmp_path / "in-the-way" / "p.npz"))
     p.close()
     assert caplog.text.count("could not save") == 3, caplog.text
+
+
+def test_learned_state_is_kept_per_model_not_per_architecture(tmp_path, monkeypatch):
+    """Two checkpoints with one config.json and other weights (a base model and its fine-tune):
+    the learned output lengths and the length predictor (a head over the model's hidden states)
+    were kept under the config and dtype alone, so the fine-tune started from the base model's.
+    They are now kept per weights too (the files' sizes and sampled bytes; a copy of the same
+    files keeps its state), and LLMEngine.from_pretrained hands the engine that identity."""
+    import shutil
+    from types import SimpleNamespace
+
+    from fastserve_jax import policy_state
+    from fastserve_jax.config import EngineConfig
+    from fastserve_jax.engine import LLMEngine
+    from fastserve_jax.models.config import ModelConfig
+    from fastserve_jax.models.loader import weights_id
+    from fastserve_jax.models.random_checkpoint import make_random_checkpoint
+    from fastserve_jax.predictor import default_path
+
+    base, tuned = (make_random_checkpoint(str(tmp_path / n), "llama", seed=s) for n, s in (("base", 0), ("tuned", 1)))
+    copy = shutil.copytree(base, tmp_path / "copy")
+    assert open(os.path.join(base, "config.json")).read() == open(os.path.join(tuned, "config.json")).read()
+    monkeypatch.setenv("FASTSERVE_JAX_LENGTHS_DIR", str(tmp_path / "lengths"))
+    monkeypatch.setenv("FASTSERVE_JAX_PREDICTOR_DIR", str(tmp_path / "predictor"))
+    cfg = ModelConfig.from_pretrained(base)
+
+    def paths(d):
+        eng = SimpleNamespace(model_cfg=cfg, cfg=SimpleNamespace(dtype="float32"), weights_id=weights_id(str(d)))
+        return policy_state.lengths_path(eng), default_path(cfg, "float32", eng.weights_id)
+
+    assert paths(base) != paths(tuned) and paths(base) == paths(copy)
+
+    class Handed(LLMEngine):
+        def __init__(self, *a, **k):
+            self.weights_id = k["weights_id"]
+    assert Handed.from_pretrained(tuned, EngineConfig(dtype="float32")).weights_id == weights_id(tuned)
