@@ -36,6 +36,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import platform
 import statistics
 import time
 
@@ -60,8 +61,26 @@ def cost_cache_key(engine) -> str:
     3.6x apart, and with them the starvation limits (docs/scheduling_log.md, 2026-12-03)."""
     cfg = dataclasses.replace(engine.cfg, seed=0, scheduler="fcfs", compilation_cache_dir=None, num_host_blocks=None,
                               swap_policy="proactive", swap_reserve_blocks=0, scheduler_config=None, cost_model=None)
-    text = f"v{_VERSION}|{engine.model_cfg!r}|{cfg!r}|{engine.kv.num_blocks}|{jax.devices()[0].device_kind}"
+    text = f"v{_VERSION}|{engine.model_cfg!r}|{cfg!r}|{engine.kv.num_blocks}|{_machine()}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _machine() -> str:
+    """What else the launches' times depend on: the device kind (on the CPU always 'cpu', so
+    also the processor and the cores this process may use), the jax and jaxlib versions, and
+    XLA_FLAGS. A cache shared by machines (a shared home, an image) or kept across a jax
+    upgrade profiles each anew."""
+    dev = jax.devices()[0]
+    text = f"{dev.device_kind}|{dev.client.platform_version}|jax {jax.__version__}|jaxlib {jax.lib.__version__}"
+    if dev.platform == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+        except OSError:
+            model = platform.processor()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        text += f"|{model}|{cores} cores"
+    return f"{text}|{os.environ.get('XLA_FLAGS', '')}"
 
 
 def _cache_path(engine, cache_dir: str | None) -> str | None:

@@ -269,3 +269,21 @@ def test_a_profile_that_cannot_be_cached_still_serves(tmp_path, monkeypatch, cap
     monkeypatch.setattr(json, "dump", full)
     assert cost_profile.profile_engine(_idle_engine(), cache_dir=str(tmp_path)) == T
     assert os.listdir(tmp_path / "cost_models") == []
+
+
+def test_the_profile_cache_key_names_the_machine_and_the_compiler(monkeypatch):
+    """On the CPU every device kind is 'cpu': a profile measured on a 2-core VM was loaded on
+    any other machine sharing the cache (a shared home, a cache baked into an image), and
+    after a jax upgrade or under other XLA flags. The key now names the processor and the
+    cores this process may use, the jax and jaxlib versions and XLA_FLAGS."""
+    from fastserve_jax import cost_profile
+
+    eng = _idle_engine()
+    base = cost_profile.cost_cache_key(eng)
+    monkeypatch.setattr(cost_profile.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert cost_profile.cost_cache_key(eng) != base
+    monkeypatch.undo()
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_fast_math=true")
+    assert cost_profile.cost_cache_key(eng) != base
+    monkeypatch.undo()
+    assert cost_profile.cost_cache_key(eng) == base
