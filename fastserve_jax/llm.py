@@ -36,7 +36,8 @@ class LLM:
 
     `generation_config`: "auto" (the default: sampling parameters a call leaves out, and a
     generate without sampling_params, take the model's generation_config.json temperature,
-    top_p and top_k, as vLLM's do) or "vllm" (neutral defaults); models/generation_config.py.
+    top_p, top_k, repetition_penalty and min_p, as vLLM's do) or "vllm" (neutral defaults);
+    models/generation_config.py.
 
     `warmup`: "lazy" (compile each shape the first time a batch needs it), "background"
     (enough to answer any request now, the rest on a thread) or "full" (everything first;
@@ -77,7 +78,8 @@ class LLM:
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What generate samples with when given no sampling_params: vLLM's defaults, with the
-        model's generation_config.json temperature, top_p and top_k (unless generation_config="vllm")."""
+        model's generation_config.json temperature, top_p, top_k, repetition_penalty and min_p
+        (unless generation_config="vllm")."""
         return SamplingParams(**self.engine.sampling_defaults)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],

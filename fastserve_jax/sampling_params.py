@@ -45,6 +45,12 @@ class SamplingParams:
     presence_penalty and frequency_penalty follow OpenAI: before sampling, the logit of each
     token t is lowered by frequency_penalty * (times t occurs in the output so far) +
     presence_penalty * (1 if it occurs at all); negative values favour repetition.
+    repetition_penalty (vLLM's and transformers'; > 0, 1 disables it): before those, the logit
+    of each token that occurs in the prompt or the output so far is divided by it when
+    positive and multiplied by it otherwise; above 1 discourages repetition, below favours it.
+    min_p (vLLM's; in [0, 1], 0 disables it): after temperature, tokens whose probability is
+    below min_p times the most likely token's are dropped, before top-k and top-p (vLLM's
+    order); greedy decoding ignores it.
     n: completions of the prompt (`LLM.generate` runs n requests, seeds seed, seed + 1, ...
     when a seed is given; the engine itself takes n = 1). A seed is any integer: one outside
     [0, 2**32) is hashed to the sampler's 32 bits (`sampler_seed`), so 0, 2**32 and -1 differ.
@@ -71,6 +77,8 @@ class SamplingParams:
     logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
     n: int = 1
     min_tokens: int = 0
     logit_bias: dict[int, float] | None = None
@@ -101,6 +109,12 @@ class SamplingParams:
             v = getattr(self, name)
             if not _is_number(v) or not -2.0 <= v <= 2.0:
                 raise ValueError(f"{name} must be a number in [-2, 2] (0 disables it), got {v!r}")
+        if not _is_number(self.repetition_penalty) or not math.isfinite(self.repetition_penalty) or \
+                self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 disables it), "
+                             f"got {self.repetition_penalty!r}")
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be a number in [0, 1] (0 disables it), got {self.min_p!r}")
         # a list or tuple only: an iterator would be used up by the check below (its stops lost),
         # a dict or set would pass its keys, a number would raise TypeError
         stops = [self.stop] if isinstance(self.stop, str) else self.stop if isinstance(self.stop, (list, tuple)) \
@@ -136,5 +150,5 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         """The sampler's penalties variant runs for it (sampling.Penalties)."""
-        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.logit_bias is not None or
-                self.min_tokens > 0)
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1 or
+                self.logit_bias is not None or self.min_tokens > 0)

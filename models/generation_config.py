@@ -1,13 +1,13 @@
 """The sampling defaults a checkpoint recommends in its generation_config.json, used where a
 request leaves a parameter out (vLLM's default, `generation_config="auto"`).
 
-Read: temperature, top_p and top_k. Not read, as in vLLM: do_sample (a file with
-temperature 0.6 and no do_sample samples at 0.6, where transformers would decode greedily)
-and max_new_tokens (vLLM turns it into a server-wide cap; here max_tokens keeps its own
-default). repetition_penalty and min_p, which vLLM would also apply, have no counterpart in
-this engine: a file that sets them is served without them, and the load says so.
-`generation_config="vllm"` (LLM's keyword, serve's --generation-config) ignores the file:
-vLLM's neutral defaults (temperature 1, no top-p, no top-k)."""
+Read: temperature, top_p, top_k, repetition_penalty and min_p, as vLLM reads them
+(Qwen2-Instruct's file sets repetition_penalty 1.05). Not read, as in vLLM: do_sample (a file
+with temperature 0.6 and no do_sample samples at 0.6, where transformers would decode
+greedily) and max_new_tokens (vLLM turns it into a server-wide cap; here max_tokens keeps its
+own default). `generation_config="vllm"` (LLM's keyword, serve's --generation-config) ignores
+the file: vLLM's neutral defaults (temperature 1, no top-p, no top-k, no repetition penalty,
+no min-p)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ import os
 
 log = logging.getLogger(__name__)
 
-SAMPLING_KEYS = ("temperature", "top_p", "top_k")
-_NOT_APPLIED = {"repetition_penalty": 1.0, "min_p": 0.0}     # what each is when it does nothing
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p")
 CHOICES = ("auto", "vllm")
 
 
@@ -42,12 +41,9 @@ def sampling_defaults(model_path: str, mode: str = "auto") -> dict:
     bad = [f"{k}={v!r}" for k, v in out.items() if not _valid(k, v)]
     if bad:
         raise ValueError(f"{path!r} recommends {', '.join(bad)}, which this engine cannot sample with (temperature "
-                         "a number >= 0, top_p in (0, 1], top_k an integer >= -1); fix the file, or pass "
-                         "generation_config='vllm' (--generation-config vllm) to ignore it")
-    ignored = {k: d[k] for k, off in _NOT_APPLIED.items() if d.get(k) not in (None, off)}
-    if ignored:
-        log.warning("%s recommends %s, which this engine does not implement; generating without", path,
-                    ", ".join(f"{k}={v}" for k, v in ignored.items()))
+                         "a number >= 0, top_p in (0, 1], top_k an integer >= -1, repetition_penalty a number > 0, "
+                         "min_p in [0, 1]); fix the file, or pass generation_config='vllm' (--generation-config "
+                         "vllm) to ignore it")
     if out:
         log.info("default sampling parameters from %s: %s (generation_config='vllm' ignores them)", path, out)
     return out
@@ -59,4 +55,8 @@ def _valid(name: str, v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= -1
     if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or v in (float("inf"), float("-inf")):
         return False
-    return v >= 0 if name == "temperature" else 0 < v <= 1
+    if name == "temperature":
+        return v >= 0
+    if name == "repetition_penalty":
+        return v > 0
+    return 0 <= v <= 1 if name == "min_p" else 0 < v <= 1

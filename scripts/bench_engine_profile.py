@@ -61,7 +61,7 @@ def profile_decode_parts(llm, batch: int, nb: int, rounds: int) -> dict:
                      np.broadcast_to(np.arange(nb, dtype=np.int32) * bs, (batch, nb)).copy())
     idx = np.arange(batch, dtype=np.int32)
     sa = SamplingArrays(np.zeros(batch, np.float32), np.zeros(batch, np.int32), np.ones(batch, np.float32),
-                        np.zeros(batch, np.uint32), np.zeros(batch, np.int32))
+                        np.zeros(batch, np.float32), np.zeros(batch, np.uint32), np.zeros(batch, np.int32))
 
     def forward():
         (logits, _), stage.cache = fwd(stage.params, stage.cache, tokens, attn, idx)

@@ -61,8 +61,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="cost model for the policy: a shipped name or JSON path (default: profile this engine)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
-                   help="auto (default, as vLLM): temperature, top_p and top_k that a request leaves out come from "
-                        "the model's generation_config.json; vllm: neutral defaults (temperature 1, no top-p/top-k)")
+                   help="auto (default, as vLLM): temperature, top_p, top_k, repetition_penalty and min_p that a request "
+                        "leaves out come from the model's generation_config.json; vllm: neutral defaults "
+                        "(temperature 1, no top-p/top-k/repetition penalty/min-p)")
     g.add_argument("--warmup", default=None, choices=["lazy", "background", "full"],
                    help="what compiles before serving: lazy = each shape when a batch first needs it (generate's "
                         "default); background = enough to answer any request, then the rest on a thread while "

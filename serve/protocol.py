@@ -7,6 +7,8 @@ unknown fields, and return a `Job`. Each error names the field and the accepted 
 Extensions beyond OpenAI's parameters, as vLLM names them (both endpoints):
 
 - `top_k` (-1 disables it);
+- `repetition_penalty` (> 0, 1 disables it) and `min_p` (in [0, 1], 0 disables it), with
+  SamplingParams' semantics; left out, the model's generation_config.json value or neutral;
 - `priority` (an integer, accepted and passed along; see serve/app.py for what the
   policies do with it);
 - `ignore_eos` (bool): generate past the model's EOS tokens, until `max_tokens` or a stop;
@@ -50,6 +52,7 @@ Chat messages may be an assistant's with `content: null` (read as "") and
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -80,6 +83,8 @@ class Job:
     temperature: float | None       # None (left out): the model's default, else vLLM's (serve/prepare.py)
     top_p: float | None
     top_k: int | None
+    repetition_penalty: float | None    # None: the model's default (serve/prepare.py), else 1
+    min_p: float | None
     stop: list[str]
     seed: int | None
     logprobs: int | None            # top alternatives per token, None = no logprobs
@@ -148,6 +153,13 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
     return out or None
 
 
+def _repetition_penalty(body: dict) -> float | None:
+    v = _num(body, "repetition_penalty", None, -math.inf, math.inf)
+    if v is not None and v <= 0:
+        raise bad_request(f"'repetition_penalty' must be a number > 0 (1 disables it), got {v}", "repetition_penalty")
+    return v
+
+
 _STREAM_OPTIONS = ("include_usage", "continuous_usage_stats")
 
 
@@ -207,7 +219,8 @@ def _check_fields(body: dict, allowed: frozenset[str], endpoint: str, required: 
 _COMMON = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "presence_penalty",
                      "frequency_penalty", "user", "stream", "stream_options", "top_k", "priority", "logprobs",
                      "ignore_eos", "stop_token_ids", "min_tokens", "best_of", "logit_bias", "response_format",
-                     "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output"})
+                     "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
+                     "repetition_penalty", "min_p"})
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
                          "parallel_tool_calls", "add_generation_prompt", "continue_final_message",
@@ -224,6 +237,8 @@ def _common(body: dict, chat: bool, prompts: list[Any], max_tokens: int | None, 
         chat=chat, model=_str(body, "model"), prompts=prompts, n=n,
         max_tokens=max_tokens, temperature=_num(body, "temperature", None, 0.0, 2.0),
         top_p=_num(body, "top_p", None, 0.0, 1.0, lo_open=True), top_k=_int(body, "top_k", None, -1),
+        repetition_penalty=_repetition_penalty(body),
+        min_p=_num(body, "min_p", None, 0.0, 1.0),
         stop=_stop(body), seed=_int(body, "seed", None, -2 ** 63, 2 ** 64 - 1), logprobs=logprobs,
         presence_penalty=_num(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_num(body, "frequency_penalty", 0.0, -2.0, 2.0),

@@ -26,9 +26,9 @@ def _params(n, seed):
         kind = i % 5
         kw = dict(max_tokens=int(rng.integers(1, 50)), ignore_eos=True)
         if kind == 1:
-            kw.update(temperature=0.8, top_p=0.9, seed=int(rng.integers(1 << 30)))
+            kw.update(temperature=0.8, top_p=0.9, min_p=0.05, seed=int(rng.integers(1 << 30)))
         elif kind == 2:
-            kw.update(temperature=0, presence_penalty=0.5, frequency_penalty=0.3)
+            kw.update(temperature=0, presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.2)
         elif kind == 3:
             kw.update(temperature=0, logprobs=2)
         elif kind == 4:

@@ -7,6 +7,7 @@ batch, on bucket padding or on chunked prefill, and they equal `transformers` ge
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -66,6 +67,22 @@ def test_prefill_rows_gather_only_their_sequences_blocks(llm, tiny_checkpoints):
             assert set(b.block_seg[row][b.block_seg[row] >= 0].tolist()) <= mine
         fewer.append(int((b.block_seg >= 0).sum(axis=1).max()) < len(set(b.block_ids[b.block_seg >= 0].tolist())))
     assert any(fewer)
+
+
+def test_greedy_with_a_repetition_penalty_matches_transformers(llm, tiny_checkpoints):
+    """transformers' generate with repetition_penalty (over the prompt and the output) gives
+    the engine's greedy tokens, beside a plain row and a min-p row in the same batches,
+    with the warmed-up executables only."""
+    prompts = random_prompts(2, 5, 90, seed=41)          # 90 tokens: a chunked prefill
+    rep = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, repetition_penalty=1.3)
+    minp = SamplingParams(max_tokens=16, temperature=0.9, min_p=0.2, seed=5, ignore_eos=True)
+    with CompileCounter() as cc:
+        outs = llm.generate(prompts + prompts[:1], [rep, GREEDY, minp])
+    assert cc.count == 0, f"{cc.count} compilations after warm-up"
+    path = tiny_checkpoints("llama")
+    assert outs[0].token_ids == hf_greedy(path, prompts[:1], 16, repetition_penalty=1.3)[0]
+    assert outs[1].token_ids == hf_greedy(path, prompts[1:], GREEDY.max_tokens)[0]
+    assert outs[0].token_ids != llm.generate(prompts[:1], dataclasses.replace(rep, repetition_penalty=1.0))[0].token_ids
 
 
 def test_seeded_sampling_is_batch_invariant(llm):

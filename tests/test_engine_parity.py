@@ -34,21 +34,26 @@ def test_greedy_matches_transformers(tiny_checkpoints, preset):
 def test_recompute_preemption_keeps_outputs_and_prompt_logprobs(tiny_checkpoints):
     """A pool too small for all sequences forces FCFS to drop and recompute KV. Half the
     requests ask for prompt logprobs: a recomputed prefill neither records them twice nor
-    changes them (fastserve_jax/prompt_logprobs.py)."""
+    changes them (fastserve_jax/prompt_logprobs.py). The last, seeded with a repetition
+    penalty (its history holds the prompt) and min-p, samples what it samples alone."""
     path = tiny_checkpoints("llama")
     kw = dict(ENGINE_KW, num_device_blocks=24, swap_policy="recompute")
     small = LLM(path, warmup=False, **kw)
     prompts = random_prompts(6, 20, 40, seed=9)
     sp = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=30, temperature=1.0, seed=11, repetition_penalty=1.5, min_p=0.02,
+                            ignore_eos=True)
     with pytest.raises(ValueError, match="KV blocks"):     # 200 tokens need 25 blocks; the pool has 23
         small.generate([[3] * 200], SamplingParams(max_tokens=5))
+    alone = small.generate(prompts[-1:], seeded)[0].token_ids
     reqs = [small.engine.add_request(p, dataclasses.replace(sp, prompt_logprobs=3) if i % 2 else sp)
-            for i, p in enumerate(prompts)]
+            for i, p in enumerate(prompts)] + [small.engine.add_request(prompts[-1], seeded)]
     while small.engine.has_unfinished():
         small.engine.step()
         small.engine.kv.check_integrity()
-    assert sum(r.num_preemptions for r in reqs[1::2]) > 0
+    assert sum(r.num_preemptions for r in reqs[1::2]) > 0 and reqs[-1].num_preemptions > 0
     got = [small.engine.output_of(r) for r in reqs]
+    assert got.pop().token_ids == alone
     assert [o.token_ids for o in got] == hf_greedy(path, prompts, 30)
     for o, p, ref in zip(got[1::2], prompts[1::2], hf_prompt_logprobs(path, prompts[1::2])):
         check_prompt_logprobs(o.prompt_logprobs, p, ref, 3)

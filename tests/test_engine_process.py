@@ -51,6 +51,17 @@ def test_serves_exact_answers_from_its_own_process(live):
     assert live.get("/health")[0] == 200
 
 
+def test_repetition_penalty_and_min_p_cross_to_the_engine_process(live):
+    """The demo model's counts: min_p 0.5 keeps only its sure tokens even at temperature 2
+    (without it, seed 1 there strays at once), and a repetition penalty of 3 on the prompt's
+    numbers moves it off the count."""
+    status, _, out = live.post("/v1/completions", dict(_counting(3, 12), temperature=2.0, seed=1, min_p=0.5))
+    assert status == 200 and out["choices"][0]["text"] == " 3 4 5 6 7 8 9 10 11 12"
+    status, _, out = live.post("/v1/chat/completions", dict(messages=[{"role": "user", "content": demo_task.make_prompt(
+        3, 12)}], max_tokens=6, temperature=0, repetition_penalty=3.0))
+    assert status == 200 and not out["choices"][0]["message"]["content"].startswith(" 3 4")
+
+
 def test_load_with_hang_ups_is_exact_and_frees_everything(live):
     # load_pairs(default_rng(7), 16, 4, tokenizer), fixed here: screening them (answerable)
     # compiles the demo model in this process, most of the test's time

@@ -5,7 +5,6 @@ generation_config="vllm" ignores them (models/generation_config.py)."""
 from __future__ import annotations
 
 import json
-import logging
 from types import SimpleNamespace
 
 import pytest
@@ -24,15 +23,17 @@ def _write(path, d) -> str:
     return str(path)
 
 
-def test_sampling_defaults_read_from_generation_config(tmp_path, caplog):
+def test_sampling_defaults_read_from_generation_config(tmp_path):
     assert sampling_defaults(str(tmp_path)) == {}                      # no file
     assert sampling_defaults(_write(tmp_path, LLAMA3)) == {"temperature": 0.6, "top_p": 0.9}
     assert sampling_defaults(str(tmp_path), "vllm") == {}
-    with caplog.at_level(logging.WARNING):
-        assert sampling_defaults(_write(tmp_path, QWEN2)) == {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
-    assert "repetition_penalty=1.05" in caplog.text                    # said, not silently dropped
+    assert sampling_defaults(_write(tmp_path, QWEN2)) == {"temperature": 0.7, "top_p": 0.8, "top_k": 20,
+                                                           "repetition_penalty": 1.05}       # applied, as vLLM does
+    assert sampling_defaults(_write(tmp_path, {"min_p": 0.05, "repetition_penalty": 1})) == \
+        {"min_p": 0.05, "repetition_penalty": 1}
     assert sampling_defaults(_write(tmp_path, {"eos_token_id": 2, "do_sample": False})) == {}   # the demo model's
-    for bad in ({"top_p": 0}, {"temperature": -1}, {"top_k": 2.5}, {"temperature": "0.6"}):
+    for bad in ({"top_p": 0}, {"temperature": -1}, {"top_k": 2.5}, {"temperature": "0.6"}, {"repetition_penalty": 0},
+                {"min_p": 1.5}):
         with pytest.raises(ValueError, match=f"generation_config.json' recommends {next(iter(bad))}="):
             sampling_defaults(_write(tmp_path, bad))
     with pytest.raises(ValueError, match="generation_config must be one of"):
@@ -50,26 +51,28 @@ def test_requests_take_the_models_defaults_for_the_fields_they_leave_out():
 
     tok = load_tokenizer(demo_model_path())
     info = EngineInfo(tok, EngineConfig(max_model_len=256), len(tok), 16, 99, False,
-                      sampling_defaults={"temperature": 0.7, "top_p": 0.8, "top_k": 20})
+                      sampling_defaults={"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,
+                                         "min_p": 0.1})
 
     def sampled(job):
         [(_, p)], _ = prepare(job, info)
-        return p.temperature, p.top_p, p.top_k
+        return p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.min_p
 
-    assert sampled(parse_completion({"prompt": "count from 3 to 12:"})) == (0.7, 0.8, 20)
-    assert sampled(parse_chat({"messages": [{"role": "user", "content": "count from 3 to 5:"}], "top_k": -1})) == \
-        (0.7, 0.8, -1)
-    assert sampled(parse_completion({"prompt": "count", "temperature": 0, "top_p": 1})) == (0.0, 1.0, 20)
+    assert sampled(parse_completion({"prompt": "count from 3 to 12:"})) == (0.7, 0.8, 20, 1.05, 0.1)
+    assert sampled(parse_chat({"messages": [{"role": "user", "content": "count from 3 to 5:"}], "top_k": -1,
+                               "repetition_penalty": 1.0})) == (0.7, 0.8, -1, 1.0, 0.1)
+    assert sampled(parse_completion({"prompt": "count", "temperature": 0, "top_p": 1, "min_p": 0})) == \
+        (0.0, 1.0, 20, 1.05, 0.0)
     info.sampling_defaults = {}
-    assert sampled(parse_completion({"prompt": "count"})) == (1.0, 1.0, -1)
+    assert sampled(parse_completion({"prompt": "count"})) == (1.0, 1.0, -1, 1.0, 0.0)
 
 
 def test_llm_default_sampling_params_are_the_models():
     from fastserve_jax import LLM, SamplingParams
 
     llm = LLM.__new__(LLM)
-    llm.engine = SimpleNamespace(sampling_defaults={"temperature": 0.6, "top_p": 0.9})
-    assert llm.get_default_sampling_params() == SamplingParams(temperature=0.6, top_p=0.9)
+    llm.engine = SimpleNamespace(sampling_defaults={"temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.05})
+    assert llm.get_default_sampling_params() == SamplingParams(temperature=0.6, top_p=0.9, repetition_penalty=1.05)
     with pytest.raises(ValueError, match="generation_config must be one of"):
         LLM(None, generation_config="model")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,21 +14,23 @@ import pytest
 from fastserve_jax import LLM, SamplingParams
 from fastserve_jax.runner.compile_guard import CompileCounter
 from engine_grids import SMALL_GRID
-from fastserve_jax.sampling import Penalties, SamplingArrays, apply_penalties, sample
+from fastserve_jax.sampling import Penalties, SamplingArrays, apply_penalties, sample, top_k_top_p
 
 
-def _arrays(n):
+def _arrays(n, min_p=0.0):
     return SamplingArrays(jnp.ones(n, jnp.float32), jnp.full(n, -1, jnp.int32), jnp.ones(n, jnp.float32),
-                          jnp.zeros(n, jnp.uint32), jnp.zeros(n, jnp.int32))
+                          jnp.full(n, min_p, jnp.float32), jnp.zeros(n, jnp.uint32), jnp.zeros(n, jnp.int32))
 
 
-def _pen(presence, frequency, history, bias: list[dict] | None = None) -> Penalties:
-    """Penalties from lists; `bias`: per row {token: bias}, padded to 3 slots with -1."""
+def _pen(presence, frequency, history, bias: list[dict] | None = None, repetition=None, out_start=None) -> Penalties:
+    """Penalties from lists; `bias`: per row {token: bias}, padded to 3 slots with -1;
+    repetition 1 and out_start 0 (no prompt tokens in the history) unless given."""
     n = len(presence)
     ids, vals = np.full((n, 3), -1, np.int32), np.zeros((n, 3), np.float32)
     for i, row in enumerate(bias or []):
         ids[i, :len(row)], vals[i, :len(row)] = list(row), list(row.values())
     return Penalties(jnp.asarray(presence, jnp.float32), jnp.asarray(frequency, jnp.float32),
+                     jnp.asarray(repetition or [1.0] * n, jnp.float32), jnp.asarray(out_start or [0] * n, jnp.int32),
                      jnp.asarray(history, jnp.int32), jnp.asarray(ids), jnp.asarray(vals))
 
 
@@ -60,6 +63,71 @@ def test_penalties_change_greedy_choice_but_not_logprobs():
         assert not set(np.asarray(banned.tokens).tolist()) & {1, 2}
 
 
+def test_repetition_penalty_matches_transformers_over_prompt_and_output():
+    """transformers' RepetitionPenaltyLogitsProcessor over prompt + output ids (what a decoder
+    sees) equals the sampler's: prompt tokens (distinct, before out_start) and output tokens
+    alike, positive logits divided and negative ones multiplied. Frequency and presence count
+    the output only; biases come first (vLLM's order: 2 + 1 = 3 divided, not 2 / 1.5 + 1)."""
+    pytest.importorskip("torch")
+    import torch
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    logits = np.random.default_rng(1).standard_normal((2, 12)).astype(np.float32) * 3
+    prompts, outputs = [[4, 9, 4, 0], [7]], [[5, 9, 5], []]
+    hist = np.full((2, 10), -1, np.int32)
+    for i, (p, o) in enumerate(zip(prompts, outputs)):
+        row = sorted(set(p)) + o
+        hist[i, :len(row)] = row
+    for rep in (1.3, 0.7):
+        got = np.asarray(jax.jit(apply_penalties)(jnp.asarray(logits), _pen([0.0, 0.0], [0.0, 0.0], hist, repetition=[rep, rep],
+                                                                     out_start=[3, 1])))
+        for i, (p, o) in enumerate(zip(prompts, outputs)):
+            want = RepetitionPenaltyLogitsProcessor(rep)(torch.tensor([p + o]), torch.tensor(logits[i:i + 1]))
+            np.testing.assert_allclose(got[i], want[0].numpy(), rtol=1e-6)
+    x = jnp.asarray([[2.0, -2.0, 1.0, 1.0]])
+    pen = _pen([0.5], [1.0], [[0, 1, 3, 3, -1]], [{2: 5.0, 0: 1.0}], repetition=[1.5], out_start=[2])
+    # token 0 prompt: (2 + 1) / 1.5; token 1 prompt: -2 * 1.5; token 2 unseen: 1 + 5; token 3 output
+    # twice: 1 / 1.5 - 2 * 1 - 0.5
+    np.testing.assert_allclose(np.asarray(jax.jit(apply_penalties)(x, pen)), [[2.0, -3.0, 6.0, 1 / 1.5 - 2.5]], rtol=1e-6)
+
+
+def test_min_p_matches_transformers_and_comes_before_top_p():
+    """transformers' MinPLogitsWarper keeps what the sampler's min-p keeps (over tempered
+    logits, top-k and top-p off). With top-p as well we follow vLLM's v1 sampler, min-p first:
+    probabilities (0.5, 0.3, 0.15, 0.05) and min_p 0.35 leave (0.625, 0.375), where top_p 0.6
+    keeps token 0 alone; transformers' top-p first would keep tokens 0 and 1."""
+    pytest.importorskip("torch")
+    import torch
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    logits = jnp.sort(jax.random.normal(jax.random.key(0), (1, 64)) * 3, axis=-1)[:, ::-1]
+    cut = jax.jit(top_k_top_p)
+    for min_p in (0.0, 0.01, 0.2, 0.9, 1.0):
+        got = np.isfinite(np.asarray(cut(logits, jnp.asarray([-1]), jnp.asarray([1.0]),
+                                                 jnp.asarray([min_p], jnp.float32))))
+        want = np.isfinite(MinPLogitsWarper(min_p)(None, torch.tensor(np.asarray(logits))).numpy()) \
+            if min_p > 0 else np.ones_like(got)
+        assert (got == want).all() and got.sum() >= 1, min_p
+    rows = jnp.tile(jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]])), (64, 1))
+    s = _arrays(64, min_p=0.35)._replace(seed=jnp.arange(64, dtype=jnp.uint32))
+    draw = jax.jit(lambda s: sample(rows, s, greedy=False, with_logprobs=False).tokens)
+    assert set(np.asarray(draw(s)).tolist()) == {0, 1}
+    assert set(np.asarray(draw(s._replace(top_p=jnp.full(64, 0.6, jnp.float32)))).tolist()) == {0}
+
+
+def test_penalty_arrays_put_the_prompts_distinct_tokens_first_only_with_a_repetition_penalty():
+    from fastserve_jax.request import Request
+    from fastserve_jax.runner.launch import penalty_arrays, sampling_arrays
+
+    rep = Request("a", [6, 2, 6, 3], SamplingParams(repetition_penalty=1.2, min_p=0.1), 0.0)
+    pres = Request("b", [6, 2], SamplingParams(presence_penalty=0.5), 0.0)
+    rep.output_token_ids, pres.output_token_ids = [8, 8], [9]
+    p = penalty_arrays([rep, pres, None], 8)
+    assert p.history.tolist() == [[2, 3, 6, 8, 8, -1, -1, -1], [9] + [-1] * 7, [-1] * 8]
+    assert p.out_start.tolist() == [3, 0, 0] and p.repetition.tolist() == pytest.approx([1.2, 1.0, 1.0])
+    assert sampling_arrays([rep, pres, None]).min_p.tolist() == pytest.approx([0.1, 0.0, 0.0])
+
+
 def test_penalty_params_are_validated():
     with pytest.raises(ValueError, match=r"presence_penalty must be a number in \[-2, 2\]"):
         SamplingParams(presence_penalty=2.5)
@@ -72,6 +140,15 @@ def test_penalty_params_are_validated():
                        (dict(logit_bias={-1: 1}), "non-negative token ids"), (dict(logit_bias={"5": 1}), "token ids"),
                        (dict(logit_bias={5: float("nan")}), "numbers"),
                        (dict(logit_bias=dict.fromkeys(range(301), 1.0)), "at most 300")):
+        with pytest.raises(ValueError, match=match):
+            SamplingParams(**bad)
+    assert SamplingParams(repetition_penalty=1.05).penalized and SamplingParams(repetition_penalty=0.5).penalized
+    assert not SamplingParams(min_p=0.1).penalized                  # the random sampler's own, like top_p
+    for bad, match in ((dict(repetition_penalty=0), r"repetition_penalty must be a finite number > 0"),
+                       (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+                       (dict(repetition_penalty=True), "repetition_penalty"),
+                       (dict(min_p=1.5), r"min_p must be a number in \[0, 1\]"), (dict(min_p=-0.1), "min_p"),
+                       (dict(min_p=float("nan")), "min_p")):
         with pytest.raises(ValueError, match=match):
             SamplingParams(**bad)
     assert SamplingParams(logit_bias={np.int64(5): 2}).logit_bias == {5: 2.0}

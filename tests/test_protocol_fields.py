@@ -36,6 +36,10 @@ def test_vllm_benchmark_payloads_and_default_valued_fields_parse():
                             "suffix": None, "stream": True,
                             "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
     assert job.ignore_eos and job.stop_token_ids == (5, 9) and job.echo and job.continuous_usage
+    assert (job.repetition_penalty, job.min_p) == (None, None)         # left out: the model's default
+    for parse, body in ((parse_completion, {"prompt": "x"}), (parse_chat, {"messages": USER})):
+        job = parse(body | {"repetition_penalty": 1.1, "min_p": 0.05})
+        assert (job.repetition_penalty, job.min_p) == (1.1, 0.05)
     # as in vLLM, continuous usage counts only with include_usage
     assert not parse_completion({"prompt": "x", "stream": True,
                                  "stream_options": {"continuous_usage_stats": True}}).continuous_usage
@@ -82,6 +86,9 @@ REJECTED = [
     ({"skip_special_tokens": "false"}, "skip_special_tokens", "true or false"),
     ({"spaces_between_special_tokens": 0}, "spaces_between_special_tokens", "true or false"),
     ({"include_stop_str_in_output": 1}, "include_stop_str_in_output", "true or false"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "must be a number > 0"),
+    ({"repetition_penalty": "1.1"}, "repetition_penalty", "must be a number"),
+    ({"min_p": 1.5}, "min_p", "must be in [0.0, 1.0]"),
 ]
 REJECTED_COMPLETION = [
     ({"echo": True, "logprobs": 21}, "logprobs", "must be in [0, 20]"),

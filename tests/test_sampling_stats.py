@@ -3,9 +3,10 @@ logprobs: thousands of seeded draws per setting; and seeded requests through the
 slow; the cheap checks of each fixed defect are in test_units.py).
 
 The reference follows vLLM's sampler: logit biases (min_tokens bans EOS and stop ids as a
-bias of -inf) and presence/frequency penalties on the output tokens only, then temperature
-(below 1e-5 greedy), then top-k (tokens tied with the k-th kept), then top-p over what top-k
-left, renormalized. Each token's frequency must lie within 5 standard errors of its
+bias of -inf), then the repetition penalty over the prompt and output tokens, then
+presence/frequency penalties on the output tokens only, then temperature (below 1e-5
+greedy), then min-p, then top-k (tokens tied with the k-th kept), then top-p over what min-p
+and top-k left, renormalized. Each token's frequency must lie within 5 standard errors of its
 probability, and tokens of probability 0 are never drawn.
 """
 
@@ -32,16 +33,23 @@ V = 16
 _sample = jax.jit(sample, static_argnames=("greedy", "with_logprobs"))
 
 
-def reference(logits, temp=1.0, top_k=-1, top_p=1.0, hist=(), presence=0.0, frequency=0.0, bias=None):
-    """The probability of each token (float64)."""
+def reference(logits, temp=1.0, top_k=-1, top_p=1.0, hist=(), presence=0.0, frequency=0.0, bias=None,
+              prompt=(), repetition=1.0, min_p=0.0):
+    """The probability of each token (float64); `hist` is the output so far."""
     x = np.asarray(logits, np.float64).copy()
-    counts = np.bincount(np.asarray(hist, np.int64), minlength=len(x))
-    x = x - frequency * counts - presence * (counts > 0)
     for t, b in (bias or {}).items():
         x[t] += b
+    seen = np.zeros(len(x), bool)
+    seen[list(prompt) + list(hist)] = True
+    x[seen] = np.where(x[seen] > 0, x[seen] / repetition, x[seen] * repetition)
+    counts = np.bincount(np.asarray(hist, np.int64), minlength=len(x))
+    x = x - frequency * counts - presence * (counts > 0)
     if temp < 1e-5:
         return np.eye(len(x))[np.argmax(x)]
     x = x / temp
+    if min_p > 0:
+        p = np.exp(x - x.max())
+        x[p < min_p * p.max()] = -np.inf
     if 0 < top_k < len(x):
         x[x < np.sort(x)[::-1][top_k - 1]] = -np.inf
     order = np.argsort(-x, kind="stable")
@@ -54,20 +62,23 @@ def reference(logits, temp=1.0, top_k=-1, top_p=1.0, hist=(), presence=0.0, freq
 
 
 def draw(logits, temp=1.0, top_k=-1, top_p=1.0, hist=(), presence=0.0, frequency=0.0, bias=None, step=0,
-         n=DRAWS, with_logprobs=False):
+         n=DRAWS, with_logprobs=False, prompt=(), repetition=1.0, min_p=0.0):
     """n draws from one logits row, row i seeded i, through the jitted sampler (the penalties
-    variant when any penalty, history or bias is given)."""
+    variant when any penalty, history or bias is given; the history as the runner lays it out:
+    the prompt's distinct tokens, then the output)."""
     rows = jnp.tile(jnp.asarray(logits, jnp.float32)[None], (n, 1))
     s = SamplingArrays(jnp.full(n, temp, jnp.float32), jnp.full(n, top_k, jnp.int32), jnp.full(n, top_p, jnp.float32),
-                       jnp.arange(n, dtype=jnp.uint32), jnp.full(n, step, jnp.int32))
+                       jnp.full(n, min_p, jnp.float32), jnp.arange(n, dtype=jnp.uint32), jnp.full(n, step, jnp.int32))
     pen = None
-    if hist or presence or frequency or bias:
-        h = np.full((n, 8), -1, np.int32)
-        h[:, :len(hist)] = hist
+    if hist or presence or frequency or bias or repetition != 1.0:
+        seen = sorted(set(prompt))
+        h = np.full((n, 12), -1, np.int32)
+        h[:, :len(seen) + len(hist)] = seen + list(hist)
         ids, vals = np.full((n, V), -1, np.int32), np.zeros((n, V), np.float32)
         ids[:, :len(bias or {})] = list(bias or {})
         vals[:, :len(bias or {})] = list((bias or {}).values())
-        pen = Penalties(jnp.full(n, presence, jnp.float32), jnp.full(n, frequency, jnp.float32), jnp.asarray(h),
+        pen = Penalties(jnp.full(n, presence, jnp.float32), jnp.full(n, frequency, jnp.float32),
+                        jnp.full(n, repetition, jnp.float32), jnp.full(n, len(seen), jnp.int32), jnp.asarray(h),
                         jnp.asarray(ids), jnp.asarray(vals))
     return _sample(rows, s, pen, greedy=False, with_logprobs=with_logprobs)
 
@@ -96,6 +107,11 @@ TIES = np.array([3.0, 3.0, 3.0, 3.0, 1.0, 0.0] + [-2.0] * (V - 6))
     dict(hist=[5, 5, 9], presence=-1.0, frequency=-0.5, temp=0.7, top_p=0.9),
     dict(hist=[6, 1], presence=2.0, frequency=2.0, top_k=4, top_p=0.7, temp=0.8),
     dict(bias={6: -np.inf, 1: -np.inf}, top_k=3),                  # min_tokens' bans
+    dict(min_p=0.05), dict(min_p=0.3, temp=0.7), dict(min_p=0.1, temp=2.0), dict(min_p=1.0), dict(min_p=0.1, top_k=3),
+    dict(min_p=0.1, top_p=0.7), dict(min_p=0.2, top_k=4, top_p=0.8, temp=1.5),
+    dict(prompt=[6, 2, 6], hist=[9], repetition=1.5), dict(prompt=[0, 3], repetition=0.6, temp=0.8),
+    dict(prompt=[6, 2], hist=[2, 11, 11], repetition=1.3, presence=0.4, frequency=0.5, bias={11: 1.5, 6: -1.0},
+         min_p=0.02, top_p=0.9),
 ], ids=repr)
 def test_draws_follow_the_reference(kw):
     check(LOGITS, **kw)
@@ -111,8 +127,15 @@ def test_ties(kw):
 
 def test_the_reference_tells_the_usual_mistakes_apart():
     """The cases above would catch these: top-p before temperature, top-k off by one, top-p
-    over the whole vocabulary rather than what top-k kept."""
+    over the whole vocabulary rather than what top-k kept, min-p before temperature or after
+    top-p (transformers' order), the repetition penalty over the output only."""
     assert (reference(LOGITS, top_p=0.6, temp=2.0) > 0).sum() != (reference(LOGITS, top_p=0.6) > 0).sum()
+    assert (reference(LOGITS, min_p=0.1, temp=2.0) > 0).sum() != (reference(LOGITS, min_p=0.1) > 0).sum()
+    top_p_first = reference(LOGITS, top_p=0.7)                     # then min-p: transformers' order
+    top_p_first = (top_p_first >= 0.1 * top_p_first.max()) & (top_p_first > 0)
+    assert (reference(LOGITS, min_p=0.1, top_p=0.7) > 0).sum() == 2 and top_p_first.sum() == 3
+    assert not np.allclose(reference(LOGITS, prompt=[6, 2, 6], hist=[9], repetition=1.5),
+                           reference(LOGITS, hist=[9], repetition=1.5))
     assert (reference(LOGITS, top_k=2) > 0).sum() == 2
     assert (reference(LOGITS, top_k=3, top_p=0.5) > 0).sum() == 1
 
@@ -151,7 +174,7 @@ def test_penalties_count_output_tokens_only_and_min_tokens_bans_stops():
 
 
 def test_seeded_tokens_do_not_depend_on_how_the_engine_runs_them(tiny_checkpoints):
-    """A seeded request (penalties, logit bias and min_tokens too) gets the same tokens alone,
+    """A seeded request (penalties, repetition penalty, min-p, logit bias and min_tokens too) gets the same tokens alone,
     at another place in batches of other sizes, over a chunked prefill, under recompute and
     swap preemption, with async scheduling on or off; n=3 gives seeds seed, seed + 1, seed + 2;
     unseeded requests differ."""
@@ -159,7 +182,8 @@ def test_seeded_tokens_do_not_depend_on_how_the_engine_runs_them(tiny_checkpoint
     prompts = random_prompts(1, 150, 150, seed=2) + random_prompts(5, 20, 40, seed=9)   # the first: 3 chunks
     others = random_prompts(7, 1, 120, seed=3)
     sp = [SamplingParams(max_tokens=24, top_k=50, top_p=0.95, seed=100 + i, ignore_eos=True, presence_penalty=0.5,
-                         frequency_penalty=0.3, logit_bias={5: 2.0}, min_tokens=3) for i in range(len(prompts))]
+                         frequency_penalty=0.3, logit_bias={5: 2.0}, min_tokens=3, repetition_penalty=1.2,
+                         min_p=0.01) for i in range(len(prompts))]
     plain = SamplingParams(max_tokens=7)
     want = None
     for asyn in (False, True):

@@ -198,9 +198,9 @@ def test_block_buckets_scale_with_the_models_weight_to_kv_ratio():
 
 
 # -- device sampling --------------------------------------------------------------------------
-def _arrays(n, temp=1.0, top_k=-1, top_p=1.0, seed=0, step=0):
+def _arrays(n, temp=1.0, top_k=-1, top_p=1.0, seed=0, step=0, min_p=0.0):
     f = lambda v, dt: jnp.full((n,), v, dt)
-    return SamplingArrays(f(temp, jnp.float32), f(top_k, jnp.int32), f(top_p, jnp.float32),
+    return SamplingArrays(f(temp, jnp.float32), f(top_k, jnp.int32), f(top_p, jnp.float32), f(min_p, jnp.float32),
                           f(seed, jnp.uint32), f(step, jnp.int32))
 
 

@@ -24,8 +24,9 @@ def random_prompts(n, lo, hi, seed=0, vocab=256):
     return [[int(t) for t in rng.integers(3, vocab, rng.integers(lo, hi + 1))] for _ in range(n)]
 
 
-def hf_greedy(path, prompts, n):
-    """transformers' greedy continuation of each prompt, `n` tokens, EOS ignored."""
+def hf_greedy(path, prompts, n, **generate_kw):
+    """transformers' greedy continuation of each prompt, `n` tokens, EOS ignored; generate_kw
+    go to generate (repetition_penalty=1.3)."""
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
@@ -35,7 +36,7 @@ def hf_greedy(path, prompts, n):
     with torch.no_grad():
         for p in prompts:
             g = model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
-                               pad_token_id=0)
+                               pad_token_id=0, **generate_kw)
             out.append(g[0, len(p):].tolist())
     return out
 

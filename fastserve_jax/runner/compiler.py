@@ -147,18 +147,20 @@ class Compiler:
     def sampler_args(self, key: SamplerKey, fill: Callable | None = None) -> tuple:
         """The sampler's arguments for `key`, on the devices the logits are on (replicated over
         the last stage): ShapeDtypeStructs, or with `fill` arrays of fill(shape, dtype, value)
-        holding neutral values (temperature and top-p 1, empty histories and biases)."""
+        holding neutral values (temperature, top-p and repetition penalty 1, min-p 0, empty histories
+        and biases)."""
         rep = self.stages[-1].replicated
         arg = (lambda shape, dt, v: fill(shape, dt, v, rep)) if fill else (
             lambda shape, dt, v: jax.ShapeDtypeStruct(shape, dt, sharding=rep))
         n = key.rows
         logits = arg((n, self.vocab), jnp.float32, 0)
         s = SamplingArrays(*(arg((n,), dt, v) for dt, v in ((jnp.float32, 1), (jnp.int32, 0), (jnp.float32, 1),
-                                                             (jnp.uint32, 0), (jnp.int32, 0))))
+                                                             (jnp.float32, 0), (jnp.uint32, 0), (jnp.int32, 0))))
         args = (logits, s)
         if key.penalties:
-            args += (Penalties(arg((n,), jnp.float32, 0), arg((n,), jnp.float32, 0),
-                               arg((n, self.max_model_len), jnp.int32, -1), arg((n, BIAS_SLOTS), jnp.int32, -1),
+            args += (Penalties(arg((n,), jnp.float32, 0), arg((n,), jnp.float32, 0), arg((n,), jnp.float32, 1),
+                               arg((n,), jnp.int32, 0), arg((n, self.max_model_len), jnp.int32, -1),
+                               arg((n, BIAS_SLOTS), jnp.int32, -1),
                                arg((n, BIAS_SLOTS), jnp.float32, 0)),)
         return args
 

@@ -93,25 +93,30 @@ def sampling_arrays(rows: list[Request | None]) -> SamplingArrays:
     temp = np.zeros(n, np.float32)
     top_k = np.zeros(n, np.int32)
     top_p = np.ones(n, np.float32)
+    min_p = np.zeros(n, np.float32)
     seed = np.zeros(n, np.uint32)
     step = np.zeros(n, np.int32)
     for i, r in enumerate(rows):
         if r is not None:
             sp = r.sampling
             # any top_k >= the vocabulary keeps every token, so one past int32 (vLLM takes any) is capped
-            temp[i], top_k[i], top_p[i] = sp.temperature, min(sp.top_k, _INT32_MAX), sp.top_p
+            temp[i], top_k[i], top_p[i], min_p[i] = sp.temperature, min(sp.top_k, _INT32_MAX), sp.top_p, sp.min_p
             seed[i], step[i] = r.seed & 0xFFFFFFFF, r.num_tokens - r.num_prompt_tokens   # pending ones too
-    return SamplingArrays(temp, top_k, top_p, seed, step)
+    return SamplingArrays(temp, top_k, top_p, min_p, seed, step)
 
 
 def penalty_arrays(rows: list[Request | None], max_model_len: int) -> Penalties:
-    """Penalties and output histories, (N,) and (N, max_model_len) padded with -1, and logit
-    biases, (N, BIAS_SLOTS) padded with -1: a row's logit_bias, and while fewer than its
-    min_tokens are out (pending ones too) -inf on its EOS and stop token ids. Rows without
-    any keep an empty history and no biases."""
+    """Penalties (N,); histories (N, max_model_len) padded with -1: a row's output so far,
+    after its prompt's distinct tokens where its repetition penalty is not 1 (out_start of
+    them; prompt and output together never exceed max_model_len); and logit biases,
+    (N, BIAS_SLOTS) padded with -1: a row's logit_bias, and while fewer than its min_tokens
+    are out (pending ones too) -inf on its EOS and stop token ids. Rows without any keep an
+    empty history and no biases."""
     n = len(rows)
     presence = np.zeros(n, np.float32)
     frequency = np.zeros(n, np.float32)
+    repetition = np.ones(n, np.float32)
+    out_start = np.zeros(n, np.int32)
     history = np.full((n, max_model_len), -1, np.int32)
     bias_ids = np.full((n, BIAS_SLOTS), -1, np.int32)
     bias = np.zeros((n, BIAS_SLOTS), np.float32)
@@ -119,14 +124,19 @@ def penalty_arrays(rows: list[Request | None], max_model_len: int) -> Penalties:
         if r is None or not r.sampling.penalized:
             continue
         sp = r.sampling
-        presence[i], frequency[i] = sp.presence_penalty, sp.frequency_penalty
-        history[i, :len(r.output_token_ids)] = r.output_token_ids
+        presence[i], frequency[i], repetition[i] = sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty
+        at = 0
+        if sp.repetition_penalty != 1:
+            seen = r.distinct_prompt_tokens()
+            at = out_start[i] = len(seen)
+            history[i, :at] = seen
+        history[i, at:at + len(r.output_token_ids)] = r.output_token_ids
         row = dict(sp.logit_bias or {})
         if r.num_tokens - r.num_prompt_tokens < sp.min_tokens:
             row.update(dict.fromkeys(banned_until_min_tokens(r), -np.inf))
         bias_ids[i, :len(row)] = list(row)
         bias[i, :len(row)] = list(row.values())
-    return Penalties(presence, frequency, history, bias_ids, bias)
+    return Penalties(presence, frequency, repetition, out_start, history, bias_ids, bias)
 
 
 def banned_until_min_tokens(r: Request) -> set[int]:

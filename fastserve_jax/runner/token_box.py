@@ -10,7 +10,7 @@ launch at fixed offsets; the next batch's decode launch takes each such row's to
     put(box, tokens (n,), offset) -> box      one per sampled launch, in dispatch order
     take(box, host (R, 1), src (R,)) -> (R, 1)    src[i] >= 0: box[src[i]], else host[i]
     patch(box, history (R, H), src (R,)) -> (R, H)  the pending token appended to row i's
-        output history (padded with -1) where src[i] >= 0, for presence/frequency penalties
+        history (padded with -1) where src[i] >= 0, for the penalties (sampling.Penalties)
 
 The device runs the programs in the order they are queued, so a batch's `take` reads the
 previous batch's tokens before this batch's `put`s overwrite them. Every shape is compiled
