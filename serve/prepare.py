@@ -10,12 +10,11 @@ from typing import TYPE_CHECKING
 from fastserve_jax import chat_template
 from fastserve_jax.chat_template import ChatOptions, ChatTemplateError
 from fastserve_jax.config import SamplingParams
-from fastserve_jax.models.generation_config import SAMPLING_KEYS
 from fastserve_jax.sampling_params import BIAS_SLOTS, bias_tokens
 
 from fastserve_jax.serve.engine_loop import EngineInfo
 from fastserve_jax.serve.errors import bad_request
-from fastserve_jax.serve.protocol import Job
+from fastserve_jax.serve.protocol import MODEL_DEFAULTED, Job
 
 if TYPE_CHECKING:
     from fastserve_jax.engine import LLMEngine
@@ -33,9 +32,9 @@ def render_chat(tokenizer, messages: list[dict], options: ChatOptions = ChatOpti
 def _params(job: Job, max_tokens: int, seed: int | None, defaults: dict,
             min_tokens: int | None = None) -> SamplingParams:
     """`min_tokens`: None for the job's. `defaults`: the engine's sampling_defaults (the model's
-    generation_config.json), for the SAMPLING_KEYS the request left out, as vLLM's server takes
+    generation_config.json), for the MODEL_DEFAULTED fields the request left out, as vLLM's server takes
     them; SamplingParams' own where the model has none."""
-    given = {k: getattr(job, k) for k in SAMPLING_KEYS if getattr(job, k) is not None}
+    given = {k: getattr(job, k) for k in MODEL_DEFAULTED if getattr(job, k) is not None}
     try:
         return SamplingParams(max_tokens=max_tokens, **{**defaults, **given}, seed=seed, stop=job.stop or None,
                               logprobs=job.logprobs,

@@ -70,6 +70,11 @@ MAX_STOP_TOKEN_IDS = 64   # the engine tests each sampled token against this lis
 OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
+# The Job fields that are None when a request leaves them out: the model's generation_config.json
+# fills them (models/generation_config.SAMPLING_KEYS, not imported: this process may not load flax)
+MODEL_DEFAULTED = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p")
+
+
 @dataclass(frozen=True)
 class Job:
     """One validated request. prompts: strings or token-id lists (chat: the messages list

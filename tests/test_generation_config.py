@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from fastserve_jax.models.generation_config import sampling_defaults
-from fastserve_jax.serve.protocol import parse_chat, parse_completion
+from fastserve_jax.models.generation_config import SAMPLING_KEYS, sampling_defaults
+from fastserve_jax.serve.protocol import MODEL_DEFAULTED, parse_chat, parse_completion
 
 LLAMA3 = {"bos_token_id": 128000, "do_sample": True, "eos_token_id": [128001, 128009], "temperature": 0.6,
           "top_p": 0.9}
@@ -41,6 +41,7 @@ def test_sampling_defaults_read_from_generation_config(tmp_path):
 
 
 def test_requests_take_the_models_defaults_for_the_fields_they_leave_out():
+    assert MODEL_DEFAULTED == SAMPLING_KEYS        # the server's copy (it may not import flax)
     """Requests without temperature/top_p/top_k sampled at 1.0/1.0/off whatever the model
     recommends; vLLM's server fills each left-out field from generation_config.json."""
     from fastserve_jax.config import EngineConfig
