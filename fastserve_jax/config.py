@@ -208,9 +208,11 @@ class EngineConfig:
     max_prefill_seqs: int = 8          # sequences packed in one prefill launch (logit rows)
     prefill_tile: int = 64             # query tokens per row of a packed prefill (see above)
     block_size: int = 16
-    num_device_blocks: int = 0          # 0: size from memory (see runner)
+    # 0: size from memory (kv_cache.device_pool_blocks: 90% of an accelerator's memory less the
+    # weights and what is in use, 4 GiB on CPU; at most max_num_seqs full-length sequences)
+    num_device_blocks: int = 0
     # Host KV pool for swapped-out requests, in blocks of the same size. None: as many blocks
-    # as the device pool, within 4 GiB (see runner.auto_num_host_blocks); 0: no host pool.
+    # as the device pool, within 4 GiB (see kv_cache.auto_num_host_blocks); 0: no host pool.
     num_host_blocks: int | None = None
     # where paused requests' KV goes: "proactive" (FastServe), "reactive", "recompute" (swap_policy.py)
     swap_policy: str = "proactive"

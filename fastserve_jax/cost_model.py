@@ -34,9 +34,10 @@ Launch padding, for a profile of this engine (empty or 0 in a table of real kern
                         context with short ones costs as little as its mean context says;
                         fcfs, whose batches mix the most, ran 30-40% slower than simulated.
 
-One iteration runs its decode launch and its prefill launch back to back (as runner.py
-does), so its time is the sum of the two plus iteration_overhead. Only iteration_time adds
-it: prefill_time and decode_time stay the launches alone, which is what the schedulers read.
+One iteration runs its decode launch and its prefill launch back to back (as the runner's
+dispatch does, runner/model_runner.py), so its time is the sum of the two plus
+iteration_overhead. Only iteration_time adds it: prefill_time and decode_time stay the
+launches alone, which is what the schedulers read.
 A profile (cost_profile.py) times the launches alone, so its overhead is 0;
 scripts/bench_preemption.py calibrates a serving engine's against it. Tables come from
 `fastserve_jax/cost_models/*.json` (shipped, say where their numbers come from) or from

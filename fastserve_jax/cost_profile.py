@@ -21,7 +21,9 @@ if warm-up was skipped). The synthetic requests borrow free KV blocks and give t
 so the engine must be idle. The result is cached as JSON under
 <cache root>/cost_models/<key>.json (cache root as for converted params, see
 models.loader.cache_root), keyed by the model config, the engine config, the KV pool size
-and the device kind; a second start loads it instead of profiling.
+and the machine (`_machine`: the device kind, on the CPU also the processor and the usable
+cores, the jax and jaxlib versions and XLA_FLAGS); a second start loads it instead of
+profiling.
 
 While a background warm-up is still compiling (runner/compiler.py), launches pad to the
 covering set, so timing the other buckets would compile them first. The engine then takes a

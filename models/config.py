@@ -1,7 +1,7 @@
 """Architecture description read from a Hugging Face `config.json`.
 
 One frozen dataclass covers the Llama family (Llama 2/3, Mistral, Qwen2) and OPT; the
-`arch` field picks the module in `models.registry`.
+`arch` field picks the module (`build_model` in models/__init__.py).
 """
 
 from __future__ import annotations
