@@ -13,7 +13,7 @@ The runner's contract with the engine (the way scheduler/base.py states the sche
   engine issues them in kv_plan.py's order, and device work runs in issue order, so a copy
   never races the step that reads or reuses its blocks.
 - `warmup()` compiles every launch, sampler and swap shape (compiler.py); afterwards serving
-  compiles nothing. A full one then runs each program once on padding (`run_once`; a
+  compiles nothing but the prompt-logprobs prefill variant, at its first use. A full one then runs each program once on padding (`run_once`; a
   program's first run costs more than the next); after a background one, an idle engine
   runs the programs that have not run (`first_runs_pending`, `run_pending`).
   `executable(key)` and `sampler(key)` look compiled functions up by their typed keys
@@ -22,8 +22,9 @@ The runner's contract with the engine (the way scheduler/base.py states the sche
   a worker applies them in the same order with `replay` (fastserve_jax/multihost.py).
 
 Files: keys.py (typed keys), launch.py (assembly), compiler.py (warm-up, with
-persistent_cache.py; compile_guard.py counts compiles for tests), model_runner.py
-(execution and sampling), kv_transfer.py and swap_ops.py (KV copies).
+persistent_cache.py and export_cache.py, the traced programs kept on disk; compile_guard.py
+counts compiles for tests), model_runner.py (execution and sampling), token_box.py (async
+scheduling's sampled tokens kept on the device), kv_transfer.py and swap_ops.py (KV copies).
 """
 
 from fastserve_jax.runner.model_runner import ModelRunner, fetch
