@@ -51,9 +51,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from fastserve_jax import LLM, SamplingParams
     from fastserve_jax.runner.compile_guard import compile_stats
 
+    # flags given here win; the rest come from the model's generation_config.json (unless
+    # --generation-config vllm), and a temperature neither sets is 0: greedy, this command's default
+    given = {k: v for k, v in (("temperature", a.temperature), ("top_p", a.top_p), ("top_k", a.top_k),
+                               ("repetition_penalty", a.repetition_penalty), ("min_p", a.min_p)) if v is not None}
+    fixed = dict(max_tokens=a.max_tokens, seed=a.seed_sampling, stop=a.stop or None, ignore_eos=a.ignore_eos)
     try:
-        sp = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                            seed=a.seed_sampling, stop=a.stop or None, ignore_eos=a.ignore_eos)
+        SamplingParams(**fixed, **given)                   # a bad flag fails before the model loads
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -71,7 +75,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     status.show(f"generating ({llm.engine.warmup_mode} compile: new shapes compile as batches need them)"
                 if llm.engine.warmup_mode == "lazy" else "generating")
     try:
-        outs = llm.generate(prompts, sp)
+        outs = llm.generate(prompts, SamplingParams(**fixed, **{"temperature": 0.0, **llm.engine.sampling_defaults,
+                                                                **given}))
     except ValueError as e:
         status.done(f"error: {e}")
         return 2
@@ -103,9 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt_pos", nargs="*", metavar="PROMPT", help="prompt text (several allowed)")
     g.add_argument("-p", "--prompt", action="append", help="another prompt (repeatable)")
     g.add_argument("--max-tokens", type=int, default=300)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (the default, unless the model's generation_config.json sets one)")
+    g.add_argument("--top-p", type=float, default=None, help="(default: the model's, else 1 = off)")
+    g.add_argument("--top-k", type=int, default=None, help="(default: the model's, else -1 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="(default: the model's, else 1 = off)")
+    g.add_argument("--min-p", type=float, default=None, help="(default: the model's, else 0 = off)")
     g.add_argument("--seed-sampling", type=int, default=None, help="per-request sampling seed")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
