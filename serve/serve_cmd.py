@@ -61,10 +61,10 @@ def add_serve_parser(sub) -> None:
                    help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV} if set, else none)")
     g.add_argument("--max-pending", type=int, default=256,
                    help="admission bound: engine requests admitted and unfinished (n choices count n); "
-                        "beyond it requests get 503 with Retry-After")
-    g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+                        "beyond it requests get 503 with Retry-After (default %(default)s)")
+    g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default %(default)s, 1 MiB)")
     g.add_argument("--shutdown-timeout", type=_seconds, default=30.0,
-                   help="seconds in-flight requests get to finish after SIGINT/SIGTERM")
+                   help="seconds in-flight requests get to finish after SIGINT/SIGTERM (default %(default)s)")
     g.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=False,
                    help="run the engine in a process of its own, as vLLM does, so that HTTP parsing, tokenizing "
                         "and streaming do not share a GIL with the engine loop (docs/serving.md); one host only")
