@@ -2,12 +2,14 @@
 
 Pure functions of (logits, per-row parameters); the runner jits them with the mode static:
 
-- greedy mode: argmax only (the common serving and benchmark case, no vocabulary sort);
+- greedy mode: argmax only (the common serving and benchmark case);
 - random mode: temperature, then min-p, then top-k (tokens tied with the k-th stay), then
-  top-p over the distribution min-p and top-k left (renormalized), over one descending sort:
-  vLLM's order (its v1 sampler applies min-p before top-k/top-p; transformers applies it after
-  top-p, which differs when top_p < 1 too). Rows with temperature 0 (or below GREEDY_BELOW)
-  still take the argmax. Min-p only lowers the top-k cut, so it costs no pass of its own.
+  top-p over the distribution min-p and top-k left (renormalized): vLLM's order (its v1
+  sampler applies min-p before top-k/top-p; transformers applies it after top-p, which
+  differs when top_p < 1 too). Each filter is a cut on the logit value, found without sorting
+  the vocabulary unless a row's cut lies deeper than its top few hundred logits, and the draw
+  is Gumbel-max in token-id order (sampling_draw.py). Rows with temperature 0 (or below
+  GREEDY_BELOW) still take the argmax.
 
 A `Penalties` applies, in vLLM's order, logit biases (OpenAI's; min_tokens bans EOS and stop
 tokens as a bias of -inf), then the repetition penalty (transformers' and vLLM's: over the
@@ -17,8 +19,9 @@ so batches without them pay nothing for them. Logprobs are those of the raw mode
 distribution, before penalties, biases and temperature.
 
 Randomness is per request: row i draws with key fold_in(PRNGKey(seed_i), step_i), where
-step_i is the number of tokens the request has generated so far. A request's samples
-therefore do not depend on what else shares its batch.
+step_i is the number of tokens the request has generated so far, and its noise is a function
+of that key and the token id alone. A request's samples therefore do not depend on what else
+shares its batch, nor on which of the sampler's internal paths (sampling_draw.py) it took.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from fastserve_jax.config import MAX_LOGPROBS
+from fastserve_jax.sampling_draw import draw, row_keys
 from fastserve_jax.sampling_params import GREEDY_BELOW
 
 
@@ -68,37 +72,10 @@ class Sampled(NamedTuple):
     top_logprobs: jax.Array | None = None
 
 
-def top_k_top_p(sorted_logits: jax.Array, top_k: jax.Array, top_p: jax.Array,
-                min_p: jax.Array | None = None) -> jax.Array:
-    """Descending logits (N, V) with what min-p, top-k and then top-p drop set to -inf. Min-p
-    keeps the tokens whose probability is at least min_p times the top token's, i.e. whose
-    logit is at least the top one plus log(min_p) (-inf at 0: all); top-k keeps every token
-    at least as likely as the k-th (ties with it too). Both are cuts below a logit, so they
-    commute and fold into one. Top-p runs over the distribution those left, renormalized
-    (vLLM's order), and a row with top_p 1 keeps everything (float32's cumulative sum reaches
-    1 before a long tail ends)."""
-    v = sorted_logits.shape[-1]
-    rank = jnp.arange(v)[None, :]
-    k = jnp.where((top_k > 0) & (top_k < v), top_k, v)[:, None]
-    cut = jnp.take_along_axis(sorted_logits, k - 1, axis=-1)      # (N, 1) the k-th logit
-    if min_p is not None:
-        cut = jnp.maximum(cut, sorted_logits[:, :1] + jnp.log(min_p)[:, None])
-    in_top_k = jnp.where(sorted_logits >= cut, sorted_logits, -jnp.inf)
-    probs = jax.nn.softmax(in_top_k, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs                    # mass strictly above this rank
-    keep = (before < top_p[:, None]) | (rank == 0) | (top_p[:, None] >= 1.0)
-    return jnp.where(keep, in_top_k, -jnp.inf)
-
-
 def _sample_random(logits: jax.Array, s: SamplingArrays) -> jax.Array:
-    greedy = s.temperature < GREEDY_BELOW
-    scaled = logits / jnp.where(greedy, 1.0, s.temperature)[:, None]
-    order = jnp.argsort(-scaled, axis=-1)                          # (N, V) descending
-    masked = top_k_top_p(jnp.take_along_axis(scaled, order, axis=-1), s.top_k, s.top_p, s.min_p)
-    keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(s.seed, s.step)
-    choice = jax.vmap(jax.random.categorical)(keys, masked)        # index into the sorted order
-    drawn = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-    return jnp.where(greedy, order[:, 0], drawn).astype(jnp.int32)
+    live = s.temperature >= GREEDY_BELOW
+    scaled = logits / jnp.where(live, s.temperature, 1.0)[:, None]
+    return draw(scaled, s.top_k, s.top_p, s.min_p, row_keys(s.seed, s.step), live)
 
 
 def apply_penalties(logits: jax.Array, p: Penalties) -> jax.Array:

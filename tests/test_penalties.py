@@ -14,7 +14,8 @@ import pytest
 from fastserve_jax import LLM, SamplingParams
 from fastserve_jax.runner.compile_guard import CompileCounter
 from engine_grids import SMALL_GRID
-from fastserve_jax.sampling import Penalties, SamplingArrays, apply_penalties, sample, top_k_top_p
+from fastserve_jax.sampling import Penalties, SamplingArrays, apply_penalties, sample
+from fastserve_jax.sampling_draw import cut_logits
 
 
 def _arrays(n, min_p=0.0):
@@ -101,7 +102,7 @@ def test_min_p_matches_transformers_and_comes_before_top_p():
     from transformers.generation.logits_process import MinPLogitsWarper
 
     logits = jnp.sort(jax.random.normal(jax.random.key(0), (1, 64)) * 3, axis=-1)[:, ::-1]
-    cut = jax.jit(top_k_top_p)
+    cut = jax.jit(cut_logits)
     for min_p in (0.0, 0.01, 0.2, 0.9, 1.0):
         got = np.isfinite(np.asarray(cut(logits, jnp.asarray([-1]), jnp.asarray([1.0]),
                                                  jnp.asarray([min_p], jnp.float32))))

@@ -6,13 +6,15 @@ The reference follows vLLM's sampler: logit biases (min_tokens bans EOS and stop
 bias of -inf), then the repetition penalty over the prompt and output tokens, then
 presence/frequency penalties on the output tokens only, then temperature (below 1e-5
 greedy), then min-p, then top-k (tokens tied with the k-th kept), then top-p over what min-p
-and top-k left, renormalized. Each token's frequency must lie within 5 standard errors of its
+and top-k left, renormalized (the tokens tied with the last one it keeps stay too). Each token's frequency must lie within 5 standard errors of its
 probability, and tokens of probability 0 are never drawn.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,7 @@ import pytest
 from fastserve_jax import LLM
 from fastserve_jax.request import Request
 from fastserve_jax.runner.launch import penalty_arrays
+from fastserve_jax import sampling_draw
 from fastserve_jax.sampling import Penalties, SamplingArrays, sample
 from fastserve_jax.sampling_params import SamplingParams
 from tiny_engine import ENGINE_KW, random_prompts
@@ -30,7 +33,18 @@ pytestmark = pytest.mark.slow
 
 DRAWS = 20_000
 V = 16
-_sample = jax.jit(sample, static_argnames=("greedy", "with_logprobs"))
+
+
+@functools.cache
+def _sampler(candidates: int):
+    """The jitted sampler traced with sampling_draw.CANDIDATES = candidates: V settles every
+    cut from the candidates, 3 leaves deeper top-k and most top-p cuts to the bisection."""
+    jitted = jax.jit(lambda *a, **kw: sample(*a, **kw), static_argnames=("greedy", "with_logprobs"))
+
+    def run(*args, **kw):
+        with mock.patch.object(sampling_draw, "CANDIDATES", candidates):
+            return jitted(*args, **kw)
+    return run
 
 
 def reference(logits, temp=1.0, top_k=-1, top_p=1.0, hist=(), presence=0.0, frequency=0.0, bias=None,
@@ -52,17 +66,16 @@ def reference(logits, temp=1.0, top_k=-1, top_p=1.0, hist=(), presence=0.0, freq
         x[p < min_p * p.max()] = -np.inf
     if 0 < top_k < len(x):
         x[x < np.sort(x)[::-1][top_k - 1]] = -np.inf
-    order = np.argsort(-x, kind="stable")
-    p = np.exp(x[order] - x.max())
+    p = np.exp(x - x.max())
     p /= p.sum()
-    cut = order[1:][(np.cumsum(p) - p)[1:] >= top_p]         # mass above them reaches top_p
-    x[cut] = -np.inf
+    above = np.array([p[x > t].sum() for t in x])            # mass strictly above each token
+    x[above >= top_p] = -np.inf
     p = np.exp(x - x.max())
     return p / p.sum()
 
 
 def draw(logits, temp=1.0, top_k=-1, top_p=1.0, hist=(), presence=0.0, frequency=0.0, bias=None, step=0,
-         n=DRAWS, with_logprobs=False, prompt=(), repetition=1.0, min_p=0.0):
+         n=DRAWS, with_logprobs=False, prompt=(), repetition=1.0, min_p=0.0, candidates=V):
     """n draws from one logits row, row i seeded i, through the jitted sampler (the penalties
     variant when any penalty, history or bias is given; the history as the runner lays it out:
     the prompt's distinct tokens, then the output)."""
@@ -80,11 +93,11 @@ def draw(logits, temp=1.0, top_k=-1, top_p=1.0, hist=(), presence=0.0, frequency
         pen = Penalties(jnp.full(n, presence, jnp.float32), jnp.full(n, frequency, jnp.float32),
                         jnp.full(n, repetition, jnp.float32), jnp.full(n, len(seen), jnp.int32), jnp.asarray(h),
                         jnp.asarray(ids), jnp.asarray(vals))
-    return _sample(rows, s, pen, greedy=False, with_logprobs=with_logprobs)
+    return _sampler(candidates)(rows, s, pen, greedy=False, with_logprobs=with_logprobs)
 
 
 def check(logits, **kw):
-    want = reference(logits, **{k: v for k, v in kw.items() if k != "step"})
+    want = reference(logits, **{k: v for k, v in kw.items() if k not in ("step", "candidates")})
     got = np.bincount(np.asarray(draw(logits, **kw).tokens), minlength=V) / DRAWS
     assert got[want == 0].sum() == 0, (kw, got, want)
     se = np.sqrt(want * (1 - want) / DRAWS)
@@ -113,16 +126,18 @@ TIES = np.array([3.0, 3.0, 3.0, 3.0, 1.0, 0.0] + [-2.0] * (V - 6))
     dict(prompt=[6, 2], hist=[2, 11, 11], repetition=1.3, presence=0.4, frequency=0.5, bias={11: 1.5, 6: -1.0},
          min_p=0.02, top_p=0.9),
 ], ids=repr)
-def test_draws_follow_the_reference(kw):
-    check(LOGITS, **kw)
+@pytest.mark.parametrize("candidates", [V, 3])
+def test_draws_follow_the_reference(kw, candidates):
+    check(LOGITS, candidates=candidates, **kw)
 
 
 @pytest.mark.parametrize("kw", [dict(top_p=0.5), dict(top_k=2), dict(top_k=1), dict(temp=1e-4), dict(top_k=5, top_p=0.9)],
                          ids=repr)
-def test_ties(kw):
-    """Tokens tied with the k-th stay in top-k; at the top-p boundary the stable sort keeps
-    the lower ids (vLLM's order there is its sort's, unspecified)."""
-    check(TIES, **kw)
+@pytest.mark.parametrize("candidates", [V, 3])
+def test_ties(kw, candidates):
+    """Tokens tied with the k-th stay in top-k, and those tied with the last token top-p keeps
+    stay too (vLLM keeps whichever its sort puts first; we keep no id before another)."""
+    check(TIES, candidates=candidates, **kw)
 
 
 def test_the_reference_tells_the_usual_mistakes_apart():

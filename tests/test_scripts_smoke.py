@@ -2,8 +2,8 @@
 user would call them (a subprocess from the checkout's root): they must run to the end and
 print their figures. A script is only as good as its last run; bench_tail_guard.py once
 failed at its first line after a helper moved, and nothing noticed. bench_frontend,
-bench_first_runs, bench_predictive, bench_prompt_lengths, bench_engine (--quick, without
-transformers) and soak_server are marked slow; bench_startup (minutes) has no test here."""
+bench_first_runs, bench_predictive, bench_prompt_lengths, bench_sampler, bench_engine (--quick,
+without transformers) and soak_server are marked slow; bench_startup (minutes) has no test here."""
 
 from __future__ import annotations
 
@@ -187,6 +187,13 @@ def test_bench_weight_layout_tiny():
                   "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--vocab", "64", "--rounds", "2")
     assert "(out, in), XLA defaults" in out and "(in, out), YNNPACK off" in out
     assert len([ln for ln in out.splitlines() if ln.split()[:1] in (["1"], ["4"])]) == 2, out
+
+
+@pytest.mark.slow   # about 4 s: nine sampler variants compiled at a tiny vocabulary
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, ".git")), reason="--baseline reads git history")
+def test_bench_sampler_tiny_against_head():
+    out = _script("bench_sampler.py", "--vocab", "300", "--rows", "2", "--repeats", "1", "--baseline", "HEAD")
+    assert "mixed new" in out and out.strip().splitlines()[-1].split()[:2] == ["300", "2"]
 
 
 @pytest.mark.slow   # about 30 s: two server starts

@@ -15,7 +15,9 @@ from fastserve_jax.sampling_params import SamplingParams, sampler_seed
 from fastserve_jax.detokenizer import IncrementalDetokenizer
 from fastserve_jax.kv_cache import KVManager
 from fastserve_jax.request import Request
-from fastserve_jax.sampling import SamplingArrays, sample, top_k_top_p
+from fastserve_jax.sampling import SamplingArrays, sample
+from fastserve_jax import sampling_draw
+from fastserve_jax.sampling_draw import cut_logits
 from fastserve_jax.scheduler import POLICIES, Limits, make_scheduler
 
 
@@ -252,8 +254,51 @@ def test_top_p_1_keeps_the_whole_tail():
     """float32's cumulative sum reaches 1 before a long tail ends, so `before < 1` dropped the
     last tokens of a 152k vocabulary (vLLM skips top-p at 1); top_p 0.9 still cuts."""
     logits = jnp.sort(jax.random.normal(jax.random.key(1), (1, 152_064)) * 8, axis=-1)[:, ::-1]
-    kept = lambda p: int(jnp.isfinite(top_k_top_p(logits, jnp.asarray([-1]), jnp.asarray([p], jnp.float32))).sum())
+    kept = lambda p: int(jnp.isfinite(cut_logits(logits, jnp.asarray([-1]), jnp.asarray([p], jnp.float32))).sum())
     assert kept(1.0) == 152_064 and kept(0.9) < 152_064
+
+
+def test_a_cut_is_the_same_found_among_the_candidates_or_by_bisection(monkeypatch):
+    """Each filter is a cut on the logit value, taken from a row's top CANDIDATES logits where
+    it lies among them and found by bisecting the float32 order otherwise (a flat top-p, a
+    large top-k): both keep the same tokens, and every token tied at top-p's cut stays."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 300)).astype(np.float32) * np.float32([[0.3], [1], [3], [3], [8], [1]])
+    x[5, :40] = 2.0
+    args = (jnp.asarray(x), jnp.asarray([-1, 7, -1, 120, 30, 25]), jnp.asarray([0.9, 1, 0.5, 0.8, 0.95, 0.3], jnp.float32),
+            jnp.asarray([0, 0, 0.01, 0, 0.02, 0], jnp.float32))
+    kept = []
+    for candidates in (300, 4):
+        monkeypatch.setattr(sampling_draw, "CANDIDATES", candidates)
+        kept.append(np.isfinite(np.asarray(jax.jit(lambda *a: cut_logits(*a))(*args))))
+    assert (kept[0] == kept[1]).all()
+    assert 4 < kept[0][0].sum() < 300 and kept[0][1].sum() == 7 and kept[0][5, :40].all()
+
+
+def test_a_seeded_row_draws_the_same_whichever_way_its_batch_is_cut():
+    """The batch decides whether the sampler orders any logits (not when no row filters), takes
+    the top candidates, or bisects (a row with a flat top-p or a top-k past the candidates); a
+    seeded row draws the same tokens alone and beside rows that take the other ways."""
+    rng = np.random.default_rng(4)
+    peaked, flat = rng.standard_normal(1000) * 4, rng.standard_normal(1000) * 0.1
+    rows = [(peaked, {}), (peaked, dict(top_p=0.9)), (peaked, dict(top_k=40, temp=0.7)), (flat, dict(top_p=0.9)),
+            (flat, dict(top_k=600, min_p=0.5))]
+    steps = 4
+    fn = jax.jit(sample, static_argnames=("greedy", "with_logprobs"))
+
+    def tokens(which):
+        pick = [rows[i] for i in which for _ in range(steps)]
+        f = lambda key, default, dt: jnp.asarray([kw.get(key, default) for _, kw in pick], dt)
+        s = SamplingArrays(f("temp", 1.0, jnp.float32), f("top_k", -1, jnp.int32), f("top_p", 1.0, jnp.float32),
+                           f("min_p", 0.0, jnp.float32), jnp.asarray([i for i in which for _ in range(steps)], jnp.uint32),
+                           jnp.asarray(list(range(steps)) * len(which), jnp.int32))
+        logits = jnp.asarray(np.stack([r for r, _ in pick]), jnp.float32)
+        return np.asarray(fn(logits, s, greedy=False, with_logprobs=False).tokens).reshape(len(which), steps)
+
+    together = tokens(range(len(rows)))
+    for i in range(len(rows)):
+        assert (tokens([i]) == together[i]).all(), i
+    assert len(set(together.ravel().tolist())) > 10
 
 
 def test_a_tiny_temperature_samples_the_argmax():
