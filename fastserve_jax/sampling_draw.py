@@ -17,7 +17,7 @@ the only thing a batch changes:
   whose top_k is at most CANDIDATES and whose top-p mass those candidates reach;
 - a row they do not settle (top_k above CANDIDATES, or top-p over a flat distribution) is cut
   by bisection over the float32 order (32 masked sums over its vocabulary), which runs only
-  when some row needs it (a lax.cond on the batch).
+  when some row needs it (a lax.cond on the batch, on the CPU; `_only_if`).
 
 Which way a row's cut is found depends on that row alone, so it is the same computation on the
 same values whichever branches the batch took.
@@ -47,6 +47,18 @@ def _argmax(y: jax.Array) -> jax.Array:
     if jax.default_backend() == "cpu":
         return jax.lax.top_k(y, 1)[1][..., 0]
     return jnp.argmax(y, axis=-1)
+
+
+def _only_if(pred: jax.Array, expensive, placeholder) -> jax.Array:
+    """expensive() where some row needs it (pred), else placeholder(), whose value no row reads.
+    A lax.cond on the CPU, where skipping the work is the gain; elsewhere expensive() always:
+    without command buffers XLA:GPU reads a conditional's predicate back to the host, which
+    would stall the host at every sampling step (async scheduling dispatches the next step
+    while the device runs this one), and the work is a few passes over the logits there.
+    Each row's choice is made by masks of its own, so the tokens are the same either way."""
+    if jax.default_backend() == "cpu":
+        return jax.lax.cond(pred, expensive, placeholder)
+    return expensive()
 
 
 def _order_key(f: jax.Array) -> jax.Array:
@@ -89,14 +101,14 @@ def cut_logits(x: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Arra
     k_on = live & (top_k > 0) & (top_k < v)
     p_on = live & (top_p < 1.0)
     m = min(CANDIDATES, v)
-    vals = jax.lax.cond(jnp.any(k_on | p_on), lambda: jax.lax.top_k(x, m)[0],
-                        lambda: jnp.full((n, m), -jnp.inf, x.dtype))  # (N, M) descending
+    vals = _only_if(jnp.any(k_on | p_on), lambda: jax.lax.top_k(x, m)[0],
+                    lambda: jnp.full((n, m), -jnp.inf, x.dtype))      # (N, M) descending
     # min-p and top-k: one floor, the larger of top + log(min_p) and the k-th largest logit
     kth = jnp.take_along_axis(vals, jnp.clip(top_k - 1, 0, m - 1)[:, None], axis=-1)[:, 0]
     k_deep = k_on & (top_k > m)
-    kth = jnp.where(k_deep, jax.lax.cond(jnp.any(k_deep), lambda: _lowest_cut(x, jnp.ones_like(x),
-                                                                              top_k.astype(x.dtype), top),
-                                         lambda: kth), kth)
+    kth = jnp.where(k_deep, _only_if(jnp.any(k_deep), lambda: _lowest_cut(x, jnp.ones_like(x),
+                                                                          top_k.astype(x.dtype), top),
+                                     lambda: kth), kth)
     floor = jnp.where(k_on, kth, -jnp.inf)
     if min_p is not None:
         floor = jnp.maximum(floor, top + jnp.log(min_p))              # -inf at min_p 0
@@ -107,8 +119,8 @@ def cut_logits(x: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Arra
     last = jnp.where(reached.any(-1), jnp.argmax(reached, axis=-1), m - 1)
     p_cut = jnp.take_along_axis(vals, last[:, None], axis=-1)[:, 0]
     p_deep = p_on & ~reached.any(-1) & (vals[:, -1] >= floor) & (m < v)
-    p_cut = jnp.where(p_deep, jax.lax.cond(jnp.any(p_deep), lambda: _lowest_cut(x, kept(x) / z[:, None], top_p, top),
-                                           lambda: p_cut), p_cut)
+    p_cut = jnp.where(p_deep, _only_if(jnp.any(p_deep), lambda: _lowest_cut(x, kept(x) / z[:, None], top_p, top),
+                                       lambda: p_cut), p_cut)
     cut = jnp.where(p_on, jnp.maximum(floor, p_cut), floor)
     return jnp.where(x >= cut[:, None], x, -jnp.inf)
 

@@ -275,7 +275,7 @@ def test_a_cut_is_the_same_found_among_the_candidates_or_by_bisection(monkeypatc
     assert 4 < kept[0][0].sum() < 300 and kept[0][1].sum() == 7 and kept[0][5, :40].all()
 
 
-def test_a_seeded_row_draws_the_same_whichever_way_its_batch_is_cut():
+def test_a_seeded_row_draws_the_same_whichever_way_its_batch_is_cut(monkeypatch):
     """The batch decides whether the sampler orders any logits (not when no row filters), takes
     the top candidates, or bisects (a row with a flat top-p or a top-k past the candidates); a
     seeded row draws the same tokens alone and beside rows that take the other ways."""
@@ -299,6 +299,11 @@ def test_a_seeded_row_draws_the_same_whichever_way_its_batch_is_cut():
     for i in range(len(rows)):
         assert (tokens([i]) == together[i]).all(), i
     assert len(set(together.ravel().tolist())) > 10
+    # off the CPU nothing is skipped (no lax.cond: XLA:GPU reads its predicate back to the
+    # host); each row still takes its own cut, so the tokens are the same
+    monkeypatch.setattr(sampling_draw, "_only_if", lambda pred, expensive, placeholder: expensive())
+    fn = jax.jit(lambda *a, **k: sample(*a, **k), static_argnames=("greedy", "with_logprobs"))   # traced anew
+    assert (tokens(range(len(rows))) == together).all() and (tokens([0]) == together[0]).all()
 
 
 def test_a_tiny_temperature_samples_the_argmax():
