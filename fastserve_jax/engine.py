@@ -199,6 +199,8 @@ class LLMEngine:
         req = self._requests.get(request_id)
         if req is not None:
             self._finish(req, "abort", time.monotonic())
+        while self._inflight and not self._requests:   # idle now: collect what is in flight (a server steps only
+            self._complete(self._inflight.popleft())   # for live requests; the next one's step counted the gap busy)
 
     def close(self) -> None:
         """Save what the engine learned (policy_state.py); it may still serve."""

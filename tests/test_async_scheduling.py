@@ -4,6 +4,8 @@ must be exactly the synchronous engine's, under preemption, swapping and every s
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -98,6 +100,29 @@ def test_async_scheduling_serves_exactly_what_the_synchronous_engine_does(tiny_c
         assert asyn.swap_out_blocks > 0
     else:
         assert asyn.recomputations > 0
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(async_scheduling=False, batches_in_flight=2)])
+def test_aborting_the_last_live_request_leaves_no_batch_in_flight(tiny_checkpoints, kw):
+    """Async scheduling, and pipeline mode's batches: an abort that leaves no live request
+    collects what is still in flight. A server steps only while requests are live, so the batch
+    waited for the next request, and its time (from the collection before it) then counted the
+    idle gap as busy and as one step of the swap policy's step time (2 s idle: busy +2.0 s, step
+    time 0.025 -> 0.42 s)."""
+    llm = LLM(tiny_checkpoints("llama"), warmup=False, **dict(ENGINE_KW, **kw))
+    e = llm.engine
+    greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    req = e.add_request([5, 6, 7, 8], greedy)
+    for _ in range(3):
+        e.step()
+    assert e._inflight
+    e.abort(req.request_id)
+    assert not e._inflight and not e.has_unfinished() and e.kv.num_used_blocks == 0
+    busy = e.stats.busy
+    time.sleep(0.3)                      # idle
+    e.add_request([5, 6, 7, 8], greedy)
+    e.step()
+    assert e.stats.busy - busy < 0.3
 
 
 def test_demo_model_counts_exactly_under_async_scheduling_with_swapping():
