@@ -24,6 +24,7 @@ import queue
 from collections import OrderedDict, deque
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -139,8 +140,11 @@ class StageActivity:
         # 0's next output only after the previous launch cleared the last stage)
         self._todo = [queue.SimpleQueue() for _ in range(num_stages)]
         self._lock = threading.Lock()
-        for s in range(num_stages):
-            threading.Thread(target=self._watch, args=(s,), name=f"stage-activity-{s}", daemon=True).start()
+        # The watchers hold only their queues, so a dropped engine's record is freed, and then
+        # tells them to end (they held it, and each its last output, for the process's life).
+        for s, todo in enumerate(self._todo):
+            threading.Thread(target=_watch, args=(todo,), name=f"stage-activity-{s}", daemon=True).start()
+        weakref.finalize(self, _stop_watchers, self._todo)
 
     def begin(self, batch: int) -> LaunchRecord:
         rec = LaunchRecord(batch, time.perf_counter(), [None] * self.num_stages)
@@ -150,19 +154,12 @@ class StageActivity:
 
     def output(self, launch: LaunchRecord, stage: int, out) -> None:
         """`out` is stage `stage`'s output for `launch`; its readiness is recorded."""
-        self._todo[stage].put((launch, out))
+        self._todo[stage].put((launch, stage, out))
 
     def collect(self, batch: int) -> None:
         self.collected[batch] = time.perf_counter()
         while len(self.collected) > self._keep:
             self.collected.popitem(last=False)
-
-    def _watch(self, stage: int) -> None:
-        while True:
-            launch, out = self._todo[stage].get()
-            jax.block_until_ready(out)
-            t = time.perf_counter()
-            launch.ready[stage] = t
 
     def wait(self) -> None:
         """Until every recorded output is ready."""
@@ -223,6 +220,21 @@ class StageActivity:
                     time_with_2plus_batches=in_flight["at_least_2"],
                     held_in_flight_mean=held["mean"], held_in_flight_max=held["max"],
                     time_with_2plus_stages_busy=stage_busy["at_least_2"])
+
+
+def _watch(todo: queue.SimpleQueue) -> None:
+    """One stage's watcher: stamps each (record, stage, output) when the output is ready, in
+    order, until it gets None."""
+    while (item := todo.get()) is not None:
+        launch, stage, out = item
+        jax.block_until_ready(out)
+        launch.ready[stage] = time.perf_counter()
+        del item, launch, out                 # hold no output while waiting for the next
+
+
+def _stop_watchers(todos: list[queue.SimpleQueue]) -> None:
+    for todo in todos:
+        todo.put(None)
 
 
 def _time_weighted(intervals: list[tuple[float, float]], t0: float, t1: float) -> dict:
