@@ -14,7 +14,8 @@ It checks:
 - the KV ledger after every step and every abort (KVManager.check_integrity);
 - that the engine finishes within 4,000 steps, 60 per request in the templated seeds (no
   livelock or deadlock);
-- that both pools end empty;
+- that both pools end empty and no batch is left in flight (an abort of the last live request
+  collects what is in flight);
 - every request not aborted gets the tokens of an fcfs engine whose pool holds everything,
   up to a tie: where the two first differ, the reference's top two tokens must be this
   run's token and the reference's, with logprobs within TIE (a near-tie's argmax can flip
@@ -28,13 +29,14 @@ It checks:
     python scripts/fuzz_engine.py 0 200 --jobs 2
 
 It uses a random-weight tiny Llama (models/random_checkpoint.py). Exit status 1 if any
-seed failed.
+seed failed. scripts/fuzz_parallel.py runs the same seeds under tensor and pipeline parallelism.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import os
 import random
 import sys
@@ -125,10 +127,10 @@ def learned_config(rng: random.Random):
                            prompt_neighbors=rng.choice([0, 4, 16]))
 
 
-def reference(prompts, maxes):
+def reference(prompts, maxes, path: str | None = None):
     from fastserve_jax import LLM, SamplingParams
 
-    llm = LLM(checkpoint(), num_device_blocks=200, scheduler="fcfs", max_num_seqs=8, max_num_batched_tokens=64, **BASE)
+    llm = LLM(path or checkpoint(), num_device_blocks=200, scheduler="fcfs", max_num_seqs=8, max_num_batched_tokens=64, **BASE)
     return llm.generate(prompts, [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True, logprobs=2,
                                                  prompt_logprobs=PROMPT_TOP) for m in maxes])
 
@@ -157,13 +159,19 @@ def mismatch(got: list[int], ref) -> str | None:
 
 def run_seed(seed: int) -> str:
     """One seed; returns a summary line, raises on a failed check."""
+    return check_seed(seed, *draw(seed), checkpoint())
+
+
+def check_seed(seed: int, cfg: dict, prompts: list[list[int]], maxes: list[int], path: str, **engine) -> str:
+    """Serve one drawn seed on the model at `path` (`engine`: more engine options, e.g. a mesh)
+    and check it against the ample single-device run; returns the summary line."""
     from fastserve_jax import LLM, SamplingParams
     from fastserve_jax.request import RequestStatus
 
-    cfg, prompts, maxes = draw(seed)
-    refs = reference(prompts, maxes)
+    refs = reference(prompts, maxes, path)
+    cfg = dict(cfg)
     fused_blocks = cfg.pop("fused_blocks")
-    e = LLM(checkpoint(), **BASE, **cfg).engine
+    e = LLM(path, **BASE, **cfg, **engine).engine
     t = e.runner.transfer
     if t is not None and fused_blocks is not None:       # no warm-up (BASE): the copies compile as they come
         t.fused_max_bytes = fused_blocks * t._block_share(e.runner.caches)
@@ -173,6 +181,7 @@ def run_seed(seed: int) -> str:
                                             prompt_logprobs=PROMPT_TOP if asks.random() < PROMPT_SHARE else None))
             for p, m in zip(prompts, maxes)]
     aborted: set[str] = set()
+    hit_in_flight = 0                          # aborts of a request whose batch was not collected yet
     steps, limit = 0, max(4000, 60 * len(reqs))
     while e.has_unfinished():
         e.step()
@@ -182,6 +191,7 @@ def run_seed(seed: int) -> str:
             live = [r for r in reqs if r.status is not RequestStatus.FINISHED]
             if live:
                 r = rng.choice(live)
+                hit_in_flight += r.in_flight
                 e.abort(r.request_id)
                 aborted.add(r.request_id)
                 e.kv.check_integrity()
@@ -194,13 +204,16 @@ def run_seed(seed: int) -> str:
             why = prompt_mismatch(r.prompt_logprobs, ref)
         if why:
             raise RuntimeError(f"seed {seed}: {r.request_id} differs from the ample run at {why} ({cfg})")
-    if e.kv.num_used_blocks or e.kv.num_host_used_blocks:
+    if e.kv.num_used_blocks or e.kv.num_host_used_blocks or e._inflight:
         raise RuntimeError(f"seed {seed}: {e.kv.num_used_blocks} device and {e.kv.num_host_used_blocks} host blocks "
-                           f"left in use ({cfg})")
-    return (f"{seed} ok: {steps} steps, {len(reqs)} requests, {len(aborted)} aborted, {cfg['scheduler']}"
+                           f"left in use, {len(e._inflight)} batches in flight ({cfg})")
+    st = e.stats
+    return (f"{seed} ok: {steps} steps, {len(reqs)} requests, {len(aborted)} aborted ({hit_in_flight} in flight), "
+            f"{st.swap_out_blocks}/{st.swap_in_blocks} blocks swapped out/in, {st.recomputations} recomputed, "
+            f"{cfg['scheduler']}"
             f"{learned_state(e.scheduler) if 'scheduler_config' in cfg else ''}/"
             f"{cfg['swap_policy']}, {cfg['num_device_blocks']}+{cfg['num_host_blocks']} blocks, "
-            f"async {cfg['async_scheduling']}, fused {'all' if fused_blocks is None else f'<= {fused_blocks} blocks'}, "
+            f"async {e.cfg.async_scheduling}, fused {'all' if fused_blocks is None else f'<= {fused_blocks} blocks'}, "
             f"prompt logprobs {len(checked)} ({sum(r.num_preemptions > 0 for r in checked)} preempted)")
 
 
@@ -215,15 +228,16 @@ def learned_state(sched) -> str:
     return f" ({', '.join(parts) or 'not learned'})"
 
 
-def _safe(seed: int) -> tuple[bool, str]:
+def _safe(seed: int, run=run_seed) -> tuple[bool, str]:
     try:
-        return True, run_seed(seed)
+        return True, run(seed)
     except Exception:
         return False, f"{seed} FAILED\n{traceback.format_exc()}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, run=run_seed, doc: str = __doc__) -> int:
+    """Run seeds [first, end) through `run` (run_seed, or scripts/fuzz_parallel.py's)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("first", type=int)
     ap.add_argument("end", type=int, help="one past the last seed")
     ap.add_argument("--jobs", type=int, default=1)
@@ -232,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with concurrent.futures.ProcessPoolExecutor(a.jobs) as pool:
         # each seed's line as soon as it and the seeds before it are done (a long run shows progress)
-        for ok, line in (pool.map(_safe, seeds) if a.jobs > 1 else map(_safe, seeds)):
+        safe = functools.partial(_safe, run=run)
+        for ok, line in (pool.map(safe, seeds) if a.jobs > 1 else map(safe, seeds)):
             results.append(ok)
             print(line, flush=True)
     failed = results.count(False)

@@ -61,3 +61,30 @@ def test_fuzz_seeds_pass():
     assert all(" ok: " in line for line in lines)
     assert any(" preempted)" in line and "(0 preempted)" not in line for line in lines), lines
     assert any("(learned" in line for line in lines)
+
+
+def test_parallel_seeds_draw_every_layout_and_a_model_that_splits_that_way():
+    """scripts/fuzz_parallel.py: tp and pp in {1, 2} (never both 1: fuzz_engine's seeds), each
+    model's head counts, layers and MLP width divisible as the layout needs, pp's batches in flight."""
+    import fuzz_parallel
+    from fastserve_jax.models.random_checkpoint import PRESETS
+    from fastserve_jax.sharding.parallel_config import ParallelConfig
+
+    drawn = [fuzz_parallel.draw_layout(seed) for seed in range(60)]
+    assert {(o["tensor_parallel_size"], o["pipeline_parallel_size"]) for _, o in drawn} == {(1, 2), (2, 1), (2, 2)}
+    assert {name for name, _ in drawn} == set(fuzz_parallel.MODELS)
+    assert {o.get("batches_in_flight") for _, o in drawn if o["pipeline_parallel_size"] > 1} == {0, 1, 3}
+    for name, o in drawn:
+        arch, overrides = fuzz_parallel.MODELS[name]
+        c = {**PRESETS[arch][1], **overrides}
+        ParallelConfig(o["tensor_parallel_size"], o["pipeline_parallel_size"]).check_model(
+            c["num_hidden_layers"], c["num_attention_heads"], c.get("intermediate_size", c.get("ffn_dim")))
+        assert c["vocab_size"] > 250                     # the prompts' token ids
+
+
+@pytest.mark.slow
+def test_parallel_fuzz_seeds_pass():
+    import fuzz_parallel
+
+    lines = [fuzz_parallel.run_seed(seed) for seed in range(4)]
+    assert all(" ok: " in line for line in lines)
