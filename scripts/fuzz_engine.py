@@ -191,7 +191,7 @@ def check_seed(seed: int, cfg: dict, prompts: list[list[int]], maxes: list[int],
             live = [r for r in reqs if r.status is not RequestStatus.FINISHED]
             if live:
                 r = rng.choice(live)
-                hit_in_flight += r.in_flight
+                hit_in_flight += any(x.request is r for f in e._inflight for x in f.plan.scheduled)
                 e.abort(r.request_id)
                 aborted.add(r.request_id)
                 e.kv.check_integrity()
