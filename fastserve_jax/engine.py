@@ -210,8 +210,7 @@ class LLMEngine:
         return bool(self._requests)
 
     def snapshot(self) -> dict:
-        """Gauges and counters for monitoring (serve/ exports them as Prometheus metrics);
-        see stats.snapshot."""
+        """Gauges and counters for monitoring (stats.snapshot; serve/ exports them to Prometheus)."""
         return {**snapshot(self.stats, self._requests, self._last_scheduled, self.kv, self.scheduler),
                 **(self.predictor.metrics() if self.predictor is not None else {})}
 
