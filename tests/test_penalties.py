@@ -47,18 +47,21 @@ def test_penalties_on_literal_arrays():
     np.testing.assert_allclose(got, [[3.5, 0.5, 3.0, -np.inf], [1.0, 1.0, 103.0, 4.0]])
 
 
+_jsample = jax.jit(sample, static_argnames=("greedy", "with_logprobs"))   # op by op it took seconds
+
+
 def test_penalties_change_greedy_choice_but_not_logprobs():
     logits = jnp.full((1, 24), -10.0, jnp.float32).at[0, :3].set(jnp.asarray([0.0, 5.0, 4.0]))
     hist = jnp.asarray([[1, 1, -1]], jnp.int32)
-    plain = sample(logits, _arrays(1), greedy=True, with_logprobs=True)
-    pen = sample(logits, _arrays(1), _pen([0.0], [1.0], hist), greedy=True, with_logprobs=True)
+    plain = _jsample(logits, _arrays(1), greedy=True, with_logprobs=True)
+    pen = _jsample(logits, _arrays(1), _pen([0.0], [1.0], hist), greedy=True, with_logprobs=True)
     assert int(plain.tokens[0]) == 1 and int(pen.tokens[0]) == 2      # 5 - 2*1 = 3 < 4
     raw = np.asarray(logits - jnp.log(jnp.exp(logits).sum()))
     assert abs(float(pen.logprob[0]) - raw[0, 2]) < 1e-5              # logprobs stay the raw model's
-    zero = sample(logits, _arrays(1), _pen([0.0], [0.0], hist), greedy=True, with_logprobs=False)
+    zero = _jsample(logits, _arrays(1), _pen([0.0], [0.0], hist), greedy=True, with_logprobs=False)
     assert int(zero.tokens[0]) == 1
     for greedy in (True, False):                 # a banned token is never drawn, in either mode
-        banned = sample(jnp.tile(logits, (64, 1)), _arrays(64)._replace(seed=jnp.arange(64, dtype=jnp.uint32)),
+        banned = _jsample(jnp.tile(logits, (64, 1)), _arrays(64)._replace(seed=jnp.arange(64, dtype=jnp.uint32)),
                         _pen([0.0] * 64, [0.0] * 64, jnp.tile(hist, (64, 1)), [{1: -np.inf, 2: -np.inf}] * 64),
                         greedy=greedy, with_logprobs=False)
         assert not set(np.asarray(banned.tokens).tolist()) & {1, 2}

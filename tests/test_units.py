@@ -200,6 +200,11 @@ def test_block_buckets_scale_with_the_models_weight_to_kv_ratio():
 
 
 # -- device sampling --------------------------------------------------------------------------
+# jitted once: the sampler run op by op (its bisection loops and conds each dispatched) took
+# 4.8 s over test_sampling_top_k_and_seed's 62 calls
+_jsample = jax.jit(sample, static_argnames=("greedy", "with_logprobs"))
+
+
 def _arrays(n, temp=1.0, top_k=-1, top_p=1.0, seed=0, step=0, min_p=0.0):
     f = lambda v, dt: jnp.full((n,), v, dt)
     return SamplingArrays(f(temp, jnp.float32), f(top_k, jnp.int32), f(top_p, jnp.float32), f(min_p, jnp.float32),
@@ -209,21 +214,21 @@ def _arrays(n, temp=1.0, top_k=-1, top_p=1.0, seed=0, step=0, min_p=0.0):
 def test_sampling_greedy_and_degenerate_filters_agree():
     logits = jnp.asarray(np.random.default_rng(0).standard_normal((4, 50)), jnp.float32)
     want = np.argmax(np.asarray(logits), -1)
-    assert (np.asarray(sample(logits, _arrays(4), greedy=True, with_logprobs=False).tokens) == want).all()
-    assert (np.asarray(sample(logits, _arrays(4, temp=0.0), greedy=False, with_logprobs=False).tokens) == want).all()
-    assert (np.asarray(sample(logits, _arrays(4, top_k=1), greedy=False, with_logprobs=False).tokens) == want).all()
-    assert (np.asarray(sample(logits, _arrays(4, top_p=1e-6), greedy=False, with_logprobs=False).tokens) == want).all()
+    assert (np.asarray(_jsample(logits, _arrays(4), greedy=True, with_logprobs=False).tokens) == want).all()
+    assert (np.asarray(_jsample(logits, _arrays(4, temp=0.0), greedy=False, with_logprobs=False).tokens) == want).all()
+    assert (np.asarray(_jsample(logits, _arrays(4, top_k=1), greedy=False, with_logprobs=False).tokens) == want).all()
+    assert (np.asarray(_jsample(logits, _arrays(4, top_p=1e-6), greedy=False, with_logprobs=False).tokens) == want).all()
 
 
 def test_sampling_top_k_and_seed():
     logits = jnp.zeros((1, 10), jnp.float32).at[0, :3].set(5.0)
     seen = set()
     for step in range(60):
-        out = sample(logits, _arrays(1, top_k=3, seed=1, step=step), greedy=False, with_logprobs=False)
+        out = _jsample(logits, _arrays(1, top_k=3, seed=1, step=step), greedy=False, with_logprobs=False)
         seen.add(int(out.tokens[0]))
     assert seen == {0, 1, 2}
-    a = sample(logits, _arrays(1, seed=5, step=3), greedy=False, with_logprobs=False).tokens
-    b = sample(logits, _arrays(1, seed=5, step=3), greedy=False, with_logprobs=False).tokens
+    a = _jsample(logits, _arrays(1, seed=5, step=3), greedy=False, with_logprobs=False).tokens
+    b = _jsample(logits, _arrays(1, seed=5, step=3), greedy=False, with_logprobs=False).tokens
     assert int(a[0]) == int(b[0])
 
 
@@ -231,7 +236,7 @@ def _draws(logits, n=64, **kw):
     """The tokens n rows of one logits row draw, row i with seed i."""
     rows = jnp.tile(jnp.asarray(logits, jnp.float32)[None], (n, 1))
     s = _arrays(n, **kw)._replace(seed=jnp.arange(n, dtype=jnp.uint32))
-    return np.asarray(sample(rows, s, greedy=False, with_logprobs=False).tokens)
+    return np.asarray(_jsample(rows, s, greedy=False, with_logprobs=False).tokens)
 
 
 def test_top_p_applies_to_the_top_k_distribution():
@@ -315,7 +320,7 @@ def test_a_tiny_temperature_samples_the_argmax():
 
 def test_sampling_logprobs():
     logits = jnp.log(jnp.asarray([[0.5, 0.25, 0.25] + [1e-9] * 30], jnp.float32))
-    out = sample(logits, _arrays(1), greedy=True, with_logprobs=True)
+    out = _jsample(logits, _arrays(1), greedy=True, with_logprobs=True)
     assert int(out.tokens[0]) == 0
     assert abs(float(out.logprob[0]) - np.log(0.5)) < 1e-4
     assert int(out.top_ids[0, 0]) == 0 and abs(float(out.top_logprobs[0, 1]) - np.log(0.25)) < 1e-4
