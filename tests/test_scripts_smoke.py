@@ -171,6 +171,7 @@ def test_make_heavy_tail_trace(tmp_path):
     assert len(dest.read_text().splitlines()) > 100
 
 
+@pytest.mark.slow   # 12 s; test_parallel.py holds the tp/pp layouts to one device's tokens
 def test_bench_pipeline_tiny():
     """Tensor and pipeline parallel on two virtual CPU devices: every layout gives the
     single device's tokens (the table's last column)."""
