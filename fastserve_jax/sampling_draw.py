@@ -52,9 +52,10 @@ def _argmax(y: jax.Array) -> jax.Array:
 def _only_if(pred: jax.Array, expensive, placeholder) -> jax.Array:
     """expensive() where some row needs it (pred), else placeholder(), whose value no row reads.
     A lax.cond on the CPU, where skipping the work is the gain; elsewhere expensive() always:
-    without command buffers XLA:GPU reads a conditional's predicate back to the host, which
-    would stall the host at every sampling step (async scheduling dispatches the next step
-    while the device runs this one), and the work is a few passes over the logits there.
+    XLA:GPU can read a conditional's predicate back to the host (its conditional outside
+    command buffers; not measured here, no GPU was lent), which would stall the host at every
+    sampling step (async scheduling dispatches the next step while the device runs this one),
+    and the work is a few passes over the logits there.
     Each row's choice is made by masks of its own, so the tokens are the same either way."""
     if jax.default_backend() == "cpu":
         return jax.lax.cond(pred, expensive, placeholder)

@@ -57,12 +57,13 @@ class Formatter:
 
     def __init__(self, chat: bool, model: str, tokenizer, logprobs: int | None, echo: list[str] | None = None,
                  usage_prompt_tokens: list[int] | None = None, echo_ids: list[list[int]] | None = None,
-                 skip_special_tokens: bool = True) -> None:
+                 skip_special_tokens: bool = True, prompt_only: bool = False) -> None:
         """echo: per choice, the text written before its first text (completions);
         usage_prompt_tokens: per choice, its prompt's tokens, to put usage on every chunk;
         echo_ids: per choice, its prompt's token ids, whose logprobs come before the generated
         tokens' (completions with echo and logprobs); skip_special_tokens: the request's, whether
-        generated special tokens are left out of the text (text_offset then gives them no room)."""
+        generated special tokens are left out of the text (text_offset then gives them no room);
+        prompt_only: Job.prompt_only, `view` drops the generated token."""
         self.chat = chat
         self.model = model
         self.tokenizer = tokenizer
@@ -77,7 +78,7 @@ class Formatter:
         self._echo: dict[int, str] = dict(enumerate(echo or []))      # popped once written
         self._usage_prompt_tokens = usage_prompt_tokens
         self._echo_ids = echo_ids
-        self.prompt_only = False      # Job.prompt_only: `view` drops the generated token
+        self.prompt_only = prompt_only
 
     @classmethod
     def for_job(cls, job: Job, model: str, tokenizer, prepared: list[tuple[list[int], SamplingParams]]) -> "Formatter":
@@ -89,9 +90,8 @@ class Formatter:
             echo = [t for t in texts for _ in range(job.n)]
         counts = [len(ids) for ids, _ in prepared] if job.continuous_usage else None
         echo_ids = [ids for ids, _ in prepared] if job.echo and job.logprobs is not None else None
-        fmt = cls(job.chat, model, tokenizer, job.logprobs, echo, counts, echo_ids, job.skip_special_tokens)
-        fmt.prompt_only = job.prompt_only
-        return fmt
+        return cls(job.chat, model, tokenizer, job.logprobs, echo, counts, echo_ids, job.skip_special_tokens,
+                   job.prompt_only)
 
     def view(self, d: Delta) -> Delta:
         """The delta as the client sees it: with Job.prompt_only (max_tokens 0 with echo) the
