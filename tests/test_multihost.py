@@ -55,7 +55,7 @@ def test_two_processes_serve_a_request_end_to_end(tmp_path, backend, tp, pp, war
         http, coord = _free_ports(2)
     common = ["-m", "fastserve_jax", "serve", "--port", str(http), "--coordinator-address", f"127.0.0.1:{coord}",
               "--num-processes", "2", "-tp", str(tp), "-pp", str(pp), "--scheduler", "fcfs", "--max-num-seqs", "4",
-              "--max-num-batched-tokens", "64", "--max-model-len", "256", "--num-device-blocks", "9", "--block-size", "8",
+              "--max-num-batched-tokens", "32", "--max-model-len", "128", "--num-device-blocks", "9", "--block-size", "8",
               "--warmup", warmup, "--log-level", "info", "--attention-backend", backend]
     env = dict(os.environ, FASTSERVE_LOCAL_DEVICE_COUNT=str(tp * pp // 2), PYTHONPATH=ROOT)
     # the parent's virtual device count must not reach the children; its optimisation level may
