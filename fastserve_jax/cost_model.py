@@ -8,6 +8,13 @@ is a small table, interpolated piecewise-linearly (extrapolated along the last s
     decode_context      extra seconds per context token a decode launch reads (summed over rows)
     prefill_context     extra seconds per (chunk token x earlier-context token) pair: attention
                         of a prefill chunk over what is already in the cache
+    prefill_self_attention
+                        True where the prefill table leaves out a launch's attention over its
+                        own tokens (a table of matmuls, as opt-13b-a100's roofline):
+                        iteration_time then adds prefill_context x k^2/2 per chunk of k
+                        tokens. False for a profile (cost_profile.py), whose times measured
+                        it: adding it again charged a 256-token demo-cpu prefill 24.6 ms
+                        against the 20.0 ms measured
     kv_bytes_per_token  K and V of one token over all layers (what a swap moves per token)
     swap_bandwidth      bytes per second of one device<->host copy direction; swap_latency
                         the fixed seconds of one copy (the simulator's transfer-time model)
@@ -82,6 +89,7 @@ class CostModel:
     decode_seconds: tuple[float, ...]
     decode_context: float = 0.0          # s per context token read by a decode launch
     prefill_context: float = 0.0         # s per (chunk token x earlier context token)
+    prefill_self_attention: bool = True  # False: the prefill table holds a chunk's attention over itself
     kv_capacity_tokens: int = 0          # KV slots the device holds next to the weights (0: unknown)
     kv_bytes_per_token: int = 0          # 0: unknown
     swap_bandwidth: float = 0.0          # bytes/s per direction (0: unknown)
@@ -108,6 +116,9 @@ class CostModel:
                 raise ValueError(f"cost model {self.name!r}: {xs_name} must be strictly increasing and >= 1, got {xs}")
             if any(y <= 0 for y in ys):
                 raise ValueError(f"cost model {self.name!r}: {ys_name} must be positive, got {ys}")
+        if not isinstance(self.prefill_self_attention, bool):
+            raise ValueError(f"cost model {self.name!r}: prefill_self_attention is true or false, "
+                             f"got {self.prefill_self_attention!r}")
         for name in ("decode_row_buckets", "prefill_token_buckets", "block_buckets"):
             b = tuple(int(x) for x in getattr(self, name))
             object.__setattr__(self, name, b)
@@ -173,7 +184,8 @@ class CostModel:
         if prefill_chunks:
             n = sum(c[0] for c in prefill_chunks)
             t += _interp(_pad(n, self.prefill_token_buckets), self.prefill_tokens, self.prefill_seconds)
-            t += self.prefill_context * sum(k * (c + k / 2) for k, c in prefill_chunks)
+            own = 0.5 if self.prefill_self_attention else 0.0
+            t += self.prefill_context * sum(k * (c + own * k) for k, c in prefill_chunks)
         return t
 
     def swap_time(self, num_tokens: int) -> float:

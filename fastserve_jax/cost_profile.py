@@ -51,7 +51,8 @@ from fastserve_jax.scheduler.base import ScheduledRequest
 
 log = logging.getLogger(__name__)
 
-_VERSION = 3                     # 2: launch padding in the model; 3: packed prefill probes, reachable buckets only
+_VERSION = 4                     # 2: launch padding in the model; 3: packed prefill probes, reachable buckets only;
+                                 # 4: prefill_self_attention False (the table holds it)
 PROVISIONAL = "-provisional"     # name suffix of a model timed on a covering set's padded launches
 
 
@@ -218,7 +219,7 @@ def _measure(engine, repeats: int, sparse: bool) -> CostModel:
     return CostModel(
         name=f"profiled-{engine.model_cfg.arch}-{dev.platform}", prefill_tokens=tuple(pre_t),
         prefill_seconds=tuple(pre_s), decode_batch=tuple(dec_b), decode_seconds=tuple(dec_s),
-        decode_context=decode_context, prefill_context=prefill_context,
+        decode_context=decode_context, prefill_context=prefill_context, prefill_self_attention=False,
         kv_capacity_tokens=kv.num_usable_blocks * bs, **padding,
         source=f"profiled by fastserve_jax.cost_profile on {dev.device_kind} ({dev.platform}), median of "
                f"{repeats} runs per point, {engine.model_cfg.arch} {engine.model_cfg.num_layers} layers "

@@ -42,6 +42,17 @@ def test_iteration_time_is_decode_launch_plus_one_packed_prefill_launch():
         pytest.approx(T.iteration_time([5], [(60, 40)]))
 
 
+def test_a_profiled_table_is_not_charged_its_prefills_own_attention_twice():
+    # a profile's prefill times measured each launch's attention over its own tokens, so one
+    # chunk with nothing cached costs what the table says; a table of matmuls adds k^2/2 pairs
+    prof = dataclasses.replace(T, prefill_self_attention=False)
+    assert prof.iteration_time([], [(100, 0)]) == pytest.approx(2.0)
+    assert T.iteration_time([], [(100, 0)]) == pytest.approx(2.0 + 0.001 * 100 * 50)
+    assert prof.iteration_time([], [(60, 40), (40, 0)]) == pytest.approx(2.0 + 0.001 * 60 * 40)
+    assert not CostModel.load("demo-cpu").prefill_self_attention        # profiled
+    assert CostModel.load("opt-13b-a100").prefill_self_attention        # a roofline of matmuls
+
+
 def test_iteration_overhead_is_added_to_every_iteration_and_to_nothing_else():
     o = dataclasses.replace(T, iteration_overhead=0.25)
     assert o.iteration_time([5, 15], [(60, 40)]) == pytest.approx(T.iteration_time([5, 15], [(60, 40)]) + 0.25)
@@ -84,6 +95,7 @@ def test_padded_launches_cost_their_bucket():
     (dict(decode_context=-1.0), ">= 0"),
     (dict(iteration_overhead=-1e-3), "iteration_overhead must be >= 0"),
     (dict(iteration_overhead=float("nan")), "iteration_overhead must be >= 0"),
+    (dict(prefill_self_attention="no"), "true or false"),
 ])
 def test_rejects_bad_tables(bad, match):
     kw = dict(name="b", prefill_tokens=(10, 20), prefill_seconds=(1.0, 2.0), decode_batch=(1, 2),
@@ -150,6 +162,7 @@ def test_profile_engine_times_the_runner_and_caches(tiny_checkpoints, tmp_path, 
     assert cm.prefill_tokens == eng.cfg.prefill_token_buckets and cm.decode_batch == eng.cfg.decode_batch_buckets
     assert all(s > 0 for s in cm.prefill_seconds + cm.decode_seconds)
     assert cm.kv_capacity_tokens == eng.kv.num_usable_blocks * 8
+    assert not cm.prefill_self_attention          # its prefill times hold their own attention
     assert eng.kv.num_free_blocks == eng.kv.num_usable_blocks       # every borrowed block is back
     eng.kv.check_integrity()
     cached = list((tmp_path / "cost_models").glob("*.json"))
