@@ -10,7 +10,8 @@ place of the device and its transfer-time model (bytes over bandwidth) in place 
        charged to the stall credit) -> the swap policy's moves ahead, issued with the step
     -> now += cost_model.iteration_time(plan) + swap_issue_seconds per copy issued (+ the
        host time of the policy's own calls with SimConfig.host_time_scale; with
-       SimConfig.async_scheduling the longer of the launch and all that host work)
+       SimConfig.async_scheduling the host work runs beside the launch dispatched before, as
+       in LLMEngine.step: see read_later)
     -> num_computed_tokens += n; a chunk that reaches the end of a request samples a token
        (with async scheduling, first tokens and finishes are stamped when the engine would
        read them, during the next iteration: read_later)
@@ -119,13 +120,15 @@ def advance(plan: Plan, now: float, stamped: list[Request] | None = None) -> lis
 def read_later(stamped: list[Request], t: float) -> None:
     """Async scheduling: the engine reads batch N's tokens in the next step, once it has planned
     and dispatched batch N + 1 and N's launch is done (LLMEngine.step), so the first tokens and
-    finishes that iteration N stamped at its end (`stamped`: those requests) are seen at `t`.
-    In the simulator's iteration N + 1 that is after its host work before the launch (p: the
-    policy's calls, the swap copies it issues, iteration_overhead) or, where the launch is the
-    longer, after the launch less the host work that follows the read (q: the last
-    iteration's updates): max(p, launch - q), at most the iteration. With the launch the
-    longer, a request's first token comes about two launches after it is planned, as the
-    engine's does, against one in the synchronous loop."""
+    finishes that iteration N stamped at its end (`stamped`: those requests) are seen at `t`:
+    in iteration N + 1, after its host work before the dispatch (p: the policy's calls, the
+    swap copies it issues, iteration_overhead) or when launch N ends, whichever is later; the
+    last iteration's updates (q) follow the read. The step that starts a busy period has no
+    batch to read: it dispatches and returns, so its launch runs beside the next step's host
+    work. The last batch of a busy period is read when its launch ends. With the launch the
+    longer, a request planned in a busy period's first step has its first token one launch
+    after it is dispatched, one planned later about two launches after it is planned, as in
+    the engine, against one in the synchronous loop."""
     for r in stamped:
         m = r.metrics
         if len(r.output_token_ids) == 1:
@@ -203,7 +206,8 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
     clock = time.perf_counter
     wall0 = clock()
     now, nxt, live, policy_host, launches = 0.0, 0, 0, 0.0, 0.0
-    carried = 0.0                                      # async: the last iteration's updates, on the next launch
+    carried = 0.0                                      # async: the last iteration's updates, after the next read
+    launch_end: float | None = None                    # async: when the batch not yet read ends its launch
     stamped: list[Request] | None = []                 # async: first tokens and finishes of the last iteration
     iterations = preemptions = seqs = max_batch = max_tokens = max_blocks = 0
     while nxt < len(reqs) or live:
@@ -218,6 +222,11 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
             nxt += 1
             live += 1
         if not live:
+            if launch_end is not None:                 # async: the engine's next step reads the last batch
+                read_later(stamped, launch_end)
+                counts.busy_seconds += max(0.0, launch_end - now)
+                now, launch_end, carried, stamped = max(now, launch_end), None, 0.0, []
+                continue                               # arrivals while it waited are planned next
             now, carried, stamped = reqs[nxt].arrival_time, 0.0, []    # the last updates ran while nothing was live
             continue
         t_start = now
@@ -266,7 +275,8 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         h0 = clock()
         ahead = swap.plan_ahead(plan, live_reqs, sched, now)
         moves = apply_ahead(ahead, kv)                 # empty when nothing is planned
-        host += clock() - h0
+        host_ahead = clock() - h0
+        host += host_ahead
         for c in moves.swap_out:
             out_ready[c.request.request_id] = links.out(now, c.num_blocks)
             counts.blocks_out += c.num_blocks
@@ -285,10 +295,20 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         launches += launch
         host_seconds = issued * cost.swap_issue_seconds + cfg.host_time_scale * host     # 0.0 exactly by default
         if cfg.async_scheduling:
+            # LLMEngine.step: host work, the dispatch, the swap policy's moves (post), the read of
+            # the last batch once its launch is done, then its updates (carried); the device runs
+            # the launches in order. The shorter side's unhidden share (async_overlap) slows the longer.
+            post = len(moves.swap_out + moves.swap_in) * cost.swap_issue_seconds + cfg.host_time_scale * host_ahead
             beside = cost.iteration_overhead + host_seconds + carried
-            dt = max(launch, beside) + (1.0 - cfg.async_overlap) * min(launch, beside)
-            # the last iteration's tokens are read once this one is dispatched and that one's launch is done
-            read_later(stamped, now + min(dt, max(cost.iteration_overhead + host_seconds, launch - carried)))
+            shared = (1.0 - cfg.async_overlap) * min(launch, beside)
+            dispatch = now + cost.iteration_overhead + host_seconds - post
+            done = dispatch + post + (shared if beside > launch else 0.0)    # the host work before the read
+            if launch_end is None:                     # a busy period's first step: nothing to read
+                dt = done - now
+            else:
+                read_later(stamped, max(done, launch_end))
+                dt = max(done, launch_end) + carried - now
+            launch_end = max(dispatch, launch_end or 0.0) + launch + (0.0 if beside > launch else shared)
         else:
             dt += host_seconds
         now += dt
@@ -320,6 +340,9 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         counts.busy_seconds += now - t_start
         iterations += 1
         seqs += len(plan.scheduled)
+    if launch_end is not None:                         # async: the last batch, read when its launch ends
+        counts.busy_seconds += max(0.0, launch_end - now)
+        read_later(stamped, launch_end)
     kv.check_integrity()
     assert kv.num_free_blocks == kv.num_usable_blocks and kv.num_host_used_blocks == 0, \
         "KV leaked: blocks still owned after every request finished"

@@ -47,9 +47,10 @@ class SimConfig:
     host_time_scale: float = 0.0
     # The engine's async scheduling (EngineConfig.async_scheduling): the host work of an
     # iteration (the cost model's iteration_overhead, the charged policy time, issuing swap
-    # copies, and the previous iteration's updates) runs while the device runs the launch, so an
-    # iteration takes the longer of the two instead of their sum, and an iteration's first tokens
-    # and finishes are read during the next one (sim.read_later). False: the synchronous loop.
+    # copies, and the previous iteration's updates) runs while the device runs the launch
+    # dispatched before, so in a busy period an iteration takes the longer of the two instead of
+    # their sum, and an iteration's first tokens and finishes are read during the next one, once
+    # its launch is done (sim.read_later). False: the synchronous loop.
     # async_overlap: the share of the shorter of the two that the longer hides (1: all, as on an
     # accelerator; on a CPU of N cores the host's thread takes one from the launch: 1 - 1/N).
     async_scheduling: bool = False

@@ -94,6 +94,25 @@ def test_three_job_example_skip_join_beats_fcfs_and_mlfq():
     assert jcts(THREE, "skip-join-mlfq", protect) == [8.0, 14.5, 9.5]
 
 
+def test_async_scheduling_from_idle_reads_the_first_batch_when_its_launch_ends():
+    """LLMEngine.step under async scheduling: the step that starts a busy period dispatches its
+    batch and returns (nothing in flight to collect); the next step plans and dispatches batch 2
+    while batch 1 runs, then reads batch 1's tokens once its launch ends. Launches of 1 s, 0.25 s
+    of host work before each dispatch: batch k runs [0.25 + (k - 1), 0.25 + k], its tokens are
+    read at its end, so a lone 3-token request has its tokens at 1.25, 2.25 and 3.25 s (the
+    simulator once charged the first step a whole launch: first token at 2.25 s, a launch late)."""
+    cost = dataclasses.replace(UNIT, iteration_overhead=0.25)
+    cfg = dataclasses.replace(ONE_AT_A_TIME, async_scheduling=True)
+    for trace in ([TraceRequest(0.0, 100, 3)], [TraceRequest(0.0, 100, 3), TraceRequest(10.0, 100, 3)]):
+        for r in simulate(trace, "fcfs", cost, cfg).requests:    # the second starts a busy period of its own
+            assert r.metrics.ttft == pytest.approx(1.25) and r.metrics.latency == pytest.approx(3.25)
+    # two requests in one batch, the short one done by batch 2 (read at 2.25 s), the long one by batch 4
+    short, long = simulate([TraceRequest(0.0, 50, 2), TraceRequest(0.0, 50, 4)], "fcfs", cost,
+                           dataclasses.replace(cfg, max_num_seqs=2)).requests
+    assert short.metrics.ttft == long.metrics.ttft == pytest.approx(1.25)
+    assert short.metrics.latency == pytest.approx(2.25) and long.metrics.latency == pytest.approx(4.25)
+
+
 # -- invariants on random workloads ---------------------------------------------------------------
 requests = st.lists(st.tuples(st.floats(0, 3), st.integers(1, 60), st.integers(1, 30)), min_size=1, max_size=25)
 
