@@ -132,6 +132,41 @@ def test_penalty_arrays_put_the_prompts_distinct_tokens_first_only_with_a_repeti
     assert sampling_arrays([rep, pres, None]).min_p.tolist() == pytest.approx([0.1, 0.0, 0.0])
 
 
+def test_penalty_history_grows_with_the_output_and_is_made_anew_where_it_changed_otherwise():
+    """penalty_arrays' histories equal ones built from scratch while the outputs grow a token at
+    a time (past the buffer's first size), and where a list is replaced, shortened or changed
+    at its last token; an appended token is copied into the same buffer, not the whole output."""
+    from fastserve_jax.request import Request
+    from fastserve_jax.runner.launch import penalty_arrays
+
+    rep = Request("a", [6, 2, 6, 3], SamplingParams(repetition_penalty=1.2), 0.0)
+    pres = Request("b", [6, 2], SamplingParams(presence_penalty=0.5), 0.0)
+
+    def check():
+        p = penalty_arrays([rep, None, pres], 64)
+        for row, r, prompt in ((0, rep, [2, 3, 6]), (2, pres, [])):
+            want = prompt + r.output_token_ids
+            assert p.history[row].tolist() == want + [-1] * (64 - len(want)) and p.out_start[row] == len(prompt)
+        assert (p.history[1] == -1).all()
+
+    check()
+    buffers = []                                           # the distinct arrays rep's rows are views of
+    for t in range(40):
+        rep.output_token_ids.append(t % 7)
+        pres.output_token_ids.append(t)
+        check()
+        base = rep.penalty_history(True)[0].base
+        buffers += [] if any(b is base for b in buffers) else [base]
+    assert len(buffers) <= 3                               # made once, doubled as it filled
+    kept = rep.penalty_history(True)[0].copy()
+    rep.output_token_ids = [8] * 39 + [4, 1]               # another list, alike at the last token mirrored
+    del pres.output_token_ids[-5:]                         # shorter
+    check()
+    rep.output_token_ids[-1] = 4                           # its last token changed
+    check()
+    assert kept.tolist() == [2, 3, 6] + [t % 7 for t in range(40)]   # what it returned did not change
+
+
 def test_penalty_params_are_validated():
     with pytest.raises(ValueError, match=r"presence_penalty must be a number in \[-2, 2\]"):
         SamplingParams(presence_penalty=2.5)

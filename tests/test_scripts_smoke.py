@@ -2,8 +2,9 @@
 user would call them (a subprocess from the checkout's root): they must run to the end and
 print their figures. A script is only as good as its last run; bench_tail_guard.py once
 failed at its first line after a helper moved, and nothing noticed. bench_frontend,
-bench_first_runs, bench_predictive, bench_prompt_lengths, bench_sampler, bench_engine (--quick,
-without transformers) and soak_server are marked slow; bench_startup (minutes) has no test here."""
+bench_first_runs, bench_predictive, bench_prompt_lengths, bench_sampler, bench_penalty_history,
+bench_engine (--quick, without transformers) and soak_server are marked slow; bench_startup
+(minutes) has no test here."""
 
 from __future__ import annotations
 
@@ -195,6 +196,13 @@ def test_bench_weight_layout_tiny():
 def test_bench_sampler_tiny_against_head():
     out = _script("bench_sampler.py", "--vocab", "300", "--rows", "2", "--repeats", "1", "--baseline", "HEAD")
     assert "mixed new" in out and out.strip().splitlines()[-1].split()[:2] == ["300", "2"]
+
+
+@pytest.mark.slow   # about 2 s, most of it importing jax
+def test_bench_penalty_history_tiny():
+    out = _script("bench_penalty_history.py", "--rows", "2", "--max-model-len", "8192", "--outputs", "10",
+                  "--repeats", "2")
+    assert "made anew" in out and out.strip().splitlines()[-1].split()[:3] == ["8192", "2", "10"]
 
 
 @pytest.mark.slow   # about 30 s: two server starts

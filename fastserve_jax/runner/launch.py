@@ -125,17 +125,14 @@ def penalty_arrays(rows: list[Request | None], max_model_len: int) -> Penalties:
             continue
         sp = r.sampling
         presence[i], frequency[i], repetition[i] = sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty
-        at = 0
-        if sp.repetition_penalty != 1:
-            seen = r.distinct_prompt_tokens()
-            at = out_start[i] = len(seen)
-            history[i, :at] = seen
-        history[i, at:at + len(r.output_token_ids)] = r.output_token_ids
+        seen, out_start[i] = r.penalty_history(sp.repetition_penalty != 1)
+        history[i, :len(seen)] = seen
         row = dict(sp.logit_bias or {})
         if r.num_tokens - r.num_prompt_tokens < sp.min_tokens:
             row.update(dict.fromkeys(banned_until_min_tokens(r), -np.inf))
-        bias_ids[i, :len(row)] = list(row)
-        bias[i, :len(row)] = list(row.values())
+        if row:
+            bias_ids[i, :len(row)] = list(row)
+            bias[i, :len(row)] = list(row.values())
     return Penalties(presence, frequency, repetition, out_start, history, bias_ids, bias)
 
 
