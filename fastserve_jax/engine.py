@@ -86,7 +86,7 @@ class LLMEngine:
         param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
         num_blocks = device_pool_blocks(model_cfg, self.cfg, param_bytes, self.layout)
         num_host = (self.cfg.num_host_blocks if self.cfg.num_host_blocks is not None else
-                    auto_num_host_blocks(model_cfg, self.cfg, num_blocks))
+                    auto_num_host_blocks(model_cfg, self.cfg, num_blocks, self.layout))
         if self.cfg.swap_policy == "recompute":
             num_host = 0
         self.kv = KVManager(num_blocks, self.cfg.block_size, num_host)

@@ -301,7 +301,23 @@ def device_pool_blocks(model_cfg, cfg, param_bytes: int, layout) -> int:
     return cfg.num_device_blocks
 
 
-def auto_num_host_blocks(model_cfg, cfg, num_device_blocks: int, budget_bytes: int = 4 << 30) -> int:
-    """As many host blocks as the device pool has, within `budget_bytes` of host memory (the
-    default swap space of vLLM; pinned host memory on CUDA is a capped pool, see JAX_NOTES)."""
-    return max(0, min(num_device_blocks - 1, budget_bytes // kv_block_bytes(model_cfg, cfg)))
+def host_block_bytes(model_cfg, cfg, layout=None) -> int:
+    """Host memory one swapped-out block takes under a `ModelLayout` (None: one device): its K and
+    V once where the host copy splits each KV head over the tp_rep devices that hold it, tp_rep
+    times where the copy stays replicated (across processes, or where neither head_dim nor
+    block_size divides: sharding/host_copy.py)."""
+    per_block = kv_block_bytes(model_cfg, cfg)
+    if layout is None:
+        return per_block
+    from fastserve_jax.sharding.host_copy import copies, host_copy_sharding
+
+    shape = layout.cache_shape(1, cfg.block_size)
+    return per_block * sum(copies(host_copy_sharding(layout.cache_sharding(s, shape), shape))
+                           for s in range(layout.pp)) // layout.pp
+
+
+def auto_num_host_blocks(model_cfg, cfg, num_device_blocks: int, layout=None, budget_bytes: int = 4 << 30) -> int:
+    """As many host blocks as the device pool has, within `budget_bytes` of host memory as the
+    host copies really take it (`host_block_bytes`; the default swap space of vLLM; pinned host
+    memory on CUDA is a capped pool, see JAX_NOTES)."""
+    return max(0, min(num_device_blocks - 1, budget_bytes // host_block_bytes(model_cfg, cfg, layout)))

@@ -37,7 +37,7 @@ class EngineStats:
     busy: float = 0.0                   # seconds of iterations (the base of the stall bound)
     swap_out_blocks: int = 0            # device -> host
     swap_in_blocks: int = 0             # host -> device
-    swap_out_bytes: int = 0
+    swap_out_bytes: int = 0             # copied over all devices (KVTransfer.host_block_bytes a block)
     swap_in_bytes: int = 0
     swap_stall: float = 0.0             # seconds the loop waited for a swap copy to land, and
     swap_fused_seconds: float = 0.0     # of those, the fused copies' estimate (swap_copies.py)

@@ -157,7 +157,7 @@ def part_copy(a) -> dict:
     cache = KVCache(jnp.ones(shape, jnp.float32, device=sharding), jnp.ones(shape, jnp.float32, device=sharding))
     block_bytes = 2 * L * BS * H * D * 4
     with kv_transfer.forced_copy_path(a.copy_path):
-        t = KVTransfer([sharding], N, block_bytes)
+        t = KVTransfer([sharding], N, block_bytes, shape)
     run_jobs(t.compile_jobs([cache]))
     out_ids = tuple(range(1, N + 1))
     in_ids = tuple(range(N + 1, 2 * N + 1))

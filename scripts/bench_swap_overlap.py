@@ -43,10 +43,10 @@ from fastserve_jax.runner.compiler import run_jobs  # noqa: E402
 L, BS, H, D = 32, 16, 8, 128
 
 
-def transfer_for(path: str, sharding, blocks: int) -> kv_transfer.KVTransfer:
+def transfer_for(path: str, sharding, blocks: int, shape: tuple[int, ...]) -> kv_transfer.KVTransfer:
     """A KVTransfer whose swaps all take the given copy path: 'fused' or 'device_put'."""
     with kv_transfer.forced_copy_path(path):
-        return kv_transfer.KVTransfer([sharding], blocks, 2 * L * BS * H * D * 4)
+        return kv_transfer.KVTransfer([sharding], blocks, 2 * L * BS * H * D * 4, shape)
 
 
 def measure(path: str, a) -> dict:
@@ -54,7 +54,7 @@ def measure(path: str, a) -> dict:
     n = a.blocks
     shape = (L, 2 * n + 1, BS, H, D)
     cache = KVCache(jnp.ones(shape, jnp.float32, device=sharding), jnp.ones(shape, jnp.float32, device=sharding))
-    t = transfer_for(path, sharding, n)
+    t = transfer_for(path, sharding, n, shape)
     run_jobs(t.compile_jobs([cache]))
     out_ids, in_ids = tuple(range(1, n + 1)), tuple(range(n + 1, 2 * n + 1))
     m = jnp.ones((a.matmul, a.matmul), jnp.bfloat16, device=sharding) / a.matmul

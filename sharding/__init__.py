@@ -5,6 +5,7 @@
                         tensor-parallel sub-mesh per pipeline stage
     rules.py            logical axis names -> mesh axes (one table; collisions raise)
     layout.py           ModelLayout: where every param, KV block and activation lives
+    host_copy.py        how swapped-out KV lies in host memory (once per KV head, not per device)
     pipeline.py         Stage (one jitted slice of the model) and StageActivity (what ran when)
     distributed.py      jax.distributed start and the plan channel from process 0 to the others
 

@@ -34,22 +34,32 @@ def four_layer(four_layer_checkpoints):
 
 # Every layout runs once in the default suite, the architectures alternating; the other
 # five pairs are marked slow (about 4 s each on 2 CPU cores) and run with `-m slow`.
-MESH_CASES = [pytest.param(arch, tp, pp, marks=() if (i + (arch == "opt")) % 2 else pytest.mark.slow)
+# Llama at tp=4 keeps each of its 2 KV heads on tp_rep = 2 devices, whose host copies split it
+# (sharding/host_copy.py): the CPU's fused copies in the default suite, `device_put`'s with -m slow.
+MESH_CASES = [pytest.param(arch, tp, pp, "backend", marks=() if (i + (arch == "opt")) % 2 else pytest.mark.slow)
               for i, (tp, pp) in enumerate(LAYOUTS) for arch in ("llama", "opt")]
+MESH_CASES.append(pytest.param("llama", 4, 1, "device_put", marks=pytest.mark.slow))
 
 
-@pytest.mark.parametrize("arch,tp,pp", MESH_CASES)
-def test_greedy_outputs_match_one_device_with_swapping_forced(four_layer, arch, tp, pp):
+@pytest.mark.parametrize("arch,tp,pp,copy_path", MESH_CASES)
+def test_greedy_outputs_match_one_device_with_swapping_forced(four_layer, arch, tp, pp, copy_path):
+    from fastserve_jax.kv_cache import kv_block_bytes
+    from fastserve_jax.runner.kv_transfer import forced_copy_path
+
     path, want = four_layer[arch]
     # 16 blocks of 8 tokens hold under half of what the 6 requests need at once: MLFQ's
     # rotation must swap KV out and back, shard by shard on every stage.
-    llm = LLM(path, warmup=False, num_device_blocks=16, num_host_blocks=64, swap_policy="proactive",
-              tensor_parallel_size=tp, pipeline_parallel_size=pp, **KW)
+    with forced_copy_path(copy_path):
+        llm = LLM(path, warmup=False, num_device_blocks=16, num_host_blocks=64, swap_policy="proactive",
+                  tensor_parallel_size=tp, pipeline_parallel_size=pp, **KW)
     got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
     assert got == want
     st = llm.engine.stats
     assert st.swap_out_blocks > 0 and st.swap_in_blocks > 0
     e = llm.engine
+    t = e.runner.transfer
+    assert t.fused_blocks_out == (st.swap_out_blocks if copy_path == "backend" else 0)
+    assert t.host_block_bytes == kv_block_bytes(e.model_cfg, e.cfg)     # each block once in host memory, any mesh
     assert e.kv.num_used_blocks == 0 and e.kv.num_host_used_blocks == 0
     assert len(e.runner.stages) == pp and len({d for st in e.runner.stages for d in st.devices}) == tp * pp
 
@@ -153,7 +163,8 @@ def test_nothing_compiles_after_warmup_in_pipeline_mode_with_swapping(four_layer
     from fastserve_jax.runner.compile_guard import CompileCounter
 
     path, want = four_layer["llama"]
-    llm = LLM(path, warmup="full", num_device_blocks=16, num_host_blocks=64, tensor_parallel_size=2, pipeline_parallel_size=2,
+    # tp=4 over 2 KV heads: tp_rep = 2, so the swaps' warm-up jobs are those of split host copies
+    llm = LLM(path, warmup="full", num_device_blocks=16, num_host_blocks=64, tensor_parallel_size=4, pipeline_parallel_size=2,
               attention_backend=backend, **KW)
     with CompileCounter() as cc:
         got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]

@@ -169,3 +169,89 @@ def test_stages_span_processes_evenly():
     assert all({g[0][:2], g[1][:2]} == {"p0", "p1"} for g in grid)
     with pytest.raises(ValueError, match="evenly"):
         ordered_devices(3, devs)
+
+
+def _replicated_kv_heads(vals: np.ndarray):
+    """(shardings, caches) of tp=4 x pp=2 over 2 KV heads (tp_kv=2, tp_rep=2): each stage's
+    cache (layers, blocks, block size, kv heads, head dim) splits on KV heads over tp_kv and
+    is replicated over tp_rep, as ModelLayout lays it out."""
+    from jax.sharding import NamedSharding
+    from fastserve_jax.models.attention import KVCache
+    from fastserve_jax.models.axes import CACHE_AXES
+
+    meshes = build_meshes(ParallelConfig(4, 2), num_kv_heads=2)
+    shardings = [NamedSharding(m, ShardingRules().spec(CACHE_AXES, m, vals.shape)) for m in meshes.stages]
+    return shardings, [KVCache(jax.device_put(vals + s, sh), jax.device_put(-vals - s, sh))
+                       for s, sh in enumerate(shardings)]
+
+
+@pytest.mark.parametrize("path,block_size", [("fused", 4), ("device_put", 4), ("fused", 3)])
+def test_swapped_kv_reaches_host_memory_once(path, block_size):
+    """A KV head read by tp_rep = 2 devices goes to host memory once, not once per device: the
+    host copy of a swap-out holds the logical bytes of its blocks (each device writes half of
+    its replica, split on block_size, or on head_dim where 2 does not divide block_size), on
+    both stages and both copy paths; the swap-in restores the replicated blocks, with nothing
+    compiled after the warm-up's jobs ran once."""
+    from fastserve_jax.runner import kv_transfer as kt
+    from fastserve_jax.runner.compile_guard import CompileCounter
+    from fastserve_jax.runner.compiler import run_jobs
+
+    vals = np.random.default_rng(2).normal(size=(2, 16, block_size, 2, 8)).astype(np.float32)
+    shardings, caches = _replicated_kv_heads(vals)
+    block = 2 * 2 * (2 * block_size * 2 * 8 * 4)     # K and V x 2 stages x (layers, bs, kv heads, D) float32
+    with kt.forced_copy_path(path):
+        t = kt.KVTransfer(shardings, max_blocks=8, block_bytes=block, cache_shape=vals.shape)
+    run_jobs(t.compile_jobs(caches))
+    caches = t.run_once(caches)
+    src, dst = [3, 5, 7, 9, 11, 13, 15], [1, 2, 4, 6, 8, 10, 12]
+    with CompileCounter() as cc:
+        t.swap_out(caches, "r", tuple(src))
+        held = [x for run in t._held["r"] for part in run for x in part]
+        assert all(x.sharding.memory_kind == "pinned_host" for x in held)
+        host_bytes = sum(s.data.nbytes for x in held for s in x.addressable_shards)
+        t.start_swap_in("r", tuple(dst))
+        caches = t.land_swap_in(caches, "r")
+    assert host_bytes == len(src) * block, host_bytes / (len(src) * block)
+    assert cc.count == 0
+    for s, (c, sh) in enumerate(zip(caches, shardings)):
+        assert c.k.sharding == sh and c.k.sharding.memory_kind == "device"
+        np.testing.assert_array_equal(np.asarray(c.k)[:, dst], vals[:, src] + s)
+        np.testing.assert_array_equal(np.asarray(c.v)[:, dst], -vals[:, src] - s)
+    assert t.fused(len(src)) == (path == "fused") and t.bytes_out == t.bytes_in == len(src) * block
+    assert t._block_share(caches) == block // 2 // 2 // 2     # a stage's half, a KV head's half, of that half
+
+
+@pytest.mark.parametrize("kv_heads,head_dim,block_size,split", [
+    (2, 16, 8, "block_size"),     # tp_rep = 2 divides block_size
+    (1, 8, 2, "head_dim"),        # MQA at tp=4: tp_rep = 4 does not divide block_size 2, but head_dim 8
+    (1, 6, 2, None),              # neither: the host copy stays replicated, tp_rep = 4 copies
+])
+def test_host_copy_splits_replicated_kv_heads_and_the_host_pool_counts_its_bytes(kv_heads, head_dim, block_size,
+                                                                                 split, monkeypatch):
+    """The host copy's layout (sharding/host_copy.py), and the host pool sized in the bytes
+    that copy really takes: the logical block where it splits, tp_rep times that where it cannot
+    (no dimension divides, or the mesh spans processes, where it keeps the cache's sharding)."""
+    from jax.sharding import Mesh
+    from fastserve_jax.config import EngineConfig
+    from fastserve_jax.kv_cache import auto_num_host_blocks, host_block_bytes, kv_block_bytes
+    from fastserve_jax.models.axes import CACHE_AXES
+    from fastserve_jax.sharding.host_copy import host_copy_sharding
+
+    cfg = ModelConfig(arch="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=kv_heads, head_dim=head_dim, max_position_embeddings=128)
+    ecfg = EngineConfig(max_model_len=128, block_size=block_size, dtype="float32")
+    layout = ModelLayout(cfg, ParallelConfig(4, 1))
+    tp_rep = layout.meshes.tp_rep
+    shape = layout.cache_shape(9, block_size)
+    cache = layout.cache_sharding(0, shape)
+    want = [None, None, None, "tp_kv" if kv_heads > 1 else None, None]
+    if split:
+        want[CACHE_AXES.index(split)] = "tp_rep"
+    spec = tuple(host_copy_sharding(cache, shape).spec)
+    assert spec + (None,) * (5 - len(spec)) == tuple(want)
+    logical = kv_block_bytes(cfg, ecfg)
+    copies = 1 if split else tp_rep
+    assert host_block_bytes(cfg, ecfg, layout) == copies * logical and host_block_bytes(cfg, ecfg) == logical
+    assert auto_num_host_blocks(cfg, ecfg, 1000, layout, budget_bytes=64 * logical) == 64 // copies
+    monkeypatch.setattr(Mesh, "is_multi_process", property(lambda self: True))
+    assert host_copy_sharding(cache, shape) is cache and host_block_bytes(cfg, ecfg, layout) == tp_rep * logical

@@ -461,7 +461,7 @@ def test_tokens_identical_under_swapping(reference, policy):
     else:
         assert st.recomputations == 0 and st.swap_in_blocks == st.swap_out_blocks
         assert st.swap_out_blocks > 3 * sum(e.kv.blocks_for_tokens(len(p)) for p in prompts) / len(prompts)
-        assert st.swap_out_bytes == st.swap_out_blocks * e.runner.transfer.block_bytes
+        assert st.swap_out_bytes == st.swap_out_blocks * e.runner.transfer.host_block_bytes
 
 
 def test_host_pool_too_small_falls_back_to_recomputation(reference):
@@ -715,7 +715,7 @@ def test_probe_link_times_one_devices_share_of_a_block(host_memory, monkeypatch)
 
     zeros = np.zeros((3, 9, 4, 2, 8), np.float32)
     sh, cache = _kv_heads_split_over_two_devices(zeros, zeros)
-    t = KVTransfer([sh], max_blocks=8, block_bytes=2 * 3 * 4 * 2 * 8 * 4)
+    t = KVTransfer([sh], max_blocks=8, block_bytes=2 * 3 * 4 * 2 * 8 * 4, cache_shape=zeros.shape)
     if not host_memory:
         t.memory_kind = None
     puts = _count_device_puts(monkeypatch)
@@ -739,7 +739,7 @@ def test_swap_copies_round_trip_by_either_copy_path(path, monkeypatch):
     vals = np.random.default_rng(0).normal(size=(3, 16, 4, 2, 8)).astype(np.float32)
     sh, cache = _kv_heads_split_over_two_devices(vals, -vals)
     with kt.forced_copy_path(path):
-        t = kt.KVTransfer([sh], max_blocks=8, block_bytes=2 * 3 * 4 * 2 * 8 * 4)
+        t = kt.KVTransfer([sh], max_blocks=8, block_bytes=2 * 3 * 4 * 2 * 8 * 4, cache_shape=vals.shape)
     assert t.memory_kind == "pinned_host" and kt.FUSED_MAX_BYTES == {"cpu": float("inf")}
     fused = path != "device_put"
     puts = _count_device_puts(monkeypatch)
@@ -769,7 +769,7 @@ def test_accelerators_fuse_small_swaps_and_device_put_large_ones(monkeypatch):
     monkeypatch.setattr(kt, "ACCELERATOR_FUSED_MAX_BYTES", 3 * 768)
     vals = np.random.default_rng(1).normal(size=(3, 16, 4, 2, 8)).astype(np.float32)
     sh, cache = _kv_heads_split_over_two_devices(vals, -vals)
-    t = kt.KVTransfer([sh], max_blocks=8, block_bytes=2 * 3 * 4 * 2 * 8 * 4)
+    t = kt.KVTransfer([sh], max_blocks=8, block_bytes=2 * 3 * 4 * 2 * 8 * 4, cache_shape=vals.shape)
     jobs = t.compile_jobs([cache])
     assert t._block_share([cache]) == 768 and len(jobs) == 2 * (4 + 2)   # runs 1, 2, 4, 8 by device_put; 1, 2 fused
     run_jobs(jobs)

@@ -12,7 +12,11 @@ request's bytes, with no padding:
 With pipeline stages every stage owns the cache of its layers, and one swap issues the
 copies of all stages at once (each stage's on its own devices, so they run in parallel); with
 tensor parallelism the KV-head shards move shard by shard, each device to and from its own
-host memory, since the host copy keeps the stage cache's sharding.
+host memory. Where tp_rep devices hold each KV head (fewer KV heads than tp), the runs also
+split over them (sharding/host_copy.py: on block_size, else head_dim): the gather's output is
+already split, each device copies 1/tp_rep of its replica, the host holds every block once,
+and the scatter all-gathers the parts over the devices' own links before writing the cache.
+Across processes the runs keep the cache's sharding (one copy per device; host_copy.py says why).
 
 Small swaps take a fused path instead (FUSED_MAX_BYTES): the gather writes its runs straight
 into host memory and the scatter moves them back inside its compiled call, one call each way
@@ -49,6 +53,7 @@ from fastserve_jax.models.attention import KVCache
 from fastserve_jax.runner import export_cache
 from fastserve_jax.runner.compiler import CompileJob
 from fastserve_jax.runner.keys import SwapKey
+from fastserve_jax.sharding.host_copy import copies, host_copy_sharding
 
 
 def power_of_two_runs(n: int) -> list[int]:
@@ -60,14 +65,19 @@ def _gather(cache: KVCache, ids: jax.Array) -> KVCache:
     return KVCache(cache.k[:, ids], cache.v[:, ids])
 
 
-def _scatter(cache: KVCache, blocks: KVCache, ids: jax.Array) -> KVCache:
+def _scatter(cache: KVCache, blocks: KVCache, ids: jax.Array, *, like: NamedSharding) -> KVCache:
+    """Write the runs into the cache, first laid out `like` the cache (an all-gather over the
+    devices that split a replicated KV head's run; nothing where the run is the cache's layout)."""
+    blocks = jax.lax.with_sharding_constraint(blocks, KVCache(like, like))
     return KVCache(cache.k.at[:, ids].set(blocks.k), cache.v.at[:, ids].set(blocks.v))
 
 
-def _scatter_from_host(cache: KVCache, blocks: KVCache, ids: jax.Array, *, to: NamedSharding) -> KVCache:
-    """The fused scatter: the runs cross from host to device memory inside the call (XLA's GPU
-    compiler rejects a scatter that reads host memory; on the CPU this cost nothing measurable)."""
-    return _scatter(cache, jax.device_put(blocks, KVCache(to, to)), ids)
+def _scatter_from_host(cache: KVCache, blocks: KVCache, ids: jax.Array, *, to: NamedSharding,
+                       like: NamedSharding) -> KVCache:
+    """The fused scatter: the runs cross from host to device memory (`to`: their own layout)
+    inside the call (XLA's GPU compiler rejects a scatter that reads host memory; on the CPU
+    this cost nothing measurable)."""
+    return _scatter(cache, jax.device_put(blocks, KVCache(to, to)), ids, like=like)
 
 
 # The most bytes of one device's share of a swap (one way) that go by the fused path, per
@@ -135,25 +145,32 @@ Caches = list[KVCache]               # one per pipeline stage
 class KVTransfer:
     """Holds swapped-out KV (per request, as host runs of every stage) and issues the copies."""
 
-    def __init__(self, cache_shardings: list[NamedSharding], max_blocks: int, block_bytes: int) -> None:
+    def __init__(self, cache_shardings: list[NamedSharding], max_blocks: int, block_bytes: int,
+                 cache_shape: tuple[int, ...]) -> None:
+        """One sharding per stage cache of `cache_shape` (layers, blocks, block size, kv heads,
+        head dim); `block_bytes`: a block's K and V over every stage, once (kv_block_bytes)."""
         self.block_bytes = block_bytes
         self.max_blocks = max_blocks
         self.run_sizes = power_of_two_runs((1 << max_blocks.bit_length()) - 1)   # 1 .. >= max_blocks
         self.memory_kind = host_memory_kind(cache_shardings[0].mesh.devices.flat[0])
-        self._device_sharding = list(cache_shardings)
-        self._host_sharding = ([s.with_memory_kind(self.memory_kind) for s in cache_shardings]
+        # the runs' layout on the device on their way to and from host memory (host_copy.py)
+        self._run_sharding = [host_copy_sharding(s, cache_shape) for s in cache_shardings]
+        self._host_sharding = ([r.with_memory_kind(self.memory_kind) for r in self._run_sharding]
                                if self.memory_kind else None)
+        # host memory one swapped block takes, and bytes its copy moves, each way, over all devices
+        self.host_block_bytes = block_bytes * sum(map(copies, self._run_sharding)) // len(cache_shardings)
         platform = cache_shardings[0].mesh.devices.flat[0].platform
         # a swap whose per-device share is at most this many bytes takes the fused path (above)
         self.fused_max_bytes = fused_max_bytes(platform) if self.memory_kind else -1.0
         self._share: int | None = None          # bytes of one device's share of a block (_block_share)
-        self._gather = {False: [jax.jit(_gather, out_shardings=KVCache(s, s)) for s in cache_shardings]}
-        self._scatter = {False: [jax.jit(_scatter, donate_argnames=("cache",), out_shardings=KVCache(s, s))
-                                 for s in cache_shardings]}
+        self._gather = {False: [jax.jit(_gather, out_shardings=KVCache(r, r)) for r in self._run_sharding]}
+        self._scatter = {False: [jax.jit(functools.partial(_scatter, like=s), donate_argnames=("cache",),
+                                         out_shardings=KVCache(s, s)) for s in cache_shardings]}
         if self._host_sharding is not None:     # fused: the gather's output and the scatter's input are host copies
             self._gather[True] = [jax.jit(_gather, out_shardings=KVCache(h, h)) for h in self._host_sharding]
-            self._scatter[True] = [jax.jit(functools.partial(_scatter_from_host, to=s), donate_argnames=("cache",),
-                                           out_shardings=KVCache(s, s)) for s in cache_shardings]
+            self._scatter[True] = [jax.jit(functools.partial(_scatter_from_host, to=r, like=s),
+                                           donate_argnames=("cache",), out_shardings=KVCache(s, s))
+                                   for r, s in zip(self._run_sharding, cache_shardings)]
         self._compiled: dict[SwapKey, object] = {}
         self._held: dict[str, list[list[KVCache]]] = {}   # request id -> host runs (block-table order) x stages
         self._uploads: dict[str, _Upload] = {}
@@ -176,7 +193,7 @@ class KVTransfer:
                 # it, and by device_put in swaps over it
                 for fused in [True] * (n * share <= self.fused_max_bytes) + [False] * any_put:
                     ids = jax.ShapeDtypeStruct((n,), jnp.int32)
-                    at = (self._host_sharding if fused else self._device_sharding)[s]
+                    at = (self._host_sharding if fused else self._run_sharding)[s]
                     run = KVCache(*(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=at)
                                     for x in jax.eval_shape(_gather, cache, ids)))
                     suffix = "_host" if fused else ""
@@ -210,13 +227,14 @@ class KVTransfer:
                 or (self._gather if op == "gather" else self._scatter)[fused][stage])
 
     def _block_share(self, caches: Caches) -> int:
-        """Bytes of one device's share of a KV block (K and V, every layer of the largest stage's
-        share: that stage moves slowest)."""
+        """Bytes of one device's share of a KV block, what it copies to or from host memory (K and
+        V, every layer of the largest stage's share: that stage moves slowest; 1/tp_rep of its
+        replica where the runs split a replicated KV head)."""
         if self._share is None:
             def share(cache: KVCache, sharding: NamedSharding) -> int:
                 shape = sharding.shard_shape(cache.k.shape)        # (layers, blocks, block size, kv heads, head dim)
                 return 2 * int(np.prod(shape)) // shape[1] * cache.k.dtype.itemsize
-            self._share = max(share(c, s) for c, s in zip(caches, self._device_sharding))
+            self._share = max(share(c, s) for c, s in zip(caches, self._run_sharding))
         return self._share
 
     def fused(self, blocks: int) -> bool:
@@ -233,7 +251,7 @@ class KVTransfer:
         processes to replay, and nothing in the cache is touched."""
         block = self._block_share(caches)
         blocks = max(1, min(max_blocks, max_bytes // block))
-        mesh = self._device_sharding[0].mesh
+        mesh = self._run_sharding[0].mesh
         device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
         on_device = jax.sharding.SingleDeviceSharding(device)
         x = jax.device_put(np.zeros(blocks * block, np.uint8), on_device)
@@ -293,7 +311,7 @@ class KVTransfer:
         if fused:
             runs = host                  # the scatter moves them from host memory
         else:
-            runs = jax.device_put(host, [self._device_sharding[:len(run)] for run in host])     # one call, as _to_host
+            runs = jax.device_put(host, [self._run_sharding[:len(run)] for run in host])     # one call, as _to_host
         self._uploads[request_id] = _Upload(runs, self._runs(blocks), fused)
         self.blocks_in += len(blocks)
         self.fused_blocks_in += len(blocks) if fused else 0
@@ -328,8 +346,9 @@ class KVTransfer:
 
     @property
     def bytes_out(self) -> int:
-        return self.blocks_out * self.block_bytes
+        """Bytes the swap-outs copied to host memory, over all devices."""
+        return self.blocks_out * self.host_block_bytes
 
     @property
     def bytes_in(self) -> int:
-        return self.blocks_in * self.block_bytes
+        return self.blocks_in * self.host_block_bytes

@@ -109,7 +109,7 @@ class ModelRunner:
         # processes to replay in the same order (fastserve_jax/multihost.py); None on one host.
         self.mirror: Callable[[dict], None] | None = None
         self.swaps = (SwapOps(KVTransfer([st.cache_sharding for st in self.stages], cfg.max_blocks_per_seq,
-                                         kv_block_bytes(model_cfg, cfg)), self.stages, self._mirror)
+                                         kv_block_bytes(model_cfg, cfg), shape), self.stages, self._mirror)
                       if swap else None)
         if record_stages is None:
             record_stages = layout.pp > 1
