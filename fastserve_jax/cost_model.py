@@ -31,6 +31,9 @@ Launch padding, for a profile of this engine (empty or 0 in a table of real kern
     decode_row_buckets, prefill_token_buckets
                         a decode launch pads its rows, a prefill launch its tokens, to the
                         next bucket, so an iteration costs the table's time at that size
+    max_prefill_seqs    the most prompts one prefill launch packs (EngineConfig's); an
+                        iteration with more prefill chunks runs one launch per that many, in
+                        order, as runner/launch.py's split_prefill does (0: one launch)
     block_size, block_buckets, min_launch_blocks
                         set when the profiled attention reads every row's context padded to
                         the launch's block bucket (the reference path gathers blocks; a paged
@@ -102,6 +105,7 @@ class CostModel:
     block_size: int = 0                  # 0: a decode reads its rows' own context
     block_buckets: tuple[int, ...] = ()
     min_launch_blocks: int = 0
+    max_prefill_seqs: int = 0            # prompts per prefill launch (0: all of an iteration's in one)
 
     def __post_init__(self) -> None:
         for xs_name, ys_name in (("prefill_tokens", "prefill_seconds"), ("decode_batch", "decode_seconds")):
@@ -116,6 +120,10 @@ class CostModel:
                 raise ValueError(f"cost model {self.name!r}: {xs_name} must be strictly increasing and >= 1, got {xs}")
             if any(y <= 0 for y in ys):
                 raise ValueError(f"cost model {self.name!r}: {ys_name} must be positive, got {ys}")
+        if not isinstance(self.max_prefill_seqs, int) or isinstance(self.max_prefill_seqs, bool) \
+                or self.max_prefill_seqs < 0:
+            raise ValueError(f"cost model {self.name!r}: max_prefill_seqs is an integer >= 0 (0: no limit), "
+                             f"got {self.max_prefill_seqs!r}")
         if not isinstance(self.prefill_self_attention, bool):
             raise ValueError(f"cost model {self.name!r}: prefill_self_attention is true or false, "
                              f"got {self.prefill_self_attention!r}")
@@ -172,8 +180,9 @@ class CostModel:
         return _interp(rows, self.decode_batch, self.decode_seconds) + self.decode_context * read
 
     def iteration_time(self, decode_contexts: Iterable[int], prefill_chunks: Sequence[tuple[int, int]]) -> float:
-        """One iteration: a decode launch over sequences with these contexts, plus one packed
-        prefill launch of (num_tokens, earlier_context) chunks, plus the host's iteration_overhead."""
+        """One iteration: a decode launch over sequences with these contexts, plus packed
+        prefill launches of (num_tokens, earlier_context) chunks (one per max_prefill_seqs of
+        them, in order; one if that is 0), plus the host's iteration_overhead."""
         batch = ctx = top = 0
         for c in decode_contexts:
             batch += 1
@@ -182,8 +191,10 @@ class CostModel:
                 top = c
         t = self.iteration_overhead + self.decode_launch_time(batch, ctx, top)
         if prefill_chunks:
-            n = sum(c[0] for c in prefill_chunks)
-            t += _interp(_pad(n, self.prefill_token_buckets), self.prefill_tokens, self.prefill_seconds)
+            per = self.max_prefill_seqs or len(prefill_chunks)
+            for i in range(0, len(prefill_chunks), per):
+                n = sum(c[0] for c in prefill_chunks[i:i + per])
+                t += _interp(_pad(n, self.prefill_token_buckets), self.prefill_tokens, self.prefill_seconds)
             own = 0.5 if self.prefill_self_attention else 0.0
             t += self.prefill_context * sum(k * (c + own * k) for k, c in prefill_chunks)
         return t

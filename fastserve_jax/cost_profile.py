@@ -52,7 +52,7 @@ from fastserve_jax.scheduler.base import ScheduledRequest
 log = logging.getLogger(__name__)
 
 _VERSION = 4                     # 2: launch padding in the model; 3: packed prefill probes, reachable buckets only;
-                                 # 4: prefill_self_attention False (the table holds it)
+                                 # 4: prefill_self_attention False (the table holds it), max_prefill_seqs
 PROVISIONAL = "-provisional"     # name suffix of a model timed on a covering set's padded launches
 
 
@@ -203,7 +203,8 @@ def _measure(engine, repeats: int, sparse: bool) -> CostModel:
     times = [probe.time(point(), repeats) for point in points]
     pre_s, dec_s = times[:len(pre_t)], times[len(pre_t):len(pre_t) + len(dec_b)]
     t_long = times[len(pre_t) + len(dec_b)]
-    padding = dict(decode_row_buckets=cfg.decode_batch_buckets, prefill_token_buckets=cfg.prefill_token_buckets)
+    padding = dict(decode_row_buckets=cfg.decode_batch_buckets, prefill_token_buckets=cfg.prefill_token_buckets,
+                   max_prefill_seqs=cfg.max_prefill_seqs)
     if cfg.attention_backend == "reference":       # gathers every row's blocks up to the bucket
         padding.update(block_size=bs, block_buckets=cfg.block_buckets, min_launch_blocks=cfg.min_launch_blocks)
     # the decode rows read long_ctx + 1 tokens (plan_time's contexts: computed + the new one)

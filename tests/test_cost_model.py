@@ -53,6 +53,16 @@ def test_a_profiled_table_is_not_charged_its_prefills_own_attention_twice():
     assert CostModel.load("opt-13b-a100").prefill_self_attention        # a roofline of matmuls
 
 
+def test_prefill_chunks_past_max_prefill_seqs_take_launches_of_their_own():
+    # the engine packs at most max_prefill_seqs prompts per prefill launch (split_prefill)
+    three = dataclasses.replace(T, max_prefill_seqs=2, prefill_self_attention=False)
+    chunks = [(10, 0), (40, 0), (50, 0)]
+    assert three.iteration_time([], chunks) == pytest.approx(T.prefill_time(50) + T.prefill_time(50))
+    assert dataclasses.replace(three, max_prefill_seqs=0).iteration_time([], chunks) == \
+        pytest.approx(T.prefill_time(100))
+    assert CostModel.load("demo-cpu").max_prefill_seqs == 8          # EngineConfig's, when profiled
+
+
 def test_iteration_overhead_is_added_to_every_iteration_and_to_nothing_else():
     o = dataclasses.replace(T, iteration_overhead=0.25)
     assert o.iteration_time([5, 15], [(60, 40)]) == pytest.approx(T.iteration_time([5, 15], [(60, 40)]) + 0.25)
@@ -96,6 +106,7 @@ def test_padded_launches_cost_their_bucket():
     (dict(iteration_overhead=-1e-3), "iteration_overhead must be >= 0"),
     (dict(iteration_overhead=float("nan")), "iteration_overhead must be >= 0"),
     (dict(prefill_self_attention="no"), "true or false"),
+    (dict(max_prefill_seqs=-1), "max_prefill_seqs"),
 ])
 def test_rejects_bad_tables(bad, match):
     kw = dict(name="b", prefill_tokens=(10, 20), prefill_seconds=(1.0, 2.0), decode_batch=(1, 2),
@@ -163,6 +174,7 @@ def test_profile_engine_times_the_runner_and_caches(tiny_checkpoints, tmp_path, 
     assert all(s > 0 for s in cm.prefill_seconds + cm.decode_seconds)
     assert cm.kv_capacity_tokens == eng.kv.num_usable_blocks * 8
     assert not cm.prefill_self_attention          # its prefill times hold their own attention
+    assert cm.max_prefill_seqs == eng.cfg.max_prefill_seqs
     assert eng.kv.num_free_blocks == eng.kv.num_usable_blocks       # every borrowed block is back
     eng.kv.check_integrity()
     cached = list((tmp_path / "cost_models").glob("*.json"))
