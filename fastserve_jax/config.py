@@ -208,9 +208,13 @@ class EngineConfig:
     max_prefill_seqs: int = 8          # sequences packed in one prefill launch (logit rows)
     prefill_tile: int = 64             # query tokens per row of a packed prefill (see above)
     block_size: int = 16
-    # 0: size from memory (kv_cache.device_pool_blocks: 90% of an accelerator's memory less the
-    # weights and what is in use, 4 GiB on CPU; at most max_num_seqs full-length sequences)
+    # 0: size from memory (kv_cache.device_pool_blocks: gpu_memory_utilization of an accelerator's
+    # memory less the weights and what is in use, 4 GiB on CPU; at most max_num_seqs full-length sequences)
     num_device_blocks: int = 0
+    # vLLM's: the fraction of each accelerator's memory the engine may use (the auto-sized pool gets
+    # it less the weights and what is in use); unused on CPU and with num_device_blocks. Out of the
+    # repr (the profile's key, cost_profile.cost_cache_key, holds the pool's size itself).
+    gpu_memory_utilization: float = field(default=0.9, repr=False)
     # Host KV pool for swapped-out requests, in blocks of the same size. None: as many blocks
     # as the device pool, within 4 GiB (see kv_cache.auto_num_host_blocks); 0: no host pool.
     num_host_blocks: int | None = None
@@ -275,6 +279,10 @@ class EngineConfig:
                 or self.num_device_blocks < 0:
             raise ValueError(f"num_device_blocks must be an integer >= 0 (0 = size automatically), "
                              f"got {self.num_device_blocks!r}")
+        f = self.gpu_memory_utilization
+        if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1:
+            raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1] of each accelerator's memory "
+                             f"(vLLM's; default 0.9), got {f!r}")
         if self.num_host_blocks is not None and (not isinstance(self.num_host_blocks, int)
                                                  or isinstance(self.num_host_blocks, bool) or self.num_host_blocks < 0):
             raise ValueError(f"num_host_blocks must be >= 0 (0 = no host pool) or None (sized automatically), "

@@ -265,16 +265,15 @@ def _pool_shards(layout) -> int:
     return layout.pp * layout.meshes.tp_kv
 
 
-def auto_num_blocks(model_cfg, cfg, param_bytes: int, layout, memory_fraction: float = 0.9,
-                    cpu_budget_bytes: int = 4 << 30) -> int:
-    """Blocks that fit: on an accelerator, a fraction of one device's memory minus its share of
-    the weights, over its share of a block (a block splits over the pp stages and the tp_kv
-    KV-head shards of the `ModelLayout`); on CPU, a fixed budget for the whole pool. Never
-    more than max_num_seqs full-length sequences need."""
+def auto_num_blocks(model_cfg, cfg, param_bytes: int, layout, cpu_budget_bytes: int = 4 << 30) -> int:
+    """Blocks that fit: on an accelerator, cfg.gpu_memory_utilization of one device's memory minus
+    its share of the weights and what is in use, over its share of a block (a block splits over
+    the pp stages and the tp_kv KV-head shards of the `ModelLayout`); on CPU, a fixed budget for
+    the whole pool, whatever the fraction. Never more than max_num_seqs full-length sequences need."""
     per_block = kv_block_bytes(model_cfg, cfg)
     stats = _accelerator_memory(layout)
     if stats:
-        avail = (int(stats["bytes_limit"] * memory_fraction) - param_bytes // len(layout.devices)
+        avail = (int(stats["bytes_limit"] * cfg.gpu_memory_utilization) - param_bytes // len(layout.devices)
                  - stats.get("bytes_in_use", 0)) * _pool_shards(layout)
     else:
         avail = cpu_budget_bytes

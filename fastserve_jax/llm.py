@@ -33,6 +33,9 @@ class LLM:
     "auto" (a Pallas kernel on GPU and TPU, jnp reference elsewhere), "reference" or "pallas"
     (interpret mode on CPU: for tests); see docs/attention.md. async_scheduling: None (on with
     one pipeline stage unless batches_in_flight is given), True or False; see docs/performance.md, section 5.
+    gpu_memory_utilization (vLLM's, default 0.9): the fraction of each accelerator's memory the
+    engine may use, which sizes the KV pool unless num_device_blocks is given (on CPU the pool
+    takes a fixed 4 GiB instead: kv_cache.auto_num_blocks).
 
     `generation_config`: "auto" (the default: sampling parameters a call leaves out, and a
     generate without sampling_params, take the model's generation_config.json temperature,

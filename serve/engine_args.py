@@ -7,13 +7,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from fastserve_jax.config import SchedulerConfig
+from fastserve_jax.config import EngineConfig, SchedulerConfig
 from fastserve_jax.scheduler import POLICIES
 
 # the options passed through to LLM(...) by name; --model and --scheduler are handled apart
 # (the model is LLM's first argument; bench gives each started server its own scheduler)
 ENGINE_OPTIONS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                  "num_device_blocks", "num_host_blocks", "swap_policy", "cost_model", "seed",
+                  "gpu_memory_utilization", "num_device_blocks", "num_host_blocks", "swap_policy", "cost_model", "seed",
                   "tensor_parallel_size", "pipeline_parallel_size", "batches_in_flight", "warmup",
                   "attention_backend", "tail_slowdown", "starvation_threshold", "prompt_neighbors",
                   "generation_config")
@@ -31,7 +31,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="token budget of one iteration; longer prompts are prefilled in chunks")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    g.add_argument("--num-device-blocks", type=int, default=None, help="KV blocks on the device (default: sized from memory)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=EngineConfig.gpu_memory_utilization,
+                   help="fraction (0, 1] of each accelerator's memory the engine may use; the KV pool gets it less "
+                        "the weights and what is in use (default %(default)s, vLLM's). On CPU the pool takes a fixed "
+                        "4 GiB instead and this changes nothing; --num-device-blocks wins where given")
+    g.add_argument("--num-device-blocks", type=int, default=None,
+                   help="KV blocks on the device (default: sized from --gpu-memory-utilization)")
     g.add_argument("--num-host-blocks", type=int, default=None,
                    help="host KV pool for swapped-out requests, in blocks (default: as many as the device pool, "
                         "within 4 GiB; 0: none)")

@@ -148,6 +148,7 @@ def test_ctrl_c_during_a_cold_warm_up_stops_the_server_without_compiling_the_res
     (["--model", "/nonexistent-model-dir"], "is not a model directory"),
     (["--max-model-len", "99999"], "exceeds the model's max_position_embeddings"),
     (["--num-device-blocks", "1000000000000"], "num_device_blocks=1000000000000 needs"),   # a MemoryError before
+    (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization must be a fraction in (0, 1]"),
 ])
 def test_generate_refuses_a_bad_engine_setting_with_one_line_and_exit_code_2(args, says, capsys):
     from fastserve_jax.serve.cli import main
@@ -155,6 +156,23 @@ def test_generate_refuses_a_bad_engine_setting_with_one_line_and_exit_code_2(arg
     assert main(["generate", *args, "count from 1 to 3:"]) == 2
     err = capsys.readouterr()
     assert "error: " in err.err and says in err.err and "Traceback" not in err.err + err.out
+
+
+def test_vllms_memory_flags_reach_the_engine_and_the_argv_of_started_servers(capsys):
+    """--gpu-memory-utilization (vLLM's name and default) is an engine option: LLM's keyword,
+    and passed on to the servers a benchmark starts; --help says what it does on CPU and that
+    --num-device-blocks wins."""
+    from fastserve_jax.serve.cli import main
+    from fastserve_jax.serve.engine_args import engine_argv, engine_kwargs, parse_engine_args
+
+    a = parse_engine_args(["--gpu-memory-utilization", "0.5"])
+    assert engine_kwargs(a)["gpu_memory_utilization"] == 0.5
+    assert engine_kwargs(parse_engine_args(engine_argv(a)))["gpu_memory_utilization"] == 0.5
+    assert engine_kwargs(parse_engine_args([]))["gpu_memory_utilization"] == 0.9
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--gpu-memory-utilization" in text and "--num-device-blocks wins" in text and "CPU" in text
 
 
 def test_serve_with_a_bad_engine_setting_exits_1_and_says_which():

@@ -144,11 +144,45 @@ def test_sampling_params_reject_bad_values(kwargs, match):
     (dict(seed="x"), "seed"),
     (dict(seed=None), "seed"),
     (dict(block_size=100000), "block_size=100000 exceeds max_model_len=2048"),    # minutes per step before
+    (dict(gpu_memory_utilization=0), r"gpu_memory_utilization must be a fraction in \(0, 1\]"),
+    (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+    (dict(gpu_memory_utilization=float("nan")), "gpu_memory_utilization"),
+    (dict(gpu_memory_utilization=True), "gpu_memory_utilization"),
+    (dict(gpu_memory_utilization="0.9"), "gpu_memory_utilization"),
 ])
 def test_engine_config_rejects_bad_values_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EngineConfig(**kwargs)
     assert sorted(SCHEDULER_CHOICES) == sorted(POLICIES)      # the names it checks are the policies'
+
+
+def test_gpu_memory_utilization_sizes_the_device_pool_on_an_accelerator_only():
+    """vLLM's fraction of each device's memory the engine may use: the auto-sized KV pool gets
+    that less the weights and what is in use; on the CPU backend a fixed budget sizes the pool
+    and the fraction changes nothing. An explicit num_device_blocks wins (device_pool_blocks)."""
+    from types import SimpleNamespace
+    from fastserve_jax.kv_cache import auto_num_blocks, device_pool_blocks, kv_block_bytes
+    from fastserve_jax.models.config import ModelConfig
+
+    mcfg = ModelConfig(arch="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096)
+    gib = 1 << 30
+
+    def layout(platform):
+        stats = {"bytes_limit": 10 * gib, "bytes_in_use": gib}
+        dev = SimpleNamespace(platform=platform, memory_stats=lambda: stats)
+        return SimpleNamespace(devices=[dev], pp=1, meshes=SimpleNamespace(tp_kv=1))
+
+    def blocks(frac, platform, **kw):
+        cfg = EngineConfig(max_num_seqs=1 << 20, dtype="float32", gpu_memory_utilization=frac, **kw)
+        return device_pool_blocks(mcfg, cfg, gib, layout(platform)), kv_block_bytes(mcfg, cfg)
+
+    (half, per_block), (most, _) = blocks(0.5, "gpu"), blocks(0.9, "gpu")
+    assert half == (5 * gib - gib - gib) // per_block and most == (9 * gib - gib - gib) // per_block
+    assert EngineConfig().gpu_memory_utilization == 0.9                        # vLLM's default
+    assert blocks(0.5, "cpu")[0] == blocks(0.9, "cpu")[0] == (4 * gib) // per_block
+    assert blocks(0.5, "gpu", num_device_blocks=100)[0] == 100
+    assert auto_num_blocks(mcfg, EngineConfig(gpu_memory_utilization=0.2), gib, layout("gpu")) == 2   # never < 2
 
 
 def test_a_context_shorter_than_the_default_block_still_takes_the_default_block():
