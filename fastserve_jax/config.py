@@ -216,8 +216,11 @@ class EngineConfig:
     # repr (the profile's key, cost_profile.cost_cache_key, holds the pool's size itself).
     gpu_memory_utilization: float = field(default=0.9, repr=False)
     # Host KV pool for swapped-out requests, in blocks of the same size. None: as many blocks
-    # as the device pool, within 4 GiB (see kv_cache.auto_num_host_blocks); 0: no host pool.
+    # as the device pool, within swap_space (kv_cache.host_pool_blocks); 0: no host pool.
     num_host_blocks: int | None = None
+    # vLLM's: GiB of host memory per device for that pool where num_host_blocks is None (0: none);
+    # out of the repr, as gpu_memory_utilization
+    swap_space: float = field(default=4.0, repr=False)
     # where paused requests' KV goes: "proactive" (FastServe), "reactive", "recompute" (swap_policy.py)
     swap_policy: str = "proactive"
     swap_reserve_blocks: int = 0        # free device blocks the proactive policy keeps (0: sized from arrivals)
@@ -283,6 +286,10 @@ class EngineConfig:
         if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1:
             raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1] of each accelerator's memory "
                              f"(vLLM's; default 0.9), got {f!r}")
+        v = self.swap_space
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"swap_space must be a finite number of GiB >= 0 (host memory per device for swapped-out "
+                             f"KV, vLLM's; 0 = no host pool), got {v!r}")
         if self.num_host_blocks is not None and (not isinstance(self.num_host_blocks, int)
                                                  or isinstance(self.num_host_blocks, bool) or self.num_host_blocks < 0):
             raise ValueError(f"num_host_blocks must be >= 0 (0 = no host pool) or None (sized automatically), "

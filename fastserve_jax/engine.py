@@ -22,7 +22,7 @@ from fastserve_jax.sampling_params import SamplingParams, sampler_seed
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.cost_profile import is_provisional, profile_engine
 from fastserve_jax.detokenizer import IncrementalDetokenizer, decoder
-from fastserve_jax.kv_cache import KVManager, auto_num_host_blocks, device_pool_blocks, kv_block_bytes
+from fastserve_jax.kv_cache import KVManager, device_pool_blocks, host_pool_blocks, kv_block_bytes
 from fastserve_jax.kv_plan import Copies, apply_plan
 from fastserve_jax.request import Request, RequestOutput, RequestStatus, TokenLogprobs
 from fastserve_jax.runner import ModelRunner
@@ -85,10 +85,7 @@ class LLMEngine:
         params = placed
         param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
         num_blocks = device_pool_blocks(model_cfg, self.cfg, param_bytes, self.layout)
-        num_host = (self.cfg.num_host_blocks if self.cfg.num_host_blocks is not None else
-                    auto_num_host_blocks(model_cfg, self.cfg, num_blocks, self.layout))
-        if self.cfg.swap_policy == "recompute":
-            num_host = 0
+        num_host = host_pool_blocks(model_cfg, self.cfg, num_blocks, self.layout)
         self.kv = KVManager(num_blocks, self.cfg.block_size, num_host)
         self.swap = SwapPolicy(self.cfg.swap_policy, self.kv, self.cfg.max_num_batched_tokens,
                                self.cfg.swap_reserve_blocks)

@@ -315,8 +315,22 @@ def host_block_bytes(model_cfg, cfg, layout=None) -> int:
                            for s in range(layout.pp)) // layout.pp
 
 
-def auto_num_host_blocks(model_cfg, cfg, num_device_blocks: int, layout=None, budget_bytes: int = 4 << 30) -> int:
+def auto_num_host_blocks(model_cfg, cfg, num_device_blocks: int, layout=None, budget_bytes: int | None = None) -> int:
     """As many host blocks as the device pool has, within `budget_bytes` of host memory as the
-    host copies really take it (`host_block_bytes`; the default swap space of vLLM; pinned host
-    memory on CUDA is a capped pool, see JAX_NOTES)."""
+    host copies really take it (`host_block_bytes`). None: cfg.swap_space GiB per device of the
+    layout (vLLM's swap space, 4 GiB per GPU by default; pinned host memory on CUDA is a capped
+    pool, see JAX_NOTES)."""
+    if budget_bytes is None:
+        budget_bytes = int(cfg.swap_space * (1 << 30)) * (1 if layout is None else len(layout.devices))
     return max(0, min(num_device_blocks - 1, budget_bytes // host_block_bytes(model_cfg, cfg, layout)))
+
+
+def host_pool_blocks(model_cfg, cfg, num_device_blocks: int, layout=None) -> int:
+    """The host pool's blocks: none under the recompute policy, else cfg.num_host_blocks where
+    given (it wins over swap_space), else auto_num_host_blocks. 0 leaves evictions to
+    recomputation (swap_policy.SwapPolicy.swaps)."""
+    if cfg.swap_policy == "recompute":
+        return 0
+    if cfg.num_host_blocks is not None:
+        return cfg.num_host_blocks
+    return auto_num_host_blocks(model_cfg, cfg, num_device_blocks, layout)

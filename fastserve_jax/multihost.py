@@ -43,7 +43,7 @@ READY_TIMEOUT_S = 3600.0
 # programs all processes run together, so the plan channel's handshake compares them.
 LEADER_ONLY = frozenset({"scheduler", "cost_model", "tail_slowdown", "starvation_threshold", "prompt_neighbors",
                          "protect_decodes", "seed", "warmup", "num_device_blocks", "num_host_blocks",
-                         "gpu_memory_utilization", "async_scheduling", "mirror"})
+                         "gpu_memory_utilization", "swap_space", "async_scheduling", "mirror"})
 MODEL_FILES = (".json", ".safetensors", ".model", ".txt", ".tiktoken")    # config, weights, tokenizer
 _SAMPLE = 1 << 20
 

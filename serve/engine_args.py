@@ -13,7 +13,7 @@ from fastserve_jax.scheduler import POLICIES
 # the options passed through to LLM(...) by name; --model and --scheduler are handled apart
 # (the model is LLM's first argument; bench gives each started server its own scheduler)
 ENGINE_OPTIONS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                  "gpu_memory_utilization", "num_device_blocks", "num_host_blocks", "swap_policy", "cost_model", "seed",
+                  "gpu_memory_utilization", "num_device_blocks", "num_host_blocks", "swap_space", "swap_policy", "cost_model", "seed",
                   "tensor_parallel_size", "pipeline_parallel_size", "batches_in_flight", "warmup",
                   "attention_backend", "tail_slowdown", "starvation_threshold", "prompt_neighbors",
                   "generation_config")
@@ -39,7 +39,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KV blocks on the device (default: sized from --gpu-memory-utilization)")
     g.add_argument("--num-host-blocks", type=int, default=None,
                    help="host KV pool for swapped-out requests, in blocks (default: as many as the device pool, "
-                        "within 4 GiB; 0: none)")
+                        "within --swap-space; 0: none)")
+    g.add_argument("--swap-space", type=float, default=EngineConfig.swap_space,
+                   help="GiB of host memory per device for the KV of swapped-out requests, counted as the host "
+                        "copies take it (default %(default)s, vLLM's; 0: no host pool, evictions are recomputed); "
+                        "the pool holds at most as many blocks as the device pool; --num-host-blocks wins where given")
     g.add_argument("--swap-policy", default="proactive", choices=["proactive", "reactive", "recompute"],
                    help="where paused requests' KV goes under memory pressure (default: FastServe's proactive "
                         "swapping to host memory)")

@@ -391,7 +391,7 @@ def test_deployment_settings_tell_models_and_program_flags_apart(tiny_checkpoint
     kw = dict(dtype="auto", tensor_parallel_size=2, max_num_seqs=4, scheduler="fcfs", seed=0)
     a = tiny_checkpoints("llama")
     copy = shutil.copytree(a, tmp_path / "copy")               # the same model at another path
-    leader_only = dict(kw, scheduler="mlfq", seed=3, gpu_memory_utilization=0.5)     # the leader sizes the pools
+    leader_only = dict(kw, scheduler="mlfq", seed=3, gpu_memory_utilization=0.5, swap_space=0)   # the leader sizes pools
     assert settings_differ(deployment_settings(a, kw), deployment_settings(str(copy), leader_only)) == ""
     other = make_random_checkpoint(str(tmp_path / "other"), "llama", seed=1)   # same shapes, other weights
     assert "model file model.safetensors" in settings_differ(deployment_settings(a, kw), deployment_settings(other, kw))

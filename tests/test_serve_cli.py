@@ -149,6 +149,7 @@ def test_ctrl_c_during_a_cold_warm_up_stops_the_server_without_compiling_the_res
     (["--max-model-len", "99999"], "exceeds the model's max_position_embeddings"),
     (["--num-device-blocks", "1000000000000"], "num_device_blocks=1000000000000 needs"),   # a MemoryError before
     (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization must be a fraction in (0, 1]"),
+    (["--swap-space", "-1"], "swap_space must be a finite number of GiB >= 0"),
 ])
 def test_generate_refuses_a_bad_engine_setting_with_one_line_and_exit_code_2(args, says, capsys):
     from fastserve_jax.serve.cli import main
@@ -159,20 +160,22 @@ def test_generate_refuses_a_bad_engine_setting_with_one_line_and_exit_code_2(arg
 
 
 def test_vllms_memory_flags_reach_the_engine_and_the_argv_of_started_servers(capsys):
-    """--gpu-memory-utilization (vLLM's name and default) is an engine option: LLM's keyword,
-    and passed on to the servers a benchmark starts; --help says what it does on CPU and that
-    --num-device-blocks wins."""
+    """--gpu-memory-utilization and --swap-space (vLLM's names and defaults) are engine options:
+    LLM's keywords, and passed on to the servers a benchmark starts; --help says what they do
+    and that --num-device-blocks / --num-host-blocks win."""
     from fastserve_jax.serve.cli import main
     from fastserve_jax.serve.engine_args import engine_argv, engine_kwargs, parse_engine_args
 
-    a = parse_engine_args(["--gpu-memory-utilization", "0.5"])
-    assert engine_kwargs(a)["gpu_memory_utilization"] == 0.5
-    assert engine_kwargs(parse_engine_args(engine_argv(a)))["gpu_memory_utilization"] == 0.5
-    assert engine_kwargs(parse_engine_args([]))["gpu_memory_utilization"] == 0.9
+    a = parse_engine_args(["--gpu-memory-utilization", "0.5", "--swap-space", "0"])
+    for kw in (engine_kwargs(a), engine_kwargs(parse_engine_args(engine_argv(a)))):
+        assert kw["gpu_memory_utilization"] == 0.5 and kw["swap_space"] == 0
+    kw = engine_kwargs(parse_engine_args([]))
+    assert kw["gpu_memory_utilization"] == 0.9 and kw["swap_space"] == 4
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--gpu-memory-utilization" in text and "--num-device-blocks wins" in text and "CPU" in text
+    assert "--swap-space" in text and "GiB of host memory per device" in text and "--num-host-blocks wins" in text
 
 
 def test_serve_with_a_bad_engine_setting_exits_1_and_says_which():

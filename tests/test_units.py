@@ -149,6 +149,10 @@ def test_sampling_params_reject_bad_values(kwargs, match):
     (dict(gpu_memory_utilization=float("nan")), "gpu_memory_utilization"),
     (dict(gpu_memory_utilization=True), "gpu_memory_utilization"),
     (dict(gpu_memory_utilization="0.9"), "gpu_memory_utilization"),
+    (dict(swap_space=-1), r"swap_space must be a finite number of GiB >= 0"),
+    (dict(swap_space=float("inf")), "swap_space"),
+    (dict(swap_space=True), "swap_space"),
+    (dict(swap_space="4"), "swap_space"),
 ])
 def test_engine_config_rejects_bad_values_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -183,6 +187,33 @@ def test_gpu_memory_utilization_sizes_the_device_pool_on_an_accelerator_only():
     assert blocks(0.5, "cpu")[0] == blocks(0.9, "cpu")[0] == (4 * gib) // per_block
     assert blocks(0.5, "gpu", num_device_blocks=100)[0] == 100
     assert auto_num_blocks(mcfg, EngineConfig(gpu_memory_utilization=0.2), gib, layout("gpu")) == 2   # never < 2
+
+
+def test_swap_space_sizes_the_host_pool_in_gib_per_device_and_num_host_blocks_wins():
+    """vLLM's swap_space: GiB of host memory per device (default 4) for swapped-out KV, counted
+    in the bytes the host copies take; 0 is no host pool (evictions recompute, as with
+    num_host_blocks=0); the pool holds at most as many blocks as the device pool; an explicit
+    num_host_blocks wins, and the recompute policy keeps no host pool."""
+    from fastserve_jax.kv_cache import host_block_bytes, host_pool_blocks
+    from fastserve_jax.models.config import ModelConfig
+    from fastserve_jax.sharding.layout import ModelLayout
+    from fastserve_jax.sharding.parallel_config import ParallelConfig
+
+    mcfg = ModelConfig(arch="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+    per_block = host_block_bytes(mcfg, EngineConfig(max_model_len=256, dtype="float32"))     # 8 KiB
+
+    def pool(device_blocks=1000, layout=None, **kw):
+        return host_pool_blocks(mcfg, EngineConfig(max_model_len=256, dtype="float32", **kw), device_blocks, layout)
+
+    assert EngineConfig().swap_space == 4 and pool() == 999                      # 4 GiB hold them all
+    assert pool(swap_space=10 * per_block / 2**30) == 10 and pool(swap_space=0) == 0
+    assert pool(swap_space=0, num_host_blocks=7) == 7 == pool(swap_space=1, num_host_blocks=7)
+    assert pool(num_host_blocks=7, swap_policy="recompute") == 0 == pool(swap_policy="recompute")
+    assert pool(device_blocks=5) == 4                                            # the device pool's, at most
+    tp2 = ModelLayout(mcfg, ParallelConfig(2, 1))      # a KV head per device: each holds half of a block
+    assert host_block_bytes(mcfg, EngineConfig(max_model_len=256, dtype="float32"), tp2) == per_block
+    assert pool(layout=tp2, swap_space=10 * per_block / 2**30) == 20
 
 
 def test_a_context_shorter_than_the_default_block_still_takes_the_default_block():
