@@ -1,6 +1,7 @@
-"""Chat conversations to prompt token ids, by the tokenizer's own chat template: one code
-path for the server (serve/prepare.py, which turns a ChatTemplateError into a 400 naming its
-field) and `LLM.chat` (which raises it, a ValueError).
+"""Chat conversations to prompt token ids, by the tokenizer's own chat template or one the
+deployment gives (vLLM's `--chat-template`, `LLM.chat(chat_template=...)`): one code path for
+the server (serve/prepare.py, which turns a ChatTemplateError into a 400 naming its field) and
+`LLM.chat` (which raises it, a ValueError).
 
 ChatOptions are vLLM's chat fields: `add_generation_prompt` (open the assistant's turn),
 `continue_final_message` (leave the final message open, with no end of turn, for the model
@@ -60,18 +61,22 @@ class ChatOptions:
         object.__setattr__(self, "template_kwargs", dict(kw))
 
 
-def render_chat(tokenizer, messages: list[dict], options: ChatOptions = ChatOptions()) -> tuple[str, list[int]]:
-    """(prompt text, token ids) of one conversation by the tokenizer's template. Special tokens
-    are added by the tokenizer (BOS) unless the template already wrote them."""
+def render_chat(tokenizer, messages: list[dict], options: ChatOptions = ChatOptions(),
+                chat_template: str | None = None) -> tuple[str, list[int]]:
+    """(prompt text, token ids) of one conversation by `chat_template` (a Jinja template), else
+    the tokenizer's. Special tokens are added by the tokenizer (BOS) unless the template
+    already wrote them."""
     from jinja2 import TemplateError      # here: protocol.py imports this module for ChatOptions alone
 
-    if not getattr(tokenizer, "chat_template", None):
-        raise ChatTemplateError("this model's tokenizer has no chat template; send a prompt instead "
+    if not chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError("this model's tokenizer has no chat template; give one (the server's --chat-template "
+                                "FILE_OR_TEMPLATE, LLM.chat(..., chat_template=...)) or send a prompt instead "
                                 "(/v1/completions, LLM.generate)", "messages")
     try:
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=options.add_generation_prompt,
-            continue_final_message=options.continue_final_message, **options.template_kwargs)
+            continue_final_message=options.continue_final_message, chat_template=chat_template or None,
+            **options.template_kwargs)
     except (TemplateError, ValueError, TypeError, KeyError) as e:   # the messages do not fit the template
         raise ChatTemplateError(f"the model's chat template rejected the messages: {e}", "messages") from None
     if not text:
@@ -96,3 +101,28 @@ def conversations(messages) -> list[list[dict]]:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise ValueError(f"{where}message {j} must be a dict with a 'role' string, got {m!r:.80}")
     return [list(c) for c in convs]
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """vLLM's reading of --chat-template: the text of a readable file; else, where the value has
+    Jinja's marks (a brace or a newline), the template itself, its backslash escapes read (a
+    shell's '\\n' is a newline); else a path that failed, a ValueError. A template Jinja cannot
+    parse is a ValueError here, before the server starts, rather than a 400 on every chat."""
+    if value is None:
+        return None
+    try:
+        with open(value, encoding="utf-8") as f:
+            template = f.read()
+    except OSError as e:
+        if not any(c in value for c in "{}\n"):
+            raise ValueError(f"--chat-template {value!r} looks like a file path, but it cannot be read ({e.strerror}); "
+                             "give a readable file or the Jinja template itself") from None
+        # escapes read; characters beyond Latin-1 pass through as escapes of their own
+        template = value.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    from jinja2 import Environment, TemplateSyntaxError
+
+    try:
+        Environment().parse(template)
+    except TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template is not a valid Jinja template: {e.message} (line {e.lineno})") from None
+    return template

@@ -127,12 +127,12 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False, *,
-             add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """vLLM's: one conversation (a list of {"role", "content"} dicts) or a list of them, each
-        rendered by the tokenizer's chat template as the server renders /v1/chat/completions
-        (fastserve_jax/chat_template.py), then generated as `generate` does; one output per
-        conversation, whose `prompt` is the rendered text. add_generation_prompt opens the
+        rendered by `chat_template` (a Jinja template) or else the tokenizer's own, as the server
+        renders /v1/chat/completions (fastserve_jax/chat_template.py), then generated as `generate`
+        does; one output per conversation, whose `prompt` is the rendered text. add_generation_prompt opens the
         assistant's turn; continue_final_message (with add_generation_prompt=False) leaves the
         final message open for the model to continue; chat_template_kwargs are extra template
         variables (e.g. {"enable_thinking": False}). Bad input raises ValueError before any
@@ -142,7 +142,7 @@ class LLM:
         rendered = []
         for i, conv in enumerate(convs):
             try:
-                rendered.append(render_chat(self.tokenizer, conv, options))
+                rendered.append(render_chat(self.tokenizer, conv, options, chat_template))
             except ValueError as e:
                 raise ValueError(f"conversation {i}: {e}" if len(convs) > 1 else str(e)) from None
         outs = self.generate([ids for _, ids in rendered], sampling_params, use_tqdm)

@@ -65,6 +65,7 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     retry_after: int = 1                # seconds, in Retry-After of a 503
     engine_process: bool = False        # the engine loop in a process of its own (a picklable build)
+    chat_template: str | None = None    # --chat-template's Jinja text (load_chat_template); None: the tokenizer's
 
 
 class Server:
@@ -247,7 +248,8 @@ async def _generate(request: Request, chat: bool) -> Response | EventStream:
     srv.check_serving()
     eng = srv.engine.engine
     # tokenizing (a 1 MB prompt: ~1 s) and chat templates run off the event loop, which serves every stream
-    prompts, prompt_tokens = await asyncio.get_running_loop().run_in_executor(srv.preparer, prepare, job, eng)
+    prompts, prompt_tokens = await asyncio.get_running_loop().run_in_executor(srv.preparer, prepare, job, eng,
+                                                                              srv.cfg.chat_template)
     srv.admit(len(prompts))
     group = srv.engine.submit(prompts, arrival)
     fmt = Formatter.for_job(job, srv.cfg.model_name, eng.tokenizer, prompts)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fastserve_jax import chat_template
+from fastserve_jax import chat_template as chat_template_module
 from fastserve_jax.chat_template import ChatOptions, ChatTemplateError
 from fastserve_jax.config import SamplingParams
 from fastserve_jax.sampling_params import BIAS_SLOTS, bias_tokens
@@ -20,11 +20,12 @@ if TYPE_CHECKING:
     from fastserve_jax.engine import LLMEngine
 
 
-def render_chat(tokenizer, messages: list[dict], options: ChatOptions = ChatOptions()) -> list[int]:
-    """Token ids of the conversation by the tokenizer's template (by default with the
-    assistant's turn opened), as `LLM.chat` renders it (fastserve_jax/chat_template.py)."""
+def render_chat(tokenizer, messages: list[dict], options: ChatOptions = ChatOptions(),
+                chat_template: str | None = None) -> list[int]:
+    """Token ids of the conversation by the server's --chat-template, else the tokenizer's (by
+    default with the assistant's turn opened), as `LLM.chat` renders it (fastserve_jax/chat_template.py)."""
     try:
-        return chat_template.render_chat(tokenizer, messages, options)[1]
+        return chat_template_module.render_chat(tokenizer, messages, options, chat_template)[1]
     except ChatTemplateError as e:
         raise bad_request(str(e), e.param)
 
@@ -64,9 +65,11 @@ def _check_token_ids(job: Job, eng: "LLMEngine | EngineInfo") -> None:
                               f"{BIAS_SLOTS} tokens together, got {len(biased)}", "logit_bias")
 
 
-def prepare(job: Job, eng: "LLMEngine | EngineInfo") -> tuple[list[tuple[list[int], SamplingParams]], int]:
+def prepare(job: Job, eng: "LLMEngine | EngineInfo",
+            chat_template: str | None = None) -> tuple[list[tuple[list[int], SamplingParams]], int]:
     """[(prompt ids, params)] in choice order (prompt i's choices at i*n .. i*n+n-1), and the
-    prompt tokens of the request (each prompt counted once, as OpenAI's usage does)."""
+    prompt tokens of the request (each prompt counted once, as OpenAI's usage does).
+    chat_template: the server's --chat-template (None: the tokenizer's)."""
     limit = eng.context_limit          # max_model_len, or the device KV pool's tokens where fewer
     context = ("this model's maximum context length" if limit == eng.cfg.max_model_len else
                "this server's context limit (what its device KV pool holds)")
@@ -75,7 +78,7 @@ def prepare(job: Job, eng: "LLMEngine | EngineInfo") -> tuple[list[tuple[list[in
     out, prompt_tokens = [], 0
     for i, prompt in enumerate(job.prompts):
         where = f"prompt {i}: " if len(job.prompts) > 1 else ""
-        src = render_chat(eng.tokenizer, prompt, job.chat_options) if job.chat else prompt
+        src = render_chat(eng.tokenizer, prompt, job.chat_options, chat_template) if job.chat else prompt
         try:
             _, ids = eng.validate(src, probe)
         except ValueError as e:

@@ -78,7 +78,7 @@ MODEL_DEFAULTED = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p
 @dataclass(frozen=True)
 class Job:
     """One validated request. prompts: strings or token-id lists (chat: the messages list
-    as the only entry, rendered later with the tokenizer's template)."""
+    as the only entry, rendered later with the chat template)."""
 
     chat: bool
     model: str | None

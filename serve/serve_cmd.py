@@ -59,6 +59,9 @@ def add_serve_parser(sub) -> None:
                    help="the model name clients send (default: 'demo' for the bundled model, else the directory name)")
     g.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV} if set, else none)")
+    g.add_argument("--chat-template", default=None,
+                   help="the Jinja chat template for /v1/chat/completions, a file or the template itself (vLLM's), "
+                        "for a model whose tokenizer has none or to override it (default: the tokenizer's)")
     g.add_argument("--max-pending", type=int, default=256,
                    help="admission bound: engine requests admitted and unfinished (n choices count n); "
                         "beyond it requests get 503 with Retry-After (default %(default)s)")
@@ -198,6 +201,13 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
     if a.max_pending < 1 or a.max_body_bytes < 1:
         print("error: --max-pending and --max-body-bytes must be >= 1", file=sys.stderr)
         return 2
+    from fastserve_jax.chat_template import load_chat_template
+
+    try:
+        chat_template = load_chat_template(a.chat_template)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     build = EngineBuilder(a.model, engine_kwargs)
     transport = None
     if a.engine_process:
@@ -206,7 +216,8 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
 
     cfg = ServerConfig(model_name=a.served_model_name or model_name(a.model),
                        api_key=a.api_key or os.environ.get(API_KEY_ENV) or None,
-                       max_pending=a.max_pending, max_body_bytes=a.max_body_bytes, engine_process=a.engine_process)
+                       max_pending=a.max_pending, max_body_bytes=a.max_body_bytes, engine_process=a.engine_process,
+                       chat_template=chat_template)
     mirror = engine_kwargs.get("mirror")
     if mirror is not None:
         def build(stopping, inner=build):     # multi-host: ready only with every worker

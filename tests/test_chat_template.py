@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastserve_jax.chat_template import ChatOptions, ChatTemplateError, conversations, render_chat
+from fastserve_jax.chat_template import ChatOptions, ChatTemplateError, conversations, load_chat_template, render_chat
 from fastserve_jax.models import demo_model_path
 from fastserve_jax.models.tokenizer import load_tokenizer
 
@@ -87,3 +87,41 @@ def test_conversations_one_or_many():
                          ([{"content": "x"}], "'role'"), ([[]], "conversation 0")):
         with pytest.raises(ValueError, match=message):
             conversations(bad)
+
+
+def test_a_given_template_wins_over_the_tokenizers_and_serves_a_tokenizer_without_one(tok):
+    """vLLM's --chat-template and LLM.chat(chat_template=...): a template of the deployment's
+    own; without one, a tokenizer with no template is an error naming both ways to give one
+    (in the server a 400 on `messages`)."""
+    from fastserve_jax.serve.errors import APIError
+    from fastserve_jax.serve.prepare import render_chat as serve_render
+
+    own = "[{{ messages[0]['content'] }}]{% if add_generation_prompt %}>{% endif %}"
+    assert render_chat(tok, USER, chat_template=own)[0] == "[Hi]>"
+    bare = load_tokenizer(demo_model_path())
+    bare.chat_template = None
+    text, ids = render_chat(bare, USER, ChatOptions(add_generation_prompt=False), chat_template=own)
+    assert text == "[Hi]" and ids == bare.encode("[Hi]")
+    with pytest.raises(ChatTemplateError, match=r"--chat-template.*chat_template=") as e:
+        render_chat(bare, USER)
+    assert e.value.param == "messages"
+    with pytest.raises(APIError) as e:
+        serve_render(bare, USER)
+    err = e.value.body()["error"]
+    assert e.value.status == 400 and err["param"] == "messages" and "--chat-template" in err["message"]
+    assert serve_render(bare, USER, chat_template=own) == bare.encode("[Hi]>")
+
+
+def test_chat_template_is_a_file_or_an_inline_template_checked_at_start(tmp_path):
+    """As vLLM reads --chat-template: a readable file's text, else a string with Jinja's marks
+    (braces, a newline) is the template itself, its backslash escapes read (a shell's '\\n');
+    anything else is a path that failed. A template Jinja cannot parse fails here, at start-up."""
+    f = tmp_path / "t.jinja"
+    f.write_text("{{ messages[0]['content'] }}\n", encoding="utf-8")
+    assert load_chat_template(str(f)) == "{{ messages[0]['content'] }}\n"
+    assert load_chat_template(None) is None
+    assert load_chat_template("{{ 'zähl' }}\\n") == "{{ 'zähl' }}\n"          # escapes read, non-ASCII kept
+    with pytest.raises(ValueError, match="looks like a file path, but it cannot be read"):
+        load_chat_template(str(tmp_path / "missing.jinja"))
+    with pytest.raises(ValueError, match="not a valid Jinja template"):
+        load_chat_template("{% for m in messages %}{{ m }}")

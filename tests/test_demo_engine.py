@@ -65,6 +65,9 @@ def test_chat_renders_with_the_tokenizers_template(demo_llm):
             demo_llm.chat(user, greedy, **kw)
     with pytest.raises(ValueError, match="conversation 1"):
         demo_llm.chat([user, [{"content": "no role"}]], greedy)
+    # vLLM's chat_template: a Jinja template of the call's own instead of the tokenizer's
+    [own] = demo_llm.chat(user, greedy, chat_template="{{ messages[0]['content'] | replace('9', '6') }}")
+    assert own.prompt == demo_task.make_prompt(3, 6) and own.text == demo_task.expected_answer(3, 6)
 
 
 def test_demo_parity_with_transformers():

@@ -55,9 +55,11 @@ def test_serve_command_api_key_warmup_and_graceful_shutdown():
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, FASTSERVE_API_KEY="sekret")
+    # a chat template of the deployment's own (vLLM's --chat-template, here inline): every
+    # conversation becomes one counting prompt
     proc = subprocess.Popen([sys.executable, "-m", "fastserve_jax", "serve", "--port", str(port), *ENGINE_ARGS,
-                             "--shutdown-timeout", "60"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                             "--shutdown-timeout", "60", "--chat-template", "{{ 'count from 5 to 9:' }}"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         seen = _wait_ready(url, proc)
         assert any(s == 503 and "warming up" in m for s, m in seen), seen
@@ -70,6 +72,9 @@ def test_serve_command_api_key_warmup_and_graceful_shutdown():
         out = client.completions.create(model="demo", prompt=demo_task.make_prompt(3, 12), max_tokens=20,
                                         temperature=0)
         assert demo_task.check_answer(3, 12, out.choices[0].text)
+        chat = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=20, temperature=0)
+        assert chat.choices[0].message.content == demo_task.expected_answer(5, 9)
 
         async def stream_through_sigterm():
             payload = {"prompt": [demo_task.make_prompt(0, 250)] * 4, "max_tokens": 260, "temperature": 0,
@@ -206,6 +211,14 @@ def test_servers_get_ports_below_the_ephemeral_range(monkeypatch):
         picks = itertools.chain([taken], range(20000, 21000))
         monkeypatch.setattr("random.Random.randrange", lambda self, a, b: next(picks))
         assert unused_port() != taken
+
+
+def test_serve_refuses_a_chat_template_it_cannot_read_before_anything_starts(tmp_path, capsys):
+    from fastserve_jax.serve.cli import main
+
+    assert main(["serve", "--chat-template", str(tmp_path / "missing.jinja")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --chat-template") and "cannot be read" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("args, says", [

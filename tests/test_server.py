@@ -369,8 +369,8 @@ def test_a_drain_that_begins_while_a_prompt_is_tokenized_refuses_it_with_a_503(l
     from fastserve_jax.serve import app as app_mod
     srv, prepare = live.state, app_mod.prepare
 
-    def prepare_then_drain(job, eng):
-        out = prepare(job, eng)
+    def prepare_then_drain(job, eng, *rest):
+        out = prepare(job, eng, *rest)
         srv.draining = True
         return out
     monkeypatch.setattr(app_mod, "prepare", prepare_then_drain)
@@ -442,9 +442,9 @@ def test_prompts_are_tokenized_off_the_event_loop(live, monkeypatch):
 
     threads = []
 
-    def recording(job, eng, inner=app.prepare):
+    def recording(job, eng, *rest, inner=app.prepare):
         threads.append(threading.current_thread().name)
-        return inner(job, eng)
+        return inner(job, eng, *rest)
     monkeypatch.setattr(app, "prepare", recording)
     assert live.post("/v1/completions", _counting(3, 5))[0] == 200
     assert threads and threads[0].startswith("fastserve-prepare")
