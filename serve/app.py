@@ -2,12 +2,13 @@
 
     POST /v1/completions, /v1/chat/completions   (stream: Server-Sent Events, then [DONE])
     GET  /v1/models, /health (200 only once warm-up is done), /metrics (Prometheus text)
+    POST /tokenize, /detokenize; GET /version    (vLLM's; serve/tokenize.py)
 
 The engine runs on its own thread, or with `engine_process` in its own process
 (serve/async_engine.py, docs/serving.md); handlers validate at the boundary, so bad input
 is a 400 and nothing is queued, then submit token ids and read deltas. Status codes: 400
 invalid parameters or a prompt longer than the context (the message states the limits),
-401 missing or wrong API key (/v1 only), 404 unknown model, 413 body over
+401 missing or wrong API key (/v1, /tokenize and /detokenize), 404 unknown model, 413 body over
 --max-body-bytes, 503 with Retry-After while warming up, draining, when the admission
 queue (--max-pending engine requests; n choices count n) is full, or once the engine
 process was lost, 500 only for engine faults, which fail the requests of that iteration
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import importlib.metadata
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +50,8 @@ from fastserve_jax.serve.openai_format import Choice, Formatter, sse
 from fastserve_jax.serve.prepare import prepare
 from fastserve_jax.serve.json_body import parse_body
 from fastserve_jax.serve.protocol import parse_chat, parse_completion
+from fastserve_jax.serve.tokenize import detokenize as detokenize_ids, parse_detokenize, parse_tokenize
+from fastserve_jax.serve.tokenize import tokenize as tokenize_job
 
 if TYPE_CHECKING:     # the engine (and jax) load in the engine loop; this process may do without
     from fastserve_jax.engine import LLMEngine
@@ -267,6 +271,39 @@ async def chat_completions(request: Request) -> Response:
     return await _generate(request, chat=True)
 
 
+async def tokenize(request: Request) -> Response:
+    """vLLM's POST /tokenize (serve/tokenize.py), answered by the front end's tokenizer."""
+    srv: Server = request.app.state.server
+    srv.check_auth(request)
+    job = parse_tokenize(parse_body(await _read_body(request, srv.cfg.max_body_bytes)))
+    srv.check_model(job.model)
+    srv.check_serving()
+    answer = await asyncio.get_running_loop().run_in_executor(srv.preparer, tokenize_job, job, srv.engine.engine,
+                                                              srv.cfg.chat_template)
+    return JSONResponse(answer)
+
+
+async def detokenize(request: Request) -> Response:
+    """vLLM's POST /detokenize: token ids to text, special tokens kept."""
+    srv: Server = request.app.state.server
+    srv.check_auth(request)
+    body = parse_body(await _read_body(request, srv.cfg.max_body_bytes))
+    srv.check_serving()
+    model, ids = parse_detokenize(body, srv.engine.engine)
+    srv.check_model(model)
+    return JSONResponse(await asyncio.get_running_loop().run_in_executor(srv.preparer, detokenize_ids, ids,
+                                                                         srv.engine.engine))
+
+
+async def version(request: Request) -> Response:
+    """vLLM's GET /version: this package's version; public, as /health."""
+    try:
+        v = importlib.metadata.version("fastserve-jax")
+    except importlib.metadata.PackageNotFoundError:      # a source tree that was never installed
+        v = "unknown"
+    return JSONResponse({"version": v})
+
+
 async def models(request: Request) -> Response:
     srv: Server = request.app.state.server
     srv.check_auth(request)
@@ -325,6 +362,9 @@ def create_app(build: Callable[[Callable[[], bool]], "LLMEngine"], cfg: ServerCo
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/version", version, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ], exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},

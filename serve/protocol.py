@@ -212,7 +212,7 @@ def _defaults_only(body: dict, n: int) -> None:
                           "response_format")
 
 
-def _check_fields(body: dict, allowed: frozenset[str], endpoint: str, required: str) -> None:
+def check_fields(body: dict, allowed: frozenset[str], endpoint: str, required: str) -> None:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise bad_request(f"unknown or unsupported field(s) {unknown} for {endpoint}; supported fields are "
@@ -277,7 +277,7 @@ def _prompts(v: Any) -> list[Any]:
 
 
 def parse_completion(body: dict) -> Job:
-    _check_fields(body, COMPLETION_FIELDS, "/v1/completions", "prompt")
+    check_fields(body, COMPLETION_FIELDS, "/v1/completions", "prompt")
     echo = _bool(body, "echo", False)
     max_tokens = _int(body, "max_tokens", OPENAI_COMPLETION_DEFAULT_MAX_TOKENS, 0 if echo else 1)
     logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
@@ -292,7 +292,7 @@ def parse_completion(body: dict) -> Job:
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def _messages(v: Any) -> list[dict]:
+def parse_messages(v: Any) -> list[dict]:
     if not isinstance(v, list) or not v:
         raise bad_request("'messages' must be a non-empty array of {\"role\", \"content\"} objects", "messages")
     out = []
@@ -327,7 +327,7 @@ def _messages(v: Any) -> list[dict]:
 
 
 def parse_chat(body: dict) -> Job:
-    _check_fields(body, CHAT_FIELDS, "/v1/chat/completions", "messages")
+    check_fields(body, CHAT_FIELDS, "/v1/chat/completions", "messages")
     max_tokens = _int(body, "max_completion_tokens", None, 1)
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", None, 1)
@@ -336,13 +336,13 @@ def parse_chat(body: dict) -> Job:
     if top is not None and not want:
         raise bad_request("'top_logprobs' needs \"logprobs\": true", "top_logprobs")
     _no_tools(body)
-    options = _chat_options(body)
-    job = _common(body, True, [_messages(body["messages"])], max_tokens, (top or 0) if want else None)
+    options = parse_chat_options(body)
+    job = _common(body, True, [parse_messages(body["messages"])], max_tokens, (top or 0) if want else None)
     named = body.get("max_completion_tokens") is not None or body.get("max_tokens") is None   # the newer name
     return replace(job, chat_options=options, limit_field="max_completion_tokens" if named else job.limit_field)
 
 
-def _chat_options(body: dict) -> ChatOptions:
+def parse_chat_options(body: dict) -> ChatOptions:
     try:
         return ChatOptions(_bool(body, "add_generation_prompt", True), _bool(body, "continue_final_message", False),
                            body.get("chat_template_kwargs"))

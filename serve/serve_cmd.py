@@ -43,7 +43,8 @@ def add_serve_parser(sub) -> None:
         "serve", help="run the OpenAI-compatible HTTP server (default: the demo model on 127.0.0.1:8000)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve a model over HTTP with OpenAI's API: POST /v1/completions and /v1/chat/completions "
-                    "(streaming too), GET /v1/models, /health and /metrics (Prometheus).",
+                    "(streaming too), GET /v1/models, /health and /metrics (Prometheus); vLLM's POST /tokenize, "
+                    "/detokenize and GET /version.",
         epilog="examples:\n"
                "  fastserve-jax serve                                  # demo model, skip-join MLFQ, port 8000\n"
                "  curl -s localhost:8000/health                        # 200 once warm-up is done\n"

@@ -45,6 +45,10 @@ def test_serves_exact_answers_from_its_own_process(live):
     assert status == 200 and out["choices"][0]["text"] == " 3 4 5" and out["choices"][0]["finish_reason"] == "length"
     status, _, err = live.post("/v1/completions", dict(prompt=" ".join(["7"] * 600), max_tokens=4))
     assert status == 400 and "max_model_len" in err["error"]["message"]   # checked here, from the EngineInfo
+    status, _, tok = live.post("/tokenize", {"prompt": demo_task.make_prompt(3, 12)})   # from the EngineInfo
+    assert status == 200 and tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 512
+    status, _, text = live.post("/detokenize", {"tokens": tok["tokens"]})
+    assert status == 200 and text["prompt"].endswith(demo_task.make_prompt(3, 12))
     m = live.metrics()      # the engine's snapshot, taken in its process and sent back
     assert m[("fastserve_server_ready", ())] == 1.0 and m[("fastserve_generation_tokens_total", ())] >= 20
     assert m[("fastserve_iteration_phase_seconds_total", (("phase", "device"),))] > 0   # the split crosses too

@@ -65,9 +65,14 @@ def test_serve_command_api_key_warmup_and_graceful_shutdown():
         assert any(s == 503 and "warming up" in m for s, m in seen), seen
 
         body = json.dumps({"prompt": demo_task.make_prompt(3, 12), "max_tokens": 20, "temperature": 0}).encode()
-        for headers in ({}, {"Authorization": "Bearer wrong"}):
-            status, _, err = asyncio.run(bench_client.request(url, "POST", "/v1/completions", body, headers))
-            assert status == 401 and "API key" in json.loads(err)["error"]["message"]
+        for path in ("/v1/completions", "/tokenize", "/detokenize"):
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                status, _, err = asyncio.run(bench_client.request(url, "POST", path, body, headers))
+                assert status == 401 and "API key" in json.loads(err)["error"]["message"]
+        status, _, out = asyncio.run(bench_client.request(url, "POST", "/tokenize", b'{"prompt": "count"}',
+                                                          {"Authorization": "Bearer sekret"}))
+        assert status == 200 and json.loads(out)["count"] >= 1
+        assert asyncio.run(bench_client.request(url, "GET", "/version"))[0] == 200      # public, as /health
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="sekret", max_retries=0)
         out = client.completions.create(model="demo", prompt=demo_task.make_prompt(3, 12), max_tokens=20,
                                         temperature=0)

@@ -181,12 +181,60 @@ BAD_CHAT = [
 ]
 
 
+BAD_TOKENIZE = [
+    (b'{}', 400, "either 'prompt' (text) or 'messages'"),
+    (b'{"prompt": "x", "messages": [{"role": "user", "content": "x"}]}', 400, "either 'prompt' (text) or"),
+    (b'{"prompt": [1, 2]}', 400, "'prompt' must be a string"),
+    (b'{"prompt": "x", "add_special_tokens": "yes"}', 400, "'add_special_tokens' must be true or false"),
+    (b'{"prompt": "x", "add_generation_prompt": true}', 400, "unknown or unsupported field(s) ['add_generation_"),
+    (b'{"prompt": "x", "model": "gpt-4"}', 404, "does not exist"),
+    (b'{"messages": [{"role": "wizard", "content": "x"}]}', 400, "'role' one of"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "continue_final_message": true}', 400, "cannot both be true"),
+    (b'{"prompt": "a\\ud800b"}', 400, "unpaired UTF-16 surrogate"),
+]
+BAD_DETOKENIZE = [
+    (b'{}', 400, "'tokens' is required"),
+    (b'{"tokens": "1 2"}', 400, "'tokens' must be an array of token ids"),
+    (b'{"tokens": [1, true]}', 400, "'tokens' must be an array of token ids"),
+    (b'{"tokens": [1, 1270]}', 400, "token ids in [0, 1270)"),
+    (b'{"tokens": [-1]}', 400, "token ids in [0, 1270)"),
+    (b'{"tokens": [1], "skip_special_tokens": true}', 400, "unknown or unsupported field(s)"),
+]
+
+
 @pytest.mark.parametrize("path,body,status,message", [("/v1/completions", *b) for b in BAD] +
-                         [("/v1/chat/completions", *b) for b in BAD_CHAT], ids=lambda v: str(v)[:40])
+                         [("/v1/chat/completions", *b) for b in BAD_CHAT] +
+                         [("/tokenize", *b) for b in BAD_TOKENIZE] +
+                         [("/detokenize", *b) for b in BAD_DETOKENIZE], ids=lambda v: str(v)[:40])
 def test_bad_requests_get_openai_errors(live, path, body, status, message):
     got, _, err = live.post(path, body, {"Content-Type": "application/json"})
     assert got == status, err
     assert set(err["error"]) == {"message", "type", "param", "code"} and message in err["error"]["message"], err
+
+
+def test_tokenize_detokenize_and_version_answer_as_vllms(live, client):
+    """vLLM's /tokenize (a completion's `prompt`, or chat `messages` rendered as the chat endpoint
+    renders them), /detokenize and /version, with its fields; a chat's token count is the
+    prompt_tokens its chat completion reports."""
+    tok = live.state.engine.engine.tokenizer
+    prompt = demo_task.make_prompt(3, 12)
+    limit = client.models.list().data[0].max_model_len
+    status, _, out = live.post("/tokenize", {"prompt": prompt, "model": "demo"})
+    assert status == 200 and out == {"tokens": tok.encode(prompt), "count": len(tok.encode(prompt)),
+                                     "max_model_len": limit, "token_strs": None}
+    status, _, bare = live.post("/tokenize", {"prompt": prompt, "add_special_tokens": False, "return_token_strs": True})
+    ids = tok.encode(prompt, add_special_tokens=False)
+    assert status == 200 and bare["tokens"] == ids and bare["token_strs"] == tok.convert_ids_to_tokens(ids)
+    messages = [{"role": "user", "content": prompt}]
+    status, _, chat = live.post("/tokenize", {"messages": messages})
+    done = client.chat.completions.create(model="demo", messages=messages, max_tokens=1)
+    assert status == 200 and chat["count"] == done.usage.prompt_tokens == len(chat["tokens"])
+    status, _, plain = live.post("/tokenize", {"messages": messages, "add_special_tokens": False})
+    assert status == 200 and plain["tokens"] == ids          # the demo's template writes the content alone
+    status, _, text = live.post("/detokenize", {"tokens": out["tokens"]})
+    assert status == 200 and text == {"prompt": tok.decode(out["tokens"])} and text["prompt"].endswith(prompt)
+    status, _, body = live.get("/version")
+    assert status == 200 and isinstance(json.loads(body)["version"], str)
 
 
 def test_an_escaped_surrogate_pair_is_one_character(live):
