@@ -147,8 +147,9 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, model_path: str, cfg: EngineConfig, model_cfg=None, generation_config: str = "auto",
-                        **kwargs) -> "LLMEngine":
-        """Load a Hugging Face model directory (`model_cfg`: its ModelConfig, when read already)."""
+                        tokenizer: str | None = None, **kwargs) -> "LLMEngine":
+        """Load a Hugging Face model directory (`model_cfg`: its ModelConfig, when read already;
+        `tokenizer`: another directory to load the tokenizer from)."""
         from fastserve_jax.models.config import ModelConfig
         from fastserve_jax.models.generation_config import sampling_defaults
         from fastserve_jax.models.loader import load_model, weights_id
@@ -157,7 +158,7 @@ class LLMEngine:
         model_cfg = model_cfg or ModelConfig.from_pretrained(model_path)
         layout = ModelLayout(model_cfg, ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size))
         cfg = cfg.for_platform(layout.devices[0].platform)           # dtype "auto" resolved before loading
-        tokenizer = load_tokenizer(model_path)                       # a broken one fails before the weights load
+        tokenizer = load_tokenizer(tokenizer or model_path)          # a broken one fails before the weights load
         defaults = sampling_defaults(model_path, generation_config)   # and so does a bad generation_config.json
         # Across processes the converted-params cache is off: orbax would need a shared filesystem.
         _, _, params = load_model(model_path, dtype=cfg.dtype, place=layout.abstract_params,

@@ -41,7 +41,8 @@ class LLM:
     `generation_config`: "auto" (the default: sampling parameters a call leaves out, and a
     generate without sampling_params, take the model's generation_config.json temperature,
     top_p, top_k, repetition_penalty and min_p, as vLLM's do) or "vllm" (neutral defaults);
-    models/generation_config.py.
+    models/generation_config.py. `tokenizer` (vLLM's): a directory to load the tokenizer from
+    instead of the model's (its chat template and EOS token come with it).
 
     `warmup`: "lazy" (compile each shape the first time a batch needs it), "background"
     (enough to answer any request now, the rest on a thread) or "full" (everything first;
@@ -51,7 +52,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, dtype: str = "auto", max_model_len: int | None = None,
                  num_device_blocks: int | None = None, warmup: str | bool = "lazy", progress=None, mirror=None,
-                 generation_config: str = "auto", **engine_kwargs) -> None:
+                 generation_config: str = "auto", tokenizer: str | None = None, **engine_kwargs) -> None:
         from fastserve_jax.models import demo_model_path
         from fastserve_jax.models.config import ModelConfig
         from fastserve_jax.models.generation_config import check_mode
@@ -71,7 +72,7 @@ class LLM:
         enable_compilation_cache(cfg.compilation_cache_dir)
         start, t0 = compile_stats(), time.perf_counter()
         self.engine = LLMEngine.from_pretrained(path, cfg, model_cfg=model_cfg, warmup=warmup, progress=progress,
-                                                mirror=mirror, generation_config=generation_config)
+                                                mirror=mirror, generation_config=generation_config, tokenizer=tokenizer)
         self.startup_seconds = time.perf_counter() - t0            # load, warm-up and profile
         self.startup_compiles = compile_stats().since(start)
         self._generating = threading.Lock()       # LLMEngine is single-threaded: one generate at a time

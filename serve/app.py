@@ -17,7 +17,8 @@ failed iterations in a row /health is 503 and requests are let in one at a time 
 the others) until an iteration succeeds.
 
 A client that disconnects, streaming or not, aborts its requests; their KV is freed
-before the engine's next iteration.
+before the engine's next iteration. CORS and --root-path wrap the routes (serve/http_layer.py);
+with `log_stats` a task logs the engine's throughput and load (serve/stats_log.py).
 
 `priority` (an integer extension) is accepted and currently ignored: the policies order
 requests by attained service or arrival, and the engine has no per-request priority.
@@ -43,13 +44,17 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from fastserve_jax.serve.async_engine import AsyncEngine, RequestGroup
+from fastserve_jax.sampling_params import MAX_LOGPROBS
+from fastserve_jax.serve.async_engine import AsyncEngine
 from fastserve_jax.serve.errors import APIError, overloaded
+from fastserve_jax.serve.http_layer import middleware
 from fastserve_jax.serve.prometheus import ServerMetrics
-from fastserve_jax.serve.openai_format import Choice, Formatter, sse
+from fastserve_jax.serve.openai_format import Formatter
 from fastserve_jax.serve.prepare import prepare
 from fastserve_jax.serve.json_body import parse_body
 from fastserve_jax.serve.protocol import parse_chat, parse_completion
+from fastserve_jax.serve.stats_log import STATS_INTERVAL_S, log_stats
+from fastserve_jax.serve.streaming import EventStream, collect
 from fastserve_jax.serve.tokenize import detokenize as detokenize_ids, parse_detokenize, parse_tokenize
 from fastserve_jax.serve.tokenize import tokenize as tokenize_job
 
@@ -70,6 +75,17 @@ class ServerConfig:
     retry_after: int = 1                # seconds, in Retry-After of a 503
     engine_process: bool = False        # the engine loop in a process of its own (a picklable build)
     chat_template: str | None = None    # --chat-template's Jinja text (load_chat_template); None: the tokenizer's
+    # serve/server_args.py's options: the other names --served-model-name accepts, --root-path, CORS, logging
+    model_aliases: tuple[str, ...] = ()
+    root_path: str = ""
+    cors_origins: tuple[str, ...] = ("*",)
+    cors_methods: tuple[str, ...] = ("*",)
+    cors_headers: tuple[str, ...] = ("*",)
+    cors_credentials: bool = False
+    log_requests: bool = False          # a log line per request received
+    log_stats: bool = True              # the periodic stats line (serve/stats_log.py)
+    stats_interval: float = STATS_INTERVAL_S
+    max_logprobs: int = MAX_LOGPROBS    # the most logprobs a request may ask (--max-logprobs)
 
 
 class Server:
@@ -124,8 +140,9 @@ class Server:
                            code="invalid_api_key")
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.cfg.model_name:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.cfg.model_name}' "
+        if model is not None and model != self.cfg.model_name and model not in self.cfg.model_aliases:
+            names = "', '".join((self.cfg.model_name, *self.cfg.model_aliases))
+            raise APIError(404, f"the model '{model}' does not exist; this server serves '{names}' "
                                 "(see GET /v1/models)", param="model", code="model_not_found")
 
     def check_serving(self) -> None:
@@ -176,78 +193,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _until_disconnect(receive, group: RequestGroup) -> None:
-    """Wait for the client to go away, then abort its requests (the body is already read)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    group.abort()
-
-
-class EventStream:
-    """SSE: one `data:` event per delta of any choice (those queued together in one write),
-    usage if asked, then `data: [DONE]`.
-    Aborts the group when the client disconnects or the response ends for any reason.
-    (An ASGI app of its own: no Content-Length, so the server sends it chunked.)"""
-
-    raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                   (b"x-accel-buffering", b"no")]
-
-    def __init__(self, group: RequestGroup, fmt: Formatter, include_usage: bool, prompt_tokens: int) -> None:
-        self.group, self.fmt, self.include_usage, self.prompt_tokens = group, fmt, include_usage, prompt_tokens
-
-    async def events(self):
-        completion_tokens = [0] * len(self.group.request_ids)
-        if self.fmt.chat:
-            for i in range(len(completion_tokens)):
-                yield sse(self.fmt.chunk(i, None))
-        async for batch in self.group.batches():
-            events = []
-            for index, d in batch:
-                d = self.fmt.view(d)
-                if d.error is not None:
-                    events.append(sse(APIError(d.error_status, d.error).body()))
-                elif d.finish_reason != "abort":
-                    completion_tokens[index] = d.completion_tokens
-                    if d.text or d.finish_reason or d.logprobs:
-                        events.append(self.fmt.chunk_event(index, d))
-            if events:
-                yield "".join(events)
-        if self.include_usage:
-            yield sse(self.fmt.usage_chunk(self.prompt_tokens, sum(completion_tokens)))
-        yield sse("[DONE]")
-
-    async def __call__(self, scope, receive, send) -> None:
-        watcher = asyncio.create_task(_until_disconnect(receive, self.group))
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async for event in self.events():
-                await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            watcher.cancel()
-            self.group.abort()
-
-
-async def _collect(request: Request, group: RequestGroup, fmt: Formatter) -> list[Choice]:
-    choices = [Choice() for _ in group.request_ids]
-    watcher = asyncio.create_task(_until_disconnect(request.receive, group))
-    try:
-        async for index, d in group:
-            if d.error is not None:
-                raise APIError(d.error_status, d.error)
-            choices[index].add(fmt.view(d))
-    finally:
-        watcher.cancel()
-        group.abort()
-    return choices
-
-
 async def _generate(request: Request, chat: bool) -> Response | EventStream:
     srv: Server = request.app.state.server
     arrival = time.monotonic()
     srv.check_auth(request)
     body = parse_body(await _read_body(request, srv.cfg.max_body_bytes))
-    job = parse_chat(body) if chat else parse_completion(body)
+    job = parse_chat(body, srv.cfg.max_logprobs) if chat else parse_completion(body, srv.cfg.max_logprobs)
     srv.check_model(job.model)
     srv.check_serving()
     eng = srv.engine.engine
@@ -257,9 +208,14 @@ async def _generate(request: Request, chat: bool) -> Response | EventStream:
     srv.admit(len(prompts))
     group = srv.engine.submit(prompts, arrival)
     fmt = Formatter.for_job(job, srv.cfg.model_name, eng.tokenizer, prompts)
+    if srv.cfg.log_requests:
+        first = job.prompts[0]
+        log.info("received request %s: prompt %.500r (%d prompt tokens in all, %d engine requests), params %s",
+                 fmt.id, first if job.chat or isinstance(first, str) else eng.tokenizer.decode(first), prompt_tokens,
+                 len(prompts), prompts[0][1])
     if job.stream:
         return EventStream(group, fmt, job.include_usage, prompt_tokens)
-    choices = await _collect(request, group, fmt)
+    choices = await collect(request, group, fmt)
     return JSONResponse(fmt.response(choices, prompt_tokens))
 
 
@@ -308,10 +264,13 @@ async def models(request: Request) -> Response:
     srv: Server = request.app.state.server
     srv.check_auth(request)
     eng = srv.engine.engine
-    card = {"id": srv.cfg.model_name, "object": "model", "created": srv.started, "owned_by": "fastserve-jax"}
-    if eng is not None:
-        card["max_model_len"] = eng.context_limit      # fewer than cfg.max_model_len where the KV pool is smaller
-    return JSONResponse({"object": "list", "data": [card]})
+    cards = []
+    for name in (srv.cfg.model_name, *srv.cfg.model_aliases):       # as vLLM: a card per served name
+        card = {"id": name, "object": "model", "created": srv.started, "owned_by": "fastserve-jax"}
+        if eng is not None:
+            card["max_model_len"] = eng.context_limit      # fewer than cfg.max_model_len where the KV pool is smaller
+        cards.append(card)
+    return JSONResponse({"object": "list", "data": cards})
 
 
 async def health(request: Request) -> Response:
@@ -353,7 +312,10 @@ def create_app(build: Callable[[Callable[[], bool]], "LLMEngine"], cfg: ServerCo
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         srv.engine.start()
+        stats = asyncio.create_task(log_stats(srv.engine, srv.cfg.stats_interval)) if srv.cfg.log_stats else None
         yield
+        if stats is not None:
+            stats.cancel()
         srv.draining = True
         await srv.engine.stop()
         srv.preparer.shutdown(wait=False)
@@ -368,6 +330,6 @@ def create_app(build: Callable[[Callable[[], bool]], "LLMEngine"], cfg: ServerCo
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ], exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},
-        lifespan=lifespan)
+        lifespan=lifespan, middleware=middleware(srv.cfg))
     app.state.server = srv
     return app

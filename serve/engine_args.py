@@ -16,7 +16,7 @@ ENGINE_OPTIONS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tok
                   "gpu_memory_utilization", "num_device_blocks", "num_host_blocks", "swap_space", "swap_policy", "cost_model", "seed",
                   "tensor_parallel_size", "pipeline_parallel_size", "batches_in_flight", "warmup",
                   "attention_backend", "tail_slowdown", "starvation_threshold", "prompt_neighbors",
-                  "generation_config")
+                  "generation_config", "tokenizer")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -24,6 +24,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None,
                    help="Hugging Face model directory (config.json, *.safetensors, tokenizer); "
                         "default: the bundled demo model, which counts ('count from 3 to 12:')")
+    g.add_argument("--tokenizer", default=None,
+                   help="a directory to load the tokenizer (and its chat template and EOS token) from instead of "
+                        "the model's (vLLM's)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights, KV cache and activations (default: bfloat16 on GPU and TPU, float32 on CPU)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, at most 2048)")
@@ -35,8 +38,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="fraction (0, 1] of each accelerator's memory the engine may use; the KV pool gets it less "
                         "the weights and what is in use (default %(default)s, vLLM's). On CPU the pool takes a fixed "
                         "4 GiB instead and this changes nothing; --num-device-blocks wins where given")
-    g.add_argument("--num-device-blocks", type=int, default=None,
-                   help="KV blocks on the device (default: sized from --gpu-memory-utilization)")
+    g.add_argument("--num-device-blocks", "--num-gpu-blocks-override", type=int, default=None,
+                   help="KV blocks on the device (default: sized from --gpu-memory-utilization; the second name "
+                        "is vLLM's)")
     g.add_argument("--num-host-blocks", type=int, default=None,
                    help="host KV pool for swapped-out requests, in blocks (default: as many as the device pool, "
                         "within --swap-space; 0: none)")

@@ -133,7 +133,7 @@ class _EngineCollector:
             yield c
 
 
-def _snapshot(engine) -> dict:
+def engine_snapshot(engine) -> dict:
     """Run in the engine loop (a module-level function, so it crosses to an engine process)."""
     return engine.snapshot()
 
@@ -190,7 +190,7 @@ class ServerMetrics:
         ae = self.engine
         if ae.health.ready and not ae.stopped and not ae.health.lost:
             try:
-                self.snapshot = await ae.call(_snapshot)
+                self.snapshot = await ae.call(engine_snapshot)
             except RuntimeError:
                 if not (ae.stopped or ae.health.lost):     # else: stopped or lost while the call waited
                     raise

@@ -276,11 +276,20 @@ def _prompts(v: Any) -> list[Any]:
     return out
 
 
-def parse_completion(body: dict) -> Job:
+def _logprobs_field(body: dict, name: str, limit: int) -> int | None:
+    """A count of logprobs per token, at most `limit` (the server's --max-logprobs)."""
+    v = _int(body, name, None, 0)
+    if v is not None and v > limit:
+        raise bad_request(f"'{name}' is {v}, more than this server allows: at most {limit} (--max-logprobs)", name)
+    return v
+
+
+def parse_completion(body: dict, max_logprobs: int = MAX_LOGPROBS) -> Job:
+    """max_logprobs: the most logprobs a request may ask (the server's --max-logprobs)."""
     check_fields(body, COMPLETION_FIELDS, "/v1/completions", "prompt")
     echo = _bool(body, "echo", False)
     max_tokens = _int(body, "max_tokens", OPENAI_COMPLETION_DEFAULT_MAX_TOKENS, 0 if echo else 1)
-    logprobs = _int(body, "logprobs", None, 0, MAX_LOGPROBS)
+    logprobs = _logprobs_field(body, "logprobs", max_logprobs)
     if body.get("suffix") is not None:
         raise _unsupported("suffix", "text after the insertion point is not supported; leave it out")
     if max_tokens == 0 and _int(body, "min_tokens", 0, 0):
@@ -326,12 +335,12 @@ def parse_messages(v: Any) -> list[dict]:
     return out
 
 
-def parse_chat(body: dict) -> Job:
+def parse_chat(body: dict, max_logprobs: int = MAX_LOGPROBS) -> Job:
     check_fields(body, CHAT_FIELDS, "/v1/chat/completions", "messages")
     max_tokens = _int(body, "max_completion_tokens", None, 1)
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", None, 1)
-    top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+    top = _logprobs_field(body, "top_logprobs", max_logprobs)
     want = _bool(body, "logprobs", False)
     if top is not None and not want:
         raise bad_request("'top_logprobs' needs \"logprobs\": true", "top_logprobs")

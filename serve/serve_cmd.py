@@ -22,6 +22,7 @@ import uvicorn
 
 from fastserve_jax.serve.engine_args import add_engine_args, cpu_devices_for, engine_kwargs
 from fastserve_jax.serve.engine_loop import StartupCancelled
+from fastserve_jax.serve.server_args import add_server_args, check_server_args, server_settings, uvicorn_settings
 from fastserve_jax.serve.simulate_cmd import number_arg
 
 log = logging.getLogger("fastserve_jax.serve")
@@ -56,8 +57,6 @@ def add_serve_parser(sub) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     g.add_argument("--port", type=_port, default=8000, help="TCP port, 0-65535 (0: any free one)")
-    g.add_argument("--served-model-name", default=None,
-                   help="the model name clients send (default: 'demo' for the bundled model, else the directory name)")
     g.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV} if set, else none)")
     g.add_argument("--chat-template", default=None,
@@ -73,6 +72,7 @@ def add_serve_parser(sub) -> None:
                    help="run the engine in a process of its own, as vLLM does, so that HTTP parsing, tokenizing "
                         "and streaming do not share a GIL with the engine loop (docs/serving.md); one host only")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_server_args(g)
     g = p.add_argument_group("multi-host (one process per host; docs/parallelism.md)")
     g.add_argument("--coordinator-address", default=None,
                    help="host:port of process 0 (default: $FASTSERVE_COORDINATOR); process 0 serves HTTP, the "
@@ -202,6 +202,10 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
     if a.max_pending < 1 or a.max_body_bytes < 1:
         print("error: --max-pending and --max-body-bytes must be >= 1", file=sys.stderr)
         return 2
+    wrong = check_server_args(a)
+    if wrong is not None:
+        print(f"error: {wrong}", file=sys.stderr)
+        return 2
     from fastserve_jax.chat_template import load_chat_template
 
     try:
@@ -215,10 +219,11 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
         transport = _spawn_engine(build)
     from fastserve_jax.serve.app import ServerConfig, create_app
 
-    cfg = ServerConfig(model_name=a.served_model_name or model_name(a.model),
+    names = a.served_model_name or [model_name(a.model)]
+    cfg = ServerConfig(model_name=names[0], model_aliases=tuple(n for n in dict.fromkeys(names[1:]) if n != names[0]),
                        api_key=a.api_key or os.environ.get(API_KEY_ENV) or None,
                        max_pending=a.max_pending, max_body_bytes=a.max_body_bytes, engine_process=a.engine_process,
-                       chat_template=chat_template)
+                       chat_template=chat_template, **server_settings(a))
     mirror = engine_kwargs.get("mirror")
     if mirror is not None:
         def build(stopping, inner=build):     # multi-host: ready only with every worker
@@ -227,11 +232,12 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
             return engine
 
     app = create_app(build, cfg, transport)
-    server = DrainingServer(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
-                                           timeout_graceful_shutdown=a.shutdown_timeout), app)
+    server = DrainingServer(uvicorn.Config(app, host=a.host, port=a.port, timeout_graceful_shutdown=a.shutdown_timeout,
+                                           **uvicorn_settings(a)), app)
     # the engine did not start, or its process died: nothing left to serve (a supervisor restarts us)
     app.state.server.engine.on_fatal = lambda: setattr(server, "should_exit", True)
-    log.info("serving '%s' on http://%s:%d (scheduler %s%s%s)", cfg.model_name, a.host, a.port, a.scheduler,
+    log.info("serving '%s' on %s://%s:%d%s (scheduler %s%s%s)", cfg.model_name, "https" if a.ssl_keyfile else "http",
+             a.host, a.port, cfg.root_path, a.scheduler,
              ", engine in its own process" if cfg.engine_process else "",
              ", API key required" if cfg.api_key else "")
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)

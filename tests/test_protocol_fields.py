@@ -91,7 +91,7 @@ REJECTED = [
     ({"min_p": 1.5}, "min_p", "must be in [0.0, 1.0]"),
 ]
 REJECTED_COMPLETION = [
-    ({"echo": True, "logprobs": 21}, "logprobs", "must be in [0, 20]"),
+    ({"echo": True, "logprobs": 21}, "logprobs", "at most 20 (--max-logprobs)"),
     ({"max_tokens": 0}, "max_tokens", "must be in [1, inf]"),           # 0 only with echo
     ({"echo": True, "max_tokens": 0, "min_tokens": 1}, "min_tokens", "must be 0 with 'max_tokens' 0"),
     ({"suffix": "end"}, "suffix", "not supported"),

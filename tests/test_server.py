@@ -149,7 +149,7 @@ BAD = [
     (b'{"prompt": "x", "top_p": 0}', 400, "'top_p' must be in (0.0, 1.0]"),
     (b'{"prompt": "x", "n": 0}', 400, "'n' must be in [1, 16]"),
     (b'{"prompt": "x", "stop": [1]}', 400, "'stop' must be"),
-    (b'{"prompt": "x", "logprobs": 21}', 400, "'logprobs' must be in [0, 20]"),
+    (b'{"prompt": "x", "logprobs": 21}', 400, "'logprobs' is 21, more than this server allows: at most 20"),
     (b'{"prompt": "x", "frequency_penalty": 2.5}', 400, "'frequency_penalty' must be in [-2.0, 2.0]"),
     (b'{"prompt": "x", "stream_options": {"include_usage": true}}', 400, "only allowed with"),
     (b'{"prompt": "x", "best_of": 2}', 400, "unsupported value of 'best_of'"),

@@ -1,0 +1,31 @@
+"""What wraps the app's routes, as vLLM's server has it: CORS (Starlette's middleware, with
+--allowed-origins and the rest; vLLM's defaults allow any origin) and --root-path (the prefix
+a reverse proxy serves the server under, set as the ASGI root_path the way FastAPI's root_path
+sets it: a request is routed with or without the prefix)."""
+
+from __future__ import annotations
+
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+
+
+class RootPath:
+    """Sets scope["root_path"] on HTTP requests; Starlette's router then strips it from a path
+    that starts with it (a proxy that forwards the full path) and routes other paths as they are."""
+
+    def __init__(self, app, root_path: str) -> None:
+        self.app, self.root_path = app, root_path
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            scope = dict(scope, root_path=self.root_path)
+        await self.app(scope, receive, send)
+
+
+def middleware(cfg) -> list[Middleware]:
+    """For app.ServerConfig `cfg` (its cors_* fields and root_path)."""
+    out = [Middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=list(cfg.cors_methods),
+                      allow_headers=list(cfg.cors_headers), allow_credentials=cfg.cors_credentials)]
+    if cfg.root_path:
+        out.append(Middleware(RootPath, root_path=cfg.root_path))
+    return out

@@ -1,0 +1,90 @@
+"""`serve`'s vLLM options for the HTTP layer and the server's logs: the model's names, uvicorn's
+log level, root path and TLS files, CORS, request and stats logging, and the most logprobs a
+request may ask. What they give: `server_settings(a)` (ServerConfig's fields) and
+`uvicorn_settings(a)` (uvicorn.Config's)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import ssl
+
+from fastserve_jax.sampling_params import MAX_LOGPROBS
+
+
+def _json_strings(text: str) -> list[str]:
+    """An argparse type: a JSON array of strings, as vLLM reads --allowed-origins and the rest."""
+    try:
+        v = json.loads(text)
+    except ValueError:
+        v = None
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise argparse.ArgumentTypeError(f'must be a JSON array of strings, as \'["*"]\', got {text!r}')
+    return v
+
+
+def add_server_args(g) -> None:
+    """The options, added to serve's "server" argument group."""
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the model name(s) clients send: any is accepted, the first is what responses and "
+                        "/v1/models report first (default: 'demo' for the bundled model, else the directory name)")
+    g.add_argument("--uvicorn-log-level", default=None,
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's own log level (its access log is at info; default: --log-level)")
+    g.add_argument("--root-path", default=None,
+                   help="the path prefix a reverse proxy serves this server under (ASGI root_path): requests "
+                        "are routed with or without it")
+    g.add_argument("--allowed-origins", type=_json_strings, default=["*"],
+                   help="CORS: origins browsers may call from, a JSON array (default %(default)s, vLLM's)")
+    g.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials (cookies)")
+    g.add_argument("--allowed-methods", type=_json_strings, default=["*"],
+                   help="CORS: allowed methods, a JSON array (default %(default)s)")
+    g.add_argument("--allowed-headers", type=_json_strings, default=["*"],
+                   help="CORS: allowed request headers, a JSON array (default %(default)s)")
+    g.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key file (PEM)")
+    g.add_argument("--ssl-certfile", default=None, help="and this certificate chain file (PEM)")
+    g.add_argument("--ssl-ca-certs", default=None, help="CA certificates that client certificates are checked against")
+    g.add_argument("--ssl-cert-reqs", type=int, default=int(ssl.CERT_NONE),
+                   help="whether a client certificate is required: 0 none, 1 optional, 2 required "
+                        "(Python's ssl.CERT_*; default %(default)s)")
+    g.add_argument("--enable-log-requests", action=argparse.BooleanOptionalAction, default=False,
+                   help="log a line per request received: its id, prompt (cut to 500 characters), prompt tokens "
+                        "and sampling parameters (default off, as vLLM's)")
+    g.add_argument("--disable-log-requests", dest="enable_log_requests", action="store_false",
+                   help="(vLLM's older name) no line per request: the default")
+    g.add_argument("--disable-log-stats", action="store_true",
+                   help="no periodic stats line (every 10 s while requests are served: prompt and generation "
+                        "throughput, requests running, waiting, paused and swapped, KV pools' usage)")
+    g.add_argument("--max-logprobs", type=int, default=MAX_LOGPROBS,
+                   help=f"the most logprobs (and top_logprobs, prompt_logprobs) a request may ask, at most "
+                        f"{MAX_LOGPROBS}: the sampler computes that many (default %(default)s)")
+
+
+def check_server_args(a: argparse.Namespace) -> str | None:
+    """What is wrong with the options, in one line, or None."""
+    if not 0 <= a.max_logprobs <= MAX_LOGPROBS:
+        return (f"--max-logprobs {a.max_logprobs}: the sampler computes the top {MAX_LOGPROBS} logprobs of each "
+                f"token (MAX_LOGPROBS, fixed in its compiled programs), so requests can get at most that many; "
+                f"give 0 to {MAX_LOGPROBS}")
+    if (a.ssl_keyfile is None) != (a.ssl_certfile is None):
+        return "--ssl-keyfile and --ssl-certfile go together: give both to serve HTTPS, or neither"
+    if a.root_path is not None and (not a.root_path.startswith("/") or a.root_path.endswith("/")):
+        return f"--root-path must start with '/' and not end with one, as '/api/llm'; got {a.root_path!r}"
+    return None
+
+
+def server_settings(a: argparse.Namespace) -> dict:
+    """ServerConfig's fields the options set (the model's names apart: serve_cmd.model_name)."""
+    return dict(root_path=a.root_path or "", cors_origins=tuple(a.allowed_origins),
+                cors_methods=tuple(a.allowed_methods), cors_headers=tuple(a.allowed_headers),
+                cors_credentials=a.allow_credentials, log_requests=a.enable_log_requests,
+                log_stats=not a.disable_log_stats, max_logprobs=a.max_logprobs)
+
+
+def uvicorn_settings(a: argparse.Namespace) -> dict:
+    """uvicorn.Config's keyword arguments from the options (host and port apart)."""
+    kw = dict(log_level=a.uvicorn_log_level or a.log_level)
+    if a.ssl_keyfile is not None:
+        kw.update(ssl_keyfile=a.ssl_keyfile, ssl_certfile=a.ssl_certfile, ssl_ca_certs=a.ssl_ca_certs,
+                  ssl_cert_reqs=a.ssl_cert_reqs)
+    return kw

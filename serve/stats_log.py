@@ -1,0 +1,58 @@
+"""The periodic stats line of the server's log (vLLM's "Avg prompt throughput ..." line; off
+with --disable-log-stats): every STATS_INTERVAL_S while requests are served, from the engine's
+snapshot (the one /metrics exports), nothing while the server is idle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastserve_jax.serve.async_engine import AsyncEngine
+from fastserve_jax.serve.prometheus import engine_snapshot
+
+log = logging.getLogger("fastserve_jax.serve")
+STATS_INTERVAL_S = 10.0       # vLLM's VLLM_LOG_STATS_INTERVAL
+
+
+class StatsLine:
+    """The line for each snapshot after the first: throughputs over the time since the last one."""
+
+    def __init__(self) -> None:
+        self.last: tuple[float, dict] | None = None
+
+    def line(self, s: dict, now: float) -> str | None:
+        """None where nothing was computed since the last snapshot and nothing is live (idle)."""
+        last, self.last = self.last, (now, s)
+        if last is None or now <= last[0]:
+            return None
+        dt, before = now - last[0], last[1]
+        prompt = s["prompt_tokens_total"] - before["prompt_tokens_total"]
+        generated = s["generation_tokens_total"] - before["generation_tokens_total"]
+        live = sum(s[f"requests_{k}"] for k in ("running", "paused", "swapped", "waiting"))
+        if not (prompt or generated or live):
+            return None
+        usage = {pool: 100 * s[f"kv_{pool}_used_blocks"] / s[f"kv_{pool}_total_blocks"]
+                 if s[f"kv_{pool}_total_blocks"] else 0.0 for pool in ("device", "host")}
+        return (f"avg prompt throughput: {prompt / dt:.1f} tokens/s, avg generation throughput: "
+                f"{generated / dt:.1f} tokens/s, running: {s['requests_running']} reqs, waiting: "
+                f"{s['requests_waiting']} reqs, paused: {s['requests_paused']} reqs, swapped: "
+                f"{s['requests_swapped']} reqs, device KV usage: {usage['device']:.1f}%, host KV usage: "
+                f"{usage['host']:.1f}%")
+
+
+async def log_stats(engine: AsyncEngine, interval: float = STATS_INTERVAL_S) -> None:
+    """The logging task (cancelled when the app stops)."""
+    stats = StatsLine()
+    while True:
+        await asyncio.sleep(interval)
+        h = engine.health
+        if not h.ready or engine.stopped or h.lost:
+            continue
+        try:
+            s = await engine.call(engine_snapshot)
+        except RuntimeError:        # stopped or lost while the call waited
+            continue
+        text = stats.line(s, time.monotonic())
+        if text is not None:
+            log.info("%s", text)

@@ -1,0 +1,79 @@
+"""A request's answer as it comes from the engine: an SSE stream (EventStream) or the choices
+collected for one JSON response (collect); either aborts the request's engine requests when
+the client disconnects or the response ends."""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.requests import Request
+
+from fastserve_jax.serve.async_engine import RequestGroup
+from fastserve_jax.serve.errors import APIError
+from fastserve_jax.serve.openai_format import Choice, Formatter, sse
+
+
+async def _until_disconnect(receive, group: RequestGroup) -> None:
+    """Wait for the client to go away, then abort its requests (the body is already read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    group.abort()
+
+
+class EventStream:
+    """SSE: one `data:` event per delta of any choice (those queued together in one write),
+    usage if asked, then `data: [DONE]`.
+    Aborts the group when the client disconnects or the response ends for any reason.
+    (An ASGI app of its own: no Content-Length, so the server sends it chunked.)"""
+
+    raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                   (b"x-accel-buffering", b"no")]
+
+    def __init__(self, group: RequestGroup, fmt: Formatter, include_usage: bool, prompt_tokens: int) -> None:
+        self.group, self.fmt, self.include_usage, self.prompt_tokens = group, fmt, include_usage, prompt_tokens
+
+    async def events(self):
+        completion_tokens = [0] * len(self.group.request_ids)
+        if self.fmt.chat:
+            for i in range(len(completion_tokens)):
+                yield sse(self.fmt.chunk(i, None))
+        async for batch in self.group.batches():
+            events = []
+            for index, d in batch:
+                d = self.fmt.view(d)
+                if d.error is not None:
+                    events.append(sse(APIError(d.error_status, d.error).body()))
+                elif d.finish_reason != "abort":
+                    completion_tokens[index] = d.completion_tokens
+                    if d.text or d.finish_reason or d.logprobs:
+                        events.append(self.fmt.chunk_event(index, d))
+            if events:
+                yield "".join(events)
+        if self.include_usage:
+            yield sse(self.fmt.usage_chunk(self.prompt_tokens, sum(completion_tokens)))
+        yield sse("[DONE]")
+
+    async def __call__(self, scope, receive, send) -> None:
+        watcher = asyncio.create_task(_until_disconnect(receive, self.group))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for event in self.events():
+                await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watcher.cancel()
+            self.group.abort()
+
+
+async def collect(request: Request, group: RequestGroup, fmt: Formatter) -> list[Choice]:
+    choices = [Choice() for _ in group.request_ids]
+    watcher = asyncio.create_task(_until_disconnect(request.receive, group))
+    try:
+        async for index, d in group:
+            if d.error is not None:
+                raise APIError(d.error_status, d.error)
+            choices[index].add(fmt.view(d))
+    finally:
+        watcher.cancel()
+        group.abort()
+    return choices

@@ -1,0 +1,204 @@
+"""vLLM's `serve` flags for the HTTP layer, the logs and the tokenizer: parsed without starting
+anything, then one server (the demo model) with several model names, a root path, CORS,
+request and stats logging, a lower --max-logprobs and a tokenizer directory of its own; and
+HTTPS from --ssl-keyfile/--ssl-certfile on a stub app."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import ssl
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from fastserve_jax.models import demo_model_path, demo_task
+from fastserve_jax.serve import bench_client
+from fastserve_jax.serve.app import ServerConfig
+from fastserve_jax.serve.cli import build_parser, main
+from fastserve_jax.serve.engine_args import engine_argv, engine_kwargs, parse_engine_args
+from fastserve_jax.serve.server_args import server_settings, uvicorn_settings
+from fastserve_jax.serve.stats_log import StatsLine
+from server_harness import ENGINE_KW, LiveServer, free_port
+
+
+def _serve_args(*argv: str):
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_server_flags_give_the_servers_settings():
+    a = _serve_args()
+    assert a.served_model_name is None
+    assert server_settings(a) == dict(root_path="", cors_origins=("*",), cors_methods=("*",), cors_headers=("*",),
+                                      cors_credentials=False, log_requests=False, log_stats=True, max_logprobs=20)
+    assert uvicorn_settings(a) == {"log_level": "info"}
+    a = _serve_args("--served-model-name", "a", "b", "--root-path", "/api", "--allowed-origins", '["http://x"]',
+                    "--allow-credentials", "--allowed-methods", '["GET", "POST"]', "--allowed-headers", "[]",
+                    "--uvicorn-log-level", "warning", "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem",
+                    "--enable-log-requests", "--disable-log-stats", "--max-logprobs", "5")
+    assert a.served_model_name == ["a", "b"]
+    assert server_settings(a) == dict(root_path="/api", cors_origins=("http://x",), cors_methods=("GET", "POST"),
+                                      cors_headers=(), cors_credentials=True, log_requests=True, log_stats=False,
+                                      max_logprobs=5)
+    assert uvicorn_settings(a) == dict(log_level="warning", ssl_keyfile="k.pem", ssl_certfile="c.pem",
+                                       ssl_ca_certs=None, ssl_cert_reqs=0)
+    assert not server_settings(_serve_args("--enable-log-requests", "--disable-log-requests"))["log_requests"]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--max-logprobs", "21"], "--max-logprobs 21: the sampler computes the top 20"),
+    (["--max-logprobs", "-1"], "give 0 to 20"),
+    (["--ssl-keyfile", "k.pem"], "--ssl-keyfile and --ssl-certfile go together"),
+    (["--root-path", "api/"], "--root-path must start with '/'"),
+])
+def test_serve_refuses_bad_server_flags_before_anything_starts(args, says, capsys):
+    assert main(["serve", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and "Traceback" not in err
+
+
+def test_cors_lists_must_be_json_arrays(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--allowed-origins", "http://x"])
+    assert e.value.code == 2 and "--allowed-origins: must be a JSON array of strings" in capsys.readouterr().err
+
+
+def test_tokenizer_and_vllms_block_count_name_are_engine_options():
+    a = parse_engine_args(["--tokenizer", "/tok", "--num-gpu-blocks-override", "64"])
+    for kw in (engine_kwargs(a), engine_kwargs(parse_engine_args(engine_argv(a)))):
+        assert kw["tokenizer"] == "/tok" and kw["num_device_blocks"] == 64
+
+
+def test_the_stats_line_says_throughput_and_load_and_nothing_when_idle():
+    def snap(prompt: int, generated: int, running: int = 0, waiting: int = 0) -> dict:
+        return dict(prompt_tokens_total=prompt, generation_tokens_total=generated, requests_running=running,
+                    requests_waiting=waiting, requests_paused=0, requests_swapped=1 if waiting else 0,
+                    kv_device_used_blocks=25, kv_device_total_blocks=100, kv_host_used_blocks=0,
+                    kv_host_total_blocks=0)
+    stats = StatsLine()
+    assert stats.line(snap(0, 0), 0.0) is None                # the first snapshot: the baseline
+    assert stats.line(snap(0, 0), 10.0) is None               # idle
+    line = stats.line(snap(500, 200, running=3, waiting=2), 20.0)
+    assert line == ("avg prompt throughput: 50.0 tokens/s, avg generation throughput: 20.0 tokens/s, running: 3 "
+                    "reqs, waiting: 2 reqs, paused: 0 reqs, swapped: 1 reqs, device KV usage: 25.0%, host KV "
+                    "usage: 0.0%")
+    assert stats.line(snap(500, 200), 30.0) is None
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """A tokenizer directory of its own whose chat template turns any conversation into one
+    counting prompt, so a chat's answer shows which tokenizer the engine loaded."""
+    tok = tmp_path_factory.mktemp("tokenizer")
+    for name in ("tokenizer.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(demo_model_path(), name), tok / name)
+    with open(os.path.join(demo_model_path(), "tokenizer_config.json")) as f:
+        config = json.load(f)
+    (tok / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template="{{ 'count from 5 to 9:' }}")))
+    cfg = ServerConfig(model_name="first", model_aliases=("second",), root_path="/api",
+                       cors_origins=("http://allowed.example",), log_requests=True, stats_interval=0.2,
+                       max_logprobs=2)
+    srv = LiveServer(cfg, dict(ENGINE_KW, tokenizer=str(tok))).start()
+    yield srv
+    srv.stop()
+
+
+def _request(live, method: str, path: str, body: dict | None = None, headers: dict | None = None):
+    raw = json.dumps(body).encode() if body is not None else b""
+    status, h, data = asyncio.run(bench_client.request(live.url, method, path, raw, headers))
+    return status, h, json.loads(data) if data.startswith(b"{") else data
+
+
+def test_several_names_a_root_path_and_cors(live, caplog):
+    for path in ("/v1/models", "/api/v1/models"):          # a proxy that strips the prefix, or one that keeps it
+        status, _, body = _request(live, "GET", path)
+        assert status == 200 and [c["id"] for c in body["data"]] == ["first", "second"]
+    prompt = demo_task.make_prompt(3, 12)
+    with caplog.at_level(logging.INFO, logger="fastserve_jax.serve"):
+        for model in ("first", "second", None):
+            status, _, out = _request(live, "POST", "/api/v1/completions",
+                                      {"model": model, "prompt": prompt, "max_tokens": 20, "temperature": 0})
+            assert status == 200 and out["model"] == "first" and demo_task.check_answer(3, 12, out["choices"][0]["text"])
+        deadline = time.monotonic() + 10
+        while "avg generation throughput" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert f"received request {out['id']}: prompt {prompt!r} (" in caplog.text
+    assert "avg generation throughput" in caplog.text, caplog.text
+    status, _, err = _request(live, "POST", "/v1/completions", {"model": "third", "prompt": "x"})
+    assert status == 404 and "'first', 'second'" in err["error"]["message"]
+
+    preflight = {"Origin": "http://allowed.example", "Access-Control-Request-Method": "POST"}
+    status, h, _ = _request(live, "OPTIONS", "/v1/completions", headers=preflight)
+    assert status == 200 and h["access-control-allow-origin"] == "http://allowed.example"
+    status, _, _ = _request(live, "OPTIONS", "/v1/completions", headers=dict(preflight, Origin="http://other.example"))
+    assert status == 400
+    status, h, _ = _request(live, "GET", "/v1/models", headers={"Origin": "http://allowed.example"})
+    assert status == 200 and h["access-control-allow-origin"] == "http://allowed.example"
+
+
+def test_max_logprobs_lowers_the_limit_and_tokenizer_is_loaded_from_its_directory(live):
+    status, _, err = _request(live, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1, "logprobs": 3})
+    assert status == 400 and "at most 2 (--max-logprobs)" in err["error"]["message"]
+    status, _, out = _request(live, "POST", "/v1/chat/completions",
+                              {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0,
+                               "logprobs": True, "top_logprobs": 2})
+    assert status == 200 and out["choices"][0]["message"]["content"].startswith(" 5 6 7 8 9"), out
+    assert len(out["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
+
+
+def test_ssl_flags_serve_https(tmp_path):
+    """--ssl-keyfile/--ssl-certfile reach uvicorn: a self-signed certificate made here."""
+    x509 = pytest.importorskip("cryptography.x509")
+    import datetime
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    a = _serve_args("--ssl-keyfile", str(tmp_path / "key.pem"), "--ssl-certfile", str(tmp_path / "cert.pem"),
+                    "--uvicorn-log-level", "warning")
+    app = Starlette(routes=[Route("/health", lambda r: PlainTextResponse("ok"))])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **uvicorn_settings(a)))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        context = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+
+        async def get() -> bytes:
+            for _ in range(100):
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context,
+                                                                   server_hostname="localhost")
+                    break
+                except ConnectionRefusedError:
+                    await asyncio.sleep(0.05)
+            writer.write(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            data = await reader.read()
+            writer.close()
+            return data
+        reply = asyncio.run(get())
+        assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"ok")
+    finally:
+        server.should_exit = True
+        thread.join(10)
