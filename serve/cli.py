@@ -14,6 +14,7 @@ import sys
 import time
 
 from fastserve_jax.serve.bench_cmd import add_bench_parser
+from fastserve_jax.serve.compat_flags import refusal
 from fastserve_jax.serve.engine_args import add_engine_args, cpu_devices_for, engine_kwargs
 from fastserve_jax.serve.serve_cmd import add_serve_parser
 from fastserve_jax.serve.simulate_cmd import add_simulate_parser
@@ -130,6 +131,10 @@ def _cpu_devices_for(a: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    refused = refusal(args)
+    if refused is not None:
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     _cpu_devices_for(args)
     return args.func(args)
 

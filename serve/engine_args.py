@@ -9,6 +9,7 @@ import os
 
 from fastserve_jax.config import EngineConfig, SchedulerConfig
 from fastserve_jax.scheduler import POLICIES
+from fastserve_jax.serve.compat_flags import add_compat_flags
 
 # the options passed through to LLM(...) by name; --model and --scheduler are handled apart
 # (the model is LLM's first argument; bench gives each started server its own scheduler)
@@ -99,6 +100,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="plan and dispatch each iteration's batch while the device still runs the last one, "
                         "whose tokens feed it on the device (default: on with one pipeline stage, off with "
                         "pipeline parallelism or --batches-in-flight; docs/performance.md)")
+    add_compat_flags(p)
 
 
 def parse_engine_args(argv: list[str]) -> argparse.Namespace:

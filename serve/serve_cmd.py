@@ -20,6 +20,7 @@ from typing import Callable
 
 import uvicorn
 
+from fastserve_jax.serve.compat_flags import notes
 from fastserve_jax.serve.engine_args import add_engine_args, cpu_devices_for, engine_kwargs
 from fastserve_jax.serve.engine_loop import StartupCancelled
 from fastserve_jax.serve.server_args import add_server_args, check_server_args, server_settings, uvicorn_settings
@@ -162,6 +163,8 @@ def _distributed(a: argparse.Namespace):
 
 def cmd_serve(a: argparse.Namespace) -> int:
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for line in notes(a):
+        log.info("%s", line)
     try:
         dist = _distributed(a)
     except ValueError as e:

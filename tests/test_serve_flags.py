@@ -74,6 +74,34 @@ def test_tokenizer_and_vllms_block_count_name_are_engine_options():
         assert kw["tokenizer"] == "/tok" and kw["num_device_blocks"] == 64
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--enable-prefix-caching"], "--enable-prefix-caching: prefix caching is not implemented"),
+    (["--quantization", "awq"], "--quantization awq: quantized weights are not implemented"),
+    (["-q", "fp8"], "--quantization fp8: quantized weights are not implemented"),
+    (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8: only 'auto' is implemented"),
+    (["--revision", "main"], "--revision main: model revisions are not implemented"),
+    (["--lora-modules", "a=/x"], "LoRA adapters are not implemented"),
+    (["--enable-lora"], "LoRA adapters are not implemented"),
+])
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_vllm_flags_naming_features_we_lack_are_refused_in_one_line(command, args, says, capsys):
+    assert main([command, *args]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {err[7:]}" and says in err and err.count("\n") == 1 and "unrecognized" not in err
+
+
+def test_vllm_flags_without_meaning_here_are_accepted_with_a_line_saying_why(caplog):
+    from fastserve_jax.serve.compat_flags import notes, refusal
+
+    a = _serve_args("--no-enable-prefix-caching", "--kv-cache-dtype", "auto", "--trust-remote-code", "--enforce-eager")
+    assert refusal(a) is None and len(notes(a)) == 2 and notes(_serve_args()) == []
+    caplog.set_level(logging.INFO, logger="fastserve_jax.serve")
+    # the notes come first; a refused --max-logprobs then stops the server before the engine starts
+    assert main(["serve", "--trust-remote-code", "--enforce-eager", "--max-logprobs", "21"]) == 2
+    assert "--trust-remote-code has no effect: only the architectures fastserve-jax implements" in caplog.text
+    assert "--enforce-eager has no effect: there are no CUDA graphs" in caplog.text
+
+
 def test_the_stats_line_says_throughput_and_load_and_nothing_when_idle():
     def snap(prompt: int, generated: int, running: int = 0, waiting: int = 0) -> dict:
         return dict(prompt_tokens_total=prompt, generation_tokens_total=generated, requests_running=running,
