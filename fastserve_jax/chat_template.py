@@ -62,10 +62,10 @@ class ChatOptions:
 
 
 def render_chat(tokenizer, messages: list[dict], options: ChatOptions = ChatOptions(),
-                chat_template: str | None = None) -> tuple[str, list[int]]:
+                chat_template: str | None = None, add_special_tokens: bool | None = None) -> tuple[str, list[int]]:
     """(prompt text, token ids) of one conversation by `chat_template` (a Jinja template), else
     the tokenizer's. Special tokens are added by the tokenizer (BOS) unless the template
-    already wrote them."""
+    already wrote them, or as `add_special_tokens` says where given (the server's field)."""
     from jinja2 import TemplateError      # here: protocol.py imports this module for ChatOptions alone
 
     if not chat_template and not getattr(tokenizer, "chat_template", None):
@@ -82,7 +82,8 @@ def render_chat(tokenizer, messages: list[dict], options: ChatOptions = ChatOpti
     if not text:
         raise ChatTemplateError("the messages render to an empty prompt; give some content", "messages")
     bos = tokenizer.bos_token
-    return text, tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+    add = not (bos and text.startswith(bos)) if add_special_tokens is None else add_special_tokens
+    return text, tokenizer.encode(text, add_special_tokens=add)
 
 
 def conversations(messages) -> list[list[dict]]:

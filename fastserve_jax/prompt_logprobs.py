@@ -104,5 +104,8 @@ def record(spans: list[Span], host: tuple[np.ndarray, np.ndarray, np.ndarray]) -
             if p + 1 < len(got):                 # already recorded (computed twice)
                 continue
             assert p + 1 == len(got), f"{req.request_id}: prompt logprob of position {p} before {len(got) - 1}"
-            got.append(TokenLogprobs(req.prompt_token_ids[p + 1], float(lp[at + j]),
-                                     {int(t): float(v) for t, v in zip(ids[at + j, :k], top[at + j, :k])}))
+            target = req.prompt_token_ids[p + 1]
+            hit = np.flatnonzero(ids[at + j] == target)         # the top MAX_LOGPROBS, likeliest first
+            got.append(TokenLogprobs(target, float(lp[at + j]),
+                                     {int(t): float(v) for t, v in zip(ids[at + j, :k], top[at + j, :k])},
+                                     int(hit[0]) + 1 if hit.size else None))

@@ -45,6 +45,9 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: dict[int, float]
+    # prompt logprobs: the token's rank in the distribution (1 = the likeliest), where it is among
+    # the MAX_LOGPROBS the device computes; None beyond them
+    rank: int | None = None
 
 
 @dataclass

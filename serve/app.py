@@ -201,6 +201,8 @@ async def _generate(request: Request, chat: bool) -> Response | EventStream:
     job = parse_chat(body, srv.cfg.max_logprobs) if chat else parse_completion(body, srv.cfg.max_logprobs)
     srv.check_model(job.model)
     srv.check_serving()
+    if job.ignored:      # as vLLM does with the fields it does not read
+        log.warning("request fields accepted and ignored: %s", ", ".join(job.ignored))
     eng = srv.engine.engine
     # tokenizing (a 1 MB prompt: ~1 s) and chat templates run off the event loop, which serves every stream
     prompts, prompt_tokens = await asyncio.get_running_loop().run_in_executor(srv.preparer, prepare, job, eng,

@@ -57,19 +57,24 @@ class Formatter:
 
     def __init__(self, chat: bool, model: str, tokenizer, logprobs: int | None, echo: list[str] | None = None,
                  usage_prompt_tokens: list[int] | None = None, echo_ids: list[list[int]] | None = None,
-                 skip_special_tokens: bool = True, prompt_only: bool = False) -> None:
+                 skip_special_tokens: bool = True, prompt_only: bool = False, request_id: str | None = None,
+                 role: str = "assistant", chat_echo: str = "", prompt_logprobs: bool = False) -> None:
         """echo: per choice, the text written before its first text (completions);
         usage_prompt_tokens: per choice, its prompt's tokens, to put usage on every chunk;
         echo_ids: per choice, its prompt's token ids, whose logprobs come before the generated
         tokens' (completions with echo and logprobs); skip_special_tokens: the request's, whether
         generated special tokens are left out of the text (text_offset then gives them no room);
-        prompt_only: Job.prompt_only, `view` drops the generated token."""
+        prompt_only: Job.prompt_only, `view` drops the generated token; request_id: the id's suffix
+        (vLLM's request_id field); role: chat's answer role (the last message's without
+        add_generation_prompt, as vLLM); chat_echo: text before each chat choice's (chat's echo);
+        prompt_logprobs: responses carry the prompt's logprobs in vLLM's shape."""
         self.chat = chat
         self.model = model
         self.tokenizer = tokenizer
         self.logprobs = logprobs
         self.skip_special_tokens = skip_special_tokens
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request_id or uuid.uuid4().hex}"
+        self.role, self.chat_echo, self.prompt_logprobs = role, chat_echo, prompt_logprobs
         self.created = int(time.time())
         self._offset: dict[int, int] = {}     # completions logprobs: text offset per choice
         self._utf8: dict[int, codecs.IncrementalDecoder] = {}     # and its tokens' bytes decoded so far
@@ -84,14 +89,19 @@ class Formatter:
     def for_job(cls, job: Job, model: str, tokenizer, prepared: list[tuple[list[int], SamplingParams]]) -> "Formatter":
         """The formatter of one request; `prepared` is serve/prepare.py's (prompt ids, params)
         per choice. echo writes a text prompt as sent and a token-id prompt decoded (as vLLM)."""
-        echo = None
-        if job.echo:
-            texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in job.prompts]
+        echo, role, chat_echo = None, "assistant", ""
+        if job.chat:        # vLLM's: the last message is echoed where the answer continues its role
+            last = job.prompts[0][-1]
+            role = "assistant" if job.chat_options.add_generation_prompt else last["role"]
+            chat_echo = last["content"] if job.echo and last["role"] == role else ""
+        elif job.echo:      # a truncated prompt is echoed as the model saw it
+            texts = [p if isinstance(p, str) and job.truncate_prompt_tokens is None else tokenizer.decode(ids)
+                     for p, (ids, _) in zip(job.prompts, prepared[::job.n])]
             echo = [t for t in texts for _ in range(job.n)]
         counts = [len(ids) for ids, _ in prepared] if job.continuous_usage else None
         echo_ids = [ids for ids, _ in prepared] if job.echo and job.logprobs is not None else None
         return cls(job.chat, model, tokenizer, job.logprobs, echo, counts, echo_ids, job.skip_special_tokens,
-                   job.prompt_only)
+                   job.prompt_only, job.request_id, role, chat_echo, job.prompt_logprobs is not None)
 
     def view(self, d: Delta) -> Delta:
         """The delta as the client sees it: with Job.prompt_only (max_tokens 0 with echo) the
@@ -166,20 +176,43 @@ class Formatter:
             ch = {"index": i, "logprobs": self._logprobs(i, c.logprobs, c.prompt_logprobs),
                   "finish_reason": c.finish_reason}
             if self.chat:
-                ch["message"] = {"role": "assistant", "content": c.text}
+                ch["message"] = {"role": self.role, "content": self.chat_echo + c.text}
             else:
                 ch["text"] = self._text(i, c.text)
+                if self.prompt_logprobs:
+                    ch["prompt_logprobs"] = self._prompt_logprobs(c.prompt_logprobs)
             out.append(ch)
         body = self._head("chat.completion" if self.chat else "text_completion")
         body.update(choices=out, usage=usage(prompt_tokens, sum(c.completion_tokens for c in choices)))
+        if self.chat and self.prompt_logprobs:       # vLLM's: once for chat's one prompt
+            body["prompt_logprobs"] = self._prompt_logprobs(choices[0].prompt_logprobs)
         return body
+
+    def _prompt_logprobs(self, entries: list[TokenLogprobs | None] | None) -> list[dict | None] | None:
+        """vLLM's prompt_logprobs: per prompt token (the first null) {token id: {logprob, rank,
+        decoded_token}}, the prompt's token first, then the top ones (a -inf logprob is -9999.0)."""
+        if entries is None:
+            return None
+        out: list[dict | None] = []
+        for x in entries:
+            if x is None:
+                out.append(None)
+                continue
+            d = {}
+            if x.token_id not in x.top:
+                d[str(x.token_id)] = {"logprob": max(x.logprob, -9999.0), "rank": x.rank,
+                                      "decoded_token": self._token(x.token_id)}
+            for rank, (t, v) in enumerate(sorted(x.top.items(), key=lambda kv: -kv[1]), 1):
+                d[str(t)] = {"logprob": max(v, -9999.0), "rank": rank, "decoded_token": self._token(t)}
+            out.append(d)
+        return out
 
     # -- stream chunks ---------------------------------------------------------------------
     def chunk(self, index: int, d: Delta | None) -> dict:
         """A chunk for choice `index`; d=None is chat's opening chunk (the assistant role)."""
         body = self._head("chat.completion.chunk" if self.chat else "text_completion")
         if self.chat:
-            delta = {"role": "assistant", "content": ""} if d is None else ({"content": d.text} if d.text else {})
+            delta = {"role": self.role, "content": ""} if d is None else ({"content": d.text} if d.text else {})
             ch = {"index": index, "delta": delta}
         else:
             ch = {"index": index, "text": self._text(index, d.text)}
@@ -188,6 +221,12 @@ class Formatter:
         body["choices"] = [ch]
         if self._usage_prompt_tokens is not None:     # vLLM's continuous_usage_stats
             body["usage"] = usage(self._usage_prompt_tokens[index], 0 if d is None else d.completion_tokens)
+        return body
+
+    def echo_chunk(self, index: int) -> dict:
+        """Chat's echo, after the role chunk: the last message's content (vLLM's)."""
+        body = self.chunk(index, None)
+        body["choices"][0]["delta"] = {"content": self.chat_echo}
         return body
 
     def chunk_event(self, index: int, d: Delta) -> str:

@@ -21,11 +21,11 @@ if TYPE_CHECKING:
 
 
 def render_chat(tokenizer, messages: list[dict], options: ChatOptions = ChatOptions(),
-                chat_template: str | None = None) -> list[int]:
+                chat_template: str | None = None, add_special_tokens: bool | None = None) -> list[int]:
     """Token ids of the conversation by the server's --chat-template, else the tokenizer's (by
     default with the assistant's turn opened), as `LLM.chat` renders it (fastserve_jax/chat_template.py)."""
     try:
-        return chat_template_module.render_chat(tokenizer, messages, options, chat_template)[1]
+        return chat_template_module.render_chat(tokenizer, messages, options, chat_template, add_special_tokens)[1]
     except ChatTemplateError as e:
         raise bad_request(str(e), e.param)
 
@@ -42,12 +42,46 @@ def _params(job: Job, max_tokens: int, seed: int | None, defaults: dict,
                               presence_penalty=job.presence_penalty, frequency_penalty=job.frequency_penalty,
                               ignore_eos=job.ignore_eos, stop_token_ids=list(job.stop_token_ids) or None,
                               min_tokens=job.min_tokens if min_tokens is None else min_tokens,
-                              logit_bias=job.logit_bias, prompt_logprobs=job.logprobs if job.echo else None,
+                              logit_bias=job.logit_bias, prompt_logprobs=_prompt_logprobs(job),
                               skip_special_tokens=job.skip_special_tokens,
                               spaces_between_special_tokens=job.spaces_between_special_tokens,
                               include_stop_str_in_output=job.include_stop_str_in_output)
     except ValueError as e:
         raise bad_request(str(e))
+
+
+def _prompt_logprobs(job: Job) -> int | None:
+    """Asked for (prompt_logprobs), else what a completion's echo with logprobs shows (as vLLM)."""
+    if job.prompt_logprobs is not None:
+        return job.prompt_logprobs
+    return job.logprobs if job.echo and not job.chat else None
+
+
+def _prompt_ids(job: Job, prompt, eng: "LLMEngine | EngineInfo", chat_template: str | None) -> list[int] | str:
+    """The prompt's token ids as add_special_tokens asks (a text left for `validate` to encode at
+    the default), cut to its last truncate_prompt_tokens: a text prompt keeps its leading special
+    tokens (BOS) within them, as the tokenizer's left truncation in vLLM keeps them."""
+    head: list[int] = []
+    if job.chat:
+        src = render_chat(eng.tokenizer, prompt, job.chat_options, chat_template, job.add_special_tokens)
+    elif isinstance(prompt, str) and (job.add_special_tokens is False or job.truncate_prompt_tokens is not None):
+        src = eng.tokenizer.encode(prompt, add_special_tokens=job.add_special_tokens is not False)
+        if job.truncate_prompt_tokens is not None and job.add_special_tokens is not False:
+            head = src[:len(src) - len(eng.tokenizer.encode(prompt, add_special_tokens=False))]
+    else:
+        src = prompt
+    k = job.truncate_prompt_tokens
+    if k is None:
+        return src
+    limit = eng.context_limit
+    if k == -1:         # what the context holds next to max_tokens (the rest of it: one token)
+        k = limit - (job.max_tokens if job.max_tokens is not None and job.max_tokens < limit else 1)
+    elif k > limit:
+        raise bad_request(f"'truncate_prompt_tokens' is {k}, more than the {limit} tokens of this server's context "
+                          "(/v1/models' max_model_len); give a smaller value or -1", "truncate_prompt_tokens")
+    if k <= len(head):
+        return src[-k:]
+    return head + src[len(head):][len(src) - k:] if len(src) > k else src
 
 
 def _check_token_ids(job: Job, eng: "LLMEngine | EngineInfo") -> None:
@@ -78,7 +112,7 @@ def prepare(job: Job, eng: "LLMEngine | EngineInfo",
     out, prompt_tokens = [], 0
     for i, prompt in enumerate(job.prompts):
         where = f"prompt {i}: " if len(job.prompts) > 1 else ""
-        src = render_chat(eng.tokenizer, prompt, job.chat_options, chat_template) if job.chat else prompt
+        src = _prompt_ids(job, prompt, eng, chat_template)
         try:
             _, ids = eng.validate(src, probe)
         except ValueError as e:

@@ -34,11 +34,14 @@ false}; keys the renderer sets itself are a 400).
 added to those tokens' logits before sampling, at most MAX_LOGIT_BIAS of them; logprobs stay
 the model's own.
 
-`echo` (/v1/completions only) prepends each choice's prompt (a token-id prompt decoded)
+`echo` (/v1/completions; chat's is vLLM's, serve/openai_format.py) prepends each choice's prompt (a token-id prompt decoded)
 to its text; when streaming, to the first chunk of each choice. With `logprobs` the engine
 computes the prompt's logprobs too (SamplingParams.prompt_logprobs) and each choice's
 logprobs cover its prompt tokens, then the generated ones (serve/openai_format.py). With
 `echo`, `max_tokens` may be 0 (vLLM's): the answer is the prompt alone (Job.prompt_only).
+
+vLLM's prompt and request fields (truncate_prompt_tokens, add_special_tokens, prompt_logprobs,
+request_id) and OpenAI's ignored store, metadata and service_tier: serve/protocol_extras.py.
 
 Accepted only at the value that asks for nothing (what clients such as vLLM's benchmark
 send by default), rejected otherwise with a 400 naming the field and what is accepted:
@@ -61,6 +64,7 @@ from fastserve_jax.config import MAX_LOGPROBS
 from fastserve_jax.sampling_params import MAX_LOGIT_BIAS
 
 from fastserve_jax.serve.errors import APIError, bad_request
+from fastserve_jax.serve.protocol_extras import FIELDS as EXTRA_FIELDS, parse_extras
 from fastserve_jax.serve.json_body import (bool_field as _bool, int_field as _int, num_field as _num,
                                            str_field as _str, typename as _typename)
 
@@ -111,6 +115,12 @@ class Job:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     chat_options: ChatOptions = ChatOptions()    # chat: how the messages are rendered
+    # serve/protocol_extras.py's fields
+    truncate_prompt_tokens: int | None = None   # keep the prompt's last k tokens (-1: what the context holds)
+    add_special_tokens: bool | None = None      # None: the endpoint's default
+    prompt_logprobs: int | None = None
+    request_id: str | None = None               # the response id's suffix
+    ignored: tuple[str, ...] = ()               # fields accepted and ignored (store, metadata, service_tier)
 
 
 def _stop(body: dict) -> list[str]:
@@ -225,15 +235,15 @@ _COMMON = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "stop",
                      "frequency_penalty", "user", "stream", "stream_options", "top_k", "priority", "logprobs",
                      "ignore_eos", "stop_token_ids", "min_tokens", "best_of", "logit_bias", "response_format",
                      "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
-                     "repetition_penalty", "min_p"})
+                     "repetition_penalty", "min_p"}) | EXTRA_FIELDS
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "suffix"}
-CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+CHAT_FIELDS = _COMMON | {"messages", "echo", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
                          "parallel_tool_calls", "add_generation_prompt", "continue_final_message",
                          "chat_template_kwargs"}
 
 
 def _common(body: dict, chat: bool, prompts: list[Any], max_tokens: int | None, logprobs: int | None,
-            echo: bool = False) -> Job:
+            echo: bool = False, max_logprobs: int = MAX_LOGPROBS) -> Job:
     stream = _bool(body, "stream", False)
     n = _int(body, "n", 1, 1, MAX_N)
     _defaults_only(body, n)
@@ -252,7 +262,8 @@ def _common(body: dict, chat: bool, prompts: list[Any], max_tokens: int | None, 
         stop_token_ids=_stop_token_ids(body), echo=echo, min_tokens=_int(body, "min_tokens", 0, 0),
         logit_bias=_logit_bias(body), skip_special_tokens=_bool(body, "skip_special_tokens", True),
         spaces_between_special_tokens=_bool(body, "spaces_between_special_tokens", True),
-        include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False))
+        include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
+        **parse_extras(body, stream, max_logprobs))
 
 
 def _prompts(v: Any) -> list[Any]:
@@ -294,7 +305,7 @@ def parse_completion(body: dict, max_logprobs: int = MAX_LOGPROBS) -> Job:
         raise _unsupported("suffix", "text after the insertion point is not supported; leave it out")
     if max_tokens == 0 and _int(body, "min_tokens", 0, 0):
         raise bad_request("'min_tokens' must be 0 with 'max_tokens' 0 (echo of the prompt alone)", "min_tokens")
-    return replace(_common(body, False, _prompts(body["prompt"]), max_tokens or 1, logprobs, echo),
+    return replace(_common(body, False, _prompts(body["prompt"]), max_tokens or 1, logprobs, echo, max_logprobs),
                    prompt_only=max_tokens == 0)
 
 
@@ -346,7 +357,8 @@ def parse_chat(body: dict, max_logprobs: int = MAX_LOGPROBS) -> Job:
         raise bad_request("'top_logprobs' needs \"logprobs\": true", "top_logprobs")
     _no_tools(body)
     options = parse_chat_options(body)
-    job = _common(body, True, [parse_messages(body["messages"])], max_tokens, (top or 0) if want else None)
+    job = _common(body, True, [parse_messages(body["messages"])], max_tokens, (top or 0) if want else None,
+                  _bool(body, "echo", False), max_logprobs)
     named = body.get("max_completion_tokens") is not None or body.get("max_tokens") is None   # the newer name
     return replace(job, chat_options=options, limit_field="max_completion_tokens" if named else job.limit_field)
 

@@ -37,6 +37,9 @@ class EventStream:
         if self.fmt.chat:
             for i in range(len(completion_tokens)):
                 yield sse(self.fmt.chunk(i, None))
+            if self.fmt.chat_echo:
+                for i in range(len(completion_tokens)):
+                    yield sse(self.fmt.echo_chunk(i))
         async for batch in self.group.batches():
             events = []
             for index, d in batch:

@@ -60,6 +60,14 @@ def test_vllm_benchmark_payloads_and_default_valued_fields_parse():
     assert job.chat_options.template_kwargs == {"enable_thinking": False}
     assert (job.skip_special_tokens, job.spaces_between_special_tokens, job.include_stop_str_in_output) == \
         (False, False, True)
+    # vLLM's prompt and request fields and OpenAI's store, metadata and service_tier, on both endpoints
+    extras = {"truncate_prompt_tokens": -1, "add_special_tokens": False, "prompt_logprobs": 0, "request_id": "r-1",
+              "store": False, "metadata": {"k": "v"}, "service_tier": "auto", "stream": True}
+    for job in (parse_completion(dict(extras, prompt="x")), parse_chat(dict(extras, messages=USER, echo=True))):
+        assert (job.truncate_prompt_tokens, job.add_special_tokens, job.prompt_logprobs, job.request_id) == \
+            (-1, False, 0, "r-1")
+        assert job.ignored == ("store", "metadata", "service_tier")
+    assert job.echo and parse_completion({"prompt": "x"}).add_special_tokens is None
 
 
 REJECTED = [
@@ -89,6 +97,20 @@ REJECTED = [
     ({"repetition_penalty": 0}, "repetition_penalty", "must be a number > 0"),
     ({"repetition_penalty": "1.1"}, "repetition_penalty", "must be a number"),
     ({"min_p": 1.5}, "min_p", "must be in [0.0, 1.0]"),
+    ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens", "must be -1 (what the context holds) or >= 1"),
+    ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens", "must be in [-1, inf]"),
+    ({"truncate_prompt_tokens": "5"}, "truncate_prompt_tokens", "must be an integer"),
+    ({"add_special_tokens": 1}, "add_special_tokens", "true or false"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs", "(-1, every token of the vocabulary, is not supported)"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs", "at most 20 (--max-logprobs)"),
+    ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs", "not available with \"stream\": true"),
+    ({"request_id": 5}, "request_id", "must be a string"),
+    ({"request_id": ""}, "request_id", "1 to 256 printable characters"),
+    ({"store": "yes"}, "store", "true or false"),
+    ({"metadata": {"k": 1}}, "metadata", "an object of strings"),
+    ({"service_tier": 1}, "service_tier", "must be a string"),
+    ({"allowed_token_ids": [1]}, "allowed_token_ids", "unknown or unsupported field(s) ['allowed_token_ids']"),
+    ({"bad_words": ["x"]}, "bad_words", "unknown or unsupported field(s) ['bad_words']"),
 ]
 REJECTED_COMPLETION = [
     ({"echo": True, "logprobs": 21}, "logprobs", "at most 20 (--max-logprobs)"),
@@ -108,7 +130,6 @@ REJECTED_CHAT = [
     ({"chat_template_kwargs": "enable_thinking=false"}, "chat_template_kwargs", "must be an object"),
     ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs", "may not set"),
     ({"chat_template_kwargs": {"tokenize": True, "messages": []}}, "chat_template_kwargs", "['messages', 'tokenize']"),
-    ({"echo": True}, "echo", "unknown or unsupported field(s) ['echo']"),
     ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "c"}]}]}, "messages",
      "tool_calls must be [] or null"),
     ({"messages": [{"role": "user", "content": None}]}, "messages", "must be a string"),
@@ -405,3 +426,70 @@ def test_chat_template_fields_whole_and_streamed(live):
                          (dict(chat_template_kwargs=[]), "chat_template_kwargs")):
         status, err = _post(live, "/v1/chat/completions", dict(body, **extra))
         assert status == 400 and err["error"]["param"] == param, err
+
+
+def test_truncate_prompt_tokens_and_add_special_tokens(live):
+    """vLLM's: the prompt's last k tokens (-1: what the context holds next to max_tokens); a text
+    encoded without BOS; a k past the context is a 400."""
+    tok = live.state.engine.engine.tokenizer
+    ids = tok.encode(demo_task.make_prompt(3, 12))          # BOS first
+    out = _post(live, "/v1/completions", {"prompt": [7] * 40 + ids, "max_tokens": 20, "temperature": 0,
+                                          "truncate_prompt_tokens": len(ids), "echo": True})[1]
+    assert out["usage"]["prompt_tokens"] == len(ids)
+    assert out["choices"][0]["text"] == tok.decode(ids) + demo_task.expected_answer(3, 12)
+    limit = live.state.engine.engine.context_limit
+    out = _post(live, "/v1/completions", {"prompt": "count " * 2000, "max_tokens": 3, "truncate_prompt_tokens": -1})[1]
+    assert out["usage"]["prompt_tokens"] == limit - 3
+    out = _post(live, "/v1/completions", {"prompt": "count " * 200, "max_tokens": 1, "truncate_prompt_tokens": 9,
+                                          "echo": True})[1]       # a text keeps its BOS, as vLLM's tokenizer
+    assert out["usage"]["prompt_tokens"] == 9 and out["choices"][0]["text"].startswith(tok.bos_token + "count")
+    status, err = _post(live, "/v1/completions", {"prompt": "x", "truncate_prompt_tokens": limit + 1})
+    assert status == 400 and err["error"]["param"] == "truncate_prompt_tokens"
+    for path, body in (("/v1/completions", {"prompt": demo_task.make_prompt(3, 12)}), ("/v1/chat/completions",
+                                                                                      {"messages": USER})):
+        counts = [_post(live, path, dict(body, max_tokens=1, **extra))[1]["usage"]["prompt_tokens"]
+                  for extra in ({}, {"add_special_tokens": True}, {"add_special_tokens": False})]
+        assert counts[0] == counts[1] == counts[2] + 1, (path, counts)        # BOS
+
+
+def test_prompt_logprobs_request_id_ignored_fields_and_chat_echo(live):
+    tok = live.state.engine.engine.tokenizer
+    prompt = demo_task.make_prompt(3, 12)
+    ids = tok.encode(prompt)
+    out = _post(live, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "prompt_logprobs": 2,
+                                          "request_id": "abc-1", "store": True, "metadata": {"team": "x"},
+                                          "service_tier": "default"})[1]
+    assert out["id"] == "cmpl-abc-1"
+    plp = out["choices"][0]["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    for t, entry in zip(ids[1:], plp[1:]):
+        assert str(t) in entry and 2 <= len(entry) <= 3
+        assert sorted(v["rank"] for v in entry.values() if v["rank"] is not None)[:2] == [1, 2]
+        mine = entry[str(t)]
+        assert mine["decoded_token"] == tok.decode([t]) and mine["logprob"] <= 0
+        assert mine["rank"] is None or mine["rank"] >= 1
+    # the model counts: in a prompt holding the count, each number is the likeliest next token
+    whole = tok.encode(prompt + demo_task.expected_answer(3, 12))
+    plp = _post(live, "/v1/completions", {"prompt": whole, "max_tokens": 1, "prompt_logprobs": 1})[1][
+        "choices"][0]["prompt_logprobs"]
+    tail = list(zip(whole, plp))[len(ids):]
+    assert all(e[str(t)]["rank"] == 1 and len(e) == 1 for t, e in tail), tail
+    chat = _post(live, "/v1/chat/completions", {"messages": USER, "max_tokens": 1, "prompt_logprobs": 0,
+                                                "request_id": "abc-2"})[1]
+    assert chat["id"] == "chatcmpl-abc-2" and chat["prompt_logprobs"][0] is None
+    assert all(len(e) == 1 for e in chat["prompt_logprobs"][1:]) and "prompt_logprobs" not in chat["choices"][0]
+    status, chunks = _post(live, "/v1/completions", {"prompt": prompt, "max_tokens": 2, "stream": True,
+                                                     "request_id": "abc-3"})
+    assert status == 200 and {c["id"] for c in chunks} == {"cmpl-abc-3"}
+
+    # chat's echo (vLLM's): the last message's content before the answer where the answer continues
+    # its role (add_generation_prompt false), and the response takes that role; else nothing
+    body = {"messages": USER, "temperature": 0, "echo": True, "add_generation_prompt": False}
+    whole = _post(live, "/v1/chat/completions", body)[1]["choices"][0]["message"]
+    assert whole == {"role": "user", "content": USER[0]["content"] + demo_task.expected_answer(3, 12)}
+    status, chunks = _post(live, "/v1/chat/completions", dict(body, stream=True, n=2, seed=1))
+    assert [c["choices"][0]["delta"] for c in chunks[:4]] == [{"role": "user", "content": ""}] * 2 + \
+        [{"content": USER[0]["content"]}] * 2
+    assert _text(chunks, chat=True).startswith(USER[0]["content"])
+    plain = _post(live, "/v1/chat/completions", dict(body, add_generation_prompt=True))[1]["choices"][0]["message"]
+    assert plain["role"] == "assistant" and not plain["content"].startswith(USER[0]["content"])

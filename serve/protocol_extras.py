@@ -1,0 +1,54 @@
+"""vLLM's request fields about the prompt and the request itself, on both endpoints (read by
+serve/protocol.py into the Job):
+
+- `truncate_prompt_tokens` (-1 or >= 1): keep the prompt's last k tokens; -1 keeps what the
+  context holds next to max_tokens (serve/prepare.py);
+- `add_special_tokens` (bool): encode a text prompt with the tokenizer's special tokens (BOS);
+  completions default true; chat left out adds BOS unless the template wrote it, false never,
+  true always (vLLM's chat default is false: serve/tokenize.py says why ours differs);
+- `prompt_logprobs` (0 to --max-logprobs; not with "stream": true unless 0, as in vLLM): each
+  choice's `prompt_logprobs` (completions) or the response's (chat): null for the first prompt
+  token, then per token {token id: {logprob, rank, decoded_token}} (serve/openai_format.py);
+- `request_id` (a string): the response's id is "cmpl-" / "chatcmpl-" and it (vLLM's);
+- OpenAI's `store`, `metadata` and `service_tier`: type-checked and ignored (vLLM ignores them,
+  with a warning in its log, as we do).
+"""
+
+from __future__ import annotations
+
+from fastserve_jax.serve.errors import bad_request
+from fastserve_jax.serve.json_body import bool_field, int_field, str_field, typename
+
+FIELDS = frozenset({"truncate_prompt_tokens", "add_special_tokens", "prompt_logprobs", "request_id", "store",
+                    "metadata", "service_tier"})
+IGNORED = ("store", "metadata", "service_tier")
+MAX_REQUEST_ID = 256      # characters; it is written into every response and log line
+
+
+def parse_extras(body: dict, stream: bool, max_logprobs: int) -> dict:
+    """The Job fields of these request fields."""
+    truncate = int_field(body, "truncate_prompt_tokens", None, -1)
+    if truncate == 0:
+        raise bad_request("'truncate_prompt_tokens' must be -1 (what the context holds) or >= 1 (the prompt's last "
+                          "that many tokens), got 0", "truncate_prompt_tokens")
+    prompt_logprobs = int_field(body, "prompt_logprobs", None)
+    if prompt_logprobs is not None:
+        if prompt_logprobs < 0:
+            raise bad_request(f"'prompt_logprobs' must be in [0, {max_logprobs}] (-1, every token of the vocabulary, "
+                              f"is not supported), got {prompt_logprobs}", "prompt_logprobs")
+        if prompt_logprobs > max_logprobs:
+            raise bad_request(f"'prompt_logprobs' is {prompt_logprobs}, more than this server allows: at most "
+                              f"{max_logprobs} (--max-logprobs)", "prompt_logprobs")
+        if stream and prompt_logprobs > 0:
+            raise bad_request("'prompt_logprobs' are not available with \"stream\": true", "prompt_logprobs")
+    request_id = str_field(body, "request_id")
+    if request_id is not None and not (0 < len(request_id) <= MAX_REQUEST_ID and request_id.isprintable()):
+        raise bad_request(f"'request_id' must be 1 to {MAX_REQUEST_ID} printable characters", "request_id")
+    bool_field(body, "store", False)
+    metadata = body.get("metadata")
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise bad_request(f"'metadata' must be an object of strings, got {typename(metadata)}", "metadata")
+    str_field(body, "service_tier")
+    return dict(truncate_prompt_tokens=truncate, add_special_tokens=bool_field(body, "add_special_tokens", None),
+                prompt_logprobs=prompt_logprobs, request_id=request_id,
+                ignored=tuple(k for k in IGNORED if body.get(k) is not None))
