@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from numbers import Integral
 
+from fastserve_jax.bad_words import BadWords, bad_words_of
 from fastserve_jax.sampling_params import BIAS_SLOTS, SamplingParams, bias_tokens
 from fastserve_jax.kv_cache import KVManager
 
@@ -57,4 +58,24 @@ def validate_request(prompt: str | list[int], params: SamplingParams, tokenizer,
         if len(biased) > BIAS_SLOTS:
             raise ValueError(f"with min_tokens, logit_bias and stop_token_ids (and EOS) may name at most {BIAS_SLOTS} "
                              f"tokens together, got {len(biased)}")
+    check_bad_words(params, tokenizer, vocab_size, eos_ids)
     return text, ids
+
+
+def check_bad_words(params: SamplingParams, tokenizer, vocab_size: int,
+                    eos_ids: frozenset[int] = frozenset()) -> BadWords | None:
+    """The request's bad words tokenized (fastserve_jax/bad_words.py); ValueError where they do
+    not tokenize, or where their bans at some step could overflow the sampler's BIAS_SLOTS
+    together with logit_bias and min_tokens' bans (the worst step counted, never truncated)."""
+    bw = bad_words_of(params.bad_words, tokenizer, vocab_size)
+    if bw is None:
+        return None
+    biased = set(params.logit_bias or ())
+    if params.min_tokens:
+        biased = bias_tokens(biased, params.stop_token_ids, () if params.ignore_eos else eos_ids)
+    need = min(len(biased | bw.tokens), len(biased) + bw.max_bans)
+    if need > BIAS_SLOTS:
+        raise ValueError(f"bad_words can ban {bw.max_bans} tokens at one step, which with the {len(biased)} that "
+                         f"logit_bias (and min_tokens' stop and EOS ids) names makes {need}; the sampler biases at "
+                         f"most {BIAS_SLOTS} tokens of a row at once, so give fewer words or fewer logit_bias entries")
+    return bw

@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 
 from fastserve_jax import policy_state
-from fastserve_jax.admission import context_limit, validate_request
+from fastserve_jax.admission import check_bad_words, context_limit, validate_request
 from fastserve_jax.config import EngineConfig, SchedulerConfig
 from fastserve_jax.sampling_params import SamplingParams, sampler_seed
 from fastserve_jax.cost_model import CostModel
@@ -186,7 +186,8 @@ class LLMEngine:
             raise ValueError(f"request id {rid!r} is already live; ids must be unique")
         seed = sampler_seed(params.seed) if params.seed is not None else hash((self.cfg.seed, n)) & 0xFFFFFFFF
         req = Request(rid, ids, params, time.monotonic() if arrival_time is None else arrival_time, prompt=text,
-                      seed=seed, eos_token_ids=frozenset() if params.ignore_eos else self.eos_ids)
+                      seed=seed, eos_token_ids=frozenset() if params.ignore_eos else self.eos_ids,
+                      bad_words=check_bad_words(params, self.tokenizer, self.model_cfg.vocab_size, self.eos_ids))
         self._requests[rid] = req
         self._detok[rid] = IncrementalDetokenizer.for_request(self.tokenizer, ids, params, self._decoders)
         self.scheduler.add(req)
@@ -291,9 +292,9 @@ class LLMEngine:
         back, so the next plan can run its requests again. A sampled row's token waits in the
         runner's token box (`Request.token_slot`, read by the next decode launch); a request
         whose token ends it for sure (max_tokens, max_model_len) stays in flight. Returns True
-        when some request's next step needs its token on the host (the box was full): the
-        engine then collects this batch before the next plan, an iteration without overlap
-        rather than a request that runs every other one."""
+        when some request's next step needs its token on the host (the box was full, or a bad
+        word may match through it: launch.bad_word_bans): the engine then collects this batch
+        before the next plan, an iteration without overlap rather than a request that runs every other one."""
         wait_first = False
         for s in plan.scheduled:
             req = s.request
@@ -308,7 +309,8 @@ class LLMEngine:
                 sp = req.sampling
                 last = (len(req.output_token_ids) + req.pending_tokens >= sp.max_tokens
                         or req.num_tokens >= self.cfg.max_model_len)
-                if out[2] is None or last:
+                if out[2] is None or last or (req.bad_words is not None and     # a bad word may match through it
+                                              req.bad_words.needs_history(req.output_token_ids, req.pending_tokens)):
                     req.token_slot, req.in_flight = -1, True
                     wait_first |= not last
                 else:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fastserve_jax.bad_words import BadWords
 from fastserve_jax.config import SamplingParams
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class Request:
     prompt: str | None = None
     seed: int = 0                          # resolved sampling seed (SamplingParams.seed or engine-derived)
     eos_token_ids: frozenset[int] = frozenset()
+    bad_words: BadWords | None = None      # SamplingParams.bad_words tokenized (admission.py)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0           # tokens whose K/V are in the cache
     status: RequestStatus = RequestStatus.WAITING

@@ -64,6 +64,9 @@ class SamplingParams:
     tokens' text; spaces_between_special_tokens=False writes a special token right after
     another without the space a decoder may put between them; include_stop_str_in_output keeps
     the matched stop string (and the text of a stop token or EOS) at the end of the text.
+    bad_words (vLLM's): words the output may not contain; the engine tokenizes each (with and
+    without a leading space) and bans the last token of a word once the output ends with its
+    other tokens (fastserve_jax/bad_words.py); an empty list is None.
     """
 
     max_tokens: int = 16
@@ -86,6 +89,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    bad_words: list[str] | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "n"):
@@ -142,6 +146,12 @@ class SamplingParams:
         if len(bias) > MAX_LOGIT_BIAS:
             raise ValueError(f"logit_bias may name at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}")
         object.__setattr__(self, "logit_bias", {int(t): float(v) for t, v in bias.items()} or None)
+        words = self.bad_words if self.bad_words is not None else []
+        if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) for w in words):
+            raise ValueError(f"bad_words must be a list of strings, got {self.bad_words!r}")
+        if not all(w.strip() for w in words):
+            raise ValueError(f"bad_words entries must hold a character other than whitespace, got {self.bad_words!r}")
+        object.__setattr__(self, "bad_words", list(words) or None)
 
     @property
     def greedy(self) -> bool:
@@ -151,4 +161,4 @@ class SamplingParams:
     def penalized(self) -> bool:
         """The sampler's penalties variant runs for it (sampling.Penalties)."""
         return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1 or
-                self.logit_bias is not None or self.min_tokens > 0)
+                self.logit_bias is not None or self.min_tokens > 0 or self.bad_words is not None)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from fastserve_jax import chat_template as chat_template_module
 from fastserve_jax.chat_template import ChatOptions, ChatTemplateError
+from fastserve_jax.admission import check_bad_words
 from fastserve_jax.config import SamplingParams
 from fastserve_jax.sampling_params import BIAS_SLOTS, bias_tokens
 
@@ -45,7 +46,8 @@ def _params(job: Job, max_tokens: int, seed: int | None, defaults: dict,
                               logit_bias=job.logit_bias, prompt_logprobs=_prompt_logprobs(job),
                               skip_special_tokens=job.skip_special_tokens,
                               spaces_between_special_tokens=job.spaces_between_special_tokens,
-                              include_stop_str_in_output=job.include_stop_str_in_output)
+                              include_stop_str_in_output=job.include_stop_str_in_output,
+                              bad_words=list(job.bad_words) if job.bad_words else None)
     except ValueError as e:
         raise bad_request(str(e))
 
@@ -97,6 +99,11 @@ def _check_token_ids(job: Job, eng: "LLMEngine | EngineInfo") -> None:
         if len(biased) > BIAS_SLOTS:
             raise bad_request(f"with 'min_tokens', 'logit_bias' and 'stop_token_ids' (and EOS) may name at most "
                               f"{BIAS_SLOTS} tokens together, got {len(biased)}", "logit_bias")
+    if job.bad_words:
+        try:
+            check_bad_words(_params(job, max(job.min_tokens, 1), None, {}), eng.tokenizer, vocab, eng.eos_ids)
+        except ValueError as e:
+            raise bad_request(str(e), "bad_words")
 
 
 def prepare(job: Job, eng: "LLMEngine | EngineInfo",

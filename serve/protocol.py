@@ -41,7 +41,7 @@ logprobs cover its prompt tokens, then the generated ones (serve/openai_format.p
 `echo`, `max_tokens` may be 0 (vLLM's): the answer is the prompt alone (Job.prompt_only).
 
 vLLM's prompt and request fields (truncate_prompt_tokens, add_special_tokens, prompt_logprobs,
-request_id) and OpenAI's ignored store, metadata and service_tier: serve/protocol_extras.py.
+request_id, bad_words) and OpenAI's ignored store, metadata and service_tier: serve/protocol_extras.py.
 
 Accepted only at the value that asks for nothing (what clients such as vLLM's benchmark
 send by default), rejected otherwise with a 400 naming the field and what is accepted:
@@ -120,6 +120,7 @@ class Job:
     add_special_tokens: bool | None = None      # None: the endpoint's default
     prompt_logprobs: int | None = None
     request_id: str | None = None               # the response id's suffix
+    bad_words: tuple[str, ...] | None = None    # SamplingParams.bad_words
     ignored: tuple[str, ...] = ()               # fields accepted and ignored (store, metadata, service_tier)
 
 

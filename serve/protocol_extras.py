@@ -10,6 +10,9 @@ serve/protocol.py into the Job):
   choice's `prompt_logprobs` (completions) or the response's (chat): null for the first prompt
   token, then per token {token id: {logprob, rank, decoded_token}} (serve/openai_format.py);
 - `request_id` (a string): the response's id is "cmpl-" / "chatcmpl-" and it (vLLM's);
+- `bad_words` (an array of strings, each with a character other than whitespace; null or []:
+  none): SamplingParams.bad_words, tokenized and checked against the sampler's bias slots in
+  serve/prepare.py;
 - OpenAI's `store`, `metadata` and `service_tier`: type-checked and ignored (vLLM ignores them,
   with a warning in its log, as we do).
 """
@@ -20,7 +23,7 @@ from fastserve_jax.serve.errors import bad_request
 from fastserve_jax.serve.json_body import bool_field, int_field, str_field, typename
 
 FIELDS = frozenset({"truncate_prompt_tokens", "add_special_tokens", "prompt_logprobs", "request_id", "store",
-                    "metadata", "service_tier"})
+                    "metadata", "service_tier", "bad_words"})
 IGNORED = ("store", "metadata", "service_tier")
 MAX_REQUEST_ID = 256      # characters; it is written into every response and log line
 
@@ -50,5 +53,19 @@ def parse_extras(body: dict, stream: bool, max_logprobs: int) -> dict:
         raise bad_request(f"'metadata' must be an object of strings, got {typename(metadata)}", "metadata")
     str_field(body, "service_tier")
     return dict(truncate_prompt_tokens=truncate, add_special_tokens=bool_field(body, "add_special_tokens", None),
-                prompt_logprobs=prompt_logprobs, request_id=request_id,
+                prompt_logprobs=prompt_logprobs, request_id=request_id, bad_words=_bad_words(body),
                 ignored=tuple(k for k in IGNORED if body.get(k) is not None))
+
+
+def _bad_words(body: dict) -> tuple[str, ...] | None:
+    words = body.get("bad_words")
+    if words is None:
+        return None
+    if not isinstance(words, list):
+        raise bad_request(f"'bad_words' must be an array of strings, got {typename(words)}", "bad_words")
+    odd = [typename(w) for w in words if not isinstance(w, str)]
+    if odd:
+        raise bad_request(f"'bad_words' must be an array of strings, got {odd[0]} among them", "bad_words")
+    if not all(w.strip() for w in words):
+        raise bad_request("'bad_words' entries must hold a character other than whitespace", "bad_words")
+    return tuple(words) or None

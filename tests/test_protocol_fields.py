@@ -68,6 +68,8 @@ def test_vllm_benchmark_payloads_and_default_valued_fields_parse():
             (-1, False, 0, "r-1")
         assert job.ignored == ("store", "metadata", "service_tier")
     assert job.echo and parse_completion({"prompt": "x"}).add_special_tokens is None
+    assert parse_chat({"messages": USER, "bad_words": [" 7", "7 8"]}).bad_words == (" 7", "7 8")
+    assert parse_completion({"prompt": "x", "bad_words": []}) == parse_completion({"prompt": "x", "bad_words": None})
 
 
 REJECTED = [
@@ -110,7 +112,9 @@ REJECTED = [
     ({"metadata": {"k": 1}}, "metadata", "an object of strings"),
     ({"service_tier": 1}, "service_tier", "must be a string"),
     ({"allowed_token_ids": [1]}, "allowed_token_ids", "unknown or unsupported field(s) ['allowed_token_ids']"),
-    ({"bad_words": ["x"]}, "bad_words", "unknown or unsupported field(s) ['bad_words']"),
+    ({"bad_words": "x"}, "bad_words", "must be an array of strings"),
+    ({"bad_words": ["x", 7]}, "bad_words", "must be an array of strings"),
+    ({"bad_words": ["x", " "]}, "bad_words", "a character other than whitespace"),
 ]
 REJECTED_COMPLETION = [
     ({"echo": True, "logprobs": 21}, "logprobs", "at most 20 (--max-logprobs)"),
@@ -221,6 +225,38 @@ def test_logit_bias_and_min_tokens(live):
                                   (dict(min_tokens=answer + 7), "min_tokens", "at most")):
         status, err = _post(live, "/v1/completions", dict(body, **extra))
         assert status == 400 and err["error"]["param"] == param and message in err["error"]["message"], err
+
+
+def test_bad_words(live):
+    """vLLM's bad_words on the demo model's greedy count (async scheduling on: the next step's
+    bans wait for a token still in flight where a word's prefix may end with it)."""
+    body = {"prompt": demo_task.make_prompt(3, 12), "max_tokens": 16, "temperature": 0}
+
+    def numbers(extra, chat=False):
+        if chat:
+            _, out = _post(live, "/v1/chat/completions", {"messages": USER, "max_tokens": 16, "temperature": 0, **extra})
+            return out["choices"][0]["message"]["content"].split()
+        status, out = _post(live, "/v1/completions", dict(body, **extra))
+        assert status == 200, out
+        return out["choices"][0]["text"].split()
+
+    def counts(seq):
+        return [int(x) for x in seq] == list(range(int(seq[0]), int(seq[0]) + len(seq)))
+
+    got = numbers({"bad_words": [" 7"]})                   # one token, " 7" (and "7")
+    assert got[:4] == ["3", "4", "5", "6"] and "7" not in got and counts(got[4:]) and len(got) == 16, got
+    for chat in (False, True):
+        got = numbers({"bad_words": ["8 9"]}, chat)        # " 9" banned right after " 8" only
+        assert got[:6] == ["3", "4", "5", "6", "7", "8"] and got[6] != "9" and counts(got[6:]), got
+    got = numbers({"bad_words": ["7 8"]})                  # the model goes back to " 4" after " 7", again and again
+    assert got[:5] == ["3", "4", "5", "6", "7"] and ("7", "8") not in set(zip(got, got[1:])), got
+    # the prompt is not matched: ": 3" (":" then " 3") bans nothing at the first step
+    assert numbers({"bad_words": [": 3"]}) == demo_task.expected_answer(3, 12).split()
+    # 300 logit_bias entries and 21 banned tokens (each digit with and without a space, and "x") overflow
+    # the sampler's 320 slots: refused, never truncated
+    status, err = _post(live, "/v1/completions", dict(body, bad_words=[str(d) for d in range(10)] + ["x"],
+                                                      logit_bias={str(t): 1 for t in range(400, 700)}))
+    assert status == 400 and err["error"]["param"] == "bad_words" and "at most 320" in err["error"]["message"], err
 
 
 def test_echo_whole_and_streamed(live):

@@ -109,9 +109,9 @@ def penalty_arrays(rows: list[Request | None], max_model_len: int) -> Penalties:
     """Penalties (N,); histories (N, max_model_len) padded with -1: a row's output so far,
     after its prompt's distinct tokens where its repetition penalty is not 1 (out_start of
     them; prompt and output together never exceed max_model_len); and logit biases,
-    (N, BIAS_SLOTS) padded with -1: a row's logit_bias, and while fewer than its min_tokens
-    are out (pending ones too) -inf on its EOS and stop token ids. Rows without any keep an
-    empty history and no biases."""
+    (N, BIAS_SLOTS) padded with -1: a row's logit_bias, while fewer than its min_tokens are
+    out (pending ones too) -inf on its EOS and stop token ids, and -inf on what its bad words
+    ban (`bad_word_bans`). Rows without any keep an empty history and no biases."""
     n = len(rows)
     presence = np.zeros(n, np.float32)
     frequency = np.zeros(n, np.float32)
@@ -130,6 +130,8 @@ def penalty_arrays(rows: list[Request | None], max_model_len: int) -> Penalties:
         row = dict(sp.logit_bias or {})
         if r.num_tokens - r.num_prompt_tokens < sp.min_tokens:
             row.update(dict.fromkeys(banned_until_min_tokens(r), -np.inf))
+        if r.bad_words is not None:
+            row.update(dict.fromkeys(bad_word_bans(r), -np.inf))
         if row:
             bias_ids[i, :len(row)] = list(row)
             bias[i, :len(row)] = list(row.values())
@@ -139,6 +141,15 @@ def penalty_arrays(rows: list[Request | None], max_model_len: int) -> Penalties:
 def banned_until_min_tokens(r: Request) -> set[int]:
     """The tokens a request may not sample before its min_tokens: its EOS and stop token ids."""
     return set(r.eos_token_ids) | set(r.sampling.stop_token_ids)
+
+
+def bad_word_bans(r: Request) -> set[int]:
+    """The tokens a request's bad words ban at its next step (fastserve_jax/bad_words.py). With
+    a token in flight (async scheduling) only the single-token words': the engine lets a row
+    sample there only where no longer word can match whatever that token is (engine._advance)."""
+    if r.pending_tokens:
+        return set(r.bad_words.singles)
+    return r.bad_words.bans(r.output_token_ids)
 
 
 class LaunchBuilder:
