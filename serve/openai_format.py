@@ -58,7 +58,8 @@ class Formatter:
     def __init__(self, chat: bool, model: str, tokenizer, logprobs: int | None, echo: list[str] | None = None,
                  usage_prompt_tokens: list[int] | None = None, echo_ids: list[list[int]] | None = None,
                  skip_special_tokens: bool = True, prompt_only: bool = False, request_id: str | None = None,
-                 role: str = "assistant", chat_echo: str = "", prompt_logprobs: bool = False) -> None:
+                 role: str = "assistant", chat_echo: str = "", prompt_logprobs: bool = False,
+                 echo_decoded: frozenset[int] = frozenset()) -> None:
         """echo: per choice, the text written before its first text (completions);
         usage_prompt_tokens: per choice, its prompt's tokens, to put usage on every chunk;
         echo_ids: per choice, its prompt's token ids, whose logprobs come before the generated
@@ -67,7 +68,8 @@ class Formatter:
         prompt_only: Job.prompt_only, `view` drops the generated token; request_id: the id's suffix
         (vLLM's request_id field); role: chat's answer role (the last message's without
         add_generation_prompt, as vLLM); chat_echo: text before each chat choice's (chat's echo);
-        prompt_logprobs: responses carry the prompt's logprobs in vLLM's shape."""
+        prompt_logprobs: responses carry the prompt's logprobs in vLLM's shape; echo_decoded: the
+        choices whose echo is their prompt ids decoded, special tokens written (text_offset counts them)."""
         self.chat = chat
         self.model = model
         self.tokenizer = tokenizer
@@ -83,13 +85,14 @@ class Formatter:
         self._echo: dict[int, str] = dict(enumerate(echo or []))      # popped once written
         self._usage_prompt_tokens = usage_prompt_tokens
         self._echo_ids = echo_ids
+        self._echo_decoded = echo_decoded
         self.prompt_only = prompt_only
 
     @classmethod
     def for_job(cls, job: Job, model: str, tokenizer, prepared: list[tuple[list[int], SamplingParams]]) -> "Formatter":
         """The formatter of one request; `prepared` is serve/prepare.py's (prompt ids, params)
         per choice. echo writes a text prompt as sent and a token-id prompt decoded (as vLLM)."""
-        echo, role, chat_echo = None, "assistant", ""
+        echo, role, chat_echo, decoded = None, "assistant", "", frozenset()
         if job.chat:        # vLLM's: the last message is echoed where the answer continues its role
             last = job.prompts[0][-1]
             role = "assistant" if job.chat_options.add_generation_prompt else last["role"]
@@ -98,10 +101,12 @@ class Formatter:
             texts = [p if isinstance(p, str) and job.truncate_prompt_tokens is None else tokenizer.decode(ids)
                      for p, (ids, _) in zip(job.prompts, prepared[::job.n])]
             echo = [t for t in texts for _ in range(job.n)]
+            decoded = frozenset(i for i in range(len(echo)) if not isinstance(job.prompts[i // job.n], str)
+                                or job.truncate_prompt_tokens is not None)
         counts = [len(ids) for ids, _ in prepared] if job.continuous_usage else None
         echo_ids = [ids for ids, _ in prepared] if job.echo and job.logprobs is not None else None
         return cls(job.chat, model, tokenizer, job.logprobs, echo, counts, echo_ids, job.skip_special_tokens,
-                   job.prompt_only, job.request_id, role, chat_echo, job.prompt_logprobs is not None)
+                   job.prompt_only, job.request_id, role, chat_echo, job.prompt_logprobs is not None, decoded)
 
     def view(self, d: Delta) -> Delta:
         """The delta as the client sees it: with Job.prompt_only (max_tokens 0 with echo) the
@@ -138,14 +143,15 @@ class Formatter:
         # text_offset: where the token's text starts in the choice's text. Counted on the tokens'
         # bytes, as the detokenizer writes them: the tokens of one character share its offset
         # (each alone decodes to U+FFFD), and special tokens, skipped in the text, add nothing: the
-        # prompt's always (echo writes the prompt as sent), the generated ones unless the request
-        # keeps them (skip_special_tokens false).
+        # prompt's where echo writes the prompt as sent (a decoded echo writes them), the
+        # generated ones unless the request keeps them (skip_special_tokens false).
         offsets, at, raw = [], self._offset.get(index, 0), token_bytes(self.tokenizer)
         utf8 = self._utf8.setdefault(index, codecs.getincrementaldecoder("utf-8")("replace"))
         special = self._special()
         for k, tid in enumerate(ids):
             offsets.append(at)
-            skipped = tid in special and (k < len(lead) or self.skip_special_tokens)
+            prompt_token = k < len(lead)
+            skipped = tid in special and (index not in self._echo_decoded if prompt_token else self.skip_special_tokens)
             at += 0 if skipped else len(utf8.decode(raw(tid)))
         self._offset[index] = at
         entries = lead + lps

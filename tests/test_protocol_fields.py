@@ -529,3 +529,23 @@ def test_prompt_logprobs_request_id_ignored_fields_and_chat_echo(live):
     assert _text(chunks, chat=True).startswith(USER[0]["content"])
     plain = _post(live, "/v1/chat/completions", dict(body, add_generation_prompt=True))[1]["choices"][0]["message"]
     assert plain["role"] == "assistant" and not plain["content"].startswith(USER[0]["content"])
+
+
+def test_text_offset_indexes_a_decoded_echo_with_its_special_tokens(live):
+    """A token-id prompt, and a text prompt cut by truncate_prompt_tokens, are echoed decoded,
+    BOS included: text_offset counts the special tokens written there too (it counted none, so
+    every offset after the BOS was 3 characters short), whole and streamed."""
+    tok = live.state.engine.engine.tokenizer
+    ids = tok.encode(demo_task.make_prompt(3, 12))          # BOS first
+    for extra in ({"prompt": ids}, {"prompt": "count " * 20 + demo_task.make_prompt(3, 12),
+                                    "truncate_prompt_tokens": len(ids)}):
+        body = dict(extra, max_tokens=3, temperature=0, echo=True, logprobs=1)
+        status, out = _post(live, "/v1/completions", body)
+        assert status == 200, out
+        _, chunks = _post(live, "/v1/completions", dict(body, stream=True))
+        for got in (out["choices"], [c["choices"][0] for c in chunks]):
+            text = "".join(c["text"] for c in got)
+            tokens = sum((c["logprobs"]["tokens"] for c in got), [])
+            offsets = sum((c["logprobs"]["text_offset"] for c in got), [])
+            assert text.startswith(tok.bos_token) and tokens[0] == tok.bos_token
+            assert [text[at:at + len(t)] for t, at in zip(tokens, offsets)] == tokens, (text, offsets)
