@@ -97,12 +97,15 @@ class Formatter:
             last = job.prompts[0][-1]
             role = "assistant" if job.chat_options.add_generation_prompt else last["role"]
             chat_echo = last["content"] if job.echo and last["role"] == role else ""
-        elif job.echo:      # a truncated prompt is echoed as the model saw it
-            texts = [p if isinstance(p, str) and job.truncate_prompt_tokens is None else tokenizer.decode(ids)
-                     for p, (ids, _) in zip(job.prompts, prepared[::job.n])]
-            echo = [t for t in texts for _ in range(job.n)]
-            decoded = frozenset(i for i in range(len(echo)) if not isinstance(job.prompts[i // job.n], str)
-                                or job.truncate_prompt_tokens is not None)
+        elif job.echo:      # a text prompt that truncate_prompt_tokens cut is echoed as the model saw it
+            # (kept whole where its ids decode back to it: a decode of at most the context's tokens
+            # here on the event loop, not an encode of the text, which may be far longer)
+            sent = [isinstance(p, str) and (job.truncate_prompt_tokens is None
+                                            or tokenizer.decode(ids, skip_special_tokens=True) == p)
+                    for p, (ids, _) in zip(job.prompts, prepared[::job.n])]
+            echo = [p if as_sent else tokenizer.decode(ids)
+                    for p, as_sent, (ids, _) in zip(job.prompts, sent, prepared[::job.n]) for _ in range(job.n)]
+            decoded = frozenset(i for i in range(len(echo)) if not sent[i // job.n])
         counts = [len(ids) for ids, _ in prepared] if job.continuous_usage else None
         echo_ids = [ids for ids, _ in prepared] if job.echo and job.logprobs is not None else None
         return cls(job.chat, model, tokenizer, job.logprobs, echo, counts, echo_ids, job.skip_special_tokens,

@@ -549,3 +549,15 @@ def test_text_offset_indexes_a_decoded_echo_with_its_special_tokens(live):
             offsets = sum((c["logprobs"]["text_offset"] for c in got), [])
             assert text.startswith(tok.bos_token) and tokens[0] == tok.bos_token
             assert [text[at:at + len(t)] for t, at in zip(tokens, offsets)] == tokens, (text, offsets)
+
+
+def test_a_truncation_that_cuts_nothing_leaves_the_echo_as_sent(live):
+    """truncate_prompt_tokens -1, or a k the prompt is within, keeps the whole prompt, so echo
+    writes it as sent, as without the field (it wrote the ids decoded, BOS included)."""
+    prompt = demo_task.make_prompt(3, 12)
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 1}
+    want = _post(live, "/v1/completions", body)[1]["choices"][0]
+    for k in (-1, 100):
+        got = _both(live, "/v1/completions", dict(body, truncate_prompt_tokens=k))
+        assert got["text"] == want["text"] == prompt + " 3 4", (k, got["text"])
+        assert got["logprobs"]["text_offset"] == want["logprobs"]["text_offset"]
