@@ -160,7 +160,8 @@ class Formatter:
         entries = lead + lps
         return {"tokens": [self._token(t) for t in ids],
                 "token_logprobs": [None if x is None else x.logprob for x in entries],
-                "top_logprobs": [None if x is None else self._top(x) for x in entries], "text_offset": offsets}
+                "top_logprobs": [None if x is None else self._top(x, k < len(lead)) for k, x in enumerate(entries)],
+                "text_offset": offsets}
 
     def _special(self) -> frozenset[int]:
         """The tokenizer's special ids (a list transformers builds at every read), once per response."""
@@ -168,11 +169,16 @@ class Formatter:
             self._special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()))
         return self._special_ids
 
-    def _top(self, x: TokenLogprobs) -> dict[str, float]:
+    def _top(self, x: TokenLogprobs, prompt: bool = False) -> dict[str, float]:
         """Completions' top_logprobs entry: the sampled (or prompt) token's logprob also where it
-        is not among the top (OpenAI: "up to logprobs+1 elements"; vLLM writes it first too)."""
-        top = {} if x.token_id in x.top else {self._token(x.token_id): x.logprob}
-        top.update((self._token(t), v) for t, v in x.top.items())
+        is not among the top (OpenAI: "up to logprobs+1 elements"; vLLM writes it first too). A
+        prompt token's top holds prompt_logprobs entries, which may be more: the likeliest
+        `logprobs` of them are kept, as vLLM cuts them."""
+        best = x.top
+        if prompt and len(best) > self.logprobs:
+            best = dict(sorted(best.items(), key=lambda kv: -kv[1])[:self.logprobs])
+        top = {} if x.token_id in best else {self._token(x.token_id): x.logprob}
+        top.update((self._token(t), v) for t, v in best.items())
         return top
 
     def _head(self, obj: str) -> dict:

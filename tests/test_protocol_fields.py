@@ -561,3 +561,18 @@ def test_a_truncation_that_cuts_nothing_leaves_the_echo_as_sent(live):
         got = _both(live, "/v1/completions", dict(body, truncate_prompt_tokens=k))
         assert got["text"] == want["text"] == prompt + " 3 4", (k, got["text"])
         assert got["logprobs"]["text_offset"] == want["logprobs"]["text_offset"]
+
+
+def test_echo_logprobs_hold_logprobs_plus_one_also_with_more_prompt_logprobs(live):
+    """echo with logprobs 1 and prompt_logprobs 5: each prompt token's top_logprobs holds its
+    likeliest token and itself (OpenAI's "up to logprobs + 1", vLLM's cut), not the 5 the
+    prompt_logprobs field carries (it held all 5 and the token, 6 entries)."""
+    body = {"prompt": demo_task.make_prompt(3, 12), "max_tokens": 2, "temperature": 0, "echo": True,
+            "logprobs": 1, "prompt_logprobs": 5}
+    c = _post(live, "/v1/completions", body)[1]["choices"][0]
+    tops, plp = c["logprobs"]["top_logprobs"], c["prompt_logprobs"]
+    assert tops[0] is None and all(1 <= len(top) <= 2 for top in tops[1:]), tops
+    for top, entry in zip(tops[1:], plp[1:]):
+        assert len(entry) >= 5
+        best = min(entry.values(), key=lambda v: v["rank"] or 99)
+        assert top[best["decoded_token"]] == best["logprob"]
