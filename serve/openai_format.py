@@ -213,12 +213,13 @@ class Formatter:
             if x is None:
                 out.append(None)
                 continue
-            d = {}
-            if x.token_id not in x.top:
-                d[str(x.token_id)] = {"logprob": max(x.logprob, -9999.0), "rank": x.rank,
-                                      "decoded_token": self._token(x.token_id)}
-            for rank, (t, v) in enumerate(sorted(x.top.items(), key=lambda kv: -kv[1]), 1):
-                d[str(t)] = {"logprob": max(v, -9999.0), "rank": rank, "decoded_token": self._token(t)}
+            ranked = sorted(x.top.items(), key=lambda kv: -kv[1])
+            rank = next((i for i, (t, _) in enumerate(ranked, 1) if t == x.token_id), x.rank)
+            d = {str(x.token_id): {"logprob": max(x.logprob, -9999.0), "rank": rank,
+                                   "decoded_token": self._token(x.token_id)}}
+            for i, (t, v) in enumerate(ranked, 1):
+                if t != x.token_id:
+                    d[str(t)] = {"logprob": max(v, -9999.0), "rank": i, "decoded_token": self._token(t)}
             out.append(d)
         return out
 

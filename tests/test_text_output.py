@@ -181,6 +181,17 @@ def test_completions_top_logprobs_hold_the_sampled_token_as_openai_and_vllm_do(d
     assert chat[0]["top_logprobs"] == []              # chat's top_logprobs: exactly top_logprobs of them
 
 
+
+def test_prompt_logprobs_entries_hold_the_prompt_token_first(demo):
+    """vLLM's prompt_logprobs (docs/serving.md): per prompt token, its own entry first, then the
+    top ones; also where the token is among the top but not the likeliest (it came in rank order)."""
+    a, b, c = demo(" 1 2 3", add_special_tokens=False)["input_ids"][:3]
+    entries = [None, TokenLogprobs(b, -1.0, {a: -0.5, b: -1.0}, 2), TokenLogprobs(c, -4.0, {a: -0.1}, None)]
+    out = Formatter(False, "demo", demo, None, prompt_logprobs=True)._prompt_logprobs(entries)
+    assert out[0] is None and [list(e) for e in out[1:]] == [[str(b), str(a)], [str(c), str(a)]]
+    assert out[1][str(b)] == {"logprob": -1.0, "rank": 2, "decoded_token": demo.decode([b])}
+    assert out[1][str(a)]["rank"] == 1 and out[2][str(c)]["rank"] is None
+
 # -- skip_special_tokens, spaces_between_special_tokens, include_stop_str_in_output (vLLM's) ----
 def test_special_tokens_stay_in_the_text_when_not_skipped(tok):
     prompt = tok("count:")["input_ids"]
