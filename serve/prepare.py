@@ -81,8 +81,8 @@ def _prompt_ids(job: Job, prompt, eng: "LLMEngine | EngineInfo", chat_template: 
     elif k > limit:
         raise bad_request(f"'truncate_prompt_tokens' is {k}, more than the {limit} tokens of this server's context "
                           "(/v1/models' max_model_len); give a smaller value or -1", "truncate_prompt_tokens")
-    if k <= len(head):
-        return src[-k:]
+    if k <= len(head):      # the special tokens alone, as the tokenizer's truncation leaves them
+        return head[:k]
     return head + src[len(head):][len(src) - k:] if len(src) > k else src
 
 

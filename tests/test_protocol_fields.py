@@ -576,3 +576,12 @@ def test_echo_logprobs_hold_logprobs_plus_one_also_with_more_prompt_logprobs(liv
         assert len(entry) >= 5
         best = min(entry.values(), key=lambda v: v["rank"] or 99)
         assert top[best["decoded_token"]] == best["logprob"]
+
+
+def test_truncating_a_text_prompt_to_its_special_tokens_keeps_them(live):
+    """A text prompt keeps its BOS within truncate_prompt_tokens (docs/serving.md, as vLLM's
+    left-truncating tokenizer): also at k = 1, which kept the last text token instead."""
+    tok = live.state.engine.engine.tokenizer
+    out = _post(live, "/v1/completions", {"prompt": demo_task.make_prompt(3, 12), "max_tokens": 1,
+                                          "truncate_prompt_tokens": 1, "echo": True, "logprobs": 0})[1]
+    assert out["usage"]["prompt_tokens"] == 1 and out["choices"][0]["logprobs"]["tokens"][0] == tok.bos_token
