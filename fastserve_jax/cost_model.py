@@ -33,7 +33,9 @@ Launch padding, for a profile of this engine (empty or 0 in a table of real kern
                         next bucket, so an iteration costs the table's time at that size
     max_prefill_seqs    the most prompts one prefill launch packs (EngineConfig's); an
                         iteration with more prefill chunks runs one launch per that many, in
-                        order, as runner/launch.py's split_prefill does (0: one launch)
+                        order, as runner/launch.py's split_prefill does by count (0: one
+                        launch; its splits at the largest token and block buckets are not
+                        modelled: an iteration's tokens stay within the first)
     block_size, block_buckets, min_launch_blocks
                         set when the profiled attention reads every row's context padded to
                         the launch's block bucket (the reference path gathers blocks; a paged
