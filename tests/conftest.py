@@ -107,3 +107,24 @@ def pytest_collection_modifyitems(config, items):
 
     count = Counter(item.path for item in items)
     items.sort(key=lambda item: (item.path.name not in SUBPROCESS_FILES, -count[item.path]))   # stable
+
+
+def pytest_collection_finish(session):
+    # Each engine's runner runs a full gc.collect() before it loads (runner/model_runner.py: a
+    # dropped engine's executables sit in cyclic garbage), and in a test process that call
+    # traversed every object the imports made: ~420,000 with torch and transformers, 0.17-0.26 s
+    # each (test_swap.py's 20 engines: 6.9 s of collection). What exists once the tests are
+    # collected (modules, classes, test functions) lives to the end of the process; frozen, the
+    # collector skips it (test_swap.py: 2.1 s), and the runner's collect still frees every
+    # engine a test drops, as those are made after this point (test_engine.py's dropped-engine
+    # test still fails without it). transformers, and torch with it, is imported first where a
+    # collected test makes a tiny checkpoint (models/random_checkpoint.py imports it then): the
+    # process would import it anyway. Only processes that run tests collect (not xdist's controller).
+    import gc
+
+    if any("tiny_checkpoints" in item.fixturenames for item in session.items):
+        import transformers
+
+        transformers.LlamaConfig      # noqa: B018 (the lazy module imports torch here)
+    gc.collect()
+    gc.freeze()
