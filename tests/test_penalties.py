@@ -227,9 +227,16 @@ def _reference_greedy(path: str, prompt: list[int], sp: SamplingParams) -> list[
     return out
 
 
-def test_engine_applies_penalties_without_new_compilations(tiny_checkpoints):
+@pytest.fixture(scope="module")
+def warm(tiny_checkpoints):
+    """One engine warmed up in full for the two tests below: they only generate on it (fcfs
+    learns nothing, every request finishes), and each counts its own compilations."""
     path = tiny_checkpoints("llama")
-    llm = LLM(path, warmup="full", **ENGINE_KW, **SMALL_GRID)
+    return path, LLM(path, warmup="full", **ENGINE_KW, **SMALL_GRID)
+
+
+def test_engine_applies_penalties_without_new_compilations(warm):
+    path, llm = warm
     rng = np.random.default_rng(3)
     prompts = [[int(t) for t in rng.integers(3, 256, 12)] for _ in range(3)]
     plain = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -245,12 +252,11 @@ def test_engine_applies_penalties_without_new_compilations(tiny_checkpoints):
     assert outs[0].token_ids != unpenalized                # the check above is not vacuous
 
 
-def test_engine_applies_logit_bias_and_min_tokens(tiny_checkpoints):
+def test_engine_applies_logit_bias_and_min_tokens(warm):
     """logit_bias moves greedy choices, min_tokens holds back stop tokens until that many are
     out (the pending token of async scheduling counted), in a batch with a plain row, with
     the warmed-up executables; the synchronous loop gives the same."""
-    path = tiny_checkpoints("llama")
-    llm = LLM(path, warmup="full", **ENGINE_KW, **SMALL_GRID)
+    path, llm = warm
     rng = np.random.default_rng(4)
     prompts = [[int(t) for t in rng.integers(3, 256, 12)] for _ in range(3)]
     plain = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
