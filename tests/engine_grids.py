@@ -9,3 +9,10 @@ budget + 8 for the packed sequences).
 """
 
 SMALL_GRID = dict(decode_batch_buckets=(2, 8), prefill_token_buckets=(16, 64), block_buckets=(8, 48))
+
+# The demo model's engines in test_predictor.py and test_prompt_lengths.py (short counting
+# prompts and answers, at most ~90 tokens a request): the defaults' grid (2048 tokens a
+# sequence, a 512-token budget, 16-token blocks) compiled 52-57 launch and profile shapes for
+# them, and these settings share one small grid and its profile between them.
+DEMO_KW = dict(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64, block_size=8,
+               decode_batch_buckets=(2, 8), prefill_token_buckets=(16, 64))

@@ -157,9 +157,10 @@ def test_window_is_bounded_aborts_are_not_learned_and_refresh_points_are_powers_
 
 def test_engine_hands_each_request_its_own_pooled_state():
     """A prompt's prefill features do not depend on what it was packed with."""
+    from engine_grids import DEMO_KW
     from fastserve_jax import LLM
 
-    llm = LLM(max_num_seqs=8)
+    llm = LLM(**DEMO_KW)
     eng = llm.engine
     got = {}
 
@@ -194,11 +195,12 @@ def test_predictive_engine_learns_predicts_and_stays_exact(tmp_path, monkeypatch
     thread, then every new request gets a prediction at its first token; answers stay exact."""
     import time
 
+    from engine_grids import DEMO_KW
     from fastserve_jax import LLM
     from fastserve_jax.models import demo_task
 
     monkeypatch.setenv("FASTSERVE_JAX_PREDICTOR_DIR", str(tmp_path))
-    llm = LLM(max_num_seqs=8, scheduler="predictive")
+    llm = LLM(**DEMO_KW, scheduler="predictive")
     eng = llm.engine
     p = eng.predictor
     p.min_samples, p.train_every = 24, 8

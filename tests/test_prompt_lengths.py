@@ -182,11 +182,12 @@ def test_the_engine_opens_the_gate_from_its_own_finishes(tmp_path, monkeypatch):
     """The real engine (demo model): requests whose prompt sizes tell their lengths (ignore_eos,
     max_tokens by prompt size) pass the gate as they finish; predictive then leaves skip-join
     MLFQ and ranks new arrivals by prompt-length predictions; every output has its length."""
+    from engine_grids import DEMO_KW
     from fastserve_jax import LLM, SamplingParams
 
     monkeypatch.setenv("FASTSERVE_JAX_LENGTHS_DIR", str(tmp_path / "lengths"))
     monkeypatch.setenv("FASTSERVE_JAX_PREDICTOR_DIR", str(tmp_path / "predictor"))
-    llm = LLM(max_num_seqs=8, scheduler="predictive")
+    llm = LLM(**DEMO_KW, scheduler="predictive")
     sched = llm.engine.scheduler
     rng = np.random.default_rng(0)
     apps = [(5, 24), (20, 3), (48, 10)]                     # (prompt tokens, output tokens)
