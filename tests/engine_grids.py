@@ -16,3 +16,8 @@ SMALL_GRID = dict(decode_batch_buckets=(2, 8), prefill_token_buckets=(16, 64), b
 # them, and these settings share one small grid and its profile between them.
 DEMO_KW = dict(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64, block_size=8,
                decode_batch_buckets=(2, 8), prefill_token_buckets=(16, 64))
+
+# The demo model's counting tests under swapping (test_swap.py, test_async_scheduling.py: 512
+# tokens a sequence, a 64-token budget, 8-token blocks), whose requests stay under ~70 tokens:
+# one prefill size and two block counts instead of the derived 2 and 6.
+DEMO_SWAP_GRID = dict(prefill_token_buckets=(64,), block_buckets=(16, 80))

@@ -17,6 +17,7 @@ from fastserve_jax.request import Request
 from fastserve_jax.runner.compile_guard import CompileCounter
 from fastserve_jax.runner.launch import LaunchBuilder
 from fastserve_jax.scheduler.base import ScheduledRequest
+from engine_grids import DEMO_SWAP_GRID
 from tiny_engine import ENGINE_KW, random_prompts
 
 
@@ -130,7 +131,7 @@ def test_demo_model_counts_exactly_under_async_scheduling_with_swapping():
     skip-join with MLFQ's demotions and a pool that holds a third of the live KV."""
     rng = np.random.default_rng(3)
     pairs = [demo_task.sample_pair(rng, 60) for _ in range(20)]
-    llm = LLM(None, warmup=False, max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64, block_size=8,
+    llm = LLM(None, warmup=False, **DEMO_SWAP_GRID, max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64, block_size=8,
               num_device_blocks=40, num_host_blocks=160, scheduler="skip-join-mlfq", protect_decodes=False,
               async_scheduling=True)
     outs = llm.generate([demo_task.make_prompt(a, b) for a, b in pairs],

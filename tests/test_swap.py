@@ -13,7 +13,7 @@ import pytest
 
 from fastserve_jax import LLM, SamplingParams
 from fastserve_jax.runner.compile_guard import CompileCounter
-from engine_grids import SMALL_GRID
+from engine_grids import DEMO_SWAP_GRID, SMALL_GRID
 from fastserve_jax.config import SchedulerConfig
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.kv_cache import KVLocation, KVManager
@@ -621,7 +621,7 @@ def test_demo_model_counts_correctly_while_swapped(policy):
     block-order bug breaks the count)."""
     pairs = [(3, 40), (120, 170), (7, 60), (500, 530), (250, 290), (0, 45), (610, 660), (88, 120)]
     prompts = [demo_task.make_prompt(a, b) for a, b in pairs]
-    llm = LLM(None, warmup=False, max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64, block_size=8,
+    llm = LLM(None, warmup=False, **DEMO_SWAP_GRID, max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64, block_size=8,
               num_device_blocks=40, num_host_blocks=120, swap_policy=policy, scheduler="mlfq")
     outs = llm.generate(prompts, SamplingParams(max_tokens=120, temperature=0))
     for (a, b), o in zip(pairs, outs):
@@ -645,7 +645,7 @@ def test_demo_model_counts_correctly_when_new_requests_drop_host_kv(monkeypatch,
     monkeypatch.setattr(SkipJoinMLFQScheduler, "drops_to_start", lambda self: True)
     rng = np.random.default_rng(0)
     pairs = [demo_task.sample_pair(rng, 60) for _ in range(24)]
-    llm = LLM(None, warmup=False, max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64, block_size=8,
+    llm = LLM(None, warmup=False, **DEMO_SWAP_GRID, max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64, block_size=8,
               num_device_blocks=18, num_host_blocks=120, swap_policy=swap_policy, scheduler="skip-join-mlfq",
               protect_decodes=False)           # MLFQ's demotions pause requests; evictions move them to the host
     outs = llm.generate([demo_task.make_prompt(a, b) for a, b in pairs],
