@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(demo_model_path(
 
 @pytest.fixture(scope="module")
 def demo_llm():
-    return LLM(max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=256)
+    return LLM(max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=256, decode_batch_buckets=(4, 16),
+               prefill_token_buckets=(64, 256), block_buckets=(8, 24, 88))
 
 
 SPAN = 255  # the shipped model is trained and checked on B - A <= 255 (models/demo/TRAINING.md)
