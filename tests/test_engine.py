@@ -215,14 +215,24 @@ def test_bad_input_is_rejected_and_engine_keeps_serving(llm, prompt, params, mat
     assert len(llm.generate([good], GREEDY)[0].token_ids) == GREEDY.max_tokens
 
 
-@pytest.mark.parametrize("policy", sorted(POLICIES))
-def test_every_policy_gives_identical_greedy_outputs(llm, policy):
-    """Only timing differs between policies: preemption between iterations keeps the KV."""
+@pytest.fixture(scope="module")
+def fcfs_outputs(llm):
+    """12 requests of mixed lengths and FCFS's greedy tokens for them, served once for the
+    policies below (the module's engine back on its default policy, a fresh one, after)."""
     prompts = random_prompts(12, 1, 150, seed=11)
     params = [SamplingParams(max_tokens=int(n), temperature=0, ignore_eos=True)
               for n in np.random.default_rng(12).integers(1, 40, len(prompts))]
     llm.engine.set_scheduler("fcfs")
-    want = [o.token_ids for o in llm.generate(prompts, params)]
+    try:
+        return prompts, params, [o.token_ids for o in llm.generate(prompts, params)]
+    finally:
+        llm.engine.set_scheduler("skip-join-mlfq")
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_every_policy_gives_identical_greedy_outputs(llm, fcfs_outputs, policy):
+    """Only timing differs between policies: preemption between iterations keeps the KV."""
+    prompts, params, want = fcfs_outputs
     llm.engine.set_scheduler(policy)
     try:
         assert [o.token_ids for o in llm.generate(prompts, params)] == want
