@@ -308,11 +308,10 @@ def host_block_bytes(model_cfg, cfg, layout=None) -> int:
     per_block = kv_block_bytes(model_cfg, cfg)
     if layout is None:
         return per_block
-    from fastserve_jax.sharding.host_copy import copies, host_copy_sharding
+    from fastserve_jax.sharding.host_copy import host_bytes
 
     shape = layout.cache_shape(1, cfg.block_size)
-    return per_block * sum(copies(host_copy_sharding(layout.cache_sharding(s, shape), shape))
-                           for s in range(layout.pp)) // layout.pp
+    return host_bytes(per_block, [layout.cache_sharding(s, shape) for s in range(layout.pp)], shape)
 
 
 def auto_num_host_blocks(model_cfg, cfg, num_device_blocks: int, layout=None, budget_bytes: int | None = None) -> int:

@@ -60,3 +60,10 @@ def host_copy_sharding(cache: NamedSharding, shape: Sequence[int]) -> NamedShard
             spec[dim] = axes[0] if len(axes) == 1 else axes
             return NamedSharding(cache.mesh, PartitionSpec(*spec), memory_kind=cache.memory_kind)
     return cache
+
+
+def host_bytes(block_bytes: int, caches: Sequence[NamedSharding], shape: Sequence[int]) -> int:
+    """Host memory one swapped block takes over every stage (`caches`: one cache sharding per
+    stage, `block_bytes`: the block's K and V once): the copies its host layout keeps, on average
+    over the stages, times that."""
+    return block_bytes * sum(copies(host_copy_sharding(c, shape)) for c in caches) // len(caches)

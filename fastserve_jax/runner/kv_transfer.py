@@ -53,7 +53,7 @@ from fastserve_jax.models.attention import KVCache
 from fastserve_jax.runner import export_cache
 from fastserve_jax.runner.compiler import CompileJob
 from fastserve_jax.runner.keys import SwapKey
-from fastserve_jax.sharding.host_copy import copies, host_copy_sharding
+from fastserve_jax.sharding.host_copy import host_bytes, host_copy_sharding
 
 
 def power_of_two_runs(n: int) -> list[int]:
@@ -158,7 +158,7 @@ class KVTransfer:
         self._host_sharding = ([r.with_memory_kind(self.memory_kind) for r in self._run_sharding]
                                if self.memory_kind else None)
         # host memory one swapped block takes, and bytes its copy moves, each way, over all devices
-        self.host_block_bytes = block_bytes * sum(map(copies, self._run_sharding)) // len(cache_shardings)
+        self.host_block_bytes = host_bytes(block_bytes, cache_shardings, cache_shape)
         platform = cache_shardings[0].mesh.devices.flat[0].platform
         # a swap whose per-device share is at most this many bytes takes the fused path (above)
         self.fused_max_bytes = fused_max_bytes(platform) if self.memory_kind else -1.0
