@@ -82,9 +82,9 @@ class LLMEngine:
         placed = self.layout.place_params(params)
         # the runner may free the stacked layer weights it splits unless the caller still holds them
         free = own_params or not any(a is b for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(placed)))
-        params = placed
-        param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-        num_blocks = device_pool_blocks(model_cfg, self.cfg, param_bytes, self.layout)
+        params = placed     # in the devices' bytes in use; the per-layer copies to come where the stacked stay:
+        pending = 0 if free else sum(x.nbytes for x in jax.tree.leaves(params.get("layers", {})))
+        num_blocks = device_pool_blocks(model_cfg, self.cfg, pending, self.layout)
         num_host = host_pool_blocks(model_cfg, self.cfg, num_blocks, self.layout)
         self.kv = KVManager(num_blocks, self.cfg.block_size, num_host)
         self.swap = SwapPolicy(self.cfg.swap_policy, self.kv, self.cfg.max_num_batched_tokens,

@@ -267,9 +267,11 @@ def _pool_shards(layout) -> int:
 
 def auto_num_blocks(model_cfg, cfg, param_bytes: int, layout, cpu_budget_bytes: int = 4 << 30) -> int:
     """Blocks that fit: on an accelerator, cfg.gpu_memory_utilization of one device's memory minus
-    its share of the weights and what is in use, over its share of a block (a block splits over
-    the pp stages and the tp_kv KV-head shards of the `ModelLayout`); on CPU, a fixed budget for
-    the whole pool, whatever the fraction. Never more than max_num_seqs full-length sequences need."""
+    what is in use (the placed weights among it) and its share of `param_bytes`, weights still to
+    be allocated (the runner's per-layer copies where the caller keeps the stacked ones), over
+    its share of a block (a block splits over the pp stages and the tp_kv KV-head shards of the
+    `ModelLayout`); on CPU, a fixed budget for the whole pool, whatever the fraction. Never more
+    than max_num_seqs full-length sequences need."""
     per_block = kv_block_bytes(model_cfg, cfg)
     stats = _accelerator_memory(layout)
     if stats:

@@ -187,7 +187,38 @@ def test_gpu_memory_utilization_sizes_the_device_pool_on_an_accelerator_only():
     assert blocks(0.5, "cpu")[0] == blocks(0.9, "cpu")[0] == (4 * gib) // per_block
     assert blocks(0.5, "gpu", num_device_blocks=100)[0] == 100
     assert auto_num_blocks(mcfg, EngineConfig(gpu_memory_utilization=0.2), gib, layout("gpu")) == 2   # never < 2
+    # placed weights are among the bytes in use: only those still to come are subtracted again
+    cfg = EngineConfig(max_num_seqs=1 << 20, dtype="float32", gpu_memory_utilization=0.5)
+    assert auto_num_blocks(mcfg, cfg, 0, layout("gpu")) == (5 * gib - gib) // per_block
 
+
+def test_the_engine_counts_the_weights_its_runner_still_copies_when_it_sizes_the_pool(monkeypatch, tmp_path):
+    """An engine that owns its weights splits the stacked layer leaves in place, so the weights
+    already in use are all it will hold: the auto-sized pool subtracts nothing more for them.
+    Where the caller keeps the stacked leaves, the runner's per-layer copies come on top of
+    them: their bytes are subtracted from the pool's share before it is allocated."""
+    import jax
+    import fastserve_jax.engine as engine_mod
+    from fastserve_jax.models.config import ModelConfig
+    from fastserve_jax.models.random_checkpoint import random_params, save_byte_tokenizer
+    from fastserve_jax.models.tokenizer import load_tokenizer
+    from fastserve_jax.sharding.layout import ModelLayout
+    from fastserve_jax.sharding.parallel_config import ParallelConfig
+
+    asked = []
+    real = engine_mod.device_pool_blocks
+    monkeypatch.setattr(engine_mod, "device_pool_blocks", lambda m, c, b, lay: asked.append(b) or real(m, c, b, lay))
+    mcfg = ModelConfig(arch="llama", vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+    save_byte_tokenizer(str(tmp_path), mcfg.vocab_size, None)
+    tok = load_tokenizer(str(tmp_path))
+    cfg = EngineConfig(max_num_seqs=2, max_num_batched_tokens=32, max_model_len=64, num_device_blocks=16)
+    layout = ModelLayout(mcfg, ParallelConfig(1, 1))
+    kept = layout.place_params(random_params(mcfg))                   # placed, and the caller keeps them
+    layer_bytes = sum(x.nbytes for x in jax.tree.leaves(kept["layers"]))
+    engine_mod.LLMEngine(mcfg, kept, tok, cfg, layout=layout)
+    engine_mod.LLMEngine(mcfg, layout.place_params(random_params(mcfg)), tok, cfg, layout=layout, own_params=True)
+    assert asked == [layer_bytes, 0] and layer_bytes > 0
 
 def test_swap_space_sizes_the_host_pool_in_gib_per_device_and_num_host_blocks_wins():
     """vLLM's swap_space: GiB of host memory per device (default 4) for swapped-out KV, counted
