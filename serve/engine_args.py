@@ -13,11 +13,21 @@ from fastserve_jax.serve.compat_flags import add_compat_flags
 
 # the options passed through to LLM(...) by name; --model and --scheduler are handled apart
 # (the model is LLM's first argument; bench gives each started server its own scheduler)
+# the shape lists every launch pads to (EngineConfig's; unset: derived from the limits)
+BUCKET_OPTIONS = ("decode_batch_buckets", "prefill_token_buckets", "block_buckets")
 ENGINE_OPTIONS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                   "gpu_memory_utilization", "num_device_blocks", "num_host_blocks", "swap_space", "swap_policy", "cost_model", "seed",
                   "tensor_parallel_size", "pipeline_parallel_size", "batches_in_flight", "warmup",
                   "attention_backend", "tail_slowdown", "starvation_threshold", "prompt_neighbors",
-                  "generation_config", "tokenizer")
+                  "generation_config", "tokenizer", *BUCKET_OPTIONS)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """A comma-separated list of integers (a flag's value; a list of words would take a prompt after it)."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 1,4,16)") from None
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -88,6 +98,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(Triton on GPU, Mosaic on TPU; interpret mode on CPU, slow, for tests); reference = the "
                         "portable jnp gather; auto (default) = pallas on GPU and TPU (per head shard under tensor "
                         "parallelism), reference elsewhere")
+    g = p.add_argument_group("compiled shapes (each a strictly increasing, comma-separated list that reaches its "
+                             "limit; default: derived from the limits, docs/performance.md)")
+    g.add_argument("--decode-batch-buckets", type=_int_list, default=None, metavar="N,N,...",
+                   help="sequence counts a decode launch pads to; the largest must reach --max-num-seqs (default: "
+                        "powers of two)")
+    g.add_argument("--prefill-token-buckets", type=_int_list, default=None, metavar="N,N,...",
+                   help="token counts a packed prefill launch pads to; the largest must reach "
+                        "--max-num-batched-tokens (default: powers of two from 32)")
+    g.add_argument("--block-buckets", type=_int_list, default=None, metavar="N,N,...",
+                   help="KV blocks one launch row gathers; the largest must reach a sequence's blocks plus the "
+                        "token budget's (default: powers of two from 4). Fewer shapes compile faster (a full "
+                        "warm-up compiles each); coarser ones pad more work into each launch")
     g = p.add_argument_group("parallelism (devices used: tensor x pipeline parallel size)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split attention heads, MLP units and the vocabulary over this many devices (default 1)")
@@ -115,8 +137,9 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
     given: each command has its own default)."""
     kw = dict({k: getattr(a, k) for k in ENGINE_OPTIONS}, scheduler=a.scheduler, protect_decodes=a.protect_decodes,
               async_scheduling=a.async_scheduling)
-    if kw["warmup"] is None:
-        del kw["warmup"]
+    for k in ("warmup", *BUCKET_OPTIONS):
+        if kw[k] is None:
+            del kw[k]
     return kw
 
 
@@ -127,7 +150,7 @@ def engine_argv(a: argparse.Namespace) -> list[str]:
     for flag in ("model", *ENGINE_OPTIONS):
         v = getattr(a, flag)
         if v is not None:
-            argv += [f"--{flag.replace('_', '-')}", str(v)]
+            argv += [f"--{flag.replace('_', '-')}", ",".join(map(str, v)) if flag in BUCKET_OPTIONS else str(v)]
     if not a.protect_decodes:
         argv.append("--no-protect-decodes")
     if a.async_scheduling is not None:

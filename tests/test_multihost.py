@@ -56,7 +56,8 @@ def test_two_processes_serve_a_request_end_to_end(tmp_path, backend, tp, pp, war
     common = ["-m", "fastserve_jax", "serve", "--port", str(http), "--coordinator-address", f"127.0.0.1:{coord}",
               "--num-processes", "2", "-tp", str(tp), "-pp", str(pp), "--scheduler", "fcfs", "--max-num-seqs", "4",
               "--max-num-batched-tokens", "32", "--max-model-len", "128", "--num-device-blocks", "9", "--block-size", "8",
-              "--warmup", warmup, "--log-level", "info", "--attention-backend", backend]
+              "--warmup", warmup, "--log-level", "info", "--attention-backend", backend,
+              "--decode-batch-buckets", "2,4", "--block-buckets", "8,28"]    # 2 x 2 decode shapes, not 3 x 4
     env = dict(os.environ, FASTSERVE_LOCAL_DEVICE_COUNT=str(tp * pp // 2), PYTHONPATH=ROOT)
     # the parent's virtual device count must not reach the children; its optimisation level may
     env["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)

@@ -74,6 +74,20 @@ def test_tokenizer_and_vllms_block_count_name_are_engine_options():
         assert kw["tokenizer"] == "/tok" and kw["num_device_blocks"] == 64
 
 
+def test_bucket_lists_are_engine_options_passed_on_whole(capsys):
+    """The compiled shapes (EngineConfig's bucket lists) from the command line: LLM gets tuples,
+    a started server the same lists, and left out they stay the engine's to derive."""
+    a = parse_engine_args(["--decode-batch-buckets", "2,8", "--prefill-token-buckets", "64",
+                           "--block-buckets", "16,80"])
+    for kw in (engine_kwargs(a), engine_kwargs(parse_engine_args(engine_argv(a)))):
+        assert (kw["decode_batch_buckets"], kw["prefill_token_buckets"], kw["block_buckets"]) == ((2, 8), (64,), (16, 80))
+    kw = engine_kwargs(parse_engine_args([]))
+    assert not {"decode_batch_buckets", "prefill_token_buckets", "block_buckets"} & set(kw)
+    with pytest.raises(SystemExit):
+        parse_engine_args(["--block-buckets", "4,x"])
+    assert "'4,x' is not a comma-separated list of integers" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, says", [
     (["--enable-prefix-caching"], "--enable-prefix-caching: prefix caching is not implemented"),
     (["--quantization", "awq"], "--quantization awq: quantized weights are not implemented"),
