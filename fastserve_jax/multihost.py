@@ -51,12 +51,20 @@ _SAMPLE = 1 << 20
 def deployment_settings(model: str | None, engine_kwargs: dict) -> dict:
     """What every process of a deployment must share (PlanChannel.serve/connect compare it
     before anything loads): the engine options that shape the programs, and per model file
-    its size and a digest of its first and last MiB (the model path may differ between hosts;
-    reading whole weight files would take minutes; the ends tell two checkpoints apart)."""
+    (and per file of a --tokenizer directory) its size and a digest of its first and last MiB
+    (the paths may differ between hosts; reading whole weight files would take minutes; the
+    ends tell two checkpoints apart)."""
     from fastserve_jax.models import demo_model_path
 
-    out = {k: v for k, v in sorted(engine_kwargs.items()) if k not in LEADER_ONLY}
-    path = model if model is not None else demo_model_path()
+    out = {k: v for k, v in sorted(engine_kwargs.items()) if k not in LEADER_ONLY and k != "tokenizer"}
+    out.update(_file_digests("model", model if model is not None else demo_model_path()))
+    if engine_kwargs.get("tokenizer") is not None:
+        out.update(_file_digests("tokenizer", engine_kwargs["tokenizer"]))
+    return out
+
+
+def _file_digests(what: str, path: str) -> dict:
+    out = {}
     for name in sorted(os.listdir(path)) if os.path.isdir(path) else []:
         full = os.path.join(path, name)
         if name.endswith(MODEL_FILES) and os.path.isfile(full):
@@ -66,7 +74,7 @@ def deployment_settings(model: str | None, engine_kwargs: dict) -> dict:
                 if size > _SAMPLE:
                     f.seek(max(_SAMPLE, size - _SAMPLE))
                     h.update(f.read())
-            out[f"model file {name}"] = f"{size} bytes, {h.hexdigest()[:16]}"
+            out[f"{what} file {name}"] = f"{size} bytes, {h.hexdigest()[:16]}"
     return out
 
 

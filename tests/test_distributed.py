@@ -398,6 +398,12 @@ def test_deployment_settings_tell_models_and_program_flags_apart(tiny_checkpoint
     assert "tensor_parallel_size" in settings_differ(deployment_settings(a, kw),
                                                      deployment_settings(a, dict(kw, tensor_parallel_size=4)))
     assert deployment_settings(None, kw)["model file config.json"]              # the demo model
+    # a --tokenizer directory: by its files, not its path, as the model's
+    assert settings_differ(deployment_settings(a, dict(kw, tokenizer=str(copy))),
+                           deployment_settings(a, dict(kw, tokenizer=a))) == ""
+    (copy / "tokenizer.json").write_text("{}")
+    assert "tokenizer file tokenizer.json" in settings_differ(deployment_settings(a, dict(kw, tokenizer=str(copy))),
+                                                              deployment_settings(a, dict(kw, tokenizer=a)))
 
 
 def test_a_worker_dies_on_sigterm_despite_jax_preemption_notifier():
