@@ -53,7 +53,10 @@ def validate_request(prompt: str | list[int], params: SamplingParams, tokenizer,
     bad_bias = sorted(t for t in bias if t >= vocab_size)
     if bad_bias:
         raise ValueError(f"logit_bias token ids must be < vocab size {vocab_size}, got {bad_bias[:5]}")
-    if params.min_tokens:
+    bad_allowed = [t for t in params.allowed_token_ids or () if t >= vocab_size]
+    if bad_allowed:
+        raise ValueError(f"allowed_token_ids must be < vocab size {vocab_size}, got {bad_allowed[:5]}")
+    if params.min_tokens and params.allowed_token_ids is None:     # allowed tokens are all a row's slots hold
         biased = bias_tokens(bias, params.stop_token_ids, () if params.ignore_eos else eos_ids)
         if len(biased) > BIAS_SLOTS:
             raise ValueError(f"with min_tokens, logit_bias and stop_token_ids (and EOS) may name at most {BIAS_SLOTS} "
@@ -68,8 +71,8 @@ def check_bad_words(params: SamplingParams, tokenizer, vocab_size: int,
     not tokenize, or where their bans at some step could overflow the sampler's BIAS_SLOTS
     together with logit_bias and min_tokens' bans (the worst step counted, never truncated)."""
     bw = bad_words_of(params.bad_words, tokenizer, vocab_size)
-    if bw is None:
-        return None
+    if bw is None or params.allowed_token_ids is not None:     # then the slots hold the allowed tokens only
+        return bw
     biased = set(params.logit_bias or ())
     if params.min_tokens:
         biased = bias_tokens(biased, params.stop_token_ids, () if params.ignore_eos else eos_ids)

@@ -63,6 +63,7 @@ class Penalties(NamedTuple):
     history: jax.Array      # (N, H) int32 token ids: prompt's distinct ones, then output; -1 = padding
     bias_ids: jax.Array     # (N, B) int32 token ids, -1 = padding
     bias: jax.Array         # (N, B) float32 added to those tokens' logits (-inf: banned)
+    exclusive: jax.Array    # (N,) bool: the row may sample only its bias_ids (allowed_token_ids)
 
 
 class Sampled(NamedTuple):
@@ -79,7 +80,8 @@ def _sample_random(logits: jax.Array, s: SamplingArrays) -> jax.Array:
 
 
 def apply_penalties(logits: jax.Array, p: Penalties) -> jax.Array:
-    """vLLM's order: x = logits[i, t] + bias_i(t); where t is in row i's history (prompt or
+    """vLLM's order: x = logits[i, t] + bias_i(t) (-inf for a t outside an exclusive row's
+    biased tokens: allowed_token_ids); where t is in row i's history (prompt or
     output) a positive x is divided by repetition[i] and any other multiplied by it; then
     x -= frequency[i] * count_i(t) + presence[i] * (count_i(t) > 0), where count_i(t) is how
     often t occurs in row i's output.
@@ -102,9 +104,10 @@ def apply_penalties(logits: jax.Array, p: Penalties) -> jax.Array:
     seen = total > 0
     biased = p.bias_ids >= 0                                        # (N, B)
     brows = jnp.broadcast_to(jnp.arange(n)[:, None], p.bias_ids.shape)
-    bias = jnp.zeros((n, v), jnp.float32).at[brows, jnp.where(biased, p.bias_ids, 0)].add(
-        jnp.where(biased, p.bias, 0.0))                             # (N, V)
-    x = logits + bias
+    at = (brows, jnp.where(biased, p.bias_ids, 0))
+    bias = jnp.zeros((n, v), jnp.float32).at[at].add(jnp.where(biased, p.bias, 0.0))          # (N, V)
+    slot = jnp.zeros((n, v), jnp.float32).at[at].add(biased.astype(jnp.float32)) > 0          # (N, V)
+    x = jnp.where(p.exclusive[:, None] & ~slot, -jnp.inf, logits + bias)
     rep = p.repetition[:, None]
     x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
     return x - p.frequency[:, None] * counts - p.presence[:, None] * (counts > 0)

@@ -67,6 +67,10 @@ class SamplingParams:
     bad_words (vLLM's): words the output may not contain; the engine tokenizes each (with and
     without a leading space) and bans the last token of a word once the output ends with its
     other tokens (fastserve_jax/bad_words.py); an empty list is None.
+    allowed_token_ids (vLLM's): the only tokens the output may hold (every other token's logit
+    is -inf before sampling; at most BIAS_SLOTS of them, as they take the sampler's logit-bias
+    slots; logit_bias, min_tokens and bad_words still act on them; logprobs stay the raw
+    model's); an empty list is refused, None allows every token.
     """
 
     max_tokens: int = 16
@@ -90,6 +94,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "n"):
@@ -152,6 +157,17 @@ class SamplingParams:
         if not all(w.strip() for w in words):
             raise ValueError(f"bad_words entries must hold a character other than whitespace, got {self.bad_words!r}")
         object.__setattr__(self, "bad_words", list(words) or None)
+        allowed = self.allowed_token_ids
+        if allowed is not None:
+            if not isinstance(allowed, (list, tuple)) or not allowed or not all(
+                    isinstance(t, Integral) and not isinstance(t, bool) and t >= 0 for t in allowed):
+                raise ValueError(f"allowed_token_ids must be a non-empty list of non-negative token ids (None allows "
+                                 f"every token), got {allowed!r}")
+            allowed = sorted({int(t) for t in allowed})
+            if len(allowed) > BIAS_SLOTS:
+                raise ValueError(f"allowed_token_ids may name at most {BIAS_SLOTS} distinct tokens (the sampler's "
+                                 f"logit-bias slots), got {len(allowed)}")
+            object.__setattr__(self, "allowed_token_ids", allowed)
 
     @property
     def greedy(self) -> bool:
@@ -161,4 +177,5 @@ class SamplingParams:
     def penalized(self) -> bool:
         """The sampler's penalties variant runs for it (sampling.Penalties)."""
         return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1 or
-                self.logit_bias is not None or self.min_tokens > 0 or self.bad_words is not None)
+                self.logit_bias is not None or self.min_tokens > 0 or self.bad_words is not None or
+                self.allowed_token_ids is not None)

@@ -5,6 +5,8 @@ the server, async scheduling on) and, against the synchronous engine, in the slo
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -137,3 +139,29 @@ def test_async_scheduling_bans_exactly_what_the_synchronous_engine_does():
     for ids, sp in zip(runs[True], params):
         for seq in tokenize_bad_words(sp.bad_words, tok):
             assert not any(tuple(ids[i:i + len(seq)]) == seq for i in range(len(ids))), (sp.bad_words, ids)
+
+
+def test_allowed_token_ids_take_the_slots_and_mark_the_row_exclusive():
+    """vLLM's allowed_token_ids ride in the same slots: exactly the allowed tokens, each with its
+    logit_bias or ban, and the row marked exclusive (the sampler masks every other token), so
+    logit_bias entries and bans outside them take no slot and cannot overflow."""
+    sp = SamplingParams(allowed_token_ids=[5, 3, 3, 9], logit_bias={3: 5.0, 8: -2.0}, bad_words=["x"])
+    assert sp.allowed_token_ids == [3, 5, 9] and sp.penalized
+    r = _req([9, 9], [1, 2], sp, BadWords.of([(5,), (2, 8)]))
+    assert _row_bias(r) == {3: 5.0, 5: -np.inf, 9: 0.0}            # 8's ban and bias: masked anyway
+    assert penalty_arrays([None, r, _req([1], [], SamplingParams(logit_bias={1: 1.0}), None)], 32).exclusive.tolist() \
+        == [False, True, False]
+    tok, singles = CharTokenizer(), [chr(1000 + i) for i in range(BIAS_SLOTS - 300 + 1)]
+    sp = SamplingParams(bad_words=singles, logit_bias={i: 1.0 for i in range(300)})
+    with pytest.raises(ValueError, match="makes 321"):
+        check_bad_words(sp, tok, 2000)
+    check_bad_words(dataclasses.replace(sp, allowed_token_ids=[1]), tok, 2000)    # the slots hold [1] only
+
+
+@pytest.mark.parametrize("ids,message", [
+    ([], "non-empty list"), ([1, -1], "non-empty list"), ([True], "non-empty list"), ("12", "non-empty list"),
+    (list(range(BIAS_SLOTS + 1)), f"at most {BIAS_SLOTS} distinct tokens")])
+def test_sampling_params_check_allowed_token_ids(ids, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(allowed_token_ids=ids)
+    assert SamplingParams(allowed_token_ids=[0] * (BIAS_SLOTS + 1)).allowed_token_ids == [0]     # distinct ones count

@@ -23,16 +23,18 @@ def _arrays(n, min_p=0.0):
                           jnp.full(n, min_p, jnp.float32), jnp.zeros(n, jnp.uint32), jnp.zeros(n, jnp.int32))
 
 
-def _pen(presence, frequency, history, bias: list[dict] | None = None, repetition=None, out_start=None) -> Penalties:
+def _pen(presence, frequency, history, bias: list[dict] | None = None, repetition=None, out_start=None,
+         exclusive=None) -> Penalties:
     """Penalties from lists; `bias`: per row {token: bias}, padded to 3 slots with -1;
-    repetition 1 and out_start 0 (no prompt tokens in the history) unless given."""
+    repetition 1, out_start 0 (no prompt tokens in the history) and no exclusive rows unless given."""
     n = len(presence)
     ids, vals = np.full((n, 3), -1, np.int32), np.zeros((n, 3), np.float32)
     for i, row in enumerate(bias or []):
         ids[i, :len(row)], vals[i, :len(row)] = list(row), list(row.values())
     return Penalties(jnp.asarray(presence, jnp.float32), jnp.asarray(frequency, jnp.float32),
                      jnp.asarray(repetition or [1.0] * n, jnp.float32), jnp.asarray(out_start or [0] * n, jnp.int32),
-                     jnp.asarray(history, jnp.int32), jnp.asarray(ids), jnp.asarray(vals))
+                     jnp.asarray(history, jnp.int32), jnp.asarray(ids), jnp.asarray(vals),
+                     jnp.asarray(exclusive or [False] * n))
 
 
 def test_penalties_on_literal_arrays():
@@ -45,6 +47,13 @@ def test_penalties_on_literal_arrays():
     pen = _pen([0.5, 0.0], [1.0, 0.0], [[3, 3, 1, -1, -1], [-1] * 5], [{0: 2.5, 3: -np.inf}, {1: -1.0, 2: 100.0}])
     got = np.asarray(apply_penalties(logits, pen))
     np.testing.assert_allclose(got, [[3.5, 0.5, 3.0, -np.inf], [1.0, 1.0, 103.0, 4.0]])
+    # an exclusive row (allowed_token_ids) keeps only its slots' tokens, with their biases, token 0 too
+    # (the padding slots' scatter index); the other row is untouched
+    pen = _pen([0.0, 0.0], [0.0, 0.0], [[-1] * 5, [-1] * 5], [{0: 0.0, 2: 1.0}, {1: -1.0}], exclusive=[True, False])
+    got = np.asarray(apply_penalties(logits, pen))
+    np.testing.assert_allclose(got, [[1.0, -np.inf, 4.0, -np.inf], [1.0, 1.0, 3.0, 4.0]])
+    pen = _pen([0.0], [0.0], [[-1] * 5], [{3: 0.0}], exclusive=[True])     # slot 0 padding: token 0 not allowed
+    np.testing.assert_allclose(np.asarray(apply_penalties(logits[:1], pen)), [[-np.inf, -np.inf, -np.inf, 4.0]])
 
 
 _jsample = jax.jit(sample, static_argnames=("greedy", "with_logprobs"))   # op by op it took seconds

@@ -92,7 +92,7 @@ def draw(logits, temp=1.0, top_k=-1, top_p=1.0, hist=(), presence=0.0, frequency
         vals[:, :len(bias or {})] = list((bias or {}).values())
         pen = Penalties(jnp.full(n, presence, jnp.float32), jnp.full(n, frequency, jnp.float32),
                         jnp.full(n, repetition, jnp.float32), jnp.full(n, len(seen), jnp.int32), jnp.asarray(h),
-                        jnp.asarray(ids), jnp.asarray(vals))
+                        jnp.asarray(ids), jnp.asarray(vals), jnp.zeros(n, bool))
     return _sampler(candidates)(rows, s, pen, greedy=False, with_logprobs=with_logprobs)
 
 

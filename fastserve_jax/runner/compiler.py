@@ -161,7 +161,7 @@ class Compiler:
             args += (Penalties(arg((n,), jnp.float32, 0), arg((n,), jnp.float32, 0), arg((n,), jnp.float32, 1),
                                arg((n,), jnp.int32, 0), arg((n, self.max_model_len), jnp.int32, -1),
                                arg((n, BIAS_SLOTS), jnp.int32, -1),
-                               arg((n, BIAS_SLOTS), jnp.float32, 0)),)
+                               arg((n, BIAS_SLOTS), jnp.float32, 0), arg((n,), jnp.bool_, False)),)
         return args
 
     def sampler_job(self, key: SamplerKey) -> CompileJob:

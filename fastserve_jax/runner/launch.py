@@ -111,7 +111,8 @@ def penalty_arrays(rows: list[Request | None], max_model_len: int) -> Penalties:
     them; prompt and output together never exceed max_model_len); and logit biases,
     (N, BIAS_SLOTS) padded with -1: a row's logit_bias, while fewer than its min_tokens are
     out (pending ones too) -inf on its EOS and stop token ids, and -inf on what its bad words
-    ban (`bad_word_bans`). Rows without any keep an empty history and no biases."""
+    ban (`bad_word_bans`); with allowed_token_ids, exactly those tokens (with their biases) and
+    the row marked exclusive. Rows without any keep an empty history and no biases."""
     n = len(rows)
     presence = np.zeros(n, np.float32)
     frequency = np.zeros(n, np.float32)
@@ -120,6 +121,7 @@ def penalty_arrays(rows: list[Request | None], max_model_len: int) -> Penalties:
     history = np.full((n, max_model_len), -1, np.int32)
     bias_ids = np.full((n, BIAS_SLOTS), -1, np.int32)
     bias = np.zeros((n, BIAS_SLOTS), np.float32)
+    exclusive = np.zeros(n, np.bool_)
     for i, r in enumerate(rows):
         if r is None or not r.sampling.penalized:
             continue
@@ -132,10 +134,12 @@ def penalty_arrays(rows: list[Request | None], max_model_len: int) -> Penalties:
             row.update(dict.fromkeys(banned_until_min_tokens(r), -np.inf))
         if r.bad_words is not None:
             row.update(dict.fromkeys(bad_word_bans(r), -np.inf))
+        if sp.allowed_token_ids is not None:     # the slots hold the allowed tokens, biased or not, and no others
+            row, exclusive[i] = {t: row.get(t, 0.0) for t in sp.allowed_token_ids}, True
         if row:
             bias_ids[i, :len(row)] = list(row)
             bias[i, :len(row)] = list(row.values())
-    return Penalties(presence, frequency, repetition, out_start, history, bias_ids, bias)
+    return Penalties(presence, frequency, repetition, out_start, history, bias_ids, bias, exclusive)
 
 
 def banned_until_min_tokens(r: Request) -> set[int]:
