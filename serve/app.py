@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import importlib.metadata
 import logging
@@ -53,6 +54,7 @@ from fastserve_jax.serve.openai_format import Formatter
 from fastserve_jax.serve.prepare import prepare
 from fastserve_jax.serve.json_body import parse_body
 from fastserve_jax.serve.protocol import parse_chat, parse_completion
+from fastserve_jax.serve.protocol_extras import header_request_id
 from fastserve_jax.serve.stats_log import STATS_INTERVAL_S, log_stats
 from fastserve_jax.serve.streaming import EventStream, collect
 from fastserve_jax.serve.tokenize import detokenize as detokenize_ids, parse_detokenize, parse_tokenize
@@ -86,6 +88,7 @@ class ServerConfig:
     log_stats: bool = True              # the periodic stats line (serve/stats_log.py)
     stats_interval: float = STATS_INTERVAL_S
     max_logprobs: int = MAX_LOGPROBS    # the most logprobs a request may ask (--max-logprobs)
+    request_id_headers: bool = False    # X-Request-Id on every response (--enable-request-id-headers)
 
 
 class Server:
@@ -199,6 +202,8 @@ async def _generate(request: Request, chat: bool) -> Response | EventStream:
     srv.check_auth(request)
     body = parse_body(await _read_body(request, srv.cfg.max_body_bytes))
     job = parse_chat(body, srv.cfg.max_logprobs) if chat else parse_completion(body, srv.cfg.max_logprobs)
+    if (rid := header_request_id(request.headers.get("x-request-id"))) is not None:
+        job = dataclasses.replace(job, request_id=rid)              # vLLM's: the header names the response
     srv.check_model(job.model)
     srv.check_serving()
     if job.ignored:      # as vLLM does with the fields it does not read

@@ -1,9 +1,11 @@
 """What wraps the app's routes, as vLLM's server has it: CORS (Starlette's middleware, with
 --allowed-origins and the rest; vLLM's defaults allow any origin) and --root-path (the prefix
 a reverse proxy serves the server under, set as the ASGI root_path the way FastAPI's root_path
-sets it: a request is routed with or without the prefix)."""
+sets it: a request is routed with or without the prefix), and --enable-request-id-headers."""
 
 from __future__ import annotations
+
+import uuid
 
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -22,10 +24,31 @@ class RootPath:
         await self.app(scope, receive, send)
 
 
+class RequestIdHeader:
+    """--enable-request-id-headers (vLLM's): every HTTP response carries X-Request-Id, the
+    request's own or a new one; streamed responses too (the header goes out with the start)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = dict(scope["headers"]).get(b"x-request-id") or uuid.uuid4().hex.encode()
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                message = dict(message, headers=[*message.get("headers", []), (b"x-request-id", rid)])
+            await send(message)
+        await self.app(scope, receive, send_with_id)
+
+
 def middleware(cfg) -> list[Middleware]:
-    """For app.ServerConfig `cfg` (its cors_* fields and root_path)."""
+    """For app.ServerConfig `cfg` (its cors_* fields, root_path and request_id_headers)."""
     out = [Middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=list(cfg.cors_methods),
                       allow_headers=list(cfg.cors_headers), allow_credentials=cfg.cors_credentials)]
     if cfg.root_path:
         out.append(Middleware(RootPath, root_path=cfg.root_path))
+    if cfg.request_id_headers:
+        out.append(Middleware(RequestIdHeader))
     return out

@@ -47,7 +47,8 @@ def _params(job: Job, max_tokens: int, seed: int | None, defaults: dict,
                               skip_special_tokens=job.skip_special_tokens,
                               spaces_between_special_tokens=job.spaces_between_special_tokens,
                               include_stop_str_in_output=job.include_stop_str_in_output,
-                              bad_words=list(job.bad_words) if job.bad_words else None)
+                              bad_words=list(job.bad_words) if job.bad_words else None,
+                              allowed_token_ids=list(job.allowed_token_ids) if job.allowed_token_ids else None)
     except ValueError as e:
         raise bad_request(str(e))
 
@@ -89,12 +90,13 @@ def _prompt_ids(job: Job, prompt, eng: "LLMEngine | EngineInfo", chat_template: 
 def _check_token_ids(job: Job, eng: "LLMEngine | EngineInfo") -> None:
     """Here rather than in the engine's own check, so the 400 names the field."""
     vocab = eng.vocab_size if isinstance(eng, EngineInfo) else eng.model_cfg.vocab_size
-    for name, ids in (("stop_token_ids", job.stop_token_ids), ("logit_bias", sorted(job.logit_bias or ()))):
+    for name, ids in (("stop_token_ids", job.stop_token_ids), ("logit_bias", sorted(job.logit_bias or ())),
+                      ("allowed_token_ids", sorted(set(job.allowed_token_ids or ())))):
         bad = [t for t in ids if t >= vocab]
         if bad:
             raise bad_request(f"'{name}' must name token ids in [0, {vocab}) (this model's vocabulary), got "
                               f"{bad[:5]}", name)
-    if job.min_tokens:
+    if job.min_tokens and job.allowed_token_ids is None:       # allowed tokens are all a row's slots hold
         biased = bias_tokens(job.logit_bias, job.stop_token_ids, () if job.ignore_eos else eng.eos_ids)
         if len(biased) > BIAS_SLOTS:
             raise bad_request(f"with 'min_tokens', 'logit_bias' and 'stop_token_ids' (and EOS) may name at most "

@@ -121,6 +121,7 @@ class Job:
     prompt_logprobs: int | None = None
     request_id: str | None = None               # the response id's suffix
     bad_words: tuple[str, ...] | None = None    # SamplingParams.bad_words
+    allowed_token_ids: tuple[int, ...] | None = None   # SamplingParams.allowed_token_ids
     ignored: tuple[str, ...] = ()               # fields accepted and ignored (store, metadata, service_tier)
 
 

@@ -9,9 +9,13 @@ serve/protocol.py into the Job):
 - `prompt_logprobs` (0 to --max-logprobs; not with "stream": true unless 0, as in vLLM): each
   choice's `prompt_logprobs` (completions) or the response's (chat): null for the first prompt
   token, then per token {token id: {logprob, rank, decoded_token}} (serve/openai_format.py);
-- `request_id` (a string): the response's id is "cmpl-" / "chatcmpl-" and it (vLLM's);
+- `request_id` (a string): the response's id is "cmpl-" / "chatcmpl-" and it (vLLM's); an
+  X-Request-Id header wins over it, as in vLLM (`header_request_id`);
 - `bad_words` (an array of strings, each with a character other than whitespace; null or []:
   none): SamplingParams.bad_words, tokenized and checked against the sampler's bias slots in
+  serve/prepare.py;
+- `allowed_token_ids` (a non-empty array of token ids, at most BIAS_SLOTS distinct; null: every
+  token): SamplingParams.allowed_token_ids, its ids checked against the vocabulary in
   serve/prepare.py;
 - OpenAI's `store`, `metadata` and `service_tier`: type-checked and ignored (vLLM ignores them,
   with a warning in its log, as we do).
@@ -19,11 +23,12 @@ serve/protocol.py into the Job):
 
 from __future__ import annotations
 
+from fastserve_jax.sampling_params import BIAS_SLOTS
 from fastserve_jax.serve.errors import bad_request
 from fastserve_jax.serve.json_body import bool_field, int_field, str_field, typename
 
 FIELDS = frozenset({"truncate_prompt_tokens", "add_special_tokens", "prompt_logprobs", "request_id", "store",
-                    "metadata", "service_tier", "bad_words"})
+                    "metadata", "service_tier", "bad_words", "allowed_token_ids"})
 IGNORED = ("store", "metadata", "service_tier")
 MAX_REQUEST_ID = 256      # characters; it is written into every response and log line
 
@@ -54,7 +59,29 @@ def parse_extras(body: dict, stream: bool, max_logprobs: int) -> dict:
     str_field(body, "service_tier")
     return dict(truncate_prompt_tokens=truncate, add_special_tokens=bool_field(body, "add_special_tokens", None),
                 prompt_logprobs=prompt_logprobs, request_id=request_id, bad_words=_bad_words(body),
+                allowed_token_ids=_allowed_token_ids(body),
                 ignored=tuple(k for k in IGNORED if body.get(k) is not None))
+
+
+def header_request_id(value: str | None) -> str | None:
+    """The X-Request-Id header's value (None: no header), checked as the request_id field is."""
+    if value is not None and not (0 < len(value) <= MAX_REQUEST_ID and value.isprintable()):
+        raise bad_request(f"the X-Request-Id header must be 1 to {MAX_REQUEST_ID} printable characters")
+    return value
+
+
+def _allowed_token_ids(body: dict) -> tuple[int, ...] | None:
+    ids = body.get("allowed_token_ids")
+    if ids is None:
+        return None
+    if not (isinstance(ids, list) and ids and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                   for t in ids)):
+        raise bad_request("'allowed_token_ids' must be a non-empty array of token ids (integers >= 0), or null",
+                          "allowed_token_ids")
+    if len(set(ids)) > BIAS_SLOTS:
+        raise bad_request(f"'allowed_token_ids' may name at most {BIAS_SLOTS} distinct tokens, got {len(set(ids))}",
+                          "allowed_token_ids")
+    return tuple(ids)
 
 
 def _bad_words(body: dict) -> tuple[str, ...] | None:

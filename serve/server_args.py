@@ -55,6 +55,10 @@ def add_server_args(g) -> None:
     g.add_argument("--disable-log-stats", action="store_true",
                    help="no periodic stats line (every 10 s while requests are served: prompt and generation "
                         "throughput, requests running, waiting, paused and swapped, KV pools' usage)")
+    g.add_argument("--enable-request-id-headers", action="store_true",
+                   help="every response carries an X-Request-Id header: the request's own, else a new one (vLLM's). "
+                        "A completion's id is cmpl-<X-Request-Id> (chatcmpl- for chat) whenever the request has "
+                        "one, with or without this flag")
     g.add_argument("--max-logprobs", type=int, default=MAX_LOGPROBS,
                    help=f"the most logprobs (and top_logprobs, prompt_logprobs) a request may ask, at most "
                         f"{MAX_LOGPROBS}: the sampler computes that many (default %(default)s)")
@@ -78,7 +82,8 @@ def server_settings(a: argparse.Namespace) -> dict:
     return dict(root_path=a.root_path or "", cors_origins=tuple(a.allowed_origins),
                 cors_methods=tuple(a.allowed_methods), cors_headers=tuple(a.allowed_headers),
                 cors_credentials=a.allow_credentials, log_requests=a.enable_log_requests,
-                log_stats=not a.disable_log_stats, max_logprobs=a.max_logprobs)
+                log_stats=not a.disable_log_stats, max_logprobs=a.max_logprobs,
+                request_id_headers=a.enable_request_id_headers)
 
 
 def uvicorn_settings(a: argparse.Namespace) -> dict:

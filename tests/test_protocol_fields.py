@@ -111,7 +111,9 @@ REJECTED = [
     ({"store": "yes"}, "store", "true or false"),
     ({"metadata": {"k": 1}}, "metadata", "an object of strings"),
     ({"service_tier": 1}, "service_tier", "must be a string"),
-    ({"allowed_token_ids": [1]}, "allowed_token_ids", "unknown or unsupported field(s) ['allowed_token_ids']"),
+    ({"allowed_token_ids": []}, "allowed_token_ids", "must be a non-empty array of token ids"),
+    ({"allowed_token_ids": [1, "2"]}, "allowed_token_ids", "must be a non-empty array of token ids"),
+    ({"allowed_token_ids": list(range(321))}, "allowed_token_ids", "at most 320 distinct tokens"),
     ({"bad_words": "x"}, "bad_words", "must be an array of strings"),
     ({"bad_words": ["x", 7]}, "bad_words", "must be an array of strings"),
     ({"bad_words": ["x", " "]}, "bad_words", "a character other than whitespace"),
@@ -257,6 +259,31 @@ def test_bad_words(live):
     status, err = _post(live, "/v1/completions", dict(body, bad_words=[str(d) for d in range(10)] + ["x"],
                                                       logit_bias={str(t): 1 for t in range(400, 700)}))
     assert status == 400 and err["error"]["param"] == "bad_words" and "at most 320" in err["error"]["message"], err
+
+
+def test_allowed_token_ids(live):
+    """vLLM's allowed_token_ids: every other token is out, greedy and sampled, on both endpoints;
+    logit_bias still acts among the allowed ones; an id past the vocabulary is a 400."""
+    tok = live.state.engine.engine.tokenizer
+    [three], [five] = (tok.encode(t, add_special_tokens=False) for t in (" 3", " 5"))
+    body = {"prompt": demo_task.make_prompt(3, 12), "max_tokens": 12, "ignore_eos": True,
+            "allowed_token_ids": [three, five], "logprobs": 1}
+    for extra in ({"temperature": 0}, {"temperature": 1.0, "seed": 7}, {"temperature": 0, "logit_bias": {str(five): 100}}):
+        status, out = _post(live, "/v1/completions", dict(body, **extra))
+        got = out["choices"][0]["logprobs"]["tokens"]
+        assert status == 200 and len(got) == 12 and set(got) <= {" 3", " 5"}, out
+        if "logit_bias" in extra:
+            assert set(got) == {" 5"}
+        if extra == {"temperature": 0}:                     # the count's own first token; logprobs stay the raw model's
+            assert got[0] == " 3"
+            _, plain = _post(live, "/v1/completions", dict(body, allowed_token_ids=None, temperature=0))
+            assert abs(plain["choices"][0]["logprobs"]["token_logprobs"][0] -
+                       out["choices"][0]["logprobs"]["token_logprobs"][0]) < 1e-5
+    status, out = _post(live, "/v1/chat/completions", {"messages": USER, "max_tokens": 6, "temperature": 0,
+                                                       "ignore_eos": True, "allowed_token_ids": [five]})
+    assert status == 200 and out["choices"][0]["message"]["content"] == " 5" * 6, out
+    status, err = _post(live, "/v1/completions", dict(body, allowed_token_ids=[three, 10 ** 6]))
+    assert status == 400 and err["error"]["param"] == "allowed_token_ids" and "vocabulary" in err["error"]["message"]
 
 
 def test_echo_whole_and_streamed(live):

@@ -35,16 +35,17 @@ def test_server_flags_give_the_servers_settings():
     a = _serve_args()
     assert a.served_model_name is None
     assert server_settings(a) == dict(root_path="", cors_origins=("*",), cors_methods=("*",), cors_headers=("*",),
-                                      cors_credentials=False, log_requests=False, log_stats=True, max_logprobs=20)
+                                      cors_credentials=False, log_requests=False, log_stats=True, max_logprobs=20,
+                                      request_id_headers=False)
     assert uvicorn_settings(a) == {"log_level": "info"}
     a = _serve_args("--served-model-name", "a", "b", "--root-path", "/api", "--allowed-origins", '["http://x"]',
                     "--allow-credentials", "--allowed-methods", '["GET", "POST"]', "--allowed-headers", "[]",
                     "--uvicorn-log-level", "warning", "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem",
-                    "--enable-log-requests", "--disable-log-stats", "--max-logprobs", "5")
+                    "--enable-log-requests", "--disable-log-stats", "--max-logprobs", "5", "--enable-request-id-headers")
     assert a.served_model_name == ["a", "b"]
     assert server_settings(a) == dict(root_path="/api", cors_origins=("http://x",), cors_methods=("GET", "POST"),
                                       cors_headers=(), cors_credentials=True, log_requests=True, log_stats=False,
-                                      max_logprobs=5)
+                                      max_logprobs=5, request_id_headers=True)
     assert uvicorn_settings(a) == dict(log_level="warning", ssl_keyfile="k.pem", ssl_certfile="c.pem",
                                        ssl_ca_certs=None, ssl_cert_reqs=0)
     assert not server_settings(_serve_args("--enable-log-requests", "--disable-log-requests"))["log_requests"]
@@ -144,7 +145,7 @@ def live(tmp_path_factory):
     (tok / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template="{{ 'count from 5 to 9:' }}")))
     cfg = ServerConfig(model_name="first", model_aliases=("second",), root_path="/api",
                        cors_origins=("http://allowed.example",), log_requests=True, stats_interval=0.2,
-                       max_logprobs=2)
+                       max_logprobs=2, request_id_headers=True)
     srv = LiveServer(cfg, dict(ENGINE_KW, tokenizer=str(tok))).start()
     yield srv
     srv.stop()
@@ -181,6 +182,25 @@ def test_several_names_a_root_path_and_cors(live, caplog):
     assert status == 400
     status, h, _ = _request(live, "GET", "/v1/models", headers={"Origin": "http://allowed.example"})
     assert status == 200 and h["access-control-allow-origin"] == "http://allowed.example"
+
+
+def test_x_request_id_names_the_response_and_comes_back_as_a_header(live):
+    """vLLM's: the header's value is the completion's id (over the body's request_id), and with
+    --enable-request-id-headers every response carries it back, a new one where the request had
+    none, streamed answers too."""
+    body = {"prompt": demo_task.make_prompt(3, 6), "max_tokens": 8, "temperature": 0, "request_id": "from-body"}
+    status, h, out = _request(live, "POST", "/v1/completions", body, headers={"X-Request-Id": "trace-42"})
+    assert status == 200 and out["id"] == "cmpl-trace-42" and h["x-request-id"] == "trace-42"
+    status, h, out = _request(live, "POST", "/v1/completions", body)
+    assert status == 200 and out["id"] == "cmpl-from-body" and len(h["x-request-id"]) == 32
+    status, h, out = _request(live, "POST", "/v1/chat/completions",
+                              {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True},
+                              headers={"X-Request-Id": "s-1"})
+    assert status == 200 and h["x-request-id"] == "s-1" and b'"id": "chatcmpl-s-1"' in out.replace(b'":"', b'": "')
+    status, h, _ = _request(live, "GET", "/health", headers={"X-Request-Id": "probe"})
+    assert status == 200 and h["x-request-id"] == "probe"
+    status, _, err = _request(live, "POST", "/v1/completions", body, headers={"X-Request-Id": "x" * 257})
+    assert status == 400 and "X-Request-Id header must be 1 to 256 printable characters" in err["error"]["message"]
 
 
 def test_max_logprobs_lowers_the_limit_and_tokenizer_is_loaded_from_its_directory(live):
