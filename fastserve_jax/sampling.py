@@ -106,8 +106,11 @@ def apply_penalties(logits: jax.Array, p: Penalties) -> jax.Array:
     brows = jnp.broadcast_to(jnp.arange(n)[:, None], p.bias_ids.shape)
     at = (brows, jnp.where(biased, p.bias_ids, 0))
     bias = jnp.zeros((n, v), jnp.float32).at[at].add(jnp.where(biased, p.bias, 0.0))          # (N, V)
-    slot = jnp.zeros((n, v), jnp.float32).at[at].add(biased.astype(jnp.float32)) > 0          # (N, V)
-    x = jnp.where(p.exclusive[:, None] & ~slot, -jnp.inf, logits + bias)
+
+    def exclusive(x):         # a second (N, V) scatter: 0.3 ms of this function's 1 ms; skipped where no row asks
+        slot = jnp.zeros((n, v), jnp.float32).at[at].add(biased.astype(jnp.float32)) > 0
+        return jnp.where(p.exclusive[:, None] & ~slot, -jnp.inf, x)
+    x = jax.lax.cond(p.exclusive.any(), exclusive, lambda x: x, logits + bias)
     rep = p.repetition[:, None]
     x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
     return x - p.frequency[:, None] * counts - p.presence[:, None] * (counts > 0)
