@@ -100,7 +100,7 @@ class Server:
         self.metrics: ServerMetrics
         self.engine = AsyncEngine(build, cfg.max_pending, on_timing=lambda d: self.metrics.observe(d),
                                   engine_process=cfg.engine_process, transport=transport)
-        self.metrics = ServerMetrics(self.engine, serving=lambda: self.status()[0] == 200)
+        self.metrics = ServerMetrics(self.engine, serving=lambda: self.status()[0] == 200, model_name=cfg.model_name)
         self.draining = False
         self.started = int(time.time())
         # One thread: requests are tokenized one at a time, in arrival order, as on the event

@@ -35,6 +35,17 @@ requests are not observed).
     fastserve_predictor_{samples,train_rounds}_total, fastserve_predictor_{ready,scored,kendall_tau,
     ...}                                     the output-length predictor's learning and quality
                                              (scheduler "predictive" only; predictor.py)
+
+The same figures under vLLM's names too, each labelled model_name (the served model's first
+name), so dashboards and autoscalers written for vLLM read this server (`VLLM_SERIES`):
+vllm:num_requests_running, vllm:num_requests_waiting (waiting + paused: started requests not in
+the latest iteration, whose KV is on the device, which vLLM would count as preempted and waiting),
+vllm:num_requests_swapped, vllm:kv_cache_usage_perc and vllm:gpu_cache_usage_perc (the device
+pool's used fraction, 0-1, vLLM's V1 and V0 names), vllm:cpu_cache_usage_perc (the host pool's),
+vllm:prompt_tokens_total, vllm:generation_tokens_total, vllm:request_success_total{finished_reason},
+and the histograms vllm:time_to_first_token_seconds, vllm:request_time_per_output_token_seconds
+(per request, as ours; vLLM's per-token vllm:inter_token_latency_seconds has no counterpart
+here) and vllm:e2e_request_latency_seconds (this server's buckets, not vLLM's).
 """
 
 from __future__ import annotations
@@ -131,6 +142,26 @@ class _EngineCollector:
             for direction in ("out", "in"):
                 c.add_metric([direction], s[f"swap_{direction}_{unit}_total"])
             yield c
+        yield from vllm_families(s, self.owner.model_name)
+
+
+def vllm_families(s: dict, model: str):
+    """The snapshot's gauges and token counters under vLLM's names (the module docstring)."""
+    device = s["kv_device_used_blocks"] / s["kv_device_total_blocks"] if s["kv_device_total_blocks"] else 0.0
+    host = s["kv_host_used_blocks"] / s["kv_host_total_blocks"] if s["kv_host_total_blocks"] else 0.0
+    for name, kind, doc, value in (
+            ("num_requests_running", GaugeMetricFamily, "requests in the latest iteration", s["requests_running"]),
+            ("num_requests_waiting", GaugeMetricFamily, "requests waiting: not started, dropped for recomputation, "
+             "or paused with their KV on the device", s["requests_waiting"] + s["requests_paused"]),
+            ("num_requests_swapped", GaugeMetricFamily, "paused requests whose KV is on the host", s["requests_swapped"]),
+            ("kv_cache_usage_perc", GaugeMetricFamily, "device KV pool in use, 0-1", device),
+            ("gpu_cache_usage_perc", GaugeMetricFamily, "device KV pool in use, 0-1 (vLLM V0's name)", device),
+            ("cpu_cache_usage_perc", GaugeMetricFamily, "host KV pool in use, 0-1", host),
+            ("prompt_tokens", CounterMetricFamily, "prompt tokens prefilled", s["prompt_tokens_total"]),
+            ("generation_tokens", CounterMetricFamily, "tokens generated", s["generation_tokens_total"])):
+        m = kind(f"vllm:{name}", doc, labels=["model_name"])
+        m.add_metric([model], value)
+        yield m
 
 
 def engine_snapshot(engine) -> dict:
@@ -139,10 +170,11 @@ def engine_snapshot(engine) -> dict:
 
 
 class ServerMetrics:
-    def __init__(self, engine: AsyncEngine, serving: Callable[[], bool] | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, serving: Callable[[], bool] | None = None, model_name: str = "demo") -> None:
         """`serving()`: what fastserve_server_ready reports (the app's: /health answers 200);
-        by default, the engine is ready and neither stopped nor lost."""
-        self.engine = engine
+        by default, the engine is ready and neither stopped nor lost. `model_name`: the vLLM-named
+        series' label."""
+        self.engine, self.model_name = engine, model_name
         self.serving = serving or (lambda: engine.health.ready and not engine.stopped and not engine.health.lost)
         self.snapshot: dict | None = None
         self.registry = CollectorRegistry()
@@ -166,23 +198,38 @@ class ServerMetrics:
                                registry=self.registry)
         for reason in FINISH_REASONS:
             self.success.labels(reason)
+        # vLLM's names for the same observations (the module docstring)
+        self.vllm = {k: Histogram(f"vllm:{name}", doc, ["model_name"], buckets=b, registry=self.registry).labels(
+                     model_name) for k, name, doc, b in (
+                     ("ttft", "time_to_first_token_seconds", "arrival to first token", _LATENCY_BUCKETS),
+                     ("tpot", "request_time_per_output_token_seconds", "per request", _TPOT_BUCKETS),
+                     ("e2e", "e2e_request_latency_seconds", "arrival to finish", _LATENCY_BUCKETS))}
+        self.vllm_success = Counter("vllm:request_success", "requests ended, by finish reason",
+                                    ["model_name", "finished_reason"], registry=self.registry)
+        for reason in FINISH_REASONS:
+            self.vllm_success.labels(model_name, reason)
 
     def observe(self, d: Delta) -> None:
         """A request's first token or its end (AsyncEngine's on_timing hook, on the event loop)."""
-        if d.error is not None:
-            self.success.labels("error").inc()
-            return
-        if d.final:
-            self.success.labels(d.finish_reason).inc()
+        if d.error is not None or d.final:
+            reason = "error" if d.error is not None else d.finish_reason
+            self.success.labels(reason).inc()
+            self.vllm_success.labels(self.model_name, reason).inc()
+            if d.error is not None:
+                return
         if d.ttft is not None and d.token_ids and d.completion_tokens == len(d.token_ids):    # has the first token
-            self.ttft.observe(d.ttft)
+            self._observe("ttft", d.ttft)
         if d.finish_reason in (None, "abort") or d.ttft is None or d.latency is None:
             return
-        self.e2e.observe(d.latency)
+        self._observe("e2e", d.latency)
         if d.handoff is not None:
             self.handoff.observe(d.handoff)
         if d.completion_tokens > 1:
-            self.tpot.observe((d.latency - d.ttft) / (d.completion_tokens - 1))
+            self._observe("tpot", (d.latency - d.ttft) / (d.completion_tokens - 1))
+
+    def _observe(self, key: str, value: float) -> None:
+        getattr(self, key).observe(value)
+        self.vllm[key].observe(value)
 
     async def render(self) -> bytes:
         """The registry's text, with a fresh engine snapshot while the engine runs (the last one

@@ -61,6 +61,32 @@ def test_health_models_metrics(live, client):
     assert phases == {"schedule", "assemble", "device", "postprocess"}
 
 
+def test_vllm_named_series_match_ours(live):
+    """Dashboards and autoscalers written for vLLM read vllm:* series labelled model_name: the
+    same gauges, counters and histograms as ours (waiting counts paused requests too)."""
+    assert live.post("/v1/completions", _counting(3, 9))[0] == 200
+    live.wait_idle()
+    m = live.metrics()
+    model = (("model_name", "demo"),)
+    ours = {k[0]: v for k, v in m.items() if not k[1]}
+
+    def states(*names):
+        return sum(m[("fastserve_requests", (("state", n),))] for n in names)
+    assert m[("vllm:num_requests_running", model)] == states("running")
+    assert m[("vllm:num_requests_waiting", model)] == states("waiting", "paused")
+    assert m[("vllm:num_requests_swapped", model)] == states("swapped")
+    assert m[("vllm:kv_cache_usage_perc", model)] == m[("vllm:gpu_cache_usage_perc", model)] == \
+        m[("fastserve_kv_usage", (("pool", "device"),))]
+    assert m[("vllm:cpu_cache_usage_perc", model)] == m[("fastserve_kv_usage", (("pool", "host"),))]
+    for name in ("prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds_count",
+                 "time_per_output_token_seconds_sum", "e2e_request_latency_seconds_count"):
+        theirs = "vllm:request_" + name if name.startswith("time_per") else "vllm:" + name    # per request, as ours
+        assert m[(theirs, model)] == ours[f"fastserve_{name}"] and ours[f"fastserve_{name}"] > 0, name
+    for reason in ("stop", "length", "abort", "error"):
+        assert m[("vllm:request_success_total", (("finished_reason", reason), *model))] == \
+            m[("fastserve_request_success_total", (("finished_reason", reason),))]
+
+
 def test_handoff_is_observed_once_per_finished_request_and_is_part_of_its_ttft(live):
     names = [f"fastserve_{n}_{s}" for n in ("request_handoff_seconds", "time_to_first_token_seconds",
                                             "e2e_request_latency_seconds") for s in ("count", "sum")]
