@@ -44,7 +44,7 @@ READY_TIMEOUT_S = 3600.0
 LEADER_ONLY = frozenset({"scheduler", "cost_model", "tail_slowdown", "starvation_threshold", "prompt_neighbors",
                          "protect_decodes", "seed", "warmup", "num_device_blocks", "num_host_blocks",
                          "gpu_memory_utilization", "swap_space", "async_scheduling", "mirror"})
-MODEL_FILES = (".json", ".safetensors", ".model", ".txt", ".tiktoken")    # config, weights, tokenizer
+MODEL_FILES = (".json", ".safetensors", ".model", ".txt", ".tiktoken", ".jinja")    # config, weights, tokenizer
 _SAMPLE = 1 << 20
 
 
@@ -56,10 +56,12 @@ def deployment_settings(model: str | None, engine_kwargs: dict) -> dict:
     ends tell two checkpoints apart)."""
     from fastserve_jax.models import demo_model_path
 
-    out = {k: v for k, v in sorted(engine_kwargs.items()) if k not in LEADER_ONLY and k != "tokenizer"}
+    tok = engine_kwargs.get("tokenizer")
+    local = tok is not None and os.path.isdir(tok)        # else compared as given (None, or a name)
+    out = {k: v for k, v in sorted(engine_kwargs.items()) if k not in LEADER_ONLY and not (k == "tokenizer" and local)}
     out.update(_file_digests("model", model if model is not None else demo_model_path()))
-    if engine_kwargs.get("tokenizer") is not None:
-        out.update(_file_digests("tokenizer", engine_kwargs["tokenizer"]))
+    if local:
+        out.update(_file_digests("tokenizer", tok))
     return out
 
 

@@ -70,7 +70,9 @@ class SamplingParams:
     allowed_token_ids (vLLM's): the only tokens the output may hold (every other token's logit
     is -inf before sampling; at most BIAS_SLOTS of them, as they take the sampler's logit-bias
     slots; logit_bias, min_tokens and bad_words still act on them; logprobs stay the raw
-    model's); an empty list is refused, None allows every token.
+    model's); an empty list is refused, None allows every token. Where min_tokens or bad_words
+    ban every allowed token at a step, every logit is -inf and the sampler's pick (token 0)
+    is not checked.
     """
 
     max_tokens: int = 16

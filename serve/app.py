@@ -48,7 +48,7 @@ from starlette.routing import Route
 from fastserve_jax.sampling_params import MAX_LOGPROBS
 from fastserve_jax.serve.async_engine import AsyncEngine
 from fastserve_jax.serve.errors import APIError, overloaded
-from fastserve_jax.serve.http_layer import middleware
+from fastserve_jax.serve.http_layer import SCOPE_KEY as REQUEST_ID_KEY, header_value, middleware
 from fastserve_jax.serve.prometheus import ServerMetrics
 from fastserve_jax.serve.openai_format import Formatter
 from fastserve_jax.serve.prepare import prepare
@@ -202,7 +202,7 @@ async def _generate(request: Request, chat: bool) -> Response | EventStream:
     srv.check_auth(request)
     body = parse_body(await _read_body(request, srv.cfg.max_body_bytes))
     job = parse_chat(body, srv.cfg.max_logprobs) if chat else parse_completion(body, srv.cfg.max_logprobs)
-    if (rid := header_request_id(request.headers.get("x-request-id"))) is not None:
+    if (rid := header_request_id(header_value(request.headers.raw, b"x-request-id"))) is not None:
         job = dataclasses.replace(job, request_id=rid)              # vLLM's: the header names the response
     srv.check_model(job.model)
     srv.check_serving()
@@ -305,8 +305,11 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    """A bug, not bad input: Starlette re-raises it after this response, so uvicorn logs it."""
-    return APIError(500, f"internal server error: {type(exc).__name__}: {exc}").response()
+    """A bug, not bad input: Starlette re-raises it after this response, so uvicorn logs it.
+    Sent outside the middleware: the X-Request-Id header (--enable-request-id-headers) is added here."""
+    rid = request.scope.get(REQUEST_ID_KEY)
+    return APIError(500, f"internal server error: {type(exc).__name__}: {exc}",
+                    headers={"X-Request-Id": rid.decode("latin-1")} if rid else None).response()
 
 
 def create_app(build: Callable[[Callable[[], bool]], "LLMEngine"], cfg: ServerConfig | None = None,

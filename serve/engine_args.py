@@ -107,9 +107,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="token counts a packed prefill launch pads to; the largest must reach "
                         "--max-num-batched-tokens (default: powers of two from 32)")
     g.add_argument("--block-buckets", type=_int_list, default=None, metavar="N,N,...",
-                   help="KV blocks one launch row gathers; the largest must reach a sequence's blocks plus the "
-                        "token budget's (default: powers of two from 4). Fewer shapes compile faster (a full "
-                        "warm-up compiles each); coarser ones pad more work into each launch")
+                   help="KV blocks one launch row gathers; the largest must reach what one packed prefill can "
+                        "gather (a sequence's blocks, the token budget's, and one per packed sequence: the "
+                        "engine's refusal names the number; default: powers of two from 4). Fewer shapes "
+                        "compile faster (a full warm-up compiles each); coarser ones pad more work into each launch")
     g = p.add_argument_group("parallelism (devices used: tensor x pipeline parallel size)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split attention heads, MLP units and the vocabulary over this many devices (default 1)")

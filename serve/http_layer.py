@@ -24,9 +24,19 @@ class RootPath:
         await self.app(scope, receive, send)
 
 
+SCOPE_KEY = "fastserve.request_id"      # the id RequestIdHeader sends back (bytes), for the 500 handler
+
+
+def header_value(headers, name: bytes) -> bytes | None:
+    """The first non-empty value of header `name` (lower case) among ASGI `headers`, or None."""
+    return next((v for k, v in headers if k == name and v), None)
+
+
 class RequestIdHeader:
     """--enable-request-id-headers (vLLM's): every HTTP response carries X-Request-Id, the
-    request's own or a new one; streamed responses too (the header goes out with the start)."""
+    request's own (its first non-empty one) or a new one; streamed responses, CORS preflights
+    (this middleware is outside CORS's) and 404s too. An internal error's 500 is sent by
+    Starlette outside every middleware: app._unexpected adds the header from SCOPE_KEY."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -34,7 +44,7 @@ class RequestIdHeader:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        rid = dict(scope["headers"]).get(b"x-request-id") or uuid.uuid4().hex.encode()
+        rid = scope[SCOPE_KEY] = header_value(scope["headers"], b"x-request-id") or uuid.uuid4().hex.encode()
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
@@ -44,11 +54,11 @@ class RequestIdHeader:
 
 
 def middleware(cfg) -> list[Middleware]:
-    """For app.ServerConfig `cfg` (its cors_* fields, root_path and request_id_headers)."""
-    out = [Middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=list(cfg.cors_methods),
-                      allow_headers=list(cfg.cors_headers), allow_credentials=cfg.cors_credentials)]
+    """For app.ServerConfig `cfg` (its cors_* fields, root_path and request_id_headers); the
+    first is the outermost."""
+    out = [Middleware(RequestIdHeader)] if cfg.request_id_headers else []
+    out.append(Middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=list(cfg.cors_methods),
+                          allow_headers=list(cfg.cors_headers), allow_credentials=cfg.cors_credentials))
     if cfg.root_path:
         out.append(Middleware(RootPath, root_path=cfg.root_path))
-    if cfg.request_id_headers:
-        out.append(Middleware(RequestIdHeader))
     return out

@@ -63,11 +63,15 @@ def parse_extras(body: dict, stream: bool, max_logprobs: int) -> dict:
                 ignored=tuple(k for k in IGNORED if body.get(k) is not None))
 
 
-def header_request_id(value: str | None) -> str | None:
-    """The X-Request-Id header's value (None: no header), checked as the request_id field is."""
-    if value is not None and not (0 < len(value) <= MAX_REQUEST_ID and value.isprintable()):
+def header_request_id(value: bytes | None) -> str | None:
+    """The X-Request-Id header's first non-empty value (None: none), checked as the request_id
+    field is."""
+    if value is None:
+        return None
+    text = value.decode("latin-1")
+    if not (len(text) <= MAX_REQUEST_ID and text.isprintable()):
         raise bad_request(f"the X-Request-Id header must be 1 to {MAX_REQUEST_ID} printable characters")
-    return value
+    return text
 
 
 def _allowed_token_ids(body: dict) -> tuple[int, ...] | None:

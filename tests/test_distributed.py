@@ -404,6 +404,11 @@ def test_deployment_settings_tell_models_and_program_flags_apart(tiny_checkpoint
     (copy / "tokenizer.json").write_text("{}")
     assert "tokenizer file tokenizer.json" in settings_differ(deployment_settings(a, dict(kw, tokenizer=str(copy))),
                                                               deployment_settings(a, dict(kw, tokenizer=a)))
+    (copy / "chat_template.jinja").write_text("{{ messages }}")
+    assert "chat_template.jinja" in settings_differ(deployment_settings(str(copy), kw), deployment_settings(a, kw))
+    # a tokenizer that is no local directory is compared as given
+    assert "tokenizer" in settings_differ(deployment_settings(a, dict(kw, tokenizer="org/a")),
+                                          deployment_settings(a, dict(kw, tokenizer="org/b")))
 
 
 def test_a_worker_dies_on_sigterm_despite_jax_preemption_notifier():

@@ -203,6 +203,59 @@ def test_x_request_id_names_the_response_and_comes_back_as_a_header(live):
     assert status == 400 and "X-Request-Id header must be 1 to 256 printable characters" in err["error"]["message"]
 
 
+def _asgi(app, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, dict[bytes, bytes]]:
+    """(status, response headers) of one request to the ASGI `app`, without a server."""
+    sent = []
+    scope = dict(type="http", asgi={"version": "3.0"}, http_version="1.1", method=method, scheme="http",
+                 path=path, raw_path=path.encode(), query_string=b"", root_path="", headers=headers,
+                 client=("127.0.0.1", 1), server=("127.0.0.1", 80))
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    async def run():
+        try:
+            await app(scope, receive, send)
+        except RuntimeError:             # Starlette re-raises an internal error after its 500
+            pass
+    asyncio.run(run())
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], dict(start["headers"])
+
+
+def test_x_request_id_on_preflights_errors_and_repeated_headers():
+    """The header comes back on a CORS preflight (the middleware is outside CORS's), on a 404
+    and on an internal error's 500 (sent outside every middleware); the first non-empty
+    X-Request-Id is the one, an empty one counts as none."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from fastserve_jax.serve.app import _unexpected
+    from fastserve_jax.serve.http_layer import header_value, middleware
+    from fastserve_jax.serve.protocol_extras import header_request_id
+
+    def boom(request):
+        raise RuntimeError("a bug")
+
+    app = Starlette(routes=[Route("/boom", boom)], middleware=middleware(ServerConfig(request_id_headers=True)),
+                    exception_handlers={Exception: _unexpected})
+    rid = [(b"x-request-id", b"abc")]
+    status, h = _asgi(app, "GET", "/boom", rid)
+    assert status == 500 and h[b"x-request-id"] == b"abc"
+    assert _asgi(app, "GET", "/nowhere", rid)[1][b"x-request-id"] == b"abc"
+    status, h = _asgi(app, "OPTIONS", "/boom", [(b"origin", b"http://x"), (b"access-control-request-method", b"GET"),
+                                                (b"x-request-id", b"pre")])
+    assert status == 200 and h[b"x-request-id"] == b"pre"
+    raw = [(b"x-request-id", b""), (b"x-request-id", b"a"), (b"x-request-id", b"b")]
+    assert _asgi(app, "GET", "/nowhere", raw)[1][b"x-request-id"] == b"a"
+    assert header_request_id(header_value(raw, b"x-request-id")) == "a"          # the completion's id agrees
+    assert header_request_id(header_value([(b"x-request-id", b"")], b"x-request-id")) is None
+    assert len(_asgi(app, "GET", "/nowhere", [(b"x-request-id", b"")])[1][b"x-request-id"]) == 32   # a new one
+
+
 def test_max_logprobs_lowers_the_limit_and_tokenizer_is_loaded_from_its_directory(live):
     status, _, err = _request(live, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1, "logprobs": 3})
     assert status == 400 and "at most 2 (--max-logprobs)" in err["error"]["message"]
