@@ -23,11 +23,16 @@ ENGINE_OPTIONS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tok
 
 
 def _int_list(text: str) -> tuple[int, ...]:
-    """A comma-separated list of integers (a flag's value; a list of words would take a prompt after it)."""
+    """A comma-separated, strictly increasing list of positive integers (a flag's value; a list
+    of words would take a prompt after it), checked here, before a model loads; whether it
+    reaches its limit the engine checks (EngineConfig.resolve)."""
     try:
-        return tuple(int(x) for x in text.split(","))
+        out = tuple(int(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 1,4,16)") from None
+    if out[0] < 1 or list(out) != sorted(set(out)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be strictly increasing positive integers (e.g. 1,4,16)")
+    return out
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:

@@ -84,9 +84,12 @@ def test_bucket_lists_are_engine_options_passed_on_whole(capsys):
         assert (kw["decode_batch_buckets"], kw["prefill_token_buckets"], kw["block_buckets"]) == ((2, 8), (64,), (16, 80))
     kw = engine_kwargs(parse_engine_args([]))
     assert not {"decode_batch_buckets", "prefill_token_buckets", "block_buckets"} & set(kw)
-    with pytest.raises(SystemExit):
-        parse_engine_args(["--block-buckets", "4,x"])
-    assert "'4,x' is not a comma-separated list of integers" in capsys.readouterr().err
+    for value, says in (("4,x", "is not a comma-separated list of integers"),
+                        ("8,4", "must be strictly increasing positive integers"), ("0,4", "positive")):
+        with pytest.raises(SystemExit):
+            parse_engine_args(["--block-buckets", value])
+        err = capsys.readouterr().err
+        assert f"'{value}'" in err and says in err, err
 
 
 @pytest.mark.parametrize("args, says", [
