@@ -92,6 +92,7 @@ def snapshot(st: EngineStats, requests: dict, last_scheduled: set[str], kv: KVMa
         swap_out_bytes_total=st.swap_out_bytes, swap_in_bytes_total=st.swap_in_bytes,
         swap_stall_seconds_total=st.swap_stall, swap_fused_seconds_total=st.swap_fused_seconds,
         iterations_total=st.iterations,
+        swap_outs_total=st.swap_outs_on_demand + st.swap_outs_ahead,        # requests, not blocks
         swap_link_out_bytes_per_second=st.swap_link_out_bytes_per_second,
         swap_link_in_bytes_per_second=st.swap_link_in_bytes_per_second,
         **{f"phase_{k}_seconds_total": getattr(st, k) for k in PHASES})

@@ -42,7 +42,9 @@ vllm:num_requests_running, vllm:num_requests_waiting (waiting + paused: started 
 the latest iteration, whose KV is on the device, which vLLM would count as preempted and waiting),
 vllm:num_requests_swapped, vllm:kv_cache_usage_perc and vllm:gpu_cache_usage_perc (the device
 pool's used fraction, 0-1, vLLM's V1 and V0 names), vllm:cpu_cache_usage_perc (the host pool's),
-vllm:prompt_tokens_total, vllm:generation_tokens_total, vllm:request_success_total{finished_reason},
+vllm:prompt_tokens_total, vllm:generation_tokens_total, vllm:num_preemptions_total (requests whose KV
+left the device: swapped out or dropped; a pause that keeps it is no preemption there),
+vllm:request_success_total{finished_reason},
 and the histograms vllm:time_to_first_token_seconds, vllm:request_time_per_output_token_seconds
 (per request, as ours; vLLM's per-token vllm:inter_token_latency_seconds has no counterpart
 here) and vllm:e2e_request_latency_seconds (this server's buckets, not vLLM's).
@@ -158,7 +160,9 @@ def vllm_families(s: dict, model: str):
             ("gpu_cache_usage_perc", GaugeMetricFamily, "device KV pool in use, 0-1 (vLLM V0's name)", device),
             ("cpu_cache_usage_perc", GaugeMetricFamily, "host KV pool in use, 0-1", host),
             ("prompt_tokens", CounterMetricFamily, "prompt tokens prefilled", s["prompt_tokens_total"]),
-            ("generation_tokens", CounterMetricFamily, "tokens generated", s["generation_tokens_total"])):
+            ("generation_tokens", CounterMetricFamily, "tokens generated", s["generation_tokens_total"]),
+            ("num_preemptions", CounterMetricFamily, "requests whose KV left the device: moved to the host (on "
+             "demand or ahead of need) or dropped for recomputation", s["swap_outs_total"] + s["recomputations_total"])):
         m = kind(f"vllm:{name}", doc, labels=["model_name"])
         m.add_metric([model], value)
         yield m

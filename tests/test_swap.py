@@ -471,6 +471,12 @@ def test_host_pool_too_small_falls_back_to_recomputation(reference):
     reqs = _run_all(e, prompts, sp)
     assert [r.output_token_ids for r in reqs] == want
     assert e.stats.swap_out_blocks > 0 and e.stats.recomputations > 0
+    # vLLM's num_preemptions (serve/prometheus.py): requests whose KV left the device, either way
+    from fastserve_jax.serve.prometheus import vllm_families
+    snap = e.snapshot()
+    assert 0 < snap["swap_outs_total"] <= e.stats.swap_out_blocks
+    preempted = {m.name: m.samples[0].value for m in vllm_families(snap, "m")}["vllm:num_preemptions"]
+    assert preempted == snap["swap_outs_total"] + e.stats.recomputations
 
 
 def test_oversize_request_rejected_and_abort_frees_host(reference):
