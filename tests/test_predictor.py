@@ -247,7 +247,7 @@ def test_prometheus_exports_the_predictors_figures():
     engine = SimpleNamespace(health=EngineHealth(ready=True), stopped=False, num_pending=0,
                              engine=None)    # AsyncEngine before its build: no LLMEngine yet
     reg = CollectorRegistry()
-    reg.register(_EngineCollector(SimpleNamespace(snapshot=snap, engine=engine, serving=lambda: True)))
+    reg.register(_EngineCollector(SimpleNamespace(snapshot=snap, engine=engine, serving=lambda: True, model_name="m")))
     text = generate_latest(reg).decode()
     assert "fastserve_predictor_samples_total 250.0" in text
     assert "fastserve_predictor_kendall_tau 0.42" in text and "fastserve_predictor_coverage_80 0.8" in text
