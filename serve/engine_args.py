@@ -104,7 +104,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "portable jnp gather; auto (default) = pallas on GPU and TPU (per head shard under tensor "
                         "parallelism), reference elsewhere")
     g = p.add_argument_group("compiled shapes (each a strictly increasing, comma-separated list that reaches its "
-                             "limit; default: derived from the limits, docs/performance.md)")
+                             "limit; default: derived from the limits, docs/startup.md)")
     g.add_argument("--decode-batch-buckets", type=_int_list, default=None, metavar="N,N,...",
                    help="sequence counts a decode launch pads to; the largest must reach --max-num-seqs (default: "
                         "powers of two)")
