@@ -196,11 +196,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _generate(request: Request, chat: bool) -> Response | EventStream:
+async def _generate(request: Request, chat: bool, body: dict | None = None) -> Response | EventStream:
+    """`body`: already read and parsed (/invocations)."""
     srv: Server = request.app.state.server
     arrival = time.monotonic()
     srv.check_auth(request)
-    body = parse_body(await _read_body(request, srv.cfg.max_body_bytes))
+    if body is None:
+        body = parse_body(await _read_body(request, srv.cfg.max_body_bytes))
     job = parse_chat(body, srv.cfg.max_logprobs) if chat else parse_completion(body, srv.cfg.max_logprobs)
     if (rid := header_request_id(header_value(request.headers.raw, b"x-request-id"))) is not None:
         job = dataclasses.replace(job, request_id=rid)              # vLLM's: the header names the response
@@ -267,9 +269,19 @@ async def version(request: Request) -> Response:
     return JSONResponse({"version": v})
 
 
-async def models(request: Request) -> Response:
+async def invocations(request: Request) -> Response:
+    """SageMaker's entry point, as vLLM serves it: a body with `messages` is a chat completion,
+    one with `prompt` a completion."""
     srv: Server = request.app.state.server
     srv.check_auth(request)
+    body = parse_body(await _read_body(request, srv.cfg.max_body_bytes))
+    if ("messages" in body) == ("prompt" in body):
+        raise APIError(400, "an /invocations body holds 'messages' (a chat completion) or 'prompt' (a completion), "
+                            "one of the two")
+    return await _generate(request, chat="messages" in body, body=body)
+
+
+def _cards(srv: "Server") -> list[dict]:
     eng = srv.engine.engine
     cards = []
     for name in (srv.cfg.model_name, *srv.cfg.model_aliases):       # as vLLM: a card per served name
@@ -277,7 +289,22 @@ async def models(request: Request) -> Response:
         if eng is not None:
             card["max_model_len"] = eng.context_limit      # fewer than cfg.max_model_len where the KV pool is smaller
         cards.append(card)
-    return JSONResponse({"object": "list", "data": cards})
+    return cards
+
+
+async def models(request: Request) -> Response:
+    srv: Server = request.app.state.server
+    srv.check_auth(request)
+    return JSONResponse({"object": "list", "data": _cards(srv)})
+
+
+async def model(request: Request) -> Response:
+    """OpenAI's GET /v1/models/{model}: the served name's card, else a 404 naming the served ones."""
+    srv: Server = request.app.state.server
+    srv.check_auth(request)
+    name = request.path_params["model"]
+    srv.check_model(name)
+    return JSONResponse(next(c for c in _cards(srv) if c["id"] == name))
 
 
 async def health(request: Request) -> Response:
@@ -334,6 +361,9 @@ def create_app(build: Callable[[Callable[[], bool]], "LLMEngine"], cfg: ServerCo
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", model, methods=["GET"]),
+        Route("/invocations", invocations, methods=["POST"]),
+        Route("/ping", health, methods=["GET", "POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
         Route("/version", version, methods=["GET"]),

@@ -65,7 +65,7 @@ def test_serve_command_api_key_warmup_and_graceful_shutdown():
         assert any(s == 503 and "warming up" in m for s, m in seen), seen
 
         body = json.dumps({"prompt": demo_task.make_prompt(3, 12), "max_tokens": 20, "temperature": 0}).encode()
-        for path in ("/v1/completions", "/tokenize", "/detokenize"):
+        for path in ("/v1/completions", "/tokenize", "/detokenize", "/invocations"):
             for headers in ({}, {"Authorization": "Bearer wrong"}):
                 status, _, err = asyncio.run(bench_client.request(url, "POST", path, body, headers))
                 assert status == 401 and "API key" in json.loads(err)["error"]["message"]

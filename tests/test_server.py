@@ -61,6 +61,23 @@ def test_health_models_metrics(live, client):
     assert phases == {"schedule", "assemble", "device", "postprocess"}
 
 
+def test_model_retrieval_sagemaker_ping_and_invocations(live, client):
+    """OpenAI's GET /v1/models/{model} (the SDK's models.retrieve), and SageMaker's /ping and
+    /invocations as vLLM serves them: a body with messages is a chat, one with prompt a completion."""
+    assert client.models.retrieve("demo").id == "demo"
+    status, _, body = live.get("/v1/models/other/name")
+    assert status == 404 and "'other/name' does not exist" in json.loads(body)["error"]["message"]
+    assert live.get("/ping")[0] == 200 and json.loads(live.get("/ping")[2])["status"] == "ok"
+    status, _, out = live.post("/invocations", _counting(3, 9))
+    assert status == 200 and out["object"] == "text_completion" and out["choices"][0]["text"] == " 3 4 5 6 7 8 9"
+    status, _, out = live.post("/invocations", {"messages": [{"role": "user", "content": demo_task.make_prompt(3, 6)}],
+                                                "max_tokens": 6, "temperature": 0})
+    assert status == 200 and out["object"] == "chat.completion", out
+    for bad in ({"max_tokens": 3}, {"prompt": "x", "messages": []}):
+        status, _, err = live.post("/invocations", bad)
+        assert status == 400 and "'messages' (a chat completion) or 'prompt'" in err["error"]["message"]
+
+
 def test_vllm_named_series_match_ours(live):
     """Dashboards and autoscalers written for vLLM read vllm:* series labelled model_name: the
     same gauges, counters and histograms as ours (waiting counts paused requests too)."""
