@@ -85,6 +85,7 @@ class ServerConfig:
     cors_headers: tuple[str, ...] = ("*",)
     cors_credentials: bool = False
     log_requests: bool = False          # a log line per request received
+    max_log_len: int = 500              # characters of its prompt that line shows (--max-log-len)
     log_stats: bool = True              # the periodic stats line (serve/stats_log.py)
     stats_interval: float = STATS_INTERVAL_S
     max_logprobs: int = MAX_LOGPROBS    # the most logprobs a request may ask (--max-logprobs)
@@ -219,9 +220,9 @@ async def _generate(request: Request, chat: bool, body: dict | None = None) -> R
     fmt = Formatter.for_job(job, srv.cfg.model_name, eng.tokenizer, prompts)
     if srv.cfg.log_requests:
         first = job.prompts[0]
-        log.info("received request %s: prompt %.500r (%d prompt tokens in all, %d engine requests), params %s",
-                 fmt.id, first if job.chat or isinstance(first, str) else eng.tokenizer.decode(first), prompt_tokens,
-                 len(prompts), prompts[0][1])
+        log.info("received request %s: prompt %.*r (%d prompt tokens in all, %d engine requests), params %s",
+                 fmt.id, srv.cfg.max_log_len, first if job.chat or isinstance(first, str) else
+                 eng.tokenizer.decode(first), prompt_tokens, len(prompts), prompts[0][1])
     if job.stream:
         return EventStream(group, fmt, job.include_usage, prompt_tokens)
     choices = await collect(request, group, fmt)

@@ -12,6 +12,12 @@ NO_EFFECT = {
                          "(models/) are loaded, never code from the model directory",
     "enforce_eager": "--enforce-eager has no effect: there are no CUDA graphs to turn off; every batch shape is "
                      "an XLA program compiled ahead (--warmup says when)",
+    "disable_frontend_multiprocessing": "--disable-frontend-multiprocessing has no effect: the engine runs on a "
+                                        "thread of the server's process unless --engine-process is given",
+    "disable_custom_all_reduce": "--disable-custom-all-reduce has no effect: XLA chooses the collectives",
+    "disable_fastapi_docs": "--disable-fastapi-docs has no effect: the server has no documentation pages",
+    "distributed_executor_backend": "--distributed-executor-backend has no effect: several hosts start through "
+                                    "jax.distributed (--coordinator-address, --num-processes, --process-id)",
 }
 
 
@@ -26,6 +32,12 @@ def add_compat_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--revision", default=None, help="not implemented: --model is a local directory")
     g.add_argument("--enable-lora", action="store_true", help="not implemented")
     g.add_argument("--lora-modules", nargs="+", default=None, help="not implemented")
+    g.add_argument("--disable-frontend-multiprocessing", action="store_true", help="accepted, no effect")
+    g.add_argument("--disable-custom-all-reduce", action="store_true", help="accepted, no effect")
+    g.add_argument("--disable-fastapi-docs", action="store_true", help="accepted, no effect")
+    g.add_argument("--distributed-executor-backend", default=None, help="accepted, no effect (jax.distributed)")
+    g.add_argument("--tokenizer-mode", default="auto", help="only auto (the fast tokenizer) is implemented")
+    g.add_argument("--load-format", default="auto", help="only auto or safetensors is implemented")
 
 
 def refusal(a: argparse.Namespace) -> str | None:
@@ -46,6 +58,11 @@ def refusal(a: argparse.Namespace) -> str | None:
                 "and nothing is downloaded, so check the revision out there and drop the flag")
     if a.enable_lora or a.lora_modules:
         return "--enable-lora/--lora-modules: LoRA adapters are not implemented"
+    if a.tokenizer_mode != "auto":
+        return (f"--tokenizer-mode {a.tokenizer_mode}: only 'auto' is implemented (the model's fast tokenizer, "
+                "tokenizer.json)")
+    if a.load_format not in ("auto", "safetensors"):
+        return f"--load-format {a.load_format}: only 'auto' and 'safetensors' are implemented (*.safetensors files)"
     return None
 
 

@@ -52,6 +52,8 @@ def add_server_args(g) -> None:
                         "and sampling parameters (default off, as vLLM's)")
     g.add_argument("--disable-log-requests", dest="enable_log_requests", action="store_false",
                    help="(vLLM's older name) no line per request: the default")
+    g.add_argument("--max-log-len", type=int, default=500,
+                   help="characters of a prompt that --enable-log-requests' line shows (vLLM's; default %(default)s)")
     g.add_argument("--disable-log-stats", action="store_true",
                    help="no periodic stats line (every 10 s while requests are served: prompt and generation "
                         "throughput, requests running, waiting, paused and swapped, KV pools' usage)")
@@ -72,6 +74,8 @@ def check_server_args(a: argparse.Namespace) -> str | None:
                 f"give 0 to {MAX_LOGPROBS}")
     if (a.ssl_keyfile is None) != (a.ssl_certfile is None):
         return "--ssl-keyfile and --ssl-certfile go together: give both to serve HTTPS, or neither"
+    if a.max_log_len < 0:
+        return f"--max-log-len must be >= 0, got {a.max_log_len}"
     if a.root_path is not None and (not a.root_path.startswith("/") or a.root_path.endswith("/")):
         return f"--root-path must start with '/' and not end with one, as '/api/llm'; got {a.root_path!r}"
     return None
@@ -83,7 +87,7 @@ def server_settings(a: argparse.Namespace) -> dict:
                 cors_methods=tuple(a.allowed_methods), cors_headers=tuple(a.allowed_headers),
                 cors_credentials=a.allow_credentials, log_requests=a.enable_log_requests,
                 log_stats=not a.disable_log_stats, max_logprobs=a.max_logprobs,
-                request_id_headers=a.enable_request_id_headers)
+                request_id_headers=a.enable_request_id_headers, max_log_len=a.max_log_len)
 
 
 def uvicorn_settings(a: argparse.Namespace) -> dict:

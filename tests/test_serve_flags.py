@@ -36,16 +36,17 @@ def test_server_flags_give_the_servers_settings():
     assert a.served_model_name is None
     assert server_settings(a) == dict(root_path="", cors_origins=("*",), cors_methods=("*",), cors_headers=("*",),
                                       cors_credentials=False, log_requests=False, log_stats=True, max_logprobs=20,
-                                      request_id_headers=False)
+                                      request_id_headers=False, max_log_len=500)
     assert uvicorn_settings(a) == {"log_level": "info"}
     a = _serve_args("--served-model-name", "a", "b", "--root-path", "/api", "--allowed-origins", '["http://x"]',
                     "--allow-credentials", "--allowed-methods", '["GET", "POST"]', "--allowed-headers", "[]",
                     "--uvicorn-log-level", "warning", "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem",
-                    "--enable-log-requests", "--disable-log-stats", "--max-logprobs", "5", "--enable-request-id-headers")
+                    "--enable-log-requests", "--disable-log-stats", "--max-logprobs", "5", "--enable-request-id-headers",
+                    "--max-log-len", "7")
     assert a.served_model_name == ["a", "b"]
     assert server_settings(a) == dict(root_path="/api", cors_origins=("http://x",), cors_methods=("GET", "POST"),
                                       cors_headers=(), cors_credentials=True, log_requests=True, log_stats=False,
-                                      max_logprobs=5, request_id_headers=True)
+                                      max_logprobs=5, request_id_headers=True, max_log_len=7)
     assert uvicorn_settings(a) == dict(log_level="warning", ssl_keyfile="k.pem", ssl_certfile="c.pem",
                                        ssl_ca_certs=None, ssl_cert_reqs=0)
     assert not server_settings(_serve_args("--enable-log-requests", "--disable-log-requests"))["log_requests"]
@@ -56,6 +57,7 @@ def test_server_flags_give_the_servers_settings():
     (["--max-logprobs", "-1"], "give 0 to 20"),
     (["--ssl-keyfile", "k.pem"], "--ssl-keyfile and --ssl-certfile go together"),
     (["--root-path", "api/"], "--root-path must start with '/'"),
+    (["--max-log-len", "-1"], "--max-log-len must be >= 0"),
 ])
 def test_serve_refuses_bad_server_flags_before_anything_starts(args, says, capsys):
     assert main(["serve", *args]) == 2
@@ -100,6 +102,8 @@ def test_bucket_lists_are_engine_options_passed_on_whole(capsys):
     (["--revision", "main"], "--revision main: model revisions are not implemented"),
     (["--lora-modules", "a=/x"], "LoRA adapters are not implemented"),
     (["--enable-lora"], "LoRA adapters are not implemented"),
+    (["--tokenizer-mode", "slow"], "--tokenizer-mode slow: only 'auto' is implemented"),
+    (["--load-format", "pt"], "--load-format pt: only 'auto' and 'safetensors' are implemented"),
 ])
 @pytest.mark.parametrize("command", ["serve", "generate"])
 def test_vllm_flags_naming_features_we_lack_are_refused_in_one_line(command, args, says, capsys):
@@ -111,8 +115,10 @@ def test_vllm_flags_naming_features_we_lack_are_refused_in_one_line(command, arg
 def test_vllm_flags_without_meaning_here_are_accepted_with_a_line_saying_why(caplog):
     from fastserve_jax.serve.compat_flags import notes, refusal
 
-    a = _serve_args("--no-enable-prefix-caching", "--kv-cache-dtype", "auto", "--trust-remote-code", "--enforce-eager")
-    assert refusal(a) is None and len(notes(a)) == 2 and notes(_serve_args()) == []
+    a = _serve_args("--no-enable-prefix-caching", "--kv-cache-dtype", "auto", "--trust-remote-code", "--enforce-eager",
+                    "--disable-frontend-multiprocessing", "--disable-custom-all-reduce", "--disable-fastapi-docs",
+                    "--distributed-executor-backend", "ray", "--tokenizer-mode", "auto", "--load-format", "safetensors")
+    assert refusal(a) is None and len(notes(a)) == 6 and notes(_serve_args()) == []
     caplog.set_level(logging.INFO, logger="fastserve_jax.serve")
     # the notes come first; a refused --max-logprobs then stops the server before the engine starts
     assert main(["serve", "--trust-remote-code", "--enforce-eager", "--max-logprobs", "21"]) == 2
@@ -148,7 +154,7 @@ def live(tmp_path_factory):
     (tok / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template="{{ 'count from 5 to 9:' }}")))
     cfg = ServerConfig(model_name="first", model_aliases=("second",), root_path="/api",
                        cors_origins=("http://allowed.example",), log_requests=True, stats_interval=0.2,
-                       max_logprobs=2, request_id_headers=True)
+                       max_logprobs=2, request_id_headers=True, max_log_len=12)
     srv = LiveServer(cfg, dict(ENGINE_KW, tokenizer=str(tok))).start()
     yield srv
     srv.stop()
@@ -173,7 +179,7 @@ def test_several_names_a_root_path_and_cors(live, caplog):
         deadline = time.monotonic() + 10
         while "avg generation throughput" not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.05)
-    assert f"received request {out['id']}: prompt {prompt!r} (" in caplog.text
+    assert f"received request {out['id']}: prompt {repr(prompt)[:12]} (" in caplog.text     # --max-log-len 12
     assert "avg generation throughput" in caplog.text, caplog.text
     status, _, err = _request(live, "POST", "/v1/completions", {"model": "third", "prompt": "x"})
     assert status == 404 and "'first', 'second'" in err["error"]["message"]
