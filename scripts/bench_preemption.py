@@ -353,8 +353,26 @@ def main() -> int:
     build = lambda policy: local_engine(argv, policy, "full")             # noqa: E731  (nothing compiles mid-burst)
     out["in_process"] = in_process_fidelity(build, work, arrivals, out["sim"], a.in_process_rounds,
                                             lambda fcfs: calibrated(shape, trace, swap, fcfs))
+    out["phase_stretch"] = print_phase_stretch(out["runs"], out["in_process"]["engine"])
     _write(a.json, out, t_start)
     return 0
+
+
+def print_phase_stretch(runs: list[dict], in_process: dict) -> dict:
+    """Each policy's ms per iteration by phase on the servers (median over runs) against the
+    in-process engine: where the HTTP server's share of the cores and of the GIL lands (a
+    phase that releases the GIL, as one issuing copies, loses it to the event loop; docs/
+    scheduling.md, "Why skip-join's servers stretch more than fcfs's")."""
+    keys = [f"{p}_seconds_per_iteration" for p in PHASES] + ["iteration_seconds"]
+    table = {}
+    print("\n== ms per iteration by phase: servers (median) / in process")
+    for policy in POLICIES:
+        row = {k: (statistics.median(r[policy][k] for r in runs), in_process[policy][k]) for k in keys
+               if all(k in r[policy] for r in runs) and k in in_process[policy]}
+        table[policy] = {k: dict(servers=v[0], in_process=v[1]) for k, v in row.items()}
+        print(f"{policy:15s} " + "  ".join(f"{k.split('_')[0]} {1e3 * v[0]:.3f} / {1e3 * v[1]:.3f}"
+                                            for k, v in row.items()))
+    return table
 
 
 def _write(path: str, out: dict, t_start: float) -> None:

@@ -94,6 +94,19 @@ def test_fidelity_rows_compare_sim_to_engine_and_flag_misses():
     assert not sf.fidelity_rows(real, sim, tolerance=0.05)[0]["within"]
 
 
+def test_phase_stretch_sets_each_policys_server_phases_beside_in_process(capsys):
+    phases = [f"{p}_seconds_per_iteration" for p in PHASES] + ["iteration_seconds"]
+
+    def figs(scale):
+        return {k: scale * (i + 1) * 1e-3 for i, k in enumerate(phases)}
+    runs = [{p: figs(s) for p in sf.POLICIES} for s in (1.0, 3.0, 2.0)]
+    inproc = {p: figs(0.5) for p in sf.POLICIES}
+    table = bp.print_phase_stretch(runs, inproc)
+    assert table["fcfs"]["schedule_seconds_per_iteration"] == pytest.approx(dict(servers=2e-3, in_process=0.5e-3))
+    assert table["skip-join-mlfq"]["iteration_seconds"]["servers"] == pytest.approx(2 * (len(phases)) * 1e-3)
+    assert "schedule 2.000 / 0.500" in capsys.readouterr().out
+
+
 def test_paired_medians_take_the_median_of_per_pair_ratios():
     runs = [{"fcfs": {"x": 10.0}, "skip-join-mlfq": {"x": 5.0}},
             {"fcfs": {"x": 20.0}, "skip-join-mlfq": {"x": 16.0}},
