@@ -273,6 +273,17 @@ def _cost():
                      decode_batch=(1, 8), decode_seconds=(0.002, 0.004), decode_context=1e-6)
 
 
+def test_simulate_median_keeps_each_policys_median_simulation_whole(monkeypatch):
+    """The simulator's host time is measured as it runs, so simulations of one run differ; the
+    prediction is each policy's median simulation by mean JCT, taken whole."""
+    results = iter([({"fcfs": {"mean_jct": 3.0, "x": "a"}, "sj": {"mean_jct": 1.0, "x": "a"}}, "cost"),
+                    ({"fcfs": {"mean_jct": 1.0, "x": "b"}, "sj": {"mean_jct": 2.0, "x": "b"}}, "cost"),
+                    ({"fcfs": {"mean_jct": 2.0, "x": "c"}, "sj": {"mean_jct": 9.0, "x": "c"}}, "cost")])
+    monkeypatch.setattr(sf, "simulate_policies", lambda *a, **k: next(results))
+    sims, cost = sf.simulate_median("shape", repeats=3)
+    assert cost == "cost" and sims == {"fcfs": {"mean_jct": 2.0, "x": "c"}, "sj": {"mean_jct": 2.0, "x": "b"}}
+
+
 def test_scaled_launches_scale_every_launch_and_nothing_else():
     import dataclasses
 
