@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fastserve_jax.workload import with_arrivals  # noqa: E402
 from bench_preemption import add_burst_args, burst_setup, local_engine  # noqa: E402
 from bench_tail_guard import probe_capacity  # noqa: E402
-from sim_fidelity import LENGTH_BUCKETS  # noqa: E402
+from sim_by_length import LENGTH_BUCKETS  # noqa: E402
 from sim_fidelity_in_process import engine_in_process  # noqa: E402
 
 FIGURES = (("e2e_mean", "JCT mean s", 1), ("e2e_p99", "JCT p99 s", 1),

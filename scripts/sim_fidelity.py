@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from fastserve_jax.workload import TraceRequest
+from sim_by_length import by_length, print_by_length
 
 # The A/B's two policies: the calibration fits fcfs; skip-join-mlfq is the held-out prediction
 POLICIES = ("fcfs", "skip-join-mlfq")
@@ -174,42 +175,6 @@ def front_end_figures(requests, ttft_offset: float, e2e_offset: float) -> dict:
     return dict(mean_jct=float(jct.mean()), p99_jct=float(np.percentile(jct, 99)),
                 mean_ttft=float(ttft.mean()), mean_latency_per_token=mean_latency_per_token(jct, out),
                 per_request=[[round(float(t), 5), round(float(j), 5), int(n)] for t, j, n in zip(ttft, jct, out)])
-
-
-LENGTH_BUCKETS = ((1, 8), (8, 20), (20, 50), (50, 120), (120, 100_000))
-
-
-def by_length(runs: list[dict], sims: dict, policy: str) -> list[dict]:
-    """Per output-length bucket, the servers' mean TTFT, time per output token and latency per
-    token (each request's figures averaged over the runs first) against the simulation's:
-    where in the burst the simulator is off. runs: [{policy: {per_request: [[send lag, TTFT,
-    JCT, tokens], ...]}}]; sims[policy]["per_request"]: [[TTFT, JCT, tokens], ...]."""
-    real = np.array([r[policy]["per_request"] for r in runs], float)
-    sim = np.array(sims[policy]["per_request"], float)
-    n = real[0, :, 3]
-    if not np.array_equal(n, sim[:, 2]):
-        raise ValueError("the servers' and the simulation's requests differ in their output lengths")
-    figures = {"engine": (real[:, :, 1].mean(0), real[:, :, 2].mean(0)), "sim": (sim[:, 0], sim[:, 1])}
-    rows = []
-    for lo, hi in LENGTH_BUCKETS:
-        k = (n >= lo) & (n < hi)
-        if not k.any():
-            continue
-        row = dict(tokens=(lo, hi), requests=int(k.sum()))
-        for who, (ttft, jct) in figures.items():
-            row[who] = dict(ttft=float(ttft[k].mean()), tpot=float(((jct - ttft) / np.maximum(n - 1, 1))[k].mean()),
-                            latency_per_token=float((jct / n)[k].mean()))
-        rows.append(row)
-    return rows
-
-
-def print_by_length(rows: list[dict], policy: str) -> None:
-    print(f"{policy} by output length (engine / sim, ms):")
-    for r in rows:
-        lo, hi = r["tokens"]
-        e, s = r["engine"], r["sim"]
-        print(f"  {lo:>4d}-{min(hi, 9999) - 1:<4d} tokens {r['requests']:4d} req: " + "  ".join(
-            f"{k} {1e3 * e[k]:8.2f} / {1e3 * s[k]:8.2f}" for k in ("ttft", "tpot", "latency_per_token")))
 
 
 def async_overlap() -> float:
