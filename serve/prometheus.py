@@ -37,7 +37,8 @@ requests are not observed).
                                              (scheduler "predictive" only; predictor.py)
 
 The same figures under vLLM's names too, each labelled model_name (the served model's first
-name), so dashboards and autoscalers written for vLLM read this server (`VLLM_SERIES`):
+name), so dashboards and autoscalers written for vLLM read this server (`vllm_families`,
+`_LATENCY_HISTOGRAMS`):
 vllm:num_requests_running, vllm:num_requests_waiting (waiting + paused: started requests not in
 the latest iteration, whose KV is on the device, which vLLM would count as preempted and waiting),
 vllm:num_requests_swapped, vllm:kv_cache_usage_perc and vllm:gpu_cache_usage_perc (the device
@@ -64,6 +65,12 @@ from fastserve_jax.stats import PHASES
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 FINISH_REASONS = ("stop", "length", "abort", "error")
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+# (key, our name after fastserve_, vLLM's after vllm:, doc, buckets)
+_LATENCY_HISTOGRAMS = (
+    ("ttft", "time_to_first_token_seconds", "time_to_first_token_seconds", "arrival to first token", _LATENCY_BUCKETS),
+    ("tpot", "time_per_output_token_seconds", "request_time_per_output_token_seconds",
+     "(finish - first token) / (output tokens - 1), per request", _TPOT_BUCKETS),
+    ("e2e", "e2e_request_latency_seconds", "e2e_request_latency_seconds", "arrival to finish", _LATENCY_BUCKETS))
 
 
 class _EngineCollector:
@@ -183,13 +190,11 @@ class ServerMetrics:
         self.snapshot: dict | None = None
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(self))
-        self.ttft = Histogram("fastserve_time_to_first_token_seconds", "arrival to first token",
-                              buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.tpot = Histogram("fastserve_time_per_output_token_seconds",
-                              "(finish - first token) / (output tokens - 1), per request",
-                              buckets=_TPOT_BUCKETS, registry=self.registry)
-        self.e2e = Histogram("fastserve_e2e_request_latency_seconds", "arrival to finish",
-                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        # each latency histogram twice: ours, and under vLLM's name labelled model_name
+        self.latency = {key: (Histogram(f"fastserve_{ours}", doc, buckets=b, registry=self.registry),
+                              Histogram(f"vllm:{theirs}", doc, ["model_name"], buckets=b,
+                                        registry=self.registry).labels(model_name))
+                        for key, ours, theirs, doc, b in _LATENCY_HISTOGRAMS}
         self.handoff = Histogram("fastserve_request_handoff_seconds", "arrival to the engine's add_request: "
                                  "parsing, tokenizing and the hand-off to the engine thread",
                                  buckets=_TPOT_BUCKETS, registry=self.registry)
@@ -202,12 +207,6 @@ class ServerMetrics:
                                registry=self.registry)
         for reason in FINISH_REASONS:
             self.success.labels(reason)
-        # vLLM's names for the same observations (the module docstring)
-        self.vllm = {k: Histogram(f"vllm:{name}", doc, ["model_name"], buckets=b, registry=self.registry).labels(
-                     model_name) for k, name, doc, b in (
-                     ("ttft", "time_to_first_token_seconds", "arrival to first token", _LATENCY_BUCKETS),
-                     ("tpot", "request_time_per_output_token_seconds", "per request", _TPOT_BUCKETS),
-                     ("e2e", "e2e_request_latency_seconds", "arrival to finish", _LATENCY_BUCKETS))}
         self.vllm_success = Counter("vllm:request_success", "requests ended, by finish reason",
                                     ["model_name", "finished_reason"], registry=self.registry)
         for reason in FINISH_REASONS:
@@ -232,8 +231,8 @@ class ServerMetrics:
             self._observe("tpot", (d.latency - d.ttft) / (d.completion_tokens - 1))
 
     def _observe(self, key: str, value: float) -> None:
-        getattr(self, key).observe(value)
-        self.vllm[key].observe(value)
+        for h in self.latency[key]:
+            h.observe(value)
 
     async def render(self) -> bytes:
         """The registry's text, with a fresh engine snapshot while the engine runs (the last one
