@@ -33,6 +33,11 @@ IGNORED = ("store", "metadata", "service_tier")
 MAX_REQUEST_ID = 256      # characters; it is written into every response and log line
 
 
+def _request_id_ok(text: str) -> bool:
+    """A request id the body's field or the X-Request-Id header may carry."""
+    return 0 < len(text) <= MAX_REQUEST_ID and text.isprintable()
+
+
 def parse_extras(body: dict, stream: bool, max_logprobs: int) -> dict:
     """The Job fields of these request fields."""
     truncate = int_field(body, "truncate_prompt_tokens", None, -1)
@@ -50,7 +55,7 @@ def parse_extras(body: dict, stream: bool, max_logprobs: int) -> dict:
         if stream and prompt_logprobs > 0:
             raise bad_request("'prompt_logprobs' are not available with \"stream\": true", "prompt_logprobs")
     request_id = str_field(body, "request_id")
-    if request_id is not None and not (0 < len(request_id) <= MAX_REQUEST_ID and request_id.isprintable()):
+    if request_id is not None and not _request_id_ok(request_id):
         raise bad_request(f"'request_id' must be 1 to {MAX_REQUEST_ID} printable characters", "request_id")
     bool_field(body, "store", False)
     metadata = body.get("metadata")
@@ -69,7 +74,7 @@ def header_request_id(value: bytes | None) -> str | None:
     if value is None:
         return None
     text = value.decode("latin-1")
-    if not (len(text) <= MAX_REQUEST_ID and text.isprintable()):
+    if not _request_id_ok(text):
         raise bad_request(f"the X-Request-Id header must be 1 to {MAX_REQUEST_ID} printable characters")
     return text
 
