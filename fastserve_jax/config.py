@@ -224,6 +224,9 @@ class EngineConfig:
     # where paused requests' KV goes: "proactive" (FastServe), "reactive", "recompute" (swap_policy.py)
     swap_policy: str = "proactive"
     swap_reserve_blocks: int = 0        # free device blocks the proactive policy keeps (0: sized from arrivals)
+    # vLLM's automatic prefix caching: requests start past KV blocks of the same prefix already
+    # computed (fastserve_jax/prefix_cache.py). Out of the repr: it does not change a step's cost.
+    enable_prefix_caching: bool = field(default=False, repr=False)
     dtype: str = "auto"                 # weights, KV cache, activations (norms, softmax: fp32); for_platform
     seed: int = 0
     scheduler: str = "skip-join-mlfq"
@@ -294,6 +297,8 @@ class EngineConfig:
                                                  or isinstance(self.num_host_blocks, bool) or self.num_host_blocks < 0):
             raise ValueError(f"num_host_blocks must be >= 0 (0 = no host pool) or None (sized automatically), "
                              f"got {self.num_host_blocks!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer (unseeded requests derive theirs from it), got {self.seed!r}")
         if self.scheduler not in SCHEDULER_CHOICES:

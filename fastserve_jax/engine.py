@@ -22,8 +22,9 @@ from fastserve_jax.sampling_params import SamplingParams, sampler_seed
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.cost_profile import is_provisional, profile_engine
 from fastserve_jax.detokenizer import IncrementalDetokenizer, decoder
-from fastserve_jax.kv_cache import KVManager, device_pool_blocks, host_pool_blocks, kv_block_bytes
+from fastserve_jax.kv_cache import kv_block_bytes
 from fastserve_jax.kv_plan import Copies, apply_plan
+from fastserve_jax.prefix_cache import kv_manager
 from fastserve_jax.request import Request, RequestOutput, RequestStatus, TokenLogprobs
 from fastserve_jax.runner import ModelRunner
 from fastserve_jax.runner.compiler import resolve_warmup
@@ -84,9 +85,8 @@ class LLMEngine:
         free = own_params or not any(a is b for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(placed)))
         params = placed     # in the devices' bytes in use; the per-layer copies to come where the stacked stay:
         pending = 0 if free else sum(x.nbytes for x in jax.tree.leaves(params.get("layers", {})))
-        num_blocks = device_pool_blocks(model_cfg, self.cfg, pending, self.layout)
-        num_host = host_pool_blocks(model_cfg, self.cfg, num_blocks, self.layout)
-        self.kv = KVManager(num_blocks, self.cfg.block_size, num_host)
+        self.kv = kv_manager(model_cfg, self.cfg, pending, self.layout)
+        num_blocks, num_host = self.kv.num_blocks, self.kv.num_host_blocks
         self.swap = SwapPolicy(self.cfg.swap_policy, self.kv, self.cfg.max_num_batched_tokens,
                                self.cfg.swap_reserve_blocks)
         self.runner = ModelRunner(params, model_cfg, self.cfg, num_blocks, self.layout, swap=self.swap.swaps,

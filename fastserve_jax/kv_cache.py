@@ -68,6 +68,9 @@ class SwapCopy:
 
 
 class KVManager:
+    caching = False          # prefix caching (prefix_cache.PrefixCachingKVManager): apply_plan matches prompts
+    queries = hits = 0       # its counters, in tokens (requests looked up, tokens found); 0 without
+
     def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> None:
         if num_blocks < 2:
             raise ValueError(f"the device KV pool needs at least 2 blocks (one is the null block), got {num_blocks}")
@@ -94,7 +97,7 @@ class KVManager:
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_usable_blocks - len(self._free)
+        return self.num_usable_blocks - self.num_free_blocks
 
     @property
     def num_host_free_blocks(self) -> int:
@@ -142,6 +145,10 @@ class KVManager:
     def host_blocks(self, req: Request) -> int:
         return self._host.get(req.request_id, 0)
 
+    def freeable_blocks(self, req: Request) -> int:
+        """Device blocks that taking `req`'s KV away frees (prefix caching: those it alone holds)."""
+        return len(self._tables.get(req.request_id, ()))
+
     def blocks_needed(self, req: Request, num_new_tokens: int) -> int:
         """Device blocks `req` must gain to run `num_new_tokens` more tokens (for KV on the host:
         all of them, since it has to come back first)."""
@@ -157,11 +164,9 @@ class KVManager:
         if need == 0 and where is KVLocation.DEVICE:
             return                    # most decodes: the last block has room (the simulator's hot path)
         assert where in (KVLocation.NONE, KVLocation.DEVICE), f"{rid}: allocate while its KV is {where.value}"
-        if need > len(self._free):
-            raise RuntimeError(f"plan does not fit: {rid} needs {need} blocks, {len(self._free)} free")
-        table = self._tables.setdefault(rid, [])
-        for _ in range(need):
-            table.append(self._free.pop())
+        if need > self.num_free_blocks:
+            raise RuntimeError(f"plan does not fit: {rid} needs {need} blocks, {self.num_free_blocks} free")
+        self._tables.setdefault(rid, []).extend(self._take(need))
         self._where[rid] = KVLocation.DEVICE
 
     def free(self, req: Request) -> None:
@@ -170,8 +175,23 @@ class KVManager:
         table = self._tables.pop(rid, [])
         if self._where.pop(rid, None) is KVLocation.SWAPPING_IN:
             self._swapping_in -= len(table)
-        self._free.extend(reversed(table))
+        self._release(table)
         self._host_free += self._host.pop(rid, 0)
+
+    def _take(self, n: int) -> list[int]:
+        """`n` free blocks, now owned."""
+        return [self._free.pop() for _ in range(n)]
+
+    def _release(self, table: list[int]) -> None:
+        """A request's blocks, no longer its own (the first block is handed out again last)."""
+        self._free.extend(reversed(table))
+
+    def _check_blocks(self) -> None:
+        owned = [b for t in self._tables.values() for b in t]
+        seen = owned + self._free
+        assert len(seen) == len(set(seen)), "a block is owned twice or both owned and free"
+        assert set(seen) == set(range(1, self.num_blocks)), "blocks leaked or out of range"
+        assert NULL_BLOCK not in seen
 
     # -- swapping (matching pairs: swap_out / finish_swap_out, swap_in / finish_swap_in) ----
     def can_swap_out(self, req: Request, host_blocks_promised: int = 0) -> bool:
@@ -192,7 +212,7 @@ class KVManager:
             raise RuntimeError(f"host pool full: {rid} needs {len(table)} blocks, {self._host_free} free")
         self._host_free -= len(table)
         self._host[rid] = len(table)
-        self._free.extend(reversed(table))
+        self._release(table)
         self._where[rid] = KVLocation.SWAPPING_OUT
         return SwapCopy(req, tuple(table))
 
@@ -206,9 +226,9 @@ class KVManager:
         rid = req.request_id
         assert self.location(req) in ON_HOST, f"{rid}: swap_in while its KV is {self.location(req).value}"
         n = self._host[rid]
-        if n > len(self._free):
-            raise RuntimeError(f"plan does not fit: swapping {rid} in needs {n} blocks, {len(self._free)} free")
-        table = [self._free.pop() for _ in range(n)]
+        if n > self.num_free_blocks:
+            raise RuntimeError(f"plan does not fit: swapping {rid} in needs {n} blocks, {self.num_free_blocks} free")
+        table = self._take(n)
         self._tables[rid] = table
         self._where[rid] = KVLocation.SWAPPING_IN
         self._swapping_in += n
@@ -224,11 +244,7 @@ class KVManager:
     def check_integrity(self) -> None:
         """Every usable device block is free or owned by exactly one request; host blocks add
         up; each request's ledger entries match its location."""
-        owned = [b for t in self._tables.values() for b in t]
-        seen = owned + self._free
-        assert len(seen) == len(set(seen)), "a block is owned twice or both owned and free"
-        assert set(seen) == set(range(1, self.num_blocks)), "blocks leaked or out of range"
-        assert NULL_BLOCK not in seen
+        self._check_blocks()
         assert self._host_free >= 0, "host pool over-committed (a borrow was not paid back)"
         assert self._host_free + sum(self._host.values()) == self.num_host_blocks, \
             "host blocks leaked or over-committed"

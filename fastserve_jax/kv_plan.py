@@ -3,7 +3,9 @@ and the simulator share. Pure Python; the device copies are the caller's (runner
 transfer-time model), in the order returned:
 
     apply_plan(plan)    drops, swap-outs, then for each scheduled request: swap-in of KV on
-                        the host, allocation of its new tokens' blocks. The swap-out copies
+                        the host, allocation of its new tokens' blocks (with prefix caching a
+                        request with no KV first takes its cached prefix, and its entry in
+                        the plan shrinks to the tokens left to compute). The swap-out copies
                         must be issued before the swap-in copies (a swap-in may reuse a block
                         just freed) and both before the step.
     apply_ahead(ahead)  the swap policy's moves for later iterations, issued after the step:
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 from fastserve_jax.kv_cache import ON_HOST, KVManager, SwapCopy
 from fastserve_jax.request import Request, RequestStatus
-from fastserve_jax.scheduler.base import Plan
+from fastserve_jax.scheduler.base import Plan, ScheduledRequest
 
 
 @dataclass
@@ -56,15 +58,24 @@ def apply_plan(plan: Plan, kv: KVManager, now: float) -> Copies:
     borrow = sum(kv.host_blocks(s.request) for s in plan.scheduled if s.request.request_id in back) if back else 0
     for req in plan.swapped_out:
         copies.swap_out.append(kv.swap_out(req, borrow))
-    for s in plan.scheduled:
+    for i, s in enumerate(plan.scheduled):
         req = s.request
         if back and req.request_id in back:       # not uploaded ahead of time: comes back now
             copies.swap_in.append(kv.swap_in(req))
             kv.finish_swap_in(req)
+        if kv.caching and req.request_id not in where:    # prefix_cache.py: it may start past cached blocks
+            hit = kv.match_prefix(req, s.num_tokens)
+            if hit:
+                s = plan.scheduled[i] = ScheduledRequest(req, s.num_tokens - hit)
+            if req.metrics.first_scheduled_time is None:
+                req.num_cached_tokens = hit
         kv.allocate(req, s.num_tokens)
         req.status = RequestStatus.RUNNING
         if req.metrics.first_scheduled_time is None:
             req.metrics.first_scheduled_time = now
+    if kv.caching:      # only now: no request of this plan reads blocks that its own launches write
+        for s in plan.scheduled:
+            kv.register(s.request, s.num_tokens)
     return copies
 
 

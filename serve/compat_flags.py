@@ -25,8 +25,6 @@ def add_compat_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("vLLM flags accepted for compatibility (no effect here) or refused with a reason")
     g.add_argument("--trust-remote-code", action="store_true", help="accepted, no effect (no remote code is run)")
     g.add_argument("--enforce-eager", action="store_true", help="accepted, no effect (no CUDA graphs)")
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
-                   help="not implemented: only --no-enable-prefix-caching is accepted")
     g.add_argument("--quantization", "-q", default=None, help="not implemented: weights load in --dtype")
     g.add_argument("--kv-cache-dtype", default="auto", help="only auto: the KV cache is held in --dtype")
     g.add_argument("--revision", default=None, help="not implemented: --model is a local directory")
@@ -44,9 +42,6 @@ def refusal(a: argparse.Namespace) -> str | None:
     """The one-line error for a flag naming a feature this engine lacks, or None."""
     if not hasattr(a, "kv_cache_dtype"):      # a command without the engine options
         return None
-    if a.enable_prefix_caching:
-        return ("--enable-prefix-caching: prefix caching is not implemented (every request computes its "
-                "prompt's KV); drop the flag (--no-enable-prefix-caching is accepted)")
     if a.quantization is not None:
         return (f"--quantization {a.quantization}: quantized weights are not implemented; weights load in "
                 "--dtype (float32 or bfloat16)")

@@ -67,6 +67,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--swap-policy", default="proactive", choices=["proactive", "reactive", "recompute"],
                    help="where paused requests' KV goes under memory pressure (default: FastServe's proactive "
                         "swapping to host memory)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
+                   help="requests whose first tokens match KV already computed (a shared system prompt, a "
+                        "conversation's earlier turns, a request preempted for recomputation) start past those "
+                        "blocks instead of prefilling them (vLLM's automatic prefix caching; default off; "
+                        "docs/prefix_caching.md)")
     g.add_argument("--scheduler", default="skip-join-mlfq", choices=sorted(POLICIES),
                    help="scheduling policy (default: FastServe's skip-join MLFQ)")
     g.add_argument("--no-protect-decodes", dest="protect_decodes", action="store_false",
@@ -142,7 +147,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
     """LLM(a.model, **engine_kwargs(a)): every engine option but the model (warmup only when
     given: each command has its own default)."""
     kw = dict({k: getattr(a, k) for k in ENGINE_OPTIONS}, scheduler=a.scheduler, protect_decodes=a.protect_decodes,
-              async_scheduling=a.async_scheduling)
+              async_scheduling=a.async_scheduling, enable_prefix_caching=a.enable_prefix_caching)
     for k in ("warmup", *BUCKET_OPTIONS):
         if kw[k] is None:
             del kw[k]
@@ -161,6 +166,8 @@ def engine_argv(a: argparse.Namespace) -> list[str]:
         argv.append("--no-protect-decodes")
     if a.async_scheduling is not None:
         argv.append("--async-scheduling" if a.async_scheduling else "--no-async-scheduling")
+    if a.enable_prefix_caching:
+        argv.append("--enable-prefix-caching")
     return argv
 
 

@@ -14,7 +14,7 @@ requests are not observed).
     fastserve_swap_blocks_total{direction}, fastserve_swap_bytes_total{direction},
     fastserve_swap_stall_seconds_total (fastserve_swap_fused_seconds_total: the part estimated
     for fused copies), fastserve_busy_seconds_total, fastserve_iterations_total,
-    fastserve_recomputed_tokens_total
+    fastserve_recomputed_tokens_total, fastserve_prefix_cache_{queries,hits}_total (tokens)
     fastserve_iteration_phase_seconds_total{phase}
                                              schedule | assemble | device | postprocess: where
                                              the iterations' busy seconds go (stats.EngineStats)
@@ -43,8 +43,9 @@ vllm:num_requests_running, vllm:num_requests_waiting (waiting + paused: started 
 the latest iteration, whose KV is on the device, which vLLM would count as preempted and waiting),
 vllm:num_requests_swapped, vllm:kv_cache_usage_perc and vllm:gpu_cache_usage_perc (the device
 pool's used fraction, 0-1, vLLM's V1 and V0 names), vllm:cpu_cache_usage_perc (the host pool's),
-vllm:prompt_tokens_total, vllm:generation_tokens_total, vllm:num_preemptions_total (requests whose KV
-left the device: swapped out or dropped; a pause that keeps it is no preemption there),
+vllm:prompt_tokens_total, vllm:generation_tokens_total, vllm:prefix_cache_{queries,hits}_total,
+vllm:num_preemptions_total (requests whose KV left the device: swapped out or dropped; a pause
+that keeps it is no preemption there),
 vllm:request_success_total{finished_reason},
 and the histograms vllm:time_to_first_token_seconds, vllm:request_time_per_output_token_seconds
 (per request, as ours; vLLM's per-token vllm:inter_token_latency_seconds has no counterpart
@@ -122,6 +123,9 @@ class _EngineCollector:
                          ("generation_tokens_total", "tokens generated"),
                          ("recomputations_total", "requests whose KV was dropped and recomputed"),
                          ("recomputed_tokens_total", "computed tokens dropped and prefilled again"),
+                         ("prefix_cache_queries_total", "tokens of requests looked up in the prefix cache "
+                                                        "(--enable-prefix-caching; 0 without)"),
+                         ("prefix_cache_hits_total", "of those, tokens found there (not prefilled)"),
                          ("swap_stall_seconds_total", "seconds iterations waited on swaps (fused copies: "
                                                       "estimated, see the next)"),
                          ("swap_fused_seconds_total", "of those, the estimated time of the fused swap copies, "
@@ -168,6 +172,9 @@ def vllm_families(s: dict, model: str):
             ("cpu_cache_usage_perc", GaugeMetricFamily, "host KV pool in use, 0-1", host),
             ("prompt_tokens", CounterMetricFamily, "prompt tokens prefilled", s["prompt_tokens_total"]),
             ("generation_tokens", CounterMetricFamily, "tokens generated", s["generation_tokens_total"]),
+            ("prefix_cache_queries", CounterMetricFamily, "tokens looked up in the prefix cache",
+             s["prefix_cache_queries_total"]),
+            ("prefix_cache_hits", CounterMetricFamily, "tokens found in the prefix cache", s["prefix_cache_hits_total"]),
             ("num_preemptions", CounterMetricFamily, "requests whose KV left the device: moved to the host (on "
              "demand or ahead of need) or dropped for recomputation", s["swap_outs_total"] + s["recomputations_total"])):
         m = kind(f"vllm:{name}", doc, labels=["model_name"])

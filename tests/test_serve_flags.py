@@ -95,7 +95,6 @@ def test_bucket_lists_are_engine_options_passed_on_whole(capsys):
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--enable-prefix-caching"], "--enable-prefix-caching: prefix caching is not implemented"),
     (["--quantization", "awq"], "--quantization awq: quantized weights are not implemented"),
     (["-q", "fp8"], "--quantization fp8: quantized weights are not implemented"),
     (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8: only 'auto' is implemented"),

@@ -200,13 +200,10 @@ def _retire(plan, now, kv, sched, swap, live) -> None:
 
 
 # -- a long randomized run of the ledger under every swap policy -----------------------------
-@pytest.mark.parametrize("policy", ["proactive", "reactive", "recompute"])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_randomized_ledger_invariants(policy, seed):
-    """Arrivals, preemption, swaps both ways, cancellations and finishes: the ledger stays
-    consistent after every iteration and everything is freed at the end."""
-    rng = random.Random(seed)
-    kv = KVManager(num_blocks=40, block_size=4, num_host_blocks=0 if policy == "recompute" else 30)
+def randomized_run(kv, policy: str, rng: random.Random, new_request) -> int:
+    """600 iterations of skip-join over `kv` with arrivals (`new_request(i)`, 120 at most),
+    preemption, swaps both ways, cancellations and finishes, checking the ledger after every
+    iteration; everything is freed at the end. Returns the swap copies issued."""
     sched = make_scheduler("skip-join-mlfq", Limits(6, 32), kv, CFG, COST)
     swap = SwapPolicy(policy, kv, 32)
     sched.swap_on_evict = swap.swaps
@@ -215,7 +212,7 @@ def test_randomized_ledger_invariants(policy, seed):
     now, made, moves = 0.0, 0, 0
     for it in range(600):
         if made < 120 and rng.random() < 0.35:
-            r = req(f"r{made}", rng.randint(1, 40), max_tokens=rng.randint(1, 60))
+            r = new_request(made)
             made += 1
             live[r.request_id] = r
             sched.add(r)
@@ -254,6 +251,17 @@ def test_randomized_ledger_invariants(policy, seed):
         kv.free(r)
     kv.check_integrity()
     assert kv.num_used_blocks == 0 and kv.num_host_used_blocks == 0
+    return moves
+
+
+@pytest.mark.parametrize("policy", ["proactive", "reactive", "recompute"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_randomized_ledger_invariants(policy, seed):
+    """Arrivals, preemption, swaps both ways, cancellations and finishes: the ledger stays
+    consistent after every iteration and everything is freed at the end."""
+    rng = random.Random(seed)
+    kv = KVManager(num_blocks=40, block_size=4, num_host_blocks=0 if policy == "recompute" else 30)
+    moves = randomized_run(kv, policy, rng, lambda i: req(f"r{i}", rng.randint(1, 40), max_tokens=rng.randint(1, 60)))
     assert (moves > 0) == (policy != "recompute")
 
 

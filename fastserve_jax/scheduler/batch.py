@@ -95,7 +95,8 @@ class QueueWalk:
 def evict(plan: Plan, victim: Request, kv: KVManager, swap: bool) -> int:
     """Take `victim`'s device KV away in `plan`: to the host pool when `swap` and it has room
     next to what the plan already moves there, else drop it. Returns the device blocks freed
-    (none for KV already on the host, which stays there)."""
+    (none for KV already on the host, which stays there; with prefix caching, only blocks it
+    alone holds)."""
     n = len(kv.block_table(victim))
     if n == 0:
         return 0
@@ -104,7 +105,7 @@ def evict(plan: Plan, victim: Request, kv: KVManager, swap: bool) -> int:
         plan.host_blocks += n
     else:
         plan.preempted.append(victim)
-    return n
+    return kv.freeable_blocks(victim) if kv.caching else n
 
 
 def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], limits: Limits,

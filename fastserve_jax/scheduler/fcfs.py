@@ -117,7 +117,7 @@ class FCFSScheduler(Scheduler):
         if not ids:                              # the common case: only running requests hold KV
             return 0
         holders = [r for r in reversed(self.waiting) if r.request_id in ids and not r.in_flight]
-        if sum(len(kv.block_table(r)) for r in holders) < want:
+        if sum(kv.freeable_blocks(r) for r in holders) < want:
             return 0
         freed = 0
         for r in holders:

@@ -1,0 +1,199 @@
+"""Automatic prefix caching: a request whose first tokens match KV already computed takes those
+blocks instead of prefilling them again (vLLM's `--enable-prefix-caching`).
+
+A full block's key is a hash chain over the token ids up to its end,
+
+    key[i] = blake2b(key[i-1] + tokens[i*bs : (i+1)*bs])        (16 bytes)
+
+so one key names one exact prefix. Blocks are reference counted: several requests share a
+prefix's blocks, and a block whose count falls to 0 while it has a key is kept as cached
+(free, but matchable) until its slot is needed:
+
+    free list:   [ 7, 3 ]                   no key: handed out first
+    cached:      { 9: k9, 4: k4, ... }      count 0, has a key: handed out least recently freed first
+    shared:      req-a -> [1, 2, 5]         count 2 for 1 and 2 (req-b's prefix too)
+                 req-b -> [1, 2, 6]
+
+`num_free_blocks` counts both free and cached blocks, so the policies plan as they do without
+caching. A hit only ever takes fewer free blocks than the policy counted, and `freeable_blocks`
+counts the blocks a request alone holds, so that an eviction frees no less than the policy
+was told.
+
+When blocks get keys (`register`, from kv_plan.apply_plan): a block whose tokens are all known
+on the host gets its key as soon as a step that writes it is applied. Every later step is
+issued after that one, and the device runs work in issue order, so a request that matches the
+block reads it after it is written. Positions still pending (async scheduling's tokens on the
+device) never get keys, so a finished request's stray row in the next batch writes only
+to its last, keyless block.
+
+When a request matches (`match_prefix`, the first allocation of a request with no KV): at most
+`num_tokens - 1` tokens, whole blocks only, so that the step still computes the chunk's last
+token and samples from it. A request that wants prompt logprobs never matches (the skipped
+tokens would have none), like vLLM. Recomputation after a preemption matches too, over prompt
+and output tokens, so a dropped request whose blocks were not handed out since runs again
+without prefilling. A swapped-out request's host copy is whole; it comes back into blocks
+of its own (no sharing restored) and they get keys again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, OrderedDict
+
+import numpy as np
+
+from fastserve_jax.kv_cache import NULL_BLOCK, KVLocation, KVManager, device_pool_blocks, host_pool_blocks
+from fastserve_jax.request import Request
+
+
+class PrefixCachingKVManager(KVManager):
+    caching = True
+
+    def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> None:
+        super().__init__(num_blocks, block_size, num_host_blocks)
+        self._ref = [0] * num_blocks
+        self._cached: OrderedDict[int, bytes] = OrderedDict()   # count 0 with a key, oldest first
+        self._key_of: dict[int, bytes] = {}
+        self._block_of: dict[bytes, int] = {}
+        self._chains: dict[str, list[bytes]] = {}      # request id -> its full blocks' keys so far
+        self._registered: dict[str, int] = {}          # request id -> leading table blocks registered
+        self.queries = 0        # tokens of requests looked up
+        self.hits = 0           # of those, tokens taken from the cache
+        self.evictions = 0      # cached blocks handed out for other content
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free) + len(self._cached)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks with a key (matchable), held by requests or not."""
+        return len(self._key_of)
+
+    def freeable_blocks(self, req: Request) -> int:
+        ref = self._ref
+        return sum(1 for b in self._tables.get(req.request_id, ()) if ref[b] == 1)
+
+    # -- keys ------------------------------------------------------------------------------
+    def _chain(self, req: Request, num_blocks: int) -> list[bytes]:
+        chain = self._chains.setdefault(req.request_id, [])
+        have, bs = len(chain), self.block_size
+        if have < num_blocks:
+            n_prompt = req.num_prompt_tokens
+            lo, hi = have * bs, num_blocks * bs
+            toks = req.prompt_token_ids[lo:hi] if hi <= n_prompt else \
+                req.prompt_token_ids[lo:] + req.output_token_ids[max(lo - n_prompt, 0):hi - n_prompt]
+            arr = np.asarray(toks, np.int32)
+            key = chain[-1] if chain else b""
+            for i in range(num_blocks - have):
+                key = hashlib.blake2b(key + arr[i * bs:(i + 1) * bs].tobytes(), digest_size=16).digest()
+                chain.append(key)
+        return chain
+
+    def match_prefix(self, req: Request, num_tokens: int) -> int:
+        """Give a request with no KV the cached blocks of its longest matching prefix, at most
+        `num_tokens - 1` tokens in whole blocks; sets and returns its num_computed_tokens."""
+        rid = req.request_id
+        assert rid not in self._where and req.num_computed_tokens == 0, f"{rid}: match_prefix with KV"
+        self.queries += req.num_known_tokens
+        limit = (min(num_tokens, req.num_known_tokens) - 1) // self.block_size
+        if limit <= 0 or req.sampling.prompt_logprobs is not None:
+            return 0
+        table = []
+        for key in self._chain(req, limit)[:limit]:
+            b = self._block_of.get(key)
+            if b is None:
+                break
+            table.append(b)
+        if not table:
+            return 0
+        ref, cached = self._ref, self._cached
+        for b in table:
+            if ref[b] == 0:
+                del cached[b]
+            ref[b] += 1
+        self._tables[rid] = table
+        self._where[rid] = KVLocation.DEVICE
+        self._registered[rid] = len(table)
+        req.num_computed_tokens = hit = len(table) * self.block_size
+        self.hits += hit
+        return hit
+
+    def register(self, req: Request, num_new_tokens: int) -> None:
+        """Give keys to the request's full blocks that the step about to run completes (the
+        tokens must be known on the host); a prefix another block already holds keeps that one."""
+        rid = req.request_id
+        full = min(req.num_computed_tokens + num_new_tokens, req.num_known_tokens) // self.block_size
+        done = self._registered.get(rid, 0)
+        if full <= done:
+            return
+        chain, table = self._chain(req, full), self._tables[rid]
+        key_of, block_of = self._key_of, self._block_of
+        for i in range(done, full):
+            b, key = table[i], chain[i]
+            if b not in key_of and key not in block_of:
+                key_of[b], block_of[key] = key, b
+        self._registered[rid] = full
+
+    def reset(self) -> None:
+        """Forget every key (the blocks' contents are no longer trusted); held blocks stay held."""
+        self._free.extend(self._cached)
+        self._cached.clear()
+        self._key_of.clear()
+        self._block_of.clear()
+        self._chains.clear()
+        self._registered.clear()
+
+    # -- ownership -------------------------------------------------------------------------
+    def _take(self, n: int) -> list[int]:
+        free, cached, ref, out = self._free, self._cached, self._ref, []
+        for _ in range(n):
+            if free:
+                b = free.pop()
+            else:                                   # the least recently freed cached block
+                b, key = cached.popitem(last=False)
+                del self._key_of[b], self._block_of[key]
+                self.evictions += 1
+            ref[b] = 1
+            out.append(b)
+        return out
+
+    def _release(self, table: list[int]) -> None:
+        ref, key_of = self._ref, self._key_of
+        for b in reversed(table):          # a request's last blocks are handed out again first
+            ref[b] -= 1
+            if ref[b] == 0:
+                key = key_of.get(b)
+                if key is None:
+                    self._free.append(b)
+                else:
+                    self._cached[b] = key
+
+    def free(self, req: Request) -> None:
+        super().free(req)
+        self._chains.pop(req.request_id, None)
+        self._registered.pop(req.request_id, None)
+
+    def swap_in(self, req: Request):
+        copy = super().swap_in(req)
+        self._registered[req.request_id] = 0        # blocks of its own, keys given again as it runs
+        return copy
+
+    def _check_blocks(self) -> None:
+        refs = Counter(b for t in self._tables.values() for b in t)
+        assert all(self._ref[b] == refs.get(b, 0) for b in range(self.num_blocks)), "reference counts are off"
+        free, cached = set(self._free), set(self._cached)
+        assert len(free) == len(self._free) and not free & cached and not (free | cached) & set(refs), \
+            "a block is both free and held, or free twice"
+        assert free | cached | set(refs) == set(range(1, self.num_blocks)), "blocks leaked or out of range"
+        assert NULL_BLOCK not in free | cached | set(refs)
+        assert cached <= set(self._key_of) and all(self._block_of[k] == b for b, k in self._key_of.items()), \
+            "the key maps disagree"
+
+
+def kv_manager(model_cfg, cfg, pending_bytes: int, layout) -> KVManager:
+    """The engine's KV ledger: pools sized by kv_cache.device_pool_blocks / host_pool_blocks
+    (`pending_bytes`: weight copies still to be placed), with prefix caching if cfg asks."""
+    num_blocks = device_pool_blocks(model_cfg, cfg, pending_bytes, layout)
+    num_host = host_pool_blocks(model_cfg, cfg, num_blocks, layout)
+    return (PrefixCachingKVManager if cfg.enable_prefix_caching else KVManager)(num_blocks, cfg.block_size, num_host)

@@ -1,0 +1,185 @@
+"""Automatic prefix caching (fastserve_jax/prefix_cache.py): the shared-block ledger, and the
+engine's tokens with shared prefixes under memory pressure, preemption and swapping."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from fastserve_jax import LLM, SamplingParams
+from fastserve_jax.kv_plan import apply_plan
+from fastserve_jax.prefix_cache import PrefixCachingKVManager
+from fastserve_jax.request import Request
+from fastserve_jax.scheduler.base import Plan, ScheduledRequest
+from engine_grids import SMALL_GRID
+from test_swap import randomized_run
+
+ENGINE_KW = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, block_size=8, **SMALL_GRID)
+
+
+def req(rid: str, tokens: list[int], max_tokens: int = 8, **sp) -> Request:
+    return Request(rid, list(tokens), SamplingParams(max_tokens=max_tokens, ignore_eos=True, **sp), 0.0)
+
+
+def run_plan(kv, *items) -> Plan:
+    plan = Plan(scheduled=[ScheduledRequest(r, n) for r, n in items])
+    apply_plan(plan, kv, 0.0)
+    for s in plan.scheduled:
+        s.request.num_computed_tokens += s.num_tokens
+    return plan
+
+
+# -- the ledger -------------------------------------------------------------------------------
+def test_a_second_request_shares_the_first_ones_full_blocks_and_computes_the_rest():
+    kv = PrefixCachingKVManager(num_blocks=20, block_size=4)
+    a, b = req("a", range(1, 12)), req("b", [*range(1, 10), 50, 51])      # 11 tokens; the first 9 shared
+    run_plan(kv, (a, 11))
+    assert kv.num_used_blocks == 3 and kv.num_cached_blocks == 2          # the third block is not full
+    plan = run_plan(kv, (b, 11))
+    assert plan.scheduled[0].num_tokens == 3 and b.num_cached_tokens == 8 and (kv.queries, kv.hits) == (22, 8)
+    assert kv.block_table(b)[:2] == kv.block_table(a)[:2] and kv.block_table(b)[2] != kv.block_table(a)[2]
+    assert kv.num_used_blocks == 4 and kv.freeable_blocks(a) == 1 and kv.freeable_blocks(b) == 1
+    kv.check_integrity()
+    kv.free(a)
+    assert kv.num_used_blocks == 3 and kv.num_free_blocks == 16
+    kv.free(b)          # its blocks stay cached: free, and matchable
+    assert kv.num_used_blocks == 0 and kv.num_free_blocks == 19 and kv.num_cached_blocks == 2
+    c = req("c", range(1, 12))
+    assert run_plan(kv, (c, 11)).scheduled[0].num_tokens == 3
+    kv.check_integrity()
+
+
+def test_requests_of_one_plan_never_read_blocks_that_its_launches_write():
+    kv = PrefixCachingKVManager(num_blocks=20, block_size=4)
+    a, b = req("a", range(1, 10)), req("b", range(1, 10))
+    assert [s.num_tokens for s in run_plan(kv, (a, 9), (b, 9)).scheduled] == [9, 9] and kv.hits == 0
+    assert run_plan(kv, (req("c", range(1, 10)), 9)).scheduled[0].num_tokens == 1
+    kv.check_integrity()
+
+
+def test_the_last_token_is_always_computed_and_a_chunk_matches_at_most_its_own_tokens():
+    kv = PrefixCachingKVManager(num_blocks=20, block_size=4)
+    run_plan(kv, (req("a", range(1, 9)), 8))                     # two full blocks
+    b = req("b", range(1, 9))                                    # the same 8 tokens: 4 are recomputed
+    assert run_plan(kv, (b, 8)).scheduled[0].num_tokens == 4 and b.num_computed_tokens == 8
+    c = req("c", range(1, 13))
+    assert run_plan(kv, (c, 5)).scheduled[0].num_tokens == 1     # a 5-token chunk: one block, then 1 token
+    d = req("d", range(1, 9), prompt_logprobs=1)                 # prompt logprobs need every prompt token
+    assert run_plan(kv, (d, 8)).scheduled[0].num_tokens == 8 and d.num_cached_tokens == 0
+    kv.check_integrity()
+
+
+def test_cached_blocks_are_handed_out_last_and_least_recently_freed_first():
+    kv = PrefixCachingKVManager(num_blocks=9, block_size=4)     # 8 usable
+    a, b = req("a", range(1, 9)), req("b", range(101, 109))
+    run_plan(kv, (a, 8), (b, 8))
+    kv.free(a)
+    kv.free(b)
+    assert kv.num_free_blocks == 8 and kv.num_cached_blocks == 4
+    c = req("c", range(201, 217))                                # 4 blocks: the 4 never used
+    run_plan(kv, (c, 16))
+    assert kv.num_cached_blocks == 8 and kv.evictions == 0
+    kv.free(c)
+    d = req("d", range(301, 309))                                # 2 blocks: a's (freed first) go
+    run_plan(kv, (d, 8))
+    assert kv.evictions == 2
+    assert run_plan(kv, (req("f", range(101, 109)), 8)).scheduled[0].num_tokens == 4  # b's prefix is kept
+    assert run_plan(kv, (req("e", range(1, 9)), 8)).scheduled[0].num_tokens == 8      # a's is gone
+    kv.check_integrity()
+
+
+def test_a_swapped_out_request_leaves_its_shared_blocks_and_comes_back_into_its_own():
+    kv = PrefixCachingKVManager(num_blocks=20, block_size=4, num_host_blocks=10)
+    a, b = req("a", range(1, 14)), req("b", range(1, 14))
+    run_plan(kv, (a, 13))
+    run_plan(kv, (b, 13))
+    assert kv.freeable_blocks(b) == 1 and kv.num_used_blocks == 5
+    copy = kv.swap_out(b)
+    assert copy.num_blocks == 4 and kv.host_blocks(b) == 4 and kv.num_used_blocks == 4
+    kv.finish_swap_out(b)
+    kv.swap_in(b)
+    kv.finish_swap_in(b)
+    assert not set(kv.block_table(b)) & set(kv.block_table(a)) and kv.num_used_blocks == 8
+    kv.check_integrity()
+    b.output_token_ids += [7, 7, 7]                               # decode fills its fourth block
+    run_plan(kv, (b, 1), (b, 0))
+    kv.free(a)
+    kv.free(b)
+    kv.check_integrity()
+    assert kv.num_used_blocks == 0 and kv.num_host_used_blocks == 0
+
+
+@pytest.mark.parametrize("policy", ["proactive", "reactive", "recompute"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_randomized_ledger_with_shared_prefixes(policy, seed):
+    """Arrivals behind four shared prefixes, preemption, swaps both ways, aborts and finishes
+    under skip-join: the shared ledger stays consistent after every iteration, the plans always
+    fit, and everything is free (some of it cached) at the end."""
+    rng = random.Random(seed)
+    kv = PrefixCachingKVManager(num_blocks=40, block_size=4, num_host_blocks=0 if policy == "recompute" else 30)
+    stems = [[rng.randint(3, 200) for _ in range(rng.randint(4, 24))] for _ in range(4)]
+
+    def new_request(i: int) -> Request:
+        tail = [rng.randint(3, 200) for _ in range(rng.randint(1, 16))]
+        return req(f"r{i}", rng.choice(stems) + tail, max_tokens=rng.randint(1, 40))
+
+    randomized_run(kv, policy, rng, new_request)
+    assert kv.hits > 0
+
+
+# -- the engine: tokens as without caching -------------------------------------------------------
+def _prompts(n, seed, shared):
+    rng = np.random.default_rng(seed)
+    stem = [int(x) for x in rng.integers(3, 250, shared)]
+    return [stem + [int(x) for x in rng.integers(3, 250, int(k))] for k in rng.integers(5, 30, n)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoints):
+    path = tiny_checkpoints("llama")
+    prompts = _prompts(10, 5, 50)
+    sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    want = [o.token_ids for o in LLM(path, warmup=False, num_device_blocks=160, scheduler="fcfs",
+                                     **ENGINE_KW).generate(prompts, sp)]
+    return path, prompts, sp, want
+
+
+@pytest.mark.parametrize("policy, scheduler", [("proactive", "skip-join-mlfq"), ("reactive", "fcfs"),
+                                               ("recompute", "skip-join-mlfq")])
+def test_tokens_identical_with_shared_prefixes_under_memory_pressure(reference, policy, scheduler):
+    """Ten requests behind a 50-token shared prompt in a 29-block pool: they share its blocks,
+    go out and come back (or are recomputed), and greedy tokens match a run without caching."""
+    path, prompts, sp, want = reference
+    llm = LLM(path, warmup=False, num_device_blocks=30, num_host_blocks=80, swap_policy=policy, scheduler=scheduler,
+              enable_prefix_caching=True, **ENGINE_KW)
+    e = llm.engine
+    reqs = [e.add_request(p, sp) for p in prompts]
+    while e.has_unfinished():
+        e.step()
+        e.kv.check_integrity()
+    assert [r.output_token_ids for r in reqs] == want
+    assert e.kv.num_used_blocks == 0 and e.kv.num_host_used_blocks == 0
+    # the first two start in the same step (nothing cached yet); under pressure some of the shared
+    # blocks are handed out before the last requests start
+    assert sum(r.num_cached_tokens > 0 for r in reqs) >= 7
+    snap = e.snapshot()
+    assert snap["prefix_cache_hits_total"] == e.kv.hits > 0 and snap["prefix_cache_queries_total"] == e.kv.queries
+    if policy == "recompute":       # a dropped request finds its own blocks again
+        assert e.stats.recomputations > 0 and e.kv.hits > sum(r.num_cached_tokens for r in reqs)
+    else:
+        assert e.stats.swap_out_blocks > 0
+
+
+def test_prompt_logprobs_are_computed_not_taken_from_the_cache(reference):
+    path, prompts, sp, _ = reference
+    llm = LLM(path, warmup=False, num_device_blocks=160, scheduler="fcfs", enable_prefix_caching=True, **ENGINE_KW)
+    plain = LLM(path, warmup=False, num_device_blocks=160, scheduler="fcfs", **ENGINE_KW)
+    lp = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=2)
+    llm.generate(prompts[:1], sp)
+    got, = llm.generate(prompts[1:2], lp)
+    ref, = plain.generate(prompts[1:2], lp)
+    assert [x and (x.token_id, round(x.logprob, 4)) for x in got.prompt_logprobs] == \
+        [x and (x.token_id, round(x.logprob, 4)) for x in ref.prompt_logprobs]
+    assert got.token_ids == ref.token_ids
