@@ -4,8 +4,8 @@ transfer-time model), in the order returned:
 
     apply_plan(plan)    drops, swap-outs, then for each scheduled request: swap-in of KV on
                         the host, allocation of its new tokens' blocks (with prefix caching a
-                        request with no KV first takes its cached prefix, and its entry in
-                        the plan shrinks to the tokens left to compute). The swap-out copies
+                        prefilling request first takes the cached blocks of its prefix, and
+                        its entry in the plan shrinks to the tokens left to compute). The swap-out copies
                         must be issued before the swap-in copies (a swap-in may reuse a block
                         just freed) and both before the step.
     apply_ahead(ahead)  the swap policy's moves for later iterations, issued after the step:
@@ -63,12 +63,12 @@ def apply_plan(plan: Plan, kv: KVManager, now: float) -> Copies:
         if back and req.request_id in back:       # not uploaded ahead of time: comes back now
             copies.swap_in.append(kv.swap_in(req))
             kv.finish_swap_in(req)
-        if kv.caching and req.request_id not in where:    # prefix_cache.py: it may start past cached blocks
+        if kv.caching and req.num_computed_tokens + 1 < req.num_known_tokens:   # prefilling: prefix_cache.py
             hit = kv.match_prefix(req, s.num_tokens)
             if hit:
                 s = plan.scheduled[i] = ScheduledRequest(req, s.num_tokens - hit)
-            if req.metrics.first_scheduled_time is None:
-                req.num_cached_tokens = hit
+                if req.metrics.first_token_time is None:
+                    req.num_cached_tokens = min(req.num_cached_tokens + hit, req.num_prompt_tokens)
         kv.allocate(req, s.num_tokens)
         req.status = RequestStatus.RUNNING
         if req.metrics.first_scheduled_time is None:

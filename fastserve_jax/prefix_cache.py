@@ -26,10 +26,14 @@ block reads it after it is written. Positions still pending (async scheduling's 
 device) never get keys, so a finished request's stray row in the next batch writes only
 to its last, keyless block.
 
-When a request matches (`match_prefix`, the first allocation of a request with no KV): at most
-`num_tokens - 1` tokens, whole blocks only, so that the step still computes the chunk's last
-token and samples from it. A request that wants prompt logprobs never matches (the skipped
-tokens would have none), like vLLM. Recomputation after a preemption matches too, over prompt
+When a request matches (`match_prefix`, from kv_plan.apply_plan): whenever a step is about to
+compute tokens of a request that has none on the device yet, or that is still prefilling, it
+takes the cached blocks that follow, up to the block before the chunk's last token, so that the
+step still computes that token (and samples from it where the chunk ends the prompt). The
+policy planned the chunk without knowing: its entry in the plan shrinks, and the chunk's end
+stays where the policy put it, so a long prompt whose first chunk the policy cut short finds
+the rest of its prefix when its next chunk is planned. A request that wants prompt logprobs
+never matches (the skipped tokens would have none), like vLLM. Recomputation after a preemption matches too, over prompt
 and output tokens, so a dropped request whose blocks were not handed out since runs again
 without prefilling. A swapped-out request's host copy is whole; it comes back into blocks
 of its own (no sharing restored) and they get keys again.
@@ -91,31 +95,46 @@ class PrefixCachingKVManager(KVManager):
         return chain
 
     def match_prefix(self, req: Request, num_tokens: int) -> int:
-        """Give a request with no KV the cached blocks of its longest matching prefix, at most
-        `num_tokens - 1` tokens in whole blocks; sets and returns its num_computed_tokens."""
-        rid = req.request_id
-        assert rid not in self._where and req.num_computed_tokens == 0, f"{rid}: match_prefix with KV"
-        self.queries += req.num_known_tokens
-        limit = (min(num_tokens, req.num_known_tokens) - 1) // self.block_size
-        if limit <= 0 or req.sampling.prompt_logprobs is not None:
+        """Let `req`, about to compute `num_tokens` more tokens, take the cached blocks that
+        follow what it has computed: at most up to the block before its chunk's last token, so
+        that the step still computes that token (and samples from it where the chunk ends the
+        prompt). A request with no KV starts from its first block; a prefill that goes on from
+        the middle of a block hands that block back for the cached one that holds the same
+        tokens and more. Advances num_computed_tokens; returns the tokens taken."""
+        rid, bs, start = req.request_id, self.block_size, req.num_computed_tokens
+        table = self._tables.get(rid)
+        if table is None:
+            assert rid not in self._where and start == 0, f"{rid}: match_prefix with KV that is not on the device"
+            self.queries += req.num_known_tokens
+        elif self._where[rid] is not KVLocation.DEVICE or len(table) != -(-start // bs):
             return 0
-        table = []
-        for key in self._chain(req, limit)[:limit]:
-            b = self._block_of.get(key)
+        first, limit = start // bs, (min(start + num_tokens, req.num_known_tokens) - 1) // bs
+        if limit <= first or req.sampling.prompt_logprobs is not None:
+            return 0
+        got = []
+        block_of = self._block_of
+        for key in self._chain(req, limit)[first:limit]:
+            b = block_of.get(key)
             if b is None:
                 break
-            table.append(b)
-        if not table:
+            got.append(b)
+        if not got:
             return 0
         ref, cached = self._ref, self._cached
-        for b in table:
+        for b in got:
             if ref[b] == 0:
                 del cached[b]
             ref[b] += 1
-        self._tables[rid] = table
-        self._where[rid] = KVLocation.DEVICE
+        if table is None:
+            self._tables[rid] = table = []
+            self._where[rid] = KVLocation.DEVICE
+        elif start % bs:                                # its own partial block: the same tokens, fewer
+            self._release(table[first:])
+            del table[first:]
+        table += got
         self._registered[rid] = len(table)
-        req.num_computed_tokens = hit = len(table) * self.block_size
+        req.num_computed_tokens = len(table) * bs
+        hit = req.num_computed_tokens - start
         self.hits += hit
         return hit
 

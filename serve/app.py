@@ -217,7 +217,7 @@ async def _generate(request: Request, chat: bool, body: dict | None = None) -> R
                                                                               srv.cfg.chat_template)
     srv.admit(len(prompts))
     group = srv.engine.submit(prompts, arrival)
-    fmt = Formatter.for_job(job, srv.cfg.model_name, eng.tokenizer, prompts)
+    fmt = Formatter.for_job(job, srv.cfg.model_name, eng.tokenizer, prompts, eng.cfg.enable_prefix_caching)
     if srv.cfg.log_requests:
         first = job.prompts[0]
         log.info("received request %s: prompt %.*r (%d prompt tokens in all, %d engine requests), params %s",

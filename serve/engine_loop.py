@@ -64,6 +64,7 @@ class Delta:
     finish_reason: str | None = None     # "stop" | "length" | "abort" on the last delta
     prompt_tokens: int = 0
     completion_tokens: int = 0           # generated so far
+    cached_tokens: int = 0               # prompt tokens found in the prefix cache (Request.num_cached_tokens)
     error: str | None = None             # engine fault: the request failed
     error_status: int = 500              # the HTTP status that answers `error` (503: the server shut down)
     ttft: float | None = None            # seconds, on the delta with the request's first token and on the last
@@ -130,7 +131,7 @@ class _Tracked:
         new_ids = req.output_token_ids[self.sent_tokens:]
         lps = req.logprobs[self.sent_tokens:] if req.logprobs is not None else None
         d = Delta(text[self.sent_text:end], new_ids, lps, req.finish_reason, req.num_prompt_tokens,
-                  len(req.output_token_ids))
+                  len(req.output_token_ids), req.num_cached_tokens)
         if self.sent_tokens == 0 and new_ids:
             d.ttft = req.metrics.ttft
             if req.prompt_logprobs is not None:
@@ -327,5 +328,7 @@ class EngineLoop:
                     log.exception("abort of %s after a failed step also failed", rid)
             batch.append((rid, t.index, Delta("", [], None, error=message)))
         self._tracked.clear()
+        if getattr(self.engine.kv, "caching", False):    # keys given for a step that may not have run
+            self.engine.kv.reset()
         if batch:
             self.emit(("deltas", batch))

@@ -27,9 +27,13 @@ def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    """OpenAI's usage; with `cached_tokens` (prefix caching on) its prompt_tokens_details too."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Choice:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
     def add(self, d: Delta) -> None:
         self.text += d.text
@@ -50,6 +55,7 @@ class Choice:
         self.finish_reason = d.finish_reason or self.finish_reason
         self.prompt_tokens = d.prompt_tokens or self.prompt_tokens
         self.completion_tokens = d.completion_tokens
+        self.cached_tokens = d.cached_tokens or self.cached_tokens
 
 
 class Formatter:
@@ -59,7 +65,7 @@ class Formatter:
                  usage_prompt_tokens: list[int] | None = None, echo_ids: list[list[int]] | None = None,
                  skip_special_tokens: bool = True, prompt_only: bool = False, request_id: str | None = None,
                  role: str = "assistant", chat_echo: str = "", prompt_logprobs: bool = False,
-                 echo_decoded: frozenset[int] = frozenset()) -> None:
+                 echo_decoded: frozenset[int] = frozenset(), details_n: int = 0) -> None:
         """echo: per choice, the text written before its first text (completions);
         usage_prompt_tokens: per choice, its prompt's tokens, to put usage on every chunk;
         echo_ids: per choice, its prompt's token ids, whose logprobs come before the generated
@@ -69,7 +75,9 @@ class Formatter:
         (vLLM's request_id field); role: chat's answer role (the last message's without
         add_generation_prompt, as vLLM); chat_echo: text before each chat choice's (chat's echo);
         prompt_logprobs: responses carry the prompt's logprobs in vLLM's shape; echo_decoded: the
-        choices whose echo is their prompt ids decoded, special tokens written (text_offset counts them)."""
+        choices whose echo is their prompt ids decoded, special tokens written (text_offset counts them);
+        details_n: with prefix caching on, each prompt's number of choices (usage then carries
+        prompt_tokens_details.cached_tokens); 0: off."""
         self.chat = chat
         self.model = model
         self.tokenizer = tokenizer
@@ -87,9 +95,11 @@ class Formatter:
         self._echo_ids = echo_ids
         self._echo_decoded = echo_decoded
         self.prompt_only = prompt_only
+        self.details_n = details_n
 
     @classmethod
-    def for_job(cls, job: Job, model: str, tokenizer, prepared: list[tuple[list[int], SamplingParams]]) -> "Formatter":
+    def for_job(cls, job: Job, model: str, tokenizer, prepared: list[tuple[list[int], SamplingParams]],
+                prefix_caching: bool = False) -> "Formatter":
         """The formatter of one request; `prepared` is serve/prepare.py's (prompt ids, params)
         per choice. echo writes a text prompt as sent and a token-id prompt decoded (as vLLM)."""
         echo, role, chat_echo, decoded = None, "assistant", "", frozenset()
@@ -109,7 +119,8 @@ class Formatter:
         counts = [len(ids) for ids, _ in prepared] if job.continuous_usage else None
         echo_ids = [ids for ids, _ in prepared] if job.echo and job.logprobs is not None else None
         return cls(job.chat, model, tokenizer, job.logprobs, echo, counts, echo_ids, job.skip_special_tokens,
-                   job.prompt_only, job.request_id, role, chat_echo, job.prompt_logprobs is not None, decoded)
+                   job.prompt_only, job.request_id, role, chat_echo, job.prompt_logprobs is not None, decoded,
+                   job.n if prefix_caching else 0)
 
     def view(self, d: Delta) -> Delta:
         """The delta as the client sees it: with Job.prompt_only (max_tokens 0 with echo) the
@@ -198,7 +209,8 @@ class Formatter:
                     ch["prompt_logprobs"] = self._prompt_logprobs(c.prompt_logprobs)
             out.append(ch)
         body = self._head("chat.completion" if self.chat else "text_completion")
-        body.update(choices=out, usage=usage(prompt_tokens, sum(c.completion_tokens for c in choices)))
+        body.update(choices=out, usage=usage(prompt_tokens, sum(c.completion_tokens for c in choices),
+                                             self.cached_tokens([c.cached_tokens for c in choices])))
         if self.chat and self.prompt_logprobs:       # vLLM's: once for chat's one prompt
             body["prompt_logprobs"] = self._prompt_logprobs(choices[0].prompt_logprobs)
         return body
@@ -262,7 +274,14 @@ class Formatter:
         reason = "null" if d.finish_reason is None else json.dumps(d.finish_reason)
         return f'{self._chunk_head}{index},{body},"logprobs":null,"finish_reason":{reason}}}]}}\n\n'
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached: list[int]) -> dict:
+        """`cached`: per choice, its prompt tokens found in the prefix cache."""
         body = self._head("chat.completion.chunk" if self.chat else "text_completion")
-        body.update(choices=[], usage=usage(prompt_tokens, completion_tokens))
+        body.update(choices=[], usage=usage(prompt_tokens, completion_tokens, self.cached_tokens(cached)))
         return body
+
+    def cached_tokens(self, per_choice: list[int]) -> int | None:
+        """usage's prompt_tokens_details.cached_tokens (None: prefix caching off): per prompt, the
+        most that any of its choices found cached, as usage counts each prompt once."""
+        n = self.details_n
+        return None if not n else sum(max(per_choice[i:i + n]) for i in range(0, len(per_choice), n))

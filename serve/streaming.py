@@ -34,6 +34,7 @@ class EventStream:
 
     async def events(self):
         completion_tokens = [0] * len(self.group.request_ids)
+        cached = [0] * len(completion_tokens)
         if self.fmt.chat:
             for i in range(len(completion_tokens)):
                 yield sse(self.fmt.chunk(i, None))
@@ -48,12 +49,13 @@ class EventStream:
                     events.append(sse(APIError(d.error_status, d.error).body()))
                 elif d.finish_reason != "abort":
                     completion_tokens[index] = d.completion_tokens
+                    cached[index] = d.cached_tokens or cached[index]
                     if d.text or d.finish_reason or d.logprobs:
                         events.append(self.fmt.chunk_event(index, d))
             if events:
                 yield "".join(events)
         if self.include_usage:
-            yield sse(self.fmt.usage_chunk(self.prompt_tokens, sum(completion_tokens)))
+            yield sse(self.fmt.usage_chunk(self.prompt_tokens, sum(completion_tokens), cached))
         yield sse("[DONE]")
 
     async def __call__(self, scope, receive, send) -> None:

@@ -71,6 +71,19 @@ def test_the_last_token_is_always_computed_and_a_chunk_matches_at_most_its_own_t
     kv.check_integrity()
 
 
+def test_a_prefill_cut_into_chunks_finds_the_rest_of_its_prefix_chunk_by_chunk():
+    kv = PrefixCachingKVManager(num_blocks=20, block_size=4)
+    a = req("a", range(1, 21))
+    run_plan(kv, (a, 20))
+    b = req("b", range(1, 21))
+    assert run_plan(kv, (b, 6)).scheduled[0].num_tokens == 2        # block 0, then tokens 4-5 in its own
+    assert run_plan(kv, (b, 10)).scheduled[0].num_tokens == 4       # its partial block 1 for a's, and 2
+    assert kv.block_table(b)[:3] == kv.block_table(a)[:3] and kv.block_table(b)[3] not in kv.block_table(a)
+    assert b.num_computed_tokens == 16 and kv.hits == 4 + 8 - 2 and b.num_cached_tokens == 10
+    assert run_plan(kv, (b, 4)).scheduled[0].num_tokens == 4        # the prompt's last block: computed
+    kv.check_integrity()
+
+
 def test_cached_blocks_are_handed_out_last_and_least_recently_freed_first():
     kv = PrefixCachingKVManager(num_blocks=9, block_size=4)     # 8 usable
     a, b = req("a", range(1, 9)), req("b", range(101, 109))

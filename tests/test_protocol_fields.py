@@ -16,7 +16,7 @@ from fastserve_jax.serve import bench_client
 from fastserve_jax.serve.app import ServerConfig
 from fastserve_jax.serve.errors import APIError
 from fastserve_jax.serve.protocol import parse_chat, parse_completion
-from server_harness import LiveServer
+from server_harness import ENGINE_KW, LiveServer
 
 USER = [{"role": "user", "content": "count from 3 to 12:"}]
 # the payloads of vLLM's benchmark request functions (backend_request_func.py)
@@ -157,7 +157,8 @@ def test_unsupported_values_are_400s_naming_the_field(chat, extra, param, messag
 
 @pytest.fixture(scope="module")
 def live():
-    srv = LiveServer(ServerConfig(model_name="demo")).start()
+    # with prefix caching, so that every field here is also served past cached blocks
+    srv = LiveServer(ServerConfig(model_name="demo"), dict(ENGINE_KW, enable_prefix_caching=True)).start()
     yield srv
     srv.stop()
 
@@ -355,7 +356,8 @@ def test_echo_with_max_tokens_0_answers_the_prompt_alone(live):
     assert status == 200, out
     _, ref = _post(live, "/v1/completions", dict(body, max_tokens=3, n=1))
     want = ref["choices"][0]["logprobs"]
-    assert out["usage"] == {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}   # the prompt once
+    assert out["usage"] == {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n,   # the prompt once
+                            "prompt_tokens_details": {"cached_tokens": 0}}
     for c in out["choices"]:
         assert c["text"] == prompt and c["finish_reason"] == "length", c
         assert c["logprobs"]["tokens"] == want["tokens"][:n] and c["logprobs"]["text_offset"] == want["text_offset"][:n]
@@ -387,6 +389,25 @@ def test_continuous_usage_stats_on_every_chunk(live, chat):
     assert sum(seen.values()) == final["usage"]["completion_tokens"]
     if chat:   # the opening role chunks: nothing generated yet
         assert [c["usage"]["completion_tokens"] for c in chunks[:2]] == [0, 0]
+
+
+def test_usage_counts_the_prompt_tokens_found_in_the_prefix_cache(live):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens, whole and streamed (n choices of one
+    prompt count it once), and vLLM's prefix-cache counters on /metrics."""
+    shot = "".join(f"{demo_task.make_prompt(a, a + 4)} {' '.join(map(str, range(a, a + 5)))}\n" for a in range(3, 12))
+    body = {"prompt": shot + demo_task.make_prompt(5, 9), "max_tokens": 5, "temperature": 0}
+    _, first = _post(live, "/v1/completions", body)
+    _, again = _post(live, "/v1/completions", dict(body, n=2))
+    n_prompt = again["usage"]["prompt_tokens"]
+    assert n_prompt > 64 and first["usage"]["prompt_tokens"] == n_prompt
+    assert n_prompt - 16 <= again["usage"]["prompt_tokens_details"]["cached_tokens"] < n_prompt
+    assert again["choices"][0]["text"] == again["choices"][1]["text"] == first["choices"][0]["text"]
+    _, chunks = _post(live, "/v1/completions", dict(body, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1]["usage"]["prompt_tokens_details"] == again["usage"]["prompt_tokens_details"]
+    m = live.metrics()
+    hits = m[("vllm:prefix_cache_hits_total", (("model_name", "demo"),))]
+    assert hits >= 3 * (n_prompt - 16) and m[("vllm:prefix_cache_queries_total", (("model_name", "demo"),))] > hits
+    assert m[("fastserve_prefix_cache_hits_total", ())] == hits
 
 
 def test_a_kv_pool_smaller_than_the_context_bounds_chats_default_max_tokens():

@@ -2,7 +2,7 @@
 user would call them (a subprocess from the checkout's root): they must run to the end and
 print their figures. A script is only as good as its last run; bench_tail_guard.py once
 failed at its first line after a helper moved, and nothing noticed. bench_frontend,
-bench_first_runs, bench_predictive, bench_prompt_lengths, bench_sampler, bench_penalty_history,
+bench_first_runs, bench_predictive, bench_prompt_lengths, bench_prefix_cache, bench_sampler, bench_penalty_history,
 bench_engine (--quick, without transformers) and soak_server are marked slow; bench_startup
 (minutes) has no test here."""
 
@@ -131,6 +131,16 @@ def test_bench_swap_engine_part_answers_match_an_ample_pool(small_trace, tmp_pat
 def test_bench_swap_burst_one_round():
     out = _script("bench_swap_burst.py", "--rounds", "1", "--num-requests", "60")
     assert "skip-join-mlfq/recompute" in out and "against fcfs/recompute" in out, out
+
+
+@pytest.mark.slow
+def test_bench_prefix_cache_one_round(tmp_path):
+    out_json = str(tmp_path / "pc.json")
+    out = _script("bench_prefix_cache.py", "--num-requests", "12", "--rounds", "1", "--prefix-tokens", "64",
+                  "--json", out_json)
+    cells = json.load(open(out_json))["cells"]
+    assert len(cells) == 5 and "on / off throughput" in out
+    assert cells[0]["on"]["hit_rate"] > 0.5 and cells[3]["on"]["hit_rate"] == 0
 
 
 @pytest.mark.slow

@@ -199,6 +199,7 @@ def test_the_engine_counts_the_weights_its_runner_still_copies_when_it_sizes_the
     them: their bytes are subtracted from the pool's share before it is allocated."""
     import jax
     import fastserve_jax.engine as engine_mod
+    import fastserve_jax.prefix_cache as ledger_mod
     from fastserve_jax.models.config import ModelConfig
     from fastserve_jax.models.random_checkpoint import random_params, save_byte_tokenizer
     from fastserve_jax.models.tokenizer import load_tokenizer
@@ -206,8 +207,8 @@ def test_the_engine_counts_the_weights_its_runner_still_copies_when_it_sizes_the
     from fastserve_jax.sharding.parallel_config import ParallelConfig
 
     asked = []
-    real = engine_mod.device_pool_blocks
-    monkeypatch.setattr(engine_mod, "device_pool_blocks", lambda m, c, b, lay: asked.append(b) or real(m, c, b, lay))
+    real = ledger_mod.device_pool_blocks               # the engine's pools are sized in prefix_cache.kv_manager
+    monkeypatch.setattr(ledger_mod, "device_pool_blocks", lambda m, c, b, lay: asked.append(b) or real(m, c, b, lay))
     mcfg = ModelConfig(arch="llama", vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2,
                        num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64)
     save_byte_tokenizer(str(tmp_path), mcfg.vocab_size, None)

@@ -1,0 +1,154 @@
+"""Prefix caching on and off, side by side in one run, where it helps and where it cannot.
+
+`--enable-prefix-caching` lets a request start past KV blocks of the same prefix already on
+the device (fastserve_jax/prefix_cache.py). This script measures what that buys and what it
+costs, on the bundled demo model in process (no HTTP), engines fully warmed up before timing:
+
+- shared: every prompt starts with the same few-shot block (counting examples, --prefix-tokens
+  long), then its own question; output lengths chat-like (workload.chat_output_lengths);
+- shared, tight KV: the same with a device pool of half what max-num-seqs of these requests
+  hold (and at least the longest one's), once with recomputation (where a dropped request may
+  find its own blocks again) and once with proactive swapping to a host pool four times as
+  large (where cached blocks compete with paused requests for the device);
+- unshared: the plain counting prompts, which share no full block: caching's cost alone, with
+  ample device KV and with a tight pool (sized as above for these requests; proactive);
+- per cell, an engine without and one with caching, built once, then --rounds interleaved
+  runs (off, on, off, on, ...) on the same burst; medians and each round's ratio;
+- the tokens with caching must equal those without in every run (greedy decoding), else the
+  script stops.
+
+Per cell it prints requests/s, output tokens/s, mean time to first token, mean JCT, the
+prompt tokens prefilled per request and the cache's hit rate (tokens found / tokens looked up).
+
+    python scripts/bench_prefix_cache.py                    # ~2 min on a 2-core CPU
+    python scripts/bench_prefix_cache.py --rounds 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from fastserve_jax import LLM, SamplingParams  # noqa: E402
+from fastserve_jax.models import demo_model_path, demo_task  # noqa: E402
+from fastserve_jax.models.tokenizer import load_tokenizer  # noqa: E402
+from fastserve_jax.workload import chat_output_lengths  # noqa: E402
+
+BLOCK = 16
+
+
+def few_shot(tok, tokens: int, seed: int) -> str:
+    """Counting examples with their answers, about `tokens` tokens in all."""
+    rng = np.random.default_rng(seed + 1)
+    text = ""
+    while len(tok.encode(text)) < tokens:
+        a = int(rng.integers(1, 40))
+        b = a + int(rng.integers(3, 12))
+        text += f"{demo_task.make_prompt(a, b)} {' '.join(map(str, range(a, b + 1)))}\n"
+    return text
+
+
+def run_once(llm: LLM, prompts: list[str], params: list[SamplingParams]) -> dict:
+    e = llm.engine
+    q0, h0 = e.kv.queries, e.kv.hits
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    wall = time.perf_counter() - t0
+    queries, hits = e.kv.queries - q0, e.kv.hits - h0
+    return dict(requests_per_s=len(outs) / wall, tokens_per_s=sum(len(o.token_ids) for o in outs) / wall,
+                mean_ttft_s=statistics.fmean(o.metrics.ttft for o in outs),
+                mean_jct_s=statistics.fmean(o.metrics.finish_time - o.metrics.arrival_time for o in outs),
+                prefilled_per_request=(sum(len(o.prompt_token_ids) for o in outs) - hits) / len(outs),
+                hit_rate=hits / queries if queries else 0.0, recomputations=e.stats.recomputations,
+                token_ids=[o.token_ids for o in outs])
+
+
+KEYS = ("requests_per_s", "tokens_per_s", "mean_ttft_s", "mean_jct_s", "prefilled_per_request", "hit_rate")
+
+
+def cell(name: str, kw: dict, prompts: list[str], params: list[SamplingParams], rounds: int) -> dict:
+    engines = {c: LLM(None, warmup="full", enable_prefix_caching=c, **kw) for c in (False, True)}
+    for llm in engines.values():                     # one untimed pass: caches, allocator, profile
+        run_once(llm, prompts[:8], params[:8])
+    runs: dict[bool, list[dict]] = {False: [], True: []}
+    for _ in range(rounds):
+        for c in (False, True):
+            runs[c].append(run_once(engines[c], prompts, params))
+    if any(r["token_ids"] != runs[False][0]["token_ids"] for r in runs[True] + runs[False]):
+        raise SystemExit(f"{name}: the tokens with prefix caching differ from those without")
+    med = {c: {k: statistics.median(r[k] for r in rs) for k in KEYS} for c, rs in runs.items()}
+    out = dict(name=name, requests=len(prompts), off=med[False], on=med[True],
+               throughput_ratios=[b["requests_per_s"] / a["requests_per_s"] for a, b in zip(runs[False], runs[True])],
+               ttft_ratios=[a["mean_ttft_s"] / b["mean_ttft_s"] for a, b in zip(runs[False], runs[True])],
+               recomputations={m: engines[c].engine.stats.recomputations for c, m in ((False, "off"), (True, "on"))},
+               swapped_blocks={m: engines[c].engine.stats.swap_out_blocks for c, m in ((False, "off"), (True, "on"))})
+    report(out)
+    return out
+
+
+def report(c: dict) -> None:
+    print(f"\n{c['name']} ({c['requests']} requests; over all rounds, recomputations off/on "
+          f"{c['recomputations']['off']}/{c['recomputations']['on']}, blocks swapped out "
+          f"{c['swapped_blocks']['off']}/{c['swapped_blocks']['on']})")
+    print(f"  {'':4} {'req/s':>7} {'tok/s':>7} {'TTFT s':>7} {'JCT s':>7} {'prefilled/req':>14} {'hit rate':>9}")
+    for label in ("off", "on"):
+        m = c[label]
+        print(f"  {label:4} {m['requests_per_s']:7.2f} {m['tokens_per_s']:7.0f} {m['mean_ttft_s']:7.3f} "
+              f"{m['mean_jct_s']:7.3f} {m['prefilled_per_request']:14.1f} {m['hit_rate']:9.3f}")
+    print("  on / off throughput: median {:.3f}x (rounds {}); TTFT off / on: median {:.3f}x (rounds {})".format(
+        statistics.median(c["throughput_ratios"]), ", ".join(f"{r:.3f}" for r in c["throughput_ratios"]),
+        statistics.median(c["ttft_ratios"]), ", ".join(f"{r:.3f}" for r in c["ttft_ratios"])))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--prefix-tokens", type=int, default=384, help="the shared few-shot block's length")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="also write every figure here")
+    a = ap.parse_args()
+    tok = load_tokenizer(demo_model_path())
+    rng = np.random.default_rng(a.seed)
+    pairs = [demo_task.pair_for_output_len(int(k), rng) for k in chat_output_lengths(a.num_requests, seed=a.seed)]
+    params = [SamplingParams(max_tokens=demo_task.answer_num_tokens(x, y), temperature=0) for x, y in pairs]
+    questions = [demo_task.make_prompt(x, y) for x, y in pairs]
+    shot = few_shot(tok, a.prefix_tokens, a.seed)
+    shared = [shot + q for q in questions]
+    lens = [len(tok.encode(p)) + sp.max_tokens for p, sp in zip(shared, params)]
+    per = [-(-n // BLOCK) for n in lens]
+    pool = max(max(per) + 1, int(0.5 * statistics.fmean(per) * a.max_num_seqs))
+    uper = [-(-(len(tok.encode(q)) + sp.max_tokens) // BLOCK) for q, sp in zip(questions, params)]
+    upool = max(max(uper) + 1, int(0.5 * statistics.fmean(uper) * a.max_num_seqs))
+    base = dict(max_model_len=1024, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=512, block_size=BLOCK)
+    print(f"demo model, in process, skip-join-mlfq, {a.rounds} interleaved rounds per cell; shared block "
+          f"{len(tok.encode(shot))} tokens, prompts {min(len(tok.encode(p)) for p in shared)}-"
+          f"{max(len(tok.encode(p)) for p in shared)} tokens; tight pool {pool} device blocks of {BLOCK} tokens "
+          f"({a.max_num_seqs} requests of the burst's mean length hold {statistics.fmean(per) * a.max_num_seqs:.0f}); "
+          f"unshared: {upool} blocks")
+    tight = dict(base, num_device_blocks=pool + 1)
+    cells = [cell("shared prefix, ample device KV", base, shared, params, a.rounds),
+             cell("shared prefix, tight device KV, recompute", dict(tight, swap_policy="recompute", num_host_blocks=0),
+                  shared, params, a.rounds),
+             cell("shared prefix, tight device KV, proactive swapping",
+                  dict(tight, swap_policy="proactive", num_host_blocks=4 * pool), shared, params, a.rounds),
+             cell("unshared prompts (no full block in common), ample device KV", base, questions, params, a.rounds),
+             cell("unshared prompts, tight device KV, proactive swapping",
+                  dict(base, num_device_blocks=upool + 1, num_host_blocks=4 * upool), questions, params, a.rounds)]
+    if a.json:                                       # the medians hold no token ids
+        with open(a.json, "w") as f:
+            json.dump(dict(machine=os.uname().nodename, settings=vars(a), cells=cells), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
