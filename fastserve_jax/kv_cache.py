@@ -36,7 +36,7 @@ from __future__ import annotations
 import enum
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Container, Mapping
 
 from fastserve_jax.request import Request
 
@@ -145,9 +145,15 @@ class KVManager:
     def host_blocks(self, req: Request) -> int:
         return self._host.get(req.request_id, 0)
 
-    def freeable_blocks(self, req: Request) -> int:
-        """Device blocks that taking `req`'s KV away frees (prefix caching: those it alone holds)."""
-        return len(self._tables.get(req.request_id, ()))
+    def freeable_blocks(self, req: Request, shared: Container[int] = ()) -> list[int]:
+        """Device blocks that taking `req`'s KV away frees (prefix caching: those it alone holds,
+        less `shared`, which others are counted on to take)."""
+        return self._tables.get(req.request_id, [])
+
+    def cached_prefix(self, req: Request, released: Container[int] = ()) -> tuple[int, list[int]]:
+        """Tokens a request without KV would find in the prefix cache now, and the blocks of
+        them that requests hold (not in `released`), which it would share (none: no caching)."""
+        return 0, []
 
     def blocks_needed(self, req: Request, num_new_tokens: int) -> int:
         """Device blocks `req` must gain to run `num_new_tokens` more tokens (for KV on the host:

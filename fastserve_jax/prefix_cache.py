@@ -14,10 +14,14 @@ prefix's blocks, and a block whose count falls to 0 while it has a key is kept a
     shared:      req-a -> [1, 2, 5]         count 2 for 1 and 2 (req-b's prefix too)
                  req-b -> [1, 2, 6]
 
-`num_free_blocks` counts both free and cached blocks, so the policies plan as they do without
-caching. A hit only ever takes fewer free blocks than the policy counted, and `freeable_blocks`
-counts the blocks a request alone holds, so that an eviction frees no less than the policy
-was told.
+`num_free_blocks` counts both free and cached blocks. The policies (scheduler/batch.fill_batch,
+fcfs) ask `cached_prefix` what a request without KV would find: those tokens stay out of the
+iteration's token budget (ScheduledRequest.cached), and the blocks of them that requests hold
+are ones it shares, not ones it takes from the free count. `freeable_blocks` counts the blocks a
+request alone holds, which an eviction frees. Within one plan no block is counted both ways
+(Plan.kv_shared, Plan.kv_released): a start does not count on sharing a block that an eviction
+of the same plan frees, nor does an eviction count as freed a block a start counts on sharing.
+Otherwise a hit takes no more free blocks than the policy counted.
 
 When blocks get keys (`register`, from kv_plan.apply_plan): a block whose tokens are all known
 on the host gets its key as soon as a step that writes it is applied. Every later step is
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, OrderedDict
+from typing import Container
 
 import numpy as np
 
@@ -74,9 +79,9 @@ class PrefixCachingKVManager(KVManager):
         """Blocks with a key (matchable), held by requests or not."""
         return len(self._key_of)
 
-    def freeable_blocks(self, req: Request) -> int:
+    def freeable_blocks(self, req: Request, shared: Container[int] = ()) -> list[int]:
         ref = self._ref
-        return sum(1 for b in self._tables.get(req.request_id, ()) if ref[b] == 1)
+        return [b for b in self._tables.get(req.request_id, ()) if ref[b] == 1 and b not in shared]
 
     # -- keys ------------------------------------------------------------------------------
     def _chain(self, req: Request, num_blocks: int) -> list[bytes]:
@@ -93,6 +98,23 @@ class PrefixCachingKVManager(KVManager):
                 key = hashlib.blake2b(key + arr[i * bs:(i + 1) * bs].tobytes(), digest_size=16).digest()
                 chain.append(key)
         return chain
+
+    def cached_prefix(self, req: Request, released: Container[int] = ()) -> tuple[int, list[int]]:
+        """What `match_prefix` would give a request without KV now, up to its last token (the
+        policies leave it out of the iteration's token budget), and the blocks of it that
+        requests hold, less `released` (a start shares them: it needs no free block for them).
+        Takes nothing (the request's keys are made once and kept until it is freed)."""
+        limit = (req.num_known_tokens - 1) // self.block_size
+        if limit <= 0 or req.sampling.prompt_logprobs is not None:
+            return 0, []
+        found, block_of = [], self._block_of
+        for key in self._chain(req, limit):
+            b = block_of.get(key)
+            if b is None:
+                break
+            found.append(b)
+        ref = self._ref
+        return len(found) * self.block_size, [b for b in found if ref[b] and b not in released]
 
     def match_prefix(self, req: Request, num_tokens: int) -> int:
         """Let `req`, about to compute `num_tokens` more tokens, take the cached blocks that

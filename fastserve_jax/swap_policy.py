@@ -194,7 +194,7 @@ class SwapPolicy:
                 if n <= host_free:
                     ahead.offload.append(req)
                     host_free -= n
-                    free += kv.freeable_blocks(req)
+                    free += len(kv.freeable_blocks(req))
             return fits()
 
         offload_until(lambda: free >= reserve, -1.0)

@@ -6,7 +6,9 @@ costs, on the bundled demo model in process (no HTTP), engines fully warmed up b
 
 - shared: every prompt starts with the same few-shot block (counting examples, --prefix-tokens
   long), then its own question; output lengths chat-like (workload.chat_output_lengths);
-- shared, tight KV: the same with a device pool of half what max-num-seqs of these requests
+- shared, short answers: the same block in front of questions answered in 2-9 tokens (scoring,
+  classification), where the prefill is nearly all of the work;
+- shared, tight KV: the same (chat-like answers) with a device pool of half what max-num-seqs of these requests
   hold (and at least the longest one's), once with recomputation (where a dropped request may
   find its own blocks again) and once with proactive swapping to a host pool four times as
   large (where cached blocks compete with paused requests for the device);
@@ -137,7 +139,12 @@ def main() -> None:
           f"({a.max_num_seqs} requests of the burst's mean length hold {statistics.fmean(per) * a.max_num_seqs:.0f}); "
           f"unshared: {upool} blocks")
     tight = dict(base, num_device_blocks=pool + 1)
+    short_pairs = [demo_task.pair_for_output_len(int(k), rng) for k in rng.integers(2, 10, a.num_requests)]
+    short = ([shot + demo_task.make_prompt(x, y) for x, y in short_pairs],
+             [SamplingParams(max_tokens=demo_task.answer_num_tokens(x, y), temperature=0) for x, y in short_pairs])
     cells = [cell("shared prefix, ample device KV", base, shared, params, a.rounds),
+             cell("shared prefix, short answers (2-9 tokens: scoring, classification), ample device KV", base,
+                  *short, a.rounds),
              cell("shared prefix, tight device KV, recompute", dict(tight, swap_policy="recompute", num_host_blocks=0),
                   shared, params, a.rounds),
              cell("shared prefix, tight device KV, proactive swapping",

@@ -40,7 +40,7 @@ def test_a_second_request_shares_the_first_ones_full_blocks_and_computes_the_res
     plan = run_plan(kv, (b, 11))
     assert plan.scheduled[0].num_tokens == 3 and b.num_cached_tokens == 8 and (kv.queries, kv.hits) == (22, 8)
     assert kv.block_table(b)[:2] == kv.block_table(a)[:2] and kv.block_table(b)[2] != kv.block_table(a)[2]
-    assert kv.num_used_blocks == 4 and kv.freeable_blocks(a) == 1 and kv.freeable_blocks(b) == 1
+    assert kv.num_used_blocks == 4 and len(kv.freeable_blocks(a)) == 1 and len(kv.freeable_blocks(b)) == 1
     kv.check_integrity()
     kv.free(a)
     assert kv.num_used_blocks == 3 and kv.num_free_blocks == 16
@@ -84,6 +84,60 @@ def test_a_prefill_cut_into_chunks_finds_the_rest_of_its_prefix_chunk_by_chunk()
     kv.check_integrity()
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "skip-join-mlfq"])
+def test_a_starts_cached_prefix_is_left_out_of_the_token_budget(policy):
+    """With a 32-token budget, three requests behind a cached 40-token prefix all start in one
+    iteration, each computing its last few tokens; without the cache one would start. (The
+    policy still counts each start's whole context in blocks, shared or not: the pool is ample.)"""
+    from fastserve_jax.scheduler import Limits, make_scheduler
+    from test_swap import CFG, COST
+
+    kv = PrefixCachingKVManager(num_blocks=80, block_size=4)
+    stem = list(range(1, 41))
+    run_plan(kv, (req("warm", stem + [99]), 41))
+    sched = make_scheduler(policy, Limits(8, 32), kv, CFG, COST)
+    reqs = [req(f"r{i}", stem + [50 + i, 60 + i, 70 + i]) for i in range(3)]
+    for r in reqs:
+        sched.add(r)
+    plan = sched.schedule(0.0)
+    assert [(s.request.request_id, s.num_tokens, s.cached) for s in plan.scheduled] == \
+        [(r.request_id, 43, 40) for r in reqs]
+    apply_plan(plan, kv, 0.0)
+    assert [s.num_tokens for s in plan.scheduled] == [3, 3, 3] and kv.hits == 120
+    kv.check_integrity()
+    kv.free(reqs[0])
+    kv.reset()                                   # nothing cached: the budget holds one start (and a chunk)
+    late = [req(f"l{i}", stem + [80 + i]) for i in range(2)]
+    plan = Plan(scheduled=[ScheduledRequest(late[0], 41, 40)])
+    apply_plan(plan, kv, 0.0)                     # expected 40 cached, found none: computes 1 of them
+    assert plan.scheduled[0].num_tokens == 1 and late[0].num_computed_tokens == 0
+    kv.check_integrity()
+
+
+@pytest.mark.parametrize("order", ["eviction first", "start first"])
+def test_a_start_never_counts_on_sharing_blocks_that_an_eviction_of_the_same_plan_frees(order):
+    """V (paused, ranked last) alone holds the two keyed blocks that S's prefix matches, and H
+    needs more blocks than are free, which only V's eviction frees. If H's eviction comes first in the
+    walk, S must count those blocks as ones to take, not to share; if S comes first, V's
+    eviction must not count them as freed. Either double count over-commits the pool, and the
+    plan does not fit when applied."""
+    from fastserve_jax.scheduler import Limits
+    from fastserve_jax.scheduler.batch import fill_batch
+
+    stem = list(range(1, 9))
+    kv = PrefixCachingKVManager(num_blocks=8, block_size=4)                     # V 3 blocks, H 2, 2 free
+    v, h = req("v", stem + [90]), req("h", [50 + i for i in range(8)])
+    run_plan(kv, (v, 9))
+    run_plan(kv, (h, 8))
+    h.output_token_ids += [7] * 9                                               # its next chunk: 3 more blocks
+    s_ = req("s", stem + [91, 92])
+    best = [h, s_] if order == "eviction first" else [s_, h]
+    plan = fill_batch(best + [v], [v, *reversed(best)], Limits(2, 64), kv)
+    apply_plan(plan, kv, 0.0)
+    kv.check_integrity()
+    assert plan.preempted == [v] and [r.request_id for r, *_ in plan.scheduled] == [best[0].request_id]
+
+
 def test_cached_blocks_are_handed_out_last_and_least_recently_freed_first():
     kv = PrefixCachingKVManager(num_blocks=9, block_size=4)     # 8 usable
     a, b = req("a", range(1, 9)), req("b", range(101, 109))
@@ -108,7 +162,7 @@ def test_a_swapped_out_request_leaves_its_shared_blocks_and_comes_back_into_its_
     a, b = req("a", range(1, 14)), req("b", range(1, 14))
     run_plan(kv, (a, 13))
     run_plan(kv, (b, 13))
-    assert kv.freeable_blocks(b) == 1 and kv.num_used_blocks == 5
+    assert len(kv.freeable_blocks(b)) == 1 and kv.num_used_blocks == 5
     copy = kv.swap_out(b)
     assert copy.num_blocks == 4 and kv.host_blocks(b) == 4 and kv.num_used_blocks == 4
     kv.finish_swap_out(b)
@@ -125,11 +179,12 @@ def test_a_swapped_out_request_leaves_its_shared_blocks_and_comes_back_into_its_
 
 
 @pytest.mark.parametrize("policy", ["proactive", "reactive", "recompute"])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_randomized_ledger_with_shared_prefixes(policy, seed):
-    """Arrivals behind four shared prefixes, preemption, swaps both ways, aborts and finishes
-    under skip-join: the shared ledger stays consistent after every iteration, the plans always
-    fit, and everything is free (some of it cached) at the end."""
+@pytest.mark.parametrize("seed, scheduler", [(0, "skip-join-mlfq"), (1, "skip-join-mlfq"), (2, "fcfs")])
+def test_randomized_ledger_with_shared_prefixes(policy, seed, scheduler):
+    """Arrivals behind four shared prefixes, preemption, swaps both ways, aborts and finishes:
+    the shared ledger stays consistent after every iteration, the plans always fit (starts
+    count on sharing the blocks their prefixes' holders keep, evictions count what they free),
+    and everything is free (some of it cached) at the end."""
     rng = random.Random(seed)
     kv = PrefixCachingKVManager(num_blocks=40, block_size=4, num_host_blocks=0 if policy == "recompute" else 30)
     stems = [[rng.randint(3, 200) for _ in range(rng.randint(4, 24))] for _ in range(4)]
@@ -138,7 +193,7 @@ def test_randomized_ledger_with_shared_prefixes(policy, seed):
         tail = [rng.randint(3, 200) for _ in range(rng.randint(1, 16))]
         return req(f"r{i}", rng.choice(stems) + tail, max_tokens=rng.randint(1, 40))
 
-    randomized_run(kv, policy, rng, new_request)
+    randomized_run(kv, policy, rng, new_request, scheduler)
     assert kv.hits > 0
 
 

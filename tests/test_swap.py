@@ -200,11 +200,11 @@ def _retire(plan, now, kv, sched, swap, live) -> None:
 
 
 # -- a long randomized run of the ledger under every swap policy -----------------------------
-def randomized_run(kv, policy: str, rng: random.Random, new_request) -> int:
-    """600 iterations of skip-join over `kv` with arrivals (`new_request(i)`, 120 at most),
+def randomized_run(kv, policy: str, rng: random.Random, new_request, scheduler: str = "skip-join-mlfq") -> int:
+    """600 iterations of `scheduler` over `kv` with arrivals (`new_request(i)`, 120 at most),
     preemption, swaps both ways, cancellations and finishes, checking the ledger after every
     iteration; everything is freed at the end. Returns the swap copies issued."""
-    sched = make_scheduler("skip-join-mlfq", Limits(6, 32), kv, CFG, COST)
+    sched = make_scheduler(scheduler, Limits(6, 32), kv, CFG, COST)
     swap = SwapPolicy(policy, kv, 32)
     sched.swap_on_evict = swap.swaps
     live: dict[str, Request] = {}

@@ -53,6 +53,10 @@ class ScheduledRequest(NamedTuple):
 
     request: Request
     num_tokens: int
+    # of num_tokens, those a request without KV is expected to find in the prefix cache
+    # (KVManager.cached_prefix): left out of the iteration's token budget; kv_plan.apply_plan
+    # computes at most num_tokens - cached of them
+    cached: int = 0
 
 
 @dataclass
@@ -63,6 +67,11 @@ class Plan:
     # Host blocks the plan takes net: swapped_out's, less those of scheduled requests whose KV
     # comes back from the host (an exchange: kv_plan.apply_plan lends them to the swap-outs).
     host_blocks: int = 0
+    # Planning only, with prefix caching (prefix_cache.py): device blocks that starts in this
+    # plan count on sharing with their holders, which an eviction then does not count as freed,
+    # and blocks that evictions count as freed, which a start then does not count on sharing.
+    kv_shared: set[int] = field(default_factory=set)
+    kv_released: set[int] = field(default_factory=set)
 
     @property
     def num_tokens(self) -> int:

@@ -96,7 +96,7 @@ def evict(plan: Plan, victim: Request, kv: KVManager, swap: bool) -> int:
     """Take `victim`'s device KV away in `plan`: to the host pool when `swap` and it has room
     next to what the plan already moves there, else drop it. Returns the device blocks freed
     (none for KV already on the host, which stays there; with prefix caching, only blocks it
-    alone holds)."""
+    alone holds that no start of the plan counts on sharing: Plan.kv_shared)."""
     n = len(kv.block_table(victim))
     if n == 0:
         return 0
@@ -105,7 +105,11 @@ def evict(plan: Plan, victim: Request, kv: KVManager, swap: bool) -> int:
         plan.host_blocks += n
     else:
         plan.preempted.append(victim)
-    return kv.freeable_blocks(victim) if kv.caching else n
+    if not kv.caching:
+        return n
+    freed = kv.freeable_blocks(victim, plan.kv_shared)
+    plan.kv_released.update(freed)
+    return len(freed)
 
 
 def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], limits: Limits,
@@ -162,6 +166,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     # left it there, returning only through the stall budget, and the batch ran two-thirds full
     # (code completion, 3x burst: 0.88x fcfs's throughput).
     where_of = kv.where.get
+    caching = kv.caching
     started = kv.num_used_blocks + kv.num_host_used_blocks
     start_limit = kv.num_usable_blocks
     drop_to_start = drop_to_start and (start_on_host or swap)    # host KV to drop exists
@@ -218,16 +223,19 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
         if rid in evicted or req.in_flight or where is KVLocation.SWAPPING_IN:
             continue
         comes_back = kv.host_blocks(req) if where in ON_HOST else 0
-        if budget > 0:               # min(req.num_pending_tokens, budget), without the calls
+        cached, shares = 0, ()       # a start's tokens in the prefix cache (out of the budget), blocks it shares
+        if budget > 0:               # min(req.num_pending_tokens, budget + cached), without the calls
             n = len(req.prompt_token_ids) + len(req.output_token_ids) + req.pending_tokens - req.num_computed_tokens
-            if n > budget:
-                n = budget
+            if caching and not holds:
+                cached, shares = kv.cached_prefix(req, plan.kv_released)
+            if n > budget + cached:
+                n = budget + cached
         else:
             n = 1
-        need = kv.blocks_needed(req, n)
+        need = kv.blocks_needed(req, n) - len(shares)
         # A request starts only if its whole context fits, not just its first chunk: a start
         # that later has to evict for its own prefill lets MLFQ rotate partial prefills forever.
-        fit = need if holds else max(need, kv.blocks_for_tokens(req.num_tokens))
+        fit = need if holds else max(need, kv.blocks_for_tokens(req.num_tokens) - len(shares))
         if comes_back and swap_in_blocks is not None and (swap_in_blocks < 0 or
                                                           (comes_back > swap_in_blocks and fit > free)):
             fallback = fallback or req
@@ -275,13 +283,15 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
             continue
         if budget <= 0:                               # a decode takes a token from the latest chunk
             d = donors[-1]
-            plan.scheduled[d] = ScheduledRequest(plan.scheduled[d].request, plan.scheduled[d].num_tokens - 1)
-            if plan.scheduled[d].num_tokens == 1:
+            s = plan.scheduled[d] = plan.scheduled[d]._replace(num_tokens=plan.scheduled[d].num_tokens - 1)
+            if s.num_tokens - s.cached == 1:
                 donors.pop()
             budget += 1
-        if n > 1:
+        if n - cached > 1:
             donors.append(len(plan.scheduled))
-        plan.scheduled.append(ScheduledRequest(req, n))
+        plan.scheduled.append(ScheduledRequest(req, n, cached))
+        if shares:
+            plan.kv_shared.update(shares)
         if not holds and backfill is not None:
             if blocked:
                 backfill[rid] = req
@@ -294,6 +304,6 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
         if swap_in_blocks is not None:
             swap_in_blocks -= comes_back
         chosen.add(rid)
-        budget -= n
+        budget -= n - cached
         free -= fit                                   # a starter's rest of prefill is set aside too
     return plan

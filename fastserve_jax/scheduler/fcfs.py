@@ -87,21 +87,24 @@ class FCFSScheduler(Scheduler):
             req = self.waiting[0]
             if self.kv.location(req) is KVLocation.SWAPPING_IN:     # its upload lands first
                 break
-            n = min(req.num_pending_tokens, budget)
-            need = self.kv.blocks_needed(req, n)
+            holds = self.kv.has_kv(req)           # a start's tokens in the prefix cache are out of the budget
+            cached, shares = self.kv.cached_prefix(req, plan.kv_released) if not holds else (0, ())
+            n = min(req.num_pending_tokens, budget + cached)
+            need = self.kv.blocks_needed(req, n) - len(shares)
             # Like the preemptive policies (batch.py), a request without KV starts only if its
             # whole context fits: admitting it by its first chunk let running requests evict it
             # again before its prefill was done (heavy-tailed outputs, a tenth of OPT-13B's
             # device KV, load 0.5: 3,378 recomputations of 400 requests, 3.4 s per output token).
-            fit = need if self.kv.has_kv(req) else max(need, self.kv.blocks_for_tokens(req.num_tokens))
+            fit = need if holds else max(need, self.kv.blocks_for_tokens(req.num_tokens) - len(shares))
             if fit > free:
                 free += self._evict_waiting(plan, fit - free, parked, head=req)
             if fit > free or req.request_id in parked:         # one just parked: next time
                 break
             self.waiting.popleft()
             self.running.append(req)
-            plan.scheduled.append(ScheduledRequest(req, n))
-            budget -= n
+            plan.scheduled.append(ScheduledRequest(req, n, cached))
+            plan.kv_shared.update(shares)
+            budget -= n - cached
             free -= fit
         return plan
 
@@ -117,7 +120,7 @@ class FCFSScheduler(Scheduler):
         if not ids:                              # the common case: only running requests hold KV
             return 0
         holders = [r for r in reversed(self.waiting) if r.request_id in ids and not r.in_flight]
-        if sum(kv.freeable_blocks(r) for r in holders) < want:
+        if sum(len(kv.freeable_blocks(r, plan.kv_shared)) for r in holders) < want:
             return 0
         freed = 0
         for r in holders:
