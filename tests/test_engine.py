@@ -164,7 +164,7 @@ def test_nothing_compiles_after_warmup(llm):
               for _ in prompts]
     eng = llm.engine
     reqs = []
-    with CompileCounter() as cc:
+    with CompileCounter(this_thread=True) as cc:
         for i, (p, sp) in enumerate(zip(prompts, params)):
             reqs.append(eng.add_request(p, sp))
             if i % 5 == 4:

@@ -166,7 +166,7 @@ def test_nothing_compiles_after_warmup_in_pipeline_mode_with_swapping(four_layer
     # tp=4 over 2 KV heads: tp_rep = 2, so the swaps' warm-up jobs are those of split host copies
     llm = LLM(path, warmup="full", num_device_blocks=16, num_host_blocks=64, tensor_parallel_size=4, pipeline_parallel_size=2,
               attention_backend=backend, **KW)
-    with CompileCounter() as cc:
+    with CompileCounter(this_thread=True) as cc:
         got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
     assert got == want
     assert llm.engine.stats.swap_out_blocks > 0

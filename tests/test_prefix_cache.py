@@ -240,6 +240,21 @@ def test_tokens_identical_with_shared_prefixes_under_memory_pressure(reference, 
         assert e.stats.swap_out_blocks > 0
 
 
+def test_tokens_identical_with_pipeline_batches_in_flight(reference):
+    """Two pipeline stages, two batches in flight, proactive swapping: a batch planned while the
+    one before it is on the device may match the blocks that batch writes (each stage runs its
+    batches in issue order)."""
+    path, prompts, sp, want = reference
+    e = LLM(path, warmup=False, num_device_blocks=30, num_host_blocks=80, pipeline_parallel_size=2,
+            enable_prefix_caching=True, **ENGINE_KW).engine
+    assert e.cfg.batches_in_flight == 2
+    reqs = [e.add_request(p, sp) for p in prompts]
+    while e.has_unfinished():
+        e.step()
+        e.kv.check_integrity()
+    assert [r.output_token_ids for r in reqs] == want and e.kv.hits > 0 and e.stats.swap_out_blocks > 0
+
+
 def test_prompt_logprobs_are_computed_not_taken_from_the_cache(reference):
     path, prompts, sp, _ = reference
     llm = LLM(path, warmup=False, num_device_blocks=160, scheduler="fcfs", enable_prefix_caching=True, **ENGINE_KW)

@@ -591,7 +591,7 @@ def test_nothing_compiles_after_warmup_with_swapping(tiny_checkpoints):
     e = llm.engine
     prompts = _prompts(24, 5)
     rng = np.random.default_rng(6)
-    with CompileCounter() as cc:
+    with CompileCounter(this_thread=True) as cc:
         reqs = []
         for i, p in enumerate(prompts):
             reqs.append(e.add_request(p, SamplingParams(max_tokens=int(rng.integers(5, 60)), temperature=0,
@@ -622,7 +622,7 @@ def test_engine_with_small_swaps_fused_and_large_ones_by_device_put(reference, m
     sizes = {True: [], False: []}
     fused = e.runner.transfer.fused
     monkeypatch.setattr(e.runner.transfer, "fused", lambda n: sizes[fused(n)].append(n) or fused(n))
-    with CompileCounter() as cc:
+    with CompileCounter(this_thread=True) as cc:
         reqs = _run_all(e, prompts, sp)
     assert [r.output_token_ids for r in reqs] == want
     assert cc.count == 0, f"{cc.count} compilations after warm-up"

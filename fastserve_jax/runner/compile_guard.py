@@ -43,10 +43,15 @@ _totals = CompileStats()
 _registered = False
 
 
+_by_thread: dict[int, int] = {}     # thread ident -> lowerings on it (the listener runs on the compiling thread)
+
+
 def _duration(name: str, duration: float, **kwargs) -> None:
     with _lock:
         if name == _LOWERED:
             _totals.compilations += 1
+            ident = threading.get_ident()
+            _by_thread[ident] = _by_thread.get(ident, 0) + 1
         elif name == _BACKEND:
             _totals.backend_seconds += duration
 
@@ -84,12 +89,22 @@ def compilation_count() -> int:
 
 
 class CompileCounter:
-    """`with CompileCounter() as c: ...; assert c.count == 0`."""
+    """`with CompileCounter() as c: ...; assert c.count == 0`. `this_thread`: count only the
+    compilations on the calling thread, not the process's: an engine fully warmed up compiles
+    nowhere else, while another engine's background warm-up (one a test before left running,
+    say) may compile on its own thread at any time."""
+
+    def __init__(self, this_thread: bool = False) -> None:
+        self.this_thread = this_thread
+
+    def _now(self) -> int:
+        total = compilation_count()          # registers the listeners on first use
+        return _by_thread.get(threading.get_ident(), 0) if self.this_thread else total
 
     def __enter__(self) -> "CompileCounter":
-        self._start = compilation_count()
+        self._start = self._now()
         self.count = 0
         return self
 
     def __exit__(self, *exc) -> None:
-        self.count = compilation_count() - self._start
+        self.count = self._now() - self._start
