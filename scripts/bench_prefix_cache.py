@@ -13,7 +13,8 @@ costs, on the bundled demo model in process (no HTTP), engines fully warmed up b
   find its own blocks again) and once with proactive swapping to a host pool four times as
   large (where cached blocks compete with paused requests for the device);
 - unshared: the plain counting prompts, which share no full block: caching's cost alone, with
-  ample device KV and with a tight pool (sized as above for these requests; proactive);
+  ample device KV and with a tight pool (sized as above for these requests), proactive, and
+  recompute, where a dropped request may find its own blocks again (its prompt and answer so far);
 - per cell, an engine without and one with caching, built once, then --rounds interleaved
   runs (off, on, off, on, ...) on the same burst; medians and each round's ratio;
 - the tokens with caching must equal those without in every run (greedy decoding), else the
@@ -151,7 +152,10 @@ def main() -> None:
                   dict(tight, swap_policy="proactive", num_host_blocks=4 * pool), shared, params, a.rounds),
              cell("unshared prompts (no full block in common), ample device KV", base, questions, params, a.rounds),
              cell("unshared prompts, tight device KV, proactive swapping",
-                  dict(base, num_device_blocks=upool + 1, num_host_blocks=4 * upool), questions, params, a.rounds)]
+                  dict(base, num_device_blocks=upool + 1, num_host_blocks=4 * upool), questions, params, a.rounds),
+             cell("unshared prompts, tight device KV, recompute",
+                  dict(base, num_device_blocks=upool + 1, swap_policy="recompute", num_host_blocks=0), questions,
+                  params, a.rounds)]
     if a.json:                                       # the medians hold no token ids
         with open(a.json, "w") as f:
             json.dump(dict(machine=os.uname().nodename, settings=vars(a), cells=cells), f, indent=1)
