@@ -5,9 +5,10 @@ A full block's key is a hash chain over the token ids up to its end,
 
     key[i] = blake2b(key[i-1] + tokens[i*bs : (i+1)*bs])        (16 bytes)
 
-so one key names one exact prefix. Blocks are reference counted: several requests share a
-prefix's blocks, and a block whose count falls to 0 while it has a key is kept as cached
-(free, but matchable) until its slot is needed:
+so one key names one exact prefix; a request's `cache_salt` (SamplingParams) starts its chain
+from the salt's digest instead, so it shares blocks only with requests of the same salt. Blocks
+are reference counted: several requests share a prefix's blocks, and a block whose count falls
+to 0 while it has a key is kept as cached (free, but matchable) until its slot is needed:
 
     free list:   [ 7, 3 ]                   no key: handed out first
     cached:      { 9: k9, 4: k4, ... }      count 0, has a key: handed out least recently freed first
@@ -55,6 +56,12 @@ from fastserve_jax.kv_cache import NULL_BLOCK, KVLocation, KVManager, device_poo
 from fastserve_jax.request import Request
 
 
+def salt_key(salt: str | None) -> bytes:
+    """The chain's start: empty for unsalted requests, else the salt's own digest, so that no
+    salted chain meets an unsalted one or one of another salt (SamplingParams.cache_salt)."""
+    return b"" if salt is None else hashlib.blake2b(b"salt\0" + salt.encode(), digest_size=16).digest()
+
+
 class PrefixCachingKVManager(KVManager):
     caching = True
 
@@ -93,7 +100,7 @@ class PrefixCachingKVManager(KVManager):
             toks = req.prompt_token_ids[lo:hi] if hi <= n_prompt else \
                 req.prompt_token_ids[lo:] + req.output_token_ids[max(lo - n_prompt, 0):hi - n_prompt]
             arr = np.asarray(toks, np.int32)
-            key = chain[-1] if chain else b""
+            key = chain[-1] if chain else salt_key(req.sampling.cache_salt)
             for i in range(num_blocks - have):
                 key = hashlib.blake2b(key + arr[i * bs:(i + 1) * bs].tobytes(), digest_size=16).digest()
                 chain.append(key)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 from numbers import Integral
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs; the sampler always computes this many.
 # Tokens one row's logits can be biased on (sampling.Penalties): a request's logit_bias entries
@@ -73,6 +73,11 @@ class SamplingParams:
     model's); an empty list is refused, None allows every token. Where min_tokens or bad_words
     ban every allowed token at a step, every logit is -inf and the sampler's pick (token 0)
     is not checked.
+    cache_salt (vLLM's, which carries it on the request): not a sampling setting but the prefix
+    cache's (fastserve_jax/prefix_cache.py): a request shares cached blocks only with requests of
+    the same salt (None: with the other unsalted ones), so that clients of different salts cannot
+    learn from timing whether another sent the same prefix. A non-empty string; out of the repr
+    (request logs print the params).
     """
 
     max_tokens: int = 16
@@ -97,6 +102,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     bad_words: list[str] | None = None
     allowed_token_ids: list[int] | None = None
+    cache_salt: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "n"):
@@ -170,6 +176,8 @@ class SamplingParams:
                 raise ValueError(f"allowed_token_ids may name at most {BIAS_SLOTS} distinct tokens (the sampler's "
                                  f"logit-bias slots), got {len(allowed)}")
             object.__setattr__(self, "allowed_token_ids", allowed)
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
+            raise ValueError("cache_salt must be a non-empty string (None: no salt)")
 
     @property
     def greedy(self) -> bool:

@@ -48,7 +48,8 @@ def _params(job: Job, max_tokens: int, seed: int | None, defaults: dict,
                               spaces_between_special_tokens=job.spaces_between_special_tokens,
                               include_stop_str_in_output=job.include_stop_str_in_output,
                               bad_words=list(job.bad_words) if job.bad_words else None,
-                              allowed_token_ids=list(job.allowed_token_ids) if job.allowed_token_ids else None)
+                              allowed_token_ids=list(job.allowed_token_ids) if job.allowed_token_ids else None,
+                              cache_salt=job.cache_salt)
     except ValueError as e:
         raise bad_request(str(e))
 

@@ -122,6 +122,7 @@ class Job:
     request_id: str | None = None               # the response id's suffix
     bad_words: tuple[str, ...] | None = None    # SamplingParams.bad_words
     allowed_token_ids: tuple[int, ...] | None = None   # SamplingParams.allowed_token_ids
+    cache_salt: str | None = None               # SamplingParams.cache_salt
     ignored: tuple[str, ...] = ()               # fields accepted and ignored (store, metadata, service_tier)
 
 

@@ -17,6 +17,9 @@ serve/protocol.py into the Job):
 - `allowed_token_ids` (a non-empty array of token ids, at most BIAS_SLOTS distinct; null: every
   token): SamplingParams.allowed_token_ids, its ids checked against the vocabulary in
   serve/prepare.py;
+- `cache_salt` (a non-empty string): SamplingParams.cache_salt, the request shares prefix-cache
+  blocks only with requests of the same salt (accepted, and of no effect, without
+  --enable-prefix-caching);
 - OpenAI's `store`, `metadata` and `service_tier`: type-checked and ignored (vLLM ignores them,
   with a warning in its log, as we do).
 """
@@ -28,7 +31,7 @@ from fastserve_jax.serve.errors import bad_request
 from fastserve_jax.serve.json_body import bool_field, int_field, str_field, typename
 
 FIELDS = frozenset({"truncate_prompt_tokens", "add_special_tokens", "prompt_logprobs", "request_id", "store",
-                    "metadata", "service_tier", "bad_words", "allowed_token_ids"})
+                    "metadata", "service_tier", "bad_words", "allowed_token_ids", "cache_salt"})
 IGNORED = ("store", "metadata", "service_tier")
 MAX_REQUEST_ID = 256      # characters; it is written into every response and log line
 
@@ -62,7 +65,10 @@ def parse_extras(body: dict, stream: bool, max_logprobs: int) -> dict:
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise bad_request(f"'metadata' must be an object of strings, got {typename(metadata)}", "metadata")
     str_field(body, "service_tier")
-    return dict(truncate_prompt_tokens=truncate, add_special_tokens=bool_field(body, "add_special_tokens", None),
+    salt = str_field(body, "cache_salt")
+    if salt == "":
+        raise bad_request("'cache_salt' must be a non-empty string if given", "cache_salt")
+    return dict(cache_salt=salt, truncate_prompt_tokens=truncate, add_special_tokens=bool_field(body, "add_special_tokens", None),
                 prompt_logprobs=prompt_logprobs, request_id=request_id, bad_words=_bad_words(body),
                 allowed_token_ids=_allowed_token_ids(body),
                 ignored=tuple(k for k in IGNORED if body.get(k) is not None))

@@ -59,6 +59,21 @@ def test_requests_of_one_plan_never_read_blocks_that_its_launches_write():
     kv.check_integrity()
 
 
+def test_requests_share_blocks_only_with_requests_of_the_same_cache_salt():
+    kv = PrefixCachingKVManager(num_blocks=40, block_size=4)
+    toks = range(1, 14)
+    run_plan(kv, (req("plain", toks), 13))
+    a1, a2, b, plain2 = (req("a1", toks, cache_salt="a"), req("a2", toks, cache_salt="a"),
+                         req("b", toks, cache_salt="b"), req("plain2", toks))
+    assert run_plan(kv, (a1, 13)).scheduled[0].num_tokens == 13         # not the unsalted blocks
+    assert run_plan(kv, (a2, 13)).scheduled[0].num_tokens == 1          # the same salt's
+    assert run_plan(kv, (b, 13)).scheduled[0].num_tokens == 13
+    assert run_plan(kv, (plain2, 13)).scheduled[0].num_tokens == 1
+    assert "cache_salt" not in repr(a1.sampling)
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+        SamplingParams(cache_salt="")
+
+
 def test_the_last_token_is_always_computed_and_a_chunk_matches_at_most_its_own_tokens():
     kv = PrefixCachingKVManager(num_blocks=20, block_size=4)
     run_plan(kv, (req("a", range(1, 9)), 8))                     # two full blocks

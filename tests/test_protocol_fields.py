@@ -87,6 +87,8 @@ REJECTED = [
     ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format", "not supported"),
     ({"response_format": "text"}, "response_format", '{"type": "text"}'),
     ({"ignore_eos": 1}, "ignore_eos", "true or false"),
+    ({"cache_salt": ""}, "cache_salt", "non-empty string"),
+    ({"cache_salt": 5}, "cache_salt", "must be a string"),
     ({"stop_token_ids": [1, -2]}, "stop_token_ids", "integers >= 0"),
     ({"stop_token_ids": list(range(65))}, "stop_token_ids", "at most 64"),
     ({"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": "yes"}},
@@ -408,6 +410,10 @@ def test_usage_counts_the_prompt_tokens_found_in_the_prefix_cache(live):
     hits = m[("vllm:prefix_cache_hits_total", (("model_name", "demo"),))]
     assert hits >= 3 * (n_prompt - 16) and m[("vllm:prefix_cache_queries_total", (("model_name", "demo"),))] > hits
     assert m[("fastserve_prefix_cache_hits_total", ())] == hits
+    # vLLM's cache_salt: blocks are shared only among requests of the same salt
+    cached = [_post(live, "/v1/completions", dict(body, cache_salt=salt))[1]["usage"]["prompt_tokens_details"]
+              ["cached_tokens"] for salt in ("tenant-a", "tenant-a", "tenant-b")]
+    assert cached[0] == 0 and cached[1] >= n_prompt - 16 and cached[2] == 0
 
 
 def test_a_kv_pool_smaller_than_the_context_bounds_chats_default_max_tokens():
