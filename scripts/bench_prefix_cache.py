@@ -16,7 +16,8 @@ costs, on the bundled demo model in process (no HTTP), engines fully warmed up b
   ample device KV and with a tight pool (sized as above for these requests), proactive, and
   recompute, where a dropped request may find its own blocks again (its prompt and answer so far);
 - per cell, an engine without and one with caching, built once, then --rounds interleaved
-  runs (off, on, off, on, ...) on the same burst; medians and each round's ratio;
+  runs (off, on, off, on, ...) on the same burst; medians and each round's ratio; each run
+  starts with an empty cache (the first requests of the burst compute the shared block);
 - the tokens with caching must equal those without in every run (greedy decoding), else the
   script stops.
 
@@ -62,6 +63,8 @@ def few_shot(tok, tokens: int, seed: int) -> str:
 
 def run_once(llm: LLM, prompts: list[str], params: list[SamplingParams]) -> dict:
     e = llm.engine
+    if e.kv.caching:          # every run starts cold: the burst's first requests compute the shared block
+        e.kv.reset()
     q0, h0 = e.kv.queries, e.kv.hits
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
