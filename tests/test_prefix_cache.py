@@ -153,6 +153,21 @@ def test_a_start_never_counts_on_sharing_blocks_that_an_eviction_of_the_same_pla
     assert plan.preempted == [v] and [r.request_id for r, *_ in plan.scheduled] == [best[0].request_id]
 
 
+def test_skip_join_joins_a_request_by_the_prefill_past_its_cached_prefix():
+    from fastserve_jax.scheduler import Limits, make_scheduler
+    from test_swap import CFG, COST
+
+    kv = PrefixCachingKVManager(num_blocks=1200, block_size=16)
+    stem = [3 + i % 200 for i in range(4000)]
+    sched = make_scheduler("skip-join-mlfq", Limits(8, 8192), kv, CFG, COST)
+    run_plan(kv, (req("warm", stem + [1]), 4001))
+    cached, fresh = req("cached", stem + [2, 3]), req("fresh", [5 + i % 190 for i in range(4002)])
+    sched.add(cached)
+    sched.add(fresh)
+    assert sched.entry_level(cached) == 0 < sched.entry_level(fresh) == fresh.queue_level
+    assert cached.queue_level == 0
+
+
 def test_cached_blocks_are_handed_out_last_and_least_recently_freed_first():
     kv = PrefixCachingKVManager(num_blocks=9, block_size=4)     # 8 usable
     a, b = req("a", range(1, 9)), req("b", range(101, 109))

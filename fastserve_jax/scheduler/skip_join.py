@@ -24,7 +24,8 @@ LIGHT_TAIL_CV = 0.75
 
 
 class SkipJoinMLFQScheduler(MLFQScheduler):
-    """FastServe: a request joins the highest queue whose quantum covers its prefill time.
+    """FastServe: a request joins the highest queue whose quantum covers its prefill time (with
+    prefix caching, that of the tokens past its cached prefix).
 
     Beyond the paper (SchedulerConfig.protect_decodes): once `protect_min_samples` requests
     have finished, a decoding request is not charged service, so not demoted below newer
@@ -85,7 +86,8 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         self._near_done: list[bool] = []   # [age]: expected remaining length <= the mean (tail guard)
         self._tail_pace = 0.0              # seconds per token below which the tail guard steps in
         self._guarded: set[str] = set()    # behind the tail guard's pace: top queue, uncharged
-        self._entry_levels: dict[int, int] = {}   # prompt tokens -> entry_level
+        self._entry_levels: dict[int, int] = {}   # prompt tokens to prefill -> entry_level
+        self._cached: dict[str, int] = {}         # prefix caching: tokens a request found cached when added
         self._light = False                # learned lengths light-tailed and a batch fits (starts_on_host)
         self._mean_len = 0.0               # the learned mean output length (tokens)
         self._cv = 0.0                     # the learned lengths' coefficient of variation
@@ -101,7 +103,9 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         level = self.joins.levels.get(req.request_id) if self.joins is not None else None
         if level is not None:                          # joined on its predicted service
             return level
-        n = req.num_prompt_tokens
+        # the prefill it needs: with prefix caching, the tokens past its cached prefix (as found
+        # when it was added, or as its start found them)
+        n = req.num_prompt_tokens - max(self._cached.get(req.request_id, 0), req.num_cached_tokens)
         level = self._entry_levels.get(n)
         if level is None:                  # asked per protected decode per iteration: kept per prompt length
             t = self.cost_model.prefill_time(n)
@@ -110,6 +114,8 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
         return level
 
     def add(self, req: Request) -> None:
+        if self.kv.caching:
+            self._cached[req.request_id] = self.kv.cached_prefix(req)[0]
         if self.joins is not None and self.joins.ranks():
             self.joins.place([req], self.quanta, self.cost_model, self.limits.max_num_seqs)
         super().add(req)
@@ -117,6 +123,7 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
 
     def remove(self, req: Request) -> None:
         super().remove(req)
+        self._cached.pop(req.request_id, None)
         self._lapsed.discard(req.request_id)
         self._guarded.discard(req.request_id)
         n = finished_length(req)
