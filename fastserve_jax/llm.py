@@ -87,6 +87,15 @@ class LLM:
         (unless generation_config="vllm")."""
         return SamplingParams(**self.engine.sampling_defaults)
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forget every cached prefix (enable_prefix_caching), so the next requests
+        compute theirs again (a cold measurement, say). False where caching is off."""
+        with self._generating:
+            if not self.engine.kv.caching:
+                return False
+            self.engine.kv.reset()
+            return True
+
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:

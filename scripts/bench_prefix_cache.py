@@ -63,8 +63,7 @@ def few_shot(tok, tokens: int, seed: int) -> str:
 
 def run_once(llm: LLM, prompts: list[str], params: list[SamplingParams]) -> dict:
     e = llm.engine
-    if e.kv.caching:          # every run starts cold: the burst's first requests compute the shared block
-        e.kv.reset()
+    llm.reset_prefix_cache()  # every run starts cold: the burst's first requests compute the shared block
     q0, h0 = e.kv.queries, e.kv.hits
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)

@@ -285,6 +285,17 @@ def test_tokens_identical_with_pipeline_batches_in_flight(reference):
     assert [r.output_token_ids for r in reqs] == want and e.kv.hits > 0 and e.stats.swap_out_blocks > 0
 
 
+def test_reset_prefix_cache_makes_the_next_request_compute_its_prefix(reference):
+    path, prompts, sp, want = reference
+    llm = LLM(path, warmup=False, num_device_blocks=160, scheduler="fcfs", enable_prefix_caching=True, **ENGINE_KW)
+    llm.generate(prompts[:1], sp)
+    assert llm.reset_prefix_cache() and llm.engine.kv.num_cached_blocks == 0
+    out = llm.generate(prompts[1:2], sp)
+    assert llm.engine.kv.hits == 0 and out[0].token_ids == want[1]
+    assert llm.generate(prompts[2:3], sp)[0].token_ids == want[2] and llm.engine.kv.hits > 0
+    assert not LLM(path, warmup=False, num_device_blocks=160, scheduler="fcfs", **ENGINE_KW).reset_prefix_cache()
+
+
 def test_prompt_logprobs_are_computed_not_taken_from_the_cache(reference):
     path, prompts, sp, _ = reference
     llm = LLM(path, warmup=False, num_device_blocks=160, scheduler="fcfs", enable_prefix_caching=True, **ENGINE_KW)
