@@ -92,6 +92,7 @@ class PrefixCachingKVManager(KVManager):
 
     # -- keys ------------------------------------------------------------------------------
     def _chain(self, req: Request, num_blocks: int) -> list[bytes]:
+        """The keys of the request's first `num_blocks` blocks (made once, kept until it is freed)."""
         chain = self._chains.setdefault(req.request_id, [])
         have, bs = len(chain), self.block_size
         if have < num_blocks:
@@ -106,6 +107,21 @@ class PrefixCachingKVManager(KVManager):
                 chain.append(key)
         return chain
 
+    def _found(self, req: Request, first: int, limit: int) -> list[int]:
+        """The cached blocks that hold the request's blocks first, first + 1, ... (before `limit`),
+        up to the first one not cached. Keys are made a few blocks at a time as the walk needs
+        them, so an unshared prompt is hashed no further than its first block or so."""
+        found, block_of, i = [], self._block_of, first
+        while i < limit:
+            chain = self._chain(req, min(limit, max(i + 1, 2 * i)))
+            while i < len(chain) and i < limit:
+                b = block_of.get(chain[i])
+                if b is None:
+                    return found
+                found.append(b)
+                i += 1
+        return found
+
     def cached_prefix(self, req: Request, released: Container[int] = ()) -> tuple[int, list[int]]:
         """What `match_prefix` would give a request without KV now, up to its last token (the
         policies leave it out of the iteration's token budget), and the blocks of it that
@@ -114,12 +130,7 @@ class PrefixCachingKVManager(KVManager):
         limit = (req.num_known_tokens - 1) // self.block_size
         if limit <= 0 or req.sampling.prompt_logprobs is not None:
             return 0, []
-        found, block_of = [], self._block_of
-        for key in self._chain(req, limit):
-            b = block_of.get(key)
-            if b is None:
-                break
-            found.append(b)
+        found = self._found(req, 0, limit)
         ref = self._ref
         return len(found) * self.block_size, [b for b in found if ref[b] and b not in released]
 
@@ -140,13 +151,7 @@ class PrefixCachingKVManager(KVManager):
         first, limit = start // bs, (min(start + num_tokens, req.num_known_tokens) - 1) // bs
         if limit <= first or req.sampling.prompt_logprobs is not None:
             return 0
-        got = []
-        block_of = self._block_of
-        for key in self._chain(req, limit)[first:limit]:
-            b = block_of.get(key)
-            if b is None:
-                break
-            got.append(b)
+        got = self._found(req, first, limit)
         if not got:
             return 0
         ref, cached = self._ref, self._cached
@@ -235,8 +240,12 @@ class PrefixCachingKVManager(KVManager):
             "a block is both free and held, or free twice"
         assert free | cached | set(refs) == set(range(1, self.num_blocks)), "blocks leaked or out of range"
         assert NULL_BLOCK not in free | cached | set(refs)
-        assert cached <= set(self._key_of) and all(self._block_of[k] == b for b, k in self._key_of.items()), \
+        assert len(self._block_of) == len(self._key_of) and all(self._block_of[k] == b for b, k in self._key_of.items()), \
             "the key maps disagree"
+        assert all(self._key_of.get(b) == k for b, k in self._cached.items()), "a cached block without its key"
+        assert not free & set(self._key_of), "a free block keeps a key (it could be matched, then overwritten)"
+        # (_chains also holds waiting requests' keys, made when a policy looked them up)
+        assert set(self._registered) <= set(self._where), "registration kept for a request without KV"
 
 
 def kv_manager(model_cfg, cfg, pending_bytes: int, layout) -> KVManager:

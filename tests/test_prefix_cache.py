@@ -4,6 +4,7 @@ engine's tokens with shared prefixes under memory pressure, preemption and swapp
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -168,6 +169,46 @@ def test_skip_join_joins_a_request_by_the_prefill_past_its_cached_prefix():
     assert cached.queue_level == 0
 
 
+@pytest.mark.parametrize("policy", ["skip-join-mlfq", "fcfs"])
+def test_a_start_that_evicts_the_only_holder_of_its_prefix_counts_those_blocks_once(policy):
+    """V holds the two keyed blocks of S's prefix and nothing else is free: S may start by
+    moving V out (skip-join with proactive swapping; FCFS takes a waiting request's KV), and
+    V's eviction then frees no block that S counts on sharing (found by review: the plan
+    counted them twice and did not fit)."""
+    from fastserve_jax.scheduler import Limits, make_scheduler
+    from fastserve_jax.scheduler.batch import fill_batch
+    from test_swap import CFG, COST
+
+    kv = PrefixCachingKVManager(num_blocks=4, block_size=4, num_host_blocks=20)      # 3 usable
+    v = req("v", list(range(1, 9)) + [90])
+    run_plan(kv, (v, 9))
+    s_, t = req("s", list(range(1, 9)) + [91, 92]), req("t", [200, 201, 202, 203, 204])
+    if policy == "fcfs":
+        sched = make_scheduler("fcfs", Limits(8, 64), kv, CFG, COST)
+        for r in (s_, t, v):
+            sched.add(r)                          # v waits with device KV (uploaded ahead of need)
+        plan = sched.schedule(0.0)
+    else:
+        plan = fill_batch([s_, t, v], [v, t, s_], Limits(8, 64), kv, swap=True, start_on_host=True, host_pools=4)
+    apply_plan(plan, kv, 0.0)
+    kv.check_integrity()
+    assert [x.request for x in plan.scheduled] == [s_] and v in plan.preempted + plan.swapped_out
+
+
+def test_a_request_dropped_during_its_prefill_reports_its_first_attempts_cached_tokens():
+    from fastserve_jax.kv_plan import drop_kv
+
+    kv = PrefixCachingKVManager(num_blocks=40, block_size=4)
+    run_plan(kv, (req("a", range(1, 41)), 40))
+    b = req("b", list(range(1, 25)) + [99] * 16)                   # 24 tokens in common: 6 blocks
+    run_plan(kv, (b, 30))
+    assert b.num_cached_tokens == 24
+    drop_kv(b, kv)
+    run_plan(kv, (b, 40))                                          # finds its own blocks and a's again
+    assert b.num_cached_tokens == 24 and kv.hits > 48
+    kv.check_integrity()
+
+
 def test_cached_blocks_are_handed_out_last_and_least_recently_freed_first():
     kv = PrefixCachingKVManager(num_blocks=9, block_size=4)     # 8 usable
     a, b = req("a", range(1, 9)), req("b", range(101, 109))
@@ -283,6 +324,49 @@ def test_tokens_identical_with_pipeline_batches_in_flight(reference):
         e.step()
         e.kv.check_integrity()
     assert [r.output_token_ids for r in reqs] == want and e.kv.hits > 0 and e.stats.swap_out_blocks > 0
+
+
+@pytest.mark.parametrize("seed, policy, scheduler", [(1, "proactive", "skip-join-mlfq"),
+                                                    (0, "recompute", "skip-join-mlfq"), (4, "proactive", "fcfs")])
+def test_second_turns_stop_tokens_and_aborts_in_a_tight_pool_match_caching_off(tiny_checkpoints, seed, policy,
+                                                                                scheduler):
+    """Three shared stems; a second turn whose prompts extend the first turn's prompts and
+    answers (so answers' blocks are matched too), then the first turn again; a stop token that
+    ends many answers early (async scheduling's extra rows); aborts mid-flight; a 29-block pool. Greedy tokens equal
+    a run without caching. (A review's version of this run, on other random weights, crashed
+    with "plan does not fit" before a start that evicts its prefix's only holder counted those
+    blocks once; the ledger test above pins that case.)"""
+    path = tiny_checkpoints("llama")
+    rng = random.Random(seed)
+    stems = [[rng.randint(3, 250) for _ in range(rng.randint(9, 40))] for _ in range(3)]
+    prompts = [rng.choice(stems) + [rng.randint(3, 250) for _ in range(rng.randint(1, 12))] for _ in range(14)]
+    lens = [rng.randint(2, 40) for _ in prompts]
+    ref = LLM(path, warmup=False, num_device_blocks=200, scheduler="fcfs", **ENGINE_KW)
+
+    def params(ns, stop=None):
+        return [SamplingParams(max_tokens=n, temperature=0, stop_token_ids=stop) for n in ns]
+
+    first = [o.token_ids for o in ref.generate(prompts, params(lens))]
+    stop = [Counter(t for o in first for t in o).most_common(1)[0][0]]
+    want1 = [o.token_ids for o in ref.generate(prompts, params(lens, stop))]
+    turn2 = [p + o + [rng.randint(3, 250) for _ in range(rng.randint(1, 10))] for p, o in zip(prompts, want1)]
+    lens2 = [rng.randint(2, 30) for _ in turn2]
+    want2 = [o.token_ids for o in ref.generate(turn2, params(lens2, stop))]
+    e = LLM(path, warmup=False, num_device_blocks=30, num_host_blocks=80, swap_policy=policy, scheduler=scheduler,
+            enable_prefix_caching=True, **ENGINE_KW).engine
+    for turn, (ps, ns, want) in enumerate([(prompts, lens, want1), (turn2, lens2, want2), (prompts, lens, want1)]):
+        reqs = [e.add_request(p, sp) for p, sp in zip(ps, params(ns, stop))]
+        aborted = set()
+        while e.has_unfinished():
+            e.step()
+            e.kv.check_integrity()
+            if turn == 1 and rng.random() < 0.08 and (live := [r for r in reqs if not r.finished]):
+                r = rng.choice(live)
+                aborted.add(r.request_id)
+                e.abort(r.request_id)
+        assert [r.output_token_ids for r in reqs if r.request_id not in aborted] == \
+            [w for r, w in zip(reqs, want) if r.request_id not in aborted]
+    assert e.kv.hits > 0 and e.kv.num_used_blocks == 0
 
 
 def test_reset_prefix_cache_makes_the_next_request_compute_its_prefix(reference):

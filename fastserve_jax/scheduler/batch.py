@@ -261,7 +261,11 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
                 continue
             admit_new = False
             continue
+        counted = ()                  # this start's shares, counted before it evicts for itself
         if fit > free and (holds or (swap and start_on_host)) and not victims_done:
+            if shares:                # its victim may be their only holder: not freed by the eviction
+                counted = [b for b in shares if b not in plan.kv_shared]
+                plan.kv_shared.update(counted)
             if victims is None:
                 victims = iter(worst_first)
             while fit > free:
@@ -280,6 +284,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
         if fit > free:
             if not holds:
                 admit_new = False
+                plan.kv_shared.difference_update(counted)
             continue
         if budget <= 0:                               # a decode takes a token from the latest chunk
             d = donors[-1]

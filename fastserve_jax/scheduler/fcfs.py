@@ -96,14 +96,16 @@ class FCFSScheduler(Scheduler):
             # again before its prefill was done (heavy-tailed outputs, a tenth of OPT-13B's
             # device KV, load 0.5: 3,378 recomputations of 400 requests, 3.4 s per output token).
             fit = need if holds else max(need, self.kv.blocks_for_tokens(req.num_tokens) - len(shares))
+            counted = [b for b in shares if b not in plan.kv_shared]    # before it evicts: see batch.evict
+            plan.kv_shared.update(counted)
             if fit > free:
                 free += self._evict_waiting(plan, fit - free, parked, head=req)
             if fit > free or req.request_id in parked:         # one just parked: next time
+                plan.kv_shared.difference_update(counted)
                 break
             self.waiting.popleft()
             self.running.append(req)
             plan.scheduled.append(ScheduledRequest(req, n, cached))
-            plan.kv_shared.update(shares)
             budget -= n - cached
             free -= fit
         return plan
