@@ -77,6 +77,14 @@ def test_tokenizer_and_vllms_block_count_name_are_engine_options():
         assert kw["tokenizer"] == "/tok" and kw["num_device_blocks"] == 64
 
 
+def test_enable_prefix_caching_is_an_engine_option_passed_on_to_a_started_server():
+    a = parse_engine_args(["--enable-prefix-caching"])
+    for kw in (engine_kwargs(a), engine_kwargs(parse_engine_args(engine_argv(a)))):
+        assert kw["enable_prefix_caching"] is True
+    plain = parse_engine_args(["--no-enable-prefix-caching"])
+    assert engine_kwargs(plain)["enable_prefix_caching"] is False and "--enable-prefix-caching" not in engine_argv(plain)
+
+
 def test_bucket_lists_are_engine_options_passed_on_whole(capsys):
     """The compiled shapes (EngineConfig's bucket lists) from the command line: LLM gets tuples,
     a started server the same lists, and left out they stay the engine's to derive."""
