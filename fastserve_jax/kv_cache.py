@@ -145,9 +145,12 @@ class KVManager:
     def host_blocks(self, req: Request) -> int:
         return self._host.get(req.request_id, 0)
 
-    def freeable_blocks(self, req: Request, shared: Container[int] = ()) -> list[int]:
+    def freeable_blocks(self, req: Request, shared: Container[int] = (),
+                        evicted: dict[int, int] | None = None) -> list[int]:
         """Device blocks that taking `req`'s KV away frees (prefix caching: those it alone holds,
-        less `shared`, which others are counted on to take)."""
+        less `shared`, which others are counted on to take; with `evicted`, a plan's count of
+        the holders it takes away from blocks several requests hold, updated here, also the
+        blocks whose last holder this is)."""
         return self._tables.get(req.request_id, [])
 
     def cached_prefix(self, req: Request, released: Container[int] = ()) -> tuple[int, list[int]]:

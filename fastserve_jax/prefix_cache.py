@@ -86,9 +86,19 @@ class PrefixCachingKVManager(KVManager):
         """Blocks with a key (matchable), held by requests or not."""
         return len(self._key_of)
 
-    def freeable_blocks(self, req: Request, shared: Container[int] = ()) -> list[int]:
-        ref = self._ref
-        return [b for b in self._tables.get(req.request_id, ()) if ref[b] == 1 and b not in shared]
+    def freeable_blocks(self, req: Request, shared: Container[int] = (),
+                        evicted: dict[int, int] | None = None) -> list[int]:
+        ref, out = self._ref, []
+        for b in self._tables.get(req.request_id, ()):
+            if b in shared:
+                continue
+            if ref[b] == 1:
+                out.append(b)
+            elif evicted is not None:                 # held by several: freed with its last holder
+                gone = evicted[b] = evicted.get(b, 0) + 1
+                if gone == ref[b]:
+                    out.append(b)
+        return out
 
     # -- keys ------------------------------------------------------------------------------
     def _chain(self, req: Request, num_blocks: int) -> list[bytes]:

@@ -195,6 +195,31 @@ def test_a_start_that_evicts_the_only_holder_of_its_prefix_counts_those_blocks_o
     assert [x.request for x in plan.scheduled] == [s_] and v in plan.preempted + plan.swapped_out
 
 
+def test_blocks_shared_only_among_victims_are_freed_by_the_last_ones_eviction():
+    """A and B (paused) share four prefix blocks; C must come back from the host into 9 blocks
+    with 6 free. Evicting both frees 6 + 6, though each alone frees only its own tail: counted
+    per victim, the plan evicted both and still scheduled nothing (found by fuzzing)."""
+    from fastserve_jax.scheduler import Limits
+    from fastserve_jax.scheduler.batch import fill_batch
+
+    kv = PrefixCachingKVManager(num_blocks=13, block_size=4, num_host_blocks=30)        # 12 usable
+    c = req("c", range(100, 132), max_tokens=40)
+    run_plan(kv, (c, 32))
+    c.output_token_ids.append(0)
+    kv.swap_out(c)
+    kv.finish_swap_out(c)
+    stem = list(range(1, 17))
+    a, b = req("a", stem + [50, 51, 52], max_tokens=40), req("b", stem + [60, 61, 62], max_tokens=40)
+    for r in (a, b):
+        run_plan(kv, (r, 19))
+        r.output_token_ids.append(0)
+    assert kv.num_free_blocks == 6
+    plan = fill_batch([c, a, b], [b, a, c], Limits(2, 32), kv, swap=True)
+    assert [x.request for x in plan.scheduled] == [c] and plan.swapped_out == [b, a]
+    apply_plan(plan, kv, 0.0)
+    kv.check_integrity()
+
+
 def test_a_request_dropped_during_its_prefill_reports_its_first_attempts_cached_tokens():
     from fastserve_jax.kv_plan import drop_kv
 

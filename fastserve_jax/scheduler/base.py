@@ -72,6 +72,9 @@ class Plan:
     # and blocks that evictions count as freed, which a start then does not count on sharing.
     kv_shared: set[int] = field(default_factory=set)
     kv_released: set[int] = field(default_factory=set)
+    # and blocks that several requests hold -> how many of those holders this plan evicts (the
+    # last one's eviction frees the block)
+    kv_evicted_holders: dict[int, int] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:

@@ -95,8 +95,9 @@ class QueueWalk:
 def evict(plan: Plan, victim: Request, kv: KVManager, swap: bool) -> int:
     """Take `victim`'s device KV away in `plan`: to the host pool when `swap` and it has room
     next to what the plan already moves there, else drop it. Returns the device blocks freed
-    (none for KV already on the host, which stays there; with prefix caching, only blocks it
-    alone holds that no start of the plan counts on sharing: Plan.kv_shared)."""
+    (none for KV already on the host, which stays there; with prefix caching, the blocks it
+    alone holds and those whose other holders the plan evicted already, less those a start of
+    the plan counts on sharing: Plan.kv_shared)."""
     n = len(kv.block_table(victim))
     if n == 0:
         return 0
@@ -107,7 +108,7 @@ def evict(plan: Plan, victim: Request, kv: KVManager, swap: bool) -> int:
         plan.preempted.append(victim)
     if not kv.caching:
         return n
-    freed = kv.freeable_blocks(victim, plan.kv_shared)
+    freed = kv.freeable_blocks(victim, plan.kv_shared, plan.kv_evicted_holders)
     plan.kv_released.update(freed)
     return len(freed)
 
