@@ -5,9 +5,9 @@ transfer-time model), in the order returned:
     apply_plan(plan)    drops, swap-outs, then for each scheduled request: swap-in of KV on
                         the host, allocation of its new tokens' blocks (with prefix caching a
                         prefilling request first takes the cached blocks of its prefix, and
-                        its entry in the plan shrinks to the tokens left to compute). The swap-out copies
-                        must be issued before the swap-in copies (a swap-in may reuse a block
-                        just freed) and both before the step.
+                        its entry in the plan shrinks to the tokens left to compute). The
+                        swap-out copies must be issued before the swap-in copies (a swap-in
+                        may reuse a block just freed) and both before the step.
     apply_ahead(ahead)  the swap policy's moves for later iterations, issued after the step:
                         offloads free their device blocks at once, uploads hold theirs, and
                         the caller marks them landed (`KVManager.finish_swap_in`) once the copy

@@ -250,8 +250,8 @@ class PrefixCachingKVManager(KVManager):
             "a block is both free and held, or free twice"
         assert free | cached | set(refs) == set(range(1, self.num_blocks)), "blocks leaked or out of range"
         assert NULL_BLOCK not in free | cached | set(refs)
-        assert len(self._block_of) == len(self._key_of) and all(self._block_of[k] == b for b, k in self._key_of.items()), \
-            "the key maps disagree"
+        assert len(self._block_of) == len(self._key_of) and \
+            all(self._block_of[k] == b for b, k in self._key_of.items()), "the key maps disagree"
         assert all(self._key_of.get(b) == k for b, k in self._cached.items()), "a cached block without its key"
         assert not free & set(self._key_of), "a free block keeps a key (it could be matched, then overwritten)"
         # (_chains also holds waiting requests' keys, made when a policy looked them up)

@@ -88,7 +88,7 @@ class FCFSScheduler(Scheduler):
             if self.kv.location(req) is KVLocation.SWAPPING_IN:     # its upload lands first
                 break
             holds = self.kv.has_kv(req)           # a start's tokens in the prefix cache are out of the budget
-            cached, shares = self.kv.cached_prefix(req, plan.kv_released) if not holds else (0, ())
+            cached, shares = self.kv.cached_prefix(req, plan.kv_released) if self.kv.caching and not holds else (0, ())
             n = min(req.num_pending_tokens, budget + cached)
             need = self.kv.blocks_needed(req, n) - len(shares)
             # Like the preemptive policies (batch.py), a request without KV starts only if its
@@ -97,11 +97,13 @@ class FCFSScheduler(Scheduler):
             # device KV, load 0.5: 3,378 recomputations of 400 requests, 3.4 s per output token).
             fit = need if holds else max(need, self.kv.blocks_for_tokens(req.num_tokens) - len(shares))
             counted = [b for b in shares if b not in plan.kv_shared]    # before it evicts: see batch.evict
-            plan.kv_shared.update(counted)
+            if counted:
+                plan.kv_shared.update(counted)
             if fit > free:
                 free += self._evict_waiting(plan, fit - free, parked, head=req)
             if fit > free or req.request_id in parked:         # one just parked: next time
-                plan.kv_shared.difference_update(counted)
+                if counted:
+                    plan.kv_shared.difference_update(counted)
                 break
             self.waiting.popleft()
             self.running.append(req)
