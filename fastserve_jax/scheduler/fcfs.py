@@ -88,7 +88,8 @@ class FCFSScheduler(Scheduler):
             if self.kv.location(req) is KVLocation.SWAPPING_IN:     # its upload lands first
                 break
             holds = self.kv.has_kv(req)           # a start's tokens in the prefix cache are out of the budget
-            cached, shares = self.kv.cached_prefix(req, plan.kv_released) if self.kv.caching and not holds else (0, ())
+            cached, shares = (self.kv.cached_prefix(req, plan.kv_released) if self.kv.caching and not holds
+                              else (0, ()))
             n = min(req.num_pending_tokens, budget + cached)
             need = self.kv.blocks_needed(req, n) - len(shares)
             # Like the preemptive policies (batch.py), a request without KV starts only if its
