@@ -63,7 +63,7 @@ class Request:
     bad_words: BadWords | None = None      # SamplingParams.bad_words tokenized (admission.py)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0           # tokens whose K/V are in the cache
-    num_cached_tokens: int = 0             # prompt tokens its first step took from the prefix cache
+    num_cached_tokens: int = 0             # prompt tokens its first prefill took from the prefix cache
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None       # "stop" | "length" | "abort"
     output_text: str = ""

@@ -328,7 +328,7 @@ class EngineLoop:
                     log.exception("abort of %s after a failed step also failed", rid)
             batch.append((rid, t.index, Delta("", [], None, error=message)))
         self._tracked.clear()
-        if getattr(self.engine.kv, "caching", False):    # keys given for a step that may not have run
+        if self.engine.kv.caching:          # keys given for a step that may not have run
             self.engine.kv.reset()
         if batch:
             self.emit(("deltas", batch))
