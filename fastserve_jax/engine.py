@@ -396,5 +396,5 @@ class LLMEngine:
     def output_of(req: Request) -> RequestOutput:
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.output_text,
                              list(req.output_token_ids), req.finish_reason, req.metrics,
-                             list(req.logprobs) if req.logprobs is not None else None,
-                             prompt_logprobs=None if req.prompt_logprobs is None else list(req.prompt_logprobs))
+                             list(req.logprobs) if req.logprobs is not None else None, [],
+                             None if req.prompt_logprobs is None else list(req.prompt_logprobs), req.num_cached_tokens)

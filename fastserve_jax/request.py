@@ -181,7 +181,9 @@ class RequestOutput:
     """A request's output so far (final when `finished`). text, token_ids, finish_reason and
     logprobs are the first completion's; `outputs` holds all n (vLLM's layout; n > 1 only
     from `LLM.generate`, whose metrics are then the first completion's). prompt_logprobs:
-    one entry per prompt token, the first None (SamplingParams.prompt_logprobs)."""
+    one entry per prompt token, the first None (SamplingParams.prompt_logprobs).
+    num_cached_tokens: prompt tokens its first prefill found in the prefix cache (vLLM's field;
+    0 with caching off)."""
 
     request_id: str
     prompt: str | None
@@ -193,6 +195,7 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None = None
     outputs: list[CompletionOutput] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    num_cached_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.outputs:

@@ -397,12 +397,14 @@ def test_second_turns_stop_tokens_and_aborts_in_a_tight_pool_match_caching_off(t
 def test_reset_prefix_cache_makes_the_next_request_compute_its_prefix(reference):
     path, prompts, sp, want = reference
     llm = LLM(path, warmup=False, num_device_blocks=160, scheduler="fcfs", enable_prefix_caching=True, **ENGINE_KW)
-    llm.generate(prompts[:1], sp)
+    assert llm.generate(prompts[:1], sp)[0].num_cached_tokens == 0
     assert llm.reset_prefix_cache() and llm.engine.kv.num_cached_blocks == 0
     out = llm.generate(prompts[1:2], sp)
-    assert llm.engine.kv.hits == 0 and out[0].token_ids == want[1]
-    assert llm.generate(prompts[2:3], sp)[0].token_ids == want[2] and llm.engine.kv.hits > 0
-    assert not LLM(path, warmup=False, num_device_blocks=160, scheduler="fcfs", **ENGINE_KW).reset_prefix_cache()
+    assert llm.engine.kv.hits == 0 and out[0].token_ids == want[1] and out[0].num_cached_tokens == 0
+    out = llm.generate(prompts[2:3], sp)        # RequestOutput.num_cached_tokens: vLLM's field
+    assert out[0].token_ids == want[2] and out[0].num_cached_tokens == llm.engine.kv.hits == 48
+    plain = LLM(path, warmup=False, num_device_blocks=160, scheduler="fcfs", **ENGINE_KW)
+    assert not plain.reset_prefix_cache() and plain.generate(prompts[2:4], sp)[1].num_cached_tokens == 0
 
 
 def test_prompt_logprobs_are_computed_not_taken_from_the_cache(reference):
