@@ -17,6 +17,12 @@ A real server process (the bundled demo model, which counts: "count from A to B:
     chat        chat completions, streamed or not: a well-formed answer with a finish reason
     disconnect  streamed, the client hangs up after a few chunks
     bad         a body with an invalid field: 400 with an OpenAI error, never a 5xx
+    prefix      a long count's prompt with the first part of its answer (one of a few such
+                counts, cut at a random point, so requests share their first blocks), sometimes
+                with a cache_salt: the rest of the answer exactly. Not streamed, so the usage is
+                checked: with --enable-prefix-caching in --serve-args, prompt_tokens_details
+                .cached_tokens is under the prompt's length, and some requests must find tokens
+                cached; without it, the field is absent
 
 At the end the server must come back to idle (no live request, no KV block used on the
 device or the host, per /metrics), stop on SIGINT with status 0, and its log must hold no
@@ -49,7 +55,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from fastserve_jax.models import demo_task  # noqa: E402
 from fastserve_jax.serve import bench_client  # noqa: E402
 
-KINDS = ("exact", "echo", "stop", "length", "seeded", "chat", "disconnect", "bad")
+KINDS = ("exact", "echo", "stop", "length", "seeded", "chat", "disconnect", "bad", "prefix")
 BAD_BODIES = ({"temperature": -1}, {"max_tokens": "many"}, {"top_p": 0}, {"n": 0}, {"logprobs": 99},
               {"stop": 5}, {"prompt": ""}, {"presence_penalty": 9})
 
@@ -70,19 +76,25 @@ def rss_kib(pid: int) -> int:
     return total
 
 
-def screened_pairs(seed: int, n: int = 2000) -> list[tuple[int, int]]:
-    """Counting pairs (answers of 1-60 numbers) the demo model answers exactly (it misses ~0.6%)."""
+def screened_pairs(seed: int, n: int = 2000, n_long: int = 6) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Counting pairs the demo model answers exactly (it misses ~0.6%): n drawn with answers of
+    1-60 numbers, and up to n_long of 100-200 numbers (the `prefix` kind's shared counts: a
+    prompt with part of its answer is continued exactly where the whole answer is)."""
     from fastserve_jax.models import demo_model_path
     from fastserve_jax.models.tokenizer import load_tokenizer
 
     rng = random.Random(seed)
     pairs = [(a, min(a + rng.randrange(0, 60), demo_task.MAX_NUMBER)) for a in (rng.randrange(0, 950) for _ in range(n))]
-    return demo_task.answerable(pairs, load_tokenizer(demo_model_path()))
+    long = [(a, a + rng.randrange(99, 200)) for a in (rng.randrange(0, 790) for _ in range(2 * n_long))]
+    ok = set(demo_task.answerable(pairs + long, load_tokenizer(demo_model_path())))
+    return [p for p in pairs if p in ok], [p for p in long if p in ok][:n_long]
 
 
 class Soak:
-    def __init__(self, url: str, seed: int, pairs: list[tuple[int, int]]):
-        self.url, self.rng, self.pairs = url, random.Random(seed), pairs
+    def __init__(self, url: str, seed: int, pairs: list[tuple[int, int]], counts: list[tuple[int, int]],
+                 caching: bool):
+        self.url, self.rng, self.pairs, self.counts_long, self.caching = url, random.Random(seed), pairs, counts, caching
+        self.cached_tokens = 0
         self.counts = collections.Counter()
         self.failures: list[str] = []
         self.seeded: dict[int, str] = {}
@@ -151,11 +163,30 @@ class Soak:
                                             disconnect_after=rng.randrange(1, 4))
             if res.status != 200 or res.error or not want.startswith(res.text):
                 self.fail(kind, f"{res.status} {res.error} {res.text[:80]!r} not a prefix of {want[:80]!r}")
+        elif kind == "prefix":
+            await self.prefix(*rng.choice(self.counts_long))
         else:
             status, out = await self.post("/v1/completions", dict(body, **rng.choice(BAD_BODIES)))
             if status != 400 or "error" not in out:
                 self.fail(kind, f"{status} {str(out)[:200]}")
         self.counts[kind] += 1
+
+    async def prefix(self, a: int, b: int) -> None:
+        k = self.rng.randrange(b - a - 58, b - a + 1)            # numbers given; 1-59 left to answer
+        body = {"model": "demo", "prompt": demo_task.make_prompt(a, b) + demo_task.expected_answer(a, a + k - 1),
+                "max_tokens": 80, "temperature": 0}
+        if self.rng.random() < 0.2:
+            body["cache_salt"] = self.rng.choice(("tenant-1", "tenant-2"))
+        status, out = await self.post("/v1/completions", body)
+        want = demo_task.expected_answer(a + k, b)
+        if status != 200 or out["choices"][0]["text"] != want or out["choices"][0]["finish_reason"] != "stop":
+            return self.fail("prefix", f"{body['prompt'][:40]!r}... ({k} numbers given): {status} {str(out)[:200]}, "
+                                       f"want {want[:60]!r}")
+        u = out["usage"]
+        cached = u.get("prompt_tokens_details", {}).get("cached_tokens")
+        if (cached is None) == self.caching or (cached is not None and not 0 <= cached < u["prompt_tokens"]):
+            return self.fail("prefix", f"usage {u} with prefix caching {'on' if self.caching else 'off'}")
+        self.cached_tokens += cached or 0
 
     async def check_choices(self, kind: str, body: dict, stream: bool, texts: list[str], finish: str,
                             tokens: int | None) -> None:
@@ -266,7 +297,7 @@ def soak(proc: subprocess.Popen, url: str, log_path: str, args) -> int:
         except OSError:
             pass
         time.sleep(0.5)
-    s = Soak(url, args.seed, screened_pairs(args.seed))
+    s = Soak(url, args.seed, *screened_pairs(args.seed), caching="--enable-prefix-caching" in args.serve_args.split())
     t0 = time.monotonic()
     rss = asyncio.run(s.run(args.minutes * 60, args.clients, proc.pid))
     took = time.monotonic() - t0
@@ -279,6 +310,10 @@ def soak(proc: subprocess.Popen, url: str, log_path: str, args) -> int:
     recomputed = m.get("fastserve_recomputations_total", 0)
     if m.get("fastserve_engine_faults_total", 0):
         s.fail("engine", f"{m['fastserve_engine_faults_total']:.0f} engine faults")
+    hits = m.get("fastserve_prefix_cache_hits_total", 0)
+    if s.caching and s.counts["prefix"] >= 10 and not (s.cached_tokens and hits):
+        s.fail("prefix", f"{s.counts['prefix']} prefix requests, {s.cached_tokens} tokens reported cached, "
+                         f"{hits:.0f} cache hits on /metrics: caching found nothing")
     rss.append(rss_kib(proc.pid))
     proc.send_signal(signal.SIGINT)
     try:
@@ -293,6 +328,9 @@ def soak(proc: subprocess.Popen, url: str, log_path: str, args) -> int:
     total = sum(s.counts.values())
     print(f"{total} requests in {took:.0f} s ({total / took:.1f}/s): "
           + ", ".join(f"{k} {s.counts[k]}" for k in KINDS))
+    if s.caching:
+        print(f"prefix cache: {hits:.0f} tokens found of {m.get('fastserve_prefix_cache_queries_total', 0):.0f} "
+              f"looked up; the prefix requests' usage reported {s.cached_tokens} cached")
     print(f"KV blocks swapped out {swapped:.0f}, requests recomputed {recomputed:.0f}; "
           f"server RSS every 30 s from the start, then idle at the end (MiB): {' '.join(f'{r / 1024:.0f}' for r in rss)}")
     for f in s.failures[:20]:
