@@ -50,6 +50,7 @@ from fastserve_jax.config import SamplingParams
 from fastserve_jax.cost_model import CostModel, plan_time
 from fastserve_jax.kv_cache import KVLocation, KVManager
 from fastserve_jax.kv_plan import apply_ahead, apply_plan
+from fastserve_jax.prefix_cache import PrefixCachingKVManager
 from fastserve_jax.length_prediction import LengthPrediction, calibration, kendall_tau
 from fastserve_jax.request import Request, RequestStatus
 from fastserve_jax.swap_policy import SwapPolicy
@@ -75,6 +76,7 @@ class SimResult:
     prediction_sigma: float | None = None
     policy_host_seconds: float = 0.0     # wall clock in the policy's calls (SimConfig.host_time_scale)
     launch_seconds: float = 0.0          # simulated time in the cost model's launches alone
+    prefix_cache: tuple[int, int] | None = None    # with caching: tokens looked up, tokens found
 
     def metrics(self) -> dict[str, float]:
         """Latencies in seconds, throughputs per second (see docs/scheduling.md)."""
@@ -83,6 +85,10 @@ class SimResult:
                  policy_host_seconds=self.policy_host_seconds, launch_seconds=self.launch_seconds,
                  **{f"swap_{k}": v for k, v in dataclasses.asdict(self.swap).items()},
                  swap_stall_fraction=self.swap.stall_seconds / self.swap.busy_seconds if self.swap.busy_seconds else 0.0)
+        if self.prefix_cache is not None:
+            queries, hits = self.prefix_cache
+            m.update(prefix_cache_hit_rate=hits / queries if queries else 0.0,
+                     prefix_cached_tokens=sum(r.num_cached_tokens for r in self.requests))
         if self.prediction_sigma is not None:
             preds, true, est = zip(*self.predictions) if self.predictions else ((), (), ())
             cal = calibration(preds, true)
@@ -166,7 +172,8 @@ class _Links:
 
 
 def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: SimConfig = SimConfig()) -> SimResult:
-    kv = KVManager(cfg.num_blocks(cost), cfg.block_size, cfg.num_host_blocks() if cfg.swap_policy != "recompute" else 0)
+    kv = (PrefixCachingKVManager if cfg.enable_prefix_caching else KVManager)(
+        cfg.num_blocks(cost), cfg.block_size, cfg.num_host_blocks() if cfg.swap_policy != "recompute" else 0)
     sched = make_scheduler(policy, Limits(cfg.max_num_seqs, cfg.max_num_batched_tokens), kv,
                            cfg.scheduler_config, cfg.policy_cost or cost)
     if cfg.prior_lengths and hasattr(sched, "restore_lengths"):
@@ -192,7 +199,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         if kv.blocks_for_tokens(t.prompt_tokens + t.output_tokens) > kv.num_usable_blocks:
             raise ValueError(f"trace request {i} needs {t.prompt_tokens + t.output_tokens} tokens of KV but the "
                              f"pool holds {kv.num_usable_blocks * kv.block_size}; raise --kv-capacity-tokens")
-        reqs.append(Request(f"r{i}", range(t.prompt_tokens), SamplingParams(max_tokens=t.output_tokens,
+        reqs.append(Request(f"r{i}", cfg.prompt_ids(i, t), SamplingParams(max_tokens=t.output_tokens,
                                                                              ignore_eos=True), t.arrival))
 
     def land(ups: list[tuple[Request, float]], t: float) -> list[tuple[Request, float]]:
@@ -349,4 +356,5 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
     return SimResult(policy, reqs, iterations, preemptions, seqs, time.perf_counter() - wall0, max_batch, max_tokens,
                      max_blocks, counts,
                      [(p, n, oracle.estimate(n, noise[rid])) for rid, (_, p, n) in predicted.items()],
-                     oracle.sigma if oracle is not None else None, policy_host, launches)
+                     oracle.sigma if oracle is not None else None, policy_host, launches,
+                     (kv.queries, kv.hits) if kv.caching else None)

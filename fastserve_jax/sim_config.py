@@ -62,6 +62,13 @@ class SimConfig:
     # Scheduler.service) where it is not the one the clock runs on: the engine's own profile,
     # while scripts/sim_fidelity.py runs the clock on one calibrated to a run. None: the same.
     policy_cost: CostModel | None = None
+    # Prefix caching (EngineConfig.enable_prefix_caching; the engine's own ledger, prefix_cache.py).
+    # Requests then get token ids of their own, but for their first shared_prefix_tokens (at most
+    # all but the last prompt token), which trace request i shares with the others of its group
+    # i % prefix_groups: a system prompt per tenant, say. Lengths stay the trace's.
+    enable_prefix_caching: bool = False
+    shared_prefix_tokens: int = 0
+    prefix_groups: int = 1
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_iterations"))
@@ -86,6 +93,12 @@ class SimConfig:
                              f"{self.host_time_scale!r}")
         if self.prediction_at not in PREDICTION_AT:
             raise ValueError(f"prediction_at must be one of {list(PREDICTION_AT)}, got {self.prediction_at!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}")
+        if not (isinstance(self.shared_prefix_tokens, int) and self.shared_prefix_tokens >= 0):
+            raise ValueError(f"shared_prefix_tokens must be an integer >= 0, got {self.shared_prefix_tokens!r}")
+        if not (isinstance(self.prefix_groups, int) and self.prefix_groups >= 1):
+            raise ValueError(f"prefix_groups must be an integer >= 1, got {self.prefix_groups!r}")
 
     def oracle(self, trace: Sequence[TraceRequest]) -> NoisyLengthOracle | None:
         """The run's predictor, None without predictions."""
@@ -93,6 +106,15 @@ class SimConfig:
             return NoisyLengthOracle(sigma_for_tau([t.output_tokens for t in trace], self.prediction_tau,
                                                    self.prediction_seed))
         return None if self.prediction_sigma is None else NoisyLengthOracle(self.prediction_sigma)
+
+    def prompt_ids(self, i: int, t: TraceRequest) -> Sequence[int]:
+        """Token ids for trace request i: without caching any will do (0, 1, ...); with it, -1 - g
+        for the tokens its group g shares, then i + 1 (a block's key chains every block before
+        it, so repeating one id is enough to make each request's own blocks its own)."""
+        if not self.enable_prefix_caching:
+            return range(t.prompt_tokens)
+        shared = min(self.shared_prefix_tokens, t.prompt_tokens - 1)
+        return [-1 - i % self.prefix_groups] * shared + [i + 1] * (t.prompt_tokens - shared)
 
     def num_host_blocks(self) -> int:
         return self.host_kv_capacity_tokens // self.block_size

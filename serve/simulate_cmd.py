@@ -87,6 +87,13 @@ def add_simulate_parser(sub) -> None:
                    help="when a request first gets its simulated prediction: when its prefill completes (as the "
                         "engine's predictor, which reads the prefill's hidden states; default) or when it arrives "
                         "(a predictor that reads only the prompt)")
+    pc = p.add_argument_group("prefix caching (the engine's --enable-prefix-caching)")
+    pc.add_argument("--enable-prefix-caching", action="store_true",
+                    help="requests start past blocks of the same prefix already on the device")
+    pc.add_argument("--shared-prefix-tokens", type=int, default=0, metavar="N",
+                    help="each prompt's first N tokens (at most all but its last) are its group's, the rest its own")
+    pc.add_argument("--prefix-groups", type=int, default=1, metavar="G",
+                    help="trace request i shares its prefix with the others of group i %% G (default 1: all)")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the arrival process and the prediction noise")
     p.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes")
     p.add_argument("--json", metavar="OUT", help="also write the results there (the table goes to stderr either way)")
@@ -220,7 +227,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         cfg = SimConfig(a.max_num_seqs, a.max_num_batched_tokens, a.block_size, a.kv_capacity_tokens,
                         dataclasses.replace(SchedulerConfig(), **knobs), a.host_kv_capacity_tokens, a.swap_policy,
                         prediction_sigma=a.prediction_sigma, prediction_tau=a.prediction_tau, prediction_seed=a.seed,
-                        prediction_at=a.prediction_at)
+                        prediction_at=a.prediction_at, enable_prefix_caching=a.enable_prefix_caching,
+                        shared_prefix_tokens=a.shared_prefix_tokens, prefix_groups=a.prefix_groups)
         if a.host_kv_capacity_tokens and a.swap_policy != "recompute":
             cost.swap_time(1)                    # the transfer-time model must be there
         blocks = cfg.num_blocks(cost)
@@ -267,6 +275,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
                  if m['swap_blocks_out'] else "")
         slo = "/".join(f"{100 * s['attained']:.0f}" for s in m["slo_attainment"])
         pred = f"  prediction tau {m['prediction_kendall_tau']:.2f}" if "prediction_kendall_tau" in m else ""
+        pred += f"  prefix cache hits {m['prefix_cache_hit_rate']:.2f}" if "prefix_cache_hit_rate" in m else ""
         offered = "all at once," if m['offered_rps'] is None else f"{m['offered_rps']:.3f}"     # a trace of one instant
         load = "-" if m['load'] is None else f"{m['load']:.2f}"
         print(f"{job[1]:>15} offered {offered} served {m['throughput_rps']:.3f} req/s "

@@ -362,3 +362,51 @@ def test_the_short_prompt_light_tail_script_prints_its_ratios(capsys):
     assert [(r["seed"], r["load"]) for r in rows] == [(s, x) for s in (0, 1) for x in (0.9, 1.0, 1.2)]
     assert all(r[k] > 0 for r in rows for k in ("p99", "jct", "latency_per_token"))
     assert capsys.readouterr().out.count("skip-join p99 JCT") == 6
+
+
+# -- prefix caching (SimConfig.enable_prefix_caching: the engine's ledger, prefix_cache.py) --------
+def _azure(n=150, load=1.5, seed=0):
+    cost = CostModel.load("opt-13b-a100")
+    trace, _ = load_trace(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces",
+                                       "azure_conv_2023.csv"), n)
+    return with_arrivals(trace, load * capacity_rps(trace, cost, 16, cost.kv_capacity_tokens, 2048), seed=seed), cost
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "skip-join-mlfq"])
+def test_sim_prefix_caching_finds_nothing_and_changes_nothing_where_nothing_is_shared(policy):
+    trace, cost = _azure()
+    cfg = SimConfig(host_kv_capacity_tokens=68_000)
+    off = simulate(trace, policy, cost, cfg).metrics()
+    on = simulate(trace, policy, cost, dataclasses.replace(cfg, enable_prefix_caching=True)).metrics()
+    assert on["prefix_cache_hit_rate"] == 0 and on["prefix_cached_tokens"] == 0 and "prefix_cache_hit_rate" not in off
+    for k in ("mean_jct", "p99_jct", "mean_ttft", "throughput_rps", "iterations", "swap_blocks_out"):
+        assert on[k] == off[k], k
+
+
+def test_sim_prefix_caching_shares_a_groups_prefix_and_cuts_the_prefill():
+    trace, cost = _azure()
+    cfg = SimConfig(host_kv_capacity_tokens=68_000, shared_prefix_tokens=500, prefix_groups=3)
+    off = simulate(trace, "skip-join-mlfq", cost, cfg)
+    on = simulate(trace, "skip-join-mlfq", cost, dataclasses.replace(cfg, enable_prefix_caching=True))
+    m_off, m = off.metrics(), on.metrics()
+    assert m["mean_ttft"] < 0.8 * m_off["mean_ttft"] and m["throughput_rps"] >= m_off["throughput_rps"]
+    # a prompt finds whole blocks of its group's first 500 tokens (of all but its last token, for a short
+    # prompt), never its own tokens (no two requests share them)
+    for r in on.requests:
+        assert r.num_cached_tokens % 16 == 0 and r.num_cached_tokens <= min(500, r.num_prompt_tokens - 1)
+    assert sum(r.num_cached_tokens > 0 for r in on.requests) > 0.8 * len(trace)
+    alone = simulate(trace, "skip-join-mlfq", cost, dataclasses.replace(cfg, enable_prefix_caching=True,
+                                                                         prefix_groups=len(trace))).metrics()
+    assert alone["prefix_cached_tokens"] == 0          # a group per request: nothing shared
+
+
+def test_sim_prefix_caching_settings_are_checked_and_reach_the_cli(small_trace, tmp_path, capsys):
+    for bad in (dict(prefix_groups=0), dict(shared_prefix_tokens=-1), dict(enable_prefix_caching=1)):
+        with pytest.raises(ValueError):
+            SimConfig(**bad)
+    out = tmp_path / "o.json"
+    assert main(["simulate", "--trace", small_trace, "--load", "1.2", "--num-requests", "30", "--json", str(out),
+                 "--enable-prefix-caching", "--shared-prefix-tokens", "64", "--prefix-groups", "2"]) == 0
+    res = json.loads(out.read_text())
+    assert next(iter(res.values()))["prefix_cache_hit_rate"] > 0 and "prefix cache hits" in capsys.readouterr().err
+    assert main(["simulate", "--trace", small_trace, "--load", "1", "--prefix-groups", "0"]) == 2
