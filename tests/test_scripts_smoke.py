@@ -2,7 +2,7 @@
 user would call them (a subprocess from the checkout's root): they must run to the end and
 print their figures. A script is only as good as its last run; bench_tail_guard.py once
 failed at its first line after a helper moved, and nothing noticed. bench_frontend,
-bench_first_runs, bench_predictive, bench_prompt_lengths, bench_prefix_cache, bench_sampler, bench_penalty_history,
+bench_first_runs, bench_predictive, bench_prompt_lengths, bench_prefix_cache, sim_fidelity_prefix, bench_sampler, bench_penalty_history,
 bench_engine (--quick, without transformers) and soak_server are marked slow; bench_startup
 (minutes) has no test here."""
 
@@ -143,6 +143,12 @@ def test_bench_prefix_cache_one_round(tmp_path):
     for p in ("skip-join-mlfq", "fcfs"):     # about half of the 12 start in the first step, before anything is cached
         assert cells[0]["schedulers"][p]["on"]["hit_rate"] > 0.2 and cells[-3]["schedulers"][p]["on"]["hit_rate"] == 0
     assert len(cells[0]["skip_join_over_fcfs"]["on"]["latency_per_token"]) == 1
+
+
+@pytest.mark.slow
+def test_sim_fidelity_prefix_small():
+    out = _script("sim_fidelity_prefix.py", "--num-requests", "12", "--rounds", "1", "--prefix-tokens", "64")
+    assert out.count("caching on / off, engine vs simulator") == 2 and "fcfs caching" in out, out
 
 
 @pytest.mark.slow
