@@ -2,7 +2,7 @@
 user would call them (a subprocess from the checkout's root): they must run to the end and
 print their figures. A script is only as good as its last run; bench_tail_guard.py once
 failed at its first line after a helper moved, and nothing noticed. bench_frontend,
-bench_first_runs, bench_predictive, bench_prompt_lengths, bench_prefix_cache, sim_fidelity_prefix, bench_sampler, bench_penalty_history,
+bench_first_runs, bench_predictive, bench_prompt_lengths, bench_prefix_cache, sim_fidelity_prefix, sim_prefix_caching, bench_sampler, bench_penalty_history,
 bench_engine (--quick, without transformers) and soak_server are marked slow; bench_startup
 (minutes) has no test here."""
 
@@ -143,6 +143,13 @@ def test_bench_prefix_cache_one_round(tmp_path):
     for p in ("skip-join-mlfq", "fcfs"):     # about half of the 12 start in the first step, before anything is cached
         assert cells[0]["schedulers"][p]["on"]["hit_rate"] > 0.2 and cells[-3]["schedulers"][p]["on"]["hit_rate"] == 0
     assert len(cells[0]["skip_join_over_fcfs"]["on"]["latency_per_token"]) == 1
+
+
+@pytest.mark.slow
+def test_sim_prefix_caching_small():
+    out = _script("sim_prefix_caching.py", "--requests", "60", "--loads", "1.5", "--seeds", "0")
+    rows = [ln for ln in out.splitlines() if ln.startswith(("| full |", "| a tenth |"))]
+    assert len(rows) == 2 and all(ln.count("x (") == 6 for ln in rows), out
 
 
 @pytest.mark.slow
