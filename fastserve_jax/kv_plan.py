@@ -66,8 +66,7 @@ def apply_plan(plan: Plan, kv: KVManager, now: float) -> Copies:
         if kv.caching and req.num_computed_tokens + 1 < req.num_known_tokens:   # prefilling: prefix_cache.py
             hit = kv.match_prefix(req, s.num_tokens)
             if hit or s.cached:     # fewer found than the policy expected: compute no more than it counted
-                left = s.num_tokens - hit if hit >= s.cached else s.num_tokens - s.cached
-                s = plan.scheduled[i] = ScheduledRequest(req, left)
+                s = plan.scheduled[i] = ScheduledRequest(req, s.num_tokens - max(hit, s.cached))
                 if hit and req.metrics.first_token_time is None and not req.num_preemptions:   # its first prefill
                     req.num_cached_tokens = min(req.num_cached_tokens + hit, req.num_prompt_tokens)
         kv.allocate(req, s.num_tokens)

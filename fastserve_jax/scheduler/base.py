@@ -76,6 +76,14 @@ class Plan:
     # last one's eviction frees the block)
     kv_evicted_holders: dict[int, int] = field(default_factory=dict)
 
+    def count_shared(self, blocks) -> list[int]:
+        """Mark `blocks` as ones a start counts on sharing, before it evicts for itself (its
+        victim may be their only holder: batch.evict then does not count them as freed); returns
+        those newly marked, to take back with kv_shared.difference_update if it does not start."""
+        new = [b for b in blocks if b not in self.kv_shared]
+        self.kv_shared.update(new)
+        return new
+
     @property
     def num_tokens(self) -> int:
         return sum(s.num_tokens for s in self.scheduled)

@@ -264,9 +264,8 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
             continue
         counted = ()                  # this start's shares, counted before it evicts for itself
         if fit > free and (holds or (swap and start_on_host)) and not victims_done:
-            if shares:                # its victim may be their only holder: not freed by the eviction
-                counted = [b for b in shares if b not in plan.kv_shared]
-                plan.kv_shared.update(counted)
+            if shares:
+                counted = plan.count_shared(shares)
             if victims is None:
                 victims = iter(worst_first)
             while fit > free:

@@ -97,9 +97,7 @@ class FCFSScheduler(Scheduler):
             # again before its prefill was done (heavy-tailed outputs, a tenth of OPT-13B's
             # device KV, load 0.5: 3,378 recomputations of 400 requests, 3.4 s per output token).
             fit = need if holds else max(need, self.kv.blocks_for_tokens(req.num_tokens) - len(shares))
-            counted = [b for b in shares if b not in plan.kv_shared]    # before it evicts: see batch.evict
-            if counted:
-                plan.kv_shared.update(counted)
+            counted = plan.count_shared(shares)
             if fit > free:
                 free += self._evict_waiting(plan, fit - free, parked, head=req)
             if fit > free or req.request_id in parked:         # one just parked: next time
