@@ -57,19 +57,23 @@ ON_HOST = (KVLocation.HOST, KVLocation.SWAPPING_OUT)
 @dataclass(frozen=True)
 class SwapCopy:
     """One request's blocks moving between the pools: `device_blocks` are the blocks read
-    (swap-out) or written (swap-in), in the request's block-table order."""
+    (swap-out) or written (swap-in), in the request's block-table order. In a swap-in, NULL_BLOCK
+    stands where the device already holds that block's tokens (prefix caching: the block is
+    shared, not copied)."""
 
     request: Request
     device_blocks: tuple[int, ...]
 
     @property
     def num_blocks(self) -> int:
-        return len(self.device_blocks)
+        """Blocks the copy moves."""
+        return len(self.device_blocks) - self.device_blocks.count(NULL_BLOCK)
 
 
 class KVManager:
     caching = False          # prefix caching (prefix_cache.PrefixCachingKVManager): apply_plan matches prompts
     queries = hits = 0       # its counters, in tokens (requests looked up, tokens found); 0 without
+    swap_in_shared = 0       # blocks swap-ins found on the device (prefix_cache.py); 0 without
 
     def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> None:
         if num_blocks < 2:
@@ -84,7 +88,8 @@ class KVManager:
         self._host: dict[str, int] = {}                 # request id -> host blocks held
         self._host_free = num_host_blocks
         self._where: dict[str, KVLocation] = {}         # absent: NONE
-        self._swapping_in = 0                           # device blocks of swap-ins in flight
+        self._uploading: dict[str, int] = {}            # request id -> blocks its swap-in in flight copies
+        self._swapping_in = 0                           # their sum
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -119,7 +124,7 @@ class KVManager:
 
     @property
     def num_swapping_in_blocks(self) -> int:
-        """Device blocks held by swap-ins still in flight (the upload link's backlog)."""
+        """Blocks that swap-ins still in flight copy (the upload link's backlog)."""
         return self._swapping_in
 
     def blocks_for_tokens(self, num_tokens: int) -> int:
@@ -158,6 +163,12 @@ class KVManager:
         them that requests hold (not in `released`), which it would share (none: no caching)."""
         return 0, []
 
+    def swap_in_shares(self, req: Request, released: Container[int] = ()) -> tuple[int, list[int]]:
+        """For KV on the host: how many of its blocks a swap-in would find on the device now (prefix
+        caching; it copies the rest), and those of them that requests hold, less `released` (it
+        would share them: it needs no free block for them). None without caching."""
+        return 0, []
+
     def blocks_needed(self, req: Request, num_new_tokens: int) -> int:
         """Device blocks `req` must gain to run `num_new_tokens` more tokens (for KV on the host:
         all of them, since it has to come back first)."""
@@ -183,7 +194,7 @@ class KVManager:
         rid = req.request_id
         table = self._tables.pop(rid, [])
         if self._where.pop(rid, None) is KVLocation.SWAPPING_IN:
-            self._swapping_in -= len(table)
+            self._swapping_in -= self._uploading.pop(rid)
         self._release(table)
         self._host_free += self._host.pop(rid, 0)
 
@@ -235,20 +246,28 @@ class KVManager:
         rid = req.request_id
         assert self.location(req) in ON_HOST, f"{rid}: swap_in while its KV is {self.location(req).value}"
         n = self._host[rid]
-        if n > self.num_free_blocks:
-            raise RuntimeError(f"plan does not fit: swapping {rid} in needs {n} blocks, {self.num_free_blocks} free")
-        table = self._take(n)
+        need = n - len(self.swap_in_shares(req)[1])
+        if need > self.num_free_blocks:
+            raise RuntimeError(f"plan does not fit: swapping {rid} in needs {need} blocks, {self.num_free_blocks} free")
+        table, written = self._restore(req, n)
         self._tables[rid] = table
         self._where[rid] = KVLocation.SWAPPING_IN
-        self._swapping_in += n
-        return SwapCopy(req, tuple(table))
+        copy = SwapCopy(req, tuple(written))
+        self._uploading[rid] = copy.num_blocks
+        self._swapping_in += copy.num_blocks
+        return copy
+
+    def _restore(self, req: Request, n: int) -> tuple[list[int], list[int]]:
+        """The device blocks a swap-in of `n` blocks takes, and those its copy writes."""
+        table = self._take(n)
+        return table, table
 
     def finish_swap_in(self, req: Request) -> None:
         rid = req.request_id
         assert self._where.get(rid) is KVLocation.SWAPPING_IN, f"{rid}: finish_swap_in without swap_in"
         self._host_free += self._host.pop(rid)
         self._where[rid] = KVLocation.DEVICE
-        self._swapping_in -= len(self._tables[rid])
+        self._swapping_in -= self._uploading.pop(rid)
 
     def check_integrity(self) -> None:
         """Every usable device block is free or owned by exactly one request; host blocks add
@@ -265,8 +284,8 @@ class KVManager:
             if on_dev and on_host:
                 assert len(self._tables[rid]) == self._host[rid], f"{rid}: swap-in allocated the wrong block count"
         assert set(self._tables) | set(self._host) <= set(self._where), "ledger entry without a location"
-        assert self._swapping_in == sum(len(self._tables[r]) for r, w in self._where.items()
-                                        if w is KVLocation.SWAPPING_IN), "in-flight swap-in count is off"
+        assert set(self._uploading) == {r for r, w in self._where.items() if w is KVLocation.SWAPPING_IN} and \
+            self._swapping_in == sum(self._uploading.values()), "in-flight swap-in count is off"
 
 
 # -- pool sizing --------------------------------------------------------------------------

@@ -40,8 +40,9 @@ stays where the policy put it, so a long prompt whose first chunk the policy cut
 the rest of its prefix when its next chunk is planned. A request that wants prompt logprobs
 never matches (the skipped tokens would have none), like vLLM. Recomputation after a preemption matches too, over prompt
 and output tokens, so a dropped request whose blocks were not handed out since runs again
-without prefilling. A swapped-out request's host copy is whole; it comes back into blocks
-of its own (no sharing restored) and they get keys again.
+without prefilling. A swapped-out request's host copy is whole; when it comes back it takes
+the blocks of its KV that the device still holds under their keys (shared again, not copied:
+`_restore`), and the rest into blocks of its own, which get keys again.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class PrefixCachingKVManager(KVManager):
         self.queries = 0        # tokens of requests looked up
         self.hits = 0           # of those, tokens taken from the cache
         self.evictions = 0      # cached blocks handed out for other content
+        self.swap_in_shared = 0  # blocks swap-ins found on the device instead of copying
 
     @property
     def num_free_blocks(self) -> int:
@@ -164,11 +166,7 @@ class PrefixCachingKVManager(KVManager):
         got = self._found(req, first, limit)
         if not got:
             return 0
-        ref, cached = self._ref, self._cached
-        for b in got:
-            if ref[b] == 0:
-                del cached[b]
-            ref[b] += 1
+        self._share(got)
         if table is None:
             self._tables[rid] = table = []
             self._where[rid] = KVLocation.DEVICE
@@ -208,6 +206,14 @@ class PrefixCachingKVManager(KVManager):
         self._registered.clear()
 
     # -- ownership -------------------------------------------------------------------------
+    def _share(self, blocks: list[int]) -> None:
+        """Hold cached blocks (found by key) as well as whoever holds them already."""
+        ref, cached = self._ref, self._cached
+        for b in blocks:
+            if ref[b] == 0:
+                del cached[b]
+            ref[b] += 1
+
     def _take(self, n: int) -> list[int]:
         free, cached, ref, out = self._free, self._cached, self._ref, []
         for _ in range(n):
@@ -237,10 +243,27 @@ class PrefixCachingKVManager(KVManager):
         self._chains.pop(req.request_id, None)
         self._registered.pop(req.request_id, None)
 
-    def swap_in(self, req: Request):
-        copy = super().swap_in(req)
-        self._registered[req.request_id] = 0        # blocks of its own, keys given again as it runs
-        return copy
+    def _on_device(self, req: Request) -> list[int]:
+        """The device blocks that hold the first full blocks of a swapped-out request's KV under
+        their keys (another request's, or cached), up to the first one not there."""
+        full = min(self._host.get(req.request_id, 0), min(req.num_computed_tokens, req.num_known_tokens) // self.block_size)
+        return self._found(req, 0, full) if full > 0 else []
+
+    def swap_in_shares(self, req: Request, released: Container[int] = ()) -> tuple[int, list[int]]:
+        found = self._on_device(req)
+        ref = self._ref
+        return len(found), [b for b in found if ref[b] and b not in released]
+
+    def _restore(self, req: Request, n: int) -> tuple[list[int], list[int]]:
+        """A swap-in takes the full blocks of its KV that the device still holds under their keys
+        (another holder's, or cached) as they are, and copies only the rest: a shared prefix comes
+        back shared. The copy writes NULL_BLOCK in their place (nothing lands there that is read)."""
+        found = self._on_device(req)
+        self._share(found)                          # first: the fresh blocks below must not evict them
+        fresh = self._take(n - len(found))
+        self._registered[req.request_id] = 0        # its copied blocks get keys again as it runs
+        self.swap_in_shared += len(found)
+        return found + fresh, [NULL_BLOCK] * len(found) + fresh
 
     def _check_blocks(self) -> None:
         refs = Counter(b for t in self._tables.values() for b in t)

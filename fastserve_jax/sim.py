@@ -167,6 +167,8 @@ class _Links:
         return self.out_free
 
     def into(self, now: float, blocks: int, after: float = 0.0) -> float:
+        if not blocks:          # all of it found on the device (prefix caching): nothing crosses
+            return now
         self.in_free = max(now, self.in_free, after) + self.cost.swap_time(blocks * self.bs)
         return self.in_free
 

@@ -137,6 +137,11 @@ class SwapPolicy:
         want = math.ceil(arrivals * chunk + growth)
         return min(want, int(self.kv.num_usable_blocks * MAX_RESERVE_FRACTION))
 
+    def _upload_need(self, req: Request) -> int:
+        """Free device blocks an upload of `req` takes: its host blocks, less those of its prefix
+        that requests hold on the device (prefix caching: it shares them)."""
+        return self.kv.host_blocks(req) - len(self.kv.swap_in_shares(req)[1])
+
     # -- the proactive moves ---------------------------------------------------------------
     def plan_ahead(self, plan: Plan, live: Mapping[str, Request], scheduler: Scheduler, now: float) -> SwapAhead:
         """Moves to issue after this iteration's step (empty unless proactive); `live`: request
@@ -171,7 +176,7 @@ class SwapPolicy:
             link = self.step_time / self.seconds_per_block - kv.num_swapping_in_blocks
         if not host_resident and (free >= reserve or not paused):
             return ahead
-        if not paused and (link < 0 or free - min(map(kv.host_blocks, host_resident)) < reserve):
+        if not paused and (link < 0 or free - min(map(self._upload_need, host_resident)) < reserve):
             # Nothing to offload, so the upload ranked first must fit the free blocks above the
             # reserve: none does (or the link is full), and no estimate is needed to say so.
             # Where memory binds, nearly every device holder runs, and this is most iterations.
@@ -183,6 +188,10 @@ class SwapPolicy:
         host_free = kv.num_host_free_blocks
         soon = LOOKAHEAD_ITERATIONS * self.step_time
         k = 0                                                              # next offload candidate
+        # prefix caching: blocks the uploads count on sharing (no offload counts them as freed),
+        # and blocks the offloads free (no upload counts on sharing them), as Plan.kv_shared / kv_released
+        shared: set[int] = set()
+        released: set[int] = set()
 
         def offload_until(fits, than: float) -> bool:
             """Offload paused requests (furthest first, next run later than `than`) until fits()."""
@@ -194,20 +203,25 @@ class SwapPolicy:
                 if n <= host_free:
                     ahead.offload.append(req)
                     host_free -= n
-                    free += len(kv.freeable_blocks(req))
+                    gone = kv.freeable_blocks(req, shared)
+                    released.update(gone)
+                    free += len(gone)
             return fits()
 
         offload_until(lambda: free >= reserve, -1.0)
         for req in host_resident:
-            n, t = kv.host_blocks(req), enst[req.request_id]
+            t, n = enst[req.request_id], kv.host_blocks(req)
+            found, shares = kv.swap_in_shares(req, released)     # on the device already: not copied
+            need, up = n - len(shares), n - found
             # make room by offloading requests due much later (the factor and margin are hysteresis)
-            if n > link and (ahead.upload or link < 0):
+            if up > link and (ahead.upload or link < 0):
                 break
-            if not offload_until(lambda: free - n >= reserve, 2 * t + soon):
+            shared.update(shares)
+            if not offload_until(lambda: free - need >= reserve, 2 * t + soon):
                 break
             ahead.upload.append(req)
-            free -= n
-            link -= n
+            free -= need
+            link -= up
         for req in ahead.offload + ahead.upload:
             self._moved[req.request_id] = self._iteration
         return ahead

@@ -220,6 +220,37 @@ def test_blocks_shared_only_among_victims_are_freed_by_the_last_ones_eviction():
     kv.check_integrity()
 
 
+@pytest.mark.parametrize("policy", ["skip-join-mlfq", "fcfs"])
+def test_a_swap_in_counts_the_blocks_it_shares_and_evicts_nobody_for_them(policy):
+    """B's host copy is 5 blocks, 4 of them A's prefix, which A (running) still holds; 2 blocks
+    are free. B comes back into one new block and copies only it; counted whole, it would evict A."""
+    from fastserve_jax.scheduler import Limits, make_scheduler
+    from fastserve_jax.scheduler.batch import fill_batch
+    from test_swap import CFG, COST
+
+    kv = PrefixCachingKVManager(num_blocks=9, block_size=4, num_host_blocks=30)         # 8 usable
+    stem = list(range(1, 17))
+    a, b = req("a", stem + [50, 51], max_tokens=40), req("b", stem + [60, 61], max_tokens=40)
+    for r in (a, b):
+        run_plan(kv, (r, 18))
+        r.output_token_ids.append(0)
+    kv.swap_out(b)
+    kv.finish_swap_out(b)
+    run_plan(kv, (req("c", range(100, 104)), 4))                   # a block: 2 left free
+    assert kv.num_free_blocks == 2 and kv.host_blocks(b) == 5 and kv.swap_in_shares(b) == (4, kv.block_table(a)[:4])
+    if policy == "fcfs":
+        sched = make_scheduler(policy, Limits(8, 32), kv, CFG, COST)
+        sched.running.append(a)
+        sched.waiting.append(b)
+        plan = sched.schedule(0.0)
+    else:
+        plan = fill_batch([a, b], [b, a], Limits(8, 32), kv, swap=True)
+    assert {x.request.request_id for x in plan.scheduled} == {"a", "b"} and not plan.swapped_out + plan.preempted
+    copies = apply_plan(plan, kv, 0.0)
+    assert [c.num_blocks for c in copies.swap_in] == [1] and kv.block_table(b)[:4] == kv.block_table(a)[:4]
+    kv.check_integrity()
+
+
 def test_a_request_dropped_during_its_prefill_reports_its_first_attempts_cached_tokens():
     from fastserve_jax.kv_plan import drop_kv
 
@@ -253,7 +284,10 @@ def test_cached_blocks_are_handed_out_last_and_least_recently_freed_first():
     kv.check_integrity()
 
 
-def test_a_swapped_out_request_leaves_its_shared_blocks_and_comes_back_into_its_own():
+def test_a_swapped_out_request_comes_back_sharing_the_blocks_the_device_still_holds():
+    """Its host copy is whole; coming back it takes the full blocks the device holds under their
+    keys (a's, still held) and copies only its own last block; with the prefix evicted meanwhile
+    it copies everything."""
     kv = PrefixCachingKVManager(num_blocks=20, block_size=4, num_host_blocks=10)
     a, b = req("a", range(1, 14)), req("b", range(1, 14))
     run_plan(kv, (a, 13))
@@ -262,15 +296,29 @@ def test_a_swapped_out_request_leaves_its_shared_blocks_and_comes_back_into_its_
     copy = kv.swap_out(b)
     assert copy.num_blocks == 4 and kv.host_blocks(b) == 4 and kv.num_used_blocks == 4
     kv.finish_swap_out(b)
-    kv.swap_in(b)
+    copy = kv.swap_in(b)
+    table = kv.block_table(b)
+    assert copy.device_blocks == (0, 0, 0, table[3]) and copy.num_blocks == 1 and kv.num_swapping_in_blocks == 1
+    assert table[:3] == kv.block_table(a)[:3] and table[3] != kv.block_table(a)[3] and kv.num_used_blocks == 5
     kv.finish_swap_in(b)
-    assert not set(kv.block_table(b)) & set(kv.block_table(a)) and kv.num_used_blocks == 8
+    assert kv.swap_in_shared == 3 and kv.num_swapping_in_blocks == 0
     kv.check_integrity()
     b.output_token_ids += [7, 7, 7]                               # decode fills its fourth block
     run_plan(kv, (b, 1), (b, 0))
     kv.free(a)
-    kv.free(b)
+    kv.swap_out(b)                                                # b alone held the prefix: now cached
+    xs = [req(f"x{i}", range(100 * i + 50, 100 * i + 50 + n)) for i, n in enumerate([16, 16, 16, 16, 12])]
+    for x in xs:                                                  # they take every block, cached ones last
+        run_plan(kv, (x, x.num_prompt_tokens))
+    assert kv.num_free_blocks == 0 and kv.evictions == 3           # b's three full blocks
+    for x in xs:
+        kv.free(x)
+    copy = kv.swap_in(b)
+    assert copy.num_blocks == 4 == len(set(copy.device_blocks)) and 0 not in copy.device_blocks
+    kv.finish_swap_in(b)
+    assert kv.swap_in_shared == 3
     kv.check_integrity()
+    kv.free(b)
     assert kv.num_used_blocks == 0 and kv.num_host_used_blocks == 0
 
 
@@ -332,8 +380,8 @@ def test_tokens_identical_with_shared_prefixes_under_memory_pressure(reference, 
     assert snap["prefix_cache_hits_total"] == e.kv.hits > 0 and snap["prefix_cache_queries_total"] == e.kv.queries
     if policy == "recompute":       # a dropped request finds its own blocks again
         assert e.stats.recomputations > 0 and e.kv.hits > sum(r.num_cached_tokens for r in reqs)
-    else:
-        assert e.stats.swap_out_blocks > 0
+    else:       # and swapped requests come back sharing what the device still holds of their prefix
+        assert e.stats.swap_out_blocks > 0 and snap["swap_in_shared_blocks_total"] == e.kv.swap_in_shared > 0
 
 
 def test_tokens_identical_with_pipeline_batches_in_flight(reference):

@@ -139,7 +139,7 @@ def test_bench_prefix_cache_one_round(tmp_path):
     out = _script("bench_prefix_cache.py", "--num-requests", "12", "--rounds", "1", "--prefix-tokens", "64",
                   "--json", out_json)
     cells = json.load(open(out_json))["cells"]
-    assert len(cells) == 7 and "on / off throughput" in out and "skip-join / fcfs throughput" in out
+    assert len(cells) == 9 and "on / off throughput" in out and "skip-join / fcfs throughput" in out
     for p in ("skip-join-mlfq", "fcfs"):     # about half of the 12 start in the first step, before anything is cached
         assert cells[0]["schedulers"][p]["on"]["hit_rate"] > 0.2 and cells[-3]["schedulers"][p]["on"]["hit_rate"] == 0
     assert len(cells[0]["skip_join_over_fcfs"]["on"]["latency_per_token"]) == 1

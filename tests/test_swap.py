@@ -769,6 +769,34 @@ def test_swap_copies_round_trip_by_either_copy_path(path, monkeypatch):
     assert cache.k.sharding.memory_kind == "device" and t.blocks_out == t.blocks_in == 7
 
 
+@pytest.mark.parametrize("path", ["fused", "device_put"])
+def test_a_swap_in_copies_only_the_runs_with_blocks_the_device_lacks(path):
+    """Prefix caching: NULL_BLOCK (0) marks a block the device holds already. Of a 7-block host
+    copy (runs of 4, 2 and 1), blocks 0-4 found: the 4-block run is not copied, the 2-block run
+    is, its found row landing in the null block, and the 1-block run is; every other block of
+    the pool is untouched."""
+    from fastserve_jax.runner import kv_transfer as kt
+
+    vals = np.random.default_rng(2).normal(size=(3, 16, 4, 2, 8)).astype(np.float32)
+    sh, cache = _kv_heads_split_over_two_devices(vals, -vals)
+    with kt.forced_copy_path(path):
+        t = kt.KVTransfer([sh], max_blocks=8, block_bytes=2 * 3 * 4 * 2 * 8 * 4, cache_shape=vals.shape)
+    t.swap_out([cache], "r", (3, 5, 7, 9, 11, 13, 15))
+    t.start_swap_in("r", (0, 0, 0, 0, 0, 2, 4))
+    assert t.blocks_in == 3 and len(t._uploads["r"].runs) == 2
+    (cache,) = t.land_swap_in([cache], "r")
+    k = np.asarray(cache.k)
+    np.testing.assert_array_equal(k[:, [2, 4]], vals[:, [13, 15]])
+    np.testing.assert_array_equal(np.asarray(cache.v)[:, [2, 4]], -vals[:, [13, 15]])
+    np.testing.assert_array_equal(k[:, 1:], np.concatenate([vals[:, 1:2], vals[:, 13:14], vals[:, 3:4],
+                                                            vals[:, 15:16], vals[:, 5:]], axis=1))
+    t.swap_out([cache], "s", (6, 8))                                # all found: nothing moves, landing is free
+    t.start_swap_in("s", (0, 0))
+    assert t.blocks_in == 3 and t.in_landed("s")
+    (same,) = t.land_swap_in([cache], "s")
+    np.testing.assert_array_equal(np.asarray(same.k), k)
+
+
 def test_accelerators_fuse_small_swaps_and_device_put_large_ones(monkeypatch):
     """Off the CPU a swap is fused while one device's share of it is at most
     ACCELERATOR_FUSED_MAX_BYTES (fused copies are ordered with the steps; device_puts overlap

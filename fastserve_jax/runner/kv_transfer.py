@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from fastserve_jax.kv_cache import NULL_BLOCK
 from fastserve_jax.models.attention import KVCache
 from fastserve_jax.runner import export_cache
 from fastserve_jax.runner.compiler import CompileJob
@@ -305,16 +306,21 @@ class KVTransfer:
 
     def start_swap_in(self, request_id: str, blocks: tuple[int, ...]) -> None:
         """Issue the host-to-device copies of the request's runs into device `blocks`; they land
-        in the caches at `land_swap_in`."""
-        host = self._held.pop(request_id)
-        fused = self.fused(len(blocks))
-        if fused:
+        in the caches at `land_swap_in`. A run whose blocks are all NULL_BLOCK (the device holds
+        them already: prefix caching) is not copied; one with some is, and its NULL_BLOCK rows
+        land in the null block, which nothing reads."""
+        keep = [(run, ids) for run, ids in zip(self._held.pop(request_id), self._runs(blocks))
+                if (ids != NULL_BLOCK).any()]
+        host, ids = [run for run, _ in keep], [i for _, i in keep]
+        moved = sum(i.shape[0] for i in ids)
+        fused = self.fused(moved)
+        if fused or not host:
             runs = host                  # the scatter moves them from host memory
         else:
             runs = jax.device_put(host, [self._run_sharding[:len(run)] for run in host])     # one call, as _to_host
-        self._uploads[request_id] = _Upload(runs, self._runs(blocks), fused)
-        self.blocks_in += len(blocks)
-        self.fused_blocks_in += len(blocks) if fused else 0
+        self._uploads[request_id] = _Upload(runs, ids, fused)
+        self.blocks_in += moved
+        self.fused_blocks_in += moved if fused else 0
 
     def in_landed(self, request_id: str) -> bool:
         """The request's issued swap-in copies are all on the device (landing it will not wait)."""

@@ -124,7 +124,9 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
     KV goes to the host pool while it has room (see `evict`). `swap_in_blocks` bounds the
     host KV the step may wait for (None: no bound; < 0: none): a request whose KV is on the
     host comes back on demand if it fits in the free blocks, or if its blocks fit what is left
-    of the bound (it then takes others' device blocks: rotation, where thrashing lives).
+    of the bound (it then takes others' device blocks: rotation, where thrashing lives; with
+    prefix caching, the blocks it finds on the device are neither copied nor bounded, and those
+    that requests hold take no free block: KVManager.swap_in_shares).
     Otherwise it is passed over, a lower-ranked resident one runs instead, and the swap policy
     brings it back ahead of need; it is taken anyway when nothing else can run.
     `start_on_host`: the swap policy brings host KV back ahead of need (proactive), so new
@@ -223,8 +225,11 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
         rid = req.request_id
         if rid in evicted or req.in_flight or where is KVLocation.SWAPPING_IN:
             continue
-        comes_back = kv.host_blocks(req) if where in ON_HOST else 0
+        comes_back = uploads = kv.host_blocks(req) if where in ON_HOST else 0
         cached, shares = 0, ()       # a start's tokens in the prefix cache (out of the budget), blocks it shares
+        if comes_back and caching:   # a swap-in copies only what the device does not hold (prefix_cache.py)
+            found, shares = kv.swap_in_shares(req, plan.kv_released)
+            uploads -= found
         if budget > 0:               # min(req.num_pending_tokens, budget + cached), without the calls
             n = len(req.prompt_token_ids) + len(req.output_token_ids) + req.pending_tokens - req.num_computed_tokens
             if caching and not holds:
@@ -238,7 +243,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
         # that later has to evict for its own prefill lets MLFQ rotate partial prefills forever.
         fit = need if holds else max(need, kv.blocks_for_tokens(req.num_tokens) - len(shares))
         if comes_back and swap_in_blocks is not None and (swap_in_blocks < 0 or
-                                                          (comes_back > swap_in_blocks and fit > free)):
+                                                          (uploads > swap_in_blocks and fit > free)):
             fallback = fallback or req
             continue
         if not holds and started and started + fit > start_limit and drop_to_start and not blocked:
@@ -262,7 +267,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
                 continue
             admit_new = False
             continue
-        counted = ()                  # this start's shares, counted before it evicts for itself
+        counted = ()                  # its shares (a start's or a swap-in's), counted before it evicts for itself
         if fit > free and (holds or (swap and start_on_host)) and not victims_done:
             if shares:
                 counted = plan.count_shared(shares)
@@ -282,9 +287,9 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
                 evicted.add(vid)
                 free += evict(plan, v, kv, swap)
         if fit > free:
+            plan.kv_shared.difference_update(counted)
             if not holds:
                 admit_new = False
-                plan.kv_shared.difference_update(counted)
             continue
         if budget <= 0:                               # a decode takes a token from the latest chunk
             d = donors[-1]
@@ -307,7 +312,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
         started += fit if not holds else 0
         plan.host_blocks -= comes_back                # coming back: its host blocks take evictions
         if swap_in_blocks is not None:
-            swap_in_blocks -= comes_back
+            swap_in_blocks -= uploads
         chosen.add(rid)
         budget -= n - cached
         free -= fit                                   # a starter's rest of prefill is set aside too

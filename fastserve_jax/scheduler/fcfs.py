@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from fastserve_jax.kv_cache import KVLocation
+from fastserve_jax.kv_cache import ON_HOST, KVLocation
 from fastserve_jax.request import Request
 from fastserve_jax.scheduler.base import Plan, ScheduledRequest, Scheduler
 from fastserve_jax.scheduler.batch import evict
@@ -90,6 +90,8 @@ class FCFSScheduler(Scheduler):
             holds = self.kv.has_kv(req)           # a start's tokens in the prefix cache are out of the budget
             cached, shares = (self.kv.cached_prefix(req, plan.kv_released) if self.kv.caching and not holds
                               else (0, ()))
+            if holds and self.kv.caching and self.kv.location(req) in ON_HOST:   # a swap-in shares too
+                shares = self.kv.swap_in_shares(req, plan.kv_released)[1]
             n = min(req.num_pending_tokens, budget + cached)
             need = self.kv.blocks_needed(req, n) - len(shares)
             # Like the preemptive policies (batch.py), a request without KV starts only if its
