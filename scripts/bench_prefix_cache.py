@@ -12,6 +12,10 @@ costs, on the bundled demo model in process (no HTTP), engines fully warmed up b
   hold (and at least the longest one's), once with recomputation (where a dropped request may
   find its own blocks again) and once with proactive swapping to a host pool four times as
   large (where cached blocks compete with paused requests for the device);
+- shared, very tight KV: the same with a pool of 0.15 of that (and at least the longest request's),
+  which the shared block's blocks and a few requests fill, proactive and recompute: with caching
+  the tight pool above swaps nothing (the block is held once), this one does, and a swapped request
+  comes back sharing the blocks of the block the device still holds (prefix_cache.py, `_restore`);
 - unshared: the plain counting prompts, which share no full block: caching's cost alone, with
   ample device KV and with a tight pool (sized as above for these requests), proactive, and
   recompute, where a dropped request may find its own blocks again (its prompt and answer so far);
@@ -31,8 +35,9 @@ costs, on the bundled demo model in process (no HTTP), engines fully warmed up b
 Per cell it prints requests/s, output tokens/s, mean time to first token, mean JCT, mean
 latency per output token, the prompt tokens each request's first prefill computed (its prompt
 less RequestOutput.num_cached_tokens) and the cache's hit rate (tokens found / tokens looked
-up, recomputations' lookups included), with each engine's recomputations and blocks swapped out
-over all its runs.
+up, recomputations' lookups included), with each engine's recomputations, blocks swapped out and
+in (copied back), and blocks that swap-ins found on the device instead of copying, over all its
+runs (the untimed first pass included).
 
     python scripts/bench_prefix_cache.py                    # ~4 min on a 2-core CPU
     python scripts/bench_prefix_cache.py --rounds 5 --json out.json
@@ -116,7 +121,9 @@ def cell(name: str, kw: dict, prompts: list[str], params: list[SamplingParams], 
             throughput_ratios=[b["requests_per_s"] / a["requests_per_s"] for a, b in zip(off, on)],
             ttft_ratios=[a["mean_ttft_s"] / b["mean_ttft_s"] for a, b in zip(off, on)],
             recomputations={m: engines[(p, c)].engine.stats.recomputations for c, m in ((False, "off"), (True, "on"))},
-            swapped_blocks={m: engines[(p, c)].engine.stats.swap_out_blocks for c, m in ((False, "off"), (True, "on"))})
+            swapped_blocks={m: engines[(p, c)].engine.stats.swap_out_blocks for c, m in ((False, "off"), (True, "on"))},
+            uploaded_blocks={m: engines[(p, c)].engine.stats.swap_in_blocks for c, m in ((False, "off"), (True, "on"))},
+            shared_on_return=engines[(p, True)].engine.kv.swap_in_shared)
     if "fcfs" in schedulers and "skip-join-mlfq" in schedulers:
         out["skip_join_over_fcfs"] = {m: dict(
             throughput=[s["requests_per_s"] / f["requests_per_s"] for f, s in zip(runs[("fcfs", c)],
@@ -133,13 +140,14 @@ def cell(name: str, kw: dict, prompts: list[str], params: list[SamplingParams], 
 def report(c: dict) -> None:
     print(f"\n{c['name']} ({c['requests']} requests)")
     print(f"  {'':22} {'req/s':>7} {'tok/s':>7} {'TTFT s':>7} {'JCT s':>7} {'ms/token':>8} {'prefilled/req':>14} "
-          f"{'hit rate':>9} {'recomputed':>10} {'swapped out':>11}")
+          f"{'hit rate':>9} {'recomputed':>10} {'swapped out':>11} {'in':>6} {'shared back':>11}")
     for p, r in c["schedulers"].items():
         for label in ("off", "on"):
             m = r[label]
             print(f"  {p + ' ' + label:22} {m['requests_per_s']:7.2f} {m['tokens_per_s']:7.0f} {m['mean_ttft_s']:7.3f} "
                   f"{m['mean_jct_s']:7.3f} {m['latency_per_token_s'] * 1e3:8.2f} {m['prefilled_per_request']:14.1f} "
-                  f"{m['hit_rate']:9.3f} {r['recomputations'][label]:10} {r['swapped_blocks'][label]:11}")
+                  f"{m['hit_rate']:9.3f} {r['recomputations'][label]:10} {r['swapped_blocks'][label]:11} "
+                  f"{r['uploaded_blocks'][label]:6} {r['shared_on_return'] if label == 'on' else 0:11}")
         print("  {}: on / off throughput median {:.3f}x (rounds {}); TTFT off / on median {:.3f}x (rounds {})".format(
             p, statistics.median(r["throughput_ratios"]), ", ".join(f"{x:.3f}" for x in r["throughput_ratios"]),
             statistics.median(r["ttft_ratios"]), ", ".join(f"{x:.3f}" for x in r["ttft_ratios"])))
@@ -172,6 +180,7 @@ def main() -> None:
     lens = [len(tok.encode(p)) + sp.max_tokens for p, sp in zip(shared, params)]
     per = [-(-n // BLOCK) for n in lens]
     pool = max(max(per) + 1, int(0.5 * statistics.fmean(per) * a.max_num_seqs))
+    vpool = max(max(per) + 1, int(0.15 * statistics.fmean(per) * a.max_num_seqs))
     uper = [-(-(len(tok.encode(q)) + sp.max_tokens) // BLOCK) for q, sp in zip(questions, params)]
     upool = max(max(uper) + 1, int(0.5 * statistics.fmean(uper) * a.max_num_seqs))
     base = dict(max_model_len=1024, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=512, block_size=BLOCK)
@@ -179,8 +188,8 @@ def main() -> None:
           f"{len(tok.encode(shot))} tokens, prompts {min(len(tok.encode(p)) for p in shared)}-"
           f"{max(len(tok.encode(p)) for p in shared)} tokens; tight pool {pool} device blocks of {BLOCK} tokens "
           f"({a.max_num_seqs} requests of the burst's mean length hold {statistics.fmean(per) * a.max_num_seqs:.0f}); "
-          f"unshared: {upool} blocks")
-    tight = dict(base, num_device_blocks=pool + 1)
+          f"very tight: {vpool}; unshared: {upool}")
+    tight, vtight = dict(base, num_device_blocks=pool + 1), dict(base, num_device_blocks=vpool + 1)
     short_pairs = [demo_task.pair_for_output_len(int(k), rng) for k in rng.integers(2, 10, a.num_requests)]
     short = ([shot + demo_task.make_prompt(x, y) for x, y in short_pairs],
              [SamplingParams(max_tokens=demo_task.answer_num_tokens(x, y), temperature=0) for x, y in short_pairs])
@@ -191,6 +200,10 @@ def main() -> None:
                   shared, params, a.rounds, a.scheduler),
              cell("shared prefix, tight device KV, proactive swapping",
                   dict(tight, swap_policy="proactive", num_host_blocks=4 * pool), shared, params, a.rounds, a.scheduler),
+             cell("shared prefix, very tight device KV, proactive swapping",
+                  dict(vtight, swap_policy="proactive", num_host_blocks=4 * pool), shared, params, a.rounds, a.scheduler),
+             cell("shared prefix, very tight device KV, recompute",
+                  dict(vtight, swap_policy="recompute", num_host_blocks=0), shared, params, a.rounds, a.scheduler),
              cell("unshared prompts (no full block in common), ample device KV", base, questions, params, a.rounds, a.scheduler),
              cell("unshared prompts, tight device KV, proactive swapping",
                   dict(base, num_device_blocks=upool + 1, num_host_blocks=4 * upool), questions, params, a.rounds, a.scheduler),
