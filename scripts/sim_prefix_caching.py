@@ -11,7 +11,9 @@ and fcfs with recompute, each with caching off and on, per arrival seed. Prints 
 load: the medians over seeds (and each seed's figure) of skip-join's latency per output
 token, throughput and mean JCT with caching over without, fcfs's latency per token on over
 off, and skip-join over fcfs with caching on both (latency per token fcfs / skip-join, and
-throughput), with skip-join's hit rate. Deterministic.
+throughput), with skip-join's hit rate; then skip-join with caching, proactive swapping over
+recomputation (latency per token recompute / proactive, and throughput: where a swap-out copies
+shared blocks that a dropped request would find again, recomputation may win). Deterministic.
 
     python scripts/sim_prefix_caching.py                    # ~1.5 min on one core
     python scripts/sim_prefix_caching.py --loads 8 --prefix-groups 1 --shared-prefix-tokens 2000
@@ -37,7 +39,8 @@ LAT, THR = "mean_latency_per_token", "throughput_rps"
 
 def row(trace, cost, kv_tokens: int, host_tokens: int, load: float, seeds, shared: int, groups: int) -> dict:
     cap = capacity_rps(trace, cost, 16, kv_tokens or cost.kv_capacity_tokens, 2048)
-    acc: dict[str, list[float]] = {k: [] for k in ("sj_lat", "sj_thr", "sj_jct", "fcfs_lat", "gain_lat", "gain_thr", "hit")}
+    acc: dict[str, list[float]] = {k: [] for k in ("sj_lat", "sj_thr", "sj_jct", "fcfs_lat", "gain_lat", "gain_thr", "hit",
+                                                     "swap_lat", "swap_thr")}
     for seed in seeds:
         arrivals = with_arrivals(trace, load * cap, seed=seed)
         m = {}
@@ -47,10 +50,13 @@ def row(trace, cost, kv_tokens: int, host_tokens: int, load: float, seeds, share
                                 swap_policy=swap, enable_prefix_caching=caching, shared_prefix_tokens=shared,
                                 prefix_groups=groups)
                 m[(policy, caching)] = simulate(arrivals, policy, cost, cfg).metrics()
+        cfg = SimConfig(16, 2048, 16, kv_capacity_tokens=kv_tokens, swap_policy="recompute", enable_prefix_caching=True,
+                        shared_prefix_tokens=shared, prefix_groups=groups)
+        r1 = simulate(arrivals, "skip-join-mlfq", cost, cfg).metrics()        # a dropped request finds its prefix
         s0, s1, f0, f1 = m[("skip-join-mlfq", False)], m[("skip-join-mlfq", True)], m[("fcfs", False)], m[("fcfs", True)]
         for k, v in (("sj_lat", s1[LAT] / s0[LAT]), ("sj_thr", s1[THR] / s0[THR]), ("sj_jct", s1["mean_jct"] / s0["mean_jct"]),
                      ("fcfs_lat", f1[LAT] / f0[LAT]), ("gain_lat", f1[LAT] / s1[LAT]), ("gain_thr", s1[THR] / f1[THR]),
-                     ("hit", s1["prefix_cache_hit_rate"])):
+                     ("hit", s1["prefix_cache_hit_rate"]), ("swap_lat", r1[LAT] / s1[LAT]), ("swap_thr", s1[THR] / r1[THR])):
             acc[k].append(v)
     return acc
 
@@ -71,14 +77,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(trace)} requests of {os.path.basename(a.trace)}, {cost.name}, a {a.shared_prefix_tokens}-token prefix "
           f"in {a.prefix_groups} group(s), seeds {a.seeds}; skip-join-mlfq/proactive and fcfs/recompute\n")
     print("| device KV | load | skip-join: caching on / off, latency per token | throughput | mean JCT | fcfs (recompute): "
-          "on / off, latency per token | skip-join over fcfs, both with caching: latency per token | throughput | hit rate |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "on / off, latency per token | skip-join over fcfs, both with caching: latency per token | throughput | hit rate "
+          "| skip-join with caching, proactive over recompute: latency per token | throughput |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for memory, kv_tokens, host_tokens in (("full", 0, 68_000), ("a tenth", cost.kv_capacity_tokens // 10, 41_943)):
         for load in a.loads:
             acc = row(trace, cost, kv_tokens, host_tokens, load, a.seeds, a.shared_prefix_tokens, a.prefix_groups)
             cell = lambda k: f"{statistics.median(acc[k]):.2f}x ({', '.join(f'{v:.2f}' for v in acc[k])})"  # noqa: E731
             print(f"| {memory} | {load:g}x | {cell('sj_lat')} | {cell('sj_thr')} | {cell('sj_jct')} | {cell('fcfs_lat')} | "
-                  f"{cell('gain_lat')} | {cell('gain_thr')} | {statistics.median(acc['hit']):.2f} |", flush=True)
+                  f"{cell('gain_lat')} | {cell('gain_thr')} | {statistics.median(acc['hit']):.2f} | {cell('swap_lat')} | "
+                  f"{cell('swap_thr')} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -330,7 +330,8 @@ def soak(proc: subprocess.Popen, url: str, log_path: str, args) -> int:
           + ", ".join(f"{k} {s.counts[k]}" for k in KINDS))
     if s.caching:
         print(f"prefix cache: {hits:.0f} tokens found of {m.get('fastserve_prefix_cache_queries_total', 0):.0f} "
-              f"looked up; the prefix requests' usage reported {s.cached_tokens} cached")
+              f"looked up; the prefix requests' usage reported {s.cached_tokens} cached; "
+              f"{m.get('fastserve_swap_in_shared_blocks_total', 0):.0f} blocks found on the device by swap-ins")
     print(f"KV blocks swapped out {swapped:.0f}, requests recomputed {recomputed:.0f}; "
           f"server RSS every 30 s from the start, then idle at the end (MiB): {' '.join(f'{r / 1024:.0f}' for r in rss)}")
     for f in s.failures[:20]:

@@ -149,7 +149,7 @@ def test_bench_prefix_cache_one_round(tmp_path):
 def test_sim_prefix_caching_small():
     out = _script("sim_prefix_caching.py", "--requests", "60", "--loads", "1.5", "--seeds", "0")
     rows = [ln for ln in out.splitlines() if ln.startswith(("| full |", "| a tenth |"))]
-    assert len(rows) == 2 and all(ln.count("x (") == 6 for ln in rows), out
+    assert len(rows) == 2 and all(ln.count("x (") == 8 for ln in rows), out
 
 
 @pytest.mark.slow
