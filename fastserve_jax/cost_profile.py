@@ -51,8 +51,9 @@ from fastserve_jax.scheduler.base import ScheduledRequest
 
 log = logging.getLogger(__name__)
 
-_VERSION = 4                     # 2: launch padding in the model; 3: packed prefill probes, reachable buckets only;
-                                 # 4: prefill_self_attention False (the table holds it), max_prefill_seqs
+_VERSION = 5                     # 2: launch padding in the model; 3: packed prefill probes, reachable buckets only;
+                                 # 4: prefill_self_attention False (the table holds it), max_prefill_seqs;
+                                 # 5: decode_context timed at the bucket whose long run reads the most more
 PROVISIONAL = "-provisional"     # name suffix of a model timed on a covering set's padded launches
 
 
@@ -178,9 +179,28 @@ def _measure(engine, repeats: int, sparse: bool) -> CostModel:
     # (the launch pads the rest, as the engine's would)
     free, rb = kv.num_free_blocks, list(cfg.decode_batch_buckets)
     dec_b = _ends([x for i, x in enumerate(rb) if i == 0 or rb[i - 1] < free], sparse)
-    b = dec_b[-1]
-    rows_b = min(b, free)
-    long_ctx = min(cfg.max_model_len - 1, (free // rows_b) * bs - 1)
+    padding = dict(decode_row_buckets=cfg.decode_batch_buckets, prefill_token_buckets=cfg.prefill_token_buckets,
+                   max_prefill_seqs=cfg.max_prefill_seqs)
+    if cfg.attention_backend == "reference":       # gathers every row's blocks up to the bucket
+        padding.update(block_size=bs, block_buckets=cfg.block_buckets, min_launch_blocks=cfg.min_launch_blocks)
+    shape = CostModel("probe", (1,), (1.0,), (1,), (1.0,), **padding)
+
+    def long_run(rows: int) -> tuple[int, int, int]:
+        """A decode of `rows` rows at the longest context the free blocks hold: (that context, the
+        tokens it reads, and how many more than the same rows at a 1-token context read)."""
+        ctx = min(cfg.max_model_len - 1, (free // min(rows, free)) * bs - 1)
+        if "block_size" in padding:            # the rows read the context that plan_time counts: ctx + 1
+            read = shape.padded_read(rows, ctx + 1)
+            return ctx, read, read - shape.padded_read(rows, 2)
+        return ctx, min(rows, free) * (ctx - 1), min(rows, free) * (ctx - 1)
+
+    # The context coefficient is timed at the batch bucket whose long run reads the most beyond
+    # its 1-token run: the largest, unless so few blocks are free that its rows' contexts stay
+    # within the smallest block bucket (67 free blocks, 16 rows: 63 tokens each, read as the
+    # 1-token run's 64, so the difference was noise and decode_context came out 0, and the
+    # simulator ran such an engine 2.5-3x faster than it served)
+    b = max(dec_b, key=lambda r: (long_run(r)[2], r))
+    long_ctx, read, _ = long_run(b)
     n = pre_t[-1] if sparse and pre_t else max(1, cfg.max_num_batched_tokens // 2)
     ctx = min(cfg.max_model_len - n, (kv.num_free_blocks * bs) - n)
 
@@ -203,14 +223,7 @@ def _measure(engine, repeats: int, sparse: bool) -> CostModel:
     times = [probe.time(point(), repeats) for point in points]
     pre_s, dec_s = times[:len(pre_t)], times[len(pre_t):len(pre_t) + len(dec_b)]
     t_long = times[len(pre_t) + len(dec_b)]
-    padding = dict(decode_row_buckets=cfg.decode_batch_buckets, prefill_token_buckets=cfg.prefill_token_buckets,
-                   max_prefill_seqs=cfg.max_prefill_seqs)
-    if cfg.attention_backend == "reference":       # gathers every row's blocks up to the bucket
-        padding.update(block_size=bs, block_buckets=cfg.block_buckets, min_launch_blocks=cfg.min_launch_blocks)
-    # the decode rows read long_ctx + 1 tokens (plan_time's contexts: computed + the new one)
-    read = (CostModel("probe", (1,), (1.0,), (1,), (1.0,), **padding).padded_read(b, long_ctx + 1)
-            if "block_size" in padding else rows_b * (long_ctx - 1))
-    decode_context = max(0.0, (t_long - dec_s[-1]) / read) if long_ctx > 1 and read > 0 else 0.0
+    decode_context = max(0.0, (t_long - dec_s[dec_b.index(b)]) / read) if long_ctx > 1 and read > 0 else 0.0
     if ctx > 0:
         t_ctx, t0 = times[-2:]
         prefill_context = max(0.0, (t_ctx - t0) / (n * ctx))

@@ -312,3 +312,25 @@ def test_the_profile_cache_key_names_the_machine_and_the_compiler(monkeypatch):
     assert cost_profile.cost_cache_key(eng) != base
     monkeypatch.undo()
     assert cost_profile.cost_cache_key(eng) == base
+
+
+def test_a_small_pool_times_the_decode_context_at_rows_whose_contexts_pass_the_smallest_block_bucket(
+        tiny_checkpoints, tmp_path, monkeypatch):
+    """67 free blocks of 16 tokens and 16 rows give each row a 63-token context, read as the
+    1-token rows' 4-block bucket: timed there, the context cost was noise and came out 0, and
+    the simulator ran such an engine 2.5-3x faster than it served. On a fake device whose decode
+    costs 1 ms plus 1 us per padded token read, the profile finds the 1 us."""
+    from fastserve_jax import LLM, cost_profile
+
+    def fake_time(self, items, repeats):
+        bs, buckets = 16, self.engine.cfg.block_buckets
+        ctx = max(s.request.num_computed_tokens + 1 for s in items)
+        blocks = next((b for b in buckets if b * bs >= ctx), buckets[-1])
+        self.release()
+        return 1e-3 + 1e-6 * 16 * blocks * len(items) if all(s.num_tokens == 1 for s in items) else 1e-3
+
+    monkeypatch.setattr(cost_profile._Probe, "time", fake_time)
+    llm = LLM(None, warmup=False, max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=512, block_size=16,
+              num_device_blocks=68, compilation_cache_dir=str(tmp_path))
+    cm = cost_profile.measure(llm.engine, repeats=1)   # 2 rows of 527 tokens: 64-block bucket against 4
+    assert cm.block_buckets[0] == 4 and cm.decode_context == pytest.approx(1e-6, rel=1e-6)     # 0 before
