@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 _VERSION = 5                     # 2: launch padding in the model; 3: packed prefill probes, reachable buckets only;
                                  # 4: prefill_self_attention False (the table holds it), max_prefill_seqs;
-                                 # 5: decode_context timed at the bucket whose long run reads the most more
+                                 # 5: decode_context timed where the long run reads enough more (not 0 blocks)
 PROVISIONAL = "-provisional"     # name suffix of a model timed on a covering set's padded launches
 
 
@@ -194,12 +194,13 @@ def _measure(engine, repeats: int, sparse: bool) -> CostModel:
             return ctx, read, read - shape.padded_read(rows, 2)
         return ctx, min(rows, free) * (ctx - 1), min(rows, free) * (ctx - 1)
 
-    # The context coefficient is timed at the batch bucket whose long run reads the most beyond
-    # its 1-token run: the largest, unless so few blocks are free that its rows' contexts stay
-    # within the smallest block bucket (67 free blocks, 16 rows: 63 tokens each, read as the
-    # 1-token run's 64, so the difference was noise and decode_context came out 0, and the
-    # simulator ran such an engine 2.5-3x faster than it served)
-    b = max(dec_b, key=lambda r: (long_run(r)[2], r))
+    # The context coefficient is timed at the largest batch bucket whose long run reads at least
+    # half as much more than its 1-token run as the best bucket's: the largest bucket, unless so
+    # few blocks are free that its rows' contexts stay within the smallest block bucket (67 free
+    # blocks, 16 rows: 63 tokens each, read as the 1-token run's 64, so the difference was noise,
+    # decode_context came out 0, and the simulator ran such an engine 2.5-3x faster than it served)
+    best = max(long_run(r)[2] for r in dec_b)
+    b = max(r for r in dec_b if 2 * long_run(r)[2] >= best)
     long_ctx, read, _ = long_run(b)
     n = pre_t[-1] if sparse and pre_t else max(1, cfg.max_num_batched_tokens // 2)
     ctx = min(cfg.max_model_len - n, (kv.num_free_blocks * bs) - n)
