@@ -32,10 +32,15 @@ Launch padding, for a profile of this engine (empty or 0 in a table of real kern
                         a decode launch pads its rows, a prefill launch its tokens, to the
                         next bucket, so an iteration costs the table's time at that size
     max_prefill_seqs    the most prompts one prefill launch packs (EngineConfig's); an
-                        iteration with more prefill chunks runs one launch per that many, in
-                        order, as runner/launch.py's split_prefill does by count (0: one
-                        launch; its splits at the largest token and block buckets are not
-                        modelled: an iteration's tokens stay within the first)
+                        iteration's prefill chunks go into launches in order, as
+                        runner/launch.py's split_prefill packs them: a new launch when one
+                        holds max_prefill_seqs chunks (0: no such limit), or when the next
+                        chunk would take it past the largest token bucket or, with
+                        block_buckets set, its blocks (each chunk's context and tokens) past
+                        the largest block bucket. Many short chunks behind a long cached
+                        prefix split by blocks: 14 chunks of 15 tokens after 384 cached
+                        ones (25 blocks each) are 4 launches under a 104-block bucket, which
+                        the simulator priced as 2 (by count) before 2026-12-06
     block_size, block_buckets, min_launch_blocks
                         set when the profiled attention reads every row's context padded to
                         the launch's block bucket (the reference path gathers blocks; a paged
@@ -61,6 +66,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import json
+import math
 import os
 from dataclasses import MISSING, asdict, dataclass
 from typing import Iterable, Sequence
@@ -194,9 +200,16 @@ class CostModel:
         t = self.iteration_overhead + self.decode_launch_time(batch, ctx, top)
         if prefill_chunks:
             per = self.max_prefill_seqs or len(prefill_chunks)
-            for i in range(0, len(prefill_chunks), per):
-                n = sum(c[0] for c in prefill_chunks[i:i + per])
-                t += _interp(_pad(n, self.prefill_token_buckets), self.prefill_tokens, self.prefill_seconds)
+            most = self.prefill_token_buckets[-1] if self.prefill_token_buckets else math.inf
+            blocks = self.block_buckets[-1] if self.block_size and self.block_buckets else math.inf
+            count = n = held = 0
+            for k, c in prefill_chunks:           # runner/launch.py's split_prefill
+                nb = -(-(c + k) // self.block_size) if blocks != math.inf else 0
+                if count and (count == per or n + k > most or held + nb > blocks):
+                    t += _interp(_pad(n, self.prefill_token_buckets), self.prefill_tokens, self.prefill_seconds)
+                    count = n = held = 0
+                count, n, held = count + 1, n + k, held + nb
+            t += _interp(_pad(n, self.prefill_token_buckets), self.prefill_tokens, self.prefill_seconds)
             own = 0.5 if self.prefill_self_attention else 0.0
             t += self.prefill_context * sum(k * (c + own * k) for k, c in prefill_chunks)
         return t

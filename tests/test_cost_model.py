@@ -63,6 +63,19 @@ def test_prefill_chunks_past_max_prefill_seqs_take_launches_of_their_own():
     assert CostModel.load("demo-cpu").max_prefill_seqs == 8          # EngineConfig's, when profiled
 
 
+def test_prefill_chunks_whose_blocks_pass_the_largest_block_bucket_take_launches_of_their_own():
+    """As split_prefill packs them: 14 chunks of 15 tokens after 384 cached (25 blocks each, of
+    16 tokens) fit 4 to a launch under a 104-block bucket, so 4 launches (4, 4, 4, 2 chunks), not
+    the 2 that max_prefill_seqs 8 alone makes; without block buckets (a table of real kernels)
+    only the count splits."""
+    m = dataclasses.replace(T, max_prefill_seqs=8, prefill_self_attention=False, prefill_context=0.0,
+                            block_size=16, block_buckets=(4, 8, 16, 32, 64, 104))
+    launch = lambda n: T.prefill_time(n)      # noqa: E731
+    assert m.iteration_time([], [(15, 384)] * 14) == pytest.approx(3 * launch(60) + launch(30) + m.decode_time(0))
+    flat = dataclasses.replace(m, block_size=0, block_buckets=())
+    assert flat.iteration_time([], [(15, 384)] * 14) == pytest.approx(launch(120) + launch(90))
+
+
 def test_iteration_overhead_is_added_to_every_iteration_and_to_nothing_else():
     o = dataclasses.replace(T, iteration_overhead=0.25)
     assert o.iteration_time([5, 15], [(60, 40)]) == pytest.approx(T.iteration_time([5, 15], [(60, 40)]) + 0.25)
