@@ -28,15 +28,38 @@ MAX_PENDING = 48
 
 @pytest.fixture(scope="module")
 def live():
-    # The server must start on a provisional cost model (the test of its replacement below): a
-    # full profile that another module's server of the same engine config left in the session's
-    # cache would be loaded instead (found failing in whole-suite runs, passing alone)
+    # The server must start on a provisional cost model (the test of its replacement below), and
+    # the test must know it did. Found failing in whole-suite runs, passing alone; two ways, not
+    # told apart: a full profile that another module's server of the same engine config left in
+    # the session's cache is loaded instead, or, with the session's compile cache warm, the
+    # background warm-up ends and the idle engine profiles before the flag is read after /health
     if cache_root() is not None:
         shutil.rmtree(os.path.join(cache_root(), "cost_models"), ignore_errors=True)
-    srv = LiveServer(ServerConfig(model_name="demo", max_pending=MAX_PENDING, max_body_bytes=64 << 10)).start()
-    srv.started_provisional = srv.state.engine.engine.profile_provisional    # read before the warm-up is done
-    yield srv
-    srv.stop()
+    refined = _Seen("cost model profiled now that every shape is compiled")
+    serve_log = logging.getLogger("fastserve_jax.serve")
+    level = serve_log.level
+    serve_log.addHandler(refined)
+    serve_log.setLevel(min(level or logging.INFO, logging.INFO))        # its info records reach the handler
+    try:
+        srv = LiveServer(ServerConfig(model_name="demo", max_pending=MAX_PENDING, max_body_bytes=64 << 10)).start()
+        srv.started_provisional = srv.state.engine.engine.profile_provisional or refined.seen
+        srv.refined = refined
+        yield srv
+        srv.stop()
+    finally:
+        serve_log.removeHandler(refined)
+        serve_log.setLevel(level)
+
+
+class _Seen(logging.Handler):
+    """Whether a record whose message starts with `text` was logged."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.text, self.seen = text, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen = self.seen or record.getMessage().startswith(self.text)
 
 
 @pytest.fixture(scope="module")
@@ -524,6 +547,7 @@ def test_idle_server_replaces_its_provisional_cost_model_once_the_warmup_is_done
         assert time.monotonic() < deadline, "still on the provisional cost model"
         time.sleep(0.1)
     assert live.on_engine(lambda e: e.scheduler.cost_model is e.cost_model and not e.runner.shapes_pending())
+    assert live.refined.seen          # what the fixture reads where the refine beat it
     assert live.metric("fastserve_cost_model_provisional") == 0
     # then, still idle, it runs each compiled program that has not run yet once, in slices
     # (engine_loop._first_runs), so that no request pays a program's costlier first run
