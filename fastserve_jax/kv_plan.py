@@ -5,9 +5,13 @@ transfer-time model), in the order returned:
     apply_plan(plan)    drops, swap-outs, then for each scheduled request: swap-in of KV on
                         the host, allocation of its new tokens' blocks (with prefix caching a
                         prefilling request first takes the cached blocks of its prefix, and
-                        its entry in the plan shrinks to the tokens left to compute). The
-                        swap-out copies must be issued before the swap-in copies (a swap-in
-                        may reuse a block just freed) and both before the step.
+                        its entry in the plan shrinks to the tokens left to compute; then its
+                        full blocks get keys, so that a later request of the same plan may
+                        take them: the runner puts the decode launch first and the prefill
+                        chunks in plan order, and a launch writes its K/V before any of its
+                        rows reads, so the blocks are written before the later request reads
+                        them). The swap-out copies must be issued before the swap-in copies (a
+                        swap-in may reuse a block just freed) and both before the step.
     apply_ahead(ahead)  the swap policy's moves for later iterations, issued after the step:
                         offloads free their device blocks at once, uploads hold theirs, and
                         the caller marks them landed (`KVManager.finish_swap_in`) once the copy
@@ -70,12 +74,11 @@ def apply_plan(plan: Plan, kv: KVManager, now: float) -> Copies:
                 if hit and req.metrics.first_token_time is None and not req.num_preemptions:   # its first prefill
                     req.num_cached_tokens = min(req.num_cached_tokens + hit, req.num_prompt_tokens)
         kv.allocate(req, s.num_tokens)
+        if kv.caching:      # later requests of this plan may match them: see the module docstring
+            kv.register(req, s.num_tokens)
         req.status = RequestStatus.RUNNING
         if req.metrics.first_scheduled_time is None:
             req.metrics.first_scheduled_time = now
-    if kv.caching:      # only now: no request of this plan reads blocks that its own launches write
-        for s in plan.scheduled:
-            kv.register(s.request, s.num_tokens)
     return copies
 
 

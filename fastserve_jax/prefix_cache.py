@@ -25,11 +25,14 @@ of the same plan frees, nor does an eviction count as freed a block a start coun
 Otherwise a hit takes no more free blocks than the policy counted.
 
 When blocks get keys (`register`, from kv_plan.apply_plan): a block whose tokens are all known
-on the host gets its key as soon as a step that writes it is applied. Every later step is
-issued after that one, and the device runs work in issue order, so a request that matches the
-block reads it after it is written. Positions still pending (async scheduling's tokens on the
-device) never get keys, so a finished request's stray row in the next batch writes only
-to its last, keyless block.
+on the host gets its key as soon as the request whose step writes it is applied, before the
+rest of the plan. Every later step is issued after that one, and the device runs work in issue
+order; within the step, the runner puts the decode launch first and the prefill chunks in plan
+order, and a launch writes its K/V before any of its rows reads (models.attention). So a
+request that matches the block, later in the same plan or in a later one, reads it after it is
+written: a burst's requests behind a new prefix that start in one step compute it once.
+Positions still pending (async scheduling's tokens on the device) never get keys, so a
+finished request's stray row in the next batch writes only to its last, keyless block.
 
 When a request matches (`match_prefix`, from kv_plan.apply_plan): whenever a step is about to
 compute tokens of a request that has none on the device yet, or that is still prefilling, it

@@ -52,10 +52,19 @@ def test_a_second_request_shares_the_first_ones_full_blocks_and_computes_the_res
     kv.check_integrity()
 
 
-def test_requests_of_one_plan_never_read_blocks_that_its_launches_write():
+def test_a_request_shares_the_blocks_an_earlier_request_of_its_plan_writes():
+    """The runner puts the prefill chunks in plan order and a launch writes its K/V before its rows
+    read, so b (after a) reads a's two full blocks after a's launch wrote them (a request never
+    matches one after it: that one has no blocks yet when it matches). The cut chunk of d (6 of
+    its tokens) gives a key only to the block it completes."""
     kv = PrefixCachingKVManager(num_blocks=20, block_size=4)
     a, b = req("a", range(1, 10)), req("b", range(1, 10))
-    assert [s.num_tokens for s in run_plan(kv, (a, 9), (b, 9)).scheduled] == [9, 9] and kv.hits == 0
+    plan = run_plan(kv, (a, 9), (b, 9))
+    assert [s.num_tokens for s in plan.scheduled] == [9, 1] and kv.hits == 8 and b.num_cached_tokens == 8
+    assert kv.block_table(b)[:2] == kv.block_table(a)[:2]
+    d, e = req("d", range(30, 42)), req("e", range(30, 42))
+    plan = run_plan(kv, (d, 6), (e, 12))
+    assert [s.num_tokens for s in plan.scheduled] == [6, 8] and kv.block_table(e)[0] == kv.block_table(d)[0]
     assert run_plan(kv, (req("c", range(1, 10)), 9)).scheduled[0].num_tokens == 1
     kv.check_integrity()
 
