@@ -245,11 +245,7 @@ class KVManager:
         finish_swap_in."""
         rid = req.request_id
         assert self.location(req) in ON_HOST, f"{rid}: swap_in while its KV is {self.location(req).value}"
-        n = self._host[rid]
-        need = n - len(self.swap_in_shares(req)[1])
-        if need > self.num_free_blocks:
-            raise RuntimeError(f"plan does not fit: swapping {rid} in needs {need} blocks, {self.num_free_blocks} free")
-        table, written = self._restore(req, n)
+        table, written = self._restore(req, self._host[rid])
         self._tables[rid] = table
         self._where[rid] = KVLocation.SWAPPING_IN
         copy = SwapCopy(req, tuple(written))
@@ -259,8 +255,14 @@ class KVManager:
 
     def _restore(self, req: Request, n: int) -> tuple[list[int], list[int]]:
         """The device blocks a swap-in of `n` blocks takes, and those its copy writes."""
+        self._fits_swap_in(req, n)
         table = self._take(n)
         return table, table
+
+    def _fits_swap_in(self, req: Request, need: int) -> None:
+        if need > self.num_free_blocks:
+            raise RuntimeError(f"plan does not fit: swapping {req.request_id} in needs {need} blocks, "
+                               f"{self.num_free_blocks} free")
 
     def finish_swap_in(self, req: Request) -> None:
         rid = req.request_id

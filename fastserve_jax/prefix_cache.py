@@ -262,6 +262,8 @@ class PrefixCachingKVManager(KVManager):
         (another holder's, or cached) as they are, and copies only the rest: a shared prefix comes
         back shared. The copy writes NULL_BLOCK in their place (nothing lands there that is read)."""
         found = self._on_device(req)
+        ref = self._ref
+        self._fits_swap_in(req, n - sum(1 for b in found if ref[b]))     # held ones take no free block
         self._share(found)                          # first: the fresh blocks below must not evict them
         fresh = self._take(n - len(found))
         self._registered[req.request_id] = 0        # its copied blocks get keys again as it runs
