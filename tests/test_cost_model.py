@@ -343,7 +343,8 @@ def test_a_small_pool_times_the_decode_context_at_rows_whose_contexts_pass_the_s
         return 1e-3 + 1e-6 * 16 * blocks * len(items) if all(s.num_tokens == 1 for s in items) else 1e-3
 
     monkeypatch.setattr(cost_profile._Probe, "time", fake_time)
-    llm = LLM(None, warmup=False, max_model_len=1024, max_num_seqs=16, max_num_batched_tokens=512, block_size=16,
-              num_device_blocks=68, compilation_cache_dir=str(tmp_path))
+    monkeypatch.setattr(cost_profile._Probe, "keys", lambda self, items: self.release() or [])   # nothing runs
+    llm = LLM(None, warmup=False, scheduler="fcfs", max_model_len=1024, max_num_seqs=16,   # fcfs: no profile at start
+              max_num_batched_tokens=512, block_size=16, num_device_blocks=68, compilation_cache_dir=str(tmp_path))
     cm = cost_profile.measure(llm.engine, repeats=1)   # 2 rows of 527 tokens: 64-block bucket against 4
     assert cm.block_buckets[0] == 4 and cm.decode_context == pytest.approx(1e-6, rel=1e-6)     # 0 before
