@@ -176,7 +176,8 @@ class SwapPolicy:
             link = self.step_time / self.seconds_per_block - kv.num_swapping_in_blocks
         if not host_resident and (free >= reserve or not paused):
             return ahead
-        if not paused and (link < 0 or free - min(map(self._upload_need, host_resident)) < reserve):
+        need_of = self._upload_need if kv.caching else kv.host_blocks      # (most iterations: keep it cheap)
+        if not paused and (link < 0 or free - min(map(need_of, host_resident)) < reserve):
             # Nothing to offload, so the upload ranked first must fit the free blocks above the
             # reserve: none does (or the link is full), and no estimate is needed to say so.
             # Where memory binds, nearly every device holder runs, and this is most iterations.
