@@ -44,10 +44,12 @@ def _post(url: str, body: dict) -> dict:
 
 # with the Pallas kernel (Triton's, interpret mode) per head shard over the two processes' mesh: -m slow
 # ... and with a full warm-up, whose runs of each program the worker replays, and with a
-# background one, whose idle leader runs the programs that have not run (mirrored too)
+# background one, whose idle leader runs the programs that have not run (mirrored too). The
+# one-stage mesh with lazy compiles is -m slow: the two-stage one compiles lazily and the full
+# warm-up runs the one-stage mesh's async scheduling (6 s of the default suite's 2 cores).
 @pytest.mark.parametrize("backend,tp,pp,warmup", [
     ("reference", 2, 2, "lazy"), pytest.param("pallas", 2, 2, "lazy", marks=pytest.mark.slow),
-    ("reference", 2, 1, "lazy"), ("reference", 2, 1, "full"),
+    pytest.param("reference", 2, 1, "lazy", marks=pytest.mark.slow), ("reference", 2, 1, "full"),
     pytest.param("reference", 2, 1, "background", marks=pytest.mark.slow)])
 def test_two_processes_serve_a_request_end_to_end(tmp_path, backend, tp, pp, warmup):
     http, coord = _free_ports(2)

@@ -56,13 +56,13 @@ def resolve_warmup(warmup: str | bool) -> str:
 
 @dataclass
 class CompileJob:
-    """One executable to build: `lower()` traces it, `store` files the compiled result."""
+    """One executable to build: `build()` compiles it (export_cache.build), `store` files it."""
 
-    lower: Callable[[], jax.stages.Lowered]
+    build: Callable[[], jax.stages.Compiled]
     store: Callable[[object], None]
 
     def run(self) -> None:
-        self.store(self.lower().compile())
+        self.store(self.build())
 
 
 def abstract(tree):
@@ -139,8 +139,8 @@ class Compiler:
             fn, extra, name = st.fn, (), f"{self.context}/stage{st.index}"
             if st.last and key.prompt_logprobs:
                 fn, extra, name = st.plp_fn, (jax.ShapeDtypeStruct((key.tokens,), jnp.int32),), name + "/prompt_logprobs"
-            jobs.append(CompileJob(export_cache.lower_job(fn, st.params, abstract(st.cache), x, batch, idx, *extra,
-                                                          name=name, donate=(1,)),
+            jobs.append(CompileJob(export_cache.build_job(fn, st.params, abstract(st.cache), x, batch, idx, *extra,
+                                                        name=name, donate=(1,)),
                                    functools.partial(st.compiled.__setitem__, key)))
         return jobs
 
@@ -166,7 +166,7 @@ class Compiler:
 
     def sampler_job(self, key: SamplerKey) -> CompileJob:
         """The sampler variant, compiled for `sampler_args`."""
-        return CompileJob(export_cache.lower_job(self._sample, *self.sampler_args(key), name="sample",
+        return CompileJob(export_cache.build_job(self._sample, *self.sampler_args(key), name="sample",
                                                  greedy=key.greedy, with_logprobs=key.logprobs),
                           functools.partial(self.samplers.__setitem__, key))
 

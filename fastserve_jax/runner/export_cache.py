@@ -30,6 +30,7 @@ import os
 import sys
 import tempfile
 import threading
+import weakref
 
 import jax
 from jax import export
@@ -178,6 +179,29 @@ def lower(fn, *args, name: str, donate: tuple[int, ...] = (), **static) -> jax.s
     return jax.jit(exp.call, donate_argnums=donate).lower(*args)
 
 
-def lower_job(fn, *args, name: str, donate: tuple[int, ...] = (), **static):
-    """A zero-argument callable for CompileJob.lower."""
-    return functools.partial(lower, fn, *args, name=name, donate=donate, **static)
+# Executables built in this process, by program and devices, held only while an engine holds
+# them: a second engine of the same programs (rebuilt in process, or beside the first) takes
+# them instead of lowering and asking the persistent cache again, and a dropped engine's still
+# go with it. The devices are part of the key because an executable is bound to its devices,
+# which `cache_key` (made for other processes' use) does not name.
+_built: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _device_ids(tree) -> tuple:
+    return tuple(tuple(d.id for d in x.sharding._device_assignment) if getattr(x, "sharding", None) else None
+                 for x in jax.tree.leaves(tree))
+
+
+def build(fn, *args, name: str, donate: tuple[int, ...] = (), **static):
+    """`lower(...).compile()`, shared within the process (`_built`)."""
+    key = (cache_key(name, args, static), donate, _device_ids(args))
+    exe = _built.get(key)
+    if exe is None:
+        exe = lower(fn, *args, name=name, donate=donate, **static).compile()
+        _built[key] = exe
+    return exe
+
+
+def build_job(fn, *args, name: str, donate: tuple[int, ...] = (), **static):
+    """A zero-argument callable for CompileJob.build."""
+    return functools.partial(build, fn, *args, name=name, donate=donate, **static)

@@ -199,11 +199,11 @@ class KVTransfer:
                                     for x in jax.eval_shape(_gather, cache, ids)))
                     suffix = "_host" if fused else ""
                     jobs.append(CompileJob(
-                        export_cache.lower_job(self._gather[fused][s], cache, ids, name="kv_gather" + suffix),
+                        export_cache.build_job(self._gather[fused][s], cache, ids, name="kv_gather" + suffix),
                         functools.partial(self._compiled.__setitem__, SwapKey("gather" + suffix, n, s))))
                     jobs.append(CompileJob(
-                        export_cache.lower_job(self._scatter[fused][s], cache, run, ids, name="kv_scatter" + suffix,
-                                               donate=(0,)),
+                        export_cache.build_job(self._scatter[fused][s], cache, run, ids, name="kv_scatter" + suffix,
+                                             donate=(0,)),
                         functools.partial(self._compiled.__setitem__, SwapKey("scatter" + suffix, n, s))))
         return jobs
 
