@@ -313,6 +313,14 @@ def parse_completion(body: dict, max_logprobs: int = MAX_LOGPROBS) -> Job:
 
 
 _ROLES = ("system", "developer", "user", "assistant", "tool")
+# Beside role, content and name: an answer as OpenAI's SDK dumps it (`message.model_dump()`, sent
+# back in the next turn) has these, null where nothing was called, refused or heard; a tool
+# result names its call.
+_MESSAGE_KEYS = {"assistant": ("role", "content", "name", "tool_calls", "function_call", "refusal", "audio",
+                               "annotations"),
+                 "tool": ("role", "content", "name", "tool_call_id")}
+_NOT_HERE = {"tool_calls": "tool calling", "function_call": "tool calling", "audio": "audio output",
+             "annotations": "annotations"}
 
 
 def parse_messages(v: Any) -> list[dict]:
@@ -323,14 +331,15 @@ def parse_messages(v: Any) -> list[dict]:
         if not isinstance(m, dict) or m.get("role") not in _ROLES:
             raise bad_request(f"messages[{i}] must be an object with 'role' one of {list(_ROLES)}", "messages")
         assistant = m["role"] == "assistant"
-        keys = ("role", "content", "name", "tool_calls") if assistant else ("role", "content", "name")
+        keys = _MESSAGE_KEYS.get(m["role"], ("role", "content", "name"))
         extra = sorted(set(m) - set(keys))
         if extra:
             raise bad_request(f"messages[{i}] has unsupported field(s) {extra}; use {list(keys)}", "messages")
-        calls = m.get("tool_calls")
-        if calls is not None and calls != []:
-            raise bad_request(f"messages[{i}].tool_calls must be [] or null: this server has no tool calling",
-                              "messages")
+        for k, what in _NOT_HERE.items():
+            if m.get(k) not in (None, []):
+                raise bad_request(f"messages[{i}].{k} must be null or []: this server has no {what}", "messages")
+        if not isinstance(m.get("refusal", ""), (str, type(None))):        # a string, left out of the prompt
+            raise bad_request(f"messages[{i}].refusal must be a string or null", "messages")
         content = m.get("content")
         if content is None and assistant:   # an assistant turn that only called tools (none here)
             content = ""
@@ -343,8 +352,9 @@ def parse_messages(v: Any) -> list[dict]:
         if not isinstance(content, str):
             raise bad_request(f"messages[{i}].content must be a string or an array of text parts", "messages")
         msg = {"role": m["role"], "content": content}
-        if m.get("name") is not None:
-            msg["name"] = _str(m, "name")
+        for k in ("name", "tool_call_id"):       # a tool result's id: chat templates may write it
+            if m.get(k) is not None:
+                msg[k] = _str(m, k)
         out.append(msg)
     return out
 

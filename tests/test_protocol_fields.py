@@ -139,10 +139,25 @@ REJECTED_CHAT = [
     ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs", "may not set"),
     ({"chat_template_kwargs": {"tokenize": True, "messages": []}}, "chat_template_kwargs", "['messages', 'tokenize']"),
     ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "c"}]}]}, "messages",
-     "tool_calls must be [] or null"),
+     "tool_calls must be null or []"),
+    ({"messages": [{"role": "assistant", "content": "x", "audio": {"id": "a"}}]}, "messages", "no audio output"),
+    ({"messages": [{"role": "assistant", "content": "x", "refusal": 3}]}, "messages", "refusal must be a string"),
+    ({"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, "messages", "unsupported field(s)"),
     ({"messages": [{"role": "user", "content": None}]}, "messages", "must be a string"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages", "unsupported field(s)"),
 ]
+
+
+def test_a_turn_sent_back_as_openais_sdk_dumps_it_is_accepted():
+    """`messages.append(resp.choices[0].message.model_dump())` sends the answer back with its null
+    refusal, annotations, audio, function_call and tool_calls; a tool result names its call."""
+    from fastserve_jax.serve.protocol import parse_messages
+
+    answer = {"role": "assistant", "content": " 3 4 5", "refusal": None, "annotations": None, "audio": None,
+              "function_call": None, "tool_calls": None}
+    tool = {"role": "tool", "content": "42", "tool_call_id": "call_1"}
+    assert parse_messages([USER[0], answer, tool, USER[0]]) == [
+        USER[0], {"role": "assistant", "content": " 3 4 5"}, tool, USER[0]]
 
 
 @pytest.mark.parametrize("chat,extra,param,message", [(c, *r) for r in REJECTED for c in (False, True)] +
