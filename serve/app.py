@@ -158,15 +158,20 @@ class Server:
         self.metrics.rejected.labels("unavailable").inc()
         raise APIError(503, f"the server is not serving: {message}", headers={"Retry-After": str(self.cfg.retry_after)})
 
+    def check_count(self, count: int, param: str = "n") -> None:
+        """A request of more engine requests (prompts x n) than the server admits at once is a 400."""
+        cap = self.cfg.max_pending
+        if count > cap:
+            raise APIError(400, f"this request needs {count} engine requests (prompts x n) but the server admits "
+                                f"at most {cap} at once; send fewer prompts or a smaller n", param=param)
+
     def admit(self, count: int) -> None:
         """Room for `count` engine requests, checked right before they are submitted: the state
         is read again, as the server may have begun to drain (or its engine to stop, which made
         submit() raise: a 500) while the request was being tokenized."""
         self.check_serving()
+        self.check_count(count)
         pending, cap = self.engine.num_pending, self.cfg.max_pending
-        if count > cap:
-            raise APIError(400, f"this request needs {count} engine requests (prompts x n) but the server admits "
-                                f"at most {cap} at once; send fewer prompts or a smaller n", param="n")
         if pending and self.engine.health.consecutive_faults >= FAULTY_AFTER:
             # A failing engine takes one request (group) at a time: the step it needs is the only
             # way the fault count can reset (a transient fault), and a lasting one fails no more
@@ -211,6 +216,8 @@ async def _generate(request: Request, chat: bool, body: dict | None = None) -> R
     srv.check_serving()
     if job.ignored:      # as vLLM does with the fields it does not read
         log.warning("request fields accepted and ignored: %s", ", ".join(job.ignored))
+    # before tokenizing: 45,000 prompts took the preparing thread, which every request waits on, 2.5 s
+    srv.check_count(len(job.prompts) * job.n, "prompt" if len(job.prompts) > 1 else "n")
     eng = srv.engine.engine
     # tokenizing (a 1 MB prompt: ~1 s) and chat templates run off the event loop, which serves every stream
     prompts, prompt_tokens = await asyncio.get_running_loop().run_in_executor(srv.preparer, prepare, job, eng,

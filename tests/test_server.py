@@ -383,6 +383,18 @@ def test_admission_queue_full_then_disconnects_free_everything(live):
     assert live.metric("fastserve_server_rejected_total", reason="queue_full") >= 1
 
 
+def test_more_prompts_than_the_server_admits_are_refused_before_they_are_tokenized(live, monkeypatch):
+    """Tokenizing 45,000 prompts held the one preparing thread, and every request behind it, for
+    2.5 s before the count was checked."""
+    from fastserve_jax.serve import app as app_mod
+
+    monkeypatch.setattr(app_mod, "prepare", lambda *a: pytest.fail("tokenized a request it refuses"))
+    status, _, err = live.post("/v1/completions", dict(_counting(3, 9), prompt=["count from 3 to 9:"] * (MAX_PENDING + 1)))
+    assert status == 400 and err["error"]["param"] == "prompt" and f"at most {MAX_PENDING}" in err["error"]["message"]
+    status, _, err = live.post("/v1/completions", dict(_counting(3, 9), n=MAX_PENDING + 1))
+    assert status == 400 and err["error"]["param"] == "n"
+
+
 def test_non_streaming_disconnect_aborts(live):
     before = live.metric("fastserve_e2e_request_latency_seconds_count")
 
