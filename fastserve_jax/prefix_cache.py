@@ -30,7 +30,8 @@ rest of the plan. Every later step is issued after that one, and the device runs
 order; within the step, the runner puts the decode launch first and the prefill chunks in plan
 order, and a launch writes its K/V before any of its rows reads (models.attention). So a
 request that matches the block, later in the same plan or in a later one, reads it after it is
-written: a burst's requests behind a new prefix that start in one step compute it once.
+written: a burst's requests behind a new prefix that start in one step compute it once, and the
+policies plan them so (Plan.kv_coming: the prefix is out of the later starts' token budget).
 Positions still pending (async scheduling's tokens on the device) never get keys, so a
 finished request's stray row in the next batch writes only to its last, keyless block.
 
@@ -137,17 +138,30 @@ class PrefixCachingKVManager(KVManager):
                 i += 1
         return found
 
-    def cached_prefix(self, req: Request, released: Container[int] = ()) -> tuple[int, list[int]]:
+    def cached_prefix(self, req: Request, released: Container[int] = (),
+                      coming: Container[bytes] = ()) -> tuple[int, list[int]]:
         """What `match_prefix` would give a request without KV now, up to its last token (the
         policies leave it out of the iteration's token budget), and the blocks of it that
         requests hold, less `released` (a start shares them: it needs no free block for them).
+        With `coming` (Plan.kv_coming), the tokens also run on through the blocks that starts
+        earlier in the plan compute: apply_plan registers those before this request matches
+        (a burst behind a new prefix fills the budget with its requests' own tokens). Those
+        blocks are not in the shares: if the earlier chunk ends sooner than planned (a decode
+        takes a token from it), this one finds fewer and computes no more than was counted.
         Takes nothing (the request's keys are made once and kept until it is freed)."""
         limit = (req.num_known_tokens - 1) // self.block_size
         if limit <= 0 or req.sampling.prompt_logprobs is not None:
             return 0, []
         found = self._found(req, 0, limit)
         ref = self._ref
-        return len(found) * self.block_size, [b for b in found if ref[b] and b not in released]
+        i = len(found)
+        while coming and i < limit and self._chain(req, i + 1)[i] in coming:
+            i += 1
+        return i * self.block_size, [b for b in found if ref[b] and b not in released]
+
+    def note_coming(self, req: Request, num_tokens: int, coming: set[bytes]) -> None:
+        """Add to `coming` the keys of the full blocks a start's chunk of `num_tokens` computes."""
+        coming.update(self._chain(req, min(num_tokens, req.num_known_tokens) // self.block_size))
 
     def match_prefix(self, req: Request, num_tokens: int) -> int:
         """Let `req`, about to compute `num_tokens` more tokens, take the cached blocks that

@@ -139,6 +139,37 @@ def test_a_starts_cached_prefix_is_left_out_of_the_token_budget(policy):
     kv.check_integrity()
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "skip-join-mlfq"])
+def test_a_burst_behind_a_new_prefix_starts_in_one_iteration(policy):
+    """Nothing cached, a 52-token budget, four requests behind the same new 40-token prefix: the
+    first computes it (43 tokens) and the others, which find it written by the first's chunk of
+    the same step (Plan.kv_coming), their last 3 tokens each: 52 tokens. Counted as the cache
+    stood before the step, the second got a 9-token chunk and the others waited."""
+    from fastserve_jax.scheduler import Limits, make_scheduler
+    from test_swap import CFG, COST
+
+    kv = PrefixCachingKVManager(num_blocks=80, block_size=4)
+    stem = list(range(1, 41))
+    sched = make_scheduler(policy, Limits(8, 52), kv, CFG, COST)
+    reqs = [req(f"r{i}", stem + [50 + i, 60 + i, 70 + i]) for i in range(4)]
+    for r in reqs:
+        sched.add(r)
+    plan = sched.schedule(0.0)
+    assert [(s.num_tokens, s.cached) for s in plan.scheduled] == [(43, 0)] + [(43, 40)] * 3
+    apply_plan(plan, kv, 0.0)
+    assert [s.num_tokens for s in plan.scheduled] == [43, 3, 3, 3] and kv.hits == 120
+    assert len({tuple(kv.block_table(r)[:10]) for r in reqs}) == 1
+    kv.check_integrity()
+    # a chunk that ends sooner than the policy planned it: the request after it finds less and
+    # computes no more than was counted (3 tokens, from where its match ends)
+    kv.reset()
+    late = [req(f"l{i}", stem + [80 + i]) for i in range(2)]
+    plan = Plan(scheduled=[ScheduledRequest(late[0], 21), ScheduledRequest(late[1], 41, 38)])
+    apply_plan(plan, kv, 0.0)
+    assert [s.num_tokens for s in plan.scheduled] == [21, 3] and late[1].num_computed_tokens == 20
+    kv.check_integrity()
+
+
 @pytest.mark.parametrize("order", ["eviction first", "start first"])
 def test_a_start_never_counts_on_sharing_blocks_that_an_eviction_of_the_same_plan_frees(order):
     """V (paused, ranked last) alone holds the two keyed blocks that S's prefix matches, and H
