@@ -68,7 +68,7 @@ def apply_plan(plan: Plan, kv: KVManager, now: float) -> Copies:
             copies.swap_in.append(kv.swap_in(req))
             kv.finish_swap_in(req)
         if kv.caching and req.num_computed_tokens + 1 < req.num_known_tokens:   # prefilling: prefix_cache.py
-            hit = kv.match_prefix(req, s.num_tokens)
+            hit = kv.match_prefix(req, s.num_tokens, s.cached)
             if hit or s.cached:     # fewer found than the policy expected: compute no more than it counted
                 s = plan.scheduled[i] = ScheduledRequest(req, s.num_tokens - max(hit, s.cached))
                 if hit and req.metrics.first_token_time is None and not req.num_preemptions:   # its first prefill
@@ -79,6 +79,8 @@ def apply_plan(plan: Plan, kv: KVManager, now: float) -> Copies:
         req.status = RequestStatus.RUNNING
         if req.metrics.first_scheduled_time is None:
             req.metrics.first_scheduled_time = now
+    if kv.caching:
+        kv.plan_issued()
     return copies
 
 

@@ -31,7 +31,9 @@ order; within the step, the runner puts the decode launch first and the prefill 
 order, and a launch writes its K/V before any of its rows reads (models.attention). So a
 request that matches the block, later in the same plan or in a later one, reads it after it is
 written: a burst's requests behind a new prefix that start in one step compute it once, and the
-policies plan them so (Plan.kv_coming: the prefix is out of the later starts' token budget).
+policies plan them so (Plan.kv_coming: the prefix is out of the later starts' token budget). But a
+1-token chunk runs in the decode launch, before every prefill launch: a request left with 1 token
+and an on-demand swap-in take none of the blocks the step's prefills write (`_written`).
 Positions still pending (async scheduling's tokens on the device) never get keys, so a
 finished request's stray row in the next batch writes only to its last, keyless block.
 
@@ -78,6 +80,9 @@ class PrefixCachingKVManager(KVManager):
         self._block_of: dict[bytes, int] = {}
         self._chains: dict[str, list[bytes]] = {}      # request id -> its full blocks' keys so far
         self._registered: dict[str, int] = {}          # request id -> leading table blocks registered
+        # blocks keyed while a plan is applied, which its step writes: not yet read safely by a row
+        # of the decode launch (see `_written`)
+        self._unwritten: set[int] = set()
         self.queries = 0        # tokens of requests looked up
         self.hits = 0           # of those, tokens taken from the cache
         self.evictions = 0      # cached blocks handed out for other content
@@ -123,6 +128,22 @@ class PrefixCachingKVManager(KVManager):
                 chain.append(key)
         return chain
 
+    def _written(self, blocks: list[int]) -> list[int]:
+        """The leading blocks of `blocks` that no step still to be issued writes. The runner puts
+        the decode launch before the prefill launches, and a 1-token chunk (a start whose prompt
+        is cached but for its last token, as the second of two identical prompts is; a swap-in's
+        decode) runs in it: reading a block that a prefill of the same step writes, it read the
+        block before it was written (wrong tokens, found by fuzzing the engine, 2026-12-06)."""
+        unwritten = self._unwritten
+        if not unwritten:
+            return blocks
+        return next((blocks[:i] for i, b in enumerate(blocks) if b in unwritten), blocks)
+
+    def plan_issued(self) -> None:
+        """The plan whose blocks were keyed since the last call is applied: its step comes before
+        anything a later ledger call sets up (kv_plan.apply_plan calls this last)."""
+        self._unwritten.clear()
+
     def _found(self, req: Request, first: int, limit: int) -> list[int]:
         """The cached blocks that hold the request's blocks first, first + 1, ... (before `limit`),
         up to the first one not cached. Keys are made a few blocks at a time as the walk needs
@@ -157,19 +178,24 @@ class PrefixCachingKVManager(KVManager):
         i = len(found)
         while coming and i < limit and self._chain(req, i + 1)[i] in coming:
             i += 1
+        if i > len(found) and req.num_known_tokens - i * self.block_size == 1:
+            i = len(found)          # a 1-token chunk would read them in the decode launch: match_prefix
         return i * self.block_size, [b for b in found if ref[b] and b not in released]
 
     def note_coming(self, req: Request, num_tokens: int, coming: set[bytes]) -> None:
         """Add to `coming` the keys of the full blocks a start's chunk of `num_tokens` computes."""
         coming.update(self._chain(req, min(num_tokens, req.num_known_tokens) // self.block_size))
 
-    def match_prefix(self, req: Request, num_tokens: int) -> int:
+    def match_prefix(self, req: Request, num_tokens: int, counted: int = 0) -> int:
         """Let `req`, about to compute `num_tokens` more tokens, take the cached blocks that
         follow what it has computed: at most up to the block before its chunk's last token, so
         that the step still computes that token (and samples from it where the chunk ends the
         prompt). A request with no KV starts from its first block; a prefill that goes on from
         the middle of a block hands that block back for the cached one that holds the same
-        tokens and more. Advances num_computed_tokens; returns the tokens taken."""
+        tokens and more. Where the chunk left (num_tokens less the tokens taken, or less
+        `counted`, the tokens the policy counted as cached, if more) is 1 token, it takes none
+        of the blocks this plan's step writes (`_written`). Advances num_computed_tokens;
+        returns the tokens taken."""
         rid, bs, start = req.request_id, self.block_size, req.num_computed_tokens
         table = self._tables.get(rid)
         if table is None:
@@ -181,6 +207,8 @@ class PrefixCachingKVManager(KVManager):
         if limit <= first or req.sampling.prompt_logprobs is not None:
             return 0
         got = self._found(req, first, limit)
+        if got and num_tokens - max((first + len(got)) * bs - start, counted) == 1:
+            got = self._written(got)
         if not got:
             return 0
         self._share(got)
@@ -211,6 +239,7 @@ class PrefixCachingKVManager(KVManager):
             b, key = table[i], chain[i]
             if b not in key_of and key not in block_of:
                 key_of[b], block_of[key] = key, b
+                self._unwritten.add(b)
         self._registered[rid] = full
 
     def reset(self) -> None:
@@ -221,6 +250,7 @@ class PrefixCachingKVManager(KVManager):
         self._block_of.clear()
         self._chains.clear()
         self._registered.clear()
+        self._unwritten.clear()
 
     # -- ownership -------------------------------------------------------------------------
     def _share(self, blocks: list[int]) -> None:
@@ -275,14 +305,14 @@ class PrefixCachingKVManager(KVManager):
         """A swap-in takes the full blocks of its KV that the device still holds under their keys
         (another holder's, or cached) as they are, and copies only the rest: a shared prefix comes
         back shared. The copy writes NULL_BLOCK in their place (nothing lands there that is read)."""
-        found = self._on_device(req)
+        found = self._written(self._on_device(req))        # an on-demand one runs in this plan's step
         ref = self._ref
         self._fits_swap_in(req, n - sum(1 for b in found if ref[b]))     # held ones take no free block
-        self._share(found)                          # first: the fresh blocks below must not evict them
-        fresh = self._take(n - len(found))
+        self._share(found)                          # first: the blocks taken below must not evict them
+        own = self._take(n - len(found))
         self._registered[req.request_id] = 0        # its copied blocks get keys again as it runs
         self.swap_in_shared += len(found)
-        return found + fresh, [NULL_BLOCK] * len(found) + fresh
+        return found + own, [NULL_BLOCK] * len(found) + own
 
     def _check_blocks(self) -> None:
         refs = Counter(b for t in self._tables.values() for b in t)

@@ -55,13 +55,20 @@ def test_a_second_request_shares_the_first_ones_full_blocks_and_computes_the_res
 def test_a_request_shares_the_blocks_an_earlier_request_of_its_plan_writes():
     """The runner puts the prefill chunks in plan order and a launch writes its K/V before its rows
     read, so b (after a) reads a's two full blocks after a's launch wrote them (a request never
-    matches one after it: that one has no blocks yet when it matches). The cut chunk of d (6 of
-    its tokens) gives a key only to the block it completes."""
+    matches one after it: that one has no blocks yet when it matches). But a 1-token chunk runs
+    in the decode launch, before the prefills: a2, a's prompt again, would read a's blocks before
+    they are written (its answer was wrong), so it takes none of them and computes its prompt;
+    the next plan's c finds them. The cut chunk of d (6 of its tokens) gives a key only to the
+    block it completes."""
     kv = PrefixCachingKVManager(num_blocks=20, block_size=4)
-    a, b = req("a", range(1, 10)), req("b", range(1, 10))
-    plan = run_plan(kv, (a, 9), (b, 9))
-    assert [s.num_tokens for s in plan.scheduled] == [9, 1] and kv.hits == 8 and b.num_cached_tokens == 8
-    assert kv.block_table(b)[:2] == kv.block_table(a)[:2]
+    a, a2, b = req("a", range(1, 10)), req("a2", range(1, 10)), req("b", [*range(1, 10), 50])
+    plan = run_plan(kv, (a, 9), (a2, 9), (b, 10))
+    assert [s.num_tokens for s in plan.scheduled] == [9, 9, 2] and kv.hits == 8 and b.num_cached_tokens == 8
+    assert kv.block_table(b)[:2] == kv.block_table(a)[:2] and not set(kv.block_table(a2)) & set(kv.block_table(a))
+    x, y = req("x", range(100, 109)), req("y", range(100, 109))
+    plan = Plan(scheduled=[ScheduledRequest(x, 9), ScheduledRequest(y, 9, 8)])
+    apply_plan(plan, kv, 0.0)    # y counted as cached what x writes: it computes 1 token, from its start
+    assert [s.num_tokens for s in plan.scheduled] == [9, 1] and y.num_computed_tokens == 0
     d, e = req("d", range(30, 42)), req("e", range(30, 42))
     plan = run_plan(kv, (d, 6), (e, 12))
     assert [s.num_tokens for s in plan.scheduled] == [6, 8] and kv.block_table(e)[0] == kv.block_table(d)[0]
@@ -362,6 +369,25 @@ def test_a_swapped_out_request_comes_back_sharing_the_blocks_the_device_still_ho
     assert kv.num_used_blocks == 0 and kv.num_host_used_blocks == 0
 
 
+def test_a_swap_in_on_demand_does_not_share_blocks_its_own_step_writes():
+    """b's prefix was evicted while it was on the host; in the plan that brings it back, s (ranked
+    before it) computes the same prefix. b's upload lands before the step and b decodes in the
+    decode launch, which runs before s's prefill writes those blocks: it must copy them, not share
+    them."""
+    kv = PrefixCachingKVManager(num_blocks=20, block_size=4, num_host_blocks=10)
+    b = req("b", range(1, 14))
+    run_plan(kv, (b, 13))
+    kv.swap_out(b)
+    kv.finish_swap_out(b)
+    kv.reset()                                                    # its cached prefix handed out meanwhile
+    b.output_token_ids.append(7)
+    s_ = req("s", range(1, 14))
+    plan = Plan(scheduled=[ScheduledRequest(s_, 13), ScheduledRequest(b, 1)])
+    copies = apply_plan(plan, kv, 0.0)
+    assert copies.swap_in[0].num_blocks == 4 and not set(kv.block_table(b)) & set(kv.block_table(s_))
+    kv.check_integrity()
+
+
 @pytest.mark.parametrize("policy", ["proactive", "reactive", "recompute"])
 @pytest.mark.parametrize("seed, scheduler", [(0, "skip-join-mlfq"), (1, "skip-join-mlfq"), (2, "fcfs")])
 def test_randomized_ledger_with_shared_prefixes(policy, seed, scheduler):
@@ -396,6 +422,24 @@ def reference(tiny_checkpoints):
     want = [o.token_ids for o in LLM(path, warmup=False, num_device_blocks=160, scheduler="fcfs",
                                      **ENGINE_KW).generate(prompts, sp)]
     return path, prompts, sp, want
+
+
+def test_identical_prompts_of_one_step_answer_right():
+    """The demo model's 7-token prompts in 2-token blocks: the second of two identical prompts (or
+    of a request's n choices) found every full block of the first's chunk in the same step and was
+    left 1 token, which the decode launch ran before the prefill that writes those blocks: it
+    counted from 512 (found by fuzzing the engine, 2026-12-06)."""
+    from fastserve_jax.models import demo_task
+
+    llm = LLM(None, warmup=False, enable_prefix_caching=True, max_model_len=64, max_num_seqs=4,
+              max_num_batched_tokens=32, block_size=2, decode_batch_buckets=(4,), prefill_token_buckets=(32,))
+    p, q = demo_task.make_prompt(3, 12), demo_task.make_prompt(40, 52)
+    assert (len(llm.tokenizer.encode(p)) - 1) % 2 == 0
+    outs = llm.generate([p, p, q], SamplingParams(max_tokens=16, temperature=0))
+    outs += llm.generate([demo_task.make_prompt(7, 19)], SamplingParams(max_tokens=16, temperature=0, n=2))
+    texts = [c.text for o in outs for c in o.outputs]
+    assert texts == [demo_task.expected_answer(a, b) for a, b in ((3, 12), (3, 12), (40, 52), (7, 19), (7, 19))]
+    llm.engine.kv.check_integrity()
 
 
 @pytest.mark.parametrize("policy, scheduler", [("proactive", "skip-join-mlfq"), ("reactive", "fcfs"),
