@@ -25,6 +25,12 @@ It checks:
   within PROMPT_TOL of the reference's, however their prefill was chunked, preempted,
   swapped or recomputed.
 
+About CACHING_SHARE of the seeds serve with prefix caching (the reference without): prompts
+behind two shared stems of 1-3 blocks, often one token past a block boundary, and copies of
+earlier prompts, some with a `cache_salt`. (Until 2026-12-06 no seed drew it, and a bug of
+that day, the second of two copies one token past a block boundary reading blocks its own step
+had not written yet, was found by a one-off fuzzer; tests/test_prefix_cache.py.)
+
     python scripts/fuzz_engine.py 0 200           # seeds 0..199; prints one line per seed
     python scripts/fuzz_engine.py 0 200 --jobs 2
 
@@ -56,6 +62,7 @@ LEARNED_ABORTS = 0.01     # per step (0.04 otherwise): most of the requests fini
 PROMPT_SHARE = 0.3        # of the requests ask for prompt logprobs (PROMPT_TOP), checked against the
 PROMPT_TOP = 2            # reference's within PROMPT_TOL
 PROMPT_TOL = 1e-3
+CACHING_SHARE = 0.4
 BASE = dict(max_model_len=256, block_size=8, warmup=False,
             decode_batch_buckets=(2, 8), prefill_token_buckets=(16, 64), block_buckets=(8, 48))
 _checkpoint: str | None = None
@@ -93,7 +100,26 @@ def draw(seed: int) -> tuple[dict, list[list[int]], list[int]]:
         prompts, maxes = templated(learned, blocks)
         cfg["scheduler"] = learned.choice(LEARNED_POLICIES)
         cfg["scheduler_config"] = learned_config(learned)
+    caching = random.Random(seed + 4 * 10**6)
+    if caching.random() < CACHING_SHARE:
+        cfg["enable_prefix_caching"] = True
+        prompts, maxes = shared(caching, prompts, maxes, blocks)
     return cfg, prompts, maxes
+
+
+def shared(rng: random.Random, prompts: list[list[int]], maxes: list[int], blocks: int):
+    """The caching seeds' prompts: most behind one of two stems (a few tokens of their own
+    after it, or none), some a copy of an earlier one; each fits the pool."""
+    stems = [[rng.randint(3, 250) for _ in range(8 * rng.randint(1, 3) + rng.choice([0, 1, 1]))] for _ in range(2)]
+    out, ms = [], []
+    for p, m in zip(prompts, maxes):
+        r = rng.random()
+        q = list(rng.choice(out)) if out and r < 0.4 else rng.choice(stems) + p[:rng.choice([0, 0, 2, 5])] if r < 0.85 else p
+        while -(-(len(q) + m) // 8) > blocks - 1 and len(q) + m > 2:
+            q, m = q[:max(1, len(q) // 2)], max(1, m // 2)
+        out.append(q)
+        ms.append(m)
+    return out, ms
 
 
 def templated(rng: random.Random, blocks: int) -> tuple[list[list[int]], list[int]]:
@@ -177,7 +203,9 @@ def check_seed(seed: int, cfg: dict, prompts: list[list[int]], maxes: list[int],
         t.fused_max_bytes = fused_blocks * t._block_share(e.runner.caches)
     rng = random.Random(seed + 10**6)
     asks = random.Random(seed + 3 * 10**6)     # which requests ask for prompt logprobs (PROMPT_SHARE)
-    reqs = [e.add_request(p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True,
+    salts = random.Random(seed + 5 * 10**6)    # and, caching, which share blocks only within a salt
+    salt = (lambda: salts.choice([None, None, "a", "b"])) if e.cfg.enable_prefix_caching else (lambda: None)
+    reqs = [e.add_request(p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True, cache_salt=salt(),
                                             prompt_logprobs=PROMPT_TOP if asks.random() < PROMPT_SHARE else None))
             for p, m in zip(prompts, maxes)]
     aborted: set[str] = set()
@@ -214,7 +242,9 @@ def check_seed(seed: int, cfg: dict, prompts: list[list[int]], maxes: list[int],
             f"{learned_state(e.scheduler) if 'scheduler_config' in cfg else ''}/"
             f"{cfg['swap_policy']}, {cfg['num_device_blocks']}+{cfg['num_host_blocks']} blocks, "
             f"async {e.cfg.async_scheduling}, fused {'all' if fused_blocks is None else f'<= {fused_blocks} blocks'}, "
-            f"prompt logprobs {len(checked)} ({sum(r.num_preemptions > 0 for r in checked)} preempted)")
+            f"prompt logprobs {len(checked)} ({sum(r.num_preemptions > 0 for r in checked)} preempted)"
+            + (f", caching: {e.kv.hits} tokens found, {e.kv.swap_in_shared} blocks by swap-ins"
+               if e.cfg.enable_prefix_caching else ""))
 
 
 def learned_state(sched) -> str:

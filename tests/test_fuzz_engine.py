@@ -55,12 +55,29 @@ def test_templated_seeds_draw_a_learning_policy_and_enough_requests_to_learn_fro
             assert cfg["scheduler"] != "predictive" and len(prompts) <= 9
 
 
+def test_caching_seeds_draw_shared_stems_and_copies_that_fit():
+    """A share of the seeds serve with prefix caching: prompts behind two stems and copies of
+    earlier ones (the second of two copies one token past a block boundary is the case that
+    answered wrong until 444982a), each fitting the pool."""
+    drawn = [fuzz_engine.draw(seed) for seed in range(40)]
+    caching = [(cfg, prompts, maxes) for cfg, prompts, maxes in drawn if cfg.get("enable_prefix_caching")]
+    assert 8 <= len(caching) <= 25
+    copies = boundary = 0
+    for cfg, prompts, maxes in caching:
+        assert all(-(-(len(p) + m) // 8) <= cfg["num_device_blocks"] - 1 or len(p) + m <= 2
+                   for p, m in zip(prompts, maxes))
+        copies += len(prompts) - len({tuple(p) for p in prompts})
+        boundary += sum(len(p) > 1 and (len(p) - 1) % 8 == 0 for p in prompts)
+    assert copies >= 10 and boundary >= 5
+
+
 @pytest.mark.slow
 def test_fuzz_seeds_pass():
     lines = [fuzz_engine.run_seed(seed) for seed in range(13)]     # 2, 5, 11 and 12 serve templated requests
     assert all(" ok: " in line for line in lines)
     assert any(" preempted)" in line and "(0 preempted)" not in line for line in lines), lines
     assert any("(learned" in line for line in lines)
+    assert any("caching: " in line and "caching: 0 tokens" not in line for line in lines)
 
 
 def test_parallel_seeds_draw_every_layout_and_a_model_that_splits_that_way():
