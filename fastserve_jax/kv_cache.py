@@ -158,15 +158,10 @@ class KVManager:
         blocks whose last holder this is)."""
         return self._tables.get(req.request_id, [])
 
-    def cached_prefix(self, req: Request, released: Container[int] = (),
-                      coming: Container[bytes] = ()) -> tuple[int, list[int]]:
-        """Tokens a request without KV would find in the prefix cache now (or, `coming`, once
-        the plan's earlier starts have run), and the blocks of them that requests hold (not in
-        `released`), which it would share (none: no caching)."""
+    def cached_prefix(self, req: Request, released: Container[int] = ()) -> tuple[int, list[int]]:
+        """Tokens a request without KV would find in the prefix cache now, and the blocks of
+        them that requests hold (not in `released`), which it would share (none: no caching)."""
         return 0, []
-
-    def note_coming(self, req: Request, num_tokens: int, coming: set[bytes]) -> None:
-        """Prefix caching: a start's blocks, for `cached_prefix`'s `coming`."""
 
     def swap_in_shares(self, req: Request, released: Container[int] = ()) -> tuple[int, list[int]]:
         """For KV on the host: how many of its blocks a swap-in would find on the device now (prefix

@@ -30,10 +30,11 @@ rest of the plan. Every later step is issued after that one, and the device runs
 order; within the step, the runner puts the decode launch first and the prefill chunks in plan
 order, and a launch writes its K/V before any of its rows reads (models.attention). So a
 request that matches the block, later in the same plan or in a later one, reads it after it is
-written: a burst's requests behind a new prefix that start in one step compute it once, and the
-policies plan them so (Plan.kv_coming: the prefix is out of the later starts' token budget). But a
-1-token chunk runs in the decode launch, before every prefill launch: a request left with 1 token
-and an on-demand swap-in take none of the blocks the step's prefills write (`_written`).
+written: a burst's requests behind a new prefix that start in one step compute it once. But a
+1-token chunk runs in the decode launch, before every prefill launch: a request that would be
+left with 1 token matches one block fewer (its chunk then runs in a prefill launch, after the
+writer's), and an on-demand swap-in takes none of the blocks the step's prefills write
+(`_written`).
 Positions still pending (async scheduling's tokens on the device) never get keys, so a
 finished request's stray row in the next batch writes only to its last, keyless block.
 
@@ -159,32 +160,17 @@ class PrefixCachingKVManager(KVManager):
                 i += 1
         return found
 
-    def cached_prefix(self, req: Request, released: Container[int] = (),
-                      coming: Container[bytes] = ()) -> tuple[int, list[int]]:
+    def cached_prefix(self, req: Request, released: Container[int] = ()) -> tuple[int, list[int]]:
         """What `match_prefix` would give a request without KV now, up to its last token (the
         policies leave it out of the iteration's token budget), and the blocks of it that
         requests hold, less `released` (a start shares them: it needs no free block for them).
-        With `coming` (Plan.kv_coming), the tokens also run on through the blocks that starts
-        earlier in the plan compute: apply_plan registers those before this request matches
-        (a burst behind a new prefix fills the budget with its requests' own tokens). Those
-        blocks are not in the shares: if the earlier chunk ends sooner than planned (a decode
-        takes a token from it), this one finds fewer and computes no more than was counted.
         Takes nothing (the request's keys are made once and kept until it is freed)."""
         limit = (req.num_known_tokens - 1) // self.block_size
         if limit <= 0 or req.sampling.prompt_logprobs is not None:
             return 0, []
         found = self._found(req, 0, limit)
         ref = self._ref
-        i = len(found)
-        while coming and i < limit and self._chain(req, i + 1)[i] in coming:
-            i += 1
-        if i > len(found) and req.num_known_tokens - i * self.block_size == 1:
-            i = len(found)          # a 1-token chunk would read them in the decode launch: match_prefix
-        return i * self.block_size, [b for b in found if ref[b] and b not in released]
-
-    def note_coming(self, req: Request, num_tokens: int, coming: set[bytes]) -> None:
-        """Add to `coming` the keys of the full blocks a start's chunk of `num_tokens` computes."""
-        coming.update(self._chain(req, min(num_tokens, req.num_known_tokens) // self.block_size))
+        return len(found) * self.block_size, [b for b in found if ref[b] and b not in released]
 
     def match_prefix(self, req: Request, num_tokens: int, counted: int = 0) -> int:
         """Let `req`, about to compute `num_tokens` more tokens, take the cached blocks that
@@ -193,9 +179,10 @@ class PrefixCachingKVManager(KVManager):
         prompt). A request with no KV starts from its first block; a prefill that goes on from
         the middle of a block hands that block back for the cached one that holds the same
         tokens and more. Where the chunk left (num_tokens less the tokens taken, or less
-        `counted`, the tokens the policy counted as cached, if more) is 1 token, it takes none
-        of the blocks this plan's step writes (`_written`). Advances num_computed_tokens;
-        returns the tokens taken."""
+        `counted`, the tokens the policy counted as cached, if more) would be 1 token and read
+        blocks this plan's step writes, it takes one block fewer, or, where that still leaves 1
+        token, none of those blocks (`_written`). Advances num_computed_tokens; returns the
+        tokens taken."""
         rid, bs, start = req.request_id, self.block_size, req.num_computed_tokens
         table = self._tables.get(rid)
         if table is None:
@@ -207,8 +194,12 @@ class PrefixCachingKVManager(KVManager):
         if limit <= first or req.sampling.prompt_logprobs is not None:
             return 0
         got = self._found(req, first, limit)
-        if got and num_tokens - max((first + len(got)) * bs - start, counted) == 1:
-            got = self._written(got)
+        if got and num_tokens - max((first + len(got)) * bs - start, counted) == 1 and \
+                any(b in self._unwritten for b in got):
+            # one block fewer leaves a chunk of bs + 1 tokens, which runs in a prefill launch
+            # after the writer's; if the policy counted it as cached, the chunk stays 1 token
+            fewer = (first + len(got) - 1) * bs - start
+            got = got[:-1] if counted <= fewer else self._written(got)
         if not got:
             return 0
         self._share(got)

@@ -75,9 +75,6 @@ class Plan:
     # and blocks that several requests hold -> how many of those holders this plan evicts (the
     # last one's eviction frees the block)
     kv_evicted_holders: dict[int, int] = field(default_factory=dict)
-    # and the keys of the full blocks that starts in this plan compute, which later starts of
-    # it find (KVManager.cached_prefix's `coming`)
-    kv_coming: set[bytes] = field(default_factory=set)
 
     def count_shared(self, blocks) -> list[int]:
         """Mark `blocks` as ones a start counts on sharing, before it evicts for itself (its

@@ -233,7 +233,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
         if budget > 0:               # min(req.num_pending_tokens, budget + cached), without the calls
             n = len(req.prompt_token_ids) + len(req.output_token_ids) + req.pending_tokens - req.num_computed_tokens
             if caching and not holds:
-                cached, shares = kv.cached_prefix(req, plan.kv_released, plan.kv_coming)
+                cached, shares = kv.cached_prefix(req, plan.kv_released)
             if n > budget + cached:
                 n = budget + cached
         else:
@@ -302,8 +302,6 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
         plan.scheduled.append(ScheduledRequest(req, n, cached))
         if shares:
             plan.kv_shared.update(shares)
-        if caching and not holds:
-            kv.note_coming(req, n, plan.kv_coming)
         if not holds and backfill is not None:
             if blocked:
                 backfill[rid] = req

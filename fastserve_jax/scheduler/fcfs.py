@@ -88,8 +88,8 @@ class FCFSScheduler(Scheduler):
             if self.kv.location(req) is KVLocation.SWAPPING_IN:     # its upload lands first
                 break
             holds = self.kv.has_kv(req)           # a start's tokens in the prefix cache are out of the budget
-            cached, shares = (self.kv.cached_prefix(req, plan.kv_released, plan.kv_coming)
-                              if self.kv.caching and not holds else (0, ()))
+            cached, shares = (self.kv.cached_prefix(req, plan.kv_released) if self.kv.caching and not holds
+                              else (0, ()))
             if holds and self.kv.caching and self.kv.location(req) in ON_HOST:   # a swap-in shares too
                 shares = self.kv.swap_in_shares(req, plan.kv_released)[1]
             n = min(req.num_pending_tokens, budget + cached)
@@ -109,8 +109,6 @@ class FCFSScheduler(Scheduler):
             self.waiting.popleft()
             self.running.append(req)
             plan.scheduled.append(ScheduledRequest(req, n, cached))
-            if self.kv.caching and not holds:
-                self.kv.note_coming(req, n, plan.kv_coming)
             budget -= n - cached
             free -= fit
         return plan
