@@ -27,9 +27,10 @@ It checks:
 
 About CACHING_SHARE of the seeds serve with prefix caching (the reference without): prompts
 behind two shared stems of 1-3 blocks, often one token past a block boundary, and copies of
-earlier prompts, some with a `cache_salt`. (Until 2026-12-06 no seed drew it, and a bug of
-that day, the second of two copies one token past a block boundary reading blocks its own step
-had not written yet, was found by a one-off fuzzer; tests/test_prefix_cache.py.)
+earlier prompts, half of the requests with one of two `cache_salt`s. (Until 2026-12-06 no seed
+drew it, and a bug of that day, the second of two copies one token past a block boundary
+reading blocks its own step had not written yet, was found by a one-off fuzzer;
+tests/test_prefix_cache.py.)
 
     python scripts/fuzz_engine.py 0 200           # seeds 0..199; prints one line per seed
     python scripts/fuzz_engine.py 0 200 --jobs 2
@@ -114,7 +115,12 @@ def shared(rng: random.Random, prompts: list[list[int]], maxes: list[int], block
     out, ms = [], []
     for p, m in zip(prompts, maxes):
         r = rng.random()
-        q = list(rng.choice(out)) if out and r < 0.4 else rng.choice(stems) + p[:rng.choice([0, 0, 2, 5])] if r < 0.85 else p
+        if out and r < 0.4:
+            q = list(rng.choice(out))
+        elif r < 0.85:
+            q = rng.choice(stems) + p[:rng.choice([0, 0, 2, 5])]
+        else:
+            q = p
         while -(-(len(q) + m) // 8) > blocks - 1 and len(q) + m > 2:
             q, m = q[:max(1, len(q) // 2)], max(1, m // 2)
         out.append(q)
@@ -204,8 +210,9 @@ def check_seed(seed: int, cfg: dict, prompts: list[list[int]], maxes: list[int],
     rng = random.Random(seed + 10**6)
     asks = random.Random(seed + 3 * 10**6)     # which requests ask for prompt logprobs (PROMPT_SHARE)
     salts = random.Random(seed + 5 * 10**6)    # and, caching, which share blocks only within a salt
-    salt = (lambda: salts.choice([None, None, "a", "b"])) if e.cfg.enable_prefix_caching else (lambda: None)
-    reqs = [e.add_request(p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True, cache_salt=salt(),
+    caching = e.cfg.enable_prefix_caching
+    reqs = [e.add_request(p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True,
+                                            cache_salt=salts.choice([None, None, "a", "b"]) if caching else None,
                                             prompt_logprobs=PROMPT_TOP if asks.random() < PROMPT_SHARE else None))
             for p, m in zip(prompts, maxes)]
     aborted: set[str] = set()

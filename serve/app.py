@@ -168,9 +168,9 @@ class Server:
     def admit(self, count: int) -> None:
         """Room for `count` engine requests, checked right before they are submitted: the state
         is read again, as the server may have begun to drain (or its engine to stop, which made
-        submit() raise: a 500) while the request was being tokenized."""
+        submit() raise: a 500) while the request was being tokenized. (`check_count` came
+        before the tokenizing.)"""
         self.check_serving()
-        self.check_count(count)
         pending, cap = self.engine.num_pending, self.cfg.max_pending
         if pending and self.engine.health.consecutive_faults >= FAULTY_AFTER:
             # A failing engine takes one request (group) at a time: the step it needs is the only
