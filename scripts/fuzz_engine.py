@@ -32,6 +32,13 @@ drew it, and a bug of that day, the second of two copies one token past a block 
 reading blocks its own step had not written yet, was found by a one-off fuzzer;
 tests/test_prefix_cache.py.)
 
+About SAMPLING_SHARE of the seeds (a stream of their own; the other seeds draw as before) serve
+half of their requests as seeded samples at temperature 0.7-1.3, and some with n 2-3 (n copies
+of the prompt added together, seeds seed, seed + 1, ..., as the server and LLM.generate add
+them). A seeded sample draws the same tokens in any batch, so it is compared with the
+reference's the same way; its near-tie is one of the noisy scores the sampler compares
+(logprob / temperature + that step's Gumbel noise, recomputed here; mismatch()).
+
     python scripts/fuzz_engine.py 0 200           # seeds 0..199; prints one line per seed
     python scripts/fuzz_engine.py 0 200 --jobs 2
 
@@ -64,6 +71,7 @@ PROMPT_SHARE = 0.3        # of the requests ask for prompt logprobs (PROMPT_TOP)
 PROMPT_TOP = 2            # reference's within PROMPT_TOL
 PROMPT_TOL = 1e-3
 CACHING_SHARE = 0.4
+SAMPLING_SHARE = 0.35
 BASE = dict(max_model_len=256, block_size=8, warmup=False,
             decode_batch_buckets=(2, 8), prefill_token_buckets=(16, 64), block_buckets=(8, 48))
 _checkpoint: str | None = None
@@ -77,8 +85,8 @@ def checkpoint() -> str:
     return _checkpoint
 
 
-def draw(seed: int) -> tuple[dict, list[list[int]], list[int]]:
-    """(engine options, prompts, max_tokens) for one seed."""
+def draw(seed: int) -> tuple[dict, list[list[int]], list[int], list[tuple[float, int | None]]]:
+    """(engine options, prompts, max_tokens, (temperature, seed) per request) for one seed."""
     rng = random.Random(seed)
     blocks = rng.randint(4, 40)
     cfg = dict(max_num_seqs=rng.choice([2, 4, 8]), max_num_batched_tokens=rng.choice([16, 32, 64]),
@@ -105,7 +113,26 @@ def draw(seed: int) -> tuple[dict, list[list[int]], list[int]]:
     if caching.random() < CACHING_SHARE:
         cfg["enable_prefix_caching"] = True
         prompts, maxes = shared(caching, prompts, maxes, blocks)
-    return cfg, prompts, maxes
+    params = [(0.0, None)] * len(prompts)
+    sampling = random.Random(seed + 6 * 10**6)
+    if sampling.random() < SAMPLING_SHARE:
+        prompts, maxes, params = sampled(sampling, prompts, maxes)
+    return cfg, prompts, maxes, params
+
+
+def sampled(rng: random.Random, prompts: list[list[int]], maxes: list[int]):
+    """The sampling seeds' requests: half of them seeded samples at temperature 0.7-1.3, and
+    some with n 2-3 (the server's and LLM.generate's rule: n requests of the prompt added
+    together, seeds seed, seed + 1, ...)."""
+    out, ms, params = [], [], []
+    for p, m in zip(prompts, maxes):
+        t, s = (rng.choice([0.7, 1.0, 1.3]), rng.randint(0, 2**32 - 1)) if rng.random() < 0.5 else (0.0, None)
+        n = rng.choice([2, 3]) if rng.random() < 0.2 else 1
+        for j in range(n):
+            out.append(p)
+            ms.append(m)
+            params.append((t, None if s is None else (s + j) % 2**32))
+    return out, ms, params
 
 
 def shared(rng: random.Random, prompts: list[list[int]], maxes: list[int], blocks: int):
@@ -159,12 +186,21 @@ def learned_config(rng: random.Random):
                            prompt_neighbors=rng.choice([0, 4, 16]))
 
 
-def reference(prompts, maxes, path: str | None = None):
+def reference(prompts, maxes, params, path: str | None = None):
     from fastserve_jax import LLM, SamplingParams
 
     llm = LLM(path or checkpoint(), num_device_blocks=200, scheduler="fcfs", max_num_seqs=8, max_num_batched_tokens=64, **BASE)
-    return llm.generate(prompts, [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True, logprobs=2,
-                                                 prompt_logprobs=PROMPT_TOP) for m in maxes])
+    return llm.generate(prompts, [SamplingParams(max_tokens=m, temperature=t, seed=s, ignore_eos=True, logprobs=2,
+                                                 prompt_logprobs=PROMPT_TOP) for m, (t, s) in zip(maxes, params)])
+
+
+def gumbel(seed: int, step: int, vocab: int):
+    """The sampler's Gumbel noise for a seeded request's `step`th token (sampling_draw.draw)."""
+    import jax
+    import numpy as np
+
+    key = jax.random.fold_in(jax.random.key(np.uint32(seed)), np.int32(step))
+    return np.asarray(jax.random.gumbel(key, (vocab,), jax.numpy.float32))
 
 
 def prompt_mismatch(got, ref) -> str | None:
@@ -178,13 +214,23 @@ def prompt_mismatch(got, ref) -> str | None:
     return None
 
 
-def mismatch(got: list[int], ref) -> str | None:
-    """None if `got` is the reference's tokens up to a tie (module docstring), else why not."""
+def mismatch(got: list[int], ref, sampled: tuple[float, int, list, int] | None = None) -> str | None:
+    """None if `got` is the reference's tokens up to a tie (module docstring), else why not.
+    A seeded sample (`sampled`: temperature, seed, this run's logprobs, vocabulary size) ties
+    where the two tokens' noisy scores, logprob / temperature + the step's Gumbel noise, are
+    within 2 TIE / temperature (the logprob of this run's token is this run's)."""
     for k, (a, b) in enumerate(zip(got, ref.token_ids)):
         if a != b:
             top = ref.logprobs[k].top
-            if a in top and abs(top[a] - top[b]) <= TIE:
+            if sampled is None and a in top and abs(top[a] - top[b]) <= TIE:
                 return None
+            if sampled is not None:
+                t, s, lps, vocab = sampled
+                g = gumbel(s, k, vocab)
+                gap = abs((lps[k].logprob - ref.logprobs[k].logprob) / t + g[a] - g[b])
+                if gap <= 2 * TIE / t:
+                    return None
+                top = f"{top}, noisy scores {gap:.3g} apart"
             return f"token {k}: {a} against {b} (reference top: {top})"
     return None if len(got) == len(ref.token_ids) else f"{len(got)} tokens against {len(ref.token_ids)}"
 
@@ -194,13 +240,14 @@ def run_seed(seed: int) -> str:
     return check_seed(seed, *draw(seed), checkpoint())
 
 
-def check_seed(seed: int, cfg: dict, prompts: list[list[int]], maxes: list[int], path: str, **engine) -> str:
+def check_seed(seed: int, cfg: dict, prompts: list[list[int]], maxes: list[int], params: list[tuple[float, int | None]],
+               path: str, **engine) -> str:
     """Serve one drawn seed on the model at `path` (`engine`: more engine options, e.g. a mesh)
     and check it against the ample single-device run; returns the summary line."""
     from fastserve_jax import LLM, SamplingParams
     from fastserve_jax.request import RequestStatus
 
-    refs = reference(prompts, maxes, path)
+    refs = reference(prompts, maxes, params, path)
     cfg = dict(cfg)
     fused_blocks = cfg.pop("fused_blocks")
     e = LLM(path, **BASE, **cfg, **engine).engine
@@ -211,10 +258,10 @@ def check_seed(seed: int, cfg: dict, prompts: list[list[int]], maxes: list[int],
     asks = random.Random(seed + 3 * 10**6)     # which requests ask for prompt logprobs (PROMPT_SHARE)
     salts = random.Random(seed + 5 * 10**6)    # and, caching, which share blocks only within a salt
     caching = e.cfg.enable_prefix_caching
-    reqs = [e.add_request(p, SamplingParams(max_tokens=m, temperature=0, ignore_eos=True,
+    reqs = [e.add_request(p, SamplingParams(max_tokens=m, temperature=t, seed=s, ignore_eos=True, logprobs=0 if t else None,
                                             cache_salt=salts.choice([None, None, "a", "b"]) if caching else None,
                                             prompt_logprobs=PROMPT_TOP if asks.random() < PROMPT_SHARE else None))
-            for p, m in zip(prompts, maxes)]
+            for p, m, (t, s) in zip(prompts, maxes, params)]
     aborted: set[str] = set()
     hit_in_flight = 0                          # aborts of a request whose batch was not collected yet
     steps, limit = 0, max(4000, 60 * len(reqs))
@@ -233,8 +280,9 @@ def check_seed(seed: int, cfg: dict, prompts: list[list[int]], maxes: list[int],
         if steps > limit:
             raise RuntimeError(f"seed {seed}: not finished after {limit} steps ({cfg})")
     checked = [r for r in reqs if r.request_id not in aborted and r.prompt_logprobs is not None]
-    for r, ref in zip(reqs, refs):
-        why = None if r.request_id in aborted else mismatch(r.output_token_ids, ref)
+    vocab = e.model_cfg.vocab_size
+    for r, ref, (t, s) in zip(reqs, refs, params):
+        why = None if r.request_id in aborted else mismatch(r.output_token_ids, ref, (t, s, r.logprobs, vocab) if t else None)
         if why is None and r.request_id not in aborted and r.prompt_logprobs is not None:
             why = prompt_mismatch(r.prompt_logprobs, ref)
         if why:
@@ -250,6 +298,7 @@ def check_seed(seed: int, cfg: dict, prompts: list[list[int]], maxes: list[int],
             f"{cfg['swap_policy']}, {cfg['num_device_blocks']}+{cfg['num_host_blocks']} blocks, "
             f"async {e.cfg.async_scheduling}, fused {'all' if fused_blocks is None else f'<= {fused_blocks} blocks'}, "
             f"prompt logprobs {len(checked)} ({sum(r.num_preemptions > 0 for r in checked)} preempted)"
+            + (f", {sum(t > 0 for t, _ in params)} sampled" if any(t for t, _ in params) else "")
             + (f", caching: {e.kv.hits} tokens found, {e.kv.swap_in_shared} blocks by swap-ins"
                if e.cfg.enable_prefix_caching else ""))
 

@@ -1,12 +1,12 @@
 """Fuzz tensor and pipeline parallelism: scripts/fuzz_engine.py's seeds on a mesh.
 
 Each seed draws what fuzz_engine.draw draws (pools, policy, swap policy, copy path, requests,
-aborts, prompt logprobs) and, from its own stream, a layout: tp in {1, 2} and pp in {1, 2} (on
-4 virtual CPU devices), a model whose head counts allow it (MODELS: GQA split on KV heads, one
+aborts, prompt logprobs, seeded samples, n) and, from its own stream, a layout: tp in {1, 2}
+and pp in {1, 2} (on 4 virtual CPU devices), a model whose head counts allow it (MODELS: GQA split on KV heads, one
 KV head kept on both devices, a device holding parts of several GQA groups, a vocabulary tp
 does not divide, tied embeddings, OPT's biases and learned positions), and with pp > 1 a
 batches_in_flight of 0 (= pp), 1 or 3; at pp 1 some seeds keep 2 or 3 batches in flight
-without pipelining (async scheduling, where drawn, with 2). The engine's greedy tokens and prompt logprobs are
+without pipelining (async scheduling, where drawn, with 2). The engine's tokens and prompt logprobs are
 compared with the same single-device ample-memory run of the same model as fuzz_engine's, up to
 its near-tie rule, and the KV ledger, the step limit and the empty pools and flights are checked
 the same way.
@@ -71,7 +71,7 @@ def draw_layout(seed: int) -> tuple[str, dict]:
 def run_seed(seed: int) -> str:
     from fastserve_jax import LLM
 
-    cfg, prompts, maxes = fuzz_engine.draw(seed)
+    cfg, prompts, maxes, params = fuzz_engine.draw(seed)
     name, opts = draw_layout(seed)
     path = model_path(name)
     cfg = dict(cfg)
@@ -84,7 +84,7 @@ def run_seed(seed: int) -> str:
         else:
             raise RuntimeError(f"seed {seed}: async scheduling with {opts} was not refused")
         cfg["async_scheduling"] = None
-    line = fuzz_engine.check_seed(seed, cfg, prompts, maxes, path, **opts)
+    line = fuzz_engine.check_seed(seed, cfg, prompts, maxes, params, path, **opts)
     bif = f", batches_in_flight {opts['batches_in_flight']}" if "batches_in_flight" in opts else ""
     return f"{line}; {name} tp={opts['tensor_parallel_size']} pp={opts['pipeline_parallel_size']}{bif}"
 

@@ -43,16 +43,16 @@ def test_templated_seeds_draw_a_learning_policy_and_enough_requests_to_learn_fro
     from fastserve_jax.scheduler.prompt_lengths import MIN_ROWS
 
     drawn = [fuzz_engine.draw(seed) for seed in range(40)]
-    learned = [(cfg, prompts, maxes) for cfg, prompts, maxes in drawn if "scheduler_config" in cfg]
+    learned = [(cfg, prompts, maxes) for cfg, prompts, maxes, _ in drawn if "scheduler_config" in cfg]
     assert 5 <= len(learned) <= 25
     for cfg, prompts, maxes in learned:
         assert cfg["scheduler"] in fuzz_engine.LEARNED_POLICIES
         assert cfg["scheduler_config"].gittins_min_samples <= 12 and len(prompts) > MIN_ROWS
         assert all(-(-(len(p) + m) // 8) <= cfg["num_device_blocks"] - 1 or len(p) + m <= 2
                    for p, m in zip(prompts, maxes))
-    for cfg, prompts, maxes in drawn:
+    for cfg, prompts, maxes, _ in drawn:
         if "scheduler_config" not in cfg:
-            assert cfg["scheduler"] != "predictive" and len(prompts) <= 9
+            assert cfg["scheduler"] != "predictive" and len(prompts) <= 9 * 3      # n <= 3
 
 
 def test_caching_seeds_draw_shared_stems_and_copies_that_fit():
@@ -60,7 +60,7 @@ def test_caching_seeds_draw_shared_stems_and_copies_that_fit():
     earlier ones (the second of two copies one token past a block boundary is the case that
     answered wrong until 444982a), each fitting the pool."""
     drawn = [fuzz_engine.draw(seed) for seed in range(40)]
-    caching = [(cfg, prompts, maxes) for cfg, prompts, maxes in drawn if cfg.get("enable_prefix_caching")]
+    caching = [(cfg, prompts, maxes) for cfg, prompts, maxes, _ in drawn if cfg.get("enable_prefix_caching")]
     assert 8 <= len(caching) <= 25
     copies = boundary = 0
     for cfg, prompts, maxes in caching:
@@ -71,6 +71,38 @@ def test_caching_seeds_draw_shared_stems_and_copies_that_fit():
     assert copies >= 10 and boundary >= 5
 
 
+def test_a_seeded_sample_passes_only_where_its_noisy_scores_tie():
+    """Where a seeded sample's token differs from the reference's, the two tokens' scores
+    logprob / temperature + the step's Gumbel noise must be within 2 TIE / temperature: this
+    run's token's logprob is this run's, the reference's the reference's."""
+    t, seed, vocab = 0.7, 12345, 256
+    g = fuzz_engine.gumbel(seed, 1, vocab)
+    lp = lambda tok, v: SimpleNamespace(token_id=tok, logprob=v, top={})
+    ref = SimpleNamespace(token_ids=[5, 7, 9], logprobs=[lp(5, -1.0), lp(7, -2.0), lp(9, -1.5)])
+    tie = -2.0 + t * (g[7] - g[8])                       # token 8's noisy score equals token 7's
+    assert fuzz_engine.mismatch([5, 8, 1], ref, (t, seed, [lp(5, -1.0), lp(8, tie + 1e-5)], vocab)) is None
+    assert "token 1" in fuzz_engine.mismatch([5, 8, 9], ref, (t, seed, [lp(5, -1.0), lp(8, tie + 0.05)], vocab))
+    assert "token 1" in fuzz_engine.mismatch([5, 8, 9], ref, (t, seed + 1, [lp(5, -1.0), lp(8, tie)], vocab))
+    assert fuzz_engine.mismatch([5, 7, 9], ref, (t, seed, [], vocab)) is None
+
+
+def test_sampling_seeds_draw_seeded_samples_and_n_copies_added_together():
+    """A share of the seeds serve seeded samples (temperature 0.7-1.3) and requests with n 2-3:
+    n copies of the prompt in a row, seeds seed, seed + 1, ...; the other seeds stay greedy."""
+    drawn = [fuzz_engine.draw(seed) for seed in range(60)]
+    sampling = [d for d in drawn if any(t for t, _ in d[3])]
+    assert 10 <= len(sampling) <= 35
+    groups = 0
+    for cfg, prompts, maxes, params in drawn:
+        assert len(params) == len(prompts) == len(maxes)
+        assert all((t == 0) == (s is None) and (t == 0 or 0.7 <= t <= 1.3) for t, s in params)
+        for i in range(1, len(prompts)):
+            if params[i][1] is not None and params[i][1] == (params[i - 1][1] or 0) + 1:
+                assert prompts[i] == prompts[i - 1] and maxes[i] == maxes[i - 1]
+                groups += 1
+    assert groups >= 5
+
+
 @pytest.mark.slow
 def test_fuzz_seeds_pass():
     lines = [fuzz_engine.run_seed(seed) for seed in range(13)]     # 2, 5, 11 and 12 serve templated requests
@@ -78,6 +110,7 @@ def test_fuzz_seeds_pass():
     assert any(" preempted)" in line and "(0 preempted)" not in line for line in lines), lines
     assert any("(learned" in line for line in lines)
     assert any("caching: " in line and "caching: 0 tokens" not in line for line in lines)
+    assert any("sampled" in line for line in lines)
 
 
 def test_parallel_seeds_draw_every_layout_and_a_model_that_splits_that_way():
