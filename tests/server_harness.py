@@ -67,6 +67,8 @@ def wait_healthy(url: str, timeout: float) -> None:
             status, _, body = asyncio.run(bench_client.request(url, "GET", "/health"))
             if status == 200:
                 return
+            if b"failed to start" in body:       # it will not come up: say why now, not after `timeout`
+                raise RuntimeError(f"{url}/health: {body!r}")
             last = body
         except OSError as e:
             last = e
