@@ -115,6 +115,7 @@ class IncrementalDetokenizer:
         self.prefix = 0
         self.read = len(self.ids)
         self.stop = stop
+        self.matched: str | None = None       # the stop string that hit (vLLM's stop_reason)
         self.include_stop = include_stop
         # added token id -> its text, where one right after another is written without a space
         self._added: dict[int, str] | None = None
@@ -178,5 +179,6 @@ class IncrementalDetokenizer:
                     if (i := text.find(s, max(0, len(text_so_far) - len(s) + 1))) >= 0]
             if hits:
                 at, n = min(hits)
+                self.matched = self.stop[n]
                 return text[:at + len(self.stop[n]) if self.include_stop else at], True
         return text, False

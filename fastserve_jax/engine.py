@@ -25,7 +25,7 @@ from fastserve_jax.detokenizer import IncrementalDetokenizer, decoder
 from fastserve_jax.kv_cache import kv_block_bytes
 from fastserve_jax.kv_plan import Copies, apply_plan
 from fastserve_jax.prefix_cache import kv_manager
-from fastserve_jax.request import Request, RequestOutput, RequestStatus, TokenLogprobs
+from fastserve_jax.request import Request, RequestStatus, TokenLogprobs, output_of, stop_reason
 from fastserve_jax.runner import ModelRunner
 from fastserve_jax.runner.compiler import resolve_warmup
 from fastserve_jax.scheduler import POLICIES, Limits, make_scheduler
@@ -380,9 +380,10 @@ class LLMEngine:
             self._finish(req, reason, now)
 
     def _finish(self, req: Request, reason: str, now: float) -> None:
-        # the text the detokenizer held back (an output that ends inside a character), stop strings cut
-        req.output_text, hit = self._detok.pop(req.request_id).flush(req.output_text, reason != "abort")
+        detok = self._detok.pop(req.request_id)    # the text it held back (an output ending inside a character)
+        req.output_text, hit = detok.flush(req.output_text, reason != "abort")
         req.status, req.finish_reason = RequestStatus.FINISHED, "stop" if hit else reason
+        req.stop_reason = stop_reason(req, detok.matched)
         req.metrics.finish_time = now
         self.scheduler.remove(req)
         if self.predictor is not None:
@@ -392,9 +393,4 @@ class LLMEngine:
         self.swap.forget(req)
         del self._requests[req.request_id]
 
-    @staticmethod
-    def output_of(req: Request) -> RequestOutput:
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.output_text,
-                             list(req.output_token_ids), req.finish_reason, req.metrics,
-                             list(req.logprobs) if req.logprobs is not None else None, [],
-                             None if req.prompt_logprobs is None else list(req.prompt_logprobs), req.num_cached_tokens)
+    output_of = staticmethod(output_of)

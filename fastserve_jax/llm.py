@@ -14,8 +14,8 @@ from fastserve_jax.chat_template import ChatOptions, conversations, render_chat
 from fastserve_jax.config import EngineConfig
 from fastserve_jax.sampling_params import SamplingParams
 from fastserve_jax.cost_profile import refine_profile
-from fastserve_jax.engine import LLMEngine, RequestOutput
-from fastserve_jax.request import CompletionOutput, Request
+from fastserve_jax.engine import LLMEngine
+from fastserve_jax.request import CompletionOutput, Request, RequestOutput
 from fastserve_jax.runner.compile_guard import compile_stats
 from fastserve_jax.runner.compiler import resolve_warmup
 from fastserve_jax.runner.persistent_cache import enable_compilation_cache
@@ -130,7 +130,7 @@ class LLM:
         out = []
         for g in groups:
             first, *rest = [self.engine.output_of(r) for r in g]
-            first.outputs += [CompletionOutput(j, o.text, o.token_ids, o.finish_reason, o.logprobs)
+            first.outputs += [CompletionOutput(j, o.text, o.token_ids, o.finish_reason, o.logprobs, o.stop_reason)
                               for j, o in enumerate(rest, 1)]
             out.append(first)
         return out

@@ -66,6 +66,7 @@ class Request:
     num_cached_tokens: int = 0             # prompt tokens its first prefill took from the prefix cache
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None       # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None   # stop_reason()
     output_text: str = ""
     logprobs: list[TokenLogprobs] | None = None
     # SamplingParams.prompt_logprobs: entry i is prompt token i's (entry 0 None), filled as the
@@ -174,6 +175,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[TokenLogprobs] | None = None
+    stop_reason: int | str | None = None       # stop_reason()
 
 
 @dataclass
@@ -196,11 +198,34 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_cached_tokens: int = 0
+    stop_reason: int | str | None = None
 
     def __post_init__(self) -> None:
         if not self.outputs:
-            self.outputs = [CompletionOutput(0, self.text, self.token_ids, self.finish_reason, self.logprobs)]
+            self.outputs = [CompletionOutput(0, self.text, self.token_ids, self.finish_reason, self.logprobs,
+                                             self.stop_reason)]
 
     @property
     def finished(self) -> bool:
         return all(o.finish_reason is not None for o in self.outputs)
+
+
+def stop_reason(req: Request, matched: str | None) -> int | str | None:
+    """vLLM's stop_reason of a finished request: the stop string that ended it (`matched`), or
+    the token of its `stop_token_ids` that did; None where it ended at an EOS token, at its
+    length or by an abort."""
+    if req.finish_reason != "stop":
+        return None
+    if matched is not None:
+        return matched
+    token = req.output_token_ids[-1]
+    return None if token in req.eos_token_ids else token
+
+
+def output_of(req: Request) -> RequestOutput:
+    """The request's output so far (LLMEngine.output_of)."""
+    return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.output_text,
+                         list(req.output_token_ids), req.finish_reason, req.metrics,
+                         list(req.logprobs) if req.logprobs is not None else None, [],
+                         None if req.prompt_logprobs is None else list(req.prompt_logprobs), req.num_cached_tokens,
+                         req.stop_reason)

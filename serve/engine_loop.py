@@ -62,6 +62,7 @@ class Delta:
     token_ids: list[int]
     logprobs: list[TokenLogprobs] | None
     finish_reason: str | None = None     # "stop" | "length" | "abort" on the last delta
+    stop_reason: int | str | None = None   # on the last delta: the stop string or token that ended it (vLLM's)
     prompt_tokens: int = 0
     completion_tokens: int = 0           # generated so far
     cached_tokens: int = 0               # prompt tokens found in the prefix cache (Request.num_cached_tokens)
@@ -130,7 +131,7 @@ class _Tracked:
         end = len(text) if req.finished else max(self.sent_text, len(text) - self.hold)
         new_ids = req.output_token_ids[self.sent_tokens:]
         lps = req.logprobs[self.sent_tokens:] if req.logprobs is not None else None
-        d = Delta(text[self.sent_text:end], new_ids, lps, req.finish_reason, req.num_prompt_tokens,
+        d = Delta(text[self.sent_text:end], new_ids, lps, req.finish_reason, req.stop_reason, req.num_prompt_tokens,
                   len(req.output_token_ids), req.num_cached_tokens)
         if self.sent_tokens == 0 and new_ids:
             d.ttft = req.metrics.ttft

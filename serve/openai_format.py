@@ -44,6 +44,7 @@ class Choice:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -53,6 +54,7 @@ class Choice:
         self.logprobs += d.logprobs or []
         self.prompt_logprobs = d.prompt_logprobs or self.prompt_logprobs
         self.finish_reason = d.finish_reason or self.finish_reason
+        self.stop_reason = d.stop_reason if d.final else self.stop_reason
         self.prompt_tokens = d.prompt_tokens or self.prompt_tokens
         self.completion_tokens = d.completion_tokens
         self.cached_tokens = d.cached_tokens or self.cached_tokens
@@ -128,7 +130,7 @@ class Formatter:
         if not self.prompt_only or d.error is not None or d.finish_reason == "abort":
             return d
         return replace(d, text="", token_ids=[], logprobs=None, completion_tokens=0,
-                       finish_reason=d.finish_reason and "length")
+                       finish_reason=d.finish_reason and "length", stop_reason=None)
 
     def _token(self, tid: int) -> str:
         return self.tokenizer.decode([tid])
@@ -200,7 +202,7 @@ class Formatter:
         out = []
         for i, c in enumerate(choices):
             ch = {"index": i, "logprobs": self._logprobs(i, c.logprobs, c.prompt_logprobs),
-                  "finish_reason": c.finish_reason}
+                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
             if self.chat:
                 ch["message"] = {"role": self.role, "content": self.chat_echo + c.text}
             else:
@@ -246,6 +248,8 @@ class Formatter:
             ch = {"index": index, "text": self._text(index, d.text)}
         ch["logprobs"] = None if d is None else self._logprobs(index, d.logprobs, d.prompt_logprobs)
         ch["finish_reason"] = None if d is None else d.finish_reason
+        if d is not None and d.finish_reason is not None:
+            ch["stop_reason"] = d.stop_reason
         body["choices"] = [ch]
         if self._usage_prompt_tokens is not None:     # vLLM's continuous_usage_stats
             body["usage"] = usage(self._usage_prompt_tokens[index], 0 if d is None else d.completion_tokens)
@@ -271,7 +275,8 @@ class Formatter:
             body = f'"delta":{{"content":{json.dumps(d.text)}}}' if d.text else '"delta":{}'
         else:
             body = f'"text":{json.dumps(self._text(index, d.text))}'
-        reason = "null" if d.finish_reason is None else json.dumps(d.finish_reason)
+        reason = ("null" if d.finish_reason is None      # the last chunk: with vLLM's stop_reason
+                  else f'{json.dumps(d.finish_reason)},"stop_reason":{json.dumps(d.stop_reason)}')
         return f'{self._chunk_head}{index},{body},"logprobs":null,"finish_reason":{reason}}}]}}\n\n'
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached: list[int]) -> dict:

@@ -38,10 +38,13 @@ def test_held_out_counting_through_generate(demo_llm):
 
 def test_stop_strings_and_max_tokens(demo_llm):
     p = demo_task.make_prompt(5, 40)
-    out = demo_llm.generate(p, SamplingParams(max_tokens=100, temperature=0, stop=[" 12"]))[0]
+    out = demo_llm.generate(p, SamplingParams(max_tokens=100, temperature=0, stop=[" 12"], n=2))[0]
     assert out.text == " 5 6 7 8 9 10 11" and out.finish_reason == "stop"
+    assert out.stop_reason == " 12" and [o.stop_reason for o in out.outputs] == [" 12", " 12"]    # vLLM's
     out = demo_llm.generate(p, SamplingParams(max_tokens=3, temperature=0))[0]
-    assert out.text == " 5 6 7" and out.finish_reason == "length"
+    assert out.text == " 5 6 7" and out.finish_reason == "length" and out.stop_reason is None
+    whole = demo_llm.generate(p, SamplingParams(max_tokens=100, temperature=0))[0].outputs[0]
+    assert whole.finish_reason == "stop" and whole.stop_reason is None       # at EOS
     eos = demo_llm.generate(demo_task.make_prompt(1, 2), SamplingParams(max_tokens=6, temperature=0,
                                                                           ignore_eos=True))[0]
     assert eos.text.startswith(" 1 2") and len(eos.token_ids) == 6 and eos.finish_reason == "length"

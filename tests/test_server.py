@@ -163,10 +163,10 @@ def test_completions_non_streaming(live, client):
     tokens = live.state.engine.engine.tokenizer.encode(demo_task.make_prompt(5, 40))
     ids = client.completions.create(model="demo", prompt=tokens, max_tokens=3, temperature=0)
     assert ids.usage.prompt_tokens == len(tokens) and ids.choices[0].finish_reason == "length"
-    assert ids.choices[0].text == " 5 6 7"
+    assert ids.choices[0].text == " 5 6 7" and ids.choices[0].stop_reason is None
 
 
-def test_completions_streaming_with_usage_and_stop(client):
+def test_completions_streaming_with_usage_and_stop(live, client):
     chunks = list(client.completions.create(model="demo", prompt=demo_task.make_prompt(40, 90), max_tokens=60,
                                             temperature=0, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -177,7 +177,15 @@ def test_completions_streaming_with_usage_and_stop(client):
     stopped = list(client.completions.create(model="demo", prompt=demo_task.make_prompt(5, 40), max_tokens=50,
                                              temperature=0, stream=True, stop=["0 1"]))
     assert "".join(c.choices[0].text for c in stopped) == " 5 6 7 8 9 1"
-    assert stopped[-1].choices[0].finish_reason == "stop"
+    assert stopped[-1].choices[0].finish_reason == "stop" and stopped[-1].choices[0].stop_reason == "0 1"
+    assert all(not hasattr(c.choices[0], "stop_reason") for c in stopped[:-1])     # on the last chunk only
+    # vLLM's stop_reason: the stop string, the stop_token_ids token, None at EOS
+    [seven] = live.state.engine.engine.tokenizer.encode(" 7", add_special_tokens=False)
+    by_token = client.completions.create(model="demo", prompt=demo_task.make_prompt(5, 40), max_tokens=50,
+                                         temperature=0, stop=["zz"], extra_body={"stop_token_ids": [seven]})
+    assert by_token.choices[0].text == " 5 6" and by_token.choices[0].stop_reason == seven
+    whole = client.completions.create(model="demo", prompt=demo_task.make_prompt(5, 40), max_tokens=50, temperature=0)
+    assert whole.choices[0].finish_reason == "stop" and whole.choices[0].stop_reason is None
 
 
 def test_chat_streaming_and_not(client):

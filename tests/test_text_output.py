@@ -276,3 +276,4 @@ def test_include_stop_str_in_output_writes_the_stop_tokens_text(demo, skip):
             for t in ids + [stop]:
                 eng._append(req, t, None, 0.0)
             assert req.finish_reason == "stop" and req.output_text == " 3 4" + (end if include else "")
+            assert req.stop_reason == (None if stop == demo.eos_token_id else seven)    # vLLM's: None at EOS
