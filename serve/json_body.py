@@ -66,6 +66,8 @@ def int_field(body: dict, name: str, default, lo: int | None = None, hi: int | N
     v = body.get(name)
     if v is None:
         return default
+    if isinstance(v, float) and v.is_integer():      # 5.0 is 5, as vLLM's (pydantic's lax) parsing takes it
+        v = int(v)
     if not isinstance(v, int) or isinstance(v, bool):
         raise bad_request(f"'{name}' must be an integer, got {typename(v)} {v!r}", name)
     if (lo is not None and v < lo) or (hi is not None and v > hi):

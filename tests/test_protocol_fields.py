@@ -148,6 +148,17 @@ REJECTED_CHAT = [
 ]
 
 
+def test_integral_floats_are_integers_as_vllm_parses_them():
+    """`max_tokens: 5.0` (what a client's arithmetic sends) is 5, as pydantic's lax mode gives
+    vLLM; a fraction, a string or a bool is still a 400 naming the field."""
+    job = parse_completion({"prompt": "x", "max_tokens": 5.0, "n": 2.0, "seed": -3.0, "logprobs": 1.0})
+    assert (job.max_tokens, job.n, job.seed, job.logprobs) == (5, 2, -3, 1) and type(job.max_tokens) is int
+    assert parse_completion({"prompt": "x", "max_tokens": 5.0}) == parse_completion({"prompt": "x", "max_tokens": 5})
+    for bad in (5.5, "5", True, float("inf")):
+        with pytest.raises(APIError, match="max_tokens"):
+            parse_completion({"prompt": "x", "max_tokens": bad})
+
+
 def test_a_turn_sent_back_as_openais_sdk_dumps_it_is_accepted():
     """`messages.append(resp.choices[0].message.model_dump())` sends the answer back with its null
     refusal, annotations, audio, function_call and tool_calls; a tool result names its call."""
