@@ -41,7 +41,8 @@ logprobs cover its prompt tokens, then the generated ones (serve/openai_format.p
 `echo`, `max_tokens` may be 0 (vLLM's): the answer is the prompt alone (Job.prompt_only).
 
 vLLM's prompt and request fields (truncate_prompt_tokens, add_special_tokens, prompt_logprobs,
-request_id, bad_words) and OpenAI's ignored store, metadata and service_tier: serve/protocol_extras.py.
+request_id, bad_words) and OpenAI's ignored store, metadata, service_tier and hints:
+serve/protocol_extras.py.
 
 Accepted only at the value that asks for nothing (what clients such as vLLM's benchmark
 send by default), rejected otherwise with a 400 naming the field and what is accepted:
@@ -123,7 +124,7 @@ class Job:
     bad_words: tuple[str, ...] | None = None    # SamplingParams.bad_words
     allowed_token_ids: tuple[int, ...] | None = None   # SamplingParams.allowed_token_ids
     cache_salt: str | None = None               # SamplingParams.cache_salt
-    ignored: tuple[str, ...] = ()               # fields accepted and ignored (store, metadata, service_tier)
+    ignored: tuple[str, ...] = ()               # fields accepted and ignored (protocol_extras.IGNORED)
 
 
 def _stop(body: dict) -> list[str]:

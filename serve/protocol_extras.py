@@ -20,8 +20,11 @@ serve/protocol.py into the Job):
 - `cache_salt` (a non-empty string): SamplingParams.cache_salt, the request shares prefix-cache
   blocks only with requests of the same salt (accepted, and of no effect, without
   --enable-prefix-caching);
-- OpenAI's `store`, `metadata` and `service_tier`: type-checked and ignored (vLLM ignores them,
-  with a warning in its log, as we do).
+- OpenAI's `store`, `metadata` and `service_tier`, and its hints `prompt_cache_key` (a string
+  that groups requests for cache hits), `safety_identifier` (a string naming the end user)
+  and `prediction` (predicted output, {"type": "content", "content": a string or text parts},
+  which may speed a response up but never changes it): type-checked and ignored (vLLM ignores
+  them, with a warning in its log, as we do).
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from fastserve_jax.sampling_params import BIAS_SLOTS
 from fastserve_jax.serve.errors import bad_request
 from fastserve_jax.serve.json_body import bool_field, int_field, str_field, typename
 
-FIELDS = frozenset({"truncate_prompt_tokens", "add_special_tokens", "prompt_logprobs", "request_id", "store",
-                    "metadata", "service_tier", "bad_words", "allowed_token_ids", "cache_salt"})
-IGNORED = ("store", "metadata", "service_tier")
+IGNORED = ("store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "prediction")
+FIELDS = frozenset({"truncate_prompt_tokens", "add_special_tokens", "prompt_logprobs", "request_id", "bad_words",
+                    "allowed_token_ids", "cache_salt", *IGNORED})
+PREDICTION_SHAPE = '{"type": "content", "content": a string or text parts}'
 MAX_REQUEST_ID = 256      # characters; it is written into every response and log line
 
 
@@ -65,6 +69,9 @@ def parse_extras(body: dict, stream: bool, max_logprobs: int) -> dict:
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise bad_request(f"'metadata' must be an object of strings, got {typename(metadata)}", "metadata")
     str_field(body, "service_tier")
+    str_field(body, "prompt_cache_key")
+    str_field(body, "safety_identifier")
+    _prediction(body.get("prediction"))
     salt = str_field(body, "cache_salt")
     if salt == "":
         raise bad_request("'cache_salt' must be a non-empty string if given", "cache_salt")
@@ -111,3 +118,16 @@ def _bad_words(body: dict) -> tuple[str, ...] | None:
     if not all(w.strip() for w in words):
         raise bad_request("'bad_words' entries must hold a character other than whitespace", "bad_words")
     return tuple(words) or None
+
+
+def _prediction(p) -> None:
+    """OpenAI's predicted output: null or {"type": "content", "content": a string or an array
+    of text parts}; a 400 naming `prediction` otherwise."""
+    if p is None:
+        return
+    content = p.get("content") if isinstance(p, dict) else None
+    parts_ok = isinstance(content, list) and all(isinstance(x, dict) and x.get("type") == "text"
+                                                 and isinstance(x.get("text"), str) for x in content)
+    if not (isinstance(p, dict) and p.get("type") == "content" and set(p) <= {"type", "content"}
+            and (isinstance(content, str) or parts_ok)):
+        raise bad_request(f"'prediction' must be {PREDICTION_SHAPE}, got {typename(p)}", "prediction")

@@ -60,13 +60,14 @@ def test_vllm_benchmark_payloads_and_default_valued_fields_parse():
     assert job.chat_options.template_kwargs == {"enable_thinking": False}
     assert (job.skip_special_tokens, job.spaces_between_special_tokens, job.include_stop_str_in_output) == \
         (False, False, True)
-    # vLLM's prompt and request fields and OpenAI's store, metadata and service_tier, on both endpoints
+    # vLLM's prompt and request fields and OpenAI's store, metadata, service_tier and hints, on both endpoints
     extras = {"truncate_prompt_tokens": -1, "add_special_tokens": False, "prompt_logprobs": 0, "request_id": "r-1",
-              "store": False, "metadata": {"k": "v"}, "service_tier": "auto", "stream": True}
+              "store": False, "metadata": {"k": "v"}, "service_tier": "auto", "stream": True, "prompt_cache_key": "k",
+              "safety_identifier": "u-1", "prediction": {"type": "content", "content": [{"type": "text", "text": "a"}]}}
     for job in (parse_completion(dict(extras, prompt="x")), parse_chat(dict(extras, messages=USER, echo=True))):
         assert (job.truncate_prompt_tokens, job.add_special_tokens, job.prompt_logprobs, job.request_id) == \
             (-1, False, 0, "r-1")
-        assert job.ignored == ("store", "metadata", "service_tier")
+        assert job.ignored == ("store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "prediction")
     assert job.echo and parse_completion({"prompt": "x"}).add_special_tokens is None
     assert parse_chat({"messages": USER, "bad_words": [" 7", "7 8"]}).bad_words == (" 7", "7 8")
     assert parse_completion({"prompt": "x", "bad_words": []}) == parse_completion({"prompt": "x", "bad_words": None})
@@ -112,6 +113,10 @@ REJECTED = [
     ({"request_id": ""}, "request_id", "1 to 256 printable characters"),
     ({"store": "yes"}, "store", "true or false"),
     ({"metadata": {"k": 1}}, "metadata", "an object of strings"),
+    ({"prompt_cache_key": 3}, "prompt_cache_key", "must be a string"),
+    ({"prediction": {"type": "content"}}, "prediction", '{"type": "content", "content"'),
+    ({"prediction": {"type": "content", "content": [{"type": "image_url"}]}}, "prediction", "text parts"),
+    ({"prediction": "abc"}, "prediction", "got string"),
     ({"service_tier": 1}, "service_tier", "must be a string"),
     ({"allowed_token_ids": []}, "allowed_token_ids", "must be a non-empty array of token ids"),
     ({"allowed_token_ids": [1, "2"]}, "allowed_token_ids", "must be a non-empty array of token ids"),
