@@ -86,22 +86,73 @@ def render_chat(tokenizer, messages: list[dict], options: ChatOptions = ChatOpti
     return text, tokenizer.encode(text, add_special_tokens=add)
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")
+# Beside role, content and name: an answer as OpenAI's SDK dumps it (`message.model_dump()`, sent
+# back in the next turn) has these, null where nothing was called, refused or heard; a tool
+# result names its call.
+_MESSAGE_KEYS = {"assistant": ("role", "content", "name", "tool_calls", "function_call", "refusal", "audio",
+                               "annotations"),
+                 "tool": ("role", "content", "name", "tool_call_id")}
+_NOT_HERE = {"tool_calls": "tool calling", "function_call": "tool calling", "audio": "audio output",
+             "annotations": "annotations"}
+
+
+def check_messages(v: Any) -> list[dict]:
+    """One conversation as the template renders it, checked as the server's `messages` (a
+    ValueError naming the message): roles of ROLES, an array of text parts joined with newlines
+    (as vLLM joins them), an assistant's null content read as "", the fields the OpenAI SDK
+    dumps into an answer null or empty and left out (`refusal` a string or null)."""
+    if not isinstance(v, (list, tuple)) or not v:
+        raise ValueError("'messages' must be a non-empty array of {\"role\", \"content\"} objects")
+    out = []
+    for i, m in enumerate(v):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ValueError(f"messages[{i}] must be an object with 'role' one of {list(ROLES)}")
+        keys = _MESSAGE_KEYS.get(m["role"], ("role", "content", "name"))
+        extra = sorted(set(m) - set(keys))
+        if extra:
+            raise ValueError(f"messages[{i}] has unsupported field(s) {extra}; use {list(keys)}")
+        for k, what in _NOT_HERE.items():
+            if m.get(k) not in (None, []):
+                raise ValueError(f"messages[{i}].{k} must be null or []: fastserve-jax has no {what}")
+        if not isinstance(m.get("refusal", ""), (str, type(None))):        # a string, left out of the prompt
+            raise ValueError(f"messages[{i}].refusal must be a string or null")
+        content = m.get("content")
+        if content is None and m["role"] == "assistant":   # an assistant turn that only called tools (none here)
+            content = ""
+        if isinstance(content, list):   # content parts: only text is supported
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ValueError(f"messages[{i}].content parts must be {{\"type\": \"text\", \"text\": ...}}; "
+                                 "only text parts are accepted")
+            content = "\n".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string or an array of text parts")
+        msg = {"role": m["role"], "content": content}
+        for k in ("name", "tool_call_id"):       # a tool result's id: chat templates may write it
+            if m.get(k) is not None:
+                if not isinstance(m[k], str):
+                    raise ValueError(f"messages[{i}].{k} must be a string, got {type(m[k]).__name__}")
+                msg[k] = m[k]
+        out.append(msg)
+    return out
+
+
 def conversations(messages) -> list[list[dict]]:
-    """`LLM.chat`'s first argument as a list of conversations: one conversation (a list of
-    {"role", "content", ...} dicts) or a list of them."""
+    """`LLM.chat`'s first argument as a list of conversations, each checked as the server checks
+    its `messages` (check_messages): one conversation (a list of {"role", "content", ...} dicts)
+    or a list of them."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts (one conversation) "
                          f"or a list of such lists, got {messages!r:.80}")
     many = not isinstance(messages[0], dict)
-    convs = list(messages) if many else [messages]
-    for i, conv in enumerate(convs):
-        where = f"conversation {i}: " if many else ""
-        if not isinstance(conv, (list, tuple)) or not conv:
-            raise ValueError(f"conversation {i}: must be a non-empty list of {{'role', 'content'}} dicts")
-        for j, m in enumerate(conv):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise ValueError(f"{where}message {j} must be a dict with a 'role' string, got {m!r:.80}")
-    return [list(c) for c in convs]
+    out = []
+    for i, conv in enumerate(list(messages) if many else [messages]):
+        try:
+            out.append(check_messages(conv))
+        except ValueError as e:
+            raise ValueError(f"conversation {i}: {e}" if many else str(e)) from None
+    return out
 
 
 def load_chat_template(value: str | None) -> str | None:

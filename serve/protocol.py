@@ -60,7 +60,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fastserve_jax.chat_template import ChatOptions, ChatTemplateError
+from fastserve_jax.chat_template import ChatOptions, ChatTemplateError, check_messages
 from fastserve_jax.config import MAX_LOGPROBS
 from fastserve_jax.sampling_params import MAX_LOGIT_BIAS
 
@@ -313,51 +313,12 @@ def parse_completion(body: dict, max_logprobs: int = MAX_LOGPROBS) -> Job:
                    prompt_only=max_tokens == 0)
 
 
-_ROLES = ("system", "developer", "user", "assistant", "tool")
-# Beside role, content and name: an answer as OpenAI's SDK dumps it (`message.model_dump()`, sent
-# back in the next turn) has these, null where nothing was called, refused or heard; a tool
-# result names its call.
-_MESSAGE_KEYS = {"assistant": ("role", "content", "name", "tool_calls", "function_call", "refusal", "audio",
-                               "annotations"),
-                 "tool": ("role", "content", "name", "tool_call_id")}
-_NOT_HERE = {"tool_calls": "tool calling", "function_call": "tool calling", "audio": "audio output",
-             "annotations": "annotations"}
-
-
 def parse_messages(v: Any) -> list[dict]:
-    if not isinstance(v, list) or not v:
-        raise bad_request("'messages' must be a non-empty array of {\"role\", \"content\"} objects", "messages")
-    out = []
-    for i, m in enumerate(v):
-        if not isinstance(m, dict) or m.get("role") not in _ROLES:
-            raise bad_request(f"messages[{i}] must be an object with 'role' one of {list(_ROLES)}", "messages")
-        assistant = m["role"] == "assistant"
-        keys = _MESSAGE_KEYS.get(m["role"], ("role", "content", "name"))
-        extra = sorted(set(m) - set(keys))
-        if extra:
-            raise bad_request(f"messages[{i}] has unsupported field(s) {extra}; use {list(keys)}", "messages")
-        for k, what in _NOT_HERE.items():
-            if m.get(k) not in (None, []):
-                raise bad_request(f"messages[{i}].{k} must be null or []: this server has no {what}", "messages")
-        if not isinstance(m.get("refusal", ""), (str, type(None))):        # a string, left out of the prompt
-            raise bad_request(f"messages[{i}].refusal must be a string or null", "messages")
-        content = m.get("content")
-        if content is None and assistant:   # an assistant turn that only called tools (none here)
-            content = ""
-        if isinstance(content, list):   # content parts: only text is supported
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise bad_request(f"messages[{i}].content parts must be {{\"type\": \"text\", \"text\": ...}}; "
-                                  "this server accepts text only", "messages")
-            content = "\n".join(p["text"] for p in content)     # as vLLM joins them
-        if not isinstance(content, str):
-            raise bad_request(f"messages[{i}].content must be a string or an array of text parts", "messages")
-        msg = {"role": m["role"], "content": content}
-        for k in ("name", "tool_call_id"):       # a tool result's id: chat templates may write it
-            if m.get(k) is not None:
-                msg[k] = _str(m, k)
-        out.append(msg)
-    return out
+    """chat_template.check_messages, its ValueError a 400 naming `messages`."""
+    try:
+        return check_messages(v)
+    except ValueError as e:
+        raise bad_request(str(e), "messages") from None
 
 
 def parse_chat(body: dict, max_logprobs: int = MAX_LOGPROBS) -> Job:

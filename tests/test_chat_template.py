@@ -89,6 +89,25 @@ def test_conversations_one_or_many():
             conversations(bad)
 
 
+def test_conversations_are_checked_and_joined_as_the_servers_messages():
+    """LLM.chat's conversations go through the server's message checks (check_messages): text
+    parts joined with newlines, not written as a Python list (until 2026-12-06 they were, and
+    the model answered a repr); other parts, unknown roles and non-text content refused."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "count from 3"}, {"type": "text", "text": "to 9:"}]},
+             {"role": "assistant", "content": None, "refusal": None, "tool_calls": []}]
+    assert conversations(parts) == [[{"role": "user", "content": "count from 3\nto 9:"},
+                                     {"role": "assistant", "content": ""}]]
+    for bad, message in (([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+                          "only text parts"),
+                         ([{"role": "wizard", "content": "x"}], "'role' one of"),
+                         ([{"role": "user", "content": 5}], "must be a string or an array of text parts"),
+                         ([{"role": "user", "content": "x", "name": 3}], r"\[0\].name must be a string")):
+        with pytest.raises(ValueError, match=message):
+            conversations(bad)
+        with pytest.raises(ValueError, match="conversation 1: messages.*" + message):
+            conversations([USER, bad])
+
+
 def test_a_given_template_wins_over_the_tokenizers_and_serves_a_tokenizer_without_one(tok):
     """vLLM's --chat-template and LLM.chat(chat_template=...): a template of the deployment's
     own; without one, a tokenizer with no template is an error naming both ways to give one

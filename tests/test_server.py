@@ -253,7 +253,7 @@ BAD = [
 BAD_CHAT = [
     (b'{"messages": "hi"}', 400, "'messages' must be a non-empty array"),
     (b'{"messages": [{"role": "wizard", "content": "x"}]}', 400, "'role' one of"),
-    (b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400, "text only"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400, "only text parts"),
     (b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', 400, 'needs "logprobs": true'),
     (b'{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 9999}', 400,
      "lower max_completion_tokens to"),
