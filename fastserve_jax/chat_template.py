@@ -86,6 +86,18 @@ def render_chat(tokenizer, messages: list[dict], options: ChatOptions = ChatOpti
     return text, tokenizer.encode(text, add_special_tokens=add)
 
 
+def check_text(text: str, where: str) -> str:
+    """`text` if it can be encoded (the tokenizers take UTF-8); a lone surrogate (text decoded
+    from bytes that were not UTF-8, e.g. with surrogateescape as sys.argv is) is a ValueError
+    naming `where`, where the tokenizer would raise a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where} is not valid text: it holds a lone surrogate {text[e.start]!a} at character "
+                         f"{e.start} (text decoded from bytes that were not UTF-8?)") from None
+    return text
+
+
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Beside role, content and name: an answer as OpenAI's SDK dumps it (`message.model_dump()`, sent
 # back in the next turn) has these, null where nothing was called, refused or heard; a tool
@@ -128,12 +140,12 @@ def check_messages(v: Any) -> list[dict]:
             content = "\n".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}].content must be a string or an array of text parts")
-        msg = {"role": m["role"], "content": content}
+        msg = {"role": m["role"], "content": check_text(content, f"messages[{i}].content")}
         for k in ("name", "tool_call_id"):       # a tool result's id: chat templates may write it
             if m.get(k) is not None:
                 if not isinstance(m[k], str):
                     raise ValueError(f"messages[{i}].{k} must be a string, got {type(m[k]).__name__}")
-                msg[k] = m[k]
+                msg[k] = check_text(m[k], f"messages[{i}].{k}")
         out.append(msg)
     return out
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 from typing import Sequence
 
-from fastserve_jax.chat_template import ChatOptions, conversations, render_chat
+from fastserve_jax.chat_template import ChatOptions, check_text, conversations, render_chat
 from fastserve_jax.config import EngineConfig
 from fastserve_jax.sampling_params import SamplingParams
 from fastserve_jax.cost_profile import refine_profile
@@ -201,7 +201,12 @@ def _one_prompt(p, i: int):
         if set(p) not in ({"prompt"}, {"prompt_token_ids"}):
             raise ValueError(f"prompt {i}: a prompt dict has exactly one of 'prompt' (text) or 'prompt_token_ids', "
                              f"got keys {sorted(p)}")
-        p = p.get("prompt", p.get("prompt_token_ids"))
+        key, p = next(iter(p.items()))
+        if isinstance(p, str) != (key == "prompt"):
+            raise ValueError(f"prompt {i}: {key!r} takes {'text' if key == 'prompt' else 'token ids'}, "
+                             f"got {type(p).__name__}")
+    if isinstance(p, str):
+        return check_text(p, f"prompt {i}")
     if isinstance(p, np.ndarray):
         if p.ndim != 1 or not np.issubdtype(p.dtype, np.integer):
             raise ValueError(f"prompt {i}: a token-id array must be 1-D of integers, got shape {p.shape} {p.dtype}")

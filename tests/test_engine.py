@@ -110,6 +110,11 @@ def test_n_completions_vllm_prompt_forms_and_wide_seeds(llm):
         assert llm.generate(form, sp(0), use_tqdm=False)[0].token_ids == list(ids[0])
     with pytest.raises(ValueError, match="exactly one of 'prompt'"):
         llm.generate({"prompt": "a", "prompt_token_ids": p})
+    for bad, message in (({"prompt": p}, "'prompt' takes text, got list"),
+                         ({"prompt_token_ids": "a"}, "'prompt_token_ids' takes token ids, got str"),
+                         ("a\ud800", "prompt 0 is not valid text: it holds a lone surrogate")):   # a TypeError before
+        with pytest.raises(ValueError, match=message):
+            llm.generate(bad)
     with pytest.raises(ValueError, match="got int"):
         llm.generate(5)
     with pytest.raises(ValueError, match="got dict"):
