@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import math
-from numbers import Integral
+from numbers import Integral, Real
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs; the sampler always computes this many.
@@ -25,6 +24,13 @@ def bias_tokens(logit_bias, stop_token_ids, eos_ids) -> set[int]:
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_INT_FIELDS = ("max_tokens", "n", "top_k", "seed", "logprobs", "prompt_logprobs", "min_tokens")
+_FLOAT_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")
+# float32's range, in which the sampler divides and multiplies logits by these (a repetition
+# penalty of 1e-300 is 0 there: every logit became inf and the sampler gave token 0)
+FLOAT32_SAFE = (1e-30, 1e30)
 
 
 def sampler_seed(seed: int) -> int:
@@ -105,13 +111,19 @@ class SamplingParams:
     cache_salt: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        for name in _INT_FIELDS + _FLOAT_FIELDS:        # numpy's scalars as Python's
+            v = getattr(self, name)
+            if isinstance(v, Integral) and not isinstance(v, (bool, int)):
+                object.__setattr__(self, name, int(v))
+            elif isinstance(v, Real) and not isinstance(v, (bool, int, float)) and name in _FLOAT_FIELDS:
+                object.__setattr__(self, name, float(v))
         for name in ("max_tokens", "n"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(
-                f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature!r}")
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= FLOAT32_SAFE[1]:
+            raise ValueError(f"temperature must be a number in [0, {FLOAT32_SAFE[1]:g}] (0 means greedy), "
+                             f"got {self.temperature!r}")
         if not _is_number(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}; use 1.0 to disable it")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
@@ -126,10 +138,9 @@ class SamplingParams:
             v = getattr(self, name)
             if not _is_number(v) or not -2.0 <= v <= 2.0:
                 raise ValueError(f"{name} must be a number in [-2, 2] (0 disables it), got {v!r}")
-        if not _is_number(self.repetition_penalty) or not math.isfinite(self.repetition_penalty) or \
-                self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 disables it), "
-                             f"got {self.repetition_penalty!r}")
+        if not _is_number(self.repetition_penalty) or not FLOAT32_SAFE[0] <= self.repetition_penalty <= FLOAT32_SAFE[1]:
+            raise ValueError(f"repetition_penalty must be a number in [{FLOAT32_SAFE[0]:g}, {FLOAT32_SAFE[1]:g}] "
+                             f"(1 disables it), got {self.repetition_penalty!r}")
         if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be a number in [0, 1] (0 disables it), got {self.min_p!r}")
         # a list or tuple only: an iterator would be used up by the check below (its stops lost),
@@ -143,15 +154,16 @@ class SamplingParams:
                      "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):         # "no" would be true
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        ids = self.stop_token_ids or []
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        ids = self.stop_token_ids if self.stop_token_ids is not None else []      # 0 or an array: refused below
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, Integral) and not isinstance(t, bool) and t >= 0
+                                                         for t in ids):
             raise ValueError(f"stop_token_ids must be a list of non-negative token ids, got {self.stop_token_ids!r}")
-        object.__setattr__(self, "stop_token_ids", list(ids))
+        object.__setattr__(self, "stop_token_ids", [int(t) for t in ids])
         if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or \
                 not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
                              f"got {self.min_tokens!r}")
-        bias = self.logit_bias or {}
+        bias = self.logit_bias if self.logit_bias is not None else {}      # 0 or []: refused below
         if not isinstance(bias, dict) or not all(isinstance(t, Integral) and not isinstance(t, bool) and t >= 0 and
                                                  _is_number(v) and -100 <= v <= 100 for t, v in bias.items()):
             raise ValueError("logit_bias must map non-negative token ids to numbers in [-100, 100], "

@@ -131,10 +131,26 @@ def test_fcfs_preempts_latest_when_kv_runs_out():
     (dict(top_p=True), "top_p"),
     (dict(logprobs=True), "logprobs"),
     (dict(n=0), "n must be"),
+    (dict(stop_token_ids=0), "stop_token_ids must be"),                  # no stop token before
+    (dict(stop_token_ids=np.array([1, 2])), "stop_token_ids must be"),   # numpy's truth-value error before
+    (dict(logit_bias=0), "logit_bias must"),                             # no bias before
+    (dict(logit_bias=[]), "logit_bias must"),
+    (dict(repetition_penalty=1e-300), "repetition_penalty must be"),     # 0 in float32: token 0 every step before
+    (dict(temperature=1e300), "temperature must be"),                    # inf in float32
 ])
 def test_sampling_params_reject_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_sampling_params_take_numpy_scalars_as_pythons():
+    """An integer or float from numpy (a config's array, a sweep's np.arange) is its Python
+    value, as a token id in a prompt or a list already is; refused as not an integer before."""
+    sp = SamplingParams(max_tokens=np.int64(5), n=np.int32(2), seed=np.uint64(7), top_k=np.int16(3),
+                        temperature=np.float32(0.5), stop_token_ids=[np.int64(9)], logprobs=np.int8(1))
+    assert (sp.max_tokens, sp.n, sp.seed, sp.top_k, sp.temperature, sp.stop_token_ids, sp.logprobs) == \
+        (5, 2, 7, 3, 0.5, [9], 1)
+    assert type(sp.max_tokens) is int and type(sp.temperature) is float and type(sp.stop_token_ids[0]) is int
 
 
 @pytest.mark.parametrize("kwargs, match", [
