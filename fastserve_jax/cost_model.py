@@ -126,8 +126,8 @@ class CostModel:
                                  f"non-empty, got {len(xs)} and {len(ys)} entries")
             if list(xs) != sorted(set(xs)) or xs[0] < 1:
                 raise ValueError(f"cost model {self.name!r}: {xs_name} must be strictly increasing and >= 1, got {xs}")
-            if any(y <= 0 for y in ys):
-                raise ValueError(f"cost model {self.name!r}: {ys_name} must be positive, got {ys}")
+            if not all(0 < y < math.inf for y in ys):         # NaN too: a simulation on it never ended
+                raise ValueError(f"cost model {self.name!r}: {ys_name} must be positive and finite, got {ys}")
         if not isinstance(self.max_prefill_seqs, int) or isinstance(self.max_prefill_seqs, bool) \
                 or self.max_prefill_seqs < 0:
             raise ValueError(f"cost model {self.name!r}: max_prefill_seqs is an integer >= 0 (0: no limit), "
@@ -143,11 +143,11 @@ class CostModel:
         if self.block_size < 0 or (self.block_size > 0) != bool(self.block_buckets):
             raise ValueError(f"cost model {self.name!r}: block_size and block_buckets go together (both set for "
                              f"padded context reads, or neither), got {self.block_size} and {self.block_buckets}")
-        if not all(v >= 0 for v in (self.decode_context, self.prefill_context, self.kv_capacity_tokens,   # NaN too
-                                    self.kv_bytes_per_token, self.swap_bandwidth, self.swap_latency,
-                                    self.swap_issue_seconds, self.iteration_overhead)):
+        if not all(0 <= v < math.inf for v in (self.decode_context, self.prefill_context,   # NaN too
+                                               self.kv_capacity_tokens, self.kv_bytes_per_token, self.swap_bandwidth,
+                                               self.swap_latency, self.swap_issue_seconds, self.iteration_overhead)):
             raise ValueError(f"cost model {self.name!r}: context coefficients, kv_capacity_tokens, kv_bytes_per_token, "
-                             "the swap figures and iteration_overhead must be >= 0")
+                             "the swap figures and iteration_overhead must be finite and >= 0")
 
     # -- queries ---------------------------------------------------------------------------
     def prefill_time(self, num_tokens: int, context: int = 0) -> float:

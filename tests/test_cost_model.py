@@ -116,8 +116,13 @@ def test_padded_launches_cost_their_bucket():
     (dict(prefill_tokens=(10,), prefill_seconds=(1.0, 2.0)), "equally long"),
     (dict(decode_seconds=(0.0, 1.0)), "positive"),
     (dict(decode_context=-1.0), ">= 0"),
-    (dict(iteration_overhead=-1e-3), "iteration_overhead must be >= 0"),
-    (dict(iteration_overhead=float("nan")), "iteration_overhead must be >= 0"),
+    (dict(iteration_overhead=-1e-3), "iteration_overhead must be finite and >= 0"),
+    (dict(iteration_overhead=float("nan")), "iteration_overhead must be finite and >= 0"),
+    # accepted before: a NaN or infinite time hung `simulate`, an infinite coefficient divided by zero
+    (dict(decode_seconds=(float("nan"), 1.0)), "positive and finite"),
+    (dict(prefill_seconds=(1.0, float("inf"))), "positive and finite"),
+    (dict(decode_context=float("inf")), "finite and >= 0"),
+    (dict(iteration_overhead=float("inf")), "finite and >= 0"),
     (dict(prefill_self_attention="no"), "true or false"),
     (dict(max_prefill_seqs=-1), "max_prefill_seqs"),
 ])
