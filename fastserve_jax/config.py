@@ -20,6 +20,8 @@ MAX_LOGPROBS, SamplingParams, sampler_seed = _sp.MAX_LOGPROBS, _sp.SamplingParam
 ATTENTION_CHOICES, DTYPE_CHOICES = ("auto", "reference", "pallas"), ("auto", "float32", "bfloat16")
 # EngineConfig.scheduler values: the names of scheduler.POLICIES (that package imports this one)
 SCHEDULER_CHOICES = ("fcfs", "mlfq", "skip-join-mlfq", "gittins", "predictive", "srpt")
+MAX_NUM_SEQS = 1 << 16       # a decode launch's rows (vLLM's default is 256 or 1024)
+MAX_SWAP_SPACE = 1 << 20      # GiB (a pebibyte): more overflowed the host pool's sizing
 
 
 def check_positive_ints(obj, names) -> None:
@@ -278,6 +280,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         check_positive_ints(self, ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs",
                                    "block_size", "prefill_tile"))
+        if self.max_num_seqs > MAX_NUM_SEQS:      # 10**12 ran the host out of memory in a traceback
+            raise ValueError(f"max_num_seqs must be at most {MAX_NUM_SEQS} (sequences in one batch), "
+                             f"got {self.max_num_seqs}")
         if self.block_size > max(self.max_model_len, 16):    # launches gather whole blocks: 100000 took minutes a step
             raise ValueError(f"block_size={self.block_size} exceeds max_model_len={self.max_model_len}: a block holds "
                              "one request's KV, so no request would fill one; lower block_size (16 is usual)")
@@ -290,9 +295,9 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1] of each accelerator's memory "
                              f"(vLLM's; default 0.9), got {f!r}")
         v = self.swap_space
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"swap_space must be a finite number of GiB >= 0 (host memory per device for swapped-out "
-                             f"KV, vLLM's; 0 = no host pool), got {v!r}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= MAX_SWAP_SPACE:
+            raise ValueError(f"swap_space must be a number of GiB in [0, {MAX_SWAP_SPACE}] (host memory per device for "
+                             f"swapped-out KV, vLLM's; 0 = no host pool), got {v!r}")
         if self.num_host_blocks is not None and (not isinstance(self.num_host_blocks, int)
                                                  or isinstance(self.num_host_blocks, bool) or self.num_host_blocks < 0):
             raise ValueError(f"num_host_blocks must be >= 0 (0 = no host pool) or None (sized automatically), "

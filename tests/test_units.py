@@ -165,7 +165,9 @@ def test_sampling_params_take_numpy_scalars_as_pythons():
     (dict(gpu_memory_utilization=float("nan")), "gpu_memory_utilization"),
     (dict(gpu_memory_utilization=True), "gpu_memory_utilization"),
     (dict(gpu_memory_utilization="0.9"), "gpu_memory_utilization"),
-    (dict(swap_space=-1), r"swap_space must be a finite number of GiB >= 0"),
+    (dict(swap_space=-1), r"swap_space must be a number of GiB in \[0, 1048576\]"),
+    (dict(swap_space=1e300), "swap_space"),          # an OverflowError while sizing the host pool before
+    (dict(max_num_seqs=10**12), "max_num_seqs must be at most 65536"),     # out of host memory before
     (dict(swap_space=float("inf")), "swap_space"),
     (dict(swap_space=True), "swap_space"),
     (dict(swap_space="4"), "swap_space"),
@@ -194,7 +196,7 @@ def test_gpu_memory_utilization_sizes_the_device_pool_on_an_accelerator_only():
         return SimpleNamespace(devices=[dev], pp=1, meshes=SimpleNamespace(tp_kv=1))
 
     def blocks(frac, platform, **kw):
-        cfg = EngineConfig(max_num_seqs=1 << 20, dtype="float32", gpu_memory_utilization=frac, **kw)
+        cfg = EngineConfig(max_num_seqs=1 << 16, dtype="float32", gpu_memory_utilization=frac, **kw)
         return device_pool_blocks(mcfg, cfg, gib, layout(platform)), kv_block_bytes(mcfg, cfg)
 
     (half, per_block), (most, _) = blocks(0.5, "gpu"), blocks(0.9, "gpu")
@@ -204,7 +206,7 @@ def test_gpu_memory_utilization_sizes_the_device_pool_on_an_accelerator_only():
     assert blocks(0.5, "gpu", num_device_blocks=100)[0] == 100
     assert auto_num_blocks(mcfg, EngineConfig(gpu_memory_utilization=0.2), gib, layout("gpu")) == 2   # never < 2
     # placed weights are among the bytes in use: only those still to come are subtracted again
-    cfg = EngineConfig(max_num_seqs=1 << 20, dtype="float32", gpu_memory_utilization=0.5)
+    cfg = EngineConfig(max_num_seqs=1 << 16, dtype="float32", gpu_memory_utilization=0.5)
     assert auto_num_blocks(mcfg, cfg, 0, layout("gpu")) == (5 * gib - gib) // per_block
 
 
