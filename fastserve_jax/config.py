@@ -280,6 +280,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         check_positive_ints(self, ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs",
                                    "block_size", "prefill_tile"))
+        if self.max_model_len < 2:          # a prompt token and an answer token
+            raise ValueError(f"max_model_len must be at least 2 (a prompt token and one generated), "
+                             f"got {self.max_model_len}")
         if self.max_num_seqs > MAX_NUM_SEQS:      # 10**12 ran the host out of memory in a traceback
             raise ValueError(f"max_num_seqs must be at most {MAX_NUM_SEQS} (sequences in one batch), "
                              f"got {self.max_num_seqs}")

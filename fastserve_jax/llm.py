@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 
@@ -59,7 +60,9 @@ class LLM:
 
         resolve_warmup(warmup)                              # a bad mode fails before anything loads
         check_mode(generation_config)                       # and so does a bad generation_config
-        path = model if model is not None else demo_model_path()
+        if model is not None and not isinstance(model, (str, os.PathLike)):
+            raise ValueError(f"model must be a path (a model directory) or None (the demo model), got {model!r:.80}")
+        path = os.fspath(model) if model is not None else demo_model_path()
         known = {f.name for f in dataclasses.fields(EngineConfig)}
         unknown = sorted(set(engine_kwargs) - known)
         if unknown:
@@ -149,6 +152,9 @@ class LLM:
         conversation is queued."""
         options = ChatOptions(add_generation_prompt, continue_final_message, chat_template_kwargs)
         convs = conversations(messages)
+        if isinstance(sampling_params, (list, tuple)) and len(sampling_params) != len(convs):
+            raise ValueError(f"got {len(sampling_params)} sampling params for {len(convs)} conversations; "
+                             "pass one, or one per conversation")
         rendered = []
         for i, conv in enumerate(convs):
             try:

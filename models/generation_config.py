@@ -35,13 +35,20 @@ def sampling_defaults(model_path: str, mode: str = "auto") -> dict:
     path = os.path.join(model_path, "generation_config.json")
     if mode == "vllm" or not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        d = json.load(f)
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:       # named: the bare message named no file
+        raise ValueError(f"{path!r} is not valid JSON ({e}); fix the file, or pass generation_config='vllm' "
+                         "(--generation-config vllm) to ignore it") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path!r} holds {type(d).__name__}, not a JSON object; fix the file, or pass "
+                         "generation_config='vllm' (--generation-config vllm) to ignore it")
     out = {k: d[k] for k in SAMPLING_KEYS if d.get(k) is not None}
     bad = [f"{k}={v!r}" for k, v in out.items() if not _valid(k, v)]
     if bad:
         raise ValueError(f"{path!r} recommends {', '.join(bad)}, which this engine cannot sample with (temperature "
-                         "a number >= 0, top_p in (0, 1], top_k an integer >= -1, repetition_penalty a number > 0, "
+                         "in [0, 1e30], top_p in (0, 1], top_k an integer >= -1, repetition_penalty in [1e-30, 1e30], "
                          "min_p in [0, 1]); fix the file, or pass generation_config='vllm' (--generation-config "
                          "vllm) to ignore it")
     if out:
@@ -56,7 +63,7 @@ def _valid(name: str, v) -> bool:
     if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or v in (float("inf"), float("-inf")):
         return False
     if name == "temperature":
-        return v >= 0
+        return 0 <= v <= 1e30
     if name == "repetition_penalty":
-        return v > 0
+        return 1e-30 <= v <= 1e30           # float32's range (SamplingParams.FLOAT32_SAFE)
     return 0 <= v <= 1 if name == "min_p" else 0 < v <= 1

@@ -69,6 +69,10 @@ def test_chat_renders_with_the_tokenizers_template(demo_llm):
             demo_llm.chat(user, greedy, **kw)
     with pytest.raises(ValueError, match="conversation 1"):
         demo_llm.chat([user, [{"content": "no role"}]], greedy)
+    with pytest.raises(ValueError, match="3 sampling params for 2 conversations"):
+        demo_llm.chat([user, user], [greedy] * 3)
+    with pytest.raises(ValueError, match="model must be a path"):     # a TypeError from os.path before
+        LLM(5)
     # vLLM's chat_template: a Jinja template of the call's own instead of the tokenizer's
     [own] = demo_llm.chat(user, greedy, chat_template="{{ messages[0]['content'] | replace('9', '6') }}")
     assert own.prompt == demo_task.make_prompt(3, 6) and own.text == demo_task.expected_answer(3, 6)

@@ -33,9 +33,15 @@ def test_sampling_defaults_read_from_generation_config(tmp_path):
         {"min_p": 0.05, "repetition_penalty": 1}
     assert sampling_defaults(_write(tmp_path, {"eos_token_id": 2, "do_sample": False})) == {}   # the demo model's
     for bad in ({"top_p": 0}, {"temperature": -1}, {"top_k": 2.5}, {"temperature": "0.6"}, {"repetition_penalty": 0},
-                {"min_p": 1.5}):
+                {"min_p": 1.5}, {"repetition_penalty": 1e-300}):
         with pytest.raises(ValueError, match=f"generation_config.json' recommends {next(iter(bad))}="):
             sampling_defaults(_write(tmp_path, bad))
+    (tmp_path / "generation_config.json").write_text("{temperature: 0.6}")      # the bare JSON error named no file
+    with pytest.raises(ValueError, match="generation_config.json' is not valid JSON"):
+        sampling_defaults(str(tmp_path))
+    (tmp_path / "generation_config.json").write_text("[0.6]")
+    with pytest.raises(ValueError, match="holds list, not a JSON object"):
+        sampling_defaults(str(tmp_path))
     with pytest.raises(ValueError, match="generation_config must be one of"):
         sampling_defaults(str(tmp_path), "model")
 
