@@ -74,11 +74,26 @@ def check_server_args(a: argparse.Namespace) -> str | None:
                 f"give 0 to {MAX_LOGPROBS}")
     if (a.ssl_keyfile is None) != (a.ssl_certfile is None):
         return "--ssl-keyfile and --ssl-certfile go together: give both to serve HTTPS, or neither"
+    if a.ssl_keyfile is not None:       # uvicorn opens them only once serving has begun: a traceback
+        for flag, path in (("--ssl-keyfile", a.ssl_keyfile), ("--ssl-certfile", a.ssl_certfile),
+                           ("--ssl-ca-certs", a.ssl_ca_certs)):
+            unreadable = path is not None and _unreadable(path)
+            if unreadable:
+                return f"{flag} {path}: cannot read it ({unreadable})"
     if a.max_log_len < 0:
         return f"--max-log-len must be >= 0, got {a.max_log_len}"
     if a.root_path is not None and (not a.root_path.startswith("/") or a.root_path.endswith("/")):
         return f"--root-path must start with '/' and not end with one, as '/api/llm'; got {a.root_path!r}"
     return None
+
+
+def _unreadable(path: str) -> str | None:
+    """Why the file cannot be opened for reading (a missing file, a directory, no permission), or None."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
 
 
 def server_settings(a: argparse.Namespace) -> dict:

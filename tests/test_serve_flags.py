@@ -22,7 +22,7 @@ from fastserve_jax.serve import bench_client
 from fastserve_jax.serve.app import ServerConfig
 from fastserve_jax.serve.cli import build_parser, main
 from fastserve_jax.serve.engine_args import engine_argv, engine_kwargs, parse_engine_args
-from fastserve_jax.serve.server_args import server_settings, uvicorn_settings
+from fastserve_jax.serve.server_args import check_server_args, server_settings, uvicorn_settings
 from fastserve_jax.serve.stats_log import StatsLine
 from server_harness import ENGINE_KW, LiveServer, free_port
 
@@ -63,6 +63,28 @@ def test_serve_refuses_bad_server_flags_before_anything_starts(args, says, capsy
     assert main(["serve", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and says in err and "Traceback" not in err
+
+
+def test_serve_refuses_tls_files_it_cannot_read_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """uvicorn opened them only after the log said it was serving (and the model had started
+    loading): a FileNotFoundError traceback."""
+    from fastserve_jax.serve import serve_cmd
+
+    def loads(*args, **kw):
+        raise AssertionError("got past the checks to load the model")
+    monkeypatch.setattr(serve_cmd, "EngineBuilder", loads)
+    pem, missing = tmp_path / "c.pem", str(tmp_path / "none.pem")
+    pem.write_text("PEM")
+    for args, says in ((["--ssl-keyfile", missing, "--ssl-certfile", str(pem)],
+                        f"--ssl-keyfile {missing}: cannot read it (No such file or directory)"),
+                       (["--ssl-keyfile", str(pem), "--ssl-certfile", str(tmp_path)],
+                        f"--ssl-certfile {tmp_path}: cannot read it (Is a directory)"),
+                       (["--ssl-keyfile", str(pem), "--ssl-certfile", str(pem), "--ssl-ca-certs", missing],
+                        f"--ssl-ca-certs {missing}: cannot read it")):
+        assert main(["serve", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and "Traceback" not in err
+    assert check_server_args(_serve_args("--ssl-keyfile", str(pem), "--ssl-certfile", str(pem))) is None
 
 
 def test_cors_lists_must_be_json_arrays(capsys):
