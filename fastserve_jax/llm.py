@@ -54,24 +54,12 @@ class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", max_model_len: int | None = None,
                  num_device_blocks: int | None = None, warmup: str | bool = "lazy", progress=None, mirror=None,
                  generation_config: str = "auto", tokenizer: str | None = None, **engine_kwargs) -> None:
-        from fastserve_jax.models import demo_model_path
-        from fastserve_jax.models.config import ModelConfig
         from fastserve_jax.models.generation_config import check_mode
 
         resolve_warmup(warmup)                              # a bad mode fails before anything loads
         check_mode(generation_config)                       # and so does a bad generation_config
-        if model is not None and not isinstance(model, (str, os.PathLike)):
-            raise ValueError(f"model must be a path (a model directory) or None (the demo model), got {model!r:.80}")
-        path = os.fspath(model) if model is not None else demo_model_path()
-        known = {f.name for f in dataclasses.fields(EngineConfig)}
-        unknown = sorted(set(engine_kwargs) - known)
-        if unknown:
-            raise ValueError(f"unknown LLM arguments {unknown}; valid ones are {sorted(known)}")
-        model_cfg = ModelConfig.from_pretrained(path)     # read once, handed to the loader
-        if max_model_len is None:
-            max_model_len = min(model_cfg.max_position_embeddings, EngineConfig.max_model_len)
-        cfg = EngineConfig(dtype=dtype, max_model_len=max_model_len, num_device_blocks=num_device_blocks or 0,
-                           **engine_kwargs)
+        path, model_cfg, cfg = engine_config(model, dtype=dtype, max_model_len=max_model_len,
+                                             num_device_blocks=num_device_blocks, **engine_kwargs)
         enable_compilation_cache(cfg.compilation_cache_dir)
         start, t0 = compile_stats(), time.perf_counter()
         self.engine = LLMEngine.from_pretrained(path, cfg, model_cfg=model_cfg, warmup=warmup, progress=progress,
@@ -199,6 +187,28 @@ def _prompt_list(prompts) -> list:
 
 def _is_token(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def engine_config(model, *, dtype: str = "auto", max_model_len: int | None = None,
+                  num_device_blocks: int | None = None, **engine_kwargs) -> tuple:
+    """(the model directory, its ModelConfig (config.json, read once and handed to the loader),
+    the EngineConfig that LLM(model, ...) serves with), checked before anything loads; `bench`
+    checks the options it hands to the servers it starts here too (serve/engine_args.py)."""
+    from fastserve_jax.models import demo_model_path
+    from fastserve_jax.models.config import ModelConfig
+
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise ValueError(f"model must be a path (a model directory) or None (the demo model), got {model!r:.80}")
+    path = os.fspath(model) if model is not None else demo_model_path()
+    known = {f.name for f in dataclasses.fields(EngineConfig)}
+    unknown = sorted(set(engine_kwargs) - known)
+    if unknown:
+        raise ValueError(f"unknown LLM arguments {unknown}; valid ones are {sorted(known)}")
+    model_cfg = ModelConfig.from_pretrained(path)
+    if max_model_len is None:
+        max_model_len = min(model_cfg.max_position_embeddings, EngineConfig.max_model_len)
+    return path, model_cfg, EngineConfig(dtype=dtype, max_model_len=max_model_len,
+                                         num_device_blocks=num_device_blocks or 0, **engine_kwargs)
 
 
 def _one_prompt(p, i: int):

@@ -94,22 +94,39 @@ def with_arrivals(reqs: Sequence[TraceRequest], rate: float, process: str = "poi
     """The same requests in the same order, arriving at `rate` per second.
 
     poisson: exponential gaps. gamma: gamma gaps with mean 1/rate and coefficient of
-    variation `cv` (cv > 1 is burstier than Poisson, cv = 1 is Poisson)."""
+    variation `cv` (cv > 1 is burstier than Poisson, cv = 1 is Poisson; gamma_shape says
+    which cv are valid)."""
     if not (math.isfinite(rate) and rate > 0):
         raise ValueError(f"arrival rate must be a finite number > 0 requests/s, got {rate}")
     rng = np.random.default_rng(seed)
     if process == "poisson":
         gaps = rng.exponential(1.0 / rate, len(reqs))
     elif process == "gamma":
-        if not (math.isfinite(cv) and cv > 0):
-            raise ValueError(f"--cv must be a finite number > 0 for gamma arrivals, got {cv}")
-        shape = 1.0 / cv ** 2
-        gaps = rng.gamma(shape, 1.0 / (rate * shape), len(reqs))
+        shape = gamma_shape(cv)
+        scale = 1.0 / (rate * shape) if rate * shape > 0 else math.inf
+        if not (math.isfinite(scale) and scale > 0):     # extreme rates and cv together
+            raise ValueError(f"gamma arrivals at {rate} requests/s with --cv {cv} have a gap scale "
+                             f"1/(rate/cv**2) of {scale}, not a finite number > 0")
+        gaps = rng.gamma(shape, scale, len(reqs))
     else:
         raise ValueError(f"arrival process must be 'poisson' or 'gamma', got {process!r}")
     gaps[0] = 0.0
     times = np.cumsum(gaps)
     return [replace(r, arrival=float(t)) for r, t in zip(reqs, times)]
+
+
+def gamma_shape(cv: float) -> float:
+    """The shape 1/cv**2 of gamma inter-arrival gaps whose coefficient of variation is `cv`;
+    a ValueError unless cv is a finite number > 0 whose shape is a finite number > 0 as well,
+    which holds for cv within about [1e-154, 1e154] (beyond it cv**2 overflows, or 1/cv**2)."""
+    try:
+        shape = 1.0 / cv ** 2 if math.isfinite(cv) and cv > 0 else math.nan
+    except (ZeroDivisionError, OverflowError):
+        shape = math.nan
+    if not (math.isfinite(shape) and shape > 0):
+        raise ValueError(f"--cv must be a finite number > 0 whose gamma shape 1/cv**2 is a finite number > 0 "
+                         f"(cv within about 1e-154 to 1e154) for gamma arrivals, got {cv}")
+    return shape
 
 
 def prefill_seconds(cost: CostModel, prompt_tokens: int, chunk: int | None = None) -> float:

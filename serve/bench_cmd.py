@@ -13,8 +13,9 @@ Either bench a running server (--url; its policy comes from /health, and the eng
 --scheduler and --engine-process, which configure a started server, are ignored with a
 warning), or let the command start `fastserve-jax serve` once per --scheduler, on a free port
 with the engine options given here (and --warmup full unless --warmup is given, so nothing
-loads or compiles while the load runs), and stop it after its rates. The trace and the
-workload are checked before any server starts.
+loads or compiles while the load runs), and stop it after its rates. The trace, the
+workload and the engine options (as `generate` checks them) are checked before any server
+starts; a server that exits before it is ready ends the command with its log's last error line.
 
 Every row has the offered rate and the served throughput, mean latency per output token and
 the attainment of each --slo pair (fastserve_jax/slo.py; a failed request misses every
@@ -28,14 +29,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 
 import numpy as np
 
@@ -47,12 +43,12 @@ from fastserve_jax.workload import TraceRequest, chat_output_lengths, load_trace
 # fastserve_jax.models (demo_task) is imported in the functions that use it: it imports flax
 # and jax, which `fastserve-jax --help`, `simulate` and `serve`'s own start do without
 from fastserve_jax.serve import bench_client
-from fastserve_jax.serve.engine_args import add_engine_args, engine_argv, parse_engine_args
+from fastserve_jax.serve.bench_server import LaunchedServer, ServerNotReady
+from fastserve_jax.serve.engine_args import add_engine_args, check_engine_args, engine_argv, parse_engine_args
 from fastserve_jax.serve.simulate_cmd import add_slo_args, check_output, print_summary, seed_arg
 
 DEMO_MAX_TOKENS = 257   # the shipped demo model answers spans B - A <= 255: 256 numbers + EOS
 TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", "azure_conv_2023.csv")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def add_bench_parser(sub) -> None:
@@ -220,52 +216,6 @@ def probe_unloaded(url: str, work, api_key: str | None) -> float:
     return slo_figures(results, ())["mean_latency_per_token"]
 
 
-class LaunchedServer:
-    """`fastserve-jax serve` in a subprocess on a free port, its log in a file."""
-
-    def __init__(self, scheduler: str, engine_argv: list[str]) -> None:
-        self.port = bench_client.unused_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(os.path.join(tempfile.gettempdir(), f"fastserve-bench-{scheduler}-{self.port}.log"), "w")
-        # each server learns its output lengths afresh (policy_state.py), so servers of one
-        # policy compare alike and the user's cache is left as it was; unless the caller says
-        env = dict(os.environ)
-        env.setdefault("FASTSERVE_JAX_LENGTHS_DIR", "off")
-        self.proc = subprocess.Popen([sys.executable, "-m", "fastserve_jax", "serve", "--port", str(self.port),
-                                      "--scheduler", scheduler, "--log-level", "warning", *engine_argv],
-                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 900.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if asyncio.run(bench_client.request(self.url, "GET", "/health"))[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(1.0)
-        raise TimeoutError(f"the server was not ready after {timeout} s; see {self.log.name}")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-    def discard_log(self) -> None:
-        """Remove the log of a server that stopped cleanly (call once its run checked out);
-        a failed one keeps it for its error message. (uvicorn re-raises SIGTERM once it has
-        drained, so a clean stop ends with -SIGTERM.)"""
-        if self.proc.returncode in (0, -signal.SIGTERM):
-            with contextlib.suppress(OSError):
-                os.remove(self.log.name)
-
-
 def launch_only_flags(a: argparse.Namespace) -> list[str]:
     """The options given (at other than their defaults) that only configure a server bench
     starts: the engine options, --scheduler and --engine-process. With --url nothing reads them."""
@@ -332,17 +282,19 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if ignored:
         print(f"warning: {' '.join(ignored)} configure a server that bench starts; with --url they are "
               f"ignored, and the table names the policy the server at {a.url} reports", file=sys.stderr)
+    targets = [None] if a.url else (a.scheduler or ["fcfs", "skip-join-mlfq"])
     try:            # bad input fails here, before a server starts and warms up
         pick_requests(a.trace, a.num_requests, a.arrivals == "trace", rates[0], a.workload_seed)
         check_output(a.json, "--json")                      # not after the servers ran
         health = server_health(a.url) if a.url else {}
+        if not a.url:
+            check_engine_args(a, targets[0])                # as `generate` says them, not in a server's log
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     slos, slo_lpt, unloaded = a.slo or PAPER_SLOS, a.slo_latency_per_token, None
     sweep = len(rates) > 1
     rows, out = [], {}
-    targets = [None] if a.url else (a.scheduler or ["fcfs", "skip-join-mlfq"])
     for sched in targets:
         server = None
         if a.url is None:
@@ -378,6 +330,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
                 out.setdefault(sched, {})[str(rate)] = m
                 print(f"  {sched} at {rate} req/s: {int(m['completed'])} done, e2e mean {m['e2e_mean']:.2f} s",
                       file=sys.stderr)
+        except ServerNotReady as e:         # stopped below, its log kept
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         finally:
             if server is not None:
                 server.stop()

@@ -47,7 +47,9 @@ def add_simulate_parser(sub) -> None:
                            "(see fastserve_jax.workload.capacity_rps); several: a sweep")
     p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson",
                    help="arrival process with --rate/--load (default poisson)")
-    p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of gamma inter-arrival gaps")
+    p.add_argument("--cv", type=float, default=1.0,
+                   help="coefficient of variation of gamma inter-arrival gaps, in about [1e-154, 1e154] (the gamma "
+                        "shape 1/cv**2 must be a finite number > 0; 1 = Poisson)")
     p.add_argument("--num-requests", type=int, default=None, help="the first N requests of the trace")
     p.add_argument("--policy", action="append", choices=sorted(POLICIES),
                    help=f"policy to simulate (repeatable; default {DEFAULT_POLICY})")
@@ -97,7 +99,8 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the arrival process and the prediction noise")
     p.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes")
     p.add_argument("--json", metavar="OUT", help="also write the results there (the table goes to stderr either way)")
-    p.add_argument("--plot", metavar="OUT.png", help="latency against request rate, one curve per policy")
+    p.add_argument("--plot", metavar="OUT.png", help="latency against request rate, one curve per policy, in the "
+                                                     "format the extension names (.png, .pdf, .svg, ...)")
     p.add_argument("--plot-metric", choices=PLOT_METRICS, default="mean_latency_per_token")
     add_slo_args(p, f"default: {UNLOADED_SLO_FACTOR:g}x the unloaded value, each request of the trace alone by "
                     "the cost model")
@@ -155,6 +158,22 @@ def check_output(path: str | None, flag: str) -> None:
                                                else "its folder is not writable"))
 
 
+def check_plot(path: str | None) -> None:
+    """A ValueError now if --plot's file could not be written when the run ends: a name whose
+    extension (savefig's choice of format, any case) is no format matplotlib writes, or that has
+    none (savefig would add .png to it); then check_output's checks (a directory among them)."""
+    if path is not None and not os.path.isdir(path):
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        ext = os.path.splitext(path)[1][1:]
+        if ext.lower() not in formats:
+            raise ValueError(f"--plot {path}: " + (f"matplotlib writes no .{ext} files" if ext else "no extension")
+                             + "; end the name with the format to write, one of "
+                             + ", ".join("." + f for f in sorted(formats)) + " (as sweep.png)")
+    check_output(path, "--plot")
+
+
 def add_slo_args(p: argparse.ArgumentParser, latency_default: str) -> None:
     """--slo and --slo-latency-per-token (simulate and bench alike)."""
     g = p.add_argument_group("service levels")
@@ -210,13 +229,15 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     from fastserve_jax.slo import sweep_summary, unloaded_latency_per_token
     from fastserve_jax.scheduler import DEFAULT_POLICY
     from fastserve_jax.sim import SimConfig
-    from fastserve_jax.workload import capacity_rps, load_trace, with_arrivals
+    from fastserve_jax.workload import capacity_rps, gamma_shape, load_trace, with_arrivals
 
     try:
         if a.num_requests is not None and a.num_requests < 1:
             raise ValueError(f"--num-requests must be >= 1 (or left out: the whole trace), got {a.num_requests}")
+        if a.arrival == "gamma" and (a.rate or a.load):
+            gamma_shape(a.cv)                   # with_arrivals' check, before the trace and cost model load
         check_output(a.json, "--json")
-        check_output(a.plot, "--plot")
+        check_plot(a.plot)
         cost = CostModel.load(a.cost_model)
         trace, timed = load_trace(a.trace, a.num_requests)
         knobs = {k: v for k, v in (("base_quantum", a.base_quantum), ("quantum_ratio", a.quantum_ratio),

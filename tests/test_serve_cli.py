@@ -159,7 +159,7 @@ def test_ctrl_c_during_a_cold_warm_up_stops_the_server_without_compiling_the_res
     (["--max-model-len", "99999"], "exceeds the model's max_position_embeddings"),
     (["--num-device-blocks", "1000000000000"], "num_device_blocks=1000000000000 needs"),   # a MemoryError before
     (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization must be a fraction in (0, 1]"),
-    (["--swap-space", "-1"], "swap_space must be a finite number of GiB >= 0"),
+    (["--swap-space", "-1"], "swap_space must be a number of GiB in [0, 1048576]"),
     (["--decode-batch-buckets", "2,4"], "decode_batch_buckets must reach 32, got largest 4"),
 ])
 def test_generate_refuses_a_bad_engine_setting_with_one_line_and_exit_code_2(args, says, capsys):

@@ -5,14 +5,17 @@ token budget allows, and `simulate` and `bench` turning bad input into `error: .
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from fastserve_jax.cost_model import CostModel
-from fastserve_jax.serve import bench_cmd
+from fastserve_jax.serve import bench_cmd, bench_server
 from fastserve_jax.serve.cli import main
-from fastserve_jax.workload import TraceRequest, capacity_rps, load_trace, save_trace
+from fastserve_jax.serve.simulate_cmd import check_plot
+from fastserve_jax.workload import TraceRequest, capacity_rps, gamma_shape, load_trace, save_trace, with_arrivals
 
 OPT = CostModel.load("opt-13b-a100")
 HEAD = "arrived_at,num_prefill_tokens,num_decode_tokens\n"
@@ -131,6 +134,8 @@ def test_simulate_load_is_a_fraction_of_the_capacity_within_its_token_budget(tra
     (["--rate", "nan"], "finite"), (["--load", "nan"], "finite"), (["--rate", "inf"], "finite"),
     (["--load", "inf"], "finite"), (["--rate", "1", "--arrival", "gamma", "--cv", "0"], "--cv"),
     (["--rate", "1", "--arrival", "gamma", "--cv", "-1"], "--cv"),
+    (["--rate", "1", "--arrival", "gamma", "--cv", "1e-300"], "--cv"),       # ZeroDivisionError before
+    (["--load", "0.5", "--arrival", "gamma", "--cv", "1e300"], "--cv"),      # OverflowError before
     (["--rate", "1", "--kv-capacity-tokens", "100"], "--kv-capacity-tokens"),
     (["--rate", "1", "--num-requests", "0"], "--num-requests must be >= 1"),   # "the trace has no requests" before
     (["--rate", "1", "--json", "/"], "--json /: a directory")])               # a traceback after the run before
@@ -138,6 +143,34 @@ def test_simulate_rejects_bad_input_with_an_error_line(trace, args, msg, capsys)
     assert main(["simulate", "--trace", trace, "--num-requests", "5", "--policy", "fcfs", *args]) == 2
     err = capsys.readouterr().err
     assert "error: " in err and msg in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("cv", [1e-300, 1e-155, 1e155, 1e300, 0.0, float("nan")])
+def test_gamma_arrivals_refuse_a_cv_whose_shape_is_not_a_finite_positive_number(cv):
+    """1/cv**2 divided by zero (1e-300) or overflowed (1e300): a ZeroDivisionError or an
+    OverflowError out of with_arrivals instead of its ValueError; 1e-155 gave an infinite shape."""
+    reqs = [TraceRequest(0.0, 10, 5)] * 3
+    with pytest.raises(ValueError, match="--cv must be a finite number > 0 whose gamma shape"):
+        with_arrivals(reqs, 1.0, "gamma", cv)
+    assert gamma_shape(1e-154) == pytest.approx(1e308) and gamma_shape(1e154) == pytest.approx(1e-308)
+    assert len(with_arrivals(reqs, 1.0, "gamma", 1e154)) == 3
+    with pytest.raises(ValueError, match="gap scale"):      # a finite shape, but rate * shape overflows
+        with_arrivals(reqs, 1e300, "gamma", 1e-150)
+
+
+@pytest.mark.parametrize("name,says", [("out.txt", "matplotlib writes no .txt files"),
+                                       ("out", "no extension")])
+def test_simulate_refuses_a_plot_format_matplotlib_does_not_write_before_the_run(trace, tmp_path, name, says,
+                                                                                 capsys):
+    """--plot out.txt ran the whole simulation, then died in savefig (ValueError: Format 'txt'
+    is not supported); a name without an extension was written with .png added."""
+    path = str(tmp_path / "new" / name)
+    assert main(["simulate", "--trace", trace, "--rate", "1", "--policy", "fcfs", "--plot", path]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --plot {path}: {says}; end the name with the format to write" in err and ".svg" in err
+    assert "capacity" not in err and not (tmp_path / "new").exists()     # refused before anything ran or was made
+    for ok in ("a.png", "a.PDF", "a.svg"):
+        check_plot(str(tmp_path / ok))
 
 
 def test_a_trace_that_arrives_at_one_instant_is_offered_all_at_once(tmp_path, capsys):
@@ -183,6 +216,39 @@ def test_bench_checks_the_workload_before_it_starts_a_server(tmp_path, no_launch
             main(["bench", "--trace", good, "--scheduler", "fcfs", "--num-requests", "2", "--arrivals", arrivals])
 
 
+@pytest.mark.parametrize("args,msg", [
+    (["--max-model-len", "0"], "error: max_model_len must be a positive integer, got 0"),
+    (["--model", "/nonexistent"], "error: '/nonexistent' is not a model directory: no config.json in it"),
+    (["--cost-model", "/nonexistent.json"], "error: no cost model '/nonexistent.json'")])
+def test_bench_checks_the_engine_options_as_generate_does_before_it_starts_a_server(trace, no_launch, args, msg,
+                                                                                   capsys):
+    """A server started with them exited, and the traceback said `the server exited with 1; see LOG`
+    (the message only in the log)."""
+    assert main(["bench", "--trace", trace, "--scheduler", "fcfs", "--num-requests", "2", *args]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err and "starting a server" not in err
+
+
+def test_a_server_that_exits_before_it_is_ready_is_one_error_line_with_its_log_s_last_error(
+        trace, tmp_path, monkeypatch, capsys):
+    """A RuntimeError traceback saying only `the server exited with 1; see LOG` before."""
+    log = tmp_path / "server.log"
+    said = ("print('WARNING starting'); print('error: the engine did not start: RuntimeError: no device'); "
+            "print('shutting down'); raise SystemExit(1)")
+
+    class Dying(bench_server.LaunchedServer):
+        def __init__(self, scheduler: str, engine_argv: list[str]) -> None:
+            self.scheduler, self.port, self.url, self.log = scheduler, 9, "http://127.0.0.1:9", open(log, "w")
+            self.proc = subprocess.Popen([sys.executable, "-c", said], stdout=self.log, stderr=subprocess.STDOUT)
+            self.proc.wait()
+    monkeypatch.setattr(bench_cmd, "LaunchedServer", Dying)
+    assert main(["bench", "--trace", trace, "--scheduler", "fcfs", "--num-requests", "2"]) == 1
+    err = capsys.readouterr().err
+    assert (f"error: the fcfs server exited with 1 before it was ready: the engine did not start: RuntimeError: "
+            f"no device (log: {log})") in err and "Traceback" not in err
+    assert log.exists()                                     # kept for its reader
+
+
 def test_bench_url_errors_clearly_and_warns_of_launch_only_flags(trace, no_launch, monkeypatch, capsys):
     url = "http://127.0.0.1:9"                     # nothing listens on port 9 (discard)
     assert main(["bench", "--trace", trace, "--num-requests", "4", "--url", url]) == 2
@@ -212,7 +278,7 @@ def test_bench_refuses_a_url_it_cannot_reach_as_written(trace, no_launch, url, c
 def test_output_files_that_cannot_be_written_are_refused_before_the_run(trace, no_launch, capsys):
     """Once a traceback after the whole run (simulate, bench), its results lost; a folder
     that does not exist yet is made."""
-    under_a_file = f"{trace}/out.json"
+    under_a_file = f"{trace}/out.png"
     assert main(["simulate", "--trace", trace, "--rate", "1", "--plot", under_a_file]) == 2
     assert f"error: --plot {under_a_file}: cannot make its folder" in capsys.readouterr().err
     assert main(["bench", "--trace", trace, "--scheduler", "fcfs", "--num-requests", "2", "--json", "/"]) == 2
