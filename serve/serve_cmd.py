@@ -157,6 +157,10 @@ def _distributed(a: argparse.Namespace):
         if getattr(a, flag, None) is not None:
             env[name] = str(getattr(a, flag))
     if not (env.get("FASTSERVE_COORDINATOR") or env.get("JAX_COORDINATOR_ADDRESS")):
+        given = [f"--{f.replace('_', '-')}" for f in ("num_processes", "process_id") if getattr(a, f, None) is not None]
+        if given:           # served on one host, the flags unread, before
+            raise ValueError(f"{' and '.join(given)} need{'s' * (len(given) == 1)} --coordinator-address (or $FASTSERVE_COORDINATOR); "
+                             "without one the server runs on one host")
         return None
     return DistributedConfig.from_env(env)
 

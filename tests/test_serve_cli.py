@@ -114,6 +114,19 @@ def test_engine_process_is_refused_with_multi_host(capsys):
     assert code == 2 and "--engine-process serves from one host" in capsys.readouterr().err
 
 
+def test_multi_host_flags_without_a_coordinator_are_refused(capsys, monkeypatch):
+    """--num-processes / --process-id with no coordinator: a one-line error (a one-host server
+    that never read them before)."""
+    from fastserve_jax.serve.cli import main
+
+    for name in ("FASTSERVE_COORDINATOR", "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["serve", "--num-processes", "2", "--process-id", "5"]) == 2
+    assert "--num-processes and --process-id need --coordinator-address" in capsys.readouterr().err
+    assert main(["serve", "--num-processes", "0"]) == 2
+    assert "--num-processes needs --coordinator-address" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mode", ["--no-engine-process", "--engine-process"])
 def test_ctrl_c_during_a_cold_warm_up_stops_the_server_without_compiling_the_rest(mode, tmp_path):
     """A cold full warm-up takes a minute or more (the demo model: 135 shapes, ~90 s on the
