@@ -234,6 +234,11 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     try:
         if a.num_requests is not None and a.num_requests < 1:
             raise ValueError(f"--num-requests must be >= 1 (or left out: the whole trace), got {a.num_requests}")
+        if a.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1 (simulations at a time), got {a.jobs}")
+        if not a.enable_prefix_caching and (a.shared_prefix_tokens or a.prefix_groups != 1):
+            print("warning: --shared-prefix-tokens and --prefix-groups shape the prompts' shared tokens, which "
+                  "only --enable-prefix-caching reads; without it they change nothing", file=sys.stderr)
         if a.arrival == "gamma" and (a.rate or a.load):
             gamma_shape(a.cv)                   # with_arrivals' check, before the trace and cost model load
         check_output(a.json, "--json")

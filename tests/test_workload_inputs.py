@@ -136,6 +136,7 @@ def test_simulate_load_is_a_fraction_of_the_capacity_within_its_token_budget(tra
     (["--rate", "1", "--arrival", "gamma", "--cv", "-1"], "--cv"),
     (["--rate", "1", "--arrival", "gamma", "--cv", "1e-300"], "--cv"),       # ZeroDivisionError before
     (["--load", "0.5", "--arrival", "gamma", "--cv", "1e300"], "--cv"),      # OverflowError before
+    (["--rate", "1", "--jobs", "-3"], "--jobs must be >= 1"),                 # accepted before
     (["--rate", "1", "--kv-capacity-tokens", "100"], "--kv-capacity-tokens"),
     (["--rate", "1", "--num-requests", "0"], "--num-requests must be >= 1"),   # "the trace has no requests" before
     (["--rate", "1", "--json", "/"], "--json /: a directory")])               # a traceback after the run before
@@ -143,6 +144,15 @@ def test_simulate_rejects_bad_input_with_an_error_line(trace, args, msg, capsys)
     assert main(["simulate", "--trace", trace, "--num-requests", "5", "--policy", "fcfs", *args]) == 2
     err = capsys.readouterr().err
     assert "error: " in err and msg in err and "Traceback" not in err
+
+
+def test_simulate_warns_that_shared_prefix_flags_need_prefix_caching(trace, capsys):
+    assert main(["simulate", "--trace", trace, "--num-requests", "5", "--policy", "fcfs", "--rate", "1",
+                 "--shared-prefix-tokens", "64"]) == 0
+    assert "warning: --shared-prefix-tokens and --prefix-groups" in capsys.readouterr().err
+    assert main(["simulate", "--trace", trace, "--num-requests", "5", "--policy", "fcfs", "--rate", "1",
+                 "--shared-prefix-tokens", "64", "--enable-prefix-caching"]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cv", [1e-300, 1e-155, 1e155, 1e300, 0.0, float("nan")])
