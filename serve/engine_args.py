@@ -15,6 +15,7 @@ from fastserve_jax.serve.compat_flags import add_compat_flags
 # (the model is LLM's first argument; bench gives each started server its own scheduler)
 # the shape lists every launch pads to (EngineConfig's; unset: derived from the limits)
 BUCKET_OPTIONS = ("decode_batch_buckets", "prefill_token_buckets", "block_buckets")
+PATH_OPTIONS = ("model", "tokenizer", "cost_model")
 ENGINE_OPTIONS = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                   "gpu_memory_utilization", "num_device_blocks", "num_host_blocks", "swap_space", "swap_policy", "cost_model", "seed",
                   "tensor_parallel_size", "pipeline_parallel_size", "batches_in_flight", "warmup",
@@ -172,10 +173,13 @@ def check_engine_args(a: argparse.Namespace, scheduler: str | None = None) -> No
 
 def engine_argv(a: argparse.Namespace) -> list[str]:
     """The flags that give a started `fastserve-jax serve` the same engine (model included, the
-    scheduler left out); options at None (their defaults) are not passed."""
+    scheduler left out); options at None (their defaults) are not passed. A relative path that
+    exists here is passed absolute: the server starts in another directory (bench_server.ROOT)."""
     argv = []
     for flag in ("model", *ENGINE_OPTIONS):
         v = getattr(a, flag)
+        if flag in PATH_OPTIONS and v is not None and os.path.exists(v):     # a shipped cost model's name is not
+            v = os.path.abspath(v)
         if v is not None:
             argv += [f"--{flag.replace('_', '-')}", ",".join(map(str, v)) if flag in BUCKET_OPTIONS else str(v)]
     if not a.protect_decodes:

@@ -322,3 +322,19 @@ def test_bench_refuses_an_output_scale_that_is_not_positive(trace, no_launch, sc
     answer into 2 tokens without a word."""
     assert main(["bench", "--trace", trace, "--scheduler", "fcfs", "--num-requests", "2", "--output-scale", scale]) == 2
     assert "error: --output-scale must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_bench_hands_its_servers_absolute_paths(tmp_path, monkeypatch):
+    """The servers bench starts run in the repository's root (bench_server.ROOT): a relative
+    --model, --tokenizer or --cost-model that exists here goes to them absolute (it passed the
+    check here and was not found there before); a shipped cost model's name stays a name."""
+    from fastserve_jax.serve.engine_args import engine_argv, parse_engine_args
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "cost.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    argv = engine_argv(parse_engine_args(["--model", "m", "--tokenizer", "m", "--cost-model", "cost.json"]))
+    for flag, name in (("--model", "m"), ("--tokenizer", "m"), ("--cost-model", "cost.json")):
+        assert argv[argv.index(flag) + 1] == str(tmp_path / name)
+    argv = engine_argv(parse_engine_args(["--cost-model", "opt-13b-a100"]))
+    assert argv[argv.index("--cost-model") + 1] == "opt-13b-a100"
