@@ -7,7 +7,7 @@ unknown fields, and return a `Job`. Each error names the field and the accepted 
 Extensions beyond OpenAI's parameters, as vLLM names them (both endpoints):
 
 - `top_k` (-1 disables it);
-- `repetition_penalty` (> 0, 1 disables it) and `min_p` (in [0, 1], 0 disables it), with
+- `repetition_penalty` (in [1e-30, 1e30], 1 disables it) and `min_p` (in [0, 1], 0 disables it), with
   SamplingParams' semantics; left out, the model's generation_config.json value or neutral;
 - `priority` (an integer, accepted and passed along; see serve/app.py for what the
   policies do with it);
@@ -62,7 +62,7 @@ from typing import Any
 
 from fastserve_jax.chat_template import ChatOptions, ChatTemplateError, check_messages
 from fastserve_jax.config import MAX_LOGPROBS
-from fastserve_jax.sampling_params import MAX_LOGIT_BIAS
+from fastserve_jax.sampling_params import FLOAT32_SAFE, MAX_LOGIT_BIAS
 
 from fastserve_jax.serve.errors import APIError, bad_request
 from fastserve_jax.serve.protocol_extras import FIELDS as EXTRA_FIELDS, parse_extras
@@ -174,8 +174,10 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
 
 def _repetition_penalty(body: dict) -> float | None:
     v = _num(body, "repetition_penalty", None, -math.inf, math.inf)
-    if v is not None and v <= 0:
-        raise bad_request(f"'repetition_penalty' must be a number > 0 (1 disables it), got {v}", "repetition_penalty")
+    lo, hi = FLOAT32_SAFE          # SamplingParams' range: 1e-300 is 0 in float32, 1e300 inf
+    if v is not None and not lo <= v <= hi:
+        raise bad_request(f"'repetition_penalty' must be a number in [{lo:g}, {hi:g}] (1 disables it), got {v}",
+                          "repetition_penalty")
     return v
 
 

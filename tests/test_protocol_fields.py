@@ -99,7 +99,8 @@ REJECTED = [
     ({"skip_special_tokens": "false"}, "skip_special_tokens", "true or false"),
     ({"spaces_between_special_tokens": 0}, "spaces_between_special_tokens", "true or false"),
     ({"include_stop_str_in_output": 1}, "include_stop_str_in_output", "true or false"),
-    ({"repetition_penalty": 0}, "repetition_penalty", "must be a number > 0"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "must be a number in [1e-30, 1e+30]"),
+    ({"repetition_penalty": 1e300}, "repetition_penalty", "must be a number in"),     # a float32 overflow warning before
     ({"repetition_penalty": "1.1"}, "repetition_penalty", "must be a number"),
     ({"min_p": 1.5}, "min_p", "must be in [0.0, 1.0]"),
     ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens", "must be -1 (what the context holds) or >= 1"),
