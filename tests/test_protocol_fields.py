@@ -101,6 +101,9 @@ REJECTED = [
     ({"include_stop_str_in_output": 1}, "include_stop_str_in_output", "true or false"),
     ({"repetition_penalty": 0}, "repetition_penalty", "must be a number in [1e-30, 1e+30]"),
     ({"repetition_penalty": 1e300}, "repetition_penalty", "must be a number in"),     # a float32 overflow warning before
+    ({"repetition_penalty": 10**309}, "repetition_penalty", "must be a finite number"),   # a 500 (OverflowError) before
+    ({"temperature": -10**309}, "temperature", "must be a finite number"),
+    ({"n": 10**400}, "n", "got 10000000000000000000...(401 characters)"),       # all 401 digits before
     ({"repetition_penalty": "1.1"}, "repetition_penalty", "must be a number"),
     ({"min_p": 1.5}, "min_p", "must be in [0.0, 1.0]"),
     ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens", "must be -1 (what the context holds) or >= 1"),
