@@ -5,6 +5,9 @@ against transformers `generate` on the same device, for the reference and the Pa
     PYTHONPATH=. python scripts/device_check.py --model 1b # Llama-3.2-1B shapes
     PYTHONPATH=. python scripts/device_check.py --smoke    # CPU, tiny model, seconds (tests run this)
 
+Before a run on a lent device, check it here: `python3 -m pytest -m slow tests/test_device_check.py`
+(the smoke run; out of the default suite since 2026-12-06, 12-15 s of its 2 cores).
+
 Runs from the source tree (no install, no server imports). Steps, in order:
 1. the device's rates, each the best of XLA's and torch's: HBM bandwidth from a copy and a sum
    over a large array, bf16 peak from a large square matmul;

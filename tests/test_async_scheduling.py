@@ -65,8 +65,12 @@ def _serve(llm, prompts, params, abort_at=None):
             for r in reqs]
 
 
-@pytest.mark.parametrize("scheduler,swap_policy", [("fcfs", "proactive"), ("skip-join-mlfq", "proactive"),
-                                                   ("skip-join-mlfq", "recompute"), ("mlfq", "reactive")])
+# the default policy and the baseline, swapping proactively, in the default suite; the other
+# swap policies with -m slow (and in scripts/fuzz_engine.py's seeds, async or not)
+@pytest.mark.parametrize("scheduler,swap_policy", [
+    ("fcfs", "proactive"), ("skip-join-mlfq", "proactive"),
+    pytest.param("skip-join-mlfq", "recompute", marks=pytest.mark.slow),
+    pytest.param("mlfq", "reactive", marks=pytest.mark.slow)])
 def test_async_scheduling_serves_exactly_what_the_synchronous_engine_does(tiny_checkpoints, scheduler, swap_policy):
     """A device pool of 30 blocks for 24 requests: requests are preempted, swapped or
     recomputed while their previous batch is still in flight; a request is aborted midway."""

@@ -14,6 +14,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow      # 12-15 s of the default suite's 2 cores; run it before any device run (docs/device_runs)
 def test_smoke_run_fills_every_cell(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OUT=str(tmp_path))
     run = ("import runpy, sys; sys.argv = ['device_check.py', '--smoke', '--no-parity']; "

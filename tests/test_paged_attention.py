@@ -135,7 +135,8 @@ def _check_block_walks():
         assert np.all(np.isfinite(out))
 
 
-@pytest.mark.parametrize("keys", [4, 12, 16])
+@pytest.mark.parametrize("keys", [pytest.param(4, marks=pytest.mark.slow), 12,     # 3 blocks a step: partial
+                                  pytest.param(16, marks=pytest.mark.slow)])       # steps in the default suite
 def test_tpu_kernel_in_steps_of_several_blocks(keys, monkeypatch):
     """The Mosaic kernel copying and scoring 1, 3 or 4 blocks of 4 tokens per step (the
     default, 128 keys, takes these launches' rows in one step): decode rows of 1, 2, 3 and 6
