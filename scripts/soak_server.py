@@ -10,7 +10,8 @@ A real server process (the bundled demo model, which counts: "count from A to B:
                 one logprob per token
     echo        the same with echo, not streamed: the prompt, then the answer (with logprobs,
                 the prompt tokens' first: null, then one per token)
-    stop        a stop string inside the answer: the text up to it, finish_reason "stop"
+    stop        a stop string inside the answer: the text up to it, finish_reason "stop",
+                stop_reason that string (vLLM's; null for exact, echo and length)
     length      max_tokens under the answer's length: its first max_tokens numbers, "length"
     seeded      temperature 1 with a seed, sent twice at different times (so in different
                 batches): both answers the same (samples depend only on the seed and step)
@@ -130,7 +131,7 @@ class Soak:
             k = rng.randrange(a, b + 1)
             stop = f" {k}"
             body["stop"] = [stop]
-            await self.check_choices(kind, body, stream, [want[:want.find(stop)]], "stop", None)
+            await self.check_choices(kind, body, stream, [want[:want.find(stop)]], "stop", None, stop)
         elif kind == "length":
             m = rng.randrange(1, b - a + 2)
             body["max_tokens"] = m
@@ -189,12 +190,15 @@ class Soak:
         self.cached_tokens += cached or 0
 
     async def check_choices(self, kind: str, body: dict, stream: bool, texts: list[str], finish: str,
-                            tokens: int | None) -> None:
+                            tokens: int | None, stop_reason: str | None = None) -> None:
+        """`stop_reason`: each choice's (the stop string that ended it; None at EOS or length)."""
+        n = len(texts)
         if stream:
             res = await bench_client.stream(self.url, "/v1/completions",
                                             dict(body, stream=True, stream_options={"include_usage": True}))
             got = [res.text] if res.status == 200 and res.done and not res.error else None
             reasons, used, detail = [res.finish_reason], res.completion_tokens, f"{res.status} {res.error}"
+            stops = res.stop_reasons
             if len(texts) > 1:                 # n > 1 streams interleave choices: compare as a multiset
                 got, texts = (sorted(got[0].split(" ")) if got else None), sorted("".join(texts).split(" "))
         else:
@@ -202,6 +206,7 @@ class Soak:
             ok = status == 200 and "choices" in out
             got = [c["text"] for c in out["choices"]] if ok else None
             reasons = [c["finish_reason"] for c in out["choices"]] if ok else []
+            stops = [c.get("stop_reason", "absent") for c in out["choices"]] if ok else []
             used, detail = (out.get("usage") or {}).get("completion_tokens"), f"{status} {str(out)[:200]}"
             for c in out.get("choices", []) if ok and body.get("logprobs") is not None else []:
                 lps = c["logprobs"]["token_logprobs"]
@@ -209,9 +214,11 @@ class Soak:
                 if len(lps) != prompt + (tokens or 0) // len(texts) or (prompt and lps[0] is not None) \
                         or any(x is None or x > 0 for x in lps[1 if prompt else 0:]):
                     got = [f"bad logprobs {lps}"]
-        if got != texts or any(r != finish for r in reasons) or (tokens is not None and used != tokens):
+        if got != texts or any(r != finish for r in reasons) or (tokens is not None and used != tokens) \
+                or (got is not None and stops != [stop_reason] * n):
             self.fail(kind, f"{body['prompt']!r} stream={stream}: got {got and [t[:60] for t in got]} "
-                            f"{reasons} {used} tokens, want {[t[:60] for t in texts]} {finish} {tokens} ({detail})")
+                            f"{reasons} {used} tokens stop_reason {stops}, want {[t[:60] for t in texts]} {finish} "
+                            f"{tokens} stop_reason {stop_reason} ({detail})")
 
     async def run(self, seconds: float, clients: int, pid: int) -> list[int]:
         """The clients until `seconds` have passed; the server's RSS (KiB) every 30 s."""

@@ -35,6 +35,7 @@ class Result:
     text: str = ""
     ids: set[str] = field(default_factory=set)      # response ids seen (one expected)
     finish_reason: str | None = None
+    stop_reasons: list = field(default_factory=list)  # each choice's, from its last chunk (vLLM's stop_reason)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     done: bool = False                              # saw `data: [DONE]`
@@ -166,6 +167,8 @@ def _event(res: Result, event: str) -> bool:
         text = ch.get("text", ch.get("delta", {}).get("content")) or ""
         res.text += text
         res.finish_reason = ch.get("finish_reason") or res.finish_reason
+        if "stop_reason" in ch:
+            res.stop_reasons.append(ch["stop_reason"])
         token = token or bool(text or ch.get("finish_reason"))
     if token:
         res.chunk_times.append(time.perf_counter())
