@@ -138,3 +138,22 @@ def test_parallel_fuzz_seeds_pass():
 
     lines = [fuzz_parallel.run_seed(seed) for seed in range(4)]
     assert all(" ok: " in line for line in lines)
+
+
+def test_the_recomputed_noise_is_the_samplers():
+    """fuzz_engine.gumbel(seed, step, vocab) is the noise the device sampler adds to a seeded
+    row's tempered logits: its argmax is the sampler's token (the tie rule above relies on it)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fastserve_jax.sampling import SamplingArrays, _sample_random
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 256)).astype(np.float32)
+    temps, seeds, steps = [0.7, 1.0, 1.3, 1.0], [5, 12345, 2**31 + 7, 0], [0, 3, 17, 255]
+    s = SamplingArrays(jnp.asarray(temps, jnp.float32), jnp.zeros(4, jnp.int32), jnp.ones(4, jnp.float32),
+                       jnp.zeros(4, jnp.float32), jnp.asarray(seeds, jnp.uint32), jnp.asarray(steps, jnp.int32))
+    got = np.asarray(_sample_random(jnp.asarray(logits), s))
+    want = [int(np.argmax(logits[i] / temps[i] + fuzz_engine.gumbel(seeds[i], steps[i], 256))) for i in range(4)]
+    assert got.tolist() == want
+    assert want != [int(np.argmax(row)) for row in logits]       # the noise moved at least one row off its argmax
