@@ -290,7 +290,8 @@ def test_engine_applies_logit_bias_and_min_tokens(warm):
 def test_min_tokens_holds_back_eos_and_stop_strings():
     """The demo model counts and ends with EOS; min_tokens makes it go on past its EOS, and a
     stop string in the first min_tokens tokens is not looked for (vLLM's semantics)."""
-    llm = LLM(warmup=False)
+    llm = LLM(warmup=False, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64, decode_batch_buckets=(4,),
+              prefill_token_buckets=(64,), block_buckets=(8, 24))     # a few small programs
     prompt = "count from 3 to 12:"
     base = SamplingParams(max_tokens=30, temperature=0)
     plain = llm.generate(prompt, base)[0]

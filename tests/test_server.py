@@ -525,9 +525,11 @@ def test_a_drain_that_begins_while_a_prompt_is_tokenized_refuses_it_with_a_503(l
     assert status == 503 and "shutting down" in err["error"]["message"] and "retry-after" in map(str.lower, headers)
 
 
-def test_load_200_requests_32_clients_with_disconnects(live):
+def test_load_100_requests_32_clients_with_disconnects(live):
+    """Concurrency, hang-ups and accounting over HTTP (scripts/soak_server.py runs thousands
+    of such requests; 200 here took 9.6 s of the suite on a slow VM)."""
     rng = np.random.default_rng(5)
-    n = 200
+    n = 100
     tok = live.state.engine.engine.tokenizer
     pairs, cut = load_pairs(rng, n, 8, tok)
     payloads = [_counting(a, b, stream=True, stream_options={"include_usage": True}) for a, b in pairs]

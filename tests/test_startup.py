@@ -74,8 +74,7 @@ def test_an_entry_cut_short_compiles_again_once_not_at_every_start(tmp_path):
     """jax never replaces an existing entry, so one cut short (the process killed while
     writing it) used to fail to load and compile again at every start."""
     cache = str(tmp_path / "xla")
-    assert "misses 0" not in _tiny_start(cache).stdout
-    assert "misses 0" in _tiny_start(cache).stdout
+    assert "misses 0" not in _tiny_start(cache).stdout     # (that a whole entry loads: the test above)
     entry = max((n for n in os.listdir(cache) if n.endswith("-cache")), key=lambda n: os.path.getsize(os.path.join(cache, n)))
     with open(os.path.join(cache, entry), "r+b") as f:
         f.truncate(os.path.getsize(f.name) // 2)
