@@ -109,10 +109,15 @@ _NOT_HERE = {"tool_calls": "tool calling", "function_call": "tool calling", "aud
              "annotations": "annotations"}
 
 
+# The content-part types read as text, and the field holding it: OpenAI's text and refusal parts,
+# and the Responses API's input_text, which vLLM's chat endpoint reads as text too.
+TEXT_PARTS = {"text": "text", "input_text": "text", "refusal": "refusal"}
+
+
 def check_messages(v: Any) -> list[dict]:
     """One conversation as the template renders it, checked as the server's `messages` (a
-    ValueError naming the message): roles of ROLES, an array of text parts joined with newlines
-    (as vLLM joins them), an assistant's null content read as "", the fields the OpenAI SDK
+    ValueError naming the message): roles of ROLES, an array of text parts (TEXT_PARTS) joined
+    with newlines (as vLLM joins them), an assistant's null content read as "", the fields the OpenAI SDK
     dumps into an answer null or empty and left out (`refusal` a string or null)."""
     if not isinstance(v, (list, tuple)) or not v:
         raise ValueError("'messages' must be a non-empty array of {\"role\", \"content\"} objects")
@@ -133,11 +138,11 @@ def check_messages(v: Any) -> list[dict]:
         if content is None and m["role"] == "assistant":   # an assistant turn that only called tools (none here)
             content = ""
         if isinstance(content, list):   # content parts: only text is supported
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise ValueError(f"messages[{i}].content parts must be {{\"type\": \"text\", \"text\": ...}}; "
-                                 "only text parts are accepted")
-            content = "\n".join(p["text"] for p in content)
+            if not all(isinstance(p, dict) and isinstance(p.get("type"), str) and p["type"] in TEXT_PARTS and
+                       isinstance(p.get(TEXT_PARTS[p["type"]]), str) for p in content):
+                raise ValueError(f"messages[{i}].content parts must be {{\"type\": \"text\", \"text\": ...}} "
+                                 "(or vLLM's \"input_text\" and \"refusal\" parts); only text parts are accepted")
+            content = "\n".join(p[TEXT_PARTS[p["type"]]] for p in content)
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}].content must be a string or an array of text parts")
         msg = {"role": m["role"], "content": check_text(content, f"messages[{i}].content")}

@@ -97,8 +97,16 @@ def test_conversations_are_checked_and_joined_as_the_servers_messages():
              {"role": "assistant", "content": None, "refusal": None, "tool_calls": []}]
     assert conversations(parts) == [[{"role": "user", "content": "count from 3\nto 9:"},
                                      {"role": "assistant", "content": ""}]]
+    # vLLM's other text parts: a refusal part and the Responses API's input_text
+    vllm_parts = [{"role": "user", "content": [{"type": "input_text", "text": "a"}, {"type": "text", "text": "b"}]},
+                  {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}]
+    assert conversations(vllm_parts) == [[{"role": "user", "content": "a\nb"}, {"role": "assistant", "content": "no"}]]
     for bad, message in (([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
                           "only text parts"),
+                         ([{"role": "user", "content": [{"type": "refusal", "text": "x"}]}], "only text parts"),
+                         ([{"role": "user", "content": [{"type": "input_text", "text": 5}]}], "only text parts"),
+                         ([{"role": "user", "content": [{"type": ["text"], "text": "x"}]}], "only text parts"),
+                         ([{"role": "user", "content": [{"type": "image_url", "": "x"}]}], "only text parts"),
                          ([{"role": "wizard", "content": "x"}], "'role' one of"),
                          ([{"role": "user", "content": 5}], "must be a string or an array of text parts"),
                          ([{"role": "user", "content": "x", "name": 3}], r"\[0\].name must be a string")):
