@@ -2,12 +2,15 @@
 trace, and the capacity a cost model implies for a workload. numpy only.
 
 A trace is a CSV with the columns num_prefill_tokens and num_decode_tokens, and optionally
-arrived_at (seconds), like ../shared/traces/azure_conv_2023.csv.
+arrived_at (seconds), like ../shared/traces/azure_conv_2023.csv (Vidur's processing of Azure's
+trace). The Azure LLM inference traces as Azure publishes them (AzurePublicDataset:
+TIMESTAMP,ContextTokens,GeneratedTokens, the time a date and time of day) are read as well.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime
 import functools
 import math
 from dataclasses import dataclass, replace
@@ -39,17 +42,23 @@ def load_trace(path: str, num_requests: int | None = None) -> tuple[list[TraceRe
         rows = csv.DictReader(f)
         try:
             cols = set(rows.fieldnames or ())
+            azure = set(AZURE_COLUMNS) - {"TIMESTAMP"} <= cols and not cols & set(AZURE_COLUMNS.values())
+            if azure:
+                cols = {AZURE_COLUMNS.get(c, c) for c in cols}
             missing = {"num_prefill_tokens", "num_decode_tokens"} - cols
             if missing:
                 raise ValueError(f"trace {path} lacks the column(s) {sorted(missing)} (its columns "
                                  f"{list(rows.fieldnames or ())}); a trace is a CSV with "
-                                 "num_prefill_tokens,num_decode_tokens and optionally arrived_at")
+                                 "num_prefill_tokens,num_decode_tokens and optionally arrived_at, or "
+                                 "Azure's ContextTokens,GeneratedTokens and optionally TIMESTAMP")
             timed = "arrived_at" in cols
             out = []
             for i, r in enumerate(rows):
                 if num_requests is not None and i >= num_requests and not timed:   # timed: the earliest N, below
                     break
-                out.append(_trace_row(r, timed, f"trace {path} line {rows.line_num}"))
+                if azure:
+                    r = {AZURE_COLUMNS.get(k, k): v for k, v in r.items()}
+                out.append(_trace_row(r, timed, f"trace {path} line {rows.line_num}", azure))
         except (UnicodeDecodeError, csv.Error) as e:    # not text, or a field over csv's limit: name the file
             raise ValueError(f"trace {path} line {rows.line_num + 1}: not a CSV of UTF-8 text ({e})") from None
     if not out:
@@ -62,17 +71,33 @@ def load_trace(path: str, num_requests: int | None = None) -> tuple[list[TraceRe
     return out, timed
 
 
-def _trace_row(r: dict, timed: bool, where: str) -> TraceRequest:
-    """One CSV row (csv.DictReader's dict: a short row has None for its missing fields)."""
+# Azure's column -> ours. Its TIMESTAMP is a date and time of day ("2023-11-16 18:15:46.6805900").
+AZURE_COLUMNS = {"TIMESTAMP": "arrived_at", "ContextTokens": "num_prefill_tokens",
+                 "GeneratedTokens": "num_decode_tokens"}
+
+
+def _azure_seconds(text: str) -> float:
+    """Seconds since the epoch of an Azure TIMESTAMP (no zone: read as UTC, so no daylight-saving
+    jump lands inside a trace); fromisoformat reads its 7 fractional digits to the microsecond."""
+    t = datetime.datetime.fromisoformat(text.strip())
+    return (t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)).timestamp()
+
+
+def _trace_row(r: dict, timed: bool, where: str, azure: bool = False) -> TraceRequest:
+    """One CSV row (csv.DictReader's dict: a short row has None for its missing fields), with
+    Azure's columns already renamed to ours (`azure`: its times are dates)."""
     fields = ("arrived_at",) * timed + ("num_prefill_tokens", "num_decode_tokens")
     absent = [k for k in fields if r.get(k) in (None, "")]
     if absent:
-        raise ValueError(f"{where}: no value for {', '.join(absent)}; every row needs {','.join(fields)}")
+        names = {v: k for k, v in AZURE_COLUMNS.items()} if azure else {}
+        raise ValueError(f"{where}: no value for {', '.join(names.get(k, k) for k in absent)}; every row needs "
+                         + ",".join(names.get(k, k) for k in fields))
     try:
         p, o = int(r["num_prefill_tokens"]), int(r["num_decode_tokens"])
-        t = float(r["arrived_at"]) if timed else 0.0
+        t = (_azure_seconds(r["arrived_at"]) if azure else float(r["arrived_at"])) if timed else 0.0
     except ValueError:
-        raise ValueError(f"{where}: prompt and output lengths must be integers and arrived_at a number, got "
+        what = "TIMESTAMP a date and time (2023-11-16 18:15:46.68)" if azure else "arrived_at a number"
+        raise ValueError(f"{where}: prompt and output lengths must be integers and {what}, got "
                          + ",".join(str(r[k]) for k in fields)) from None
     if p < 1 or o < 1:
         raise ValueError(f"{where}: prompt and output lengths must be >= 1, got {p}, {o}")

@@ -79,7 +79,8 @@ def add_bench_parser(sub) -> None:
                         "skewed short with a long tail (workload.chat_output_lengths)")
     g.add_argument("--output-scale", type=float, default=0.5,
                    help="trace output lengths are multiplied by this (--output-dist trace)")
-    g.add_argument("--trace", default=TRACE, help="CSV with num_decode_tokens (and arrived_at for --arrivals trace)")
+    g.add_argument("--trace", default=TRACE, help="CSV with num_decode_tokens (and arrived_at for --arrivals trace), or Azure's "
+                   "published GeneratedTokens (and TIMESTAMP)")
     g.add_argument("--api-key", default=None, help="bearer token for the server")
     g.add_argument("--workload-seed", type=seed_arg, default=0, help="seed of the sampled requests and arrivals")
     g.add_argument("--json", default=None, help="also write the figures to this file")
@@ -99,7 +100,7 @@ def pick_requests(trace: str, n: int, timed: bool, rate: float, seed: int):
     arrived_at (timed) or with fewer than n rows raises a ValueError."""
     rows, has_times = load_trace(trace)
     if timed and not has_times:
-        raise ValueError(f"{trace} has no arrived_at column; use --arrivals poisson")
+        raise ValueError(f"{trace} has no arrival times (arrived_at or TIMESTAMP); use --arrivals poisson")
     if len(rows) < n:
         raise ValueError(f"{trace} has {len(rows)} requests, fewer than the {n} asked; lower --num-requests")
     rng = np.random.default_rng(seed)

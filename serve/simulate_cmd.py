@@ -39,7 +39,8 @@ def add_simulate_parser(sub) -> None:
     p = sub.add_parser("simulate", help="run scheduling policies on a trace in the simulator (no model, no device)",
                        description="Simulate policies on a trace with a cost model: the real scheduler and KV "
                                    "manager, with step times from the cost model instead of a device.")
-    p.add_argument("--trace", required=True, help="CSV with num_prefill_tokens,num_decode_tokens[,arrived_at]")
+    p.add_argument("--trace", required=True, help="CSV with num_prefill_tokens,num_decode_tokens[,arrived_at] (seconds), or Azure's "
+                   "published ContextTokens,GeneratedTokens[,TIMESTAMP]")
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--rate", type=float, nargs="+", help="arrival rate(s) in requests/s (several: a sweep)")
     rate.add_argument("--load", type=float, nargs="+",
@@ -269,7 +270,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
             r = (len(trace) - 1) / span if span > 0 else 0.0
             points = [(None, r / capacity if r else None, r or None)]
         else:
-            raise ValueError(f"trace {a.trace} has no arrived_at column; give --rate or --load")
+            raise ValueError(f"trace {a.trace} has no arrival times (arrived_at or TIMESTAMP); give --rate or --load")
         if any(r is not None and not (math.isfinite(r) and r > 0) for r, _, _ in points):
             raise ValueError(f"--rate and --load must be finite numbers > 0, got {a.rate or a.load}")
         policies, slos = a.policy or [DEFAULT_POLICY], a.slo or PAPER_SLOS

@@ -88,6 +88,27 @@ def test_a_trace_saved_with_a_byte_order_mark_keeps_its_first_column(tmp_path):
         load_trace(write(tmp_path, "spaced.csv", "arrived_at, num_prefill_tokens, num_decode_tokens\n0,1,1\n"))
 
 
+def test_azures_published_trace_format_loads_as_ours(tmp_path):
+    """Azure's LLM inference traces as published (TIMESTAMP,ContextTokens,GeneratedTokens, the
+    time a date and time of day with 7 fractional digits) load as the processed ones do: times
+    in seconds from the earliest, rows sorted by time; without TIMESTAMP, untimed. A bad row
+    names Azure's columns."""
+    head = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+    rows = "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:50.9951690,396,109\n2023-11-16 18:15:45.0,10,3\n"
+    reqs, timed = load_trace(write(tmp_path, "az.csv", head + rows))
+    assert timed and [(r.prompt_tokens, r.output_tokens) for r in reqs] == [(10, 3), (374, 44), (396, 109)]
+    assert [r.arrival for r in reqs] == pytest.approx([0.0, 1.68059, 5.995169], abs=1e-6)
+    assert load_trace(write(tmp_path, "az2.csv", "ContextTokens,GeneratedTokens\n5,7\n")) == ([TraceRequest(0.0, 5, 7)], False)
+    with pytest.raises(ValueError, match=r"line 2: .*TIMESTAMP a date and time .*got yesterday,5,7"):
+        load_trace(write(tmp_path, "az3.csv", head + "yesterday,5,7\n"))
+    with pytest.raises(ValueError, match="line 3: no value for GeneratedTokens; every row needs "
+                                         "TIMESTAMP,ContextTokens,GeneratedTokens"):
+        load_trace(write(tmp_path, "az4.csv", head + "2023-11-16 18:15:45,5,7\n2023-11-16 18:15:46,5\n"))
+    # both namings in one file: ours win, Azure's columns are ignored as any other column
+    both = "arrived_at,num_prefill_tokens,num_decode_tokens,ContextTokens,GeneratedTokens\n0,5,7,1,1\n"
+    assert load_trace(write(tmp_path, "both.csv", both)) == ([TraceRequest(0.0, 5, 7)], True)
+
+
 @pytest.mark.parametrize("data", [b"\xff\xfe\x00garbage", HEAD.encode() + b"0,1,1\n0,\"" + b"1" * 200_000 + b"\",1\n"],
                          ids=["binary", "a field over csv's limit"])
 def test_a_file_that_is_not_a_text_csv_is_a_value_error_naming_it(tmp_path, data):
@@ -211,7 +232,7 @@ def no_launch(monkeypatch):
 
 
 @pytest.mark.parametrize("rows,args,msg", [
-    ("num_prefill_tokens,num_decode_tokens\n10,5\n20,6\n", ["--arrivals", "trace"], "no arrived_at"),
+    ("num_prefill_tokens,num_decode_tokens\n10,5\n20,6\n", ["--arrivals", "trace"], "no arrival times (arrived_at or TIMESTAMP)"),
     ("num_prefill_tokens,num_decode_tokens\n10,5\n20,6\n", ["--num-requests", "3"], "fewer than the 3"),
     (HEAD + "0,10,5\n1,20,6\n", ["--arrivals", "trace", "--num-requests", "3"], "fewer than the 3"),
     ("num_prefill_tokens,num_decode_tokens\n10,5\n20\n", ["--num-requests", "1"], "line 3")])
