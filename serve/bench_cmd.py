@@ -7,7 +7,10 @@ the 257 tokens the demo model answers reliably), so every answer is checkable. W
 2 to 257 tokens, skewed short with a long tail like chat answers (workload.chat_output_lengths:
 median 16, mean 44, the longest 10% carry 43% of the tokens). Arrivals are Poisson at each
 --rate, or the trace's own timestamps (a contiguous window) scaled to that mean rate. Every
-request streams; latencies are measured by the client.
+request streams; latencies are measured by the client. Another model gets `--dataset random`
+(the default for a --model, or a --url server that does not serve "demo"): prompts of random
+token ids with the trace's prompt lengths, answers of exactly its output lengths
+(`ignore_eos`), checked by their length (bench_random.py).
 
 Either bench a running server (--url; its policy comes from /health, and the engine options,
 --scheduler and --engine-process, which configure a started server, are ignored with a
@@ -43,6 +46,7 @@ from fastserve_jax.workload import TraceRequest, chat_output_lengths, load_trace
 # fastserve_jax.models (demo_task) is imported in the functions that use it: it imports flax
 # and jax, which `fastserve-jax --help`, `simulate` and `serve`'s own start do without
 from fastserve_jax.serve import bench_client
+from fastserve_jax.serve.bench_random import length_problem, random_workload, served_models, server_vocabulary
 from fastserve_jax.serve.bench_server import LaunchedServer, ServerNotReady
 from fastserve_jax.serve.engine_args import add_engine_args, check_engine_args, engine_argv, parse_engine_args
 from fastserve_jax.serve.simulate_cmd import add_slo_args, check_output, print_summary, seed_arg
@@ -74,11 +78,16 @@ def add_bench_parser(sub) -> None:
     g.add_argument("--arrivals", default="poisson", choices=["poisson", "trace"],
                    help="poisson gaps, or the trace's own timestamps scaled to the rate")
     g.add_argument("--num-requests", type=int, default=80, help="requests per rate")
+    g.add_argument("--dataset", default="auto", choices=["auto", "counting", "random"],
+                   help="counting prompts with checked answers (the demo model), or random token-id prompts "
+                        "of the trace's prompt lengths answered with exactly its output lengths (any model; "
+                        "vLLM's random dataset); auto: counting for the demo model, else random")
     g.add_argument("--output-dist", default="trace", choices=["trace", "chat"],
                    help="output lengths: the trace's (times --output-scale), or chat-like over 2..257 tokens, "
                         "skewed short with a long tail (workload.chat_output_lengths)")
-    g.add_argument("--output-scale", type=float, default=0.5,
-                   help="trace output lengths are multiplied by this (--output-dist trace)")
+    g.add_argument("--output-scale", type=float, default=None,
+                   help="trace output lengths are multiplied by this (--output-dist trace; default 0.5 for "
+                        "counting, whose answers stop at 257 tokens, 1 for random)")
     g.add_argument("--trace", default=TRACE, help="CSV with num_decode_tokens (and arrived_at for --arrivals trace), or Azure's "
                    "published GeneratedTokens (and TIMESTAMP)")
     g.add_argument("--api-key", default=None, help="bearer token for the server")
@@ -150,24 +159,36 @@ def slo_figures(results: list[bench_client.Result], slos) -> dict:
 
 
 def run_rate(url: str, work, arrivals, api_key: str | None, slos) -> dict:
-    from fastserve_jax.models import demo_task
     results = asyncio.run(bench_client.run_load(url, [w[0] for w in work], arrivals, api_key=api_key))
     m = bench_client.summarize(results)
     m.update(slo_figures(results, slos))
-    m["wrong"] = sum(1 for r, (_, (a, b)) in zip(results, work) if r.ok and not demo_task.check_answer(a, b, r.text))
+    m["wrong"] = sum(1 for r, (_, want) in zip(results, work) if r.ok and answer_problem(r, want))
     return m
 
 
-def answer_problems(results: list[bench_client.Result], work, what: str = "request") -> list[str]:
-    """Every request that failed or whose answer is not exactly the count, in words."""
+def answer_problem(r: bench_client.Result, want) -> str | None:
+    """What is wrong with a completed answer (None: nothing): `want` is a counting request's
+    (A, B), or a random-dataset request's exact length (bench_random.py)."""
+    if not isinstance(want, tuple):
+        return length_problem(r, want)
     from fastserve_jax.models import demo_task
+    if not demo_task.check_answer(*want, r.text) or r.completion_tokens != demo_task.answer_num_tokens(*want):
+        return (f"{r.completion_tokens} tokens (want {demo_task.answer_num_tokens(*want)}), "
+                f"text {r.text[:80]!r}...{r.text[-40:]!r}")
+    return None
+
+
+def answer_problems(results: list[bench_client.Result], work, what: str = "request") -> list[str]:
+    """Every request that failed or whose answer is wrong (answer_problem), in words."""
     out = []
-    for i, (r, (_, (a, b))) in enumerate(zip(results, work)):
-        want, name = demo_task.answer_num_tokens(a, b), f"{what} {i} (count from {a} to {b})"
+    for i, (r, (_, want)) in enumerate(zip(results, work)):
+        name = f"{what} {i} " + (f"(count from {want[0]} to {want[1]})" if isinstance(want, tuple) else
+                                 f"({want} tokens)")
+        problem = None if not r.ok else answer_problem(r, want)
         if not r.ok:
             out.append(f"{name} failed: {r.error or f'status {r.status}'}")
-        elif not demo_task.check_answer(a, b, r.text) or r.completion_tokens != want:
-            out.append(f"{name}: {r.completion_tokens} tokens (want {want}), text {r.text[:80]!r}...{r.text[-40:]!r}")
+        elif problem:
+            out.append(f"{name}: {problem}")
     return out
 
 
@@ -217,6 +238,28 @@ def probe_unloaded(url: str, work, api_key: str | None) -> float:
     return slo_figures(results, ())["mean_latency_per_token"]
 
 
+def workload_builder(a: argparse.Namespace, url: str):
+    """(n, timed, rate, seed) -> (work, arrivals) for the server at `url`: counting requests
+    (build_workload) or, with --dataset random (auto: unless it serves "demo"), random ones."""
+    dataset = a.dataset
+    if dataset == "auto":
+        served = served_models(url, a.api_key)
+        dataset = "counting" if "demo" in served else "random"
+        print(f"  --dataset auto: {dataset} (the server serves {served or 'no model it lists'})", file=sys.stderr)
+    a.dataset = dataset                 # for the JSON
+    if a.output_scale is None:
+        a.output_scale = 0.5 if dataset == "counting" else 1.0
+    if dataset == "counting":
+        return lambda n, timed, rate, seed: build_workload(a.trace, n, a.output_scale, timed, rate, seed,
+                                                           a.output_dist)
+    ids, limit = server_vocabulary(url, a.api_key)
+
+    def make(n: int, timed: bool, rate: float, seed: int):
+        picked, arrivals, _ = pick_requests(a.trace, n, timed, rate, seed)
+        return random_workload(picked, ids, limit, a.output_scale, a.output_dist, seed), arrivals
+    return make
+
+
 def launch_only_flags(a: argparse.Namespace) -> list[str]:
     """The options given (at other than their defaults) that only configure a server bench
     starts: the engine options, --scheduler and --engine-process. With --url nothing reads them."""
@@ -264,14 +307,15 @@ def print_table(rows: list[tuple[str, float, dict]]) -> None:
           "(last token chunk - first) / (completion tokens - 1), per request; itl: gap between consecutive token "
           "chunks, pooled; e2e: response complete - request sent; ms/tok: e2e / completion tokens, mean over "
           f"requests; tok/s: output tokens over the run; slo %: requests within TTFT,TPOT {pairs}; "
-          "wrong: completed answers that are not the exact count)")
+          "wrong: completed answers that are not the exact count, or with --dataset random not of max_tokens tokens)")
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
     rates = sorted(a.rate or [4.0])
     for bad, msg in ((a.unloaded_probe < 1, f"--unloaded-probe must be >= 1, got {a.unloaded_probe}"),
                      (a.num_requests < 1, f"--num-requests must be >= 1, got {a.num_requests}"),
-                     (not (np.isfinite(a.output_scale) and a.output_scale > 0),   # NaN failed once a server ran
+                     (a.output_scale is not None and not (np.isfinite(a.output_scale) and a.output_scale > 0),
+                      # NaN failed once a server ran
                       f"--output-scale must be a finite number > 0, got {a.output_scale}"),
                      (not all(np.isfinite(r) and r > 0 for r in rates),
                       f"every --rate must be a finite number > 0 requests/s, got {rates}"),
@@ -311,27 +355,25 @@ def cmd_bench(a: argparse.Namespace) -> int:
                 server.wait_ready()
                 health = server_health(url)
             sched = health.get("scheduler", sched or "?")
-            warm, _ = build_workload(a.trace, min(2, a.num_requests), a.output_scale, False, 1.0,
-                                     a.workload_seed + 1, a.output_dist)
+            make = workload_builder(a, url)
+            warm, _ = make(min(2, a.num_requests), False, 1.0, a.workload_seed + 1)
             run_rate(url, warm, [0.0] * len(warm), a.api_key, ())   # touch every code path once
             if sweep and slo_lpt is None:
                 # one request at a time is served alike by every policy: the first server's probe sets the
                 # SLO that every scheduler's goodput is held to
-                work, _ = build_workload(a.trace, a.num_requests, a.output_scale, a.arrivals == "trace",
-                                         rates[0], a.workload_seed, a.output_dist)
+                work, _ = make(a.num_requests, a.arrivals == "trace", rates[0], a.workload_seed)
                 unloaded = probe_unloaded(url, work[:a.unloaded_probe], a.api_key)
                 slo_lpt = UNLOADED_SLO_FACTOR * unloaded
                 print(f"  unloaded: {1e3 * unloaded:.1f} ms per output token over {min(a.unloaded_probe, len(work))} "
                       f"requests sent one at a time; latency/token SLO {1e3 * slo_lpt:.1f} ms", file=sys.stderr)
             for rate in rates:
-                work, arrivals = build_workload(a.trace, a.num_requests, a.output_scale, a.arrivals == "trace",
-                                                rate, a.workload_seed, a.output_dist)
+                work, arrivals = make(a.num_requests, a.arrivals == "trace", rate, a.workload_seed)
                 m = dict(offered_rps=rate, **run_rate(url, work, arrivals, a.api_key, slos))
                 rows.append((sched, rate, m))
                 out.setdefault(sched, {})[str(rate)] = m
                 print(f"  {sched} at {rate} req/s: {int(m['completed'])} done, e2e mean {m['e2e_mean']:.2f} s",
                       file=sys.stderr)
-        except ServerNotReady as e:         # stopped below, its log kept
+        except (ServerNotReady, ValueError) as e:   # stopped below, its log kept (ValueError: bench_random's)
             print(f"error: {e}", file=sys.stderr)
             return 1
         finally:
@@ -349,7 +391,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         print_summary(summary, sys.stdout)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(arrivals=a.arrivals, num_requests=a.num_requests, output_dist=a.output_dist,
+            json.dump(dict(dataset=a.dataset, arrivals=a.arrivals, num_requests=a.num_requests, output_dist=a.output_dist,
                            output_scale=a.output_scale,
                            results=out, summary=summary), f, indent=1)
     return 1 if any(m["wrong"] or m["failed"] for _, _, m in rows) else 0

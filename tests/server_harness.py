@@ -102,6 +102,11 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+        # the background warm-up's compile in progress, if any, before the session removes its
+        # compilation cache (atexit, where the compiler waits for it otherwise, comes after)
+        runner = getattr(getattr(self.state.engine, "engine", None), "runner", None)    # none: --engine-process
+        if runner is not None:
+            runner.compiler.stop_background()
 
     def on_engine(self, fn):
         """fn(engine) on the engine thread, between iterations."""

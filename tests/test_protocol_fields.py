@@ -674,3 +674,38 @@ def test_truncating_a_text_prompt_to_its_special_tokens_keeps_them(live):
     out = _post(live, "/v1/completions", {"prompt": demo_task.make_prompt(3, 12), "max_tokens": 1,
                                           "truncate_prompt_tokens": 1, "echo": True, "logprobs": 0})[1]
     assert out["usage"]["prompt_tokens"] == 1 and out["choices"][0]["logprobs"]["tokens"][0] == tok.bos_token
+
+
+def test_bench_random_dataset_draws_the_servers_tokens_and_checks_exact_lengths(live, tmp_path, capsys):
+    """`bench --dataset random` (bench_random.py), for models other than the demo: prompts of
+    token ids from the server's own /tokenize, the trace's lengths cut to the context limit it
+    reports, answers of exactly max_tokens tokens (ignore_eos), a wrong length counted."""
+    from fastserve_jax.serve import bench_cmd
+    from fastserve_jax.serve.bench_random import length_problem, random_workload, server_vocabulary
+    from fastserve_jax.serve.cli import main
+    from fastserve_jax.workload import TraceRequest, save_trace
+
+    ids, limit = server_vocabulary(live.url)
+    status, _, body = asyncio.run(bench_client.request(live.url, "GET", "/v1/models"))
+    assert limit == json.loads(body)["data"][0]["max_model_len"] and ids.size > 20
+    rows = [TraceRequest(0, 5, 3), TraceRequest(0, 2 * limit, 7), TraceRequest(0, 40, 3 * limit)]
+    work = random_workload(rows, ids, limit, 1.0, "trace", seed=3)
+    assert [(len(p["prompt"]), p["max_tokens"]) for p, _ in work] == [(5, 3), (limit - 7, 7), (40, limit // 2)]
+    assert [want for _, want in work] == [3, 7, limit // 2] and all(p["ignore_eos"] for p, _ in work)
+    assert set(sum((p["prompt"] for p, _ in work), [])) <= set(ids.tolist())
+    assert random_workload(rows, ids, limit, 1.0, "trace", seed=3) == work          # seeded
+    m = bench_cmd.run_rate(live.url, work[:2], [0.0, 0.0], None, ())
+    assert m["completed"] == 2 and m["failed"] == 0 and m["wrong"] == 0
+    short = bench_client.Result(status=200, done=True, completion_tokens=2, finish_reason="stop")
+    assert length_problem(short, 3) == "2 tokens ending for 'stop' (want 3, 'length')"
+    assert bench_cmd.answer_problems([short], [({}, 3)]) == ["request 0 (3 tokens): 2 tokens ending for 'stop' "
+                                                             "(want 3, 'length')"]
+    # the command, against this server: auto picks counting for "demo"; random is asked for
+    trace = str(tmp_path / "t.csv")
+    save_trace(trace, [TraceRequest(0.1 * i, 20 + 9 * i, 4 + i) for i in range(6)])
+    assert main(["bench", "--url", live.url, "--trace", trace, "--num-requests", "4", "--rate", "50",
+                 "--dataset", "random", "--json", str(tmp_path / "r.json")]) == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["dataset"] == "random" and out["output_scale"] == 1.0
+    assert main(["bench", "--url", live.url, "--trace", trace, "--num-requests", "2", "--rate", "50"]) == 0
+    assert "--dataset auto: counting (the server serves ['demo'])" in capsys.readouterr().err

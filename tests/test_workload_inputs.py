@@ -219,8 +219,9 @@ def test_simulate_rejects_a_short_row(tmp_path, capsys):
 
 @pytest.fixture
 def no_launch(monkeypatch):
-    """bench_cmd with LaunchedServer and the workload build replaced by ones that fail loudly:
-    a test that reaches either has got past the checks."""
+    """bench_cmd with LaunchedServer and the workload build (and the dataset's look at the
+    server before it) replaced by ones that fail loudly: a test that reaches either has got
+    past the checks."""
     class Reached(Exception):
         pass
 
@@ -228,6 +229,7 @@ def no_launch(monkeypatch):
         raise Reached
     monkeypatch.setattr(bench_cmd, "LaunchedServer", reached)
     monkeypatch.setattr(bench_cmd, "build_workload", reached)
+    monkeypatch.setattr(bench_cmd, "workload_builder", reached)
     return Reached
 
 
