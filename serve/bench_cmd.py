@@ -83,8 +83,8 @@ def add_bench_parser(sub) -> None:
                         "of the trace's prompt lengths answered with exactly its output lengths (any model; "
                         "vLLM's random dataset); auto: counting for the demo model, else random")
     g.add_argument("--output-dist", default="trace", choices=["trace", "chat"],
-                   help="output lengths: the trace's (times --output-scale), or chat-like over 2..257 tokens, "
-                        "skewed short with a long tail (workload.chat_output_lengths)")
+                   help="output lengths: the trace's (times --output-scale), or chat-like over 2..257 tokens (random: "
+                        "to half the context), skewed short with a long tail (workload.chat_output_lengths)")
     g.add_argument("--output-scale", type=float, default=None,
                    help="trace output lengths are multiplied by this (--output-dist trace; default 0.5 for "
                         "counting, whose answers stop at 257 tokens, 1 for random)")
