@@ -71,6 +71,8 @@ def load_trace(path: str, num_requests: int | None = None) -> tuple[list[TraceRe
     return out, timed
 
 
+MAX_TRACE_TOKENS = 1 << 24     # 16.8M tokens: past any model's context; more is a broken file (it hung the simulator)
+
 # Azure's column -> ours. Its TIMESTAMP is a date and time of day ("2023-11-16 18:15:46.6805900").
 AZURE_COLUMNS = {"TIMESTAMP": "arrived_at", "ContextTokens": "num_prefill_tokens",
                  "GeneratedTokens": "num_decode_tokens"}
@@ -99,8 +101,8 @@ def _trace_row(r: dict, timed: bool, where: str, azure: bool = False) -> TraceRe
         what = "TIMESTAMP a date and time (2023-11-16 18:15:46.68)" if azure else "arrived_at a number"
         raise ValueError(f"{where}: prompt and output lengths must be integers and {what}, got "
                          + ",".join(str(r[k]) for k in fields)) from None
-    if p < 1 or o < 1:
-        raise ValueError(f"{where}: prompt and output lengths must be >= 1, got {p}, {o}")
+    if not (1 <= p <= MAX_TRACE_TOKENS and 1 <= o <= MAX_TRACE_TOKENS):
+        raise ValueError(f"{where}: prompt and output lengths must be in [1, {MAX_TRACE_TOKENS}], got {p}, {o}")
     if not math.isfinite(t):
         raise ValueError(f"{where}: arrived_at must be a finite number of seconds, got {r['arrived_at']}")
     return TraceRequest(t, p, o)

@@ -164,12 +164,16 @@ def _event(res: Result, event: str) -> bool:
         res.completion_tokens = obj["usage"]["completion_tokens"]
     token = False
     for ch in obj["choices"]:
-        text = ch.get("text", ch.get("delta", {}).get("content")) or ""
+        delta = ch.get("delta", {})
+        text = ch.get("text", delta.get("content")) or ""
         res.text += text
         res.finish_reason = ch.get("finish_reason") or res.finish_reason
         if "stop_reason" in ch:
             res.stop_reasons.append(ch["stop_reason"])
-        token = token or bool(text or ch.get("finish_reason"))
+        # a completion chunk is a token chunk even with empty text (tokens whose text is empty or
+        # held back); a chat chunk is, but the first, which only names the role
+        token = token or bool(text or ch.get("finish_reason") or "text" in ch or
+                              ("content" in delta and "role" not in delta))
     if token:
         res.chunk_times.append(time.perf_counter())
     return token

@@ -47,7 +47,7 @@ from fastserve_jax.workload import TraceRequest, chat_output_lengths, load_trace
 # and jax, which `fastserve-jax --help`, `simulate` and `serve`'s own start do without
 from fastserve_jax.serve import bench_client
 from fastserve_jax.serve.bench_random import length_problem, random_workload, served_models, server_vocabulary
-from fastserve_jax.serve.bench_server import LaunchedServer, ServerNotReady
+from fastserve_jax.serve.bench_server import LaunchedServer, ServerNotReady, server_health
 from fastserve_jax.serve.engine_args import add_engine_args, check_engine_args, engine_argv, parse_engine_args
 from fastserve_jax.serve.simulate_cmd import add_slo_args, check_output, print_summary, seed_arg
 
@@ -133,7 +133,7 @@ def build_workload(trace: str, n: int, scale: float, timed: bool, rate: float, s
     if output_dist not in ("trace", "chat"):
         raise ValueError(f"output_dist must be 'trace' or 'chat', got {output_dist!r}")
     picked, arrivals, rng = pick_requests(trace, n, timed, rate, seed)
-    lengths = ([min(DEMO_MAX_TOKENS, max(2, round(r.output_tokens * scale))) for r in picked]
+    lengths = ([max(2, round(min(r.output_tokens * scale, DEMO_MAX_TOKENS))) for r in picked]
                if output_dist == "trace" else chat_output_lengths(len(picked), 2, DEMO_MAX_TOKENS, seed=seed))
     work = []
     for length in lengths:
@@ -269,22 +269,6 @@ def launch_only_flags(a: argparse.Namespace) -> list[str]:
     return flags + ["--scheduler"] * bool(a.scheduler) + ["--engine-process"] * a.engine_process
 
 
-def server_health(url: str) -> dict:
-    """GET /health of a running server; a ValueError that says how to fix it if none answers."""
-    try:
-        bench_client.split_url(url)
-    except ValueError as e:
-        raise ValueError(f"--url {e}") from None
-    try:
-        status, _, body = asyncio.run(bench_client.request(url, "GET", "/health"))
-    except OSError as e:
-        raise ValueError(f"no server answers at {url} ({type(e).__name__}: {e}); start one with `fastserve-jax "
-                         "serve`, or leave out --url and bench starts its own") from None
-    if status != 200:
-        raise ValueError(f"{url}/health answered status {status}, not 200: is it a fastserve-jax server?")
-    return json.loads(body)
-
-
 COLS = [("ttft", "ttft"), ("tpot", "tpot"), ("itl", "itl"), ("e2e", "e2e")]
 
 
@@ -394,4 +378,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
             json.dump(dict(dataset=a.dataset, arrivals=a.arrivals, num_requests=a.num_requests, output_dist=a.output_dist,
                            output_scale=a.output_scale,
                            results=out, summary=summary), f, indent=1)
-    return 1 if any(m["wrong"] or m["failed"] for _, _, m in rows) else 0
+    wrong, failed = (sum(int(m[k]) for _, _, m in rows) for k in ("wrong", "failed"))
+    if wrong or failed:
+        hint = ("; --dataset counting checks the demo model's counts: for another model use --dataset random"
+                if wrong and a.dataset == "counting" else "")
+        print(f"error: {wrong} wrong answer(s) and {failed} failed request(s) over the rows above{hint}",
+              file=sys.stderr)
+    return 1 if wrong or failed else 0

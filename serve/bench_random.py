@@ -34,9 +34,15 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
 
 
+def _refused(url: str, status: int) -> None:
+    if status == 401:
+        raise ValueError(f"{url} refused the request (401): give the server's key with --api-key")
+
+
 def served_models(url: str, api_key: str | None = None) -> list[str]:
     """The model names the server's GET /v1/models lists ([] where it lists none)."""
     status, _, body = asyncio.run(bench_client.request(url, "GET", "/v1/models", headers=_headers(api_key)))
+    _refused(url, status)
     try:
         return [str(c["id"]) for c in json.loads(body)["data"]] if status == 200 else []
     except (ValueError, KeyError, TypeError):
@@ -48,6 +54,7 @@ def server_vocabulary(url: str, api_key: str | None = None) -> tuple[np.ndarray,
     a ValueError naming what is wrong if it does not answer with them."""
     body = json.dumps({"prompt": SAMPLE_TEXT, "add_special_tokens": False}).encode()
     status, _, data = asyncio.run(bench_client.request(url, "POST", "/tokenize", body, _headers(api_key)))
+    _refused(url, status)
     try:
         reply = json.loads(data)
         ids, limit = np.unique(np.asarray(reply["tokens"], np.int64)), int(reply["max_model_len"])
@@ -68,8 +75,8 @@ def random_workload(picked: list[TraceRequest], ids: np.ndarray, limit: int, sca
     if output_dist not in ("trace", "chat"):
         raise ValueError(f"output_dist must be 'trace' or 'chat', got {output_dist!r}")
     cap = max(1, limit // 2)
-    outs = ([min(cap, max(1, round(r.output_tokens * scale))) for r in picked] if output_dist == "trace"
-            else [min(cap, n) for n in chat_output_lengths(len(picked), 2, max(2, cap), seed=seed)])
+    outs = ([max(1, round(min(r.output_tokens * scale, cap))) for r in picked] if output_dist == "trace"
+            else [min(cap, int(n)) for n in chat_output_lengths(len(picked), 2, max(2, cap), seed=seed)])
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7A5D]))
     work = []
     for r, out in zip(picked, outs):

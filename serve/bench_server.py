@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -84,3 +85,27 @@ class LaunchedServer:
         if self.proc.returncode in (0, -signal.SIGTERM):
             with contextlib.suppress(OSError):
                 os.remove(self.log.name)
+
+
+def server_health(url: str) -> dict:
+    """GET /health of a running server; a ValueError that says how to fix it if none answers."""
+    try:
+        bench_client.split_url(url)
+    except ValueError as e:
+        raise ValueError(f"--url {e}") from None
+    try:
+        status, _, body = asyncio.run(bench_client.request(url, "GET", "/health"))
+    except OSError as e:
+        raise ValueError(f"no server answers at {url} ({type(e).__name__}: {e}); start one with `fastserve-jax "
+                         "serve`, or leave out --url and bench starts its own") from None
+    try:
+        health = json.loads(body)
+    except ValueError:
+        health = None
+    if not isinstance(health, dict):
+        raise ValueError(f"{url}/health answered status {status} with {body[:80]!r}, not a fastserve-jax "
+                         "server's JSON object: is it one?")
+    if status != 200:
+        raise ValueError(f"{url}/health answered status {status} ({health.get('status', '?')}), not 200"
+                         + ("; wait until it is ready" if status == 503 else ""))
+    return health

@@ -50,7 +50,10 @@ class EventStream:
                 elif d.finish_reason != "abort":
                     completion_tokens[index] = d.completion_tokens
                     cached[index] = d.cached_tokens or cached[index]
-                    if d.text or d.finish_reason or d.logprobs:
+                    # a chunk per delta with new tokens, as vLLM streams, even where their text is
+                    # empty (special tokens skipped, text held back for a stop string): clients time
+                    # tokens by chunks (bench_client, vLLM's benchmark)
+                    if d.text or d.finish_reason or d.logprobs or d.token_ids:
                         events.append(self.fmt.chunk_event(index, d))
             if events:
                 yield "".join(events)

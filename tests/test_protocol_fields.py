@@ -694,6 +694,9 @@ def test_bench_random_dataset_draws_the_servers_tokens_and_checks_exact_lengths(
     assert [want for _, want in work] == [3, 7, limit // 2] and all(p["ignore_eos"] for p, _ in work)
     assert set(sum((p["prompt"] for p, _ in work), [])) <= set(ids.tolist())
     assert random_workload(rows, ids, limit, 1.0, "trace", seed=3) == work          # seeded
+    chat = random_workload(rows * 20, ids, limit, 1e10, "chat", seed=3)              # (numpy ints were not JSON)
+    assert json.loads(json.dumps([p for p, _ in chat])) and max(want for _, want in chat) <= limit // 2
+    assert [want for _, want in random_workload(rows, ids, limit, 1e10, "trace", seed=3)] == [limit // 2] * 3
     m = bench_cmd.run_rate(live.url, work[:2], [0.0, 0.0], None, ())
     assert m["completed"] == 2 and m["failed"] == 0 and m["wrong"] == 0
     short = bench_client.Result(status=200, done=True, completion_tokens=2, finish_reason="stop")
@@ -709,3 +712,19 @@ def test_bench_random_dataset_draws_the_servers_tokens_and_checks_exact_lengths(
     assert out["dataset"] == "random" and out["output_scale"] == 1.0
     assert main(["bench", "--url", live.url, "--trace", trace, "--num-requests", "2", "--rate", "50"]) == 0
     assert "--dataset auto: counting (the server serves ['demo'])" in capsys.readouterr().err
+
+
+def test_a_stream_has_a_chunk_per_token_even_where_its_text_is_empty(live):
+    """vLLM streams a chunk for each delta with new tokens, text or not: past its answer the demo
+    model says EOS again and again under ignore_eos, which decodes to nothing. Those chunks came
+    as one at the end until 2026-12-06, so a client timing tokens by chunks (bench_client,
+    vLLM's benchmark) saw a first token late and no gaps."""
+    status, events = _post(live, "/v1/completions", {"prompt": demo_task.make_prompt(3, 5), "max_tokens": 8,
+                                                     "ignore_eos": True, "temperature": 0, "stream": True})
+    chunks = [e for e in events if e.get("choices")]
+    assert status == 200 and len(chunks) == 8 and "".join(c["choices"][0]["text"] for c in chunks).startswith(" 3 4 5")
+    assert [c["choices"][0]["text"] for c in chunks[4:]] == [""] * 4 and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    result = bench_client.Result()
+    for e in events:
+        bench_client._event(result, "data: " + json.dumps(e))
+    assert len(result.chunk_times) == 8

@@ -67,7 +67,7 @@ def test_the_first_n_of_an_out_of_order_trace_are_its_earliest_arrivals(tmp_path
 
 
 @pytest.mark.parametrize("rows,what", [("10,5\n20\n", "line 3"), ("10,5\n,5\n", "line 3"),
-                                       ("10.5,5\n", "integers"), ("0,5\n", ">= 1")])
+                                       ("10.5,5\n", "integers"), ("0,5\n", r"in \[1, ")])
 def test_a_bad_row_is_a_value_error_naming_the_file_and_line(tmp_path, rows, what):
     path = write(tmp_path, "bad.csv", "num_prefill_tokens,num_decode_tokens\n" + rows)
     with pytest.raises(ValueError, match=what) as e:
@@ -104,6 +104,9 @@ def test_azures_published_trace_format_loads_as_ours(tmp_path):
     with pytest.raises(ValueError, match="line 3: no value for GeneratedTokens; every row needs "
                                          "TIMESTAMP,ContextTokens,GeneratedTokens"):
         load_trace(write(tmp_path, "az4.csv", head + "2023-11-16 18:15:45,5,7\n2023-11-16 18:15:46,5\n"))
+    for big in ("1" + "0" * 400, str(2 ** 63), str((1 << 24) + 1)):       # hung or overflowed the simulator
+        with pytest.raises(ValueError, match=r"line 2: prompt and output lengths must be in \[1, 16777216\]"):
+            load_trace(write(tmp_path, "big.csv", head + f"2023-11-16 18:15:45,{big},7\n"))
     # both namings in one file: ours win, Azure's columns are ignored as any other column
     both = "arrived_at,num_prefill_tokens,num_decode_tokens,ContextTokens,GeneratedTokens\n0,5,7,1,1\n"
     assert load_trace(write(tmp_path, "both.csv", both)) == ([TraceRequest(0.0, 5, 7)], True)
@@ -296,6 +299,42 @@ def test_bench_url_errors_clearly_and_warns_of_launch_only_flags(trace, no_launc
     with pytest.raises(no_launch):
         main(["bench", "--trace", trace, "--num-requests", "4", "--url", "http://x:1"])
     assert "warning" not in capsys.readouterr().err
+
+
+def test_bench_url_that_answers_health_with_something_else_is_one_error_line(tmp_path, capsys):
+    """A /health that is not a fastserve-jax server's JSON object (a list, text) was an
+    AttributeError or a bare JSON message; a server still warming up (503) says so."""
+    import http.server
+    import threading
+    from fastserve_jax.serve.bench_server import server_health
+
+    bodies = {"/health": (200, b"[1, 2]")}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            status, body = bodies[self.path]
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        with pytest.raises(ValueError, match=r"/health answered status 200 with b'\[1, 2\]', not a fastserve"):
+            server_health(url)
+        bodies["/health"] = (200, b"hello")
+        assert main(["bench", "--url", url, "--num-requests", "2"]) == 2
+        assert "not a fastserve-jax server's JSON object" in capsys.readouterr().err
+        bodies["/health"] = (503, b'{"status": "warming up"}')
+        with pytest.raises(ValueError, match=r"status 503 \(warming up\), not 200; wait until it is ready"):
+            server_health(url)
+    finally:
+        srv.shutdown()
 
 
 @pytest.mark.parametrize("url", ["127.0.0.1:9", "localhost:9", "notaurl", "https://127.0.0.1:9",
