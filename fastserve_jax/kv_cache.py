@@ -43,6 +43,12 @@ from fastserve_jax.request import Request
 NULL_BLOCK = 0
 
 
+def power_of_two_runs(n: int) -> list[int]:
+    """Run lengths, largest first, that add up to n (its binary digits): a swap copies a request's
+    blocks in such runs (runner/kv_transfer.py)."""
+    return [1 << b for b in range(n.bit_length() - 1, -1, -1) if n >> b & 1]
+
+
 class KVLocation(enum.Enum):
     NONE = "none"
     DEVICE = "device"
@@ -74,6 +80,7 @@ class KVManager:
     caching = False          # prefix caching (prefix_cache.PrefixCachingKVManager): apply_plan matches prompts
     queries = hits = 0       # its counters, in tokens (requests looked up, tokens found); 0 without
     swap_in_shared = 0       # blocks swap-ins found on the device (prefix_cache.py); 0 without
+    swap_out_pinned = 0      # blocks swap-outs left on the device, others holding them (prefix_cache.py)
 
     def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> None:
         if num_blocks < 2:
@@ -90,6 +97,7 @@ class KVManager:
         self._where: dict[str, KVLocation] = {}         # absent: NONE
         self._uploading: dict[str, int] = {}            # request id -> blocks its swap-in in flight copies
         self._swapping_in = 0                           # their sum
+        self._fills: list[SwapCopy] = []                # copies owed to host copies (prefix_cache.py's pins)
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -235,6 +243,13 @@ class KVManager:
         self._release(table)
         self._where[rid] = KVLocation.SWAPPING_OUT
         return SwapCopy(req, tuple(table))
+
+    def take_fills(self) -> list[SwapCopy]:
+        """Swap-out copies owed to host copies since the last call, to issue with the next batch
+        of copies (before its swap-ins and its step): with prefix caching, the blocks a swapped-out
+        request left on the device while others held them, copied once they no longer do."""
+        fills, self._fills = self._fills, []
+        return fills
 
     def finish_swap_out(self, req: Request) -> None:
         if self._where.get(req.request_id) is KVLocation.SWAPPING_OUT:

@@ -17,6 +17,8 @@ transfer-time model), in the order returned:
                         the caller marks them landed (`KVManager.finish_swap_in`) once the copy
                         is in: the engine checks at the start of each iteration, before its plan
                         (`SwapCopies.land`, swap_copies.py), the simulator when the modelled copy ends.
+Both add the ledger's fills to their swap-outs (`KVManager.take_fills`: with prefix caching, the
+blocks of a host copy that stayed on the device while others held them, copied once they do not).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def apply_plan(plan: Plan, kv: KVManager, now: float) -> Copies:
         req.status = RequestStatus.RUNNING
         if req.metrics.first_scheduled_time is None:
             req.metrics.first_scheduled_time = now
+    copies.swap_out += kv.take_fills()      # owed since the last batch of copies or by this plan's releases
     if kv.caching:
         kv.plan_issued()
     return copies
@@ -86,4 +89,5 @@ def apply_plan(plan: Plan, kv: KVManager, now: float) -> Copies:
 
 def apply_ahead(ahead: SwapAhead, kv: KVManager) -> Copies:
     """Uploads come back SWAPPING_IN; call kv.finish_swap_in once their copy has landed."""
-    return Copies([kv.swap_out(r) for r in ahead.offload], [kv.swap_in(r) for r in ahead.upload])
+    out = [kv.swap_out(r) for r in ahead.offload]
+    return Copies(out + kv.take_fills(), [kv.swap_in(r) for r in ahead.upload])

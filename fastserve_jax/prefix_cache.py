@@ -47,9 +47,10 @@ stays where the policy put it, so a long prompt whose first chunk the policy cut
 the rest of its prefix when its next chunk is planned. A request that wants prompt logprobs
 never matches (the skipped tokens would have none), like vLLM. Recomputation after a preemption matches too, over prompt
 and output tokens, so a dropped request whose blocks were not handed out since runs again
-without prefilling. A swapped-out request's host copy is whole; when it comes back it takes
-the blocks of its KV that the device still holds under their keys (shared again, not copied:
-`_restore`), and the rest into blocks of its own, which get keys again.
+without prefilling. A swap-out leaves on the device the leading blocks that other requests
+there hold, as a pin ("pins" below), and copies the rest; when it comes back it takes its pins
+and the blocks of its KV that the device still holds under their keys (shared again, not
+copied: `_restore`), and the rest into blocks of its own, which get keys again.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from typing import Container
 
 import numpy as np
 
-from fastserve_jax.kv_cache import NULL_BLOCK, KVLocation, KVManager, device_pool_blocks, host_pool_blocks
+from fastserve_jax.kv_cache import NULL_BLOCK, KVLocation, KVManager, SwapCopy, device_pool_blocks, host_pool_blocks
 from fastserve_jax.request import Request
 
 
@@ -88,6 +89,10 @@ class PrefixCachingKVManager(KVManager):
         self.hits = 0           # of those, tokens taken from the cache
         self.evictions = 0      # cached blocks handed out for other content
         self.swap_in_shared = 0  # blocks swap-ins found on the device instead of copying
+        # a swapped-out request's leading blocks that others held: kept on the device, not copied
+        self._pins: dict[str, tuple[Request, list[int]]] = {}
+        self._pinned = [0] * num_blocks            # pins per block (counted in _ref too)
+        self.swap_out_pinned = 0                   # blocks swap-outs left on the device
 
     @property
     def num_free_blocks(self) -> int:
@@ -104,11 +109,12 @@ class PrefixCachingKVManager(KVManager):
         for b in self._tables.get(req.request_id, ()):
             if b in shared:
                 continue
-            if ref[b] == 1:
+            held = ref[b] - self._pinned[b]           # pins go when the last table holder does
+            if held == 1:
                 out.append(b)
             elif evicted is not None:                 # held by several: freed with its last holder
                 gone = evicted[b] = evicted.get(b, 0) + 1
-                if gone == ref[b]:
+                if gone == held:
                     out.append(b)
         return out
 
@@ -266,7 +272,7 @@ class PrefixCachingKVManager(KVManager):
         return out
 
     def _release(self, table: list[int]) -> None:
-        ref, key_of = self._ref, self._key_of
+        ref, key_of, pinned, orphaned = self._ref, self._key_of, self._pinned, False
         for b in reversed(table):          # a request's last blocks are handed out again first
             ref[b] -= 1
             if ref[b] == 0:
@@ -275,17 +281,64 @@ class PrefixCachingKVManager(KVManager):
                     self._free.append(b)
                 else:
                     self._cached[b] = key
+            elif ref[b] == pinned[b]:
+                orphaned = True
+        if orphaned:
+            self._unpin_orphans()
 
     def free(self, req: Request) -> None:
+        rid = req.request_id
+        if self._fills:                             # its host copy goes: nothing is owed to it
+            self._fills = [c for c in self._fills if c.request.request_id != rid]
+        if rid in self._pins:
+            self._unpin(rid)
         super().free(req)
-        self._chains.pop(req.request_id, None)
-        self._registered.pop(req.request_id, None)
+        self._chains.pop(rid, None)
+        self._registered.pop(rid, None)
+
+    # -- pins: a swapped-out request's shared prefix stays on the device ------------------------
+    # A swap-out leaves on the device the leading blocks of the request's KV that other requests
+    # hold (keyed and written: the runner copies the rest, KVTransfer.swap_out), holding them as a
+    # pin instead of copying them; its swap-in takes them back. When the last request
+    # that holds one on the device lets it go, its pinned copies are owed (`take_fills`: the
+    # blocks are copied then, before anything can write them, and the pins let go): the device
+    # never holds blocks for host copies alone, and the policies count them as the requests'.
+    def swap_out(self, req: Request, borrow: int = 0) -> SwapCopy:
+        table, ref, pinned, key_of = self._tables.get(req.request_id, []), self._ref, self._pinned, self._key_of
+        k = next((i for i, b in enumerate(table) if b not in key_of or b in self._unwritten or
+                  ref[b] - pinned[b] < 2), len(table))
+        copy = super().swap_out(req, borrow)        # others hold the first `k`: they stay held
+        if not k:
+            return copy
+        pins = table[:k]
+        for b in pins:
+            ref[b] += 1
+            pinned[b] += 1
+        self._pins[req.request_id] = (req, pins)
+        self.swap_out_pinned += k
+        return SwapCopy(req, (NULL_BLOCK,) * k + copy.device_blocks[k:])
+
+    def _unpin(self, rid: str, release: bool = True) -> list[int]:
+        pins = self._pins.pop(rid)[1]
+        for b in pins:
+            self._pinned[b] -= 1
+        if release:
+            self._release(pins)
+        return pins
+
+    def _unpin_orphans(self) -> None:
+        """Copy out and let go the pins of blocks no table holds any more (see above)."""
+        for rid, (req, pins) in list(self._pins.items()):
+            if rid in self._pins and any(self._ref[b] == self._pinned[b] for b in pins):
+                self._fills.append(SwapCopy(req, tuple(pins) + (NULL_BLOCK,) * (self._host[rid] - len(pins))))
+                self._unpin(rid)
 
     def _on_device(self, req: Request) -> list[int]:
-        """The device blocks that hold the first full blocks of a swapped-out request's KV under
-        their keys (another request's, or cached), up to the first one not there."""
+        """The device blocks that hold the first full blocks of a swapped-out request's KV: its
+        pins, then those under their keys (another request's, or cached), up to the first one not there."""
+        pins = self._pins.get(req.request_id, (None, []))[1]
         full = min(self._host.get(req.request_id, 0), min(req.num_computed_tokens, req.num_known_tokens) // self.block_size)
-        return self._found(req, 0, full) if full > 0 else []
+        return pins + (self._found(req, len(pins), full) if full > len(pins) else [])
 
     def swap_in_shares(self, req: Request, released: Container[int] = ()) -> tuple[int, list[int]]:
         found = self._on_device(req)
@@ -293,20 +346,29 @@ class PrefixCachingKVManager(KVManager):
         return len(found), [b for b in found if ref[b] and b not in released]
 
     def _restore(self, req: Request, n: int) -> tuple[list[int], list[int]]:
-        """A swap-in takes the full blocks of its KV that the device still holds under their keys
-        (another holder's, or cached) as they are, and copies only the rest: a shared prefix comes
-        back shared. The copy writes NULL_BLOCK in their place (nothing lands there that is read)."""
-        found = self._written(self._on_device(req))        # an on-demand one runs in this plan's step
+        """A swap-in takes its pins and the full blocks of its KV that the device still holds under
+        their keys (another holder's, or cached) as they are, and copies only the rest: a shared
+        prefix comes back shared. The copy writes NULL_BLOCK in their place (nothing lands there
+        that is read)."""
+        pinned = len(self._pins.get(req.request_id, (None, []))[1])      # old blocks, written whatever their keys
+        found = self._on_device(req)
+        found = found[:pinned] + self._written(found[pinned:])   # an on-demand one runs in this plan's step
         ref = self._ref
         self._fits_swap_in(req, n - sum(1 for b in found if ref[b]))     # held ones take no free block
         self._share(found)                          # first: the blocks taken below must not evict them
+        if req.request_id in self._pins:            # its pins (first in `found`) are now its table's
+            for b in self._unpin(req.request_id, release=False):
+                ref[b] -= 1
         own = self._take(n - len(found))
         self._registered[req.request_id] = 0        # its copied blocks get keys again as it runs
         self.swap_in_shared += len(found)
         return found + own, [NULL_BLOCK] * len(found) + own
 
     def _check_blocks(self) -> None:
-        refs = Counter(b for t in self._tables.values() for b in t)
+        pins = Counter(b for _, p in self._pins.values() for b in p)
+        assert all(self._pinned[b] == pins.get(b, 0) for b in range(self.num_blocks)), "pin counts are off"
+        assert all(self._ref[b] > n for b, n in pins.items()), "a block held by pins alone"
+        refs = Counter(b for t in self._tables.values() for b in t) + pins
         assert all(self._ref[b] == refs.get(b, 0) for b in range(self.num_blocks)), "reference counts are off"
         free, cached = set(self._free), set(self._cached)
         assert len(free) == len(self._free) and not free & cached and not (free | cached) & set(refs), \

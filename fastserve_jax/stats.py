@@ -88,7 +88,7 @@ def snapshot(st: EngineStats, requests: dict, last_scheduled: set[str], kv: KVMa
         prompt_tokens_total=st.prompt_tokens, generation_tokens_total=st.generated_tokens,
         recomputations_total=st.recomputations, recomputed_tokens_total=st.recomputed_tokens,
         prefix_cache_queries_total=kv.queries, prefix_cache_hits_total=kv.hits,
-        swap_in_shared_blocks_total=kv.swap_in_shared,
+        swap_in_shared_blocks_total=kv.swap_in_shared, swap_out_pinned_blocks_total=kv.swap_out_pinned,
         busy_seconds_total=st.busy, swap_stall_fraction=st.swap_stall / st.busy if st.busy else 0.0,
         swap_out_blocks_total=st.swap_out_blocks, swap_in_blocks_total=st.swap_in_blocks,
         swap_out_bytes_total=st.swap_out_bytes, swap_in_bytes_total=st.swap_in_bytes,

@@ -299,7 +299,8 @@ def check_seed(seed: int, cfg: dict, prompts: list[list[int]], maxes: list[int],
             f"async {e.cfg.async_scheduling}, fused {'all' if fused_blocks is None else f'<= {fused_blocks} blocks'}, "
             f"prompt logprobs {len(checked)} ({sum(r.num_preemptions > 0 for r in checked)} preempted)"
             + (f", {sum(t > 0 for t, _ in params)} sampled" if any(t for t, _ in params) else "")
-            + (f", caching: {e.kv.hits} tokens found, {e.kv.swap_in_shared} blocks by swap-ins"
+            + (f", caching: {e.kv.hits} tokens found, {e.kv.swap_in_shared} blocks by swap-ins, "
+               f"{e.kv.swap_out_pinned} pinned by swap-outs"
                if e.cfg.enable_prefix_caching else ""))
 
 

@@ -128,6 +128,8 @@ class _EngineCollector:
                          ("prefix_cache_hits_total", "of those, tokens found there (not prefilled)"),
                          ("swap_in_shared_blocks_total", "KV blocks that swap-ins found on the device under "
                                                          "their prefix-cache keys and shared instead of copying"),
+                         ("swap_out_pinned_blocks_total", "KV blocks that swap-outs left on the device, shared with "
+                                                          "requests there, instead of copying (copied later if they leave)"),
                          ("swap_stall_seconds_total", "seconds iterations waited on swaps (fused copies: "
                                                       "estimated, see the next)"),
                          ("swap_fused_seconds_total", "of those, the estimated time of the fused swap copies, "

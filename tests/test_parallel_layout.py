@@ -206,7 +206,7 @@ def test_swapped_kv_reaches_host_memory_once(path, block_size):
     src, dst = [3, 5, 7, 9, 11, 13, 15], [1, 2, 4, 6, 8, 10, 12]
     with CompileCounter() as cc:
         t.swap_out(caches, "r", tuple(src))
-        held = [x for run in t._held["r"] for part in run for x in part]
+        held = [x for run in t.host_runs("r") for part in run for x in part]
         assert all(x.sharding.memory_kind == "pinned_host" for x in held)
         host_bytes = sum(s.data.nbytes for x in held for s in x.addressable_shards)
         t.start_swap_in("r", tuple(dst))

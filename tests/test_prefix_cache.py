@@ -304,16 +304,17 @@ def test_cached_blocks_are_handed_out_last_and_least_recently_freed_first():
 
 
 def test_a_swapped_out_request_comes_back_sharing_the_blocks_the_device_still_holds():
-    """Its host copy is whole; coming back it takes the full blocks the device holds under their
-    keys (a's, still held) and copies only its own last block; with the prefix evicted meanwhile
-    it copies everything."""
+    """Going out it leaves a's three blocks on the device (a pin) and copies its own last one;
+    coming back it takes them and copies only that block; with a gone and the prefix evicted
+    meanwhile (b alone held it when it went out again: its copy was whole) it copies everything."""
     kv = PrefixCachingKVManager(num_blocks=20, block_size=4, num_host_blocks=10)
     a, b = req("a", range(1, 14)), req("b", range(1, 14))
     run_plan(kv, (a, 13))
     run_plan(kv, (b, 13))
     assert len(kv.freeable_blocks(b)) == 1 and kv.num_used_blocks == 5
     copy = kv.swap_out(b)
-    assert copy.num_blocks == 4 and kv.host_blocks(b) == 4 and kv.num_used_blocks == 4
+    assert copy.device_blocks[:3] == (0, 0, 0) and copy.num_blocks == 1 and kv.swap_out_pinned == 3
+    assert kv.host_blocks(b) == 4 and kv.num_used_blocks == 4
     kv.finish_swap_out(b)
     copy = kv.swap_in(b)
     table = kv.block_table(b)
@@ -339,6 +340,94 @@ def test_a_swapped_out_request_comes_back_sharing_the_blocks_the_device_still_ho
     kv.check_integrity()
     kv.free(b)
     assert kv.num_used_blocks == 0 and kv.num_host_used_blocks == 0
+
+
+def _pinned_pair(num_blocks: int = 20):
+    """a (5 blocks) and b (6: runs of 4 and 2) share a 4-block stem; b is swapped out."""
+    kv = PrefixCachingKVManager(num_blocks=num_blocks, block_size=4, num_host_blocks=20)
+    stem = list(range(1, 17))
+    a, b = req("a", stem + [50, 51, 52, 53], max_tokens=40), req("b", stem + list(range(60, 68)), max_tokens=40)
+    run_plan(kv, (a, 20))
+    run_plan(kv, (b, 24))
+    pins = kv.block_table(a)[:4]
+    assert kv.block_table(b)[:4] == pins
+    return kv, a, b, pins
+
+
+def test_a_swap_out_leaves_a_prefix_others_hold_on_the_device_and_takes_it_back():
+    """b's first run of 4 blocks is a's too: the swap-out copies only its last 2 (NULL_BLOCK in
+    the others' places: the runner skips that run), b holds the 4 as a pin, and its swap-in
+    takes them back as they are (and its own 2, still cached); a's eviction would free all 5 of its blocks (the pin goes with
+    its last holder on the device)."""
+    kv, a, b, pins = _pinned_pair()
+    copy = kv.swap_out(b)
+    assert copy.device_blocks[:4] == (0, 0, 0, 0) and copy.num_blocks == 2 and kv.swap_out_pinned == 4
+    assert kv.host_blocks(b) == 6 and kv.num_used_blocks == 5 and len(kv.freeable_blocks(a)) == 5
+    kv.check_integrity()
+    kv.finish_swap_out(b)
+    assert kv.swap_in_shares(b) == (6, pins)              # its own last 2 are still cached too
+    back = kv.swap_in(b)
+    assert back.device_blocks == (0,) * 6 and back.num_blocks == 0 and kv.block_table(b)[:4] == pins
+    kv.finish_swap_in(b)
+    kv.check_integrity()
+    assert not kv.take_fills() and kv.num_used_blocks == 7
+    kv.free(a)
+    kv.free(b)
+    assert kv.num_used_blocks == 0 and not kv.take_fills()
+    kv.check_integrity()
+
+
+def test_a_pinned_prefix_is_copied_out_once_no_request_on_the_device_holds_it():
+    """When a, the last holder on the device, finishes, b's pinned blocks are owed to its host copy
+    (a fill: the 4 blocks, then NULL_BLOCK) and let go, cached; evicted later, b's swap-in copies
+    all 6 from the host. A pinned request that is dropped owes nothing."""
+    kv, a, b, pins = _pinned_pair()
+    kv.swap_out(b)
+    kv.free(a)
+    [fill] = kv.take_fills()
+    assert fill.request is b and fill.device_blocks == (*pins, 0, 0) and fill.num_blocks == 4
+    assert kv.num_used_blocks == 0 and set(pins) <= set(kv._cached)
+    kv.check_integrity()
+    xs = [req(f"x{i}", range(100 * i + 50, 100 * i + 66)) for i in range(5)]     # 20 blocks: the cache goes
+    for x in xs[:4]:
+        run_plan(kv, (x, 16))
+    run_plan(kv, (xs[4], 12))
+    for x in xs:
+        kv.free(x)
+    back = kv.swap_in(b)
+    assert back.num_blocks == 6 and 0 not in back.device_blocks
+    kv.finish_swap_in(b)
+    kv.check_integrity()
+    kv, a, b, pins = _pinned_pair()
+    kv.swap_out(b)
+    from fastserve_jax.kv_plan import drop_kv
+    drop_kv(b, kv)                                         # its host copy goes: no fill, the pin let go
+    assert not kv.take_fills() and kv.num_used_blocks == 5 and kv.host_blocks(b) == 0
+    kv.free(a)
+    assert not kv.take_fills()
+    kv.check_integrity()
+
+
+def test_a_plan_that_swaps_out_every_holder_of_a_pinned_prefix_frees_it_and_owes_the_copies():
+    """a and c hold the stem on the device and b pins it. A plan swaps out a, then c: a pins it
+    too (c still holds it), and c's release leaves it to pins alone, so both pins are copied out
+    (after the plan's own swap-outs, before its step) and the stem is free, as the plan counted
+    (freeable_blocks: c held it last on the device)."""
+    kv, a, b, pins = _pinned_pair(num_blocks=24)
+    c = req("c", list(range(1, 17)) + [70, 71, 72, 73], max_tokens=40)
+    run_plan(kv, (c, 20))
+    assert kv.block_table(c)[:4] == pins
+    kv.swap_out(b)
+    free0 = kv.num_free_blocks
+    evicted: dict[int, int] = {}
+    freed = kv.freeable_blocks(a, (), evicted) + kv.freeable_blocks(c, (), evicted)
+    assert len(freed) == 6                                  # the stem (with c, its last holder) and both tails
+    copies = apply_plan(Plan(swapped_out=[a, c]), kv, 0.0)
+    assert [x.request.request_id for x in copies.swap_out] == ["a", "c", "b", "a"]     # the fills last
+    assert [x.num_blocks for x in copies.swap_out[:2]] == [1, 5]     # a pinned its stem, c copied it
+    assert all(x.device_blocks[:4] == tuple(pins) and x.num_blocks == 4 for x in copies.swap_out[2:])
+    assert kv.num_free_blocks == free0 + 6 and kv.num_used_blocks == 0
+    kv.check_integrity()
 
 
 def test_a_swap_in_on_demand_does_not_share_blocks_its_own_step_writes():

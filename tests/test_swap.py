@@ -576,8 +576,8 @@ def test_swap_copies_keep_the_cache_donated_and_use_host_memory(reference):
     while e.has_unfinished():
         ptr = e.runner.stages[0].cache.k.unsafe_buffer_pointer()
         e.step()
-        for runs in t._held.values():
-            assert all(part.k.sharding.memory_kind == "pinned_host" for run in runs for part in run)
+        for rid in t._held:
+            assert all(part.k.sharding.memory_kind == "pinned_host" for run in t.host_runs(rid) for part in run)
             seen_host = True
         if e.stats.swap_in_blocks:
             # scatters donate the cache: the buffer is updated in place, never copied whole
@@ -759,7 +759,7 @@ def test_swap_copies_round_trip_by_either_copy_path(path, monkeypatch):
     puts = _count_device_puts(monkeypatch)
     t.swap_out([cache], "r", (3, 5, 7, 9, 11, 13, 15))          # runs of 4, 2 and 1 blocks
     assert t.fused(7) == fused
-    assert all(part.k.sharding.memory_kind == "pinned_host" for run in t._held["r"] for part in run)
+    assert all(part.k.sharding.memory_kind == "pinned_host" for run in t.host_runs("r") for part in run)
     t.start_swap_in("r", (1, 2, 4, 6, 8, 10, 12))
     (cache,) = t.land_swap_in([cache], "r")
     assert bool(puts) != fused, len(puts)
@@ -795,6 +795,38 @@ def test_a_swap_in_copies_only_the_runs_with_blocks_the_device_lacks(path):
     assert t.blocks_in == 3 and t.in_landed("s")
     (same,) = t.land_swap_in([cache], "s")
     np.testing.assert_array_equal(np.asarray(same.k), k)
+
+
+@pytest.mark.parametrize("path", ["fused", "device_put"])
+def test_a_swap_out_leaves_pinned_runs_on_the_device_until_a_fill_copies_them(path):
+    """Prefix caching's pins: a 6-block swap-out whose first 4 blocks are NULL_BLOCK copies only
+    the other 2; a later call for the same request with those 4 blocks (the rest NULL_BLOCK)
+    fills them in; the swap-in then brings all 6 back. With 3 kept of 7, the copy's runs are
+    2 + 1 and 4 (not 4 + 2 + 1, whose first run would mix kept and copied blocks). A swap-in that
+    needs a run the host copy lacks is refused."""
+    from fastserve_jax.runner import kv_transfer as kt
+
+    vals = np.random.default_rng(3).normal(size=(3, 16, 4, 2, 8)).astype(np.float32)
+    sh, cache = _kv_heads_split_over_two_devices(vals, -vals)
+    with kt.forced_copy_path(path):
+        t = kt.KVTransfer([sh], max_blocks=8, block_bytes=2 * 3 * 4 * 2 * 8 * 4, cache_shape=vals.shape)
+    t.swap_out([cache], "r", (0, 0, 0, 0, 9, 11))
+    assert t.blocks_out == 2 and t._held["r"][0][2] is None and t.out_landed("r")
+    t.swap_out([cache], "r", (3, 5, 7, 8, 0, 0))                    # the fill
+    assert t.blocks_out == 6 and len(t.host_runs("r")) == 2
+    with pytest.raises(AssertionError, match="over a host copy's run"):
+        t.swap_out([cache], "r", (3, 5, 7, 8, 0, 0))
+    t.start_swap_in("r", (1, 2, 4, 6, 10, 12))
+    (cache,) = t.land_swap_in([cache], "r")
+    np.testing.assert_array_equal(np.asarray(cache.k)[:, [1, 2, 4, 6, 10, 12]], vals[:, [3, 5, 7, 8, 9, 11]])
+    t.swap_out([cache], "s", (0, 0, 0, 0, 9, 11))
+    with pytest.raises(AssertionError, match="lacks"):
+        t.start_swap_in("s", (1, 2, 0, 0, 10, 12))
+    t.swap_out([cache], "u", (0, 0, 0, 3, 5, 7, 8))
+    assert [(at, n, run is None) for at, n, run in t._held["u"]] == [(0, 2, True), (2, 1, True), (3, 4, False)]
+    assert t.blocks_out == 12
+    t.start_swap_in("u", (0, 0, 0, 13, 14, 0, 15))                  # the device holds them all but 4
+    assert t.blocks_in == 10 and t._uploads["u"].ids[0].tolist() == [13, 14, 0, 15]
 
 
 def test_accelerators_fuse_small_swaps_and_device_put_large_ones(monkeypatch):

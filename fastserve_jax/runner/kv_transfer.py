@@ -49,17 +49,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from fastserve_jax.kv_cache import NULL_BLOCK
+from fastserve_jax.kv_cache import NULL_BLOCK, power_of_two_runs
 from fastserve_jax.models.attention import KVCache
 from fastserve_jax.runner import export_cache
 from fastserve_jax.runner.compiler import CompileJob
 from fastserve_jax.runner.keys import SwapKey
 from fastserve_jax.sharding.host_copy import host_bytes, host_copy_sharding
-
-
-def power_of_two_runs(n: int) -> list[int]:
-    """Run lengths, largest first, that add up to n (its binary digits)."""
-    return [1 << b for b in range(n.bit_length() - 1, -1, -1) if n >> b & 1]
 
 
 def _gather(cache: KVCache, ids: jax.Array) -> KVCache:
@@ -173,7 +168,9 @@ class KVTransfer:
                                            donate_argnames=("cache",), out_shardings=KVCache(s, s))
                                    for r, s in zip(self._run_sharding, cache_shardings)]
         self._compiled: dict[SwapKey, object] = {}
-        self._held: dict[str, list[list[KVCache]]] = {}   # request id -> host runs (block-table order) x stages
+        # request id -> its host copy's runs in block-table order: [first block, length, the run
+        # on every stage, or None where the device kept the blocks (prefix caching's pins)]
+        self._held: dict[str, list[list]] = {}
         self._uploads: dict[str, _Upload] = {}
         self.stall_seconds = 0.0                        # the loop waited for a copy to land
         self.blocks_out = self.blocks_in = 0
@@ -274,12 +271,16 @@ class KVTransfer:
 
     # -- copies ----------------------------------------------------------------------------
     @staticmethod
-    def _runs(blocks: tuple[int, ...]) -> list[np.ndarray]:
-        ids, at = [], 0
-        for n in power_of_two_runs(len(blocks)):
-            ids.append(np.asarray(blocks[at:at + n], np.int32))
-            at += n
-        return ids
+    def _layout(blocks: tuple[int, ...]) -> list[list]:
+        """A host copy's runs: the leading NULL_BLOCKs (blocks the device keeps) and the rest,
+        each in power-of-two runs, largest first: [first block, length, None]."""
+        pinned = next((i for i, b in enumerate(blocks) if b != NULL_BLOCK), len(blocks))
+        out, at = [], 0
+        for part in (pinned, len(blocks) - pinned):
+            for n in power_of_two_runs(part):
+                out.append([at, n, None])
+                at += n
+        return out
 
     def _to_host(self, runs: list[list[KVCache]]) -> list[list[KVCache]]:
         """Every run of every stage to host memory in one device_put (the accelerators' path; on
@@ -291,26 +292,38 @@ class KVTransfer:
 
     def swap_out(self, caches: Caches, request_id: str, blocks: tuple[int, ...]) -> None:
         """Issue the device-to-host copies of the request's `blocks` (block-table order) on every
-        stage (returns at once)."""
+        stage (returns at once). Leading NULL_BLOCKs are not copied: the device keeps those blocks
+        (prefix caching's pins, prefix_cache.py), and the host copy has no runs there until a
+        later call for the same request fills them (its other blocks NULL_BLOCK then)."""
         self._block_share(caches)
-        fused = self.fused(len(blocks))
-        runs = [[self._fn("gather", fused, ids.shape[0], s)(cache, ids) for s, cache in enumerate(caches)]
-                for ids in self._runs(blocks)]
-        self._held[request_id] = runs if fused else self._to_host(runs)
-        self.blocks_out += len(blocks)
-        self.fused_blocks_out += len(blocks) if fused else 0
+        held = self._held.setdefault(request_id, self._layout(blocks))
+        todo = [(e, np.asarray(blocks[e[0]:e[0] + e[1]], np.int32)) for e in held if blocks[e[0]] != NULL_BLOCK]
+        assert all(e[2] is None and (ids != NULL_BLOCK).all() for e, ids in todo), \
+            f"{request_id}: a swap-out over a host copy's run, or across its layout"
+        moved = sum(e[1] for e, _ in todo)
+        fused = self.fused(moved)
+        got = [[self._fn("gather", fused, e[1], s)(cache, ids) for s, cache in enumerate(caches)] for e, ids in todo]
+        for (e, _), run in zip(todo, got if fused or not got else self._to_host(got)):
+            e[2] = run
+        self.blocks_out += moved
+        self.fused_blocks_out += moved if fused else 0
+
+    def host_runs(self, request_id: str) -> list[list[KVCache]]:
+        """The runs the request's host copy holds (each on every stage)."""
+        return [run for _, _, run in self._held.get(request_id, ()) if run is not None]
 
     def out_landed(self, request_id: str) -> bool:
         return all(not isinstance(x, jax.Array) or x.is_ready()
-                   for run in self._held.get(request_id, ()) for part in run for x in part)
+                   for run in self.host_runs(request_id) for part in run for x in part)
 
     def start_swap_in(self, request_id: str, blocks: tuple[int, ...]) -> None:
         """Issue the host-to-device copies of the request's runs into device `blocks`; they land
         in the caches at `land_swap_in`. A run whose blocks are all NULL_BLOCK (the device holds
         them already: prefix caching) is not copied; one with some is, and its NULL_BLOCK rows
         land in the null block, which nothing reads."""
-        keep = [(run, ids) for run, ids in zip(self._held.pop(request_id), self._runs(blocks))
-                if (ids != NULL_BLOCK).any()]
+        keep = [(run, ids) for at, n, run in self._held.pop(request_id)
+                if ((ids := np.asarray(blocks[at:at + n], np.int32)) != NULL_BLOCK).any()]
+        assert all(run is not None for run, _ in keep), f"{request_id}: a swap-in needs a run the host copy lacks"
         host, ids = [run for run, _ in keep], [i for _, i in keep]
         moved = sum(i.shape[0] for i in ids)
         fused = self.fused(moved)
