@@ -158,13 +158,21 @@ def _save(path: str, blob: bytes) -> None:
                         os.path.dirname(path), e)
 
 
+# One trace at a time: a warm-up's compile threads trace Flax modules, and Flax builds classes
+# (nn.scan's) as a module is set up, reading a base class's dataclass fields while another thread
+# adds them: "dictionary changed size during iteration" stopped a server's start once in a soak
+# (2026-12-06). Tracing holds the GIL anyway; XLA's compiles, after it, still run side by side.
+_trace_lock = threading.RLock()
+
+
 def lower(fn, *args, name: str, donate: tuple[int, ...] = (), **static) -> jax.stages.Lowered:
     """`fn.lower(*args, **static)` (fn a jax.jit of it), through the exported form when the
     cache is on. `name` tells functions with the same arguments apart (and must change when
     what the jit closes over does); `donate` repeats fn's donated positional arguments."""
     root = directory()
     if root is None:
-        return fn.lower(*args, **static)
+        with _trace_lock:
+            return fn.lower(*args, **static)
     _register_pytrees()
     path = os.path.join(root, cache_key(name, args, static) + ".bin")
     exp = _load(path)
@@ -173,7 +181,8 @@ def lower(fn, *args, name: str, donate: tuple[int, ...] = (), **static) -> jax.s
             return jax.jit(exp.call, donate_argnums=donate).lower(*args)
         except ValueError as e:                # exported for another platform or device count
             log.warning("ignoring exported program %s, which does not lower here: %.300s", path, e)
-    exp = export.export(fn, disabled_checks=DISABLED_CHECKS)(*args, **static)
+    with _trace_lock:
+        exp = export.export(fn, disabled_checks=DISABLED_CHECKS)(*args, **static)
     discount_export()
     _save(path, exp.serialize())
     return jax.jit(exp.call, donate_argnums=donate).lower(*args)
