@@ -48,7 +48,7 @@ import numpy as np
 
 from fastserve_jax.config import SamplingParams
 from fastserve_jax.cost_model import CostModel, plan_time
-from fastserve_jax.kv_cache import KVLocation, KVManager
+from fastserve_jax.kv_cache import NULL_BLOCK, KVLocation, KVManager
 from fastserve_jax.kv_plan import apply_ahead, apply_plan
 from fastserve_jax.prefix_cache import PrefixCachingKVManager
 from fastserve_jax.length_prediction import LengthPrediction, calibration, kendall_tau
@@ -193,6 +193,24 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
     counts = SwapCounts()
     live_reqs: dict[str, Request] = {}
     out_ready: dict[str, float] = {}                   # request id -> when its swap-out copy is in
+    fills: dict[str, tuple[float, int]] = {}           # request id -> when a fill is in, blocks it fills
+
+    def copy_out(c) -> None:
+        """Model a swap-out copy. A fill (prefix_cache.py's pins: the leading blocks, then NULL_BLOCK)
+        only delays a swap-in that copies some of those blocks back (not found on the device)."""
+        rid, ready = c.request.request_id, links.out(now, c.num_blocks)
+        if c.device_blocks and c.device_blocks[0] != NULL_BLOCK and c.device_blocks[-1] == NULL_BLOCK:
+            fills[rid] = (ready, c.num_blocks)
+        else:
+            out_ready[rid] = ready
+        counts.blocks_out += c.num_blocks
+
+    def copied_out(c) -> float:
+        """When the host copy a swap-in reads is in."""
+        ready, fill = out_ready.pop(c.request.request_id, 0.0), fills.pop(c.request.request_id, None)
+        if fill is not None and any(b != NULL_BLOCK for b in c.device_blocks[:fill[1]]):
+            ready = max(ready, fill[0])
+        return ready
     uploading: list[tuple[Request, float]] = []        # (request, when its upload is in)
     order = sorted(range(len(trace)), key=lambda i: trace[i].arrival)
     reqs = []
@@ -269,10 +287,9 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         copies = apply_plan(plan, kv, now)
         host += clock() - h0
         for c in copies.swap_out:
-            out_ready[c.request.request_id] = links.out(now, c.num_blocks)
-            counts.blocks_out += c.num_blocks
+            copy_out(c)
         for c in copies.swap_in:                       # the step waits for these
-            ready = links.into(now, c.num_blocks, out_ready.pop(c.request.request_id, 0.0))
+            ready = links.into(now, c.num_blocks, copied_out(c))
             counts.stall_seconds += ready - now
             counts.blocks_in += c.num_blocks
             counts.ins_on_demand += 1
@@ -287,10 +304,9 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         host_ahead = clock() - h0
         host += host_ahead
         for c in moves.swap_out:
-            out_ready[c.request.request_id] = links.out(now, c.num_blocks)
-            counts.blocks_out += c.num_blocks
+            copy_out(c)
         for c in moves.swap_in:
-            uploading.append((c.request, links.into(now, c.num_blocks, out_ready.pop(c.request.request_id, 0.0))))
+            uploading.append((c.request, links.into(now, c.num_blocks, copied_out(c))))
             counts.blocks_in += c.num_blocks
             counts.ins_ahead += 1
         issued = len(copies.swap_out) + len(copies.swap_in) + len(moves.swap_out) + len(moves.swap_in)
@@ -326,6 +342,7 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
             kv.free(r)
             sched.remove(r)
             out_ready.pop(r.request_id, None)
+            fills.pop(r.request_id, None)
             del live_reqs[r.request_id]
             live -= 1
             if oracle is not None:
