@@ -69,6 +69,7 @@ class SwapCopy:
 
     request: Request
     device_blocks: tuple[int, ...]
+    fill: bool = False      # a swap-out into the runs a host copy lacks (prefix_cache.py's pins)
 
     @property
     def num_blocks(self) -> int:

@@ -330,7 +330,7 @@ class PrefixCachingKVManager(KVManager):
         """Copy out and let go the pins of blocks no table holds any more (see above)."""
         for rid, (req, pins) in list(self._pins.items()):
             if rid in self._pins and any(self._ref[b] == self._pinned[b] for b in pins):
-                self._fills.append(SwapCopy(req, tuple(pins) + (NULL_BLOCK,) * (self._host[rid] - len(pins))))
+                self._fills.append(SwapCopy(req, tuple(pins) + (NULL_BLOCK,) * (self._host[rid] - len(pins)), fill=True))
                 self._unpin(rid)
 
     def _on_device(self, req: Request) -> list[int]:

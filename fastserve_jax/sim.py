@@ -196,10 +196,10 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
     fills: dict[str, tuple[float, int]] = {}           # request id -> when a fill is in, blocks it fills
 
     def copy_out(c) -> None:
-        """Model a swap-out copy. A fill (prefix_cache.py's pins: the leading blocks, then NULL_BLOCK)
+        """Model a swap-out copy. A fill (prefix_cache.py's pins: their blocks, then NULL_BLOCK)
         only delays a swap-in that copies some of those blocks back (not found on the device)."""
         rid, ready = c.request.request_id, links.out(now, c.num_blocks)
-        if c.device_blocks and c.device_blocks[0] != NULL_BLOCK and c.device_blocks[-1] == NULL_BLOCK:
+        if c.fill:
             fills[rid] = (ready, c.num_blocks)
         else:
             out_ready[rid] = ready

@@ -296,7 +296,7 @@ class KVTransfer:
         (prefix caching's pins, prefix_cache.py), and the host copy has no runs there until a
         later call for the same request fills them (its other blocks NULL_BLOCK then)."""
         self._block_share(caches)
-        held = self._held.setdefault(request_id, self._layout(blocks))
+        held = self._held.get(request_id) or self._held.setdefault(request_id, self._layout(blocks))
         todo = [(e, np.asarray(blocks[e[0]:e[0] + e[1]], np.int32)) for e in held if blocks[e[0]] != NULL_BLOCK]
         assert all(e[2] is None and (ids != NULL_BLOCK).all() for e, ids in todo), \
             f"{request_id}: a swap-out over a host copy's run, or across its layout"
