@@ -49,7 +49,7 @@ from fastserve_jax.serve import bench_client
 from fastserve_jax.serve.bench_random import length_problem, random_workload, served_models, server_vocabulary
 from fastserve_jax.serve.bench_server import LaunchedServer, ServerNotReady, server_health
 from fastserve_jax.serve.engine_args import add_engine_args, check_engine_args, engine_argv, parse_engine_args
-from fastserve_jax.serve.simulate_cmd import add_slo_args, check_output, print_summary, seed_arg
+from fastserve_jax.serve.simulate_cmd import add_slo_args, check_output, check_rates, print_summary, seed_arg
 
 DEMO_MAX_TOKENS = 257   # the shipped demo model answers spans B - A <= 255: 256 numbers + EOS
 TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", "azure_conv_2023.csv")
@@ -307,6 +307,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
         if bad:
             print(f"error: {msg}", file=sys.stderr)
             return 2
+    try:
+        check_rates(rates, "--rate")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     ignored = launch_only_flags(a) if a.url else []
     if ignored:
         print(f"warning: {' '.join(ignored)} configure a server that bench starts; with --url they are "

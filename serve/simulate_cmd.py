@@ -146,7 +146,8 @@ _tau = number_arg(lambda v: 0 < v <= 1, "a Kendall's tau in (0, 1] (1 = exact le
 
 def check_output(path: str | None, flag: str) -> None:
     """A ValueError now if `flag`'s file could not be written when the run ends (a directory, a
-    folder that cannot be made or written), so that the run's results are not lost to it."""
+    folder that cannot be made, a file that cannot be opened for writing: tried, and removed
+    again if it was not there), so that the run's results are not lost to it."""
     if path is None:
         return
     folder = os.path.dirname(os.path.abspath(path))
@@ -154,9 +155,27 @@ def check_output(path: str | None, flag: str) -> None:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise ValueError(f"{flag} {path}: cannot make its folder ({e.strerror})") from None
-    if os.path.isdir(path) or not os.access(folder, os.W_OK):
-        raise ValueError(f"{flag} {path}: " + ("a directory; give a file name" if os.path.isdir(path)
-                                               else "its folder is not writable"))
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: a directory; give a file name")
+    existed = os.path.lexists(path)
+    try:                            # os.access says yes to root on a read-only mount or in /proc
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot be written ({e.strerror})") from None
+    if not existed:
+        os.remove(path)
+
+
+RATES = (1e-6, 1e9)     # requests/s: past these, arrival times lose the precision of a step
+
+
+def check_rates(rates: list[float], flag: str) -> None:
+    """A ValueError for an arrival rate outside RATES: at 1e-15 requests/s the arrival times
+    (1e15 s and more) have no digits left for a step's 20 ms, and a benchmark never sends."""
+    bad = [r for r in rates if not RATES[0] <= r <= RATES[1]]
+    if bad:
+        raise ValueError(f"{flag}: an arrival rate of {bad[0]:g} requests/s is outside {RATES[0]:g}-{RATES[1]:g}")
 
 
 def check_plot(path: str | None) -> None:
@@ -240,6 +259,9 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         if not a.enable_prefix_caching and (a.shared_prefix_tokens or a.prefix_groups != 1):
             print("warning: --shared-prefix-tokens and --prefix-groups shape the prompts' shared tokens, which "
                   "only --enable-prefix-caching reads; without it they change nothing", file=sys.stderr)
+        for flag, given in (("--rate", a.rate), ("--load", a.load), ("--policy", a.policy)):
+            if given and len(set(given)) < len(given):
+                raise ValueError(f"{flag} {max(given, key=given.count)} is given twice")
         if a.arrival == "gamma" and (a.rate or a.load):
             gamma_shape(a.cv)                   # with_arrivals' check, before the trace and cost model load
         check_output(a.json, "--json")
@@ -273,6 +295,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
             raise ValueError(f"trace {a.trace} has no arrival times (arrived_at or TIMESTAMP); give --rate or --load")
         if any(r is not None and not (math.isfinite(r) and r > 0) for r, _, _ in points):
             raise ValueError(f"--rate and --load must be finite numbers > 0, got {a.rate or a.load}")
+        check_rates([r for r, _, _ in points if r is not None], "--rate" if a.rate else "--load")
         policies, slos = a.policy or [DEFAULT_POLICY], a.slo or PAPER_SLOS
         jobs = []
         for rate, load, offered in points:

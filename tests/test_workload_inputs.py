@@ -360,6 +360,36 @@ def test_output_files_that_cannot_be_written_are_refused_before_the_run(trace, n
               f"{trace}.d/new/out.json"])
 
 
+def test_an_output_file_root_cannot_write_is_refused_before_the_run_and_a_new_one_is_not_left(trace, tmp_path, capsys):
+    """os.access let root through to /proc (or a read-only mount), and the run ended in a
+    traceback; the check opens the file, and removes it again if it made it."""
+    assert main(["simulate", "--trace", trace, "--rate", "1", "--json", "/proc/out.json"]) == 2
+    assert "error: --json /proc/out.json: cannot be written" in capsys.readouterr().err
+    from fastserve_jax.serve.simulate_cmd import check_output
+
+    check_output(str(tmp_path / "new.json"), "--json")
+    assert not (tmp_path / "new.json").exists()
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--rate", "1e-15"], "--rate: an arrival rate of 1e-15 requests/s is outside 1e-06-1e+09"),
+    (["--rate", "1e300"], "an arrival rate of 1e+300 requests/s is outside"),
+    (["--load", "1e-12"], "error: --load: an arrival rate of"),
+    (["--rate", "1", "2", "1"], "error: --rate 1.0 is given twice"),
+    (["--rate", "1", "--policy", "fcfs", "--policy", "fcfs"], "error: --policy fcfs is given twice")])
+def test_simulate_refuses_rates_without_precision_and_repeats(trace, args, says, capsys):
+    """1e-15 requests/s reported a 0.4 ms latency per token (arrival times past 1e15 s keep no
+    step's digits); a policy given twice ran twice and the JSON kept one."""
+    assert main(["simulate", "--trace", trace, *args]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_bench_refuses_a_rate_it_would_never_send_at(trace, no_launch, capsys):
+    """1e-300 requests/s: the first request's arrival never came."""
+    assert main(["bench", "--trace", trace, "--num-requests", "2", "--rate", "1e-300"]) == 2
+    assert "error: --rate: an arrival rate of 1e-300 requests/s is outside" in capsys.readouterr().err
+
+
 def test_bench_refuses_a_rate_given_twice(trace, no_launch, capsys):
     """The table printed both runs at 4 req/s, the JSON (one result per rate) and the sweep's
     summary kept only the second."""
