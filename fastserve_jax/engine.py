@@ -7,6 +7,7 @@ under memory pressure, in the host pool (swap_policy.py).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections import deque
@@ -180,6 +181,8 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                     arrival_time: float | None = None) -> Request:
         text, ids = self.validate(prompt, params)
+        if params.max_tokens is None:               # vLLM's: the rest of the context
+            params = dataclasses.replace(params, max_tokens=self.context_limit - len(ids))
         n = next(self._ids)
         rid = request_id if request_id is not None else f"req-{n}"
         if rid in self._requests:

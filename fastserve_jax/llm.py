@@ -20,6 +20,7 @@ from fastserve_jax.request import CompletionOutput, Request, RequestOutput
 from fastserve_jax.runner.compile_guard import compile_stats
 from fastserve_jax.runner.compiler import resolve_warmup
 from fastserve_jax.runner.persistent_cache import enable_compilation_cache
+from fastserve_jax.vllm_options import llm_keywords
 
 Prompt = str | list[int]
 
@@ -58,6 +59,7 @@ class LLM:
 
         resolve_warmup(warmup)                              # a bad mode fails before anything loads
         check_mode(generation_config)                       # and so does a bad generation_config
+        engine_kwargs = llm_keywords(engine_kwargs)         # vLLM's options without effect here, or refused
         path, model_cfg, cfg = engine_config(model, dtype=dtype, max_model_len=max_model_len,
                                              num_device_blocks=num_device_blocks, **engine_kwargs)
         enable_compilation_cache(cfg.compilation_cache_dir)
@@ -70,6 +72,10 @@ class LLM:
 
     @property
     def tokenizer(self):
+        return self.engine.tokenizer
+
+    def get_tokenizer(self):
+        """vLLM's name for `tokenizer`."""
         return self.engine.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:

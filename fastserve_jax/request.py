@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -40,15 +41,41 @@ class RequestMetrics:
 
 
 @dataclass(frozen=True)
-class TokenLogprobs:
-    """Logprob of the sampled token and the top-n alternatives (raw model distribution)."""
+class Logprob:
+    """vLLM's: a token's logprob and its rank in the distribution (1 = the likeliest; None where
+    it is not among the MAX_LOGPROBS the device computes). decoded_token is always None here."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprobs(Mapping):
+    """Logprob of the sampled (or prompt) token and the top-n alternatives (raw model
+    distribution), likeliest first. It is also vLLM's entry, a mapping {token id: Logprob}
+    of the token and its alternatives: `entry[token_id].logprob`, `entry.items()`."""
 
     token_id: int
     logprob: float
     top: dict[int, float]
-    # prompt logprobs: the token's rank in the distribution (1 = the likeliest), where it is among
-    # the MAX_LOGPROBS the device computes; None beyond them
+    # the token's rank in the distribution (1 = the likeliest), where it is among the
+    # MAX_LOGPROBS the device computes; None beyond them
     rank: int | None = None
+
+    def __getitem__(self, token_id: int) -> Logprob:
+        if token_id == self.token_id:
+            return Logprob(self.logprob, self.rank)
+        if token_id in self.top:
+            return Logprob(self.top[token_id], list(self.top).index(token_id) + 1)
+        raise KeyError(token_id)
+
+    def __iter__(self):
+        yield self.token_id
+        yield from (t for t in self.top if t != self.token_id)
+
+    def __len__(self) -> int:
+        return len(self.top) + (self.token_id not in self.top)
 
 
 @dataclass
@@ -176,6 +203,11 @@ class CompletionOutput:
     finish_reason: str | None
     logprobs: list[TokenLogprobs] | None = None
     stop_reason: int | str | None = None       # stop_reason()
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """vLLM's: the sum of the output tokens' logprobs, where logprobs were asked for."""
+        return None if self.logprobs is None else float(sum(lp.logprob for lp in self.logprobs))
 
 
 @dataclass

@@ -46,7 +46,8 @@ def sampler_seed(seed: int) -> int:
 class SamplingParams:
     """How to sample one request's output (vLLM's names and defaults).
 
-    temperature=0 (or below GREEDY_BELOW = 1e-5, as in vLLM) means greedy. top_k=-1 (or 0)
+    max_tokens=None (vLLM's): as many as the context holds after the prompt (the engine sets it
+    when the request is added). temperature=0 (or below GREEDY_BELOW = 1e-5, as in vLLM) means greedy. top_k=-1 (or 0)
     disables top-k; top_p=1 disables top-p.
     presence_penalty and frequency_penalty follow OpenAI: before sampling, the logit of each
     token t is lowered by frequency_penalty * (times t occurs in the output so far) +
@@ -86,7 +87,7 @@ class SamplingParams:
     (request logs print the params).
     """
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -119,8 +120,9 @@ class SamplingParams:
                 object.__setattr__(self, name, float(v))
         for name in ("max_tokens", "n"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            if (v is not None or name == "n") and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1" + (" or None (the rest of the context)"
+                                                                       if name == "max_tokens" else "") + f", got {v!r}")
         if not _is_number(self.temperature) or not 0 <= self.temperature <= FLOAT32_SAFE[1]:
             raise ValueError(f"temperature must be a number in [0, {FLOAT32_SAFE[1]:g}] (0 means greedy), "
                              f"got {self.temperature!r}")
@@ -160,7 +162,7 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be a list of non-negative token ids, got {self.stop_token_ids!r}")
         object.__setattr__(self, "stop_token_ids", [int(t) for t in ids])
         if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or \
-                not 0 <= self.min_tokens <= self.max_tokens:
+                not 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens):
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
                              f"got {self.min_tokens!r}")
         bias = self.logit_bias if self.logit_bias is not None else {}      # 0 or []: refused below

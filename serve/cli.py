@@ -14,7 +14,7 @@ import sys
 import time
 
 from fastserve_jax.serve.bench_cmd import add_bench_parser
-from fastserve_jax.serve.compat_flags import refusal
+from fastserve_jax.vllm_options import refusal
 from fastserve_jax.serve.engine_args import add_engine_args, cpu_devices_for, engine_kwargs
 from fastserve_jax.serve.serve_cmd import add_serve_parser
 from fastserve_jax.serve.simulate_cmd import add_simulate_parser

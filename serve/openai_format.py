@@ -227,14 +227,8 @@ class Formatter:
             if x is None:
                 out.append(None)
                 continue
-            ranked = sorted(x.top.items(), key=lambda kv: -kv[1])
-            rank = next((i for i, (t, _) in enumerate(ranked, 1) if t == x.token_id), x.rank)
-            d = {str(x.token_id): {"logprob": max(x.logprob, -9999.0), "rank": rank,
-                                   "decoded_token": self._token(x.token_id)}}
-            for i, (t, v) in enumerate(ranked, 1):
-                if t != x.token_id:
-                    d[str(t)] = {"logprob": max(v, -9999.0), "rank": i, "decoded_token": self._token(t)}
-            out.append(d)
+            out.append({str(t): {"logprob": max(lp.logprob, -9999.0), "rank": lp.rank, "decoded_token": self._token(t)}
+                        for t, lp in x.items()})        # TokenLogprobs as vLLM's {token id: Logprob}
         return out
 
     # -- stream chunks ---------------------------------------------------------------------

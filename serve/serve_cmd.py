@@ -20,7 +20,7 @@ from typing import Callable
 
 import uvicorn
 
-from fastserve_jax.serve.compat_flags import notes
+from fastserve_jax.vllm_options import notes
 from fastserve_jax.serve.engine_args import add_engine_args, cpu_devices_for, engine_kwargs
 from fastserve_jax.serve.engine_loop import StartupCancelled
 from fastserve_jax.serve.server_args import add_server_args, check_server_args, server_settings, uvicorn_settings

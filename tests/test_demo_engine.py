@@ -53,6 +53,37 @@ def test_stop_strings_and_max_tokens(demo_llm):
     assert eos.text.startswith(" 1 2") and len(eos.token_ids) == 6 and eos.finish_reason == "length"
 
 
+def test_vllm_scripts_outputs_read_as_in_vllm(demo_llm, caplog):
+    """What vLLM code reads of an LLM and its outputs: max_tokens=None runs to the end of the
+    context, get_tokenizer(), each logprobs entry as {token id: Logprob} (the sampled token
+    first, with its rank), cumulative_logprob, and vLLM's keywords with no effect here
+    accepted with a warning while the ones naming a missing feature are refused by name
+    (these were AttributeErrors, a ValueError for max_tokens=None, and unknown arguments)."""
+    p = demo_task.make_prompt(5, 9)
+    out = demo_llm.generate(p, SamplingParams(max_tokens=None, temperature=0, logprobs=2))[0]
+    assert out.text == " 5 6 7 8 9" and out.finish_reason == "stop"
+    req = demo_llm.engine.add_request(p, SamplingParams(max_tokens=None))
+    demo_llm.engine.abort(req.request_id)
+    assert req.sampling.max_tokens == demo_llm.engine.context_limit - len(out.prompt_token_ids)
+    assert demo_llm.get_tokenizer() is demo_llm.tokenizer
+    c = out.outputs[0]
+    first = c.logprobs[0]
+    assert next(iter(first)) == c.token_ids[0] and first[c.token_ids[0]].logprob == first.logprob
+    assert first[c.token_ids[0]].rank == 1 and [lp.rank for lp in first.values()] == [1, 2]     # greedy: the likeliest
+    assert c.cumulative_logprob == pytest.approx(sum(e[t].logprob for e, t in zip(c.logprobs, c.token_ids)))
+    assert demo_llm.generate(p, SamplingParams(max_tokens=2, temperature=0))[0].outputs[0].cumulative_logprob is None
+    with pytest.raises(ValueError, match="max_tokens must be an integer >= 1 or None"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match=r"^quantization awq: quantized weights are not implemented; weights load in dtype"):
+        LLM(quantization="awq")
+    with pytest.raises(ValueError, match="unknown LLM arguments"):
+        LLM(trust_remote_code=True, bogus=1)
+    from fastserve_jax.vllm_options import llm_keywords
+
+    assert llm_keywords({"trust_remote_code": True, "enforce_eager": True, "kv_cache_dtype": "auto", "seed": 1}) == {"seed": 1}
+    assert "enforce_eager has no effect" in caplog.text
+
+
 def test_chat_renders_with_the_tokenizers_template(demo_llm):
     """LLM.chat (vLLM's): one conversation or a list, rendered as the server renders them; the
     output's prompt is the rendered text; continue_final_message continues the last message."""

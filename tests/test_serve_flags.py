@@ -142,7 +142,7 @@ def test_vllm_flags_naming_features_we_lack_are_refused_in_one_line(command, arg
 
 
 def test_vllm_flags_without_meaning_here_are_accepted_with_a_line_saying_why(caplog):
-    from fastserve_jax.serve.compat_flags import notes, refusal
+    from fastserve_jax.vllm_options import notes, refusal
 
     a = _serve_args("--no-enable-prefix-caching", "--kv-cache-dtype", "auto", "--trust-remote-code", "--enforce-eager",
                     "--disable-frontend-multiprocessing", "--disable-custom-all-reduce", "--disable-fastapi-docs",
