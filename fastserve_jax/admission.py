@@ -25,9 +25,7 @@ def validate_request(prompt: str | list[int], params: SamplingParams, tokenizer,
     if params.n != 1:
         raise ValueError(f"the engine runs one completion per request, got n={params.n}; LLM.generate and the "
                          "server run n requests for it")
-    if isinstance(prompt, str):
-        if not prompt:
-            raise ValueError("prompt is empty; give at least one character or token id")
+    if isinstance(prompt, str):          # "" is a prompt where the tokenizer adds BOS (vLLM's)
         text, ids = prompt, tokenizer.encode(prompt, add_special_tokens=True)
     elif isinstance(prompt, (list, tuple)) and all(isinstance(t, Integral) and not isinstance(t, bool) for t in prompt):
         text, ids = None, [int(t) for t in prompt]
@@ -37,7 +35,8 @@ def validate_request(prompt: str | list[int], params: SamplingParams, tokenizer,
     else:
         raise ValueError("a prompt must be a string or a list of integer token ids")
     if not ids:
-        raise ValueError("prompt is empty; give at least one character or token id")
+        raise ValueError("prompt is empty (no tokens: this tokenizer adds no BOS); give at least one character "
+                         "or token id")
     if len(ids) >= max_model_len:
         raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {max_model_len}, which must also hold "
                          f"at least one generated token; shorten the prompt to at most {max_model_len - 1} tokens "

@@ -79,11 +79,12 @@ def render_chat(tokenizer, messages: list[dict], options: ChatOptions = ChatOpti
             **options.template_kwargs)
     except (TemplateError, ValueError, TypeError, KeyError) as e:   # the messages do not fit the template
         raise ChatTemplateError(f"the model's chat template rejected the messages: {e}", "messages") from None
-    if not text:
-        raise ChatTemplateError("the messages render to an empty prompt; give some content", "messages")
     bos = tokenizer.bos_token
     add = not (bos and text.startswith(bos)) if add_special_tokens is None else add_special_tokens
-    return text, tokenizer.encode(text, add_special_tokens=add)
+    ids = tokenizer.encode(text, add_special_tokens=add)
+    if not ids:                 # an empty rendering is a prompt where the tokenizer adds BOS (vLLM's)
+        raise ChatTemplateError("the messages render to an empty prompt; give some content", "messages")
+    return text, ids
 
 
 def check_text(text: str, where: str) -> str:

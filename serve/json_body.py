@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from typing import Any
 
 from fastserve_jax.serve.errors import bad_request
@@ -19,10 +20,10 @@ def parse_body(raw: bytes) -> dict:
     except UnicodeDecodeError as e:
         raise bad_request(f"the request body is not valid UTF-8 (byte {e.start}); send JSON encoded as UTF-8")
     try:
-        body = json.loads(text, parse_constant=_reject_constant)
+        body = json.loads(text, parse_constant=_reject_constant, parse_int=_int_literal)
     except json.JSONDecodeError as e:
         raise bad_request(f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}")
-    except ValueError as e:      # NaN/Infinity, or an integer literal past Python's digit limit
+    except ValueError as e:      # NaN/Infinity
         raise bad_request(f"the request body is not acceptable JSON: {e}")
     except RecursionError:
         raise bad_request("the request body nests arrays or objects too deeply; flatten it")
@@ -32,6 +33,15 @@ def parse_body(raw: bytes) -> dict:
         raise bad_request("the request body has an unpaired UTF-16 surrogate escape (\\ud800-\\udfff without its "
                           "other half: no Unicode character); send text as UTF-8 or escape both halves of a pair")
     return body
+
+
+def _int_literal(text: str) -> int | float:
+    """An integer literal; one past Python's digit limit for reading (4,300) reads as an infinite
+    number, which the field's check refuses by name, as it refuses 1e400 (the body's error was
+    Python's advice to raise the limit, naming no field)."""
+    if len(text.lstrip("-")) <= (sys.get_int_max_str_digits() or len(text)):         # 0: no limit
+        return int(text)
+    return -math.inf if text.startswith("-") else math.inf
 
 
 def _reject_constant(name: str):
@@ -81,6 +91,9 @@ def int_field(body: dict, name: str, default, lo: int | None = None, hi: int | N
     v = body.get(name)
     if v is None:
         return default
+    if isinstance(v, float) and math.isinf(v):       # 1e400, or an integer of more digits than Python reads
+        raise bad_request(f"'{name}' must be in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}], "
+                          "got a number too large to read", name)
     if isinstance(v, float) and v.is_integer():      # 5.0 is 5, as vLLM's (pydantic's lax) parsing takes it
         v = int(v)
     if not isinstance(v, int) or isinstance(v, bool):

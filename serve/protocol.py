@@ -288,9 +288,7 @@ def _prompts(v: Any) -> list[Any]:
     else:
         raise bad_request("'prompt' must be a string, an array of strings, an array of token ids (integers), "
                           "or an array of such arrays, and not empty", "prompt")
-    if any(p == "" for p in out):
-        raise bad_request("'prompt' contains an empty string; give at least one character", "prompt")
-    return out
+    return out                  # "" is a prompt where the tokenizer adds BOS (vLLM's; admission.py)
 
 
 def _logprobs_field(body: dict, name: str, limit: int) -> int | None:

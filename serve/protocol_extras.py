@@ -86,9 +86,12 @@ def header_request_id(value: bytes | None) -> str | None:
     field is."""
     if value is None:
         return None
-    text = value.decode("latin-1")
+    try:                        # as clients send it (Starlette reads headers as Latin-1: "ü" read as "Ã¼")
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
     if not _request_id_ok(text):
-        raise bad_request(f"the X-Request-Id header must be 1 to {MAX_REQUEST_ID} printable characters")
+        raise bad_request(f"the X-Request-Id header must be 1 to {MAX_REQUEST_ID} printable characters (UTF-8)")
     return text
 
 

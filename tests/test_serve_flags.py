@@ -273,6 +273,7 @@ def test_x_request_id_on_preflights_errors_and_repeated_headers():
 
     from fastserve_jax.serve.app import _unexpected
     from fastserve_jax.serve.http_layer import header_value, middleware
+    from fastserve_jax.serve.errors import APIError
     from fastserve_jax.serve.protocol_extras import header_request_id
 
     def boom(request):
@@ -291,6 +292,9 @@ def test_x_request_id_on_preflights_errors_and_repeated_headers():
     assert _asgi(app, "GET", "/nowhere", raw)[1][b"x-request-id"] == b"a"
     assert header_request_id(header_value(raw, b"x-request-id")) == "a"          # the completion's id agrees
     assert header_request_id(header_value([(b"x-request-id", b"")], b"x-request-id")) is None
+    assert header_request_id("a ünï".encode()) == "a ünï"          # UTF-8, not Latin-1's "a Ã¼nÃ¯"
+    with pytest.raises(APIError, match=r"printable characters \(UTF-8\)"):
+        header_request_id(b"a \xfc")
     assert len(_asgi(app, "GET", "/nowhere", [(b"x-request-id", b"")])[1][b"x-request-id"]) == 32   # a new one
 
 
