@@ -293,6 +293,8 @@ class EngineConfig:
                 or self.num_device_blocks < 0:
             raise ValueError(f"num_device_blocks must be an integer >= 0 (0 = size automatically), "
                              f"got {self.num_device_blocks!r}")
+        if self.num_device_blocks == 1:     # kv_cache.KVManager's check, before a model loads
+            raise ValueError("the device KV pool needs at least 2 blocks (one is the null block), got 1")
         f = self.gpu_memory_utilization
         if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1:
             raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1] of each accelerator's memory "

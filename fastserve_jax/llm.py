@@ -213,8 +213,10 @@ def engine_config(model, *, dtype: str = "auto", max_model_len: int | None = Non
     model_cfg = ModelConfig.from_pretrained(path)
     if max_model_len is None:
         max_model_len = min(model_cfg.max_position_embeddings, EngineConfig.max_model_len)
-    return path, model_cfg, EngineConfig(dtype=dtype, max_model_len=max_model_len,
-                                         num_device_blocks=num_device_blocks or 0, **engine_kwargs)
+    cfg = EngineConfig(dtype=dtype, max_model_len=max_model_len, num_device_blocks=num_device_blocks or 0,
+                       **engine_kwargs)
+    cfg.resolve()                   # the bucket lists' checks, which need no model (a server bench starts failed)
+    return path, model_cfg, cfg
 
 
 def _one_prompt(p, i: int):

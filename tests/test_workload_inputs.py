@@ -255,7 +255,10 @@ def test_bench_checks_the_workload_before_it_starts_a_server(tmp_path, no_launch
 @pytest.mark.parametrize("args,msg", [
     (["--max-model-len", "0"], "error: max_model_len must be a positive integer, got 0"),
     (["--model", "/nonexistent"], "error: '/nonexistent' is not a model directory: no config.json in it"),
-    (["--cost-model", "/nonexistent.json"], "error: no cost model '/nonexistent.json'")])
+    (["--cost-model", "/nonexistent.json"], "error: no cost model '/nonexistent.json'"),
+    # these two reached a server, which exited 1 with them
+    (["--num-device-blocks", "1"], "error: the device KV pool needs at least 2 blocks (one is the null block)"),
+    (["--decode-batch-buckets", "1,2"], "error: decode_batch_buckets must reach 32, got largest 2")])
 def test_bench_checks_the_engine_options_as_generate_does_before_it_starts_a_server(trace, no_launch, args, msg,
                                                                                    capsys):
     """A server started with them exited, and the traceback said `the server exited with 1; see LOG`
