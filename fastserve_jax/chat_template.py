@@ -78,7 +78,8 @@ def render_chat(tokenizer, messages: list[dict], options: ChatOptions = ChatOpti
             continue_final_message=options.continue_final_message, chat_template=chat_template or None,
             **options.template_kwargs)
     except (TemplateError, ValueError, TypeError, KeyError) as e:   # the messages do not fit the template
-        raise ChatTemplateError(f"the model's chat template rejected the messages: {e}", "messages") from None
+        whose = "the chat template given" if chat_template else "the model's chat template"
+        raise ChatTemplateError(f"{whose} rejected the messages: {e}", "messages") from None
     bos = tokenizer.bos_token
     add = not (bos and text.startswith(bos)) if add_special_tokens is None else add_special_tokens
     ids = tokenizer.encode(text, add_special_tokens=add)

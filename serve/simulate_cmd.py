@@ -268,6 +268,9 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         check_plot(a.plot)
         cost = CostModel.load(a.cost_model)
         trace, timed = load_trace(a.trace, a.num_requests)
+        if a.num_requests is not None and len(trace) < a.num_requests:     # as bench refuses it
+            raise ValueError(f"{a.trace} has {len(trace)} requests, fewer than the {a.num_requests} asked; lower "
+                             "--num-requests, or leave it out for the whole trace")
         knobs = {k: v for k, v in (("base_quantum", a.base_quantum), ("quantum_ratio", a.quantum_ratio),
                                    ("starvation_threshold", a.starvation_threshold),
                                    ("tail_slowdown", a.tail_slowdown),

@@ -69,10 +69,12 @@ def test_bad_options_are_value_errors_naming_the_field(kw, param, message):
 
 
 def test_template_errors_name_messages(tok):
-    with pytest.raises(ChatTemplateError, match="rejected the messages: .*final message") as e:
+    with pytest.raises(ChatTemplateError, match="^the model's chat template rejected the messages: .*final message") as e:
         render_chat(tok, [{"role": "assistant"}], ChatOptions(add_generation_prompt=False,
                                                                continue_final_message=True))
     assert e.value.param == "messages"
+    with pytest.raises(ChatTemplateError, match="^the chat template given rejected the messages: unexpected"):
+        render_chat(tok, USER, chat_template="{{ foo( }}")        # was blamed on the model's template
     bare = load_tokenizer(demo_model_path())
     bare.chat_template = None
     with pytest.raises(ChatTemplateError, match="no chat template"):

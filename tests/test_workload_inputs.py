@@ -379,10 +379,12 @@ def test_an_output_file_root_cannot_write_is_refused_before_the_run_and_a_new_on
     (["--rate", "1e300"], "an arrival rate of 1e+300 requests/s is outside"),
     (["--load", "1e-12"], "error: --load: an arrival rate of"),
     (["--rate", "1", "2", "1"], "error: --rate 1.0 is given twice"),
-    (["--rate", "1", "--policy", "fcfs", "--policy", "fcfs"], "error: --policy fcfs is given twice")])
+    (["--rate", "1", "--policy", "fcfs", "--policy", "fcfs"], "error: --policy fcfs is given twice"),
+    (["--rate", "1", "--num-requests", "100000"], "requests, fewer than the 100000 asked; lower --num-requests")])
 def test_simulate_refuses_rates_without_precision_and_repeats(trace, args, says, capsys):
     """1e-15 requests/s reported a 0.4 ms latency per token (arrival times past 1e15 s keep no
-    step's digits); a policy given twice ran twice and the JSON kept one."""
+    step's digits); a policy given twice ran twice and the JSON kept one; more requests than
+    the trace holds ran the trace (bench refuses them)."""
     assert main(["simulate", "--trace", trace, *args]) == 2
     assert says in capsys.readouterr().err
 
