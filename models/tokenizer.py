@@ -18,6 +18,10 @@ import os
 GENERIC_FAST = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
 
 
+# Files one of which a Hugging Face tokenizer loads from (fast, its config, sentencepiece, BPE).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def tokenizer_class(model_path: str) -> str | None:
     """The `tokenizer_class` the checkpoint's tokenizer_config.json names, None without one."""
     path = os.path.join(model_path, "tokenizer_config.json")
@@ -31,6 +35,8 @@ def tokenizer_class(model_path: str) -> str | None:
 def load_tokenizer(model_path: str):
     """The tokenizer of a Hugging Face model directory (see the module docstring). Raises
     ValueError naming the directory when its tokenizer files are missing or broken."""
+    if os.path.isdir(model_path) and not any(os.path.isfile(os.path.join(model_path, f)) for f in TOKENIZER_FILES):
+        raise ValueError(f"no tokenizer in {model_path!r}: none of {', '.join(TOKENIZER_FILES)} is there")
     try:
         if tokenizer_class(model_path) in GENERIC_FAST and os.path.isfile(os.path.join(model_path, "tokenizer.json")):
             from transformers import PreTrainedTokenizerFast
@@ -39,7 +45,7 @@ def load_tokenizer(model_path: str):
         return AutoTokenizer.from_pretrained(model_path)
     except Exception as e:  # JSONDecodeError, OSError, transformers' ValueErrors: none names the directory
         raise ValueError(f"cannot load the tokenizer of {model_path!r} (tokenizer.json, tokenizer_config.json "
-                         f"or its tokenizer class's files missing or broken?): {type(e).__name__}: {e}") from None
+                         f"or its tokenizer class's files missing or broken?): {type(e).__name__}: {' '.join(str(e).split())}") from None
 
 
 def eos_ids(model_path: str, model_cfg, tokenizer) -> frozenset[int]:

@@ -105,6 +105,10 @@ def test_a_missing_or_broken_tokenizer_is_named(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{")
     with pytest.raises(ValueError, match=r"cannot load the tokenizer of .*JSONDecodeError"):
         load_tokenizer(str(tmp_path))
+    empty = tmp_path / "none"
+    empty.mkdir()                # no tokenizer file at all: transformers' five-line advice on slow tokenizers
+    with pytest.raises(ValueError, match=rf"^no tokenizer in '{empty}': none of tokenizer.json, "):
+        load_tokenizer(str(empty))
 
 
 def test_eos_ids_join_the_tokenizers_eos_to_the_generation_configs(tmp_path):
