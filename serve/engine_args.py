@@ -129,7 +129,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="split the layers into this many pipeline stages, each on its own tensor-parallel "
                         "group of devices (default 1)")
     g.add_argument("--batches-in-flight", type=int, default=0,
-                   help="batches dispatched at once in pipeline mode (default: one per stage)")
+                   help="batches dispatched at once in pipeline mode (default, or 0: one per stage)")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="plan and dispatch each iteration's batch while the device still runs the last one, "
                         "whose tokens feed it on the device (default: on with one pipeline stage, off with "

@@ -48,16 +48,16 @@ def add_simulate_parser(sub) -> None:
                            "(see fastserve_jax.workload.capacity_rps); several: a sweep")
     p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson",
                    help="arrival process with --rate/--load (default poisson)")
-    p.add_argument("--cv", type=float, default=1.0,
+    p.add_argument("--cv", type=float, default=None,
                    help="coefficient of variation of gamma inter-arrival gaps, in about [1e-154, 1e154] (the gamma "
-                        "shape 1/cv**2 must be a finite number > 0; 1 = Poisson)")
+                        "shape 1/cv**2 must be a finite number > 0; default 1 = Poisson); only with --arrival gamma")
     p.add_argument("--num-requests", type=int, default=None, help="the first N requests of the trace")
     p.add_argument("--policy", action="append", choices=sorted(POLICIES),
                    help=f"policy to simulate (repeatable; default {DEFAULT_POLICY})")
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-capacity-tokens", type=int, default=0, help="KV slots on the device (default: the cost model's)")
+    p.add_argument("--kv-capacity-tokens", type=int, default=0, help="KV slots on the device (default, or 0: the cost model's)")
     p.add_argument("--host-kv-capacity-tokens", type=int, default=0,
                    help="KV slots in the host pool for swapped-out requests (default 0: none, evictions recompute)")
     p.add_argument("--swap-policy", choices=["proactive", "reactive", "recompute"], default="proactive",
@@ -262,6 +262,9 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         for flag, given in (("--rate", a.rate), ("--load", a.load), ("--policy", a.policy)):
             if given and len(set(given)) < len(given):
                 raise ValueError(f"{flag} {max(given, key=given.count)} is given twice")
+        if a.cv is not None and a.arrival != "gamma":       # it changed nothing, without a word
+            raise ValueError(f"--cv {a.cv:g} shapes gamma arrivals; add --arrival gamma (Poisson's cv is 1)")
+        a.cv = 1.0 if a.cv is None else a.cv
         if a.arrival == "gamma" and (a.rate or a.load):
             gamma_shape(a.cv)                   # with_arrivals' check, before the trace and cost model load
         check_output(a.json, "--json")

@@ -160,6 +160,7 @@ def test_simulate_load_is_a_fraction_of_the_capacity_within_its_token_budget(tra
     (["--rate", "1", "--arrival", "gamma", "--cv", "-1"], "--cv"),
     (["--rate", "1", "--arrival", "gamma", "--cv", "1e-300"], "--cv"),       # ZeroDivisionError before
     (["--load", "0.5", "--arrival", "gamma", "--cv", "1e300"], "--cv"),      # OverflowError before
+    (["--rate", "1", "--cv", "2"], "--cv 2 shapes gamma arrivals; add --arrival gamma"),   # ignored before
     (["--rate", "1", "--jobs", "-3"], "--jobs must be >= 1"),                 # accepted before
     (["--rate", "1", "--kv-capacity-tokens", "100"], "--kv-capacity-tokens"),
     (["--rate", "1", "--num-requests", "0"], "--num-requests must be >= 1"),   # "the trace has no requests" before
