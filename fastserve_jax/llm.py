@@ -129,7 +129,19 @@ class LLM:
             first, *rest = [self.engine.output_of(r) for r in g]
             first.outputs += [CompletionOutput(j, o.text, o.token_ids, o.finish_reason, o.logprobs, o.stop_reason)
                               for j, o in enumerate(rest, 1)]
-            out.append(first)
+            out.append(self._with_decoded_tokens(first))
+        return out
+
+    def _with_decoded_tokens(self, out: RequestOutput) -> RequestOutput:
+        """Logprob entries that give vLLM's decoded_token: each token's text alone."""
+        decode = self.engine.tokenizer.decode
+
+        def entries(lps):
+            return None if lps is None else [lp if lp is None else dataclasses.replace(
+                lp, texts={t: decode([t]) for t in lp}) for lp in lps]
+        for c in out.outputs:
+            c.logprobs = entries(c.logprobs)
+        out.logprobs, out.prompt_logprobs = out.outputs[0].logprobs, entries(out.prompt_logprobs)
         return out
 
     def chat(self, messages: list[dict] | list[list[dict]],

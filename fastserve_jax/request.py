@@ -42,8 +42,8 @@ class RequestMetrics:
 
 @dataclass(frozen=True)
 class Logprob:
-    """vLLM's: a token's logprob and its rank in the distribution (1 = the likeliest; None where
-    it is not among the MAX_LOGPROBS the device computes). decoded_token is always None here."""
+    """vLLM's: a token's logprob, its rank in the distribution (1 = the likeliest; None where it
+    is not among the MAX_LOGPROBS the device computes) and its text (LLM's outputs; else None)."""
 
     logprob: float
     rank: int | None = None
@@ -62,13 +62,18 @@ class TokenLogprobs(Mapping):
     # the token's rank in the distribution (1 = the likeliest), where it is among the
     # MAX_LOGPROBS the device computes; None beyond them
     rank: int | None = None
+    texts: dict[int, str] | None = field(default=None, repr=False, compare=False)   # Logprob.decoded_token
 
     def __getitem__(self, token_id: int) -> Logprob:
+        text = self.texts.get(token_id) if self.texts is not None else None
         if token_id == self.token_id:
-            return Logprob(self.logprob, self.rank)
+            return Logprob(self.logprob, self.rank, text)
         if token_id in self.top:
-            return Logprob(self.top[token_id], list(self.top).index(token_id) + 1)
+            return Logprob(self.top[token_id], list(self.top).index(token_id) + 1, text)
         raise KeyError(token_id)
+
+    def __contains__(self, token_id) -> bool:
+        return token_id == self.token_id or token_id in self.top
 
     def __iter__(self):
         yield self.token_id

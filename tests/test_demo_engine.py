@@ -56,7 +56,7 @@ def test_stop_strings_and_max_tokens(demo_llm):
 def test_vllm_scripts_outputs_read_as_in_vllm(demo_llm, caplog):
     """What vLLM code reads of an LLM and its outputs: max_tokens=None runs to the end of the
     context, get_tokenizer(), each logprobs entry as {token id: Logprob} (the sampled token
-    first, with its rank), cumulative_logprob, and vLLM's keywords with no effect here
+    first, with its rank and text), cumulative_logprob, and vLLM's keywords with no effect here
     accepted with a warning while the ones naming a missing feature are refused by name
     (these were AttributeErrors, a ValueError for max_tokens=None, and unknown arguments)."""
     p = demo_task.make_prompt(5, 9)
@@ -70,6 +70,8 @@ def test_vllm_scripts_outputs_read_as_in_vllm(demo_llm, caplog):
     first = c.logprobs[0]
     assert next(iter(first)) == c.token_ids[0] and first[c.token_ids[0]].logprob == first.logprob
     assert first[c.token_ids[0]].rank == 1 and [lp.rank for lp in first.values()] == [1, 2]     # greedy: the likeliest
+    assert [lp.decoded_token for lp in first.values()] == [demo_llm.tokenizer.decode([t]) for t in first]
+    assert first[c.token_ids[0]].decoded_token == " 5"
     assert c.cumulative_logprob == pytest.approx(sum(e[t].logprob for e, t in zip(c.logprobs, c.token_ids)))
     assert demo_llm.generate(p, SamplingParams(max_tokens=2, temperature=0))[0].outputs[0].cumulative_logprob is None
     with pytest.raises(ValueError, match="max_tokens must be an integer >= 1 or None"):
