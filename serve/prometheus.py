@@ -14,7 +14,9 @@ requests are not observed).
     fastserve_swap_blocks_total{direction}, fastserve_swap_bytes_total{direction},
     fastserve_swap_stall_seconds_total (fastserve_swap_fused_seconds_total: the part estimated
     for fused copies), fastserve_busy_seconds_total, fastserve_iterations_total,
-    fastserve_recomputed_tokens_total, fastserve_prefix_cache_{queries,hits}_total (tokens)
+    fastserve_recomputed_tokens_total, fastserve_prefix_cache_{queries,hits}_total (tokens),
+    fastserve_swap_in_shared_blocks_total (swap-ins that found their blocks on the device),
+    fastserve_swap_out_pinned_blocks_total (swap-outs that left shared blocks there: prefix_cache.py)
     fastserve_iteration_phase_seconds_total{phase}
                                              schedule | assemble | device | postprocess: where
                                              the iterations' busy seconds go (stats.EngineStats)
@@ -29,7 +31,7 @@ requests are not observed).
     fastserve_request_success_total{finished_reason}
                                              engine requests ended: stop | length | abort | error
                                              (vLLM's request_success_total; n choices count n)
-    fastserve_server_pending_requests, fastserve_server_rejected_total{reason},
+    fastserve_server_pending_requests, fastserve_server_rejected_total{reason} (unavailable | queue_full),
     fastserve_engine_faults_total, fastserve_server_ready
     fastserve_cost_model_provisional         1 until the background warm-up is done and profiled
     fastserve_predictor_{samples,train_rounds}_total, fastserve_predictor_{ready,scored,kendall_tau,

@@ -18,8 +18,8 @@ def engine_policy_config(cost_model, max_num_seqs: int, starvation_threshold: fl
     the starvation limits stretched to as many full-batch decode iterations as the defaults'
     seconds last on the reference setup. A model that decodes 5x faster than OPT-13B waits
     2 s, not 10, before promotion and the tail guard; at 10 s the demo model's bursts end
-    before either acts. `starvation_threshold`: seconds that replace the scaled skip-join and
-    gittins limit."""
+    before either acts. `starvation_threshold`: seconds that replace skip-join's scaled limit
+    (gittins' stays scaled)."""
     d = SchedulerConfig
     quantum, scale = d.base_quantum, 1.0
     if cost_model is not None:
