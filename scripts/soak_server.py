@@ -58,7 +58,7 @@ from fastserve_jax.serve import bench_client  # noqa: E402
 
 KINDS = ("exact", "echo", "stop", "length", "seeded", "chat", "disconnect", "bad", "prefix")
 BAD_BODIES = ({"temperature": -1}, {"max_tokens": "many"}, {"top_p": 0}, {"n": 0}, {"logprobs": 99},
-              {"stop": 5}, {"prompt": ""}, {"presence_penalty": 9})
+              {"stop": 5}, {"prompt": []}, {"presence_penalty": 9})
 
 
 def rss_kib(pid: int) -> int:
