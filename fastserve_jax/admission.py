@@ -17,6 +17,26 @@ def context_limit(max_model_len: int, kv) -> int:
     return min(max_model_len, kv.num_usable_blocks * kv.block_size)
 
 
+def truncate_prompt(ids: list[int], k: int, head: int = 0) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the last k of `ids`, where the first `head` (the special
+    tokens a tokenizer put before a text prompt, BOS) stay first among them, as the tokenizer's
+    left truncation in vLLM keeps them."""
+    if k <= head:
+        return ids[:k]
+    return ids[:head] + ids[len(ids) - (k - head):] if len(ids) > k else ids
+
+
+def truncation_length(k: int, limit: int, max_tokens: int | None) -> int:
+    """truncate_prompt_tokens as a number of tokens: -1 is what the context (`limit`) holds next
+    to max_tokens (the rest of it: one token); more than the context is a ValueError."""
+    if k == -1:
+        return limit - (max_tokens if max_tokens is not None and max_tokens < limit else 1)
+    if k > limit:
+        raise ValueError(f"truncate_prompt_tokens is {k}, more than the {limit} tokens of the context "
+                         "(max_model_len, or what the device pool holds); give a smaller value or -1")
+    return k
+
+
 def validate_request(prompt: str | list[int], params: SamplingParams, tokenizer, vocab_size: int, max_model_len: int,
                      kv: KVManager, eos_ids: frozenset[int] = frozenset()) -> tuple[str | None, list[int]]:
     """(text or None, token ids) of one prompt. `eos_ids`: the model's, which min_tokens bans."""
@@ -27,13 +47,17 @@ def validate_request(prompt: str | list[int], params: SamplingParams, tokenizer,
                          "server run n requests for it")
     if isinstance(prompt, str):          # "" is a prompt where the tokenizer adds BOS (vLLM's)
         text, ids = prompt, tokenizer.encode(prompt, add_special_tokens=True)
+        head = len(ids) - len(tokenizer.encode(prompt, add_special_tokens=False)) if params.truncate_prompt_tokens else 0
     elif isinstance(prompt, (list, tuple)) and all(isinstance(t, Integral) and not isinstance(t, bool) for t in prompt):
-        text, ids = None, [int(t) for t in prompt]
+        text, ids, head = None, [int(t) for t in prompt], 0
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"token ids must be in [0, {vocab_size}), got {bad[:5]}")
     else:
         raise ValueError("a prompt must be a string or a list of integer token ids")
+    if params.truncate_prompt_tokens is not None:
+        ids = truncate_prompt(ids, truncation_length(params.truncate_prompt_tokens, context_limit(max_model_len, kv),
+                                                     params.max_tokens), head)
     if not ids:
         raise ValueError("prompt is empty (no tokens: this tokenizer adds no BOS); give at least one character "
                          "or token id")

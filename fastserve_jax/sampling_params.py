@@ -26,7 +26,8 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-_INT_FIELDS = ("max_tokens", "n", "top_k", "seed", "logprobs", "prompt_logprobs", "min_tokens")
+_INT_FIELDS = ("max_tokens", "n", "top_k", "seed", "logprobs", "prompt_logprobs", "min_tokens",
+               "truncate_prompt_tokens")
 _FLOAT_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")
 # float32's range, in which the sampler divides and multiplies logits by these (a repetition
 # penalty of 1e-300 is 0 there: every logit became inf and the sampler gave token 0)
@@ -47,7 +48,9 @@ class SamplingParams:
     """How to sample one request's output (vLLM's names and defaults).
 
     max_tokens=None (vLLM's): as many as the context holds after the prompt (the engine sets it
-    when the request is added). temperature=0 (or below GREEDY_BELOW = 1e-5, as in vLLM) means greedy. top_k=-1 (or 0)
+    when the request is added). truncate_prompt_tokens (vLLM's): the prompt's last k tokens are
+    kept (a text prompt keeps its BOS among them; admission.truncate_prompt), -1 what the
+    context holds next to max_tokens. temperature=0 (or below GREEDY_BELOW = 1e-5, as in vLLM) means greedy. top_k=-1 (or 0)
     disables top-k; top_p=1 disables top-p.
     presence_penalty and frequency_penalty follow OpenAI: before sampling, the logit of each
     token t is lowered by frequency_penalty * (times t occurs in the output so far) +
@@ -110,6 +113,7 @@ class SamplingParams:
     bad_words: list[str] | None = None
     allowed_token_ids: list[int] | None = None
     cache_salt: str | None = field(default=None, repr=False)
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS + _FLOAT_FIELDS:        # numpy's scalars as Python's
@@ -192,6 +196,10 @@ class SamplingParams:
             object.__setattr__(self, "allowed_token_ids", allowed)
         if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
             raise ValueError("cache_salt must be a non-empty string (None: no salt)")
+        k = self.truncate_prompt_tokens
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not (k == -1 or k >= 1)):
+            raise ValueError(f"truncate_prompt_tokens must be None, -1 (what the context holds next to max_tokens) "
+                             f"or an integer >= 1 (the prompt's last k tokens), got {k!r}")
 
     @property
     def greedy(self) -> bool:

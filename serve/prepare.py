@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from fastserve_jax import chat_template as chat_template_module
 from fastserve_jax.chat_template import ChatOptions, ChatTemplateError
-from fastserve_jax.admission import check_bad_words
+from fastserve_jax.admission import check_bad_words, truncate_prompt, truncation_length
 from fastserve_jax.config import SamplingParams
 from fastserve_jax.sampling_params import BIAS_SLOTS, bias_tokens
 
@@ -77,15 +77,10 @@ def _prompt_ids(job: Job, prompt, eng: "LLMEngine | EngineInfo", chat_template: 
     k = job.truncate_prompt_tokens
     if k is None:
         return src
-    limit = eng.context_limit
-    if k == -1:         # what the context holds next to max_tokens (the rest of it: one token)
-        k = limit - (job.max_tokens if job.max_tokens is not None and job.max_tokens < limit else 1)
-    elif k > limit:
-        raise bad_request(f"'truncate_prompt_tokens' is {k}, more than the {limit} tokens of this server's context "
-                          "(/v1/models' max_model_len); give a smaller value or -1", "truncate_prompt_tokens")
-    if k <= len(head):      # the special tokens alone, as the tokenizer's truncation leaves them
-        return head[:k]
-    return head + src[len(head):][len(src) - k:] if len(src) > k else src
+    if k > eng.context_limit:
+        raise bad_request(f"'truncate_prompt_tokens' is {k}, more than the {eng.context_limit} tokens of this server's "
+                          "context (/v1/models' max_model_len); give a smaller value or -1", "truncate_prompt_tokens")
+    return truncate_prompt(src, truncation_length(k, eng.context_limit, job.max_tokens), len(head))
 
 
 def _check_token_ids(job: Job, eng: "LLMEngine | EngineInfo") -> None:

@@ -55,7 +55,7 @@ def test_stop_strings_and_max_tokens(demo_llm):
 
 def test_vllm_scripts_outputs_read_as_in_vllm(demo_llm, caplog):
     """What vLLM code reads of an LLM and its outputs: max_tokens=None runs to the end of the
-    context, get_tokenizer(), each logprobs entry as {token id: Logprob} (the sampled token
+    context, truncate_prompt_tokens, get_tokenizer(), each logprobs entry as {token id: Logprob} (the sampled token
     first, with its rank and text), cumulative_logprob, and vLLM's keywords with no effect here
     accepted with a warning while the ones naming a missing feature are refused by name
     (these were AttributeErrors, a ValueError for max_tokens=None, and unknown arguments)."""
@@ -76,6 +76,12 @@ def test_vllm_scripts_outputs_read_as_in_vllm(demo_llm, caplog):
     assert demo_llm.generate(p, SamplingParams(max_tokens=2, temperature=0))[0].outputs[0].cumulative_logprob is None
     with pytest.raises(ValueError, match="max_tokens must be an integer >= 1 or None"):
         SamplingParams(max_tokens=0)
+    full = demo_llm.tokenizer.encode(p)         # truncate_prompt_tokens (vLLM's): the last k, BOS kept first
+    cut = demo_llm.generate(p, SamplingParams(max_tokens=2, temperature=0, truncate_prompt_tokens=3))[0]
+    assert cut.prompt_token_ids == full[:1] + full[-2:]
+    assert demo_llm.generate([full], SamplingParams(max_tokens=2, truncate_prompt_tokens=2))[0].prompt_token_ids == full[-2:]
+    with pytest.raises(ValueError, match="truncate_prompt_tokens must be None, -1 .* got 0"):
+        SamplingParams(truncate_prompt_tokens=0)
     with pytest.raises(ValueError, match=r"^quantization awq: quantized weights are not implemented; weights load in dtype"):
         LLM(quantization="awq")
     with pytest.raises(ValueError, match="unknown LLM arguments"):
