@@ -99,8 +99,9 @@ class LLM:
         """One output per prompt, in order, with its `n` completions in `outputs` (seeds seed,
         seed + 1, ... when a seed is given). A prompt is a string, token ids (a list, tuple or
         1-D integer array) or vLLM's {"prompt": text} / {"prompt_token_ids": ids}. Every prompt
-        is validated before any is queued. use_tqdm is taken for vLLM's callers; no progress
-        bar is drawn. Calls from several threads run one after another."""
+        is validated before any is queued. use_tqdm=True draws vLLM's progress bar of processed
+        prompts on stderr (off by default here, unlike vLLM). Calls from several threads run one
+        after another."""
         prompts = [_one_prompt(p, i) for i, p in enumerate(_prompt_list(prompts))]
         if not prompts:
             return []
@@ -123,7 +124,7 @@ class LLM:
                 raise ValueError(f"prompt {i}: {e}") from None
         with self._generating:      # another thread's generate finishes first, then this one runs
             refine_profile(self.engine)        # a background warm-up's provisional cost model, once it is done
-            groups = self._run(prompts, runs)
+            groups = self._run(prompts, runs, use_tqdm)
         out = []
         for g in groups:
             first, *rest = [self.engine.output_of(r) for r in g]
@@ -172,7 +173,7 @@ class LLM:
             out.prompt = text
         return outs
 
-    def _run(self, prompts: list, runs: list[list[SamplingParams]]) -> list[list[Request]]:
+    def _run(self, prompts: list, runs: list[list[SamplingParams]], use_tqdm: bool = False) -> list[list[Request]]:
         """Queue the requests and step until all are done. Interrupted (KeyboardInterrupt,
         or a step that raises), the requests of this call are aborted, which frees their KV:
         none runs on in a later generate."""
@@ -182,13 +183,25 @@ class LLM:
                 groups.append([])
                 for sp in subs:
                     groups[-1].append(self.engine.add_request(p, sp))
+            bar = _progress(len(groups)) if use_tqdm else None
             while any(not r.finished for g in groups for r in g):
                 self.engine.step()
+                if bar is not None:
+                    bar.update(sum(all(r.finished for r in g) for g in groups) - bar.n)
+            if bar is not None:
+                bar.close()
         except BaseException:
             for r in (r for g in groups for r in g if not r.finished):
                 self.engine.abort(r.request_id)
             raise
         return groups
+
+
+def _progress(total: int):
+    """vLLM's bar of processed prompts (tqdm comes with transformers' dependencies)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
 
 
 def _prompt_list(prompts) -> list:

@@ -53,9 +53,9 @@ def test_stop_strings_and_max_tokens(demo_llm):
     assert eos.text.startswith(" 1 2") and len(eos.token_ids) == 6 and eos.finish_reason == "length"
 
 
-def test_vllm_scripts_outputs_read_as_in_vllm(demo_llm, caplog):
+def test_vllm_scripts_outputs_read_as_in_vllm(demo_llm, caplog, capsys):
     """What vLLM code reads of an LLM and its outputs: max_tokens=None runs to the end of the
-    context, truncate_prompt_tokens, get_tokenizer(), each logprobs entry as {token id: Logprob} (the sampled token
+    context, truncate_prompt_tokens, use_tqdm's bar, get_tokenizer(), each logprobs entry as {token id: Logprob} (the sampled token
     first, with its rank and text), cumulative_logprob, and vLLM's keywords with no effect here
     accepted with a warning while the ones naming a missing feature are refused by name
     (these were AttributeErrors, a ValueError for max_tokens=None, and unknown arguments)."""
@@ -76,6 +76,9 @@ def test_vllm_scripts_outputs_read_as_in_vllm(demo_llm, caplog):
     assert demo_llm.generate(p, SamplingParams(max_tokens=2, temperature=0))[0].outputs[0].cumulative_logprob is None
     with pytest.raises(ValueError, match="max_tokens must be an integer >= 1 or None"):
         SamplingParams(max_tokens=0)
+    capsys.readouterr()
+    outs = demo_llm.generate([p, demo_task.make_prompt(1, 3)], SamplingParams(max_tokens=8, temperature=0), use_tqdm=True)
+    assert [o.text for o in outs] == [" 5 6 7 8 9", " 1 2 3"] and "Processed prompts: 100%" in capsys.readouterr().err
     full = demo_llm.tokenizer.encode(p)         # truncate_prompt_tokens (vLLM's): the last k, BOS kept first
     cut = demo_llm.generate(p, SamplingParams(max_tokens=2, temperature=0, truncate_prompt_tokens=3))[0]
     assert cut.prompt_token_ids == full[:1] + full[-2:]
