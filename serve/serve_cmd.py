@@ -14,6 +14,7 @@ import importlib
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 from typing import Callable
@@ -248,10 +249,18 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
              ", engine in its own process" if cfg.engine_process else "",
              ", API key required" if cfg.api_key else "")
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    main = threading.current_thread() is threading.main_thread()
+    if main:    # uvicorn re-raises the SIGTERM it drained on into this handler, not the default's exit
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         server.run()
     except KeyboardInterrupt:   # uvicorn re-raises the Ctrl-C it drained for; the drain is done
         log.info("stopped by SIGINT")
+    except Terminated:          # so a multi-host leader still tells its workers to exit (cmd_serve)
+        log.info("stopped by SIGTERM")
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     health = app.state.server.engine.health
     if health.startup_error:
         print(f"error: the engine did not start: {health.startup_error}", file=sys.stderr)
@@ -273,6 +282,14 @@ def _spawn_engine(build: EngineBuilder):
     threading.Thread(target=importlib.import_module, args=("transformers.tokenization_utils_tokenizers",),
                      name="fastserve-preimport", daemon=True).start()
     return transport
+
+
+class Terminated(Exception):
+    """SIGTERM, once uvicorn has drained for it."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated
 
 
 class DrainingServer(uvicorn.Server):
