@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import importlib
 import logging
 import math
@@ -195,7 +196,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
                 channel = PlanChannel.connect(dist, settings=settings)
                 return run_worker(a.model, engine_kwargs(a), channel, progress_logger())
             channel = PlanChannel.serve(dist, settings=settings)
-        except (ValueError, ConnectionError, TimeoutError) as e:    # settings that differ, a missing process
+        except (ValueError, OSError) as e:    # settings that differ, a missing process, a busy port
+            if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:      # a traceback, then a 120 s hang
+                e = f"cannot listen on the plan port {dist.plan_port} (the coordinator's + 1): {e.strerror}"
             print(f"error: {e}", file=sys.stderr)
             return 1
         log.info("process 0 of %d: leader, %d worker(s) connected", dist.num_processes, dist.num_processes - 1)
