@@ -185,6 +185,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         from fastserve_jax.sharding.distributed import PlanChannel, initialize
         from fastserve_jax.multihost import LeaderMirror, close_workers, deployment_settings, die_on_sigterm, run_worker
 
+        if dist.process_id == 0:    # a leader without its workers said nothing until JAX aborted it at 300 s
+            log.info("process 0 of %s: coordinating at %s; waiting up to 300 s for the other processes to join",
+                     dist.num_processes, dist.coordinator_address)
         dist = initialize(dist)
         if dist.process_id != 0:
             die_on_sigterm()      # the leader's SIGTERM goes to uvicorn's drain, then to the workers' shutdown
