@@ -76,7 +76,7 @@ class LLM:
 
     def get_tokenizer(self):
         """vLLM's name for `tokenizer`."""
-        return self.engine.tokenizer
+        return self.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What generate samples with when given no sampling_params: vLLM's defaults, with the

@@ -77,10 +77,12 @@ def _prompt_ids(job: Job, prompt, eng: "LLMEngine | EngineInfo", chat_template: 
     k = job.truncate_prompt_tokens
     if k is None:
         return src
-    if k > eng.context_limit:
+    try:
+        k = truncation_length(k, eng.context_limit, job.max_tokens)
+    except ValueError:          # past the context: named as this server's
         raise bad_request(f"'truncate_prompt_tokens' is {k}, more than the {eng.context_limit} tokens of this server's "
                           "context (/v1/models' max_model_len); give a smaller value or -1", "truncate_prompt_tokens")
-    return truncate_prompt(src, truncation_length(k, eng.context_limit, job.max_tokens), len(head))
+    return truncate_prompt(src, k, len(head))
 
 
 def _check_token_ids(job: Job, eng: "LLMEngine | EngineInfo") -> None:

@@ -40,6 +40,7 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 # How long before --shutdown-timeout ends the requests still running are answered (at most
 # half the timeout): time for their handlers to write the answer before uvicorn cancels them.
 SHUTDOWN_ANSWER_MARGIN_S = 0.5
+JOIN_TIMEOUT_S = 300     # seconds a multi-host start waits for every process (sharding/distributed.initialize)
 
 
 def add_serve_parser(sub) -> None:
@@ -185,10 +186,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
         from fastserve_jax.sharding.distributed import PlanChannel, initialize
         from fastserve_jax.multihost import LeaderMirror, close_workers, deployment_settings, die_on_sigterm, run_worker
 
-        if dist.process_id == 0:    # a leader without its workers said nothing until JAX aborted it at 300 s
-            log.info("process 0 of %s: coordinating at %s; waiting up to 300 s for the other processes to join",
-                     dist.num_processes, dist.coordinator_address)
-        dist = initialize(dist)
+        if dist.process_id == 0:    # a leader without its workers said nothing until JAX aborted it
+            log.info("process 0 of %s: coordinating at %s; waiting up to %d s for the other processes to join",
+                     dist.num_processes, dist.coordinator_address, JOIN_TIMEOUT_S)
+        dist = initialize(dist, JOIN_TIMEOUT_S)
         if dist.process_id != 0:
             die_on_sigterm()      # the leader's SIGTERM goes to uvicorn's drain, then to the workers' shutdown
         settings = deployment_settings(a.model, engine_kwargs(a))
@@ -201,7 +202,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             channel = PlanChannel.serve(dist, settings=settings)
         except (ValueError, OSError) as e:    # settings that differ, a missing process, a busy port
             if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:      # a traceback, then a 120 s hang
-                e = f"cannot listen on the plan port {dist.plan_port} (the coordinator's + 1): {e.strerror}"
+                e = f"cannot listen on the plan port {dist.plan_port} (by default the coordinator's + 1): {e.strerror}"
             print(f"error: {e}", file=sys.stderr)
             return 1
         log.info("process 0 of %d: leader, %d worker(s) connected", dist.num_processes, dist.num_processes - 1)
@@ -257,7 +258,7 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     main = threading.current_thread() is threading.main_thread()
     if main:    # uvicorn re-raises the SIGTERM it drained on into this handler, not the default's exit
-        signal.signal(signal.SIGTERM, _terminated)
+        previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         server.run()
     except KeyboardInterrupt:   # uvicorn re-raises the Ctrl-C it drained for; the drain is done
@@ -265,8 +266,8 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
     except Terminated:          # so a multi-host leader still tells its workers to exit (cmd_serve)
         log.info("stopped by SIGTERM")
     finally:
-        if main:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if main:            # (None: a handler not set from Python)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     health = app.state.server.engine.health
     if health.startup_error:
         print(f"error: the engine did not start: {health.startup_error}", file=sys.stderr)

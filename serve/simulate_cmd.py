@@ -264,9 +264,9 @@ def cmd_simulate(a: argparse.Namespace) -> int:
                 raise ValueError(f"{flag} {max(given, key=given.count)} is given twice")
         if a.cv is not None and a.arrival != "gamma":       # it changed nothing, without a word
             raise ValueError(f"--cv {a.cv:g} shapes gamma arrivals; add --arrival gamma (Poisson's cv is 1)")
-        a.cv = 1.0 if a.cv is None else a.cv
+        cv = 1.0 if a.cv is None else a.cv
         if a.arrival == "gamma" and (a.rate or a.load):
-            gamma_shape(a.cv)                   # with_arrivals' check, before the trace and cost model load
+            gamma_shape(cv)                   # with_arrivals' check, before the trace and cost model load
         check_output(a.json, "--json")
         check_plot(a.plot)
         cost = CostModel.load(a.cost_model)
@@ -306,7 +306,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         jobs = []
         for rate, load, offered in points:
             # the same N requests (--num-requests) at every rate: a finite burst per rate
-            tr = trace if rate is None else with_arrivals(trace, rate, a.arrival, a.cv, a.seed)
+            tr = trace if rate is None else with_arrivals(trace, rate, a.arrival, cv, a.seed)
             jobs += [(tr, p, cost, cfg, rate, load, offered, slos) for p in policies]
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
