@@ -42,6 +42,7 @@ def load_trace(path: str, num_requests: int | None = None) -> tuple[list[TraceRe
         rows = csv.DictReader(f)
         try:
             cols = set(rows.fieldnames or ())
+            _refuse_near_misses(path, cols)
             azure = set(AZURE_COLUMNS) - {"TIMESTAMP"} <= cols and not cols & set(AZURE_COLUMNS.values())
             if azure:
                 cols = {AZURE_COLUMNS.get(c, c) for c in cols}
@@ -56,6 +57,9 @@ def load_trace(path: str, num_requests: int | None = None) -> tuple[list[TraceRe
             for i, r in enumerate(rows):
                 if num_requests is not None and i >= num_requests and not timed:   # timed: the earliest N, below
                     break
+                if None in r:                              # csv.DictReader's key for fields past the header's
+                    raise ValueError(f"trace {path} line {rows.line_num}: {len(r) - 1 + len(r[None])} fields, "
+                                     f"the header names {len(rows.fieldnames)}")
                 if azure:
                     r = {AZURE_COLUMNS.get(k, k): v for k, v in r.items()}
                 out.append(_trace_row(r, timed, f"trace {path} line {rows.line_num}", azure))
@@ -76,6 +80,21 @@ MAX_TRACE_TOKENS = 1 << 24     # 16.8M tokens: past any model's context; more is
 # Azure's column -> ours. Its TIMESTAMP is a date and time of day ("2023-11-16 18:15:46.6805900").
 AZURE_COLUMNS = {"TIMESTAMP": "arrived_at", "ContextTokens": "num_prefill_tokens",
                  "GeneratedTokens": "num_decode_tokens"}
+
+
+def _refuse_near_misses(path: str, cols: set[str]) -> None:
+    """A column named as one the loader reads but for case or spaces (`timestamp`,
+    `Num_Decode_Tokens `) is a ValueError naming the name it reads: read as any other column,
+    it was ignored, and a timed trace then ran on generated arrival times."""
+    read = {k.lower(): k for k in (*AZURE_COLUMNS, *AZURE_COLUMNS.values())}
+    for c in sorted(cols):
+        want = read.get(c.strip().lower())
+        twin = AZURE_COLUMNS.get(want) or {v: k for k, v in AZURE_COLUMNS.items()}.get(want)
+        if want and want not in cols and twin not in cols:
+            reads = ("arrived_at (seconds) or, in Azure's format, TIMESTAMP (a date)"
+                     if want in ("arrived_at", "TIMESTAMP") else repr(want))
+            raise ValueError(f"trace {path}: its column {c!r} is not read: column names are exact, "
+                             f"this one reads as {reads}")
 
 
 def _azure_seconds(text: str) -> float:

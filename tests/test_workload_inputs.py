@@ -84,8 +84,34 @@ def test_a_trace_saved_with_a_byte_order_mark_keeps_its_first_column(tmp_path):
     path = tmp_path / "bom.csv"
     path.write_bytes(b"\xef\xbb\xbf" + HEAD.encode() + b"1.0,20,8\n3.0,30,9\n")
     assert load_trace(str(path)) == ([TraceRequest(0.0, 20, 8), TraceRequest(2.0, 30, 9)], True)
-    with pytest.raises(ValueError, match=r"columns \['arrived_at', ' num_prefill_tokens', ' num_decode_tokens'\]"):
+    with pytest.raises(ValueError, match=r"column ' num_decode_tokens' is not read: column names are exact, this "
+                                         r"one reads as 'num_decode_tokens'"):
         load_trace(write(tmp_path, "spaced.csv", "arrived_at, num_prefill_tokens, num_decode_tokens\n0,1,1\n"))
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['num_prefill_tokens'\] \(its columns "
+                                         r"\['arrived_at', 'prompt', 'num_decode_tokens'\]\)"):
+        load_trace(write(tmp_path, "misspelt.csv", "arrived_at,prompt,num_decode_tokens\n0,1,1\n"))
+
+
+@pytest.mark.parametrize("head", ["timestamp,num_prefill_tokens,num_decode_tokens",
+                                  "Arrived_At,num_prefill_tokens,num_decode_tokens",
+                                  "Timestamp,ContextTokens,GeneratedTokens"])
+def test_a_time_column_named_but_for_case_is_refused_not_ignored(tmp_path, head):
+    """A `timestamp` column was read as any other column: the trace loaded untimed, and
+    `simulate` ran it on generated arrival times without a word."""
+    with pytest.raises(ValueError, match=f"its column '{head.split(',')[0]}' is not read: column names are exact"):
+        load_trace(write(tmp_path, "t.csv", head + "\n0,1,1\n"))
+    # beside the exact name it is just another column
+    assert load_trace(write(tmp_path, "u.csv", "arrived_at,timestamp,num_prefill_tokens,num_decode_tokens\n"
+                                               "2,0,1,1\n"))[1] is True
+
+
+def test_a_row_with_more_fields_than_the_header_is_refused(tmp_path):
+    """csv.DictReader files a long row's extra fields under None, and the row loaded: a
+    shifted column read as lengths."""
+    with pytest.raises(ValueError, match=r"line 3: 4 fields, the header names 3"):
+        load_trace(write(tmp_path, "long.csv", HEAD + "0,1,1\n1,2,2,9\n"))
+    with pytest.raises(ValueError, match=r"line 2: 3 fields, the header names 2"):
+        load_trace(write(tmp_path, "long2.csv", "num_prefill_tokens,num_decode_tokens\n1,2,3\n"))
 
 
 def test_azures_published_trace_format_loads_as_ours(tmp_path):
