@@ -259,6 +259,7 @@ def test_simulate_cli_prediction_flags(small_trace, tmp_path, capsys):
         assert "prediction" in capsys.readouterr().err
 
 
+@pytest.mark.slow   # 3 s of simulation; the default suite runs the script's --help (test_scripts_smoke.py)
 def test_sweep_script_quick_mode(tmp_path):
     root = pathlib.Path(__file__).resolve().parents[1]
     if not (root.parent / "shared" / "traces" / "azure_conv_2023.csv").is_file():

@@ -1,10 +1,12 @@
 """The benchmark and reproduction scripts that no other test runs, each at a tiny size, as a
 user would call them (a subprocess from the checkout's root): they must run to the end and
 print their figures. A script is only as good as its last run; bench_tail_guard.py once
-failed at its first line after a helper moved, and nothing noticed. bench_frontend,
-bench_first_runs, bench_predictive, bench_prompt_lengths, bench_prefix_cache, sim_fidelity_prefix, sim_prefix_caching, bench_sampler, bench_penalty_history,
-bench_engine (--quick, without transformers) and soak_server are marked slow; bench_startup
-(minutes) has no test here."""
+failed at its first line after a helper moved, and nothing noticed.
+
+The default suite runs repro_fastserve (--quick), the cheap scripts, and every script's
+`--help` (its parser built, its top-level imports resolved); the runs that simulate or
+compile for seconds are marked slow (`pytest -m slow tests/test_scripts_smoke.py`): the
+default suite is held under 4 minutes on 2 cores. bench_startup (minutes) has no test here."""
 
 from __future__ import annotations
 
@@ -30,6 +32,28 @@ def _script(name: str, *args: str, timeout: float = 300) -> str:
     return r.stdout + r.stderr
 
 
+def test_every_script_with_a_parser_prints_its_help():
+    """One process runs each argparse script's `--help` as `python scripts/x.py --help` would."""
+    code = """
+import contextlib, glob, io, runpy, sys
+sys.path.insert(0, "scripts")
+for path in sorted(glob.glob("scripts/*.py")):
+    if "ArgumentParser" not in open(path).read():
+        continue
+    sys.argv, out = [path, "--help"], io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(path, run_name="__main__")
+        print(path, "ran past --help")
+    except SystemExit as e:
+        print(path, "ok" if e.code in (0, None) and "usage:" in out.getvalue() else f"exit {e.code}")
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert len(results) >= 30 and {k: v for k, v in results.items() if v != "ok"} == {}, r.stdout
+
+
 @pytest.fixture
 def small_trace(tmp_path) -> str:
     path = str(tmp_path / "trace.csv")
@@ -46,6 +70,7 @@ def test_repro_fastserve_quick(tmp_path):
     assert "report in" in out
 
 
+@pytest.mark.slow   # 3 s of simulation; test_repro_fastserve_quick runs the script in the default suite
 @needs_trace
 def test_repro_fastserve_compares_arrival_seeds(tmp_path):
     _script("repro_fastserve.py", "--out", str(tmp_path), "--quick", "--jobs", "1", "--workloads", "code",
@@ -57,11 +82,14 @@ def test_repro_fastserve_compares_arrival_seeds(tmp_path):
     assert by_seed[0] != by_seed[1]                      # other arrival times, other figures
     report = (tmp_path / "report.md").read_text()
     assert report.startswith("## targets across arrival seeds 0, 1")
+    assert "# arrival seed 0" in report and "# arrival seed 1" in report
+    assert report.count("### code, device KV full") == 2
+
+
+def test_repro_fastserve_refuses_repeated_seeds(tmp_path):
     r = subprocess.run([sys.executable, os.path.join("scripts", "repro_fastserve.py"), "--out", str(tmp_path / "x"),
                         "--quick", "--seeds", "1", "1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--seeds must be distinct integers >= 0, got 1 1" in r.stderr
-    assert "# arrival seed 0" in report and "# arrival seed 1" in report
-    assert report.count("### code, device KV full") == 2
 
 
 def test_repro_fastserve_lists_each_target_missed_in_any_seed():
@@ -98,6 +126,7 @@ def test_bench_scheduler_times_each_policy():
     assert "policy    median" in out and " fcfs " in out and " skip-join-mlfq " in out
 
 
+@pytest.mark.slow   # 3 s: two simulated runs per memory size
 def test_bench_scheduler_simulate_prints_host_time_and_decisions():
     out = _script("bench_scheduler.py", "--simulate", "--policy", "fcfs", "--repeats", "2")
     rows = [ln.split() for ln in out.splitlines() if " fcfs " in ln]
@@ -105,6 +134,7 @@ def test_bench_scheduler_simulate_prints_host_time_and_decisions():
     assert all(float(r[3]) > 0 and len(r[4]) == 12 for r in rows), out
 
 
+@pytest.mark.slow   # 3 s: three simulated runs and the copy probes
 def test_bench_swap_sim_and_copy_parts(small_trace):
     out = _script("bench_swap.py", "--part", "sim", "--part", "copy", "--trace", small_trace, "--sim-requests", "60",
                   "--sim-rate", "3", "--sim-device-tokens", "640", "--sim-host-tokens", "20000",
@@ -173,6 +203,7 @@ def test_bench_swap_host_one_round():
     assert out.count("swap path host ms per iteration: ahead") == 4 and "medians" in out, out
 
 
+@pytest.mark.slow   # 2 s: one simulated cell, cold and warm
 @needs_trace
 def test_bench_restart_prior_one_cell():
     out = _script("bench_restart_prior.py", "--loads", "0.9", "--workloads", "code", "--jobs", "1")
@@ -209,6 +240,7 @@ def test_bench_pipeline_tiny():
     assert all(r[-1] == "True" for r in rows), out
 
 
+@pytest.mark.slow   # 2 s: four weight layouts compiled
 def test_bench_weight_layout_tiny():
     out = _script("bench_weight_layout.py", "--rows", "1", "4", "--hidden", "32", "--mlp", "64", "--layers", "2",
                   "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--vocab", "64", "--rounds", "2")
@@ -271,9 +303,13 @@ def test_bench_engine_quick_without_transformers(tmp_path):
     assert "16/16 requests identical" in out and "target host < 10% of step" in out
 
 
+@pytest.mark.slow   # 2 s: one simulated sweep
 def test_sim_templated_one_seed():
     out = _script("sim_templated.py", "2", "3")
     assert "1 seeds" in out and "predictive more than 5% behind skip-join in" in out
+
+
+def test_sim_templated_refuses_an_empty_seed_range():
     r = subprocess.run([sys.executable, os.path.join("scripts", "sim_templated.py"), "3", "3"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "end must be greater than first" in r.stderr

@@ -1,6 +1,6 @@
 """The OpenAI-compatible server on loopback with the demo model: the official `openai`
 client for completions and chat (streaming and not), raw HTTP for the error cases,
-disconnects, the admission bound, an engine fault, and a bounded load test."""
+disconnects, the admission bound, an engine fault, and a bounded load test (-m slow)."""
 
 from __future__ import annotations
 
@@ -554,6 +554,7 @@ def test_a_drain_that_begins_while_a_prompt_is_tokenized_refuses_it_with_a_503(l
     assert status == 503 and "shutting down" in err["error"]["message"] and "retry-after" in map(str.lower, headers)
 
 
+@pytest.mark.slow   # 5 s of CPU; scripts/soak_server.py is the long form, disconnects are tested above
 def test_load_100_requests_32_clients_with_disconnects(live):
     """Concurrency, hang-ups and accounting over HTTP (scripts/soak_server.py runs thousands
     of such requests; 200 here took 9.6 s of the suite on a slow VM)."""
