@@ -380,8 +380,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
         print_summary(summary, sys.stdout)
     if a.json:
         with open(a.json, "w") as f:
+            # every flag as parsed (the trace's path, the seed, the engine's options: what reruns it)
+            flags = {k: v for k, v in vars(a).items() if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
             json.dump(dict(dataset=a.dataset, arrivals=a.arrivals, num_requests=a.num_requests, output_dist=a.output_dist,
-                           output_scale=a.output_scale,
+                           output_scale=a.output_scale, trace=a.trace, flags=flags,
                            results=out, summary=summary), f, indent=1)
     wrong, failed = (sum(int(m[k]) for _, _, m in rows) for k in ("wrong", "failed"))
     if wrong or failed:

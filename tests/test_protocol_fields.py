@@ -710,6 +710,7 @@ def test_bench_random_dataset_draws_the_servers_tokens_and_checks_exact_lengths(
                  "--dataset", "random", "--json", str(tmp_path / "r.json")]) == 0
     out = json.loads((tmp_path / "r.json").read_text())
     assert out["dataset"] == "random" and out["output_scale"] == 1.0
+    assert out["trace"] == trace and out["flags"]["rate"] == [50.0] and out["flags"]["url"] == live.url   # reruns it
     assert main(["bench", "--url", live.url, "--trace", trace, "--num-requests", "2", "--rate", "50"]) == 0
     assert "--dataset auto: counting (the server serves ['demo'])" in capsys.readouterr().err
 
