@@ -187,6 +187,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
         from fastserve_jax.multihost import LeaderMirror, close_workers, deployment_settings, die_on_sigterm, run_worker
 
         if dist.process_id == 0:    # a leader without its workers said nothing until JAX aborted it
+            taken = _taken_ports(dist)
+            if taken:
+                print(f"error: {taken}", file=sys.stderr)
+                return 1
             log.info("process 0 of %s: coordinating at %s; waiting up to %d s for the other processes to join",
                      dist.num_processes, dist.coordinator_address, JOIN_TIMEOUT_S)
         dist = initialize(dist, JOIN_TIMEOUT_S)
@@ -211,6 +215,27 @@ def cmd_serve(a: argparse.Namespace) -> int:
     finally:
         if channel is not None:
             close_workers(channel)
+
+
+def _taken_ports(dist) -> str | None:
+    """What a leader cannot listen on, before JAX tries: its coordinator crashed in gRPC (SIGSEGV,
+    no message) on a port another program held, and a busy plan port showed only after the join."""
+    import socket
+
+    from fastserve_jax.sharding.distributed import _split_address
+
+    if dist.coordinator_address is None:
+        return None
+    for port, what in ((_split_address(dist.coordinator_address)[1], "the coordinator port"),
+                       (dist.plan_port, "the plan port (by default the coordinator's + 1)")):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # a closed socket's TIME_WAIT is no owner
+            try:
+                s.bind(("", port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return f"cannot listen on {what} {port}: another program holds it"
+    return None
 
 
 def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:

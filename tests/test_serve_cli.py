@@ -127,6 +127,26 @@ def test_multi_host_flags_without_a_coordinator_are_refused(capsys, monkeypatch)
     assert "--num-processes needs --coordinator-address" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("held", [0, 1], ids=["coordinator port", "plan port"])
+def test_a_leader_whose_port_another_program_holds_says_so(capsys, held):
+    """JAX's coordinator crashed in gRPC (exit 139, no message) on a port another program held;
+    a busy plan port showed only after every worker had joined. Both are refused before JAX
+    starts (this process would have crashed)."""
+    import socket
+
+    from fastserve_jax.serve.bench_client import unused_port
+    from fastserve_jax.serve.cli import main
+
+    coord = unused_port()
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", coord + held))
+        other.listen()
+        assert main(["serve", "--coordinator-address", f"127.0.0.1:{coord}", "--num-processes", "2",
+                     "--process-id", "0"]) == 1
+    err = capsys.readouterr().err
+    assert ("the coordinator port", "the plan port")[held] in err and f" {coord + held}: another program holds it" in err
+
+
 @pytest.mark.parametrize("mode", ["--no-engine-process", "--engine-process"])
 def test_ctrl_c_during_a_cold_warm_up_stops_the_server_without_compiling_the_rest(mode, tmp_path):
     """A cold full warm-up takes a minute or more (the demo model: 135 shapes, ~90 s on the
