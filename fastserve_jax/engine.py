@@ -374,7 +374,7 @@ class LLMEngine:
         reason, stop_token = None, token in req.eos_token_ids or token in sp.stop_token_ids
         # a stop token's text is written only with include_stop_str_in_output (detokenizer.py)
         req.output_text, hit = self._detok[req.request_id].push(
-            token, req.output_text, len(req.output_token_ids) >= sp.min_tokens, stop_token)
+            token, req.output_text, len(req.output_token_ids) > sp.min_tokens, stop_token)
         if stop_token or hit:
             reason = "stop"
         elif len(req.output_token_ids) >= sp.max_tokens or req.num_known_tokens >= self.cfg.max_model_len:

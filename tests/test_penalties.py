@@ -304,3 +304,7 @@ def test_min_tokens_holds_back_eos_and_stop_strings():
     assert cut.text == " 3 4 "
     late = llm.generate(prompt, dataclasses.replace(base, stop=["5"], min_tokens=4))[0]
     assert late.text == plain.text                        # " 5" was the 3rd token, below min_tokens
+    # the boundary, as vLLM's detokenizer draws it: stop strings are looked for only in tokens
+    # past the first min_tokens (the 3rd token's " 5" ended the request with min_tokens=3)
+    at = llm.generate([prompt] * 2, [dataclasses.replace(base, stop=["5"], min_tokens=k) for k in (2, 3)])
+    assert [o.text for o in at] == [" 3 4 ", plain.text]
