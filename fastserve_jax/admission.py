@@ -65,7 +65,13 @@ def validate_request(prompt: str | list[int], params: SamplingParams, tokenizer,
         raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {max_model_len}, which must also hold "
                          f"at least one generated token; shorten the prompt to at most {max_model_len - 1} tokens "
                          "or raise max_model_len")
-    cap = max_model_len if params.max_tokens is None else min(len(ids) + params.max_tokens, max_model_len)
+    if params.max_tokens is None:      # the rest of the context: the device pool's where smaller (LLMEngine.add_request)
+        cap = context_limit(max_model_len, kv)
+        if len(ids) >= cap:
+            raise ValueError(f"prompt has {len(ids)} tokens but the device pool holds {cap} for one request, "
+                             "prompt and output; shorten the prompt or raise num_device_blocks")
+    else:
+        cap = min(len(ids) + params.max_tokens, max_model_len)
     need = kv.blocks_for_tokens(cap)
     if need > kv.num_usable_blocks:
         raise ValueError(f"this request can need {need} KV blocks but the device pool has only "

@@ -477,3 +477,19 @@ def test_a_compile_counter_for_this_thread_leaves_out_compilations_on_other_thre
     with CompileCounter(this_thread=True) as mine:
         jax.jit(lambda x: x * 5 + 2)(jnp.ones(4)).block_until_ready()
     assert mine.count >= 1
+
+
+def test_max_tokens_none_fills_a_device_pool_smaller_than_max_model_len():
+    """max_tokens=None (vLLM's: the rest of the context) was sized by max_model_len, so where the
+    device pool holds fewer tokens it was refused ("can need 128 KV blocks") instead of running
+    to the pool's end (admission.context_limit, which LLMEngine.add_request fills)."""
+    from fastserve_jax.admission import validate_request
+
+    kv = KVManager(num_blocks=8, block_size=16)         # 7 usable blocks: 112 tokens for one request
+    check = lambda n, max_tokens: validate_request(list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens),
+                                                   None, 1000, 1024, kv, frozenset())
+    assert check(100, None)[1] == list(range(1, 101))
+    with pytest.raises(ValueError, match="can need 13 KV blocks but the device pool has only 7"):
+        check(100, 100)
+    with pytest.raises(ValueError, match="prompt has 112 tokens but the device pool holds 112 for one request"):
+        check(112, None)
