@@ -43,7 +43,9 @@ def ordered_devices(n: int, devices: list[jax.Device] | None = None) -> list[jax
     if len(procs) == 1:
         return devs[:n]
     if n % len(procs):
-        raise ValueError(f"{n} devices cannot be spread evenly over {len(procs)} processes")
+        raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {n} devices cannot be spread evenly "
+                         f"over {len(procs)} processes: every process serves an equal share of the mesh "
+                         f"(-tp / -pp whose product is a multiple of {len(procs)})")
     per = [[d for d in devs if d.process_index == p][: n // len(procs)] for p in procs]
     if min(len(x) for x in per) < n // len(procs):
         raise ValueError(f"every process needs {n // len(procs)} devices for this mesh")

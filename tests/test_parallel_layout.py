@@ -169,6 +169,9 @@ def test_stages_span_processes_evenly():
     assert all({g[0][:2], g[1][:2]} == {"p0", "p1"} for g in grid)
     with pytest.raises(ValueError, match="evenly"):
         ordered_devices(3, devs)
+    with pytest.raises(ValueError, match=r"= 1 devices cannot be spread evenly over 2 processes.*-tp / -pp whose "
+                                         r"product is a multiple of 2"):
+        ordered_devices(1, devs)         # a multi-host serve without -tp said only "1 devices cannot be spread ..."
 
 
 def _replicated_kv_heads(vals: np.ndarray):
