@@ -22,9 +22,9 @@ of the distance to srpt is the wait for the prefill.
 
 Targets (issue 18, at tau about 0.5-0.6, here the 0.55 row): mean latency per token at
 least 1.3x better than skip-join-mlfq's and p99 JCT at most 1.5x fcfs's, in every burst of
-both workloads. The report prints PASS/FAIL per burst with the figures; the plot (default
-docs/img/prediction_sweep.png) has latency per token against skip-join's and p99 JCT
-against fcfs's, over the realised tau.
+both workloads. The report prints PASS/FAIL per burst with the figures; the plot (OUT/sweep.png;
+`--plot docs/img/prediction_sweep.png` replaces the docs' copy) has latency per token against
+skip-join's and p99 JCT against fcfs's, over the realised tau.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from fastserve_jax.config import SchedulerConfig  # noqa: E402
 from fastserve_jax.cost_model import CostModel  # noqa: E402
 from fastserve_jax.sim import SimConfig, simulate  # noqa: E402
 from fastserve_jax.workload import capacity_rps, with_arrivals  # noqa: E402
-from repro_fastserve import COST, ROOT, workloads  # noqa: E402
+from repro_fastserve import COST, workloads  # noqa: E402
 
 BURSTS = (1.5, 3.0, 8.0)
 BASELINES = ("fcfs", "skip-join-mlfq", "gittins", "srpt")
@@ -56,7 +56,6 @@ TARGET = "0.55"
 # only the prompt) instead of when its prefill completes (the engine's): how much of the
 # distance to srpt is the wait for the prefill. Not a target; plotted apart (triangles).
 ARRIVAL = f"{TARGET} at arrival"
-PLOT = os.path.join(ROOT, "docs", "img", "prediction_sweep.png")
 
 
 def _run(job: tuple) -> dict:
@@ -175,7 +174,8 @@ def plot(results: list[dict], path: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="directory for results.json and report.md")
-    ap.add_argument("--plot", default=None, help=f"the PNG (default {os.path.relpath(PLOT)}; --quick: OUT/sweep.png)")
+    ap.add_argument("--plot", default=None, help="the PNG (default OUT/sweep.png; the docs' copy is "
+                                                 "docs/img/prediction_sweep.png)")
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--bursts", type=float, nargs="+", default=list(BURSTS), help="rates as multiples of capacity")
     ap.add_argument("--workloads", nargs="+", default=["chat", "heavy"], choices=["azure", "heavy", "chat", "code"])
@@ -188,7 +188,7 @@ def main() -> int:
     a = ap.parse_args()
     if a.quick:
         a.requests, a.bursts, a.workloads, a.qualities = 40, [3.0], ["chat"], ["useless", TARGET, "exact"]
-    plot_path = a.plot or (os.path.join(a.out, "sweep.png") if a.quick else PLOT)
+    plot_path = a.plot or os.path.join(a.out, "sweep.png")     # the tracked docs/img copy only when asked
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "results.json")
     t0 = time.perf_counter()
