@@ -87,6 +87,17 @@ def _finite(v: int | float) -> bool:
         return False
 
 
+def token_ids(v, lo: int | None = None) -> list[int] | None:
+    """v as a list of token ids (integers >= lo), or None where it is not one; 5.0 is 5, as
+    int_field takes it (vLLM's lax parsing of list[int]; until 2026-12-07 such lists were 400s)."""
+    if not isinstance(v, list):
+        return None
+    out = [int(t) if isinstance(t, float) and t.is_integer() else t for t in v]
+    if all(isinstance(t, int) and not isinstance(t, bool) and (lo is None or t >= lo) for t in out):
+        return out
+    return None
+
+
 def int_field(body: dict, name: str, default, lo: int | None = None, hi: int | None = None):
     v = body.get(name)
     if v is None:

@@ -67,7 +67,7 @@ from fastserve_jax.sampling_params import FLOAT32_SAFE, MAX_LOGIT_BIAS
 from fastserve_jax.serve.errors import APIError, bad_request
 from fastserve_jax.serve.protocol_extras import FIELDS as EXTRA_FIELDS, parse_extras
 from fastserve_jax.serve.json_body import (bool_field as _bool, int_field as _int, num_field as _num,
-                                           str_field as _str, typename as _typename)
+                                           str_field as _str, token_ids, typename as _typename)
 
 MAX_N = 16                # choices per prompt
 MAX_STOP = 8              # stop strings per request
@@ -143,7 +143,8 @@ def _stop_token_ids(body: dict) -> tuple[int, ...]:
     v = body.get("stop_token_ids")
     if v is None:
         return ()
-    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
+    v = token_ids(v, 0)
+    if v is None:
         raise bad_request("'stop_token_ids' must be an array of token ids (integers >= 0)", "stop_token_ids")
     if len(v) > MAX_STOP_TOKEN_IDS:
         raise bad_request(f"'stop_token_ids' has {len(v)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed",
@@ -274,17 +275,17 @@ def _common(body: dict, chat: bool, prompts: list[Any], max_tokens: int | None, 
 
 def _prompts(v: Any) -> list[Any]:
     """A string, an array of strings, an array of token ids, or an array of those arrays."""
-    def ids(x) -> bool:
-        return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+    def ids(x) -> list[int] | None:
+        return token_ids(x) if x else None
 
     if isinstance(v, str):
         out = [v]
-    elif ids(v):
-        out = [v]
+    elif ids(v) is not None:
+        out = [ids(v)]
     elif isinstance(v, list) and v and all(isinstance(p, str) for p in v):
         out = list(v)
-    elif isinstance(v, list) and v and all(ids(p) for p in v):
-        out = list(v)
+    elif isinstance(v, list) and v and all(ids(p) is not None for p in v):
+        out = [ids(p) for p in v]
     else:
         raise bad_request("'prompt' must be a string, an array of strings, an array of token ids (integers), "
                           "or an array of such arrays, and not empty", "prompt")

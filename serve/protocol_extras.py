@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from fastserve_jax.sampling_params import BIAS_SLOTS
 from fastserve_jax.serve.errors import bad_request
-from fastserve_jax.serve.json_body import bool_field, int_field, str_field, typename
+from fastserve_jax.serve.json_body import bool_field, int_field, str_field, token_ids, typename
 
 IGNORED = ("store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "prediction")
 FIELDS = frozenset({"truncate_prompt_tokens", "add_special_tokens", "prompt_logprobs", "request_id", "bad_words",
@@ -99,8 +99,8 @@ def _allowed_token_ids(body: dict) -> tuple[int, ...] | None:
     ids = body.get("allowed_token_ids")
     if ids is None:
         return None
-    if not (isinstance(ids, list) and ids and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                   for t in ids)):
+    ids = token_ids(ids, 0) if ids else None
+    if ids is None:
         raise bad_request("'allowed_token_ids' must be a non-empty array of token ids (integers >= 0), or null",
                           "allowed_token_ids")
     if len(set(ids)) > BIAS_SLOTS:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from fastserve_jax.chat_template import ChatOptions, ChatTemplateError, render_chat
 from fastserve_jax.serve.engine_loop import EngineInfo
 from fastserve_jax.serve.errors import bad_request
-from fastserve_jax.serve.json_body import bool_field, str_field, typename
+from fastserve_jax.serve.json_body import bool_field, str_field, token_ids, typename
 from fastserve_jax.serve.prepare import render_chat as render_chat_ids
 from fastserve_jax.serve.protocol import check_fields, parse_chat_options, parse_messages
 
@@ -86,9 +86,10 @@ def parse_detokenize(body: dict, eng: "LLMEngine | EngineInfo") -> tuple[str | N
     """(model, token ids) of a /detokenize body."""
     vocab_size = eng.vocab_size if isinstance(eng, EngineInfo) else eng.model_cfg.vocab_size
     check_fields(body, frozenset({"model", "tokens"}), "/detokenize", "tokens")
-    ids: Any = body["tokens"]
-    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-        raise bad_request(f"'tokens' must be an array of token ids (integers), got {typename(ids)}", "tokens")
+    ids: Any = token_ids(body["tokens"])
+    if ids is None:
+        raise bad_request(f"'tokens' must be an array of token ids (integers), got {typename(body['tokens'])}",
+                          "tokens")
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         raise bad_request(f"'tokens' must hold token ids in [0, {vocab_size}) (this model's vocabulary), got "

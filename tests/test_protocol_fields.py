@@ -27,6 +27,21 @@ VLLM_CHAT = {"model": "demo", "messages": USER, "temperature": 0.0, "max_complet
              "stream_options": {"include_usage": True}, "ignore_eos": False}
 
 
+def test_token_id_arrays_take_integral_numbers_as_int_fields_do():
+    """5.0 is 5 in token-id arrays too (vLLM's lax list[int]); int fields already took it, and
+    a prompt of [1.0, 2.0] was a 400. 1.5 and true are still refused."""
+    job = parse_completion({"prompt": [[1.0, 2], [3.0]], "stop_token_ids": [5.0], "allowed_token_ids": [7.0, 8]})
+    assert job.prompts == [[1, 2], [3]] and all(type(t) is int for p in job.prompts for t in p)
+    assert job.stop_token_ids == (5,) and job.allowed_token_ids == (7, 8)
+    assert parse_completion({"prompt": [4.0, 5]}).prompts == [[4, 5]]
+    for body, param in (({"prompt": [1.5]}, "prompt"), ({"prompt": [True]}, "prompt"),
+                        ({"prompt": "x", "stop_token_ids": [-1.0]}, "stop_token_ids"),
+                        ({"prompt": "x", "allowed_token_ids": [float("nan")]}, "allowed_token_ids")):
+        with pytest.raises(APIError) as e:
+            parse_completion(body)
+        assert e.value.param == param
+
+
 def test_vllm_benchmark_payloads_and_default_valued_fields_parse():
     job = parse_completion(VLLM_COMPLETION)
     assert job.include_usage and not job.ignore_eos and job.stop_token_ids == () and not job.echo
