@@ -86,11 +86,11 @@ def _refuse_near_misses(path: str, cols: set[str]) -> None:
     """A column named as one the loader reads but for case or spaces (`timestamp`,
     `Num_Decode_Tokens `) is a ValueError naming the name it reads: read as any other column,
     it was ignored, and a timed trace then ran on generated arrival times."""
-    read = {k.lower(): k for k in (*AZURE_COLUMNS, *AZURE_COLUMNS.values())}
+    twins = {**AZURE_COLUMNS, **{v: k for k, v in AZURE_COLUMNS.items()}}    # a name -> the other format's
+    read = {k.lower(): k for k in twins}
     for c in sorted(cols):
         want = read.get(c.strip().lower())
-        twin = AZURE_COLUMNS.get(want) or {v: k for k, v in AZURE_COLUMNS.items()}.get(want)
-        if want and want not in cols and twin not in cols:
+        if want and want not in cols and twins[want] not in cols:
             reads = ("arrived_at (seconds) or, in Azure's format, TIMESTAMP (a date)"
                      if want in ("arrived_at", "TIMESTAMP") else repr(want))
             raise ValueError(f"trace {path}: its column {c!r} is not read: column names are exact, "
