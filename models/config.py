@@ -47,12 +47,16 @@ class RopeScaling:
 
 def _rope(d: dict) -> tuple[float, RopeScaling | None]:
     """(rope_theta, scaling) of a Llama-family config, read as transformers reads them: the
-    legacy `rope_scaling` dict wins over `rope_parameters`, a theta inside it over a top-level one."""
+    legacy `rope_scaling` dict wins over `rope_parameters`, a theta inside it over a top-level
+    one, and a top-level original_max_position_embeddings over the dict's (Phi-3's way)."""
     rs = d.get("rope_scaling") or d.get("rope_parameters") or {}
     if any(isinstance(v, dict) for v in rs.values()):
         raise ValueError(f"rope parameters per layer type ({', '.join(rs)}) are not supported; give one "
                          "rope_parameters dict for every layer")
     theta = float(rs.get("rope_theta") or d.get("rope_theta") or 10000.0)
+    partial = rs.get("partial_rotary_factor", d.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:     # was read as 1: a full-width rotary, silently
+        raise ValueError(f"partial_rotary_factor={partial} (rotary embedding on part of each head) is not supported")
     kind = rs.get("rope_type", rs.get("type")) or "default"
     if kind == "default":
         return theta, None
@@ -60,7 +64,8 @@ def _rope(d: dict) -> tuple[float, RopeScaling | None]:
         return theta, RopeScaling(float(rs["factor"]), rope_type="linear")
     if kind == "llama3":
         return theta, RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"]),
-                                  int(rs.get("original_max_position_embeddings")
+                                  int(d.get("original_max_position_embeddings")     # a top-level one wins
+                                      or rs.get("original_max_position_embeddings")      # (transformers' order)
                                       or d.get("max_position_embeddings", 2048)))
     raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
 
