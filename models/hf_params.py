@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import re
 
 from flax.traverse_util import flatten_dict, unflatten_dict
@@ -28,6 +29,8 @@ import numpy as np
 from fastserve_jax.models import param_shapes
 from fastserve_jax.models.config import ModelConfig
 from fastserve_jax.models.hf_files import WeightReader, index_weight_map, weight_files
+
+log = logging.getLogger(__name__)
 
 # Our module path (joined with "/") -> HF module name; "{i}" is the layer index.
 _LLAMA_MODULES = {
@@ -205,12 +208,28 @@ def load_hf_params(path: str, cfg: ModelConfig, dtype: str = "float32", target: 
         tensors = WeightReader(weight_files(path), stack, rename=lambda name: _canonical(cfg.arch, name),
                                weight_map=index_weight_map(path))
         sources = _match(path, cfg, expected, tensors)
+        _check_tied_head(path, cfg, tensors, sources[("embed_tokens", "embedding")].names[0])
         if placed is None:
             params = {p: jax.device_put(_read_block(tensors, sources[p], spec.shape, spec.dtype, None))
                       for p, spec in expected.items()}
         else:
             params = {p: _make_sharded(tensors, sources[p], placed[p]) for p in expected}
     return unflatten_dict(params)
+
+
+def _check_tied_head(path: str, cfg: ModelConfig, tensors: WeightReader, embed: str) -> None:
+    """A tied config whose checkpoint stores an lm_head.weight unlike its embedding: the head is
+    not read (the embedding projects, as in vLLM; transformers uses the stored head instead),
+    and the log says so. Three rows are compared, not the whole matrix."""
+    if not (cfg.tie_word_embeddings and "lm_head.weight" in tensors):
+        return
+    n = tensors.shape(embed)[0]
+    rows = [(slice(r, r + 1), slice(None)) for r in sorted({0, n // 2, n - 1})]
+    if tensors.shape("lm_head.weight") != tensors.shape(embed) or \
+            any(not np.array_equal(tensors.read(embed, i), tensors.read("lm_head.weight", i)) for i in rows):
+        log.warning("%s: config.json ties the output projection to the embedding (tie_word_embeddings), but the "
+                    "checkpoint stores an lm_head.weight that differs from it: the stored head is not used, as vLLM "
+                    "does not use it (transformers would); set tie_word_embeddings false to serve it", path)
 
 
 def _clip(items: list[str], n: int = 8) -> str:
