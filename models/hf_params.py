@@ -208,7 +208,7 @@ def load_hf_params(path: str, cfg: ModelConfig, dtype: str = "float32", target: 
         tensors = WeightReader(weight_files(path), stack, rename=lambda name: _canonical(cfg.arch, name),
                                weight_map=index_weight_map(path))
         sources = _match(path, cfg, expected, tensors)
-        _check_tied_head(path, cfg, tensors, sources[("embed_tokens", "embedding")].names[0])
+        check_tied_head(path, cfg, tensors)
         if placed is None:
             params = {p: jax.device_put(_read_block(tensors, sources[p], spec.shape, spec.dtype, None))
                       for p, spec in expected.items()}
@@ -217,12 +217,21 @@ def load_hf_params(path: str, cfg: ModelConfig, dtype: str = "float32", target: 
     return unflatten_dict(params)
 
 
-def _check_tied_head(path: str, cfg: ModelConfig, tensors: WeightReader, embed: str) -> None:
+def check_tied_head(path: str, cfg: ModelConfig, tensors: WeightReader | None = None) -> None:
     """A tied config whose checkpoint stores an lm_head.weight unlike its embedding: the head is
     not read (the embedding projects, as in vLLM; transformers uses the stored head instead),
-    and the log says so. Three rows are compared, not the whole matrix."""
-    if not (cfg.tie_word_embeddings and "lm_head.weight" in tensors):
+    and the log says so, at every load (loader.py calls it on a cached one). Three rows are
+    compared, not the whole matrix."""
+    if not cfg.tie_word_embeddings:
         return
+    if tensors is None:
+        with contextlib.ExitStack() as stack:
+            return check_tied_head(path, cfg, WeightReader(weight_files(path), stack,
+                                                           rename=lambda name: _canonical(cfg.arch, name),
+                                                           weight_map=index_weight_map(path)))
+    if "lm_head.weight" not in tensors:
+        return
+    embed = hf_name(cfg.arch, ("embed_tokens", "embedding"))
     n = tensors.shape(embed)[0]
     rows = [(slice(r, r + 1), slice(None)) for r in sorted({0, n // 2, n - 1})]
     if tensors.shape("lm_head.weight") != tensors.shape(embed) or \

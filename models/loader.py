@@ -24,7 +24,7 @@ from fastserve_jax.models import build_model, param_shapes
 from fastserve_jax.models.checkpoint import restore_params, save_params
 from fastserve_jax.models.config import ModelConfig
 from fastserve_jax.models.hf_files import weight_files, write_weight_files
-from fastserve_jax.models.hf_params import load_hf_params, to_hf_tensors
+from fastserve_jax.models.hf_params import check_tied_head, load_hf_params, to_hf_tensors
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ def load_model(path: str, dtype: str = "float32", cache_dir: str | None = None,
     ckpt = os.path.abspath(os.path.join(root, "params", cache_key(path, dtype)))
     if os.path.isdir(ckpt):
         log.info("restoring converted params of %s from %s", path, ckpt)
+        check_tied_head(path, cfg)     # what a conversion would have logged
         try:
             return cfg, module, restore_params(ckpt, target if target is not None else param_shapes(cfg, dtype))
         except Exception as e:  # a damaged entry (truncated, emptied): convert again and replace it

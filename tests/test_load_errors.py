@@ -169,11 +169,12 @@ def test_a_broken_tokenizer_fails_before_the_weights_load(tmp_path, monkeypatch)
         LLMEngine.from_pretrained(str(d), EngineConfig())
 
 
-def test_a_tied_config_with_a_stored_head_unlike_its_embedding_is_logged(tmp_path, caplog):
+def test_a_tied_config_with_a_stored_head_unlike_its_embedding_is_logged(tmp_path, caplog, monkeypatch):
     """qwen2 ties its head to the embedding. A checkpoint that still stores an lm_head.weight
     of other values is served with the embedding, as vLLM serves it (transformers would use
     the stored head): that was silent, and the log now says so. A stored copy of the embedding
     says nothing."""
+    monkeypatch.setattr("fastserve_jax.models.loader.CACHE_MIN_BYTES", 0)   # tiny weights: cached anyway
     d = _checkpoint(tmp_path, "qwen2")
     file = os.path.join(d, "model.safetensors")
     tensors = load_file(file)
@@ -181,8 +182,9 @@ def test_a_tied_config_with_a_stored_head_unlike_its_embedding_is_logged(tmp_pat
     want = _embedding(load_model(d, cache_dir="")[2])
     for head, warned in ((embed.copy(), False), (embed[::-1].copy(), True)):
         save_file({**tensors, "lm_head.weight": head}, file)
-        caplog.clear()
-        with caplog.at_level("WARNING"):
-            params = load_model(d, cache_dir="")[2]
-        assert ("stores an lm_head.weight that differs from it" in caplog.text) == warned
-        assert np.array_equal(_embedding(params), want) and "lm_head" not in params
+        for cache in ("", str(tmp_path / "cache"), str(tmp_path / "cache")):   # converted, cached, restored
+            caplog.clear()
+            with caplog.at_level("WARNING"):
+                params = load_model(d, cache_dir=cache)[2]
+            assert ("stores an lm_head.weight that differs from it" in caplog.text) == warned
+            assert np.array_equal(_embedding(params), want) and "lm_head" not in params
