@@ -317,6 +317,7 @@ def test_tokenize_detokenize_and_version_answer_as_vllms(live, client):
     assert status == 200 and plain["tokens"] == ids          # the demo's template writes the content alone
     status, _, text = live.post("/detokenize", {"tokens": out["tokens"]})
     assert status == 200 and text == {"prompt": tok.decode(out["tokens"])} and text["prompt"].endswith(prompt)
+    assert live.post("/detokenize", {"tokens": [float(t) for t in out["tokens"]]})[2] == text    # 5.0 is 5
     status, _, body = live.get("/version")
     assert status == 200 and isinstance(json.loads(body)["version"], str)
 
