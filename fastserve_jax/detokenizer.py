@@ -22,6 +22,7 @@ from typing import Callable
 from weakref import WeakKeyDictionary
 
 _CONTEXT = 4  # prompt tokens kept in front of the output for decoding context
+_MAX_CONTEXT = 24  # ... grown up to this many where the last _CONTEXT decode to U+FFFD (_context)
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")      # SentencePiece's byte-fallback tokens
 _TOKEN_BYTES: WeakKeyDictionary = WeakKeyDictionary()   # tokenizer -> token_bytes' function
 
@@ -103,6 +104,17 @@ def _byte_alphabet() -> dict[str, int]:
     return {chr(b if b in keep else next(extra)): b for b in range(256)}
 
 
+def _context(prompt_ids: list[int], decode: Callable[[list[int]], str]) -> list[int]:
+    """The prompt's last _CONTEXT ids, or the shortest longer suffix (up to _MAX_CONTEXT) that
+    decodes without U+FFFD, as vLLM picks it. Four ids can start inside a character spelled in
+    byte tokens (SentencePiece's <0xNN>); a byte-fallback decoder then turned that run and the
+    output's bytes after it into U+FFFD, so "Say 龘龘" answered "龘 ok" streamed "\ufffd\ufffd\ufffd ok"."""
+    for n in range(_CONTEXT, min(len(prompt_ids), _MAX_CONTEXT) + 1):
+        if "\ufffd" not in decode(list(prompt_ids[-n:])):
+            return list(prompt_ids[-n:])
+    return list(prompt_ids[-_CONTEXT:])
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], decode=None, *,
                  include_stop: bool = False, skip_special_tokens: bool = True,
@@ -111,7 +123,7 @@ class IncrementalDetokenizer:
         these computes once. The keywords are SamplingParams' (module docstring)."""
         self.tokenizer = tokenizer
         self.decode = decode or decoder(tokenizer, skip_special_tokens)
-        self.ids = list(prompt_ids[-_CONTEXT:])
+        self.ids = _context(prompt_ids, self.decode)
         self.prefix = 0
         self.read = len(self.ids)
         self.stop = stop

@@ -127,3 +127,39 @@ def test_eos_ids_join_the_tokenizers_eos_to_the_generation_configs(tmp_path):
         assert eos_ids(str(tmp_path), cfg, tok) == want, gen
     save_byte_tokenizer(str(tmp_path), vocab_size=300, eos_token_id=None)    # a tokenizer without EOS
     assert eos_ids(str(tmp_path), cfg, load_tokenizer(str(tmp_path))) == {9}
+
+
+def _byte_fallback_tokenizer(path: str):
+    """A Llama-2-style tokenizer (SentencePiece as transformers converts it): BPE with byte
+    fallback (<0xNN> tokens spell what the vocabulary lacks), "▁" for spaces, and the decoder
+    that writes a run of byte tokens as one UTF-8 text, or U+FFFD per byte if the run is invalid."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}, "▁": 259, "o": 260,
+             "k": 261}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            clean_up_tokenization_spaces=False).save_pretrained(path)
+    return load_tokenizer(path)
+
+
+def test_a_prompt_ending_inside_byte_spelled_characters_does_not_garble_the_output(tmp_path):
+    """The detokenizer keeps the prompt's last ids in front of the output for context. "Say 龘龘"
+    ends in six byte tokens, and its last four start inside the first 龘: with the byte-fallback
+    decoder that run and the output's bytes after it decoded as U+FFFD, so the answer "龘 ok"
+    streamed as three U+FFFD and " ok". The context now grows until it decodes cleanly, as vLLM's."""
+    from fastserve_jax.detokenizer import IncrementalDetokenizer
+
+    tok = _byte_fallback_tokenizer(str(tmp_path))
+    prompt = tok("Say 龘龘")["input_ids"]
+    assert tok.convert_ids_to_tokens(prompt[-4:]) == ["<0x98>", "<0xE9>", "<0xBE>", "<0x98>"]
+    byte = lambda text: [3 + b for b in text.encode()]       # noqa: E731 (<0xNN> is id 3 + NN)
+    for text, out in (("龘 ok", byte("龘") + [259, 260, 261]), ("\n龘!", byte("\n龘!")), ("é", byte("é"))):
+        d, got = IncrementalDetokenizer(tok, prompt, []), ""
+        for t in out:
+            got, _ = d.push(t, got)
+        assert d.flush(got)[0] == tok.decode(out) == text
