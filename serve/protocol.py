@@ -275,17 +275,16 @@ def _common(body: dict, chat: bool, prompts: list[Any], max_tokens: int | None, 
 
 def _prompts(v: Any) -> list[Any]:
     """A string, an array of strings, an array of token ids, or an array of those arrays."""
-    def ids(x) -> list[int] | None:
-        return token_ids(x) if x else None
-
+    one = token_ids(v) if v else None
+    many = [token_ids(p) if p else None for p in v] if isinstance(v, list) and v and one is None else [None]
     if isinstance(v, str):
         out = [v]
-    elif ids(v) is not None:
-        out = [ids(v)]
+    elif one is not None:
+        out = [one]
     elif isinstance(v, list) and v and all(isinstance(p, str) for p in v):
         out = list(v)
-    elif isinstance(v, list) and v and all(ids(p) is not None for p in v):
-        out = [ids(p) for p in v]
+    elif None not in many:
+        out = many
     else:
         raise bad_request("'prompt' must be a string, an array of strings, an array of token ids (integers), "
                           "or an array of such arrays, and not empty", "prompt")

@@ -222,11 +222,9 @@ def _taken_ports(dist) -> str | None:
     no message) on a port another program held, and a busy plan port showed only after the join."""
     import socket
 
-    from fastserve_jax.sharding.distributed import _split_address
+    from fastserve_jax.sharding.distributed import split_address
 
-    if dist.coordinator_address is None:
-        return None
-    for port, what in ((_split_address(dist.coordinator_address)[1], "the coordinator port"),
+    for port, what in ((split_address(dist.coordinator_address)[1], "the coordinator port"),
                        (dist.plan_port, "the plan port (by default the coordinator's + 1)")):
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # a closed socket's TIME_WAIT is no owner

@@ -47,7 +47,7 @@ class DistributedConfig:
     local_device_count: int | None = None
 
     def __post_init__(self) -> None:
-        port = _split_address(self.coordinator_address)[1]
+        port = split_address(self.coordinator_address)[1]
         if self.plan_port is None:
             object.__setattr__(self, "plan_port", port + 1)
         n, pid, plan, local = self.num_processes, self.process_id, self.plan_port, self.local_device_count
@@ -62,7 +62,7 @@ class DistributedConfig:
 
     @property
     def host(self) -> str:
-        return _split_address(self.coordinator_address)[0]
+        return split_address(self.coordinator_address)[0]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DistributedConfig:
@@ -81,7 +81,7 @@ class DistributedConfig:
         return cls(addr, *nums)
 
 
-def _split_address(address: str) -> tuple[str, int]:
+def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"coordinator address must be host:port (port 1..65535), got {address!r}")
@@ -118,7 +118,7 @@ def initialize(cfg: DistributedConfig, timeout_s: int = 300) -> DistributedConfi
 def wait_for_coordinator(cfg: DistributedConfig, timeout_s: float) -> None:
     """A worker's wait for process 0 to listen: JAX's own aborts the process with a gRPC stack
     dump after its timeout (a wrong or unreachable address, process 0 not started)."""
-    deadline, addr = time.monotonic() + timeout_s, _split_address(cfg.coordinator_address)
+    deadline, addr = time.monotonic() + timeout_s, split_address(cfg.coordinator_address)
     while True:
         try:
             socket.create_connection(addr, max(min(deadline - time.monotonic(), 5.0), 0.1)).close()
