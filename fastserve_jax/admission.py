@@ -61,21 +61,13 @@ def validate_request(prompt: str | list[int], params: SamplingParams, tokenizer,
     if not ids:
         raise ValueError("prompt is empty (no tokens: this tokenizer adds no BOS); give at least one character "
                          "or token id")
-    if len(ids) >= max_model_len:
-        raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {max_model_len}, which must also hold "
-                         f"at least one generated token; shorten the prompt to at most {max_model_len - 1} tokens "
-                         "or raise max_model_len")
-    if params.max_tokens is None:      # the rest of the context: the device pool's where smaller (LLMEngine.add_request)
-        cap = context_limit(max_model_len, kv)
-        if len(ids) >= cap:
-            raise ValueError(f"prompt has {len(ids)} tokens but the device pool holds {cap} for one request, "
-                             "prompt and output; shorten the prompt or raise num_device_blocks")
-    else:
-        cap = min(len(ids) + params.max_tokens, max_model_len)
-    need = kv.blocks_for_tokens(cap)
-    if need > kv.num_usable_blocks:
-        raise ValueError(f"this request can need {need} KV blocks but the device pool has only "
-                         f"{kv.num_usable_blocks}; lower max_tokens or raise num_device_blocks")
+    limit = context_limit(max_model_len, kv)   # a longer max_tokens ends there (LLMEngine.add_request)
+    if len(ids) >= limit:
+        what, raise_it = ((f"max_model_len is {max_model_len}", "max_model_len") if limit == max_model_len else
+                          (f"the device pool holds {limit} for one request (max_model_len {max_model_len})",
+                           "num_device_blocks"))
+        raise ValueError(f"prompt has {len(ids)} tokens but {what}, which must also hold at least one generated "
+                         f"token; shorten the prompt to at most {limit - 1} tokens or raise {raise_it}")
     bad_stop = [t for t in params.stop_token_ids if t >= vocab_size]
     if bad_stop:
         raise ValueError(f"stop_token_ids must be < vocab size {vocab_size}, got {bad_stop}")

@@ -12,6 +12,7 @@ override it, we refuse with a message instead."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,13 @@ RESERVED_KWARGS = frozenset({
     "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
     "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
     "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+# How a message's content reaches the template (vLLM's --chat-template-content-format): "string"
+# (text parts joined with newlines), "openai" (a list of {"type": "text", "text": ...} parts, a
+# string content as one part), "auto" (openai for a template that loops over a message's content,
+# as multimodal ones do, else string).
+CONTENT_FORMATS = ("auto", "string", "openai")
 
 
 class ChatTemplateError(ValueError):
@@ -38,8 +46,12 @@ class ChatOptions:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+    content_format: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.content_format not in CONTENT_FORMATS:
+            raise ChatTemplateError(f"the chat template content format must be one of {list(CONTENT_FORMATS)}, got "
+                                    f"{self.content_format!r}", "chat_template_content_format")
         for name in ("add_generation_prompt", "continue_final_message"):
             if not isinstance(getattr(self, name), bool):
                 raise ChatTemplateError(f"'{name}' must be True or False, got {getattr(self, name)!r}", name)
@@ -72,20 +84,66 @@ def render_chat(tokenizer, messages: list[dict], options: ChatOptions = ChatOpti
         raise ChatTemplateError("this model's tokenizer has no chat template; give one (the server's --chat-template "
                                 "FILE_OR_TEMPLATE, LLM.chat(..., chat_template=...)) or send a prompt instead "
                                 "(/v1/completions, LLM.generate)", "messages")
+    template = chat_template or tokenizer.chat_template
+    fmt = options.content_format
+    if fmt == "auto":
+        fmt = content_format(template) if isinstance(template, str) else "string"
+    messages = [dict(m, content=_as_format(m["content"], fmt)) if "content" in m else m for m in messages]
     try:
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=options.add_generation_prompt,
             continue_final_message=options.continue_final_message, chat_template=chat_template or None,
             **options.template_kwargs)
-    except (TemplateError, ValueError, TypeError, KeyError) as e:   # the messages do not fit the template
+    except Exception as e:     # any failure of the template on these messages (vLLM's reading too)
         whose = "the chat template given" if chat_template else "the model's chat template"
-        raise ChatTemplateError(f"{whose} rejected the messages: {e}", "messages") from None
+        kind = "" if isinstance(e, (TemplateError, ValueError)) else f"{type(e).__name__}: "
+        raise ChatTemplateError(f"{whose} rejected the messages: {kind}{e}", "messages") from None
     bos = tokenizer.bos_token
     add = not (bos and text.startswith(bos)) if add_special_tokens is None else add_special_tokens
     ids = tokenizer.encode(text, add_special_tokens=add)
     if not ids:                 # an empty rendering is a prompt where the tokenizer adds BOS (vLLM's)
         raise ChatTemplateError("the messages render to an empty prompt; give some content", "messages")
     return text, ids
+
+
+@functools.lru_cache(maxsize=16)
+def content_format(template: str) -> str:
+    """"openai" where the template loops over a message's content (`for part in
+    message['content']`, through filters or a `set` name too), else "string": what "auto"
+    picks. A template that reads its content as parts would render a string's characters."""
+    from jinja2 import Environment, nodes
+
+    try:
+        ast = Environment().parse(template)
+    except Exception:            # rendering will say what is wrong with it
+        return "string"
+
+    def content(expr) -> bool:
+        while isinstance(expr, nodes.Filter):
+            expr = expr.node
+        return (isinstance(expr, nodes.Getattr) and expr.attr == "content") or (
+            isinstance(expr, nodes.Getitem) and isinstance(expr.arg, nodes.Const) and expr.arg.value == "content")
+
+    named = {a.target.name for a in ast.find_all(nodes.Assign)
+             if isinstance(a.target, nodes.Name) and content(a.node)}
+    for loop in ast.find_all(nodes.For):
+        it = loop.iter
+        while isinstance(it, nodes.Filter):
+            it = it.node
+        if content(it) or (isinstance(it, nodes.Name) and it.name in named):
+            return "openai"
+    return "string"
+
+
+def content_text(content: str | list[dict]) -> str:
+    """A checked message's content as one text: its text parts joined with newlines."""
+    return content if isinstance(content, str) else "\n".join(p["text"] for p in content)
+
+
+def _as_format(content: str | list[dict], fmt: str) -> str | list[dict]:
+    if fmt == "string":
+        return content_text(content)
+    return [{"type": "text", "text": content}] if isinstance(content, str) else content
 
 
 def check_text(text: str, where: str) -> str:
@@ -102,11 +160,12 @@ def check_text(text: str, where: str) -> str:
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Beside role, content and name: an answer as OpenAI's SDK dumps it (`message.model_dump()`, sent
-# back in the next turn) has these, null where nothing was called, refused or heard; a tool
-# result names its call.
-_MESSAGE_KEYS = {"assistant": ("role", "content", "name", "tool_calls", "function_call", "refusal", "audio",
-                               "annotations"),
-                 "tool": ("role", "content", "name", "tool_call_id")}
+# back in the next turn) has these, null where nothing was called, refused or heard, and vLLM's
+# reasoning text (passed to the template: Qwen3's reads it); a tool result names its call. Any
+# message may carry a null or empty tool_calls, as clients write it.
+_ANY = ("role", "content", "name", "tool_calls", "function_call")
+_MESSAGE_KEYS = {"assistant": _ANY + ("refusal", "audio", "annotations", "reasoning_content", "reasoning"),
+                 "tool": _ANY + ("tool_call_id",)}
 _NOT_HERE = {"tool_calls": "tool calling", "function_call": "tool calling", "audio": "audio output",
              "annotations": "annotations"}
 
@@ -118,16 +177,18 @@ TEXT_PARTS = {"text": "text", "input_text": "text", "refusal": "refusal"}
 
 def check_messages(v: Any) -> list[dict]:
     """One conversation as the template renders it, checked as the server's `messages` (a
-    ValueError naming the message): roles of ROLES, an array of text parts (TEXT_PARTS) joined
-    with newlines (as vLLM joins them), an assistant's null content read as "", the fields the OpenAI SDK
-    dumps into an answer null or empty and left out (`refusal` a string or null)."""
+    ValueError naming the message): roles of ROLES, content a string or an array of text parts
+    (TEXT_PARTS, kept as {"type": "text", "text"} parts: render_chat joins them with newlines,
+    as vLLM does, unless the template reads parts), an assistant's null content read as "",
+    the fields the OpenAI SDK dumps into an answer null or empty and left out (`refusal` a
+    string or null)."""
     if not isinstance(v, (list, tuple)) or not v:
         raise ValueError("'messages' must be a non-empty array of {\"role\", \"content\"} objects")
     out = []
     for i, m in enumerate(v):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ValueError(f"messages[{i}] must be an object with 'role' one of {list(ROLES)}")
-        keys = _MESSAGE_KEYS.get(m["role"], ("role", "content", "name"))
+        keys = _MESSAGE_KEYS.get(m["role"], _ANY)
         extra = sorted(set(m) - set(keys))
         if extra:
             raise ValueError(f"messages[{i}] has unsupported field(s) {extra}; use {list(keys)}")
@@ -144,11 +205,14 @@ def check_messages(v: Any) -> list[dict]:
                        isinstance(p.get(TEXT_PARTS[p["type"]]), str) for p in content):
                 raise ValueError(f"messages[{i}].content parts must be {{\"type\": \"text\", \"text\": ...}} "
                                  "(or vLLM's \"input_text\" and \"refusal\" parts); only text parts are accepted")
-            content = "\n".join(p[TEXT_PARTS[p["type"]]] for p in content)
-        if not isinstance(content, str):
+            content = [{"type": "text", "text": check_text(p[TEXT_PARTS[p["type"]]], f"messages[{i}].content[{j}]")}
+                       for j, p in enumerate(content)]
+        elif not isinstance(content, str):
             raise ValueError(f"messages[{i}].content must be a string or an array of text parts")
-        msg = {"role": m["role"], "content": check_text(content, f"messages[{i}].content")}
-        for k in ("name", "tool_call_id"):       # a tool result's id: chat templates may write it
+        else:
+            content = check_text(content, f"messages[{i}].content")
+        msg = {"role": m["role"], "content": content}
+        for k in ("name", "tool_call_id", "reasoning_content", "reasoning"):   # templates may write these
             if m.get(k) is not None:
                 if not isinstance(m[k], str):
                     raise ValueError(f"messages[{i}].{k} must be a string, got {type(m[k]).__name__}")

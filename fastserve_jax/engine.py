@@ -181,7 +181,8 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                     arrival_time: float | None = None) -> Request:
         text, ids = self.validate(prompt, params)
-        if params.max_tokens is None:               # vLLM's: the rest of the context
+        if params.max_tokens is None or params.max_tokens > self.context_limit - len(ids):
+            # vLLM's: the rest of the context, or up to it (where the device pool holds fewer, its end)
             params = dataclasses.replace(params, max_tokens=self.context_limit - len(ids))
         n = next(self._ids)
         rid = request_id if request_id is not None else f"req-{n}"

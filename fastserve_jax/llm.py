@@ -148,16 +148,21 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False, *,
              chat_template: str | None = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
+             chat_template_content_format: str = "auto", tools: list | None = None) -> list[RequestOutput]:
         """vLLM's: one conversation (a list of {"role", "content"} dicts) or a list of them, each
         rendered by `chat_template` (a Jinja template) or else the tokenizer's own, as the server
         renders /v1/chat/completions (fastserve_jax/chat_template.py), then generated as `generate`
         does; one output per conversation, whose `prompt` is the rendered text. add_generation_prompt opens the
         assistant's turn; continue_final_message (with add_generation_prompt=False) leaves the
         final message open for the model to continue; chat_template_kwargs are extra template
-        variables (e.g. {"enable_thinking": False}). Bad input raises ValueError before any
-        conversation is queued."""
-        options = ChatOptions(add_generation_prompt, continue_final_message, chat_template_kwargs)
+        variables (e.g. {"enable_thinking": False}); chat_template_content_format is how content
+        reaches the template (chat_template.CONTENT_FORMATS); `tools` must be empty (no tool
+        calling here). Bad input raises ValueError before any conversation is queued."""
+        if tools:
+            raise ValueError("tools: fastserve-jax has no tool (function) calling; pass none")
+        options = ChatOptions(add_generation_prompt, continue_final_message, chat_template_kwargs,
+                              chat_template_content_format)
         convs = conversations(messages)
         if isinstance(sampling_params, (list, tuple)) and len(sampling_params) != len(convs):
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(convs)} conversations; "

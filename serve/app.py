@@ -77,6 +77,7 @@ class ServerConfig:
     retry_after: int = 1                # seconds, in Retry-After of a 503
     engine_process: bool = False        # the engine loop in a process of its own (a picklable build)
     chat_template: str | None = None    # --chat-template's Jinja text (load_chat_template); None: the tokenizer's
+    chat_content_format: str = "auto"   # --chat-template-content-format (fastserve_jax/chat_template.py)
     # serve/server_args.py's options: the other names --served-model-name accepts, --root-path, CORS, logging
     model_aliases: tuple[str, ...] = ()
     root_path: str = ""
@@ -215,7 +216,7 @@ async def _generate(request: Request, chat: bool, body: dict | None = None) -> R
     srv.check_auth(request)
     if body is None:
         body = parse_body(await _read_body(request, srv.cfg.max_body_bytes))
-    job = parse_chat(body, srv.cfg.max_logprobs) if chat else parse_completion(body, srv.cfg.max_logprobs)
+    job = parse_chat(body, srv.cfg.max_logprobs, srv.cfg.chat_content_format) if chat else parse_completion(body, srv.cfg.max_logprobs)
     if (rid := header_request_id(header_value(request.headers.raw, b"x-request-id"))) is not None:
         job = dataclasses.replace(job, request_id=rid)              # vLLM's: the header names the response
     srv.check_model(job.model)
@@ -254,7 +255,7 @@ async def tokenize(request: Request) -> Response:
     """vLLM's POST /tokenize (serve/tokenize.py), answered by the front end's tokenizer."""
     srv: Server = request.app.state.server
     srv.check_auth(request)
-    job = parse_tokenize(parse_body(await _read_body(request, srv.cfg.max_body_bytes)))
+    job = parse_tokenize(parse_body(await _read_body(request, srv.cfg.max_body_bytes)), srv.cfg.chat_content_format)
     srv.check_model(job.model)
     srv.check_serving()
     answer = await asyncio.get_running_loop().run_in_executor(srv.preparer, tokenize_job, job, srv.engine.engine,

@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 
+from fastserve_jax.chat_template import content_text
 from fastserve_jax.config import SamplingParams
 from fastserve_jax.detokenizer import token_bytes
 from fastserve_jax.request import TokenLogprobs
@@ -108,7 +109,7 @@ class Formatter:
         if job.chat:        # vLLM's: the last message is echoed where the answer continues its role
             last = job.prompts[0][-1]
             role = "assistant" if job.chat_options.add_generation_prompt else last["role"]
-            chat_echo = last["content"] if job.echo and last["role"] == role else ""
+            chat_echo = content_text(last["content"]) if job.echo and last["role"] == role else ""
         elif job.echo:      # a text prompt that truncate_prompt_tokens cut is echoed as the model saw it
             # (kept whole where its ids decode back to it: a decode of at most the context's tokens
             # here on the event loop, not an encode of the text, which may be far longer)

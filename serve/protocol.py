@@ -303,13 +303,15 @@ def parse_completion(body: dict, max_logprobs: int = MAX_LOGPROBS) -> Job:
     """max_logprobs: the most logprobs a request may ask (the server's --max-logprobs)."""
     check_fields(body, COMPLETION_FIELDS, "/v1/completions", "prompt")
     echo = _bool(body, "echo", False)
-    max_tokens = _int(body, "max_tokens", OPENAI_COMPLETION_DEFAULT_MAX_TOKENS, 0 if echo else 1)
+    # left out: OpenAI's 16; an explicit null: the rest of the context, as vLLM reads it
+    max_tokens = _int(body, "max_tokens", None if "max_tokens" in body else OPENAI_COMPLETION_DEFAULT_MAX_TOKENS,
+                      0 if echo else 1)
     logprobs = _logprobs_field(body, "logprobs", max_logprobs)
     if body.get("suffix") is not None:
         raise _unsupported("suffix", "text after the insertion point is not supported; leave it out")
     if max_tokens == 0 and _int(body, "min_tokens", 0, 0):
         raise bad_request("'min_tokens' must be 0 with 'max_tokens' 0 (echo of the prompt alone)", "min_tokens")
-    return replace(_common(body, False, _prompts(body["prompt"]), max_tokens or 1, logprobs, echo, max_logprobs),
+    return replace(_common(body, False, _prompts(body["prompt"]), 1 if max_tokens == 0 else max_tokens, logprobs, echo, max_logprobs),
                    prompt_only=max_tokens == 0)
 
 
@@ -321,27 +323,28 @@ def parse_messages(v: Any) -> list[dict]:
         raise bad_request(str(e), "messages") from None
 
 
-def parse_chat(body: dict, max_logprobs: int = MAX_LOGPROBS) -> Job:
+def parse_chat(body: dict, max_logprobs: int = MAX_LOGPROBS, content_format: str = "auto") -> Job:
     check_fields(body, CHAT_FIELDS, "/v1/chat/completions", "messages")
     max_tokens = _int(body, "max_completion_tokens", None, 1)
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", None, 1)
     top = _logprobs_field(body, "top_logprobs", max_logprobs)
     want = _bool(body, "logprobs", False)
-    if top is not None and not want:
+    if top and not want:            # 0 without logprobs asks for nothing, as vLLM reads it
         raise bad_request("'top_logprobs' needs \"logprobs\": true", "top_logprobs")
     _no_tools(body)
-    options = parse_chat_options(body)
+    options = parse_chat_options(body, content_format)
     job = _common(body, True, [parse_messages(body["messages"])], max_tokens, (top or 0) if want else None,
                   _bool(body, "echo", False), max_logprobs)
     named = body.get("max_completion_tokens") is not None or body.get("max_tokens") is None   # the newer name
     return replace(job, chat_options=options, limit_field="max_completion_tokens" if named else job.limit_field)
 
 
-def parse_chat_options(body: dict) -> ChatOptions:
+def parse_chat_options(body: dict, content_format: str = "auto") -> ChatOptions:
+    """The request's chat fields; `content_format` is the server's --chat-template-content-format."""
     try:
         return ChatOptions(_bool(body, "add_generation_prompt", True), _bool(body, "continue_final_message", False),
-                           body.get("chat_template_kwargs"))
+                           body.get("chat_template_kwargs"), content_format)
     except ChatTemplateError as e:
         raise bad_request(str(e), e.param)
 

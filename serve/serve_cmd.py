@@ -22,6 +22,7 @@ from typing import Callable
 
 import uvicorn
 
+from fastserve_jax.chat_template import CONTENT_FORMATS
 from fastserve_jax.vllm_options import notes
 from fastserve_jax.serve.engine_args import add_engine_args, cpu_devices_for, engine_kwargs
 from fastserve_jax.serve.engine_loop import StartupCancelled
@@ -66,6 +67,10 @@ def add_serve_parser(sub) -> None:
     g.add_argument("--chat-template", default=None,
                    help="the Jinja chat template for /v1/chat/completions, a file or the template itself (vLLM's), "
                         "for a model whose tokenizer has none or to override it (default: the tokenizer's)")
+    g.add_argument("--chat-template-content-format", choices=CONTENT_FORMATS, default="auto",
+                   help="how message content reaches the template: string (text parts joined with newlines), "
+                        "openai (a list of {type: text, text} parts), auto (openai where the template loops over "
+                        "a message's content, else string; vLLM's; default)")
     g.add_argument("--max-pending", type=int, default=256,
                    help="admission bound: engine requests admitted and unfinished (n choices count n); "
                         "beyond it requests get 503 with Retry-After (default %(default)s)")
@@ -104,7 +109,8 @@ _seconds = number_arg(lambda v: math.isfinite(v) and v >= 0, "a finite number of
 
 
 def model_name(model: str | None) -> str:
-    return "demo" if model is None else os.path.basename(os.path.normpath(model))
+    """The served name by default: `--model` as given, as vLLM's (clients send that string back)."""
+    return "demo" if model is None else model
 
 
 def progress_logger(every: float = 0.1, stopping: Callable[[], bool] | None = None):
@@ -261,7 +267,8 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
     cfg = ServerConfig(model_name=names[0], model_aliases=tuple(n for n in dict.fromkeys(names[1:]) if n != names[0]),
                        api_key=a.api_key or os.environ.get(API_KEY_ENV) or None,
                        max_pending=a.max_pending, max_body_bytes=a.max_body_bytes, engine_process=a.engine_process,
-                       chat_template=chat_template, **server_settings(a))
+                       chat_template=chat_template, chat_content_format=a.chat_template_content_format,
+                       **server_settings(a))
     mirror = engine_kwargs.get("mirror")
     if mirror is not None:
         def build(stopping, inner=build):     # multi-host: ready only with every worker

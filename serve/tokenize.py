@@ -47,7 +47,7 @@ class TokenizeJob:
     chat_options: ChatOptions = ChatOptions()
 
 
-def parse_tokenize(body: dict) -> TokenizeJob:
+def parse_tokenize(body: dict, content_format: str = "auto") -> TokenizeJob:
     if ("prompt" in body) == ("messages" in body):
         raise bad_request("/tokenize takes either 'prompt' (text) or 'messages' (a chat), exactly one of them",
                           "prompt")
@@ -62,7 +62,7 @@ def parse_tokenize(body: dict) -> TokenizeJob:
                        parse_messages(body["messages"]) if chat else None,
                        None if add is None else bool_field(body, "add_special_tokens", True),
                        bool_field(body, "return_token_strs", False),
-                       parse_chat_options(body) if chat else ChatOptions())
+                       parse_chat_options(body, content_format) if chat else ChatOptions())
 
 
 def tokenize(job: TokenizeJob, eng: "LLMEngine | EngineInfo", chat_template: str | None = None) -> dict:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from fastserve_jax.chat_template import ChatOptions, ChatTemplateError, conversations, load_chat_template, render_chat
+from fastserve_jax.chat_template import (ChatOptions, ChatTemplateError, content_format, conversations,
+                                         load_chat_template, render_chat)
 from fastserve_jax.models import demo_model_path
 from fastserve_jax.models.tokenizer import load_tokenizer
 
@@ -97,12 +98,14 @@ def test_conversations_are_checked_and_joined_as_the_servers_messages():
     the model answered a repr); other parts, unknown roles and non-text content refused."""
     parts = [{"role": "user", "content": [{"type": "text", "text": "count from 3"}, {"type": "text", "text": "to 9:"}]},
              {"role": "assistant", "content": None, "refusal": None, "tool_calls": []}]
-    assert conversations(parts) == [[{"role": "user", "content": "count from 3\nto 9:"},
+    assert conversations(parts) == [[{"role": "user", "content": parts[0]["content"]},
                                      {"role": "assistant", "content": ""}]]
     # vLLM's other text parts: a refusal part and the Responses API's input_text
     vllm_parts = [{"role": "user", "content": [{"type": "input_text", "text": "a"}, {"type": "text", "text": "b"}]},
                   {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}]
-    assert conversations(vllm_parts) == [[{"role": "user", "content": "a\nb"}, {"role": "assistant", "content": "no"}]]
+    assert conversations(vllm_parts) == [[{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                        {"type": "text", "text": "b"}]},
+                                          {"role": "assistant", "content": [{"type": "text", "text": "no"}]}]]
     for bad, message in (([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
                           "only text parts"),
                          ([{"role": "user", "content": [{"type": "refusal", "text": "x"}]}], "only text parts"),
@@ -116,6 +119,41 @@ def test_conversations_are_checked_and_joined_as_the_servers_messages():
             conversations(bad)
         with pytest.raises(ValueError, match="conversation 1: messages.*" + message):
             conversations([USER, bad])
+
+
+# A LLaVA-style template: it loops over each message's parts and writes the text ones.
+PARTS_TEMPLATE = ("{% for message in messages %}{{ message['role'] | upper }}: {% for part in message['content'] | "
+                  "selectattr('type', 'equalto', 'text') %}{{ part['text'] }}|{% endfor %}{% endfor %}")
+
+
+def test_templates_that_loop_over_content_get_parts_as_vllm_gives_them(tok):
+    """vLLM's "auto" content format: a template that loops over a message's content gets a list
+    of {"type": "text"} parts (a string content as one part); until 2026-12-07 it got the parts
+    joined into a string, looped over its characters and dropped the text without a word."""
+    assert content_format(PARTS_TEMPLATE) == "openai"
+    assert content_format("{% for m in messages %}{% set c = m.content %}{% for p in c %}{{ p.text }}"
+                          "{% endfor %}{% endfor %}") == "openai"
+    assert content_format("{% for m in messages %}{{ m['content'] | trim }}{% endfor %}") == "string"
+    assert content_format(tok.chat_template) == "string" and content_format("{% bad") == "string"
+    conv = conversations([{"role": "user", "content": [{"type": "text", "text": "What is"},
+                                                       {"type": "input_text", "text": "2+2?"}]},
+                          {"role": "assistant", "content": "4"}])[0]
+    assert render_chat(tok, conv, ChatOptions(add_generation_prompt=False),
+                       chat_template=PARTS_TEMPLATE)[0] == "USER: What is|2+2?|ASSISTANT: 4|"
+    forced = ChatOptions(add_generation_prompt=False, content_format="string")      # the parts joined
+    assert render_chat(tok, conv, forced, chat_template="{{ messages[0].content }}")[0] == "What is\n2+2?"
+    openai = ChatOptions(add_generation_prompt=False, content_format="openai")
+    assert render_chat(tok, conv, openai, chat_template="{{ messages[1].content[0].text }}")[0] == "4"
+    with pytest.raises(ChatTemplateError, match="content format must be one of"):
+        ChatOptions(content_format="parts")
+
+
+def test_any_exception_in_a_template_is_a_chat_template_error(tok):
+    """A template failing in a way other than Jinja's errors (a division by zero, an unknown
+    codec) is the messages' 400, as vLLM reads it, not a 500."""
+    for template in ("{{ 1 / (messages | length - 1) }}", "{{ messages[0].content.encode('nosuch') }}"):
+        with pytest.raises(ChatTemplateError, match="the chat template given rejected the messages: [A-Za-z]+Error"):
+            render_chat(tok, USER, chat_template=template)
 
 
 def test_a_given_template_wins_over_the_tokenizers_and_serves_a_tokenizer_without_one(tok):

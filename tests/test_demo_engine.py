@@ -65,6 +65,9 @@ def test_vllm_scripts_outputs_read_as_in_vllm(demo_llm, caplog, capsys):
     req = demo_llm.engine.add_request(p, SamplingParams(max_tokens=None))
     demo_llm.engine.abort(req.request_id)
     assert req.sampling.max_tokens == demo_llm.engine.context_limit - len(out.prompt_token_ids)
+    req = demo_llm.engine.add_request(p, SamplingParams(max_tokens=10 ** 6))     # capped there too, not refused
+    demo_llm.engine.abort(req.request_id)
+    assert req.sampling.max_tokens == demo_llm.engine.context_limit - len(out.prompt_token_ids)
     assert demo_llm.get_tokenizer() is demo_llm.tokenizer
     c = out.outputs[0]
     first = c.logprobs[0]

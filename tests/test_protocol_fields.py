@@ -46,6 +46,11 @@ def test_vllm_benchmark_payloads_and_default_valued_fields_parse():
     job = parse_completion(VLLM_COMPLETION)
     assert job.include_usage and not job.ignore_eos and job.stop_token_ids == () and not job.echo
     assert parse_chat(VLLM_CHAT).max_tokens == 20
+    # top_logprobs 0 without logprobs asks for nothing: vLLM refuses only a positive one (or -1)
+    assert parse_chat({"messages": USER, "top_logprobs": 0}).logprobs is None
+    # completions' max_tokens: left out OpenAI's 16, an explicit null the rest of the context (vLLM's)
+    assert parse_completion({"prompt": "x"}).max_tokens == 16
+    assert parse_completion({"prompt": "x", "max_tokens": None}).max_tokens is None
     job = parse_completion({"prompt": "x", "n": 2, "best_of": 2, "ignore_eos": True, "stop_token_ids": [5, 9],
                             "min_tokens": 0, "logit_bias": {}, "response_format": {"type": "text"}, "echo": True,
                             "suffix": None, "stream": True,
@@ -168,7 +173,11 @@ REJECTED_CHAT = [
     ({"messages": [{"role": "assistant", "content": "x", "refusal": 3}]}, "messages", "refusal must be a string"),
     ({"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, "messages", "unsupported field(s)"),
     ({"messages": [{"role": "user", "content": None}]}, "messages", "must be a string"),
-    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages", "unsupported field(s)"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "c"}]}]}, "messages",
+     "tool_calls must be null or []"),
+    ({"messages": [{"role": "user", "content": "x", "reasoning_content": "r"}]}, "messages", "unsupported field(s)"),
+    ({"messages": [{"role": "assistant", "content": "x", "reasoning_content": 3}]}, "messages",
+     "reasoning_content must be a string"),
 ]
 
 

@@ -22,6 +22,7 @@ from fastserve_jax.serve import bench_client
 from fastserve_jax.serve.app import ServerConfig
 from fastserve_jax.serve.cli import build_parser, main
 from fastserve_jax.serve.engine_args import engine_argv, engine_kwargs, parse_engine_args
+from fastserve_jax.serve.serve_cmd import model_name
 from fastserve_jax.serve.server_args import check_server_args, server_settings, uvicorn_settings
 from fastserve_jax.serve.stats_log import StatsLine
 from server_harness import ENGINE_KW, LiveServer, free_port
@@ -34,6 +35,9 @@ def _serve_args(*argv: str):
 def test_server_flags_give_the_servers_settings():
     a = _serve_args()
     assert a.served_model_name is None
+    # vLLM's default served name is --model as given: clients send that string back (until
+    # 2026-12-07 it was the directory's basename, and a client sending the path got a 404)
+    assert model_name("/srv/models/llama/") == "/srv/models/llama/" and model_name(None) == "demo"
     assert server_settings(a) == dict(root_path="", cors_origins=("*",), cors_methods=("*",), cors_headers=("*",),
                                       cors_credentials=False, log_requests=False, log_stats=True, max_logprobs=20,
                                       request_id_headers=False, max_log_len=500)

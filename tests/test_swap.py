@@ -491,8 +491,11 @@ def test_oversize_request_rejected_and_abort_frees_host(reference):
     path, prompts, sp, _ = reference
     llm = LLM(path, warmup=False, num_device_blocks=30, num_host_blocks=200, swap_policy="reactive", **ENGINE_KW)
     e = llm.engine
-    with pytest.raises(ValueError, match="KV blocks.*num_device_blocks"):      # host space does not help
-        e.add_request([3] * 200, SamplingParams(max_tokens=40))            # 30 blocks; the pool has 29
+    with pytest.raises(ValueError, match="device pool holds 232 .*num_device_blocks"):   # host space does not help
+        e.add_request([3] * 240, SamplingParams(max_tokens=1))              # 30 blocks; the pool has 29
+    capped = e.add_request([3] * 200, SamplingParams(max_tokens=40))        # ends at the pool's 232 tokens
+    assert capped.sampling.max_tokens == 32
+    e.abort(capped.request_id)
     assert not e.has_unfinished()
     reqs = [e.add_request(p, sp) for p in prompts]            # 10 prompts need more than the 29 blocks
     for _ in range(30):

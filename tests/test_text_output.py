@@ -161,12 +161,16 @@ def test_text_offsets_index_into_the_returned_text(demo, streamed, skip):
     assert offsets[-1] == returned.index("z")
 
 
-def test_chat_text_parts_are_joined_by_newlines_as_vllm_does():
+def test_chat_text_parts_are_joined_by_newlines_as_vllm_does(demo):
+    """For a template that reads content as a string (the demo's); see test_chat_template.py
+    for one that reads parts."""
+    from fastserve_jax.chat_template import render_chat
     from fastserve_jax.serve.protocol import parse_chat
 
     parts = [{"type": "text", "text": "first line"}, {"type": "text", "text": "second"}]
     job = parse_chat({"messages": [{"role": "system", "content": parts}, {"role": "user", "content": "x"}]})
-    assert job.prompts[0][0] == {"role": "system", "content": "first line\nsecond"}
+    assert job.prompts[0][0] == {"role": "system", "content": parts}
+    assert "first line\nsecond" in render_chat(demo, job.prompts[0])[0]
 
 
 def test_completions_top_logprobs_hold_the_sampled_token_as_openai_and_vllm_do(demo):
