@@ -272,9 +272,8 @@ class LLMEngine:
         if not plan.scheduled and self.copies.uploading:     # only requests still uploading could run
             self.copies.land(wait=True)
             plan = self.scheduler.schedule(now)
-        self.stats.recomputed_tokens += sum(r.num_computed_tokens for r in plan.preempted)
+        self.stats.count_drops(plan.preempted, self.kv)
         copies = apply_plan(plan, self.kv, now)
-        self.stats.recomputations += len(plan.preempted)
         for req in plan.preempted:
             self.copies.forget(req)
         return plan, copies

@@ -34,6 +34,7 @@ class EngineStats:
     generated_tokens: int = 0           # tokens sampled and appended to outputs
     recomputations: int = 0             # requests that lost their KV and were prefilled again
     recomputed_tokens: int = 0          # computed tokens those requests lost (prefilled again)
+    device_drops: int = 0               # of the recomputations, those whose KV was on the device
     busy: float = 0.0                   # seconds of iterations (the base of the stall bound)
     swap_out_blocks: int = 0            # device -> host
     swap_in_blocks: int = 0             # host -> device
@@ -52,6 +53,13 @@ class EngineStats:
     @property
     def host(self) -> float:
         return self.schedule + self.assemble + self.postprocess
+
+    def count_drops(self, dropped: list, kv: KVManager) -> None:
+        """Requests whose KV a plan drops, to be prefilled again (before the plan is applied).
+        One whose KV was on the host left the device before, counted then as a swap-out."""
+        self.recomputations += len(dropped)
+        self.recomputed_tokens += sum(r.num_computed_tokens for r in dropped)
+        self.device_drops += sum(kv.location(r) is KVLocation.DEVICE for r in dropped)
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -87,6 +95,7 @@ def snapshot(st: EngineStats, requests: dict, last_scheduled: set[str], kv: KVMa
         kv_host_used_blocks=kv.num_host_used_blocks, kv_host_total_blocks=kv.num_host_blocks,
         prompt_tokens_total=st.prompt_tokens, generation_tokens_total=st.generated_tokens,
         recomputations_total=st.recomputations, recomputed_tokens_total=st.recomputed_tokens,
+        device_drops_total=st.device_drops,
         prefix_cache_queries_total=kv.queries, prefix_cache_hits_total=kv.hits,
         swap_in_shared_blocks_total=kv.swap_in_shared, swap_out_pinned_blocks_total=kv.swap_out_pinned,
         busy_seconds_total=st.busy, swap_stall_fraction=st.swap_stall / st.busy if st.busy else 0.0,

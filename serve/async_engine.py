@@ -22,6 +22,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -71,6 +72,7 @@ class RequestGroup:
 @dataclass
 class EngineHealth:
     ready: bool = False
+    ready_at: float | None = None        # time.monotonic() when it became ready
     startup_error: str | None = None
     lost: str | None = None              # the engine process died (or its thread raised) after start-up
     consecutive_faults: int = 0
@@ -216,7 +218,7 @@ class AsyncEngine:
                 self.engine.profile_provisional = provisional
         elif kind == "ready":
             self.engine = event[1]
-            self.health.ready = True
+            self.health.ready, self.health.ready_at = True, time.monotonic()
         elif kind == "failed":
             self.health.startup_error = event[1]
             self._fatal()

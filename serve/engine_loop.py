@@ -71,6 +71,7 @@ class Delta:
     ttft: float | None = None            # seconds, on the delta with the request's first token and on the last
     latency: float | None = None
     handoff: float | None = None         # arrival (the handler's start) to the engine's add_request
+    queued: float | None = None          # on the last delta: arrival to the request's first iteration
     # SamplingParams.prompt_logprobs: one entry per prompt token (the first None), on the request's
     # first delta with tokens only
     prompt_logprobs: list[TokenLogprobs | None] | None = None
@@ -140,6 +141,8 @@ class _Tracked:
         self.sent_text, self.sent_tokens = end, len(req.output_token_ids)
         if req.finished:
             d.ttft, d.latency, d.handoff = req.metrics.ttft, req.metrics.latency, self.handoff
+            if req.metrics.first_scheduled_time is not None:
+                d.queued = req.metrics.first_scheduled_time - req.metrics.arrival_time
         return d
 
 

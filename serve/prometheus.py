@@ -50,8 +50,11 @@ vllm:num_preemptions_total (requests whose KV left the device: swapped out or dr
 that keeps it is no preemption there),
 vllm:request_success_total{finished_reason},
 and the histograms vllm:time_to_first_token_seconds, vllm:request_time_per_output_token_seconds
-(per request, as ours; vLLM's per-token vllm:inter_token_latency_seconds has no counterpart
-here) and vllm:e2e_request_latency_seconds (this server's buckets, not vLLM's).
+(per request, as ours, 0 for a one-token answer as vLLM's), vllm:e2e_request_latency_seconds,
+and vLLM's per-request vllm:request_{queue,prefill,decode,inference}_time_seconds and
+vllm:request_{prompt,generation}_tokens (_VLLM_REQUEST_HISTOGRAMS), all with this server's
+buckets. vLLM's per-token vllm:inter_token_latency_seconds and per-iteration
+vllm:iteration_tokens_total have no counterpart here.
 """
 
 from __future__ import annotations
@@ -72,8 +75,17 @@ _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64,
 _LATENCY_HISTOGRAMS = (
     ("ttft", "time_to_first_token_seconds", "time_to_first_token_seconds", "arrival to first token", _LATENCY_BUCKETS),
     ("tpot", "time_per_output_token_seconds", "request_time_per_output_token_seconds",
-     "(finish - first token) / (output tokens - 1), per request", _TPOT_BUCKETS),
+     "(finish - first token) / (output tokens - 1), per request (0 for one token)", _TPOT_BUCKETS),
     ("e2e", "e2e_request_latency_seconds", "e2e_request_latency_seconds", "arrival to finish", _LATENCY_BUCKETS))
+_TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(6) for m in (1, 2, 5))       # vLLM's 1-2-5 series
+# vLLM's per-request histograms with no fastserve_ twin, observed as e2e is: (name after vllm:, doc, buckets)
+_VLLM_REQUEST_HISTOGRAMS = (
+    ("request_queue_time_seconds", "the engine's add_request to the request's first iteration", _LATENCY_BUCKETS),
+    ("request_prefill_time_seconds", "first iteration to first token", _LATENCY_BUCKETS),
+    ("request_decode_time_seconds", "first token to finish", _LATENCY_BUCKETS),
+    ("request_inference_time_seconds", "first iteration to finish", _LATENCY_BUCKETS),
+    ("request_prompt_tokens", "prompt tokens per request", _TOKEN_BUCKETS),
+    ("request_generation_tokens", "tokens generated per request", _TOKEN_BUCKETS))
 
 
 class _EngineCollector:
@@ -182,7 +194,8 @@ def vllm_families(s: dict, model: str):
              s["prefix_cache_queries_total"]),
             ("prefix_cache_hits", CounterMetricFamily, "tokens found in the prefix cache", s["prefix_cache_hits_total"]),
             ("num_preemptions", CounterMetricFamily, "requests whose KV left the device: moved to the host (on "
-             "demand or ahead of need) or dropped for recomputation", s["swap_outs_total"] + s["recomputations_total"])):
+             "demand or ahead of need) or dropped there for recomputation (a drop from the host is no new one)",
+             s["swap_outs_total"] + s["device_drops_total"])):
         m = kind(f"vllm:{name}", doc, labels=["model_name"])
         m.add_metric([model], value)
         yield m
@@ -208,6 +221,9 @@ class ServerMetrics:
                               Histogram(f"vllm:{theirs}", doc, ["model_name"], buckets=b,
                                         registry=self.registry).labels(model_name))
                         for key, ours, theirs, doc, b in _LATENCY_HISTOGRAMS}
+        self.per_request = {name: Histogram(f"vllm:{name}", doc, ["model_name"], buckets=b,
+                                            registry=self.registry).labels(model_name)
+                            for name, doc, b in _VLLM_REQUEST_HISTOGRAMS}
         self.handoff = Histogram("fastserve_request_handoff_seconds", "arrival to the engine's add_request: "
                                  "parsing, tokenizing and the hand-off to the engine thread",
                                  buckets=_TPOT_BUCKETS, registry=self.registry)
@@ -240,8 +256,16 @@ class ServerMetrics:
         self._observe("e2e", d.latency)
         if d.handoff is not None:
             self.handoff.observe(d.handoff)
-        if d.completion_tokens > 1:
-            self._observe("tpot", (d.latency - d.ttft) / (d.completion_tokens - 1))
+        # vLLM's: 0 for a one-token answer, so the count is every finished request's
+        self._observe("tpot", (d.latency - d.ttft) / (d.completion_tokens - 1) if d.completion_tokens > 1 else 0.0)
+        h = self.per_request
+        if d.queued is not None:
+            h["request_queue_time_seconds"].observe(max(0.0, d.queued - (d.handoff or 0.0)))
+            h["request_prefill_time_seconds"].observe(max(0.0, d.ttft - d.queued))
+            h["request_inference_time_seconds"].observe(max(0.0, d.latency - d.queued))
+        h["request_decode_time_seconds"].observe(d.latency - d.ttft)
+        h["request_prompt_tokens"].observe(d.prompt_tokens)
+        h["request_generation_tokens"].observe(d.completion_tokens)
 
     def _observe(self, key: str, value: float) -> None:
         for h in self.latency[key]:

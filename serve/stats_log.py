@@ -16,19 +16,22 @@ STATS_INTERVAL_S = 10.0       # vLLM's VLLM_LOG_STATS_INTERVAL
 
 
 class StatsLine:
-    """The line for each snapshot after the first: throughputs over the time since the last one."""
+    """The line for each snapshot: throughputs over the time since the last one, the first
+    over the time since `start` (the counters then at 0), as vLLM's logger counts from its
+    start (until 2026-12-07 the first snapshot was only a base, and the work served before it
+    was in no line)."""
 
-    def __init__(self) -> None:
-        self.last: tuple[float, dict] | None = None
+    def __init__(self, start: float) -> None:
+        self.last: tuple[float, dict] = (start, {})
 
     def line(self, s: dict, now: float) -> str | None:
         """None where nothing was computed since the last snapshot and nothing is live (idle)."""
         last, self.last = self.last, (now, s)
-        if last is None or now <= last[0]:
+        if now <= last[0]:
             return None
         dt, before = now - last[0], last[1]
-        prompt = s["prompt_tokens_total"] - before["prompt_tokens_total"]
-        generated = s["generation_tokens_total"] - before["generation_tokens_total"]
+        prompt = s["prompt_tokens_total"] - before.get("prompt_tokens_total", 0)
+        generated = s["generation_tokens_total"] - before.get("generation_tokens_total", 0)
         live = sum(s[f"requests_{k}"] for k in ("running", "paused", "swapped", "waiting"))
         if not (prompt or generated or live):
             return None
@@ -43,12 +46,14 @@ class StatsLine:
 
 async def log_stats(engine: AsyncEngine, interval: float = STATS_INTERVAL_S) -> None:
     """The logging task (cancelled when the app stops)."""
-    stats = StatsLine()
+    stats = None
     while True:
         await asyncio.sleep(interval)
         h = engine.health
         if not h.ready or engine.stopped or h.lost:
             continue
+        if stats is None:           # the counters start at 0 when the engine is ready
+            stats = StatsLine(h.ready_at or time.monotonic())
         try:
             s = await engine.call(engine_snapshot)
         except RuntimeError:        # stopped or lost while the call waited

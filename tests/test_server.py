@@ -135,6 +135,31 @@ def test_vllm_named_series_match_ours(live):
             m[("fastserve_request_success_total", (("finished_reason", reason),))]
 
 
+def test_vllms_per_request_histograms_split_each_finished_request(live):
+    """vLLM's queue, prefill, decode and inference times and token counts per request (added
+    2026-12-07; dashboards built on them were empty), and its TPOT, observed for a one-token
+    answer too (as 0; until then left out, so its count was below e2e's)."""
+    model = (("model_name", "demo"),)
+    parts = ("queue_time", "prefill_time", "decode_time", "inference_time")
+    names = [f"vllm:request_{p}_seconds_{s}" for p in parts for s in ("count", "sum")] + [
+        f"vllm:request_{n}_tokens_{s}" for n in ("prompt", "generation") for s in ("count", "sum")] + [
+        f"vllm:{n}_seconds_{s}" for n in ("time_to_first_token", "e2e_request_latency",
+                                          "request_time_per_output_token") for s in ("count", "sum")]
+    live.wait_idle()
+    before = live.metrics()
+    outs = [live.post("/v1/completions", dict(_counting(3, 9), max_tokens=k))[2] for k in (1, 20)]
+    live.wait_idle()
+    m = live.metrics()
+    d = {n: m[(n, model)] - before[(n, model)] for n in names}
+    assert all(d[n] == 2 for n in names if n.endswith("_count")), d
+    assert d["vllm:request_prompt_tokens_sum"] == sum(o["usage"]["prompt_tokens"] for o in outs)
+    assert d["vllm:request_generation_tokens_sum"] == sum(o["usage"]["completion_tokens"] for o in outs)
+    seconds = {p: d[f"vllm:request_{p}_seconds_sum"] for p in parts}
+    assert seconds["queue_time"] + seconds["prefill_time"] < d["vllm:time_to_first_token_seconds_sum"]
+    assert seconds["prefill_time"] + seconds["decode_time"] == pytest.approx(seconds["inference_time"])
+    assert seconds["inference_time"] < d["vllm:e2e_request_latency_seconds_sum"]
+
+
 def test_handoff_is_observed_once_per_finished_request_and_is_part_of_its_ttft(live):
     names = [f"fastserve_{n}_{s}" for n in ("request_handoff_seconds", "time_to_first_token_seconds",
                                             "e2e_request_latency_seconds") for s in ("count", "sum")]

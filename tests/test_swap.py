@@ -484,7 +484,16 @@ def test_host_pool_too_small_falls_back_to_recomputation(reference):
     snap = e.snapshot()
     assert 0 < snap["swap_outs_total"] <= e.stats.swap_out_blocks
     preempted = {m.name: m.samples[0].value for m in vllm_families(snap, "m")}["vllm:num_preemptions"]
-    assert preempted == snap["swap_outs_total"] + e.stats.recomputations
+    assert preempted == snap["swap_outs_total"] + snap["device_drops_total"]
+    assert 0 < e.stats.device_drops <= e.stats.recomputations
+    # a drop of host KV is no second preemption: that request left the device when it was
+    # swapped out (until 2026-12-07 every drop counted, so such a request counted twice)
+    from types import SimpleNamespace
+    from fastserve_jax.stats import EngineStats
+    st, on = EngineStats(), {"a": KVLocation.DEVICE, "b": KVLocation.HOST, "c": KVLocation.SWAPPING_OUT}
+    reqs = [SimpleNamespace(request_id=k, num_computed_tokens=10) for k in on]
+    st.count_drops(reqs, SimpleNamespace(location=lambda r: on[r.request_id]))
+    assert (st.recomputations, st.recomputed_tokens, st.device_drops) == (3, 30, 1)
 
 
 def test_oversize_request_rejected_and_abort_frees_host(reference):
