@@ -30,6 +30,9 @@ import hashlib
 import logging
 import os
 import signal
+import sys
+import threading
+from typing import Callable
 
 from fastserve_jax.runner import ModelRunner
 from fastserve_jax.sharding.distributed import ChannelClosed, PlanChannel, is_shutdown
@@ -151,6 +154,47 @@ def run_worker(model: str | None, engine_kwargs: dict, channel: PlanChannel, pro
         return 1
     log.info("leader shut down after %d operations", n)
     return 0
+
+
+def watch_workers(channel: PlanChannel, on_gone: Callable[[str], None], interval_s: float = 1.0) -> threading.Event:
+    """Leader: a thread that calls `on_gone(message)` once a worker's connection closes, also
+    while the engine is idle or still compiling (until 2026-12-07 only the next send found it:
+    /health said ok and the next request failed). Set the returned event to stop it."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(interval_s):
+            why = channel.gone() if channel.is_leader else None
+            if why is not None and not stop.is_set():
+                on_gone(why)
+                return
+
+    threading.Thread(target=watch, name="fastserve-watch-workers", daemon=True).start()
+    return stop
+
+
+def finish(run: Callable[[], int], channel: PlanChannel, leader: bool) -> int:
+    """Run one multi-host process's part and end it. An orderly end (0) tells the workers to
+    stop (leader) and leaves through jax.distributed's shutdown barrier, which every process
+    then reaches. Any other end (an error, Ctrl-C, a process gone) closes the channel, so the
+    others see it at once, and leaves with os._exit: at that barrier a process waited up to
+    five minutes for one that was gone or still compiling, then aborted (SIGABRT)."""
+    code = 1
+    try:
+        code = run()
+    except KeyboardInterrupt:
+        log.error("stopped by SIGINT")
+        code = 130
+    except Exception:
+        log.exception("this %s failed", "leader" if leader else "worker")
+    if code == 0:
+        (close_workers if leader else PlanChannel.close)(channel)
+        return 0
+    channel.close()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def close_workers(channel: PlanChannel) -> None:

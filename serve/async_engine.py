@@ -246,6 +246,15 @@ class AsyncEngine:
         self._deliver([(rid, index, Delta("", [], None, error=message, error_status=status))
                        for rid, (_, index) in live])
 
+    def lose(self, message: str) -> None:
+        """From any thread: the engine cannot serve on (a multi-host worker is gone), as if its
+        loop had ended with `message`."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._lost, message)
+        else:                       # the app has not started: it stops as it starts
+            self.health.startup_error = message
+            self._fatal()
+
     def _fatal(self) -> None:
         if self.on_fatal is not None:
             self.on_fatal()

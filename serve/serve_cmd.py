@@ -190,7 +190,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     channel = None
     if dist is not None:
         from fastserve_jax.sharding.distributed import PlanChannel, initialize
-        from fastserve_jax.multihost import LeaderMirror, close_workers, deployment_settings, die_on_sigterm, run_worker
+        from fastserve_jax.multihost import LeaderMirror, deployment_settings, die_on_sigterm, finish, run_worker
 
         if dist.process_id == 0:    # a leader without its workers said nothing until JAX aborted it
             taken = _taken_ports(dist)
@@ -199,7 +199,20 @@ def cmd_serve(a: argparse.Namespace) -> int:
                 return 1
             log.info("process 0 of %s: coordinating at %s; waiting up to %d s for the other processes to join",
                      dist.num_processes, dist.coordinator_address, JOIN_TIMEOUT_S)
-        dist = initialize(dist, JOIN_TIMEOUT_S)
+        else:
+            log.info("process %d of %s: waiting up to %d s for process 0 at %s", dist.process_id,
+                     dist.num_processes, JOIN_TIMEOUT_S, dist.coordinator_address)
+        main = threading.current_thread() is threading.main_thread()
+        # JAX's join blocks in C++, where Python never runs its Ctrl-C handler: it was ignored
+        previous = signal.signal(signal.SIGINT, signal.SIG_DFL) if main else None
+        try:
+            dist = initialize(dist, JOIN_TIMEOUT_S)
+        except TimeoutError as e:             # no process 0 listening
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
         if dist.process_id != 0:
             die_on_sigterm()      # the leader's SIGTERM goes to uvicorn's drain, then to the workers' shutdown
         settings = deployment_settings(a.model, engine_kwargs(a))
@@ -208,7 +221,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                 log.info("process %d of %d: worker, following %s", dist.process_id, dist.num_processes,
                          dist.coordinator_address)
                 channel = PlanChannel.connect(dist, settings=settings)
-                return run_worker(a.model, engine_kwargs(a), channel, progress_logger())
+                return finish(lambda: run_worker(a.model, engine_kwargs(a), channel, progress_logger()), channel,
+                              leader=False)
             channel = PlanChannel.serve(dist, settings=settings)
         except (ValueError, OSError) as e:    # settings that differ, a missing process, a busy port
             if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:      # a traceback, then a 120 s hang
@@ -216,11 +230,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         log.info("process 0 of %d: leader, %d worker(s) connected", dist.num_processes, dist.num_processes - 1)
-    try:
-        return _serve(a, engine_kwargs(a) if channel is None else dict(engine_kwargs(a), mirror=LeaderMirror(channel)))
-    finally:
-        if channel is not None:
-            close_workers(channel)
+    if channel is None:
+        return _serve(a, engine_kwargs(a))
+    return finish(lambda: _serve(a, dict(engine_kwargs(a), mirror=LeaderMirror(channel))), channel, leader=True)
 
 
 def _taken_ports(dist) -> str | None:
@@ -280,7 +292,13 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
     server = DrainingServer(uvicorn.Config(app, host=a.host, port=a.port, timeout_graceful_shutdown=a.shutdown_timeout,
                                            **uvicorn_settings(a)), app)
     # the engine did not start, or its process died: nothing left to serve (a supervisor restarts us)
-    app.state.server.engine.on_fatal = lambda: setattr(server, "should_exit", True)
+    engine = app.state.server.engine
+    engine.on_fatal = lambda: setattr(server, "should_exit", True)
+    watching = None
+    if mirror is not None:          # multi-host: a worker gone is the engine lost, even while idle
+        from fastserve_jax.multihost import watch_workers
+
+        watching = watch_workers(mirror.channel, engine.lose)
     log.info("serving '%s' on %s://%s:%d%s (scheduler %s%s%s)", cfg.model_name, "https" if a.ssl_keyfile else "http",
              a.host, a.port, cfg.root_path, a.scheduler,
              ", engine in its own process" if cfg.engine_process else "",
@@ -298,7 +316,9 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
     finally:
         if main:            # (None: a handler not set from Python)
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-    health = app.state.server.engine.health
+        if watching is not None:        # the workers are told to stop next: no longer news
+            watching.set()
+    health = engine.health
     if health.startup_error:
         print(f"error: the engine did not start: {health.startup_error}", file=sys.stderr)
         return 1

@@ -301,27 +301,29 @@ class PlanChannel:
         if not self.is_leader or not self._socks:
             raise RuntimeError("only the leader sends on a PlanChannel" if self._socks else "PlanChannel is closed")
         frame = encode(msg)
-        self._check_workers()
+        if (why := self.gone()) is not None:
+            raise ChannelClosed(why)
         for i, sock in enumerate(self._socks):
             try:
                 sock.sendall(frame)
             except OSError as e:
                 raise ChannelClosed(f"PlanChannel: worker {i + 1} is gone ({e})") from e
 
-    def _check_workers(self) -> None:
-        """Leader: ChannelClosed if a worker's connection has closed (a first send to a dead worker
-        succeeds, buffered, and the leader then waited in the step's collective until gloo gave up)."""
-        readable, _, _ = select.select(self._socks, [], [], 0)
+    def gone(self) -> str | None:
+        """Leader: which worker's connection has closed, if any, unread (a send to a dead worker is
+        buffered, then the step's collective waited for gloo's timeout; watch_workers asks too)."""
+        socks = list(self._socks)
+        readable, _, _ = select.select(socks, [], [], 0) if socks else ([], [], [])
         for sock in readable:
             try:
-                gone = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+                closed = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
             except BlockingIOError:
-                gone = False
+                closed = False
             except OSError:
-                gone = True
-            if gone:
-                raise ChannelClosed(f"PlanChannel: worker {self._socks.index(sock) + 1} is gone "
-                                    "(its connection closed)")
+                closed = True
+            if closed:
+                return f"PlanChannel: worker {socks.index(sock) + 1} is gone (its connection closed)"
+        return None
 
     def send_ready(self) -> None:
         """Worker: tell the leader this process can follow its device operations now."""
