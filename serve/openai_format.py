@@ -61,6 +61,14 @@ class Choice:
         self.cached_tokens = d.cached_tokens or self.cached_tokens
 
 
+def _whole(tokenizer, ids: list[int], text: str) -> bool:
+    """Whether a text prompt's ids (after truncate_prompt_tokens) still hold all of it: they
+    decode back to it, its special-token text written or not, after the BOS the tokenizer adds."""
+    if tokenizer.decode(ids, skip_special_tokens=True) == text:
+        return True
+    return tokenizer.decode(ids, skip_special_tokens=False) in (text, (tokenizer.bos_token or "") + text)
+
+
 class Formatter:
     """Builds the JSON of one request's responses (ids and timestamps fixed per request)."""
 
@@ -94,6 +102,7 @@ class Formatter:
         self._special_ids: frozenset[int] | None = None
         self._chunk_head: str | None = None   # chunk_event's serialized head
         self._echo: dict[int, str] = dict(enumerate(echo or []))      # popped once written
+        self._echo_text = list(echo or [])
         self._usage_prompt_tokens = usage_prompt_tokens
         self._echo_ids = echo_ids
         self._echo_decoded = echo_decoded
@@ -113,8 +122,7 @@ class Formatter:
         elif job.echo:      # a text prompt that truncate_prompt_tokens cut is echoed as the model saw it
             # (kept whole where its ids decode back to it: a decode of at most the context's tokens
             # here on the event loop, not an encode of the text, which may be far longer)
-            sent = [isinstance(p, str) and (job.truncate_prompt_tokens is None
-                                            or tokenizer.decode(ids, skip_special_tokens=True) == p)
+            sent = [isinstance(p, str) and (job.truncate_prompt_tokens is None or _whole(tokenizer, ids, p))
                     for p, (ids, _) in zip(job.prompts, prepared[::job.n])]
             echo = [p if as_sent else tokenizer.decode(ids)
                     for p, as_sent, (ids, _) in zip(job.prompts, sent, prepared[::job.n]) for _ in range(job.n)]
@@ -160,15 +168,20 @@ class Formatter:
         # text_offset: where the token's text starts in the choice's text. Counted on the tokens'
         # bytes, as the detokenizer writes them: the tokens of one character share its offset
         # (each alone decodes to U+FFFD), and special tokens, skipped in the text, add nothing: the
-        # prompt's where echo writes the prompt as sent (a decoded echo writes them), the
-        # generated ones unless the request keeps them (skip_special_tokens false).
+        # prompt's where echo writes the prompt as sent and the text does not hold the token there
+        # (BOS, which the tokenizer added; a decoded echo writes them all), the generated ones
+        # unless the request keeps them (skip_special_tokens false).
         offsets, at, raw = [], self._offset.get(index, 0), token_bytes(self.tokenizer)
         utf8 = self._utf8.setdefault(index, codecs.getincrementaldecoder("utf-8")("replace"))
         special = self._special()
         for k, tid in enumerate(ids):
             offsets.append(at)
-            prompt_token = k < len(lead)
-            skipped = tid in special and (index not in self._echo_decoded if prompt_token else self.skip_special_tokens)
+            if tid not in special:
+                skipped = False
+            elif k >= len(lead):
+                skipped = self.skip_special_tokens
+            else:           # until 2026-12-07 every special token of a prompt echoed as sent, even one it wrote
+                skipped = index not in self._echo_decoded and not self._echo_text[index].startswith(self._token(tid), at)
             at += 0 if skipped else len(utf8.decode(raw(tid)))
         self._offset[index] = at
         entries = lead + lps
@@ -178,9 +191,13 @@ class Formatter:
                 "text_offset": offsets}
 
     def _special(self) -> frozenset[int]:
-        """The tokenizer's special ids (a list transformers builds at every read), once per response."""
+        """The ids a decode with skip_special_tokens leaves out, once per response: the named
+        special tokens and every added token marked special (Llama 3's header and reserved
+        tokens are not named; until 2026-12-07 they were counted in text_offset though skipped)."""
         if self._special_ids is None:
-            self._special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ()))
+            added = getattr(self.tokenizer, "added_tokens_decoder", {})
+            self._special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", ())).union(
+                i for i, t in added.items() if getattr(t, "special", False))
         return self._special_ids
 
     def _top(self, x: TokenLogprobs, prompt: bool = False) -> dict[str, float]:

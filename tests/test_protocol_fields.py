@@ -666,14 +666,16 @@ def test_text_offset_indexes_a_decoded_echo_with_its_special_tokens(live):
 
 def test_a_truncation_that_cuts_nothing_leaves_the_echo_as_sent(live):
     """truncate_prompt_tokens -1, or a k the prompt is within, keeps the whole prompt, so echo
-    writes it as sent, as without the field (it wrote the ids decoded, BOS included)."""
-    prompt = demo_task.make_prompt(3, 12)
-    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 1}
-    want = _post(live, "/v1/completions", body)[1]["choices"][0]
-    for k in (-1, 100):
-        got = _both(live, "/v1/completions", dict(body, truncate_prompt_tokens=k))
-        assert got["text"] == want["text"] == prompt + " 3 4", (k, got["text"])
-        assert got["logprobs"]["text_offset"] == want["logprobs"]["text_offset"]
+    writes it as sent, as without the field (it wrote the ids decoded, BOS included), also where
+    the prompt writes a special token's text (until 2026-12-07 that one was echoed decoded)."""
+    for prompt, answer in ((demo_task.make_prompt(3, 12), " 3 4"), ("</s> " + demo_task.make_prompt(3, 12), None)):
+        body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 1}
+        want = _post(live, "/v1/completions", body)[1]["choices"][0]
+        assert want["text"].startswith(prompt) and (answer is None or want["text"] == prompt + answer)
+        for k in (-1, 100):
+            got = _both(live, "/v1/completions", dict(body, truncate_prompt_tokens=k))
+            assert got["text"] == want["text"], (k, got["text"])
+            assert got["logprobs"]["text_offset"] == want["logprobs"]["text_offset"]
 
 
 def test_echo_logprobs_hold_logprobs_plus_one_also_with_more_prompt_logprobs(live):

@@ -281,3 +281,26 @@ def test_include_stop_str_in_output_writes_the_stop_tokens_text(demo, skip):
                 eng._append(req, t, None, 0.0)
             assert req.finish_reason == "stop" and req.output_text == " 3 4" + (end if include else "")
             assert req.stop_reason == (None if stop == demo.eos_token_id else seven)    # vLLM's: None at EOS
+
+
+def test_text_offset_skips_every_special_token_the_text_leaves_out_and_counts_those_it_holds():
+    """text_offset indexes the choice's text: an added special token that no special-token
+    attribute names (Llama 3's header and reserved tokens) is left out of it by
+    skip_special_tokens as the named ones are, and takes no room (it took its length); a
+    prompt echoed as sent that writes a special token's text holds it, so it takes room there,
+    while the BOS the tokenizer added does not (both were given none)."""
+    tok = load_tokenizer(demo_model_path())
+    tok.add_tokens(["<|x|>"], special_tokens=True)
+    x = tok.convert_tokens_to_ids("<|x|>")
+    assert x not in tok.all_special_ids and tok.decode([1263, x, 36], skip_special_tokens=True) == "count "
+    lps = [TokenLogprobs(t, -1.0, {}) for t in (1263, x, 36)]
+    assert Formatter(False, "demo", tok, 0)._logprobs(0, lps)["text_offset"] == [0, 5, 5]
+    assert Formatter(False, "demo", tok, 0, skip_special_tokens=False)._logprobs(0, lps)["text_offset"] == [0, 5, 10]
+    sent = "count </s> 3"
+    ids = tok.encode(sent)                      # BOS, "count", " ", "</s>", " ", "3"
+    assert ids[0] == tok.bos_token_id and tok.eos_token_id in ids
+    f = Formatter(False, "demo", tok, 0, echo=[sent], echo_ids=[ids])
+    out = f._logprobs(0, [TokenLogprobs(36, -1.0, {})], [None] + [TokenLogprobs(t, -1.0, {}) for t in ids[1:]])
+    offsets, tokens = out["text_offset"], out["tokens"]
+    assert offsets[0] == 0 and [sent[at:at + len(t)] for t, at in zip(tokens[1:-1], offsets[1:-1])] == tokens[1:-1]
+    assert offsets[-1] == len(sent)
