@@ -48,6 +48,10 @@ def validate_request(prompt: str | list[int], params: SamplingParams, tokenizer,
     if isinstance(prompt, str):          # "" is a prompt where the tokenizer adds BOS (vLLM's)
         text, ids = prompt, tokenizer.encode(prompt, add_special_tokens=True)
         head = len(ids) - len(tokenizer.encode(prompt, add_special_tokens=False)) if params.truncate_prompt_tokens else 0
+        bad = sorted({t for t in ids if not 0 <= t < vocab_size})
+        if bad:     # a tokenizer with more tokens than the model's embedding (it read them as NaN)
+            raise ValueError(f"the tokenizer gives this prompt token ids {bad[:5]} beyond the model's vocabulary of "
+                             f"{vocab_size}: the tokenizer does not match the model (--tokenizer?)")
     elif isinstance(prompt, (list, tuple)) and all(isinstance(t, Integral) and not isinstance(t, bool) for t in prompt):
         text, ids, head = None, [int(t) for t in prompt], 0
         bad = [t for t in ids if not 0 <= t < vocab_size]

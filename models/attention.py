@@ -181,7 +181,9 @@ def attention(q, k, v, batch: AttnBatch, cache: KVCache | None, layer, backend: 
     bs = cache.k.shape[2]
     blk, off = batch.slots // bs, batch.slots % bs
     kc = cache.k.at[layer, blk, off].set(k.astype(cache.k.dtype))
-    vc = cache.v.at[layer, blk, off].set(v.astype(cache.v.dtype))
+    # values finite: a block's stale tail is masked, with weight 0, and 0 x NaN would be NaN in
+    # the next request given that block (until 2026-12-07 one request's NaN did that)
+    vc = cache.v.at[layer, blk, off].set(jnp.nan_to_num(v).astype(cache.v.dtype))
     if backend == "pallas":
         if not isinstance(layer, int):
             raise TypeError("the pallas attention backend needs a static layer index (the per-layer serving "

@@ -33,7 +33,9 @@ _NUMPY_NATIVE = {"F16", "F32", "F64", "I8", "I16", "I32", "I64", "U8", "BOOL"}
 
 
 def weight_files(path: str) -> list[str]:
-    """The safetensors files of a model directory (one file, or the shards named by the index)."""
+    """The safetensors files of a model directory: model.safetensors, else the shards its index
+    names, else every *.safetensors file there (vLLM's reading; until 2026-12-07 shards without
+    an index were refused as if there were no safetensors file)."""
     single, index = os.path.join(path, SINGLE_FILE), os.path.join(path, INDEX_FILE)
     if os.path.isfile(single):
         return [single]
@@ -43,7 +45,10 @@ def weight_files(path: str) -> list[str]:
         if missing:
             raise ValueError(f"{INDEX_FILE} in {path!r} names shard files that are not there: {missing}")
         return [os.path.join(path, s) for s in shards]
-    raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path!r}; only safetensors checkpoints are "
+    found = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
+    if found:
+        return found
+    raise ValueError(f"no .safetensors file in {path!r}; only safetensors checkpoints are "
                      "supported (re-save a PyTorch .bin checkpoint with save_pretrained(safe_serialization=True))")
 
 
@@ -108,10 +113,12 @@ class WeightReader:
                 if name in self._where:
                     raise ValueError(f"tensor {stored!r} is stored twice, in {self._where[name][0]!r} and {file!r}")
                 self._where[name] = (file, handle, stored)
-        if weight_map is not None:  # the index must agree with the shards' headers
+        if weight_map is not None:  # the index must agree with the shards' headers where both name a tensor
+            # (one the index lists and no shard holds, e.g. a stale rotary inv_freq, is left out, as
+            # transformers and vLLM leave it; a needed one is then missing by name)
             where = {stored: os.path.basename(f) for f, _, stored in self._where.values()}
-            wrong = sorted(f"{n} (index: {s}, found in: {where.get(n, 'no shard')})"
-                           for n, s in weight_map.items() if where.get(n) != s)
+            wrong = sorted(f"{n} (index: {s}, found in: {where[n]})"
+                           for n, s in weight_map.items() if n in where and where[n] != s)
             if wrong:
                 index = os.path.join(os.path.dirname(files[0]), INDEX_FILE) if files else INDEX_FILE
                 raise ValueError(f"{index!r} does not match its shards; tensors not where it says "

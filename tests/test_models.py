@@ -343,7 +343,7 @@ def test_errors_are_clear(checkpoint, tmp_path):
 
     with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
         load_model(write("gpt2", {**cfg_dict, "model_type": "gpt2"}, tensors), cache_dir="")
-    with pytest.raises(ValueError, match="no model.safetensors"):
+    with pytest.raises(ValueError, match="no .safetensors file"):
         load_model(write("empty", cfg_dict, None), cache_dir="")
     missing = {k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"}
     with pytest.raises(ValueError, match=r"missing tensors \(1\): model\.layers\.1\.mlp\.up_proj\.weight"):

@@ -119,6 +119,25 @@ def test_packed_chunked_prefill_matches_reference(dtype, kernel):
     np.testing.assert_allclose(out[real], ref[real], atol=TOL[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["reference", "pallas"])
+def test_a_blocks_stale_nan_tail_reaches_no_output(backend, monkeypatch):
+    """An 8-token request whose values are NaN (a prompt read out of the embedding, values
+    that overflowed) fills two blocks; a 5-token request given the same blocks next attends
+    over their stale tail, masked with weight 0: its output stays finite (until 2026-12-07 the
+    stale NaN, times 0, made it NaN: the cache now keeps written values finite)."""
+    monkeypatch.setenv("FASTSERVE_JAX_PALLAS_KERNEL", "triton")
+    first, second = (AttnBatch(*(jnp.asarray(a) for a in _prefill_batch(np.random.default_rng(3), [(0, n)], rows=1,
+                                                                         q=8))) for n in (8, 5))
+    assert (first.block_ids[:, :2] == second.block_ids[:, :2]).all()
+    zeros = jnp.zeros((L, NUM_BLOCKS, BS, 2, D), jnp.float32)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 8, h, D), dtype=np.float32)) for h in (4, 2, 2))
+    run = jax.jit(lambda q, k, v, b, c: attention(q, k, v, b, c, 1, backend))
+    _, cache = run(q, k, jnp.full_like(v, jnp.nan), first, KVCache(zeros, zeros))
+    out, _ = run(q, k, v, second, cache)
+    assert np.isfinite(np.asarray(out)[np.asarray(second.seg) >= 0]).all()
+
+
 def test_query_tiles_split_a_long_row(kernel):
     """A row of 64 tokens x 4 query heads per KV head is 256 query rows: four tiles of 64
     (Triton), two of 128 (TPU)."""

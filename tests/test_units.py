@@ -496,3 +496,18 @@ def test_max_tokens_none_fills_a_device_pool_smaller_than_max_model_len():
         with pytest.raises(ValueError, match="prompt has 112 tokens but the device pool holds 112 for one request "
                                              r"\(max_model_len 1024\).*at most 111 tokens or raise num_device_blocks"):
             check(112, max_tokens)
+
+
+def test_a_text_prompt_with_ids_beyond_the_models_vocabulary_is_refused():
+    """A tokenizer with more tokens than the model's embedding: a text prompt that uses them was
+    accepted (a token-id prompt was refused), read NaN out of the embedding and answered
+    garbage, and the next request given its blocks answered NaN too."""
+    from fastserve_jax.admission import validate_request
+    from fastserve_jax.models import demo_model_path
+    from fastserve_jax.models.tokenizer import load_tokenizer
+
+    tok, kv = load_tokenizer(demo_model_path()), KVManager(num_blocks=8, block_size=16)
+    ids = tok.encode("count from 3 to 5:")
+    assert validate_request("count from 3 to 5:", SamplingParams(), tok, max(ids) + 1, 64, kv)[1] == ids
+    with pytest.raises(ValueError, match=rf"token ids \[{max(ids)}\] beyond the model's vocabulary of {max(ids)}"):
+        validate_request("count from 3 to 5:", SamplingParams(), tok, max(ids), 64, kv)
