@@ -216,7 +216,8 @@ async def _generate(request: Request, chat: bool, body: dict | None = None) -> R
     srv.check_auth(request)
     if body is None:
         body = parse_body(await _read_body(request, srv.cfg.max_body_bytes))
-    job = parse_chat(body, srv.cfg.max_logprobs, srv.cfg.chat_content_format) if chat else parse_completion(body, srv.cfg.max_logprobs)
+    job = (parse_chat(body, srv.cfg.max_logprobs, srv.cfg.chat_content_format) if chat
+           else parse_completion(body, srv.cfg.max_logprobs))
     if (rid := header_request_id(header_value(request.headers.raw, b"x-request-id"))) is not None:
         job = dataclasses.replace(job, request_id=rid)              # vLLM's: the header names the response
     srv.check_model(job.model)
