@@ -63,8 +63,8 @@ def validate_request(prompt: str | list[int], params: SamplingParams, tokenizer,
         ids = truncate_prompt(ids, truncation_length(params.truncate_prompt_tokens, context_limit(max_model_len, kv),
                                                      params.max_tokens), head)
     if not ids:
-        raise ValueError("prompt is empty (no tokens: this tokenizer adds no BOS); give at least one character "
-                         "or token id")
+        raise ValueError("prompt is empty: no token ids" if text is None else "prompt is empty (no tokens: this "
+                         "tokenizer adds no BOS); give at least one character")
     limit = context_limit(max_model_len, kv)   # a longer max_tokens ends there (LLMEngine.add_request)
     if len(ids) >= limit:
         what, raise_it = ((f"max_model_len is {max_model_len}", "max_model_len") if limit == max_model_len else

@@ -181,9 +181,9 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                     arrival_time: float | None = None) -> Request:
         text, ids = self.validate(prompt, params)
-        if params.max_tokens is None or params.max_tokens > self.context_limit - len(ids):
-            # vLLM's: the rest of the context, or up to it (where the device pool holds fewer, its end)
-            params = dataclasses.replace(params, max_tokens=self.context_limit - len(ids))
+        rest = self.context_limit - len(ids)    # vLLM's: the rest of the context, or up to it (the pool's end)
+        if params.max_tokens is None or params.max_tokens > rest:   # min_tokens past it too (it was an error)
+            params = dataclasses.replace(params, max_tokens=rest, min_tokens=min(params.min_tokens, rest))
         n = next(self._ids)
         rid = request_id if request_id is not None else f"req-{n}"
         if rid in self._requests:

@@ -95,13 +95,14 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, lora_request=None, priority: Sequence[int] | None = None) -> list[RequestOutput]:
         """One output per prompt, in order, with its `n` completions in `outputs` (seeds seed,
         seed + 1, ... when a seed is given). A prompt is a string, token ids (a list, tuple or
         1-D integer array) or vLLM's {"prompt": text} / {"prompt_token_ids": ids}. Every prompt
         is validated before any is queued. use_tqdm=True draws vLLM's progress bar of processed
         prompts on stderr (off by default here, unlike vLLM). Calls from several threads run one
-        after another."""
+        after another. vLLM's lora_request and priority must ask for nothing (None, or 0s)."""
+        _no_lora_or_priority(lora_request, priority)
         prompts = [_one_prompt(p, i) for i, p in enumerate(_prompt_list(prompts))]
         if not prompts:
             return []
@@ -115,7 +116,8 @@ class LLM:
         else:
             raise ValueError(f"sampling_params must be a SamplingParams or a list of them (one per prompt), "
                              f"got {type(sampling_params).__name__}")
-        runs = [[dataclasses.replace(sp, n=1, seed=None if sp.seed is None else sp.seed + j) for j in range(sp.n)]
+        runs = [[dataclasses.replace(sp, n=1, best_of=None, seed=None if sp.seed is None else sp.seed + j)
+                 for j in range(sp.n)]
                 if isinstance(sp, SamplingParams) else [sp] for sp in params]
         for i, (p, subs) in enumerate(zip(prompts, runs)):
             try:
@@ -149,7 +151,8 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False, *,
              chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
-             chat_template_content_format: str = "auto", tools: list | None = None) -> list[RequestOutput]:
+             chat_template_content_format: str = "auto", tools: list | None = None,
+             lora_request=None) -> list[RequestOutput]:
         """vLLM's: one conversation (a list of {"role", "content"} dicts) or a list of them, each
         rendered by `chat_template` (a Jinja template) or else the tokenizer's own, as the server
         renders /v1/chat/completions (fastserve_jax/chat_template.py), then generated as `generate`
@@ -161,6 +164,7 @@ class LLM:
         calling here). Bad input raises ValueError before any conversation is queued."""
         if tools:
             raise ValueError("tools: fastserve-jax has no tool (function) calling; pass none")
+        _no_lora_or_priority(lora_request, None)
         options = ChatOptions(add_generation_prompt, continue_final_message, chat_template_kwargs,
                               chat_template_content_format)
         convs = conversations(messages)
@@ -200,6 +204,30 @@ class LLM:
                 self.engine.abort(r.request_id)
             raise
         return groups
+
+    def __getattr__(self, name: str):
+        """vLLM's LLM methods this one lacks, refused by name (not a bare AttributeError)."""
+        if name in _NOT_HERE:
+            raise AttributeError(f"LLM.{name}: {_NOT_HERE[name]}")
+        raise AttributeError(f"'LLM' object has no attribute {name!r}")
+
+
+# vLLM's LLM attributes with no counterpart here, and why
+_POOLING = "pooling models (embeddings, scores, classification) are not implemented; this engine generates text"
+_NOT_HERE = {"beam_search": "beam search is not implemented (vLLM's is a separate API too); sample with n and "
+                            "cumulative_logprob", "encode": _POOLING, "embed": _POOLING, "score": _POOLING,
+             "classify": _POOLING, "reward": _POOLING,
+             "sleep": "sleep mode is not implemented", "wake_up": "sleep mode is not implemented",
+             "llm_engine": "the engine is `llm.engine` (fastserve_jax.engine.LLMEngine): add_request(prompt, "
+                           "params, request_id=None), step() and has_unfinished(); LLM.generate drives it"}
+
+
+def _no_lora_or_priority(lora_request, priority) -> None:
+    if lora_request is not None:
+        raise ValueError("lora_request: LoRA adapters are not implemented; pass None")
+    if priority is not None and any(priority):
+        raise ValueError("priority: priority scheduling is not implemented (the --scheduler policy orders "
+                         "requests); pass None or 0s")
 
 
 def _progress(total: int):

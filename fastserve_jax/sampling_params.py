@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from numbers import Integral, Real
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs; the sampler always computes this many.
 # Tokens one row's logits can be biased on (sampling.Penalties): a request's logit_bias entries
@@ -63,7 +65,9 @@ class SamplingParams:
     order); greedy decoding ignores it.
     n: completions of the prompt (`LLM.generate` runs n requests, seeds seed, seed + 1, ...
     when a seed is given; the engine itself takes n = 1). A seed is any integer: one outside
-    [0, 2**32) is hashed to the sampler's 32 bits (`sampler_seed`), so 0, 2**32 and -1 differ.
+    [0, 2**32) is hashed to the sampler's 32 bits (`sampler_seed`), so 0 and 2**32 differ;
+    -1 is no seed, as in vLLM (until 2026-12-07 it was a seed of its own, so ported scripts
+    that wrote -1 for "unseeded" drew the same text on every call).
     logit_bias: {token id: bias in [-100, 100]} added to the logits before sampling (OpenAI's;
     at most MAX_LOGIT_BIAS tokens; logprobs stay the raw model's). min_tokens (vLLM's): until
     that many tokens are out, EOS and stop_token_ids cannot be sampled and stop strings are
@@ -88,6 +92,11 @@ class SamplingParams:
     the same salt (None: with the other unsalted ones), so that clients of different salts cannot
     learn from timing whether another sent the same prefix. A non-empty string; out of the repr
     (request logs print the params).
+    vLLM's other keywords, so its scripts construct these unchanged (keyword-only, out of the
+    repr): best_of (None or n), detokenize (text is always written), output_kind (outputs come
+    whole), extra_args (read by nothing here) are accepted with no effect; guided_decoding,
+    structured_outputs and logits_processors must be None or empty (not implemented).
+    Immutable (vLLM's is not): `clone()` or dataclasses.replace(params, field=...) make variants.
     """
 
     max_tokens: int | None = 16
@@ -114,8 +123,28 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     cache_salt: str | None = field(default=None, repr=False)
     truncate_prompt_tokens: int | None = None
+    best_of: int | None = field(default=None, repr=False, kw_only=True)
+    detokenize: bool = field(default=True, repr=False, kw_only=True)
+    output_kind: Any = field(default=None, repr=False, kw_only=True)
+    extra_args: dict | None = field(default=None, repr=False, kw_only=True)
+    guided_decoding: Any = field(default=None, repr=False, kw_only=True)
+    structured_outputs: Any = field(default=None, repr=False, kw_only=True)
+    logits_processors: Any = field(default=None, repr=False, kw_only=True)
+
+    def clone(self) -> "SamplingParams":
+        """vLLM's: a deep copy (change it with dataclasses.replace; these are immutable)."""
+        return copy.deepcopy(self)
 
     def __post_init__(self) -> None:
+        if self.seed == -1:             # vLLM's "no seed"
+            object.__setattr__(self, "seed", None)
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of={self.best_of} with n={self.n}: returning the best of more completions "
+                             "than n is not implemented; leave best_of out or equal to n")
+        for name in ("guided_decoding", "structured_outputs", "logits_processors"):
+            if getattr(self, name):
+                raise ValueError(f"{name}: not implemented (structured output and custom logits processors); "
+                                 "leave it None")
         for name in _INT_FIELDS + _FLOAT_FIELDS:        # numpy's scalars as Python's
             v = getattr(self, name)
             if isinstance(v, Integral) and not isinstance(v, (bool, int)):

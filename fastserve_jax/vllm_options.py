@@ -26,6 +26,18 @@ NO_EFFECT = {
 }
 
 
+# vllm.LLM(...) keywords common in offline scripts that change nothing here (any value; logged)
+LLM_NO_EFFECT = {
+    "disable_log_stats": "disable_log_stats has no effect: LLM logs no periodic stats",
+    "enable_chunked_prefill": "enable_chunked_prefill has no effect: prefill is always chunked to "
+                              "max_num_batched_tokens",
+    "max_seq_len_to_capture": "max_seq_len_to_capture has no effect: there are no CUDA graphs",
+    "compilation_config": "compilation_config has no effect: XLA compiles every batch shape (warmup says when)",
+    "download_dir": "download_dir has no effect: nothing is downloaded; the model is a local directory",
+    "max_logprobs": "max_logprobs has no effect: logprobs and prompt_logprobs are at most 20 (the sampler's)",
+}
+
+
 # The refused options and their values that ask for nothing missing (the command line's defaults).
 REFUSED = {"quantization": None, "kv_cache_dtype": "auto", "revision": None, "enable_lora": False,
            "lora_modules": None, "tokenizer_mode": "auto", "load_format": "auto"}
@@ -67,10 +79,10 @@ def as_keywords(text: str) -> str:
 def llm_keywords(kwargs: dict) -> dict:
     """LLM's keywords without vLLM's options that change nothing here (each logged once, as
     vLLM logs) or that name a feature this engine lacks (a ValueError saying so)."""
-    given = {k: kwargs[k] for k in (*NO_EFFECT, *REFUSED) if k in kwargs}
+    given = {k: kwargs[k] for k in (*NO_EFFECT, *REFUSED, *LLM_NO_EFFECT) if k in kwargs}
     bad = refusal(types.SimpleNamespace(**{**REFUSED, **given}))
     if bad:
         raise ValueError(as_keywords(bad))
-    for text in notes(types.SimpleNamespace(**given)):
+    for text in notes(types.SimpleNamespace(**given)) + [LLM_NO_EFFECT[k] for k in LLM_NO_EFFECT if k in given]:
         log.warning(as_keywords(text))
     return {k: v for k, v in kwargs.items() if k not in given}

@@ -72,7 +72,7 @@ def typename(v: Any) -> str:
             type(None): "null"}.get(type(v), type(v).__name__)
 
 
-def _shown(v) -> str:
+def shown(v) -> str:
     """A value for an error message, cut at 40 characters (an integer may have thousands of digits)."""
     text = repr(v)
     return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
@@ -108,10 +108,10 @@ def int_field(body: dict, name: str, default, lo: int | None = None, hi: int | N
     if isinstance(v, float) and v.is_integer():      # 5.0 is 5, as vLLM's (pydantic's lax) parsing takes it
         v = int(v)
     if not isinstance(v, int) or isinstance(v, bool):
-        raise bad_request(f"'{name}' must be an integer, got {typename(v)} {_shown(v)}", name)
+        raise bad_request(f"'{name}' must be an integer, got {typename(v)} {shown(v)}", name)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise bad_request(f"'{name}' must be in [{lo if lo is not None else '-inf'}, "
-                          f"{hi if hi is not None else 'inf'}], got {_shown(v)}", name)
+                          f"{hi if hi is not None else 'inf'}], got {shown(v)}", name)
     return v
 
 
@@ -120,11 +120,11 @@ def num_field(body: dict, name: str, default: float | None, lo: float, hi: float
     if v is None:
         return default
     if not isinstance(v, (int, float)) or isinstance(v, bool):
-        raise bad_request(f"'{name}' must be a number, got {typename(v)} {_shown(v)}", name)
+        raise bad_request(f"'{name}' must be a number, got {typename(v)} {shown(v)}", name)
     if not _finite(v):
-        raise bad_request(f"'{name}' must be a finite number, got {_shown(v)}", name)
+        raise bad_request(f"'{name}' must be a finite number, got {shown(v)}", name)
     if v > hi or v < lo or (lo_open and v == lo):
-        raise bad_request(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {_shown(v)}", name)
+        raise bad_request(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {shown(v)}", name)
     return float(v)
 
 

@@ -15,6 +15,7 @@ from fastserve_jax.sampling_params import BIAS_SLOTS, bias_tokens
 
 from fastserve_jax.serve.engine_loop import EngineInfo
 from fastserve_jax.serve.errors import bad_request
+from fastserve_jax.serve.json_body import shown
 from fastserve_jax.serve.protocol import MODEL_DEFAULTED, Job
 
 if TYPE_CHECKING:
@@ -126,10 +127,10 @@ def prepare(job: Job, eng: "LLMEngine | EngineInfo",
             raise bad_request(f"{where}{e}", "messages" if job.chat else "prompt")
         max_tokens = job.max_tokens if job.max_tokens is not None else limit - len(ids)
         if len(ids) + max_tokens > limit:
-            total = f" ({len(ids) + max_tokens} in all)" if max_tokens <= limit else ""   # str(): 4,300 digits at most
-            raise bad_request(
+            total = f" ({len(ids) + max_tokens} in all)" if max_tokens <= limit else ""
+            raise bad_request(     # the number cut as other fields' are (it echoed all of 4,000 digits)
                 f"{where}{context} is {limit} tokens, but the prompt has {len(ids)} "
-                f"tokens and {max_tokens} more were requested{total}; lower "
+                f"tokens and {shown(max_tokens)} more were requested{total}; lower "
                 f"{job.limit_field} to at most {limit - len(ids)} or shorten the prompt", job.limit_field)
         if job.min_tokens > max_tokens:
             raise bad_request(f"{where}'min_tokens' is {job.min_tokens} but at most {max_tokens} tokens can be "

@@ -98,6 +98,41 @@ def test_vllm_scripts_outputs_read_as_in_vllm(demo_llm, caplog, capsys):
     assert "enforce_eager has no effect" in caplog.text
 
 
+def test_vllm_offline_scripts_port_unchanged(demo_llm, caplog):
+    """What an offline vLLM script passes (a probe of 2026-12-07 found each failing or wrong):
+    seed=-1 is no seed (it was a seed of its own, the same text every call); SamplingParams
+    takes vLLM's other keywords (a TypeError) and clone(); generate takes lora_request=None
+    and priority 0s; min_tokens past the context ends there as max_tokens does (a ValueError
+    after earlier prompts were queued); vLLM's methods and keywords missing here are named."""
+    p = demo_task.make_prompt(5, 9)
+    assert SamplingParams(seed=-1).seed is None and SamplingParams(seed=-2).seed == -2
+    sp = SamplingParams(max_tokens=8, temperature=0, n=2, best_of=2, detokenize=False, output_kind=2,
+                        logits_processors=[], guided_decoding=None, structured_outputs=None, extra_args={"x": 1})
+    assert sp.clone() == sp and sp.clone() is not sp
+    out = demo_llm.generate(p, sp, lora_request=None, priority=[0])[0]
+    assert [c.text for c in out.outputs] == [" 5 6 7 8 9"] * 2
+    for bad, message in ((dict(best_of=3), "best_of=3 with n=1"), (dict(guided_decoding={"json": {}}), "not implemented"),
+                         (dict(logits_processors=[abs]), "logits_processors: not implemented")):
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(**bad)
+    with pytest.raises(ValueError, match="priority scheduling is not implemented"):
+        demo_llm.generate(p, sp, priority=[1])
+    with pytest.raises(ValueError, match="LoRA adapters are not implemented"):
+        demo_llm.generate(p, sp, lora_request=object())
+    req = demo_llm.engine.add_request(p, SamplingParams(max_tokens=10 ** 6, min_tokens=10 ** 6))
+    demo_llm.engine.abort(req.request_id)
+    assert req.sampling.max_tokens == req.sampling.min_tokens == demo_llm.engine.context_limit - len(req.prompt_token_ids)
+    for name, message in (("encode", "pooling models"), ("beam_search", "beam search"), ("llm_engine", "llm.engine")):
+        with pytest.raises(AttributeError, match=message):
+            getattr(demo_llm, name)
+    with pytest.raises(ValueError, match="prompt is empty: no token ids"):
+        demo_llm.generate({"prompt_token_ids": []})
+    from fastserve_jax.vllm_options import llm_keywords
+
+    assert llm_keywords({"disable_log_stats": True, "enable_chunked_prefill": False, "seed": 1}) == {"seed": 1}
+    assert "enable_chunked_prefill has no effect" in caplog.text
+
+
 def test_chat_renders_with_the_tokenizers_template(demo_llm):
     """LLM.chat (vLLM's): one conversation or a list, rendered as the server renders them; the
     output's prompt is the rendered text; continue_final_message continues the last message."""

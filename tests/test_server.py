@@ -250,6 +250,7 @@ BAD = [
     (b'{"prompt": []}', 400, "'prompt' must be"),
     (b'{"prompt": "x", "max_tokens": "10"}', 400, "'max_tokens' must be an integer"),
     (b'{"prompt": "x", "max_tokens": 0}', 400, "'max_tokens' must be in [1, inf]"),
+    (b'{"prompt": "x", "max_tokens": 1' + b"0" * 1000 + b"}", 400, "and 10000000000000000000...(1001 characters) more were"),
     (b'{"prompt": "x", "temperature": true}', 400, "'temperature' must be a number"),
     (b'{"prompt": "x", "temperature": 3}', 400, "'temperature' must be in [0.0, 2.0]"),
     (b'{"prompt": "x", "top_p": 0}', 400, "'top_p' must be in (0.0, 1.0]"),
