@@ -71,6 +71,24 @@ def test_an_unreadable_file_is_traced_again_and_replaced(cache_dir):
     assert export_cache._load(str(path)) is not None and lowered.compile() is not None
 
 
+def test_a_flipped_bit_is_traced_again_and_replaced_and_files_are_readable_by_others(cache_dir):
+    """A bit flipped inside a program file read back (a constant changed: wrong results) or
+    failed to lower ("Failed to deserialize StableHLO", at every start: the file was never
+    replaced). Files carry a digest now. They were written 0600, so a cache baked by one user
+    was unreadable to another."""
+    export_cache.lower(step, *_args(), name="t", scale=2.0)
+    (path,) = [cache_dir / f for f in os.listdir(cache_dir)]
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    assert export_cache._load(str(path)) is None
+    assert export_cache.lower(step, *_args(), name="t", scale=2.0).compile() is not None
+    assert export_cache._load(str(path)) is not None
+
+
 def test_off_lowers_the_plain_jit(cache_dir, monkeypatch):
     monkeypatch.setenv("FASTSERVE_JAX_EXPORT_CACHE", "off")
     assert export_cache.directory() is None
@@ -132,7 +150,7 @@ def test_a_program_exported_for_another_platform_is_traced_again(cache_dir, monk
     export_cache.lower(step, *_args(), name="t", scale=2.0)
     (path,) = [cache_dir / f for f in os.listdir(cache_dir)]
     cuda = export_cache.export.export(step, platforms=("cuda",))(*_args(), scale=2.0)
-    path.write_bytes(cuda.serialize())
+    path.write_bytes(export_cache.framed(cuda.serialize()))
     assert export_cache.lower(step, *_args(), name="t", scale=2.0).compile() is not None
     assert export_cache._load(str(path)).platforms == ("cpu",)
     key = export_cache.cache_key("t", _args(), {})

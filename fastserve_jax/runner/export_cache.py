@@ -122,15 +122,39 @@ def cache_key(name: str, args: tuple, static: dict) -> str:
     return h.hexdigest()[:40]
 
 
+# A file is _MAGIC, the sha256 of the serialized program, then the program: a flipped bit was
+# read back (a changed constant would compute wrong) or failed to lower at every start, and the
+# file was never replaced (until 2026-12-07; files without the header are traced again once).
+_MAGIC = b"fastserve-exported-1\n"
+
+
+def framed(blob: bytes) -> bytes:
+    """A serialized program as its file holds it."""
+    return _MAGIC + hashlib.sha256(blob).digest() + blob
+
+
 def _load(path: str):
     try:
         with open(path, "rb") as f:
-            return export.deserialize(bytearray(f.read()))
+            data = f.read()
+        head, digest, blob = data[:len(_MAGIC)], data[len(_MAGIC):len(_MAGIC) + 32], data[len(_MAGIC) + 32:]
+        if head != _MAGIC or hashlib.sha256(blob).digest() != digest:
+            raise ValueError("damaged, or written by an older version (its digest does not match)")
+        return export.deserialize(bytearray(blob))
     except FileNotFoundError:
         return None
-    except Exception as e:                     # a torn or foreign file: trace again and replace it
+    except Exception as e:                     # a torn, damaged or foreign file: trace again and replace it
         log.warning("ignoring unreadable exported program %s: %s", path, e)
         return None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()      # read at import: as other files are made (mkstemp's are 0600)
 
 
 _warned_save = False
@@ -145,8 +169,9 @@ def _save(path: str, blob: bytes) -> None:
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        os.fchmod(fd, _FILE_MODE)     # another user may read a cache baked into an image (0600 was unreadable)
         with os.fdopen(fd, "wb") as f:
-            f.write(blob)
+            f.write(framed(blob))
         os.replace(tmp, path)
     except OSError as e:
         if tmp is not None:
@@ -179,7 +204,7 @@ def lower(fn, *args, name: str, donate: tuple[int, ...] = (), **static) -> jax.s
     if exp is not None:
         try:
             return jax.jit(exp.call, donate_argnums=donate).lower(*args)
-        except ValueError as e:                # exported for another platform or device count
+        except Exception as e:      # exported for another platform or device count, or not a valid program
             log.warning("ignoring exported program %s, which does not lower here: %.300s", path, e)
     with _trace_lock:
         exp = export.export(fn, disabled_checks=DISABLED_CHECKS)(*args, **static)

@@ -2,7 +2,13 @@
 
 A second start reads compiled executables from disk instead of compiling them again.
 Order of precedence: the explicit argument, $FASTSERVE_JAX_COMPILE_CACHE, then
-$XDG_CACHE_HOME/fastserve_jax/xla (default ~/.cache/fastserve_jax/xla). "off" disables it.
+$XDG_CACHE_HOME/fastserve_jax/xla (default ~/.cache/fastserve_jax/xla). "off" (or "0",
+"false", any case) disables it.
+
+On a CPU, JAX's own XLA caches inside it are off: the GPU autotune cache's directory, an
+absolute path, is part of every entry's key, so a warm cache moved to another path (an
+image built under one HOME and run under another, a CI cache restored elsewhere) hit
+nothing (0 of 19 for the demo model, 19 of 19 with them off; probed 2026-12-07).
 
 JAX writes an entry in place and never replaces one that exists, so an entry cut short
 (the process killed while writing it) would fail to load, with a warning, and be compiled
@@ -37,7 +43,7 @@ def default_cache_root() -> str:
 
 def enable_compilation_cache(path: str | None = None) -> str | None:
     path = path or os.environ.get("FASTSERVE_JAX_COMPILE_CACHE") or os.path.join(default_cache_root(), "xla")
-    if path == "off":
+    if path.lower() in ("off", "0", "false"):       # "OFF" made a directory of that name
         return None
     try:
         os.makedirs(path, exist_ok=True)
@@ -48,6 +54,9 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    if jax.default_backend() == "cpu":
+        with contextlib.suppress(AttributeError, KeyError, ValueError):     # a JAX without the option
+            jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
     return path
 
 
