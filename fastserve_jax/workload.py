@@ -127,12 +127,14 @@ def _trace_row(r: dict, timed: bool, where: str, azure: bool = False) -> TraceRe
     return TraceRequest(t, p, o)
 
 
-def save_trace(path: str, reqs: Sequence[TraceRequest]) -> None:
+def save_trace(path: str, reqs: Sequence[TraceRequest], timed: bool = True) -> None:
+    """A trace CSV load_trace reads; timed=False leaves the arrival column out (an untimed
+    trace, which the simulator runs at a --rate or --load it is given, and refuses without)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["arrived_at", "num_prefill_tokens", "num_decode_tokens"])
+        w.writerow(["arrived_at", "num_prefill_tokens", "num_decode_tokens"][0 if timed else 1:])
         for r in reqs:
-            w.writerow([f"{r.arrival:.6f}", r.prompt_tokens, r.output_tokens])
+            w.writerow([f"{r.arrival:.6f}", r.prompt_tokens, r.output_tokens][0 if timed else 1:])
 
 
 def with_arrivals(reqs: Sequence[TraceRequest], rate: float, process: str = "poisson", cv: float = 1.0,

@@ -28,5 +28,5 @@ if __name__ == "__main__":
     base, _ = load_trace(a.prompts_from)
     tr = heavy_tailed_trace(base, a.n, a.alpha, a.lo, a.hi, a.seed)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    save_trace(a.out, tr)
+    save_trace(a.out, tr, timed=False)     # it wrote arrived_at 0 for all: one burst where --rate was forgotten
     print(f"wrote {len(tr)} requests to {a.out}")

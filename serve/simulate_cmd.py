@@ -11,7 +11,7 @@ write {policy: [{rate, load, metric: value}, ...]} in rate order plus a top-leve
 rate_at_95pct: [{ttft, tpot, rate}]}} (slo.sweep_summary: rates interpolated linearly
 between the two that bracket the limit), and --plot draws one latency curve per policy
 against the rate.
-Every row has offered_rps (the arrival rate asked, or the trace's own mean rate),
+Every row has offered_rps (the arrival rate asked, or the trace's own: its requests over its arrival span),
 throughput_rps (the rate served) and slo_attainment: [{ttft, tpot, attained}], one per
 --slo pair (see fastserve_jax/slo.py for every definition).
 """
@@ -60,8 +60,8 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--kv-capacity-tokens", type=int, default=0, help="KV slots on the device (default, or 0: the cost model's)")
     p.add_argument("--host-kv-capacity-tokens", type=int, default=0,
                    help="KV slots in the host pool for swapped-out requests (default 0: none, evictions recompute)")
-    p.add_argument("--swap-policy", choices=["proactive", "reactive", "recompute"], default="proactive",
-                   help="where evicted KV goes (needs the cost model's kv_bytes_per_token and swap_bandwidth)")
+    p.add_argument("--swap-policy", choices=["proactive", "reactive", "recompute"], default=None,
+                   help="where evicted KV goes (default proactive; needs --host-kv-capacity-tokens)")
     p.add_argument("--cost-model", default="opt-13b-a100", help="shipped cost model name or JSON path")
     p.add_argument("--base-quantum", type=float, default=None, help="seconds (SchedulerConfig.base_quantum)")
     p.add_argument("--quantum-ratio", type=float, default=None)
@@ -215,13 +215,28 @@ def print_summary(summary: dict[str, dict], file=sys.stderr) -> None:
     print("summary in req/s, interpolated between the two rates around each limit (>=: every rate swept met "
           "it; -: the lowest rate missed it)", file=file)
     print(f"{'':>15} {'goodput':>8}" + "".join(f"{'95% ' + p:>15}" for p in pairs), file=file)
+    past = []
     for policy, s in summary.items():
         rates = [s["goodput_rps"]] + [x["rate"] for x in s["rate_at_95pct"]]
         cells = [_rate_cell(x, s["max_offered_rps"]) for x in rates]
         print(f"{policy:>15} {cells[0]:>8}" + "".join(f"{c:>15}" for c in cells[1:]), file=file)
+        if s["goodput_rps"] is not None and s["goodput_rps"] > s.get("max_served_rps", float("inf")):
+            past.append(policy)
+    if past:
+        print(f"note: goodput above every rate served ({', '.join(past)}): a finite burst keeps latency low past "
+              "capacity, so these figures grow with its length; steady load (--load, more requests) measures "
+              "what the machine sustains", file=file)
     print(f"(goodput: highest rate with mean latency/token <= {first['slo_latency_per_token'] * 1e3:.1f} ms"
           + (f" (unloaded: {unloaded * 1e3:.1f} ms)" if unloaded else "")
           + "; 95% A,B: highest rate at which >= 95% of requests have TTFT <= A s and TPOT <= B s)", file=file)
+
+
+def _no_nan(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    return [_no_nan(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
 def _rate_cell(rate: float | None, max_rate: float) -> str:
@@ -259,7 +274,11 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         if not a.enable_prefix_caching and (a.shared_prefix_tokens or a.prefix_groups != 1):
             print("warning: --shared-prefix-tokens and --prefix-groups shape the prompts' shared tokens, which "
                   "only --enable-prefix-caching reads; without it they change nothing", file=sys.stderr)
-        for flag, given in (("--rate", a.rate), ("--load", a.load), ("--policy", a.policy)):
+        if a.swap_policy not in (None, "recompute") and not a.host_kv_capacity_tokens:    # it changed nothing
+            print(f"warning: --swap-policy {a.swap_policy} moves KV to the host pool, and there is none "
+                  "(--host-kv-capacity-tokens 0): evictions recompute, as with recompute", file=sys.stderr)
+        a.swap_policy = a.swap_policy or "proactive"
+        for flag, given in (("--rate", a.rate), ("--load", a.load), ("--policy", a.policy), ("--slo", a.slo)):
             if given and len(set(given)) < len(given):
                 raise ValueError(f"{flag} {max(given, key=given.count)} is given twice")
         if a.cv is not None and a.arrival != "gamma":       # it changed nothing, without a word
@@ -294,8 +313,10 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         elif a.load:
             points = [(l * capacity, l, l * capacity) for l in sorted(a.load)]
         elif timed:
+            # n over the span, as served is n over first arrival to last finish, so served <= offered
+            # ((n - 1) / span had two requests served at twice the rate offered)
             span = trace[-1].arrival - trace[0].arrival
-            r = (len(trace) - 1) / span if span > 0 else 0.0
+            r = len(trace) / span if span > 0 else 0.0
             points = [(None, r / capacity if r else None, r or None)]
         else:
             raise ValueError(f"trace {a.trace} has no arrival times (arrived_at or TIMESTAMP); give --rate or --load")
@@ -342,13 +363,14 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     if len(points) == 1:
         out = {p: ms[0] for p, ms in out.items()}
     else:
-        summary = {p: dict(sweep_summary(ms, slo_lpt), unloaded_latency_per_token=unloaded) for p, ms in out.items()}
+        summary = {p: dict(sweep_summary(ms, slo_lpt), unloaded_latency_per_token=unloaded,
+                           max_served_rps=max(m["throughput_rps"] for m in ms)) for p, ms in out.items()}
         print_summary(summary)
         out["summary"] = summary
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+        with open(a.json, "w") as f:      # strict JSON: NaN (a mean TPOT of one-token answers) is null
+            json.dump(_no_nan(out), f, indent=1)
     if a.plot:
         plot_sweep({p: ms if isinstance(ms, list) else [ms] for p, ms in out.items() if p != "summary"},
                    a.plot_metric, a.plot,

@@ -253,6 +253,21 @@ def test_simulate_reports_offered_served_slo_and_goodput(trace_path, tmp_path):
         assert s["goodput_rps"] == highest_rate_within([0.5, 2.0], lpt, s["slo_latency_per_token"], False)
 
 
+def test_simulate_writes_strict_json_and_says_what_changes_nothing(tmp_path, capsys):
+    """A probe of 2026-12-07: a NaN mean TPOT (one-token answers) was written as a bare NaN,
+    which strict parsers refuse; --swap-policy proactive without a host pool changed nothing
+    without a word; a --slo pair given twice was a duplicated column; the heavy-tail script
+    wrote arrival times of 0, so a forgotten --rate ran one burst instead of being refused."""
+    path, out = str(tmp_path / "one.csv"), tmp_path / "o.json"
+    save_trace(path, [TraceRequest(0.0, 30, 1) for _ in range(6)], timed=False)
+    assert main(["simulate", "--trace", path, "--rate", "1", "2", "--swap-policy", "proactive", "--json", str(out)]) == 0
+    json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert "there is none (--host-kv-capacity-tokens 0)" in capsys.readouterr().err
+    assert main(["simulate", "--trace", path, "--rate", "1", "--slo", "1,0.1", "--slo", "1,0.1"]) == 2
+    assert "--slo (1.0, 0.1) is given twice" in capsys.readouterr().err
+    assert main(["simulate", "--trace", path]) == 2 and "--rate or --load" in capsys.readouterr().err
+
+
 def test_simulate_one_rate_keeps_the_flat_shape_with_the_new_fields(trace_path, tmp_path):
     out = tmp_path / "o.json"
     assert main(["simulate", "--trace", trace_path, "--num-requests", "20", "--json", str(out),
@@ -261,6 +276,9 @@ def test_simulate_one_rate_keeps_the_flat_shape_with_the_new_fields(trace_path, 
     m = res["skip-join-mlfq"]                              # no summary: goodput needs a sweep
     assert set(res) == {"skip-join-mlfq"} and m["rate"] is None
     trace, _ = load_trace(trace_path, 20)
-    assert m["offered_rps"] == pytest.approx(19 / (trace[-1].arrival - trace[0].arrival))   # the trace's own rate
+    # the trace's own rate, n over its span, as served is n over first arrival to last finish (it
+    # was (n - 1) over the span: two requests 100 s apart were served at twice the rate offered)
+    assert m["offered_rps"] == pytest.approx(20 / (trace[-1].arrival - trace[0].arrival))
+    assert m["throughput_rps"] <= m["offered_rps"]
     assert [s["attained"] for s in m["slo_attainment"]] == [1.0, 0.0]
     assert 0 < m["throughput_rps"] <= m["num_requests"] / m["mean_jct"] + m["offered_rps"]

@@ -53,7 +53,7 @@ def test_simulate_gives_an_out_of_order_trace_the_sorted_one_s_result(tmp_path):
         res.append(json.loads(out.read_text())["fcfs"])
     timing = ("sim_wall_seconds", "policy_host_seconds")       # host time, not simulated time
     ordered, shuffled = ({k: v for k, v in m.items() if k not in timing} for m in res)
-    assert ordered["offered_rps"] == pytest.approx(0.5) and shuffled == ordered
+    assert ordered["offered_rps"] == pytest.approx(3 / 4) and shuffled == ordered     # 3 requests over 4 s
 
 
 def test_the_first_n_of_an_out_of_order_trace_are_its_earliest_arrivals(tmp_path):
