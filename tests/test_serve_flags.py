@@ -126,6 +126,11 @@ def test_bucket_lists_are_engine_options_passed_on_whole(capsys):
             parse_engine_args(["--block-buckets", value])
         err = capsys.readouterr().err
         assert f"'{value}'" in err and says in err, err
+    # refused as parsed: they failed only once the server listened ("engine start failed", exit 1)
+    for flag, value, says in (("-tp", "0", ">= 1"), ("-pp", "-1", ">= 1"), ("--batches-in-flight", "-1", ">= 0")):
+        with pytest.raises(SystemExit):
+            parse_engine_args([flag, value])
+        assert f"must be an integer {says}, got '{value}'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, says", [
