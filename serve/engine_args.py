@@ -56,8 +56,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "the weights and what is in use (default %(default)s, vLLM's). On CPU the pool takes a fixed "
                         "4 GiB instead and this changes nothing; --num-device-blocks wins where given")
     g.add_argument("--num-device-blocks", "--num-gpu-blocks-override", type=int, default=None,
-                   help="KV blocks on the device (default: sized from --gpu-memory-utilization; the second name "
-                        "is vLLM's)")
+                   help="KV blocks on the device, one of them the null block padding reads (so N-1 hold KV; "
+                        "default: sized from --gpu-memory-utilization; the second name is vLLM's)")
     g.add_argument("--num-host-blocks", type=int, default=None,
                    help="host KV pool for swapped-out requests, in blocks (default: as many as the device pool, "
                         "within --swap-space; 0: none)")
