@@ -48,17 +48,16 @@ def validate_request(prompt: str | list[int], params: SamplingParams, tokenizer,
     if isinstance(prompt, str):          # "" is a prompt where the tokenizer adds BOS (vLLM's)
         text, ids = prompt, tokenizer.encode(prompt, add_special_tokens=True)
         head = len(ids) - len(tokenizer.encode(prompt, add_special_tokens=False)) if params.truncate_prompt_tokens else 0
-        bad = sorted({t for t in ids if not 0 <= t < vocab_size})
-        if bad:     # a tokenizer with more tokens than the model's embedding (it read them as NaN)
-            raise ValueError(f"the tokenizer gives this prompt token ids {bad[:5]} beyond the model's vocabulary of "
-                             f"{vocab_size}: the tokenizer does not match the model (--tokenizer?)")
     elif isinstance(prompt, (list, tuple)) and all(isinstance(t, Integral) and not isinstance(t, bool) for t in prompt):
         text, ids, head = None, [int(t) for t in prompt], 0
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"token ids must be in [0, {vocab_size}), got {bad[:5]}")
     else:
         raise ValueError("a prompt must be a string or a list of integer token ids")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad and text is None:
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got {bad[:5]}")
+    if bad:         # a tokenizer with more tokens than the model's embedding (the embedding read NaN)
+        raise ValueError(f"the tokenizer gives this prompt token ids {sorted(set(bad))[:5]} beyond the model's "
+                         f"vocabulary of {vocab_size}: the tokenizer does not match the model (--tokenizer?)")
     if params.truncate_prompt_tokens is not None:
         ids = truncate_prompt(ids, truncation_length(params.truncate_prompt_tokens, context_limit(max_model_len, kv),
                                                      params.max_tokens), head)

@@ -95,7 +95,8 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False, lora_request=None, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+                 use_tqdm: bool = False, lora_request=None,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
         """One output per prompt, in order, with its `n` completions in `outputs` (seeds seed,
         seed + 1, ... when a seed is given). A prompt is a string, token ids (a list, tuple or
         1-D integer array) or vLLM's {"prompt": text} / {"prompt_token_ids": ids}. Every prompt

@@ -164,7 +164,7 @@ def watch_workers(channel: PlanChannel, on_gone: Callable[[str], None], interval
 
     def watch() -> None:
         while not stop.wait(interval_s):
-            why = channel.gone() if channel.is_leader else None
+            why = channel.gone()
             if why is not None and not stop.is_set():
                 on_gone(why)
                 return

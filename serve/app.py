@@ -256,7 +256,8 @@ async def tokenize(request: Request) -> Response:
     """vLLM's POST /tokenize (serve/tokenize.py), answered by the front end's tokenizer."""
     srv: Server = request.app.state.server
     srv.check_auth(request)
-    job = parse_tokenize(parse_body(await _read_body(request, srv.cfg.max_body_bytes)), srv.cfg.chat_content_format)
+    body = parse_body(await _read_body(request, srv.cfg.max_body_bytes))
+    job = parse_tokenize(body, srv.cfg.chat_content_format)
     srv.check_model(job.model)
     srv.check_serving()
     answer = await asyncio.get_running_loop().run_in_executor(srv.preparer, tokenize_job, job, srv.engine.engine,

@@ -123,12 +123,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "engine's refusal names the number; default: powers of two from 4). Fewer shapes "
                         "compile faster (a full warm-up compiles each); coarser ones pad more work into each launch")
     g = p.add_argument_group("parallelism (devices used: tensor x pipeline parallel size)")
-    g.add_argument("--tensor-parallel-size", "-tp", type=_at_least(1), default=1,
+    g.add_argument("--tensor-parallel-size", "-tp", type=int_at_least(1), default=1,
                    help="split attention heads, MLP units and the vocabulary over this many devices (default 1)")
-    g.add_argument("--pipeline-parallel-size", "-pp", type=_at_least(1), default=1,
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int_at_least(1), default=1,
                    help="split the layers into this many pipeline stages, each on its own tensor-parallel "
                         "group of devices (default 1)")
-    g.add_argument("--batches-in-flight", type=_at_least(0), default=0,
+    g.add_argument("--batches-in-flight", type=int_at_least(0), default=0,
                    help="batches dispatched at once in pipeline mode (default, or 0: one per stage)")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="plan and dispatch each iteration's batch while the device still runs the last one, "
@@ -137,8 +137,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     add_compat_flags(p)
 
 
-def _at_least(low: int):
-    """An argparse type: an integer >= low (-tp 0 was refused only once the server listened)."""
+def int_at_least(low: int):
+    """An argparse type: an integer >= low (-tp 0 was refused only once the server listened;
+    simulate's and bench's seeds are >= 0, as numpy's generators take no negative one)."""
     def parse(text: str) -> int:
         try:
             v = int(text)

@@ -181,7 +181,8 @@ class Formatter:
             elif k >= len(lead):
                 skipped = self.skip_special_tokens
             else:           # until 2026-12-07 every special token of a prompt echoed as sent, even one it wrote
-                skipped = index not in self._echo_decoded and not self._echo_text[index].startswith(self._token(tid), at)
+                written = self._echo_text[index].startswith(self._token(tid), at)
+                skipped = index not in self._echo_decoded and not written
             at += 0 if skipped else len(utf8.decode(raw(tid)))
         self._offset[index] = at
         entries = lead + lps

@@ -275,15 +275,14 @@ def _common(body: dict, chat: bool, prompts: list[Any], max_tokens: int | None, 
 
 def _prompts(v: Any) -> list[Any]:
     """A string, an array of strings, an array of token ids, or an array of those arrays."""
-    one = token_ids(v) if v else None
-    many = [token_ids(p) if p else None for p in v] if isinstance(v, list) and v and one is None else [None]
+    nonempty = isinstance(v, list) and bool(v)
     if isinstance(v, str):
         out = [v]
-    elif one is not None:
+    elif nonempty and (one := token_ids(v)) is not None:
         out = [one]
-    elif isinstance(v, list) and v and all(isinstance(p, str) for p in v):
+    elif nonempty and all(isinstance(p, str) for p in v):
         out = list(v)
-    elif None not in many:
+    elif nonempty and None not in (many := [token_ids(p) if p else None for p in v]):
         out = many
     else:
         raise bad_request("'prompt' must be a string, an array of strings, an array of token ids (integers), "
@@ -311,8 +310,9 @@ def parse_completion(body: dict, max_logprobs: int = MAX_LOGPROBS) -> Job:
         raise _unsupported("suffix", "text after the insertion point is not supported; leave it out")
     if max_tokens == 0 and _int(body, "min_tokens", 0, 0):
         raise bad_request("'min_tokens' must be 0 with 'max_tokens' 0 (echo of the prompt alone)", "min_tokens")
-    return replace(_common(body, False, _prompts(body["prompt"]), 1 if max_tokens == 0 else max_tokens, logprobs, echo, max_logprobs),
-                   prompt_only=max_tokens == 0)
+    job = _common(body, False, _prompts(body["prompt"]), 1 if max_tokens == 0 else max_tokens, logprobs, echo,
+                  max_logprobs)
+    return replace(job, prompt_only=max_tokens == 0)
 
 
 def parse_messages(v: Any) -> list[dict]:

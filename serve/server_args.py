@@ -27,7 +27,8 @@ def add_server_args(g) -> None:
     """The options, added to serve's "server" argument group."""
     g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                    help="the model name(s) clients send: any is accepted, the first is what responses and "
-                        "/v1/models report first (default: 'demo' for the bundled model, else --model as given, as vLLM's)")
+                        "/v1/models report first (default: 'demo' for the bundled model, else --model as given, "
+                        "as vLLM's)")
     g.add_argument("--uvicorn-log-level", default=None,
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn's own log level (its access log is at info; default: --log-level)")

@@ -26,6 +26,7 @@ import os
 import sys
 from typing import Callable
 
+from fastserve_jax.serve.engine_args import int_at_least
 from fastserve_jax.slo import PAPER_SLOS, UNLOADED_SLO_FACTOR, parse_slo_pair
 
 PLOT_METRICS = ("mean_latency_per_token", "mean_jct", "p99_jct", "mean_ttft", "p99_ttft", "mean_tpot")
@@ -128,15 +129,7 @@ def number_arg(ok: Callable[[float], bool], what: str) -> Callable[[str], float]
     return parse
 
 
-def seed_arg(text: str) -> int:
-    """An argparse type: a seed, an integer >= 0 (numpy's generators take no negative one)."""
-    try:
-        v = int(text)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return v
+seed_arg = int_at_least(0)
 
 
 _positive_seconds = number_arg(lambda v: math.isfinite(v) and v > 0, "a positive number of seconds")
