@@ -386,7 +386,7 @@ class LLMEngine:
         detok = self._detok.pop(req.request_id)    # the text it held back (an output ending inside a character)
         req.output_text, hit = detok.flush(req.output_text, reason != "abort")
         req.status, req.finish_reason = RequestStatus.FINISHED, "stop" if hit else reason
-        req.stop_reason = stop_reason(req, detok.matched)
+        req.stop_reason = stop_reason(req, detok.matched, self.tokenizer.eos_token_id)
         req.metrics.finish_time = now
         self.scheduler.remove(req)
         if self.predictor is not None:

@@ -42,8 +42,8 @@ class RequestMetrics:
 
 @dataclass(frozen=True)
 class Logprob:
-    """vLLM's: a token's logprob, its rank in the distribution (1 = the likeliest; None where it
-    is not among the MAX_LOGPROBS the device computes) and its text (LLM's outputs; else None)."""
+    """vLLM's: a token's logprob, its rank in the distribution (1 = the likeliest; the count of
+    tokens at least as likely, over the whole vocabulary) and its text (LLM's outputs; else None)."""
 
     logprob: float
     rank: int | None = None
@@ -59,8 +59,7 @@ class TokenLogprobs(Mapping):
     token_id: int
     logprob: float
     top: dict[int, float]
-    # the token's rank in the distribution (1 = the likeliest), where it is among the
-    # MAX_LOGPROBS the device computes; None beyond them
+    # the token's rank in the whole distribution (1 = the likeliest; sampling.token_rank)
     rank: int | None = None
     texts: dict[int, str] | None = field(default=None, repr=False, compare=False)   # Logprob.decoded_token
 
@@ -247,16 +246,17 @@ class RequestOutput:
         return all(o.finish_reason is not None for o in self.outputs)
 
 
-def stop_reason(req: Request, matched: str | None) -> int | str | None:
+def stop_reason(req: Request, matched: str | None, tokenizer_eos: int | None) -> int | str | None:
     """vLLM's stop_reason of a finished request: the stop string that ended it (`matched`), or
-    the token of its `stop_token_ids` that did; None where it ended at an EOS token, at its
-    length or by an abort."""
+    the token that did; None where it ended at the tokenizer's EOS (`tokenizer_eos`), at its
+    length or by an abort. The configs' other EOS ids are stop tokens in vLLM
+    (update_from_generation_config), so they are their own stop_reason."""
     if req.finish_reason != "stop":
         return None
     if matched is not None:
         return matched
     token = req.output_token_ids[-1]
-    return None if token in req.eos_token_ids else token
+    return None if token == tokenizer_eos and token in req.eos_token_ids else token
 
 
 def output_of(req: Request) -> RequestOutput:

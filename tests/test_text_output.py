@@ -97,8 +97,9 @@ class _Nop:
         return lambda *args, **kwargs: None
 
 
-def _bare_engine(tok, prompt, params):
-    """An LLMEngine with nothing but what finishing requests reads (no model, no device)."""
+def _bare_engine(tok, prompt, params, eos=None):
+    """An LLMEngine with nothing but what finishing requests reads (no model, no device);
+    `eos`: the request's EOS ids (the tokenizer's alone by default)."""
     from types import SimpleNamespace
 
     from fastserve_jax.engine import LLMEngine
@@ -108,7 +109,8 @@ def _bare_engine(tok, prompt, params):
     eng = object.__new__(LLMEngine)
     eng.stats, eng.cfg, eng.predictor = EngineStats(), SimpleNamespace(max_model_len=64), None
     eng.scheduler = eng.kv = eng.copies = eng.swap = _Nop()
-    req = Request("r", prompt, params, 0.0, eos_token_ids=frozenset({tok.eos_token_id}))
+    eng.tokenizer = tok
+    req = Request("r", prompt, params, 0.0, eos_token_ids=frozenset({tok.eos_token_id} if eos is None else eos))
     eng._requests, eng._detok = {"r": req}, {"r": IncrementalDetokenizer.for_request(tok, prompt, params)}
     return eng, req
 
@@ -281,6 +283,28 @@ def test_include_stop_str_in_output_writes_the_stop_tokens_text(demo, skip):
                 eng._append(req, t, None, 0.0)
             assert req.finish_reason == "stop" and req.output_text == " 3 4" + (end if include else "")
             assert req.stop_reason == (None if stop == demo.eos_token_id else seven)    # vLLM's: None at EOS
+
+
+def test_a_configs_other_eos_ids_are_their_own_stop_reason(demo):
+    """vLLM (update_from_generation_config) makes generation_config.json's EOS ids other than
+    the tokenizer's stop tokens, so ending at one gives its id as stop_reason, as Llama 3 and
+    Qwen answers show; only the tokenizer's EOS gives null (it gave null for every EOS id
+    until 2026-12-07). With ignore_eos the tokenizer's EOS listed in stop_token_ids is a stop
+    token like any other."""
+    from fastserve_jax.sampling_params import SamplingParams
+
+    prompt = demo("count:")["input_ids"]
+    [seven] = demo(" 7", add_special_tokens=False)["input_ids"]
+    both = frozenset({demo.eos_token_id, seven})        # seven: a generation_config EOS id
+    for stop, params, eos, want in (
+            (seven, SamplingParams(max_tokens=9), both, seven),
+            (demo.eos_token_id, SamplingParams(max_tokens=9), both, None),
+            (seven, SamplingParams(max_tokens=9, stop_token_ids=[seven]), both, seven),
+            (demo.eos_token_id, SamplingParams(max_tokens=9, ignore_eos=True, stop_token_ids=[demo.eos_token_id]),
+             frozenset(), demo.eos_token_id)):
+        eng, req = _bare_engine(demo, prompt, params, eos)
+        eng._append(req, stop, None, 0.0)
+        assert (req.finish_reason, req.stop_reason) == ("stop", want)
 
 
 def test_text_offset_skips_every_special_token_the_text_leaves_out_and_counts_those_it_holds():
