@@ -68,8 +68,9 @@ class SamplingParams:
     [0, 2**32) is hashed to the sampler's 32 bits (`sampler_seed`), so 0 and 2**32 differ;
     -1 is no seed, as in vLLM (until 2026-12-07 it was a seed of its own, so ported scripts
     that wrote -1 for "unseeded" drew the same text on every call).
-    logit_bias: {token id: bias in [-100, 100]} added to the logits before sampling (OpenAI's;
-    at most MAX_LOGIT_BIAS tokens; logprobs stay the raw model's). min_tokens (vLLM's): until
+    logit_bias: {token id: bias} added to the logits before sampling (OpenAI's; any number
+    float32 holds, unclamped as in vLLM's SamplingParams; the HTTP server clamps to OpenAI's
+    [-100, 100]; at most MAX_LOGIT_BIAS tokens; logprobs stay the raw model's). min_tokens (vLLM's): until
     that many tokens are out, EOS and stop_token_ids cannot be sampled and stop strings are
     not checked. prompt_logprobs (vLLM's): the logprob of each prompt token given the tokens
     before it, with the top-k alternatives (k = prompt_logprobs), in the output's
@@ -200,9 +201,9 @@ class SamplingParams:
                              f"got {self.min_tokens!r}")
         bias = self.logit_bias if self.logit_bias is not None else {}      # 0 or []: refused below
         if not isinstance(bias, dict) or not all(isinstance(t, Integral) and not isinstance(t, bool) and t >= 0 and
-                                                 _is_number(v) and -100 <= v <= 100 for t, v in bias.items()):
-            raise ValueError("logit_bias must map non-negative token ids to numbers in [-100, 100], "
-                             f"got {self.logit_bias!r}")
+                                                 _is_number(v) and abs(v) <= FLOAT32_SAFE[1] for t, v in bias.items()):
+            raise ValueError(f"logit_bias must map non-negative token ids to numbers in [-{FLOAT32_SAFE[1]:g}, "
+                             f"{FLOAT32_SAFE[1]:g}], got {self.logit_bias!r}")
         if len(bias) > MAX_LOGIT_BIAS:
             raise ValueError(f"logit_bias may name at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}")
         object.__setattr__(self, "logit_bias", {int(t): float(v) for t, v in bias.items()} or None)

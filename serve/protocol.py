@@ -30,9 +30,10 @@ true), `continue_final_message` (default false; both true is a 400, as in vLLM) 
 `chat_template_kwargs` (an object of extra template variables, e.g. {"enable_thinking":
 false}; keys the renderer sets itself are a 400).
 
-`logit_bias` (OpenAI's): an object mapping token ids (as strings) to numbers in [-100, 100],
-added to those tokens' logits before sampling, at most MAX_LOGIT_BIAS of them; logprobs stay
-the model's own.
+`logit_bias` (OpenAI's): an object mapping token ids (as strings) to numbers, added to those
+tokens' logits before sampling, at most MAX_LOGIT_BIAS of them; logprobs stay the model's own.
+Each number is clamped to OpenAI's [-100, 100], as vLLM's server does (until 2026-12-07 one
+outside was a 400, so clients that ban a token with -1e9 failed here).
 
 `echo` (/v1/completions; chat's is vLLM's, serve/openai_format.py) prepends each choice's prompt (a token-id prompt decoded)
 to its text; when streaming, to the first chunk of each choice. With `logprobs` the engine
@@ -156,18 +157,17 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
     v = body.get("logit_bias")
     if v is None:
         return None
-    what = "an object mapping token ids (strings of digits, as \"50256\") to numbers in [-100, 100]"
+    what = "an object mapping token ids (strings of digits, as \"50256\") to numbers"
     if not isinstance(v, dict):
         raise bad_request(f"'logit_bias' must be {what}, got {_typename(v)}", "logit_bias")
     out = {}
     for k, b in v.items():
-        if not (k.isascii() and k.isdigit()) or isinstance(b, bool) or not isinstance(b, (int, float)) or \
-                not -100 <= b <= 100:
+        if not (k.isascii() and k.isdigit()) or isinstance(b, bool) or not isinstance(b, (int, float)) or b != b:
             raise bad_request(f"'logit_bias' must be {what}; got {k!r}: {b!r}", "logit_bias")
         k = k.lstrip("0") or "0"          # int() refuses 4,300 digits or more
         if len(k) > 18:
             raise bad_request(f"'logit_bias' names a token id of {len(k)} digits, past any vocabulary", "logit_bias")
-        out[int(k)] = float(b)
+        out[int(k)] = float(min(100, max(-100, b)))     # vLLM's clamp (SamplingParams.from_optional)
     if len(out) > MAX_LOGIT_BIAS:
         raise bad_request(f"'logit_bias' names {len(out)} tokens; at most {MAX_LOGIT_BIAS} are allowed", "logit_bias")
     return out or None
