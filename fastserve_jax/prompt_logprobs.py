@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastserve_jax.request import Request, TokenLogprobs
+from fastserve_jax.sampling import token_rank
 from fastserve_jax.sampling_params import MAX_LOGPROBS
 
 # float32 logits a prompt-logprobs prefill holds at once (`chunked_token_logprobs`): 256 rows of
@@ -66,16 +67,17 @@ def fill_targets(targets: np.ndarray, spans: list[Span], req: Request, at: int, 
         spans.append((req, at + lo - p0, lo, hi - lo))
 
 
-def token_logprobs(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, ...]:
     """logits (T, V) float32, targets (T,) int32 (-1: none) -> (logprob of the target (T,),
-    top ids (T, K) int32, top logprobs (T, K)), K = MAX_LOGPROBS, of the raw distribution."""
+    top ids (T, K) int32, top logprobs (T, K), the target's rank (T,) int32), K = MAX_LOGPROBS,
+    of the raw distribution."""
     logp = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
     top_lp, top_ids = jax.lax.top_k(logp, MAX_LOGPROBS)
-    return chosen, top_ids.astype(jnp.int32), top_lp
+    return chosen, top_ids.astype(jnp.int32), top_lp, token_rank(logp, chosen)
 
 
-def chunked_token_logprobs(head: Callable, h: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def chunked_token_logprobs(head: Callable, h: jax.Array, targets: jax.Array) -> tuple[jax.Array, ...]:
     """`token_logprobs` of every packed token, its logits made by `head` (rows of h (T, H) ->
     (N, V) float32) a chunk of rows at a time, so that no more than about LOGITS_CHUNK_BYTES of
     logits live at once. The last stage's extra output for prompt-logprobs prefills
@@ -87,13 +89,14 @@ def chunked_token_logprobs(head: Callable, h: jax.Array, targets: jax.Array) -> 
     pad = chunks * rows - t
     hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(chunks, rows, h.shape[1])
     ts = jnp.pad(targets, (0, pad), constant_values=-1).reshape(chunks, rows)
-    lp, ids, top = jax.lax.map(lambda c: token_logprobs(head(c[0]), c[1]), (hs, ts))
-    return lp.reshape(-1)[:t], ids.reshape(-1, MAX_LOGPROBS)[:t], top.reshape(-1, MAX_LOGPROBS)[:t]
+    lp, ids, top, rank = jax.lax.map(lambda c: token_logprobs(head(c[0]), c[1]), (hs, ts))
+    return (lp.reshape(-1)[:t], ids.reshape(-1, MAX_LOGPROBS)[:t], top.reshape(-1, MAX_LOGPROBS)[:t],
+            rank.reshape(-1)[:t])
 
 
-def record(spans: list[Span], host: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+def record(spans: list[Span], host: tuple[np.ndarray, ...]) -> None:
     """Append the spans' entries (host copies of `token_logprobs`' outputs) to their requests."""
-    lp, ids, top = host
+    lp, ids, top, rank = host
     for req, at, first, count in spans:
         got = req.prompt_logprobs
         if req.finished or got is None:          # aborted while its batch was in flight
@@ -105,7 +108,6 @@ def record(spans: list[Span], host: tuple[np.ndarray, np.ndarray, np.ndarray]) -
                 continue
             assert p + 1 == len(got), f"{req.request_id}: prompt logprob of position {p} before {len(got) - 1}"
             target = req.prompt_token_ids[p + 1]
-            hit = np.flatnonzero(ids[at + j] == target)         # the top MAX_LOGPROBS, likeliest first
             got.append(TokenLogprobs(target, float(lp[at + j]),
                                      {int(t): float(v) for t, v in zip(ids[at + j, :k], top[at + j, :k])},
-                                     int(hit[0]) + 1 if hit.size else None))
+                                     int(rank[at + j])))

@@ -71,6 +71,7 @@ class Sampled(NamedTuple):
     logprob: jax.Array | None = None      # (N,) logprob of the sampled token
     top_ids: jax.Array | None = None      # (N, MAX_LOGPROBS)
     top_logprobs: jax.Array | None = None
+    rank: jax.Array | None = None         # (N,) int32: the sampled token's rank (token_rank)
 
 
 def _sample_random(logits: jax.Array, s: SamplingArrays) -> jax.Array:
@@ -128,4 +129,10 @@ def sample(logits: jax.Array, s: SamplingArrays, penalties: Penalties | None = N
     logp = jax.nn.log_softmax(raw, axis=-1)
     top_lp, top_ids = jax.lax.top_k(logp, MAX_LOGPROBS)
     chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
-    return Sampled(tokens, chosen, top_ids.astype(jnp.int32), top_lp)
+    return Sampled(tokens, chosen, top_ids.astype(jnp.int32), top_lp, token_rank(logp, chosen))
+
+
+def token_rank(logp: jax.Array, chosen: jax.Array) -> jax.Array:
+    """vLLM's rank of a token in its row of the raw distribution: how many tokens are at least
+    as likely as it, itself included (1 = the likeliest; a tie counts the tokens it ties with)."""
+    return jnp.sum(logp >= chosen[:, None], axis=-1).astype(jnp.int32)

@@ -98,6 +98,22 @@ def test_vllm_scripts_outputs_read_as_in_vllm(demo_llm, caplog, capsys):
     assert "enforce_eager has no effect" in caplog.text
 
 
+def test_a_tokens_rank_counts_the_whole_vocabulary(demo_llm):
+    """vLLM's Logprob.rank: exact also for a token past the top 20 the device returns (it was
+    None there until 2026-12-07), the same from the sampled path and the prompt path."""
+    p = demo_task.make_prompt(5, 9)
+    out = demo_llm.generate(p, SamplingParams(max_tokens=2, temperature=0, logprobs=20, logit_bias={40: 100}))[0]
+    c = out.outputs[0]
+    assert c.token_ids == [40, 40]
+    again = demo_llm.generate([out.prompt_token_ids + c.token_ids],
+                              SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))[0].prompt_logprobs[-2:]
+    for entry, prompt_entry in zip(c.logprobs, again):
+        assert entry.rank > 20 and min(entry.top.values()) > entry.logprob    # forced: far down the list
+        assert prompt_entry.token_id == 40 and prompt_entry.rank == entry.rank
+        assert prompt_entry.logprob == pytest.approx(entry.logprob, abs=1e-4)
+        assert entry[40].rank == entry.rank
+
+
 def test_vllm_offline_scripts_port_unchanged(demo_llm, caplog):
     """What an offline vLLM script passes (a probe of 2026-12-07 found each failing or wrong):
     seed=-1 is no seed (it was a seed of its own, the same text every call); SamplingParams

@@ -25,11 +25,12 @@ def test_prompt_logprobs_are_validated_like_logprobs(bad):
     assert SamplingParams(prompt_logprobs=0).prompt_logprobs == 0
 
 
-def _host(n: int, k: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Device results of n packed tokens: token j's target logprob -j, its top ids j + 100 ..."""
+def _host(n: int, k: int = 20) -> tuple[np.ndarray, ...]:
+    """Device results of n packed tokens: token j's target logprob -j, its top ids j + 100 ...,
+    its rank j + 1."""
     j = np.arange(n)
     return (-j.astype(np.float32), (j[:, None] + 100 + np.arange(k)).astype(np.int32),
-            -(j[:, None] + np.arange(k) / 10).astype(np.float32))
+            -(j[:, None] + np.arange(k) / 10).astype(np.float32), (j + 1).astype(np.int32))
 
 
 def test_launches_ask_each_prompt_position_once_over_chunks_and_recomputation():

@@ -314,10 +314,9 @@ class ModelRunner:
                 lp = None
                 if host.logprob is not None and req.sampling.logprobs is not None:
                     k = req.sampling.logprobs
-                    hit = np.flatnonzero(host.top_ids[i] == tok)          # its rank among the device's top
                     lp = TokenLogprobs(tok, float(host.logprob[i]),
                                        {int(t): float(v) for t, v in zip(host.top_ids[i, :k], host.top_logprobs[i, :k])},
-                                       int(hit[0]) + 1 if hit.size else None)
+                                       int(host.rank[i]))
                 results.append((req, tok, lp))
         return results
 
