@@ -193,7 +193,8 @@ class PrefixCachingKVManager(KVManager):
         table = self._tables.get(rid)
         if table is None:
             assert rid not in self._where and start == 0, f"{rid}: match_prefix with KV that is not on the device"
-            self.queries += req.num_known_tokens
+            if req.sampling.prompt_logprobs is None:    # vLLM counts no lookup for those (they skip it)
+                self.queries += req.num_known_tokens
         elif self._where[rid] is not KVLocation.DEVICE or len(table) != -(-start // bs):
             return 0
         first, limit = start // bs, (min(start + num_tokens, req.num_known_tokens) - 1) // bs

@@ -33,6 +33,15 @@ def run_plan(kv, *items) -> Plan:
 
 
 # -- the ledger -------------------------------------------------------------------------------
+def test_a_prompt_logprobs_request_looks_nothing_up_and_counts_no_query():
+    """vLLM's: such a request skips the prefix cache, so its tokens are neither queries nor
+    hits (they were queries until 2026-12-07, lowering the hit rate /metrics reports)."""
+    kv = PrefixCachingKVManager(num_blocks=20, block_size=4)
+    run_plan(kv, (req("a", range(1, 12)), 11))
+    plan = run_plan(kv, (req("c", range(1, 12), prompt_logprobs=1), 11))
+    assert plan.scheduled[0].num_tokens == 11 and (kv.queries, kv.hits) == (11, 0)
+
+
 def test_a_second_request_shares_the_first_ones_full_blocks_and_computes_the_rest():
     kv = PrefixCachingKVManager(num_blocks=20, block_size=4)
     a, b = req("a", range(1, 12)), req("b", [*range(1, 10), 50, 51])      # 11 tokens; the first 9 shared
