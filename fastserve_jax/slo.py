@@ -153,15 +153,16 @@ def parse_slo_pair(text: str) -> tuple[float, float]:
 
 def sweep_summary(rows: Sequence[dict], slo_latency_per_token: float) -> dict:
     """One policy's sweep, rows of {offered_rps, mean_latency_per_token, slo_attainment} (any
-    order): goodput_rps (the highest rate whose mean latency per token is <= the SLO), per SLO
-    pair the highest rate with attainment >= 95% (see highest_rate_within), and the highest
-    rate swept (a result equal to it is a lower bound)."""
+    order; a row's `failed` requests, bench's, make it miss the latency SLO: its mean is over
+    the completed ones): goodput_rps (the highest rate whose mean latency per token is <= the
+    SLO), per SLO pair the highest rate with attainment >= 95% (see highest_rate_within), and
+    the highest rate swept (a result equal to it is a lower bound)."""
     rates = [m["offered_rps"] for m in rows]
+    latency = [np.inf if m.get("failed") else m["mean_latency_per_token"] for m in rows]
     pairs = [(s["ttft"], s["tpot"]) for s in rows[0]["slo_attainment"]]
     return dict(
         max_offered_rps=max(rates),
-        goodput_rps=highest_rate_within(rates, [m["mean_latency_per_token"] for m in rows], slo_latency_per_token,
-                                        higher_is_better=False),
+        goodput_rps=highest_rate_within(rates, latency, slo_latency_per_token, higher_is_better=False),
         slo_latency_per_token=slo_latency_per_token,
         rate_at_95pct=[dict(ttft=t, tpot=p, rate=highest_rate_within(
             rates, [m["slo_attainment"][i]["attained"] for m in rows], ATTAINMENT_TARGET, higher_is_better=True))

@@ -22,7 +22,8 @@ starts; a server that exits before it is ready ends the command with its log's l
 
 Every row has the offered rate and the served throughput, mean latency per output token and
 the attainment of each --slo pair (fastserve_jax/slo.py; a failed request misses every
-pair). With several rates the command also reports, per scheduler, the goodput (highest rate
+pair, and a rate with one has no goodput; a rate where none completes is a row of failures,
+and the sweep goes on). With several rates the command also reports, per scheduler, the goodput (highest rate
 whose mean latency per token is within --slo-latency-per-token, by default 5x the value of
 --unloaded-probe requests sent one at a time to the first server) and the highest rate at
 which 95% of requests attain each pair; the JSON has them under "summary".
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 
@@ -46,6 +46,7 @@ from fastserve_jax.workload import TraceRequest, chat_output_lengths, load_trace
 # fastserve_jax.models (demo_task) is imported in the functions that use it: it imports flax
 # and jax, which `fastserve-jax --help`, `simulate` and `serve`'s own start do without
 from fastserve_jax.serve import bench_client
+from fastserve_jax.serve.bench_report import print_table, write_json
 from fastserve_jax.serve.bench_random import length_problem, random_workload, served_models, server_vocabulary
 from fastserve_jax.serve.bench_server import LaunchedServer, ServerNotReady, server_health
 from fastserve_jax.serve.engine_args import add_engine_args, check_engine_args, engine_argv, parse_engine_args
@@ -144,17 +145,16 @@ def build_workload(trace: str, n: int, scale: float, timed: bool, rate: float, s
 
 
 def slo_figures(results: list[bench_client.Result], slos) -> dict:
-    """Mean latency per token (over completed requests) and SLO attainment (over all sent: a
-    failed request misses every pair), from the client's timings (bench_client's definitions)."""
+    """Mean latency per token (over completed requests; inf where none did) and SLO attainment
+    (over all sent: a failed request misses every pair), from the client's timings
+    (bench_client's definitions)."""
     done = [r.ok and bool(r.chunk_times) and (r.completion_tokens or 0) >= 1 for r in results]
-    if not any(done):
-        raise ValueError("no request completed with output; is the server healthy?")
     ttft = np.array([r.chunk_times[0] - r.sent if d else np.inf for r, d in zip(results, done)])
     tpot = np.array([np.inf if not d else np.nan if r.completion_tokens == 1 else
                      (r.chunk_times[-1] - r.chunk_times[0]) / (r.completion_tokens - 1) for r, d in zip(results, done)])
     fin = [r for r, d in zip(results, done) if d]
     return dict(mean_latency_per_token=mean_latency_per_token([r.end - r.sent for r in fin],
-                                                              [r.completion_tokens for r in fin]),
+                                                              [r.completion_tokens for r in fin]) if fin else np.inf,
                 slo_attainment=slo_attainment(ttft, tpot, slos) if slos else [])
 
 
@@ -269,31 +269,6 @@ def launch_only_flags(a: argparse.Namespace) -> list[str]:
     return flags + ["--scheduler"] * bool(a.scheduler) + ["--engine-process"] * a.engine_process
 
 
-COLS = [("ttft", "ttft"), ("tpot", "tpot"), ("itl", "itl"), ("e2e", "e2e")]
-
-
-def print_table(rows: list[tuple[str, float, dict]]) -> None:
-    head = f"{'scheduler':15s}{'offered':>8s}{'served':>7s}{'done':>5s}{'fail':>5s}"
-    for name, _ in COLS:
-        head += "".join(f"{name + ' ' + s:>11s}" for s in ("mean", "p50", "p99"))
-    head += f"{'ms/tok':>7s}{'tok/s':>7s}{'slo %':>12s}{'wrong':>6s}"
-    print(head)
-    for sched, rate, m in rows:
-        line = f"{sched:15s}{rate:8.2f}{m['throughput_rps']:7.2f}{int(m['completed']):5d}{int(m['failed']):5d}"
-        for name, _ in COLS:
-            line += "".join(f"{1e3 * m[f'{name}_{s}']:11.1f}" for s in ("mean", "p50", "p99"))
-        slo = "/".join(f"{100 * s['attained']:.0f}" for s in m["slo_attainment"])
-        line += f"{1e3 * m['mean_latency_per_token']:7.1f}{m['throughput_tps']:7.0f}{slo:>12s}{m['wrong']:6d}"
-        print(line)
-    pairs = " / ".join(f"{s['ttft']:g},{s['tpot']:g} s" for s in rows[0][2]["slo_attainment"])
-    print("(latencies in ms, measured by the client over HTTP. offered: arrivals asked per second; served: "
-          "completed requests over the run per second; ttft: first token chunk - request sent; tpot: "
-          "(last token chunk - first) / (completion tokens - 1), per request; itl: gap between consecutive token "
-          "chunks, pooled; e2e: response complete - request sent; ms/tok: e2e / completion tokens, mean over "
-          f"requests; tok/s: output tokens over the run; slo %: requests within TTFT,TPOT {pairs}; "
-          "wrong: completed answers that are not the exact count, or with --dataset random not of max_tokens tokens)")
-
-
 def cmd_bench(a: argparse.Namespace) -> int:
     rates = sorted(a.rate or [4.0])
     for bad, msg in ((a.unloaded_probe < 1, f"--unloaded-probe must be >= 1, got {a.unloaded_probe}"),
@@ -302,8 +277,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
                       # NaN failed once a server ran
                       f"--output-scale must be a finite number > 0, got {a.output_scale}"),
                      (not all(np.isfinite(r) and r > 0 for r in rates),
-                      f"every --rate must be a finite number > 0 requests/s, got {rates}"),
-                     (len(set(rates)) < len(rates), f"--rate {max(rates, key=rates.count)} is given twice")):
+                      f"every --rate must be a finite number > 0 requests/s, got {rates} (for vLLM's --request-rate "
+                      "inf, every request at once, give a rate far past capacity, as 1e6)"),
+                     (len(set(rates)) < len(rates), f"--rate {max(rates, key=rates.count)} is given twice"),
+                     (len(set(a.scheduler or ())) < len(a.scheduler or ()),     # the JSON kept only the last's rows
+                      f"--scheduler {max(a.scheduler or [''], key=(a.scheduler or []).count)} is given twice")):
         if bad:
             print(f"error: {msg}", file=sys.stderr)
             return 2
@@ -346,7 +324,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
             sched = health.get("scheduler", sched or "?")
             make = workload_builder(a, url)
             warm, _ = make(min(2, a.num_requests), False, 1.0, a.workload_seed + 1)
-            run_rate(url, warm, [0.0] * len(warm), a.api_key, ())   # touch every code path once
+            warmed = asyncio.run(bench_client.run_load(url, [w[0] for w in warm], [0.0] * len(warm),
+                                                       api_key=a.api_key))   # touch every code path once
+            failed = [r for r in warmed if not r.ok]
+            if failed:      # a wrong key, a dead server: say so, not a table of failures
+                raise ValueError(f"the first request failed: {failed[0].error or f'status {failed[0].status}'}"
+                                 + ("; give the server's key with --api-key" if failed[0].status == 401 else ""))
             if sweep and slo_lpt is None:
                 # one request at a time is served alike by every policy: the first server's probe sets the
                 # SLO that every scheduler's goodput is held to
@@ -360,9 +343,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
                 m = dict(offered_rps=rate, **run_rate(url, work, arrivals, a.api_key, slos))
                 rows.append((sched, rate, m))
                 out.setdefault(sched, {})[str(rate)] = m
-                print(f"  {sched} at {rate} req/s: {int(m['completed'])} done, e2e mean {m['e2e_mean']:.2f} s",
+                print(f"  {sched} at {rate} req/s: {int(m['completed'])} done, {int(m['failed'])} failed, "
+                      f"e2e mean {m['e2e_mean']:.2f} s",
                       file=sys.stderr)
-        except (ServerNotReady, ValueError) as e:   # stopped below, its log kept (ValueError: bench_random's)
+        except (ServerNotReady, ValueError, RuntimeError) as e:   # stopped below, its log kept (probe_unloaded's)
             print(f"error: {e}", file=sys.stderr)
             return 1
         finally:
@@ -374,17 +358,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
     print_table(rows)
     summary = {}
     if sweep:
-        summary = {s: dict(sweep_summary(list(ms.values()), slo_lpt), unloaded_latency_per_token=unloaded)
-                   for s, ms in out.items()}
+        summary = {s: dict(sweep_summary(list(ms.values()), slo_lpt), unloaded_latency_per_token=unloaded,
+                           max_served_rps=max(m["throughput_rps"] for m in ms.values())) for s, ms in out.items()}
         print()
         print_summary(summary, sys.stdout)
     if a.json:
-        with open(a.json, "w") as f:
-            # every flag as parsed (the trace's path, the seed, the engine's options: what reruns it)
-            flags = {k: v for k, v in vars(a).items() if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
-            json.dump(dict(dataset=a.dataset, arrivals=a.arrivals, num_requests=a.num_requests, output_dist=a.output_dist,
-                           output_scale=a.output_scale, trace=a.trace, flags=flags,
-                           results=out, summary=summary), f, indent=1)
+        write_json(a.json, a, out, summary)
     wrong, failed = (sum(int(m[k]) for _, _, m in rows) for k in ("wrong", "failed"))
     if wrong or failed:
         hint = ("; --dataset counting checks the demo model's counts: for another model use --dataset random"

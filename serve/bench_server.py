@@ -98,6 +98,8 @@ def server_health(url: str) -> dict:
     except OSError as e:
         raise ValueError(f"no server answers at {url} ({type(e).__name__}: {e}); start one with `fastserve-jax "
                          "serve`, or leave out --url and bench starts its own") from None
+    if status == 200 and not body.strip():
+        return {}                   # vLLM's /health: ready, nothing said (its policy is unknown)
     try:
         health = json.loads(body)
     except ValueError:

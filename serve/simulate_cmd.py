@@ -191,7 +191,8 @@ def add_slo_args(p: argparse.ArgumentParser, latency_default: str) -> None:
     """--slo and --slo-latency-per-token (simulate and bench alike)."""
     g = p.add_argument_group("service levels")
     g.add_argument("--slo", action="append", type=_slo_pair, metavar="TTFT,TPOT",
-                   help="an SLO pair in seconds: a request attains it when its time to first token is <= TTFT "
+                   help="an SLO pair in seconds (vLLM's --goodput takes ms): a request attains it when its time "
+                        "to first token is <= TTFT "
                         "and its time per output token after the first is <= TPOT (repeatable; default the "
                         "FastServe paper's " +
                         " ".join(f"{t},{o}" for t, o in PAPER_SLOS) + ")")
@@ -217,19 +218,20 @@ def print_summary(summary: dict[str, dict], file=sys.stderr) -> None:
             past.append(policy)
     if past:
         print(f"note: goodput above every rate served ({', '.join(past)}): a finite burst keeps latency low past "
-              "capacity, so these figures grow with its length; steady load (--load, more requests) measures "
-              "what the machine sustains", file=file)
+              "capacity, so these figures grow with its length; steady load (more --num-requests; simulate's --load) "
+              "measures what the machine sustains", file=file)
     print(f"(goodput: highest rate with mean latency/token <= {first['slo_latency_per_token'] * 1e3:.1f} ms"
           + (f" (unloaded: {unloaded * 1e3:.1f} ms)" if unloaded else "")
           + "; 95% A,B: highest rate at which >= 95% of requests have TTFT <= A s and TPOT <= B s)", file=file)
 
 
-def _no_nan(x):
+def no_nan(x):
+    """x with every non-finite float written as None (JSON's null: NaN is not JSON)."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _no_nan(v) for k, v in x.items()}
-    return [_no_nan(v) for v in x] if isinstance(x, (list, tuple)) else x
+        return {k: no_nan(v) for k, v in x.items()}
+    return [no_nan(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
 def _rate_cell(rate: float | None, max_rate: float) -> str:
@@ -363,7 +365,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:      # strict JSON: NaN (a mean TPOT of one-token answers) is null
-            json.dump(_no_nan(out), f, indent=1)
+            json.dump(no_nan(out), f, indent=1)
     if a.plot:
         plot_sweep({p: ms if isinstance(ms, list) else [ms] for p, ms in out.items() if p != "summary"},
                    a.plot_metric, a.plot,

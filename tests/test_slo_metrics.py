@@ -84,8 +84,25 @@ def test_bench_slo_figures_from_client_timings():
     m = slo_figures(results, [(1.0, 0.5), (0.3, 0.3)])
     assert [s["attained"] for s in m["slo_attainment"]] == [0.75, 0.25]
     assert m["mean_latency_per_token"] == pytest.approx((2.0 / 3 + 0.5 + 1.25 / 5) / 3)
-    with pytest.raises(ValueError, match="no request completed"):
-        slo_figures(results[3:], PAPER_SLOS)
+    # nothing completed: a row that says so (it ended the whole sweep, its rows unprinted, until 2026-12-07)
+    none = slo_figures(results[3:], PAPER_SLOS)
+    assert none["mean_latency_per_token"] == math.inf and [s["attained"] for s in none["slo_attainment"]] == [0.0] * 3
+    late = res(0.5, [], None, status=500)
+    late.end = 4.0                                      # fails after the last completion, at 4 s
+    m = bench_client.summarize(results + [late])
+    # vLLM's duration: first send to the last response's end, failed ones too (it was 2.25 s)
+    assert (m["completed"], m["failed"], m["throughput_rps"]) == (3, 2, 3 / 4.0)
+    m = bench_client.summarize(results[3:])
+    assert (m["completed"], m["failed"], m["throughput_rps"]) == (0, 1, 0.0) and math.isnan(m["ttft_mean"])
+
+
+def test_a_rate_with_failed_requests_is_no_goodput():
+    """bench's rows carry `failed`: its mean latency per token is over the completed ones only,
+    so at 1,000 req/s with 26 of 30 refused, goodput read 1,000 until 2026-12-07."""
+    rows = [dict(offered_rps=r, mean_latency_per_token=0.01, failed=f, slo_attainment=[])
+            for r, f in ((2.0, 0), (1000.0, 26))]
+    assert sweep_summary(rows, 0.05)["goodput_rps"] == 2.0
+    assert sweep_summary([dict(r, failed=0) for r in rows], 0.05)["goodput_rps"] == 1000.0
 
 
 # -- the highest rate within a limit ----------------------------------------------------------------

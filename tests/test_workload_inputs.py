@@ -363,8 +363,52 @@ def test_bench_url_that_answers_health_with_something_else_is_one_error_line(tmp
         bodies["/health"] = (503, b'{"status": "warming up"}')
         with pytest.raises(ValueError, match=r"status 503 \(warming up\), not 200; wait until it is ready"):
             server_health(url)
+        bodies["/health"] = (200, b"")
+        assert server_health(url) == {}                # vLLM's: ready, with an empty body
     finally:
         srv.shutdown()
+
+
+def test_bench_says_why_its_first_request_failed_and_keeps_no_key_or_nan_in_its_json(trace, tmp_path, capsys):
+    """A wrong --api-key against counting prompts said only "no request completed ... is the
+    server healthy?"; the results JSON held the key in the clear and NaN, which is not JSON."""
+    import http.server
+    import threading
+    from fastserve_jax.serve.bench_report import write_json
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_POST(self):
+            body = b'{"error": {"message": "invalid API key", "type": "authentication_error"}}'
+            self.send_response(401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        assert main(["bench", "--trace", trace, "--url", url, "--dataset", "counting", "--num-requests", "2",
+                     "--api-key", "wrong"]) == 1
+        err = capsys.readouterr().err
+        assert "the first request failed" in err and "give the server's key with --api-key" in err
+    finally:
+        srv.shutdown()
+    assert main(["bench", "--trace", trace, "--scheduler", "fcfs", "--scheduler", "fcfs"]) == 2
+    assert "--scheduler fcfs is given twice" in capsys.readouterr().err
+    a = bench_cmd.argparse.Namespace(dataset="random", arrivals="poisson", num_requests=1, output_dist="trace",
+                                     output_scale=1.0, trace=trace, api_key="sekret")
+    write_json(str(tmp_path / "r.json"), a, {"fcfs": {"4.0": {"tpot_mean": float("nan")}}}, {})
+    text = (tmp_path / "r.json").read_text()
+    assert "sekret" not in text and "NaN" not in text and json.loads(text)["results"]["fcfs"]["4.0"] == {"tpot_mean": None}
 
 
 @pytest.mark.parametrize("url", ["127.0.0.1:9", "localhost:9", "notaurl", "https://127.0.0.1:9",
