@@ -57,6 +57,10 @@ def attach(engine, name: str) -> None:
         try:
             with open(path) as f:
                 state = json.load(f)
+            limit = engine.cfg.max_model_len
+            for key in ("pooled", "history", "prompts"):   # 10**12 passed: the policy's tables then took TiB
+                if _past(state.get(key), limit):
+                    raise ValueError(f"a length in its {key!r} is past this engine's max_model_len={limit}")
             engine.scheduler.restore_lengths(state)
             log.info("%s starts from %d output lengths learned before (%s)", name, len(state["pooled"]), path)
         except (OSError, ValueError, AttributeError, TypeError) as e:   # torn, foreign, other buckets: start cold
@@ -67,6 +71,13 @@ def attach(engine, name: str) -> None:
                                             path=default_path(engine.model_cfg, engine.cfg.dtype,
                                                                       engine.weights_id))
                             if name == "predictive" else engine.predictor.close())
+
+
+def _past(x, limit: int) -> bool:
+    """Whether an integer in `x` (nested lists) is greater than `limit`: no length is."""
+    if isinstance(x, list):
+        return any(_past(v, limit) for v in x)
+    return isinstance(x, int) and x > limit
 
 
 def save(engine) -> None:

@@ -8,6 +8,7 @@ batch, on bucket padding or on chunked prefill, and they equal `transformers` ge
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -303,6 +304,13 @@ def test_learned_output_lengths_outlive_the_policy_and_a_torn_file_starts_cold(l
         path.write_text('{"edges": [], "history": [[1, 2]')    # torn
         eng.set_scheduler("gittins")
         assert not eng.scheduler.pooled and "ignoring the learned output lengths" in caplog.text
+        eng.set_scheduler("fcfs")
+        caplog.clear()
+        # lengths past any answer: taken until 2026-12-07, then every step failed allocating TiB
+        path.write_text(json.dumps({"pooled": [10 ** 12] * 40}))
+        eng.set_scheduler("skip-join-mlfq")
+        assert not eng.scheduler.learned_lengths()["pooled"] and "past this engine's max_model_len" in caplog.text
+        assert llm.generate(prompts[:1], params[:1])[0].outputs[0].token_ids
     finally:
         eng.set_scheduler("skip-join-mlfq")
 
