@@ -33,7 +33,7 @@ by a head that learned nothing (the demo model: tau about 0) made it 20x worse t
 skip-join (docs/scheduling.md: the figures and the choice of 0.3).
 
 The weights and the window are saved beside the compilation cache (keyed by the model) on
-close and every 10 rounds, so a restart does not start cold.
+close and every 10 rounds, so a restart does not start cold (a file of other shapes: cold).
 """
 
 from __future__ import annotations
@@ -157,10 +157,8 @@ class LengthPredictor:
     def wants(self, req) -> bool:
         """Whether the step that is being collected should hand over `req`'s pooled state: its
         prefill just ended (no token yet), or it has generated a refresh point's tokens."""
-        if self._over:
-            return False
         g = len(req.output_token_ids)
-        return g == 0 or (self.refine and g >= 8 and g & (g - 1) == 0)
+        return not self._over and (g == 0 or (self.refine and g >= 8 and g & (g - 1) == 0))
 
     def _account(self, t0: float) -> None:
         """Charge the engine thread's time since t0 to a token bucket (credit accrues at
@@ -368,22 +366,27 @@ class LengthPredictor:
         save_state(self.path, write, "the length predictor")
 
     def _restore(self, path: str) -> None:
+        """All of a previous run's state, checked (other shapes failed the start until 2026-12-07), or none."""
         try:
             with np.load(path) as f:
                 if int(f["fmt"]) != _FORMAT or int(f["dim"]) != self.feature_dim or int(f["bins"]) != NUM_BINS:
                     return
-                self._params = {k: jnp.asarray(f[f"p_{k}"]) for k in ("w1", "b1", "w2", "b2")}
-                self._opt_state = self._opt.init(self._params)
-                self.window.extend(zip(list(f["x"]), [int(v) for v in f["y"]], [bool(v) for v in f["v"]]))
-                self.samples_seen = int(f["seen"])
-        except FileNotFoundError:
-            return
+                params = {k: np.asarray(f[f"p_{k}"], np.float32) for k in ("w1", "b1", "w2", "b2")}
+                x, y, v, seen = np.asarray(f["x"], np.float32), np.asarray(f["y"]), np.asarray(f["v"]), int(f["seen"])
+            if any(w.shape != self._params[k].shape or not np.isfinite(w).all() for k, w in params.items()) or \
+                    x.shape[1:] != (self.feature_dim,) or not len(x) == len(y) == len(v) or seen < 0 or \
+                    not np.issubdtype(y.dtype, np.integer) or ((y < 0) | (y >= NUM_BINS)).any():
+                raise ValueError("its weights or window are not of this predictor's shapes, or not finite")
         except Exception as e:                      # a torn or foreign file: start cold
-            log.warning("ignoring unreadable length predictor state %s: %s", path, e)
+            if not isinstance(e, FileNotFoundError):
+                log.warning("ignoring unreadable length predictor state %s: %s", path, e)
             return
+        self._params = {k: jnp.asarray(w) for k, w in params.items()}
+        self._opt_state = self._opt.init(self._params)
+        self.window.extend(zip(list(x), [int(t) for t in y], [bool(t) for t in v]))
+        self.samples_seen = seen
         if len(self.window):
-            self._best = self._params
-            self._host = {k: np.asarray(v) for k, v in self._params.items()}
+            self._best, self._host = self._params, params
             x, y, v = self._arrays()
             self._gate(x[v], y[v])
 

@@ -74,6 +74,14 @@ def test_the_head_learns_a_planted_length_signal_and_reports_its_quality(tmp_pat
     assert q.ready and q.samples_seen == 500
     np.testing.assert_allclose(q.predict(f, [2000])[0].probs, p.predict(f, [2000])[0].probs, rtol=1e-5)
     q.close()
+    # weights of another shape in a file of the right format start cold, with a warning (the
+    # engine's start failed in a matmul until 2026-12-07)
+    with np.load(tmp_path / "p.npz") as z:
+        saved = dict(z)
+    np.savez(tmp_path / "p.npz", **dict(saved, p_w1=np.zeros((3, 5), np.float32)))
+    cold = LengthPredictor(dim + EXTRA, min_samples=300, path=str(tmp_path / "p.npz"))
+    assert not cold.ready and cold.samples_seen == 0 and len(cold.window) == 0
+    cold.close()
 
 
 def test_predictions_reach_requests_only_once_their_held_out_quality_passes_the_gate(tmp_path):
