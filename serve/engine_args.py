@@ -81,7 +81,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tail-slowdown", type=float, default=SchedulerConfig.tail_slowdown,
                    help="skip-join-mlfq's tail guard: a request older than the starvation limit, slower than this "
                         "many times a full batch's decode time per token and expected by the learned lengths to "
-                        "be nearly done runs first until it catches up (default %(default)s; 0: off)")
+                        "be nearly done runs first until it catches up (default %(default)s; 0: off; off too with "
+                        "--no-protect-decodes, which turns off what skip-join learns; fcfs and srpt read none of "
+                        "these policy options)")
     g.add_argument("--starvation-threshold", type=float, default=None,
                    help="seconds a request may wait before skip-join-mlfq promotes it to the top queue, and the "
                         "age at which the tail guard looks at it (default: 10 s scaled to this engine's "
