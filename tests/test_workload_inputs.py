@@ -331,39 +331,47 @@ def test_bench_url_errors_clearly_and_warns_of_launch_only_flags(trace, no_launc
     assert "warning" not in capsys.readouterr().err
 
 
-def test_bench_url_that_answers_health_with_something_else_is_one_error_line(tmp_path, capsys):
-    """A /health that is not a fastserve-jax server's JSON object (a list, text) was an
-    AttributeError or a bare JSON message; a server still warming up (503) says so."""
+def _fake_server(routes: dict):
+    """(url, server) of an HTTP server on a free port answering {(method, path): (status,
+    body)}, read at each request (a test may change them); shut it down when done."""
     import http.server
     import threading
-    from fastserve_jax.serve.bench_server import server_health
-
-    bodies = {"/health": (200, b"[1, 2]")}
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            status, body = bodies[self.path]
+        def _answer(self):
+            status, body = routes[self.command, self.path]
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        do_GET = do_POST = _answer
 
         def log_message(self, *args):
             pass
 
     srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    return f"http://127.0.0.1:{srv.server_address[1]}", srv
+
+
+def test_bench_url_that_answers_health_with_something_else_is_one_error_line(tmp_path, capsys):
+    """A /health that is not a fastserve-jax server's JSON object (a list, text) was an
+    AttributeError or a bare JSON message; a server still warming up (503) says so."""
+    from fastserve_jax.serve.bench_server import server_health
+
+    bodies = {("GET", "/health"): (200, b"[1, 2]")}
+    url, srv = _fake_server(bodies)
     try:
         with pytest.raises(ValueError, match=r"/health answered status 200 with b'\[1, 2\]', not a fastserve"):
             server_health(url)
-        bodies["/health"] = (200, b"hello")
+        bodies["GET", "/health"] = (200, b"hello")
         assert main(["bench", "--url", url, "--num-requests", "2"]) == 2
         assert "not a fastserve-jax server's JSON object" in capsys.readouterr().err
-        bodies["/health"] = (503, b'{"status": "warming up"}')
+        bodies["GET", "/health"] = (503, b'{"status": "warming up"}')
         with pytest.raises(ValueError, match=r"status 503 \(warming up\), not 200; wait until it is ready"):
             server_health(url)
-        bodies["/health"] = (200, b"")
+        bodies["GET", "/health"] = (200, b"")
         assert server_health(url) == {}                # vLLM's: ready, with an empty body
     finally:
         srv.shutdown()
@@ -372,30 +380,11 @@ def test_bench_url_that_answers_health_with_something_else_is_one_error_line(tmp
 def test_bench_says_why_its_first_request_failed_and_keeps_no_key_or_nan_in_its_json(trace, tmp_path, capsys):
     """A wrong --api-key against counting prompts said only "no request completed ... is the
     server healthy?"; the results JSON held the key in the clear and NaN, which is not JSON."""
-    import http.server
-    import threading
     from fastserve_jax.serve.bench_report import write_json
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def do_POST(self):
-            body = b'{"error": {"message": "invalid API key", "type": "authentication_error"}}'
-            self.send_response(401)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url, srv = _fake_server({("GET", "/health"): (200, b""), ("POST", "/v1/completions"): (
+        401, b'{"error": {"message": "invalid API key", "type": "authentication_error"}}')})
     try:
-        url = f"http://127.0.0.1:{srv.server_address[1]}"
         assert main(["bench", "--trace", trace, "--url", url, "--dataset", "counting", "--num-requests", "2",
                      "--api-key", "wrong"]) == 1
         err = capsys.readouterr().err
