@@ -203,7 +203,10 @@ class EngineLoop:
                 first_runs, running = self._first_runs()
             if self.engine.has_unfinished():
                 ok = self._step()
-                faults, total = (0, total) if ok else (faults + 1, total + 1)
+                if ok is False:
+                    faults, total = faults + 1, total + 1
+                elif ok:
+                    faults = 0
             self._report_health(faults, total)
 
     def _report_health(self, faults: int, total: int) -> None:
@@ -298,7 +301,11 @@ class EngineLoop:
         if failed:
             self.emit(("deltas", failed))
 
-    def _step(self) -> bool:
+    def _step(self) -> bool | None:
+        """False if the step raised; True if it gave tokens (an engine that works); None if it
+        ran but gave none: under async scheduling a step that only launches says nothing, and
+        taking it for health kept /health at 200 while every request failed at its collection
+        (until 2026-12-07)."""
         try:
             got = self.engine.step()
         except ChannelClosed:    # a multi-host worker is gone: no step can run again, the engine is lost
@@ -308,7 +315,7 @@ class EngineLoop:
             self._fail_all(f"engine fault in an iteration: {type(e).__name__}: {e}")
             return False
         self._flush(got)
-        return True
+        return True if got else None
 
     def _flush(self, reqs: list[Request]) -> None:
         batch = []

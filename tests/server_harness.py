@@ -145,6 +145,23 @@ class LiveServer:
                            f"{m[('fastserve_kv_blocks_used', (('pool', 'device'),))]}")
 
 
+def fail_three_collections(engine) -> None:
+    """For `LiveServer.on_engine`: as under async scheduling when what a launch computed fails
+    only where it is collected, three times: each request's first step launches and returns no
+    tokens (nothing raised), its next one raises (then the class's step serves again)."""
+    left, launched = [3], [False]
+
+    def step():
+        launched[0] = not launched[0]
+        if launched[0]:
+            return []
+        left[0] -= 1
+        if not left[0]:
+            del engine.step
+        raise RuntimeError("injected device fault")
+    engine.step = step
+
+
 def fail_three_steps(engine) -> None:
     """For `LiveServer.on_engine`: the engine's next three iterations raise (then the class's
     step serves again), enough for /health to call it failing (serve/app.py FAULTY_AFTER)."""

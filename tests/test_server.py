@@ -19,7 +19,7 @@ from fastserve_jax.models import demo_task
 from fastserve_jax.models.loader import cache_root
 from fastserve_jax.serve import bench_client
 from fastserve_jax.serve.app import ServerConfig
-from server_harness import LiveServer, fail_next_step, fail_three_steps, load_pairs
+from server_harness import LiveServer, fail_next_step, fail_three_collections, fail_three_steps, load_pairs
 
 openai = pytest.importorskip("openai")
 
@@ -541,11 +541,14 @@ def test_engine_fault_fails_requests_and_server_keeps_serving(live, client):
     live.on_engine(lambda e: e.kv.check_integrity())
 
 
-def test_a_failing_engine_takes_one_request_at_a_time_and_recovers(live):
+@pytest.mark.parametrize("inject", [fail_three_steps, fail_three_collections])
+def test_a_failing_engine_takes_one_request_at_a_time_and_recovers(live, inject):
     """Three failed iterations in a row make /health 503 'engine failing'; every request used to
     be refused from then on, so no iteration could run to reset the count and the server stayed
-    failing after a transient fault. Now one request is let in, and its success clears it."""
-    live.on_engine(fail_three_steps)
+    failing after a transient fault. Now one request is let in, and its success clears it.
+    A step that launches without raising but gives no tokens is no sign of health: between
+    failing collections it kept /health at 200 (until 2026-12-07)."""
+    live.on_engine(inject)
     for _ in range(3):
         status, _, err = live.post("/v1/completions", _counting(3, 9))
         assert status == 500 and "injected device fault" in err["error"]["message"]
