@@ -210,7 +210,7 @@ class EngineConfig:
     max_prefill_seqs: int = 8          # sequences packed in one prefill launch (logit rows)
     prefill_tile: int = 64             # query tokens per row of a packed prefill (see above)
     block_size: int = 16
-    # 0: size from memory (kv_cache.device_pool_blocks: gpu_memory_utilization of an accelerator's
+    # 0: size from memory (kv_sizing.device_pool_blocks: gpu_memory_utilization of an accelerator's
     # memory less the weights and what is in use, 4 GiB on CPU; at most max_num_seqs full-length sequences)
     num_device_blocks: int = 0
     # vLLM's: the fraction of each accelerator's memory the engine may use (the auto-sized pool gets
@@ -218,7 +218,7 @@ class EngineConfig:
     # repr (the profile's key, cost_profile.cost_cache_key, holds the pool's size itself).
     gpu_memory_utilization: float = field(default=0.9, repr=False)
     # Host KV pool for swapped-out requests, in blocks of the same size. None: as many blocks
-    # as the device pool, within swap_space (kv_cache.host_pool_blocks); 0: no host pool.
+    # as the device pool, within swap_space (kv_sizing.host_pool_blocks); 0: no host pool.
     num_host_blocks: int | None = None
     # vLLM's: GiB of host memory per device for that pool where num_host_blocks is None (0: none);
     # out of the repr, as gpu_memory_utilization

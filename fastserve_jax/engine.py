@@ -23,7 +23,7 @@ from fastserve_jax.sampling_params import SamplingParams, sampler_seed
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.cost_profile import is_provisional, profile_engine
 from fastserve_jax.detokenizer import IncrementalDetokenizer, decoder
-from fastserve_jax.kv_cache import kv_block_bytes
+from fastserve_jax.kv_sizing import kv_block_bytes
 from fastserve_jax.kv_plan import Copies, apply_plan
 from fastserve_jax.prefix_cache import kv_manager
 from fastserve_jax.request import Request, RequestStatus, TokenLogprobs, output_of, stop_reason

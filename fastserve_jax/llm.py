@@ -37,7 +37,7 @@ class LLM:
     one pipeline stage unless batches_in_flight is given), True or False; see docs/performance.md, section 5.
     gpu_memory_utilization (vLLM's, default 0.9): the fraction of each accelerator's memory the
     engine may use, which sizes the KV pool unless num_device_blocks is given (on CPU the pool
-    takes a fixed 4 GiB instead: kv_cache.auto_num_blocks). swap_space (vLLM's, default 4): GiB of
+    takes a fixed 4 GiB instead: kv_sizing.auto_num_blocks). swap_space (vLLM's, default 4): GiB of
     host memory per device for swapped-out KV unless num_host_blocks is given (0: no host pool).
 
     `generation_config`: "auto" (the default: sampling parameters a call leaves out, and a

@@ -61,7 +61,8 @@ from typing import Container
 
 import numpy as np
 
-from fastserve_jax.kv_cache import NULL_BLOCK, KVLocation, KVManager, SwapCopy, device_pool_blocks, host_pool_blocks
+from fastserve_jax.kv_cache import NULL_BLOCK, KVLocation, KVManager, SwapCopy
+from fastserve_jax.kv_sizing import device_pool_blocks, host_pool_blocks
 from fastserve_jax.request import Request
 
 
@@ -385,7 +386,7 @@ class PrefixCachingKVManager(KVManager):
 
 
 def kv_manager(model_cfg, cfg, pending_bytes: int, layout) -> KVManager:
-    """The engine's KV ledger: pools sized by kv_cache.device_pool_blocks / host_pool_blocks
+    """The engine's KV ledger: pools sized by kv_sizing.device_pool_blocks / host_pool_blocks
     (`pending_bytes`: weight copies still to be placed), with prefix caching if cfg asks."""
     num_blocks = device_pool_blocks(model_cfg, cfg, pending_bytes, layout)
     num_host = host_pool_blocks(model_cfg, cfg, num_blocks, layout)

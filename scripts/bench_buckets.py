@@ -88,7 +88,7 @@ def bench_model(name: str, path: str | None, rows: list[int], repeats: int, max_
 
 
 def _rule_keys(llm) -> list:
-    from fastserve_jax.kv_cache import kv_block_bytes
+    from fastserve_jax.kv_sizing import kv_block_bytes
     from fastserve_jax.runner.launch import LaunchBuilder
     eng = llm.engine
     cfg = dataclasses.replace(eng.cfg, launch_kv_fraction=ACCELERATOR_FRACTION, min_launch_blocks=0,

@@ -122,7 +122,7 @@ def part_engine(a) -> dict:
     for m in out.values():
         m["differ_from_ample"] = sum(x != y for x, y in zip(m["texts"], out["ample"]["texts"]))
         del m["texts"]
-    from fastserve_jax.kv_cache import kv_block_bytes
+    from fastserve_jax.kv_sizing import kv_block_bytes
 
     per_token = kv_block_bytes(e.model_cfg, e.cfg) / e.cfg.block_size
     kv_bytes = sum(w[2].prompt_tokens + w[2].output_tokens for w in work) * per_token

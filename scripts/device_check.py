@@ -201,7 +201,8 @@ def run_backend(backend: str, model_cfg, p: dict, dtype: str, rates: dict, platf
     import jax
 
     from fastserve_jax.config import EngineConfig
-    from fastserve_jax.kv_cache import KVManager, kv_block_bytes
+    from fastserve_jax.kv_cache import KVManager
+    from fastserve_jax.kv_sizing import kv_block_bytes
     from fastserve_jax.runner.model_runner import ModelRunner
     from fastserve_jax.sharding.layout import ModelLayout
 

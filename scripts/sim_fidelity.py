@@ -106,7 +106,7 @@ def measure_swap(eng, sizes=(1, 2, 4, 8, 16), repeats: int = 7) -> tuple[float, 
     import jax
     import numpy as np
 
-    from fastserve_jax.kv_cache import kv_block_bytes
+    from fastserve_jax.kv_sizing import kv_block_bytes
 
     swaps, ys, issue = eng.runner.swaps, [], []
     for n in sizes:
@@ -196,7 +196,7 @@ def simulate_policies(eng, trace: list[TraceRequest], swap: tuple[float, float, 
     the latency figures are the client's (front_end_figures)."""
     import dataclasses
 
-    from fastserve_jax.kv_cache import kv_block_bytes
+    from fastserve_jax.kv_sizing import kv_block_bytes
     from fastserve_jax.sim import SimConfig, simulate
 
     cfg, kv = eng.cfg, eng.kv

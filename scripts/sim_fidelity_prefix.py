@@ -46,7 +46,7 @@ from bench_prefix_cache import BLOCK, few_shot, run_once  # noqa: E402
 from sim_fidelity import async_overlap, measure_swap  # noqa: E402
 
 from fastserve_jax import LLM, SamplingParams  # noqa: E402
-from fastserve_jax.kv_cache import kv_block_bytes  # noqa: E402
+from fastserve_jax.kv_sizing import kv_block_bytes  # noqa: E402
 from fastserve_jax.models import demo_model_path, demo_task  # noqa: E402
 from fastserve_jax.models.tokenizer import load_tokenizer  # noqa: E402
 from fastserve_jax.sim import SimConfig, simulate  # noqa: E402

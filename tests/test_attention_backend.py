@@ -11,7 +11,7 @@ import pytest
 
 from fastserve_jax import LLM, SamplingParams
 from fastserve_jax.config import EngineConfig
-from fastserve_jax.kv_cache import kv_block_bytes
+from fastserve_jax.kv_sizing import kv_block_bytes
 from fastserve_jax.serve.engine_args import engine_argv, engine_kwargs, parse_engine_args
 from engine_grids import SMALL_GRID
 

@@ -46,7 +46,7 @@ MESH_CASES.append(pytest.param("llama", 4, 1, "device_put", marks=pytest.mark.sl
 
 @pytest.mark.parametrize("arch,tp,pp,copy_path", MESH_CASES)
 def test_greedy_outputs_match_one_device_with_swapping_forced(four_layer, arch, tp, pp, copy_path):
-    from fastserve_jax.kv_cache import kv_block_bytes
+    from fastserve_jax.kv_sizing import kv_block_bytes
     from fastserve_jax.runner.kv_transfer import forced_copy_path
 
     path, want = four_layer[arch]

@@ -236,7 +236,7 @@ def test_host_copy_splits_replicated_kv_heads_and_the_host_pool_counts_its_bytes
     (no dimension divides, or the mesh spans processes, where it keeps the cache's sharding)."""
     from jax.sharding import Mesh
     from fastserve_jax.config import EngineConfig
-    from fastserve_jax.kv_cache import auto_num_host_blocks, host_block_bytes, kv_block_bytes
+    from fastserve_jax.kv_sizing import auto_num_host_blocks, host_block_bytes, kv_block_bytes
     from fastserve_jax.models.axes import CACHE_AXES
     from fastserve_jax.sharding.host_copy import host_copy_sharding
 

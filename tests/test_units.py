@@ -184,7 +184,7 @@ def test_gpu_memory_utilization_sizes_the_device_pool_on_an_accelerator_only():
     that less the weights and what is in use; on the CPU backend a fixed budget sizes the pool
     and the fraction changes nothing. An explicit num_device_blocks wins (device_pool_blocks)."""
     from types import SimpleNamespace
-    from fastserve_jax.kv_cache import auto_num_blocks, device_pool_blocks, kv_block_bytes
+    from fastserve_jax.kv_sizing import auto_num_blocks, device_pool_blocks, kv_block_bytes
     from fastserve_jax.models.config import ModelConfig
 
     mcfg = ModelConfig(arch="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -245,7 +245,7 @@ def test_swap_space_sizes_the_host_pool_in_gib_per_device_and_num_host_blocks_wi
     in the bytes the host copies take; 0 is no host pool (evictions recompute, as with
     num_host_blocks=0); the pool holds at most as many blocks as the device pool; an explicit
     num_host_blocks wins, and the recompute policy keeps no host pool."""
-    from fastserve_jax.kv_cache import host_block_bytes, host_pool_blocks
+    from fastserve_jax.kv_sizing import host_block_bytes, host_pool_blocks
     from fastserve_jax.models.config import ModelConfig
     from fastserve_jax.sharding.layout import ModelLayout
     from fastserve_jax.sharding.parallel_config import ParallelConfig

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fastserve_jax.config import EngineConfig
-from fastserve_jax.kv_cache import KVManager, kv_block_bytes
+from fastserve_jax.kv_cache import KVManager
+from fastserve_jax.kv_sizing import kv_block_bytes
 from fastserve_jax.models import build_block, build_model
 from fastserve_jax.models.attention import KVCache, pallas_kernel
 from fastserve_jax.models.config import ModelConfig
