@@ -42,20 +42,52 @@ def auto_num_blocks(model_cfg, cfg, param_bytes: int, layout, cpu_budget_bytes: 
     else:
         avail = cpu_budget_bytes
     wanted = cfg.max_num_seqs * cfg.max_blocks_per_seq + 1
+    if stats and avail // per_block < 2:     # vLLM's refusal; a 1-block pool cut every answer at 16 tokens
+        raise ValueError(f"gpu_memory_utilization={cfg.gpu_memory_utilization} of the device's "
+                         f"{stats['bytes_limit'] / 2**30:.1f} GiB leaves no room for a KV block beside the "
+                         f"{(stats.get('bytes_in_use', 0) + param_bytes // len(layout.devices)) / 2**30:.1f} GiB "
+                         "the weights and others take; raise it, or give num_device_blocks")
     return max(2, min(wanted, avail // per_block))
+
+
+def _memory(layout) -> tuple[str, int]:
+    """(where, bytes) of the memory one device's arrays live in: an accelerator's, else the host's."""
+    stats = _accelerator_memory(layout)
+    if stats:
+        return "device", stats["bytes_limit"]
+    return "host", _memory_of_host()
+
+
+def check_prefill_scores(model_cfg, cfg, layout) -> None:
+    """A ValueError where the reference attention's largest prefill launch could not fit: it
+    holds float32 scores for every query head of a device, every packed token (the largest
+    prefill_token_bucket) and every gathered key (the largest block_bucket's tokens), and XLA on
+    the CPU asked for one buffer of 3x that (2-layer demo model, max_num_batched_tokens 32768 /
+    65536: 27.5 GB / 107 GB; at 16384, 7.3 GB by this rule, it served at 10.7 GB RSS). Until
+    2026-12-07 such an engine started, and the first long launch failed every request (or the
+    warm-up failed the start)."""
+    if cfg.attention_backend != "reference" or not cfg.prefill_token_buckets or not cfg.block_buckets:
+        return
+    heads = -(-model_cfg.num_heads // layout.tp)
+    need = 3 * 4 * heads * cfg.prefill_token_buckets[-1] * cfg.block_buckets[-1] * cfg.block_size
+    where, limit = _memory(layout)
+    if need > limit:
+        raise ValueError(f"max_num_batched_tokens={cfg.max_num_batched_tokens}: the reference attention's largest "
+                         f"prefill launch ({cfg.prefill_token_buckets[-1]} tokens over "
+                         f"{cfg.block_buckets[-1] * cfg.block_size} keys, {heads} heads) needs about "
+                         f"{need / 2**30:.0f} GiB, more than the {limit / 2**30:.0f} GiB of {where} memory; lower "
+                         "max_num_batched_tokens (or max_model_len)")
 
 
 def device_pool_blocks(model_cfg, cfg, param_bytes: int, layout) -> int:
     """cfg.num_device_blocks, or auto_num_blocks where it is 0. A pool asked for that is larger
     than the memory it would live in (the devices', or the host's on CPU) is a ValueError here,
     not a MemoryError or an allocator's failure somewhere later."""
+    check_prefill_scores(model_cfg, cfg, layout)
     if not cfg.num_device_blocks:
         return auto_num_blocks(model_cfg, cfg, param_bytes, layout)
-    stats = _accelerator_memory(layout)
-    if stats:
-        where, limit = "device", stats["bytes_limit"] * _pool_shards(layout)
-    else:
-        where, limit = "host", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    where, limit = _memory(layout)
+    limit *= _pool_shards(layout) if where == "device" else 1
     need = cfg.num_device_blocks * kv_block_bytes(model_cfg, cfg)
     if need > limit:
         raise ValueError(f"num_device_blocks={cfg.num_device_blocks} needs {need / 2**30:.1f} GiB of KV cache, more "
@@ -94,6 +126,14 @@ def host_pool_blocks(model_cfg, cfg, num_device_blocks: int, layout=None) -> int
     recomputation (swap_policy.SwapPolicy.swaps)."""
     if cfg.swap_policy == "recompute":
         return 0
-    if cfg.num_host_blocks is not None:
-        return cfg.num_host_blocks
-    return auto_num_host_blocks(model_cfg, cfg, num_device_blocks, layout)
+    if cfg.num_host_blocks is None:
+        return auto_num_host_blocks(model_cfg, cfg, num_device_blocks, layout)
+    need, ram = cfg.num_host_blocks * host_block_bytes(model_cfg, cfg, layout), _memory_of_host()
+    if need > 0.7 * ram:       # vLLM refuses a swap space past 70% of the host's memory; this one took 10**12 blocks
+        raise ValueError(f"num_host_blocks={cfg.num_host_blocks} needs {need / 2**30:.1f} GiB of host memory, more "
+                         f"than 70% of the host's {ram / 2**30:.1f} GiB; lower it, or give swap_space in GiB instead")
+    return cfg.num_host_blocks
+
+
+def _memory_of_host() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

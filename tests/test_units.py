@@ -194,7 +194,7 @@ def test_gpu_memory_utilization_sizes_the_device_pool_on_an_accelerator_only():
     def layout(platform):
         stats = {"bytes_limit": 10 * gib, "bytes_in_use": gib}
         dev = SimpleNamespace(platform=platform, memory_stats=lambda: stats)
-        return SimpleNamespace(devices=[dev], pp=1, meshes=SimpleNamespace(tp_kv=1))
+        return SimpleNamespace(devices=[dev], pp=1, tp=1, meshes=SimpleNamespace(tp_kv=1))
 
     def blocks(frac, platform, **kw):
         cfg = EngineConfig(max_num_seqs=1 << 16, dtype="float32", gpu_memory_utilization=frac, **kw)
@@ -205,10 +205,41 @@ def test_gpu_memory_utilization_sizes_the_device_pool_on_an_accelerator_only():
     assert EngineConfig().gpu_memory_utilization == 0.9                        # vLLM's default
     assert blocks(0.5, "cpu")[0] == blocks(0.9, "cpu")[0] == (4 * gib) // per_block
     assert blocks(0.5, "gpu", num_device_blocks=100)[0] == 100
-    assert auto_num_blocks(mcfg, EngineConfig(gpu_memory_utilization=0.2), gib, layout("gpu")) == 2   # never < 2
+    # nothing left for a block: refused as vLLM does (a 2-block pool, 16 tokens, was served until 2026-12-07)
+    with pytest.raises(ValueError, match=r"gpu_memory_utilization=0.2 of the device's 10.0 GiB leaves no room"):
+        auto_num_blocks(mcfg, EngineConfig(gpu_memory_utilization=0.2), gib, layout("gpu"))
     # placed weights are among the bytes in use: only those still to come are subtracted again
     cfg = EngineConfig(max_num_seqs=1 << 16, dtype="float32", gpu_memory_utilization=0.5)
     assert auto_num_blocks(mcfg, cfg, 0, layout("gpu")) == (5 * gib - gib) // per_block
+
+
+def test_pools_and_launches_past_the_memory_they_live_in_are_refused_at_start(monkeypatch):
+    """The reference attention's largest prefill holds heads x tokens x keys float32 scores:
+    with max_num_batched_tokens 65536 the demo model's server started, then every request
+    failed asking 107 GB. An explicit host pool is held to 70% of the host's memory (vLLM's
+    swap space rule); 10**12 blocks were taken."""
+    from types import SimpleNamespace
+    from fastserve_jax import kv_sizing
+    from fastserve_jax.models.config import ModelConfig
+
+    mcfg = ModelConfig(arch="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                       num_heads=2, num_kv_heads=2, head_dim=32, max_position_embeddings=2048)
+    monkeypatch.setattr(kv_sizing, "_memory_of_host", lambda: 24 << 30)
+    cpu = SimpleNamespace(devices=[SimpleNamespace(platform="cpu")], pp=1, tp=1, meshes=SimpleNamespace(tp_kv=1))
+
+    def launch(budget, backend="reference"):
+        cfg = EngineConfig(max_num_batched_tokens=budget, attention_backend=backend, dtype="float32").resolve()
+        kv_sizing.check_prefill_scores(mcfg, cfg, cpu)
+
+    launch(16384)                                       # 6.8 GiB by the rule; it served (10.7 GB RSS)
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens=32768: the reference attention's largest prefill"):
+        launch(32768)
+    launch(65536, backend="pallas")                     # the kernels read the cache in tiles
+    per = kv_sizing.host_block_bytes(mcfg, EngineConfig(dtype="float32"))
+    cfg = EngineConfig(dtype="float32", num_host_blocks=int(0.7 * (24 << 30)) // per)
+    assert kv_sizing.host_pool_blocks(mcfg, cfg, 100) == cfg.num_host_blocks
+    with pytest.raises(ValueError, match=r"num_host_blocks=1000000000000 needs .* more than 70% of the host's 24.0"):
+        kv_sizing.host_pool_blocks(mcfg, EngineConfig(dtype="float32", num_host_blocks=10**12), 100)
 
 
 def test_the_engine_counts_the_weights_its_runner_still_copies_when_it_sizes_the_pool(monkeypatch, tmp_path):
