@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 import time
@@ -271,7 +272,11 @@ def engine_config(model, *, dtype: str = "auto", max_model_len: int | None = Non
         raise ValueError(f"unknown LLM arguments {unknown}; valid ones are {sorted(known)}")
     model_cfg = ModelConfig.from_pretrained(path)
     if max_model_len is None:
-        max_model_len = min(model_cfg.max_position_embeddings, EngineConfig.max_model_len)
+        max_model_len = min(model_cfg.max_positions, EngineConfig.max_model_len)
+        if model_cfg.max_positions > max_model_len:        # vLLM serves the model's whole context
+            logging.getLogger(__name__).warning(
+                "serving %d of the model's %d positions (the default max_model_len); give max_model_len "
+                "(--max-model-len) for more", max_model_len, model_cfg.max_positions)
     cfg = EngineConfig(dtype=dtype, max_model_len=max_model_len, num_device_blocks=num_device_blocks or 0,
                        **engine_kwargs)
     cfg.resolve()                   # the bucket lists' checks, which need no model (a server bench starts failed)

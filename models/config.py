@@ -96,6 +96,15 @@ class ModelConfig:
     bos_token_id: tuple[int, ...] = ()  # config.json's, one id or a list as eos_token_id (the tokenizer adds BOS)
     sliding_window: int | None = None  # Mistral/Qwen2 local attention; not implemented (see engine)
 
+    @property
+    def max_positions(self) -> int:
+        """The longest context the model serves: max_position_embeddings, times the factor of
+        linear rope scaling (positions divided by it, as vLLM derives it: a vicuna-16k's 4096
+        x 4); llama3's scaling keeps it (until 2026-12-07 linear's was refused past it)."""
+        s = self.rope_scaling
+        linear = s is not None and s.rope_type == "linear"
+        return int(self.max_position_embeddings * s.factor) if linear else self.max_position_embeddings
+
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")

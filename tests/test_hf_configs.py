@@ -138,10 +138,29 @@ def test_opt_post_ln_ignores_remove_final_layer_norm():
 
 
 def test_linear_rope_scaling_matches_transformers(tmp_path):
-    """rope_type linear (Llama-2 long-context fine-tunes) was refused; it divides the positions."""
+    """rope_type linear (Llama-2 long-context fine-tunes) was refused; it divides the positions.
+    Its context is max_position_embeddings times the factor, as vLLM derives it (a vicuna-16k
+    was held to its 4,096 until 2026-12-07); exact there too."""
+    from fastserve_jax.models.config import ModelConfig
+
     model = hf_checkpoint(tmp_path, "llama", rope_parameters={"rope_type": "linear", "factor": 4.0,
                                                               "rope_theta": 10000.0})
-    assert max_logit_error(tmp_path, model) < TOL
+    assert ModelConfig.from_pretrained(str(tmp_path)).max_positions == 4 * 64
+    assert max_logit_error(tmp_path, model, n_tokens=250) < TOL
+
+
+def test_the_default_context_cap_is_said(tmp_path, caplog):
+    """max_model_len left out serves at most 2048 positions, where vLLM serves the model's
+    whole context: said in the log (it was only in --help)."""
+    from fastserve_jax.llm import engine_config
+
+    hf_checkpoint(tmp_path, "llama", max_position_embeddings=1024,
+                  rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
+    with caplog.at_level("WARNING"):
+        assert engine_config(str(tmp_path))[2].max_model_len == 2048
+    assert "serving 2048 of the model's 4096 positions" in caplog.text
+    caplog.clear()
+    assert engine_config(str(tmp_path), max_model_len=4096)[2].max_model_len == 4096 and not caplog.text
 
 
 def test_rope_parameters_as_transformers_reads_them():

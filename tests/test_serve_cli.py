@@ -189,7 +189,7 @@ def test_ctrl_c_during_a_cold_warm_up_stops_the_server_without_compiling_the_res
 @pytest.mark.parametrize("args, says", [
     (["--max-num-seqs", "0"], "max_num_seqs must be a positive integer"),
     (["--model", "/nonexistent-model-dir"], "is not a model directory"),
-    (["--max-model-len", "99999"], "exceeds the model's max_position_embeddings"),
+    (["--max-model-len", "99999"], "exceeds the model's 2048 positions"),
     (["--num-device-blocks", "1000000000000"], "num_device_blocks=1000000000000 needs"),   # a MemoryError before
     (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization must be a fraction in (0, 1]"),
     (["--swap-space", "-1"], "swap_space must be a number of GiB in [0, 1048576]"),
