@@ -61,6 +61,10 @@ class LLM:
         resolve_warmup(warmup)                              # a bad mode fails before anything loads
         check_mode(generation_config)                       # and so does a bad generation_config
         engine_kwargs = llm_keywords(engine_kwargs)         # vLLM's options without effect here, or refused
+        if "num_gpu_blocks_override" in engine_kwargs:      # vLLM's name, as the command line takes it
+            if num_device_blocks is not None:
+                raise ValueError("give num_device_blocks or vLLM's num_gpu_blocks_override, not both")
+            num_device_blocks = engine_kwargs.pop("num_gpu_blocks_override")
         path, model_cfg, cfg = engine_config(model, dtype=dtype, max_model_len=max_model_len,
                                              num_device_blocks=num_device_blocks, **engine_kwargs)
         enable_compilation_cache(cfg.compilation_cache_dir)

@@ -7,6 +7,7 @@ each has no effect), the ones naming features it lacks are refused before anythi
 from __future__ import annotations
 
 import logging
+import os
 import re
 import types
 
@@ -79,6 +80,12 @@ def as_keywords(text: str) -> str:
 def llm_keywords(kwargs: dict) -> dict:
     """LLM's keywords without vLLM's options that change nothing here (each logged once, as
     vLLM logs) or that name a feature this engine lacks (a ValueError saying so)."""
+    kwargs = dict(kwargs)
+    if kwargs.pop("cpu_offload_gb", 0):                # vLLM's default 0 asks for nothing
+        raise ValueError("cpu_offload_gb: offloading weights to host memory is not implemented (KV caches "
+                         "swap to it: swap_space)")
+    if "seed" in kwargs and kwargs["seed"] is None:    # vLLM's: no fixed seed
+        kwargs["seed"] = int.from_bytes(os.urandom(4), "little")
     given = {k: kwargs[k] for k in (*NO_EFFECT, *REFUSED, *LLM_NO_EFFECT) if k in kwargs}
     bad = refusal(types.SimpleNamespace(**{**REFUSED, **given}))
     if bad:

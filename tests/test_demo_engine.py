@@ -96,6 +96,15 @@ def test_vllm_scripts_outputs_read_as_in_vllm(demo_llm, caplog, capsys):
 
     assert llm_keywords({"trust_remote_code": True, "enforce_eager": True, "kv_cache_dtype": "auto", "seed": 1}) == {"seed": 1}
     assert "enforce_eager has no effect" in caplog.text
+    # vLLM's defaults and names (each an "unknown LLM arguments" or "seed must be an integer" until 2026-12-07)
+    assert llm_keywords({"cpu_offload_gb": 0}) == {} and isinstance(llm_keywords({"seed": None})["seed"], int)
+    with pytest.raises(ValueError, match="cpu_offload_gb: offloading weights to host memory is not implemented"):
+        llm_keywords({"cpu_offload_gb": 4})
+    small = LLM(num_gpu_blocks_override=40, max_num_seqs=2, max_model_len=64)
+    assert small.engine.kv.num_blocks == 40 and small.generate(demo_task.make_prompt(3, 6))[0].outputs[0].text == \
+        " 3 4 5 6"
+    with pytest.raises(ValueError, match="not both"):
+        LLM(num_device_blocks=40, num_gpu_blocks_override=40)
 
 
 def test_a_tokens_rank_counts_the_whole_vocabulary(demo_llm):
