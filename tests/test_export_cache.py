@@ -89,6 +89,20 @@ def test_a_flipped_bit_is_traced_again_and_replaced_and_files_are_readable_by_ot
     assert export_cache._load(str(path)) is not None
 
 
+def test_a_program_with_a_host_callback_lowers_without_being_kept(cache_dir):
+    """jax.export cannot serialize host callbacks (the mosaic kernel in Pallas's interpret mode
+    on a CPU: FASTSERVE_JAX_PALLAS_KERNEL=mosaic failed the engine's first launch until
+    2026-12-07); such a program is lowered as a plain jit and nothing is written."""
+    def host(x):
+        return np.asarray(x) * 3
+
+    calling = jax.jit(lambda x: jax.pure_callback(host, jax.ShapeDtypeStruct(x.shape, x.dtype), x))
+    arg = jax.ShapeDtypeStruct((4,), jnp.float32)
+    exe = export_cache.lower(calling, arg, name="cb").compile()
+    assert np.asarray(exe(jnp.arange(4.0))).tolist() == [0.0, 3.0, 6.0, 9.0]
+    assert not list(cache_dir.glob("*.bin")) if cache_dir.exists() else True
+
+
 def test_off_lowers_the_plain_jit(cache_dir, monkeypatch):
     monkeypatch.setenv("FASTSERVE_JAX_EXPORT_CACHE", "off")
     assert export_cache.directory() is None
