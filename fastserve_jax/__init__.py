@@ -22,6 +22,9 @@ if not os.path.isdir(os.path.join(os.path.dirname(__file__), "models")) and all(
         os.path.isfile(os.path.join(_ROOT, sub, "__init__.py")) for sub in ("models", "sharding", "serve")):
     __path__.append(_ROOT)  # noqa: F821 (a package's __path__)
 
+# The Azure conversation trace shipped with the package (traces/README.md): simulate's and bench's default workload
+AZURE_TRACE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "traces", "azure_conv_2023.csv")
+
 _EXPORTS = {
     "LLM": "fastserve_jax.llm",
     "LLMEngine": "fastserve_jax.engine",

@@ -2,8 +2,8 @@
 trace, and the capacity a cost model implies for a workload. numpy only.
 
 A trace is a CSV with the columns num_prefill_tokens and num_decode_tokens, and optionally
-arrived_at (seconds), like ../shared/traces/azure_conv_2023.csv (Vidur's processing of Azure's
-trace). The Azure LLM inference traces as Azure publishes them (AzurePublicDataset:
+arrived_at (seconds), like fastserve_jax.AZURE_TRACE (traces/azure_conv_2023.csv, Vidur's
+processing of Azure's trace, shipped with the package). The Azure LLM inference traces as Azure publishes them (AzurePublicDataset:
 TIMESTAMP,ContextTokens,GeneratedTokens, the time a date and time of day) are read as well.
 """
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_TRACE = os.path.join(REPO, "..", "shared", "traces", "azure_conv_2023.csv")
+DEFAULT_TRACE = os.path.join(REPO, "fastserve_jax", "traces", "azure_conv_2023.csv")   # shipped with the package
 VOCAB_LO = 3                     # prompt ids are drawn from [VOCAB_LO, vocab): skips pad/bos/eos
 ARCH = "llama-125m"
 

@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from fastserve_jax import AZURE_TRACE  # noqa: E402
 from fastserve_jax.config import SamplingParams, SchedulerConfig  # noqa: E402
 from fastserve_jax.cost_model import CostModel  # noqa: E402
 from fastserve_jax.kv_cache import KVManager  # noqa: E402
@@ -40,7 +41,7 @@ from fastserve_jax.request import Request  # noqa: E402
 from fastserve_jax.scheduler import POLICIES, Limits, make_scheduler  # noqa: E402
 from fastserve_jax.sim import advance  # noqa: E402
 
-TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", "azure_conv_2023.csv")
+TRACE = AZURE_TRACE        # shipped with the package (fastserve_jax/traces)
 
 
 def lengths(n: int, rng) -> tuple[np.ndarray, np.ndarray]:

@@ -34,13 +34,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fastserve_jax import AZURE_TRACE  # noqa: E402
 from fastserve_jax import LLM, SamplingParams  # noqa: E402
 from fastserve_jax.slo import summarize  # noqa: E402
 from fastserve_jax.workload import TraceRequest, load_trace  # noqa: E402
 from fastserve_jax.models import demo_task  # noqa: E402
 
 POLICIES = ("proactive", "reactive", "recompute")
-TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", "azure_conv_2023.csv")
+TRACE = AZURE_TRACE        # shipped with the package (fastserve_jax/traces)
 DEMO_MAX_TOKENS = 257   # the shipped demo model answers spans B - A <= 255: 256 numbers + EOS
 
 

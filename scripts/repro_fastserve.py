@@ -50,6 +50,7 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from fastserve_jax import AZURE_TRACE  # noqa: E402
 from fastserve_jax.cost_model import CostModel  # noqa: E402
 from fastserve_jax.slo import (UNLOADED_SLO_FACTOR, request_latencies, slo_attainment, sweep_summary,  # noqa: E402
                                    unloaded_latency_per_token)
@@ -57,8 +58,7 @@ from fastserve_jax.sim import SimConfig, simulate  # noqa: E402
 from fastserve_jax.workload import (TraceRequest, capacity_rps, chat_like_trace, code_completion_trace,  # noqa: E402
                                     heavy_tailed_trace, load_trace, lognormal_trace, with_arrivals)
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-AZURE = os.path.join(ROOT, "..", "shared", "traces", "azure_conv_2023.csv")
+AZURE = AZURE_TRACE        # shipped with the package (fastserve_jax/traces)
 COST = "opt-13b-a100"
 STEADY = (0.5, 0.75, 0.9, 0.95)
 BURSTS = (1.5, 3.0, 8.0)

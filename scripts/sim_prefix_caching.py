@@ -28,11 +28,12 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from fastserve_jax import AZURE_TRACE  # noqa: E402
 from fastserve_jax.cost_model import CostModel  # noqa: E402
 from fastserve_jax.sim import SimConfig, simulate  # noqa: E402
 from fastserve_jax.workload import capacity_rps, load_trace, with_arrivals  # noqa: E402
 
-TRACE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "traces", "azure_conv_2023.csv")
+TRACE = AZURE_TRACE        # shipped with the package (fastserve_jax/traces)
 MAX_TOKENS = 5933                               # as repro_fastserve.py: the tenth-memory runs serve the same requests
 LAT, THR = "mean_latency_per_token", "throughput_rps"
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 
 import numpy as np
@@ -41,6 +40,7 @@ import numpy as np
 from fastserve_jax.slo import PAPER_SLOS, UNLOADED_SLO_FACTOR, mean_latency_per_token, slo_attainment, \
     sweep_summary
 from fastserve_jax.scheduler import POLICIES
+from fastserve_jax import AZURE_TRACE
 from fastserve_jax.workload import TraceRequest, chat_output_lengths, load_trace, with_arrivals
 
 # fastserve_jax.models (demo_task) is imported in the functions that use it: it imports flax
@@ -53,7 +53,7 @@ from fastserve_jax.serve.engine_args import add_engine_args, check_engine_args, 
 from fastserve_jax.serve.simulate_cmd import add_slo_args, check_output, check_rates, print_summary, seed_arg
 
 DEMO_MAX_TOKENS = 257   # the shipped demo model answers spans B - A <= 255: 256 numbers + EOS
-TRACE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces", "azure_conv_2023.csv")
+TRACE = AZURE_TRACE      # shipped with the package (fastserve_jax/traces); it was ../shared's, not in an install
 
 
 def add_bench_parser(sub) -> None:

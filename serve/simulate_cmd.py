@@ -26,6 +26,7 @@ import os
 import sys
 from typing import Callable
 
+from fastserve_jax import AZURE_TRACE
 from fastserve_jax.serve.engine_args import int_at_least
 from fastserve_jax.slo import PAPER_SLOS, UNLOADED_SLO_FACTOR, parse_slo_pair
 
@@ -40,7 +41,8 @@ def add_simulate_parser(sub) -> None:
     p = sub.add_parser("simulate", help="run scheduling policies on a trace in the simulator (no model, no device)",
                        description="Simulate policies on a trace with a cost model: the real scheduler and KV "
                                    "manager, with step times from the cost model instead of a device.")
-    p.add_argument("--trace", required=True, help="CSV with num_prefill_tokens,num_decode_tokens[,arrived_at] (seconds), or Azure's "
+    p.add_argument("--trace", default=AZURE_TRACE, help="(default: the Azure conversation trace shipped in "
+                   "fastserve_jax/traces) CSV with num_prefill_tokens,num_decode_tokens[,arrived_at] (seconds), or Azure's "
                    "published ContextTokens,GeneratedTokens[,TIMESTAMP]")
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--rate", type=float, nargs="+", help="arrival rate(s) in requests/s (several: a sweep)")
