@@ -189,6 +189,10 @@ def test_simulate_and_bench_help(venv, tmp_path):
     assert set(res) == {"fcfs", "skip-join-mlfq"} and all(m["num_requests"] == n for m in res.values()), res
     r = _run(venv, ["fastserve-jax", "bench", "--help"], cwd=str(tmp_path))
     assert r.returncode == 0 and "usage: fastserve-jax bench" in r.stdout, r.stderr[-2000:]
+    # the Azure trace ships in the package: simulate's and bench's default, outside any checkout
+    r = _run(venv, ["fastserve-jax", "simulate", "--num-requests", "20", "--rate", "1", "--policy", "fcfs"],
+             cwd=str(tmp_path))
+    assert r.returncode == 0 and "20 requests" in r.stdout + r.stderr, r.stderr[-4000:]
     # serve runs on uvicorn's C HTTP parser and event loop, not pure-Python h11 (pyproject)
     r = _run(venv, ["python", "-c", "import uvloop; from uvicorn.protocols.http.auto import AutoHTTPProtocol; "
                     "print(AutoHTTPProtocol.__name__)"], cwd=str(tmp_path))
