@@ -65,9 +65,7 @@ class LLMEngine:
                  mirror: Callable[[dict], None] | None = None, own_params: bool = False,
                  sampling_defaults: dict | None = None, weights_id: str = "") -> None:
         self.warmup_mode = resolve_warmup(warmup)     # "lazy" | "background" | "full" (runner/compiler.py)
-        if cfg.max_model_len > model_cfg.max_positions:
-            raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's {model_cfg.max_positions} positions "
-                             "(max_position_embeddings, times a linear rope scaling's factor); lower max_model_len")
+        model_cfg.check_context(cfg.max_model_len)
         if model_cfg.sliding_window and cfg.max_model_len > model_cfg.sliding_window:
             raise ValueError(f"the model uses sliding-window attention (window {model_cfg.sliding_window}), which this "
                              f"engine does not implement; set max_model_len <= {model_cfg.sliding_window} so full "

@@ -281,6 +281,7 @@ def engine_config(model, *, dtype: str = "auto", max_model_len: int | None = Non
             logging.getLogger(__name__).warning(
                 "serving %d of the model's %d positions (the default max_model_len); give max_model_len "
                 "(--max-model-len) for more", max_model_len, model_cfg.max_positions)
+    model_cfg.check_context(max_model_len)
     cfg = EngineConfig(dtype=dtype, max_model_len=max_model_len, num_device_blocks=num_device_blocks or 0,
                        **engine_kwargs)
     cfg.resolve()                   # the bucket lists' checks, which need no model (a server bench starts failed)

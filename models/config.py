@@ -105,6 +105,12 @@ class ModelConfig:
         linear = s is not None and s.rope_type == "linear"
         return int(self.max_position_embeddings * s.factor) if linear else self.max_position_embeddings
 
+    def check_context(self, max_model_len: int) -> None:
+        """A ValueError where max_model_len is past the positions the model serves."""
+        if max_model_len > self.max_positions:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's {self.max_positions} positions "
+                             "(max_position_embeddings, times a linear rope scaling's factor); lower max_model_len")
+
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")

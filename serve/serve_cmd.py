@@ -24,7 +24,7 @@ import uvicorn
 
 from fastserve_jax.chat_template import CONTENT_FORMATS
 from fastserve_jax.vllm_options import notes
-from fastserve_jax.serve.engine_args import add_engine_args, cpu_devices_for, engine_kwargs
+from fastserve_jax.serve.engine_args import add_engine_args, check_engine_args, cpu_devices_for, engine_kwargs
 from fastserve_jax.serve.engine_loop import StartupCancelled
 from fastserve_jax.serve.server_args import add_server_args, check_server_args, server_settings, uvicorn_settings
 from fastserve_jax.serve.simulate_cmd import number_arg
@@ -267,6 +267,11 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
     try:
         chat_template = load_chat_template(a.chat_template)
     except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:        # as `generate` checks them, before the port opens (after it, with exit 1, until 2026-12-07)
+        check_engine_args(a)
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     build = EngineBuilder(a.model, engine_kwargs)

@@ -201,6 +201,12 @@ def test_generate_refuses_a_bad_engine_setting_with_one_line_and_exit_code_2(arg
     assert main(["generate", *args, "count from 1 to 3:"]) == 2
     err = capsys.readouterr()
     assert "error: " in err.err and says in err.err and "Traceback" not in err.err + err.out
+    if "--num-device-blocks" in args:       # the pool is checked where the engine sees its devices
+        return
+    # serve the same, before its port opens (it said "the engine did not start" and exited 1 after)
+    assert main(["serve", "--port", "0", *args]) == 2
+    err = capsys.readouterr()
+    assert "error: " in err.err and says in err.err and "Traceback" not in err.err + err.out
 
 
 def test_vllms_memory_flags_reach_the_engine_and_the_argv_of_started_servers(capsys):
@@ -223,12 +229,14 @@ def test_vllms_memory_flags_reach_the_engine_and_the_argv_of_started_servers(cap
 
 
 def test_serve_with_a_bad_engine_setting_exits_1_and_says_which():
-    """The engine is built after the server starts; a setting it refuses ends the server with
-    exit code 1 and one line naming it (the log gets the message, without a traceback)."""
+    """The engine is built after the server starts; a setting only it can judge (the pool against
+    the devices' memory; the others are refused before the port opens, exit 2) ends the server
+    with exit code 1 and one line naming it (the log gets the message, without a traceback)."""
     proc = subprocess.run([sys.executable, "-m", "fastserve_jax", "serve", "--port", str(free_port()),
-                           "--max-num-seqs", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "--num-device-blocks", "1000000000000"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 1, proc.stderr
-    assert "error: the engine did not start: ValueError: max_num_seqs must be a positive integer, got 0" in proc.stderr
+    assert "error: the engine did not start: ValueError: num_device_blocks=1000000000000 needs" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
