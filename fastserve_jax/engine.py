@@ -23,7 +23,7 @@ from fastserve_jax.sampling_params import SamplingParams, sampler_seed
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.cost_profile import is_provisional, profile_engine
 from fastserve_jax.detokenizer import IncrementalDetokenizer, decoder
-from fastserve_jax.kv_sizing import kv_block_bytes
+from fastserve_jax.kv_sizing import check_prefill_scores, kv_block_bytes
 from fastserve_jax.kv_plan import Copies, apply_plan
 from fastserve_jax.prefix_cache import kv_manager
 from fastserve_jax.request import Request, RequestStatus, TokenLogprobs, output_of, stop_reason
@@ -79,6 +79,7 @@ class LLMEngine:
         if self.layout.parallel != ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size):
             raise ValueError(f"the layout ({self.layout.describe()}) does not match the config's tensor/pipeline "
                              "parallel sizes")
+        check_prefill_scores(model_cfg, self.cfg, self.layout)     # before any weight is placed
         placed = self.layout.place_params(params)
         # the runner may free the stacked layer weights it splits unless the caller still holds them
         free = own_params or not any(a is b for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(placed)))

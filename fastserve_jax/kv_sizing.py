@@ -83,7 +83,6 @@ def device_pool_blocks(model_cfg, cfg, param_bytes: int, layout) -> int:
     """cfg.num_device_blocks, or auto_num_blocks where it is 0. A pool asked for that is larger
     than the memory it would live in (the devices', or the host's on CPU) is a ValueError here,
     not a MemoryError or an allocator's failure somewhere later."""
-    check_prefill_scores(model_cfg, cfg, layout)
     if not cfg.num_device_blocks:
         return auto_num_blocks(model_cfg, cfg, param_bytes, layout)
     where, limit = _memory(layout)

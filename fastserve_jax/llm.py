@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -278,14 +279,18 @@ def engine_config(model, *, dtype: str = "auto", max_model_len: int | None = Non
     if max_model_len is None:
         max_model_len = min(model_cfg.max_positions, EngineConfig.max_model_len)
         if model_cfg.max_positions > max_model_len:        # vLLM serves the model's whole context
-            logging.getLogger(__name__).warning(
-                "serving %d of the model's %d positions (the default max_model_len); give max_model_len "
-                "(--max-model-len) for more", max_model_len, model_cfg.max_positions)
+            _say_context_cap(path, max_model_len, model_cfg.max_positions)
     model_cfg.check_context(max_model_len)
     cfg = EngineConfig(dtype=dtype, max_model_len=max_model_len, num_device_blocks=num_device_blocks or 0,
                        **engine_kwargs)
     cfg.resolve()                   # the bucket lists' checks, which need no model (a server bench starts failed)
     return path, model_cfg, cfg
+
+
+@functools.cache         # once per model: serve checks its options before LLM reads them again
+def _say_context_cap(path: str, served: int, positions: int) -> None:
+    logging.getLogger(__name__).warning("serving %d of the model's %d positions (the default max_model_len); give "
+                                        "max_model_len (--max-model-len) for more", served, positions)
 
 
 def _one_prompt(p, i: int):

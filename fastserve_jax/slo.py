@@ -155,12 +155,16 @@ def sweep_summary(rows: Sequence[dict], slo_latency_per_token: float) -> dict:
     """One policy's sweep, rows of {offered_rps, mean_latency_per_token, slo_attainment} (any
     order; a row's `failed` requests, bench's, make it miss the latency SLO: its mean is over
     the completed ones): goodput_rps (the highest rate whose mean latency per token is <= the
-    SLO), per SLO pair the highest rate with attainment >= 95% (see highest_rate_within), and
-    the highest rate swept (a result equal to it is a lower bound)."""
+    SLO), per SLO pair the highest rate with attainment >= 95% (see highest_rate_within), the
+    highest rate swept (a result equal to it is a lower bound) and, where the rows carry their
+    throughput_rps, the highest rate served."""
     rates = [m["offered_rps"] for m in rows]
     latency = [np.inf if m.get("failed") else m["mean_latency_per_token"] for m in rows]
     pairs = [(s["ttft"], s["tpot"]) for s in rows[0]["slo_attainment"]]
+    served = {"max_served_rps": max(m["throughput_rps"] for m in rows)} if all("throughput_rps" in m for m in rows) \
+        else {}
     return dict(
+        **served,
         max_offered_rps=max(rates),
         goodput_rps=highest_rate_within(rates, latency, slo_latency_per_token, higher_is_better=False),
         slo_latency_per_token=slo_latency_per_token,

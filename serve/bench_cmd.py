@@ -358,8 +358,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     print_table(rows)
     summary = {}
     if sweep:
-        summary = {s: dict(sweep_summary(list(ms.values()), slo_lpt), unloaded_latency_per_token=unloaded,
-                           max_served_rps=max(m["throughput_rps"] for m in ms.values())) for s, ms in out.items()}
+        summary = {s: dict(sweep_summary(list(ms.values()), slo_lpt), unloaded_latency_per_token=unloaded)
+                   for s, ms in out.items()}
         print()
         print_summary(summary, sys.stdout)
     if a.json:

@@ -360,8 +360,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     if len(points) == 1:
         out = {p: ms[0] for p, ms in out.items()}
     else:
-        summary = {p: dict(sweep_summary(ms, slo_lpt), unloaded_latency_per_token=unloaded,
-                           max_served_rps=max(m["throughput_rps"] for m in ms)) for p, ms in out.items()}
+        summary = {p: dict(sweep_summary(ms, slo_lpt), unloaded_latency_per_token=unloaded) for p, ms in out.items()}
         print_summary(summary)
         out["summary"] = summary
     if a.json:
