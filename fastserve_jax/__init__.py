@@ -32,6 +32,8 @@ _EXPORTS = {
     "EngineConfig": "fastserve_jax.config",
     "SamplingParams": "fastserve_jax.sampling_params",
     "SchedulerConfig": "fastserve_jax.config",
+    "TextPrompt": "fastserve_jax.llm",
+    "TokensPrompt": "fastserve_jax.llm",
     "demo_model_path": "fastserve_jax.models",
 }
 __all__ = sorted(_EXPORTS)

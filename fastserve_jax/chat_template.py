@@ -177,7 +177,8 @@ TEXT_PARTS = {"text": "text", "input_text": "text", "refusal": "refusal"}
 
 def check_messages(v: Any) -> list[dict]:
     """One conversation as the template renders it, checked as the server's `messages` (a
-    ValueError naming the message): roles of ROLES, content a string or an array of text parts
+    ValueError naming the message): any role string (OpenAI's ROLES, or one the template knows:
+    vLLM's custom messages; until 2026-12-07 only ROLES), content a string or an array of text parts
     (TEXT_PARTS, kept as {"type": "text", "text"} parts: render_chat joins them with newlines,
     as vLLM does, unless the template reads parts), an assistant's null content read as "",
     the fields the OpenAI SDK dumps into an answer null or empty and left out (`refusal` a
@@ -186,8 +187,9 @@ def check_messages(v: Any) -> list[dict]:
         raise ValueError("'messages' must be a non-empty array of {\"role\", \"content\"} objects")
     out = []
     for i, m in enumerate(v):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ValueError(f"messages[{i}] must be an object with 'role' one of {list(ROLES)}")
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
+            raise ValueError(f"messages[{i}] must be an object with a 'role' string ({', '.join(ROLES)}, or a "
+                             "role of the chat template's own)")
         keys = _MESSAGE_KEYS.get(m["role"], _ANY)
         extra = sorted(set(m) - set(keys))
         if extra:

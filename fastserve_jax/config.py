@@ -289,10 +289,9 @@ class EngineConfig:
         if self.block_size > max(self.max_model_len, 16):    # launches gather whole blocks: 100000 took minutes a step
             raise ValueError(f"block_size={self.block_size} exceeds max_model_len={self.max_model_len}: a block holds "
                              "one request's KV, so no request would fill one; lower block_size (16 is usual)")
-        if not isinstance(self.num_device_blocks, int) or isinstance(self.num_device_blocks, bool) \
-                or self.num_device_blocks < 0:
-            raise ValueError(f"num_device_blocks must be an integer >= 0 (0 = size automatically), "
-                             f"got {self.num_device_blocks!r}")
+        n = self.num_device_blocks
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"num_device_blocks must be an integer >= 0 (0 = size automatically), got {n!r}")
         if self.num_device_blocks == 1:     # kv_cache.KVManager's check, before a model loads
             raise ValueError("the device KV pool needs at least 2 blocks (one is the null block), got 1")
         f = self.gpu_memory_utilization
@@ -303,12 +302,12 @@ class EngineConfig:
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= MAX_SWAP_SPACE:
             raise ValueError(f"swap_space must be a number of GiB in [0, {MAX_SWAP_SPACE}] (host memory per device for "
                              f"swapped-out KV, vLLM's; 0 = no host pool), got {v!r}")
-        if self.num_host_blocks is not None and (not isinstance(self.num_host_blocks, int)
-                                                 or isinstance(self.num_host_blocks, bool) or self.num_host_blocks < 0):
-            raise ValueError(f"num_host_blocks must be >= 0 (0 = no host pool) or None (sized automatically), "
-                             f"got {self.num_host_blocks!r}")
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise ValueError(f"enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}")
+        n = self.num_host_blocks
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+            raise ValueError(f"num_host_blocks must be >= 0 (0 = no host pool) or None (sized automatically), got {n!r}")
+        for name in ("enable_prefix_caching", "protect_decodes"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer (unseeded requests derive theirs from it), got {self.seed!r}")
         if self.scheduler not in SCHEDULER_CHOICES:
@@ -329,10 +328,11 @@ class EngineConfig:
         if f is not None and (not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 <= f <= 1):
             raise ValueError(f"launch_kv_fraction must be in [0, 1] (0 compiles every block bucket), "
                              f"got {self.launch_kv_fraction!r}")
+        object.__setattr__(self, "dtype", "float32" if self.dtype == "float" else self.dtype)    # vLLM's synonym
         if self.dtype not in DTYPE_CHOICES:
-            raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPE_CHOICES))}, got {self.dtype!r}")
-        if not isinstance(self.protect_decodes, bool):
-            raise ValueError(f"protect_decodes must be True or False, got {self.protect_decodes!r}")
+            half = "; float16 is not a serving dtype here (docs/attention.md): give bfloat16"
+            raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPE_CHOICES))} (or 'float'), got "
+                             f"{self.dtype!r}{half if self.dtype in ('half', 'float16') else ''}")
         SchedulerConfig(tail_slowdown=self.tail_slowdown, prompt_neighbors=self.prompt_neighbors,  # their checks
                         starvation_threshold=SchedulerConfig.starvation_threshold if self.starvation_threshold is None
                         else self.starvation_threshold)

@@ -11,11 +11,11 @@ import threading
 import time
 
 import numpy as np
-from typing import Sequence
+from typing import Sequence, TypedDict
 
 from fastserve_jax.chat_template import ChatOptions, check_text, conversations, render_chat
 from fastserve_jax.config import EngineConfig
-from fastserve_jax.sampling_params import SamplingParams
+from fastserve_jax.sampling_params import SamplingParams, choice_seed
 from fastserve_jax.cost_profile import refine_profile
 from fastserve_jax.engine import LLMEngine
 from fastserve_jax.request import CompletionOutput, Request, RequestOutput
@@ -25,6 +25,20 @@ from fastserve_jax.runner.persistent_cache import enable_compilation_cache
 from fastserve_jax.vllm_options import llm_keywords
 
 Prompt = str | list[int]
+
+
+class _Salted(TypedDict, total=False):
+    cache_salt: str
+
+
+class TextPrompt(_Salted):
+    """vLLM's prompt dict of text (`from vllm import TextPrompt`); multimodal keys must be empty."""
+    prompt: str
+
+
+class TokensPrompt(_Salted):
+    """vLLM's prompt dict of token ids."""
+    prompt_token_ids: list[int]
 
 
 class LLM:
@@ -103,14 +117,16 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False, lora_request=None,
                  priority: Sequence[int] | None = None) -> list[RequestOutput]:
-        """One output per prompt, in order, with its `n` completions in `outputs` (seeds seed,
-        seed + 1, ... when a seed is given). A prompt is a string, token ids (a list, tuple or
-        1-D integer array) or vLLM's {"prompt": text} / {"prompt_token_ids": ids}. Every prompt
+        """One output per prompt, in order, with its `n` completions in `outputs` (seeded
+        `choice_seed(seed, j)` when a seed is given). A prompt is a string, token ids (a list, tuple or
+        1-D integer array) or vLLM's {"prompt": text} / {"prompt_token_ids": ids} (TextPrompt,
+        TokensPrompt), with an optional "cache_salt" (SamplingParams.cache_salt). Every prompt
         is validated before any is queued. use_tqdm=True draws vLLM's progress bar of processed
         prompts on stderr (off by default here, unlike vLLM). Calls from several threads run one
         after another. vLLM's lora_request and priority must ask for nothing (None, or 0s)."""
         _no_lora_or_priority(lora_request, priority)
-        prompts = [_one_prompt(p, i) for i, p in enumerate(_prompt_list(prompts))]
+        given = _prompt_list(prompts)
+        prompts = [_one_prompt(p, i) for i, p in enumerate(given)]
         if not prompts:
             return []
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -123,7 +139,9 @@ class LLM:
         else:
             raise ValueError(f"sampling_params must be a SamplingParams or a list of them (one per prompt), "
                              f"got {type(sampling_params).__name__}")
-        runs = [[dataclasses.replace(sp, n=1, best_of=None, seed=None if sp.seed is None else sp.seed + j)
+        params = [sp if salt is None or not isinstance(sp, SamplingParams) else dataclasses.replace(sp, cache_salt=salt)
+                  for sp, salt in zip(params, (_prompt_salt(p, i) for i, p in enumerate(given)))]
+        runs = [[dataclasses.replace(sp, n=1, best_of=None, seed=choice_seed(sp.seed, j))
                  for j in range(sp.n)]
                 if isinstance(sp, SamplingParams) else [sp] for sp in params]
         for i, (p, subs) in enumerate(zip(prompts, runs)):
@@ -293,13 +311,29 @@ def _say_context_cap(path: str, served: int, positions: int) -> None:
                                         "max_model_len (--max-model-len) for more", served, positions)
 
 
+_NO_INPUTS = ("multi_modal_data", "mm_processor_kwargs", "multi_modal_uuids")     # TextPrompt's, TokensPrompt's
+
+
+def _prompt_salt(p, i: int) -> str | None:
+    """A prompt dict's `cache_salt` (vLLM's TextPrompt and TokensPrompt carry it; here it is
+    SamplingParams.cache_salt), after its multimodal keys are found empty."""
+    if not isinstance(p, dict):
+        return None
+    for k in _NO_INPUTS:
+        if p.get(k):
+            raise ValueError(f"prompt {i}: {k!r} must be empty or None: fastserve-jax serves text models only")
+    return p.get("cache_salt")
+
+
 def _one_prompt(p, i: int):
     """A string or a list of token ids, from any form generate() takes."""
     if isinstance(p, dict):
-        if set(p) not in ({"prompt"}, {"prompt_token_ids"}):
+        kinds = set(p) & {"prompt", "prompt_token_ids"}
+        if len(kinds) != 1 or set(p) - kinds - {"cache_salt", *_NO_INPUTS}:
             raise ValueError(f"prompt {i}: a prompt dict has exactly one of 'prompt' (text) or 'prompt_token_ids', "
-                             f"got keys {sorted(p)}")
-        key, p = next(iter(p.items()))
+                             f"and may have 'cache_salt', got keys {sorted(p)}")
+        key = kinds.pop()
+        p = p[key]
         if isinstance(p, str) != (key == "prompt"):
             raise ValueError(f"prompt {i}: {key!r} takes {'text' if key == 'prompt' else 'token ids'}, "
                              f"got {type(p).__name__}")

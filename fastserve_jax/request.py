@@ -213,6 +213,10 @@ class CompletionOutput:
         """vLLM's: the sum of the output tokens' logprobs, where logprobs were asked for."""
         return None if self.logprobs is None else float(sum(lp.logprob for lp in self.logprobs))
 
+    def finished(self) -> bool:
+        """vLLM's: whether this completion ended (it has a finish reason)."""
+        return self.finish_reason is not None
+
 
 @dataclass
 class RequestOutput:

@@ -45,9 +45,18 @@ def sampler_seed(seed: int) -> int:
     return int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=4).digest(), "little")
 
 
-@dataclass(frozen=True)
+def choice_seed(seed: int | None, j: int) -> int | None:
+    """The seed of completion j of a request seeded `seed` (n > 1): the sampler's seed + j, so
+    choices differ yet repeat, and `LLM` and the server draw the same for any seed. (Until
+    2026-12-07 both added j to the seed itself: `LLM` made seed -2's second choice -1, "no
+    seed", and the server took -1 modulo 2**64, a fixed seed where vLLM draws at random.)"""
+    return None if seed is None else (sampler_seed(seed) + j) % (1 << 32)
+
+
+@dataclass(frozen=True, kw_only=True)
 class SamplingParams:
-    """How to sample one request's output (vLLM's names and defaults).
+    """How to sample one request's output (vLLM's names and defaults), by keyword only (vLLM's
+    first field is n, this one's max_tokens: `SamplingParams(2)` set max_tokens until 2026-12-07).
 
     max_tokens=None (vLLM's): as many as the context holds after the prompt (the engine sets it
     when the request is added). truncate_prompt_tokens (vLLM's): the prompt's last k tokens are
@@ -63,7 +72,7 @@ class SamplingParams:
     min_p (vLLM's; in [0, 1], 0 disables it): after temperature, tokens whose probability is
     below min_p times the most likely token's are dropped, before top-k and top-p (vLLM's
     order); greedy decoding ignores it.
-    n: completions of the prompt (`LLM.generate` runs n requests, seeds seed, seed + 1, ...
+    n: completions of the prompt (`LLM.generate` runs n requests, seeded `choice_seed(seed, j)`
     when a seed is given; the engine itself takes n = 1). A seed is any integer: one outside
     [0, 2**32) is hashed to the sampler's 32 bits (`sampler_seed`), so 0 and 2**32 differ;
     -1 is no seed, as in vLLM (until 2026-12-07 it was a seed of its own, so ported scripts

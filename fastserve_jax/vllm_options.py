@@ -24,6 +24,8 @@ NO_EFFECT = {
     "disable_fastapi_docs": "--disable-fastapi-docs has no effect: the server has no documentation pages",
     "distributed_executor_backend": "--distributed-executor-backend has no effect: several hosts start through "
                                     "jax.distributed (--coordinator-address, --num-processes, --process-id)",
+    "scheduling_policy": "--scheduling-policy fcfs (vLLM's default) has no effect: requests are ordered by "
+                         "--scheduler (default skip-join-mlfq); give --scheduler fcfs for first come, first served",
 }
 
 
@@ -41,7 +43,7 @@ LLM_NO_EFFECT = {
 
 # The refused options and their values that ask for nothing missing (the command line's defaults).
 REFUSED = {"quantization": None, "kv_cache_dtype": "auto", "revision": None, "enable_lora": False,
-           "lora_modules": None, "tokenizer_mode": "auto", "load_format": "auto"}
+           "lora_modules": None, "tokenizer_mode": "auto", "load_format": "auto", "scheduling_policy": None}
 
 
 def refusal(a) -> str | None:
@@ -62,6 +64,9 @@ def refusal(a) -> str | None:
     if a.tokenizer_mode != "auto":
         return (f"--tokenizer-mode {a.tokenizer_mode}: only 'auto' is implemented (the model's fast tokenizer, "
                 "tokenizer.json)")
+    if a.scheduling_policy not in (None, "fcfs"):
+        return (f"--scheduling-policy {a.scheduling_policy}: request priorities are not implemented; only vLLM's "
+                "default 'fcfs' is taken, and the order is --scheduler's")
     if a.load_format not in ("auto", "safetensors"):
         return f"--load-format {a.load_format}: only 'auto' and 'safetensors' are implemented (*.safetensors files)"
     return None

@@ -1,14 +1,14 @@
 """The OpenAI-compatible Starlette app.
 
     POST /v1/completions, /v1/chat/completions   (stream: Server-Sent Events, then [DONE])
-    GET  /v1/models, /health (200 only once warm-up is done), /metrics (Prometheus text)
+    GET  /v1/models (serve/model_cards.py), /health (200 only once warm-up is done), /metrics (Prometheus text)
     POST /tokenize, /detokenize; GET /version    (vLLM's; serve/tokenize.py)
 
 The engine runs on its own thread, or with `engine_process` in its own process
 (serve/async_engine.py, docs/serving.md); handlers validate at the boundary, so bad input
 is a 400 and nothing is queued, then submit token ids and read deltas. Status codes: 400
 invalid parameters or a prompt longer than the context (the message states the limits),
-401 missing or wrong API key (/v1, /tokenize and /detokenize), 404 unknown model, 413 body over
+401 missing or wrong API key (/v1, /tokenize, /detokenize and /invocations), 404 unknown model, 413 body over
 --max-body-bytes, 503 with Retry-After while warming up, draining, when the admission
 queue (--max-pending engine requests; n choices count n) is full, or once the engine
 process was lost, 500 only for engine faults, which fail the requests of that iteration
@@ -22,7 +22,8 @@ with `log_stats` a task logs the engine's throughput and load (serve/stats_log.p
 
 `priority` (an integer extension) is accepted and currently ignored: the policies order
 requests by attained service or arrival, and the engine has no per-request priority.
-`seed` with n > 1 gives choice j the seed + j, so choices differ yet are reproducible.
+`seed` with n > 1 gives choice j `choice_seed(seed, j)` (the sampler's seed + j), so choices differ yet
+are reproducible, and -1 is no seed (vLLM's).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
-import importlib.metadata
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +53,7 @@ from fastserve_jax.serve.prometheus import ServerMetrics
 from fastserve_jax.serve.openai_format import Formatter
 from fastserve_jax.serve.prepare import prepare
 from fastserve_jax.serve.json_body import parse_body
+from fastserve_jax.serve.model_cards import model, models, version
 from fastserve_jax.serve.protocol import parse_chat, parse_completion
 from fastserve_jax.serve.protocol_extras import header_request_id
 from fastserve_jax.serve.stats_log import STATS_INTERVAL_S, log_stats
@@ -71,7 +72,7 @@ FAULTY_AFTER = 3       # consecutive failed iterations before /health reports th
 @dataclass(frozen=True)
 class ServerConfig:
     model_name: str = "demo"
-    api_key: str | None = None
+    api_key: str | tuple[str, ...] | None = None     # a request may send any one of several (vLLM's list)
     max_pending: int = 256              # engine requests admitted and unfinished; more get 503
     max_body_bytes: int = 1 << 20
     retry_after: int = 1                # seconds, in Retry-After of a 503
@@ -80,6 +81,7 @@ class ServerConfig:
     chat_content_format: str = "auto"   # --chat-template-content-format (fastserve_jax/chat_template.py)
     # serve/server_args.py's options: the other names --served-model-name accepts, --root-path, CORS, logging
     model_aliases: tuple[str, ...] = ()
+    model_root: str | None = None       # the cards' root: --model as given (None: model_name)
     root_path: str = ""
     cors_origins: tuple[str, ...] = ("*",)
     cors_methods: tuple[str, ...] = ("*",)
@@ -135,17 +137,19 @@ class Server:
         return None
 
     def check_auth(self, request: Request) -> None:
-        key = self.cfg.api_key
-        if key is None:
+        keys = self.cfg.api_key
+        if not keys:
             return
-        got = request.headers.get("authorization", "")
-        if not (got.startswith("Bearer ") and hmac.compare_digest(got[7:].encode(), key.encode())):
+        scheme, _, got = request.headers.get("authorization", "").partition(" ")
+        # the scheme's case is free (HTTP's rule; vLLM's too); every key is compared, in constant time
+        matches = [hmac.compare_digest(got.encode(), k.encode()) for k in ((keys,) if isinstance(keys, str) else keys)]
+        if scheme.lower() != "bearer" or not any(matches):
             raise APIError(401, "missing or incorrect API key; send the header 'Authorization: Bearer <key>' "
                                 "with the key the server was started with (--api-key or FASTSERVE_API_KEY)",
                            code="invalid_api_key")
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.cfg.model_name and model not in self.cfg.model_aliases:
+        if model and model != self.cfg.model_name and model not in self.cfg.model_aliases:
             names = "', '".join((self.cfg.model_name, *self.cfg.model_aliases))
             raise APIError(404, f"the model '{model}' does not exist; this server serves '{names}' "
                                 "(see GET /v1/models)", param="model", code="model_not_found")
@@ -277,51 +281,16 @@ async def detokenize(request: Request) -> Response:
                                                                          srv.engine.engine))
 
 
-async def version(request: Request) -> Response:
-    """vLLM's GET /version: this package's version; public, as /health."""
-    try:
-        v = importlib.metadata.version("fastserve-jax")
-    except importlib.metadata.PackageNotFoundError:      # a source tree that was never installed
-        v = "unknown"
-    return JSONResponse({"version": v})
-
-
 async def invocations(request: Request) -> Response:
     """SageMaker's entry point, as vLLM serves it: a body with `messages` is a chat completion,
     one with `prompt` a completion."""
     srv: Server = request.app.state.server
     srv.check_auth(request)
     body = parse_body(await _read_body(request, srv.cfg.max_body_bytes))
-    if ("messages" in body) == ("prompt" in body):
+    if (body.get("messages") is None) == (body.get("prompt") is None):     # null is left out, as everywhere
         raise APIError(400, "an /invocations body holds 'messages' (a chat completion) or 'prompt' (a completion), "
                             "one of the two")
-    return await _generate(request, chat="messages" in body, body=body)
-
-
-def _cards(srv: "Server") -> list[dict]:
-    eng = srv.engine.engine
-    cards = []
-    for name in (srv.cfg.model_name, *srv.cfg.model_aliases):       # as vLLM: a card per served name
-        card = {"id": name, "object": "model", "created": srv.started, "owned_by": "fastserve-jax"}
-        if eng is not None:
-            card["max_model_len"] = eng.context_limit      # fewer than cfg.max_model_len where the KV pool is smaller
-        cards.append(card)
-    return cards
-
-
-async def models(request: Request) -> Response:
-    srv: Server = request.app.state.server
-    srv.check_auth(request)
-    return JSONResponse({"object": "list", "data": _cards(srv)})
-
-
-async def model(request: Request) -> Response:
-    """OpenAI's GET /v1/models/{model}: the served name's card, else a 404 naming the served ones."""
-    srv: Server = request.app.state.server
-    srv.check_auth(request)
-    name = request.path_params["model"]
-    srv.check_model(name)
-    return JSONResponse(next(c for c in _cards(srv) if c["id"] == name))
+    return await _generate(request, chat=body.get("messages") is not None, body=body)
 
 
 async def health(request: Request) -> Response:

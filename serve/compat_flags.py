@@ -23,3 +23,5 @@ def add_compat_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed-executor-backend", default=None, help="accepted, no effect (jax.distributed)")
     g.add_argument("--tokenizer-mode", default="auto", help="only auto (the fast tokenizer) is implemented")
     g.add_argument("--load-format", default="auto", help="only auto or safetensors is implemented")
+    g.add_argument("--scheduling-policy", default=None, help="only fcfs (vLLM's default), no effect: the order is "
+                                                              "--scheduler's")

@@ -44,7 +44,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None,
                    help="a directory to load the tokenizer (and its chat template and EOS token) from instead of "
                         "the model's (vLLM's)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float", "bfloat16"],
                    help="weights, KV cache and activations (default: bfloat16 on GPU and TPU, float32 on CPU)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, at most 2048)")
     g.add_argument("--max-num-seqs", type=int, default=32, help="most sequences in one iteration")

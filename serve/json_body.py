@@ -16,7 +16,7 @@ from fastserve_jax.serve.errors import bad_request
 
 def parse_body(raw: bytes) -> dict:
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")      # a BOM first (Notepad, PowerShell) is dropped, as json.loads(bytes) does
     except UnicodeDecodeError as e:
         raise bad_request(f"the request body is not valid UTF-8 (byte {e.start}); send JSON encoded as UTF-8")
     try:

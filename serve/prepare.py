@@ -11,7 +11,7 @@ from fastserve_jax import chat_template as chat_template_module
 from fastserve_jax.chat_template import ChatOptions, ChatTemplateError
 from fastserve_jax.admission import check_bad_words, truncate_prompt, truncation_length
 from fastserve_jax.config import SamplingParams
-from fastserve_jax.sampling_params import BIAS_SLOTS, bias_tokens
+from fastserve_jax.sampling_params import BIAS_SLOTS, bias_tokens, choice_seed
 
 from fastserve_jax.serve.engine_loop import EngineInfo
 from fastserve_jax.serve.errors import bad_request
@@ -136,7 +136,7 @@ def prepare(job: Job, eng: "LLMEngine | EngineInfo",
             raise bad_request(f"{where}'min_tokens' is {job.min_tokens} but at most {max_tokens} tokens can be "
                               "generated; lower it", "min_tokens")
         for j in range(job.n):
-            seed = None if job.seed is None else (job.seed + j) % (1 << 64)
+            seed = choice_seed(None if job.seed == -1 else job.seed, j)     # -1: no seed, as in vLLM
             params = _params(job, max_tokens, seed, eng.sampling_defaults)
             try:
                 eng.validate(ids, params)    # the KV-pool check with the real max_tokens

@@ -230,11 +230,11 @@ def _defaults_only(body: dict, n: int) -> None:
 
 
 def check_fields(body: dict, allowed: frozenset[str], endpoint: str, required: str) -> None:
-    unknown = sorted(set(body) - allowed)
+    unknown = sorted(k for k in set(body) - allowed if body[k] is not None)     # null: left out, as every field
     if unknown:
         raise bad_request(f"unknown or unsupported field(s) {unknown} for {endpoint}; supported fields are "
                           f"{sorted(allowed)}", unknown[0])
-    if required not in body:
+    if body.get(required) is None:
         raise bad_request(f"'{required}' is required", required)
 
 
@@ -332,7 +332,7 @@ def parse_chat(body: dict, max_logprobs: int = MAX_LOGPROBS, content_format: str
     want = _bool(body, "logprobs", False)
     if top and not want:            # 0 without logprobs asks for nothing, as vLLM reads it
         raise bad_request("'top_logprobs' needs \"logprobs\": true", "top_logprobs")
-    _no_tools(body)
+    no_tools(body)
     options = parse_chat_options(body, content_format)
     job = _common(body, True, [parse_messages(body["messages"])], max_tokens, (top or 0) if want else None,
                   _bool(body, "echo", False), max_logprobs)
@@ -349,7 +349,7 @@ def parse_chat_options(body: dict, content_format: str = "auto") -> ChatOptions:
         raise bad_request(str(e), e.param)
 
 
-def _no_tools(body: dict) -> None:
+def no_tools(body: dict) -> None:
     """Chat's tool fields, accepted only when they ask for no tools."""
     _only_empty(body, "tools", list, "this server has no tool (function) calling")
     choice = body.get("tool_choice")

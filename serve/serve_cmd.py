@@ -32,6 +32,7 @@ from fastserve_jax.serve.simulate_cmd import number_arg
 log = logging.getLogger("fastserve_jax.serve")
 
 API_KEY_ENV = "FASTSERVE_API_KEY"
+VLLM_API_KEY_ENV = "VLLM_API_KEY"       # read too: a deployment moved from vLLM keeps its key check
 # The engine thread and the event loop share this process's GIL. The engine lets it go while
 # the device computes and then waits for it back; at CPython's default interval (5 ms) a busy
 # event loop (hundreds of streams) keeps it that long each time, so iterations stretched.
@@ -62,8 +63,10 @@ def add_serve_parser(sub) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     g.add_argument("--port", type=_port, default=8000, help="TCP port, 0-65535 (0: any free one)")
-    g.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV} if set, else none)")
+    g.add_argument("--api-key", nargs="+", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize and /invocations; "
+                        f"several keys: any one is accepted (default: ${API_KEY_ENV}, else ${VLLM_API_KEY_ENV}, "
+                        "else none)")
     g.add_argument("--chat-template", default=None,
                    help="the Jinja chat template for /v1/chat/completions, a file or the template itself (vLLM's), "
                         "for a model whose tokenizer has none or to override it (default: the tokenizer's)")
@@ -111,6 +114,13 @@ _seconds = number_arg(lambda v: math.isfinite(v) and v >= 0, "a finite number of
 def model_name(model: str | None) -> str:
     """The served name by default: `--model` as given, as vLLM's (clients send that string back)."""
     return "demo" if model is None else model
+
+
+def api_keys(given: list[str] | None) -> tuple[str, ...] | None:
+    """The keys a request may send: --api-key's, else $FASTSERVE_API_KEY's, else $VLLM_API_KEY's
+    (vLLM's variable: a deployment moved from vLLM ran with no key check before 2026-12-07)."""
+    keys = tuple(given or ()) or tuple(k for k in (os.environ.get(API_KEY_ENV) or os.environ.get(VLLM_API_KEY_ENV),) if k)
+    return keys or None
 
 
 def progress_logger(every: float = 0.1, stopping: Callable[[], bool] | None = None):
@@ -282,7 +292,7 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
 
     names = a.served_model_name or [model_name(a.model)]
     cfg = ServerConfig(model_name=names[0], model_aliases=tuple(n for n in dict.fromkeys(names[1:]) if n != names[0]),
-                       api_key=a.api_key or os.environ.get(API_KEY_ENV) or None,
+                       api_key=api_keys(a.api_key), model_root=model_name(a.model),
                        max_pending=a.max_pending, max_body_bytes=a.max_body_bytes, engine_process=a.engine_process,
                        chat_template=chat_template, chat_content_format=a.chat_template_content_format,
                        **server_settings(a))

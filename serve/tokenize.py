@@ -27,14 +27,15 @@ from fastserve_jax.serve.engine_loop import EngineInfo
 from fastserve_jax.serve.errors import bad_request
 from fastserve_jax.serve.json_body import bool_field, str_field, token_ids, typename
 from fastserve_jax.serve.prepare import render_chat as render_chat_ids
-from fastserve_jax.serve.protocol import check_fields, parse_chat_options, parse_messages
+from fastserve_jax.serve.protocol import check_fields, no_tools, parse_chat_options, parse_messages
 
 if TYPE_CHECKING:
     from fastserve_jax.engine import LLMEngine
 
 _COMMON = frozenset({"model", "add_special_tokens", "return_token_strs"})
 PROMPT_FIELDS = _COMMON | {"prompt"}
-CHAT_FIELDS = _COMMON | {"messages", "add_generation_prompt", "continue_final_message", "chat_template_kwargs"}
+CHAT_FIELDS = _COMMON | {"messages", "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
+                         "tools", "tool_choice", "parallel_tool_calls"}    # a chat body counted as sent (no tools)
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,12 @@ class TokenizeJob:
 
 
 def parse_tokenize(body: dict, content_format: str = "auto") -> TokenizeJob:
-    if ("prompt" in body) == ("messages" in body):
+    if (body.get("prompt") is None) == (body.get("messages") is None):
         raise bad_request("/tokenize takes either 'prompt' (text) or 'messages' (a chat), exactly one of them",
                           "prompt")
-    chat = "messages" in body
+    chat = body.get("messages") is not None
+    if chat:
+        no_tools(body)
     field = "messages" if chat else "prompt"
     check_fields(body, CHAT_FIELDS if chat else PROMPT_FIELDS, f"/tokenize with '{field}'", field)
     if not chat and not isinstance(body["prompt"], str):

@@ -14,7 +14,8 @@ import os
 import numpy as np
 import pytest
 
-from fastserve_jax import LLM, SamplingParams, prompt_logprobs
+from fastserve_jax import LLM, SamplingParams, TokensPrompt, prompt_logprobs
+from fastserve_jax.sampling_params import choice_seed
 from fastserve_jax.config import SchedulerConfig
 from fastserve_jax.runner.compile_guard import CompileCounter
 from fastserve_jax.scheduler import POLICIES
@@ -97,7 +98,7 @@ def test_seeded_sampling_is_batch_invariant(llm):
 
 
 def test_n_completions_vllm_prompt_forms_and_wide_seeds(llm):
-    """vLLM's calls work: n completions in `outputs` (seeds seed, seed + 1, ...), prompts as
+    """vLLM's calls work: n completions in `outputs` (seeds `choice_seed(seed, j)`), prompts as
     tuples, integer arrays and prompt dicts; seeds past 32 bits no longer alias (0, 2**32 and
     -1 sampled the same before, the seed cut to its low 32 bits)."""
     p = random_prompts(1, 10, 10, seed=6)[0]
@@ -106,9 +107,21 @@ def test_n_completions_vllm_prompt_forms_and_wide_seeds(llm):
     assert len(set(ids.values())) == 6, ids
     out = llm.generate([p], sp(2**32, n=2))[0]
     assert [o.index for o in out.outputs] == [0, 1] and out.token_ids == out.outputs[0].token_ids
-    assert [tuple(o.token_ids) for o in out.outputs] == [ids[2**32], ids[2**32 + 1]]
-    for form in (tuple(p), np.array(p), [np.int64(t) for t in p], {"prompt_token_ids": p}):
+    assert [tuple(o.token_ids) for o in out.outputs] == [ids[2**32], tuple(llm.generate([p], sp(choice_seed(2**32, 1)))[0].token_ids)]
+    # seed -2's second choice was seeded -1, "no seed", and drew anew at every call
+    assert len({tuple(tuple(o.token_ids) for o in llm.generate([p], sp(-2, n=3))[0].outputs) for _ in range(2)}) == 1
+    for form in (tuple(p), np.array(p), [np.int64(t) for t in p], {"prompt_token_ids": p},
+                 {"prompt_token_ids": p, "multi_modal_data": None, "mm_processor_kwargs": {}}):
         assert llm.generate(form, sp(0), use_tqdm=False)[0].token_ids == list(ids[0])
+    # vLLM's TokensPrompt carries cache_salt (a ValueError until 2026-12-07): the request's salt
+    added, add = [], llm.engine.add_request
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(llm.engine, "add_request", lambda q, params: added.append(params.cache_salt) or add(q, params))
+        out = llm.generate([TokensPrompt(prompt_token_ids=p, cache_salt="s1"), p], sp(0))
+    assert added == ["s1", None] and [o.token_ids for o in out] == [list(ids[0])] * 2
+    assert out[0].outputs[0].finished()           # vLLM's CompletionOutput.finished()
+    with pytest.raises(ValueError, match="serves text models only"):
+        llm.generate({"prompt_token_ids": p, "multi_modal_data": {"image": "x"}})
     with pytest.raises(ValueError, match="exactly one of 'prompt'"):
         llm.generate({"prompt": "a", "prompt_token_ids": p})
     for bad, message in (({"prompt": p}, "'prompt' takes text, got list"),

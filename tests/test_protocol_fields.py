@@ -502,6 +502,24 @@ def test_a_kv_pool_smaller_than_the_context_bounds_chats_default_max_tokens():
         prepare(parse_completion({"prompt": "count from 3 to 12:", "max_tokens": 1600}), info)
 
 
+def test_server_seeds_are_llms_and_minus_one_is_no_seed():
+    """-1 was taken modulo 2**64 (one fixed seed for every call, where vLLM draws at random), and
+    other negative seeds gave other draws than `LLM`'s for the same request."""
+    from fastserve_jax.config import EngineConfig
+    from fastserve_jax.models import demo_model_path
+    from fastserve_jax.models.tokenizer import load_tokenizer
+    from fastserve_jax.sampling_params import choice_seed
+    from fastserve_jax.serve.engine_loop import EngineInfo
+    from fastserve_jax.serve.prepare import prepare
+
+    tok = load_tokenizer(demo_model_path())
+    info = EngineInfo(tok, EngineConfig(max_model_len=2048), len(tok), 16, 999, False)
+    seeds = lambda seed: [p.seed for _, p in prepare(parse_completion({"prompt": "x", "n": 3, "seed": seed}), info)[0]]
+    assert seeds(-1) == [None] * 3
+    for seed in (-2, 5, 2**32, 2**64 - 1):
+        assert seeds(seed) == [choice_seed(seed, j) for j in range(3)] and None not in seeds(seed)
+
+
 def _text(chunks: list[dict], chat: bool) -> str:
     """A stream's text (chunks before the usage chunk, one choice)."""
     return "".join(c["choices"][0]["delta"].get("content", "") if chat else c["choices"][0]["text"]

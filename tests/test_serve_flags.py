@@ -236,6 +236,51 @@ def test_several_names_a_root_path_and_cors(live, caplog):
     assert status == 200 and h["access-control-allow-origin"] == "http://allowed.example"
 
 
+def test_model_cards_are_vllms_and_an_empty_name_is_the_default(live):
+    """`vllm bench serve` without --model reads the first card's root (a KeyError here before
+    2026-12-07); /v1/models/ was a 404 (vLLM redirects; a probe counts a 404 as down); a body's
+    "model": "" was a 404 where vLLM serves the default model."""
+    status, _, body = _request(live, "GET", "/v1/models")
+    assert [(c["root"], c["parent"], c["permission"][0]["object"]) for c in body["data"]] == \
+        [("first", None, "model_permission")] * 2
+    status, h, _ = _request(live, "GET", "/v1/models/")
+    assert status == 307 and h["location"].endswith("/v1/models")
+    status, _, out = _request(live, "POST", "/v1/completions", {"model": "", "prompt": "count from 3 to 5:",
+                                                                "max_tokens": 4, "temperature": 0})
+    assert status == 200 and out["model"] == "first"
+
+
+def test_api_keys_several_any_scheme_case_and_vllms_variable(monkeypatch):
+    """--api-key took one key, the scheme had to be written "Bearer", and $VLLM_API_KEY was not
+    read: a deployment moved from vLLM served with no key check."""
+    from starlette.requests import Request
+
+    from fastserve_jax.serve.app import Server
+    from fastserve_jax.serve.errors import APIError
+    from fastserve_jax.serve.serve_cmd import api_keys
+
+    for name in ("FASTSERVE_API_KEY", "VLLM_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    assert api_keys(None) is None and api_keys(["a", "b"]) == ("a", "b")
+    monkeypatch.setenv("VLLM_API_KEY", "v")
+    assert api_keys(None) == ("v",) and api_keys(["a"]) == ("a",)
+    monkeypatch.setenv("FASTSERVE_API_KEY", "f")
+    assert api_keys(None) == ("f",)
+
+    def allowed(keys, header):
+        srv = type("S", (), {"cfg": ServerConfig(api_key=keys)})()
+        scope = {"type": "http", "headers": [] if header is None else [(b"authorization", header.encode())]}
+        try:
+            Server.check_auth(srv, Request(scope))
+        except APIError as e:
+            assert e.status == 401
+            return False
+        return True
+    assert [allowed(("k1", "k2"), h) for h in ("Bearer k1", "bearer k2", "BEARER k1", "Bearer k3", "Basic k1",
+                                               "Bearer", None)] == [True, True, True, False, False, False, False]
+    assert allowed("k", "Bearer k") and not allowed("k", "Bearer kk") and allowed(None, None) and allowed((), None)
+
+
 def test_x_request_id_names_the_response_and_comes_back_as_a_header(live):
     """vLLM's: the header's value is the completion's id (over the body's request_id), and with
     --enable-request-id-headers every response carries it back, a new one where the request had

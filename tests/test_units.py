@@ -302,6 +302,22 @@ def test_a_context_shorter_than_the_default_block_still_takes_the_default_block(
     assert EngineConfig(max_model_len=8).block_size == 16    # refused only past max(max_model_len, 16)
 
 
+def test_vllm_spellings_a_ported_script_uses():
+    """SamplingParams(2) set max_tokens (vLLM's first field is n): keywords only now; dtype
+    "float" is vLLM's float32; scheduling_policy "fcfs" (vLLM's default) is taken with a
+    warning, "priority" refused (both were "unknown LLM arguments")."""
+    from fastserve_jax.vllm_options import llm_keywords
+
+    with pytest.raises(TypeError):
+        SamplingParams(2)
+    assert EngineConfig(dtype="float").dtype == "float32"
+    with pytest.raises(ValueError, match="float16 is not a serving dtype"):
+        EngineConfig(dtype="half")
+    assert llm_keywords({"scheduling_policy": "fcfs", "max_num_seqs": 4}) == {"max_num_seqs": 4}
+    with pytest.raises(ValueError, match="scheduling_policy priority: request priorities are not implemented"):
+        llm_keywords({"scheduling_policy": "priority"})
+
+
 def test_sampler_seed_keeps_32_bit_seeds_and_hashes_the_rest():
     assert [sampler_seed(s) for s in (0, 7, 2**32 - 1)] == [0, 7, 2**32 - 1]
     wide = [sampler_seed(s) for s in (2**32, 2**40, -1, -(2**32), 2**64)]
