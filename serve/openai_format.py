@@ -175,7 +175,10 @@ class Formatter:
         utf8 = self._utf8.setdefault(index, codecs.getincrementaldecoder("utf-8")("replace"))
         special = self._special()
         for k, tid in enumerate(ids):
-            offsets.append(at)
+            # bytes held from earlier tokens that this one does not continue become U+FFFD before
+            # its text: that character is theirs (until 2026-12-07 the offset missed it)
+            held = utf8.getstate()[0]
+            offsets.append(at + (_abandoned(held, raw(tid)) if held else 0))
             if tid not in special:
                 skipped = False
             elif k >= len(lead):
@@ -303,3 +306,13 @@ class Formatter:
         most that any of its choices found cached, as usage counts each prompt once."""
         n = self.details_n
         return None if not n else sum(max(per_choice[i:i + n]) for i in range(0, len(per_choice), n))
+
+
+def _abandoned(held: bytes, after: bytes) -> int:
+    """The characters (U+FFFD) bytes held for an unfinished character make where the next
+    token's bytes do not continue it; 0 where they do (that character then starts before)."""
+    try:
+        codecs.getincrementaldecoder("utf-8")("strict").decode(held + after[:1])
+        return 0
+    except UnicodeDecodeError:
+        return len(held.decode("utf-8", "replace"))

@@ -17,8 +17,8 @@ Extensions beyond OpenAI's parameters, as vLLM names them (both endpoints):
   include_stop_str_in_output);
 - `min_tokens` (0 to max_tokens): until that many tokens are out, EOS and `stop_token_ids`
   cannot be sampled and stop strings are not looked for (vLLM's);
-- `stream_options.continuous_usage_stats` (with `include_usage`, as in vLLM; ignored
-  without it): every chunk carries the usage of its choice so far (prompt tokens of that
+- `stream_options.continuous_usage_stats` (with `include_usage`, which is true unless
+  `stream_options` says false, as in vLLM): every chunk carries the usage of its choice so far (prompt tokens of that
   choice's prompt, completion tokens so far; 0 on chat's opening role chunk).
 
 Output text (vLLM's, both endpoints; SamplingParams and fastserve_jax/detokenizer.py say
@@ -182,20 +182,24 @@ def _repetition_penalty(body: dict) -> float | None:
     return v
 
 
-_STREAM_OPTIONS = ("include_usage", "continuous_usage_stats")
+_STREAM_OPTIONS = ("include_usage", "continuous_usage_stats", "include_obfuscation")    # the last: OpenAI's, unused
 
 
 def _stream_options(body: dict, stream: bool) -> tuple[bool, bool]:
-    """(include_usage, continuous usage): as in vLLM, continuous_usage_stats needs include_usage."""
+    """(include_usage, continuous usage), as vLLM reads them: include_usage is true unless it says
+    false once stream_options is sent (until 2026-12-07 false, so `{"continuous_usage_stats": true}`
+    sent no usage at all), continuous_usage_stats needs it, and an empty object asks for nothing,
+    streamed or not."""
     opts = body.get("stream_options")
-    if opts is None:
-        return False, False
+    if opts is None or opts == {}:
+        return stream and opts is not None, False
     if not stream:
         raise bad_request("'stream_options' is only allowed with \"stream\": true", "stream_options")
     if not isinstance(opts, dict) or set(opts) - set(_STREAM_OPTIONS):
         raise bad_request(f"'stream_options' must be an object with the keys {list(_STREAM_OPTIONS)} (booleans)",
                           "stream_options")
-    include, continuous = _bool(opts, "include_usage", False), _bool(opts, "continuous_usage_stats", False)
+    _bool(opts, "include_obfuscation", False)       # type-checked; chunks are never padded here
+    include, continuous = _bool(opts, "include_usage", True), _bool(opts, "continuous_usage_stats", False)
     return include, include and continuous
 
 

@@ -60,9 +60,16 @@ def test_vllm_benchmark_payloads_and_default_valued_fields_parse():
     for parse, body in ((parse_completion, {"prompt": "x"}), (parse_chat, {"messages": USER})):
         job = parse(body | {"repetition_penalty": 1.1, "min_p": 0.05})
         assert (job.repetition_penalty, job.min_p) == (1.1, 0.05)
-    # as in vLLM, continuous usage counts only with include_usage
-    assert not parse_completion({"prompt": "x", "stream": True,
-                                 "stream_options": {"continuous_usage_stats": True}}).continuous_usage
+    # as in vLLM: include_usage is true unless it says false once stream_options is sent (no usage
+    # came before 2026-12-07), continuous usage counts only with it, {} is no option streamed or
+    # not (a 400 without stream), OpenAI's include_obfuscation is taken (a 400)
+    usage = lambda opts, stream=True: (lambda j: (j.include_usage, j.continuous_usage))(
+        parse_completion({"prompt": "x", "stream": stream, "stream_options": opts}))
+    assert usage({"continuous_usage_stats": True}) == usage({"include_usage": True, "continuous_usage_stats": True}) \
+        == (True, True)
+    assert usage({"include_usage": False, "continuous_usage_stats": True}) == (False, False)
+    assert usage({}) == (True, False) and usage({}, False) == usage(None) == (False, False)
+    assert usage({"include_usage": True, "include_obfuscation": False}) == (True, False)
     chat = parse_chat({"messages": USER + [{"role": "assistant", "content": None, "tool_calls": []}] + USER,
                        "tools": [], "tool_choice": "none", "parallel_tool_calls": False, "logit_bias": None,
                        "min_tokens": None, "best_of": None})
