@@ -42,6 +42,7 @@ class Choice:
     """What one choice has produced so far (non-streaming responses accumulate here)."""
 
     text: str = ""
+    token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     finish_reason: str | None = None
@@ -52,6 +53,7 @@ class Choice:
 
     def add(self, d: Delta) -> None:
         self.text += d.text
+        self.token_ids += d.token_ids
         self.logprobs += d.logprobs or []
         self.prompt_logprobs = d.prompt_logprobs or self.prompt_logprobs
         self.finish_reason = d.finish_reason or self.finish_reason
@@ -76,7 +78,8 @@ class Formatter:
                  usage_prompt_tokens: list[int] | None = None, echo_ids: list[list[int]] | None = None,
                  skip_special_tokens: bool = True, prompt_only: bool = False, request_id: str | None = None,
                  role: str = "assistant", chat_echo: str = "", prompt_logprobs: bool = False,
-                 echo_decoded: frozenset[int] = frozenset(), details_n: int = 0) -> None:
+                 echo_decoded: frozenset[int] = frozenset(), details_n: int = 0, tokens_as_ids: bool = False,
+                 prompt_ids: list[list[int]] | None = None) -> None:
         """echo: per choice, the text written before its first text (completions);
         usage_prompt_tokens: per choice, its prompt's tokens, to put usage on every chunk;
         echo_ids: per choice, its prompt's token ids, whose logprobs come before the generated
@@ -88,7 +91,9 @@ class Formatter:
         prompt_logprobs: responses carry the prompt's logprobs in vLLM's shape; echo_decoded: the
         choices whose echo is their prompt ids decoded, special tokens written (text_offset counts them);
         details_n: with prefix caching on, each prompt's number of choices (usage then carries
-        prompt_tokens_details.cached_tokens); 0: off."""
+        prompt_tokens_details.cached_tokens); 0: off. tokens_as_ids: logprobs name tokens
+        "token_id:<id>"; prompt_ids: per choice, its prompt's ids, where the response carries
+        them and each choice's generated ids (return_token_ids)."""
         self.chat = chat
         self.model = model
         self.tokenizer = tokenizer
@@ -108,6 +113,7 @@ class Formatter:
         self._echo_decoded = echo_decoded
         self.prompt_only = prompt_only
         self.details_n = details_n
+        self.tokens_as_ids, self._prompt_ids, self._ids_sent = tokens_as_ids, prompt_ids, set()
 
     @classmethod
     def for_job(cls, job: Job, model: str, tokenizer, prepared: list[tuple[list[int], SamplingParams]],
@@ -131,7 +137,8 @@ class Formatter:
         echo_ids = [ids for ids, _ in prepared] if job.echo and job.logprobs is not None else None
         return cls(job.chat, model, tokenizer, job.logprobs, echo, counts, echo_ids, job.skip_special_tokens,
                    job.prompt_only, job.request_id, role, chat_echo, job.prompt_logprobs is not None, decoded,
-                   job.n if prefix_caching else 0)
+                   job.n if prefix_caching else 0, job.tokens_as_ids,
+                   [ids for ids, _ in prepared] if job.return_token_ids else None)
 
     def view(self, d: Delta) -> Delta:
         """The delta as the client sees it: with Job.prompt_only (max_tokens 0 with echo) the
@@ -143,6 +150,10 @@ class Formatter:
 
     def _token(self, tid: int) -> str:
         return self.tokenizer.decode([tid])
+
+    def _name(self, tid: int) -> str:
+        """A token as logprobs name it."""
+        return f"token_id:{tid}" if self.tokens_as_ids else self._token(tid)
 
     def _text(self, index: int, text: str) -> str:
         """Choice `index`'s text, its echo before the first piece written."""
@@ -157,7 +168,7 @@ class Formatter:
         if self.chat:
             def entry(tid: int, lp: float) -> dict:
                 # bytes: the token's own, also where it holds part of a character (its token is then U+FFFD)
-                return {"token": self._token(tid), "logprob": lp, "bytes": list(token_bytes(self.tokenizer)(tid))}
+                return {"token": self._name(tid), "logprob": lp, "bytes": list(token_bytes(self.tokenizer)(tid))}
             return {"content": [dict(entry(x.token_id, x.logprob),
                                      top_logprobs=[entry(t, v) for t, v in x.top.items()]) for x in lps]}
         lead: list[TokenLogprobs | None] = []
@@ -189,7 +200,7 @@ class Formatter:
             at += 0 if skipped else len(utf8.decode(raw(tid)))
         self._offset[index] = at
         entries = lead + lps
-        return {"tokens": [self._token(t) for t in ids],
+        return {"tokens": [self._name(t) for t in ids],
                 "token_logprobs": [None if x is None else x.logprob for x in entries],
                 "top_logprobs": [None if x is None else self._top(x, k < len(lead)) for k, x in enumerate(entries)],
                 "text_offset": offsets}
@@ -212,8 +223,8 @@ class Formatter:
         best = x.top
         if prompt and len(best) > self.logprobs:
             best = dict(sorted(best.items(), key=lambda kv: -kv[1])[:self.logprobs])
-        top = {} if x.token_id in best else {self._token(x.token_id): x.logprob}
-        top.update((self._token(t), v) for t, v in best.items())
+        top = {} if x.token_id in best else {self._name(x.token_id): x.logprob}
+        top.update((self._name(t), v) for t, v in best.items())
         return top
 
     def _head(self, obj: str) -> dict:
@@ -231,12 +242,18 @@ class Formatter:
                 ch["text"] = self._text(i, c.text)
                 if self.prompt_logprobs:
                     ch["prompt_logprobs"] = self._prompt_logprobs(c.prompt_logprobs)
+                if self._prompt_ids is not None:
+                    ch["prompt_token_ids"] = self._prompt_ids[i]
+            if self._prompt_ids is not None:
+                ch["token_ids"] = c.token_ids
             out.append(ch)
         body = self._head("chat.completion" if self.chat else "text_completion")
         body.update(choices=out, usage=usage(prompt_tokens, sum(c.completion_tokens for c in choices),
                                              self.cached_tokens([c.cached_tokens for c in choices])))
         if self.chat and self.prompt_logprobs:       # vLLM's: once for chat's one prompt
             body["prompt_logprobs"] = self._prompt_logprobs(choices[0].prompt_logprobs)
+        if self.chat and self._prompt_ids is not None:
+            body["prompt_token_ids"] = self._prompt_ids[0]
         return body
 
     def _prompt_logprobs(self, entries: list[TokenLogprobs | None] | None) -> list[dict | None] | None:
@@ -266,6 +283,11 @@ class Formatter:
         ch["finish_reason"] = None if d is None else d.finish_reason
         if d is not None and d.finish_reason is not None:
             ch["stop_reason"] = d.stop_reason
+        if self._prompt_ids is not None:      # return_token_ids: the prompt's in the choice's first chunk
+            ch["token_ids"] = [] if d is None else d.token_ids
+            if index not in self._ids_sent:
+                self._ids_sent.add(index)
+                (body if self.chat else ch)["prompt_token_ids"] = self._prompt_ids[index]
         body["choices"] = [ch]
         if self._usage_prompt_tokens is not None:     # vLLM's continuous_usage_stats
             body["usage"] = usage(self._usage_prompt_tokens[index], 0 if d is None else d.completion_tokens)
@@ -281,7 +303,7 @@ class Formatter:
         """sse(self.chunk(index, d)) for a delta, the same bytes, without building and
         encoding a dict per token: the head is serialized once per request and only the
         text and finish reason are encoded here (logprobs and per-chunk usage take the dict path)."""
-        if self.logprobs is not None or self._usage_prompt_tokens is not None:
+        if self.logprobs is not None or self._usage_prompt_tokens is not None or self._prompt_ids is not None:
             return sse(self.chunk(index, d))
         if self._chunk_head is None:
             head = json.dumps(self._head("chat.completion.chunk" if self.chat else "text_completion"),

@@ -125,6 +125,8 @@ class Job:
     bad_words: tuple[str, ...] | None = None    # SamplingParams.bad_words
     allowed_token_ids: tuple[int, ...] | None = None   # SamplingParams.allowed_token_ids
     cache_salt: str | None = None               # SamplingParams.cache_salt
+    tokens_as_ids: bool = False                 # return_tokens_as_token_ids
+    return_token_ids: bool = False
     ignored: tuple[str, ...] = ()               # fields accepted and ignored (protocol_extras.IGNORED)
 
 

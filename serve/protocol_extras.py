@@ -20,6 +20,11 @@ serve/protocol.py into the Job):
 - `cache_salt` (a non-empty string): SamplingParams.cache_salt, the request shares prefix-cache
   blocks only with requests of the same salt (accepted, and of no effect, without
   --enable-prefix-caching);
+- `return_tokens_as_token_ids` (bool): logprobs name each token "token_id:<id>" (vLLM's, for
+  tokens whose text is not JSON-safe, such as a character's first byte);
+- `return_token_ids` (bool): vLLM's `prompt_token_ids` and `token_ids` in the response
+  (completions: on each choice; chat: `prompt_token_ids` on the response); streamed, the
+  prompt's ids in each choice's first chunk and each chunk's new token ids;
 - OpenAI's `store`, `metadata` and `service_tier`, and its hints `prompt_cache_key` (a string
   that groups requests for cache hits), `safety_identifier` (a string naming the end user)
   and `prediction` (predicted output, {"type": "content", "content": a string or text parts},
@@ -35,7 +40,7 @@ from fastserve_jax.serve.json_body import bool_field, int_field, str_field, toke
 
 IGNORED = ("store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "prediction")
 FIELDS = frozenset({"truncate_prompt_tokens", "add_special_tokens", "prompt_logprobs", "request_id", "bad_words",
-                    "allowed_token_ids", "cache_salt", *IGNORED})
+                    "allowed_token_ids", "cache_salt", "return_tokens_as_token_ids", "return_token_ids", *IGNORED})
 PREDICTION_SHAPE = '{"type": "content", "content": a string or text parts}'
 MAX_REQUEST_ID = 256      # characters; it is written into every response and log line
 
@@ -78,6 +83,8 @@ def parse_extras(body: dict, stream: bool, max_logprobs: int) -> dict:
     return dict(cache_salt=salt, truncate_prompt_tokens=truncate, add_special_tokens=bool_field(body, "add_special_tokens", None),
                 prompt_logprobs=prompt_logprobs, request_id=request_id, bad_words=_bad_words(body),
                 allowed_token_ids=_allowed_token_ids(body),
+                tokens_as_ids=bool_field(body, "return_tokens_as_token_ids", False),
+                return_token_ids=bool_field(body, "return_token_ids", False),
                 ignored=tuple(k for k in IGNORED if body.get(k) is not None))
 
 

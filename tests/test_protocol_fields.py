@@ -788,3 +788,30 @@ def test_a_stream_has_a_chunk_per_token_even_where_its_text_is_empty(live):
     for e in events:
         bench_client._event(result, "data: " + json.dumps(e))
     assert len(result.chunk_times) == 8
+
+
+def test_return_token_ids_and_tokens_as_token_ids(live):
+    """vLLM's return_token_ids (the prompt's and each choice's ids; streamed, the prompt's in a
+    choice's first chunk and each chunk's new ids) and return_tokens_as_token_ids (logprobs name
+    tokens "token_id:<id>"), both a 400 as unknown fields until 2026-12-07."""
+    prompt = demo_task.make_prompt(3, 9)
+    want = _post(live, "/tokenize", {"prompt": prompt})[1]["tokens"]
+    chat_want = _post(live, "/tokenize", {"messages": USER})[1]["tokens"]
+    for path, body in (("/v1/completions", {"prompt": prompt, "n": 2}), ("/v1/chat/completions", {"messages": USER})):
+        chat = path.endswith("chat/completions")
+        body = dict(body, max_tokens=8, temperature=0, logprobs=True if chat else 1, return_token_ids=True,
+                    return_tokens_as_token_ids=True)
+        status, out = _post(live, path, body)
+        assert status == 200, out
+        _, chunks = _post(live, path, dict(body, stream=True))
+        for c in out["choices"]:
+            ids, i = c["token_ids"], c["index"]
+            assert len(ids) == out["usage"]["completion_tokens"] // len(out["choices"]) and ids
+            names = [e["token"] for e in c["logprobs"]["content"]] if chat else c["logprobs"]["tokens"]
+            assert names == [f"token_id:{t}" for t in ids]
+            assert (out["prompt_token_ids"] if chat else c["prompt_token_ids"]) == (chat_want if chat else want)
+            mine = [ch for ch in chunks if ch["choices"] and ch["choices"][0]["index"] == i]
+            assert sum((ch["choices"][0]["token_ids"] for ch in mine), []) == ids
+            firsts = [ch if chat else ch["choices"][0] for ch in mine if "prompt_token_ids" in (ch if chat else ch["choices"][0])]
+            assert len(firsts) == 1 and firsts[0] is (mine[0] if chat else mine[0]["choices"][0])
+            assert firsts[0]["prompt_token_ids"] == (chat_want if chat else want)
