@@ -225,8 +225,9 @@ class PrefixCachingKVManager(KVManager):
         return hit
 
     def register(self, req: Request, num_new_tokens: int) -> None:
-        """Give keys to the request's full blocks that the step about to run completes (the
-        tokens must be known on the host); a prefix another block already holds keeps that one."""
+        """Key the request's full blocks that the step about to run completes (tokens known on the
+        host). A key a held block has stays there; an unheld cached copy's moves here (that copy
+        is freed): kept there until 2026-12-07, the request took the copy back as free space."""
         rid = req.request_id
         full = min(req.num_computed_tokens + num_new_tokens, req.num_known_tokens) // self.block_size
         done = self._registered.get(rid, 0)
@@ -236,9 +237,14 @@ class PrefixCachingKVManager(KVManager):
         key_of, block_of = self._key_of, self._block_of
         for i in range(done, full):
             b, key = table[i], chain[i]
-            if b not in key_of and key not in block_of:
-                key_of[b], block_of[key] = key, b
-                self._unwritten.add(b)
+            old = block_of.get(key)
+            if b in key_of or old is not None and old not in self._cached:
+                continue
+            if old is not None:
+                del self._cached[old], key_of[old]
+                self._free.append(old)
+            key_of[b], block_of[key] = key, b
+            self._unwritten.add(b)
         self._registered[rid] = full
 
     def reset(self) -> None:

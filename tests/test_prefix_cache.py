@@ -42,6 +42,26 @@ def test_a_prompt_logprobs_request_looks_nothing_up_and_counts_no_query():
     assert plan.scheduled[0].num_tokens == 11 and (kv.queries, kv.hits) == (11, 0)
 
 
+def test_a_prefix_computed_again_stays_found_where_the_pool_takes_back_the_old_copy():
+    """A prompt_logprobs request (it reads no cache) computes a cached prompt's blocks again in a
+    pool that holds one copy: its chunks take the cached copy's blocks as free space. Its own
+    blocks kept no key (the cached ones had them), so the prefix was lost though its content
+    stayed on the device: the next plain request found 8 of 48 tokens (a probe, 2026-12-07)."""
+    kv = PrefixCachingKVManager(num_blocks=8, block_size=4)      # 7 usable
+    prompt = list(range(1, 28))                                  # 27 tokens: 6 full blocks
+    a = req("a", prompt, max_tokens=1)
+    run_plan(kv, (a, 27))
+    kv.free(a)
+    b = req("b", prompt, max_tokens=1, prompt_logprobs=1)
+    for chunk in (8, 8, 11):                                     # chunked: it takes the cached blocks
+        run_plan(kv, (b, chunk))
+    kv.free(b)
+    kv.check_integrity()
+    c = req("c", prompt, max_tokens=1)
+    assert run_plan(kv, (c, 27)).scheduled[0].num_tokens == 3 and c.num_cached_tokens == 24
+    kv.check_integrity()
+
+
 def test_a_second_request_shares_the_first_ones_full_blocks_and_computes_the_rest():
     kv = PrefixCachingKVManager(num_blocks=20, block_size=4)
     a, b = req("a", range(1, 12)), req("b", [*range(1, 10), 50, 51])      # 11 tokens; the first 9 shared
