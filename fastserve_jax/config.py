@@ -43,8 +43,9 @@ class SchedulerConfig:
       seconds. The default base is about one decode iteration of a 13B model on an A100 and
       the ratio is 2, as in the FastServe authors' code; 12 queues reach 20 s, past any
       prefill of a 2,048-token budget.
-    - starvation_threshold: a request that has not run for this many seconds is promoted to
-      the top queue (0 disables promotion).
+    - starvation_threshold: a request that has not run for this many seconds, stretched by the
+      live requests per batch slot (scheduler/base.py, starvation_limit), is promoted to the
+      top queue (0 disables promotion).
     - gittins_*: the Gittins policy learns output lengths from the last `gittins_window`
       finished requests of each prompt-length bucket (edges in tokens; () = one bucket),
       and from the running ones as censored lengths; it recomputes its index tables every
@@ -246,6 +247,7 @@ class EngineConfig:
     prompt_neighbors: int = field(default=SchedulerConfig.prompt_neighbors, repr=False)
     # SchedulerConfig.starvation_threshold in seconds for the default config above; None: the
     # default's 10 s scaled to this engine's full-batch decode time (scheduler/engine_defaults.py).
+    # These four with a scheduler_config are refused (until 2026-12-07 ignored without a word).
     starvation_threshold: float | None = field(default=None, repr=False)
     # the policy's cost model: None profiles this engine (cached); else a shipped name or JSON path
     cost_model: str | None = None
@@ -336,6 +338,11 @@ class EngineConfig:
         SchedulerConfig(tail_slowdown=self.tail_slowdown, prompt_neighbors=self.prompt_neighbors,  # their checks
                         starvation_threshold=SchedulerConfig.starvation_threshold if self.starvation_threshold is None
                         else self.starvation_threshold)
+        given = [k for k, v in (("protect_decodes", not self.protect_decodes), ("starvation_threshold",
+                 self.starvation_threshold is not None), ("tail_slowdown", self.tail_slowdown != SchedulerConfig.tail_slowdown),
+                 ("prompt_neighbors", self.prompt_neighbors != SchedulerConfig.prompt_neighbors)) if v]
+        if self.scheduler_config is not None and given:     # they were ignored without a word
+            raise ValueError(f"{', '.join(given)} set the default policy config; with scheduler_config, set them in it")
         if self.attention_backend not in ATTENTION_CHOICES:
             raise ValueError(f"attention_backend must be one of {', '.join(map(repr, ATTENTION_CHOICES))}, "
                              f"got {self.attention_backend!r}")
@@ -390,11 +397,3 @@ class EngineConfig:
                                    min_launch_blocks=floor,
                                    async_scheduling=asyn, batches_in_flight=2 if asyn else
                                    self.batches_in_flight or self.pipeline_parallel_size)
-
-
-def bucket(value: int, buckets: tuple[int, ...]) -> int:
-    """Smallest bucket >= value."""
-    for b in buckets:
-        if b >= value:
-            return b
-    raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")

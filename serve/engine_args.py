@@ -85,8 +85,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "--no-protect-decodes, which turns off what skip-join learns; fcfs and srpt read none of "
                         "these policy options)")
     g.add_argument("--starvation-threshold", type=float, default=None,
-                   help="seconds a request may wait before skip-join-mlfq promotes it to the top queue, and the "
-                        "age at which the tail guard looks at it (default: 10 s scaled to this engine's "
+                   help="seconds a request may wait before skip-join-mlfq promotes it to the top queue, stretched "
+                        "by the live requests per batch slot (with 4x the requests max-num-seqs holds, 4x as "
+                        "long), and the age at which the tail guard looks at it (default: 10 s scaled to this engine's "
                         "full-batch decode time against OPT-13B's on an A100; 0: no promotion; gittins and "
                         "predictive use their own limit, 20 s scaled alike)")
     g.add_argument("--prompt-neighbors", type=int, default=SchedulerConfig.prompt_neighbors,

@@ -318,6 +318,17 @@ def test_vllm_spellings_a_ported_script_uses():
         llm_keywords({"scheduling_policy": "priority"})
 
 
+def test_default_policy_options_beside_a_scheduler_config_are_refused():
+    """They set the default config; beside a scheduler_config they were ignored without a word."""
+    from fastserve_jax.config import SchedulerConfig
+
+    for kw in (dict(starvation_threshold=0.05), dict(protect_decodes=False), dict(tail_slowdown=0.0),
+               dict(prompt_neighbors=0)):
+        EngineConfig(**kw)
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} set the default policy config"):
+            EngineConfig(scheduler_config=SchedulerConfig(), **kw)
+
+
 def test_sampler_seed_keeps_32_bit_seeds_and_hashes_the_rest():
     assert [sampler_seed(s) for s in (0, 7, 2**32 - 1)] == [0, 7, 2**32 - 1]
     wide = [sampler_seed(s) for s in (2**32, 2**40, -1, -(2**32), 2**64)]

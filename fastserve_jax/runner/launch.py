@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from fastserve_jax.config import EngineConfig, bucket
+from fastserve_jax.config import EngineConfig
 from fastserve_jax.kv_cache import KVManager
 from fastserve_jax.models.attention import AttnBatch
 from fastserve_jax.prompt_logprobs import Span, fill_targets, needs_prompt_logprobs
@@ -23,6 +23,14 @@ from fastserve_jax.runner.keys import DecodeKey, LaunchKey, PrefillKey, launch_k
 from fastserve_jax.sampling import Penalties, SamplingArrays
 from fastserve_jax.sampling_params import BIAS_SLOTS
 from fastserve_jax.scheduler.base import ScheduledRequest
+
+
+def bucket(value: int, buckets: tuple[int, ...]) -> int:
+    """Smallest bucket >= value."""
+    for b in buckets:
+        if b >= value:
+            return b
+    raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
 
 
 @dataclass

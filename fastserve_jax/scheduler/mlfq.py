@@ -11,8 +11,8 @@ batch.fill_batch for KV limits). A request that ran keeps its place in its queue
 demoted to the back of the next queue once the service it received in its current queue
 (`Request.attained_service`: seconds of the iterations it ran in, by the policy's cost model,
 Scheduler.service) exceeds that queue's quantum. A
-request that has not run for `starvation_threshold` seconds is promoted to the back of the
-top queue. Skip-join (beyond the paper) also learns output lengths and stops charging a
+request that has not run for `starvation_threshold` seconds, stretched by the live requests
+per batch slot (base.starvation_limit), is promoted to the back of the top queue. Skip-join (beyond the paper) also learns output lengths and stops charging a
 decoding request while they say it is worth more per token than a fresh one (see
 skip_join.py). Pure Python; each queue is an insertion-ordered dict, so add,
 remove, demote and promote are O(1) and a schedule() walks only as far as the batch fills.
