@@ -43,7 +43,7 @@ def test_dtype_auto_is_bf16_on_accelerators_fp32_on_cpu():
     assert kv_block_bytes(shape, EngineConfig()) == kv_block_bytes(shape, EngineConfig(dtype="float32")) == 4096
     assert parse_engine_args([]).dtype == "auto"
     assert engine_kwargs(parse_engine_args(["--dtype", "bfloat16"]))["dtype"] == "bfloat16"
-    with pytest.raises(ValueError, match="dtype must be one of 'auto', 'float32', 'bfloat16', got 'fp16'"):
+    with pytest.raises(ValueError, match=r"dtype must be one of 'auto', 'float32', 'bfloat16' \(or 'float'\), got 'fp16'"):
         EngineConfig(dtype="fp16")
     with pytest.raises(SystemExit):
         parse_engine_args(["--dtype", "float16"])
