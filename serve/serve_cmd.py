@@ -119,8 +119,8 @@ def model_name(model: str | None) -> str:
 def api_keys(given: list[str] | None) -> tuple[str, ...] | None:
     """The keys a request may send: --api-key's, else $FASTSERVE_API_KEY's, else $VLLM_API_KEY's
     (vLLM's variable: a deployment moved from vLLM ran with no key check before 2026-12-07)."""
-    keys = tuple(given or ()) or tuple(k for k in (os.environ.get(API_KEY_ENV) or os.environ.get(VLLM_API_KEY_ENV),) if k)
-    return keys or None
+    keys = tuple(k for k in given or () if k)       # "" asks for no key, as an unset variable does
+    return keys or tuple(k for k in (os.environ.get(API_KEY_ENV) or os.environ.get(VLLM_API_KEY_ENV),) if k) or None
 
 
 def progress_logger(every: float = 0.1, stopping: Callable[[], bool] | None = None):

@@ -261,7 +261,7 @@ def test_api_keys_several_any_scheme_case_and_vllms_variable(monkeypatch):
 
     for name in ("FASTSERVE_API_KEY", "VLLM_API_KEY"):
         monkeypatch.delenv(name, raising=False)
-    assert api_keys(None) is None and api_keys(["a", "b"]) == ("a", "b")
+    assert api_keys(None) is None and api_keys([""]) is None and api_keys(["a", "b"]) == ("a", "b")
     monkeypatch.setenv("VLLM_API_KEY", "v")
     assert api_keys(None) == ("v",) and api_keys(["a"]) == ("a",)
     monkeypatch.setenv("FASTSERVE_API_KEY", "f")
