@@ -47,6 +47,9 @@ class ChatOptions:
     continue_final_message: bool = False
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     content_format: str = "auto"
+    # an empty tool list sent (tools: []) reaches the template as [] (vLLM's): Llama 3.1's template
+    # writes its tool preamble for it; None: the template sees none (until 2026-12-07, [] too)
+    empty_tools: bool = False
 
     def __post_init__(self) -> None:
         if self.content_format not in CONTENT_FORMATS:
@@ -93,7 +96,7 @@ def render_chat(tokenizer, messages: list[dict], options: ChatOptions = ChatOpti
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=options.add_generation_prompt,
             continue_final_message=options.continue_final_message, chat_template=chat_template or None,
-            **options.template_kwargs)
+            **({"tools": []} if options.empty_tools else {}), **options.template_kwargs)
     except Exception as e:     # any failure of the template on these messages (vLLM's reading too)
         whose = "the chat template given" if chat_template else "the model's chat template"
         kind = "" if isinstance(e, (TemplateError, ValueError)) else f"{type(e).__name__}: "

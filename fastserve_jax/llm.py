@@ -186,12 +186,12 @@ class LLM:
         final message open for the model to continue; chat_template_kwargs are extra template
         variables (e.g. {"enable_thinking": False}); chat_template_content_format is how content
         reaches the template (chat_template.CONTENT_FORMATS); `tools` must be empty (no tool
-        calling here). Bad input raises ValueError before any conversation is queued."""
+        calling here; [] reaches the template as [], as in vLLM). Bad input raises ValueError before any conversation is queued."""
         if tools:
             raise ValueError("tools: fastserve-jax has no tool (function) calling; pass none")
         _no_lora_or_priority(lora_request, None)
         options = ChatOptions(add_generation_prompt, continue_final_message, chat_template_kwargs,
-                              chat_template_content_format)
+                              chat_template_content_format, tools is not None and len(tools) == 0)
         convs = conversations(messages)
         if isinstance(sampling_params, (list, tuple)) and len(sampling_params) != len(convs):
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(convs)} conversations; "

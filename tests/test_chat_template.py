@@ -194,3 +194,16 @@ def test_chat_template_is_a_file_or_an_inline_template_checked_at_start(tmp_path
         load_chat_template(str(tmp_path / "missing.jinja"))
     with pytest.raises(ValueError, match="not a valid Jinja template"):
         load_chat_template("{% for m in messages %}{{ m }}")
+
+
+def test_an_empty_tool_list_reaches_the_template_as_vllm_passes_it(tok):
+    """`tools: []` (what some clients always send) reached the template as None: Llama 3.1's
+    template writes its tool preamble for [] under vLLM and wrote none here."""
+    from fastserve_jax.serve.protocol import parse_chat
+
+    template = "{% if tools is not none %}TOOLS{{ tools | length }} {% endif %}{{ messages[0]['content'] }}"
+    text = lambda options: render_chat(tok, USER, options, template)[0]
+    assert text(ChatOptions()) == USER[0]["content"]
+    assert text(ChatOptions(empty_tools=True)) == "TOOLS0 " + USER[0]["content"]
+    for body, want in (({"tools": []}, True), ({"tools": None}, False), ({}, False)):
+        assert parse_chat(dict(body, messages=USER)).chat_options.empty_tools is want
