@@ -125,8 +125,8 @@ class LLM:
         prompts on stderr (off by default here, unlike vLLM). Calls from several threads run one
         after another. vLLM's lora_request and priority must ask for nothing (None, or 0s)."""
         _no_lora_or_priority(lora_request, priority)
-        given = _prompt_list(prompts)
-        prompts = [_one_prompt(p, i) for i, p in enumerate(given)]
+        salted = [_one_prompt(p, i) for i, p in enumerate(_prompt_list(prompts))]
+        prompts, salts = [p for p, _ in salted], [salt for _, salt in salted]
         if not prompts:
             return []
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -140,7 +140,7 @@ class LLM:
             raise ValueError(f"sampling_params must be a SamplingParams or a list of them (one per prompt), "
                              f"got {type(sampling_params).__name__}")
         params = [sp if salt is None or not isinstance(sp, SamplingParams) else dataclasses.replace(sp, cache_salt=salt)
-                  for sp, salt in zip(params, (_prompt_salt(p, i) for i, p in enumerate(given)))]
+                  for sp, salt in zip(params, salts)]
         runs = [[dataclasses.replace(sp, n=1, best_of=None, seed=choice_seed(sp.seed, j))
                  for j in range(sp.n)]
                 if isinstance(sp, SamplingParams) else [sp] for sp in params]
@@ -314,33 +314,28 @@ def _say_context_cap(path: str, served: int, positions: int) -> None:
 _NO_INPUTS = ("multi_modal_data", "mm_processor_kwargs", "multi_modal_uuids")     # TextPrompt's, TokensPrompt's
 
 
-def _prompt_salt(p, i: int) -> str | None:
-    """A prompt dict's `cache_salt` (vLLM's TextPrompt and TokensPrompt carry it; here it is
-    SamplingParams.cache_salt), after its multimodal keys are found empty."""
-    if not isinstance(p, dict):
-        return None
-    for k in _NO_INPUTS:
-        if p.get(k):
-            raise ValueError(f"prompt {i}: {k!r} must be empty or None: fastserve-jax serves text models only")
-    return p.get("cache_salt")
-
-
-def _one_prompt(p, i: int):
-    """A string or a list of token ids, from any form generate() takes."""
+def _one_prompt(p, i: int) -> tuple[str | list[int], str | None]:
+    """(a string or a list of token ids, its cache_salt) from any form generate() takes; a
+    prompt dict's `cache_salt` (vLLM's TextPrompt and TokensPrompt carry it) becomes
+    SamplingParams.cache_salt, and its multimodal keys must be empty."""
+    salt = None
     if isinstance(p, dict):
         kinds = set(p) & {"prompt", "prompt_token_ids"}
         if len(kinds) != 1 or set(p) - kinds - {"cache_salt", *_NO_INPUTS}:
             raise ValueError(f"prompt {i}: a prompt dict has exactly one of 'prompt' (text) or 'prompt_token_ids', "
                              f"and may have 'cache_salt', got keys {sorted(p)}")
+        for k in _NO_INPUTS:
+            if p.get(k):
+                raise ValueError(f"prompt {i}: {k!r} must be empty or None: fastserve-jax serves text models only")
         key = kinds.pop()
-        p = p[key]
+        salt, p = p.get("cache_salt"), p[key]
         if isinstance(p, str) != (key == "prompt"):
             raise ValueError(f"prompt {i}: {key!r} takes {'text' if key == 'prompt' else 'token ids'}, "
                              f"got {type(p).__name__}")
     if isinstance(p, str):
-        return check_text(p, f"prompt {i}")
+        return check_text(p, f"prompt {i}"), salt
     if isinstance(p, np.ndarray):
         if p.ndim != 1 or not np.issubdtype(p.dtype, np.integer):
             raise ValueError(f"prompt {i}: a token-id array must be 1-D of integers, got shape {p.shape} {p.dtype}")
-        return p.tolist()
-    return list(p) if isinstance(p, tuple) else p
+        return p.tolist(), salt
+    return (list(p) if isinstance(p, tuple) else p), salt
