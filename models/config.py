@@ -22,8 +22,16 @@ _DEFAULT_SLIDING_WINDOW = 4096
 
 
 def _sliding_window(model_type: str, d: dict) -> int | None:
-    if model_type == "mistral" or (model_type == "qwen2" and d.get("use_sliding_window")):
+    """The window of the model's sliding layers, None where every layer attends to all of the
+    context. Qwen2 slides only the layers from max_window_layers on (transformers' default
+    layer_types; written out by newer configs): with all of them below it, none slides."""
+    if model_type == "mistral":
         return d.get("sliding_window", _DEFAULT_SLIDING_WINDOW)
+    if model_type == "qwen2" and d.get("use_sliding_window"):
+        n = d["num_hidden_layers"]
+        types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", 28) else "full_attention"
+                                         for i in range(n)]
+        return d.get("sliding_window", _DEFAULT_SLIDING_WINDOW) if "sliding_attention" in types else None
     return None
 
 

@@ -69,8 +69,9 @@ _LEAVES = {"weight": "weight", "embedding": "weight", "scale": "weight", "bias":
 # Stored dtypes a float param may be read from (cast to the param's dtype); an integer or
 # bool tensor in a float param's place would be cast silently into garbage.
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-# Buffers some (older Llama) checkpoints carry; recomputed, never loaded.
-_HARMLESS = re.compile(r".*\.rotary_emb\.inv_freq$")
+# Buffers some checkpoints carry (older Llamas' inv_freq; the cos/sin tables of ColossalAI's,
+# which vLLM skips too); recomputed, never loaded.
+_HARMLESS = re.compile(r".*\.rotary_emb\.(inv_freq|cos_cached|sin_cached)$")
 
 ParamPath = tuple[str, ...]  # a leaf's keys in the param tree
 

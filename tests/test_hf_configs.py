@@ -86,7 +86,12 @@ _LLAMA_DICT = dict(_TINY["llama"], num_key_value_heads=2)
     ("mistral", {}, 4096),                                   # no key: MistralConfig's default window
     ("mistral", {"sliding_window": None}, None),             # Mistral v0.2+: full attention
     ("mistral", {"sliding_window": 32}, 32),
-    ("qwen2", {"use_sliding_window": True}, 4096),           # no key: Qwen2Config's default
+    ("qwen2", {"use_sliding_window": True, "max_window_layers": 0}, 4096),     # no key: Qwen2Config's default
+    # Qwen2 slides only the layers from max_window_layers (default 28) on: this one-layer model none
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 32}, None),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 32, "layer_types": ["full_attention"]}, None),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 32, "layer_types": ["sliding_attention"]}, 32),
+    ("qwen2", {"use_sliding_window": False, "sliding_window": 32, "layer_types": ["sliding_attention"]}, None),
     ("qwen2", {"use_sliding_window": False, "sliding_window": 32}, None),
     ("llama", {"sliding_window": 32}, None),                 # not a Llama field
 ])

@@ -351,5 +351,9 @@ def test_errors_are_clear(checkpoint, tmp_path):
     extra = {**tensors, "model.layers.0.mlp.up_proj.bias": np.zeros(128, np.float32)}
     with pytest.raises(ValueError, match=r"unexpected tensors \(1\): model\.layers\.0\.mlp\.up_proj\.bias"):
         load_model(write("extra", cfg_dict, extra), cache_dir="")
+    # rotary buffers some checkpoints carry (ColossalAI's cos/sin tables) are recomputed, not refused
+    buffers = {**tensors, **{f"model.layers.0.self_attn.rotary_emb.{b}": np.zeros(8, np.float32)
+                             for b in ("inv_freq", "cos_cached", "sin_cached")}}
+    load_model(write("buffers", cfg_dict, buffers), cache_dir="")
     with pytest.raises(ValueError, match=r"wrong shapes .*q_proj\.weight: checkpoint has \(64, 64\), config wants \(32, 64\)"):
         load_model(write("shape", {**cfg_dict, "num_attention_heads": 2, "head_dim": 16}, tensors), cache_dir="")
