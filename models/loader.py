@@ -43,8 +43,8 @@ def cache_root(cache_dir: str | None = None) -> str | None:
         return cache_dir or None
     env = os.environ.get(CACHE_ENV)
     if env is not None:
-        return None if env.lower() in ("", "0", "off", "none") else env
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return None if env.lower() in ("", "0", "off", "none") else os.path.expanduser(env)
+    xdg = os.path.expanduser(os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"))
     return os.path.join(xdg, "fastserve_jax")
 
 

@@ -132,3 +132,20 @@ def test_a_cache_directory_that_cannot_be_made_or_read_leaves_the_cache_off(tmp_
     for off in ("OFF", "0", "False"):     # these made a cache directory of that name (only "off" was off)
         monkeypatch.setenv("FASTSERVE_JAX_COMPILE_CACHE", off)
         assert pc.enable_compilation_cache() is None and not (tmp_path / off).exists()
+
+
+def test_cache_paths_from_the_environment_expand_a_tilde(tmp_path, monkeypatch):
+    """systemd's Environment=, Docker's ENV and Kubernetes' env pass "~" as it is: the caches
+    went to a directory named "~" in the working directory (until 2026-12-07)."""
+    from fastserve_jax.models import loader
+    from fastserve_jax.runner import persistent_cache as pc
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", "~/xdg")
+    monkeypatch.delenv(loader.CACHE_ENV, raising=False)      # the test session's own
+    assert pc.default_cache_root() == str(tmp_path / "xdg" / "fastserve_jax")
+    assert loader.cache_root() == str(tmp_path / "xdg" / "fastserve_jax")
+    monkeypatch.setenv(loader.CACHE_ENV, "~/params")
+    assert loader.cache_root() == str(tmp_path / "params")
+    monkeypatch.setenv("FASTSERVE_JAX_LENGTHS_DIR", "~/lengths")
+    assert pc.beside_cache("lengths", "FASTSERVE_JAX_LENGTHS_DIR", "k", ".json").startswith(str(tmp_path / "lengths"))

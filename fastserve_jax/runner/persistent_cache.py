@@ -37,12 +37,14 @@ SETTLE_SECONDS = 120.0                  # younger entries may still be being wri
 
 
 def default_cache_root() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    # "~" expanded here: systemd's Environment=, Docker's ENV and Kubernetes' env leave it to us
+    base = os.path.expanduser(os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"))
     return os.path.join(base, "fastserve_jax")
 
 
 def enable_compilation_cache(path: str | None = None) -> str | None:
-    path = path or os.environ.get("FASTSERVE_JAX_COMPILE_CACHE") or os.path.join(default_cache_root(), "xla")
+    path = os.path.expanduser(path or os.environ.get("FASTSERVE_JAX_COMPILE_CACHE")
+                              or os.path.join(default_cache_root(), "xla"))
     if path.lower() in ("off", "0", "false"):       # "OFF" made a directory of that name
         return None
     try:
@@ -133,6 +135,7 @@ def beside_cache(kind: str, env: str, key: str, suffix: str) -> str | None:
     None (not kept) when neither is set or the variable says "off". The file is named by a
     hash of `key` (what the state is valid for)."""
     root = os.environ.get(env)
+    root = root if root is None else os.path.expanduser(root)
     if root is None and jax.config.jax_compilation_cache_dir:
         root = os.path.join(os.path.dirname(os.path.abspath(jax.config.jax_compilation_cache_dir)), kind)
     if not root or root == "off":
