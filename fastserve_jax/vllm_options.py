@@ -16,6 +16,7 @@ log = logging.getLogger("fastserve_jax")
 NO_EFFECT = {
     "trust_remote_code": "--trust-remote-code has no effect: only the architectures fastserve-jax implements "
                          "(models/) are loaded, never code from the model directory",
+    "download_dir": "--download-dir has no effect: nothing is downloaded; --model is a local directory",
     "enforce_eager": "--enforce-eager has no effect: there are no CUDA graphs to turn off; every batch shape is "
                      "an XLA program compiled ahead (--warmup says when)",
     "disable_frontend_multiprocessing": "--disable-frontend-multiprocessing has no effect: the engine runs on a "
@@ -36,7 +37,6 @@ LLM_NO_EFFECT = {
                               "max_num_batched_tokens",
     "max_seq_len_to_capture": "max_seq_len_to_capture has no effect: there are no CUDA graphs",
     "compilation_config": "compilation_config has no effect: XLA compiles every batch shape (warmup says when)",
-    "download_dir": "download_dir has no effect: nothing is downloaded; the model is a local directory",
     "max_logprobs": "max_logprobs has no effect: logprobs and prompt_logprobs are at most 20 (the sampler's)",
 }
 

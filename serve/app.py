@@ -93,6 +93,8 @@ class ServerConfig:
     stats_interval: float = STATS_INTERVAL_S
     max_logprobs: int = MAX_LOGPROBS    # the most logprobs a request may ask (--max-logprobs)
     request_id_headers: bool = False    # X-Request-Id on every response (--enable-request-id-headers)
+    response_role: str = "assistant"    # chat answers' role after a generation prompt (--response-role)
+    tokens_as_ids: bool = False         # every request's return_tokens_as_token_ids (the flag's)
 
 
 class Server:
@@ -224,6 +226,8 @@ async def _generate(request: Request, chat: bool, body: dict | None = None) -> R
            else parse_completion(body, srv.cfg.max_logprobs))
     if (rid := header_request_id(header_value(request.headers.raw, b"x-request-id"))) is not None:
         job = dataclasses.replace(job, request_id=rid)              # vLLM's: the header names the response
+    if srv.cfg.tokens_as_ids:       # vLLM's: the flag or the request's field
+        job = dataclasses.replace(job, tokens_as_ids=True)
     srv.check_model(job.model)
     srv.check_serving()
     if job.ignored:      # as vLLM does with the fields it does not read
@@ -236,7 +240,8 @@ async def _generate(request: Request, chat: bool, body: dict | None = None) -> R
                                                                               srv.cfg.chat_template)
     srv.admit(len(prompts))
     group = srv.engine.submit(prompts, arrival)
-    fmt = Formatter.for_job(job, srv.cfg.model_name, eng.tokenizer, prompts, eng.cfg.enable_prefix_caching)
+    fmt = Formatter.for_job(job, srv.cfg.model_name, eng.tokenizer, prompts, eng.cfg.enable_prefix_caching,
+                            srv.cfg.response_role)
     if srv.cfg.log_requests:
         first = job.prompts[0]
         log.info("received request %s: prompt %.*r (%d prompt tokens in all, %d engine requests), params %s",

@@ -14,10 +14,11 @@ import sys
 import time
 
 from fastserve_jax.serve.bench_cmd import add_bench_parser
-from fastserve_jax.vllm_options import refusal
 from fastserve_jax.serve.engine_args import add_engine_args, cpu_devices_for, engine_kwargs
 from fastserve_jax.serve.serve_cmd import add_serve_parser
+from fastserve_jax.serve.server_args import vllm_refusal
 from fastserve_jax.serve.simulate_cmd import add_simulate_parser
+from fastserve_jax.vllm_options import refusal
 
 
 class StatusLine:
@@ -131,7 +132,7 @@ def _cpu_devices_for(a: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    refused = refusal(args)
+    refused = refusal(args) or vllm_refusal(args)
     if refused is not None:
         print(f"error: {refused}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ import argparse
 def add_compat_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("vLLM flags accepted for compatibility (no effect here) or refused with a reason")
     g.add_argument("--trust-remote-code", action="store_true", help="accepted, no effect (no remote code is run)")
+    g.add_argument("--download-dir", default=None, help="accepted, no effect (nothing is downloaded)")
     g.add_argument("--enforce-eager", action="store_true", help="accepted, no effect (no CUDA graphs)")
     g.add_argument("--quantization", "-q", default=None, help="not implemented: weights load in --dtype")
     g.add_argument("--kv-cache-dtype", default="auto", help="only auto: the KV cache is held in --dtype")

@@ -29,6 +29,7 @@ def _cards(srv) -> list[dict]:     # srv: serve/app.py's Server
 async def models(request: Request) -> Response:
     srv = request.app.state.server
     srv.check_auth(request)
+    srv.check_serving()     # a 503 while warming up: vLLM listens only once ready, and a card lacked max_model_len
     return JSONResponse({"object": "list", "data": _cards(srv)})
 
 
@@ -40,6 +41,7 @@ async def model(request: Request) -> Response:
     if not name:        # /v1/models/ lists them (vLLM's router redirects it; a probe counts a 404 as down)
         return RedirectResponse(request.url.replace(path=request.url.path.rstrip("/")), status_code=307)
     srv.check_model(name)
+    srv.check_serving()
     return JSONResponse(next(c for c in _cards(srv) if c["id"] == name))
 
 

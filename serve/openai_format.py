@@ -117,13 +117,14 @@ class Formatter:
 
     @classmethod
     def for_job(cls, job: Job, model: str, tokenizer, prepared: list[tuple[list[int], SamplingParams]],
-                prefix_caching: bool = False) -> "Formatter":
+                prefix_caching: bool = False, response_role: str = "assistant") -> "Formatter":
         """The formatter of one request; `prepared` is serve/prepare.py's (prompt ids, params)
-        per choice. echo writes a text prompt as sent and a token-id prompt decoded (as vLLM)."""
-        echo, role, chat_echo, decoded = None, "assistant", "", frozenset()
+        per choice. echo writes a text prompt as sent and a token-id prompt decoded (as vLLM).
+        response_role: a chat answer's role after a generation prompt (--response-role)."""
+        echo, role, chat_echo, decoded = None, response_role, "", frozenset()
         if job.chat:        # vLLM's: the last message is echoed where the answer continues its role
             last = job.prompts[0][-1]
-            role = "assistant" if job.chat_options.add_generation_prompt else last["role"]
+            role = response_role if job.chat_options.add_generation_prompt else last["role"]
             chat_echo = content_text(last["content"]) if job.echo and last["role"] == role else ""
         elif job.echo:      # a text prompt that truncate_prompt_tokens cut is echoed as the model saw it
             # (kept whole where its ids decode back to it: a decode of at most the context's tokens

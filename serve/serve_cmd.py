@@ -9,7 +9,6 @@ for up to --shutdown-timeout seconds, then what is left is cancelled and the eng
 from __future__ import annotations
 
 import argparse
-import asyncio
 import errno
 import importlib
 import logging
@@ -25,8 +24,10 @@ import uvicorn
 from fastserve_jax.chat_template import CONTENT_FORMATS
 from fastserve_jax.vllm_options import notes
 from fastserve_jax.serve.engine_args import add_engine_args, check_engine_args, cpu_devices_for, engine_kwargs
+from fastserve_jax.serve.draining import DrainingServer
 from fastserve_jax.serve.engine_loop import StartupCancelled
-from fastserve_jax.serve.server_args import add_server_args, check_server_args, server_settings, uvicorn_settings
+from fastserve_jax.serve.server_args import (add_server_args, add_vllm_server_args, check_server_args, server_settings,
+                                             uvicorn_settings)
 from fastserve_jax.serve.simulate_cmd import number_arg
 
 log = logging.getLogger("fastserve_jax.serve")
@@ -39,15 +40,12 @@ VLLM_API_KEY_ENV = "VLLM_API_KEY"       # read too: a deployment moved from vLLM
 # fcfs, 400 streaming requests at 250 req/s on the 2-core dev VM, served req/s at 5 ms against
 # 0.5 ms, alternating: 53.8/60.3, 48.1/54.6, 53.0/54.5 (skip-join: within noise).
 GIL_SWITCH_INTERVAL_S = 0.0005
-# How long before --shutdown-timeout ends the requests still running are answered (at most
-# half the timeout): time for their handlers to write the answer before uvicorn cancels them.
-SHUTDOWN_ANSWER_MARGIN_S = 0.5
 JOIN_TIMEOUT_S = 300     # seconds a multi-host start waits for every process (sharding/distributed.initialize)
 
 
 def add_serve_parser(sub) -> None:
     p = sub.add_parser(
-        "serve", help="run the OpenAI-compatible HTTP server (default: the demo model on 127.0.0.1:8000)",
+        "serve", help="run the OpenAI-compatible HTTP server (default: the demo model on port 8000)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve a model over HTTP with OpenAI's API: POST /v1/completions and /v1/chat/completions "
                     "(streaming too), GET /v1/models, /health and /metrics (Prometheus); vLLM's POST /tokenize, "
@@ -61,7 +59,8 @@ def add_serve_parser(sub) -> None:
                "From Python: openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='unused')"
                ".completions.create(model='demo', prompt='count from 3 to 12:', max_tokens=20, temperature=0)")
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    g.add_argument("--host", default="0.0.0.0",
+                   help="address to listen on (default: every IPv4 interface, as vLLM's; 127.0.0.1: this machine only)")
     g.add_argument("--port", type=_port, default=8000, help="TCP port, 0-65535 (0: any free one)")
     g.add_argument("--api-key", nargs="+", default=None,
                    help=f"require 'Authorization: Bearer KEY' on /v1, /tokenize, /detokenize and /invocations; "
@@ -78,13 +77,15 @@ def add_serve_parser(sub) -> None:
                    help="admission bound: engine requests admitted and unfinished (n choices count n); "
                         "beyond it requests get 503 with Retry-After (default %(default)s)")
     g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default %(default)s, 1 MiB)")
-    g.add_argument("--shutdown-timeout", type=_seconds, default=30.0,
-                   help="seconds in-flight requests get to finish after SIGINT/SIGTERM (default %(default)s)")
+    g.add_argument("--shutdown-timeout", type=_seconds, default=25.0,
+                   help="seconds in-flight requests get to finish after SIGINT/SIGTERM (default %(default)s: the "
+                        "exit comes about a second later, within Kubernetes' default 30 s grace period)")
     g.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=False,
                    help="run the engine in a process of its own, as vLLM does, so that HTTP parsing, tokenizing "
                         "and streaming do not share a GIL with the engine loop (docs/serving.md); one host only")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_server_args(g)
+    add_vllm_server_args(p, g)
     g = p.add_argument_group("multi-host (one process per host; docs/parallelism.md)")
     g.add_argument("--coordinator-address", default=None,
                    help="host:port of process 0 (default: $FASTSERVE_COORDINATOR); process 0 serves HTTP, the "
@@ -145,13 +146,14 @@ class EngineBuilder:
         self.model, self.engine_kwargs = model, engine_kwargs
 
     def __call__(self, stopping: Callable[[], bool] | None = None):
+        import jax
+
         from fastserve_jax import LLM
 
         kwargs = dict(self.engine_kwargs)
         cpu_devices_for(kwargs.get("tensor_parallel_size", 1) * kwargs.get("pipeline_parallel_size", 1))
         kwargs.setdefault("warmup", "background")     # healthy once any request can be answered
-        log.info("loading %s and compiling (warm-up %s; compiled code is cached in ~/.cache/fastserve_jax)",
-                 self.model or "the bundled demo model", kwargs["warmup"])
+        log.info("loading %s and compiling (warm-up %s)", self.model or "the bundled demo model", kwargs["warmup"])
         llm = LLM(self.model, progress=progress_logger(stopping=stopping), **kwargs)
         rest = ""
         if kwargs["warmup"] == "background":
@@ -161,8 +163,9 @@ class EngineBuilder:
             rest += ", and each program runs once while the server is idle"     # engine_loop._first_runs
         elif llm.engine.runner.first_run_seconds:
             rest = f"; {llm.engine.runner.first_run_seconds:.1f} s of it running each program once"
-        log.info("engine loaded and compiled in %.1f s (%s)%s", llm.startup_seconds, llm.startup_compiles.describe(),
-                 rest)
+        cache = jax.config.jax_compilation_cache_dir        # None: off, or unusable (a warning said why)
+        log.info("engine loaded and compiled in %.1f s (%s)%s; %s", llm.startup_seconds, llm.startup_compiles.describe(),
+                 rest, f"compiled code is cached in {cache}" if cache else "no compiled-code cache")
         return llm.engine
 
 
@@ -314,8 +317,8 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
         from fastserve_jax.multihost import watch_workers
 
         watching = watch_workers(mirror.channel, engine.lose)
-    log.info("serving '%s' on %s://%s:%d%s (scheduler %s%s%s)", cfg.model_name, "https" if a.ssl_keyfile else "http",
-             a.host, a.port, cfg.root_path, a.scheduler,
+    log.info("serving '%s' on %s%s (scheduler %s%s%s)", cfg.model_name, f"unix:{a.uds}" if a.uds else
+             f"{'https' if a.ssl_keyfile else 'http'}://{a.host}:{a.port}", cfg.root_path, a.scheduler,
              ", engine in its own process" if cfg.engine_process else "",
              ", API key required" if cfg.api_key else "")
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
@@ -362,30 +365,3 @@ class Terminated(Exception):
 
 def _terminated(signum, frame) -> None:
     raise Terminated
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server that marks the app draining on the first exit signal, so requests
-    arriving on open keep-alive connections get 503 while in-flight ones finish."""
-
-    def __init__(self, config, app) -> None:
-        super().__init__(config)
-        self.app_state = app.state.server
-
-    def handle_exit(self, sig, frame) -> None:
-        self.app_state.draining = True
-        super().handle_exit(sig, frame)
-
-    async def shutdown(self, sockets=None) -> None:
-        """uvicorn's, except that requests still running just before --shutdown-timeout ends
-        are answered (503 "shut down", or an error event and [DONE] on a stream) rather than
-        cut off mid-response when uvicorn cancels their handlers."""
-        grace = self.config.timeout_graceful_shutdown
-        end = None if grace is None else asyncio.get_running_loop().call_later(
-            max(0.0, grace - min(SHUTDOWN_ANSWER_MARGIN_S, grace / 2)), self.app_state.engine.end_live,
-            "the server shut down before this request finished (its --shutdown-timeout ran out); retry", 503)
-        try:
-            await super().shutdown(sockets)
-        finally:
-            if end is not None:
-                end.cancel()

@@ -67,6 +67,53 @@ def add_server_args(g) -> None:
                         f"{MAX_LOGPROBS}: the sampler computes that many (default %(default)s)")
 
 
+# vLLM server flags naming what this server lacks; the value None or 1 asks for nothing
+REFUSED_SERVER_FLAGS = {
+    "--middleware": "extra ASGI middleware is not loaded",
+    "--enable-server-load-tracking": "GET /load is not served; /metrics' vllm:num_requests_running and "
+                                     "vllm:num_requests_waiting say the load",
+    "--api-server-count": "one API server process serves (--engine-process moves the engine to a process of its own)",
+    "--data-parallel-size": "data parallelism is not implemented; run a server per replica behind a load balancer",
+    "--headless": "every process but the leader already serves no HTTP (--process-id, docs/parallelism.md)",
+    "--enable-auto-tool-choice": "tool calls are not parsed out of answers; the chat template still sees `tools`",
+    "--tool-call-parser": "tool calls are not parsed out of answers; the chat template still sees `tools`",
+    "--config": "flags are not read from a YAML file; give them on the command line",
+}
+
+
+def add_vllm_server_args(p: argparse.ArgumentParser, g) -> None:
+    """vLLM's server flags beyond the ones above: `serve MODEL` (its positional model) and the
+    flags a vLLM command line carries, each taken or refused with a reason (`vllm_refusal`)."""
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model directory, as in `vllm serve MODEL` (the same as --model)")
+    g.add_argument("--disable-uvicorn-access-log", action="store_true", help="no access log line per HTTP request")
+    g.add_argument("--uds", default=None, metavar="PATH",
+                   help="listen on this Unix domain socket instead of --host and --port")
+    g.add_argument("--response-role", default="assistant",
+                   help="the role chat answers carry where the request adds the generation prompt (vLLM's; "
+                        "default %(default)s)")
+    g.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help="logprobs name every token 'token_id:<id>', as the request field of that name asks")
+    for flag in REFUSED_SERVER_FLAGS:
+        g.add_argument(flag, nargs="?", const=True, default=None, help=argparse.SUPPRESS)
+
+
+def vllm_refusal(a: argparse.Namespace) -> str | None:
+    """One line for a vLLM server flag naming a missing feature, or for a positional model
+    unlike --model, else None; the positional becomes --model."""
+    if not hasattr(a, "model_tag"):     # another command
+        return None
+    for flag, why in REFUSED_SERVER_FLAGS.items():
+        value = getattr(a, flag[2:].replace("-", "_"))
+        if value is not None and str(value) != "1":
+            return f"{flag}: not implemented: {why}"
+    if a.model_tag is not None:
+        if a.model is not None and a.model != a.model_tag:
+            return f"the model is given twice, as {a.model_tag!r} and --model {a.model!r}: give one"
+        a.model = a.model_tag
+    return None
+
+
 def check_server_args(a: argparse.Namespace) -> str | None:
     """What is wrong with the options, in one line, or None."""
     if not 0 <= a.max_logprobs <= MAX_LOGPROBS:
@@ -103,12 +150,13 @@ def server_settings(a: argparse.Namespace) -> dict:
                 cors_methods=tuple(a.allowed_methods), cors_headers=tuple(a.allowed_headers),
                 cors_credentials=a.allow_credentials, log_requests=a.enable_log_requests,
                 log_stats=not a.disable_log_stats, max_logprobs=a.max_logprobs,
-                request_id_headers=a.enable_request_id_headers, max_log_len=a.max_log_len)
+                request_id_headers=a.enable_request_id_headers, max_log_len=a.max_log_len,
+                response_role=a.response_role, tokens_as_ids=a.return_tokens_as_token_ids)
 
 
 def uvicorn_settings(a: argparse.Namespace) -> dict:
     """uvicorn.Config's keyword arguments from the options (host and port apart)."""
-    kw = dict(log_level=a.uvicorn_log_level or a.log_level)
+    kw = dict(log_level=a.uvicorn_log_level or a.log_level, access_log=not a.disable_uvicorn_access_log, uds=a.uds)
     if a.ssl_keyfile is not None:
         kw.update(ssl_keyfile=a.ssl_keyfile, ssl_certfile=a.ssl_certfile, ssl_ca_certs=a.ssl_ca_certs,
                   ssl_cert_reqs=a.ssl_cert_reqs)

@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from fastserve_jax.models.demo_task import answerable
 from fastserve_jax.serve import bench_client
 from fastserve_jax.serve.app import ServerConfig, create_app
-from fastserve_jax.serve.serve_cmd import DrainingServer, EngineBuilder
+from fastserve_jax.serve.draining import DrainingServer
+from fastserve_jax.serve.serve_cmd import EngineBuilder
 
 # Small settings: a batch limit well below the load tests' concurrency, so requests queue
 # and the policy preempts, and a small bucket grid (2 decode x 2 prefill sizes x 2 block
@@ -81,7 +82,7 @@ class LiveServer:
     def __init__(self, cfg: ServerConfig, engine_kw: dict = ENGINE_KW, grace: float = 10.0,
                  draining: bool = False) -> None:
         """grace: uvicorn's timeout_graceful_shutdown; draining: `serve`'s own uvicorn server
-        (serve_cmd.DrainingServer) instead of uvicorn's."""
+        (serve/draining.py) instead of uvicorn's."""
         self.app = create_app(EngineBuilder(None, engine_kw), cfg)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

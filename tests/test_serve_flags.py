@@ -40,20 +40,45 @@ def test_server_flags_give_the_servers_settings():
     assert model_name("/srv/models/llama/") == "/srv/models/llama/" and model_name(None) == "demo"
     assert server_settings(a) == dict(root_path="", cors_origins=("*",), cors_methods=("*",), cors_headers=("*",),
                                       cors_credentials=False, log_requests=False, log_stats=True, max_logprobs=20,
-                                      request_id_headers=False, max_log_len=500)
-    assert uvicorn_settings(a) == {"log_level": "info"}
+                                      request_id_headers=False, max_log_len=500, response_role="assistant",
+                                      tokens_as_ids=False)
+    assert uvicorn_settings(a) == {"log_level": "info", "access_log": True, "uds": None}
+    # vLLM binds every interface by default: a manifest copied from vLLM without --host was
+    # reachable on loopback only (until 2026-12-07)
+    assert a.host == "0.0.0.0" and a.shutdown_timeout == 25.0
     a = _serve_args("--served-model-name", "a", "b", "--root-path", "/api", "--allowed-origins", '["http://x"]',
                     "--allow-credentials", "--allowed-methods", '["GET", "POST"]', "--allowed-headers", "[]",
                     "--uvicorn-log-level", "warning", "--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem",
                     "--enable-log-requests", "--disable-log-stats", "--max-logprobs", "5", "--enable-request-id-headers",
-                    "--max-log-len", "7")
+                    "--max-log-len", "7", "--response-role", "bot", "--return-tokens-as-token-ids",
+                    "--disable-uvicorn-access-log", "--uds", "/tmp/s.sock")
     assert a.served_model_name == ["a", "b"]
     assert server_settings(a) == dict(root_path="/api", cors_origins=("http://x",), cors_methods=("GET", "POST"),
                                       cors_headers=(), cors_credentials=True, log_requests=True, log_stats=False,
-                                      max_logprobs=5, request_id_headers=True, max_log_len=7)
+                                      max_logprobs=5, request_id_headers=True, max_log_len=7, response_role="bot",
+                                      tokens_as_ids=True)
     assert uvicorn_settings(a) == dict(log_level="warning", ssl_keyfile="k.pem", ssl_certfile="c.pem",
-                                       ssl_ca_certs=None, ssl_cert_reqs=0)
+                                       ssl_ca_certs=None, ssl_cert_reqs=0, access_log=False, uds="/tmp/s.sock")
     assert not server_settings(_serve_args("--enable-log-requests", "--disable-log-requests"))["log_requests"]
+
+
+def test_vllm_serve_model_positional_and_flags_it_lacks(capsys):
+    """`vllm serve MODEL` is vLLM's usual form (an argparse error until 2026-12-07); vLLM's
+    flags for features this server lacks are refused in one line, their no-op values taken."""
+    from fastserve_jax.serve.server_args import vllm_refusal
+
+    a = _serve_args("/m/llama", "--port", "9")
+    assert vllm_refusal(a) is None and a.model == "/m/llama"
+    a = _serve_args("/m/llama", "--model", "/m/llama")
+    assert vllm_refusal(a) is None and a.model == "/m/llama"
+    assert "the model is given twice" in vllm_refusal(_serve_args("/m/a", "--model", "/m/b"))
+    assert vllm_refusal(_serve_args("--api-server-count", "1", "--data-parallel-size", "1")) is None
+    for argv, says in ((["--headless"], "--headless: not implemented"),
+                       (["--tool-call-parser", "hermes"], "--tool-call-parser: not implemented: tool calls"),
+                       (["--data-parallel-size", "2"], "data parallelism is not implemented"),
+                       (["--config", "c.yaml"], "YAML")):
+        assert says in vllm_refusal(_serve_args(*argv))
+        assert main(["serve", *argv]) == 2 and says in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, says", [
@@ -155,8 +180,9 @@ def test_vllm_flags_without_meaning_here_are_accepted_with_a_line_saying_why(cap
 
     a = _serve_args("--no-enable-prefix-caching", "--kv-cache-dtype", "auto", "--trust-remote-code", "--enforce-eager",
                     "--disable-frontend-multiprocessing", "--disable-custom-all-reduce", "--disable-fastapi-docs",
-                    "--distributed-executor-backend", "ray", "--tokenizer-mode", "auto", "--load-format", "safetensors")
-    assert refusal(a) is None and len(notes(a)) == 6 and notes(_serve_args()) == []
+                    "--distributed-executor-backend", "ray", "--tokenizer-mode", "auto", "--load-format", "safetensors",
+                    "--download-dir", "/d")
+    assert refusal(a) is None and len(notes(a)) == 7 and notes(_serve_args()) == []
     caplog.set_level(logging.INFO, logger="fastserve_jax.serve")
     # the notes come first; a refused --max-logprobs then stops the server before the engine starts
     assert main(["serve", "--trust-remote-code", "--enforce-eager", "--max-logprobs", "21"]) == 2
@@ -197,7 +223,8 @@ def live(tmp_path_factory):
     (tok / "tokenizer_config.json").write_text(json.dumps(dict(config, chat_template="{{ 'count from 5 to 9:' }}")))
     cfg = ServerConfig(model_name="first", model_aliases=("second",), root_path="/api",
                        cors_origins=("http://allowed.example",), log_requests=True, stats_interval=0.2,
-                       max_logprobs=2, request_id_headers=True, max_log_len=12)
+                       max_logprobs=2, request_id_headers=True, max_log_len=12, response_role="bot",
+                       tokens_as_ids=True)
     srv = LiveServer(cfg, dict(ENGINE_KW, tokenizer=str(tok))).start()
     yield srv
     srv.stop()
@@ -364,7 +391,49 @@ def test_max_logprobs_lowers_the_limit_and_tokenizer_is_loaded_from_its_director
                               {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0,
                                "logprobs": True, "top_logprobs": 2})
     assert status == 200 and out["choices"][0]["message"]["content"].startswith(" 5 6 7 8 9"), out
-    assert len(out["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
+    first = out["choices"][0]["logprobs"]["content"][0]
+    assert len(first["top_logprobs"]) == 2
+    # --response-role and --return-tokens-as-token-ids (vLLM's flags; argparse errors until 2026-12-07)
+    assert out["choices"][0]["message"]["role"] == "bot" and first["token"].startswith("token_id:"), out
+    status, _, out = _request(live, "POST", "/v1/chat/completions",
+                              {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                               "add_generation_prompt": False})
+    assert status == 200 and out["choices"][0]["message"]["role"] == "user"      # the last message's, as vLLM
+
+
+def test_model_cards_wait_for_the_warm_up(monkeypatch):
+    """GET /v1/models answered 200 while the engine warmed up, with cards lacking max_model_len:
+    a readiness loop on it (common with vLLM, which listens only once ready) saw the server up
+    too early, and a client reading max_model_len got a KeyError."""
+    import server_harness
+
+    gate = threading.Event()
+
+    class Gated(server_harness.EngineBuilder):
+        def __call__(self, stopping=None):
+            gate.wait(120)
+            return super().__call__(stopping)
+
+    monkeypatch.setattr(server_harness, "EngineBuilder", Gated)
+    srv = LiveServer(ServerConfig())
+    srv.thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                status, _, body = _request(srv, "GET", "/v1/models")
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert status == 503 and "warming up" in body["error"]["message"], body
+        gate.set()
+        server_harness.wait_healthy(srv.url, 400)
+        status, _, body = _request(srv, "GET", "/v1/models")
+        assert status == 200 and body["data"][0]["max_model_len"] > 0
+    finally:
+        gate.set()
+        srv.stop()
 
 
 def test_ssl_flags_serve_https(tmp_path):

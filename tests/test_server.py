@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import threading
 import time
 
@@ -666,11 +667,13 @@ def test_prompts_are_tokenized_off_the_event_loop(live, monkeypatch):
     assert threads and threads[0].startswith("fastserve-prepare")
 
 
-def test_requests_left_when_the_shutdown_grace_runs_out_get_a_clean_answer(caplog):
+@pytest.mark.parametrize("forced", [False, True])
+def test_requests_left_when_the_shutdown_grace_runs_out_get_a_clean_answer(caplog, forced):
     """Past --shutdown-timeout uvicorn cancels the handlers: a non-streaming client got a
     text/plain 500, a stream stopped with no [DONE], and the log had a traceback per request.
-    Now they are answered just before: a JSON 503, an error event then [DONE]."""
-    srv = LiveServer(ServerConfig(model_name="demo"), grace=0.6, draining=True).start()
+    Now they are answered just before: a JSON 503, an error event then [DONE]. So are they when
+    a second Ctrl-C forces the exit (`forced`; the same 500s and tracebacks until 2026-12-07)."""
+    srv = LiveServer(ServerConfig(model_name="demo"), grace=60 if forced else 0.6, draining=True).start()
     uvicorn_log = logging.getLogger("uvicorn.error")
     uvicorn_log.addHandler(caplog.handler)
     long = dict(prompt=demo_task.make_prompt(0, 5), max_tokens=490, temperature=0, ignore_eos=True)
@@ -681,7 +684,12 @@ def test_requests_left_when_the_shutdown_grace_runs_out_get_a_clean_answer(caplo
         [(reader, writer, status, h)] = await _open_streams(srv.url, [dict(long, stream=True)])
         assert status == 200
         await asyncio.sleep(0.2)
-        srv.server.should_exit = True
+        if forced:      # what two Ctrl-Cs do (signal handlers are the main thread's; uvicorn runs on another here)
+            srv.server.handle_exit(signal.SIGINT, None)
+            await asyncio.sleep(0.3)
+            srv.server.handle_exit(signal.SIGINT, None)
+        else:
+            srv.server.should_exit = True
         data = b"".join([p async for p in bench_client._body_pieces(reader, h)])
         writer.close()
         return await plain, data.decode()
@@ -690,9 +698,10 @@ def test_requests_left_when_the_shutdown_grace_runs_out_get_a_clean_answer(caplo
     finally:
         srv.stop()
         uvicorn_log.removeHandler(caplog.handler)
-    assert status == 503 and "shut down before this request finished" in json.loads(body)["error"]["message"]
+    said = "a forced exit" if forced else "shut down before this request finished"
+    assert status == 503 and said in json.loads(body)["error"]["message"]
     events = [e for e in stream.split("\n\n") if e]
-    assert events[-1] == "data: [DONE]" and "shut down" in json.loads(events[-2][6:])["error"]["message"]
+    assert events[-1] == "data: [DONE]" and said in json.loads(events[-2][6:])["error"]["message"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
