@@ -4,14 +4,16 @@ Decoding a growing id list and emitting only the new suffix is exact for byte-le
 SentencePiece tokenizers alike, as long as (1) a few prompt tokens stay in front as
 context, so a leading space is not stripped, and (2) text ending in an incomplete UTF-8
 sequence (U+FFFD) is held back until the next token completes it (or, at the end, `flush`
-releases it as decode writes it).
+releases it as decode writes it), and (3) with a byte-fallback decoder, which writes a whole
+run of byte tokens as U+FFFD once it cannot be read, the window never starts inside a
+character and starts again at the new bytes where the run turned unreadable (`_window`).
 
 Per request (SamplingParams, vLLM's semantics): skip_special_tokens (decode drops special
 tokens' text, or keeps it); spaces_between_special_tokens=False (as vLLM's detokenizer for
 fast tokenizers: an added token right after another is written as its own text, without
 the space a decoder such as WordPiece's puts between them); include_stop_str_in_output
 (the text is cut after the matched stop string rather than before it, and a stop token's
-or EOS's text is written too).
+or EOS's text is written too, and searched for stop strings).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ _CONTEXT = 4  # prompt tokens kept in front of the output for decoding context
 _MAX_CONTEXT = 24  # ... grown up to this many where the last _CONTEXT decode to U+FFFD (_context)
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")      # SentencePiece's byte-fallback tokens
 _TOKEN_BYTES: WeakKeyDictionary = WeakKeyDictionary()   # tokenizer -> token_bytes' function
+_CONTINUATIONS: WeakKeyDictionary = WeakKeyDictionary()  # tokenizer -> continuation_bytes'
 
 
 def decoder(tokenizer, skip_special_tokens: bool = True):
@@ -57,15 +60,7 @@ def token_bytes(tokenizer) -> Callable[[int], bytes]:
         return _TOKEN_BYTES[tokenizer]
     except (KeyError, TypeError):
         pass
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    tree = getattr(backend, "decoder", None)
-    stack, kinds = [json.loads(tree.__getstate__())] if tree is not None else [], set()
-    while stack:
-        node = stack.pop()
-        stack += node.get("decoders", [])
-        kinds.add(node["type"])
-        if node["type"] == "Replace" and node.get("pattern", {}).get("String") == "\u2581":
-            kinds.add("Metaspace")
+    kinds = _decoder_kinds(tokenizer)
     alphabet = _byte_alphabet() if "ByteLevel" in kinds else {}
     added = {i: t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
     cache: dict[int, bytes] = {}
@@ -94,6 +89,38 @@ def token_bytes(tokenizer) -> Callable[[int], bytes]:
     except TypeError:         # not weakly referable: computed per call
         pass
     return raw
+
+
+def _decoder_kinds(tokenizer) -> set[str]:
+    """The types in the fast tokenizer's decoder tree ("Metaspace" also for a Replace of "▁")."""
+    tree = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    stack, kinds = [json.loads(tree.__getstate__())] if tree is not None else [], set()
+    while stack:
+        node = stack.pop()
+        stack += node.get("decoders", [])
+        kinds.add(node["type"])
+        if node["type"] == "Replace" and node.get("pattern", {}).get("String") == "\u2581":
+            kinds.add("Metaspace")
+    return kinds
+
+
+def continuation_bytes(tokenizer) -> frozenset[int]:
+    """The ids of a byte-fallback tokenizer's <0x80>..<0xBF> tokens (UTF-8 continuation bytes),
+    else none. Its decoder writes a run of byte tokens as one character or all as U+FFFD, so
+    a decode window must not start inside a character (IncrementalDetokenizer.push)."""
+    try:
+        return _CONTINUATIONS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    out: frozenset[int] = frozenset()
+    if "ByteFallback" in _decoder_kinds(tokenizer):
+        vocab = tokenizer.get_vocab()
+        out = frozenset(vocab[t] for t in (f"<0x{b:02X}>" for b in range(0x80, 0xC0)) if t in vocab)
+    try:
+        _CONTINUATIONS[tokenizer] = out
+    except TypeError:
+        pass
+    return out
 
 
 def _byte_alphabet() -> dict[str, int]:
@@ -126,6 +153,7 @@ class IncrementalDetokenizer:
         self.ids = _context(prompt_ids, self.decode)
         self.prefix = 0
         self.read = len(self.ids)
+        self._continuations = continuation_bytes(tokenizer)
         self.stop = stop
         self.matched: str | None = None       # the stop string that hit (vLLM's stop_reason)
         self.include_stop = include_stop
@@ -152,35 +180,57 @@ class IncrementalDetokenizer:
         it with include_stop. `check_stop` False (a request below its min_tokens): no stop
         string is looked for in this token's text, as vLLM does. `stop_token`: the token ends
         the request (EOS, stop_token_ids): its text is written only with include_stop, and
-        no stop string is looked for in it (vLLM's)."""
+        then a stop string is looked for in it too, as vLLM's detokenizer does (a stop string
+        there is the stop_reason; until 2026-12-07 it was not looked for)."""
         if stop_token and not self.include_stop:
             return text_so_far, False
         self.ids.append(token_id)
-        dec = self.decode
-        before = dec(self.ids[self.prefix:self.read])
-        now = dec(self.ids[self.prefix:])
+        before, now = self._window()
         if len(now) <= len(before) or now.endswith("\ufffd"):
             self._after_added = False
             return text_so_far, False
-        self.prefix, self.read = self.read, len(self.ids)
+        if self.ids[self.read] not in self._continuations:      # the next window starts a character
+            self.prefix = self.read
+        self.read = len(self.ids)
         delta = now[len(before):]
         if self._added is not None:
             added = self._added.get(token_id)
             if added is not None and self._after_added:
                 delta = added
             self._after_added = added is not None
-        return self._add(text_so_far, delta, check_stop and not stop_token)
+        return self._add(text_so_far, delta, check_stop)
 
     def flush(self, text_so_far: str, check_stop: bool = True) -> tuple[str, bool]:
         """The output text once no token follows (the request finished): with the text push
         held back, so an output that ends inside a character ends in U+FFFD as
         `tokenizer.decode` of its ids does, rather than losing those tokens' text."""
-        before = self.decode(self.ids[self.prefix:self.read])
-        now = self.decode(self.ids[self.prefix:])
+        before, now = self._window()
         self.prefix = self.read = len(self.ids)
         if len(now) <= len(before):
             return text_so_far, False
         return self._add(text_so_far, now[len(before):], check_stop)
+
+    def _window(self) -> tuple[str, str]:
+        """(the text of the window before the ids held back, the text with them). Two cases
+        where the window's own text changes as ids come (both gave wrong output until
+        2026-12-07):
+        - The prompt ends inside a character (a token-id prompt cut in one), so the context
+          decodes to a trailing U+FFFD: that is not text yet, and the output that completes
+          the character writes all of it, as vLLM does (the completed character replaced the
+          U+FFFD at the same length and was lost). A prompt ending in a U+FFFD it really
+          holds has that character written again: rare, and not told apart.
+        - Adding ids rewrote the window's text (a byte-fallback decoder writes a whole run of
+          byte tokens as U+FFFD once it cannot be read, the prompt's bytes before the output's
+          included): the window restarts at the held ids, as vLLM's DecodeStream does on its
+          "invalid prefix"; the prompt's bytes came out as U+FFFD in the answer before."""
+        before = self.decode(self.ids[self.prefix:self.read])
+        if self.prefix == 0:        # the prompt's context (after the first text written, prefix > 0)
+            before = before.rstrip("\ufffd")
+        now = self.decode(self.ids[self.prefix:])
+        if not now.startswith(before):
+            self.prefix = self.read
+            before, now = "", self.decode(self.ids[self.read:])
+        return before, now
 
     def _add(self, text_so_far: str, delta: str, check_stop: bool) -> tuple[str, bool]:
         """A stop string counts where it reaches into `delta` (vLLM's window); the one that

@@ -302,6 +302,43 @@ def test_include_stop_str_in_output_writes_the_stop_tokens_text(demo, skip):
             assert req.stop_reason == (None if stop == demo.eos_token_id else seven)    # vLLM's: None at EOS
 
 
+def test_a_stop_string_in_the_stop_tokens_text_is_the_stop_reason_with_include(demo):
+    """vLLM's detokenizer looks for stop strings in the stop token's text where it writes it
+    (include_stop_str_in_output): "</" inside "</s>" cuts there and is the stop_reason (until
+    2026-12-07 the whole "</s>" came out, with stop_reason None)."""
+    from fastserve_jax.sampling_params import SamplingParams
+
+    eos = demo.eos_token
+    params = SamplingParams(max_tokens=9, stop=[eos[:2]], include_stop_str_in_output=True, skip_special_tokens=False)
+    eng, req = _bare_engine(demo, demo("count:")["input_ids"], params)
+    eng._append(req, demo.eos_token_id, None, 0.0)
+    assert (req.output_text, req.finish_reason, req.stop_reason) == (eos[:2], "stop", eos[:2])
+
+
+def test_byte_tokens_of_the_prompt_stay_out_of_the_answer():
+    """A byte-fallback decoder writes a whole run of byte tokens as U+FFFD once it cannot be
+    read, the prompt's included: "Say 龘龘" (six byte tokens) then an answer cut after two
+    bytes of 中 gave six U+FFFD where decode of the answer gives two; the window now restarts at
+    the answer's ids, as vLLM's DecodeStream does on an invalid prefix."""
+    sp = _sentencepiece()
+    prompt = sp("say 龘龘")["input_ids"]
+    for out in ([sp.convert_tokens_to_ids("<0xE4>"), sp.convert_tokens_to_ids("<0xB8>")],
+                [sp.convert_tokens_to_ids("<0xE4>")] + sp("ok", add_special_tokens=False)["input_ids"][1:]):
+        assert _stream(sp, prompt, out)[0] == sp.decode(out)
+
+
+@pytest.mark.parametrize("cut", [1, 2])
+def test_an_answer_that_finishes_the_prompts_last_character_writes_it(tok, cut):
+    """A token-id prompt cut inside a character (a client continuing an answer max_tokens cut
+    mid-character): the answer that completes it writes the whole character, as vLLM does;
+    the completed character replaced the prompt's U+FFFD at the same length and was lost."""
+    ids = tok("ab 中文 ok", add_special_tokens=False)["input_ids"]
+    bytes_of_zh = [i for i, t in enumerate(ids) if tok.decode(ids[:i + 1]).endswith("\ufffd")]
+    split = bytes_of_zh[0] + cut          # inside 中's bytes
+    text, deltas, _ = _stream(tok, ids[:split], ids[split:])
+    assert text.lstrip() == "中文 ok" and "\ufffd" not in "".join(deltas), (text, deltas)
+
+
 def test_a_configs_other_eos_ids_are_their_own_stop_reason(demo):
     """vLLM (update_from_generation_config) makes generation_config.json's EOS ids other than
     the tokenizer's stop tokens, so ending at one gives its id as stop_reason, as Llama 3 and
