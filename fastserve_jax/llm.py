@@ -18,6 +18,7 @@ from fastserve_jax.config import EngineConfig
 from fastserve_jax.sampling_params import SamplingParams, choice_seed
 from fastserve_jax.cost_profile import refine_profile
 from fastserve_jax.engine import LLMEngine
+from fastserve_jax.interrupts import interrupts_between_steps
 from fastserve_jax.request import CompletionOutput, Request, RequestOutput
 from fastserve_jax.runner.compile_guard import compile_stats
 from fastserve_jax.runner.compiler import resolve_warmup
@@ -122,7 +123,7 @@ class LLM:
         1-D integer array) or vLLM's {"prompt": text} / {"prompt_token_ids": ids} (TextPrompt,
         TokensPrompt), with an optional "cache_salt" (SamplingParams.cache_salt). Every prompt
         is validated before any is queued. use_tqdm=True draws vLLM's progress bar of processed
-        prompts on stderr (off by default here, unlike vLLM). Calls from several threads run one
+        prompts on stderr (off by default here, unlike vLLM); a callable makes the bar, as in vLLM. Calls from several threads run one
         after another. vLLM's lora_request and priority must ask for nothing (None, or 0s)."""
         _no_lora_or_priority(lora_request, priority)
         salted = [_one_prompt(p, i) for i, p in enumerate(_prompt_list(prompts))]
@@ -210,20 +211,24 @@ class LLM:
     def _run(self, prompts: list, runs: list[list[SamplingParams]], use_tqdm: bool = False) -> list[list[Request]]:
         """Queue the requests and step until all are done. Interrupted (KeyboardInterrupt,
         or a step that raises), the requests of this call are aborted, which frees their KV:
-        none runs on in a later generate."""
+        none runs on in a later generate. A Ctrl-C is taken between steps (interrupts.py)."""
         groups: list[list[Request]] = []
         try:
-            for p, subs in zip(prompts, runs):
-                groups.append([])
-                for sp in subs:
-                    groups[-1].append(self.engine.add_request(p, sp))
-            bar = _progress(len(groups)) if use_tqdm else None
-            while any(not r.finished for g in groups for r in g):
-                self.engine.step()
+            with interrupts_between_steps() as check:
+                for p, subs in zip(prompts, runs):
+                    groups.append([])
+                    for sp in subs:
+                        groups[-1].append(self.engine.add_request(p, sp))
+                    check()
+                bar = _progress(len(groups), use_tqdm) if use_tqdm else None
+                while any(not r.finished for g in groups for r in g):
+                    self.engine.step()
+                    check()
+                    if bar is not None:
+                        bar.update(sum(all(r.finished for r in g) for g in groups) - bar.n)
                 if bar is not None:
-                    bar.update(sum(all(r.finished for r in g) for g in groups) - bar.n)
-            if bar is not None:
-                bar.close()
+                    bar.close()
+                check()     # a Ctrl-C during the last step still interrupts
         except BaseException:
             for r in (r for g in groups for r in g if not r.finished):
                 self.engine.abort(r.request_id)
@@ -255,11 +260,12 @@ def _no_lora_or_priority(lora_request, priority) -> None:
                          "requests); pass None or 0s")
 
 
-def _progress(total: int):
-    """vLLM's bar of processed prompts (tqdm comes with transformers' dependencies)."""
+def _progress(total: int, use_tqdm=True):
+    """vLLM's bar of processed prompts (tqdm comes with transformers' dependencies); `use_tqdm`
+    a callable (a tqdm class, tqdm.notebook's, a partial) makes it, as in vLLM (it was ignored)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
+    return (use_tqdm if callable(use_tqdm) else tqdm)(total=total, desc="Processed prompts", dynamic_ncols=True)
 
 
 def _prompt_list(prompts) -> list:

@@ -419,6 +419,51 @@ def test_an_interrupted_generate_leaves_nothing_behind(llm, monkeypatch, fault):
     assert not eng.has_unfinished()
 
 
+def test_a_ctrl_c_is_taken_between_steps(llm, monkeypatch):
+    """A Ctrl-C raised mid-step could land after the compiled step took (donated) the KV cache
+    and before the new one was stored: every later generate then failed on a deleted buffer.
+    The first one now waits for the step to end; a second one is raised at once."""
+    import signal
+
+    eng = llm.engine
+    prompts = random_prompts(3, 5, 40, seed=23)
+    want = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    real, ran = eng.step, []
+
+    def step(times: int):
+        if len(ran) == 2:
+            for _ in range(times):
+                signal.raise_signal(signal.SIGINT)      # as from the terminal, in the middle of this step
+        out = real()
+        ran.append(1)
+        return out
+
+    long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    for times, steps in ((1, 3), (2, 2)):       # one: the step ends first; two: raised at once
+        ran.clear()
+        monkeypatch.setattr(eng, "step", lambda times=times: step(times))
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(prompts, long)
+        assert len(ran) == steps
+        monkeypatch.setattr(eng, "step", real)
+        assert not eng.has_unfinished() and eng.kv.num_free_blocks == eng.kv.num_usable_blocks
+        assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_use_tqdm_may_be_the_bar_itself(llm):
+    """vLLM's use_tqdm takes a callable that makes the bar (tqdm.notebook's, a partial); it was
+    ignored, and the default bar drawn on stderr."""
+    made = []
+
+    def bar(**kw):
+        from tqdm import tqdm
+        made.append(kw["total"])
+        return tqdm(disable=True, **kw)
+    llm.generate(random_prompts(2, 5, 10, seed=24), GREEDY, use_tqdm=bar)
+    assert made == [2]
+
+
 def test_generate_from_two_threads_runs_one_call_at_a_time(llm, monkeypatch):
     """LLMEngine is single-threaded: a second thread's generate waits for the first instead of
     stepping the engine beside it (mixing its iterations, and its requests' tokens, into the
