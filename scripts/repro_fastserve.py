@@ -54,6 +54,8 @@ from fastserve_jax import AZURE_TRACE  # noqa: E402
 from fastserve_jax.cost_model import CostModel  # noqa: E402
 from fastserve_jax.slo import (UNLOADED_SLO_FACTOR, request_latencies, slo_attainment, sweep_summary,  # noqa: E402
                                    unloaded_latency_per_token)
+from fastserve_jax.serve.sweep_report import PAST_SERVED, past_served, rate_cell  # noqa: E402
+from repro_checks import Checks  # noqa: E402
 from fastserve_jax.sim import SimConfig, simulate  # noqa: E402
 from fastserve_jax.workload import (TraceRequest, capacity_rps, chat_like_trace, code_completion_trace,  # noqa: E402
                                     heavy_tailed_trace, load_trace, lognormal_trace, with_arrivals)
@@ -125,46 +127,6 @@ def _unloaded(a, wl_traces) -> dict[str, float]:
     return {wl: unloaded_latency_per_token(t, cost, 2048) for wl, t in wl_traces.items()}
 
 
-class Checks:
-    """Each target: PASS/FAIL with the figures that decide it. `outcomes` maps each check's key
-    (what it checks, without the figures) to (passed, line), for comparing seeds; passed is
-    None where the run could not decide it (N/A)."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.outcomes: dict[tuple, tuple[bool | None, str]] = {}
-        self.failed = self.checked = 0
-
-    def check(self, ok: bool, what: str, key: tuple) -> None:
-        self.checked += 1
-        self.failed += not ok
-        line = f"{'PASS' if ok else 'FAIL'}  {what}"
-        self.lines.append(line)
-        self.outcomes[key] = (ok, line)
-
-    def goodput(self, ours: float, theirs: float, factor: float, what: str, key: tuple, lowest: float) -> None:
-        """Goodput `ours` at least `factor` x `theirs` (0: the SLO missed already at the lowest
-        rate swept, `lowest`). Where `theirs` is 0 its goodput is only known to be under
-        `lowest`: passed if `ours` >= `factor` x `lowest`, else not measured (listed with the
-        lower bound of the ratio, neither passed nor failed); so too where neither met the SLO
-        (e.g. only bursts were run)."""
-        if not ours and not theirs:
-            self.not_measured(f"N/A   {what} (no rate run met the SLO: run steady loads too)", key)
-        elif theirs:
-            self.check(ours >= factor * theirs, f"{what} ({ours / theirs:.2f}x, target >= {factor:g}x)", key)
-        elif ours >= factor * lowest:
-            self.check(True, f"{what} (over {ours / lowest:.2f}x: the other misses the SLO at the lowest rate, "
-                             f"{lowest:.3f} req/s; target >= {factor:g}x)", key)
-        else:
-            self.not_measured(f"N/A   {what} (over {ours / lowest:.2f}x, a lower bound: the other misses the SLO "
-                              f"at the lowest rate swept, {lowest:.3f} req/s; sweep lower rates; "
-                              f"target >= {factor:g}x)", key)
-
-    def not_measured(self, line: str, key: tuple) -> None:
-        self.lines.append(line)
-        self.outcomes[key] = (None, line)
-
-
 def report(rows: list[dict], unloaded: dict[str, float], out_dir: str | None) -> tuple[str, Checks]:
     """The report of one seed's rows, and its checks; plots into `out_dir` unless None."""
     idx = _index(rows)
@@ -204,12 +166,18 @@ def report(rows: list[dict], unloaded: dict[str, float], out_dir: str | None) ->
                 for swap in SWAPS:
                     pts = [idx[(wl, mem, policy, swap, x)] for x in xs if (wl, mem, policy, swap, x) in idx]
                     if pts:
-                        good[(policy, swap)] = sweep_summary(pts, slo)["goodput_rps"] or 0.0
+                        good[(policy, swap)] = sweep_summary(pts, slo)
             lowest = min(r["offered_rps"] for r in rows if r["workload"] == wl and r["memory"] == mem)
-            fr = good.get(("fcfs", "recompute"), 0.0)
-            sj = good.get(("skip-join-mlfq", "proactive"), 0.0)
-            lines.append(f"\ngoodput (mean latency per token <= {slo * 1e3:.0f} ms, 5x unloaded): " +
-                         ", ".join(f"{p}/{s} {g:.3f}" for (p, s), g in good.items() if s != "reactive" or p == "skip-join-mlfq"))
+            none = dict(goodput_rps=None, max_offered_rps=lowest)
+            fr = good.get(("fcfs", "recompute"), none)
+            sj = good.get(("skip-join-mlfq", "proactive"), none)
+            shown = {k: g for k, g in good.items() if k[1] != "reactive" or k[0] == "skip-join-mlfq"}
+            lines.append(f"\ngoodput (mean latency per token <= {slo * 1e3:.0f} ms, 5x unloaded; >=: every rate "
+                         "swept met it; *: above every rate served): " +
+                         ", ".join(f"{p}/{s} {rate_cell(g['goodput_rps'], g['max_offered_rps'])}"
+                                   f"{'*' if past_served(g) else ''}" for (p, s), g in shown.items()))
+            if any(past_served(g) for g in shown.values()):
+                lines.append(f"(*: {PAST_SERVED})")
             base = ("fcfs", "recompute")
             for x in xs:
                 f, s = idx.get((wl, mem) + base + (x,)), idx.get((wl, mem, "skip-join-mlfq", "proactive", x))
@@ -233,13 +201,13 @@ def report(rows: list[dict], unloaded: dict[str, float], out_dir: str | None) ->
                                                           f"{g['mean_jct'] / best:.2f}x the better of fcfs and skip-join",
                             (wl, mem, x, "gittins"))
             if wl in ("azure", "heavy"):
-                c.goodput(sj, fr, 1.5, f"{wl}/{mem}: skip-join/proactive goodput {sj:.3f} req/s vs fcfs/recompute {fr:.3f}",
-                          (wl, mem, "goodput"), lowest)
+                c.goodput(sj, fr, 1.5, f"{wl}/{mem}: skip-join/proactive goodput {sj['goodput_rps'] or 0:.3f} req/s vs "
+                                       f"fcfs/recompute {fr['goodput_rps'] or 0:.3f}", (wl, mem, "goodput"), lowest)
             if mem == "tenth":
                 for other in ("recompute", "reactive"):
-                    o = good.get(("skip-join-mlfq", other), 0.0)
-                    c.goodput(sj, o, 1.3, f"{wl}/{mem}: skip-join goodput proactive {sj:.3f} vs {other} {o:.3f} req/s",
-                              (wl, mem, "goodput", other), lowest)
+                    o = good.get(("skip-join-mlfq", other), none)
+                    c.goodput(sj, o, 1.3, f"{wl}/{mem}: skip-join goodput proactive {sj['goodput_rps'] or 0:.3f} vs "
+                                          f"{other} {o['goodput_rps'] or 0:.3f} req/s", (wl, mem, "goodput", other), lowest)
             if out_dir is not None:
                 _plot(idx, wl, mem, xs, os.path.join(out_dir, f"{wl}_{mem}.png"))
     text = ("## headline\n" + headline(rows) + "\n\n## every configuration\n\ncells: mean latency per token, "
@@ -366,7 +334,10 @@ def main() -> int:
             json.dump(rows, f)
     for r in rows:
         r.setdefault("seed", 0)                # results.json written before seeds were recorded
-    traces = {wl: t for wl, t in workloads(a.requests).items() if wl in {r["workload"] for r in rows}}
+    # the unloaded figure (the SLO's base) over the requests the rows ran: --report-only read
+    # --requests' default (400) for a --quick run's 40 until 2026-12-07
+    n = max(r["num_requests"] for r in rows) if a.report_only else a.requests
+    traces = {wl: t for wl, t in workloads(n).items() if wl in {r["workload"] for r in rows}}
     unloaded = _unloaded(a, traces)
     seeds = sorted({r["seed"] for r in rows})
     texts, checks = [], {}

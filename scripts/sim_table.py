@@ -10,24 +10,37 @@ from __future__ import annotations
 import argparse
 import json
 
-UNITS = {"mean_latency_per_token": ("ms", 1e3), "mean_tpot": ("ms", 1e3)}
+UNITS = {"mean_latency_per_token": ("ms", 1e3), "mean_tpot": ("ms", 1e3), "throughput_rps": ("req/s", 1.0),
+         "throughput_tps": ("tokens/s", 1.0), "arrival_rps": ("req/s", 1.0)}
+HIGHER_IS_BETTER = {"throughput_rps", "throughput_tps"}
 
 
-def table(sweep: dict[str, list[dict]], metric: str) -> str:
-    policies = [p for p in sweep if p != "summary"]
+def table(sweep: dict, metric: str) -> str:
+    """The best policy (srpt, the oracle, apart) is bold: the lowest figure, or the highest
+    throughput. A figure the run had none of (null: a mean TPOT of one-token answers) is "-".
+    A one-rate sweep's JSON (a row per policy rather than a list) reads as a sweep of one."""
+    runs = {p: ms if isinstance(ms, list) else [ms] for p, ms in sweep.items() if p != "summary"}
+    policies = list(runs)
     unit, scale = UNITS.get(metric, ("s", 1.0))
-    loads = sorted({m["load"] for p in policies for m in sweep[p]})
+    loads = sorted({m["load"] for p in policies for m in runs[p]}, key=lambda x: (x is None, x))
     lines = [f"| {metric} ({unit}) | " + " | ".join(policies) + " |", "|---" * (len(policies) + 1) + "|"]
+    pick = max if metric in HIGHER_IS_BETTER else min
     for load in loads:
-        row = {p: next(m for m in sweep[p] if m["load"] == load) for p in policies}
-        best = min(row[p][metric] for p in policies if p != "srpt")
+        row = {p: next(m for m in runs[p] if m["load"] == load) for p in policies}
+        known = [row[p][metric] for p in policies if p != "srpt" and row[p][metric] is not None]
+        best = pick(known) if known else None
         cells = []
         for p in policies:
+            if row[p][metric] is None:
+                cells.append("-")
+                continue
             v = row[p][metric] * scale
             txt = f"{v:.1f}" if v >= 10 else f"{v:.2f}"
             cells.append(f"**{txt}**" if p != "srpt" and row[p][metric] == best else txt)
-        rate = next(iter(row.values()))["rate"]
-        lines.append(f"| load {load:.1f} ({rate:.2f} req/s) | " + " | ".join(cells) + " |")
+        first = next(iter(row.values()))
+        rate = first["rate"] if first["rate"] is not None else first["offered_rps"]
+        label = "the trace's timing" if load is None else f"load {load:.3g}"
+        lines.append(f"| {label} ({rate:.2f} req/s) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -50,7 +50,8 @@ from fastserve_jax.serve.bench_report import print_table, write_json
 from fastserve_jax.serve.bench_random import length_problem, random_workload, served_models, server_vocabulary
 from fastserve_jax.serve.bench_server import LaunchedServer, ServerNotReady, server_health
 from fastserve_jax.serve.engine_args import add_engine_args, check_engine_args, engine_argv, parse_engine_args
-from fastserve_jax.serve.simulate_cmd import add_slo_args, check_output, check_rates, print_summary, seed_arg
+from fastserve_jax.serve.simulate_cmd import add_slo_args, check_output, check_rates, seed_arg
+from fastserve_jax.serve.sweep_report import print_summary
 
 DEMO_MAX_TOKENS = 257   # the shipped demo model answers spans B - A <= 255: 256 numbers + EOS
 TRACE = AZURE_TRACE      # shipped with the package (fastserve_jax/traces); it was ../shared's, not in an install

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fastserve_jax.serve.simulate_cmd import no_nan
+from fastserve_jax.serve.sweep_report import no_nan
 
 COLS = [("ttft", "ttft"), ("tpot", "tpot"), ("itl", "itl"), ("e2e", "e2e")]
 

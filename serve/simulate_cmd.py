@@ -28,6 +28,7 @@ from typing import Callable
 
 from fastserve_jax import AZURE_TRACE
 from fastserve_jax.serve.engine_args import int_at_least
+from fastserve_jax.serve.sweep_report import no_nan, print_summary
 from fastserve_jax.slo import PAPER_SLOS, UNLOADED_SLO_FACTOR, parse_slo_pair
 
 PLOT_METRICS = ("mean_latency_per_token", "mean_jct", "p99_jct", "mean_ttft", "p99_ttft", "mean_tpot")
@@ -163,6 +164,7 @@ def check_output(path: str | None, flag: str) -> None:
 
 
 RATES = (1e-6, 1e9)     # requests/s: past these, arrival times lose the precision of a step
+MAX_SPAN_S = 1e9        # seconds a timed trace's arrivals may span (float64: about 1e-7 s left at 1e9 s)
 
 
 def check_rates(rates: list[float], flag: str) -> None:
@@ -202,46 +204,6 @@ def add_slo_args(p: argparse.ArgumentParser, latency_default: str) -> None:
                    help=f"the goodput's SLO on mean latency per output token ({latency_default})")
 
 
-def print_summary(summary: dict[str, dict], file=sys.stderr) -> None:
-    """Per policy (slo.sweep_summary): goodput and, per SLO pair, the highest rate with 95%
-    attainment."""
-    first = next(iter(summary.values()))
-    pairs = [f"{s['ttft']:g},{s['tpot']:g}" for s in first["rate_at_95pct"]]
-    unloaded = first.get("unloaded_latency_per_token")
-    print("summary in req/s, interpolated between the two rates around each limit (>=: every rate swept met "
-          "it; -: the lowest rate missed it)", file=file)
-    print(f"{'':>15} {'goodput':>8}" + "".join(f"{'95% ' + p:>15}" for p in pairs), file=file)
-    past = []
-    for policy, s in summary.items():
-        rates = [s["goodput_rps"]] + [x["rate"] for x in s["rate_at_95pct"]]
-        cells = [_rate_cell(x, s["max_offered_rps"]) for x in rates]
-        print(f"{policy:>15} {cells[0]:>8}" + "".join(f"{c:>15}" for c in cells[1:]), file=file)
-        if s["goodput_rps"] is not None and s["goodput_rps"] > s.get("max_served_rps", float("inf")):
-            past.append(policy)
-    if past:
-        print(f"note: goodput above every rate served ({', '.join(past)}): a finite burst keeps latency low past "
-              "capacity, so these figures grow with its length; steady load (more --num-requests; simulate's --load) "
-              "measures what the machine sustains", file=file)
-    print(f"(goodput: highest rate with mean latency/token <= {first['slo_latency_per_token'] * 1e3:.1f} ms"
-          + (f" (unloaded: {unloaded * 1e3:.1f} ms)" if unloaded else "")
-          + "; 95% A,B: highest rate at which >= 95% of requests have TTFT <= A s and TPOT <= B s)", file=file)
-
-
-def no_nan(x):
-    """x with every non-finite float written as None (JSON's null: NaN is not JSON)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: no_nan(v) for k, v in x.items()}
-    return [no_nan(v) for v in x] if isinstance(x, (list, tuple)) else x
-
-
-def _rate_cell(rate: float | None, max_rate: float) -> str:
-    if rate is None:
-        return "-"
-    return f"{'>=' if rate >= max_rate else ''}{rate:.3f}"
-
-
 def _run_one(job: tuple) -> dict:
     from fastserve_jax.slo import request_latencies, slo_attainment
     from fastserve_jax.sim import simulate
@@ -275,6 +237,12 @@ def cmd_simulate(a: argparse.Namespace) -> int:
             print(f"warning: --swap-policy {a.swap_policy} moves KV to the host pool, and there is none "
                   "(--host-kv-capacity-tokens 0): evictions recompute, as with recompute", file=sys.stderr)
         a.swap_policy = a.swap_policy or "proactive"
+        if a.swap_policy == "recompute" and a.host_kv_capacity_tokens:     # the same results, without a word
+            print("warning: --swap-policy recompute recomputes evicted KV and never uses the host pool: "
+                  "--host-kv-capacity-tokens changes nothing", file=sys.stderr)
+        elif 0 < (a.host_kv_capacity_tokens or 0) < a.block_size:
+            print(f"warning: --host-kv-capacity-tokens {a.host_kv_capacity_tokens} holds no block of "
+                  f"{a.block_size} tokens: there is no host pool, and evictions recompute", file=sys.stderr)
         for flag, given in (("--rate", a.rate), ("--load", a.load), ("--policy", a.policy), ("--slo", a.slo)):
             if given and len(set(given)) < len(given):
                 raise ValueError(f"{flag} {max(given, key=given.count)} is given twice")
@@ -313,6 +281,9 @@ def cmd_simulate(a: argparse.Namespace) -> int:
             # n over the span, as served is n over first arrival to last finish, so served <= offered
             # ((n - 1) / span had two requests served at twice the rate offered)
             span = trace[-1].arrival - trace[0].arrival
+            if span > MAX_SPAN_S:       # as check_rates: times that far out have no digits left for a step
+                raise ValueError(f"{a.trace}: its arrivals span {span:g} s, more than {MAX_SPAN_S:g} s; at such times "
+                                 "a step's milliseconds are lost to rounding (a request finished the instant it came)")
             r = len(trace) / span if span > 0 else 0.0
             points = [(None, r / capacity if r else None, r or None)]
         else:
@@ -351,6 +322,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         pred = f"  prediction tau {m['prediction_kendall_tau']:.2f}" if "prediction_kendall_tau" in m else ""
         pred += f"  prefix cache hits {m['prefix_cache_hit_rate']:.2f}" if "prefix_cache_hit_rate" in m else ""
         offered = "all at once," if m['offered_rps'] is None else f"{m['offered_rps']:.3f}"     # a trace of one instant
+        if m["arrival_rps"] is not None and m["rate"] is not None:    # random arrivals: the rate they came at
+            offered += f" (arrived {m['arrival_rps']:.3f})"
         load = "-" if m['load'] is None else f"{m['load']:.2f}"
         print(f"{job[1]:>15} offered {offered} served {m['throughput_rps']:.3f} req/s "
               f"load {load}  jct {m['mean_jct']:.2f}s p99 {m['p99_jct']:.2f}s  "

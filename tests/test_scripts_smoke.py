@@ -221,6 +221,42 @@ def test_sim_table_reads_a_simulate_sweep(small_trace, tmp_path):
     assert "| mean_jct (s) | fcfs | skip-join-mlfq |" in out and "load 1.5" in out
 
 
+def test_sim_table_bolds_the_highest_throughput_and_reads_one_rate_and_nulls():
+    """Throughput was labelled in seconds and its lowest figure bolded; a one-rate sweep (a row
+    per policy) and a null figure (no TPOT in one-token answers) raised; loads 0.9 and 0.95
+    both read "load 0.9"."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from sim_table import table
+
+    def row(load, thr, tpot):
+        return dict(load=load, rate=load * 2, offered_rps=load * 2, throughput_rps=thr, mean_tpot=tpot)
+    sweep = {"fcfs": [row(0.9, 1.0, None), row(0.95, 1.1, 0.02)], "skip-join-mlfq": [row(0.9, 1.2, None),
+                                                                                     row(0.95, 1.0, 0.03)]}
+    out = table(sweep, "throughput_rps")
+    assert "(req/s)" in out and "| load 0.9 (1.80 req/s) | 1.00 | **1.20** |" in out and "load 0.95" in out
+    assert "| load 0.9 (1.80 req/s) | - | - |" in table(sweep, "mean_tpot")
+    assert "**1.00**" in table({"fcfs": row(0.9, 1.0, None)}, "throughput_rps")
+
+
+def test_repro_goodput_checks_read_lower_bounds_as_bounds():
+    """Two goodputs both equal to the highest rate swept (every rate met the SLO) were failed
+    at 1.00x; they only bound the ratio, so the check is not measured. A bound that decides the
+    ratio still passes or fails it."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from repro_checks import Checks
+
+    def s(goodput, top=2.0, served=10.0):
+        return dict(goodput_rps=goodput, max_offered_rps=top, max_served_rps=served)
+    c = Checks()
+    c.goodput(s(2.0), s(2.0), 1.5, "both at the top", ("a",), 0.5)
+    c.goodput(s(2.0), s(1.0), 1.5, "ours a bound, enough", ("b",), 0.5)
+    c.goodput(s(1.2), s(1.0), 1.5, "exact, short", ("c",), 0.5)
+    c.goodput(s(1.8), s(2.0), 1.5, "theirs a bound, short", ("d",), 0.5)
+    c.goodput(s(1.6, served=1.5), s(1.0), 1.5, "past served", ("e",), 0.5)
+    assert [c.outcomes[(k,)][0] for k in "abcde"] == [None, True, False, False, True]
+    assert "above every rate served" in c.outcomes[("e",)][1]
+
+
 @needs_trace
 def test_make_heavy_tail_trace(tmp_path):
     dest = tmp_path / "heavy.csv"

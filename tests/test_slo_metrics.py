@@ -49,6 +49,8 @@ def test_latencies_of_literal_requests():
     assert m["mean_tpot"] == pytest.approx((0.125 + 0.25 + 0.125) / 3)
     assert m["mean_latency_per_token"] == pytest.approx((2.125 / 10 + 2.0 + 1.5 / 5 + 7.25 / 3) / 4)
     assert m["throughput_rps"] == 4 / 7.25
+    assert m["arrival_rps"] == 4 / 1.0      # arrivals at 0, 0, 1, 0: what a rate's random draw came at
+    assert summarize(REQS[:2])["arrival_rps"] is None       # all at one instant
 
 
 def test_mean_tpot_of_one_token_requests_is_undefined_not_zero():

@@ -206,6 +206,21 @@ def test_simulate_warns_that_shared_prefix_flags_need_prefix_caching(trace, caps
     assert "warning" not in capsys.readouterr().err
 
 
+def test_simulate_warns_of_a_host_pool_that_changes_nothing_and_refuses_a_trace_too_long(trace, tmp_path, capsys):
+    """recompute with a host pool gave byte-identical results without a word, and so did a host
+    pool smaller than a block; a trace whose arrivals span 1e15 s had requests finish the
+    instant they came (its milliseconds lost to rounding), as --rate's check_rates guards."""
+    base = ["simulate", "--trace", trace, "--num-requests", "5", "--policy", "fcfs", "--rate", "1"]
+    assert main([*base, "--swap-policy", "recompute", "--host-kv-capacity-tokens", "50000"]) == 0
+    assert "--host-kv-capacity-tokens changes nothing" in capsys.readouterr().err
+    assert main([*base, "--host-kv-capacity-tokens", "5"]) == 0
+    assert "holds no block of 16 tokens" in capsys.readouterr().err
+    far = tmp_path / "far.csv"
+    save_trace(str(far), [TraceRequest(0.0, 10, 5), TraceRequest(1e15, 10, 5)])
+    assert main(["simulate", "--trace", str(far), "--policy", "fcfs"]) == 2
+    assert "its arrivals span 1e+15 s" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("cv", [1e-300, 1e-155, 1e155, 1e300, 0.0, float("nan")])
 def test_gamma_arrivals_refuse_a_cv_whose_shape_is_not_a_finite_positive_number(cv):
     """1/cv**2 divided by zero (1e-300) or overflowed (1e300): a ZeroDivisionError or an
