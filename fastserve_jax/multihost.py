@@ -49,14 +49,17 @@ LEADER_ONLY = frozenset({"scheduler", "cost_model", "tail_slowdown", "starvation
                          "gpu_memory_utilization", "swap_space", "async_scheduling", "mirror"})
 MODEL_FILES = (".json", ".safetensors", ".model", ".txt", ".tiktoken", ".jinja")    # config, weights, tokenizer
 _SAMPLE = 1 << 20
+# 4 KiB blocks spread over a file's middle, hashed too: a copy damaged or fine-tuned only there
+# passed with its ends' digest and served wrong text (until 2026-12-07)
+_MIDDLE_SAMPLES = 64
 
 
 def deployment_settings(model: str | None, engine_kwargs: dict) -> dict:
     """What every process of a deployment must share (PlanChannel.serve/connect compare it
     before anything loads): the engine options that shape the programs, and per model file
     (and per file of a --tokenizer directory) its size and a digest of its first and last MiB
-    (the paths may differ between hosts; reading whole weight files would take minutes; the
-    ends tell two checkpoints apart)."""
+    and of _MIDDLE_SAMPLES blocks between (the paths may differ between hosts; reading whole
+    weight files would take minutes)."""
     from fastserve_jax.models import demo_model_path
 
     tok = engine_kwargs.get("tokenizer")
@@ -76,6 +79,9 @@ def _file_digests(what: str, path: str) -> dict:
             size, h = os.path.getsize(full), hashlib.sha256()
             with open(full, "rb") as f:
                 h.update(f.read(_SAMPLE))
+                for k in range(1, _MIDDLE_SAMPLES + 1) if size > 2 * _SAMPLE else ():
+                    f.seek(size * k // (_MIDDLE_SAMPLES + 1))
+                    h.update(f.read(4096))
                 if size > _SAMPLE:
                     f.seek(max(_SAMPLE, size - _SAMPLE))
                     h.update(f.read())
@@ -185,6 +191,8 @@ def finish(run: Callable[[], int], channel: PlanChannel, leader: bool) -> int:
     except KeyboardInterrupt:
         log.error("stopped by SIGINT")
         code = 130
+    except SystemExit as e:     # uvicorn's exit where it cannot listen (a port in use): it skipped the
+        code = e.code if isinstance(e.code, int) else 1     # channel's close, and both waited 5 min at the barrier
     except Exception:
         log.exception("this %s failed", "leader" if leader else "worker")
     if code == 0:

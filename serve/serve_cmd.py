@@ -240,8 +240,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         except (ValueError, OSError) as e:    # settings that differ, a missing process, a busy port
             if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:      # a traceback, then a 120 s hang
                 e = f"cannot listen on the plan port {dist.plan_port} (by default the coordinator's + 1): {e.strerror}"
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            os._exit(1)     # joined: a normal exit waited at JAX's shutdown barrier for the others (2 min and more)
         log.info("process 0 of %d: leader, %d worker(s) connected", dist.num_processes, dist.num_processes - 1)
     if channel is None:
         return _serve(a, engine_kwargs(a))

@@ -4,11 +4,7 @@ One process per host, each calling `initialize(cfg)` before any other JAX use. P
 which also hosts JAX's coordination service) runs the HTTP server and the scheduler and broadcasts each
 iteration's plan with `PlanChannel.send`; workers `recv()` it; all run the same jitted steps.
 
-Wire format, no pickle (a network port must never execute code): `b"FSP1" | u32 header length | u64
-payload length | JSON header | payload`. The header is the message with each numpy array replaced by
-`{"a": [dtype.str, shape, offset, nbytes]}` (into the payload, 16-byte aligned; numpy scalars: "s"),
-dicts as `{"d": {...}}` (str keys) or `{"m": [[key, value], ...]}` (int keys), lists and tuples as lists.
-Received arrays are writable views of one buffer per message. Shutdown convention: the leader calls
+Frames are sharding/wire.py's (no pickle). Shutdown convention: the leader calls
 `send_shutdown()` (sends `SHUTDOWN = {"op": "shutdown"}`) then `close()`; workers stop on
 `is_shutdown(msg)`, and `recv()` raises `ChannelClosed` once the leader has closed or died.
 """
@@ -21,14 +17,12 @@ import json
 import os
 import select
 import socket
-import struct
 import time
 from typing import Any, Mapping
 
-import numpy as np
+from fastserve_jax.sharding.wire import _MAGIC, _MAX_HEADER, _PREFIX, decode, encode
 
 SHUTDOWN: dict[str, Any] = {"op": "shutdown"}
-_MAGIC, _PREFIX, _ALIGN, _MAX_HEADER = b"FSP1", struct.Struct("!4sIQ"), 16, 64 << 20
 
 
 class ChannelClosed(ConnectionError):
@@ -130,64 +124,6 @@ def wait_for_coordinator(cfg: DistributedConfig, timeout_s: float) -> None:
             time.sleep(0.2)
 
 
-def encode(msg: Any) -> bytes:
-    """One frame for `msg`; a TypeError naming the offending path for anything not encodable."""
-    chunks: list[bytes] = []
-    size = 0
-
-    def enc(x: Any, path: str) -> Any:
-        nonlocal size
-        if x is None or isinstance(x, (bool, int, float, str)):
-            return x
-        if isinstance(x, (list, tuple)):
-            return [enc(v, f"{path}[{i}]") for i, v in enumerate(x)]
-        if isinstance(x, dict):
-            if all(isinstance(k, str) for k in x):
-                return {"d": {k: enc(v, f"{path}[{k!r}]") for k, v in x.items()}}
-            if all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in x):
-                return {"m": [[k, enc(v, f"{path}[{k!r}]")] for k, v in x.items()]}
-            raise TypeError(f"{path}: dict keys must be str or int")
-        if isinstance(x, (np.ndarray, np.generic)):
-            a = np.asarray(x)  # tobytes() writes C order whatever the strides
-            if a.dtype.kind not in "biufc" or a.dtype.fields is not None:
-                raise TypeError(f"{path}: cannot encode array of dtype {a.dtype}")
-            pad = -size % _ALIGN
-            chunks.append(b"\0" * pad + a.tobytes())
-            ref = [a.dtype.str, list(a.shape), size + pad, a.nbytes]
-            size += pad + a.nbytes
-            return {"s" if isinstance(x, np.generic) else "a": ref}
-        raise TypeError(f"{path}: cannot encode object of type {type(x).__name__} "
-                        "(allowed: dict, list, str, int, float, bool, None, numpy arrays)")
-
-    header = json.dumps(enc(msg, "msg"), separators=(",", ":")).encode()
-    return b"".join([_PREFIX.pack(_MAGIC, len(header), size), header, *chunks])
-
-
-def decode(header: bytes, payload: bytearray) -> Any:
-    """Inverse of `encode`, given a frame's header and payload (arrays are views of `payload`)."""
-
-    def array(ref: list[Any]) -> np.ndarray:
-        dtype, shape, offset, nbytes = np.dtype(ref[0]), tuple(ref[1]), int(ref[2]), int(ref[3])
-        if dtype.kind not in "biufc" or any(d < 0 for d in shape) or offset < 0 \
-                or offset + nbytes > len(payload) or nbytes != dtype.itemsize * int(np.prod(shape)):
-            raise ValueError(f"corrupt array reference {ref}")
-        return np.frombuffer(payload, dtype, nbytes // dtype.itemsize, offset).reshape(shape)
-
-    def dec(x: Any) -> Any:
-        if isinstance(x, list):
-            return [dec(v) for v in x]
-        if not isinstance(x, dict):
-            return x
-        ((tag, v),) = x.items()
-        if tag in ("d", "m"):
-            return {k: dec(w) for k, w in (v.items() if tag == "d" else v)}
-        if tag not in ("a", "s"):
-            raise ValueError(f"unknown tag {tag!r} in PlanChannel header")
-        return array(v) if tag == "a" else array(v)[()]
-
-    return dec(json.loads(header))
-
-
 def _recv_frame(sock: socket.socket, who: str) -> Any:
     def exact(n: int, mid: bool) -> bytearray:
         buf, got = bytearray(n), 0
@@ -226,12 +162,15 @@ class PlanChannel:
     @classmethod
     def serve(cls, cfg: DistributedConfig, timeout_s: float = 120.0, host: str | None = None,
               settings: Mapping[str, Any] | None = None) -> PlanChannel:
-        """Accept one connection from each worker on `host` (default: the coordinator's host) and plan_port.
+        """Accept one connection from each worker on `host` (default: every interface, dual-stack where the
+        system has it, as JAX's coordinator listens; the coordinator's IPv4 name before 2026-12-07) and plan_port.
         `settings` (JSON values by name: the model and engine settings every process must share): a worker
         whose hello carries others is refused, and so is this start (ValueError naming the differences)."""
         n, deadline = _check_role(cfg, leader=True), time.monotonic() + timeout_s
         peers: dict[int, socket.socket] = {}
-        lsock = socket.create_server((host or cfg.host, cfg.plan_port))
+        dual = host is None and socket.has_dualstack_ipv6()
+        lsock = socket.create_server((host or "", cfg.plan_port), family=socket.AF_INET6 if dual else socket.AF_INET,
+                                     dualstack_ipv6=dual)
         try:
             while len(peers) < n - 1:
                 lsock.settimeout(max(deadline - time.monotonic(), 0.0))
@@ -289,7 +228,12 @@ class PlanChannel:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(encode({"op": "hello", "process_id": cfg.process_id, "num_processes": n,
                              "settings": dict(settings or {})}))
-        reply = _recv_frame(sock, "PlanChannel leader")
+        try:
+            reply = _recv_frame(sock, "PlanChannel leader")
+        except OSError as e:        # the leader refused another process and left (a bare "connection reset")
+            sock.close()
+            raise ConnectionError(f"PlanChannel leader at {cfg.host}:{cfg.plan_port} left during worker "
+                                  f"{cfg.process_id}'s handshake ({e}); the leader's log says why") from None
         if reply.get("op") != "welcome":
             sock.close()
             raise ConnectionError(f"PlanChannel leader refused worker {cfg.process_id}: {reply.get('message')}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -218,6 +219,30 @@ def test_serve_timeout_names_missing_workers():
         PlanChannel.serve(cfgs(3)[0], timeout_s=0.3)
 
 
+@pytest.mark.parametrize("worker_host", ["127.0.0.1", "::1"])
+def test_the_leader_listens_on_every_interface(worker_host):
+    """The plan port was bound to the coordinator's host name, which on the leader's own host may
+    resolve to loopback (a Debian-style "127.0.1.1 hostname" line), and IPv4 only: a worker
+    that reached JAX's coordinator (which listens everywhere) then waited 120 s for a leader it
+    could not reach. Here the leader's name is another address than the worker's."""
+    if worker_host == "::1" and not socket.has_dualstack_ipv6():
+        pytest.skip("no dual-stack sockets here")
+    port, leader_host = free_port(), "::1" if worker_host == "127.0.0.1" else "127.0.0.1"
+    leader_cfg = DistributedConfig(f"[{leader_host}]:{free_port()}", 2, 0, plan_port=port)
+    worker_cfg = DistributedConfig(f"[{worker_host}]:{free_port()}", 2, 1, plan_port=port)
+    if worker_host == "127.0.0.1" and not socket.has_dualstack_ipv6():
+        leader_cfg = DistributedConfig(f"localhost:{free_port()}", 2, 0, plan_port=port)
+    done = []
+    t = threading.Thread(target=lambda: done.append(PlanChannel.connect(worker_cfg, timeout_s=10)))
+    t.start()
+    leader = PlanChannel.serve(leader_cfg, timeout_s=10)
+    t.join(10)
+    leader.send_shutdown()
+    assert is_shutdown(done[0].recv())
+    done[0].close()
+    leader.close()
+
+
 def test_wrong_roles_and_unresolved_config():
     c0, c1 = cfgs(2)
     with pytest.raises(ValueError, match="must connect"):
@@ -404,6 +429,15 @@ def test_deployment_settings_tell_models_and_program_flags_apart(tiny_checkpoint
     (copy / "tokenizer.json").write_text("{}")
     assert "tokenizer file tokenizer.json" in settings_differ(deployment_settings(a, dict(kw, tokenizer=str(copy))),
                                                               deployment_settings(a, dict(kw, tokenizer=a)))
+    # a weight file that differs only in its middle (a copy damaged there, a fine-tune of middle
+    # tensors) passed the ends' digest and served wrong text
+    big, changed = tmp_path / "big", tmp_path / "changed"
+    for d, mid in ((big, b"\0"), (changed, b"\1")):
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        (d / "model.safetensors").write_bytes(b"h" * (1 << 20) + mid * (3 << 20) + b"t" * (1 << 20))
+    assert "model file model.safetensors" in settings_differ(deployment_settings(str(big), kw),
+                                                             deployment_settings(str(changed), kw))
     (copy / "chat_template.jinja").write_text("{{ messages }}")
     assert "chat_template.jinja" in settings_differ(deployment_settings(str(copy), kw), deployment_settings(a, kw))
     # a tokenizer that is no local directory is compared as given
@@ -463,3 +497,24 @@ def test_a_worker_waits_for_its_coordinator_with_a_clear_timeout():
     import socket
     with socket.create_server(("127.0.0.1", int(cfg.coordinator_address.rsplit(":", 1)[1]))):
         wait_for_coordinator(cfg, 5)              # listening: returns at once
+
+
+def test_a_process_part_ending_in_system_exit_closes_the_channel_and_leaves_at_once(monkeypatch):
+    """uvicorn exits with sys.exit where it cannot listen (a port in use): finish() let the
+    SystemExit through without closing the channel or leaving by os._exit, so the leader and its
+    worker waited five minutes at JAX's shutdown barrier, then aborted."""
+    from fastserve_jax import multihost
+
+    closed, left = [], []
+
+    class Channel:
+        def close(self):
+            closed.append(1)
+
+    def leave(code):
+        left.append(code)
+        raise RuntimeError("left")          # os._exit's stand-in: nothing after it runs
+    monkeypatch.setattr(multihost.os, "_exit", leave)
+    with pytest.raises(RuntimeError, match="left"):
+        multihost.finish(lambda: sys.exit(3), Channel(), leader=True)
+    assert closed == [1] and left == [3]
