@@ -107,8 +107,10 @@ def test_repro_fastserve_lists_each_target_missed_in_any_seed():
     c1.check(False, "throughput 0.94", ("t",))           # listed only where missed
     c1.check(True, "d 2.2x", ("d",))
     # the other configuration's goodput 0: it missed the SLO at the lowest rate swept (0.353)
-    c0.goodput(0.378, 0.0, 1.5, "g", ("g",), lowest=0.353)          # over 1.07x only: not measured
-    c1.goodput(0.6, 0.0, 1.5, "g", ("g",), lowest=0.353)            # over 1.70x: met
+    def s(goodput):         # slo.sweep_summary's figures (a top rate of 2: no bound here)
+        return dict(goodput_rps=goodput, max_offered_rps=2.0)
+    c0.goodput(s(0.378), s(None), 1.5, "g", ("g",), lowest=0.353)       # over 1.07x only: not measured
+    c1.goodput(s(0.6), s(None), 1.5, "g", ("g",), lowest=0.353)         # over 1.70x: met
     assert c0.outcomes[("g",)][0] is None and c0.outcomes[("g",)][1].startswith("N/A   g (over 1.07x, a lower bound")
     assert c1.outcomes[("g",)][0] is True and c0.checked == 3
     text = R.across_seeds({0: c0, 1: c1})
