@@ -203,7 +203,13 @@ class LLM:
                 rendered.append(render_chat(self.tokenizer, conv, options, chat_template))
             except ValueError as e:
                 raise ValueError(f"conversation {i}: {e}" if len(convs) > 1 else str(e)) from None
-        outs = self.generate([ids for _, ids in rendered], sampling_params, use_tqdm)
+        try:
+            outs = self.generate([ids for _, ids in rendered], sampling_params, use_tqdm)
+        except ValueError as e:     # generate names its prompts "prompt i": here they are conversations
+            head, sep, rest = str(e).partition(": ")
+            if not (sep and head.startswith("prompt ") and head[7:].isdigit()):
+                raise
+            raise ValueError(f"conversation {head[7:]}: {rest}" if len(convs) > 1 else rest) from None
         for out, (text, _) in zip(outs, rendered):
             out.prompt = text
         return outs

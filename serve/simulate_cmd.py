@@ -104,6 +104,10 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the arrival process and the prediction noise")
     p.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes")
     p.add_argument("--json", metavar="OUT", help="also write the results there (the table goes to stderr either way)")
+    p.add_argument("--save-requests", metavar="OUT.csv",
+                   help="also write every simulated request's record there, a CSV row per request per policy and "
+                        "rate (arrival, first token and finish in seconds, prompt and output tokens), to check or "
+                        "recompute the figures")
     p.add_argument("--plot", metavar="OUT.png", help="latency against request rate, one curve per policy, in the "
                                                      "format the extension names (.png, .pdf, .svg, ...)")
     p.add_argument("--plot-metric", choices=PLOT_METRICS, default="mean_latency_per_token")
@@ -208,11 +212,27 @@ def _run_one(job: tuple) -> dict:
     from fastserve_jax.slo import request_latencies, slo_attainment
     from fastserve_jax.sim import simulate
 
-    trace, policy, cost, cfg, rate, load, offered, slos = job
+    trace, policy, cost, cfg, rate, load, offered, slos, keep = job
     res = simulate(trace, policy, cost, cfg)
     _, ttft, tpot, _ = request_latencies(res.requests)
+    records = {"records": [(r.arrival_time, r.metrics.first_token_time, r.metrics.finish_time, r.num_prompt_tokens,
+                            len(r.output_token_ids)) for r in res.requests]} if keep else {}
     return dict(rate=rate, load=load, offered_rps=offered, **res.metrics(),
-                slo_attainment=slo_attainment(ttft, tpot, slos))
+                slo_attainment=slo_attainment(ttft, tpot, slos), **records)
+
+
+def _save_requests(path: str, runs: list[tuple[str, dict]]) -> None:
+    """--save-requests' CSV (each run's records leave its row: --json stays small)."""
+    import csv
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["policy", "rate", "load", "request", "arrival_s", "first_token_s", "finish_s", "prompt_tokens",
+                    "output_tokens"])
+        for policy, m in runs:
+            for i, rec in enumerate(m.pop("records")):
+                w.writerow([policy, m["rate"], m["load"], i, *rec])
 
 
 def cmd_simulate(a: argparse.Namespace) -> int:
@@ -252,6 +272,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         if a.arrival == "gamma" and (a.rate or a.load):
             gamma_shape(cv)                   # with_arrivals' check, before the trace and cost model load
         check_output(a.json, "--json")
+        check_output(a.save_requests, "--save-requests")
         check_plot(a.plot)
         cost = CostModel.load(a.cost_model)
         trace, timed = load_trace(a.trace, a.num_requests)
@@ -296,7 +317,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         for rate, load, offered in points:
             # the same N requests (--num-requests) at every rate: a finite burst per rate
             tr = trace if rate is None else with_arrivals(trace, rate, a.arrival, cv, a.seed)
-            jobs += [(tr, p, cost, cfg, rate, load, offered, slos) for p in policies]
+            jobs += [(tr, p, cost, cfg, rate, load, offered, slos, bool(a.save_requests)) for p in policies]
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -330,6 +351,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
               f"latency/token {m['mean_latency_per_token'] * 1e3:.1f}ms  ttft {m['mean_ttft']:.2f}s  slo {slo}%  "
               f"recomputed {m['preemptions']}{swaps}{pred}", file=sys.stderr)
         out.setdefault(job[1], []).append(m)
+    if a.save_requests:
+        _save_requests(a.save_requests, [(job[1], m) for job, m in zip(jobs, results)])
     if len(points) == 1:
         out = {p: ms[0] for p, ms in out.items()}
     else:

@@ -177,6 +177,12 @@ def test_chat_renders_with_the_tokenizers_template(demo_llm):
             demo_llm.chat(user, greedy, **kw)
     with pytest.raises(ValueError, match="conversation 1"):
         demo_llm.chat([user, [{"content": "no role"}]], greedy)
+    long = [{"role": "user", "content": "count " * 3000}]       # renders past the context: generate's check
+    with pytest.raises(ValueError, match="^conversation 1: "):   # named it "prompt 1" until 2026-12-07
+        demo_llm.chat([user, long], greedy)
+    with pytest.raises(ValueError) as one_long:
+        demo_llm.chat(long, greedy)
+    assert str(one_long.value).startswith("prompt has 6001 tokens")      # one conversation: no index
     with pytest.raises(ValueError, match="3 sampling params for 2 conversations"):
         demo_llm.chat([user, user], [greedy] * 3)
     with pytest.raises(ValueError, match="model must be a path"):     # a TypeError from os.path before

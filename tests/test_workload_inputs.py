@@ -221,6 +221,25 @@ def test_simulate_warns_of_a_host_pool_that_changes_nothing_and_refuses_a_trace_
     assert "its arrivals span 1e+15 s" in capsys.readouterr().err
 
 
+def test_simulate_saves_each_request_and_its_figures_follow_from_them(trace, tmp_path, capsys):
+    """--save-requests (none until 2026-12-07; vLLM's bench has --save-detailed): a row per
+    request per policy and rate, from which the printed figures are recomputed."""
+    import csv
+    import json
+
+    out, js = tmp_path / "reqs.csv", tmp_path / "out.json"
+    assert main(["simulate", "--trace", trace, "--num-requests", "6", "--policy", "fcfs", "--policy", "srpt",
+                 "--rate", "1", "3", "--save-requests", str(out), "--json", str(js)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 2 * 2 * 6 and "records" not in js.read_text()
+    for m in json.load(open(js))["srpt"]:
+        mine = [r for r in rows if r["policy"] == "srpt" and float(r["rate"]) == m["rate"]]
+        jct = [float(r["finish_s"]) - float(r["arrival_s"]) for r in mine]
+        assert sum(jct) / len(jct) == pytest.approx(m["mean_jct"])
+        assert sum(j / int(r["output_tokens"]) for j, r in zip(jct, mine)) / len(mine) == \
+            pytest.approx(m["mean_latency_per_token"])
+
+
 @pytest.mark.parametrize("cv", [1e-300, 1e-155, 1e155, 1e300, 0.0, float("nan")])
 def test_gamma_arrivals_refuse_a_cv_whose_shape_is_not_a_finite_positive_number(cv):
     """1/cv**2 divided by zero (1e-300) or overflowed (1e300): a ZeroDivisionError or an
