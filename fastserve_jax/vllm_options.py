@@ -26,7 +26,7 @@ NO_EFFECT = {
     "distributed_executor_backend": "--distributed-executor-backend has no effect: several hosts start through "
                                     "jax.distributed (--coordinator-address, --num-processes, --process-id)",
     "scheduling_policy": "--scheduling-policy fcfs (vLLM's default) has no effect: requests are ordered by "
-                         "--scheduler (default skip-join-mlfq); give --scheduler fcfs for first come, first served",
+                         "--scheduler (default skip-join-mlfq; --scheduler fcfs is first come, first served)",
 }
 
 

@@ -41,7 +41,9 @@ class ParallelConfig:
         if intermediate_size % self.tp:
             problems.append(f"the MLP width {intermediate_size} is not a multiple of tensor_parallel_size={self.tp}")
         if num_layers % self.pp:
-            problems.append(f"num_layers={num_layers} is not a multiple of pipeline_parallel_size={self.pp}")
+            fits = ", ".join(str(d) for d in range(1, num_layers + 1) if num_layers % d == 0)
+            problems.append(f"num_layers={num_layers} is not a multiple of pipeline_parallel_size={self.pp} (the "
+                            f"pipeline sizes that divide it: {fits})")
         if problems:
             raise ValueError("cannot shard this model: " + "; ".join(problems) +
                              "; pick sizes that divide them")

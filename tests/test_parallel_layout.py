@@ -147,6 +147,9 @@ def test_parallel_config_errors_say_what_to_change():
         ParallelConfig(4, 1).check_model(num_layers=4, num_heads=6, intermediate_size=128)
     with pytest.raises(ValueError, match="num_layers=3 is not a multiple of pipeline_parallel_size=2"):
         ParallelConfig(1, 2).check_model(num_layers=3, num_heads=4, intermediate_size=128)
+    # the sizes that fit are named, as docs/parallelism.md says (they were not until 2026-12-07)
+    with pytest.raises(ValueError, match=r"the pipeline sizes that divide it: 1, 2, 4, 7, 14, 28\)"):
+        ParallelConfig(1, 8).check_model(num_layers=28, num_heads=4, intermediate_size=128)
     with pytest.raises(ValueError, match="positive integer"):
         ParallelConfig(0, 1)
     with pytest.raises(ValueError, match="only 8 are visible"):
