@@ -123,8 +123,9 @@ class LLM:
         1-D integer array) or vLLM's {"prompt": text} / {"prompt_token_ids": ids} (TextPrompt,
         TokensPrompt), with an optional "cache_salt" (SamplingParams.cache_salt). Every prompt
         is validated before any is queued. use_tqdm=True draws vLLM's progress bar of processed
-        prompts on stderr (off by default here, unlike vLLM); a callable makes the bar, as in vLLM. Calls from several threads run one
-        after another. vLLM's lora_request and priority must ask for nothing (None, or 0s)."""
+        prompts on stderr (off by default here, unlike vLLM); a callable makes the bar, as in
+        vLLM. Calls from several threads run one after another. vLLM's lora_request and priority
+        must ask for nothing (None, or 0s)."""
         _no_lora_or_priority(lora_request, priority)
         salted = [_one_prompt(p, i) for i, p in enumerate(_prompt_list(prompts))]
         prompts, salts = [p for p, _ in salted], [salt for _, salt in salted]

@@ -29,8 +29,8 @@ def _sliding_window(model_type: str, d: dict) -> int | None:
         return d.get("sliding_window", _DEFAULT_SLIDING_WINDOW)
     if model_type == "qwen2" and d.get("use_sliding_window"):
         n = d["num_hidden_layers"]
-        types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", 28) else "full_attention"
-                                         for i in range(n)]
+        first = d.get("max_window_layers", 28)       # the first sliding layer
+        types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
         return d.get("sliding_window", _DEFAULT_SLIDING_WINDOW) if "sliding_attention" in types else None
     return None
 
