@@ -34,6 +34,7 @@ from fastserve_jax.scheduler.base import Plan, ScheduledRequest
 class Copies:
     swap_out: list[SwapCopy] = field(default_factory=list)   # device -> host
     swap_in: list[SwapCopy] = field(default_factory=list)    # host -> device
+    fills: int = 0      # the last swap_out copies that are fills (take_fills), not requests moved
 
 
 @dataclass
@@ -81,7 +82,9 @@ def apply_plan(plan: Plan, kv: KVManager, now: float) -> Copies:
         req.status = RequestStatus.RUNNING
         if req.metrics.first_scheduled_time is None:
             req.metrics.first_scheduled_time = now
-    copies.swap_out += kv.take_fills()      # owed since the last batch of copies or by this plan's releases
+    fills = kv.take_fills()                 # owed since the last batch of copies or by this plan's releases
+    copies.swap_out += fills
+    copies.fills = len(fills)
     if kv.caching:
         kv.plan_issued()
     return copies

@@ -67,7 +67,7 @@ class SwapCopies:
         self.policy.charge(swaps.transfer.stall_seconds - stalled)
         self._charge_fused()
         self.stats.swap_ins_on_demand += len(copies.swap_in)
-        self.stats.swap_outs_on_demand += len(copies.swap_out)
+        self.stats.swap_outs_on_demand += len(copies.swap_out) - copies.fills    # requests, not fills
 
     def ahead(self, plan, requests, scheduler, now: float) -> None:
         ahead = self.policy.plan_ahead(plan, requests, scheduler, now)

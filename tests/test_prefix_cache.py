@@ -534,6 +534,41 @@ def test_identical_prompts_of_one_step_answer_right():
     llm.engine.kv.check_integrity()
 
 
+def test_swap_outs_count_requests_not_the_fills_owed_for_shared_blocks():
+    """A swapped-out request leaves the blocks others share on the device; once they let go,
+    those are copied to its host KV (a fill, KVManager.take_fills). That copy is no preemption:
+    vllm:num_preemptions_total counted each fill as one more (2026-12-07)."""
+    import random
+
+    llm = LLM(None, warmup=False, num_device_blocks=40, num_host_blocks=100, swap_policy="proactive",
+              scheduler="skip-join-mlfq", enable_prefix_caching=True, **ENGINE_KW)
+    e, rng = llm.engine, random.Random(0)
+    fills, swapped_out = [], []
+    take, schedule = e.kv.take_fills, e.scheduler.schedule
+    def taken():
+        got = take()
+        fills.extend(got)
+        return got
+
+    def counted(now):
+        plan = schedule(now)
+        swapped_out.extend(plan.swapped_out)
+        return plan
+
+    e.kv.take_fills, e.scheduler.schedule = taken, counted
+    stems = [e.tokenizer.encode("".join(f" {n}" for n in range(s, s + n))) for s, n in ((100, 37), (500, 70))]
+    for _ in range(16):
+        tail = e.tokenizer.encode("".join(f" {n}" for n in range(rng.randrange(0, 900), 999)))
+        e.add_request(rng.choice(stems) + tail[:rng.choice([1, 5, 9, 17])],
+                      SamplingParams(max_tokens=rng.choice([4, 20, 60, 120]), ignore_eos=True, temperature=0))
+    while e.has_unfinished():
+        e.step()
+    assert fills and swapped_out
+    assert e.stats.swap_outs_on_demand == len(swapped_out)
+    snap = e.snapshot()
+    assert snap["swap_outs_total"] == len(swapped_out) + e.stats.swap_outs_ahead
+
+
 @pytest.mark.parametrize("policy, scheduler", [("proactive", "skip-join-mlfq"), ("reactive", "fcfs"),
                                                ("recompute", "skip-join-mlfq")])
 def test_tokens_identical_with_shared_prefixes_under_memory_pressure(reference, policy, scheduler):
