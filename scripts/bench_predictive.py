@@ -43,8 +43,8 @@ sys.path.insert(0, ROOT)
 
 from fastserve_jax.models import demo_task  # noqa: E402
 from fastserve_jax.serve import bench_client  # noqa: E402
-from fastserve_jax.serve.bench_cmd import (DEMO_MAX_TOKENS, LaunchedServer, answer_problems, raise_on_problems,  # noqa: E402
-                                           screen_pairs, slo_figures)
+from fastserve_jax.serve.bench_answers import answer_problems, raise_on_problems, screen_pairs  # noqa: E402
+from fastserve_jax.serve.bench_cmd import DEMO_MAX_TOKENS, LaunchedServer, slo_figures  # noqa: E402
 from fastserve_jax.workload import TraceRequest, with_arrivals  # noqa: E402
 
 POLICIES = ("skip-join-mlfq", "predictive", "fcfs", "srpt")

@@ -58,8 +58,8 @@ from fastserve_jax.stats import PHASES  # noqa: E402
 from fastserve_jax.workload import TraceRequest, burst_pool_blocks, kv_blocks, with_arrivals  # noqa: E402
 from fastserve_jax.models import demo_task  # noqa: E402
 from fastserve_jax.serve import bench_client  # noqa: E402
-from fastserve_jax.serve.bench_cmd import (TRACE, LaunchedServer, answer_problems, build_workload,  # noqa: E402
-                                           raise_on_problems, screen_pairs, slo_figures)
+from fastserve_jax.serve.bench_answers import answer_problems, raise_on_problems, screen_pairs  # noqa: E402
+from fastserve_jax.serve.bench_cmd import TRACE, LaunchedServer, build_workload, slo_figures  # noqa: E402
 # part 2, the simulator against the engine, next to this script (scripts/ is on sys.path when it runs)
 from sim_fidelity import (POLICIES, calibrated, engine_shape, measure_swap, servers_cost_model,  # noqa: E402
                           simulator_fidelity)
@@ -162,7 +162,7 @@ def serve_burst(policy: str, argv: list[str], warm, work, arrivals, concurrency:
 
 def local_engine(argv: list[str], policy: str = "fcfs", warmup: str = "lazy"):
     """An in-process LLM with the servers' engine options (and their compiled executables,
-    through the persistent cache): with fcfs it screens the pairs (bench_cmd.screen_pairs),
+    through the persistent cache): with fcfs it screens the pairs (bench_answers.screen_pairs),
     then gives the simulator the servers' cost model and this machine's swap copy times; last,
     each policy serves the burst in process (sim_fidelity_in_process.in_process_fidelity)."""
     from fastserve_jax import LLM

@@ -11,7 +11,7 @@ arrivals:
 - skip-join-mlfq with tail_slowdown=0 (no tail guard).
 
 Every answer is checked token for token. Pairs the demo model misses by itself are
-replaced first (bench_cmd.screen_pairs). Each run also prints the engine's seconds per
+replaced first (bench_answers.screen_pairs). Each run also prints the engine's seconds per
 iteration and its scheduling phase, the policy's host time.
 
 The starvation limit is what the guard waits for. It is the engine's default: the
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
 
     from fastserve_jax import LLM
-    from fastserve_jax.serve.bench_cmd import screen_pairs
+    from fastserve_jax.serve.bench_answers import screen_pairs
     from sim_fidelity_in_process import engine_in_process
 
     # every configuration learns its output lengths afresh, as the simulator does, not from

@@ -226,6 +226,10 @@ def summarize(results: list[Result]) -> dict[str, float]:
         out[f"{name}_mean"], out[f"{name}_p50"], out[f"{name}_p99"] = _stats(xs)
     out["throughput_rps"] = len(done) / span if done else 0.0
     out["throughput_tps"] = sum(r.completion_tokens or 0 for r in done) / span if done else 0.0
+    # as vLLM's benchmark JSON: the run's span, and the tokens of the completed requests
+    out["duration"] = span
+    out["total_input_tokens"] = sum(r.prompt_tokens or 0 for r in done)
+    out["total_output_tokens"] = sum(r.completion_tokens or 0 for r in done)
     return out
 
 

@@ -14,7 +14,8 @@ from fastserve_jax.stats import PHASES
 from fastserve_jax.workload import TraceRequest, burst_pool_blocks, chat_output_lengths, kv_blocks
 from fastserve_jax.models import demo_task
 from fastserve_jax.serve import bench_client
-from fastserve_jax.serve.bench_cmd import TRACE, answer_problems, build_workload
+from fastserve_jax.serve.bench_answers import answer_problems
+from fastserve_jax.serve.bench_cmd import TRACE, build_workload
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))   # as when the script runs
 import bench_preemption as bp  # noqa: E402
@@ -164,7 +165,7 @@ def test_calibrate_overhead_brackets_a_jumping_simulator_and_never_goes_negative
 def test_screen_pairs_replaces_the_models_misses_by_pairs_of_the_same_span():
     from types import SimpleNamespace
 
-    from fastserve_jax.serve.bench_cmd import screen_pairs
+    from fastserve_jax.serve.bench_answers import screen_pairs
 
     class Llm:                          # misses every count that starts at 95, like the demo model's ' 95' stop
         calls = 0

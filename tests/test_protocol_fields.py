@@ -481,8 +481,8 @@ def test_usage_counts_the_prompt_tokens_found_in_the_prefix_cache(live):
     _, chunks = _post(live, "/v1/completions", dict(body, stream=True, stream_options={"include_usage": True}))
     assert chunks[-1]["usage"]["prompt_tokens_details"] == again["usage"]["prompt_tokens_details"]
     m = live.metrics()
-    hits = m[("vllm:prefix_cache_hits_total", (("model_name", "demo"),))]
-    assert hits >= 3 * (n_prompt - 16) and m[("vllm:prefix_cache_queries_total", (("model_name", "demo"),))] > hits
+    hits = m[("vllm:prefix_cache_hits_total", (("engine", "0"), ("model_name", "demo")))]
+    assert hits >= 3 * (n_prompt - 16) and m[("vllm:prefix_cache_queries_total", (("engine", "0"), ("model_name", "demo")))] > hits
     assert m[("fastserve_prefix_cache_hits_total", ())] == hits
     # vLLM's cache_salt: blocks are shared only among requests of the same salt
     cached = [_post(live, "/v1/completions", dict(body, cache_salt=salt))[1]["usage"]["prompt_tokens_details"]
@@ -735,11 +735,34 @@ def test_truncating_a_text_prompt_to_its_special_tokens_keeps_them(live):
     assert out["usage"]["prompt_tokens"] == 1 and out["choices"][0]["logprobs"]["tokens"][0] == tok.bos_token
 
 
+def test_bench_tells_the_demo_models_own_misses_from_wrong_answers(live):
+    """The demo model counts 478 to 548 only to 547 by itself: bench counted it as the engine's
+    wrong answer and exited 1 in a default run (2026-12-07). An answer that comes back the same
+    when sent alone is the model's own miss, named apart, unless more answers do so than the
+    model misses (an engine wrong whatever the load), and a wrong answer is said in words."""
+    from fastserve_jax.serve import bench_answers, bench_cmd
+
+    def item(a, b, want=None):
+        return (dict(prompt=demo_task.make_prompt(a, b), max_tokens=demo_task.answer_num_tokens(*(want or (a, b))),
+                     temperature=0, stream=True, stream_options={"include_usage": True}), want or (a, b))
+
+    m = bench_cmd.run_rate(live.url, [item(478, 548), item(3, 12)], [0.0, 0.0], None, ())
+    assert (m["completed"], m["wrong"], m["model_misses"], m["problems"]) == (2, 0, 1, [])
+    # every answer wrong alike alone (here: checked against the wrong count) counts as wrong
+    m = bench_cmd.run_rate(live.url, [item(3, 12, (3, 13))] * 3, [0.0] * 3, None, ())
+    assert (m["wrong"], m["model_misses"]) == (3, 0)
+    assert m["problems"][0].startswith("request 0 (count from 3 to 13): ")
+    # a failure in words: the error body's message, not its JSON (a full admission queue printed raw)
+    full = bench_client.Result(status=503, error=json.dumps({"error": {"message": "the admission queue is full"}}))
+    assert bench_answers.answer_problems([full], [item(3, 12)]) == [
+        "request 0 (count from 3 to 12) failed: status 503: the admission queue is full"]
+
+
 def test_bench_random_dataset_draws_the_servers_tokens_and_checks_exact_lengths(live, tmp_path, capsys):
     """`bench --dataset random` (bench_random.py), for models other than the demo: prompts of
     token ids from the server's own /tokenize, the trace's lengths cut to the context limit it
     reports, answers of exactly max_tokens tokens (ignore_eos), a wrong length counted."""
-    from fastserve_jax.serve import bench_cmd
+    from fastserve_jax.serve import bench_answers, bench_cmd
     from fastserve_jax.serve.bench_random import length_problem, random_workload, server_vocabulary
     from fastserve_jax.serve.cli import main
     from fastserve_jax.workload import TraceRequest, save_trace
@@ -760,7 +783,7 @@ def test_bench_random_dataset_draws_the_servers_tokens_and_checks_exact_lengths(
     assert m["completed"] == 2 and m["failed"] == 0 and m["wrong"] == 0
     short = bench_client.Result(status=200, done=True, completion_tokens=2, finish_reason="stop")
     assert length_problem(short, 3) == "2 tokens ending for 'stop' (want 3, 'length')"
-    assert bench_cmd.answer_problems([short], [({}, 3)]) == ["request 0 (3 tokens): 2 tokens ending for 'stop' "
+    assert bench_answers.answer_problems([short], [({}, 3)]) == ["request 0 (3 tokens): 2 tokens ending for 'stop' "
                                                              "(want 3, 'length')"]
     # the command, against this server: auto picks counting for "demo"; random is asked for
     trace = str(tmp_path / "t.csv")
