@@ -39,11 +39,13 @@ requests are not observed).
                                              (scheduler "predictive" only; predictor.py)
 
 The same figures under vLLM's names too, each labelled model_name (the served model's first
-name), so dashboards and autoscalers written for vLLM read this server (`vllm_families`,
-`_LATENCY_HISTOGRAMS`):
-vllm:num_requests_running, vllm:num_requests_waiting (waiting + paused: started requests not in
-the latest iteration, whose KV is on the device, which vLLM would count as preempted and waiting),
-vllm:num_requests_swapped, vllm:kv_cache_usage_perc and vllm:gpu_cache_usage_perc (the device
+name) and engine="0" (vLLM V1's labels: one engine here), so dashboards and autoscalers written
+for vLLM read this server (`vllm_families`, `_LATENCY_HISTOGRAMS`):
+vllm:num_requests_running, vllm:num_requests_waiting (waiting + paused + swapped: started
+requests not in the latest iteration, whose KV is on the device or the host, which vLLM V1
+counts as preempted and waiting; until 2026-12-07 the swapped ones were left out, and an
+autoscaler on this gauge missed them), vllm:num_requests_swapped (vLLM V0's: the swapped ones
+again), vllm:kv_cache_usage_perc and vllm:gpu_cache_usage_perc (the device
 pool's used fraction, 0-1, vLLM's V1 and V0 names), vllm:cpu_cache_usage_perc (the host pool's),
 vllm:prompt_tokens_total, vllm:generation_tokens_total, vllm:prefix_cache_{queries,hits}_total,
 vllm:num_preemptions_total (requests whose KV left the device: swapped out or dropped; a pause
@@ -67,6 +69,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from fastserve_jax.serve.async_engine import AsyncEngine
 from fastserve_jax.serve.engine_loop import Delta
 from fastserve_jax.stats import PHASES
+
+# vLLM V1's labels on every vllm:* series (PrometheusStatLogger): the served model's name, and
+# the engine's index among the data-parallel engines (one here)
+VLLM_LABELS = ["model_name", "engine"]
+VLLM_ENGINE = "0"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -183,8 +190,10 @@ def vllm_families(s: dict, model: str):
     for name, kind, doc, value in (
             ("num_requests_running", GaugeMetricFamily, "requests in the latest iteration", s["requests_running"]),
             ("num_requests_waiting", GaugeMetricFamily, "requests waiting: not started, dropped for recomputation, "
-             "or paused with their KV on the device", s["requests_waiting"] + s["requests_paused"]),
-            ("num_requests_swapped", GaugeMetricFamily, "paused requests whose KV is on the host", s["requests_swapped"]),
+             "or paused with their KV on the device or the host (vLLM V1's: preempted requests wait)",
+             s["requests_waiting"] + s["requests_paused"] + s["requests_swapped"]),
+            ("num_requests_swapped", GaugeMetricFamily, "paused requests whose KV is on the host (vLLM V0's; also "
+             "counted in num_requests_waiting)", s["requests_swapped"]),
             ("kv_cache_usage_perc", GaugeMetricFamily, "device KV pool in use, 0-1", device),
             ("gpu_cache_usage_perc", GaugeMetricFamily, "device KV pool in use, 0-1 (vLLM V0's name)", device),
             ("cpu_cache_usage_perc", GaugeMetricFamily, "host KV pool in use, 0-1", host),
@@ -196,8 +205,8 @@ def vllm_families(s: dict, model: str):
             ("num_preemptions", CounterMetricFamily, "requests whose KV left the device: moved to the host (on "
              "demand or ahead of need) or dropped there for recomputation (a drop from the host is no new one)",
              s["swap_outs_total"] + s["device_drops_total"])):
-        m = kind(f"vllm:{name}", doc, labels=["model_name"])
-        m.add_metric([model], value)
+        m = kind(f"vllm:{name}", doc, labels=VLLM_LABELS)
+        m.add_metric([model, VLLM_ENGINE], value)
         yield m
 
 
@@ -218,11 +227,11 @@ class ServerMetrics:
         self.registry.register(_EngineCollector(self))
         # each latency histogram twice: ours, and under vLLM's name labelled model_name
         self.latency = {key: (Histogram(f"fastserve_{ours}", doc, buckets=b, registry=self.registry),
-                              Histogram(f"vllm:{theirs}", doc, ["model_name"], buckets=b,
-                                        registry=self.registry).labels(model_name))
+                              Histogram(f"vllm:{theirs}", doc, VLLM_LABELS, buckets=b,
+                                        registry=self.registry).labels(model_name, VLLM_ENGINE))
                         for key, ours, theirs, doc, b in _LATENCY_HISTOGRAMS}
-        self.per_request = {name: Histogram(f"vllm:{name}", doc, ["model_name"], buckets=b,
-                                            registry=self.registry).labels(model_name)
+        self.per_request = {name: Histogram(f"vllm:{name}", doc, VLLM_LABELS, buckets=b,
+                                            registry=self.registry).labels(model_name, VLLM_ENGINE)
                             for name, doc, b in _VLLM_REQUEST_HISTOGRAMS}
         self.handoff = Histogram("fastserve_request_handoff_seconds", "arrival to the engine's add_request: "
                                  "parsing, tokenizing and the hand-off to the engine thread",
@@ -237,16 +246,16 @@ class ServerMetrics:
         for reason in FINISH_REASONS:
             self.success.labels(reason)
         self.vllm_success = Counter("vllm:request_success", "requests ended, by finish reason",
-                                    ["model_name", "finished_reason"], registry=self.registry)
+                                    [*VLLM_LABELS, "finished_reason"], registry=self.registry)
         for reason in FINISH_REASONS:
-            self.vllm_success.labels(model_name, reason)
+            self.vllm_success.labels(model_name, VLLM_ENGINE, reason)
 
     def observe(self, d: Delta) -> None:
         """A request's first token or its end (AsyncEngine's on_timing hook, on the event loop)."""
         if d.error is not None or d.final:
             reason = "error" if d.error is not None else d.finish_reason
             self.success.labels(reason).inc()
-            self.vllm_success.labels(self.model_name, reason).inc()
+            self.vllm_success.labels(self.model_name, VLLM_ENGINE, reason).inc()
             if d.error is not None:
                 return
         if d.ttft is not None and d.token_ids and d.completion_tokens == len(d.token_ids):    # has the first token

@@ -122,18 +122,19 @@ def test_model_retrieval_sagemaker_ping_and_invocations(live, client):
 
 
 def test_vllm_named_series_match_ours(live):
-    """Dashboards and autoscalers written for vLLM read vllm:* series labelled model_name: the
-    same gauges, counters and histograms as ours (waiting counts paused requests too)."""
+    """Dashboards and autoscalers written for vLLM read vllm:* series labelled model_name and
+    engine (V1's labels; until 2026-12-07 model_name alone): the same gauges, counters and
+    histograms as ours (waiting counts paused and swapped requests too, as V1's)."""
     assert live.post("/v1/completions", _counting(3, 9))[0] == 200
     live.wait_idle()
     m = live.metrics()
-    model = (("model_name", "demo"),)
+    model = (("engine", "0"), ("model_name", "demo"))
     ours = {k[0]: v for k, v in m.items() if not k[1]}
 
     def states(*names):
         return sum(m[("fastserve_requests", (("state", n),))] for n in names)
     assert m[("vllm:num_requests_running", model)] == states("running")
-    assert m[("vllm:num_requests_waiting", model)] == states("waiting", "paused")
+    assert m[("vllm:num_requests_waiting", model)] == states("waiting", "paused", "swapped")
     assert m[("vllm:num_requests_swapped", model)] == states("swapped")
     assert m[("vllm:kv_cache_usage_perc", model)] == m[("vllm:gpu_cache_usage_perc", model)] == \
         m[("fastserve_kv_usage", (("pool", "device"),))]
@@ -143,7 +144,7 @@ def test_vllm_named_series_match_ours(live):
         theirs = "vllm:request_" + name if name.startswith("time_per") else "vllm:" + name    # per request, as ours
         assert m[(theirs, model)] == ours[f"fastserve_{name}"] and ours[f"fastserve_{name}"] > 0, name
     for reason in ("stop", "length", "abort", "error"):
-        assert m[("vllm:request_success_total", (("finished_reason", reason), *model))] == \
+        assert m[("vllm:request_success_total", (model[0], ("finished_reason", reason), model[1]))] == \
             m[("fastserve_request_success_total", (("finished_reason", reason),))]
 
 
@@ -151,7 +152,7 @@ def test_vllms_per_request_histograms_split_each_finished_request(live):
     """vLLM's queue, prefill, decode and inference times and token counts per request (added
     2026-12-07; dashboards built on them were empty), and its TPOT, observed for a one-token
     answer too (as 0; until then left out, so its count was below e2e's)."""
-    model = (("model_name", "demo"),)
+    model = (("engine", "0"), ("model_name", "demo"))
     parts = ("queue_time", "prefill_time", "decode_time", "inference_time")
     names = [f"vllm:request_{p}_seconds_{s}" for p in parts for s in ("count", "sum")] + [
         f"vllm:request_{n}_tokens_{s}" for n in ("prompt", "generation") for s in ("count", "sum")] + [
