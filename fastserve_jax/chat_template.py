@@ -102,11 +102,21 @@ def render_chat(tokenizer, messages: list[dict], options: ChatOptions = ChatOpti
         kind = "" if isinstance(e, (TemplateError, ValueError)) else f"{type(e).__name__}: "
         raise ChatTemplateError(f"{whose} rejected the messages: {kind}{e}", "messages") from None
     bos = tokenizer.bos_token
-    add = not (bos and text.startswith(bos)) if add_special_tokens is None else add_special_tokens
+    add = not (bos and writes_bos(template, bos, text)) if add_special_tokens is None else add_special_tokens
     ids = tokenizer.encode(text, add_special_tokens=add)
     if not ids:                 # an empty rendering is a prompt where the tokenizer adds BOS (vLLM's)
         raise ChatTemplateError("the messages render to an empty prompt; give some content", "messages")
     return text, ids
+
+
+def writes_bos(template, bos: str, text: str) -> bool:
+    """Whether a chat template writes the BOS itself: it names `bos_token` or the BOS's own
+    text (read from the template, so neither text before it nor a message's content changes
+    the answer: a newline ahead of {{ bos_token }} gave two BOS). A template that is not one
+    string (named templates): its rendering starts with the BOS."""
+    if isinstance(template, str):
+        return "bos_token" in template or bos in template
+    return text.lstrip().startswith(bos)
 
 
 @functools.lru_cache(maxsize=16)

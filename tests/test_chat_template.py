@@ -158,6 +158,21 @@ def test_any_exception_in_a_template_is_a_chat_template_error(tok):
             render_chat(tok, USER, chat_template=template)
 
 
+def test_a_template_that_writes_its_bos_after_other_text_gets_no_second_one(tok):
+    """Whether the template writes the BOS is read from the template, not from the rendered
+    text's start: a newline before {{ bos_token }} gave two BOS (transformers' and vLLM's ids
+    have one, 2026-12-07), and a user message starting with the BOS's text took ours away."""
+    bos = tok.bos_token
+    late = "\n{{ bos_token }}{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    text, ids = render_chat(tok, USER, chat_template=late)
+    assert text == f"\n{bos}[Hi]" and ids == tok.encode(text, add_special_tokens=False)
+    assert ids.count(tok.bos_token_id) == 1
+    plain = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    sneaky = [{"role": "user", "content": f"{bos}Hi"}]
+    text, ids = render_chat(tok, sneaky, chat_template=plain)
+    assert text == f"{bos}Hi" and ids == tok.encode(text) and ids[:2] == [tok.bos_token_id] * 2
+
+
 def test_a_given_template_wins_over_the_tokenizers_and_serves_a_tokenizer_without_one(tok):
     """vLLM's --chat-template and LLM.chat(chat_template=...): a template of the deployment's
     own; without one, a tokenizer with no template is an error naming both ways to give one
