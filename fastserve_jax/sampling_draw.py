@@ -130,5 +130,8 @@ def draw(x: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array, key
          live: jax.Array) -> jax.Array:
     """(N,) int32 tokens: Gumbel-max over cut_logits in token-id order where live, the argmax elsewhere."""
     noise = jax.vmap(lambda key: jax.random.gumbel(key, x.shape[-1:], jnp.float32))(keys)  # (N, V) by token id
-    noisy = cut_logits(x, top_k, top_p, min_p, live) + noise
+    cut = cut_logits(x, top_k, top_p, min_p, live)
+    # less the row's max, as a softmax takes it: at logits of 1e8 (a logit_bias) the noise rounded
+    # away and tied tokens went to the lowest id
+    noisy = cut - jnp.max(cut, axis=-1, keepdims=True) + noise
     return _argmax(jnp.where(live[:, None], noisy, x)).astype(jnp.int32)

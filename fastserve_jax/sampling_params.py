@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 from numbers import Integral, Real
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,9 @@ MAX_LOGIT_BIAS = 300
 # A temperature below this samples greedily, as in vLLM: logits over a tiny temperature
 # overflow float32 (2 / 1e-38 is +inf), and ties at +inf would lose the argmax.
 GREEDY_BELOW = 1e-5
+# vLLM's _MAX_TEMP: a temperature in (0, this) is raised to it, with a warning, so that only 0
+# is greedy (a near-zero temperature still samples, if barely)
+MIN_TEMPERATURE = 1e-2
 
 
 def bias_tokens(logit_bias, stop_token_ids, eos_ids) -> set[int]:
@@ -61,8 +65,8 @@ class SamplingParams:
     max_tokens=None (vLLM's): as many as the context holds after the prompt (the engine sets it
     when the request is added). truncate_prompt_tokens (vLLM's): the prompt's last k tokens are
     kept (a text prompt keeps its BOS among them; admission.truncate_prompt), -1 what the
-    context holds next to max_tokens. temperature=0 (or below GREEDY_BELOW = 1e-5, as in vLLM) means greedy. top_k=-1 (or 0)
-    disables top-k; top_p=1 disables top-p.
+    context holds next to max_tokens. temperature=0 means greedy; one in (0, 0.01) is raised to
+    0.01 with a warning, as in vLLM. top_k=-1 (or 0) disables top-k; top_p=1 disables top-p.
     presence_penalty and frequency_penalty follow OpenAI: before sampling, the logit of each
     token t is lowered by frequency_penalty * (times t occurs in the output so far) +
     presence_penalty * (1 if it occurs at all); negative values favour repetition.
@@ -169,6 +173,11 @@ class SamplingParams:
         if not _is_number(self.temperature) or not 0 <= self.temperature <= FLOAT32_SAFE[1]:
             raise ValueError(f"temperature must be a number in [0, {FLOAT32_SAFE[1]:g}] (0 means greedy), "
                              f"got {self.temperature!r}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            logging.getLogger(__name__).warning(
+                "temperature %g is below %g, which may make NaN or inf logits; raised to %g (vLLM's rule; 0 "
+                "is greedy)", self.temperature, MIN_TEMPERATURE, MIN_TEMPERATURE)
+            object.__setattr__(self, "temperature", MIN_TEMPERATURE)
         if not _is_number(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}; use 1.0 to disable it")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:

@@ -485,11 +485,24 @@ def test_a_seeded_row_draws_the_same_whichever_way_its_batch_is_cut(monkeypatch)
     assert (tokens(range(len(rows))) == together).all() and (tokens([0]) == together[0]).all()
 
 
+def test_huge_tied_logits_are_drawn_alike():
+    """Two tokens biased alike by 1e8 tie in float32; the Gumbel noise was added to the raw
+    logits, where it rounds away at that size, so the lower id won every draw (vLLM's softmax
+    subtracts the row's max first: half each, 2026-12-07)."""
+    got = _draws([1e8, 1e8, 0.0, -1.0], n=400).tolist()
+    assert set(got) == {0, 1} and 140 < got.count(0) < 260
+
+
 def test_a_tiny_temperature_samples_the_argmax():
     """Logits over a tiny temperature overflowed to +inf, ties the sort broke by index (token
-    0 drawn, not the argmax 1). As in vLLM, a temperature below 1e-5 samples greedily."""
+    0 drawn, not the argmax 1): the sampler takes the argmax below 1e-5. SamplingParams raises
+    a temperature in (0, 0.01) to 0.01, as vLLM does (with a warning), so only 0 is greedy
+    there (1e-6 was greedy here and samples at 0.01 in vLLM, 2026-12-07)."""
     assert set(_draws([24.0, 25.0, 0.0, -1.0], temp=5e-38).tolist()) == {1}
-    assert SamplingParams(temperature=1e-6).greedy and not SamplingParams(temperature=1e-5).greedy
+    for t in (1e-6, 1e-5, 0.005):
+        p = SamplingParams(temperature=t)
+        assert p.temperature == 0.01 and not p.greedy
+    assert SamplingParams(temperature=0).greedy and SamplingParams(temperature=0.02).temperature == 0.02
 
 
 def test_sampling_logprobs():
