@@ -285,7 +285,6 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         counts.recomputed_tokens += sum(r.num_computed_tokens for r in plan.preempted)
         h0 = clock()
         copies = apply_plan(plan, kv, now)
-        swap.moved_on_demand(copies)
         host += clock() - h0
         for c in copies.swap_out:
             copy_out(c)

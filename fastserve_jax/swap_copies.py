@@ -65,7 +65,6 @@ class SwapCopies:
         stalled = swaps.transfer.stall_seconds
         swaps.swap_in_now(moves_of(copies.swap_in))
         self.policy.charge(swaps.transfer.stall_seconds - stalled)
-        self.policy.moved_on_demand(copies)
         self._charge_fused()
         self.stats.swap_ins_on_demand += len(copies.swap_in)
         self.stats.swap_outs_on_demand += len(copies.swap_out) - copies.fills    # requests, not fills

@@ -26,9 +26,12 @@ carries in one step when the copy speed is known (docs/swapping.md, the no-thras
 
 Avoiding ping-pong: uploads never take the device below the reserve that triggers offloads,
 so one iteration's upload cannot cause the next one's offload; a request moved either way is
-not moved back by this policy for COOLDOWN_ITERATIONS, nor is one the scheduler moved on
-demand (only the scheduler's own moves, which a running request needs, can move it back); a
-swap-out still in flight is never uploaded.
+not moved back by this policy for COOLDOWN_ITERATIONS (only the scheduler's own eviction,
+which a running request needs, can); a swap-out still in flight is never uploaded. The
+scheduler's own on-demand moves do not start that count: the policy may upload a request the
+scheduler evicted an iteration before, where its next run is the soonest on the host. Starting
+the count at those moves too cost latency per token in the simulator's grid (2026-12-07,
+docs/scheduling_log.md, "Two probe findings measured").
 
 The reserve (unless fixed by `reserve_blocks`): the blocks that the arrivals expected over
 the next LOOKAHEAD_ITERATIONS steps need for their first chunk (the rate: the last
@@ -119,15 +122,6 @@ class SwapPolicy:
         self._iteration += 1
         self.stall_credit = min(self.stall_credit + STALL_CREDIT_RATE * seconds,
                                 STALL_CREDIT_RATE * STALL_CREDIT_WINDOW)
-
-    def moved_on_demand(self, copies) -> None:
-        """The scheduler's own moves of this iteration (kv_plan.Copies: its swap-outs, not the
-        fills after them, and its swap-ins) start the cooldown too: the policy uploaded a request
-        the iteration after the scheduler evicted it, and offloaded one it had just brought back."""
-        if self.name != "proactive":
-            return
-        for c in copies.swap_out[:len(copies.swap_out) - copies.fills] + copies.swap_in:
-            self._moved[c.request.request_id] = self._iteration
 
     def forget(self, req: Request) -> None:
         self._moved.pop(req.request_id, None)

@@ -290,43 +290,6 @@ def test_simulator_charges_swap_time():
                  SimConfig(**base, host_kv_capacity_tokens=400, swap_policy="reactive"))
 
 
-@pytest.mark.parametrize("scheduler, seed", [("skip-join-mlfq", 1), ("fcfs", 5)])
-def test_the_policy_does_not_move_back_what_the_scheduler_moved_within_its_cooldown(scheduler, seed, monkeypatch):
-    """A request the scheduler evicted to the host is not uploaded ahead by the swap policy in
-    the next COOLDOWN_ITERATIONS iterations, nor one the scheduler brought back on demand
-    offloaded ahead (the policy's cooldown started only at its own moves: on the engine an
-    eviction was followed by an upload one iteration later, 2026-12-07)."""
-    import fastserve_jax.sim as sim
-    from fastserve_jax.swap_policy import COOLDOWN_ITERATIONS
-
-    log, plan_copies, ahead_copies = [], sim.apply_plan, sim.apply_ahead
-
-    def on_demand(plan, kv, now):
-        copies = plan_copies(plan, kv, now)
-        log.append(("out", {r.request_id for r in plan.swapped_out}, "in", {c.request.request_id for c in copies.swap_in}))
-        return copies
-
-    def ahead(moves, kv):
-        log.append(("up", {r.request_id for r in moves.upload}, "off", {r.request_id for r in moves.offload}))
-        return ahead_copies(moves, kv)
-
-    monkeypatch.setattr(sim, "apply_plan", on_demand)
-    monkeypatch.setattr(sim, "apply_ahead", ahead)
-    rng = random.Random(seed)
-    trace = sorted([TraceRequest(rng.uniform(0, 1), rng.randint(5, 60), rng.choice([4, 20, 60, 120]))
-                    for _ in range(60)], key=lambda t: t.arrival)
-    cfg = SimConfig(max_num_seqs=8, max_num_batched_tokens=64, block_size=8, kv_capacity_tokens=480,
-                    scheduler_config=CFG, host_kv_capacity_tokens=960, swap_policy="proactive")
-    simulate(trace, scheduler, COST, cfg)
-    demand = [e for e in log if e[0] == "out"]
-    moves = [e for e in log if e[0] == "up"]
-    assert len(demand) == len(moves) and sum(bool(e[1]) for e in moves) and sum(bool(e[3]) for e in moves)
-    for i, (_, up, _, off) in enumerate(moves):
-        recent = demand[max(0, i - COOLDOWN_ITERATIONS + 1):i + 1]
-        assert not up & set().union(*(e[1] for e in recent)), (i, up)
-        assert not off & set().union(*(e[3] for e in recent)), (i, off)
-
-
 def test_simulator_charges_swap_issue_time_and_the_policys_host_time_only_when_asked():
     trace = [TraceRequest(0.001 * i, 30 + 7 * (i % 5), 20 + 13 * (i % 4)) for i in range(40)]
     cfg = SimConfig(max_num_seqs=8, max_num_batched_tokens=64, block_size=4, kv_capacity_tokens=200,
