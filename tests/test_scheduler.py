@@ -294,37 +294,6 @@ def test_evicts_from_the_bottom_only_below_the_requester():
     assert plan.preempted == [rs[2]] and ids == [("r0", 1), ("r1", 1)]
 
 
-def _holding(sched, kv, rid, prompt_len, computed, level, outputs=0):
-    """A request already started: `computed` tokens of KV on the device, in queue `level`."""
-    r = req(rid, prompt_len, 0.0, 50)
-    sched.add(r)
-    kv.allocate(r, computed)
-    r.num_computed_tokens = computed
-    r.output_token_ids = list(range(outputs))
-    sched._move(r, level)
-    return r
-
-
-def test_evictions_that_do_not_make_the_requester_fit_are_taken_back():
-    # 12 usable blocks of 4 tokens, all held: x decodes within its last block; a, mid-prefill,
-    # needs 8 more blocks, more than everything ranked below it holds (r2's 2 and b's 3)
-    sched, kv = make(policy="mlfq", seqs=8, budget=64, num_blocks=13, block_size=4,
-                     cfg=SchedulerConfig(base_quantum=100, num_queues=3, starvation_threshold=0))
-    x = _holding(sched, kv, "x", 19, 19, 0, outputs=1)
-    a = _holding(sched, kv, "a", 40, 8, 0)
-    c = req("c", 3, 0.5, 50)                   # new, behind a in queue 0: one block
-    sched.add(c)
-    r2 = _holding(sched, kv, "r2", 8, 8, 1, outputs=1)       # decoding its 9th token: one more block
-    b = _holding(sched, kv, "b", 12, 12, 2, outputs=1)
-    assert kv.num_free_blocks == 0 and [q for q in levels(sched)] == [["x", "a", "c"], ["r2"], ["b"]]
-    plan = sched.schedule(1.0)
-    # a evicts nobody (r2 and b freed 5 blocks, short of 8: once, b lost its KV and a newer
-    # request started in its blocks); c has no free block to start in; r2, a KV holder below
-    # a, still evicts b, the one ranked below it, for its next block
-    assert [(s.request, s.num_tokens) for s in plan.scheduled] == [(x, 1), (r2, 1)]
-    assert plan.preempted == [b] and not plan.swapped_out and len(kv.block_table(a)) == 2
-
-
 # -- Gittins ---------------------------------------------------------------------------------------
 def test_gittins_index_of_literal_distributions():
     det = GittinsTable([100] * 10)                     # known length: index = 1 / remaining

@@ -113,27 +113,6 @@ def evict(plan: Plan, victim: Request, kv: KVManager, swap: bool) -> int:
     return len(freed)
 
 
-class _Mark:
-    """What a plan's evictions change, marked before a request evicts for itself, so that
-    evictions that do not make it fit can be taken back (a requester that still does not
-    run freed blocks that only lower-ranked requests, new ones among them, would take)."""
-
-    def __init__(self, plan: Plan, free: int) -> None:
-        self.free, self.host_blocks = free, plan.host_blocks
-        self.lengths = len(plan.swapped_out), len(plan.preempted)
-        self.released = set(plan.kv_released)
-        self.holders = dict(plan.kv_evicted_holders)
-
-    def restore(self, plan: Plan, evicted: set[str]) -> int:
-        """Undo the evictions since the mark (their ids leave `evicted`); returns the free blocks."""
-        n_out, n_pre = self.lengths
-        evicted.difference_update(r.request_id for r in plan.swapped_out[n_out:] + plan.preempted[n_pre:])
-        del plan.swapped_out[n_out:], plan.preempted[n_pre:]
-        plan.host_blocks = self.host_blocks
-        plan.kv_released, plan.kv_evicted_holders = self.released, self.holders
-        return self.free
-
-
 def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], limits: Limits,
                kv: KVManager, swap: bool = False, swap_in_blocks: int | None = None,
                start_on_host: bool = False, drop_to_start: bool = False,
@@ -294,11 +273,8 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
                 counted = plan.count_shared(shares)
             if victims is None:
                 victims = iter(worst_first)
-            walked, mark = [], _Mark(plan, free)
             while fit > free:
                 v, held_back = (held_back, None) if held_back is not None else (next(victims, None), None)
-                if v is not None:
-                    walked.append(v)
                 if v is None or v is req:     # everything further up ranks above the requester
                     victims_done = True
                     break
@@ -310,9 +286,6 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
                     break
                 evicted.add(vid)
                 free += evict(plan, v, kv, swap)
-            if fit > free:                    # it does not run: its evictions are taken back
-                free = mark.restore(plan, evicted)
-                victims, held_back, victims_done = itertools.chain(walked, victims), None, False
         if fit > free:
             plan.kv_shared.difference_update(counted)
             if not holds:
