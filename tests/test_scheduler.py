@@ -294,6 +294,32 @@ def test_evicts_from_the_bottom_only_below_the_requester():
     assert plan.preempted == [rs[2]] and ids == [("r0", 1), ("r1", 1)]
 
 
+def test_no_new_request_starts_where_a_kv_holder_evicted_in_vain():
+    """x decodes; a, mid-prefill, needs 4 more blocks; 1 is free and b, paused below, holds 2.
+    a evicts b and still does not fit. c, new and behind a, then started in b's blocks: a
+    newer request took what a evicted for (found by a probe, 2026-12-07). b's eviction stands
+    (a takes the blocks as more free up), but nothing new starts in this iteration."""
+    sched, kv = make(policy="mlfq", seqs=8, budget=16, num_blocks=10, block_size=4,
+                     cfg=SchedulerConfig(base_quantum=100, num_queues=3, starvation_threshold=0))
+
+    def holding(rid, prompt_len, computed, outputs=0):
+        r = req(rid, prompt_len, 0.0, 50)
+        sched.add(r)
+        kv.allocate(r, computed)
+        r.num_computed_tokens, r.output_token_ids = computed, list(range(outputs))
+        return r
+
+    x, a = holding("x", 14, 14, outputs=1), holding("a", 24, 8)
+    c = req("c", 3, 0.5, 50)
+    sched.add(c)
+    b = holding("b", 8, 8, outputs=1)
+    sched._move(b, 1)
+    assert kv.num_free_blocks == 1 and levels(sched) == [["x", "a", "c"], ["b"], []]
+    plan = sched.schedule(1.0)
+    assert [s.request for s in plan.scheduled] == [x] and plan.preempted == [b]
+    assert c.num_computed_tokens == 0 and len(kv.block_table(a)) == 2
+
+
 # -- Gittins ---------------------------------------------------------------------------------------
 def test_gittins_index_of_literal_distributions():
     det = GittinsTable([100] * 10)                     # known length: index = 1 / remaining

@@ -9,7 +9,8 @@ while low-priority requests sit on it. Then:
 - a request that already holds KV (on the device, or on the host and due back) and needs
   more device blocks evicts paused requests of lower priority (lowest first) until it fits;
   `evict` moves their KV to the host pool while it has room (swap_on_evict), else drops it
-  for recomputation;
+  for recomputation. Where even that does not make it fit, its evictions stand, but no
+  request without KV starts in this iteration;
 - a request without KV (new, or dropped earlier) starts only if its whole context fits (a
   start that must later evict for its own prefill lets MLFQ rotate partial prefills forever).
   With proactive swapping (`start_on_host`) it may evict paused requests to the host pool,
@@ -273,6 +274,7 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
                 counted = plan.count_shared(shares)
             if victims is None:
                 victims = iter(worst_first)
+            n_evicted = len(evicted)
             while fit > free:
                 v, held_back = (held_back, None) if held_back is not None else (next(victims, None), None)
                 if v is None or v is req:     # everything further up ranks above the requester
@@ -286,6 +288,12 @@ def fill_batch(best_first: Iterable[Request], worst_first: Iterable[Request], li
                     break
                 evicted.add(vid)
                 free += evict(plan, v, kv, swap)
+            if fit > free and len(evicted) > n_evicted:
+                # its evictions stand (the blocks go to it as more free up; KV holders ranked
+                # below may use them meanwhile), but no new request starts in them: that one
+                # would overtake it and take what it evicted for (vLLM schedules no new
+                # request in a step that preempted)
+                admit_new = False
         if fit > free:
             plan.kv_shared.difference_update(counted)
             if not holds:
