@@ -555,7 +555,7 @@ def test_swap_outs_count_requests_not_the_fills_owed_for_shared_blocks():
 
     e.kv.take_fills, e.scheduler.schedule = taken, counted
     stems = [e.tokenizer.encode("".join(f" {n}" for n in range(s, s + n))) for s, n in ((100, 37), (500, 70))]
-    for _ in range(16):
+    for _ in range(10):
         tail = e.tokenizer.encode("".join(f" {n}" for n in range(rng.randrange(0, 900), 999)))
         e.add_request(rng.choice(stems) + tail[:rng.choice([1, 5, 9, 17])],
                       SamplingParams(max_tokens=rng.choice([4, 20, 60, 120]), ignore_eos=True, temperature=0))
