@@ -35,18 +35,19 @@ def failure(r: bench_client.Result) -> str:
     return f"status {r.status}: {message}" if r.status else message
 
 
-def own_misses(url: str, wrong: list, api_key: str | None) -> set[int]:
-    """Of the wrong counting answers (`wrong`: [(work item, result)]), the indices of those the
+def own_misses(url: str, work, results: list[bench_client.Result], wrong: list[int], api_key: str | None) -> set[int]:
+    """Of the requests `wrong` (indices into work and results), those whose counting answer the
     demo model gives on its own: sent again alone (greedy, so the batch does not change it),
     the same text comes back. The model misses about 0.6% of counts (models/demo/TRAINING.md),
     which bench counted as engine errors (a default run reported one and exited 1)."""
     out = set()
-    for k, ((payload, want), r) in enumerate(wrong):
+    for i in wrong:
+        payload, want = work[i]
         if not isinstance(want, tuple):
             continue
         [alone] = asyncio.run(bench_client.run_load(url, [payload], [0.0], api_key=api_key))
-        if alone.ok and alone.text == r.text:
-            out.add(k)
+        if alone.ok and alone.text == results[i].text:
+            out.add(i)
     return out
 
 

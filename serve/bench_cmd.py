@@ -176,7 +176,7 @@ def run_rate(url: str, work, arrivals, api_key: str | None, slos) -> dict:
     m = bench_client.summarize(results)
     m.update(slo_figures(results, slos))
     wrong = [i for i, (r, (_, want)) in enumerate(zip(results, work)) if r.ok and answer_problem(r, want)]
-    misses = {wrong[k] for k in own_misses(url, [(work[i], results[i]) for i in wrong], api_key)}
+    misses = own_misses(url, work, results, wrong, api_key)
     if len(misses) > max(1, MODEL_MISS_SHARE * len(work)):     # far more than the model misses: the engine's
         misses = set()
     m["model_misses"] = len(misses)

@@ -543,6 +543,7 @@ def test_swap_outs_count_requests_not_the_fills_owed_for_shared_blocks():
     e, rng = llm.engine, random.Random(0)
     fills, swapped_out = [], []
     take, schedule = e.kv.take_fills, e.scheduler.schedule
+
     def taken():
         got = take()
         fills.extend(got)

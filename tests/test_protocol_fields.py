@@ -481,8 +481,9 @@ def test_usage_counts_the_prompt_tokens_found_in_the_prefix_cache(live):
     _, chunks = _post(live, "/v1/completions", dict(body, stream=True, stream_options={"include_usage": True}))
     assert chunks[-1]["usage"]["prompt_tokens_details"] == again["usage"]["prompt_tokens_details"]
     m = live.metrics()
-    hits = m[("vllm:prefix_cache_hits_total", (("engine", "0"), ("model_name", "demo")))]
-    assert hits >= 3 * (n_prompt - 16) and m[("vllm:prefix_cache_queries_total", (("engine", "0"), ("model_name", "demo")))] > hits
+    model = (("engine", "0"), ("model_name", "demo"))
+    hits = m[("vllm:prefix_cache_hits_total", model)]
+    assert hits >= 3 * (n_prompt - 16) and m[("vllm:prefix_cache_queries_total", model)] > hits
     assert m[("fastserve_prefix_cache_hits_total", ())] == hits
     # vLLM's cache_salt: blocks are shared only among requests of the same salt
     cached = [_post(live, "/v1/completions", dict(body, cache_salt=salt))[1]["usage"]["prompt_tokens_details"]
