@@ -57,7 +57,7 @@ from fastserve_jax.serve.model_cards import model, models, version
 from fastserve_jax.serve.protocol import parse_chat, parse_completion
 from fastserve_jax.serve.protocol_extras import header_request_id
 from fastserve_jax.serve.stats_log import STATS_INTERVAL_S, log_stats
-from fastserve_jax.serve.streaming import EventStream, collect
+from fastserve_jax.serve.streaming import ClientGone, EventStream, collect, unless_disconnected
 from fastserve_jax.serve.tokenize import detokenize as detokenize_ids, parse_detokenize, parse_tokenize
 from fastserve_jax.serve.tokenize import tokenize as tokenize_job
 
@@ -73,7 +73,7 @@ FAULTY_AFTER = 3       # consecutive failed iterations before /health reports th
 class ServerConfig:
     model_name: str = "demo"
     api_key: str | tuple[str, ...] | None = None     # a request may send any one of several (vLLM's list)
-    max_pending: int = 256              # engine requests admitted and unfinished; more get 503
+    max_pending: int = 4096             # engine requests admitted and unfinished; more get 503
     max_body_bytes: int = 1 << 20
     retry_after: int = 1                # seconds, in Retry-After of a 503
     engine_process: bool = False        # the engine loop in a process of its own (a picklable build)
@@ -112,6 +112,19 @@ class Server:
         # One thread: requests are tokenized one at a time, in arrival order, as on the event
         # loop before, and the tokenizer never sees two encodes at once.
         self.preparer = ThreadPoolExecutor(1, thread_name_prefix="fastserve-prepare")
+        self.cut_off, self.cut_off_message = asyncio.Event(), ""     # set by end_live
+
+    def end_live(self, message: str, status: int) -> None:
+        """The shutdown's grace is about to end: every live request, and every body still
+        arriving, is answered `status` with `message` (serve/draining.py)."""
+        self.cut_off_message = message
+        self.cut_off.set()
+        self.engine.end_live(message, status)
+
+    async def prepared(self, request: Request, fn: Callable, *args):
+        """fn(*args) on the preparing thread, dropped if the client goes away first (ClientGone)."""
+        return await unless_disconnected(request.receive, asyncio.get_running_loop().run_in_executor(
+            self.preparer, fn, *args))
 
     def status(self) -> tuple[int, str]:
         """/health's answer: 503 while unavailable() or while the engine is failing (the last
@@ -190,11 +203,26 @@ class Server:
                              f"{self.cfg.retry_after} s", self.cfg.retry_after)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, or 413 past `limit` bytes. An oversized body is read to its end (up to 64x
-    the limit) before answering, so the client sees the 413 rather than a reset; one whose
-    Content-Length says it is longer than that is answered at once (a client that sent less
-    waited for its own timeout)."""
+async def _read_body(request: Request, srv: Server) -> bytes:
+    """The body, or 413 past --max-body-bytes. One still arriving when the shutdown's grace ends
+    is a 503 (uvicorn's cancel made it a plain-text 500 and a logged traceback)."""
+    reading = asyncio.ensure_future(_body(request, srv.cfg.max_body_bytes))
+    cut = asyncio.ensure_future(srv.cut_off.wait())
+    try:
+        await asyncio.wait({reading, cut}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        cut.cancel()
+        if cut_first := not reading.done():
+            reading.cancel()
+    if cut_first:
+        raise APIError(503, srv.cut_off_message)
+    return reading.result()
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """An oversized body is read to its end (up to 64x the limit) before answering, so the
+    client sees the 413 rather than a reset; one whose Content-Length says it is longer than
+    that is answered at once (a client that sent less waited for its own timeout)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > 64 * limit:
         raise APIError(413, f"the request body ({declared} bytes) is larger than the server's limit of {limit} bytes "
@@ -221,7 +249,7 @@ async def _generate(request: Request, chat: bool, body: dict | None = None) -> R
     arrival = time.monotonic()
     srv.check_auth(request)
     if body is None:
-        body = parse_body(await _read_body(request, srv.cfg.max_body_bytes))
+        body = parse_body(await _read_body(request, srv))
     job = (parse_chat(body, srv.cfg.max_logprobs, srv.cfg.chat_content_format) if chat
            else parse_completion(body, srv.cfg.max_logprobs))
     if (rid := header_request_id(header_value(request.headers.raw, b"x-request-id"))) is not None:
@@ -236,8 +264,7 @@ async def _generate(request: Request, chat: bool, body: dict | None = None) -> R
     srv.check_count(len(job.prompts) * job.n, "prompt" if len(job.prompts) > 1 else "n")
     eng = srv.engine.engine
     # tokenizing (a 1 MB prompt: ~1 s) and chat templates run off the event loop, which serves every stream
-    prompts, prompt_tokens = await asyncio.get_running_loop().run_in_executor(srv.preparer, prepare, job, eng,
-                                                                              srv.cfg.chat_template)
+    prompts, prompt_tokens = await srv.prepared(request, prepare, job, eng, srv.cfg.chat_template)
     srv.admit(len(prompts))
     group = srv.engine.submit(prompts, arrival)
     fmt = Formatter.for_job(job, srv.cfg.model_name, eng.tokenizer, prompts, eng.cfg.enable_prefix_caching,
@@ -265,25 +292,22 @@ async def tokenize(request: Request) -> Response:
     """vLLM's POST /tokenize (serve/tokenize.py), answered by the front end's tokenizer."""
     srv: Server = request.app.state.server
     srv.check_auth(request)
-    body = parse_body(await _read_body(request, srv.cfg.max_body_bytes))
+    body = parse_body(await _read_body(request, srv))
     job = parse_tokenize(body, srv.cfg.chat_content_format)
     srv.check_model(job.model)
     srv.check_serving()
-    answer = await asyncio.get_running_loop().run_in_executor(srv.preparer, tokenize_job, job, srv.engine.engine,
-                                                              srv.cfg.chat_template)
-    return JSONResponse(answer)
+    return JSONResponse(await srv.prepared(request, tokenize_job, job, srv.engine.engine, srv.cfg.chat_template))
 
 
 async def detokenize(request: Request) -> Response:
     """vLLM's POST /detokenize: token ids to text, special tokens kept."""
     srv: Server = request.app.state.server
     srv.check_auth(request)
-    body = parse_body(await _read_body(request, srv.cfg.max_body_bytes))
+    body = parse_body(await _read_body(request, srv))
     srv.check_serving()
     model, ids = parse_detokenize(body, srv.engine.engine)
     srv.check_model(model)
-    return JSONResponse(await asyncio.get_running_loop().run_in_executor(srv.preparer, detokenize_ids, ids,
-                                                                         srv.engine.engine))
+    return JSONResponse(await srv.prepared(request, detokenize_ids, ids, srv.engine.engine))
 
 
 async def invocations(request: Request) -> Response:
@@ -291,7 +315,7 @@ async def invocations(request: Request) -> Response:
     one with `prompt` a completion."""
     srv: Server = request.app.state.server
     srv.check_auth(request)
-    body = parse_body(await _read_body(request, srv.cfg.max_body_bytes))
+    body = parse_body(await _read_body(request, srv))
     if (body.get("messages") is None) == (body.get("prompt") is None):     # null is left out, as everywhere
         raise APIError(400, "an /invocations body holds 'messages' (a chat completion) or 'prompt' (a completion), "
                             "one of the two")
@@ -320,6 +344,10 @@ async def _api_error(request: Request, exc: APIError) -> Response:
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     return APIError(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}",
                     headers=exc.headers).response()          # a 405's Allow
+
+
+async def _gone(request: Request, exc: ClientGone) -> Response:
+    return Response(status_code=499)     # nobody to answer (nginx's "client closed request" in the log)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -360,7 +388,8 @@ def create_app(build: Callable[[Callable[[], bool]], "LLMEngine"], cfg: ServerCo
         Route("/version", version, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-    ], exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _unexpected},
+    ], exception_handlers={APIError: _api_error, ClientGone: _gone, HTTPException: _http_error,
+                         Exception: _unexpected},
         lifespan=lifespan, middleware=middleware(srv.cfg))
     app.state.server = srv
     return app

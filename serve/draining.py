@@ -19,8 +19,10 @@ logger = logging.getLogger("fastserve_jax.serve")
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server that marks the app draining on the first exit signal, so requests
-    arriving on open keep-alive connections get 503 while in-flight ones finish."""
+    """uvicorn's server that marks the app draining on the first exit signal, so a request
+    whose body was still arriving gets 503 while in-flight ones finish (uvicorn itself
+    refuses new connections, closes idle ones and drops requests pipelined behind one
+    in flight)."""
 
     def __init__(self, config, app) -> None:
         super().__init__(config)
@@ -31,14 +33,14 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets=None) -> None:
-        """uvicorn's, except that requests still running just before --shutdown-timeout ends
-        are answered (503 "shut down", or an error event and [DONE] on a stream) rather than
-        cut off mid-response when uvicorn cancels their handlers. A forced exit answers them
-        at once: uvicorn leaves them to the event loop's end, which cancelled each into a
-        plain-text 500 and a traceback."""
+        """uvicorn's, except that requests still running, or still sending their body, just
+        before --shutdown-timeout ends are answered (503 "shut down", or an error event and
+        [DONE] on a stream) rather than cut off mid-response when uvicorn cancels their
+        handlers. A forced exit answers them at once: uvicorn leaves them to the event
+        loop's end, which cancelled each into a plain-text 500 and a traceback."""
         grace = self.config.timeout_graceful_shutdown
         end = None if grace is None else asyncio.get_running_loop().call_later(
-            max(0.0, grace - min(SHUTDOWN_ANSWER_MARGIN_S, grace / 2)), self.app_state.engine.end_live,
+            max(0.0, grace - min(SHUTDOWN_ANSWER_MARGIN_S, grace / 2)), self.app_state.end_live,
             "the server shut down before this request finished (its --shutdown-timeout ran out); retry", 503)
         try:
             await super().shutdown(sockets)
@@ -46,7 +48,7 @@ class DrainingServer(uvicorn.Server):
             if end is not None:
                 end.cancel()
         if self.force_exit and self.server_state.tasks:
-            self.app_state.engine.end_live("the server was stopped (a forced exit) before this request finished; "
+            self.app_state.end_live("the server was stopped (a forced exit) before this request finished; "
                                            "retry", 503)
             deadline = time.monotonic() + SHUTDOWN_ANSWER_MARGIN_S
             while self.server_state.tasks and time.monotonic() < deadline:

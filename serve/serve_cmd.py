@@ -73,7 +73,7 @@ def add_serve_parser(sub) -> None:
                    help="how message content reaches the template: string (text parts joined with newlines), "
                         "openai (a list of {type: text, text} parts), auto (openai where the template loops over "
                         "a message's content, else string; vLLM's; default)")
-    g.add_argument("--max-pending", type=int, default=256,
+    g.add_argument("--max-pending", type=int, default=4096,
                    help="admission bound: engine requests admitted and unfinished (n choices count n); "
                         "beyond it requests get 503 with Retry-After (default %(default)s)")
     g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default %(default)s, 1 MiB)")

@@ -13,11 +13,34 @@ from fastserve_jax.serve.errors import APIError
 from fastserve_jax.serve.openai_format import Choice, Formatter, sse
 
 
-async def _until_disconnect(receive, group: RequestGroup) -> None:
-    """Wait for the client to go away, then abort its requests (the body is already read)."""
+async def _disconnect(receive) -> None:
+    """Return when the client goes away (the body is already read)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+async def _until_disconnect(receive, group: RequestGroup) -> None:
+    await _disconnect(receive)
     group.abort()
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was submitted."""
+
+
+async def unless_disconnected(receive, work: asyncio.Future):
+    """`work`'s result, or ClientGone if the client goes away first. `work` is then cancelled:
+    a preparation still queued behind others never runs (ten hung-up 1 MB prompts held the one
+    preparing thread, and a small request behind them, for 17 s)."""
+    gone = asyncio.ensure_future(_disconnect(receive))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not work.done():
+        work.cancel()
+        raise ClientGone
+    return work.result()
 
 
 class EventStream:

@@ -472,6 +472,42 @@ def test_more_prompts_than_the_server_admits_are_refused_before_they_are_tokeniz
     assert status == 400 and err["error"]["param"] == "n"
 
 
+def test_requests_whose_clients_left_before_they_were_tokenized_are_not_tokenized(live, monkeypatch):
+    """Ten hung-up 1 MB prompts were tokenized one after another on the one preparing thread,
+    and a small request behind them waited 17 s."""
+    from fastserve_jax.serve import app as app_mod
+
+    real, release, prepared = app_mod.prepare, threading.Event(), []
+
+    def held(job, *rest):
+        prepared.append(job.prompts[0])
+        if job.prompts[0] == "count from 3 to 9:":
+            assert release.wait(10)             # holds the thread: the others queue behind it
+        return real(job, *rest)
+
+    monkeypatch.setattr(app_mod, "prepare", held)
+
+    async def scenario():
+        first = asyncio.create_task(bench_client.request(live.url, "POST", "/v1/completions",
+                                                         json.dumps(_counting(3, 9)).encode()))
+        await asyncio.sleep(0.3)
+        for a in (10, 20, 30):
+            reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+            body = json.dumps(_counting(a, a + 5)).encode()
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.close()
+        await asyncio.sleep(0.3)
+        release.set()
+        return await first
+
+    status, _, body = asyncio.run(scenario())
+    assert status == 200 and json.loads(body)["choices"][0]["text"] == demo_task.expected_answer(3, 9)
+    time.sleep(0.3)
+    assert prepared == ["count from 3 to 9:"]
+
+
 def test_non_streaming_disconnect_aborts(live):
     before = live.metric("fastserve_e2e_request_latency_seconds_count")
 
@@ -673,7 +709,8 @@ def test_requests_left_when_the_shutdown_grace_runs_out_get_a_clean_answer(caplo
     """Past --shutdown-timeout uvicorn cancels the handlers: a non-streaming client got a
     text/plain 500, a stream stopped with no [DONE], and the log had a traceback per request.
     Now they are answered just before: a JSON 503, an error event then [DONE]. So are they when
-    a second Ctrl-C forces the exit (`forced`; the same 500s and tracebacks until 2026-12-07)."""
+    a second Ctrl-C forces the exit (`forced`; the same 500s and tracebacks until 2026-12-07), and
+    a request whose body is still arriving (a plain-text 500 and a traceback until 2026-12-07)."""
     srv = LiveServer(ServerConfig(model_name="demo"), grace=60 if forced else 0.6, draining=True).start()
     uvicorn_log = logging.getLogger("uvicorn.error")
     uvicorn_log.addHandler(caplog.handler)
@@ -684,6 +721,8 @@ def test_requests_left_when_the_shutdown_grace_runs_out_get_a_clean_answer(caplo
                                                          json.dumps(long).encode()))
         [(reader, writer, status, h)] = await _open_streams(srv.url, [dict(long, stream=True)])
         assert status == 200
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        up_writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"prompt\": ")
         await asyncio.sleep(0.2)
         if forced:      # what two Ctrl-Cs do (signal handlers are the main thread's; uvicorn runs on another here)
             srv.server.handle_exit(signal.SIGINT, None)
@@ -693,9 +732,11 @@ def test_requests_left_when_the_shutdown_grace_runs_out_get_a_clean_answer(caplo
             srv.server.should_exit = True
         data = b"".join([p async for p in bench_client._body_pieces(reader, h)])
         writer.close()
-        return await plain, data.decode()
+        uploading = await up_reader.read()
+        up_writer.close()
+        return await plain, data.decode(), uploading.decode()
     try:
-        (status, headers, body), stream = asyncio.run(scenario())
+        (status, headers, body), stream, uploading = asyncio.run(scenario())
     finally:
         srv.stop()
         uvicorn_log.removeHandler(caplog.handler)
@@ -703,6 +744,8 @@ def test_requests_left_when_the_shutdown_grace_runs_out_get_a_clean_answer(caplo
     assert status == 503 and said in json.loads(body)["error"]["message"]
     events = [e for e in stream.split("\n\n") if e]
     assert events[-1] == "data: [DONE]" and said in json.loads(events[-2][6:])["error"]["message"]
+    head, _, answer = uploading.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 503") and said in json.loads(answer)["error"]["message"], uploading
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
