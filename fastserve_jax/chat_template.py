@@ -174,11 +174,12 @@ def check_text(text: str, where: str) -> str:
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Beside role, content and name: an answer as OpenAI's SDK dumps it (`message.model_dump()`, sent
 # back in the next turn) has these, null where nothing was called, refused or heard, and vLLM's
-# reasoning text (passed to the template: Qwen3's reads it); a tool result names its call. Any
-# message may carry a null or empty tool_calls, as clients write it.
-_ANY = ("role", "content", "name", "tool_calls", "function_call")
-_MESSAGE_KEYS = {"assistant": _ANY + ("refusal", "audio", "annotations", "reasoning_content", "reasoning"),
-                 "tool": _ANY + ("tool_call_id",)}
+# reasoning text (passed to the template: Qwen3's reads it); a message may name a tool call (a
+# tool result does; vLLM's custom messages take it on any role). Any message may carry a null
+# or empty tool_calls, as clients write it, and any key at null, read as left out (until
+# 2026-12-07 a 400: clients that write each optional field of one message model as null failed).
+_ANY = ("role", "content", "name", "tool_calls", "function_call", "tool_call_id")
+_MESSAGE_KEYS = {"assistant": _ANY + ("refusal", "audio", "annotations", "reasoning_content", "reasoning")}
 _NOT_HERE = {"tool_calls": "tool calling", "function_call": "tool calling", "audio": "audio output",
              "annotations": "annotations"}
 
@@ -204,7 +205,7 @@ def check_messages(v: Any) -> list[dict]:
             raise ValueError(f"messages[{i}] must be an object with a 'role' string ({', '.join(ROLES)}, or a "
                              "role of the chat template's own)")
         keys = _MESSAGE_KEYS.get(m["role"], _ANY)
-        extra = sorted(set(m) - set(keys))
+        extra = sorted(k for k in set(m) - set(keys) if m[k] is not None)
         if extra:
             raise ValueError(f"messages[{i}] has unsupported field(s) {extra}; use {list(keys)}")
         for k, what in _NOT_HERE.items():

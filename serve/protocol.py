@@ -42,7 +42,8 @@ logprobs cover its prompt tokens, then the generated ones (serve/openai_format.p
 `echo`, `max_tokens` may be 0 (vLLM's): the answer is the prompt alone (Job.prompt_only).
 
 vLLM's prompt and request fields (truncate_prompt_tokens, add_special_tokens, prompt_logprobs,
-request_id, bad_words) and OpenAI's ignored store, metadata, service_tier and hints:
+request_id, bad_words), OpenAI's ignored store, metadata, service_tier and hints, and vLLM's
+fields that change nothing here (reasoning_effort, use_beam_search, ...):
 serve/protocol_extras.py.
 
 Accepted only at the value that asks for nothing (what clients such as vLLM's benchmark
@@ -65,13 +66,13 @@ from fastserve_jax.chat_template import ChatOptions, ChatTemplateError, check_me
 from fastserve_jax.config import MAX_LOGPROBS
 from fastserve_jax.sampling_params import FLOAT32_SAFE, MAX_LOGIT_BIAS
 
-from fastserve_jax.serve.errors import APIError, bad_request
-from fastserve_jax.serve.protocol_extras import FIELDS as EXTRA_FIELDS, parse_extras
+from fastserve_jax.serve.errors import bad_request
+from fastserve_jax.serve.protocol_extras import FIELDS as EXTRA_FIELDS, only_empty, parse_extras, unsupported
 from fastserve_jax.serve.json_body import (bool_field as _bool, int_field as _int, num_field as _num,
                                            str_field as _str, token_ids, typename as _typename)
 
 MAX_N = 16                # choices per prompt
-MAX_STOP = 8              # stop strings per request
+MAX_STOP = 64             # stop strings per request (vLLM has no bound; 8 until 2026-12-07)
 MAX_STOP_TOKEN_IDS = 64   # the engine tests each sampled token against this list
 OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16
 
@@ -205,30 +206,16 @@ def _stream_options(body: dict, stream: bool) -> tuple[bool, bool]:
     return include, include and continuous
 
 
-def _unsupported(name: str, detail: str) -> APIError:
-    """The 400 of a known field at a value this server cannot honour."""
-    return bad_request(f"unsupported value of '{name}': {detail}", name)
-
-
-def _only_empty(body: dict, name: str, kind: type[list] | type[dict], why: str) -> None:
-    """`name` may be null or empty (an array or an object, by `kind`), nothing else."""
-    v, empty = body.get(name), "[]" if kind is list else "{}"
-    if v is not None and not isinstance(v, kind):
-        raise bad_request(f"'{name}' must be {'an array' if kind is list else 'an object'}, got {_typename(v)}", name)
-    if v:
-        raise _unsupported(name, f"{why}; send {empty} or null")
-
-
 def _defaults_only(body: dict, n: int) -> None:
     """The fields accepted only at the value that asks for nothing (module docstring)."""
     best_of = _int(body, "best_of", None, 1)
     if best_of is not None and best_of != n:
-        raise _unsupported("best_of", f"best_of={best_of} with n={n}; this server returns n samples and does not "
+        raise unsupported("best_of", f"best_of={best_of} with n={n}; this server returns n samples and does not "
                                       "generate extra candidates to rank, so send best_of equal to n or leave it out")
     fmt = body.get("response_format")
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     if kind in ("json_object", "json_schema"):
-        raise _unsupported("response_format", f"type {kind!r}: structured (JSON) output is not supported; send "
+        raise unsupported("response_format", f"type {kind!r}: structured (JSON) output is not supported; send "
                                               "{\"type\": \"text\"} or leave it out")
     if fmt is not None and fmt != {"type": "text"}:
         raise bad_request("'response_format' must be {\"type\": \"text\"} (the only format this server produces)",
@@ -313,7 +300,7 @@ def parse_completion(body: dict, max_logprobs: int = MAX_LOGPROBS) -> Job:
                       0 if echo else 1)
     logprobs = _logprobs_field(body, "logprobs", max_logprobs)
     if body.get("suffix") is not None:
-        raise _unsupported("suffix", "text after the insertion point is not supported; leave it out")
+        raise unsupported("suffix", "text after the insertion point is not supported; leave it out")
     if max_tokens == 0 and _int(body, "min_tokens", 0, 0):
         raise bad_request("'min_tokens' must be 0 with 'max_tokens' 0 (echo of the prompt alone)", "min_tokens")
     job = _common(body, False, _prompts(body["prompt"]), 1 if max_tokens == 0 else max_tokens, logprobs, echo,
@@ -357,9 +344,9 @@ def parse_chat_options(body: dict, content_format: str = "auto") -> ChatOptions:
 
 def no_tools(body: dict) -> None:
     """Chat's tool fields, accepted only when they ask for no tools."""
-    _only_empty(body, "tools", list, "this server has no tool (function) calling")
+    only_empty(body, "tools", list, "this server has no tool (function) calling")
     choice = body.get("tool_choice")
     if choice is not None and choice != "none":
-        raise _unsupported("tool_choice", f"got {json.dumps(choice)}; with no tools only \"none\" or null is "
+        raise unsupported("tool_choice", f"got {json.dumps(choice)}; with no tools only \"none\" or null is "
                                           "accepted")
     _bool(body, "parallel_tool_calls", False)    # type-checked; unused without tools

@@ -29,18 +29,29 @@ serve/protocol.py into the Job):
   that groups requests for cache hits), `safety_identifier` (a string naming the end user)
   and `prediction` (predicted output, {"type": "content", "content": a string or text parts},
   which may speed a response up but never changes it): type-checked and ignored (vLLM ignores
-  them, with a warning in its log, as we do).
+  them, with a warning in its log, as we do);
+- vLLM's fields that change nothing here, type-checked: `reasoning_effort` (a string; vLLM
+  reads it only for gpt-oss), `include_reasoning` (no reasoning parser: the text is as the
+  model writes it), `length_penalty` (beam search's) and `vllm_xargs` (an object for custom
+  extensions: there are none), ignored with a warning in the log; `use_beam_search` (false),
+  `logits_processors` ([]), `mm_processor_kwargs` and `kv_transfer_params` ({}) and OpenAI's
+  `modalities` (["text"]) only at the value that asks for nothing (until 2026-12-07 each was
+  an unknown field, a 400 at any value: LangChain's and LiteLLM's `reasoning_effort` option
+  failed).
 """
 
 from __future__ import annotations
 
 from fastserve_jax.sampling_params import BIAS_SLOTS
-from fastserve_jax.serve.errors import bad_request
-from fastserve_jax.serve.json_body import bool_field, int_field, str_field, token_ids, typename
+from fastserve_jax.serve.errors import APIError, bad_request
+from fastserve_jax.serve.json_body import bool_field, int_field, num_field, str_field, token_ids, typename
 
-IGNORED = ("store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "prediction")
+IGNORED = ("store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier", "prediction",
+           "reasoning_effort", "include_reasoning", "length_penalty", "vllm_xargs")
+INERT = ("use_beam_search", "logits_processors", "mm_processor_kwargs", "kv_transfer_params", "modalities")
 FIELDS = frozenset({"truncate_prompt_tokens", "add_special_tokens", "prompt_logprobs", "request_id", "bad_words",
-                    "allowed_token_ids", "cache_salt", "return_tokens_as_token_ids", "return_token_ids", *IGNORED})
+                    "allowed_token_ids", "cache_salt", "return_tokens_as_token_ids", "return_token_ids", *IGNORED,
+                    *INERT})
 PREDICTION_SHAPE = '{"type": "content", "content": a string or text parts}'
 MAX_REQUEST_ID = 256      # characters; it is written into every response and log line
 
@@ -77,6 +88,7 @@ def parse_extras(body: dict, stream: bool, max_logprobs: int) -> dict:
     str_field(body, "prompt_cache_key")
     str_field(body, "safety_identifier")
     _prediction(body.get("prediction"))
+    _inert(body)
     salt = str_field(body, "cache_salt")
     if salt == "":
         raise bad_request("'cache_salt' must be a non-empty string if given", "cache_salt")
@@ -86,6 +98,40 @@ def parse_extras(body: dict, stream: bool, max_logprobs: int) -> dict:
                 tokens_as_ids=bool_field(body, "return_tokens_as_token_ids", False),
                 return_token_ids=bool_field(body, "return_token_ids", False),
                 ignored=tuple(k for k in IGNORED if body.get(k) is not None))
+
+
+def unsupported(name: str, detail: str) -> APIError:
+    """The 400 of a known field at a value this server cannot honour."""
+    return bad_request(f"unsupported value of '{name}': {detail}", name)
+
+
+def only_empty(body: dict, name: str, kind: type[list] | type[dict], why: str) -> None:
+    """`name` may be null or empty (an array or an object, by `kind`), nothing else."""
+    v, empty = body.get(name), "[]" if kind is list else "{}"
+    if v is not None and not isinstance(v, kind):
+        raise bad_request(f"'{name}' must be {'an array' if kind is list else 'an object'}, got {typename(v)}", name)
+    if v:
+        raise unsupported(name, f"{why}; send {empty} or null")
+
+
+def _inert(body: dict) -> None:
+    """vLLM's fields that change nothing here (module docstring), type-checked."""
+    str_field(body, "reasoning_effort")
+    bool_field(body, "include_reasoning", True)
+    num_field(body, "length_penalty", None, float("-inf"), float("inf"))
+    xargs = body.get("vllm_xargs")
+    if xargs is not None and not (isinstance(xargs, dict) and all(
+            isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in xargs.values())):
+        raise bad_request(f"'vllm_xargs' must be an object of strings and numbers, got {typename(xargs)}", "vllm_xargs")
+    if bool_field(body, "use_beam_search", False):
+        raise unsupported("use_beam_search", "beam search is not supported; send false or leave it out")
+    only_empty(body, "logits_processors", list, "custom logits processors are not supported")
+    only_empty(body, "mm_processor_kwargs", dict, "this server takes no images, audio or video")
+    only_empty(body, "kv_transfer_params", dict, "this server has no disaggregated prefill")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise unsupported("modalities", f"got {modalities!r}; this server writes text only: send [\"text\"] or "
+                                        "leave it out")
 
 
 def header_request_id(value: bytes | None) -> str | None:

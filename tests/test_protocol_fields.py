@@ -7,6 +7,7 @@ what comes back."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -154,6 +155,16 @@ REJECTED = [
     ({"bad_words": "x"}, "bad_words", "must be an array of strings"),
     ({"bad_words": ["x", 7]}, "bad_words", "must be an array of strings"),
     ({"bad_words": ["x", " "]}, "bad_words", "a character other than whitespace"),
+    ({"stop": [str(i) for i in range(65)]}, "stop", "at most 64"),
+    ({"use_beam_search": True}, "use_beam_search", "beam search is not supported"),
+    ({"logits_processors": ["my.module.Proc"]}, "logits_processors", "send [] or null"),
+    ({"mm_processor_kwargs": {"fps": 1}}, "mm_processor_kwargs", "no images"),
+    ({"kv_transfer_params": {"do_remote_decode": True}}, "kv_transfer_params", "no disaggregated prefill"),
+    ({"modalities": ["text", "audio"]}, "modalities", "text only"),
+    ({"reasoning_effort": 3}, "reasoning_effort", "must be a string"),
+    ({"include_reasoning": "yes"}, "include_reasoning", "true or false"),
+    ({"length_penalty": "1"}, "length_penalty", "must be a number"),
+    ({"vllm_xargs": {"k": [1]}}, "vllm_xargs", "an object of strings and numbers"),
 ]
 REJECTED_COMPLETION = [
     ({"echo": True, "logprobs": 21}, "logprobs", "at most 20 (--max-logprobs)"),
@@ -177,7 +188,7 @@ REJECTED_CHAT = [
      "tool_calls must be null or []"),
     ({"messages": [{"role": "assistant", "content": "x", "audio": {"id": "a"}}]}, "messages", "no audio output"),
     ({"messages": [{"role": "assistant", "content": "x", "refusal": 3}]}, "messages", "refusal must be a string"),
-    ({"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, "messages", "unsupported field(s)"),
+    ({"messages": [{"role": "user", "content": "x", "id": "m1"}]}, "messages", "unsupported field(s) ['id']"),
     ({"messages": [{"role": "user", "content": None}]}, "messages", "must be a string"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "c"}]}]}, "messages",
      "tool_calls must be null or []"),
@@ -208,6 +219,34 @@ def test_a_turn_sent_back_as_openais_sdk_dumps_it_is_accepted():
     tool = {"role": "tool", "content": "42", "tool_call_id": "call_1"}
     assert parse_messages([USER[0], answer, tool, USER[0]]) == [
         USER[0], {"role": "assistant", "content": " 3 4 5"}, tool, USER[0]]
+
+
+INERT = {"reasoning_effort": "low", "include_reasoning": True, "length_penalty": 1.0, "vllm_xargs": {"k": 1},
+         "use_beam_search": False, "logits_processors": [], "mm_processor_kwargs": {}, "kv_transfer_params": {},
+         "modalities": ["text"]}
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_vllms_fields_that_change_nothing_here_are_accepted(chat):
+    """LangChain's and LiteLLM's `reasoning_effort` option, and vLLM's fields at values that ask
+    for nothing, were unknown fields (400s) until 2026-12-07; those that may change something
+    elsewhere are logged as ignored."""
+    parse = parse_chat if chat else parse_completion
+    plain = {"messages": USER} if chat else {"prompt": "x"}
+    job = parse(dict(plain, **INERT))
+    assert job.ignored == ("reasoning_effort", "include_reasoning", "length_penalty", "vllm_xargs")
+    assert dataclasses.replace(job, ignored=()) == parse(plain)
+
+
+def test_message_keys_at_null_read_as_left_out_and_any_role_may_name_a_tool_call():
+    """Clients that write every optional field of one message model as null got a 400 until
+    2026-12-07 (at the top level a null field was already read as left out); vLLM's custom
+    messages take tool_call_id on any role."""
+    from fastserve_jax.serve.protocol import parse_messages
+
+    nulls = {"role": "system", "content": "s", "name": None, "tool_calls": None, "tool_call_id": None, "id": None}
+    named = {"role": "user", "content": "x", "tool_call_id": "c"}
+    assert parse_messages([nulls, named]) == [{"role": "system", "content": "s"}, named]
 
 
 @pytest.mark.parametrize("chat,extra,param,message", [(c, *r) for r in REJECTED for c in (False, True)] +
