@@ -6,7 +6,10 @@ failing on a deleted buffer; or inside add_request or a request's finish, leavin
 that never ran or a detokenizer gone (until 2026-12-07). So, on the main thread and where
 SIGINT has Python's default handler, the first Ctrl-C is noted and raised at the next check
 between steps; a second one is raised at once (the caller insists; the LLM may then be left
-unusable, and a new one is the way out)."""
+unusable, and a new one is the way out). A KV cache lost that way, or to an exception from
+the caller's own signal handler (not deferred), is made anew when the interrupted generate
+aborts its requests (LLM._run, ModelRunner.restore_lost_caches; until 2026-12-07 every later
+generate failed on the deleted buffer)."""
 
 from __future__ import annotations
 

@@ -239,6 +239,9 @@ class LLM:
         except BaseException:
             for r in (r for g in groups for r in g if not r.finished):
                 self.engine.abort(r.request_id)
+            # an exception from the caller's own signal handler may have landed inside a step
+            if not self.engine.has_unfinished() and self.engine.runner.restore_lost_caches() and self.engine.kv.caching:
+                self.engine.kv.reset()          # the cached prefixes' blocks were in the lost cache
             raise
         return groups
 

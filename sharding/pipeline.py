@@ -105,6 +105,7 @@ class Stage:
     # the last stage's jitted forward for prompt-logprobs prefills, which also takes the targets
     # (fastserve_jax/prompt_logprobs.py); None elsewhere
     plp_fn: Callable | None = None
+    empty: Callable[[], KVCache] | None = None     # a new, zeroed cache of this stage's shape and sharding
 
     @property
     def devices(self) -> list[jax.Device]:

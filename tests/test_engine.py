@@ -419,6 +419,35 @@ def test_an_interrupted_generate_leaves_nothing_behind(llm, monkeypatch, fault):
     assert not eng.has_unfinished()
 
 
+def test_a_cache_lost_inside_a_step_is_made_anew(llm, monkeypatch):
+    """An exception from the caller's own signal handler (a timeout's SIGALRM) can land after
+    a compiled step took (donated) the KV cache and before the new one was stored; every later
+    generate then failed on the deleted buffer (found by a probe, 2026-12-07). The interrupted
+    generate now makes the lost cache anew."""
+    from fastserve_jax.sharding.pipeline import Stage
+
+    eng = llm.engine
+    prompts = random_prompts(3, 5, 40, seed=24)
+    want = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    real, ran = Stage.run, []
+
+    def run(self, *a, **kw):
+        out = real(self, *a, **kw)
+        ran.append(1)
+        if len(ran) == 3:           # as if the handler's exception landed before the new cache was stored
+            self.cache.k.delete()
+            self.cache.v.delete()
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(Stage, "run", run)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompts, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    monkeypatch.setattr(Stage, "run", real)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
+    assert not eng.has_unfinished() and eng.kv.num_free_blocks == eng.kv.num_usable_blocks
+
+
 def test_a_ctrl_c_is_taken_between_steps(llm, monkeypatch):
     """A Ctrl-C raised mid-step could land after the compiled step took (donated) the KV cache
     and before the new one was stored: every later generate then failed on a deleted buffer.

@@ -97,7 +97,7 @@ class ModelRunner:
                              donate_argnames=("cache",), in_shardings=shardings + (rep,),
                              out_shardings=(rep, KVCache(cs, cs))) if last else None
             self.stages.append(Stage(s, first, last, sp, KVCache(zeros(), zeros()), cs, None if first else x_in,
-                                     rep, fn, plp_fn=plp_fn))
+                                     rep, fn, plp_fn=plp_fn, empty=lambda z=zeros: KVCache(z(), z())))
         backend = cfg.attention_backend + (f"-{pallas_kernel()}" if cfg.attention_backend == "pallas" else "")
         if backend == "pallas-triton":
             backend += f"-{triton_tuning().describe()}"         # the knobs change the program
@@ -125,6 +125,16 @@ class ModelRunner:
     @property
     def caches(self) -> list[KVCache]:
         return [st.cache for st in self.stages]
+
+    def restore_lost_caches(self) -> bool:
+        """Make anew, zeroed, each stage cache that a step donated and never got back: an
+        exception raised by a signal handler (a timeout's SIGALRM) can land between the two,
+        and every later step failed on the deleted buffer. True if one was lost; what it held
+        is gone, so only for an engine where no request holds device KV."""
+        lost = [st for st in self.stages if st.cache.k.is_deleted() or st.cache.v.is_deleted()]
+        for st in lost:
+            st.cache = st.empty()
+        return bool(lost)
 
     @property
     def transfer(self) -> KVTransfer | None:
