@@ -339,6 +339,8 @@ class EngineLoop:
                     log.exception("abort of %s after a failed step also failed", rid)
             batch.append((rid, t.index, Delta("", [], None, error=message)))
         self._tracked.clear()
+        if self.engine.runner.restore_lost_caches():
+            log.warning("the failed step took the KV cache with it (donated); it was made anew")
         if self.engine.kv.caching:          # keys given for a step that may not have run
             self.engine.kv.reset()
         if batch:

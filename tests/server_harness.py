@@ -51,6 +51,18 @@ def fail_next_step(engine) -> None:
     engine.step = failing_step
 
 
+def lose_the_cache_in_next_step(engine) -> None:
+    """For `LiveServer.on_engine`: the next iteration raises after taking (donating) the KV
+    cache, as a fault inside a compiled step can, once."""
+    def failing_step():
+        del engine.step
+        for st in engine.runner.stages:
+            st.cache.k.delete()
+            st.cache.v.delete()
+        raise RuntimeError("injected device fault")
+    engine.step = failing_step
+
+
 def kv_integrity(engine) -> None:
     """For `LiveServer.on_engine`: the KV manager's own check (a module-level function, so it
     also crosses to an engine process)."""

@@ -20,7 +20,8 @@ from fastserve_jax.models import demo_task
 from fastserve_jax.models.loader import cache_root
 from fastserve_jax.serve import bench_client
 from fastserve_jax.serve.app import ServerConfig
-from server_harness import LiveServer, fail_next_step, fail_three_collections, fail_three_steps, load_pairs
+from server_harness import (LiveServer, fail_next_step, fail_three_collections, fail_three_steps, load_pairs,
+                            lose_the_cache_in_next_step)
 
 openai = pytest.importorskip("openai")
 
@@ -579,13 +580,17 @@ def test_requests_are_counted_by_finish_reason(live):
     assert {r: after[r] - before[r] for r in after} == {"stop": 2, "length": 2, "abort": 1, "error": 0}
 
 
-def test_engine_fault_fails_requests_and_server_keeps_serving(live, client):
-    live.on_engine(fail_next_step)
+@pytest.mark.parametrize("inject", [fail_next_step, lose_the_cache_in_next_step])
+def test_engine_fault_fails_requests_and_server_keeps_serving(live, client, inject):
+    """Also where the failed step took the KV cache with it: every later step failed on the
+    deleted buffer, and the server never served again (until 2026-12-07)."""
+    faults = live.metric("fastserve_engine_faults_total")
+    live.on_engine(inject)
     status, _, err = live.post("/v1/completions", _counting(3, 30))
     assert status == 500 and "injected device fault" in err["error"]["message"]
     out = client.completions.create(model="demo", prompt=demo_task.make_prompt(3, 30), max_tokens=40, temperature=0)
     assert demo_task.check_answer(3, 30, out.choices[0].text)
-    assert live.get("/health")[0] == 200 and live.metric("fastserve_engine_faults_total") == 1
+    assert live.get("/health")[0] == 200 and live.metric("fastserve_engine_faults_total") == faults + 1
     live.wait_idle()
     live.on_engine(lambda e: e.kv.check_integrity())
 

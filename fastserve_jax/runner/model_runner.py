@@ -130,7 +130,10 @@ class ModelRunner:
         """Make anew, zeroed, each stage cache that a step donated and never got back: an
         exception raised by a signal handler (a timeout's SIGALRM) can land between the two,
         and every later step failed on the deleted buffer. True if one was lost; what it held
-        is gone, so only for an engine where no request holds device KV."""
+        is gone, so only for an engine where no request holds device KV. One process only (the
+        zeros of a multi-host mesh would need every process's part)."""
+        if jax.process_count() > 1:
+            return False
         lost = [st for st in self.stages if st.cache.k.is_deleted() or st.cache.v.is_deleted()]
         for st in lost:
             st.cache = st.empty()
