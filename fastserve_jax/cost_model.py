@@ -68,6 +68,7 @@ import contextlib
 import json
 import math
 import os
+import uuid
 from dataclasses import MISSING, asdict, dataclass
 from typing import Iterable, Sequence
 
@@ -228,7 +229,8 @@ class CostModel:
 
     def save(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"          # several processes may save the same profile
+        # several processes may save the same profile, each as pid 1 in its own pod
+        tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:16]}.tmp"
         try:
             with open(tmp, "w") as f:
                 json.dump(self.to_json(), f, indent=1)

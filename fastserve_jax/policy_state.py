@@ -57,12 +57,15 @@ def attach(engine, name: str) -> None:
         try:
             with open(path) as f:
                 state = json.load(f)
-            limit = engine.cfg.max_model_len
-            for key in ("pooled", "history", "prompts"):   # 10**12 passed: the policy's tables then took TiB
-                if _past(state.get(key), limit):
-                    raise ValueError(f"a length in its {key!r} is past this engine's max_model_len={limit}")
+            if not isinstance(state, dict):
+                raise ValueError("not an object of learned lengths")
+            # 10**12 passed once (the policy's tables then took TiB); lengths past max_model_len
+            # are another replica's with a longer one, sharing the file (until 2026-12-07 they
+            # threw away the whole prior at every start, with a warning)
+            dropped = _drop_past(state, engine.cfg.max_model_len)
             engine.scheduler.restore_lengths(state)
-            log.info("%s starts from %d output lengths learned before (%s)", name, len(state["pooled"]), path)
+            log.info("%s starts from %d output lengths learned before (%s)%s", name, len(state["pooled"]), path,
+                     f"; {dropped} past max_model_len={engine.cfg.max_model_len} left out" if dropped else "")
         except (OSError, ValueError, AttributeError, TypeError) as e:   # torn, foreign, other buckets: start cold
             log.warning("ignoring the learned output lengths in %s: %s", path, e)
     if (name == "predictive") != (engine.predictor is not None):
@@ -71,6 +74,18 @@ def attach(engine, name: str) -> None:
                                             path=default_path(engine.model_cfg, engine.cfg.dtype,
                                                                       engine.weights_id))
                             if name == "predictive" else engine.predictor.close())
+
+
+def _drop_past(state: dict, limit: int) -> int:
+    """Leave out of `state` every learned length (and prompt-length pair) past `limit`; how
+    many of the pooled lengths were left out."""
+    def within(xs):
+        return [x for x in xs if not _past(x, limit)] if isinstance(xs, list) else xs
+    pooled = state.get("pooled")
+    state.update({k: within(state[k]) for k in ("pooled", "prompts") if k in state})
+    if isinstance(history := state.get("history"), list):
+        state["history"] = [within(xs) for xs in history]
+    return len(pooled) - len(state["pooled"]) if isinstance(pooled, list) else 0
 
 
 def _past(x, limit: int) -> bool:

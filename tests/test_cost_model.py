@@ -207,6 +207,23 @@ def test_profile_engine_times_the_runner_and_caches(tiny_checkpoints, tmp_path, 
         cost_profile.profile_engine(eng, cache_dir="")
 
 
+@pytest.mark.parametrize("decode,cached", [((0.4e-3, 0.5e-3, 1.9e-3), True), ((2.45e-3, 1.42e-3, 1.9e-3), False)])
+def test_a_profile_timed_beside_other_work_is_lowered_and_not_cached(tmp_path, monkeypatch, caplog, decode, cached):
+    """Replicas starting together timed a 1-row decode above 2 rows' and a 32-token prefill
+    above 64 tokens', and that profile served every later start (a probe, 2026-12-07). Each
+    point is now at most a larger launch's time, and a profile that needed more than a 1.5x
+    cut is used but not cached."""
+    from fastserve_jax import cost_profile
+
+    timed = CostModel("p", prefill_tokens=(32, 64), prefill_seconds=(1.6e-3, 1.7e-3) if cached else (11.6e-3, 1.7e-3),
+                      decode_batch=(1, 2, 32), decode_seconds=decode)
+    monkeypatch.setattr(cost_profile, "measure", lambda engine, repeats, sparse: timed)
+    cm = cost_profile.profile_engine(_idle_engine(), cache_dir=str(tmp_path))
+    assert list(cm.decode_seconds) == sorted(cm.decode_seconds) and list(cm.prefill_seconds) == sorted(cm.prefill_seconds)
+    assert cm.decode_seconds[1:] == timed.decode_seconds[1:] and cm.prefill_seconds[1] == timed.prefill_seconds[1]
+    assert len(list(tmp_path.glob("cost_models/*.json"))) == cached and ("not cached" in caplog.text) != cached
+
+
 def test_the_profile_cache_key_ignores_the_policy_and_the_host_pool():
     """Engines that differ only in scheduling, host pool or swap settings share one profile;
     the launch shapes, the dtype and the device pool still tell profiles apart."""

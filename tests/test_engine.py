@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 
 import numpy as np
@@ -319,10 +320,15 @@ def test_learned_output_lengths_outlive_the_policy_and_a_torn_file_starts_cold(l
         assert not eng.scheduler.pooled and "ignoring the learned output lengths" in caplog.text
         eng.set_scheduler("fcfs")
         caplog.clear()
-        # lengths past any answer: taken until 2026-12-07, then every step failed allocating TiB
-        path.write_text(json.dumps({"pooled": [10 ** 12] * 40}))
+        # lengths past any answer: taken until 2026-12-07, then every step failed allocating TiB;
+        # those of a replica with a longer max_model_len sharing the file are left out, and the
+        # others kept (until 2026-12-07 the whole prior was thrown away at every start)
+        path.write_text(json.dumps({"edges": [], "history": [[10 ** 12] * 40 + [7, 9]], "pooled": [10 ** 12] * 40 + [7, 9],
+                                    "prompts": [[5, 10 ** 12], [5, 7]]}))
+        caplog.set_level(logging.INFO, logger="fastserve_jax.policy_state")
         eng.set_scheduler("skip-join-mlfq")
-        assert not eng.scheduler.learned_lengths()["pooled"] and "past this engine's max_model_len" in caplog.text
+        assert sorted(eng.scheduler.learned_lengths()["pooled"]) == [7, 9]
+        assert "40 past max_model_len" in caplog.text and "ignoring" not in caplog.text
         assert llm.generate(prompts[:1], params[:1])[0].outputs[0].token_ids
     finally:
         eng.set_scheduler("skip-join-mlfq")

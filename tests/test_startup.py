@@ -149,3 +149,33 @@ def test_cache_paths_from_the_environment_expand_a_tilde(tmp_path, monkeypatch):
     assert loader.cache_root() == str(tmp_path / "params")
     monkeypatch.setenv("FASTSERVE_JAX_LENGTHS_DIR", "~/lengths")
     assert pc.beside_cache("lengths", "FASTSERVE_JAX_LENGTHS_DIR", "k", ".json").startswith(str(tmp_path / "lengths"))
+
+
+def test_two_saves_at_once_under_one_pid_leave_a_whole_file(tmp_path):
+    """Replicas that each run as pid 1 (pods in their own PID namespaces) on one cache volume
+    wrote the same temporary file: the saved state was torn, or one save failed (until
+    2026-12-07). Two threads of one process have one pid too."""
+    import threading
+
+    from fastserve_jax.runner import persistent_cache as pc
+
+    path, both = str(tmp_path / "state.json"), threading.Barrier(2)
+
+    def writer(tag: str):
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.write(tag * 1000)
+                f.flush()
+                both.wait(5)            # each has begun its file before either ends it
+                f.write(tag * 1000)
+        return write
+
+    saved = []
+    threads = [threading.Thread(target=lambda t=t: saved.append(pc.save_state(path, writer(t), "state")))
+               for t in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert saved == [True, True] and open(path).read() in ("a" * 2000, "b" * 2000)
+    assert os.listdir(tmp_path) == ["state.json"]

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from typing import Callable
 
 import jax
@@ -119,7 +120,7 @@ def drop_damaged_entries(path: str, now: float | None = None) -> list[str]:
                     "compile again once): %s", len(dropped), "y" if len(dropped) == 1 else "ies", path,
                     ", ".join(dropped))
     if whole != known:
-        tmp = f"{manifest_path}.{os.getpid()}.tmp"
+        tmp = unique_tmp(manifest_path)
         try:
             with open(tmp, "w") as f:
                 json.dump(whole, f)
@@ -127,6 +128,13 @@ def drop_damaged_entries(path: str, now: float | None = None) -> list[str]:
         except OSError:
             pass
     return dropped
+
+
+def unique_tmp(path: str) -> str:
+    """A temporary name beside `path` that no other writer uses: the pid alone was not unique
+    where replicas each run as pid 1 (pods in their own PID namespaces, sharing a cache
+    volume), and two saves at once tore the file (5 of 8 rounds, found by a probe, 2026-12-07)."""
+    return f"{path}.{os.getpid()}-{uuid.uuid4().hex[:16]}.tmp"
 
 
 def beside_cache(kind: str, env: str, key: str, suffix: str) -> str | None:
@@ -148,7 +156,7 @@ def save_state(path: str, write: Callable[[str], None], what: str) -> bool:
     which is then renamed into place (readers, and processes saving at once, see a whole file).
     A state directory that cannot be written (a full disk, read-only) only costs what a later
     start would have restored: a warning naming `what`, no exception, no partial file left."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = unique_tmp(path)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write(tmp)
