@@ -104,7 +104,7 @@ class Server:
                  transport: "ProcessTransport | None" = None) -> None:
         self.cfg = cfg
         self.metrics: ServerMetrics
-        self.engine = AsyncEngine(build, cfg.max_pending, on_timing=lambda d: self.metrics.observe(d),
+        self.engine = AsyncEngine(build, cfg.max_pending, on_timing=lambda rid, d: self.metrics.observe(rid, d),
                                   engine_process=cfg.engine_process, transport=transport)
         self.metrics = ServerMetrics(self.engine, serving=lambda: self.status()[0] == 200, model_name=cfg.model_name)
         self.draining = False

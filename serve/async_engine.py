@@ -126,7 +126,7 @@ class AsyncEngine:
     ProcessTransport.spawn)."""
 
     def __init__(self, build: Callable[[Callable[[], bool]], Any], max_pending: int,
-                 on_timing: Callable[[Delta], None] | None = None, engine_process: bool = False,
+                 on_timing: Callable[[str, Delta], None] | None = None, engine_process: bool = False,
                  transport: Any = None) -> None:
         if transport is None and engine_process:
             from fastserve_jax.serve.engine_process import ProcessTransport
@@ -134,7 +134,7 @@ class AsyncEngine:
             transport = ProcessTransport(build)
         self.transport = transport if transport is not None else ThreadTransport(build)
         self.max_pending = max_pending
-        self.on_timing = on_timing      # called with each delta that carries a first token (ttft) or ends a request
+        self.on_timing = on_timing      # called with each delta as it is delivered: (request id, delta)
         self.on_fatal: Callable[[], None] | None = None    # the engine failed to start, or its process died
         # once built: the LLMEngine itself (thread; read-only here), or its EngineInfo (process)
         self.engine: Any = None
@@ -232,8 +232,8 @@ class AsyncEngine:
                 continue
             if delta.final:
                 del self._live[rid]
-            if self.on_timing is not None and (delta.final or delta.ttft is not None):
-                self.on_timing(delta)
+            if self.on_timing is not None:
+                self.on_timing(rid, delta)
             entry[0].queue.put_nowait((index, delta))
 
     def end_live(self, message: str, status: int) -> None:

@@ -1,14 +1,17 @@
 """What wraps the app's routes, as vLLM's server has it: CORS (Starlette's middleware, with
 --allowed-origins and the rest; vLLM's defaults allow any origin) and --root-path (the prefix
 a reverse proxy serves the server under, set as the ASGI root_path the way FastAPI's root_path
-sets it: a request is routed with or without the prefix), and --enable-request-id-headers."""
+sets it: a request is routed with or without the prefix), --enable-request-id-headers, and
+the HTTP series vLLM's server exports (HttpMetrics)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Match
 
 
 class RootPath:
@@ -53,6 +56,40 @@ class RequestIdHeader:
         await self.app(scope, receive, send_with_id)
 
 
+# the routes vLLM's instrumentator leaves out of the HTTP series (probes and scrapes)
+UNCOUNTED = frozenset({"/metrics", "/health", "/ping", "/version"})
+
+
+class HttpMetrics:
+    """vLLM's http_requests_total{handler, method, status} and http_request_duration_seconds
+    {handler, method} (prometheus-fastapi-instrumentator's, which vLLM's dashboards read for
+    their 5xx ratio and per-endpoint panels): the handler is the route's path template
+    ("none" for a path no route has), the status its class ("5xx"), the duration until the
+    response's last byte (a stream's too). Innermost, so --root-path is already applied."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        app = scope.get("app")
+        metrics = getattr(getattr(getattr(app, "state", None), "server", None), "metrics", None)
+        if scope["type"] != "http" or metrics is None:       # an app of the routes alone (tests)
+            return await self.app(scope, receive, send)
+        handler = next((r.path for r in app.routes if r.matches(scope)[0] == Match.FULL), "none")
+        if handler in UNCOUNTED:
+            return await self.app(scope, receive, send)
+        status, t0 = [500], time.perf_counter()     # 500: an exception, answered outside every middleware
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            metrics.http(handler, scope["method"], status[0], time.perf_counter() - t0)
+
+
 def middleware(cfg) -> list[Middleware]:
     """For app.ServerConfig `cfg` (its cors_* fields, root_path and request_id_headers); the
     first is the outermost."""
@@ -61,4 +98,5 @@ def middleware(cfg) -> list[Middleware]:
                           allow_headers=list(cfg.cors_headers), allow_credentials=cfg.cors_credentials))
     if cfg.root_path:
         out.append(Middleware(RootPath, root_path=cfg.root_path))
+    out.append(Middleware(HttpMetrics))
     return out

@@ -53,14 +53,17 @@ that keeps it is no preemption there),
 vllm:request_success_total{finished_reason},
 and the histograms vllm:time_to_first_token_seconds, vllm:request_time_per_output_token_seconds
 (per request, as ours, 0 for a one-token answer as vLLM's), vllm:e2e_request_latency_seconds,
-and vLLM's per-request vllm:request_{queue,prefill,decode,inference}_time_seconds and
-vllm:request_{prompt,generation}_tokens (_VLLM_REQUEST_HISTOGRAMS), all with this server's
-buckets. vLLM's per-token vllm:inter_token_latency_seconds and per-iteration
-vllm:iteration_tokens_total have no counterpart here.
+and vLLM's per-request vllm:request_{queue,prefill,decode,inference}_time_seconds,
+vllm:request_{prompt,generation,max_num_generation}_tokens and per-token
+vllm:inter_token_latency_seconds (_VLLM_REQUEST_HISTOGRAMS), with vLLM's buckets; and the HTTP
+series of vLLM's instrumentator, http_requests_total{handler, method, status} and
+http_request_duration_seconds{handler, method} (serve/http_layer.HttpMetrics). vLLM's
+per-iteration vllm:iteration_tokens_total has no counterpart here.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -78,21 +81,38 @@ VLLM_ENGINE = "0"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 FINISH_REASONS = ("stop", "length", "abort", "error")
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
-# (key, our name after fastserve_, vLLM's after vllm:, doc, buckets)
+# vLLM's own buckets on the vllm:* histograms: its dashboards' SLO panels read a bucket by its
+# `le` (a TPOT SLO of 0.1 s is le="0.1"), and its long ones reach 2,560 / 7,680 s (until
+# 2026-12-07 this server's: every TPOT SLO panel was empty, and quantiles stopped at 160 s)
+VLLM_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                     20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+VLLM_TOKEN_TIME_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                           20.0, 40.0, 80.0)
+VLLM_REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                        240.0, 480.0, 960.0, 1920.0, 7680.0)
+# (key, our name after fastserve_, vLLM's after vllm:, doc, our buckets, vLLM's)
 _LATENCY_HISTOGRAMS = (
-    ("ttft", "time_to_first_token_seconds", "time_to_first_token_seconds", "arrival to first token", _LATENCY_BUCKETS),
+    ("ttft", "time_to_first_token_seconds", "time_to_first_token_seconds", "arrival to first token", _LATENCY_BUCKETS,
+     VLLM_TTFT_BUCKETS),
     ("tpot", "time_per_output_token_seconds", "request_time_per_output_token_seconds",
-     "(finish - first token) / (output tokens - 1), per request (0 for one token)", _TPOT_BUCKETS),
-    ("e2e", "e2e_request_latency_seconds", "e2e_request_latency_seconds", "arrival to finish", _LATENCY_BUCKETS))
+     "(finish - first token) / (output tokens - 1), per request (0 for one token)", _TPOT_BUCKETS,
+     VLLM_TOKEN_TIME_BUCKETS),
+    ("e2e", "e2e_request_latency_seconds", "e2e_request_latency_seconds", "arrival to finish", _LATENCY_BUCKETS,
+     VLLM_REQUEST_BUCKETS))
 _TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(6) for m in (1, 2, 5))       # vLLM's 1-2-5 series
-# vLLM's per-request histograms with no fastserve_ twin, observed as e2e is: (name after vllm:, doc, buckets)
+# vLLM's histograms with no fastserve_ twin, per finished request as e2e is, but the inter-token
+# latency, per token as it reaches the server: (name after vllm:, doc, buckets)
 _VLLM_REQUEST_HISTOGRAMS = (
-    ("request_queue_time_seconds", "the engine's add_request to the request's first iteration", _LATENCY_BUCKETS),
-    ("request_prefill_time_seconds", "first iteration to first token", _LATENCY_BUCKETS),
-    ("request_decode_time_seconds", "first token to finish", _LATENCY_BUCKETS),
-    ("request_inference_time_seconds", "first iteration to finish", _LATENCY_BUCKETS),
+    ("request_queue_time_seconds", "the engine's add_request to the request's first iteration", VLLM_REQUEST_BUCKETS),
+    ("request_prefill_time_seconds", "first iteration to first token", VLLM_REQUEST_BUCKETS),
+    ("request_decode_time_seconds", "first token to finish", VLLM_REQUEST_BUCKETS),
+    ("request_inference_time_seconds", "first iteration to finish", VLLM_REQUEST_BUCKETS),
     ("request_prompt_tokens", "prompt tokens per request", _TOKEN_BUCKETS),
-    ("request_generation_tokens", "tokens generated per request", _TOKEN_BUCKETS))
+    ("request_generation_tokens", "tokens generated per request", _TOKEN_BUCKETS),
+    ("request_max_num_generation_tokens", "tokens generated per request (vLLM's: the most of a request's n "
+     "choices; here each choice is a request)", _TOKEN_BUCKETS),
+    ("inter_token_latency_seconds", "time between two tokens of a request reaching the server (tokens that "
+     "arrive together share their gap)", VLLM_TOKEN_TIME_BUCKETS))
 
 
 class _EngineCollector:
@@ -227,9 +247,9 @@ class ServerMetrics:
         self.registry.register(_EngineCollector(self))
         # each latency histogram twice: ours, and under vLLM's name labelled model_name
         self.latency = {key: (Histogram(f"fastserve_{ours}", doc, buckets=b, registry=self.registry),
-                              Histogram(f"vllm:{theirs}", doc, VLLM_LABELS, buckets=b,
+                              Histogram(f"vllm:{theirs}", doc, VLLM_LABELS, buckets=vb,
                                         registry=self.registry).labels(model_name, VLLM_ENGINE))
-                        for key, ours, theirs, doc, b in _LATENCY_HISTOGRAMS}
+                        for key, ours, theirs, doc, b, vb in _LATENCY_HISTOGRAMS}
         self.per_request = {name: Histogram(f"vllm:{name}", doc, VLLM_LABELS, buckets=b,
                                             registry=self.registry).labels(model_name, VLLM_ENGINE)
                             for name, doc, b in _VLLM_REQUEST_HISTOGRAMS}
@@ -249,9 +269,29 @@ class ServerMetrics:
                                     [*VLLM_LABELS, "finished_reason"], registry=self.registry)
         for reason in FINISH_REASONS:
             self.vllm_success.labels(model_name, VLLM_ENGINE, reason)
+        self.http_requests = Counter("http_requests", "HTTP requests by route, method and status class (vLLM's, "
+                                     "from prometheus-fastapi-instrumentator)", ["handler", "method", "status"],
+                                     registry=self.registry)
+        self.http_duration = Histogram("http_request_duration_seconds", "HTTP request to its response's last "
+                                       "byte, by route and method", ["handler", "method"], buckets=(0.1, 0.5, 1.0),
+                                       registry=self.registry)
+        self._last_token: dict[str, float] = {}      # live request id -> when its latest token arrived
 
-    def observe(self, d: Delta) -> None:
-        """A request's first token or its end (AsyncEngine's on_timing hook, on the event loop)."""
+    def http(self, handler: str, method: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(handler, method, f"{status // 100}xx").inc()
+        self.http_duration.labels(handler, method).observe(seconds)
+
+    def observe(self, rid: str, d: Delta) -> None:
+        """Each delta as it reaches the event loop (AsyncEngine's on_timing hook): the gaps between
+        tokens; a request's first token; its end."""
+        if d.token_ids and d.error is None:
+            now, last = time.monotonic(), self._last_token.get(rid)
+            if last is not None:
+                for _ in d.token_ids:
+                    self.per_request["inter_token_latency_seconds"].observe((now - last) / len(d.token_ids))
+            self._last_token[rid] = now
+        if d.final:
+            self._last_token.pop(rid, None)
         if d.error is not None or d.final:
             reason = "error" if d.error is not None else d.finish_reason
             self.success.labels(reason).inc()
@@ -275,6 +315,7 @@ class ServerMetrics:
         h["request_decode_time_seconds"].observe(d.latency - d.ttft)
         h["request_prompt_tokens"].observe(d.prompt_tokens)
         h["request_generation_tokens"].observe(d.completion_tokens)
+        h["request_max_num_generation_tokens"].observe(d.completion_tokens)
 
     def _observe(self, key: str, value: float) -> None:
         for h in self.latency[key]:

@@ -174,6 +174,36 @@ def test_vllms_per_request_histograms_split_each_finished_request(live):
     assert seconds["inference_time"] < d["vllm:e2e_request_latency_seconds_sum"]
 
 
+def test_vllms_dashboard_reads_its_buckets_inter_token_latency_and_http_series(live):
+    """vLLM's dashboard reads its TPOT SLO as a bucket (le="0.1"), inter-token latency, the
+    most tokens of a request and the instrumentator's HTTP series: each was empty here until
+    2026-12-07 (found by a probe evaluating the dashboard's queries)."""
+    model = (("engine", "0"), ("model_name", "demo"))
+
+    def http(m, handler, status, method="POST"):
+        return m.get(("http_requests_total", (("handler", handler), ("method", method), ("status", status))), 0)
+    live.wait_idle()
+    before = live.metrics()
+    outs = [live.post("/v1/completions", dict(_counting(3, 9), max_tokens=k))[2] for k in (1, 20)]
+    assert live.post("/v1/completions", dict(_counting(3, 9), model="other"))[0] == 404
+    assert live.get("/health")[0] == 200 and live.get("/no/such/path")[0] == 404
+    live.wait_idle()
+    m = live.metrics()
+    for name, le in (("request_time_per_output_token_seconds", "0.1"), ("time_to_first_token_seconds", "2560.0"),
+                     ("e2e_request_latency_seconds", "7680.0"), ("inter_token_latency_seconds", "0.075")):
+        assert (f"vllm:{name}_bucket", (model[0], ("le", le), model[1])) in m, name
+    tokens = [o["usage"]["completion_tokens"] for o in outs]
+    d = {n: m[(n, model)] - before.get((n, model), 0) for n in ("vllm:inter_token_latency_seconds_count",
+                                                                "vllm:request_max_num_generation_tokens_sum")}
+    assert d["vllm:inter_token_latency_seconds_count"] == sum(t - 1 for t in tokens)
+    assert d["vllm:request_max_num_generation_tokens_sum"] == sum(tokens)
+    assert http(m, "/v1/completions", "2xx") - http(before, "/v1/completions", "2xx") == 2
+    assert http(m, "/v1/completions", "4xx") - http(before, "/v1/completions", "4xx") == 1
+    assert http(m, "none", "4xx", "GET") - http(before, "none", "4xx", "GET") == 1
+    assert not [k for k in m if k[0] == "http_requests_total" and ("handler", "/health") in k[1]]
+    assert m[("http_request_duration_seconds_count", (("handler", "/v1/completions"), ("method", "POST")))] >= 3
+
+
 def test_handoff_is_observed_once_per_finished_request_and_is_part_of_its_ttft(live):
     names = [f"fastserve_{n}_{s}" for n in ("request_handoff_seconds", "time_to_first_token_seconds",
                                             "e2e_request_latency_seconds") for s in ("count", "sum")]
