@@ -69,7 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--monitor", type=int, default=200, help="held-out pairs checked during training")
     p.add_argument("--eval-n", type=int, default=1000, help="held-out pairs in the final evaluation")
     p.add_argument("--save-npz", default=None, help="also save the Linen params here (debugging)")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if not 0 <= a.warmup < a.steps:     # optax's schedule raised a traceback (decay_steps < 0)
+        p.error(f"--warmup ({a.warmup}) must be at least 0 and less than --steps ({a.steps})")
+    return a
 
 
 def main(argv=None) -> None:

@@ -47,6 +47,14 @@ for path in sorted(glob.glob("scripts/*.py")):
         print(path, "ran past --help")
     except SystemExit as e:
         print(path, "ok" if e.code in (0, None) and "usage:" in out.getvalue() else f"exit {e.code}")
+# a bad argument is a usage error, not a traceback (--steps under --warmup: optax's, until 2026-12-07)
+sys.argv, err = ["scripts/train_demo_model.py", "--steps", "10"], io.StringIO()
+try:
+    with contextlib.redirect_stderr(err):
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    print("train_demo_model-bad-steps ran")
+except SystemExit as e:
+    print("train_demo_model-bad-steps", "ok" if e.code == 2 and "--warmup (100)" in err.getvalue() else f"exit {e.code}")
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -40,11 +40,14 @@ class PredictedJoins:
         """Each request's queue (indices into `quanta`, in seconds) by its predicted service, and
         remember it."""
         preds = self.model.predict_many([r.num_prompt_tokens for r in reqs], [0] * len(reqs))
-        out = []
+        out, level_of = [], {}          # prompt length -> queue: one prediction per length (predict_many)
         for req, pred in zip(reqs, preds):
-            n, answer = req.num_prompt_tokens, pred.median()
-            t = cost.prefill_time(n) + answer * cost.decode_time(seqs, int(seqs * (n + answer)))
-            level = next((i for i, q in enumerate(quanta) if q >= t), len(quanta) - 1)
+            n = req.num_prompt_tokens
+            level = level_of.get(n)
+            if level is None:
+                answer = pred.median()
+                t = cost.prefill_time(n) + answer * cost.decode_time(seqs, int(seqs * (n + answer)))
+                level = level_of[n] = next((i for i, q in enumerate(quanta) if q >= t), len(quanta) - 1)
             self.levels[req.request_id] = level
             out.append(level)
         return out
