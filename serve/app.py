@@ -122,9 +122,10 @@ class Server:
         self.engine.end_live(message, status)
 
     async def prepared(self, request: Request, fn: Callable, *args):
-        """fn(*args) on the preparing thread, dropped if the client goes away first (ClientGone)."""
+        """fn(*args) on the preparing thread, dropped if the client goes away first (ClientGone)
+        or the shutdown's grace ends (503, as end_live answers)."""
         return await unless_disconnected(request.receive, asyncio.get_running_loop().run_in_executor(
-            self.preparer, fn, *args))
+            self.preparer, fn, *args), self.cut_off, lambda: APIError(503, self.cut_off_message))
 
     def status(self) -> tuple[int, str]:
         """/health's answer: 503 while unavailable() or while the engine is failing (the last

@@ -30,10 +30,10 @@ serve/protocol.py into the Job):
   and `prediction` (predicted output, {"type": "content", "content": a string or text parts},
   which may speed a response up but never changes it): type-checked and ignored (vLLM ignores
   them, with a warning in its log, as we do);
-- vLLM's fields that change nothing here, type-checked: `reasoning_effort` (a string; vLLM
-  reads it only for gpt-oss), `include_reasoning` (no reasoning parser: the text is as the
-  model writes it), `length_penalty` (beam search's) and `vllm_xargs` (an object for custom
-  extensions: there are none), ignored with a warning in the log; `use_beam_search` (false),
+- vLLM's fields that change nothing here, type-checked: `reasoning_effort` (one of
+  REASONING_EFFORTS; vLLM reads it only for gpt-oss), `include_reasoning` (no reasoning parser: the text is as the
+  model writes it), `length_penalty` (beam search's) and `vllm_xargs` (an object of strings, numbers
+  or lists of them, for custom extensions: there are none), ignored with a warning in the log; `use_beam_search` (false),
   `logits_processors` ([]), `mm_processor_kwargs` and `kv_transfer_params` ({}) and OpenAI's
   `modalities` (["text"]) only at the value that asks for nothing (until 2026-12-07 each was
   an unknown field, a 400 at any value: LangChain's and LiteLLM's `reasoning_effort` option
@@ -52,6 +52,7 @@ INERT = ("use_beam_search", "logits_processors", "mm_processor_kwargs", "kv_tran
 FIELDS = frozenset({"truncate_prompt_tokens", "add_special_tokens", "prompt_logprobs", "request_id", "bad_words",
                     "allowed_token_ids", "cache_salt", "return_tokens_as_token_ids", "return_token_ids", *IGNORED,
                     *INERT})
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")     # OpenAI's; vLLM's are three of them
 PREDICTION_SHAPE = '{"type": "content", "content": a string or text parts}'
 MAX_REQUEST_ID = 256      # characters; it is written into every response and log line
 
@@ -116,13 +117,17 @@ def only_empty(body: dict, name: str, kind: type[list] | type[dict], why: str) -
 
 def _inert(body: dict) -> None:
     """vLLM's fields that change nothing here (module docstring), type-checked."""
-    str_field(body, "reasoning_effort")
+    effort = str_field(body, "reasoning_effort")
+    if effort is not None and effort not in REASONING_EFFORTS:
+        raise bad_request(f"'reasoning_effort' must be one of {list(REASONING_EFFORTS)}, got {effort!r}",
+                          "reasoning_effort")
     bool_field(body, "include_reasoning", True)
     num_field(body, "length_penalty", None, float("-inf"), float("inf"))
     xargs = body.get("vllm_xargs")
     if xargs is not None and not (isinstance(xargs, dict) and all(
-            isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in xargs.values())):
-        raise bad_request(f"'vllm_xargs' must be an object of strings and numbers, got {typename(xargs)}", "vllm_xargs")
+            _scalar(v) or (isinstance(v, list) and all(map(_scalar, v))) for v in xargs.values())):
+        raise bad_request("'vllm_xargs' must be an object whose values are strings, numbers or lists of them",
+                          "vllm_xargs")
     if bool_field(body, "use_beam_search", False):
         raise unsupported("use_beam_search", "beam search is not supported; send false or leave it out")
     only_empty(body, "logits_processors", list, "custom logits processors are not supported")
@@ -132,6 +137,10 @@ def _inert(body: dict) -> None:
     if modalities is not None and modalities != ["text"]:
         raise unsupported("modalities", f"got {modalities!r}; this server writes text only: send [\"text\"] or "
                                         "leave it out")
+
+
+def _scalar(v) -> bool:
+    return isinstance(v, (str, int, float)) and not isinstance(v, bool)
 
 
 def header_request_id(value: bytes | None) -> str | None:

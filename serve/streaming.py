@@ -5,6 +5,7 @@ the client disconnects or the response ends."""
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 
 from starlette.requests import Request
 
@@ -28,15 +29,21 @@ class ClientGone(Exception):
     """The client disconnected before its request was submitted."""
 
 
-async def unless_disconnected(receive, work: asyncio.Future):
-    """`work`'s result, or ClientGone if the client goes away first. `work` is then cancelled:
-    a preparation still queued behind others never runs (ten hung-up 1 MB prompts held the one
-    preparing thread, and a small request behind them, for 17 s)."""
-    gone = asyncio.ensure_future(_disconnect(receive))
+async def unless_disconnected(receive, work: asyncio.Future, cut_off: asyncio.Event, cut: Callable[[], APIError]):
+    """`work`'s result, or ClientGone if the client goes away first, or `cut()` if `cut_off` is
+    set first (the shutdown's grace ends: a handler still waiting was cancelled into a
+    plain-text 500). `work` is then cancelled: a preparation still queued behind others never
+    runs (ten hung-up 1 MB prompts held the one preparing thread, and a small request behind
+    them, for 17 s)."""
+    gone, ended = asyncio.ensure_future(_disconnect(receive)), asyncio.ensure_future(cut_off.wait())
     try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({work, gone, ended}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
+        ended.cancel()
+    if cut_off.is_set():            # also where the work ended at the cut: the engine answers no more
+        work.cancel()
+        raise cut()
     if not work.done():
         work.cancel()
         raise ClientGone

@@ -164,7 +164,9 @@ REJECTED = [
     ({"reasoning_effort": 3}, "reasoning_effort", "must be a string"),
     ({"include_reasoning": "yes"}, "include_reasoning", "true or false"),
     ({"length_penalty": "1"}, "length_penalty", "must be a number"),
-    ({"vllm_xargs": {"k": [1]}}, "vllm_xargs", "an object of strings and numbers"),
+    ({"vllm_xargs": {"k": [[1]]}}, "vllm_xargs", "strings, numbers or lists of them"),
+    ({"vllm_xargs": {"k": True}}, "vllm_xargs", "strings, numbers or lists of them"),
+    ({"reasoning_effort": "bogus"}, "reasoning_effort", "must be one of"),
 ]
 REJECTED_COMPLETION = [
     ({"echo": True, "logprobs": 21}, "logprobs", "at most 20 (--max-logprobs)"),
@@ -221,7 +223,7 @@ def test_a_turn_sent_back_as_openais_sdk_dumps_it_is_accepted():
         USER[0], {"role": "assistant", "content": " 3 4 5"}, tool, USER[0]]
 
 
-INERT = {"reasoning_effort": "low", "include_reasoning": True, "length_penalty": 1.0, "vllm_xargs": {"k": 1},
+INERT = {"reasoning_effort": "low", "include_reasoning": True, "length_penalty": 1.0, "vllm_xargs": {"k": 1, "l": [1, "a"]},
          "use_beam_search": False, "logits_processors": [], "mm_processor_kwargs": {}, "kv_transfer_params": {},
          "modalities": ["text"]}
 

@@ -740,12 +740,22 @@ def test_prompts_are_tokenized_off_the_event_loop(live, monkeypatch):
 
 
 @pytest.mark.parametrize("forced", [False, True])
-def test_requests_left_when_the_shutdown_grace_runs_out_get_a_clean_answer(caplog, forced):
+def test_requests_left_when_the_shutdown_grace_runs_out_get_a_clean_answer(caplog, forced, monkeypatch):
     """Past --shutdown-timeout uvicorn cancels the handlers: a non-streaming client got a
     text/plain 500, a stream stopped with no [DONE], and the log had a traceback per request.
     Now they are answered just before: a JSON 503, an error event then [DONE]. So are they when
     a second Ctrl-C forces the exit (`forced`; the same 500s and tracebacks until 2026-12-07), and
-    a request whose body is still arriving (a plain-text 500 and a traceback until 2026-12-07)."""
+    a request whose body is still arriving or that still waits to be tokenized (a plain-text 500
+    and a traceback each until 2026-12-07)."""
+    from fastserve_jax.serve import app as app_mod
+
+    real, held = app_mod.prepare, threading.Event()
+
+    def prepare(job, *rest):
+        if job.prompts[0] == "held":
+            held.wait(10)           # the one preparing thread: the request behind it waits its turn
+        return real(job, *rest)
+    monkeypatch.setattr(app_mod, "prepare", prepare)
     srv = LiveServer(ServerConfig(model_name="demo"), grace=60 if forced else 0.6, draining=True).start()
     uvicorn_log = logging.getLogger("uvicorn.error")
     uvicorn_log.addHandler(caplog.handler)
@@ -756,6 +766,10 @@ def test_requests_left_when_the_shutdown_grace_runs_out_get_a_clean_answer(caplo
                                                          json.dumps(long).encode()))
         [(reader, writer, status, h)] = await _open_streams(srv.url, [dict(long, stream=True)])
         assert status == 200
+        holding = asyncio.create_task(bench_client.request(srv.url, "POST", "/v1/completions",
+                                                           json.dumps(dict(long, prompt="held")).encode()))
+        queued = asyncio.create_task(bench_client.request(srv.url, "POST", "/v1/completions",
+                                                          json.dumps(long).encode()))
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", srv.port)
         up_writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"prompt\": ")
         await asyncio.sleep(0.2)
@@ -769,16 +783,20 @@ def test_requests_left_when_the_shutdown_grace_runs_out_get_a_clean_answer(caplo
         writer.close()
         uploading = await up_reader.read()
         up_writer.close()
-        return await plain, data.decode(), uploading.decode()
+        waited = [await t for t in (holding, queued)]
+        return await plain, data.decode(), uploading.decode(), waited
     try:
-        (status, headers, body), stream, uploading = asyncio.run(scenario())
+        (status, headers, body), stream, uploading, waited = asyncio.run(scenario())
     finally:
+        held.set()
         srv.stop()
         uvicorn_log.removeHandler(caplog.handler)
     said = "a forced exit" if forced else "shut down before this request finished"
     assert status == 503 and said in json.loads(body)["error"]["message"]
     events = [e for e in stream.split("\n\n") if e]
     assert events[-1] == "data: [DONE]" and said in json.loads(events[-2][6:])["error"]["message"]
+    for w_status, _, w_body in waited:
+        assert w_status == 503 and said in json.loads(w_body)["error"]["message"], w_body
     head, _, answer = uploading.partition("\r\n\r\n")
     assert head.startswith("HTTP/1.1 503") and said in json.loads(answer)["error"]["message"], uploading
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
