@@ -31,9 +31,10 @@ serve/protocol.py into the Job):
   which may speed a response up but never changes it): type-checked and ignored (vLLM ignores
   them, with a warning in its log, as we do);
 - vLLM's fields that change nothing here, type-checked: `reasoning_effort` (one of
-  REASONING_EFFORTS; vLLM reads it only for gpt-oss), `include_reasoning` (no reasoning parser: the text is as the
-  model writes it), `length_penalty` (beam search's) and `vllm_xargs` (an object of strings, numbers
-  or lists of them, for custom extensions: there are none), ignored with a warning in the log; `use_beam_search` (false),
+  REASONING_EFFORTS; vLLM reads it only for gpt-oss), `include_reasoning` (no reasoning
+  parser: the text is as the model writes it), `length_penalty` (beam search's) and
+  `vllm_xargs` (an object of strings, numbers or lists of them, for custom extensions:
+  there are none), ignored with a warning in the log; `use_beam_search` (false),
   `logits_processors` ([]), `mm_processor_kwargs` and `kv_transfer_params` ({}) and OpenAI's
   `modalities` (["text"]) only at the value that asks for nothing (until 2026-12-07 each was
   an unknown field, a 400 at any value: LangChain's and LiteLLM's `reasoning_effort` option
