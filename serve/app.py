@@ -57,7 +57,7 @@ from fastserve_jax.serve.model_cards import model, models, version
 from fastserve_jax.serve.protocol import parse_chat, parse_completion
 from fastserve_jax.serve.protocol_extras import header_request_id
 from fastserve_jax.serve.stats_log import STATS_INTERVAL_S, log_stats
-from fastserve_jax.serve.streaming import ClientGone, EventStream, collect, unless_disconnected
+from fastserve_jax.serve.streaming import ClientGone, EventStream, collect, unless_cut
 from fastserve_jax.serve.tokenize import detokenize as detokenize_ids, parse_detokenize, parse_tokenize
 from fastserve_jax.serve.tokenize import tokenize as tokenize_job
 
@@ -124,8 +124,11 @@ class Server:
     async def prepared(self, request: Request, fn: Callable, *args):
         """fn(*args) on the preparing thread, dropped if the client goes away first (ClientGone)
         or the shutdown's grace ends (503, as end_live answers)."""
-        return await unless_disconnected(request.receive, asyncio.get_running_loop().run_in_executor(
-            self.preparer, fn, *args), self.cut_off, lambda: APIError(503, self.cut_off_message))
+        return await unless_cut(asyncio.get_running_loop().run_in_executor(self.preparer, fn, *args),
+                                self.cut_off, self.cut_answer, request.receive)
+
+    def cut_answer(self) -> APIError:
+        return APIError(503, self.cut_off_message)
 
     def status(self) -> tuple[int, str]:
         """/health's answer: 503 while unavailable() or while the engine is failing (the last
@@ -207,17 +210,8 @@ class Server:
 async def _read_body(request: Request, srv: Server) -> bytes:
     """The body, or 413 past --max-body-bytes. One still arriving when the shutdown's grace ends
     is a 503 (uvicorn's cancel made it a plain-text 500 and a logged traceback)."""
-    reading = asyncio.ensure_future(_body(request, srv.cfg.max_body_bytes))
-    cut = asyncio.ensure_future(srv.cut_off.wait())
-    try:
-        await asyncio.wait({reading, cut}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        cut.cancel()
-        if cut_first := not reading.done():
-            reading.cancel()
-    if cut_first:
-        raise APIError(503, srv.cut_off_message)
-    return reading.result()
+    return await unless_cut(asyncio.ensure_future(_body(request, srv.cfg.max_body_bytes)), srv.cut_off,
+                            srv.cut_answer)
 
 
 async def _body(request: Request, limit: int) -> bytes:

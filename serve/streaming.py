@@ -29,23 +29,25 @@ class ClientGone(Exception):
     """The client disconnected before its request was submitted."""
 
 
-async def unless_disconnected(receive, work: asyncio.Future, cut_off: asyncio.Event, cut: Callable[[], APIError]):
-    """`work`'s result, or ClientGone if the client goes away first, or `cut()` if `cut_off` is
-    set first (the shutdown's grace ends: a handler still waiting was cancelled into a
-    plain-text 500). `work` is then cancelled: a preparation still queued behind others never
-    runs (ten hung-up 1 MB prompts held the one preparing thread, and a small request behind
-    them, for 17 s)."""
-    gone, ended = asyncio.ensure_future(_disconnect(receive)), asyncio.ensure_future(cut_off.wait())
+async def unless_cut(work: asyncio.Future, cut_off: asyncio.Event, cut: Callable[[], APIError], receive=None):
+    """`work`'s result, or `cut()` raised if `cut_off` is set first (the shutdown's grace ends:
+    a handler still waiting was cancelled into a plain-text 500), or, given `receive` (the
+    request's body already read), ClientGone if the client goes away first. `work` is then
+    cancelled: a preparation still queued behind others never runs (ten hung-up 1 MB prompts
+    held the one preparing thread, and a small request behind them, for 17 s)."""
+    ended = asyncio.ensure_future(cut_off.wait())
+    gone = asyncio.ensure_future(_disconnect(receive)) if receive is not None else None
     try:
-        await asyncio.wait({work, gone, ended}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({work, ended} | ({gone} if gone else set()), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        gone.cancel()
         ended.cancel()
+        if gone is not None:
+            gone.cancel()
+        if unfinished := not work.done():
+            work.cancel()
     if cut_off.is_set():            # also where the work ended at the cut: the engine answers no more
-        work.cancel()
         raise cut()
-    if not work.done():
-        work.cancel()
+    if unfinished:
         raise ClientGone
     return work.result()
 
