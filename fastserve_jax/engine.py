@@ -160,10 +160,11 @@ class LLMEngine:
         cfg = cfg.for_platform(layout.devices[0].platform)           # dtype "auto" resolved before loading
         tokenizer = load_tokenizer(tokenizer or model_path)          # a broken one fails before the weights load
         defaults = sampling_defaults(model_path, generation_config)   # and so does a bad generation_config.json
+        eos = eos_ids(model_path, model_cfg, tokenizer, generation_config)                # (its eos_token_id too)
         # Across processes the converted-params cache is off: orbax would need a shared filesystem.
         _, _, params = load_model(model_path, dtype=cfg.dtype, place=layout.abstract_params,
                                   cache_dir="" if jax.process_count() > 1 else None, cfg=model_cfg)
-        return cls(model_cfg, params, tokenizer, cfg, eos_ids(model_path, model_cfg, tokenizer), layout=layout,
+        return cls(model_cfg, params, tokenizer, cfg, eos, layout=layout,
                    own_params=True, sampling_defaults=defaults, weights_id=weights_id(model_path), **kwargs)
 
     # -- admission (the boundary: validate everything before anything is queued) -----------

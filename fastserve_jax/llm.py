@@ -301,10 +301,13 @@ def engine_config(model, *, dtype: str = "auto", max_model_len: int | None = Non
     checks the options it hands to the servers it starts here too (serve/engine_args.py)."""
     from fastserve_jax.models import demo_model_path
     from fastserve_jax.models.config import ModelConfig
+    from fastserve_jax.models.hf_files import local_model_dir, weight_files
+    from fastserve_jax.sharding.parallel_config import ParallelConfig
 
-    if model is not None and not isinstance(model, (str, os.PathLike)):
-        raise ValueError(f"model must be a path (a model directory) or None (the demo model), got {model!r:.80}")
-    path = os.fspath(model) if model is not None else demo_model_path()
+    if model is not None and not (isinstance(model, (str, os.PathLike)) and os.fspath(model)):
+        raise ValueError(f"model must be a path (a model directory), a repo id in the local Hugging Face cache, or "
+                         f"None (the demo model), got {model!r:.80}")
+    path = local_model_dir(os.fspath(model)) if model is not None else demo_model_path()
     known = {f.name for f in dataclasses.fields(EngineConfig)}
     unknown = sorted(set(engine_kwargs) - known)
     if unknown:
@@ -317,6 +320,11 @@ def engine_config(model, *, dtype: str = "auto", max_model_len: int | None = Non
     model_cfg.check_context(max_model_len)
     cfg = EngineConfig(dtype=dtype, max_model_len=max_model_len, num_device_blocks=num_device_blocks or 0,
                        **engine_kwargs)
+    # the mesh's and the weight files' checks, which need no device (found as the engine started,
+    # after serve's port opened, until 2026-12-07)
+    ParallelConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size).check_model(
+        model_cfg.num_layers, model_cfg.num_heads, model_cfg.intermediate_size)
+    weight_files(path)
     cfg.resolve()                   # the bucket lists' checks, which need no model (a server bench starts failed)
     return path, model_cfg, cfg
 

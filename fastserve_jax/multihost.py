@@ -65,10 +65,20 @@ def deployment_settings(model: str | None, engine_kwargs: dict) -> dict:
     tok = engine_kwargs.get("tokenizer")
     local = tok is not None and os.path.isdir(tok)        # else compared as given (None, or a name)
     out = {k: v for k, v in sorted(engine_kwargs.items()) if k not in LEADER_ONLY and not (k == "tokenizer" and local)}
-    out.update(_file_digests("model", model if model is not None else demo_model_path()))
+    out.update(_file_digests("model", demo_model_path() if model is None else _local(model)))
     if local:
         out.update(_file_digests("tokenizer", tok))
     return out
+
+
+def _local(model: str) -> str:
+    """A repo id's snapshot in the local Hugging Face cache (its files are compared), else as given."""
+    from fastserve_jax.models.hf_files import local_model_dir
+
+    try:
+        return local_model_dir(model)
+    except ValueError:                  # the engine's load says so
+        return model
 
 
 def _file_digests(what: str, path: str) -> dict:

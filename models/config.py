@@ -35,6 +35,31 @@ def _sliding_window(model_type: str, d: dict) -> int | None:
     return None
 
 
+# config.json's `architectures` that name a model this engine runs (vLLM picks the class by
+# them): the causal LMs of LLAMA_FAMILY and OPT, and old LLaMA checkpoints' spelling.
+ARCHITECTURES = frozenset({*LLAMA_FAMILY.values(), "LLaMAForCausalLM", "OPTForCausalLM"})
+
+
+# Sizes a config may give as null (read as left out: derived, as transformers derives them).
+_NULLABLE = ("num_key_value_heads", "head_dim", "word_embed_proj_dim")
+
+
+def _check_fields(d: dict, ints: tuple[str, ...]) -> None:
+    """A ValueError naming the first of `ints` that config.json gives as other than a positive
+    integer (null only where _NULLABLE; a missing one is the caller's KeyError), and
+    `architectures` naming none this engine runs (a classifier's or reward model's checkpoint
+    served as a causal LM until 2026-12-07, and a zero, null or string width failed later with
+    a traceback naming no field)."""
+    for k in ints:
+        v = d.get(k)
+        if k in d and not (v is None and k in _NULLABLE) and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{k} must be a positive integer, got {v!r:.40}")
+    arch = d.get("architectures")
+    if isinstance(arch, list) and arch and not ARCHITECTURES.intersection(a for a in arch if isinstance(a, str)):
+        raise ValueError(f"architectures {arch!r:.120} names no model this engine runs ({', '.join(sorted(ARCHITECTURES))}:"
+                         " causal language models; a classification or reward head cannot generate)")
+
+
 def _ids(v) -> tuple[int, ...]:
     """A token-id field of config.json (one id, a list of them, or null) as a tuple: a list
     kept as a list would make the frozen ModelConfig unhashable."""
@@ -140,6 +165,9 @@ class ModelConfig:
             raise ValueError(f"quantized checkpoints are not supported (quantization_config, quant_method {method!r}); "
                              "use the unquantized (float32, float16 or bfloat16) weights")
         eos_t, bos_t = _ids(d.get("eos_token_id")), _ids(d.get("bos_token_id"))
+        _check_fields(d, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                          "max_position_embeddings", "intermediate_size" if mt in LLAMA_FAMILY else "ffn_dim",
+                          *_NULLABLE))
         if mt in LLAMA_FAMILY:
             heads = d["num_attention_heads"]
             theta, scaling = _rope(d)
@@ -196,3 +224,5 @@ class ModelConfig:
         except KeyError as e:
             raise ValueError(f"{cfg_file!r} lacks {e.args[0]!r}, which a {d.get('model_type')!r} config "
                              "needs") from None
+        except ValueError as e:                       # named: the model directory may not be the one meant
+            raise ValueError(f"{cfg_file!r}: {e}") from None

@@ -27,23 +27,57 @@ def check_mode(mode: str) -> None:
                          f"generation_config.json, 'vllm': neutral defaults), got {mode!r}")
 
 
+def read_file(model_path: str, mode: str = "auto") -> dict:
+    """The model directory's generation_config.json as a dict ({} without one). A file that is
+    not a JSON object raises ValueError naming it under mode "auto"; under "vllm", which the
+    error tells users to pass, it is ignored with a warning (vLLM falls back the same way)."""
+    check_mode(mode)
+    path = os.path.join(model_path, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        problem = None if isinstance(d, dict) else f"holds {type(d).__name__}, not a JSON object"
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:       # named: the bare message named no file
+        problem = f"is not valid JSON ({e})"
+    if problem is None:
+        return d
+    if mode == "vllm":
+        log.warning("ignoring %s: it %s", path, problem)
+        return {}
+    raise ValueError(f"{path!r} {problem}; fix the file, or pass generation_config='vllm' (--generation-config "
+                     "vllm) to ignore it")
+
+
+def eos_token_ids(model_path: str, mode: str = "auto") -> list[int] | None:
+    """generation_config.json's eos_token_id (one id or a list) as a list, None where the file
+    gives none. Ids that are not non-negative integers raise ValueError naming the file under
+    mode "auto" (until 2026-12-07 a bare int() error or a traceback); "vllm" ignores them with a
+    warning (the tokenizer's and config.json's EOS still end generations)."""
+    path = os.path.join(model_path, "generation_config.json")
+    ids = read_file(model_path, mode).get("eos_token_id")
+    if ids is None:
+        return None
+    ids = ids if isinstance(ids, list) else [ids]
+    if all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        return ids
+    if mode == "vllm":
+        log.warning("ignoring eos_token_id %r in %s: not token ids", ids, path)
+        return None
+    raise ValueError(f"{path!r} has eos_token_id {ids!r:.120}, which are not token ids (non-negative integers); fix "
+                     "the file, or pass generation_config='vllm' (--generation-config vllm) to ignore it")
+
+
 def sampling_defaults(model_path: str, mode: str = "auto") -> dict:
     """{name: value} of SAMPLING_KEYS that the model directory's generation_config.json sets
     (empty without the file, or with mode "vllm"). Raises ValueError naming the file when a
     value is not a valid sampling parameter."""
     check_mode(mode)
-    path = os.path.join(model_path, "generation_config.json")
-    if mode == "vllm" or not os.path.isfile(path):
+    if mode == "vllm":
         return {}
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:       # named: the bare message named no file
-        raise ValueError(f"{path!r} is not valid JSON ({e}); fix the file, or pass generation_config='vllm' "
-                         "(--generation-config vllm) to ignore it") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path!r} holds {type(d).__name__}, not a JSON object; fix the file, or pass "
-                         "generation_config='vllm' (--generation-config vllm) to ignore it")
+    path = os.path.join(model_path, "generation_config.json")
+    d = read_file(model_path, mode)
     out = {k: d[k] for k in SAMPLING_KEYS if d.get(k) is not None}
     bad = [f"{k}={v!r}" for k, v in out.items() if not _valid(k, v)]
     if bad:

@@ -14,6 +14,7 @@ import glob
 import json
 import math
 import os
+import re
 import struct
 from typing import Callable
 
@@ -32,6 +33,27 @@ _ST_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, 
 _NUMPY_NATIVE = {"F16", "F32", "F64", "I8", "I16", "I32", "I64", "U8", "BOOL"}
 
 
+# A Hugging Face repo id: "name" or "owner/name" (letters, digits, "-", "_", ".").
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def local_model_dir(model: str, what: str = "model") -> str:
+    """`model` where it exists here; else, where it reads as a Hugging Face repo id, that repo's
+    snapshot in the local Hugging Face cache (HF_HOME / HF_HUB_CACHE), as vLLM serves a cached
+    model offline; until 2026-12-07 an id was "not a model directory". Nothing is downloaded:
+    a repo the cache lacks is a ValueError saying so. `what` names the argument in it."""
+    if os.path.exists(model) or not _REPO_ID.fullmatch(model):
+        return model
+    from huggingface_hub import constants, snapshot_download
+    try:
+        return snapshot_download(model, local_files_only=True)
+    except Exception as e:  # LocalEntryNotFoundError, a malformed cache entry
+        raise ValueError(f"{what} {model!r} is not a directory here, and the local Hugging Face cache "
+                         f"({constants.HF_HUB_CACHE}) has no snapshot of it ({type(e).__name__}); fastserve-jax "
+                         f"downloads nothing: fetch it first (`hf download {model}`), then pass the same id or "
+                         "the directory") from None
+
+
 def weight_files(path: str) -> list[str]:
     """The safetensors files of a model directory: model.safetensors, else the shards its index
     names, else every *.safetensors file there (vLLM's reading; until 2026-12-07 shards without
@@ -39,17 +61,32 @@ def weight_files(path: str) -> list[str]:
     single, index = os.path.join(path, SINGLE_FILE), os.path.join(path, INDEX_FILE)
     if os.path.isfile(single):
         return [single]
+    _check_regular([single] if os.path.lexists(single) else [])
     if os.path.isfile(index):
         shards = sorted(set(index_weight_map(path).values()))
+        outside = [s for s in shards if os.path.basename(s) != s or s in ("", ".", "..")]
+        if outside:         # vLLM and transformers read shards in the directory only; these were opened
+            raise ValueError(f"{INDEX_FILE} in {path!r} names shard files outside the directory: {outside[:4]}")
         missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
         if missing:
             raise ValueError(f"{INDEX_FILE} in {path!r} names shard files that are not there: {missing}")
         return [os.path.join(path, s) for s in shards]
     found = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
     if found:
+        _check_regular(found)
         return found
     raise ValueError(f"no .safetensors file in {path!r}; only safetensors checkpoints are "
                      "supported (re-save a PyTorch .bin checkpoint with save_pretrained(safe_serialization=True))")
+
+
+def _check_regular(files: list[str]) -> None:
+    """A ValueError naming the first of `files` that is no readable file: a link to nothing (an
+    interrupted download in a hub cache's snapshot) or a directory; until 2026-12-07 a
+    FileNotFoundError traceback or "No such device"."""
+    for f in files:
+        if not os.path.isfile(f):
+            kind = "a link to nothing (an interrupted download?)" if os.path.islink(f) else "not a regular file"
+            raise ValueError(f"weight file {f!r} is {kind}; download the checkpoint again")
 
 
 def index_weight_map(path: str) -> dict[str, str] | None:

@@ -179,11 +179,13 @@ def check_engine_args(a: argparse.Namespace, scheduler: str | None = None) -> No
     they fail here and not in the server's log. `scheduler`: the policy in place of a.scheduler."""
     from fastserve_jax.cost_model import CostModel
     from fastserve_jax.llm import engine_config
+    from fastserve_jax.models.tokenizer import tokenizer_dir
 
     kw = dict(engine_kwargs(a), scheduler=scheduler or a.scheduler)
     for k in ("warmup", "generation_config", "tokenizer"):     # LLM's own (argparse's choices check the first two)
         kw.pop(k, None)
-    engine_config(a.model, **kw)
+    path, _, _ = engine_config(a.model, **kw)
+    tokenizer_dir(a.tokenizer or path)
     if a.cost_model is not None:
         CostModel.load(a.cost_model)
 

@@ -8,6 +8,7 @@ whole file runs in a few seconds.
 
 from __future__ import annotations
 
+import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -124,6 +125,16 @@ _OPT_DICT = dict(_TINY["opt"])
     ("opt", {"enable_bias": False}, "enable_bias"),
     ("opt", {"layer_norm_elementwise_affine": False}, "layer_norm_elementwise_affine"),
     ("opt", {"_remove_final_layer_norm": True}, "_remove_final_layer_norm"),
+    # architectures naming no causal LM this engine runs; widths that are no positive integers
+    # (served as a Llama, or failed as the engine started with a ZeroDivisionError or a
+    # TypeError naming no field, until 2026-12-07)
+    ("llama", {"architectures": ["LlamaForSequenceClassification"]}, "architectures .*names no model"),
+    ("llama", {"architectures": ["GPT2LMHeadModel"]}, "architectures .*names no model"),
+    ("llama", {"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+    ("llama", {"hidden_size": "64"}, "hidden_size must be a positive integer, got '64'"),
+    ("llama", {"num_attention_heads": 4.0}, "num_attention_heads must be a positive integer, got 4.0"),
+    ("qwen2", {"vocab_size": -1}, "vocab_size must be a positive integer"),
+    ("opt", {"ffn_dim": True}, "ffn_dim must be a positive integer"),
 ])
 def test_unsupported_fields_are_refused_by_name(model_type, extra, match):
     """Quantized weights and OPT's bias-free or scale-free variants were refused only as a list
@@ -133,6 +144,18 @@ def test_unsupported_fields_are_refused_by_name(model_type, extra, match):
     base = _OPT_DICT if model_type == "opt" else _LLAMA_DICT
     with pytest.raises(ValueError, match=match):
         ModelConfig.from_dict({"model_type": model_type, **base, **extra})
+
+
+def test_config_errors_name_the_file_and_accepted_architectures_load(tmp_path):
+    from fastserve_jax.models.config import ModelConfig
+
+    for arch in (["LlamaForCausalLM"], ["LLaMAForCausalLM"], ["MistralForCausalLM"], [], None,
+                 ["LlamaForSequenceClassification", "LlamaForCausalLM"]):
+        assert ModelConfig.from_dict({"model_type": "llama", **_LLAMA_DICT, "architectures": arch}).arch == "llama"
+    assert ModelConfig.from_dict({"model_type": "llama", **_LLAMA_DICT, "head_dim": None}).head_dim == 8
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **_LLAMA_DICT, "vocab_size": None}))
+    with pytest.raises(ValueError, match=rf"^'{tmp_path}/config.json': vocab_size must be a positive integer, got None"):
+        ModelConfig.from_pretrained(str(tmp_path))
 
 
 def test_opt_post_ln_ignores_remove_final_layer_norm():

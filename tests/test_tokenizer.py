@@ -129,6 +129,25 @@ def test_eos_ids_join_the_tokenizers_eos_to_the_generation_configs(tmp_path):
     assert eos_ids(str(tmp_path), cfg, load_tokenizer(str(tmp_path))) == {9}
 
 
+@pytest.mark.parametrize("text", ["{eos: 2", "[2]", '{"eos_token_id": "</s>"}', '{"eos_token_id": [2, null]}',
+                                  '{"eos_token_id": -1}', '{"eos_token_id": true}'])
+def test_a_broken_generation_config_names_its_file_and_vllm_mode_serves_past_it(tmp_path, text):
+    """generation_config.json's EOS ids that are no token ids, or a file that is no JSON object:
+    a ValueError naming the file, whose advice (generation_config='vllm') then works: the file
+    is ignored and config.json's and the tokenizer's EOS end generations. Until 2026-12-07 the
+    EOS ids were read a second time without the mode: a bare int() or JSON error, a traceback
+    for a list, under both modes."""
+    from types import SimpleNamespace
+
+    from fastserve_jax.models.tokenizer import eos_ids
+    save_byte_tokenizer(str(tmp_path), vocab_size=300, eos_token_id=2)
+    tok, cfg = load_tokenizer(str(tmp_path)), SimpleNamespace(eos_token_id=(9,))
+    (tmp_path / "generation_config.json").write_text(text)
+    with pytest.raises(ValueError, match=r"generation_config.json' .*pass generation_config='vllm'"):
+        eos_ids(str(tmp_path), cfg, tok)
+    assert eos_ids(str(tmp_path), cfg, tok, "vllm") == {9, 2}
+
+
 def _byte_fallback_tokenizer(path: str):
     """A Llama-2-style tokenizer (SentencePiece as transformers converts it): BPE with byte
     fallback (<0xNN> tokens spell what the vocabulary lacks), "▁" for spaces, and the decoder
