@@ -67,6 +67,7 @@ import bisect
 import contextlib
 import json
 import math
+import numbers
 import os
 import uuid
 from dataclasses import MISSING, asdict, dataclass
@@ -117,6 +118,13 @@ class CostModel:
     max_prefill_seqs: int = 0            # prompts per prefill launch (0: all of an iteration's in one)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not isinstance(self.source, str):
+            raise ValueError(f"cost model: name and source are strings, got {self.name!r:.40} and {self.source!r:.40}")
+        for name in ("kv_capacity_tokens", "kv_bytes_per_token", "block_size", "min_launch_blocks"):
+            v = getattr(self, name)                         # a fractional one failed each iteration (2026-12-07)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf or v != int(v):
+                raise ValueError(f"cost model {self.name!r}: {name} is an integer >= 0, got {v!r:.40}")
+            object.__setattr__(self, name, int(v))
         for xs_name, ys_name in (("prefill_tokens", "prefill_seconds"), ("decode_batch", "decode_seconds")):
             xs = tuple(int(x) for x in getattr(self, xs_name))
             ys = tuple(float(y) for y in getattr(self, ys_name))
@@ -270,8 +278,8 @@ class CostModel:
         with open(path) as f:
             try:
                 return cls.from_json(json.load(f))
-            except ValueError as e:     # JSON or UTF-8 that does not parse, a table that does not check
-                raise ValueError(f"cost model file {path}: {e}") from None
+            except (ValueError, RecursionError) as e:     # JSON or UTF-8 that does not parse (or nests
+                raise ValueError(f"cost model file {path}: {e}") from None      # past Python's stack), a bad table
 
 
 def shipped_cost_models() -> list[str]:

@@ -66,7 +66,8 @@ def attach(engine, name: str) -> None:
             engine.scheduler.restore_lengths(state)
             log.info("%s starts from %d output lengths learned before (%s)%s", name, len(state["pooled"]), path,
                      f"; {dropped} past max_model_len={engine.cfg.max_model_len} left out" if dropped else "")
-        except (OSError, ValueError, AttributeError, TypeError) as e:   # torn, foreign, other buckets: start cold
+        except (OSError, ValueError, AttributeError, TypeError, RecursionError) as e:   # torn, foreign, other
+            # buckets, nested past Python's stack (a start failed on that until 2026-12-07): start cold
             log.warning("ignoring the learned output lengths in %s: %s", path, e)
     if (name == "predictive") != (engine.predictor is not None):
         from fastserve_jax.predictor import EXTRA, LengthPredictor, default_path

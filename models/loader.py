@@ -9,11 +9,13 @@ reads); the files are hf_files.py.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
+import tempfile
 import uuid
 from typing import Callable
 
@@ -44,8 +46,26 @@ def cache_root(cache_dir: str | None = None) -> str | None:
     env = os.environ.get(CACHE_ENV)
     if env is not None:
         return None if env.lower() in ("", "0", "off", "none") else os.path.expanduser(env)
-    xdg = os.path.expanduser(os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"))
-    return os.path.join(xdg, "fastserve_jax")
+    return user_cache_root()
+
+
+def user_cache_root() -> str:
+    """$XDG_CACHE_HOME/fastserve_jax, by default ~/.cache/fastserve_jax ("~" expanded here:
+    systemd's Environment=, Docker's ENV and Kubernetes' env leave it to us). Where "~" means
+    nothing (no HOME, and a UID without a passwd entry: a container's random UID), a directory
+    in the temporary one, said once; until 2026-12-07 a directory named "~" in the working one."""
+    base = os.path.expanduser(os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"))
+    if not base.startswith("~"):
+        return os.path.join(base, "fastserve_jax")
+    root = os.path.join(tempfile.gettempdir(), f"fastserve_jax-cache-{os.getuid()}")
+    _say_no_home(root)
+    return root
+
+
+@functools.cache
+def _say_no_home(root: str) -> None:
+    log.warning("no home directory (HOME unset, and no passwd entry for this user): caching in %s; set HOME, "
+                "XDG_CACHE_HOME or the FASTSERVE_JAX_* cache variables to keep the caches across containers", root)
 
 
 def cache_key(path: str, dtype: str) -> str:

@@ -318,8 +318,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
                    for s, ms in out.items()}
         print()
         print_summary(summary, sys.stdout)
-    if a.json:
-        write_json(a.json, a, out, summary)
+    wrote = write_json(a.json, a, out, summary) if a.json else True
     wrong, failed, misses = (sum(int(m[k]) for _, _, m in rows) for k in ("wrong", "failed", "model_misses"))
     if misses:
         print(f"note: {misses} answer(s) the demo model gives wrong on its own (the same text again when sent "
@@ -329,4 +328,4 @@ def cmd_bench(a: argparse.Namespace) -> int:
                 if wrong and a.dataset == "counting" else "")
         print(f"error: {wrong} wrong answer(s) and {failed} failed request(s) over the rows above{hint}",
               file=sys.stderr)
-    return 1 if wrong or failed else 0
+    return 1 if wrong or failed or not wrote else 0

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from fastserve_jax.serve.sweep_report import no_nan
+from fastserve_jax.serve import sweep_report
+from fastserve_jax.serve.sweep_report import write_output
 
 COLS = [("ttft", "ttft"), ("tpot", "tpot"), ("itl", "itl"), ("e2e", "e2e")]
 
@@ -32,7 +32,7 @@ def print_table(rows: list[tuple[str, float, dict]]) -> None:
           "wrong: completed answers that are not the exact count, or with --dataset random not of max_tokens tokens)")
 
 
-def write_json(path: str, a: argparse.Namespace, out: dict, summary: dict) -> None:
+def write_json(path: str, a: argparse.Namespace, out: dict, summary: dict) -> bool:
     """The rows and summary, with every flag as parsed (the trace's path, the seed, the engine's
     options: what reruns it) but the API key; NaN (a 1-token answer's TPOT, a rate where
     nothing completed) as null, which JSON parsers read (until 2026-12-07 NaN was written, and
@@ -40,7 +40,6 @@ def write_json(path: str, a: argparse.Namespace, out: dict, summary: dict) -> No
     flags = {k: v for k, v in vars(a).items() if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
     if flags.get("api_key"):
         flags["api_key"] = "(given, not written)"
-    with open(path, "w") as f:
-        json.dump(no_nan(dict(dataset=a.dataset, arrivals=a.arrivals, num_requests=a.num_requests,
-                              output_dist=a.output_dist, output_scale=a.output_scale, trace=a.trace, flags=flags,
-                              results=out, summary=summary)), f, indent=1)
+    return write_output(path, lambda p: sweep_report.write_json(p, dict(
+        dataset=a.dataset, arrivals=a.arrivals, num_requests=a.num_requests, output_dist=a.output_dist,
+        output_scale=a.output_scale, trace=a.trace, flags=flags, results=out, summary=summary)))

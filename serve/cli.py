@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -90,6 +91,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
                 f"{llm.engine.warmup_seconds:.1f} s{ran}, compiled {compiled.describe()} "
                 f"({compiled.backend_seconds:.1f} s of XLA time), first token {first:.1f} s after start, "
                 f"all done in {time.monotonic() - t0:.1f} s")
+    with contextlib.suppress(AttributeError, ValueError):     # a stdout that cannot say a character (PYTHONIOENCODING
+        sys.stdout.reconfigure(errors="backslashreplace")      # =ascii) escapes it: a traceback lost it (2026-12-07)
     for o in outs:
         m = o.metrics
         print(f"prompt: {o.prompt!r}\noutput: {o.text!r}\n  tokens={len(o.token_ids)} finish={o.finish_reason} "

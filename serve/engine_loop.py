@@ -30,6 +30,7 @@ launch, so they are aborted, which frees their blocks.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -172,7 +173,9 @@ class EngineLoop:
                 log.error("engine start failed: %s", e)
             else:
                 log.exception("engine start failed")
-            self.emit(("failed", f"{type(e).__name__}: {e}"))
+            platforms = os.environ.get("JAX_PLATFORMS")     # JAX's bare AssertionError for a missing backend
+            hint = f"no message; is JAX_PLATFORMS={platforms!r} installed here, with a device?" if platforms else "no message"
+            self.emit(("failed", f"{type(e).__name__}: {str(e) or hint}"))
             self._refuse_pending(receive)
             return
         log.info("engine ready: %d KV blocks, scheduler %s", self.engine.kv.num_usable_blocks,

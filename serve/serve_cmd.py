@@ -213,8 +213,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
             log.info("process 0 of %s: coordinating at %s; waiting up to %d s for the other processes to join",
                      dist.num_processes, dist.coordinator_address, JOIN_TIMEOUT_S)
         else:
-            log.info("process %d of %s: waiting up to %d s for process 0 at %s", dist.process_id,
-                     dist.num_processes, JOIN_TIMEOUT_S, dist.coordinator_address)
+            log.info("process %s of %s: waiting up to %d s for process 0 at %s", dist.process_id,   # None:
+                     dist.num_processes, JOIN_TIMEOUT_S, dist.coordinator_address)    # JAX's detection's
         main = threading.current_thread() is threading.main_thread()
         # JAX's join blocks in C++, where Python never runs its Ctrl-C handler: it was ignored
         previous = signal.signal(signal.SIGINT, signal.SIG_DFL) if main else None
@@ -223,6 +223,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         except TimeoutError as e:             # no process 0 listening
             print(f"error: {e}", file=sys.stderr)
             return 1
+        except ValueError as e:               # no process count or id given or detected (a traceback until 2026-12-07)
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         finally:
             if main:
                 signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)

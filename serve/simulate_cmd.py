@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import math
 import os
 import sys
@@ -28,7 +27,7 @@ from typing import Callable
 
 from fastserve_jax import AZURE_TRACE
 from fastserve_jax.serve.engine_args import int_at_least
-from fastserve_jax.serve.sweep_report import no_nan, print_summary
+from fastserve_jax.serve.sweep_report import print_summary, write_json, write_output
 from fastserve_jax.slo import PAPER_SLOS, UNLOADED_SLO_FACTOR, parse_slo_pair
 
 PLOT_METRICS = ("mean_latency_per_token", "mean_jct", "p99_jct", "mean_ttft", "p99_ttft", "mean_tpot")
@@ -359,16 +358,15 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         summary = {p: dict(sweep_summary(ms, slo_lpt), unloaded_latency_per_token=unloaded) for p, ms in out.items()}
         print_summary(summary)
         out["summary"] = summary
+    wrote = True
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:      # strict JSON: NaN (a mean TPOT of one-token answers) is null
-            json.dump(no_nan(out), f, indent=1)
+        wrote = write_output(a.json, lambda path: write_json(path, out))
     if a.plot:
-        plot_sweep({p: ms if isinstance(ms, list) else [ms] for p, ms in out.items() if p != "summary"},
-                   a.plot_metric, a.plot,
-                   f"{os.path.basename(a.trace)}, {cost.name}, batch {a.max_num_seqs}, "
-                   f"budget {a.max_num_batched_tokens}")
-    return 0
+        curves = {p: ms if isinstance(ms, list) else [ms] for p, ms in out.items() if p != "summary"}
+        title = f"{os.path.basename(a.trace)}, {cost.name}, batch {a.max_num_seqs}, budget {a.max_num_batched_tokens}"
+        wrote &= write_output(a.plot, lambda path: plot_sweep(curves, a.plot_metric, path, title), "--plot")
+    return 0 if wrote else 1
 
 
 def plot_sweep(curves: dict[str, list[dict]], metric: str, path: str, title: str) -> None:

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 import sys
 
 PAST_SERVED = ("a finite burst keeps latency low past capacity, so these figures grow with its length; steady load "
@@ -45,6 +48,27 @@ def no_nan(x):
     if isinstance(x, dict):
         return {k: no_nan(v) for k, v in x.items()}
     return [no_nan(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def write_json(path: str, obj) -> None:
+    """obj as strict JSON: NaN (a mean TPOT of one-token answers, a rate where nothing completed) is null."""
+    with open(path, "w") as f:
+        json.dump(no_nan(obj), f, indent=1)
+
+
+def write_output(path: str, write, flag: str = "--json") -> bool:
+    """`write(path)`; False after an "error:" line naming the file where it cannot be written
+    (a full disk: until 2026-12-07 a traceback after the whole run, and a partial file left).
+    The figures are on the terminal already."""
+    try:
+        write(path)
+        return True
+    except OSError as e:
+        if os.path.isfile(path):                      # a partial file (not /dev/full)
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        print(f"error: {flag} {path} could not be written ({e}); the figures above are the run's", file=sys.stderr)
+        return False
 
 
 def rate_cell(rate: float | None, max_rate: float) -> str:

@@ -125,6 +125,12 @@ def test_padded_launches_cost_their_bucket():
     (dict(iteration_overhead=float("inf")), "finite and >= 0"),
     (dict(prefill_self_attention="no"), "true or false"),
     (dict(max_prefill_seqs=-1), "max_prefill_seqs"),
+    # accepted before 2026-12-07: every iteration then failed (a server answered each request 500),
+    # or the engine did not start
+    (dict(min_launch_blocks=2.5), "min_launch_blocks is an integer >= 0, got 2.5"),
+    (dict(kv_capacity_tokens="many"), "kv_capacity_tokens is an integer"),
+    (dict(block_size=float("nan")), "block_size is an integer"),
+    (dict(name=7), "name and source are strings"),
 ])
 def test_rejects_bad_tables(bad, match):
     kw = dict(name="b", prefill_tokens=(10, 20), prefill_seconds=(1.0, 2.0), decode_batch=(1, 2),

@@ -295,6 +295,26 @@ def test_initialize_after_jax_use_is_refused():
     assert "REFUSED" in out.stdout and "before any other JAX use" in out.stdout, out.stderr[-2000:]
 
 
+def test_serve_with_only_a_coordinator_address_says_what_is_missing(monkeypatch, capsys):
+    """JAX_COORDINATOR_ADDRESS alone (no process count or id, no cluster JAX detects): the log
+    line's %d failed on the id's None and initialize's ValueError was a traceback, exit 1
+    (until 2026-12-07); now one line, exit 2. JAX's own initialize is stood in for: it must run
+    before any other JAX use, which this test process has made."""
+    from fastserve_jax.serve.cli import main
+    from fastserve_jax.sharding import distributed
+
+    def no_count(cfg, timeout_s):
+        assert cfg.process_id is None and cfg.num_processes is None
+        raise ValueError("Number of processes must be defined. (set FASTSERVE_NUM_PROCESSES ...)")
+    monkeypatch.setattr(distributed, "initialize", no_count)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    for k in ("FASTSERVE_COORDINATOR", "FASTSERVE_NUM_PROCESSES", "FASTSERVE_PROCESS_ID"):
+        monkeypatch.delenv(k, raising=False)
+    assert main(["serve", "--port", str(unused_port())]) == 2
+    err = capsys.readouterr().err
+    assert "error: Number of processes must be defined" in err and "Logging error" not in err, err
+
+
 TWO_PROCESS = textwrap.dedent("""
     import json, sys
     import numpy as np

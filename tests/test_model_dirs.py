@@ -118,3 +118,16 @@ def test_repo_ids_are_served_from_the_local_hub_cache_and_never_downloaded(tiny_
         engine_config("org/absent")
     assert main(["serve", "--port", "1", "--model", "org/absent"]) == 2
     assert "downloads nothing" in capsys.readouterr().err
+
+
+def test_jax_disable_jit_is_refused_before_anything_loads():
+    """JAX_DISABLE_JIT=1 was accepted: the server said ready, then every request failed (the
+    engine runs ahead-of-time compiled programs only), until 2026-12-07."""
+    import jax
+
+    jax.config.update("jax_disable_jit", True)
+    try:
+        with pytest.raises(ValueError, match="JAX_DISABLE_JIT is set"):
+            engine_config(None)
+    finally:
+        jax.config.update("jax_disable_jit", False)

@@ -5,6 +5,7 @@ in-flight stream finish."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
@@ -299,6 +300,12 @@ def test_generate_takes_the_models_sampling_defaults(tmp_path, capsys):
             os.symlink(os.path.join(src, name), tmp_path / name)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "repetition_penalty": 3.0}))
     want = "output: ' 3 4 5 6 7 8 9 10 11 12'"
-    assert main(["generate", "--model", str(tmp_path), "--max-tokens", "12", "count from 3 to 12:"]) == 0
-    out = capsys.readouterr().out
-    assert "output: '" in out and want not in out
+    # and a stdout that cannot say a prompt's character (PYTHONIOENCODING=ascii) escapes it: the
+    # print raised UnicodeEncodeError, exit 1, the outputs lost (until 2026-12-07)
+    ascii_out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "stdout", ascii_out)
+        assert main(["generate", "--model", str(tmp_path), "--max-tokens", "12", "count from 3 to 12:", "é"]) == 0
+        ascii_out.flush()
+    out = ascii_out.buffer.getvalue().decode("ascii")
+    assert "output: '" in out and want not in out and "prompt: '\\xe9'" in out, out

@@ -143,12 +143,45 @@ def test_cache_paths_from_the_environment_expand_a_tilde(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("XDG_CACHE_HOME", "~/xdg")
     monkeypatch.delenv(loader.CACHE_ENV, raising=False)      # the test session's own
-    assert pc.default_cache_root() == str(tmp_path / "xdg" / "fastserve_jax")
+    assert loader.user_cache_root() == str(tmp_path / "xdg" / "fastserve_jax")
     assert loader.cache_root() == str(tmp_path / "xdg" / "fastserve_jax")
     monkeypatch.setenv(loader.CACHE_ENV, "~/params")
     assert loader.cache_root() == str(tmp_path / "params")
     monkeypatch.setenv("FASTSERVE_JAX_LENGTHS_DIR", "~/lengths")
     assert pc.beside_cache("lengths", "FASTSERVE_JAX_LENGTHS_DIR", "k", ".json").startswith(str(tmp_path / "lengths"))
+
+
+def test_without_a_home_the_caches_go_to_the_temporary_directory(tmp_path, monkeypatch, caplog):
+    """No HOME and a UID without a passwd entry (a container's random UID): "~" stays "~", and
+    the caches went to a directory named "~" in the working directory (until 2026-12-07)."""
+    import pwd
+    import tempfile
+
+    from fastserve_jax.models import loader
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert loader.user_cache_root() == str(tmp_path / f"fastserve_jax-cache-{os.getuid()}")
+    assert "no home directory" in caplog.text
+
+
+def test_a_relative_compilation_cache_is_made_absolute(tmp_path, monkeypatch):
+    """State kept beside it (learned lengths) is found from its absolute path: with the working
+    directory deleted, the save at shutdown failed with a traceback (until 2026-12-07)."""
+    import jax
+
+    from fastserve_jax.runner import persistent_cache as pc
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert pc.enable_compilation_cache("rel-xla") == str(tmp_path / "rel-xla")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "rel-xla")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
 
 
 def test_two_saves_at_once_under_one_pid_leave_a_whole_file(tmp_path):

@@ -5,6 +5,7 @@ token budget allows, and `simulate` and `bench` turning bad input into `error: .
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -429,9 +430,19 @@ def test_bench_says_why_its_first_request_failed_and_keeps_no_key_or_nan_in_its_
     assert "--scheduler fcfs is given twice" in capsys.readouterr().err
     a = bench_cmd.argparse.Namespace(dataset="random", arrivals="poisson", num_requests=1, output_dist="trace",
                                      output_scale=1.0, trace=trace, api_key="sekret")
-    write_json(str(tmp_path / "r.json"), a, {"fcfs": {"4.0": {"tpot_mean": float("nan")}}}, {})
+    assert write_json(str(tmp_path / "r.json"), a, {"fcfs": {"4.0": {"tpot_mean": float("nan")}}}, {})
     text = (tmp_path / "r.json").read_text()
     assert "sekret" not in text and "NaN" not in text and json.loads(text)["results"]["fcfs"]["4.0"] == {"tpot_mean": None}
+    # a full disk (/dev/full): one error line after the run, not a traceback (until 2026-12-07)
+    capsys.readouterr()
+    assert not write_json("/dev/full", a, {}, {}) and pathlib.Path("/dev/full").exists()
+    assert "error: --json /dev/full could not be written (" in capsys.readouterr().err
+
+
+def test_simulate_on_a_full_disk_says_so_after_the_run_and_exits_1(trace, capsys):
+    assert main(["simulate", "--trace", trace, "--num-requests", "20", "--policy", "fcfs", "--json", "/dev/full"]) == 1
+    err = capsys.readouterr().err
+    assert "error: --json /dev/full could not be written (" in err and "fcfs" in err
 
 
 @pytest.mark.parametrize("url", ["127.0.0.1:9", "localhost:9", "notaurl", "https://127.0.0.1:9",

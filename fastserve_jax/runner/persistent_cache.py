@@ -30,6 +30,8 @@ from typing import Callable
 
 import jax
 
+from fastserve_jax.models.loader import user_cache_root
+
 log = logging.getLogger(__name__)
 
 ENTRY_SUFFIX = "-cache"                 # what jax's file cache names its entries
@@ -37,17 +39,14 @@ MANIFEST = "fastserve-checked.json"     # entries found whole: name -> [size, mt
 SETTLE_SECONDS = 120.0                  # younger entries may still be being written: not judged yet
 
 
-def default_cache_root() -> str:
-    # "~" expanded here: systemd's Environment=, Docker's ENV and Kubernetes' env leave it to us
-    base = os.path.expanduser(os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"))
-    return os.path.join(base, "fastserve_jax")
-
-
 def enable_compilation_cache(path: str | None = None) -> str | None:
     path = os.path.expanduser(path or os.environ.get("FASTSERVE_JAX_COMPILE_CACHE")
-                              or os.path.join(default_cache_root(), "xla"))
+                              or os.path.join(user_cache_root(), "xla"))
     if path.lower() in ("off", "0", "false"):       # "OFF" made a directory of that name
         return None
+    # absolute now: state kept beside it is found later even if the working directory is gone
+    # (a traceback at shutdown, the learned lengths lost, until 2026-12-07)
+    path = os.path.abspath(path)
     try:
         os.makedirs(path, exist_ok=True)
         drop_damaged_entries(path)
@@ -87,7 +86,7 @@ def drop_damaged_entries(path: str, now: float | None = None) -> list[str]:
             known = json.load(f)
         if not isinstance(known, dict):
             known = {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):          # torn, or nested past Python's stack
         known = {}
     whole: dict[str, list[int]] = {}
     dropped: list[str] = []
