@@ -172,10 +172,10 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
     return kw
 
 
-def check_engine_args(a: argparse.Namespace, scheduler: str | None = None) -> None:
-    """A ValueError, as `generate` gets one from LLM(a.model, **engine_kwargs(a)) before anything
-    loads (the model directory's config.json, EngineConfig's checks), and for a --cost-model that
-    does not load; for a command that hands the options to a server it starts (bench), so that
+def check_engine_args(a: argparse.Namespace, scheduler: str | None = None):
+    """The EngineConfig LLM(a.model, **engine_kwargs(a)) serves with, else a ValueError, as
+    `generate` gets one from LLM before anything loads (the model directory's config.json and
+    files, EngineConfig's checks), and for a --cost-model that does not load; for a command that hands the options to a server it starts (bench), so that
     they fail here and not in the server's log. `scheduler`: the policy in place of a.scheduler."""
     from fastserve_jax.cost_model import CostModel
     from fastserve_jax.llm import engine_config
@@ -184,10 +184,11 @@ def check_engine_args(a: argparse.Namespace, scheduler: str | None = None) -> No
     kw = dict(engine_kwargs(a), scheduler=scheduler or a.scheduler)
     for k in ("warmup", "generation_config", "tokenizer"):     # LLM's own (argparse's choices check the first two)
         kw.pop(k, None)
-    path, _, _ = engine_config(a.model, **kw)
+    path, _, cfg = engine_config(a.model, **kw)
     tokenizer_dir(a.tokenizer or path)
     if a.cost_model is not None:
         CostModel.load(a.cost_model)
+    return cfg
 
 
 def engine_argv(a: argparse.Namespace) -> list[str]:

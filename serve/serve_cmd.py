@@ -76,7 +76,8 @@ def add_serve_parser(sub) -> None:
     g.add_argument("--max-pending", type=int, default=4096,
                    help="admission bound: engine requests admitted and unfinished (n choices count n); "
                         "beyond it requests get 503 with Retry-After (default %(default)s)")
-    g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default %(default)s, 1 MiB)")
+    g.add_argument("--max-body-bytes", type=int, default=None,
+                   help="larger request bodies get 413 (default: 32 bytes per token of max_model_len, at least 1 MiB)")
     g.add_argument("--shutdown-timeout", type=_seconds, default=25.0,
                    help="seconds in-flight requests get to finish after SIGINT/SIGTERM (default %(default)s: the "
                         "exit comes about a second later, within Kubernetes' default 30 s grace period)")
@@ -271,7 +272,7 @@ def _taken_ports(dist) -> str | None:
 
 
 def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
-    if a.max_pending < 1 or a.max_body_bytes < 1:
+    if a.max_pending < 1 or (a.max_body_bytes is not None and a.max_body_bytes < 1):
         print("error: --max-pending and --max-body-bytes must be >= 1", file=sys.stderr)
         return 2
     wrong = check_server_args(a)
@@ -286,10 +287,12 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:        # as `generate` checks them, before the port opens (after it, with exit 1, until 2026-12-07)
-        check_engine_args(a)
+        max_model_len = check_engine_args(a).max_model_len
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if a.max_body_bytes is None:      # a 128k-token prompt of ids is ~1 MiB: the fixed 1 MiB refused it (2026-12-07)
+        a.max_body_bytes = max(1 << 20, 32 * max_model_len)
     build = EngineBuilder(a.model, engine_kwargs)
     transport = None
     if a.engine_process:
