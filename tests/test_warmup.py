@@ -76,6 +76,9 @@ def test_background_warmup_profiles_on_the_covering_set_then_fully_once_done(laz
     from fastserve_jax import cost_profile
 
     monkeypatch.setenv("FASTSERVE_JAX_CACHE", str(tmp_path))       # no profile cached by other tests
+    # a profile timed while other work ran (a smaller launch 2x a larger one's time) is not cached,
+    # by design: the loaded test machine must not decide this test (it failed so once, 2026-12-07)
+    monkeypatch.setattr(cost_profile, "NOISY", float("inf"))
     prompts = random_prompts(3, 3, 40, seed=4)
     want = [o.token_ids for o in lazy.generate(prompts, GREEDY)]
     measured_with = []
