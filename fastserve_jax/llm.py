@@ -299,6 +299,8 @@ def engine_config(model, *, dtype: str = "auto", max_model_len: int | None = Non
     """(the model directory, its ModelConfig (config.json, read once and handed to the loader),
     the EngineConfig that LLM(model, ...) serves with), checked before anything loads; `bench`
     checks the options it hands to the servers it starts here too (serve/engine_args.py)."""
+    import jax
+
     from fastserve_jax.models import demo_model_path
     from fastserve_jax.models.config import ModelConfig
     from fastserve_jax.models.hf_files import local_model_dir, weight_files
@@ -308,8 +310,6 @@ def engine_config(model, *, dtype: str = "auto", max_model_len: int | None = Non
         raise ValueError(f"model must be a path (a model directory), a repo id in the local Hugging Face cache, or "
                          f"None (the demo model), got {model!r:.80}")
     path = local_model_dir(os.fspath(model)) if model is not None else demo_model_path()
-    import jax
-
     if jax.config.jax_disable_jit:          # every request failed with a 500 (2026-12-07)
         raise ValueError("JAX_DISABLE_JIT is set: the engine runs ahead-of-time compiled programs only; unset it")
     known = {f.name for f in dataclasses.fields(EngineConfig)}

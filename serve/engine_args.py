@@ -175,8 +175,9 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
 def check_engine_args(a: argparse.Namespace, scheduler: str | None = None):
     """The EngineConfig LLM(a.model, **engine_kwargs(a)) serves with, else a ValueError, as
     `generate` gets one from LLM before anything loads (the model directory's config.json and
-    files, EngineConfig's checks), and for a --cost-model that does not load; for a command that hands the options to a server it starts (bench), so that
-    they fail here and not in the server's log. `scheduler`: the policy in place of a.scheduler."""
+    files, EngineConfig's checks), and for a --cost-model that does not load; for a command that
+    hands the options to a server it starts (bench), so that they fail here and not in the
+    server's log. `scheduler`: the policy in place of a.scheduler."""
     from fastserve_jax.cost_model import CostModel
     from fastserve_jax.llm import engine_config
     from fastserve_jax.models.tokenizer import tokenizer_dir
