@@ -61,7 +61,8 @@ def weight_files(path: str) -> list[str]:
     single, index = os.path.join(path, SINGLE_FILE), os.path.join(path, INDEX_FILE)
     if os.path.isfile(single):
         return [single]
-    _check_regular([single] if os.path.lexists(single) else [])
+    if os.path.lexists(single):                 # there, but a dangling link or a directory
+        _check_regular([single])
     if os.path.isfile(index):
         shards = sorted(set(index_weight_map(path).values()))
         outside = [s for s in shards if os.path.basename(s) != s or s in ("", ".", "..")]
