@@ -10,12 +10,14 @@ reads); the files are hf_files.py.
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from typing import Callable
 
@@ -36,6 +38,9 @@ _CACHE_VERSION = 2  # bump when the name mapping or the cached tree changes (2: 
 # (the demo model: 0.06 s converting, 0.38 s restoring, plus orbax's import, on 2 cores).
 CACHE_MIN_BYTES = 64 << 20
 _SAMPLES = 64  # 4 KiB blocks of each weight file that cache_key hashes (beyond its first MiB)
+# A fill's `*.partial` directory with nothing written in it for this long is a killed fill's
+# (a live one writes every few seconds; a replica in another PID namespace can't be asked).
+STALE_FILL_S = 3600
 
 
 def cache_root(cache_dir: str | None = None) -> str | None:
@@ -102,6 +107,22 @@ def _hash_weights(h, path: str, mtime: bool) -> None:
                 h.update(f.read(4096))
 
 
+def _sweep_stale_fills(params_dir: str) -> None:
+    """Remove the `*.partial` directories of fills killed mid-write (up to a copy of the
+    weights each; until 2026-12-07 no start removed them): those with no file written for
+    STALE_FILL_S, so a fill still running in another process keeps its own."""
+    now = time.time()
+    for work in glob.glob(os.path.join(glob.escape(params_dir), "*.partial")):
+        try:
+            newest = max([os.lstat(work).st_mtime] + [os.lstat(os.path.join(r, n)).st_mtime
+                                                      for r, ds, fs in os.walk(work) for n in ds + fs])
+        except OSError:        # removed meanwhile (its fill renamed or swept it)
+            continue
+        if now - newest > STALE_FILL_S:
+            log.info("removing %s, a converted-params fill that stopped %.0f s ago", work, now - newest)
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def _fill_cache(ckpt: str, params: dict) -> None:
     """Save params as the cache entry ckpt: written in a directory of this process's own, then
     renamed into place, so processes filling the same entry at once never share a directory
@@ -149,6 +170,7 @@ def load_model(path: str, dtype: str = "float32", cache_dir: str | None = None,
     if root is None or sum(os.path.getsize(f) for f in weight_files(path)) < CACHE_MIN_BYTES:
         return cfg, module, load_hf_params(path, cfg, dtype, target)
     ckpt = os.path.abspath(os.path.join(root, "params", cache_key(path, dtype)))
+    _sweep_stale_fills(os.path.dirname(ckpt))
     if os.path.isdir(ckpt):
         log.info("restoring converted params of %s from %s", path, ckpt)
         check_tied_head(path, cfg)     # what a conversion would have logged

@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -140,6 +141,29 @@ def test_two_processes_filling_one_cache_entry(tmp_path, cached, monkeypatch):
     assert len(os.listdir(tmp_path / "cache" / "params")) == 1
     monkeypatch.setattr(loader, "load_hf_params", convert)
     assert np.array_equal(_embedding(cached(d)), want)
+
+
+def test_a_killed_fills_directory_is_removed_once_stale(tmp_path, cached):
+    """A fill killed mid-write left its `*.partial` directory (up to a copy of the weights) for
+    good; a later load removes it once nothing was written in it for STALE_FILL_S, and keeps a
+    fill that is still writing (another process's)."""
+    import fastserve_jax.models.loader as loader
+
+    d = _checkpoint(tmp_path, "llama")
+    params_dir = tmp_path / "cache" / "params"
+    stale, live = (params_dir / f"{loader.cache_key(d, 'float32')}.{n}-0000.partial" for n in (7, 8))
+    for work in stale, live:
+        os.makedirs(work / "entry" / "d")
+        (work / "entry" / "d" / "chunk").write_bytes(b"x" * 100)
+    old = time.time() - loader.STALE_FILL_S - 60
+    for p in (stale, stale / "entry", stale / "entry" / "d", stale / "entry" / "d" / "chunk"):
+        os.utime(p, (old, old))
+    os.utime(live, (old, old))                             # an old directory, a file written just now
+    want = _embedding(load_model(d, cache_dir="")[2])
+    assert np.array_equal(_embedding(cached(d)), want)
+    assert sorted(os.listdir(params_dir)) == sorted([loader.cache_key(d, "float32"), live.name])
+    assert np.array_equal(_embedding(cached(d)), want)    # restored, live fill untouched
+    assert live.exists()
 
 
 def test_a_cache_that_orbax_cannot_write_still_loads(tmp_path, cached, monkeypatch, caplog):
