@@ -220,6 +220,7 @@ class LLM:
         or a step that raises), the requests of this call are aborted, which frees their KV:
         none runs on in a later generate. A Ctrl-C is taken between steps (interrupts.py)."""
         groups: list[list[Request]] = []
+        in_step = False
         try:
             with interrupts_between_steps() as check:
                 for p, subs in zip(prompts, runs):
@@ -229,7 +230,9 @@ class LLM:
                     check()
                 bar = _progress(len(groups), use_tqdm) if use_tqdm else None
                 while any(not r.finished for g in groups for r in g):
+                    in_step = True
                     self.engine.step()
+                    in_step = False
                     check()
                     if bar is not None:
                         bar.update(sum(all(r.finished for r in g) for g in groups) - bar.n)
@@ -240,8 +243,12 @@ class LLM:
             for r in (r for g in groups for r in g if not r.finished):
                 self.engine.abort(r.request_id)
             # an exception from the caller's own signal handler may have landed inside a step
-            if not self.engine.has_unfinished() and self.engine.runner.restore_lost_caches() and self.engine.kv.caching:
-                self.engine.kv.reset()          # the cached prefixes' blocks were in the lost cache
+            lost = not self.engine.has_unfinished() and self.engine.runner.restore_lost_caches()
+            if self.engine.kv.caching and (lost or in_step):
+                # the cached prefixes' blocks were in the lost cache, or the step gave keys to
+                # blocks it never wrote (later prompts matched them and answered wrong, until
+                # 2026-12-07), as the server's engine loop does after a failed step
+                self.engine.kv.reset()
             raise
         return groups
 

@@ -532,6 +532,31 @@ def test_identical_prompts_of_one_step_answer_right():
     llm.engine.kv.check_integrity()
 
 
+@pytest.mark.parametrize("fault", [RuntimeError, KeyboardInterrupt])
+def test_a_step_that_raises_after_its_plan_leaves_no_unwritten_prefix(reference, fault):
+    """A step that raised after its plan gave keys to the blocks it was to write (a caller's
+    SIGALRM handler, a failed compile of a new launch shape): LLM.generate aborted the requests
+    but kept the keys, so the next generate of the same prompts matched blocks no step wrote
+    and answered wrong (found by a probe, 2026-12-07). A Ctrl-C taken between steps keeps them."""
+    path, prompts, sp, want = reference
+    llm = LLM(path, warmup=False, enable_prefix_caching=True, **ENGINE_KW)
+    e = llm.engine
+    real, calls = e.copies.on_demand, []
+
+    def on_demand(copies):          # the step's first call after apply_plan
+        calls.append(1)
+        if len(calls) == 1:
+            raise fault("in the middle of a step")
+        return real(copies)
+
+    e.copies.on_demand = on_demand
+    with pytest.raises(fault):
+        llm.generate(prompts[:3], sp)
+    assert not e.has_unfinished() and e.kv.num_cached_blocks == 0
+    assert [o.token_ids for o in llm.generate(prompts, sp)] == want
+    e.kv.check_integrity()
+
+
 def test_swap_outs_count_requests_not_the_fills_owed_for_shared_blocks():
     """A swapped-out request leaves the blocks others share on the device; once they let go,
     those are copied to its host KV (a fill, KVManager.take_fills). That copy is no preemption:
