@@ -174,3 +174,35 @@ def test_a_program_exported_for_another_platform_is_traced_again(cache_dir, monk
         assert export_cache.cache_key("t", _args(), {}) != key
     finally:
         export_cache._digest.cache_clear()
+
+
+def test_the_key_names_the_source_loaded_not_the_source_on_disk(cache_dir, monkeypatch, tmp_path, caplog):
+    """The source was hashed at the first trace: a checkout switched (an upgrade in place, an
+    editable install edited) between an engine's start and its first generate stored the old
+    code's programs under the new source's key, and every later start of the new code read
+    them (a probe's raced upgrade served an old sampler's bug, 2026-12-07). The key now names
+    the source as imported, and once the files change no program is saved."""
+    import shutil
+
+    import fastserve_jax.sharding as sharding
+
+    copy = tmp_path / "sharding"
+    shutil.copytree(sharding.__path__[0], copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(sharding, "__path__", [str(copy)])       # as if imported from the copy
+    monkeypatch.setattr(export_cache, "_SOURCES", export_cache._source_files())
+    monkeypatch.setattr(export_cache, "_SOURCE_DIGEST", export_cache._hash_sources(export_cache._SOURCES))
+    monkeypatch.setattr(export_cache, "_source_moved", False)
+    export_cache._digest.cache_clear()
+    try:
+        key = export_cache.cache_key("t", _args(), {"scale": 2.0})
+        export_cache.lower(step, *_args(), name="t", scale=2.0)
+        with open(copy / "mesh.py", "a") as f:                      # the upgrade lands
+            f.write("\n# changed\n")
+        export_cache._digest.cache_clear()
+        assert export_cache.cache_key("t", _args(), {"scale": 2.0}) == key
+        for name in ("u", "v"):
+            assert export_cache.lower(step, *_args(), name=name, scale=2.0).compile() is not None
+        assert os.listdir(cache_dir) == [key + ".bin"]
+        assert caplog.text.count("source changed on disk") == 1
+    finally:
+        export_cache._digest.cache_clear()

@@ -83,19 +83,43 @@ def _device() -> str:
     return f"{jax.default_backend()}/{jax.devices()[0].device_kind}"
 
 
-@functools.cache
-def _digest() -> str:
-    """The source of the packages a trace runs (fastserve_jax with its models and sharding),
-    the versions that lower it and the device it is for."""
-    h = hashlib.sha256(f"{_FORMAT}|{_device()}".encode())
+def _source_files() -> dict[str, tuple[str, int, int]]:
+    """The source of the packages a trace runs (fastserve_jax with its models and sharding):
+    each file's path, modification time and size, by its name within its package."""
+    out = {}
     for pkg in ("fastserve_jax", "fastserve_jax.models", "fastserve_jax.sharding"):
         root = importlib.import_module(pkg).__path__[0]
         for dirpath, dirnames, files in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if d not in ("models", "sharding", "serve", "__pycache__"))
             for fn in sorted(f for f in files if f.endswith(".py")):
-                h.update(os.path.relpath(os.path.join(dirpath, fn), root).encode())
-                with open(os.path.join(dirpath, fn), "rb") as f:
-                    h.update(f.read())
+                path = os.path.join(dirpath, fn)
+                st = os.stat(path)
+                out[f"{pkg}:{os.path.relpath(path, root)}"] = (path, st.st_mtime_ns, st.st_size)
+    return out
+
+
+def _hash_sources(files: dict[str, tuple[str, int, int]]) -> str:
+    h = hashlib.sha256()
+    for name, (path, _, _) in files.items():
+        h.update(name.encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+# Read as this module is imported, with the code it keys: read at the first trace instead, a
+# checkout switched (an upgrade in place, an editable install edited) between an engine's
+# start and its first generate stored the old code's programs under the new source's key, for
+# good (found by a probe, 2026-12-07). Programs traced after the files change are not saved.
+_SOURCES = _source_files()
+_SOURCE_DIGEST = _hash_sources(_SOURCES)
+
+
+@functools.cache
+def _digest() -> str:
+    """The source this process loaded (_SOURCE_DIGEST), the versions that lower it and the
+    device it is for."""
+    h = hashlib.sha256(f"{_FORMAT}|{_device()}|{_SOURCE_DIGEST}".encode())
     for pkg in ("jax", "jaxlib", "flax"):
         try:
             h.update(f"{pkg}={importlib.metadata.version(pkg)}".encode())
@@ -103,6 +127,20 @@ def _digest() -> str:
             pass
     h.update(sys.version.encode())
     return h.hexdigest()
+
+
+_source_moved = False
+
+
+def _source_unchanged() -> bool:
+    """Whether the source on disk is still what this process loaded; once it is not (a
+    later-imported module may be the new code), no program is saved, with one warning."""
+    global _source_moved
+    if not _source_moved and _source_files() != _SOURCES:
+        _source_moved = True
+        log.warning("fastserve_jax's source changed on disk since this process started (an upgrade or an edit); "
+                    "traced programs are no longer saved: restart to cache the new code's")
+    return not _source_moved
 
 
 def _describe(tree) -> str:
@@ -212,7 +250,8 @@ def lower(fn, *args, name: str, donate: tuple[int, ...] = (), **static) -> jax.s
         except NotImplementedError:     # host callbacks (the mosaic kernel in interpret mode on a CPU): not
             return fn.lower(*args, **static)    # kept; they failed the engine's start until 2026-12-07
     discount_export()
-    _save(path, exp.serialize())
+    if _source_unchanged():
+        _save(path, exp.serialize())
     return jax.jit(exp.call, donate_argnums=donate).lower(*args)
 
 
