@@ -231,6 +231,26 @@ def test_a_profile_timed_beside_other_work_is_lowered_and_not_cached(tmp_path, m
     assert len(list(tmp_path.glob("cost_models/*.json"))) == cached and ("not cached" in caplog.text) != cached
 
 
+@pytest.mark.parametrize("decode,kept", [((1.0e-3, 0.9e-3, 1.9e-3), True), ((6.2e-3, 3.9e-3, 4.0e-3), False)])
+def test_a_noisy_profile_cached_by_an_older_version_is_measured_again(tmp_path, monkeypatch, caplog, decode, kept):
+    """Profiles cached before the noise check (2026-12-07) were read back as they were: after an
+    upgrade a 1-row decode timed at 1.6x 32 rows' served every start (a probe). A cached profile
+    now gets the same check as a measured one: a small cut is used lowered, a large one measured again."""
+    from fastserve_jax import cost_profile
+
+    old = CostModel("p", prefill_tokens=(32, 64), prefill_seconds=(1.6e-3, 1.7e-3), decode_batch=(1, 2, 32),
+                    decode_seconds=decode)
+    eng = _idle_engine()
+    os.makedirs(tmp_path / "cost_models")
+    old.save(cost_profile._cache_path(eng, str(tmp_path)))
+    fresh = dataclasses.replace(old, decode_seconds=(0.4e-3, 0.5e-3, 1.9e-3))
+    monkeypatch.setattr(cost_profile, "measure", lambda engine, repeats, sparse: fresh)
+    cm = cost_profile.profile_engine(eng, cache_dir=str(tmp_path))
+    assert cm.decode_seconds == ((0.9e-3, 0.9e-3, 1.9e-3) if kept else fresh.decode_seconds)
+    assert ("profiling again" in caplog.text) != kept
+    assert CostModel.load(cost_profile._cache_path(eng, str(tmp_path))) == (old if kept else fresh)
+
+
 def test_the_profile_cache_key_ignores_the_policy_and_the_host_pool():
     """Engines that differ only in scheduling, host pool or swap settings share one profile;
     the launch shapes, the dtype and the device pool still tell profiles apart."""
