@@ -111,6 +111,24 @@ def test_damaged_entries_are_judged_once_and_young_ones_are_left(tmp_path, monke
     assert reads == [100]                                       # the young one, once settled (the fake finds it whole)
 
 
+def test_entries_of_another_codec_are_not_judged_damaged(tmp_path):
+    """jax keys its zstd entries as zlib ones on Python 3.14, so installs on 3.13 and 3.14 that
+    share a cache read each other's entries: each start deleted the other's as damaged ("cut
+    short when written") and neither ever hit the cache (a probe, 2026-12-07)."""
+    from jax._src.compilation_cache import compress_executable
+
+    from fastserve_jax.runner import persistent_cache as pc
+    whole = compress_executable(os.urandom(4096) * 4)
+    ours = pc._codec(whole)
+    other = b"\x78\x9c" if ours == "zstd" else pc._ZSTD_MAGIC
+    for name, data in (("ours-cut-cache", whole[: len(whole) // 2]), ("other-cache", other + os.urandom(300)),
+                       ("empty-cache", b"")):
+        (tmp_path / name).write_bytes(data)
+    _age(str(tmp_path), 600)
+    assert sorted(pc.drop_damaged_entries(str(tmp_path))) == ["empty-cache", "ours-cut-cache"]
+    assert sorted(os.listdir(tmp_path)) == [pc.MANIFEST, "other-cache"]
+
+
 def test_a_cache_directory_that_cannot_be_made_or_read_leaves_the_cache_off(tmp_path, monkeypatch, caplog):
     """A compilation cache path that cannot be made (read-only file system, a file in the way)
     or listed used to stop every start with the OSError of os.makedirs or os.scandir; the

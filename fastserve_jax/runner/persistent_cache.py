@@ -72,13 +72,37 @@ def _loader():
     return decompress_executable
 
 
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _codec(data: bytes) -> str | None:
+    """Which compression an entry's first bytes name: a zstd frame, a zlib stream, or neither."""
+    if data[:4] == _ZSTD_MAGIC:
+        return "zstd"
+    if len(data) >= 2 and data[0] & 0x0F == 8 and ((data[0] << 8) | data[1]) % 31 == 0:
+        return "zlib"
+    return None
+
+
+def _own_codec() -> str | None:
+    try:
+        from jax._src.compilation_cache import compress_executable
+        return _codec(compress_executable(b"probe"))
+    except Exception:               # a jax version without it: every entry is judged
+        return None
+
+
 def drop_damaged_entries(path: str, now: float | None = None) -> list[str]:
     """Delete the entries under `path` that do not decompress (cut short), and return their
     names. Entries already found whole (same size and mtime in the manifest) are not read
-    again; entries written in the last SETTLE_SECONDS are left for a later start."""
+    again; entries written in the last SETTLE_SECONDS are left for a later start. Entries of
+    another codec are another environment's, not damaged: jax keys zstd entries as zlib ones
+    on Python 3.14, so a 3.13 and a 3.14 install sharing a cache deleted each other's at every
+    start (a probe, 2026-12-07); they are left to jax, which recompiles them with a warning."""
     load = _loader()
     if load is None:
         return []
+    own = _own_codec()
     now = time.time() if now is None else now
     manifest_path = os.path.join(path, MANIFEST)
     try:
@@ -103,7 +127,9 @@ def drop_damaged_entries(path: str, now: float | None = None) -> list[str]:
                 continue
             try:
                 with open(e.path, "rb") as f:
-                    load(f.read())
+                    data = f.read()
+                if own is None or _codec(data) in (own, None):
+                    load(data)
             except OSError:
                 continue
             except Exception:      # jax's decompressor raises its library's own errors
