@@ -112,7 +112,9 @@ def _sweep_stale_fills(params_dir: str) -> None:
     weights each; until 2026-12-07 no start removed them): those with no file written for
     STALE_FILL_S, so a fill still running in another process keeps its own."""
     now = time.time()
-    for work in glob.glob(os.path.join(glob.escape(params_dir), "*.partial")):
+    root = glob.escape(params_dir)
+    # and orbax's own temporary directories, which fills before 2026-12-05 wrote in params/
+    for work in glob.glob(os.path.join(root, "*.partial")) + glob.glob(os.path.join(root, "*.orbax-checkpoint-tmp*")):
         try:
             newest = max([os.lstat(work).st_mtime] + [os.lstat(os.path.join(r, n)).st_mtime
                                                       for r, ds, fs in os.walk(work) for n in ds + fs])

@@ -152,11 +152,12 @@ def test_a_killed_fills_directory_is_removed_once_stale(tmp_path, cached):
     d = _checkpoint(tmp_path, "llama")
     params_dir = tmp_path / "cache" / "params"
     stale, live = (params_dir / f"{loader.cache_key(d, 'float32')}.{n}-0000.partial" for n in (7, 8))
-    for work in stale, live:
+    older = params_dir / f"{loader.cache_key(d, 'float32')}.orbax-checkpoint-tmp"   # an older version's fill
+    for work in stale, live, older:
         os.makedirs(work / "entry" / "d")
         (work / "entry" / "d" / "chunk").write_bytes(b"x" * 100)
     old = time.time() - loader.STALE_FILL_S - 60
-    for p in (stale, stale / "entry", stale / "entry" / "d", stale / "entry" / "d" / "chunk"):
+    for p in (w / sub for w in (stale, older) for sub in ("", "entry", "entry/d", "entry/d/chunk")):
         os.utime(p, (old, old))
     os.utime(live, (old, old))                             # an old directory, a file written just now
     want = _embedding(load_model(d, cache_dir="")[2])
