@@ -79,6 +79,7 @@ class SwapCopy:
 class KVManager:
     caching = False          # prefix caching (prefix_cache.PrefixCachingKVManager): apply_plan matches prompts
     queries = hits = 0       # its counters, in tokens (requests looked up, tokens found); 0 without
+    requeries = rehits = 0   # of those, requests dropped and prefilled again (vLLM counts them apart)
     swap_in_shared = 0       # blocks swap-ins found on the device (prefix_cache.py); 0 without
     swap_out_pinned = 0      # blocks swap-outs left on the device, others holding them (prefix_cache.py)
 

@@ -70,7 +70,8 @@ def apply_plan(plan: Plan, kv: KVManager, now: float) -> Copies:
         if back and req.request_id in back:       # not uploaded ahead of time: comes back now
             copies.swap_in.append(kv.swap_in(req))
             kv.finish_swap_in(req)
-        if kv.caching and req.num_computed_tokens + 1 < req.num_known_tokens:   # prefilling: prefix_cache.py
+        # prefilling (prefix_cache.py); a 1-token prompt finds nothing but counts its lookup, as in vLLM
+        if kv.caching and (req.num_computed_tokens + 1 < req.num_known_tokens or req.num_known_tokens == 1):
             hit = kv.match_prefix(req, s.num_tokens, s.cached)
             if hit or s.cached:     # fewer found than the policy expected: compute no more than it counted
                 s = plan.scheduled[i] = ScheduledRequest(req, s.num_tokens - max(hit, s.cached))

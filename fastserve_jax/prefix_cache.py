@@ -83,11 +83,10 @@ class PrefixCachingKVManager(KVManager):
         self._block_of: dict[bytes, int] = {}
         self._chains: dict[str, list[bytes]] = {}      # request id -> its full blocks' keys so far
         self._registered: dict[str, int] = {}          # request id -> leading table blocks registered
-        # blocks keyed while a plan is applied, which its step writes: not yet read safely by a row
-        # of the decode launch (see `_written`)
+        # blocks keyed while a plan is applied, which its step writes: not yet safe for a decode row (`_written`)
         self._unwritten: set[int] = set()
-        self.queries = 0        # tokens of requests looked up
-        self.hits = 0           # of those, tokens taken from the cache
+        self.queries = self.hits = 0        # tokens of requests looked up; of those, taken from the cache
+        self.requeries = self.rehits = 0    # the same of requests dropped and prefilled again (vLLM's preempted_*)
         self.evictions = 0      # cached blocks handed out for other content
         self.swap_in_shared = 0  # blocks swap-ins found on the device instead of copying
         # a swapped-out request's leading blocks that others held: kept on the device, not copied
@@ -196,6 +195,7 @@ class PrefixCachingKVManager(KVManager):
             assert rid not in self._where and start == 0, f"{rid}: match_prefix with KV that is not on the device"
             if req.sampling.prompt_logprobs is None:    # vLLM counts no lookup for those (they skip it)
                 self.queries += req.num_known_tokens
+                self.requeries += req.num_known_tokens if req.num_preemptions else 0
         elif self._where[rid] is not KVLocation.DEVICE or len(table) != -(-start // bs):
             return 0
         first, limit = start // bs, (min(start + num_tokens, req.num_known_tokens) - 1) // bs
@@ -222,6 +222,7 @@ class PrefixCachingKVManager(KVManager):
         req.num_computed_tokens = len(table) * bs
         hit = req.num_computed_tokens - start
         self.hits += hit
+        self.rehits += hit if req.num_preemptions else 0
         return hit
 
     def register(self, req: Request, num_new_tokens: int) -> None:

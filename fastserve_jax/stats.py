@@ -97,6 +97,7 @@ def snapshot(st: EngineStats, requests: dict, last_scheduled: set[str], kv: KVMa
         recomputations_total=st.recomputations, recomputed_tokens_total=st.recomputed_tokens,
         device_drops_total=st.device_drops,
         prefix_cache_queries_total=kv.queries, prefix_cache_hits_total=kv.hits,
+        prefix_cache_requeries_total=kv.requeries, prefix_cache_rehits_total=kv.rehits,
         swap_in_shared_blocks_total=kv.swap_in_shared, swap_out_pinned_blocks_total=kv.swap_out_pinned,
         busy_seconds_total=st.busy, swap_stall_fraction=st.swap_stall / st.busy if st.busy else 0.0,
         swap_out_blocks_total=st.swap_out_blocks, swap_in_blocks_total=st.swap_in_blocks,

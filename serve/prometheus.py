@@ -219,9 +219,11 @@ def vllm_families(s: dict, model: str):
             ("cpu_cache_usage_perc", GaugeMetricFamily, "host KV pool in use, 0-1", host),
             ("prompt_tokens", CounterMetricFamily, "prompt tokens prefilled", s["prompt_tokens_total"]),
             ("generation_tokens", CounterMetricFamily, "tokens generated", s["generation_tokens_total"]),
-            ("prefix_cache_queries", CounterMetricFamily, "tokens looked up in the prefix cache",
-             s["prefix_cache_queries_total"]),
-            ("prefix_cache_hits", CounterMetricFamily, "tokens found in the prefix cache", s["prefix_cache_hits_total"]),
+            ("prefix_cache_queries", CounterMetricFamily, "tokens looked up in the prefix cache (a request "
+             "prefilled again after its KV was dropped not counted again, as in vLLM)",
+             s["prefix_cache_queries_total"] - s["prefix_cache_requeries_total"]),
+            ("prefix_cache_hits", CounterMetricFamily, "tokens found in the prefix cache (the same)",
+             s["prefix_cache_hits_total"] - s["prefix_cache_rehits_total"]),
             ("num_preemptions", CounterMetricFamily, "requests whose KV left the device: moved to the host (on "
              "demand or ahead of need) or dropped there for recomputation (a drop from the host is no new one)",
              s["swap_outs_total"] + s["device_drops_total"])):

@@ -42,6 +42,24 @@ def test_a_prompt_logprobs_request_looks_nothing_up_and_counts_no_query():
     assert plan.scheduled[0].num_tokens == 11 and (kv.queries, kv.hits) == (11, 0)
 
 
+def test_lookups_count_as_in_vllm_a_1_token_prompt_too_a_recomputation_apart():
+    """vLLM counts every new request's lookup, a 1-token prompt's too (it counted none here),
+    and a preempted request's lookup apart (preempted_queries/hits, not exported): a request
+    dropped and prefilled again found its own blocks and raised vllm:prefix_cache_hits (a probe,
+    2026-12-07). queries/hits still count every lookup (fastserve_prefix_cache_*)."""
+    from fastserve_jax.kv_plan import drop_kv
+
+    kv = PrefixCachingKVManager(num_blocks=20, block_size=4)
+    run_plan(kv, (req("one", [7]), 1))
+    assert (kv.queries, kv.hits, kv.requeries, kv.rehits) == (1, 0, 0, 0)
+    a = req("a", range(1, 12))
+    run_plan(kv, (a, 11))
+    drop_kv(a, kv)
+    run_plan(kv, (a, 11))                                        # finds its own 2 full blocks again
+    assert (kv.queries, kv.hits, kv.requeries, kv.rehits) == (23, 8, 11, 8)
+    kv.check_integrity()
+
+
 def test_a_prefix_computed_again_stays_found_where_the_pool_takes_back_the_old_copy():
     """A prompt_logprobs request (it reads no cache) computes a cached prompt's blocks again in a
     pool that holds one copy: its chunks take the cached copy's blocks as free space. Its own
