@@ -41,6 +41,18 @@ LLM_NO_EFFECT = {
 }
 
 
+# vllm.LLM(...) keywords that scripts pass at values asking for nothing missing (vLLM's defaults
+# or their equivalents): taken silently at those, refused by name at any other
+LLM_AT_DEFAULT = {
+    "task": (("auto", "generate"), "only text generation is implemented (no pooling or embedding tasks)"),
+    "skip_tokenizer_init": ((False,), "the engine detokenizes its outputs; a model without a tokenizer is not "
+                                      "served"),
+    "hf_overrides": ((None, {}), "config.json is read as it is; edit a copy of the model directory instead"),
+    "enable_sleep_mode": ((False,), "sleep mode is not implemented"),
+    "tokenizer_revision": ((None,), "revisions are not implemented; the tokenizer is read from a local directory"),
+}
+
+
 # The refused options and their values that ask for nothing missing (the command line's defaults).
 REFUSED = {"quantization": None, "kv_cache_dtype": "auto", "revision": None, "enable_lora": False,
            "lora_modules": None, "tokenizer_mode": "auto", "load_format": "auto", "scheduling_policy": None}
@@ -89,6 +101,10 @@ def llm_keywords(kwargs: dict) -> dict:
     if kwargs.pop("cpu_offload_gb", 0):                # vLLM's default 0 asks for nothing
         raise ValueError("cpu_offload_gb: offloading weights to host memory is not implemented (KV caches "
                          "swap to it: swap_space)")
+    for k, (ok, why) in LLM_AT_DEFAULT.items():
+        if k in kwargs and not any(kwargs[k] == v and type(kwargs[k]) is type(v) for v in ok):
+            raise ValueError(f"{k}={kwargs[k]!r:.80}: {why}")
+        kwargs.pop(k, None)
     if "seed" in kwargs and kwargs["seed"] is None:    # vLLM's: no fixed seed
         kwargs["seed"] = int.from_bytes(os.urandom(4), "little")
     given = {k: kwargs[k] for k in (*NO_EFFECT, *REFUSED, *LLM_NO_EFFECT) if k in kwargs}

@@ -316,6 +316,15 @@ def test_vllm_spellings_a_ported_script_uses():
     assert llm_keywords({"scheduling_policy": "fcfs", "max_num_seqs": 4}) == {"max_num_seqs": 4}
     with pytest.raises(ValueError, match="scheduling_policy priority: request priorities are not implemented"):
         llm_keywords({"scheduling_policy": "priority"})
+    # vLLM keywords at their defaults (each "unknown LLM arguments" until 2026-12-07), refused at others
+    assert llm_keywords(dict(task="generate", skip_tokenizer_init=False, hf_overrides=None, enable_sleep_mode=False,
+                             tokenizer_revision=None, max_num_seqs=4)) == {"max_num_seqs": 4}
+    assert llm_keywords(dict(task="auto", hf_overrides={})) == {}
+    for kw, why in ((dict(task="embed"), "only text generation"), (dict(skip_tokenizer_init=True), "detokenizes"),
+                    (dict(enable_sleep_mode=True), "sleep mode"), (dict(hf_overrides={"a": 1}), "config.json"),
+                    (dict(tokenizer_revision="main"), "revisions"), (dict(skip_tokenizer_init=0), "detokenizes")):
+        with pytest.raises(ValueError, match=f"^{next(iter(kw))}=.*{why}"):
+            llm_keywords(kw)
 
 
 def test_default_policy_options_beside_a_scheduler_config_are_refused():
