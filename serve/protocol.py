@@ -202,7 +202,9 @@ def _stream_options(body: dict, stream: bool) -> tuple[bool, bool]:
         raise bad_request(f"'stream_options' must be an object with the keys {list(_STREAM_OPTIONS)} (booleans)",
                           "stream_options")
     _bool(opts, "include_obfuscation", False)       # type-checked; chunks are never padded here
-    include, continuous = _bool(opts, "include_usage", True), _bool(opts, "continuous_usage_stats", False)
+    # null is no usage, as vLLM reads `bool(include_usage)` (it was the default, true, until 2026-12-07)
+    include = _bool(opts, "include_usage", False) if "include_usage" in opts else True
+    continuous = _bool(opts, "continuous_usage_stats", False)
     return include, include and continuous
 
 
@@ -217,7 +219,8 @@ def _defaults_only(body: dict, n: int) -> None:
     if kind in ("json_object", "json_schema"):
         raise unsupported("response_format", f"type {kind!r}: structured (JSON) output is not supported; send "
                                               "{\"type\": \"text\"} or leave it out")
-    if fmt is not None and fmt != {"type": "text"}:
+    if fmt is not None and (not isinstance(fmt, dict) or {k: v for k, v in fmt.items() if v is not None}
+                            != {"type": "text"}):      # json_schema: null beside it is vLLM's too
         raise bad_request("'response_format' must be {\"type\": \"text\"} (the only format this server produces)",
                           "response_format")
 
@@ -344,6 +347,9 @@ def parse_chat_options(body: dict, content_format: str = "auto") -> ChatOptions:
 
 def no_tools(body: dict) -> None:
     """Chat's tool fields, accepted only when they ask for no tools."""
+    if body.get("tool_choice") == "required" and body.get("tools") == []:
+        body["tool_choice"] = "none"        # OpenAI's and vLLM's: no tools to require, and tools dropped
+        del body["tools"]
     only_empty(body, "tools", list, "this server has no tool (function) calling")
     choice = body.get("tool_choice")
     if choice is not None and choice != "none":

@@ -141,7 +141,7 @@ def _inert(body: dict) -> None:
 
 
 def _scalar(v) -> bool:
-    return isinstance(v, (str, int, float)) and not isinstance(v, bool)
+    return isinstance(v, (str, int, float))       # a bool too: vLLM's parser takes it as an int
 
 
 def header_request_id(value: bytes | None) -> str | None:

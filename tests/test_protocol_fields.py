@@ -71,6 +71,12 @@ def test_vllm_benchmark_payloads_and_default_valued_fields_parse():
     assert usage({"include_usage": False, "continuous_usage_stats": True}) == (False, False)
     assert usage({}) == (True, False) and usage({}, False) == usage(None) == (False, False)
     assert usage({"include_usage": True, "include_obfuscation": False}) == (True, False)
+    assert usage({"include_usage": None, "continuous_usage_stats": True}) == (False, False)   # vLLM's bool(None)
+    # more of vLLM's: "required" with no tools is "none" with tools dropped (OpenAI's), a text
+    # format's null json_schema, and a bool among vllm_xargs (each a 400 until 2026-12-07)
+    job = parse_chat({"messages": USER, "tools": [], "tool_choice": "required",
+                      "response_format": {"type": "text", "json_schema": None}, "vllm_xargs": {"flag": True}})
+    assert not job.chat_options.empty_tools and job.ignored == ("vllm_xargs",)
     chat = parse_chat({"messages": USER + [{"role": "assistant", "content": None, "tool_calls": []}] + USER,
                        "tools": [], "tool_choice": "none", "parallel_tool_calls": False, "logit_bias": None,
                        "min_tokens": None, "best_of": None})
@@ -165,7 +171,7 @@ REJECTED = [
     ({"include_reasoning": "yes"}, "include_reasoning", "true or false"),
     ({"length_penalty": "1"}, "length_penalty", "must be a number"),
     ({"vllm_xargs": {"k": [[1]]}}, "vllm_xargs", "strings, numbers or lists of them"),
-    ({"vllm_xargs": {"k": True}}, "vllm_xargs", "strings, numbers or lists of them"),
+    ({"vllm_xargs": {"k": None}}, "vllm_xargs", "strings, numbers or lists of them"),
     ({"reasoning_effort": "bogus"}, "reasoning_effort", "must be one of"),
 ]
 REJECTED_COMPLETION = [
