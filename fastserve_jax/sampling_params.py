@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
 from numbers import Integral, Real
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,10 +219,12 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
                              f"got {self.min_tokens!r}")
         bias = self.logit_bias if self.logit_bias is not None else {}      # 0 or []: refused below
+        # -inf bans a token (an offline script's idiom; vLLM's SamplingParams takes it)
         if not isinstance(bias, dict) or not all(isinstance(t, Integral) and not isinstance(t, bool) and t >= 0 and
-                                                 _is_number(v) and abs(v) <= FLOAT32_SAFE[1] for t, v in bias.items()):
+                                                 _is_number(v) and (abs(v) <= FLOAT32_SAFE[1] or v == -math.inf)
+                                                 for t, v in bias.items()):
             raise ValueError(f"logit_bias must map non-negative token ids to numbers in [-{FLOAT32_SAFE[1]:g}, "
-                             f"{FLOAT32_SAFE[1]:g}], got {self.logit_bias!r}")
+                             f"{FLOAT32_SAFE[1]:g}] or -inf, got {self.logit_bias!r}")
         if len(bias) > MAX_LOGIT_BIAS:
             raise ValueError(f"logit_bias may name at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}")
         object.__setattr__(self, "logit_bias", {int(t): float(v) for t, v in bias.items()} or None)
