@@ -143,22 +143,23 @@ class SchedulerConfig:
             raise ValueError(f"protect_decodes must be true or false, got {self.protect_decodes!r}")
         v = self.prompt_neighbors
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"prompt_neighbors must be an integer >= 0 (0 turns prompt-length "
-                             f"predictions off), got {v!r}")
+            raise ValueError(f"prompt_neighbors must be an integer >= 0 (0: no prompt-length predictions), got {v!r}")
         v = self.predictive_max_paused
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"predictive_max_paused must be an integer >= 0 (started requests that may wait "
                              f"outside the batch; 0 = never pause a started request for a new one), got {v!r}")
         if self.predictive_objective not in ("latency_per_token", "jct"):
-            raise ValueError(f"predictive_objective must be 'latency_per_token' or 'jct', "
-                             f"got {self.predictive_objective!r}")
+            raise ValueError(f"predictive_objective must be 'latency_per_token' or 'jct', got {self.predictive_objective!r}")
         edges = tuple(self.gittins_bucket_edges)
         if list(edges) != sorted(set(edges)) or any(not isinstance(e, int) or e < 1 for e in edges):
             raise ValueError(f"gittins_bucket_edges must be strictly increasing positive token counts, got {edges}")
         object.__setattr__(self, "gittins_bucket_edges", edges)
 
     def quantum(self, level: int) -> float:
-        return self.base_quantum * self.quantum_ratio ** level
+        try:
+            return self.base_quantum * self.quantum_ratio ** level
+        except OverflowError:       # past a float (a ratio of 1e30): as a base of 1e308 gives (a traceback until 2026-12-07)
+            return math.inf
 
 
 def _pow2_upto(lo: int, hi: int) -> tuple[int, ...]:

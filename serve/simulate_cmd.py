@@ -342,8 +342,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         pred = f"  prediction tau {m['prediction_kendall_tau']:.2f}" if "prediction_kendall_tau" in m else ""
         pred += f"  prefix cache hits {m['prefix_cache_hit_rate']:.2f}" if "prefix_cache_hit_rate" in m else ""
         offered = "all at once," if m['offered_rps'] is None else f"{m['offered_rps']:.3f}"     # a trace of one instant
-        if m["arrival_rps"] is not None and m["rate"] is not None:    # random arrivals: the rate they came at
-            offered += f" (arrived {m['arrival_rps']:.3f})"
+        if m["rate"] is not None:        # random arrivals: the rate they came at (a gamma of a huge cv: at once)
+            offered += " (arrived all at once)" if m["arrival_rps"] is None else f" (arrived {m['arrival_rps']:.3f})"
         load = "-" if m['load'] is None else f"{m['load']:.2f}"
         print(f"{job[1]:>15} offered {offered} served {m['throughput_rps']:.3f} req/s "
               f"load {load}  jct {m['mean_jct']:.2f}s p99 {m['p99_jct']:.2f}s  "

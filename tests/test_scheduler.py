@@ -1027,3 +1027,62 @@ def test_engine_policy_defaults_wait_as_many_full_batch_iterations_as_the_refere
 def test_scheduler_config_rejects_a_bad_tail_slowdown(bad):
     with pytest.raises(ValueError, match="tail_slowdown must be a finite number >= 0 \\(0 disables it\\)"):
         SchedulerConfig(tail_slowdown=bad)
+
+
+@pytest.mark.parametrize("budget", [1000, 40])          # the recomputation in one chunk, or in several
+def test_a_recomputation_keeps_the_skip_join_queue_it_had(budget):
+    """A request demoted by its decode service, its KV then dropped: its recomputation looked
+    like a first prefill completing, and put it back in its entry queue, ahead of a fresh
+    request, uncharged (a probe, 2026-12-07)."""
+    from fastserve_jax.kv_plan import drop_kv
+
+    cfg = SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=0, protect_min_samples=2)
+    sched, kv = make(seqs=2, cfg=cfg, budget=budget)
+    sched.restore_lengths({"pooled": [1] * 10 + [200] * 10})       # heavy-tailed: protection lapses early
+    a = req("a", 30, 1.0, 100)
+    sched.add(a)
+    for _ in range(12):
+        run(sched, kv)
+    assert a.queue_level == 3
+    drop_kv(a, kv)
+    sched.add(req("b", 30, 2.0, 100))
+    for _ in range(3):
+        run(sched, kv)
+    assert a.queue_level == 3 and levels(sched)[3] == ["a"]
+
+
+def test_a_recomputation_keeps_a_promotion_for_waiting():
+    """During the cold start (every decode protected) a request promoted to the top queue for
+    waiting went back to its entry queue when its dropped KV was recomputed."""
+    from fastserve_jax.kv_plan import drop_kv
+
+    sched, kv = make(seqs=1, cfg=SchedulerConfig(base_quantum=0.01, num_queues=5, starvation_threshold=0.05))
+    a = req("a", 300, 0.0, 50)                     # 30 ms of prefill: joins queue 2
+    sched.add(a)
+    run(sched, kv, now=0.0)
+    run(sched, kv, now=0.01)
+    b = req("b", 50, 0.02, 200)                    # queue 0, protected once started: takes the only slot
+    sched.add(b)
+    t = 0.02
+    for _ in range(12):
+        run(sched, kv, now=t)
+        t += 0.01
+    assert a.queue_level == 0 and "a" in sched._promoted
+    drop_kv(a, kv)
+    drop_kv(b, kv)
+    sched.remove(b)
+    for _ in range(3):
+        run(sched, kv, now=t)
+        t += 0.01
+    assert a.queue_level == 0
+
+
+def test_quanta_past_a_float_are_infinite_not_a_traceback():
+    """quantum_ratio 1e30 passed the config's check, then every policy's start raised
+    OverflowError (a probe, 2026-12-07); a base of 1e308 already ran as infinite quanta."""
+    cfg = SchedulerConfig(quantum_ratio=1e30, num_queues=12)
+    assert cfg.quantum(1) == 1e30 * cfg.base_quantum and cfg.quantum(11) == float("inf")
+    sched, kv = make("mlfq", cfg=cfg)
+    sched.add(r := req("a", 30))
+    while not r.finished:
+        run(sched, kv)

@@ -410,3 +410,26 @@ def test_sim_prefix_caching_settings_are_checked_and_reach_the_cli(small_trace, 
     res = json.loads(out.read_text())
     assert next(iter(res.values()))["prefix_cache_hit_rate"] > 0 and "prefix cache hits" in capsys.readouterr().err
     assert main(["simulate", "--trace", small_trace, "--load", "1", "--prefix-groups", "0"]) == 2
+
+
+def test_a_starvation_threshold_of_0_promotes_nothing_and_guards_no_tail():
+    """0 is "never starving" (SchedulerConfig): the tail guard took it as every request past the
+    limit and ran them all from the top queue, uncharged, so skip-join at 3x capacity served as
+    fcfs (latency per token 514 ms against 225 ms with no promotion; a probe, 2026-12-07)."""
+    from fastserve_jax import AZURE_TRACE
+
+    cost = CostModel.load("opt-13b-a100")
+    trace = load_trace(AZURE_TRACE, 120)[0]
+    trace = with_arrivals(trace, 3 * capacity_rps(trace, cost, 16, cost.kv_capacity_tokens, 2048), seed=0)
+    runs = [simulate(trace, "skip-join-mlfq", cost, SimConfig(max_num_seqs=16, max_num_batched_tokens=2048,
+                                                                scheduler_config=SchedulerConfig(starvation_threshold=t)))
+            for t in (0.0, 1e9)]
+    assert [r.metrics.latency for r in runs[0].requests] == [r.metrics.latency for r in runs[1].requests]
+
+
+def test_simulate_says_when_random_arrivals_came_all_at_once(small_trace, capsys):
+    """A gamma process of a huge cv draws every arrival at t=0: the row read "load 1.00" with no
+    note of the rate they came at, which it prints for every other random draw (a probe, 2026-12-07)."""
+    assert main(["simulate", "--trace", small_trace, "--load", "1", "--arrival", "gamma", "--cv", "1e150",
+                 "--policy", "fcfs", "--num-requests", "20"]) == 0
+    assert "(arrived all at once)" in capsys.readouterr().err

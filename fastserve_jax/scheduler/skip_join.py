@@ -340,7 +340,9 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
 
     def promote_starving(self, now: float) -> None:
         super().promote_starving(now)
-        if self._near_done and self._tail_pace > 0:
+        # a limit of 0 is "never starving" (no promotion): every request counted as past it,
+        # so the guard took them all to the top queue, uncharged (fcfs's figures; until 2026-12-07)
+        if self._near_done and self._tail_pace > 0 and self.starvation_limit() > 0:
             self._guard_tail(now)
 
     def _guard_tail(self, now: float) -> None:
@@ -380,7 +382,9 @@ class SkipJoinMLFQScheduler(MLFQScheduler):
             return False
         if num_tokens > 1:                                  # its prefill completed
             level = self.entry_level(req)
-            if req.queue_level != level:
+            # a recomputation (its KV dropped) keeps the level it had: it was lifted back to its
+            # entry queue, ahead of a fresh request, or a promotion for waiting undone (2026-12-07)
+            if req.queue_level != level and not req.num_preemptions:
                 self._restore([(req, level)])
             return False
         if num_tokens == 1 and self.protected(req):
