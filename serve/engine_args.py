@@ -88,7 +88,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="seconds a request may wait before skip-join-mlfq promotes it to the top queue, stretched "
                         "by the live requests per batch slot (with 4x the requests max-num-seqs holds, 4x as "
                         "long), and the age at which the tail guard looks at it (default: 10 s scaled to this engine's "
-                        "full-batch decode time against OPT-13B's on an A100; 0: no promotion; gittins and "
+                        "full-batch decode time against OPT-13B's on an A100; 0: no promotion and no tail guard; gittins and "
                         "predictive use their own limit, 20 s scaled alike)")
     g.add_argument("--prompt-neighbors", type=int, default=SchedulerConfig.prompt_neighbors,
                    help="output lengths predicted from the finished requests with this many nearest prompt lengths, "
