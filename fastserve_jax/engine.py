@@ -25,8 +25,9 @@ from fastserve_jax.cost_profile import is_provisional, profile_engine
 from fastserve_jax.detokenizer import IncrementalDetokenizer, decoder
 from fastserve_jax.kv_sizing import check_prefill_scores, kv_block_bytes
 from fastserve_jax.kv_plan import Copies, apply_plan
+from fastserve_jax.lifecycle import finish_request, register_request
 from fastserve_jax.prefix_cache import kv_manager
-from fastserve_jax.request import Request, RequestStatus, TokenLogprobs, output_of, stop_reason
+from fastserve_jax.request import Request, TokenLogprobs, output_of
 from fastserve_jax.runner import ModelRunner
 from fastserve_jax.runner.compiler import resolve_warmup
 from fastserve_jax.scheduler import POLICIES, Limits, make_scheduler
@@ -192,10 +193,7 @@ class LLMEngine:
         req = Request(rid, ids, params, time.monotonic() if arrival_time is None else arrival_time, prompt=text,
                       seed=seed, eos_token_ids=frozenset() if params.ignore_eos else self.eos_ids,
                       bad_words=check_bad_words(params, self.tokenizer, self.model_cfg.vocab_size, self.eos_ids))
-        self._requests[rid] = req
-        self._detok[rid] = IncrementalDetokenizer.for_request(self.tokenizer, ids, params, self._decoders)
-        self.scheduler.add(req)
-        self.swap.on_arrival(req, req.arrival_time)
+        register_request(self, req, IncrementalDetokenizer.for_request(self.tokenizer, ids, params, self._decoders))
         return req
 
     def abort(self, request_id: str) -> None:
@@ -383,17 +381,6 @@ class LLMEngine:
             self._finish(req, reason, now)
 
     def _finish(self, req: Request, reason: str, now: float) -> None:
-        detok = self._detok.pop(req.request_id)    # the text it held back (an output ending inside a character)
-        req.output_text, hit = detok.flush(req.output_text, reason != "abort")
-        req.status, req.finish_reason = RequestStatus.FINISHED, "stop" if hit else reason
-        req.stop_reason = stop_reason(req, detok.matched, self.tokenizer.eos_token_id)
-        req.metrics.finish_time = now
-        self.scheduler.remove(req)
-        if self.predictor is not None:
-            self.predictor.on_finish(req)
-        self.kv.free(req)
-        self.copies.forget(req)
-        self.swap.forget(req)
-        del self._requests[req.request_id]
+        finish_request(self, req, reason, now)
 
     output_of = staticmethod(output_of)

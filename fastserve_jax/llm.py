@@ -240,7 +240,7 @@ class LLM:
                     bar.close()
                 check()     # a Ctrl-C during the last step still interrupts
         except BaseException:
-            for r in (r for g in groups for r in g if not r.finished):
+            for r in (r for g in groups for r in g):    # finished ones too: one whose release raised is live
                 self.engine.abort(r.request_id)
             # an exception from the caller's own signal handler may have landed inside a step
             lost = not self.engine.has_unfinished() and self.engine.runner.restore_lost_caches()

@@ -295,8 +295,10 @@ class EngineLoop:
         for index, (rid, (ids, params)) in enumerate(zip(rids, prompts)):
             try:
                 req = self.engine.add_request(ids, params, request_id=rid, arrival_time=arrival)
-            except ValueError as e:   # validated at the boundary, so only a race (e.g. duplicate id)
-                failed.append((rid, index, Delta("", [], None, error=str(e))))
+            except Exception as e:   # validated at the boundary, so only a race (e.g. duplicate id) or a bug:
+                if not isinstance(e, ValueError):   # the add is undone (lifecycle.py); it ended the engine
+                    log.exception("adding request %s failed", rid)    # thread for every request until 2026-12-07
+                failed.append((rid, index, Delta("", [], None, error=str(e) or type(e).__name__)))
                 continue
             # text that may begin a stop string waits, unless a matched stop string stays in the text
             hold = 0 if params.include_stop_str_in_output else max((len(s) for s in params.stop), default=1) - 1
@@ -335,11 +337,10 @@ class EngineLoop:
     def _fail_all(self, message: str) -> None:
         batch = []
         for rid, t in list(self._tracked.items()):
-            if not t.req.finished:
-                try:
-                    self.engine.abort(rid)
-                except Exception:  # the engine is inconsistent; the request still fails below
-                    log.exception("abort of %s after a failed step also failed", rid)
+            try:        # finished ones too: one whose release raised is still live (lifecycle.py)
+                self.engine.abort(rid)
+            except Exception:  # the engine is inconsistent; the request still fails below
+                log.exception("abort of %s after a failed step also failed", rid)
             batch.append((rid, t.index, Delta("", [], None, error=message)))
         self._tracked.clear()
         if self.engine.runner.restore_lost_caches():

@@ -544,3 +544,51 @@ def test_generate_from_two_threads_runs_one_call_at_a_time(llm, monkeypatch):
         t.join(30)
     assert [got[n] for n in "ab"] == want
     assert callers == sorted(callers), callers           # every step of a's call, then b's
+
+
+@pytest.mark.parametrize("part", ["scheduler.remove", "kv.free", "detok"])
+def test_a_finish_that_raises_can_be_aborted_again(llm, monkeypatch, part):
+    """An exception inside a request's finish (a caller's signal handler, a bug in a release)
+    left it live without its detokenizer: every later abort raised KeyError, it held its KV, and
+    every later generate failed (a probe, 2026-12-07). The abort of the interrupted generate
+    now runs the releases again, and the engine serves on exactly."""
+    eng = llm.engine
+    prompts = random_prompts(3, 5, 40, seed=31)
+    want = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    if part == "detok":
+        from fastserve_jax.detokenizer import IncrementalDetokenizer as owner
+        name = "flush"
+    else:
+        owner, name = getattr(eng, part.split(".")[0]), part.split(".")[1]
+    real, calls = getattr(owner, name), []
+
+    def once(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("in the middle of a finish")
+        return real(*a, **k)
+
+    monkeypatch.setattr(owner, name, once)
+    with pytest.raises(RuntimeError, match="middle of a finish"):
+        llm.generate(prompts, GREEDY)
+    monkeypatch.setattr(owner, name, real)
+    assert not eng.has_unfinished() and eng.kv.num_free_blocks == eng.kv.num_usable_blocks
+    eng.kv.check_integrity()
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
+
+
+def test_a_request_the_policy_fails_to_take_is_not_left_live(llm, monkeypatch):
+    """add_request registered the request before the policy took it: where that raised, the
+    caller never saw the request and never aborted it, and the engine stayed busy for good."""
+    eng = llm.engine
+    real = eng.scheduler.add
+
+    def refuse(req):
+        raise RuntimeError("the policy failed")
+
+    monkeypatch.setattr(eng.scheduler, "add", refuse)
+    with pytest.raises(RuntimeError, match="policy failed"):
+        llm.generate(random_prompts(2, 5, 20, seed=32), GREEDY)
+    monkeypatch.setattr(eng.scheduler, "add", real)
+    assert not eng.has_unfinished() and len(eng.scheduler) == 0
+    assert llm.generate(random_prompts(1, 5, 20, seed=33), GREEDY)[0].finished
