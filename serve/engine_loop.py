@@ -295,10 +295,8 @@ class EngineLoop:
         for index, (rid, (ids, params)) in enumerate(zip(rids, prompts)):
             try:
                 req = self.engine.add_request(ids, params, request_id=rid, arrival_time=arrival)
-            except Exception as e:   # validated at the boundary, so only a race (e.g. duplicate id) or a bug:
-                if not isinstance(e, ValueError):   # the add is undone (lifecycle.py); it ended the engine
-                    log.exception("adding request %s failed", rid)    # thread for every request until 2026-12-07
-                failed.append((rid, index, Delta("", [], None, error=str(e) or type(e).__name__)))
+            except ValueError as e:   # validated at the boundary, so only a race (e.g. duplicate id)
+                failed.append((rid, index, Delta("", [], None, error=str(e))))
                 continue
             # text that may begin a stop string waits, unless a matched stop string stays in the text
             hold = 0 if params.include_stop_str_in_output else max((len(s) for s in params.stop), default=1) - 1
