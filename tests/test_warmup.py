@@ -233,3 +233,21 @@ def test_a_dropped_engine_is_freed_in_the_middle_of_its_background_warm_up(tiny_
     thread.join(60)
     assert not thread.is_alive() and ref() is None
     assert len(queue) >= left - 1, "the thread compiled the dropped engine's whole queue"
+
+
+def test_a_background_compile_that_fails_is_named_and_the_rest_still_compile(caplog):
+    """A compile of the background warm-up that raised (RESOURCE_EXHAUSTED) ended its thread
+    silently: the shapes queued after it never compiled, background_done() stayed false, and
+    launches padded to the covering shapes for good (a probe, 2026-12-07)."""
+    from fastserve_jax.runner.compiler import CompileJob, Compiler
+
+    def fail():
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while compiling")
+
+    c = Compiler(None, [], None, 8, 8, None, 16)
+    filed = []
+    c._queue.extend([CompileJob(fail, filed.append), CompileJob(lambda: "exe", filed.append)])
+    while c._drain_one():
+        pass
+    assert filed == ["exe"] and c.background_done()
+    assert "background compile of" in caplog.text and "RESOURCE_EXHAUSTED" in caplog.text

@@ -25,6 +25,7 @@ import atexit
 import collections
 import concurrent.futures
 import functools
+import logging
 import os
 import threading
 import weakref
@@ -42,6 +43,8 @@ from fastserve_jax.runner.launch import LaunchBuilder
 from fastserve_jax.sampling import Penalties, SamplingArrays
 from fastserve_jax.sampling_params import BIAS_SLOTS
 from fastserve_jax.sharding.pipeline import Stage
+
+log = logging.getLogger(__name__)
 
 WARMUP_MODES = ("lazy", "background", "full")
 
@@ -297,6 +300,9 @@ class Compiler:
             elif not self.compiled(item):
                 for job in self.jobs(item):
                     job.run()
+        except Exception as e:      # ended the thread silently, the rest never compiled (until 2026-12-07)
+            log.warning("background compile of %s failed (%s: %.300s); launches of that shape pad to a larger "
+                        "compiled one", item, type(e).__name__, e)
         finally:
             done.set()
         return True
