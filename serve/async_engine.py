@@ -232,9 +232,12 @@ class AsyncEngine:
                 continue
             if delta.final:
                 del self._live[rid]
-            if self.on_timing is not None:
-                self.on_timing(rid, delta)
             entry[0].queue.put_nowait((index, delta))
+            if self.on_timing is not None:      # after the delta is handed on: an observer that raised
+                try:                            # lost it and the rest of the batch (a final one hung its
+                    self.on_timing(rid, delta)  # request; a probe, 2026-12-07)
+                except Exception:
+                    log.exception("the timing observer failed on a delta of %s", rid)
 
     def end_live(self, message: str, status: int) -> None:
         """Answer every live request now with the error `message` (HTTP `status`) and abort it:

@@ -95,3 +95,22 @@ def test_a_lost_multihost_worker_makes_the_engine_lost_not_failing():
     ae, deltas, fatal = _one_request(LosesItsWorker)
     assert len(deltas) == 1 and "worker 1 is gone" in deltas[0][1].error
     assert ae.health.lost and "worker 1 is gone" in ae.health.lost and fatal
+
+
+def test_a_timing_observer_that_raises_loses_no_delta():
+    """The metrics' observer ran before each delta was handed on: one that raised dropped that
+    delta and the rest of its batch, and a dropped final delta hung its request (a probe,
+    2026-12-07). Deltas now go out first, and the observer's error is logged."""
+    from fastserve_jax.serve.engine_loop import Delta
+
+    ae = AsyncEngine(lambda stopping: StandInEngine(), max_pending=8)
+    queues = [asyncio.Queue(), asyncio.Queue()]
+    for i, q in enumerate(queues):
+        ae._live[f"r{i}"] = (SimpleNamespace(queue=q), i)
+
+    def observer(rid, delta):
+        raise RuntimeError("a metrics bug")
+
+    ae.on_timing = observer
+    ae._deliver([(f"r{i}", i, Delta("x", [5], None, finish_reason="stop")) for i in range(2)])
+    assert [q.qsize() for q in queues] == [1, 1] and not ae._live
