@@ -137,7 +137,7 @@ class Formatter:
         counts = [len(ids) for ids, _ in prepared] if job.continuous_usage else None
         echo_ids = [ids for ids, _ in prepared] if job.echo and job.logprobs is not None else None
         return cls(job.chat, model, tokenizer, job.logprobs, echo, counts, echo_ids, job.skip_special_tokens,
-                   job.prompt_only, job.request_id, role, chat_echo, job.prompt_logprobs is not None, decoded,
+                   job.prompt_only, job.request_id, role, chat_echo, job.computed_prompt_logprobs is not None, decoded,
                    job.n if prefix_caching else 0, job.tokens_as_ids,
                    [ids for ids, _ in prepared] if job.return_token_ids else None)
 

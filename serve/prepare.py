@@ -44,7 +44,7 @@ def _params(job: Job, max_tokens: int, seed: int | None, defaults: dict,
                               presence_penalty=job.presence_penalty, frequency_penalty=job.frequency_penalty,
                               ignore_eos=job.ignore_eos, stop_token_ids=list(job.stop_token_ids) or None,
                               min_tokens=job.min_tokens if min_tokens is None else min_tokens,
-                              logit_bias=job.logit_bias, prompt_logprobs=_prompt_logprobs(job),
+                              logit_bias=job.logit_bias, prompt_logprobs=job.computed_prompt_logprobs,
                               skip_special_tokens=job.skip_special_tokens,
                               spaces_between_special_tokens=job.spaces_between_special_tokens,
                               include_stop_str_in_output=job.include_stop_str_in_output,
@@ -53,13 +53,6 @@ def _params(job: Job, max_tokens: int, seed: int | None, defaults: dict,
                               cache_salt=job.cache_salt)
     except ValueError as e:
         raise bad_request(str(e))
-
-
-def _prompt_logprobs(job: Job) -> int | None:
-    """Asked for (prompt_logprobs), else what a completion's echo with logprobs shows (as vLLM)."""
-    if job.prompt_logprobs is not None:
-        return job.prompt_logprobs
-    return job.logprobs if job.echo and not job.chat else None
 
 
 def _prompt_ids(job: Job, prompt, eng: "LLMEngine | EngineInfo", chat_template: str | None) -> list[int] | str:

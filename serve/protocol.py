@@ -130,6 +130,18 @@ class Job:
     return_token_ids: bool = False
     ignored: tuple[str, ...] = ()               # fields accepted and ignored (protocol_extras.IGNORED)
 
+    @property
+    def computed_prompt_logprobs(self) -> int | None:
+        """Alternatives per prompt token the engine computes (vLLM's): prompt_logprobs', else
+        with echo the logprobs' (chat: top_logprobs', 0 by default), returned beside the answer
+        (a completion's choices, a chat response) and a completion's echo logprobs hold them.
+        A chat stream carries none, so none are computed there."""
+        if self.prompt_logprobs is not None or not self.echo:
+            return self.prompt_logprobs
+        if self.chat:
+            return None if self.stream else (self.logprobs or 0)
+        return self.logprobs
+
 
 def _stop(body: dict) -> list[str]:
     v = body.get("stop")

@@ -774,6 +774,25 @@ def test_echo_logprobs_hold_logprobs_plus_one_also_with_more_prompt_logprobs(liv
         assert top[best["decoded_token"]] == best["logprob"]
 
 
+def test_echo_with_logprobs_returns_the_prompt_logprobs_it_computed_as_vllm(live):
+    """echo with logprobs k computes the prompt's logprobs (k alternatives, as vLLM's
+    prompt_logprobs = logprobs); vLLM's choice carries them in prompt_logprobs too, where ours
+    wrote none unless prompt_logprobs was asked for, and chat's echo computed none (until 2026-12-07)."""
+    body = {"prompt": demo_task.make_prompt(3, 6), "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 2}
+    c = _post(live, "/v1/completions", body)[1]["choices"][0]
+    plp, tops = c["prompt_logprobs"], c["logprobs"]["top_logprobs"]
+    assert plp[0] is None and len(plp) == len(tops) - 1, (plp, tops)
+    for top, entry in zip(tops[1:], plp[1:]):
+        assert 2 <= len(entry) <= 3 and {v["decoded_token"]: v["logprob"] for v in entry.values()} == top
+    assert "prompt_logprobs" not in _post(live, "/v1/completions", dict(body, echo=False))[1]["choices"][0]
+    # chat's echo computes them with top_logprobs alternatives (0 by default) and the response carries them
+    chat = {"messages": USER, "max_tokens": 1, "echo": True}
+    for extra, alternatives in (({}, 0), ({"logprobs": True, "top_logprobs": 2}, 2)):
+        plp = _post(live, "/v1/chat/completions", dict(chat, **extra))[1]["prompt_logprobs"]
+        assert plp[0] is None and all(alternatives <= len(e) <= alternatives + 1 for e in plp[1:]), plp
+    assert "prompt_logprobs" not in _post(live, "/v1/chat/completions", dict(chat, echo=False))[1]
+
+
 def test_truncating_a_text_prompt_to_its_special_tokens_keeps_them(live):
     """A text prompt keeps its BOS within truncate_prompt_tokens (docs/serving.md, as vLLM's
     left-truncating tokenizer): also at k = 1, which kept the last text token instead."""
