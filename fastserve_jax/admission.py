@@ -3,6 +3,8 @@ anything is queued, and a bad one raises ValueError saying what to change."""
 
 from __future__ import annotations
 
+import math
+import time
 from numbers import Integral
 
 from fastserve_jax.bad_words import BadWords, bad_words_of
@@ -15,6 +17,20 @@ def context_limit(max_model_len: int, kv) -> int:
     the device pool is smaller (a request runs with all of its KV on the device). `kv` is a
     KVManager or anything with its num_usable_blocks and block_size."""
     return min(max_model_len, kv.num_usable_blocks * kv.block_size)
+
+
+def arrival_clock(t: float | None) -> float:
+    """An arrival time on the engine's clock, time.monotonic()'s (now when None). vLLM's
+    LLMEngine.add_request takes time.time()'s: a time nearer the wall clock than the
+    monotonic one is read as such and moved onto the engine's."""
+    now = time.monotonic()
+    if t is None:
+        return now
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        raise ValueError(f"arrival_time must be a finite number of seconds (time.monotonic()'s clock, or "
+                         f"time.time()'s), got {t!r:.60}")
+    wall = time.time()
+    return now - (wall - t) if abs(t - wall) < abs(t - now) else float(t)
 
 
 def truncate_prompt(ids: list[int], k: int, head: int = 0) -> list[int]:

@@ -17,7 +17,7 @@ from typing import Callable
 import jax
 
 from fastserve_jax import policy_state
-from fastserve_jax.admission import check_bad_words, context_limit, validate_request
+from fastserve_jax.admission import arrival_clock, check_bad_words, context_limit, validate_request
 from fastserve_jax.config import EngineConfig, SchedulerConfig
 from fastserve_jax.sampling_params import SamplingParams, sampler_seed
 from fastserve_jax.cost_model import CostModel
@@ -182,6 +182,7 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                     arrival_time: float | None = None) -> Request:
         text, ids = self.validate(prompt, params)
+        arrival = arrival_clock(arrival_time)
         rest = self.context_limit - len(ids)    # vLLM's: the rest of the context, or up to it (the pool's end)
         if params.max_tokens is None or params.max_tokens > rest:   # min_tokens past it too (it was an error)
             params = dataclasses.replace(params, max_tokens=rest, min_tokens=min(params.min_tokens, rest))
@@ -190,7 +191,7 @@ class LLMEngine:
         if rid in self._requests:
             raise ValueError(f"request id {rid!r} is already live; ids must be unique")
         seed = sampler_seed(params.seed) if params.seed is not None else hash((self.cfg.seed, n)) & 0xFFFFFFFF
-        req = Request(rid, ids, params, time.monotonic() if arrival_time is None else arrival_time, prompt=text,
+        req = Request(rid, ids, params, arrival, prompt=text,
                       seed=seed, eos_token_ids=frozenset() if params.ignore_eos else self.eos_ids,
                       bad_words=check_bad_words(params, self.tokenizer, self.model_cfg.vocab_size, self.eos_ids))
         register_request(self, req, IncrementalDetokenizer.for_request(self.tokenizer, ids, params, self._decoders))

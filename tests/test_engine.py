@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 
 import numpy as np
 import pytest
@@ -233,6 +234,24 @@ def test_bad_input_is_rejected_and_engine_keeps_serving(llm, prompt, params, mat
         llm.generate([good, prompt], params if isinstance(params, list) else [GREEDY, params])
     assert not llm.engine.has_unfinished(), "a rejected batch must queue nothing"
     assert len(llm.generate([good], GREEDY)[0].token_ids) == GREEDY.max_tokens
+
+
+def test_an_arrival_time_on_vllms_wall_clock_is_taken_as_such(llm):
+    """vLLM's LLMEngine.add_request takes arrival_time on time.time()'s clock, ours on
+    time.monotonic()'s: a wall-clock time gave TTFTs of minus the wall clock (until 2026-12-07).
+    A time nearer the wall clock is moved onto the engine's; a non-finite one is refused."""
+    eng = llm.engine
+    req = eng.add_request(random_prompts(1, 5, 5, seed=11)[0], GREEDY, arrival_time=time.time() - 0.5)
+    assert 0.5 <= time.monotonic() - req.arrival_time < 30
+    mono = eng.add_request([3, 4, 5], GREEDY, arrival_time=time.monotonic() - 0.25)
+    assert 0.25 <= time.monotonic() - mono.arrival_time < 30
+    while eng.has_unfinished():
+        eng.step()
+    assert req.metrics.first_token_time - req.metrics.arrival_time >= 0.5
+    for bad in (float("nan"), float("inf"), True, "now"):
+        with pytest.raises(ValueError, match="arrival_time must be a finite number"):
+            eng.add_request([3, 4, 5], GREEDY, arrival_time=bad)
+    assert not eng.has_unfinished()
 
 
 @pytest.fixture(scope="module")
