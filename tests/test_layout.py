@@ -144,6 +144,12 @@ for f in sorted(glob.glob("scripts/*.py") + glob.glob("tests/*.py")):
                     importlib.import_module(f"{node.module}.{a.name}")
                 except ImportError:
                     bad.append(f"{f}:{node.lineno}: {node.module} has no {a.name}")
+import fastserve_jax
+for name in fastserve_jax.__all__:      # `from fastserve_jax import *` imports each
+    try:
+        getattr(fastserve_jax, name)
+    except AttributeError as e:
+        bad.append(f"fastserve_jax.__all__ names {name}: {e}")
 print("\n".join(bad))
 sys.exit(1 if bad else 0)
 '''
@@ -152,6 +158,8 @@ sys.exit(1 if bad else 0)
 def test_every_from_import_in_scripts_and_tests_resolves():
     """A benchmark imports helpers inside main(), where nothing but running it reaches them:
     every `from <project module or script> import name` in scripts/ and tests/ names
-    something that exists (bench_tail_guard.py once imported a function that had moved)."""
+    something that exists (bench_tail_guard.py once imported a function that had moved), and
+    so does every public name of the package (RequestOutput pointed at a module without it,
+    so `from fastserve_jax import *` failed, until 2026-12-07)."""
     r = subprocess.run([sys.executable, "-c", _CHECK_FROM_IMPORTS], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
