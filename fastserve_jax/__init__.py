@@ -33,8 +33,8 @@ _EXPORTS = {
     "EngineConfig": "fastserve_jax.config",
     "SamplingParams": "fastserve_jax.sampling_params",
     "SchedulerConfig": "fastserve_jax.config",
-    "TextPrompt": "fastserve_jax.llm",
-    "TokensPrompt": "fastserve_jax.llm",
+    "TextPrompt": "fastserve_jax.prompts",
+    "TokensPrompt": "fastserve_jax.prompts",
     "demo_model_path": "fastserve_jax.models",
 }
 __all__ = sorted(_EXPORTS)

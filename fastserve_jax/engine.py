@@ -23,6 +23,7 @@ from fastserve_jax.sampling_params import SamplingParams, sampler_seed
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.cost_profile import is_provisional, profile_engine
 from fastserve_jax.detokenizer import IncrementalDetokenizer, decoder
+from fastserve_jax.engine_vllm import VllmEngineMethods, add_request_arguments
 from fastserve_jax.kv_sizing import check_prefill_scores, kv_block_bytes
 from fastserve_jax.kv_plan import Copies, apply_plan
 from fastserve_jax.lifecycle import finish_request, register_request
@@ -53,7 +54,7 @@ class _InFlight:
     wait_first: bool = False         # async scheduling: collect it before the next plan (_advance)
 
 
-class LLMEngine:
+class LLMEngine(VllmEngineMethods):
     """params: the model's param tree, placed by `layout` (from_pretrained loads it straight
     into place) or anywhere (it is then moved into the layout). own_params: the engine may
     free the tree's arrays once it has its own per-layer copies (from_pretrained does).
@@ -181,6 +182,7 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                     arrival_time: float | None = None) -> Request:
+        prompt, params, request_id = add_request_arguments(prompt, params, request_id)   # vLLM's order too
         text, ids = self.validate(prompt, params)
         arrival = arrival_clock(arrival_time)
         rest = self.context_limit - len(ids)    # vLLM's: the rest of the context, or up to it (the pool's end)

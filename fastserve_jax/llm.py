@@ -10,37 +10,21 @@ import os
 import threading
 import time
 
-import numpy as np
-from typing import Sequence, TypedDict
+from collections import abc
+from typing import Sequence
 
-from fastserve_jax.chat_template import ChatOptions, check_text, conversations, render_chat
+from fastserve_jax.chat_template import ChatOptions, conversations, render_chat
 from fastserve_jax.config import EngineConfig
 from fastserve_jax.sampling_params import SamplingParams, choice_seed
 from fastserve_jax.cost_profile import refine_profile
 from fastserve_jax.engine import LLMEngine
 from fastserve_jax.interrupts import interrupts_between_steps
+from fastserve_jax.prompts import Prompt, one_prompt, prompt_list
 from fastserve_jax.request import CompletionOutput, Request, RequestOutput
 from fastserve_jax.runner.compile_guard import compile_stats
 from fastserve_jax.runner.compiler import resolve_warmup
 from fastserve_jax.runner.persistent_cache import enable_compilation_cache
 from fastserve_jax.vllm_options import llm_keywords
-
-Prompt = str | list[int]
-
-
-class _Salted(TypedDict, total=False):
-    cache_salt: str
-
-
-class TextPrompt(_Salted):
-    """vLLM's prompt dict of text (`from vllm import TextPrompt`); multimodal keys must be empty."""
-    prompt: str
-
-
-class TokensPrompt(_Salted):
-    """vLLM's prompt dict of token ids."""
-    prompt_token_ids: list[int]
-
 
 class LLM:
     """An engine over one model. `model=None` serves the bundled demo model.
@@ -114,6 +98,11 @@ class LLM:
             self.engine.kv.reset()
             return True
 
+    @property
+    def llm_engine(self) -> LLMEngine:
+        """vLLM's name for the engine (`self.engine`), which takes vLLM's engine methods too (engine_vllm.py)."""
+        return self.engine
+
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False, lora_request=None,
@@ -126,18 +115,18 @@ class LLM:
         prompts on stderr (off by default here, unlike vLLM); a callable makes the bar, as in
         vLLM. Calls from several threads run one after another. vLLM's lora_request and priority
         must ask for nothing (None, or 0s)."""
-        _no_lora_or_priority(lora_request, priority)
-        salted = [_one_prompt(p, i) for i, p in enumerate(_prompt_list(prompts))]
+        salted = [one_prompt(p, i) for i, p in enumerate(prompt_list(prompts))]
         prompts, salts = [p for p, _ in salted], [salt for _, salt in salted]
-        if not prompts:
-            return []
+        _no_lora_or_priority(lora_request, priority, len(prompts))
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
-        elif isinstance(sampling_params, (list, tuple)):
+        elif isinstance(sampling_params, abc.Sequence) and not isinstance(sampling_params, str):
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts; "
                                  "pass one, or one per prompt")
+            if not prompts:
+                return []
         else:
             raise ValueError(f"sampling_params must be a SamplingParams or a list of them (one per prompt), "
                              f"got {type(sampling_params).__name__}")
@@ -264,13 +253,15 @@ _POOLING = "pooling models (embeddings, scores, classification) are not implemen
 _NOT_HERE = {"beam_search": "beam search is not implemented (vLLM's is a separate API too); sample with n and "
                             "cumulative_logprob", "encode": _POOLING, "embed": _POOLING, "score": _POOLING,
              "classify": _POOLING, "reward": _POOLING,
-             "sleep": "sleep mode is not implemented", "wake_up": "sleep mode is not implemented",
-             "llm_engine": "the engine is `llm.engine` (fastserve_jax.engine.LLMEngine): add_request(prompt, "
-                           "params, request_id=None), step() and has_unfinished(); LLM.generate drives it"}
+             "sleep": "sleep mode is not implemented", "wake_up": "sleep mode is not implemented"}
 
 
-def _no_lora_or_priority(lora_request, priority) -> None:
-    if lora_request is not None:
+def _no_lora_or_priority(lora_request, priority, n: int | None = None) -> None:
+    """vLLM's lora_request and priority (one, or one per prompt of `n`), which must ask for nothing."""
+    for name, v in (("lora_request", lora_request), ("priority", priority)):
+        if n is not None and isinstance(v, abc.Sequence) and len(v) != n:
+            raise ValueError(f"{name}: got {len(v)} for {n} prompts; pass one per prompt")
+    if lora_request is not None and not (isinstance(lora_request, abc.Sequence) and not any(lora_request)):
         raise ValueError("lora_request: LoRA adapters are not implemented; pass None")
     if priority is not None and any(priority):
         raise ValueError("priority: priority scheduling is not implemented (the --scheduler policy orders "
@@ -283,22 +274,6 @@ def _progress(total: int, use_tqdm=True):
     from tqdm import tqdm
 
     return (use_tqdm if callable(use_tqdm) else tqdm)(total=total, desc="Processed prompts", dynamic_ncols=True)
-
-
-def _prompt_list(prompts) -> list:
-    """generate()'s first argument as a list of prompts (one prompt alone is a list of one)."""
-    if isinstance(prompts, (str, dict)) or (isinstance(prompts, np.ndarray) and prompts.ndim == 1):
-        return [prompts]
-    if isinstance(prompts, (list, tuple)):
-        return [prompts] if prompts and _is_token(prompts[0]) else list(prompts)
-    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
-        return list(prompts)
-    raise ValueError(f"prompts must be a string, token ids, a prompt dict or a list of them, got "
-                     f"{type(prompts).__name__}")
-
-
-def _is_token(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def engine_config(model, *, dtype: str = "auto", max_model_len: int | None = None,
@@ -344,33 +319,3 @@ def engine_config(model, *, dtype: str = "auto", max_model_len: int | None = Non
 def _say_context_cap(path: str, served: int, positions: int) -> None:
     logging.getLogger(__name__).warning("serving %d of the model's %d positions (the default max_model_len); give "
                                         "max_model_len (--max-model-len) for more", served, positions)
-
-
-_NO_INPUTS = ("multi_modal_data", "mm_processor_kwargs", "multi_modal_uuids")     # TextPrompt's, TokensPrompt's
-
-
-def _one_prompt(p, i: int) -> tuple[str | list[int], str | None]:
-    """(a string or a list of token ids, its cache_salt) from any form generate() takes; a
-    prompt dict's `cache_salt` (vLLM's TextPrompt and TokensPrompt carry it) becomes
-    SamplingParams.cache_salt, and its multimodal keys must be empty."""
-    salt = None
-    if isinstance(p, dict):
-        kinds = set(p) & {"prompt", "prompt_token_ids"}
-        if len(kinds) != 1 or set(p) - kinds - {"cache_salt", *_NO_INPUTS}:
-            raise ValueError(f"prompt {i}: a prompt dict has exactly one of 'prompt' (text) or 'prompt_token_ids', "
-                             f"and may have 'cache_salt', got keys {sorted(p)}")
-        for k in _NO_INPUTS:
-            if p.get(k):
-                raise ValueError(f"prompt {i}: {k!r} must be empty or None: fastserve-jax serves text models only")
-        key = kinds.pop()
-        salt, p = p.get("cache_salt"), p[key]
-        if isinstance(p, str) != (key == "prompt"):
-            raise ValueError(f"prompt {i}: {key!r} takes {'text' if key == 'prompt' else 'token ids'}, "
-                             f"got {type(p).__name__}")
-    if isinstance(p, str):
-        return check_text(p, f"prompt {i}"), salt
-    if isinstance(p, np.ndarray):
-        if p.ndim != 1 or not np.issubdtype(p.dtype, np.integer):
-            raise ValueError(f"prompt {i}: a token-id array must be 1-D of integers, got shape {p.shape} {p.dtype}")
-        return p.tolist(), salt
-    return (list(p) if isinstance(p, tuple) else p), salt

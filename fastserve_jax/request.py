@@ -195,6 +195,11 @@ class Request:
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    @property
+    def outputs(self) -> list[CompletionOutput]:
+        """vLLM's RequestOutput.outputs: an engine loop reads step()'s requests as vLLM's outputs."""
+        return output_of(self).outputs
+
 
 
 @dataclass

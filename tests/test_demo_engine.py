@@ -147,7 +147,7 @@ def test_vllm_offline_scripts_port_unchanged(demo_llm, caplog):
     req = demo_llm.engine.add_request(p, SamplingParams(max_tokens=10 ** 6, min_tokens=10 ** 6))
     demo_llm.engine.abort(req.request_id)
     assert req.sampling.max_tokens == req.sampling.min_tokens == demo_llm.engine.context_limit - len(req.prompt_token_ids)
-    for name, message in (("encode", "pooling models"), ("beam_search", "beam search"), ("llm_engine", "llm.engine")):
+    for name, message in (("encode", "pooling models"), ("beam_search", "beam search")):
         with pytest.raises(AttributeError, match=message):
             getattr(demo_llm, name)
     with pytest.raises(ValueError, match="prompt is empty: no token ids"):
@@ -156,6 +156,42 @@ def test_vllm_offline_scripts_port_unchanged(demo_llm, caplog):
 
     assert llm_keywords({"disable_log_stats": True, "enable_chunked_prefill": False, "seed": 1}) == {"seed": 1}
     assert "enable_chunked_prefill has no effect" in caplog.text
+
+
+def test_vllms_engine_loop_and_prompt_containers_run_as_in_vllm(demo_llm):
+    """vLLM's engine loop (add_request(request_id, prompt, params), has_unfinished_requests,
+    step()'s outputs' .outputs, abort_request) ran into a misleading error or an AttributeError
+    at each step, and LLM.generate refused prompts in any container but a list or tuple (a
+    pandas Series, a datasets Column) and read a 1-D array of strings as token ids (a probe
+    of 2026-12-07); a priority or lora_request list of another length was taken silently."""
+    import collections
+
+    eng = demo_llm.llm_engine
+    assert eng is demo_llm.engine and eng.get_tokenizer() is eng.tokenizer
+    greedy = SamplingParams(max_tokens=20, temperature=0)
+    eng.add_request("a", demo_task.make_prompt(3, 7), greedy)                  # vLLM's order
+    eng.add_request({"prompt_token_ids": eng.tokenizer.encode(demo_task.make_prompt(4, 6))}, greedy, "b")
+    eng.add_request("c", demo_task.make_prompt(10, 90), greedy)
+    assert eng.get_num_unfinished_requests() == 3
+    eng.abort_request(["c", "not-live"])
+    done = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].text
+    assert done == {"a": " 3 4 5 6 7", "b": " 4 5 6"}
+    with pytest.raises(ValueError, match="request_id must be a string"):
+        eng.add_request(7, "count", greedy)
+    prompts = [demo_task.make_prompt(2, 4), demo_task.make_prompt(6, 8)]
+    want = [" 2 3 4", " 6 7 8"]
+    for container in (collections.deque(prompts), {0: prompts[0], 1: prompts[1]}.values(), np.array(prompts)):
+        assert [o.outputs[0].text for o in demo_llm.generate(container, collections.deque([greedy] * 2))] == want
+    for bad in (dict(priority=[0]), dict(lora_request=[None])):
+        with pytest.raises(ValueError, match="got 1 for 2 prompts"):
+            demo_llm.generate(prompts, greedy, **bad)
+    assert demo_llm.generate(prompts, greedy, lora_request=[None, None])[1].outputs[0].text == want[1]
+    with pytest.raises(ValueError, match="got 1 sampling params for 0 prompts"):
+        demo_llm.generate([], [greedy])
 
 
 def test_chat_renders_with_the_tokenizers_template(demo_llm):
