@@ -47,9 +47,10 @@ class ChatOptions:
     continue_final_message: bool = False
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     content_format: str = "auto"
-    # an empty tool list sent (tools: []) reaches the template as [] (vLLM's): Llama 3.1's template
-    # writes its tool preamble for it; None: the template sees none (until 2026-12-07, [] too)
-    empty_tools: bool = False
+    # tool schemas the template renders (vLLM's `tools`; LLM.chat's, and the server's [] only):
+    # an empty list sent reaches the template as [] (Llama 3.1's writes its tool preamble for
+    # it); None: the template sees none
+    tools: list[dict] | None = None
 
     def __post_init__(self) -> None:
         if self.content_format not in CONTENT_FORMATS:
@@ -63,6 +64,11 @@ class ChatOptions:
                 "'add_generation_prompt' and 'continue_final_message' cannot both be true: the first opens a new "
                 "assistant turn, the second continues the final message; send add_generation_prompt false with "
                 "continue_final_message", "continue_final_message")
+        if self.tools is not None:
+            if not (isinstance(self.tools, (list, tuple)) and all(isinstance(t, dict) for t in self.tools)):
+                raise ChatTemplateError("'tools' must be a list of tool (function) schemas, each a dict, got "
+                                        f"{self.tools!r:.80}", "tools")
+            object.__setattr__(self, "tools", list(self.tools))
         kw = {} if self.template_kwargs is None else self.template_kwargs
         if not isinstance(kw, dict) or not all(isinstance(k, str) for k in kw):
             raise ChatTemplateError("'chat_template_kwargs' must be an object of template variables (e.g. "
@@ -96,7 +102,7 @@ def render_chat(tokenizer, messages: list[dict], options: ChatOptions = ChatOpti
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=options.add_generation_prompt,
             continue_final_message=options.continue_final_message, chat_template=chat_template or None,
-            **({"tools": []} if options.empty_tools else {}), **options.template_kwargs)
+            **({"tools": options.tools} if options.tools is not None else {}), **options.template_kwargs)
     except Exception as e:     # any failure of the template on these messages (vLLM's reading too)
         whose = "the chat template given" if chat_template else "the model's chat template"
         kind = "" if isinstance(e, (TemplateError, ValueError)) else f"{type(e).__name__}: "

@@ -164,11 +164,10 @@ class LLM:
         return out
 
     def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False, *,
-             chat_template: str | None = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
-             chat_template_content_format: str = "auto", tools: list | None = None,
-             lora_request=None) -> list[RequestOutput]:
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = False,
+             lora_request=None, chat_template: str | None = None, chat_template_content_format: str = "auto",
+             add_generation_prompt: bool = True, continue_final_message: bool = False, tools: list | None = None,
+             chat_template_kwargs: dict | None = None, mm_processor_kwargs: dict | None = None) -> list[RequestOutput]:
         """vLLM's: one conversation (a list of {"role", "content"} dicts) or a list of them, each
         rendered by `chat_template` (a Jinja template) or else the tokenizer's own, as the server
         renders /v1/chat/completions (fastserve_jax/chat_template.py), then generated as `generate`
@@ -176,13 +175,15 @@ class LLM:
         assistant's turn; continue_final_message (with add_generation_prompt=False) leaves the
         final message open for the model to continue; chat_template_kwargs are extra template
         variables (e.g. {"enable_thinking": False}); chat_template_content_format is how content
-        reaches the template (chat_template.CONTENT_FORMATS); `tools` must be empty (no tool
-        calling here; [] reaches the template as [], as in vLLM). Bad input raises ValueError before any conversation is queued."""
-        if tools:
-            raise ValueError("tools: fastserve-jax has no tool (function) calling; pass none")
+        reaches the template (chat_template.CONTENT_FORMATS); `tools` (tool schemas) reach the
+        template, as in vLLM, whose LLM.chat parses no tool call out of the answer either. The
+        arguments come in vLLM's order; mm_processor_kwargs must be empty (text models only).
+        Bad input raises ValueError before any conversation is queued."""
+        if mm_processor_kwargs:
+            raise ValueError("mm_processor_kwargs: fastserve-jax serves text models only; pass None")
         _no_lora_or_priority(lora_request, None)
         options = ChatOptions(add_generation_prompt, continue_final_message, chat_template_kwargs,
-                              chat_template_content_format, tools is not None and len(tools) == 0)
+                              chat_template_content_format, tools)
         convs = conversations(messages)
         if isinstance(sampling_params, (list, tuple)) and len(sampling_params) != len(convs):
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(convs)} conversations; "

@@ -352,7 +352,7 @@ def parse_chat_options(body: dict, content_format: str = "auto") -> ChatOptions:
     """The request's chat fields; `content_format` is the server's --chat-template-content-format."""
     try:
         return ChatOptions(_bool(body, "add_generation_prompt", True), _bool(body, "continue_final_message", False),
-                           body.get("chat_template_kwargs"), content_format, body.get("tools") == [])
+                           body.get("chat_template_kwargs"), content_format, [] if body.get("tools") == [] else None)
     except ChatTemplateError as e:
         raise bad_request(str(e), e.param)
 

@@ -219,6 +219,6 @@ def test_an_empty_tool_list_reaches_the_template_as_vllm_passes_it(tok):
     template = "{% if tools is not none %}TOOLS{{ tools | length }} {% endif %}{{ messages[0]['content'] }}"
     text = lambda options: render_chat(tok, USER, options, template)[0]
     assert text(ChatOptions()) == USER[0]["content"]
-    assert text(ChatOptions(empty_tools=True)) == "TOOLS0 " + USER[0]["content"]
-    for body, want in (({"tools": []}, True), ({"tools": None}, False), ({}, False)):
-        assert parse_chat(dict(body, messages=USER)).chat_options.empty_tools is want
+    assert text(ChatOptions(tools=[])) == "TOOLS0 " + USER[0]["content"]
+    for body, want in (({"tools": []}, []), ({"tools": None}, None), ({}, None)):
+        assert parse_chat(dict(body, messages=USER)).chat_options.tools == want

@@ -226,6 +226,14 @@ def test_chat_renders_with_the_tokenizers_template(demo_llm):
     # vLLM's chat_template: a Jinja template of the call's own instead of the tokenizer's
     [own] = demo_llm.chat(user, greedy, chat_template="{{ messages[0]['content'] | replace('9', '6') }}")
     assert own.prompt == demo_task.make_prompt(3, 6) and own.text == demo_task.expected_answer(3, 6)
+    # vLLM's positional order (lora_request, chat_template, ...) and tools rendered by the template
+    # (vLLM's LLM.chat passes them to it; they were refused, until 2026-12-07)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    [tooled] = demo_llm.chat(user, greedy, False, None, "{{ tools | length }}{{ messages[0]['content'] }}", "auto",
+                             True, False, tools)
+    assert tooled.prompt == "1" + demo_task.make_prompt(3, 9)
+    with pytest.raises(ValueError, match="'tools' must be a list of tool"):
+        demo_llm.chat(user, greedy, tools=["f"])
 
 
 def test_demo_parity_with_transformers():

@@ -76,7 +76,7 @@ def test_vllm_benchmark_payloads_and_default_valued_fields_parse():
     # format's null json_schema, and a bool among vllm_xargs (each a 400 until 2026-12-07)
     job = parse_chat({"messages": USER, "tools": [], "tool_choice": "required",
                       "response_format": {"type": "text", "json_schema": None}, "vllm_xargs": {"flag": True}})
-    assert not job.chat_options.empty_tools and job.ignored == ("vllm_xargs",)
+    assert job.chat_options.tools is None and job.ignored == ("vllm_xargs",)
     chat = parse_chat({"messages": USER + [{"role": "assistant", "content": None, "tool_calls": []}] + USER,
                        "tools": [], "tool_choice": "none", "parallel_tool_calls": False, "logit_bias": None,
                        "min_tokens": None, "best_of": None})
