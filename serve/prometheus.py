@@ -50,12 +50,13 @@ pool's used fraction, 0-1, vLLM's V1 and V0 names), vllm:cpu_cache_usage_perc (t
 vllm:prompt_tokens_total, vllm:generation_tokens_total, vllm:prefix_cache_{queries,hits}_total,
 vllm:num_preemptions_total (requests whose KV left the device: swapped out or dropped; a pause
 that keeps it is no preemption there),
-vllm:request_success_total{finished_reason},
+vllm:request_success_total{finished_reason} (without client aborts, as vLLM's),
 and the histograms vllm:time_to_first_token_seconds, vllm:request_time_per_output_token_seconds
 (per request, as ours, 0 for a one-token answer as vLLM's), vllm:e2e_request_latency_seconds,
 and vLLM's per-request vllm:request_{queue,prefill,decode,inference}_time_seconds,
 vllm:request_{prompt,generation,max_num_generation}_tokens and per-token
-vllm:inter_token_latency_seconds (_VLLM_REQUEST_HISTOGRAMS), with vLLM's buckets; and the HTTP
+vllm:inter_token_latency_seconds (also as vllm:time_per_output_token_seconds, its name until
+vLLM 0.11) (_VLLM_REQUEST_HISTOGRAMS), with vLLM's buckets; and the HTTP
 series of vLLM's instrumentator, http_requests_total{handler, method, status} and
 http_request_duration_seconds{handler, method} (serve/http_layer.HttpMetrics). vLLM's
 per-iteration vllm:iteration_tokens_total has no counterpart here.
@@ -112,7 +113,9 @@ _VLLM_REQUEST_HISTOGRAMS = (
     ("request_max_num_generation_tokens", "tokens generated per request (vLLM's: the most of a request's n "
      "choices; here each choice is a request)", _TOKEN_BUCKETS),
     ("inter_token_latency_seconds", "time between two tokens of a request reaching the server (tokens that "
-     "arrive together share their gap)", VLLM_TOKEN_TIME_BUCKETS))
+     "arrive together share their gap)", VLLM_TOKEN_TIME_BUCKETS),
+    ("time_per_output_token_seconds", "the inter-token latency again, under vLLM's name for it until 0.11 "
+     "(its example dashboard reads it)", VLLM_TOKEN_TIME_BUCKETS))
 
 
 class _EngineCollector:
@@ -290,14 +293,16 @@ class ServerMetrics:
             now, last = time.monotonic(), self._last_token.get(rid)
             if last is not None:
                 for _ in d.token_ids:
-                    self.per_request["inter_token_latency_seconds"].observe((now - last) / len(d.token_ids))
+                    for name in ("inter_token_latency_seconds", "time_per_output_token_seconds"):
+                        self.per_request[name].observe((now - last) / len(d.token_ids))
             self._last_token[rid] = now
         if d.final:
             self._last_token.pop(rid, None)
         if d.error is not None or d.final:
             reason = "error" if d.error is not None else d.finish_reason
             self.success.labels(reason).inc()
-            self.vllm_success.labels(self.model_name, VLLM_ENGINE, reason).inc()
+            if reason != "abort":       # vLLM's drops an aborted request before recording any finish
+                self.vllm_success.labels(self.model_name, VLLM_ENGINE, reason).inc()
             if d.error is not None:
                 return
         if d.ttft is not None and d.token_ids and d.completion_tokens == len(d.token_ids):    # has the first token
