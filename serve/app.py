@@ -104,7 +104,7 @@ class Server:
                  transport: "ProcessTransport | None" = None) -> None:
         self.cfg = cfg
         self.metrics: ServerMetrics
-        self.engine = AsyncEngine(build, cfg.max_pending, on_timing=lambda rid, d: self.metrics.observe(rid, d),
+        self.engine = AsyncEngine(build, cfg.max_pending, on_timing=lambda rid, d, prompt: self.metrics.observe(rid, d, prompt),
                                   engine_process=cfg.engine_process, transport=transport)
         self.metrics = ServerMetrics(self.engine, serving=lambda: self.status()[0] == 200, model_name=cfg.model_name)
         self.draining = False
@@ -261,7 +261,7 @@ async def _generate(request: Request, chat: bool, body: dict | None = None) -> R
     # tokenizing (a 1 MB prompt: ~1 s) and chat templates run off the event loop, which serves every stream
     prompts, prompt_tokens = await srv.prepared(request, prepare, job, eng, srv.cfg.chat_template)
     srv.admit(len(prompts))
-    group = srv.engine.submit(prompts, arrival)
+    group = srv.engine.submit(prompts, arrival, job.n)
     fmt = Formatter.for_job(job, srv.cfg.model_name, eng.tokenizer, prompts, eng.cfg.enable_prefix_caching,
                             srv.cfg.response_role)
     if srv.cfg.log_requests:

@@ -37,9 +37,10 @@ Prompt = list[int]
 class RequestGroup:
     """The choices of one HTTP request (prompts x n), read on the event loop."""
 
-    def __init__(self, owner: "AsyncEngine", request_ids: list[str]) -> None:
+    def __init__(self, owner: "AsyncEngine", request_ids: list[str], n: int = 1) -> None:
         self.owner = owner
         self.request_ids = request_ids
+        self.n = n          # choices per prompt: choice i is prompt i // n's
         self.queue: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
         self.open = len(request_ids)         # choices without their final delta yet
 
@@ -126,7 +127,7 @@ class AsyncEngine:
     ProcessTransport.spawn)."""
 
     def __init__(self, build: Callable[[Callable[[], bool]], Any], max_pending: int,
-                 on_timing: Callable[[str, Delta], None] | None = None, engine_process: bool = False,
+                 on_timing: Callable[[str, Delta, tuple], None] | None = None, engine_process: bool = False,
                  transport: Any = None) -> None:
         if transport is None and engine_process:
             from fastserve_jax.serve.engine_process import ProcessTransport
@@ -134,7 +135,9 @@ class AsyncEngine:
             transport = ProcessTransport(build)
         self.transport = transport if transport is not None else ThreadTransport(build)
         self.max_pending = max_pending
-        self.on_timing = on_timing      # called with each delta as it is delivered: (request id, delta)
+        # called with each delta as it is delivered: (request id, delta, its prompt: (group's first
+        # request id, the prompt's index, its choices))
+        self.on_timing = on_timing
         self.on_fatal: Callable[[], None] | None = None    # the engine failed to start, or its process died
         # once built: the LLMEngine itself (thread; read-only here), or its EngineInfo (process)
         self.engine: Any = None
@@ -165,12 +168,13 @@ class AsyncEngine:
         if self.stopped or not self.health.ready or self.health.lost:
             raise RuntimeError("the engine is not running; check health.ready before submitting")
 
-    def submit(self, prompts: list[tuple[Prompt, SamplingParams]], arrival_time: float) -> RequestGroup:
-        """Queue validated prompts (token ids); the caller has checked `num_pending` room."""
+    def submit(self, prompts: list[tuple[Prompt, SamplingParams]], arrival_time: float, n: int = 1) -> RequestGroup:
+        """Queue validated prompts (token ids), each prompt's n choices in a row; the caller has
+        checked `num_pending` room."""
         self._check_running()
         base = f"srv-{next(self._ids)}"
         rids = [f"{base}-{i}" for i in range(len(prompts))]
-        group = RequestGroup(self, rids)
+        group = RequestGroup(self, rids, n)
         self.transport.send(("add", rids, prompts, arrival_time))
         for i, rid in enumerate(rids):
             self._live[rid] = (group, i)
@@ -235,7 +239,8 @@ class AsyncEngine:
             entry[0].queue.put_nowait((index, delta))
             if self.on_timing is not None:      # after the delta is handed on: an observer that raised
                 try:                            # lost it and the rest of the batch (a final one hung its
-                    self.on_timing(rid, delta)  # request; a probe, 2026-12-07)
+                    group = entry[0]            # request; a probe, 2026-12-07)
+                    self.on_timing(rid, delta, (group.request_ids[0], index // group.n, group.n))
                 except Exception:
                     log.exception("the timing observer failed on a delta of %s", rid)
 

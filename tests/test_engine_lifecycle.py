@@ -106,9 +106,9 @@ def test_a_timing_observer_that_raises_loses_no_delta():
     ae = AsyncEngine(lambda stopping: StandInEngine(), max_pending=8)
     queues = [asyncio.Queue(), asyncio.Queue()]
     for i, q in enumerate(queues):
-        ae._live[f"r{i}"] = (SimpleNamespace(queue=q), i)
+        ae._live[f"r{i}"] = (SimpleNamespace(queue=q, request_ids=["r0", "r1"], n=1), i)
 
-    def observer(rid, delta):
+    def observer(rid, delta, prompt):
         raise RuntimeError("a metrics bug")
 
     ae.on_timing = observer

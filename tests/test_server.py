@@ -177,6 +177,17 @@ def test_vllms_per_request_histograms_split_each_finished_request(live):
     assert seconds["queue_time"] + seconds["prefill_time"] < d["vllm:time_to_first_token_seconds_sum"]
     assert seconds["prefill_time"] + seconds["decode_time"] == pytest.approx(seconds["inference_time"])
     assert seconds["inference_time"] < d["vllm:e2e_request_latency_seconds_sum"]
+    # the most tokens of a prompt's n choices, once per prompt (vLLM's): it was once per choice
+    # until 2026-12-07; here two prompts of two choices each, one cut short by a stop string
+    most = "vllm:request_max_num_generation_tokens"
+    before = {s: live.metrics()[(f"{most}_{s}", model)] for s in ("count", "sum")}
+    out = live.post("/v1/completions", dict(_counting(3, 9), prompt=[demo_task.make_prompt(3, 9),
+                                                                   demo_task.make_prompt(4, 6)], n=2))[2]
+    live.wait_idle()
+    assert out["usage"]["completion_tokens"] == 2 * (8 + 4)
+    m = live.metrics()
+    assert m[(f"{most}_count", model)] - before["count"] == 2
+    assert m[(f"{most}_sum", model)] - before["sum"] == 8 + 4     # " 3 ... 9" and EOS, " 4 5 6" and EOS
 
 
 def test_vllms_dashboard_reads_its_buckets_inter_token_latency_and_http_series(live):
