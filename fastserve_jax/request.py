@@ -201,7 +201,6 @@ class Request:
         return output_of(self).outputs
 
 
-
 @dataclass
 class CompletionOutput:
     """One of a prompt's completions (vLLM's name): `index` is its place among the n."""
