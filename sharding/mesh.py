@@ -31,9 +31,10 @@ PP, TP_KV, TP_REP = "pp", "tp_kv", "tp_rep"
 TP = (TP_KV, TP_REP)            # the tensor-parallel axes, major first
 
 
-def ordered_devices(n: int, devices: list[jax.Device] | None = None) -> list[jax.Device]:
+def ordered_devices(n: int, devices: list[jax.Device] | None = None, tp: int | None = None) -> list[jax.Device]:
     """The first n devices in mesh order. Across processes, position i*P + p is process p's
-    i-th device, so that every row of the (pp, tp) grid spans all processes equally."""
+    i-th device, so that every row of the (pp, tp) grid spans all processes equally (which
+    takes a `tp` that is a multiple of P)."""
     devs = list(devices if devices is not None else jax.devices())
     if len(devs) < n:
         raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {n} devices wanted, but only "
@@ -46,6 +47,11 @@ def ordered_devices(n: int, devices: list[jax.Device] | None = None) -> list[jax
         raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {n} devices cannot be spread evenly "
                          f"over {len(procs)} processes: every process serves an equal share of the mesh "
                          f"(-tp / -pp whose product is a multiple of {len(procs)})")
+    if tp is not None and tp % len(procs):      # a stage on some processes only failed deep in JAX at start
+        raise ValueError(f"tensor_parallel_size {tp} is not a multiple of the {len(procs)} processes: every "
+                         f"pipeline stage spans every process here (docs/parallelism.md, \"Placement across "
+                         f"hosts\"), so -tp must be a multiple of {len(procs)}; pipeline stages on hosts of their "
+                         "own (vLLM's -pp = the number of nodes) are not supported")
     per = [[d for d in devs if d.process_index == p][: n // len(procs)] for p in procs]
     if min(len(x) for x in per) < n // len(procs):
         raise ValueError(f"every process needs {n // len(procs)} devices for this mesh")
@@ -72,7 +78,7 @@ class Meshes:
 def build_meshes(config: ParallelConfig, num_kv_heads: int, devices: list[jax.Device] | None = None) -> Meshes:
     tp_kv = math.gcd(config.tp, num_kv_heads)
     tp_rep = config.tp // tp_kv
-    grid = np.array(ordered_devices(config.num_devices, devices), dtype=object).reshape(config.pp, tp_kv, tp_rep)
+    grid = np.array(ordered_devices(config.num_devices, devices, config.tp), dtype=object).reshape(config.pp, tp_kv, tp_rep)
     mesh = Mesh(grid, (PP, TP_KV, TP_REP))
     stages = tuple(Mesh(grid[s], (TP_KV, TP_REP)) for s in range(config.pp))
     return Meshes(config, tp_kv, tp_rep, mesh, stages)

@@ -175,6 +175,11 @@ def test_stages_span_processes_evenly():
     with pytest.raises(ValueError, match=r"= 1 devices cannot be spread evenly over 2 processes.*-tp / -pp whose "
                                          r"product is a multiple of 2"):
         ordered_devices(1, devs)         # a multi-host serve without -tp said only "1 devices cannot be spread ..."
+    # -tp 1 -pp 2 over two processes put each stage on one process, and the engine failed at start
+    # deep in JAX ("If the Array has no addressable shards, dtype must be provided"; a probe, 2026-12-07)
+    with pytest.raises(ValueError, match="tensor_parallel_size 1 is not a multiple of the 2 processes"):
+        ordered_devices(2, devs, tp=1)
+    assert ordered_devices(4, devs, tp=2) == order[:4]
 
 
 def _replicated_kv_heads(vals: np.ndarray):
