@@ -133,12 +133,31 @@ def replay(runner: ModelRunner, channel: PlanChannel) -> int:
         n += 1
 
 
-def die_on_sigterm() -> None:
-    """Give SIGTERM its default action back in a worker process: jax.distributed's preemption
-    notifier catches it (and only logs "SIGTERM caught"), so a worker went on replaying after
-    `kill` or a supervisor's stop. A worker holds nothing to save; the leader sees its plan
-    channel close and stops serving (engine lost). Call from the main thread."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def stop_after_the_leader(grace_s: float) -> None:
+    """A worker's SIGINT and SIGTERM. A terminal's Ctrl-C and a supervisor's stop reach every
+    process of a host at once (its process group, its systemd unit): a worker that ended at
+    once failed every request its leader was still draining (a probe, 2026-12-07). The first
+    signal gives the leader grace_s to drain and send its shutdown, after which the worker
+    ends with 0; when grace_s runs out, or at a second signal, the worker stops as a Ctrl-C
+    stops it (KeyboardInterrupt; `finish` closes the plan channel, and the leader stops serving:
+    engine lost). This also takes SIGTERM back from jax.distributed's preemption notifier,
+    which only logs it (a worker went on replaying after `kill`). Call from the main thread."""
+    main = threading.main_thread().ident
+    signalled: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        if signalled:
+            raise KeyboardInterrupt
+        signalled.append(signum)
+        log.warning("%s: waiting up to %.0f s for the leader to drain its requests and shut down; a second signal "
+                    "stops this worker now", signal.Signals(signum).name, grace_s)
+        # a real signal at the main thread: its wait on the plan channel wakes, and the handler raises
+        timer = threading.Timer(grace_s, signal.pthread_kill, (main, signal.SIGINT))
+        timer.daemon = True
+        timer.start()
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
 
 
 def run_worker(model: str | None, engine_kwargs: dict, channel: PlanChannel, progress=None) -> int:

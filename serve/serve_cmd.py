@@ -41,6 +41,9 @@ VLLM_API_KEY_ENV = "VLLM_API_KEY"       # read too: a deployment moved from vLLM
 # 0.5 ms, alternating: 53.8/60.3, 48.1/54.6, 53.0/54.5 (skip-join: within noise).
 GIL_SWITCH_INTERVAL_S = 0.0005
 JOIN_TIMEOUT_S = 300     # seconds a multi-host start waits for every process (sharding/distributed.initialize)
+# a worker's wait for its leader's shutdown after a signal, beyond the leader's --shutdown-timeout
+# (multihost.stop_after_the_leader): the leader stops its engine and tells the workers after its drain
+WORKER_GRACE_S = 15.0
 
 
 def add_serve_parser(sub) -> None:
@@ -204,7 +207,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     channel = None
     if dist is not None:
         from fastserve_jax.sharding.distributed import PlanChannel, initialize
-        from fastserve_jax.multihost import LeaderMirror, deployment_settings, die_on_sigterm, finish, run_worker
+        from fastserve_jax.multihost import LeaderMirror, deployment_settings, finish, run_worker, stop_after_the_leader
 
         if dist.process_id == 0:    # a leader without its workers said nothing until JAX aborted it
             taken = _taken_ports(dist)
@@ -231,7 +234,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
             if main:
                 signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
         if dist.process_id != 0:
-            die_on_sigterm()      # the leader's SIGTERM goes to uvicorn's drain, then to the workers' shutdown
+            # a signal to the whole host (Ctrl-C, a supervisor's stop) leaves the leader time to drain
+            stop_after_the_leader(a.shutdown_timeout + WORKER_GRACE_S)
         settings = deployment_settings(a.model, engine_kwargs(a))
         try:
             if dist.process_id != 0:

@@ -117,9 +117,20 @@ def test_two_processes_serve_a_request_end_to_end(tmp_path, backend, tp, pp, war
             assert "worker 1 is gone" in (tmp_path / "p0.log").read_text()
             return
         # graceful: the leader tells the worker to stop, after SIGINT and after a supervisor's SIGTERM
-        # (which uvicorn re-raised after its drain, so that the leader died before telling the worker)
+        # (which uvicorn re-raised after its drain, so that the leader died before telling the worker).
+        # With pp=2 the SIGTERM reaches both processes, as a supervisor's stop of the host does, while
+        # a request runs: the worker died at once and the leader's drain failed it (until 2026-12-07)
         stop = signal.SIGTERM if pp == 2 else signal.SIGINT
-        procs[0].send_signal(stop)
+        req = urllib.request.Request(f"http://127.0.0.1:{http}/v1/completions", json.dumps({
+            "model": "demo", "prompt": "count from 0 to 40:", "max_tokens": 44, "temperature": 0,
+            "stream": True}).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            lines = [r.readline()]                         # its first chunk: the request is running
+            for p in procs if pp == 2 else procs[:1]:
+                p.send_signal(stop)
+            lines += r.readlines()
+        text = "".join(json.loads(ln[6:])["choices"][0]["text"] for ln in lines if ln.startswith(b"data: {"))
+        assert text == "".join(f" {i}" for i in range(41)), (lines[-3:], _logs(tmp_path))
         assert procs[0].wait(timeout=120) in (0, -signal.SIGINT), _logs(tmp_path)
         assert procs[1].wait(timeout=120) == 0, _logs(tmp_path)
         worker_log = (tmp_path / "p1.log").read_text()
