@@ -54,7 +54,7 @@ async def unless_cut(work: asyncio.Future, cut_off: asyncio.Event, cut: Callable
 
 class EventStream:
     """SSE: one `data:` event per delta of any choice (those queued together in one write),
-    usage if asked, then `data: [DONE]`.
+    usage if asked, then `data: [DONE]`; a failed choice's error event ends it (then [DONE]).
     Aborts the group when the client disconnects or the response ends for any reason.
     (An ASGI app of its own: no Content-Length, so the server sends it chunked.)"""
 
@@ -74,12 +74,14 @@ class EventStream:
                 for i in range(len(completion_tokens)):
                     yield sse(self.fmt.echo_chunk(i))
         async for batch in self.group.batches():
-            events = []
+            events, failed = [], False
             for index, d in batch:
                 d = self.fmt.view(d)
-                if d.error is not None:
+                if d.error is not None:     # vLLM's: one error event ends the stream (the rest are aborted)
                     events.append(sse(APIError(d.error_status, d.error).body()))
-                elif d.finish_reason != "abort":
+                    failed = True
+                    break
+                if d.finish_reason != "abort":
                     completion_tokens[index] = d.completion_tokens
                     cached[index] = d.cached_tokens or cached[index]
                     # a chunk per delta with new tokens, as vLLM streams, even where their text is
@@ -89,6 +91,9 @@ class EventStream:
                         events.append(self.fmt.chunk_event(index, d))
             if events:
                 yield "".join(events)
+            if failed:
+                yield sse("[DONE]")
+                return
         if self.include_usage:
             yield sse(self.fmt.usage_chunk(self.prompt_tokens, sum(completion_tokens), cached))
         yield sse("[DONE]")

@@ -650,6 +650,18 @@ def test_engine_fault_fails_requests_and_server_keeps_serving(live, client, inje
     live.on_engine(lambda e: e.kv.check_integrity())
 
 
+def test_a_failed_stream_ends_with_one_error_event_as_vllms(live):
+    """A stream whose choices failed sent an error event per choice (a probe, 2026-12-07);
+    vLLM's stream sends one and ends ([DONE]), as here now."""
+    live.on_engine(fail_next_step)
+    body = json.dumps(_counting(3, 30, stream=True, n=2)).encode()
+    status, _, raw = asyncio.run(bench_client.request(live.url, "POST", "/v1/completions", body))
+    events = [ln[6:] for ln in raw.decode().split("\n") if ln.startswith("data: ")]
+    assert status == 200 and len(events) == 2 and events[-1] == "[DONE]", events
+    assert "injected device fault" in json.loads(events[0])["error"]["message"]
+    live.wait_idle()
+
+
 @pytest.mark.parametrize("inject", [fail_three_steps, fail_three_collections])
 def test_a_failing_engine_takes_one_request_at_a_time_and_recovers(live, inject):
     """Three failed iterations in a row make /health 503 'engine failing'; every request used to
