@@ -16,7 +16,8 @@ log = logging.getLogger("fastserve_jax")
 NO_EFFECT = {
     "trust_remote_code": "--trust-remote-code has no effect: only the architectures fastserve-jax implements "
                          "(models/) are loaded, never code from the model directory",
-    "download_dir": "--download-dir has no effect: nothing is downloaded; --model is a local directory",
+    "download_dir": "--download-dir has no effect: nothing is downloaded; --model is a local directory or "
+                    "a repo id in the local Hugging Face cache",
     "enforce_eager": "--enforce-eager has no effect: there are no CUDA graphs to turn off; every batch shape is "
                      "an XLA program compiled ahead (--warmup says when)",
     "disable_frontend_multiprocessing": "--disable-frontend-multiprocessing has no effect: the engine runs on a "
@@ -69,8 +70,9 @@ def refusal(a) -> str | None:
         return (f"--kv-cache-dtype {a.kv_cache_dtype}: only 'auto' is implemented (the KV cache is held in the "
                 "model's --dtype)")
     if a.revision is not None:
-        return (f"--revision {a.revision}: model revisions are not implemented; --model names a local directory "
-                "and nothing is downloaded, so check the revision out there and drop the flag")
+        return (f"--revision {a.revision}: model revisions are not implemented; --model is read as it is on disk "
+                "(a directory, or the local Hugging Face cache's snapshot) and nothing is downloaded, so check the "
+                "revision out there and drop the flag")
     if a.enable_lora or a.lora_modules:
         return "--enable-lora/--lora-modules: LoRA adapters are not implemented"
     if a.tokenizer_mode != "auto":

@@ -50,7 +50,7 @@ def cache_root(cache_dir: str | None = None) -> str | None:
         return cache_dir or None
     env = os.environ.get(CACHE_ENV)
     if env is not None:
-        return None if env.lower() in ("", "0", "off", "none") else os.path.expanduser(env)
+        return None if env.strip().lower() in ("", "0", "off", "false", "none") else os.path.expanduser(env)
     return user_cache_root()
 
 

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="fastserve-jax",
         description="FastServe-style LLM serving on JAX. Every command uses the bundled demo model unless "
-                    "--model names a Hugging Face model directory; the first start compiles for a while "
+                    "--model names a Hugging Face model directory (or a repo id in the local Hugging Face "
+                    "cache); the first start compiles for a while "
                     "(compiled code is cached in ~/.cache/fastserve_jax for later starts).")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(sub)

@@ -15,7 +15,7 @@ def add_compat_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="accepted, no effect (no CUDA graphs)")
     g.add_argument("--quantization", "-q", default=None, help="not implemented: weights load in --dtype")
     g.add_argument("--kv-cache-dtype", default="auto", help="only auto: the KV cache is held in --dtype")
-    g.add_argument("--revision", default=None, help="not implemented: --model is a local directory")
+    g.add_argument("--revision", default=None, help="not implemented: --model is read as it is on disk")
     g.add_argument("--enable-lora", action="store_true", help="not implemented")
     g.add_argument("--lora-modules", nargs="+", default=None, help="not implemented")
     g.add_argument("--disable-frontend-multiprocessing", action="store_true", help="accepted, no effect")

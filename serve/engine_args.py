@@ -39,7 +39,8 @@ def _int_list(text: str) -> tuple[int, ...]:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=None,
-                   help="Hugging Face model directory (config.json, *.safetensors, tokenizer); "
+                   help="Hugging Face model directory (config.json, *.safetensors, tokenizer), or a repo id "
+                        "already in the local Hugging Face cache (nothing is downloaded); "
                         "default: the bundled demo model, which counts ('count from 3 to 12:')")
     g.add_argument("--tokenizer", default=None,
                    help="a directory to load the tokenizer (and its chat template and EOS token) from instead of "

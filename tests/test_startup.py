@@ -167,6 +167,16 @@ def test_cache_paths_from_the_environment_expand_a_tilde(tmp_path, monkeypatch):
     assert loader.cache_root() == str(tmp_path / "params")
     monkeypatch.setenv("FASTSERVE_JAX_LENGTHS_DIR", "~/lengths")
     assert pc.beside_cache("lengths", "FASTSERVE_JAX_LENGTHS_DIR", "k", ".json").startswith(str(tmp_path / "lengths"))
+    # every cache variable turns off alike (until 2026-12-07 the learned state's took "off" alone:
+    # "OFF", "0" or "false" made a directory of that name, relative to the working directory)
+    for off in ("off", "OFF", "0", "false", "None", " "):
+        monkeypatch.setenv("FASTSERVE_JAX_LENGTHS_DIR", off)
+        assert pc.beside_cache("lengths", "FASTSERVE_JAX_LENGTHS_DIR", "k", ".json") is None, off
+        monkeypatch.setenv(loader.CACHE_ENV, off)
+        assert loader.cache_root() is None, off
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FASTSERVE_JAX_LENGTHS_DIR", "state")
+    assert pc.beside_cache("lengths", "FASTSERVE_JAX_LENGTHS_DIR", "k", ".json").startswith(str(tmp_path / "state"))
 
 
 def test_without_a_home_the_caches_go_to_the_temporary_directory(tmp_path, monkeypatch, caplog):

@@ -36,6 +36,7 @@ import jax
 from jax import export
 
 from fastserve_jax.runner.compile_guard import discount_export
+from fastserve_jax.runner.persistent_cache import switched_off
 
 log = logging.getLogger(__name__)
 _FORMAT = "1"
@@ -65,7 +66,7 @@ def _register_pytrees() -> None:
 
 def directory() -> str | None:
     """Where exported programs live (beside the compilation cache), or None when off."""
-    if os.environ.get("FASTSERVE_JAX_EXPORT_CACHE", "").lower() in ("off", "0", "false"):
+    if switched_off(os.environ.get("FASTSERVE_JAX_EXPORT_CACHE", "")):
         return None
     root = jax.config.jax_compilation_cache_dir
     if not root or jax.process_count() > 1:

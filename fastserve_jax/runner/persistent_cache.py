@@ -39,10 +39,16 @@ MANIFEST = "fastserve-checked.json"     # entries found whole: name -> [size, mt
 SETTLE_SECONDS = 120.0                  # younger entries may still be being written: not judged yet
 
 
+def switched_off(value: str) -> bool:
+    """A cache variable's value that turns its cache off, in any case (models/loader.py reads
+    FASTSERVE_JAX_CACHE alike): "OFF" made a directory of that name."""
+    return value.strip().lower() in ("off", "0", "false", "none")
+
+
 def enable_compilation_cache(path: str | None = None) -> str | None:
     path = os.path.expanduser(path or os.environ.get("FASTSERVE_JAX_COMPILE_CACHE")
                               or os.path.join(user_cache_root(), "xla"))
-    if path.lower() in ("off", "0", "false"):       # "OFF" made a directory of that name
+    if switched_off(path):
         return None
     # absolute now: state kept beside it is found later even if the working directory is gone
     # (a traceback at shutdown, the learned lengths lost, until 2026-12-07)
@@ -165,15 +171,19 @@ def unique_tmp(path: str) -> str:
 def beside_cache(kind: str, env: str, key: str, suffix: str) -> str | None:
     """Where the engine keeps state of `kind` it learned while serving (the length predictor,
     the learned output lengths): $`env`, else a `kind` directory beside the compilation cache;
-    None (not kept) when neither is set or the variable says "off". The file is named by a
-    hash of `key` (what the state is valid for)."""
+    None (not kept) when neither is set or the variable says "off" (`switched_off`; until
+    2026-12-07 "OFF", "0" or "false" made a directory of that name). The file is named by a
+    hash of `key` (what the state is valid for); the path is absolute, as the compilation
+    cache's is, so a later change of directory finds it."""
     root = os.environ.get(env)
+    if root is not None and (not root.strip() or switched_off(root)):
+        return None
     root = root if root is None else os.path.expanduser(root)
     if root is None and jax.config.jax_compilation_cache_dir:
         root = os.path.join(os.path.dirname(os.path.abspath(jax.config.jax_compilation_cache_dir)), kind)
-    if not root or root == "off":
+    if not root:
         return None
-    return os.path.join(root, hashlib.sha256(key.encode()).hexdigest()[:24] + suffix)
+    return os.path.join(os.path.abspath(root), hashlib.sha256(key.encode()).hexdigest()[:24] + suffix)
 
 
 def save_state(path: str, write: Callable[[str], None], what: str) -> bool:
