@@ -233,11 +233,15 @@ class LLM:
             for r in (r for g in groups for r in g):    # finished ones too: one whose release raised is live
                 self.engine.abort(r.request_id)
             # an exception from the caller's own signal handler may have landed inside a step
-            lost = not self.engine.has_unfinished() and self.engine.runner.restore_lost_caches()
-            if self.engine.kv.caching and (lost or in_step):
-                # the cached prefixes' blocks were in the lost cache, or the step gave keys to
-                # blocks it never wrote (later prompts matched them and answered wrong, until
-                # 2026-12-07), as the server's engine loop does after a failed step
+            idle = not self.engine.has_unfinished()
+            lost = idle and self.engine.runner.restore_lost_caches()
+            if idle and (lost or in_step):
+                # the ledger may be half-updated (blocks leaked), the cached prefixes' blocks
+                # were in the lost cache, or the step gave keys to blocks it never wrote (later
+                # prompts matched them and answered wrong, until 2026-12-07), as the server's
+                # engine loop does after a failed step
+                self.engine.kv.start_over()
+            elif self.engine.kv.caching and in_step:
                 self.engine.kv.reset()
             raise
         return groups

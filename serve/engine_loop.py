@@ -343,7 +343,9 @@ class EngineLoop:
         self._tracked.clear()
         if self.engine.runner.restore_lost_caches():
             log.warning("the failed step took the KV cache with it (donated); it was made anew")
-        if self.engine.kv.caching:          # keys given for a step that may not have run
+        if not self.engine.has_unfinished():    # a ledger the failure may have left half-updated
+            self.engine.kv.start_over()
+        elif self.engine.kv.caching:          # keys given for a step that may not have run
             self.engine.kv.reset()
         if batch:
             self.emit(("deltas", batch))

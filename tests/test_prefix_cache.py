@@ -575,6 +575,33 @@ def test_a_step_that_raises_after_its_plan_leaves_no_unwritten_prefix(reference,
     e.kv.check_integrity()
 
 
+@pytest.mark.parametrize("caching", [True, False])
+def test_a_release_cut_short_leaks_no_block_for_good(reference, caching):
+    """An exception in the middle of a finished request's release (a caller's signal handler
+    that raised there) left the rest of its blocks owned by nobody, for good: a probe's
+    line-level faults leaked 3 of a tight pool's blocks in 2 of 150 trials (2026-12-07). An
+    engine left with no live request starts its ledger over."""
+    path, prompts, sp, want = reference
+    llm = LLM(path, warmup=False, enable_prefix_caching=caching, **ENGINE_KW)
+    e = llm.engine
+    real, calls = e.kv._release, []
+
+    def release(table):
+        if not calls and len(table) > 1:
+            calls.append(1)
+            real(table[:1])
+            raise RuntimeError("in the middle of a release")
+        return real(table)
+
+    e.kv._release = release
+    with pytest.raises(RuntimeError, match="middle of a release"):
+        llm.generate(prompts[:3], sp)
+    assert not e.has_unfinished() and e.kv.num_used_blocks == 0
+    e.kv.check_integrity()
+    assert [o.token_ids for o in llm.generate(prompts, sp)] == want
+    e.kv.check_integrity()
+
+
 def test_swap_outs_count_requests_not_the_fills_owed_for_shared_blocks():
     """A swapped-out request leaves the blocks others share on the device; once they let go,
     those are copied to its host KV (a fill, KVManager.take_fills). That copy is no preemption:
