@@ -133,13 +133,20 @@ def _byte_alphabet() -> dict[str, int]:
 
 def _context(prompt_ids: list[int], decode: Callable[[list[int]], str]) -> list[int]:
     """The prompt's last _CONTEXT ids, or the shortest longer suffix (up to _MAX_CONTEXT) that
-    decodes without U+FFFD, as vLLM picks it. Four ids can start inside a character spelled in
-    byte tokens (SentencePiece's <0xNN>); a byte-fallback decoder then turned that run and the
-    output's bytes after it into U+FFFD, so "Say 龘龘" answered "龘 ok" streamed "\ufffd\ufffd\ufffd ok"."""
+    starts on a character, else the whole prompt, as vLLM picks it. Four ids can start inside a
+    character spelled in byte tokens (SentencePiece's <0xNN>); a byte-fallback decoder then
+    turned that run and the output's bytes after it into U+FFFD, so "Say 龘龘" answered
+    "龘 ok" streamed "\ufffd\ufffd\ufffd ok". A prompt that ends inside a character (a
+    token-id prompt cut in one) decodes to a trailing U+FFFD at every length: the suffix is
+    judged without it (_window leaves it to the output that completes the character), and
+    not taken where that leaves nothing (the suffix may start inside an earlier character):
+    it fell back to the last four ids, which did, and the answer began with that character's
+    stray bytes as U+FFFD, or wrote the prompt's character again (a probe, 2026-12-07)."""
     for n in range(_CONTEXT, min(len(prompt_ids), _MAX_CONTEXT) + 1):
-        if "\ufffd" not in decode(list(prompt_ids[-n:])):
+        text = decode(list(prompt_ids[-n:]))
+        if "\ufffd" not in text or (cut := text.rstrip("\ufffd")) and "\ufffd" not in cut:
             return list(prompt_ids[-n:])
-    return list(prompt_ids[-_CONTEXT:])
+    return list(prompt_ids)
 
 
 class IncrementalDetokenizer:
@@ -217,20 +224,37 @@ class IncrementalDetokenizer:
         - The prompt ends inside a character (a token-id prompt cut in one), so the context
           decodes to a trailing U+FFFD: that is not text yet, and the output that completes
           the character writes all of it, as vLLM does (the completed character replaced the
-          U+FFFD at the same length and was lost). A prompt ending in a U+FFFD it really
+          U+FFFD at the same length and was lost). A byte-fallback decoder writes the
+          whole run of byte tokens as U+FFFD there, characters complete before the cut too:
+          those are the text of the context without its last ids (`_prompt_text`; until
+          2026-12-07 the answer wrote them again). A prompt ending in a U+FFFD it really
           holds has that character written again: rare, and not told apart.
         - Adding ids rewrote the window's text (a byte-fallback decoder writes a whole run of
           byte tokens as U+FFFD once it cannot be read, the prompt's bytes before the output's
           included): the window restarts at the held ids, as vLLM's DecodeStream does on its
           "invalid prefix"; the prompt's bytes came out as U+FFFD in the answer before."""
         before = self.decode(self.ids[self.prefix:self.read])
-        if self.prefix == 0:        # the prompt's context (after the first text written, prefix > 0)
-            before = before.rstrip("\ufffd")
         now = self.decode(self.ids[self.prefix:])
+        if self.prefix == 0:        # the prompt's context (after the first text written, prefix > 0)
+            before = self._prompt_text(before, now)
         if not now.startswith(before):
             self.prefix = self.read
             before, now = "", self.decode(self.ids[self.read:])
         return before, now
+
+    def _prompt_text(self, text: str, now: str) -> str:
+        """The prompt context's text but a character it ends inside (`text` decodes that to
+        U+FFFD): the text stripped of its trailing U+FFFD, or, longer where a byte-fallback
+        decoder wrote complete characters before the cut as U+FFFD too, the text of the
+        context without its last ids (up to 4, one character's bytes) that `now` starts with."""
+        best = text.rstrip("\ufffd")
+        if best == text:
+            return text
+        for k in range(1, min(4, self.read - 1) + 1):
+            cut = self.decode(self.ids[:self.read - k])
+            if not cut.endswith("\ufffd"):
+                return cut if len(cut) > len(best) and now.startswith(cut) else best
+        return best
 
     def _add(self, text_so_far: str, delta: str, check_stop: bool) -> tuple[str, bool]:
         """A stop string counts where it reaches into `delta` (vLLM's window); the one that

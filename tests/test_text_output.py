@@ -339,6 +339,32 @@ def test_an_answer_that_finishes_the_prompts_last_character_writes_it(tok, cut):
     assert text.lstrip() == "中文 ok" and "\ufffd" not in "".join(deltas), (text, deltas)
 
 
+@pytest.mark.parametrize("text", ["价格是龘龘龘龘", "hé 中文🙂 end"])
+def test_an_answer_after_a_prompt_cut_anywhere_writes_the_characters_it_completes(tok, text):
+    """At every cut of a token-id prompt, the answer is the text after the characters the
+    prompt holds whole (as vLLM's): where the prompt's last four ids started inside an earlier
+    character, the answer began with that character's stray bytes as U+FFFD, and a
+    byte-fallback decoder, which writes a whole run of byte tokens as U+FFFD, had the answer
+    write the prompt's complete characters again or lose its own (a probe, 2026-12-07)."""
+    ids, raw = tok.encode(text, add_special_tokens=False), token_bytes(tok)
+    full = tok.decode(ids)
+    for cut in range(1, len(ids)):
+        held = b"".join(raw(t) for t in ids[:cut])
+        whole = next(held[:len(held) - k].decode() for k in range(4) if _valid(held[:len(held) - k]))
+        if whole.startswith(" ") and not full.startswith(" "):     # SentencePiece's space before the text
+            whole = whole[1:]
+        answer, deltas, _ = _stream(tok, ids[:cut], ids[cut:])
+        assert answer == full[len(whole):] and "".join(deltas) == answer, (cut, answer, deltas)
+
+
+def _valid(b: bytes) -> bool:
+    try:
+        b.decode()
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def test_a_configs_other_eos_ids_are_their_own_stop_reason(demo):
     """vLLM (update_from_generation_config) makes generation_config.json's EOS ids other than
     the tokenizer's stop tokens, so ending at one gives its id as stop_reason, as Llama 3 and
