@@ -26,6 +26,9 @@ from fastserve_jax.runner.compiler import resolve_warmup
 from fastserve_jax.runner.persistent_cache import enable_compilation_cache
 from fastserve_jax.vllm_options import llm_keywords
 
+log = logging.getLogger(__name__)
+
+
 class LLM:
     """An engine over one model. `model=None` serves the bundled demo model.
 
@@ -230,8 +233,12 @@ class LLM:
                     bar.close()
                 check()     # a Ctrl-C during the last step still interrupts
         except BaseException:
-            for r in (r for g in groups for r in g):    # finished ones too: one whose release raised is live
-                self.engine.abort(r.request_id)
+            for _ in range(2):      # an abort whose release raised runs again (lifecycle.py), and the
+                for r in (r for g in groups for r in g):    # others still run (they were left live for good)
+                    try:            # finished ones too: one whose release raised is live
+                        self.engine.abort(r.request_id)
+                    except Exception:
+                        log.exception("aborting %s after an interrupted generate", r.request_id)
             # an exception from the caller's own signal handler may have landed inside a step
             idle = not self.engine.has_unfinished()
             lost = idle and self.engine.runner.restore_lost_caches()
@@ -322,5 +329,5 @@ def engine_config(model, *, dtype: str = "auto", max_model_len: int | None = Non
 
 @functools.cache         # once per model: serve checks its options before LLM reads them again
 def _say_context_cap(path: str, served: int, positions: int) -> None:
-    logging.getLogger(__name__).warning("serving %d of the model's %d positions (the default max_model_len); give "
-                                        "max_model_len (--max-model-len) for more", served, positions)
+    log.warning("serving %d of the model's %d positions (the default max_model_len); give max_model_len "
+                "(--max-model-len) for more", served, positions)

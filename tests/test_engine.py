@@ -254,6 +254,31 @@ def test_an_arrival_time_on_vllms_wall_clock_is_taken_as_such(llm):
     assert not eng.has_unfinished()
 
 
+def test_an_abort_that_raises_leaves_no_other_request_live(llm, monkeypatch):
+    """An interrupted generate aborts its requests; one whose abort raised (a policy an
+    exception left half-updated) stopped the loop, and the requests after it stayed live,
+    holding their KV, for good (a probe, 2026-12-07)."""
+    eng, calls = llm.engine, []
+    real_step, real_remove = eng.step, eng.scheduler.remove
+
+    def step():
+        real_step()
+        raise RuntimeError("interrupted")
+
+    def remove(req):
+        calls.append(req.request_id)
+        if len(calls) == 1:
+            raise KeyError(req.request_id)
+        return real_remove(req)
+
+    monkeypatch.setattr(eng, "step", step)
+    monkeypatch.setattr(eng.scheduler, "remove", remove)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        llm.generate(random_prompts(3, 5, 8, seed=12), GREEDY)
+    assert not eng.has_unfinished() and eng.kv.num_used_blocks == 0
+    eng.kv.check_integrity()
+
+
 @pytest.fixture(scope="module")
 def fcfs_outputs(llm):
     """12 requests of mixed lengths and FCFS's greedy tokens for them, served once for the

@@ -67,6 +67,22 @@ def test_skip_join_places_by_prefill_time():
     assert levels(plain) == [["a", "e"], [], [], [], []]
 
 
+def test_a_request_whose_move_was_cut_short_is_removed():
+    """An exception between taking a request out of its queue and putting it into the next
+    (a caller's signal handler in skip-join's _restore) left it in none: its abort raised
+    KeyError, so LLM.generate aborted none of the requests after it, live for good (a probe,
+    2026-12-07). remove finds it wherever it is, or nowhere."""
+    for policy in ("skip-join-mlfq", "mlfq"):
+        sched, _ = make(policy)
+        a, b = req("a", 50), req("b", 9000)
+        sched.add(a)
+        sched.add(b)
+        sched._take(a, 2)                   # out of q0, bound for q2, never put there
+        sched.remove(a)
+        sched.remove(b)
+        assert levels(sched) == [[]] * 5 and not list(sched.best_first())
+
+
 def test_skip_join_needs_a_cost_model():
     with pytest.raises(ValueError, match="cost model"):
         make_scheduler("skip-join-mlfq", Limits(4, 100), KVManager(10, 4), CFG)

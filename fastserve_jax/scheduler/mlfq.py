@@ -67,10 +67,14 @@ class MLFQScheduler(Scheduler):
         self._idle[req.request_id] = req.arrival_time
 
     def remove(self, req: Request) -> None:
+        """Out of the policy; also where an exception cut a move between queues short (out of
+        its queue and not yet in the next one: its abort raised KeyError, until 2026-12-07)."""
         rid = req.request_id
         if self._live.pop(rid, None) is not None:
-            del self._idle[rid]
-            del self.queues[req.queue_level][rid]
+            self._idle.pop(rid, None)
+            for q in (self.queues[req.queue_level], *self.queues):
+                if q.pop(rid, None) is not None:
+                    break
             self._promoted.discard(rid)
 
     def promoted(self) -> Container[str]:
