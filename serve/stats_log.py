@@ -1,6 +1,8 @@
-"""The periodic stats line of the server's log (vLLM's "Avg prompt throughput ..." line; off
-with --disable-log-stats): every STATS_INTERVAL_S while requests are served, from the engine's
-snapshot (the one /metrics exports), nothing while the server is idle."""
+"""The periodic stats line of the server's log (vLLM's "Engine 000: Avg prompt throughput ..."
+line, as vLLM writes it, then this engine's own figures; off with --disable-log-stats): every
+STATS_INTERVAL_S while requests are served, from the engine's snapshot (the one /metrics
+exports), nothing while the server is idle. The prefix cache hit rate is the interval's
+(vLLM's is over its last 1,000 requests)."""
 
 from __future__ import annotations
 
@@ -37,11 +39,16 @@ class StatsLine:
             return None
         usage = {pool: 100 * s[f"kv_{pool}_used_blocks"] / s[f"kv_{pool}_total_blocks"]
                  if s[f"kv_{pool}_total_blocks"] else 0.0 for pool in ("device", "host")}
-        return (f"avg prompt throughput: {prompt / dt:.1f} tokens/s, avg generation throughput: "
-                f"{generated / dt:.1f} tokens/s, running: {s['requests_running']} reqs, waiting: "
-                f"{s['requests_waiting']} reqs, paused: {s['requests_paused']} reqs, swapped: "
-                f"{s['requests_swapped']} reqs, device KV usage: {usage['device']:.1f}%, host KV usage: "
-                f"{usage['host']:.1f}%")
+        queries = s.get("prefix_cache_queries_total", 0) - before.get("prefix_cache_queries_total", 0)
+        hits = s.get("prefix_cache_hits_total", 0) - before.get("prefix_cache_hits_total", 0)
+        # vLLM's line as it writes it (log scrapers read it; "Waiting" counts what vllm:num_requests_waiting
+        # does, the device pool is its "GPU" cache), then this engine's own figures
+        waiting = sum(s[f"requests_{k}"] for k in ("waiting", "paused", "swapped"))
+        return (f"Engine 000: Avg prompt throughput: {prompt / dt:.1f} tokens/s, Avg generation throughput: "
+                f"{generated / dt:.1f} tokens/s, Running: {s['requests_running']} reqs, Waiting: {waiting} reqs, "
+                f"GPU KV cache usage: {usage['device']:.1f}%, Prefix cache hit rate: "
+                f"{100 * hits / queries if queries else 0.0:.1f}%; of those waiting: paused {s['requests_paused']}, "
+                f"swapped {s['requests_swapped']}; host KV usage: {usage['host']:.1f}%")
 
 
 async def log_stats(engine: AsyncEngine, interval: float = STATS_INTERVAL_S) -> None:

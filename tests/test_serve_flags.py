@@ -199,15 +199,18 @@ def test_the_stats_line_says_throughput_and_load_and_nothing_when_idle():
     stats = StatsLine(0.0)
     # the first line counts from the start: work served before the first snapshot is in it
     # (until 2026-12-07 the first snapshot was only a base)
-    assert stats.line(snap(30, 80), 5.0).startswith("avg prompt throughput: 6.0 tokens/s, avg generation "
-                                                     "throughput: 16.0 tokens/s")
+    assert stats.line(snap(30, 80), 5.0).startswith("Engine 000: Avg prompt throughput: 6.0 tokens/s, Avg "
+                                                     "generation throughput: 16.0 tokens/s")
     stats = StatsLine(0.0)
     assert stats.line(snap(0, 0), 0.0) is None                # no time since the start
     assert stats.line(snap(0, 0), 10.0) is None               # idle
-    line = stats.line(snap(500, 200, running=3, waiting=2), 20.0)
-    assert line == ("avg prompt throughput: 50.0 tokens/s, avg generation throughput: 20.0 tokens/s, running: 3 "
-                    "reqs, waiting: 2 reqs, paused: 0 reqs, swapped: 1 reqs, device KV usage: 25.0%, host KV "
-                    "usage: 0.0%")
+    line = stats.line(dict(snap(500, 200, running=3, waiting=2), prefix_cache_queries_total=400,
+                           prefix_cache_hits_total=100), 20.0)
+    # vLLM's line as vLLM writes it (until 2026-12-07 in words of its own, which a scraper of
+    # vLLM's log missed), waiting counted as vllm:num_requests_waiting, then this engine's figures
+    assert line == ("Engine 000: Avg prompt throughput: 50.0 tokens/s, Avg generation throughput: 20.0 tokens/s, "
+                    "Running: 3 reqs, Waiting: 3 reqs, GPU KV cache usage: 25.0%, Prefix cache hit rate: 25.0%; "
+                    "of those waiting: paused 0, swapped 1; host KV usage: 0.0%")
     assert stats.line(snap(500, 200), 30.0) is None
 
 
