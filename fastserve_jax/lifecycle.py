@@ -33,13 +33,15 @@ def register_request(engine, req: Request, detok: IncrementalDetokenizer) -> Non
     try:
         engine.scheduler.add(req)
         engine.swap.on_arrival(req, req.arrival_time)
-    except BaseException:
+        engine._detok[rid] = detok
+        engine._requests[rid] = req
+    except BaseException:       # also one that came between the policies and the tables: the policy
+        engine._requests.pop(rid, None)     # held a request the engine did not (a KeyError at the next step)
+        engine._detok.pop(rid, None)
         for undo in (engine.scheduler.remove, engine.swap.forget):
             with contextlib.suppress(Exception):
                 undo(req)
         raise
-    engine._detok[rid] = detok
-    engine._requests[rid] = req
 
 
 def finish_request(engine, req: Request, reason: str, now: float) -> None:

@@ -254,6 +254,28 @@ def test_an_arrival_time_on_vllms_wall_clock_is_taken_as_such(llm):
     assert not eng.has_unfinished()
 
 
+def test_an_exception_between_the_policies_and_the_engines_tables_leaves_no_orphan(llm, monkeypatch):
+    """An exception after the policy took a request and before the engine's tables did (a
+    caller's signal handler there) left the policy holding a request the engine did not: the
+    next generate's first step raised KeyError (a probe, 2026-12-07)."""
+    eng = llm.engine
+
+    class Once(dict):
+        raised = False
+
+        def __setitem__(self, key, value):
+            if not Once.raised:
+                Once.raised = True
+                raise RuntimeError("between the policy and the tables")
+            super().__setitem__(key, value)
+
+    monkeypatch.setattr(eng, "_detok", Once(eng._detok))
+    with pytest.raises(RuntimeError, match="between the policy and the tables"):
+        llm.generate(random_prompts(2, 5, 20, seed=34), GREEDY)
+    assert not eng.has_unfinished() and len(eng.scheduler) == 0
+    assert llm.generate(random_prompts(1, 5, 20, seed=35), GREEDY)[0].finished
+
+
 def test_an_abort_that_raises_leaves_no_other_request_live(llm, monkeypatch):
     """An interrupted generate aborts its requests; one whose abort raised (a policy an
     exception left half-updated) stopped the loop, and the requests after it stayed live,

@@ -70,8 +70,9 @@ def test_skip_join_places_by_prefill_time():
 def test_a_request_whose_move_was_cut_short_is_removed():
     """An exception between taking a request out of its queue and putting it into the next
     (a caller's signal handler in skip-join's _restore) left it in none: its abort raised
-    KeyError, so LLM.generate aborted none of the requests after it, live for good (a probe,
-    2026-12-07). remove finds it wherever it is, or nowhere."""
+    KeyError, so LLM.generate aborted none of the requests after it, live for good; one in a
+    queue but not in the live set (an add cut short) stayed there, and the next schedule took
+    it (a probe, 2026-12-07). remove finds it wherever it is, or nowhere, as often as asked."""
     for policy in ("skip-join-mlfq", "mlfq"):
         sched, _ = make(policy)
         a, b = req("a", 50), req("b", 9000)
@@ -81,6 +82,12 @@ def test_a_request_whose_move_was_cut_short_is_removed():
         sched.remove(a)
         sched.remove(b)
         assert levels(sched) == [[]] * 5 and not list(sched.best_first())
+        # an add cut short after the queue took it (the live set did not), then its undo
+        c = req("c", 50)
+        sched.queues[0]["c"] = c
+        sched.remove(c)
+        sched.remove(c)                     # again: a remove that raised runs again
+        assert levels(sched) == [[]] * 5 and len(sched) == 0
 
 
 def test_skip_join_needs_a_cost_model():

@@ -67,15 +67,17 @@ class MLFQScheduler(Scheduler):
         self._idle[req.request_id] = req.arrival_time
 
     def remove(self, req: Request) -> None:
-        """Out of the policy; also where an exception cut a move between queues short (out of
-        its queue and not yet in the next one: its abort raised KeyError, until 2026-12-07)."""
+        """Out of the policy, from wherever it is: also where an exception cut its move between
+        queues short (in neither: its abort raised KeyError), its add or an earlier remove (one
+        queue held it and the live set did not: the next schedule took a request the engine no
+        longer had), until 2026-12-07. Idempotent, so a remove that raised can run again."""
         rid = req.request_id
-        if self._live.pop(rid, None) is not None:
-            self._idle.pop(rid, None)
-            for q in (self.queues[req.queue_level], *self.queues):
-                if q.pop(rid, None) is not None:
-                    break
-            self._promoted.discard(rid)
+        for q in (self.queues[req.queue_level], *self.queues):
+            if q.pop(rid, None) is not None:
+                break
+        self._idle.pop(rid, None)
+        self._promoted.discard(rid)
+        self._live.pop(rid, None)
 
     def promoted(self) -> Container[str]:
         return self._promoted
