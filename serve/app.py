@@ -183,11 +183,13 @@ class Server:
         raise APIError(503, f"the server is not serving: {message}", headers={"Retry-After": str(self.cfg.retry_after)})
 
     def check_count(self, count: int, param: str = "n") -> None:
-        """A request of more engine requests (prompts x n) than the server admits at once is a 400."""
+        """A request of more engine requests (prompts x n) than the server admits at once is a
+        400; one the full queue has no room for now a 503 (both before any tokenizing)."""
         cap = self.cfg.max_pending
         if count > cap:
             raise APIError(400, f"this request needs {count} engine requests (prompts x n) but the server admits "
                                 f"at most {cap} at once; send fewer prompts or a smaller n", param=param)
+        self._room(count)       # full already: a 503 now, not after the tokenizing (behind others' prompts)
 
     def admit(self, count: int) -> None:
         """Room for `count` engine requests, checked right before they are submitted: the state
@@ -195,12 +197,15 @@ class Server:
         submit() raise: a 500) while the request was being tokenized. (`check_count` came
         before the tokenizing.)"""
         self.check_serving()
-        pending, cap = self.engine.num_pending, self.cfg.max_pending
-        if pending and self.engine.health.consecutive_faults >= FAULTY_AFTER:
+        if self.engine.num_pending and self.engine.health.consecutive_faults >= FAULTY_AFTER:
             # A failing engine takes one request (group) at a time: the step it needs is the only
             # way the fault count can reset (a transient fault), and a lasting one fails no more
             # than that request. Refusing every request kept a server failing for good.
             self._refuse(self.status()[1])
+        self._room(count)
+
+    def _room(self, count: int) -> None:
+        pending, cap = self.engine.num_pending, self.cfg.max_pending
         if pending + count > cap:
             self.metrics.rejected.labels("queue_full").inc()
             raise overloaded(f"the admission queue is full ({pending} of {cap} requests pending); retry after "

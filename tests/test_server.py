@@ -490,13 +490,22 @@ async def _open_streams(url: str, payloads: list[dict]):
     return opened
 
 
-def test_admission_queue_full_then_disconnects_free_everything(live):
+def test_admission_queue_full_then_disconnects_free_everything(live, monkeypatch):
+    """A request the full queue cannot take is refused before it is tokenized: it waited behind
+    the prompts others had sent to the one preparing thread (15.5 s behind twelve 900 KB
+    prompts in a probe, 2026-12-07) to learn it had no room."""
+    from fastserve_jax.serve import app as app_mod
+
+    real = app_mod.prepare
+
     async def scenario():
         hold = [_counting(0, 250, stream=True, n=16) for _ in range(MAX_PENDING // 16)]
         opened = await _open_streams(live.url, hold)
         assert [o[2] for o in opened] == [200] * len(hold)
+        monkeypatch.setattr(app_mod, "prepare", lambda *a: pytest.fail("tokenized a request the full queue refuses"))
         status, headers, body = await bench_client.request(
             live.url, "POST", "/v1/completions", json.dumps(_counting(1, 2)).encode())
+        monkeypatch.setattr(app_mod, "prepare", real)
         for _, writer, _, _ in opened:
             writer.close()
         return status, headers, json.loads(body)
