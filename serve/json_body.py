@@ -15,10 +15,14 @@ from fastserve_jax.serve.errors import bad_request
 
 
 def parse_body(raw: bytes) -> dict:
+    # UTF-8 (a BOM first, Notepad's or PowerShell's, dropped), or UTF-16 or UTF-32 as json.loads(bytes),
+    # which vLLM's FastAPI reads the body with, tells them apart; strict, so no encoded surrogate
+    encoding = json.detect_encoding(raw)
     try:
-        text = raw.decode("utf-8-sig")      # a BOM first (Notepad, PowerShell) is dropped, as json.loads(bytes) does
+        text = raw.decode("utf-8-sig" if encoding.startswith("utf-8") else encoding)
     except UnicodeDecodeError as e:
-        raise bad_request(f"the request body is not valid UTF-8 (byte {e.start}); send JSON encoded as UTF-8")
+        named = "UTF-8" if encoding.startswith("utf-8") else encoding.upper()
+        raise bad_request(f"the request body is not valid {named} (byte {e.start}); send JSON encoded as UTF-8")
     try:
         body = json.loads(text, parse_constant=_reject_constant, parse_int=_int_literal)
     except json.JSONDecodeError as e:

@@ -24,7 +24,7 @@ import uvicorn
 from fastserve_jax.chat_template import CONTENT_FORMATS
 from fastserve_jax.vllm_options import notes
 from fastserve_jax.serve.engine_args import add_engine_args, check_engine_args, cpu_devices_for, engine_kwargs
-from fastserve_jax.serve.draining import DrainingServer
+from fastserve_jax.serve.draining import DrainingServer, raise_open_file_limit
 from fastserve_jax.serve.engine_loop import StartupCancelled
 from fastserve_jax.serve.server_args import (add_server_args, add_vllm_server_args, check_server_args, server_settings,
                                              uvicorn_settings)
@@ -317,6 +317,7 @@ def _serve(a: argparse.Namespace, engine_kwargs: dict) -> int:
             return engine
 
     app = create_app(build, cfg, transport)
+    raise_open_file_limit()         # each connection holds a file
     server = DrainingServer(uvicorn.Config(app, host=a.host, port=a.port, timeout_graceful_shutdown=a.shutdown_timeout,
                                            **uvicorn_settings(a)), app)
     # the engine did not start, or its process died: nothing left to serve (a supervisor restarts us)

@@ -206,3 +206,24 @@ def test_the_key_names_the_source_loaded_not_the_source_on_disk(cache_dir, monke
         assert caplog.text.count("source changed on disk") == 1
     finally:
         export_cache._digest.cache_clear()
+
+
+def test_a_source_listing_that_fails_skips_one_save_and_turns_nothing_off(monkeypatch, caplog):
+    """Out of file descriptors (a burst of connections), os.walk lists nothing and says
+    nothing: the empty listing read as changed source, and no program was saved again in that
+    process, with a warning of an upgrade that never happened (a probe, 2026-12-07)."""
+    import errno
+
+    real = os.walk
+
+    def out_of_files(root, onerror=None, **kw):
+        if onerror is not None:
+            onerror(OSError(errno.EMFILE, "Too many open files", root))
+        return iter(())
+
+    monkeypatch.setattr(export_cache, "_source_moved", False)
+    monkeypatch.setattr(export_cache.os, "walk", out_of_files)
+    assert export_cache._source_unchanged() is False
+    monkeypatch.setattr(export_cache.os, "walk", real)
+    assert export_cache._source_unchanged() is True and not export_cache._source_moved
+    assert "source changed on disk" not in caplog.text

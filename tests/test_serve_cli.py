@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -58,12 +59,18 @@ def test_serve_command_api_key_warmup_and_graceful_shutdown():
     env = dict(os.environ, FASTSERVE_API_KEY="sekret")
     # a chat template of the deployment's own (vLLM's --chat-template, here inline): every
     # conversation becomes one counting prompt
+    # started at a shell's usual soft limit of 1,024 open files, which it raises as vLLM does
+    # (test_serve_flags.py: a burst past it had connections dropped with no answer)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     proc = subprocess.Popen([sys.executable, "-m", "fastserve_jax", "serve", "--port", str(port), *ENGINE_ARGS,
                              "--shutdown-timeout", "60", "--chat-template", "{{ 'count from 5 to 9:' }}"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard)))
     try:
         seen = _wait_ready(url, proc)
         assert any(s == 503 and "warming up" in m for s, m in seen), seen
+        if hard == resource.RLIM_INFINITY or hard > 1024:
+            assert resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)[0] > 1024
 
         body = json.dumps({"prompt": demo_task.make_prompt(3, 12), "max_tokens": 20, "temperature": 0}).encode()
         for path in ("/v1/completions", "/tokenize", "/detokenize", "/invocations"):

@@ -114,6 +114,12 @@ def test_model_retrieval_sagemaker_ping_and_invocations(live, client):
     assert status == 200 and out["choices"][0]["text"] == " 3 4 5 6 7 8 9"
     status, _, out = live.post("/v1/completions", b"\xef\xbb\xbf" + json.dumps(_counting(3, 5)).encode())
     assert status == 200 and out["choices"][0]["text"] == " 3 4 5"
+    # and in UTF-16 or UTF-32, which vLLM reads as json.loads(bytes) does (a 400 until 2026-12-07)
+    for encoding in ("utf-16", "utf-16-le", "utf-32-be"):
+        status, _, out = live.post("/v1/completions", json.dumps(_counting(3, 5)).encode(encoding))
+        assert status == 200 and out["choices"][0]["text"] == " 3 4 5", (encoding, out)
+    status, _, err = live.post("/v1/completions", b"{\"prompt\": \"\xed\xa0\x80\"}")     # an encoded surrogate
+    assert status == 400 and "not valid UTF-8" in err["error"]["message"]
     # a chat body counted as sent to the chat endpoint (tools: [] was a 400 here only)
     chat = {"messages": [{"role": "user", "content": "hi"}], "tools": [], "tool_choice": "none", "prompt": None}
     status, _, out = live.post("/tokenize", chat)

@@ -84,13 +84,17 @@ def _device() -> str:
     return f"{jax.default_backend()}/{jax.devices()[0].device_kind}"
 
 
+def _raise(e: OSError) -> None:
+    raise e
+
+
 def _source_files() -> dict[str, tuple[str, int, int]]:
     """The source of the packages a trace runs (fastserve_jax with its models and sharding):
     each file's path, modification time and size, by its name within its package."""
     out = {}
     for pkg in ("fastserve_jax", "fastserve_jax.models", "fastserve_jax.sharding"):
         root = importlib.import_module(pkg).__path__[0]
-        for dirpath, dirnames, files in os.walk(root):
+        for dirpath, dirnames, files in os.walk(root, onerror=_raise):     # a walk that failed is no listing
             dirnames[:] = sorted(d for d in dirnames if d not in ("models", "sharding", "serve", "__pycache__"))
             for fn in sorted(f for f in files if f.endswith(".py")):
                 path = os.path.join(dirpath, fn)
@@ -137,7 +141,11 @@ def _source_unchanged() -> bool:
     """Whether the source on disk is still what this process loaded; once it is not (a
     later-imported module may be the new code), no program is saved, with one warning."""
     global _source_moved
-    if not _source_moved and _source_files() != _SOURCES:
+    try:
+        now = _SOURCES if _source_moved else _source_files()
+    except OSError:         # out of file descriptors (a burst of connections): not this time, but not for good
+        return False        # (os.walk ignored the error and the empty listing turned saving off, until 2026-12-07)
+    if not _source_moved and now != _SOURCES:
         _source_moved = True
         log.warning("fastserve_jax's source changed on disk since this process started (an upgrade or an edit); "
                     "traced programs are no longer saved: restart to cache the new code's")
