@@ -133,6 +133,10 @@ def replay(runner: ModelRunner, channel: PlanChannel) -> int:
         n += 1
 
 
+# a worker's state for stop_after_the_leader: replaying the leader's steps; signalled once; the grace timer
+_GRACE: dict = {"replaying": False, "signalled": False, "timer": None}
+
+
 def stop_after_the_leader(grace_s: float) -> None:
     """A worker's SIGINT and SIGTERM. A terminal's Ctrl-C and a supervisor's stop reach every
     process of a host at once (its process group, its systemd unit): a worker that ended at
@@ -140,19 +144,21 @@ def stop_after_the_leader(grace_s: float) -> None:
     signal gives the leader grace_s to drain and send its shutdown, after which the worker
     ends with 0; when grace_s runs out, or at a second signal, the worker stops as a Ctrl-C
     stops it (KeyboardInterrupt; `finish` closes the plan channel, and the leader stops serving:
-    engine lost). This also takes SIGTERM back from jax.distributed's preemption notifier,
-    which only logs it (a worker went on replaying after `kill`). Call from the main thread."""
+    engine lost). A worker not replaying yet (loading, compiling) has nothing to drain: it
+    stops at the first signal (it compiled its whole warm-up first). An orderly end disarms
+    the wait (`_GRACE`: its timer fired into JAX's shutdown barrier). This also takes SIGTERM
+    back from jax.distributed's preemption notifier, which only logs it (a worker went on
+    replaying after `kill`). Call from the main thread."""
     main = threading.main_thread().ident
-    signalled: list[int] = []
 
     def on_signal(signum, frame) -> None:
-        if signalled:
+        if _GRACE["signalled"] or not _GRACE["replaying"]:
             raise KeyboardInterrupt
-        signalled.append(signum)
+        _GRACE["signalled"] = True
         log.warning("%s: waiting up to %.0f s for the leader to drain its requests and shut down; a second signal "
                     "stops this worker now", signal.Signals(signum).name, grace_s)
         # a real signal at the main thread: its wait on the plan channel wakes, and the handler raises
-        timer = threading.Timer(grace_s, signal.pthread_kill, (main, signal.SIGINT))
+        timer = _GRACE["timer"] = threading.Timer(grace_s, signal.pthread_kill, (main, signal.SIGINT))
         timer.daemon = True
         timer.start()
 
@@ -183,10 +189,15 @@ def run_worker(model: str | None, engine_kwargs: dict, channel: PlanChannel, pro
              ", async scheduling" if llm.engine.cfg.async_scheduling else "")
     try:
         channel.send_ready()
+        _GRACE["replaying"] = True
         n = replay(llm.engine.runner, channel)
     except ChannelClosed:
         log.error("the leader closed the plan channel without a shutdown message")
         return 1
+    finally:
+        _GRACE["replaying"] = False
+        if _GRACE["timer"] is not None:
+            _GRACE["timer"].cancel()
     log.info("leader shut down after %d operations", n)
     return 0
 

@@ -465,22 +465,25 @@ def test_deployment_settings_tell_models_and_program_flags_apart(tiny_checkpoint
                                           deployment_settings(a, dict(kw, tokenizer="org/b")))
 
 
-@pytest.mark.parametrize("grace, second, stopped_within", [(1.5, False, (1.4, 6)), (60, True, (0.4, 6))])
-def test_a_signalled_worker_leaves_its_leader_time_to_drain_then_stops(grace, second, stopped_within):
+@pytest.mark.parametrize("grace, second, replaying, stopped_within", [
+    (1.5, False, True, (1.4, 6)), (60, True, True, (0.4, 6)), (60, False, False, (0, 0.4))])
+def test_a_signalled_worker_leaves_its_leader_time_to_drain_then_stops(grace, second, replaying, stopped_within):
     """jax.distributed catches SIGTERM (it only logs it): a worker went on replaying after a
     supervisor's stop. Then serve's workers died at the signal, which a Ctrl-C or a supervisor
     sends every process of a host at once, failing the requests their leader was still
     draining (a probe, 2026-12-07). The first signal now leaves the leader `grace` seconds to
-    shut the worker down; then, or at a second signal, the worker stops."""
+    shut the worker down; then, or at a second signal, the worker stops. One not replaying yet
+    (loading, compiling) has nothing to drain and stops at once (it compiled its warm-up first)."""
     code = textwrap.dedent("""
         import os, signal, sys, time
         from fastserve_jax.sharding.distributed import DistributedConfig, initialize
         initialize(DistributedConfig(sys.argv[1], 1, 0, local_device_count=1), timeout_s=30)
-        from fastserve_jax.multihost import stop_after_the_leader
-        stop_after_the_leader(float(sys.argv[2]))
+        from fastserve_jax import multihost
+        multihost.stop_after_the_leader(float(sys.argv[2]))
+        multihost._GRACE["replaying"] = sys.argv[4] == "True"
         t0 = time.monotonic()
-        os.kill(os.getpid(), signal.SIGTERM)
         try:
+            os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.5)
             if sys.argv[3] == "True":
                 os.kill(os.getpid(), signal.SIGINT)
@@ -490,11 +493,11 @@ def test_a_signalled_worker_leaves_its_leader_time_to_drain_then_stops(grace, se
             os._exit(3)
         print("STILL ALIVE", flush=True)
     """)
-    out = subprocess.run([sys.executable, "-c", code, f"127.0.0.1:{free_port()}", str(grace), str(second)], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code, f"127.0.0.1:{free_port()}", str(grace), str(second),
+                          str(replaying)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 3 and "STOPPED AFTER" in out.stdout, (out.returncode, out.stdout, out.stderr[-2000:])
     assert stopped_within[0] <= float(out.stdout.split()[-1]) < stopped_within[1], out.stdout
-    assert "SIGTERM: waiting up to" in out.stderr
+    assert ("SIGTERM: waiting up to" in out.stderr) == replaying
 
 
 def test_the_first_send_after_a_worker_died_fails():
