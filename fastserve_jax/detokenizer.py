@@ -25,6 +25,7 @@ from weakref import WeakKeyDictionary
 
 _CONTEXT = 4  # prompt tokens kept in front of the output for decoding context
 _MAX_CONTEXT = 24  # ... grown up to this many where the last _CONTEXT decode to U+FFFD (_context)
+_FALLBACK_CONTEXT = 128  # ... and this many where none of those starts on a character (vLLM: the whole prompt)
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")      # SentencePiece's byte-fallback tokens
 _TOKEN_BYTES: WeakKeyDictionary = WeakKeyDictionary()   # tokenizer -> token_bytes' function
 _CONTINUATIONS: WeakKeyDictionary = WeakKeyDictionary()  # tokenizer -> continuation_bytes'
@@ -133,7 +134,9 @@ def _byte_alphabet() -> dict[str, int]:
 
 def _context(prompt_ids: list[int], decode: Callable[[list[int]], str]) -> list[int]:
     """The prompt's last _CONTEXT ids, or the shortest longer suffix (up to _MAX_CONTEXT) that
-    starts on a character, else the whole prompt, as vLLM picks it. Four ids can start inside a
+    starts on a character, else the last _FALLBACK_CONTEXT ids (vLLM takes the whole prompt,
+    which its decode stream reads once; here each output token decoded it again while no
+    text came, 3 s for 204 tokens after a 32k-token prompt). Four ids can start inside a
     character spelled in byte tokens (SentencePiece's <0xNN>); a byte-fallback decoder then
     turned that run and the output's bytes after it into U+FFFD, so "Say 龘龘" answered
     "龘 ok" streamed "\ufffd\ufffd\ufffd ok". A prompt that ends inside a character (a
@@ -146,7 +149,7 @@ def _context(prompt_ids: list[int], decode: Callable[[list[int]], str]) -> list[
         text = decode(list(prompt_ids[-n:]))
         if "\ufffd" not in text or (cut := text.rstrip("\ufffd")) and "\ufffd" not in cut:
             return list(prompt_ids[-n:])
-    return list(prompt_ids)
+    return list(prompt_ids[-_FALLBACK_CONTEXT:])
 
 
 class IncrementalDetokenizer:
