@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from numbers import Integral
+from numbers import Integral, Real
 
 from fastserve_jax.bad_words import BadWords, bad_words_of
 from fastserve_jax.sampling_params import BIAS_SLOTS, SamplingParams, bias_tokens
@@ -26,11 +26,12 @@ def arrival_clock(t: float | None) -> float:
     now = time.monotonic()
     if t is None:
         return now
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+    if isinstance(t, bool) or not isinstance(t, Real) or not math.isfinite(t):       # numpy's floats too
         raise ValueError(f"arrival_time must be a finite number of seconds (time.monotonic()'s clock, or "
                          f"time.time()'s), got {t!r:.60}")
     wall = time.time()
-    return now - (wall - t) if abs(t - wall) < abs(t - now) else float(t)
+    t = float(t)
+    return now - (wall - t) if abs(t - wall) < abs(t - now) else t
 
 
 def truncate_prompt(ids: list[int], k: int, head: int = 0) -> list[int]:

@@ -181,8 +181,8 @@ class LLMEngine(VllmEngineMethods):
         return context_limit(self.cfg.max_model_len, self.kv)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                    arrival_time: float | None = None) -> Request:
-        prompt, params, request_id = add_request_arguments(prompt, params, request_id)   # vLLM's order too
+                    arrival_time: float | None = None, lora_request=None, priority: int = 0) -> Request:
+        prompt, params, request_id = add_request_arguments(prompt, params, request_id, lora_request, priority)
         text, ids = self.validate(prompt, params)
         arrival = arrival_clock(arrival_time)
         rest = self.context_limit - len(ids)    # vLLM's: the rest of the context, or up to it (the pool's end)

@@ -16,18 +16,26 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
+import numpy as np
+
 from fastserve_jax.prompts import one_prompt
 from fastserve_jax.sampling_params import SamplingParams
 
 
-def add_request_arguments(prompt, params, request_id):
+def add_request_arguments(prompt, params, request_id, lora_request=None, priority=0):
     """(prompt, params, request_id) in this engine's order, from its own or vLLM's; a prompt
-    dict (TextPrompt, TokensPrompt) read into its text or ids, its cache_salt into params."""
+    dict (TextPrompt, TokensPrompt) read into its text or ids, its cache_salt into params.
+    vLLM's lora_request and priority must ask for nothing (None, 0)."""
+    if lora_request is not None:
+        raise ValueError("lora_request: LoRA adapters are not implemented; pass None")
+    if priority:
+        raise ValueError("priority: priority scheduling is not implemented (the --scheduler policy orders "
+                         "requests); pass 0")
     if isinstance(request_id, SamplingParams) and not isinstance(params, SamplingParams):
         prompt, params, request_id = params, request_id, prompt         # vLLM's order
     if request_id is not None and not isinstance(request_id, str):
         raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
-    if isinstance(prompt, dict):
+    if isinstance(prompt, (dict, tuple, np.ndarray)):     # a prompt dict, ids as a tuple or an array
         prompt, salt = one_prompt(prompt, 0)
         if salt is not None and isinstance(params, SamplingParams):
             params = dataclasses.replace(params, cache_salt=salt)

@@ -34,10 +34,14 @@ class TokensPrompt(_Salted):
 def prompt_list(prompts) -> list:
     """generate()'s first argument as a list of prompts (one prompt alone is a list of one).
     Any sized collection of prompts is taken, as vLLM takes them (a pandas Series, a datasets
-    Column, a deque, dict values), and a 1-D array of strings is a list of texts."""
+    Column, a deque, dict values), and a 1-D array of strings (or of objects, as pandas'
+    .to_numpy() of texts) is a list of texts."""
     if isinstance(prompts, np.ndarray):
-        if prompts.ndim == 2 or (prompts.ndim == 1 and prompts.dtype.kind in "US"):
+        if prompts.ndim == 2:
             return list(prompts)
+        if prompts.ndim == 1 and prompts.dtype.kind in "USO":     # texts (pandas' .to_numpy() is of objects)
+            items = [x.item() if isinstance(x, np.generic) else x for x in prompts]
+            return [items] if items and is_token(items[0]) else items
         return [prompts]            # one prompt's token ids (one_prompt checks their type)
     if isinstance(prompts, (str, dict)):
         return [prompts]

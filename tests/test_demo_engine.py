@@ -170,21 +170,26 @@ def test_vllms_engine_loop_and_prompt_containers_run_as_in_vllm(demo_llm):
     assert eng is demo_llm.engine and eng.get_tokenizer() is eng.tokenizer
     greedy = SamplingParams(max_tokens=20, temperature=0)
     eng.add_request("a", demo_task.make_prompt(3, 7), greedy)                  # vLLM's order
-    eng.add_request({"prompt_token_ids": eng.tokenizer.encode(demo_task.make_prompt(4, 6))}, greedy, "b")
+    eng.add_request({"prompt_token_ids": eng.tokenizer.encode(demo_task.make_prompt(4, 6))}, greedy, "b",
+                    lora_request=None, priority=0)
+    eng.add_request(np.array(eng.tokenizer.encode(demo_task.make_prompt(5, 6))), greedy, "e")
+    with pytest.raises(ValueError, match="priority scheduling is not implemented"):
+        eng.add_request("f", demo_task.make_prompt(5, 6), greedy, priority=1)
     eng.add_request("c", demo_task.make_prompt(10, 90), greedy)
-    assert eng.get_num_unfinished_requests() == 3
+    assert eng.get_num_unfinished_requests() == 4
     eng.abort_request(["c", "not-live"])
     done = {}
     while eng.has_unfinished_requests():
         for out in eng.step():
             if out.finished:
                 done[out.request_id] = out.outputs[0].text
-    assert done == {"a": " 3 4 5 6 7", "b": " 4 5 6"}
+    assert done == {"a": " 3 4 5 6 7", "b": " 4 5 6", "e": " 5 6"}
     with pytest.raises(ValueError, match="request_id must be a string"):
         eng.add_request(7, "count", greedy)
     prompts = [demo_task.make_prompt(2, 4), demo_task.make_prompt(6, 8)]
     want = [" 2 3 4", " 6 7 8"]
-    for container in (collections.deque(prompts), {0: prompts[0], 1: prompts[1]}.values(), np.array(prompts)):
+    for container in (collections.deque(prompts), {0: prompts[0], 1: prompts[1]}.values(), np.array(prompts),
+                      np.array(prompts, dtype=object)):       # pandas' .to_numpy() of texts
         assert [o.outputs[0].text for o in demo_llm.generate(container, collections.deque([greedy] * 2))] == want
     for bad in (dict(priority=[0]), dict(lora_request=[None])):
         with pytest.raises(ValueError, match="got 1 for 2 prompts"):
