@@ -250,10 +250,10 @@ def test_several_names_a_root_path_and_cors(live, caplog):
                                       {"model": model, "prompt": prompt, "max_tokens": 20, "temperature": 0})
             assert status == 200 and out["model"] == "first" and demo_task.check_answer(3, 12, out["choices"][0]["text"])
         deadline = time.monotonic() + 10
-        while "avg generation throughput" not in caplog.text and time.monotonic() < deadline:
+        while "Avg generation throughput" not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.05)
     assert f"received request {out['id']}: prompt {repr(prompt)[:12]} (" in caplog.text     # --max-log-len 12
-    assert "avg generation throughput" in caplog.text, caplog.text
+    assert "Avg generation throughput" in caplog.text, caplog.text
     status, _, err = _request(live, "POST", "/v1/completions", {"model": "third", "prompt": "x"})
     assert status == 404 and "'first', 'second'" in err["error"]["message"]
 
