@@ -14,7 +14,7 @@ vLLM's (request_id, prompt, params) is told apart by the SamplingParams in third
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -26,11 +26,7 @@ def add_request_arguments(prompt, params, request_id, lora_request=None, priorit
     """(prompt, params, request_id) in this engine's order, from its own or vLLM's; a prompt
     dict (TextPrompt, TokensPrompt) read into its text or ids, its cache_salt into params.
     vLLM's lora_request and priority must ask for nothing (None, 0)."""
-    if lora_request is not None:
-        raise ValueError("lora_request: LoRA adapters are not implemented; pass None")
-    if priority:
-        raise ValueError("priority: priority scheduling is not implemented (the --scheduler policy orders "
-                         "requests); pass 0")
+    no_lora_or_priority(lora_request, priority)
     if isinstance(request_id, SamplingParams) and not isinstance(params, SamplingParams):
         prompt, params, request_id = params, request_id, prompt         # vLLM's order
     if request_id is not None and not isinstance(request_id, str):
@@ -40,6 +36,16 @@ def add_request_arguments(prompt, params, request_id, lora_request=None, priorit
         if salt is not None and isinstance(params, SamplingParams):
             params = dataclasses.replace(params, cache_salt=salt)
     return prompt, params, request_id
+
+
+def no_lora_or_priority(lora_request, priority) -> None:
+    """vLLM's lora_request and priority, one or one per prompt (LLM.generate's), must ask for
+    nothing: None (or Nones), 0 (or 0s)."""
+    if any(x is not None for x in (lora_request if isinstance(lora_request, Sequence) else [lora_request])):
+        raise ValueError("lora_request: LoRA adapters are not implemented; pass None")
+    if any(priority if isinstance(priority, Sequence) else [priority]):
+        raise ValueError("priority: priority scheduling is not implemented (the --scheduler policy orders "
+                         "requests); pass None or 0s")
 
 
 class VllmEngineMethods:

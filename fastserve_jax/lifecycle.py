@@ -62,3 +62,20 @@ def finish_request(engine, req: Request, reason: str, now: float) -> None:
     engine.copies.forget(req)
     engine.swap.forget(req)
     del engine._requests[req.request_id]
+
+
+def recover_after_fault(engine, in_step: bool = True) -> bool:
+    """After an exception, once its requests are aborted (LLM.generate's, the server's failed
+    step): with no request left, a KV cache the failed step took (donated) is made anew and
+    the ledger starts over, as the exception may have landed in the middle of an update
+    (blocks leaked for good); with requests left, a step's prefix keys are forgotten (it may
+    have given them to blocks it never wrote). `in_step`: the exception came from inside a
+    step (a Ctrl-C taken between steps keeps the ledger and the cache). Returns whether the
+    KV cache was lost."""
+    idle = not engine.has_unfinished()
+    lost = idle and engine.runner.restore_lost_caches()
+    if idle and (lost or in_step):
+        engine.kv.start_over()
+    elif engine.kv.caching and in_step:
+        engine.kv.reset()
+    return lost

@@ -18,7 +18,9 @@ from fastserve_jax.config import EngineConfig
 from fastserve_jax.sampling_params import SamplingParams, choice_seed
 from fastserve_jax.cost_profile import refine_profile
 from fastserve_jax.engine import LLMEngine
+from fastserve_jax.engine_vllm import no_lora_or_priority
 from fastserve_jax.interrupts import interrupts_between_steps
+from fastserve_jax.lifecycle import recover_after_fault
 from fastserve_jax.prompts import Prompt, one_prompt, prompt_list
 from fastserve_jax.request import CompletionOutput, Request, RequestOutput
 from fastserve_jax.runner.compile_guard import compile_stats
@@ -239,17 +241,10 @@ class LLM:
                         self.engine.abort(r.request_id)
                     except Exception:
                         log.exception("aborting %s after an interrupted generate", r.request_id)
-            # an exception from the caller's own signal handler may have landed inside a step
-            idle = not self.engine.has_unfinished()
-            lost = idle and self.engine.runner.restore_lost_caches()
-            if idle and (lost or in_step):
-                # the ledger may be half-updated (blocks leaked), the cached prefixes' blocks
-                # were in the lost cache, or the step gave keys to blocks it never wrote (later
-                # prompts matched them and answered wrong, until 2026-12-07), as the server's
-                # engine loop does after a failed step
-                self.engine.kv.start_over()
-            elif self.engine.kv.caching and in_step:
-                self.engine.kv.reset()
+            # an exception from the caller's own signal handler may have landed inside a step: a
+            # half-updated ledger, a lost cache, keys given to blocks no step wrote (later prompts
+            # matched them and answered wrong, until 2026-12-07), as after the server's failed step
+            recover_after_fault(self.engine, in_step)
             raise
         return groups
 
@@ -269,15 +264,12 @@ _NOT_HERE = {"beam_search": "beam search is not implemented (vLLM's is a separat
 
 
 def _no_lora_or_priority(lora_request, priority, n: int | None = None) -> None:
-    """vLLM's lora_request and priority (one, or one per prompt of `n`), which must ask for nothing."""
+    """vLLM's lora_request and priority: one, or one per prompt of `n` (engine_vllm.py checks
+    what they ask for)."""
     for name, v in (("lora_request", lora_request), ("priority", priority)):
         if n is not None and isinstance(v, abc.Sequence) and len(v) != n:
             raise ValueError(f"{name}: got {len(v)} for {n} prompts; pass one per prompt")
-    if lora_request is not None and not (isinstance(lora_request, abc.Sequence) and not any(lora_request)):
-        raise ValueError("lora_request: LoRA adapters are not implemented; pass None")
-    if priority is not None and any(priority):
-        raise ValueError("priority: priority scheduling is not implemented (the --scheduler policy orders "
-                         "requests); pass None or 0s")
+    no_lora_or_priority(lora_request, priority)
 
 
 def _progress(total: int, use_tqdm=True):

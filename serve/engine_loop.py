@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 from fastserve_jax.admission import context_limit, validate_request
 from fastserve_jax.config import EngineConfig, SamplingParams
+from fastserve_jax.lifecycle import recover_after_fault
 from fastserve_jax.request import Request, TokenLogprobs
 from fastserve_jax.sharding.distributed import ChannelClosed
 
@@ -341,11 +342,7 @@ class EngineLoop:
                 log.exception("abort of %s after a failed step also failed", rid)
             batch.append((rid, t.index, Delta("", [], None, error=message)))
         self._tracked.clear()
-        if self.engine.runner.restore_lost_caches():
+        if recover_after_fault(self.engine):
             log.warning("the failed step took the KV cache with it (donated); it was made anew")
-        if not self.engine.has_unfinished():    # a ledger the failure may have left half-updated
-            self.engine.kv.start_over()
-        elif self.engine.kv.caching:          # keys given for a step that may not have run
-            self.engine.kv.reset()
         if batch:
             self.emit(("deltas", batch))
