@@ -213,6 +213,9 @@ class LLMEngine(VllmEngineMethods):
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
+    def live_request_ids(self) -> list[str]:
+        return list(self._requests)
+
     def snapshot(self) -> dict:
         """Gauges and counters for monitoring (stats.snapshot; serve/ exports them to Prometheus)."""
         return {**snapshot(self.stats, self._requests, self._last_scheduled, self.kv, self.scheduler),

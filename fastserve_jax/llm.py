@@ -216,6 +216,7 @@ class LLM:
         none runs on in a later generate. A Ctrl-C is taken between steps (interrupts.py)."""
         groups: list[list[Request]] = []
         in_step = False
+        before = set(self.engine.live_request_ids())    # added to the engine directly: not this call's
         try:
             with interrupts_between_steps() as check:
                 for p, subs in zip(prompts, runs):
@@ -235,12 +236,16 @@ class LLM:
                     bar.close()
                 check()     # a Ctrl-C during the last step still interrupts
         except BaseException:
+            # this call's requests, finished ones too (one whose release raised is live), and one
+            # the engine registered as the interrupt landed, before add_request returned it
+            ids = dict.fromkeys([r.request_id for g in groups for r in g] +
+                                [rid for rid in self.engine.live_request_ids() if rid not in before])
             for _ in range(2):      # an abort whose release raised runs again (lifecycle.py), and the
-                for r in (r for g in groups for r in g):    # others still run (they were left live for good)
-                    try:            # finished ones too: one whose release raised is live
-                        self.engine.abort(r.request_id)
+                for rid in ids:     # others still run (they were left live for good)
+                    try:
+                        self.engine.abort(rid)
                     except Exception:
-                        log.exception("aborting %s after an interrupted generate", r.request_id)
+                        log.exception("aborting %s after an interrupted generate", rid)
             # an exception from the caller's own signal handler may have landed inside a step: a
             # half-updated ledger, a lost cache, keys given to blocks no step wrote (later prompts
             # matched them and answered wrong, until 2026-12-07), as after the server's failed step

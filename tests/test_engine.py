@@ -491,6 +491,31 @@ def test_an_interrupted_generate_leaves_nothing_behind(llm, monkeypatch, fault):
     assert not eng.has_unfinished()
 
 
+def test_a_request_registered_as_the_interrupt_lands_is_aborted_too(llm, monkeypatch):
+    """An interrupt that lands just as the engine's add_request returns (the request is
+    registered, the caller never got it) left that request live: it ran to its end in the next
+    generate, with its KV held meanwhile (line-level fault injection, 2026-12-07). Requests
+    that were live before the call (added to llm.engine directly) stay live."""
+    eng = llm.engine
+    own = eng.add_request("count from 1 to 4:", GREEDY, request_id="direct")
+    real, added = eng.add_request, []
+
+    def add_request(*a, **kw):
+        added.append(real(*a, **kw))
+        if len(added) == 2:
+            raise KeyboardInterrupt       # as if it landed on the return
+        return added[-1]
+
+    monkeypatch.setattr(eng, "add_request", add_request)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(random_prompts(3, 5, 20, seed=25), GREEDY)
+    monkeypatch.setattr(eng, "add_request", real)
+    assert [r.finish_reason for r in added] == ["abort", "abort"]
+    assert eng.get_num_unfinished_requests() == 1 and not own.finished
+    eng.abort("direct")
+    assert eng.kv.num_free_blocks == eng.kv.num_usable_blocks
+
+
 def test_a_cache_lost_inside_a_step_is_made_anew(llm, monkeypatch):
     """An exception from the caller's own signal handler (a timeout's SIGALRM) can land after
     a compiled step took (donated) the KV cache and before the new one was stored; every later
