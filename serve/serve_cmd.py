@@ -184,11 +184,17 @@ def _distributed(a: argparse.Namespace):
             env[name] = str(getattr(a, flag))
     if not (env.get("FASTSERVE_COORDINATOR") or env.get("JAX_COORDINATOR_ADDRESS")):
         given = [f"--{f.replace('_', '-')}" for f in ("num_processes", "process_id") if getattr(a, f, None) is not None]
-        if given:           # served on one host, the flags unread, before
+        given += [f"${name}" for name in ("FASTSERVE_NUM_PROCESSES", "FASTSERVE_PROCESS_ID")
+                  if os.environ.get(name, "").strip() and getattr(a, name[10:].lower(), None) is None]
+        if given:           # served on one host, the settings unread, before (a worker became a second server)
             raise ValueError(f"{' and '.join(given)} need{'s' * (len(given) == 1)} --coordinator-address (or $FASTSERVE_COORDINATOR); "
                              "without one the server runs on one host")
         return None
-    return DistributedConfig.from_env(env)
+    dist = DistributedConfig.from_env(env)
+    if dist.num_processes == 1:     # its plan channel had no worker to send to: every start failed
+        log.info("one process in the deployment: it serves as a single host")
+        return None
+    return dist
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -233,6 +239,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         finally:
             if main:
                 signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+        if dist.num_processes == 1:           # JAX's detection found no other process
+            log.info("one process in the deployment: it serves as a single host")
+            return _serve(a, engine_kwargs(a))
         if dist.process_id != 0:
             # a signal to the whole host (Ctrl-C, a supervisor's stop) leaves the leader time to drain
             stop_after_the_leader(a.shutdown_timeout + WORKER_GRACE_S)

@@ -4,6 +4,7 @@ sockets, and a two-process jax.distributed run that follows a plan sent by proce
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
 import subprocess
@@ -313,6 +314,32 @@ def test_serve_with_only_a_coordinator_address_says_what_is_missing(monkeypatch,
     assert main(["serve", "--port", str(unused_port())]) == 2
     err = capsys.readouterr().err
     assert "error: Number of processes must be defined" in err and "Logging error" not in err, err
+
+
+def test_one_process_serves_as_a_single_host_and_a_count_without_a_coordinator_is_refused(monkeypatch, caplog):
+    """`--num-processes 1` (a script that sets it from the host count, on one host) started JAX's
+    coordinator and a plan channel with no worker, whose first send failed ("PlanChannel is
+    closed"): every such start ended in exit 1. It now serves as a single host. And
+    $FASTSERVE_NUM_PROCESSES without a coordinator was ignored (a worker whose coordinator
+    variable was mistyped became a second, independent server), where the flags are refused."""
+    import argparse
+
+    from fastserve_jax.serve.serve_cmd import _distributed
+
+    for k in ("FASTSERVE_COORDINATOR", "JAX_COORDINATOR_ADDRESS", "FASTSERVE_NUM_PROCESSES", "FASTSERVE_PROCESS_ID"):
+        monkeypatch.delenv(k, raising=False)
+    flags = dict(coordinator_address="127.0.0.1:18292", num_processes=1, process_id=0)
+    with caplog.at_level(logging.INFO, logger="fastserve_jax.serve"):
+        assert _distributed(argparse.Namespace(**flags)) is None
+    assert "serves as a single host" in caplog.text
+    two = _distributed(argparse.Namespace(**dict(flags, num_processes=2)))
+    assert (two.num_processes, two.process_id) == (2, 0)
+    none = argparse.Namespace(coordinator_address=None, num_processes=None, process_id=None)
+    assert _distributed(none) is None
+    monkeypatch.setenv("FASTSERVE_NUM_PROCESSES", "2")
+    monkeypatch.setenv("FASTSERVE_PROCESS_ID", "1")
+    with pytest.raises(ValueError, match=r"\$FASTSERVE_NUM_PROCESSES and \$FASTSERVE_PROCESS_ID need --coordinator"):
+        _distributed(none)
 
 
 TWO_PROCESS = textwrap.dedent("""
