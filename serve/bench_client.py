@@ -61,7 +61,7 @@ def split_url(url: str) -> tuple[str, int]:
     except ValueError:                 # a port that is not a number, an unclosed [IPv6 address
         u = port = None
     if u is None or u.scheme != "http" or not u.hostname:
-        raise ValueError(f"{url}: not an http://HOST[:PORT] URL (e.g. http://127.0.0.1:8000; plain HTTP only)")
+        raise ValueError(f"{url or repr(url)}: not an http://HOST[:PORT] URL (e.g. http://127.0.0.1:8000; plain HTTP only)")
     return u.hostname, port or 80
 
 

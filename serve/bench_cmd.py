@@ -246,16 +246,16 @@ def cmd_bench(a: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ignored = launch_only_flags(a) if a.url else []
+    ignored = launch_only_flags(a) if a.url is not None else []
     if ignored:
         print(f"warning: {' '.join(ignored)} configure a server that bench starts; with --url they are "
               f"ignored, and the table names the policy the server at {a.url} reports", file=sys.stderr)
-    targets = [None] if a.url else (a.scheduler or ["fcfs", "skip-join-mlfq"])
+    targets = [None] if a.url is not None else (a.scheduler or ["fcfs", "skip-join-mlfq"])
     try:            # bad input fails here, before a server starts and warms up
         pick_requests(a.trace, a.num_requests, a.arrivals == "trace", rates[0], a.workload_seed)
         check_output(a.json, "--json")                      # not after the servers ran
-        health = server_health(a.url) if a.url else {}
-        if not a.url:
+        health = server_health(a.url) if a.url is not None else {}   # "" too (an unset $URL: a traceback)
+        if a.url is None:
             check_engine_args(a, targets[0])                # as `generate` says them, not in a server's log
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -446,13 +446,14 @@ def test_simulate_on_a_full_disk_says_so_after_the_run_and_exits_1(trace, capsys
 
 
 @pytest.mark.parametrize("url", ["127.0.0.1:9", "localhost:9", "notaurl", "https://127.0.0.1:9",
-                                 "http://127.0.0.1:abc", "http://:9"])
+                                 "http://127.0.0.1:abc", "http://:9", ""])
 def test_bench_refuses_a_url_it_cannot_reach_as_written(trace, no_launch, url, capsys):
     """host:port without http:// (and any word) went to 127.0.0.1:80, whatever listens there;
-    https:// spoke plain HTTP to a TLS port; a bad port gave urllib's message without the flag."""
+    https:// spoke plain HTTP to a TLS port; a bad port gave urllib's message without the flag;
+    an empty one (an unset $URL) started no server and failed with a traceback."""
     assert main(["bench", "--trace", trace, "--num-requests", "4", "--url", url]) == 2
     err = capsys.readouterr().err
-    assert f"error: --url {url}: not an http://HOST[:PORT] URL" in err and "Traceback" not in err
+    assert f"error: --url {url or repr(url)}: not an http://HOST[:PORT] URL" in err and "Traceback" not in err
 
 
 def test_output_files_that_cannot_be_written_are_refused_before_the_run(trace, no_launch, capsys):
