@@ -164,12 +164,7 @@ class SchedulerConfig:
 
 def _pow2_upto(lo: int, hi: int) -> tuple[int, ...]:
     """Powers of two from `lo` with `hi` itself as the last entry (hi need not be a power)."""
-    out, b = [], lo
-    while b < hi:
-        out.append(b)
-        b *= 2
-    out.append(hi)
-    return tuple(out)
+    return tuple(b for b in (lo << i for i in range(max(hi, 1).bit_length() + 1)) if b < hi) + (hi,)
 
 
 @dataclass(frozen=True)
@@ -384,6 +379,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be strictly increasing positive integers, got {b}")
             if b[-1] < need:
                 raise ValueError(f"{name} must reach {need}, got largest {b[-1]}")
+            if [x for x in b if x >= need][1:]:   # profiled and compiled for nothing: 1e6 rows ran out of memory
+                raise ValueError(f"{name}: {[x for x in b if x >= need][1:]} past {need}, the largest launch, never run; "
+                                 "end the list at the first that reaches it")
         f = self.launch_kv_fraction if self.launch_kv_fraction is not None else (0.0 if platform == "cpu" else 0.125)
         floor = int(f * weight_bytes // kv_block_bytes) if kv_block_bytes and not self.block_buckets else 0
         backend = self.attention_backend
@@ -393,8 +391,7 @@ class EngineConfig:
             raise ValueError(f"attention_backend='pallas' runs on GPU (Triton), TPU (Mosaic) and CPU (interpret "
                              f"mode), not on {platform}; use 'reference' or 'auto'")
         return dataclasses.replace(self, decode_batch_buckets=tuple(dec), attention_backend=backend,
-                                   dtype=self.for_platform(platform).dtype,
+                                   dtype=self.for_platform(platform).dtype, min_launch_blocks=floor,
                                    prefill_token_buckets=tuple(pre), block_buckets=tuple(blk),
-                                   min_launch_blocks=floor,
                                    async_scheduling=asyn, batches_in_flight=2 if asyn else
                                    self.batches_in_flight or self.pipeline_parallel_size)

@@ -71,7 +71,7 @@ class SimResult:
     max_tokens: int = 0                  # most tokens in one iteration
     max_kv_blocks: int = 0               # most KV blocks in use at once
     swap: SwapCounts = field(default_factory=lambda: SwapCounts())
-    # (latest prediction, true length, the predictor's point estimate) per predicted request
+    # (latest prediction, true length, log of the predictor's point estimate) per predicted request
     predictions: list[tuple[LengthPrediction, int, float]] = field(default_factory=list)
     prediction_sigma: float | None = None
     policy_host_seconds: float = 0.0     # wall clock in the policy's calls (SimConfig.host_time_scale)
@@ -374,6 +374,6 @@ def simulate(trace: Sequence[TraceRequest], policy: str, cost: CostModel, cfg: S
         "KV leaked: blocks still owned after every request finished"
     return SimResult(policy, reqs, iterations, preemptions, seqs, time.perf_counter() - wall0, max_batch, max_tokens,
                      max_blocks, counts,
-                     [(p, n, oracle.estimate(n, noise[rid])) for rid, (_, p, n) in predicted.items()],
+                     [(p, n, oracle.log_estimate(n, noise[rid])) for rid, (_, p, n) in predicted.items()],
                      oracle.sigma if oracle is not None else None, policy_host, launches,
                      (kv.queries, kv.hits) if kv.caching else None)

@@ -62,9 +62,10 @@ class NoisyLengthOracle:
             self.prior = self._snapshot()
             self.version += 1
 
-    def estimate(self, true_length: int, z: float) -> float:
-        """The noisy point estimate p = L exp(sigma z) behind a prediction."""
-        return true_length * math.exp(self.sigma * z)
+    def log_estimate(self, true_length: int, z: float) -> float:
+        """log p of the noisy point estimate p = L exp(sigma z) behind a prediction (what a rank
+        statistic needs; p itself overflowed a float from sigma z > 709: a traceback)."""
+        return math.log(true_length) + self.sigma * z
 
     def predict(self, true_length: int, z: float, at_tokens: int = 1) -> LengthPrediction:
         """The prediction for a request of `true_length` tokens whose noise draw is `z`."""

@@ -241,6 +241,10 @@ def test_simulate_cli_prediction_flags(small_trace, tmp_path, capsys):
     assert main(["simulate", "--trace", small_trace, "--load", "3", "--policy", "predictive",
                  "--prediction-sigma", "0", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["predictive"]["prediction_kendall_tau"] == 1.0
+    # noise past a float's range (exp(sigma z) > 1e308) was an OverflowError traceback
+    assert main(["simulate", "--trace", small_trace, "--load", "3", "--policy", "predictive",
+                 "--prediction-sigma", "1e6", "--json", str(out)]) == 0
+    assert abs(json.loads(out.read_text())["predictive"]["prediction_kendall_tau"]) < 0.5
     assert main(["simulate", "--trace", small_trace, "--load", "3", "--policy", "predictive",
                  "--prediction-sigma", "0", "--prediction-at", "arrival", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["predictive"]["prediction_kendall_tau"] == 1.0
