@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import ssl
+import stat
 
 from fastserve_jax.sampling_params import MAX_LOGPROBS
 
@@ -45,7 +48,7 @@ def add_server_args(g) -> None:
     g.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key file (PEM)")
     g.add_argument("--ssl-certfile", default=None, help="and this certificate chain file (PEM)")
     g.add_argument("--ssl-ca-certs", default=None, help="CA certificates that client certificates are checked against")
-    g.add_argument("--ssl-cert-reqs", type=int, default=int(ssl.CERT_NONE),
+    g.add_argument("--ssl-cert-reqs", type=int, default=int(ssl.CERT_NONE), choices=[int(m) for m in ssl.VerifyMode],
                    help="whether a client certificate is required: 0 none, 1 optional, 2 required "
                         "(Python's ssl.CERT_*; default %(default)s)")
     g.add_argument("--enable-log-requests", action=argparse.BooleanOptionalAction, default=False,
@@ -128,6 +131,26 @@ def check_server_args(a: argparse.Namespace) -> str | None:
             unreadable = path is not None and _unreadable(path)
             if unreadable:
                 return f"{flag} {path}: cannot read it ({unreadable})"
+        try:                            # as uvicorn loads them, once serving had begun: a traceback
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(a.ssl_certfile, a.ssl_keyfile)
+            if a.ssl_ca_certs is not None:
+                ctx.load_verify_locations(a.ssl_ca_certs)
+        except ssl.SSLError as e:
+            return (f"--ssl-keyfile {a.ssl_keyfile} / --ssl-certfile {a.ssl_certfile}"
+                    f"{f' / --ssl-ca-certs {a.ssl_ca_certs}' if a.ssl_ca_certs else ''}: not a PEM key and "
+                    f"certificate that match ({e.reason or e})")
+    if a.uds is not None:               # uvicorn's bind failed with a traceback
+        folder = os.path.dirname(os.path.abspath(a.uds))
+        if not os.path.isdir(folder):
+            return f"--uds {a.uds}: its folder {folder} does not exist"
+        if os.path.exists(a.uds) and not stat.S_ISSOCK(os.stat(a.uds).st_mode):
+            return f"--uds {a.uds}: exists and is not a socket (a stale socket is replaced; nothing else is)"
+    elif getattr(a, "host", None):
+        try:
+            socket.getaddrinfo(a.host, a.port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as e:     # uvicorn's exit 3 came after the model loaded, without the flag
+            return f"--host {a.host}: cannot be resolved to an address to listen on ({getattr(e, 'strerror', None) or e})"
     if a.max_log_len < 0:
         return f"--max-log-len must be >= 0, got {a.max_log_len}"
     if a.root_path is not None and (not a.root_path.startswith("/") or a.root_path.endswith("/")):

@@ -113,7 +113,23 @@ def test_serve_refuses_tls_files_it_cannot_read_before_the_model_loads(tmp_path,
         assert main(["serve", *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and says in err and "Traceback" not in err
-    assert check_server_args(_serve_args("--ssl-keyfile", str(pem), "--ssl-certfile", str(pem))) is None
+    # readable but not PEM (an ssl.SSLError traceback from uvicorn), a socket path in a missing
+    # folder or on a directory (FileNotFoundError, "Address already in use"), a host that does
+    # not resolve (uvicorn's exit 3 once the model had loaded, without the flag)
+    sock_dir = tmp_path / "sockets"
+    sock_dir.mkdir()
+    for args, says in ((["--ssl-keyfile", str(pem), "--ssl-certfile", str(pem)],
+                        f"--ssl-certfile {pem}: not a PEM key and certificate that match"),
+                       (["--uds", str(tmp_path / "none" / "s.sock")], f"its folder {tmp_path / 'none'} does not exist"),
+                       (["--uds", str(sock_dir)], f"--uds {sock_dir}: exists and is not a socket"),
+                       (["--host", "no.such.host.invalid"], "--host no.such.host.invalid: cannot be resolved")):
+        assert main(["serve", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--ssl-cert-reqs", "7"])      # a ValueError traceback: 7 is not a valid VerifyMode
+    assert e.value.code == 2 and "argument --ssl-cert-reqs: invalid choice: 7" in capsys.readouterr().err
+    assert check_server_args(_serve_args("--uds", str(sock_dir / "s.sock"), "--host", "localhost")) is None
 
 
 def test_cors_lists_must_be_json_arrays(capsys):
@@ -465,6 +481,7 @@ def test_ssl_flags_serve_https(tmp_path):
     (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     a = _serve_args("--ssl-keyfile", str(tmp_path / "key.pem"), "--ssl-certfile", str(tmp_path / "cert.pem"),
                     "--uvicorn-log-level", "warning")
+    assert check_server_args(a) is None
     app = Starlette(routes=[Route("/health", lambda r: PlainTextResponse("ok"))])
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **uvicorn_settings(a)))
