@@ -25,11 +25,16 @@ MAX_SWAP_SPACE = 1 << 20      # GiB (a pebibyte): more overflowed the host pool'
 
 
 def check_positive_ints(obj, names) -> None:
-    """ValueError naming the first of `names` (attributes of obj) that is not an int >= 1."""
+    """ValueError naming the first of `names` (attributes of obj) that is not an int >= 1; with
+    both batch limits among them, also a token budget below the sequences (vLLM's refusal; the
+    batch was the budget, unsaid)."""
     for name in names:
         v = getattr(obj, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if {"max_num_seqs", "max_num_batched_tokens"} <= set(names) and obj.max_num_batched_tokens < obj.max_num_seqs:
+        raise ValueError(f"max_num_batched_tokens ({obj.max_num_batched_tokens}) must be >= max_num_seqs "
+                         f"({obj.max_num_seqs}): a decode step takes a token of the budget per sequence")
 
 
 @dataclass(frozen=True)
@@ -279,11 +284,9 @@ class EngineConfig:
         check_positive_ints(self, ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs",
                                    "block_size", "prefill_tile"))
         if self.max_model_len < 2:          # a prompt token and an answer token
-            raise ValueError(f"max_model_len must be at least 2 (a prompt token and one generated), "
-                             f"got {self.max_model_len}")
+            raise ValueError(f"max_model_len must be at least 2 (a prompt token and one generated), got {self.max_model_len}")
         if self.max_num_seqs > MAX_NUM_SEQS:      # 10**12 ran the host out of memory in a traceback
-            raise ValueError(f"max_num_seqs must be at most {MAX_NUM_SEQS} (sequences in one batch), "
-                             f"got {self.max_num_seqs}")
+            raise ValueError(f"max_num_seqs must be at most {MAX_NUM_SEQS} (sequences in one batch), got {self.max_num_seqs}")
         if self.block_size > max(self.max_model_len, 16):    # launches gather whole blocks: 100000 took minutes a step
             raise ValueError(f"block_size={self.block_size} exceeds max_model_len={self.max_model_len}: a block holds "
                              "one request's KV, so no request would fill one; lower block_size (16 is usual)")
