@@ -42,7 +42,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="Hugging Face model directory (config.json, *.safetensors, tokenizer), or a repo id "
                         "already in the local Hugging Face cache (nothing is downloaded); "
                         "default: the bundled demo model, which counts ('count from 3 to 12:')")
-    g.add_argument("--tokenizer", default=None,
+    g.add_argument("--tokenizer", default=None, type=named,
                    help="a directory to load the tokenizer (and its chat template and EOS token) from instead of "
                         "the model's (vLLM's)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float", "bfloat16"],
@@ -96,7 +96,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "used once they are seen to rank answer lengths (templated traffic): skip-join-mlfq joins "
                         "a request to the queue that covers its prefill plus its predicted answer, gittins and "
                         "predictive rank by them (default %(default)s; 0: off)")
-    g.add_argument("--cost-model", default=None,
+    g.add_argument("--cost-model", default=None, type=named,
                    help="cost model for the policy: a shipped name or JSON path (default: profile this engine)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--generation-config", default="auto", choices=["auto", "vllm"],
@@ -153,6 +153,14 @@ def int_at_least(low: int):
             raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
         return v
     return parse
+
+
+def named(text: str) -> str:
+    """An argparse type: a name or path that is not empty (--tokenizer "" and --cost-model "", an
+    unset shell variable's, fell back to their defaults without a word; --model "" is refused)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (leave the flag out for its default)")
+    return text
 
 
 def parse_engine_args(argv: list[str]) -> argparse.Namespace:

@@ -26,7 +26,7 @@ import sys
 from typing import Callable
 
 from fastserve_jax import AZURE_TRACE
-from fastserve_jax.serve.engine_args import int_at_least
+from fastserve_jax.serve.engine_args import int_at_least, named
 from fastserve_jax.serve.sweep_report import print_summary, write_json, write_output
 from fastserve_jax.slo import PAPER_SLOS, UNLOADED_SLO_FACTOR, parse_slo_pair
 
@@ -45,8 +45,9 @@ def add_simulate_parser(sub) -> None:
                    "fastserve_jax/traces) CSV with num_prefill_tokens,num_decode_tokens[,arrived_at] (seconds), or Azure's "
                    "published ContextTokens,GeneratedTokens[,TIMESTAMP]")
     rate = p.add_mutually_exclusive_group()
-    rate.add_argument("--rate", type=float, nargs="+", help="arrival rate(s) in requests/s (several: a sweep)")
-    rate.add_argument("--load", type=float, nargs="+",
+    rate.add_argument("--rate", type=float, nargs="+", action="extend",    # repeated: all (bench's --rate repeats)
+                      help="arrival rate(s) in requests/s (several, or the flag repeated: a sweep)")
+    rate.add_argument("--load", type=float, nargs="+", action="extend",
                       help="arrival rate(s) as a fraction of the capacity the cost model implies for this trace "
                            "(see fastserve_jax.workload.capacity_rps); several: a sweep")
     p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson",
@@ -65,7 +66,7 @@ def add_simulate_parser(sub) -> None:
                    help="KV slots in the host pool for swapped-out requests (default 0: none, evictions recompute)")
     p.add_argument("--swap-policy", choices=["proactive", "reactive", "recompute"], default=None,
                    help="where evicted KV goes (default proactive; needs --host-kv-capacity-tokens)")
-    p.add_argument("--cost-model", default="opt-13b-a100", help="shipped cost model name or JSON path")
+    p.add_argument("--cost-model", default="opt-13b-a100", type=named, help="shipped cost model name or JSON path")
     p.add_argument("--base-quantum", type=float, default=None, help="seconds (SchedulerConfig.base_quantum)")
     p.add_argument("--quantum-ratio", type=float, default=None)
     p.add_argument("--starvation-threshold", type=float, default=None, help="seconds; 0 disables promotion")
