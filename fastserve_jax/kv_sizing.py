@@ -4,7 +4,10 @@ checked against the memory it would live in. The ledger that uses them is kv_cac
 
 from __future__ import annotations
 
+import logging
 import os
+
+log = logging.getLogger(__name__)
 
 
 def kv_block_bytes(model_cfg, cfg) -> int:
@@ -124,9 +127,18 @@ def host_pool_blocks(model_cfg, cfg, num_device_blocks: int, layout=None) -> int
     given (it wins over swap_space), else auto_num_host_blocks. 0 leaves evictions to
     recomputation (swap_policy.SwapPolicy.swaps)."""
     if cfg.swap_policy == "recompute":
+        if cfg.num_host_blocks or (cfg.num_host_blocks is None and cfg.swap_space not in (0, type(cfg).swap_space)):
+            log.warning("num_host_blocks/swap_space unused: swap_policy 'recompute' keeps no host pool")
         return 0
     if cfg.num_host_blocks is None:
-        return auto_num_host_blocks(model_cfg, cfg, num_device_blocks, layout)
+        n = auto_num_host_blocks(model_cfg, cfg, num_device_blocks, layout)
+        if n == 0:
+            log.warning("swap_policy %r without a host pool (swap_space %s GiB holds no block): preempted requests "
+                        "are recomputed, as with swap_policy 'recompute'", cfg.swap_policy, cfg.swap_space)
+        return n
+    if cfg.num_host_blocks == 0:
+        log.warning("swap_policy %r with num_host_blocks=0: preempted requests are recomputed, as with swap_policy "
+                    "'recompute'", cfg.swap_policy)
     need, ram = cfg.num_host_blocks * host_block_bytes(model_cfg, cfg, layout), _memory_of_host()
     if need > 0.7 * ram:       # vLLM refuses a swap space past 70% of the host's memory; this one took 10**12 blocks
         raise ValueError(f"num_host_blocks={cfg.num_host_blocks} needs {need / 2**30:.1f} GiB of host memory, more "
