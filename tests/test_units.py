@@ -298,6 +298,30 @@ def test_swap_space_sizes_the_host_pool_in_gib_per_device_and_num_host_blocks_wi
     assert pool(layout=tp2, swap_space=10 * per_block / 2**30) == 20
 
 
+def test_host_pool_settings_that_do_nothing_say_so(caplog):
+    """A host pool asked for under the recompute policy, or a swapping policy left without one,
+    was taken without a word (the second recomputes as 'recompute' does)."""
+    from fastserve_jax.kv_sizing import host_pool_blocks
+    from fastserve_jax.models.config import ModelConfig
+
+    mcfg = ModelConfig(arch="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+
+    def said(**kw):
+        caplog.clear()
+        host_pool_blocks(mcfg, EngineConfig(max_model_len=256, dtype="float32", **kw), 1000)
+        return caplog.text
+
+    with caplog.at_level("WARNING", logger="fastserve_jax.kv_sizing"):
+        assert "unused: swap_policy 'recompute' keeps no host pool" in said(swap_policy="recompute", num_host_blocks=100)
+        assert "unused" in said(swap_policy="recompute", swap_space=8)
+        assert said(swap_policy="recompute") == "" == said(swap_policy="recompute", swap_space=0)
+        assert "'proactive' without a host pool" in said(swap_policy="proactive", swap_space=0)
+        assert "'reactive' with num_host_blocks=0: preempted requests are recomputed" in said(swap_policy="reactive",
+                                                                                            num_host_blocks=0)
+        assert said(swap_policy="proactive") == ""
+
+
 def test_a_context_shorter_than_the_default_block_still_takes_the_default_block():
     assert EngineConfig(max_model_len=8).block_size == 16    # refused only past max(max_model_len, 16)
 
@@ -361,6 +385,17 @@ def test_engine_config_buckets_cover_limits():
     need = EngineConfig().max_prefill_blocks      # block buckets were refused as too much memory for the token budget
     with pytest.raises(ValueError, match=rf"block_buckets: \[1000000\] past {need}, the largest launch"):
         EngineConfig(block_buckets=(4, need, 1000000)).resolve()
+
+
+def test_a_token_budget_below_the_batch_is_refused_as_in_vllm():
+    """Each sequence's decode takes a token of the budget, so a budget of 4 served batches of 4
+    however many sequences were asked for, without a word; vLLM refuses it at start."""
+    from fastserve_jax.sim_config import SimConfig
+
+    for make in (EngineConfig, SimConfig):
+        with pytest.raises(ValueError, match=r"max_num_batched_tokens \(4\) must be >= max_num_seqs \(8\)"):
+            make(max_num_seqs=8, max_num_batched_tokens=4)
+        make(max_num_seqs=8, max_num_batched_tokens=8)
 
 
 def test_block_buckets_scale_with_the_models_weight_to_kv_ratio():

@@ -485,6 +485,7 @@ def test_an_output_file_root_cannot_write_is_refused_before_the_run_and_a_new_on
     (["--rate", "1e300"], "an arrival rate of 1e+300 requests/s is outside"),
     (["--load", "1e-12"], "error: --load: an arrival rate of"),
     (["--rate", "1", "2", "1"], "error: --rate 1.0 is given twice"),
+    (["--rate", "2", "--rate", "1", "2"], "error: --rate 2.0 is given twice"),     # the last flag was all it read
     (["--rate", "1", "--policy", "fcfs", "--policy", "fcfs"], "error: --policy fcfs is given twice"),
     (["--rate", "1", "--num-requests", "100000"], "requests, fewer than the 100000 asked; lower --num-requests")])
 def test_simulate_refuses_rates_without_precision_and_repeats(trace, args, says, capsys):
