@@ -201,8 +201,10 @@ class AsyncEngine:
         if self.loop is None:
             return
         self.transport.send(STOP)
+        t0 = time.monotonic()
         if not await asyncio.to_thread(self.transport.join, timeout):
-            log.warning("engine still busy after %.0f s; leaving it (daemon) to exit with the process", timeout)
+            log.warning("engine still busy after %.1f s; leaving it (daemon) to exit with the process",
+                        time.monotonic() - t0)
 
     # -- events from the engine loop, on the event loop --------------------------------------
     def _dispatch(self, event: Event) -> None:

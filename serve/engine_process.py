@@ -25,6 +25,7 @@ import pickle
 import queue
 import signal
 import threading
+import time
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
@@ -100,6 +101,9 @@ class ProcessTransport:
         self.proc: multiprocessing.process.BaseProcess | None = None
         self._stopping = None           # a multiprocessing Event, made with the process
         self._out: queue.SimpleQueue = queue.SimpleQueue()
+        # the reader and stop() both wait for the process: in two threads at once, the one whose
+        # waitpid lost the race (ECHILD) saw it alive, and stop() warned "still busy" 1 s in
+        self._reaping = threading.Lock()
 
     def spawn(self) -> None:
         """Start the engine process (once). serve calls this before it imports and sets up the
@@ -146,12 +150,19 @@ class ProcessTransport:
             except (EOFError, OSError):
                 break
             on_event(event)
-        self.proc.join(5)
-        code = self.proc.exitcode
+        with self._reaping:
+            self.proc.join(5)
+            code = self.proc.exitcode
         on_event(("exited", "the engine process exited" + (f" with code {code}" if code else "")))
 
     def join(self, timeout: float) -> bool:
         """Wait for the process to end after ("stop",); True if it did."""
         self._out.put(_CLOSE)
-        self.proc.join(timeout)
-        return not self.proc.is_alive()
+        deadline = time.monotonic() + timeout
+        if not self._reaping.acquire(timeout=timeout):
+            return False
+        try:
+            self.proc.join(max(0.0, deadline - time.monotonic()))
+            return not self.proc.is_alive()
+        finally:
+            self._reaping.release()

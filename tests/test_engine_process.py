@@ -157,3 +157,43 @@ def test_the_server_process_starts_without_jax():
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_stop_waits_for_the_reader_that_reaps_the_process_first():
+    """The pipe's reader and stop() both wait for the engine process. In two threads at once,
+    the one whose waitpid lost the race (ECHILD) returned at once and saw the process alive:
+    shutdown logged "engine still busy after 30 s" a second after SIGINT (an HTTP probe,
+    2026-12-08; 1 in 40 real processes). Here the first join reaps slowly and a second one
+    returns at once, as multiprocessing's do."""
+    import multiprocessing
+    import threading
+
+    from fastserve_jax.serve.engine_process import ProcessTransport
+
+    class Proc:
+        exitcode = None
+
+        def __init__(self):
+            self.entered, self.reaped = threading.Event(), threading.Event()
+
+        def join(self, timeout=None):
+            if not self.entered.is_set():
+                self.entered.set()
+                time.sleep(0.2)
+                self.exitcode = 0
+                self.reaped.set()
+
+        def is_alive(self):
+            return not self.reaped.is_set()
+
+    transport = ProcessTransport(build=None)
+    transport.proc = Proc()
+    recv, send = multiprocessing.Pipe(duplex=False)
+    send.close()                                        # the engine process is gone
+    events = []
+    reader = threading.Thread(target=transport._read, args=(recv, events.append))
+    reader.start()
+    assert transport.proc.entered.wait(5)
+    assert transport.join(5)
+    reader.join(5)
+    assert events == [("exited", "the engine process exited")]
