@@ -167,7 +167,7 @@ def test_sampling_params_take_numpy_scalars_as_pythons():
     (dict(gpu_memory_utilization="0.9"), "gpu_memory_utilization"),
     (dict(swap_space=-1), r"swap_space must be a number of GiB in \[0, 1048576\]"),
     (dict(swap_space=1e300), "swap_space"),          # an OverflowError while sizing the host pool before
-    (dict(max_num_seqs=10**12), "max_num_seqs must be at most 65536"),     # out of host memory before
+    (dict(max_num_seqs=10**12, max_num_batched_tokens=10**12), "max_num_seqs must be at most 65536"),     # out of host memory before
     (dict(max_model_len=1), "max_model_len must be at least 2"),           # no request could ever run
     (dict(swap_space=float("inf")), "swap_space"),
     (dict(swap_space=True), "swap_space"),
