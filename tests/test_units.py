@@ -197,7 +197,7 @@ def test_gpu_memory_utilization_sizes_the_device_pool_on_an_accelerator_only():
         return SimpleNamespace(devices=[dev], pp=1, tp=1, meshes=SimpleNamespace(tp_kv=1))
 
     def blocks(frac, platform, **kw):
-        cfg = EngineConfig(max_num_seqs=1 << 16, dtype="float32", gpu_memory_utilization=frac, **kw)
+        cfg = EngineConfig(max_num_seqs=1 << 16, max_num_batched_tokens=1 << 16, dtype="float32", gpu_memory_utilization=frac, **kw)
         return device_pool_blocks(mcfg, cfg, gib, layout(platform)), kv_block_bytes(mcfg, cfg)
 
     (half, per_block), (most, _) = blocks(0.5, "gpu"), blocks(0.9, "gpu")
@@ -209,7 +209,7 @@ def test_gpu_memory_utilization_sizes_the_device_pool_on_an_accelerator_only():
     with pytest.raises(ValueError, match=r"gpu_memory_utilization=0.2 of the device's 10.0 GiB leaves no room"):
         auto_num_blocks(mcfg, EngineConfig(gpu_memory_utilization=0.2), gib, layout("gpu"))
     # placed weights are among the bytes in use: only those still to come are subtracted again
-    cfg = EngineConfig(max_num_seqs=1 << 16, dtype="float32", gpu_memory_utilization=0.5)
+    cfg = EngineConfig(max_num_seqs=1 << 16, max_num_batched_tokens=1 << 16, dtype="float32", gpu_memory_utilization=0.5)
     assert auto_num_blocks(mcfg, cfg, 0, layout("gpu")) == (5 * gib - gib) // per_block
 
 
