@@ -124,6 +124,7 @@ def test_every_policy_finishes_everything_within_limits(reqs, policy, seqs, budg
     """Tight KV (evictions happen), tiny budgets (chunked prefill): all requests finish with
     exactly their lengths, and every iteration respects the limits (checked in simulate)."""
     trace = [TraceRequest(t, p, o) for t, p, o in reqs]
+    budget = max(budget, seqs)                      # a budget below the batch is refused, as in vLLM
     cfg = SimConfig(max_num_seqs=seqs, max_num_batched_tokens=budget, block_size=4, kv_capacity_tokens=kv_tokens,
                     scheduler_config=SchedulerConfig(base_quantum=0.5, num_queues=4, starvation_threshold=3.0,
                                                      gittins_min_samples=3, predictive_min_samples=3, gittins_refresh=2), max_iterations=100_000,
