@@ -133,9 +133,11 @@ def check_server_args(a: argparse.Namespace) -> str | None:
                 return f"{flag} {path}: cannot read it ({unreadable})"
         try:                            # as uvicorn loads them, once serving had begun: a traceback
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(a.ssl_certfile, a.ssl_keyfile)
+            ctx.load_cert_chain(a.ssl_certfile, a.ssl_keyfile, password=_encrypted)
             if a.ssl_ca_certs is not None:
                 ctx.load_verify_locations(a.ssl_ca_certs)
+        except _Encrypted:              # uvicorn asks for its passphrase on the terminal, as before
+            pass
         except ssl.SSLError as e:
             return (f"--ssl-keyfile {a.ssl_keyfile} / --ssl-certfile {a.ssl_certfile}"
                     f"{f' / --ssl-ca-certs {a.ssl_ca_certs}' if a.ssl_ca_certs else ''}: not a PEM key and "
@@ -156,6 +158,14 @@ def check_server_args(a: argparse.Namespace) -> str | None:
     if a.root_path is not None and (not a.root_path.startswith("/") or a.root_path.endswith("/")):
         return f"--root-path must start with '/' and not end with one, as '/api/llm'; got {a.root_path!r}"
     return None
+
+
+class _Encrypted(Exception):
+    """An encrypted key: the check does not ask for its passphrase (uvicorn does)."""
+
+
+def _encrypted():
+    raise _Encrypted
 
 
 def _unreadable(path: str) -> str | None:

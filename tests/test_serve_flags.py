@@ -482,6 +482,10 @@ def test_ssl_flags_serve_https(tmp_path):
     a = _serve_args("--ssl-keyfile", str(tmp_path / "key.pem"), "--ssl-certfile", str(tmp_path / "cert.pem"),
                     "--uvicorn-log-level", "warning")
     assert check_server_args(a) is None
+    (tmp_path / "encrypted.pem").write_bytes(key.private_bytes(     # its passphrase is uvicorn's to ask for, not the check's
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")))
+    assert check_server_args(_serve_args("--ssl-keyfile", str(tmp_path / "encrypted.pem"), "--ssl-certfile",
+                                         str(tmp_path / "cert.pem"))) is None
     app = Starlette(routes=[Route("/health", lambda r: PlainTextResponse("ok"))])
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **uvicorn_settings(a)))
