@@ -375,6 +375,7 @@ class EngineConfig:
         pre = self.prefill_token_buckets or _pow2_upto(min(32, self.max_num_batched_tokens),
                                                         self.max_num_batched_tokens)
         blk = self.block_buckets or _pow2_upto(min(4, self.max_prefill_blocks), self.max_prefill_blocks)
+        lists = {}
         for name, b, need in (("decode_batch_buckets", dec, self.max_num_seqs),
                               ("prefill_token_buckets", pre, self.max_num_batched_tokens),
                               ("block_buckets", blk, self.max_prefill_blocks)):
@@ -382,9 +383,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be strictly increasing positive integers, got {b}")
             if b[-1] < need:
                 raise ValueError(f"{name} must reach {need}, got largest {b[-1]}")
-            if [x for x in b if x >= need][1:]:   # profiled and compiled for nothing: 1e6 rows ran out of memory
-                raise ValueError(f"{name}: {[x for x in b if x >= need][1:]} past {need}, the largest launch, never run; "
-                                 "end the list at the first that reaches it")
+            # those past the first that reaches it never run (were profiled and compiled: 1e6 rows ran out of memory)
+            lists[name] = tuple(b[:next(i for i, x in enumerate(b) if x >= need) + 1])
         f = self.launch_kv_fraction if self.launch_kv_fraction is not None else (0.0 if platform == "cpu" else 0.125)
         floor = int(f * weight_bytes // kv_block_bytes) if kv_block_bytes and not self.block_buckets else 0
         backend = self.attention_backend
@@ -393,8 +393,7 @@ class EngineConfig:
         elif backend == "pallas" and platform not in ("gpu", "tpu", "cpu"):
             raise ValueError(f"attention_backend='pallas' runs on GPU (Triton), TPU (Mosaic) and CPU (interpret "
                              f"mode), not on {platform}; use 'reference' or 'auto'")
-        return dataclasses.replace(self, decode_batch_buckets=tuple(dec), attention_backend=backend,
+        return dataclasses.replace(self, **lists, attention_backend=backend,
                                    dtype=self.for_platform(platform).dtype, min_launch_blocks=floor,
-                                   prefill_token_buckets=tuple(pre), block_buckets=tuple(blk),
                                    async_scheduling=asyn, batches_in_flight=2 if asyn else
                                    self.batches_in_flight or self.pipeline_parallel_size)

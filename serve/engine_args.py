@@ -116,11 +116,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compiled shapes (each a strictly increasing, comma-separated list that reaches its "
                              "limit; default: derived from the limits, docs/startup.md)")
     g.add_argument("--decode-batch-buckets", type=_int_list, default=None, metavar="N,N,...",
-                   help="sequence counts a decode launch pads to; the last must be the first that reaches --max-num-seqs "
-                        "(default: powers of two)")
+                   help="sequence counts a decode launch pads to; the largest must reach --max-num-seqs, and the "
+                        "list ends at the first that does (default: powers of two)")
     g.add_argument("--prefill-token-buckets", type=_int_list, default=None, metavar="N,N,...",
-                   help="token counts a packed prefill launch pads to; the last must be the first that reaches "
-                        "--max-num-batched-tokens (default: powers of two from 32)")
+                   help="token counts a packed prefill launch pads to; the largest must reach "
+                        "--max-num-batched-tokens, and the list ends at the first that does (default: powers of two "
+                        "from 32)")
     g.add_argument("--block-buckets", type=_int_list, default=None, metavar="N,N,...",
                    help="KV blocks one launch row gathers; the largest must reach what one packed prefill can "
                         "gather (a sequence's blocks, the token budget's, and one per packed sequence: the "
