@@ -38,8 +38,16 @@ def save_params(path: str, params: dict, *, compress: bool = False) -> None:
         ckptr.save(path, args=ocp.args.PyTreeSave(params))
 
 
+def one_device(device) -> jax.sharding.Sharding:
+    """An array on `device` alone. jax 0.12.1 deprecated jax.sharding.SingleDeviceSharding for
+    make_single_device_sharding (which jax 0.10 lacks): every engine start warned, and would
+    fail with AttributeError once a later jax removes the name."""
+    make = getattr(jax.sharding, "make_single_device_sharding", None)
+    return make(device) if make is not None else jax.sharding.SingleDeviceSharding(device)
+
+
 def _target(leaf) -> jax.ShapeDtypeStruct:
-    sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = getattr(leaf, "sharding", None) or one_device(jax.devices()[0])
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
+import importlib.metadata
 import logging
 import math
 import os
@@ -210,6 +210,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print("error: --engine-process serves from one host; a multi-host server runs its engine on the leader's "
               "own thread (drop --engine-process)", file=sys.stderr)
         return 2
+    if dist is not None and (hung := multihost_hangs_on(importlib.metadata.version("jax"))):
+        print(f"error: {hung}", file=sys.stderr)
+        return 2
     channel = None
     if dist is not None:
         from fastserve_jax.sharding.distributed import PlanChannel, initialize
@@ -263,6 +266,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if channel is None:
         return _serve(a, engine_kwargs(a))
     return finish(lambda: _serve(a, dict(engine_kwargs(a), mirror=LeaderMirror(channel))), channel, leader=True)
+
+
+def multihost_hangs_on(jax_version: str) -> str | None:
+    """jax 0.12.1 (what pip gives Python 3.12 and 3.13) hangs a multi-host server's first step: both
+    processes wait in gloo's all-reduce for good while /health says 200 (2026-12-08; 0.10.2-0.12.0 serve)."""
+    if jax_version == "0.12.1":
+        return (f"multi-host serving hangs on jax {jax_version} (its first step's collectives never complete); "
+                "install jax and jaxlib 0.12.0 or older (pip install 'jax<0.12.1' 'jaxlib<0.12.1'), or serve on one host")
+    return None
 
 
 def _taken_ports(dist) -> str | None:

@@ -342,6 +342,25 @@ def test_one_process_serves_as_a_single_host_and_a_count_without_a_coordinator_i
         _distributed(none)
 
 
+def test_multihost_serving_is_refused_on_the_jax_that_hangs_it(monkeypatch, capsys):
+    """On jax 0.12.1 (pip's for Python 3.12 and 3.13) a two-process server's first step waited in
+    gloo's all-reduce for good while /health said 200 (a version-matrix probe, 2026-12-08):
+    refused at start, before JAX's coordinator, with the versions that serve."""
+    import importlib.metadata
+
+    from fastserve_jax.serve import serve_cmd
+    from fastserve_jax.serve.cli import main
+
+    assert serve_cmd.multihost_hangs_on("0.10.2") is None is serve_cmd.multihost_hangs_on("0.12.0")
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.12.1" if name == "jax" else real(name))
+    monkeypatch.setattr(serve_cmd, "_taken_ports", lambda dist: pytest.fail("got past the version check"))
+    for k in ("FASTSERVE_COORDINATOR", "JAX_COORDINATOR_ADDRESS", "FASTSERVE_NUM_PROCESSES", "FASTSERVE_PROCESS_ID"):
+        monkeypatch.delenv(k, raising=False)
+    assert main(["serve", "--coordinator-address", "127.0.0.1:18292", "--num-processes", "2", "--process-id", "0"]) == 2
+    assert "error: multi-host serving hangs on jax 0.12.1" in capsys.readouterr().err
+
+
 TWO_PROCESS = textwrap.dedent("""
     import json, sys
     import numpy as np

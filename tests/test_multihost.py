@@ -7,6 +7,7 @@ worker replays its puts and takes)."""
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.metadata
 import json
 import os
 import signal
@@ -18,6 +19,11 @@ import urllib.request
 import pytest
 
 from fastserve_jax.serve.bench_client import unused_port
+from fastserve_jax.serve.serve_cmd import multihost_hangs_on
+
+# serve refuses a multi-host start on a jax that hangs it (test_distributed.py checks the refusal)
+pytestmark = pytest.mark.skipif(bool(multihost_hangs_on(importlib.metadata.version("jax"))),
+                                reason="multi-host serving hangs on this jax; serve refuses it")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

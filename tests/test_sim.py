@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastserve_jax import AZURE_TRACE
 from fastserve_jax.config import SchedulerConfig
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.scheduler import POLICIES
@@ -368,8 +369,7 @@ def test_the_short_prompt_light_tail_script_prints_its_ratios(capsys):
 # -- prefix caching (SimConfig.enable_prefix_caching: the engine's ledger, prefix_cache.py) --------
 def _azure(n=150, load=1.5, seed=0):
     cost = CostModel.load("opt-13b-a100")
-    trace, _ = load_trace(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces",
-                                       "azure_conv_2023.csv"), n)
+    trace, _ = load_trace(AZURE_TRACE, n)        # the packaged copy: a clone has no ../shared (it failed there)
     return with_arrivals(trace, load * capacity_rps(trace, cost, 16, cost.kv_capacity_tokens, 2048), seed=seed), cost
 
 
@@ -417,7 +417,6 @@ def test_a_starvation_threshold_of_0_promotes_nothing_and_guards_no_tail():
     """0 is "never starving" (SchedulerConfig): the tail guard took it as every request past the
     limit and ran them all from the top queue, uncharged, so skip-join at 3x capacity served as
     fcfs (latency per token 514 ms against 225 ms with no promotion; a probe, 2026-12-07)."""
-    from fastserve_jax import AZURE_TRACE
 
     cost = CostModel.load("opt-13b-a100")
     trace = load_trace(AZURE_TRACE, 120)[0]

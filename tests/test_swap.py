@@ -823,6 +823,7 @@ def test_a_swap_out_leaves_pinned_runs_on_the_device_until_a_fill_copies_them(pa
     with kt.forced_copy_path(path):
         t = kt.KVTransfer([sh], max_blocks=8, block_bytes=2 * 3 * 4 * 2 * 8 * 4, cache_shape=vals.shape)
     t.swap_out([cache], "r", (0, 0, 0, 0, 9, 11))
+    jax.block_until_ready(t.host_runs("r"))     # the copy is asynchronous: on a busy machine it had not landed yet
     assert t.blocks_out == 2 and t._held["r"][0][2] is None and t.out_landed("r")
     t.swap_out([cache], "r", (3, 5, 7, 8, 0, 0))                    # the fill
     assert t.blocks_out == 6 and len(t.host_runs("r")) == 2

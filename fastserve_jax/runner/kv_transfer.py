@@ -51,6 +51,7 @@ from jax.sharding import NamedSharding
 
 from fastserve_jax.kv_cache import NULL_BLOCK, power_of_two_runs
 from fastserve_jax.models.attention import KVCache
+from fastserve_jax.models.checkpoint import one_device
 from fastserve_jax.runner import export_cache
 from fastserve_jax.runner.compiler import CompileJob
 from fastserve_jax.runner.keys import SwapKey
@@ -251,7 +252,7 @@ class KVTransfer:
         blocks = max(1, min(max_blocks, max_bytes // block))
         mesh = self._run_sharding[0].mesh
         device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
-        on_device = jax.sharding.SingleDeviceSharding(device)
+        on_device = one_device(device)
         x = jax.device_put(np.zeros(blocks * block, np.uint8), on_device)
         x.block_until_ready()
         to_host = (functools.partial(jax.device_put, device=on_device.with_memory_kind(self.memory_kind))
