@@ -301,6 +301,7 @@ def test_serve_with_only_a_coordinator_address_says_what_is_missing(monkeypatch,
     line's %d failed on the id's None and initialize's ValueError was a traceback, exit 1
     (until 2026-12-07); now one line, exit 2. JAX's own initialize is stood in for: it must run
     before any other JAX use, which this test process has made."""
+    from fastserve_jax.serve import serve_cmd
     from fastserve_jax.serve.cli import main
     from fastserve_jax.sharding import distributed
 
@@ -308,6 +309,7 @@ def test_serve_with_only_a_coordinator_address_says_what_is_missing(monkeypatch,
         assert cfg.process_id is None and cfg.num_processes is None
         raise ValueError("Number of processes must be defined. (set FASTSERVE_NUM_PROCESSES ...)")
     monkeypatch.setattr(distributed, "initialize", no_count)
+    monkeypatch.setattr(serve_cmd, "multihost_hangs_on", lambda version: None)     # on any jax
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
     for k in ("FASTSERVE_COORDINATOR", "FASTSERVE_NUM_PROCESSES", "FASTSERVE_PROCESS_ID"):
         monkeypatch.delenv(k, raising=False)
