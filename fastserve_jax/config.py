@@ -25,14 +25,16 @@ MAX_SWAP_SPACE = 1 << 20      # GiB (a pebibyte): more overflowed the host pool'
 
 
 def check_positive_ints(obj, names) -> None:
-    """ValueError naming the first of `names` (attributes of obj) that is not an int >= 1; with
-    both batch limits among them, also a token budget below the sequences (vLLM's refusal; the
-    batch was the budget, unsaid)."""
+    """ValueError naming the first of `names` (attributes of obj) that is not an int >= 1."""
     for name in names:
         v = getattr(obj, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if {"max_num_seqs", "max_num_batched_tokens"} <= set(names) and obj.max_num_batched_tokens < obj.max_num_seqs:
+
+
+def check_budget(obj) -> None:
+    """vLLM's refusal of a token budget below the batch (the engine's or the simulator's): the batch was the budget, unsaid."""
+    if obj.max_num_batched_tokens < obj.max_num_seqs:
         raise ValueError(f"max_num_batched_tokens ({obj.max_num_batched_tokens}) must be >= max_num_seqs "
                          f"({obj.max_num_seqs}): a decode step takes a token of the budget per sequence")
 
@@ -283,6 +285,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         check_positive_ints(self, ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs",
                                    "block_size", "prefill_tile"))
+        check_budget(self)
         if self.max_model_len < 2:          # a prompt token and an answer token
             raise ValueError(f"max_model_len must be at least 2 (a prompt token and one generated), got {self.max_model_len}")
         if self.max_num_seqs > MAX_NUM_SEQS:      # 10**12 ran the host out of memory in a traceback
@@ -327,8 +330,7 @@ class EngineConfig:
                              f"batches_in_flight={self.batches_in_flight}")
         f = self.launch_kv_fraction
         if f is not None and (not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 <= f <= 1):
-            raise ValueError(f"launch_kv_fraction must be in [0, 1] (0 compiles every block bucket), "
-                             f"got {self.launch_kv_fraction!r}")
+            raise ValueError(f"launch_kv_fraction must be in [0, 1] (0 compiles every block bucket), got {f!r}")
         object.__setattr__(self, "dtype", "float32" if self.dtype == "float" else self.dtype)    # vLLM's synonym
         if self.dtype not in DTYPE_CHOICES:
             half = "; float16 is not a serving dtype here (docs/attention.md): give bfloat16"
@@ -343,8 +345,7 @@ class EngineConfig:
         if self.scheduler_config is not None and given:     # they were ignored without a word
             raise ValueError(f"{', '.join(given)} set the default policy config; with scheduler_config, set them in it")
         if self.attention_backend not in ATTENTION_CHOICES:
-            raise ValueError(f"attention_backend must be one of {', '.join(map(repr, ATTENTION_CHOICES))}, "
-                             f"got {self.attention_backend!r}")
+            raise ValueError(f"attention_backend must be one of {', '.join(map(repr, ATTENTION_CHOICES))}, got {self.attention_backend!r}")
 
     @property
     def _async_fits(self) -> bool:

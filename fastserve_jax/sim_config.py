@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from fastserve_jax.config import SchedulerConfig, check_positive_ints
+from fastserve_jax.config import SchedulerConfig, check_budget, check_positive_ints
 from fastserve_jax.cost_model import CostModel
 from fastserve_jax.sim_prediction import NoisyLengthOracle, sigma_for_tau
 from fastserve_jax.swap_policy import SWAP_POLICIES
@@ -72,6 +72,7 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_iterations"))
+        check_budget(self)
         for name in ("kv_capacity_tokens", "host_kv_capacity_tokens", "swap_reserve_blocks"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:

@@ -31,6 +31,7 @@ from fastserve_jax.serve.server_args import (add_server_args, add_vllm_server_ar
 from fastserve_jax.serve.simulate_cmd import number_arg
 
 log = logging.getLogger("fastserve_jax.serve")
+ONE_PROCESS = "one process in the deployment: it serves as a single host"
 
 API_KEY_ENV = "FASTSERVE_API_KEY"
 VLLM_API_KEY_ENV = "VLLM_API_KEY"       # read too: a deployment moved from vLLM keeps its key check
@@ -192,7 +193,7 @@ def _distributed(a: argparse.Namespace):
         return None
     dist = DistributedConfig.from_env(env)
     if dist.num_processes == 1:     # its plan channel had no worker to send to: every start failed
-        log.info("one process in the deployment: it serves as a single host")
+        log.info(ONE_PROCESS)
         return None
     return dist
 
@@ -243,7 +244,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             if main:
                 signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
         if dist.num_processes == 1:           # JAX's detection found no other process
-            log.info("one process in the deployment: it serves as a single host")
+            log.info(ONE_PROCESS)
             return _serve(a, engine_kwargs(a))
         if dist.process_id != 0:
             # a signal to the whole host (Ctrl-C, a supervisor's stop) leaves the leader time to drain
